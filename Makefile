@@ -1,0 +1,63 @@
+# structgpt: builds the CPU trainer and its tests; degrades cleanly without OpenMP or a CBLAS.
+#   make                 train_gpt2 test_gpt2 (OpenMP and OpenBLAS when found)
+#   make test            build and run every test (C and Python), ending "N passed, N failed"
+#   NO_OMP=1             build without OpenMP;  NO_BLAS=1  build without a CBLAS (plain C matmuls)
+CC ?= gcc
+CFLAGS ?= -O3 -march=native -ffast-math -fno-finite-math-only
+CFLAGS += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -I.
+LDLIBS = -lm
+BUILD = build
+
+# OpenMP: on unless NO_OMP=1 or the compiler lacks it
+ifeq ($(NO_OMP),1)
+  $(info OpenMP: off (NO_OMP=1))
+else ifeq ($(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo yes),yes)
+  CFLAGS += -fopenmp -DOMP
+  $(info OpenMP: on)
+else
+  $(info OpenMP: not found, building single-threaded (apt-get install libgomp1))
+endif
+
+# CBLAS for the matmuls (OpenBLAS from Debian); the plain C loops are the fallback
+BLAS_CFLAGS =
+BLAS_LIBS =
+ifeq ($(NO_BLAS),1)
+  $(info CBLAS: off (NO_BLAS=1))
+else ifeq ($(and $(wildcard /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/openblas/cblas.h),$(shell echo 'int main(void){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)),yes)
+  BLAS_CFLAGS = -DUSE_CBLAS $(addprefix -I,$(dir $(firstword $(wildcard /usr/include/openblas/cblas.h))))
+  BLAS_LIBS = -lopenblas
+  $(info CBLAS: OpenBLAS)
+else
+  $(info CBLAS: not found, using the plain C matmuls (apt-get install libopenblas-dev))
+endif
+
+COMMON_H = $(wildcard common/*.h)
+C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units
+
+.PHONY: all test clean bench
+all: train_gpt2 test_gpt2
+
+train_gpt2: train_gpt2.c $(COMMON_H)
+	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h
+	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+# the same test program with the plain C matmuls, so both paths stay tested
+$(BUILD)/test_gpt2_noblas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+
+$(BUILD)/test_%: tests/test_%.c $(COMMON_H) tests/check.h train_gpt2.c | $(BUILD)
+	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+$(BUILD):
+	mkdir -p $(BUILD)
+
+test: train_gpt2 test_gpt2 $(BUILD)/test_gpt2_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+	bash tests/run_all.sh
+
+bench: train_gpt2
+	bash dev/bench/cpu.sh
+
+clean:
+	rm -rf $(BUILD) train_gpt2 test_gpt2

@@ -1,0 +1,160 @@
+// checkpoint.h: llm.c model checkpoints (version 3 fp32 read/write, version 5 bf16 read) and the
+// resume state (optimizer moments, step, RNG, dataloader position); all writes are atomic.
+#pragma once
+#include <dirent.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include "config.h"
+#include "utils.h"
+
+#define MODEL_MAGIC 20240326
+#define MODEL_VERSION_FP32 3
+#define MODEL_VERSION_BF16 5
+#define STATE_MAGIC 20241125  // our own: llm.c's state file (20240527) has a different layout
+#define STATE_VERSION 1
+
+static inline void model_header_fill(int header[256], const GPT2Config *c, int version) {
+    memset(header, 0, 256 * sizeof(int));
+    header[0] = MODEL_MAGIC;
+    header[1] = version;
+    header[2] = c->max_seq_len;
+    header[3] = c->vocab_size;
+    header[4] = c->num_layers;
+    header[5] = c->num_heads;
+    header[6] = c->channels;
+    header[7] = c->padded_vocab_size;
+}
+
+// Reads the header of an llm.c checkpoint into *c and returns its version (3 or 5). The file stays
+// open at the start of the parameters.
+static inline int model_header_read(FILE *fp, const char *path, GPT2Config *c) {
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != MODEL_MAGIC)
+        fatal("'%s' is not an llm.c model checkpoint (magic %d, expected %d); -e takes a checkpoint, dN, or a config file",
+              path, header[0], MODEL_MAGIC);
+    int version = header[1];
+    if (version != MODEL_VERSION_FP32 && version != MODEL_VERSION_BF16)
+        fatal("'%s' has checkpoint version %d; this build reads version 3 (fp32) and 5 (bf16)", path, version);
+    c->max_seq_len = header[2];
+    c->vocab_size = header[3];
+    c->num_layers = header[4];
+    c->num_heads = header[5];
+    c->channels = header[6];
+    // version-3 files from llm.c's earliest days had no padded vocab field
+    c->padded_vocab_size = header[7] ? header[7] : pad_vocab(header[3]);
+    gpt2_config_validate(c, path);
+    return version;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+// Reads n parameters into fp32, converting from bf16 for version 5. Also checks that the file
+// holds exactly that many, so a truncated or over-long file is caught here.
+static inline void model_params_read(FILE *fp, const char *path, int version, float *params, size_t n) {
+    if (version == MODEL_VERSION_FP32) {
+        freadCheck(params, sizeof(float), n, fp, path);
+    } else {
+        const size_t chunk = 1 << 20;
+        uint16_t *buf = (uint16_t *)mallocCheck(chunk * sizeof(uint16_t));
+        for (size_t i = 0; i < n; i += chunk) {
+            size_t m = n - i < chunk ? n - i : chunk;
+            freadCheck(buf, sizeof(uint16_t), m, fp, path);
+            for (size_t j = 0; j < m; j++) params[i + j] = bf16_to_float(buf[j]);
+        }
+        free(buf);
+    }
+    char extra;
+    if (fread(&extra, 1, 1, fp) == 1)
+        fatal("'%s' is longer than its header says (%zu parameters): corrupt, or written for another model", path, n);
+}
+
+// Writes an fp32 llm.c checkpoint (version 3) atomically.
+static inline void model_write_fp32(const char *path, const GPT2Config *c, const float *params, size_t n) {
+    char tmp[1100];
+    FILE *fp = atomic_open(path, tmp, sizeof(tmp));
+    int header[256];
+    model_header_fill(header, c, MODEL_VERSION_FP32);
+    fwriteCheck(header, sizeof(int), 256, fp, tmp);
+    fwriteCheck(params, sizeof(float), n, fp, tmp);
+    atomic_close(fp, tmp, path);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resume state: everything besides the weights that a run needs to continue bit for bit.
+
+typedef struct {
+    int64_t step;             // number of optimizer steps done
+    int64_t num_params;       // sanity check against the model
+    int64_t rank, nproc;
+    int64_t B, T, total_batch_size;
+    int64_t dl_epoch, dl_shard_idx, dl_sample_idx;  // train dataloader position (next batch)
+    uint64_t sample_rng;      // text sampling RNG
+    uint64_t reserved[20];
+} TrainState;
+
+static inline void state_write(const char *path, const TrainState *st, const float *m, const float *v) {
+    char tmp[1100];
+    FILE *fp = atomic_open(path, tmp, sizeof(tmp));
+    int header[256] = {0};
+    header[0] = STATE_MAGIC;
+    header[1] = STATE_VERSION;
+    fwriteCheck(header, sizeof(int), 256, fp, tmp);
+    fwriteCheck(st, sizeof(TrainState), 1, fp, tmp);
+    fwriteCheck(m, sizeof(float), (size_t)st->num_params, fp, tmp);
+    fwriteCheck(v, sizeof(float), (size_t)st->num_params, fp, tmp);
+    atomic_close(fp, tmp, path);
+}
+
+// Reads a state file; m and v must have room for expected_params floats.
+static inline void state_read(const char *path, TrainState *st, float *m, float *v, size_t expected_params) {
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != STATE_MAGIC)
+        fatal("'%s' is not a structgpt resume state (magic %d, expected %d)", path, header[0], STATE_MAGIC);
+    if (header[1] != STATE_VERSION) fatal("'%s' has state version %d; this build reads version %d", path, header[1], STATE_VERSION);
+    freadCheck(st, sizeof(TrainState), 1, fp, path);
+    if ((size_t)st->num_params != expected_params)
+        fatal("'%s' is for a model of %lld parameters but this model has %zu: resume with the same -e model/config",
+              path, (long long)st->num_params, expected_params);
+    freadCheck(m, sizeof(float), expected_params, fp, path);
+    freadCheck(v, sizeof(float), expected_params, fp, path);
+    fcloseCheck(fp, path);
+}
+
+// Latest step with a DONE_<step> marker in dir, or -1. A checkpoint only counts once its marker is
+// written, which happens after the model and every state file are safely renamed into place.
+static inline long find_latest_checkpoint(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    long best = -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        long step;
+        char tail;
+        if (sscanf(e->d_name, "DONE_%ld%c", &step, &tail) == 1 && step > best) best = step;
+    }
+    closedir(d);
+    return best;
+}
+
+static inline void ensure_dir(const char *dir) {
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", dir);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            mkdir(buf, 0755);
+            *p = '/';
+        }
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) fatal("cannot create output directory '%s': %s", dir, strerror(errno));
+    struct stat sb;
+    if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode)) fatal("'%s' exists and is not a directory; choose another -o", dir);
+}

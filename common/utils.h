@@ -1,0 +1,108 @@
+// utils.h: checked wrappers for libc calls (file and line in every error) and small helpers.
+#pragma once
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+// Print "error: ..." to stderr and exit(1). Every user-caused failure ends here, so the
+// message must name the file, flag or value and say what to do.
+static inline void fatal(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(EXIT_FAILURE);
+}
+
+static inline FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
+    FILE *fp = fopen(path, mode);
+    if (fp == NULL) {
+        fprintf(stderr, "error: cannot open '%s' (mode %s): %s\n  (at %s:%d) check that the path exists and is readable/writable\n",
+                path, mode, strerror(errno), file, line);
+        exit(EXIT_FAILURE);
+    }
+    return fp;
+}
+#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
+
+// fread that distinguishes a short (truncated) file from an I/O error. `what` names the
+// thing being read, e.g. the file path, for the message.
+static inline void fread_check(void *ptr, size_t size, size_t n, FILE *fp, const char *what, const char *file, int line) {
+    size_t got = fread(ptr, size, n, fp);
+    if (got != n) {
+        if (feof(fp)) {
+            fprintf(stderr, "error: '%s' is truncated: wanted %zu items of %zu bytes, got %zu\n  (at %s:%d) the file is incomplete or corrupt; re-create it\n",
+                    what, n, size, got, file, line);
+        } else {
+            fprintf(stderr, "error: reading '%s' failed: %s (at %s:%d)\n", what, strerror(errno), file, line);
+        }
+        exit(EXIT_FAILURE);
+    }
+}
+#define freadCheck(ptr, size, n, fp, what) fread_check(ptr, size, n, fp, what, __FILE__, __LINE__)
+
+static inline void fwrite_check(const void *ptr, size_t size, size_t n, FILE *fp, const char *what, const char *file, int line) {
+    if (fwrite(ptr, size, n, fp) != n) {
+        fprintf(stderr, "error: writing '%s' failed: %s (at %s:%d) is the disk full?\n", what, strerror(errno), file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fwriteCheck(ptr, size, n, fp, what) fwrite_check(ptr, size, n, fp, what, __FILE__, __LINE__)
+
+static inline void fseek_check(FILE *fp, long off, int whence, const char *what, const char *file, int line) {
+    if (fseek(fp, off, whence) != 0) {
+        fprintf(stderr, "error: seek in '%s' to %ld failed: %s (at %s:%d)\n", what, off, strerror(errno), file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fseekCheck(fp, off, whence, what) fseek_check(fp, off, whence, what, __FILE__, __LINE__)
+
+static inline void fclose_check(FILE *fp, const char *what, const char *file, int line) {
+    if (fclose(fp) != 0) {
+        fprintf(stderr, "error: closing '%s' failed: %s (at %s:%d)\n", what, strerror(errno), file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fcloseCheck(fp, what) fclose_check(fp, what, __FILE__, __LINE__)
+
+static inline void *malloc_check(size_t size, const char *file, int line) {
+    void *p = malloc(size);
+    if (p == NULL && size > 0) {
+        fprintf(stderr, "error: out of memory allocating %zu bytes (at %s:%d); try a smaller -b or -t\n", size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return p;
+}
+#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
+
+static inline void *calloc_check(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n, size);
+    if (p == NULL && n > 0 && size > 0) {
+        fprintf(stderr, "error: out of memory allocating %zu x %zu bytes (at %s:%d); try a smaller -b or -t\n", n, size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return p;
+}
+#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+// Atomic file writes: write to "<path>.tmp", then atomic_close() fsyncs and renames over
+// <path>, so a crash mid-write never leaves a damaged file where a good one was.
+static inline FILE *atomic_open(const char *path, char *tmp_path, size_t tmp_cap) {
+    int n = snprintf(tmp_path, tmp_cap, "%s.tmp", path);
+    if (n < 0 || (size_t)n >= tmp_cap) fatal("output path too long: '%s'", path);
+    return fopenCheck(tmp_path, "wb");
+}
+static inline void atomic_close(FILE *fp, const char *tmp_path, const char *path) {
+    if (fflush(fp) != 0 || fsync(fileno(fp)) != 0) {
+        fatal("flushing '%s' failed: %s; is the disk full? '%s' was left untouched", tmp_path, strerror(errno), path);
+    }
+    fcloseCheck(fp, tmp_path);
+    if (rename(tmp_path, path) != 0) {
+        fatal("renaming '%s' to '%s' failed: %s", tmp_path, path, strerror(errno));
+    }
+}

@@ -1,0 +1,579 @@
+"""Shared code for the structgpt data preparation scripts.
+
+File formats (compatible with karpathy/llm.c):
+
+* Data shard (``*.bin``): a header of 256 little-endian int32
+  ``[0]=20240520`` (magic), ``[1]=1`` (version), ``[2]=number of tokens``, the
+  rest zero; then the tokens as little-endian uint16.
+* Tokenizer (``gpt2_tokenizer.bin``): a header of 256 little-endian int32
+  ``[0]=20240328`` (magic), ``[1]=2`` (version), ``[2]=number of entries``,
+  ``[3]=EOT token id``; then for every token id in order one uint8 length
+  (1..255) followed by that many raw bytes.
+
+Documents: every document is preceded by the EOT token, so each document in a
+shard starts with EOT (llm.c's convention).
+
+The tokenizer is a small object (``encode``, ``encode_batch``, ``decode``,
+``eot``, ``vocab_size``, ``token_bytes``); ``get_tokenizer(name)`` builds one.
+Only "gpt2" exists today; a character vocabulary can be added there later
+without touching the readers or the shard writer.
+"""
+
+import io
+import json
+import lzma
+import os
+import re
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+TOKENIZER_MAGIC = 20240328
+TOKENIZER_VERSION = 2
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+DEFAULT_SHARD_SIZE = 100_000_000
+
+
+class DataError(Exception):
+    """A problem with the user's input; the scripts print it and exit 1."""
+
+
+# --------------------------------------------------------------------------------------
+# file formats
+
+
+def _atomic_write(path, chunks):
+    """Writes the byte chunks to path+'.tmp', fsyncs it, then renames it onto path."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_shard(path, tokens):
+    """Writes tokens (a sequence of ints or a numpy array) as an llm.c data shard."""
+    toks = np.asarray(tokens)
+    if toks.ndim != 1:
+        raise ValueError(f"write_shard({path}): tokens must be 1-D, got shape {toks.shape}")
+    if toks.size and toks.dtype != np.uint16:
+        assert np.issubdtype(toks.dtype, np.integer), \
+            f"write_shard({path}): tokens must be integers, got dtype {toks.dtype}"
+        lo, hi = int(toks.min()), int(toks.max())
+        assert 0 <= lo and hi < 2**16, (
+            f"write_shard({path}): token ids must lie in [0, 65535] to fit uint16, "
+            f"got min {lo} max {hi}; this vocabulary is too large for the llm.c shard format")
+    toks = toks.astype("<u2", copy=False)
+    assert toks.size < 2**31, f"write_shard({path}): {toks.size} tokens do not fit the int32 header"
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = SHARD_VERSION
+    header[2] = toks.size
+    _atomic_write(path, [header.tobytes(), toks.tobytes()])
+
+
+def read_shard(path):
+    """Reads an llm.c data shard and returns its tokens (uint16), validating the header."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+        if header[0] != SHARD_MAGIC:
+            raise ValueError(f"{path}: bad magic {header[0]}, expected {SHARD_MAGIC} (not an llm.c data shard)")
+        if header[1] != SHARD_VERSION:
+            raise ValueError(f"{path}: unsupported shard version {header[1]}, expected {SHARD_VERSION}")
+        n = int(header[2])
+        expected = HEADER_BYTES + 2 * n
+        if n < 0 or size != expected:
+            raise ValueError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes")
+        toks = np.frombuffer(f.read(), dtype="<u2")
+    return toks.astype(np.uint16)
+
+
+def write_tokenizer_bin(path, token_bytes_list, eot_token):
+    """Writes llm.c's tokenizer file (version 2): the raw bytes of every token id."""
+    n = len(token_bytes_list)
+    assert 0 <= eot_token < n, f"write_tokenizer_bin({path}): eot token {eot_token} outside vocab of {n}"
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = TOKENIZER_MAGIC
+    header[1] = TOKENIZER_VERSION
+    header[2] = n
+    header[3] = eot_token
+    body = bytearray()
+    for i, b in enumerate(token_bytes_list):
+        b = bytes(b)
+        assert 1 <= len(b) <= 255, \
+            f"write_tokenizer_bin({path}): token {i} has {len(b)} bytes; the format allows 1..255"
+        body.append(len(b))
+        body += b
+    _atomic_write(path, [header.tobytes(), bytes(body)])
+
+
+def read_tokenizer_bin(path):
+    """Reads a tokenizer file written by write_tokenizer_bin; returns (token_bytes_list, eot)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < HEADER_BYTES:
+        raise ValueError(f"{path}: shorter than the tokenizer header")
+    header = np.frombuffer(data[:HEADER_BYTES], dtype="<i4")
+    if header[0] != TOKENIZER_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]}, expected {TOKENIZER_MAGIC}")
+    if header[1] != TOKENIZER_VERSION:
+        raise ValueError(f"{path}: unsupported tokenizer version {header[1]}, expected {TOKENIZER_VERSION}")
+    n, eot = int(header[2]), int(header[3])
+    out, pos = [], HEADER_BYTES
+    for i in range(n):
+        if pos >= len(data):
+            raise ValueError(f"{path}: truncated at entry {i} of {n}")
+        ln = data[pos]
+        out.append(data[pos + 1:pos + 1 + ln])
+        pos += 1 + ln
+    if pos != len(data):
+        raise ValueError(f"{path}: {len(data) - pos} trailing bytes after {n} entries")
+    return out, eot
+
+
+# --------------------------------------------------------------------------------------
+# tokenizers
+
+TIKTOKEN_HELP = (
+    "could not load the GPT-2 BPE encoding with tiktoken ({err}).\n"
+    "tiktoken downloads its files on first use; offline, set TIKTOKEN_CACHE_DIR to a folder that "
+    "holds the GPT-2 BPE cache, e.g.\n"
+    "  export TIKTOKEN_CACHE_DIR=/work/shared/data/tiktoken_cache")
+
+
+class GPT2Tokenizer:
+    """The GPT-2 BPE (tiktoken "gpt2"). Text is encoded with encode_ordinary: special-token
+    strings such as "<|endoftext|>" inside documents are plain text, never the EOT id."""
+
+    name = "gpt2"
+
+    def __init__(self):
+        try:
+            import tiktoken
+            self._enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and no cache, hash mismatch, ...
+            raise DataError(TIKTOKEN_HELP.format(err=f"{type(e).__name__}: {e}")) from e
+        self.eot = self._enc.eot_token          # 50256
+        self.vocab_size = self._enc.n_vocab     # 50257
+
+    def encode(self, text):
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, executor=None):
+        """Encodes a list of texts; tiktoken releases the GIL, so threads run in parallel."""
+        if executor is None:
+            return [self._enc.encode_ordinary(t) for t in texts]
+        return list(executor.map(self._enc.encode_ordinary, texts))
+
+    def decode(self, tokens):
+        return self._enc.decode([int(t) for t in tokens])
+
+    def token_bytes(self):
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+
+
+TOKENIZERS = {"gpt2": GPT2Tokenizer}  # a "char" vocabulary can be registered here later
+
+
+def get_tokenizer(name="gpt2"):
+    if name not in TOKENIZERS:
+        raise DataError(f"unknown vocabulary {name!r}; available: {', '.join(sorted(TOKENIZERS))}")
+    return TOKENIZERS[name]()
+
+
+def write_tokenizer_for(tok, out_dir):
+    path = os.path.join(out_dir, f"{tok.name}_tokenizer.bin")
+    write_tokenizer_bin(path, tok.token_bytes(), tok.eot)
+    print(f"wrote {path} ({tok.vocab_size} tokens, eot {tok.eot})")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """A tiny tqdm replacement printing e.g. 'tokenizing: 45% 12.3 MB/27.1 MB 1.2 MB/s' to
+    stderr. Silent for inputs that finish within the first second."""
+
+    def __init__(self, total, label="tokenizing", unit="bytes", stream=None):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.t0 = time.time()
+        self.last = 0.0
+        self.shown = False
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.interval = 0.25 if self.tty else 10.0  # logs get one line per 10 s
+
+    def _fmt(self, x):
+        return f"{x / 1e6:.1f} MB" if self.unit == "bytes" else f"{x:,} {self.unit}"
+
+    def update(self, done, extra="", force=False):
+        now = time.time()
+        if not force and (now - self.t0 < 1.0 or now - self.last < self.interval):
+            return
+        self.last = now
+        self.shown = True
+        el = max(now - self.t0, 1e-9)
+        rate = f"{done / el / 1e6:.1f} MB/s" if self.unit == "bytes" else f"{done / el:,.0f} {self.unit}/s"
+        if self.total:
+            pct = f"{min(100.0, 100.0 * done / self.total):3.0f}% "
+            amount = f"{self._fmt(done)}/{self._fmt(self.total)}"
+        else:
+            pct, amount = "", self._fmt(done)
+        line = f"{self.label}: {pct}{amount} {rate}"
+        if extra:
+            line += " " + extra
+        self.stream.write("\r" + line + "   " if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self, done, extra=""):
+        if self.shown:
+            self.update(done, extra, force=True)
+            if self.tty:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------
+# input readers
+
+_PARA_BLANK = re.compile(r"^[ \t\r\f\v]*\n?$")
+
+
+def owt_clean(text):
+    """The cleaning the Hugging Face openwebtext loader applies to each original .txt document:
+    collapse runs of 3+ newlines to 2 and strip surrounding whitespace."""
+    return re.sub("\n\n\n+", "\n\n", text).strip()
+
+
+def split_paragraph_lines(lines):
+    """Yields documents from an iterable of text lines, split on runs of blank lines
+    (lines holding only whitespace). Each document is its lines joined, without the final
+    newline; blank lines themselves are dropped."""
+    buf = []
+    for line in lines:
+        if _PARA_BLANK.match(line):
+            if buf:
+                yield "".join(buf).rstrip("\r\n")
+                buf = []
+        else:
+            buf.append(line)
+    if buf:
+        yield "".join(buf).rstrip("\r\n")
+
+
+def _kind_of(path):
+    p = path.lower()
+    if p.endswith(".jsonl") or p.endswith(".jsonl.xz") or p.endswith(".jsonl.gz"):
+        return "jsonl"
+    if p.endswith(".xz") or p.endswith(".tar") or p.endswith(".tgz") or p.endswith(".tar.gz"):
+        return "archive"
+    return "text"
+
+
+class DocSource:
+    """Iterates the documents of --input, which may be
+      * a plain text file: one document, or with split_paragraphs one per blank-line-separated
+        paragraph;
+      * a .jsonl / .jsonl.xz / .jsonl.gz file: one document per line, its "text" field;
+      * an xz archive: an OpenWebText `urlsf_subsetNN-M_data.xz` (xz-compressed tar of .txt
+        documents), the outer `openwebtext.tar.xz` (a tar of such files), any tar(.xz) of .txt
+        files, or an xz-compressed plain text file (treated like a plain text file);
+        documents from archives get owt_clean() as the Hugging Face loader does;
+      * a folder: searched recursively in sorted order; each .txt file is one document
+        (unchanged), and .jsonl*, .xz, .tar files in it are read as above.
+    Everything is streamed; bytes_done() reports the input bytes read so far (compressed
+    bytes for compressed files) for the progress bar."""
+
+    def __init__(self, path, split_paragraphs=False):
+        self.path = path
+        self.split_paragraphs = split_paragraphs
+        if not os.path.exists(path):
+            raise DataError(f"input not found: {path}")
+        if os.path.isdir(path):
+            files = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for n in sorted(names):
+                    fp = os.path.join(root, n)
+                    k = _kind_of(fp)
+                    if k == "text":
+                        k = "txtdoc" if n.lower().endswith(".txt") else None
+                    if k is not None:
+                        files.append((fp, k))
+            if not files:
+                raise DataError(f"input folder has no .txt, .jsonl(.xz) or .xz files: {path}")
+        else:
+            files = [(path, _kind_of(path))]
+        self.files = files
+        self.total_bytes = sum(os.path.getsize(fp) for fp, _ in files)
+        self._done = 0
+        self._cur = None
+
+    def bytes_done(self):
+        cur = 0
+        if self._cur is not None and not self._cur.closed:
+            try:
+                cur = self._cur.tell()
+            except (OSError, ValueError):
+                cur = 0
+        return self._done + cur
+
+    def __iter__(self):
+        for fp, kind in self.files:
+            try:
+                with open(fp, "rb") as raw:
+                    self._cur = raw
+                    if kind == "txtdoc":
+                        yield raw.read().decode("utf-8", errors="replace")
+                    elif kind == "text":
+                        yield from self._text(fp, raw)
+                    elif kind == "jsonl":
+                        yield from self._jsonl(fp, raw)
+                    else:
+                        yield from self._archive(fp, raw)
+            except (OSError, EOFError, lzma.LZMAError, tarfile.TarError) as e:
+                raise DataError(f"cannot read {fp}: {type(e).__name__}: {e}") from e
+            finally:
+                self._cur = None
+            self._done += os.path.getsize(fp)
+
+    def _text_docs(self, fp, binary):
+        f = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+        try:
+            if self.split_paragraphs:
+                yield from split_paragraph_lines(f)
+            else:
+                yield f.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{fp}: not valid UTF-8 text ({e})") from e
+
+    def _text(self, fp, raw):
+        yield from self._text_docs(fp, raw)
+
+    def _jsonl(self, fp, raw):
+        low = fp.lower()
+        if low.endswith(".xz"):
+            binary = lzma.open(raw, "rb")
+        elif low.endswith(".gz"):
+            import gzip
+            binary = gzip.open(raw, "rb")
+        else:
+            binary = raw
+        f = io.TextIOWrapper(binary, encoding="utf-8")
+        lineno = 0
+        try:
+            for line in f:
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{fp}:{lineno}: invalid JSON: {e}") from e
+                if not isinstance(obj, dict) or "text" not in obj:
+                    raise DataError(f'{fp}:{lineno}: JSON line has no "text" field')
+                if not isinstance(obj["text"], str):
+                    raise DataError(f'{fp}:{lineno}: "text" field is not a string')
+                yield obj["text"]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{fp}: line {lineno + 1} is not valid UTF-8 ({e})") from e
+
+    def _archive(self, fp, raw):
+        low = fp.lower()
+        mode = "r|xz" if low.endswith(".xz") else ("r|gz" if low.endswith("gz") else "r|")
+        try:
+            tf = tarfile.open(fileobj=raw, mode=mode)
+        except tarfile.ReadError:
+            if mode != "r|xz":
+                raise
+            # not a tar: an xz-compressed plain text file
+            raw.seek(0)
+            with lzma.open(raw, "rb") as xf:
+                yield from self._text_docs(fp, xf)
+            return
+        yield from self._tar_docs(fp, tf)
+
+    def _tar_docs(self, fp, tf):
+        """Documents of an open streaming tar; nested *.xz members (the per-subset archives of
+        openwebtext.tar.xz) are opened as xz-compressed tars in turn."""
+        with tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                name = m.name.lower()
+                if name.endswith(".txt"):
+                    data = tf.extractfile(m).read()
+                    yield owt_clean(data.decode("utf-8", errors="replace"))
+                elif name.endswith(".xz"):
+                    inner = tf.extractfile(m)
+                    try:
+                        itf = tarfile.open(fileobj=inner, mode="r|xz")
+                    except tarfile.ReadError as e:
+                        raise DataError(f"{fp}: member {m.name} is not an xz-compressed tar ({e})") from e
+                    yield from self._tar_docs(f"{fp}:{m.name}", itf)
+
+
+def iter_limited(it, max_docs):
+    if max_docs is None:
+        yield from it
+        return
+    for i, d in enumerate(it):
+        if i >= max_docs:
+            return
+        yield d
+
+
+def tokenize_stream(tok, docs, workers=1, batch_docs=256, progress_cb=None):
+    """Yields the token list of every document in docs, in order, encoding batches of documents
+    on `workers` threads (tiktoken releases the GIL while encoding)."""
+    ex = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        batch = []
+        for d in docs:
+            batch.append(d)
+            if len(batch) >= batch_docs:
+                yield from tok.encode_batch(batch, ex)
+                batch = []
+                if progress_cb:
+                    progress_cb()
+        if batch:
+            yield from tok.encode_batch(batch, ex)
+    finally:
+        if ex is not None:
+            ex.shutdown()
+
+
+# --------------------------------------------------------------------------------------
+# shard writer
+
+
+class ShardWriter:
+    """Packs documents into shards `<out>/<name>_val_000000.bin`, `<out>/<name>_train_000001.bin`, ...
+
+    Every document is preceded by the EOT token. The first shard is the validation shard and
+    the rest are train shards (llm.c's convention). Documents are never split across shards
+    unless a single document is longer than a shard: a shard is written as soon as the next
+    document would not fit, so each shard holds at most shard_size tokens (a little less in
+    general) and always starts with EOT. A document longer than shard_size is cut into
+    pieces of shard_size tokens, each piece after the first getting its own leading EOT.
+
+    With val_docs=N the validation shard instead holds exactly the first N documents,
+    whatever their size (shard_size does not bound it); train shards follow as above.
+    """
+
+    def __init__(self, out_dir, name, eot, shard_size=DEFAULT_SHARD_SIZE, val_docs=None, vocab_size=None):
+        if shard_size < 2:
+            raise DataError(f"--shard_size must be at least 2 tokens, got {shard_size}")
+        if vocab_size is not None:
+            assert vocab_size <= 2**16, f"vocab of {vocab_size} tokens does not fit uint16 shards"
+        self.out_dir, self.name, self.eot = out_dir, name, eot
+        self.shard_size, self.val_docs = shard_size, val_docs
+        self.buf, self.count = [], 0
+        self.shard_index = 0
+        self.ndocs = 0
+        self.written = []   # (path, ntokens)
+        self.total_tokens = 0
+        os.makedirs(out_dir, exist_ok=True)
+
+    def shard_path(self, index):
+        split = "val" if index == 0 else "train"
+        return os.path.join(self.out_dir, f"{self.name}_{split}_{index:06d}.bin")
+
+    def _flush(self):
+        if self.count == 0:
+            return
+        toks = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
+        path = self.shard_path(self.shard_index)
+        write_shard(path, toks)
+        self.written.append((path, int(toks.size)))
+        self.total_tokens += int(toks.size)
+        self.shard_index += 1
+        self.buf, self.count = [], 0
+
+    def add_document(self, tokens):
+        """Adds one document (token ids without EOT)."""
+        piece = np.empty(len(tokens) + 1, dtype=np.uint16)
+        piece[0] = self.eot
+        piece[1:] = tokens
+        in_val = self.val_docs is not None and self.shard_index == 0
+        if in_val:
+            if self.ndocs == self.val_docs:
+                self._flush()
+                in_val = False
+            else:
+                self.buf.append(piece)
+                self.count += piece.size
+                self.ndocs += 1
+                return
+        self.ndocs += 1
+        while self.count + piece.size > self.shard_size:
+            if self.count > 0:
+                self._flush()
+                continue
+            # the document alone is longer than a shard: cut it
+            head = piece[:self.shard_size]
+            self.buf, self.count = [head], head.size
+            self._flush()
+            rest = piece[self.shard_size:]
+            piece = np.empty(rest.size + 1, dtype=np.uint16)
+            piece[0] = self.eot
+            piece[1:] = rest
+        self.buf.append(piece)
+        self.count += piece.size
+
+    def close(self):
+        """Writes the last shard, removes stale shards of this name left by an earlier run with
+        more shards (a training glob would pick them up), and returns [(path, ntokens)]."""
+        self._flush()
+        pat = re.compile(re.escape(self.name) + r"_(val|train)_(\d{6})\.bin$")
+        for fn in sorted(os.listdir(self.out_dir)):
+            m = pat.match(fn)
+            if m and int(m.group(2)) >= self.shard_index:
+                print(f"removing stale shard from an earlier run: {os.path.join(self.out_dir, fn)}")
+                os.remove(os.path.join(self.out_dir, fn))
+        return self.written
+
+
+def summarize(written):
+    for path, n in written:
+        print(f"wrote {path}: {n:,} tokens")
+
+
+def run_main(main):
+    """Runs main(), turning DataError into a one-line message and exit status 1."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,112 @@
+"""Tiny Shakespeare -> llm.c token shards.
+
+    python data/tinyshakespeare.py                       # downloads input.txt first
+    python data/tinyshakespeare.py --input path/to/input.txt
+
+Writes into --out (default data/tinyshakespeare/):
+    tiny_shakespeare_val.bin    the first --val_tokens tokens (default 32,768)
+    tiny_shakespeare_train.bin  the rest
+    gpt2_tokenizer.bin          the GPT-2 tokenizer in llm.c's format
+
+Splitting, as llm.c's dev/data/tinyshakespeare.py does it: the text is split on "\\n\\n"
+into sections, each section is one document, preceded by EOT (50256). Every section except
+the last is encoded as section + "\\n\\n" (so the separator stays at the end of the section
+it followed, and concatenating the decoded documents gives back the input text exactly); the
+last section is encoded as is. Each section is encoded on its own with GPT-2's
+encode_ordinary. The token stream is then cut after --val_tokens tokens.
+
+One difference from llm.c: that cut usually falls inside a section, and llm.c's train file
+then starts mid-section. Here the train file starts with an extra EOT instead, so that every
+shard starts with EOT; --no_train_eot gives llm.c's output byte for byte.
+
+Offline: set TIKTOKEN_CACHE_DIR to a folder with the GPT-2 BPE cache
+(e.g. /work/shared/data/tiktoken_cache).
+"""
+
+import argparse
+import os
+import sys
+import urllib.request
+
+import numpy as np
+
+from common import DataError, get_tokenizer, run_main, summarize, write_shard, write_tokenizer_for
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def download(path):
+    if os.path.exists(path):
+        print(f"{path} already exists, not downloading")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"downloading {URL} -> {path}")
+    tmp = path + ".tmp"
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"could not download {URL} ({type(e).__name__}: {e}).\n"
+                        f"If this machine is offline, pass a local copy with --input PATH/input.txt") from e
+
+
+def split_documents(text):
+    """The documents of the text, as documented above (their concatenation is the text)."""
+    sections = text.split("\n\n")
+    return [s + "\n\n" if i != len(sections) - 1 else s for i, s in enumerate(sections)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", help="local input.txt (default: download it into --out)")
+    ap.add_argument("--out", default=os.path.join(HERE, "tinyshakespeare"), help="output folder")
+    ap.add_argument("--val_tokens", type=int, default=32768, help="tokens in the val split (default 32768)")
+    ap.add_argument("--vocab", default="gpt2", choices=["gpt2"], help="tokenizer (only gpt2 for now)")
+    ap.add_argument("--no_train_eot", action="store_true",
+                    help="do not start the train split with an extra EOT (identical to llm.c's output)")
+    args = ap.parse_args()
+
+    path = args.input
+    if path is None:
+        path = os.path.join(args.out, "input.txt")
+        download(path)
+    if not os.path.isfile(path):
+        raise DataError(f"input not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 text ({e})") from e
+
+    tok = get_tokenizer(args.vocab)
+    docs = split_documents(text)
+    tokens = []
+    for d in docs:
+        tokens.append(tok.eot)
+        tokens.extend(tok.encode(d))
+    tokens = np.array(tokens, dtype=np.uint16)
+    if not 0 < args.val_tokens < tokens.size:
+        raise DataError(f"--val_tokens must be between 1 and {tokens.size - 1} (the text has {tokens.size} tokens)")
+    val = tokens[:args.val_tokens]
+    train = tokens[args.val_tokens:]
+    if train[0] != tok.eot and not args.no_train_eot:
+        train = np.concatenate([np.array([tok.eot], dtype=np.uint16), train])
+    print(f"{path}: {len(text):,} characters, {len(docs):,} documents, {tokens.size:,} tokens incl. EOTs")
+
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for split, toks in (("val", val), ("train", train)):
+        p = os.path.join(args.out, f"tiny_shakespeare_{split}.bin")
+        write_shard(p, toks)
+        written.append((p, toks.size))
+    summarize(written)
+    write_tokenizer_for(tok, args.out)
+    print(f"train: {train.size:,} tokens, val: {val.size:,} tokens")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test program and the Python tests, adds up their "N passed, N failed" lines and
+# prints the total last. Exits non-zero if anything failed or a program crashed.
+set -u
+cd "$(dirname "$0")/.."
+total_pass=0; total_fail=0; crashed=0
+
+count() {  # $1 = name, rest = command
+    local name=$1; shift
+    echo "=== $name"
+    local out rc
+    out=$("$@" 2>&1); rc=$?
+    echo "$out" | grep -E '^(FAIL|#)|passed|failed|error' | tail -n 40
+    local line p f
+    line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "!!! $name printed no summary (exit $rc)"; echo "$out" | tail -n 20
+        crashed=$((crashed + 1)); total_fail=$((total_fail + 1)); return
+    fi
+    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/')
+    total_pass=$((total_pass + p)); total_fail=$((total_fail + f))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then echo "!!! $name exited $rc"; total_fail=$((total_fail + 1)); fi
+}
+
+count "test_gpt2 (OpenBLAS when built with it)" ./test_gpt2
+count "test_gpt2 (plain C matmuls)" ./build/test_gpt2_noblas
+for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units; do
+    count "$(basename "$t")" "./$t"
+done
+count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh
+
+# Python data tests (pytest), offline through the shared tiktoken cache when it is there
+shared=${SHARED_DATA:-../shared/data}
+export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$shared/tiktoken_cache}
+echo "=== pytest tests/python"
+pyout=$(python3 -m pytest -q tests/python 2>&1); pyrc=$?
+echo "$pyout" | tail -n 15
+pp=$(echo "$pyout" | grep -oE '[0-9]+ passed' | tail -n 1 | grep -oE '[0-9]+'); pp=${pp:-0}
+pf=$(echo "$pyout" | grep -oE '[0-9]+ (failed|error)' | awk '{s+=$1} END {print s+0}')
+total_pass=$((total_pass + pp)); total_fail=$((total_fail + pf))
+if [ "$pyrc" -ne 0 ] && [ "$pf" -eq 0 ]; then echo "!!! pytest exited $pyrc"; total_fail=$((total_fail + 1)); fi
+
+echo
+echo "$total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ]

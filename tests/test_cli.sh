@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# test_cli.sh: the trainer as a user runs it: --help, every bad input (clear message, non-zero
+# exit, nothing damaged), loss falls, resume is bit-identical to an uninterrupted run, and an
+# llm.c-layout checkpoint written by the trainer loads back. Prints "N passed, N failed".
+set -u
+cd "$(dirname "$0")/.."
+BIN=./train_gpt2
+pass=0; fail=0
+ok() { pass=$((pass + 1)); echo "ok $1"; }
+bad() { fail=$((fail + 1)); echo "FAIL $1: $2"; }
+W=$(mktemp -d /tmp/structgpt_cli.XXXXXX)
+trap 'rm -rf "$W"' EXIT
+
+# synthetic shards in llm.c's format (EOT-led documents of a repeating pattern, so a model can learn it)
+python3 - "$W" <<'PY'
+import sys, numpy as np
+sys.path.insert(0, "data")
+from common import write_shard
+out = sys.argv[1]
+rng = np.random.default_rng(0)
+def doc(n):
+    base = rng.integers(0, 300, size=8)
+    return np.concatenate([[50256], np.tile(base, n // 8 + 1)[:n]])
+train = np.concatenate([doc(int(rng.integers(40, 200))) for _ in range(120)]).astype(np.uint16)
+val = np.concatenate([doc(100) for _ in range(20)]).astype(np.uint16)
+write_shard(f"{out}/syn_train_000001.bin", train[: len(train) // 2])
+write_shard(f"{out}/syn_train_000002.bin", train[len(train) // 2 :])
+write_shard(f"{out}/syn_val_000000.bin", val)
+PY
+TRAIN="$W/syn_train_*.bin"; VAL="$W/syn_val_000000.bin"
+COMMON=(-e d2 -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0)
+
+# expect_error NAME PATTERN ARGS... : non-zero exit and PATTERN in the output
+expect_error() {
+    local name=$1 pat=$2; shift 2
+    local out rc
+    out=$("$BIN" "$@" 2>&1); rc=$?
+    if [ $rc -ne 0 ] && echo "$out" | grep -qF -- "$pat"; then ok "$name"
+    else bad "$name" "exit $rc, wanted '$pat' in: $(echo "$out" | tail -n 3)"; fi
+}
+
+out=$("$BIN" --help); rc=$?
+missing=""
+for f in -i -j -e -o -b -t -d -x -k -l -u -q -c -v -m -s -g -n -y -a; do
+    echo "$out" | grep -qE "^  $f " || missing="$missing $f"
+done
+[ $rc -eq 0 ] && [ -z "$missing" ] && ok "--help lists every llm.c flag with its default" || bad "--help" "exit $rc, missing:$missing"
+
+expect_error "unknown flag" "unknown flag '-zz'" -zz 1
+expect_error "flag without value" "flag -b needs a value" -b
+expect_error "non-integer value" "flag -b: 'four' is not an integer" -b four
+expect_error "missing model file" "-e '$W/nope.bin': no such file" -e "$W/nope.bin"
+expect_error "unknown depth preset" "no GPT-2 preset of depth 7" -e d7
+expect_error "no shards match" "no data shards match '$W/none_*.bin'" -e d2 -i "$W/none_*.bin" -s 0
+printf 'junk' > "$W/junk.bin"; cp "$W/syn_val_000000.bin" "$W/badmagic.bin"
+printf '\x01\x02\x03\x04' | dd of="$W/badmagic.bin" bs=1 count=4 conv=notrunc 2>/dev/null
+expect_error "shard with bad magic" "$W/badmagic.bin" -e d2 -i "$W/badmagic.bin" -s 0
+head -c 3000 "$W/syn_val_000000.bin" > "$W/trunc.bin"
+expect_error "truncated shard" "$W/trunc.bin" -e d2 -i "$W/trunc.bin" -s 0
+expect_error "batch larger than the shard" "use a smaller -b or -t" -e d2 -i "$VAL" -b 64 -t 1024 -s 0
+expect_error "T beyond max_seq_len" "-t 2048 is longer than the model's max_seq_len 1024" -e d2 -i "$TRAIN" -j "" -t 2048 -s 0
+expect_error "total batch not a multiple" "-d 100 must be a positive multiple of B*T" "${COMMON[@]}" -d 100
+expect_error "unknown schedule" "-k 'cosinus': unknown learning-rate schedule" "${COMMON[@]}" -k cosinus
+expect_error "resume without -o" "-y 1 resumes from the checkpoints in -o" "${COMMON[@]}" -y 1
+expect_error "checkpoints without -o" "-n 5 writes checkpoints into -o" "${COMMON[@]}" -n 5
+printf 'n_layer = 2\nn_head = 2\nn_embd = 3O\n' > "$W/bad.conf"
+expect_error "config error names file:line" "$W/bad.conf:3: 'n_embd = 3O' must be an integer" -e "$W/bad.conf" -i "$TRAIN" -s 0
+mkdir -p "$W/ro"; touch "$W/ro/blocker"
+expect_error "output dir that is a file" "$W/ro/blocker" "${COMMON[@]}" -x 1 -o "$W/ro/blocker" -n 1
+
+# training: the loss falls on learnable data (30 steps, d2)
+out=$("$BIN" "${COMMON[@]}" -x 30 -l 3e-3 -v 0 2>&1); rc=$?
+first=$(echo "$out" | grep -m1 -oE 'loss [0-9.]+' | awk '{print $2}')
+last=$(echo "$out" | grep -oE 'loss [0-9.]+' | tail -n 1 | awk '{print $2}')
+if [ $rc -eq 0 ] && awk -v a="$first" -v b="$last" 'BEGIN {exit !(b < a - 1.0)}'; then ok "loss falls over 30 steps ($first -> $last)"
+else bad "loss falls" "exit $rc, $first -> $last"; fi
+
+# resume: run A straight through 6 steps; run B the same, then forget its last checkpoint and
+# resume from step 3 (shuffled data, gradient accumulation, warmup + cosine): same bytes at step 6
+RUN=("${COMMON[@]}" -x 6 -n 3 -sh 1 -d 256 -u 2 -q 0.1 -l 1e-3 -c 0.1 -v 2 -m 2)
+"$BIN" "${RUN[@]}" -o "$W/A" > "$W/A.out" 2>&1 || bad "run A" "$(tail -n 3 "$W/A.out")"
+"$BIN" "${RUN[@]}" -o "$W/B" > "$W/B.out" 2>&1 || bad "run B" "$(tail -n 3 "$W/B.out")"
+rm -f "$W/B/DONE_00000006" "$W/B/model_00000006.bin" "$W/B/state_00000006_00000.bin"
+"$BIN" "${RUN[@]}" -o "$W/B" -y 1 > "$W/B2.out" 2>&1 || bad "run B resumed" "$(tail -n 3 "$W/B2.out")"
+grep -q "resumed from $W/B/model_00000003.bin at step 3" "$W/B2.out" && ok "resume picks the latest complete checkpoint (step 3)" \
+    || bad "resume start" "$(grep -i resum "$W/B2.out")"
+cmp -s "$W/A/model_00000006.bin" "$W/B/model_00000006.bin" && ok "resumed weights at step 6 are bit-identical" || bad "resumed weights" "model_00000006.bin differs"
+cmp -s "$W/A/state_00000006_00000.bin" "$W/B/state_00000006_00000.bin" && ok "resumed optimizer state at step 6 is bit-identical" || bad "resumed state" "state differs"
+a_steps=$(grep -E '^step +[456]/' "$W/A.out" | sed -E 's/\| [0-9.]+ ms.*//'); b_steps=$(grep -E '^step +[456]/' "$W/B2.out" | sed -E 's/\| [0-9.]+ ms.*//')
+[ -n "$a_steps" ] && [ "$a_steps" = "$b_steps" ] && ok "resumed step lines 4-6 equal the uninterrupted run's" || bad "resumed losses" "A: $a_steps / B: $b_steps"
+grep -q "^s:6 trl:" "$W/B/main.log" && grep -q "^s:2 tel:" "$W/B/main.log" && ok "main.log has llm.c's train and val lines" || bad "main.log" "$(cat "$W/B/main.log")"
+ls "$W/B"/*.tmp >/dev/null 2>&1 && bad "atomic writes" "temp files left behind" || ok "no temporary files left behind"
+
+# a checkpoint the trainer wrote is llm.c's v3 layout and loads back as a model
+hdr=$(od -An -w32 -t d4 -N 32 "$W/A/model_00000006.bin" | tr -s ' ')
+[ "$hdr" = " 20240326 3 1024 50257 2 2 128 50304" ] && ok "written checkpoint header is llm.c's v3" || bad "checkpoint header" "$hdr"
+size=$(stat -c %s "$W/A/model_00000006.bin")
+[ "$size" -eq $((1024 + 4 * 6966784)) ] && ok "written checkpoint holds exactly the padded d2 parameters" || bad "checkpoint size" "$size"
+"$BIN" -e "$W/A/model_00000006.bin" -i "$TRAIN" -j "$VAL" -b 4 -t 32 -x 1 -v 1 -m 2 -s 0 > "$W/C.out" 2>&1 \
+    && grep -q "val loss" "$W/C.out" && ok "written checkpoint loads with -e" || bad "checkpoint loads" "$(tail -n 3 "$W/C.out")"
+# a truncated checkpoint is refused by name and the file is left as it was
+head -c 5000 "$W/A/model_00000006.bin" > "$W/trunc_model.bin"; before=$(md5sum < "$W/trunc_model.bin")
+expect_error "truncated checkpoint" "'$W/trunc_model.bin' is truncated" -e "$W/trunc_model.bin" -i "$TRAIN" -s 0
+[ "$before" = "$(md5sum < "$W/trunc_model.bin")" ] && ok "a refused file is not modified" || bad "refused file" "modified"
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

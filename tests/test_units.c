@@ -1,0 +1,284 @@
+// test_units.c: unit tests of the CPU trainer's pieces: PyTorch-exact RNG and llm.c-exact init,
+// checkpoint round trips (same bytes as llm.c's layout), bf16 checkpoints, config-file errors,
+// AdamW by hand, gradient accumulation, and the parameter table.
+#define TESTING
+#include "../train_gpt2.c"
+#include <sys/wait.h>
+#include "check.h"
+
+// Runs fn(arg) in a child; returns its exit status and captures stderr into buf.
+static int run_child(void (*fn)(const void *), const void *arg, char *buf, size_t cap) {
+    int pipefd[2];
+    if (pipe(pipefd) != 0) fatal("pipe failed");
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(pipefd[0]);
+        dup2(pipefd[1], 2);
+        fn(arg);
+        _exit(0);
+    }
+    close(pipefd[1]);
+    size_t n = 0;
+    ssize_t r;
+    while (n + 1 < cap && (r = read(pipefd[0], buf + n, cap - 1 - n)) > 0) n += (size_t)r;
+    buf[n] = '\0';
+    close(pipefd[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+static void test_rng_matches_torch(void) {
+    const char *path = "dev/fixtures/rng_normal.bin";
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    mt19937_state rng;
+    for (int c = 0; c < header[2]; c++) {
+        int meta[3];
+        float ms[2];
+        freadCheck(meta, sizeof(int), 3, fp, path);
+        freadCheck(ms, sizeof(float), 2, fp, path);
+        int n = meta[2];
+        float *want = (float *)mallocCheck((size_t)n * sizeof(float)), *got = (float *)mallocCheck((size_t)n * sizeof(float));
+        freadCheck(want, sizeof(float), (size_t)n, fp, path);
+        if (meta[0] >= 0) mt_seed(&rng, (uint32_t)meta[0]);
+        if (meta[1] == 0) mt_normal_(got, (size_t)n, ms[0], ms[1], &rng);
+        else mt_uniform_(got, (size_t)n, 0.0f, 1.0f, &rng);
+        char name[128];
+        snprintf(name, sizeof(name), "rng case %d (seed %d, %s, n=%d) equals torch", c, meta[0], meta[1] ? "rand" : "normal_", n);
+        // torch's vectorised log/sin/cos may differ from libm in the last bit
+        check_close(got, want, (size_t)n, 1e-6f * ms[1], 1e-6f, name);
+        free(want);
+        free(got);
+    }
+    fcloseCheck(fp, path);
+}
+
+static void test_init_matches_llmc(void) {
+    const char *path = "dev/fixtures/init_llmc.bin";
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    char *text = (char *)callocCheck((size_t)header[3] + 1, 1);
+    freadCheck(text, 1, (size_t)header[3], fp, path);
+    float *want = (float *)mallocCheck((size_t)header[2] * sizeof(float));
+    freadCheck(want, sizeof(float), (size_t)header[2], fp, path);
+    fcloseCheck(fp, path);
+    ConfigFile cf;
+    config_parse_text(&cf, path, text);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    config_free(&cf);
+    GPT2Layout g;
+    gpt2_layout_build(&g, &c);
+    check_true(g.params.total == (size_t)header[2], "init: parameter count equals torch's", "sizes differ");
+    if (g.params.total == (size_t)header[2]) {
+        float *got = (float *)mallocCheck(g.params.total * sizeof(float));
+        gpt2_init_random(&g, got, 42);
+        check_close(got, want, g.params.total, 1e-7f, 1e-6f, "init from seed 42 equals llm.c's order on torch's generator");
+        free(got);
+    }
+    gpt2_layout_free(&g);
+    free(text);
+    free(want);
+}
+
+// A fake llm.c checkpoint with known bytes loads, and writing it back gives the same bytes.
+static void test_checkpoint_round_trip(void) {
+    GPT2Config c = {16, 100, 128, 2, 2, 32};
+    GPT2Layout g;
+    gpt2_layout_build(&g, &c);
+    size_t n = g.params.total;
+    float *w = (float *)mallocCheck(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) w[i] = sinf((float)i * 0.37f);
+    const char *a = "/tmp/structgpt_unit_a.bin", *b = "/tmp/structgpt_unit_b.bin";
+    FILE *fp = fopenCheck(a, "wb");  // written by hand, the way llm.c lays it out
+    int header[256] = {0};
+    header[0] = 20240326; header[1] = 3; header[2] = 16; header[3] = 100; header[4] = 2; header[5] = 2; header[6] = 32; header[7] = 128;
+    fwriteCheck(header, sizeof(int), 256, fp, a);
+    fwriteCheck(w, sizeof(float), n, fp, a);
+    fcloseCheck(fp, a);
+    GPT2 m;
+    gpt2_build(&m, a);
+    check_true(m.num_params == n && memcmp(m.params, w, n * sizeof(float)) == 0, "llm.c v3 checkpoint loads exactly", "weights differ");
+    check_true(m.config.num_layers == 2 && m.config.channels == 32 && m.config.padded_vocab_size == 128,
+               "llm.c v3 header fields", "config differs");
+    model_write_fp32(b, &m.config, m.params, m.num_params);
+    FILE *fa = fopenCheck(a, "rb"), *fb = fopenCheck(b, "rb");
+    int same = 1, ca, cb;
+    do { ca = fgetc(fa); cb = fgetc(fb); if (ca != cb) same = 0; } while (ca != EOF && cb != EOF && same);
+    fclose(fa); fclose(fb);
+    check_true(same, "a checkpoint written here has the same bytes as the llm.c file it came from", "bytes differ");
+    gpt2_free(&m);
+
+    // bf16 (version 5): the high half of each float, read back as exactly that value
+    fp = fopenCheck(a, "wb");
+    header[1] = 5;
+    fwriteCheck(header, sizeof(int), 256, fp, a);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &w[i], 4);
+        uint16_t h = (uint16_t)(u >> 16);
+        fwriteCheck(&h, 2, 1, fp, a);
+        u &= 0xffff0000u;
+        memcpy(&w[i], &u, 4);
+    }
+    fcloseCheck(fp, a);
+    gpt2_build(&m, a);
+    check_true(memcmp(m.params, w, n * sizeof(float)) == 0, "llm.c v5 (bf16) checkpoint loads exactly", "weights differ");
+    gpt2_free(&m);
+    gpt2_layout_free(&g);
+    free(w);
+    remove(a);
+    remove(b);
+}
+
+static void build_from(const void *arg) {
+    GPT2 m;
+    gpt2_build(&m, (const char *)arg);
+}
+
+static void expect_build_error(const char *content, const char *must_contain, const char *name) {
+    const char *path = "/tmp/structgpt_unit.conf";
+    FILE *fp = fopenCheck(path, "wb");
+    fwriteCheck(content, 1, strlen(content), fp, path);
+    fcloseCheck(fp, path);
+    char err[4096];
+    int rc = run_child(build_from, path, err, sizeof(err));
+    char why[4200];
+    snprintf(why, sizeof(why), "exit %d, stderr: %s", rc, err);
+    check_true(rc != 0 && strstr(err, must_contain) != NULL, name, why);
+}
+
+static void test_config_errors(void) {
+    expect_build_error("n_layer = 2\nn_head = 2\nn_embd = 32\nn_lyer = 3\n", "structgpt_unit.conf:4: unknown key 'n_lyer'", "config: unknown key names file:line");
+    expect_build_error("n_layer = two\nn_head = 2\nn_embd = 32\n", "structgpt_unit.conf:1: 'n_layer = two' must be an integer", "config: bad number names file:line");
+    expect_build_error("n_head = 2\nn_embd = 32\n", "missing required key 'n_layer'", "config: missing key");
+    expect_build_error("n_layer = 2\nn_head = 3\nn_embd = 32\n", "not divisible by n_head", "config: heads must divide n_embd");
+    expect_build_error("n_layer = 2\nn_head = 2\nn_layer = 3\nn_embd = 32\n", "structgpt_unit.conf:3: 'n_layer' is already set at line 1", "config: duplicate key");
+    expect_build_error("n_layer = 2\n[linear\n", "structgpt_unit.conf:2: bad section header", "config: bad section header");
+    expect_build_error("n_layer 2\n", "structgpt_unit.conf:1: expected 'key = value'", "config: line without '='");
+    expect_build_error("n_layer = 2\nn_head = 2\nn_embd = 32\nvocab_size = 70000\n", "vocab_size = 70000", "config: vocab too large for uint16 shards");
+    expect_build_error("n_layer = 2\nn_head = 2\nn_embd = 32\n[linear]\nstruct = btt\n", "structgpt_unit.conf:5: section [linear]", "config: structured sections are refused, not ignored");
+    // a file that is neither a checkpoint nor a config
+    const char bad_magic[16] = {1, 2, 3, 4, 0, 0, 0, 0};
+    const char *path = "/tmp/structgpt_unit_bad.bin";
+    FILE *fp = fopenCheck(path, "wb");
+    fwriteCheck(bad_magic, 1, sizeof(bad_magic), fp, path);
+    fcloseCheck(fp, path);
+    char err[4096];
+    int rc = run_child(build_from, path, err, sizeof(err));
+    check_true(rc != 0 && strstr(err, path), "-e of a binary non-checkpoint fails naming the file", err);
+    // a truncated checkpoint
+    GPT2Config c = {16, 100, 128, 2, 2, 32};
+    fp = fopenCheck(path, "wb");
+    int header[256];
+    model_header_fill(header, &c, 3);
+    fwriteCheck(header, sizeof(int), 256, fp, path);
+    float z[100] = {0};
+    fwriteCheck(z, sizeof(float), 100, fp, path);
+    fcloseCheck(fp, path);
+    rc = run_child(build_from, path, err, sizeof(err));
+    check_true(rc != 0 && strstr(err, "truncated") && strstr(err, path), "truncated checkpoint is reported as truncated", err);
+    model_header_fill(header, &c, 4);
+    fp = fopenCheck(path, "wb");
+    fwriteCheck(header, sizeof(int), 256, fp, path);
+    fcloseCheck(fp, path);
+    rc = run_child(build_from, path, err, sizeof(err));
+    check_true(rc != 0 && strstr(err, "version 4"), "unknown checkpoint version is named", err);
+    remove(path);
+}
+
+// AdamW against a hand computation in double: two tensors, one with decay and lr_mult 1, one
+// without decay and lr_mult 0.5, two steps with gradient scaling.
+static void test_adamw_by_hand(void) {
+    GPT2 m;
+    memset(&m, 0, sizeof(m));
+    params_init(&m.layout.params);
+    size_t s2[2] = {2, 3}, s1[1] = {3};
+    params_add(&m.layout.params, "w", 2, s2, 1.0f, 1);
+    params_add(&m.layout.params, "b", 1, s1, 0.5f, 0);
+    m.num_params = m.layout.params.total;
+    m.params = (float *)mallocCheck(9 * sizeof(float));
+    m.grads = (float *)mallocCheck(9 * sizeof(float));
+    double p[9], mm[9] = {0}, vv[9] = {0};
+    for (int i = 0; i < 9; i++) { p[i] = 0.1 * (i - 4); m.params[i] = (float)p[i]; }
+    const double lr = 0.01, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, scale = 0.5;
+    for (int t = 1; t <= 2; t++) {
+        for (int i = 0; i < 9; i++) m.grads[i] = (float)(0.3 * cos(i + t));
+        gpt2_update(&m, (float)lr, (float)b1, (float)b2, (float)eps, (float)wd, (float)scale, t);
+        for (int i = 0; i < 9; i++) {
+            double g = (double)(float)(0.3 * cos(i + t)) * scale;
+            mm[i] = b1 * mm[i] + (1 - b1) * g;
+            vv[i] = b2 * vv[i] + (1 - b2) * g * g;
+            double mh = mm[i] / (1 - pow(b1, t)), vh = vv[i] / (1 - pow(b2, t));
+            double plr = i < 6 ? lr : lr * 0.5, pwd = i < 6 ? wd : 0.0;
+            p[i] -= plr * (mh / (sqrt(vh) + eps) + pwd * p[i]);
+        }
+    }
+    float want[9];
+    for (int i = 0; i < 9; i++) want[i] = (float)p[i];
+    check_close(m.params, want, 9, 1e-6f, 1e-5f, "AdamW with lr multiplier, decay flag and grad scale equals the formula");
+    free(m.params); free(m.grads); free(m.m); free(m.v);
+    params_free(&m.layout.params);
+}
+
+// One batch of 4 sequences equals two micro-batches of 2 with dloss 1/2 each.
+static void test_grad_accumulation(void) {
+    GPT2 m;
+    gpt2_build(&m, "d2");
+    int B = 4, T = 8;
+    int *x = (int *)mallocCheck((size_t)B * T * sizeof(int)), *y = (int *)mallocCheck((size_t)B * T * sizeof(int));
+    for (int i = 0; i < B * T; i++) { x[i] = (i * 7919) % 50257; y[i] = (i * 104729 + 13) % 50257; }
+    gpt2_alloc_activations(&m, B, T);
+    gpt2_zero_grad(&m);
+    float l_full = gpt2_forward(&m, x, y, B, T);
+    gpt2_backward(&m, 1.0f, B, T);
+    float *full = (float *)mallocCheck(m.num_params * sizeof(float));
+    memcpy(full, m.grads, m.num_params * sizeof(float));
+    gpt2_zero_grad(&m);
+    float l1 = gpt2_forward(&m, x, y, 2, T);
+    gpt2_backward(&m, 0.5f, 2, T);
+    float l2 = gpt2_forward(&m, x + 2 * T, y + 2 * T, 2, T);
+    gpt2_backward(&m, 0.5f, 2, T);
+    float l_acc = 0.5f * (l1 + l2);
+    check_close(&l_acc, &l_full, 1, 1e-5f, 1e-6f, "accumulated loss equals the full-batch loss");
+    float scale = 0.0f;
+    for (size_t i = 0; i < m.num_params; i++) if (fabsf(full[i]) > scale) scale = fabsf(full[i]);
+    check_close(m.grads, full, m.num_params, 1e-5f * scale, 0.0f, "accumulated gradients equal the full-batch gradients");
+    free(full); free(x); free(y);
+    gpt2_free(&m);
+}
+
+static void test_param_table(void) {
+    GPT2Config c;
+    gpt2_config_from_depth_name("d12", &c);
+    GPT2Layout g;
+    gpt2_layout_build(&g, &c);
+    // GPT-2 124M: 124,439,808 parameters with the 50257 vocab (llm.c prints 124475904 padded)
+    check_true(gpt2_num_params_unpadded(&g) == 124439808, "d12 has GPT-2 124M's 124,439,808 parameters", "count differs");
+    check_true(g.params.total == 124475904, "d12 padded total equals llm.c's 124,475,904", "count differs");
+    int decayed = 0, ok = 1;
+    for (int i = 0; i < g.params.n; i++) {
+        decayed += g.params.t[i].decay;
+        if (g.params.t[i].decay != (g.params.t[i].ndim >= 2)) ok = 0;
+    }
+    check_true(ok && decayed == 2 + 4 * 12, "weight decay exactly on the 2-D weights", "decay flags wrong");
+    check_true(strcmp(g.params.t[g.norms[3].ln2w].name, "h.3.ln2w") == 0 && g.params.t[0].offset == 0 &&
+               g.params.t[gpt2_linear(&g, 0, ROLE_QKV)->weight].offset == (size_t)(50304 + 1024) * 768 + 2 * 12 * 768,
+               "table order is llm.c's (wte, wpe, ln1w*, ln1b*, qkvw*, ...)", "offsets differ");
+    gpt2_layout_free(&g);
+}
+
+int main(void) {
+    test_rng_matches_torch();
+    test_init_matches_llmc();
+    test_checkpoint_round_trip();
+    test_config_errors();
+    test_adamw_by_hand();
+    test_grad_accumulation();
+    test_param_table();
+    return test_summary();
+}

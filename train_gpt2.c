@@ -1,0 +1,824 @@
+// train_gpt2.c: GPT-2 training on the CPU in fp32 with OpenMP (and a CBLAS when built with one):
+// the readable reference implementation of structgpt. llm.c's model, files and flags.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef OMP
+#include <omp.h>
+#endif
+#ifdef USE_CBLAS
+#include <cblas.h>
+#endif
+#include "common/args.h"
+#include "common/checkpoint.h"
+#include "common/config.h"
+#include "common/dataloader.h"
+#include "common/gpt2.h"
+#include "common/logger.h"
+#include "common/rng.h"
+#include "common/schedule.h"
+#include "common/tokenizer.h"
+#include "common/utils.h"
+
+// ----------------------------------------------------------------------------------------------
+// Kernels. Shapes: B batch, T time, C channels, OC output channels, NH heads, Vp padded vocab.
+
+void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe, int B, int T, int C) {
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float *o = out + ((size_t)b * T + t) * C;
+            const float *we = wte + (size_t)inp[b * T + t] * C, *pe = wpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) o[i] = we[i] + pe[i];
+        }
+    }
+}
+
+// Serial on purpose: tokens repeat within a batch, and a fixed summation order keeps runs deterministic.
+void encoder_backward(float *dwte, float *dwpe, const float *dout, const int *inp, int B, int T, int C) {
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            const float *d = dout + ((size_t)b * T + t) * C;
+            float *dwe = dwte + (size_t)inp[b * T + t] * C, *dpe = dwpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) { dwe[i] += d[i]; dpe[i] += d[i]; }
+        }
+    }
+}
+
+// LayerNorm over C per row, eps 1e-5, biased variance; mean and 1/std kept for the backward.
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *bias, int N, int C) {
+#pragma omp parallel for
+    for (int r = 0; r < N; r++) {
+        const float *x = inp + (size_t)r * C;
+        float m = 0.0f;
+        for (int i = 0; i < C; i++) m += x[i];
+        m /= C;
+        float v = 0.0f;
+        for (int i = 0; i < C; i++) { float d = x[i] - m; v += d * d; }
+        v /= C;
+        float s = 1.0f / sqrtf(v + 1e-5f);
+        float *o = out + (size_t)r * C;
+        for (int i = 0; i < C; i++) o[i] = (s * (x[i] - m)) * w[i] + bias[i];
+        mean[r] = m;
+        rstd[r] = s;
+    }
+}
+
+// dinp is accumulated into (it is the residual stream's gradient); dw, db likewise.
+void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                        const float *mean, const float *rstd, int N, int C) {
+#pragma omp parallel for
+    for (int r = 0; r < N; r++) {
+        const float *d = dout + (size_t)r * C, *x = inp + (size_t)r * C;
+        float m = mean[r], s = rstd[r];
+        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+        for (int i = 0; i < C; i++) {
+            float n = (x[i] - m) * s, dn = w[i] * d[i];
+            dnorm_mean += dn;
+            dnorm_norm_mean += dn * n;
+        }
+        dnorm_mean /= C;
+        dnorm_norm_mean /= C;
+        float *di = dinp + (size_t)r * C;
+        for (int i = 0; i < C; i++) {
+            float n = (x[i] - m) * s, dn = w[i] * d[i];
+            di[i] += (dn - dnorm_mean - n * dnorm_norm_mean) * s;
+        }
+    }
+    // parameter gradients: reduce over rows per channel, parallel over channels (deterministic)
+#pragma omp parallel for
+    for (int i = 0; i < C; i++) {
+        float gw = 0.0f, gb = 0.0f;
+        for (int r = 0; r < N; r++) {
+            float d = dout[(size_t)r * C + i];
+            gw += (inp[(size_t)r * C + i] - mean[r]) * rstd[r] * d;
+            gb += d;
+        }
+        dw[i] += gw;
+        db[i] += gb;
+    }
+}
+
+// out (N, OC) = inp (N, C) @ w^T (w is OC x C) + bias. Overwrites out.
+void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
+#ifdef USE_CBLAS
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    if (bias) {
+#pragma omp parallel for
+        for (int r = 0; r < N; r++)
+            for (int o = 0; o < OC; o++) out[(size_t)r * OC + o] += bias[o];
+    }
+#else
+    // Register tile of 4 rows x 8 outputs: each loaded weight row segment is used 4 times.
+    const int RT = 4;
+    if (N % RT != 0) {
+#pragma omp parallel for collapse(2)
+        for (int r = 0; r < N; r++)
+            for (int o = 0; o < OC; o++) {
+                const float *x = inp + (size_t)r * C, *wr = w + (size_t)o * C;
+                float acc = bias ? bias[o] : 0.0f;
+                for (int i = 0; i < C; i++) acc += x[i] * wr[i];
+                out[(size_t)r * OC + o] = acc;
+            }
+        return;
+    }
+#pragma omp parallel for collapse(2)
+    for (int r0 = 0; r0 < N; r0 += RT) {
+        for (int o = 0; o < OC; o++) {
+            float acc[4] = {0};
+            const float *wr = w + (size_t)o * C;
+            for (int i = 0; i < C; i++) {
+                float wi = wr[i];
+                for (int k = 0; k < RT; k++) acc[k] += inp[(size_t)(r0 + k) * C + i] * wi;
+            }
+            for (int k = 0; k < RT; k++) out[(size_t)(r0 + k) * OC + o] = acc[k] + (bias ? bias[o] : 0.0f);
+        }
+    }
+#endif
+}
+
+// dinp (N, C) = dout (N, OC) @ w (OC, C), overwritten; dw (OC, C) += dout^T @ inp; dbias += sum_rows dout.
+void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
+                     int N, int C, int OC) {
+#ifdef USE_CBLAS
+    if (dinp) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, w, C, 0.0f, dinp, C);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+#else
+    if (dinp) {
+#pragma omp parallel for
+        for (int r = 0; r < N; r++) {
+            float *di = dinp + (size_t)r * C;
+            for (int i = 0; i < C; i++) di[i] = 0.0f;
+            const float *d = dout + (size_t)r * OC;
+            for (int o = 0; o < OC; o++) {
+                const float *wr = w + (size_t)o * C;
+                float g = d[o];
+                for (int i = 0; i < C; i++) di[i] += g * wr[i];
+            }
+        }
+    }
+#pragma omp parallel for
+    for (int o = 0; o < OC; o++) {
+        float *dwr = dw + (size_t)o * C;
+        for (int r = 0; r < N; r++) {
+            float g = dout[(size_t)r * OC + o];
+            const float *x = inp + (size_t)r * C;
+            for (int i = 0; i < C; i++) dwr[i] += g * x[i];
+        }
+    }
+#endif
+    if (dbias) {
+#pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            float s = 0.0f;
+            for (int r = 0; r < N; r++) s += dout[(size_t)r * OC + o];
+            dbias[o] += s;
+        }
+    }
+}
+
+// Causal multi-head attention. qkv (B, T, 3C) holds q | k | v; att (B, NH, T, T) keeps the
+// softmax probabilities (the only thing the backward needs); out (B, T, C).
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+    int hs = C / NH, C3 = 3 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < NH; h++) {
+                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                float maxv = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float s = 0.0f;
+                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
+                    s *= scale;
+                    a[t2] = s;
+                    if (s > maxv) maxv = s;
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { a[t2] = expf(a[t2] - maxv); sum += a[t2]; }
+                float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
+                for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
+                float *o = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float p = a[t2];
+                    for (int i = 0; i < hs; i++) o[i] += p * v[i];
+                }
+            }
+}
+
+// dqkv (B, T, 3C) is overwritten. Parallel over (b, h): each owns its slice of dqkv, so no races.
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T, int C, int NH) {
+    int hs = C / NH, C3 = 3 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
+                for (int i = 0; i < hs; i++) { dq[i] = 0.0f; dq[C + i] = 0.0f; dq[2 * C + i] = 0.0f; }
+            }
+            float *datt = (float *)mallocCheck((size_t)T * sizeof(float));
+            for (int t = 0; t < T; t++) {
+                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                const float *d = dout + ((size_t)b * T + t) * C + h * hs;
+                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
+                // through out = att @ v
+                float dot = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float *dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float s = 0.0f;
+                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
+                    datt[t2] = s;
+                    dot += s * a[t2];
+                }
+                // through the softmax, then the scaled q.k
+                for (int t2 = 0; t2 <= t; t2++) {
+                    float dpre = a[t2] * (datt[t2] - dot) * scale;
+                    const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float *dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
+                }
+            }
+            free(datt);
+        }
+}
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+void gelu_forward(float *out, const float *inp, size_t N) {
+#pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+    }
+}
+
+// dinp = gelu'(inp) * dout, overwritten.
+void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
+#pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float g = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = g * dout[i];
+    }
+}
+
+void residual_forward(float *out, const float *a, const float *b, size_t N) {
+#pragma omp parallel for
+    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+// Softmax over the real V columns of logits (N, Vp) and cross-entropy against targets. When
+// dlogits is given, writes dloss * (probs - onehot) there (padded columns 0). Returns the mean loss.
+float crossentropy_softmax(float *dlogits, float *losses, const float *logits, const int *targets, int N, int V, int Vp,
+                           float dloss) {
+#pragma omp parallel for
+    for (int r = 0; r < N; r++) {
+        const float *l = logits + (size_t)r * Vp;
+        float maxv = -INFINITY;
+        for (int i = 0; i < V; i++) if (l[i] > maxv) maxv = l[i];
+        float sum = 0.0f;
+        for (int i = 0; i < V; i++) sum += expf(l[i] - maxv);
+        float logsum = logf(sum) + maxv;
+        losses[r] = logsum - l[targets[r]];
+        if (dlogits) {
+            float *d = dlogits + (size_t)r * Vp;
+            float inv = 1.0f / sum;
+            for (int i = 0; i < V; i++) d[i] = expf(l[i] - maxv) * inv * dloss;
+            d[targets[r]] -= dloss;
+            for (int i = V; i < Vp; i++) d[i] = 0.0f;
+        }
+    }
+    double mean = 0.0;
+    for (int r = 0; r < N; r++) mean += losses[r];
+    return (float)(mean / N);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The one place a linear layer is computed. Today every layer is dense; structured layers plug in
+// here, keyed by the layer's description.
+
+void linear_forward(const GPT2Layout *g, const LinearDesc *ld, const float *params, float *out, const float *inp, int N) {
+    matmul_forward(out, inp, gpt2_tensor(g, (float *)params, ld->weight), gpt2_tensor(g, (float *)params, ld->bias), N, ld->in, ld->out);
+}
+
+void linear_backward(const GPT2Layout *g, const LinearDesc *ld, const float *params, float *grads, float *dinp,
+                     const float *dout, const float *inp, int N) {
+    matmul_backward(dinp, gpt2_tensor(g, grads, ld->weight), gpt2_tensor(g, grads, ld->bias), dout, inp,
+                    gpt2_tensor(g, (float *)params, ld->weight), N, ld->in, ld->out);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The model
+
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd;  // input of qkv
+    float *qkv, *att, *atty;           // atty: attention output, input of attn_proj
+    float *res2;                       // residual after attention
+    float *ln2, *ln2_mean, *ln2_rstd;  // input of fc
+    float *fch, *fch_gelu;             // fc output before / after GELU
+    float *res3;                       // residual after the MLP: the block's output
+} BlockActs;
+
+typedef struct {
+    GPT2Layout layout;
+    GPT2Config config;
+    float *params, *grads, *m, *v;
+    size_t num_params;
+    // activations, sized for max_B x max_T
+    int max_B, max_T;
+    float *acts_memory;
+    float *encoded;
+    BlockActs *blocks;
+    float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
+    // backward scratch, reused by every layer
+    float *scratch_memory;
+    float *dres, *dln, *dbig, *dbig2, *dqkv, *datty;
+    float mean_loss;  // of the last forward with targets; -1 if none
+    int *inputs, *targets;
+} GPT2;
+
+static void gpt2_alloc_params(GPT2 *m) {
+    m->config = m->layout.config;
+    m->num_params = m->layout.params.total;
+    m->params = (float *)callocCheck(m->num_params, sizeof(float));
+    m->grads = NULL;
+    m->m = m->v = NULL;
+    m->acts_memory = NULL;
+    m->scratch_memory = NULL;
+    m->mean_loss = -1.0f;
+}
+
+// -e argument: an llm.c checkpoint, "dN", or a model config file.
+void gpt2_build(GPT2 *m, const char *spec) {
+    memset(m, 0, sizeof(*m));
+    GPT2Config c;
+    if (gpt2_config_from_depth_name(spec, &c)) {
+        gpt2_layout_build(&m->layout, &c);
+        gpt2_alloc_params(m);
+        gpt2_init_random(&m->layout, m->params, 42);
+        return;
+    }
+    FILE *fp = fopen(spec, "rb");
+    if (!fp) fatal("-e '%s': no such file; -e takes an llm.c checkpoint, dN (e.g. d12 for a fresh GPT-2 124M), or a config file", spec);
+    int magic = 0;
+    size_t got = fread(&magic, sizeof(int), 1, fp);
+    fseekCheck(fp, 0, SEEK_SET, spec);
+    if (got == 1 && magic == MODEL_MAGIC) {
+        int version = model_header_read(fp, spec, &c);
+        gpt2_layout_build(&m->layout, &c);
+        gpt2_alloc_params(m);
+        model_params_read(fp, spec, version, m->params, m->num_params);
+        fcloseCheck(fp, spec);
+        return;
+    }
+    fcloseCheck(fp, spec);
+    ConfigFile cf;
+    config_parse_file(&cf, spec);
+    gpt2_config_from_file(&cf, &c);
+    config_check_all_used(&cf, GPT2_CONFIG_KEYS);
+    config_free(&cf);
+    gpt2_layout_build(&m->layout, &c);
+    gpt2_alloc_params(m);
+    gpt2_init_random(&m->layout, m->params, 42);
+}
+
+// Activation and scratch buffers for batches up to B x T; called once before the first forward.
+void gpt2_alloc_activations(GPT2 *m, int B, int T) {
+    const GPT2Config *c = &m->config;
+    if (T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", T, c->max_seq_len, c->max_seq_len);
+    size_t BT = (size_t)B * T, C = (size_t)c->channels, L = (size_t)c->num_layers, NH = (size_t)c->num_heads;
+    size_t per_block = BT * C * 5 + BT * 4 + BT * 3 * C + B * NH * (size_t)T * T + BT * 4 * C * 2;
+    size_t total = BT * C + L * per_block + BT * C + 2 * BT + BT * (size_t)c->padded_vocab_size + BT;
+    m->acts_memory = (float *)callocCheck(total, sizeof(float));
+    float *p = m->acts_memory;
+#define TAKE(ptr, n) do { (ptr) = p; p += (n); } while (0)
+    TAKE(m->encoded, BT * C);
+    m->blocks = (BlockActs *)callocCheck(L, sizeof(BlockActs));
+    for (size_t l = 0; l < L; l++) {
+        BlockActs *a = &m->blocks[l];
+        TAKE(a->ln1, BT * C); TAKE(a->ln1_mean, BT); TAKE(a->ln1_rstd, BT);
+        TAKE(a->qkv, BT * 3 * C); TAKE(a->att, B * NH * (size_t)T * T); TAKE(a->atty, BT * C);
+        TAKE(a->res2, BT * C);
+        TAKE(a->ln2, BT * C); TAKE(a->ln2_mean, BT); TAKE(a->ln2_rstd, BT);
+        TAKE(a->fch, BT * 4 * C); TAKE(a->fch_gelu, BT * 4 * C);
+        TAKE(a->res3, BT * C);
+    }
+    TAKE(m->lnf, BT * C); TAKE(m->lnf_mean, BT); TAKE(m->lnf_rstd, BT);
+    TAKE(m->logits, BT * c->padded_vocab_size);
+    TAKE(m->losses, BT);
+    size_t scratch = BT * C * 3 + BT * 4 * C * 2 + BT * 3 * C;
+    m->scratch_memory = (float *)callocCheck(scratch, sizeof(float));
+    p = m->scratch_memory;
+    TAKE(m->dres, BT * C); TAKE(m->dln, BT * C); TAKE(m->datty, BT * C);
+    TAKE(m->dbig, BT * 4 * C); TAKE(m->dbig2, BT * 4 * C); TAKE(m->dqkv, BT * 3 * C);
+#undef TAKE
+    m->max_B = B;
+    m->max_T = T;
+    m->inputs = (int *)mallocCheck(BT * sizeof(int));
+    m->targets = (int *)mallocCheck(BT * sizeof(int));
+}
+
+// Forward over inputs (B, T). With targets, also the mean loss (returned; logits then hold
+// softmax inputs still). Without, returns -1 and leaves logits for sampling.
+float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
+    if (!m->acts_memory) fatal("internal: gpt2_alloc_activations was not called");
+    if (B > m->max_B || T > m->max_T) fatal("internal: batch %dx%d exceeds the allocated %dx%d", B, T, m->max_B, m->max_T);
+    const GPT2Config *c = &m->config;
+    const GPT2Layout *g = &m->layout;
+    int C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int BT = B * T;
+    for (int i = 0; i < BT; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
+        if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+    }
+    memcpy(m->inputs, inputs, BT * sizeof(int));
+    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
+    float *P = m->params;
+    encoder_forward(m->encoded, inputs, gpt2_tensor(g, P, g->wte), gpt2_tensor(g, P, g->wpe), B, T, C);
+    const float *res = m->encoded;
+    float *proj = m->dln;  // scratch for the projections' outputs before the residual add
+    for (int l = 0; l < c->num_layers; l++) {
+        BlockActs *a = &m->blocks[l];
+        const BlockNorms *n = &g->norms[l];
+        layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, res, gpt2_tensor(g, P, n->ln1w), gpt2_tensor(g, P, n->ln1b), BT, C);
+        linear_forward(g, gpt2_linear(g, l, ROLE_QKV), P, a->qkv, a->ln1, BT);
+        attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
+        linear_forward(g, gpt2_linear(g, l, ROLE_ATTN_PROJ), P, proj, a->atty, BT);
+        residual_forward(a->res2, res, proj, (size_t)BT * C);
+        layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, gpt2_tensor(g, P, n->ln2w), gpt2_tensor(g, P, n->ln2b), BT, C);
+        linear_forward(g, gpt2_linear(g, l, ROLE_FC), P, a->fch, a->ln2, BT);
+        gelu_forward(a->fch_gelu, a->fch, (size_t)BT * 4 * C);
+        linear_forward(g, gpt2_linear(g, l, ROLE_FC_PROJ), P, proj, a->fch_gelu, BT);
+        residual_forward(a->res3, a->res2, proj, (size_t)BT * C);
+        res = a->res3;
+    }
+    layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, res, gpt2_tensor(g, P, g->lnfw), gpt2_tensor(g, P, g->lnfb), BT, C);
+    matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
+    if (!targets) { m->mean_loss = -1.0f; return -1.0f; }
+    m->mean_loss = crossentropy_softmax(NULL, m->losses, m->logits, targets, BT, V, Vp, 0.0f);
+    return m->mean_loss;
+}
+
+void gpt2_zero_grad(GPT2 *m) {
+    if (!m->grads) m->grads = (float *)callocCheck(m->num_params, sizeof(float));
+    else memset(m->grads, 0, m->num_params * sizeof(float));
+}
+
+// Backward of the last forward (which must have had targets); accumulates into m->grads with
+// the loss scaled by dloss_scale (1/grad_accum_steps for gradient accumulation).
+void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
+    if (m->mean_loss < 0) fatal("internal: gpt2_backward needs a forward with targets first");
+    if (!m->grads) gpt2_zero_grad(m);
+    const GPT2Config *c = &m->config;
+    const GPT2Layout *g = &m->layout;
+    int C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers;
+    int BT = B * T;
+    float *P = m->params, *G = m->grads;
+    // the logits buffer becomes dlogits in place
+    crossentropy_softmax(m->logits, m->losses, m->logits, m->targets, BT, V, Vp, dloss_scale / BT);
+    const float *last = L > 0 ? m->blocks[L - 1].res3 : m->encoded;
+    matmul_backward(m->dln, gpt2_tensor(g, G, g->wte), NULL, m->logits, m->lnf, gpt2_tensor(g, P, g->wte), BT, C, Vp);
+    memset(m->dres, 0, (size_t)BT * C * sizeof(float));
+    layernorm_backward(m->dres, gpt2_tensor(g, G, g->lnfw), gpt2_tensor(g, G, g->lnfb), m->dln, last,
+                       gpt2_tensor(g, P, g->lnfw), m->lnf_mean, m->lnf_rstd, BT, C);
+    for (int l = L - 1; l >= 0; l--) {
+        BlockActs *a = &m->blocks[l];
+        const BlockNorms *n = &g->norms[l];
+        const float *res_in = l == 0 ? m->encoded : m->blocks[l - 1].res3;
+        // MLP: dres is the gradient of res3 and flows unchanged into res2, plus the MLP branch
+        linear_backward(g, gpt2_linear(g, l, ROLE_FC_PROJ), P, G, m->dbig, m->dres, a->fch_gelu, BT);
+        gelu_backward(m->dbig2, a->fch, m->dbig, (size_t)BT * 4 * C);
+        linear_backward(g, gpt2_linear(g, l, ROLE_FC), P, G, m->dln, m->dbig2, a->ln2, BT);
+        layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln2w), gpt2_tensor(g, G, n->ln2b), m->dln, a->res2,
+                           gpt2_tensor(g, P, n->ln2w), a->ln2_mean, a->ln2_rstd, BT, C);
+        // attention
+        linear_backward(g, gpt2_linear(g, l, ROLE_ATTN_PROJ), P, G, m->datty, m->dres, a->atty, BT);
+        attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, NH);
+        linear_backward(g, gpt2_linear(g, l, ROLE_QKV), P, G, m->dln, m->dqkv, a->ln1, BT);
+        layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln1w), gpt2_tensor(g, G, n->ln1b), m->dln, res_in,
+                           gpt2_tensor(g, P, n->ln1w), a->ln1_mean, a->ln1_rstd, BT, C);
+    }
+    encoder_backward(gpt2_tensor(g, G, g->wte), gpt2_tensor(g, G, g->wpe), m->dres, m->inputs, B, T, C);
+    m->mean_loss = -1.0f;  // the logits were consumed
+}
+
+// Global L2 norm of the gradients, in double and in a fixed order so that it is reproducible.
+float gpt2_grad_norm(const GPT2 *m) {
+    double total = 0.0;
+    for (int i = 0; i < m->layout.params.n; i++) {
+        const ParamTensor *p = &m->layout.params.t[i];
+        const float *gr = m->grads + p->offset;
+        double s = 0.0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (size_t j = 0; j < p->numel; j++) s += (double)gr[j] * gr[j];
+        total += s;
+    }
+    return (float)sqrt(total);
+}
+
+// AdamW over the parameter table (bias-corrected, decoupled weight decay on decay tensors, each
+// tensor at lr * lr_mult). grad_scale multiplies the gradient first (clipping).
+void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, int t) {
+    if (!m->m) {
+        m->m = (float *)callocCheck(m->num_params, sizeof(float));
+        m->v = (float *)callocCheck(m->num_params, sizeof(float));
+    }
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    for (int i = 0; i < m->layout.params.n; i++) {
+        const ParamTensor *p = &m->layout.params.t[i];
+        float plr = lr * p->lr_mult, wd = p->decay ? weight_decay : 0.0f;
+        float *w = m->params + p->offset, *gr = m->grads + p->offset, *mm = m->m + p->offset, *vv = m->v + p->offset;
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < p->numel; j++) {
+            float gj = gr[j] * grad_scale;
+            float mj = beta1 * mm[j] + (1.0f - beta1) * gj;
+            float vj = beta2 * vv[j] + (1.0f - beta2) * gj * gj;
+            mm[j] = mj;
+            vv[j] = vj;
+            float mhat = mj / bc1, vhat = vj / bc2;
+            w[j] -= plr * (mhat / (sqrtf(vhat) + eps) + wd * w[j]);
+        }
+    }
+}
+
+void gpt2_free(GPT2 *m) {
+    free(m->params); free(m->grads); free(m->m); free(m->v);
+    free(m->acts_memory); free(m->scratch_memory); free(m->blocks);
+    free(m->inputs); free(m->targets);
+    gpt2_layout_free(&m->layout);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Sampling
+
+int sample_mult(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1;
+}
+
+// Generates gen_T tokens after an EOT prompt, printing them through the tokenizer when it loaded.
+void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rng) {
+    const GPT2Config *c = &m->config;
+    int T = gen_T + 1 < m->max_T ? gen_T + 1 : m->max_T;
+    int *tokens = (int *)mallocCheck((size_t)T * sizeof(int));
+    float *probs = (float *)mallocCheck((size_t)c->vocab_size * sizeof(float));
+    tokens[0] = eot;
+    printf("generating:\n---\n");
+    for (int t = 1; t < T; t++) {
+        gpt2_forward(m, tokens, NULL, 1, t);
+        const float *l = m->logits + (size_t)(t - 1) * c->padded_vocab_size;
+        float maxv = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < c->vocab_size; i++) if (l[i] > maxv) maxv = l[i];
+        for (int i = 0; i < c->vocab_size; i++) { probs[i] = expf(l[i] - maxv); sum += probs[i]; }
+        for (int i = 0; i < c->vocab_size; i++) probs[i] /= sum;
+        int next = sample_mult(probs, c->vocab_size, xorshift_f32(rng));
+        tokens[t] = next;
+        if (tok && tok->init_ok) {
+            const char *piece = tokenizer_decode(tok, (unsigned)next);
+            if (piece) safe_printf(piece);
+        } else {
+            printf("%d ", next);
+        }
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    free(tokens);
+    free(probs);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Training
+
+#ifndef TESTING
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
+    dataloader_reset(dl);
+    long n = dataloader_num_batches(dl);
+    if (max_steps >= 0 && max_steps < n) n = max_steps;
+    double sum = 0.0;
+    for (long i = 0; i < n; i++) {
+        dataloader_next_batch(dl);
+        sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
+    }
+    return (float)(sum / (n > 0 ? n : 1));
+}
+
+static void default_tokenizer_path(const char *train_pattern, char *buf, size_t cap) {
+    const char *slash = strrchr(train_pattern, '/');
+    if (slash) snprintf(buf, cap, "%.*s/gpt2_tokenizer.bin", (int)(slash - train_pattern), train_pattern);
+    else snprintf(buf, cap, "gpt2_tokenizer.bin");
+}
+
+static void checkpoint_paths(const char *dir, long step, int rank, char *model, char *state, char *done, size_t cap) {
+    snprintf(model, cap, "%s/model_%08ld.bin", dir, step);
+    snprintf(state, cap, "%s/state_%08ld_%05d.bin", dir, step, rank);
+    snprintf(done, cap, "%s/DONE_%08ld", dir, step);
+}
+
+static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long step, uint64_t sample_rng, int keep_last) {
+    char model_path[1100], state_path[1100], done_path[1100];
+    checkpoint_paths(a->out_dir, step, 0, model_path, state_path, done_path, sizeof(model_path));
+    model_write_fp32(model_path, &m->config, m->params, m->num_params);
+    TrainState st;
+    memset(&st, 0, sizeof(st));
+    st.step = step;
+    st.num_params = (int64_t)m->num_params;
+    st.rank = 0;
+    st.nproc = 1;
+    st.B = a->B;
+    st.T = a->T;
+    st.total_batch_size = a->total_batch;
+    DataLoaderState ds = dataloader_get_state(train);
+    st.dl_epoch = ds.epoch;
+    st.dl_shard_idx = ds.shard_idx;
+    st.dl_sample_idx = ds.sample_idx;
+    st.sample_rng = sample_rng;
+    // before the first update there are no moments yet: write zeros, which is what they are
+    if (!m->m) {
+        m->m = (float *)callocCheck(m->num_params, sizeof(float));
+        m->v = (float *)callocCheck(m->num_params, sizeof(float));
+    }
+    state_write(state_path, &st, m->m, m->v);
+    FILE *fp = fopenCheck(done_path, "w");
+    fcloseCheck(fp, done_path);
+    printf("wrote checkpoint %s and %s\n", model_path, state_path);
+    if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
+        long old = step - (long)keep_last * a->ckpt_every;
+        checkpoint_paths(a->out_dir, old, 0, model_path, state_path, done_path, sizeof(model_path));
+        remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
+        remove(model_path);
+        remove(state_path);
+    }
+}
+
+int main(int argc, char **argv) {
+    TrainArgs a;
+    train_args_parse(&a, argc, argv);
+    LRScheduleType sched_type;
+    if (!lr_schedule_type_from_name(a.lr_schedule, &sched_type))
+        fatal("-k '%s': unknown learning-rate schedule; use cosine, linear, constant or wsd", a.lr_schedule);
+
+    // resume: the model comes from the latest checkpoint instead of -e
+    long resume_step = -1;
+    char resume_model[1100], resume_state[1100], resume_done[1100];
+    if (a.resume) {
+        resume_step = find_latest_checkpoint(a.out_dir);
+        if (resume_step < 0) {
+            printf("-y 1: no checkpoint in '%s' yet, starting from -e %s\n", a.out_dir, a.model);
+        } else {
+            checkpoint_paths(a.out_dir, resume_step, 0, resume_model, resume_state, resume_done, sizeof(resume_model));
+        }
+    }
+    GPT2 model;
+    gpt2_build(&model, resume_step >= 0 ? resume_model : a.model);
+    const GPT2Config *c = &model.config;
+    if (a.T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", a.T, c->max_seq_len, c->max_seq_len);
+
+    int nproc = 1, rank = 0;
+    int tokens_per_micro = a.B * a.T * nproc;
+    if (a.total_batch == -1) a.total_batch = tokens_per_micro;
+    if (a.total_batch <= 0 || a.total_batch % tokens_per_micro != 0)
+        fatal("-d %d must be a positive multiple of B*T*processes = %d*%d*%d = %d", a.total_batch, a.B, a.T, nproc, tokens_per_micro);
+    int grad_accum = a.total_batch / tokens_per_micro;
+
+    DataLoader train_loader, val_loader;
+    dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
+    int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
+    if (have_val) dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
+    long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
+    if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
+
+    gpt2_alloc_activations(&model, a.B, a.T);
+    gpt2_zero_grad(&model);
+
+    Tokenizer tokenizer;
+    char tok_path[1100];
+    if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
+    else default_tokenizer_path(a.train_data, tok_path, sizeof(tok_path));
+    tokenizer_init(&tokenizer, tok_path);
+    int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
+    if (eot >= c->vocab_size) eot = c->vocab_size - 1;
+
+    LRSchedule sched;
+    sched.type = sched_type;
+    sched.max_lr = a.lr;
+    sched.warmup_steps = a.warmup;
+    sched.total_steps = (int)train_steps;
+    sched.final_frac = a.final_frac;
+    sched.decay_frac = 0.2f;
+
+    uint64_t sample_rng = 1337;
+    long start_step = 0;
+    if (resume_step >= 0) {
+        TrainState st;
+        model.m = (float *)callocCheck(model.num_params, sizeof(float));
+        model.v = (float *)callocCheck(model.num_params, sizeof(float));
+        state_read(resume_state, &st, model.m, model.v, model.num_params);
+        if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
+            fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
+                  resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
+        DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
+        dataloader_set_state(&train_loader, ds);
+        sample_rng = st.sample_rng;
+        start_step = st.step;
+        printf("resumed from %s at step %ld\n", resume_model, start_step);
+    }
+
+    Logger logger;
+    logger_init(&logger, a.out_dir, rank, resume_step >= 0);
+    if (a.out_dir) ensure_dir(a.out_dir);
+
+    printf("+-----------------------+----------------------------------------------------+\n");
+    printf("| model                 | %-50s |\n", resume_step >= 0 ? resume_model : a.model);
+    printf("| layers / heads / C    | %-4d / %-4d / %-38d |\n", c->num_layers, c->num_heads, c->channels);
+    printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
+    printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
+    printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
+    printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
+    printf("| steps                 | %-50ld |\n", train_steps);
+    printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
+#ifdef OMP
+    printf("| threads               | %-50d |\n", omp_get_max_threads());
+#endif
+    printf("+-----------------------+----------------------------------------------------+\n");
+
+    double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
+    double total_time = 0.0;
+    long timed_steps = 0;
+    for (long step = start_step; step <= train_steps; step++) {
+        int last = step == train_steps;
+        // the checkpoint comes first so that a resumed run replays this step's val and sample
+        if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
+            save_checkpoint(&model, &a, &train_loader, step, sample_rng, a.keep_last);
+        }
+        if (have_val && (step % a.val_every == 0 || last)) {
+            float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
+            printf("val loss %f\n", vl);
+            logger_log_val(&logger, (int)step, vl);
+        }
+        if (a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
+            gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
+        }
+        if (last) break;
+
+        double t0 = now_seconds();
+        gpt2_zero_grad(&model);
+        double loss = 0.0;
+        for (int micro = 0; micro < grad_accum; micro++) {
+            if (a.overfit) {
+                if (step == 0 && micro == 0) dataloader_next_batch(&train_loader);
+            } else {
+                dataloader_next_batch(&train_loader);
+            }
+            float l = gpt2_forward(&model, train_loader.inputs, train_loader.targets, a.B, a.T);
+            if (!isfinite(l))
+                fatal("loss is %f at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data", l, step, a.lr);
+            loss += l;
+            gpt2_backward(&model, 1.0f / grad_accum, a.B, a.T);
+        }
+        loss /= grad_accum;
+        float norm = gpt2_grad_norm(&model);
+        if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
+        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+        float lr = lr_schedule_get(&sched, (int)step);
+        gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
+        double dt = now_seconds() - t0;
+        if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches up
+        double tok_s = a.total_batch / dt;
+        printf("step %4ld/%ld | loss %.6f | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %.2f GFLOP/s\n", step + 1, train_steps,
+               loss, norm, lr, dt * 1e3, tok_s, flops_per_token * tok_s / 1e9);
+        fflush(stdout);
+        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, 0.0f, (float)tok_s);
+    }
+    if (timed_steps > 0) printf("total average iteration time: %.2f ms\n", total_time / timed_steps * 1e3);
+
+    if (have_val) dataloader_free(&val_loader);
+    dataloader_free(&train_loader);
+    tokenizer_free(&tokenizer);
+    gpt2_free(&model);
+    return 0;
+}
+#endif
