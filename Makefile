@@ -18,7 +18,9 @@ else
   $(info OpenMP: not found, building single-threaded (apt-get install libgomp1))
 endif
 
-# CBLAS for the matmuls (OpenBLAS from Debian); the plain C loops are the fallback
+# CBLAS for the matmuls (OpenBLAS from Debian); the packed C kernel is the fallback. train_gpt2.c
+# calls sgemm single-threaded from its own OpenMP threads (openblas_set_num_threads(1)), so any
+# OpenBLAS flavour works (pthread, openmp, serial): no second thread pool spins against OpenMP's.
 BLAS_CFLAGS =
 BLAS_LIBS =
 ifeq ($(NO_BLAS),1)
@@ -28,7 +30,7 @@ else ifeq ($(and $(wildcard /usr/include/cblas.h /usr/include/*/cblas.h /usr/inc
   BLAS_LIBS = -lopenblas
   $(info CBLAS: OpenBLAS)
 else
-  $(info CBLAS: not found, using the plain C matmuls (apt-get install libopenblas-dev))
+  $(info CBLAS: not found, using the built-in packed matmul kernel (apt-get install libopenblas-dev))
 endif
 
 COMMON_H = $(wildcard common/*.h)

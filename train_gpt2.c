@@ -12,6 +12,9 @@
 #ifdef USE_CBLAS
 #include <cblas.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include "common/args.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
@@ -25,6 +28,44 @@
 
 // ----------------------------------------------------------------------------------------------
 // Kernels. Shapes: B batch, T time, C channels, OC output channels, NH heads, Vp padded vocab.
+
+// e^x in plain arithmetic so that loops calling it vectorize (libm's expf/tanhf are scalar calls):
+// x = n ln2 + r with |r| <= ln2/2, a degree-7 series for e^r, 2^n put in the exponent bits.
+// Relative error ~2e-7 over [-87, 88]; inputs outside are clamped (e^-87 ~ 1.6e-38).
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s;
+    s.i = ((int32_t)n + 127) << 23;
+    return p * s.f;
+}
+
+// tanh(u) as an odd rational function u P(u^2) / Q(u^2) (minimax, a few ulp) on |u| <= 7.905, where
+// float tanh reaches +-1; relative accuracy holds near 0 too, unlike 1 - 2 / (e^{2u} + 1).
+static inline float fast_tanhf(float u) {
+    u = u < -7.90531110763549805f ? -7.90531110763549805f : (u > 7.90531110763549805f ? 7.90531110763549805f : u);
+    float u2 = u * u;
+    float p = -2.76076847742355e-16f;
+    p = p * u2 + 2.00018790482477e-13f;
+    p = p * u2 - 8.60467152213735e-11f;
+    p = p * u2 + 5.12229709037114e-08f;
+    p = p * u2 + 1.48572235717979e-05f;
+    p = p * u2 + 6.37261928875436e-04f;
+    p = p * u2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * u2 + 1.18534705686654e-04f;
+    q = q * u2 + 2.26843463243900e-03f;
+    q = q * u2 + 4.89352518554385e-03f;
+    return u * p / q;
+}
 
 void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe, int B, int T, int C) {
 #pragma omp parallel for collapse(2)
@@ -88,94 +129,217 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
             di[i] += (dn - dnorm_mean - n * dnorm_norm_mean) * s;
         }
     }
-    // parameter gradients: reduce over rows per channel, parallel over channels (deterministic)
-#pragma omp parallel for
-    for (int i = 0; i < C; i++) {
-        float gw = 0.0f, gb = 0.0f;
+    // parameter gradients: reduce over rows per channel, in row order, parallel over blocks of 64
+    // channels so that rows are read contiguously (deterministic)
+#pragma omp parallel for schedule(static)
+    for (int i0 = 0; i0 < C; i0 += 64) {
+        int w = C - i0 < 64 ? C - i0 : 64;
+        float gw[64], gb[64];
+        for (int j = 0; j < w; j++) gw[j] = gb[j] = 0.0f;
         for (int r = 0; r < N; r++) {
-            float d = dout[(size_t)r * C + i];
-            gw += (inp[(size_t)r * C + i] - mean[r]) * rstd[r] * d;
-            gb += d;
+            const float *d = dout + (size_t)r * C + i0, *x = inp + (size_t)r * C + i0;
+            float m = mean[r], s = rstd[r];
+            for (int j = 0; j < w; j++) {
+                gw[j] += (x[j] - m) * s * d[j];
+                gb[j] += d[j];
+            }
         }
-        dw[i] += gw;
-        db[i] += gb;
+        for (int j = 0; j < w; j++) { dw[i0 + j] += gw[j]; db[i0 + j] += gb[j]; }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// GEMM: C (M x N) = [C +] A (M x K) * B (K x N), with A[m][k] = A[m * rsa + k * csa] and
+// B[k][n] = B[k * rsb + n * csb], so one routine serves all three products of a linear layer.
+// Threads own disjoint blocks of C (split along the longer of M, N) and every element is summed
+// in the same k order whatever the thread count: results are deterministic.
+// With a CBLAS, each thread calls a single-threaded sgemm on its block (BLAS threading is turned
+// off: a second thread pool spinning against OpenMP's cost ~30% of a step). Without, a packed,
+// register-tiled kernel (AVX2/FMA when compiled for it, plain C that auto-vectorizes otherwise).
+
+#ifndef USE_CBLAS
+#define GM_MR 6      // micro-tile rows (broadcast from A)
+#define GM_NR 16     // micro-tile columns (two 8-float vectors of B)
+#define GM_KC 256    // depth of a packed panel: a 16 KB micro-panel of B stays in L1
+#define GM_MC 96     // rows of A packed at once (96 KB, L2)
+#define GM_NC 1536   // columns of B packed at once (1.5 MB, L3)
+
+// Packs rows [0, mc) x depth [0, kc) of A into MR-row strips, k-major, zero-padding the last strip.
+static void gm_pack_a(float *dst, const float *A, size_t rsa, size_t csa, int mc, int kc) {
+    for (int i0 = 0; i0 < mc; i0 += GM_MR, dst += (size_t)kc * GM_MR) {
+        int mr = mc - i0 < GM_MR ? mc - i0 : GM_MR;
+        for (int k = 0; k < kc; k++) {
+            const float *a = A + (size_t)i0 * rsa + (size_t)k * csa;
+            float *d = dst + (size_t)k * GM_MR;
+            for (int i = 0; i < mr; i++) d[i] = a[(size_t)i * rsa];
+            for (int i = mr; i < GM_MR; i++) d[i] = 0.0f;
+        }
+    }
+}
+
+// Packs depth [0, kc) x columns [0, nc) of B into NR-column strips, k-major, zero-padded.
+static void gm_pack_b(float *dst, const float *B, size_t rsb, size_t csb, int kc, int nc) {
+    for (int j0 = 0; j0 < nc; j0 += GM_NR, dst += (size_t)kc * GM_NR) {
+        int nr = nc - j0 < GM_NR ? nc - j0 : GM_NR;
+        if (csb == 1) {
+            for (int k = 0; k < kc; k++) {
+                const float *b = B + (size_t)k * rsb + j0;
+                float *d = dst + (size_t)k * GM_NR;
+                for (int j = 0; j < nr; j++) d[j] = b[j];
+                for (int j = nr; j < GM_NR; j++) d[j] = 0.0f;
+            }
+        } else {  // B is a transposed row-major matrix: read each of its rows contiguously
+            for (int j = 0; j < GM_NR; j++) {
+                const float *b = B + (size_t)(j0 + j) * csb;
+                for (int k = 0; k < kc; k++) dst[(size_t)k * GM_NR + j] = j < nr ? b[(size_t)k * rsb] : 0.0f;
+            }
+        }
+    }
+}
+
+// One MR x NR tile: c (row stride ldc) = [c +] a_strip . b_strip over kc; only mr x nr of it is stored.
+static void gm_kernel(int kc, const float *a, const float *b, float *c, size_t ldc, int acc, int mr, int nr) {
+    float t[GM_MR * GM_NR] __attribute__((aligned(32)));
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
+        x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    __m256 r[2 * GM_MR] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    if (mr == GM_MR && nr == GM_NR) {
+        for (int i = 0; i < GM_MR; i++) {
+            float *ci = c + (size_t)i * ldc;
+            __m256 lo = r[2 * i], hi = r[2 * i + 1];
+            if (acc) { lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci)); hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8)); }
+            _mm256_storeu_ps(ci, lo);
+            _mm256_storeu_ps(ci + 8, hi);
+        }
+        return;
+    }
+    for (int i = 0; i < 2 * GM_MR; i++) _mm256_store_ps(t + 8 * i, r[i]);
+#else
+    for (int i = 0; i < GM_MR * GM_NR; i++) t[i] = 0.0f;
+    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR)
+        for (int i = 0; i < GM_MR; i++)
+            for (int j = 0; j < GM_NR; j++) t[i * GM_NR + j] += a[i] * b[j];
+#endif
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + (size_t)i * ldc;
+        for (int j = 0; j < nr; j++) ci[j] = (acc ? ci[j] : 0.0f) + t[i * GM_NR + j];
+    }
+}
+
+// One thread's block of C: rows [m0, m1), columns [n0, n1), all of K.
+static void gm_block(int m0, int m1, int n0, int n1, int K, const float *A, size_t rsa, size_t csa, const float *B,
+                     size_t rsb, size_t csb, float *C, size_t ldc, int accumulate) {
+    static _Thread_local float *pa = NULL, *pb = NULL;  // packing buffers, one pair per thread, kept
+    if (!pa) {
+        pa = (float *)aligned_alloc(64, sizeof(float) * (GM_MC + GM_MR) * GM_KC);
+        pb = (float *)aligned_alloc(64, sizeof(float) * (GM_NC + GM_NR) * GM_KC);
+        if (!pa || !pb) { fprintf(stderr, "out of memory for the matmul buffers\n"); exit(EXIT_FAILURE); }
+    }
+    for (int jc = n0; jc < n1; jc += GM_NC) {
+        int nc = n1 - jc < GM_NC ? n1 - jc : GM_NC;
+        for (int pc = 0; pc < K; pc += GM_KC) {
+            int kc = K - pc < GM_KC ? K - pc : GM_KC;
+            int acc = accumulate || pc > 0;
+            gm_pack_b(pb, B + (size_t)pc * rsb + (size_t)jc * csb, rsb, csb, kc, nc);
+            for (int ic = m0; ic < m1; ic += GM_MC) {
+                int mc = m1 - ic < GM_MC ? m1 - ic : GM_MC;
+                gm_pack_a(pa, A + (size_t)ic * rsa + (size_t)pc * csa, rsa, csa, mc, kc);
+                for (int jr = 0; jr < nc; jr += GM_NR) {
+                    const float *bp = pb + (size_t)(jr / GM_NR) * kc * GM_NR;
+                    int nr = nc - jr < GM_NR ? nc - jr : GM_NR;
+                    for (int ir = 0; ir < mc; ir += GM_MR) {
+                        int mr = mc - ir < GM_MR ? mc - ir : GM_MR;
+                        gm_kernel(kc, pa + (size_t)(ir / GM_MR) * kc * GM_MR, bp, C + (size_t)(ic + ir) * ldc + jc + jr, ldc,
+                                  acc, mr, nr);
+                    }
+                }
+            }
+        }
+    }
+}
+#define GM_SPLIT_M GM_MR
+#define GM_SPLIT_N GM_NR
+#else
+// CBLAS on one block; a unit stride along k or m/n picks the transposition.
+static void gm_block(int m0, int m1, int n0, int n1, int K, const float *A, size_t rsa, size_t csa, const float *B,
+                     size_t rsb, size_t csb, float *C, size_t ldc, int accumulate) {
+    enum CBLAS_TRANSPOSE ta = csa == 1 ? CblasNoTrans : CblasTrans, tb = csb == 1 ? CblasNoTrans : CblasTrans;
+    int lda = (int)(csa == 1 ? rsa : csa), ldb = (int)(csb == 1 ? rsb : csb);
+    cblas_sgemm(CblasRowMajor, ta, tb, m1 - m0, n1 - n0, K, 1.0f, A + (size_t)m0 * rsa, lda, B + (size_t)n0 * csb, ldb,
+                accumulate ? 1.0f : 0.0f, C + (size_t)m0 * ldc + n0, (int)ldc);
+}
+#define GM_SPLIT_M 8
+#define GM_SPLIT_N 16
+#endif
+
+static void gemm(int M, int N, int K, const float *A, size_t rsa, size_t csa, const float *B, size_t rsb, size_t csb,
+                 float *C, size_t ldc, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+#ifdef USE_CBLAS
+    static int blas_single = 0;
+    if (!blas_single) { openblas_set_num_threads(1); blas_single = 1; }
+#endif
+    int nt = 1;
+#ifdef OMP
+    nt = omp_get_max_threads();
+    if ((double)M * N * K < 2e6) nt = 1;  // tiny products are not worth waking the other threads
+#endif
+    int split_n = N >= M;
+    int units = split_n ? (N + GM_SPLIT_N - 1) / GM_SPLIT_N : (M + GM_SPLIT_M - 1) / GM_SPLIT_M;
+    if (nt > units) nt = units;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        int u0 = (int)((long)units * t / nt), u1 = (int)((long)units * (t + 1) / nt);
+        int m0 = 0, m1 = M, n0 = 0, n1 = N;
+        if (split_n) { n0 = u0 * GM_SPLIT_N; n1 = u1 * GM_SPLIT_N < N ? u1 * GM_SPLIT_N : N; }
+        else { m0 = u0 * GM_SPLIT_M; m1 = u1 * GM_SPLIT_M < M ? u1 * GM_SPLIT_M : M; }
+        if (K <= 0) {  // an empty product: C = [C +] 0
+            if (!accumulate) for (int m = m0; m < m1; m++) memset(C + (size_t)m * ldc + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+        } else if (m1 > m0 && n1 > n0) {
+            gm_block(m0, m1, n0, n1, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate);
+        }
     }
 }
 
 // out (N, OC) = inp (N, C) @ w^T (w is OC x C) + bias. Overwrites out.
 void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
-#ifdef USE_CBLAS
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    gemm(N, OC, C, inp, (size_t)C, 1, w, 1, (size_t)C, out, (size_t)OC, 0);
     if (bias) {
-#pragma omp parallel for
-        for (int r = 0; r < N; r++)
-            for (int o = 0; o < OC; o++) out[(size_t)r * OC + o] += bias[o];
-    }
-#else
-    // Register tile of 4 rows x 8 outputs: each loaded weight row segment is used 4 times.
-    const int RT = 4;
-    if (N % RT != 0) {
-#pragma omp parallel for collapse(2)
-        for (int r = 0; r < N; r++)
-            for (int o = 0; o < OC; o++) {
-                const float *x = inp + (size_t)r * C, *wr = w + (size_t)o * C;
-                float acc = bias ? bias[o] : 0.0f;
-                for (int i = 0; i < C; i++) acc += x[i] * wr[i];
-                out[(size_t)r * OC + o] = acc;
-            }
-        return;
-    }
-#pragma omp parallel for collapse(2)
-    for (int r0 = 0; r0 < N; r0 += RT) {
-        for (int o = 0; o < OC; o++) {
-            float acc[4] = {0};
-            const float *wr = w + (size_t)o * C;
-            for (int i = 0; i < C; i++) {
-                float wi = wr[i];
-                for (int k = 0; k < RT; k++) acc[k] += inp[(size_t)(r0 + k) * C + i] * wi;
-            }
-            for (int k = 0; k < RT; k++) out[(size_t)(r0 + k) * OC + o] = acc[k] + (bias ? bias[o] : 0.0f);
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < N; r++) {
+            float *o = out + (size_t)r * OC;
+            for (int j = 0; j < OC; j++) o[j] += bias[j];
         }
     }
-#endif
 }
 
 // dinp (N, C) = dout (N, OC) @ w (OC, C), overwritten; dw (OC, C) += dout^T @ inp; dbias += sum_rows dout.
 void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
                      int N, int C, int OC) {
-#ifdef USE_CBLAS
-    if (dinp) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, w, C, 0.0f, dinp, C);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
-#else
-    if (dinp) {
-#pragma omp parallel for
-        for (int r = 0; r < N; r++) {
-            float *di = dinp + (size_t)r * C;
-            for (int i = 0; i < C; i++) di[i] = 0.0f;
-            const float *d = dout + (size_t)r * OC;
-            for (int o = 0; o < OC; o++) {
-                const float *wr = w + (size_t)o * C;
-                float g = d[o];
-                for (int i = 0; i < C; i++) di[i] += g * wr[i];
-            }
-        }
-    }
-#pragma omp parallel for
-    for (int o = 0; o < OC; o++) {
-        float *dwr = dw + (size_t)o * C;
-        for (int r = 0; r < N; r++) {
-            float g = dout[(size_t)r * OC + o];
-            const float *x = inp + (size_t)r * C;
-            for (int i = 0; i < C; i++) dwr[i] += g * x[i];
-        }
-    }
-#endif
+    if (dinp) gemm(N, C, OC, dout, (size_t)OC, 1, w, (size_t)C, 1, dinp, (size_t)C, 0);
+    gemm(OC, C, N, dout, 1, (size_t)OC, inp, (size_t)C, 1, dw, (size_t)C, 1);
     if (dbias) {
-#pragma omp parallel for
-        for (int o = 0; o < OC; o++) {
-            float s = 0.0f;
-            for (int r = 0; r < N; r++) s += dout[(size_t)r * OC + o];
-            dbias[o] += s;
+        // column sums in blocks of 64 columns: rows are read contiguously, each column summed in row order
+#pragma omp parallel for schedule(static)
+        for (int o0 = 0; o0 < OC; o0 += 64) {
+            int w64 = OC - o0 < 64 ? OC - o0 : 64;
+            float s[64];
+            for (int j = 0; j < w64; j++) s[j] = 0.0f;
+            for (int r = 0; r < N; r++) {
+                const float *d = dout + (size_t)r * OC + o0;
+                for (int j = 0; j < w64; j++) s[j] += d[j];
+            }
+            for (int j = 0; j < w64; j++) dbias[o0 + j] += s[j];
         }
     }
 }
@@ -201,7 +365,7 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
                     if (s > maxv) maxv = s;
                 }
                 float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { a[t2] = expf(a[t2] - maxv); sum += a[t2]; }
+                for (int t2 = 0; t2 <= t; t2++) { a[t2] = fast_expf(a[t2] - maxv); sum += a[t2]; }
                 float inv = 1.0f / sum;
                 for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
                 for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
@@ -259,7 +423,7 @@ void gelu_forward(float *out, const float *inp, size_t N) {
 #pragma omp parallel for
     for (size_t i = 0; i < N; i++) {
         float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+        out[i] = 0.5f * x * (1.0f + fast_tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
     }
 }
 
@@ -269,7 +433,7 @@ void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
     for (size_t i = 0; i < N; i++) {
         float x = inp[i];
         float u = GELU_SCALE * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
+        float th = fast_tanhf(u);
         float sech2 = 1.0f - th * th;
         float g = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] = g * dout[i];
@@ -282,25 +446,28 @@ void residual_forward(float *out, const float *a, const float *b, size_t N) {
 }
 
 // Softmax over the real V columns of logits (N, Vp) and cross-entropy against targets. When
-// dlogits is given, writes dloss * (probs - onehot) there (padded columns 0). Returns the mean loss.
+// dlogits is given (it may be logits itself), writes dloss * (probs - onehot) there (padded
+// columns 0), computing each exponential once. Returns the mean loss.
 float crossentropy_softmax(float *dlogits, float *losses, const float *logits, const int *targets, int N, int V, int Vp,
                            float dloss) {
-#pragma omp parallel for
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
         const float *l = logits + (size_t)r * Vp;
         float maxv = -INFINITY;
-        for (int i = 0; i < V; i++) if (l[i] > maxv) maxv = l[i];
+        for (int i = 0; i < V; i++) maxv = l[i] > maxv ? l[i] : maxv;
+        float lt = l[targets[r]];
         float sum = 0.0f;
-        for (int i = 0; i < V; i++) sum += expf(l[i] - maxv);
-        float logsum = logf(sum) + maxv;
-        losses[r] = logsum - l[targets[r]];
         if (dlogits) {
             float *d = dlogits + (size_t)r * Vp;
-            float inv = 1.0f / sum;
-            for (int i = 0; i < V; i++) d[i] = expf(l[i] - maxv) * inv * dloss;
+            for (int i = 0; i < V; i++) { float e = fast_expf(l[i] - maxv); d[i] = e; sum += e; }
+            float f = dloss / sum;
+            for (int i = 0; i < V; i++) d[i] *= f;
             d[targets[r]] -= dloss;
             for (int i = V; i < Vp; i++) d[i] = 0.0f;
+        } else {
+            for (int i = 0; i < V; i++) sum += fast_expf(l[i] - maxv);
         }
+        losses[r] = logf(sum) + maxv - lt;
     }
     double mean = 0.0;
     for (int r = 0; r < N; r++) mean += losses[r];
@@ -474,8 +641,10 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
 }
 
 void gpt2_zero_grad(GPT2 *m) {
-    if (!m->grads) m->grads = (float *)callocCheck(m->num_params, sizeof(float));
-    else memset(m->grads, 0, m->num_params * sizeof(float));
+    if (!m->grads) { m->grads = (float *)callocCheck(m->num_params, sizeof(float)); return; }
+    size_t n = m->num_params;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < 64; t++) memset(m->grads + n * t / 64, 0, (n * (t + 1) / 64 - n * t / 64) * sizeof(float));
 }
 
 // Backward of the last forward (which must have had targets); accumulates into m->grads with
@@ -516,17 +685,33 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
     m->mean_loss = -1.0f;  // the logits were consumed
 }
 
-// Global L2 norm of the gradients, in double and in a fixed order so that it is reproducible.
+// Global L2 norm of the gradients, in double. One parallel pass: each thread sums a fixed static
+// slice of every tensor, and the per-thread partials are added in thread order, so the result is
+// reproducible for a given thread count.
 float gpt2_grad_norm(const GPT2 *m) {
-    double total = 0.0;
-    for (int i = 0; i < m->layout.params.n; i++) {
-        const ParamTensor *p = &m->layout.params.t[i];
-        const float *gr = m->grads + p->offset;
+    enum { MAX_PART = 256 };
+    double part[MAX_PART];
+    int nt = 1;
+#ifdef OMP
+    nt = omp_get_max_threads() < MAX_PART ? omp_get_max_threads() : MAX_PART;
+#endif
+    const ParamTable *pt = &m->layout.params;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0;
+#ifdef OMP
+        t = omp_get_thread_num();
+#endif
         double s = 0.0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-        for (size_t j = 0; j < p->numel; j++) s += (double)gr[j] * gr[j];
-        total += s;
+        for (int i = 0; i < pt->n; i++) {
+            const float *gr = m->grads + pt->t[i].offset;
+            size_t n = pt->t[i].numel, j0 = n * t / nt, j1 = n * (t + 1) / nt;
+            for (size_t j = j0; j < j1; j++) s += (double)gr[j] * gr[j];
+        }
+        part[t] = s;
     }
+    double total = 0.0;
+    for (int t = 0; t < nt; t++) total += part[t];
     return (float)sqrt(total);
 }
 
@@ -538,11 +723,14 @@ void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float w
         m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
     float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
-    for (int i = 0; i < m->layout.params.n; i++) {
-        const ParamTensor *p = &m->layout.params.t[i];
+    const ParamTable *pt = &m->layout.params;
+    // one parallel region for all tensors (elementwise, so any split gives the same bits)
+#pragma omp parallel
+    for (int i = 0; i < pt->n; i++) {
+        const ParamTensor *p = &pt->t[i];
         float plr = lr * p->lr_mult, wd = p->decay ? weight_decay : 0.0f;
         float *w = m->params + p->offset, *gr = m->grads + p->offset, *mm = m->m + p->offset, *vv = m->v + p->offset;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
         for (size_t j = 0; j < p->numel; j++) {
             float gj = gr[j] * grad_scale;
             float mj = beta1 * mm[j] + (1.0f - beta1) * gj;
@@ -768,6 +956,7 @@ int main(int argc, char **argv) {
     double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
     double total_time = 0.0;
     long timed_steps = 0;
+    int overfit_loaded = 0;
     for (long step = start_step; step <= train_steps; step++) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
@@ -788,11 +977,9 @@ int main(int argc, char **argv) {
         gpt2_zero_grad(&model);
         double loss = 0.0;
         for (int micro = 0; micro < grad_accum; micro++) {
-            if (a.overfit) {
-                if (step == 0 && micro == 0) dataloader_next_batch(&train_loader);
-            } else {
-                dataloader_next_batch(&train_loader);
-            }
+            // -a 1 reads one batch, the first time through (also after a resume), and keeps it
+            if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
+            overfit_loaded = 1;
             float l = gpt2_forward(&model, train_loader.inputs, train_loader.targets, a.B, a.T);
             if (!isfinite(l))
                 fatal("loss is %f at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data", l, step, a.lr);
