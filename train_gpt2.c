@@ -25,6 +25,9 @@
 #include "common/schedule.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
+#include "structured/btt.h"
+#include "structured/monarch.h"
+#include "structured/moe.h"
 
 // ----------------------------------------------------------------------------------------------
 // Kernels. Shapes: B batch, T time, C channels, OC output channels, NH heads, Vp padded vocab.
@@ -475,34 +478,30 @@ float crossentropy_softmax(float *dlogits, float *losses, const float *logits, c
 }
 
 // ----------------------------------------------------------------------------------------------
-// The one place a linear layer is computed. Today every layer is dense; structured layers plug in
-// here, keyed by the layer's description.
-
-void linear_forward(const GPT2Layout *g, const LinearDesc *ld, const float *params, float *out, const float *inp, int N) {
-    matmul_forward(out, inp, gpt2_tensor(g, (float *)params, ld->weight), gpt2_tensor(g, (float *)params, ld->bias), N, ld->in, ld->out);
-}
-
-void linear_backward(const GPT2Layout *g, const LinearDesc *ld, const float *params, float *grads, float *dinp,
-                     const float *dout, const float *inp, int N) {
-    matmul_backward(dinp, gpt2_tensor(g, grads, ld->weight), gpt2_tensor(g, grads, ld->bias), dout, inp,
-                    gpt2_tensor(g, (float *)params, ld->weight), N, ld->in, ld->out);
-}
-
-// ----------------------------------------------------------------------------------------------
 // The model
 
+// What a linear layer's forward keeps for its backward beyond its input: BTT's z, Monarch's u,
+// BTT-MoE's routing and per-expert intermediates. Dense layers keep nothing.
 typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd;  // input of qkv
-    float *qkv, *att, *atty;           // atty: attention output, input of attn_proj
+    float *inter;
+    MoEState moe;
+    int has_moe;
+} LinearActs;
+
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd;  // input of q, k, v
+    float *qkv, *att, *atty;           // qkv: (BT, 3C) rows of q | k | v; atty: attention output
     float *res2;                       // residual after attention
     float *ln2, *ln2_mean, *ln2_rstd;  // input of fc
     float *fch, *fch_gelu;             // fc output before / after GELU
     float *res3;                       // residual after the MLP: the block's output
+    LinearActs lin[NUM_BLOCK_ROLES];
 } BlockActs;
 
 typedef struct {
     GPT2Layout layout;
     GPT2Config config;
+    char *config_text;  // the structure config, stored in structured checkpoints (NULL if dense)
     float *params, *grads, *m, *v;
     size_t num_params;
     // activations, sized for max_B x max_T
@@ -510,26 +509,151 @@ typedef struct {
     float *acts_memory;
     float *encoded;
     BlockActs *blocks;
+    LinearActs head_acts;
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
     // backward scratch, reused by every layer
     float *scratch_memory;
-    float *dres, *dln, *dbig, *dbig2, *dqkv, *datty;
-    float mean_loss;  // of the last forward with targets; -1 if none
+    float *dres, *dln, *dbig, *dbig2, *dqkv, *datty, *split_a, *split_b;
+    float *lin_scratch;
+    float mean_loss;  // cross-entropy of the last forward with targets; -1 if none
+    float aux_loss;   // BTT-MoE load-balancing loss, mean over routed layers (0 without any)
+    int n_routed;     // routed (btt_moe) layers
     int *inputs, *targets;
 } GPT2;
+
+static BTTShape btt_shape_of(const LinearSpec *s) {
+    BTTShape b = {s->d_in, s->d_out, s->alpha, s->gamma, s->phi, s->eps, s->rank};
+    return b;
+}
+static MonarchShape monarch_shape_of(const LinearSpec *s) {
+    MonarchShape ms;
+    monarch_shape(&ms, s->d_in, s->d_out, s->blocks);
+    return ms;
+}
+static MoEShape moe_shape_of(const LinearSpec *s) {
+    MoEShape ms;
+    ms.btt = btt_shape_of(s);
+    ms.experts = s->experts;
+    ms.topk = s->topk;
+    return ms;
+}
+
+// The one place a linear layer is computed, whatever its structure: out (N, d_out) from inp.
+static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float *out, const float *inp, int N) {
+    const GPT2Layout *g = &m->layout;
+    float *P = m->params;
+    const LinearSpec *s = &ld->spec;
+    const float *b = ld->bias >= 0 ? gpt2_tensor(g, P, ld->bias) : NULL;
+    const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
+    switch (s->kind) {
+        case STRUCT_DENSE: matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out); break;
+        case STRUCT_BTT: { BTTShape bs = btt_shape_of(s); btt_forward(out, la->inter, inp, w0, w1, b, N, &bs); break; }
+        case STRUCT_MONARCH: { MonarchShape ms = monarch_shape_of(s); monarch_forward(out, la->inter, inp, w0, w1, b, N, &ms); break; }
+        default: {
+            MoEShape ms = moe_shape_of(s);
+            moe_forward(out, &la->moe, inp, w0, w1, gpt2_tensor(g, P, ld->w[2]), b, N, &ms);
+            m->aux_loss += moe_aux_loss(&la->moe, N, &ms);
+            break;
+        }
+    }
+}
+
+// dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. daux is
+// d(loss)/d(this layer's aux loss), used by BTT-MoE only.
+static void linear_backward(GPT2 *m, const LinearDesc *ld, const LinearActs *la, float *dinp, const float *dout,
+                            const float *inp, int N, float daux) {
+    const GPT2Layout *g = &m->layout;
+    float *P = m->params, *G = m->grads;
+    const LinearSpec *s = &ld->spec;
+    float *db = ld->bias >= 0 ? gpt2_tensor(g, G, ld->bias) : NULL;
+    const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
+    float *dw0 = gpt2_tensor(g, G, ld->w[0]), *dw1 = ld->nw > 1 ? gpt2_tensor(g, G, ld->w[1]) : NULL;
+    switch (s->kind) {
+        case STRUCT_DENSE: matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out); break;
+        case STRUCT_BTT: {
+            BTTShape bs = btt_shape_of(s);
+            btt_backward(dinp, dw0, dw1, db, dout, inp, la->inter, w0, w1, N, &bs, m->lin_scratch);
+            break;
+        }
+        case STRUCT_MONARCH: {
+            MonarchShape ms = monarch_shape_of(s);
+            monarch_backward(dinp, dw0, dw1, db, dout, inp, la->inter, w0, w1, N, &ms, m->lin_scratch);
+            break;
+        }
+        default: {
+            MoEShape ms = moe_shape_of(s);
+            moe_backward(dinp, dw0, dw1, gpt2_tensor(g, G, ld->w[2]), db, dout, daux, inp, &la->moe, w0, w1,
+                         gpt2_tensor(g, P, ld->w[2]), N, &ms, m->lin_scratch);
+            break;
+        }
+    }
+}
+
+// Floats a linear layer keeps between forward and backward for N rows, and its backward scratch.
+static size_t linear_inter_size(const LinearSpec *s, int N) {
+    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_z_size(&b, N); }
+    if (s->kind == STRUCT_MONARCH) { MonarchShape ms = monarch_shape_of(s); return monarch_u_size(&ms, N); }
+    return 0;
+}
+static size_t linear_scratch_size(const LinearSpec *s, int N) {
+    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_scratch_size(&b, N); }
+    if (s->kind == STRUCT_MONARCH) { MonarchShape ms = monarch_shape_of(s); return monarch_scratch_size(&ms, N); }
+    if (s->kind == STRUCT_BTT_MOE) { MoEShape ms = moe_shape_of(s); return moe_scratch_size(&ms, N); }
+    return 0;
+}
+
+static void linear_acts_alloc(LinearActs *la, const LinearDesc *ld, int N, size_t *scratch) {
+    memset(la, 0, sizeof(*la));
+    if (!ld->used) return;
+    size_t n = linear_inter_size(&ld->spec, N);
+    if (n) la->inter = (float *)callocCheck(n, sizeof(float));
+    if (ld->spec.kind == STRUCT_BTT_MOE) {
+        MoEShape ms = moe_shape_of(&ld->spec);
+        moe_state_alloc(&la->moe, &ms, N);
+        la->has_moe = 1;
+    }
+    size_t sc = linear_scratch_size(&ld->spec, N);
+    if (sc > *scratch) *scratch = sc;
+}
+
+static void linear_acts_free(LinearActs *la) {
+    free(la->inter);
+    if (la->has_moe) moe_state_free(&la->moe);
+}
 
 static void gpt2_alloc_params(GPT2 *m) {
     m->config = m->layout.config;
     m->num_params = m->layout.params.total;
     m->params = (float *)callocCheck(m->num_params, sizeof(float));
-    m->grads = NULL;
-    m->m = m->v = NULL;
-    m->acts_memory = NULL;
-    m->scratch_memory = NULL;
     m->mean_loss = -1.0f;
+    m->n_routed = 0;
+    for (int l = 0; l < m->config.num_layers; l++)
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
+            if (ld->used && ld->spec.kind == STRUCT_BTT_MOE) m->n_routed++;
+        }
+    if (m->layout.head.used && m->layout.head.spec.kind == STRUCT_BTT_MOE) m->n_routed++;
 }
 
-// -e argument: an llm.c checkpoint, "dN", or a model config file.
+// A model from a config file's text (`where` names it in messages).
+static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
+    ConfigFile cf;
+    config_parse_text(&cf, where, text);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    StructConfig sc;
+    struct_config_parse(&cf, &c, &sc);
+    int structured = sc.any_structured;
+    gpt2_layout_build_structured(&m->layout, &c, &sc);
+    config_free(&cf);
+    gpt2_alloc_params(m);
+    if (structured) {
+        m->config_text = (char *)mallocCheck(strlen(text) + 1);
+        strcpy(m->config_text, text);
+    }
+}
+
+// -e argument: an llm.c checkpoint, a structured checkpoint, "dN", or a model config file.
 void gpt2_build(GPT2 *m, const char *spec) {
     memset(m, 0, sizeof(*m));
     GPT2Config c;
@@ -545,9 +669,18 @@ void gpt2_build(GPT2 *m, const char *spec) {
     size_t got = fread(&magic, sizeof(int), 1, fp);
     fseekCheck(fp, 0, SEEK_SET, spec);
     if (got == 1 && magic == MODEL_MAGIC) {
-        int version = model_header_read(fp, spec, &c);
-        gpt2_layout_build(&m->layout, &c);
-        gpt2_alloc_params(m);
+        char *text = NULL;
+        int version = model_header_read(fp, spec, &c, &text);
+        if (text) {
+            char where[1200];
+            snprintf(where, sizeof(where), "%s (stored config)", spec);
+            gpt2_build_from_config_text(m, where, text);
+            free(text);
+            if (memcmp(&m->config, &c, sizeof(c)) != 0) fatal("'%s': its header and its stored config disagree; the file is corrupt", spec);
+        } else {
+            gpt2_layout_build(&m->layout, &c);
+            gpt2_alloc_params(m);
+        }
         model_params_read(fp, spec, version, m->params, m->num_params);
         fcloseCheck(fp, spec);
         return;
@@ -555,11 +688,8 @@ void gpt2_build(GPT2 *m, const char *spec) {
     fcloseCheck(fp, spec);
     ConfigFile cf;
     config_parse_file(&cf, spec);
-    gpt2_config_from_file(&cf, &c);
-    config_check_all_used(&cf, GPT2_CONFIG_KEYS);
+    gpt2_build_from_config_text(m, spec, cf.text);
     config_free(&cf);
-    gpt2_layout_build(&m->layout, &c);
-    gpt2_alloc_params(m);
     gpt2_init_random(&m->layout, m->params, 42);
 }
 
@@ -575,6 +705,7 @@ void gpt2_alloc_activations(GPT2 *m, int B, int T) {
 #define TAKE(ptr, n) do { (ptr) = p; p += (n); } while (0)
     TAKE(m->encoded, BT * C);
     m->blocks = (BlockActs *)callocCheck(L, sizeof(BlockActs));
+    size_t lin_scratch = 0;
     for (size_t l = 0; l < L; l++) {
         BlockActs *a = &m->blocks[l];
         TAKE(a->ln1, BT * C); TAKE(a->ln1_mean, BT); TAKE(a->ln1_rstd, BT);
@@ -583,15 +714,19 @@ void gpt2_alloc_activations(GPT2 *m, int B, int T) {
         TAKE(a->ln2, BT * C); TAKE(a->ln2_mean, BT); TAKE(a->ln2_rstd, BT);
         TAKE(a->fch, BT * 4 * C); TAKE(a->fch_gelu, BT * 4 * C);
         TAKE(a->res3, BT * C);
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) linear_acts_alloc(&a->lin[r], gpt2_linear(&m->layout, (int)l, r), (int)BT, &lin_scratch);
     }
+    linear_acts_alloc(&m->head_acts, &m->layout.head, (int)BT, &lin_scratch);
     TAKE(m->lnf, BT * C); TAKE(m->lnf_mean, BT); TAKE(m->lnf_rstd, BT);
     TAKE(m->logits, BT * c->padded_vocab_size);
     TAKE(m->losses, BT);
-    size_t scratch = BT * C * 3 + BT * 4 * C * 2 + BT * 3 * C;
+    size_t scratch = BT * C * 5 + BT * 4 * C * 2 + BT * 3 * C + lin_scratch;
     m->scratch_memory = (float *)callocCheck(scratch, sizeof(float));
     p = m->scratch_memory;
     TAKE(m->dres, BT * C); TAKE(m->dln, BT * C); TAKE(m->datty, BT * C);
+    TAKE(m->split_a, BT * C); TAKE(m->split_b, BT * C);
     TAKE(m->dbig, BT * 4 * C); TAKE(m->dbig2, BT * 4 * C); TAKE(m->dqkv, BT * 3 * C);
+    TAKE(m->lin_scratch, lin_scratch);
 #undef TAKE
     m->max_B = B;
     m->max_T = T;
@@ -599,8 +734,44 @@ void gpt2_alloc_activations(GPT2 *m, int B, int T) {
     m->targets = (int *)mallocCheck(BT * sizeof(int));
 }
 
-// Forward over inputs (B, T). With targets, also the mean loss (returned; logits then hold
-// softmax inputs still). Without, returns -1 and leaves logits for sampling.
+// Copies column block `part` (of width C) between a (N, 3C) qkv buffer and a (N, C) buffer.
+static void qkv_part_copy(float *qkv, float *part_buf, int part, int N, int C, int to_qkv) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float *q = qkv + (size_t)r * 3 * C + (size_t)part * C, *x = part_buf + (size_t)r * C;
+        if (to_qkv) memcpy(q, x, C * sizeof(float));
+        else memcpy(x, q, C * sizeof(float));
+    }
+}
+
+// q, k and v from ln1 into qkv: one fused matmul when all are dense, else three layers.
+static void qkv_forward(GPT2 *m, int l, BlockActs *a, int N) {
+    const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    if (q->fused_qkv) { linear_forward(m, q, &a->lin[SR_Q], a->qkv, a->ln1, N); return; }
+    for (int r = SR_Q; r <= SR_V; r++) {
+        linear_forward(m, gpt2_linear(&m->layout, l, r), &a->lin[r], m->split_a, a->ln1, N);
+        qkv_part_copy(a->qkv, m->split_a, r, N, m->config.channels, 1);
+    }
+}
+
+// dln = the gradient of ln1 through q, k and v, from dqkv.
+static void qkv_backward(GPT2 *m, int l, const BlockActs *a, float *dln, int N, float daux) {
+    const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    if (q->fused_qkv) { linear_backward(m, q, &a->lin[SR_Q], dln, m->dqkv, a->ln1, N, daux); return; }
+    size_t n = (size_t)N * m->config.channels;
+    for (int r = SR_Q; r <= SR_V; r++) {
+        qkv_part_copy(m->dqkv, m->split_a, r, N, m->config.channels, 0);
+        linear_backward(m, gpt2_linear(&m->layout, l, r), &a->lin[r], r == SR_Q ? dln : m->split_b, m->split_a, a->ln1, N, daux);
+        if (r != SR_Q) {
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < n; i++) dln[i] += m->split_b[i];
+        }
+    }
+}
+
+// Forward over inputs (B, T). With targets, returns the mean cross-entropy (the BTT-MoE aux loss
+// is in m->aux_loss; the training objective is their sum with moe_aux_weight). Without targets,
+// returns -1 and leaves the logits for sampling.
 float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
     if (!m->acts_memory) fatal("internal: gpt2_alloc_activations was not called");
     if (B > m->max_B || T > m->max_T) fatal("internal: batch %dx%d exceeds the allocated %dx%d", B, T, m->max_B, m->max_T);
@@ -615,6 +786,7 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
     memcpy(m->inputs, inputs, BT * sizeof(int));
     if (targets) memcpy(m->targets, targets, BT * sizeof(int));
     float *P = m->params;
+    m->aux_loss = 0.0f;
     encoder_forward(m->encoded, inputs, gpt2_tensor(g, P, g->wte), gpt2_tensor(g, P, g->wpe), B, T, C);
     const float *res = m->encoded;
     float *proj = m->dln;  // scratch for the projections' outputs before the residual add
@@ -622,22 +794,29 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
         BlockActs *a = &m->blocks[l];
         const BlockNorms *n = &g->norms[l];
         layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, res, gpt2_tensor(g, P, n->ln1w), gpt2_tensor(g, P, n->ln1b), BT, C);
-        linear_forward(g, gpt2_linear(g, l, ROLE_QKV), P, a->qkv, a->ln1, BT);
+        qkv_forward(m, l, a, BT);
         attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
-        linear_forward(g, gpt2_linear(g, l, ROLE_ATTN_PROJ), P, proj, a->atty, BT);
+        linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), &a->lin[SR_ATTN_PROJ], proj, a->atty, BT);
         residual_forward(a->res2, res, proj, (size_t)BT * C);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, gpt2_tensor(g, P, n->ln2w), gpt2_tensor(g, P, n->ln2b), BT, C);
-        linear_forward(g, gpt2_linear(g, l, ROLE_FC), P, a->fch, a->ln2, BT);
+        linear_forward(m, gpt2_linear(g, l, SR_FC), &a->lin[SR_FC], a->fch, a->ln2, BT);
         gelu_forward(a->fch_gelu, a->fch, (size_t)BT * 4 * C);
-        linear_forward(g, gpt2_linear(g, l, ROLE_FC_PROJ), P, proj, a->fch_gelu, BT);
+        linear_forward(m, gpt2_linear(g, l, SR_FC_PROJ), &a->lin[SR_FC_PROJ], proj, a->fch_gelu, BT);
         residual_forward(a->res3, a->res2, proj, (size_t)BT * C);
         res = a->res3;
     }
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, res, gpt2_tensor(g, P, g->lnfw), gpt2_tensor(g, P, g->lnfb), BT, C);
-    matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
+    if (g->head.used) linear_forward(m, &g->head, &m->head_acts, m->logits, m->lnf, BT);
+    else matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
+    if (m->n_routed > 0) m->aux_loss /= (float)m->n_routed;
     if (!targets) { m->mean_loss = -1.0f; return -1.0f; }
     m->mean_loss = crossentropy_softmax(NULL, m->losses, m->logits, targets, BT, V, Vp, 0.0f);
     return m->mean_loss;
+}
+
+// The objective the optimizer minimises: cross-entropy plus the weighted BTT-MoE aux loss.
+static inline float gpt2_total_loss(const GPT2 *m, float ce) {
+    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->aux_loss : 0.0f);
 }
 
 void gpt2_zero_grad(GPT2 *m) {
@@ -647,8 +826,9 @@ void gpt2_zero_grad(GPT2 *m) {
     for (int t = 0; t < 64; t++) memset(m->grads + n * t / 64, 0, (n * (t + 1) / 64 - n * t / 64) * sizeof(float));
 }
 
-// Backward of the last forward (which must have had targets); accumulates into m->grads with
-// the loss scaled by dloss_scale (1/grad_accum_steps for gradient accumulation).
+// Backward of the last forward (which must have had targets) for the loss
+// dloss_scale * (cross-entropy + moe_aux_weight * aux), accumulated into m->grads;
+// dloss_scale is 1/grad_accum_steps for gradient accumulation.
 void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
     if (m->mean_loss < 0) fatal("internal: gpt2_backward needs a forward with targets first");
     if (!m->grads) gpt2_zero_grad(m);
@@ -657,10 +837,12 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
     int C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers;
     int BT = B * T;
     float *P = m->params, *G = m->grads;
+    float daux = m->n_routed > 0 ? dloss_scale * g->structure.moe_aux_weight / (float)m->n_routed : 0.0f;
     // the logits buffer becomes dlogits in place
     crossentropy_softmax(m->logits, m->losses, m->logits, m->targets, BT, V, Vp, dloss_scale / BT);
     const float *last = L > 0 ? m->blocks[L - 1].res3 : m->encoded;
-    matmul_backward(m->dln, gpt2_tensor(g, G, g->wte), NULL, m->logits, m->lnf, gpt2_tensor(g, P, g->wte), BT, C, Vp);
+    if (g->head.used) linear_backward(m, &g->head, &m->head_acts, m->dln, m->logits, m->lnf, BT, daux);
+    else matmul_backward(m->dln, gpt2_tensor(g, G, g->wte), NULL, m->logits, m->lnf, gpt2_tensor(g, P, g->wte), BT, C, Vp);
     memset(m->dres, 0, (size_t)BT * C * sizeof(float));
     layernorm_backward(m->dres, gpt2_tensor(g, G, g->lnfw), gpt2_tensor(g, G, g->lnfb), m->dln, last,
                        gpt2_tensor(g, P, g->lnfw), m->lnf_mean, m->lnf_rstd, BT, C);
@@ -669,15 +851,15 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
         const BlockNorms *n = &g->norms[l];
         const float *res_in = l == 0 ? m->encoded : m->blocks[l - 1].res3;
         // MLP: dres is the gradient of res3 and flows unchanged into res2, plus the MLP branch
-        linear_backward(g, gpt2_linear(g, l, ROLE_FC_PROJ), P, G, m->dbig, m->dres, a->fch_gelu, BT);
+        linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), &a->lin[SR_FC_PROJ], m->dbig, m->dres, a->fch_gelu, BT, daux);
         gelu_backward(m->dbig2, a->fch, m->dbig, (size_t)BT * 4 * C);
-        linear_backward(g, gpt2_linear(g, l, ROLE_FC), P, G, m->dln, m->dbig2, a->ln2, BT);
+        linear_backward(m, gpt2_linear(g, l, SR_FC), &a->lin[SR_FC], m->dln, m->dbig2, a->ln2, BT, daux);
         layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln2w), gpt2_tensor(g, G, n->ln2b), m->dln, a->res2,
                            gpt2_tensor(g, P, n->ln2w), a->ln2_mean, a->ln2_rstd, BT, C);
         // attention
-        linear_backward(g, gpt2_linear(g, l, ROLE_ATTN_PROJ), P, G, m->datty, m->dres, a->atty, BT);
+        linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), &a->lin[SR_ATTN_PROJ], m->datty, m->dres, a->atty, BT, daux);
         attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, NH);
-        linear_backward(g, gpt2_linear(g, l, ROLE_QKV), P, G, m->dln, m->dqkv, a->ln1, BT);
+        qkv_backward(m, l, a, m->dln, BT, daux);
         layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln1w), gpt2_tensor(g, G, n->ln1b), m->dln, res_in,
                            gpt2_tensor(g, P, n->ln1w), a->ln1_mean, a->ln1_rstd, BT, C);
     }
@@ -744,7 +926,11 @@ void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float w
 }
 
 void gpt2_free(GPT2 *m) {
-    free(m->params); free(m->grads); free(m->m); free(m->v);
+    if (m->blocks)
+        for (int l = 0; l < m->config.num_layers; l++)
+            for (int r = 0; r < NUM_BLOCK_ROLES; r++) linear_acts_free(&m->blocks[l].lin[r]);
+    linear_acts_free(&m->head_acts);
+    free(m->params); free(m->grads); free(m->m); free(m->v); free(m->config_text);
     free(m->acts_memory); free(m->scratch_memory); free(m->blocks);
     free(m->inputs); free(m->targets);
     gpt2_layout_free(&m->layout);
@@ -829,7 +1015,7 @@ static void checkpoint_paths(const char *dir, long step, int rank, char *model, 
 static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long step, uint64_t sample_rng, int keep_last) {
     char model_path[1100], state_path[1100], done_path[1100];
     checkpoint_paths(a->out_dir, step, 0, model_path, state_path, done_path, sizeof(model_path));
-    model_write_fp32(model_path, &m->config, m->params, m->num_params);
+    model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
     TrainState st;
     memset(&st, 0, sizeof(st));
     st.step = step;
@@ -952,6 +1138,7 @@ int main(int argc, char **argv) {
     printf("| threads               | %-50d |\n", omp_get_max_threads());
 #endif
     printf("+-----------------------+----------------------------------------------------+\n");
+    if (model.config_text) gpt2_print_layer_table(&model.layout, stdout);
 
     double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
     double total_time = 0.0;
@@ -975,18 +1162,21 @@ int main(int argc, char **argv) {
 
         double t0 = now_seconds();
         gpt2_zero_grad(&model);
-        double loss = 0.0;
+        double loss = 0.0, aux = 0.0;
         for (int micro = 0; micro < grad_accum; micro++) {
             // -a 1 reads one batch, the first time through (also after a resume), and keeps it
             if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
             overfit_loaded = 1;
             float l = gpt2_forward(&model, train_loader.inputs, train_loader.targets, a.B, a.T);
-            if (!isfinite(l))
-                fatal("loss is %f at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data", l, step, a.lr);
+            if (!isfinite(gpt2_total_loss(&model, l)))
+                fatal("loss is %f (aux %f) at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data",
+                      l, model.aux_loss, step, a.lr);
             loss += l;
+            aux += model.aux_loss;
             gpt2_backward(&model, 1.0f / grad_accum, a.B, a.T);
         }
         loss /= grad_accum;
+        aux /= grad_accum;
         float norm = gpt2_grad_norm(&model);
         if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -995,10 +1185,12 @@ int main(int argc, char **argv) {
         double dt = now_seconds() - t0;
         if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches up
         double tok_s = a.total_batch / dt;
-        printf("step %4ld/%ld | loss %.6f | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %.2f GFLOP/s\n", step + 1, train_steps,
-               loss, norm, lr, dt * 1e3, tok_s, flops_per_token * tok_s / 1e9);
+        char aux_str[32] = "";
+        if (model.n_routed > 0) snprintf(aux_str, sizeof(aux_str), " | aux %.4f", aux);
+        printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %.2f GFLOP/s\n", step + 1, train_steps,
+               loss, aux_str, norm, lr, dt * 1e3, tok_s, flops_per_token * tok_s / 1e9);
         fflush(stdout);
-        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, 0.0f, (float)tok_s);
+        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, (float)aux, (float)tok_s);
     }
     if (timed_steps > 0) printf("total average iteration time: %.2f ms\n", total_time / timed_steps * 1e3);
 

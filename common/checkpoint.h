@@ -10,6 +10,7 @@
 #define MODEL_MAGIC 20240326
 #define MODEL_VERSION_FP32 3
 #define MODEL_VERSION_BF16 5
+#define MODEL_VERSION_STRUCT_FP32 10  // ours: fp32, with the structure config text after the header
 #define STATE_MAGIC 20241125  // our own: llm.c's state file (20240527) has a different layout
 #define STATE_VERSION 1
 
@@ -25,17 +26,18 @@ static inline void model_header_fill(int header[256], const GPT2Config *c, int v
     header[7] = c->padded_vocab_size;
 }
 
-// Reads the header of an llm.c checkpoint into *c and returns its version (3 or 5). The file stays
-// open at the start of the parameters.
-static inline int model_header_read(FILE *fp, const char *path, GPT2Config *c) {
+// Reads the header of a checkpoint into *c and returns its version (3 or 5: llm.c's; 10: a
+// structured model, whose config text is returned in *config_text, malloc'd; else NULL). The file
+// stays open at the start of the parameters.
+static inline int model_header_read(FILE *fp, const char *path, GPT2Config *c, char **config_text) {
     int header[256];
     freadCheck(header, sizeof(int), 256, fp, path);
     if (header[0] != MODEL_MAGIC)
         fatal("'%s' is not an llm.c model checkpoint (magic %d, expected %d); -e takes a checkpoint, dN, or a config file",
               path, header[0], MODEL_MAGIC);
     int version = header[1];
-    if (version != MODEL_VERSION_FP32 && version != MODEL_VERSION_BF16)
-        fatal("'%s' has checkpoint version %d; this build reads version 3 (fp32) and 5 (bf16)", path, version);
+    if (version != MODEL_VERSION_FP32 && version != MODEL_VERSION_BF16 && version != MODEL_VERSION_STRUCT_FP32)
+        fatal("'%s' has checkpoint version %d; this build reads versions 3 (fp32), 5 (bf16) and 10 (structured fp32)", path, version);
     c->max_seq_len = header[2];
     c->vocab_size = header[3];
     c->num_layers = header[4];
@@ -44,6 +46,12 @@ static inline int model_header_read(FILE *fp, const char *path, GPT2Config *c) {
     // version-3 files from llm.c's earliest days had no padded vocab field
     c->padded_vocab_size = header[7] ? header[7] : pad_vocab(header[3]);
     gpt2_config_validate(c, path);
+    *config_text = NULL;
+    if (version == MODEL_VERSION_STRUCT_FP32) {
+        if (header[8] <= 0 || header[8] > (1 << 20)) fatal("'%s': stored config length %d is invalid; the file is corrupt", path, header[8]);
+        *config_text = (char *)callocCheck((size_t)header[8] + 1, 1);
+        freadCheck(*config_text, 1, (size_t)header[8], fp, path);
+    }
     return version;
 }
 
@@ -57,7 +65,7 @@ static inline float bf16_to_float(uint16_t h) {
 // Reads n parameters into fp32, converting from bf16 for version 5. Also checks that the file
 // holds exactly that many, so a truncated or over-long file is caught here.
 static inline void model_params_read(FILE *fp, const char *path, int version, float *params, size_t n) {
-    if (version == MODEL_VERSION_FP32) {
+    if (version != MODEL_VERSION_BF16) {
         freadCheck(params, sizeof(float), n, fp, path);
     } else {
         const size_t chunk = 1 << 20;
@@ -74,13 +82,16 @@ static inline void model_params_read(FILE *fp, const char *path, int version, fl
         fatal("'%s' is longer than its header says (%zu parameters): corrupt, or written for another model", path, n);
 }
 
-// Writes an fp32 llm.c checkpoint (version 3) atomically.
-static inline void model_write_fp32(const char *path, const GPT2Config *c, const float *params, size_t n) {
+// Writes an fp32 checkpoint atomically: llm.c's version 3 for a plain GPT-2 (config_text NULL),
+// version 10 with the structure config stored after the header otherwise.
+static inline void model_write_fp32(const char *path, const GPT2Config *c, const char *config_text, const float *params, size_t n) {
     char tmp[1100];
     FILE *fp = atomic_open(path, tmp, sizeof(tmp));
     int header[256];
-    model_header_fill(header, c, MODEL_VERSION_FP32);
+    model_header_fill(header, c, config_text ? MODEL_VERSION_STRUCT_FP32 : MODEL_VERSION_FP32);
+    if (config_text) header[8] = (int)strlen(config_text);
     fwriteCheck(header, sizeof(int), 256, fp, tmp);
+    if (config_text) fwriteCheck(config_text, 1, strlen(config_text), fp, tmp);
     fwriteCheck(params, sizeof(float), n, fp, tmp);
     atomic_close(fp, tmp, path);
 }

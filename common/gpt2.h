@@ -6,55 +6,55 @@
 #include "config.h"
 #include "params.h"
 #include "rng.h"
-
-// The linear roles of a block. q, k and v are fused into one qkv matmul while all three are dense.
-typedef enum { ROLE_QKV, ROLE_ATTN_PROJ, ROLE_FC, ROLE_FC_PROJ, NUM_ROLES } LinearRole;
-static const char *const linear_role_names[NUM_ROLES] = {"qkv", "attn_proj", "fc", "fc_proj"};
-
-// One linear layer of one block: y = x W^T + b, W (out, in). `weight` and `bias` index the table.
-typedef struct {
-    LinearRole role;
-    int layer;
-    int in, out;
-    int weight, bias;
-} LinearDesc;
+#include "../structured/linear.h"
+#include "../structured/spec.h"
 
 // Per-block tensors that are not linear layers.
 typedef struct { int ln1w, ln1b, ln2w, ln2b; } BlockNorms;
 
 typedef struct {
     GPT2Config config;
+    StructConfig structure;
     ParamTable params;
     int wte, wpe, lnfw, lnfb;
     BlockNorms *norms;     // [L]
-    LinearDesc *linears;   // [L * NUM_ROLES], index layer * NUM_ROLES + role
+    LinearDesc *linears;   // [L * NUM_BLOCK_ROLES]; a fused qkv sits in the q slot, k and v unused
+    LinearDesc head;       // used only when the head is untied (structured or dense)
 } GPT2Layout;
 
-static inline LinearDesc *gpt2_linear(const GPT2Layout *g, int layer, LinearRole role) {
-    return &g->linears[layer * NUM_ROLES + role];
+static inline LinearDesc *gpt2_linear(const GPT2Layout *g, int layer, int role) {
+    return &g->linears[layer * NUM_BLOCK_ROLES + role];
 }
 
-static inline void linear_shape(const GPT2Config *c, LinearRole role, int *in, int *out) {
-    int C = c->channels;
-    switch (role) {
-        case ROLE_QKV: *in = C; *out = 3 * C; break;
-        case ROLE_ATTN_PROJ: *in = C; *out = C; break;
-        case ROLE_FC: *in = C; *out = 4 * C; break;
-        default: *in = 4 * C; *out = C; break;
-    }
-}
-
-// Builds the table in llm.c's order: wte, wpe, then for each kind of tensor all layers in turn
-// (ln1w of every layer, then ln1b of every layer, ...), then lnfw, lnfb. With this order the flat
-// buffer is byte for byte the payload of an llm.c checkpoint.
-static inline void gpt2_layout_build(GPT2Layout *g, const GPT2Config *c) {
+// Builds the table. For an all-dense model the order is llm.c's — wte, wpe, then each kind of
+// tensor for all layers in turn (ln1w of every layer, ln1b of every layer, qkvw, ...), then
+// lnfw, lnfb — so that the flat buffer is byte for byte an llm.c checkpoint's payload. A
+// structured layer puts its cores where the dense weight would be and its bias where the bias
+// would be; an untied head comes last. Takes ownership of sc.
+static inline void gpt2_layout_build_structured(GPT2Layout *g, const GPT2Config *c, StructConfig *sc) {
     memset(g, 0, sizeof(*g));
     g->config = *c;
+    g->structure = *sc;
+    memset(sc, 0, sizeof(*sc));
+    sc = &g->structure;
     params_init(&g->params);
     int L = c->num_layers;
     size_t C = (size_t)c->channels;
     g->norms = (BlockNorms *)callocCheck((size_t)L, sizeof(BlockNorms));
-    g->linears = (LinearDesc *)callocCheck((size_t)L * NUM_ROLES, sizeof(LinearDesc));
+    g->linears = (LinearDesc *)callocCheck((size_t)L * NUM_BLOCK_ROLES, sizeof(LinearDesc));
+    for (int l = 0; l < L; l++) {
+        int fused = struct_fused_qkv(sc, l);
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            LinearDesc *ld = gpt2_linear(g, l, r);
+            ld->spec = *struct_spec(sc, l, (StructRole)r);
+            ld->layer = l;
+            ld->role = r;
+            ld->used = !(fused && (r == SR_K || r == SR_V));
+            ld->fused_qkv = fused && r == SR_Q;
+            if (ld->fused_qkv) ld->spec.d_out = 3 * (int)C;
+            ld->bias = -1;
+        }
+    }
     ParamTable *pt = &g->params;
     size_t s[2];
     char name[64];
@@ -62,46 +62,54 @@ static inline void gpt2_layout_build(GPT2Layout *g, const GPT2Config *c) {
     g->wte = params_add(pt, "wte", 2, s, 1.0f, 1);
     s[0] = (size_t)c->max_seq_len;
     g->wpe = params_add(pt, "wpe", 2, s, 1.0f, 1);
-
-    // llm.c groups, in order; each is either a norm vector or a role's weight or bias
-    enum { G_LN1W, G_LN1B, G_QKVW, G_QKVB, G_ATTW, G_ATTB, G_LN2W, G_LN2B, G_FCW, G_FCB, G_FCPW, G_FCPB, NUM_GROUPS };
-    static const char *const gnames[NUM_GROUPS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
-                                                   "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
+    // llm.c's groups in order: norms, then for each role its weights and then its biases
+    enum { G_LN1W, G_LN1B, G_QKV_W, G_QKV_B, G_ATT_W, G_ATT_B, G_LN2W, G_LN2B, G_FC_W, G_FC_B, G_FCP_W, G_FCP_B, NUM_GROUPS };
     for (int grp = 0; grp < NUM_GROUPS; grp++) {
         for (int l = 0; l < L; l++) {
-            snprintf(name, sizeof(name), "h.%d.%s", l, gnames[grp]);
-            int idx;
-            if (grp == G_LN1W || grp == G_LN1B || grp == G_LN2W || grp == G_LN2B) {
+            int *norm = grp == G_LN1W ? &g->norms[l].ln1w : grp == G_LN1B ? &g->norms[l].ln1b
+                      : grp == G_LN2W ? &g->norms[l].ln2w : grp == G_LN2B ? &g->norms[l].ln2b : NULL;
+            if (norm) {
+                static const char *const nn[] = {"ln1w", "ln1b", "", "", "", "", "ln2w", "ln2b"};
+                snprintf(name, sizeof(name), "h.%d.%s", l, nn[grp]);
                 s[0] = C;
-                idx = params_add(pt, name, 1, s, 1.0f, 0);
-                if (grp == G_LN1W) g->norms[l].ln1w = idx;
-                if (grp == G_LN1B) g->norms[l].ln1b = idx;
-                if (grp == G_LN2W) g->norms[l].ln2w = idx;
-                if (grp == G_LN2B) g->norms[l].ln2b = idx;
+                *norm = params_add(pt, name, 1, s, 1.0f, 0);
                 continue;
             }
-            LinearRole role = (grp <= G_QKVB) ? ROLE_QKV : (grp <= G_ATTB) ? ROLE_ATTN_PROJ : (grp <= G_FCB) ? ROLE_FC : ROLE_FC_PROJ;
-            LinearDesc *ld = gpt2_linear(g, l, role);
-            ld->role = role;
-            ld->layer = l;
-            linear_shape(c, role, &ld->in, &ld->out);
-            int is_weight = (grp == G_QKVW || grp == G_ATTW || grp == G_FCW || grp == G_FCPW);
-            if (is_weight) {
-                s[0] = (size_t)ld->out; s[1] = (size_t)ld->in;
-                ld->weight = params_add(pt, name, 2, s, 1.0f, 1);
-            } else {
-                s[0] = (size_t)ld->out;
-                ld->bias = params_add(pt, name, 1, s, 1.0f, 0);
+            int first = grp <= G_QKV_B ? SR_Q : grp <= G_ATT_B ? SR_ATTN_PROJ : grp <= G_FC_B ? SR_FC : SR_FC_PROJ;
+            int last = grp <= G_QKV_B ? SR_V : first;
+            int weights = grp == G_QKV_W || grp == G_ATT_W || grp == G_FC_W || grp == G_FCP_W;
+            for (int r = first; r <= last; r++) {
+                LinearDesc *ld = gpt2_linear(g, l, r);
+                if (!ld->used) continue;
+                if (weights) linear_add_weights(pt, ld, sc->base_width, sc->mup);
+                else linear_add_bias(pt, ld);
             }
         }
     }
     s[0] = C;
     g->lnfw = params_add(pt, "lnfw", 1, s, 1.0f, 0);
     g->lnfb = params_add(pt, "lnfb", 1, s, 1.0f, 0);
+    memset(&g->head, 0, sizeof(g->head));
+    g->head.spec = sc->lm_head;
+    g->head.layer = -1;
+    g->head.role = SR_LM_HEAD;
+    g->head.bias = -1;
+    g->head.used = !sc->head_tied;
+    if (g->head.used) {
+        linear_add_weights(pt, &g->head, sc->base_width, sc->mup);
+        linear_add_bias(pt, &g->head);
+    }
+}
+
+static inline void gpt2_layout_build(GPT2Layout *g, const GPT2Config *c) {
+    StructConfig sc;
+    struct_config_dense(c, &sc);
+    gpt2_layout_build_structured(g, c, &sc);
 }
 
 static inline void gpt2_layout_free(GPT2Layout *g) {
     params_free(&g->params);
+    struct_config_free(&g->structure);
     free(g->norms);
     free(g->linears);
     memset(g, 0, sizeof(*g));
@@ -109,32 +117,33 @@ static inline void gpt2_layout_free(GPT2Layout *g) {
 
 static inline float *gpt2_tensor(const GPT2Layout *g, float *base, int idx) { return base + g->params.t[idx].offset; }
 
-// Random init exactly as llm.c's gpt2_build_from_random (itself PyTorch's module order): one
-// mt19937 stream from `seed`, drawing wte (real vocab rows only), wpe, then for each layer the
-// qkv, attn_proj, fc, fc_proj weights; N(0, 0.02), residual projections scaled by 1/sqrt(2L).
-// LayerNorm weights are 1, every bias and the padded wte rows are 0.
+// Random init, for all-dense models exactly llm.c's gpt2_build_from_random (itself PyTorch's
+// module order): one mt19937 stream from `seed`, drawing wte (real vocab rows only), wpe, then for
+// each layer the weights of q/k/v (or the fused qkv), attn_proj, fc, fc_proj, then an untied head
+// (see linear_init for each structure). LayerNorm weights are 1; biases and padded rows 0.
 static inline void gpt2_init_random(const GPT2Layout *g, float *params, uint32_t seed) {
     const GPT2Config *c = &g->config;
     memset(params, 0, g->params.total * sizeof(float));
-    for (int i = 0; i < g->params.n; i++) {
-        const ParamTensor *p = &g->params.t[i];
-        size_t len = strlen(p->name);
-        if (len >= 2 && p->name[len - 1] == 'w' && p->ndim == 1) {  // ln1w, ln2w, lnfw
-            for (size_t j = 0; j < p->numel; j++) params[p->offset + j] = 1.0f;
-        }
+    for (int l = 0; l < c->num_layers; l++) {
+        int idx[2] = {g->norms[l].ln1w, g->norms[l].ln2w};
+        for (int k = 0; k < 2; k++)
+            for (size_t j = 0; j < g->params.t[idx[k]].numel; j++) params[g->params.t[idx[k]].offset + j] = 1.0f;
     }
+    for (size_t j = 0; j < (size_t)c->channels; j++) params[g->params.t[g->lnfw].offset + j] = 1.0f;
     mt19937_state rng;
     mt_seed(&rng, seed);
     float residual_scale = 1.0f / sqrtf(2.0f * (float)c->num_layers);
     mt_normal_(gpt2_tensor(g, params, g->wte), (size_t)c->vocab_size * c->channels, 0.0f, 0.02f, &rng);
     mt_normal_(gpt2_tensor(g, params, g->wpe), g->params.t[g->wpe].numel, 0.0f, 0.02f, &rng);
     for (int l = 0; l < c->num_layers; l++) {
-        for (int r = 0; r < NUM_ROLES; r++) {
-            const LinearDesc *ld = gpt2_linear(g, l, (LinearRole)r);
-            float std = (r == ROLE_ATTN_PROJ || r == ROLE_FC_PROJ) ? 0.02f * residual_scale : 0.02f;
-            mt_normal_(gpt2_tensor(g, params, ld->weight), g->params.t[ld->weight].numel, 0.0f, std, &rng);
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = gpt2_linear(g, l, r);
+            if (!ld->used) continue;
+            int residual = r == SR_ATTN_PROJ || r == SR_FC_PROJ;
+            linear_init(ld, &g->params, params, residual, residual ? residual_scale : 1.0f, &rng);
         }
     }
+    if (g->head.used) linear_init(&g->head, &g->params, params, 1, 1.0f, &rng);
 }
 
 // Parameter count as GPT-2 reports it: without the padded vocabulary rows.
@@ -148,13 +157,43 @@ static inline double gpt2_flops_per_token(const GPT2Layout *g, int T) {
     const GPT2Config *c = &g->config;
     double mm = 0.0;
     for (int l = 0; l < c->num_layers; l++)
-        for (int r = 0; r < NUM_ROLES; r++) {
-            const LinearDesc *ld = gpt2_linear(g, l, (LinearRole)r);
-            mm += (double)ld->in * ld->out;
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = gpt2_linear(g, l, r);
+            if (ld->used) mm += spec_forward_macs(&ld->spec);
         }
-    mm += (double)c->vocab_size * c->channels;  // lm head
+    mm += g->head.used ? spec_forward_macs(&g->head.spec) : (double)c->vocab_size * c->channels;
     // QK^T and AV: 2·T·C multiply-adds per token per layer, counted without the causal
     // discount as PaLM's MFU does (6·N + 12·L·C·T per token)
     double attn = 2.0 * c->num_layers * (double)c->channels * T;
     return 6.0 * mm + 6.0 * attn;
+}
+
+// The table printed at start: every linear layer with role, structure, shape, parameters and
+// forward FLOPs per token, then the totals against the same model all-dense.
+static inline void gpt2_print_layer_table(const GPT2Layout *g, FILE *out) {
+    const GPT2Config *c = &g->config;
+    double params = 0, flops = 0, dense_params = 0, dense_flops = 0;
+    fprintf(out, "%-6s %-10s %-30s %-12s %12s %14s\n", "layer", "role", "structure", "shape", "params", "fwd FLOP/tok");
+    char desc[96], shape[32];
+    for (int l = 0; l <= c->num_layers; l++) {
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = l < c->num_layers ? gpt2_linear(g, l, r) : (r == 0 ? &g->head : NULL);
+            if (!ld) break;
+            const LinearSpec *s = &ld->spec;
+            int tied = l == c->num_layers && !g->head.used;
+            if (!ld->used && !tied) continue;
+            double p = tied ? 0.0 : (double)spec_num_params(s), f = 2.0 * (tied ? (double)c->vocab_size * c->channels : spec_forward_macs(s));
+            double dp = (double)s->d_in * s->d_out + (s->bias ? s->d_out : 0), df = 2.0 * (double)s->d_in * s->d_out;
+            if (tied) { dp = 0.0; df = f; }
+            params += p; flops += f; dense_params += dp; dense_flops += df;
+            if (tied) snprintf(desc, sizeof(desc), "dense (tied to wte)");
+            else spec_describe(s, desc, sizeof(desc));
+            snprintf(shape, sizeof(shape), "%dx%d", s->d_in, s->d_out);
+            const char *role = ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
+            if (l < c->num_layers) fprintf(out, "%-6d %-10s %-30s %-12s %12.0f %14.0f\n", l, role, desc, shape, p, f);
+            else fprintf(out, "%-6s %-10s %-30s %-12s %12.0f %14.0f\n", "-", "lm_head", desc, shape, p, f);
+        }
+    }
+    fprintf(out, "linear layers: %.2fM parameters, %.2f MFLOP/token forward; all-dense: %.2fM, %.2f MFLOP/token (%.1f%% params, %.1f%% FLOPs)\n",
+            params / 1e6, flops / 1e6, dense_params / 1e6, dense_flops / 1e6, 100.0 * params / dense_params, 100.0 * flops / dense_flops);
 }

@@ -439,9 +439,1081 @@ def make_init_fixture(path, cfg, seed=42):
     print("wrote %s (%d params)" % (path, flat.size))
 
 
+# ============================================================================
+# Fixture format v2: structured linear layers (btt, monarch, btt_moe), config
+# files, per-tensor LR multipliers, tensors addressed by name.
+# Everything below is written from DESIGN.md's mathematics, not from the C code.
+# ============================================================================
+
+VERSION2 = 2
+ROLES = ("q", "k", "v", "attn_proj", "fc", "fc_proj")
+STRUCTS = ("dense", "btt", "monarch", "btt_moe")
+SECTION_DEFAULTS = dict(struct="dense", rank=1, **{"in": None, "out": None}, blocks=4, experts=8, topk=2,
+                        router_init=0.0, lr_mult=1, bias=1)
+TOP_DEFAULTS = dict(moe_aux_weight=0.01, base_width=768, mup=0, lm_head="dense")
+TOP_REQUIRED = ("n_layer", "n_head", "n_embd", "vocab_size", "max_seq_len")
+N_CORES = 2
+NAME_LEN = 64
+
+
+class ConfigError(Exception):
+    pass
+
+
+def default_factors(d):
+    """Prime factors of d ascending, each to whichever factor is currently smaller (the
+    first on a tie), then sorted ascending. 768 -> (16, 48), 1024 -> (32, 32)."""
+    primes, n, f = [], d, 2
+    while n > 1:
+        while n % f == 0:
+            primes.append(f)
+            n //= f
+        f += 1
+    a, b = 1, 1
+    for pr in primes:
+        if a <= b:
+            a *= pr
+        else:
+            b *= pr
+    return tuple(sorted((a, b)))
+
+
+def parse_config(text, fname="<config>"):
+    """Parse the structgpt config format. Returns dict(top=..., sections={name: {key: (value, line)}})."""
+    top, sections, cur = {}, {}, None
+
+    def err(ln, msg):
+        raise ConfigError("%s:%d: %s" % (fname, ln, msg))
+
+    def parse_int(ln, k, v, lo=None, allowed=None):
+        try:
+            x = int(v)
+        except ValueError:
+            err(ln, "%s = %s: expected an integer" % (k, v))
+        if allowed is not None and x not in allowed:
+            err(ln, "%s = %s: must be one of %s" % (k, v, "/".join(map(str, allowed))))
+        if lo is not None and x < lo:
+            err(ln, "%s = %s: must be >= %d" % (k, v, lo))
+        return x
+
+    def parse_float(ln, k, v, lo=None):
+        try:
+            x = float(v)
+        except ValueError:
+            err(ln, "%s = %s: expected a number" % (k, v))
+        if not math.isfinite(x) or (lo is not None and x < lo):
+            err(ln, "%s = %s: must be a finite number >= %g" % (k, v, lo))
+        return x
+
+    def parse_factors(ln, k, v):
+        parts = v.lower().split("x")
+        if len(parts) != 2:
+            err(ln, "%s = %s: expected AxB, e.g. %s = 16x48" % (k, v, k))
+        return (parse_int(ln, k, parts[0], lo=1), parse_int(ln, k, parts[1], lo=1))
+
+    for ln, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                err(ln, "bad section header %r" % raw)
+            name = line[1:-1].strip()
+            parts = name.split(".")
+            ok = (name == "linear"
+                  or (len(parts) == 2 and parts[0] == "linear" and (parts[1] in ROLES or parts[1] == "lm_head"))
+                  or (len(parts) in (2, 3) and parts[0] == "layer" and parts[1].isdigit()
+                      and (len(parts) == 2 or parts[2] in ROLES)))
+            if not ok:
+                err(ln, "unknown section [%s]; use [linear], [linear.ROLE], [linear.lm_head], [layer.N] or "
+                        "[layer.N.ROLE] with ROLE one of %s" % (name, ", ".join(ROLES)))
+            if len(parts) >= 2 and parts[0] == "layer":
+                name = ".".join([parts[0], str(int(parts[1]))] + parts[2:])
+            if name in sections:
+                err(ln, "section [%s] appears twice; merge them" % name)
+            sections[name] = {}
+            cur = name
+            continue
+        if "=" not in line:
+            err(ln, "expected key = value, got %r" % raw)
+        k, v = (s.strip() for s in line.split("=", 1))
+        if cur is None:
+            if k in ("n_layer", "n_head", "n_embd", "vocab_size", "max_seq_len", "base_width"):
+                val = parse_int(ln, k, v, lo=1)
+            elif k == "mup":
+                val = parse_int(ln, k, v, allowed=(0, 1))
+            elif k == "moe_aux_weight":
+                val = parse_float(ln, k, v, lo=0.0)
+            elif k == "lm_head":
+                if v not in STRUCTS:
+                    err(ln, "lm_head = %s: must be one of %s" % (v, "|".join(STRUCTS)))
+                val = v
+            else:
+                err(ln, "unknown key %r (model keys: %s)" % (k, ", ".join(TOP_REQUIRED + tuple(TOP_DEFAULTS))))
+            if k in top:
+                err(ln, "key %r given twice" % k)
+            top[k] = (val, ln)
+        else:
+            if k == "struct":
+                if v not in STRUCTS:
+                    err(ln, "struct = %s: must be one of %s" % (v, "|".join(STRUCTS)))
+                val = v
+            elif k in ("rank", "blocks", "experts", "topk"):
+                val = parse_int(ln, k, v, lo=1)
+            elif k in ("in", "out"):
+                val = parse_factors(ln, k, v)
+            elif k == "router_init":
+                val = parse_float(ln, k, v, lo=0.0)
+            elif k in ("lr_mult", "bias"):
+                val = parse_int(ln, k, v, allowed=(0, 1))
+            else:
+                err(ln, "unknown key %r in [%s] (keys: %s)" % (k, cur, ", ".join(SECTION_DEFAULTS)))
+            if cur == "linear.lm_head" and k in ("struct", "bias"):
+                err(ln, "%r is not allowed in [linear.lm_head]: the head's structure is the top-level "
+                        "key lm_head, and the head never has a bias" % k)
+            if k in sections[cur]:
+                err(ln, "key %r given twice in [%s]" % (k, cur))
+            sections[cur][k] = (val, ln)
+    for k in TOP_REQUIRED:
+        if k not in top:
+            raise ConfigError("%s: missing required key %r" % (fname, k))
+    cfg = {k: v for k, (v, _) in top.items()}
+    for k, v in TOP_DEFAULTS.items():
+        cfg.setdefault(k, v)
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError("%s:%d: n_embd = %d is not divisible by n_head = %d"
+                          % (fname, top["n_embd"][1], cfg["n_embd"], cfg["n_head"]))
+    for name, sec in sections.items():
+        if name.startswith("layer.") and int(name.split(".")[1]) >= cfg["n_layer"]:
+            ln = min([l for (_, l) in sec.values()] or [0])
+            raise ConfigError("%s: section [%s] names a layer >= n_layer = %d" % (fname, name, cfg["n_layer"]))
+    cfg["sections"] = sections
+    cfg["fname"] = fname
+    return cfg
+
+
+def resolve(cfg, layer, role):
+    """Options of one linear layer, key by key: [layer.N.ROLE] > [layer.N] > [linear.ROLE] > [linear].
+    role 'lm_head': struct = top-level lm_head, options from [linear.lm_head] only, never a bias."""
+    S = cfg["sections"]
+    if role == "lm_head":
+        chain = [S.get("linear.lm_head", {})]
+    else:
+        chain = [S.get("layer.%d.%s" % (layer, role), {}), S.get("layer.%d" % layer, {}),
+                 S.get("linear.%s" % role, {}), S.get("linear", {})]
+    o, where = {}, {}
+    for k, dv in SECTION_DEFAULTS.items():
+        o[k], where[k] = dv, None
+        for sec in chain:
+            if k in sec:
+                o[k], where[k] = sec[k]
+                break
+    if role == "lm_head":
+        o["struct"], o["bias"] = cfg["lm_head"], 0
+    o["where"] = where
+    return o
+
+
+class Lin:
+    """One linear layer: structure, dims, factorisation and its parameter tensors."""
+
+    def __init__(self, cfg, layer, role, d_in, d_out, opts, names):
+        self.layer, self.role, self.d_in, self.d_out = layer, role, d_in, d_out
+        self.struct, self.bias, self.lrm_on = opts["struct"], opts["bias"], opts["lr_mult"]
+        fname = cfg["fname"]
+        what = "lm_head" if role == "lm_head" else "layer %d %s" % (layer, role)
+
+        def bad(k, msg):
+            ln = opts["where"].get(k)
+            raise ConfigError("%s%s: %s (%s)" % (fname, ":%d" % ln if ln else "", msg, what))
+
+        bw = cfg["base_width"]
+        t = []  # (kind, shape, lr_mult, init_std)
+        s = self.struct
+        if s in ("btt", "btt_moe"):
+            self.alpha, self.gamma = opts["in"] if opts["in"] else default_factors(d_in)
+            self.phi, self.eps = opts["out"] if opts["out"] else default_factors(d_out)
+            if self.alpha * self.gamma != d_in:
+                bad("in", "in = %dx%d does not factor d_in = %d" % (self.alpha, self.gamma, d_in))
+            if self.phi * self.eps != d_out:
+                bad("out", "out = %dx%d does not factor d_out = %d" % (self.phi, self.eps, d_out))
+            a, g, f, e = self.alpha, self.gamma, self.phi, self.eps
+            if s == "btt":
+                r = self.rank = opts["rank"]
+                t.append(("W0", (g, a, f * r), bw / (N_CORES * a), math.sqrt(min(a, r * f)) / a))
+                t.append(("W1", (f, g * r, e), bw / (N_CORES * r * g), math.sqrt(min(r * g, e)) / (r * g)))
+            else:
+                E, k = self.E, self.topk = opts["experts"], opts["topk"]
+                if k > E:
+                    bad("topk", "topk = %d > experts = %d" % (k, E))
+                self.router_init = opts["router_init"]
+                t.append(("W0", (g, a, f * E), bw / (N_CORES * a), math.sqrt(min(a, f)) / a))
+                t.append(("W1", (f, g * E, e), bw / (N_CORES * g), math.sqrt(min(g, e)) / g))
+                t.append(("router", (E, d_in), bw / d_in, self.router_init))
+        elif s == "monarch":
+            nb = self.nb = opts["blocks"]
+            if d_in % nb or d_out % nb:
+                bad("blocks", "blocks = %d does not divide d_in = %d and d_out = %d" % (nb, d_in, d_out))
+            p, sz = self.p, self.s = d_in // nb, d_out // nb
+            q = self.q = min(p, sz)
+            t.append(("R", (nb, q, p), bw / (N_CORES * p), math.sqrt(min(p, q)) / p))
+            t.append(("L", (nb, sz, q), bw / (N_CORES * q), math.sqrt(min(q, sz)) / q))
+        else:
+            mup_mult = bw / d_in if (cfg["mup"] and role != "lm_head") else 1.0
+            std = 0.02 / math.sqrt(2 * cfg["n_layer"]) if role in ("attn_proj", "fc_proj") else 0.02
+            t.append(("w", (d_out, d_in), mup_mult, std))
+        if self.bias:
+            t.append(("b", (d_out,), 1.0, 0.02))
+        self.tensors = []  # (name, shape, lr_mult, decay, init_std)
+        for kind, shape, lrm, std in t:
+            self.tensors.append((names[kind], shape, lrm if self.lrm_on else 1.0, int(len(shape) >= 2), std))
+        self.names = names
+
+    def describe(self):
+        s = self.struct
+        if s == "btt":
+            return "btt r=%d in=%dx%d out=%dx%d" % (self.rank, self.alpha, self.gamma, self.phi, self.eps)
+        if s == "btt_moe":
+            return "btt_moe E=%d k=%d in=%dx%d out=%dx%d" % (self.E, self.topk, self.alpha, self.gamma, self.phi, self.eps)
+        if s == "monarch":
+            return "monarch nb=%d p=%d q=%d s=%d" % (self.nb, self.p, self.q, self.s)
+        return "dense"
+
+
+def build_model(cfg):
+    """Returns (list of all tensors (name, shape, lr_mult, decay, init_std) in directory order, layers)."""
+    L, C, V, maxT = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"], cfg["max_seq_len"]
+    Vp = padded_vocab(V)
+    tensors = [("wte", (Vp, C), 1.0, 1, 0.02), ("wpe", (maxT, C), 1.0, 1, 0.02)]
+    blocks = []
+    dims = dict(q=(C, C), k=(C, C), v=(C, C), attn_proj=(C, C), fc=(C, 4 * C), fc_proj=(4 * C, C))
+    llmc = dict(attn_proj="attprojw attprojb", fc="fcw fcb", fc_proj="fcprojw fcprojb")
+    for l in range(L):
+        opts = {r: resolve(cfg, l, r) for r in ROLES}
+        blk = {"ln": ["h.%d.ln1w" % l, "h.%d.ln1b" % l, "h.%d.ln2w" % l, "h.%d.ln2b" % l]}
+        fused = all(opts[r]["struct"] == "dense" for r in ("q", "k", "v"))
+        if fused:
+            for key in ("bias", "lr_mult"):
+                vals = {opts[r][key] for r in ("q", "k", "v")}
+                if len(vals) > 1:
+                    raise ConfigError("%s: layer %d: q, k, v are all dense and are fused into one qkv "
+                                      "layer, but their %r settings differ; give them the same %s"
+                                      % (cfg["fname"], l, key, key))
+            blk["qkv"] = Lin(cfg, l, "qkv", C, 3 * C, dict(opts["q"]),
+                             dict(w="h.%d.qkvw" % l, b="h.%d.qkvb" % l))
+        for r in ROLES:
+            if r in ("q", "k", "v") and fused:
+                continue
+            if opts[r]["struct"] == "dense" and r in llmc:
+                wn, bn = llmc[r].split()
+                names = dict(w="h.%d.%s" % (l, wn), b="h.%d.%s" % (l, bn))
+            else:
+                names = {t: "h.%d.%s.%s" % (l, r, t) for t in ("w", "b", "W0", "W1", "R", "L", "router")}
+            blk[r] = Lin(cfg, l, r, dims[r][0], dims[r][1], opts[r], names)
+        tensors += [(blk["ln"][0], (C,), 1.0, 0, None), (blk["ln"][1], (C,), 1.0, 0, None)]
+        for r in (("qkv",) if fused else ("q", "k", "v")) + ("attn_proj",):
+            tensors += blk[r].tensors
+        tensors += [(blk["ln"][2], (C,), 1.0, 0, None), (blk["ln"][3], (C,), 1.0, 0, None)]
+        tensors += blk["fc"].tensors + blk["fc_proj"].tensors
+        blocks.append(blk)
+    tensors += [("lnfw", (C,), 1.0, 0, None), ("lnfb", (C,), 1.0, 0, None)]
+    head = None
+    if cfg["lm_head"] != "dense":
+        head = Lin(cfg, -1, "lm_head", C, Vp, resolve(cfg, -1, "lm_head"),
+                   {t: "lm_head.%s" % t for t in ("w", "W0", "W1", "R", "L", "router")})
+        tensors += head.tensors
+    names = [t[0] for t in tensors]
+    assert len(set(names)) == len(names) and all(len(n) < NAME_LEN for n in names)
+    return tensors, blocks, head
+
+
+# ----------------------------------------------------------------------------
+# structured forward passes (x: (N, d_in) -> (N, d_out)), straight from the formulas
+
+def btt_apply(x, W0, W1, alpha, gamma, phi, eps, rho):
+    N = x.shape[0]
+    X = x.reshape(N, gamma, alpha)                               # x[g*alpha + a]
+    z = torch.einsum("nga,gafs->ngfs", X, W0.view(gamma, alpha, phi, rho))   # W0[g, a, f*rho+s]
+    y = torch.einsum("ngfs,fgse->nfe", z, W1.view(phi, gamma, rho, eps))     # W1[f, g*rho+s, e]
+    return y.reshape(N, phi * eps)                               # y[f*eps + e]
+
+
+def monarch_apply(x, R, L, nb, p, q, s):
+    N = x.shape[0]
+    u = torch.einsum("nkc,kjc->nkj", x.reshape(N, nb, p), R).reshape(N, nb * q)   # u[k*q + j]
+    U = u.reshape(N, q, nb)                                      # U[n, r, l] = u[r*nb + l]
+    y = torch.einsum("nrl,lir->nil", U, L)                       # y[i*nb + l]
+    return y.reshape(N, s * nb)
+
+
+def topk_select(logits, k):
+    """Explicit stable top-k: expert e is selected iff fewer than k experts beat it, where e'
+    beats e if logit[e'] > logit[e], or logit[e'] == logit[e] and e' < e (ties -> lower index)."""
+    N, E = logits.shape
+    li = logits.unsqueeze(2)   # (N, E, 1): candidate e
+    lj = logits.unsqueeze(1)   # (N, 1, E): competitor e'
+    idx = torch.arange(E)
+    beats = (lj > li) | ((lj == li) & (idx.view(1, 1, E) < idx.view(1, E, 1)))
+    rank = beats.sum(2)
+    return rank < k
+
+
+def moe_experts_all(x, W0, W1, alpha, gamma, phi, eps, E):
+    """(N, E, d_out): the output of every rank-1 expert e (BTT with rank component s = e)."""
+    N = x.shape[0]
+    z = torch.einsum("nga,gafe->ngfe", x.reshape(N, gamma, alpha), W0.view(gamma, alpha, phi, E))
+    y = torch.einsum("ngfe,fgeo->nefo", z, W1.view(phi, gamma, E, eps))
+    return y.reshape(N, E, phi * eps)
+
+
+def moe_apply(x, W0, W1, Rt, lin):
+    """Returns y (no bias), aux, and the routing margin (min over tokens of logit_k - logit_{k+1})."""
+    E, k = lin.E, lin.topk
+    logits = x @ Rt.t()                                          # (N, E)
+    sel = topk_select(logits, k)
+    gate = torch.softmax(logits.masked_fill(~sel, float("-inf")), dim=1)   # softmax over logits[S]
+    Y = moe_experts_all(x, W0, W1, lin.alpha, lin.gamma, lin.phi, lin.eps, E)
+    y = torch.einsum("ne,neo->no", gate, Y)
+    N = x.shape[0]
+    P_hat = torch.softmax(logits, dim=1).sum(0) / N              # token-summed, L1-normalised
+    f_hat = sel.to(logits.dtype).sum(0) / (N * k)                          # counts, L1-normalised (constant)
+    aux = E * (P_hat * f_hat).sum() + 0.1 * (torch.logsumexp(logits, dim=1) ** 2).mean()
+    if k < E:
+        srt = logits.detach().sort(dim=1, descending=True).values
+        margin = float((srt[:, k - 1] - srt[:, k]).min())
+    else:
+        margin = float("inf")
+    return y, aux, margin, sel
+
+
+def lin_apply(lin, P, x, stats=None):
+    shp = x.shape[:-1]
+    X = x.reshape(-1, lin.d_in)
+    n = lin.names
+    s = lin.struct
+    if s == "dense":
+        Y = X @ P[n["w"]].t()
+    elif s == "btt":
+        Y = btt_apply(X, P[n["W0"]], P[n["W1"]], lin.alpha, lin.gamma, lin.phi, lin.eps, lin.rank)
+    elif s == "monarch":
+        Y = monarch_apply(X, P[n["R"]], P[n["L"]], lin.nb, lin.p, lin.q, lin.s)
+    else:
+        Y, aux, margin, sel = moe_apply(X, P[n["W0"]], P[n["W1"]], P[n["router"]], lin)
+        if stats is not None:
+            stats["aux"].append(aux)
+            stats["margin"] = min(stats["margin"], margin)
+            stats["sel"].append(sel)
+            stats["rlogits"].append((X @ P[n["router"]].t()).detach())
+    if lin.bias:
+        Y = Y + P[n["b"]]
+    return Y.reshape(*shp, lin.d_out)
+
+
+def forward2(P, model, cfg, idx, targets):
+    """Returns logits (B,T,Vp), total loss, ce, aux (mean over routed layers, 0 if none), stats."""
+    tensors, blocks, head = model
+    NH, C, V = cfg["n_head"], cfg["n_embd"], cfg["vocab_size"]
+    B, T = idx.shape
+    hs = C // NH
+    stats = dict(aux=[], margin=float("inf"), sel=[], rlogits=[])
+    x = P["wte"][idx] + P["wpe"][:T].unsqueeze(0)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for blk in blocks:
+        ln1w, ln1b, ln2w, ln2b = (P[n] for n in blk["ln"])
+        h = layernorm(x, ln1w, ln1b)
+        if "qkv" in blk:
+            qkv = lin_apply(blk["qkv"], P, h, stats)
+            q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        else:
+            q, k, v = (lin_apply(blk[r], P, h, stats) for r in ("q", "k", "v"))
+        q, k, v = (t.reshape(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hs))
+        att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + lin_apply(blk["attn_proj"], P, y, stats)
+        h = layernorm(x, ln2w, ln2b)
+        x = x + lin_apply(blk["fc_proj"], P, gelu_tanh(lin_apply(blk["fc"], P, h, stats)), stats)
+    x = layernorm(x, P["lnfw"], P["lnfb"])
+    logits = x @ P["wte"].t() if head is None else lin_apply(head, P, x, stats)
+    logp = torch.log_softmax(logits[..., :V], dim=-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()
+    aux = torch.stack(stats["aux"]).mean() if stats["aux"] else torch.zeros((), dtype=logits.dtype)
+    total = ce + cfg["moe_aux_weight"] * aux
+    return logits, total, ce, aux, stats
+
+
+def loss_and_grads2(P, model, cfg, idx, targets):
+    names = [t[0] for t in model[0]]
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in P.items()}
+    logits, total, ce, aux, stats = forward2(leaves, model, cfg, idx, targets)
+    gs = torch.autograd.grad(total, [leaves[k] for k in names])
+    return (logits.detach(), float(total.detach()), float(ce.detach()), float(aux.detach()), stats,
+            {k: g.detach().contiguous() for k, g in zip(names, gs)})
+
+
+def train2(P0, model, cfg, idx, targets, hp, n_steps):
+    tens = model[0]
+    P = {k: v.clone() for k, v in P0.items()}
+    m = {k: torch.zeros_like(v) for k, v in P.items()}
+    vv = {k: torch.zeros_like(v) for k, v in P.items()}
+    b1, b2, eps, wd, clip = hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], hp["grad_clip"]
+    hist = dict(losses=[], ces=[], auxes=[], norms=[], margin=float("inf"), sels=[], rlogits=[])
+    for t in range(1, n_steps + 1):
+        _, total, ce, aux, stats, g = loss_and_grads2(P, model, cfg, idx, targets)
+        norm = math.sqrt(sum(float((g[n] * g[n]).sum()) for n, *_ in tens))
+        hist["losses"].append(total)
+        hist["ces"].append(ce)
+        hist["auxes"].append(aux)
+        hist["norms"].append(norm)
+        hist["margin"] = min(hist["margin"], stats["margin"])
+        hist["sels"].append(stats["sel"])
+        hist["rlogits"].append(stats["rlogits"])
+        scale = clip / norm if norm > clip else 1.0
+        for n, shape, lrm, decay, _ in tens:
+            gk = g[n] * scale
+            m[n] = b1 * m[n] + (1.0 - b1) * gk
+            vv[n] = b2 * vv[n] + (1.0 - b2) * gk * gk
+            mhat = m[n] / (1.0 - b1 ** t)
+            vhat = vv[n] / (1.0 - b2 ** t)
+            lr_n = hp["lr"] * lrm
+            P[n] = P[n] - lr_n * (mhat / (torch.sqrt(vhat) + eps) + (wd if decay else 0.0) * P[n])
+    # routing margin at the final weights too (routing of a hypothetical step n_steps+1 is not
+    # stored, but a near-tie there would still mean the trajectory is fragile)
+    return P, hist
+
+
+def init_params2(model, cfg, gen):
+    """Random fixture weights (every gradient nonzero): wte (real rows) / wpe / dense matrices
+    N(0, 0.02) (dense attn_proj, fc_proj: 0.02/sqrt(2L)), structured cores N(0, sqrt(min(fan_in,
+    fan_out))/fan_in) with NO zeroed last core, routers N(0, router_init), biases N(0, 0.02),
+    LN weights 1 + N(0, 0.1), LN biases N(0, 0.02). Rounded to float32 values so the float64
+    reference starts from exactly the weights stored in the file."""
+    V = cfg["vocab_size"]
+    P = {}
+    for name, shape, lrm, decay, std in model[0]:
+        if name == "wte":
+            t = torch.zeros(shape, dtype=DT)
+            t[:V] = torch.randn((V, shape[1]), generator=gen, dtype=DT) * std
+        elif std is None:  # LayerNorm
+            mean, sd = (1.0, 0.1) if name.endswith("w") else (0.0, 0.02)
+            t = torch.randn(shape, generator=gen, dtype=DT) * sd + mean
+        else:
+            t = torch.randn(shape, generator=gen, dtype=DT) * std
+        P[name] = t.float().double()
+    return P
+
+
+# ----------------------------------------------------------------------------
+# independent materialisations (explicit loops over the index formulas)
+
+def btt_dense_loops(W0, W1, alpha, gamma, phi, eps, rho):
+    W = np.zeros((phi * eps, gamma * alpha))
+    W0, W1 = W0.numpy(), W1.numpy()
+    for g in range(gamma):
+        for a in range(alpha):
+            for f in range(phi):
+                for e in range(eps):
+                    acc = 0.0
+                    for s in range(rho):
+                        acc += W0[g, a, f * rho + s] * W1[f, g * rho + s, e]
+                    W[f * eps + e, g * alpha + a] = acc
+    return W
+
+
+def monarch_dense_loops(R, L, nb, p, q, s):
+    W = np.zeros((nb * s, nb * p))
+    R, L = R.numpy(), L.numpy()
+    for l in range(nb):            # stage-2 block
+        for i in range(s):
+            for r in range(q):
+                m = r * nb + l     # the u element it reads
+                k, j = m // q, m % q   # ... which stage-1 block k, row j produced
+                for c in range(p):
+                    W[i * nb + l, k * p + c] += L[l, i, r] * R[k, j, c]
+    return W
+
+
+def moe_expert_dense_loops(W0, W1, alpha, gamma, phi, eps, E, e_idx):
+    W = np.zeros((phi * eps, gamma * alpha))
+    W0, W1 = W0.numpy(), W1.numpy()
+    for g in range(gamma):
+        for a in range(alpha):
+            for f in range(phi):
+                for e in range(eps):
+                    W[f * eps + e, g * alpha + a] = W0[g, a, f * E + e_idx] * W1[f, g * E + e_idx, e]
+    return W
+
+
+def _mk_lin(struct, d_in, d_out, **kw):
+    cfg = dict(base_width=768, mup=0, n_layer=1, fname="<selfcheck>")
+    opts = dict(SECTION_DEFAULTS)
+    opts.update(struct=struct, **kw)
+    opts["where"] = {}
+    names = {t: t for t in ("w", "b", "W0", "W1", "R", "L", "router")}
+    return Lin(cfg, 0, "fc", d_in, d_out, opts, names)
+
+
+def _rand_params(lin, gen):
+    return {n: torch.randn(shape, generator=gen, dtype=DT) * (std if std else 0.5) for n, shape, _, _, std in lin.tensors}
+
+
+def structure_self_checks():
+    print("=== structure self-checks (float64)")
+    gen = torch.Generator().manual_seed(99)
+    tol = 1e-12
+    # (a) forward == x @ W^T + b with W from the identity, and W from explicit loops
+    cases = [("btt", 48, 48, dict(rank=1)), ("btt", 48, 192, dict(rank=3, **{"in": (12, 4), "out": (16, 12)})),
+             ("btt", 192, 48, dict(rank=2)), ("btt", 30, 42, dict(rank=4, **{"in": (5, 6), "out": (7, 6)})),
+             ("monarch", 64, 64, dict(blocks=4)), ("monarch", 48, 192, dict(blocks=3)),
+             ("monarch", 192, 48, dict(blocks=6)), ("monarch", 64, 64, dict(blocks=8)),
+             ("monarch", 24, 40, dict(blocks=2)),
+             ("btt_moe", 48, 48, dict(experts=4, topk=2, router_init=0.5)),
+             ("btt_moe", 48, 192, dict(experts=8, topk=3, router_init=0.5, **{"out": (6, 32)}))]
+    for struct, d_in, d_out, kw in cases:
+        lin = _mk_lin(struct, d_in, d_out, **kw)
+        P = _rand_params(lin, gen)
+        x = torch.randn(7, d_in, generator=gen, dtype=DT)
+        if struct == "btt_moe":
+            # every expert individually: the layer with a router that picks exactly expert e
+            Ws_id, Ws_loop = [], []
+            for e in range(lin.E):
+                Y = moe_experts_all(torch.eye(d_in, dtype=DT), P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, lin.E)
+                Ws_id.append(Y[:, e, :].t().numpy())
+                Ws_loop.append(moe_expert_dense_loops(P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, lin.E, e))
+            d1 = max(float(np.abs(a - b).max()) for a, b in zip(Ws_id, Ws_loop))
+            # the layer vs. an independent per-token computation: python sort for top-k, explicit mix
+            y = lin_apply(lin, P, x)
+            logits = (x @ P["router"].t()).numpy()
+            yref = np.zeros((7, d_out))
+            for n in range(7):
+                S = sorted(range(lin.E), key=lambda e: (-logits[n, e], e))[:lin.topk]
+                w = np.exp(logits[n, S] - logits[n, S].max())
+                w /= w.sum()
+                for wi, e in zip(w, S):
+                    yref[n] += wi * (Ws_loop[e] @ x[n].numpy())
+            yref += P["b"].numpy()
+            d2 = float(np.abs(y.numpy() - yref).max())
+            print("    (a) %-7s %4d->%-4d %-40s experts: identity vs loops %.1e; layer vs per-token loops %.1e"
+                  % (struct, d_in, d_out, lin.describe(), d1, d2))
+            assert d1 < tol and d2 < tol
+            continue
+        y = lin_apply(lin, P, x)
+        Pnb = {k: v for k, v in P.items() if k != "b"}
+        lin.bias = 0
+        Wt = lin_apply(lin, Pnb, torch.eye(d_in, dtype=DT))       # (d_in, d_out) = W^T
+        lin.bias = 1
+        d1 = float((y - (x @ Wt + P["b"])).abs().max())
+        if struct == "btt":
+            Wl = btt_dense_loops(P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, lin.rank)
+        else:
+            Wl = monarch_dense_loops(P["R"], P["L"], lin.nb, lin.p, lin.q, lin.s)
+        d2 = float(np.abs(Wt.t().numpy() - Wl).max())
+        d3 = float(np.abs(y.numpy() - (x.numpy() @ Wl.T + P["b"].numpy())).max())
+        print("    (a) %-7s %4d->%-4d %-40s fwd vs x W_id^T %.1e; W_id vs W_loops %.1e; fwd vs x W_loops^T %.1e"
+              % (struct, d_in, d_out, lin.describe(), d1, d2, d3))
+        assert d1 < tol and d2 < tol and d3 < tol
+        # parameter count = multiply-adds per token (DESIGN)
+        nparam = sum(math.prod(sh) for n, sh, *_ in lin.tensors if n != "b")
+        if struct == "btt":
+            assert nparam == lin.rank * (d_in * lin.phi + lin.gamma * d_out)
+        else:
+            assert nparam == lin.nb * lin.q * (lin.p + lin.s)
+    # (b) Monarch (nb = q = sqrt(d)) == BTT rank 1 (alpha = p, gamma = phi = nb, eps = s) up to
+    #     y_monarch[i*nb + l] = y_btt[l*eps + i], with W0[g,a,f] = R[g,f,a], W1[f,g,e] = L[f,e,g]
+    for d in (16, 64, 144):
+        nb = int(round(math.sqrt(d)))
+        mon = _mk_lin("monarch", d, d, blocks=nb)
+        assert mon.p == mon.q == mon.s == nb
+        btt = _mk_lin("btt", d, d, rank=1, **{"in": (mon.p, nb), "out": (nb, mon.s)})
+        R = torch.randn(nb, nb, nb, generator=gen, dtype=DT)
+        Lm = torch.randn(nb, nb, nb, generator=gen, dtype=DT)
+        W0 = R.permute(0, 2, 1).contiguous()     # W0[g, a, f] = R[g, f, a]
+        W1 = Lm.permute(0, 2, 1).contiguous()    # W1[f, g, e] = L[f, e, g]
+        x = torch.randn(5, d, generator=gen, dtype=DT)
+        ym = monarch_apply(x, R, Lm, nb, nb, nb, nb)
+        yb = btt_apply(x, W0, W1, nb, nb, nb, nb, 1)
+        perm = torch.tensor([l * nb + i for i in range(nb) for l in range(nb)])  # index i*nb+l -> l*eps+i
+        dd = float((ym - yb[:, perm]).abs().max())
+        print("    (b) monarch nb=q=%d (d=%d) vs btt rank 1 (alpha=p=%d, gamma=phi=%d, eps=s=%d), permuted: max diff %.1e"
+              % (nb, d, nb, nb, nb, dd))
+        assert dd < tol
+    # (c) btt_moe with topk = E == softmax-weighted mix of all experts (full softmax)
+    for E in (4, 8):
+        lin = _mk_lin("btt_moe", 48, 64, experts=E, topk=E, router_init=0.5)
+        P = _rand_params(lin, gen)
+        x = torch.randn(9, 48, generator=gen, dtype=DT)
+        y = lin_apply(lin, P, x)
+        pr = torch.softmax(x @ P["router"].t(), dim=1).numpy()
+        yref = np.zeros((9, 64))
+        for e in range(E):
+            We = moe_expert_dense_loops(P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, E, e)
+            yref += pr[:, e:e + 1] * (x.numpy() @ We.T)
+        yref += P["b"].numpy()
+        # and the sum of all experts with equal weight is the rank-E BTT
+        Wsum = btt_dense_loops(P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, E)
+        Wexp = sum(moe_expert_dense_loops(P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, E, e) for e in range(E))
+        dd, dr = float(np.abs(y.numpy() - yref).max()), float(np.abs(Wsum - Wexp).max())
+        print("    (c) btt_moe E=%d topk=E vs full-softmax mix of all experts: %.1e; sum of experts vs rank-E BTT: %.1e" % (E, dd, dr))
+        assert dd < tol and dr < tol
+    # (e) tie-break
+    for E, k in ((8, 2), (4, 1), (4, 4), (8, 3)):
+        lin = _mk_lin("btt_moe", 48, 48, experts=E, topk=k, router_init=0.0)
+        P = _rand_params(lin, gen)
+        P["router"] = torch.zeros(E, 48, dtype=DT)
+        x = torch.randn(6, 48, generator=gen, dtype=DT)
+        _, aux, margin, sel = moe_apply(x, P["W0"], P["W1"], P["router"], lin)
+        want = torch.zeros(E, dtype=torch.bool)
+        want[:k] = True
+        ok = bool((sel == want).all())
+        Yall = moe_experts_all(x, P["W0"], P["W1"], lin.alpha, lin.gamma, lin.phi, lin.eps, E)
+        y = lin_apply(lin, P, x)
+        dd = float((y - (Yall[:, :k].mean(1) + P["b"])).abs().max())
+        # zero router: P_hat = 1/E, f_hat = 1/k on experts < k -> E * (k * 1/E * 1/k) = 1; lse = log E
+        aux_want = 1.0 + 0.1 * math.log(E) ** 2
+        print("    (e) zero router E=%d k=%d: selected = experts 0..%d on every token: %s; y = mean of those experts: %.1e; "
+              "aux %.12f (want %.12f)" % (E, k, k - 1, ok, dd, float(aux), aux_want))
+        assert ok and dd < tol and abs(float(aux) - aux_want) < 1e-12
+    for lg, k, want in (([1, 3, 3, 0], 2, [1, 2]), ([2, 2, 2, 2], 3, [0, 1, 2]), ([5, 1, 5, 5], 2, [0, 2]),
+                        ([0, 1, 1, 1, 0, 2], 2, [1, 5]), ([-1, -1, 0, -1], 3, [0, 1, 2])):
+        sel = topk_select(torch.tensor([lg], dtype=DT), k)[0]
+        got = [i for i in range(len(lg)) if sel[i]]
+        print("    (e) logits %-20s top-%d -> %s (want %s)" % (lg, k, got, want))
+        assert got == want
+    # default factors
+    for d, want in ((768, (16, 48)), (1024, (32, 32)), (3072, (32, 96)), (512, (16, 32)), (48, (4, 12)),
+                    (64, (8, 8)), (192, (8, 24)), (256, (16, 16)), (384, (16, 24))):
+        assert default_factors(d) == want, (d, default_factors(d), want)
+    print("    default factors: 768->(16,48) 1024->(32,32) 3072->(32,96) 512->(16,32) 48->(4,12) 64->(8,8) "
+          "192->(8,24) 256->(16,16) 384->(16,24): OK")
+    # config errors are reported with file and line
+    for bad, frag in (("n_layer = 1\nn_head = 1\nn_embd = 48\nvocab_size = 10\nmax_seq_len = 4\n[linear]\nfoo = 1\n", ":7:"),
+                      ("n_layer = 1\nn_head = 1\nn_embd = 48\nvocab_size = 10\nmax_seq_len = 4\n[linear]\nstruct = btt\nin = 5x10\n", ":8:"),
+                      ("n_layer = 1\nn_head = 1\nn_embd = 48\nvocab_size = 10\nmax_seq_len = 4\n[linear]\nstruct = btt_moe\nexperts = 2\ntopk = 3\n", ":9:"),
+                      ("n_layer = 1\nn_head = 1\nn_embd = 48\nvocab_size = 10\nmax_seq_len = 4\n[layer.1]\nstruct = btt\n", "layer"),
+                      ("n_layer = 1\nn_head = 1\nn_embd = 48\nvocab_size = 10\nmax_seq_len = 4\n[linear.fc]\nstruct = monarch\nblocks = 5\n", ":8:")):
+        try:
+            c = parse_config(bad, "bad.conf")
+            build_model(c)
+            raise AssertionError("config error not detected")
+        except ConfigError as ex:
+            assert frag in str(ex), str(ex)
+            print("    config error OK: %s" % ex)
+
+
+# ----------------------------------------------------------------------------
+# v2 writer / reader
+
+def finite_difference_check2(P, model, cfg, idx, targets, grads, gen, per_tensor=2, h=1e-5):
+    names = [t[0] for t in model[0]]
+    V, C = cfg["vocab_size"], cfg["n_embd"]
+    worst, worst_name = 0.0, None
+    _, _, _, _, st0, _ = loss_and_grads2(P, model, cfg, idx, targets)
+    for name in names:
+        n = P[name].numel()
+        for _ in range(per_tensor):
+            j = int(torch.randint(V * C if name == "wte" else n, (1,), generator=gen))
+            flat = P[name].view(-1)
+            orig = flat[j].item()
+            flat[j] = orig + h
+            _, lp, _, _, stp = forward2(P, model, cfg, idx, targets)
+            flat[j] = orig - h
+            _, lm, _, _, stm = forward2(P, model, cfg, idx, targets)
+            flat[j] = orig
+            for a, b in zip(stp["sel"] + stm["sel"], st0["sel"] + st0["sel"]):
+                assert bool((a == b).all()), "routing changed under the finite-difference step"
+            fd = (float(lp) - float(lm)) / (2 * h)
+            ad = float(grads[name].view(-1)[j])
+            err = abs(fd - ad) / max(abs(ad), 1e-4)
+            if err > worst:
+                worst, worst_name = err, name
+    return worst, worst_name, len(names) * per_tensor
+
+
+def tensor_directory(model):
+    recs = []
+    for name, shape, lrm, decay, _ in model[0]:
+        nm = name.encode("ascii")
+        assert len(nm) < NAME_LEN and len(shape) <= 4
+        recs.append(nm + b"\0" * (NAME_LEN - len(nm)))
+        sh = list(shape) + [0] * (4 - len(shape))
+        recs.append(struct.pack("<i4ifi2i", len(shape), *sh, lrm, decay, 0, 0))
+    return b"".join(recs)
+
+
+def flat2(model, P):
+    return np.concatenate([f32(P[t[0]]) for t in model[0]])
+
+
+def make_v2_fixture(path, name, cfg_text, B, T, n_steps, hp, seed, P_override=None, idx_override=None,
+                    margin_min=1e-3):
+    cfg = parse_config(cfg_text, name + ".conf")
+    model = build_model(cfg)
+    tensors, blocks, head = model
+    V, Vp = cfg["vocab_size"], padded_vocab(cfg["vocab_size"])
+    n_routed = sum(1 for blk in blocks for r, lin in blk.items() if r != "ln" and lin.struct == "btt_moe") \
+        + (1 if head is not None and head.struct == "btt_moe" else 0)
+    print("=== %s (v2): L=%d NH=%d C=%d V=%d (Vp=%d) maxT=%d B=%d T=%d steps=%d routed layers=%d"
+          % (name, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], V, Vp, cfg["max_seq_len"], B, T, n_steps, n_routed))
+    print("    hyper: " + ", ".join("%s=%g" % kv for kv in hp.items()) + ", moe_aux_weight=%g" % cfg["moe_aux_weight"])
+    for blk in blocks:
+        for r, lin in blk.items():
+            if r != "ln":
+                print("    layer %d %-9s %4d->%-4d %s%s" % (lin.layer, r, lin.d_in, lin.d_out, lin.describe(),
+                                                          "" if lin.bias else " (no bias)"))
+    if head is not None:
+        print("    lm_head         %4d->%-4d %s (untied, no bias)" % (head.d_in, head.d_out, head.describe()))
+    gen = torch.Generator().manual_seed(seed)
+    P0 = init_params2(model, cfg, gen) if P_override is None else P_override
+    if idx_override is None:
+        idx = torch.randint(0, V, (B, T), generator=gen, dtype=torch.int64)
+        targets = torch.randint(0, V, (B, T), generator=gen, dtype=torch.int64)
+    else:
+        idx, targets = idx_override
+    logits, total, ce, aux, stats, grads = loss_and_grads2(P0, model, cfg, idx, targets)
+    print("    step-0 loss = %.10f  ce = %.10f  aux = %.10f   (ln V = %.6f)" % (total, ce, aux, math.log(V)))
+    pad_ok = float(grads["wte"][V:].abs().max()) == 0.0 if Vp > V else True
+    assert pad_ok, "padded wte rows got a gradient"
+    worst, wname, npicks = finite_difference_check2({k: v.clone() for k, v in P0.items()}, model, cfg, idx, targets,
+                                                    grads, gen)
+    print("    (d) finite differences, %d entries over all %d tensors: worst rel err %.2e (%s) -> %s"
+          % (npicks, len(tensors), worst, wname, "OK" if worst < 1e-5 else "FAIL"))
+    assert worst < 1e-5
+    Pf, hist = train2(P0, model, cfg, idx, targets, hp, n_steps)
+    assert abs(hist["losses"][0] - total) < 1e-12
+    nclip = 0
+    for t in range(n_steps):
+        n = hist["norms"][t]
+        clipped = n > hp["grad_clip"]
+        nclip += clipped
+        print("    step %2d  loss %.8f  ce %.8f  aux %.8f  grad_norm %.8f%s" % (
+            t + 1, hist["losses"][t], hist["ces"][t], hist["auxes"][t], n, "  (clipped)" if clipped else ""))
+    print("    loss fell %.6f -> %.6f; clipping active on %d/%d steps" % (hist["losses"][0], hist["losses"][-1], nclip, n_steps))
+    assert hist["losses"][-1] < hist["losses"][0]
+    assert PROBE or 0 < nclip < n_steps, "want grad clipping active on some steps but not all"
+    margin = min(abs(n - hp["grad_clip"]) / hp["grad_clip"] for n in hist["norms"])
+    print("    nearest grad_norm is %.1f%% from grad_clip" % (100 * margin))
+    assert PROBE or margin > 0.01, "a grad norm is too close to grad_clip"
+    if n_routed:
+        print("    smallest top-k routing margin (logit_k - logit_k+1) over all tokens, routed layers, steps: %.3e"
+              % hist["margin"])
+    if Vp > V:
+        assert float(Pf["wte"][V:].abs().max()) == 0.0
+    # float32 shadow run of the same reference: a float32 implementation should follow the same
+    # trajectory (same routing on every step, same clipping decisions) with small differences
+    P32 = {k: v.float() for k, v in P0.items()}
+    Pf32, hist32 = train2(P32, model, cfg, idx, targets, hp, n_steps)
+    same_routing = all(bool((a == b).all()) for s64, s32 in zip(hist["sels"], hist32["sels"]) for a, b in zip(s64, s32))
+    same_clip = all((a > hp["grad_clip"]) == (b > hp["grad_clip"]) for a, b in zip(hist["norms"], hist32["norms"]))
+    dls = [abs(a - b) for a, b in zip(hist["losses"], hist32["losses"])]
+    dfin = max(float((Pf[n] - Pf32[n].double()).abs().max()) for n in Pf)
+    print("    float32 shadow run: same routing on every step: %s; same clipping decisions: %s; "
+          "max |loss32 - loss64| step 1: %.1e, all steps: %.1e; max |final param diff| %.1e"
+          % (same_routing, same_clip, dls[0], max(dls), dfin))
+    assert same_routing and same_clip
+    assert max(dls) < 1e-4
+    if n_routed:
+        dev = max(float((a - b.double()).abs().max()) for s64, s32 in zip(hist["rlogits"], hist32["rlogits"])
+                  for a, b in zip(s64, s32))
+        print("    router logits float32 vs float64: max deviation %.1e over all steps; smallest routing margin "
+              "%.1e is %.0fx that" % (dev, hist["margin"], hist["margin"] / dev))
+        assert hist["margin"] > 20 * dev, "routing margin too small against float32 error"
+
+    cfg_bytes = cfg_text.encode("ascii")
+    header = np.zeros(256, dtype="<i4")
+    header[:10] = [MODEL_MAGIC, VERSION2, B, T, n_steps, len(cfg_bytes), len(tensors), V, Vp, n_routed]
+    hyper = np.zeros(64, dtype="<f4")
+    hyper[:7] = [hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], hp["grad_clip"], cfg["moe_aux_weight"]]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(hyper.tobytes())
+        f.write(cfg_bytes)
+        f.write(tensor_directory(model))
+        f.write(flat2(model, P0).tobytes())
+        f.write(idx.numpy().astype("<i4").tobytes())
+        f.write(targets.numpy().astype("<i4").tobytes())
+        f.write(f32(logits[..., :V]).tobytes())
+        f.write(np.array([total, ce, aux], dtype="<f4").tobytes())
+        f.write(flat2(model, grads).tobytes())
+        for key in ("losses", "ces", "auxes", "norms"):
+            f.write(np.array(hist[key], dtype="<f4").tobytes())
+        f.write(flat2(model, Pf).tobytes())
+    size = os.path.getsize(path)
+    print("    wrote %s (%d bytes, %d tensors, %d params)" % (path, size, len(tensors), flat2(model, P0).size))
+    assert size < 3 * 1024 * 1024, "fixture over the 3 MB budget"
+    return dict(model=model, cfg_text=cfg_text, P0=P0, idx=idx, targets=targets, logits=logits, loss=(total, ce, aux),
+                grads=grads, hist=hist, Pf=Pf, n_routed=n_routed)
+
+
+def read_v2_fixture(path):
+    """Independent numpy reader of the v2 layout (does not use the model code)."""
+    buf = open(path, "rb").read()
+    off = 0
+
+    def take(dtype, count):
+        nonlocal off
+        a = np.frombuffer(buf, dtype=dtype, count=count, offset=off)
+        off += a.nbytes
+        return a
+
+    h = take("<i4", 256)
+    assert h[0] == MODEL_MAGIC and h[1] == VERSION2 and not h[10:].any()
+    B, T, n_steps, cfg_len, n_t, V, Vp, n_routed = (int(x) for x in h[2:10])
+    hyper = take("<f4", 64)
+    assert not hyper[7:].any()
+    cfg_text = buf[off:off + cfg_len].decode("ascii")
+    off += cfg_len
+    dirs = []
+    for _ in range(n_t):
+        name = buf[off:off + NAME_LEN].rstrip(b"\0").decode("ascii")
+        assert b"\0" not in buf[off:off + NAME_LEN].rstrip(b"\0")
+        ndim, s0, s1, s2, s3, lrm, decay, r0, r1 = struct.unpack_from("<i4ifi2i", buf, off + NAME_LEN)
+        off += NAME_LEN + 36
+        shape = (s0, s1, s2, s3)[:ndim]
+        assert all(x > 0 for x in shape) and not any((s0, s1, s2, s3)[ndim:]) and r0 == r1 == 0
+        assert decay == (1 if ndim >= 2 else 0)
+        dirs.append((name, shape, lrm, decay))
+    numel = [math.prod(s) for _, s, _, _ in dirs]
+    NP = sum(numel)
+
+    def take_tensors():
+        flat = take("<f4", NP)
+        out, o = {}, 0
+        for (name, shape, _, _), n in zip(dirs, numel):
+            out[name] = flat[o:o + n].reshape(shape)
+            o += n
+        return out
+
+    r = dict(B=B, T=T, n_steps=n_steps, V=V, Vp=Vp, n_routed=n_routed, hyper=hyper, cfg_text=cfg_text, dirs=dirs)
+    r["p0"] = take_tensors()
+    r["idx"] = take("<i4", B * T)
+    r["targets"] = take("<i4", B * T)
+    r["logits"] = take("<f4", B * T * V)
+    r["loss"], r["ce"], r["aux"] = take("<f4", 3)
+    r["grads"] = take_tensors()
+    r["losses"], r["ces"], r["auxes"], r["norms"] = (take("<f4", n_steps) for _ in range(4))
+    r["pf"] = take_tensors()
+    expected = 1024 + 256 + cfg_len + 100 * n_t + 4 * (3 * NP + 2 * B * T + B * T * V + 3 + 4 * n_steps)
+    assert off == len(buf) == expected, "size mismatch: parsed %d, file %d, expected %d" % (off, len(buf), expected)
+    return r
+
+
+def verify_v2(path, ref):
+    r = read_v2_fixture(path)
+    model = ref["model"]
+    assert r["cfg_text"] == ref["cfg_text"] and r["n_routed"] == ref["n_routed"]
+    assert [d[0] for d in r["dirs"]] == [t[0] for t in model[0]]
+    for (name, shape, lrm, decay), t in zip(r["dirs"], model[0]):
+        assert tuple(shape) == tuple(t[1]) and lrm == np.float32(t[2]) and decay == t[3]
+        for key, src in (("p0", "P0"), ("grads", "grads"), ("pf", "Pf")):
+            assert np.array_equal(r[key][name].reshape(-1), f32(ref[src][name])), (key, name)
+    assert np.array_equal(r["idx"], ref["idx"].numpy().reshape(-1))
+    assert np.array_equal(r["targets"], ref["targets"].numpy().reshape(-1))
+    assert np.array_equal(r["logits"], f32(ref["logits"][..., :r["V"]]))
+    assert (r["loss"], r["ce"], r["aux"]) == tuple(np.float32(x) for x in ref["loss"])
+    for key in ("losses", "ces", "auxes", "norms"):
+        assert np.array_equal(r[key], np.array(ref["hist"][key], dtype="<f4")), key
+    # the stored p0 is exactly the float64 start (the reference rounds its init to float32)
+    for name, *_ in model[0]:
+        assert np.array_equal(r["p0"][name].astype(np.float64).reshape(-1), ref["P0"][name].numpy().reshape(-1))
+    print("    verified %s: %d bytes, %d tensors, %d params, B=%d T=%d steps=%d routed=%d" % (
+        path, os.path.getsize(path), len(r["dirs"]), sum(math.prod(d[1]) for d in r["dirs"]),
+        r["B"], r["T"], r["n_steps"], r["n_routed"]))
+    return r
+
+
+def v1_params_to_v2(p, cfg):
+    """Split the stacked v1 (llm.c order) dense tensors into v2 per-layer named tensors."""
+    P = {"wte": p["wte"], "wpe": p["wpe"], "lnfw": p["lnfw"], "lnfb": p["lnfb"]}
+    for l in range(cfg["n_layer"]):
+        for k in ("ln1w", "ln1b", "ln2w", "ln2b", "qkvw", "qkvb", "attprojw", "attprojb", "fcw", "fcb", "fcprojw", "fcprojb"):
+            P["h.%d.%s" % (l, k)] = p[k][l]
+    return P
+
+
+def dense_equivalence_check(cfg1, seed=1234, B=4, T=16):
+    """The v2 generic model with an all-dense config reproduces the v1 forward exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    p = init_params(cfg1, gen)
+    idx = torch.randint(0, cfg1["vocab_size"], (B, T), generator=gen, dtype=torch.int64)
+    targets = torch.randint(0, cfg1["vocab_size"], (B, T), generator=gen, dtype=torch.int64)
+    cfg = parse_config(config_text(cfg1), "dense_tiny.conf")
+    model = build_model(cfg)
+    P = v1_params_to_v2(p, cfg1)
+    assert sorted(P) == sorted(t[0] for t in model[0])
+    l1, loss1 = forward(p, cfg1, idx, targets)
+    l2, total, ce, aux, _ = forward2(P, model, cfg, idx, targets)
+    d = float((l1 - l2).abs().max())
+    print("    all-dense v2 model vs v1 forward (dense_tiny weights): max|dlogits| = %.1e, |dloss| = %.1e, aux = %g"
+          % (d, abs(float(loss1) - float(total)), float(aux)))
+    assert d < 1e-12 and abs(float(loss1) - float(total)) < 1e-12 and float(aux) == 0.0
+    P32 = {k: v.float().double() for k, v in P.items()}
+    return P32, (idx, targets)
+
+
+V2_HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+V2_FIXTURES = [
+    # name, config text, B, T, grad_clip, seed
+    ("btt_r1", """\
+n_layer = 2
+n_head = 4
+n_embd = 64
+vocab_size = 250
+max_seq_len = 16
+base_width = 64
+
+[linear]
+struct = btt
+rank = 1
+""", 2, 16, None, 101),
+    ("btt_r4", """\
+n_layer = 2
+n_head = 4
+n_embd = 48
+vocab_size = 200
+max_seq_len = 16
+base_width = 48
+
+[linear]
+struct = btt
+rank = 4
+
+[linear.q]
+in = 12x4
+out = 6x8
+
+[linear.k]
+rank = 2
+
+[linear.fc]
+out = 16x12
+
+[linear.fc_proj]
+in = 6x32
+out = 8x6
+""", 2, 12, None, 202),
+    ("monarch4", """\
+n_layer = 2
+n_head = 4
+n_embd = 64
+vocab_size = 250
+max_seq_len = 16
+base_width = 64
+
+[linear]
+struct = monarch
+blocks = 4
+
+[linear.k]
+blocks = 2
+
+[linear.v]
+blocks = 8    # nb = q = sqrt(64): the Monarch that equals BTT rank 1
+""", 2, 16, None, 303),
+    ("btt_moe", """\
+n_layer = 2
+n_head = 4
+n_embd = 48
+vocab_size = 200
+max_seq_len = 16
+base_width = 48
+moe_aux_weight = 0.1
+
+[linear]
+struct = btt_moe
+experts = 8
+topk = 2
+router_init = 0.5
+""", 2, 12, None, 404),
+    ("mixed", """\
+# every structure, role overrides, a layer override, a layer.role override, a structured head
+n_layer = 2
+n_head = 4
+n_embd = 48
+vocab_size = 300
+max_seq_len = 16
+base_width = 24
+mup = 1
+lm_head = btt
+
+[linear]
+struct = btt
+rank = 2
+
+[linear.q]
+struct = dense
+
+[linear.k]
+struct = monarch
+blocks = 4
+
+[linear.v]
+struct = btt_moe
+experts = 4
+topk = 1
+router_init = 0.5
+
+[linear.attn_proj]
+struct = monarch
+blocks = 3
+
+[linear.fc]
+struct = btt_moe
+experts = 8
+router_init = 0.5
+out = 16x12
+
+[linear.fc_proj]
+bias = 0
+lr_mult = 0
+
+[layer.0]
+struct = dense
+
+[layer.1]
+blocks = 6
+
+[layer.1.fc]
+topk = 3
+
+[linear.lm_head]
+rank = 3
+in = 6x8
+out = 12x32
+""", 2, 12, None, 507),
+]
+
+
+def make_v2_fixtures(out_dir, v1_dense_tiny_ref=None):
+    structure_self_checks()
+    refs = {}
+    print("=== dense_v2: the dense_tiny model in format v2")
+    cfg1 = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=500, max_seq_len=32)
+    P32, data = dense_equivalence_check(cfg1)
+    path = os.path.join(out_dir, "dense_v2.bin")
+    refs[path] = make_v2_fixture(path, "dense_v2", config_text(cfg1), 4, 16, 10, dict(V2_HP, grad_clip=1.75), 1234,
+                                 P_override=P32, idx_override=data)
+    if v1_dense_tiny_ref is not None:
+        ref = refs[path]
+        dl = float(np.abs(f32(ref["logits"][..., :500]) - v1_dense_tiny_ref["logits"]).max())
+        dls = max(abs(a - b) for a, b in zip(ref["hist"]["losses"], v1_dense_tiny_ref["losses"]))
+        print("    dense_v2 vs v1 dense_tiny (same float32 weights; v1 started from unrounded float64): "
+              "max|dlogits| %.1e, max|dloss| over steps %.1e" % (dl, dls))
+        assert dl < 1e-5 and dls < 1e-5
+    for name, text, B, T, clip, seed in V2_FIXTURES:
+        path = os.path.join(out_dir, name + ".bin")
+        refs[path] = make_v2_fixture(path, name, text, B, T, 10, dict(V2_HP, grad_clip=CLIPS[name]), seed)
+    return refs
+
+
+PROBE = bool(os.environ.get("REF_PROBE"))
+CLIPS = dict(btt_r1=1.9, btt_r4=1.8, monarch4=2.2, btt_moe=6.0, mixed=7.0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+    ap.add_argument("--v2-only", action="store_true", help="only the format-v2 fixtures (development)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
@@ -462,18 +1534,24 @@ def main():
          2, 24, 10, dict(lr=3e-3, **adam, grad_clip=0.2), 5678),
     ]
     refs = {}
-    for name, cfg, B, T, n_steps, hp, seed in fixtures:
-        path = os.path.join(args.out, name + ".bin")
-        refs[path] = make_model_fixture(path, name, cfg, B, T, n_steps, hp, seed)
-    rng_path = os.path.join(args.out, "rng_normal.bin")
-    rng_ref = make_rng_fixture(rng_path)
-    make_init_fixture(os.path.join(args.out, "init_llmc.bin"),
-                      dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, max_seq_len=16))
+    if not args.v2_only:
+        for name, cfg, B, T, n_steps, hp, seed in fixtures:
+            path = os.path.join(args.out, name + ".bin")
+            refs[path] = make_model_fixture(path, name, cfg, B, T, n_steps, hp, seed)
+        rng_path = os.path.join(args.out, "rng_normal.bin")
+        rng_ref = make_rng_fixture(rng_path)
+        make_init_fixture(os.path.join(args.out, "init_llmc.bin"),
+                          dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, max_seq_len=16))
+
+    v2_refs = make_v2_fixtures(args.out, v1_dense_tiny_ref=refs.get(os.path.join(args.out, "dense_tiny.bin")))
 
     print("=== read-back verification")
     for path, ref in refs.items():
         verify_model(path, ref)
-    verify_rng(rng_path, rng_ref)
+    if not args.v2_only:
+        verify_rng(rng_path, rng_ref)
+    for path, ref in v2_refs.items():
+        verify_v2(path, ref)
     print("all fixtures written and verified")
 
 

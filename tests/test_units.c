@@ -105,7 +105,7 @@ static void test_checkpoint_round_trip(void) {
     check_true(m.num_params == n && memcmp(m.params, w, n * sizeof(float)) == 0, "llm.c v3 checkpoint loads exactly", "weights differ");
     check_true(m.config.num_layers == 2 && m.config.channels == 32 && m.config.padded_vocab_size == 128,
                "llm.c v3 header fields", "config differs");
-    model_write_fp32(b, &m.config, m.params, m.num_params);
+    model_write_fp32(b, &m.config, m.config_text, m.params, m.num_params);
     FILE *fa = fopenCheck(a, "rb"), *fb = fopenCheck(b, "rb");
     int same = 1, ca, cb;
     do { ca = fgetc(fa); cb = fgetc(fb); if (ca != cb) same = 0; } while (ca != EOF && cb != EOF && same);
@@ -161,7 +161,20 @@ static void test_config_errors(void) {
     expect_build_error("n_layer = 2\n[linear\n", "structgpt_unit.conf:2: bad section header", "config: bad section header");
     expect_build_error("n_layer 2\n", "structgpt_unit.conf:1: expected 'key = value'", "config: line without '='");
     expect_build_error("n_layer = 2\nn_head = 2\nn_embd = 32\nvocab_size = 70000\n", "vocab_size = 70000", "config: vocab too large for uint16 shards");
-    expect_build_error("n_layer = 2\nn_head = 2\nn_embd = 32\n[linear]\nstruct = btt\n", "structgpt_unit.conf:5: section [linear]", "config: structured sections are refused, not ignored");
+#define HEAD "n_layer = 2\nn_head = 2\nn_embd = 48\nvocab_size = 100\nmax_seq_len = 16\n"
+    expect_build_error(HEAD "[linear]\nstruct = bt\n", "structgpt_unit.conf:7: unknown structure 'bt'", "config: unknown structure");
+    expect_build_error(HEAD "[linear]\nstruct = btt\nrnk = 2\n", "structgpt_unit.conf:8: unknown key 'rnk' in [linear]", "config: unknown section key");
+    expect_build_error(HEAD "[linear]\nstruct = btt\nrank = x\n", "structgpt_unit.conf:8: 'rank = x' must be an integer", "config: bad number in a section");
+    expect_build_error(HEAD "[linear.fc]\nstruct = btt\nin = 4x10\n", "structgpt_unit.conf:8: 'in = 4x10': 4 x 10 = 40 but the input size of layer 0 fc is 48; give factors whose product is 48",
+                       "config: factors that do not multiply to the dimension");
+    expect_build_error(HEAD "[linear]\nstruct = btt_moe\nexperts = 4\ntopk = 5\n", "structgpt_unit.conf:9: 'topk = 5' exceeds the 4 experts", "config: topk > experts");
+    expect_build_error(HEAD "[linear]\nstruct = monarch\nblocks = 5\n", "structgpt_unit.conf:8: 'blocks = 5' does not divide", "config: monarch blocks that do not divide");
+    expect_build_error(HEAD "[layer.2]\nstruct = btt\n", "structgpt_unit.conf:7: section [layer.2]: the model has layers 0..1", "config: layer index out of range");
+    expect_build_error(HEAD "[linear.mlp]\nstruct = btt\n", "unknown role 'mlp'", "config: unknown role");
+    expect_build_error(HEAD "[attention]\nstruct = btt\n", "structgpt_unit.conf:7: unknown section [attention]", "config: unknown section");
+    expect_build_error(HEAD "[linear]\nstruct = dense\nexperts = 4\n", "structgpt_unit.conf:8: 'experts' in [linear] applies to no layer", "config: an option no layer uses");
+    expect_build_error(HEAD "lm_head = btt\n[linear.lm_head]\nstruct = monarch\n", "the head's structure is set twice", "config: head structure set twice");
+#undef HEAD
     // a file that is neither a checkpoint nor a config
     const char bad_magic[16] = {1, 2, 3, 4, 0, 0, 0, 0};
     const char *path = "/tmp/structgpt_unit_bad.bin";
@@ -267,7 +280,7 @@ static void test_param_table(void) {
     }
     check_true(ok && decayed == 2 + 4 * 12, "weight decay exactly on the 2-D weights", "decay flags wrong");
     check_true(strcmp(g.params.t[g.norms[3].ln2w].name, "h.3.ln2w") == 0 && g.params.t[0].offset == 0 &&
-               g.params.t[gpt2_linear(&g, 0, ROLE_QKV)->weight].offset == (size_t)(50304 + 1024) * 768 + 2 * 12 * 768,
+               g.params.t[gpt2_linear(&g, 0, SR_Q)->w[0]].offset == (size_t)(50304 + 1024) * 768 + 2 * 12 * 768,
                "table order is llm.c's (wte, wpe, ln1w*, ln1b*, qkvw*, ...)", "offsets differ");
     gpt2_layout_free(&g);
 }

@@ -1,0 +1,134 @@
+// btt.h: Block Tensor-Train (BTT) linear layer on the CPU, forward and backward.
+//
+// Math (DESIGN.md, "Structures"): d_in = gamma*alpha with input index i = g*alpha + a, d_out = phi*eps
+// with output index o = f*eps + e, rank rho. Cores
+//   W0[g, a, f*rho + s]   shape (gamma, alpha, phi*rho)   (gamma blocks of alpha x phi*rho)
+//   W1[f, g*rho + s, e]   shape (phi, gamma*rho, eps)     (phi blocks of gamma*rho x eps)
+//   z[g, f, s]   = sum_a W0[g, a, f*rho+s] * x[g*alpha + a]
+//   y[f*eps + e] = sum_{g,s} W1[f, g*rho+s, e] * z[g, f, s] + b[f*eps + e]
+//
+// Layouts. Both stages are plain GEMMs on row tiles:
+//   stage 1, group g:  Z1_g (n x phi*rho) = X_g (n x alpha, row stride d_in) . W0[g]
+//     written to a per-thread tile buffer z1 in the layout (n, gamma, phi, rho);
+//   a cheap per-row transpose (gamma, phi, rho) -> (phi, gamma, rho) gives the saved z;
+//   stage 2, group f:  Y_f (n x eps, row stride d_out) = Z_f (n x gamma*rho) . W1[f].
+// The saved intermediate z is therefore (N, phi, gamma, rho):
+//   z_saved[n*gamma*phi*rho + f*gamma*rho + g*rho + s] = z[n; g, f, s]
+// and Z_f, the slice the second stage and dW1 need, is a strided row-major matrix.
+// Backward: dZ_f = dY_f . W1[f]^T in the (phi, gamma, rho) layout, transposed back to
+// (gamma, phi, rho) (kept in the scratch for dW0), dX_g = dZ_g . W0[g]^T, dW1[f] += Z_f^T dY_f,
+// dW0[g] += X_g^T dZ_g (the weight gradients reduce over all N rows inside one GEMM each).
+#pragma once
+#include "factor.h"
+
+typedef struct { int d_in, d_out, alpha, gamma, phi, eps, rank; } BTTShape;
+
+// Shape from explicit factors: d_in = gamma*alpha, d_out = phi*eps.
+static inline void btt_shape(BTTShape *s, int alpha, int gamma, int phi, int eps, int rank) {
+    s->alpha = alpha; s->gamma = gamma; s->phi = phi; s->eps = eps; s->rank = rank;
+    s->d_in = gamma * alpha; s->d_out = phi * eps;
+}
+// Shape with the default factors (768 -> alpha 16, gamma 48; 3072 -> phi 32, eps 96).
+static inline void btt_shape_default(BTTShape *s, int d_in, int d_out, int rank) {
+    int alpha, gamma, phi, eps;
+    default_factors(d_in, &alpha, &gamma);
+    default_factors(d_out, &phi, &eps);
+    btt_shape(s, alpha, gamma, phi, eps, rank);
+}
+// 1 when the shape is consistent (all positive, products match).
+static inline int btt_shape_ok(const BTTShape *s) {
+    return s->alpha > 0 && s->gamma > 0 && s->phi > 0 && s->eps > 0 && s->rank > 0 && s->d_in == s->gamma * s->alpha &&
+           s->d_out == s->phi * s->eps;
+}
+static inline size_t btt_w0_size(const BTTShape *s) { return (size_t)s->gamma * s->alpha * s->phi * s->rank; }
+static inline size_t btt_w1_size(const BTTShape *s) { return (size_t)s->phi * s->gamma * s->rank * s->eps; }
+// floats of z per row, and for N rows
+static inline size_t btt_z_row(const BTTShape *s) { return (size_t)s->gamma * s->phi * s->rank; }
+static inline size_t btt_z_size(const BTTShape *s, int N) { return (size_t)N * btt_z_row(s); }
+// multiply-adds per row (= parameters)
+static inline size_t btt_flops_per_row(const BTTShape *s) { return btt_w0_size(s) + btt_w1_size(s); }
+
+// One tile of n rows (internal; also used by moe.h). x: n rows, row stride ldx. z1: tile buffer of
+// n x zrow (layout (gamma, phi, rho)); z2: n rows of zrow, layout (phi, gamma, rho) (the saved z);
+// y: n rows, row stride ldy, overwritten (no bias).
+static inline void st_btt_fwd_tile(int n, const float *x, int ldx, const float *W0, const float *W1, const BTTShape *s,
+                                   float *z1, float *z2, float *y, int ldy) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
+    const int fr = P * R, gr = G * R, zrow = G * P * R;
+    for (int g = 0; g < G; g++)
+        st_gemm(0, 0, n, fr, A, x + (size_t)g * A, ldx, W0 + (size_t)g * A * fr, fr, 0.0f, z1 + (size_t)g * fr, zrow);
+    for (int i = 0; i < n; i++) st_transpose(z2 + (size_t)i * zrow, z1 + (size_t)i * zrow, G, P, R);
+    for (int f = 0; f < P; f++)
+        st_gemm(0, 0, n, E, gr, z2 + (size_t)f * gr, zrow, W1 + (size_t)f * gr * E, E, 0.0f, y + (size_t)f * E, ldy);
+}
+
+// Backward of one tile (internal; also used by moe.h). dy: n rows, stride ldy. dz2: tile buffer
+// n x zrow, gets dZ in the (phi, gamma, rho) layout; dz1: n rows of zrow, gets dZ in the
+// (gamma, phi, rho) layout; dx (may be NULL): n rows, stride ldx, overwritten.
+static inline void st_btt_bwd_tile(int n, const float *dy, int ldy, const float *W0, const float *W1, const BTTShape *s,
+                                   float *dz2, float *dz1, float *dx, int ldx) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
+    const int fr = P * R, gr = G * R, zrow = G * P * R;
+    for (int f = 0; f < P; f++)
+        st_gemm(0, 1, n, gr, E, dy + (size_t)f * E, ldy, W1 + (size_t)f * gr * E, E, 0.0f, dz2 + (size_t)f * gr, zrow);
+    for (int i = 0; i < n; i++) st_transpose(dz1 + (size_t)i * zrow, dz2 + (size_t)i * zrow, P, G, R);
+    if (dx)
+        for (int g = 0; g < G; g++)
+            st_gemm(0, 1, n, A, fr, dz1 + (size_t)g * fr, zrow, W0 + (size_t)g * A * fr, fr, 0.0f, dx + (size_t)g * A, ldx);
+}
+
+// y (N, d_out) overwritten; z (btt_z_size floats) saved for the backward. bias may be NULL.
+static inline void btt_forward(float *y, float *z, const float *x, const float *W0, const float *W1, const float *bias,
+                               int N, const BTTShape *s) {
+    st_blas_single_thread();
+    const size_t zrow = btt_z_row(s);
+    const int ntiles = st_num_tiles(N), din = s->d_in, dout = s->d_out;
+    ST_PRAGMA(omp parallel)
+    {
+        float *z1 = (float *)mallocCheck(sizeof(float) * zrow * ST_TILE_ROWS);
+        ST_PRAGMA(omp for schedule(static))
+        for (int t = 0; t < ntiles; t++) {
+            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+            float *yt = y + (size_t)r0 * dout;
+            st_btt_fwd_tile(n, x + (size_t)r0 * din, din, W0, W1, s, z1, z + (size_t)r0 * zrow, yt, dout);
+            if (bias)
+                for (int i = 0; i < n; i++)
+                    for (int o = 0; o < dout; o++) yt[(size_t)i * dout + o] += bias[o];
+        }
+        free(z1);
+    }
+}
+
+// floats of scratch btt_backward needs: dZ in the (gamma, phi, rho) layout for all N rows.
+static inline size_t btt_scratch_size(const BTTShape *s, int N) { return (size_t)N * btt_z_row(s); }
+
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, dbias accumulated (+=; dbias may be NULL).
+// z is what btt_forward saved; scratch holds btt_scratch_size(s, N) floats.
+static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias, const float *dy, const float *x,
+                                const float *z, const float *W0, const float *W1, int N, const BTTShape *s,
+                                float *scratch) {
+    st_blas_single_thread();
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
+    const int fr = P * R, gr = G * R, zrow = G * P * R, din = s->d_in, dout = s->d_out;
+    const int ntiles = st_num_tiles(N);
+    float *dz1 = scratch;  // (N, gamma, phi, rho)
+    ST_PRAGMA(omp parallel)
+    {
+        float *dz2 = (float *)mallocCheck(sizeof(float) * (size_t)zrow * ST_TILE_ROWS);
+        ST_PRAGMA(omp for schedule(static))
+        for (int t = 0; t < ntiles; t++) {
+            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+            st_btt_bwd_tile(n, dy + (size_t)r0 * dout, dout, W0, W1, s, dz2, dz1 + (size_t)r0 * zrow,
+                            dx ? dx + (size_t)r0 * din : NULL, din);
+        }
+        free(dz2);
+    }
+    StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P));
+    for (int f = 0; f < P; f++)  // dW1[f] (gamma*rho x eps) += Z_f^T dY_f
+        jobs[f] = st_job(1, 0, gr, E, N, z + (size_t)f * gr, zrow, dy + (size_t)f * E, dout, dW1 + (size_t)f * gr * E, E, 1);
+    for (int g = 0; g < G; g++)  // dW0[g] (alpha x phi*rho) += X_g^T dZ_g
+        jobs[P + g] = st_job(1, 0, A, fr, N, x + (size_t)g * A, din, dz1 + (size_t)g * fr, zrow, dW0 + (size_t)g * A * fr, fr, 1);
+    st_run_jobs(jobs, G + P);
+    free(jobs);
+    st_bias_backward(dbias, dy, N, dout);
+}

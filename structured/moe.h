@@ -1,0 +1,365 @@
+// moe.h: BTT-MoE linear layer on the CPU (E experts, top-K routing), forward and backward.
+//
+// Math (DESIGN.md, "Structures"): a BTT with rank E whose rank components are the experts. With
+// the cores W0 (gamma, alpha, phi*E) and W1 (phi, gamma*E, eps) (a BTTShape with rank = E), expert e
+// is the rank-1 BTT with cores
+//   W0_e[g, a, f]  = W0[g, a, f*E + e]      W1_e[f, g, e'] = W1[f, g*E + e, e'].
+// Router R (E, d_in), no bias:  logits = R x;  S = top-K of logits (descending, ties to the lower
+// index);  gate = softmax(logits[S]);  y = sum_{k<K} gate_k * (W_{S_k} x) + b.
+// aux = E * sum_e Phat_e * fhat_e + 0.1 * mean_t(logsumexp(logits_t)^2), Phat the mean over tokens
+// of the full softmax, fhat_e = (selections of e) / (N*K) (a constant for gradients).
+//
+// Computation: only the K selected experts run for a token. The forward sorts the (token, k)
+// pairs by expert (counting sort, tokens ascending within an expert), extracts each expert's
+// rank-1 cores into contiguous buffers, and runs each expert's two BTT stages (btt.h's tile
+// kernels) on its token group, gathered in row tiles. Experts are processed one after another
+// (threads split each expert's group), so y rows accumulate the experts in ascending expert
+// order: deterministic, no races.
+//
+// Layouts of the saved state (for N rows):
+//   logits (N, E); sel (N, K); gate (N, K); lse (N) = logsumexp of each row of logits;
+//   z (N, K, gamma*phi): z[(t*K + k)*gamma*phi + f*gamma + g] = z[g, f] of expert sel[t,k] on
+//     token t (the (phi, gamma) order of btt.h's saved z, rank 1);
+//   counts (E), offsets (E+1), order (N*K): the pairs p = t*K + k grouped by expert, expert e's
+//     pairs at order[offsets[e] .. offsets[e+1]).
+// Backward, per expert on its gathered group: dZu = dY . W1_e^T (unscaled by the gate), which
+// gives d gate = <z, dZu>; dZ = gate * dZu; dx += gate-path dX; dW1_e = (gate*dY)^T Z,
+// dW0_e = X^T dZ, scattered into the strided rank components of dW0/dW1. Then d logits from the
+// gate softmax and the aux loss, drouter += dlogits^T x, dx += dlogits R.
+#pragma once
+#include "btt.h"
+
+typedef struct {
+    BTTShape btt;  // rank == experts
+    int experts, topk;
+} MoEShape;
+
+static inline void moe_shape(MoEShape *s, int alpha, int gamma, int phi, int eps, int experts, int topk) {
+    btt_shape(&s->btt, alpha, gamma, phi, eps, experts);
+    s->experts = experts;
+    s->topk = topk;
+}
+static inline void moe_shape_default(MoEShape *s, int d_in, int d_out, int experts, int topk) {
+    btt_shape_default(&s->btt, d_in, d_out, experts);
+    s->experts = experts;
+    s->topk = topk;
+}
+static inline int moe_shape_ok(const MoEShape *s) {
+    return btt_shape_ok(&s->btt) && s->btt.rank == s->experts && s->topk >= 1 && s->topk <= s->experts;
+}
+// the rank-1 BTT shape of one expert
+static inline BTTShape moe_expert_shape(const MoEShape *s) {
+    BTTShape b = s->btt;
+    b.rank = 1;
+    return b;
+}
+static inline size_t moe_router_size(const MoEShape *s) { return (size_t)s->experts * s->btt.d_in; }
+static inline size_t moe_z_row(const MoEShape *s) { return (size_t)s->btt.gamma * s->btt.phi; }
+// multiply-adds per row: router + K rank-1 experts
+static inline size_t moe_flops_per_row(const MoEShape *s) {
+    BTTShape b = moe_expert_shape(s);
+    return moe_router_size(s) + (size_t)s->topk * btt_flops_per_row(&b);
+}
+
+typedef struct {
+    float *logits;  // (N, E)
+    int *sel;       // (N, K) selected experts, descending logit order, ties to the lower index
+    float *gate;    // (N, K) softmax over the selected logits
+    float *z;       // (N, K, gamma*phi) the selected expert's intermediate, layout (phi, gamma)
+    float *lse;     // (N) logsumexp over all E logits
+    int *counts;    // (E) selections per expert
+    int *offsets;   // (E+1) start of each expert's pairs in order
+    int *order;     // (N*K) pair indices t*K + k grouped by expert, ascending t within an expert
+    int capacity;   // rows the buffers hold
+    int owns;       // 1 when moe_state_alloc allocated the buffers
+} MoEState;
+
+static inline size_t moe_state_floats(const MoEShape *s, int N) {
+    size_t E = (size_t)s->experts, K = (size_t)s->topk;
+    return (size_t)N * (E + K + K * moe_z_row(s) + 1);
+}
+static inline size_t moe_state_ints(const MoEShape *s, int N) {
+    size_t E = (size_t)s->experts, K = (size_t)s->topk;
+    return (size_t)N * K * 2 + 2 * E + 1;
+}
+// Points the state at caller-owned memory (moe_state_floats / moe_state_ints elements).
+static inline void moe_state_bind(MoEState *st, const MoEShape *s, int N, float *fmem, int *imem) {
+    size_t E = (size_t)s->experts, K = (size_t)s->topk;
+    st->logits = fmem;
+    st->gate = st->logits + (size_t)N * E;
+    st->lse = st->gate + (size_t)N * K;
+    st->z = st->lse + (size_t)N;
+    st->sel = imem;
+    st->order = st->sel + (size_t)N * K;
+    st->counts = st->order + (size_t)N * K;
+    st->offsets = st->counts + E;
+    st->capacity = N;
+    st->owns = 0;
+}
+static inline void moe_state_alloc(MoEState *st, const MoEShape *s, int N) {
+    float *f = (float *)mallocCheck(sizeof(float) * moe_state_floats(s, N));
+    int *i = (int *)mallocCheck(sizeof(int) * moe_state_ints(s, N));
+    moe_state_bind(st, s, N, f, i);
+    st->owns = 1;
+}
+static inline void moe_state_free(MoEState *st) {
+    if (st->owns) { free(st->logits); free(st->sel); }
+    memset(st, 0, sizeof(*st));
+}
+
+// Copies the experts' rank-1 cores out of the strided rank components:
+// w0x (E, gamma, alpha, phi), w1x (E, phi, gamma, eps).
+static inline void st_moe_extract(float *w0x, float *w1x, const float *W0, const float *W1, const MoEShape *s) {
+    const int A = s->btt.alpha, G = s->btt.gamma, P = s->btt.phi, Ep = s->btt.eps, E = s->experts;
+    const size_t p0 = (size_t)G * A * P, p1 = (size_t)P * G * Ep;
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (int ga = 0; ga < G * A; ga++)
+        for (int f = 0; f < P; f++)
+            for (int e = 0; e < E; e++) w0x[e * p0 + (size_t)ga * P + f] = W0[((size_t)ga * P + f) * E + e];
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (int fg = 0; fg < P * G; fg++)
+        for (int e = 0; e < E; e++)
+            memcpy(w1x + e * p1 + (size_t)fg * Ep, W1 + ((size_t)fg * E + e) * Ep, sizeof(float) * (size_t)Ep);
+}
+
+// Top-K (descending, ties to the lower index), gate softmax and logsumexp for one row.
+static inline void st_moe_route_row(const float *lg, int E, int K, int *sel, float *gate, float *lse) {
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int used = 0;
+            for (int j = 0; j < k; j++) used |= sel[j] == e;
+            if (used) continue;
+            if (best < 0 || lg[e] > lg[best]) best = e;
+        }
+        sel[k] = best;
+    }
+    float m = lg[sel[0]], sum = 0.0f;
+    for (int k = 0; k < K; k++) { gate[k] = expf(lg[sel[k]] - m); sum += gate[k]; }
+    for (int k = 0; k < K; k++) gate[k] /= sum;
+    float mx = lg[0];
+    for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+    float se = 0.0f;
+    for (int e = 0; e < E; e++) se += expf(lg[e] - mx);
+    *lse = mx + logf(se);
+}
+
+// y (N, d_out) overwritten; st (capacity >= N) gets what the backward needs. bias may be NULL.
+static inline void moe_forward(float *y, MoEState *st, const float *x, const float *W0, const float *W1,
+                               const float *router, const float *bias, int N, const MoEShape *s) {
+    if (N > st->capacity) fatal("moe_forward: %d rows but the MoE state holds %d", N, st->capacity);
+    st_blas_single_thread();
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    const int ntiles = st_num_tiles(N);
+    // router logits, routing, and y = bias (or 0)
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (int t = 0; t < ntiles; t++) {
+        int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+        st_gemm(0, 1, n, E, din, x + (size_t)r0 * din, din, router, din, 0.0f, st->logits + (size_t)r0 * E, E);
+        for (int r = r0; r < r0 + n; r++) {
+            st_moe_route_row(st->logits + (size_t)r * E, E, K, st->sel + (size_t)r * K, st->gate + (size_t)r * K, st->lse + r);
+            float *yr = y + (size_t)r * dout;
+            if (bias) memcpy(yr, bias, sizeof(float) * (size_t)dout);
+            else memset(yr, 0, sizeof(float) * (size_t)dout);
+        }
+    }
+    // counting sort of the (token, k) pairs by expert
+    for (int e = 0; e < E; e++) st->counts[e] = 0;
+    for (size_t p = 0; p < (size_t)N * K; p++) st->counts[st->sel[p]]++;
+    st->offsets[0] = 0;
+    for (int e = 0; e < E; e++) st->offsets[e + 1] = st->offsets[e] + st->counts[e];
+    {
+        int *next = (int *)mallocCheck(sizeof(int) * (size_t)E);
+        for (int e = 0; e < E; e++) next[e] = st->offsets[e];
+        for (int p = 0; p < N * K; p++) st->order[next[st->sel[p]]++] = p;
+        free(next);
+    }
+    float *w0x = (float *)mallocCheck(sizeof(float) * (p0 + p1) * (size_t)E);
+    float *w1x = w0x + p0 * (size_t)E;
+    st_moe_extract(w0x, w1x, W0, W1, s);
+    ST_PRAGMA(omp parallel)
+    {
+        const size_t T = ST_TILE_ROWS;
+        float *xg = (float *)mallocCheck(sizeof(float) * T * ((size_t)din + 2 * zrow + (size_t)dout));
+        float *z1 = xg + T * din, *z2 = z1 + T * zrow, *ye = z2 + T * zrow;
+        for (int e = 0; e < E; e++) {  // every thread walks the experts in order; barrier after each
+            const int *ord = st->order + st->offsets[e];
+            const int ne = st->counts[e], nt = st_num_tiles(ne);
+            ST_PRAGMA(omp for schedule(static))
+            for (int t = 0; t < nt; t++) {
+                int j0 = t * ST_TILE_ROWS, n = ne - j0 < ST_TILE_ROWS ? ne - j0 : ST_TILE_ROWS;
+                for (int j = 0; j < n; j++)
+                    memcpy(xg + (size_t)j * din, x + (size_t)(ord[j0 + j] / K) * din, sizeof(float) * (size_t)din);
+                st_btt_fwd_tile(n, xg, din, w0x + p0 * e, w1x + p1 * e, &b1, z1, z2, ye, dout);
+                for (int j = 0; j < n; j++) {
+                    int pr = ord[j0 + j];
+                    memcpy(st->z + (size_t)pr * zrow, z2 + (size_t)j * zrow, sizeof(float) * zrow);
+                    const float gt = st->gate[pr];
+                    float *yr = y + (size_t)(pr / K) * dout;
+                    const float *yj = ye + (size_t)j * dout;
+                    for (int o = 0; o < dout; o++) yr[o] += gt * yj[o];
+                }
+            }
+        }
+        free(xg);
+    }
+    free(w0x);
+}
+
+// The auxiliary load-balancing loss of the last forward (N rows).
+static inline float moe_aux_loss(const MoEState *st, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk;
+    if (N <= 0) return 0.0f;
+    double *P = (double *)callocCheck((size_t)E, sizeof(double));
+    double zsum = 0.0;
+    for (int t = 0; t < N; t++) {
+        const float *lg = st->logits + (size_t)t * E;
+        const double l = st->lse[t];
+        for (int e = 0; e < E; e++) P[e] += exp((double)lg[e] - l);
+        zsum += l * l;
+    }
+    double bal = 0.0;
+    for (int e = 0; e < E; e++) bal += (P[e] / N) * ((double)st->counts[e] / ((double)N * K));
+    free(P);
+    return (float)(E * bal + 0.1 * zsum / N);
+}
+
+// floats of scratch moe_backward needs for N rows
+static inline size_t moe_scratch_size(const MoEShape *s, int N) {
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t E = (size_t)s->experts, K = (size_t)s->topk, zrow = moe_z_row(s);
+    const size_t pw = btt_w0_size(&b1) + btt_w1_size(&b1);
+    return pw * (E + 1)                                                             // cores, dcores
+           + (size_t)N * K + (size_t)N * E                                          // dgate, dlogits
+           + (size_t)N * ((size_t)s->btt.d_in + 2 * zrow + (size_t)s->btt.d_out);  // a group's X, Z, dY, dZ
+}
+
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated (+=; dbias may
+// be NULL). daux = d(total loss)/d(this layer's aux). st is what moe_forward saved for these N
+// rows; scratch holds moe_scratch_size(s, N) floats.
+static inline void moe_backward(float *dx, float *dW0, float *dW1, float *drouter, float *dbias, const float *dy,
+                                float daux, const float *x, const MoEState *st, const float *W0, const float *W1,
+                                const float *router, int N, const MoEShape *s, float *scratch) {
+    st_blas_single_thread();
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
+    const BTTShape b1 = moe_expert_shape(s);
+    const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
+    const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    float *w0x = scratch, *w1x = w0x + p0 * E;
+    float *dw0e = w1x + p1 * E, *dw1e = dw0e + p0;
+    float *dgate = dw1e + p1, *dlogits = dgate + (size_t)N * K;
+    float *Xg = dlogits + (size_t)N * E, *Zg = Xg + (size_t)N * din, *DYg = Zg + (size_t)N * zrow;
+    float *DZg = DYg + (size_t)N * dout;
+    st_moe_extract(w0x, w1x, W0, W1, s);
+    if (dx) {
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (int r = 0; r < N; r++) memset(dx + (size_t)r * din, 0, sizeof(float) * (size_t)din);
+    }
+    StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P + 1));
+    for (int e = 0; e < E; e++) {
+        const int *ord = st->order + st->offsets[e];
+        const int ne = st->counts[e], nt = st_num_tiles(ne);
+        if (ne == 0) continue;
+        const float *w0 = w0x + p0 * e, *w1 = w1x + p1 * e;
+        ST_PRAGMA(omp parallel)
+        {
+            const size_t T = ST_TILE_ROWS;
+            float *dz2 = (float *)mallocCheck(sizeof(float) * T * (zrow + (size_t)din));
+            float *dxe = dz2 + T * zrow;
+            ST_PRAGMA(omp for schedule(static))
+            for (int t = 0; t < nt; t++) {
+                int j0 = t * ST_TILE_ROWS, n = ne - j0 < ST_TILE_ROWS ? ne - j0 : ST_TILE_ROWS;
+                for (int j = j0; j < j0 + n; j++) {  // gather the group's rows
+                    int pr = ord[j], tok = pr / K;
+                    memcpy(Xg + (size_t)j * din, x + (size_t)tok * din, sizeof(float) * (size_t)din);
+                    memcpy(Zg + (size_t)j * zrow, st->z + (size_t)pr * zrow, sizeof(float) * zrow);
+                    memcpy(DYg + (size_t)j * dout, dy + (size_t)tok * dout, sizeof(float) * (size_t)dout);
+                }
+                // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
+                for (int f = 0; f < P; f++)
+                    st_gemm(0, 1, n, G, Ep, DYg + (size_t)j0 * dout + (size_t)f * Ep, dout, w1 + (size_t)f * G * Ep, Ep, 0.0f,
+                            dz2 + (size_t)f * G, (int)zrow);
+                for (int j = 0; j < n; j++) {
+                    int pr = ord[j0 + j];
+                    const float *zj = Zg + (size_t)(j0 + j) * zrow;
+                    float *dzj = dz2 + (size_t)j * zrow;
+                    float dg = 0.0f;
+                    for (size_t i = 0; i < zrow; i++) dg += zj[i] * dzj[i];
+                    dgate[pr] = dg;
+                    const float gt = st->gate[pr];
+                    for (size_t i = 0; i < zrow; i++) dzj[i] *= gt;
+                    st_transpose(DZg + (size_t)(j0 + j) * zrow, dzj, P, G, 1);  // -> (gamma, phi)
+                    float *dyj = DYg + (size_t)(j0 + j) * dout;
+                    for (int o = 0; o < dout; o++) dyj[o] *= gt;  // gate * dy, for dW1
+                }
+                if (dx) {
+                    for (int g = 0; g < G; g++)
+                        st_gemm(0, 1, n, A, P, DZg + (size_t)j0 * zrow + (size_t)g * P, (int)zrow, w0 + (size_t)g * A * P, P, 0.0f,
+                                dxe + (size_t)g * A, din);
+                    for (int j = 0; j < n; j++) {
+                        float *dr = dx + (size_t)(ord[j0 + j] / K) * din;
+                        const float *de = dxe + (size_t)j * din;
+                        for (int i = 0; i < din; i++) dr[i] += de[i];
+                    }
+                }
+            }
+            free(dz2);
+        }
+        // this expert's core gradients over its whole group, then scattered into its rank component
+        for (int f = 0; f < P; f++)  // dW1_e[f] (gamma x eps) = Z_f^T (gate*dY)_f
+            jobs[f] = st_job(1, 0, G, Ep, ne, Zg + (size_t)f * G, (int)zrow, DYg + (size_t)f * Ep, dout, dw1e + (size_t)f * G * Ep, Ep, 0);
+        for (int g = 0; g < G; g++)  // dW0_e[g] (alpha x phi) = X_g^T dZ_g
+            jobs[P + g] = st_job(1, 0, A, P, ne, Xg + (size_t)g * A, din, DZg + (size_t)g * P, (int)zrow, dw0e + (size_t)g * A * P, P, 0);
+        st_run_jobs(jobs, G + P);
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (int ga = 0; ga < G * A; ga++)
+            for (int f = 0; f < P; f++) dW0[((size_t)ga * P + f) * E + e] += dw0e[(size_t)ga * P + f];
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (int fg = 0; fg < P * G; fg++) {
+            float *d = dW1 + ((size_t)fg * E + e) * Ep;
+            const float *sx = dw1e + (size_t)fg * Ep;
+            for (int o = 0; o < Ep; o++) d[o] += sx[o];
+        }
+    }
+    // d logits: the gate softmax over the selected logits, and the aux loss over all logits
+    {
+        double *fhat = (double *)mallocCheck(sizeof(double) * (size_t)E);
+        for (int e = 0; e < E; e++) fhat[e] = (double)st->counts[e] / ((double)N * K);
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (int t = 0; t < N; t++) {
+            float *dl = dlogits + (size_t)t * E;
+            const float *gt = st->gate + (size_t)t * K, *dg = dgate + (size_t)t * K;
+            const int *sl = st->sel + (size_t)t * K;
+            for (int e = 0; e < E; e++) dl[e] = 0.0f;
+            float gsum = 0.0f;
+            for (int k = 0; k < K; k++) gsum += gt[k] * dg[k];
+            for (int k = 0; k < K; k++) dl[sl[k]] += gt[k] * (dg[k] - gsum);
+            if (daux != 0.0f) {
+                const float *lg = st->logits + (size_t)t * E;
+                const double l = st->lse[t];
+                double pf = 0.0;
+                for (int e = 0; e < E; e++) pf += exp((double)lg[e] - l) * fhat[e];
+                for (int e = 0; e < E; e++) {
+                    double pe = exp((double)lg[e] - l);
+                    double d = (double)E / N * pe * (fhat[e] - pf) + 0.2 * l * pe / N;
+                    dl[e] += (float)(daux * d);
+                }
+            }
+        }
+        free(fhat);
+    }
+    jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, 1);  // drouter += dlogits^T x
+    st_run_jobs(jobs, 1);
+    free(jobs);
+    if (dx) {
+        const int ntiles = st_num_tiles(N);
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (int t = 0; t < ntiles; t++) {  // dx += dlogits . router
+            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+            st_gemm(0, 0, n, din, E, dlogits + (size_t)r0 * E, E, router, din, 1.0f, dx + (size_t)r0 * din, din);
+        }
+    }
+    st_bias_backward(dbias, dy, N, dout);
+}

@@ -1,0 +1,110 @@
+// monarch.h: Monarch linear layer on the CPU, forward and backward.
+//
+// Math (DESIGN.md, "Structures"): nb blocks, p = d_in/nb, s = d_out/nb, q = min(p, s).
+// Factors R (nb, q, p) and L (nb, s, q):
+//   stage 1, block k:  u[k*q + j]   = sum_c R[k, j, c] * x[k*p + c]        (j < q)
+//   stage 2, block l:  y[i*nb + l]  = sum_r L[l, i, r] * u[r*nb + l] + b   (i < s, r < q)
+//
+// Layouts. Stage 1 is nb plain GEMMs U_k (n x q) = X_k (n x p) . R[k]^T into a per-thread tile
+// buffer in the natural order u[k*q + j]. Stage 2's block l reads every nb-th element of u, so
+// each row of u, viewed as a (q x nb) matrix, is transposed to (nb x q); this transposed u is
+// what is saved:
+//   u_saved[n*nb*q + l*q + r] = u[n; r*nb + l]
+// so stage 2 is nb plain GEMMs Yt_l (n x s) = Ut_l (n x q) . L[l]^T into a tile buffer with
+// yt[l*s + i] = y[i*nb + l], transposed per row ((nb x s) -> (s x nb)) into y, adding the bias.
+// Backward: dyt = transpose of dy, dUt_l = dYt_l . L[l], transposed back to the natural du,
+// dX_k = dU_k . R[k], dL[l] += dYt_l^T Ut_l, dR[k] += dU_k^T X_k.
+#pragma once
+#include "factor.h"
+
+typedef struct { int d_in, d_out, nb, p, s, q; } MonarchShape;
+
+// Fills the shape; q = 0 (and p = s = 0) when nb does not divide both d_in and d_out (the caller
+// reports the configuration error).
+static inline void monarch_shape(MonarchShape *m, int d_in, int d_out, int nb) {
+    m->d_in = d_in; m->d_out = d_out; m->nb = nb;
+    if (nb <= 0 || d_in <= 0 || d_out <= 0 || d_in % nb != 0 || d_out % nb != 0) { m->p = m->s = m->q = 0; return; }
+    m->p = d_in / nb;
+    m->s = d_out / nb;
+    m->q = m->p < m->s ? m->p : m->s;
+}
+static inline size_t monarch_r_size(const MonarchShape *m) { return (size_t)m->nb * m->q * m->p; }
+static inline size_t monarch_l_size(const MonarchShape *m) { return (size_t)m->nb * m->s * m->q; }
+static inline size_t monarch_u_row(const MonarchShape *m) { return (size_t)m->nb * m->q; }
+static inline size_t monarch_u_size(const MonarchShape *m, int N) { return (size_t)N * monarch_u_row(m); }
+static inline size_t monarch_flops_per_row(const MonarchShape *m) { return monarch_r_size(m) + monarch_l_size(m); }
+
+// y (N, d_out) overwritten; u (monarch_u_size floats) saved for the backward; bias may be NULL.
+static inline void monarch_forward(float *y, float *u, const float *x, const float *R, const float *L, const float *bias,
+                                   int N, const MonarchShape *m) {
+    st_blas_single_thread();
+    const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    const int ntiles = st_num_tiles(N);
+    ST_PRAGMA(omp parallel)
+    {
+        float *u1 = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
+        float *yt = (float *)mallocCheck(sizeof(float) * (size_t)dout * ST_TILE_ROWS);
+        ST_PRAGMA(omp for schedule(static))
+        for (int t = 0; t < ntiles; t++) {
+            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+            const float *xt = x + (size_t)r0 * din;
+            float *ut = u + (size_t)r0 * urow, *yo = y + (size_t)r0 * dout;
+            for (int k = 0; k < nb; k++)
+                st_gemm(0, 1, n, q, p, xt + (size_t)k * p, din, R + (size_t)k * q * p, p, 0.0f, u1 + (size_t)k * q, urow);
+            for (int i = 0; i < n; i++) st_transpose(ut + (size_t)i * urow, u1 + (size_t)i * urow, q, nb, 1);
+            for (int l = 0; l < nb; l++)
+                st_gemm(0, 1, n, s, q, ut + (size_t)l * q, urow, L + (size_t)l * s * q, q, 0.0f, yt + (size_t)l * s, dout);
+            for (int i = 0; i < n; i++) {
+                float *yr = yo + (size_t)i * dout;
+                st_transpose(yr, yt + (size_t)i * dout, nb, s, 1);
+                if (bias)
+                    for (int o = 0; o < dout; o++) yr[o] += bias[o];
+            }
+        }
+        free(yt);
+        free(u1);
+    }
+}
+
+// floats of scratch monarch_backward needs: dyt (N x d_out) and du (N x nb*q).
+static inline size_t monarch_scratch_size(const MonarchShape *m, int N) {
+    return (size_t)N * ((size_t)m->d_out + monarch_u_row(m));
+}
+
+// dx (N, d_in) overwritten (may be NULL); dR, dL, dbias accumulated (+=; dbias may be NULL).
+// u is what monarch_forward saved; scratch holds monarch_scratch_size(m, N) floats.
+static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbias, const float *dy, const float *x,
+                                    const float *u, const float *R, const float *L, int N, const MonarchShape *m,
+                                    float *scratch) {
+    st_blas_single_thread();
+    const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    const int ntiles = st_num_tiles(N);
+    float *dyt = scratch;                        // (N, nb, s): dyt[l*s + i] = dy[i*nb + l]
+    float *du = scratch + (size_t)N * dout;      // (N, nb*q), natural order du[k*q + j]
+    ST_PRAGMA(omp parallel)
+    {
+        float *dut = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
+        ST_PRAGMA(omp for schedule(static))
+        for (int t = 0; t < ntiles; t++) {
+            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
+            float *dyt_t = dyt + (size_t)r0 * dout, *du_t = du + (size_t)r0 * urow;
+            for (int i = 0; i < n; i++) st_transpose(dyt_t + (size_t)i * dout, dy + (size_t)(r0 + i) * dout, s, nb, 1);
+            for (int l = 0; l < nb; l++)
+                st_gemm(0, 0, n, q, s, dyt_t + (size_t)l * s, dout, L + (size_t)l * s * q, q, 0.0f, dut + (size_t)l * q, urow);
+            for (int i = 0; i < n; i++) st_transpose(du_t + (size_t)i * urow, dut + (size_t)i * urow, nb, q, 1);
+            if (dx)
+                for (int k = 0; k < nb; k++)
+                    st_gemm(0, 0, n, p, q, du_t + (size_t)k * q, urow, R + (size_t)k * q * p, p, 0.0f,
+                            dx + (size_t)r0 * din + (size_t)k * p, din);
+        }
+        free(dut);
+    }
+    StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(2 * nb));
+    for (int l = 0; l < nb; l++)  // dL[l] (s x q) += dYt_l^T Ut_l
+        jobs[l] = st_job(1, 0, s, q, N, dyt + (size_t)l * s, dout, u + (size_t)l * q, urow, dL + (size_t)l * s * q, q, 1);
+    for (int k = 0; k < nb; k++)  // dR[k] (q x p) += dU_k^T X_k
+        jobs[nb + k] = st_job(1, 0, q, p, N, du + (size_t)k * q, urow, x + (size_t)k * p, din, dR + (size_t)k * q * p, p, 1);
+    st_run_jobs(jobs, 2 * nb);
+    free(jobs);
+    st_bias_backward(dbias, dy, N, dout);
+}
