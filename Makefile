@@ -33,8 +33,8 @@ else
   $(info CBLAS: not found, using the built-in packed matmul kernel (apt-get install libopenblas-dev))
 endif
 
-COMMON_H = $(wildcard common/*.h)
-C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units
+COMMON_H = $(wildcard common/*.h structured/*.h)
+C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured
 
 .PHONY: all test clean bench
 all: train_gpt2 test_gpt2
@@ -49,13 +49,16 @@ test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h
 $(BUILD)/test_gpt2_noblas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h | $(BUILD)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
-$(BUILD)/test_%: tests/test_%.c $(COMMON_H) tests/check.h train_gpt2.c | $(BUILD)
+$(BUILD)/test_structured_noblas: tests/test_structured.c $(wildcard structured/*.h) tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+
+$(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/check.h train_gpt2.c | $(BUILD)
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
 
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 $(BUILD)/test_gpt2_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+test: train_gpt2 test_gpt2 $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
 	bash tests/run_all.sh
 
 bench: train_gpt2

@@ -1000,10 +1000,13 @@ static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
     return (float)(sum / (n > 0 ? n : 1));
 }
 
-static void default_tokenizer_path(const char *train_pattern, char *buf, size_t cap) {
+// The data scripts write the tokenizer beside the shards: gpt2_tokenizer.bin, or
+// char_tokenizer.bin for the 96-symbol character vocabulary.
+static void default_tokenizer_path(const char *train_pattern, int vocab_size, char *buf, size_t cap) {
     const char *slash = strrchr(train_pattern, '/');
-    if (slash) snprintf(buf, cap, "%.*s/gpt2_tokenizer.bin", (int)(slash - train_pattern), train_pattern);
-    else snprintf(buf, cap, "gpt2_tokenizer.bin");
+    const char *name = vocab_size == 96 ? "char_tokenizer.bin" : "gpt2_tokenizer.bin";
+    if (slash) snprintf(buf, cap, "%.*s/%s", (int)(slash - train_pattern), train_pattern, name);
+    else snprintf(buf, cap, "%s", name);
 }
 
 static void checkpoint_paths(const char *dir, long step, int rank, char *model, char *state, char *done, size_t cap) {
@@ -1081,7 +1084,11 @@ int main(int argc, char **argv) {
     DataLoader train_loader, val_loader;
     dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
     int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
-    if (have_val) dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
+    train_loader.vocab_size = c->vocab_size;
+    if (have_val) {
+        dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
+        val_loader.vocab_size = c->vocab_size;
+    }
     long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
     if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
 
@@ -1091,7 +1098,7 @@ int main(int argc, char **argv) {
     Tokenizer tokenizer;
     char tok_path[1100];
     if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
-    else default_tokenizer_path(a.train_data, tok_path, sizeof(tok_path));
+    else default_tokenizer_path(a.train_data, c->vocab_size, tok_path, sizeof(tok_path));
     tokenizer_init(&tokenizer, tok_path);
     int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
     if (eot >= c->vocab_size) eot = c->vocab_size - 1;

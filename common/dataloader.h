@@ -24,6 +24,7 @@ typedef struct {
     long num_samples;          // global batches in the current shard
     long *order;               // sample order of the current shard (identity when !shuffle)
     int *shard_order;          // shard order of the current epoch
+    int vocab_size;            // > 0: every token read is checked against it (set by the trainer)
     FILE *fp; unsigned short *buffer; int *inputs; int *targets;  // inputs/targets: B*T ints each
     long num_tokens_total;
 } DataLoader;
@@ -187,6 +188,13 @@ static inline void dataloader_next_batch(DataLoader *dl) {
     for (long i = 0; i < BT; i++) {
         dl->inputs[i] = (int)dl->buffer[i];
         dl->targets[i] = (int)dl->buffer[i + 1];
+    }
+    if (dl->vocab_size > 0) {
+        for (long i = 0; i <= BT; i++)
+            if ((int)dl->buffer[i] >= dl->vocab_size)
+                fatal("'%s' holds token %d at position %ld, outside the model's vocabulary of %d: the data was prepared with "
+                      "another tokenizer (GPT-2 data needs vocab_size = 50257, --vocab char data 96)",
+                      path, (int)dl->buffer[i], offset + i, dl->vocab_size);
     }
     // Advance eagerly so that get_state always names the batch that will be read next.
     dl->sample_idx++;

@@ -5,7 +5,7 @@ File formats (compatible with karpathy/llm.c):
 * Data shard (``*.bin``): a header of 256 little-endian int32
   ``[0]=20240520`` (magic), ``[1]=1`` (version), ``[2]=number of tokens``, the
   rest zero; then the tokens as little-endian uint16.
-* Tokenizer (``gpt2_tokenizer.bin``): a header of 256 little-endian int32
+* Tokenizer (``gpt2_tokenizer.bin``, ``char_tokenizer.bin``): a header of 256 little-endian int32
   ``[0]=20240328`` (magic), ``[1]=2`` (version), ``[2]=number of entries``,
   ``[3]=EOT token id``; then for every token id in order one uint8 length
   (1..255) followed by that many raw bytes.
@@ -15,8 +15,8 @@ shard starts with EOT (llm.c's convention).
 
 The tokenizer is a small object (``encode``, ``encode_batch``, ``decode``,
 ``eot``, ``vocab_size``, ``token_bytes``); ``get_tokenizer(name)`` builds one.
-Only "gpt2" exists today; a character vocabulary can be added there later
-without touching the readers or the shard writer.
+"gpt2" is the GPT-2 BPE; "char" is a 96-symbol character vocabulary whose encode()
+returns None for documents it cannot represent (the scripts drop those).
 """
 
 import io
@@ -198,7 +198,58 @@ class GPT2Tokenizer:
         return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
 
 
-TOKENIZERS = {"gpt2": GPT2Tokenizer}  # a "char" vocabulary can be registered here later
+# The 96-symbol character vocabulary of the BTT-MoE paper's "small vocab" experiments:
+# id 0 = "\n", id 1 = " ", ids 2..95 = the printable ASCII characters 33 ("!") .. 126 ("~").
+CHAR_VOCAB = "\n " + "".join(chr(c) for c in range(33, 127))
+assert len(CHAR_VOCAB) == 96
+_CHAR_LUT = np.full(128, -1, dtype=np.int16)
+for _i, _c in enumerate(CHAR_VOCAB):
+    _CHAR_LUT[ord(_c)] = _i
+_CHAR_SET = frozenset(CHAR_VOCAB)
+
+
+class CharTokenizer:
+    """One token per character over CHAR_VOCAB (96 ids). "\n" (id 0) doubles as the EOT token,
+    so a document boundary in a shard reads as one extra newline.
+
+    encode() returns None for a text holding any character outside the vocabulary (a tab, a
+    carriage return, any non-ASCII character, ...): such documents are dropped whole by the
+    scripts, never altered."""
+
+    name = "char"
+    eot = 0
+    vocab_size = len(CHAR_VOCAB)
+
+    def encode(self, text):
+        if not text.isascii():
+            return None
+        ids = _CHAR_LUT[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+        if ids.size and ids.min() < 0:
+            return None
+        return ids.astype(np.uint16)
+
+    def encode_batch(self, texts, executor=None):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, tokens):
+        return "".join(CHAR_VOCAB[int(t)] for t in tokens)
+
+    def token_bytes(self):
+        return [c.encode("ascii") for c in CHAR_VOCAB]
+
+    @staticmethod
+    def foreign_chars(text):
+        """The characters of text that are outside the vocabulary."""
+        return set(text) - _CHAR_SET
+
+
+TOKENIZERS = {"gpt2": GPT2Tokenizer, "char": CharTokenizer}
+# tokenizer files are named after the vocabulary: gpt2_tokenizer.bin, char_tokenizer.bin
+VOCAB_HELP = ('vocabulary: "gpt2" (GPT-2 BPE, 50257 tokens) or "char" (96 characters: "\\n" = id 0, '
+              'also the EOT; " " = id 1; ASCII 33..126 = ids 2..95; documents with any other '
+              'character are dropped; a model for it needs vocab_size = 96 in its config, padded to '
+              '128 by the trainer; the tokenizer is written as char_tokenizer.bin, pass it to the '
+              'trainer with -tk)')
 
 
 def get_tokenizer(name="gpt2"):
@@ -212,6 +263,30 @@ def write_tokenizer_for(tok, out_dir):
     write_tokenizer_bin(path, tok.token_bytes(), tok.eot)
     print(f"wrote {path} ({tok.vocab_size} tokens, eot {tok.eot})")
     return path
+
+
+class DropStats:
+    """Counts the documents a vocabulary cannot represent (encode() returned None) and the
+    characters that caused it, for the scripts' report."""
+
+    def __init__(self):
+        self.kept = 0
+        self.dropped = 0
+        self.chars = {}
+
+    def add_dropped(self, text, tok):
+        self.dropped += 1
+        for c in tok.foreign_chars(text):
+            self.chars[c] = self.chars.get(c, 0) + 1
+
+    def report(self, what="documents"):
+        total = self.kept + self.dropped
+        line = (f"{self.kept:,} {what} kept, {self.dropped:,} dropped (a character outside the "
+                f"vocabulary) of {total:,}")
+        if self.chars:
+            top = sorted(self.chars.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+            line += "; most common causes (documents): " + ", ".join(f"{c!r} {n:,}" for c, n in top)
+        return line
 
 
 # --------------------------------------------------------------------------------------
@@ -451,21 +526,28 @@ def iter_limited(it, max_docs):
         yield d
 
 
-def tokenize_stream(tok, docs, workers=1, batch_docs=256, progress_cb=None):
+def tokenize_stream(tok, docs, workers=1, batch_docs=256, progress_cb=None, with_text=False):
     """Yields the token list of every document in docs, in order, encoding batches of documents
-    on `workers` threads (tiktoken releases the GIL while encoding)."""
+    on `workers` threads (tiktoken releases the GIL while encoding). The token list is None for
+    a document the vocabulary cannot represent (the char vocabulary). With with_text, yields
+    (text, tokens) pairs instead."""
     ex = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+
+    def encoded(batch):
+        toks = tok.encode_batch(batch, ex)
+        return zip(batch, toks) if with_text else toks
+
     try:
         batch = []
         for d in docs:
             batch.append(d)
             if len(batch) >= batch_docs:
-                yield from tok.encode_batch(batch, ex)
+                yield from encoded(batch)
                 batch = []
                 if progress_cb:
                     progress_cb()
         if batch:
-            yield from tok.encode_batch(batch, ex)
+            yield from encoded(batch)
     finally:
         if ex is not None:
             ex.shutdown()

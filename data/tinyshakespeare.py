@@ -7,6 +7,8 @@ Writes into --out (default data/tinyshakespeare/):
     tiny_shakespeare_val.bin    the first --val_tokens tokens (default 32,768)
     tiny_shakespeare_train.bin  the rest
     gpt2_tokenizer.bin          the GPT-2 tokenizer in llm.c's format
+With --vocab char (the 96-symbol character vocabulary, see below):
+    tiny_shakespeare_char_val.bin, tiny_shakespeare_char_train.bin, char_tokenizer.bin
 
 Splitting, as llm.c's dev/data/tinyshakespeare.py does it: the text is split on "\\n\\n"
 into sections, each section is one document, preceded by EOT (50256). Every section except
@@ -19,6 +21,15 @@ One difference from llm.c: that cut usually falls inside a section, and llm.c's 
 then starts mid-section. Here the train file starts with an extra EOT instead, so that every
 shard starts with EOT; --no_train_eot gives llm.c's output byte for byte.
 
+--vocab char: one token per character; id 0 = "\\n", id 1 = " ", ids 2..95 = ASCII 33 ("!")
+.. 126 ("~"). "\\n" (id 0) is also the EOT token, so each document still starts with EOT (which
+reads as one extra newline). The splitting and the val cut are the same as above. A document
+(section) with any character outside the 96 is dropped whole, and the counts of kept and
+dropped documents are printed (Tiny Shakespeare itself has none to drop). A model for this data
+needs vocab_size = 96 in its config (the trainer pads it to 128); the tokenizer is written as
+char_tokenizer.bin, which the trainer does not find by itself (it looks for gpt2_tokenizer.bin):
+pass it with -tk, e.g. -tk data/tinyshakespeare/char_tokenizer.bin.
+
 Offline: set TIKTOKEN_CACHE_DIR to a folder with the GPT-2 BPE cache
 (e.g. /work/shared/data/tiktoken_cache).
 """
@@ -30,7 +41,8 @@ import urllib.request
 
 import numpy as np
 
-from common import DataError, get_tokenizer, run_main, summarize, write_shard, write_tokenizer_for
+from common import (VOCAB_HELP, DataError, DropStats, get_tokenizer, run_main, summarize, write_shard,
+                    write_tokenizer_for)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +77,7 @@ def main():
     ap.add_argument("--input", help="local input.txt (default: download it into --out)")
     ap.add_argument("--out", default=os.path.join(HERE, "tinyshakespeare"), help="output folder")
     ap.add_argument("--val_tokens", type=int, default=32768, help="tokens in the val split (default 32768)")
-    ap.add_argument("--vocab", default="gpt2", choices=["gpt2"], help="tokenizer (only gpt2 for now)")
+    ap.add_argument("--vocab", default="gpt2", choices=["gpt2", "char"], help=VOCAB_HELP)
     ap.add_argument("--no_train_eot", action="store_true",
                     help="do not start the train split with an extra EOT (identical to llm.c's output)")
     args = ap.parse_args()
@@ -84,23 +96,32 @@ def main():
 
     tok = get_tokenizer(args.vocab)
     docs = split_documents(text)
+    drops = DropStats()
     tokens = []
     for d in docs:
+        t = tok.encode(d)
+        if t is None:  # a character outside the char vocabulary: drop the document
+            drops.add_dropped(d, tok)
+            continue
+        drops.kept += 1
         tokens.append(tok.eot)
-        tokens.extend(tok.encode(d))
+        tokens.extend(t)
     tokens = np.array(tokens, dtype=np.uint16)
+    if args.vocab != "gpt2":
+        print(drops.report("documents (sections)"))
     if not 0 < args.val_tokens < tokens.size:
         raise DataError(f"--val_tokens must be between 1 and {tokens.size - 1} (the text has {tokens.size} tokens)")
     val = tokens[:args.val_tokens]
     train = tokens[args.val_tokens:]
     if train[0] != tok.eot and not args.no_train_eot:
         train = np.concatenate([np.array([tok.eot], dtype=np.uint16), train])
-    print(f"{path}: {len(text):,} characters, {len(docs):,} documents, {tokens.size:,} tokens incl. EOTs")
+    print(f"{path}: {len(text):,} characters, {drops.kept:,} documents, {tokens.size:,} tokens incl. EOTs")
 
     os.makedirs(args.out, exist_ok=True)
+    prefix = "tiny_shakespeare" if args.vocab == "gpt2" else f"tiny_shakespeare_{args.vocab}"
     written = []
     for split, toks in (("val", val), ("train", train)):
-        p = os.path.join(args.out, f"tiny_shakespeare_{split}.bin")
+        p = os.path.join(args.out, f"{prefix}_{split}.bin")
         write_shard(p, toks)
         written.append((p, toks.size))
     summarize(written)

@@ -423,3 +423,185 @@ def test_hf_download_needs_datasets(run_script, tmp_path):
     proc = run_script("openwebtext.py", "--out", tmp_path / "out")
     assert proc.returncode == 1
     assert "pip install datasets" in proc.stderr and "--input" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- --vocab char
+
+# the 96-symbol character vocabulary, spelled out independently of data/common.py
+CHARS = "\n " + "".join(chr(c) for c in range(33, 127))
+CHAR_ID = {c: i for i, c in enumerate(CHARS)}
+CHAR_EOT = 0
+
+
+def char_encodable(text):
+    return all(c in CHAR_ID for c in text)
+
+
+def char_decode(tokens):
+    return "".join(CHARS[int(t)] for t in tokens)
+
+
+def read_tokenizer_entries(path):
+    raw = open(path, "rb").read()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    entries, pos = [], 1024
+    while pos < len(raw):
+        n = raw[pos]
+        entries.append(raw[pos + 1:pos + 1 + n])
+        pos += 1 + n
+    assert pos == len(raw)
+    return header, entries
+
+
+def test_char_tokenizer_unit(common):
+    tok = common.get_tokenizer("char")
+    assert (tok.vocab_size, tok.eot, tok.name) == (96, 0, "char")
+    text = "Hello, world!\n  ~{|}`"
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint16 and ids.tolist() == [CHAR_ID[c] for c in text]
+    assert tok.encode("\n !~").tolist() == [0, 1, 2, 95]
+    assert tok.decode(ids) == text
+    assert tok.encode("").tolist() == []
+    for bad in ("tab\there", "cr\r\n", "caf\u00e9", "\u2019", "\x00", "\x7f", "a\x0bb"):
+        assert tok.encode(bad) is None, repr(bad)
+    assert tok.token_bytes() == [c.encode() for c in CHARS]
+    assert tok.foreign_chars("ab\tc\u2014") == {"\t", "\u2014"}
+
+
+@pytest.fixture(scope="session")
+def tiny_char_out(tiny_text, run_script, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tinyshakespeare_char"))
+    proc = ok(run_script("tinyshakespeare.py", "--input", tiny_text[0], "--out", out, "--vocab", "char"))
+    return out, proc
+
+
+def test_tinyshakespeare_char(tiny_char_out, tiny_text):
+    out, proc = tiny_char_out
+    text = tiny_text[1]
+    # char outputs are named apart from the GPT-2 ones
+    assert sorted(os.listdir(out)) == ["char_tokenizer.bin", "tiny_shakespeare_char_train.bin",
+                                       "tiny_shakespeare_char_val.bin"]
+    val = check_shard_header(os.path.join(out, "tiny_shakespeare_char_val.bin"))
+    train = check_shard_header(os.path.join(out, "tiny_shakespeare_char_train.bin"))
+    assert val.size == 32768
+    assert val[0] == CHAR_EOT and train[0] == CHAR_EOT
+    assert int(val.max()) < 96 and int(train.max()) < 96
+    docs = tiny_docs(text)
+    assert all(char_encodable(d) for d in docs)  # Tiny Shakespeare is plain ASCII: nothing dropped
+    assert f"{len(docs):,} documents (sections) kept, 0 dropped" in proc.stdout
+    # the stream is EOT + one id per character for every section; val = its first 32768 ids,
+    # train the rest, with an extra EOT in front when the cut fell on a non-EOT token
+    starts, pos = [], 0
+    for d in docs:
+        starts.append(pos)
+        pos += 1 + len(d)
+    ref_len = pos
+    stream = np.concatenate([val, train])
+    extra = stream.size - ref_len
+    assert extra in (0, 1)
+    if extra:
+        assert train[0] == CHAR_EOT
+        stream = np.concatenate([val, train[1:]])
+    # every document starts with EOT; dropping those leading EOTs decodes to the input text
+    assert (stream[starts] == CHAR_EOT).all()
+    keep = np.ones(stream.size, dtype=bool)
+    keep[starts] = False
+    assert char_decode(stream[keep]) == text
+    # and the whole stream is the text with "\n" before every section
+    assert char_decode(stream) == "".join("\n" + d for d in docs)
+    assert f"train: {train.size:,} tokens, val: 32,768 tokens" in proc.stdout
+
+
+def test_char_tokenizer_bin(tiny_char_out):
+    out, _ = tiny_char_out
+    header, entries = read_tokenizer_entries(os.path.join(out, "char_tokenizer.bin"))
+    assert header[:4].tolist() == [20240328, 2, 96, 0]
+    assert not header[4:].any()
+    assert len(entries) == 96
+    assert entries[0] == b"\n" and entries[1] == b" " and entries[2] == b"!" and entries[95] == b"~"
+    assert entries == [bytes([c]) for c in [10, 32] + list(range(33, 127))]
+    # decoding the val shard through the file's entries equals the reference decode
+    val = check_shard_header(os.path.join(out, "tiny_shakespeare_char_val.bin"))
+    assert b"".join(entries[t] for t in val.tolist()).decode("ascii") == char_decode(val)
+
+
+def test_tinyshakespeare_char_drops(run_script, tmp_path):
+    secs = ["First section.\nplain", "has a\ttab", "caf\u00e9 here", "third kept ~!", "last"]
+    text = "\n\n".join(secs)
+    inp = tmp_path / "input.txt"
+    inp.write_text(text, encoding="utf-8", newline="")
+    out = tmp_path / "out"
+    proc = ok(run_script("tinyshakespeare.py", "--input", inp, "--out", out, "--vocab", "char",
+                         "--val_tokens", 10))
+    docs = tiny_docs(text)
+    kept = [d for d in docs if char_encodable(d)]
+    assert len(kept) == 3
+    assert "3 documents (sections) kept, 2 dropped" in proc.stdout
+    val = check_shard_header(str(out / "tiny_shakespeare_char_val.bin"))
+    train = check_shard_header(str(out / "tiny_shakespeare_char_train.bin"))
+    stream = "".join("\n" + d for d in kept)
+    assert char_decode(val) == stream[:10]
+    assert char_decode(train) == ("" if stream[10] == "\n" else "\n") + stream[10:]
+
+
+def owt_char_shards(out):
+    val = sorted(glob.glob(os.path.join(out, "openwebtext_char_val_*.bin")))
+    train = sorted(glob.glob(os.path.join(out, "openwebtext_char_train_*.bin")))
+    assert [os.path.basename(p) for p in val] == ["openwebtext_char_val_000000.bin"]
+    assert [os.path.basename(p) for p in train] == \
+        [f"openwebtext_char_train_{i:06d}.bin" for i in range(1, len(train) + 1)]
+    return val + train
+
+
+def test_openwebtext_char(shared_data, run_script, tmp_path):
+    path, docs = owt_docs(shared_data, 100)
+    out = tmp_path / "owt"
+    out.mkdir()
+    # GPT-2 shards already in the folder are neither overwritten nor removed as stale
+    for n in ("openwebtext_val_000000.bin", "openwebtext_train_000007.bin"):
+        (out / n).write_bytes(b"gpt2")
+    shard_size = 30_000
+    proc = ok(run_script("openwebtext.py", "--input", path, "--out", out, "--max_docs", 100,
+                         "--shard_size", shard_size, "--vocab", "char"))
+    assert (out / "openwebtext_val_000000.bin").read_bytes() == b"gpt2"
+    assert (out / "openwebtext_train_000007.bin").read_bytes() == b"gpt2"
+    assert not (out / "gpt2_tokenizer.bin").exists()
+    header, entries = read_tokenizer_entries(str(out / "char_tokenizer.bin"))
+    assert header[:4].tolist() == [20240328, 2, 96, 0] and len(entries) == 96
+    # recompute which documents must be dropped: those with a character outside the 96
+    docs = [d for d in docs if d]
+    kept = [d for d in docs if char_encodable(d)]
+    dropped = [d for d in docs if not char_encodable(d)]
+    assert len(docs) == 100 and kept and dropped
+    assert f"{len(kept)} documents kept, {len(dropped)} dropped" in proc.stdout
+    assert max(len(d) for d in kept) + 1 <= shard_size  # so no kept document is cut
+    # walk the shards: each is EOT-led whole kept documents, in input order, none missing
+    shards = owt_char_shards(str(out))
+    assert len(shards) >= 2, proc.stdout
+    i = 0
+    for p in shards:
+        t = check_shard_header(p)
+        assert 0 < t.size <= shard_size and t[0] == CHAR_EOT and int(t.max()) < 96
+        s, pos = char_decode(t), 0
+        while pos < len(s):
+            assert i < len(kept), f"{p}: more text than the kept documents"
+            piece = "\n" + kept[i]
+            assert s[pos:pos + len(piece)] == piece, f"{p}: kept document {i} does not round-trip"
+            pos += len(piece)
+            i += 1
+    assert i == len(kept)
+
+
+def test_openwebtext_char_all_dropped(run_script, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "curly \u2019quote\u2019"}) + "\n" + json.dumps({"text": "tab\there"}) + "\n",
+                   encoding="utf-8")
+    proc = run_script("openwebtext.py", "--input", bad, "--out", tmp_path / "out", "--vocab", "char")
+    assert proc.returncode == 1
+    assert "all 2 documents" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_char_help(run_script):
+    for script in ("openwebtext.py", "tinyshakespeare.py"):
+        h = ok(run_script(script, "--help")).stdout
+        assert "char_tokenizer.bin" in h and "vocab_size = 96" in h and "-tk" in h, script

@@ -1,0 +1,653 @@
+// test_structured.c: tests of the structured linear layers (structured/btt.h, monarch.h, moe.h,
+// factor.h): default factors; forward against a dense W materialised independently from the
+// index formulas; finite-difference gradients of every parameter and the input; Monarch = BTT
+// rank 1; MoE with K = E = the softmax mix of all experts; MoE routing and tie-breaks; gradient
+// accumulation (exactly 2x); determinism.
+// Run with --bench for a quick forward+backward timing at d = 768, N = 4096.
+#include <time.h>
+#include "../common/rng.h"
+#include "../structured/factor.h"
+#include "../structured/btt.h"
+#include "../structured/monarch.h"
+#include "../structured/moe.h"
+#include "check.h"
+
+static mt19937_state g_rng;
+
+static float *randn(size_t n, float std) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    mt_normal_(p, n, 0.0f, std, &g_rng);
+    return p;
+}
+static float *zeros(size_t n) { return (float *)callocCheck(n ? n : 1, sizeof(float)); }
+static float *copyf(const float *a, size_t n) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    memcpy(p, a, sizeof(float) * n);
+    return p;
+}
+static int rand_int(int n) { return (int)(mt_u32(&g_rng) % (uint32_t)n); }
+
+// y = x W^T + b in double, W (dout, din) as doubles
+static void dense_ref(float *y, const float *x, const double *W, const float *b, int N, int din, int dout) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < dout; o++) {
+            double s = b ? b[o] : 0.0;
+            for (int i = 0; i < din; i++) s += W[(size_t)o * din + i] * x[(size_t)n * din + i];
+            y[(size_t)n * dout + o] = (float)s;
+        }
+}
+
+// W[o][i] from the BTT index formulas (rank components s, optionally only component only_s >= 0)
+static double *btt_materialize(const float *W0, const float *W1, const BTTShape *s, int only_s) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
+    double *W = (double *)callocCheck((size_t)s->d_out * s->d_in, sizeof(double));
+    for (int g = 0; g < G; g++)
+        for (int a = 0; a < A; a++)
+            for (int f = 0; f < P; f++)
+                for (int e = 0; e < E; e++)
+                    for (int r = 0; r < R; r++) {
+                        if (only_s >= 0 && r != only_s) continue;
+                        double w0 = W0[((size_t)g * A + a) * P * R + f * R + r];
+                        double w1 = W1[((size_t)f * G * R + g * R + r) * E + e];
+                        W[(size_t)(f * E + e) * s->d_in + g * A + a] += w0 * w1;
+                    }
+    return W;
+}
+
+static double *monarch_materialize(const float *R, const float *L, const MonarchShape *m) {
+    const int nb = m->nb, p = m->p, s = m->s, q = m->q;
+    double *W = (double *)callocCheck((size_t)m->d_out * m->d_in, sizeof(double));
+    for (int l = 0; l < nb; l++)
+        for (int i = 0; i < s; i++)
+            for (int r = 0; r < q; r++) {
+                int mi = r * nb + l, k = mi / q, j = mi % q;  // u[mi] = u[k*q + j]
+                double lv = L[((size_t)l * s + i) * q + r];
+                for (int c = 0; c < p; c++) W[(size_t)(i * nb + l) * m->d_in + k * p + c] += lv * R[((size_t)k * q + j) * p + c];
+            }
+    return W;
+}
+
+// naive top-K: stable selection sort by descending logit (ties to the lower index)
+static void naive_topk(const float *lg, int E, int K, int *sel) {
+    int idx[64];
+    for (int e = 0; e < E; e++) idx[e] = e;
+    for (int i = 1; i < E; i++)  // insertion sort, stable
+        for (int j = i; j > 0 && lg[idx[j]] > lg[idx[j - 1]]; j--) { int t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t; }
+    for (int k = 0; k < K; k++) sel[k] = idx[k];
+}
+
+// naive BTT-MoE forward in double from materialised experts
+static void moe_ref(float *y, const float *x, const float *W0, const float *W1, const float *router, const float *bias,
+                    int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
+    double **We = (double **)mallocCheck(sizeof(double *) * (size_t)E);
+    for (int e = 0; e < E; e++) We[e] = btt_materialize(W0, W1, &s->btt, e);
+    float lg[64];
+    int sel[64];
+    for (int n = 0; n < N; n++) {
+        const float *xn = x + (size_t)n * din;
+        for (int e = 0; e < E; e++) {
+            double a = 0;
+            for (int i = 0; i < din; i++) a += (double)router[(size_t)e * din + i] * xn[i];
+            lg[e] = (float)a;
+        }
+        naive_topk(lg, E, K, sel);
+        double g[64], sum = 0;
+        for (int k = 0; k < K; k++) { g[k] = exp((double)lg[sel[k]] - lg[sel[0]]); sum += g[k]; }
+        for (int o = 0; o < dout; o++) {
+            double acc = bias ? bias[o] : 0.0;
+            for (int k = 0; k < K; k++) {
+                const double *w = We[sel[k]] + (size_t)o * din;
+                double d = 0;
+                for (int i = 0; i < din; i++) d += w[i] * xn[i];
+                acc += g[k] / sum * d;
+            }
+            y[(size_t)n * dout + o] = (float)acc;
+        }
+    }
+    for (int e = 0; e < E; e++) free(We[e]);
+    free(We);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finite differences. A layer under test is a closure: forward(params) -> L = sum y*r (+ c*aux).
+
+typedef struct {
+    int kind;  // 0 btt, 1 monarch, 2 moe
+    BTTShape bs;
+    MonarchShape ms;
+    MoEShape es;
+    int N;
+    float *x, *w0, *w1, *router, *bias, *r, *y, *z;
+    MoEState st;
+    float c_aux;
+} Layer;
+
+static double layer_loss(Layer *L) {
+    double aux = 0.0;
+    if (L->kind == 0) btt_forward(L->y, L->z, L->x, L->w0, L->w1, L->bias, L->N, &L->bs);
+    else if (L->kind == 1) monarch_forward(L->y, L->z, L->x, L->w0, L->w1, L->bias, L->N, &L->ms);
+    else {
+        moe_forward(L->y, &L->st, L->x, L->w0, L->w1, L->router, L->bias, L->N, &L->es);
+        aux = moe_aux_loss(&L->st, L->N, &L->es);
+    }
+    int dout = L->kind == 0 ? L->bs.d_out : L->kind == 1 ? L->ms.d_out : L->es.btt.d_out;
+    double s = 0.0;
+    for (size_t i = 0; i < (size_t)L->N * dout; i++) s += (double)L->y[i] * L->r[i];
+    return s + L->c_aux * aux;
+}
+
+static void layer_backward(Layer *L, float *dx, float *dw0, float *dw1, float *drouter, float *dbias) {
+    if (L->kind == 0) {
+        float *scr = zeros(btt_scratch_size(&L->bs, L->N));
+        btt_backward(dx, dw0, dw1, dbias, L->r, L->x, L->z, L->w0, L->w1, L->N, &L->bs, scr);
+        free(scr);
+    } else if (L->kind == 1) {
+        float *scr = zeros(monarch_scratch_size(&L->ms, L->N));
+        monarch_backward(dx, dw0, dw1, dbias, L->r, L->x, L->z, L->w0, L->w1, L->N, &L->ms, scr);
+        free(scr);
+    } else {
+        float *scr = zeros(moe_scratch_size(&L->es, L->N));
+        moe_backward(dx, dw0, dw1, drouter, dbias, L->r, L->c_aux, L->x, &L->st, L->w0, L->w1, L->router, L->N, &L->es, scr);
+        free(scr);
+    }
+}
+
+// 1 when every token selects the same set of experts as in sel0 (the order within the top-K does
+// not change the function)
+static int same_routing(const int *sel0, const Layer *L) {
+    if (!sel0) return 1;
+    const int K = L->es.topk, E = L->es.experts;
+    for (int n = 0; n < L->N; n++) {
+        unsigned long long a = 0, b = 0;
+        for (int k = 0; k < K; k++) { a |= 1ull << (sel0[n * K + k] % 64); b |= 1ull << (L->st.sel[n * K + k] % 64); }
+        if (a != b || E > 64) {
+            if (E > 64) return memcmp(sel0, L->st.sel, sizeof(int) * (size_t)L->N * K) == 0;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+// Compares grad[i] with central differences of layer_loss over nsample random entries of p.
+static void fd_check(Layer *L, float *p, const float *grad, size_t n, int nsample, float h, float atol, float rtol,
+                     const char *name) {
+    if (nsample > (int)n) nsample = (int)n;
+    float *an = zeros((size_t)nsample), *fd = zeros((size_t)nsample);
+    int *sel0 = NULL, skipped = 0, used = 0;
+    size_t nsel = 0;
+    if (L->kind == 2) {
+        nsel = (size_t)L->N * L->es.topk;
+        sel0 = (int *)mallocCheck(sizeof(int) * nsel);
+        layer_loss(L);
+        memcpy(sel0, L->st.sel, sizeof(int) * nsel);
+    }
+    for (int k = 0; k < nsample; k++) {
+        size_t i = nsample == (int)n ? (size_t)k : (size_t)rand_int((int)n);
+        float orig = p[i];
+        p[i] = orig + h;
+        double lp = layer_loss(L);
+        int same = same_routing(sel0, L);
+        p[i] = orig - h;
+        double lm = layer_loss(L);
+        same = same && same_routing(sel0, L);
+        p[i] = orig;
+        if (!same) { skipped++; continue; }  // the perturbation changed the routing
+        an[used] = grad[i];
+        fd[used] = (float)((lp - lm) / (2.0 * h));
+        used++;
+    }
+    char buf[200];
+    snprintf(buf, sizeof buf, "%s (%d entries, h=%g, %d skipped: routing changed)", name, used, h, skipped);
+    check_close(an, fd, (size_t)used, atol, rtol, buf);
+    if (skipped > nsample / 4) check_true(0, buf, "too many perturbations changed the routing");
+    free(sel0);
+    free(an);
+    free(fd);
+    if (L->kind == 2) layer_loss(L);  // restore the state for the unperturbed parameters
+}
+
+static void layer_init(Layer *L, int N, int with_bias) {
+    int din, dout;
+    size_t n0, n1, nz;
+    if (L->kind == 0) { din = L->bs.d_in; dout = L->bs.d_out; n0 = btt_w0_size(&L->bs); n1 = btt_w1_size(&L->bs); nz = btt_z_size(&L->bs, N); }
+    else if (L->kind == 1) { din = L->ms.d_in; dout = L->ms.d_out; n0 = monarch_r_size(&L->ms); n1 = monarch_l_size(&L->ms); nz = monarch_u_size(&L->ms, N); }
+    else { din = L->es.btt.d_in; dout = L->es.btt.d_out; n0 = btt_w0_size(&L->es.btt); n1 = btt_w1_size(&L->es.btt); nz = 1; }
+    L->N = N;
+    L->x = randn((size_t)N * din, 1.0f);
+    L->w0 = randn(n0, 0.3f);
+    L->w1 = randn(n1, 0.3f);
+    L->bias = with_bias ? randn((size_t)dout, 0.5f) : NULL;
+    L->r = randn((size_t)N * dout, 1.0f);
+    L->y = zeros((size_t)N * dout);
+    L->z = zeros(nz);
+    L->router = NULL;
+    if (L->kind == 2) {
+        L->router = randn(moe_router_size(&L->es), 0.5f);
+        moe_state_alloc(&L->st, &L->es, N);
+    }
+}
+static void layer_free(Layer *L) {
+    free(L->x); free(L->w0); free(L->w1); free(L->bias); free(L->r); free(L->y); free(L->z); free(L->router);
+    if (L->kind == 2) moe_state_free(&L->st);
+}
+
+// full gradient test of a layer: every parameter and the input, plus accumulation and dx overwrite
+static void grad_tests(Layer *L, const char *tag, float h, float atol, float rtol, int nsample) {
+    int din = L->kind == 0 ? L->bs.d_in : L->kind == 1 ? L->ms.d_in : L->es.btt.d_in;
+    int dout = L->kind == 0 ? L->bs.d_out : L->kind == 1 ? L->ms.d_out : L->es.btt.d_out;
+    size_t n0 = L->kind == 1 ? monarch_r_size(&L->ms) : btt_w0_size(L->kind == 0 ? &L->bs : &L->es.btt);
+    size_t n1 = L->kind == 1 ? monarch_l_size(&L->ms) : btt_w1_size(L->kind == 0 ? &L->bs : &L->es.btt);
+    size_t nr = L->kind == 2 ? moe_router_size(&L->es) : 0, nx = (size_t)L->N * din;
+    float *dx = zeros(nx), *dw0 = zeros(n0), *dw1 = zeros(n1), *dr = zeros(nr), *db = zeros((size_t)dout);
+    layer_loss(L);
+    layer_backward(L, dx, dw0, dw1, dr, L->bias ? db : NULL);
+    char name[200];
+    const char *n0name = L->kind == 1 ? "dR" : "dW0", *n1name = L->kind == 1 ? "dL" : "dW1";
+    snprintf(name, sizeof name, "%s fd dx", tag); fd_check(L, L->x, dx, nx, nsample, h, atol, rtol, name);
+    snprintf(name, sizeof name, "%s fd %s", tag, n0name); fd_check(L, L->w0, dw0, n0, nsample, h, atol, rtol, name);
+    snprintf(name, sizeof name, "%s fd %s", tag, n1name); fd_check(L, L->w1, dw1, n1, nsample, h, atol, rtol, name);
+    if (L->bias) { snprintf(name, sizeof name, "%s fd dbias", tag); fd_check(L, L->bias, db, (size_t)dout, nsample, h, atol, rtol, name); }
+    if (nr) { snprintf(name, sizeof name, "%s fd drouter", tag); fd_check(L, L->router, dr, nr, nsample, h, atol, rtol, name); }
+    // a second backward accumulates exactly 2x; dx is overwritten, not accumulated
+    float *dx2 = copyf(dx, nx), *w0x2 = zeros(n0), *w1x2 = zeros(n1), *drx2 = zeros(nr), *dbx2 = zeros((size_t)dout);
+    for (size_t i = 0; i < n0; i++) w0x2[i] = 2.0f * dw0[i];
+    for (size_t i = 0; i < n1; i++) w1x2[i] = 2.0f * dw1[i];
+    for (size_t i = 0; i < nr; i++) drx2[i] = 2.0f * dr[i];
+    for (int i = 0; i < dout; i++) dbx2[i] = 2.0f * db[i];
+    for (size_t i = 0; i < nx; i++) dx[i] = 1e30f;
+    layer_backward(L, dx, dw0, dw1, dr, L->bias ? db : NULL);
+    snprintf(name, sizeof name, "%s backward twice: %s exactly 2x", tag, n0name); check_close(dw0, w0x2, n0, 0, 0, name);
+    snprintf(name, sizeof name, "%s backward twice: %s exactly 2x", tag, n1name); check_close(dw1, w1x2, n1, 0, 0, name);
+    if (nr) { snprintf(name, sizeof name, "%s backward twice: drouter exactly 2x", tag); check_close(dr, drx2, nr, 0, 0, name); }
+    if (L->bias) { snprintf(name, sizeof name, "%s backward twice: dbias exactly 2x", tag); check_close(db, dbx2, (size_t)dout, 0, 0, name); }
+    snprintf(name, sizeof name, "%s backward: dx overwritten, identical", tag); check_close(dx, dx2, nx, 0, 0, name);
+    // dx may be NULL: the weight gradients are the same
+    float *a0 = zeros(n0), *a1 = zeros(n1), *ar = zeros(nr);
+    layer_backward(L, NULL, a0, a1, ar, NULL);
+    for (size_t i = 0; i < n0; i++) a0[i] *= 2.0f;
+    snprintf(name, sizeof name, "%s backward with dx = NULL: same %s", tag, n0name); check_close(a0, w0x2, n0, 0, 0, name);
+    free(a0); free(a1); free(ar);
+    free(dx); free(dw0); free(dw1); free(dr); free(db); free(dx2); free(w0x2); free(w1x2); free(drx2); free(dbx2);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void test_factors(void) {
+    struct { int d, a, b; } c[] = {{768, 16, 48}, {1024, 32, 32}, {3072, 32, 96}, {512, 16, 32},
+                                   {4096, 64, 64}, {50304, 24, 2096}, {97, 1, 97}, {1, 1, 1}, {12, 2, 6}};
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        int a, b;
+        default_factors(c[i].d, &a, &b);
+        char name[100], why[100];
+        snprintf(name, sizeof name, "default_factors(%d) = (%d, %d)", c[i].d, c[i].a, c[i].b);
+        snprintf(why, sizeof why, "got (%d, %d)", a, b);
+        check_true(a == c[i].a && b == c[i].b, name, why);
+    }
+    BTTShape s;
+    btt_shape_default(&s, 768, 3072, 2);
+    check_true(s.alpha == 16 && s.gamma == 48 && s.phi == 32 && s.eps == 96 && btt_shape_ok(&s), "btt_shape_default 768->3072",
+               "wrong factors");
+    MonarchShape m;
+    monarch_shape(&m, 768, 3072, 4);
+    check_true(m.p == 192 && m.s == 768 && m.q == 192, "monarch_shape 768->3072 nb=4", "wrong p, s, q");
+    monarch_shape(&m, 768, 100, 8);
+    check_true(m.q == 0, "monarch_shape: nb not dividing d_out gives q = 0", "q != 0");
+}
+
+static void test_btt_forward(int A, int G, int P, int E, int R, int N, int bias) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 0;
+    btt_shape(&L.bs, A, G, P, E, R);
+    layer_init(&L, N, bias);
+    double *W = btt_materialize(L.w0, L.w1, &L.bs, -1);
+    float *yref = zeros((size_t)N * L.bs.d_out);
+    dense_ref(yref, L.x, W, L.bias, N, L.bs.d_in, L.bs.d_out);
+    btt_forward(L.y, L.z, L.x, L.w0, L.w1, L.bias, N, &L.bs);
+    char name[200];
+    snprintf(name, sizeof name, "btt forward = x W^T (%d->%d, a%d g%d f%d e%d rank %d, N=%d%s)", L.bs.d_in, L.bs.d_out, A, G, P, E,
+             R, N, bias ? ", bias" : "");
+    check_close(L.y, yref, (size_t)N * L.bs.d_out, 1e-4f, 1e-4f, name);
+    float *y2 = zeros((size_t)N * L.bs.d_out);
+    btt_forward(y2, L.z, L.x, L.w0, L.w1, L.bias, N, &L.bs);
+    snprintf(name, sizeof name, "btt forward deterministic (%d->%d rank %d)", L.bs.d_in, L.bs.d_out, R);
+    check_close(y2, L.y, (size_t)N * L.bs.d_out, 0, 0, name);
+    free(y2); free(W); free(yref);
+    layer_free(&L);
+}
+
+static void test_monarch_forward(int din, int dout, int nb, int N, int bias) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 1;
+    monarch_shape(&L.ms, din, dout, nb);
+    layer_init(&L, N, bias);
+    double *W = monarch_materialize(L.w0, L.w1, &L.ms);
+    float *yref = zeros((size_t)N * dout);
+    dense_ref(yref, L.x, W, L.bias, N, din, dout);
+    monarch_forward(L.y, L.z, L.x, L.w0, L.w1, L.bias, N, &L.ms);
+    char name[200];
+    snprintf(name, sizeof name, "monarch forward = x W^T (%d->%d, nb=%d p=%d s=%d q=%d, N=%d)", din, dout, nb, L.ms.p, L.ms.s, L.ms.q, N);
+    check_close(L.y, yref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+    free(W); free(yref);
+    layer_free(&L);
+}
+
+static void test_moe_forward(int A, int G, int P, int E, int ne, int K, int N, float router_std) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 2;
+    moe_shape(&L.es, A, G, P, E, ne, K);
+    layer_init(&L, N, 1);
+    for (size_t i = 0; i < moe_router_size(&L.es); i++) L.router[i] *= router_std / 0.5f;
+    float *yref = zeros((size_t)N * L.es.btt.d_out);
+    moe_ref(yref, L.x, L.w0, L.w1, L.router, L.bias, N, &L.es);
+    moe_forward(L.y, &L.st, L.x, L.w0, L.w1, L.router, L.bias, N, &L.es);
+    char name[200];
+    snprintf(name, sizeof name, "moe forward = sum gate * W_e x (%d->%d, E=%d K=%d, N=%d)", L.es.btt.d_in, L.es.btt.d_out, ne, K, N);
+    check_close(L.y, yref, (size_t)N * L.es.btt.d_out, 1e-4f, 1e-4f, name);
+    // routing against a naive argsort of the layer's own logits, and logits against naive ones
+    int ok = 1;
+    int sel[64];
+    float *lref = zeros((size_t)N * ne);
+    for (int n = 0; n < N; n++) {
+        naive_topk(L.st.logits + (size_t)n * ne, ne, K, sel);
+        for (int k = 0; k < K; k++) ok &= sel[k] == L.st.sel[(size_t)n * K + k];
+        for (int e = 0; e < ne; e++) {
+            double a = 0;
+            for (int i = 0; i < L.es.btt.d_in; i++) a += (double)L.router[(size_t)e * L.es.btt.d_in + i] * L.x[(size_t)n * L.es.btt.d_in + i];
+            lref[(size_t)n * ne + e] = (float)a;
+        }
+    }
+    snprintf(name, sizeof name, "moe routing = naive argsort (E=%d K=%d)", ne, K);
+    check_true(ok, name, "selected experts differ");
+    snprintf(name, sizeof name, "moe logits = R x (E=%d)", ne);
+    check_close(L.st.logits, lref, (size_t)N * ne, 1e-4f, 1e-4f, name);
+    int cnt_ok = L.st.offsets[ne] == N * K;
+    for (int e = 0; e < ne; e++) {
+        int c = 0;
+        for (int i = 0; i < N * K; i++) c += L.st.sel[i] == e;
+        cnt_ok &= c == L.st.counts[e];
+    }
+    check_true(cnt_ok, "moe counts / offsets consistent with sel", "mismatch");
+    free(lref); free(yref);
+    layer_free(&L);
+}
+
+static void test_moe_ties(void) {
+    MoEShape s;
+    moe_shape(&s, 4, 6, 4, 5, 6, 3);
+    int N = 37, E = 6, K = 3;
+    float *x = randn((size_t)N * s.btt.d_in, 1.0f), *w0 = randn(btt_w0_size(&s.btt), 0.3f), *w1 = randn(btt_w1_size(&s.btt), 0.3f);
+    float *router = zeros(moe_router_size(&s)), *y = zeros((size_t)N * s.btt.d_out);
+    MoEState st;
+    moe_state_alloc(&st, &s, N);
+    moe_forward(y, &st, x, w0, w1, router, NULL, N, &s);
+    int ok = 1, gok = 1;
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            ok &= st.sel[n * K + k] == k;
+            gok &= fabsf(st.gate[n * K + k] - 1.0f / K) < 1e-6f;
+        }
+    check_true(ok, "moe zero router: experts 0..K-1 for every token", "other experts selected");
+    check_true(gok, "moe zero router: gates 1/K", "gates differ");
+    float aux = moe_aux_loss(&st, N, &s);
+    // P = 1/E each, f = 1/K on experts < K: balance = E * K * (1/E)(1/K) = 1; lse = log E
+    float want = 1.0f + 0.1f * logf((float)E) * logf((float)E);
+    check_close(&aux, &want, 1, 1e-5f, 1e-5f, "moe aux loss at a zero router = 1 + 0.1 log(E)^2");
+    // partial ties: routers rows 1 and 4 equal, row 2 = row 5
+    float *rr = randn(moe_router_size(&s), 1.0f);
+    memcpy(rr + 4 * s.btt.d_in, rr + 1 * s.btt.d_in, sizeof(float) * s.btt.d_in);
+    memcpy(rr + 5 * s.btt.d_in, rr + 2 * s.btt.d_in, sizeof(float) * s.btt.d_in);
+    moe_forward(y, &st, x, w0, w1, rr, NULL, N, &s);
+    ok = 1;
+    int sel[64];
+    for (int n = 0; n < N; n++) {
+        naive_topk(st.logits + (size_t)n * E, E, K, sel);
+        for (int k = 0; k < K; k++) ok &= sel[k] == st.sel[n * K + k];
+    }
+    check_true(ok, "moe tied router rows: routing = naive stable argsort", "differs");
+    moe_state_free(&st);
+    free(x); free(w0); free(w1); free(router); free(y); free(rr);
+}
+
+// K = E: the layer is the full softmax mix of all experts, each computed with btt_forward on
+// the expert's extracted rank-1 cores
+static void test_moe_full_mix(void) {
+    MoEShape s;
+    int A = 4, G = 6, P = 5, Ep = 8, E = 4, N = 23;
+    moe_shape(&s, A, G, P, Ep, E, E);
+    int din = s.btt.d_in, dout = s.btt.d_out;
+    float *x = randn((size_t)N * din, 1.0f), *w0 = randn(btt_w0_size(&s.btt), 0.3f), *w1 = randn(btt_w1_size(&s.btt), 0.3f);
+    float *router = randn(moe_router_size(&s), 0.3f), *bias = randn((size_t)dout, 0.5f), *y = zeros((size_t)N * dout);
+    MoEState st;
+    moe_state_alloc(&st, &s, N);
+    moe_forward(y, &st, x, w0, w1, router, bias, N, &s);
+    BTTShape b1 = moe_expert_shape(&s);
+    float *c0 = zeros(btt_w0_size(&b1)), *c1 = zeros(btt_w1_size(&b1)), *ye = zeros((size_t)E * N * dout), *z = zeros(btt_z_size(&b1, N));
+    for (int e = 0; e < E; e++) {
+        for (int g = 0; g < G; g++)
+            for (int a = 0; a < A; a++)
+                for (int f = 0; f < P; f++) c0[(g * A + a) * P + f] = w0[((g * A + a) * P + f) * E + e];
+        for (int f = 0; f < P; f++)
+            for (int g = 0; g < G; g++)
+                for (int o = 0; o < Ep; o++) c1[(f * G + g) * Ep + o] = w1[((f * G + g) * E + e) * Ep + o];
+        btt_forward(ye + (size_t)e * N * dout, z, x, c0, c1, NULL, N, &b1);
+    }
+    float *yref = zeros((size_t)N * dout);
+    for (int n = 0; n < N; n++) {
+        double lg[16], mx = -1e30, sum = 0;
+        for (int e = 0; e < E; e++) {
+            double a = 0;
+            for (int i = 0; i < din; i++) a += (double)router[e * din + i] * x[n * din + i];
+            lg[e] = a;
+            mx = a > mx ? a : mx;
+        }
+        for (int e = 0; e < E; e++) sum += exp(lg[e] - mx);
+        for (int o = 0; o < dout; o++) {
+            double acc = bias[o];
+            for (int e = 0; e < E; e++) acc += exp(lg[e] - mx) / sum * ye[((size_t)e * N + n) * dout + o];
+            yref[n * dout + o] = (float)acc;
+        }
+    }
+    check_close(y, yref, (size_t)N * dout, 1e-5f, 1e-4f, "moe K = E equals the softmax mix of all experts (btt_forward per expert)");
+    moe_state_free(&st);
+    free(x); free(w0); free(w1); free(router); free(bias); free(y); free(c0); free(c1); free(ye); free(z); free(yref);
+}
+
+// Monarch with nb = sqrt(d) equals BTT rank 1 with alpha = p, gamma = phi = nb, eps = s, and
+// cores W0[g, a, f] = R[g, f, a], W1[f, g, e] = L[f, e, g]; y_monarch[i*nb + l] = y_btt[l*eps + i].
+static void test_monarch_is_btt(int nb, int N) {
+    int d = nb * nb;
+    MonarchShape m;
+    monarch_shape(&m, d, d, nb);
+    BTTShape b;
+    btt_shape(&b, nb, nb, nb, nb, 1);
+    float *x = randn((size_t)N * d, 1.0f), *R = randn(monarch_r_size(&m), 0.3f), *L = randn(monarch_l_size(&m), 0.3f);
+    float *W0 = zeros(btt_w0_size(&b)), *W1 = zeros(btt_w1_size(&b));
+    for (int g = 0; g < nb; g++)
+        for (int a = 0; a < nb; a++)
+            for (int f = 0; f < nb; f++) W0[(g * nb + a) * nb + f] = R[(g * nb + f) * nb + a];
+    for (int f = 0; f < nb; f++)
+        for (int g = 0; g < nb; g++)
+            for (int e = 0; e < nb; e++) W1[(f * nb + g) * nb + e] = L[(f * nb + e) * nb + g];
+    float *ym = zeros((size_t)N * d), *yb = zeros((size_t)N * d), *u = zeros(monarch_u_size(&m, N)), *z = zeros(btt_z_size(&b, N));
+    monarch_forward(ym, u, x, R, L, NULL, N, &m);
+    btt_forward(yb, z, x, W0, W1, NULL, N, &b);
+    float *yp = zeros((size_t)N * d);
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < nb; i++)
+            for (int l = 0; l < nb; l++) yp[n * d + i * nb + l] = yb[n * d + l * nb + i];
+    char name[120];
+    snprintf(name, sizeof name, "monarch nb=%d (d=%d) = btt rank 1 up to the output permutation", nb, d);
+    check_close(ym, yp, (size_t)N * d, 1e-5f, 1e-5f, name);
+    free(x); free(R); free(L); free(W0); free(W1); free(ym); free(yb); free(u); free(z); free(yp);
+}
+
+static void grad_btt(int A, int G, int P, int E, int R, int N, int nsample) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 0;
+    btt_shape(&L.bs, A, G, P, E, R);
+    layer_init(&L, N, 1);
+    char tag[100];
+    snprintf(tag, sizeof tag, "btt %d->%d rank %d", L.bs.d_in, L.bs.d_out, R);
+    grad_tests(&L, tag, 0.25f, 2e-3f, 1e-3f, nsample);  // L is linear in each entry: FD is exact up to rounding
+    layer_free(&L);
+}
+static void grad_monarch(int din, int dout, int nb, int N, int nsample) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 1;
+    monarch_shape(&L.ms, din, dout, nb);
+    layer_init(&L, N, 1);
+    char tag[100];
+    snprintf(tag, sizeof tag, "monarch %d->%d nb=%d", din, dout, nb);
+    grad_tests(&L, tag, 0.25f, 2e-3f, 1e-3f, nsample);
+    layer_free(&L);
+}
+static void grad_moe(int A, int G, int P, int Ep, int E, int K, int N, int nsample) {
+    Layer L;
+    memset(&L, 0, sizeof L);
+    L.kind = 2;
+    moe_shape(&L.es, A, G, P, Ep, E, K);
+    layer_init(&L, N, 1);
+    L.c_aux = 3.0f;  // weight the aux loss up so that its gradient is visible in the check
+    char tag[100];
+    snprintf(tag, sizeof tag, "moe %d->%d E=%d K=%d (L = sum y r + 3 aux)", L.es.btt.d_in, L.es.btt.d_out, E, K);
+    grad_tests(&L, tag, 1e-2f, 3e-3f, 1e-2f, nsample);  // nonlinear (softmax): small h, looser tolerance
+    layer_free(&L);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quick timing (--bench): forward + backward at d = 768, N = 4096.
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+static void bench(void) {
+    const int N = 4096, d = 768, reps = 5;
+    printf("# timing forward+backward, N=%d, d=%d->%d, %d threads (best of %d)\n", N, d, d, st_num_threads(), reps);
+    float *x = randn((size_t)N * d, 1.0f), *dy = randn((size_t)N * d, 1.0f), *y = zeros((size_t)N * d), *dx = zeros((size_t)N * d);
+    float *b = randn((size_t)d, 0.1f), *db = zeros((size_t)d);
+    {   // dense through the same per-thread-block sgemm scheme
+        float *W = randn((size_t)d * d, 0.02f), *dW = zeros((size_t)d * d);
+        double best_f = 1e30, best_b = 1e30;
+        for (int r = 0; r < reps + 1; r++) {
+            double t0 = now_ms();
+            StGemmJob j = st_job(0, 1, N, d, d, x, d, W, d, y, d, 0);
+            st_run_jobs(&j, 1);
+            double t1 = now_ms();
+            StGemmJob jb[2] = {st_job(0, 0, N, d, d, dy, d, W, d, dx, d, 0), st_job(1, 0, d, d, N, dy, d, x, d, dW, d, 1)};
+            st_run_jobs(jb, 2);
+            st_bias_backward(db, dy, N, d);
+            double t2 = now_ms();
+            if (r) { best_f = t1 - t0 < best_f ? t1 - t0 : best_f; best_b = t2 - t1 < best_b ? t2 - t1 : best_b; }
+        }
+        printf("# dense                 fwd %7.2f ms  bwd %7.2f ms  total %7.2f ms  (%zu MACs/row)\n", best_f, best_b, best_f + best_b, (size_t)d * d);
+        free(W); free(dW);
+    }
+    int ranks[] = {1, 4};
+    for (int ri = 0; ri < 2; ri++) {
+        BTTShape s;
+        btt_shape_default(&s, d, d, ranks[ri]);
+        float *w0 = randn(btt_w0_size(&s), 0.1f), *w1 = randn(btt_w1_size(&s), 0.1f), *z = zeros(btt_z_size(&s, N));
+        float *d0 = zeros(btt_w0_size(&s)), *d1 = zeros(btt_w1_size(&s)), *scr = zeros(btt_scratch_size(&s, N));
+        double best_f = 1e30, best_b = 1e30;
+        for (int r = 0; r < reps + 1; r++) {
+            double t0 = now_ms();
+            btt_forward(y, z, x, w0, w1, b, N, &s);
+            double t1 = now_ms();
+            btt_backward(dx, d0, d1, db, dy, x, z, w0, w1, N, &s, scr);
+            double t2 = now_ms();
+            if (r) { best_f = t1 - t0 < best_f ? t1 - t0 : best_f; best_b = t2 - t1 < best_b ? t2 - t1 : best_b; }
+        }
+        printf("# btt rank %d            fwd %7.2f ms  bwd %7.2f ms  total %7.2f ms  (%zu MACs/row)\n", ranks[ri], best_f, best_b, best_f + best_b, btt_flops_per_row(&s));
+        free(w0); free(w1); free(z); free(d0); free(d1); free(scr);
+    }
+    int nbs[] = {4, 16, 32};
+    for (int ni = 0; ni < 3; ni++) {
+        MonarchShape m;
+        monarch_shape(&m, d, d, nbs[ni]);
+        float *R = randn(monarch_r_size(&m), 0.1f), *L = randn(monarch_l_size(&m), 0.1f), *u = zeros(monarch_u_size(&m, N));
+        float *dR = zeros(monarch_r_size(&m)), *dL = zeros(monarch_l_size(&m)), *scr = zeros(monarch_scratch_size(&m, N));
+        double best_f = 1e30, best_b = 1e30;
+        for (int r = 0; r < reps + 1; r++) {
+            double t0 = now_ms();
+            monarch_forward(y, u, x, R, L, b, N, &m);
+            double t1 = now_ms();
+            monarch_backward(dx, dR, dL, db, dy, x, u, R, L, N, &m, scr);
+            double t2 = now_ms();
+            if (r) { best_f = t1 - t0 < best_f ? t1 - t0 : best_f; best_b = t2 - t1 < best_b ? t2 - t1 : best_b; }
+        }
+        printf("# monarch nb=%-2d          fwd %7.2f ms  bwd %7.2f ms  total %7.2f ms  (%zu MACs/row)\n", nbs[ni], best_f, best_b, best_f + best_b, monarch_flops_per_row(&m));
+        free(R); free(L); free(u); free(dR); free(dL); free(scr);
+    }
+    {
+        MoEShape s;
+        moe_shape_default(&s, d, d, 8, 2);
+        float *w0 = randn(btt_w0_size(&s.btt), 0.1f), *w1 = randn(btt_w1_size(&s.btt), 0.1f), *rt = randn(moe_router_size(&s), 0.05f);
+        float *d0 = zeros(btt_w0_size(&s.btt)), *d1 = zeros(btt_w1_size(&s.btt)), *drt = zeros(moe_router_size(&s));
+        float *scr = zeros(moe_scratch_size(&s, N));
+        MoEState st;
+        moe_state_alloc(&st, &s, N);
+        double best_f = 1e30, best_b = 1e30;
+        for (int r = 0; r < reps + 1; r++) {
+            double t0 = now_ms();
+            moe_forward(y, &st, x, w0, w1, rt, b, N, &s);
+            double t1 = now_ms();
+            moe_backward(dx, d0, d1, drt, db, dy, 0.01f, x, &st, w0, w1, rt, N, &s, scr);
+            double t2 = now_ms();
+            if (r) { best_f = t1 - t0 < best_f ? t1 - t0 : best_f; best_b = t2 - t1 < best_b ? t2 - t1 : best_b; }
+        }
+        printf("# btt_moe E=8 K=2        fwd %7.2f ms  bwd %7.2f ms  total %7.2f ms  (%zu MACs/row)\n", best_f, best_b, best_f + best_b, moe_flops_per_row(&s));
+        moe_state_free(&st);
+        free(w0); free(w1); free(rt); free(d0); free(d1); free(drt); free(scr);
+    }
+    free(x); free(dy); free(y); free(dx); free(b); free(db);
+}
+
+int main(int argc, char **argv) {
+    mt_seed(&g_rng, 1337);
+    if (argc > 1 && strcmp(argv[1], "--bench") == 0) { bench(); return 0; }
+    test_factors();
+    // forward against materialised W: small non-square shapes, then realistic ones (d = 768, N = 64)
+    test_btt_forward(4, 12, 8, 10, 1, 7, 1);   // 48 -> 80
+    test_btt_forward(4, 12, 8, 10, 2, 7, 0);
+    test_btt_forward(6, 8, 5, 16, 4, 13, 1);   // 48 -> 80, other factors
+    test_btt_forward(16, 5, 3, 7, 3, 150, 1);  // 80 -> 21, N spanning several row tiles
+    test_btt_forward(16, 48, 16, 48, 1, 64, 1);  // 768 -> 768, default factors
+    test_btt_forward(16, 48, 16, 48, 4, 64, 1);
+    test_btt_forward(16, 48, 32, 96, 2, 64, 1);  // 768 -> 3072
+    test_monarch_forward(48, 80, 4, 9, 1);
+    test_monarch_forward(80, 48, 4, 9, 1);
+    test_monarch_forward(36, 36, 6, 5, 0);
+    test_monarch_forward(768, 3072, 4, 64, 1);
+    test_monarch_forward(3072, 768, 4, 64, 1);
+    test_monarch_forward(768, 768, 32, 130, 1);
+    test_moe_forward(4, 12, 8, 10, 4, 2, 31, 0.5f);   // 48 -> 80, E=4 K=2
+    test_moe_forward(6, 8, 4, 5, 5, 1, 31, 0.5f);     // 48 -> 20, E=5 K=1
+    test_moe_forward(4, 3, 2, 5, 3, 3, 150, 0.5f);    // K = E, several tiles
+    test_moe_forward(16, 48, 16, 48, 8, 2, 64, 0.05f);  // 768 -> 768, E=8 K=2
+    test_moe_ties();
+    test_moe_full_mix();
+    test_monarch_is_btt(8, 11);
+    test_monarch_is_btt(4, 70);
+    test_monarch_is_btt(32, 64);  // d = 1024
+    // gradients (finite differences), accumulation, dx overwrite
+    grad_btt(4, 12, 8, 10, 1, 5, 30);
+    grad_btt(4, 12, 8, 10, 2, 5, 30);
+    grad_btt(6, 8, 5, 16, 4, 70, 30);
+    grad_btt(16, 48, 16, 48, 4, 64, 12);  // realistic
+    grad_monarch(48, 80, 4, 5, 30);
+    grad_monarch(80, 48, 4, 70, 30);
+    grad_monarch(768, 768, 4, 64, 12);
+    grad_moe(4, 12, 8, 10, 4, 2, 9, 40);
+    grad_moe(4, 3, 2, 5, 3, 3, 70, 40);
+    grad_moe(6, 8, 4, 5, 5, 1, 20, 40);
+    return test_summary();
+}
