@@ -36,7 +36,7 @@ endif
 COMMON_H = $(wildcard common/*.h structured/*.h)
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured
 
-.PHONY: all test clean bench
+.PHONY: all test clean bench bench-layers
 all: train_gpt2 test_gpt2
 
 train_gpt2: train_gpt2.c $(COMMON_H)
@@ -63,6 +63,12 @@ test: train_gpt2 test_gpt2 $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_no
 
 bench: train_gpt2
 	bash dev/bench/cpu.sh
+
+$(BUILD)/bench_layers_cpu: dev/bench/layers_cpu.c train_gpt2.c $(COMMON_H) | $(BUILD)
+	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+bench-layers: $(BUILD)/bench_layers_cpu
+	$(BUILD)/bench_layers_cpu 4096 3
 
 clean:
 	rm -rf $(BUILD) train_gpt2 test_gpt2

@@ -9,53 +9,125 @@
 #define FIXTURE_MAGIC 20241123
 
 typedef struct {
-    int B, T, n_steps, V, Vp;
+    int version, B, T, n_steps, V, Vp, n_routed;
     size_t num_params;
-    float lr, beta1, beta2, eps, weight_decay, grad_clip;
+    float lr, beta1, beta2, eps, weight_decay, grad_clip, moe_aux_weight;
     char *config_text;
-    float *params, *logits, *grads, *losses, *norms, *final_params;
-    float loss;
+    // all in the model's table order (version 2 fixtures are mapped by tensor name)
+    float *params, *logits, *grads, *final_params;
+    float *losses, *ce_losses, *auxes, *norms;
+    float loss, ce_loss, aux;
     int *inputs, *targets;
+    float *ref_lr_mult;  // per table tensor, from a version 2 directory (NULL for version 1)
+    int *ref_decay;
 } Fixture;
 
-static void fixture_read(Fixture *f, const char *path) {
+// Reads n_tensors per-tensor arrays in directory order into a table-ordered buffer.
+static void read_by_directory(FILE *fp, const char *path, const GPT2Layout *g, const int *map, int n, float *dst) {
+    for (int i = 0; i < n; i++) {
+        const ParamTensor *p = &g->params.t[map[i]];
+        freadCheck(dst + p->offset, sizeof(float), p->numel, fp, path);
+    }
+}
+
+// Reads a fixture and builds the model it describes into m.
+static void fixture_read(Fixture *f, GPT2 *m, const char *path) {
+    memset(f, 0, sizeof(*f));
     FILE *fp = fopenCheck(path, "rb");
     int header[256];
     float hyper[64];
     freadCheck(header, sizeof(int), 256, fp, path);
-    if (header[0] != FIXTURE_MAGIC || header[1] != 1)
-        fatal("'%s' is not a version-1 fixture (magic %d version %d); regenerate with python dev/reference.py", path, header[0], header[1]);
+    if (header[0] != FIXTURE_MAGIC || (header[1] != 1 && header[1] != 2))
+        fatal("'%s' is not a version 1 or 2 fixture (magic %d version %d); regenerate with python dev/reference.py", path, header[0], header[1]);
+    f->version = header[1];
     freadCheck(hyper, sizeof(float), 64, fp, path);
     f->B = header[2]; f->T = header[3]; f->n_steps = header[4];
-    f->num_params = (size_t)header[6]; f->V = header[7]; f->Vp = header[8];
+    f->V = header[7]; f->Vp = header[8];
+    f->n_routed = f->version == 2 ? header[9] : 0;
     f->lr = hyper[0]; f->beta1 = hyper[1]; f->beta2 = hyper[2]; f->eps = hyper[3];
     f->weight_decay = hyper[4]; f->grad_clip = hyper[5];
+    f->moe_aux_weight = f->version == 2 ? hyper[6] : 0.0f;
     f->config_text = (char *)callocCheck((size_t)header[5] + 1, 1);
     freadCheck(f->config_text, 1, (size_t)header[5], fp, path);
-    size_t BT = (size_t)f->B * f->T, P = f->num_params;
+    memset(m, 0, sizeof(*m));
+    gpt2_build_from_config_text(m, path, f->config_text);
+    const GPT2Layout *g = &m->layout;
+    size_t BT = (size_t)f->B * f->T, P = m->num_params;
+    int n = g->params.n, *map = NULL;
+    if (f->version == 1) {
+        if ((size_t)header[6] != P) fatal("'%s' holds %d parameters, the model built from its config %zu", path, header[6], P);
+    } else {
+        n = header[6];
+        map = (int *)mallocCheck((size_t)n * sizeof(int));
+        f->ref_lr_mult = (float *)callocCheck((size_t)g->params.n, sizeof(float));
+        f->ref_decay = (int *)callocCheck((size_t)g->params.n, sizeof(int));
+        size_t covered = 0;
+        for (int i = 0; i < n; i++) {
+            char name[64];
+            int ints[5], tail[3];
+            float lr_mult;
+            freadCheck(name, 1, 64, fp, path);
+            name[63] = '\0';
+            freadCheck(ints, sizeof(int), 5, fp, path);
+            freadCheck(&lr_mult, sizeof(float), 1, fp, path);
+            freadCheck(tail, sizeof(int), 3, fp, path);
+            int idx = params_index(&g->params, name);
+            if (idx < 0) fatal("'%s': the reference has tensor '%s' that the model built from its config lacks", path, name);
+            const ParamTensor *p = &g->params.t[idx];
+            int same = ints[0] == p->ndim;
+            for (int d = 0; d < p->ndim && same; d++) same = (size_t)ints[1 + d] == p->shape[d];
+            if (!same) fatal("'%s': tensor '%s' has another shape in the reference than in the model", path, name);
+            map[i] = idx;
+            f->ref_lr_mult[idx] = lr_mult;
+            f->ref_decay[idx] = tail[0];
+            covered += p->numel;
+        }
+        if (n != g->params.n || covered != P) fatal("'%s': the reference has %d tensors, the model %d", path, n, g->params.n);
+    }
+    f->num_params = P;
     f->params = (float *)mallocCheck(P * sizeof(float));
+    f->grads = (float *)mallocCheck(P * sizeof(float));
+    f->final_params = (float *)mallocCheck(P * sizeof(float));
     f->inputs = (int *)mallocCheck(BT * sizeof(int));
     f->targets = (int *)mallocCheck(BT * sizeof(int));
     f->logits = (float *)mallocCheck(BT * f->V * sizeof(float));
-    f->grads = (float *)mallocCheck(P * sizeof(float));
     f->losses = (float *)mallocCheck(f->n_steps * sizeof(float));
+    f->ce_losses = (float *)mallocCheck(f->n_steps * sizeof(float));
+    f->auxes = (float *)callocCheck(f->n_steps, sizeof(float));
     f->norms = (float *)mallocCheck(f->n_steps * sizeof(float));
-    f->final_params = (float *)mallocCheck(P * sizeof(float));
-    freadCheck(f->params, sizeof(float), P, fp, path);
+    if (map) read_by_directory(fp, path, g, map, n, f->params);
+    else freadCheck(f->params, sizeof(float), P, fp, path);
     freadCheck(f->inputs, sizeof(int), BT, fp, path);
     freadCheck(f->targets, sizeof(int), BT, fp, path);
     freadCheck(f->logits, sizeof(float), BT * f->V, fp, path);
     freadCheck(&f->loss, sizeof(float), 1, fp, path);
-    freadCheck(f->grads, sizeof(float), P, fp, path);
+    f->ce_loss = f->loss;
+    if (f->version == 2) {
+        freadCheck(&f->ce_loss, sizeof(float), 1, fp, path);
+        freadCheck(&f->aux, sizeof(float), 1, fp, path);
+    }
+    if (map) read_by_directory(fp, path, g, map, n, f->grads);
+    else freadCheck(f->grads, sizeof(float), P, fp, path);
     freadCheck(f->losses, sizeof(float), f->n_steps, fp, path);
+    if (f->version == 2) {
+        freadCheck(f->ce_losses, sizeof(float), f->n_steps, fp, path);
+        freadCheck(f->auxes, sizeof(float), f->n_steps, fp, path);
+    } else {
+        memcpy(f->ce_losses, f->losses, f->n_steps * sizeof(float));
+    }
     freadCheck(f->norms, sizeof(float), f->n_steps, fp, path);
-    freadCheck(f->final_params, sizeof(float), P, fp, path);
+    if (map) read_by_directory(fp, path, g, map, n, f->final_params);
+    else freadCheck(f->final_params, sizeof(float), P, fp, path);
+    char extra;
+    if (fread(&extra, 1, 1, fp) == 1) fatal("'%s' is longer than its header says: regenerate it", path);
     fcloseCheck(fp, path);
+    free(map);
 }
 
 static void fixture_free(Fixture *f) {
-    free(f->config_text); free(f->params); free(f->logits); free(f->grads); free(f->losses);
-    free(f->norms); free(f->final_params); free(f->inputs); free(f->targets);
+    free(f->config_text); free(f->params); free(f->logits); free(f->grads); free(f->losses); free(f->ce_losses);
+    free(f->auxes); free(f->norms); free(f->final_params); free(f->inputs); free(f->targets);
+    free(f->ref_lr_mult); free(f->ref_decay);
 }
 
 static float max_abs(const float *x, size_t n) {
@@ -85,62 +157,86 @@ static void check_tensors(const GPT2 *m, const float *got, const float *expected
 
 static void run_fixture(const char *path) {
     Fixture f;
-    fixture_read(&f, path);
-    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", base, f.B, f.T, f.V, f.num_params, f.n_steps);
-    ConfigFile cf;
-    config_parse_text(&cf, path, f.config_text);
-    GPT2Config c;
-    gpt2_config_from_file(&cf, &c);
-    config_check_all_used(&cf, GPT2_CONFIG_KEYS);
-    config_free(&cf);
     GPT2 m;
-    memset(&m, 0, sizeof(m));
-    gpt2_layout_build(&m.layout, &c);
-    gpt2_alloc_params(&m);
+    fixture_read(&f, &m, path);
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    printf("# fixture %s (v%d): B=%d T=%d V=%d, %zu params in %d tensors, %d routed layers, %d steps\n", base, f.version, f.B, f.T,
+           f.V, f.num_params, m.layout.params.n, m.n_routed, f.n_steps);
     char name[256];
-    snprintf(name, sizeof(name), "%s parameter count", base);
-    check_true(m.num_params == f.num_params && c.vocab_size == f.V && c.padded_vocab_size == f.Vp, name, "table size differs from the fixture");
-    if (m.num_params != f.num_params) { fixture_free(&f); gpt2_free(&m); return; }
+    const GPT2Layout *g = &m.layout;
+    if (f.version == 2) {
+        // the structure-aware learning rates and decay flags, tensor by tensor, against the reference's
+        int ok = 1;
+        char why[256] = "";
+        for (int i = 0; i < g->params.n && ok; i++) {
+            const ParamTensor *p = &g->params.t[i];
+            if (fabsf(p->lr_mult - f.ref_lr_mult[i]) > 1e-6f * fabsf(f.ref_lr_mult[i]) || p->decay != f.ref_decay[i]) {
+                ok = 0;
+                snprintf(why, sizeof(why), "%s: lr_mult %g decay %d, reference %g decay %d", p->name, p->lr_mult, p->decay,
+                         f.ref_lr_mult[i], f.ref_decay[i]);
+            }
+        }
+        snprintf(name, sizeof(name), "%s lr multipliers and decay flags of all %d tensors", base, g->params.n);
+        check_true(ok, name, why);
+        snprintf(name, sizeof(name), "%s routed layers and aux weight", base);
+        check_true(m.n_routed == f.n_routed && (f.n_routed == 0 || fabsf(g->structure.moe_aux_weight - f.moe_aux_weight) < 1e-7f),
+                   name, "differ from the reference");
+    }
     memcpy(m.params, f.params, f.num_params * sizeof(float));
     gpt2_alloc_activations(&m, f.B, f.T);
 
     // forward and backward at the initial weights
-    float loss = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+    float ce = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+    float aux = m.aux_loss, total = gpt2_total_loss(&m, ce);
     snprintf(name, sizeof(name), "%s logits", base);
     check_logits(&m, f.logits, f.B * f.T, f.V, 1e-5f, 1e-4f, name);
     snprintf(name, sizeof(name), "%s loss", base);
-    check_close(&loss, &f.loss, 1, 1e-5f, 1e-5f, name);
+    check_close(&total, &f.loss, 1, 1e-5f, 1e-5f, name);
+    if (f.n_routed > 0) {
+        snprintf(name, sizeof(name), "%s cross-entropy without aux", base);
+        check_close(&ce, &f.ce_loss, 1, 1e-5f, 1e-5f, name);
+        snprintf(name, sizeof(name), "%s aux loss", base);
+        check_close(&aux, &f.aux, 1, 1e-5f, 1e-5f, name);
+    }
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f, f.B, f.T);
     check_tensors(&m, m.grads, f.grads, 1e-4f, "grad", base);
 
-    // the reference's training: same batch each step, clip, AdamW
+    // the reference's training: same batch each step, clip, AdamW with the table's multipliers
     memcpy(m.params, f.params, f.num_params * sizeof(float));
     float *losses = (float *)mallocCheck(f.n_steps * sizeof(float));
+    float *auxes = (float *)mallocCheck(f.n_steps * sizeof(float));
     float *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
     for (int s = 0; s < f.n_steps; s++) {
-        losses[s] = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+        float l = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+        losses[s] = gpt2_total_loss(&m, l);
+        auxes[s] = m.aux_loss;
         gpt2_zero_grad(&m);
         gpt2_backward(&m, 1.0f, f.B, f.T);
         norms[s] = gpt2_grad_norm(&m);
         float scale = norms[s] > f.grad_clip ? f.grad_clip / norms[s] : 1.0f;
         gpt2_update(&m, f.lr, f.beta1, f.beta2, f.eps, f.weight_decay, scale, s + 1);
-        printf("  step %2d loss %.6f (ref %.6f) norm %.6f (ref %.6f)\n", s + 1, losses[s], f.losses[s], norms[s], f.norms[s]);
+        printf("  step %2d loss %.6f (ref %.6f) aux %.6f (ref %.6f) norm %.6f (ref %.6f)\n", s + 1, losses[s], f.losses[s],
+               auxes[s], f.auxes[s], norms[s], f.norms[s]);
     }
     snprintf(name, sizeof(name), "%s losses over %d steps", base, f.n_steps);
     check_close(losses, f.losses, f.n_steps, 1e-4f, 1e-5f, name);
+    if (f.n_routed > 0) {
+        snprintf(name, sizeof(name), "%s aux losses over %d steps", base, f.n_steps);
+        check_close(auxes, f.auxes, f.n_steps, 1e-4f, 1e-4f, name);
+    }
     snprintf(name, sizeof(name), "%s grad norms over %d steps", base, f.n_steps);
     check_close(norms, f.norms, f.n_steps, 1e-4f, 1e-4f, name);
-    // Adam moves every coordinate by about lr per step whatever the gradient's size, so where a
-    // gradient is near zero fp32-vs-fp64 rounding shows up in lr units: allow 1% of lr. A wrong
-    // weight decay or bias correction moves weights by far more than that.
-    for (int i = 0; i < m.layout.params.n; i++) {
-        const ParamTensor *p = &m.layout.params.t[i];
+    // Adam moves every coordinate by about lr·lr_mult per step whatever the gradient's size, so
+    // where a gradient is near zero fp32-vs-fp64 rounding shows up in those units: allow 1% of
+    // the tensor's step. A wrong weight decay or bias correction moves weights by far more.
+    for (int i = 0; i < g->params.n; i++) {
+        const ParamTensor *p = &g->params.t[i];
         snprintf(name, sizeof(name), "%s weights after training %s", base, p->name);
-        check_close(m.params + p->offset, f.final_params + p->offset, p->numel, 0.01f * f.lr, 0.0f, name);
+        check_close(m.params + p->offset, f.final_params + p->offset, p->numel, 0.01f * f.lr * p->lr_mult, 0.0f, name);
     }
     free(losses);
+    free(auxes);
     free(norms);
     gpt2_free(&m);
     fixture_free(&f);
@@ -192,11 +288,20 @@ static void run_llmc_124M(const char *model_path, const char *state_path) {
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : "dev/fixtures";
     char pattern[1024];
-    snprintf(pattern, sizeof(pattern), "%s/dense_*.bin", dir);
+    snprintf(pattern, sizeof(pattern), "%s/*.bin", dir);
     glob_t g;
-    if (glob(pattern, 0, NULL, &g) != 0 || g.gl_pathc == 0) fatal("no fixtures match '%s'; run from the repository root", pattern);
-    for (size_t i = 0; i < g.gl_pathc; i++) run_fixture(g.gl_pathv[i]);
-    globfree(&g);
+    int ran = 0;
+    if (glob(pattern, 0, NULL, &g) == 0) {
+        for (size_t i = 0; i < g.gl_pathc; i++) {  // model fixtures; the RNG and init ones have other magics
+            FILE *fp = fopenCheck(g.gl_pathv[i], "rb");
+            int magic = 0;
+            size_t got = fread(&magic, sizeof(int), 1, fp);
+            fclose(fp);
+            if (got == 1 && magic == FIXTURE_MAGIC) { run_fixture(g.gl_pathv[i]); ran++; }
+        }
+        globfree(&g);
+    }
+    if (ran == 0) fatal("no model fixtures in '%s'; run from the repository root", dir);
     FILE *a = fopen("gpt2_124M.bin", "rb"), *b = fopen("gpt2_124M_debug_state.bin", "rb");
     if (a && b) {
         fclose(a); fclose(b);

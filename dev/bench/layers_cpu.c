@@ -1,0 +1,101 @@
+// layers_cpu.c: one linear layer, forward + backward on the CPU, at widths 768, 1024, 2048 and
+// 4096 tokens: each structure's time against dense next to its FLOP ratio (issue 3's benchmark).
+//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps])
+#define TESTING
+#include "../../train_gpt2.c"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void fill(float *x, size_t n, float scale, mt19937_state *rng) { mt_normal_(x, n, 0.0f, scale, rng); }
+
+// Times `reps` forward+backward passes of the layer described by ld over N rows; returns ms.
+static double time_layer(GPT2 *m, LinearDesc *ld, int N, int reps, float *x, float *y, float *dy, float *dx) {
+    LinearActs la;
+    size_t scratch = 0;
+    linear_acts_alloc(&la, ld, N, &scratch);
+    m->lin_scratch = (float *)callocCheck(scratch + 1, sizeof(float));
+    double best = 1e30;
+    for (int r = 0; r < reps + 1; r++) {  // the first pass warms up (page faults, packing buffers)
+        double t0 = now_s();
+        linear_forward(m, ld, &la, y, x, N);
+        linear_backward(m, ld, &la, dx, dy, x, N, 0.01f);
+        double dt = now_s() - t0;
+        if (r > 0 && dt < best) best = dt;
+    }
+    free(m->lin_scratch);
+    linear_acts_free(&la);
+    return best * 1e3;
+}
+
+int main(int argc, char **argv) {
+    int N = argc > 1 ? atoi(argv[1]) : 4096, reps = argc > 2 ? atoi(argv[2]) : 3;
+    int widths[] = {768, 1024, 2048};
+    printf("one linear layer d -> d, forward + backward, %d tokens, best of %d (fp32, %s, %d threads)\n", N, reps,
+#ifdef USE_CBLAS
+           "OpenBLAS",
+#else
+           "built-in GEMM",
+#endif
+#ifdef OMP
+           omp_get_max_threads()
+#else
+           1
+#endif
+    );
+    printf("%-6s %-24s %10s %12s %10s %10s %12s\n", "d", "structure", "ms", "GFLOP/s", "time/dense", "FLOP/dense", "speedup");
+    mt19937_state rng;
+    mt_seed(&rng, 1);
+    for (size_t wi = 0; wi < sizeof(widths) / sizeof(widths[0]); wi++) {
+        int d = widths[wi];
+        int nb_sqrt = 1;
+        while ((nb_sqrt + 1) * (nb_sqrt + 1) <= d) nb_sqrt++;
+        while (d % nb_sqrt) nb_sqrt--;  // largest divisor of d not above sqrt(d)
+        struct { StructKind k; int rank, blocks, experts, topk; } cases[] = {
+            {STRUCT_DENSE, 0, 0, 0, 0}, {STRUCT_BTT, 1, 0, 0, 0}, {STRUCT_BTT, 2, 0, 0, 0}, {STRUCT_BTT, 4, 0, 0, 0},
+            {STRUCT_MONARCH, 0, 4, 0, 0}, {STRUCT_MONARCH, 0, nb_sqrt, 0, 0}, {STRUCT_BTT_MOE, 0, 0, 8, 2},
+        };
+        float *x = (float *)mallocCheck((size_t)N * d * sizeof(float)), *y = (float *)mallocCheck((size_t)N * d * sizeof(float));
+        float *dy = (float *)mallocCheck((size_t)N * d * sizeof(float)), *dx = (float *)mallocCheck((size_t)N * d * sizeof(float));
+        fill(x, (size_t)N * d, 1.0f, &rng);
+        fill(dy, (size_t)N * d, 1.0f, &rng);
+        double dense_ms = 0, dense_flops = 0;
+        for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+            GPT2 m;
+            memset(&m, 0, sizeof(m));
+            params_init(&m.layout.params);
+            LinearDesc ld;
+            memset(&ld, 0, sizeof(ld));
+            LinearSpec *s = &ld.spec;
+            s->kind = cases[ci].k; s->d_in = d; s->d_out = d; s->bias = 1; s->lr_mult_on = 1;
+            default_factors(d, &s->alpha, &s->gamma);
+            default_factors(d, &s->phi, &s->eps);
+            s->rank = cases[ci].k == STRUCT_BTT_MOE ? cases[ci].experts : cases[ci].rank;
+            s->blocks = cases[ci].blocks; s->experts = cases[ci].experts; s->topk = cases[ci].topk;
+            s->router_init = 0.5f;  // varied routing, so that expert groups differ as in training
+            ld.layer = 0; ld.role = SR_FC; ld.used = 1;
+            linear_add_weights(&m.layout.params, &ld, 768, 0);
+            linear_add_bias(&m.layout.params, &ld);
+            m.num_params = m.layout.params.total;
+            m.params = (float *)mallocCheck(m.num_params * sizeof(float));
+            m.grads = (float *)callocCheck(m.num_params, sizeof(float));
+            fill(m.params, m.num_params, 0.05f, &rng);
+            double ms = time_layer(&m, &ld, N, reps, x, y, dy, dx);
+            double flops = 6.0 * spec_forward_macs(s) * N;  // forward 2, backward 4 per multiply-add
+            if (ci == 0) { dense_ms = ms; dense_flops = flops; }
+            char desc[96];
+            spec_describe(s, desc, sizeof(desc));
+            printf("%-6d %-24s %10.2f %12.1f %10.3f %10.3f %11.2fx\n", d, desc, ms, flops / ms / 1e6, ms / dense_ms,
+                   flops / dense_flops, dense_ms / ms);
+            fflush(stdout);
+            free(m.params);
+            free(m.grads);
+            params_free(&m.layout.params);
+        }
+        free(x); free(y); free(dy); free(dx);
+    }
+    return 0;
+}
