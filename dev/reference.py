@@ -6,8 +6,17 @@ test fixtures that the C trainer is compared against.
     python3 dev/reference.py --out dev/fixtures
 
 Writes:
-    dense_tiny.bin, dense_small.bin   model/training fixtures (format below)
+    dense_tiny.bin, dense_small.bin   dense model/training fixtures (format v1)
     rng_normal.bin                    PyTorch CPU RNG (mt19937 + normal_/rand) fixture
+    init_llmc.bin                     llm.c random init drawn with torch's generator
+    dense_v2.bin, btt_r1.bin, btt_r4.bin, monarch4.bin, btt_moe.bin, moe_head.bin,
+    mixed.bin                         structured-model fixtures (format v2: config text,
+                                      named tensors with LR multipliers, MoE aux loss)
+
+The structured layers (btt, monarch, btt_moe), the config parser, the LR multipliers and
+the top-k routing are written from /work/shared/DESIGN.md's mathematics, independently of
+the C code. `--v2-only` regenerates only the v2 files; REF_PROBE=1 relaxes the grad-clip
+placement asserts (for choosing new grad_clip values).
 
 See dev/fixtures/README.md for the byte-exact formats. Everything is computed
 in float64 and cast to float32 only when written. Deterministic (fixed seeds).
@@ -1216,7 +1225,7 @@ def make_v2_fixture(path, name, cfg_text, B, T, n_steps, hp, seed, P_override=No
                   for a, b in zip(s64, s32))
         print("    router logits float32 vs float64: max deviation %.1e over all steps; smallest routing margin "
               "%.1e is %.0fx that" % (dev, hist["margin"], hist["margin"] / dev))
-        assert hist["margin"] > 20 * dev, "routing margin too small against float32 error"
+        assert hist["margin"] > 50 * dev, "routing margin too small against float32 error"
 
     cfg_bytes = cfg_text.encode("ascii")
     header = np.zeros(256, dtype="<i4")
@@ -1399,6 +1408,7 @@ n_embd = 64
 vocab_size = 250
 max_seq_len = 16
 base_width = 64
+lm_head = monarch
 
 [linear]
 struct = monarch
@@ -1409,6 +1419,9 @@ blocks = 2
 
 [linear.v]
 blocks = 8    # nb = q = sqrt(64): the Monarch that equals BTT rank 1
+
+[linear.lm_head]
+blocks = 4
 """, 2, 16, None, 303),
     ("btt_moe", """\
 n_layer = 2
@@ -1423,8 +1436,23 @@ moe_aux_weight = 0.1
 struct = btt_moe
 experts = 8
 topk = 2
-router_init = 0.5
-""", 2, 12, None, 404),
+router_init = 0.1
+""", 2, 8, None, 445),
+    ("moe_head", """\
+# dense model with a routed (btt_moe) untied lm_head
+n_layer = 1
+n_head = 2
+n_embd = 32
+vocab_size = 100
+max_seq_len = 8
+base_width = 32
+lm_head = btt_moe
+
+[linear.lm_head]
+experts = 4
+topk = 2
+router_init = 0.1
+""", 2, 8, None, 604),
     ("mixed", """\
 # every structure, role overrides, a layer override, a layer.role override, a structured head
 n_layer = 2
@@ -1451,7 +1479,7 @@ blocks = 4
 struct = btt_moe
 experts = 4
 topk = 1
-router_init = 0.5
+router_init = 0.1
 
 [linear.attn_proj]
 struct = monarch
@@ -1460,7 +1488,7 @@ blocks = 3
 [linear.fc]
 struct = btt_moe
 experts = 8
-router_init = 0.5
+router_init = 0.1
 out = 16x12
 
 [linear.fc_proj]
@@ -1480,7 +1508,7 @@ topk = 3
 rank = 3
 in = 6x8
 out = 12x32
-""", 2, 12, None, 507),
+""", 2, 12, None, 524),
 ]
 
 
@@ -1506,8 +1534,11 @@ def make_v2_fixtures(out_dir, v1_dense_tiny_ref=None):
     return refs
 
 
+# grad_clip per fixture, chosen so that clipping is active on some steps and not on others and
+# no grad norm is within 2% of the threshold; seeds (above) chosen so that the smallest top-k
+# routing margin is >= 50x the float32-vs-float64 router-logit deviation (see make_v2_fixture).
 PROBE = bool(os.environ.get("REF_PROBE"))
-CLIPS = dict(btt_r1=1.9, btt_r4=1.8, monarch4=2.2, btt_moe=6.0, mixed=7.0)
+CLIPS = dict(btt_r1=1.9, btt_r4=1.8, monarch4=4.5, btt_moe=2.2, moe_head=5.5, mixed=5.0)
 
 
 def main():

@@ -107,6 +107,18 @@ static inline int struct_kind_from_name(const char *name, StructKind *out) {
     return 0;
 }
 
+static const char *const struct_options[NUM_STRUCTS] = {"bias lr_mult", "rank in out bias lr_mult", "blocks bias lr_mult",
+                                                         "experts topk in out router_init bias lr_mult"};
+
+static inline int struct_has_option(StructKind k, const char *key) {
+    if (strcmp(key, "struct") == 0) return 1;
+    const char *opts = struct_options[k];
+    size_t n = strlen(key);
+    for (const char *p = strstr(opts, key); p; p = strstr(p + 1, key))
+        if ((p == opts || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return 1;
+    return 0;
+}
+
 static inline int key_is_section_key(const char *key) {
     static const char *const keys[] = {"struct", "rank", "in", "out", "blocks", "experts", "topk", "router_init", "lr_mult", "bias"};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) if (strcmp(key, keys[i]) == 0) return 1;
@@ -258,8 +270,8 @@ static inline StructKind struct_get_kind(ConfigFile *cf, int layer, int role, St
     return k;
 }
 
-// Fills sc from the config file's top-level structure keys and its sections; every entry must be
-// used by some layer, so a misspelt or misplaced key is an error, never a silent default.
+// Fills sc from the config file's top-level structure keys and its sections. Unknown keys and
+// sections, and options placed under a structure that does not have them, are errors.
 static inline void struct_config_parse(ConfigFile *cf, const GPT2Config *c, StructConfig *sc) {
     memset(sc, 0, sizeof(*sc));
     sc->n_layer = c->num_layers;
@@ -276,6 +288,13 @@ static inline void struct_config_parse(ConfigFile *cf, const GPT2Config *c, Stru
         struct_section_parse(cf, x, c->num_layers, &l, &r);
         if (!key_is_section_key(x->key))
             fatal("%s:%d: unknown key '%s' in [%s]; section keys are: %s", cf->path, x->line, x->key, x->section, STRUCT_SECTION_KEYS);
+        // an option of another structure than the one its own section sets is misplaced; an
+        // option shadowed by a more specific section, or inherited by another structure, is not
+        ConfigEntry *st = config_find(cf, x->section, "struct");
+        StructKind k;
+        if (st && struct_kind_from_name(st->value, &k) && !struct_has_option(k, x->key))
+            fatal("%s:%d: '%s' is not an option of %s (set by 'struct = %s' at line %d); %s options: %s", cf->path, x->line,
+                  x->key, st->value, st->value, st->line, st->value, struct_options[k]);
     }
     for (int l = 0; l < c->num_layers; l++) {
         for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
@@ -293,14 +312,14 @@ static inline void struct_config_parse(ConfigFile *cf, const GPT2Config *c, Stru
     if (e) {
         e->used = 1;
         if (!struct_kind_from_name(e->value, &hk))
-            fatal("%s:%d: unknown structure '%s' for lm_head; use dense, btt, monarch or btt_moe", cf->path, e->line, e->value);
-        untied = 1;
+            fatal("%s:%d: unknown structure '%s' for lm_head; use dense (tied, the default), btt, monarch or btt_moe", cf->path, e->line, e->value);
+        untied = hk != STRUCT_DENSE;  // a dense head is GPT-2's: tied to the token embedding
     }
     ConfigEntry *hs = config_find(cf, "linear.lm_head", "struct");
     if (hs) {
         if (e) fatal("%s:%d: the head's structure is set twice (also at line %d); keep one", cf->path, hs->line, e->line);
         hk = struct_get_kind(cf, 0, SR_LM_HEAD, STRUCT_DENSE);
-        untied = 1;
+        untied = hk != STRUCT_DENSE;
     }
     int in, out;
     struct_role_shape(c, SR_LM_HEAD, &in, &out);
@@ -317,11 +336,8 @@ static inline void struct_config_parse(ConfigFile *cf, const GPT2Config *c, Stru
     if (sc->mup) sc->any_structured = 1;  // µP multipliers change training: not a plain llm.c model
     for (int i = 0; i < cf->n; i++) {
         ConfigEntry *x = &cf->entries[i];
-        if (x->used) continue;
-        if (x->section[0] == '\0') fatal("%s:%d: unknown key '%s'; known keys are: %s", cf->path, x->line, x->key, STRUCT_TOP_KEYS);
-        fatal("%s:%d: '%s' in [%s] applies to no layer: no layer reading this section has a structure with that option "
-              "(struct is set per section; options: btt: rank in out; monarch: blocks; btt_moe: experts topk in out router_init)",
-              cf->path, x->line, x->key, x->section);
+        if (!x->used && x->section[0] == '\0')
+            fatal("%s:%d: unknown key '%s'; known keys are: %s", cf->path, x->line, x->key, STRUCT_TOP_KEYS);
     }
 }
 

@@ -172,7 +172,8 @@ static void test_config_errors(void) {
     expect_build_error(HEAD "[layer.2]\nstruct = btt\n", "structgpt_unit.conf:7: section [layer.2]: the model has layers 0..1", "config: layer index out of range");
     expect_build_error(HEAD "[linear.mlp]\nstruct = btt\n", "unknown role 'mlp'", "config: unknown role");
     expect_build_error(HEAD "[attention]\nstruct = btt\n", "structgpt_unit.conf:7: unknown section [attention]", "config: unknown section");
-    expect_build_error(HEAD "[linear]\nstruct = dense\nexperts = 4\n", "structgpt_unit.conf:8: 'experts' in [linear] applies to no layer", "config: an option no layer uses");
+    expect_build_error(HEAD "[linear]\nstruct = dense\nexperts = 4\n", "structgpt_unit.conf:8: 'experts' is not an option of dense (set by 'struct = dense' at line 7)", "config: an option of another structure");
+    expect_build_error(HEAD "[linear.fc]\nstruct = monarch\nrank = 2\n", "structgpt_unit.conf:8: 'rank' is not an option of monarch", "config: btt option under monarch");
     expect_build_error(HEAD "lm_head = btt\n[linear.lm_head]\nstruct = monarch\n", "the head's structure is set twice", "config: head structure set twice");
 #undef HEAD
     // a file that is neither a checkpoint nor a config
