@@ -91,6 +91,40 @@ a_steps=$(grep -E '^step +[456]/' "$W/A.out" | sed -E 's/\| [0-9.]+ ms.*//'); b_
 grep -q "^s:6 trl:" "$W/B/main.log" && grep -q "^s:2 tel:" "$W/B/main.log" && ok "main.log has llm.c's train and val lines" || bad "main.log" "$(cat "$W/B/main.log")"
 ls "$W/B"/*.tmp >/dev/null 2>&1 && bad "atomic writes" "temp files left behind" || ok "no temporary files left behind"
 
+# the same with a structured model (BTT-MoE q/k/v, Monarch attn_proj, BTT MLP, a dense layer 0):
+# version-10 checkpoint with its config inside, bit-identical resume, aux loss in the log
+cat > "$W/struct.conf" <<'CONF'
+n_layer = 2
+n_head = 2
+n_embd = 64
+[linear]
+struct = btt_moe
+experts = 4
+topk = 2
+router_init = 0.02
+[linear.attn_proj]
+struct = monarch
+blocks = 4
+[linear.fc]
+struct = btt
+rank = 2
+[layer.0]
+struct = dense
+CONF
+SRUN=(-e "$W/struct.conf" -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0 -x 6 -n 3 -sh 1 -d 256 -l 1e-3 -v 3 -m 2)
+"$BIN" "${SRUN[@]}" -o "$W/SA" > "$W/SA.out" 2>&1 || bad "structured run A" "$(tail -n 3 "$W/SA.out")"
+"$BIN" "${SRUN[@]}" -o "$W/SB" > "$W/SB.out" 2>&1 || bad "structured run B" "$(tail -n 3 "$W/SB.out")"
+grep -q "btt_moe 4/top2" "$W/SA.out" && grep -q "^linear layers:" "$W/SA.out" && ok "structured model prints its layer table" || bad "layer table" "missing"
+rm -f "$W/SB/DONE_00000006" "$W/SB/model_00000006.bin" "$W/SB/state_00000006_00000.bin"
+"$BIN" -e d2 -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0 -x 6 -n 3 -sh 1 -d 256 -l 1e-3 -v 3 -m 2 -o "$W/SB" -y 1 > "$W/SB2.out" 2>&1 \
+    || bad "structured resume" "$(tail -n 3 "$W/SB2.out")"
+cmp -s "$W/SA/model_00000006.bin" "$W/SB/model_00000006.bin" && cmp -s "$W/SA/state_00000006_00000.bin" "$W/SB/state_00000006_00000.bin" \
+    && ok "structured resume (the model comes from the checkpoint, not -e) is bit-identical" || bad "structured resume" "step-6 files differ"
+shdr=$(od -An -w36 -t d4 -N 36 "$W/SA/model_00000006.bin" | tr -s ' ')
+clen=$(wc -c < "$W/struct.conf")
+[ "$shdr" = " 20240326 10 1024 50257 2 2 64 50304 $clen" ] && ok "structured checkpoint: llm.c magic, version 10, config length" || bad "structured header" "$shdr"
+grep -qE "^s:6 trl:[0-9.]+ lr:[0-9.]+ norm:[0-9.]+ aux:[0-9.]+" "$W/SB/main.log" && ok "main.log carries the aux loss" || bad "aux in main.log" "$(tail -n 2 "$W/SB/main.log")"
+
 # a checkpoint the trainer wrote is llm.c's v3 layout and loads back as a model
 hdr=$(od -An -w32 -t d4 -N 32 "$W/A/model_00000006.bin" | tr -s ' ')
 [ "$hdr" = " 20240326 3 1024 50257 2 2 128 50304" ] && ok "written checkpoint header is llm.c's v3" || bad "checkpoint header" "$hdr"

@@ -3,6 +3,7 @@
 // AdamW by hand, gradient accumulation, and the parameter table.
 #define TESTING
 #include "../train_gpt2.c"
+#include <glob.h>
 #include <sys/wait.h>
 #include "check.h"
 
@@ -133,6 +134,20 @@ static void test_checkpoint_round_trip(void) {
     free(w);
     remove(a);
     remove(b);
+}
+
+// Parses a config file and builds its parameter table, without allocating the weights.
+static void build_layout_from(const void *arg) {
+    ConfigFile cf;
+    config_parse_file(&cf, (const char *)arg);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    StructConfig sc;
+    struct_config_parse(&cf, &c, &sc);
+    GPT2Layout g;
+    gpt2_layout_build_structured(&g, &c, &sc);
+    gpt2_layout_free(&g);
+    config_free(&cf);
 }
 
 static void build_from(const void *arg) {
@@ -286,6 +301,83 @@ static void test_param_table(void) {
     gpt2_layout_free(&g);
 }
 
+// Structured init: each core's empirical std is √min(fan_in, fan_out)/fan_in; the last core of
+// attn_proj, fc_proj and a structured head is zero; routers start at zero; biases at zero; dense
+// layers of a structured model keep GPT-2's N(0, 0.02) (1/√(2L) for residual projections).
+static void test_structured_init(void) {
+    const char *text = "n_layer = 2\nn_head = 4\nn_embd = 192\nvocab_size = 500\nmax_seq_len = 16\nlm_head = monarch\n"
+                       "[linear]\nstruct = btt\nrank = 2\n[linear.v]\nstruct = btt_moe\n[linear.fc]\nstruct = monarch\nblocks = 4\n"
+                       "[linear.q]\nstruct = dense\n[linear.lm_head]\nblocks = 4\n";
+    GPT2 m;
+    memset(&m, 0, sizeof(m));
+    gpt2_build_from_config_text(&m, "init-test", text);
+    gpt2_init_random(&m.layout, m.params, 42);
+    const GPT2Layout *g = &m.layout;
+    int checked = 0, bad = 0;
+    char why[512] = "";
+    for (int l = 0; l <= m.config.num_layers; l++) {
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = l < m.config.num_layers ? gpt2_linear(g, l, r) : (r == 0 ? &g->head : NULL);
+            if (!ld || !ld->used) continue;
+            int residual = ld->role == SR_ATTN_PROJ || ld->role == SR_FC_PROJ || ld->role == SR_LM_HEAD;
+            for (int i = 0; i < ld->nw; i++) {
+                const ParamTensor *p = &g->params.t[ld->w[i]];
+                const float *w = m.params + p->offset;
+                double ss = 0.0;
+                for (size_t j = 0; j < p->numel; j++) ss += (double)w[j] * w[j];
+                double std = sqrt(ss / p->numel), want;
+                int ndim, fi, fo;
+                size_t shape[3];
+                linear_tensor_shape(&ld->spec, i, &ndim, shape, &fi, &fo);
+                if (ld->spec.kind == STRUCT_DENSE) want = 0.02 * (residual ? 1.0 / sqrt(2.0 * m.config.num_layers) : 1.0);
+                else if (ld->spec.kind == STRUCT_BTT_MOE && i == 2) want = 0.0;
+                else if (residual && i == 1) want = 0.0;
+                else want = sqrt((double)(fi < fo ? fi : fo)) / fi;
+                int ok = want == 0.0 ? std == 0.0 : fabs(std / want - 1.0) < 0.05;
+                checked++;
+                if (!ok && !bad++) snprintf(why, sizeof(why), "%s: std %.5f, expected %.5f", p->name, std, want);
+            }
+            if (ld->bias >= 0) {
+                const ParamTensor *p = &g->params.t[ld->bias];
+                for (size_t j = 0; j < p->numel; j++) if (m.params[p->offset + j] != 0.0f && !bad++) snprintf(why, sizeof(why), "%s not zero", p->name);
+            }
+        }
+    }
+    char name[128];
+    snprintf(name, sizeof(name), "structured init: std of all %d weight tensors as DESIGN says, zero last cores/routers/biases", checked);
+    check_true(bad == 0 && checked >= 20, name, why);
+    // lr multipliers: BTT W0 base_width/(2 alpha), W1 base_width/(2 rank gamma); router base_width/d_in
+    const LinearDesc *k = gpt2_linear(g, 0, SR_K), *v = gpt2_linear(g, 0, SR_V), *fc = gpt2_linear(g, 0, SR_FC);
+    int a, gm;
+    default_factors(192, &a, &gm);
+    int ok = fabsf(g->params.t[k->w[0]].lr_mult - 768.0f / (2 * a)) < 1e-5f &&
+             fabsf(g->params.t[k->w[1]].lr_mult - 768.0f / (2 * 2 * gm)) < 1e-5f &&
+             fabsf(g->params.t[v->w[1]].lr_mult - 768.0f / (2 * gm)) < 1e-5f &&
+             fabsf(g->params.t[v->w[2]].lr_mult - 768.0f / 192) < 1e-5f &&
+             fabsf(g->params.t[fc->w[0]].lr_mult - 768.0f / (2 * 48)) < 1e-5f &&
+             fabsf(g->params.t[fc->w[1]].lr_mult - 768.0f / (2 * 48)) < 1e-5f &&
+             g->params.t[gpt2_linear(g, 0, SR_Q)->w[0]].lr_mult == 1.0f;
+    check_true(ok, "structure-aware lr multipliers (btt, btt_moe cores and router, monarch, dense)", "a multiplier differs");
+    gpt2_free(&m);
+}
+
+// Every config shipped in scripts/configs parses and builds its layout.
+static void test_shipped_configs(void) {
+    glob_t gl;
+    int n = 0, ok = 1;
+    char why[512] = "";
+    if (glob("scripts/configs/*.conf", 0, NULL, &gl) == 0) {
+        for (size_t i = 0; i < gl.gl_pathc; i++) {
+            char err[4096];
+            int rc = run_child(build_layout_from, gl.gl_pathv[i], err, sizeof(err));
+            n++;
+            if (rc != 0 && ok) { ok = 0; snprintf(why, sizeof(why), "%s: %s", gl.gl_pathv[i], err); }
+        }
+        globfree(&gl);
+    }
+    check_true(ok && n >= 8, "every config in scripts/configs builds (8 or more)", why[0] ? why : "fewer than 8 configs found");
+}
+
 int main(void) {
     test_rng_matches_torch();
     test_init_matches_llmc();
@@ -294,5 +386,7 @@ int main(void) {
     test_adamw_by_hand();
     test_grad_accumulation();
     test_param_table();
+    test_structured_init();
+    test_shipped_configs();
     return test_summary();
 }

@@ -57,3 +57,21 @@ for model in $MODELS; do
 done
 echo
 echo "* 4.0 s/step is the issue's stated figure for llm.c's CPU train_gpt2.c here, not measured by this script."
+
+# Optional measured baseline: llm.c's own CPU trainer, built by you outside this repository
+# (gcc -Ofast -march=native -fopenmp -DOMP train_gpt2.c -lm -lgomp), run in LLMC_DIR, which must hold
+# gpt2_124M.bin and dev/data/tinyshakespeare/. Its B=4 T=64 are llm.c's defaults.
+if [ -n "${LLMC_BIN:-}" ] && [ -n "${LLMC_DIR:-}" ]; then
+    echo
+    echo "baseline: $LLMC_BIN in $LLMC_DIR (llm.c's CPU train_gpt2, GPT-2 124M, B=4 T=64)"
+    llog=$(cd "$LLMC_DIR" && "$LLMC_BIN" 2>&1) || { echo "$llog" | tail -n 5; exit 1; }
+    ours=$(./train_gpt2 -e d12 -b 4 -t 64 -x "$STEPS" -v 0 -s 0 -i "$TRAIN" 2>&1 | awk '
+        /^step / { n = split($0, f, "|"); ms = f[5]; sub(/ ms.*/, "", ms); gsub(/ /, "", ms); steps++; if (steps >= 2) { s += ms; k++ } }
+        END { printf "%.1f", s / k }')
+    echo "$llog" | awk -v ours="$ours" '
+        /^step [0-9]+: train loss/ { ms = $0; sub(/.*took /, "", ms); sub(/ ms.*/, "", ms); steps++; if (steps >= 2) { s += ms; k++ } }
+        END {
+            if (k == 0) { print "llm.c printed no steps"; exit 1 }
+            printf "llm.c: %.1f ms/step (mean of %d steps after the first); ours (d12, same run): %s ms/step; measured speedup %.2fx\n", s / k, k, ours, (s / k) / ours
+        }'
+fi
