@@ -331,20 +331,7 @@ void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, co
                      int N, int C, int OC) {
     if (dinp) gemm(N, C, OC, dout, (size_t)OC, 1, w, (size_t)C, 1, dinp, (size_t)C, 0);
     gemm(OC, C, N, dout, 1, (size_t)OC, inp, (size_t)C, 1, dw, (size_t)C, 1);
-    if (dbias) {
-        // column sums in blocks of 64 columns: rows are read contiguously, each column summed in row order
-#pragma omp parallel for schedule(static)
-        for (int o0 = 0; o0 < OC; o0 += 64) {
-            int w64 = OC - o0 < 64 ? OC - o0 : 64;
-            float s[64];
-            for (int j = 0; j < w64; j++) s[j] = 0.0f;
-            for (int r = 0; r < N; r++) {
-                const float *d = dout + (size_t)r * OC + o0;
-                for (int j = 0; j < w64; j++) s[j] += d[j];
-            }
-            for (int j = 0; j < w64; j++) dbias[o0 + j] += s[j];
-        }
-    }
+    st_bias_backward(dbias, dout, N, OC);  // column sums, each in row order (structured/factor.h)
 }
 
 // Causal multi-head attention. qkv (B, T, 3C) holds q | k | v; att (B, NH, T, T) keeps the

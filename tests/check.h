@@ -4,6 +4,9 @@
 #pragma once
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int g_checks_passed = 0, g_checks_failed = 0;
 
@@ -36,6 +39,34 @@ static inline int check_close(const float *a, const float *b, size_t n, float at
     }
     fflush(stdout);
     return !bad;
+}
+
+// Runs fn(arg) in a forked child, captures the child's stdout (which_fd 1) or stderr (2) into buf
+// and returns its exit status (-1 if it was killed): how the tests check that bad input exits
+// non-zero with a message naming the file.
+static inline int run_child(void (*fn)(const void *), const void *arg, int which_fd, char *buf, size_t cap) {
+    int fds[2];
+    if (pipe(fds) != 0) { perror("pipe"); exit(2); }
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) { perror("fork"); exit(2); }
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], which_fd);
+        fn(arg);
+        fflush(stdout);
+        _exit(0);
+    }
+    close(fds[1]);
+    size_t n = 0;
+    ssize_t r;
+    while (n + 1 < cap && (r = read(fds[0], buf + n, cap - 1 - n)) > 0) n += (size_t)r;
+    buf[n] = '\0';
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 static inline int test_summary(void) {

@@ -38,40 +38,21 @@ static int batch_is(const DataLoader *dl, int first_token) {
 
 typedef struct { const char *pattern; int B, T, rank, nproc; int set_bad_state; } ChildArgs;
 
-// Runs dataloader_init in a child with stderr piped back; returns the exit status (or -1 if
-// killed) and leaves the captured stderr in `err`.
-static int run_child(const ChildArgs *a, char *err, size_t cap) {
-    int fds[2];
-    if (pipe(fds) != 0) { perror("pipe"); exit(2); }
-    fflush(stdout); fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0) { perror("fork"); exit(2); }
-    if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], 2);
-        DataLoader dl;
-        dataloader_init(&dl, a->pattern, a->B, a->T, a->rank, a->nproc, 0, 1);
-        if (a->set_bad_state) {
-            DataLoaderState st = { 0, 0, 1000000 };
-            dataloader_set_state(&dl, st);
-        }
-        dataloader_free(&dl);
-        _exit(0);
+// dataloader_init (and optionally a bad set_state) on the arguments, for run_child.
+static void child_init(const void *arg) {
+    const ChildArgs *a = (const ChildArgs *)arg;
+    DataLoader dl;
+    dataloader_init(&dl, a->pattern, a->B, a->T, a->rank, a->nproc, 0, 1);
+    if (a->set_bad_state) {
+        DataLoaderState st = { 0, 0, 1000000 };
+        dataloader_set_state(&dl, st);
     }
-    close(fds[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n + 1 < cap && (r = read(fds[0], err + n, cap - 1 - n)) > 0) n += (size_t)r;
-    err[n] = '\0';
-    close(fds[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    dataloader_free(&dl);
 }
 
 static void expect_fail(const char *name, const ChildArgs *a, const char *must_contain1, const char *must_contain2) {
     char err[4096], why[4400];
-    int code = run_child(a, err, sizeof(err));
+    int code = run_child(child_init, a, 2, err, sizeof(err));
     snprintf(why, sizeof(why), "exit %d, stderr: %s", code, err);
     check_true(code != 0 && code != -1, name, why);
     char nm[256];

@@ -29,38 +29,16 @@ static void write_tokenizer(const char *path, int magic, int version, int vocab,
     if (drop_bytes > 0 && truncate(path, size - drop_bytes) != 0) { perror("truncate"); exit(2); }
 }
 
-// Runs fn(arg) in a child; captures the child's stdout or stderr (which_fd) into buf and returns its exit status.
-static int run_child(void (*fn)(const char *), const char *arg, int which_fd, char *buf, size_t cap) {
-    int fds[2];
-    if (pipe(fds) != 0) { perror("pipe"); exit(2); }
-    fflush(stdout); fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0) { perror("fork"); exit(2); }
-    if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], which_fd);
-        fn(arg);
-        fflush(stdout);
-        _exit(0);
-    }
-    close(fds[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n + 1 < cap && (r = read(fds[0], buf + n, cap - 1 - n)) > 0) n += (size_t)r;
-    buf[n] = '\0';
-    close(fds[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
-static void child_init(const char *path) {
+static void child_init(const void *arg) {
+    const char *path = (const char *)arg;
     Tokenizer t;
     tokenizer_init(&t, path);
     tokenizer_free(&t);
 }
 
-static void child_print_all(const char *path) {
+static void child_print_all(const void *arg) {
+    const char *path = (const char *)arg;
     Tokenizer t;
     tokenizer_init(&t, path);
     for (unsigned int i = 0; i < t.vocab_size; i++) { safe_printf(tokenizer_decode(&t, i)); printf("|"); }

@@ -7,28 +7,6 @@
 #include <sys/wait.h>
 #include "check.h"
 
-// Runs fn(arg) in a child; returns its exit status and captures stderr into buf.
-static int run_child(void (*fn)(const void *), const void *arg, char *buf, size_t cap) {
-    int pipefd[2];
-    if (pipe(pipefd) != 0) fatal("pipe failed");
-    fflush(stdout);
-    pid_t pid = fork();
-    if (pid == 0) {
-        close(pipefd[0]);
-        dup2(pipefd[1], 2);
-        fn(arg);
-        _exit(0);
-    }
-    close(pipefd[1]);
-    size_t n = 0;
-    ssize_t r;
-    while (n + 1 < cap && (r = read(pipefd[0], buf + n, cap - 1 - n)) > 0) n += (size_t)r;
-    buf[n] = '\0';
-    close(pipefd[0]);
-    int status;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-}
 
 static void test_rng_matches_torch(void) {
     const char *path = "dev/fixtures/rng_normal.bin";
@@ -161,7 +139,7 @@ static void expect_build_error(const char *content, const char *must_contain, co
     fwriteCheck(content, 1, strlen(content), fp, path);
     fcloseCheck(fp, path);
     char err[4096];
-    int rc = run_child(build_from, path, err, sizeof(err));
+    int rc = run_child(build_from, path, 2, err, sizeof(err));
     char why[4200];
     snprintf(why, sizeof(why), "exit %d, stderr: %s", rc, err);
     check_true(rc != 0 && strstr(err, must_contain) != NULL, name, why);
@@ -198,7 +176,7 @@ static void test_config_errors(void) {
     fwriteCheck(bad_magic, 1, sizeof(bad_magic), fp, path);
     fcloseCheck(fp, path);
     char err[4096];
-    int rc = run_child(build_from, path, err, sizeof(err));
+    int rc = run_child(build_from, path, 2, err, sizeof(err));
     check_true(rc != 0 && strstr(err, path), "-e of a binary non-checkpoint fails naming the file", err);
     // a truncated checkpoint
     GPT2Config c = {16, 100, 128, 2, 2, 32};
@@ -209,13 +187,13 @@ static void test_config_errors(void) {
     float z[100] = {0};
     fwriteCheck(z, sizeof(float), 100, fp, path);
     fcloseCheck(fp, path);
-    rc = run_child(build_from, path, err, sizeof(err));
+    rc = run_child(build_from, path, 2, err, sizeof(err));
     check_true(rc != 0 && strstr(err, "truncated") && strstr(err, path), "truncated checkpoint is reported as truncated", err);
     model_header_fill(header, &c, 4);
     fp = fopenCheck(path, "wb");
     fwriteCheck(header, sizeof(int), 256, fp, path);
     fcloseCheck(fp, path);
-    rc = run_child(build_from, path, err, sizeof(err));
+    rc = run_child(build_from, path, 2, err, sizeof(err));
     check_true(rc != 0 && strstr(err, "version 4"), "unknown checkpoint version is named", err);
     remove(path);
 }
@@ -365,11 +343,11 @@ static void test_structured_init(void) {
 static void test_shipped_configs(void) {
     glob_t gl;
     int n = 0, ok = 1;
-    char why[512] = "";
+    char why[4700] = "";
     if (glob("scripts/configs/*.conf", 0, NULL, &gl) == 0) {
         for (size_t i = 0; i < gl.gl_pathc; i++) {
             char err[4096];
-            int rc = run_child(build_layout_from, gl.gl_pathv[i], err, sizeof(err));
+            int rc = run_child(build_layout_from, gl.gl_pathv[i], 2, err, sizeof(err));
             n++;
             if (rc != 0 && ok) { ok = 0; snprintf(why, sizeof(why), "%s: %s", gl.gl_pathv[i], err); }
         }
