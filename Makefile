@@ -33,14 +33,27 @@ else
   $(info CBLAS: not found, using the built-in packed matmul kernel (apt-get install libopenblas-dev))
 endif
 
+# MPI (OpenMPI from Debian): the CPU trainer's data-parallel build, run with mpirun -np N
+MPICC := $(shell command -v mpicc 2>/dev/null)
+ifneq ($(MPICC),)
+  MPI_TARGETS = train_gpt2_mpi
+  $(info MPI: $(MPICC) (train_gpt2_mpi))
+else
+  MPI_TARGETS =
+  $(info MPI: mpicc not found, no train_gpt2_mpi (apt-get install libopenmpi-dev openmpi-bin))
+endif
+
 COMMON_H = $(wildcard common/*.h structured/*.h)
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured
 
 .PHONY: all test clean bench bench-layers
-all: train_gpt2 test_gpt2
+all: train_gpt2 test_gpt2 $(MPI_TARGETS)
 
 train_gpt2: train_gpt2.c $(COMMON_H)
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+train_gpt2_mpi: train_gpt2.c $(COMMON_H)
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) $(BLAS_CFLAGS) -DUSE_MPI $< $(LDLIBS) $(BLAS_LIBS) -o $@
 
 test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
@@ -58,7 +71,7 @@ $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/che
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+test: train_gpt2 test_gpt2 $(MPI_TARGETS) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
 	bash tests/run_all.sh
 
 bench: train_gpt2
@@ -71,4 +84,5 @@ bench-layers: $(BUILD)/bench_layers_cpu
 	$(BUILD)/bench_layers_cpu 4096 3
 
 clean:
-	rm -rf $(BUILD) train_gpt2 test_gpt2
+	rm -rf $(BUILD) train_gpt2 test_gpt2 train_gpt2_mpi
+

@@ -21,6 +21,7 @@
 #include "common/dataloader.h"
 #include "common/gpt2.h"
 #include "common/logger.h"
+#include "common/multiproc.h"
 #include "common/rng.h"
 #include "common/schedule.h"
 #include "common/tokenizer.h"
@@ -506,6 +507,10 @@ typedef struct {
     float aux_loss;   // BTT-MoE load-balancing loss, mean over routed layers (0 without any)
     int n_routed;     // routed (btt_moe) layers
     int *inputs, *targets;
+    // data parallel: with sync_aux set (training forwards on every rank), BTT-MoE layers sum their
+    // aux-loss statistics over ranks so that f̂ and P̂ are those of the global batch
+    const MultiProc *mp;
+    int sync_aux;
 } GPT2;
 
 static BTTShape btt_shape_of(const LinearSpec *s) {
@@ -539,7 +544,14 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
         default: {
             MoEShape ms = moe_shape_of(s);
             moe_forward(out, &la->moe, inp, w0, w1, gpt2_tensor(g, P, ld->w[2]), b, N, &ms);
-            m->aux_loss += moe_aux_loss(&la->moe, N, &ms);
+            if (m->sync_aux && m->mp && m->mp->nproc > 1) {
+                double stats[MOE_AUX_STATS(1024)];
+                moe_aux_stats(&la->moe, N, &ms, stats);
+                multiproc_sum_doubles(m->mp, stats, MOE_AUX_STATS(ms.experts));
+                m->aux_loss += moe_aux_from_stats(&la->moe, stats, (long)N * m->mp->nproc, &ms);
+            } else {
+                m->aux_loss += moe_aux_loss(&la->moe, N, &ms);
+            }
             break;
         }
     }
@@ -1002,16 +1014,19 @@ static void checkpoint_paths(const char *dir, long step, int rank, char *model, 
     snprintf(done, cap, "%s/DONE_%08ld", dir, step);
 }
 
-static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long step, uint64_t sample_rng, int keep_last) {
+// Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
+// safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
+static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
+                            int keep_last) {
     char model_path[1100], state_path[1100], done_path[1100];
-    checkpoint_paths(a->out_dir, step, 0, model_path, state_path, done_path, sizeof(model_path));
-    model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
+    checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
+    if (mp->rank == 0) model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
     TrainState st;
     memset(&st, 0, sizeof(st));
     st.step = step;
     st.num_params = (int64_t)m->num_params;
-    st.rank = 0;
-    st.nproc = 1;
+    st.rank = mp->rank;
+    st.nproc = mp->nproc;
     st.B = a->B;
     st.T = a->T;
     st.total_batch_size = a->total_batch;
@@ -1026,19 +1041,27 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long
         m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
     state_write(state_path, &st, m->m, m->v);
-    FILE *fp = fopenCheck(done_path, "w");
-    fcloseCheck(fp, done_path);
+    multiproc_barrier(mp);
+    if (mp->rank == 0) {
+        FILE *fp = fopenCheck(done_path, "w");
+        fcloseCheck(fp, done_path);
+    }
     printf("wrote checkpoint %s and %s\n", model_path, state_path);
     if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
         long old = step - (long)keep_last * a->ckpt_every;
-        checkpoint_paths(a->out_dir, old, 0, model_path, state_path, done_path, sizeof(model_path));
-        remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
-        remove(model_path);
+        checkpoint_paths(a->out_dir, old, mp->rank, model_path, state_path, done_path, sizeof(model_path));
+        if (mp->rank == 0) {
+            remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
+            remove(model_path);
+        }
         remove(state_path);
     }
+    multiproc_barrier(mp);
 }
 
 int main(int argc, char **argv) {
+    MultiProc mp;
+    multiproc_init(&mp, &argc, &argv);
     TrainArgs a;
     train_args_parse(&a, argc, argv);
     LRScheduleType sched_type;
@@ -1053,7 +1076,7 @@ int main(int argc, char **argv) {
         if (resume_step < 0) {
             printf("-y 1: no checkpoint in '%s' yet, starting from -e %s\n", a.out_dir, a.model);
         } else {
-            checkpoint_paths(a.out_dir, resume_step, 0, resume_model, resume_state, resume_done, sizeof(resume_model));
+            checkpoint_paths(a.out_dir, resume_step, mp.rank, resume_model, resume_state, resume_done, sizeof(resume_model));
         }
     }
     GPT2 model;
@@ -1061,7 +1084,11 @@ int main(int argc, char **argv) {
     const GPT2Config *c = &model.config;
     if (a.T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", a.T, c->max_seq_len, c->max_seq_len);
 
-    int nproc = 1, rank = 0;
+    int nproc = mp.nproc, rank = mp.rank;
+    model.mp = &mp;
+    if (rank != 0) {  // one voice: only rank 0 prints progress (errors still come from any rank)
+        if (!freopen("/dev/null", "w", stdout)) fatal("rank %d: cannot silence stdout", rank);
+    }
     int tokens_per_micro = a.B * a.T * nproc;
     if (a.total_batch == -1) a.total_batch = tokens_per_micro;
     if (a.total_batch <= 0 || a.total_batch % tokens_per_micro != 0)
@@ -1105,6 +1132,9 @@ int main(int argc, char **argv) {
         model.m = (float *)callocCheck(model.num_params, sizeof(float));
         model.v = (float *)callocCheck(model.num_params, sizeof(float));
         state_read(resume_state, &st, model.m, model.v, model.num_params);
+        if (st.nproc != nproc || st.rank != rank)
+            fatal("'%s' was written by rank %lld of %lld processes; resume with the same number of processes (now %d)",
+                  resume_state, (long long)st.rank, (long long)st.nproc, nproc);
         if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
             fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
                   resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
@@ -1116,8 +1146,9 @@ int main(int argc, char **argv) {
     }
 
     Logger logger;
+    if (a.out_dir && rank == 0) ensure_dir(a.out_dir);
+    multiproc_barrier(&mp);
     logger_init(&logger, a.out_dir, rank, resume_step >= 0);
-    if (a.out_dir) ensure_dir(a.out_dir);
 
     printf("+-----------------------+----------------------------------------------------+\n");
     printf("| model                 | %-50s |\n", resume_step >= 0 ? resume_model : a.model);
@@ -1125,6 +1156,7 @@ int main(int argc, char **argv) {
     printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
     printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
     printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
+    printf("| processes             | %-50d |\n", nproc);
     printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
     printf("| steps                 | %-50ld |\n", train_steps);
     printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
@@ -1142,20 +1174,22 @@ int main(int argc, char **argv) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &train_loader, step, sample_rng, a.keep_last);
+            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, a.keep_last);
         }
         if (have_val && (step % a.val_every == 0 || last)) {
             float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
+            multiproc_mean(&mp, &vl, 1);
             printf("val loss %f\n", vl);
             logger_log_val(&logger, (int)step, vl);
         }
-        if (a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
+        if (rank == 0 && a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
             gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
         }
         if (last) break;
 
         double t0 = now_seconds();
         gpt2_zero_grad(&model);
+        model.sync_aux = 1;
         double loss = 0.0, aux = 0.0;
         for (int micro = 0; micro < grad_accum; micro++) {
             // -a 1 reads one batch, the first time through (also after a resume), and keeps it
@@ -1169,8 +1203,14 @@ int main(int argc, char **argv) {
             aux += model.aux_loss;
             gpt2_backward(&model, 1.0f / grad_accum, a.B, a.T);
         }
+        model.sync_aux = 0;
         loss /= grad_accum;
         aux /= grad_accum;
+        float reported[2] = {(float)loss, (float)aux};
+        multiproc_mean(&mp, reported, 2);  // aux is already global; the loss is each rank's tokens
+        loss = reported[0];
+        aux = reported[1];
+        multiproc_mean(&mp, model.grads, model.num_params);
         float norm = gpt2_grad_norm(&model);
         if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -1192,6 +1232,7 @@ int main(int argc, char **argv) {
     dataloader_free(&train_loader);
     tokenizer_free(&tokenizer);
     gpt2_free(&model);
+    multiproc_finalize(&mp);
     return 0;
 }
 #endif

@@ -67,6 +67,8 @@ typedef struct {
     float *gate;    // (N, K) softmax over the selected logits
     float *z;       // (N, K, gamma*phi) the selected expert's intermediate, layout (phi, gamma)
     float *lse;     // (N) logsumexp over all E logits
+    float *fhat;    // (E) share of the top-k selections per expert, over every rank's tokens (the
+                    // aux loss's f̂; the forward sets the local value, moe_aux_from_stats the global)
     int *counts;    // (E) selections per expert
     int *offsets;   // (E+1) start of each expert's pairs in order
     int *order;     // (N*K) pair indices t*K + k grouped by expert, ascending t within an expert
@@ -76,7 +78,7 @@ typedef struct {
 
 static inline size_t moe_state_floats(const MoEShape *s, int N) {
     size_t E = (size_t)s->experts, K = (size_t)s->topk;
-    return (size_t)N * (E + K + K * moe_z_row(s) + 1);
+    return (size_t)N * (E + K + K * moe_z_row(s) + 1) + E;
 }
 static inline size_t moe_state_ints(const MoEShape *s, int N) {
     size_t E = (size_t)s->experts, K = (size_t)s->topk;
@@ -89,6 +91,7 @@ static inline void moe_state_bind(MoEState *st, const MoEShape *s, int N, float 
     st->gate = st->logits + (size_t)N * E;
     st->lse = st->gate + (size_t)N * K;
     st->z = st->lse + (size_t)N;
+    st->fhat = st->z + (size_t)N * K * moe_z_row(s);
     st->sel = imem;
     st->order = st->sel + (size_t)N * K;
     st->counts = st->order + (size_t)N * K;
@@ -168,6 +171,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
     // counting sort of the (token, k) pairs by expert
     for (int e = 0; e < E; e++) st->counts[e] = 0;
     for (size_t p = 0; p < (size_t)N * K; p++) st->counts[st->sel[p]]++;
+    for (int e = 0; e < E; e++) st->fhat[e] = (float)((double)st->counts[e] / ((double)N * K));
     st->offsets[0] = 0;
     for (int e = 0; e < E; e++) st->offsets[e + 1] = st->offsets[e] + st->counts[e];
     {
@@ -209,21 +213,42 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
 }
 
 // The auxiliary load-balancing loss of the last forward (N rows).
-static inline float moe_aux_loss(const MoEState *st, int N, const MoEShape *s) {
-    const int E = s->experts, K = s->topk;
-    if (N <= 0) return 0.0f;
-    double *P = (double *)callocCheck((size_t)E, sizeof(double));
-    double zsum = 0.0;
+// The aux loss's statistics over this process's N tokens, as 2E+1 doubles that sum across
+// data-parallel ranks: Σ_t softmax(logits_t)_e (E), selections per expert (E), Σ_t lse_t² (1).
+#define MOE_AUX_STATS(E) (2 * (E) + 1)
+static inline void moe_aux_stats(const MoEState *st, int N, const MoEShape *s, double *stats) {
+    const int E = s->experts;
+    for (int i = 0; i < MOE_AUX_STATS(E); i++) stats[i] = 0.0;
     for (int t = 0; t < N; t++) {
         const float *lg = st->logits + (size_t)t * E;
         const double l = st->lse[t];
-        for (int e = 0; e < E; e++) P[e] += exp((double)lg[e] - l);
-        zsum += l * l;
+        for (int e = 0; e < E; e++) stats[e] += exp((double)lg[e] - l);
+        stats[2 * E] += l * l;
     }
+    for (int e = 0; e < E; e++) stats[E + e] = (double)st->counts[e];
+}
+
+// aux = E·Σ_e P̂_e·f̂_e + 0.1·mean_t(lse_t²) from statistics summed over n_total tokens; also
+// stores f̂ in the state for the backward.
+static inline float moe_aux_from_stats(MoEState *st, const double *stats, long n_total, const MoEShape *s) {
+    const int E = s->experts, K = s->topk;
+    if (n_total <= 0) return 0.0f;
     double bal = 0.0;
-    for (int e = 0; e < E; e++) bal += (P[e] / N) * ((double)st->counts[e] / ((double)N * K));
-    free(P);
-    return (float)(E * bal + 0.1 * zsum / N);
+    for (int e = 0; e < E; e++) {
+        double f = stats[E + e] / ((double)n_total * K);
+        st->fhat[e] = (float)f;
+        bal += (stats[e] / (double)n_total) * f;
+    }
+    return (float)(E * bal + 0.1 * stats[2 * E] / (double)n_total);
+}
+
+// The aux loss of a single process's N tokens.
+static inline float moe_aux_loss(MoEState *st, int N, const MoEShape *s) {
+    double *stats = (double *)mallocCheck(sizeof(double) * MOE_AUX_STATS(s->experts));
+    moe_aux_stats(st, N, s, stats);
+    float aux = moe_aux_from_stats(st, stats, N, s);
+    free(stats);
+    return aux;
 }
 
 // floats of scratch moe_backward needs for N rows
@@ -325,8 +350,10 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     }
     // d logits: the gate softmax over the selected logits, and the aux loss over all logits
     {
+        // f̂ comes from the state: global over ranks in data-parallel runs. With N the local token
+        // count, each rank's gradient is nproc times its share, which averaging across ranks undoes.
         double *fhat = (double *)mallocCheck(sizeof(double) * (size_t)E);
-        for (int e = 0; e < E; e++) fhat[e] = (double)st->counts[e] / ((double)N * K);
+        for (int e = 0; e < E; e++) fhat[e] = (double)st->fhat[e];
         ST_PRAGMA(omp parallel for schedule(static))
         for (int t = 0; t < N; t++) {
             float *dl = dlogits + (size_t)t * E;

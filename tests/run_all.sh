@@ -29,6 +29,7 @@ for t in build/test_dataloader build/test_schedule build/test_tokenizer build/te
     count "$(basename "$t")" "./$t"
 done
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh
+count "data parallel under mpirun (tests/test_mpi.sh)" bash tests/test_mpi.sh
 
 # Python data tests (pytest), offline through the shared tiktoken cache when it is there
 shared=${SHARED_DATA:-../shared/data}

@@ -1,0 +1,89 @@
+// multiproc.h: data-parallel processes for the trainers: rank and world size, and the collectives
+// they need (averaging gradients, summing small statistics, barriers). Built with USE_MPI it runs
+// one process per rank under mpirun; without, it is a single process and every call is trivial.
+#pragma once
+#include <stdlib.h>
+#include "utils.h"
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
+
+typedef struct {
+    int rank;
+    int nproc;
+} MultiProc;
+
+#ifdef USE_MPI
+static inline void mpi_check(int err, const char *file, int line) {
+    if (err != MPI_SUCCESS) {
+        char msg[MPI_MAX_ERROR_STRING];
+        int len = 0;
+        MPI_Error_string(err, msg, &len);
+        fprintf(stderr, "error: MPI call failed at %s:%d: %s\n", file, line, msg);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+}
+#define mpiCheck(err) mpi_check((err), __FILE__, __LINE__)
+#endif
+
+static inline void multiproc_init(MultiProc *mp, int *argc, char ***argv) {
+    mp->rank = 0;
+    mp->nproc = 1;
+#ifdef USE_MPI
+    mpiCheck(MPI_Init(argc, argv));
+    // a rank that fails must take the others down instead of leaving them blocked in a collective
+    mpiCheck(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &mp->rank));
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &mp->nproc));
+#else
+    (void)argc;
+    (void)argv;
+#endif
+}
+
+static inline void multiproc_finalize(MultiProc *mp) {
+#ifdef USE_MPI
+    if (mp->nproc >= 1) MPI_Finalize();
+#endif
+    (void)mp;
+}
+
+// In-place average over ranks of n floats (the gradients, a loss).
+static inline void multiproc_mean(const MultiProc *mp, float *buf, size_t n) {
+    if (mp->nproc == 1) return;
+#ifdef USE_MPI
+    const size_t chunk = (size_t)1 << 30;  // MPI counts are ints
+    for (size_t i = 0; i < n; i += chunk) {
+        int m = (int)(n - i < chunk ? n - i : chunk);
+        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf + i, m, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    }
+    float inv = 1.0f / (float)mp->nproc;
+    for (size_t i = 0; i < n; i++) buf[i] *= inv;
+#endif
+}
+
+// In-place sum over ranks of n doubles (small statistics such as BTT-MoE routing counts).
+static inline void multiproc_sum_doubles(const MultiProc *mp, double *buf, int n) {
+    if (mp->nproc == 1) return;
+#ifdef USE_MPI
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+#else
+    (void)buf;
+    (void)n;
+#endif
+}
+
+static inline void multiproc_barrier(const MultiProc *mp) {
+#ifdef USE_MPI
+    if (mp->nproc > 1) mpiCheck(MPI_Barrier(MPI_COMM_WORLD));
+#endif
+    (void)mp;
+}
+
+// fatal() ends only this process; under MPI the others would wait forever in the next collective.
+static inline void multiproc_abort(const MultiProc *mp) {
+#ifdef USE_MPI
+    if (mp->nproc > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+#endif
+    (void)mp;
+}
