@@ -86,3 +86,34 @@ bench-layers: $(BUILD)/bench_layers_cpu
 clean:
 	rm -rf $(BUILD) train_gpt2 test_gpt2 train_gpt2_mpi
 
+# ---------------------------------------------------------------------------------------------
+# GPU trainer (train_gpt2.cu, test_gpt2.cu, cuda/*.cuh), built with nvcc when it is found.
+#   make train_gpt2cu test_gpt2cu       -arch from nvidia-smi when a GPU is present
+#   GPU_COMPUTE_CAPABILITY=80 make ...  force the target (default 90 without a GPU)
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+ifneq ($(NVCC),)
+  ifeq ($(GPU_COMPUTE_CAPABILITY),)
+    GPU_COMPUTE_CAPABILITY := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. ')
+  endif
+  ifeq ($(GPU_COMPUTE_CAPABILITY),)
+    GPU_COMPUTE_CAPABILITY := 90
+  endif
+  NVCC_FLAGS = -O3 --use_fast_math -std=c++17 -I. -arch=sm_$(GPU_COMPUTE_CAPABILITY) \
+               -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Wno-unused-function
+  NVCC_LDLIBS = -lcublas -lcublasLt
+  CUDA_H = $(wildcard cuda/*.cuh) $(COMMON_H)
+  $(info nvcc: $(NVCC), sm_$(GPU_COMPUTE_CAPABILITY))
+all: train_gpt2cu test_gpt2cu
+train_gpt2cu: train_gpt2.cu $(CUDA_H)
+	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
+test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h
+	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
+else
+  $(info nvcc: not found, skipping the GPU trainer (train_gpt2cu, test_gpt2cu))
+endif
+.PHONY: bench-gpu clean-gpu
+bench-gpu:
+	bash dev/bench/gpu.sh
+clean-gpu:
+	rm -f train_gpt2cu test_gpt2cu
+clean: clean-gpu

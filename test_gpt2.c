@@ -5,129 +5,14 @@
 #include "train_gpt2.c"
 #include <glob.h>
 #include "tests/check.h"
-
-#define FIXTURE_MAGIC 20241123
-
-typedef struct {
-    int version, B, T, n_steps, V, Vp, n_routed;
-    size_t num_params;
-    float lr, beta1, beta2, eps, weight_decay, grad_clip, moe_aux_weight;
-    char *config_text;
-    // all in the model's table order (version 2 fixtures are mapped by tensor name)
-    float *params, *logits, *grads, *final_params;
-    float *losses, *ce_losses, *auxes, *norms;
-    float loss, ce_loss, aux;
-    int *inputs, *targets;
-    float *ref_lr_mult;  // per table tensor, from a version 2 directory (NULL for version 1)
-    int *ref_decay;
-} Fixture;
-
-// Reads n_tensors per-tensor arrays in directory order into a table-ordered buffer.
-static void read_by_directory(FILE *fp, const char *path, const GPT2Layout *g, const int *map, int n, float *dst) {
-    for (int i = 0; i < n; i++) {
-        const ParamTensor *p = &g->params.t[map[i]];
-        freadCheck(dst + p->offset, sizeof(float), p->numel, fp, path);
-    }
-}
+#include "tests/fixture.h"
 
 // Reads a fixture and builds the model it describes into m.
 static void fixture_read(Fixture *f, GPT2 *m, const char *path) {
-    memset(f, 0, sizeof(*f));
-    FILE *fp = fopenCheck(path, "rb");
-    int header[256];
-    float hyper[64];
-    freadCheck(header, sizeof(int), 256, fp, path);
-    if (header[0] != FIXTURE_MAGIC || (header[1] != 1 && header[1] != 2))
-        fatal("'%s' is not a version 1 or 2 fixture (magic %d version %d); regenerate with python dev/reference.py", path, header[0], header[1]);
-    f->version = header[1];
-    freadCheck(hyper, sizeof(float), 64, fp, path);
-    f->B = header[2]; f->T = header[3]; f->n_steps = header[4];
-    f->V = header[7]; f->Vp = header[8];
-    f->n_routed = f->version == 2 ? header[9] : 0;
-    f->lr = hyper[0]; f->beta1 = hyper[1]; f->beta2 = hyper[2]; f->eps = hyper[3];
-    f->weight_decay = hyper[4]; f->grad_clip = hyper[5];
-    f->moe_aux_weight = f->version == 2 ? hyper[6] : 0.0f;
-    f->config_text = (char *)callocCheck((size_t)header[5] + 1, 1);
-    freadCheck(f->config_text, 1, (size_t)header[5], fp, path);
+    fixture_open(f, path);
     memset(m, 0, sizeof(*m));
     gpt2_build_from_config_text(m, path, f->config_text);
-    const GPT2Layout *g = &m->layout;
-    size_t BT = (size_t)f->B * f->T, P = m->num_params;
-    int n = g->params.n, *map = NULL;
-    if (f->version == 1) {
-        if ((size_t)header[6] != P) fatal("'%s' holds %d parameters, the model built from its config %zu", path, header[6], P);
-    } else {
-        n = header[6];
-        map = (int *)mallocCheck((size_t)n * sizeof(int));
-        f->ref_lr_mult = (float *)callocCheck((size_t)g->params.n, sizeof(float));
-        f->ref_decay = (int *)callocCheck((size_t)g->params.n, sizeof(int));
-        size_t covered = 0;
-        for (int i = 0; i < n; i++) {
-            char name[64];
-            int ints[5], tail[3];
-            float lr_mult;
-            freadCheck(name, 1, 64, fp, path);
-            name[63] = '\0';
-            freadCheck(ints, sizeof(int), 5, fp, path);
-            freadCheck(&lr_mult, sizeof(float), 1, fp, path);
-            freadCheck(tail, sizeof(int), 3, fp, path);
-            int idx = params_index(&g->params, name);
-            if (idx < 0) fatal("'%s': the reference has tensor '%s' that the model built from its config lacks", path, name);
-            const ParamTensor *p = &g->params.t[idx];
-            int same = ints[0] == p->ndim;
-            for (int d = 0; d < p->ndim && same; d++) same = (size_t)ints[1 + d] == p->shape[d];
-            if (!same) fatal("'%s': tensor '%s' has another shape in the reference than in the model", path, name);
-            map[i] = idx;
-            f->ref_lr_mult[idx] = lr_mult;
-            f->ref_decay[idx] = tail[0];
-            covered += p->numel;
-        }
-        if (n != g->params.n || covered != P) fatal("'%s': the reference has %d tensors, the model %d", path, n, g->params.n);
-    }
-    f->num_params = P;
-    f->params = (float *)mallocCheck(P * sizeof(float));
-    f->grads = (float *)mallocCheck(P * sizeof(float));
-    f->final_params = (float *)mallocCheck(P * sizeof(float));
-    f->inputs = (int *)mallocCheck(BT * sizeof(int));
-    f->targets = (int *)mallocCheck(BT * sizeof(int));
-    f->logits = (float *)mallocCheck(BT * f->V * sizeof(float));
-    f->losses = (float *)mallocCheck(f->n_steps * sizeof(float));
-    f->ce_losses = (float *)mallocCheck(f->n_steps * sizeof(float));
-    f->auxes = (float *)callocCheck(f->n_steps, sizeof(float));
-    f->norms = (float *)mallocCheck(f->n_steps * sizeof(float));
-    if (map) read_by_directory(fp, path, g, map, n, f->params);
-    else freadCheck(f->params, sizeof(float), P, fp, path);
-    freadCheck(f->inputs, sizeof(int), BT, fp, path);
-    freadCheck(f->targets, sizeof(int), BT, fp, path);
-    freadCheck(f->logits, sizeof(float), BT * f->V, fp, path);
-    freadCheck(&f->loss, sizeof(float), 1, fp, path);
-    f->ce_loss = f->loss;
-    if (f->version == 2) {
-        freadCheck(&f->ce_loss, sizeof(float), 1, fp, path);
-        freadCheck(&f->aux, sizeof(float), 1, fp, path);
-    }
-    if (map) read_by_directory(fp, path, g, map, n, f->grads);
-    else freadCheck(f->grads, sizeof(float), P, fp, path);
-    freadCheck(f->losses, sizeof(float), f->n_steps, fp, path);
-    if (f->version == 2) {
-        freadCheck(f->ce_losses, sizeof(float), f->n_steps, fp, path);
-        freadCheck(f->auxes, sizeof(float), f->n_steps, fp, path);
-    } else {
-        memcpy(f->ce_losses, f->losses, f->n_steps * sizeof(float));
-    }
-    freadCheck(f->norms, sizeof(float), f->n_steps, fp, path);
-    if (map) read_by_directory(fp, path, g, map, n, f->final_params);
-    else freadCheck(f->final_params, sizeof(float), P, fp, path);
-    char extra;
-    if (fread(&extra, 1, 1, fp) == 1) fatal("'%s' is longer than its header says: regenerate it", path);
-    fcloseCheck(fp, path);
-    free(map);
-}
-
-static void fixture_free(Fixture *f) {
-    free(f->config_text); free(f->params); free(f->logits); free(f->grads); free(f->losses); free(f->ce_losses);
-    free(f->auxes); free(f->norms); free(f->final_params); free(f->inputs); free(f->targets);
-    free(f->ref_lr_mult); free(f->ref_decay);
+    fixture_read_body(f, path, &m->layout);
 }
 
 // Final weights after Adam steps: every coordinate within 10% of one step (lr·lr_mult), and all
@@ -285,24 +170,14 @@ static void run_fixture(const char *path) {
 static void run_llmc_124M(const char *model_path, const char *state_path) {
     GPT2 m;
     gpt2_build(&m, model_path);
-    FILE *fp = fopenCheck(state_path, "rb");
-    int header[256];
-    freadCheck(header, sizeof(int), 256, fp, state_path);
-    if (header[0] != 20240327 || header[1] != 2) fatal("'%s' is not an llm.c debug state (version 2)", state_path);
-    int B = header[2], T = header[3], V = m.config.vocab_size;
+    DebugState d;
+    debug_state_read(&d, state_path, m.config.vocab_size, m.num_params);
+    int B = d.B, T = d.T, V = m.config.vocab_size;
     size_t BT = (size_t)B * T;
-    int *x = (int *)mallocCheck(BT * sizeof(int)), *y = (int *)mallocCheck(BT * sizeof(int));
-    float *logits = (float *)mallocCheck(BT * V * sizeof(float)), loss;
-    float *grads = (float *)mallocCheck(m.num_params * sizeof(float));
-    freadCheck(x, sizeof(int), BT, fp, state_path);
-    freadCheck(y, sizeof(int), BT, fp, state_path);
-    freadCheck(logits, sizeof(float), BT * V, fp, state_path);
-    freadCheck(&loss, sizeof(float), 1, fp, state_path);
-    freadCheck(grads, sizeof(float), m.num_params, fp, state_path);
-    fcloseCheck(fp, state_path);
+    int *x = d.x, *y = d.y;
+    float *logits = d.logits, loss = d.loss, *grads = d.grads;
     gpt2_alloc_activations(&m, B, T);
-    static const float expected_losses[10] = {5.270007f, 4.059707f, 3.375123f, 2.800783f, 2.315382f,
-                                              1.849029f, 1.394656f, 0.999147f, 0.624080f, 0.376511f};
+    const float *expected_losses = llmc_124M_expected_losses;
     for (int i = 0; i < m.layout.params.n; i++) m.layout.params.t[i].decay = 1;
     float losses[10];
     for (int s = 0; s < 10; s++) {
@@ -318,7 +193,7 @@ static void run_llmc_124M(const char *model_path, const char *state_path) {
         printf("  step %d loss %.6f (llm.c %.6f)\n", s, losses[s], expected_losses[s]);
     }
     check_close(losses, expected_losses, 10, 1e-2f, 0.0f, "llm.c 124M losses over 10 steps");
-    free(x); free(y); free(logits); free(grads);
+    debug_state_free(&d);
     gpt2_free(&m);
 }
 

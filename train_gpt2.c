@@ -981,12 +981,6 @@ void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rn
 // Training
 
 #ifndef TESTING
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
     dataloader_reset(dl);
     long n = dataloader_num_batches(dl);
@@ -997,21 +991,6 @@ static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
         sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
     }
     return (float)(sum / (n > 0 ? n : 1));
-}
-
-// The data scripts write the tokenizer beside the shards: gpt2_tokenizer.bin, or
-// char_tokenizer.bin for the 96-symbol character vocabulary.
-static void default_tokenizer_path(const char *train_pattern, int vocab_size, char *buf, size_t cap) {
-    const char *slash = strrchr(train_pattern, '/');
-    const char *name = vocab_size == 96 ? "char_tokenizer.bin" : "gpt2_tokenizer.bin";
-    if (slash) snprintf(buf, cap, "%.*s/%s", (int)(slash - train_pattern), train_pattern, name);
-    else snprintf(buf, cap, "%s", name);
-}
-
-static void checkpoint_paths(const char *dir, long step, int rank, char *model, char *state, char *done, size_t cap) {
-    snprintf(model, cap, "%s/model_%08ld.bin", dir, step);
-    snprintf(state, cap, "%s/state_%08ld_%05d.bin", dir, step, rank);
-    snprintf(done, cap, "%s/DONE_%08ld", dir, step);
 }
 
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are

@@ -139,6 +139,14 @@ static inline void state_read(const char *path, TrainState *st, float *m, float 
     fcloseCheck(fp, path);
 }
 
+// The files of the checkpoint at `step`: the model (rank 0 writes it), each rank's resume state,
+// and the DONE marker.
+static inline void checkpoint_paths(const char *dir, long step, int rank, char *model, char *state, char *done, size_t cap) {
+    snprintf(model, cap, "%s/model_%08ld.bin", dir, step);
+    snprintf(state, cap, "%s/state_%08ld_%05d.bin", dir, step, rank);
+    snprintf(done, cap, "%s/DONE_%08ld", dir, step);
+}
+
 // Latest step with a DONE_<step> marker in dir, or -1. A checkpoint only counts once its marker is
 // written, which happens after the model and every state file are safely renamed into place.
 static inline long find_latest_checkpoint(const char *dir) {

@@ -84,3 +84,12 @@ static inline void tokenizer_free(Tokenizer *t) {
     }
     memset(t, 0, sizeof(*t));
 }
+
+// Where the data scripts put the tokenizer: beside the train shards, gpt2_tokenizer.bin, or
+// char_tokenizer.bin for the 96-symbol character vocabulary.
+static inline void default_tokenizer_path(const char *train_pattern, int vocab_size, char *buf, size_t cap) {
+    const char *slash = strrchr(train_pattern, '/');
+    const char *name = vocab_size == 96 ? "char_tokenizer.bin" : "gpt2_tokenizer.bin";
+    if (slash) snprintf(buf, cap, "%.*s/%s", (int)(slash - train_pattern), train_pattern, name);
+    else snprintf(buf, cap, "%s", name);
+}

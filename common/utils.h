@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 // Print "error: ..." to stderr and exit(1). Every user-caused failure ends here, so the
@@ -105,4 +106,11 @@ static inline void atomic_close(FILE *fp, const char *tmp_path, const char *path
     if (rename(tmp_path, path) != 0) {
         fatal("renaming '%s' to '%s' failed: %s", tmp_path, path, strerror(errno));
     }
+}
+
+// Wall-clock seconds from a monotonic clock, for step timings.
+static inline double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }

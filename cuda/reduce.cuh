@@ -1,0 +1,77 @@
+// cuda/reduce.cuh: deterministic column sums over rows (bias gradients, LayerNorm weight/bias gradients): fixed row chunks, then an ordered sum.
+#pragma once
+#include "common.cuh"
+
+// Rows are split into at most COLSUM_MAX_CHUNKS chunks whose size depends only on N, each chunk's
+// partial sums are reduced in a fixed tree, and the chunks are added in order: the result is
+// bit-identical from run to run (no atomics).
+#define COLSUM_MAX_CHUNKS 64
+#define COLSUM_COLS 64  // columns per block: 32 threads x 2 adjacent columns (128-byte rows)
+#define COLSUM_ROWS 8   // threadIdx.y
+
+// Floats of scratch column_sums needs for up to max_cols columns.
+static inline size_t column_sums_scratch_floats(int max_cols) { return (size_t)COLSUM_MAX_CHUNKS * 2 * max_cols; }
+
+// partial[chunk][0][c] = sum of dout over the chunk's rows; partial[chunk][1][c] = sum of
+// dout * (x - mean) * rstd (only when x is given: the LayerNorm weight gradient).
+__global__ void column_sums_partial_kernel(float *partial, const floatX *dout, const floatX *x, const float *mean, const float *rstd,
+                                           int N, int C, int rows_per_chunk) {
+    __shared__ float sh[2][COLSUM_ROWS][COLSUM_COLS];
+    int c = blockIdx.x * COLSUM_COLS + 2 * threadIdx.x;
+    int r0 = blockIdx.y * rows_per_chunk, r1 = min(N, r0 + rows_per_chunk);
+    float s0a = 0.0f, s0b = 0.0f, s1a = 0.0f, s1b = 0.0f;
+    if (c < C) {
+        for (int r = r0 + threadIdx.y; r < r1; r += COLSUM_ROWS) {
+            __nv_bfloat162 d = *reinterpret_cast<const __nv_bfloat162 *>(dout + (size_t)r * C + c);
+            float da = __low2float(d), db = __high2float(d);
+            s0a += da;
+            s0b += db;
+            if (x) {
+                __nv_bfloat162 xv = *reinterpret_cast<const __nv_bfloat162 *>(x + (size_t)r * C + c);
+                float m = mean[r], s = rstd[r];
+                s1a += da * ((__low2float(xv) - m) * s);
+                s1b += db * ((__high2float(xv) - m) * s);
+            }
+        }
+    }
+    sh[0][threadIdx.y][2 * threadIdx.x] = s0a;
+    sh[0][threadIdx.y][2 * threadIdx.x + 1] = s0b;
+    sh[1][threadIdx.y][2 * threadIdx.x] = s1a;
+    sh[1][threadIdx.y][2 * threadIdx.x + 1] = s1b;
+    __syncthreads();
+    // 2 sums x 64 columns = 128 outputs; threads (x, y) with y < 4 each finish one, in row order
+    int t = threadIdx.y * 32 + threadIdx.x;
+    if (t < 2 * COLSUM_COLS) {
+        int which = t / COLSUM_COLS, col = t % COLSUM_COLS, cc = blockIdx.x * COLSUM_COLS + col;
+        float s = 0.0f;
+        for (int y = 0; y < COLSUM_ROWS; y++) s += sh[which][y][col];
+        if (cc < C) partial[((size_t)blockIdx.y * 2 + which) * C + cc] = s;
+    }
+}
+
+// out0[c] += sum over chunks of partial[.][0][c]; out1 likewise with [1] (when given)
+__global__ void column_sums_final_kernel(floatX *out0, floatX *out1, const float *partial, int C, int chunks) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s0 = 0.0f, s1 = 0.0f;
+    for (int k = 0; k < chunks; k++) {
+        s0 += partial[((size_t)k * 2) * C + c];
+        s1 += partial[((size_t)k * 2 + 1) * C + c];
+    }
+    if (out0) out0[c] = (floatX)((float)out0[c] + s0);
+    if (out1) out1[c] = (floatX)((float)out1[c] + s1);
+}
+
+// dsum[c] += Σ_r dout[r][c]; with x: dnorm[c] += Σ_r dout[r][c] * (x[r][c] - mean[r]) * rstd[r].
+// C must be even; scratch holds column_sums_scratch_floats(C) floats.
+static void column_sums(floatX *dsum, floatX *dnorm, const floatX *dout, const floatX *x, const float *mean, const float *rstd, int N,
+                        int C, float *scratch) {
+    int chunks = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
+    int rows_per_chunk = ceil_div_i(N, chunks);
+    chunks = ceil_div_i(N, rows_per_chunk);
+    dim3 grid(ceil_div_i(C, COLSUM_COLS), chunks), block(32, COLSUM_ROWS);
+    column_sums_partial_kernel<<<grid, block>>>(scratch, dout, x, mean, rstd, N, C, rows_per_chunk);
+    cudaCheckLaunch();
+    column_sums_final_kernel<<<ceil_div_i(C, 256), 256>>>(dsum, dnorm, scratch, C, chunks);
+    cudaCheckLaunch();
+}

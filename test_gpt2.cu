@@ -1,0 +1,293 @@
+// test_gpt2.cu: test mode on the GPU: the bf16 trainer against every dense PyTorch fixture in
+// dev/fixtures (logits, loss, every gradient, 10 AdamW steps: losses, gradient norms, final
+// weights), in three recompute / GELU-fusion settings; determinism (two runs, and a run saved and
+// resumed at step 5, give bit-identical losses and weights); and llm.c's GPT-2 124M debug state
+// when gpt2_124M.bin and gpt2_124M_debug_state.bin are in the current directory.
+//
+// Tolerances (bf16 storage, fp32 accumulation; the fixtures are float64 computations):
+//   logits           |got - ref| <= 2e-2 + 2e-2 |ref|
+//   loss             |got - ref| <= 1e-2
+//   gradients        per tensor, max |got - ref| <= 5e-2 * max |ref| of that tensor
+//   10-step losses   |got - ref| <= 2e-2 + 1e-2 |ref|
+//   grad norms       |got - ref| <= 1e-3 + 2e-2 |ref|
+//   final weights    per tensor, mean |got - ref| <= one Adam step (lr * lr_mult); the k part of
+//                    a fused qkv bias is skipped (zero gradient in exact arithmetic: Adam turns
+//                    rounding noise into lr-sized steps, see test_gpt2.c)
+//   determinism      bit-identical (memcmp)
+//   llm.c 124M       logits 0.25 abs, loss 1e-2, grads 10% of tensor scale, losses 5e-2
+// These were chosen by reasoning, not yet measured on a GPU: a first GPU run should print the
+// observed errors (every check prints its max |diff|) and tighten them.
+#define TESTING
+#include "train_gpt2.cu"
+#include <glob.h>
+#include <sys/stat.h>
+#include "tests/check.h"
+#include "tests/fixture.h"
+
+// 1 when the config text describes an all-dense model (else the fixture is for issue 5)
+static int config_is_dense(const char *path, const char *text) {
+    ConfigFile cf;
+    config_parse_text(&cf, path, text);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    StructConfig sc;
+    struct_config_parse(&cf, &c, &sc);
+    int dense = !sc.any_structured;
+    struct_config_free(&sc);
+    config_free(&cf);
+    return dense;
+}
+
+// Reads a fixture (tests/fixture.h) and builds the host side of its model into m; returns 0 for a
+// structured fixture, which the GPU cannot run before issue 5.
+static int fixture_read(Fixture *f, GPT2 *m, const char *path) {
+    fixture_open(f, path);
+    if (!config_is_dense(path, f->config_text)) {
+        fixture_free(f);
+        return 0;
+    }
+    memset(m, 0, sizeof(*m));
+    gpt2_build_from_config_text(m, path, f->config_text);
+    fixture_read_body(f, path, &m->layout);
+    return 1;
+}
+
+
+// bf16 device buffer -> host floats
+static void download_bf16(float *dst, const floatX *src, size_t n) {
+    uint16_t *tmp = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+    cudaCheck(cudaMemcpy(tmp, src, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_float(tmp[i]);
+    free(tmp);
+}
+
+static float max_abs(const float *x, size_t n) {
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) if (fabsf(x[i]) > m) m = fabsf(x[i]);
+    return m;
+}
+
+// The first V columns of every row of the logits against the reference.
+static void check_logits(GPT2 *m, const float *expected, int BT, int V, float atol, float rtol, const char *name) {
+    int Vp = m->config.padded_vocab_size;
+    float *all = (float *)mallocCheck((size_t)BT * Vp * sizeof(float)), *got = (float *)mallocCheck((size_t)BT * V * sizeof(float));
+    download_bf16(all, m->acts.logits, (size_t)BT * Vp);
+    for (int r = 0; r < BT; r++) memcpy(got + (size_t)r * V, all + (size_t)r * Vp, V * sizeof(float));
+    check_close(got, expected, (size_t)BT * V, atol, rtol, name);
+    free(all);
+    free(got);
+}
+
+// Every gradient tensor against the reference, relative to the tensor's scale.
+static void check_grads(GPT2 *m, const float *expected, float rel, const char *tag) {
+    float *got = (float *)mallocCheck(m->num_params * sizeof(float));
+    download_bf16(got, m->grads, m->num_params);
+    for (int i = 0; i < m->layout.params.n; i++) {
+        const ParamTensor *p = &m->layout.params.t[i];
+        char name[256];
+        snprintf(name, sizeof(name), "%s grad %s", tag, p->name);
+        float scale = max_abs(expected + p->offset, p->numel);
+        check_close(got + p->offset, expected + p->offset, p->numel, rel * scale + 1e-6f, 0.0f, name);
+    }
+    free(got);
+}
+
+// mean |got - want| over [o, o + n) within `limit`
+static void check_mean_abs(const float *got, const float *want, size_t n, float limit, const char *name) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += fabs((double)got[i] - (double)want[i]);
+    double mean = s / (double)(n ? n : 1);
+    char why[200];
+    snprintf(why, sizeof(why), "mean |diff| %.3g > %.3g", mean, limit);
+    char nm[700];
+    snprintf(nm, sizeof(nm), "%s (mean |diff| %.3g, limit %.3g)", name, mean, limit);
+    check_true(mean <= limit, nm, why);
+}
+
+// The reference's training from step `from` to `to` (0-based, exclusive): same batch each step,
+// clipping, AdamW with the table's multipliers. Records losses and norms at [step].
+static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, float *losses, float *norms) {
+    for (int s = from; s < to; s++) {
+        gpt2_forward_launch(m, f->inputs, f->targets, f->B, f->T, 1.0f / (f->B * f->T));
+        gpt2_zero_grad(m);  // the classifier above does not touch the gradients
+        gpt2_backward(m, 1.0f);
+        losses[s] = gpt2_read_loss(m);
+        norms[s] = gpt2_grad_norm(m);
+        float scale = norms[s] > f->grad_clip ? f->grad_clip / norms[s] : 1.0f;
+        gpt2_update(m, f->lr, f->beta1, f->beta2, f->eps, f->weight_decay, scale, s + 1);
+    }
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
+
+// One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
+static void run_fixture(const char *path, int recompute, int gelu_fusion, int full) {
+    Fixture f;
+    GPT2 m;
+    if (!fixture_read(&f, &m, path)) {
+        if (full) printf("# fixture %s: structured layers, skipped (the GPU's structured kernels arrive with issue 5)\n", base_name(path));
+        return;
+    }
+    g_gpu.gelu_fusion = gelu_fusion;
+    char tag[128], name[512];
+    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d]", base_name(path), recompute, gelu_fusion);
+    printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
+    gpt2_alloc(&m, f.B, f.T, recompute);
+    gpt2_set_params(&m, f.params);
+    int BT = f.B * f.T;
+
+    float loss = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+    snprintf(name, sizeof(name), "%s logits", tag);
+    check_logits(&m, f.logits, BT, f.V, 2e-2f, 2e-2f, name);
+    snprintf(name, sizeof(name), "%s loss", tag);
+    check_close(&loss, &f.loss, 1, 1e-2f, 0.0f, name);
+    gpt2_zero_grad(&m);
+    gpt2_backward(&m, 1.0f);
+    check_grads(&m, f.grads, 5e-2f, tag);
+    if (!full) { gpt2_free(&m); fixture_free(&f); return; }
+
+    float *losses = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
+    gpt2_set_params(&m, f.params);
+    train_fixture_steps(&m, &f, 0, f.n_steps, losses, norms);
+    for (int s = 0; s < f.n_steps; s++)
+        printf("  step %2d loss %.6f (ref %.6f) norm %.6f (ref %.6f)\n", s + 1, losses[s], f.losses[s], norms[s], f.norms[s]);
+    snprintf(name, sizeof(name), "%s losses over %d steps", tag, f.n_steps);
+    check_close(losses, f.losses, f.n_steps, 2e-2f, 1e-2f, name);
+    snprintf(name, sizeof(name), "%s grad norms over %d steps", tag, f.n_steps);
+    check_close(norms, f.norms, f.n_steps, 1e-3f, 2e-2f, name);
+    gpt2_download_master(&m);
+    float *final1 = (float *)mallocCheck(m.num_params * sizeof(float));
+    memcpy(final1, m.master_host, m.num_params * sizeof(float));
+    const GPT2Layout *g = &m.layout;
+    for (int i = 0; i < g->params.n; i++) {
+        const ParamTensor *p = &g->params.t[i];
+        float step = f.lr * p->lr_mult;
+        size_t len = strlen(p->name);
+        if (len > 5 && strcmp(p->name + len - 5, ".qkvb") == 0) {
+            size_t C = (size_t)m.config.channels;
+            snprintf(name, sizeof(name), "%s weights after training %s (q part)", tag, p->name);
+            check_mean_abs(final1 + p->offset, f.final_params + p->offset, C, step, name);
+            snprintf(name, sizeof(name), "%s weights after training %s (v part)", tag, p->name);
+            check_mean_abs(final1 + p->offset + 2 * C, f.final_params + p->offset + 2 * C, C, step, name);
+            continue;
+        }
+        snprintf(name, sizeof(name), "%s weights after training %s", tag, p->name);
+        check_mean_abs(final1 + p->offset, f.final_params + p->offset, p->numel, step, name);
+    }
+
+    // determinism 1: the same run again
+    float *losses2 = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms2 = (float *)mallocCheck(f.n_steps * sizeof(float));
+    gpt2_set_params(&m, f.params);
+    train_fixture_steps(&m, &f, 0, f.n_steps, losses2, norms2);
+    gpt2_download_master(&m);
+    snprintf(name, sizeof(name), "%s determinism: two runs give bit-identical losses, norms and weights", tag);
+    check_true(memcmp(losses, losses2, f.n_steps * sizeof(float)) == 0 && memcmp(norms, norms2, f.n_steps * sizeof(float)) == 0 &&
+                   memcmp(final1, m.master_host, m.num_params * sizeof(float)) == 0,
+               name, "the second run differs");
+
+    // determinism 2: save at step 5 (model file + resume state, as the trainer), rebuild from the
+    // file, resume, and the remaining steps must be bit-identical to the uninterrupted run
+    int half = f.n_steps / 2;
+    gpt2_set_params(&m, f.params);
+    train_fixture_steps(&m, &f, 0, half, losses2, norms2);
+    char dir[] = "/tmp/test_gpt2cu_XXXXXX";
+    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
+    char model_path[256], state_path[256];
+    snprintf(model_path, sizeof(model_path), "%s/model.bin", dir);
+    snprintf(state_path, sizeof(state_path), "%s/state.bin", dir);
+    TrainState st;
+    memset(&st, 0, sizeof(st));
+    st.step = half;
+    st.num_params = (int64_t)m.num_params;
+    st.nproc = 1;
+    st.B = f.B;
+    st.T = f.T;
+    gpt2_write_checkpoint(&m, model_path, state_path, &st);
+    gpt2_free(&m);
+    gpt2_build(&m, model_path);
+    gpt2_alloc(&m, f.B, f.T, recompute);
+    TrainState st2;
+    gpt2_read_state(&m, state_path, &st2);
+    train_fixture_steps(&m, &f, (int)st2.step, f.n_steps, losses2, norms2);
+    gpt2_download_master(&m);
+    snprintf(name, sizeof(name), "%s determinism: save at step %d and resume gives bit-identical losses and weights", tag, half);
+    check_true(st2.step == half && memcmp(losses + half, losses2 + half, (f.n_steps - half) * sizeof(float)) == 0 &&
+                   memcmp(final1, m.master_host, m.num_params * sizeof(float)) == 0,
+               name, "the resumed run differs from the uninterrupted one");
+    remove(model_path);
+    remove(state_path);
+    rmdir(dir);
+    free(losses); free(norms); free(losses2); free(norms2); free(final1);
+    gpt2_free(&m);
+    fixture_free(&f);
+}
+
+// llm.c's check (as test_gpt2.c): GPT-2 124M weights, one batch, PyTorch's logits, loss and
+// gradients, and the losses of 10 AdamW steps (lr 1e-4, betas 0.9/0.999, weight decay 0.01 on
+// every tensor, no clipping) of llm.c's CPU reference.
+static void run_llmc_124M(const char *model_path, const char *state_path) {
+    GPT2 m;
+    gpt2_build(&m, model_path);
+    DebugState d;
+    debug_state_read(&d, state_path, m.config.vocab_size, m.num_params);
+    int B = d.B, T = d.T, V = m.config.vocab_size;
+    size_t BT = (size_t)B * T;
+    int *x = d.x, *y = d.y;
+    float *logits = d.logits, loss = d.loss, *grads = d.grads;
+    g_gpu.gelu_fusion = g_gpu.prop.major >= 9 ? 2 : 0;
+    gpt2_alloc(&m, B, T, 1);
+    const float *expected_losses = llmc_124M_expected_losses;
+    for (int i = 0; i < m.layout.params.n; i++) m.layout.params.t[i].decay = 1;
+    float losses[10];
+    for (int s = 0; s < 10; s++) {
+        losses[s] = gpt2_forward(&m, x, y, B, T);
+        if (s == 0) {
+            check_logits(&m, logits, (int)BT, V, 0.25f, 0.0f, "llm.c 124M logits");
+            check_close(&losses[0], &loss, 1, 1e-2f, 0.0f, "llm.c 124M loss");
+        }
+        gpt2_zero_grad(&m);
+        gpt2_backward(&m, 1.0f);
+        if (s == 0) check_grads(&m, grads, 1e-1f, "llm.c 124M");
+        gpt2_update(&m, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.01f, 1.0f, s + 1);
+        printf("  step %d loss %.6f (llm.c %.6f)\n", s, losses[s], expected_losses[s]);
+    }
+    check_close(losses, expected_losses, 10, 5e-2f, 0.0f, "llm.c 124M losses over 10 steps");
+    debug_state_free(&d);
+    gpt2_free(&m);
+}
+
+int main(int argc, char **argv) {
+    const char *dir = argc > 1 ? argv[1] : "dev/fixtures";
+    gpu_init(0);
+    printf("# device: %s (sm_%d%d)\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor);
+    char pattern[1024];
+    snprintf(pattern, sizeof(pattern), "%s/*.bin", dir);
+    glob_t gl;
+    int ran = 0;
+    if (glob(pattern, 0, NULL, &gl) == 0) {
+        for (size_t i = 0; i < gl.gl_pathc; i++) {  // model fixtures; the RNG and init ones have other magics
+            FILE *fp = fopenCheck(gl.gl_pathv[i], "rb");
+            int magic = 0;
+            size_t got = fread(&magic, sizeof(int), 1, fp);
+            fclose(fp);
+            if (got != 1 || magic != FIXTURE_MAGIC) continue;
+            run_fixture(gl.gl_pathv[i], 1, g_gpu.prop.major >= 9 ? 2 : 0, 1);  // the trainer's defaults, everything
+            run_fixture(gl.gl_pathv[i], 0, 0, 0);                               // no recompute, no fusion
+            run_fixture(gl.gl_pathv[i], 2, 1, 0);                               // LayerNorm recompute, forward fusion only
+            ran++;
+        }
+        globfree(&gl);
+    }
+    if (ran == 0) fatal("no model fixtures in '%s'; run from the repository root", dir);
+    FILE *a = fopen("gpt2_124M.bin", "rb"), *b = fopen("gpt2_124M_debug_state.bin", "rb");
+    if (a && b) {
+        fclose(a); fclose(b);
+        run_llmc_124M("gpt2_124M.bin", "gpt2_124M_debug_state.bin");
+    } else {
+        if (a) fclose(a);
+        if (b) fclose(b);
+        printf("# llm.c 124M check skipped: gpt2_124M.bin and gpt2_124M_debug_state.bin not in the current directory\n");
+    }
+    return test_summary();
+}

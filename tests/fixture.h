@@ -1,0 +1,179 @@
+// fixture.h: the test fixtures written by dev/reference.py (versions 1 and 2), read into arrays in a
+// model's parameter-table order, and llm.c's GPT-2 debug-state files; shared by test_gpt2.c and
+// test_gpt2.cu, which build the model from the fixture's config text between the two reading steps.
+#pragma once
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "../common/gpt2.h"
+#include "../common/utils.h"
+
+#define FIXTURE_MAGIC 20241123
+#define LLMC_DEBUG_STATE_MAGIC 20240327
+
+typedef struct {
+    int version, B, T, n_steps, V, Vp, n_routed, n_tensors;
+    size_t num_params;
+    float lr, beta1, beta2, eps, weight_decay, grad_clip, moe_aux_weight;
+    char *config_text;
+    // all in the model's table order (version 2 fixtures are mapped by tensor name)
+    float *params, *logits, *grads, *final_params;
+    float *losses, *ce_losses, *auxes, *norms;
+    float loss, ce_loss, aux;
+    int *inputs, *targets;
+    float *ref_lr_mult;  // per table tensor, from a version 2 directory (NULL for version 1)
+    int *ref_decay;
+    FILE *fp;            // open between fixture_open and fixture_read_body
+} Fixture;
+
+// Reads the header, hyperparameters and config text; the caller builds the model from
+// f->config_text and then calls fixture_read_body with its layout.
+static inline void fixture_open(Fixture *f, const char *path) {
+    memset(f, 0, sizeof(*f));
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    float hyper[64];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != FIXTURE_MAGIC || (header[1] != 1 && header[1] != 2))
+        fatal("'%s' is not a version 1 or 2 fixture (magic %d version %d); regenerate with python dev/reference.py", path, header[0], header[1]);
+    f->version = header[1];
+    freadCheck(hyper, sizeof(float), 64, fp, path);
+    f->B = header[2]; f->T = header[3]; f->n_steps = header[4];
+    f->n_tensors = header[6];
+    f->V = header[7]; f->Vp = header[8];
+    f->n_routed = f->version == 2 ? header[9] : 0;
+    f->lr = hyper[0]; f->beta1 = hyper[1]; f->beta2 = hyper[2]; f->eps = hyper[3];
+    f->weight_decay = hyper[4]; f->grad_clip = hyper[5];
+    f->moe_aux_weight = f->version == 2 ? hyper[6] : 0.0f;
+    f->config_text = (char *)callocCheck((size_t)header[5] + 1, 1);
+    freadCheck(f->config_text, 1, (size_t)header[5], fp, path);
+    f->fp = fp;
+}
+
+// Reads n_tensors per-tensor arrays in directory order into a table-ordered buffer.
+static inline void fixture_read_tensors(FILE *fp, const char *path, const GPT2Layout *g, const int *map, int n, float *dst) {
+    if (!map) { freadCheck(dst, sizeof(float), g->params.total, fp, path); return; }
+    for (int i = 0; i < n; i++) {
+        const ParamTensor *p = &g->params.t[map[i]];
+        freadCheck(dst + p->offset, sizeof(float), p->numel, fp, path);
+    }
+}
+
+// Reads the rest of the fixture against the layout of the model built from its config.
+static inline void fixture_read_body(Fixture *f, const char *path, const GPT2Layout *g) {
+    FILE *fp = f->fp;
+    size_t BT = (size_t)f->B * f->T, P = g->params.total;
+    int n = g->params.n, *map = NULL;
+    if (f->version == 1) {
+        if ((size_t)f->n_tensors != P) fatal("'%s' holds %d parameters, the model built from its config %zu", path, f->n_tensors, P);
+    } else {
+        n = f->n_tensors;
+        map = (int *)mallocCheck((size_t)n * sizeof(int));
+        f->ref_lr_mult = (float *)callocCheck((size_t)g->params.n, sizeof(float));
+        f->ref_decay = (int *)callocCheck((size_t)g->params.n, sizeof(int));
+        size_t covered = 0;
+        for (int i = 0; i < n; i++) {  // name[64], ndim + 4 dims, lr_mult, decay + 2 ints
+            char name[64];
+            int ints[5], tail[3];
+            float lr_mult;
+            freadCheck(name, 1, 64, fp, path);
+            name[63] = '\0';
+            freadCheck(ints, sizeof(int), 5, fp, path);
+            freadCheck(&lr_mult, sizeof(float), 1, fp, path);
+            freadCheck(tail, sizeof(int), 3, fp, path);
+            int idx = params_index(&g->params, name);
+            if (idx < 0) fatal("'%s': the reference has tensor '%s' that the model built from its config lacks", path, name);
+            const ParamTensor *p = &g->params.t[idx];
+            int same = ints[0] == p->ndim;
+            for (int d = 0; d < p->ndim && same; d++) same = (size_t)ints[1 + d] == p->shape[d];
+            if (!same) fatal("'%s': tensor '%s' has another shape in the reference than in the model", path, name);
+            map[i] = idx;
+            f->ref_lr_mult[idx] = lr_mult;
+            f->ref_decay[idx] = tail[0];
+            covered += p->numel;
+        }
+        if (n != g->params.n || covered != P) fatal("'%s': the reference has %d tensors, the model %d", path, n, g->params.n);
+    }
+    f->num_params = P;
+    f->params = (float *)mallocCheck(P * sizeof(float));
+    f->grads = (float *)mallocCheck(P * sizeof(float));
+    f->final_params = (float *)mallocCheck(P * sizeof(float));
+    f->inputs = (int *)mallocCheck(BT * sizeof(int));
+    f->targets = (int *)mallocCheck(BT * sizeof(int));
+    f->logits = (float *)mallocCheck(BT * f->V * sizeof(float));
+    f->losses = (float *)mallocCheck(f->n_steps * sizeof(float));
+    f->ce_losses = (float *)mallocCheck(f->n_steps * sizeof(float));
+    f->auxes = (float *)callocCheck(f->n_steps, sizeof(float));
+    f->norms = (float *)mallocCheck(f->n_steps * sizeof(float));
+    fixture_read_tensors(fp, path, g, map, n, f->params);
+    freadCheck(f->inputs, sizeof(int), BT, fp, path);
+    freadCheck(f->targets, sizeof(int), BT, fp, path);
+    freadCheck(f->logits, sizeof(float), BT * f->V, fp, path);
+    freadCheck(&f->loss, sizeof(float), 1, fp, path);
+    f->ce_loss = f->loss;
+    if (f->version == 2) {
+        freadCheck(&f->ce_loss, sizeof(float), 1, fp, path);
+        freadCheck(&f->aux, sizeof(float), 1, fp, path);
+    }
+    fixture_read_tensors(fp, path, g, map, n, f->grads);
+    freadCheck(f->losses, sizeof(float), f->n_steps, fp, path);
+    if (f->version == 2) {
+        freadCheck(f->ce_losses, sizeof(float), f->n_steps, fp, path);
+        freadCheck(f->auxes, sizeof(float), f->n_steps, fp, path);
+    } else {
+        memcpy(f->ce_losses, f->losses, f->n_steps * sizeof(float));
+    }
+    freadCheck(f->norms, sizeof(float), f->n_steps, fp, path);
+    fixture_read_tensors(fp, path, g, map, n, f->final_params);
+    char extra;
+    if (fread(&extra, 1, 1, fp) == 1) fatal("'%s' is longer than its header says: regenerate it", path);
+    fcloseCheck(fp, path);
+    f->fp = NULL;
+    free(map);
+}
+
+static inline void fixture_free(Fixture *f) {
+    if (f->fp) fclose(f->fp);
+    free(f->config_text); free(f->params); free(f->logits); free(f->grads); free(f->losses); free(f->ce_losses);
+    free(f->auxes); free(f->norms); free(f->final_params); free(f->inputs); free(f->targets);
+    free(f->ref_lr_mult); free(f->ref_decay);
+    memset(f, 0, sizeof(*f));
+}
+
+// llm.c's debug state (version 2): B, T, inputs, targets, logits (B*T*V), loss, and the gradients
+// of all num_params (padded-vocabulary) parameters in llm.c's order.
+typedef struct {
+    int B, T;
+    int *x, *y;
+    float *logits, loss, *grads;
+} DebugState;
+
+static inline void debug_state_read(DebugState *d, const char *path, int V, size_t num_params) {
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != LLMC_DEBUG_STATE_MAGIC || header[1] != 2) fatal("'%s' is not an llm.c debug state (version 2)", path);
+    d->B = header[2];
+    d->T = header[3];
+    size_t BT = (size_t)d->B * d->T;
+    d->x = (int *)mallocCheck(BT * sizeof(int));
+    d->y = (int *)mallocCheck(BT * sizeof(int));
+    d->logits = (float *)mallocCheck(BT * V * sizeof(float));
+    d->grads = (float *)mallocCheck(num_params * sizeof(float));
+    freadCheck(d->x, sizeof(int), BT, fp, path);
+    freadCheck(d->y, sizeof(int), BT, fp, path);
+    freadCheck(d->logits, sizeof(float), BT * V, fp, path);
+    freadCheck(&d->loss, sizeof(float), 1, fp, path);
+    freadCheck(d->grads, sizeof(float), num_params, fp, path);
+    fcloseCheck(fp, path);
+}
+
+static inline void debug_state_free(DebugState *d) {
+    free(d->x); free(d->y); free(d->logits); free(d->grads);
+    memset(d, 0, sizeof(*d));
+}
+
+// llm.c's test_gpt2.c checks these losses of 10 AdamW steps (lr 1e-4, betas 0.9/0.999, weight
+// decay 0.01 on every tensor, no clipping) from the GPT-2 124M weights on its debug batch.
+static const float llmc_124M_expected_losses[10] = {5.270007f, 4.059707f, 3.375123f, 2.800783f, 2.315382f,
+                                                    1.849029f, 1.394656f, 0.999147f, 0.624080f, 0.376511f};

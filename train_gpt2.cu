@@ -1,0 +1,722 @@
+// train_gpt2.cu: GPT-2 training on one NVIDIA GPU in bf16 mixed precision (fp32 master weights,
+// AdamW moments, LayerNorm statistics, loss and gradient norm): the same model, files, flags and
+// logs as the CPU trainer train_gpt2.c, with cuBLASLt matmuls and fused kernels from cuda/.
+// Dense models only for now: structured layers on the GPU arrive with issue 5, and every linear
+// layer already goes through linear_forward / linear_backward, where they will plug in.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "common/args.h"
+#include "common/checkpoint.h"
+#include "common/config.h"
+#include "common/dataloader.h"
+#include "common/gpt2.h"
+#include "common/logger.h"
+#include "common/rng.h"
+#include "common/schedule.h"
+#include "common/tokenizer.h"
+#include "common/utils.h"
+#include "cuda/common.cuh"
+#include "cuda/adamw.cuh"
+#include "cuda/attention.cuh"
+#include "cuda/classifier.cuh"
+#include "cuda/encoder.cuh"
+#include "cuda/global_norm.cuh"
+#include "cuda/layernorm.cuh"
+#include "cuda/matmul.cuh"
+#include "cuda/reduce.cuh"
+
+#define STRUCTURED_ON_GPU_MSG "structured layers on the GPU arrive with issue 5; train this config with ./train_gpt2 on the CPU"
+
+// ----------------------------------------------------------------------------------------------
+// The model
+
+// Activations, each buffer holding all layers ([L, B, T, ...]) unless shared by recompute.
+typedef struct {
+    floatX *encoded;                   // (B, T, C)
+    floatX *ln1;                       // (L, B, T, C); (B, T, C) shared with -r 2
+    float *ln1_mean, *ln1_rstd;        // (L, B, T)
+    floatX *qkv;                       // (L, B, T, 3C) rows q | k | v
+    floatX *att;                       // (L, B, NH, T, T) softmax probabilities
+    floatX *atty;                      // (L, B, T, C) attention output
+    floatX *res2;                      // (L, B, T, C) residual after attention
+    floatX *ln2;                       // like ln1
+    float *ln2_mean, *ln2_rstd;
+    floatX *fch;                       // (L, B, T, 4C) fc output before the GELU
+    floatX *fch_gelu;                  // (L, B, T, 4C); (B, T, 4C) shared with -r >= 1
+    floatX *res3;                      // (L, B, T, C) the blocks' outputs
+    floatX *lnf;                       // (B, T, C)
+    float *lnf_mean, *lnf_rstd;
+    floatX *logits;                    // (B, T, Vp); becomes dlogits in place
+    float *losses;                     // (B, T) fp32
+} Acts;
+
+typedef struct {
+    GPT2Layout layout;
+    GPT2Config config;
+    size_t num_params;
+    float *master_host;                // fp32 weights on the host: built/loaded here, checkpoints go through it
+    // device
+    floatX *params, *grads;            // bf16, in the parameter table's flat layout
+    float *master, *m, *v;             // fp32 master weights and AdamW moments
+    int recompute;                     // -r: 0 none, 1 GELU, 2 GELU and LayerNorm
+    int max_B, max_T;
+    Acts acts;
+    floatX *proj, *dres, *dln, *dbig, *datty;  // scratch (proj: projections before the residual add)
+    AttnScratch attn;
+    float *colsum_scratch, *norm_scratch;
+    int *d_inputs, *d_targets, *d_buckets;
+    int *h_inputs, *h_buckets, *h_count;
+    float *h_losses;
+    int n_unique;                      // distinct tokens of the last batch (encoder backward)
+    int B, T;                          // of the last forward
+    int have_targets, dlogits_ready;
+} GPT2;
+
+static floatX *P_(const GPT2 *m, floatX *base, int idx) { return base + m->layout.params.t[idx].offset; }
+
+// ----------------------------------------------------------------------------------------------
+// Linear layers: the one place a linear layer is computed, whatever its structure (as the CPU
+// trainer's linear_forward/linear_backward). Dense goes to cuBLASLt; the structured kernels of
+// issue 5 plug in here.
+
+// out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
+// out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible).
+static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
+    const LinearSpec *s = &ld->spec;
+    const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
+    switch (s->kind) {
+        case STRUCT_DENSE: matmul_forward(out, inp, P_(m, m->params, ld->w[0]), b, N, s->d_in, s->d_out, pre_gelu); return;
+        default: fatal("layer %d %s is %s: " STRUCTURED_ON_GPU_MSG, ld->layer, struct_role_names[ld->role], struct_names[s->kind]);
+    }
+}
+
+// dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. With
+// pre_gelu (the forward's pre-activation whose GELU was this layer's input), dinp is the
+// gradient with respect to pre_gelu instead.
+static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const floatX *dout, const floatX *inp, int N, const floatX *pre_gelu) {
+    const LinearSpec *s = &ld->spec;
+    floatX *db = ld->bias >= 0 ? P_(m, m->grads, ld->bias) : NULL;
+    switch (s->kind) {
+        case STRUCT_DENSE:
+            matmul_backward(dinp, P_(m, m->grads, ld->w[0]), db, dout, inp, P_(m, m->params, ld->w[0]), N, s->d_in, s->d_out, pre_gelu,
+                            m->colsum_scratch);
+            return;
+        default: fatal("layer %d %s is %s: " STRUCTURED_ON_GPU_MSG, ld->layer, struct_role_names[ld->role], struct_names[s->kind]);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Building: the same sources as the CPU trainer (-e dN, llm.c checkpoint v3/v5, config file)
+
+static void gpt2_setup(GPT2 *m, const char *where) {
+    const GPT2Layout *g = &m->layout;
+    if (g->structure.any_structured) fatal("'%s': " STRUCTURED_ON_GPU_MSG, where);
+    m->config = g->config;
+    if (m->config.channels % 8 != 0)
+        fatal("'%s': n_embd = %d; the GPU trainer needs n_embd divisible by 8 (16-byte bf16 vectors); use ./train_gpt2 for this model",
+              where, m->config.channels);
+    m->num_params = g->params.total;
+    m->master_host = (float *)callocCheck(m->num_params, sizeof(float));
+}
+
+static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
+    ConfigFile cf;
+    config_parse_text(&cf, where, text);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    StructConfig sc;
+    struct_config_parse(&cf, &c, &sc);
+    gpt2_layout_build_structured(&m->layout, &c, &sc);
+    config_free(&cf);
+    gpt2_setup(m, where);
+}
+
+// -e argument: an llm.c checkpoint (version 3 fp32 or 5 bf16), "dN", or a model config file.
+// Fills the host fp32 weights; gpt2_alloc puts them on the GPU.
+static void gpt2_build(GPT2 *m, const char *spec) {
+    memset(m, 0, sizeof(*m));
+    GPT2Config c;
+    if (gpt2_config_from_depth_name(spec, &c)) {
+        gpt2_layout_build(&m->layout, &c);
+        gpt2_setup(m, spec);
+        gpt2_init_random(&m->layout, m->master_host, 42);
+        return;
+    }
+    FILE *fp = fopen(spec, "rb");
+    if (!fp) fatal("-e '%s': no such file; -e takes an llm.c checkpoint, dN (e.g. d12 for a fresh GPT-2 124M), or a config file", spec);
+    int magic = 0;
+    size_t got = fread(&magic, sizeof(int), 1, fp);
+    fseekCheck(fp, 0, SEEK_SET, spec);
+    if (got == 1 && magic == MODEL_MAGIC) {
+        char *text = NULL;
+        int version = model_header_read(fp, spec, &c, &text);  // names any other version and exits
+        if (text) fatal("'%s' is a structured checkpoint (version %d): " STRUCTURED_ON_GPU_MSG, spec, version);
+        gpt2_layout_build(&m->layout, &c);
+        gpt2_setup(m, spec);
+        model_params_read(fp, spec, version, m->master_host, m->num_params);
+        fcloseCheck(fp, spec);
+        return;
+    }
+    fcloseCheck(fp, spec);
+    ConfigFile cf;
+    config_parse_file(&cf, spec);
+    gpt2_build_from_config_text(m, spec, cf.text);
+    config_free(&cf);
+    gpt2_init_random(&m->layout, m->master_host, 42);
+}
+
+// Device memory for batches up to B x T: weights (from master_host), gradients, AdamW moments,
+// activations and scratch. Every buffer is named, so running out of memory says which.
+static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
+    const GPT2Config *c = &m->config;
+    if (T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", T, c->max_seq_len, c->max_seq_len);
+    g_oom_hint_B = B;
+    m->recompute = recompute;
+    m->max_B = B;
+    m->max_T = T;
+    size_t n = m->num_params, BT = (size_t)B * T, C = (size_t)c->channels, L = (size_t)c->num_layers, NH = (size_t)c->num_heads;
+    size_t Vp = (size_t)c->padded_vocab_size, att = (size_t)B * NH * T * T;
+    m->params = cudaMallocNamed(floatX, n, "parameters (bf16)");
+    m->grads = cudaMallocNamed(floatX, n, "gradients (bf16)");
+    m->master = cudaMallocNamed(float, n, "master weights (fp32)");
+    m->m = cudaMallocNamed(float, n, "AdamW first moments (fp32)");
+    m->v = cudaMallocNamed(float, n, "AdamW second moments (fp32)");
+    cudaCheck(cudaMemset(m->grads, 0, n * sizeof(floatX)));
+    cudaCheck(cudaMemset(m->m, 0, n * sizeof(float)));
+    cudaCheck(cudaMemset(m->v, 0, n * sizeof(float)));
+    cudaCheck(cudaMemcpy(m->master, m->master_host, n * sizeof(float), cudaMemcpyHostToDevice));
+    master_to_bf16(&m->layout.params, m->params, m->master, 0);
+
+    Acts *a = &m->acts;
+    size_t ln_layers = recompute >= 2 ? 1 : L, gelu_layers = recompute >= 1 ? 1 : L;
+    a->encoded = cudaMallocNamed(floatX, BT * C, "activations: encoded (B x T x C)");
+    a->ln1 = cudaMallocNamed(floatX, ln_layers * BT * C, "activations: ln1 (L x B x T x C; one layer with -r 2)");
+    a->ln1_mean = cudaMallocNamed(float, L * BT, "activations: ln1 mean");
+    a->ln1_rstd = cudaMallocNamed(float, L * BT, "activations: ln1 rstd");
+    a->qkv = cudaMallocNamed(floatX, L * BT * 3 * C, "activations: qkv (L x B x T x 3C)");
+    a->att = cudaMallocNamed(floatX, L * att, "activations: attention probabilities (L x B x NH x T x T)");
+    a->atty = cudaMallocNamed(floatX, L * BT * C, "activations: attention output (L x B x T x C)");
+    a->res2 = cudaMallocNamed(floatX, L * BT * C, "activations: residual 2 (L x B x T x C)");
+    a->ln2 = cudaMallocNamed(floatX, ln_layers * BT * C, "activations: ln2 (L x B x T x C; one layer with -r 2)");
+    a->ln2_mean = cudaMallocNamed(float, L * BT, "activations: ln2 mean");
+    a->ln2_rstd = cudaMallocNamed(float, L * BT, "activations: ln2 rstd");
+    a->fch = cudaMallocNamed(floatX, L * BT * 4 * C, "activations: fc pre-GELU (L x B x T x 4C)");
+    a->fch_gelu = cudaMallocNamed(floatX, gelu_layers * BT * 4 * C, "activations: fc GELU (L x B x T x 4C; one layer with -r >= 1)");
+    a->res3 = cudaMallocNamed(floatX, L * BT * C, "activations: residual 3 (L x B x T x C)");
+    a->lnf = cudaMallocNamed(floatX, BT * C, "activations: lnf (B x T x C)");
+    a->lnf_mean = cudaMallocNamed(float, BT, "activations: lnf mean");
+    a->lnf_rstd = cudaMallocNamed(float, BT, "activations: lnf rstd");
+    a->logits = cudaMallocNamed(floatX, BT * Vp, "activations: logits (B x T x padded vocab)");
+    a->losses = cudaMallocNamed(float, BT, "activations: losses (B x T fp32)");
+
+    m->proj = cudaMallocNamed(floatX, BT * C, "scratch: projection output");
+    m->dres = cudaMallocNamed(floatX, BT * C, "scratch: residual gradient");
+    m->dln = cudaMallocNamed(floatX, BT * C, "scratch: LayerNorm output gradient");
+    m->dbig = cudaMallocNamed(floatX, BT * 4 * C, "scratch: fc / qkv gradient (B x T x 4C)");
+    m->datty = cudaMallocNamed(floatX, BT * C, "scratch: attention output gradient");
+    AttnScratch *s = &m->attn;
+    floatX *qkvy = cudaMallocNamed(floatX, 7 * BT * C, "scratch: attention q, k, v, y, dq, dk, dv (7 x B x T x C)");
+    s->q = qkvy; s->k = qkvy + BT * C; s->v = qkvy + 2 * BT * C; s->y = qkvy + 3 * BT * C;
+    s->dq = qkvy + 4 * BT * C; s->dk = qkvy + 5 * BT * C; s->dv = qkvy + 6 * BT * C;
+    s->scores = cudaMallocNamed(float, att, "scratch: attention scores fp32 (B x NH x T x T)");
+    m->colsum_scratch = cudaMallocNamed(float, column_sums_scratch_floats(4 * (int)C), "scratch: column sums");
+    m->norm_scratch = cudaMallocNamed(float, NORM_BLOCKS + 1, "scratch: gradient norm");
+    m->d_inputs = cudaMallocNamed(int, BT, "inputs");
+    m->d_targets = cudaMallocNamed(int, BT, "targets");
+    m->d_buckets = cudaMallocNamed(int, 3 * BT + 2, "encoder backward buckets");
+    m->h_inputs = (int *)mallocCheck(BT * sizeof(int));
+    m->h_buckets = (int *)mallocCheck((3 * BT + 2) * sizeof(int));
+    m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
+    m->h_losses = (float *)mallocCheck(BT * sizeof(float));
+}
+
+// Sets the weights from host fp32 (tests): master = p, bf16 = round to nearest, moments zero.
+[[maybe_unused]] static void gpt2_set_params(GPT2 *m, const float *p) {
+    memcpy(m->master_host, p, m->num_params * sizeof(float));
+    cudaCheck(cudaMemcpy(m->master, p, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    master_to_bf16(&m->layout.params, m->params, m->master, 0);
+    cudaCheck(cudaMemset(m->m, 0, m->num_params * sizeof(float)));
+    cudaCheck(cudaMemset(m->v, 0, m->num_params * sizeof(float)));
+}
+
+static void gpt2_free(GPT2 *m) {
+    cudaCheck(cudaDeviceSynchronize());
+    void *dev[] = {m->params, m->grads, m->master, m->m, m->v, m->acts.encoded, m->acts.ln1, m->acts.ln1_mean, m->acts.ln1_rstd,
+                   m->acts.qkv, m->acts.att, m->acts.atty, m->acts.res2, m->acts.ln2, m->acts.ln2_mean, m->acts.ln2_rstd, m->acts.fch,
+                   m->acts.fch_gelu, m->acts.res3, m->acts.lnf, m->acts.lnf_mean, m->acts.lnf_rstd, m->acts.logits, m->acts.losses,
+                   m->proj, m->dres, m->dln, m->dbig, m->datty, m->attn.q, m->attn.scores, m->colsum_scratch, m->norm_scratch,
+                   m->d_inputs, m->d_targets, m->d_buckets};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        if (dev[i]) cudaCheck(cudaFree(dev[i]));
+    free(m->master_host); free(m->h_inputs); free(m->h_buckets); free(m->h_count); free(m->h_losses);
+    gpt2_layout_free(&m->layout);
+    memset(m, 0, sizeof(*m));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward, backward, update
+
+// per-layer views (recompute shares one layer's buffer)
+static floatX *act_ln(const GPT2 *m, floatX *base, int l) { return base + (m->recompute >= 2 ? 0 : (size_t)l * m->B * m->T * m->config.channels); }
+static floatX *act_gelu(const GPT2 *m, int l) { return m->acts.fch_gelu + (m->recompute >= 1 ? 0 : (size_t)l * m->B * m->T * 4 * m->config.channels); }
+
+// Launches the forward over inputs (B, T). With targets, also the per-row losses; with
+// dloss != 0 the classifier also leaves dlogits (= dloss * (softmax - onehot)) in the logits
+// buffer for the backward (training: one pass over the logits instead of two).
+static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss) {
+    if (!m->params) fatal("internal: gpt2_alloc was not called");
+    if (B > m->max_B || T > m->max_T) fatal("internal: batch %dx%d exceeds the allocated %dx%d", B, T, m->max_B, m->max_T);
+    const GPT2Config *c = &m->config;
+    const GPT2Layout *g = &m->layout;
+    int C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
+    for (int i = 0; i < BT; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
+        if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+    }
+    m->B = B;
+    m->T = T;
+    memcpy(m->h_inputs, inputs, (size_t)BT * sizeof(int));
+    cudaCheck(cudaMemcpy(m->d_inputs, inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets) {
+        cudaCheck(cudaMemcpy(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
+        int used = encoder_buckets_build(m->h_buckets, m->h_count, inputs, BT, V);
+        m->n_unique = m->h_buckets[0];
+        cudaCheck(cudaMemcpy(m->d_buckets, m->h_buckets, (size_t)used * sizeof(int), cudaMemcpyHostToDevice));
+    }
+    Acts *a = &m->acts;
+    floatX *P = m->params;
+    size_t btc = (size_t)BT * C;
+    encoder_forward(a->encoded, m->d_inputs, P_(m, P, g->wte), P_(m, P, g->wpe), B, T, C);
+    layernorm_forward(act_ln(m, a->ln1, 0), a->ln1_mean, a->ln1_rstd, a->encoded, P_(m, P, g->norms[0].ln1w), P_(m, P, g->norms[0].ln1b), BT, C);
+    const floatX *res = a->encoded;
+    for (int l = 0; l < L; l++) {
+        const BlockNorms *nm = &g->norms[l];
+        floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l);
+        floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
+        floatX *fch = a->fch + (size_t)l * btc * 4, *res3 = a->res3 + (size_t)l * btc;
+        floatX *att = a->att + (size_t)l * B * NH * T * T;
+        const LinearDesc *q = gpt2_linear(g, l, SR_Q);
+        if (!q->fused_qkv) fatal("layer %d: separate q, k, v: " STRUCTURED_ON_GPU_MSG, l);
+        linear_forward(m, q, qkv, ln1, BT, NULL);
+        attention_forward(atty, att, qkv, &m->attn, B, T, C, NH);
+        linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->proj, atty, BT, NULL);
+        fused_residual_layernorm_forward(res2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, res, m->proj,
+                                         P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
+        linear_forward(m, gpt2_linear(g, l, SR_FC), act_gelu(m, l), ln2, BT, fch);
+        linear_forward(m, gpt2_linear(g, l, SR_FC_PROJ), m->proj, act_gelu(m, l), BT, NULL);
+        if (l + 1 < L) {
+            const BlockNorms *nx = &g->norms[l + 1];
+            fused_residual_layernorm_forward(res3, act_ln(m, a->ln1, l + 1), a->ln1_mean + (size_t)(l + 1) * BT,
+                                             a->ln1_rstd + (size_t)(l + 1) * BT, res2, m->proj, P_(m, P, nx->ln1w), P_(m, P, nx->ln1b), BT, C);
+        } else {
+            fused_residual_layernorm_forward(res3, a->lnf, a->lnf_mean, a->lnf_rstd, res2, m->proj, P_(m, P, g->lnfw), P_(m, P, g->lnfb), BT, C);
+        }
+        res = res3;
+    }
+    if (g->head.used) linear_forward(m, &g->head, a->logits, a->lnf, BT, NULL);
+    else matmul_forward(a->logits, a->lnf, P_(m, P, g->wte), NULL, BT, C, Vp, NULL);
+    m->have_targets = targets != NULL;
+    m->dlogits_ready = 0;
+    if (targets) {
+        fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss);
+        m->dlogits_ready = dloss != 0.0f;
+    }
+}
+
+// Mean cross-entropy of the last forward with targets (synchronises), summed on the host in
+// row order in double: deterministic.
+static float gpt2_read_loss(GPT2 *m) {
+    int BT = m->B * m->T;
+    cudaCheck(cudaMemcpy(m->h_losses, m->acts.losses, (size_t)BT * sizeof(float), cudaMemcpyDeviceToHost));
+    double s = 0.0;
+    for (int i = 0; i < BT; i++) s += m->h_losses[i];
+    return (float)(s / BT);
+}
+
+// As the CPU trainer: with targets returns the mean loss, else -1 (the logits stay for sampling).
+static float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
+    gpt2_forward_launch(m, inputs, targets, B, T, 0.0f);
+    return targets ? gpt2_read_loss(m) : -1.0f;
+}
+
+static void gpt2_zero_grad(GPT2 *m) { cudaCheck(cudaMemset(m->grads, 0, m->num_params * sizeof(floatX))); }
+
+// Backward of the last forward (which must have had targets) for dloss_scale * mean
+// cross-entropy, accumulated into the gradients (dloss_scale = 1/grad_accum_steps).
+static void gpt2_backward(GPT2 *m, float dloss_scale) {
+    if (!m->have_targets) fatal("internal: gpt2_backward needs a forward with targets first");
+    const GPT2Config *c = &m->config;
+    const GPT2Layout *g = &m->layout;
+    int B = m->B, T = m->T, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
+    Acts *a = &m->acts;
+    floatX *P = m->params, *G = m->grads;
+    size_t btc = (size_t)BT * C;
+    if (!m->dlogits_ready) fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss_scale / BT);
+    const floatX *last = L > 0 ? a->res3 + (size_t)(L - 1) * btc : a->encoded;
+    if (g->head.used) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, BT, NULL);
+    else matmul_backward(m->dln, P_(m, G, g->wte), NULL, a->logits, a->lnf, P_(m, P, g->wte), BT, C, Vp, NULL, m->colsum_scratch);
+    cudaCheck(cudaMemset(m->dres, 0, btc * sizeof(floatX)));
+    layernorm_backward(m->dres, P_(m, G, g->lnfw), P_(m, G, g->lnfb), m->dln, last, P_(m, P, g->lnfw), a->lnf_mean, a->lnf_rstd, BT, C,
+                       m->colsum_scratch);
+    for (int l = L - 1; l >= 0; l--) {
+        const BlockNorms *nm = &g->norms[l];
+        const floatX *res_in = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * btc;
+        floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l);
+        floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
+        floatX *fch = a->fch + (size_t)l * btc * 4, *att = a->att + (size_t)l * B * NH * T * T;
+        float *ln1_mean = a->ln1_mean + (size_t)l * BT, *ln1_rstd = a->ln1_rstd + (size_t)l * BT;
+        float *ln2_mean = a->ln2_mean + (size_t)l * BT, *ln2_rstd = a->ln2_rstd + (size_t)l * BT;
+        // MLP: dres is the gradient of res3, and flows unchanged into res2 plus the MLP branch
+        if (m->recompute >= 1) gelu_forward(act_gelu(m, l), fch, btc * 4);
+        linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), m->dbig, m->dres, act_gelu(m, l), BT, fch);  // dbig: grad of fch
+        if (m->recompute >= 2) layernorm_forward(ln2, NULL, NULL, res2, P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
+        linear_backward(m, gpt2_linear(g, l, SR_FC), m->dln, m->dbig, ln2, BT, NULL);
+        layernorm_backward(m->dres, P_(m, G, nm->ln2w), P_(m, G, nm->ln2b), m->dln, res2, P_(m, P, nm->ln2w), ln2_mean, ln2_rstd, BT, C,
+                           m->colsum_scratch);
+        // attention
+        linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL);
+        attention_backward(m->dbig, m->datty, qkv, att, &m->attn, B, T, C, NH);  // dbig: dqkv (B, T, 3C)
+        if (m->recompute >= 2) layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
+        linear_backward(m, gpt2_linear(g, l, SR_Q), m->dln, m->dbig, ln1, BT, NULL);
+        layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
+                           m->colsum_scratch);
+    }
+    encoder_backward(P_(m, G, g->wte), P_(m, G, g->wpe), m->dres, m->d_buckets, m->n_unique, B, T, C);
+    m->have_targets = 0;  // the logits and attention probabilities were consumed
+    m->dlogits_ready = 0;
+}
+
+static float gpt2_grad_norm(GPT2 *m) { return global_norm(m->grads, m->num_params, m->norm_scratch); }
+
+// AdamW step t (1-based), as the CPU trainer's gpt2_update; grad_scale is the clipping factor.
+static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, long t) {
+    adamw_update(&m->layout.params, m->params, m->master, m->grads, m->m, m->v, lr, beta1, beta2, eps, weight_decay, grad_scale, t);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Checkpoints: the model file is llm.c's version 3 (fp32), written from the master weights, so
+// that it is lossless and loads in train_gpt2 (CPU), here, and llm.c's fp32 trainers. The
+// resume state is common/checkpoint.h's (step, data position, RNG, m, v); a resumed run
+// re-derives the bf16 weights with the stochastic rounding of the checkpoint's step.
+
+static void gpt2_download_master(GPT2 *m) {
+    cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
+    gpt2_download_master(m);
+    model_write_fp32(model_path, &m->config, NULL, m->master_host, m->num_params);
+    float *hm = (float *)mallocCheck(m->num_params * sizeof(float)), *hv = (float *)mallocCheck(m->num_params * sizeof(float));
+    cudaCheck(cudaMemcpy(hm, m->m, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(hv, m->v, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    state_write(state_path, st, hm, hv);
+    free(hm);
+    free(hv);
+}
+
+// After gpt2_build(checkpoint) and gpt2_alloc: the moments from the state file, and the bf16
+// weights exactly as the uninterrupted run had them after update st->step.
+static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
+    float *hm = (float *)mallocCheck(m->num_params * sizeof(float)), *hv = (float *)mallocCheck(m->num_params * sizeof(float));
+    state_read(state_path, st, hm, hv, m->num_params);
+    cudaCheck(cudaMemcpy(m->m, hm, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->v, hv, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    free(hm);
+    free(hv);
+    master_to_bf16(&m->layout.params, m->params, m->master, (long)st->step);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Sampling (as the CPU trainer: forward over the prefix, softmax of the last row on the host)
+
+static int sample_mult(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1;
+}
+
+static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rng) {
+    const GPT2Config *c = &m->config;
+    int T = gen_T + 1 < m->max_T ? gen_T + 1 : m->max_T;
+    int *tokens = (int *)mallocCheck((size_t)T * sizeof(int));
+    float *probs = (float *)mallocCheck((size_t)c->vocab_size * sizeof(float));
+    uint16_t *row = (uint16_t *)mallocCheck((size_t)c->padded_vocab_size * sizeof(uint16_t));
+    tokens[0] = eot;
+    printf("generating:\n---\n");
+    for (int t = 1; t < T; t++) {
+        gpt2_forward(m, tokens, NULL, 1, t);
+        cudaCheck(cudaMemcpy(row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size, (size_t)c->padded_vocab_size * sizeof(uint16_t),
+                             cudaMemcpyDeviceToHost));
+        float maxv = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < c->vocab_size; i++) { probs[i] = bf16_to_float(row[i]); if (probs[i] > maxv) maxv = probs[i]; }
+        for (int i = 0; i < c->vocab_size; i++) { probs[i] = expf(probs[i] - maxv); sum += probs[i]; }
+        for (int i = 0; i < c->vocab_size; i++) probs[i] /= sum;
+        int next = sample_mult(probs, c->vocab_size, xorshift_f32(rng));
+        tokens[t] = next;
+        if (tok && tok->init_ok) {
+            const char *piece = tokenizer_decode(tok, (unsigned)next);
+            if (piece) safe_printf(piece);
+        } else {
+            printf("%d ", next);
+        }
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    free(tokens);
+    free(probs);
+    free(row);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Training
+
+#ifndef TESTING
+static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
+    dataloader_reset(dl);
+    long n = dataloader_num_batches(dl);
+    if (max_steps >= 0 && max_steps < n) n = max_steps;
+    double sum = 0.0;
+    for (long i = 0; i < n; i++) {
+        dataloader_next_batch(dl);
+        sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
+    }
+    return (float)(sum / (n > 0 ? n : 1));
+}
+
+static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long step, uint64_t sample_rng, int keep_last) {
+    char model_path[1100], state_path[1100], done_path[1100];
+    checkpoint_paths(a->out_dir, step, 0, model_path, state_path, done_path, sizeof(model_path));
+    TrainState st;
+    memset(&st, 0, sizeof(st));
+    st.step = step;
+    st.num_params = (int64_t)m->num_params;
+    st.rank = 0;
+    st.nproc = 1;
+    st.B = a->B;
+    st.T = a->T;
+    st.total_batch_size = a->total_batch;
+    DataLoaderState ds = dataloader_get_state(train);
+    st.dl_epoch = ds.epoch;
+    st.dl_shard_idx = ds.shard_idx;
+    st.dl_sample_idx = ds.sample_idx;
+    st.sample_rng = sample_rng;
+    gpt2_write_checkpoint(m, model_path, state_path, &st);
+    FILE *fp = fopenCheck(done_path, "w");
+    fcloseCheck(fp, done_path);
+    printf("wrote checkpoint %s and %s\n", model_path, state_path);
+    if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
+        long old = step - (long)keep_last * a->ckpt_every;
+        checkpoint_paths(a->out_dir, old, 0, model_path, state_path, done_path, sizeof(model_path));
+        remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
+        remove(model_path);
+        remove(state_path);
+    }
+}
+
+// GPU-only flags, taken out of argv before the shared parser sees the rest.
+typedef struct { int recompute; int gelu_fusion; } GPUArgs;
+
+static int gpu_args_extract(int argc, char **argv, char **rest, GPUArgs *ga) {
+    ga->recompute = 1;     // llm.c's default
+    ga->gelu_fusion = -1;  // -1: by device (2 on sm_90+, else 0)
+    int n = 0;
+    rest[n++] = argv[0];
+    for (int i = 1; i < argc; i++) {
+        int is_r = strcmp(argv[i], "-r") == 0, is_ge = strcmp(argv[i], "-ge") == 0;
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            train_args_usage(argv[0], stdout);
+            printf("GPU trainer only:\n");
+            printf("  -r   <int>  recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)\n");
+            printf("  -ge  <int>  GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)\n");
+            exit(EXIT_SUCCESS);
+        }
+        if (!is_r && !is_ge) { rest[n++] = argv[i]; continue; }
+        if (i + 1 >= argc) fatal("flag %s needs a value (0, 1 or 2)", argv[i]);
+        char *end;
+        long v = strtol(argv[i + 1], &end, 10);
+        if (*end != '\0' || end == argv[i + 1] || v < 0 || v > 2) fatal("flag %s: '%s' must be 0, 1 or 2", argv[i], argv[i + 1]);
+        if (is_r) ga->recompute = (int)v;
+        else ga->gelu_fusion = (int)v;
+        i++;
+    }
+    rest[n] = NULL;
+    return n;
+}
+
+int main(int argc, char **argv) {
+    char **rest = (char **)mallocCheck(((size_t)argc + 1) * sizeof(char *));
+    GPUArgs ga;
+    int nrest = gpu_args_extract(argc, argv, rest, &ga);
+    TrainArgs a;
+    train_args_parse(&a, nrest, rest);
+    LRScheduleType sched_type;
+    if (!lr_schedule_type_from_name(a.lr_schedule, &sched_type))
+        fatal("-k '%s': unknown learning-rate schedule; use cosine, linear, constant or wsd", a.lr_schedule);
+    gpu_init(0);
+    if (ga.gelu_fusion >= 0) g_gpu.gelu_fusion = ga.gelu_fusion;
+
+    // resume: the model comes from the latest checkpoint instead of -e
+    long resume_step = -1;
+    char resume_model[1100], resume_state[1100], resume_done[1100];
+    if (a.resume) {
+        resume_step = find_latest_checkpoint(a.out_dir);
+        if (resume_step < 0) {
+            printf("-y 1: no checkpoint in '%s' yet, starting from -e %s\n", a.out_dir, a.model);
+        } else {
+            checkpoint_paths(a.out_dir, resume_step, 0, resume_model, resume_state, resume_done, sizeof(resume_model));
+        }
+    }
+    GPT2 model;
+    gpt2_build(&model, resume_step >= 0 ? resume_model : a.model);
+    const GPT2Config *c = &model.config;
+    if (a.T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", a.T, c->max_seq_len, c->max_seq_len);
+
+    int nproc = 1, rank = 0;
+    int tokens_per_micro = a.B * a.T * nproc;
+    if (a.total_batch == -1) a.total_batch = tokens_per_micro;
+    if (a.total_batch <= 0 || a.total_batch % tokens_per_micro != 0)
+        fatal("-d %d must be a positive multiple of B*T*processes = %d*%d*%d = %d", a.total_batch, a.B, a.T, nproc, tokens_per_micro);
+    int grad_accum = a.total_batch / tokens_per_micro;
+
+    DataLoader train_loader, val_loader;
+    dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
+    int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
+    train_loader.vocab_size = c->vocab_size;
+    if (have_val) {
+        dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
+        val_loader.vocab_size = c->vocab_size;
+    }
+    long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
+    if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
+
+    gpt2_alloc(&model, a.B, a.T, ga.recompute);
+
+    Tokenizer tokenizer;
+    char tok_path[1100];
+    if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
+    else default_tokenizer_path(a.train_data, c->vocab_size, tok_path, sizeof(tok_path));
+    tokenizer_init(&tokenizer, tok_path);
+    int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
+    if (eot >= c->vocab_size) eot = c->vocab_size - 1;
+
+    LRSchedule sched;
+    sched.type = sched_type;
+    sched.max_lr = a.lr;
+    sched.warmup_steps = a.warmup;
+    sched.total_steps = (int)train_steps;
+    sched.final_frac = a.final_frac;
+    sched.decay_frac = 0.2f;
+
+    uint64_t sample_rng = 1337;
+    long start_step = 0;
+    if (resume_step >= 0) {
+        TrainState st;
+        gpt2_read_state(&model, resume_state, &st);
+        if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
+            fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
+                  resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
+        DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
+        dataloader_set_state(&train_loader, ds);
+        sample_rng = st.sample_rng;
+        start_step = st.step;
+        printf("resumed from %s at step %ld\n", resume_model, start_step);
+    }
+
+    Logger logger;
+    logger_init(&logger, a.out_dir, rank, resume_step >= 0);
+    if (a.out_dir) ensure_dir(a.out_dir);
+
+    double peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
+    printf("+-----------------------+----------------------------------------------------+\n");
+    printf("| device                | %-50.50s |\n", g_gpu.prop.name);
+    char peak_str[64];
+    if (peak > 0) snprintf(peak_str, sizeof(peak_str), "%.0f TFLOP/s", peak / 1e12);
+    else snprintf(peak_str, sizeof(peak_str), "unknown for this device: no MFU printed");
+    printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
+    printf("| model                 | %-50s |\n", resume_step >= 0 ? resume_model : a.model);
+    printf("| layers / heads / C    | %-4d / %-4d / %-38d |\n", c->num_layers, c->num_heads, c->channels);
+    printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
+    printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
+    printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
+    printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
+    printf("| steps                 | %-50ld |\n", train_steps);
+    printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
+    printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
+    printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", ga.recompute, g_gpu.gelu_fusion);
+    printf("| attention             | %-50s |\n", "cuBLAS batched GEMMs + causal softmax (ours)");
+    printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
+    printf("+-----------------------+----------------------------------------------------+\n");
+
+    double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
+    double total_time = 0.0;
+    long timed_steps = 0;
+    int overfit_loaded = 0;
+    for (long step = start_step; step <= train_steps; step++) {
+        int last = step == train_steps;
+        // the checkpoint comes first so that a resumed run replays this step's val and sample
+        if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
+            save_checkpoint(&model, &a, &train_loader, step, sample_rng, a.keep_last);
+        }
+        if (have_val && (step % a.val_every == 0 || last)) {
+            float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
+            printf("val loss %f\n", vl);
+            logger_log_val(&logger, (int)step, vl);
+        }
+        if (a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
+            gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
+        }
+        if (last) break;
+
+        cudaCheck(cudaDeviceSynchronize());
+        double t0 = now_seconds();
+        gpt2_zero_grad(&model);
+        double loss = 0.0;
+        for (int micro = 0; micro < grad_accum; micro++) {
+            // -a 1 reads one batch, the first time through (also after a resume), and keeps it
+            if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
+            overfit_loaded = 1;
+            gpt2_forward_launch(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum / (a.B * a.T));
+            gpt2_backward(&model, 1.0f / grad_accum);
+            float l = gpt2_read_loss(&model);
+            if (!isfinite(l)) fatal("loss is %f at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data", l, step, a.lr);
+            loss += l;
+        }
+        loss /= grad_accum;
+        float norm = gpt2_grad_norm(&model);
+        if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
+        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+        float lr = lr_schedule_get(&sched, (int)step);
+        gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, step + 1);
+        cudaCheck(cudaDeviceSynchronize());
+        double dt = now_seconds() - t0;
+        if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms up (cuBLASLt heuristics, caches)
+        double tok_s = a.total_batch / dt;
+        char mfu[32] = "";
+        if (peak > 0) snprintf(mfu, sizeof(mfu), " | MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
+        printf("step %4ld/%ld | loss %.6f | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s%s\n", step + 1, train_steps, loss, norm, lr, dt * 1e3,
+               tok_s, mfu);
+        fflush(stdout);
+        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, 0.0f, (float)tok_s);
+    }
+    if (timed_steps > 0) {
+        double ms = total_time / timed_steps * 1e3, tok_s = a.total_batch / (ms / 1e3);
+        printf("total average iteration time: %.2f ms | %.0f tok/s", ms, tok_s);
+        if (peak > 0) printf(" | MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
+        printf("\n");
+    }
+
+    if (have_val) dataloader_free(&val_loader);
+    dataloader_free(&train_loader);
+    tokenizer_free(&tokenizer);
+    gpt2_free(&model);
+    free(rest);
+    return 0;
+}
+#endif
