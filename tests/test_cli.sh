@@ -137,5 +137,12 @@ head -c 5000 "$W/A/model_00000006.bin" > "$W/trunc_model.bin"; before=$(md5sum <
 expect_error "truncated checkpoint" "'$W/trunc_model.bin' is truncated" -e "$W/trunc_model.bin" -i "$TRAIN" -s 0
 [ "$before" = "$(md5sum < "$W/trunc_model.bin")" ] && ok "a refused file is not modified" || bad "refused file" "modified"
 
+# the GPU trainer, where it was built but no GPU is present: one clear line and exit 1
+if [ -x ./train_gpt2cu ] && ! nvidia-smi >/dev/null 2>&1; then
+    out=$(./train_gpt2cu -e d2 -x 1 2>&1); rc=$?
+    [ $rc -eq 1 ] && [ "$(echo "$out" | grep -c .)" -eq 1 ] && echo "$out" | grep -q "no CUDA GPU" \
+        && ok "train_gpt2cu without a GPU says so in one line and exits 1" || bad "train_gpt2cu without a GPU" "exit $rc: $out"
+fi
+
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
