@@ -99,5 +99,27 @@ out=$("${MPI[@]}" ./train_gpt2_mpi -e d2 -i "$W/syn_val_000000.bin" -j "" -t 102
 [ $rc -ne 0 ] && echo "$out" | grep -q "one batch needs B\*T\*nproc+1 = 4097" && ok "a shard too small for 2 ranks x B x T names the sizes" \
     || bad "shard too small for the ranks" "exit $rc: $(echo "$out" | grep -m1 error)"
 
+# the crash-tolerant launcher: a trainer that dies after its step-3 checkpoint is relaunched with
+# -y 1 and finishes; a second launch sees the DONE marker and trains nothing
+cat > "$W/crashy.sh" <<CRASH
+#!/usr/bin/env bash
+# stands in for a run that crashes once: the first time, it trains and then loses everything after step 3
+if [ ! -f "$W/crashed" ]; then
+    touch "$W/crashed"
+    "$PWD/train_gpt2_mpi" "\$@" >/dev/null 2>&1
+    rm -f "$W/L"/*_00000006*
+    exit 1
+fi
+exec "$PWD/train_gpt2_mpi" "\$@"
+CRASH
+chmod +x "$W/crashy.sh"
+LAUNCH_ENV=(NPROC=2 OUT="$W/L" STEPS=6 BIN="$W/crashy.sh" RETRY_SLEEP=0 MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS")
+out=$(env "${LAUNCH_ENV[@]}" bash scripts/launch.sh -e d2 "${DATA[@]}" -b 2 -n 3 2>&1); rc=$?
+[ $rc -eq 0 ] && [ -f "$W/L/DONE_00000006" ] && echo "$out" | grep -q "launch attempt 2" && echo "$out" | grep -q "resumed from $W/L/model_00000003.bin at step 3" \
+    && ok "launch.sh relaunches a crashed run, which resumes at step 3 and finishes" || bad "launch.sh" "exit $rc: $(echo "$out" | grep -E 'attempt|resumed|error' | head -5)"
+out=$(env "${LAUNCH_ENV[@]}" bash scripts/launch.sh -e d2 "${DATA[@]}" -b 2 -n 3 2>&1)
+echo "$out" | grep -q "^done:" && ! echo "$out" | grep -q "launch attempt" && ok "launch.sh does nothing once the DONE marker exists" \
+    || bad "launch.sh after DONE" "$(echo "$out" | head -3)"
+
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# launch.sh: the crash-tolerant launcher behind scripts/run_*.sh. Runs the trainer under
+# `mpirun -np NPROC` with `-y 1` until the DONE marker of the final step exists, so a run that
+# crashes (a dead node, a killed job) resumes from its latest complete checkpoint.
+#   NPROC  processes (one per GPU)               BIN       trainer binary (default ./train_gpt2cu)
+#   OUT    output dir (-o)                       STEPS     steps to train (-x)
+#   TRIES  attempts before giving up (10)        MPIRUN    launcher (default "mpirun"; for several
+#                                                          nodes add e.g. "mpirun --hostfile hosts")
+# All other arguments are passed to the trainer.
+set -u
+: "${NPROC:?set NPROC}" "${OUT:?set OUT}" "${STEPS:?set STEPS}"
+BIN=${BIN:-./train_gpt2cu}
+TRIES=${TRIES:-10}
+read -r -a MPI <<< "${MPIRUN:-mpirun}"
+[ "$(id -u)" -eq 0 ] && MPI+=(--allow-run-as-root)
+done_file=$(printf '%s/DONE_%08d' "$OUT" "$STEPS")
+[ -x "$BIN" ] || { echo "error: trainer '$BIN' not found or not executable; build it with make" >&2; exit 1; }
+mkdir -p "$OUT"
+for attempt in $(seq 1 "$TRIES"); do
+    if [ -f "$done_file" ]; then echo "done: $done_file exists"; exit 0; fi
+    echo "launch attempt $attempt of $TRIES: ${MPI[*]} -np $NPROC $BIN -o $OUT -x $STEPS -y 1 $*"
+    "${MPI[@]}" -np "$NPROC" "$BIN" -o "$OUT" -x "$STEPS" -y 1 "$@"
+    rc=$?
+    [ -f "$done_file" ] && { echo "done: $done_file exists"; exit 0; }
+    echo "the trainer exited with $rc before its last checkpoint; resuming in 5 s" >&2
+    sleep "${RETRY_SLEEP:-5}"
+done
+echo "error: $TRIES attempts did not finish $OUT (no $done_file); see the messages above" >&2
+exit 1

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# GPT-2 124M on OpenWebText, dense, on NGPU GPUs of this node (default 1), resuming after crashes:
+#   python3 data/openwebtext.py && make train_gpt2cu && bash scripts/run_gpt2_124M.sh 8
+# 0.5M tokens per step, about one epoch of OpenWebText (~9B tokens) in 17,000 steps.
+cd "$(dirname "$0")/.." || exit 1
+NGPU=${1:-1}
+B=${B:-64}   # per GPU; lower it (the total batch -d stays, through gradient accumulation) if memory is short
+NPROC=$NGPU OUT=${OUT:-log_gpt2_124M} STEPS=${STEPS:-17000} exec bash scripts/launch.sh \
+    -e "${MODEL:-d12}" \
+    -i "${TRAIN:-data/openwebtext/openwebtext_train_*.bin}" -j "${VAL:-data/openwebtext/openwebtext_val_*.bin}" \
+    -b "$B" -t 1024 -d 524288 -l 6e-4 -u 700 -q 0.0 -c 0.1 -k cosine -sh 1 \
+    -v 250 -m 20 -s 2000 -n 1000 -nk 3
