@@ -978,240 +978,53 @@ void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rn
 }
 
 // ----------------------------------------------------------------------------------------------
-// Training
+// Training: the shared driver (common/train_main.h) with the CPU's hooks
 
-#ifndef TESTING
-static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
-    dataloader_reset(dl);
-    long n = dataloader_num_batches(dl);
-    if (max_steps >= 0 && max_steps < n) n = max_steps;
-    double sum = 0.0;
-    for (long i = 0; i < n; i++) {
-        dataloader_next_batch(dl);
-        sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
-    }
-    return (float)(sum / (n > 0 ? n : 1));
+static void trainer_setup(int *argc, char **argv) { (void)argc; (void)argv; }
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T) {
+    m->mp = mp;
+    gpt2_alloc_activations(m, B, T);
+}
+static void trainer_sync(void) {}
+static double trainer_peak_flops(void) { return 0.0; }  // unknown: the step line shows GFLOP/s
+static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
+
+static void trainer_banner(const GPT2 *m) {
+    (void)m;
+#ifdef OMP
+    printf("| threads               | %-50d |\n", omp_get_max_threads());
+#endif
 }
 
-// Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
-// safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
-static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
-                            int keep_last) {
-    char model_path[1100], state_path[1100], done_path[1100];
-    checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
-    if (mp->rank == 0) model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
-    TrainState st;
-    memset(&st, 0, sizeof(st));
-    st.step = step;
-    st.num_params = (int64_t)m->num_params;
-    st.rank = mp->rank;
-    st.nproc = mp->nproc;
-    st.B = a->B;
-    st.T = a->T;
-    st.total_batch_size = a->total_batch;
-    DataLoaderState ds = dataloader_get_state(train);
-    st.dl_epoch = ds.epoch;
-    st.dl_shard_idx = ds.shard_idx;
-    st.dl_sample_idx = ds.sample_idx;
-    st.sample_rng = sample_rng;
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
+    m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
+    float loss = gpt2_forward(m, inputs, targets, B, T);
+    m->sync_aux = 0;
+    *aux = m->aux_loss;
+    gpt2_backward(m, dloss_scale, B, T);
+    return loss;
+}
+
+static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) { multiproc_mean(mp, m->grads, m->num_params); }
+
+static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
+    if (model_path) model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
     // before the first update there are no moments yet: write zeros, which is what they are
     if (!m->m) {
         m->m = (float *)callocCheck(m->num_params, sizeof(float));
         m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
-    state_write(state_path, &st, m->m, m->v);
-    multiproc_barrier(mp);
-    if (mp->rank == 0) {
-        FILE *fp = fopenCheck(done_path, "w");
-        fcloseCheck(fp, done_path);
-    }
-    printf("wrote checkpoint %s and %s\n", model_path, state_path);
-    if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
-        long old = step - (long)keep_last * a->ckpt_every;
-        checkpoint_paths(a->out_dir, old, mp->rank, model_path, state_path, done_path, sizeof(model_path));
-        if (mp->rank == 0) {
-            remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
-            remove(model_path);
-        }
-        remove(state_path);
-    }
-    multiproc_barrier(mp);
+    state_write(state_path, st, m->m, m->v);
 }
 
-int main(int argc, char **argv) {
-    MultiProc mp;
-    multiproc_init(&mp, &argc, &argv);
-    TrainArgs a;
-    train_args_parse(&a, argc, argv);
-    LRScheduleType sched_type;
-    if (!lr_schedule_type_from_name(a.lr_schedule, &sched_type))
-        fatal("-k '%s': unknown learning-rate schedule; use cosine, linear, constant or wsd", a.lr_schedule);
-
-    // resume: the model comes from the latest checkpoint instead of -e
-    long resume_step = -1;
-    char resume_model[1100], resume_state[1100], resume_done[1100];
-    if (a.resume) {
-        resume_step = find_latest_checkpoint(a.out_dir);
-        if (resume_step < 0) {
-            printf("-y 1: no checkpoint in '%s' yet, starting from -e %s\n", a.out_dir, a.model);
-        } else {
-            checkpoint_paths(a.out_dir, resume_step, mp.rank, resume_model, resume_state, resume_done, sizeof(resume_model));
-        }
+static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) {
+    if (!m->m) {
+        m->m = (float *)callocCheck(m->num_params, sizeof(float));
+        m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
-    GPT2 model;
-    gpt2_build(&model, resume_step >= 0 ? resume_model : a.model);
-    const GPT2Config *c = &model.config;
-    if (a.T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", a.T, c->max_seq_len, c->max_seq_len);
-
-    int nproc = mp.nproc, rank = mp.rank;
-    model.mp = &mp;
-    if (rank != 0) {  // one voice: only rank 0 prints progress (errors still come from any rank)
-        if (!freopen("/dev/null", "w", stdout)) fatal("rank %d: cannot silence stdout", rank);
-    }
-    int tokens_per_micro = a.B * a.T * nproc;
-    if (a.total_batch == -1) a.total_batch = tokens_per_micro;
-    if (a.total_batch <= 0 || a.total_batch % tokens_per_micro != 0)
-        fatal("-d %d must be a positive multiple of B*T*processes = %d*%d*%d = %d", a.total_batch, a.B, a.T, nproc, tokens_per_micro);
-    int grad_accum = a.total_batch / tokens_per_micro;
-
-    DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
-    int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
-    train_loader.vocab_size = c->vocab_size;
-    if (have_val) {
-        dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
-        val_loader.vocab_size = c->vocab_size;
-    }
-    long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
-    if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
-
-    gpt2_alloc_activations(&model, a.B, a.T);
-    gpt2_zero_grad(&model);
-
-    Tokenizer tokenizer;
-    char tok_path[1100];
-    if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
-    else default_tokenizer_path(a.train_data, c->vocab_size, tok_path, sizeof(tok_path));
-    tokenizer_init(&tokenizer, tok_path);
-    int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
-    if (eot >= c->vocab_size) eot = c->vocab_size - 1;
-
-    LRSchedule sched;
-    sched.type = sched_type;
-    sched.max_lr = a.lr;
-    sched.warmup_steps = a.warmup;
-    sched.total_steps = (int)train_steps;
-    sched.final_frac = a.final_frac;
-    sched.decay_frac = 0.2f;
-
-    uint64_t sample_rng = 1337;
-    long start_step = 0;
-    if (resume_step >= 0) {
-        TrainState st;
-        model.m = (float *)callocCheck(model.num_params, sizeof(float));
-        model.v = (float *)callocCheck(model.num_params, sizeof(float));
-        state_read(resume_state, &st, model.m, model.v, model.num_params);
-        if (st.nproc != nproc || st.rank != rank)
-            fatal("'%s' was written by rank %lld of %lld processes; resume with the same number of processes (now %d)",
-                  resume_state, (long long)st.rank, (long long)st.nproc, nproc);
-        if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
-            fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
-                  resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
-        DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
-        dataloader_set_state(&train_loader, ds);
-        sample_rng = st.sample_rng;
-        start_step = st.step;
-        printf("resumed from %s at step %ld\n", resume_model, start_step);
-    }
-
-    Logger logger;
-    if (a.out_dir && rank == 0) ensure_dir(a.out_dir);
-    multiproc_barrier(&mp);
-    logger_init(&logger, a.out_dir, rank, resume_step >= 0);
-
-    printf("+-----------------------+----------------------------------------------------+\n");
-    printf("| model                 | %-50s |\n", resume_step >= 0 ? resume_model : a.model);
-    printf("| layers / heads / C    | %-4d / %-4d / %-38d |\n", c->num_layers, c->num_heads, c->channels);
-    printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
-    printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
-    printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
-    printf("| processes             | %-50d |\n", nproc);
-    printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
-    printf("| steps                 | %-50ld |\n", train_steps);
-    printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
-#ifdef OMP
-    printf("| threads               | %-50d |\n", omp_get_max_threads());
-#endif
-    printf("+-----------------------+----------------------------------------------------+\n");
-    if (model.config_text) gpt2_print_layer_table(&model.layout, stdout);
-
-    double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
-    double total_time = 0.0;
-    long timed_steps = 0;
-    int overfit_loaded = 0;
-    for (long step = start_step; step <= train_steps; step++) {
-        int last = step == train_steps;
-        // the checkpoint comes first so that a resumed run replays this step's val and sample
-        if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, a.keep_last);
-        }
-        if (have_val && (step % a.val_every == 0 || last)) {
-            float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
-            multiproc_mean(&mp, &vl, 1);
-            printf("val loss %f\n", vl);
-            logger_log_val(&logger, (int)step, vl);
-        }
-        if (rank == 0 && a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
-            gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
-        }
-        if (last) break;
-
-        double t0 = now_seconds();
-        gpt2_zero_grad(&model);
-        model.sync_aux = 1;
-        double loss = 0.0, aux = 0.0;
-        for (int micro = 0; micro < grad_accum; micro++) {
-            // -a 1 reads one batch, the first time through (also after a resume), and keeps it
-            if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
-            overfit_loaded = 1;
-            float l = gpt2_forward(&model, train_loader.inputs, train_loader.targets, a.B, a.T);
-            if (!isfinite(gpt2_total_loss(&model, l)))
-                fatal("loss is %f (aux %f) at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data",
-                      l, model.aux_loss, step, a.lr);
-            loss += l;
-            aux += model.aux_loss;
-            gpt2_backward(&model, 1.0f / grad_accum, a.B, a.T);
-        }
-        model.sync_aux = 0;
-        loss /= grad_accum;
-        aux /= grad_accum;
-        float reported[2] = {(float)loss, (float)aux};
-        multiproc_mean(&mp, reported, 2);  // aux is already global; the loss is each rank's tokens
-        loss = reported[0];
-        aux = reported[1];
-        multiproc_mean(&mp, model.grads, model.num_params);
-        float norm = gpt2_grad_norm(&model);
-        if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
-        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
-        float lr = lr_schedule_get(&sched, (int)step);
-        gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
-        double dt = now_seconds() - t0;
-        if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches up
-        double tok_s = a.total_batch / dt;
-        char aux_str[32] = "";
-        if (model.n_routed > 0) snprintf(aux_str, sizeof(aux_str), " | aux %.4f", aux);
-        printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %.2f GFLOP/s\n", step + 1, train_steps,
-               loss, aux_str, norm, lr, dt * 1e3, tok_s, flops_per_token * tok_s / 1e9);
-        fflush(stdout);
-        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, (float)aux, (float)tok_s);
-    }
-    if (timed_steps > 0) printf("total average iteration time: %.2f ms\n", total_time / timed_steps * 1e3);
-
-    if (have_val) dataloader_free(&val_loader);
-    dataloader_free(&train_loader);
-    tokenizer_free(&tokenizer);
-    gpt2_free(&model);
-    multiproc_finalize(&mp);
-    return 0;
+    state_read(state_path, st, m->m, m->v, m->num_params);
 }
+
+#ifndef TESTING
+#include "common/train_main.h"
 #endif

@@ -407,9 +407,10 @@ static void gpt2_download_master(GPT2 *m) {
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
+// model_path NULL: this rank writes only its state.
 static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
     gpt2_download_master(m);
-    model_write_fp32(model_path, &m->config, NULL, m->master_host, m->num_params);
+    if (model_path) model_write_fp32(model_path, &m->config, NULL, m->master_host, m->num_params);
     float *hm = (float *)mallocCheck(m->num_params * sizeof(float)), *hv = (float *)mallocCheck(m->num_params * sizeof(float));
     cudaCheck(cudaMemcpy(hm, m->m, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(hv, m->v, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
@@ -475,60 +476,17 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 }
 
 // ----------------------------------------------------------------------------------------------
-// Training
+// Training: the shared driver (common/train_main.h) with the GPU's hooks
 
-#ifndef TESTING
-static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
-    dataloader_reset(dl);
-    long n = dataloader_num_batches(dl);
-    if (max_steps >= 0 && max_steps < n) n = max_steps;
-    double sum = 0.0;
-    for (long i = 0; i < n; i++) {
-        dataloader_next_batch(dl);
-        sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
-    }
-    return (float)(sum / (n > 0 ? n : 1));
-}
+#include "common/multiproc.h"
 
-static void save_checkpoint(GPT2 *m, const TrainArgs *a, DataLoader *train, long step, uint64_t sample_rng, int keep_last) {
-    char model_path[1100], state_path[1100], done_path[1100];
-    checkpoint_paths(a->out_dir, step, 0, model_path, state_path, done_path, sizeof(model_path));
-    TrainState st;
-    memset(&st, 0, sizeof(st));
-    st.step = step;
-    st.num_params = (int64_t)m->num_params;
-    st.rank = 0;
-    st.nproc = 1;
-    st.B = a->B;
-    st.T = a->T;
-    st.total_batch_size = a->total_batch;
-    DataLoaderState ds = dataloader_get_state(train);
-    st.dl_epoch = ds.epoch;
-    st.dl_shard_idx = ds.shard_idx;
-    st.dl_sample_idx = ds.sample_idx;
-    st.sample_rng = sample_rng;
-    gpt2_write_checkpoint(m, model_path, state_path, &st);
-    FILE *fp = fopenCheck(done_path, "w");
-    fcloseCheck(fp, done_path);
-    printf("wrote checkpoint %s and %s\n", model_path, state_path);
-    if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
-        long old = step - (long)keep_last * a->ckpt_every;
-        checkpoint_paths(a->out_dir, old, 0, model_path, state_path, done_path, sizeof(model_path));
-        remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
-        remove(model_path);
-        remove(state_path);
-    }
-}
+static int g_recompute = 1;  // -r, llm.c's default
 
-// GPU-only flags, taken out of argv before the shared parser sees the rest.
-typedef struct { int recompute; int gelu_fusion; } GPUArgs;
-
-static int gpu_args_extract(int argc, char **argv, char **rest, GPUArgs *ga) {
-    ga->recompute = 1;     // llm.c's default
-    ga->gelu_fusion = -1;  // -1: by device (2 on sm_90+, else 0)
-    int n = 0;
-    rest[n++] = argv[0];
-    for (int i = 1; i < argc; i++) {
+// GPU-only flags (-r, -ge) are taken out of argv before the shared parser sees the rest.
+static void trainer_setup(int *argc, char **argv) {
+    int gelu_fusion = -1;  // -1: by device (2 on sm_90+, else 0)
+    int n = 1;
+    for (int i = 1; i < *argc; i++) {
         int is_r = strcmp(argv[i], "-r") == 0, is_ge = strcmp(argv[i], "-ge") == 0;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             train_args_usage(argv[0], stdout);
@@ -537,186 +495,59 @@ static int gpu_args_extract(int argc, char **argv, char **rest, GPUArgs *ga) {
             printf("  -ge  <int>  GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)\n");
             exit(EXIT_SUCCESS);
         }
-        if (!is_r && !is_ge) { rest[n++] = argv[i]; continue; }
-        if (i + 1 >= argc) fatal("flag %s needs a value (0, 1 or 2)", argv[i]);
+        if (!is_r && !is_ge) { argv[n++] = argv[i]; continue; }
+        if (i + 1 >= *argc) fatal("flag %s needs a value (0, 1 or 2)", argv[i]);
         char *end;
         long v = strtol(argv[i + 1], &end, 10);
         if (*end != '\0' || end == argv[i + 1] || v < 0 || v > 2) fatal("flag %s: '%s' must be 0, 1 or 2", argv[i], argv[i + 1]);
-        if (is_r) ga->recompute = (int)v;
-        else ga->gelu_fusion = (int)v;
+        if (is_r) g_recompute = (int)v;
+        else gelu_fusion = (int)v;
         i++;
     }
-    rest[n] = NULL;
-    return n;
+    argv[n] = NULL;
+    *argc = n;
+    gpu_init(0);
+    if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
 }
 
-int main(int argc, char **argv) {
-    char **rest = (char **)mallocCheck(((size_t)argc + 1) * sizeof(char *));
-    GPUArgs ga;
-    int nrest = gpu_args_extract(argc, argv, rest, &ga);
-    TrainArgs a;
-    train_args_parse(&a, nrest, rest);
-    LRScheduleType sched_type;
-    if (!lr_schedule_type_from_name(a.lr_schedule, &sched_type))
-        fatal("-k '%s': unknown learning-rate schedule; use cosine, linear, constant or wsd", a.lr_schedule);
-    gpu_init(0);
-    if (ga.gelu_fusion >= 0) g_gpu.gelu_fusion = ga.gelu_fusion;
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T) { (void)mp; gpt2_alloc(m, B, T, g_recompute); }
+static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
+static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
+static int trainer_n_routed(const GPT2 *m) { (void)m; return 0; }  // structured layers arrive with issue 5
 
-    // resume: the model comes from the latest checkpoint instead of -e
-    long resume_step = -1;
-    char resume_model[1100], resume_state[1100], resume_done[1100];
-    if (a.resume) {
-        resume_step = find_latest_checkpoint(a.out_dir);
-        if (resume_step < 0) {
-            printf("-y 1: no checkpoint in '%s' yet, starting from -e %s\n", a.out_dir, a.model);
-        } else {
-            checkpoint_paths(a.out_dir, resume_step, 0, resume_model, resume_state, resume_done, sizeof(resume_model));
-        }
-    }
-    GPT2 model;
-    gpt2_build(&model, resume_step >= 0 ? resume_model : a.model);
-    const GPT2Config *c = &model.config;
-    if (a.T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", a.T, c->max_seq_len, c->max_seq_len);
-
-    int nproc = 1, rank = 0;
-    int tokens_per_micro = a.B * a.T * nproc;
-    if (a.total_batch == -1) a.total_batch = tokens_per_micro;
-    if (a.total_batch <= 0 || a.total_batch % tokens_per_micro != 0)
-        fatal("-d %d must be a positive multiple of B*T*processes = %d*%d*%d = %d", a.total_batch, a.B, a.T, nproc, tokens_per_micro);
-    int grad_accum = a.total_batch / tokens_per_micro;
-
-    DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
-    int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
-    train_loader.vocab_size = c->vocab_size;
-    if (have_val) {
-        dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
-        val_loader.vocab_size = c->vocab_size;
-    }
-    long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
-    if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
-
-    gpt2_alloc(&model, a.B, a.T, ga.recompute);
-
-    Tokenizer tokenizer;
-    char tok_path[1100];
-    if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
-    else default_tokenizer_path(a.train_data, c->vocab_size, tok_path, sizeof(tok_path));
-    tokenizer_init(&tokenizer, tok_path);
-    int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
-    if (eot >= c->vocab_size) eot = c->vocab_size - 1;
-
-    LRSchedule sched;
-    sched.type = sched_type;
-    sched.max_lr = a.lr;
-    sched.warmup_steps = a.warmup;
-    sched.total_steps = (int)train_steps;
-    sched.final_frac = a.final_frac;
-    sched.decay_frac = 0.2f;
-
-    uint64_t sample_rng = 1337;
-    long start_step = 0;
-    if (resume_step >= 0) {
-        TrainState st;
-        gpt2_read_state(&model, resume_state, &st);
-        if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
-            fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
-                  resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
-        DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
-        dataloader_set_state(&train_loader, ds);
-        sample_rng = st.sample_rng;
-        start_step = st.step;
-        printf("resumed from %s at step %ld\n", resume_model, start_step);
-    }
-
-    Logger logger;
-    logger_init(&logger, a.out_dir, rank, resume_step >= 0);
-    if (a.out_dir) ensure_dir(a.out_dir);
-
-    double peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
-    printf("+-----------------------+----------------------------------------------------+\n");
-    printf("| device                | %-50.50s |\n", g_gpu.prop.name);
+static void trainer_banner(const GPT2 *m) {
+    (void)m;
+    double peak = trainer_peak_flops();
     char peak_str[64];
     if (peak > 0) snprintf(peak_str, sizeof(peak_str), "%.0f TFLOP/s", peak / 1e12);
     else snprintf(peak_str, sizeof(peak_str), "unknown for this device: no MFU printed");
+    printf("| device                | %-50.50s |\n", g_gpu.prop.name);
     printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
-    printf("| model                 | %-50s |\n", resume_step >= 0 ? resume_model : a.model);
-    printf("| layers / heads / C    | %-4d / %-4d / %-38d |\n", c->num_layers, c->num_heads, c->channels);
-    printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
-    printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
-    printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
-    printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
-    printf("| steps                 | %-50ld |\n", train_steps);
-    printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
     printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
-    printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", ga.recompute, g_gpu.gelu_fusion);
+    printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", "cuBLAS batched GEMMs + causal softmax (ours)");
     printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
-    printf("+-----------------------+----------------------------------------------------+\n");
-
-    double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
-    double total_time = 0.0;
-    long timed_steps = 0;
-    int overfit_loaded = 0;
-    for (long step = start_step; step <= train_steps; step++) {
-        int last = step == train_steps;
-        // the checkpoint comes first so that a resumed run replays this step's val and sample
-        if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &train_loader, step, sample_rng, a.keep_last);
-        }
-        if (have_val && (step % a.val_every == 0 || last)) {
-            float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
-            printf("val loss %f\n", vl);
-            logger_log_val(&logger, (int)step, vl);
-        }
-        if (a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
-            gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
-        }
-        if (last) break;
-
-        cudaCheck(cudaDeviceSynchronize());
-        double t0 = now_seconds();
-        gpt2_zero_grad(&model);
-        double loss = 0.0;
-        for (int micro = 0; micro < grad_accum; micro++) {
-            // -a 1 reads one batch, the first time through (also after a resume), and keeps it
-            if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
-            overfit_loaded = 1;
-            gpt2_forward_launch(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum / (a.B * a.T));
-            gpt2_backward(&model, 1.0f / grad_accum);
-            float l = gpt2_read_loss(&model);
-            if (!isfinite(l)) fatal("loss is %f at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data", l, step, a.lr);
-            loss += l;
-        }
-        loss /= grad_accum;
-        float norm = gpt2_grad_norm(&model);
-        if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
-        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
-        float lr = lr_schedule_get(&sched, (int)step);
-        gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, step + 1);
-        cudaCheck(cudaDeviceSynchronize());
-        double dt = now_seconds() - t0;
-        if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms up (cuBLASLt heuristics, caches)
-        double tok_s = a.total_batch / dt;
-        char mfu[32] = "";
-        if (peak > 0) snprintf(mfu, sizeof(mfu), " | MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
-        printf("step %4ld/%ld | loss %.6f | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s%s\n", step + 1, train_steps, loss, norm, lr, dt * 1e3,
-               tok_s, mfu);
-        fflush(stdout);
-        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, 0.0f, (float)tok_s);
-    }
-    if (timed_steps > 0) {
-        double ms = total_time / timed_steps * 1e3, tok_s = a.total_batch / (ms / 1e3);
-        printf("total average iteration time: %.2f ms | %.0f tok/s", ms, tok_s);
-        if (peak > 0) printf(" | MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
-        printf("\n");
-    }
-
-    if (have_val) dataloader_free(&val_loader);
-    dataloader_free(&train_loader);
-    tokenizer_free(&tokenizer);
-    gpt2_free(&model);
-    free(rest);
-    return 0;
 }
+
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
+    gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
+    gpt2_backward(m, dloss_scale);
+    *aux = 0.0f;
+    return gpt2_read_loss(m);
+}
+
+// One process per GPU is issue 6's NCCL path; this build runs a single process, so there is
+// nothing to average yet.
+static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
+    (void)m;
+    if (mp->nproc > 1) fatal("the GPU trainer does not yet average gradients over processes (NCCL, issue 6)");
+}
+
+static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
+    gpt2_write_checkpoint(m, model_path, state_path, st);
+}
+static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) { gpt2_read_state(m, state_path, st); }
+
+#ifndef TESTING
+#include "common/train_main.h"
 #endif
