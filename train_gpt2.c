@@ -23,6 +23,7 @@
 #include "common/logger.h"
 #include "common/multiproc.h"
 #include "common/rng.h"
+#include "common/sampler.h"
 #include "common/schedule.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
@@ -938,15 +939,6 @@ void gpt2_free(GPT2 *m) {
 // ----------------------------------------------------------------------------------------------
 // Sampling
 
-int sample_mult(const float *probs, int n, float coin) {
-    float cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += probs[i];
-        if (coin < cdf) return i;
-    }
-    return n - 1;
-}
-
 // Generates gen_T tokens after an EOT prompt, printing them through the tokenizer when it loaded.
 void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rng) {
     const GPT2Config *c = &m->config;
@@ -957,20 +949,9 @@ void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rn
     printf("generating:\n---\n");
     for (int t = 1; t < T; t++) {
         gpt2_forward(m, tokens, NULL, 1, t);
-        const float *l = m->logits + (size_t)(t - 1) * c->padded_vocab_size;
-        float maxv = -INFINITY, sum = 0.0f;
-        for (int i = 0; i < c->vocab_size; i++) if (l[i] > maxv) maxv = l[i];
-        for (int i = 0; i < c->vocab_size; i++) { probs[i] = expf(l[i] - maxv); sum += probs[i]; }
-        for (int i = 0; i < c->vocab_size; i++) probs[i] /= sum;
-        int next = sample_mult(probs, c->vocab_size, xorshift_f32(rng));
-        tokens[t] = next;
-        if (tok && tok->init_ok) {
-            const char *piece = tokenizer_decode(tok, (unsigned)next);
-            if (piece) safe_printf(piece);
-        } else {
-            printf("%d ", next);
-        }
-        fflush(stdout);
+        memcpy(probs, m->logits + (size_t)(t - 1) * c->padded_vocab_size, (size_t)c->vocab_size * sizeof(float));
+        tokens[t] = sample_softmax(probs, c->vocab_size, rng);
+        print_token(tok, tokens[t]);
     }
     printf("\n---\n");
     free(tokens);

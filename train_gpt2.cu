@@ -16,6 +16,7 @@
 #include "common/gpt2.h"
 #include "common/logger.h"
 #include "common/rng.h"
+#include "common/sampler.h"
 #include "common/schedule.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
@@ -434,15 +435,6 @@ static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
 // ----------------------------------------------------------------------------------------------
 // Sampling (as the CPU trainer: forward over the prefix, softmax of the last row on the host)
 
-static int sample_mult(const float *probs, int n, float coin) {
-    float cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += probs[i];
-        if (coin < cdf) return i;
-    }
-    return n - 1;
-}
-
 static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rng) {
     const GPT2Config *c = &m->config;
     int T = gen_T + 1 < m->max_T ? gen_T + 1 : m->max_T;
@@ -455,19 +447,9 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
         gpt2_forward(m, tokens, NULL, 1, t);
         cudaCheck(cudaMemcpy(row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size, (size_t)c->padded_vocab_size * sizeof(uint16_t),
                              cudaMemcpyDeviceToHost));
-        float maxv = -INFINITY, sum = 0.0f;
-        for (int i = 0; i < c->vocab_size; i++) { probs[i] = bf16_to_float(row[i]); if (probs[i] > maxv) maxv = probs[i]; }
-        for (int i = 0; i < c->vocab_size; i++) { probs[i] = expf(probs[i] - maxv); sum += probs[i]; }
-        for (int i = 0; i < c->vocab_size; i++) probs[i] /= sum;
-        int next = sample_mult(probs, c->vocab_size, xorshift_f32(rng));
-        tokens[t] = next;
-        if (tok && tok->init_ok) {
-            const char *piece = tokenizer_decode(tok, (unsigned)next);
-            if (piece) safe_printf(piece);
-        } else {
-            printf("%d ", next);
-        }
-        fflush(stdout);
+        for (int i = 0; i < c->vocab_size; i++) probs[i] = bf16_to_float(row[i]);
+        tokens[t] = sample_softmax(probs, c->vocab_size, rng);
+        print_token(tok, tokens[t]);
     }
     printf("\n---\n");
     free(tokens);
