@@ -26,15 +26,10 @@
 
 // 1 when the config text describes an all-dense model (else the fixture is for issue 5)
 static int config_is_dense(const char *path, const char *text) {
-    ConfigFile cf;
-    config_parse_text(&cf, path, text);
-    GPT2Config c;
-    gpt2_config_from_file(&cf, &c);
-    StructConfig sc;
-    struct_config_parse(&cf, &c, &sc);
-    int dense = !sc.any_structured;
-    struct_config_free(&sc);
-    config_free(&cf);
+    GPT2Layout g;
+    free(gpt2_layout_from_config_text(&g, path, text));
+    int dense = !g.structure.any_structured;
+    gpt2_layout_free(&g);
     return dense;
 }
 

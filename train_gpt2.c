@@ -635,62 +635,26 @@ static void gpt2_alloc_params(GPT2 *m) {
     if (m->layout.head.used && m->layout.head.spec.kind == STRUCT_BTT_MOE) m->n_routed++;
 }
 
-// A model from a config file's text (`where` names it in messages).
+// A model from a config file's text (`where` names it in messages), weights not initialised.
 static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
-    ConfigFile cf;
-    config_parse_text(&cf, where, text);
-    GPT2Config c;
-    gpt2_config_from_file(&cf, &c);
-    StructConfig sc;
-    struct_config_parse(&cf, &c, &sc);
-    int structured = sc.any_structured;
-    gpt2_layout_build_structured(&m->layout, &c, &sc);
-    config_free(&cf);
+    memset(m, 0, sizeof(*m));
+    m->config_text = gpt2_layout_from_config_text(&m->layout, where, text);
     gpt2_alloc_params(m);
-    if (structured) {
-        m->config_text = (char *)mallocCheck(strlen(text) + 1);
-        strcpy(m->config_text, text);
-    }
 }
 
 // -e argument: an llm.c checkpoint, a structured checkpoint, "dN", or a model config file.
 void gpt2_build(GPT2 *m, const char *spec) {
     memset(m, 0, sizeof(*m));
-    GPT2Config c;
-    if (gpt2_config_from_depth_name(spec, &c)) {
-        gpt2_layout_build(&m->layout, &c);
-        gpt2_alloc_params(m);
+    ModelSource src;
+    gpt2_layout_from_spec(&m->layout, spec, &src);
+    m->config_text = src.config_text;
+    gpt2_alloc_params(m);
+    if (src.fp) {
+        model_params_read(src.fp, spec, src.version, m->params, m->num_params);
+        fcloseCheck(src.fp, spec);
+    } else {
         gpt2_init_random(&m->layout, m->params, 42);
-        return;
     }
-    FILE *fp = fopen(spec, "rb");
-    if (!fp) fatal("-e '%s': no such file; -e takes an llm.c checkpoint, dN (e.g. d12 for a fresh GPT-2 124M), or a config file", spec);
-    int magic = 0;
-    size_t got = fread(&magic, sizeof(int), 1, fp);
-    fseekCheck(fp, 0, SEEK_SET, spec);
-    if (got == 1 && magic == MODEL_MAGIC) {
-        char *text = NULL;
-        int version = model_header_read(fp, spec, &c, &text);
-        if (text) {
-            char where[1200];
-            snprintf(where, sizeof(where), "%s (stored config)", spec);
-            gpt2_build_from_config_text(m, where, text);
-            free(text);
-            if (memcmp(&m->config, &c, sizeof(c)) != 0) fatal("'%s': its header and its stored config disagree; the file is corrupt", spec);
-        } else {
-            gpt2_layout_build(&m->layout, &c);
-            gpt2_alloc_params(m);
-        }
-        model_params_read(fp, spec, version, m->params, m->num_params);
-        fcloseCheck(fp, spec);
-        return;
-    }
-    fcloseCheck(fp, spec);
-    ConfigFile cf;
-    config_parse_file(&cf, spec);
-    gpt2_build_from_config_text(m, spec, cf.text);
-    config_free(&cf);
-    gpt2_init_random(&m->layout, m->params, 42);
 }
 
 // Activation and scratch buffers for batches up to B x T; called once before the first forward.

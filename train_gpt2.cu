@@ -124,15 +124,9 @@ static void gpt2_setup(GPT2 *m, const char *where) {
     m->master_host = (float *)callocCheck(m->num_params, sizeof(float));
 }
 
-static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
-    ConfigFile cf;
-    config_parse_text(&cf, where, text);
-    GPT2Config c;
-    gpt2_config_from_file(&cf, &c);
-    StructConfig sc;
-    struct_config_parse(&cf, &c, &sc);
-    gpt2_layout_build_structured(&m->layout, &c, &sc);
-    config_free(&cf);
+[[maybe_unused]] static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
+    memset(m, 0, sizeof(*m));
+    free(gpt2_layout_from_config_text(&m->layout, where, text));
     gpt2_setup(m, where);
 }
 
@@ -140,34 +134,16 @@ static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *
 // Fills the host fp32 weights; gpt2_alloc puts them on the GPU.
 static void gpt2_build(GPT2 *m, const char *spec) {
     memset(m, 0, sizeof(*m));
-    GPT2Config c;
-    if (gpt2_config_from_depth_name(spec, &c)) {
-        gpt2_layout_build(&m->layout, &c);
-        gpt2_setup(m, spec);
+    ModelSource src;
+    gpt2_layout_from_spec(&m->layout, spec, &src);
+    free(src.config_text);
+    gpt2_setup(m, spec);  // refuses structured models (issue 5)
+    if (src.fp) {
+        model_params_read(src.fp, spec, src.version, m->master_host, m->num_params);
+        fcloseCheck(src.fp, spec);
+    } else {
         gpt2_init_random(&m->layout, m->master_host, 42);
-        return;
     }
-    FILE *fp = fopen(spec, "rb");
-    if (!fp) fatal("-e '%s': no such file; -e takes an llm.c checkpoint, dN (e.g. d12 for a fresh GPT-2 124M), or a config file", spec);
-    int magic = 0;
-    size_t got = fread(&magic, sizeof(int), 1, fp);
-    fseekCheck(fp, 0, SEEK_SET, spec);
-    if (got == 1 && magic == MODEL_MAGIC) {
-        char *text = NULL;
-        int version = model_header_read(fp, spec, &c, &text);  // names any other version and exits
-        if (text) fatal("'%s' is a structured checkpoint (version %d): " STRUCTURED_ON_GPU_MSG, spec, version);
-        gpt2_layout_build(&m->layout, &c);
-        gpt2_setup(m, spec);
-        model_params_read(fp, spec, version, m->master_host, m->num_params);
-        fcloseCheck(fp, spec);
-        return;
-    }
-    fcloseCheck(fp, spec);
-    ConfigFile cf;
-    config_parse_file(&cf, spec);
-    gpt2_build_from_config_text(m, spec, cf.text);
-    config_free(&cf);
-    gpt2_init_random(&m->layout, m->master_host, 42);
 }
 
 // Device memory for batches up to B x T: weights (from master_host), gradients, AdamW moments,

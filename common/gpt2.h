@@ -3,6 +3,7 @@
 // random initialisation, and FLOP counts.
 #pragma once
 #include <math.h>
+#include "checkpoint.h"
 #include "config.h"
 #include "params.h"
 #include "rng.h"
@@ -196,4 +197,70 @@ static inline void gpt2_print_layer_table(const GPT2Layout *g, FILE *out) {
     }
     fprintf(out, "linear layers: %.2fM parameters, %.2f MFLOP/token forward; all-dense: %.2fM, %.2f MFLOP/token (%.1f%% params, %.1f%% FLOPs)\n",
             params / 1e6, flops / 1e6, dense_params / 1e6, dense_flops / 1e6, 100.0 * params / dense_params, 100.0 * flops / dense_flops);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where a model comes from: the trainers' -e argument and the fixtures' config text.
+
+// The layout of a config file's text (`where` names it in messages). Returns the text, malloc'd,
+// when the model is structured (it is stored in checkpoints), else NULL.
+static inline char *gpt2_layout_from_config_text(GPT2Layout *g, const char *where, const char *text) {
+    ConfigFile cf;
+    config_parse_text(&cf, where, text);
+    GPT2Config c;
+    gpt2_config_from_file(&cf, &c);
+    StructConfig sc;
+    struct_config_parse(&cf, &c, &sc);
+    int structured = sc.any_structured;
+    gpt2_layout_build_structured(g, &c, &sc);
+    config_free(&cf);
+    char *kept = NULL;
+    if (structured) {
+        kept = (char *)mallocCheck(strlen(text) + 1);
+        strcpy(kept, text);
+    }
+    return kept;
+}
+
+// What -e gave: a layout, and either a checkpoint whose weights follow (fp open at them, with its
+// version) or nothing (the caller initialises from seed 42).
+typedef struct {
+    FILE *fp;           // non-NULL: read the weights with model_params_read, then close it
+    int version;
+    char *config_text;  // a structured model's config (owned by the caller), else NULL
+} ModelSource;
+
+// -e: "dN" (a GPT-2 preset), an llm.c or structured checkpoint, or a model config file.
+static inline void gpt2_layout_from_spec(GPT2Layout *g, const char *spec, ModelSource *src) {
+    memset(src, 0, sizeof(*src));
+    GPT2Config c;
+    if (gpt2_config_from_depth_name(spec, &c)) {
+        gpt2_layout_build(g, &c);
+        return;
+    }
+    FILE *fp = fopen(spec, "rb");
+    if (!fp) fatal("-e '%s': no such file; -e takes an llm.c checkpoint, dN (e.g. d12 for a fresh GPT-2 124M), or a config file", spec);
+    int magic = 0;
+    size_t got = fread(&magic, sizeof(int), 1, fp);
+    fseekCheck(fp, 0, SEEK_SET, spec);
+    if (got == 1 && magic == MODEL_MAGIC) {
+        char *text = NULL;
+        src->version = model_header_read(fp, spec, &c, &text);
+        if (text) {
+            char where[1200];
+            snprintf(where, sizeof(where), "%s (stored config)", spec);
+            src->config_text = gpt2_layout_from_config_text(g, where, text);
+            free(text);
+            if (memcmp(&g->config, &c, sizeof(c)) != 0) fatal("'%s': its header and its stored config disagree; the file is corrupt", spec);
+        } else {
+            gpt2_layout_build(g, &c);
+        }
+        src->fp = fp;
+        return;
+    }
+    fcloseCheck(fp, spec);
+    ConfigFile cf;
+    config_parse_file(&cf, spec);
+    src->config_text = gpt2_layout_from_config_text(g, spec, cf.text);
+    config_free(&cf);
 }
