@@ -3,7 +3,6 @@
 // GPT-2 124M debug state when gpt2_124M.bin and gpt2_124M_debug_state.bin are present.
 #define TESTING
 #include "train_gpt2.c"
-#include <glob.h>
 #include "tests/check.h"
 #include "tests/fixture.h"
 
@@ -198,30 +197,7 @@ static void run_llmc_124M(const char *model_path, const char *state_path) {
 }
 
 int main(int argc, char **argv) {
-    const char *dir = argc > 1 ? argv[1] : "dev/fixtures";
-    char pattern[1024];
-    snprintf(pattern, sizeof(pattern), "%s/*.bin", dir);
-    glob_t g;
-    int ran = 0;
-    if (glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++) {  // model fixtures; the RNG and init ones have other magics
-            FILE *fp = fopenCheck(g.gl_pathv[i], "rb");
-            int magic = 0;
-            size_t got = fread(&magic, sizeof(int), 1, fp);
-            fclose(fp);
-            if (got == 1 && magic == FIXTURE_MAGIC) { run_fixture(g.gl_pathv[i]); ran++; }
-        }
-        globfree(&g);
-    }
-    if (ran == 0) fatal("no model fixtures in '%s'; run from the repository root", dir);
-    FILE *a = fopen("gpt2_124M.bin", "rb"), *b = fopen("gpt2_124M_debug_state.bin", "rb");
-    if (a && b) {
-        fclose(a); fclose(b);
-        run_llmc_124M("gpt2_124M.bin", "gpt2_124M_debug_state.bin");
-    } else {
-        if (a) fclose(a);
-        if (b) fclose(b);
-        printf("# llm.c 124M check skipped: gpt2_124M.bin and gpt2_124M_debug_state.bin not in the current directory\n");
-    }
+    fixture_for_each_model(argc > 1 ? argv[1] : "dev/fixtures", run_fixture);
+    if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
     return test_summary();
 }

@@ -19,7 +19,6 @@
 // observed errors (every check prints its max |diff|) and tighten them.
 #define TESTING
 #include "train_gpt2.cu"
-#include <glob.h>
 #include <sys/stat.h>
 #include "tests/check.h"
 #include "tests/fixture.h"
@@ -252,37 +251,18 @@ static void run_llmc_124M(const char *model_path, const char *state_path) {
     gpt2_free(&m);
 }
 
+// Each fixture three ways: the trainer's defaults with every check, then without recompute or
+// fusion, then with LayerNorm recompute and forward-only fusion.
+static void run_fixture_modes(const char *path) {
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1);
+    run_fixture(path, 0, 0, 0);
+    run_fixture(path, 2, 1, 0);
+}
+
 int main(int argc, char **argv) {
-    const char *dir = argc > 1 ? argv[1] : "dev/fixtures";
     gpu_init(0);
     printf("# device: %s (sm_%d%d)\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor);
-    char pattern[1024];
-    snprintf(pattern, sizeof(pattern), "%s/*.bin", dir);
-    glob_t gl;
-    int ran = 0;
-    if (glob(pattern, 0, NULL, &gl) == 0) {
-        for (size_t i = 0; i < gl.gl_pathc; i++) {  // model fixtures; the RNG and init ones have other magics
-            FILE *fp = fopenCheck(gl.gl_pathv[i], "rb");
-            int magic = 0;
-            size_t got = fread(&magic, sizeof(int), 1, fp);
-            fclose(fp);
-            if (got != 1 || magic != FIXTURE_MAGIC) continue;
-            run_fixture(gl.gl_pathv[i], 1, g_gpu.prop.major >= 9 ? 2 : 0, 1);  // the trainer's defaults, everything
-            run_fixture(gl.gl_pathv[i], 0, 0, 0);                               // no recompute, no fusion
-            run_fixture(gl.gl_pathv[i], 2, 1, 0);                               // LayerNorm recompute, forward fusion only
-            ran++;
-        }
-        globfree(&gl);
-    }
-    if (ran == 0) fatal("no model fixtures in '%s'; run from the repository root", dir);
-    FILE *a = fopen("gpt2_124M.bin", "rb"), *b = fopen("gpt2_124M_debug_state.bin", "rb");
-    if (a && b) {
-        fclose(a); fclose(b);
-        run_llmc_124M("gpt2_124M.bin", "gpt2_124M_debug_state.bin");
-    } else {
-        if (a) fclose(a);
-        if (b) fclose(b);
-        printf("# llm.c 124M check skipped: gpt2_124M.bin and gpt2_124M_debug_state.bin not in the current directory\n");
-    }
+    fixture_for_each_model(argc > 1 ? argv[1] : "dev/fixtures", run_fixture_modes);
+    if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
     return test_summary();
 }

@@ -189,18 +189,6 @@ static inline int config_get_int(ConfigFile *cf, const char *key, int def, long 
     return config_parse_int(cf, e, lo, hi);
 }
 
-// Every entry must have been consumed: unknown keys are errors, never silently ignored.
-static inline void config_check_all_used(const ConfigFile *cf, const char *known_keys) {
-    for (int i = 0; i < cf->n; i++) {
-        const ConfigEntry *e = &cf->entries[i];
-        if (e->used) continue;
-        if (e->section[0] != '\0')
-            fatal("%s:%d: section [%s] is not supported by this build (structured layers come with structured/); remove it",
-                  cf->path, e->line, e->section);
-        fatal("%s:%d: unknown key '%s'; known keys are: %s", cf->path, e->line, e->key, known_keys);
-    }
-}
-
 #define GPT2_CONFIG_KEYS "n_layer n_head n_embd vocab_size max_seq_len"
 
 // The model section of a config file. Other sections are left for their own consumers.

@@ -52,12 +52,3 @@ static inline int params_index(const ParamTable *pt, const char *name) {
     for (int i = 0; i < pt->n; i++) if (strcmp(pt->t[i].name, name) == 0) return i;
     return -1;
 }
-
-static inline void params_print(const ParamTable *pt, FILE *out) {
-    for (int i = 0; i < pt->n; i++) {
-        const ParamTensor *p = &pt->t[i];
-        fprintf(out, "%-24s [", p->name);
-        for (int d = 0; d < p->ndim; d++) fprintf(out, d ? ", %zu" : "%zu", p->shape[d]);
-        fprintf(out, "] lr_mult %.3g decay %d\n", p->lr_mult, p->decay);
-    }
-}

@@ -2,6 +2,7 @@
 // model's parameter-table order, and llm.c's GPT-2 debug-state files; shared by test_gpt2.c and
 // test_gpt2.cu, which build the model from the fixture's config text between the two reading steps.
 #pragma once
+#include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,3 +178,35 @@ static inline void debug_state_free(DebugState *d) {
 // decay 0.01 on every tensor, no clipping) from the GPT-2 124M weights on its debug batch.
 static const float llmc_124M_expected_losses[10] = {5.270007f, 4.059707f, 3.375123f, 2.800783f, 2.315382f,
                                                     1.849029f, 1.394656f, 0.999147f, 0.624080f, 0.376511f};
+
+// Calls run(path) for every model fixture in dir (the RNG and init fixtures have other magics);
+// stops with an error when there is none, so a wrong directory cannot pass as "nothing failed".
+static inline void fixture_for_each_model(const char *dir, void (*run)(const char *path)) {
+    char pattern[1024];
+    snprintf(pattern, sizeof(pattern), "%s/*.bin", dir);
+    glob_t g;
+    int ran = 0;
+    if (glob(pattern, 0, NULL, &g) == 0) {
+        for (size_t i = 0; i < g.gl_pathc; i++) {
+            FILE *fp = fopenCheck(g.gl_pathv[i], "rb");
+            int magic = 0;
+            size_t got = fread(&magic, sizeof(int), 1, fp);
+            fclose(fp);
+            if (got == 1 && magic == FIXTURE_MAGIC) { run(g.gl_pathv[i]); ran++; }
+        }
+        globfree(&g);
+    }
+    if (ran == 0) fatal("no model fixtures in '%s'; run from the repository root", dir);
+}
+
+// llm.c's 124M check runs when its two files are in the current directory; says so when not.
+#define LLMC_124M_MODEL "gpt2_124M.bin"
+#define LLMC_124M_STATE "gpt2_124M_debug_state.bin"
+static inline int llmc_124M_present(void) {
+    FILE *a = fopen(LLMC_124M_MODEL, "rb"), *b = fopen(LLMC_124M_STATE, "rb");
+    int both = a && b;
+    if (a) fclose(a);
+    if (b) fclose(b);
+    if (!both) printf("# llm.c 124M check skipped: " LLMC_124M_MODEL " and " LLMC_124M_STATE " not in the current directory\n");
+    return both;
+}
