@@ -5,28 +5,10 @@
 set -u
 cd "$(dirname "$0")/.."
 BIN=./train_gpt2
-pass=0; fail=0
-ok() { pass=$((pass + 1)); echo "ok $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1: $2"; }
-W=$(mktemp -d /tmp/structgpt_cli.XXXXXX)
-trap 'rm -rf "$W"' EXIT
+source tests/lib.sh
 
 # synthetic shards in llm.c's format (EOT-led documents of a repeating pattern, so a model can learn it)
-python3 - "$W" <<'PY'
-import sys, numpy as np
-sys.path.insert(0, "data")
-from common import write_shard
-out = sys.argv[1]
-rng = np.random.default_rng(0)
-def doc(n):
-    base = rng.integers(0, 300, size=8)
-    return np.concatenate([[50256], np.tile(base, n // 8 + 1)[:n]])
-train = np.concatenate([doc(int(rng.integers(40, 200))) for _ in range(120)]).astype(np.uint16)
-val = np.concatenate([doc(100) for _ in range(20)]).astype(np.uint16)
-write_shard(f"{out}/syn_train_000001.bin", train[: len(train) // 2])
-write_shard(f"{out}/syn_train_000002.bin", train[len(train) // 2 :])
-write_shard(f"{out}/syn_val_000000.bin", val)
-PY
+python3 tests/synthetic_shards.py "$W" --seed 0 --docs 120 --train_shards 2 --val_docs 20
 TRAIN="$W/syn_train_*.bin"; VAL="$W/syn_val_000000.bin"
 COMMON=(-e d2 -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0)
 
@@ -144,5 +126,4 @@ if [ -x ./train_gpt2cu ] && ! nvidia-smi >/dev/null 2>&1; then
         && ok "train_gpt2cu without a GPU says so in one line and exits 1" || bad "train_gpt2cu without a GPU" "exit $rc: $out"
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+summary

@@ -5,32 +5,16 @@
 # resume must be bit-identical; and rank mistakes must give clear errors. "N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
-pass=0; fail=0
-ok() { pass=$((pass + 1)); echo "ok $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1: $2"; }
+source tests/lib.sh
 if [ ! -x ./train_gpt2_mpi ] || ! command -v mpirun >/dev/null; then
     echo "# skipped: train_gpt2_mpi or mpirun missing (apt-get install libopenmpi-dev openmpi-bin, then make)"
     echo "0 passed, 0 failed"; exit 0
 fi
-W=$(mktemp -d /tmp/structgpt_mpi.XXXXXX)
-[ -n "${KEEP:-}" ] || trap 'rm -rf "$W"' EXIT
 export OMP_NUM_THREADS=1  # two ranks on two cores
 MPI=(mpirun --oversubscribe -np 2 -x OMP_NUM_THREADS)
 [ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS)
 
-python3 - "$W" <<'PY'
-import sys, numpy as np
-sys.path.insert(0, "data")
-from common import write_shard
-out = sys.argv[1]
-rng = np.random.default_rng(1)
-def doc(n):
-    base = rng.integers(0, 300, size=8)
-    return np.concatenate([[50256], np.tile(base, n // 8 + 1)[:n]])
-train = np.concatenate([doc(int(rng.integers(40, 200))) for _ in range(200)]).astype(np.uint16)
-write_shard(f"{out}/syn_train_000001.bin", train)
-write_shard(f"{out}/syn_val_000000.bin", train[:3000])
-PY
+python3 tests/synthetic_shards.py "$W" --seed 1 --docs 200 --val_docs 0
 cat > "$W/moe.conf" <<'CONF'
 n_layer = 2
 n_head = 2
@@ -121,5 +105,4 @@ out=$(env "${LAUNCH_ENV[@]}" bash scripts/launch.sh -e d2 "${DATA[@]}" -b 2 -n 3
 echo "$out" | grep -q "^done:" && ! echo "$out" | grep -q "launch attempt" && ok "launch.sh does nothing once the DONE marker exists" \
     || bad "launch.sh after DONE" "$(echo "$out" | head -3)"
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+summary

@@ -19,15 +19,8 @@ trap 'rm -f "$MAKELOG"' EXIT
 # shellcheck disable=SC2086
 make -B ${MAKEFLAGS_EXTRA:-} train_gpt2 > "$MAKELOG" 2>&1 || { cat "$MAKELOG"; exit 1; }
 
-TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
-if [ ! -f "$TRAIN" ]; then
-    echo "preparing tinyshakespeare ($TRAIN missing)"
-    if [ -f ../shared/data/tinyshakespeare/input.txt ]; then
-        python3 data/tinyshakespeare.py --input ../shared/data/tinyshakespeare/input.txt
-    else
-        python3 data/tinyshakespeare.py
-    fi
-fi
+source dev/bench/common.sh
+ensure_tinyshakespeare
 
 blas=$(grep -E '^CBLAS:' "$MAKELOG" | head -1 || true)
 omp=$(grep -E '^OpenMP:' "$MAKELOG" | head -1 || true)

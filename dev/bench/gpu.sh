@@ -35,15 +35,8 @@ tail -1 /tmp/test_gpt2cu.log
 if [ $rc -ne 0 ]; then echo "test_gpt2cu failed (rc $rc); full log in /tmp/test_gpt2cu.log"; exit 1; fi
 echo
 
-TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
-if [ ! -f "$TRAIN" ]; then
-    echo "preparing tinyshakespeare ($TRAIN missing)"
-    if [ -f ../shared/data/tinyshakespeare/input.txt ]; then
-        python3 data/tinyshakespeare.py --input ../shared/data/tinyshakespeare/input.txt
-    else
-        python3 data/tinyshakespeare.py
-    fi
-fi
+source dev/bench/common.sh
+ensure_tinyshakespeare
 
 echo "== training throughput: ./train_gpt2cu -e MODEL -b B -t $T -x $STEPS -r $RECOMPUTE -v 0 -s 0 (fresh random init; tinyshakespeare)"
 printf '%-6s %4s %10s %12s %8s %s\n' model B ms/step tokens/s MFU note

@@ -1,0 +1,44 @@
+"""synthetic_shards.py: small llm.c-format shards of learnable text for the command-line tests.
+
+Documents are EOT (50256) followed by a repeating pattern of 8 random tokens below 300, so a tiny
+model's loss falls quickly. Writes OUT/syn_train_00000K.bin (--train_shards of them, equal parts)
+and OUT/syn_val_000000.bin: --val_docs more documents of 100 tokens, or with --val_docs 0 the
+first 3000 train tokens.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+from common import write_shard  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--docs", type=int, default=120)
+    ap.add_argument("--train_shards", type=int, default=1)
+    ap.add_argument("--val_docs", type=int, default=20)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+
+    def doc(n):
+        base = rng.integers(0, 300, size=8)
+        return np.concatenate([[50256], np.tile(base, n // 8 + 1)[:n]])
+
+    train = np.concatenate([doc(int(rng.integers(40, 200))) for _ in range(args.docs)]).astype(np.uint16)
+    if args.val_docs > 0:
+        val = np.concatenate([doc(100) for _ in range(args.val_docs)]).astype(np.uint16)
+    else:
+        val = train[:3000]
+    n, parts = len(train), args.train_shards
+    for k in range(parts):  # shard k holds tokens [k*n//parts, (k+1)*n//parts)
+        write_shard(os.path.join(args.out, "syn_train_%06d.bin" % (k + 1)), train[k * n // parts:(k + 1) * n // parts])
+    write_shard(os.path.join(args.out, "syn_val_000000.bin"), val)
+
+
+if __name__ == "__main__":
+    main()
