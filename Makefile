@@ -1,5 +1,5 @@
 # structgpt: builds the CPU trainer and its tests; degrades cleanly without OpenMP or a CBLAS.
-#   make                 train_gpt2 test_gpt2 (OpenMP and OpenBLAS when found)
+#   make                 train_gpt2 test_gpt2 convert_checkpoint (OpenMP and OpenBLAS when found)
 #   make test            build and run every test (C and Python), ending "N passed, N failed"
 #   NO_OMP=1             build without OpenMP;  NO_BLAS=1  build without a CBLAS (plain C matmuls)
 CC ?= gcc
@@ -47,10 +47,13 @@ COMMON_H = $(wildcard common/*.h structured/*.h)
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured
 
 .PHONY: all test clean bench bench-layers
-all: train_gpt2 test_gpt2 $(MPI_TARGETS)
+all: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS)
 
 train_gpt2: train_gpt2.c $(COMMON_H)
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
+
+convert_checkpoint: dev/convert_checkpoint.c $(COMMON_H)
+	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
 train_gpt2_mpi: train_gpt2.c $(COMMON_H)
 	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) $(BLAS_CFLAGS) -DUSE_MPI $< $(LDLIBS) $(BLAS_LIBS) -o $@
@@ -71,7 +74,7 @@ $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/che
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 $(MPI_TARGETS) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
 	bash tests/run_all.sh
 
 bench: train_gpt2
@@ -84,7 +87,7 @@ bench-layers: $(BUILD)/bench_layers_cpu
 	$(BUILD)/bench_layers_cpu 4096 3
 
 clean:
-	rm -rf $(BUILD) train_gpt2 test_gpt2 train_gpt2_mpi
+	rm -rf $(BUILD) train_gpt2 test_gpt2 train_gpt2_mpi convert_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # GPU trainer (train_gpt2.cu, test_gpt2.cu, cuda/*.cuh), built with nvcc when it is found.

@@ -959,7 +959,7 @@ static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char
         m->m = (float *)callocCheck(m->num_params, sizeof(float));
         m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
-    state_write(state_path, st, m->m, m->v);
+    state_write(state_path, st, m->m, m->v, NULL);
 }
 
 static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) {
@@ -967,7 +967,7 @@ static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) 
         m->m = (float *)callocCheck(m->num_params, sizeof(float));
         m->v = (float *)callocCheck(m->num_params, sizeof(float));
     }
-    state_read(state_path, st, m->m, m->v, m->num_params);
+    state_read(state_path, st, m->m, m->v, NULL, m->num_params);
 }
 
 #ifndef TESTING

@@ -375,10 +375,10 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 }
 
 // ----------------------------------------------------------------------------------------------
-// Checkpoints: the model file is llm.c's version 3 (fp32), written from the master weights, so
-// that it is lossless and loads in train_gpt2 (CPU), here, and llm.c's fp32 trainers. The
-// resume state is common/checkpoint.h's (step, data position, RNG, m, v); a resumed run
-// re-derives the bf16 weights with the stochastic rounding of the checkpoint's step.
+// Checkpoints, as llm.c's GPU trainer: the model file is version 5, the bf16 weights exactly as
+// the GPU holds them (loads in llm.c's train_gpt2cu, in train_gpt2 on the CPU, and here), and
+// each rank's resume state (common/checkpoint.h) adds the fp32 master weights to the step, data
+// position, RNG and AdamW moments, so that a resumed run continues bit for bit.
 
 static void gpt2_download_master(GPT2 *m) {
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
@@ -386,23 +386,32 @@ static void gpt2_download_master(GPT2 *m) {
 
 // model_path NULL: this rank writes only its state.
 static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
+    size_t n = m->num_params;
+    if (model_path) {
+        uint16_t *hb = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+        cudaCheck(cudaMemcpy(hb, m->params, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+        model_write_bf16(model_path, &m->config, hb, n);
+        free(hb);
+    }
+    float *hm = (float *)mallocCheck(n * sizeof(float)), *hv = (float *)mallocCheck(n * sizeof(float));
     gpt2_download_master(m);
-    if (model_path) model_write_fp32(model_path, &m->config, NULL, m->master_host, m->num_params);
-    float *hm = (float *)mallocCheck(m->num_params * sizeof(float)), *hv = (float *)mallocCheck(m->num_params * sizeof(float));
-    cudaCheck(cudaMemcpy(hm, m->m, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(hv, m->v, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
-    state_write(state_path, st, hm, hv);
+    cudaCheck(cudaMemcpy(hm, m->m, n * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(hv, m->v, n * sizeof(float), cudaMemcpyDeviceToHost));
+    state_write(state_path, st, hm, hv, m->master_host);
     free(hm);
     free(hv);
 }
 
-// After gpt2_build(checkpoint) and gpt2_alloc: the moments from the state file, and the bf16
-// weights exactly as the uninterrupted run had them after update st->step.
+// After gpt2_build(checkpoint) and gpt2_alloc: the moments and master weights from the state
+// file, and the bf16 weights exactly as the uninterrupted run had them after update st->step. A
+// state without master weights (its model file was fp32) keeps the model file's weights.
 static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
-    float *hm = (float *)mallocCheck(m->num_params * sizeof(float)), *hv = (float *)mallocCheck(m->num_params * sizeof(float));
-    state_read(state_path, st, hm, hv, m->num_params);
-    cudaCheck(cudaMemcpy(m->m, hm, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->v, hv, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    size_t n = m->num_params;
+    float *hm = (float *)mallocCheck(n * sizeof(float)), *hv = (float *)mallocCheck(n * sizeof(float));
+    if (state_read(state_path, st, hm, hv, m->master_host, n))
+        cudaCheck(cudaMemcpy(m->master, m->master_host, n * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->m, hm, n * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->v, hv, n * sizeof(float), cudaMemcpyHostToDevice));
     free(hm);
     free(hv);
     master_to_bf16(&m->layout.params, m->params, m->master, (long)st->step);

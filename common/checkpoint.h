@@ -1,5 +1,6 @@
-// checkpoint.h: llm.c model checkpoints (version 3 fp32 read/write, version 5 bf16 read) and the
-// resume state (optimizer moments, step, RNG, dataloader position); all writes are atomic.
+// checkpoint.h: llm.c model checkpoints (version 3 fp32 and version 5 bf16, read and write; our
+// version 10 for structured models) and the resume state (optimizer moments, optional fp32 master
+// weights, step, RNG, dataloader position); all writes are atomic.
 #pragma once
 #include <dirent.h>
 #include <stdint.h>
@@ -62,6 +63,16 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+// fp32 -> bf16, round to nearest even (as PyTorch's .to(torch.bfloat16) and llm.c's export);
+// NaN stays a quiet NaN instead of rounding into infinity.
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 // Reads n parameters into fp32, converting from bf16 for version 5. Also checks that the file
 // holds exactly that many, so a truncated or over-long file is caught here.
 static inline void model_params_read(FILE *fp, const char *path, int version, float *params, size_t n) {
@@ -96,6 +107,26 @@ static inline void model_write_fp32(const char *path, const GPT2Config *c, const
     atomic_close(fp, tmp, path);
 }
 
+// Writes llm.c's version 5 (bf16) atomically from bf16 words, as llm.c's GPU trainer writes and
+// reads them. Structured models have no bf16 format: their checkpoints are version 10 (fp32).
+static inline void model_write_bf16(const char *path, const GPT2Config *c, const uint16_t *params, size_t n) {
+    char tmp[1100];
+    FILE *fp = atomic_open(path, tmp, sizeof(tmp));
+    int header[256];
+    model_header_fill(header, c, MODEL_VERSION_BF16);
+    fwriteCheck(header, sizeof(int), 256, fp, tmp);
+    fwriteCheck(params, sizeof(uint16_t), n, fp, tmp);
+    atomic_close(fp, tmp, path);
+}
+
+// The same from fp32 weights, rounded to nearest even.
+static inline void model_write_bf16_from_fp32(const char *path, const GPT2Config *c, const float *params, size_t n) {
+    uint16_t *h = (uint16_t *)mallocCheck(n * sizeof(uint16_t) + 1);
+    for (size_t i = 0; i < n; i++) h[i] = float_to_bf16(params[i]);
+    model_write_bf16(path, c, h, n);
+    free(h);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Resume state: everything besides the weights that a run needs to continue bit for bit.
 
@@ -106,10 +137,16 @@ typedef struct {
     int64_t B, T, total_batch_size;
     int64_t dl_epoch, dl_shard_idx, dl_sample_idx;  // train dataloader position (next batch)
     uint64_t sample_rng;      // text sampling RNG
-    uint64_t reserved[20];
+    int64_t has_master;       // 1: fp32 master weights follow m and v (the GPU trainer, whose model
+                              // file holds the bf16 weights); 0: the model file is the master copy
+    uint64_t reserved[19];
 } TrainState;
 
-static inline void state_write(const char *path, const TrainState *st, const float *m, const float *v) {
+// master may be NULL (the model file is then the exact weights); else it is stored after m and v.
+static inline void state_write(const char *path, const TrainState *st_in, const float *m, const float *v, const float *master) {
+    TrainState stc = *st_in;
+    const TrainState *st = &stc;
+    stc.has_master = master != NULL;
     char tmp[1100];
     FILE *fp = atomic_open(path, tmp, sizeof(tmp));
     int header[256] = {0};
@@ -119,11 +156,13 @@ static inline void state_write(const char *path, const TrainState *st, const flo
     fwriteCheck(st, sizeof(TrainState), 1, fp, tmp);
     fwriteCheck(m, sizeof(float), (size_t)st->num_params, fp, tmp);
     fwriteCheck(v, sizeof(float), (size_t)st->num_params, fp, tmp);
+    if (master) fwriteCheck(master, sizeof(float), (size_t)st->num_params, fp, tmp);
     atomic_close(fp, tmp, path);
 }
 
-// Reads a state file; m and v must have room for expected_params floats.
-static inline void state_read(const char *path, TrainState *st, float *m, float *v, size_t expected_params) {
+// Reads a state file; m and v (and master, when not NULL) must have room for expected_params
+// floats. Returns 1 when the file held master weights (then in *master), else 0.
+static inline int state_read(const char *path, TrainState *st, float *m, float *v, float *master, size_t expected_params) {
     FILE *fp = fopenCheck(path, "rb");
     int header[256];
     freadCheck(header, sizeof(int), 256, fp, path);
@@ -136,7 +175,17 @@ static inline void state_read(const char *path, TrainState *st, float *m, float 
               path, (long long)st->num_params, expected_params);
     freadCheck(m, sizeof(float), expected_params, fp, path);
     freadCheck(v, sizeof(float), expected_params, fp, path);
+    int got_master = 0;
+    if (st->has_master) {
+        if (master) {
+            freadCheck(master, sizeof(float), expected_params, fp, path);
+            got_master = 1;
+        } else if (fseek(fp, (long)(expected_params * sizeof(float)), SEEK_CUR) != 0) {
+            fatal("'%s': cannot skip its master weights (%s)", path, strerror(errno));
+        }
+    }
     fcloseCheck(fp, path);
+    return got_master;
 }
 
 // The files of the checkpoint at `step`: the model (rank 0 writes it), each rank's resume state,

@@ -119,6 +119,48 @@ head -c 5000 "$W/A/model_00000006.bin" > "$W/trunc_model.bin"; before=$(md5sum <
 expect_error "truncated checkpoint" "'$W/trunc_model.bin' is truncated" -e "$W/trunc_model.bin" -i "$TRAIN" -s 0
 [ "$before" = "$(md5sum < "$W/trunc_model.bin")" ] && ok "a refused file is not modified" || bad "refused file" "modified"
 
+# convert_checkpoint: v3 -> v5 (llm.c's bf16, what train_gpt2cu writes) -> v3, and the v5 loads here
+CONV=./convert_checkpoint
+$CONV "$W/A/model_00000006.bin" "$W/m5.bin" 5 > /dev/null && $CONV "$W/m5.bin" "$W/m53.bin" 3 > /dev/null; rc=$?
+hdr5=$(od -An -w32 -t d4 -N 32 "$W/m5.bin" | tr -s ' ')
+[ $rc -eq 0 ] && [ "$hdr5" = " 20240326 5 1024 50257 2 2 128 50304" ] && [ "$(stat -c %s "$W/m5.bin")" -eq $((1024 + 2 * 6966784)) ] \
+    && ok "convert_checkpoint writes llm.c's v5 header and 2 bytes per parameter" || bad "convert to v5" "exit $rc, header $hdr5"
+# every weight must be the nearest bf16 (ties to even), computed here independently in float64
+rt=$(python3 - "$W/A/model_00000006.bin" "$W/m53.bin" <<'PY'
+import sys, numpy as np
+a = np.fromfile(sys.argv[1], dtype=np.float32, offset=1024)
+b = np.fromfile(sys.argv[2], dtype=np.float32, offset=1024)
+u = a.view(np.uint32)
+lo = (u & np.uint32(0xFFFF0000)).view(np.float32).astype(np.float64)
+hi = ((u & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32).astype(np.float64)
+x = a.astype(np.float64)
+dlo, dhi = np.abs(x - lo), np.abs(hi - x)
+lo_even = ((u >> 16) & 1) == 0
+want = np.where((dlo < dhi) | ((dlo == dhi) & lo_even), lo, hi)
+print(int(np.sum(want != b.astype(np.float64))), a.size, b.size)
+PY
+)
+[ "$rt" = "0 6966784 6966784" ] && ok "v3 -> v5 -> v3 gives the nearest bf16 of every weight" || bad "bf16 round trip" "$rt"
+"$BIN" -e "$W/m5.bin" -i "$TRAIN" -j "$VAL" -b 4 -t 32 -x 1 -v 1 -m 2 -s 0 > "$W/C5.out" 2>&1; rc=$?
+v3=$(grep -m1 -oE 'val loss [0-9.]+' "$W/C.out" | awk '{print $3}'); v5=$(grep -m1 -oE 'val loss [0-9.]+' "$W/C5.out" | awk '{print $3}')
+[ $rc -eq 0 ] && awk -v a="$v3" -v b="$v5" 'BEGIN {d = a - b; exit !(a != "" && b != "" && d < 0.02 && d > -0.02)}' \
+    && ok "the v5 checkpoint loads with -e: val loss $v5 vs $v3 from fp32 (within 0.02)" || bad "v5 loads" "exit $rc, val $v5 vs $v3"
+conv_error() {  # NAME PATTERN ARGS...
+    local name=$1 pat=$2; shift 2
+    local out rc
+    out=$($CONV "$@" 2>&1); rc=$?
+    if [ $rc -ne 0 ] && echo "$out" | grep -qF -- "$pat"; then ok "convert_checkpoint: $name"
+    else bad "convert_checkpoint: $name" "exit $rc, wanted '$pat' in: $out"; fi
+}
+conv_error "structured model refused" "is a structured model (version 10)" "$W/SA/model_00000006.bin" "$W/x.bin" 5
+conv_error "bad version argument" "usage:" "$W/m5.bin" "$W/x.bin" 4
+conv_error "missing input" "'$W/nope.bin': No such file" "$W/nope.bin" "$W/x.bin" 5
+conv_error "not a checkpoint" "is not a model checkpoint" "$VAL" "$W/x.bin" 5
+cp "$W/m5.bin" "$W/keep.bin"; before=$(md5sum < "$W/keep.bin")
+conv_error "truncated input" "is truncated" "$W/trunc_model.bin" "$W/keep.bin" 5
+[ "$before" = "$(md5sum < "$W/keep.bin")" ] && [ ! -e "$W/x.bin" ] && ok "convert_checkpoint: a failed conversion leaves OUT as it was" \
+    || bad "failed conversion" "OUT modified or created"
+
 # the GPU trainer, where it was built but no GPU is present: one clear line and exit 1
 if [ -x ./train_gpt2cu ] && ! nvidia-smi >/dev/null 2>&1; then
     out=$(./train_gpt2cu -e d2 -x 1 2>&1); rc=$?

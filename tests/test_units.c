@@ -107,7 +107,43 @@ static void test_checkpoint_round_trip(void) {
     fcloseCheck(fp, a);
     gpt2_build(&m, a);
     check_true(memcmp(m.params, w, n * sizeof(float)) == 0, "llm.c v5 (bf16) checkpoint loads exactly", "weights differ");
+    // and ours: model_write_bf16 of bf16-exact weights gives the same bytes as the hand-written file
+    model_write_bf16_from_fp32(b, &m.config, m.params, m.num_params);
+    fa = fopenCheck(a, "rb"); fb = fopenCheck(b, "rb");
+    same = 1;
+    do { ca = fgetc(fa); cb = fgetc(fb); if (ca != cb) same = 0; } while (ca != EOF && cb != EOF && same);
+    fclose(fa); fclose(fb);
+    check_true(same, "a v5 checkpoint written here has the same bytes as the llm.c-layout file", "bytes differ");
     gpt2_free(&m);
+    // round to nearest even, by hand: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 (rounds to 1, even),
+    // 1 + 3*2^-8 a tie between 1 + 2^-7 and 1 + 2^-6 (rounds up, to even), 1 + 2^-8 + 2^-20 rounds up
+    check_true(float_to_bf16(1.0f + 0x1p-8f) == 0x3F80 && float_to_bf16(1.0f + 3 * 0x1p-8f) == 0x3F82 &&
+                   float_to_bf16(1.0f + 0x1p-8f + 0x1p-20f) == 0x3F81 && float_to_bf16(-2.0f) == 0xC000 &&
+                   (float_to_bf16(NAN) & 0x7FC0) == 0x7FC0,
+               "float_to_bf16 rounds to nearest, ties to even, and keeps NaN", "wrong bits");
+
+    // resume state with and without master weights: fields, moments and master read back exactly
+    {
+        const size_t k = 1000;
+        float *mm = (float *)mallocCheck(3 * k * sizeof(float)), *back = (float *)mallocCheck(3 * k * sizeof(float));
+        for (size_t i = 0; i < 3 * k; i++) mm[i] = cosf((float)i);
+        TrainState st, st2;
+        memset(&st, 0, sizeof(st));
+        st.step = 17; st.num_params = (int64_t)k; st.dl_sample_idx = 5; st.sample_rng = 0x1234567890ull;
+        state_write(a, &st, mm, mm + k, mm + 2 * k);
+        int got = state_read(a, &st2, back, back + k, back + 2 * k, k);
+        check_true(got == 1 && st2.has_master == 1 && st2.step == 17 && st2.dl_sample_idx == 5 && st2.sample_rng == 0x1234567890ull &&
+                       memcmp(mm, back, 3 * k * sizeof(float)) == 0,
+                   "resume state with master weights reads back exactly", "differs");
+        got = state_read(a, &st2, back, back + k, NULL, k);  // a reader that keeps its own weights skips them
+        check_true(got == 0 && memcmp(mm, back, 2 * k * sizeof(float)) == 0, "resume state: master weights can be skipped", "differs");
+        state_write(b, &st, mm, mm + k, NULL);
+        memset(back + 2 * k, 0, k * sizeof(float));
+        got = state_read(b, &st2, back, back + k, back + 2 * k, k);
+        check_true(got == 0 && st2.has_master == 0 && back[2 * k] == 0.0f, "resume state without master weights says so", "differs");
+        free(mm);
+        free(back);
+    }
     gpt2_layout_free(&g);
     free(w);
     remove(a);
