@@ -44,7 +44,7 @@ else
 endif
 
 COMMON_H = $(wildcard common/*.h structured/*.h)
-C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured
+C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan
 
 .PHONY: all test clean bench bench-layers
 all: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS)
@@ -104,7 +104,7 @@ ifneq ($(NVCC),)
   NVCC_FLAGS = -O3 --use_fast_math -std=c++17 -I. -arch=sm_$(GPU_COMPUTE_CAPABILITY) \
                -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Wno-unused-function
   NVCC_LDLIBS = -lcublas -lcublasLt
-  CUDA_H = $(wildcard cuda/*.cuh) $(COMMON_H)
+  CUDA_H = $(wildcard cuda/*.cuh structured/*.cuh) $(COMMON_H)
   $(info nvcc: $(NVCC), sm_$(GPU_COMPUTE_CAPABILITY))
 all: train_gpt2cu test_gpt2cu
 train_gpt2cu: train_gpt2.cu $(CUDA_H)

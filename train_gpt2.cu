@@ -1,8 +1,8 @@
 // train_gpt2.cu: GPT-2 training on one NVIDIA GPU in bf16 mixed precision (fp32 master weights,
 // AdamW moments, LayerNorm statistics, loss and gradient norm): the same model, files, flags and
 // logs as the CPU trainer train_gpt2.c, with cuBLASLt matmuls and fused kernels from cuda/.
-// Dense models only for now: structured layers on the GPU arrive with issue 5, and every linear
-// layer already goes through linear_forward / linear_backward, where they will plug in.
+// Every linear layer goes through linear_forward / linear_backward: dense on cuBLASLt, BTT,
+// Monarch and BTT-MoE through structured/structured.cuh (the cuBLAS baseline of issue 5).
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -29,8 +29,7 @@
 #include "cuda/layernorm.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/reduce.cuh"
-
-#define STRUCTURED_ON_GPU_MSG "structured layers on the GPU arrive with issue 5; train this config with ./train_gpt2 on the CPU"
+#include "structured/structured.cuh"
 
 // ----------------------------------------------------------------------------------------------
 // The model
@@ -55,9 +54,16 @@ typedef struct {
     float *losses;                     // (B, T) fp32
 } Acts;
 
+// What a structured linear layer keeps between its forward and backward.
+typedef struct {
+    floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
+    MoEGPUState moe;      // btt_moe
+} LinearState;
+
 typedef struct {
     GPT2Layout layout;
     GPT2Config config;
+    char *config_text;                 // a structured model's config (stored in its checkpoints), else NULL
     size_t num_params;
     float *master_host;                // fp32 weights on the host: built/loaded here, checkpoints go through it
     // device
@@ -75,6 +81,13 @@ typedef struct {
     int n_unique;                      // distinct tokens of the last batch (encoder backward)
     int B, T;                          // of the last forward
     int have_targets, dlogits_ready;
+    // structured layers
+    LinearState *lin;                  // [L * NUM_BLOCK_ROLES + 1]: block layers, then the head
+    floatX *st_scratch;                // shared by every structured layer (plans' T1..T3, BTT-MoE's gathered rows)
+    float *st_fscratch;                // BTT-MoE fp32 scratch
+    floatX *split_a, *split_b;         // (B, T, C): a separate q, k or v and its input gradient
+    float aux_loss;                    // BTT-MoE load-balancing loss of the last forward, mean over routed layers
+    int n_routed;
 } GPT2;
 
 static floatX *P_(const GPT2 *m, floatX *base, int idx) { return base + m->layout.params.t[idx].offset; }
@@ -84,30 +97,76 @@ static floatX *P_(const GPT2 *m, floatX *base, int idx) { return base + m->layou
 // trainer's linear_forward/linear_backward). Dense goes to cuBLASLt; the structured kernels of
 // issue 5 plug in here.
 
+static LinearState *lin_state(GPT2 *m, const LinearDesc *ld) {
+    return &m->lin[ld->layer < 0 ? m->config.num_layers * NUM_BLOCK_ROLES : ld->layer * NUM_BLOCK_ROLES + ld->role];
+}
+
 // out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
-// out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible).
+// out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible). A BTT-MoE
+// layer adds its aux loss to m->aux_loss.
 static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
+    const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
+    if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
+    LinearState *ls = lin_state(m, ld);
+    floatX *y = pre_gelu ? pre_gelu : out;
     switch (s->kind) {
-        case STRUCT_DENSE: matmul_forward(out, inp, P_(m, m->params, ld->w[0]), b, N, s->d_in, s->d_out, pre_gelu); return;
-        default: fatal("layer %d %s is %s: " STRUCTURED_ON_GPU_MSG, ld->layer, struct_role_names[ld->role], struct_names[s->kind]);
+        case STRUCT_BTT: { BTTShape bs = st_btt_shape_of(s); btt_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch); break; }
+        case STRUCT_MONARCH: {
+            MonarchShape ms = st_monarch_shape_of(s);
+            monarch_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch);
+            break;
+        }
+        default: {
+            MoEShape ms = st_moe_shape_of(s);
+            MoEGPUScratch sc;
+            moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
+            moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
+            double stats[MOE_AUX_STATS(1024)];
+            moe_aux_stats_gpu(&ls->moe, &sc, &ms, stats);
+            m->aux_loss += moe_aux_from_stats_gpu(&ls->moe, stats, N, &ms);
+            break;
+        }
     }
+    if (pre_gelu) gelu_forward(out, pre_gelu, (size_t)N * s->d_out);
 }
 
 // dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. With
 // pre_gelu (the forward's pre-activation whose GELU was this layer's input), dinp is the
-// gradient with respect to pre_gelu instead.
-static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const floatX *dout, const floatX *inp, int N, const floatX *pre_gelu) {
+// gradient with respect to pre_gelu instead. daux: d(loss)/d(this layer's aux loss), BTT-MoE only.
+static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const floatX *dout, const floatX *inp, int N, const floatX *pre_gelu,
+                            float daux) {
     const LinearSpec *s = &ld->spec;
     floatX *db = ld->bias >= 0 ? P_(m, m->grads, ld->bias) : NULL;
-    switch (s->kind) {
-        case STRUCT_DENSE:
-            matmul_backward(dinp, P_(m, m->grads, ld->w[0]), db, dout, inp, P_(m, m->params, ld->w[0]), N, s->d_in, s->d_out, pre_gelu,
-                            m->colsum_scratch);
-            return;
-        default: fatal("layer %d %s is %s: " STRUCTURED_ON_GPU_MSG, ld->layer, struct_role_names[ld->role], struct_names[s->kind]);
+    const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
+    floatX *dw0 = P_(m, m->grads, ld->w[0]), *dw1 = ld->nw > 1 ? P_(m, m->grads, ld->w[1]) : NULL;
+    if (s->kind == STRUCT_DENSE) {
+        matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out, pre_gelu, m->colsum_scratch);
+        return;
     }
+    LinearState *ls = lin_state(m, ld);
+    switch (s->kind) {
+        case STRUCT_BTT: {
+            BTTShape bs = st_btt_shape_of(s);
+            btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch);
+            break;
+        }
+        case STRUCT_MONARCH: {
+            MonarchShape ms = st_monarch_shape_of(s);
+            monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch);
+            break;
+        }
+        default: {
+            MoEShape ms = st_moe_shape_of(s);
+            MoEGPUScratch sc;
+            moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
+            moe_backward_gpu(dinp, dw0, dw1, P_(m, m->grads, ld->w[2]), db, dout, daux, inp, &ls->moe, &sc, w0, w1, P_(m, m->params, ld->w[2]),
+                             &ms, m->colsum_scratch);
+            break;
+        }
+    }
+    if (dinp && pre_gelu) gelu_backward_inplace(dinp, pre_gelu, (size_t)N * s->d_in);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -115,18 +174,24 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
 
 static void gpt2_setup(GPT2 *m, const char *where) {
     const GPT2Layout *g = &m->layout;
-    if (g->structure.any_structured) fatal("'%s': " STRUCTURED_ON_GPU_MSG, where);
     m->config = g->config;
     if (m->config.channels % 8 != 0)
         fatal("'%s': n_embd = %d; the GPU trainer needs n_embd divisible by 8 (16-byte bf16 vectors); use ./train_gpt2 for this model",
               where, m->config.channels);
     m->num_params = g->params.total;
+    int L = m->config.num_layers;
+    for (int i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
+        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+        if (!ld->used) continue;
+        if (ld->spec.kind == STRUCT_BTT_MOE) m->n_routed++;
+        if (ld->spec.experts > 1024) fatal("'%s': %d experts; the GPU trainer handles up to 1024", where, ld->spec.experts);
+    }
     m->master_host = (float *)callocCheck(m->num_params, sizeof(float));
 }
 
 [[maybe_unused]] static void gpt2_build_from_config_text(GPT2 *m, const char *where, const char *text) {
     memset(m, 0, sizeof(*m));
-    free(gpt2_layout_from_config_text(&m->layout, where, text));
+    m->config_text = gpt2_layout_from_config_text(&m->layout, where, text);
     gpt2_setup(m, where);
 }
 
@@ -136,8 +201,8 @@ static void gpt2_build(GPT2 *m, const char *spec) {
     memset(m, 0, sizeof(*m));
     ModelSource src;
     gpt2_layout_from_spec(&m->layout, spec, &src);
-    free(src.config_text);
-    gpt2_setup(m, spec);  // refuses structured models (issue 5)
+    m->config_text = src.config_text;
+    gpt2_setup(m, spec);
     if (src.fp) {
         model_params_read(src.fp, spec, src.version, m->master_host, m->num_params);
         fcloseCheck(src.fp, spec);
@@ -209,6 +274,48 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
     m->h_buckets = (int *)mallocCheck((3 * BT + 2) * sizeof(int));
     m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
     m->h_losses = (float *)mallocCheck(BT * sizeof(float));
+
+    // structured layers: what each keeps for its backward, one shared scratch
+    const GPT2Layout *g = &m->layout;
+    m->lin = (LinearState *)callocCheck(L * NUM_BLOCK_ROLES + 1, sizeof(LinearState));
+    size_t scratch = 0, fscratch = 0;
+    int separate_qkv = 0;
+    for (size_t i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
+        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+        if (!ld->used) continue;
+        if (i < L * NUM_BLOCK_ROLES && ld->role == SR_Q && !ld->fused_qkv) separate_qkv = 1;
+        const LinearSpec *s = &ld->spec;
+        if (s->kind == STRUCT_DENSE) continue;
+        if (s->d_in % 8 || s->d_out % 8)
+            fatal("layer %d %s: %s %d -> %d; the GPU trainer needs both sizes divisible by 8", ld->layer, struct_role_names[ld->role],
+                  struct_names[s->kind], s->d_in, s->d_out);
+        char what[96];
+        snprintf(what, sizeof(what), "layer %d %s (%s)", ld->layer, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], struct_names[s->kind]);
+        LinearState *ls = &m->lin[i];
+        size_t need = 0;
+        if (s->kind == STRUCT_BTT) {
+            BTTShape b = st_btt_shape_of(s);
+            ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, (int)BT), what);
+            need = (size_t)BT * plan_btt_scratch_row(&b);
+        } else if (s->kind == STRUCT_MONARCH) {
+            MonarchShape ms = st_monarch_shape_of(s);
+            ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, (int)BT), what);
+            need = (size_t)BT * plan_monarch_scratch_row(&ms);
+        } else {
+            MoEShape ms = st_moe_shape_of(s);
+            moe_gpu_state_alloc(&ls->moe, &ms, (int)BT, what);
+            need = moe_gpu_scratch_elems(&ms, (int)BT);
+            size_t f = moe_gpu_scratch_floats(&ms, (int)BT);
+            if (f > fscratch) fscratch = f;
+        }
+        if (need > scratch) scratch = need;
+    }
+    if (scratch) m->st_scratch = cudaMallocNamed(floatX, scratch, "scratch: structured layers (shared by all)");
+    if (fscratch) m->st_fscratch = cudaMallocNamed(float, fscratch, "scratch: BTT-MoE fp32 (gates, logits gradients, statistics)");
+    if (separate_qkv) {
+        m->split_a = cudaMallocNamed(floatX, BT * C, "scratch: separate q/k/v output");
+        m->split_b = cudaMallocNamed(floatX, BT * C, "scratch: separate q/k/v input gradient");
+    }
 }
 
 // Sets the weights from host fp32 (tests): master = p, bf16 = round to nearest, moments zero.
@@ -229,6 +336,17 @@ static void gpt2_free(GPT2 *m) {
                    m->d_inputs, m->d_targets, m->d_buckets};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i]) cudaCheck(cudaFree(dev[i]));
+    if (m->lin) {
+        for (int i = 0; i <= m->config.num_layers * NUM_BLOCK_ROLES; i++) {
+            if (m->lin[i].inter) cudaCheck(cudaFree(m->lin[i].inter));
+            moe_gpu_state_free(&m->lin[i].moe);
+        }
+        free(m->lin);
+    }
+    void *st_dev[] = {m->st_scratch, m->st_fscratch, m->split_a, m->split_b};
+    for (size_t i = 0; i < sizeof(st_dev) / sizeof(st_dev[0]); i++)
+        if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
+    free(m->config_text);
     free(m->master_host); free(m->h_inputs); free(m->h_buckets); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
     memset(m, 0, sizeof(*m));
@@ -240,6 +358,28 @@ static void gpt2_free(GPT2 *m) {
 // per-layer views (recompute shares one layer's buffer)
 static floatX *act_ln(const GPT2 *m, floatX *base, int l) { return base + (m->recompute >= 2 ? 0 : (size_t)l * m->B * m->T * m->config.channels); }
 static floatX *act_gelu(const GPT2 *m, int l) { return m->acts.fch_gelu + (m->recompute >= 1 ? 0 : (size_t)l * m->B * m->T * 4 * m->config.channels); }
+
+// q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense, else three
+// layers, each written into its column block.
+static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
+    const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    if (q->fused_qkv) { linear_forward(m, q, qkv, ln1, N, NULL); return; }
+    for (int r = SR_Q; r <= SR_V; r++) {
+        linear_forward(m, gpt2_linear(&m->layout, l, r), m->split_a, ln1, N, NULL);
+        qkv_part_copy(qkv, m->split_a, r, N, m->config.channels, 1);
+    }
+}
+
+// dln (N, C) = the gradient of ln1 through q, k and v, from dqkv (N, 3C).
+static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const floatX *ln1, int N, float daux) {
+    const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    if (q->fused_qkv) { linear_backward(m, q, dln, dqkv, ln1, N, NULL, daux); return; }
+    for (int r = SR_Q; r <= SR_V; r++) {
+        qkv_part_copy((floatX *)dqkv, m->split_a, r, N, m->config.channels, 0);
+        linear_backward(m, gpt2_linear(&m->layout, l, r), r == SR_Q ? dln : m->split_b, m->split_a, ln1, N, NULL, daux);
+        if (r != SR_Q) add_inplace(dln, m->split_b, (size_t)N * m->config.channels);
+    }
+}
 
 // Launches the forward over inputs (B, T). With targets, also the per-row losses; with
 // dloss != 0 the classifier also leaves dlogits (= dloss * (softmax - onehot)) in the logits
@@ -267,6 +407,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     Acts *a = &m->acts;
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
+    m->aux_loss = 0.0f;
     encoder_forward(a->encoded, m->d_inputs, P_(m, P, g->wte), P_(m, P, g->wpe), B, T, C);
     layernorm_forward(act_ln(m, a->ln1, 0), a->ln1_mean, a->ln1_rstd, a->encoded, P_(m, P, g->norms[0].ln1w), P_(m, P, g->norms[0].ln1b), BT, C);
     const floatX *res = a->encoded;
@@ -276,9 +417,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
         floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
         floatX *fch = a->fch + (size_t)l * btc * 4, *res3 = a->res3 + (size_t)l * btc;
         floatX *att = a->att + (size_t)l * B * NH * T * T;
-        const LinearDesc *q = gpt2_linear(g, l, SR_Q);
-        if (!q->fused_qkv) fatal("layer %d: separate q, k, v: " STRUCTURED_ON_GPU_MSG, l);
-        linear_forward(m, q, qkv, ln1, BT, NULL);
+        qkv_forward(m, l, qkv, ln1, BT);
         attention_forward(atty, att, qkv, &m->attn, B, T, C, NH);
         linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->proj, atty, BT, NULL);
         fused_residual_layernorm_forward(res2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, res, m->proj,
@@ -296,6 +435,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     }
     if (g->head.used) linear_forward(m, &g->head, a->logits, a->lnf, BT, NULL);
     else matmul_forward(a->logits, a->lnf, P_(m, P, g->wte), NULL, BT, C, Vp, NULL);
+    if (m->n_routed > 0) m->aux_loss /= (float)m->n_routed;
     m->have_targets = targets != NULL;
     m->dlogits_ready = 0;
     if (targets) {
@@ -322,8 +462,14 @@ static float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B,
 
 static void gpt2_zero_grad(GPT2 *m) { cudaCheck(cudaMemset(m->grads, 0, m->num_params * sizeof(floatX))); }
 
-// Backward of the last forward (which must have had targets) for dloss_scale * mean
-// cross-entropy, accumulated into the gradients (dloss_scale = 1/grad_accum_steps).
+// The objective the optimizer minimises: cross-entropy plus the weighted BTT-MoE aux loss.
+[[maybe_unused]] static float gpt2_total_loss(const GPT2 *m, float ce) {
+    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->aux_loss : 0.0f);
+}
+
+// Backward of the last forward (which must have had targets) for
+// dloss_scale * (mean cross-entropy + moe_aux_weight * aux), accumulated into the gradients
+// (dloss_scale = 1/grad_accum_steps).
 static void gpt2_backward(GPT2 *m, float dloss_scale) {
     if (!m->have_targets) fatal("internal: gpt2_backward needs a forward with targets first");
     const GPT2Config *c = &m->config;
@@ -333,8 +479,9 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
     floatX *P = m->params, *G = m->grads;
     size_t btc = (size_t)BT * C;
     if (!m->dlogits_ready) fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss_scale / BT);
+    float daux = m->n_routed > 0 ? dloss_scale * g->structure.moe_aux_weight / (float)m->n_routed : 0.0f;
     const floatX *last = L > 0 ? a->res3 + (size_t)(L - 1) * btc : a->encoded;
-    if (g->head.used) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, BT, NULL);
+    if (g->head.used) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, BT, NULL, daux);
     else matmul_backward(m->dln, P_(m, G, g->wte), NULL, a->logits, a->lnf, P_(m, P, g->wte), BT, C, Vp, NULL, m->colsum_scratch);
     cudaCheck(cudaMemset(m->dres, 0, btc * sizeof(floatX)));
     layernorm_backward(m->dres, P_(m, G, g->lnfw), P_(m, G, g->lnfb), m->dln, last, P_(m, P, g->lnfw), a->lnf_mean, a->lnf_rstd, BT, C,
@@ -349,16 +496,16 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
         float *ln2_mean = a->ln2_mean + (size_t)l * BT, *ln2_rstd = a->ln2_rstd + (size_t)l * BT;
         // MLP: dres is the gradient of res3, and flows unchanged into res2 plus the MLP branch
         if (m->recompute >= 1) gelu_forward(act_gelu(m, l), fch, btc * 4);
-        linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), m->dbig, m->dres, act_gelu(m, l), BT, fch);  // dbig: grad of fch
+        linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), m->dbig, m->dres, act_gelu(m, l), BT, fch, daux);  // dbig: grad of fch
         if (m->recompute >= 2) layernorm_forward(ln2, NULL, NULL, res2, P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
-        linear_backward(m, gpt2_linear(g, l, SR_FC), m->dln, m->dbig, ln2, BT, NULL);
+        linear_backward(m, gpt2_linear(g, l, SR_FC), m->dln, m->dbig, ln2, BT, NULL, daux);
         layernorm_backward(m->dres, P_(m, G, nm->ln2w), P_(m, G, nm->ln2b), m->dln, res2, P_(m, P, nm->ln2w), ln2_mean, ln2_rstd, BT, C,
                            m->colsum_scratch);
         // attention
-        linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL);
+        linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL, daux);
         attention_backward(m->dbig, m->datty, qkv, att, &m->attn, B, T, C, NH);  // dbig: dqkv (B, T, 3C)
         if (m->recompute >= 2) layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
-        linear_backward(m, gpt2_linear(g, l, SR_Q), m->dln, m->dbig, ln1, BT, NULL);
+        qkv_backward(m, l, m->dln, m->dbig, ln1, BT, daux);
         layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
                            m->colsum_scratch);
     }
@@ -378,7 +525,9 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 // Checkpoints, as llm.c's GPU trainer: the model file is version 5, the bf16 weights exactly as
 // the GPU holds them (loads in llm.c's train_gpt2cu, in train_gpt2 on the CPU, and here), and
 // each rank's resume state (common/checkpoint.h) adds the fp32 master weights to the step, data
-// position, RNG and AdamW moments, so that a resumed run continues bit for bit.
+// position, RNG and AdamW moments, so that a resumed run continues bit for bit. A structured
+// model has no bf16 format: its model file is version 10 from the fp32 master weights (which the
+// state then need not repeat), as the CPU trainer writes it.
 
 static void gpt2_download_master(GPT2 *m) {
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
@@ -387,17 +536,19 @@ static void gpt2_download_master(GPT2 *m) {
 // model_path NULL: this rank writes only its state.
 static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
     size_t n = m->num_params;
-    if (model_path) {
+    gpt2_download_master(m);
+    if (m->config_text) {
+        if (model_path) model_write_fp32(model_path, &m->config, m->config_text, m->master_host, n);
+    } else if (model_path) {
         uint16_t *hb = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
         cudaCheck(cudaMemcpy(hb, m->params, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
         model_write_bf16(model_path, &m->config, hb, n);
         free(hb);
     }
     float *hm = (float *)mallocCheck(n * sizeof(float)), *hv = (float *)mallocCheck(n * sizeof(float));
-    gpt2_download_master(m);
     cudaCheck(cudaMemcpy(hm, m->m, n * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(hv, m->v, n * sizeof(float), cudaMemcpyDeviceToHost));
-    state_write(state_path, st, hm, hv, m->master_host);
+    state_write(state_path, st, hm, hv, m->config_text ? NULL : m->master_host);
     free(hm);
     free(hv);
 }
@@ -480,10 +631,9 @@ static void trainer_setup(int *argc, char **argv) {
 static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T) { (void)mp; gpt2_alloc(m, B, T, g_recompute); }
 static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
-static int trainer_n_routed(const GPT2 *m) { (void)m; return 0; }  // structured layers arrive with issue 5
+static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 
 static void trainer_banner(const GPT2 *m) {
-    (void)m;
     double peak = trainer_peak_flops();
     char peak_str[64];
     if (peak > 0) snprintf(peak_str, sizeof(peak_str), "%.0f TFLOP/s", peak / 1e12);
@@ -493,13 +643,14 @@ static void trainer_banner(const GPT2 *m) {
     printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", "cuBLAS batched GEMMs + causal softmax (ours)");
+    if (m->layout.structure.any_structured) printf("| structured layers     | %-50s |\n", "cuBLAS strided-batched baseline (structured.cuh)");
     printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
 }
 
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
     gpt2_backward(m, dloss_scale);
-    *aux = 0.0f;
+    *aux = m->aux_loss;
     return gpt2_read_loss(m);
 }
 

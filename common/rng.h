@@ -2,6 +2,7 @@
 // initialised here from seed 42 is bit-identical to llm.c's and to torch.manual_seed(42).
 #pragma once
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define MT_N 624

@@ -25,6 +25,13 @@
 #endif
 #include "../common/utils.h"
 
+// Functions the CUDA kernels share with the CPU code (structured/structured.cuh).
+#ifdef __CUDACC__
+#define ST_HD __host__ __device__
+#else
+#define ST_HD
+#endif
+
 // OpenMP pragmas that vanish (without -Wunknown-pragmas noise) when OpenMP is off.
 #ifdef _OPENMP
 #define ST_PRAGMA(x) _Pragma(#x)

@@ -110,23 +110,30 @@ static inline void moe_state_free(MoEState *st) {
     memset(st, 0, sizeof(*st));
 }
 
+// Where element i of W0 (gamma, alpha, phi*E) or of W1 (phi, gamma*E, eps) goes among the
+// experts' contiguous rank-1 cores w0x (E, gamma, alpha, phi) / w1x (E, phi, gamma, eps): the
+// one index map of the CPU extraction, the GPU's extraction and its gradient scatter.
+ST_HD static inline size_t st_moe_w0_expert_index(size_t i, int E, size_t p0) { return (i % (size_t)E) * p0 + i / (size_t)E; }
+ST_HD static inline size_t st_moe_w1_expert_index(size_t i, int E, int Ep, size_t p1) {
+    size_t o = i % (size_t)Ep, rest = i / (size_t)Ep;
+    return (rest % (size_t)E) * p1 + (rest / (size_t)E) * (size_t)Ep + o;
+}
+
 // Copies the experts' rank-1 cores out of the strided rank components:
 // w0x (E, gamma, alpha, phi), w1x (E, phi, gamma, eps).
 static inline void st_moe_extract(float *w0x, float *w1x, const float *W0, const float *W1, const MoEShape *s) {
-    const int A = s->btt.alpha, G = s->btt.gamma, P = s->btt.phi, Ep = s->btt.eps, E = s->experts;
-    const size_t p0 = (size_t)G * A * P, p1 = (size_t)P * G * Ep;
+    const int E = s->experts, Ep = s->btt.eps;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * (size_t)E, n1 = p1 * (size_t)E;
     ST_PRAGMA(omp parallel for schedule(static))
-    for (int ga = 0; ga < G * A; ga++)
-        for (int f = 0; f < P; f++)
-            for (int e = 0; e < E; e++) w0x[e * p0 + (size_t)ga * P + f] = W0[((size_t)ga * P + f) * E + e];
+    for (size_t i = 0; i < n0; i++) w0x[st_moe_w0_expert_index(i, E, p0)] = W0[i];
     ST_PRAGMA(omp parallel for schedule(static))
-    for (int fg = 0; fg < P * G; fg++)
-        for (int e = 0; e < E; e++)
-            memcpy(w1x + e * p1 + (size_t)fg * Ep, W1 + ((size_t)fg * E + e) * Ep, sizeof(float) * (size_t)Ep);
+    for (size_t i = 0; i < n1; i++) w1x[st_moe_w1_expert_index(i, E, Ep, p1)] = W1[i];
 }
 
-// Top-K (descending, ties to the lower index), gate softmax and logsumexp for one row.
-static inline void st_moe_route_row(const float *lg, int E, int K, int *sel, float *gate, float *lse) {
+// Top-K (descending, ties to the lower index), gate softmax and logsumexp for one row (also the
+// GPU's routing kernel, one thread per token).
+ST_HD static inline void st_moe_route_row(const float *lg, int E, int K, int *sel, float *gate, float *lse) {
     for (int k = 0; k < K; k++) {
         int best = -1;
         for (int e = 0; e < E; e++) {
@@ -251,6 +258,28 @@ static inline float moe_aux_loss(MoEState *st, int N, const MoEShape *s) {
     return aux;
 }
 
+// d logits of one token (also the GPU's kernel, one thread per token): the gate softmax over the
+// selected logits, plus daux times the aux loss's gradient over all E logits. f̂ is the state's:
+// global over ranks in data-parallel runs. With N the local token count, each rank's gradient is
+// nproc times its share, which averaging across ranks undoes.
+ST_HD static inline void st_moe_dlogits_row(float *dl, const float *lg, float lse, const float *gt, const float *dg, const int *sl,
+                                            const float *fhat, int E, int K, int N, float daux) {
+    for (int e = 0; e < E; e++) dl[e] = 0.0f;
+    float gsum = 0.0f;
+    for (int k = 0; k < K; k++) gsum += gt[k] * dg[k];
+    for (int k = 0; k < K; k++) dl[sl[k]] += gt[k] * (dg[k] - gsum);
+    if (daux != 0.0f) {
+        const double l = lse;
+        double pf = 0.0;
+        for (int e = 0; e < E; e++) pf += exp((double)lg[e] - l) * (double)fhat[e];
+        for (int e = 0; e < E; e++) {
+            double pe = exp((double)lg[e] - l);
+            double d = (double)E / N * pe * ((double)fhat[e] - pf) + 0.2 * l * pe / N;
+            dl[e] += (float)(daux * d);
+        }
+    }
+}
+
 // floats of scratch moe_backward needs for N rows
 static inline size_t moe_scratch_size(const MoEShape *s, int N) {
     const BTTShape b1 = moe_expert_shape(s);
@@ -348,35 +377,10 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
             for (int o = 0; o < Ep; o++) d[o] += sx[o];
         }
     }
-    // d logits: the gate softmax over the selected logits, and the aux loss over all logits
-    {
-        // f̂ comes from the state: global over ranks in data-parallel runs. With N the local token
-        // count, each rank's gradient is nproc times its share, which averaging across ranks undoes.
-        double *fhat = (double *)mallocCheck(sizeof(double) * (size_t)E);
-        for (int e = 0; e < E; e++) fhat[e] = (double)st->fhat[e];
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (int t = 0; t < N; t++) {
-            float *dl = dlogits + (size_t)t * E;
-            const float *gt = st->gate + (size_t)t * K, *dg = dgate + (size_t)t * K;
-            const int *sl = st->sel + (size_t)t * K;
-            for (int e = 0; e < E; e++) dl[e] = 0.0f;
-            float gsum = 0.0f;
-            for (int k = 0; k < K; k++) gsum += gt[k] * dg[k];
-            for (int k = 0; k < K; k++) dl[sl[k]] += gt[k] * (dg[k] - gsum);
-            if (daux != 0.0f) {
-                const float *lg = st->logits + (size_t)t * E;
-                const double l = st->lse[t];
-                double pf = 0.0;
-                for (int e = 0; e < E; e++) pf += exp((double)lg[e] - l) * fhat[e];
-                for (int e = 0; e < E; e++) {
-                    double pe = exp((double)lg[e] - l);
-                    double d = (double)E / N * pe * (fhat[e] - pf) + 0.2 * l * pe / N;
-                    dl[e] += (float)(daux * d);
-                }
-            }
-        }
-        free(fhat);
-    }
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (int t = 0; t < N; t++)  // d logits: the gate softmax, and the aux loss over all logits
+        st_moe_dlogits_row(dlogits + (size_t)t * E, st->logits + (size_t)t * E, st->lse[t], st->gate + (size_t)t * K,
+                           dgate + (size_t)t * K, st->sel + (size_t)t * K, st->fhat, E, K, N, daux);
     jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, 1);  // drouter += dlogits^T x
     st_run_jobs(jobs, 1);
     free(jobs);

@@ -1,0 +1,188 @@
+// gpu_plan.h: the GPU baseline of the structured layers as data: each forward/backward is a short
+// list of strided-batched GEMMs and per-row blocked transposes over named buffers, built on the
+// host and executed either by cuBLAS (structured/structured.cuh) or by the CPU emulation in
+// tests/test_gpu_plan.c, which checks every stride and offset against btt.h, monarch.h and moe.h.
+//
+// Why a plan: a BTT or Monarch layer is two batched GEMMs and a transpose between them, and every
+// bug worth fearing is an index (a leading dimension, a batch stride, a row offset). Writing those
+// once, as data, lets a machine with no GPU prove them; the CUDA side only binds pointers.
+//
+// Conventions (as factor.h): row-major; an op's C (M x N) = op(A) (M x K) · op(B) (K x N) [+ C],
+// batched: the b-th product uses A + b·sa, B + b·sb, C + b·sc. plan_to_cublas turns it into the
+// column-major arguments of cublasGemmStridedBatchedEx. A permute op is btt.h's st_transpose on
+// each row: the row of src viewed as [R][C][blk] is written to dst as [C][R][blk].
+// Header-only C11 that also compiles as CUDA C++.
+#pragma once
+#include <stddef.h>
+#include "btt.h"
+#include "monarch.h"
+#include "moe.h"
+
+// The buffers a plan names. Row buffers hold `rows` rows; W0/W1 (and their gradients) are the
+// structure's two cores (btt: W0, W1; monarch: R, L; a BTT-MoE expert: its extracted rank-1
+// cores). T1..T3 are scratch with the sizes st_plan_scratch gives.
+typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_COUNT } PlanBuf;
+
+typedef enum { PLAN_GEMM, PLAN_PERMUTE } PlanOpKind;
+
+typedef struct {
+    PlanOpKind kind;
+    // GEMM (row-major): C = op(A) op(B) (+ C when beta = 1), batch products
+    int ta, tb, M, N, K, batch, beta;
+    int a, b, c;                 // PlanBuf
+    size_t a_off, b_off, c_off;  // elements from the buffer's start
+    int lda, ldb, ldc;
+    long long sa, sb, sc;
+    // PERMUTE: for each of `rows` rows, src row [R][C][blk] -> dst row [C][R][blk]
+    int src, dst, rows, R, C, blk;
+    size_t src_off, dst_off;
+    int src_ld, dst_ld;
+} PlanOp;
+
+#define PLAN_MAX_OPS 8
+typedef struct {
+    PlanOp op[PLAN_MAX_OPS];
+    int n;
+} Plan;
+
+static inline PlanOp *plan_push(Plan *p, PlanOpKind kind) {
+    if (p->n >= PLAN_MAX_OPS) fatal("internal: structured plan longer than %d ops", PLAN_MAX_OPS);
+    PlanOp *o = &p->op[p->n++];
+    memset(o, 0, sizeof(*o));
+    o->kind = kind;
+    return o;
+}
+
+static inline void plan_gemm(Plan *p, int ta, int tb, int M, int N, int K, int a, size_t a_off, int lda, long long sa, int b,
+                             size_t b_off, int ldb, long long sb, int c, size_t c_off, int ldc, long long sc, int batch, int beta) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;  // nothing to compute (an expert with no tokens)
+    PlanOp *o = plan_push(p, PLAN_GEMM);
+    o->ta = ta; o->tb = tb; o->M = M; o->N = N; o->K = K; o->batch = batch; o->beta = beta;
+    o->a = a; o->a_off = a_off; o->lda = lda; o->sa = sa;
+    o->b = b; o->b_off = b_off; o->ldb = ldb; o->sb = sb;
+    o->c = c; o->c_off = c_off; o->ldc = ldc; o->sc = sc;
+}
+
+static inline void plan_permute(Plan *p, int src, size_t src_off, int src_ld, int dst, size_t dst_off, int dst_ld, int rows, int R, int C,
+                                int blk) {
+    if (rows <= 0) return;
+    PlanOp *o = plan_push(p, PLAN_PERMUTE);
+    o->src = src; o->src_off = src_off; o->src_ld = src_ld;
+    o->dst = dst; o->dst_off = dst_off; o->dst_ld = dst_ld;
+    o->rows = rows; o->R = R; o->C = C; o->blk = blk;
+}
+
+// ----------------------------------------------------------------------------------------------
+// BTT (btt.h's math and saved-z layout). Rows [row0, row0 + n) of the row buffers; row strides:
+// X d_in, Y and DY d_out, DX d_in, Z/T1/T2 zrow = gamma·phi·rho.
+
+// y = BTT(x) (no bias): Z1 (T1, layout (gamma, phi, rho)) = X_g · W0[g]; Z = transpose; Y_f = Z_f · W1[f].
+static inline void plan_btt_forward(Plan *p, const BTTShape *s, int n, int row0) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_gemm(p, 0, 0, n, fr, A, PB_X, r0 * s->d_in, s->d_in, A, PB_W0, 0, fr, (long long)A * fr, PB_T1, r0 * zrow, zrow, fr, G, 0);
+    plan_permute(p, PB_T1, r0 * zrow, zrow, PB_Z, r0 * zrow, zrow, n, G, P, R);
+    plan_gemm(p, 0, 0, n, E, gr, PB_Z, r0 * zrow, zrow, gr, PB_W1, 0, E, (long long)gr * E, PB_Y, r0 * s->d_out, s->d_out, E, P, 0);
+}
+
+// First half of the backward: T2 = dZ in the (phi, gamma, rho) layout = dY_f · W1[f]^T. (BTT-MoE
+// scales it by the gate here, before the second half.)
+static inline void plan_btt_backward_dz(Plan *p, const BTTShape *s, int n, int row0) {
+    const int G = s->gamma, P = s->phi, E = s->eps, R = s->rank, gr = G * R, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_gemm(p, 0, 1, n, gr, E, PB_DY, r0 * s->d_out, s->d_out, E, PB_W1, 0, E, (long long)gr * E, PB_T2, r0 * zrow, zrow, gr, P, 0);
+}
+
+// Second half: T1 = T2 transposed to (gamma, phi, rho); DX_g = T1_g · W0[g]^T (overwritten, when
+// want_dx); DW1[f] (+)= Z_f^T dY_f; DW0[g] (+)= X_g^T T1_g (beta_w: 1 accumulates, 0 overwrites).
+static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_permute(p, PB_T2, r0 * zrow, zrow, PB_T1, r0 * zrow, zrow, n, P, G, R);
+    if (want_dx)
+        plan_gemm(p, 0, 1, n, A, fr, PB_T1, r0 * zrow, zrow, fr, PB_W0, 0, fr, (long long)A * fr, PB_DX, r0 * s->d_in, s->d_in, A, G, 0);
+    plan_gemm(p, 1, 0, gr, E, n, PB_Z, r0 * zrow, zrow, gr, PB_DY, r0 * s->d_out, s->d_out, E, PB_DW1, 0, E, (long long)gr * E, P, beta_w);
+    plan_gemm(p, 1, 0, A, fr, n, PB_X, r0 * s->d_in, s->d_in, A, PB_T1, r0 * zrow, zrow, fr, PB_DW0, 0, fr, (long long)A * fr, G, beta_w);
+}
+
+// Scratch elements per row: T1, T2 (zrow each), no T3.
+static inline size_t plan_btt_scratch_row(const BTTShape *s) { return 2 * btt_z_row(s); }
+
+// ----------------------------------------------------------------------------------------------
+// Monarch (monarch.h's math and saved-u layout). W0 = R (nb, q, p), W1 = L (nb, s, q). Row
+// strides: X/DX d_in, Y/DY/T2 d_out, Z (saved u)/T1/T3 urow = nb·q.
+
+static inline void plan_monarch_forward(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    plan_gemm(p, 0, 1, n, q, pp, PB_X, 0, din, pp, PB_W0, 0, pp, (long long)q * pp, PB_T1, 0, urow, q, nb, 0);  // U_k = X_k R[k]^T
+    plan_permute(p, PB_T1, 0, urow, PB_Z, 0, urow, n, q, nb, 1);                                                  // u_saved[l q + r] = u[r nb + l]
+    plan_gemm(p, 0, 1, n, s, q, PB_Z, 0, urow, q, PB_W1, 0, q, (long long)s * q, PB_T2, 0, dout, s, nb, 0);     // Yt_l = Ut_l L[l]^T
+    plan_permute(p, PB_T2, 0, dout, PB_Y, 0, dout, n, nb, s, 1);                                                 // y[i nb + l] = yt[l s + i]
+}
+
+static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, int want_dx) {
+    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    plan_permute(p, PB_DY, 0, dout, PB_T2, 0, dout, n, s, nb, 1);                                                // dyt
+    plan_gemm(p, 0, 0, n, q, s, PB_T2, 0, dout, s, PB_W1, 0, q, (long long)s * q, PB_T1, 0, urow, q, nb, 0);    // dUt_l = dYt_l L[l]
+    plan_permute(p, PB_T1, 0, urow, PB_T3, 0, urow, n, nb, q, 1);                                                // du, natural order
+    if (want_dx)
+        plan_gemm(p, 0, 0, n, pp, q, PB_T3, 0, urow, q, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);  // dX_k = dU_k R[k]
+    plan_gemm(p, 1, 0, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, urow, q, PB_DW1, 0, q, (long long)s * q, nb, 1);   // dL[l] += dYt_l^T Ut_l
+    plan_gemm(p, 1, 0, q, pp, n, PB_T3, 0, urow, q, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
+}
+
+// Scratch elements per row: T1 and T3 (urow each), T2 (d_out).
+static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 * monarch_u_row(m) + (size_t)m->d_out; }
+
+// Where each scratch buffer starts inside one scratch allocation of `rows` rows.
+static inline void plan_scratch_offsets(size_t t1_row, size_t t2_row, int rows, size_t off[3]) {
+    off[0] = 0;
+    off[1] = t1_row * (size_t)rows;
+    off[2] = off[1] + t2_row * (size_t)rows;
+}
+
+// ----------------------------------------------------------------------------------------------
+// cuBLAS arguments of a GEMM op. Row-major C (M x N) is column-major Cᵀ (N x M), and
+// Cᵀ = op(B)ᵀ op(A)ᵀ: so cuBLAS gets (op_b, op_a, N, M, K, B, ldb, A, lda, C, ldc).
+
+typedef struct {
+    int transa, transb;  // 1 = CUBLAS_OP_T
+    int m, n, k;
+    int first;           // PlanBuf of cuBLAS's A (= our B), and its offset, ld, stride
+    size_t first_off;
+    int lda;
+    long long stride_a;
+    int second;          // cuBLAS's B (= our A)
+    size_t second_off;
+    int ldb;
+    long long stride_b;
+    int c;
+    size_t c_off;
+    int ldc;
+    long long stride_c;
+    int batch;
+    int beta;
+} CublasGemmArgs;
+
+static inline CublasGemmArgs plan_to_cublas(const PlanOp *o) {
+    CublasGemmArgs g;
+    g.transa = o->tb; g.transb = o->ta;
+    g.m = o->N; g.n = o->M; g.k = o->K;
+    g.first = o->b; g.first_off = o->b_off; g.lda = o->ldb; g.stride_a = o->sb;
+    g.second = o->a; g.second_off = o->a_off; g.ldb = o->lda; g.stride_b = o->sa;
+    g.c = o->c; g.c_off = o->c_off; g.ldc = o->ldc; g.stride_c = o->sc;
+    g.batch = o->batch; g.beta = o->beta;
+    return g;
+}
+
+// Index of element j of row i's [C][R][blk] output for permute op o: the single formula the
+// CUDA permute kernel and the CPU emulation share. Element j (< R·C·blk) of the src row is
+// (r, c, x) = (j / (C·blk), (j / blk) % C, j % blk); it goes to position (c·R + r)·blk + x.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline size_t plan_permute_dst_index(int j, int R, int C, int blk) {
+    int x = j % blk, c = (j / blk) % C, r = j / (C * blk);
+    (void)R;
+    return ((size_t)c * R + r) * blk + x;
+}

@@ -1,0 +1,507 @@
+// structured/structured.cuh: BTT, Monarch and BTT-MoE linear layers on the GPU, forward and
+// backward: gpu_plan.h's plans on cuBLAS strided-batched bf16 GEMMs (fp32 accumulation), and the
+// BTT-MoE routing, grouping, gather/combine and gradient kernels.
+//
+// This is the correct baseline of issue 5, not the fast path: each BTT/Monarch stage is one
+// batched GEMM with the intermediate going through memory and one transpose kernel between the
+// stages. Every stride and offset it uses comes from gpu_plan.h, whose plans tests/test_gpu_plan.c
+// replays on the CPU against btt.h, monarch.h and moe.h. Fused kernels that keep z on chip replace
+// the plans later (dev/cuda first).
+//
+// BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
+//   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
+//   logsumexp (moe.h's st_moe_route_row); one block per expert scans the (token, k) pairs in order
+//   and writes that expert's pairs, ascending, into `order` (no atomics: deterministic, and the
+//   same grouping as the CPU's counting sort); the experts' rank-1 cores are copied out of the
+//   strided rank components (moe.h's index maps); the inputs are gathered into expert-contiguous
+//   rows; each expert runs plan_btt_forward on its row range; each token adds its k gated expert
+//   outputs in k order. The expert sizes are copied to the host once per layer forward (the GEMM
+//   shapes need them) — the one host round trip, kept for the backward.
+#pragma once
+#include "../cuda/common.cuh"
+#include "../cuda/matmul.cuh"
+#include "../cuda/reduce.cuh"
+#include "gpu_plan.h"
+#include "spec.h"
+
+// ----------------------------------------------------------------------------------------------
+// plan execution
+
+__global__ void plan_permute_kernel(floatX *dst, const floatX *src, int rows, int len, int src_ld, int dst_ld, int R, int C, int blk) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * len) return;
+    size_t r = idx / len;
+    int j = (int)(idx % len);
+    dst[r * dst_ld + plan_permute_dst_index(j, R, C, blk)] = src[r * src_ld + j];
+}
+
+static void plan_run_gpu(const Plan *p, floatX *const *buf) {
+    for (int i = 0; i < p->n; i++) {
+        const PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_GEMM) {
+            CublasGemmArgs g = plan_to_cublas(o);
+            const float alpha = 1.0f, beta = g.beta ? 1.0f : 0.0f;
+            cublasCheck(cublasGemmStridedBatchedEx(g_gpu.cublas, g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, g.transb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                                   g.m, g.n, g.k, &alpha, buf[g.first] + g.first_off, CUBLAS_LOWP, g.lda, g.stride_a,
+                                                   buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
+                                                   CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        } else {
+            int len = o->R * o->C * o->blk;
+            size_t n = (size_t)o->rows * len;
+            plan_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, len,
+                                                                  o->src_ld, o->dst_ld, o->R, o->C, o->blk);
+            cudaCheckLaunch();
+        }
+    }
+}
+
+// One cublasGemmEx in column-major terms with mixed types (router: bf16 in, fp32 out).
+static void st_gemm_ex(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A, cudaDataType_t at, int lda,
+                       const void *B, cudaDataType_t bt, int ldb, float beta, void *C, cudaDataType_t ct, int ldc) {
+    const float alpha = 1.0f;
+    cublasCheck(cublasGemmEx(g_gpu.cublas, ta, tb, m, n, k, &alpha, A, at, lda, B, bt, ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT));
+}
+
+static void st_add_bias(floatX *y, const floatX *bias, int N, int dout) {
+    if (!bias) return;
+    add_bias_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, bias, (size_t)N, dout);
+    cudaCheckLaunch();
+}
+
+// ----------------------------------------------------------------------------------------------
+// shapes from a spec (as train_gpt2.c)
+
+static inline BTTShape st_btt_shape_of(const LinearSpec *s) {
+    BTTShape b;
+    btt_shape(&b, s->alpha, s->gamma, s->phi, s->eps, s->rank);
+    return b;
+}
+static inline MonarchShape st_monarch_shape_of(const LinearSpec *s) {
+    MonarchShape m;
+    monarch_shape(&m, s->d_in, s->d_out, s->blocks);
+    return m;
+}
+static inline MoEShape st_moe_shape_of(const LinearSpec *s) {
+    MoEShape m;
+    moe_shape(&m, s->alpha, s->gamma, s->phi, s->eps, s->experts, s->topk);
+    return m;
+}
+
+// ----------------------------------------------------------------------------------------------
+// BTT and Monarch
+
+// y (N, d_out) overwritten, z (N, zrow) saved; scratch: N·zrow elements.
+static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
+                            const BTTShape *s, floatX *scratch) {
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
+    Plan p = {};
+    plan_btt_forward(&p, s, N, 0);
+    plan_run_gpu(&p, buf);
+    st_add_bias(y, bias, N, s->d_out);
+}
+
+// dx overwritten (may be NULL); dW0, dW1, dbias accumulated; scratch: 2·N·zrow elements.
+static void btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
+                             const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch) {
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dy;
+    buf[PB_DX] = dx; buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
+    buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * btt_z_row(s);
+    Plan p = {};
+    plan_btt_backward_dz(&p, s, N, 0);
+    plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+    plan_run_gpu(&p, buf);
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch);
+}
+
+// y overwritten, u (N, nb·q) saved; scratch: N·(nb·q + d_out) elements.
+static void monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
+                                const MonarchShape *m, floatX *scratch) {
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L;
+    buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * monarch_u_row(m);
+    Plan p = {};
+    plan_monarch_forward(&p, m, N);
+    plan_run_gpu(&p, buf);
+    st_add_bias(y, bias, N, m->d_out);
+}
+
+// scratch: N·(2·nb·q + d_out) elements.
+static void monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
+                                 const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch) {
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L; buf[PB_DY] = (floatX *)dy;
+    buf[PB_DX] = dx; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
+    size_t urow = monarch_u_row(m);
+    buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
+    Plan p = {};
+    plan_monarch_backward(&p, m, N, dx != NULL);
+    plan_run_gpu(&p, buf);
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch);
+}
+
+// ----------------------------------------------------------------------------------------------
+// BTT-MoE
+
+// What a BTT-MoE layer keeps from its forward for its backward (device unless marked host).
+typedef struct {
+    float *logits;        // (N, E) fp32
+    float *gate;          // (N, K)
+    float *lse;           // (N)
+    int *sel;             // (N, K)
+    int *order, *pos;     // (N·K): grouped row -> pair, pair -> grouped row
+    int *counts, *offsets;        // (E), (E+1)
+    int *h_counts, *h_offsets;    // host copies (GEMM shapes)
+    float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_gpu)
+    floatX *z;            // (N·K, gamma·phi) grouped order
+    int N;                // rows of the last forward
+} MoEGPUState;
+
+// Shared by every BTT-MoE layer: extracted cores and their gradients, gathered rows, scratch.
+typedef struct {
+    floatX *w0x, *w1x, *dw0x, *dw1x;  // (E, gamma, alpha, phi), (E, phi, gamma, eps)
+    floatX *xg, *yg, *dxg;            // (N·K, d_in), (N·K, d_out) (also the gathered dy), (N·K, d_in)
+    floatX *t1, *t2;                  // (N·K, gamma·phi)
+    float *dgate, *dlogits;           // (N·K), (N, E)
+    floatX *dlogits_bf16;             // (N, E)
+    float *stats;                     // (E + 1) aux statistics
+} MoEGPUScratch;
+
+static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
+    size_t E = (size_t)s->experts, K = (size_t)s->topk, NK = (size_t)N * K;
+    return (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 3 + (2 * E + 1) * 4 + E * 4 + NK * moe_z_row(s) * sizeof(floatX);
+}
+
+static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
+    size_t E = (size_t)s->experts, K = (size_t)s->topk, NK = (size_t)N * K;
+    char name[160];
+    snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
+    char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - NK * moe_z_row(s) * sizeof(floatX), name);
+    st->logits = (float *)mem; mem += (size_t)N * E * 4;
+    st->gate = (float *)mem; mem += NK * 4;
+    st->lse = (float *)mem; mem += (size_t)N * 4;
+    st->sel = (int *)mem; mem += NK * 4;
+    st->order = (int *)mem; mem += NK * 4;
+    st->pos = (int *)mem; mem += NK * 4;
+    st->counts = (int *)mem; mem += E * 4;
+    st->offsets = (int *)mem; mem += (E + 1) * 4;
+    st->fhat = (float *)mem;
+    snprintf(name, sizeof(name), "%s: BTT-MoE saved z (N*K x gamma*phi)", what);
+    st->z = cudaMallocNamed(floatX, NK * moe_z_row(s), name);
+    st->h_counts = (int *)callocCheck(E, sizeof(int));
+    st->h_offsets = (int *)callocCheck(E + 1, sizeof(int));
+}
+
+static void moe_gpu_state_free(MoEGPUState *st) {
+    if (st->logits) cudaCheck(cudaFree(st->logits));
+    if (st->z) cudaCheck(cudaFree(st->z));
+    free(st->h_counts);
+    free(st->h_offsets);
+    memset(st, 0, sizeof(*st));
+}
+
+// Elements of shared scratch for layers up to this shape (the caller takes the max over layers).
+static inline size_t moe_gpu_scratch_elems(const MoEShape *s, int N) {
+    const BTTShape b1 = moe_expert_shape(s);
+    size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
+    size_t cores = 2 * E * (btt_w0_size(&b1) + btt_w1_size(&b1));
+    return cores + NK * (2 * (size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * zrow) + (size_t)N * E + 8;
+}
+static inline size_t moe_gpu_scratch_floats(const MoEShape *s, int N) {
+    return (size_t)N * s->topk + (size_t)N * s->experts + s->experts + 1;
+}
+
+static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, floatX *mem, float *fmem) {
+    const BTTShape b1 = moe_expert_shape(s);
+    size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
+    size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    sc->w0x = mem; mem += E * p0;
+    sc->w1x = mem; mem += E * p1;
+    sc->dw0x = mem; mem += E * p0;
+    sc->dw1x = mem; mem += E * p1;
+    sc->xg = mem; mem += NK * s->btt.d_in;
+    sc->dxg = mem; mem += NK * s->btt.d_in;
+    sc->yg = mem; mem += NK * s->btt.d_out;
+    sc->t1 = mem; mem += NK * zrow;
+    sc->t2 = mem; mem += NK * zrow;
+    sc->dlogits_bf16 = mem;
+    sc->dgate = fmem; fmem += NK;
+    sc->dlogits = fmem; fmem += (size_t)N * E;
+    sc->stats = fmem;
+}
+
+__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, int N, int E, int K) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    st_moe_route_row(logits + (size_t)t * E, E, K, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+}
+
+// Block e: how many of the NK pairs selected expert e (a block-wide count, fixed order).
+__global__ void moe_count_kernel(int *counts, const int *sel, int NK) {
+    int e = blockIdx.x, c = 0;
+    for (int p = threadIdx.x; p < NK; p += blockDim.x) c += sel[p] == e;
+    float total = block_sum((float)c);  // exact: counts stay far below 2^24
+    if (threadIdx.x == 0) counts[e] = (int)total;
+}
+
+// Block e: writes expert e's pairs in ascending pair order at order[offsets[e] ...] and pos[p].
+// Each chunk of blockDim pairs is ranked with warp ballots; blockDim must be a multiple of 32
+// and at most 1024.
+__global__ void moe_group_kernel(int *order, int *pos, int *offsets, const int *counts, const int *sel, int NK, int E) {
+    __shared__ int warp_tot[32];
+    int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    int base = 0;
+    for (int i = 0; i < e; i++) base += counts[i];
+    if (threadIdx.x == 0) {
+        offsets[e] = base;
+        if (e == E - 1) offsets[E] = base + counts[e];
+    }
+    int running = base;
+    for (int p0 = 0; p0 < NK; p0 += blockDim.x) {
+        int p = p0 + threadIdx.x;
+        int mine = p < NK && sel[p] == e;
+        unsigned mask = __ballot_sync(0xffffffffu, mine);
+        int before_in_warp = __popc(mask & ((1u << lane) - 1u));
+        __syncthreads();  // warp_tot of the previous chunk has been read
+        if (lane == 0) warp_tot[warp] = __popc(mask);
+        __syncthreads();
+        int before = running + before_in_warp, chunk_total = 0;
+        for (int w = 0; w < nw; w++) {
+            if (w < warp) before += warp_tot[w];
+            chunk_total += warp_tot[w];
+        }
+        if (mine) { order[before] = p; pos[p] = before; }
+        running += chunk_total;
+    }
+}
+
+// w0x/w1x from the strided rank components (scatter = 0), or dW0/dW1 += dw0x/dw1x (scatter = 1).
+__global__ void moe_cores_kernel(floatX *W0, floatX *W1, floatX *w0x, floatX *w1x, size_t n0, size_t n1, int E, int Ep, size_t p0,
+                                 size_t p1, int scatter) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n0) {
+        size_t j = st_moe_w0_expert_index(i, E, p0);
+        if (scatter) W0[i] = (floatX)((float)W0[i] + (float)w0x[j]);
+        else w0x[j] = W0[i];
+    } else if (i < n0 + n1) {
+        i -= n0;
+        size_t j = st_moe_w1_expert_index(i, E, Ep, p1);
+        if (scatter) W1[i] = (floatX)((float)W1[i] + (float)w1x[j]);
+        else w1x[j] = W1[i];
+    }
+}
+
+// dst row w = src row order[w] / K, 8 elements per thread (d % 8 == 0)
+__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, int NK, int K, int d) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = d / 8;
+    if (i >= (size_t)NK * per) return;
+    int w = (int)(i / per), c = (int)(i % per) * 8;
+    store128(dst + (size_t)w * d + c, load128(src + (size_t)(order[w] / K) * d + c));
+}
+
+// y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in fp32
+__global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *gate, const int *pos, const floatX *bias, int N, int K, int d) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = d / 8;
+    if (i >= (size_t)N * per) return;
+    int t = (int)(i / per), c = (int)(i % per) * 8;
+    float acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    if (bias) {
+        x128 b = load128(bias + c);
+        for (int j = 0; j < 8; j++) acc[j] = (float)b[j];
+    }
+    for (int k = 0; k < K; k++) {
+        int pr = t * K + k;
+        float g = gate ? gate[pr] : 1.0f;
+        x128 v = load128(src + (size_t)pos[pr] * d + c);
+        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
+    }
+    x128 o;
+    for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
+    store128(y + (size_t)t * d + c, o);
+}
+
+// One warp per grouped row w (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in
+// t2) and dy_w ← gate·dy_w (for dW1).
+__global__ void moe_gate_backward_kernel(float *dgate, floatX *t2, floatX *dyg, const floatX *z, const float *gate, const int *order, int NK,
+                                         int zrow, int dout) {
+    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= NK) return;
+    int pr = order[w];
+    const floatX *zr = z + (size_t)w * zrow;
+    floatX *dz = t2 + (size_t)w * zrow;
+    float s = 0.0f;
+    for (int i = lane; i < zrow; i += 32) s += (float)zr[i] * (float)dz[i];
+    s = warp_sum(s);
+    float g = gate[pr];
+    if (lane == 0) dgate[pr] = s;
+    for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+    floatX *dy = dyg + (size_t)w * dout;
+    for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
+}
+
+__global__ void moe_dlogits_kernel(float *dlogits, floatX *dlogits_bf16, const float *logits, const float *lse, const float *gate,
+                                   const float *dgate, const int *sel, const float *fhat, int N, int E, int K, float daux) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    float *dl = dlogits + (size_t)t * E;
+    st_moe_dlogits_row(dl, logits + (size_t)t * E, lse[t], gate + (size_t)t * K, dgate + (size_t)t * K, sel + (size_t)t * K, fhat, E, K, N,
+                       daux);
+    for (int e = 0; e < E; e++) dlogits_bf16[(size_t)t * E + e] = (floatX)dl[e];
+}
+
+// Block j < E: stats[j] = Σ_t softmax(logits_t)_j; block E: stats[E] = Σ_t lse_t². Fixed order.
+__global__ void moe_aux_stats_kernel(float *stats, const float *logits, const float *lse, int N, int E) {
+    int j = blockIdx.x;
+    float s = 0.0f;
+    for (int t = threadIdx.x; t < N; t += blockDim.x) s += j < E ? __expf(logits[(size_t)t * E + j] - lse[t]) : lse[t] * lse[t];
+    s = block_sum(s);
+    if (threadIdx.x == 0) stats[j] = s;
+}
+
+// y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
+// input and tensors.
+static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
+                            const floatX *router, const floatX *bias, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
+    st->N = N;
+    // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
+    st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
+    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, N, E, K);
+    cudaCheckLaunch();
+    moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
+    cudaCheckLaunch();
+    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, st->counts, st->sel, NK, E);
+    cudaCheckLaunch();
+    cudaCheck(cudaMemcpy(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));
+    st->h_offsets[0] = 0;
+    for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
+    moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
+    cudaCheckLaunch();
+    moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
+    cudaCheckLaunch();
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1;
+    for (int e = 0; e < E; e++) {
+        if (st->h_counts[e] == 0) continue;
+        buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
+        Plan p = {};
+        plan_btt_forward(&p, &b1, st->h_counts[e], st->h_offsets[e]);
+        plan_run_gpu(&p, buf);
+    }
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout);
+    cudaCheckLaunch();
+}
+
+// The statistics of the aux loss over this process's N tokens (moe.h's MOE_AUX_STATS layout, in
+// doubles on the host) — the GPU reduces the sums, the counts are already on the host.
+static void moe_aux_stats_gpu(const MoEGPUState *st, MoEGPUScratch *sc, const MoEShape *s, double *stats) {
+    const int E = s->experts;
+    moe_aux_stats_kernel<<<E + 1, 256>>>(sc->stats, st->logits, st->lse, st->N, E);
+    cudaCheckLaunch();
+    float h[1025];
+    cudaCheck(cudaMemcpy(h, sc->stats, (size_t)(E + 1) * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int e = 0; e < E; e++) { stats[e] = h[e]; stats[E + e] = st->h_counts[e]; }
+    stats[2 * E] = h[E];
+}
+
+// aux loss from statistics summed over n_total tokens; puts f̂ on the device for the backward.
+static float moe_aux_from_stats_gpu(MoEGPUState *st, const double *stats, long n_total, const MoEShape *s) {
+    float fhat[1024];
+    MoEState tmp;
+    memset(&tmp, 0, sizeof(tmp));
+    tmp.fhat = fhat;
+    float aux = moe_aux_from_stats(&tmp, stats, n_total, s);
+    cudaCheck(cudaMemcpy(st->fhat, fhat, (size_t)s->experts * sizeof(float), cudaMemcpyHostToDevice));
+    return aux;
+}
+
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated.
+static void moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
+                             const floatX *x, const MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
+                             const floatX *router, const MoEShape *s, float *colsum_scratch) {
+    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
+    int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
+    moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
+    cudaCheckLaunch();
+    cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero
+    moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);  // yg <- gathered dy
+    cudaCheckLaunch();
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
+    // the gathered inputs of the forward are still in xg only if no other layer ran since: gather again
+    moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
+    cudaCheckLaunch();
+    for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert
+        if (st->h_counts[e] == 0) continue;
+        buf[PB_W1] = sc->w1x + p1 * e;
+        Plan p = {};
+        plan_btt_backward_dz(&p, &b1, st->h_counts[e], st->h_offsets[e]);
+        plan_run_gpu(&p, buf);
+    }
+    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)zrow, dout);
+    cudaCheckLaunch();
+    for (int e = 0; e < E; e++) {
+        if (st->h_counts[e] == 0) continue;
+        buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
+        buf[PB_DW0] = sc->dw0x + p0 * e; buf[PB_DW1] = sc->dw1x + p1 * e;
+        Plan p = {};
+        plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
+        plan_run_gpu(&p, buf);
+    }
+    moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+    cudaCheckLaunch();
+    moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
+                                                    N, E, K, daux);
+    cudaCheckLaunch();
+    // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
+    st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
+    if (dx) {
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, NULL, st->pos, NULL, N, K, din);
+        cudaCheckLaunch();
+        // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
+        st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
+    }
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch);
+}
+
+// ----------------------------------------------------------------------------------------------
+// separate q, k, v (any of them structured): column block `part` (width C) of a (N, 3C) qkv
+// buffer to or from a (N, C) buffer; and dst += src.
+
+__global__ void qkv_part_copy_kernel(floatX *qkv, floatX *part_buf, int part, int N, int C, int to_qkv) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = C / 8;
+    if (i >= (size_t)N * per) return;
+    size_t r = i / per;
+    int c = (int)(i % per) * 8;
+    floatX *q = qkv + r * 3 * C + (size_t)part * C + c, *x = part_buf + r * C + c;
+    if (to_qkv) store128(q, load128(x));
+    else store128(x, load128(q));
+}
+
+static void qkv_part_copy(floatX *qkv, floatX *part_buf, int part, int N, int C, int to_qkv) {
+    qkv_part_copy_kernel<<<ceil_div_i((long)N * C / 8, 256), 256>>>(qkv, part_buf, part, N, C, to_qkv);
+    cudaCheckLaunch();
+}
+
+__global__ void add_inplace_kernel(floatX *dst, const floatX *src, size_t n8) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    x128 a = load128(dst + i * 8), b = load128(src + i * 8);
+    for (int k = 0; k < 8; k++) a[k] = (floatX)((float)a[k] + (float)b[k]);
+    store128(dst + i * 8, a);
+}
+
+static void add_inplace(floatX *dst, const floatX *src, size_t n) {
+    add_inplace_kernel<<<ceil_div_i((long)(n / 8), 256), 256>>>(dst, src, n / 8);
+    cudaCheckLaunch();
+}

@@ -1,0 +1,336 @@
+// test_gpu_plan.c: the GPU baseline of the structured layers, run on the CPU. The plans of
+// structured/gpu_plan.h are executed exactly as structured/structured.cuh executes them — every
+// GEMM through plan_to_cublas and a literal column-major emulation of
+// cublasGemmStridedBatchedEx, every permute through plan_permute_dst_index — and the results are
+// compared with the CPU layers (btt.h, monarch.h, moe.h, themselves checked against PyTorch).
+// For BTT-MoE the whole GPU pipeline is replayed: routing, the stable grouping by expert, core
+// extraction with the shared index maps, gathered rows, one plan per expert, the gate-weighted
+// combine, the gate backward, d logits, and the gradient scatter.
+// What this cannot catch: CUDA-level faults (launch geometry, races, bf16 rounding). Those are
+// test_gpt2cu's and dev/cuda's, on a GPU.
+#include "../common/rng.h"
+#include "../structured/gpu_plan.h"
+#include "check.h"
+
+static mt19937_state g_rng;
+
+static float *randn(size_t n, float std) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    mt_normal_(p, n, 0.0f, std, &g_rng);
+    return p;
+}
+static float *zeros(size_t n) { return (float *)callocCheck(n ? n : 1, sizeof(float)); }
+static float *copyf(const float *a, size_t n) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    memcpy(p, a, sizeof(float) * n);
+    return p;
+}
+
+// cublasGemmStridedBatchedEx, column-major, alpha = 1, beta = 0 or 1, as its documentation
+// defines it: C[i + j·ldc] = Σ_l op(A)[i, l] op(B)[l, j] (+ C), op(A)[i, l] = A[i + l·lda] or
+// (transposed) A[l + i·lda].
+static void emulate_cublas(const CublasGemmArgs *g, float *const *buf) {
+    const float *A = buf[g->first] + g->first_off, *B = buf[g->second] + g->second_off;
+    float *C = buf[g->c] + g->c_off;
+    for (int b = 0; b < g->batch; b++) {
+        const float *Ab = A + b * g->stride_a, *Bb = B + b * g->stride_b;
+        float *Cb = C + b * g->stride_c;
+        for (int j = 0; j < g->n; j++)
+            for (int i = 0; i < g->m; i++) {
+                double s = 0.0;
+                for (int l = 0; l < g->k; l++) {
+                    double a = g->transa ? Ab[l + (size_t)i * g->lda] : Ab[i + (size_t)l * g->lda];
+                    double bb = g->transb ? Bb[j + (size_t)l * g->ldb] : Bb[l + (size_t)j * g->ldb];
+                    s += a * bb;
+                }
+                float *c = Cb + i + (size_t)j * g->ldc;
+                *c = (float)(s + (g->beta ? *c : 0.0));
+            }
+    }
+}
+
+static void run_plan(const Plan *p, float *const *buf) {
+    for (int i = 0; i < p->n; i++) {
+        const PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_GEMM) {
+            CublasGemmArgs g = plan_to_cublas(o);
+            emulate_cublas(&g, buf);
+        } else {
+            int len = o->R * o->C * o->blk;
+            for (int r = 0; r < o->rows; r++) {
+                const float *s = buf[o->src] + o->src_off + (size_t)r * o->src_ld;
+                float *d = buf[o->dst] + o->dst_off + (size_t)r * o->dst_ld;
+                for (int j = 0; j < len; j++) d[plan_permute_dst_index(j, o->R, o->C, o->blk)] = s[j];
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// BTT: forward y and saved z, backward dx and accumulated dW0, dW1, against btt.h
+
+static void test_btt(int alpha, int gamma, int phi, int eps, int rank, int N) {
+    BTTShape s;
+    btt_shape(&s, alpha, gamma, phi, eps, rank);
+    size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
+    float *x = randn((size_t)N * s.d_in, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dy = randn((size_t)N * s.d_out, 1.0f);
+    float *y_ref = zeros((size_t)N * s.d_out), *z_ref = zeros((size_t)N * zrow);
+    btt_forward(y_ref, z_ref, x, W0, W1, NULL, N, &s);
+    float *dx_ref = zeros((size_t)N * s.d_in), *dW0_ref = randn(n0, 1.0f), *dW1_ref = randn(n1, 1.0f);
+    float *dW0 = copyf(dW0_ref, n0), *dW1 = copyf(dW1_ref, n1);  // nonzero: the backward must accumulate
+    float *scr = zeros(btt_scratch_size(&s, N));
+    btt_backward(dx_ref, dW0_ref, dW1_ref, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
+
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dy; buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
+    buf[PB_Y] = zeros((size_t)N * s.d_out); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * s.d_in);
+    buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * zrow);
+    Plan p = {0};
+    plan_btt_forward(&p, &s, N, 0);
+    run_plan(&p, buf);
+    p.n = 0;
+    plan_btt_backward_dz(&p, &s, N, 0);
+    plan_btt_backward_rest(&p, &s, N, 0, 1, 1);
+    run_plan(&p, buf);
+    char name[160];
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: y", alpha, gamma, phi, eps, rank, N);
+    check_close(buf[PB_Y], y_ref, (size_t)N * s.d_out, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: saved z (layout phi, gamma, rho)", alpha, gamma, phi, eps, rank, N);
+    check_close(buf[PB_Z], z_ref, (size_t)N * zrow, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dx", alpha, gamma, phi, eps, rank, N);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * s.d_in, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dW0 accumulated", alpha, gamma, phi, eps, rank, N);
+    check_close(dW0, dW0_ref, n0, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dW1 accumulated", alpha, gamma, phi, eps, rank, N);
+    check_close(dW1, dW1_ref, n1, 1e-4f, 1e-4f, name);
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    free(x); free(W0); free(W1); free(dy); free(y_ref); free(z_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dW0); free(dW1); free(scr);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Monarch, against monarch.h
+
+static void test_monarch(int din, int dout, int nb, int N) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
+    float *x = randn((size_t)N * din, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
+    float *y_ref = zeros((size_t)N * dout), *u_ref = zeros((size_t)N * urow);
+    monarch_forward(y_ref, u_ref, x, R, L, NULL, N, &m);
+    float *dx_ref = zeros((size_t)N * din), *dR_ref = randn(nr, 1.0f), *dL_ref = randn(nl, 1.0f);
+    float *dR = copyf(dR_ref, nr), *dL = copyf(dL_ref, nl);
+    float *scr = zeros(monarch_scratch_size(&m, N));
+    monarch_backward(dx_ref, dR_ref, dL_ref, NULL, dy, x, u_ref, R, L, N, &m, scr);
+
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = R; buf[PB_W1] = L; buf[PB_DY] = dy; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
+    buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * urow); buf[PB_DX] = zeros((size_t)N * din);
+    buf[PB_T1] = zeros((size_t)N * urow); buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
+    Plan p = {0};
+    plan_monarch_forward(&p, &m, N);
+    run_plan(&p, buf);
+    p.n = 0;
+    plan_monarch_backward(&p, &m, N, 1);
+    run_plan(&p, buf);
+    char name[160];
+    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: y", din, dout, nb, N);
+    check_close(buf[PB_Y], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: saved u", din, dout, nb, N);
+    check_close(buf[PB_Z], u_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dx", din, dout, nb, N);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dR accumulated", din, dout, nb, N);
+    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dL accumulated", din, dout, nb, N);
+    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL); free(scr);
+}
+
+// ----------------------------------------------------------------------------------------------
+// BTT-MoE: the GPU pipeline of structured.cuh, step by step, against moe.h
+
+// The GPU's grouping: pairs p = t·K + k grouped by expert, ascending p within an expert (what
+// the sort kernel produces with one block per expert scanning the pairs in order); pos[p] is
+// pair p's row in the grouped order.
+static void moe_group(const int *sel, int NK, int E, int *counts, int *offsets, int *order, int *pos) {
+    for (int e = 0; e < E; e++) counts[e] = 0;
+    for (int p = 0; p < NK; p++) counts[sel[p]]++;
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    for (int e = 0; e < E; e++) {
+        int w = offsets[e];
+        for (int p = 0; p < NK; p++)
+            if (sel[p] == e) { order[w] = p; pos[p] = w; w++; }
+    }
+}
+
+static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N) {
+    MoEShape s;
+    moe_shape(&s, alpha, gamma, phi, eps, E, K);
+    const BTTShape b1 = moe_expert_shape(&s);
+    const int din = s.btt.d_in, dout = s.btt.d_out, NK = N * K;
+    const size_t n0 = btt_w0_size(&s.btt), n1 = btt_w1_size(&s.btt), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), zrow = moe_z_row(&s);
+    float *x = randn((size_t)N * din, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *Rt = randn((size_t)E * din, 0.3f);
+    float *dy = randn((size_t)N * dout, 1.0f);
+    const float daux = 0.37f;
+    // reference
+    MoEState st;
+    moe_state_alloc(&st, &s, N);
+    float *y_ref = zeros((size_t)N * dout);
+    moe_forward(y_ref, &st, x, W0, W1, Rt, NULL, N, &s);
+    float aux_ref = moe_aux_loss(&st, N, &s);
+    float *dx_ref = zeros((size_t)N * din), *dW0_ref = randn(n0, 1.0f), *dW1_ref = randn(n1, 1.0f), *dR_ref = randn((size_t)E * din, 1.0f);
+    float *dW0 = copyf(dW0_ref, n0), *dW1 = copyf(dW1_ref, n1), *dR = copyf(dR_ref, (size_t)E * din);
+    float *scr = zeros(moe_scratch_size(&s, N));
+    moe_backward(dx_ref, dW0_ref, dW1_ref, dR_ref, NULL, dy, daux, x, &st, W0, W1, Rt, N, &s, scr);
+
+    // GPU pipeline. Router: logits = x Rᵀ (a plain GEMM), one routing thread per token.
+    float *logits = zeros((size_t)N * E), *gate = zeros((size_t)NK), *lse = zeros((size_t)N);
+    int *sel = (int *)callocCheck((size_t)NK, sizeof(int));
+    for (int t = 0; t < N; t++) {
+        for (int e = 0; e < E; e++) {
+            double a = 0.0;
+            for (int i = 0; i < din; i++) a += (double)x[(size_t)t * din + i] * Rt[(size_t)e * din + i];
+            logits[(size_t)t * E + e] = (float)a;
+        }
+        st_moe_route_row(logits + (size_t)t * E, E, K, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+    }
+    int *counts = (int *)callocCheck((size_t)E, sizeof(int)), *offsets = (int *)callocCheck((size_t)E + 1, sizeof(int));
+    int *order = (int *)callocCheck((size_t)NK, sizeof(int)), *pos = (int *)callocCheck((size_t)NK, sizeof(int));
+    moe_group(sel, NK, E, counts, offsets, order, pos);
+    float *w0x = zeros(p0 * E), *w1x = zeros(p1 * E);
+    for (size_t i = 0; i < n0; i++) w0x[st_moe_w0_expert_index(i, E, p0)] = W0[i];
+    for (size_t i = 0; i < n1; i++) w1x[st_moe_w1_expert_index(i, E, eps, p1)] = W1[i];
+    float *xg = zeros((size_t)NK * din), *yg = zeros((size_t)NK * dout), *z = zeros((size_t)NK * zrow);
+    float *t1 = zeros((size_t)NK * zrow), *t2 = zeros((size_t)NK * zrow);
+    for (int w = 0; w < NK; w++) memcpy(xg + (size_t)w * din, x + (size_t)(order[w] / K) * din, sizeof(float) * din);
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = xg; buf[PB_Y] = yg; buf[PB_Z] = z; buf[PB_T1] = t1; buf[PB_T2] = t2;
+    Plan p;
+    for (int e = 0; e < E; e++) {
+        p.n = 0;
+        buf[PB_W0] = w0x + p0 * e; buf[PB_W1] = w1x + p1 * e;
+        plan_btt_forward(&p, &b1, counts[e], offsets[e]);
+        run_plan(&p, buf);
+    }
+    float *y = zeros((size_t)N * dout);
+    for (int t = 0; t < N; t++)  // combine: each token adds its K experts in k order
+        for (int k = 0; k < K; k++) {
+            int pr = t * K + k;
+            for (int o = 0; o < dout; o++) y[(size_t)t * dout + o] += gate[pr] * yg[(size_t)pos[pr] * dout + o];
+        }
+    char name[200];
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: routing equals moe.h", alpha, gamma, phi, eps, E, K, N);
+    check_true(memcmp(sel, st.sel, sizeof(int) * NK) == 0 && memcmp(counts, st.counts, sizeof(int) * E) == 0 &&
+                   memcmp(order, st.order, sizeof(int) * NK) == 0,
+               name, "selection, counts or grouping differ");
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: y", alpha, gamma, phi, eps, E, K, N);
+    check_close(y, y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+    float *zp = zeros((size_t)NK * zrow);  // z by pair, as moe.h keeps it
+    for (int pr = 0; pr < NK; pr++) memcpy(zp + (size_t)pr * zrow, z + (size_t)pos[pr] * zrow, sizeof(float) * zrow);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: saved z", alpha, gamma, phi, eps, E, K, N);
+    check_close(zp, st.z, (size_t)NK * zrow, 1e-4f, 1e-4f, name);
+    // aux statistics as the GPU reduces them (Σ softmax, counts, Σ lse²), then moe_aux_from_stats
+    double *stats = (double *)callocCheck(MOE_AUX_STATS(E), sizeof(double));
+    for (int t = 0; t < N; t++) {
+        for (int e = 0; e < E; e++) stats[e] += exp((double)logits[(size_t)t * E + e] - lse[t]);
+        stats[2 * E] += (double)lse[t] * lse[t];
+    }
+    for (int e = 0; e < E; e++) stats[E + e] = counts[e];
+    float *fhat = zeros((size_t)E);
+    MoEState fst;
+    memset(&fst, 0, sizeof(fst));
+    fst.fhat = fhat;
+    float aux = moe_aux_from_stats(&fst, stats, N, &s);
+    snprintf(name, sizeof(name), "btt_moe plan E%d K%d N%d: aux loss %.6f (ref %.6f)", E, K, N, aux, aux_ref);
+    check_close(&aux, &aux_ref, 1, 1e-5f, 1e-5f, name);
+
+    // backward: gathered dY; per expert dZu = dY W1ᵀ (plan_btt_backward_dz); the gate step per
+    // pair (dgate = <z, dZu>, dZ = gate·dZu, dY ← gate·dY); then plan_btt_backward_rest with
+    // overwritten expert gradients, scattered (added) into dW0/dW1 with the shared index maps.
+    float *dyg = zeros((size_t)NK * dout), *dxg = zeros((size_t)NK * din), *dgate = zeros((size_t)NK);
+    float *dw0x = zeros(p0 * E), *dw1x = zeros(p1 * E);
+    for (int w = 0; w < NK; w++) memcpy(dyg + (size_t)w * dout, dy + (size_t)(order[w] / K) * dout, sizeof(float) * dout);
+    buf[PB_DY] = dyg; buf[PB_DX] = dxg;
+    for (int e = 0; e < E; e++) {
+        int ne = counts[e], off = offsets[e];
+        buf[PB_W0] = w0x + p0 * e; buf[PB_W1] = w1x + p1 * e;
+        buf[PB_DW0] = dw0x + p0 * e; buf[PB_DW1] = dw1x + p1 * e;
+        p.n = 0;
+        plan_btt_backward_dz(&p, &b1, ne, off);
+        run_plan(&p, buf);
+        for (int w = off; w < off + ne; w++) {
+            int pr = order[w];
+            double dg = 0.0;
+            for (size_t i = 0; i < zrow; i++) dg += (double)z[(size_t)w * zrow + i] * t2[(size_t)w * zrow + i];
+            dgate[pr] = (float)dg;
+            for (size_t i = 0; i < zrow; i++) t2[(size_t)w * zrow + i] *= gate[pr];
+            for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
+        }
+        p.n = 0;
+        plan_btt_backward_rest(&p, &b1, ne, off, 1, 0);
+        run_plan(&p, buf);
+    }
+    for (size_t i = 0; i < n0; i++) dW0[i] += dw0x[st_moe_w0_expert_index(i, E, p0)];
+    for (size_t i = 0; i < n1; i++) dW1[i] += dw1x[st_moe_w1_expert_index(i, E, eps, p1)];
+    float *dlogits = zeros((size_t)N * E), *dx = zeros((size_t)N * din);
+    for (int t = 0; t < N; t++)
+        st_moe_dlogits_row(dlogits + (size_t)t * E, logits + (size_t)t * E, lse[t], gate + (size_t)t * K, dgate + (size_t)t * K,
+                           sel + (size_t)t * K, fhat, E, K, N, daux);
+    for (int t = 0; t < N; t++)
+        for (int i = 0; i < din; i++) {
+            double a = 0.0;
+            for (int k = 0; k < K; k++) a += dxg[(size_t)pos[t * K + k] * din + i];
+            for (int e = 0; e < E; e++) a += (double)dlogits[(size_t)t * E + e] * Rt[(size_t)e * din + i];
+            dx[(size_t)t * din + i] = (float)a;
+        }
+    for (int e = 0; e < E; e++)
+        for (int i = 0; i < din; i++) {
+            double a = 0.0;
+            for (int t = 0; t < N; t++) a += (double)dlogits[(size_t)t * E + e] * x[(size_t)t * din + i];
+            dR[(size_t)e * din + i] += (float)a;
+        }
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dx", alpha, gamma, phi, eps, E, K, N);
+    check_close(dx, dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dW0 accumulated", alpha, gamma, phi, eps, E, K, N);
+    check_close(dW0, dW0_ref, n0, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dW1 accumulated", alpha, gamma, phi, eps, E, K, N);
+    check_close(dW1, dW1_ref, n1, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: drouter accumulated", alpha, gamma, phi, eps, E, K, N);
+    check_close(dR, dR_ref, (size_t)E * din, 1e-4f, 1e-4f, name);
+
+    free(x); free(W0); free(W1); free(Rt); free(dy); free(y_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dR_ref);
+    free(dW0); free(dW1); free(dR); free(scr); free(logits); free(gate); free(lse); free(sel); free(counts); free(offsets);
+    free(order); free(pos); free(w0x); free(w1x); free(xg); free(yg); free(z); free(t1); free(t2); free(y); free(zp); free(stats);
+    free(fhat); free(dyg); free(dxg); free(dgate); free(dw0x); free(dw1x); free(dlogits); free(dx);
+    moe_state_free(&st);
+}
+
+// The permute index map alone, on a case small enough to write out: a row [R=2][C=3][blk=2]
+// (elements 0..11) becomes [3][2][2].
+static void test_permute_index(void) {
+    const int want[12] = {0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11};  // dst[k] = src[want[k]]
+    int got[12];
+    for (int j = 0; j < 12; j++) got[plan_permute_dst_index(j, 2, 3, 2)] = j;
+    check_true(memcmp(got, want, sizeof(want)) == 0, "permute index: [2][3][2] -> [3][2][2] written out by hand", "wrong order");
+}
+
+int main(void) {
+    mt_seed(&g_rng, 1234);
+    test_permute_index();
+    test_btt(16, 48, 32, 96, 1, 37);  // 768 -> 3072, the GPT-2 fc shape
+    test_btt(32, 24, 48, 16, 1, 9);   // 768 -> 768 with non-default factors
+    test_btt(4, 6, 5, 3, 2, 13);      // small, rank 2, non-square
+    test_btt(8, 4, 6, 10, 4, 21);     // rank 4
+    test_monarch(64, 64, 4, 19);
+    test_monarch(48, 96, 4, 11);      // d_out > d_in: q = p
+    test_monarch(96, 48, 8, 7);       // d_in > d_out: q = s
+    test_moe(4, 6, 5, 3, 4, 2, 23);
+    test_moe(8, 4, 6, 10, 8, 2, 40);
+    test_moe(4, 4, 4, 4, 3, 3, 10);   // top-k = E
+    test_moe(4, 6, 5, 3, 8, 1, 5);    // fewer tokens than experts: empty experts
+    return test_summary();
+}
