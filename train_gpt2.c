@@ -27,6 +27,7 @@
 #include "common/schedule.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
+#include "common/zero.h"
 #include "structured/btt.h"
 #include "structured/monarch.h"
 #include "structured/moe.h"
@@ -512,6 +513,9 @@ typedef struct {
     // aux-loss statistics over ranks so that f̂ and P̂ are those of the global batch
     const MultiProc *mp;
     int sync_aux;
+    // ZeRO-1 (-z 1 under mpirun): this rank updates and keeps AdamW moments for zero.lo..hi only;
+    // params and grads are allocated with zero.padded elements for the collectives
+    ZeroShard zero;
 } GPT2;
 
 static BTTShape btt_shape_of(const LinearSpec *s) {
@@ -783,9 +787,12 @@ static inline float gpt2_total_loss(const GPT2 *m, float ce) {
     return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->aux_loss : 0.0f);
 }
 
+// Elements of the gradient buffer: the parameters, padded for ZeRO-1's equal slices.
+static size_t gpt2_grad_len(const GPT2 *m) { return m->zero.padded > m->num_params ? m->zero.padded : m->num_params; }
+
 void gpt2_zero_grad(GPT2 *m) {
-    if (!m->grads) { m->grads = (float *)callocCheck(m->num_params, sizeof(float)); return; }
-    size_t n = m->num_params;
+    if (!m->grads) { m->grads = (float *)callocCheck(gpt2_grad_len(m), sizeof(float)); return; }
+    size_t n = gpt2_grad_len(m);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < 64; t++) memset(m->grads + n * t / 64, 0, (n * (t + 1) / 64 - n * t / 64) * sizeof(float));
 }
@@ -835,6 +842,15 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
 // slice of every tensor, and the per-thread partials are added in thread order, so the result is
 // reproducible for a given thread count.
 float gpt2_grad_norm(const GPT2 *m) {
+    if (m->zero.stage) {  // ZeRO-1: this rank holds the averaged gradients of its slice only
+        double s = 0.0;
+        const float *g = m->grads + m->zero.lo;
+        long n = (long)(m->zero.hi - m->zero.lo);
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (long j = 0; j < n; j++) s += (double)g[j] * g[j];
+        multiproc_sum_doubles(m->mp, &s, 1);
+        return (float)sqrt(s);
+    }
     enum { MAX_PART = 256 };
     double part[MAX_PART];
     int nt = 1;
@@ -863,10 +879,14 @@ float gpt2_grad_norm(const GPT2 *m) {
 
 // AdamW over the parameter table (bias-corrected, decoupled weight decay on decay tensors, each
 // tensor at lr * lr_mult). grad_scale multiplies the gradient first (clipping).
+// With ZeRO-1 only this rank's slice is updated (moments indexed from zero.lo), then every
+// rank's slice is gathered so that all ranks hold the same weights again.
+static size_t gpt2_moments_len(const GPT2 *m) { return m->zero.stage ? m->zero.shard : m->num_params; }
+
 void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, int t) {
     if (!m->m) {
-        m->m = (float *)callocCheck(m->num_params, sizeof(float));
-        m->v = (float *)callocCheck(m->num_params, sizeof(float));
+        m->m = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
+        m->v = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
     }
     float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
     const ParamTable *pt = &m->layout.params;
@@ -875,9 +895,12 @@ void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float w
     for (int i = 0; i < pt->n; i++) {
         const ParamTensor *p = &pt->t[i];
         float plr = lr * p->lr_mult, wd = p->decay ? weight_decay : 0.0f;
-        float *w = m->params + p->offset, *gr = m->grads + p->offset, *mm = m->m + p->offset, *vv = m->v + p->offset;
+        size_t j0 = 0, j1 = p->numel;
+        if (m->zero.stage) zero_tensor_range(p, &m->zero, &j0, &j1);
+        size_t st = p->offset - (m->zero.stage ? m->zero.lo : 0);  // moments of element j at st + j
+        float *w = m->params + p->offset, *gr = m->grads + p->offset, *mm = m->m + st, *vv = m->v + st;
 #pragma omp for schedule(static) nowait
-        for (size_t j = 0; j < p->numel; j++) {
+        for (size_t j = j0; j < j1; j++) {
             float gj = gr[j] * grad_scale;
             float mj = beta1 * mm[j] + (1.0f - beta1) * gj;
             float vj = beta2 * vv[j] + (1.0f - beta2) * gj * gj;
@@ -887,6 +910,7 @@ void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float w
             w[j] -= plr * (mhat / (sqrtf(vhat) + eps) + wd * w[j]);
         }
     }
+    if (m->zero.stage) multiproc_allgather(m->mp, m->params, m->zero.shard);
 }
 
 void gpt2_free(GPT2 *m) {
@@ -926,8 +950,15 @@ void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rn
 // Training: the shared driver (common/train_main.h) with the CPU's hooks
 
 static void trainer_setup(int *argc, char **argv) { (void)argc; (void)argv; }
-static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T) {
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
     m->mp = mp;
+    zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
+    if (m->zero.padded > m->num_params) {  // the allgather writes whole slices: pad the weights
+        float *p = (float *)callocCheck(m->zero.padded, sizeof(float));
+        memcpy(p, m->params, m->num_params * sizeof(float));
+        free(m->params);
+        m->params = p;
+    }
     gpt2_alloc_activations(m, B, T);
 }
 static void trainer_sync(void) {}
@@ -950,24 +981,29 @@ static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, 
     return loss;
 }
 
-static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) { multiproc_mean(mp, m->grads, m->num_params); }
+static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
+    if (m->zero.stage) multiproc_reduce_scatter_mean(mp, m->grads, m->zero.shard);
+    else multiproc_mean(mp, m->grads, m->num_params);
+}
 
 static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
     if (model_path) model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
     // before the first update there are no moments yet: write zeros, which is what they are
     if (!m->m) {
-        m->m = (float *)callocCheck(m->num_params, sizeof(float));
-        m->v = (float *)callocCheck(m->num_params, sizeof(float));
+        m->m = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
+        m->v = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
     }
-    state_write(state_path, st, m->m, m->v, NULL);
+    TrainState mine = *st;
+    mine.num_params = (int64_t)gpt2_moments_len(m);  // this rank's slice with ZeRO-1
+    state_write(state_path, &mine, m->m, m->v, NULL);
 }
 
 static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) {
     if (!m->m) {
-        m->m = (float *)callocCheck(m->num_params, sizeof(float));
-        m->v = (float *)callocCheck(m->num_params, sizeof(float));
+        m->m = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
+        m->v = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
     }
-    state_read(state_path, st, m->m, m->v, NULL, m->num_params);
+    state_read(state_path, st, m->m, m->v, NULL, gpt2_moments_len(m));
 }
 
 #ifndef TESTING

@@ -628,7 +628,11 @@ static void trainer_setup(int *argc, char **argv) {
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
 }
 
-static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T) { (void)mp; gpt2_alloc(m, B, T, g_recompute); }
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
+    (void)mp;
+    (void)zero_stage;  // one process until the NCCL path (issue 6): nothing to shard
+    gpt2_alloc(m, B, T, g_recompute);
+}
 static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }

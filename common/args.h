@@ -32,6 +32,7 @@ typedef struct {
     int resume;               // -y
     int seed;                 // -sd
     int shuffle;              // -sh
+    int zero_stage;           // -z
 } TrainArgs;
 
 typedef enum { ARG_STR, ARG_INT, ARG_FLOAT } ArgType;
@@ -69,6 +70,7 @@ static const ArgSpec train_arg_specs[] = {
     {"-y", ARG_INT, ARG_FIELD(resume), "1: resume from the latest checkpoint in -o"},
     {"-sd", ARG_INT, ARG_FIELD(seed), "seed of the train data order (with -sh 1)"},
     {"-sh", ARG_INT, ARG_FIELD(shuffle), "1: shuffle shard and batch order each epoch"},
+    {"-z", ARG_INT, ARG_FIELD(zero_stage), "ZeRO stage: 0 off, 1 shard the optimizer state over the processes"},
 };
 #define NUM_TRAIN_ARGS (sizeof(train_arg_specs) / sizeof(train_arg_specs[0]))
 
@@ -170,6 +172,7 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->max_steps == 0 || a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, or -1 for one epoch", a->max_steps);
     if (a->ckpt_every < 0 || a->keep_last < 0 || a->val_every < 0 || a->sample_every < 0)
         fatal("-n, -nk, -v and -s take values >= 0");
+    if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");
     if (a->ckpt_every > 0 && !a->out_dir) fatal("-n %d writes checkpoints into -o; give -o <dir>", a->ckpt_every);
 }

@@ -139,7 +139,8 @@ typedef struct {
     uint64_t sample_rng;      // text sampling RNG
     int64_t has_master;       // 1: fp32 master weights follow m and v (the GPU trainer, whose model
                               // file holds the bf16 weights); 0: the model file is the master copy
-    uint64_t reserved[19];
+    int64_t zero_stage;       // -z: with 1, m, v (and master) are this rank's slice: num_params of them
+    uint64_t reserved[18];
 } TrainState;
 
 // master may be NULL (the model file is then the exact weights); else it is stored after m and v.
@@ -158,6 +159,17 @@ static inline void state_write(const char *path, const TrainState *st_in, const 
     fwriteCheck(v, sizeof(float), (size_t)st->num_params, fp, tmp);
     if (master) fwriteCheck(master, sizeof(float), (size_t)st->num_params, fp, tmp);
     atomic_close(fp, tmp, path);
+}
+
+// The TrainState of a state file without its arrays (to check ranks and -z before reading).
+static inline void state_peek(const char *path, TrainState *st) {
+    FILE *fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != STATE_MAGIC)
+        fatal("'%s' is not a structgpt resume state (magic %d, expected %d)", path, header[0], STATE_MAGIC);
+    freadCheck(st, sizeof(TrainState), 1, fp, path);
+    fcloseCheck(fp, path);
 }
 
 // Reads a state file; m and v (and master, when not NULL) must have room for expected_params

@@ -62,6 +62,35 @@ static inline void multiproc_mean(const MultiProc *mp, float *buf, size_t n) {
 #endif
 }
 
+// ZeRO-1 gradients: buf holds nproc * shard floats on every rank; afterwards this rank's slice
+// buf[rank * shard, (rank + 1) * shard) is the average over ranks (the rest is stale).
+static inline void multiproc_reduce_scatter_mean(const MultiProc *mp, float *buf, size_t shard) {
+    if (mp->nproc == 1) return;
+#ifdef USE_MPI
+    if (shard > (size_t)2147483647) fatal("ZeRO shard of %zu floats exceeds MPI's int count; use more processes", shard);
+    float *mine = (float *)mallocCheck(shard * sizeof(float));
+    mpiCheck(MPI_Reduce_scatter_block(buf, mine, (int)shard, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    float inv = 1.0f / (float)mp->nproc, *dst = buf + (size_t)mp->rank * shard;
+    for (size_t i = 0; i < shard; i++) dst[i] = mine[i] * inv;
+    free(mine);
+#else
+    (void)buf;
+    (void)shard;
+#endif
+}
+
+// ZeRO-1 weights: every rank's slice buf[r * shard, (r + 1) * shard) to every rank, in place.
+static inline void multiproc_allgather(const MultiProc *mp, float *buf, size_t shard) {
+    if (mp->nproc == 1) return;
+#ifdef USE_MPI
+    if (shard > (size_t)2147483647) fatal("ZeRO shard of %zu floats exceeds MPI's int count; use more processes", shard);
+    mpiCheck(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, (int)shard, MPI_FLOAT, MPI_COMM_WORLD));
+#else
+    (void)buf;
+    (void)shard;
+#endif
+}
+
 // In-place sum over ranks of n doubles (small statistics such as BTT-MoE routing counts).
 static inline void multiproc_sum_doubles(const MultiProc *mp, double *buf, int n) {
     if (mp->nproc == 1) return;

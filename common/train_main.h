@@ -6,11 +6,13 @@
 //   gpt2_update(m, lr, beta1, beta2, eps, wd, grad_scale, t)  gpt2_sample(m, tok, eot, gen_T, rng)
 //   gpt2_free(m)
 //   trainer_setup(&argc, argv)          its own flags and device, before the shared flags are parsed
-//   trainer_alloc(m, mp, B, T)          activations and optimizer buffers, for this rank of mp
+//   trainer_alloc(m, mp, B, T, zero)    activations and optimizer buffers, for this rank of mp
+//                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice)
 //   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &aux) -> loss   forward and backward of one
 //                                       micro-batch (gradients accumulate; aux: BTT-MoE aux loss)
 //   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks
 //   trainer_write_checkpoint(m, model_path or NULL, state_path, st)   trainer_read_state(m, path, st)
+//                                       (the state's arrays are this rank's slice with -z 1)
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
 #pragma once
 #include <math.h>
@@ -51,6 +53,7 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
     st.B = a->B;
     st.T = a->T;
     st.total_batch_size = a->total_batch;
+    st.zero_stage = a->zero_stage && mp->nproc > 1;
     DataLoaderState ds = dataloader_get_state(train);
     st.dl_epoch = ds.epoch;
     st.dl_shard_idx = ds.shard_idx;
@@ -122,7 +125,7 @@ int main(int argc, char **argv) {
     long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
     if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
 
-    trainer_alloc(&model, &mp, a.B, a.T);
+    trainer_alloc(&model, &mp, a.B, a.T, a.zero_stage);
     gpt2_zero_grad(&model);
 
     Tokenizer tokenizer;
@@ -145,10 +148,13 @@ int main(int argc, char **argv) {
     long start_step = 0;
     if (resume_step >= 0) {
         TrainState st;
-        trainer_read_state(&model, resume_state, &st);
+        state_peek(resume_state, &st);
         if (st.nproc != nproc || st.rank != rank)
             fatal("'%s' was written by rank %lld of %lld processes; resume with the same number of processes (now %d)",
                   resume_state, (long long)st.rank, (long long)st.nproc, nproc);
+        if (st.zero_stage != (a.zero_stage && nproc > 1))
+            fatal("'%s' was written with -z %lld; resume with the same -z (now %d)", resume_state, (long long)st.zero_stage, a.zero_stage);
+        trainer_read_state(&model, resume_state, &st);
         if (st.B != a.B || st.T != a.T || st.total_batch_size != a.total_batch)
             fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
                   resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
@@ -170,7 +176,7 @@ int main(int argc, char **argv) {
     printf("| vocab (padded)        | %-6d (%-6d)%-36s |\n", c->vocab_size, c->padded_vocab_size, "");
     printf("| parameters            | %-50zu |\n", gpt2_num_params_unpadded(&model.layout));
     printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
-    printf("| processes             | %-50d |\n", nproc);
+    printf("| processes / ZeRO      | %-4d / %-43s |\n", nproc, a.zero_stage && nproc > 1 ? "stage 1 (optimizer state sharded)" : "off");
     printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
     printf("| steps                 | %-50ld |\n", train_steps);
     printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);

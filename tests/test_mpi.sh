@@ -2,7 +2,9 @@
 # test_mpi.sh: the CPU trainer's data parallelism, proven without GPUs. `mpirun -np 2` with batch B
 # must match one process with batch 2B (the same global batch) over 20 steps, for a dense and a
 # BTT-MoE model (whose aux loss needs the routing statistics of the global batch); a 2-rank
-# resume must be bit-identical; and rank mistakes must give clear errors. "N passed, N failed".
+# resume must be bit-identical; ZeRO-1 (-z 1, also with 3 ranks and a table that does not divide)
+# must match plain data parallelism and resume bit for bit; and rank mistakes must give clear
+# errors. "N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
 source tests/lib.sh
@@ -63,6 +65,22 @@ compare "btt_moe: mpirun -np 2 with B=2 equals 1 process with B=4 over the first
 compare "btt_moe: and stays close over 20 steps" "$W/one_btt_moe.txt" "$W/two_btt_moe.txt" 0.1
 grep -q "aux" "$W/two_btt_moe.txt" && ok "btt_moe: the aux loss is reported under mpirun" || bad "aux under mpirun" "no aux"
 
+# ZeRO-1 (-z 1): the same training with the optimizer state sharded. The gradient norm is summed
+# in another order (each rank's slice, then across ranks), so the clip factor may differ in the
+# last bit: float tolerance, not bit equality. 3 ranks: the d2 table (6,966,784 parameters) does
+# not divide by 3, so the last slice ends in padding.
+MPI3=("${MPI[@]/#2/3}")  # the same mpirun with -np 3
+for model in d2 "$W/moe.conf"; do
+    tag=$( [ "$model" = d2 ] && echo dense || echo btt_moe )
+    "${MPI[@]}" ./train_gpt2_mpi -e "$model" "${DATA[@]}" -b 2 -x 20 -z 1 2>&1 | grep -E '^step|^val loss|error' > "$W/zero_$tag.txt"
+done
+compare "ZeRO-1 dense: 2 ranks with -z 1 equal 2 ranks without over 20 steps" "$W/two_dense.txt" "$W/zero_dense.txt" 1e-5
+compare "ZeRO-1 btt_moe: 2 ranks with -z 1 equal 2 ranks without over the first 5 steps" "$W/two_btt_moe.txt" "$W/zero_btt_moe.txt" 1e-5 6
+compare "ZeRO-1 btt_moe: and stay close over 20 steps" "$W/two_btt_moe.txt" "$W/zero_btt_moe.txt" 0.1
+"${MPI3[@]}" ./train_gpt2_mpi -e d2 "${DATA[@]}" -b 2 -x 12 -v 4 2>&1 | grep -E '^step|^val loss|error' > "$W/three.txt"
+"${MPI3[@]}" ./train_gpt2_mpi -e d2 "${DATA[@]}" -b 2 -x 12 -v 4 -z 1 2>&1 | grep -E '^step|^val loss|error' > "$W/three_zero.txt"
+compare "ZeRO-1 with 3 ranks and a table that does not divide by 3 (padded slices)" "$W/three.txt" "$W/three_zero.txt" 1e-5
+
 # resume with 2 ranks: run A straight through 6 steps, run B loses its last checkpoint and resumes
 RUN=(-e "$W/moe.conf" "${DATA[@]}" -b 2 -x 6 -n 3 -d 256)
 "${MPI[@]}" ./train_gpt2_mpi "${RUN[@]}" -o "$W/A" > "$W/A.out" 2>&1 || bad "2-rank run A" "$(tail -n 3 "$W/A.out")"
@@ -74,6 +92,25 @@ rm -f "$W"/B/*_00000006*
 same=1
 for f in model_00000006.bin state_00000006_00000.bin state_00000006_00001.bin; do cmp -s "$W/A/$f" "$W/B/$f" || same=0; done
 [ $same = 1 ] && ok "2-rank resume is bit-identical (model and both ranks' states at step 6)" || bad "2-rank resume" "step-6 files differ"
+
+# ZeRO-1 resume: bit-identical, each rank's state holding only its slice of the moments
+RUNZ=(-e d2 "${DATA[@]}" -b 2 -x 6 -n 3 -d 128 -z 1)
+"${MPI[@]}" ./train_gpt2_mpi "${RUNZ[@]}" -o "$W/ZA" > "$W/ZA.out" 2>&1 || bad "ZeRO run A" "$(tail -n 3 "$W/ZA.out")"
+"${MPI[@]}" ./train_gpt2_mpi "${RUNZ[@]}" -o "$W/ZB" > "$W/ZB.out" 2>&1 || bad "ZeRO run B" "$(tail -n 3 "$W/ZB.out")"
+rm -f "$W"/ZB/*_00000006*
+"${MPI[@]}" ./train_gpt2_mpi "${RUNZ[@]}" -o "$W/ZB" -y 1 > "$W/ZB2.out" 2>&1 || bad "ZeRO resume" "$(tail -n 3 "$W/ZB2.out")"
+same=1
+for f in model_00000006.bin state_00000006_00000.bin state_00000006_00001.bin; do cmp -s "$W/ZA/$f" "$W/ZB/$f" || same=0; done
+[ $same = 1 ] && ok "ZeRO-1 2-rank resume is bit-identical (model and both ranks' states at step 6)" || bad "ZeRO resume" "step-6 files differ"
+sz=$(stat -c %s "$W/ZA/state_00000003_00000.bin")
+want=$(( 1024 + 248 + 2 * 4 * (6966784 / 2) ))  # header, TrainState (31 x 8 bytes), m and v of one slice
+[ "$sz" -eq "$want" ] && ok "a ZeRO-1 rank's state holds half of the moments ($sz bytes)" || bad "ZeRO state size" "$sz, wanted $want"
+out=$("${MPI[@]}" ./train_gpt2_mpi -e d2 "${DATA[@]}" -b 2 -x 6 -n 3 -d 128 -o "$W/ZB" -y 1 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "was written with -z 1; resume with the same -z (now 0)" && ok "resuming a -z 1 run without -z 1 is refused" \
+    || bad "-z mismatch" "exit $rc: $(echo "$out" | grep -m1 error)"
+out=$(./train_gpt2_mpi -e d2 "${DATA[@]}" -z 2 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "\-z 2: the ZeRO stage must be 0 (off) or 1" && ok "-z 2 is refused with the stages it takes" \
+    || bad "-z 2" "exit $rc: $out"
 
 # mistakes
 out=$(./train_gpt2_mpi "${RUN[@]}" -o "$W/B" -y 1 2>&1); rc=$?
