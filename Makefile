@@ -106,7 +106,10 @@ ifneq ($(NVCC),)
   NVCC_LDLIBS = -lcublas -lcublasLt
   CUDA_H = $(wildcard cuda/*.cuh structured/*.cuh) $(COMMON_H)
   $(info nvcc: $(NVCC), sm_$(GPU_COMPUTE_CAPABILITY))
-all: train_gpt2cu test_gpt2cu
+all: train_gpt2cu test_gpt2cu dev-cuda
+.PHONY: dev-cuda
+dev-cuda:
+	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY)
 train_gpt2cu: train_gpt2.cu $(CUDA_H)
 	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
 test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h
@@ -119,4 +122,5 @@ bench-gpu:
 	bash dev/bench/gpu.sh
 clean-gpu:
 	rm -f train_gpt2cu test_gpt2cu
+	$(MAKE) -C dev/cuda clean
 clean: clean-gpu

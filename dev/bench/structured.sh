@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# dev/bench/structured.sh: the structured-layer benchmark of issue 5, on one GPU.
+#  1. layers: dev/cuda/structured_layers times forward + backward (dx and every weight gradient)
+#     of dense, BTT rank 1/2/4, Monarch 4 and ~sqrt(d) blocks and BTT-MoE 8 experts top 2 at
+#     widths 768, 1024, 2048, 4096 (d -> 4d, the MLP's fc shape), N = 32768 rows, with each
+#     one's FLOP ratio to dense and roofline floor; dev/bench/structured_torch.py times the same
+#     layers as the papers' PyTorch code computes them (bmm, transpose, contiguous, bmm; all
+#     experts then the mask) on the same GPU; the two are joined into one table, followed by
+#     the issue's goals, PASS or MISS;
+#  2. whole model: tokens/s of train_gpt2cu for every scripts/configs/gpt2_124M*.conf next to
+#     the dense 124M (fresh random init, tinyshakespeare, mean of steps 2..STEPS).
+#   bash dev/bench/structured.sh
+#   DIMS=768,1024 SHAPES=fc,sq REPS=20 STEPS=20 B=16 MOE=mask_z bash dev/bench/structured.sh
+# SHAPES: fc = d -> 4d (default), sq = d -> d. MOE: the PyTorch BTT-MoE variant, mask_z (the
+# paper's code: gates mask each expert's intermediate) or separate (each expert's output kept,
+# then weighted). Logs go to $OUT (default /tmp/structured_bench). Without a GPU the script
+# prints one line and exits 1; without a CUDA-enabled PyTorch it skips the PyTorch column.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+
+DIMS=${DIMS:-768,1024,2048,4096}
+SHAPES=${SHAPES:-fc}
+N=${N:-32768}
+WARMUP=${WARMUP:-3}
+REPS=${REPS:-20}
+MOE=${MOE:-mask_z}
+STEPS=${STEPS:-20}
+B=${B:-16}
+T=${T:-1024}
+OUT=${OUT:-${TMPDIR:-/tmp}/structured_bench}
+mkdir -p "$OUT" || { echo "structured.sh: cannot create the log directory $OUT"; exit 1; }
+
+# ---- a GPU, or one line and exit 1
+if command -v nvidia-smi >/dev/null 2>&1 && ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    echo "structured.sh: no NVIDIA GPU visible (nvidia-smi lists none); this benchmark needs one"
+    exit 1
+fi
+NVCC=$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
+if [ ! -x "$NVCC" ]; then
+    echo "structured.sh: nvcc not found (CUDA toolkit); cannot build dev/cuda/structured_layers"
+    exit 1
+fi
+if ! make -B -C dev/cuda structured_layers > "$OUT/build_layers.log" 2>&1; then
+    echo "structured.sh: building dev/cuda/structured_layers failed; see $OUT/build_layers.log"
+    exit 1
+fi
+if ! probe=$(./dev/cuda/structured_layers --probe 2>&1); then
+    echo "structured.sh: no usable CUDA GPU: $(echo "$probe" | grep -m1 . | sed 's/^error: //')"
+    exit 1
+fi
+
+echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "device:  $(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | head -1)"
+else
+    echo "device:  $probe (nvidia-smi not found)"
+fi
+echo "nvcc:    $("$NVCC" --version 2>/dev/null | tail -1)"
+torch_why=$(python3 - 2>&1 <<'EOF'
+import sys
+try:
+    import torch
+except Exception as e:
+    print(f"PyTorch is not importable ({type(e).__name__}: {e})")
+    sys.exit(1)
+if not torch.cuda.is_available():
+    print(f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) reports torch.cuda.is_available() = False")
+    sys.exit(1)
+print(f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+EOF
+)
+torch_ok=$?
+echo "torch:   $(echo "$torch_why" | tail -1)"
+echo
+
+# ---- 1. the layers
+echo "== layers: ./dev/cuda/structured_layers -d $DIMS -s $SHAPES -n $N -w $WARMUP -r $REPS"
+./dev/cuda/structured_layers -d "$DIMS" -s "$SHAPES" -n "$N" -w "$WARMUP" -r "$REPS" 2>&1 | tee "$OUT/layers_cuda.log" | grep -vE '^(RESULT|DEVICE) '
+rc=${PIPESTATUS[0]}
+if ! grep -q '^RESULT ' "$OUT/layers_cuda.log"; then
+    echo "structured_layers failed (rc $rc) before any result; full log in $OUT/layers_cuda.log"
+    exit 1
+fi
+[ "$rc" -ne 0 ] && echo "note: structured_layers exited with $rc (a forward check failed or it stopped early): see above"
+echo
+
+: > "$OUT/layers_torch.log"
+if [ $torch_ok -eq 0 ]; then
+    echo "== PyTorch: python3 dev/bench/structured_torch.py --dims $DIMS --shapes $SHAPES -n $N --warmup $WARMUP --reps $REPS --moe $MOE"
+    python3 dev/bench/structured_torch.py --dims "$DIMS" --shapes "$SHAPES" -n "$N" --warmup "$WARMUP" --reps "$REPS" --moe "$MOE" 2>&1 |
+        tee "$OUT/layers_torch.log" | grep -v '^RESULT '
+    trc=${PIPESTATUS[0]}
+    [ "$trc" -ne 0 ] && echo "note: structured_torch.py exited with $trc; its missing rows show as '-'"
+    echo
+else
+    echo "== PyTorch column skipped: $(echo "$torch_why" | tail -1)"
+    echo
+fi
+
+# ---- the joined table and the goals
+awk -v torch_ran="$torch_ok" -v moe_variant="$MOE" -v tfile="$OUT/layers_torch.log" '
+function kv(line, a,   n, i, f, p) {
+    delete a
+    n = split(line, f, " ")
+    for (i = 2; i <= n; i++) { p = index(f[i], "="); if (p) a[substr(f[i], 1, p - 1)] = substr(f[i], p + 1) }
+}
+function isnum(v) { return v ~ /^[0-9.eE+-]+$/ && v + 0 > 0 }
+FILENAME == tfile {
+    if ($1 == "RESULT") { kv($0, r); k = r["din"] "/" r["dout"] "/" r["struct"]; tms[k] = ("note" in r) ? r["note"] : r["ms"] }
+    next
+}
+$1 == "DEVICE" { kv($0, r); peak = r["peak_tflops"] + 0; next }
+$1 != "RESULT" { next }
+{
+    kv($0, r)
+    n++
+    D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
+    FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
+    key = DIN[n] "/" DOUT[n] "/" S[n]
+    TM[n] = (key in tms) ? tms[key] : "-"
+    shape = DIN[n] "/" DOUT[n]
+    if (S[n] == "btt_r2") R2[shape] = MS[n]
+}
+END {
+    printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
+           ((torch_ran == 0) ? "same GPU, same script" : "skipped"), moe_variant
+    printf "%5s %-11s %-13s %10s %8s %9s %8s %8s %11s %9s %5s\n", "d", "shape", "structure", "ms", "FLOP/d", "floor ms", "%floor",
+           "vs dense", "PyTorch ms", "speedup", "check"
+    for (i = 1; i <= n; i++) {
+        sp = isnum(TM[i]) ? sprintf("%.2fx", TM[i] / MS[i]) : "-"
+        tmv = isnum(TM[i]) ? sprintf("%.3f", TM[i]) : (TM[i] == "-" ? "-" : TM[i])
+        printf "%5d %-11s %-13s %10.3f %8.3f %9.3f %7.1f%% %8.3f %11s %9s %5s\n", D[i], DIN[i] "->" DOUT[i], S[i], MS[i], FR[i], FL[i],
+               PCT[i], VS[i], tmv, sp, CHK[i]
+    }
+    # the goals of issue 5
+    g1 = g2 = g3 = g4 = ""; n1 = n2 = n3 = n4 = m1 = m2 = m3 = m4 = 0; no_torch = 0
+    for (i = 1; i <= n; i++) {
+        if (S[i] == "dense") continue
+        tag = S[i] " d=" D[i] (DOUT[i] == DIN[i] ? " (sq)" : "")
+        n1++; if (!(MS[i] <= 1.5 * FL[i])) { m1++; g1 = g1 sprintf("%s %s %.1fx", (g1 == "" ? "" : ","), tag, MS[i] / FL[i]) }
+        if (isnum(TM[i])) { n2++; if (!(TM[i] / MS[i] >= 2.0)) { m2++; g2 = g2 sprintf("%s %s %.2fx", (g2 == "" ? "" : ","), tag, TM[i] / MS[i]) } }
+        else no_torch++
+        if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
+            n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
+        }
+        if (S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) {
+            q = MS[i] / R2[DIN[i] "/" DOUT[i]]
+            n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
+        }
+    }
+    print ""
+    print "goals (issue 5):"
+    printf "  %-4s every structured layer within 1.5x of its roofline floor: %d of %d%s%s\n", ((n1 && !m1) ? "PASS" : "MISS"),
+           n1 - m1, n1, (m1 ? "; misses (time/floor):" g1 : ""), ((peak > 0) ? "" : " [peak FLOP/s unknown for this GPU: floors from bytes only]")
+    if (n2 == 0) printf "  %-4s >= 2x faster than the PyTorch version: no PyTorch timings\n", "n/a"
+    else printf "  %-4s >= 2x faster than the PyTorch version: %d of %d%s%s\n", ((!m2 && !no_torch) ? "PASS" : "MISS"), n2 - m2, n2,
+                (m2 ? "; misses (speedup):" g2 : ""), (no_torch ? sprintf(" (%d without a PyTorch time)", no_torch) : "")
+    if (n3 == 0) printf "  %-4s at width >= 1024, BTT rank <= 4 and Monarch faster than dense: no such rows\n", "n/a"
+    else printf "  %-4s at width >= 1024, BTT rank <= 4 and Monarch faster than dense: %d of %d%s\n", (m3 ? "MISS" : "PASS"), n3 - m3, n3,
+                (m3 ? "; misses (time/dense):" g3 : "")
+    if (n4 == 0) printf "  %-4s BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: no such rows\n", "n/a"
+    else printf "  %-4s BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: %d of %d%s\n", (m4 ? "MISS" : "PASS"), n4 - m4, n4,
+                (m4 ? "; misses (time/btt_r2):" g4 : "")
+}' "$OUT/layers_torch.log" "$OUT/layers_cuda.log"
+echo
+
+# ---- 2. the whole model
+echo "== whole model: ./train_gpt2cu -e CONFIG -i TRAIN -j TRAIN -b $B -t $T -x $STEPS -v 0 -s 0 -l 1e-4 (fresh random init; tinyshakespeare)"
+if ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1 || [ ! -x ./train_gpt2cu ]; then
+    echo "building train_gpt2cu failed; see $OUT/build_train.log"
+    exit 1
+fi
+# shellcheck source=dev/bench/common.sh disable=SC1091
+source dev/bench/common.sh
+ensure_tinyshakespeare
+configs=(scripts/configs/gpt2_124M.conf)
+for c in scripts/configs/gpt2_124M*.conf; do
+    [ "$c" != scripts/configs/gpt2_124M.conf ] && configs+=("$c")
+done
+printf '%-28s %10s %12s %9s %s\n' config ms/step tokens/s vs_dense note
+dense_tok=""
+for conf in "${configs[@]}"; do
+    name=$(basename "$conf" .conf)
+    log=$OUT/model_${name}.log
+    ./train_gpt2cu -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 > "$log" 2>&1
+    rc=$?
+    line=$(grep 'total average iteration time' "$log" | tail -1)
+    if [ $rc -ne 0 ] || [ -z "$line" ]; then
+        why=$(grep -m1 '^error' "$log" || tail -1 "$log")
+        printf '%-28s %10s %12s %9s %s\n' "$name" - - - "failed: ${why:0:90}"
+        continue
+    fi
+    ms=$(echo "$line" | sed -E 's/.*time: ([0-9.]+) ms.*/\1/')
+    tok=$(echo "$line" | sed -E 's/.*\| ([0-9]+) tok\/s.*/\1/')
+    mfu=$(echo "$line" | grep -oE 'MFU [0-9.]+%' | cut -d' ' -f2)
+    [ "$name" = gpt2_124M ] && dense_tok=$tok
+    vs=-
+    [ -n "$dense_tok" ] && vs=$(awk -v a="$tok" -v b="$dense_tok" 'BEGIN { printf "%.2fx", a / b }')
+    mem=$(grep -m1 'GPU memory allocated' "$log" | tr -s ' ' | cut -d'|' -f3 | sed 's/^ *//; s/ *$//')
+    printf '%-28s %10s %12s %9s %s\n' "$name" "$ms" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}"
+done
+echo
+echo "vs_dense = tokens/s relative to the dense gpt2_124M; logs in $OUT"

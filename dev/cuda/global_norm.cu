@@ -1,0 +1,105 @@
+// dev/cuda/global_norm.cu: the L2 norm of all bf16 gradients (for clipping), as one float on
+// the host; checked against a double CPU sum and timed (each call includes the device-to-host
+// copy of the result, as the trainer's gpt2_grad_norm does).
+//
+//   v1  naive: fp32 grid-stride partial sums, one atomicAdd per warp into one float (written
+//       here): fast to write, but the order of the atomics, and so the last bits, vary by run
+//   v2  the trainer's global_norm (cuda/global_norm.cuh: a fixed 512 x 512 grid of partial
+//       sums, then one block sums the 512 partials in a fixed tree: bit-identical every run and
+//       on every GPU). Also required here: two runs give the same bits.
+//
+// Sizes: n = 124,475,904 (GPT-2 124M with the padded vocabulary) and n = 1001 (fewer elements
+// than threads, odd).
+//
+// Build: make -C dev/cuda global_norm    Run: ./dev/cuda/global_norm [version]
+#include "harness.cuh"
+#include "cuda/global_norm.cuh"
+
+#define NV 2
+
+// ----------------------------------------------------------------------------------------------
+// v1
+
+#define NAIVE_BLOCKS 1024
+#define NAIVE_THREADS 256
+
+__global__ void global_norm_naive_kernel(float *out, const floatX *g, size_t n) {
+    float s = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = (float)g[i];
+        s += v * v;
+    }
+    s = warp_sum(s);
+    if (threadIdx.x % 32 == 0) atomicAdd(out, s);
+}
+
+static float global_norm_naive(const floatX *g, size_t n, float *d_out) {
+    cudaCheck(cudaMemset(d_out, 0, sizeof(float)));
+    global_norm_naive_kernel<<<NAIVE_BLOCKS, NAIVE_THREADS>>>(d_out, g, n);
+    cudaCheckLaunch();
+    float sq = 0.0f;
+    cudaCheck(cudaMemcpy(&sq, d_out, sizeof(float), cudaMemcpyDeviceToHost));
+    return (float)sqrt((double)sq);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tolerances, on the norm (half the relative error of the sum of squares; every term >= 0, so
+// the worst case is (length of the longest chain of fp32 additions) 2^-24 of the sum):
+//  v2: rtol 5e-5 — ceil(n / 262144) = 475 serial adds per thread, a 9-level block tree, a
+//      10-level final tree: 495 2^-24 = 3e-5 on the sum, 1.5e-5 on the norm
+//  v1: rtol 3e-4 — the same 475, a 5-level warp tree, then 8192 atomic adds in a row into one
+//      float: 8672 2^-24 = 5.2e-4 on the sum, 2.6e-4 on the norm
+static const float TOL_RTOL[NV + 1] = {0.0f, 3e-4f, 5e-5f};
+
+int main(int argc, char **argv) {
+    gpu_init(0);
+    int v = dev_version_arg(argc, argv, NV);
+    const size_t sizes[2] = {124475904, 1001};
+    printf("global_norm: n = %zu and %zu, on %s\n", sizes[0], sizes[1], g_gpu.prop.name);
+
+    float *d_scratch, *d_out;
+    cudaCheck(cudaMalloc(&d_scratch, (NORM_BLOCKS + 1) * sizeof(float)));
+    cudaCheck(cudaMalloc(&d_out, sizeof(float)));
+    for (int si = 0; si < 2; si++) {
+        const size_t n = sizes[si];
+        float *g = dev_random(n, -0.01f, 0.01f);
+        dev_round_bf16(g, n);
+        double sq = 0.0;
+        for (size_t i = 0; i < n; i++) sq += (double)g[i] * g[i];
+        float ref = (float)sqrt(sq);
+        floatX *d_g = dev_upload_bf16(g, n);
+        free(g);
+
+        for (int ver = 1; ver <= NV; ver++) {
+            if (v && ver != v) continue;
+            char what[96];
+            float r1 = 0.0f;
+            auto run = [&]() { r1 = ver == 1 ? global_norm_naive(d_g, n, d_out) : global_norm(d_g, n, d_scratch); };
+            cudaCheck(cudaMemset(d_scratch, 0xFF, (NORM_BLOCKS + 1) * sizeof(float)));  // NaN: must be overwritten
+            run();
+            float first = r1;
+            snprintf(what, sizeof(what), "v%d n=%zu norm", ver, n);
+            float err = dev_check(what, &first, &ref, 1, 0.0f, TOL_RTOL[ver]);
+            run();
+            int same = memcmp(&first, &r1, sizeof(float)) == 0;
+            if (ver == 2) {
+                snprintf(what, sizeof(what), "v%d n=%zu two runs bit-identical", ver, n);
+                if (same) {
+                    g_dev_pass++;
+                } else {
+                    g_dev_fail++;
+                    printf("FAIL %s: %.9g then %.9g\n", what, first, r1);
+                }
+            } else {
+                printf("   v1 n=%zu: two runs %s (not required: atomics)\n", n, same ? "bit-identical this time" : "differ");
+            }
+            float ms = dev_time_ms(run);
+            snprintf(what, sizeof(what), "global_norm n=%zu", n);
+            dev_report(what, ver, ms, 2.0 * n, 2.0 * n, err);
+        }
+        cudaCheck(cudaFree(d_g));
+    }
+    cudaCheck(cudaFree(d_scratch));
+    cudaCheck(cudaFree(d_out));
+    return dev_summary();
+}

@@ -1,0 +1,165 @@
+// dev/cuda/harness.cuh: what every kernel-development program in dev/cuda/ shares: seeded random
+// inputs, bf16 conversion, a checker against a CPU reference with stated tolerances, CUDA-event
+// timing, and the device's roofline (peak bf16 TFLOP/s and memory bandwidth) for the printout.
+//
+// A program here is  ./NAME [version]  : it checks every version (or the one given) against its
+// CPU reference and times it, printing one line per version:
+//   version  ms  GB/s or TFLOP/s  % of roofline  max error
+// and ends with "N passed, N failed" like the test programs.
+#pragma once
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "cuda/common.cuh"
+
+// ----------------------------------------------------------------------------------------------
+// inputs: a fixed-seed xorshift so that every run checks the same numbers
+
+static uint64_t g_dev_rng = 0x9E3779B97F4A7C15ull;
+static inline float dev_uniform(void) {  // [0, 1)
+    g_dev_rng ^= g_dev_rng << 13; g_dev_rng ^= g_dev_rng >> 7; g_dev_rng ^= g_dev_rng << 17;
+    return (float)((g_dev_rng >> 40) * (1.0 / 16777216.0));
+}
+static inline float *dev_random(size_t n, float lo, float hi) {
+    float *p = (float *)malloc(n * sizeof(float));
+    if (!p) { fprintf(stderr, "error: host malloc of %zu floats failed\n", n); exit(EXIT_FAILURE); }
+    for (size_t i = 0; i < n; i++) p[i] = lo + (hi - lo) * dev_uniform();
+    return p;
+}
+static inline int *dev_random_ints(size_t n, int hi) {
+    int *p = (int *)malloc(n * sizeof(int));
+    if (!p) { fprintf(stderr, "error: host malloc of %zu ints failed\n", n); exit(EXIT_FAILURE); }
+    for (size_t i = 0; i < n; i++) p[i] = (int)(dev_uniform() * hi) % hi;
+    return p;
+}
+
+// host fp32 <-> bf16 (round to nearest even), so the CPU reference sees exactly the GPU's inputs
+static inline uint16_t dev_f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float dev_bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+// rounds a host array to bf16 in place (the CPU reference then computes on what the GPU reads)
+static inline void dev_round_bf16(float *p, size_t n) { for (size_t i = 0; i < n; i++) p[i] = dev_bf2f(dev_f2bf(p[i])); }
+
+// device copies
+static inline floatX *dev_upload_bf16(const float *h, size_t n) {
+    uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) t[i] = dev_f2bf(h[i]);
+    floatX *d;
+    cudaCheck(cudaMalloc(&d, n * sizeof(floatX)));
+    cudaCheck(cudaMemcpy(d, t, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    free(t);
+    return d;
+}
+template <class T>
+static inline T *dev_upload(const T *h, size_t n) {
+    T *d;
+    cudaCheck(cudaMalloc(&d, n * sizeof(T)));
+    cudaCheck(cudaMemcpy(d, h, n * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+// device bf16 or fp32 -> new host fp32 array
+static inline float *dev_download_bf16(const floatX *d, size_t n) {
+    uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
+    float *h = (float *)malloc(n * sizeof(float));
+    cudaCheck(cudaMemcpy(t, d, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) h[i] = dev_bf2f(t[i]);
+    free(t);
+    return h;
+}
+static inline float *dev_download_f32(const float *d, size_t n) {
+    float *h = (float *)malloc(n * sizeof(float));
+    cudaCheck(cudaMemcpy(h, d, n * sizeof(float), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// ----------------------------------------------------------------------------------------------
+// checking: |gpu - ref| <= atol + rtol * |ref| everywhere; prints the worst element on failure
+
+static int g_dev_pass = 0, g_dev_fail = 0;
+
+static inline float dev_check(const char *what, const float *gpu, const float *ref, size_t n, float atol, float rtol) {
+    float worst = 0.0f;
+    size_t bad = 0, first_bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        float err = fabsf(gpu[i] - ref[i]);
+        if (!(err <= atol + rtol * fabsf(ref[i]))) {  // NaN fails
+            if (bad == 0) first_bad = i;
+            bad++;
+        }
+        if (err > worst || err != err) worst = err;
+    }
+    if (bad) {
+        g_dev_fail++;
+        printf("FAIL %s: %zu of %zu elements outside atol %.2g + rtol %.2g; first at %zu: gpu %.6g ref %.6g\n", what, bad, n, atol,
+               rtol, first_bad, gpu[first_bad], ref[first_bad]);
+    } else {
+        g_dev_pass++;
+    }
+    return worst;
+}
+
+static inline int dev_summary(void) {
+    printf("%d passed, %d failed\n", g_dev_pass, g_dev_fail);
+    return g_dev_fail ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+// ----------------------------------------------------------------------------------------------
+// timing and roofline
+
+// Mean milliseconds of `reps` launches of f() after `warmup` untimed ones.
+template <class F>
+static inline float dev_time_ms(F f, int warmup = 3, int reps = 20) {
+    for (int i = 0; i < warmup; i++) f();
+    cudaEvent_t a, b;
+    cudaCheck(cudaEventCreate(&a));
+    cudaCheck(cudaEventCreate(&b));
+    cudaCheck(cudaEventRecord(a));
+    for (int i = 0; i < reps; i++) f();
+    cudaCheck(cudaEventRecord(b));
+    cudaCheck(cudaEventSynchronize(b));
+    float ms = 0.0f;
+    cudaCheck(cudaEventElapsedTime(&ms, a, b));
+    cudaCheck(cudaEventDestroy(a));
+    cudaCheck(cudaEventDestroy(b));
+    cudaCheckLaunch();
+    return ms / reps;
+}
+
+// Peak DRAM bandwidth in GB/s from the device properties (2 transfers per clock, DDR).
+static inline double dev_peak_gbps(void) {
+    int clock_khz = 0, bus_bits = 0;
+    cudaCheck(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
+    cudaCheck(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
+    return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
+}
+
+// One result line. bytes and flops are the minimum the kernel must move / compute; the roofline
+// floor is max(bytes / bandwidth, flops / peak), and "% roofline" is floor / measured time.
+static inline void dev_report(const char *name, int version, float ms, double bytes, double flops, float max_err) {
+    double bw = dev_peak_gbps(), peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
+    double floor_s = bytes / (bw * 1e9);
+    if (peak > 0 && flops / peak > floor_s) floor_s = flops / peak;
+    printf("%-28s v%-2d %9.4f ms %9.1f GB/s %9.2f TFLOP/s %6.1f%% roofline  max err %.3g\n", name, version, ms, bytes / (ms * 1e-3) / 1e9,
+           flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3), max_err);
+}
+
+// Parses the optional version argument: 0 means all versions.
+static inline int dev_version_arg(int argc, char **argv, int n_versions) {
+    if (argc < 2) return 0;
+    int v = atoi(argv[1]);
+    if (v < 1 || v > n_versions) {
+        fprintf(stderr, "error: version '%s' is not one of 1..%d\n", argv[1], n_versions);
+        exit(EXIT_FAILURE);
+    }
+    return v;
+}
