@@ -44,7 +44,7 @@ else
 endif
 
 COMMON_H = $(wildcard common/*.h structured/*.h)
-C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan
+C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles
 
 .PHONY: all test clean bench bench-layers
 all: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS)
@@ -106,12 +106,34 @@ ifneq ($(NVCC),)
   NVCC_LDLIBS = -lcublas -lcublasLt
   CUDA_H = $(wildcard cuda/*.cuh structured/*.cuh) $(COMMON_H)
   $(info nvcc: $(NVCC), sm_$(GPU_COMPUTE_CAPABILITY))
+  # multi-GPU: NCCL for the collectives (-DUSE_NCCL), MPI (mpicc's flags) to start the ranks under
+  # mpirun; without MPI, NCCL ranks start with -pi fs|tcp; without NCCL, one process per run
+  CUDA_ROOT := $(patsubst %/bin/nvcc,%,$(NVCC))
+  NCCL_H := $(firstword $(wildcard $(CUDA_ROOT)/include/nccl.h /usr/local/cuda/include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h))
+  NCCL_LIBDIR := $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_ROOT)/lib/libnccl.so $(CUDA_ROOT)/lib64/libnccl.so \
+                   /usr/local/cuda/lib/libnccl.so /usr/local/cuda/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so /usr/lib64/libnccl.so))))
+  TRAIN_CU_FLAGS =
+  TRAIN_CU_LIBS =
+  ifneq ($(and $(NCCL_H),$(NCCL_LIBDIR)),)
+    TRAIN_CU_FLAGS += -DUSE_NCCL -I$(dir $(NCCL_H))
+    TRAIN_CU_LIBS += -L$(NCCL_LIBDIR) -lnccl -Xlinker -rpath=$(NCCL_LIBDIR)
+    $(info NCCL: $(NCCL_LIBDIR) (train_gpt2cu runs one process per GPU))
+    ifneq ($(MPICC),)
+      TRAIN_CU_FLAGS += -DUSE_MPI $(shell $(MPICC) --showme:compile 2>/dev/null)
+      TRAIN_CU_LIBS += $(shell $(MPICC) --showme:link 2>/dev/null)
+      $(info MPI for train_gpt2cu: mpirun -np N ./train_gpt2cu, or -pi fs|tcp without mpirun)
+    else
+      $(info MPI for train_gpt2cu: none; start ranks with -pn/-pr -pi fs|tcp -pf)
+    endif
+  else
+    $(info NCCL: not found, train_gpt2cu runs a single process (NCCL ships with the CUDA toolkit or apt-get install libnccl-dev))
+  endif
 all: train_gpt2cu test_gpt2cu dev-cuda
 .PHONY: dev-cuda
 dev-cuda:
 	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY)
 train_gpt2cu: train_gpt2.cu $(CUDA_H)
-	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
+	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $< $(NVCC_LDLIBS) $(TRAIN_CU_LIBS) -o $@
 test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h
 	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
 else

@@ -106,15 +106,17 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
-static void run_fixture(const char *path, int recompute, int gelu_fusion, int full) {
+// flash: our flash attention where the head size allows (dense_small's 8 does not: it always
+// checks the cuBLAS path), else cuBLAS + softmax.
+static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full) {
     Fixture f;
     GPT2 m;
     fixture_read(&f, &m, path);
     g_gpu.gelu_fusion = gelu_fusion;
     char tag[128], name[512];
-    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d]", base_name(path), recompute, gelu_fusion);
+    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d]", base_name(path), recompute, gelu_fusion, flash);
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
-    gpt2_alloc(&m, f.B, f.T, recompute);
+    gpt2_alloc(&m, f.B, f.T, recompute, flash);
     gpt2_set_params(&m, f.params);
     int BT = f.B * f.T;
 
@@ -192,7 +194,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fu
     gpt2_write_checkpoint(&m, model_path, state_path, &st);
     gpt2_free(&m);
     gpt2_build(&m, model_path);
-    gpt2_alloc(&m, f.B, f.T, recompute);
+    gpt2_alloc(&m, f.B, f.T, recompute, flash);
     TrainState st2;
     gpt2_read_state(&m, state_path, &st2);
     train_fixture_steps(&m, &f, (int)st2.step, f.n_steps, losses2, norms2);
@@ -222,7 +224,7 @@ static void run_llmc_124M(const char *model_path, const char *state_path) {
     int *x = d.x, *y = d.y;
     float *logits = d.logits, loss = d.loss, *grads = d.grads;
     g_gpu.gelu_fusion = g_gpu.prop.major >= 9 ? 2 : 0;
-    gpt2_alloc(&m, B, T, 1);
+    gpt2_alloc(&m, B, T, 1, 1);
     const float *expected_losses = llmc_124M_expected_losses;
     for (int i = 0; i < m.layout.params.n; i++) m.layout.params.t[i].decay = 1;
     float losses[10];
@@ -394,12 +396,14 @@ static void check_structures_vs_cpu(void) {
     }
 }
 
-// Each fixture three ways: the trainer's defaults with every check, then without recompute or
-// fusion, then with LayerNorm recompute and forward-only fusion.
+// Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
+// attention path, then without recompute or fusion, then with LayerNorm recompute and
+// forward-only fusion.
 static void run_fixture_modes(const char *path) {
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1);
-    run_fixture(path, 0, 0, 0);
-    run_fixture(path, 2, 1, 0);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 0, 1);
+    run_fixture(path, 0, 0, 1, 0);
+    run_fixture(path, 2, 1, 0, 0);
 }
 
 int main(int argc, char **argv) {

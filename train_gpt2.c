@@ -949,7 +949,12 @@ void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint64_t *rn
 // ----------------------------------------------------------------------------------------------
 // Training: the shared driver (common/train_main.h) with the CPU's hooks
 
-static void trainer_setup(int *argc, char **argv) { (void)argc; (void)argv; }
+static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
+    (void)argc;
+    if (multiproc_launch_without_mpi(*argc, argv))
+        fatal("-pi fs|tcp starts the GPU trainer's NCCL ranks without MPI; the CPU trainer runs under mpirun (train_gpt2_mpi)");
+    (void)mp;
+}
 static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
     m->mp = mp;
     zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);

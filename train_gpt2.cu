@@ -29,6 +29,8 @@
 #include "cuda/layernorm.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/reduce.cuh"
+#include "cuda/flash_attention.cuh"
+#include "cuda/multigpu.cuh"
 #include "structured/structured.cuh"
 
 // ----------------------------------------------------------------------------------------------
@@ -40,7 +42,7 @@ typedef struct {
     floatX *ln1;                       // (L, B, T, C); (B, T, C) shared with -r 2
     float *ln1_mean, *ln1_rstd;        // (L, B, T)
     floatX *qkv;                       // (L, B, T, 3C) rows q | k | v
-    floatX *att;                       // (L, B, NH, T, T) softmax probabilities
+    floatX *att;                       // (L, B, NH, T, T) softmax probabilities (cuBLAS attention only)
     floatX *atty;                      // (L, B, T, C) attention output
     floatX *res2;                      // (L, B, T, C) residual after attention
     floatX *ln2;                       // like ln1
@@ -88,6 +90,15 @@ typedef struct {
     floatX *split_a, *split_b;         // (B, T, C): a separate q, k or v and its input gradient
     float aux_loss;                    // BTT-MoE load-balancing loss of the last forward, mean over routed layers
     int n_routed;
+    // attention: flash (our kernel, cuda/flash_attention.cuh) or cuBLAS + softmax (cuda/attention.cuh)
+    int flash;
+    float *lse;                        // flash: (L, B, NH, T) logsumexp per query row
+    float *flash_scratch;              // flash backward: (B, NH, T)
+    // data parallel: ranks, ZeRO-1 slice (params, grads and master hold zero.padded elements;
+    // m and v zero.shard), and whether BTT-MoE layers sum their routing statistics over ranks
+    const MultiProc *mp;
+    ZeroShard zero;
+    int sync_aux;
 } GPT2;
 
 static floatX *P_(const GPT2 *m, floatX *base, int idx) { return base + m->layout.params.t[idx].offset; }
@@ -125,7 +136,12 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
             moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
             double stats[MOE_AUX_STATS(1024)];
             moe_aux_stats_gpu(&ls->moe, &sc, &ms, stats);
-            m->aux_loss += moe_aux_from_stats_gpu(&ls->moe, stats, N, &ms);
+            long n_total = N;
+            if (m->sync_aux && m->mp && m->mp->nproc > 1) {  // the global batch's routing statistics
+                multiproc_sum_doubles(m->mp, stats, MOE_AUX_STATS(ms.experts));
+                n_total *= m->mp->nproc;
+            }
+            m->aux_loss += moe_aux_from_stats_gpu(&ls->moe, stats, n_total, &ms);
             break;
         }
     }
@@ -213,7 +229,12 @@ static void gpt2_build(GPT2 *m, const char *spec) {
 
 // Device memory for batches up to B x T: weights (from master_host), gradients, AdamW moments,
 // activations and scratch. Every buffer is named, so running out of memory says which.
-static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
+// Elements of the buffers the ZeRO-1 collectives touch (params, grads, master), and of m and v.
+static size_t gpt2_padded_len(const GPT2 *m) { return m->zero.padded > m->num_params ? m->zero.padded : m->num_params; }
+static size_t gpt2_moments_len(const GPT2 *m) { return m->zero.stage ? m->zero.shard : m->num_params; }
+
+// flash: our flash-attention kernel where it supports the head size, else the cuBLAS path.
+static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     const GPT2Config *c = &m->config;
     if (T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", T, c->max_seq_len, c->max_seq_len);
     g_oom_hint_B = B;
@@ -222,15 +243,24 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
     m->max_T = T;
     size_t n = m->num_params, BT = (size_t)B * T, C = (size_t)c->channels, L = (size_t)c->num_layers, NH = (size_t)c->num_heads;
     size_t Vp = (size_t)c->padded_vocab_size, att = (size_t)B * NH * T * T;
-    m->params = cudaMallocNamed(floatX, n, "parameters (bf16)");
-    m->grads = cudaMallocNamed(floatX, n, "gradients (bf16)");
-    m->master = cudaMallocNamed(float, n, "master weights (fp32)");
-    m->m = cudaMallocNamed(float, n, "AdamW first moments (fp32)");
-    m->v = cudaMallocNamed(float, n, "AdamW second moments (fp32)");
-    cudaCheck(cudaMemset(m->grads, 0, n * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->m, 0, n * sizeof(float)));
-    cudaCheck(cudaMemset(m->v, 0, n * sizeof(float)));
-    cudaCheck(cudaMemcpy(m->master, m->master_host, n * sizeof(float), cudaMemcpyHostToDevice));
+    m->flash = flash && flash_attention_supported(c->channels / c->num_heads, T);
+    size_t np = gpt2_padded_len(m), nm = gpt2_moments_len(m);
+    if (np > n) {  // ZeRO-1: the last slice ends in padding, on the host too
+        float *h = (float *)callocCheck(np, sizeof(float));
+        memcpy(h, m->master_host, n * sizeof(float));
+        free(m->master_host);
+        m->master_host = h;
+    }
+    m->params = cudaMallocNamed(floatX, np, "parameters (bf16)");
+    m->grads = cudaMallocNamed(floatX, np, "gradients (bf16)");
+    m->master = cudaMallocNamed(float, np, "master weights (fp32)");
+    m->m = cudaMallocNamed(float, nm, "AdamW first moments (fp32; this rank's slice with -z 1)");
+    m->v = cudaMallocNamed(float, nm, "AdamW second moments (fp32; this rank's slice with -z 1)");
+    cudaCheck(cudaMemset(m->params, 0, np * sizeof(floatX)));
+    cudaCheck(cudaMemset(m->grads, 0, np * sizeof(floatX)));
+    cudaCheck(cudaMemset(m->m, 0, nm * sizeof(float)));
+    cudaCheck(cudaMemset(m->v, 0, nm * sizeof(float)));
+    cudaCheck(cudaMemcpy(m->master, m->master_host, np * sizeof(float), cudaMemcpyHostToDevice));
     master_to_bf16(&m->layout.params, m->params, m->master, 0);
 
     Acts *a = &m->acts;
@@ -240,7 +270,12 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
     a->ln1_mean = cudaMallocNamed(float, L * BT, "activations: ln1 mean");
     a->ln1_rstd = cudaMallocNamed(float, L * BT, "activations: ln1 rstd");
     a->qkv = cudaMallocNamed(floatX, L * BT * 3 * C, "activations: qkv (L x B x T x 3C)");
-    a->att = cudaMallocNamed(floatX, L * att, "activations: attention probabilities (L x B x NH x T x T)");
+    if (m->flash) {
+        m->lse = cudaMallocNamed(float, L * B * NH * T, "activations: attention logsumexp (L x B x NH x T fp32)");
+        m->flash_scratch = cudaMallocNamed(float, (size_t)B * NH * T, "scratch: flash-attention backward (B x NH x T)");
+    } else {
+        a->att = cudaMallocNamed(floatX, L * att, "activations: attention probabilities (L x B x NH x T x T; -fa 1 avoids it)");
+    }
     a->atty = cudaMallocNamed(floatX, L * BT * C, "activations: attention output (L x B x T x C)");
     a->res2 = cudaMallocNamed(floatX, L * BT * C, "activations: residual 2 (L x B x T x C)");
     a->ln2 = cudaMallocNamed(floatX, ln_layers * BT * C, "activations: ln2 (L x B x T x C; one layer with -r 2)");
@@ -261,10 +296,12 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute) {
     m->dbig = cudaMallocNamed(floatX, BT * 4 * C, "scratch: fc / qkv gradient (B x T x 4C)");
     m->datty = cudaMallocNamed(floatX, BT * C, "scratch: attention output gradient");
     AttnScratch *s = &m->attn;
-    floatX *qkvy = cudaMallocNamed(floatX, 7 * BT * C, "scratch: attention q, k, v, y, dq, dk, dv (7 x B x T x C)");
-    s->q = qkvy; s->k = qkvy + BT * C; s->v = qkvy + 2 * BT * C; s->y = qkvy + 3 * BT * C;
-    s->dq = qkvy + 4 * BT * C; s->dk = qkvy + 5 * BT * C; s->dv = qkvy + 6 * BT * C;
-    s->scores = cudaMallocNamed(float, att, "scratch: attention scores fp32 (B x NH x T x T)");
+    if (!m->flash) {
+        floatX *qkvy = cudaMallocNamed(floatX, 7 * BT * C, "scratch: attention q, k, v, y, dq, dk, dv (7 x B x T x C)");
+        s->q = qkvy; s->k = qkvy + BT * C; s->v = qkvy + 2 * BT * C; s->y = qkvy + 3 * BT * C;
+        s->dq = qkvy + 4 * BT * C; s->dk = qkvy + 5 * BT * C; s->dv = qkvy + 6 * BT * C;
+        s->scores = cudaMallocNamed(float, att, "scratch: attention scores fp32 (B x NH x T x T)");
+    }
     m->colsum_scratch = cudaMallocNamed(float, column_sums_scratch_floats(4 * (int)C), "scratch: column sums");
     m->norm_scratch = cudaMallocNamed(float, NORM_BLOCKS + 1, "scratch: gradient norm");
     m->d_inputs = cudaMallocNamed(int, BT, "inputs");
@@ -333,7 +370,7 @@ static void gpt2_free(GPT2 *m) {
                    m->acts.qkv, m->acts.att, m->acts.atty, m->acts.res2, m->acts.ln2, m->acts.ln2_mean, m->acts.ln2_rstd, m->acts.fch,
                    m->acts.fch_gelu, m->acts.res3, m->acts.lnf, m->acts.lnf_mean, m->acts.lnf_rstd, m->acts.logits, m->acts.losses,
                    m->proj, m->dres, m->dln, m->dbig, m->datty, m->attn.q, m->attn.scores, m->colsum_scratch, m->norm_scratch,
-                   m->d_inputs, m->d_targets, m->d_buckets};
+                   m->d_inputs, m->d_targets, m->d_buckets, m->lse, m->flash_scratch};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i]) cudaCheck(cudaFree(dev[i]));
     if (m->lin) {
@@ -416,9 +453,9 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
         floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l);
         floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
         floatX *fch = a->fch + (size_t)l * btc * 4, *res3 = a->res3 + (size_t)l * btc;
-        floatX *att = a->att + (size_t)l * B * NH * T * T;
         qkv_forward(m, l, qkv, ln1, BT);
-        attention_forward(atty, att, qkv, &m->attn, B, T, C, NH);
+        if (m->flash) flash_attention_forward(atty, m->lse + (size_t)l * B * NH * T, qkv, B, T, C, NH);
+        else attention_forward(atty, a->att + (size_t)l * B * NH * T * T, qkv, &m->attn, B, T, C, NH);
         linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->proj, atty, BT, NULL);
         fused_residual_layernorm_forward(res2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, res, m->proj,
                                          P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
@@ -491,7 +528,7 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
         const floatX *res_in = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * btc;
         floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l);
         floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
-        floatX *fch = a->fch + (size_t)l * btc * 4, *att = a->att + (size_t)l * B * NH * T * T;
+        floatX *fch = a->fch + (size_t)l * btc * 4;
         float *ln1_mean = a->ln1_mean + (size_t)l * BT, *ln1_rstd = a->ln1_rstd + (size_t)l * BT;
         float *ln2_mean = a->ln2_mean + (size_t)l * BT, *ln2_rstd = a->ln2_rstd + (size_t)l * BT;
         // MLP: dres is the gradient of res3, and flows unchanged into res2 plus the MLP branch
@@ -503,7 +540,10 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
                            m->colsum_scratch);
         // attention
         linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL, daux);
-        attention_backward(m->dbig, m->datty, qkv, att, &m->attn, B, T, C, NH);  // dbig: dqkv (B, T, 3C)
+        if (m->flash)  // dbig: dqkv (B, T, 3C)
+            flash_attention_backward(m->dbig, m->datty, qkv, atty, m->lse + (size_t)l * B * NH * T, m->flash_scratch, B, T, C, NH);
+        else
+            attention_backward(m->dbig, m->datty, qkv, a->att + (size_t)l * B * NH * T * T, &m->attn, B, T, C, NH);
         if (m->recompute >= 2) layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
         qkv_backward(m, l, m->dln, m->dbig, ln1, BT, daux);
         layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
@@ -514,11 +554,22 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
     m->dlogits_ready = 0;
 }
 
-static float gpt2_grad_norm(GPT2 *m) { return global_norm(m->grads, m->num_params, m->norm_scratch); }
+// With ZeRO-1 each rank holds the averaged gradients of its slice only: the squares are summed
+// over slices, then over ranks.
+static float gpt2_grad_norm(GPT2 *m) {
+    if (!m->zero.stage) return global_norm(m->grads, m->num_params, m->norm_scratch);
+    float local = global_norm(m->grads + m->zero.lo, m->zero.hi - m->zero.lo, m->norm_scratch);
+    double sq = (double)local * local;
+    multiproc_sum_doubles(m->mp, &sq, 1);
+    return (float)sqrt(sq);
+}
 
 // AdamW step t (1-based), as the CPU trainer's gpt2_update; grad_scale is the clipping factor.
+// With ZeRO-1 only this rank's slice is updated, then the slices are gathered.
 static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, long t) {
-    adamw_update(&m->layout.params, m->params, m->master, m->grads, m->m, m->v, lr, beta1, beta2, eps, weight_decay, grad_scale, t);
+    adamw_update_range(&m->layout.params, m->params, m->master, m->grads, m->m, m->v, lr, beta1, beta2, eps, weight_decay, grad_scale, t,
+                       &m->zero);
+    if (m->zero.stage) multigpu_allgather(m->params, m->zero.shard, 0, m->mp->rank);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -529,7 +580,9 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 // model has no bf16 format: its model file is version 10 from the fp32 master weights (which the
 // state then need not repeat), as the CPU trainer writes it.
 
+// All of the fp32 master weights to the host (with ZeRO-1, gathered from the ranks first).
 static void gpt2_download_master(GPT2 *m) {
+    if (m->zero.stage) multigpu_allgather(m->master, m->zero.shard, 1, m->mp->rank);
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
@@ -545,10 +598,17 @@ static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *s
         model_write_bf16(model_path, &m->config, hb, n);
         free(hb);
     }
-    float *hm = (float *)mallocCheck(n * sizeof(float)), *hv = (float *)mallocCheck(n * sizeof(float));
-    cudaCheck(cudaMemcpy(hm, m->m, n * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(hv, m->v, n * sizeof(float), cudaMemcpyDeviceToHost));
-    state_write(state_path, st, hm, hv, m->config_text ? NULL : m->master_host);
+    // the state holds this rank's moments (its slice with -z 1) and, for bf16 model files, the
+    // matching slice of the master weights
+    size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
+    float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
+    cudaCheck(cudaMemcpy(hm, m->m, nm * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(hv, m->v, nm * sizeof(float), cudaMemcpyDeviceToHost));
+    if (m->zero.stage && !m->config_text)  // the padded tail of the last slice
+        cudaCheck(cudaMemcpy(m->master_host + lo, m->master + lo, nm * sizeof(float), cudaMemcpyDeviceToHost));
+    TrainState mine = *st;
+    mine.num_params = (int64_t)nm;
+    state_write(state_path, &mine, hm, hv, m->config_text ? NULL : m->master_host + lo);
     free(hm);
     free(hv);
 }
@@ -557,12 +617,14 @@ static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *s
 // file, and the bf16 weights exactly as the uninterrupted run had them after update st->step. A
 // state without master weights (its model file was fp32) keeps the model file's weights.
 static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
-    size_t n = m->num_params;
-    float *hm = (float *)mallocCheck(n * sizeof(float)), *hv = (float *)mallocCheck(n * sizeof(float));
-    if (state_read(state_path, st, hm, hv, m->master_host, n))
-        cudaCheck(cudaMemcpy(m->master, m->master_host, n * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->m, hm, n * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->v, hv, n * sizeof(float), cudaMemcpyHostToDevice));
+    size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
+    float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
+    if (state_read(state_path, st, hm, hv, m->master_host + lo, nm)) {
+        cudaCheck(cudaMemcpy(m->master + lo, m->master_host + lo, nm * sizeof(float), cudaMemcpyHostToDevice));
+        if (m->zero.stage) multigpu_allgather(m->master, m->zero.shard, 1, m->mp->rank);
+    }
+    cudaCheck(cudaMemcpy(m->m, hm, nm * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->v, hv, nm * sizeof(float), cudaMemcpyHostToDevice));
     free(hm);
     free(hv);
     master_to_bf16(&m->layout.params, m->params, m->master, (long)st->step);
@@ -599,39 +661,67 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 #include "common/multiproc.h"
 
 static int g_recompute = 1;  // -r, llm.c's default
+static int g_flash = 1;      // -fa
 
-// GPU-only flags (-r, -ge) are taken out of argv before the shared parser sees the rest.
-static void trainer_setup(int *argc, char **argv) {
+// The GPU trainer's own flags, taken out of argv before the shared parser sees the rest: a table
+// (flag, what it sets, range, help), as common/args.h does for the shared ones.
+typedef struct {
+    const char *flag;
+    int *ival;            // integer flags
+    const char **sval;    // string flags
+    int lo, hi;
+    const char *help;
+} GpuFlag;
+
+static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     int gelu_fusion = -1;  // -1: by device (2 on sm_90+, else 0)
+    LaunchArgs la = {0, 0, 8, NULL, NULL};
+    const GpuFlag flags[] = {
+        {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
+        {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
+        {"-fa", &g_flash, NULL, 0, 1, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128), 0 cuBLAS + softmax (default: 1)"},
+        {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
+        {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
+        {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
+        {"-pi", NULL, &la.pi, 0, 0, "init method: mpi (default under mpirun), fs (shared directory -pf) or tcp (-pf HOST:PORT of rank 0)"},
+        {"-pf", NULL, &la.pf, 0, 0, "fs: a directory every process can read and write; tcp: HOST:PORT where rank 0 listens"},
+    };
+    const int nflags = (int)(sizeof(flags) / sizeof(flags[0]));
     int n = 1;
     for (int i = 1; i < *argc; i++) {
-        int is_r = strcmp(argv[i], "-r") == 0, is_ge = strcmp(argv[i], "-ge") == 0;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             train_args_usage(argv[0], stdout);
             printf("GPU trainer only:\n");
-            printf("  -r   <int>  recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)\n");
-            printf("  -ge  <int>  GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)\n");
+            for (int f = 0; f < nflags; f++) printf("  %-4s %-6s %s\n", flags[f].flag, flags[f].ival ? "<int>" : "<str>", flags[f].help);
+            printf("  multi-GPU: mpirun -np N ./train_gpt2cu ...; -z 1 shards the optimizer state (ZeRO-1)\n");
             exit(EXIT_SUCCESS);
         }
-        if (!is_r && !is_ge) { argv[n++] = argv[i]; continue; }
-        if (i + 1 >= *argc) fatal("flag %s needs a value (0, 1 or 2)", argv[i]);
+        const GpuFlag *g = NULL;
+        for (int f = 0; f < nflags; f++)
+            if (strcmp(argv[i], flags[f].flag) == 0) g = &flags[f];
+        if (!g) { argv[n++] = argv[i]; continue; }
+        if (i + 1 >= *argc) fatal("flag %s needs a value (%s)", argv[i], g->help);
+        const char *val = argv[++i];
+        if (g->sval) { *g->sval = val; continue; }
         char *end;
-        long v = strtol(argv[i + 1], &end, 10);
-        if (*end != '\0' || end == argv[i + 1] || v < 0 || v > 2) fatal("flag %s: '%s' must be 0, 1 or 2", argv[i], argv[i + 1]);
-        if (is_r) g_recompute = (int)v;
-        else gelu_fusion = (int)v;
-        i++;
+        long v = strtol(val, &end, 10);
+        if (*end != '\0' || end == val || v < g->lo || v > g->hi) fatal("flag %s: '%s' must be an integer in [%d, %d] (%s)", g->flag, val, g->lo, g->hi, g->help);
+        *g->ival = (int)v;
     }
     argv[n] = NULL;
     *argc = n;
-    gpu_init(0);
+    multigpu_init(mp, &la);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
+    if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
 }
 
 static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
-    (void)mp;
-    (void)zero_stage;  // one process until the NCCL path (issue 6): nothing to shard
-    gpt2_alloc(m, B, T, g_recompute);
+    m->mp = mp;
+    zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
+    gpt2_alloc(m, B, T, g_recompute, g_flash);
+    if (g_flash && !m->flash)
+        printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
+               m->config.channels / m->config.num_heads);
 }
 static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
@@ -646,24 +736,22 @@ static void trainer_banner(const GPT2 *m) {
     printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
     printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
-    printf("| attention             | %-50s |\n", "cuBLAS batched GEMMs + causal softmax (ours)");
+    printf("| attention             | %-50s |\n", m->flash ? "flash (ours: cuda/flash_attention.cuh)" : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured) printf("| structured layers     | %-50s |\n", "cuBLAS strided-batched baseline (structured.cuh)");
     printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
 }
 
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
+    m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
+    m->sync_aux = 0;
     gpt2_backward(m, dloss_scale);
     *aux = m->aux_loss;
     return gpt2_read_loss(m);
 }
 
-// One process per GPU is issue 6's NCCL path; this build runs a single process, so there is
-// nothing to average yet.
-static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
-    (void)m;
-    if (mp->nproc > 1) fatal("the GPU trainer does not yet average gradients over processes (NCCL, issue 6)");
-}
+// The average over ranks (NCCL all-reduce; with ZeRO-1 a reduce-scatter onto this rank's slice).
+static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) { multigpu_average_grads(m->grads, m->num_params, &m->zero, mp->rank); }
 
 static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
     gpt2_write_checkpoint(m, model_path, state_path, st);

@@ -5,7 +5,8 @@
 //   gpt2_build(m, spec)  gpt2_forward(m, in, tgt, B, T) -> loss  gpt2_zero_grad(m)  gpt2_grad_norm(m)
 //   gpt2_update(m, lr, beta1, beta2, eps, wd, grad_scale, t)  gpt2_sample(m, tok, eot, gen_T, rng)
 //   gpt2_free(m)
-//   trainer_setup(&argc, argv)          its own flags and device, before the shared flags are parsed
+//   trainer_setup(&argc, argv, &mp)     its own flags and device, before the shared flags are parsed
+//                                       (the GPU trainer also sets up NCCL and mp's collectives)
 //   trainer_alloc(m, mp, B, T, zero)    activations and optimizer buffers, for this rank of mp
 //                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice)
 //   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &aux) -> loss   forward and backward of one
@@ -81,7 +82,7 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
 int main(int argc, char **argv) {
     MultiProc mp;
     multiproc_init(&mp, &argc, &argv);
-    trainer_setup(&argc, argv);
+    trainer_setup(&argc, argv, &mp);
     TrainArgs a;
     train_args_parse(&a, argc, argv);
     LRScheduleType sched_type;

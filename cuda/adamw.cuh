@@ -2,6 +2,7 @@
 #pragma once
 #include "common.cuh"
 #include "../common/params.h"
+#include "../common/zero.h"
 
 // The stochastic-rounding seed of tensor `tensor` at update `t` (1-based): a pure function, so
 // that a resumed run re-derives the bf16 weights of its checkpoint's step bit for bit.
@@ -9,9 +10,11 @@ static inline unsigned int adamw_seed(long t, int tensor) {
     return squirrel_noise5((unsigned int)tensor, squirrel_noise5((unsigned int)t, 0x5eed1234u));
 }
 
-// The same update as the CPU trainer's gpt2_update, element by element.
+// The same update as the CPU trainer's gpt2_update, element by element. idx0: the index within
+// its tensor of element 0 here (a ZeRO-1 slice may start inside a tensor), so that the rounding
+// of an element does not depend on how the tensor is split over ranks.
 __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads, float *m, float *v, size_t n, float lr, float beta1,
-                             float beta2, float bc1, float bc2, float eps, float wd, float grad_scale, unsigned int seed) {
+                             float beta2, float bc1, float bc2, float eps, float wd, float grad_scale, unsigned int seed, size_t idx0) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float g = (float)grads[i] * grad_scale;
         float mi = beta1 * m[i] + (1.0f - beta1) * g;
@@ -22,7 +25,7 @@ __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads,
         float p = master[i];
         p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p);
         master[i] = p;
-        params[i] = stochastic_round_bf16(p, i, seed);
+        params[i] = stochastic_round_bf16(p, idx0 + i, seed);
     }
 }
 
@@ -38,17 +41,28 @@ static inline int grid_for(size_t n, int threads) {
     return (int)(b < 65536 ? (b ? b : 1) : 65536);
 }
 
+// AdamW step t (1-based) over the table's tensors; with a ZeRO-1 slice z (stage 1), only the
+// elements in [z->lo, z->hi), whose moments m and v are indexed from z->lo.
+static void adamw_update_range(const ParamTable *pt, floatX *params, float *master, const floatX *grads, float *m, float *v, float lr,
+                               float beta1, float beta2, float eps, float weight_decay, float grad_scale, long t, const ZeroShard *z) {
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    int sharded = z && z->stage;
+    for (int i = 0; i < pt->n; i++) {
+        const ParamTensor *p = &pt->t[i];
+        size_t j0 = 0, j1 = p->numel;
+        if (sharded) zero_tensor_range(p, z, &j0, &j1);
+        if (j1 <= j0) continue;
+        size_t o = p->offset + j0, mo = o - (sharded ? z->lo : 0);
+        adamw_kernel<<<grid_for(j1 - j0, 512), 512>>>(params + o, master + o, grads + o, m + mo, v + mo, j1 - j0, lr * p->lr_mult, beta1, beta2,
+                                                      bc1, bc2, eps, p->decay ? weight_decay : 0.0f, grad_scale, adamw_seed(t, i), j0);
+        cudaCheckLaunch();
+    }
+}
+
 // AdamW step t (1-based) over every tensor of the table
 static void adamw_update(const ParamTable *pt, floatX *params, float *master, const floatX *grads, float *m, float *v, float lr,
                          float beta1, float beta2, float eps, float weight_decay, float grad_scale, long t) {
-    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
-    for (int i = 0; i < pt->n; i++) {
-        const ParamTensor *p = &pt->t[i];
-        size_t o = p->offset;
-        adamw_kernel<<<grid_for(p->numel, 512), 512>>>(params + o, master + o, grads + o, m + o, v + o, p->numel, lr * p->lr_mult, beta1,
-                                                       beta2, bc1, bc2, eps, p->decay ? weight_decay : 0.0f, grad_scale, adamw_seed(t, i));
-        cudaCheckLaunch();
-    }
+    adamw_update_range(pt, params, master, grads, m, v, lr, beta1, beta2, eps, weight_decay, grad_scale, t, NULL);
 }
 
 // t = 0: round to nearest; t > 0: the rounding update t did

@@ -25,7 +25,7 @@ count() {  # $1 = name, rest = command
 
 count "test_gpt2 (OpenBLAS when built with it)" ./test_gpt2
 count "test_gpt2 (plain C matmuls)" ./build/test_gpt2_noblas
-for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units build/test_structured build/test_structured_noblas build/test_gpu_plan; do
+for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units build/test_structured build/test_structured_noblas build/test_gpu_plan build/test_flash_tiles build/test_rendezvous build/test_btt_tiles; do
     count "$(basename "$t")" "./$t"
 done
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh

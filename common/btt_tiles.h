@@ -1,0 +1,222 @@
+// common/btt_tiles.h: the tile geometry and every index the fused BTT forward kernel
+// (structured/btt_fused.cuh) computes, shared with its CPU emulation (tests/test_btt_tiles.c).
+//
+// Math and layouts are structured/btt.h's: x row = gamma blocks of alpha (i = g*alpha + a);
+// W0 (gamma, alpha, phi*rho); W1 (phi, gamma*rho, eps); z[g, f, s] = sum_a W0[g, a, f*rho+s] x[g*alpha+a];
+// y[f*eps+e] = sum_{g,s} W1[f, g*rho+s, e] z[g, f, s] (+ bias); saved z row layout (phi, gamma, rho).
+//
+// Geometry. One thread block of BT_WARPS warps owns a tile of tm rows (tm = 16*mt, mt in {1,2,4};
+// blocks loop over tiles tile = blockIdx.x, += gridDim.x). Shared memory, byte offsets from the
+// 128-byte aligned dynamic buffer:
+//   z tile   [tm][zld] bf16 at off_z: row m, column f*gr + g*rho + s = z of tile row m in the saved
+//            (phi, gamma, rho) layout, so Z_f (the stage-2 A matrix) is rows x [f*gr, f*gr + gr).
+//   x chunk  [tm][xld] bf16 at off_x: gc consecutive g blocks of x (gc*alpha columns), rows of the
+//            tile past N zero-filled.
+//   staging  BT_WARPS x [16][BT_STG_LD] fp32 at off_stg: one 16x16 accumulator per warp on its way
+//            out (wmma stores fp32 only; lanes then convert to bf16 and scatter).
+// Row strides zld, xld = cols rounded up to 64, + 8 elements: a multiple of 8 (wmma ldm for bf16),
+// every fragment pointer 32-byte aligned, and consecutive rows 16 bytes apart modulo 128, so the 8
+// rows of one 8x16-byte phase of a fragment load fall in distinct banks.
+//
+// Stage 1, per x chunk ch (g0 = ch*gc, gcount = g blocks in it): items (gl, nt, mt), warp w takes
+// items w, w + BT_WARPS, ... (row-major, mt fastest): the 16x16 block of Z1_g (g = g0 + gl) at tile rows mt*16.., columns
+// nt*16.. of f*rho + s, K = alpha in ks1 steps; A from the x chunk, B = W0[g] straight from global
+// (ldm fr). The fp32 result goes through the warp's staging tile; lane l then takes row bt_epi_row(l)
+// and the 8 columns bt_epi_col(l).., rounds them to bf16 and writes them to the z tile at
+// bt_z1_run's indices.
+// Stage 2: items (f, j), j < ntg, warp w takes items w, w + BT_WARPS, ...: the warp computes the mt x nb fragments of Y_f at tile rows
+// 0..tm-1, y columns f*eps + (j*nb + b)*16 .., b < nb, K = gr in ks2 steps; A = Z_f from the z tile
+// (ldm zld), B = W1[f] straight from global (ldm eps). Each fragment goes through the staging
+// tile; lanes add the bias and write 8 bf16 (16 bytes) of a row that is < N.
+// x chunks are prefetched one ahead through registers (BT_XVEC 16-byte vectors per thread): each
+// barrier-protected fill only stores what the thread loaded while the previous chunk (or, for a
+// tile's chunk 0, the previous tile's last chunk and stage 2) computed.
+// Barriers (per tile): before each x chunk is filled (the previous chunk's readers are done), after
+// it is filled (the chunk is visible; at ch = 0 this one also orders the previous tile's stage-2
+// reads of the z tile before this tile's stage-1 writes), and after the last chunk (z tile
+// complete) — then the optional copy of the z tile to global and stage 2, which both only read the
+// z tile. The first barrier is redundant at ch = 0 (kept: one per tile, a uniform loop); the
+// emulation's race checker fails when any of the others is removed.
+//
+// Plain C11 that also compiles as CUDA C++ (BT_HD marks what the kernel calls).
+#pragma once
+#include <stddef.h>
+
+#ifdef __CUDACC__
+#define BT_HD __host__ __device__
+#else
+#define BT_HD
+#endif
+
+#define BT_WARPS 8
+#define BT_THREADS (32 * BT_WARPS)
+#define BT_FR 16                 // wmma m = n = k
+#define BT_STG_LD 20             // fp32 staging row stride (multiple of 4: wmma ldm for fp32)
+#define BT_XCHUNK_ELEMS 4096     // target tm * chunk columns of the x chunk (about 8 KB)
+#define BT_XVEC 4                // at most this many 16-byte x vectors per thread per chunk (register prefetch)
+#define BT_SMEM_ALIGN 128
+
+typedef struct {
+    int A, G, P, E, R;           // alpha, gamma, phi, eps, rho
+    int din, dout, fr, gr, zrow; // gamma*alpha, phi*eps, phi*rho, gamma*rho, gamma*phi*rho
+    int tm, mt;                  // rows per tile, 16-row m-tiles per tile
+    int nt1, ks1;                // stage 1: n-tiles per g block (fr/16), k-steps (alpha/16)
+    int nb, ntg, ks2;            // stage 2: n-tiles per item, items per f ((eps/16)/nb), k-steps (gr/16)
+    int gc, nchunks;             // g blocks per x chunk, x chunks per tile
+    int xc, xld, zld;            // x chunk columns (gc*alpha); smem row strides (elements)
+    int off_z, off_x, off_stg, smem_bytes;  // dynamic shared memory layout (bytes)
+} BtGeom;
+
+static inline BT_HD int bt_ceil_div(int a, int b) { return (a + b - 1) / b; }
+static inline BT_HD int bt_round_up(int a, int b) { return bt_ceil_div(a, b) * b; }
+// smem row stride for `cols` bf16 columns (see the top comment)
+static inline BT_HD int bt_pad_ld(int cols) { return bt_round_up(cols, 64) + 8; }
+
+// 1 when wmma 16x16x16 tiles cover the shape exactly: alpha, phi*rho, gamma*rho and eps multiples
+// of 16 (then d_in, d_out and zrow are multiples of 16, so every 16-byte vector and 32-byte
+// fragment pointer the kernel forms is aligned, given aligned base pointers).
+static inline int bt_shape_ok(int A, int G, int P, int E, int R) {
+    if (A <= 0 || G <= 0 || P <= 0 || E <= 0 || R <= 0) return 0;
+    if (A % 16 || (P * R) % 16 || (G * R) % 16 || E % 16) return 0;
+    if ((long long)G * P * R * 64 + 4096 > (1LL << 30)) return 0;  // keeps every smem offset in int
+    return 1;
+}
+
+// Fills *g for tile rows tm (16, 32 or 64). Returns 0 when the shape or tm is not supported; the
+// smem size is not checked here (bt_choose_tm does).
+static inline int bt_geom(BtGeom *g, int A, int G, int P, int E, int R, int tm) {
+    if (!bt_shape_ok(A, G, P, E, R) || (tm != 16 && tm != 32 && tm != 64)) return 0;
+    g->A = A; g->G = G; g->P = P; g->E = E; g->R = R;
+    g->din = G * A; g->dout = P * E; g->fr = P * R; g->gr = G * R; g->zrow = G * P * R;
+    g->tm = tm; g->mt = tm / 16;
+    g->nt1 = g->fr / 16; g->ks1 = A / 16;
+    int nt2 = E / 16;
+    g->nb = nt2 % 3 == 0 ? 3 : nt2 % 2 == 0 ? 2 : 1;
+    g->ntg = nt2 / g->nb; g->ks2 = g->gr / 16;
+    // x chunk: about BT_XCHUNK_ELEMS elements, but enough g blocks that every warp has a stage-1 item
+    int gc = BT_XCHUNK_ELEMS / (tm * A), need = bt_ceil_div(BT_WARPS, g->mt * g->nt1);
+    if (gc < need) gc = need;
+    if (gc < 1) gc = 1;
+    if (gc > G) gc = G;
+    const int cap = BT_XVEC * BT_THREADS * 8 / (tm * A);  // the chunk fits the prefetch registers
+    if (gc > cap) gc = cap;
+    if (gc < 1) return 0;                                  // alpha > 8192 / tm: one g block does not fit
+    g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
+    g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zrow);
+    g->off_z = 0;
+    g->off_x = bt_round_up(g->off_z + tm * g->zld * 2, BT_SMEM_ALIGN);
+    g->off_stg = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
+    g->smem_bytes = g->off_stg + BT_WARPS * 16 * BT_STG_LD * 4;
+    return 1;
+}
+
+// The default tile rows: the largest of 64, 32, 16 whose shared memory fits smem_limit (the
+// device's opt-in maximum per block); 0 when none fits or the shape is not supported. Larger tiles
+// reuse each weight fragment (read from L2) over more rows.
+static inline int bt_choose_tm(int A, int G, int P, int E, int R, size_t smem_limit) {
+    for (int tm = 64; tm >= 16; tm /= 2) {
+        BtGeom g;
+        if (bt_geom(&g, A, G, P, E, R, tm) && (size_t)g.smem_bytes <= smem_limit) return tm;
+    }
+    return 0;
+}
+
+static inline BT_HD int bt_num_tiles(int N, int tm) { return bt_ceil_div(N, tm); }
+// rows of tile `tile` that exist (the last tile may be partial)
+static inline BT_HD int bt_tile_rows(const BtGeom *g, int N, int tile) {
+    int r = N - tile * g->tm;
+    return r < g->tm ? r : g->tm;
+}
+
+// ---- strided walks without a division per step -------------------------------------------------
+// A grid of rows x per cells in row-major order, visited at cells k = start, start + stride, ...
+// (start < stride): it.o, it.i = k / per, k % per. Thread loops (16-byte vectors) use start = thread,
+// stride BT_THREADS; warp loops (fragment items) start = warp, stride BT_WARPS.
+typedef struct { int per, o, i, dO, dI; } BtWalk;
+static inline BT_HD void bt_walk_begin(BtWalk *it, int per, int start, int stride) {
+    it->per = per;
+    it->o = start / per; it->i = start % per;
+    it->dO = stride / per; it->dI = stride % per;
+}
+static inline BT_HD void bt_walk_next(BtWalk *it) {
+    it->o += it->dO;
+    it->i += it->dI;
+    if (it->i >= it->per) { it->i -= it->per; it->o++; }
+}
+
+// ---- x chunk ---------------------------------------------------------------------------------
+static inline BT_HD int bt_chunk_gcount(const BtGeom *g, int ch) {
+    int left = g->G - ch * g->gc;
+    return left < g->gc ? left : g->gc;
+}
+// The fill: tm rows (all of them: rows past N are zero-filled) of gcount*alpha/8 16-byte vectors.
+// Thread t owns vectors k = 0 .. BT_XVEC-1 of the walk bt_walk_begin(&it, bt_x_fill_per(g, gcount),
+// t, BT_THREADS) (bt_walk_next after each), those with it.o < tm: tile row it.o, chunk column it.i*8
+// (bt_geom keeps tm * gc * alpha / 8 <= BT_XVEC * BT_THREADS, so that covers the chunk). A thread
+// loads its vectors of the NEXT chunk into registers right after storing the current one (so the
+// loads are in flight while the current chunk computes) and stores them after the next barrier.
+static inline BT_HD int bt_x_fill_per(const BtGeom *g, int gcount) { return gcount * g->A / 8; }
+// The chunk after (tile, ch) for a block whose tiles are tile, tile + grid, ...: the next chunk of
+// the tile, or chunk 0 of the block's next tile (prefetched during the last chunk and stage 2).
+// Returns 0 when there is none.
+static inline BT_HD int bt_next_chunk(const BtGeom *g, int N, int grid, int tile, int ch, int *ntile, int *nch) {
+    *ntile = tile; *nch = ch + 1;
+    if (*nch == g->nchunks) { *ntile = tile + grid; *nch = 0; }
+    return *ntile < bt_num_tiles(N, g->tm);
+}
+static inline BT_HD int bt_x_smem(const BtGeom *g, int m, int col) { return m * g->xld + col; }
+static inline BT_HD size_t bt_x_global(const BtGeom *g, int row, int ch, int col) {
+    return (size_t)row * g->din + (size_t)ch * g->gc * g->A + col;
+}
+
+// ---- stage 1 ---------------------------------------------------------------------------------
+// Items: gcount x (nt1 * mt), walked with bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS) while
+// it.o < gcount: gl = it.o, and it.i splits into (mt, nt) by bt_s1_split (m-tile fastest).
+static inline BT_HD int bt_s1_per(const BtGeom *g) { return g->nt1 * g->mt; }
+static inline BT_HD void bt_s1_split(const BtGeom *g, int i, int *mt, int *nt) {
+    *mt = i % g->mt;
+    *nt = i / g->mt;
+}
+// A fragment (x chunk, ldm xld): tile rows mt*16.., columns gl*alpha + kk*16..
+static inline BT_HD int bt_s1_a(const BtGeom *g, int mt, int gl, int kk) { return mt * 16 * g->xld + gl * g->A + kk * 16; }
+// B fragment (W0, ldm fr): W0[gi] rows kk*16.., columns nt*16..
+static inline BT_HD size_t bt_s1_b(const BtGeom *g, int gi, int kk, int nt) {
+    return (size_t)gi * g->A * g->fr + (size_t)kk * 16 * g->fr + nt * 16;
+}
+// z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 (c = f*rho + s) of block gi, row m
+static inline BT_HD void bt_z1_run(const BtGeom *g, int m, int gi, int c0, int idx[8]) {
+    int f = c0 / g->R, s = c0 % g->R;
+    for (int t = 0; t < 8; t++) {
+        idx[t] = m * g->zld + f * g->gr + gi * g->R + s;
+        if (++s == g->R) { s = 0; f++; }
+    }
+}
+
+// ---- epilogue lanes (staging tile -> bf16) -----------------------------------------------------
+// lane l takes row l % 16 and columns (l / 16) * 8 .. + 7 of the warp's 16x16 staging tile
+static inline BT_HD int bt_epi_row(int lane) { return lane % 16; }
+static inline BT_HD int bt_epi_col(int lane) { return (lane / 16) * 8; }
+static inline BT_HD int bt_stg_off(const BtGeom *g, int warp) { return g->off_stg + warp * 16 * BT_STG_LD * 4; }  // bytes
+
+// ---- saved z (global <- z tile): the tile's rows < N of zrow/8 16-byte vectors; walk with
+// bt_walk_begin(&it, bt_zcopy_per(g), thread, BT_THREADS) while it.o < rows: row it.o, column it.i * 8.
+static inline BT_HD int bt_zcopy_per(const BtGeom *g) { return g->zrow / 8; }
+static inline BT_HD int bt_z_smem(const BtGeom *g, int m, int col) { return m * g->zld + col; }
+static inline BT_HD size_t bt_z_global(const BtGeom *g, int row, int col) { return (size_t)row * g->zrow + col; }
+
+// ---- stage 2 ---------------------------------------------------------------------------------
+// Items: phi x ntg, walked with bt_walk_begin(&it, g->ntg, warp, BT_WARPS) while it.o < phi:
+// f = it.o, j = it.i.
+// y n-tile (16 columns of Y_f) of item j, fragment b < nb
+static inline BT_HD int bt_s2_ntile(const BtGeom *g, int j, int b) { return j * g->nb + b; }
+// A fragment (z tile, ldm zld): tile rows mt*16.., Z_f columns kk*16..
+static inline BT_HD int bt_s2_a(const BtGeom *g, int mt, int f, int kk) { return mt * 16 * g->zld + f * g->gr + kk * 16; }
+// B fragment (W1, ldm eps): W1[f] rows kk*16.., columns n*16..
+static inline BT_HD size_t bt_s2_b(const BtGeom *g, int f, int kk, int n) {
+    return (size_t)f * g->gr * g->E + (size_t)kk * 16 * g->E + n * 16;
+}
+// y element (row, f*eps + n*16 + col) and its bias
+static inline BT_HD size_t bt_y_global(const BtGeom *g, int row, int f, int n, int col) {
+    return (size_t)row * g->dout + (size_t)f * g->E + n * 16 + col;
+}
+static inline BT_HD int bt_bias(const BtGeom *g, int f, int n, int col) { return f * g->E + n * 16 + col; }

@@ -1,0 +1,273 @@
+// dev/cuda/btt_forward.cu: the BTT linear layer's forward, y = BTT(x) + bias with the saved z
+// (structured/btt.h's math and layouts), on the GPU:
+//   v1  baseline: btt_forward_gpu (structured/structured.cuh): strided-batched cuBLAS GEMM into T1
+//       (N, gamma, phi, rho), permute kernel into z (N, phi, gamma, rho), strided-batched GEMM into
+//       y, bias kernel — z and T1 round-trip through DRAM
+//   v2  fused: btt_forward_fused (structured/btt_fused.cuh): one kernel, z stays in shared memory
+//       (tile rows tm chosen for the device), written to DRAM only when saved
+//   v3, v4, v5: the fused kernel with tm forced to 16, 32, 64 (tuning; skipped where it does not fit)
+// and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
+// The fused versions run twice: saving z (training) and without z (inference); each is also
+// checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
+//
+// Shapes (N = 32768 rows = B*T of 32 x 1024): 768 -> 3072 rank 1, 2, 4 and 3072 -> 768 rank 1 with
+// the default factors (768 = 16 x 48, 3072 = 32 x 96).
+// flops = 2 N (|W0| + |W1|) (the dense line: 2 N d_in d_out); bytes = the minimum: x, W0, W1, bias,
+// y (and z when saved), bf16.
+//
+// Reference: btt.h's fp32 btt_forward on the bf16-rounded inputs, on a sample of rows (every 41st
+// and the last), and btt_forward on absolute values for the bounds (z_abs = Σ|W0||x|, y_abs =
+// Σ|W1| z_abs). With u = 2^-8 (bf16 round to nearest, relative):
+//   z (every version: fp32 accumulation, one rounding): |z - z_ref| <= u |z_ref| + 2^-16 z_abs
+//   y fused (z rounded, fp32 accumulation, + bias, one rounding): u |y_ref| + 1.02 u y_abs
+//   y baseline (the same, but y is rounded before the bias kernel adds the bias and rounds again):
+//     u (|y_ref| + |y_ref - bias|) + 1.02 u y_abs
+// (2^-16 covers any fp32 summation order of <= 192 terms; see tests/test_btt_tiles.c, which checks the
+// fused kernel's exact tiling against the same bounds on the CPU.)
+//
+// Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version]
+#include "harness.cuh"
+#include "cuda/matmul.cuh"
+#include "structured/btt_fused.cuh"
+#include "structured/structured.cuh"
+
+#define NV 5
+#define U_BF16 (1.0 / 256.0)
+
+// every stride-th index below n, and n - 1
+static int *sample_rows(int n, int stride, int *count) {
+    int *r = (int *)malloc((size_t)(n / stride + 2) * sizeof(int)), k = 0;
+    for (int i = 0; i < n; i += stride) r[k++] = i;
+    if (r[k - 1] != n - 1) r[k++] = n - 1;
+    *count = k;
+    return r;
+}
+static float *gather_rows(const float *full, const int *rows, int nr, size_t cols) {
+    float *g = (float *)malloc((size_t)nr * cols * sizeof(float));
+    for (int s = 0; s < nr; s++) memcpy(g + (size_t)s * cols, full + (size_t)rows[s] * cols, cols * sizeof(float));
+    return g;
+}
+// rows[0..nr) of a device bf16 (.., cols) matrix -> host fp32 (nr, cols)
+static float *download_rows(const floatX *d, const int *rows, int nr, size_t cols) {
+    uint16_t *t = (uint16_t *)malloc((size_t)nr * cols * sizeof(uint16_t));
+    for (int s = 0; s < nr; s++)
+        cudaCheck(cudaMemcpy(t + (size_t)s * cols, d + (size_t)rows[s] * cols, cols * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    float *h = (float *)malloc((size_t)nr * cols * sizeof(float));
+    for (size_t i = 0; i < (size_t)nr * cols; i++) h[i] = dev_bf2f(t[i]);
+    free(t);
+    return h;
+}
+// 1 when rows [r0, r1) of a device bf16 (.., cols) matrix still hold the 0xFFFF fill
+static int rows_untouched(const floatX *d, int r0, int r1, size_t cols) {
+    size_t n = (size_t)(r1 - r0) * cols;
+    uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
+    cudaCheck(cudaMemcpy(t, d + (size_t)r0 * cols, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= t[i] == 0xFFFFu;
+    free(t);
+    return ok;
+}
+static float *fabs_copy(const float *a, size_t n) {
+    float *p = (float *)malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = fabsf(a[i]);
+    return p;
+}
+// |gpu - ref| <= bound[i] everywhere (NaN fails); returns the largest |gpu - ref|
+static float check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
+    float worst = 0.0f;
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++) {
+        float err = fabsf(gpu[i] - ref[i]);
+        if (!(err <= bound[i])) {
+            if (bad == 0) first = i;
+            bad++;
+        }
+        if (err > worst || err != err) worst = err;
+    }
+    if (bad) {
+        g_dev_fail++;
+        printf("FAIL %s: %zu of %zu elements outside their bound; first at %zu: gpu %.6g ref %.6g bound %.3g\n", what, bad, n, first,
+               gpu[first], ref[first], bound[first]);
+    } else {
+        g_dev_pass++;
+    }
+    return worst;
+}
+
+// the rows of `rows` below n
+static int rows_below(const int *rows, int nr, int n) {
+    int k = 0;
+    while (k < nr && rows[k] < n) k++;
+    return k;
+}
+
+typedef struct {
+    int d_in, d_out, rank;
+} Case;
+
+int main(int argc, char **argv) {
+    gpu_init(0);
+    int v = dev_version_arg(argc, argv, NV);
+    const int N = 32768, stride = 41, tail = 13;  // N - tail = 32755: a partial last tile for tm 16, 32, 64
+    const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}};
+    printf("btt_forward: BTT forward, baseline (cuBLAS) vs fused (z on chip), on %s (peak bf16 %.0f TFLOP/s from the table; "
+           "opt-in smem %zu bytes/block)\n",
+           g_gpu.prop.name, gpu_peak_bf16_tflops(g_gpu.prop.name), btt_fused_smem_limit());
+
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        BTTShape s;
+        btt_shape_default(&s, cases[ci].d_in, cases[ci].d_out, cases[ci].rank);
+        const int din = s.d_in, dout = s.d_out;
+        const size_t zrow = btt_z_row(&s), n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
+        const size_t NX = (size_t)N * din, NY = (size_t)N * dout, NZ = (size_t)N * zrow;
+        printf("-- %d -> %d rank %d: alpha %d gamma %d phi %d eps %d, zrow %zu, |W0| %zu |W1| %zu (dense %zu), N %d; fused default tm %d\n", din,
+               dout, s.rank, s.alpha, s.gamma, s.phi, s.eps, zrow, n0, n1, (size_t)din * dout, N, btt_fused_supported(&s, btt_fused_smem_limit()));
+
+        // inputs (bf16-rounded): z and y about unit scale
+        float a0 = sqrtf(3.0f / s.alpha), a1 = sqrtf(3.0f / (s.gamma * s.rank)), ad = sqrtf(3.0f / din);
+        float *x = dev_random(NX, -1.0f, 1.0f), *W0 = dev_random(n0, -a0, a0), *W1 = dev_random(n1, -a1, a1);
+        float *bias = dev_random(dout, -0.5f, 0.5f), *wd = dev_random((size_t)dout * din, -ad, ad);
+        dev_round_bf16(x, NX); dev_round_bf16(W0, n0); dev_round_bf16(W1, n1); dev_round_bf16(bias, dout); dev_round_bf16(wd, (size_t)dout * din);
+
+        // references on the sampled rows
+        int nr;
+        int *rows = sample_rows(N, stride, &nr);
+        float *xs = gather_rows(x, rows, nr, din), *xa = fabs_copy(xs, (size_t)nr * din);
+        float *W0a = fabs_copy(W0, n0), *W1a = fabs_copy(W1, n1);
+        float *y_ref = (float *)malloc((size_t)nr * dout * sizeof(float)), *z_ref = (float *)malloc((size_t)nr * zrow * sizeof(float));
+        float *y_abs = (float *)malloc((size_t)nr * dout * sizeof(float)), *z_abs = (float *)malloc((size_t)nr * zrow * sizeof(float));
+        btt_forward(y_ref, z_ref, xs, W0, W1, bias, nr, &s);
+        btt_forward(y_abs, z_abs, xa, W0a, W1a, NULL, nr, &s);
+        float *e_yf = (float *)malloc((size_t)nr * dout * sizeof(float)), *e_yb = (float *)malloc((size_t)nr * dout * sizeof(float));
+        float *e_z = (float *)malloc((size_t)nr * zrow * sizeof(float));
+        for (size_t i = 0; i < (size_t)nr * dout; i++) {
+            double yr = fabs(y_ref[i]), acc = fabs((double)y_ref[i] - bias[i % dout]), ya = y_abs[i];
+            e_yf[i] = (float)(U_BF16 * yr + 1.02 * U_BF16 * ya + 1e-6);
+            e_yb[i] = (float)(U_BF16 * (yr + acc) + 1.02 * U_BF16 * ya + 1e-6);
+        }
+        for (size_t i = 0; i < (size_t)nr * zrow; i++) e_z[i] = (float)(U_BF16 * fabs(z_ref[i]) + z_abs[i] / 65536.0 + 1e-6);
+
+        // the last row of the N - tail run (in its partial last tile whatever tm is), referenced separately
+        const int Nt = N - tail, last = Nt - 1;
+        float *yl_ref = (float *)malloc(dout * sizeof(float)), *zl_ref = (float *)malloc(zrow * sizeof(float));
+        float *yl_abs = (float *)malloc(dout * sizeof(float)), *zl_abs = (float *)malloc(zrow * sizeof(float));
+        float *e_yl = (float *)malloc(dout * sizeof(float)), *xl_abs = fabs_copy(x + (size_t)last * din, din);
+        btt_forward(yl_ref, zl_ref, x + (size_t)last * din, W0, W1, bias, 1, &s);
+        btt_forward(yl_abs, zl_abs, xl_abs, W0a, W1a, NULL, 1, &s);
+        for (int o = 0; o < dout; o++) e_yl[o] = (float)(U_BF16 * fabs(yl_ref[o]) + 1.02 * U_BF16 * yl_abs[o] + 1e-6);
+
+        floatX *d_x = dev_upload_bf16(x, NX), *d_W0 = dev_upload_bf16(W0, n0), *d_W1 = dev_upload_bf16(W1, n1);
+        floatX *d_bias = dev_upload_bf16(bias, dout), *d_wd = dev_upload_bf16(wd, (size_t)dout * din);
+        floatX *d_y, *d_z, *d_t1;
+        cudaCheck(cudaMalloc(&d_y, NY * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_z, NZ * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_t1, NZ * sizeof(floatX)));
+
+        const double flops = 2.0 * N * (double)(n0 + n1);
+        const double bytes_noz = 2.0 * ((double)NX + n0 + n1 + dout + NY), bytes_z = bytes_noz + 2.0 * NZ;
+        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f;
+        char what[200];
+
+        // dense cuBLASLt, the same shape (w: d_out x d_in): the time to beat
+        auto dense = [&]() { matmul_forward(d_y, d_x, d_wd, d_bias, N, din, dout, NULL); };
+        const float ms_dense = dev_time_ms(dense);
+        snprintf(what, sizeof(what), "dense %d->%d (unchecked)", din, dout);
+        dev_report(what, 0, ms_dense, 2.0 * ((double)NX + (double)din * dout + dout + NY), 2.0 * N * (double)din * dout, 0.0f);
+
+        for (int ver = 1; ver <= NV; ver++) {
+            if (v && ver != v) continue;
+            const int tm_force = ver == 3 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0;
+            if (ver >= 2) {
+                const int tm = ver == 2 ? btt_fused_supported(&s, btt_fused_smem_limit()) : tm_force;
+                BtGeom g;
+                if (!tm || !bt_geom(&g, s.alpha, s.gamma, s.phi, s.eps, s.rank, tm) || (size_t)g.smem_bytes > btt_fused_smem_limit()) {
+                    printf("   v%d: fused tm %d not supported here (shared memory); the caller falls back to v1\n", ver, tm);
+                    continue;
+                }
+                printf("   v%d: fused tm %d: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks, stage-2 items of %d x %d fragments\n", ver,
+                       tm, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.mt, g.nb);
+            }
+            auto run = [&](floatX *z, int n) {
+                if (ver == 1) {
+                    btt_forward_gpu(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, d_t1);
+                } else {
+                    int tm = ver == 2 ? btt_fused_supported(&s, btt_fused_smem_limit()) : tm_force;
+                    if (!btt_forward_fused_tm(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, tm)) {
+                        fprintf(stderr, "error: btt_forward_fused_tm refused tm %d\n", tm);
+                        exit(EXIT_FAILURE);
+                    }
+                }
+            };
+            const float *e_y = ver == 1 ? e_yb : e_yf;
+            float err;
+            // saving z, all N rows
+            cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
+            cudaCheck(cudaMemset(d_z, 0xFF, NZ * sizeof(floatX)));
+            run(d_z, N);
+            cudaCheck(cudaDeviceSynchronize());
+            {
+                float *gy = download_rows(d_y, rows, nr, dout), *gz = download_rows(d_z, rows, nr, zrow);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
+                err = check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d saved z", ver, din, dout, s.rank);
+                err = fmaxf(err, check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow));
+                free(gy); free(gz);
+            }
+            float ms = dev_time_ms([&]() { run(d_z, N); });
+            snprintf(what, sizeof(what), "fwd %d->%d r%d +z", din, dout, s.rank);
+            dev_report(what, ver, ms, bytes_z, flops, err);
+            if (ver == 1) ms_base = ms;
+            if (ver == 2) ms_fused = ms;
+            if (ver == 1) continue;  // the baseline always writes z
+
+            // without z (inference)
+            cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
+            run(NULL, N);
+            cudaCheck(cudaDeviceSynchronize());
+            {
+                float *gy = download_rows(d_y, rows, nr, dout);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d y (z not saved)", ver, din, dout, s.rank);
+                err = check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
+                free(gy);
+            }
+            ms = dev_time_ms([&]() { run(NULL, N); });
+            snprintf(what, sizeof(what), "fwd %d->%d r%d", din, dout, s.rank);
+            dev_report(what, ver, ms, bytes_noz, flops, err);
+            if (ver == 2) ms_fused_noz = ms;
+
+            // N - tail rows: a partial last tile; rows from N - tail on must stay untouched
+            cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
+            cudaCheck(cudaMemset(d_z, 0xFF, NZ * sizeof(floatX)));
+            run(d_z, Nt);
+            cudaCheck(cudaDeviceSynchronize());
+            {
+                int nt = rows_below(rows, nr, Nt);
+                float *gy = download_rows(d_y, rows, nt, dout), *gz = download_rows(d_z, rows, nt, zrow);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d y at N %d", ver, din, dout, s.rank, Nt);
+                check_bounded(what, gy, y_ref, e_y, (size_t)nt * dout);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d saved z at N %d", ver, din, dout, s.rank, Nt);
+                check_bounded(what, gz, z_ref, e_z, (size_t)nt * zrow);
+                free(gy); free(gz);
+                float *gyl = download_rows(d_y, &last, 1, dout);
+                snprintf(what, sizeof(what), "v%d %d->%d r%d y row %d (the last of N %d)", ver, din, dout, s.rank, last, Nt);
+                check_bounded(what, gyl, yl_ref, e_yl, dout);
+                free(gyl);
+                int untouched = rows_untouched(d_y, Nt, N, dout) && rows_untouched(d_z, Nt, N, zrow);
+                if (untouched) g_dev_pass++;
+                else { g_dev_fail++; printf("FAIL v%d %d->%d r%d: rows >= N %d of y or z were written\n", ver, din, dout, s.rank, Nt); }
+            }
+        }
+        if (ms_base > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms_base);
+        if (ms_fused > 0) {
+            printf("   ratio dense / fused (v2, saving z): %.2fx;  without z: %.2fx\n", ms_dense / ms_fused, ms_dense / ms_fused_noz);
+            if (ms_base > 0) printf("   speedup fused (v2, saving z) over baseline (v1): %.2fx\n", ms_base / ms_fused);
+        }
+
+        cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));
+        cudaCheck(cudaFree(d_y)); cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_t1));
+        free(x); free(W0); free(W1); free(bias); free(wd); free(rows); free(xs); free(xa); free(W0a); free(W1a);
+        free(y_ref); free(z_ref); free(y_abs); free(z_abs); free(e_yf); free(e_yb); free(e_z);
+        free(yl_ref); free(zl_ref); free(yl_abs); free(zl_abs); free(e_yl); free(xl_abs);
+    }
+    return dev_summary();
+}

@@ -1,0 +1,351 @@
+// structured/btt_fused.cuh: the BTT forward as ONE kernel that keeps the intermediate z on chip.
+//
+//   int btt_fused_supported(const BTTShape *s, size_t smem_limit)   -> tile rows tm, or 0
+//   int btt_forward_fused(y, z_or_null, x, W0, W1, bias_or_null, N, s)  -> 1 done, 0 not supported
+//   int btt_forward_fused_tm(..., tm)   the same with the tile rows forced (dev/cuda/btt_forward.cu)
+// When these return 0 nothing was launched: call btt_forward_gpu (structured.cuh) instead.
+//
+// Design (tile geometry and every index: common/btt_tiles.h, emulated on the CPU by
+// tests/test_btt_tiles.c). A block of 8 warps (256 threads) owns a tile of tm rows (16, 32 or 64:
+// the largest whose z tile fits the opt-in shared memory) and loops over tiles with stride
+// gridDim.x (grid = the blocks resident at once, at most the number of tiles).
+//   stage 1: for each chunk of gc g blocks (about 4096 x elements), the chunk x[tile rows, chunk]
+//     goes to shared memory from registers that were loaded one chunk ahead (16-byte loads issued
+//     before the previous chunk's MMAs; a tile's chunk 0 is loaded before the previous tile's last
+//     chunk and stage 2), rows past N zero-filled, so the tail tile computes on zeros and never reads
+//     past x; warps compute 16x16 blocks of Z1_g = X_g W0[g] with wmma bf16 m16n16k16, fp32
+//     accumulate (A by ldmatrix from shared memory, B straight from W0 in global memory, ldm
+//     phi*rho), store each through a per-warp fp32 staging tile, round to bf16 (as the baseline
+//     stores z) and scatter into the z tile in the saved (phi, gamma, rho) layout.
+//   barrier; if z_or_null: the z tile's rows < N go to global as 16-byte vectors (the saved z for
+//     the backward: a contiguous copy, the tile already has the saved layout).
+//   stage 2: for each f, Y_f (tm x eps) = Z_f (tm x gamma*rho, from shared memory) W1[f]: a warp
+//     item is one f and nb (<= 3) 16-column tiles over all tm rows (mt x nb accumulators; each B
+//     fragment, from global and prefetched one k-step ahead, serves mt m-tiles); fp32 accumulate,
+//     + bias, one rounding to bf16, 16-byte stores of rows < N.
+//   Shared memory per block: tm x (zrow + pad) bf16 (z tile) + tm x (gc*alpha + pad) bf16 (x chunk)
+//   + 8 x 16 x 20 fp32 (staging). Rows padded to 64 + 8 elements: wmma ldm a multiple of 8,
+//   fragment pointers 32-byte aligned, consecutive rows 16 bytes apart mod 128 (conflict-free
+//   ldmatrix).
+//   Supported: alpha, phi*rho, gamma*rho, eps multiples of 16 (wmma tiles exact), a 16-row z tile
+//   within the opt-in shared memory; x, y, z, bias 16-byte aligned; W0, W1 32-byte aligned.
+//   GPT-2 small: 768->3072 and 3072->768 rank 1 (zrow 1536): tm 64, 217,088 bytes (H100, 1 block of
+//   8 warps per SM), tm 32, 117,760 bytes on A100; 768->3072 rank 2: tm 32 (216,064); rank 4: tm 16
+//   (215,552; not on A100: fallback); 768->768 rank 1/2/4: tm 64/64/32.
+//
+// Memory traffic per row (bf16; zrow = gamma*phi*rho = 1536 for 768->3072 rank 1):
+//   baseline (GEMM, permute, GEMM, bias kernel): x read d_in; T1 write + read 2 zrow; z write + read
+//     2 zrow; y write d_out, + read + write 2 d_out for the bias = 19,968 bytes/row at 768->3072
+//     rank 1 without the bias pass (32,256 with it), in four launches, the GEMMs with K = alpha = 16.
+//   fused: x read d_in; z write zrow only when saved; y write d_out = 7,680 bytes/row (10,752 with
+//     z): 2.6x (1.9x) less DRAM traffic than the baseline without its bias pass. The dense layer
+//     moves the same x + y (7,680 bytes/row) but does 13.7x the flops (2 d_in d_out = 4.7 MFLOP/row:
+//     compute-bound, ~6.7 ns/row at 700 TFLOP/s), while the fused kernel is bandwidth-bound
+//     (~2.6 ns/row without z, ~3.6 with z at 3 TB/s) if its shared-memory and L2 traffic keep up.
+//   Weights (W0 + W1 = 344,064 bytes at 768->3072 rank 1) stay in L2 and every tile reads them:
+//   (|W0| + |W1|) * 2 / tm bytes per row from L2 (5,376 at tm 64), not from DRAM.
+// What is left: the backward fused the same way (dZ on chip); cp.async (or TMA) double buffering of
+// the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
+// come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
+// without the fp32 staging round trip (mma.sync with its documented register layout); bf16x2 z
+// scatter for even rho (the rank-1 scatter is 2-byte stores, ~4-way bank-conflicted).
+#pragma once
+#include <mma.h>
+#include "../common/btt_tiles.h"
+#include "../cuda/common.cuh"
+#include "btt.h"
+
+// ----------------------------------------------------------------------------------------------
+// wmma fragment loads with the state space spelled out. nvcc turns wmma::load_matrix_sync on a
+// plain pointer into generic 32-bit loads (LD.E) even when the pointer is into shared memory; the
+// same PTX instruction with .shared becomes one ldmatrix (LDSM.16.M88.4), and with .global plain
+// global loads. The fragment registers are the ones load_matrix_sync fills (same instruction, same
+// operand order). Define BT_WMMA_GENERIC to use load_matrix_sync instead (to rule these out).
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> BtFragA;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> BtFragB;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> BtFragC;
+
+// A (row-major, 16x16) from shared memory: p 32-byte aligned, ldm a multiple of 8
+__device__ __forceinline__ void bt_load_a_shared(BtFragA &a, const floatX *p, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::load_matrix_sync(a, p, ldm);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    int *r = reinterpret_cast<int *>(&a);
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr), "r"(ldm)
+                 : "memory");
+#endif
+}
+// B (row-major, 16x16) from global memory: p 32-byte aligned, ldm a multiple of 8
+__device__ __forceinline__ void bt_load_b_global(BtFragB &b, const floatX *p, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::load_matrix_sync(b, p, ldm);
+#else
+    size_t addr = __cvta_generic_to_global(p);
+    int *r = reinterpret_cast<int *>(&b);
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.global.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "l"(addr), "r"(ldm));  // W0, W1 are read-only here: no memory clobber
+#endif
+}
+
+// A lane's 8 fp32 of the warp's staging tile (row bt_epi_row, columns bt_epi_col ..): two 16-byte
+// loads (byte offset 80*row + 4*col, col 0 or 8: 16-byte aligned). The 8 lanes of one load phase
+// are 8 rows, 80 bytes apart: 8 distinct 16-byte bank groups, no conflict (8 scalar loads at this
+// stride would be 4-way conflicted).
+__device__ __forceinline__ void bt_stg_read8(float v[8], const float *stg, int er, int ec) {
+    const float4 *p = reinterpret_cast<const float4 *>(stg + er * BT_STG_LD + ec);
+    float4 a = p[0], b = p[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// Two floats rounded to bf16 (nearest even, as (floatX)f) packed as they lie in memory: lo first.
+// The y epilogue stores four of these with one __stwb (st.global.v4): an x128 temporary, or a
+// plain uint4 assignment, is split by nvcc into 2- or 4-byte stores here.
+__device__ __forceinline__ unsigned bt_pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+
+// This thread's part of x chunk ch of tile `tile` (rows past N: zeros) into registers, and from
+// registers into the x chunk buffer (btt_tiles.h: bt_x_fill_per, BT_XVEC).
+__device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, int N, int tile, int ch) {
+    const int r0 = tile * g.tm, rows = bt_tile_rows(&g, N, tile);
+    BtWalk it;
+    bt_walk_begin(&it, bt_x_fill_per(&g, bt_chunk_gcount(&g, ch)), threadIdx.x, BT_THREADS);
+#pragma unroll
+    for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it))
+        if (it.o < g.tm) pre[k] = it.o < rows ? load128(x + bt_x_global(&g, r0 + it.o, ch, it.i * 8)) : x128::zeros();  // tail: zeros
+}
+__device__ __forceinline__ void bt_x_store(floatX *xs, const x128 pre[BT_XVEC], const BtGeom &g, int ch) {
+    BtWalk it;
+    bt_walk_begin(&it, bt_x_fill_per(&g, bt_chunk_gcount(&g, ch)), threadIdx.x, BT_THREADS);
+#pragma unroll
+    for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it))
+        if (it.o < g.tm) store128(xs + bt_x_smem(&g, it.o, it.i * 8), pre[k]);
+}
+
+// MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item: compile-time, so the accumulators are
+// registers (and the geometry's mt, tm, nb are constants below). gp is bt_geom's for tm = 16*MT.
+template <int MT, int NB>
+__global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
+                                                               const floatX *__restrict__ x, const floatX *__restrict__ W0,
+                                                               const floatX *__restrict__ W1, const floatX *__restrict__ bias, int N,
+                                                               BtGeom gp) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    BtGeom g = gp;
+    g.mt = MT; g.tm = 16 * MT; g.nb = NB;  // the values the host set, as compile-time constants
+    extern __shared__ __align__(128) unsigned char bt_smem[];
+    floatX *zs = (floatX *)(bt_smem + g.off_z);
+    floatX *xs = (floatX *)(bt_smem + g.off_x);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
+    const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
+    const int ntiles = bt_num_tiles(N, g.tm);
+    x128 pre[BT_XVEC];  // this thread's part of the next x chunk, loaded one chunk ahead
+    if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, N, blockIdx.x, 0);
+
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int r0 = tile * g.tm, rows = bt_tile_rows(&g, N, tile);
+
+        // ---- stage 1: z tile = x tile . W0, chunk by chunk of g blocks
+        for (int ch = 0; ch < g.nchunks; ch++) {
+            const int g0 = ch * g.gc, gcount = bt_chunk_gcount(&g, ch);
+            __syncthreads();  // the previous chunk's readers of the x chunk are done (not needed at ch = 0)
+            bt_x_store(xs, pre, g, ch);
+            __syncthreads();  // x chunk visible to every warp; also orders the previous tile's stage-2
+                              // reads of the z tile before this tile's stage-1 writes to it
+            int ntile, nch;   // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
+            if (bt_next_chunk(&g, N, gridDim.x, tile, ch, &ntile, &nch)) bt_x_load(pre, x, g, N, ntile, nch);
+            BtWalk it;
+            for (bt_walk_begin(&it, bt_s1_per(&g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
+                int mt, nt;
+                const int gl = it.o;
+                bt_s1_split(&g, it.i, &mt, &nt);
+                BtFragC acc;
+                wmma::fill_fragment(acc, 0.0f);
+                for (int kk = 0; kk < g.ks1; kk++) {
+                    BtFragA a;
+                    BtFragB b;
+                    bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
+                    bt_load_b_global(b, W0 + bt_s1_b(&g, g0 + gl, kk, nt), g.fr);
+                    wmma::mma_sync(acc, a, b, acc);
+                }
+                __syncwarp();  // every lane has read the staging tile's previous contents
+                wmma::store_matrix_sync(stg, acc, BT_STG_LD, wmma::mem_row_major);
+                __syncwarp();  // the stored tile is visible to every lane
+                float src[8];
+                bt_stg_read8(src, stg, er, ec);
+                int idx[8];
+                bt_z1_run(&g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
+#pragma unroll
+                for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)src[t];  // bf16 z, as the baseline stores it
+            }
+        }
+        __syncthreads();  // z tile complete
+
+        // ---- saved z: the tile's rows < N, already in the saved layout
+        if (zout) {
+            BtWalk it;
+            for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it))
+                store128(zout + bt_z_global(&g, r0 + it.o, it.i * 8), load128(zs + bt_z_smem(&g, it.o, it.i * 8)));
+        }
+
+        // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for every f
+        BtWalk it2;
+        for (bt_walk_begin(&it2, g.ntg, warp, BT_WARPS); it2.o < g.P; bt_walk_next(&it2)) {
+            const int f = it2.o, j = it2.i;
+            BtFragC acc[MT][NB];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
+            BtFragB bf[NB], bn[NB];
+#pragma unroll
+            for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1 + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+            for (int kk = 0; kk < g.ks2; kk++) {
+                const int more = kk + 1 < g.ks2;
+                if (more) {  // the next k-step's B fragments are in flight while this one computes
+#pragma unroll
+                    for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1 + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    BtFragA a;
+                    bt_load_a_shared(a, zs + bt_s2_a(&g, mt, f, kk), g.zld);
+#pragma unroll
+                    for (int b = 0; b < NB; b++) wmma::mma_sync(acc[mt][b], a, bf[b], acc[mt][b]);
+                }
+                if (more) {
+#pragma unroll
+                    for (int b = 0; b < NB; b++) bf[b] = bn[b];
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    const int n = bt_s2_ntile(&g, j, b), row = r0 + mt * 16 + er;
+                    __syncwarp();  // every lane has read the staging tile's previous contents
+                    wmma::store_matrix_sync(stg, acc[mt][b], BT_STG_LD, wmma::mem_row_major);
+                    __syncwarp();
+                    if (row < N) {  // tail: rows past N are computed (on zeros) but not stored
+                        float v[8];
+                        bt_stg_read8(v, stg, er, ec);
+                        if (bias) {
+                            x128 bv = load128(bias + bt_bias(&g, f, n, ec));
+#pragma unroll
+                            for (int t = 0; t < 8; t++) v[t] += (float)bv[t];
+                        }
+                        uint4 o = make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]),
+                                             bt_pack_bf16x2(v[6], v[7]));
+                        __stwb(reinterpret_cast<uint4 *>(y + bt_y_global(&g, row, f, n, ec)), o);  // one 16-byte store
+                    }
+                }
+            }
+        }
+    }
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// host side
+
+// Opt-in shared memory per block of the current device (queried once: one device per process).
+static inline size_t btt_fused_smem_limit(void) {
+    static int limit = -1;
+    if (limit < 0) {
+        int dev = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    }
+    return (size_t)limit;
+}
+
+// The tile rows the fused kernel would use for this shape within smem_limit bytes of shared memory
+// per block (16, 32 or 64), or 0 when it cannot run it (then use btt_forward_gpu).
+static inline int btt_fused_supported(const BTTShape *s, size_t smem_limit) {
+    if (!btt_shape_ok(s)) return 0;
+    return bt_choose_tm(s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit);
+}
+
+typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom);
+
+// The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}), or NULL.
+static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
+    switch (g->mt * 4 + g->nb) {
+        case 1 * 4 + 1: return btt_fused_kernel<1, 1>;
+        case 1 * 4 + 2: return btt_fused_kernel<1, 2>;
+        case 1 * 4 + 3: return btt_fused_kernel<1, 3>;
+        case 2 * 4 + 1: return btt_fused_kernel<2, 1>;
+        case 2 * 4 + 2: return btt_fused_kernel<2, 2>;
+        case 2 * 4 + 3: return btt_fused_kernel<2, 3>;
+        case 4 * 4 + 1: return btt_fused_kernel<4, 1>;
+        case 4 * 4 + 2: return btt_fused_kernel<4, 2>;
+        case 4 * 4 + 3: return btt_fused_kernel<4, 3>;
+    }
+    return NULL;
+}
+
+// Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
+// (cached per instantiation and smem size; one device per process); 0 when none fits.
+static int btt_fused_blocks_per_sm(const BtGeom *g) {
+    static int attr_bytes[16], occ_bytes[16], occ[16];  // indexed by mt * 4 + nb
+    BtFusedKernel kern = btt_fused_kernel_for(g);
+    if (!kern) return 0;
+    const int k = g->mt * 4 + g->nb;
+    if (g->smem_bytes > attr_bytes[k]) {
+        cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
+        attr_bytes[k] = g->smem_bytes;
+    }
+    if (occ_bytes[k] != g->smem_bytes) {
+        int per_sm = 0;
+        cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, BT_THREADS, (size_t)g->smem_bytes));
+        occ_bytes[k] = g->smem_bytes;
+        occ[k] = per_sm;
+    }
+    return occ[k];
+}
+
+static int btt_fused_sm_count(void) {
+    static int sms = 0;
+    if (!sms) {
+        int dev = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return sms;
+}
+
+// y (N, d_out) = BTT(x) + bias, overwritten; z_or_null: the saved z (N, phi, gamma, rho) for the
+// backward, as btt_forward_gpu writes it. tm: 16, 32 or 64 rows per tile. Returns 1 when launched
+// (or N <= 0), 0 when this shape, tm, device or pointer alignment is not supported — nothing was
+// done then: call btt_forward_gpu.
+static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, const floatX *W0, const floatX *W1,
+                                const floatX *bias_or_null, int N, const BTTShape *s, int tm) {
+    BtGeom g;
+    if (!btt_shape_ok(s) || !bt_geom(&g, s->alpha, s->gamma, s->phi, s->eps, s->rank, tm)) return 0;
+    if ((size_t)g.smem_bytes > btt_fused_smem_limit()) return 0;
+    if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x | (uintptr_t)bias_or_null) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32)
+        return 0;
+    if (N <= 0) return 1;
+    const int per_sm = btt_fused_blocks_per_sm(&g);
+    if (per_sm <= 0) return 0;
+    const int ntiles = bt_num_tiles(N, g.tm), resident = per_sm * btt_fused_sm_count();
+    const int grid = ntiles < resident ? ntiles : resident;
+    btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g);
+    cudaCheckLaunch();
+    return 1;
+}
+
+// The same with the default tile rows for this device (btt_fused_supported).
+static int btt_forward_fused(floatX *y, floatX *z_or_null, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias_or_null,
+                             int N, const BTTShape *s) {
+    int tm = btt_fused_supported(s, btt_fused_smem_limit());
+    if (!tm) return 0;
+    return btt_forward_fused_tm(y, z_or_null, x, W0, W1, bias_or_null, N, s, tm);
+}

@@ -1,0 +1,506 @@
+// test_btt_tiles.c: the fused BTT forward kernel (structured/btt_fused.cuh) run on the CPU, tile by
+// tile, with the geometry and every index of common/btt_tiles.h (the header the kernel includes),
+// and compared with btt.h's fp32 btt_forward.
+//
+// The emulation is a transcription of the kernel: blocks loop over tiles with stride grid; per x
+// chunk a barrier, the store of the 256 "threads'" prefetch registers into the x chunk, a barrier,
+// the prefetch of the next chunk (the next tile's chunk 0 after a tile's last; 16-byte vectors,
+// rows past N zero-filled), warp items walked as the kernel walks them, each a 16x16 fp32 fragment accumulated k-step by
+// k-step (16-term fp32 sums) from A fragments read out of the emulated shared memory and B
+// fragments out of W0; the fragment goes through the warp's staging tile, and "lanes" (row
+// bt_epi_row, 8 columns from bt_epi_col) round it to bf16 into the z tile at bt_z1_run's indices;
+// then the barrier, the z copy-out, and stage 2 (mt x nb fragments per item, bias, bf16 rounding,
+// stores of rows < N only). Shared memory is one byte buffer laid out by the geometry's offsets,
+// so overlapping regions would corrupt each other. Every access also goes through a checker:
+//   - bounds of the dynamic smem size, of x, W0, W1, bias, y, z;
+//   - wmma preconditions: fragment pointers 32-byte aligned (smem offset, or global element offset
+//     * 2 with 32-byte aligned bases), ldm a multiple of 8 (bf16) or 4 (fp32); 16-byte vectors aligned;
+//   - shared-memory races between warps: each 2-byte unit remembers the barrier epoch and warp of
+//     its last write and its readers; a read of another warp's write, or a write over another warp's
+//     read or write, within one epoch (no __syncthreads between) is a race; reading a unit never
+//     written is an error (e.g. a tail row that was not zero-filled);
+//   - every y (and saved z) element of rows < N written exactly once, nothing else written.
+// What it cannot see: the order of the sums inside one tensor-core MMA (fp32-level), intra-warp
+// ordering of the staging tile (the kernel's __syncwarp pairs, reviewed by hand), launch geometry.
+//
+// Tolerances, with u = 2^-8 (bf16 round to nearest: |bf16(v) - v| <= u|v|), z_abs = Σ_a |W0||x| and
+// y_abs = Σ |W1| z_abs (btt_forward on absolute values, an upper bound of Σ|W1||z|):
+//   z: |z - z_ref| <= u |z_ref| + 2^-16 z_abs          (one rounding + fp32 sums of <= 64 terms)
+//   y: |y - y_ref| <= u |y_ref| + 1.02 u y_abs         (z's rounding carried through W1, fp32 sums,
+//                                                       one final rounding of y + bias)
+// plus the RMS error of y and z relative to the RMS of the reference <= 2^-7 (expected ~2^-9: a
+// wrong block or offset gives errors of the order of the values themselves).
+#include <stdint.h>
+#include "../common/btt_tiles.h"
+#include "../common/rng.h"
+#include "../structured/btt.h"
+#include "check.h"
+
+// ----------------------------------------------------------------------------------------------
+// bf16 round to nearest even (finite inputs), as __float2bfloat16_rn and the harness's dev_f2bf
+
+static uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static float bf16r(float f) { return bf2f(f2bf(f)); }
+
+// ----------------------------------------------------------------------------------------------
+// emulated shared memory with a race checker (per 2-byte unit)
+
+typedef struct {
+    unsigned char *mem;
+    int bytes;
+    int *w_epoch, *w_warp, *r_epoch, *r_warp;  // r_warp -2: read by several warps this epoch
+    int epoch;
+    long errors;
+    char first[256];
+} Smem;
+
+static void sm_error(Smem *s, const char *fmt, int a, int b) {
+    if (s->errors++ == 0) snprintf(s->first, sizeof(s->first), fmt, a, b);
+}
+
+static void sm_init(Smem *s, int bytes) {
+    s->bytes = bytes;
+    s->mem = (unsigned char *)mallocCheck((size_t)bytes);
+    memset(s->mem, 0xFF, (size_t)bytes);  // NaN-ish garbage
+    int units = bytes / 2;
+    s->w_epoch = (int *)mallocCheck(sizeof(int) * units);
+    s->w_warp = (int *)mallocCheck(sizeof(int) * units);
+    s->r_epoch = (int *)mallocCheck(sizeof(int) * units);
+    s->r_warp = (int *)mallocCheck(sizeof(int) * units);
+    for (int i = 0; i < units; i++) s->w_epoch[i] = s->r_epoch[i] = -1;
+    s->epoch = 0;
+    s->errors = 0;
+    s->first[0] = 0;
+}
+static void sm_free(Smem *s) {
+    free(s->mem); free(s->w_epoch); free(s->w_warp); free(s->r_epoch); free(s->r_warp);
+}
+static void sm_sync(Smem *s) { s->epoch++; }  // __syncthreads()
+
+static int sm_check(Smem *s, int off, int len) {
+    if (off < 0 || off + len > s->bytes || off % 2) {
+        sm_error(s, "smem access out of range or misaligned at byte %d (size %d)", off, s->bytes);
+        return 0;
+    }
+    return 1;
+}
+static void sm_note_read(Smem *s, int off, int len, int warp) {
+    for (int u = off / 2; u < (off + len) / 2; u++) {
+        if (s->w_epoch[u] < 0) sm_error(s, "smem read of a never-written unit at byte %d (warp %d)", 2 * u, warp);
+        else if (s->w_epoch[u] == s->epoch && s->w_warp[u] != warp)
+            sm_error(s, "smem race: read after another warp's write without a barrier at byte %d (warp %d)", 2 * u, warp);
+        if (s->r_epoch[u] != s->epoch) { s->r_epoch[u] = s->epoch; s->r_warp[u] = warp; }
+        else if (s->r_warp[u] != warp) s->r_warp[u] = -2;
+    }
+}
+static void sm_note_write(Smem *s, int off, int len, int warp) {
+    for (int u = off / 2; u < (off + len) / 2; u++) {
+        if (s->w_epoch[u] == s->epoch && s->w_warp[u] != warp)
+            sm_error(s, "smem race: two warps write byte %d without a barrier (warp %d)", 2 * u, warp);
+        if (s->r_epoch[u] == s->epoch && s->r_warp[u] != warp)
+            sm_error(s, "smem race: write over another warp's read without a barrier at byte %d (warp %d)", 2 * u, warp);
+        s->w_epoch[u] = s->epoch;
+        s->w_warp[u] = warp;
+    }
+}
+static float sm_rd_bf16(Smem *s, int off, int warp) {
+    if (!sm_check(s, off, 2)) return NAN;
+    sm_note_read(s, off, 2, warp);
+    uint16_t v;
+    memcpy(&v, s->mem + off, 2);
+    return bf2f(v);
+}
+static void sm_wr_bf16(Smem *s, int off, float f, int warp) {  // f already bf16-valued
+    if (!sm_check(s, off, 2)) return;
+    sm_note_write(s, off, 2, warp);
+    uint16_t v = f2bf(f);
+    memcpy(s->mem + off, &v, 2);
+}
+static float sm_rd_f32(Smem *s, int off, int warp) {
+    if (!sm_check(s, off, 4)) return NAN;
+    sm_note_read(s, off, 4, warp);
+    float v;
+    memcpy(&v, s->mem + off, 4);
+    return v;
+}
+static void sm_wr_f32(Smem *s, int off, float v, int warp) {
+    if (!sm_check(s, off, 4)) return;
+    sm_note_write(s, off, 4, warp);
+    memcpy(s->mem + off, &v, 4);
+}
+
+// ----------------------------------------------------------------------------------------------
+// global memory (bounds-checked) and the kernel's arguments
+
+typedef struct {
+    const float *x, *W0, *W1, *bias;  // bias may be NULL
+    size_t nx, nW0, nW1;
+    float *y, *z;                     // z may be NULL (not saved)
+    unsigned char *ycnt, *zcnt;       // writes per element
+    size_t ny, nz;
+    long gerrors;
+    char gfirst[256];
+} Args;
+
+static void g_error(Args *a, const char *what, size_t i, size_t n) {
+    if (a->gerrors++ == 0) snprintf(a->gfirst, sizeof(a->gfirst), "%s: element %zu of %zu", what, i, n);
+}
+
+// 16x16 fragments as float blocks; loads check the wmma preconditions
+typedef float Frag[16][16];
+
+static void frag_load_smem(Frag F, Smem *s, int byte_off, int ldm, int warp) {
+    if (byte_off % 32 || ldm % 8) sm_error(s, "wmma smem fragment misaligned: byte %d, ldm %d", byte_off, ldm);
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) F[i][j] = sm_rd_bf16(s, byte_off + 2 * (i * ldm + j), warp);
+}
+static void frag_load_global(Frag F, Args *a, const float *base, size_t n, size_t off, int ldm, const char *what) {
+    if ((off * 2) % 32 || ldm % 8) g_error(a, "wmma global fragment misaligned", off, n);
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            size_t e = off + (size_t)i * ldm + j;
+            if (e >= n) { g_error(a, what, e, n); F[i][j] = NAN; }
+            else F[i][j] = base[e];
+        }
+}
+static void frag_zero(Frag C) { memset(C, 0, sizeof(Frag)); }
+static void frag_mma(Frag C, Frag A, Frag B) {  // C += A B, one 16-term fp32 sum per element
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            float t = 0.0f;
+            for (int k = 0; k < 16; k++) t += A[i][k] * B[k][j];
+            C[i][j] += t;
+        }
+}
+static void frag_store_staging(Smem *s, int byte_off, Frag C, int warp) {  // store_matrix_sync, fp32 row-major
+    if (byte_off % 32 || BT_STG_LD % 4) sm_error(s, "wmma staging store misaligned: byte %d, ldm %d", byte_off, BT_STG_LD);
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) sm_wr_f32(s, byte_off + 4 * (i * BT_STG_LD + j), C[i][j], warp);
+}
+
+static float g_x(Args *a, size_t i) {
+    if (i >= a->nx) { g_error(a, "x read out of range", i, a->nx); return NAN; }
+    return a->x[i];
+}
+static void g_wr(Args *a, float *dst, unsigned char *cnt, size_t n, size_t i, float v, const char *what) {
+    if (i >= n) { g_error(a, what, i, n); return; }
+    dst[i] = v;
+    if (cnt[i] < 255) cnt[i]++;
+}
+
+// ----------------------------------------------------------------------------------------------
+// the x chunk through the threads' prefetch registers (bt_x_load / bt_x_store in the kernel)
+
+static float g_pre[BT_THREADS][BT_XVEC][8];
+
+static void emu_x_load(const BtGeom *g, Args *a, int N, int tile, int ch) {
+    const int r0 = tile * g->tm, rows = bt_tile_rows(g, N, tile);
+    for (int t = 0; t < BT_THREADS; t++) {
+        BtWalk it;
+        bt_walk_begin(&it, bt_x_fill_per(g, bt_chunk_gcount(g, ch)), t, BT_THREADS);
+        for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it)) {
+            if (it.o >= g->tm) continue;
+            size_t gi = bt_x_global(g, r0 + it.o, ch, it.i * 8);
+            if (it.o < rows && gi % 8) g_error(a, "x vector load misaligned", gi, a->nx);
+            for (int e = 0; e < 8; e++) g_pre[t][k][e] = it.o < rows ? g_x(a, gi + e) : 0.0f;  // tail: zeros
+        }
+    }
+}
+static void emu_x_store(const BtGeom *g, Smem *S, int ch) {
+    for (int t = 0; t < BT_THREADS; t++) {
+        BtWalk it;
+        bt_walk_begin(&it, bt_x_fill_per(g, bt_chunk_gcount(g, ch)), t, BT_THREADS);
+        for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it)) {
+            if (it.o >= g->tm) continue;
+            int so = g->off_x + 2 * bt_x_smem(g, it.o, it.i * 8);
+            if (so % 16) sm_error(S, "x chunk vector store misaligned at byte %d (row %d)", so, it.o);
+            for (int e = 0; e < 8; e++) sm_wr_bf16(S, so + 2 * e, g_pre[t][k][e], t / 32);
+        }
+        if (it.o < g->tm) sm_error(S, "x chunk not covered by BT_XVEC vectors per thread (thread %d, row %d)", t, it.o);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// the kernel, block by block (grid blocks; block b takes tiles b, b + grid, ...)
+
+static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
+    BtGeom gg = *gp;
+    const BtGeom *g = &gg;
+    const int ntiles = bt_num_tiles(N, g->tm);
+    err_out->errors = 0;
+    err_out->first[0] = 0;
+    for (int block = 0; block < grid; block++) {
+        Smem S;
+        sm_init(&S, g->smem_bytes);
+        if (block < ntiles) emu_x_load(g, a, N, block, 0);
+        for (int tile = block; tile < ntiles; tile += grid) {
+            const int r0 = tile * g->tm, rows = bt_tile_rows(g, N, tile);
+            // ---- stage 1
+            for (int ch = 0; ch < g->nchunks; ch++) {
+                const int g0 = ch * g->gc, gcount = bt_chunk_gcount(g, ch);
+                sm_sync(&S);
+                emu_x_store(g, &S, ch);
+                sm_sync(&S);
+                int ntile, nch;
+                if (bt_next_chunk(g, N, grid, tile, ch, &ntile, &nch)) emu_x_load(g, a, N, ntile, nch);
+                for (int warp = 0; warp < BT_WARPS; warp++) {
+                    BtWalk it;
+                    for (bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
+                        int mt, nt;
+                        const int gl = it.o;
+                        bt_s1_split(g, it.i, &mt, &nt);
+                        Frag acc, A, B;
+                        frag_zero(acc);
+                        for (int kk = 0; kk < g->ks1; kk++) {
+                            frag_load_smem(A, &S, g->off_x + 2 * bt_s1_a(g, mt, gl, kk), g->xld, warp);
+                            frag_load_global(B, a, a->W0, a->nW0, bt_s1_b(g, g0 + gl, kk, nt), g->fr, "W0 read out of range");
+                            frag_mma(acc, A, B);
+                        }
+                        const int stg = bt_stg_off(g, warp);
+                        frag_store_staging(&S, stg, acc, warp);
+                        for (int lane = 0; lane < 32; lane++) {
+                            const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
+                            if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
+                            int idx[8];
+                            bt_z1_run(g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
+                            for (int t = 0; t < 8; t++) {
+                                float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
+                                sm_wr_bf16(&S, g->off_z + 2 * idx[t], bf16r(v), warp);
+                            }
+                        }
+                    }
+                }
+            }
+            sm_sync(&S);
+            // ---- saved z
+            if (a->z) {
+                for (int t = 0; t < BT_THREADS; t++) {
+                    BtWalk it;
+                    for (bt_walk_begin(&it, bt_zcopy_per(g), t, BT_THREADS); it.o < rows; bt_walk_next(&it)) {
+                        const int so = g->off_z + 2 * bt_z_smem(g, it.o, it.i * 8);
+                        const size_t gi = bt_z_global(g, r0 + it.o, it.i * 8);
+                        if (so % 16 || gi % 8) sm_error(&S, "z copy vector misaligned at byte %d (row %d)", so, it.o);
+                        for (int e = 0; e < 8; e++)
+                            g_wr(a, a->z, a->zcnt, a->nz, gi + e, sm_rd_bf16(&S, so + 2 * e, t / 32), "z write out of range");
+                    }
+                }
+            }
+            // ---- stage 2
+            for (int warp = 0; warp < BT_WARPS; warp++) {
+                BtWalk it2;
+                for (bt_walk_begin(&it2, g->ntg, warp, BT_WARPS); it2.o < g->P; bt_walk_next(&it2)) {
+                    const int f = it2.o, j = it2.i;
+                    static Frag acc[4][3];
+                    Frag A, B[3];
+                    for (int mt = 0; mt < g->mt; mt++)
+                        for (int b = 0; b < g->nb; b++) frag_zero(acc[mt][b]);
+                    for (int kk = 0; kk < g->ks2; kk++) {
+                        for (int b = 0; b < g->nb; b++)
+                            frag_load_global(B[b], a, a->W1, a->nW1, bt_s2_b(g, f, kk, bt_s2_ntile(g, j, b)), g->E, "W1 read out of range");
+                        for (int mt = 0; mt < g->mt; mt++) {
+                            frag_load_smem(A, &S, g->off_z + 2 * bt_s2_a(g, mt, f, kk), g->zld, warp);
+                            for (int b = 0; b < g->nb; b++) frag_mma(acc[mt][b], A, B[b]);
+                        }
+                    }
+                    const int stg = bt_stg_off(g, warp);
+                    for (int mt = 0; mt < g->mt; mt++)
+                        for (int b = 0; b < g->nb; b++) {
+                            const int n = bt_s2_ntile(g, j, b);
+                            frag_store_staging(&S, stg, acc[mt][b], warp);
+                            for (int lane = 0; lane < 32; lane++) {
+                                const int er = bt_epi_row(lane), ec = bt_epi_col(lane), row = r0 + mt * 16 + er;
+                                if (row >= N) continue;
+                                if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
+                                const size_t yi = bt_y_global(g, row, f, n, ec);
+                                if (yi % 8 || bt_bias(g, f, n, ec) % 8) g_error(a, "y/bias vector misaligned", yi, a->ny);
+                                for (int t = 0; t < 8; t++) {
+                                    float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
+                                    if (a->bias) v += a->bias[bt_bias(g, f, n, ec + t)];
+                                    g_wr(a, a->y, a->ycnt, a->ny, yi + t, bf16r(v), "y write out of range");
+                                }
+                            }
+                        }
+                }
+            }
+        }
+        if (S.errors && !err_out->errors) snprintf(err_out->first, sizeof(err_out->first), "block %d: %.200s", block, S.first);
+        err_out->errors += S.errors;
+        sm_free(&S);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+
+static mt19937_state g_rng;
+
+static float *rand_bf16(size_t n, float std) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    mt_normal_(p, n, 0.0f, std, &g_rng);
+    for (size_t i = 0; i < n; i++) p[i] = bf16r(p[i]);
+    return p;
+}
+static float *absf(const float *a, size_t n) {
+    float *p = (float *)mallocCheck(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) p[i] = fabsf(a[i]);
+    return p;
+}
+
+// |got - ref| <= u |ref| + c_abs * abs_sum elementwise, and the relative RMS error <= 2^-7
+static void check_bounded(const char *name, const float *got, const float *ref, const float *abs_sum, size_t n, double c_abs) {
+    const double u = 1.0 / 256.0;
+    size_t bad = 0, first = 0;
+    double e2 = 0.0, r2 = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]), lim = u * fabs(ref[i]) + c_abs * abs_sum[i];
+        if (!(d <= lim)) { if (!bad) first = i; bad++; }
+        if (d > worst || d != d) worst = d;
+        e2 += d * d;
+        r2 += (double)ref[i] * ref[i];
+    }
+    double rel_rms = r2 > 0 ? sqrt(e2 / r2) : sqrt(e2);
+    char why[300];
+    if (bad) snprintf(why, sizeof(why), "%zu of %zu outside the bound; first [%zu] got %.7g ref %.7g (abs sum %.4g)", bad, n, first,
+                      got[first], ref[first], abs_sum[first]);
+    else snprintf(why, sizeof(why), "relative RMS error %.3g > 2^-7", rel_rms);
+    char label[200];
+    snprintf(label, sizeof(label), "%s (max |diff| %.3g, rel RMS %.2g)", name, worst, rel_rms);
+    check_true(!bad && rel_rms <= 1.0 / 128.0, label, why);
+}
+
+static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid, int with_bias, int save_z) {
+    BTTShape s;
+    btt_shape(&s, A, G, P, E, R);
+    BtGeom g;
+    char name[200];
+    snprintf(name, sizeof(name), "%d->%d (alpha %d gamma %d phi %d eps %d rank %d) tm %d N %d grid %d%s%s", s.d_in, s.d_out, A, G, P, E,
+             R, tm, N, grid, with_bias ? " bias" : "", save_z ? " z" : "");
+    if (!check_true(bt_geom(&g, A, G, P, E, R, tm), name, "bt_geom rejected the shape")) return;
+    const size_t nx = (size_t)N * s.d_in, ny = (size_t)N * s.d_out, nz = btt_z_size(&s, N);
+    const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
+    float *x = rand_bf16(nx, 1.0f), *W0 = rand_bf16(n0, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1, 1.0f / sqrtf((float)(G * R)));
+    float *bias = with_bias ? rand_bf16((size_t)s.d_out, 0.5f) : NULL;
+    // references: fp32 forward, and the forward on absolute values (error bounds)
+    float *y_ref = (float *)callocCheck(ny, sizeof(float)), *z_ref = (float *)callocCheck(nz, sizeof(float));
+    float *y_abs = (float *)callocCheck(ny, sizeof(float)), *z_abs = (float *)callocCheck(nz, sizeof(float));
+    btt_forward(y_ref, z_ref, x, W0, W1, bias, N, &s);
+    float *ax = absf(x, nx), *a0 = absf(W0, n0), *a1 = absf(W1, n1);
+    btt_forward(y_abs, z_abs, ax, a0, a1, NULL, N, &s);
+    // the emulated kernel
+    Args a;
+    memset(&a, 0, sizeof(a));
+    a.x = x; a.W0 = W0; a.W1 = W1; a.bias = bias; a.nx = nx; a.nW0 = n0; a.nW1 = n1;
+    a.y = (float *)mallocCheck(sizeof(float) * ny);
+    a.ycnt = (unsigned char *)callocCheck(ny, 1);
+    a.ny = ny;
+    for (size_t i = 0; i < ny; i++) a.y[i] = NAN;
+    if (save_z) {
+        a.z = (float *)mallocCheck(sizeof(float) * nz);
+        a.zcnt = (unsigned char *)callocCheck(nz, 1);
+        a.nz = nz;
+        for (size_t i = 0; i < nz; i++) a.z[i] = NAN;
+    }
+    Smem err;
+    emulate(&g, grid, N, &a, &err);
+
+    char label[300], why[300];
+    snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", err.errors, err.first);
+    check_true(err.errors == 0, label, why);
+    snprintf(label, sizeof(label), "%s: global accesses (bounds, alignment)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", a.gerrors, a.gfirst);
+    check_true(a.gerrors == 0, label, why);
+    size_t ybad = 0;
+    for (size_t i = 0; i < ny; i++) ybad += a.ycnt[i] != 1;
+    snprintf(label, sizeof(label), "%s: every y element written once", name);
+    snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", ybad, ny);
+    check_true(ybad == 0, label, why);
+    snprintf(label, sizeof(label), "%s: y", name);
+    check_bounded(label, a.y, y_ref, y_abs, ny, 1.02 / 256.0);
+    if (save_z) {
+        size_t zbad = 0;
+        for (size_t i = 0; i < nz; i++) zbad += a.zcnt[i] != 1;
+        snprintf(label, sizeof(label), "%s: every saved z element written once", name);
+        snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", zbad, nz);
+        check_true(zbad == 0, label, why);
+        snprintf(label, sizeof(label), "%s: saved z (N, phi, gamma, rho)", name);
+        check_bounded(label, a.z, z_ref, z_abs, nz, 1.0 / 65536.0);
+    }
+    free(x); free(W0); free(W1); free(bias); free(y_ref); free(z_ref); free(y_abs); free(z_abs); free(ax); free(a0); free(a1);
+    free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);
+}
+
+// the walk visits exactly k = start, start + stride, ... in order, as (k / per, k % per)
+static void test_walk(void) {
+    int ok = 1;
+    const int pers[] = {1, 2, 3, 5, 8, 16, 24, 48, 96, 192, 255, 256, 257, 384, 1000};
+    for (size_t pi = 0; pi < sizeof(pers) / sizeof(pers[0]); pi++)
+        for (int stride = 1; stride <= 256; stride = stride < 8 ? stride + 1 : stride * 2)
+            for (int start = 0; start < stride; start += (stride > 8 ? 7 : 1)) {
+                BtWalk it;
+                int k = start;
+                for (bt_walk_begin(&it, pers[pi], start, stride); it.o < 40; bt_walk_next(&it), k += stride)
+                    if (it.o != k / pers[pi] || it.i != k % pers[pi]) ok = 0;
+                if (k / pers[pi] < 40) ok = 0;  // stopped early
+            }
+    check_true(ok, "bt_walk visits start, start + stride, ... as (k / per, k % per)", "a step differs from the division");
+}
+
+// default tile rows on H100 (227 KB opt-in) and A100 (163 KB), and unsupported shapes
+static void test_choose_tm(void) {
+    const size_t h100 = 232448, a100 = 166912;
+    struct { int A, G, P, E, R; size_t lim; int want; const char *what; } c[] = {
+        {16, 48, 32, 96, 1, h100, 64, "768->3072 rank 1, H100: tm 64"},
+        {32, 96, 16, 48, 1, h100, 64, "3072->768 rank 1, H100: tm 64"},
+        {16, 48, 32, 96, 2, h100, 32, "768->3072 rank 2, H100: tm 32"},
+        {16, 48, 32, 96, 4, h100, 16, "768->3072 rank 4, H100: tm 16"},
+        {16, 48, 16, 48, 2, h100, 64, "768->768 rank 2, H100: tm 64"},
+        {16, 48, 16, 48, 4, h100, 32, "768->768 rank 4, H100: tm 32"},
+        {16, 48, 32, 96, 1, a100, 32, "768->3072 rank 1, A100: tm 32"},
+        {16, 48, 32, 96, 4, a100, 0, "768->3072 rank 4, A100: unsupported (z tile too big)"},
+        {8, 96, 32, 96, 1, h100, 0, "alpha 8: unsupported"},
+        {16, 48, 32, 8, 1, h100, 0, "eps 8: unsupported"},
+        {16, 9, 32, 96, 1, h100, 0, "gamma*rho 9: unsupported"},
+        {16, 48, 3, 96, 1, h100, 0, "phi*rho 3: unsupported"},
+    };
+    for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
+        int got = bt_choose_tm(c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim);
+        char why[100];
+        snprintf(why, sizeof(why), "got tm %d", got);
+        check_true(got == c[i].want, c[i].what, why);
+    }
+}
+
+int main(void) {
+    mt_seed(&g_rng, 1234);
+    test_walk();
+    test_choose_tm();
+    // (alpha, gamma, phi, eps, rank): GPT-2 small's shapes at every tile size, N not a multiple
+    // of tm (a partial last tile), grids smaller than the tile count (blocks loop over tiles)
+    test_case(16, 48, 32, 96, 1, 64, 2 * 64 + 7, 2, 1, 1);  // 768 -> 3072 rank 1
+    test_case(16, 48, 32, 96, 1, 32, 3 * 32 + 19, 2, 1, 1);
+    test_case(16, 48, 32, 96, 1, 16, 40, 3, 0, 0);
+    test_case(32, 96, 16, 48, 1, 64, 64 + 33, 1, 1, 1);     // 3072 -> 768 rank 1
+    test_case(32, 96, 16, 48, 1, 32, 2 * 32 + 1, 2, 0, 1);
+    test_case(16, 48, 16, 48, 2, 64, 64 + 50, 2, 1, 1);     // 768 -> 768 rank 2
+    test_case(16, 48, 16, 48, 4, 32, 2 * 32 + 9, 2, 1, 1);  // 768 -> 768 rank 4
+    test_case(16, 48, 16, 48, 4, 16, 5, 1, 1, 1);           // N < 16: one partial tile
+    test_case(16, 48, 32, 96, 2, 32, 32 + 3, 2, 1, 1);      // 768 -> 3072 rank 2
+    test_case(16, 48, 32, 96, 4, 16, 16 + 15, 2, 0, 1);     // 768 -> 3072 rank 4
+    // other factorizations: nb 1 and 2, a partial last x chunk, alpha 48 (3 k-steps), rho 16
+    test_case(16, 20, 4, 80, 4, 32, 32 + 31, 2, 1, 1);      // nb 1, chunks 8 + 8 + 4
+    test_case(48, 8, 8, 32, 2, 16, 16 * 3 + 2, 2, 1, 1);    // nb 2, ks1 3
+    test_case(16, 3, 4, 32, 16, 64, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
+    test_case(128, 16, 16, 16, 1, 64, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
+    return test_summary();
+}
