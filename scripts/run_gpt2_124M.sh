@@ -9,4 +9,4 @@ NPROC=$NGPU OUT=${OUT:-log_gpt2_124M} STEPS=${STEPS:-17000} exec bash scripts/la
     -e "${MODEL:-d12}" \
     -i "${TRAIN:-data/openwebtext/openwebtext_train_*.bin}" -j "${VAL:-data/openwebtext/openwebtext_val_*.bin}" \
     -b "$B" -t 1024 -d 524288 -l 6e-4 -u 700 -q 0.0 -c 0.1 -k cosine -sh 1 \
-    -v 250 -m 20 -s 2000 -n 1000 -nk 3
+    -v 250 -m 20 -s 2000 -n 1000 -nk 3 -z "${ZERO:-1}"
