@@ -13,8 +13,9 @@ if [ ! -x ./train_gpt2_mpi ] || ! command -v mpirun >/dev/null; then
     echo "0 passed, 0 failed"; exit 0
 fi
 export OMP_NUM_THREADS=1  # two ranks on two cores
-MPI=(mpirun --oversubscribe -np 2 -x OMP_NUM_THREADS)
-[ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS)
+# more ranks than cores: ranks waiting in a collective yield the core instead of spinning on it
+MPI=(mpirun --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x OMP_NUM_THREADS)
+[ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x OMP_NUM_THREADS)
 
 python3 tests/synthetic_shards.py "$W" --seed 1 --docs 200 --val_docs 0
 cat > "$W/moe.conf" <<'CONF'
@@ -134,7 +135,7 @@ fi
 exec "$PWD/train_gpt2_mpi" "\$@"
 CRASH
 chmod +x "$W/crashy.sh"
-LAUNCH_ENV=(NPROC=2 OUT="$W/L" STEPS=6 BIN="$W/crashy.sh" RETRY_SLEEP=0 MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS")
+LAUNCH_ENV=(NPROC=2 OUT="$W/L" STEPS=6 BIN="$W/crashy.sh" RETRY_SLEEP=0 MPIRUN="mpirun --oversubscribe --mca mpi_yield_when_idle 1 -x OMP_NUM_THREADS")
 out=$(env "${LAUNCH_ENV[@]}" bash scripts/launch.sh -e d2 "${DATA[@]}" -b 2 -n 3 2>&1); rc=$?
 [ $rc -eq 0 ] && [ -f "$W/L/DONE_00000006" ] && echo "$out" | grep -q "launch attempt 2" && echo "$out" | grep -q "resumed from $W/L/model_00000003.bin at step 3" \
     && ok "launch.sh relaunches a crashed run, which resumes at step 3 and finishes" || bad "launch.sh" "exit $rc: $(echo "$out" | grep -E 'attempt|resumed|error' | head -5)"
