@@ -275,7 +275,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     mt_seed(&rng, 7);
     const int din = spec->d_in, dout = spec->d_out;
     char tag[160], name[256];
-    if (spec->kind == STRUCT_BTT) snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d", spec->rank, din, dout, N);
+    if (spec->kind == STRUCT_BTT)
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s forward)", spec->rank, din, dout, N, g_st_fused ? "fused" : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH) snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d", spec->blocks, din, dout, N);
     else snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d", spec->experts, spec->topk, din, dout, N);
     int nw = linear_num_weight_tensors(spec->kind);
@@ -388,7 +389,9 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
+        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++)  // the baseline, then the fused forward where it applies
+            for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
+        g_st_fused = 0;
         s.kind = STRUCT_MONARCH;
         s.blocks = 4; check_layer_vs_cpu(&s, N);
         s.kind = STRUCT_BTT_MOE;

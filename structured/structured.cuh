@@ -21,8 +21,14 @@
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
 #include "../cuda/reduce.cuh"
+#include "btt_fused.cuh"
 #include "gpu_plan.h"
 #include "spec.h"
+
+// 1: BTT forwards run btt_fused.cuh's one-kernel forward where it supports the shape (-sk 1 in
+// the trainer); 0: the cuBLAS plan. The plan stays the default until dev/bench/structured.sh has
+// measured the fused kernel on a GPU (neither has run yet).
+static int g_st_fused = 0;
 
 // ----------------------------------------------------------------------------------------------
 // plan execution
@@ -94,6 +100,7 @@ static inline MoEShape st_moe_shape_of(const LinearSpec *s) {
 // y (N, d_out) overwritten, z (N, zrow) saved; scratch: N·zrow elements.
 static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
                             const BTTShape *s, floatX *scratch) {
+    if (g_st_fused && btt_forward_fused(y, z, x, W0, W1, bias, N, s)) return;
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
     Plan p = {};

@@ -180,10 +180,18 @@ for c in scripts/configs/gpt2_124M*.conf; do
 done
 printf '%-28s %10s %12s %9s %s\n' config ms/step tokens/s vs_dense note
 dense_tok=""
+runs=()  # "config sk": the structured configs also with -sk 1 (the fused BTT forward)
 for conf in "${configs[@]}"; do
+    runs+=("$conf 0")
+    [ "$conf" != scripts/configs/gpt2_124M.conf ] && runs+=("$conf 1")
+done
+for run in "${runs[@]}"; do
+    conf=${run% *}
+    sk=${run##* }
     name=$(basename "$conf" .conf)
-    log=$OUT/model_${name}.log
-    ./train_gpt2cu -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 > "$log" 2>&1
+    [ "$sk" = 1 ] && name="$name -sk 1"
+    log=$OUT/model_${name// /_}.log
+    ./train_gpt2cu -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -sk "$sk" > "$log" 2>&1
     rc=$?
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then
