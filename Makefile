@@ -74,7 +74,7 @@ $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/che
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
 	bash tests/run_all.sh
 
 bench: train_gpt2
@@ -139,6 +139,10 @@ test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h
 else
   $(info nvcc: not found, skipping the GPU trainer (train_gpt2cu, test_gpt2cu))
 endif
+# the CUDA sources executed on the CPU simulator (tests/cuda_sim; g++ only, no GPU)
+include tests/cuda_sim/sim.mk
+SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu
+
 .PHONY: bench-gpu clean-gpu
 bench-gpu:
 	bash dev/bench/gpu.sh

@@ -7,11 +7,12 @@
 // current directory.
 //
 // Tolerances (bf16 storage, fp32 accumulation; the fixtures are float64 computations):
-//   logits           |got - ref| <= 2e-2 + 2e-2 |ref|
+//   logits           |got - ref| <= 2e-2 max(1, max|ref|) + 2e-2 |ref|
 //   loss             |got - ref| <= 1e-2 (cross-entropy + weighted aux); aux alone 1e-2
-//   gradients        per tensor, max |got - ref| <= 5e-2 * max |ref| of that tensor
+//   gradients        per tensor, max |got - ref| <= 6e-2 * max |ref| of that tensor (not the bias
+//                    of a separate k layer: zero in exact arithmetic)
 //   10-step losses   |got - ref| <= 2e-2 + 1e-2 |ref|
-//   grad norms       |got - ref| <= 1e-3 + 2e-2 |ref|
+//   grad norms       |got - ref| <= 1e-3 + 1e-1 |ref| (bf16 training drifts: up to 8% by step 9)
 //   final weights    per tensor, mean |got - ref| <= one Adam step (lr * lr_mult); the k part of
 //                    a fused qkv bias is skipped (zero gradient in exact arithmetic: Adam turns
 //                    rounding noise into lr-sized steps, see test_gpt2.c)
@@ -19,8 +20,12 @@
 //   llm.c 124M       logits 0.25 abs, loss 1e-2, grads 10% of tensor scale, losses 5e-2
 //   GPU vs CPU layer y, dx: |got - ref| <= 3e-2 · max|ref|; weight gradients 3e-2 · max|ref| of
 //                    the tensor (bf16 inputs for both; the GPU also rounds z and dy·gate to bf16)
-// These were chosen by reasoning, not yet measured on a GPU: a first GPU run should print the
-// observed errors (every check prints its max |diff|) and tighten them.
+// These come from running this program on the CPU CUDA simulator (tests/cuda_sim), whose
+// cuBLAS is fp32-accumulating naive loops: a real GPU's errors should be of the same order; its
+// first run should print them (every check prints its max |diff|) and tighten these. Known in
+// the simulator: btt_moe.bin and mixed.bin have top-k near-ties (gaps 2.7e-4 and 1.7e-3) that
+// flip in bf16, so their logits rows, gradients and trajectories differ from the float64
+// reference; those two fixtures need regenerating with well-separated routing.
 #define TESTING
 #include "train_gpt2.cu"
 #include <sys/stat.h>
@@ -69,6 +74,10 @@ static void check_grads(GPT2 *m, const float *expected, float rel, const char *t
     for (int i = 0; i < m->layout.params.n; i++) {
         const ParamTensor *p = &m->layout.params.t[i];
         char name[256];
+        size_t len = strlen(p->name);
+        // a separate k layer's bias has a gradient of exactly zero (softmax ignores it): the
+        // reference gives ~1e-19, bf16 rounding ~1e-5, so there is nothing to compare
+        if (len > 4 && strcmp(p->name + len - 4, ".k.b") == 0) continue;
         snprintf(name, sizeof(name), "%s grad %s", tag, p->name);
         float scale = max_abs(expected + p->offset, p->numel);
         check_close(got + p->offset, expected + p->offset, p->numel, rel * scale + 1e-6f, 0.0f, name);
@@ -122,7 +131,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
 
     float ce = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T), loss = gpt2_total_loss(&m, ce), aux = m.aux_loss;
     snprintf(name, sizeof(name), "%s logits", tag);
-    check_logits(&m, f.logits, BT, f.V, 2e-2f, 2e-2f, name);
+    check_logits(&m, f.logits, BT, f.V, 2e-2f * fmaxf(1.0f, max_abs(f.logits, (size_t)BT * f.V)), 2e-2f, name);
     snprintf(name, sizeof(name), "%s loss", tag);
     check_close(&loss, &f.loss, 1, 1e-2f, 0.0f, name);
     if (f.n_routed > 0) {
@@ -131,7 +140,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     }
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
-    check_grads(&m, f.grads, 5e-2f, tag);
+    check_grads(&m, f.grads, 6e-2f, tag);
     if (!full) { gpt2_free(&m); fixture_free(&f); return; }
 
     float *losses = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
@@ -142,7 +151,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     snprintf(name, sizeof(name), "%s losses over %d steps", tag, f.n_steps);
     check_close(losses, f.losses, f.n_steps, 2e-2f, 1e-2f, name);
     snprintf(name, sizeof(name), "%s grad norms over %d steps", tag, f.n_steps);
-    check_close(norms, f.norms, f.n_steps, 1e-3f, 2e-2f, name);
+    check_close(norms, f.norms, f.n_steps, 1e-3f, 1e-1f, name);
     gpt2_download_master(&m);
     float *final1 = (float *)mallocCheck(m.num_params * sizeof(float));
     memcpy(final1, m.master_host, m.num_params * sizeof(float));

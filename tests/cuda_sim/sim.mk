@@ -1,0 +1,27 @@
+# tests/cuda_sim/sim.mk: make rules for the CUDA sources executed on the CPU (tests/cuda_sim), for
+# the top-level Makefile to `include tests/cuda_sim/sim.mk` (it uses its $(BUILD)). g++ only: no GPU
+# or nvcc needed.
+#   make test-cuda-sim    simify self-test, kernel tests (also in random thread order), the GPU
+#                         trainer's main through the simulator, and test_gpt2.cu on the fixtures
+#   make -j2 build/cuda_sim/test_sim_kernels build/cuda_sim/test_gpt2cu build/cuda_sim/train_gpt2cu
+SIM_DIR = $(BUILD)/cuda_sim
+SIM_CXX ?= g++
+SIM_CXXFLAGS = -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -DBT_WMMA_GENERIC -I $(SIM_DIR)/src -I tests/cuda_sim -I.
+SIM_SOURCES = $(wildcard *.cu *.c cuda/*.cuh structured/*.cuh structured/*.h common/*.h tests/*.h dev/cuda/*.cu dev/cuda/*.cuh)
+SIM_DEPS = $(SIM_DIR)/src/.stamp tests/cuda_sim/cuda_sim.h
+$(SIM_DIR)/src/.stamp: tests/cuda_sim/simify.py $(SIM_SOURCES) | $(BUILD)
+	python3 tests/cuda_sim/simify.py --out $(SIM_DIR)/src
+	touch $@
+$(SIM_DIR)/test_sim_kernels: tests/cuda_sim/test_sim_kernels.cpp $(SIM_DEPS)
+	$(SIM_CXX) $(SIM_CXXFLAGS) $< -o $@
+$(SIM_DIR)/test_gpt2cu: $(SIM_DEPS)
+	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/test_gpt2.cu -o $@
+$(SIM_DIR)/train_gpt2cu: $(SIM_DEPS)
+	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/train_gpt2.cu -o $@
+.PHONY: test-cuda-sim
+test-cuda-sim: $(SIM_DIR)/test_sim_kernels $(SIM_DIR)/test_gpt2cu $(SIM_DIR)/train_gpt2cu
+	python3 tests/cuda_sim/simify.py --self-test
+	$(SIM_DIR)/test_sim_kernels
+	SIM_SERIAL=1 $(SIM_DIR)/test_sim_kernels sim order attention structured fused
+	bash tests/cuda_sim/test_sim_trainer.sh
+	$(SIM_DIR)/test_gpt2cu

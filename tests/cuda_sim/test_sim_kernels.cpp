@@ -1,0 +1,1287 @@
+// tests/cuda_sim/test_sim_kernels.cpp: the GPU trainer's kernels, run on the CPU through the CUDA
+// simulator (tests/cuda_sim/cuda_sim.h) on the sources simify.py rewrote, against independent CPU
+// references; plus the simulator's own checks (it must catch what it claims to catch).
+//
+//   python3 tests/cuda_sim/simify.py            # -> build/cuda_sim/src
+//   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -DBT_WMMA_GENERIC -I build/cuda_sim/src -I tests/cuda_sim -I.
+//       tests/cuda_sim/test_sim_kernels.cpp -o build/cuda_sim/test_sim_kernels
+//   build/cuda_sim/test_sim_kernels [group ...]  # "N passed, N failed"; groups: sim layernorm matmul classifier
+//                                                # adamw norm encoder attention structured fused order (default all)
+//   SIM_SERIAL=1 build/cuda_sim/test_sim_kernels # everything in random thread/block order
+//
+// Inputs are bf16-exact (rounded on the host), references compute in double from those inputs.
+// Tolerances, |got - ref| <= atol + rtol |ref| unless said otherwise (bf16 has 8 significant bits,
+// relative spacing 2^-8 = 0.0039; a bf16 result is within half of that of the fp32 value):
+//   LayerNorm out                 1.5e-2 + 1e-2 |ref|    mean, rstd (fp32)    1e-5 + 1e-5 |ref|
+//   LayerNorm dinp, dw, db        1e-2 * max|ref| (+ 1e-2 |ref|)  (accumulated into bf16)
+//   matmul out / pre-GELU         1e-2 * max|ref| + 1e-2 |ref|;  dinp, dw, dbias the same
+//   classifier loss (fp32)        1e-4 + 1e-5 |ref|; dlogits 2e-3 * dloss-scale + 1e-2 |ref|
+//   AdamW                         master/m/v 1e-6 relative, bf16 weights bit-exact (same rounding)
+//   global norm                   1e-5 relative;  encoder bit-exact (fp32 sums in the same order)
+//   attention (both paths)        out 2e-2 * max|ref| (+ 2e-2 |ref|); dqkv 3e-2 * max|ref| of each
+//                                 of q, k, v (P and dS rounded to bf16 inside)
+//   structured layers             y, dx 2e-2 * max|ref|; weight gradients 2e-2 * max|ref| of the
+//                                 tensor (the GPU rounds its intermediates z, u, dy*gate to bf16)
+//   determinism                   bit-identical (memcmp), run to run and in random thread order
+#ifndef BT_WMMA_GENERIC
+#define BT_WMMA_GENERIC 1  // btt_fused.cuh's switch: wmma::load_matrix_sync instead of its inline PTX loads
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+
+#include "common/utils.h"
+#include "common/params.h"
+#include "cuda/common.cuh"
+#include "cuda/adamw.cuh"
+#include "cuda/attention.cuh"
+#include "cuda/classifier.cuh"
+#include "cuda/encoder.cuh"
+#include "cuda/flash_attention.cuh"
+#include "cuda/global_norm.cuh"
+#include "cuda/layernorm.cuh"
+#include "cuda/matmul.cuh"
+#include "cuda/reduce.cuh"
+#include "structured/structured.cuh"
+#include "structured/btt_fused.cuh"
+#include "tests/check.h"
+
+// ------------------------------------------------------------------------------------------------
+// helpers
+
+typedef std::vector<float> Vec;
+
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+static double urand() {  // [0, 1)
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (double)(g_rng >> 11) * (1.0 / 9007199254740992.0);
+}
+static float nrand() {
+    double u1 = urand(), u2 = urand();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+static float bfr(float x) { return (float)__nv_bfloat16(x); }  // round to bf16 (nearest even)
+static Vec rand_bf16(size_t n, float std, float mean = 0.0f) {
+    Vec v(n);
+    for (auto &x : v) x = bfr(mean + std * nrand());
+    return v;
+}
+static floatX *up_bf16(const Vec &h) {
+    std::vector<floatX> t(h.begin(), h.end());
+    floatX *d = nullptr;
+    cudaCheck(cudaMalloc(&d, t.size() * sizeof(floatX)));
+    cudaCheck(cudaMemcpy(d, t.data(), t.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+    return d;
+}
+template <class T>
+static T *up(const std::vector<T> &h) {
+    T *d = nullptr;
+    cudaCheck(cudaMalloc(&d, h.size() * sizeof(T)));
+    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <class T>
+static T *dev_alloc(size_t n) {
+    T *d = nullptr;
+    cudaCheck(cudaMalloc(&d, (n ? n : 1) * sizeof(T)));
+    return d;
+}
+static Vec down_bf16(const floatX *d, size_t n) {
+    std::vector<floatX> t(n);
+    cudaCheck(cudaMemcpy(t.data(), d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    return Vec(t.begin(), t.end());
+}
+template <class T>
+static std::vector<T> down(const T *d, size_t n) {
+    std::vector<T> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+static std::vector<uint16_t> down_bits(const floatX *d, size_t n) {
+    std::vector<uint16_t> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    return h;
+}
+static float max_abs(const Vec &v) {
+    float m = 0;
+    for (float x : v) m = fmaxf(m, fabsf(x));
+    return m;
+}
+// |got - ref| <= frac * max|ref| + rtol |ref| (+ 1e-6)
+static void check_scaled(const Vec &got, const Vec &ref, float frac, float rtol, const char *name) {
+    check_close(got.data(), ref.data(), ref.size(), frac * max_abs(ref) + 1e-6f, rtol, name);
+}
+template <class T>
+static void check_same(const std::vector<T> &a, const std::vector<T> &b, const char *name) {
+    bool same = a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+    size_t first = 0;
+    if (!same)
+        while (first < a.size() && first < b.size() && memcmp(&a[first], &b[first], sizeof(T)) == 0) first++;
+    char why[128];
+    snprintf(why, sizeof(why), "differs (first at element %zu of %zu)", first, a.size());
+    check_true(same, name, why);
+}
+static char g_name[512];
+static const char *nm(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_name, sizeof(g_name), fmt, ap);
+    va_end(ap);
+    return g_name;
+}
+static double gelu_d(double x) { return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
+static double dgelu_d(double x) {
+    double u = 0.7978845608028654 * (x + 0.044715 * x * x * x), th = tanh(u);
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
+}
+// launches written by hand in this file (it is not rewritten by simify.py)
+#define LAUNCH(k, grid, block, smem, ...) sim_launch(k, sim_cfg(grid, block, smem).at(#k, __FILE__, __LINE__), __VA_ARGS__)
+
+// ================================================================================================
+// LayerNorm (cuda/layernorm.cuh, cuda/reduce.cuh)
+
+static void ln_ref(const Vec &x, const Vec &w, const Vec &b, int N, int C, Vec &out, Vec &mean, Vec &rstd) {
+    out.assign((size_t)N * C, 0);
+    mean.assign(N, 0);
+    rstd.assign(N, 0);
+    for (int r = 0; r < N; r++) {
+        const float *xr = &x[(size_t)r * C];
+        double m = 0, v = 0;
+        for (int c = 0; c < C; c++) m += xr[c];
+        m /= C;
+        for (int c = 0; c < C; c++) v += (xr[c] - m) * (xr[c] - m);
+        double s = 1.0 / sqrt(v / C + 1e-5);
+        for (int c = 0; c < C; c++) out[(size_t)r * C + c] = (float)((xr[c] - m) * s * w[c] + b[c]);
+        mean[r] = (float)m;
+        rstd[r] = (float)s;
+    }
+}
+
+static void test_layernorm(int N, int C) {
+    Vec x = rand_bf16((size_t)N * C, 1.0f, 0.3f), x2 = rand_bf16((size_t)N * C, 0.5f), w = rand_bf16(C, 0.2f, 1.0f), b = rand_bf16(C, 0.1f);
+    floatX *dx = up_bf16(x), *dx2 = up_bf16(x2), *dw = up_bf16(w), *db = up_bf16(b), *dout = dev_alloc<floatX>((size_t)N * C),
+           *dres = dev_alloc<floatX>((size_t)N * C);
+    float *dmean = dev_alloc<float>(N), *drstd = dev_alloc<float>(N);
+    Vec out, mean, rstd;
+    ln_ref(x, w, b, N, C, out, mean, rstd);
+    layernorm_forward(dout, dmean, drstd, dx, dw, db, N, C);
+    check_close(down_bf16(dout, (size_t)N * C).data(), out.data(), out.size(), 1.5e-2f, 1e-2f, nm("layernorm forward N=%d C=%d: out", N, C));
+    check_close(down(dmean, N).data(), mean.data(), N, 1e-5f, 1e-5f, nm("layernorm forward N=%d C=%d: mean", N, C));
+    check_close(down(drstd, N).data(), rstd.data(), N, 1e-5f, 1e-5f, nm("layernorm forward N=%d C=%d: rstd", N, C));
+
+    // fused residual: res = bf16(x + x2), out = LN(res)
+    Vec res((size_t)N * C);
+    for (size_t i = 0; i < res.size(); i++) res[i] = bfr(x[i] + x2[i]);
+    ln_ref(res, w, b, N, C, out, mean, rstd);
+    fused_residual_layernorm_forward(dres, dout, dmean, drstd, dx, dx2, dw, db, N, C);
+    check_same(down_bf16(dres, res.size()), res, nm("fused residual layernorm N=%d C=%d: residual (bit-exact)", N, C));
+    check_close(down_bf16(dout, (size_t)N * C).data(), out.data(), out.size(), 1.5e-2f, 1e-2f, nm("fused residual layernorm N=%d C=%d: out", N, C));
+    check_close(down(drstd, N).data(), rstd.data(), N, 1e-5f, 1e-5f, nm("fused residual layernorm N=%d C=%d: rstd", N, C));
+
+    // backward: dinp, dw, db are accumulated into
+    Vec g = rand_bf16((size_t)N * C, 1.0f), dinp0 = rand_bf16((size_t)N * C, 0.1f), dw0 = rand_bf16(C, 0.1f), db0 = rand_bf16(C, 0.1f);
+    Vec dinp = dinp0, dwr = dw0, dbr = db0;
+    for (int r = 0; r < N; r++) {
+        double sd = 0, sdn = 0;
+        for (int c = 0; c < C; c++) {
+            double n = (res[(size_t)r * C + c] - mean[r]) * rstd[r], dn = (double)w[c] * g[(size_t)r * C + c];
+            sd += dn;
+            sdn += dn * n;
+        }
+        sd /= C;
+        sdn /= C;
+        for (int c = 0; c < C; c++) {
+            double n = (res[(size_t)r * C + c] - mean[r]) * rstd[r], dn = (double)w[c] * g[(size_t)r * C + c];
+            dinp[(size_t)r * C + c] += (float)((dn - sd - n * sdn) * rstd[r]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        double sw = 0, sb = 0;
+        for (int r = 0; r < N; r++) {
+            double n = (res[(size_t)r * C + c] - mean[r]) * rstd[r];
+            sw += g[(size_t)r * C + c] * n;
+            sb += g[(size_t)r * C + c];
+        }
+        dwr[c] += (float)sw;
+        dbr[c] += (float)sb;
+    }
+    floatX *dg = up_bf16(g), *ddinp = up_bf16(dinp0), *ddw = up_bf16(dw0), *ddb = up_bf16(db0);
+    float *scratch = dev_alloc<float>(column_sums_scratch_floats(C));
+    layernorm_backward(ddinp, ddw, ddb, dg, dres, dw, dmean, drstd, N, C, scratch);
+    check_scaled(down_bf16(ddinp, dinp.size()), dinp, 1e-2f, 1e-2f, nm("layernorm backward N=%d C=%d: dinp (accumulated)", N, C));
+    check_scaled(down_bf16(ddw, C), dwr, 1e-2f, 1e-2f, nm("layernorm backward N=%d C=%d: dweight (accumulated)", N, C));
+    check_scaled(down_bf16(ddb, C), dbr, 1e-2f, 1e-2f, nm("layernorm backward N=%d C=%d: dbias (accumulated)", N, C));
+    void *bufs[] = {dx, dx2, dw, db, dout, dres, dmean, drstd, dg, ddinp, ddw, ddb, scratch};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+}
+
+// ================================================================================================
+// matmul (cuda/matmul.cuh) in the three GELU-fusion modes, with cuBLASLt refusing epilogues
+
+static void test_matmul(int N, int C, int OC, int fusion, unsigned refuse, const char *refuse_name) {
+    g_gpu.gelu_fusion = fusion;
+    sim_cublaslt_refuse_epilogues = refuse;
+    Vec inp = rand_bf16((size_t)N * C, 1.0f), w = rand_bf16((size_t)OC * C, 0.3f), bias = rand_bf16(OC, 0.5f);
+    floatX *dinp_ = up_bf16(inp), *dw_ = up_bf16(w), *dbias_ = up_bf16(bias);
+    floatX *out = dev_alloc<floatX>((size_t)N * OC), *pre = dev_alloc<floatX>((size_t)N * OC);
+    Vec ref((size_t)N * OC);
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) {
+            double s = bias[o];
+            for (int c = 0; c < C; c++) s += (double)inp[(size_t)n * C + c] * w[(size_t)o * C + c];
+            ref[(size_t)n * OC + o] = (float)s;
+        }
+    Vec ref_nb = ref, ref_gelu(ref.size());
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) ref_nb[(size_t)n * OC + o] -= bias[o];
+    for (size_t i = 0; i < ref.size(); i++) ref_gelu[i] = (float)gelu_d(ref[i]);
+    char tag[160];
+    snprintf(tag, sizeof(tag), "matmul N=%d C=%d OC=%d gelu_fusion %d%s%s", N, C, OC, fusion, refuse ? ", cuBLASLt refuses " : "",
+             refuse ? refuse_name : "");
+    matmul_forward(out, dinp_, dw_, dbias_, N, C, OC, NULL);
+    check_scaled(down_bf16(out, ref.size()), ref, 1e-2f, 1e-2f, nm("%s: forward with bias", tag));
+    matmul_forward(out, dinp_, dw_, NULL, N, C, OC, NULL);
+    check_scaled(down_bf16(out, ref.size()), ref_nb, 1e-2f, 1e-2f, nm("%s: forward without bias", tag));
+    matmul_forward(out, dinp_, dw_, dbias_, N, C, OC, pre);
+    check_scaled(down_bf16(pre, ref.size()), ref, 1e-2f, 1e-2f, nm("%s: forward with GELU: pre-GELU", tag));
+    check_scaled(down_bf16(out, ref.size()), ref_gelu, 1e-2f, 1e-2f, nm("%s: forward with GELU: GELU", tag));
+
+    // backward: dinp = dout w (times gelu'(pre) when given, pre = the layer's input pre-activation)
+    Vec dout = rand_bf16((size_t)N * OC, 1.0f), pre_in = rand_bf16((size_t)N * C, 1.0f), dw0 = rand_bf16((size_t)OC * C, 0.1f),
+        db0 = rand_bf16(OC, 0.1f);
+    Vec dinp_ref((size_t)N * C), dinp_gelu((size_t)N * C), dw_ref = dw0, db_ref = db0;
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            double s = 0;
+            for (int o = 0; o < OC; o++) s += (double)dout[(size_t)n * OC + o] * w[(size_t)o * C + c];
+            dinp_ref[(size_t)n * C + c] = (float)s;
+            dinp_gelu[(size_t)n * C + c] = (float)(s * dgelu_d(pre_in[(size_t)n * C + c]));
+        }
+    for (int o = 0; o < OC; o++) {
+        double sb = 0;
+        for (int n = 0; n < N; n++) sb += dout[(size_t)n * OC + o];
+        db_ref[o] += (float)sb;
+        for (int c = 0; c < C; c++) {
+            double s = 0;
+            for (int n = 0; n < N; n++) s += (double)dout[(size_t)n * OC + o] * inp[(size_t)n * C + c];
+            dw_ref[(size_t)o * C + c] += (float)s;
+        }
+    }
+    floatX *ddout = up_bf16(dout), *dpre_in = up_bf16(pre_in), *ddw = up_bf16(dw0), *ddb = up_bf16(db0), *ddinp = dev_alloc<floatX>((size_t)N * C);
+    float *scratch = dev_alloc<float>(column_sums_scratch_floats(OC));
+    matmul_backward(ddinp, ddw, ddb, ddout, dinp_, dw_, N, C, OC, NULL, scratch);
+    check_scaled(down_bf16(ddinp, dinp_ref.size()), dinp_ref, 1e-2f, 1e-2f, nm("%s: backward dinp", tag));
+    check_scaled(down_bf16(ddw, dw_ref.size()), dw_ref, 1e-2f, 1e-2f, nm("%s: backward dweight (accumulated)", tag));
+    check_scaled(down_bf16(ddb, OC), db_ref, 1e-2f, 1e-2f, nm("%s: backward dbias (accumulated)", tag));
+    matmul_backward(ddinp, ddw, NULL, ddout, dinp_, dw_, N, C, OC, dpre_in, scratch);  // dw accumulates again: not checked
+    check_scaled(down_bf16(ddinp, dinp_gelu.size()), dinp_gelu, 1e-2f, 1e-2f, nm("%s: backward dinp through GELU", tag));
+    void *bufs[] = {dinp_, dw_, dbias_, out, pre, ddout, dpre_in, ddw, ddb, ddinp, scratch};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+    sim_cublaslt_refuse_epilogues = 0;
+    g_gpu.gelu_fusion = 2;
+}
+
+// ================================================================================================
+// classifier (cuda/classifier.cuh)
+
+static void test_classifier(int N, int V, int Vp, float dloss) {
+    Vec logits((size_t)N * Vp);
+    for (auto &x : logits) x = bfr(2.0f * nrand());
+    std::vector<int> tgt(N);
+    for (int i = 0; i < N; i++) tgt[i] = (int)(urand() * V);
+    floatX *dl = up_bf16(logits);
+    int *dt = up(tgt);
+    float *dloss_d = dev_alloc<float>(N);
+    Vec loss(N), grad((size_t)N * Vp, 0.0f);
+    for (int r = 0; r < N; r++) {
+        const float *l = &logits[(size_t)r * Vp];
+        double m = -1e30, s = 0;
+        for (int i = 0; i < V; i++) m = fmax(m, l[i]);
+        for (int i = 0; i < V; i++) s += exp(l[i] - m);
+        loss[r] = (float)(log(s) + m - l[tgt[r]]);
+        for (int i = 0; i < V; i++) grad[(size_t)r * Vp + i] = (float)(dloss * (exp(l[i] - m) / s - (i == tgt[r] ? 1.0 : 0.0)));
+    }
+    fused_classifier(dl, dloss_d, dt, N, V, Vp, dloss);
+    char tag[96];
+    snprintf(tag, sizeof(tag), "classifier N=%d V=%d Vp=%d dloss %g", N, V, Vp, dloss);
+    check_close(down(dloss_d, N).data(), loss.data(), N, 1e-4f, 1e-5f, nm("%s: losses", tag));
+    if (dloss != 0.0f) {
+        Vec got = down_bf16(dl, grad.size());
+        check_close(got.data(), grad.data(), grad.size(), 2e-3f * fabsf(dloss), 1e-2f, nm("%s: dlogits in place (0 on padded columns)", tag));
+    } else {
+        check_same(down_bf16(dl, logits.size()), logits, nm("%s: logits untouched without dloss", tag));
+    }
+    cudaCheck(cudaFree(dl));
+    cudaCheck(cudaFree(dt));
+    cudaCheck(cudaFree(dloss_d));
+}
+
+// ================================================================================================
+// AdamW (cuda/adamw.cuh): exact fp32 update, stochastic rounding, master_to_bf16, ZeRO slices
+
+static void test_adamw() {
+    ParamTable pt;
+    params_init(&pt);
+    size_t s0[2] = {37, 29}, s1[1] = {64}, s2[2] = {128, 41};
+    params_add(&pt, "w0", 2, s0, 1.0f, 1);
+    params_add(&pt, "b0", 1, s1, 0.5f, 0);
+    params_add(&pt, "w1", 2, s2, 2.0f, 1);
+    size_t n = pt.total;
+    Vec master(n), g(n), m(n, 0.0f), v(n, 0.0f);
+    for (auto &x : master) x = 0.1f * nrand();
+    floatX *dp = dev_alloc<floatX>(n), *dg = nullptr;
+    float *dmaster = up(master), *dm = up(m), *dv = up(v);
+    master_to_bf16(&pt, dp, dmaster, 0);
+    {
+        std::vector<uint16_t> got = down_bits(dp, n), want(n);
+        for (size_t i = 0; i < n; i++) want[i] = __nv_bfloat16(master[i]).__x;
+        check_same(got, want, "master_to_bf16 t=0: round to nearest (bit-exact)");
+    }
+    const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.7f;
+    std::vector<uint16_t> after1;
+    for (int t = 1; t <= 3; t++) {
+        g = rand_bf16(n, 1.0f);
+        if (dg) cudaCheck(cudaFree(dg));
+        dg = up_bf16(g);
+        adamw_update(&pt, dp, dmaster, dg, dm, dv, lr, b1, b2, eps, wd, gs, t);
+        float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
+        std::vector<uint16_t> want(n);
+        for (int ti = 0; ti < pt.n; ti++) {
+            const ParamTensor *p = &pt.t[ti];
+            unsigned seed = adamw_seed(t, ti);
+            for (size_t j = 0; j < p->numel; j++) {
+                size_t i = p->offset + j;
+                float gg = g[i] * gs;
+                m[i] = b1 * m[i] + (1.0f - b1) * gg;
+                v[i] = b2 * v[i] + (1.0f - b2) * gg * gg;
+                float mh = m[i] / bc1, vh = v[i] / bc2;
+                master[i] -= lr * p->lr_mult * (mh / (sqrtf(vh) + eps) + (p->decay ? wd : 0.0f) * master[i]);
+                want[i] = stochastic_round_bf16(master[i], j, seed).__x;
+            }
+        }
+        check_close(down(dmaster, n).data(), master.data(), n, 1e-7f, 1e-6f, nm("adamw step %d: master weights", t));
+        check_close(down(dm, n).data(), m.data(), n, 1e-9f, 1e-6f, nm("adamw step %d: first moments", t));
+        check_close(down(dv, n).data(), v.data(), n, 1e-12f, 1e-6f, nm("adamw step %d: second moments", t));
+        std::vector<uint16_t> got = down_bits(dp, n);
+        check_same(got, want, nm("adamw step %d: bf16 weights = stochastic rounding of the master weights (bit-exact)", t));
+        int bracket = 1;
+        for (size_t i = 0; i < n; i++) {
+            float lo = sim_bf2f((uint16_t)(__float_as_uint(master[i]) >> 16)), hi = sim_bf2f((uint16_t)((__float_as_uint(master[i]) >> 16) + 1));
+            float x = sim_bf2f(got[i]);
+            if (x != lo && x != hi) bracket = 0;
+        }
+        check_true(bracket, nm("adamw step %d: each bf16 weight is one of the two bf16 neighbours of its master weight", t), "not bracketed");
+        if (t == 1) after1 = got;
+    }
+    // master_to_bf16 with t > 0 re-derives the rounding of update t
+    master_to_bf16(&pt, dp, dmaster, 3);
+    {
+        std::vector<uint16_t> got = down_bits(dp, n), want(n);
+        for (int ti = 0; ti < pt.n; ti++)
+            for (size_t j = 0; j < pt.t[ti].numel; j++)
+                want[pt.t[ti].offset + j] = stochastic_round_bf16(master[pt.t[ti].offset + j], j, adamw_seed(3, ti)).__x;
+        check_same(got, want, "master_to_bf16 t=3 re-derives update 3's stochastic rounding (resume)");
+    }
+    // determinism: the same three updates again from the same state give the same bits
+    {
+        std::vector<float> master0(n), gz(n);
+        g_rng = 99;
+        for (auto &x : master0) x = 0.1f * nrand();
+        std::vector<uint16_t> runs[2];
+        for (int r = 0; r < 2; r++) {
+            cudaCheck(cudaMemcpy(dmaster, master0.data(), n * 4, cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemset(dm, 0, n * 4));
+            cudaCheck(cudaMemset(dv, 0, n * 4));
+            g_rng = 1234;
+            for (int t = 1; t <= 2; t++) {
+                Vec gg = rand_bf16(n, 1.0f);
+                cudaCheck(cudaFree(dg));
+                dg = up_bf16(gg);
+                adamw_update(&pt, dp, dmaster, dg, dm, dv, lr, b1, b2, eps, wd, 1.0f, t);
+            }
+            runs[r] = down_bits(dp, n);
+            std::vector<float> mm = down(dmaster, n);
+            runs[r].insert(runs[r].end(), (uint16_t *)mm.data(), (uint16_t *)(mm.data() + n));
+        }
+        check_same(runs[0], runs[1], "adamw determinism: two runs give bit-identical weights and master weights");
+    }
+    // ZeRO-1: two ranks' slices together equal the unsharded update
+    {
+        std::vector<float> master0(n);
+        for (auto &x : master0) x = 0.1f * nrand();
+        Vec gg = rand_bf16(n, 1.0f);
+        cudaCheck(cudaFree(dg));
+        dg = up_bf16(gg);
+        cudaCheck(cudaMemcpy(dmaster, master0.data(), n * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(dm, 0, n * 4));
+        cudaCheck(cudaMemset(dv, 0, n * 4));
+        adamw_update(&pt, dp, dmaster, dg, dm, dv, lr, b1, b2, eps, wd, 1.0f, 1);
+        std::vector<uint16_t> full = down_bits(dp, n);
+        std::vector<float> full_master = down(dmaster, n);
+        cudaCheck(cudaMemcpy(dmaster, master0.data(), n * 4, cudaMemcpyHostToDevice));
+        for (int rank = 0; rank < 2; rank++) {
+            ZeroShard z;
+            zero_shard_init(&z, 1, n, rank, 2);
+            float *zm = dev_alloc<float>(z.shard), *zv = dev_alloc<float>(z.shard);
+            cudaCheck(cudaMemset(zm, 0, z.shard * 4));
+            cudaCheck(cudaMemset(zv, 0, z.shard * 4));
+            adamw_update_range(&pt, dp, dmaster, dg, zm, zv, lr, b1, b2, eps, wd, 1.0f, 1, &z);
+            cudaCheck(cudaFree(zm));
+            cudaCheck(cudaFree(zv));
+        }
+        check_same(down_bits(dp, n), full, "adamw ZeRO-1: two ranks' slices give the unsharded bf16 weights");
+        check_same(down(dmaster, n), full_master, "adamw ZeRO-1: two ranks' slices give the unsharded master weights");
+    }
+    void *bufs[] = {dp, dg, dmaster, dm, dv};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+    params_free(&pt);
+    (void)after1;
+}
+
+// ================================================================================================
+// global norm, encoder
+
+static void test_global_norm(size_t n) {
+    Vec g = rand_bf16(n, 0.3f);
+    double s = 0;
+    for (float x : g) s += (double)x * x;
+    floatX *dg = up_bf16(g);
+    float *scratch = dev_alloc<float>(NORM_BLOCKS + 1);
+    float a = global_norm(dg, n, scratch), b = global_norm(dg, n, scratch);
+    float ref = (float)sqrt(s);
+    check_close(&a, &ref, 1, 0.0f, 1e-5f, nm("global_norm n=%zu", n));
+    check_true(memcmp(&a, &b, 4) == 0, nm("global_norm n=%zu: bit-identical on a second run", n), "differs");
+    cudaCheck(cudaFree(dg));
+    cudaCheck(cudaFree(scratch));
+}
+
+static void test_encoder(int B, int T, int C, int V) {
+    int BT = B * T;
+    std::vector<int> inp(BT);
+    for (int i = 0; i < BT; i++) inp[i] = (int)(urand() * (V / 3));  // repeats, so that buckets hold several positions
+    Vec wte = rand_bf16((size_t)V * C, 0.5f), wpe = rand_bf16((size_t)T * C, 0.5f);
+    floatX *dwte = up_bf16(wte), *dwpe = up_bf16(wpe), *dout = dev_alloc<floatX>((size_t)BT * C);
+    int *dinp = up(inp);
+    encoder_forward(dout, dinp, dwte, dwpe, B, T, C);
+    Vec ref((size_t)BT * C);
+    for (int i = 0; i < BT; i++)
+        for (int c = 0; c < C; c++) ref[(size_t)i * C + c] = bfr(wte[(size_t)inp[i] * C + c] + wpe[(size_t)(i % T) * C + c]);
+    check_same(down_bf16(dout, ref.size()), ref, nm("encoder forward B=%d T=%d C=%d (bit-exact)", B, T, C));
+
+    Vec g = rand_bf16((size_t)BT * C, 1.0f), gwte = rand_bf16((size_t)V * C, 0.1f), gwpe = rand_bf16((size_t)T * C, 0.1f);
+    Vec rwte = gwte, rwpe = gwpe;
+    std::vector<int> buf(3 * BT + 2), count(V, 0);
+    int used = encoder_buckets_build(buf.data(), count.data(), inp.data(), BT, V);
+    int U = buf[0];
+    for (int v = 0; v < V; v++) {  // each token's positions in increasing order, summed in fp32
+        float acc[1024] = {0};
+        bool any = false;
+        for (int i = 0; i < BT; i++)
+            if (inp[i] == v) {
+                any = true;
+                for (int c = 0; c < C; c++) acc[c] += g[(size_t)i * C + c];
+            }
+        if (any)
+            for (int c = 0; c < C; c++) rwte[(size_t)v * C + c] = bfr(gwte[(size_t)v * C + c] + acc[c]);
+    }
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < C; c++) {
+            float acc = 0;
+            for (int b = 0; b < B; b++) acc += g[((size_t)b * T + t) * C + c];
+            rwpe[(size_t)t * C + c] = bfr(gwpe[(size_t)t * C + c] + acc);
+        }
+    floatX *dg = up_bf16(g), *dgwte = up_bf16(gwte), *dgwpe = up_bf16(gwpe);
+    int *dbuck = dev_alloc<int>(3 * BT + 2);
+    cudaCheck(cudaMemcpy(dbuck, buf.data(), used * sizeof(int), cudaMemcpyHostToDevice));
+    encoder_backward(dgwte, dgwpe, dg, dbuck, U, B, T, C);
+    check_same(down_bf16(dgwte, rwte.size()), rwte, nm("encoder backward B=%d T=%d C=%d: dwte, %d distinct tokens (bit-exact)", B, T, C, U));
+    check_same(down_bf16(dgwpe, rwpe.size()), rwpe, nm("encoder backward B=%d T=%d C=%d: dwpe (bit-exact)", B, T, C));
+    void *bufs[] = {dwte, dwpe, dout, dinp, dg, dgwte, dgwpe, dbuck};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+}
+
+// ================================================================================================
+// attention: cuBLAS path (cuda/attention.cuh) and flash (cuda/flash_attention.cuh) against a
+// naive reference and against each other
+
+struct AttnRef {
+    Vec out, dqkv;
+};
+static AttnRef attn_ref(const Vec &qkv, const Vec &dout, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    AttnRef r;
+    r.out.assign((size_t)B * T * C, 0);
+    r.dqkv.assign((size_t)B * T * 3 * C, 0);
+    double scale = 1.0 / sqrt((double)hs);
+    std::vector<double> p(T), dp(T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *q = &qkv[((size_t)b * T + t) * 3 * C + h * hs];
+                double m = -1e300;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *k = &qkv[((size_t)b * T + t2) * 3 * C + C + h * hs];
+                    double s = 0;
+                    for (int d = 0; d < hs; d++) s += (double)q[d] * k[d];
+                    p[t2] = s * scale;
+                    m = fmax(m, p[t2]);
+                }
+                double sum = 0;
+                for (int t2 = 0; t2 <= t; t2++) sum += (p[t2] = exp(p[t2] - m));
+                for (int t2 = 0; t2 <= t; t2++) p[t2] /= sum;
+                const float *go = &dout[((size_t)b * T + t) * C + h * hs];
+                double dot = 0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = &qkv[((size_t)b * T + t2) * 3 * C + 2 * C + h * hs];
+                    double dpv = 0;
+                    for (int d = 0; d < hs; d++) {
+                        r.out[((size_t)b * T + t) * C + h * hs + d] += (float)(p[t2] * v[d]);
+                        dpv += (double)go[d] * v[d];
+                        r.dqkv[((size_t)b * T + t2) * 3 * C + 2 * C + h * hs + d] += (float)(p[t2] * go[d]);  // dv
+                    }
+                    dp[t2] = dpv;
+                    dot += p[t2] * dpv;
+                }
+                for (int t2 = 0; t2 <= t; t2++) {
+                    double ds = p[t2] * (dp[t2] - dot) * scale;
+                    const float *k = &qkv[((size_t)b * T + t2) * 3 * C + C + h * hs];
+                    for (int d = 0; d < hs; d++) {
+                        r.dqkv[((size_t)b * T + t) * 3 * C + h * hs + d] += (float)(ds * k[d]);        // dq
+                        r.dqkv[((size_t)b * T + t2) * 3 * C + C + h * hs + d] += (float)(ds * q[d]);  // dk
+                    }
+                }
+            }
+    return r;
+}
+// dqkv checked per part (q, k, v), each relative to its own max
+static void check_dqkv(const Vec &got, const Vec &ref, int BT, int C, float frac, const char *tag) {
+    const char *parts[3] = {"dq", "dk", "dv"};
+    for (int part = 0; part < 3; part++) {
+        Vec g, r;
+        for (int i = 0; i < BT; i++)
+            for (int c = 0; c < C; c++) {
+                g.push_back(got[(size_t)i * 3 * C + part * C + c]);
+                r.push_back(ref[(size_t)i * 3 * C + part * C + c]);
+            }
+        check_scaled(g, r, frac, 2e-2f, nm("%s: %s", tag, parts[part]));
+    }
+}
+
+struct AttnOut {
+    Vec out, dqkv;
+    std::vector<uint16_t> out_bits, dqkv_bits;
+    std::vector<float> lse;
+};
+static AttnOut run_flash(const Vec &qkv, const Vec &dout, int B, int T, int C, int NH) {
+    size_t BT = (size_t)B * T;
+    floatX *dq = up_bf16(qkv), *dgo = up_bf16(dout), *o = dev_alloc<floatX>(BT * C), *dqkv = dev_alloc<floatX>(BT * 3 * C);
+    float *lse = dev_alloc<float>((size_t)B * NH * T), *scr = dev_alloc<float>((size_t)B * NH * T);
+    flash_attention_forward(o, lse, dq, B, T, C, NH);
+    flash_attention_backward(dqkv, dgo, dq, o, lse, scr, B, T, C, NH);
+    AttnOut r;
+    r.out = down_bf16(o, BT * C);
+    r.dqkv = down_bf16(dqkv, BT * 3 * C);
+    r.out_bits = down_bits(o, BT * C);
+    r.dqkv_bits = down_bits(dqkv, BT * 3 * C);
+    r.lse = down(lse, (size_t)B * NH * T);
+    void *bufs[] = {dq, dgo, o, dqkv, lse, scr};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+    return r;
+}
+static AttnOut run_cublas_attention(const Vec &qkv, const Vec &dout, int B, int T, int C, int NH) {
+    size_t BT = (size_t)B * T, att_n = (size_t)B * NH * T * T;
+    floatX *dq = up_bf16(qkv), *dgo = up_bf16(dout), *o = dev_alloc<floatX>(BT * C), *dqkv = dev_alloc<floatX>(BT * 3 * C),
+           *att = dev_alloc<floatX>(att_n), *scr7 = dev_alloc<floatX>(7 * BT * C);
+    AttnScratch s;
+    s.q = scr7; s.k = scr7 + BT * C; s.v = scr7 + 2 * BT * C; s.y = scr7 + 3 * BT * C;
+    s.dq = scr7 + 4 * BT * C; s.dk = scr7 + 5 * BT * C; s.dv = scr7 + 6 * BT * C;
+    s.scores = dev_alloc<float>(att_n);
+    attention_forward(o, att, dq, &s, B, T, C, NH);
+    AttnOut r;
+    r.out = down_bf16(o, BT * C);
+    attention_backward(dqkv, dgo, dq, att, &s, B, T, C, NH);
+    r.dqkv = down_bf16(dqkv, BT * 3 * C);
+    void *bufs[] = {dq, dgo, o, dqkv, att, scr7, s.scores};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+    return r;
+}
+
+static void test_attention(int B, int T, int NH, int hs, bool cublas_path) {
+    int C = NH * hs;
+    Vec qkv = rand_bf16((size_t)B * T * 3 * C, 1.0f), dout = rand_bf16((size_t)B * T * C, 1.0f);
+    AttnRef ref = attn_ref(qkv, dout, B, T, C, NH);
+    char tag[128];
+    AttnOut fl;
+    bool flash_ok = flash_attention_supported(hs, T);
+    if (flash_ok) {
+        fl = run_flash(qkv, dout, B, T, C, NH);
+        snprintf(tag, sizeof(tag), "flash attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+        check_scaled(fl.out, ref.out, 2e-2f, 2e-2f, nm("%s: out", tag));
+        check_dqkv(fl.dqkv, ref.dqkv, B * T, C, 3e-2f, tag);
+        // lse = log sum exp of the scaled scores (fp32)
+        Vec lref((size_t)B * NH * T);
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < NH; h++)
+                for (int t = 0; t < T; t++) {
+                    double m = -1e300, s = 0;
+                    std::vector<double> sc(t + 1);
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        double d = 0;
+                        for (int e = 0; e < hs; e++)
+                            d += (double)qkv[((size_t)b * T + t) * 3 * C + h * hs + e] * qkv[((size_t)b * T + t2) * 3 * C + C + h * hs + e];
+                        sc[t2] = d / sqrt((double)hs);
+                        m = fmax(m, sc[t2]);
+                    }
+                    for (int t2 = 0; t2 <= t; t2++) s += exp(sc[t2] - m);
+                    lref[((size_t)b * NH + h) * T + t] = (float)(m + log(s));
+                }
+        check_close(fl.lse.data(), lref.data(), lref.size(), 2e-3f, 1e-3f, nm("%s: lse", tag));
+        AttnOut again = run_flash(qkv, dout, B, T, C, NH);
+        check_true(again.out_bits == fl.out_bits && again.dqkv_bits == fl.dqkv_bits && again.lse == fl.lse,
+                   nm("%s: deterministic (bit-identical second run)", tag), "differs");
+    } else {
+        check_true(hs != 16 && hs != 32 && hs != 64 && hs != 128, nm("flash attention supports hs=%d T=%d", hs, T), "unsupported");
+    }
+    if (cublas_path) {
+        AttnOut cb = run_cublas_attention(qkv, dout, B, T, C, NH);
+        snprintf(tag, sizeof(tag), "cuBLAS attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+        check_scaled(cb.out, ref.out, 2e-2f, 2e-2f, nm("%s: out", tag));
+        check_dqkv(cb.dqkv, ref.dqkv, B * T, C, 3e-2f, tag);
+        if (flash_ok) {
+            snprintf(tag, sizeof(tag), "flash vs cuBLAS attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+            check_scaled(fl.out, cb.out, 2e-2f, 2e-2f, nm("%s: out", tag));
+            check_dqkv(fl.dqkv, cb.dqkv, B * T, C, 3e-2f, tag);
+        }
+    }
+}
+
+// ================================================================================================
+// structured layers (structured/structured.cuh) against the CPU layers (btt.h, monarch.h, moe.h)
+
+struct Dev {
+    std::vector<void *> p;
+    template <class T>
+    T *add(T *x) {
+        p.push_back((void *)x);
+        return x;
+    }
+    ~Dev() {
+        for (void *x : p) cudaCheck(cudaFree(x));
+    }
+};
+
+static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
+    BTTShape s;
+    btt_shape(&s, alpha, gamma, phi, eps, rank);
+    const int din = s.d_in, dout = s.d_out;
+    Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(btt_w0_size(&s), 1.0f / sqrtf((float)alpha)),
+        W1 = rand_bf16(btt_w1_size(&s), 1.0f / sqrtf((float)gamma * rank)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
+    Vec y((size_t)N * dout), z(btt_z_size(&s, N)), dx((size_t)N * din), dW0(W0.size(), 0.0f), dW1(W1.size(), 0.0f), db(dout, 0.0f),
+        scr(btt_scratch_size(&s, N));
+    btt_forward(y.data(), z.data(), x.data(), W0.data(), W1.data(), bias.data(), N, &s);
+    btt_backward(dx.data(), dW0.data(), dW1.data(), db.data(), dy.data(), x.data(), z.data(), W0.data(), W1.data(), N, &s, scr.data());
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *z_d = d.add(dev_alloc<floatX>(btt_z_size(&s, N))),
+           *s_d = d.add(dev_alloc<floatX>((size_t)N * plan_btt_scratch_row(&s))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
+    floatX *dW0_d = d.add(up_bf16(Vec(W0.size(), 0.0f))), *dW1_d = d.add(up_bf16(Vec(W1.size(), 0.0f))), *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
+    float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
+    btt_forward_gpu(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s, s_d);
+    btt_backward_gpu(dx_d, dW0_d, dW1_d, db_d, dy_d, x_d, z_d, W0_d, W1_d, N, &s, s_d, col);
+    char tag[128];
+    snprintf(tag, sizeof(tag), "btt %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d", din, dout, alpha, gamma, phi, eps, rank, N);
+    check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
+    check_scaled(down_bf16(z_d, z.size()), z, 2e-2f, 0.0f, nm("%s: saved z", tag));
+    check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
+    check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0", tag));
+    check_scaled(down_bf16(dW1_d, dW1.size()), dW1, 2e-2f, 0.0f, nm("%s: dW1", tag));
+    check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
+    // dx = NULL (the first layer's input needs no gradient) must still give the weight gradients
+    cudaCheck(cudaMemset(dW0_d, 0, W0.size() * 2));
+    btt_backward_gpu(NULL, dW0_d, dW1_d, NULL, dy_d, x_d, z_d, W0_d, W1_d, N, &s, s_d, col);
+    check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0 with dx = NULL", tag));
+}
+
+static void test_monarch(int N, int din, int dout, int nb) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
+        L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
+    Vec y((size_t)N * dout), u(monarch_u_size(&m, N)), dx((size_t)N * din), dR(R.size(), 0.0f), dL(L.size(), 0.0f), db(dout, 0.0f),
+        scr(monarch_scratch_size(&m, N));
+    monarch_forward(y.data(), u.data(), x.data(), R.data(), L.data(), bias.data(), N, &m);
+    monarch_backward(dx.data(), dR.data(), dL.data(), db.data(), dy.data(), x.data(), u.data(), R.data(), L.data(), N, &m, scr.data());
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *u_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, N))),
+           *s_d = d.add(dev_alloc<floatX>((size_t)N * plan_monarch_scratch_row(&m))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
+    floatX *dR_d = d.add(up_bf16(Vec(R.size(), 0.0f))), *dL_d = d.add(up_bf16(Vec(L.size(), 0.0f))), *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
+    float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
+    monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
+    monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col);
+    char tag[96];
+    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d", din, dout, nb, N);
+    check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
+    check_scaled(down_bf16(u_d, u.size()), u, 2e-2f, 0.0f, nm("%s: saved u", tag));
+    check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
+    check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: dR", tag));
+    check_scaled(down_bf16(dL_d, dL.size()), dL, 2e-2f, 0.0f, nm("%s: dL", tag));
+    check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
+}
+
+static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K) {
+    MoEShape s;
+    moe_shape(&s, alpha, gamma, phi, eps, E, K);
+    const int din = s.btt.d_in, dout = s.btt.d_out, NK = N * K;
+    Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(btt_w0_size(&s.btt), 1.0f / sqrtf((float)alpha)),
+        W1 = rand_bf16(btt_w1_size(&s.btt), 1.0f / sqrtf((float)gamma)), R = rand_bf16(moe_router_size(&s), 2.0f / sqrtf((float)din)),
+        bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
+    const float daux = 0.05f;
+    MoEState st;
+    moe_state_alloc(&st, &s, N);
+    Vec y((size_t)N * dout), dx((size_t)N * din), dW0(W0.size(), 0.0f), dW1(W1.size(), 0.0f), dR(R.size(), 0.0f), db(dout, 0.0f),
+        scr(moe_scratch_size(&s, N));
+    moe_forward(y.data(), &st, x.data(), W0.data(), W1.data(), R.data(), bias.data(), N, &s);
+    float aux_ref = moe_aux_loss(&st, N, &s);
+    moe_backward(dx.data(), dW0.data(), dW1.data(), dR.data(), db.data(), dy.data(), daux, x.data(), &st, W0.data(), W1.data(), R.data(), N, &s,
+                 scr.data());
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *R_d = d.add(up_bf16(R)), *b_d = d.add(up_bf16(bias)),
+           *dy_d = d.add(up_bf16(dy));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
+    floatX *dW0_d = d.add(up_bf16(Vec(W0.size(), 0.0f))), *dW1_d = d.add(up_bf16(Vec(W1.size(), 0.0f))), *dR_d = d.add(up_bf16(Vec(R.size(), 0.0f))),
+           *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
+    float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
+    MoEGPUState gst;
+    memset(&gst, 0, sizeof(gst));
+    moe_gpu_state_alloc(&gst, &s, N, "test");
+    floatX *s_d = d.add(dev_alloc<floatX>(moe_gpu_scratch_elems(&s, N)));
+    float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, N)));
+    MoEGPUScratch sc;
+    moe_gpu_scratch_bind(&sc, &s, N, s_d, f_d);
+    moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &s);
+    double stats[MOE_AUX_STATS(1024)];
+    moe_aux_stats_gpu(&gst, &sc, &s, stats);
+    float aux = moe_aux_from_stats_gpu(&gst, stats, N, &s);
+    char tag[128];
+    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d", din, dout, E, K, N);
+    // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
+    std::vector<float> lg = down(gst.logits, (size_t)N * E), gate = down(gst.gate, NK), lse = down(gst.lse, N);
+    std::vector<int> sel = down(gst.sel, NK), order = down(gst.order, NK), pos = down(gst.pos, NK), counts = down(gst.counts, E),
+                     offsets = down(gst.offsets, E + 1);
+    Vec lref((size_t)N * E);
+    for (int t = 0; t < N; t++)
+        for (int e = 0; e < E; e++) {
+            double sacc = 0;
+            for (int c = 0; c < din; c++) sacc += (double)x[(size_t)t * din + c] * R[(size_t)e * din + c];
+            lref[(size_t)t * E + e] = (float)sacc;
+        }
+    check_close(lg.data(), lref.data(), lref.size(), 1e-4f, 1e-4f, nm("%s: router logits (fp32)", tag));
+    int sel_ok = 1, gate_ok = 1;
+    for (int t = 0; t < N; t++) {
+        int rs[64];
+        float rg[64], rl;
+        st_moe_route_row(&lg[(size_t)t * E], E, K, rs, rg, &rl);
+        for (int k = 0; k < K; k++) {
+            sel_ok &= rs[k] == sel[(size_t)t * K + k];
+            gate_ok &= fabsf(rg[k] - gate[(size_t)t * K + k]) <= 1e-6f && fabsf(rl - lse[t]) <= 1e-5f * (1 + fabsf(rl));
+        }
+    }
+    check_true(sel_ok, nm("%s: top-k selections from the logits", tag), "differ");
+    check_true(gate_ok, nm("%s: gates and logsumexp from the logits", tag), "differ");
+    int same_as_cpu = 0;
+    for (int i = 0; i < NK; i++) same_as_cpu += sel[i] == st.sel[i];
+    check_true(same_as_cpu == NK, nm("%s: selections equal the CPU layer's (no near-ties in this draw)", tag), "differ");
+    // grouping: expert e's pairs ascending at order[offsets[e] ...], pos the inverse
+    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0);
+    for (int e = 0; e < E; e++) {
+        roff[e] = (int)ro.size();
+        for (int p = 0; p < NK; p++)
+            if (sel[p] == e) { rp[p] = (int)ro.size(); ro.push_back(p); rc[e]++; }
+    }
+    roff[E] = NK;
+    check_true(counts == rc && offsets == roff && order == ro && pos == rp,
+               nm("%s: grouping (counts, offsets, order, pos; %d pairs in chunks of 256)", tag, NK), "differs");
+    check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
+    check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
+    moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
+    check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
+    check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0", tag));
+    check_scaled(down_bf16(dW1_d, dW1.size()), dW1, 2e-2f, 0.0f, nm("%s: dW1", tag));
+    check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: drouter", tag));
+    check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
+    moe_gpu_state_free(&gst);
+    moe_state_free(&st);
+}
+
+// separate q, k, v (structured.cuh): a column block of a (N, 3C) buffer to and from (N, C), and +=
+static void test_qkv_parts(int N, int C) {
+    Vec qkv = rand_bf16((size_t)N * 3 * C, 1.0f), part = rand_bf16((size_t)N * C, 1.0f), other = rand_bf16((size_t)N * C, 1.0f);
+    Dev d;
+    floatX *qkv_d = d.add(up_bf16(qkv)), *part_d = d.add(up_bf16(part)), *buf = d.add(dev_alloc<floatX>((size_t)N * C)), *o_d = d.add(up_bf16(other));
+    int ok = 1;
+    for (int r = 0; r < 3; r++) {
+        qkv_part_copy(qkv_d, buf, r, N, C, 0);  // out of qkv
+        Vec got = down_bf16(buf, (size_t)N * C);
+        for (int i = 0; i < N; i++)
+            for (int c = 0; c < C; c++) ok &= got[(size_t)i * C + c] == qkv[(size_t)i * 3 * C + r * C + c];
+    }
+    check_true(ok, nm("qkv_part_copy N=%d C=%d: q, k, v column blocks out of (N, 3C) (bit-exact)", N, C), "differs");
+    qkv_part_copy(qkv_d, part_d, 1, N, C, 1);  // into the k block
+    Vec got = down_bf16(qkv_d, qkv.size()), want = qkv;
+    for (int i = 0; i < N; i++)
+        for (int c = 0; c < C; c++) want[(size_t)i * 3 * C + C + c] = part[(size_t)i * C + c];
+    check_same(got, want, nm("qkv_part_copy N=%d C=%d: into the k block, q and v untouched (bit-exact)", N, C));
+    add_inplace(o_d, part_d, (size_t)N * C);
+    Vec sum(other.size());
+    for (size_t i = 0; i < sum.size(); i++) sum[i] = bfr(other[i] + part[i]);
+    check_same(down_bf16(o_d, sum.size()), sum, nm("add_inplace n=%d (bit-exact)", N * C));
+}
+
+// The fused BTT forward (structured/btt_fused.cuh, dev/cuda only so far): against the CPU layer and
+// against the cuBLAS baseline (btt_forward_gpu), with the tile rows forced when tm > 0.
+static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int rank, int tm) {
+    BTTShape s;
+    btt_shape(&s, alpha, gamma, phi, eps, rank);
+    const int din = s.d_in, dout = s.d_out;
+    Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(btt_w0_size(&s), 1.0f / sqrtf((float)alpha)),
+        W1 = rand_bf16(btt_w1_size(&s), 1.0f / sqrtf((float)gamma * rank)), bias = rand_bf16(dout, 0.1f);
+    Vec y((size_t)N * dout), z(btt_z_size(&s, N));
+    btt_forward(y.data(), z.data(), x.data(), W0.data(), W1.data(), bias.data(), N, &s);
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *b_d = d.add(up_bf16(bias));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *z_d = d.add(dev_alloc<floatX>(z.size())), *y2_d = d.add(dev_alloc<floatX>((size_t)N * dout)),
+           *z2_d = d.add(dev_alloc<floatX>(z.size())), *s_d = d.add(dev_alloc<floatX>((size_t)N * plan_btt_scratch_row(&s)));
+    int chosen = btt_fused_supported(&s, btt_fused_smem_limit());
+    int ok = tm > 0 ? btt_forward_fused_tm(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s, tm) : btt_forward_fused(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s);
+    char tag[160];
+    snprintf(tag, sizeof(tag), "fused btt %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d tm %d", din, dout, alpha, gamma, phi, eps, rank, N,
+             tm > 0 ? tm : chosen);
+    if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused returned 0")) return;
+    btt_forward_gpu(y2_d, z2_d, x_d, W0_d, W1_d, b_d, N, &s, s_d);
+    Vec yf = down_bf16(y_d, y.size()), zf = down_bf16(z_d, z.size());
+    check_scaled(yf, y, 2e-2f, 0.0f, nm("%s: y vs the CPU layer", tag));
+    check_scaled(zf, z, 2e-2f, 0.0f, nm("%s: saved z vs the CPU layer", tag));
+    check_scaled(yf, down_bf16(y2_d, y.size()), 1e-2f, 1e-2f, nm("%s: y vs the cuBLAS baseline", tag));
+    check_scaled(zf, down_bf16(z2_d, z.size()), 1e-2f, 1e-2f, nm("%s: z vs the cuBLAS baseline", tag));
+    // without z and bias
+    floatX *y3_d = d.add(dev_alloc<floatX>((size_t)N * dout));
+    Vec ynb = y;
+    for (int r = 0; r < N; r++)
+        for (int o = 0; o < dout; o++) ynb[(size_t)r * dout + o] -= bias[o];
+    tm > 0 ? btt_forward_fused_tm(y3_d, NULL, x_d, W0_d, W1_d, NULL, N, &s, tm) : btt_forward_fused(y3_d, NULL, x_d, W0_d, W1_d, NULL, N, &s);
+    check_scaled(down_bf16(y3_d, y.size()), ynb, 2e-2f, 0.0f, nm("%s: y without z and bias", tag));
+}
+
+// ================================================================================================
+// random thread order (SIM_SERIAL): the kernels' results must not depend on the order in which a
+// block's threads run between barriers, nor on the block order
+
+template <class F>
+static void check_order_independent(const char *what, F run) {
+    std::vector<uint16_t> base = run();
+    int same = 1;
+    for (unsigned long long seed = 1; seed <= 2; seed++) {
+        sim_set_random_order(1, seed);
+        std::vector<uint16_t> r = run();
+        sim_set_random_order(0);
+        same &= r == base;
+    }
+    check_true(same, nm("random thread/block order (2 seeds) gives bit-identical results: %s", what), "the result depends on the order");
+}
+static std::vector<uint16_t> bits_of(const Vec &v) {
+    std::vector<uint16_t> b(v.size() * 2);
+    memcpy(b.data(), v.data(), v.size() * 4);
+    return b;
+}
+template <class T>
+static void append_bits(std::vector<uint16_t> &out, const std::vector<T> &v) {
+    size_t o = out.size();
+    out.resize(o + (v.size() * sizeof(T) + 1) / 2);
+    memcpy(out.data() + o, v.data(), v.size() * sizeof(T));
+}
+
+static void test_random_order() {
+    const int N = 19, C = 320;
+    Vec x = rand_bf16((size_t)N * C, 1.0f), x2 = rand_bf16((size_t)N * C, 1.0f), w = rand_bf16(C, 0.2f, 1.0f), b = rand_bf16(C, 0.1f),
+        g = rand_bf16((size_t)N * C, 1.0f);
+    check_order_independent("layernorm forward (fused residual) and backward (column sums)", [&] {
+        Dev d;
+        floatX *dx = d.add(up_bf16(x)), *dx2 = d.add(up_bf16(x2)), *dw = d.add(up_bf16(w)), *db = d.add(up_bf16(b)), *dg = d.add(up_bf16(g));
+        floatX *out = d.add(dev_alloc<floatX>((size_t)N * C)), *res = d.add(dev_alloc<floatX>((size_t)N * C)),
+               *din = d.add(up_bf16(Vec((size_t)N * C, 0.0f))), *gw = d.add(up_bf16(Vec(C, 0.0f))), *gb = d.add(up_bf16(Vec(C, 0.0f)));
+        float *mean = d.add(dev_alloc<float>(N)), *rstd = d.add(dev_alloc<float>(N)), *scr = d.add(dev_alloc<float>(column_sums_scratch_floats(C)));
+        fused_residual_layernorm_forward(res, out, mean, rstd, dx, dx2, dw, db, N, C);
+        layernorm_backward(din, gw, gb, dg, res, dw, mean, rstd, N, C, scr);
+        std::vector<uint16_t> r = down_bits(out, (size_t)N * C);
+        append_bits(r, down_bits(din, (size_t)N * C));
+        append_bits(r, down_bits(gw, C));
+        append_bits(r, down_bits(gb, C));
+        append_bits(r, down(rstd, N));
+        return r;
+    });
+    const int V = 1000, Vp = 1024, R = 5;
+    Vec lg = rand_bf16((size_t)R * Vp, 2.0f);
+    check_order_independent("classifier (block softmax reduction, in-place dlogits)", [&] {
+        Dev d;
+        std::vector<int> t = {3, 999, 0, 500, 77};
+        floatX *l = d.add(up_bf16(lg));
+        int *tg = d.add(up(t));
+        float *loss = d.add(dev_alloc<float>(R));
+        fused_classifier(l, loss, tg, R, V, Vp, 0.25f);
+        std::vector<uint16_t> r = down_bits(l, lg.size());
+        append_bits(r, down(loss, R));
+        return r;
+    });
+    Vec gg = rand_bf16(30011, 1.0f);
+    check_order_independent("global_norm (block_sum, 512 blocks)", [&] {
+        Dev d;
+        floatX *dg = d.add(up_bf16(gg));
+        float *scr = d.add(dev_alloc<float>(NORM_BLOCKS + 1));
+        float n = global_norm(dg, gg.size(), scr);
+        return bits_of(Vec{n});
+    });
+    Vec qkv = rand_bf16((size_t)1 * 70 * 3 * 64, 1.0f), dout = rand_bf16((size_t)70 * 64, 1.0f);
+    check_order_independent("flash attention forward + backward (wmma, shuffles, shared tiles)", [&] {
+        AttnOut a = run_flash(qkv, dout, 1, 70, 64, 2);
+        std::vector<uint16_t> r = a.out_bits;
+        append_bits(r, a.dqkv_bits);
+        append_bits(r, a.lse);
+        return r;
+    });
+    Vec qkv2 = rand_bf16((size_t)2 * 33 * 3 * 32, 1.0f), dout2 = rand_bf16((size_t)2 * 33 * 32, 1.0f);
+    check_order_independent("cuBLAS attention softmax kernels", [&] {
+        AttnOut a = run_cublas_attention(qkv2, dout2, 2, 33, 32, 2);
+        std::vector<uint16_t> r = bits_of(a.out);
+        append_bits(r, a.dqkv);
+        return r;
+    });
+    check_order_independent("btt_moe routing, grouping (ballots), gather/combine, backward", [&] {
+        MoEShape s;
+        moe_shape(&s, 4, 12, 4, 12, 8, 2);
+        const int Nm = 150;
+        g_rng = 4242;
+        Vec xx = rand_bf16((size_t)Nm * 48, 1.0f), W0 = rand_bf16(btt_w0_size(&s.btt), 0.5f), W1 = rand_bf16(btt_w1_size(&s.btt), 0.3f),
+            R = rand_bf16(moe_router_size(&s), 0.3f), dy = rand_bf16((size_t)Nm * 48, 1.0f);
+        Dev d;
+        floatX *x_d = d.add(up_bf16(xx)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *R_d = d.add(up_bf16(R)), *dy_d = d.add(up_bf16(dy));
+        floatX *y_d = d.add(dev_alloc<floatX>((size_t)Nm * 48)), *dx_d = d.add(dev_alloc<floatX>((size_t)Nm * 48));
+        floatX *g0 = d.add(up_bf16(Vec(W0.size(), 0.0f))), *g1 = d.add(up_bf16(Vec(W1.size(), 0.0f))), *gr = d.add(up_bf16(Vec(R.size(), 0.0f)));
+        float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(48)));
+        MoEGPUState gst;
+        memset(&gst, 0, sizeof(gst));
+        moe_gpu_state_alloc(&gst, &s, Nm, "test");
+        floatX *s_d = d.add(dev_alloc<floatX>(moe_gpu_scratch_elems(&s, Nm)));
+        float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, Nm)));
+        MoEGPUScratch sc;
+        moe_gpu_scratch_bind(&sc, &s, Nm, s_d, f_d);
+        moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, NULL, Nm, &s);
+        double stats[MOE_AUX_STATS(1024)];
+        moe_aux_stats_gpu(&gst, &sc, &s, stats);
+        moe_aux_from_stats_gpu(&gst, stats, Nm, &s);
+        moe_backward_gpu(dx_d, g0, g1, gr, NULL, dy_d, 0.05f, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
+        std::vector<uint16_t> r = down_bits(y_d, (size_t)Nm * 48);
+        append_bits(r, down(gst.order, (size_t)Nm * 2));
+        append_bits(r, down_bits(dx_d, (size_t)Nm * 48));
+        append_bits(r, down_bits(g0, W0.size()));
+        append_bits(r, down_bits(gr, R.size()));
+        append_bits(r, std::vector<double>(stats, stats + 17));
+        moe_gpu_state_free(&gst);
+        return r;
+    });
+    check_order_independent("encoder backward (bucketed dwte, dwpe)", [&] {
+        const int B = 3, T = 9, Cc = 64, V = 20;
+        std::vector<int> inp(B * T);
+        for (int i = 0; i < B * T; i++) inp[i] = (i * 7) % 5;
+        std::vector<int> buf(3 * B * T + 2), count(V, 0);
+        int used = encoder_buckets_build(buf.data(), count.data(), inp.data(), B * T, V);
+        Dev d;
+        g_rng = 777;
+        Vec ge = rand_bf16((size_t)B * T * Cc, 1.0f);
+        floatX *dg = d.add(up_bf16(ge)), *wte = d.add(up_bf16(Vec((size_t)V * Cc, 0.0f))), *wpe = d.add(up_bf16(Vec((size_t)T * Cc, 0.0f)));
+        int *bk = d.add(dev_alloc<int>(buf.size()));
+        cudaCheck(cudaMemcpy(bk, buf.data(), used * sizeof(int), cudaMemcpyHostToDevice));
+        encoder_backward(wte, wpe, dg, bk, buf[0], B, T, Cc);
+        std::vector<uint16_t> r = down_bits(wte, (size_t)V * Cc);
+        append_bits(r, down_bits(wpe, (size_t)T * Cc));
+        return r;
+    });
+}
+
+// ================================================================================================
+// the simulator's own checks: what it must catch (fatal ones in a forked child)
+
+__global__ void k_write(float *p, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] = 1.0f;
+}
+__global__ void k_misaligned(floatX *out, const floatX *in) { store128(out, load128(in + 1)); }
+__global__ void k_shfl_deadlock(float *out) {
+    float v = threadIdx.x;
+    if (threadIdx.x % 32 != 5) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+__global__ void k_shfl_exited(float *out) {
+    if (threadIdx.x % 32 >= 16) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, 16);
+}
+__global__ void k_smem_overrun(int bytes, int extra) {
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    flash_smem[bytes + extra] = 1;
+}
+// each thread reads a neighbour's shared value: with the barrier right, without it a race
+__global__ void k_neighbour(float *out, int with_barrier) {
+    __shared__ float sh[256];
+    sh[threadIdx.x] = (float)threadIdx.x + 1000.0f * blockIdx.x;  // differs per block: a stale value is visible
+    if (with_barrier) __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = sh[(threadIdx.x + 33) % blockDim.x];
+}
+__global__ void k_collectives(unsigned *out) {
+    unsigned lane = threadIdx.x % 32;
+    unsigned b = __ballot_sync(0xffffffffu, lane % 3 == 0);
+    float s = __shfl_down_sync(0xffffffffu, (float)lane, 3);
+    int idx = __shfl_sync(0xffffffffu, (int)lane * 10, 31 - (int)lane);
+    unsigned m = __match_any_sync(0xffffffffu, lane / 4);
+    int all = __all_sync(0xffffffffu, lane < 32), any = __any_sync(0xffffffffu, lane == 17);
+    int cnt = __syncthreads_count(threadIdx.x % 2);
+    out[threadIdx.x * 7 + 0] = b;
+    out[threadIdx.x * 7 + 1] = (unsigned)s;
+    out[threadIdx.x * 7 + 2] = (unsigned)idx;
+    out[threadIdx.x * 7 + 3] = m;
+    out[threadIdx.x * 7 + 4] = (unsigned)all;
+    out[threadIdx.x * 7 + 5] = (unsigned)any;
+    out[threadIdx.x * 7 + 6] = (unsigned)cnt;
+}
+
+static void child_oob_guard(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 100 * sizeof(float)));
+    LAUNCH(k_write, 1, 256, 0, p, 256);  // 1 KB into a 400-byte buffer: reaches the guard page
+}
+static void child_oob_canary(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 100 * sizeof(float)));
+    LAUNCH(k_write, 1, 128, 0, p, 104);  // 16 bytes past the end, inside the 256-byte rounding
+}
+static void child_misaligned(const void *) {
+    floatX *p;
+    cudaCheck(cudaMalloc(&p, 64 * sizeof(floatX)));
+    LAUNCH(k_misaligned, 1, 32, 0, p, p);
+}
+static void child_deadlock(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 64 * sizeof(float)));
+    LAUNCH(k_shfl_deadlock, 1, 64, 0, p);
+}
+static void child_shfl_exited(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 64 * sizeof(float)));
+    LAUNCH(k_shfl_exited, 1, 32, 0, p);
+}
+static void child_smem_guard(const void *) { LAUNCH(k_smem_overrun, 1, 32, 4096, 4096, 100); }
+static void child_smem_canary(const void *) { LAUNCH(k_smem_overrun, 1, 32, 1000, 1000, 5); }
+static void child_use_after_free(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 64 * sizeof(float)));
+    cudaCheck(cudaFree(p));
+    LAUNCH(k_write, 1, 64, 0, p, 64);
+}
+static void child_memcpy_kind(const void *) {
+    float *p, h[4] = {0};
+    cudaCheck(cudaMalloc(&p, 4 * sizeof(float)));
+    cudaMemcpy(p, p, sizeof(h), cudaMemcpyHostToDevice);  // the source is device memory
+}
+static void child_gemm_range(const void *) {
+    floatX *a, *b, *c;
+    cudaCheck(cudaMalloc(&a, 16 * 16 * 2));
+    cudaCheck(cudaMalloc(&b, 16 * 8 * 2));  // too small for 16 x 16
+    cudaCheck(cudaMalloc(&c, 16 * 16 * 2));
+    float one = 1, zero = 0;
+    cublasHandle_t h;
+    cublasCreate(&h);
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 16, 16, 16, &one, a, CUDA_R_16BF, 16, b, CUDA_R_16BF, 16, &zero, c, CUDA_R_16BF, 16,
+                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+static void child_gemm_alias(const void *) {
+    floatX *a;
+    cudaCheck(cudaMalloc(&a, 16 * 16 * 2));
+    float one = 1, zero = 0;
+    cublasHandle_t h;
+    cublasCreate(&h);
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 16, 16, 16, &one, a, CUDA_R_16BF, 16, a, CUDA_R_16BF, 16, &zero, a, CUDA_R_16BF, 16,
+                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+static void expect_child(void (*fn)(const void *), const char *must_say, const char *what) {
+    char buf[8192];
+    int rc = run_child(fn, NULL, 2, buf, sizeof(buf));
+    char why[8400];
+    snprintf(why, sizeof(why), "exit %d, stderr: %s", rc, buf);
+    check_true(rc == 3 && strstr(buf, must_say) != NULL, nm("simulator catches %s (\"%s\")", what, must_say), why);
+}
+
+static void test_simulator() {
+    // bf16 rounding as the GPU's __float2bfloat16_rn
+    {
+        float ties[4] = {1.00390625f, 1.01171875f, -1.00390625f, 3.0e38f};
+        uint16_t want[4] = {0x3F80, 0x3F82, 0xBF80, 0x7F62};
+        int ok = 1;
+        for (int i = 0; i < 4; i++) ok &= __float2bfloat16_rn(ties[i]).__x == want[i];
+        ok &= __float2bfloat16_rn(NAN).__x == 0x7FFF && __float2bfloat16_rn(INFINITY).__x == 0x7F80 && __float2bfloat16_rn(3.4e38f).__x == 0x7F80;
+        check_true(ok, "sim: bf16 round to nearest even, NaN, Inf and overflow", "wrong bits");
+    }
+    // warp collectives and __syncthreads_count
+    {
+        unsigned *d = dev_alloc<unsigned>(64 * 7);
+        LAUNCH(k_collectives, 1, 64, 0, d);
+        std::vector<unsigned> o = down(d, 64 * 7);
+        int ok = 1;
+        for (unsigned t = 0; t < 64; t++) {
+            unsigned lane = t % 32, bal = 0, m = 0;
+            for (unsigned l = 0; l < 32; l++) bal |= (l % 3 == 0) << l;
+            for (unsigned l = 0; l < 32; l++) m |= (l / 4 == lane / 4) << l;
+            ok &= o[t * 7 + 0] == bal && o[t * 7 + 1] == (lane + 3 < 32 ? lane + 3 : lane) && o[t * 7 + 2] == (31 - lane) * 10 &&
+                  o[t * 7 + 3] == m && o[t * 7 + 4] == 1 && o[t * 7 + 5] == 1 && o[t * 7 + 6] == 32;
+        }
+        check_true(ok, "sim: __ballot_sync, __shfl_down_sync, __shfl_sync, __match_any_sync, __all/__any_sync, __syncthreads_count", "wrong");
+        cudaCheck(cudaFree(d));
+    }
+    // launch configurations CUDA rejects come back from cudaGetLastError
+    {
+        float *p = dev_alloc<float>(64);
+        (void)cudaGetLastError();
+        g_sim_quiet = 1;  // the rejections below are expected
+        LAUNCH(k_write, 0, 32, 0, p, 64);
+        cudaError_t e0 = cudaGetLastError();
+        LAUNCH(k_write, 1, 1025, 0, p, 64);
+        cudaError_t e1 = cudaGetLastError();
+        LAUNCH(k_smem_overrun, 1, 32, 60 * 1024, 0, 0);
+        cudaError_t e2 = cudaGetLastError();
+        cudaCheck(cudaFuncSetAttribute(k_smem_overrun, cudaFuncAttributeMaxDynamicSharedMemorySize, 60 * 1024));
+        LAUNCH(k_smem_overrun, 1, 32, 60 * 1024, 0, 0);
+        cudaError_t e3 = cudaGetLastError();
+        g_sim_quiet = 0;
+        check_true(e0 == cudaErrorInvalidConfiguration && e1 == cudaErrorInvalidConfiguration && e2 == cudaErrorInvalidValue && e3 == cudaSuccess,
+                   "sim: grid 0, 1025 threads, 60 KB of shared memory without the attribute are launch errors; with it, none",
+                   nm("got %d %d %d %d", e0, e1, e2, e3));
+        cudaCheck(cudaFree(p));
+    }
+    // cuBLAS rejects bad leading dimensions as cuBLAS does
+    {
+        floatX *a = dev_alloc<floatX>(256), *c = dev_alloc<floatX>(256);
+        float one = 1, zero = 0;
+        g_sim_quiet = 1;
+        cublasStatus_t st = cublasGemmEx(g_gpu.cublas, CUBLAS_OP_N, CUBLAS_OP_N, 16, 16, 16, &one, a, CUDA_R_16BF, 8, a, CUDA_R_16BF, 16, &zero, c,
+                                         CUDA_R_16BF, 16, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        g_sim_quiet = 0;
+        check_true(st == CUBLAS_STATUS_INVALID_VALUE, "sim: cublasGemmEx with lda < m returns CUBLAS_STATUS_INVALID_VALUE", "accepted");
+        cudaCheck(cudaFree(a));
+        cudaCheck(cudaFree(c));
+    }
+    // a missing __syncthreads shows up as an order-dependent result
+    {
+        float *p = dev_alloc<float>(4 * 256);
+        auto run = [&](int barrier, unsigned long long seed) {
+            cudaCheck(cudaMemset(p, 0, 4 * 256 * sizeof(float)));
+            sim_set_random_order(seed != 0, seed);
+            LAUNCH(k_neighbour, 4, 256, 0, p, barrier);
+            sim_set_random_order(0);
+            return down(p, 4 * 256);
+        };
+        std::vector<float> a = run(0, 1), b = run(0, 2), c = run(1, 1), e = run(1, 2), f = run(1, 0);
+        check_true(a != b, "sim: random thread order exposes a missing __syncthreads (results differ between seeds)", "same results");
+        check_true(c == e && e == f, "sim: with the barrier the result is the same in every order", "differs");
+    }
+    expect_child(child_oob_guard, "past the end of device buffer", "an out-of-bounds write reaching the guard page");
+    expect_child(child_oob_canary, "written 16 bytes past its end", "an out-of-bounds write inside the allocation's rounding");
+    expect_child(child_misaligned, "misaligned int4", "a misaligned 16-byte load");
+    expect_child(child_deadlock, "deadlock", "a warp collective a lane never reaches");
+    expect_child(child_shfl_exited, "did not take part", "a shuffle reading an exited lane");
+    expect_child(child_smem_guard, "dynamic shared memory", "a dynamic shared memory overrun reaching the guard page");
+    expect_child(child_smem_canary, "written 6 bytes past the 1000 bytes", "a dynamic shared memory overrun inside the page");
+    expect_child(child_use_after_free, "use after cudaFree", "a kernel writing freed memory");
+    expect_child(child_memcpy_kind, "source", "cudaMemcpyHostToDevice from device memory");
+    expect_child(child_gemm_range, "runs 256 bytes past the end", "a GEMM operand larger than its buffer");
+    expect_child(child_gemm_alias, "overlaps input", "a GEMM output aliasing an input");
+}
+
+// ================================================================================================
+
+int main(int argc, char **argv) {
+    // groups to run (default all): sim layernorm matmul classifier adamw norm encoder attention structured fused order
+    auto want = [&](const char *g) {
+        if (argc < 2) return true;
+        for (int i = 1; i < argc; i++)
+            if (strcmp(argv[i], g) == 0) return true;
+        return false;
+    };
+    gpu_init(0);
+    printf("# device: %s (sm_%d%d), %d simulator threads%s\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor, sim_num_threads(),
+           g_sim_random ? ", random thread order (SIM_SERIAL)" : "");
+    if (want("sim")) test_simulator();
+    if (want("layernorm")) {
+        test_layernorm(37, 320);
+        test_layernorm(16, 64);
+        test_layernorm(2100, 64);  // column sums with the row count above 64 chunks of 32
+        test_layernorm(9, 1024);
+    }
+    if (want("matmul")) {
+        for (int fusion = 0; fusion <= 2; fusion++) test_matmul(24, 64, 96, fusion, 0, "");
+        test_matmul(20, 40, 72, 2, sim_lt_epi_bit(CUBLASLT_EPILOGUE_GELU_AUX_BIAS) | sim_lt_epi_bit(CUBLASLT_EPILOGUE_DGELU),
+                    "GELU_AUX_BIAS and DGELU");
+        test_matmul(20, 40, 72, 2, sim_lt_epi_bit(CUBLASLT_EPILOGUE_BIAS) | sim_lt_epi_bit(CUBLASLT_EPILOGUE_GELU_AUX_BIAS), "BIAS and GELU_AUX_BIAS");
+    }
+    if (want("classifier")) {
+        test_classifier(6, 1000, 1024, 1.0f / 6);
+        test_classifier(3, 300, 384, 0.5f);
+        test_classifier(2, 250, 256, 0.0f);
+        test_classifier(1, 50257, 50304, 1.0f);
+    }
+    if (want("adamw")) test_adamw();
+    if (want("norm")) {
+        test_global_norm(70001);
+        test_global_norm(100);
+        test_global_norm(300001);  // more elements than the fixed grid's threads: the grid-stride loop
+    }
+    if (want("encoder")) {
+        test_encoder(2, 12, 64, 50);
+        test_encoder(1, 5, 1024, 7);
+    }
+    if (want("attention")) {
+        test_attention(2, 40, 2, 32, true);
+        test_attention(1, 70, 2, 64, true);
+        test_attention(2, 24, 3, 16, true);
+        test_attention(1, 65, 1, 128, false);
+        test_attention(1, 130, 1, 32, true);  // three query/key tiles, the last partial
+        test_attention(1, 1, 2, 32, false);
+    }
+    if (want("structured")) {
+        test_btt(37, 4, 12, 8, 24, 2);   // 48 -> 192
+        test_btt(29, 8, 24, 4, 12, 1);   // 192 -> 48
+        test_btt(16, 12, 4, 6, 8, 4);    // 48 -> 48, non-default factors
+        test_qkv_parts(37, 48);
+        test_monarch(37, 64, 256, 4);
+        test_monarch(21, 64, 64, 8);
+        test_monarch(21, 64, 64, 2);
+        test_monarch(13, 256, 64, 4);
+        test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs: two 256-pair chunks in the grouping
+        test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
+        test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
+    }
+    if (want("fused")) {
+        test_btt_fused(37, 16, 4, 2, 32, 8, 0);      // 64 -> 64 rank 8, default tile rows, a partial tile
+        test_btt_fused(70, 16, 4, 2, 32, 8, 16);     // tm 16: 5 tiles
+        test_btt_fused(20, 16, 48, 32, 96, 1, 0);    // GPT-2 768 -> 3072 rank 1 (tm 64: 217 KB of shared memory)
+        test_btt_fused(33, 32, 24, 16, 48, 2, 32);   // 768 -> 768 rank 2, tm 32
+        test_btt_fused(16 * 1056 + 37, 16, 4, 2, 32, 8, 16);  // more tiles than resident blocks: the grid-stride tile loop
+    }
+    if (want("order")) test_random_order();
+    return test_summary();
+}
