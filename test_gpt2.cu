@@ -314,7 +314,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     const float daux = 0.05f;
     float aux_ref = 0.0f, aux_gpu = 0.0f;
     if (spec->kind == STRUCT_BTT) {
-        BTTShape b = st_btt_shape_of(spec);
+        BTTShape b = btt_shape_of(spec);
         float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));
         btt_forward(y_ref, z, x, w[0], w[1], bias, N, &b);
         btt_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, z, w[0], w[1], N, &b, scr);
@@ -325,7 +325,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cudaCheck(cudaFree(z_d)); cudaCheck(cudaFree(s_d));
         free(z); free(scr);
     } else if (spec->kind == STRUCT_MONARCH) {
-        MonarchShape ms = st_monarch_shape_of(spec);
+        MonarchShape ms = monarch_shape_of(spec);
         float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
         monarch_forward(y_ref, u, x, w[0], w[1], bias, N, &ms);
         monarch_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, u, w[0], w[1], N, &ms, scr);
@@ -336,7 +336,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cudaCheck(cudaFree(u_d)); cudaCheck(cudaFree(s_d));
         free(u); free(scr);
     } else {
-        MoEShape ms = st_moe_shape_of(spec);
+        MoEShape ms = moe_shape_of(spec);
         MoEState st;
         moe_state_alloc(&st, &ms, N);
         float *scr = (float *)mallocCheck(moe_scratch_size(&ms, N) * sizeof(float));

@@ -518,23 +518,6 @@ typedef struct {
     ZeroShard zero;
 } GPT2;
 
-static BTTShape btt_shape_of(const LinearSpec *s) {
-    BTTShape b = {s->d_in, s->d_out, s->alpha, s->gamma, s->phi, s->eps, s->rank};
-    return b;
-}
-static MonarchShape monarch_shape_of(const LinearSpec *s) {
-    MonarchShape ms;
-    monarch_shape(&ms, s->d_in, s->d_out, s->blocks);
-    return ms;
-}
-static MoEShape moe_shape_of(const LinearSpec *s) {
-    MoEShape ms;
-    ms.btt = btt_shape_of(s);
-    ms.experts = s->experts;
-    ms.topk = s->topk;
-    return ms;
-}
-
 // The one place a linear layer is computed, whatever its structure: out (N, d_out) from inp.
 static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float *out, const float *inp, int N) {
     const GPT2Layout *g = &m->layout;

@@ -123,14 +123,14 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     LinearState *ls = lin_state(m, ld);
     floatX *y = pre_gelu ? pre_gelu : out;
     switch (s->kind) {
-        case STRUCT_BTT: { BTTShape bs = st_btt_shape_of(s); btt_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch); break; }
+        case STRUCT_BTT: { BTTShape bs = btt_shape_of(s); btt_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch); break; }
         case STRUCT_MONARCH: {
-            MonarchShape ms = st_monarch_shape_of(s);
+            MonarchShape ms = monarch_shape_of(s);
             monarch_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch);
             break;
         }
         default: {
-            MoEShape ms = st_moe_shape_of(s);
+            MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
             moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
@@ -164,17 +164,17 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
     LinearState *ls = lin_state(m, ld);
     switch (s->kind) {
         case STRUCT_BTT: {
-            BTTShape bs = st_btt_shape_of(s);
+            BTTShape bs = btt_shape_of(s);
             btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch);
             break;
         }
         case STRUCT_MONARCH: {
-            MonarchShape ms = st_monarch_shape_of(s);
+            MonarchShape ms = monarch_shape_of(s);
             monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch);
             break;
         }
         default: {
-            MoEShape ms = st_moe_shape_of(s);
+            MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
             moe_backward_gpu(dinp, dw0, dw1, P_(m, m->grads, ld->w[2]), db, dout, daux, inp, &ls->moe, &sc, w0, w1, P_(m, m->params, ld->w[2]),
@@ -331,15 +331,15 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         LinearState *ls = &m->lin[i];
         size_t need = 0;
         if (s->kind == STRUCT_BTT) {
-            BTTShape b = st_btt_shape_of(s);
+            BTTShape b = btt_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, (int)BT), what);
             need = (size_t)BT * plan_btt_scratch_row(&b);
         } else if (s->kind == STRUCT_MONARCH) {
-            MonarchShape ms = st_monarch_shape_of(s);
+            MonarchShape ms = monarch_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, (int)BT), what);
             need = (size_t)BT * plan_monarch_scratch_row(&ms);
         } else {
-            MoEShape ms = st_moe_shape_of(s);
+            MoEShape ms = moe_shape_of(s);
             moe_gpu_state_alloc(&ls->moe, &ms, (int)BT, what);
             need = moe_gpu_scratch_elems(&ms, (int)BT);
             size_t f = moe_gpu_scratch_floats(&ms, (int)BT);

@@ -161,20 +161,8 @@ static inline void state_write(const char *path, const TrainState *st_in, const 
     atomic_close(fp, tmp, path);
 }
 
-// The TrainState of a state file without its arrays (to check ranks and -z before reading).
-static inline void state_peek(const char *path, TrainState *st) {
-    FILE *fp = fopenCheck(path, "rb");
-    int header[256];
-    freadCheck(header, sizeof(int), 256, fp, path);
-    if (header[0] != STATE_MAGIC)
-        fatal("'%s' is not a structgpt resume state (magic %d, expected %d)", path, header[0], STATE_MAGIC);
-    freadCheck(st, sizeof(TrainState), 1, fp, path);
-    fcloseCheck(fp, path);
-}
-
-// Reads a state file; m and v (and master, when not NULL) must have room for expected_params
-// floats. Returns 1 when the file held master weights (then in *master), else 0.
-static inline int state_read(const char *path, TrainState *st, float *m, float *v, float *master, size_t expected_params) {
+// Opens a state file and reads its header and TrainState; the file stays open at the arrays.
+static inline FILE *state_open(const char *path, TrainState *st) {
     FILE *fp = fopenCheck(path, "rb");
     int header[256];
     freadCheck(header, sizeof(int), 256, fp, path);
@@ -182,6 +170,16 @@ static inline int state_read(const char *path, TrainState *st, float *m, float *
         fatal("'%s' is not a structgpt resume state (magic %d, expected %d)", path, header[0], STATE_MAGIC);
     if (header[1] != STATE_VERSION) fatal("'%s' has state version %d; this build reads version %d", path, header[1], STATE_VERSION);
     freadCheck(st, sizeof(TrainState), 1, fp, path);
+    return fp;
+}
+
+// The TrainState of a state file without its arrays (to check ranks and -z before reading).
+static inline void state_peek(const char *path, TrainState *st) { fcloseCheck(state_open(path, st), path); }
+
+// Reads a state file; m and v (and master, when not NULL) must have room for expected_params
+// floats. Returns 1 when the file held master weights (then in *master), else 0.
+static inline int state_read(const char *path, TrainState *st, float *m, float *v, float *master, size_t expected_params) {
+    FILE *fp = state_open(path, st);
     if ((size_t)st->num_params != expected_params)
         fatal("'%s' is for a model of %lld parameters but this model has %zu: resume with the same -e model/config",
               path, (long long)st->num_params, expected_params);

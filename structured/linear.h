@@ -5,6 +5,9 @@
 #include <math.h>
 #include "../common/params.h"
 #include "../common/rng.h"
+#include "btt.h"
+#include "monarch.h"
+#include "moe.h"
 #include "spec.h"
 
 #define LINEAR_MAX_TENSORS 3
@@ -131,4 +134,22 @@ static inline void linear_init(const LinearDesc *ld, const ParamTable *pt, float
             mt_normal_(w, p->numel, 0.0f, std, rng);
         }
     }
+}
+
+// The shape structs of btt.h, monarch.h and moe.h for a layer's spec (both trainers' kernels
+// take these).
+static inline BTTShape btt_shape_of(const LinearSpec *s) {
+    BTTShape b;
+    btt_shape(&b, s->alpha, s->gamma, s->phi, s->eps, s->rank);
+    return b;
+}
+static inline MonarchShape monarch_shape_of(const LinearSpec *s) {
+    MonarchShape m;
+    monarch_shape(&m, s->d_in, s->d_out, s->blocks);
+    return m;
+}
+static inline MoEShape moe_shape_of(const LinearSpec *s) {
+    MoEShape m;
+    moe_shape(&m, s->alpha, s->gamma, s->phi, s->eps, s->experts, s->topk);
+    return m;
 }

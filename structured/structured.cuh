@@ -23,6 +23,7 @@
 #include "../cuda/reduce.cuh"
 #include "btt_fused.cuh"
 #include "gpu_plan.h"
+#include "linear.h"
 #include "spec.h"
 
 // 1: BTT forwards run btt_fused.cuh's one-kernel forward where it supports the shape (-sk 1 in
@@ -73,25 +74,6 @@ static void st_add_bias(floatX *y, const floatX *bias, int N, int dout) {
     if (!bias) return;
     add_bias_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, bias, (size_t)N, dout);
     cudaCheckLaunch();
-}
-
-// ----------------------------------------------------------------------------------------------
-// shapes from a spec (as train_gpt2.c)
-
-static inline BTTShape st_btt_shape_of(const LinearSpec *s) {
-    BTTShape b;
-    btt_shape(&b, s->alpha, s->gamma, s->phi, s->eps, s->rank);
-    return b;
-}
-static inline MonarchShape st_monarch_shape_of(const LinearSpec *s) {
-    MonarchShape m;
-    monarch_shape(&m, s->d_in, s->d_out, s->blocks);
-    return m;
-}
-static inline MoEShape st_moe_shape_of(const LinearSpec *s) {
-    MoEShape m;
-    moe_shape(&m, s->alpha, s->gamma, s->phi, s->eps, s->experts, s->topk);
-    return m;
 }
 
 // ----------------------------------------------------------------------------------------------

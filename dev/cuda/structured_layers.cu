@@ -299,7 +299,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         *ms = dev_time_ms(step, a->warmup, a->reps);
         free_dev(W); free_dev(dW);
     } else if (sp->kind == STRUCT_BTT) {
-        const BTTShape s = st_btt_shape_of(sp);
+        const BTTShape s = btt_shape_of(sp);
         const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
         floatX *W0 = alloc_random(n0, sqrtf(3.0f / s.alpha), "BTT W0"), *W1 = alloc_random(n1, sqrtf(3.0f / (s.gamma * s.rank)), "BTT W1");
         floatX *dW0 = alloc_zero(n0, "BTT dW0"), *dW1 = alloc_zero(n1, "BTT dW1");
@@ -324,7 +324,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         *ms = dev_time_ms(step, a->warmup, a->reps);
         free_dev(W0); free_dev(W1); free_dev(dW0); free_dev(dW1); free_dev(z); free_dev(scratch);
     } else if (sp->kind == STRUCT_MONARCH) {
-        const MonarchShape m = st_monarch_shape_of(sp);
+        const MonarchShape m = monarch_shape_of(sp);
         const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
         floatX *R = alloc_random(nr, sqrtf(3.0f / m.p), "Monarch R"), *L = alloc_random(nl, sqrtf(3.0f / m.q), "Monarch L");
         floatX *dR = alloc_zero(nr, "Monarch dR"), *dL = alloc_zero(nl, "Monarch dL");
@@ -349,7 +349,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         *ms = dev_time_ms(step, a->warmup, a->reps);
         free_dev(R); free_dev(L); free_dev(dR); free_dev(dL); free_dev(u); free_dev(scratch);
     } else {
-        const MoEShape s = st_moe_shape_of(sp);
+        const MoEShape s = moe_shape_of(sp);
         const int E = s.experts, K = s.topk;
         const size_t n0 = btt_w0_size(&s.btt), n1 = btt_w1_size(&s.btt), nrt = moe_router_size(&s);
         floatX *W0 = alloc_random(n0, sqrtf(3.0f / s.btt.alpha), "BTT-MoE W0");
