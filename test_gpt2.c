@@ -64,6 +64,24 @@ static void check_tensors(const GPT2 *m, const float *got, const float *expected
     }
 }
 
+// How many (step's, routed layer, token) selections differ from the reference's routing section
+// (the last forward was at step `step`); selections compare as sets (moe.h keeps top-k order).
+static int routing_mismatches(const GPT2 *m, const Fixture *f, int step) {
+    int bad = 0, BT = f->B * f->T;
+    for (int j = 0; j < f->n_routed; j++) {
+        const LinearDesc *ld = &f->routed[j];
+        const MoEState *st = ld->layer < 0 ? &m->head_acts.moe : &m->blocks[ld->layer].lin[ld->role].moe;
+        const int K = ld->spec.topk, *ref = f->route_sel + fixture_route_sel_off(f, step, j);
+        for (int t = 0; t < BT; t++)
+            for (int k = 0; k < K; k++) {
+                int found = 0;
+                for (int i = 0; i < K; i++) found |= st->sel[(size_t)t * K + i] == ref[(size_t)t * K + k];
+                bad += !found;
+            }
+    }
+    return bad;
+}
+
 static void run_fixture(const char *path) {
     Fixture f;
     GPT2 m;
@@ -116,8 +134,10 @@ static void run_fixture(const char *path) {
     float *losses = (float *)mallocCheck(f.n_steps * sizeof(float));
     float *auxes = (float *)mallocCheck(f.n_steps * sizeof(float));
     float *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
+    int route_bad = 0;
     for (int s = 0; s < f.n_steps; s++) {
         float l = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
+        if (f.n_routed > 0) route_bad += routing_mismatches(&m, &f, s);
         losses[s] = gpt2_total_loss(&m, l);
         auxes[s] = m.aux_loss;
         gpt2_zero_grad(&m);
@@ -127,6 +147,12 @@ static void run_fixture(const char *path) {
         gpt2_update(&m, f.lr, f.beta1, f.beta2, f.eps, f.weight_decay, scale, s + 1);
         printf("  step %2d loss %.6f (ref %.6f) aux %.6f (ref %.6f) norm %.6f (ref %.6f)\n", s + 1, losses[s], f.losses[s],
                auxes[s], f.auxes[s], norms[s], f.norms[s]);
+    }
+    if (f.n_routed > 0) {
+        char why[96];
+        snprintf(why, sizeof(why), "%d selections differ", route_bad);
+        snprintf(name, sizeof(name), "%s routing: every token's experts at every step and routed layer as the reference's", base);
+        check_true(route_bad == 0, name, why);
     }
     snprintf(name, sizeof(name), "%s losses over %d steps", base, f.n_steps);
     check_close(losses, f.losses, f.n_steps, 1e-4f, 1e-5f, name);

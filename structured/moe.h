@@ -132,14 +132,21 @@ static inline void st_moe_extract(float *w0x, float *w1x, const float *W0, const
 }
 
 // Top-K (descending, ties to the lower index), gate softmax and logsumexp for one row (also the
-// GPU's routing kernel, one thread per token).
-ST_HD static inline void st_moe_route_row(const float *lg, int E, int K, int *sel, float *gate, float *lse) {
+// GPU's routing kernel, one thread per token). only: NULL, or K distinct experts to pick from
+// instead of all E (test mode forces a bf16 GPU onto a float64 reference's routing where a top-k
+// near-tie would flip; the order, gates and lse are computed from lg as usual).
+ST_HD static inline void st_moe_route_row(const float *lg, int E, int K, const int *only, int *sel, float *gate, float *lse) {
     for (int k = 0; k < K; k++) {
         int best = -1;
         for (int e = 0; e < E; e++) {
-            int used = 0;
-            for (int j = 0; j < k; j++) used |= sel[j] == e;
-            if (used) continue;
+            int skip = 0;
+            for (int j = 0; j < k; j++) skip |= sel[j] == e;
+            if (only) {
+                int listed = 0;
+                for (int j = 0; j < K; j++) listed |= only[j] == e;
+                skip |= !listed;
+            }
+            if (skip) continue;
             if (best < 0 || lg[e] > lg[best]) best = e;
         }
         sel[k] = best;
@@ -169,7 +176,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
         int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
         st_gemm(0, 1, n, E, din, x + (size_t)r0 * din, din, router, din, 0.0f, st->logits + (size_t)r0 * E, E);
         for (int r = r0; r < r0 + n; r++) {
-            st_moe_route_row(st->logits + (size_t)r * E, E, K, st->sel + (size_t)r * K, st->gate + (size_t)r * K, st->lse + r);
+            st_moe_route_row(st->logits + (size_t)r * E, E, K, NULL, st->sel + (size_t)r * K, st->gate + (size_t)r * K, st->lse + r);
             float *yr = y + (size_t)r * dout;
             if (bias) memcpy(yr, bias, sizeof(float) * (size_t)dout);
             else memset(yr, 0, sizeof(float) * (size_t)dout);

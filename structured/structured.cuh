@@ -146,6 +146,8 @@ typedef struct {
     float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_gpu)
     floatX *z;            // (N·K, gamma·phi) grouped order
     int N;                // rows of the last forward
+    const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
+                            // top-k (st_moe_route_row's `only`); NULL in training
 } MoEGPUState;
 
 // Shared by every BTT-MoE layer: extracted cores and their gradients, gathered rows, scratch.
@@ -221,10 +223,10 @@ static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, fl
     sc->stats = fmem;
 }
 
-__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, int N, int E, int K) {
+__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N) return;
-    st_moe_route_row(logits + (size_t)t * E, E, K, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+    st_moe_route_row(logits + (size_t)t * E, E, K, only ? only + (size_t)t * K : NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
 }
 
 // Block e: how many of the NK pairs selected expert e (a block-wide count, fixed order).
@@ -362,7 +364,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     st->N = N;
     // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
     st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
-    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, N, E, K);
+    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
     cudaCheckLaunch();
     moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
     cudaCheckLaunch();

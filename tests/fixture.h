@@ -24,6 +24,12 @@ typedef struct {
     int *inputs, *targets;
     float *ref_lr_mult;  // per table tensor, from a version 2 directory (NULL for version 1)
     int *ref_decay;
+    // the routing section (version 2 with routed layers; dev/fixtures/README.md): routed layers
+    // in forward order, the experts each token went to at every step, router logits at step 0
+    LinearDesc *routed;         // [n_routed] copies of the model's routed layers
+    int *route_sel;             // [n_steps][routed j][B*T][K_j]
+    float *route_logits;        // [routed j][B*T][E_j]
+    size_t route_sel_step;      // ints per step: B*T * sum of K_j
     FILE *fp;            // open between fixture_open and fixture_read_body
 } Fixture;
 
@@ -48,7 +54,54 @@ static inline void fixture_open(Fixture *f, const char *path) {
     f->moe_aux_weight = f->version == 2 ? hyper[6] : 0.0f;
     f->config_text = (char *)callocCheck((size_t)header[5] + 1, 1);
     freadCheck(f->config_text, 1, (size_t)header[5], fp, path);
+    f->route_sel_step = header[10];  // the flag until fixture_read_body reads the section
     f->fp = fp;
+}
+
+// Offsets of routed layer j (forward order) in a step's route_sel and in route_logits.
+static inline size_t fixture_route_sel_off(const Fixture *f, int step, int j) {
+    size_t off = (size_t)step * f->route_sel_step, BT = (size_t)f->B * f->T;
+    for (int i = 0; i < j; i++) off += BT * f->routed[i].spec.topk;
+    return off;
+}
+static inline size_t fixture_route_logits_off(const Fixture *f, int j) {
+    size_t off = 0, BT = (size_t)f->B * f->T;
+    for (int i = 0; i < j; i++) off += BT * f->routed[i].spec.experts;
+    return off;
+}
+
+// The routing section, against the model's routed layers in forward order.
+static inline void fixture_read_routing(Fixture *f, const char *path, const GPT2Layout *g) {
+    FILE *fp = f->fp;
+    size_t BT = (size_t)f->B * f->T, ksum = 0, esum = 0;
+    int n = 0;
+    f->routed = (LinearDesc *)callocCheck((size_t)f->n_routed + 1, sizeof(LinearDesc));
+    for (int i = 0; i <= g->config.num_layers * NUM_BLOCK_ROLES; i++) {
+        const LinearDesc *ld = i < g->config.num_layers * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+        if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
+        if (n == f->n_routed) fatal("'%s': the model built from its config has more than %d routed layers", path, f->n_routed);
+        f->routed[n++] = *ld;
+        ksum += (size_t)ld->spec.topk;
+        esum += (size_t)ld->spec.experts;
+    }
+    if (n != f->n_routed) fatal("'%s' has %d routed layers, the model built from its config %d", path, f->n_routed, n);
+    f->route_sel_step = BT * ksum;
+    f->route_sel = (int *)mallocCheck(f->route_sel_step * f->n_steps * sizeof(int));
+    f->route_logits = (float *)mallocCheck(BT * esum * sizeof(float));
+    freadCheck(f->route_sel, sizeof(int), f->route_sel_step * f->n_steps, fp, path);
+    freadCheck(f->route_logits, sizeof(float), BT * esum, fp, path);
+    for (int st = 0; st < f->n_steps; st++)
+        for (int j = 0; j < n; j++) {
+            const int *p = f->route_sel + fixture_route_sel_off(f, st, j);
+            int K = f->routed[j].spec.topk, E = f->routed[j].spec.experts;
+            for (size_t t = 0; t < BT; t++)
+                for (int k = 0; k < K; k++) {
+                    int e = p[t * K + k];
+                    if (e < 0 || e >= E || (k > 0 && e <= p[t * K + k - 1]))
+                        fatal("'%s': routing section: step %d routed layer %d token %zu: expert %d is not a valid ascending selection of %d of %d; regenerate with python dev/reference.py",
+                              path, st, j, t, e, K, E);
+                }
+        }
 }
 
 // Reads n_tensors per-tensor arrays in directory order into a table-ordered buffer.
@@ -126,6 +179,9 @@ static inline void fixture_read_body(Fixture *f, const char *path, const GPT2Lay
     }
     freadCheck(f->norms, sizeof(float), f->n_steps, fp, path);
     fixture_read_tensors(fp, path, g, map, n, f->final_params);
+    int has_routing = f->route_sel_step != 0;
+    f->route_sel_step = 0;
+    if (f->version == 2 && has_routing) fixture_read_routing(f, path, g);
     char extra;
     if (fread(&extra, 1, 1, fp) == 1) fatal("'%s' is longer than its header says: regenerate it", path);
     fcloseCheck(fp, path);
@@ -137,7 +193,7 @@ static inline void fixture_free(Fixture *f) {
     if (f->fp) fclose(f->fp);
     free(f->config_text); free(f->params); free(f->logits); free(f->grads); free(f->losses); free(f->ce_losses);
     free(f->auxes); free(f->norms); free(f->final_params); free(f->inputs); free(f->targets);
-    free(f->ref_lr_mult); free(f->ref_decay);
+    free(f->ref_lr_mult); free(f->ref_decay); free(f->routed); free(f->route_sel); free(f->route_logits);
     memset(f, 0, sizeof(*f));
 }
 

@@ -196,7 +196,7 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
             for (int i = 0; i < din; i++) a += (double)x[(size_t)t * din + i] * Rt[(size_t)e * din + i];
             logits[(size_t)t * E + e] = (float)a;
         }
-        st_moe_route_row(logits + (size_t)t * E, E, K, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+        st_moe_route_row(logits + (size_t)t * E, E, K, NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
     }
     int *counts = (int *)callocCheck((size_t)E, sizeof(int)), *offsets = (int *)callocCheck((size_t)E + 1, sizeof(int));
     int *order = (int *)callocCheck((size_t)NK, sizeof(int)), *pos = (int *)callocCheck((size_t)NK, sizeof(int));
@@ -318,6 +318,39 @@ static void test_permute_index(void) {
     check_true(memcmp(got, want, sizeof(want)) == 0, "permute index: [2][3][2] -> [3][2][2] written out by hand", "wrong order");
 }
 
+// st_moe_route_row with `only` (test mode's forced routing): the given experts, ordered by logit
+// as the top-k orders them, gates a softmax over their logits, lse over all E; given the natural
+// top-k in any order, the same selection as unforced routing and the same gates (to rounding:
+// -ffast-math may compile the two inlined calls differently).
+static void test_route_only(void) {
+    const int E = 8, K = 3, rows = 50;
+    int bad_forced = 0, bad_natural = 0;
+    for (int r = 0; r < rows; r++) {
+        float *lg = randn(E, 1.0f);
+        int sel[3], sel0[3], only[3];
+        float gate[3], gate0[3], lse, lse0;
+        st_moe_route_row(lg, E, K, NULL, sel0, gate0, &lse0);
+        for (int k = 0; k < K; k++) only[k] = (r + 3 * k) % E;  // distinct: 0, 3, 6 shifted
+        st_moe_route_row(lg, E, K, only, sel, gate, &lse);
+        double m = -1e30, sum = 0.0;
+        for (int k = 0; k < K; k++) m = lg[only[k]] > m ? lg[only[k]] : m;
+        for (int k = 0; k < K; k++) sum += exp(lg[only[k]] - m);
+        for (int k = 0; k < K; k++) {
+            int listed = 0;
+            for (int j = 0; j < K; j++) listed |= sel[k] == only[j];
+            bad_forced += !listed || (k > 0 && lg[sel[k]] > lg[sel[k - 1]]) || fabs(gate[k] - exp(lg[sel[k]] - m) / sum) > 1e-6;
+        }
+        bad_forced += lse != lse0;
+        for (int k = 0; k < K; k++) only[k] = sel0[K - 1 - k];
+        st_moe_route_row(lg, E, K, only, sel, gate, &lse);
+        bad_natural += memcmp(sel, sel0, sizeof(sel)) != 0 || fabsf(lse - lse0) > 1e-6f;
+        for (int k = 0; k < K; k++) bad_natural += fabsf(gate[k] - gate0[k]) > 1e-6f;
+        free(lg);
+    }
+    check_true(bad_forced == 0, "moe route with `only`: the given experts in logit order, softmax gates over them, lse over all", "mismatch");
+    check_true(bad_natural == 0, "moe route with `only` = the top-k reversed: the same selection and gates as unforced routing", "mismatch");
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -332,5 +365,6 @@ int main(void) {
     test_moe(8, 4, 6, 10, 8, 2, 40);
     test_moe(4, 4, 4, 4, 3, 3, 10);   // top-k = E
     test_moe(4, 6, 5, 3, 8, 1, 5);    // fewer tokens than experts: empty experts
+    test_route_only();
     return test_summary();
 }

@@ -787,7 +787,7 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     for (int t = 0; t < N; t++) {
         int rs[64];
         float rg[64], rl;
-        st_moe_route_row(&lg[(size_t)t * E], E, K, rs, rg, &rl);
+        st_moe_route_row(&lg[(size_t)t * E], E, K, NULL, rs, rg, &rl);
         for (int k = 0; k < K; k++) {
             sel_ok &= rs[k] == sel[(size_t)t * K + k];
             gate_ok &= fabsf(rg[k] - gate[(size_t)t * K + k]) <= 1e-6f && fabsf(rl - lse[t]) <= 1e-5f * (1 + fabsf(rl));
