@@ -321,7 +321,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s forward)", spec->rank, din, dout, N, g_st_fused ? "fused" : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH) snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d", spec->blocks, din, dout, N);
-    else snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d", spec->experts, spec->topk, din, dout, N);
+    else
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
+                 g_st_fused ? "fused segmented" : "cuBLAS");
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL}, *dw_ref[3] = {NULL, NULL, NULL};
@@ -438,7 +440,9 @@ static void check_structures_vs_cpu(void) {
         s.kind = STRUCT_MONARCH;
         s.blocks = 4; check_layer_vs_cpu(&s, N);
         s.kind = STRUCT_BTT_MOE;
-        s.experts = 8; s.topk = 2; s.rank = 8; check_layer_vs_cpu(&s, N);
+        s.experts = 8; s.topk = 2; s.rank = 8;
+        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
+        g_st_fused = 0;
     }
 }
 

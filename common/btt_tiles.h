@@ -128,6 +128,46 @@ static inline BT_HD int bt_tile_rows(const BtGeom *g, int N, int tile) {
     return r < g->tm ? r : g->tm;
 }
 
+// ---- segmented launches (BTT-MoE: every expert's BTT in one launch) ----------------------------
+// S BTTs of the same shape over consecutive segments of the (expert-grouped) rows: segment s is
+// rows [off[s], off[s+1]) with its own cores W0 + s*w0_stride, W1 + s*w1_stride. Its x rows are
+// gathered on the fly: grouped row w reads x row order[w] / K (moe.h's pairs t*K + k), so no
+// gathered copy of x is written. Tiles never straddle segments: segment s has ceil(count_s / tm)
+// tiles, and the GPU writes the tile table (BT_TILE_INTS ints per tile: segment, first grouped
+// row, rows) and the tile count itself (bt_seg_fill), so no host needs the counts and the launch
+// has a fixed grid: at most bt_seg_max_tiles tiles. A plain launch is the one-segment case
+// (tiles = NULL: tile t is rows t*tm .. of N, segment 0, x rows not remapped).
+#define BT_TILE_INTS 3
+typedef struct {
+    const int *tiles;    // tile table, NULL for a plain launch
+    const int *ntiles;   // number of tiles in the table (device)
+    const int *order;    // grouped row -> pair index (x row = order[w] / K)
+    int K;
+    size_t w0_stride, w1_stride;  // elements between consecutive segments' W0 and W1
+} BtSeg;
+typedef struct { int seg, r0, rows; } BtTile;
+static inline BT_HD int bt_seg_max_tiles(int rows_total, int S, int tm) { return bt_ceil_div(rows_total, tm) + S; }
+// Segment s's tiles: table entries base + j (base = tiles of segments < s), j < ceil(count_s/tm).
+static inline BT_HD void bt_seg_tile_write(int *table, int base, int j, int s, int off_s, int count_s, int tm) {
+    int *t = table + (size_t)(base + j) * BT_TILE_INTS, left = count_s - j * tm;
+    t[0] = s;
+    t[1] = off_s + j * tm;
+    t[2] = left < tm ? left : tm;
+}
+// Tile t of a launch over N rows (plain) or of the table (segmented).
+static inline BT_HD BtTile bt_tile_at(const BtGeom *g, const BtSeg *sg, int N, int t) {
+    BtTile r;
+    if (sg->tiles) {
+        const int *e = sg->tiles + (size_t)t * BT_TILE_INTS;
+        r.seg = e[0]; r.r0 = e[1]; r.rows = e[2];
+    } else {
+        r.seg = 0; r.r0 = t * g->tm; r.rows = bt_tile_rows(g, N, t);
+    }
+    return r;
+}
+// x row of grouped row w
+static inline BT_HD int bt_x_row(const BtSeg *sg, int w) { return sg->order ? sg->order[w] / sg->K : w; }
+
 // ---- strided walks without a division per step -------------------------------------------------
 // A grid of rows x per cells in row-major order, visited at cells k = start, start + stride, ...
 // (start < stride): it.o, it.i = k / per, k % per. Thread loops (16-byte vectors) use start = thread,
@@ -156,13 +196,13 @@ static inline BT_HD int bt_chunk_gcount(const BtGeom *g, int ch) {
 // loads its vectors of the NEXT chunk into registers right after storing the current one (so the
 // loads are in flight while the current chunk computes) and stores them after the next barrier.
 static inline BT_HD int bt_x_fill_per(const BtGeom *g, int gcount) { return gcount * g->A / 8; }
-// The chunk after (tile, ch) for a block whose tiles are tile, tile + grid, ...: the next chunk of
-// the tile, or chunk 0 of the block's next tile (prefetched during the last chunk and stage 2).
-// Returns 0 when there is none.
-static inline BT_HD int bt_next_chunk(const BtGeom *g, int N, int grid, int tile, int ch, int *ntile, int *nch) {
+// The chunk after (tile, ch) for a block whose tiles are tile, tile + grid, ... < ntiles: the next
+// chunk of the tile, or chunk 0 of the block's next tile (prefetched during the last chunk and
+// stage 2). Returns 0 when there is none.
+static inline BT_HD int bt_next_chunk(const BtGeom *g, int ntiles, int grid, int tile, int ch, int *ntile, int *nch) {
     *ntile = tile; *nch = ch + 1;
     if (*nch == g->nchunks) { *ntile = tile + grid; *nch = 0; }
-    return *ntile < bt_num_tiles(N, g->tm);
+    return *ntile < ntiles;
 }
 static inline BT_HD int bt_x_smem(const BtGeom *g, int m, int col) { return m * g->xld + col; }
 static inline BT_HD size_t bt_x_global(const BtGeom *g, int row, int ch, int col) {

@@ -3,6 +3,10 @@
 //   int btt_fused_supported(const BTTShape *s, size_t smem_limit)   -> tile rows tm, or 0
 //   int btt_forward_fused(y, z_or_null, x, W0, W1, bias_or_null, N, s)  -> 1 done, 0 not supported
 //   int btt_forward_fused_tm(..., tm)   the same with the tile rows forced (dev/cuda/btt_forward.cu)
+//   int btt_forward_fused_seg(...)      S BTTs of one shape in one launch over grouped rows
+//                                       (BTT-MoE's experts): the tile table is built on the GPU
+//                                       from the segments' counts, x rows are read through
+//                                       `order` (no gather, no host round trip); btt_tiles.h
 // When these return 0 nothing was launched: call btt_forward_gpu (structured.cuh) instead.
 //
 // Design (tile geometry and every index: common/btt_tiles.h, emulated on the CPU by
@@ -110,15 +114,17 @@ __device__ __forceinline__ unsigned bt_pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned *>(&h);
 }
 
-// This thread's part of x chunk ch of tile `tile` (rows past N: zeros) into registers, and from
-// registers into the x chunk buffer (btt_tiles.h: bt_x_fill_per, BT_XVEC).
-__device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, int N, int tile, int ch) {
-    const int r0 = tile * g.tm, rows = bt_tile_rows(&g, N, tile);
+// This thread's part of x chunk ch of tile `tile` (rows past the tile's: zeros) into registers,
+// and from registers into the x chunk buffer (btt_tiles.h: bt_x_fill_per, BT_XVEC).
+__device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, const BtSeg &sg, int N, int tile,
+                                          int ch) {
+    const BtTile tl = bt_tile_at(&g, &sg, N, tile);
     BtWalk it;
     bt_walk_begin(&it, bt_x_fill_per(&g, bt_chunk_gcount(&g, ch)), threadIdx.x, BT_THREADS);
 #pragma unroll
     for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it))
-        if (it.o < g.tm) pre[k] = it.o < rows ? load128(x + bt_x_global(&g, r0 + it.o, ch, it.i * 8)) : x128::zeros();  // tail: zeros
+        if (it.o < g.tm)
+            pre[k] = it.o < tl.rows ? load128(x + bt_x_global(&g, bt_x_row(&sg, tl.r0 + it.o), ch, it.i * 8)) : x128::zeros();  // tail: zeros
 }
 __device__ __forceinline__ void bt_x_store(floatX *xs, const x128 pre[BT_XVEC], const BtGeom &g, int ch) {
     BtWalk it;
@@ -134,7 +140,7 @@ template <int MT, int NB>
 __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,
                                                                const floatX *__restrict__ W1, const floatX *__restrict__ bias, int N,
-                                                               BtGeom gp) {
+                                                               BtGeom gp, BtSeg sg) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     using namespace nvcuda;
     BtGeom g = gp;
@@ -145,12 +151,14 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
     const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
-    const int ntiles = bt_num_tiles(N, g.tm);
+    const int ntiles = sg.tiles ? *sg.ntiles : bt_num_tiles(N, g.tm);
     x128 pre[BT_XVEC];  // this thread's part of the next x chunk, loaded one chunk ahead
-    if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, N, blockIdx.x, 0);
+    if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, sg, N, blockIdx.x, 0);
 
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-        const int r0 = tile * g.tm, rows = bt_tile_rows(&g, N, tile);
+        const BtTile tl = bt_tile_at(&g, &sg, N, tile);
+        const int r0 = tl.r0, rows = tl.rows;
+        const floatX *__restrict__ W0s = W0 + tl.seg * sg.w0_stride, *__restrict__ W1s = W1 + tl.seg * sg.w1_stride;
 
         // ---- stage 1: z tile = x tile . W0, chunk by chunk of g blocks
         for (int ch = 0; ch < g.nchunks; ch++) {
@@ -160,7 +168,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
             __syncthreads();  // x chunk visible to every warp; also orders the previous tile's stage-2
                               // reads of the z tile before this tile's stage-1 writes to it
             int ntile, nch;   // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
-            if (bt_next_chunk(&g, N, gridDim.x, tile, ch, &ntile, &nch)) bt_x_load(pre, x, g, N, ntile, nch);
+            if (bt_next_chunk(&g, ntiles, gridDim.x, tile, ch, &ntile, &nch)) bt_x_load(pre, x, g, sg, N, ntile, nch);
             BtWalk it;
             for (bt_walk_begin(&it, bt_s1_per(&g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
                 int mt, nt;
@@ -172,7 +180,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                     BtFragA a;
                     BtFragB b;
                     bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
-                    bt_load_b_global(b, W0 + bt_s1_b(&g, g0 + gl, kk, nt), g.fr);
+                    bt_load_b_global(b, W0s + bt_s1_b(&g, g0 + gl, kk, nt), g.fr);
                     wmma::mma_sync(acc, a, b, acc);
                 }
                 __syncwarp();  // every lane has read the staging tile's previous contents
@@ -206,12 +214,12 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                 for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
             BtFragB bf[NB], bn[NB];
 #pragma unroll
-            for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1 + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+            for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
             for (int kk = 0; kk < g.ks2; kk++) {
                 const int more = kk + 1 < g.ks2;
                 if (more) {  // the next k-step's B fragments are in flight while this one computes
 #pragma unroll
-                    for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1 + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                    for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
                 }
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
@@ -233,7 +241,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                     __syncwarp();  // every lane has read the staging tile's previous contents
                     wmma::store_matrix_sync(stg, acc[mt][b], BT_STG_LD, wmma::mem_row_major);
                     __syncwarp();
-                    if (row < N) {  // tail: rows past N are computed (on zeros) but not stored
+                    if (mt * 16 + er < rows) {  // tail: rows past the tile's are computed (on zeros) but not stored
                         float v[8];
                         bt_stg_read8(v, stg, er, ec);
                         if (bias) {
@@ -273,7 +281,7 @@ static inline int btt_fused_supported(const BTTShape *s, size_t smem_limit) {
     return bt_choose_tm(s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit);
 }
 
-typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom);
+typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom, BtSeg);
 
 // The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}), or NULL.
 static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
@@ -294,10 +302,10 @@ static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
 // (cached per instantiation and smem size; one device per process); 0 when none fits.
 static int btt_fused_blocks_per_sm(const BtGeom *g) {
-    static int attr_bytes[16], occ_bytes[16], occ[16];  // indexed by mt * 4 + nb
+    static int attr_bytes[9], occ_bytes[9], occ[9];  // per instantiation: (mt 1, 2, 4) x (nb 1, 2, 3)
     BtFusedKernel kern = btt_fused_kernel_for(g);
     if (!kern) return 0;
-    const int k = g->mt * 4 + g->nb;
+    const int k = (g->mt == 4 ? 2 : g->mt - 1) * 3 + g->nb - 1;  // 0..8 (mt * 4 + nb reaches 19)
     if (g->smem_bytes > attr_bytes[k]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;
@@ -337,7 +345,52 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (per_sm <= 0) return 0;
     const int ntiles = bt_num_tiles(N, g.tm), resident = per_sm * btt_fused_sm_count();
     const int grid = ntiles < resident ? ntiles : resident;
-    btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g);
+    BtSeg plain;
+    memset(&plain, 0, sizeof(plain));
+    btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
+    cudaCheckLaunch();
+    return 1;
+}
+
+// Block s: segment s's entries of the tile table (btt_tiles.h, segmented launches) from the
+// segments' row counts; the last block also writes the number of tiles. Fixed order, no atomics.
+__global__ void bt_seg_fill_kernel(int *table, int *ntiles, const int *counts, const int *offsets, int S, int tm) {
+    const int s = blockIdx.x;
+    int base = 0;
+    for (int i = 0; i < s; i++) base += bt_ceil_div(counts[i], tm);
+    const int mine = bt_ceil_div(counts[s], tm);
+    for (int j = threadIdx.x; j < mine; j += blockDim.x) bt_seg_tile_write(table, base, j, s, offsets[s], counts[s], tm);
+    if (s == S - 1 && threadIdx.x == 0) *ntiles = base + mine;
+}
+
+// Ints of device scratch a segmented launch needs for its tile table and count.
+static inline size_t btt_fused_seg_scratch_ints(int rows_total, int S, int tm) {
+    return (size_t)bt_seg_max_tiles(rows_total, S, tm) * BT_TILE_INTS + 1;
+}
+
+// S BTTs of shape s in one launch, no host round trip (btt_tiles.h, segmented launches): segment
+// e is grouped rows [offsets[e], offsets[e] + counts[e]) (device arrays, rows_total = their sum,
+// known on the host as an upper bound of the grid), cores W0 + e*|W0|, W1 + e*|W1|, x rows
+// order[w] / K. y (rows_total, d_out) and z (rows_total, zrow, may be NULL) in grouped order, no
+// bias. scratch: btt_fused_seg_scratch_ints(rows_total, S, tm) ints. Returns 0 (nothing launched)
+// when the shape, device or alignment is not supported: use the per-segment path then.
+static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, const int *order, int K, const floatX *W0, const floatX *W1,
+                                 const int *counts, const int *offsets, int S, int rows_total, const BTTShape *s, int *scratch) {
+    const int tm = btt_fused_supported(s, btt_fused_smem_limit());
+    BtGeom g;
+    if (!tm || !bt_geom(&g, s->alpha, s->gamma, s->phi, s->eps, s->rank, tm)) return 0;
+    const size_t w0s = btt_w0_size(s), w1s = btt_w1_size(s);
+    if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32 || (w0s | w1s) % 16) return 0;
+    if (rows_total <= 0 || S <= 0) return 1;
+    const int per_sm = btt_fused_blocks_per_sm(&g);
+    if (per_sm <= 0) return 0;
+    int *table = scratch, *ntiles = scratch + (size_t)bt_seg_max_tiles(rows_total, S, tm) * BT_TILE_INTS;
+    bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
+    cudaCheckLaunch();
+    const int max_tiles = bt_seg_max_tiles(rows_total, S, tm), resident = per_sm * btt_fused_sm_count();
+    BtSeg sg = {table, ntiles, order, K, w0s, w1s};
+    btt_fused_kernel_for(&g)<<<max_tiles < resident ? max_tiles : resident, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL,
+                                                                                                       rows_total, g, sg);
     cudaCheckLaunch();
     return 1;
 }

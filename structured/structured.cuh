@@ -13,10 +13,13 @@
 //   logsumexp (moe.h's st_moe_route_row); one block per expert scans the (token, k) pairs in order
 //   and writes that expert's pairs, ascending, into `order` (no atomics: deterministic, and the
 //   same grouping as the CPU's counting sort); the experts' rank-1 cores are copied out of the
-//   strided rank components (moe.h's index maps); the inputs are gathered into expert-contiguous
-//   rows; each expert runs plan_btt_forward on its row range; each token adds its k gated expert
-//   outputs in k order. The expert sizes are copied to the host once per layer forward (the GEMM
-//   shapes need them) — the one host round trip, kept for the backward.
+//   strided rank components (moe.h's index maps); with -sk 1 every expert runs in ONE segmented
+//   launch of btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on
+//   the fly; else the inputs are gathered into expert-contiguous rows and each expert runs
+//   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
+//   each token adds its k gated expert outputs in k order. The counts go to the host
+//   asynchronously for the backward's per-expert plans. Still a host round trip per layer: the
+//   aux loss statistics (moe_aux_stats_gpu).
 #pragma once
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
@@ -142,7 +145,9 @@ typedef struct {
     int *sel;             // (N, K)
     int *order, *pos;     // (N·K): grouped row -> pair, pair -> grouped row
     int *counts, *offsets;        // (E), (E+1)
-    int *h_counts, *h_offsets;    // host copies (GEMM shapes)
+    int *h_counts, *h_offsets;    // host copies (GEMM shapes; h_counts pinned: copied asynchronously)
+    int host_pending;             // h_counts is in flight from the last forward: moe_host_counts waits
+    int *tiles;                   // the fused forward's tile table and count (btt_fused.cuh)
     float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_gpu)
     floatX *z;            // (N·K, gamma·phi) grouped order
     int N;                // rows of the last forward
@@ -181,14 +186,18 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->fhat = (float *)mem;
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (N*K x gamma*phi)", what);
     st->z = cudaMallocNamed(floatX, NK * moe_z_row(s), name);
-    st->h_counts = (int *)callocCheck(E, sizeof(int));
+    cudaCheck(cudaMallocHost(&st->h_counts, E * sizeof(int)));
+    memset(st->h_counts, 0, E * sizeof(int));
+    snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
+    st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
     st->h_offsets = (int *)callocCheck(E + 1, sizeof(int));
 }
 
 static void moe_gpu_state_free(MoEGPUState *st) {
     if (st->logits) cudaCheck(cudaFree(st->logits));
     if (st->z) cudaCheck(cudaFree(st->z));
-    free(st->h_counts);
+    if (st->tiles) cudaCheck(cudaFree(st->tiles));
+    if (st->h_counts) cudaCheck(cudaFreeHost(st->h_counts));
     free(st->h_offsets);
     memset(st, 0, sizeof(*st));
 }
@@ -354,8 +363,20 @@ __global__ void moe_aux_stats_kernel(float *stats, const float *logits, const fl
     if (threadIdx.x == 0) stats[j] = s;
 }
 
+// Waits for the last forward's counts on the host (a no-op when they are there) and sets the
+// host offsets.
+static void moe_host_counts(MoEGPUState *st, int E) {
+    if (!st->host_pending) return;
+    cudaCheck(cudaStreamSynchronize(0));
+    st->h_offsets[0] = 0;
+    for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
+    st->host_pending = 0;
+}
+
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
-// input and tensors.
+// input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
+// segmented fused launch (x gathered on the fly, no host round trip); else the per-expert plans,
+// which need the counts on the host first.
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
@@ -370,21 +391,26 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
     moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, st->counts, st->sel, NK, E);
     cudaCheckLaunch();
-    cudaCheck(cudaMemcpy(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));
-    st->h_offsets[0] = 0;
-    for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
-    moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
-    cudaCheckLaunch();
-    floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1;
-    for (int e = 0; e < E; e++) {
-        if (st->h_counts[e] == 0) continue;
-        buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
-        Plan p = {};
-        plan_btt_forward(&p, &b1, st->h_counts[e], st->h_offsets[e]);
-        plan_run_gpu(&p, buf);
+    // the counts go to the host for the backward's GEMM shapes and the aux statistics
+    cudaCheck(cudaMemcpyAsync(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost, 0));
+    st->host_pending = 1;
+    if (g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK, &b1, st->tiles)) {
+        // every expert in one launch from the device's counts: no wait for the host copy here
+    } else {
+        moe_host_counts(st, E);
+        moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
+        cudaCheckLaunch();
+        floatX *buf[PB_COUNT] = {0};
+        buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1;
+        for (int e = 0; e < E; e++) {
+            if (st->h_counts[e] == 0) continue;
+            buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
+            Plan p = {};
+            plan_btt_forward(&p, &b1, st->h_counts[e], st->h_offsets[e]);
+            plan_run_gpu(&p, buf);
+        }
     }
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout);
     cudaCheckLaunch();
@@ -392,12 +418,13 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
 
 // The statistics of the aux loss over this process's N tokens (moe.h's MOE_AUX_STATS layout, in
 // doubles on the host) — the GPU reduces the sums, the counts are already on the host.
-static void moe_aux_stats_gpu(const MoEGPUState *st, MoEGPUScratch *sc, const MoEShape *s, double *stats) {
+static void moe_aux_stats_gpu(MoEGPUState *st, MoEGPUScratch *sc, const MoEShape *s, double *stats) {
     const int E = s->experts;
     moe_aux_stats_kernel<<<E + 1, 256>>>(sc->stats, st->logits, st->lse, st->N, E);
     cudaCheckLaunch();
     float h[1025];
     cudaCheck(cudaMemcpy(h, sc->stats, (size_t)(E + 1) * sizeof(float), cudaMemcpyDeviceToHost));
+    moe_host_counts(st, E);
     for (int e = 0; e < E; e++) { stats[e] = h[e]; stats[E + e] = st->h_counts[e]; }
     stats[2 * E] = h[E];
 }
@@ -415,11 +442,12 @@ static float moe_aux_from_stats_gpu(MoEGPUState *st, const double *stats, long n
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated.
 static void moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
-                             const floatX *x, const MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
+                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                              const floatX *router, const MoEShape *s, float *colsum_scratch) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
+    moe_host_counts(st, E);
     int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();

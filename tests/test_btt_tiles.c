@@ -22,6 +22,8 @@
 //   - every y (and saved z) element of rows < N written exactly once, nothing else written.
 // What it cannot see: the order of the sums inside one tensor-core MMA (fp32-level), intra-warp
 // ordering of the staging tile (the kernel's __syncwarp pairs, reviewed by hand), launch geometry.
+// Segmented launches (BTT-MoE: every expert in one launch, x rows gathered through `order`) run
+// through the same emulation with a tile table (test_seg_case).
 //
 // Tolerances, with u = 2^-8 (bf16 round to nearest: |bf16(v) - v| <= u|v|), z_abs = Σ_a |W0||x| and
 // y_abs = Σ |W1| z_abs (btt_forward on absolute values, an upper bound of Σ|W1||z|):
@@ -204,16 +206,20 @@ static void g_wr(Args *a, float *dst, unsigned char *cnt, size_t n, size_t i, fl
 
 static float g_pre[BT_THREADS][BT_XVEC][8];
 
-static void emu_x_load(const BtGeom *g, Args *a, int N, int tile, int ch) {
-    const int r0 = tile * g->tm, rows = bt_tile_rows(g, N, tile);
+static void emu_x_load(const BtGeom *g, Args *a, const BtSeg *sg, int N, int tile, int ch) {
+    const BtTile tl = bt_tile_at(g, sg, N, tile);
     for (int t = 0; t < BT_THREADS; t++) {
         BtWalk it;
         bt_walk_begin(&it, bt_x_fill_per(g, bt_chunk_gcount(g, ch)), t, BT_THREADS);
         for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it)) {
             if (it.o >= g->tm) continue;
-            size_t gi = bt_x_global(g, r0 + it.o, ch, it.i * 8);
-            if (it.o < rows && gi % 8) g_error(a, "x vector load misaligned", gi, a->nx);
-            for (int e = 0; e < 8; e++) g_pre[t][k][e] = it.o < rows ? g_x(a, gi + e) : 0.0f;  // tail: zeros
+            if (it.o >= tl.rows) {  // tail: zeros, no load
+                for (int e = 0; e < 8; e++) g_pre[t][k][e] = 0.0f;
+                continue;
+            }
+            size_t gi = bt_x_global(g, bt_x_row(sg, tl.r0 + it.o), ch, it.i * 8);
+            if (gi % 8) g_error(a, "x vector load misaligned", gi, a->nx);
+            for (int e = 0; e < 8; e++) g_pre[t][k][e] = g_x(a, gi + e);
         }
     }
 }
@@ -232,20 +238,23 @@ static void emu_x_store(const BtGeom *g, Smem *S, int ch) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// the kernel, block by block (grid blocks; block b takes tiles b, b + grid, ...)
+// the kernel, block by block (grid blocks; block b takes tiles b, b + grid, ...); sg: a plain
+// launch (tiles NULL) or a segmented one (host copies of the tile table and count)
 
-static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
+static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, const BtSeg *sg) {
     BtGeom gg = *gp;
     const BtGeom *g = &gg;
-    const int ntiles = bt_num_tiles(N, g->tm);
+    const int ntiles = sg->tiles ? *sg->ntiles : bt_num_tiles(N, g->tm);
     err_out->errors = 0;
     err_out->first[0] = 0;
     for (int block = 0; block < grid; block++) {
         Smem S;
         sm_init(&S, g->smem_bytes);
-        if (block < ntiles) emu_x_load(g, a, N, block, 0);
+        if (block < ntiles) emu_x_load(g, a, sg, N, block, 0);
         for (int tile = block; tile < ntiles; tile += grid) {
-            const int r0 = tile * g->tm, rows = bt_tile_rows(g, N, tile);
+            const BtTile tl = bt_tile_at(g, sg, N, tile);
+            const int r0 = tl.r0, rows = tl.rows;
+            const size_t w0o = (size_t)tl.seg * sg->w0_stride, w1o = (size_t)tl.seg * sg->w1_stride;
             // ---- stage 1
             for (int ch = 0; ch < g->nchunks; ch++) {
                 const int g0 = ch * g->gc, gcount = bt_chunk_gcount(g, ch);
@@ -253,7 +262,7 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
                 emu_x_store(g, &S, ch);
                 sm_sync(&S);
                 int ntile, nch;
-                if (bt_next_chunk(g, N, grid, tile, ch, &ntile, &nch)) emu_x_load(g, a, N, ntile, nch);
+                if (bt_next_chunk(g, ntiles, grid, tile, ch, &ntile, &nch)) emu_x_load(g, a, sg, N, ntile, nch);
                 for (int warp = 0; warp < BT_WARPS; warp++) {
                     BtWalk it;
                     for (bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
@@ -264,7 +273,7 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
                         frag_zero(acc);
                         for (int kk = 0; kk < g->ks1; kk++) {
                             frag_load_smem(A, &S, g->off_x + 2 * bt_s1_a(g, mt, gl, kk), g->xld, warp);
-                            frag_load_global(B, a, a->W0, a->nW0, bt_s1_b(g, g0 + gl, kk, nt), g->fr, "W0 read out of range");
+                            frag_load_global(B, a, a->W0, a->nW0, w0o + bt_s1_b(g, g0 + gl, kk, nt), g->fr, "W0 read out of range");
                             frag_mma(acc, A, B);
                         }
                         const int stg = bt_stg_off(g, warp);
@@ -307,7 +316,7 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
                         for (int b = 0; b < g->nb; b++) frag_zero(acc[mt][b]);
                     for (int kk = 0; kk < g->ks2; kk++) {
                         for (int b = 0; b < g->nb; b++)
-                            frag_load_global(B[b], a, a->W1, a->nW1, bt_s2_b(g, f, kk, bt_s2_ntile(g, j, b)), g->E, "W1 read out of range");
+                            frag_load_global(B[b], a, a->W1, a->nW1, w1o + bt_s2_b(g, f, kk, bt_s2_ntile(g, j, b)), g->E, "W1 read out of range");
                         for (int mt = 0; mt < g->mt; mt++) {
                             frag_load_smem(A, &S, g->off_z + 2 * bt_s2_a(g, mt, f, kk), g->zld, warp);
                             for (int b = 0; b < g->nb; b++) frag_mma(acc[mt][b], A, B[b]);
@@ -320,7 +329,7 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out) {
                             frag_store_staging(&S, stg, acc[mt][b], warp);
                             for (int lane = 0; lane < 32; lane++) {
                                 const int er = bt_epi_row(lane), ec = bt_epi_col(lane), row = r0 + mt * 16 + er;
-                                if (row >= N) continue;
+                                if (mt * 16 + er >= rows) continue;
                                 if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
                                 const size_t yi = bt_y_global(g, row, f, n, ec);
                                 if (yi % 8 || bt_bias(g, f, n, ec) % 8) g_error(a, "y/bias vector misaligned", yi, a->ny);
@@ -411,7 +420,9 @@ static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid
         for (size_t i = 0; i < nz; i++) a.z[i] = NAN;
     }
     Smem err;
-    emulate(&g, grid, N, &a, &err);
+    BtSeg plain;
+    memset(&plain, 0, sizeof(plain));
+    emulate(&g, grid, N, &a, &err, &plain);
 
     char label[300], why[300];
     snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
@@ -438,6 +449,89 @@ static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid
     }
     free(x); free(W0); free(W1); free(bias); free(y_ref); free(z_ref); free(y_abs); free(z_abs); free(ax); free(a0); free(a1);
     free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);
+}
+
+// A segmented launch (BTT-MoE's experts): S segments of grouped rows with the given counts (zeros
+// and partial tiles included), each with its own cores; grouped row w reads x row order[w] / K for
+// a random permutation `order` of the N*K pairs. The tile table is filled with bt_seg_tile_write as
+// the GPU's bt_seg_fill_kernel does; the reference runs btt_forward per segment on gathered rows.
+static void test_seg_case(int A, int G, int P, int E, int tm, int K, const int *counts, int S, int grid) {
+    BTTShape s;
+    btt_shape(&s, A, G, P, E, 1);
+    BtGeom g;
+    char name[200];
+    int NK = 0;
+    for (int e = 0; e < S; e++) NK += counts[e];
+    const int N = NK / K;
+    snprintf(name, sizeof(name), "segmented: %d experts %d->%d (alpha %d gamma %d phi %d eps %d) tm %d N %d K %d grid %d", S, s.d_in,
+             s.d_out, A, G, P, E, tm, N, K, grid);
+    if (!check_true(N * K == NK && bt_geom(&g, A, G, P, E, 1, tm), name, "bad case")) return;
+    const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = (size_t)g.zrow;
+    float *x = rand_bf16((size_t)N * s.d_in, 1.0f), *W0 = rand_bf16(n0 * S, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1 * S, 1.0f / sqrtf((float)G));
+    int *order = (int *)mallocCheck(sizeof(int) * NK), *offsets = (int *)mallocCheck(sizeof(int) * (S + 1));
+    for (int w = 0; w < NK; w++) order[w] = w;
+    for (int w = NK - 1; w > 0; w--) {  // Fisher-Yates with the test's generator
+        float u;
+        mt_uniform_(&u, 1, 0.0f, 1.0f, &g_rng);
+        int j = (int)(u * (w + 1));
+        if (j > w) j = w;
+        int t = order[w]; order[w] = order[j]; order[j] = t;
+    }
+    offsets[0] = 0;
+    for (int e = 0; e < S; e++) offsets[e + 1] = offsets[e] + counts[e];
+    int *table = (int *)mallocCheck(sizeof(int) * BT_TILE_INTS * bt_seg_max_tiles(NK, S, tm)), ntiles = 0;
+    for (int e = 0; e < S; e++) {
+        int mine = bt_ceil_div(counts[e], tm);
+        for (int j = 0; j < mine; j++) bt_seg_tile_write(table, ntiles, j, e, offsets[e], counts[e], tm);
+        ntiles += mine;
+    }
+    check_true(ntiles <= bt_seg_max_tiles(NK, S, tm), "segmented: tiles within bt_seg_max_tiles", "too many tiles");
+    // reference: each segment's rows gathered, btt_forward with its cores
+    float *y_ref = (float *)callocCheck((size_t)NK * s.d_out, sizeof(float)), *z_ref = (float *)callocCheck((size_t)NK * zrow, sizeof(float));
+    float *y_abs = (float *)callocCheck((size_t)NK * s.d_out, sizeof(float)), *z_abs = (float *)callocCheck((size_t)NK * zrow, sizeof(float));
+    float *xg = (float *)callocCheck((size_t)NK * s.d_in + 1, sizeof(float)), *axg = (float *)callocCheck((size_t)NK * s.d_in + 1, sizeof(float));
+    float *a0 = absf(W0, n0 * S), *a1 = absf(W1, n1 * S);
+    for (int w = 0; w < NK; w++)
+        for (int i = 0; i < s.d_in; i++) {
+            xg[(size_t)w * s.d_in + i] = x[(size_t)(order[w] / K) * s.d_in + i];
+            axg[(size_t)w * s.d_in + i] = fabsf(xg[(size_t)w * s.d_in + i]);
+        }
+    for (int e = 0; e < S; e++) {
+        if (!counts[e]) continue;
+        size_t o = (size_t)offsets[e];
+        btt_forward(y_ref + o * s.d_out, z_ref + o * zrow, xg + o * s.d_in, W0 + n0 * e, W1 + n1 * e, NULL, counts[e], &s);
+        btt_forward(y_abs + o * s.d_out, z_abs + o * zrow, axg + o * s.d_in, a0 + n0 * e, a1 + n1 * e, NULL, counts[e], &s);
+    }
+    Args a;
+    memset(&a, 0, sizeof(a));
+    a.x = x; a.W0 = W0; a.W1 = W1; a.nx = (size_t)N * s.d_in; a.nW0 = n0 * S; a.nW1 = n1 * S;
+    a.ny = (size_t)NK * s.d_out; a.nz = (size_t)NK * zrow;
+    a.y = (float *)mallocCheck(sizeof(float) * a.ny); a.ycnt = (unsigned char *)callocCheck(a.ny, 1);
+    a.z = (float *)mallocCheck(sizeof(float) * a.nz); a.zcnt = (unsigned char *)callocCheck(a.nz, 1);
+    for (size_t i = 0; i < a.ny; i++) a.y[i] = NAN;
+    for (size_t i = 0; i < a.nz; i++) a.z[i] = NAN;
+    BtSeg sg = {table, &ntiles, order, K, n0, n1};
+    Smem err;
+    emulate(&g, grid, NK, &a, &err, &sg);
+    char label[300], why[300];
+    snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", err.errors, err.first);
+    check_true(err.errors == 0, label, why);
+    snprintf(label, sizeof(label), "%s: global accesses (bounds, alignment)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", a.gerrors, a.gfirst);
+    check_true(a.gerrors == 0, label, why);
+    size_t ybad = 0, zbad = 0;
+    for (size_t i = 0; i < a.ny; i++) ybad += a.ycnt[i] != 1;
+    for (size_t i = 0; i < a.nz; i++) zbad += a.zcnt[i] != 1;
+    snprintf(label, sizeof(label), "%s: every grouped y and z element written once", name);
+    snprintf(why, sizeof(why), "y: %zu of %zu, z: %zu of %zu written 0 or >1 times", ybad, a.ny, zbad, a.nz);
+    check_true(ybad == 0 && zbad == 0, label, why);
+    snprintf(label, sizeof(label), "%s: y (grouped rows)", name);
+    check_bounded(label, a.y, y_ref, y_abs, a.ny, 1.02 / 256.0);
+    snprintf(label, sizeof(label), "%s: saved z (grouped rows)", name);
+    check_bounded(label, a.z, z_ref, z_abs, a.nz, 1.0 / 65536.0);
+    free(x); free(W0); free(W1); free(order); free(offsets); free(table); free(y_ref); free(z_ref); free(y_abs); free(z_abs);
+    free(xg); free(axg); free(a0); free(a1); free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);
 }
 
 // the walk visits exactly k = start, start + stride, ... in order, as (k / per, k % per)
@@ -502,5 +596,14 @@ int main(void) {
     test_case(48, 8, 8, 32, 2, 16, 16 * 3 + 2, 2, 1, 1);    // nb 2, ks1 3
     test_case(16, 3, 4, 32, 16, 64, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
     test_case(128, 16, 16, 16, 1, 64, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
+    // segmented launches (BTT-MoE experts, rank 1): empty experts, partial and whole tiles, one
+    // expert with everything, grids smaller than the tile count
+    const int c8[8] = {37, 0, 64, 5, 16, 0, 70, 8};      // 200 pairs = 100 tokens top-2
+    test_seg_case(16, 48, 32, 96, 64, 2, c8, 8, 3);        // 768 -> 3072 experts, tm 64
+    test_seg_case(32, 96, 16, 48, 32, 2, c8, 8, 5);        // 3072 -> 768 experts, tm 32
+    const int c4[4] = {0, 0, 48, 0};                        // all 48 pairs on one expert (K = 1)
+    test_seg_case(16, 48, 16, 48, 16, 1, c4, 4, 2);        // 768 -> 768
+    const int c3[3] = {1, 2, 3};                            // 6 pairs = 2 tokens top-3
+    test_seg_case(16, 32, 16, 32, 16, 3, c3, 3, 8);        // 512 -> 512, grid larger than the tiles
     return test_summary();
 }

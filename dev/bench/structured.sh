@@ -117,20 +117,22 @@ $1 != "RESULT" { next }
     n++
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
-    key = DIN[n] "/" DOUT[n] "/" S[n]
+    base = S[n]; sub(/_fused$/, "", base)  # a fused row is the same layer as PyTorch computes it
+    key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
     shape = DIN[n] "/" DOUT[n]
     if (S[n] == "btt_r2") R2[shape] = MS[n]
+    if (S[n] == "btt_r2_fused") R2F[shape] = MS[n]
 }
 END {
     printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
            ((torch_ran == 0) ? "same GPU, same script" : "skipped"), moe_variant
-    printf "%5s %-11s %-13s %10s %8s %9s %8s %8s %11s %9s %5s\n", "d", "shape", "structure", "ms", "FLOP/d", "floor ms", "%floor",
+    printf "%5s %-11s %-17s %10s %8s %9s %8s %8s %11s %9s %5s\n", "d", "shape", "structure", "ms", "FLOP/d", "floor ms", "%floor",
            "vs dense", "PyTorch ms", "speedup", "check"
     for (i = 1; i <= n; i++) {
         sp = isnum(TM[i]) ? sprintf("%.2fx", TM[i] / MS[i]) : "-"
         tmv = isnum(TM[i]) ? sprintf("%.3f", TM[i]) : (TM[i] == "-" ? "-" : TM[i])
-        printf "%5d %-11s %-13s %10.3f %8.3f %9.3f %7.1f%% %8.3f %11s %9s %5s\n", D[i], DIN[i] "->" DOUT[i], S[i], MS[i], FR[i], FL[i],
+        printf "%5d %-11s %-17s %10.3f %8.3f %9.3f %7.1f%% %8.3f %11s %9s %5s\n", D[i], DIN[i] "->" DOUT[i], S[i], MS[i], FR[i], FL[i],
                PCT[i], VS[i], tmv, sp, CHK[i]
     }
     # the goals of issue 5
@@ -144,8 +146,8 @@ END {
         if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
             n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
         }
-        if (S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) {
-            q = MS[i] / R2[DIN[i] "/" DOUT[i]]
+        if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F))) {
+            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[DIN[i] "/" DOUT[i]] : R2F[DIN[i] "/" DOUT[i]])
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }

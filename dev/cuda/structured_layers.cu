@@ -7,6 +7,9 @@
 //   monarch_sqrt  the same with the largest divisor of d not above sqrt(d) that divides d_out
 //   btt_moe_8x2   moe_forward_gpu + moe_backward_gpu, 8 experts, top 2 (router gradient included;
 //                 the aux loss is not: daux = 0)
+//   *_fused       the BTT and BTT-MoE rows again with the trainer's -sk 1: btt_fused.cuh's one-kernel
+//                 forward (BTT-MoE: every expert in one segmented launch, no host wait for the
+//                 counts); only where the kernel supports the shape
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -37,6 +40,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
+#define MAX_CASES 12
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -78,6 +82,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
+    int fused;      // g_st_fused during the case: btt_fused.cuh's forward (BTT-MoE: one segmented launch)
 } Case;
 
 // The Monarch "sqrt(d)" block count: the largest divisor of d not above sqrt(d) that also
@@ -91,7 +96,7 @@ static int monarch_sqrt_blocks(int d, int dout) {
 
 static int make_cases(Case *c, int din, int dout) {
     int n = 0;
-    memset(c, 0, sizeof(Case) * 8);
+    memset(c, 0, sizeof(Case) * MAX_CASES);
     // dense
     snprintf(c[n].name, sizeof(c[n].name), "dense");
     snprintf(c[n].desc, sizeof(c[n].desc), "%dx%d", dout, din);
@@ -130,6 +135,23 @@ static int make_cases(Case *c, int din, int dout) {
         default_factors(dout, &s->phi, &s->eps);
         snprintf(c[n].name, sizeof(c[n].name), "btt_moe_8x2");
         snprintf(c[n].desc, sizeof(c[n].desc), "%dx%d>%dx%d 8/top2", s->alpha, s->gamma, s->phi, s->eps);
+        n++;
+    }
+    // the same BTT and BTT-MoE layers with the fused forward, where it supports the shape (so a
+    // "_fused" row is never the cuBLAS path under another name)
+    for (int i = 0, n0 = n; i < n0; i++) {
+        const LinearSpec *s = &c[i].spec;
+        if (s->kind != STRUCT_BTT && s->kind != STRUCT_BTT_MOE) continue;
+        LinearSpec full = *s;
+        full.d_in = din;
+        full.d_out = dout;
+        BTTShape b;
+        if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
+        else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
+        if (!btt_fused_supported(&b, btt_fused_smem_limit())) continue;
+        c[n] = c[i];
+        c[n].fused = 1;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_fused", c[i].name);
         n++;
     }
     for (int i = 0; i < n; i++) {
@@ -214,7 +236,8 @@ static int wanted(const Args *a, const char *name) {
 static void usage(void) {
     printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-c 0|1] [--probe]\n"
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
-           "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2; dense always runs)\n"
+           "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
+           "      btt_moe_8x2_fused for the fused forward; dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
 }
@@ -265,6 +288,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
     const LinearSpec *sp = &cs->spec;
     const int N = r->N, din = r->din, dout = r->dout, CR = CHECK_ROWS;
     const int check = a->check;
+    g_st_fused = cs->fused;
     float *cx = NULL, *ref = (float *)callocCheck((size_t)CR * dout, sizeof(float)), *gpu = NULL;
     int *skip = NULL, ok = 1;
     double worst = 0.0;
@@ -397,6 +421,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         moe_gpu_state_free(&st);
     }
     cudaCheck(cudaDeviceSynchronize());
+    g_st_fused = 0;
     *checked = check;
     free(cx); free(ref); free(gpu); free(skip);
     return ok;
@@ -439,7 +464,7 @@ int main(int argc, char **argv) {
             r.dy = alloc_random((size_t)r.N * r.dout, 1.0f, "dy");
             r.y = alloc_bf16((size_t)r.N * r.dout, "y");
             r.dx = alloc_bf16((size_t)r.N * r.din, "dx");
-            Case cases[8];
+            Case cases[MAX_CASES];
             const int nc = make_cases(cases, r.din, r.dout);
             double dense_flops = 0.0;
             float dense_ms = 0.0f;

@@ -735,9 +735,16 @@ static void test_monarch(int N, int din, int dout, int nb) {
     check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
 }
 
-static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K) {
+// fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must support
+static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K, int fused = 0) {
     MoEShape s;
     moe_shape(&s, alpha, gamma, phi, eps, E, K);
+    g_st_fused = fused;
+    if (fused) {
+        const BTTShape b1 = moe_expert_shape(&s);
+        check_true(btt_fused_supported(&b1, btt_fused_smem_limit()) > 0, nm("btt_moe E=%d: the fused kernel supports the expert shape", E),
+                   "it does not: the test would check the cuBLAS path");
+    }
     const int din = s.btt.d_in, dout = s.btt.d_out, NK = N * K;
     Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(btt_w0_size(&s.btt), 1.0f / sqrtf((float)alpha)),
         W1 = rand_bf16(btt_w1_size(&s.btt), 1.0f / sqrtf((float)gamma)), R = rand_bf16(moe_router_size(&s), 2.0f / sqrtf((float)din)),
@@ -770,7 +777,7 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     moe_aux_stats_gpu(&gst, &sc, &s, stats);
     float aux = moe_aux_from_stats_gpu(&gst, stats, N, &s);
     char tag[128];
-    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d", din, dout, E, K, N);
+    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N, fused ? " (fused segmented forward)" : "");
     // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
     std::vector<float> lg = down(gst.logits, (size_t)N * E), gate = down(gst.gate, NK), lse = down(gst.lse, N);
     std::vector<int> sel = down(gst.sel, NK), order = down(gst.order, NK), pos = down(gst.pos, NK), counts = down(gst.counts, E),
@@ -818,6 +825,7 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
     moe_gpu_state_free(&gst);
     moe_state_free(&st);
+    g_st_fused = 0;
 }
 
 // separate q, k, v (structured.cuh): a column block of a (N, 3C) buffer to and from (N, C), and +=
@@ -1281,6 +1289,9 @@ int main(int argc, char **argv) {
         test_btt_fused(20, 16, 48, 32, 96, 1, 0);    // GPT-2 768 -> 3072 rank 1 (tm 64: 217 KB of shared memory)
         test_btt_fused(33, 32, 24, 16, 48, 2, 32);   // 768 -> 768 rank 2, tm 32
         test_btt_fused(16 * 1056 + 37, 16, 4, 2, 32, 8, 16);  // more tiles than resident blocks: the grid-stride tile loop
+        test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
+        test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
+        test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1
     }
     if (want("order")) test_random_order();
     return test_summary();
