@@ -60,11 +60,11 @@ convert_checkpoint: dev/convert_checkpoint.c $(COMMON_H)
 train_gpt2_mpi: train_gpt2.c $(COMMON_H)
 	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) $(BLAS_CFLAGS) -DUSE_MPI $< $(LDLIBS) $(BLAS_LIBS) -o $@
 
-test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h
+test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
 
 # the same test program with the plain C matmuls, so both paths stay tested
-$(BUILD)/test_gpt2_noblas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h | $(BUILD)
+$(BUILD)/test_gpt2_noblas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h | $(BUILD)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
 $(BUILD)/test_structured_noblas: tests/test_structured.c $(wildcard structured/*.h) tests/check.h | $(BUILD)
@@ -136,7 +136,7 @@ dev-cuda:
 	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY)
 train_gpt2cu: train_gpt2.cu $(CUDA_H)
 	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $< $(NVCC_LDLIBS) $(TRAIN_CU_LIBS) -o $@
-test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h
+test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h tests/fixture.h
 	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
 else
   $(info nvcc: not found, skipping the GPU trainer (train_gpt2cu, test_gpt2cu))

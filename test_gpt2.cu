@@ -107,6 +107,13 @@ static void force_routing(GPT2 *m, const Fixture *f, int step) {
     for (int j = 0; j < f->n_routed; j++) lin_state(m, &f->routed[j])->moe.forced_sel = g_route_d + fixture_route_sel_off(f, step, j);
 }
 
+static void fixture_run_free(GPT2 *m, Fixture *f) {
+    if (g_route_d) cudaCheck(cudaFree(g_route_d));
+    g_route_d = NULL;
+    gpt2_free(m);
+    fixture_free(f);
+}
+
 // The reference's training from step `from` to `to` (0-based, exclusive): same batch each step,
 // clipping, AdamW with the table's multipliers. Records losses and norms at [step].
 static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, float *losses, float *norms) {
@@ -167,13 +174,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
     check_grads(&m, f.grads, 6e-2f, tag);
-    if (!full) {
-        if (g_route_d) cudaCheck(cudaFree(g_route_d));
-        g_route_d = NULL;
-        gpt2_free(&m);
-        fixture_free(&f);
-        return;
-    }
+    if (!full) { fixture_run_free(&m, &f); return; }
 
     float *losses = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
     gpt2_set_params(&m, f.params);
@@ -248,10 +249,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     remove(state_path);
     rmdir(dir);
     free(losses); free(norms); free(losses2); free(norms2); free(final1);
-    if (g_route_d) cudaCheck(cudaFree(g_route_d));
-    g_route_d = NULL;
-    gpt2_free(&m);
-    fixture_free(&f);
+    fixture_run_free(&m, &f);
 }
 
 // llm.c's check (as test_gpt2.c): GPT-2 124M weights, one batch, PyTorch's logits, loss and

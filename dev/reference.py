@@ -1185,6 +1185,14 @@ def flat2(model, P):
     return np.concatenate([f32(P[t[0]]) for t in model[0]])
 
 
+def routing_section(hist):
+    """The v2 routing section (header[10] = 1): every step's selections per routed layer as
+    ascending expert indices (int32, N x K), then the step-0 router logits (float32, N x E)."""
+    sels = b"".join(np.stack([torch.nonzero(row).flatten().numpy() for row in sel]).astype("<i4").tobytes()
+                    for step_sels in hist["sels"] for sel in step_sels)
+    return sels + b"".join(f32(rl).tobytes() for rl in hist["rlogits"][0])
+
+
 def make_v2_fixture(path, name, cfg_text, B, T, n_steps, hp, seed, P_override=None, idx_override=None,
                     margin_min=1e-3):
     cfg = parse_config(cfg_text, name + ".conf")
@@ -1288,12 +1296,8 @@ def make_v2_fixture(path, name, cfg_text, B, T, n_steps, hp, seed, P_override=No
         for key in ("losses", "ces", "auxes", "norms"):
             f.write(np.array(hist[key], dtype="<f4").tobytes())
         f.write(flat2(model, Pf).tobytes())
-        if n_routed:  # the routing section (header[10] = 1)
-            for step_sels in hist["sels"]:
-                for sel in step_sels:
-                    f.write(np.stack([torch.nonzero(row).flatten().numpy() for row in sel]).astype("<i4").tobytes())
-            for rl in hist["rlogits"][0]:
-                f.write(f32(rl).tobytes())
+        if n_routed:
+            f.write(routing_section(hist))
     size = os.path.getsize(path)
     print("    wrote %s (%d bytes, %d tensors, %d params)" % (path, size, len(tensors), flat2(model, P0).size))
     assert size < 3 * 1024 * 1024, "fixture over the 3 MB budget"
@@ -1375,10 +1379,7 @@ def verify_v2(path, ref):
     for key in ("losses", "ces", "auxes", "norms"):
         assert np.array_equal(r[key], np.array(ref["hist"][key], dtype="<f4")), key
     if r["n_routed"]:
-        sels = b"".join(np.stack([torch.nonzero(row).flatten().numpy() for row in sel]).astype("<i4").tobytes()
-                        for step_sels in ref["hist"]["sels"] for sel in step_sels)
-        rl = b"".join(f32(x).tobytes() for x in ref["hist"]["rlogits"][0])
-        assert r["routing"] == sels + rl, "routing section differs"
+        assert r["routing"] == routing_section(ref["hist"]), "routing section differs"
     # the stored p0 is exactly the float64 start (the reference rounds its init to float32)
     for name, *_ in model[0]:
         assert np.array_equal(r["p0"][name].astype(np.float64).reshape(-1), ref["P0"][name].numpy().reshape(-1))

@@ -329,6 +329,14 @@ static int btt_fused_sm_count(void) {
     return sms;
 }
 
+// The grid for up to max_tiles tiles of the kernel for g: the blocks resident at once, at most
+// max_tiles (blocks loop over tiles); 0 when no block fits on an SM.
+static int btt_fused_grid(const BtGeom *g, int max_tiles) {
+    const int per_sm = btt_fused_blocks_per_sm(g), resident = per_sm * btt_fused_sm_count();
+    if (per_sm <= 0) return 0;
+    return max_tiles < resident ? max_tiles : resident;
+}
+
 // y (N, d_out) = BTT(x) + bias, overwritten; z_or_null: the saved z (N, phi, gamma, rho) for the
 // backward, as btt_forward_gpu writes it. tm: 16, 32 or 64 rows per tile. Returns 1 when launched
 // (or N <= 0), 0 when this shape, tm, device or pointer alignment is not supported — nothing was
@@ -341,10 +349,8 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x | (uintptr_t)bias_or_null) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32)
         return 0;
     if (N <= 0) return 1;
-    const int per_sm = btt_fused_blocks_per_sm(&g);
-    if (per_sm <= 0) return 0;
-    const int ntiles = bt_num_tiles(N, g.tm), resident = per_sm * btt_fused_sm_count();
-    const int grid = ntiles < resident ? ntiles : resident;
+    const int grid = btt_fused_grid(&g, bt_num_tiles(N, g.tm));
+    if (!grid) return 0;
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
@@ -382,15 +388,13 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     const size_t w0s = btt_w0_size(s), w1s = btt_w1_size(s);
     if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32 || (w0s | w1s) % 16) return 0;
     if (rows_total <= 0 || S <= 0) return 1;
-    const int per_sm = btt_fused_blocks_per_sm(&g);
-    if (per_sm <= 0) return 0;
-    int *table = scratch, *ntiles = scratch + (size_t)bt_seg_max_tiles(rows_total, S, tm) * BT_TILE_INTS;
+    const int max_tiles = bt_seg_max_tiles(rows_total, S, tm), grid = btt_fused_grid(&g, max_tiles);
+    if (!grid) return 0;
+    int *table = scratch, *ntiles = scratch + (size_t)max_tiles * BT_TILE_INTS;
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
-    const int max_tiles = bt_seg_max_tiles(rows_total, S, tm), resident = per_sm * btt_fused_sm_count();
     BtSeg sg = {table, ntiles, order, K, w0s, w1s};
-    btt_fused_kernel_for(&g)<<<max_tiles < resident ? max_tiles : resident, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL,
-                                                                                                       rows_total, g, sg);
+    btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();
     return 1;
 }

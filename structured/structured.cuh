@@ -396,9 +396,10 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     // the counts go to the host for the backward's GEMM shapes and the aux statistics
     cudaCheck(cudaMemcpyAsync(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost, 0));
     st->host_pending = 1;
-    if (g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK, &b1, st->tiles)) {
-        // every expert in one launch from the device's counts: no wait for the host copy here
-    } else {
+    // every expert in one launch from the device's counts (no wait for the host copy), or per expert
+    const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
+                                                          &b1, st->tiles);
+    if (!fused) {
         moe_host_counts(st, E);
         moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
         cudaCheckLaunch();

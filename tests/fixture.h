@@ -30,6 +30,7 @@ typedef struct {
     int *route_sel;             // [n_steps][routed j][B*T][K_j]
     float *route_logits;        // [routed j][B*T][E_j]
     size_t route_sel_step;      // ints per step: B*T * sum of K_j
+    int has_routing;            // header[10]
     FILE *fp;            // open between fixture_open and fixture_read_body
 } Fixture;
 
@@ -54,7 +55,7 @@ static inline void fixture_open(Fixture *f, const char *path) {
     f->moe_aux_weight = f->version == 2 ? hyper[6] : 0.0f;
     f->config_text = (char *)callocCheck((size_t)header[5] + 1, 1);
     freadCheck(f->config_text, 1, (size_t)header[5], fp, path);
-    f->route_sel_step = header[10];  // the flag until fixture_read_body reads the section
+    f->has_routing = f->version == 2 ? header[10] : 0;
     f->fp = fp;
 }
 
@@ -179,9 +180,10 @@ static inline void fixture_read_body(Fixture *f, const char *path, const GPT2Lay
     }
     freadCheck(f->norms, sizeof(float), f->n_steps, fp, path);
     fixture_read_tensors(fp, path, g, map, n, f->final_params);
-    int has_routing = f->route_sel_step != 0;
-    f->route_sel_step = 0;
-    if (f->version == 2 && has_routing) fixture_read_routing(f, path, g);
+    if (f->n_routed > 0) {
+        if (!f->has_routing) fatal("'%s' has routed layers but no routing section (an older file): regenerate with python dev/reference.py", path);
+        fixture_read_routing(f, path, g);
+    }
     char extra;
     if (fread(&extra, 1, 1, fp) == 1) fatal("'%s' is longer than its header says: regenerate it", path);
     fcloseCheck(fp, path);

@@ -387,6 +387,52 @@ static void check_bounded(const char *name, const float *got, const float *ref, 
     check_true(!bad && rel_rms <= 1.0 / 128.0, label, why);
 }
 
+// The emulation's outputs: y (ny) and, when nz > 0, the saved z, NaN-filled, with write counters.
+static void args_outputs(Args *a, size_t ny, size_t nz) {
+    a->ny = ny;
+    a->y = (float *)mallocCheck(sizeof(float) * ny);
+    a->ycnt = (unsigned char *)callocCheck(ny, 1);
+    for (size_t i = 0; i < ny; i++) a->y[i] = NAN;
+    if (nz) {
+        a->nz = nz;
+        a->z = (float *)mallocCheck(sizeof(float) * nz);
+        a->zcnt = (unsigned char *)callocCheck(nz, 1);
+        for (size_t i = 0; i < nz; i++) a->z[i] = NAN;
+    }
+}
+
+// Runs the emulation and checks it: no shared-memory or global access errors, every y (and saved
+// z) element written exactly once, values within the bounds of check_bounded. z_what names z's
+// layout in the labels.
+static void emulate_and_check(const char *name, const BtGeom *g, int grid, int N, Args *a, const BtSeg *sg, const float *y_ref,
+                              const float *y_abs, const float *z_ref, const float *z_abs, const char *z_what) {
+    Smem err;
+    emulate(g, grid, N, a, &err, sg);
+    char label[300], why[300];
+    snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", err.errors, err.first);
+    check_true(err.errors == 0, label, why);
+    snprintf(label, sizeof(label), "%s: global accesses (bounds, alignment)", name);
+    snprintf(why, sizeof(why), "%ld errors; first: %s", a->gerrors, a->gfirst);
+    check_true(a->gerrors == 0, label, why);
+    size_t ybad = 0;
+    for (size_t i = 0; i < a->ny; i++) ybad += a->ycnt[i] != 1;
+    snprintf(label, sizeof(label), "%s: every y element written once", name);
+    snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", ybad, a->ny);
+    check_true(ybad == 0, label, why);
+    snprintf(label, sizeof(label), "%s: y", name);
+    check_bounded(label, a->y, y_ref, y_abs, a->ny, 1.02 / 256.0);
+    if (a->z) {
+        size_t zbad = 0;
+        for (size_t i = 0; i < a->nz; i++) zbad += a->zcnt[i] != 1;
+        snprintf(label, sizeof(label), "%s: every saved z element written once", name);
+        snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", zbad, a->nz);
+        check_true(zbad == 0, label, why);
+        snprintf(label, sizeof(label), "%s: saved z %s", name, z_what);
+        check_bounded(label, a->z, z_ref, z_abs, a->nz, 1.0 / 65536.0);
+    }
+}
+
 static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid, int with_bias, int save_z) {
     BTTShape s;
     btt_shape(&s, A, G, P, E, R);
@@ -409,44 +455,10 @@ static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid
     Args a;
     memset(&a, 0, sizeof(a));
     a.x = x; a.W0 = W0; a.W1 = W1; a.bias = bias; a.nx = nx; a.nW0 = n0; a.nW1 = n1;
-    a.y = (float *)mallocCheck(sizeof(float) * ny);
-    a.ycnt = (unsigned char *)callocCheck(ny, 1);
-    a.ny = ny;
-    for (size_t i = 0; i < ny; i++) a.y[i] = NAN;
-    if (save_z) {
-        a.z = (float *)mallocCheck(sizeof(float) * nz);
-        a.zcnt = (unsigned char *)callocCheck(nz, 1);
-        a.nz = nz;
-        for (size_t i = 0; i < nz; i++) a.z[i] = NAN;
-    }
-    Smem err;
+    args_outputs(&a, ny, save_z ? nz : 0);
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
-    emulate(&g, grid, N, &a, &err, &plain);
-
-    char label[300], why[300];
-    snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
-    snprintf(why, sizeof(why), "%ld errors; first: %s", err.errors, err.first);
-    check_true(err.errors == 0, label, why);
-    snprintf(label, sizeof(label), "%s: global accesses (bounds, alignment)", name);
-    snprintf(why, sizeof(why), "%ld errors; first: %s", a.gerrors, a.gfirst);
-    check_true(a.gerrors == 0, label, why);
-    size_t ybad = 0;
-    for (size_t i = 0; i < ny; i++) ybad += a.ycnt[i] != 1;
-    snprintf(label, sizeof(label), "%s: every y element written once", name);
-    snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", ybad, ny);
-    check_true(ybad == 0, label, why);
-    snprintf(label, sizeof(label), "%s: y", name);
-    check_bounded(label, a.y, y_ref, y_abs, ny, 1.02 / 256.0);
-    if (save_z) {
-        size_t zbad = 0;
-        for (size_t i = 0; i < nz; i++) zbad += a.zcnt[i] != 1;
-        snprintf(label, sizeof(label), "%s: every saved z element written once", name);
-        snprintf(why, sizeof(why), "%zu of %zu elements written 0 or >1 times", zbad, nz);
-        check_true(zbad == 0, label, why);
-        snprintf(label, sizeof(label), "%s: saved z (N, phi, gamma, rho)", name);
-        check_bounded(label, a.z, z_ref, z_abs, nz, 1.0 / 65536.0);
-    }
+    emulate_and_check(name, &g, grid, N, &a, &plain, y_ref, y_abs, z_ref, z_abs, "(N, phi, gamma, rho)");
     free(x); free(W0); free(W1); free(bias); free(y_ref); free(z_ref); free(y_abs); free(z_abs); free(ax); free(a0); free(a1);
     free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);
 }
@@ -505,31 +517,9 @@ static void test_seg_case(int A, int G, int P, int E, int tm, int K, const int *
     Args a;
     memset(&a, 0, sizeof(a));
     a.x = x; a.W0 = W0; a.W1 = W1; a.nx = (size_t)N * s.d_in; a.nW0 = n0 * S; a.nW1 = n1 * S;
-    a.ny = (size_t)NK * s.d_out; a.nz = (size_t)NK * zrow;
-    a.y = (float *)mallocCheck(sizeof(float) * a.ny); a.ycnt = (unsigned char *)callocCheck(a.ny, 1);
-    a.z = (float *)mallocCheck(sizeof(float) * a.nz); a.zcnt = (unsigned char *)callocCheck(a.nz, 1);
-    for (size_t i = 0; i < a.ny; i++) a.y[i] = NAN;
-    for (size_t i = 0; i < a.nz; i++) a.z[i] = NAN;
+    args_outputs(&a, (size_t)NK * s.d_out, (size_t)NK * zrow);
     BtSeg sg = {table, &ntiles, order, K, n0, n1};
-    Smem err;
-    emulate(&g, grid, NK, &a, &err, &sg);
-    char label[300], why[300];
-    snprintf(label, sizeof(label), "%s: shared memory (bounds, alignment, races, unwritten reads)", name);
-    snprintf(why, sizeof(why), "%ld errors; first: %s", err.errors, err.first);
-    check_true(err.errors == 0, label, why);
-    snprintf(label, sizeof(label), "%s: global accesses (bounds, alignment)", name);
-    snprintf(why, sizeof(why), "%ld errors; first: %s", a.gerrors, a.gfirst);
-    check_true(a.gerrors == 0, label, why);
-    size_t ybad = 0, zbad = 0;
-    for (size_t i = 0; i < a.ny; i++) ybad += a.ycnt[i] != 1;
-    for (size_t i = 0; i < a.nz; i++) zbad += a.zcnt[i] != 1;
-    snprintf(label, sizeof(label), "%s: every grouped y and z element written once", name);
-    snprintf(why, sizeof(why), "y: %zu of %zu, z: %zu of %zu written 0 or >1 times", ybad, a.ny, zbad, a.nz);
-    check_true(ybad == 0 && zbad == 0, label, why);
-    snprintf(label, sizeof(label), "%s: y (grouped rows)", name);
-    check_bounded(label, a.y, y_ref, y_abs, a.ny, 1.02 / 256.0);
-    snprintf(label, sizeof(label), "%s: saved z (grouped rows)", name);
-    check_bounded(label, a.z, z_ref, z_abs, a.nz, 1.0 / 65536.0);
+    emulate_and_check(name, &g, grid, NK, &a, &sg, y_ref, y_abs, z_ref, z_abs, "(grouped rows)");
     free(x); free(W0); free(W1); free(order); free(offsets); free(table); free(y_ref); free(z_ref); free(y_abs); free(z_abs);
     free(xg); free(axg); free(a0); free(a1); free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);
 }
