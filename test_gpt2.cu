@@ -317,7 +317,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     const int din = spec->d_in, dout = spec->d_out;
     char tag[160], name[256];
     if (spec->kind == STRUCT_BTT)
-        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s forward)", spec->rank, din, dout, N, g_st_fused ? "fused" : "cuBLAS");
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH) snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d", spec->blocks, din, dout, N);
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
@@ -352,7 +352,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));
         btt_forward(y_ref, z, x, w[0], w[1], bias, N, &b);
         btt_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, z, w[0], w[1], N, &b, scr);
-        floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, N * plan_btt_scratch_row(&b), "test scratch");
+        floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, btt_gpu_scratch_elems(&b, N), "test scratch");
         btt_forward_gpu(y_d, z_d, x_d, w_d[0], w_d[1], bias_d, N, &b, s_d);
         btt_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, z_d, w_d[0], w_d[1], N, &b, s_d, colsum);
         cudaCheck(cudaDeviceSynchronize());
@@ -384,10 +384,12 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *f_d = cudaMallocNamed(float, moe_gpu_scratch_floats(&ms, N), "test fscratch");
         MoEGPUScratch sc;
         moe_gpu_scratch_bind(&sc, &ms, N, s_d, f_d);
+        float *aux_d = cudaMallocNamed(float, 1, "test aux");
         moe_forward_gpu(y_d, &gst, &sc, x_d, w_d[0], w_d[1], w_d[2], bias_d, N, &ms);
-        double stats[MOE_AUX_STATS(1024)];
-        moe_aux_stats_gpu(&gst, &sc, &ms, stats);
-        aux_gpu = moe_aux_from_stats_gpu(&gst, stats, N, &ms);
+        moe_aux_stats_gpu(&gst, &ms);
+        moe_aux_finish_gpu(&gst, N, &ms, aux_d);
+        cudaCheck(cudaMemcpy(&aux_gpu, aux_d, sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaFree(aux_d));
         int *sel = (int *)mallocCheck((size_t)N * ms.topk * sizeof(int));
         cudaCheck(cudaMemcpy(sel, gst.sel, (size_t)N * ms.topk * sizeof(int), cudaMemcpyDeviceToHost));
         int differ = 0;
@@ -432,7 +434,7 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++)  // the baseline, then the fused forward where it applies
+        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++)  // the baseline, then the fused kernels where they apply
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         g_st_fused = 0;
         s.kind = STRUCT_MONARCH;

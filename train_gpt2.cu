@@ -88,8 +88,10 @@ typedef struct {
     floatX *st_scratch;                // shared by every structured layer (plans' T1..T3, BTT-MoE's gathered rows)
     float *st_fscratch;                // BTT-MoE fp32 scratch
     floatX *split_a, *split_b;         // (B, T, C): a separate q, k or v and its input gradient
-    float aux_loss;                    // BTT-MoE load-balancing loss of the last forward, mean over routed layers
+    float aux_loss;                    // BTT-MoE load-balancing loss of the last forward, mean over routed layers (gpt2_read_loss)
     int n_routed;
+    float *d_aux;                      // (aux_slots) each routed layer's aux loss, on the device; acts.losses follows
+    int aux_slots, aux_next;           // n_routed rounded up to 4 (16-byte aligned losses); the next layer's slot
     // attention: flash (our kernel, cuda/flash_attention.cuh) or cuBLAS + softmax (cuda/attention.cuh)
     int flash;
     float *lse;                        // flash: (L, B, NH, T) logsumexp per query row
@@ -114,7 +116,7 @@ static LinearState *lin_state(GPT2 *m, const LinearDesc *ld) {
 
 // out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
 // out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible). A BTT-MoE
-// layer adds its aux loss to m->aux_loss.
+// layer writes its aux loss to its slot of m->d_aux (read with the loss: no host wait here).
 static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
@@ -134,14 +136,14 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
             moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
-            double stats[MOE_AUX_STATS(1024)];
-            moe_aux_stats_gpu(&ls->moe, &sc, &ms, stats);
+            moe_aux_stats_gpu(&ls->moe, &ms);
             long n_total = N;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {  // the global batch's routing statistics
-                multiproc_sum_doubles(m->mp, stats, MOE_AUX_STATS(ms.experts));
+                multigpu_sum_device_doubles(ls->moe.stats, MOE_AUX_STATS(ms.experts));
                 n_total *= m->mp->nproc;
             }
-            m->aux_loss += moe_aux_from_stats_gpu(&ls->moe, stats, n_total, &ms);
+            if (m->aux_next >= m->n_routed) fatal("internal: more BTT-MoE layers ran than the %d counted", m->n_routed);
+            moe_aux_finish_gpu(&ls->moe, n_total, &ms, m->d_aux + m->aux_next++);
             break;
         }
     }
@@ -288,7 +290,9 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     a->lnf_mean = cudaMallocNamed(float, BT, "activations: lnf mean");
     a->lnf_rstd = cudaMallocNamed(float, BT, "activations: lnf rstd");
     a->logits = cudaMallocNamed(floatX, BT * Vp, "activations: logits (B x T x padded vocab)");
-    a->losses = cudaMallocNamed(float, BT, "activations: losses (B x T fp32)");
+    m->aux_slots = (m->n_routed + 3) / 4 * 4;
+    m->d_aux = cudaMallocNamed(float, m->aux_slots + BT, "activations: BTT-MoE aux losses and losses (B x T fp32)");
+    a->losses = m->d_aux + m->aux_slots;
 
     m->proj = cudaMallocNamed(floatX, BT * C, "scratch: projection output");
     m->dres = cudaMallocNamed(floatX, BT * C, "scratch: residual gradient");
@@ -310,7 +314,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     m->h_inputs = (int *)mallocCheck(BT * sizeof(int));
     m->h_buckets = (int *)mallocCheck((3 * BT + 2) * sizeof(int));
     m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
-    m->h_losses = (float *)mallocCheck(BT * sizeof(float));
+    m->h_losses = (float *)mallocCheck((m->aux_slots + BT) * sizeof(float));
 
     // structured layers: what each keeps for its backward, one shared scratch
     const GPT2Layout *g = &m->layout;
@@ -333,7 +337,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         if (s->kind == STRUCT_BTT) {
             BTTShape b = btt_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, (int)BT), what);
-            need = (size_t)BT * plan_btt_scratch_row(&b);
+            need = btt_gpu_scratch_elems(&b, (int)BT);
         } else if (s->kind == STRUCT_MONARCH) {
             MonarchShape ms = monarch_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, (int)BT), what);
@@ -368,7 +372,7 @@ static void gpt2_free(GPT2 *m) {
     cudaCheck(cudaDeviceSynchronize());
     void *dev[] = {m->params, m->grads, m->master, m->m, m->v, m->acts.encoded, m->acts.ln1, m->acts.ln1_mean, m->acts.ln1_rstd,
                    m->acts.qkv, m->acts.att, m->acts.atty, m->acts.res2, m->acts.ln2, m->acts.ln2_mean, m->acts.ln2_rstd, m->acts.fch,
-                   m->acts.fch_gelu, m->acts.res3, m->acts.lnf, m->acts.lnf_mean, m->acts.lnf_rstd, m->acts.logits, m->acts.losses,
+                   m->acts.fch_gelu, m->acts.res3, m->acts.lnf, m->acts.lnf_mean, m->acts.lnf_rstd, m->acts.logits, m->d_aux,
                    m->proj, m->dres, m->dln, m->dbig, m->datty, m->attn.q, m->attn.scores, m->colsum_scratch, m->norm_scratch,
                    m->d_inputs, m->d_targets, m->d_buckets, m->lse, m->flash_scratch};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
@@ -445,6 +449,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
     m->aux_loss = 0.0f;
+    m->aux_next = 0;
     encoder_forward(a->encoded, m->d_inputs, P_(m, P, g->wte), P_(m, P, g->wpe), B, T, C);
     layernorm_forward(act_ln(m, a->ln1, 0), a->ln1_mean, a->ln1_rstd, a->encoded, P_(m, P, g->norms[0].ln1w), P_(m, P, g->norms[0].ln1b), BT, C);
     const floatX *res = a->encoded;
@@ -472,7 +477,6 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     }
     if (g->head.used) linear_forward(m, &g->head, a->logits, a->lnf, BT, NULL);
     else matmul_forward(a->logits, a->lnf, P_(m, P, g->wte), NULL, BT, C, Vp, NULL);
-    if (m->n_routed > 0) m->aux_loss /= (float)m->n_routed;
     m->have_targets = targets != NULL;
     m->dlogits_ready = 0;
     if (targets) {
@@ -482,12 +486,16 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
 }
 
 // Mean cross-entropy of the last forward with targets (synchronises), summed on the host in
-// row order in double: deterministic.
+// row order in double: deterministic. Also sets m->aux_loss, the mean of the routed layers' aux
+// losses, from the same copy.
 static float gpt2_read_loss(GPT2 *m) {
     int BT = m->B * m->T;
-    cudaCheck(cudaMemcpy(m->h_losses, m->acts.losses, (size_t)BT * sizeof(float), cudaMemcpyDeviceToHost));
-    double s = 0.0;
-    for (int i = 0; i < BT; i++) s += m->h_losses[i];
+    multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
+    cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
+    double aux = 0.0, s = 0.0;
+    for (int i = 0; i < m->n_routed; i++) aux += m->h_losses[i];
+    m->aux_loss = m->n_routed > 0 ? (float)(aux / m->n_routed) : 0.0f;
+    for (int i = 0; i < BT; i++) s += m->h_losses[m->aux_slots + i];
     return (float)(s / BT);
 }
 
@@ -680,7 +688,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 1, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128), 0 cuBLAS + softmax (default: 1)"},
-        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS strided-batched baseline, 1 fused BTT forward (BTT-MoE: experts in one launch) where supported (default: 0)"},
+        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS strided-batched baseline, 1 fused BTT forward and backward dx (BTT-MoE: experts in one launch) where supported (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -739,7 +747,7 @@ static void trainer_banner(const GPT2 *m) {
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", m->flash ? "flash (ours: cuda/flash_attention.cuh)" : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured)
-        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT forward where supported (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT fwd + bwd dx where supported (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
     printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
 }
 
@@ -748,8 +756,9 @@ static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, 
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
     m->sync_aux = 0;
     gpt2_backward(m, dloss_scale);
+    float loss = gpt2_read_loss(m);
     *aux = m->aux_loss;
-    return gpt2_read_loss(m);
+    return loss;
 }
 
 // The average over ranks (NCCL all-reduce; with ZeRO-1 a reduce-scatter onto this rank's slice).

@@ -88,6 +88,28 @@ static void mgpu_barrier(void) {
 }
 #endif
 
+// In-place sum over ranks of n device doubles (BTT-MoE routing statistics), queued on the default
+// stream: nothing waits here (gpt2_read_loss's multigpu_wait watches it with the rest of the step).
+static void multigpu_sum_device_doubles(double *d, int n) {
+    if (!g_mgpu.active) return;
+#ifdef USE_NCCL
+    ncclCheck(ncclAllReduce(d, d, (size_t)n, ncclDouble, ncclSum, g_mgpu.comm, 0));
+#else
+    (void)d;
+    (void)n;
+#endif
+}
+
+// Waits for the queued work under the watchdog when collectives are in it (more than one rank);
+// one process: nothing (the caller's copy waits).
+static void multigpu_wait(const char *what) {
+#ifdef USE_NCCL
+    if (g_mgpu.active) nccl_wait(what);
+#else
+    (void)what;
+#endif
+}
+
 // The launch flags of the GPU trainer without MPI (llm.c's): -pn processes, -pr this rank,
 // -pg GPUs per node, -pi mpi|fs|tcp, -pf shared directory (fs) or HOST:PORT of rank 0 (tcp).
 typedef struct {

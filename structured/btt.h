@@ -48,6 +48,31 @@ static inline size_t btt_z_size(const BTTShape *s, int N) { return (size_t)N * b
 // multiply-adds per row (= parameters)
 static inline size_t btt_flops_per_row(const BTTShape *s) { return btt_w0_size(s) + btt_w1_size(s); }
 
+// The transposed BTT, which is the backward's dx: dZ_f = dY_f W1[f]ᵀ and dX_g = dZ_g W0[g]ᵀ are
+// the two stages of a BTT of shape (alpha, gamma, phi, eps)' = (eps, phi, gamma, alpha), same rank,
+// on dy, with cores W0'[f] = W1[f]ᵀ (phi blocks of eps x gamma*rho) and W1'[g] = W0[g]ᵀ (gamma
+// blocks of phi*rho x alpha). Its saved z' is dZ in the (gamma, phi, rho) layout, the one dW0
+// needs: a fused forward kernel thus gives the backward's dx and dZ in one pass over dy.
+static inline BTTShape btt_shape_transposed(const BTTShape *s) {
+    BTTShape t;
+    btt_shape(&t, s->eps, s->phi, s->gamma, s->alpha, s->rank);
+    return t;
+}
+// Element i of dst = `batch` blocks (cols x rows), each the transpose of a (rows x cols) block of
+// src, comes from this src element (also the GPU's kernel).
+ST_HD static inline size_t st_block_transpose_src(size_t i, int rows, int cols) {
+    const size_t per = (size_t)rows * cols, b = i / per, j = i % per;
+    return b * per + (j % rows) * cols + j / rows;
+}
+static inline void st_block_transpose(float *dst, const float *src, int batch, int rows, int cols) {
+    for (size_t i = 0; i < (size_t)batch * rows * cols; i++) dst[i] = src[st_block_transpose_src(i, rows, cols)];
+}
+// W0t (|W1| floats), W1t (|W0| floats): the transposed BTT's cores.
+static inline void btt_transposed_cores(float *W0t, float *W1t, const float *W0, const float *W1, const BTTShape *s) {
+    st_block_transpose(W0t, W1, s->phi, s->gamma * s->rank, s->eps);
+    st_block_transpose(W1t, W0, s->gamma, s->alpha, s->phi * s->rank);
+}
+
 // One tile of n rows (internal; also used by moe.h). x: n rows, row stride ldx. z1: tile buffer of
 // n x zrow (layout (gamma, phi, rho)); z2: n rows of zrow, layout (phi, gamma, rho) (the saved z);
 // y: n rows, row stride ldy, overwritten (no bias).

@@ -48,7 +48,11 @@
 //     (~2.6 ns/row without z, ~3.6 with z at 3 TB/s) if its shared-memory and L2 traffic keep up.
 //   Weights (W0 + W1 = 344,064 bytes at 768->3072 rank 1) stay in L2 and every tile reads them:
 //   (|W0| + |W1|) * 2 / tm bytes per row from L2 (5,376 at tm 64), not from DRAM.
-// What is left: the backward fused the same way (dZ on chip); cp.async (or TMA) double buffering of
+// The backward's dx and dZ are this kernel too: the forward of the transposed BTT (btt.h,
+// btt_shape_transposed: cores W1[f]ᵀ and W0[g]ᵀ) on dy, whose saved z is dZ in the layout dW0
+// needs; the supported shapes are the same set (alpha, phi*rho, gamma*rho, eps only swap roles).
+// What is left: the weight gradients in a kernel of their own (now cuBLAS GEMMs over all rows, which
+// read z, dy, x and dZ once more); cp.async (or TMA) double buffering of
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
 // without the fp32 staging round trip (mma.sync with its documented register layout); bf16x2 z

@@ -93,16 +93,25 @@ static inline void plan_btt_backward_dz(Plan *p, const BTTShape *s, int n, int r
     plan_gemm(p, 0, 1, n, gr, E, PB_DY, r0 * s->d_out, s->d_out, E, PB_W1, 0, E, (long long)gr * E, PB_T2, r0 * zrow, zrow, gr, P, 0);
 }
 
-// Second half: T1 = T2 transposed to (gamma, phi, rho); DX_g = T1_g · W0[g]^T (overwritten, when
-// want_dx); DW1[f] (+)= Z_f^T dY_f; DW0[g] (+)= X_g^T T1_g (beta_w: 1 accumulates, 0 overwrites).
-static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
+// The weight gradients from T1 = dZ in the (gamma, phi, rho) layout: DW1[f] (+)= Z_f^T dY_f;
+// DW0[g] (+)= X_g^T T1_g (beta_w: 1 accumulates, 0 overwrites). Also the fused backward's last
+// step (its kernel leaves dX and T1).
+static inline void plan_btt_backward_weights(Plan *p, const BTTShape *s, int n, int row0, int beta_w) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_gemm(p, 1, 0, gr, E, n, PB_Z, r0 * zrow, zrow, gr, PB_DY, r0 * s->d_out, s->d_out, E, PB_DW1, 0, E, (long long)gr * E, P, beta_w);
+    plan_gemm(p, 1, 0, A, fr, n, PB_X, r0 * s->d_in, s->d_in, A, PB_T1, r0 * zrow, zrow, fr, PB_DW0, 0, fr, (long long)A * fr, G, beta_w);
+}
+
+// Second half: T1 = T2 transposed to (gamma, phi, rho); DX_g = T1_g · W0[g]^T (overwritten, when
+// want_dx); then the weight gradients.
+static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, R = s->rank, fr = P * R, zrow = G * P * R;
     const size_t r0 = (size_t)row0;
     plan_permute(p, PB_T2, r0 * zrow, zrow, PB_T1, r0 * zrow, zrow, n, P, G, R);
     if (want_dx)
         plan_gemm(p, 0, 1, n, A, fr, PB_T1, r0 * zrow, zrow, fr, PB_W0, 0, fr, (long long)A * fr, PB_DX, r0 * s->d_in, s->d_in, A, G, 0);
-    plan_gemm(p, 1, 0, gr, E, n, PB_Z, r0 * zrow, zrow, gr, PB_DY, r0 * s->d_out, s->d_out, E, PB_DW1, 0, E, (long long)gr * E, P, beta_w);
-    plan_gemm(p, 1, 0, A, fr, n, PB_X, r0 * s->d_in, s->d_in, A, PB_T1, r0 * zrow, zrow, fr, PB_DW0, 0, fr, (long long)A * fr, G, beta_w);
+    plan_btt_backward_weights(p, s, n, row0, beta_w);
 }
 
 // Scratch elements per row: T1, T2 (zrow each), no T3.

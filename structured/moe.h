@@ -242,18 +242,20 @@ static inline void moe_aux_stats(const MoEState *st, int N, const MoEShape *s, d
     for (int e = 0; e < E; e++) stats[E + e] = (double)st->counts[e];
 }
 
-// aux = E·Σ_e P̂_e·f̂_e + 0.1·mean_t(lse_t²) from statistics summed over n_total tokens; also
-// stores f̂ in the state for the backward.
-static inline float moe_aux_from_stats(MoEState *st, const double *stats, long n_total, const MoEShape *s) {
-    const int E = s->experts, K = s->topk;
+// aux = E·Σ_e P̂_e·f̂_e + 0.1·mean_t(lse_t²) from statistics summed over n_total tokens; writes f̂
+// (E floats) for the backward. Also the GPU's (one thread), so both compute it alike.
+ST_HD static inline float st_moe_aux_from_stats(float *fhat, const double *stats, long n_total, int E, int K) {
     if (n_total <= 0) return 0.0f;
     double bal = 0.0;
     for (int e = 0; e < E; e++) {
         double f = stats[E + e] / ((double)n_total * K);
-        st->fhat[e] = (float)f;
+        fhat[e] = (float)f;
         bal += (stats[e] / (double)n_total) * f;
     }
     return (float)(E * bal + 0.1 * stats[2 * E] / (double)n_total);
+}
+static inline float moe_aux_from_stats(MoEState *st, const double *stats, long n_total, const MoEShape *s) {
+    return st_moe_aux_from_stats(st->fhat, stats, n_total, s->experts, s->topk);
 }
 
 // The aux loss of a single process's N tokens.

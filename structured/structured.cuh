@@ -2,11 +2,13 @@
 // backward: gpu_plan.h's plans on cuBLAS strided-batched bf16 GEMMs (fp32 accumulation), and the
 // BTT-MoE routing, grouping, gather/combine and gradient kernels.
 //
-// This is the correct baseline of issue 5, not the fast path: each BTT/Monarch stage is one
-// batched GEMM with the intermediate going through memory and one transpose kernel between the
-// stages. Every stride and offset it uses comes from gpu_plan.h, whose plans tests/test_gpu_plan.c
-// replays on the CPU against btt.h, monarch.h and moe.h. Fused kernels that keep z on chip replace
-// the plans later (dev/cuda first).
+// The baseline (-sk 0): each BTT/Monarch stage is one batched GEMM with the intermediate going
+// through memory and one transpose kernel between the stages. Every stride and offset it uses
+// comes from gpu_plan.h, whose plans tests/test_gpu_plan.c replays on the CPU against btt.h,
+// monarch.h and moe.h. With -sk 1 (g_st_fused) BTT runs btt_fused.cuh's kernel, which keeps z on
+// chip: the forward, and the backward's dx and dZ as the forward of the transposed BTT (btt.h)
+// on dy; the weight gradients, which reduce over all rows, stay cuBLAS GEMMs. Monarch is still
+// the baseline only.
 //
 // BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
@@ -17,9 +19,13 @@
 //   launch of btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on
 //   the fly; else the inputs are gathered into expert-contiguous rows and each expert runs
 //   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
-//   each token adds its k gated expert outputs in k order. The counts go to the host
-//   asynchronously for the backward's per-expert plans. Still a host round trip per layer: the
-//   aux loss statistics (moe_aux_stats_gpu).
+//   each token adds its k gated expert outputs in k order. The backward with -sk 1 runs every
+//   expert's dx and dZ in one segmented launch too (dy rows read through the grouping). The counts go to the host
+//   asynchronously for the backward's per-expert plans (waited for on an event, by then long
+//   done). The aux loss stays on the device: its statistics (in doubles, so that data-parallel
+//   ranks can sum them with one NCCL all-reduce), f̂ and the loss itself (moe_aux_stats_gpu,
+//   moe_aux_finish_gpu); the trainer reads every layer's loss once per step, with the
+//   cross-entropy. No host round trip per layer in the forward with -sk 1.
 #pragma once
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
@@ -29,8 +35,8 @@
 #include "linear.h"
 #include "spec.h"
 
-// 1: BTT forwards run btt_fused.cuh's one-kernel forward where it supports the shape (-sk 1 in
-// the trainer); 0: the cuBLAS plan. The plan stays the default until dev/bench/structured.sh has
+// 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel where it supports
+// the shape (-sk 1 in the trainer); 0: the cuBLAS plan. The plan stays the default until dev/bench/structured.sh has
 // measured the fused kernel on a GPU (neither has run yet).
 static int g_st_fused = 0;
 
@@ -94,18 +100,56 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
     st_add_bias(y, bias, N, s->d_out);
 }
 
-// dx overwritten (may be NULL); dW0, dW1, dbias accumulated; scratch: 2·N·zrow elements.
-static void btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
+// dst = `batch` blocks (cols x rows), each the transpose of a (rows x cols) block of src (btt.h).
+__global__ void block_transpose_kernel(floatX *dst, const floatX *src, size_t n, int rows, int cols) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[st_block_transpose_src(i, rows, cols)];
+}
+
+// The transposed BTT's cores (btt.h's btt_transposed_cores) for `copies` consecutive BTTs of
+// shape s (BTT-MoE's experts): W0t gets copies·|W1| elements, W1t copies·|W0|.
+static void btt_transposed_cores_gpu(floatX *W0t, floatX *W1t, const floatX *W0, const floatX *W1, const BTTShape *s, int copies) {
+    const size_t n1 = btt_w1_size(s) * copies, n0 = btt_w0_size(s) * copies;
+    block_transpose_kernel<<<ceil_div_i((long)n1, 256), 256>>>(W0t, W1, n1, s->gamma * s->rank, s->eps);
+    cudaCheckLaunch();
+    block_transpose_kernel<<<ceil_div_i((long)n0, 256), 256>>>(W1t, W0, n0, s->alpha, s->phi * s->rank);
+    cudaCheckLaunch();
+}
+
+// Scratch elements btt_backward_gpu needs for N rows: the baseline's T1 and T2, or the fused
+// backward's T1 and transposed cores, whichever is more.
+static inline size_t btt_gpu_scratch_elems(const BTTShape *s, int N) {
+    const size_t plan = (size_t)N * plan_btt_scratch_row(s), fused = (size_t)N * btt_z_row(s) + btt_w0_size(s) + btt_w1_size(s);
+    return plan > fused ? plan : fused;
+}
+
+// dx overwritten (may be NULL); dW0, dW1, dbias accumulated; scratch: btt_gpu_scratch_elems.
+// With g_st_fused and dx, dx and dZ come from ONE fused launch over dy (the transposed BTT, btt.h)
+// instead of GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs (they reduce over rows).
+// Returns 1 when it ran fused.
+static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
                              const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * btt_z_row(s);
     Plan p = {};
-    plan_btt_backward_dz(&p, s, N, 0);
-    plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+    const BTTShape ts = btt_shape_transposed(s);
+    int fused = 0;
+    if (g_st_fused && dx && btt_fused_supported(&ts, btt_fused_smem_limit())) {
+        floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
+        btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
+        fused = btt_forward_fused(dx, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
+    }
+    if (fused) {
+        plan_btt_backward_weights(&p, s, N, 0, 1);
+    } else {
+        plan_btt_backward_dz(&p, s, N, 0);
+        plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+    }
     plan_run_gpu(&p, buf);
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch);
+    return fused;
 }
 
 // y overwritten, u (N, nb·q) saved; scratch: N·(nb·q + d_out) elements.
@@ -147,8 +191,10 @@ typedef struct {
     int *counts, *offsets;        // (E), (E+1)
     int *h_counts, *h_offsets;    // host copies (GEMM shapes; h_counts pinned: copied asynchronously)
     int host_pending;             // h_counts is in flight from the last forward: moe_host_counts waits
+    cudaEvent_t counts_ready;     // recorded after that copy
+    double *stats;                // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
     int *tiles;                   // the fused forward's tile table and count (btt_fused.cuh)
-    float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_gpu)
+    float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_finish_gpu)
     floatX *z;            // (N·K, gamma·phi) grouped order
     int N;                // rows of the last forward
     const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
@@ -158,16 +204,17 @@ typedef struct {
 // Shared by every BTT-MoE layer: extracted cores and their gradients, gathered rows, scratch.
 typedef struct {
     floatX *w0x, *w1x, *dw0x, *dw1x;  // (E, gamma, alpha, phi), (E, phi, gamma, eps)
+    floatX *w0t, *w1t;                // the transposed BTTs' cores (fused backward): (E, phi, eps, gamma), (E, gamma, phi, alpha)
     floatX *xg, *yg, *dxg;            // (N·K, d_in), (N·K, d_out) (also the gathered dy), (N·K, d_in)
     floatX *t1, *t2;                  // (N·K, gamma·phi)
     float *dgate, *dlogits;           // (N·K), (N, E)
     floatX *dlogits_bf16;             // (N, E)
-    float *stats;                     // (E + 1) aux statistics
 } MoEGPUScratch;
 
 static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
     size_t E = (size_t)s->experts, K = (size_t)s->topk, NK = (size_t)N * K;
-    return (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 3 + (2 * E + 1) * 4 + E * 4 + NK * moe_z_row(s) * sizeof(floatX);
+    return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 3 + (2 * E + 1) * 4 + E * 4 +
+           NK * moe_z_row(s) * sizeof(floatX);
 }
 
 static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
@@ -175,6 +222,7 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     char name[160];
     snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
     char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - NK * moe_z_row(s) * sizeof(floatX), name);
+    st->stats = (double *)mem; mem += MOE_AUX_STATS(E) * sizeof(double);  // first: 8-byte aligned
     st->logits = (float *)mem; mem += (size_t)N * E * 4;
     st->gate = (float *)mem; mem += NK * 4;
     st->lse = (float *)mem; mem += (size_t)N * 4;
@@ -187,6 +235,7 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (N*K x gamma*phi)", what);
     st->z = cudaMallocNamed(floatX, NK * moe_z_row(s), name);
     cudaCheck(cudaMallocHost(&st->h_counts, E * sizeof(int)));
+    cudaCheck(cudaEventCreateWithFlags(&st->counts_ready, cudaEventDisableTiming));
     memset(st->h_counts, 0, E * sizeof(int));
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
@@ -194,7 +243,8 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
 }
 
 static void moe_gpu_state_free(MoEGPUState *st) {
-    if (st->logits) cudaCheck(cudaFree(st->logits));
+    if (st->stats) cudaCheck(cudaFree(st->stats));
+    if (st->counts_ready) cudaCheck(cudaEventDestroy(st->counts_ready));
     if (st->z) cudaCheck(cudaFree(st->z));
     if (st->tiles) cudaCheck(cudaFree(st->tiles));
     if (st->h_counts) cudaCheck(cudaFreeHost(st->h_counts));
@@ -206,11 +256,11 @@ static void moe_gpu_state_free(MoEGPUState *st) {
 static inline size_t moe_gpu_scratch_elems(const MoEShape *s, int N) {
     const BTTShape b1 = moe_expert_shape(s);
     size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
-    size_t cores = 2 * E * (btt_w0_size(&b1) + btt_w1_size(&b1));
+    size_t cores = 3 * E * (btt_w0_size(&b1) + btt_w1_size(&b1));
     return cores + NK * (2 * (size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * zrow) + (size_t)N * E + 8;
 }
 static inline size_t moe_gpu_scratch_floats(const MoEShape *s, int N) {
-    return (size_t)N * s->topk + (size_t)N * s->experts + s->experts + 1;
+    return (size_t)N * s->topk + (size_t)N * s->experts;
 }
 
 static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, floatX *mem, float *fmem) {
@@ -221,6 +271,8 @@ static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, fl
     sc->w1x = mem; mem += E * p1;
     sc->dw0x = mem; mem += E * p0;
     sc->dw1x = mem; mem += E * p1;
+    sc->w0t = mem; mem += E * p1;
+    sc->w1t = mem; mem += E * p0;
     sc->xg = mem; mem += NK * s->btt.d_in;
     sc->dxg = mem; mem += NK * s->btt.d_in;
     sc->yg = mem; mem += NK * s->btt.d_out;
@@ -228,8 +280,7 @@ static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, fl
     sc->t2 = mem; mem += NK * zrow;
     sc->dlogits_bf16 = mem;
     sc->dgate = fmem; fmem += NK;
-    sc->dlogits = fmem; fmem += (size_t)N * E;
-    sc->stats = fmem;
+    sc->dlogits = fmem;
 }
 
 __global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K) {
@@ -326,16 +377,20 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
 }
 
 // One warp per grouped row w (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in
-// t2) and dy_w ← gate·dy_w (for dW1).
-__global__ void moe_gate_backward_kernel(float *dgate, floatX *t2, floatX *dyg, const floatX *z, const float *gate, const int *order, int NK,
-                                         int zrow, int dout) {
+// place) and dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho) layout; dZu too when
+// G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused backward's).
+__global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, const floatX *z, const float *gate, const int *order, int NK,
+                                         int zrow, int dout, int G, int P, int R) {
     int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (w >= NK) return;
     int pr = order[w];
     const floatX *zr = z + (size_t)w * zrow;
-    floatX *dz = t2 + (size_t)w * zrow;
+    floatX *dz = dzu + (size_t)w * zrow;
     float s = 0.0f;
-    for (int i = lane; i < zrow; i += 32) s += (float)zr[i] * (float)dz[i];
+    for (int i = lane; i < zrow; i += 32) {
+        const int j = G ? ((i / R) % G) * P * R + (i / (G * R)) * R + i % R : i;  // z's (f, g, s) in dZu's layout
+        s += (float)zr[i] * (float)dz[j];
+    }
     s = warp_sum(s);
     float g = gate[pr];
     if (lane == 0) dgate[pr] = s;
@@ -354,20 +409,28 @@ __global__ void moe_dlogits_kernel(float *dlogits, floatX *dlogits_bf16, const f
     for (int e = 0; e < E; e++) dlogits_bf16[(size_t)t * E + e] = (floatX)dl[e];
 }
 
-// Block j < E: stats[j] = Σ_t softmax(logits_t)_j; block E: stats[E] = Σ_t lse_t². Fixed order.
-__global__ void moe_aux_stats_kernel(float *stats, const float *logits, const float *lse, int N, int E) {
+// moe.h's MOE_AUX_STATS layout: block j < E: stats[j] = Σ_t softmax(logits_t)_j; block E:
+// stats[2E] = Σ_t lse_t² and stats[E + e] = counts[e]. fp32 sums in a fixed order, stored as doubles.
+__global__ void moe_aux_stats_kernel(double *stats, const float *logits, const float *lse, const int *counts, int N, int E) {
     int j = blockIdx.x;
     float s = 0.0f;
     for (int t = threadIdx.x; t < N; t += blockDim.x) s += j < E ? __expf(logits[(size_t)t * E + j] - lse[t]) : lse[t] * lse[t];
     s = block_sum(s);
-    if (threadIdx.x == 0) stats[j] = s;
+    if (threadIdx.x == 0) stats[j < E ? j : 2 * E] = s;
+    if (j == E)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) stats[E + e] = counts[e];
+}
+
+// One thread: *aux and f̂ from the statistics of n_total tokens (moe.h's formula).
+__global__ void moe_aux_finish_kernel(float *aux, float *fhat, const double *stats, long n_total, int E, int K) {
+    *aux = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
 // Waits for the last forward's counts on the host (a no-op when they are there) and sets the
-// host offsets.
+// host offsets. The event is the copy's: work queued after it does not delay this.
 static void moe_host_counts(MoEGPUState *st, int E) {
     if (!st->host_pending) return;
-    cudaCheck(cudaStreamSynchronize(0));
+    cudaCheck(cudaEventSynchronize(st->counts_ready));
     st->h_offsets[0] = 0;
     for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
     st->host_pending = 0;
@@ -395,6 +458,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
     // the counts go to the host for the backward's GEMM shapes and the aux statistics
     cudaCheck(cudaMemcpyAsync(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost, 0));
+    cudaCheck(cudaEventRecord(st->counts_ready, 0));
     st->host_pending = 1;
     // every expert in one launch from the device's counts (no wait for the host copy), or per expert
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
@@ -417,41 +481,40 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
 }
 
-// The statistics of the aux loss over this process's N tokens (moe.h's MOE_AUX_STATS layout, in
-// doubles on the host) — the GPU reduces the sums, the counts are already on the host.
-static void moe_aux_stats_gpu(MoEGPUState *st, MoEGPUScratch *sc, const MoEShape *s, double *stats) {
-    const int E = s->experts;
-    moe_aux_stats_kernel<<<E + 1, 256>>>(sc->stats, st->logits, st->lse, st->N, E);
+// The statistics of the aux loss over this process's N tokens into st->stats (device doubles,
+// moe.h's MOE_AUX_STATS layout). Data-parallel ranks sum them (all-reduce) before the finish.
+static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
+    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts);
     cudaCheckLaunch();
-    float h[1025];
-    cudaCheck(cudaMemcpy(h, sc->stats, (size_t)(E + 1) * sizeof(float), cudaMemcpyDeviceToHost));
-    moe_host_counts(st, E);
-    for (int e = 0; e < E; e++) { stats[e] = h[e]; stats[E + e] = st->h_counts[e]; }
-    stats[2 * E] = h[E];
 }
 
-// aux loss from statistics summed over n_total tokens; puts f̂ on the device for the backward.
-static float moe_aux_from_stats_gpu(MoEGPUState *st, const double *stats, long n_total, const MoEShape *s) {
-    float fhat[1024];
-    MoEState tmp;
-    memset(&tmp, 0, sizeof(tmp));
-    tmp.fhat = fhat;
-    float aux = moe_aux_from_stats(&tmp, stats, n_total, s);
-    cudaCheck(cudaMemcpy(st->fhat, fhat, (size_t)s->experts * sizeof(float), cudaMemcpyHostToDevice));
-    return aux;
+// The aux loss from st->stats summed over n_total tokens into *aux_dev (one device float), and f̂
+// on the device for the backward. Nothing waits: the caller reads aux_dev when it reads the loss.
+static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s, float *aux_dev) {
+    moe_aux_finish_kernel<<<1, 1>>>(aux_dev, st->fhat, st->stats, n_total, s->experts, s->topk);
+    cudaCheckLaunch();
 }
 
-// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated.
-static void moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
-                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
-                             const floatX *router, const MoEShape *s, float *colsum_scratch) {
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
+// and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
+// (the transposed BTT, btt.h; dy rows read through the grouping, counts read on the device), and
+// the gate is applied in the combine (dx is linear in dZ); the weight gradients stay per-expert
+// cuBLAS GEMMs, which need the counts on the host (copied during the forward). Returns 1 when
+// it ran fused.
+static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
+                            const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
+                            const floatX *router, const MoEShape *s, float *colsum_scratch) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
-    const BTTShape b1 = moe_expert_shape(s);
+    const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
-    moe_host_counts(st, E);
     int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
+    int fused = 0;
+    if (g_st_fused && dx && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+        btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
+        fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
+    }
     cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero
     moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);  // yg <- gathered dy
     cudaCheckLaunch();
@@ -460,21 +523,26 @@ static void moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drout
     // the gathered inputs of the forward are still in xg only if no other layer ran since: gather again
     moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
     cudaCheckLaunch();
-    for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert
-        if (st->h_counts[e] == 0) continue;
-        buf[PB_W1] = sc->w1x + p1 * e;
-        Plan p = {};
-        plan_btt_backward_dz(&p, &b1, st->h_counts[e], st->h_offsets[e]);
-        plan_run_gpu(&p, buf);
+    moe_host_counts(st, E);
+    if (!fused) {
+        for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert, (phi, gamma, rho) layout in t2
+            if (st->h_counts[e] == 0) continue;
+            buf[PB_W1] = sc->w1x + p1 * e;
+            Plan p = {};
+            plan_btt_backward_dz(&p, &b1, st->h_counts[e], st->h_offsets[e]);
+            plan_run_gpu(&p, buf);
+        }
     }
-    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)zrow, dout);
+    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)zrow,
+                                                         dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
     cudaCheckLaunch();
     for (int e = 0; e < E; e++) {
         if (st->h_counts[e] == 0) continue;
         buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
         buf[PB_DW0] = sc->dw0x + p0 * e; buf[PB_DW1] = sc->dw1x + p1 * e;
         Plan p = {};
-        plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
+        if (fused) plan_btt_backward_weights(&p, &b1, st->h_counts[e], st->h_offsets[e], 0);
+        else plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
         plan_run_gpu(&p, buf);
     }
     moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
@@ -484,13 +552,14 @@ static void moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drout
     cudaCheckLaunch();
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
-    if (dx) {
-        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, NULL, st->pos, NULL, N, K, din);
+    if (dx) {  // the fused dxg is ungated
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
         st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
     }
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch);
+    return fused;
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -485,6 +485,38 @@ static void test_monarch_is_btt(int nb, int N) {
     free(x); free(R); free(L); free(W0); free(W1); free(ym); free(yb); free(u); free(z); free(yp);
 }
 
+// The backward's dx is a forward of the transposed BTT (btt.h) on dy, whose saved z is the
+// backward's dZ in the (gamma, phi, rho) layout (btt_backward's scratch): what lets the GPU run
+// its fused forward kernel for the backward.
+static void test_btt_transposed(int A, int G, int P, int E, int R, int N) {
+    BTTShape s;
+    btt_shape(&s, A, G, P, E, R);
+    const BTTShape t = btt_shape_transposed(&s);
+    const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
+    float *x = randn((size_t)N * s.d_in, 1.0f), *dy = randn((size_t)N * s.d_out, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f);
+    float *y = zeros((size_t)N * s.d_out), *z = zeros(btt_z_size(&s, N)), *dx = zeros((size_t)N * s.d_in), *dW0 = zeros(n0), *dW1 = zeros(n1);
+    float *scr = zeros(btt_scratch_size(&s, N));
+    btt_forward(y, z, x, W0, W1, NULL, N, &s);
+    btt_backward(dx, dW0, dW1, NULL, dy, x, z, W0, W1, N, &s, scr);
+    float *W0t = zeros(n1), *W1t = zeros(n0), *dxt = zeros((size_t)N * s.d_in), *zt = zeros(btt_z_size(&t, N));
+    btt_transposed_cores(W0t, W1t, W0, W1, &s);
+    btt_forward(dxt, zt, dy, W0t, W1t, NULL, N, &t);
+    char name[160];
+    snprintf(name, sizeof name, "btt (%d %d %d %d) rank %d: shape transposed = (eps %d, phi %d, gamma %d, alpha %d)", A, G, P, E, R, t.alpha,
+             t.gamma, t.phi, t.eps);
+    check_true(t.alpha == E && t.gamma == P && t.phi == G && t.eps == A && t.rank == R && t.d_in == s.d_out && t.d_out == s.d_in, name, "wrong");
+    // W0t[f, e, g*rho+s] = W1[f, g*rho+s, e] at one entry computed by hand
+    const int f = P - 1, e = E / 2, gs = (G - 1) * R + R / 2;
+    snprintf(name, sizeof name, "btt rank %d: transposed core W0'[f, e, g*rho+s] = W1[f, g*rho+s, e]", R);
+    check_close(&W0t[((size_t)f * E + e) * G * R + gs], &W1[((size_t)f * G * R + gs) * E + e], 1, 0, 0, name);
+    snprintf(name, sizeof name, "btt %d->%d rank %d: forward of the transposed BTT on dy = the backward's dx", s.d_in, s.d_out, R);
+    check_close(dxt, dx, (size_t)N * s.d_in, 1e-5f, 1e-4f, name);
+    snprintf(name, sizeof name, "btt %d->%d rank %d: its saved z = the backward's dZ, (gamma, phi, rho) layout", s.d_in, s.d_out, R);
+    check_close(zt, scr, btt_z_size(&s, N), 1e-5f, 1e-4f, name);
+    free(x); free(dy); free(W0); free(W1); free(y); free(z); free(dx); free(dW0); free(dW1); free(scr);
+    free(W0t); free(W1t); free(dxt); free(zt);
+}
+
 static void grad_btt(int A, int G, int P, int E, int R, int N, int nsample) {
     Layer L;
     memset(&L, 0, sizeof L);
@@ -638,6 +670,9 @@ int main(int argc, char **argv) {
     test_monarch_is_btt(8, 11);
     test_monarch_is_btt(4, 70);
     test_monarch_is_btt(32, 64);  // d = 1024
+    test_btt_transposed(4, 3, 5, 6, 1, 13);   // 12 -> 30, every factor distinct
+    test_btt_transposed(3, 4, 2, 5, 3, 9);    // 12 -> 10, rank 3
+    test_btt_transposed(16, 48, 32, 96, 2, 7);  // GPT-2 768 -> 3072 rank 2
     // gradients (finite differences), accumulation, dx overwrite
     grad_btt(4, 12, 8, 10, 1, 5, 30);
     grad_btt(4, 12, 8, 10, 2, 5, 30);

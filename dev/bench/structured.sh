@@ -182,7 +182,7 @@ for c in scripts/configs/gpt2_124M*.conf; do
 done
 printf '%-28s %10s %12s %9s %s\n' config ms/step tokens/s vs_dense note
 dense_tok=""
-runs=()  # "config sk": the structured configs also with -sk 1 (the fused BTT forward)
+runs=()  # "config sk": the structured configs also with -sk 1 (the fused BTT kernels)
 for conf in "${configs[@]}"; do
     runs+=("$conf 0")
     [ "$conf" != scripts/configs/gpt2_124M.conf ] && runs+=("$conf 1")

@@ -9,7 +9,8 @@
 //                 the aux loss is not: daux = 0)
 //   *_fused       the BTT and BTT-MoE rows again with the trainer's -sk 1: btt_fused.cuh's one-kernel
 //                 forward (BTT-MoE: every expert in one segmented launch, no host wait for the
-//                 counts); only where the kernel supports the shape
+//                 counts) and the same kernel for the backward's dx and dZ (the transposed BTT,
+//                 btt.h); only where the kernel supports the shape
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -19,8 +20,8 @@
 //               weights read and the weight gradients written once (2 bytes each)
 //   % of floor  floor / time (100% = at the roofline)
 //   vs dense    time / dense time of the same shape (< 1: faster than dense)
-// and, before it is timed, the layer's forward on the first CHECK_ROWS rows is compared with the
-// CPU layers (btt.h, monarch.h, moe.h; a plain loop for dense) on the same bf16 inputs: the
+// and, before it is timed, the layer's forward on the first CHECK_ROWS rows (for BTT also the
+// backward's dx) is compared with the CPU layers (btt.h, monarch.h, moe.h; a plain loop for dense) on the same bf16 inputs: the
 // benchmark times the function the trainer computes, not just some kernels of the right size.
 //
 // Output: a fixed-width table (ms are the mean of -r timed runs after -w untimed ones, CUDA
@@ -328,7 +329,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         floatX *W0 = alloc_random(n0, sqrtf(3.0f / s.alpha), "BTT W0"), *W1 = alloc_random(n1, sqrtf(3.0f / (s.gamma * s.rank)), "BTT W1");
         floatX *dW0 = alloc_zero(n0, "BTT dW0"), *dW1 = alloc_zero(n1, "BTT dW1");
         floatX *z = alloc_bf16((size_t)N * zrow, "BTT saved z");
-        floatX *scratch = alloc_bf16(2 * (size_t)N * zrow, "BTT scratch");  // the backward's; the forward uses the first half
+        floatX *scratch = alloc_bf16(btt_gpu_scratch_elems(&s, N), "BTT scratch");  // the backward's; the forward uses a part
         auto fwd = [&]() { btt_forward_gpu(r->y, z, r->x, W0, W1, NULL, N, &s, scratch); };
         auto step = [&]() {
             fwd();
@@ -340,9 +341,21 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
             float *w0 = dev_download_bf16(W0, n0), *w1 = dev_download_bf16(W1, n1);
             float *cz = (float *)mallocCheck(sizeof(float) * zrow * CR);
             btt_forward(ref, cz, cx, w0, w1, NULL, CR, &s);
-            free(w0); free(w1); free(cz);
             gpu = download_rows(r->y, (size_t)CR * dout);
             ok = check_rows(what, gpu, ref, CR, dout, NULL, &worst);
+            // the backward's dx too (row by row, so CR rows of dy give CR rows of dx): with -sk 1 it
+            // is the fused transposed BTT
+            step();
+            cudaCheck(cudaDeviceSynchronize());
+            float *cdy = download_rows(r->dy, (size_t)CR * dout), *gdx = download_rows(r->dx, (size_t)CR * din);
+            float *rdx = (float *)mallocCheck(sizeof(float) * (size_t)CR * din), *scr = (float *)mallocCheck(sizeof(float) * btt_scratch_size(&s, CR));
+            float *t0 = (float *)callocCheck(n0, sizeof(float)), *t1 = (float *)callocCheck(n1, sizeof(float));
+            btt_backward(rdx, t0, t1, NULL, cdy, cx, cz, w0, w1, CR, &s, scr);
+            char what_dx[160];
+            snprintf(what_dx, sizeof(what_dx), "%s dx", what);
+            double worst_dx = 0.0;
+            ok = check_rows(what_dx, gdx, rdx, CR, din, NULL, &worst_dx) && ok;
+            free(w0); free(w1); free(cz); free(cdy); free(gdx); free(rdx); free(scr); free(t0); free(t1);
         }
         *fwd_ms = dev_time_ms(fwd, a->warmup, a->reps);
         *ms = dev_time_ms(step, a->warmup, a->reps);

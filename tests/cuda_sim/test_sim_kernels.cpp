@@ -676,16 +676,30 @@ struct Dev {
     }
 };
 
-static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
+// Random bf16 inputs of a BTT layer and the CPU layer's forward and backward on them.
+struct BttRef {
     BTTShape s;
-    btt_shape(&s, alpha, gamma, phi, eps, rank);
+    Vec x, W0, W1, bias, dy, y, z, dx, dW0, dW1, db;
+    BttRef(int N, int alpha, int gamma, int phi, int eps, int rank) {
+        btt_shape(&s, alpha, gamma, phi, eps, rank);
+        x = rand_bf16((size_t)N * s.d_in, 1.0f);
+        W0 = rand_bf16(btt_w0_size(&s), 1.0f / sqrtf((float)alpha));
+        W1 = rand_bf16(btt_w1_size(&s), 1.0f / sqrtf((float)gamma * rank));
+        bias = rand_bf16(s.d_out, 0.1f);
+        dy = rand_bf16((size_t)N * s.d_out, 1.0f);
+        y.assign((size_t)N * s.d_out, 0.0f); z.assign(btt_z_size(&s, N), 0.0f); dx.assign((size_t)N * s.d_in, 0.0f);
+        dW0.assign(W0.size(), 0.0f); dW1.assign(W1.size(), 0.0f); db.assign(s.d_out, 0.0f);
+        Vec scr(btt_scratch_size(&s, N));
+        btt_forward(y.data(), z.data(), x.data(), W0.data(), W1.data(), bias.data(), N, &s);
+        btt_backward(dx.data(), dW0.data(), dW1.data(), db.data(), dy.data(), x.data(), z.data(), W0.data(), W1.data(), N, &s, scr.data());
+    }
+};
+
+static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
+    BttRef c(N, alpha, gamma, phi, eps, rank);
+    const BTTShape &s = c.s;
     const int din = s.d_in, dout = s.d_out;
-    Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(btt_w0_size(&s), 1.0f / sqrtf((float)alpha)),
-        W1 = rand_bf16(btt_w1_size(&s), 1.0f / sqrtf((float)gamma * rank)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
-    Vec y((size_t)N * dout), z(btt_z_size(&s, N)), dx((size_t)N * din), dW0(W0.size(), 0.0f), dW1(W1.size(), 0.0f), db(dout, 0.0f),
-        scr(btt_scratch_size(&s, N));
-    btt_forward(y.data(), z.data(), x.data(), W0.data(), W1.data(), bias.data(), N, &s);
-    btt_backward(dx.data(), dW0.data(), dW1.data(), db.data(), dy.data(), x.data(), z.data(), W0.data(), W1.data(), N, &s, scr.data());
+    const Vec &x = c.x, &W0 = c.W0, &W1 = c.W1, &bias = c.bias, &dy = c.dy, &y = c.y, &z = c.z, &dx = c.dx, &dW0 = c.dW0, &dW1 = c.dW1, &db = c.db;
     Dev d;
     floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
     floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *z_d = d.add(dev_alloc<floatX>(btt_z_size(&s, N))),
@@ -772,12 +786,13 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, N)));
     MoEGPUScratch sc;
     moe_gpu_scratch_bind(&sc, &s, N, s_d, f_d);
+    float *aux_d = d.add(dev_alloc<float>(1));
     moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &s);
-    double stats[MOE_AUX_STATS(1024)];
-    moe_aux_stats_gpu(&gst, &sc, &s, stats);
-    float aux = moe_aux_from_stats_gpu(&gst, stats, N, &s);
+    moe_aux_stats_gpu(&gst, &s);
+    moe_aux_finish_gpu(&gst, N, &s, aux_d);  // on the device: aux and f̂ without a host round trip
+    const float aux = down(aux_d, 1)[0];
     char tag[128];
-    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N, fused ? " (fused segmented forward)" : "");
+    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N, fused ? " (fused segmented forward and backward)" : "");
     // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
     std::vector<float> lg = down(gst.logits, (size_t)N * E), gate = down(gst.gate, NK), lse = down(gst.lse, N);
     std::vector<int> sel = down(gst.sel, NK), order = down(gst.order, NK), pos = down(gst.pos, NK), counts = down(gst.counts, E),
@@ -816,8 +831,10 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     check_true(counts == rc && offsets == roff && order == ro && pos == rp,
                nm("%s: grouping (counts, offsets, order, pos; %d pairs in chunks of 256)", tag, NK), "differs");
     check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
+    check_close(down(gst.fhat, E).data(), st.fhat, E, 1e-6f, 0.0f, nm("%s: f-hat on the device (the aux gradient's)", tag));
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
-    moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
+    const int ran_fused = moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
+    check_true(ran_fused == fused, nm("%s: the %s backward ran", tag, fused ? "fused segmented" : "cuBLAS"), "the other one ran");
     check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0", tag));
     check_scaled(down_bf16(dW1_d, dW1.size()), dW1, 2e-2f, 0.0f, nm("%s: dW1", tag));
@@ -885,6 +902,45 @@ static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int ra
         for (int o = 0; o < dout; o++) ynb[(size_t)r * dout + o] -= bias[o];
     tm > 0 ? btt_forward_fused_tm(y3_d, NULL, x_d, W0_d, W1_d, NULL, N, &s, tm) : btt_forward_fused(y3_d, NULL, x_d, W0_d, W1_d, NULL, N, &s);
     check_scaled(down_bf16(y3_d, y.size()), ynb, 2e-2f, 0.0f, nm("%s: y without z and bias", tag));
+}
+
+// The fused BTT backward (-sk 1): dx and dZ from one launch of the fused kernel on dy with the
+// transposed cores, then the weight-gradient GEMMs; against the CPU layer and the cuBLAS baseline.
+static void test_btt_fused_backward(int N, int alpha, int gamma, int phi, int eps, int rank) {
+    BttRef c(N, alpha, gamma, phi, eps, rank);
+    const BTTShape &s = c.s, ts = btt_shape_transposed(&s);
+    const int din = s.d_in, dout = s.d_out;
+    char tag[160];
+    snprintf(tag, sizeof(tag), "fused btt backward %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d", din, dout, alpha, gamma, phi, eps, rank, N);
+    if (!check_true(btt_fused_supported(&ts, btt_fused_smem_limit()) > 0, nm("%s: the kernel supports the transposed shape", tag),
+                    "it does not: the test would check the cuBLAS path"))
+        return;
+    const Vec &x = c.x, &W0 = c.W0, &W1 = c.W1, &bias = c.bias, &dy = c.dy, &y = c.y, &z = c.z, &dx = c.dx, &dW0 = c.dW0, &dW1 = c.dW1, &db = c.db;
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *z_d = d.add(dev_alloc<floatX>(z.size())),
+           *s_d = d.add(dev_alloc<floatX>(btt_gpu_scratch_elems(&s, N)));
+    float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
+    Vec got[2][4];  // [fused][dx, dW0, dW1, dbias]
+    for (int fused = 0; fused < 2; fused++) {
+        g_st_fused = fused;
+        floatX *dx_d = d.add(dev_alloc<floatX>((size_t)N * din)), *dW0_d = d.add(up_bf16(Vec(W0.size(), 0.0f))),
+               *dW1_d = d.add(up_bf16(Vec(W1.size(), 0.0f))), *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
+        btt_forward_gpu(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s, s_d);
+        const int ran_fused = btt_backward_gpu(dx_d, dW0_d, dW1_d, db_d, dy_d, x_d, z_d, W0_d, W1_d, N, &s, s_d, col);
+        check_true(ran_fused == fused, nm("%s: -sk %d runs the %s backward", tag, fused, fused ? "fused" : "cuBLAS"), "it ran the other one");
+        got[fused][0] = down_bf16(dx_d, dx.size());
+        got[fused][1] = down_bf16(dW0_d, dW0.size());
+        got[fused][2] = down_bf16(dW1_d, dW1.size());
+        got[fused][3] = down_bf16(db_d, db.size());
+    }
+    g_st_fused = 0;
+    const Vec *ref[4] = {&dx, &dW0, &dW1, &db};
+    const char *what[4] = {"dx", "dW0", "dW1", "dbias"};
+    for (int i = 0; i < 4; i++) {
+        check_scaled(got[1][i], *ref[i], 2e-2f, 0.0f, nm("%s: %s vs the CPU layer", tag, what[i]));
+        check_scaled(got[1][i], got[0][i], 1e-2f, 1e-2f, nm("%s: %s vs the cuBLAS baseline", tag, what[i]));
+    }
 }
 
 // ================================================================================================
@@ -989,17 +1045,18 @@ static void test_random_order() {
         float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, Nm)));
         MoEGPUScratch sc;
         moe_gpu_scratch_bind(&sc, &s, Nm, s_d, f_d);
+        float *aux_d = d.add(dev_alloc<float>(1));
         moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, NULL, Nm, &s);
-        double stats[MOE_AUX_STATS(1024)];
-        moe_aux_stats_gpu(&gst, &sc, &s, stats);
-        moe_aux_from_stats_gpu(&gst, stats, Nm, &s);
+        moe_aux_stats_gpu(&gst, &s);
+        moe_aux_finish_gpu(&gst, Nm, &s, aux_d);
         moe_backward_gpu(dx_d, g0, g1, gr, NULL, dy_d, 0.05f, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
         std::vector<uint16_t> r = down_bits(y_d, (size_t)Nm * 48);
         append_bits(r, down(gst.order, (size_t)Nm * 2));
         append_bits(r, down_bits(dx_d, (size_t)Nm * 48));
         append_bits(r, down_bits(g0, W0.size()));
         append_bits(r, down_bits(gr, R.size()));
-        append_bits(r, std::vector<double>(stats, stats + 17));
+        append_bits(r, down(gst.stats, 17));
+        append_bits(r, down(aux_d, 1));
         moe_gpu_state_free(&gst);
         return r;
     });
@@ -1289,6 +1346,10 @@ int main(int argc, char **argv) {
         test_btt_fused(20, 16, 48, 32, 96, 1, 0);    // GPT-2 768 -> 3072 rank 1 (tm 64: 217 KB of shared memory)
         test_btt_fused(33, 32, 24, 16, 48, 2, 32);   // 768 -> 768 rank 2, tm 32
         test_btt_fused(16 * 1056 + 37, 16, 4, 2, 32, 8, 16);  // more tiles than resident blocks: the grid-stride tile loop
+        test_btt_fused_backward(37, 16, 4, 2, 32, 8);    // 64 -> 64 rank 8, a partial tile
+        test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
+        test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
+        test_btt_fused_backward(19, 48, 16, 16, 48, 1);  // 768 -> 768 with alpha 48, eps 48 (the transposed x chunks differ)
         test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
         test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1

@@ -75,7 +75,8 @@ for flags in "-r 0 -ge 0 -fa 0" "-r 2 -ge 1 -fa 1" "-r 1 -ge 2 -fa 0"; do
         && ok "dense: $flags gives the default's first loss ($l vs $ref)" || bad "dense $flags" "loss '$l' vs '$ref'"
 done
 
-# -sk 1 (fused BTT forward; BTT-MoE experts in one segmented launch) against the cuBLAS plans, on
+# -sk 1 (fused BTT forward and backward dx; BTT-MoE experts in one segmented launch each way)
+# against the cuBLAS plans, on
 # shapes the fused kernel supports (multiples of 16): the same first two losses to 1.5e-3 (seen:
 # 5e-4; expert 0's W0 for every expert gives 2.4e-3 — the kernel tests in test_sim_kernels and
 # test_gpt2cu are the exact checks, this one is that the trainer takes the path and trains)
