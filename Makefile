@@ -111,9 +111,13 @@ ifneq ($(NVCC),)
   # multi-GPU: NCCL for the collectives (-DUSE_NCCL), MPI (mpicc's flags) to start the ranks under
   # mpirun; without MPI, NCCL ranks start with -pi fs|tcp; without NCCL, one process per run
   CUDA_ROOT := $(patsubst %/bin/nvcc,%,$(NVCC))
+  # NO_NCCL=1: a single-GPU build even where NCCL is installed (dev/bench/device_prep.sh: binaries
+  # for a machine whose NCCL may live elsewhere)
+  ifneq ($(NO_NCCL),1)
   NCCL_H := $(firstword $(wildcard $(CUDA_ROOT)/include/nccl.h /usr/local/cuda/include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h))
   NCCL_LIBDIR := $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_ROOT)/lib/libnccl.so $(CUDA_ROOT)/lib64/libnccl.so \
                    /usr/local/cuda/lib/libnccl.so /usr/local/cuda/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so /usr/lib64/libnccl.so))))
+  endif
   TRAIN_CU_FLAGS =
   TRAIN_CU_LIBS =
   ifneq ($(and $(NCCL_H),$(NCCL_LIBDIR)),)

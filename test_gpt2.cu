@@ -1,6 +1,8 @@
 // test_gpt2.cu: test mode on the GPU: the bf16 trainer against every PyTorch fixture in
 // dev/fixtures, dense and structured (logits, loss and BTT-MoE aux loss, every gradient, 10 AdamW
-// steps: losses, gradient norms, final weights), in three recompute / GELU-fusion settings;
+// steps: losses, gradient norms, final weights), in four recompute / GELU-fusion / attention
+// settings and, for the structured fixtures, once more with the fused structured kernels (-sk 1;
+// dev/fixtures/fused.bin has the shapes they take);
 // determinism (two runs, and a run saved and resumed at step 5, give bit-identical losses and
 // weights); each structure's GPU layer against the CPU layer at GPT-2 sizes on random inputs;
 // and llm.c's GPT-2 124M debug state when gpt2_124M.bin and gpt2_124M_debug_state.bin are in the
@@ -135,13 +137,15 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // flash: our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax.
-static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full) {
+static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full, int fused) {
     Fixture f;
     GPT2 m;
     fixture_read(&f, &m, path);
+    if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
+    g_st_fused = fused;
     char tag[128], name[512];
-    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d]", base_name(path), recompute, gelu_fusion, flash);
+    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s]", base_name(path), recompute, gelu_fusion, flash, fused ? " -sk 1" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     gpt2_set_params(&m, f.params);
@@ -448,12 +452,14 @@ static void check_structures_vs_cpu(void) {
 
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
 // attention path, then without recompute or fusion, then with LayerNorm recompute and
-// forward-only fusion.
+// forward-only fusion; a structured one a fifth way, the defaults with every check and -sk 1.
 static void run_fixture_modes(const char *path) {
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1);
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 0, 1);
-    run_fixture(path, 0, 0, 1, 0);
-    run_fixture(path, 2, 1, 0, 0);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 0, 1, 0);
+    run_fixture(path, 0, 0, 1, 0, 0);
+    run_fixture(path, 2, 1, 0, 0, 0);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
+    g_st_fused = 0;
 }
 
 int main(int argc, char **argv) {

@@ -4,6 +4,7 @@
 # tokens/s and MFU as train_gpt2cu reports them (mean of steps 2..STEPS; step 1 warms up).
 #   bash dev/bench/gpu.sh                      (or: make bench-gpu)
 #   STEPS=20 RECOMPUTE=1 CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16 d24:32" bash dev/bench/gpu.sh
+#   BUILD=0 TEST=0 bash dev/bench/gpu.sh       (the binaries already there, no test mode: dev/bench/device_run.sh)
 # A configuration that runs out of memory is reported and skipped; the test mode failing stops
 # the script (exit 1).
 set -uo pipefail
@@ -13,6 +14,8 @@ STEPS=${STEPS:-20}
 T=${T:-1024}
 RECOMPUTE=${RECOMPUTE:-1}
 CONFIGS=${CONFIGS:-"d12:16 d12:32 d12:64 d24:8 d24:16 d24:32"}
+BUILD=${BUILD:-1}
+TEST=${TEST:-1}
 
 echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
@@ -24,16 +27,18 @@ fi
 echo "nvcc:    $(nvcc --version 2>/dev/null | tail -1)"
 echo
 
-make -B train_gpt2cu test_gpt2cu 2>&1 | grep -vE '^(OpenMP|CBLAS|MPI|nvcc):' || true
+[ "$BUILD" = 0 ] || make -B train_gpt2cu test_gpt2cu 2>&1 | grep -vE '^(OpenMP|CBLAS|MPI|nvcc):' || true
 [ -x ./train_gpt2cu ] && [ -x ./test_gpt2cu ] || { echo "build failed"; exit 1; }
 
-echo "== test mode: ./test_gpt2cu"
-./test_gpt2cu > /tmp/test_gpt2cu.log 2>&1
-rc=$?
-grep -E '^(FAIL|# )' /tmp/test_gpt2cu.log | head -60
-tail -1 /tmp/test_gpt2cu.log
-if [ $rc -ne 0 ]; then echo "test_gpt2cu failed (rc $rc); full log in /tmp/test_gpt2cu.log"; exit 1; fi
-echo
+if [ "$TEST" != 0 ]; then
+    echo "== test mode: ./test_gpt2cu"
+    ./test_gpt2cu > /tmp/test_gpt2cu.log 2>&1
+    rc=$?
+    grep -E '^(FAIL|# )' /tmp/test_gpt2cu.log | head -60
+    tail -1 /tmp/test_gpt2cu.log
+    if [ $rc -ne 0 ]; then echo "test_gpt2cu failed (rc $rc); full log in /tmp/test_gpt2cu.log"; exit 1; fi
+    echo
+fi
 
 source dev/bench/common.sh
 ensure_tinyshakespeare

@@ -11,6 +11,7 @@
 #     the dense 124M (fresh random init, tinyshakespeare, mean of steps 2..STEPS).
 #   bash dev/bench/structured.sh
 #   DIMS=768,1024 SHAPES=fc,sq REPS=20 STEPS=20 B=16 MOE=mask_z bash dev/bench/structured.sh
+#   BUILD=0 ... (use the binaries already there, as dev/bench/device_run.sh does)
 # SHAPES: fc = d -> 4d (default), sq = d -> d. MOE: the PyTorch BTT-MoE variant, mask_z (the
 # paper's code: gates mask each expert's intermediate) or separate (each expert's output kept,
 # then weighted). Logs go to $OUT (default /tmp/structured_bench). Without a GPU the script
@@ -28,6 +29,7 @@ STEPS=${STEPS:-20}
 B=${B:-16}
 T=${T:-1024}
 OUT=${OUT:-${TMPDIR:-/tmp}/structured_bench}
+BUILD=${BUILD:-1}
 mkdir -p "$OUT" || { echo "structured.sh: cannot create the log directory $OUT"; exit 1; }
 
 # ---- a GPU, or one line and exit 1
@@ -36,11 +38,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && ! nvidia-smi -L 2>/dev/null | grep -
     exit 1
 fi
 NVCC=$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
-if [ ! -x "$NVCC" ]; then
+if [ "$BUILD" != 0 ] && [ ! -x "$NVCC" ]; then
     echo "structured.sh: nvcc not found (CUDA toolkit); cannot build dev/cuda/structured_layers"
     exit 1
 fi
-if ! make -B -C dev/cuda structured_layers > "$OUT/build_layers.log" 2>&1; then
+if [ "$BUILD" != 0 ] && ! make -B -C dev/cuda structured_layers > "$OUT/build_layers.log" 2>&1; then
     echo "structured.sh: building dev/cuda/structured_layers failed; see $OUT/build_layers.log"
     exit 1
 fi
@@ -169,7 +171,7 @@ echo
 
 # ---- 2. the whole model
 echo "== whole model: ./train_gpt2cu -e CONFIG -i TRAIN -j TRAIN -b $B -t $T -x $STEPS -v 0 -s 0 -l 1e-4 (fresh random init; tinyshakespeare)"
-if ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1 || [ ! -x ./train_gpt2cu ]; then
+if { [ "$BUILD" != 0 ] && ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1; } || [ ! -x ./train_gpt2cu ]; then
     echo "building train_gpt2cu failed; see $OUT/build_train.log"
     exit 1
 fi

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
+# machine, inside a time budget, most important first:
+#   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
+#   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
+#                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
+#   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run)
+#   4. dev/cuda programs        each kernel's numbered versions against its CPU check and roofline
+# Binaries come from .device/ (dev/bench/device_prep.sh, run where nvcc is; carry ".device");
+# when they cannot start there, everything is built on the spot first (minutes of the budget).
+# Each stage gets at most its share and what is left of BUDGET seconds (default 480), so the call
+# ends inside the device tool's 10-minute limit. Results: $OUT/summary.txt (also printed last:
+# the tool returns the end of the output) and $OUT/logs.tar.gz (every log).
+#   run(command="bash dev/bench/device_run.sh", carry=[".device"], timeout_s=600)
+#   BUDGET=300 STAGES="test structured" bash dev/bench/device_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+BUDGET=${BUDGET:-480}
+STAGES=${STAGES:-"test structured gpu kernels"}
+RES=${OUT:-/tmp/device_out}
+mkdir -p "$RES" || exit 1
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
+SUMMARY=$RES/summary.txt
+T0=$(date +%s)
+: > "$SUMMARY"
+say() { echo "$*" >> "$SUMMARY"; }
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+
+# ---- what runs where
+commit=unknown
+[ -f .device/COMMIT ] && commit=$(tr '\n' ' ' < .device/COMMIT)
+[ "$commit" = unknown ] && commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+say "date:     $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+say "commit:   $commit"
+say "device:   $(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
+say "nvcc:     $(nvcc --version 2>/dev/null | tail -1)"
+say "budget:   ${BUDGET}s for stages: $STAGES"
+
+# ---- binaries: the prepared ones, else build here
+if [ -d .device ]; then
+    cp -a .device/. . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
+fi
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
+loads() { [ -x "$1" ] && ! ldd "$1" 2>&1 | grep -q 'not found'; }
+if ! loads ./train_gpt2cu || ! loads ./test_gpt2cu || ! loads ./dev/cuda/structured_layers; then
+    say "binaries: missing or not loadable here ($(ldd ./train_gpt2cu 2>&1 | grep -m1 'not found' | tr -s ' \t' ' ')); building"
+    t=$(date +%s)
+    { make -j16 NO_NCCL=1 train_gpt2cu test_gpt2cu && make -j16 -C dev/cuda; } > "$LOGS/build.log" 2>&1
+    say "build:    rc $? in $(($(date +%s) - t))s (log: build.log)"
+fi
+
+# ---- stages
+declare -A RC
+run_stage() {  # name seconds command...: at most `seconds`, and never past the budget
+    local name=$1 want=$2 l lim t rc
+    shift 2
+    l=$(left)
+    lim=$((want < l ? want : l))
+    if [ "$lim" -lt 20 ]; then
+        say "$(printf 'stage %-10s skipped: %ss of the budget left' "$name" "$l")"
+        RC[$name]=skipped
+        return
+    fi
+    t=$(date +%s)
+    timeout --signal=INT --kill-after=10 "$lim" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    RC[$name]=$rc
+    say "$(printf 'stage %-10s rc %-3s %4ss (limit %ss)%s' "$name" "$rc" "$(($(date +%s) - t))" "$lim" \
+        "$([ "$rc" = 124 ] && echo ': stopped at its limit')")"
+}
+# every dev/cuda program, each with its default versions (a script: timeout runs programs only)
+KERNELS='rc=0; for src in dev/cuda/*.cu; do b=${src%.cu}; echo "== $b"; "./$b" || { echo "FAIL $b exited with $?"; rc=1; }; done; exit $rc'
+for s in $STAGES; do
+    case $s in
+        test) run_stage test 150 ./test_gpt2cu ;;
+        structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
+        gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
+        kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
+        *) say "stage $s: unknown (test, structured, gpu, kernels)" ;;
+    esac
+done
+
+# ---- the summary: the figures that matter from each log
+say ""
+if [ -f "$LOGS/test.log" ]; then
+    say "== test_gpt2cu: $(tail -1 "$LOGS/test.log")"
+    grep -E '^FAIL' "$LOGS/test.log" | head -30 >> "$SUMMARY"
+fi
+if [ -f "$LOGS/structured.log" ]; then
+    say ""
+    if grep -q '^== structured layers' "$LOGS/structured.log"; then
+        sed -n '/^== structured layers/,$p' "$LOGS/structured.log" >> "$SUMMARY"
+    else
+        say "== structured.sh gave no table; its last lines:"
+        tail -5 "$LOGS/structured.log" >> "$SUMMARY"
+    fi
+    grep -E '^(FAIL|note)' "$LOGS/structured/layers_cuda.log" 2>/dev/null | head -20 >> "$SUMMARY"
+fi
+if [ -f "$LOGS/gpu.log" ]; then
+    say ""
+    sed -n '/^== training throughput/,$p' "$LOGS/gpu.log" >> "$SUMMARY"
+fi
+if [ -f "$LOGS/kernels.log" ]; then
+    say ""
+    say "== dev/cuda programs: $(grep -c '^== ' "$LOGS/kernels.log") run, $(grep -c '^FAIL' "$LOGS/kernels.log") failed"
+    grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
+fi
+tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+say ""
+say "total: $(($(date +%s) - T0))s; full logs in logs.tar.gz"
+cat "$SUMMARY"
+[ "${RC[test]:-0}" = 0 ]
