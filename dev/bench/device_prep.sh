@@ -2,7 +2,8 @@
 # dev/bench/device_prep.sh: on a machine WITHOUT a GPU but with nvcc, builds everything the GPU
 # checks and benchmarks run (train_gpt2cu, test_gpt2cu, every dev/cuda program; sm_90 unless
 # GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL) and the tinyshakespeare shards,
-# into .device/ (git-ignored), laid out as in the repository. dev/bench/device_run.sh copies it
+# into .device/tree/ (git-ignored), laid out as in the repository (.device/COMMIT and ARCH say
+# what was built). dev/bench/device_run.sh copies it
 # over the tree on the GPU machine, so that the lent minutes go to running, not compiling:
 #   bash dev/bench/device_prep.sh
 #   then, through the device tool: run(command="bash dev/bench/device_run.sh", carry=[".device"])
@@ -11,19 +12,19 @@ cd "$(dirname "$0")/../.."
 CC_GPU=${GPU_COMPUTE_CAPABILITY:-90}
 JOBS=${JOBS:-2}
 rm -rf .device
-mkdir -p .device/dev/cuda .device/data/tinyshakespeare
+mkdir -p .device/tree/dev/cuda .device/tree/data/tinyshakespeare
 make -B -j"$JOBS" NO_NCCL=1 GPU_COMPUTE_CAPABILITY="$CC_GPU" train_gpt2cu test_gpt2cu 2>&1 | grep -vE '^(OpenMP|CBLAS|MPI|nvcc|NCCL):' || true
 make -j"$JOBS" -C dev/cuda GPU_COMPUTE_CAPABILITY="$CC_GPU" 2>&1 | grep -E 'error|warning' || true
-cp train_gpt2cu test_gpt2cu .device/
+cp train_gpt2cu test_gpt2cu .device/tree/
 for src in dev/cuda/*.cu; do
     bin=${src%.cu}
     [ -x "$bin" ] || { echo "device_prep: $bin was not built"; exit 1; }
-    cp "$bin" .device/dev/cuda/
+    cp "$bin" .device/tree/dev/cuda/
 done
 # shellcheck source=dev/bench/common.sh disable=SC1091
 source dev/bench/common.sh
 ensure_tinyshakespeare
-cp data/tinyshakespeare/*.bin .device/data/tinyshakespeare/
+cp data/tinyshakespeare/*.bin .device/tree/data/tinyshakespeare/
 git rev-parse --short HEAD > .device/COMMIT
 git diff --quiet || echo "(with uncommitted changes)" >> .device/COMMIT
 echo "sm_$CC_GPU" > .device/ARCH

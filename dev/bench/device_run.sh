@@ -37,8 +37,8 @@ say "nvcc:     $(nvcc --version 2>/dev/null | tail -1)"
 say "budget:   ${BUDGET}s for stages: $STAGES"
 
 # ---- binaries: the prepared ones, else build here
-if [ -d .device ]; then
-    cp -a .device/. . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
+if [ -d .device/tree ]; then
+    cp -a .device/tree/. . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
 loads() { [ -x "$1" ] && ! ldd "$1" 2>&1 | grep -q 'not found'; }
