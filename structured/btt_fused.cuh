@@ -51,8 +51,9 @@
 // The backward's dx and dZ are this kernel too: the forward of the transposed BTT (btt.h,
 // btt_shape_transposed: cores W1[f]ᵀ and W0[g]ᵀ) on dy, whose saved z is dZ in the layout dW0
 // needs; the supported shapes are the same set (alpha, phi*rho, gamma*rho, eps only swap roles).
-// What is left: the weight gradients in a kernel of their own (now cuBLAS GEMMs over all rows, which
-// read z, dy, x and dZ once more); cp.async (or TMA) double buffering of
+// What is left: the weight gradients fused with the dx pass (now cuBLAS GEMMs over all rows for a
+// plain BTT, seg_wgrad.cuh for BTT-MoE's experts: they read z, dy, x and dZ once more); cp.async
+// (or TMA) double buffering of
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
 // without the fp32 staging round trip (mma.sync with its documented register layout); bf16x2 z

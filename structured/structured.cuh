@@ -20,9 +20,10 @@
 //   the fly; else the inputs are gathered into expert-contiguous rows and each expert runs
 //   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
 //   each token adds its k gated expert outputs in k order. The backward with -sk 1 runs every
-//   expert's dx and dZ in one segmented launch too (dy rows read through the grouping). The counts go to the host
-//   asynchronously for the backward's per-expert plans (waited for on an event, by then long
-//   done). The aux loss stays on the device: its statistics (in doubles, so that data-parallel
+//   expert's dx and dZ in one segmented launch too (dy rows read through the grouping), and every
+//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. The counts go to the host
+//   asynchronously for the cuBLAS backward's per-expert plans (waited for on an event, by then
+//   long done). The aux loss stays on the device: its statistics (in doubles, so that data-parallel
 //   ranks can sum them with one NCCL all-reduce), f̂ and the loss itself (moe_aux_stats_gpu,
 //   moe_aux_finish_gpu); the trainer reads every layer's loss once per step, with the
 //   cross-entropy. No host round trip per layer in the forward with -sk 1.
@@ -32,6 +33,7 @@
 #include "../cuda/reduce.cuh"
 #include "btt_fused.cuh"
 #include "gpu_plan.h"
+#include "seg_wgrad.cuh"
 #include "linear.h"
 #include "spec.h"
 
@@ -497,10 +499,10 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
 // and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
-// (the transposed BTT, btt.h; dy rows read through the grouping, counts read on the device), and
-// the gate is applied in the combine (dx is linear in dZ); the weight gradients stay per-expert
-// cuBLAS GEMMs, which need the counts on the host (copied during the forward). Returns 1 when
-// it ran fused.
+// (the transposed BTT, btt.h; dy rows read through the grouping, counts read on the device), the
+// gate is applied in the combine (dx is linear in dZ), and every expert's dW0 and dW1 come from
+// one seg_wgrad launch each (seg_wgrad.cuh): no host round trip. Else per-expert cuBLAS plans,
+// which need the counts on the host (copied during the forward). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                             const floatX *router, const MoEShape *s, float *colsum_scratch) {
@@ -515,7 +517,6 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero
     moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);  // yg <- gathered dy
     cudaCheckLaunch();
     floatX *buf[PB_COUNT] = {0};
@@ -523,8 +524,8 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     // the gathered inputs of the forward are still in xg only if no other layer ran since: gather again
     moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
     cudaCheckLaunch();
-    moe_host_counts(st, E);
     if (!fused) {
+        moe_host_counts(st, E);
         for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert, (phi, gamma, rho) layout in t2
             if (st->h_counts[e] == 0) continue;
             buf[PB_W1] = sc->w1x + p1 * e;
@@ -536,14 +537,23 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)zrow,
                                                          dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
     cudaCheckLaunch();
-    for (int e = 0; e < E; e++) {
-        if (st->h_counts[e] == 0) continue;
-        buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
-        buf[PB_DW0] = sc->dw0x + p0 * e; buf[PB_DW1] = sc->dw1x + p1 * e;
-        Plan p = {};
-        if (fused) plan_btt_backward_weights(&p, &b1, st->h_counts[e], st->h_offsets[e], 0);
-        else plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
-        plan_run_gpu(&p, buf);
+    if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written)
+        const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
+        SegWgrad w1 = {st->z, sc->yg, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
+                       st->offsets, 0};
+        SegWgrad w0 = {sc->xg, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
+                       st->offsets, 0};
+        if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+    } else {
+        cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero
+        for (int e = 0; e < E; e++) {
+            if (st->h_counts[e] == 0) continue;
+            buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
+            buf[PB_DW0] = sc->dw0x + p0 * e; buf[PB_DW1] = sc->dw1x + p1 * e;
+            Plan p = {};
+            plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
+            plan_run_gpu(&p, buf);
+        }
     }
     moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
     cudaCheckLaunch();

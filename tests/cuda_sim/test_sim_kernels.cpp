@@ -943,6 +943,59 @@ static void test_btt_fused_backward(int N, int alpha, int gamma, int phi, int ep
     }
 }
 
+// seg_wgrad (structured/seg_wgrad.cuh): per-segment AᵀB over row ranges read on the device,
+// against a float64 loop over the same bf16 values; segments of 0, 1, 15, 16, 17 and 40 rows
+// (empty, a partial step, exact steps, a tail), batch entries, overwrite and accumulate.
+struct SegCase {
+    std::vector<int> counts, offsets;
+    int rows, M, Nn, batch, lda, ldb, ldc;
+    Vec A, B, C0;
+};
+static SegCase seg_case(int M, int Nn, int batch) {
+    SegCase c;
+    c.counts = {17, 0, 40, 1, 16, 15};
+    c.rows = 0;
+    for (int n : c.counts) { c.offsets.push_back(c.rows); c.rows += n; }
+    c.M = M; c.Nn = Nn; c.batch = batch;
+    c.lda = batch * M + 8; c.ldb = batch * Nn + 16; c.ldc = Nn + 8;  // row padding: strides are not the widths
+    c.A = rand_bf16((size_t)c.rows * c.lda, 1.0f);
+    c.B = rand_bf16((size_t)c.rows * c.ldb, 1.0f);
+    c.C0 = rand_bf16(c.counts.size() * (size_t)batch * M * c.ldc, 1.0f);
+    return c;
+}
+static std::vector<uint16_t> seg_run(const SegCase &c, int accumulate, Vec *out) {
+    Dev d;
+    floatX *A_d = d.add(up_bf16(c.A)), *B_d = d.add(up_bf16(c.B)), *C_d = d.add(up_bf16(c.C0));
+    int *cnt_d = d.add(dev_alloc<int>(c.counts.size())), *off_d = d.add(dev_alloc<int>(c.offsets.size()));
+    cudaCheck(cudaMemcpy(cnt_d, c.counts.data(), c.counts.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(off_d, c.offsets.data(), c.offsets.size() * sizeof(int), cudaMemcpyHostToDevice));
+    SegWgrad p = {A_d, B_d, C_d, c.lda, c.ldb, c.ldc, c.M, c.Nn, (long long)c.M * c.ldc, (long long)c.batch * c.M * c.ldc,
+                  c.M, c.Nn, c.batch, (int)c.counts.size(), cnt_d, off_d, accumulate};
+    check_true(seg_wgrad(&p), nm("seg_wgrad M=%d Nn=%d batch %d: launched", c.M, c.Nn, c.batch), "not supported");
+    if (out) *out = down_bf16(C_d, c.C0.size());
+    return down_bits(C_d, c.C0.size());
+}
+static void test_seg_wgrad(int M, int Nn, int batch) {
+    SegCase c = seg_case(M, Nn, batch);
+    for (int accumulate = 0; accumulate < 2; accumulate++) {
+        Vec got, want = c.C0;
+        seg_run(c, accumulate, &got);
+        for (size_t s = 0; s < c.counts.size(); s++)
+            for (int b = 0; b < batch; b++)
+                for (int m = 0; m < M; m++)
+                    for (int n = 0; n < Nn; n++) {
+                        double acc = 0.0;
+                        for (int r = c.offsets[s]; r < c.offsets[s] + c.counts[s]; r++)
+                            acc += (double)c.A[(size_t)r * c.lda + b * M + m] * c.B[(size_t)r * c.ldb + b * Nn + n];
+                        float &w = want[((s * batch + b) * M + m) * (size_t)c.ldc + n];
+                        w = bfr((float)acc + (accumulate ? w : 0.0f));
+                    }
+        // outside the M x Nn tiles (the ldc padding) nothing may change
+        check_close(got.data(), want.data(), want.size(), 1e-3f, 8e-3f,  // fp32 sums, one bf16 rounding: 2^-8 relative
+                    nm("seg_wgrad M=%d Nn=%d batch %d, 6 segments (0..40 rows)%s", M, Nn, batch, accumulate ? ", accumulated" : ""));
+    }
+}
+
 // ================================================================================================
 // random thread order (SIM_SERIAL): the kernels' results must not depend on the order in which a
 // block's threads run between barriers, nor on the block order
@@ -1025,6 +1078,11 @@ static void test_random_order() {
         std::vector<uint16_t> r = bits_of(a.out);
         append_bits(r, a.dqkv);
         return r;
+    });
+    check_order_independent("seg_wgrad (per-warp shared steps, segments read on the device)", [&] {
+        g_rng = 777;
+        SegCase c = seg_case(32, 48, 2);
+        return seg_run(c, 1, NULL);
     });
     check_order_independent("btt_moe routing, grouping (ballots), gather/combine, backward", [&] {
         MoEShape s;
@@ -1350,6 +1408,9 @@ int main(int argc, char **argv) {
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
         test_btt_fused_backward(19, 48, 16, 16, 48, 1);  // 768 -> 768 with alpha 48, eps 48 (the transposed x chunks differ)
+        test_seg_wgrad(16, 16, 1);
+        test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
+        test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry
         test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
         test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1
