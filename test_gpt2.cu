@@ -322,7 +322,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     char tag[160], name[256];
     if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
-    else if (spec->kind == STRUCT_MONARCH) snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d", spec->blocks, din, dout, N);
+    else if (spec->kind == STRUCT_MONARCH)
+        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N, g_st_fused ? "fused forward" : "cuBLAS");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? "fused segmented" : "cuBLAS");
@@ -367,7 +368,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
         monarch_forward(y_ref, u, x, w[0], w[1], bias, N, &ms);
         monarch_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, u, w[0], w[1], N, &ms, scr);
-        floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, N * plan_monarch_scratch_row(&ms), "test scratch");
+        floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, monarch_gpu_scratch_elems(&ms, N), "test scratch");
         monarch_forward_gpu(y_d, u_d, x_d, w_d[0], w_d[1], bias_d, N, &ms, s_d);
         monarch_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, u_d, w_d[0], w_d[1], N, &ms, s_d, colsum);
         cudaCheck(cudaDeviceSynchronize());
@@ -442,7 +443,9 @@ static void check_structures_vs_cpu(void) {
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         g_st_fused = 0;
         s.kind = STRUCT_MONARCH;
-        s.blocks = 4; check_layer_vs_cpu(&s, N);
+        s.blocks = 4;
+        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
+        g_st_fused = 0;
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);

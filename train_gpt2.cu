@@ -341,7 +341,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         } else if (s->kind == STRUCT_MONARCH) {
             MonarchShape ms = monarch_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, (int)BT), what);
-            need = (size_t)BT * plan_monarch_scratch_row(&ms);
+            need = monarch_gpu_scratch_elems(&ms, (int)BT);
         } else {
             MoEShape ms = moe_shape_of(s);
             moe_gpu_state_alloc(&ls->moe, &ms, (int)BT, what);
@@ -688,7 +688,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 1, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128), 0 cuBLAS + softmax (default: 1)"},
-        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS strided-batched baseline, 1 fused BTT forward and backward dx (BTT-MoE: experts in one launch) where supported (default: 0)"},
+        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS strided-batched baseline, 1 fused kernels where supported: BTT forward and backward dx (BTT-MoE: experts in one launch), Monarch forward (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -747,7 +747,7 @@ static void trainer_banner(const GPT2 *m) {
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", m->flash ? "flash (ours: cuda/flash_attention.cuh)" : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured)
-        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT fwd + bwd dx where supported (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT fwd+bwd dx, Monarch fwd (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
     printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
 }
 

@@ -7,8 +7,8 @@
 // comes from gpu_plan.h, whose plans tests/test_gpu_plan.c replays on the CPU against btt.h,
 // monarch.h and moe.h. With -sk 1 (g_st_fused) BTT runs btt_fused.cuh's kernel, which keeps z on
 // chip: the forward, and the backward's dx and dZ as the forward of the transposed BTT (btt.h)
-// on dy; the weight gradients, which reduce over all rows, stay cuBLAS GEMMs. Monarch is still
-// the baseline only.
+// on dy; the weight gradients, which reduce over all rows, stay cuBLAS GEMMs. Monarch's forward
+// runs monarch_fused.cuh's kernel (u on chip); its backward is the baseline's.
 //
 // BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
@@ -33,12 +33,13 @@
 #include "../cuda/reduce.cuh"
 #include "btt_fused.cuh"
 #include "gpu_plan.h"
+#include "monarch_fused.cuh"
 #include "seg_wgrad.cuh"
 #include "linear.h"
 #include "spec.h"
 
-// 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel where it supports
-// the shape (-sk 1 in the trainer); 0: the cuBLAS plan. The plan stays the default until dev/bench/structured.sh has
+// 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards
+// monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans. The plan stays the default until dev/bench/structured.sh has
 // measured the fused kernel on a GPU (neither has run yet).
 static int g_st_fused = 0;
 
@@ -154,9 +155,27 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     return fused;
 }
 
-// y overwritten, u (N, nb·q) saved; scratch: N·(nb·q + d_out) elements.
-static void monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
-                                const MonarchShape *m, floatX *scratch) {
+// Scratch elements Monarch's forward and backward need for N rows: the plans' T1..T3, or the
+// fused forward's transposed cores, whichever is more.
+static inline size_t monarch_gpu_scratch_elems(const MonarchShape *m, int N) {
+    const size_t plan = (size_t)N * plan_monarch_scratch_row(m), fused = monarch_r_size(m) + monarch_l_size(m);
+    return plan > fused ? plan : fused;
+}
+
+// y overwritten, u (N, nb·q) saved; scratch: monarch_gpu_scratch_elems. With g_st_fused, one
+// launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape; the backward is
+// the baseline's either way (same saved u). Returns 1 when it ran fused.
+static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
+                               const MonarchShape *m, floatX *scratch) {
+    if (g_st_fused && monarch_fused_supported(m, btt_fused_smem_limit())) {
+        floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
+        const size_t nr = monarch_r_size(m), nl = monarch_l_size(m);
+        block_transpose_kernel<<<ceil_div_i((long)nr, 256), 256>>>(Rt, R, nr, m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
+        cudaCheckLaunch();
+        block_transpose_kernel<<<ceil_div_i((long)nl, 256), 256>>>(Lt, L, nl, m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
+        cudaCheckLaunch();
+        if (monarch_forward_fused(y, u, x, Rt, Lt, bias, N, m, btt_fused_smem_limit())) return 1;
+    }
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L;
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * monarch_u_row(m);
@@ -164,6 +183,7 @@ static void monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const flo
     plan_monarch_forward(&p, m, N);
     plan_run_gpu(&p, buf);
     st_add_bias(y, bias, N, m->d_out);
+    return 0;
 }
 
 // scratch: N·(2·nb·q + d_out) elements.

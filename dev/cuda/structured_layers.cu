@@ -7,10 +7,12 @@
 //   monarch_sqrt  the same with the largest divisor of d not above sqrt(d) that divides d_out
 //   btt_moe_8x2   moe_forward_gpu + moe_backward_gpu, 8 experts, top 2 (router gradient included;
 //                 the aux loss is not: daux = 0)
-//   *_fused       the BTT and BTT-MoE rows again with the trainer's -sk 1: btt_fused.cuh's one-kernel
+//   *_fused       the structured rows again with the trainer's -sk 1: btt_fused.cuh's one-kernel
 //                 forward (BTT-MoE: every expert in one segmented launch, no host wait for the
 //                 counts) and the same kernel for the backward's dx and dZ (the transposed BTT,
-//                 btt.h); only where the kernel supports the shape
+//                 btt.h), seg_wgrad.cuh for the experts' weight gradients, monarch_fused.cuh's
+//                 forward for Monarch (backward: the baseline's); only where the kernels support
+//                 the shape
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -41,7 +43,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 12
+#define MAX_CASES 16  // 7 layers and up to 6 fused ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -83,7 +85,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
-    int fused;      // g_st_fused during the case: btt_fused.cuh's forward (BTT-MoE: one segmented launch)
+    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh)
 } Case;
 
 // The Monarch "sqrt(d)" block count: the largest divisor of d not above sqrt(d) that also
@@ -138,18 +140,25 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].desc, sizeof(c[n].desc), "%dx%d>%dx%d 8/top2", s->alpha, s->gamma, s->phi, s->eps);
         n++;
     }
-    // the same BTT and BTT-MoE layers with the fused forward, where it supports the shape (so a
-    // "_fused" row is never the cuBLAS path under another name)
+    // the same layers with the fused kernels, where they support the shape (so a "_fused" row is
+    // never the cuBLAS path under another name)
     for (int i = 0, n0 = n; i < n0; i++) {
         const LinearSpec *s = &c[i].spec;
-        if (s->kind != STRUCT_BTT && s->kind != STRUCT_BTT_MOE) continue;
+        if (s->kind == STRUCT_DENSE) continue;
         LinearSpec full = *s;
         full.d_in = din;
         full.d_out = dout;
-        BTTShape b;
-        if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
-        else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
-        if (!btt_fused_supported(&b, btt_fused_smem_limit())) continue;
+        int ok;
+        if (s->kind == STRUCT_MONARCH) {
+            MonarchShape ms = monarch_shape_of(&full);
+            ok = monarch_fused_supported(&ms, btt_fused_smem_limit()) > 0;
+        } else {
+            BTTShape b;
+            if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
+            else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
+            ok = btt_fused_supported(&b, btt_fused_smem_limit()) > 0;
+        }
+        if (!ok) continue;
         c[n] = c[i];
         c[n].fused = 1;
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_fused", c[i].name);
@@ -238,7 +247,7 @@ static void usage(void) {
     printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-c 0|1] [--probe]\n"
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
-           "      btt_moe_8x2_fused for the fused forward; dense always runs)\n"
+           "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels; dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
 }
@@ -366,7 +375,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         floatX *R = alloc_random(nr, sqrtf(3.0f / m.p), "Monarch R"), *L = alloc_random(nl, sqrtf(3.0f / m.q), "Monarch L");
         floatX *dR = alloc_zero(nr, "Monarch dR"), *dL = alloc_zero(nl, "Monarch dL");
         floatX *u = alloc_bf16((size_t)N * urow, "Monarch saved u");
-        floatX *scratch = alloc_bf16((size_t)N * plan_monarch_scratch_row(&m), "Monarch scratch");  // >= the forward's N (urow + d_out)
+        floatX *scratch = alloc_bf16(monarch_gpu_scratch_elems(&m, N), "Monarch scratch");  // the forward's and the backward's
         auto fwd = [&]() { monarch_forward_gpu(r->y, u, r->x, R, L, NULL, N, &m, scratch); };
         auto step = [&]() {
             fwd();

@@ -722,9 +722,16 @@ static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0 with dx = NULL", tag));
 }
 
-static void test_monarch(int N, int din, int dout, int nb) {
+// fused: the forward through monarch_fused.cuh (-sk 1), which the shape must support; also
+// compared with the baseline's y and u.
+static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
+    char tag[128];
+    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, fused ? " (fused forward)" : "");
+    if (fused && !check_true(monarch_fused_supported(&m, btt_fused_smem_limit()) > 0, nm("%s: the fused kernel supports the shape", tag),
+                             "it does not: the test would check the cuBLAS path"))
+        return;
     Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
         L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
     Vec y((size_t)N * dout), u(monarch_u_size(&m, N)), dx((size_t)N * din), dR(R.size(), 0.0f), dL(L.size(), 0.0f), db(dout, 0.0f),
@@ -734,13 +741,23 @@ static void test_monarch(int N, int din, int dout, int nb) {
     Dev d;
     floatX *x_d = d.add(up_bf16(x)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
     floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *u_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, N))),
-           *s_d = d.add(dev_alloc<floatX>((size_t)N * plan_monarch_scratch_row(&m))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
+           *s_d = d.add(dev_alloc<floatX>(monarch_gpu_scratch_elems(&m, N))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
     floatX *dR_d = d.add(up_bf16(Vec(R.size(), 0.0f))), *dL_d = d.add(up_bf16(Vec(L.size(), 0.0f))), *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
     float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
-    monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
+    if (fused) {  // the baseline's y and u first, then the fused kernel's over them
+        monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
+        Vec yb = down_bf16(y_d, y.size()), ub = down_bf16(u_d, u.size());
+        cudaCheck(cudaMemset(y_d, 0xFF, y.size() * sizeof(floatX)));  // NaN: every element must be written again
+        cudaCheck(cudaMemset(u_d, 0xFF, u.size() * sizeof(floatX)));
+        g_st_fused = 1;
+        check_true(monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d) == 1, nm("%s: the fused forward ran", tag), "the cuBLAS one ran");
+        g_st_fused = 0;
+        check_scaled(down_bf16(y_d, y.size()), yb, 1e-2f, 1e-2f, nm("%s: y vs the cuBLAS baseline", tag));
+        check_scaled(down_bf16(u_d, u.size()), ub, 1e-2f, 1e-2f, nm("%s: saved u vs the cuBLAS baseline", tag));
+    } else {
+        monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
+    }
     monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col);
-    char tag[96];
-    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d", din, dout, nb, N);
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
     check_scaled(down_bf16(u_d, u.size()), u, 2e-2f, 0.0f, nm("%s: saved u", tag));
     check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
@@ -1079,6 +1096,24 @@ static void test_random_order() {
         append_bits(r, a.dqkv);
         return r;
     });
+    check_order_independent("fused Monarch forward (u tile, y staging, block barriers)", [&] {
+        MonarchShape m;
+        monarch_shape(&m, 768, 3072, 24);
+        const int Nm = 37;
+        g_rng = 99;
+        Vec xx = rand_bf16((size_t)Nm * 768, 1.0f), R = rand_bf16(monarch_r_size(&m), 0.2f), L = rand_bf16(monarch_l_size(&m), 0.2f),
+            b = rand_bf16(3072, 0.1f);
+        Dev d;
+        floatX *x_d = d.add(up_bf16(xx)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L)), *b_d = d.add(up_bf16(b));
+        floatX *y_d = d.add(dev_alloc<floatX>((size_t)Nm * 3072)), *u_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, Nm))),
+               *s_d = d.add(dev_alloc<floatX>(monarch_gpu_scratch_elems(&m, Nm)));
+        g_st_fused = 1;
+        monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, Nm, &m, s_d);
+        g_st_fused = 0;
+        std::vector<uint16_t> r = down_bits(y_d, (size_t)Nm * 3072);
+        append_bits(r, down_bits(u_d, monarch_u_size(&m, Nm)));
+        return r;
+    });
     check_order_independent("seg_wgrad (per-warp shared steps, segments read on the device)", [&] {
         g_rng = 777;
         SegCase c = seg_case(32, 48, 2);
@@ -1408,6 +1443,10 @@ int main(int argc, char **argv) {
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
         test_btt_fused_backward(19, 48, 16, 16, 48, 1);  // 768 -> 768 with alpha 48, eps 48 (the transposed x chunks differ)
+        test_monarch(37, 64, 256, 4, 1);    // p 16, q 16, s 64: the largest u scatter stride relative to q; a partial tile
+        test_monarch(40, 768, 3072, 4, 1);  // GPT-2 fc, Monarch 4 (p = q = 192, s = 768), two output steps of 2 n-tiles
+        test_monarch(33, 768, 3072, 24, 1); // the benchmark's sqrt-Monarch at 768: nb 24 (p = q = 32, s = 128), q not a multiple of nb
+        test_monarch(20, 512, 256, 8, 1);   // d_out < d_in: q = s = 32 < p = 64
         test_seg_wgrad(16, 16, 1);
         test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
         test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry

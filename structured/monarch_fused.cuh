@@ -1,0 +1,188 @@
+// structured/monarch_fused.cuh: the Monarch forward as ONE kernel that keeps u on chip.
+//
+// Math and layouts are structured/monarch.h's: nb blocks, p = d_in/nb, s = d_out/nb, q = min(p, s);
+//   u[k*q + j] = Σ_c R[k, j, c] x[k*p + c];   y[i*nb + l] = Σ_r L[l, i, r] u[r*nb + l] + b[i*nb + l]
+// saved u row (nb, q): u_saved[l*q + r] = u[r*nb + l], as monarch_forward_gpu's baseline saves it,
+// so the baseline backward runs on it unchanged.
+//
+// One block of MF_WARPS warps per tile of tm = 16*MT rows (MT = 1 or 2). The cores come
+// transposed (monarch_transposed_cores_gpu): Rt[k] = R[k]ᵀ (p x q), Lt[l] = L[l]ᵀ (q x s), so both
+// stages are row-major wmma B operands read straight from global memory (L2-resident weights).
+//   stage 1: items (k, n-tile of q, m-tile), warp w takes w, w + MF_WARPS, ...; each 16-row x
+//     16-column step of A = X_k goes through the warp's shared tile (rows past N as zeros: the last
+//     tile never reads past x); the fp32 result through the warp's staging tile, rounded to bf16
+//     (as the baseline stores u) and scattered to the u tile at the saved layout's position of
+//     u[k*q + j].
+//   barrier; the u tile's rows < N to global when saving (a contiguous copy).
+//   stage 2, in steps of js n-tiles of the output (js*nb items >= MF_WARPS where possible): item
+//     (l, n-tile) computes Yt_l = Ut_l Lt[l] for all tm rows (A from the u tile: the saved layout
+//     makes Ut_l contiguous); lanes add the bias and scatter bf16 values into the y staging tile at
+//     their y columns i*nb + l, so that after a barrier the block writes js*16*nb contiguous y
+//     columns per row as 16-byte vectors (y's interleaving of the nb blocks would otherwise make
+//     every store a 2-byte one, nb elements apart); barrier before the next step reuses it.
+// Shared memory: u tile tm x (nb*q + pad), y staging tm x (js*16*nb + pad), per warp a 16x16 bf16
+// A tile and a 16x20 fp32 staging tile. Needs p, q, s multiples of 16, d_in, d_out multiples of 8,
+// x, y, u, bias 16-byte aligned and the transposed cores 32-byte aligned (monarch_fused_supported).
+// Not yet: the backward (the baseline's, on the saved u), a register prefetch of x (the BTT
+// kernel's), stage-1 A tiles shared between the warps of a block.
+#pragma once
+#include <mma.h>
+#include "../cuda/common.cuh"
+#include "monarch.h"
+
+#define MF_WARPS 8
+#define MF_THREADS (32 * MF_WARPS)
+#define MF_STG_LD 20
+
+typedef struct {
+    int nb, p, q, s, din, dout, urow;
+    int tm, mt, js;                    // tile rows, 16-row m-tiles, output n-tiles per stage-2 step
+    int uld, yld;                      // smem row strides (elements)
+    int off_u, off_y, off_a, off_stg;  // dynamic shared memory layout (bytes)
+    int smem_bytes;
+} MfGeom;
+
+static inline int mf_pad_ld(int cols) { return (cols + 63) / 64 * 64 + 8; }  // as btt_tiles.h: 16 bytes apart mod 128
+static inline int mf_align(int b) { return (b + 127) / 128 * 128; }
+
+// Fills *g for tile rows tm (16 or 32); 0 when the shape or tm is not supported.
+static inline int mf_geom(MfGeom *g, const MonarchShape *m, int tm) {
+    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32)) return 0;
+    if ((long long)m->nb * m->q > (1 << 20) || (long long)m->nb * m->s > (1 << 20)) return 0;  // smem offsets stay in int
+    g->nb = m->nb; g->p = m->p; g->q = m->q; g->s = m->s; g->din = m->d_in; g->dout = m->d_out; g->urow = m->nb * m->q;
+    g->tm = tm; g->mt = tm / 16;
+    const int nts = m->s / 16;
+    g->js = (MF_WARPS + m->nb - 1) / m->nb;
+    if (g->js > nts) g->js = nts;
+    g->uld = mf_pad_ld(g->urow);
+    g->yld = mf_pad_ld(g->js * 16 * m->nb);
+    g->off_u = 0;
+    g->off_y = mf_align(g->off_u + tm * g->uld * 2);
+    g->off_a = mf_align(g->off_y + tm * g->yld * 2);
+    g->off_stg = mf_align(g->off_a + MF_WARPS * 256 * 2);
+    g->smem_bytes = g->off_stg + MF_WARPS * 16 * MF_STG_LD * 4;
+    return 1;
+}
+
+// MT m-tiles per tile (compile-time: stage 2's accumulators are registers).
+template <int MT>
+__global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ uout, const floatX *__restrict__ x,
+                                                                   const floatX *__restrict__ Rt, const floatX *__restrict__ Lt,
+                                                                   const floatX *__restrict__ bias, int N, MfGeom g) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char mf_smem[];
+    floatX *us = (floatX *)(mf_smem + g.off_u), *ys = (floatX *)(mf_smem + g.off_y);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tm = 16 * MT;
+    floatX *as = (floatX *)(mf_smem + g.off_a) + warp * 256;
+    float *stg = (float *)(mf_smem + g.off_stg) + warp * 16 * MF_STG_LD;
+    const int r0 = blockIdx.x * tm, rows = N - r0 < tm ? N - r0 : tm;
+    const int er = lane % 16, ec = (lane / 16) * 8;  // epilogue: this lane's row and 8 columns of a 16x16 tile
+    const int ar = lane / 2, ac = (lane % 2) * 8;    // A-tile fill: this lane's row and 8 columns
+
+    // ---- stage 1: u tile (saved layout) = X_k Rt[k] for every block k
+    const int nq = g.q / 16, items1 = g.nb * nq * MT;
+    for (int it = warp; it < items1; it += MF_WARPS) {
+        const int mt = it % MT, nt = (it / MT) % nq, k = it / (MT * nq);
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        const int row = mt * 16 + ar;
+        for (int kk = 0; kk < g.p / 16; kk++) {
+            x128 v = row < rows ? load128(x + (size_t)(r0 + row) * g.din + k * g.p + kk * 16 + ac) : x128::zeros();
+            __syncwarp();  // the previous step's fragment is loaded
+            store128(as + ar * 16 + ac, v);
+            __syncwarp();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+            wmma::load_matrix_sync(a, as, 16);
+            wmma::load_matrix_sync(b, Rt + ((size_t)k * g.p + kk * 16) * g.q + nt * 16, g.q);
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        __syncwarp();
+        wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
+        __syncwarp();
+        for (int t = 0; t < 8; t++) {
+            const int m = k * g.q + nt * 16 + ec + t;  // u index; saved at (m % nb) * q + m / nb
+            us[(mt * 16 + er) * g.uld + (m % g.nb) * g.q + m / g.nb] = (floatX)stg[er * MF_STG_LD + ec + t];
+        }
+    }
+    __syncthreads();  // u tile complete
+    if (uout)
+        for (int v = threadIdx.x; v < rows * (g.urow / 8); v += MF_THREADS) {
+            const int m = v / (g.urow / 8), c = (v % (g.urow / 8)) * 8;
+            store128(uout + (size_t)(r0 + m) * g.urow + c, load128(us + m * g.uld + c));
+        }
+
+    // ---- stage 2: y in steps of js output n-tiles (js*16*nb contiguous y columns)
+    const int nts = g.s / 16;
+    for (int j0 = 0; j0 < nts; j0 += g.js) {
+        const int jn = nts - j0 < g.js ? nts - j0 : g.js;
+        for (int it = warp; it < g.nb * jn; it += MF_WARPS) {
+            const int l = it % g.nb, jj = it / g.nb, j = j0 + jj;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
+            for (int kk = 0; kk < g.q / 16; kk++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(b, Lt + ((size_t)l * g.q + kk * 16) * g.s + j * 16, g.s);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                    wmma::load_matrix_sync(a, us + mt * 16 * g.uld + l * g.q + kk * 16, g.uld);
+                    wmma::mma_sync(acc[mt], a, b, acc[mt]);
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                __syncwarp();
+                wmma::store_matrix_sync(stg, acc[mt], MF_STG_LD, wmma::mem_row_major);
+                __syncwarp();
+                for (int t = 0; t < 8; t++) {
+                    const int i = j * 16 + ec + t;  // Yt_l column = y column i*nb + l
+                    float v = stg[er * MF_STG_LD + ec + t] + (bias ? (float)bias[i * g.nb + l] : 0.0f);
+                    ys[(mt * 16 + er) * g.yld + (jj * 16 + ec + t) * g.nb + l] = (floatX)v;
+                }
+            }
+        }
+        __syncthreads();  // the staged y columns are complete
+        const int w = jn * 16 * g.nb / 8;  // 16-byte vectors per row in this step
+        for (int v = threadIdx.x; v < rows * w; v += MF_THREADS) {
+            const int m = v / w, c = (v % w) * 8;
+            store128(y + (size_t)(r0 + m) * g.dout + (size_t)j0 * 16 * g.nb + c, load128(ys + m * g.yld + c));
+        }
+        __syncthreads();  // the staging tile is free for the next step
+    }
+#endif
+}
+
+typedef void (*MfKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, MfGeom);
+
+// The tile rows for this shape within smem_limit bytes (32, else 16), or 0 when unsupported.
+static inline int monarch_fused_supported(const MonarchShape *m, size_t smem_limit) {
+    for (int tm = 32; tm >= 16; tm /= 2) {
+        MfGeom g;
+        if (mf_geom(&g, m, tm) && (size_t)g.smem_bytes <= smem_limit) return tm;
+    }
+    return 0;
+}
+
+// y (N, d_out) = Monarch(x) + bias; u_or_null: the saved u. Rt, Lt: the transposed cores. Returns
+// 0 (nothing launched) when the shape, device or alignment is not supported.
+static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, const floatX *Rt, const floatX *Lt, const floatX *bias_or_null,
+                                 int N, const MonarchShape *m, size_t smem_limit) {
+    const int tm = monarch_fused_supported(m, smem_limit);
+    MfGeom g;
+    if (!tm || !mf_geom(&g, m, tm)) return 0;
+    if (((uintptr_t)y | (uintptr_t)u_or_null | (uintptr_t)x | (uintptr_t)bias_or_null) % 16 || ((uintptr_t)Rt | (uintptr_t)Lt) % 32) return 0;
+    if (N <= 0) return 1;
+    MfKernel k = tm == 32 ? monarch_fused_kernel<2> : monarch_fused_kernel<1>;
+    static int attr[2];  // the opt-in dynamic shared memory set so far, per instantiation
+    int &set = attr[tm == 32];
+    if (g.smem_bytes > set) {
+        cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
+        set = g.smem_bytes;
+    }
+    k<<<ceil_div_i(N, tm), MF_THREADS, g.smem_bytes>>>(y, u_or_null, x, Rt, Lt, bias_or_null, N, g);
+    cudaCheckLaunch();
+    return 1;
+}
