@@ -5,7 +5,9 @@
 //
 // for segments s < S (rows [offsets[s], offsets[s] + counts[s]) of A and B, device arrays) and
 // batch entries b < batch: an expert's dW1[f] = Z_fᵀ dY_f is batch entry f of segment e, its
-// dW0[g] = X_gᵀ dZ_g batch entry g. Every output tile is one warp's, which runs over all of its
+// dW0[g] = X_gᵀ dZ_g batch entry g. A or B may be read through the grouping instead of as
+// gathered rows (grouped row w is row order[w] / K: x and dy need no gathered copy), and B's rows
+// scaled by a gate per pair (b_gate[order[w]], rounded to bf16 as a gathered gate·dy would be). Every output tile is one warp's, which runs over all of its
 // segment's rows in order: deterministic, no atomics, and an empty segment gives zeros.
 // Each 16-row step goes through the warp's shared memory (rows past the segment as zeros, so a
 // step never mixes in the next segment), with the next step's 16-byte loads in flight during the
@@ -28,12 +30,29 @@ typedef struct {
     int M, Nn, batch, S;
     const int *counts, *offsets;  // device, S each
     int accumulate;               // 1: C += result, 0: C = result
+    const int *order;             // grouped row -> pair (moe.h), for a_ordered / b_ordered / b_gate
+    int K;
+    int a_ordered, b_ordered;     // 1: row w of A (B) is row order[w] / K of the pointer given
+    const float *b_gate;          // B row w times b_gate[order[w]] (NULL: none)
 } SegWgrad;
 
 static inline int seg_wgrad_supported(const SegWgrad *p) {
     const long long m8 = p->lda | p->ldb | p->ldc | p->sa | p->sb | p->c_batch | p->c_seg;
+    if ((p->a_ordered || p->b_ordered || p->b_gate) && (!p->order || p->K <= 0)) return 0;
     return p->M > 0 && p->Nn > 0 && p->M % 16 == 0 && p->Nn % 16 == 0 && m8 % 8 == 0 &&
            ((uintptr_t)p->A | (uintptr_t)p->B | (uintptr_t)p->C) % 16 == 0;
+}
+
+// This lane's 8 elements of A and of B at grouped row w (its segment's), through the grouping and
+// the gate where asked.
+__device__ __forceinline__ void seg_wgrad_load(x128 &a, x128 &b, const SegWgrad &p, const floatX *Ab, const floatX *Bb, int w) {
+    const int pr = p.order ? p.order[w] : w;
+    a = load128(Ab + (size_t)(p.a_ordered ? pr / p.K : w) * p.lda);
+    b = load128(Bb + (size_t)(p.b_ordered ? pr / p.K : w) * p.ldb);
+    if (p.b_gate) {
+        const float g = p.b_gate[pr];
+        for (int t = 0; t < 8; t++) b[t] = (floatX)(g * (float)b[t]);
+    }
 }
 
 // grid (ceil(tiles / SW_WARPS), batch, S), SW_WARPS warps per block, one 16x16 tile of C each.
@@ -51,10 +70,7 @@ __global__ void __launch_bounds__(32 * SW_WARPS) seg_wgrad_kernel(SegWgrad p) {
     const int lr = lane / 2, lc = (lane % 2) * 8;  // this lane's 8 elements of a 16x16 tile
     const floatX *Ab = p.A + b * p.sa + m0 + lc, *Bb = p.B + b * p.sb + n0 + lc;
     x128 a = x128::zeros(), bv = x128::zeros();
-    if (lr < rows) {
-        a = load128(Ab + (size_t)(r0 + lr) * p.lda);
-        bv = load128(Bb + (size_t)(r0 + lr) * p.ldb);
-    }
+    if (lr < rows) seg_wgrad_load(a, bv, p, Ab, Bb, r0 + lr);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.0f);
     for (int k = 0; k < rows; k += 16) {
@@ -65,10 +81,7 @@ __global__ void __launch_bounds__(32 * SW_WARPS) seg_wgrad_kernel(SegWgrad p) {
         const int nr = k + 16 + lr;  // next step, in flight during this one's MMA
         a = x128::zeros();
         bv = x128::zeros();
-        if (nr < rows) {
-            a = load128(Ab + (size_t)(r0 + nr) * p.lda);
-            bv = load128(Bb + (size_t)(r0 + nr) * p.ldb);
-        }
+        if (nr < rows) seg_wgrad_load(a, bv, p, Ab, Bb, r0 + nr);
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // Aᵀ: As[r][m] is (m, r) col-major
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
         wmma::load_matrix_sync(fa, As, 16);

@@ -399,8 +399,9 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
 }
 
 // One warp per grouped row w (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in
-// place) and dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho) layout; dZu too when
-// G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused backward's).
+// place) and, when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho)
+// layout; dZu too when G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused
+// backward's, whose dW1 reads dy and the gate itself).
 __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, const floatX *z, const float *gate, const int *order, int NK,
                                          int zrow, int dout, int G, int P, int R) {
     int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -417,6 +418,7 @@ __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg,
     float g = gate[pr];
     if (lane == 0) dgate[pr] = s;
     for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+    if (!dyg) return;
     floatX *dy = dyg + (size_t)w * dout;
     for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
 }
@@ -521,7 +523,8 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 // and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
 // (the transposed BTT, btt.h; dy rows read through the grouping, counts read on the device), the
 // gate is applied in the combine (dx is linear in dZ), and every expert's dW0 and dW1 come from
-// one seg_wgrad launch each (seg_wgrad.cuh): no host round trip. Else per-expert cuBLAS plans,
+// one seg_wgrad launch each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no
+// gathered copies): no host round trip. Else per-expert cuBLAS plans on gathered rows,
 // which need the counts on the host (copied during the forward). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
@@ -537,14 +540,13 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);  // yg <- gathered dy
-    cudaCheckLaunch();
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
-    // the gathered inputs of the forward are still in xg only if no other layer ran since: gather again
-    moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
-    cudaCheckLaunch();
-    if (!fused) {
+    if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
+        moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);
+        cudaCheckLaunch();
+        moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
+        cudaCheckLaunch();
         moe_host_counts(st, E);
         for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert, (phi, gamma, rho) layout in t2
             if (st->h_counts[e] == 0) continue;
@@ -554,15 +556,16 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
             plan_run_gpu(&p, buf);
         }
     }
-    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)zrow,
-                                                         dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
+    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate, st->order,
+                                                         NK, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
     cudaCheckLaunch();
-    if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written)
+    if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
+                  // dy and x read through the grouping, no gathered copies
         const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
-        SegWgrad w1 = {st->z, sc->yg, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
-                       st->offsets, 0};
-        SegWgrad w0 = {sc->xg, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
-                       st->offsets, 0};
+        SegWgrad w1 = {st->z, dy, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
+                       st->offsets, 0, st->order, K, 0, 1, st->gate};
+        SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
+                       st->offsets, 0, st->order, K, 1, 0, NULL};
         if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
     } else {
         cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero

@@ -1013,6 +1013,42 @@ static void test_seg_wgrad(int M, int Nn, int batch) {
     }
 }
 
+// The same through the grouping (BTT-MoE's fused backward): A and B rows order[w] / K of x- and
+// dy-like buffers of N = rows / K + 1 rows, B scaled by a gate per pair and rounded to bf16.
+static void test_seg_wgrad_ordered(int M, int Nn, int batch, int K) {
+    SegCase c = seg_case(M, Nn, batch);
+    const int NK = c.rows, Nsrc = NK / K + 1;
+    std::vector<int> order(NK);
+    for (int w = 0; w < NK; w++) order[w] = w;
+    for (int w = NK - 1; w > 0; w--) std::swap(order[w], order[(int)(urand() * (w + 1))]);  // a random grouping
+    Vec Asrc = rand_bf16((size_t)Nsrc * c.lda, 1.0f), Bsrc = rand_bf16((size_t)Nsrc * c.ldb, 1.0f), gate = rand_bf16(NK, 0.5f, 0.5f);
+    Dev d;
+    floatX *A_d = d.add(up_bf16(Asrc)), *B_d = d.add(up_bf16(Bsrc)), *C_d = d.add(up_bf16(c.C0));
+    int *cnt_d = d.add(dev_alloc<int>(c.counts.size())), *off_d = d.add(dev_alloc<int>(c.offsets.size())), *ord_d = d.add(dev_alloc<int>(NK));
+    float *g_d = d.add(dev_alloc<float>(NK));
+    cudaCheck(cudaMemcpy(cnt_d, c.counts.data(), c.counts.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(off_d, c.offsets.data(), c.offsets.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(ord_d, order.data(), NK * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(g_d, gate.data(), NK * sizeof(float), cudaMemcpyHostToDevice));
+    SegWgrad p = {A_d, B_d, C_d, c.lda, c.ldb, c.ldc, c.M, c.Nn, (long long)c.M * c.ldc, (long long)c.batch * c.M * c.ldc,
+                  c.M, c.Nn, c.batch, (int)c.counts.size(), cnt_d, off_d, 0, ord_d, K, 1, 1, g_d};
+    check_true(seg_wgrad(&p), nm("seg_wgrad through the grouping M=%d Nn=%d: launched", M, Nn), "not supported");
+    Vec got = down_bf16(C_d, c.C0.size()), want = c.C0;
+    for (size_t sg = 0; sg < c.counts.size(); sg++)
+        for (int b = 0; b < batch; b++)
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < Nn; n++) {
+                    double acc = 0.0;
+                    for (int w = c.offsets[sg]; w < c.offsets[sg] + c.counts[sg]; w++) {
+                        const int row = order[w] / K;
+                        acc += (double)Asrc[(size_t)row * c.lda + b * M + m] * bfr(gate[order[w]] * Bsrc[(size_t)row * c.ldb + b * Nn + n]);
+                    }
+                    want[((sg * batch + b) * M + m) * (size_t)c.ldc + n] = bfr((float)acc);
+                }
+    check_close(got.data(), want.data(), want.size(), 1e-3f, 8e-3f,
+                nm("seg_wgrad through the grouping (K %d) with a gate on B, M=%d Nn=%d batch %d", K, M, Nn, batch));
+}
+
 // ================================================================================================
 // random thread order (SIM_SERIAL): the kernels' results must not depend on the order in which a
 // block's threads run between barriers, nor on the block order
@@ -1450,6 +1486,8 @@ int main(int argc, char **argv) {
         test_seg_wgrad(16, 16, 1);
         test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
         test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry
+        test_seg_wgrad_ordered(32, 16, 2, 2);
+        test_seg_wgrad_ordered(16, 48, 3, 3);
         test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
         test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1
