@@ -67,32 +67,6 @@ static int rows_untouched(const floatX *d, int r0, int r1, size_t cols) {
     free(t);
     return ok;
 }
-static float *fabs_copy(const float *a, size_t n) {
-    float *p = (float *)malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) p[i] = fabsf(a[i]);
-    return p;
-}
-// |gpu - ref| <= bound[i] everywhere (NaN fails); returns the largest |gpu - ref|
-static float check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
-    float worst = 0.0f;
-    size_t bad = 0, first = 0;
-    for (size_t i = 0; i < n; i++) {
-        float err = fabsf(gpu[i] - ref[i]);
-        if (!(err <= bound[i])) {
-            if (bad == 0) first = i;
-            bad++;
-        }
-        if (err > worst || err != err) worst = err;
-    }
-    if (bad) {
-        g_dev_fail++;
-        printf("FAIL %s: %zu of %zu elements outside their bound; first at %zu: gpu %.6g ref %.6g bound %.3g\n", what, bad, n, first,
-               gpu[first], ref[first], bound[first]);
-    } else {
-        g_dev_pass++;
-    }
-    return worst;
-}
 
 // the rows of `rows` below n
 static int rows_below(const int *rows, int nr, int n) {
@@ -132,8 +106,8 @@ int main(int argc, char **argv) {
         // references on the sampled rows
         int nr;
         int *rows = sample_rows(N, stride, &nr);
-        float *xs = gather_rows(x, rows, nr, din), *xa = fabs_copy(xs, (size_t)nr * din);
-        float *W0a = fabs_copy(W0, n0), *W1a = fabs_copy(W1, n1);
+        float *xs = gather_rows(x, rows, nr, din), *xa = dev_fabs_copy(xs, (size_t)nr * din);
+        float *W0a = dev_fabs_copy(W0, n0), *W1a = dev_fabs_copy(W1, n1);
         float *y_ref = (float *)malloc((size_t)nr * dout * sizeof(float)), *z_ref = (float *)malloc((size_t)nr * zrow * sizeof(float));
         float *y_abs = (float *)malloc((size_t)nr * dout * sizeof(float)), *z_abs = (float *)malloc((size_t)nr * zrow * sizeof(float));
         btt_forward(y_ref, z_ref, xs, W0, W1, bias, nr, &s);
@@ -151,7 +125,7 @@ int main(int argc, char **argv) {
         const int Nt = N - tail, last = Nt - 1;
         float *yl_ref = (float *)malloc(dout * sizeof(float)), *zl_ref = (float *)malloc(zrow * sizeof(float));
         float *yl_abs = (float *)malloc(dout * sizeof(float)), *zl_abs = (float *)malloc(zrow * sizeof(float));
-        float *e_yl = (float *)malloc(dout * sizeof(float)), *xl_abs = fabs_copy(x + (size_t)last * din, din);
+        float *e_yl = (float *)malloc(dout * sizeof(float)), *xl_abs = dev_fabs_copy(x + (size_t)last * din, din);
         btt_forward(yl_ref, zl_ref, x + (size_t)last * din, W0, W1, bias, 1, &s);
         btt_forward(yl_abs, zl_abs, xl_abs, W0a, W1a, NULL, 1, &s);
         for (int o = 0; o < dout; o++) e_yl[o] = (float)(U_BF16 * fabs(yl_ref[o]) + 1.02 * U_BF16 * yl_abs[o] + 1e-6);
@@ -208,9 +182,9 @@ int main(int argc, char **argv) {
             {
                 float *gy = download_rows(d_y, rows, nr, dout), *gz = download_rows(d_z, rows, nr, zrow);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
-                err = check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
+                err = dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z", ver, din, dout, s.rank);
-                err = fmaxf(err, check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow));
+                err = fmaxf(err, dev_check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow));
                 free(gy); free(gz);
             }
             float ms = dev_time_ms([&]() { run(d_z, N); });
@@ -227,7 +201,7 @@ int main(int argc, char **argv) {
             {
                 float *gy = download_rows(d_y, rows, nr, dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y (z not saved)", ver, din, dout, s.rank);
-                err = check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
+                err = dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
                 free(gy);
             }
             ms = dev_time_ms([&]() { run(NULL, N); });
@@ -244,13 +218,13 @@ int main(int argc, char **argv) {
                 int nt = rows_below(rows, nr, Nt);
                 float *gy = download_rows(d_y, rows, nt, dout), *gz = download_rows(d_z, rows, nt, zrow);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y at N %d", ver, din, dout, s.rank, Nt);
-                check_bounded(what, gy, y_ref, e_y, (size_t)nt * dout);
+                dev_check_bounded(what, gy, y_ref, e_y, (size_t)nt * dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z at N %d", ver, din, dout, s.rank, Nt);
-                check_bounded(what, gz, z_ref, e_z, (size_t)nt * zrow);
+                dev_check_bounded(what, gz, z_ref, e_z, (size_t)nt * zrow);
                 free(gy); free(gz);
                 float *gyl = download_rows(d_y, &last, 1, dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y row %d (the last of N %d)", ver, din, dout, s.rank, last, Nt);
-                check_bounded(what, gyl, yl_ref, e_yl, dout);
+                dev_check_bounded(what, gyl, yl_ref, e_yl, dout);
                 free(gyl);
                 int untouched = rows_untouched(d_y, Nt, N, dout) && rows_untouched(d_z, Nt, N, zrow);
                 if (untouched) g_dev_pass++;

@@ -54,28 +54,6 @@ static double gelu_grad_ref(double x, double *th_out) {
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x);
 }
 
-// Like dev_check, with a bound per element: |gpu - ref| <= bound[i].
-static float check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
-    float worst = 0.0f;
-    size_t bad = 0, first = 0;
-    for (size_t i = 0; i < n; i++) {
-        float err = fabsf(gpu[i] - ref[i]);
-        if (!(err <= bound[i])) {  // NaN fails
-            if (bad == 0) first = i;
-            bad++;
-        }
-        if (err > worst || err != err) worst = err;
-    }
-    if (bad) {
-        g_dev_fail++;
-        printf("FAIL %s: %zu of %zu elements outside their bound; first at %zu: gpu %.6g ref %.6g bound %.3g\n", what, bad, n, first,
-               gpu[first], ref[first], bound[first]);
-    } else {
-        g_dev_pass++;
-    }
-    return worst;
-}
-
 int main(int argc, char **argv) {
     gpu_init(0);
     int v = dev_version_arg(argc, argv, NV);
@@ -119,7 +97,7 @@ int main(int argc, char **argv) {
         cudaCheck(cudaDeviceSynchronize());
         float *g = dev_download_bf16(d_out, n);
         snprintf(what, sizeof(what), "v%d gelu_forward", ver);
-        float err = check_bounded(what, g, ref_f, bound_f, n);
+        float err = dev_check_bounded(what, g, ref_f, bound_f, n);
         free(g);
         float ms = dev_time_ms(fwd);
         dev_report("gelu_forward", ver, ms, 2.0 * n * sizeof(floatX), 10.0 * n, err);  // ~10 flops (tanh as one)
@@ -138,7 +116,7 @@ int main(int argc, char **argv) {
         cudaCheck(cudaDeviceSynchronize());
         g = dev_download_bf16(d_d, n);
         snprintf(what, sizeof(what), "v%d gelu_backward_inplace", ver);
-        err = check_bounded(what, g, ref_b, bound_b, n);
+        err = dev_check_bounded(what, g, ref_b, bound_b, n);
         free(g);
         ms = dev_time_ms(bwd);  // keeps multiplying d in place; not checked again
         dev_report("gelu_backward_inplace", ver, ms, 3.0 * n * sizeof(floatX), 18.0 * n, err);

@@ -108,6 +108,36 @@ static inline float dev_check(const char *what, const float *gpu, const float *r
     return worst;
 }
 
+// Like dev_check, with a bound per element: |gpu - ref| <= bound[i] (NaN fails); returns the
+// largest |gpu - ref|.
+static inline float dev_check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
+    float worst = 0.0f;
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++) {
+        float err = fabsf(gpu[i] - ref[i]);
+        if (!(err <= bound[i])) {
+            if (bad == 0) first = i;
+            bad++;
+        }
+        if (err > worst || err != err) worst = err;
+    }
+    if (bad) {
+        g_dev_fail++;
+        printf("FAIL %s: %zu of %zu elements outside their bound; first at %zu: gpu %.6g ref %.6g bound %.3g\n", what, bad, n, first,
+               gpu[first], ref[first], bound[first]);
+    } else {
+        g_dev_pass++;
+    }
+    return worst;
+}
+
+// |a| elementwise, a new host array (inputs of the error bounds' absolute-value references)
+static inline float *dev_fabs_copy(const float *a, size_t n) {
+    float *p = (float *)malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = fabsf(a[i]);
+    return p;
+}
+
 static inline int dev_summary(void) {
     printf("%d passed, %d failed\n", g_dev_pass, g_dev_fail);
     return g_dev_fail ? EXIT_FAILURE : EXIT_SUCCESS;

@@ -51,28 +51,6 @@ static double gelu_grad_d(double x, double *th_out) {
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_KD * (1.0 + 3.0 * 0.044715 * x * x);
 }
 
-// Like dev_check, with a bound per element: |gpu - ref| <= bound[i].
-static float check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
-    float worst = 0.0f;
-    size_t bad = 0, first = 0;
-    for (size_t i = 0; i < n; i++) {
-        float err = fabsf(gpu[i] - ref[i]);
-        if (!(err <= bound[i])) {  // NaN fails
-            if (bad == 0) first = i;
-            bad++;
-        }
-        if (err > worst || err != err) worst = err;
-    }
-    if (bad) {
-        g_dev_fail++;
-        printf("FAIL %s: %zu of %zu elements outside their bound; first at %zu: gpu %.6g ref %.6g bound %.3g\n", what, bad, n, first,
-               gpu[first], ref[first], bound[first]);
-    } else {
-        g_dev_pass++;
-    }
-    return worst;
-}
-
 // ----------------------------------------------------------------------------------------------
 // CPU reference helpers
 
@@ -271,7 +249,7 @@ int main(int argc, char **argv) {
             {
                 float *g = dev_download_bf16(d_out, NO), *gs = gather_rows(g, rows, nr, OC);
                 snprintf(what, sizeof(what), "v%d %s forward out", ver, sh->name);
-                err = check_bounded(what, gs, r_plain, e_plain, nfo);
+                err = dev_check_bounded(what, gs, r_plain, e_plain, nfo);
                 free(g); free(gs);
             }
             ms = dev_time_ms(fwd);
@@ -285,7 +263,7 @@ int main(int argc, char **argv) {
                 cudaCheck(cudaDeviceSynchronize());
                 float *g = dev_download_bf16(d_out, NO), *gs = gather_rows(g, rows, nr, OC);
                 snprintf(what, sizeof(what), "v%d %s forward out (no bias)", ver, sh->name);
-                err = check_bounded(what, gs, r_nobias, e_nobias, nfo);
+                err = dev_check_bounded(what, gs, r_nobias, e_nobias, nfo);
                 free(g); free(gs);
                 ms = dev_time_ms(fwd0);
                 snprintf(what, sizeof(what), "fwd %s no bias", sh->name);
@@ -300,12 +278,12 @@ int main(int argc, char **argv) {
                 cudaCheck(cudaDeviceSynchronize());
                 float *g = dev_download_bf16(d_preg, NO), *gs = gather_rows(g, rows, nr, OC);
                 snprintf(what, sizeof(what), "v%d %s forward pre_gelu", ver, sh->name);
-                err = check_bounded(what, gs, r_plain, e_plain, nfo);
+                err = dev_check_bounded(what, gs, r_plain, e_plain, nfo);
                 free(g); free(gs);
                 g = dev_download_bf16(d_out, NO);
                 gs = gather_rows(g, rows, nr, OC);
                 snprintf(what, sizeof(what), "v%d %s forward out = GELU(pre_gelu)", ver, sh->name);
-                err = fmaxf(err, check_bounded(what, gs, r_gelu, e_gelu, nfo));
+                err = fmaxf(err, dev_check_bounded(what, gs, r_gelu, e_gelu, nfo));
                 free(g); free(gs);
                 ms = dev_time_ms(fwdg);
                 snprintf(what, sizeof(what), "fwd %s +GELU", sh->name);
@@ -324,16 +302,16 @@ int main(int argc, char **argv) {
                 cudaCheck(cudaDeviceSynchronize());
                 float *g = dev_download_bf16(d_dinp, NC), *gs = gather_rows(g, rows, nr, C);
                 snprintf(what, sizeof(what), "v%d %s backward dinp%s", ver, sh->name, wg ? " (through GELU)" : "");
-                err = check_bounded(what, gs, wg ? r_dgelu : r_dinp, wg ? e_dgelu : e_dinp, nbi);
+                err = dev_check_bounded(what, gs, wg ? r_dgelu : r_dinp, wg ? e_dgelu : e_dinp, nbi);
                 free(g); free(gs);
                 g = dev_download_bf16(d_dw, OCC);
                 gs = gather_rows(g, ocs, noc, C);
                 snprintf(what, sizeof(what), "v%d %s backward dweight (+=)", ver, sh->name);
-                err = fmaxf(err, check_bounded(what, gs, r_dw, e_dw, nw));
+                err = fmaxf(err, dev_check_bounded(what, gs, r_dw, e_dw, nw));
                 free(g); free(gs);
                 g = dev_download_bf16(d_db, OC);
                 snprintf(what, sizeof(what), "v%d %s backward dbias (+=)", ver, sh->name);
-                err = fmaxf(err, check_bounded(what, g, r_db, e_db, OC));
+                err = fmaxf(err, dev_check_bounded(what, g, r_db, e_db, OC));
                 free(g);
                 ms = dev_time_ms(bwd);  // keeps accumulating into dw, dbias; not checked again
                 snprintf(what, sizeof(what), "bwd %s%s", sh->name, wg ? " +DGELU" : "");
