@@ -688,7 +688,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 1, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128), 0 cuBLAS + softmax (default: 1)"},
-        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS strided-batched baseline, 1 fused kernels where supported: BTT forward and backward dx (BTT-MoE: experts in one launch), Monarch forward (default: 0)"},
+        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd) (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},

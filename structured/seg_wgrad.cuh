@@ -7,8 +7,9 @@
 // batch entries b < batch: an expert's dW1[f] = Z_fᵀ dY_f is batch entry f of segment e, its
 // dW0[g] = X_gᵀ dZ_g batch entry g. A or B may be read through the grouping instead of as
 // gathered rows (grouped row w is row order[w] / K: x and dy need no gathered copy), and B's rows
-// scaled by a gate per pair (b_gate[order[w]], rounded to bf16 as a gathered gate·dy would be). Every output tile is one warp's, which runs over all of its
-// segment's rows in order: deterministic, no atomics, and an empty segment gives zeros.
+// scaled by a gate per pair (b_gate[order[w]], rounded to bf16 as a gathered gate·dy would be).
+// Every output tile is one warp's, which runs over all of its segment's rows in order:
+// deterministic, no atomics, and an empty segment gives zeros.
 // Each 16-row step goes through the warp's shared memory (rows past the segment as zeros, so a
 // step never mixes in the next segment), with the next step's 16-byte loads in flight during the
 // MMA (wmma bf16 m16n16k16, fp32 accumulation; A as a col-major fragment: Aᵀ). The first version:

@@ -21,12 +21,12 @@
 //   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
 //   each token adds its k gated expert outputs in k order. The backward with -sk 1 runs every
 //   expert's dx and dZ in one segmented launch too (dy rows read through the grouping), and every
-//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. The counts go to the host
-//   asynchronously for the cuBLAS backward's per-expert plans (waited for on an event, by then
-//   long done). The aux loss stays on the device: its statistics (in doubles, so that data-parallel
-//   ranks can sum them with one NCCL all-reduce), f̂ and the loss itself (moe_aux_stats_gpu,
-//   moe_aux_finish_gpu); the trainer reads every layer's loss once per step, with the
-//   cross-entropy. No host round trip per layer in the forward with -sk 1.
+//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. The
+//   counts go to the host asynchronously for the cuBLAS backward's per-expert plans (waited for
+//   on an event, by then long done). The aux loss stays on the device: its statistics (in
+//   doubles, so that data-parallel ranks can sum them with one NCCL all-reduce), f̂ and the loss
+//   itself (moe_aux_stats_gpu, moe_aux_finish_gpu); the trainer reads every layer's loss once per
+//   step, with the cross-entropy. So with -sk 1 a BTT-MoE layer has no host round trip.
 #pragma once
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
@@ -39,8 +39,9 @@
 #include "spec.h"
 
 // 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards
-// monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans. The plan stays the default until dev/bench/structured.sh has
-// measured the fused kernel on a GPU (neither has run yet).
+// monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans,
+// which stay the default until dev/bench/structured.sh has measured both on a GPU (neither has
+// run on one yet).
 static int g_st_fused = 0;
 
 // ----------------------------------------------------------------------------------------------
