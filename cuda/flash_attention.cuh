@@ -118,6 +118,40 @@ __device__ inline void flash_load_tile(floatX *dst, const floatX *src, size_t ro
     }
 }
 
+// The backward kernels' two shared pieces. A warp's 16 rows of two tiles (row stride LDH) into A
+// fragments, which stay in registers for the whole kernel:
+template <int D, int LDH>
+__device__ __forceinline__ void flash_warp_rows(flash_wmma::FragA *fa, flash_wmma::FragA *fb, const floatX *ta, const floatX *tb, int warp) {
+#pragma unroll
+    for (int k = 0; k < D / 16; k++) {
+        nvcuda::wmma::load_matrix_sync(fa[k], ta + warp * 16 * LDH + k * 16, LDH);
+        nvcuda::wmma::load_matrix_sync(fb[k], tb + warp * 16 * LDH + k * 16, LDH);
+    }
+}
+// and, against the NT 16-row blocks of two shared tiles X, Y, the warp's S = A·Xᵀ and dP = B·Yᵀ
+// (16 x 16·NT each, fp32) into sS and sdP (row stride LDS).
+template <int D, int NT, int LDH, int LDS>
+__device__ __forceinline__ void flash_two_products(float *sS, float *sdP, const flash_wmma::FragA *fa, const flash_wmma::FragA *fb,
+                                                   const floatX *sX, const floatX *sY) {
+    using namespace flash_wmma;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        FragC s, dp;
+        wmma::fill_fragment(s, 0.0f);
+        wmma::fill_fragment(dp, 0.0f);
+#pragma unroll
+        for (int k = 0; k < D / 16; k++) {
+            FragBCol xb, yb;
+            wmma::load_matrix_sync(xb, sX + n * 16 * LDH + k * 16, LDH);
+            wmma::mma_sync(s, fa[k], xb, s);
+            wmma::load_matrix_sync(yb, sY + n * 16 * LDH + k * 16, LDH);
+            wmma::mma_sync(dp, fb[k], yb, dp);
+        }
+        wmma::store_matrix_sync(sS + n * 16, s, LDS, wmma::mem_row_major);
+        wmma::store_matrix_sync(sdP + n * 16, dp, LDS, wmma::mem_row_major);
+    }
+}
+
 // A warp's 16 staged fp32 rows (row stride LDO) times mult, rounded to bf16, to rows t0 .. t0+15
 // (those < T) of dst (row 0 of the head, row stride row_stride).
 template <int D>
@@ -308,11 +342,7 @@ __global__ void __launch_bounds__(FT_THREADS)
     flash_load_tile<D>(sdO, qkv + ft_qkv_offset(b, 0, h, 2, T, C, D), row3, k0, T);
     __syncthreads();
     FragA kf[D / 16], vf[D / 16];
-#pragma unroll
-    for (int k = 0; k < D / 16; k++) {
-        wmma::load_matrix_sync(kf[k], sQ + warp * 16 * LDH + k * 16, LDH);
-        wmma::load_matrix_sync(vf[k], sdO + warp * 16 * LDH + k * 16, LDH);
-    }
+    flash_warp_rows<D, LDH>(kf, vf, sQ, sdO, warp);
     FragC dK[D / 16], dV[D / 16];
 #pragma unroll
     for (int n = 0; n < D / 16; n++) {
@@ -334,22 +364,7 @@ __global__ void __launch_bounds__(FT_THREADS)
         __syncthreads();
 
         // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: 16 keys x FT_BR queries each, fp32
-#pragma unroll
-        for (int n = 0; n < FT_BR / 16; n++) {
-            FragC s, dp;
-            wmma::fill_fragment(s, 0.0f);
-            wmma::fill_fragment(dp, 0.0f);
-#pragma unroll
-            for (int k = 0; k < D / 16; k++) {
-                FragBCol qb, dob;
-                wmma::load_matrix_sync(qb, sQ + n * 16 * LDH + k * 16, LDH);
-                wmma::mma_sync(s, kf[k], qb, s);
-                wmma::load_matrix_sync(dob, sdO + n * 16 * LDH + k * 16, LDH);
-                wmma::mma_sync(dp, vf[k], dob, dp);
-            }
-            wmma::store_matrix_sync(sS + n * 16, s, LDS, wmma::mem_row_major);
-            wmma::store_matrix_sync(sdP + n * 16, dp, LDS, wmma::mem_row_major);
-        }
+        flash_two_products<D, FT_BR / 16, LDH, LDS>(sS, sdP, kf, vf, sQ, sdO);
         __syncwarp();
 
         // Pᵀ and dSᵀ of key row r: query columns c0, c0+2, ...
@@ -427,11 +442,7 @@ __global__ void __launch_bounds__(FT_THREADS)
     flash_load_tile<D>(sV, dout + ft_out_offset(b, 0, h, T, C, D), (size_t)C, q0, T);
     __syncthreads();
     FragA qf[D / 16], dof[D / 16];
-#pragma unroll
-    for (int k = 0; k < D / 16; k++) {
-        wmma::load_matrix_sync(qf[k], sK + warp * 16 * LDH + k * 16, LDH);
-        wmma::load_matrix_sync(dof[k], sV + warp * 16 * LDH + k * 16, LDH);
-    }
+    flash_warp_rows<D, LDH>(qf, dof, sK, sV, warp);
     const float lse2 = qi < T ? lse[ft_lse_offset(b, h, qi, NH, T)] * FT_LOG2E : 0.0f;
     const float dd = qi < T ? Dvec[ft_lse_offset(b, h, qi, NH, T)] : 0.0f;
     FragC dQ[D / 16];
@@ -447,22 +458,7 @@ __global__ void __launch_bounds__(FT_THREADS)
         __syncthreads();
 
         // S = Q_w·Kᵀ and dP = dO_w·Vᵀ: 16 x FT_BC each, fp32
-#pragma unroll
-        for (int n = 0; n < FT_BC / 16; n++) {
-            FragC s, dp;
-            wmma::fill_fragment(s, 0.0f);
-            wmma::fill_fragment(dp, 0.0f);
-#pragma unroll
-            for (int k = 0; k < D / 16; k++) {
-                FragBCol kb, vb;
-                wmma::load_matrix_sync(kb, sK + n * 16 * LDH + k * 16, LDH);
-                wmma::mma_sync(s, qf[k], kb, s);
-                wmma::load_matrix_sync(vb, sV + n * 16 * LDH + k * 16, LDH);
-                wmma::mma_sync(dp, dof[k], vb, dp);
-            }
-            wmma::store_matrix_sync(sS + n * 16, s, LDS, wmma::mem_row_major);
-            wmma::store_matrix_sync(sdP + n * 16, dp, LDS, wmma::mem_row_major);
-        }
+        flash_two_products<D, FT_BC / 16, LDH, LDS>(sS, sdP, qf, dof, sK, sV);
         __syncwarp();
 
         // dS of query row r: key columns c0, c0+2, ...
