@@ -131,6 +131,16 @@ static inline float dev_check_bounded(const char *what, const float *gpu, const 
     return worst;
 }
 
+// GELU (tanh form, as the trainer's kernels and llm.c) and its derivative in double, the CPU
+// references of the GELU and matmul programs; th_out: the tanh, for the error bounds.
+#define DEV_GELU_K 0.7978845608028654  // sqrt(2/pi)
+static inline double dev_gelu(double x) { return 0.5 * x * (1.0 + tanh(DEV_GELU_K * (x + 0.044715 * x * x * x))); }
+static inline double dev_gelu_grad(double x, double *th_out) {
+    double th = tanh(DEV_GELU_K * (x + 0.044715 * x * x * x));
+    *th_out = th;
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * DEV_GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
 // |a| elementwise, a new host array (inputs of the error bounds' absolute-value references)
 static inline float *dev_fabs_copy(const float *a, size_t n) {
     float *p = (float *)malloc(n * sizeof(float));

@@ -42,14 +42,6 @@
 #define BF16_REL (1.01 / 256.0)
 #define TANH_APPROX_ERR (1.0 / 1024.0 + 2e-6)
 #define GELU_VARIANT 1e-3
-#define GELU_KD 0.7978845608028654  // sqrt(2/pi)
-
-static double gelu_d(double x) { return 0.5 * x * (1.0 + tanh(GELU_KD * (x + 0.044715 * x * x * x))); }
-static double gelu_grad_d(double x, double *th_out) {
-    double th = tanh(GELU_KD * (x + 0.044715 * x * x * x));
-    *th_out = th;
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_KD * (1.0 + 3.0 * 0.044715 * x * x);
-}
 
 // ----------------------------------------------------------------------------------------------
 // CPU reference helpers
@@ -161,7 +153,7 @@ int main(int argc, char **argv) {
             e_nobias[i] = (float)(ea + BF16_REL * fabs(acc));
             // out = GELU(pre): pre's own error (fallback: rounded, maybe twice) through gelu'
             // (+0.05 for its change over that interval), the GELU approximation, one rounding
-            double y = gelu_d(p), gd = gelu_grad_d(p, &th);
+            double y = dev_gelu(p), gd = dev_gelu_grad(p, &th);
             double e_pre = ea + BF16_REL * fabs(acc) + BF16_REL * fabs(p);
             double e_out = (fabs(gd) + 0.05) * e_pre + 0.5 * fabs(p) * TANH_APPROX_ERR + GELU_VARIANT;
             r_gelu[i] = (float)y;
@@ -175,8 +167,8 @@ int main(int argc, char **argv) {
             e_dinp[i] = (float)(ea + BF16_REL * fabs(acc));
             // dinp = acc * gelu'(pre): acc's error (fallback: rounded first) scaled by |gelu'|, the
             // approximation of gelu' (see gelu.cu) and the epilogue variant, times |acc|; one rounding
-            double gd = gelu_grad_d(x, &th), y = acc * gd;
-            double dgd = TANH_APPROX_ERR * (0.5 + fabs(x) * fabs(th) * GELU_KD * (1.0 + 3.0 * 0.044715 * x * x)) + GELU_VARIANT;
+            double gd = dev_gelu_grad(x, &th), y = acc * gd;
+            double dgd = TANH_APPROX_ERR * (0.5 + fabs(x) * fabs(th) * DEV_GELU_K * (1.0 + 3.0 * 0.044715 * x * x)) + GELU_VARIANT;
             double e = fabs(gd) * (ea + BF16_REL * fabs(acc)) + fabs(acc) * dgd;
             r_dgelu[i] = (float)y;
             e_dgelu[i] = (float)(e + BF16_REL * (fabs(y) + e));
