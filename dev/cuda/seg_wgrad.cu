@@ -5,6 +5,9 @@
 //   v2  seg_wgrad: one launch for every segment, the row ranges read on the device
 //   v3  seg_wgrad reading A and B through a grouping (row order[w] / K) with a gate on B, as the
 //       -sk 1 backward reads x and dy (no gathered copies)
+//   v4  a candidate, here only: v2 with each warp computing a 16 x 16·ST strip of C (ST = 3 or 2
+//       accumulators, the largest that divides Nn/16), so that every A step is loaded once per ST
+//       output tiles instead of once per tile (v2 re-reads A Nn/16 times, from L2)
 // Shapes: the GPT-2 768 -> 3072 BTT-MoE layer, 8 experts, top 2, N = 32768 tokens (65,536 grouped
 // rows, uneven segments): dW1 (M = gamma 48, Nn = eps 96, batch phi 32; A = z, B = dy) and dW0
 // (M = alpha 16, Nn = phi 32, batch gamma 48; A = x, B = dZ).
@@ -16,7 +19,62 @@
 #include "harness.cuh"
 #include "structured/structured.cuh"
 
-#define NV 3
+#define NV 4
+
+// v4: as seg_wgrad_kernel (structured/seg_wgrad.cuh) for grouped rows, with a warp per 16 x 16·STRIP
+// strip of C: the A step (16 rows x 16 columns) is loaded once for STRIP MMAs.
+template <int STRIP>
+__global__ void __launch_bounds__(32 * SW_WARPS) seg_wgrad_strip_kernel(SegWgrad p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    __shared__ __align__(128) floatX sm[SW_WARPS][256 * (1 + STRIP)];  // per warp: the A step, STRIP B steps; later fp32 staging
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tn = p.Nn / (16 * STRIP), strip = blockIdx.x * SW_WARPS + warp;
+    if (strip >= (p.M / 16) * tn) return;
+    const int b = blockIdx.y, s = blockIdx.z, m0 = (strip / tn) * 16, n0 = (strip % tn) * 16 * STRIP;
+    const int r0 = p.offsets[s], rows = p.counts[s], lr = lane / 2, lc = (lane % 2) * 8;
+    floatX *As = sm[warp], *Bs = As + 256;
+    float *stg = reinterpret_cast<float *>(As);
+    const floatX *Ab = p.A + b * p.sa + m0 + lc, *Bb = p.B + b * p.sb + n0 + lc;
+    x128 a = x128::zeros(), bv[STRIP];
+    for (int j = 0; j < STRIP; j++) bv[j] = x128::zeros();
+    if (lr < rows) {
+        a = load128(Ab + (size_t)(r0 + lr) * p.lda);
+        for (int j = 0; j < STRIP; j++) bv[j] = load128(Bb + (size_t)(r0 + lr) * p.ldb + j * 16);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[STRIP];
+    for (int j = 0; j < STRIP; j++) wmma::fill_fragment(acc[j], 0.0f);
+    for (int k = 0; k < rows; k += 16) {
+        __syncwarp();
+        store128(As + lr * 16 + lc, a);
+        for (int j = 0; j < STRIP; j++) store128(Bs + j * 256 + lr * 16 + lc, bv[j]);
+        __syncwarp();
+        const int nr = k + 16 + lr;
+        a = x128::zeros();
+        for (int j = 0; j < STRIP; j++) bv[j] = x128::zeros();
+        if (nr < rows) {
+            a = load128(Ab + (size_t)(r0 + nr) * p.lda);
+            for (int j = 0; j < STRIP; j++) bv[j] = load128(Bb + (size_t)(r0 + nr) * p.ldb + j * 16);
+        }
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;
+        wmma::load_matrix_sync(fa, As, 16);
+        for (int j = 0; j < STRIP; j++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, Bs + j * 256, 16);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+    }
+    for (int j = 0; j < STRIP; j++) {
+        __syncwarp();
+        wmma::store_matrix_sync(stg, acc[j], 16, wmma::mem_row_major);
+        __syncwarp();
+        floatX *c = p.C + s * p.c_seg + b * p.c_batch + (size_t)(m0 + lr) * p.ldc + n0 + j * 16 + lc;
+        x128 o;
+        for (int t = 0; t < 8; t++) o[t] = (floatX)stg[lr * 16 + lc + t];
+        store128(c, o);
+    }
+#endif
+}
 
 typedef struct { const char *name; int M, Nn, batch; } Shape;
 
@@ -64,12 +122,24 @@ int main(int argc, char **argv) {
 
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
+            if (ver == 4 && (Nn / 16) % 3 && (Nn / 16) % 2) {
+                printf("   v4: Nn / 16 = %d has no strip of 2 or 3 tiles\n", Nn / 16);
+                continue;
+            }
             const int ordered = ver == 3;
             SegWgrad p = {ordered ? d_As : d_A, ordered ? d_Bs : d_B, d_C, lda, ldb, Nn, M, Nn, (long long)M * Nn, (long long)nb * M * Nn,
                           M, Nn, nb, E, d_counts, d_offsets, 0, ordered ? d_order : NULL, K, ordered, ordered, ordered ? d_gate : NULL};
             floatX *buf[PB_COUNT] = {0};
             buf[PB_X] = d_A; buf[PB_DY] = d_B; buf[PB_DW0] = d_C;
             auto run = [&]() {
+                if (ver == 4) {
+                    const int st = (Nn / 16) % 3 == 0 ? 3 : 2, strips = (M / 16) * (Nn / (16 * st));
+                    const dim3 grid(ceil_div_i(strips, SW_WARPS), nb, E);
+                    if (st == 3) seg_wgrad_strip_kernel<3><<<grid, 32 * SW_WARPS>>>(p);
+                    else seg_wgrad_strip_kernel<2><<<grid, 32 * SW_WARPS>>>(p);
+                    cudaCheckLaunch();
+                    return;
+                }
                 if (ver >= 2) {
                     if (!seg_wgrad(&p)) { fprintf(stderr, "error: seg_wgrad refused the shape\n"); exit(1); }
                     return;
