@@ -470,7 +470,7 @@ int main(int argc, char **argv) {
     printf("floor = max(FLOPs / peak, bytes / bandwidth), bytes = x, y, dy, dx once + weights read and gradients written once (bf16);\n"
            "%% of floor = floor / time; vs dense = time / dense time; check = forward vs the CPU layer on the first %d rows\n\n",
            CHECK_ROWS);
-    printf("%5s %-12s %-13s %-22s %9s %10s %9s %7s %9s %8s %8s %5s\n", "d", "shape", "structure", "layout", "fwd ms", "fwd+bwd ms",
+    printf("%5s %-12s %-18s %-22s %9s %10s %9s %7s %9s %8s %8s %5s\n", "d", "shape", "structure", "layout", "fwd ms", "fwd+bwd ms",
            "GFLOP", "FLOP/d", "floor ms", "%floor", "vs dense", "check");
 
     int fails = 0;
@@ -490,7 +490,7 @@ int main(int argc, char **argv) {
             const int nc = make_cases(cases, r.din, r.dout);
             double dense_flops = 0.0;
             float dense_ms = 0.0f;
-            char results[8][320];
+            char results[MAX_CASES][320];  // one per case (the fused rows made 8 too few)
             int nres = 0;
             char shape[32];
             snprintf(shape, sizeof(shape), "%d->%d", r.din, r.dout);
@@ -509,7 +509,7 @@ int main(int argc, char **argv) {
                 const double floor_ms = floor_s * 1e3, pct = 100.0 * floor_ms / ms;
                 const double ratio = flops / dense_flops, vs = dense_ms > 0 ? ms / dense_ms : 0.0;
                 const char *chk = checked ? (ok ? "ok" : "FAIL") : "off";
-                printf("%5d %-12s %-13s %-22s %9.3f %10.3f %9.1f %7.3f %9.3f %7.1f%% %8.3f %5s\n", d, shape, cs->name, cs->desc, fwd_ms, ms,
+                printf("%5d %-12s %-18s %-22s %9.3f %10.3f %9.1f %7.3f %9.3f %7.1f%% %8.3f %5s\n", d, shape, cs->name, cs->desc, fwd_ms, ms,
                        flops / 1e9, ratio, floor_ms, pct, vs, chk);
                 snprintf(results[nres++], sizeof(results[0]),
                          "RESULT d=%d din=%d dout=%d struct=%s ms=%.4f fwd_ms=%.4f flops=%.6g flop_ratio=%.5f floor_ms=%.4f pct_floor=%.2f "
