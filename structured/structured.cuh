@@ -104,20 +104,21 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
     st_add_bias(y, bias, N, s->d_out);
 }
 
-// dst = `batch` blocks (cols x rows), each the transpose of a (rows x cols) block of src (btt.h).
+// dst (n elements) = blocks (cols x rows), each the transpose of a (rows x cols) block of src (btt.h).
 __global__ void block_transpose_kernel(floatX *dst, const floatX *src, size_t n, int rows, int cols) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = src[st_block_transpose_src(i, rows, cols)];
+}
+static void block_transpose_gpu(floatX *dst, const floatX *src, size_t n, int rows, int cols) {
+    block_transpose_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, n, rows, cols);
+    cudaCheckLaunch();
 }
 
 // The transposed BTT's cores (btt.h's btt_transposed_cores) for `copies` consecutive BTTs of
 // shape s (BTT-MoE's experts): W0t gets copies·|W1| elements, W1t copies·|W0|.
 static void btt_transposed_cores_gpu(floatX *W0t, floatX *W1t, const floatX *W0, const floatX *W1, const BTTShape *s, int copies) {
-    const size_t n1 = btt_w1_size(s) * copies, n0 = btt_w0_size(s) * copies;
-    block_transpose_kernel<<<ceil_div_i((long)n1, 256), 256>>>(W0t, W1, n1, s->gamma * s->rank, s->eps);
-    cudaCheckLaunch();
-    block_transpose_kernel<<<ceil_div_i((long)n0, 256), 256>>>(W1t, W0, n0, s->alpha, s->phi * s->rank);
-    cudaCheckLaunch();
+    block_transpose_gpu(W0t, W1, btt_w1_size(s) * copies, s->gamma * s->rank, s->eps);
+    block_transpose_gpu(W1t, W0, btt_w0_size(s) * copies, s->alpha, s->phi * s->rank);
 }
 
 // Scratch elements btt_backward_gpu needs for N rows: the baseline's T1 and T2, or the fused
@@ -170,11 +171,8 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
                                const MonarchShape *m, floatX *scratch) {
     if (g_st_fused && monarch_fused_supported(m, btt_fused_smem_limit())) {
         floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
-        const size_t nr = monarch_r_size(m), nl = monarch_l_size(m);
-        block_transpose_kernel<<<ceil_div_i((long)nr, 256), 256>>>(Rt, R, nr, m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
-        cudaCheckLaunch();
-        block_transpose_kernel<<<ceil_div_i((long)nl, 256), 256>>>(Lt, L, nl, m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
-        cudaCheckLaunch();
+        block_transpose_gpu(Rt, R, monarch_r_size(m), m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
+        block_transpose_gpu(Lt, L, monarch_l_size(m), m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
         if (monarch_forward_fused(y, u, x, Rt, Lt, bias, N, m, btt_fused_smem_limit())) return 1;
     }
     floatX *buf[PB_COUNT] = {0};
