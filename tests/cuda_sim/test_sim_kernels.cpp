@@ -962,38 +962,60 @@ static void test_btt_fused_backward(int N, int alpha, int gamma, int phi, int ep
 
 // seg_wgrad (structured/seg_wgrad.cuh): per-segment AᵀB over row ranges read on the device,
 // against a float64 loop over the same bf16 values; segments of 0, 1, 15, 16, 17 and 40 rows
-// (empty, a partial step, exact steps, a tail), batch entries, overwrite and accumulate.
+// (empty, a partial step, exact steps, a tail), batch entries, overwrite and accumulate. With
+// K > 0 the rows are read through a random grouping (BTT-MoE's fused backward): A and B are x- and
+// dy-like buffers of rows / K + 1 rows, grouped row w is row order[w] / K, and B is scaled by a
+// gate per pair and rounded to bf16.
 struct SegCase {
-    std::vector<int> counts, offsets;
-    int rows, M, Nn, batch, lda, ldb, ldc;
-    Vec A, B, C0;
+    std::vector<int> counts, offsets, order;
+    int rows, M, Nn, batch, lda, ldb, ldc, K;
+    Vec A, B, C0, gate;
+    int row(int w) const { return K ? order[w] / K : w; }  // the A and B row of grouped row w
+    float b(int w, size_t col) const {
+        const float v = B[(size_t)row(w) * ldb + col];
+        return K ? bfr(gate[order[w]] * v) : v;
+    }
 };
-static SegCase seg_case(int M, int Nn, int batch) {
+static SegCase seg_case(int M, int Nn, int batch, int K = 0) {
     SegCase c;
     c.counts = {17, 0, 40, 1, 16, 15};
     c.rows = 0;
     for (int n : c.counts) { c.offsets.push_back(c.rows); c.rows += n; }
-    c.M = M; c.Nn = Nn; c.batch = batch;
+    c.M = M; c.Nn = Nn; c.batch = batch; c.K = K;
     c.lda = batch * M + 8; c.ldb = batch * Nn + 16; c.ldc = Nn + 8;  // row padding: strides are not the widths
-    c.A = rand_bf16((size_t)c.rows * c.lda, 1.0f);
-    c.B = rand_bf16((size_t)c.rows * c.ldb, 1.0f);
+    const int src_rows = K ? c.rows / K + 1 : c.rows;
+    c.A = rand_bf16((size_t)src_rows * c.lda, 1.0f);
+    c.B = rand_bf16((size_t)src_rows * c.ldb, 1.0f);
     c.C0 = rand_bf16(c.counts.size() * (size_t)batch * M * c.ldc, 1.0f);
+    if (K) {
+        c.order.resize(c.rows);
+        for (int w = 0; w < c.rows; w++) c.order[w] = w;
+        for (int w = c.rows - 1; w > 0; w--) std::swap(c.order[w], c.order[(int)(urand() * (w + 1))]);  // a random grouping
+        c.gate = rand_bf16(c.rows, 0.5f, 0.5f);
+    }
     return c;
+}
+template <class T>
+static T *seg_upload(Dev &d, const std::vector<T> &v) {
+    T *p = d.add(dev_alloc<T>(v.size()));
+    cudaCheck(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return p;
 }
 static std::vector<uint16_t> seg_run(const SegCase &c, int accumulate, Vec *out) {
     Dev d;
     floatX *A_d = d.add(up_bf16(c.A)), *B_d = d.add(up_bf16(c.B)), *C_d = d.add(up_bf16(c.C0));
-    int *cnt_d = d.add(dev_alloc<int>(c.counts.size())), *off_d = d.add(dev_alloc<int>(c.offsets.size()));
-    cudaCheck(cudaMemcpy(cnt_d, c.counts.data(), c.counts.size() * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(off_d, c.offsets.data(), c.offsets.size() * sizeof(int), cudaMemcpyHostToDevice));
+    int *cnt_d = seg_upload(d, c.counts), *off_d = seg_upload(d, c.offsets), *ord_d = c.K ? seg_upload(d, c.order) : NULL;
+    float *g_d = c.K ? seg_upload(d, c.gate) : NULL;
     SegWgrad p = {A_d, B_d, C_d, c.lda, c.ldb, c.ldc, c.M, c.Nn, (long long)c.M * c.ldc, (long long)c.batch * c.M * c.ldc,
-                  c.M, c.Nn, c.batch, (int)c.counts.size(), cnt_d, off_d, accumulate};
-    check_true(seg_wgrad(&p), nm("seg_wgrad M=%d Nn=%d batch %d: launched", c.M, c.Nn, c.batch), "not supported");
+                  c.M, c.Nn, c.batch, (int)c.counts.size(), cnt_d, off_d, accumulate, ord_d, c.K, c.K > 0, c.K > 0, g_d};
+    check_true(seg_wgrad(&p), nm("seg_wgrad M=%d Nn=%d batch %d K %d: launched", c.M, c.Nn, c.batch, c.K), "not supported");
     if (out) *out = down_bf16(C_d, c.C0.size());
     return down_bits(C_d, c.C0.size());
 }
-static void test_seg_wgrad(int M, int Nn, int batch) {
-    SegCase c = seg_case(M, Nn, batch);
+static void test_seg_wgrad(int M, int Nn, int batch, int K = 0) {
+    SegCase c = seg_case(M, Nn, batch, K);
+    char grouping[64] = "";
+    if (K) snprintf(grouping, sizeof(grouping), ", through a grouping (K %d) with a gate on B", K);
     for (int accumulate = 0; accumulate < 2; accumulate++) {
         Vec got, want = c.C0;
         seg_run(c, accumulate, &got);
@@ -1002,51 +1024,15 @@ static void test_seg_wgrad(int M, int Nn, int batch) {
                 for (int m = 0; m < M; m++)
                     for (int n = 0; n < Nn; n++) {
                         double acc = 0.0;
-                        for (int r = c.offsets[s]; r < c.offsets[s] + c.counts[s]; r++)
-                            acc += (double)c.A[(size_t)r * c.lda + b * M + m] * c.B[(size_t)r * c.ldb + b * Nn + n];
-                        float &w = want[((s * batch + b) * M + m) * (size_t)c.ldc + n];
-                        w = bfr((float)acc + (accumulate ? w : 0.0f));
+                        for (int w = c.offsets[s]; w < c.offsets[s] + c.counts[s]; w++)
+                            acc += (double)c.A[(size_t)c.row(w) * c.lda + b * M + m] * c.b(w, (size_t)b * Nn + n);
+                        float &wv = want[((s * batch + b) * M + m) * (size_t)c.ldc + n];
+                        wv = bfr((float)acc + (accumulate ? wv : 0.0f));
                     }
         // outside the M x Nn tiles (the ldc padding) nothing may change
         check_close(got.data(), want.data(), want.size(), 1e-3f, 8e-3f,  // fp32 sums, one bf16 rounding: 2^-8 relative
-                    nm("seg_wgrad M=%d Nn=%d batch %d, 6 segments (0..40 rows)%s", M, Nn, batch, accumulate ? ", accumulated" : ""));
+                    nm("seg_wgrad M=%d Nn=%d batch %d, 6 segments (0..40 rows)%s%s", M, Nn, batch, grouping, accumulate ? ", accumulated" : ""));
     }
-}
-
-// The same through the grouping (BTT-MoE's fused backward): A and B rows order[w] / K of x- and
-// dy-like buffers of N = rows / K + 1 rows, B scaled by a gate per pair and rounded to bf16.
-static void test_seg_wgrad_ordered(int M, int Nn, int batch, int K) {
-    SegCase c = seg_case(M, Nn, batch);
-    const int NK = c.rows, Nsrc = NK / K + 1;
-    std::vector<int> order(NK);
-    for (int w = 0; w < NK; w++) order[w] = w;
-    for (int w = NK - 1; w > 0; w--) std::swap(order[w], order[(int)(urand() * (w + 1))]);  // a random grouping
-    Vec Asrc = rand_bf16((size_t)Nsrc * c.lda, 1.0f), Bsrc = rand_bf16((size_t)Nsrc * c.ldb, 1.0f), gate = rand_bf16(NK, 0.5f, 0.5f);
-    Dev d;
-    floatX *A_d = d.add(up_bf16(Asrc)), *B_d = d.add(up_bf16(Bsrc)), *C_d = d.add(up_bf16(c.C0));
-    int *cnt_d = d.add(dev_alloc<int>(c.counts.size())), *off_d = d.add(dev_alloc<int>(c.offsets.size())), *ord_d = d.add(dev_alloc<int>(NK));
-    float *g_d = d.add(dev_alloc<float>(NK));
-    cudaCheck(cudaMemcpy(cnt_d, c.counts.data(), c.counts.size() * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(off_d, c.offsets.data(), c.offsets.size() * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(ord_d, order.data(), NK * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(g_d, gate.data(), NK * sizeof(float), cudaMemcpyHostToDevice));
-    SegWgrad p = {A_d, B_d, C_d, c.lda, c.ldb, c.ldc, c.M, c.Nn, (long long)c.M * c.ldc, (long long)c.batch * c.M * c.ldc,
-                  c.M, c.Nn, c.batch, (int)c.counts.size(), cnt_d, off_d, 0, ord_d, K, 1, 1, g_d};
-    check_true(seg_wgrad(&p), nm("seg_wgrad through the grouping M=%d Nn=%d: launched", M, Nn), "not supported");
-    Vec got = down_bf16(C_d, c.C0.size()), want = c.C0;
-    for (size_t sg = 0; sg < c.counts.size(); sg++)
-        for (int b = 0; b < batch; b++)
-            for (int m = 0; m < M; m++)
-                for (int n = 0; n < Nn; n++) {
-                    double acc = 0.0;
-                    for (int w = c.offsets[sg]; w < c.offsets[sg] + c.counts[sg]; w++) {
-                        const int row = order[w] / K;
-                        acc += (double)Asrc[(size_t)row * c.lda + b * M + m] * bfr(gate[order[w]] * Bsrc[(size_t)row * c.ldb + b * Nn + n]);
-                    }
-                    want[((sg * batch + b) * M + m) * (size_t)c.ldc + n] = bfr((float)acc);
-                }
-    check_close(got.data(), want.data(), want.size(), 1e-3f, 8e-3f,
-                nm("seg_wgrad through the grouping (K %d) with a gate on B, M=%d Nn=%d batch %d", K, M, Nn, batch));
 }
 
 // ================================================================================================
@@ -1486,8 +1472,8 @@ int main(int argc, char **argv) {
         test_seg_wgrad(16, 16, 1);
         test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
         test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry
-        test_seg_wgrad_ordered(32, 16, 2, 2);
-        test_seg_wgrad_ordered(16, 48, 3, 3);
+        test_seg_wgrad(32, 16, 2, 2);  // through a grouping, K = 2 and 3
+        test_seg_wgrad(16, 48, 3, 3);
         test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
         test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1
