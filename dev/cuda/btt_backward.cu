@@ -29,7 +29,7 @@ typedef struct { int d_in, d_out, rank; } Case;
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int v = argc > 1 && strcmp(argv[1], "0") == 0 ? 0 : dev_version_arg(argc, argv, NV);
+    const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, Nc = N < 1024 ? N : 1024;
     if (N < 16 || N % 8) { fprintf(stderr, "error: N = %s: use a multiple of 8, at least 16\n", argc > 2 ? argv[2] : "?"); return 1; }
     const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}};

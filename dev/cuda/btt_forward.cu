@@ -47,26 +47,6 @@ static float *gather_rows(const float *full, const int *rows, int nr, size_t col
     for (int s = 0; s < nr; s++) memcpy(g + (size_t)s * cols, full + (size_t)rows[s] * cols, cols * sizeof(float));
     return g;
 }
-// rows[0..nr) of a device bf16 (.., cols) matrix -> host fp32 (nr, cols)
-static float *download_rows(const floatX *d, const int *rows, int nr, size_t cols) {
-    uint16_t *t = (uint16_t *)malloc((size_t)nr * cols * sizeof(uint16_t));
-    for (int s = 0; s < nr; s++)
-        cudaCheck(cudaMemcpy(t + (size_t)s * cols, d + (size_t)rows[s] * cols, cols * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    float *h = (float *)malloc((size_t)nr * cols * sizeof(float));
-    for (size_t i = 0; i < (size_t)nr * cols; i++) h[i] = dev_bf2f(t[i]);
-    free(t);
-    return h;
-}
-// 1 when rows [r0, r1) of a device bf16 (.., cols) matrix still hold the 0xFFFF fill
-static int rows_untouched(const floatX *d, int r0, int r1, size_t cols) {
-    size_t n = (size_t)(r1 - r0) * cols;
-    uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
-    cudaCheck(cudaMemcpy(t, d + (size_t)r0 * cols, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    int ok = 1;
-    for (size_t i = 0; i < n; i++) ok &= t[i] == 0xFFFFu;
-    free(t);
-    return ok;
-}
 
 // the rows of `rows` below n
 static int rows_below(const int *rows, int nr, int n) {
@@ -180,7 +160,7 @@ int main(int argc, char **argv) {
             run(d_z, N);
             cudaCheck(cudaDeviceSynchronize());
             {
-                float *gy = download_rows(d_y, rows, nr, dout), *gz = download_rows(d_z, rows, nr, zrow);
+                float *gy = dev_download_rows(d_y, rows, nr, dout), *gz = dev_download_rows(d_z, rows, nr, zrow);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
                 err = dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z", ver, din, dout, s.rank);
@@ -199,7 +179,7 @@ int main(int argc, char **argv) {
             run(NULL, N);
             cudaCheck(cudaDeviceSynchronize());
             {
-                float *gy = download_rows(d_y, rows, nr, dout);
+                float *gy = dev_download_rows(d_y, rows, nr, dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y (z not saved)", ver, din, dout, s.rank);
                 err = dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
                 free(gy);
@@ -216,17 +196,17 @@ int main(int argc, char **argv) {
             cudaCheck(cudaDeviceSynchronize());
             {
                 int nt = rows_below(rows, nr, Nt);
-                float *gy = download_rows(d_y, rows, nt, dout), *gz = download_rows(d_z, rows, nt, zrow);
+                float *gy = dev_download_rows(d_y, rows, nt, dout), *gz = dev_download_rows(d_z, rows, nt, zrow);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y at N %d", ver, din, dout, s.rank, Nt);
                 dev_check_bounded(what, gy, y_ref, e_y, (size_t)nt * dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z at N %d", ver, din, dout, s.rank, Nt);
                 dev_check_bounded(what, gz, z_ref, e_z, (size_t)nt * zrow);
                 free(gy); free(gz);
-                float *gyl = download_rows(d_y, &last, 1, dout);
+                float *gyl = dev_download_rows(d_y, &last, 1, dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d y row %d (the last of N %d)", ver, din, dout, s.rank, last, Nt);
                 dev_check_bounded(what, gyl, yl_ref, e_yl, dout);
                 free(gyl);
-                int untouched = rows_untouched(d_y, Nt, N, dout) && rows_untouched(d_z, Nt, N, zrow);
+                int untouched = dev_rows_untouched(d_y, Nt, N, dout) && dev_rows_untouched(d_z, Nt, N, zrow);
                 if (untouched) g_dev_pass++;
                 else { g_dev_fail++; printf("FAIL v%d %d->%d r%d: rows >= N %d of y or z were written\n", ver, din, dout, s.rank, Nt); }
             }

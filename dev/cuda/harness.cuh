@@ -76,6 +76,26 @@ static inline float *dev_download_bf16(const floatX *d, size_t n) {
     free(t);
     return h;
 }
+// rows[0..nr) of a device bf16 (.., cols) matrix -> new host fp32 (nr, cols)
+static inline float *dev_download_rows(const floatX *d, const int *rows, int nr, size_t cols) {
+    uint16_t *t = (uint16_t *)malloc((size_t)nr * cols * sizeof(uint16_t));
+    for (int s = 0; s < nr; s++)
+        cudaCheck(cudaMemcpy(t + (size_t)s * cols, d + (size_t)rows[s] * cols, cols * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    float *h = (float *)malloc((size_t)nr * cols * sizeof(float));
+    for (size_t i = 0; i < (size_t)nr * cols; i++) h[i] = dev_bf2f(t[i]);
+    free(t);
+    return h;
+}
+// 1 when rows [r0, r1) of a device bf16 (.., cols) matrix still hold the 0xFFFF (NaN) fill
+static inline int dev_rows_untouched(const floatX *d, int r0, int r1, size_t cols) {
+    size_t n = (size_t)(r1 - r0) * cols;
+    uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
+    cudaCheck(cudaMemcpy(t, d + (size_t)r0 * cols, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= t[i] == 0xFFFFu;
+    free(t);
+    return ok;
+}
 static inline float *dev_download_f32(const float *d, size_t n) {
     float *h = (float *)malloc(n * sizeof(float));
     cudaCheck(cudaMemcpy(h, d, n * sizeof(float), cudaMemcpyDeviceToHost));
@@ -193,12 +213,13 @@ static inline void dev_report(const char *name, int version, float ms, double by
            flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3), max_err);
 }
 
-// Parses the optional version argument: 0 means all versions.
+// Parses the optional version argument: none or "0" means all versions (a program that takes
+// more arguments after it needs the "0").
 static inline int dev_version_arg(int argc, char **argv, int n_versions) {
-    if (argc < 2) return 0;
+    if (argc < 2 || strcmp(argv[1], "0") == 0) return 0;
     int v = atoi(argv[1]);
     if (v < 1 || v > n_versions) {
-        fprintf(stderr, "error: version '%s' is not one of 1..%d\n", argv[1], n_versions);
+        fprintf(stderr, "error: version '%s' is not one of 0 (all), 1..%d\n", argv[1], n_versions);
         exit(EXIT_FAILURE);
     }
     return v;

@@ -32,20 +32,9 @@
 
 typedef struct { int d_in, d_out, nb; } Case;
 
-// rows[0..nr) of a device bf16 (.., cols) matrix -> host fp32 (nr, cols)
-static float *download_rows(const floatX *d, const int *rows, int nr, size_t cols) {
-    float *h = (float *)malloc((size_t)nr * cols * sizeof(float));
-    for (int s = 0; s < nr; s++) {
-        float *r = dev_download_bf16(d + (size_t)rows[s] * cols, cols);
-        memcpy(h + (size_t)s * cols, r, cols * sizeof(float));
-        free(r);
-    }
-    return h;
-}
-
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int v = argc > 1 && strcmp(argv[1], "0") == 0 ? 0 : dev_version_arg(argc, argv, NV);  // 0: all versions
+    const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, stride = 41, tail = 13;
     if (N < 64 || N % 8) { fprintf(stderr, "error: N = %s: use a multiple of 8, at least 64\n", argc > 2 ? argv[2] : "?"); return 1; }
     const Case cases[] = {{768, 3072, 4}, {768, 3072, 24}, {1024, 4096, 4}, {1024, 4096, 32}, {3072, 768, 4}};
@@ -112,7 +101,7 @@ int main(int argc, char **argv) {
             run(N);
             cudaCheck(cudaDeviceSynchronize());
             if (ran != (ver == 2)) { g_dev_fail++; printf("FAIL v%d: monarch_forward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
-            float *gy = download_rows(d_y, rows, nr, dout), *gu = download_rows(d_u, rows, nr, urow);
+            float *gy = dev_download_rows(d_y, rows, nr, dout), *gu = dev_download_rows(d_u, rows, nr, urow);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d y", ver, din, dout, m.nb);
             float ey = dev_check_bounded(what, gy, y_ref, ver == 2 ? e_yf : e_yb, (size_t)nr * dout);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d saved u", ver, din, dout, m.nb);
@@ -127,18 +116,13 @@ int main(int argc, char **argv) {
             run(Nt);
             cudaCheck(cudaDeviceSynchronize());
             int last = Nt - 1;
-            float *ly = download_rows(d_y, &last, 1, dout), *lu = download_rows(d_u, &last, 1, urow);
+            float *ly = dev_download_rows(d_y, &last, 1, dout), *lu = dev_download_rows(d_u, &last, 1, urow);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d y row %d (the last of N %d)", ver, din, dout, m.nb, last, Nt);
             dev_check_bounded(what, ly, y_ref + (size_t)nr * dout, (ver == 2 ? e_yf : e_yb) + (size_t)nr * dout, dout);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d saved u row %d", ver, din, dout, m.nb, last);
             dev_check_bounded(what, lu, u_ref + (size_t)nr * urow, e_u + (size_t)nr * urow, urow);
             free(ly); free(lu);
-            int past[2] = {Nt, N - 1}, untouched = 1;
-            float *py = download_rows(d_y, past, 2, dout), *pu = download_rows(d_u, past, 2, urow);
-            for (size_t i = 0; i < 2 * (size_t)dout; i++) untouched &= py[i] != py[i];  // still the NaN fill
-            for (size_t i = 0; i < 2 * urow; i++) untouched &= pu[i] != pu[i];
-            free(py); free(pu);
-            if (untouched) g_dev_pass++;
+            if (dev_rows_untouched(d_y, Nt, N, dout) && dev_rows_untouched(d_u, Nt, N, urow)) g_dev_pass++;
             else { g_dev_fail++; printf("FAIL v%d %d->%d nb %d: rows >= N %d of y or u were written\n", ver, din, dout, m.nb, Nt); }
         }
         g_st_fused = 0;

@@ -80,7 +80,7 @@ typedef struct { const char *name; int M, Nn, batch; } Shape;
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int v = argc > 1 && strcmp(argv[1], "0") == 0 ? 0 : dev_version_arg(argc, argv, NV);
+    const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, K = 2, E = 8, NK = N * K;
     if (N < 16) { fprintf(stderr, "error: tokens = %s: use at least 16\n", argc > 2 ? argv[2] : "?"); return 1; }
     const Shape shapes[] = {{"dW1 768->3072 experts", 48, 96, 32}, {"dW0 768->3072 experts", 16, 32, 48}};
