@@ -27,12 +27,13 @@
 // kernel's), stage-1 A tiles shared between the warps of a block.
 #pragma once
 #include <mma.h>
+#include "../common/btt_tiles.h"
 #include "../cuda/common.cuh"
 #include "monarch.h"
 
 #define MF_WARPS 8
 #define MF_THREADS (32 * MF_WARPS)
-#define MF_STG_LD 20
+#define MF_STG_LD BT_STG_LD  // the per-warp fp32 staging tiles and padded row strides are btt_tiles.h's
 
 typedef struct {
     int nb, p, q, s, din, dout, urow;
@@ -41,9 +42,6 @@ typedef struct {
     int off_u, off_y, off_a, off_stg;  // dynamic shared memory layout (bytes)
     int smem_bytes;
 } MfGeom;
-
-static inline int mf_pad_ld(int cols) { return (cols + 63) / 64 * 64 + 8; }  // as btt_tiles.h: 16 bytes apart mod 128
-static inline int mf_align(int b) { return (b + 127) / 128 * 128; }
 
 // Fills *g for tile rows tm (16 or 32); 0 when the shape or tm is not supported.
 static inline int mf_geom(MfGeom *g, const MonarchShape *m, int tm) {
@@ -54,12 +52,12 @@ static inline int mf_geom(MfGeom *g, const MonarchShape *m, int tm) {
     const int nts = m->s / 16;
     g->js = (MF_WARPS + m->nb - 1) / m->nb;
     if (g->js > nts) g->js = nts;
-    g->uld = mf_pad_ld(g->urow);
-    g->yld = mf_pad_ld(g->js * 16 * m->nb);
+    g->uld = bt_pad_ld(g->urow);
+    g->yld = bt_pad_ld(g->js * 16 * m->nb);
     g->off_u = 0;
-    g->off_y = mf_align(g->off_u + tm * g->uld * 2);
-    g->off_a = mf_align(g->off_y + tm * g->yld * 2);
-    g->off_stg = mf_align(g->off_a + MF_WARPS * 256 * 2);
+    g->off_y = bt_round_up(g->off_u + tm * g->uld * 2, BT_SMEM_ALIGN);
+    g->off_a = bt_round_up(g->off_y + tm * g->yld * 2, BT_SMEM_ALIGN);
+    g->off_stg = bt_round_up(g->off_a + MF_WARPS * 256 * 2, BT_SMEM_ALIGN);
     g->smem_bytes = g->off_stg + MF_WARPS * 16 * MF_STG_LD * 4;
     return 1;
 }
