@@ -1599,14 +1599,18 @@ router_init = 0.1
 
 def make_v2_fixtures(out_dir, v1_dense_tiny_ref=None, only=None):
     refs = {}
-    if only:  # one v2 fixture (development: the others stay as they are)
-        for name, text, B, T, clip, seed in V2_FIXTURES:
-            if name == only:
-                path = os.path.join(out_dir, name + ".bin")
-                refs[path] = make_v2_fixture(path, name, text, B, T, 10, v2_hp(name), seed)
-        if not refs:
-            raise SystemExit("--only %s: no such v2 fixture (%s)" % (only, ", ".join(n for n, *_ in V2_FIXTURES)))
+
+    def make_listed(fixtures):
+        for name, text, B, T, clip, seed in fixtures:
+            path = os.path.join(out_dir, name + ".bin")
+            refs[path] = make_v2_fixture(path, name, text, B, T, 10, v2_hp(name), seed)
         return refs
+
+    if only:  # one v2 fixture (development: the others stay as they are)
+        chosen = [f for f in V2_FIXTURES if f[0] == only]
+        if not chosen:
+            raise SystemExit("--only %s: no such v2 fixture (%s)" % (only, ", ".join(n for n, *_ in V2_FIXTURES)))
+        return make_listed(chosen)
     structure_self_checks()
     print("=== dense_v2: the dense_tiny model in format v2")
     cfg1 = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=500, max_seq_len=32)
@@ -1621,10 +1625,7 @@ def make_v2_fixtures(out_dir, v1_dense_tiny_ref=None, only=None):
         print("    dense_v2 vs v1 dense_tiny (same float32 weights; v1 started from unrounded float64): "
               "max|dlogits| %.1e, max|dloss| over steps %.1e" % (dl, dls))
         assert dl < 1e-5 and dls < 1e-5
-    for name, text, B, T, clip, seed in V2_FIXTURES:
-        path = os.path.join(out_dir, name + ".bin")
-        refs[path] = make_v2_fixture(path, name, text, B, T, 10, v2_hp(name), seed)
-    return refs
+    return make_listed(V2_FIXTURES)
 
 
 # grad_clip per fixture, chosen so that clipping is active on some steps and not on others and
