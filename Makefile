@@ -134,14 +134,48 @@ ifneq ($(NVCC),)
   else
     $(info NCCL: not found, train_gpt2cu runs a single process (NCCL ships with the CUDA toolkit or apt-get install libnccl-dev))
   endif
+  # cuDNN's fused attention (-fa 2): cudnn.h and libcudnn (with the CUDA toolkit here) plus the
+  # header-only cuDNN frontend: pip install --no-deps -r requirements-cudnn.txt, or a clone of
+  # github.com/NVIDIA/cudnn-frontend in ~/cudnn-frontend, or CUDNN_FRONTEND_PATH=<its include dir>.
+  # On when both are found; USE_CUDNN=0 builds without it, USE_CUDNN=1 fails when they are missing.
+  ifneq ($(USE_CUDNN),0)
+    CUDNN_FRONTEND_PATH ?= $(patsubst %/cudnn_frontend.h,%,$(firstword $(wildcard $(HOME)/cudnn-frontend/include/cudnn_frontend.h) \
+        $(shell python3 -c "import site, os; print(*[os.path.join(p, 'include', 'cudnn_frontend.h') for p in site.getsitepackages() + [site.getusersitepackages()]])" 2>/dev/null)))
+    CUDNN_H := $(firstword $(wildcard $(CUDA_ROOT)/include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h))
+  endif
+  ifneq ($(and $(CUDNN_H),$(wildcard $(CUDNN_FRONTEND_PATH)/cudnn_frontend.h)),)
+    CUDNN_OBJ = $(BUILD)/cudnn_attention.o
+    CUDNN_FLAGS = -DUSE_CUDNN
+    CUDNN_LIBS = -lcudnn -lnvrtc  # nvrtc: the frontend compiles some of its engines at run time
+    $(info cuDNN: $(CUDNN_H), frontend $(CUDNN_FRONTEND_PATH) (-fa 2 in train_gpt2cu))
+  else ifeq ($(USE_CUDNN),1)
+    $(error USE_CUDNN=1: cudnn.h ($(or $(CUDNN_H),not found)) and cudnn_frontend.h (not found in '$(CUDNN_FRONTEND_PATH)') are both needed; see requirements-cudnn.txt)
+  else
+    $(info cuDNN: $(if $(filter 0,$(USE_CUDNN)),off (USE_CUDNN=0),frontend headers not found (pip install --no-deps -r requirements-cudnn.txt)): -fa 2 not built)
+  endif
+  # which way the binaries were built: switching USE_CUDNN (or installing the frontend) rebuilds them
+  CUDNN_STAMP := $(BUILD)/cudnn_$(if $(CUDNN_OBJ),on,off).stamp
 all: train_gpt2cu test_gpt2cu dev-cuda
 .PHONY: dev-cuda
-dev-cuda:
-	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY)
-train_gpt2cu: train_gpt2.cu $(CUDA_H)
-	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $< $(NVCC_LDLIBS) $(TRAIN_CU_LIBS) -o $@
-test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h tests/fixture.h
-	$(NVCC) $(NVCC_FLAGS) $< $(NVCC_LDLIBS) -o $@
+dev-cuda: $(CUDNN_OBJ) $(CUDNN_STAMP)
+	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY) CUDNN_OBJ="$(abspath $(CUDNN_OBJ))" CUDNN_LIBS="$(CUDNN_LIBS)" \
+	    CUDNN_STAMP="$(abspath $(CUDNN_STAMP))"
+$(BUILD)/cudnn_%.stamp: | $(BUILD)
+	rm -f $(BUILD)/cudnn_*.stamp
+	touch $@
+# the frontend's headers take a minute to compile: once, into an object both programs link
+$(BUILD)/cudnn_attention.o: cuda/cudnn_attention.cpp cuda/cudnn_attention.h | $(BUILD)
+	$(NVCC) -O2 -std=c++17 -I. -isystem $(CUDNN_FRONTEND_PATH) -DCUDNN_FRONTEND_SKIP_JSON_LIB -Xcompiler -Wall,-Wextra -c $< -o $@
+train_gpt2cu: train_gpt2.cu $(CUDA_H) $(CUDNN_OBJ) $(CUDNN_STAMP)
+	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $(CUDNN_FLAGS) $< $(CUDNN_OBJ) $(NVCC_LDLIBS) $(CUDNN_LIBS) $(TRAIN_CU_LIBS) -o $@
+test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h tests/fixture.h $(CUDNN_OBJ) $(CUDNN_STAMP)
+	$(NVCC) $(NVCC_FLAGS) $(CUDNN_FLAGS) $< $(CUDNN_OBJ) $(NVCC_LDLIBS) $(CUDNN_LIBS) -o $@
+ifneq ($(CUDNN_OBJ),)
+# the cuDNN graphs' layouts and the frontend's validation, on the CPU (tests/run_all.sh)
+$(BUILD)/test_cudnn_graph: tests/test_cudnn_graph.cpp cuda/cudnn_attention.h tests/check.h $(CUDNN_OBJ) | $(BUILD)
+	$(NVCC) -O2 -std=c++17 -I. $< $(CUDNN_OBJ) $(CUDNN_LIBS) -o $@
+test: $(BUILD)/test_cudnn_graph
+endif
 else
   $(info nvcc: not found, skipping the GPU trainer (train_gpt2cu, test_gpt2cu))
 endif
@@ -152,6 +186,6 @@ include tests/cuda_sim/sim.mk
 bench-gpu:
 	bash dev/bench/gpu.sh
 clean-gpu:
-	rm -f train_gpt2cu test_gpt2cu
+	rm -f train_gpt2cu test_gpt2cu $(BUILD)/cudnn_attention.o
 	$(MAKE) -C dev/cuda clean
 clean: clean-gpu

@@ -1,8 +1,9 @@
 // test_gpt2.cu: test mode on the GPU: the bf16 trainer against every PyTorch fixture in
 // dev/fixtures, dense and structured (logits, loss and BTT-MoE aux loss, every gradient, 10 AdamW
 // steps: losses, gradient norms, final weights), in four recompute / GELU-fusion / attention
-// settings and, for the structured fixtures, once more with the fused structured kernels (-sk 1;
-// dev/fixtures/fused.bin has the shapes they take);
+// settings, once more on cuDNN's attention (-fa 2) in a build with cuDNN, and, for the structured
+// fixtures, once more with the fused structured kernels (-sk 1; dev/fixtures/fused.bin has the
+// shapes they take);
 // determinism (two runs, and a run saved and resumed at step 5, give bit-identical losses and
 // weights); each structure's GPU layer against the CPU layer at GPT-2 sizes on random inputs;
 // and llm.c's GPT-2 124M debug state when gpt2_124M.bin and gpt2_124M_debug_state.bin are in the
@@ -135,8 +136,9 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
-// flash: our flash attention where the head size allows (dense_small's 8 does not: it always
-// checks the cuBLAS path), else cuBLAS + softmax.
+// flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
+// checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
+// cuDNN cannot run the shape: the other modes cover its fallback).
 static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full, int fused) {
     Fixture f;
     GPT2 m;
@@ -148,6 +150,11 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s]", base_name(path), recompute, gelu_fusion, flash, fused ? " -sk 1" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
+    if (flash == 2 && !m.cudnn) {
+        printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
+        fixture_run_free(&m, &f);
+        return;
+    }
     gpt2_set_params(&m, f.params);
     int BT = f.B * f.T;
     if (f.n_routed > 0) {
@@ -210,6 +217,14 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
         check_mean_abs(final1 + p->offset, f.final_params + p->offset, p->numel, step, name);
     }
 
+#ifdef USE_CUDNN
+    if (m.cudnn && !cudnn_attention_deterministic()) {  // ensure() printed which shape and why
+        printf("# determinism checks skipped: this cuDNN has no deterministic attention backward here\n");
+        free(losses); free(norms); free(final1);
+        fixture_run_free(&m, &f);
+        return;
+    }
+#endif
     // determinism 1: the same run again
     float *losses2 = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms2 = (float *)mallocCheck(f.n_steps * sizeof(float));
     gpt2_set_params(&m, f.params);
@@ -455,12 +470,16 @@ static void check_structures_vs_cpu(void) {
 
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
 // attention path, then without recompute or fusion, then with LayerNorm recompute and
-// forward-only fusion; a structured one a fifth way, the defaults with every check and -sk 1.
+// forward-only fusion; with cuDNN, the defaults with every check on -fa 2; a structured one once
+// more, the defaults with every check and -sk 1.
 static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 0, 1, 0);
     run_fixture(path, 0, 0, 1, 0, 0);
     run_fixture(path, 2, 1, 0, 0, 0);
+#ifdef USE_CUDNN
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 2, 1, 0);
+#endif
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
     g_st_fused = 0;
 }

@@ -31,6 +31,9 @@
 #include "cuda/reduce.cuh"
 #include "cuda/flash_attention.cuh"
 #include "cuda/multigpu.cuh"
+#ifdef USE_CUDNN
+#include "cuda/cudnn_attention.h"
+#endif
 #include "structured/structured.cuh"
 
 // ----------------------------------------------------------------------------------------------
@@ -92,9 +95,10 @@ typedef struct {
     int n_routed;
     float *d_aux;                      // (aux_slots) each routed layer's aux loss, on the device; acts.losses follows
     int aux_slots, aux_next;           // n_routed rounded up to 4 (16-byte aligned losses); the next layer's slot
-    // attention: flash (our kernel, cuda/flash_attention.cuh) or cuBLAS + softmax (cuda/attention.cuh)
-    int flash;
-    float *lse;                        // flash: (L, B, NH, T) logsumexp per query row
+    // attention: flash (our kernel, cuda/flash_attention.cuh), cuDNN's (cuda/cudnn_attention.h,
+    // -fa 2) or cuBLAS + softmax (cuda/attention.cuh); see attention_forward_any
+    int flash, cudnn;
+    float *lse;                        // flash or cuDNN: (L, B, NH, T) logsumexp per query row
     float *flash_scratch;              // flash backward: (B, NH, T)
     // data parallel: ranks, ZeRO-1 slice (params, grads and master hold zero.padded elements;
     // m and v zero.shard), and whether BTT-MoE layers sum their routing statistics over ranks
@@ -235,7 +239,33 @@ static void gpt2_build(GPT2 *m, const char *spec) {
 static size_t gpt2_padded_len(const GPT2 *m) { return m->zero.padded > m->num_params ? m->zero.padded : m->num_params; }
 static size_t gpt2_moments_len(const GPT2 *m) { return m->zero.stage ? m->zero.shard : m->num_params; }
 
-// flash: our flash-attention kernel where it supports the head size, else the cuBLAS path.
+#ifdef USE_CUDNN
+// Whether cuDNN's attention runs at this (B, T): -fa 2 prepares the training shape at allocation,
+// and sampling's growing T takes our flash kernel where it applies, so that cuDNN does not build
+// (and compile) a graph per sampled token. A cuDNN-only head size builds one per shape.
+static int attention_on_cudnn(const GPT2 *m, int B, int T) { return m->cudnn && (!m->flash || (B == m->max_B && T == m->max_T)); }
+#endif
+
+// -fa 2: 1 when cuDNN takes attention at (B, T); else a note says why (or, in a build without
+// cuDNN, an error says how to get it)
+static int gpt2_try_cudnn(const GPT2 *m, int B, int T) {
+#ifdef USE_CUDNN
+    const GPT2Config *c = &m->config;
+    char why[512];
+    if (cudnn_attention_prepare(B, T, c->num_heads, c->channels / c->num_heads, why, sizeof(why))) return 1;
+    printf("note: -fa 2: cuDNN cannot run attention at B=%d T=%d NH=%d HS=%d (%s); using -fa 1\n", B, T, c->num_heads,
+           c->channels / c->num_heads, why);
+    return 0;
+#else
+    (void)m; (void)B; (void)T;
+    fatal("-fa 2 (cuDNN attention): this build has no cuDNN; rebuild with the cuDNN frontend headers (README, \"cuDNN attention\") "
+          "or use -fa 1 (our flash kernel)");
+    return 0;
+#endif
+}
+
+// flash: 1 our flash-attention kernel where it supports the head size, 2 cuDNN's where it runs the
+// shape (else as 1), else the cuBLAS path.
 static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     const GPT2Config *c = &m->config;
     if (T > c->max_seq_len) fatal("-t %d is longer than the model's max_seq_len %d; use -t <= %d", T, c->max_seq_len, c->max_seq_len);
@@ -246,6 +276,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     size_t n = m->num_params, BT = (size_t)B * T, C = (size_t)c->channels, L = (size_t)c->num_layers, NH = (size_t)c->num_heads;
     size_t Vp = (size_t)c->padded_vocab_size, att = (size_t)B * NH * T * T;
     m->flash = flash && flash_attention_supported(c->channels / c->num_heads, T);
+    m->cudnn = flash == 2 && gpt2_try_cudnn(m, B, T);
     size_t np = gpt2_padded_len(m), nm = gpt2_moments_len(m);
     if (np > n) {  // ZeRO-1: the last slice ends in padding, on the host too
         float *h = (float *)callocCheck(np, sizeof(float));
@@ -272,7 +303,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     a->ln1_mean = cudaMallocNamed(float, L * BT, "activations: ln1 mean");
     a->ln1_rstd = cudaMallocNamed(float, L * BT, "activations: ln1 rstd");
     a->qkv = cudaMallocNamed(floatX, L * BT * 3 * C, "activations: qkv (L x B x T x 3C)");
-    if (m->flash) {
+    if (m->flash || m->cudnn) {
         m->lse = cudaMallocNamed(float, L * B * NH * T, "activations: attention logsumexp (L x B x NH x T fp32)");
         m->flash_scratch = cudaMallocNamed(float, (size_t)B * NH * T, "scratch: flash-attention backward (B x NH x T)");
     } else {
@@ -300,7 +331,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     m->dbig = cudaMallocNamed(floatX, BT * 4 * C, "scratch: fc / qkv gradient (B x T x 4C)");
     m->datty = cudaMallocNamed(floatX, BT * C, "scratch: attention output gradient");
     AttnScratch *s = &m->attn;
-    if (!m->flash) {
+    if (!m->flash && !m->cudnn) {
         floatX *qkvy = cudaMallocNamed(floatX, 7 * BT * C, "scratch: attention q, k, v, y, dq, dk, dv (7 x B x T x C)");
         s->q = qkvy; s->k = qkvy + BT * C; s->v = qkvy + 2 * BT * C; s->y = qkvy + 3 * BT * C;
         s->dq = qkvy + 4 * BT * C; s->dk = qkvy + 5 * BT * C; s->dv = qkvy + 6 * BT * C;
@@ -370,6 +401,9 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
 
 static void gpt2_free(GPT2 *m) {
     cudaCheck(cudaDeviceSynchronize());
+#ifdef USE_CUDNN
+    if (m->cudnn) cudnn_attention_destroy();
+#endif
     void *dev[] = {m->params, m->grads, m->master, m->m, m->v, m->acts.encoded, m->acts.ln1, m->acts.ln1_mean, m->acts.ln1_rstd,
                    m->acts.qkv, m->acts.att, m->acts.atty, m->acts.res2, m->acts.ln2, m->acts.ln2_mean, m->acts.ln2_rstd, m->acts.fch,
                    m->acts.fch_gelu, m->acts.res3, m->acts.lnf, m->acts.lnf_mean, m->acts.lnf_rstd, m->acts.logits, m->d_aux,
@@ -422,6 +456,28 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
     }
 }
 
+// Attention of layer l: atty (B, T, C) from qkv (B, T, 3C) on the path gpt2_alloc chose.
+static void attention_forward_any(GPT2 *m, int l, floatX *atty, const floatX *qkv, int B, int T) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+    float *lse = m->lse + (size_t)l * B * NH * T;
+#ifdef USE_CUDNN
+    if (attention_on_cudnn(m, B, T)) { cudnn_attention_forward(atty, lse, qkv, B, T, NH, C / NH); return; }
+#endif
+    if (m->flash) flash_attention_forward(atty, lse, qkv, B, T, C, NH);
+    else attention_forward(atty, m->acts.att + (size_t)l * B * NH * T * T, qkv, &m->attn, B, T, C, NH);
+}
+
+// dqkv (B, T, 3C), overwritten, from datty (B, T, C) and the forward's qkv and atty.
+static void attention_backward_any(GPT2 *m, int l, floatX *dqkv, const floatX *datty, const floatX *qkv, const floatX *atty, int B, int T) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+    const float *lse = m->lse + (size_t)l * B * NH * T;
+#ifdef USE_CUDNN
+    if (attention_on_cudnn(m, B, T)) { cudnn_attention_backward(dqkv, datty, qkv, atty, lse, B, T, NH, C / NH); return; }
+#endif
+    if (m->flash) flash_attention_backward(dqkv, datty, qkv, atty, lse, m->flash_scratch, B, T, C, NH);
+    else attention_backward(dqkv, datty, qkv, m->acts.att + (size_t)l * B * NH * T * T, &m->attn, B, T, C, NH);
+}
+
 // Launches the forward over inputs (B, T). With targets, also the per-row losses; with
 // dloss != 0 the classifier also leaves dlogits (= dloss * (softmax - onehot)) in the logits
 // buffer for the backward (training: one pass over the logits instead of two).
@@ -430,7 +486,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     if (B > m->max_B || T > m->max_T) fatal("internal: batch %dx%d exceeds the allocated %dx%d", B, T, m->max_B, m->max_T);
     const GPT2Config *c = &m->config;
     const GPT2Layout *g = &m->layout;
-    int C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
+    int C = c->channels, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
@@ -459,8 +515,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
         floatX *qkv = a->qkv + (size_t)l * btc * 3, *atty = a->atty + (size_t)l * btc, *res2 = a->res2 + (size_t)l * btc;
         floatX *fch = a->fch + (size_t)l * btc * 4, *res3 = a->res3 + (size_t)l * btc;
         qkv_forward(m, l, qkv, ln1, BT);
-        if (m->flash) flash_attention_forward(atty, m->lse + (size_t)l * B * NH * T, qkv, B, T, C, NH);
-        else attention_forward(atty, a->att + (size_t)l * B * NH * T * T, qkv, &m->attn, B, T, C, NH);
+        attention_forward_any(m, l, atty, qkv, B, T);
         linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->proj, atty, BT, NULL);
         fused_residual_layernorm_forward(res2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, res, m->proj,
                                          P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
@@ -519,7 +574,7 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
     if (!m->have_targets) fatal("internal: gpt2_backward needs a forward with targets first");
     const GPT2Config *c = &m->config;
     const GPT2Layout *g = &m->layout;
-    int B = m->B, T = m->T, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
+    int B = m->B, T = m->T, C = c->channels, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
     Acts *a = &m->acts;
     floatX *P = m->params, *G = m->grads;
     size_t btc = (size_t)BT * C;
@@ -548,10 +603,7 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
                            m->colsum_scratch);
         // attention
         linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL, daux);
-        if (m->flash)  // dbig: dqkv (B, T, 3C)
-            flash_attention_backward(m->dbig, m->datty, qkv, atty, m->lse + (size_t)l * B * NH * T, m->flash_scratch, B, T, C, NH);
-        else
-            attention_backward(m->dbig, m->datty, qkv, a->att + (size_t)l * B * NH * T * T, &m->attn, B, T, C, NH);
+        attention_backward_any(m, l, m->dbig, m->datty, qkv, atty, B, T);  // dbig: dqkv (B, T, 3C)
         if (m->recompute >= 2) layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
         qkv_backward(m, l, m->dln, m->dbig, ln1, BT, daux);
         layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
@@ -670,6 +722,11 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 
 static int g_recompute = 1;  // -r, llm.c's default
 static int g_flash = 1;      // -fa
+#ifdef USE_CUDNN
+#define ATTN_CUDNN_BUILD "in this build"
+#else
+#define ATTN_CUDNN_BUILD "not in this build: needs the cuDNN frontend headers"
+#endif
 
 // The GPU trainer's own flags, taken out of argv before the shared parser sees the rest: a table
 // (flag, what it sets, range, help), as common/args.h does for the shared ones.
@@ -687,7 +744,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     const GpuFlag flags[] = {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
-        {"-fa", &g_flash, NULL, 0, 1, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128), 0 cuBLAS + softmax (default: 1)"},
+        {"-fa", &g_flash, NULL, 0, 2, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128; deterministic), "
+                                      "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 1)"},
         {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd) (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
@@ -728,7 +786,7 @@ static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_s
     m->mp = mp;
     zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
     gpt2_alloc(m, B, T, g_recompute, g_flash);
-    if (g_flash && !m->flash)
+    if (g_flash && !m->flash && !m->cudnn)
         printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
                m->config.channels / m->config.num_heads);
 }
@@ -745,10 +803,16 @@ static void trainer_banner(const GPT2 *m) {
     printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
     printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
-    printf("| attention             | %-50s |\n", m->flash ? "flash (ours: cuda/flash_attention.cuh)" : "cuBLAS batched GEMMs + causal softmax (ours)");
+    printf("| attention             | %-50s |\n", m->cudnn   ? "cuDNN fused flash attention (-fa 2)"
+                                                   : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
+                                                              : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured)
         printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT fwd+bwd dx, Monarch fwd (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
-    printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", g_gpu_bytes / 1073741824.0, "");
+    size_t bytes = g_gpu_bytes;
+#ifdef USE_CUDNN
+    bytes += cudnn_attention_workspace_bytes();  // cuDNN allocates it, not cudaMallocNamed
+#endif
+    printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", bytes / 1073741824.0, "");
 }
 
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {

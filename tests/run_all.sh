@@ -28,6 +28,11 @@ count "test_gpt2 (plain C matmuls)" ./build/test_gpt2_noblas
 for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units build/test_structured build/test_structured_noblas build/test_gpu_plan build/test_flash_tiles build/test_rendezvous build/test_btt_tiles; do
     count "$(basename "$t")" "./$t"
 done
+if [ -x build/test_cudnn_graph ]; then
+    count "cuDNN attention graphs: layouts and validation (tests/test_cudnn_graph.cpp)" ./build/test_cudnn_graph
+else
+    echo "=== cuDNN attention graphs: not built (no cuDNN frontend headers: pip install --no-deps -r requirements-cudnn.txt)"
+fi
 count "CUDA kernels on the CPU simulator (tests/cuda_sim)" ./build/cuda_sim/test_sim_kernels
 count "CUDA kernels, random thread order" env SIM_SERIAL=1 ./build/cuda_sim/test_sim_kernels sim order attention structured fused
 count "GPU trainer's main on the CPU simulator" bash tests/cuda_sim/test_sim_trainer.sh

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench/device_prep.sh: on a machine WITHOUT a GPU but with nvcc, builds everything the GPU
 # checks and benchmarks run (train_gpt2cu, test_gpt2cu, every dev/cuda program; sm_90 unless
-# GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL) and the tinyshakespeare shards,
+# GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL; without cuDNN, plus
+# train_gpt2cu_cudnn and test_gpt2cu_cudnn with -fa 2 when the cuDNN frontend is installed here:
+# they need the GPU machine's libcudnn, which the plain ones must not) and the tinyshakespeare shards,
 # into .device/tree/ (git-ignored), laid out as in the repository (.device/COMMIT and ARCH say
 # what was built). dev/bench/device_run.sh copies it
 # over the tree on the GPU machine, so that the lent minutes go to running, not compiling:
@@ -13,7 +15,21 @@ CC_GPU=${GPU_COMPUTE_CAPABILITY:-90}
 JOBS=${JOBS:-2}
 rm -rf .device
 mkdir -p .device/tree/dev/cuda .device/tree/data/tinyshakespeare
-make -B -j"$JOBS" NO_NCCL=1 GPU_COMPUTE_CAPABILITY="$CC_GPU" train_gpt2cu test_gpt2cu 2>&1 | grep -vE '^(OpenMP|CBLAS|MPI|nvcc|NCCL):' || true
+quiet() { grep -vE '^(OpenMP|CBLAS|MPI|nvcc|NCCL|cuDNN):' || true; }
+if make -B -j"$JOBS" NO_NCCL=1 USE_CUDNN=1 GPU_COMPUTE_CAPABILITY="$CC_GPU" train_gpt2cu test_gpt2cu 2>&1 | quiet; then
+    cp train_gpt2cu .device/tree/train_gpt2cu_cudnn
+    cp test_gpt2cu .device/tree/test_gpt2cu_cudnn
+else
+    echo "device_prep: no cuDNN build (pip install --no-deps -r requirements-cudnn.txt for -fa 2)"
+fi
+make -B -j"$JOBS" NO_NCCL=1 USE_CUDNN=0 GPU_COMPUTE_CAPABILITY="$CC_GPU" train_gpt2cu test_gpt2cu 2>&1 | quiet
+# the attention programs' v3 (cuDNN) as *_cudnn beside the plain ones, for the same reason
+if [ -x .device/tree/train_gpt2cu_cudnn ]; then
+    make -B -j"$JOBS" -C dev/cuda GPU_COMPUTE_CAPABILITY="$CC_GPU" CUDNN_OBJ="$PWD/build/cudnn_attention.o" CUDNN_LIBS="-lcudnn -lnvrtc" \
+        attention_forward attention_backward 2>&1 | grep -E 'error|warning' || true
+    for p in attention_forward attention_backward; do cp "dev/cuda/$p" ".device/tree/dev/cuda/${p}_cudnn"; done
+    make -B -j"$JOBS" -C dev/cuda GPU_COMPUTE_CAPABILITY="$CC_GPU" attention_forward attention_backward 2>&1 | grep -E 'error|warning' || true
+fi
 make -j"$JOBS" -C dev/cuda GPU_COMPUTE_CAPABILITY="$CC_GPU" 2>&1 | grep -E 'error|warning' || true
 cp train_gpt2cu test_gpt2cu .device/tree/
 for src in dev/cuda/*.cu; do

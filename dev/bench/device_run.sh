@@ -2,9 +2,12 @@
 # dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
 # machine, inside a time budget, most important first:
 #   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
+#   1b. test_gpt2cu_cudnn       the same with cuDNN's attention (-fa 2) added, when it was built
+#                               and this machine's libcudnn loads
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
-#   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run)
+#   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
+#                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
 #   4. dev/cuda programs        each kernel's numbered versions against its CPU check and roofline
 # Binaries come from .device/ (dev/bench/device_prep.sh, run where nvcc is; carry ".device");
 # when they cannot start there, everything is built on the spot first (minutes of the budget).
@@ -16,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
-STAGES=${STAGES:-"test structured gpu kernels"}
+STAGES=${STAGES:-"test cudnn structured gpu kernels"}
 RES=${OUT:-/tmp/device_out}
 mkdir -p "$RES" || exit 1
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
@@ -41,6 +44,11 @@ if [ -d .device/tree ]; then
     cp -a .device/tree/. . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
+# libcudnn and libnvrtc for the -fa 2 builds: the toolkit's, else those of the CUDA Python wheels
+for pkg in nvidia.cudnn nvidia.cuda_nvrtc nvidia.cu13; do
+    d=$(python3 -c "import $pkg as p, os; print(os.path.join(list(p.__path__)[0], 'lib'))" 2>/dev/null) && [ -d "$d" ] &&
+        export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$d"
+done
 loads() { [ -x "$1" ] && ! ldd "$1" 2>&1 | grep -q 'not found'; }
 if ! loads ./train_gpt2cu || ! loads ./test_gpt2cu || ! loads ./dev/cuda/structured_layers; then
     say "binaries: missing or not loadable here ($(ldd ./train_gpt2cu 2>&1 | grep -m1 'not found' | tr -s ' \t' ' ')); building"
@@ -48,6 +56,12 @@ if ! loads ./train_gpt2cu || ! loads ./test_gpt2cu || ! loads ./dev/cuda/structu
     { make -j16 NO_NCCL=1 train_gpt2cu test_gpt2cu && make -j16 -C dev/cuda; } > "$LOGS/build.log" 2>&1
     say "build:    rc $? in $(($(date +%s) - t))s (log: build.log)"
 fi
+
+if [ -x ./test_gpt2cu_cudnn ] && ! loads ./test_gpt2cu_cudnn; then
+    say "cuDNN:    the -fa 2 builds do not load here ($(ldd ./test_gpt2cu_cudnn 2>&1 | grep -m1 'not found' | tr -s ' \t' ' ')); stage cudnn skipped"
+fi
+TRAIN_BIN=./train_gpt2cu
+loads ./train_gpt2cu_cudnn && TRAIN_BIN=./train_gpt2cu_cudnn
 
 # ---- stages
 declare -A RC
@@ -69,14 +83,17 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
         "$([ "$rc" = 124 ] && echo ': stopped at its limit')")"
 }
 # every dev/cuda program, each with its default versions (a script: timeout runs programs only)
-KERNELS='rc=0; for src in dev/cuda/*.cu; do b=${src%.cu}; echo "== $b"; "./$b" || { echo "FAIL $b exited with $?"; rc=1; }; done; exit $rc'
+# (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
+KERNELS='rc=0; for src in dev/cuda/*.cu; do b=${src%.cu}; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
+  echo "== $b"; "./$b" || { echo "FAIL $b exited with $?"; rc=1; }; done; exit $rc'
 for s in $STAGES; do
     case $s in
         test) run_stage test 150 ./test_gpt2cu ;;
+        cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 120 ./test_gpt2cu_cudnn ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
-        gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
+        gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
-        *) say "stage $s: unknown (test, structured, gpu, kernels)" ;;
+        *) say "stage $s: unknown (test, cudnn, structured, gpu, kernels)" ;;
     esac
 done
 
@@ -85,6 +102,10 @@ say ""
 if [ -f "$LOGS/test.log" ]; then
     say "== test_gpt2cu: $(tail -1 "$LOGS/test.log")"
     grep -E '^FAIL' "$LOGS/test.log" | head -30 >> "$SUMMARY"
+fi
+if [ -f "$LOGS/cudnn.log" ]; then
+    say "== test_gpt2cu_cudnn (adds -fa 2): $(tail -1 "$LOGS/cudnn.log")"
+    grep -E '^(FAIL|note: -fa 2|note: cuDNN|# determinism checks skipped)' "$LOGS/cudnn.log" | sort | uniq -c | head -30 >> "$SUMMARY"
 fi
 if [ -f "$LOGS/structured.log" ]; then
     say ""

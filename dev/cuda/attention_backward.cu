@@ -1,10 +1,10 @@
-// dev/cuda/attention_backward.cu: causal attention backward (dqkv from dout), v1 cuBLAS GEMMs + softmax backward (cuda/attention.cuh), v2 our deterministic flash kernels (cuda/flash_attention.cuh); checked against a CPU reference, timed against the roofline.
+// dev/cuda/attention_backward.cu: causal attention backward (dqkv from dout), v1 cuBLAS GEMMs + softmax backward (cuda/attention.cuh), v2 our deterministic flash kernels (cuda/flash_attention.cuh), v3 cuDNN's (cuda/cudnn_attention.h, built by the top-level make with cuDNN); checked against a CPU reference, timed against the roofline.
 //
 //   ./attention_backward [version]
 //
 // Shapes: B=4, NH=12, hs=64, T=1024 (checked and timed), then small odd T (checked only): T=77 at
 // hs=64, and hs=32 / hs=128 for v2's other templates. Each version runs its own forward first
-// (v1: att; v2: out and lse), untimed.
+// (v1: att; v2, v3: out and lse), untimed.
 // Reference: the gradient of causal softmax attention in double on the bf16-rounded qkv and dout
 // (dS = P (dP - Σ_j P dP), dq = scale·dS·k, dk = scale·dSᵀ·q, dv = Pᵀ·dO). At T=1024 it covers the
 // heads with (b·NH + h) % 7 == 0 (7 of 48, every b); the small shapes check every head.
@@ -14,7 +14,8 @@
 // of the row term Σ_j P dP (v1 computes it from the bf16 probabilities, v2 from the bf16 out):
 // e_i = Σ_d |dO_id out_id| + Σ_j P_ij |dP_ij|. P and dS are rounded to bf16 before their GEMMs
 // (<= u·A) and the results to bf16 (<= u·|ref|); the check allows twice that.
-// Also checked: v2's dqkv is bit-identical across runs (the trainer's determinism test needs it).
+// Also checked: v2's dqkv is bit-identical across runs (the trainer's determinism test needs it);
+// v3's too when cuDNN gave its deterministic algorithm (else the program says so).
 // Roofline: FLOPs counted as 2.5x the causal forward, 5 GEMMs x 2·B·NH·T·T·hs / 2 (S recomputed,
 // dP, dV, dK, dQ). v2 really executes 7 (S and dP in both of its kernels, 3.5x) and v1 4 full-square
 // GEMMs (8x). Bytes: the minimum traffic, qkv, out, dout read and dqkv written (bf16) + lse read.
@@ -22,6 +23,9 @@
 #include "harness.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/flash_attention.cuh"
+#ifdef USE_CUDNN
+#include "cuda/cudnn_attention.h"
+#endif
 
 #define U_BF16 (1.0 / 256.0)
 
@@ -148,6 +152,36 @@ static float check_grads(const char *version, const float *g, const BwdRef *R, c
     return worst;
 }
 
+// A flash-like version (its own forward run first, untimed): NaN-filled dqkv, one run checked
+// against the reference, two more runs compared bit for bit when `deterministic`, then timed.
+template <class Fwd, class Bwd>
+static void check_flash_like(int v, const char *label, Fwd fwd, Bwd bwd, int deterministic, floatX *d_dqkv, const BwdRef *R,
+                             const unsigned char *use, size_t n_qkv, int B, int T, int C, int hs, int timed, double bytes, double flops) {
+    char version[8], name[96];
+    snprintf(version, sizeof version, "v%d", v);
+    fwd();
+    cudaCheck(cudaMemset(d_dqkv, 0xFF, n_qkv * sizeof(floatX)));  // NaN: every element must be written
+    bwd();
+    cudaCheck(cudaDeviceSynchronize());
+    float *g = dev_download_bf16(d_dqkv, n_qkv);
+    float err = check_grads(version, g, R, use, B, T, C, hs);
+    int same = 1;
+    for (int rep = 0; rep < 2; rep++) {
+        cudaCheck(cudaMemset(d_dqkv, 0, n_qkv * sizeof(floatX)));
+        bwd();
+        cudaCheck(cudaDeviceSynchronize());
+        float *g2 = dev_download_bf16(d_dqkv, n_qkv);
+        same &= memcmp(g, g2, n_qkv * sizeof(float)) == 0;
+        free(g2);
+    }
+    snprintf(name, sizeof name, "v%d backward bit-identical across runs (T=%d hs=%d)", v, T, hs);
+    if (!deterministic) printf("note: %s: not asked (no deterministic algorithm here); it %s\n", name, same ? "held anyway" : "did not hold");
+    else if (same) g_dev_pass++;
+    else { g_dev_fail++; printf("FAIL %s\n", name); }
+    free(g);
+    if (timed) dev_report(label, v, dev_time_ms(bwd), bytes, flops, err);
+}
+
 static void run_shape(const BwdShape *sh) {
     const int B = sh->B, T = sh->T, NH = sh->NH, hs = sh->hs, C = NH * hs;
     const size_t n_qkv = (size_t)B * T * 3 * C, n_out = (size_t)B * T * C, n_lse = (size_t)B * NH * T, n_att = (size_t)B * NH * T * T;
@@ -173,7 +207,6 @@ static void run_shape(const BwdShape *sh) {
     cudaCheck(cudaMalloc(&d_dqkv, n_qkv * sizeof(floatX)));
     const double flops = 2.5 * 2.0 * 2.0 * B * NH * (double)T * T * hs / 2.0;
     const double bytes = (double)n_qkv * 2 * 2 + (double)n_out * 2 * 2 + (double)n_lse * 4;
-    char name[96];
 
     if (g_selected == 0 || g_selected == 1) {  // v1: cuBLAS + softmax backward
         AttnScratch s;
@@ -207,41 +240,34 @@ static void run_shape(const BwdShape *sh) {
         cudaCheck(cudaFree(d_att_saved));
     }
 
+    float *d_lse, *d_scratch;
+    cudaCheck(cudaMalloc(&d_lse, n_lse * sizeof(float)));
+    cudaCheck(cudaMalloc(&d_scratch, n_lse * sizeof(float)));
     if (g_selected == 0 || g_selected == 2) {  // v2: flash
-        if (!flash_attention_supported(hs, T)) {
+        if (!flash_attention_supported(hs, T))
             printf("v2 skipped: flash_attention_supported(%d, %d) is false on this GPU\n", hs, T);
-        } else {
-            float *d_lse, *d_scratch;
-            cudaCheck(cudaMalloc(&d_lse, n_lse * sizeof(float)));
-            cudaCheck(cudaMalloc(&d_scratch, n_lse * sizeof(float)));
-            flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH);
-            cudaCheck(cudaMemset(d_dqkv, 0xFF, n_qkv * sizeof(floatX)));
-            flash_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, d_scratch, B, T, C, NH);
-            cudaCheck(cudaDeviceSynchronize());
-            float *g = dev_download_bf16(d_dqkv, n_qkv);
-            float err = check_grads("v2", g, &R, use, B, T, C, hs);
-            // determinism: two more runs, the same bits
-            int same = 1;
-            for (int rep = 0; rep < 2; rep++) {
-                cudaCheck(cudaMemset(d_dqkv, 0, n_qkv * sizeof(floatX)));
-                flash_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, d_scratch, B, T, C, NH);
-                cudaCheck(cudaDeviceSynchronize());
-                float *g2 = dev_download_bf16(d_dqkv, n_qkv);
-                same &= memcmp(g, g2, n_qkv * sizeof(float)) == 0;
-                free(g2);
-            }
-            snprintf(name, sizeof name, "v2 backward bit-identical across runs (T=%d hs=%d)", T, hs);
-            if (same) g_dev_pass++;
-            else { g_dev_fail++; printf("FAIL %s\n", name); }
-            free(g);
-            if (sh->timed) {
-                float ms = dev_time_ms([&] { flash_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, d_scratch, B, T, C, NH); });
-                dev_report("attention_backward flash", 2, ms, bytes, flops, err);
-            }
-            cudaCheck(cudaFree(d_lse));
-            cudaCheck(cudaFree(d_scratch));
-        }
+        else
+            check_flash_like(
+                2, "attention_backward flash", [&] { flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH); },
+                [&] { flash_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, d_scratch, B, T, C, NH); }, 1, d_dqkv, &R, use, n_qkv, B,
+                T, C, hs, sh->timed, bytes, flops);
     }
+    if (g_selected == 0 || g_selected == 3) {  // v3: cuDNN's fused flash attention (the trainer's -fa 2)
+#ifdef USE_CUDNN
+        char why[512];
+        if (!cudnn_attention_prepare(B, T, NH, hs, why, sizeof why))
+            printf("v3 skipped: cuDNN cannot run this shape: %s\n", why);
+        else
+            check_flash_like(
+                3, "attention_backward cuDNN", [&] { cudnn_attention_forward(d_out, d_lse, d_qkv, B, T, NH, hs); },
+                [&] { cudnn_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, B, T, NH, hs); }, cudnn_attention_deterministic(), d_dqkv,
+                &R, use, n_qkv, B, T, C, hs, sh->timed, bytes, flops);
+#else
+        if (g_selected == 3) printf("v3 skipped: built without cuDNN (build dev/cuda through the top-level make with the cuDNN frontend installed)\n");
+#endif
+    }
+    cudaCheck(cudaFree(d_lse));
+    cudaCheck(cudaFree(d_scratch));
     cudaCheck(cudaFree(d_out));
     cudaCheck(cudaFree(d_dqkv));
     cudaCheck(cudaFree(d_qkv));
@@ -255,7 +281,7 @@ static void run_shape(const BwdShape *sh) {
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    g_selected = dev_version_arg(argc, argv, 2);
+    g_selected = dev_version_arg(argc, argv, 3);
     printf("%s\n", g_gpu.prop.name);
     const BwdShape shapes[] = {{4, 1024, 12, 64, 1}, {3, 77, 4, 64, 0}, {2, 77, 3, 32, 0}, {2, 77, 2, 128, 0}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) run_shape(&shapes[i]);

@@ -1,4 +1,4 @@
-// dev/cuda/attention_forward.cu: causal attention forward, v1 cuBLAS GEMMs + causal softmax (cuda/attention.cuh), v2 our flash kernel (cuda/flash_attention.cuh); checked against a CPU reference, timed against the roofline.
+// dev/cuda/attention_forward.cu: causal attention forward, v1 cuBLAS GEMMs + causal softmax (cuda/attention.cuh), v2 our flash kernel (cuda/flash_attention.cuh), v3 cuDNN's (cuda/cudnn_attention.h, built by the top-level make with cuDNN); checked against a CPU reference, timed against the roofline.
 //
 //   ./attention_forward [version]
 //
@@ -11,12 +11,15 @@
 // A = Σ_j P_ij |v_jd|: both versions round the probabilities to bf16 before P·V (error <= u·A)
 // and the output to bf16 (<= u·|ref|); the check allows twice that. lse (v2): 1e-4 + 1e-5·|ref|
 // (fp32 sums and the GPU's exp2/log2 approximations).
-// Also checked: v2's out and lse are bit-identical across two runs.
+// Also checked: v2's and v3's out and lse are bit-identical across two runs.
 // Roofline: FLOPs are the causal ones, 2 GEMMs x 2·B·NH·T·T·hs / 2 (v1 computes the full square,
 // twice that); bytes are the minimum traffic, qkv read + out written (bf16) + lse written (fp32).
 #include "harness.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/flash_attention.cuh"
+#ifdef USE_CUDNN
+#include "cuda/cudnn_attention.h"
+#endif
 
 #define U_BF16 (1.0 / 256.0)
 
@@ -100,6 +103,45 @@ static void check_true_dev(int ok, const char *what) {
     else { g_dev_fail++; printf("FAIL %s\n", what); }
 }
 
+// lse: fp32 throughout, so a tight bound
+static void check_lse(const char *what, const float *gl, const float *ref_lse, const unsigned char *use_lse, size_t n) {
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++)
+        if (use_lse[i] && !(fabsf(gl[i] - ref_lse[i]) <= 1e-4f + 1e-5f * fabsf(ref_lse[i]))) {
+            if (bad++ == 0) first = i;
+        }
+    if (bad) printf("FAIL %s: %zu rows; first at %zu: gpu %.7g ref %.7g\n", what, bad, first, gl[first], ref_lse[first]);
+    check_true_dev(bad == 0, what);
+}
+
+// A version that writes out and lse: NaN-filled outputs, one run checked against the reference,
+// a second run bit-identical to it, then timed. Returns through dev_report.
+template <class Run>
+static void check_flash_like(int v, const char *label, Run run, floatX *d_out, float *d_lse, const float *ref, const float *A,
+                             const unsigned char *use, const float *ref_lse, const unsigned char *use_lse, size_t n_out, size_t n_lse,
+                             int T, int hs, int timed, double bytes, double flops) {
+    char name[96];
+    cudaCheck(cudaMemset(d_out, 0xFF, n_out * sizeof(floatX)));
+    cudaCheck(cudaMemset(d_lse, 0xFF, n_lse * sizeof(float)));
+    run();
+    cudaCheck(cudaDeviceSynchronize());
+    float *g = dev_download_bf16(d_out, n_out), *gl = dev_download_f32(d_lse, n_lse);
+    snprintf(name, sizeof name, "v%d out T=%d hs=%d", v, T, hs);
+    float err = check_bound(name, g, ref, A, use, n_out);
+    snprintf(name, sizeof name, "v%d lse T=%d hs=%d", v, T, hs);
+    check_lse(name, gl, ref_lse, use_lse, n_lse);
+    run();
+    cudaCheck(cudaDeviceSynchronize());
+    float *g2 = dev_download_bf16(d_out, n_out), *gl2 = dev_download_f32(d_lse, n_lse);
+    snprintf(name, sizeof name, "v%d forward bit-identical across runs (T=%d hs=%d)", v, T, hs);
+    check_true_dev(memcmp(g, g2, n_out * sizeof(float)) == 0 && memcmp(gl, gl2, n_lse * sizeof(float)) == 0, name);
+    free(g);
+    free(gl);
+    free(g2);
+    free(gl2);
+    if (timed) dev_report(label, v, dev_time_ms(run), bytes, flops, err);
+}
+
 static void run_shape(const FwdShape *sh) {
     const int B = sh->B, T = sh->T, NH = sh->NH, hs = sh->hs, C = NH * hs;
     const size_t n_qkv = (size_t)B * T * 3 * C, n_out = (size_t)B * T * C, n_lse = (size_t)B * NH * T, n_att = (size_t)B * NH * T * T;
@@ -154,39 +196,23 @@ static void run_shape(const FwdShape *sh) {
     }
 
     if (g_selected == 0 || g_selected == 2) {  // v2: flash
-        if (!flash_attention_supported(hs, T)) {
+        if (!flash_attention_supported(hs, T))
             printf("v2 skipped: flash_attention_supported(%d, %d) is false on this GPU\n", hs, T);
-        } else {
-            cudaCheck(cudaMemset(d_out, 0xFF, n_out * sizeof(floatX)));
-            cudaCheck(cudaMemset(d_lse, 0xFF, n_lse * sizeof(float)));
-            flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH);
-            cudaCheck(cudaDeviceSynchronize());
-            float *g = dev_download_bf16(d_out, n_out), *gl = dev_download_f32(d_lse, n_lse);
-            snprintf(name, sizeof name, "v2 out T=%d hs=%d", T, hs);
-            float err = check_bound(name, g, ref, A, use, n_out);
-            // lse: fp32 only
-            size_t bad = 0, first = 0;
-            for (size_t i = 0; i < n_lse; i++)
-                if (use_lse[i] && !(fabsf(gl[i] - ref_lse[i]) <= 1e-4f + 1e-5f * fabsf(ref_lse[i]))) {
-                    if (bad++ == 0) first = i;
-                }
-            if (bad) printf("FAIL v2 lse T=%d hs=%d: %zu rows; first at %zu: gpu %.7g ref %.7g\n", T, hs, bad, first, gl[first], ref_lse[first]);
-            check_true_dev(bad == 0, "v2 lse");
-            // determinism: a second run gives the same bits
-            flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH);
-            cudaCheck(cudaDeviceSynchronize());
-            float *g2 = dev_download_bf16(d_out, n_out), *gl2 = dev_download_f32(d_lse, n_lse);
-            snprintf(name, sizeof name, "v2 forward bit-identical across runs (T=%d hs=%d)", T, hs);
-            check_true_dev(memcmp(g, g2, n_out * sizeof(float)) == 0 && memcmp(gl, gl2, n_lse * sizeof(float)) == 0, name);
-            free(g);
-            free(gl);
-            free(g2);
-            free(gl2);
-            if (sh->timed) {
-                float ms = dev_time_ms([&] { flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH); });
-                dev_report("attention_forward flash", 2, ms, bytes, flops, err);
-            }
-        }
+        else
+            check_flash_like(2, "attention_forward flash", [&] { flash_attention_forward(d_out, d_lse, d_qkv, B, T, C, NH); }, d_out, d_lse, ref,
+                             A, use, ref_lse, use_lse, n_out, n_lse, T, hs, sh->timed, bytes, flops);
+    }
+    if (g_selected == 0 || g_selected == 3) {  // v3: cuDNN's fused flash attention (the trainer's -fa 2)
+#ifdef USE_CUDNN
+        char why[512];
+        if (!cudnn_attention_prepare(B, T, NH, hs, why, sizeof why))
+            printf("v3 skipped: cuDNN cannot run this shape: %s\n", why);
+        else
+            check_flash_like(3, "attention_forward cuDNN", [&] { cudnn_attention_forward(d_out, d_lse, d_qkv, B, T, NH, hs); }, d_out, d_lse, ref,
+                             A, use, ref_lse, use_lse, n_out, n_lse, T, hs, sh->timed, bytes, flops);
+#else
+        if (g_selected == 3) printf("v3 skipped: built without cuDNN (build dev/cuda through the top-level make with the cuDNN frontend installed)\n");
+#endif
     }
     cudaCheck(cudaFree(d_out));
     cudaCheck(cudaFree(d_lse));
@@ -201,7 +227,7 @@ static void run_shape(const FwdShape *sh) {
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    g_selected = dev_version_arg(argc, argv, 2);
+    g_selected = dev_version_arg(argc, argv, 3);
     printf("%s\n", g_gpu.prop.name);
     const FwdShape shapes[] = {{4, 1024, 12, 64, 1}, {3, 77, 4, 64, 0}, {2, 77, 3, 32, 0}, {2, 77, 2, 128, 0}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) run_shape(&shapes[i]);

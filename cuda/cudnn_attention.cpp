@@ -1,0 +1,301 @@
+// cuda/cudnn_attention.cpp: cuDNN's fused flash attention through the cuDNN frontend's graph API
+// (header-only C++, dev/cudnn_frontend.md says where it comes from), behind cudnn_attention.h.
+//
+// A separate translation unit: the frontend's headers take a minute to compile, so they are built
+// once into an object (Makefile: USE_CUDNN) instead of with every change to train_gpt2.cu.
+//
+// The graphs read q, k and v straight out of llm.c's (B, T, 3, NH, HS) qkv and write dq, dk, dv
+// back into it through strides, so no permute kernel runs on either side, and the output is
+// (B, T, NH, HS) = (B, T, C), what the projection after attention reads.
+#include "cuda/cudnn_attention.h"
+
+#include <cuda_runtime.h>
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <exception>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+[[noreturn]] void die(const char *what, const std::string &detail, const char *file, int line) {
+    fprintf(stderr, "error: cuDNN attention: %s: %s (at %s:%d)\n", what, detail.c_str(), file, line);
+    exit(EXIT_FAILURE);
+}
+void cudnn_check(cudnnStatus_t s, const char *file, int line) {
+    if (s != CUDNN_STATUS_SUCCESS) die("cuDNN call failed", cudnnGetErrorString(s), file, line);
+}
+void cuda_check(cudaError_t e, const char *file, int line) {
+    if (e != cudaSuccess) die("CUDA call failed", cudaGetErrorString(e), file, line);
+}
+#define cudnnCheck(s) cudnn_check((s), __FILE__, __LINE__)
+#define cudaCheckCu(e) cuda_check((e), __FILE__, __LINE__)
+
+// the tensors' ids in the variant pack handed to execute()
+enum : int64_t { UID_Q = 1, UID_K, UID_V, UID_O, UID_STATS, UID_DO, UID_DQ, UID_DK, UID_DV };
+
+typedef std::tuple<int, int, int, int> Shape;  // B, T, NH, HS
+typedef std::shared_ptr<fe::graph::Graph> GraphPtr;
+typedef std::shared_ptr<fe::graph::Tensor_attributes> TensorPtr;
+
+struct Graphs {
+    GraphPtr fwd, bwd;
+};
+
+struct State {
+    cudnnHandle_t handle = nullptr;
+    std::map<Shape, Graphs> graphs;
+    void *workspace = nullptr;
+    size_t workspace_bytes = 0;
+    bool deterministic = true;  // every backward graph built so far is the deterministic algorithm
+};
+State g;
+
+// one tensor of the graph laid out as cudnn_attention_layout says (stats also fp32)
+void set_layout(const TensorPtr &t, CudnnAttTensor which, int B, int T, int NH, int HS) {
+    CudnnAttLayout l = cudnn_attention_layout(which, B, T, NH, HS);
+    t->set_dim({l.dim[0], l.dim[1], l.dim[2], l.dim[3]}).set_stride({l.stride[0], l.stride[1], l.stride[2], l.stride[3]});
+    if (which == CUDNN_ATT_STATS) t->set_data_type(fe::DataType_t::FLOAT);
+}
+
+TensorPtr input(const GraphPtr &gr, const char *name, int64_t uid) {
+    return gr->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid));
+}
+
+// sm: the GPU to check the graph against without asking the device (validate-only), else 0
+GraphPtr new_graph(int sm) {
+    auto gr = std::make_shared<fe::graph::Graph>();
+    if (sm > 0) gr->set_sm_version(sm);
+    gr->set_io_data_type(fe::DataType_t::BFLOAT16)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    return gr;
+}
+
+// validate, lower to cuDNN's backend, pick an engine by heuristics, check it runs here, build it.
+// Returns "" on success, else the step and cuDNN's message. validate_only: the first step, the
+// one that needs no GPU (shapes, strides, types and the SDPA node's rules).
+std::string finalize(const GraphPtr &gr, bool validate_only) {
+    fe::error_t e = gr->validate();
+    if (e.is_bad()) return "validate: " + e.get_message();
+    if (validate_only) return "";
+    if ((e = gr->build_operation_graph(g.handle)).is_bad()) return "build_operation_graph: " + e.get_message();
+    if ((e = gr->create_execution_plans({fe::HeurMode_t::A})).is_bad()) return "create_execution_plans: " + e.get_message();
+    if ((e = gr->check_support(g.handle)).is_bad()) return "check_support: " + e.get_message();
+    if ((e = gr->build_plans(g.handle)).is_bad()) return "build_plans: " + e.get_message();
+    return "";
+}
+
+GraphPtr forward_graph(int B, int T, int NH, int HS, int validate_sm, std::string *err) {
+    GraphPtr gr = new_graph(validate_sm);
+    TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
+    set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
+    set_layout(k, CUDNN_ATT_K, B, T, NH, HS);
+    set_layout(v, CUDNN_ATT_V, B, T, NH, HS);
+    auto opts = fe::graph::SDPA_attributes()
+                    .set_name("attention")
+                    .set_generate_stats(true)  // the backward needs the logsumexp
+                    .set_causal_mask(true)     // query t sees keys 0..t
+                    .set_attn_scale(1.0f / sqrtf((float)HS));
+    auto outs = gr->sdpa(q, k, v, opts);
+    TensorPtr o = outs[0], stats = outs[1];
+    o->set_output(true).set_uid(UID_O);
+    set_layout(o, CUDNN_ATT_OUT, B, T, NH, HS);
+    stats->set_output(true).set_uid(UID_STATS);
+    set_layout(stats, CUDNN_ATT_STATS, B, T, NH, HS);
+    *err = finalize(gr, validate_sm > 0);
+    return err->empty() ? gr : nullptr;
+}
+
+GraphPtr backward_graph(int B, int T, int NH, int HS, bool deterministic, int validate_sm, std::string *err) {
+    GraphPtr gr = new_graph(validate_sm);
+    TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
+    TensorPtr o = input(gr, "o", UID_O), dout = input(gr, "dout", UID_DO), stats = input(gr, "stats", UID_STATS);
+    set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
+    set_layout(k, CUDNN_ATT_K, B, T, NH, HS);
+    set_layout(v, CUDNN_ATT_V, B, T, NH, HS);
+    set_layout(o, CUDNN_ATT_OUT, B, T, NH, HS);
+    set_layout(dout, CUDNN_ATT_OUT, B, T, NH, HS);
+    set_layout(stats, CUDNN_ATT_STATS, B, T, NH, HS);
+    auto opts = fe::graph::SDPA_backward_attributes()
+                    .set_name("attention_backward")
+                    .set_causal_mask(true)
+                    .set_attn_scale(1.0f / sqrtf((float)HS))
+                    .set_deterministic_algorithm(deterministic);
+    auto grads = gr->sdpa_backward(q, k, v, o, dout, stats, opts);
+    const int64_t uids[3] = {UID_DQ, UID_DK, UID_DV};
+    const CudnnAttTensor parts[3] = {CUDNN_ATT_Q, CUDNN_ATT_K, CUDNN_ATT_V};  // dqkv is laid out as qkv
+    for (int i = 0; i < 3; i++) {
+        grads[i]->set_output(true).set_uid(uids[i]);
+        set_layout(grads[i], parts[i], B, T, NH, HS);
+    }
+    *err = finalize(gr, validate_sm > 0);
+    return err->empty() ? gr : nullptr;
+}
+
+size_t workspace_of(const GraphPtr &gr) {
+    int64_t bytes = 0;
+    fe::error_t e = gr->get_workspace_size(bytes);
+    if (e.is_bad()) die("get_workspace_size", e.get_message(), __FILE__, __LINE__);
+    return (size_t)bytes;
+}
+
+// Grows the one workspace every graph shares (they run one at a time on one stream).
+void reserve_workspace(size_t bytes) {
+    if (bytes <= g.workspace_bytes) return;
+    cudaCheckCu(cudaDeviceSynchronize());  // a running graph may still use the old one
+    if (g.workspace) cudaCheckCu(cudaFree(g.workspace));
+    g.workspace = nullptr;
+    cudaError_t e = cudaMalloc(&g.workspace, bytes);
+    if (e != cudaSuccess) {
+        fprintf(stderr,
+                "error: out of GPU memory allocating the cuDNN attention workspace (%.1f MiB): %s; "
+                "use a smaller -b, or -fa 1 (our flash kernel, no workspace)\n",
+                bytes / 1048576.0, cudaGetErrorString(e));
+        exit(EXIT_FAILURE);
+    }
+    g.workspace_bytes = bytes;
+}
+
+// Builds (once) the graphs of this shape; "" when ready, else why not.
+std::string ensure(int B, int T, int NH, int HS) {
+    Shape key(B, T, NH, HS);
+    if (g.graphs.count(key)) return "";
+    if (!g.handle) cudnnCheck(cudnnCreate(&g.handle));
+    std::string err;
+    Graphs gs;
+    try {
+        gs.fwd = forward_graph(B, T, NH, HS, 0, &err);
+        if (!gs.fwd) return "forward: " + err;
+        gs.bwd = backward_graph(B, T, NH, HS, true, 0, &err);
+        if (!gs.bwd) {  // older cuDNN, or no deterministic engine for this shape: the fast one
+            std::string det_err = err;
+            gs.bwd = backward_graph(B, T, NH, HS, false, 0, &err);
+            if (!gs.bwd) return "backward: " + err;
+            fprintf(stderr,
+                    "note: cuDNN attention: no deterministic backward for B=%d T=%d NH=%d HS=%d (%s); "
+                    "runs may differ in the last bits (-fa 1 is bit-identical)\n",
+                    B, T, NH, HS, det_err.c_str());
+            g.deterministic = false;
+        }
+    } catch (const std::exception &ex) {  // the frontend reports some failures by throwing
+        return std::string("exception: ") + ex.what();
+    }
+    size_t ws = workspace_of(gs.fwd), wsb = workspace_of(gs.bwd);
+    reserve_workspace(ws > wsb ? ws : wsb);
+    g.graphs[key] = gs;
+    return "";
+}
+
+const Graphs &graphs_for(int B, int T, int NH, int HS) {
+    std::string err = ensure(B, T, NH, HS);
+    if (!err.empty()) {
+        char shape[96];
+        snprintf(shape, sizeof(shape), "B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
+        die(shape, err + " (use -fa 1: our flash kernel)", __FILE__, __LINE__);
+    }
+    return g.graphs[Shape(B, T, NH, HS)];
+}
+
+void execute(const GraphPtr &gr, std::unordered_map<int64_t, void *> &pack, const char *what) {
+    fe::error_t e = gr->execute(g.handle, pack, g.workspace);
+    if (e.is_bad()) die(what, e.get_message(), __FILE__, __LINE__);
+}
+
+// where a view starts in its bf16 buffer
+void *at(const void *buf, CudnnAttTensor which, int B, int T, int NH, int HS) {
+    return (char *)buf + cudnn_attention_layout(which, B, T, NH, HS).offset * 2;
+}
+
+}  // namespace
+
+CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH, int HS) {
+    const long long C = (long long)NH * HS;
+    CudnnAttLayout l = {{B, NH, T, HS}, {0, 0, 0, 0}, 0};
+    switch (which) {
+    case CUDNN_ATT_Q:
+    case CUDNN_ATT_K:
+    case CUDNN_ATT_V:  // (B, T, 3, NH, HS): the part's C columns of each token's 3C
+        l.stride[0] = (long long)T * 3 * C; l.stride[1] = HS; l.stride[2] = 3 * C; l.stride[3] = 1;
+        l.offset = (long long)(which - CUDNN_ATT_Q) * C;
+        break;
+    case CUDNN_ATT_OUT:  // (B, T, NH, HS)
+        l.stride[0] = (long long)T * C; l.stride[1] = HS; l.stride[2] = C; l.stride[3] = 1;
+        break;
+    case CUDNN_ATT_STATS:  // (B, NH, T), one value per query row
+        l.dim[3] = 1;
+        l.stride[0] = (long long)NH * T; l.stride[1] = T; l.stride[2] = 1; l.stride[3] = 1;
+        break;
+    }
+    return l;
+}
+
+int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_len) {
+    std::string err = ensure(B, T, NH, HS);
+    if (why && why_len) snprintf(why, why_len, "%s", err.c_str());
+    return err.empty();
+}
+
+int cudnn_attention_deterministic(void) { return g.deterministic; }
+
+int cudnn_attention_validate(int B, int T, int NH, int HS, int sm, char *why, size_t why_len) {
+    std::string err;
+    try {
+        if (!forward_graph(B, T, NH, HS, sm, &err)) err = "forward: " + err;
+        else if (!backward_graph(B, T, NH, HS, true, sm, &err)) err = "backward: " + err;
+    } catch (const std::exception &ex) {
+        err = std::string("exception: ") + ex.what();
+    }
+    if (why && why_len) snprintf(why, why_len, "%s", err.c_str());
+    return err.empty();
+}
+
+void cudnn_attention_forward(void *out, float *stats, const void *qkv, int B, int T, int NH, int HS) {
+    const Graphs &gs = graphs_for(B, T, NH, HS);
+    std::unordered_map<int64_t, void *> pack = {
+        {UID_Q, at(qkv, CUDNN_ATT_Q, B, T, NH, HS)},
+        {UID_K, at(qkv, CUDNN_ATT_K, B, T, NH, HS)},
+        {UID_V, at(qkv, CUDNN_ATT_V, B, T, NH, HS)},
+        {UID_O, out},
+        {UID_STATS, stats},
+    };
+    execute(gs.fwd, pack, "forward");
+}
+
+void cudnn_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *stats, int B, int T, int NH,
+                              int HS) {
+    const Graphs &gs = graphs_for(B, T, NH, HS);
+    std::unordered_map<int64_t, void *> pack = {
+        {UID_Q, at(qkv, CUDNN_ATT_Q, B, T, NH, HS)},
+        {UID_K, at(qkv, CUDNN_ATT_K, B, T, NH, HS)},
+        {UID_V, at(qkv, CUDNN_ATT_V, B, T, NH, HS)},
+        {UID_O, const_cast<void *>(out)},
+        {UID_DO, const_cast<void *>(dout)},
+        {UID_STATS, const_cast<float *>(stats)},
+        {UID_DQ, at(dqkv, CUDNN_ATT_Q, B, T, NH, HS)},
+        {UID_DK, at(dqkv, CUDNN_ATT_K, B, T, NH, HS)},
+        {UID_DV, at(dqkv, CUDNN_ATT_V, B, T, NH, HS)},
+    };
+    execute(gs.bwd, pack, "backward");
+}
+
+size_t cudnn_attention_workspace_bytes(void) { return g.workspace_bytes; }
+
+void cudnn_attention_destroy(void) {
+    g.graphs.clear();
+    if (g.workspace) cudaCheckCu(cudaFree(g.workspace));
+    g.workspace = nullptr;
+    g.workspace_bytes = 0;
+    if (g.handle) cudnnCheck(cudnnDestroy(g.handle));
+    g.handle = nullptr;
+    g.deterministic = true;
+}

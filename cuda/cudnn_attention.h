@@ -1,0 +1,42 @@
+// cuda/cudnn_attention.h: cuDNN's fused flash attention (the trainer's -fa 2), on llm.c's qkv layout; built with USE_CUDNN.
+#pragma once
+#include <stddef.h>
+
+// Layouts, as the rest of the trainer: qkv (B, T, 3C) bf16 with q, k, v each (NH, HS) per token;
+// out, dout (B, T, C) bf16; stats (B, NH, T) fp32, the natural-log logsumexp of each query row's
+// scaled causal scores (the same quantity and layout as flash_attention.cuh's lse); dqkv (B, T, 3C)
+// bf16, overwritten. The scale is 1/sqrt(HS). Everything runs on the default stream.
+//
+// The cuDNN graphs are built once per shape (B, T, NH, HS) and cached: building one can take a
+// second when cuDNN compiles its kernel, so callers should keep to a few shapes.
+
+// How the graphs see each buffer: a (B, NH, T, HS) logical view (stats: (B, NH, T, 1)) with
+// element strides, starting `offset` elements into the buffer (k and v sit C and 2C into qkv).
+typedef enum { CUDNN_ATT_Q, CUDNN_ATT_K, CUDNN_ATT_V, CUDNN_ATT_OUT, CUDNN_ATT_STATS } CudnnAttTensor;
+typedef struct {
+    long long dim[4], stride[4], offset;
+} CudnnAttLayout;
+CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH, int HS);
+
+// Builds the forward and backward graphs of this shape and sizes the workspace. Returns 1 when
+// cuDNN can run them; otherwise 0, with cuDNN's reason in why (why_len bytes, may be NULL).
+int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_len);
+
+// 1 when the backward of the prepared shapes is cuDNN's deterministic algorithm (bit-identical
+// runs); 0 when this cuDNN has none for them and the backward adds in an unspecified order.
+int cudnn_attention_deterministic(void);
+
+// The graphs of this shape as far as the frontend checks them without a GPU, for a GPU of compute
+// capability sm (90: H100): tensor shapes, strides and types and the SDPA nodes' rules for that
+// GPU (tests/test_cudnn_graph.cpp). Returns 1 when they pass, else 0 with the frontend's message.
+int cudnn_attention_validate(int B, int T, int NH, int HS, int sm, char *why, size_t why_len);
+
+void cudnn_attention_forward(void *out, float *stats, const void *qkv, int B, int T, int NH, int HS);
+void cudnn_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *stats, int B, int T, int NH,
+                              int HS);
+
+// Bytes of device memory the workspace holds (for the trainer's memory report).
+size_t cudnn_attention_workspace_bytes(void);
+
+// Frees the graphs, the workspace and the cuDNN handle.
+void cudnn_attention_destroy(void);
