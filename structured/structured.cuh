@@ -210,9 +210,8 @@ typedef struct {
     int *sel;             // (N, K)
     int *order, *pos;     // (N·K): grouped row -> pair, pair -> grouped row
     int *counts, *offsets;        // (E), (E+1)
-    int *h_counts, *h_offsets;    // host copies (GEMM shapes; h_counts pinned: copied asynchronously)
-    int host_pending;             // h_counts is in flight from the last forward: moe_host_counts waits
-    cudaEvent_t counts_ready;     // recorded after that copy
+    int *h_counts, *h_offsets;    // host copies, for the per-expert GEMM shapes (moe_host_counts)
+    int host_valid;               // they hold the last forward's counts
     double *stats;                // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
     int *tiles;                   // the fused forward's tile table and count (btt_fused.cuh)
     float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_finish_gpu)
@@ -255,9 +254,7 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->fhat = (float *)mem;
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (N*K x gamma*phi)", what);
     st->z = cudaMallocNamed(floatX, NK * moe_z_row(s), name);
-    cudaCheck(cudaMallocHost(&st->h_counts, E * sizeof(int)));
-    cudaCheck(cudaEventCreateWithFlags(&st->counts_ready, cudaEventDisableTiming));
-    memset(st->h_counts, 0, E * sizeof(int));
+    st->h_counts = (int *)callocCheck(E, sizeof(int));
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
     st->h_offsets = (int *)callocCheck(E + 1, sizeof(int));
@@ -265,10 +262,9 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
 
 static void moe_gpu_state_free(MoEGPUState *st) {
     if (st->stats) cudaCheck(cudaFree(st->stats));
-    if (st->counts_ready) cudaCheck(cudaEventDestroy(st->counts_ready));
     if (st->z) cudaCheck(cudaFree(st->z));
     if (st->tiles) cudaCheck(cudaFree(st->tiles));
-    if (st->h_counts) cudaCheck(cudaFreeHost(st->h_counts));
+    free(st->h_counts);
     free(st->h_offsets);
     memset(st, 0, sizeof(*st));
 }
@@ -449,14 +445,15 @@ __global__ void moe_aux_finish_kernel(float *aux, float *fhat, const double *sta
     *aux = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
-// Waits for the last forward's counts on the host (a no-op when they are there) and sets the
-// host offsets. The event is the copy's: work queued after it does not delay this.
+// The last forward's counts and offsets on the host, for the per-expert plans' GEMM shapes: one
+// copy, which waits for the routing, made only by a path that needs them (the cuBLAS baseline);
+// the fused paths read the counts on the device and never come here.
 static void moe_host_counts(MoEGPUState *st, int E) {
-    if (!st->host_pending) return;
-    cudaCheck(cudaEventSynchronize(st->counts_ready));
+    if (st->host_valid) return;
+    cudaCheck(cudaMemcpy(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));
     st->h_offsets[0] = 0;
     for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
-    st->host_pending = 0;
+    st->host_valid = 1;
 }
 
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
@@ -479,10 +476,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
-    // the counts go to the host for the backward's GEMM shapes and the aux statistics
-    cudaCheck(cudaMemcpyAsync(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost, 0));
-    cudaCheck(cudaEventRecord(st->counts_ready, 0));
-    st->host_pending = 1;
+    st->host_valid = 0;  // this forward's counts exist on the device only
     // every expert in one launch from the device's counts (no wait for the host copy), or per expert
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
@@ -524,7 +518,7 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 // gate is applied in the combine (dx is linear in dZ), and every expert's dW0 and dW1 come from
 // one seg_wgrad launch each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no
 // gathered copies): no host round trip. Else per-expert cuBLAS plans on gathered rows,
-// which need the counts on the host (copied during the forward). Returns 1 when it ran fused.
+// which need the counts on the host (moe_host_counts). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                             const floatX *router, const MoEShape *s, float *colsum_scratch) {
@@ -539,9 +533,9 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
+    floatX *buf[PB_COUNT] = {0};  // the per-expert plans' buffers (not the fused path's)
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
+        buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
         moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);
         cudaCheckLaunch();
         moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);

@@ -852,6 +852,9 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
     const int ran_fused = moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
     check_true(ran_fused == fused, nm("%s: the %s backward ran", tag, fused ? "fused segmented" : "cuBLAS"), "the other one ran");
+    // the fused layer runs from the device's counts alone: no device-to-host copy in its step
+    check_true(gst.host_valid == !fused, nm("%s: the host %s the expert counts", tag, fused ? "never fetched" : "fetched"),
+               fused ? "the fused path copied the counts to the host" : "the cuBLAS plans ran without host counts");
     check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0", tag));
     check_scaled(down_bf16(dW1_d, dW1.size()), dW1, 2e-2f, 0.0f, nm("%s: dW1", tag));
