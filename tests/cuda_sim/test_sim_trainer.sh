@@ -3,7 +3,8 @@
 # through the CUDA simulator (build/cuda_sim/train_gpt2cu, see tests/cuda_sim/README.md), run as a
 # user runs it on tiny models: training lowers the loss, validation and sampling run, a run saved
 # and resumed is bit-identical to an uninterrupted one (model file and resume state), gradient
-# accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, and a
+# accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, -fa 2
+# without cuDNN is refused cleanly, and a
 # structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
@@ -74,6 +75,13 @@ for flags in "-r 0 -ge 0 -fa 0" "-r 2 -ge 1 -fa 1" "-r 1 -ge 2 -fa 0"; do
     awk -v a="$ref" -v b="$l" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && b != "" && d <= 1e-3) }' \
         && ok "dense: $flags gives the default's first loss ($l vs $ref)" || bad "dense $flags" "loss '$l' vs '$ref'"
 done
+
+# -fa 2 in a build without cuDNN (as this simulated one): one line that says how to get it, exit 1,
+# and nothing written to the output directory
+out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -fa 2 -o "$W/F" 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "^error: -fa 2 (cuDNN attention): this build has no cuDNN; rebuild with the cuDNN frontend headers" \
+    && [ -z "$(ls -A "$W/F" 2>/dev/null)" ] && ok "-fa 2 without cuDNN: a clear error, exit $rc, nothing written" \
+    || bad "-fa 2 without cuDNN" "exit $rc: $(echo "$out" | tail -n 2)"
 
 # -sk 1 (fused BTT forward and backward dx; BTT-MoE experts in one segmented launch each way;
 # the fused Monarch forward) against the cuBLAS plans, on
