@@ -5,60 +5,45 @@
 // causal softmax writes the bf16 probabilities `att` (kept per layer for the backward), and a
 // second GEMM gives att·v. The full T x T square is computed (2x the causal FLOPs) and att costs
 // B·NH·T²·2 bytes per layer: at 124M, B=64, T=1024 that is 19 GB over 12 layers. It is the
-// default and only path in this build because it is simple, deterministic and runs on every
-// sm_80+ GPU with nothing but cuBLAS.
-// Not here: cuDNN's fused flash attention (llm.c's cudnn_att.cpp) needs the cudnn-frontend C++
-// headers, which are not installed on this build machine (only the cuDNN C API is); a flash
-// kernel of our own (no T x T buffer) is the next step for speed and memory (issue 4).
+// trainer's -fa 0 because it is simple, deterministic and runs on every sm_80+ GPU with nothing
+// but cuBLAS, at any head size; -fa 1 (flash_attention.cuh, ours) and -fa 2 (cudnn_attention.h)
+// need no T x T buffer.
 #pragma once
 #include "common.cuh"
 
-// qkv (B, T, 3, NH, hs) -> q, k, v each (B, NH, T, hs)
-__global__ void attn_permute_kernel(floatX *q, floatX *k, floatX *v, const floatX *qkv, int B, int T, int NH, int hs) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * NH * T * hs) return;
-    int d = (int)(idx % hs);
+// Element idx of a (B, NH, T, hs) tensor: its offset in a token-major buffer whose rows (one per
+// (b, t)) are row_len wide with head h's hs values at h·hs (qkv: row_len 3C, the q part; out: C).
+__device__ inline size_t attn_token_major_offset(size_t idx, int T, int NH, int hs, size_t row_len) {
+    const int d = (int)(idx % hs);
     size_t rest = idx / hs;
-    int t = (int)(rest % T);
+    const int t = (int)(rest % T);
     rest /= T;
-    int h = (int)(rest % NH);
-    int b = (int)(rest / NH);
-    size_t C = (size_t)NH * hs;
-    size_t src = ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
-    q[idx] = qkv[src];
-    k[idx] = qkv[src + C];
-    v[idx] = qkv[src + 2 * C];
+    const int h = (int)(rest % NH), b = (int)(rest / NH);
+    return ((size_t)b * T + t) * row_len + (size_t)h * hs + d;
 }
 
-// the reverse: dq, dk, dv (B, NH, T, hs) -> dqkv (B, T, 3C)
-__global__ void attn_permute_backward_kernel(floatX *dqkv, const floatX *dq, const floatX *dk, const floatX *dv, int B, int T, int NH,
-                                             int hs) {
+// qkv (B, T, 3, NH, hs) -> q, k, v each (B, NH, T, hs); backward = 1: the reverse, dq, dk, dv ->
+// dqkv (every element of dqkv written)
+__global__ void attn_permute_kernel(floatX *q, floatX *k, floatX *v, floatX *qkv, int B, int T, int NH, int hs, int backward) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * NH * T * hs) return;
-    int d = (int)(idx % hs);
-    size_t rest = idx / hs;
-    int t = (int)(rest % T);
-    rest /= T;
-    int h = (int)(rest % NH);
-    int b = (int)(rest / NH);
-    size_t C = (size_t)NH * hs;
-    size_t dst = ((size_t)b * T + t) * 3 * C + (size_t)h * hs + d;
-    dqkv[dst] = dq[idx];
-    dqkv[dst + C] = dk[idx];
-    dqkv[dst + 2 * C] = dv[idx];
+    const size_t C = (size_t)NH * hs, o = attn_token_major_offset(idx, T, NH, hs, 3 * C);
+    if (backward) {
+        qkv[o] = q[idx];
+        qkv[o + C] = k[idx];
+        qkv[o + 2 * C] = v[idx];
+    } else {
+        q[idx] = qkv[o];
+        k[idx] = qkv[o + C];
+        v[idx] = qkv[o + 2 * C];
+    }
 }
 
 // (B, NH, T, hs) <-> (B, T, C); to_btc = 1: y -> out, else the reverse
 __global__ void attn_unpermute_kernel(floatX *btc, floatX *bnth, int B, int T, int NH, int hs, int to_btc) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * NH * T * hs) return;
-    int d = (int)(idx % hs);
-    size_t rest = idx / hs;
-    int t = (int)(rest % T);
-    rest /= T;
-    int h = (int)(rest % NH);
-    int b = (int)(rest / NH);
-    size_t o = ((size_t)b * T + t) * NH * hs + (size_t)h * hs + d;
+    const size_t o = attn_token_major_offset(idx, T, NH, hs, (size_t)NH * hs);
     if (to_btc) btc[o] = bnth[idx];
     else bnth[idx] = btc[o];
 }
@@ -113,7 +98,7 @@ typedef struct {
 static void attention_forward(floatX *out, floatX *att, const floatX *qkv, AttnScratch *s, int B, int T, int C, int NH) {
     int hs = C / NH, batch = B * NH;
     size_t n = (size_t)B * T * C;
-    attn_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(s->q, s->k, s->v, qkv, B, T, NH, hs);
+    attn_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(s->q, s->k, s->v, (floatX *)qkv, B, T, NH, hs, 0);
     cudaCheckLaunch();
     long long sTH = (long long)T * hs, sTT = (long long)T * T;
     // scores[t][t2] = q[t]·k[t2]: column-major (t2, t) = kᵀ-op (T x hs) · q (hs x T)
@@ -132,7 +117,7 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
     int hs = C / NH, batch = B * NH;
     size_t n = (size_t)B * T * C;
     long long sTH = (long long)T * hs, sTT = (long long)T * T;
-    attn_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(s->q, s->k, s->v, qkv, B, T, NH, hs);
+    attn_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(s->q, s->k, s->v, (floatX *)qkv, B, T, NH, hs, 0);
     cudaCheckLaunch();
     attn_unpermute_kernel<<<ceil_div_i((long)n, 256), 256>>>((floatX *)dout, s->y, B, T, NH, hs, 0);  // y <- dout permuted
     cudaCheckLaunch();
@@ -147,6 +132,6 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
     attn_gemm(CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, s->k, hs, sTH, att, T, sTT, s->dq, CUBLAS_LOWP, hs, sTH, batch);
     // dk[t2][d] = Σ_t dpre[t][t2] q[t][d]: (d, t2) = q (hs x T) · dpreᵀ
     attn_gemm(CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, s->q, hs, sTH, att, T, sTT, s->dk, CUBLAS_LOWP, hs, sTH, batch);
-    attn_permute_backward_kernel<<<ceil_div_i((long)n, 256), 256>>>(dqkv, s->dq, s->dk, s->dv, B, T, NH, hs);
+    attn_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(s->dq, s->dk, s->dv, dqkv, B, T, NH, hs, 1);
     cudaCheckLaunch();
 }

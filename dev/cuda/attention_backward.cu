@@ -23,9 +23,6 @@
 #include "harness.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/flash_attention.cuh"
-#ifdef USE_CUDNN
-#include "cuda/cudnn_attention.h"
-#endif
 
 #define U_BF16 (1.0 / 256.0)
 
@@ -252,18 +249,12 @@ static void run_shape(const BwdShape *sh) {
                 [&] { flash_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, d_scratch, B, T, C, NH); }, 1, d_dqkv, &R, use, n_qkv, B,
                 T, C, hs, sh->timed, bytes, flops);
     }
-    if (g_selected == 0 || g_selected == 3) {  // v3: cuDNN's fused flash attention (the trainer's -fa 2)
+    if ((g_selected == 0 || g_selected == 3) && dev_cudnn_attention_ready(B, T, NH, hs, g_selected == 3)) {  // v3: cuDNN's (-fa 2)
 #ifdef USE_CUDNN
-        char why[512];
-        if (!cudnn_attention_prepare(B, T, NH, hs, why, sizeof why))
-            printf("v3 skipped: cuDNN cannot run this shape: %s\n", why);
-        else
-            check_flash_like(
-                3, "attention_backward cuDNN", [&] { cudnn_attention_forward(d_out, d_lse, d_qkv, B, T, NH, hs); },
-                [&] { cudnn_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, B, T, NH, hs); }, cudnn_attention_deterministic(), d_dqkv,
-                &R, use, n_qkv, B, T, C, hs, sh->timed, bytes, flops);
-#else
-        if (g_selected == 3) printf("v3 skipped: built without cuDNN (build dev/cuda through the top-level make with the cuDNN frontend installed)\n");
+        check_flash_like(
+            3, "attention_backward cuDNN", [&] { cudnn_attention_forward(d_out, d_lse, d_qkv, B, T, NH, hs); },
+            [&] { cudnn_attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_lse, B, T, NH, hs); }, cudnn_attention_deterministic(), d_dqkv,
+            &R, use, n_qkv, B, T, C, hs, sh->timed, bytes, flops);
 #endif
     }
     cudaCheck(cudaFree(d_lse));

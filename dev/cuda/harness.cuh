@@ -224,3 +224,21 @@ static inline int dev_version_arg(int argc, char **argv, int n_versions) {
     }
     return v;
 }
+
+// The attention programs' v3, cuDNN's attention (cuda/cudnn_attention.h, linked when the top-level
+// make passes USE_CUDNN): 1 when this build has it and cuDNN runs the shape, else a line saying
+// why not (the build only when v3 alone was asked for).
+#ifdef USE_CUDNN
+#include "cuda/cudnn_attention.h"
+#endif
+static int dev_cudnn_attention_ready(int B, int T, int NH, int hs, int only_v3) {
+#ifdef USE_CUDNN
+    char why[512];
+    if (cudnn_attention_prepare(B, T, NH, hs, why, sizeof why)) return 1;
+    printf("v3 skipped: cuDNN cannot run this shape: %s\n", why);
+#else
+    (void)B; (void)T; (void)NH; (void)hs;
+    if (only_v3) printf("v3 skipped: built without cuDNN (build dev/cuda through the top-level make with the cuDNN frontend installed)\n");
+#endif
+    return 0;
+}
