@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <exception>
 #include <map>
@@ -22,6 +23,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 namespace fe = cudnn_frontend;
 
@@ -71,32 +73,42 @@ TensorPtr input(const GraphPtr &gr, const char *name, int64_t uid) {
     return gr->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid));
 }
 
-// sm: the GPU to check the graph against without asking the device (validate-only), else 0
-GraphPtr new_graph(int sm) {
+// What a graph is built for: the GPU in use (sm 0: through the handle, up to a plan that runs), or
+// a described GPU without one (cudnn_attention_check): sm alone, the frontend's checks; with
+// props, also cuDNN's lowering, heuristics and engine support for that device.
+struct Target {
+    int sm = 0;
+    std::shared_ptr<fe::DeviceProperties> props;
+};
+
+GraphPtr new_graph(const Target &tg) {
     auto gr = std::make_shared<fe::graph::Graph>();
-    if (sm > 0) gr->set_sm_version(sm);
+    if (tg.sm > 0) gr->set_sm_version(tg.sm);
+    if (tg.props) gr->set_device_properties(tg.props);
     gr->set_io_data_type(fe::DataType_t::BFLOAT16)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
     return gr;
 }
 
-// validate, lower to cuDNN's backend, pick an engine by heuristics, check it runs here, build it.
-// Returns "" on success, else the step and cuDNN's message. validate_only: the first step, the
-// one that needs no GPU (shapes, strides, types and the SDPA node's rules).
-std::string finalize(const GraphPtr &gr, bool validate_only) {
+// validate, lower to cuDNN's backend, pick engines by heuristics, check one supports the graph,
+// build its plan; as far as the target allows (see Target). Returns "" on success, else the step
+// and cuDNN's message.
+std::string finalize(const GraphPtr &gr, const Target &tg) {
+    const bool deviceless = tg.sm > 0;
     fe::error_t e = gr->validate();
     if (e.is_bad()) return "validate: " + e.get_message();
-    if (validate_only) return "";
-    if ((e = gr->build_operation_graph(g.handle)).is_bad()) return "build_operation_graph: " + e.get_message();
+    if (deviceless && !tg.props) return "";
+    if ((e = gr->build_operation_graph(deviceless ? nullptr : g.handle)).is_bad()) return "build_operation_graph: " + e.get_message();
     if ((e = gr->create_execution_plans({fe::HeurMode_t::A})).is_bad()) return "create_execution_plans: " + e.get_message();
-    if ((e = gr->check_support(g.handle)).is_bad()) return "check_support: " + e.get_message();
+    if ((e = deviceless ? gr->check_support() : gr->check_support(g.handle)).is_bad()) return "check_support: " + e.get_message();
+    if (deviceless) return "";  // a plan's build loads its kernels: that needs the GPU
     if ((e = gr->build_plans(g.handle)).is_bad()) return "build_plans: " + e.get_message();
     return "";
 }
 
-GraphPtr forward_graph(int B, int T, int NH, int HS, int validate_sm, std::string *err) {
-    GraphPtr gr = new_graph(validate_sm);
+GraphPtr forward_graph(int B, int T, int NH, int HS, const Target &tg, std::string *err) {
+    GraphPtr gr = new_graph(tg);
     TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
     set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
     set_layout(k, CUDNN_ATT_K, B, T, NH, HS);
@@ -112,12 +124,12 @@ GraphPtr forward_graph(int B, int T, int NH, int HS, int validate_sm, std::strin
     set_layout(o, CUDNN_ATT_OUT, B, T, NH, HS);
     stats->set_output(true).set_uid(UID_STATS);
     set_layout(stats, CUDNN_ATT_STATS, B, T, NH, HS);
-    *err = finalize(gr, validate_sm > 0);
+    *err = finalize(gr, tg);
     return err->empty() ? gr : nullptr;
 }
 
-GraphPtr backward_graph(int B, int T, int NH, int HS, bool deterministic, int validate_sm, std::string *err) {
-    GraphPtr gr = new_graph(validate_sm);
+GraphPtr backward_graph(int B, int T, int NH, int HS, bool deterministic, const Target &tg, std::string *err) {
+    GraphPtr gr = new_graph(tg);
     TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
     TensorPtr o = input(gr, "o", UID_O), dout = input(gr, "dout", UID_DO), stats = input(gr, "stats", UID_STATS);
     set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
@@ -138,7 +150,7 @@ GraphPtr backward_graph(int B, int T, int NH, int HS, bool deterministic, int va
         grads[i]->set_output(true).set_uid(uids[i]);
         set_layout(grads[i], parts[i], B, T, NH, HS);
     }
-    *err = finalize(gr, validate_sm > 0);
+    *err = finalize(gr, tg);
     return err->empty() ? gr : nullptr;
 }
 
@@ -166,29 +178,39 @@ void reserve_workspace(size_t bytes) {
     g.workspace_bytes = bytes;
 }
 
+// The forward and backward graphs of a shape for a target: the backward is cuDNN's deterministic
+// algorithm where it has one, else (*det_why says why) the fast one. "" when built, else why not.
+std::string build_graphs(Graphs *gs, int B, int T, int NH, int HS, const Target &tg, std::string *det_why) {
+    std::string err;
+    try {
+        gs->fwd = forward_graph(B, T, NH, HS, tg, &err);
+        if (!gs->fwd) return "forward: " + err;
+        gs->bwd = backward_graph(B, T, NH, HS, true, tg, &err);
+        if (!gs->bwd) {  // older cuDNN, or no deterministic engine for this shape
+            *det_why = err;
+            gs->bwd = backward_graph(B, T, NH, HS, false, tg, &err);
+            if (!gs->bwd) return "backward: " + err;
+        }
+    } catch (const std::exception &ex) {  // the frontend reports some failures by throwing
+        return std::string("exception: ") + ex.what();
+    }
+    return "";
+}
+
 // Builds (once) the graphs of this shape; "" when ready, else why not.
 std::string ensure(int B, int T, int NH, int HS) {
     Shape key(B, T, NH, HS);
     if (g.graphs.count(key)) return "";
     if (!g.handle) cudnnCheck(cudnnCreate(&g.handle));
-    std::string err;
     Graphs gs;
-    try {
-        gs.fwd = forward_graph(B, T, NH, HS, 0, &err);
-        if (!gs.fwd) return "forward: " + err;
-        gs.bwd = backward_graph(B, T, NH, HS, true, 0, &err);
-        if (!gs.bwd) {  // older cuDNN, or no deterministic engine for this shape: the fast one
-            std::string det_err = err;
-            gs.bwd = backward_graph(B, T, NH, HS, false, 0, &err);
-            if (!gs.bwd) return "backward: " + err;
-            fprintf(stderr,
-                    "note: cuDNN attention: no deterministic backward for B=%d T=%d NH=%d HS=%d (%s); "
-                    "runs may differ in the last bits (-fa 1 is bit-identical)\n",
-                    B, T, NH, HS, det_err.c_str());
-            g.deterministic = false;
-        }
-    } catch (const std::exception &ex) {  // the frontend reports some failures by throwing
-        return std::string("exception: ") + ex.what();
+    std::string det_why, err = build_graphs(&gs, B, T, NH, HS, Target(), &det_why);
+    if (!err.empty()) return err;
+    if (!det_why.empty()) {
+        fprintf(stderr,
+                "note: cuDNN attention: no deterministic backward for B=%d T=%d NH=%d HS=%d (%s); "
+                "runs may differ in the last bits (-fa 1 is bit-identical)\n",
+                B, T, NH, HS, det_why.c_str());
+        g.deterministic = false;
     }
     size_t ws = workspace_of(gs.fwd), wsb = workspace_of(gs.bwd);
     reserve_workspace(ws > wsb ? ws : wsb);
@@ -247,15 +269,21 @@ int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_
 
 int cudnn_attention_deterministic(void) { return g.deterministic; }
 
-int cudnn_attention_validate(int B, int T, int NH, int HS, int sm, char *why, size_t why_len) {
-    std::string err;
-    try {
-        if (!forward_graph(B, T, NH, HS, sm, &err)) err = "forward: " + err;
-        else if (!backward_graph(B, T, NH, HS, true, sm, &err)) err = "backward: " + err;
-    } catch (const std::exception &ex) {
-        err = std::string("exception: ") + ex.what();
+int cudnn_attention_check(int B, int T, int NH, int HS, int sm, const char *device_json, int *deterministic, char *why, size_t why_len) {
+    Target tg;
+    tg.sm = sm;
+    std::string err, det_why;
+    if (sm <= 0) err = "sm must be a compute capability such as 90";
+    else if (device_json) {
+        tg.props = std::make_shared<fe::DeviceProperties>();
+        std::vector<uint8_t> bytes(device_json, device_json + strlen(device_json));
+        fe::error_t e = tg.props->deserialize(bytes);
+        if (e.is_bad()) err = "device properties: " + e.get_message();
     }
-    if (why && why_len) snprintf(why, why_len, "%s", err.c_str());
+    Graphs gs;
+    if (err.empty()) err = build_graphs(&gs, B, T, NH, HS, tg, &det_why);
+    if (deterministic) *deterministic = err.empty() && det_why.empty();
+    if (why && why_len) snprintf(why, why_len, "%s", err.empty() ? det_why.c_str() : err.c_str());
     return err.empty();
 }
 

@@ -26,10 +26,16 @@ int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_
 // runs); 0 when this cuDNN has none for them and the backward adds in an unspecified order.
 int cudnn_attention_deterministic(void);
 
-// The graphs of this shape as far as the frontend checks them without a GPU, for a GPU of compute
-// capability sm (90: H100): tensor shapes, strides and types and the SDPA nodes' rules for that
-// GPU (tests/test_cudnn_graph.cpp). Returns 1 when they pass, else 0 with the frontend's message.
-int cudnn_attention_validate(int B, int T, int NH, int HS, int sm, char *why, size_t why_len);
+// The graphs of this shape checked without a GPU, for one of compute capability sm (90: H100;
+// tests/test_cudnn_graph.cpp): the frontend's checks (tensor dims, strides and types, the SDPA
+// nodes' rules for that GPU) and, given device_json (cuDNN's serialized device properties, as
+// DeviceProperties::serialize writes them), cuDNN's own: the lowering to its backend graph, its
+// heuristics, and that one of its engines supports each graph on that device. cuDNN loads
+// libcuda.so.1 for that last step (the toolkit's stub library is enough); building the plans
+// (loading kernels) is left to a GPU. Returns 1 when it all passes, else 0 with the step and
+// cuDNN's message in why. *deterministic (may be NULL): whether the backward that passed is the
+// deterministic algorithm (else why says why not).
+int cudnn_attention_check(int B, int T, int NH, int HS, int sm, const char *device_json, int *deterministic, char *why, size_t why_len);
 
 void cudnn_attention_forward(void *out, float *stats, const void *qkv, int B, int T, int NH, int HS);
 void cudnn_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *stats, int B, int T, int NH,

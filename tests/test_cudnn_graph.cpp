@@ -7,10 +7,18 @@
 //      validation for an A100 (sm 80) and an H100 (sm 90): tensor dims and types, and the
 //      SDPA nodes' rules for that GPU;
 //   3. that validation is real: it refuses head sizes cuDNN cannot do (not a multiple of 8; a
-//      backward above 128 on sm 80 or above 256 on sm 90), where the trainer falls back to -fa 1.
-// Whether cuDNN builds and runs the graphs, and their numbers, are test_gpt2cu's (-fa 2) on a GPU.
+//      backward above 128 on sm 80 or above 256 on sm 90), where the trainer falls back to -fa 1;
+//   4. cuDNN itself, given an H100's and an A100's device properties (deviceless, as for its
+//      ahead-of-time compilation), lowers both graphs, finds engines by its heuristics, and has
+//      one that supports each graph on that device; the program says whether the backward's is
+//      the deterministic algorithm. cuDNN loads libcuda.so.1 for this: the driver where there is
+//      one, else the CUDA toolkit's stub library (lib64/stubs), which is enough here.
+// Building the plans (loading kernels) and running them, and their numbers, are test_gpt2cu's
+// (-fa 2) on a GPU.
 #include "cuda/cudnn_attention.h"
 
+#include <dlfcn.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
@@ -75,7 +83,7 @@ static void check_layouts(int B, int T, int NH, int HS) {
 
 static void check_validates(int B, int T, int NH, int HS, int sm, int expect_ok, const char *expect_why, const char *what) {
     char why[1024] = "";
-    int ok = cudnn_attention_validate(B, T, NH, HS, sm, why, sizeof(why));
+    int ok = cudnn_attention_check(B, T, NH, HS, sm, NULL, NULL, why, sizeof(why));
     if (expect_ok) {
         check_true(ok, NAME("cuDNN attention graphs validate on sm %d: %s (B=%d T=%d NH=%d HS=%d)", sm, what, B, T, NH, HS), why);
     } else {
@@ -84,6 +92,51 @@ static void check_validates(int B, int T, int NH, int HS, int sm, int expect_ok,
         check_true(!ok && strstr(why, expect_why) != NULL,
                    NAME("cuDNN refuses on sm %d: %s (B=%d T=%d NH=%d HS=%d): %s", sm, what, B, T, NH, HS, why), detail);
     }
+}
+
+// Device properties as cuDNN serializes them (CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION), filled
+// with each GPU's cudaGetDeviceProperties values (deviceVer: 100 x the compute capability).
+static const char *H100_SXM =
+    "{\"deviceName\": \"NVIDIA H100 80GB HBM3\", \"cudaDeviceId\": 0, \"deviceVer\": 900, \"driverVer\": 13000, \"pciDeviceId\": 9008,"
+    " \"multiProcessorCount\": 132, \"totalGlobalMem\": 85020000256, \"l2CacheSize\": 52428800, \"smClockRateKHz\": 1980000,"
+    " \"memClockRateKHz\": 2619000, \"maxGridSize\": [2147483647, 65535, 65535], \"maxBlockSize\": [1024, 1024, 64],"
+    " \"maxThreadsPerBlock\": 1024, \"maxThreadsPerSM\": 2048, \"maxCtasPerSM\": 32, \"warpSize\": 32, \"regsPerBlock\": 65536,"
+    " \"maxRegistersPerSM\": 65536, \"maxSharedMemoryPerBlock\": 49152, \"maxSharedMemoryPerBlockOptin\": 232448,"
+    " \"reservedSharedMemoryPerBlock\": 1024, \"isTccDriver\": 0, \"supportCoopLaunch\": 1}";
+static const char *A100_SXM =
+    "{\"deviceName\": \"NVIDIA A100-SXM4-80GB\", \"cudaDeviceId\": 0, \"deviceVer\": 800, \"driverVer\": 13000, \"pciDeviceId\": 8370,"
+    " \"multiProcessorCount\": 108, \"totalGlobalMem\": 85097971712, \"l2CacheSize\": 41943040, \"smClockRateKHz\": 1410000,"
+    " \"memClockRateKHz\": 1593000, \"maxGridSize\": [2147483647, 65535, 65535], \"maxBlockSize\": [1024, 1024, 64],"
+    " \"maxThreadsPerBlock\": 1024, \"maxThreadsPerSM\": 2048, \"maxCtasPerSM\": 32, \"warpSize\": 32, \"regsPerBlock\": 65536,"
+    " \"maxRegistersPerSM\": 65536, \"maxSharedMemoryPerBlock\": 49152, \"maxSharedMemoryPerBlockOptin\": 166912,"
+    " \"reservedSharedMemoryPerBlock\": 1024, \"isTccDriver\": 0, \"supportCoopLaunch\": 1}";
+
+// libcuda.so.1 for cuDNN's deviceless steps: loaded here (with its soname, so that cuDNN's own
+// dlopen finds it) from the driver, else from the toolkit's stubs. Returns where from, or NULL.
+static const char *load_libcuda(void) {
+    if (dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL)) return "the driver";
+    static char path[512];
+    const char *roots[] = {getenv("CUDA_HOME"), getenv("CUDA_PATH"), "/usr/local/cuda"};
+    for (const char *r : roots) {
+        if (!r) continue;
+        snprintf(path, sizeof(path), "%s/lib64/stubs/libcuda.so", r);
+        if (dlopen(path, RTLD_NOW | RTLD_GLOBAL)) return path;
+    }
+    return NULL;
+}
+
+static void check_deviceless(int B, int T, int NH, int HS, int sm, const char *device, const char *gpu, const char *what) {
+    char why[2048] = "";
+    int det = 0;
+    int ok = cudnn_attention_check(B, T, NH, HS, sm, device, &det, why, sizeof(why));
+    if (!ok && strncmp(why, "device properties:", 18) == 0) {  // another cuDNN's serialization, not our graphs
+        printf("# skipped: this cuDNN does not take the described %s (%s)\n", gpu, why);
+        return;
+    }
+    check_true(ok, NAME("cuDNN lowers, plans and supports the forward and backward on an %s: %s (B=%d T=%d NH=%d HS=%d)", gpu, what, B, T, NH, HS),
+               why);
+    if (ok) printf("# %s, %s: the backward is %s%s%s\n", gpu, what, det ? "cuDNN's deterministic algorithm" : "NOT deterministic: ",
+                   det ? "" : why, "");
 }
 
 int main(void) {
@@ -103,5 +156,18 @@ int main(void) {
     check_validates(2, 64, 2, 256, 90, 1, "", "head size 256");
     check_validates(2, 64, 2, 256, 80, 0, "128", "head size 256 backward");
     check_validates(2, 64, 2, 512, 90, 0, "256", "head size 512 backward");
+
+    const char *libcuda = load_libcuda();
+    if (!libcuda) {
+        printf("# skipped: cuDNN's deviceless checks (no libcuda.so.1: no driver, and no CUDA toolkit stubs in $CUDA_HOME or /usr/local/cuda)\n");
+    } else {
+        printf("# libcuda.so.1 for cuDNN: %s\n", libcuda);
+        check_deviceless(16, 1024, 12, 64, 90, H100_SXM, "H100", "GPT-2 124M, B=16 T=1024");
+        check_deviceless(64, 1024, 12, 64, 90, H100_SXM, "H100", "GPT-2 124M, B=64 T=1024");
+        check_deviceless(16, 1024, 16, 64, 90, H100_SXM, "H100", "GPT-2 350M");
+        check_deviceless(4, 64, 4, 32, 90, H100_SXM, "H100", "a small fixture shape, T=64 HS=32");
+        check_deviceless(16, 1024, 12, 64, 80, A100_SXM, "A100", "GPT-2 124M, B=16 T=1024");
+        check_deviceless(16, 1024, 16, 64, 80, A100_SXM, "A100", "GPT-2 350M");
+    }
     return test_summary();
 }
