@@ -178,32 +178,36 @@ void reserve_workspace(size_t bytes) {
     g.workspace_bytes = bytes;
 }
 
-// The forward and backward graphs of a shape for a target: the backward is cuDNN's deterministic
-// algorithm where it has one, else (*det_why says why) the fast one. "" when built, else why not.
-std::string build_graphs(Graphs *gs, int B, int T, int NH, int HS, const Target &tg, std::string *det_why) {
+// The forward (backward = false) or backward graph of a shape for a target; the backward is
+// cuDNN's deterministic algorithm where it has one, else (*det_why says why) the fast one.
+// "" when built, else why not.
+std::string build_graph(GraphPtr *gr, bool backward, int B, int T, int NH, int HS, const Target &tg, std::string *det_why) {
     std::string err;
     try {
-        gs->fwd = forward_graph(B, T, NH, HS, tg, &err);
-        if (!gs->fwd) return "forward: " + err;
-        gs->bwd = backward_graph(B, T, NH, HS, true, tg, &err);
-        if (!gs->bwd) {  // older cuDNN, or no deterministic engine for this shape
-            *det_why = err;
-            gs->bwd = backward_graph(B, T, NH, HS, false, tg, &err);
-            if (!gs->bwd) return "backward: " + err;
+        if (!backward) {
+            *gr = forward_graph(B, T, NH, HS, tg, &err);
+        } else {
+            *gr = backward_graph(B, T, NH, HS, true, tg, &err);
+            if (!*gr) {  // older cuDNN, or no deterministic engine for this shape
+                *det_why = err;
+                *gr = backward_graph(B, T, NH, HS, false, tg, &err);
+            }
         }
     } catch (const std::exception &ex) {  // the frontend reports some failures by throwing
-        return std::string("exception: ") + ex.what();
+        err = std::string("exception: ") + ex.what();
     }
-    return "";
+    return *gr ? "" : (backward ? "backward: " : "forward: ") + err;
 }
 
-// Builds (once) the graphs of this shape; "" when ready, else why not.
-std::string ensure(int B, int T, int NH, int HS) {
-    Shape key(B, T, NH, HS);
-    if (g.graphs.count(key)) return "";
+// Builds (once) the forward or the backward graph of this shape; "" when ready, else why not.
+// Each is built on first use: a forward-only shape (sampling: T = 1 has no backward in cuDNN)
+// never needs its backward.
+std::string ensure(bool backward, int B, int T, int NH, int HS) {
+    Graphs &gs = g.graphs[Shape(B, T, NH, HS)];
+    GraphPtr &gr = backward ? gs.bwd : gs.fwd;
+    if (gr) return "";
     if (!g.handle) cudnnCheck(cudnnCreate(&g.handle));
-    Graphs gs;
-    std::string det_why, err = build_graphs(&gs, B, T, NH, HS, Target(), &det_why);
+    std::string det_why, err = build_graph(&gr, backward, B, T, NH, HS, Target(), &det_why);
     if (!err.empty()) return err;
     if (!det_why.empty()) {
         fprintf(stderr,
@@ -212,20 +216,19 @@ std::string ensure(int B, int T, int NH, int HS) {
                 B, T, NH, HS, det_why.c_str());
         g.deterministic = false;
     }
-    size_t ws = workspace_of(gs.fwd), wsb = workspace_of(gs.bwd);
-    reserve_workspace(ws > wsb ? ws : wsb);
-    g.graphs[key] = gs;
+    reserve_workspace(workspace_of(gr));
     return "";
 }
 
-const Graphs &graphs_for(int B, int T, int NH, int HS) {
-    std::string err = ensure(B, T, NH, HS);
+const GraphPtr &graph_for(bool backward, int B, int T, int NH, int HS) {
+    std::string err = ensure(backward, B, T, NH, HS);
     if (!err.empty()) {
         char shape[96];
         snprintf(shape, sizeof(shape), "B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
         die(shape, err + " (use -fa 1: our flash kernel)", __FILE__, __LINE__);
     }
-    return g.graphs[Shape(B, T, NH, HS)];
+    const Graphs &gs = g.graphs[Shape(B, T, NH, HS)];
+    return backward ? gs.bwd : gs.fwd;
 }
 
 void execute(const GraphPtr &gr, std::unordered_map<int64_t, void *> &pack, const char *what) {
@@ -262,7 +265,8 @@ CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH
 }
 
 int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_len) {
-    std::string err = ensure(B, T, NH, HS);
+    std::string err = ensure(false, B, T, NH, HS);
+    if (err.empty()) err = ensure(true, B, T, NH, HS);
     if (why && why_len) snprintf(why, why_len, "%s", err.c_str());
     return err.empty();
 }
@@ -280,15 +284,16 @@ int cudnn_attention_check(int B, int T, int NH, int HS, int sm, const char *devi
         fe::error_t e = tg.props->deserialize(bytes);
         if (e.is_bad()) err = "device properties: " + e.get_message();
     }
-    Graphs gs;
-    if (err.empty()) err = build_graphs(&gs, B, T, NH, HS, tg, &det_why);
+    GraphPtr fwd, bwd;
+    if (err.empty()) err = build_graph(&fwd, false, B, T, NH, HS, tg, &det_why);
+    if (err.empty()) err = build_graph(&bwd, true, B, T, NH, HS, tg, &det_why);
     if (deterministic) *deterministic = err.empty() && det_why.empty();
     if (why && why_len) snprintf(why, why_len, "%s", err.empty() ? det_why.c_str() : err.c_str());
     return err.empty();
 }
 
 void cudnn_attention_forward(void *out, float *stats, const void *qkv, int B, int T, int NH, int HS) {
-    const Graphs &gs = graphs_for(B, T, NH, HS);
+    const GraphPtr &gr = graph_for(false, B, T, NH, HS);
     std::unordered_map<int64_t, void *> pack = {
         {UID_Q, at(qkv, CUDNN_ATT_Q, B, T, NH, HS)},
         {UID_K, at(qkv, CUDNN_ATT_K, B, T, NH, HS)},
@@ -296,12 +301,12 @@ void cudnn_attention_forward(void *out, float *stats, const void *qkv, int B, in
         {UID_O, out},
         {UID_STATS, stats},
     };
-    execute(gs.fwd, pack, "forward");
+    execute(gr, pack, "forward");
 }
 
 void cudnn_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *stats, int B, int T, int NH,
                               int HS) {
-    const Graphs &gs = graphs_for(B, T, NH, HS);
+    const GraphPtr &gr = graph_for(true, B, T, NH, HS);
     std::unordered_map<int64_t, void *> pack = {
         {UID_Q, at(qkv, CUDNN_ATT_Q, B, T, NH, HS)},
         {UID_K, at(qkv, CUDNN_ATT_K, B, T, NH, HS)},
@@ -313,7 +318,7 @@ void cudnn_attention_backward(void *dqkv, const void *dout, const void *qkv, con
         {UID_DK, at(dqkv, CUDNN_ATT_K, B, T, NH, HS)},
         {UID_DV, at(dqkv, CUDNN_ATT_V, B, T, NH, HS)},
     };
-    execute(gs.bwd, pack, "backward");
+    execute(gr, pack, "backward");
 }
 
 size_t cudnn_attention_workspace_bytes(void) { return g.workspace_bytes; }

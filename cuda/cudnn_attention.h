@@ -7,8 +7,9 @@
 // scaled causal scores (the same quantity and layout as flash_attention.cuh's lse); dqkv (B, T, 3C)
 // bf16, overwritten. The scale is 1/sqrt(HS). Everything runs on the default stream.
 //
-// The cuDNN graphs are built once per shape (B, T, NH, HS) and cached: building one can take a
-// second when cuDNN compiles its kernel, so callers should keep to a few shapes.
+// The cuDNN graphs are built once per shape (B, T, NH, HS) and direction, on first use, and
+// cached: building one can take a second when cuDNN compiles its kernel, so callers should keep to
+// a few shapes.
 
 // How the graphs see each buffer: a (B, NH, T, HS) logical view (stats: (B, NH, T, 1)) with
 // element strides, starting `offset` elements into the buffer (k and v sit C and 2C into qkv).
