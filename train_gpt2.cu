@@ -239,6 +239,10 @@ static void gpt2_build(GPT2 *m, const char *spec) {
 static size_t gpt2_padded_len(const GPT2 *m) { return m->zero.padded > m->num_params ? m->zero.padded : m->num_params; }
 static size_t gpt2_moments_len(const GPT2 *m) { return m->zero.stage ? m->zero.shard : m->num_params; }
 
+// One layer's logsumexp rows, (B, NH, T), rounded up to 4 floats so that every layer's starts
+// 16-byte aligned, as cuDNN wants its tensors.
+static size_t lse_layer_len(size_t B, size_t NH, size_t T) { return (B * NH * T + 3) / 4 * 4; }
+
 #ifdef USE_CUDNN
 // Whether cuDNN's attention runs at this (B, T): -fa 2 prepares the training shape at allocation,
 // and sampling's growing T takes our flash kernel where it applies, so that cuDNN does not build
@@ -304,7 +308,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     a->ln1_rstd = cudaMallocNamed(float, L * BT, "activations: ln1 rstd");
     a->qkv = cudaMallocNamed(floatX, L * BT * 3 * C, "activations: qkv (L x B x T x 3C)");
     if (m->flash || m->cudnn) {
-        m->lse = cudaMallocNamed(float, L * B * NH * T, "activations: attention logsumexp (L x B x NH x T fp32)");
+        m->lse = cudaMallocNamed(float, L * lse_layer_len(B, NH, T), "activations: attention logsumexp (L x B x NH x T fp32)");
         m->flash_scratch = cudaMallocNamed(float, (size_t)B * NH * T, "scratch: flash-attention backward (B x NH x T)");
     } else {
         a->att = cudaMallocNamed(floatX, L * att, "activations: attention probabilities (L x B x NH x T x T; -fa 1 avoids it)");
@@ -459,7 +463,7 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
 // Attention of layer l: atty (B, T, C) from qkv (B, T, 3C) on the path gpt2_alloc chose.
 static void attention_forward_any(GPT2 *m, int l, floatX *atty, const floatX *qkv, int B, int T) {
     const int C = m->config.channels, NH = m->config.num_heads;
-    float *lse = m->lse + (size_t)l * B * NH * T;
+    float *lse = m->lse + l * lse_layer_len(B, NH, T);
 #ifdef USE_CUDNN
     if (attention_on_cudnn(m, B, T)) { cudnn_attention_forward(atty, lse, qkv, B, T, NH, C / NH); return; }
 #endif
@@ -470,7 +474,7 @@ static void attention_forward_any(GPT2 *m, int l, floatX *atty, const floatX *qk
 // dqkv (B, T, 3C), overwritten, from datty (B, T, C) and the forward's qkv and atty.
 static void attention_backward_any(GPT2 *m, int l, floatX *dqkv, const floatX *datty, const floatX *qkv, const floatX *atty, int B, int T) {
     const int C = m->config.channels, NH = m->config.num_heads;
-    const float *lse = m->lse + (size_t)l * B * NH * T;
+    const float *lse = m->lse + l * lse_layer_len(B, NH, T);
 #ifdef USE_CUDNN
     if (attention_on_cudnn(m, B, T)) { cudnn_attention_backward(dqkv, datty, qkv, atty, lse, B, T, NH, C / NH); return; }
 #endif
