@@ -472,7 +472,14 @@ static void check_structures_vs_cpu(void) {
 // attention path, then without recompute or fusion, then with LayerNorm recompute and
 // forward-only fusion; with cuDNN, the defaults with every check on -fa 2; a structured one once
 // more, the defaults with every check and -sk 1.
+static int g_cudnn_only = 0;  // --cudnn-only: the -fa 2 run of each fixture alone
 static void run_fixture_modes(const char *path) {
+#ifdef USE_CUDNN
+    if (g_cudnn_only) {
+        run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 2, 1, 0);
+        return;
+    }
+#endif
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 0, 1, 0);
     run_fixture(path, 0, 0, 1, 0, 0);
@@ -484,10 +491,20 @@ static void run_fixture_modes(const char *path) {
     g_st_fused = 0;
 }
 
+// ./test_gpt2cu [fixtures directory (default dev/fixtures)] [--cudnn-only]
 int main(int argc, char **argv) {
+    const char *dir = "dev/fixtures";
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--cudnn-only") == 0) g_cudnn_only = 1;
+        else dir = argv[i];
+    }
+#ifndef USE_CUDNN
+    if (g_cudnn_only) fatal("--cudnn-only: this test_gpt2cu was built without cuDNN (README, \"cuDNN attention\")");
+#endif
     gpu_init(0);
     printf("# device: %s (sm_%d%d)\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor);
-    fixture_for_each_model(argc > 1 ? argv[1] : "dev/fixtures", run_fixture_modes);
+    fixture_for_each_model(dir, run_fixture_modes);
+    if (g_cudnn_only) return test_summary();
     check_structures_vs_cpu();
     if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
     return test_summary();

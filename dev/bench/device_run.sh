@@ -2,8 +2,8 @@
 # dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
 # machine, inside a time budget, most important first:
 #   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
-#   1b. test_gpt2cu_cudnn       the same with cuDNN's attention (-fa 2) added, when it was built
-#                               and this machine's libcudnn loads
+#   1b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
+#                               was built and this machine's libcudnn loads
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
@@ -89,7 +89,7 @@ KERNELS='rc=0; for src in dev/cuda/*.cu; do b=${src%.cu}; [ -x "${b}_cudnn" ] &&
 for s in $STAGES; do
     case $s in
         test) run_stage test 150 ./test_gpt2cu ;;
-        cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 120 ./test_gpt2cu_cudnn ;;
+        cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
@@ -104,7 +104,7 @@ if [ -f "$LOGS/test.log" ]; then
     grep -E '^FAIL' "$LOGS/test.log" | head -30 >> "$SUMMARY"
 fi
 if [ -f "$LOGS/cudnn.log" ]; then
-    say "== test_gpt2cu_cudnn (adds -fa 2): $(tail -1 "$LOGS/cudnn.log")"
+    say "== test_gpt2cu_cudnn --cudnn-only (-fa 2): $(tail -1 "$LOGS/cudnn.log")"
     grep -E '^(FAIL|note: -fa 2|note: cuDNN|# determinism checks skipped)' "$LOGS/cudnn.log" | sort | uniq -c | head -30 >> "$SUMMARY"
 fi
 if [ -f "$LOGS/structured.log" ]; then
