@@ -1,5 +1,6 @@
 // cuda/cudnn_attention.cpp: cuDNN's fused flash attention through the cuDNN frontend's graph API
-// (header-only C++, dev/cudnn_frontend.md says where it comes from), behind cudnn_attention.h.
+// (header-only C++: requirements-cudnn.txt and the README's "cuDNN attention" say where it comes
+// from), behind cudnn_attention.h.
 //
 // A separate translation unit: the frontend's headers take a minute to compile, so they are built
 // once into an object (Makefile: USE_CUDNN) instead of with every change to train_gpt2.cu.
