@@ -2,12 +2,12 @@
 # dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
 # machine, inside a time budget, most important first:
 #   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
-#   1b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
-#                               was built and this machine's libcudnn loads
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
+#   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
+#                               was built and this machine's libcudnn loads
 #   4. dev/cuda programs        each kernel's numbered versions against its CPU check and roofline
 # Binaries come from .device/ (dev/bench/device_prep.sh, run where nvcc is; carry ".device");
 # when they cannot start there, everything is built on the spot first (minutes of the budget).
@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
-STAGES=${STAGES:-"test cudnn structured gpu kernels"}
+STAGES=${STAGES:-"test structured gpu cudnn kernels"}
 RES=${OUT:-/tmp/device_out}
 mkdir -p "$RES" || exit 1
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
