@@ -244,27 +244,6 @@ void *at(const void *buf, CudnnAttTensor which, int B, int T, int NH, int HS) {
 
 }  // namespace
 
-CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH, int HS) {
-    const long long C = (long long)NH * HS;
-    CudnnAttLayout l = {{B, NH, T, HS}, {0, 0, 0, 0}, 0};
-    switch (which) {
-    case CUDNN_ATT_Q:
-    case CUDNN_ATT_K:
-    case CUDNN_ATT_V:  // (B, T, 3, NH, HS): the part's C columns of each token's 3C
-        l.stride[0] = (long long)T * 3 * C; l.stride[1] = HS; l.stride[2] = 3 * C; l.stride[3] = 1;
-        l.offset = (long long)(which - CUDNN_ATT_Q) * C;
-        break;
-    case CUDNN_ATT_OUT:  // (B, T, NH, HS)
-        l.stride[0] = (long long)T * C; l.stride[1] = HS; l.stride[2] = C; l.stride[3] = 1;
-        break;
-    case CUDNN_ATT_STATS:  // (B, NH, T), one value per query row
-        l.dim[3] = 1;
-        l.stride[0] = (long long)NH * T; l.stride[1] = T; l.stride[2] = 1; l.stride[3] = 1;
-        break;
-    }
-    return l;
-}
-
 int cudnn_attention_prepare(int B, int T, int NH, int HS, char *why, size_t why_len) {
     std::string err = ensure(false, B, T, NH, HS);
     if (err.empty()) err = ensure(true, B, T, NH, HS);

@@ -17,7 +17,26 @@ typedef enum { CUDNN_ATT_Q, CUDNN_ATT_K, CUDNN_ATT_V, CUDNN_ATT_OUT, CUDNN_ATT_S
 typedef struct {
     long long dim[4], stride[4], offset;
 } CudnnAttLayout;
-CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH, int HS);
+static inline CudnnAttLayout cudnn_attention_layout(CudnnAttTensor which, int B, int T, int NH, int HS) {
+    const long long C = (long long)NH * HS;
+    CudnnAttLayout l = {{B, NH, T, HS}, {0, 0, 0, 0}, 0};
+    switch (which) {
+    case CUDNN_ATT_Q:
+    case CUDNN_ATT_K:
+    case CUDNN_ATT_V:  // (B, T, 3, NH, HS): the part's C columns of each token's 3C
+        l.stride[0] = (long long)T * 3 * C; l.stride[1] = HS; l.stride[2] = 3 * C; l.stride[3] = 1;
+        l.offset = (long long)(which - CUDNN_ATT_Q) * C;
+        break;
+    case CUDNN_ATT_OUT:  // (B, T, NH, HS)
+        l.stride[0] = (long long)T * C; l.stride[1] = HS; l.stride[2] = C; l.stride[3] = 1;
+        break;
+    case CUDNN_ATT_STATS:  // (B, NH, T), one value per query row
+        l.dim[3] = 1;
+        l.stride[0] = (long long)NH * T; l.stride[1] = T; l.stride[2] = 1; l.stride[3] = 1;
+        break;
+    }
+    return l;
+}
 
 // Builds the forward and backward graphs of this shape and sizes the workspace. Returns 1 when
 // cuDNN can run them; otherwise 0, with cuDNN's reason in why (why_len bytes, may be NULL).

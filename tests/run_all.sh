@@ -37,6 +37,7 @@ count "CUDA kernels on the CPU simulator (tests/cuda_sim)" ./build/cuda_sim/test
 count "CUDA kernels, random thread order" env SIM_SERIAL=1 ./build/cuda_sim/test_sim_kernels sim order attention structured fused
 count "GPU trainer's main on the CPU simulator" bash tests/cuda_sim/test_sim_trainer.sh
 count "test_gpt2.cu (GPU test mode, every fixture) on the CPU simulator" ./build/cuda_sim/test_gpt2cu
+count "test_gpt2.cu --cudnn-only (-fa 2) on the simulator's stand-in for cuDNN" ./build/cuda_sim/test_gpt2cu_cudnn --cudnn-only
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh
 count "data parallel under mpirun (tests/test_mpi.sh)" bash tests/test_mpi.sh
 

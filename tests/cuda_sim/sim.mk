@@ -7,7 +7,7 @@
 SIM_DIR = $(BUILD)/cuda_sim
 SIM_CXX ?= g++
 SIM_CXXFLAGS = -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -DBT_WMMA_GENERIC -I $(SIM_DIR)/src -I tests/cuda_sim -I.
-SIM_SOURCES = $(wildcard *.cu *.c cuda/*.cuh structured/*.cuh structured/*.h common/*.h tests/*.h dev/cuda/*.cu dev/cuda/*.cuh)
+SIM_SOURCES = $(wildcard *.cu *.c cuda/*.cuh cuda/*.h cuda/*.cpp structured/*.cuh structured/*.h common/*.h tests/*.h dev/cuda/*.cu dev/cuda/*.cuh)
 SIM_DEPS = $(SIM_DIR)/src/.stamp tests/cuda_sim/cuda_sim.h
 $(SIM_DIR)/src/.stamp: tests/cuda_sim/simify.py $(SIM_SOURCES) | $(BUILD)
 	python3 tests/cuda_sim/simify.py --out $(SIM_DIR)/src
@@ -18,10 +18,18 @@ $(SIM_DIR)/test_gpt2cu: $(SIM_DEPS)
 	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/test_gpt2.cu -o $@
 $(SIM_DIR)/train_gpt2cu: $(SIM_DEPS)
 	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/train_gpt2.cu -o $@
+# the trainer's -fa 2 path, cuDNN stood in for by cudnn_attention_sim.cpp (plain loops on the
+# contract of cuda/cudnn_attention.h)
+SIM_CUDNN = tests/cuda_sim/cudnn_attention_sim.cpp cuda/cudnn_attention.h
+$(SIM_DIR)/test_gpt2cu_cudnn: $(SIM_DEPS) $(SIM_CUDNN)
+	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_CUDNN -x c++ $(SIM_DIR)/src/test_gpt2.cu tests/cuda_sim/cudnn_attention_sim.cpp -o $@
+$(SIM_DIR)/train_gpt2cu_cudnn: $(SIM_DEPS) $(SIM_CUDNN)
+	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_CUDNN -x c++ $(SIM_DIR)/src/train_gpt2.cu tests/cuda_sim/cudnn_attention_sim.cpp -o $@
 .PHONY: test-cuda-sim
-test-cuda-sim: $(SIM_DIR)/test_sim_kernels $(SIM_DIR)/test_gpt2cu $(SIM_DIR)/train_gpt2cu
+test-cuda-sim: $(SIM_DIR)/test_sim_kernels $(SIM_DIR)/test_gpt2cu $(SIM_DIR)/train_gpt2cu $(SIM_DIR)/test_gpt2cu_cudnn $(SIM_DIR)/train_gpt2cu_cudnn
 	python3 tests/cuda_sim/simify.py --self-test
 	$(SIM_DIR)/test_sim_kernels
 	SIM_SERIAL=1 $(SIM_DIR)/test_sim_kernels sim order attention structured fused
 	bash tests/cuda_sim/test_sim_trainer.sh
 	$(SIM_DIR)/test_gpt2cu
+	$(SIM_DIR)/test_gpt2cu_cudnn --cudnn-only

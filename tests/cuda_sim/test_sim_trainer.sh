@@ -4,7 +4,7 @@
 # user runs it on tiny models: training lowers the loss, validation and sampling run, a run saved
 # and resumed is bit-identical to an uninterrupted one (model file and resume state), gradient
 # accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, -fa 2
-# without cuDNN is refused cleanly, and a
+# without cuDNN is refused cleanly and trains with the simulator's stand-in for cuDNN, and a
 # structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
@@ -82,6 +82,28 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -fa 2 -o "$W/F
 [ $rc -ne 0 ] && echo "$out" | grep -q "^error: -fa 2 (cuDNN attention): this build has no cuDNN; rebuild with the cuDNN frontend headers" \
     && [ -z "$(ls -A "$W/F" 2>/dev/null)" ] && ok "-fa 2 without cuDNN: a clear error, exit $rc, nothing written" \
     || bad "-fa 2 without cuDNN" "exit $rc: $(echo "$out" | tail -n 2)"
+
+# -fa 2 through the simulator's stand-in for cuDNN (tests/cuda_sim/cudnn_attention_sim.cpp): at head
+# size 16, cuDNN for the training shape and our flash kernel for sampling's growing T; at head size
+# 8, which our kernel does not take, cuDNN for every shape, sampling's T = 1 included. The first
+# two losses equal the default's (head size 16) or -fa 0's (head size 8; -fa 1 falls back to it),
+# and sampling runs.
+BIN_CUDNN=${BIN_CUDNN:-build/cuda_sim/train_gpt2cu_cudnn}
+if [ -x "$BIN_CUDNN" ]; then
+    for heads in 2 4; do
+        sed "s/^n_head = .*/n_head = $heads/" "$W/dense.cfg" > "$W/heads$heads.cfg"
+        a=$("$BIN" -e "$W/heads$heads.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -fa $((heads == 2 ? 1 : 0)) 2>&1 | losses | tr '\n' ' ')
+        out=$("$BIN_CUDNN" -e "$W/heads$heads.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 2 -g 4 -fa 2 2>&1); rc=$?
+        b=$(echo "$out" | losses | tr '\n' ' ')
+        [ $rc -eq 0 ] && echo "$out" | grep -q "cuDNN fused flash attention (-fa 2)" && echo "$out" | grep -q "^generating:" &&
+            awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+                for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1e-3) exit 1 } }' &&
+            ok "-fa 2 (simulated cuDNN), head size $((32 / heads)): trains (losses $b vs $a) and samples" ||
+            bad "-fa 2 (simulated cuDNN), head size $((32 / heads))" "exit $rc, losses '$b' vs '$a': $(echo "$out" | tail -n 2)"
+    done
+else
+    bad "-fa 2 (simulated cuDNN)" "$BIN_CUDNN not built"
+fi
 
 # -sk 1 (fused BTT forward and backward dx; BTT-MoE experts in one segmented launch each way;
 # the fused Monarch forward) against the cuBLAS plans, on
