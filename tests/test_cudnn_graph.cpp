@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <initializer_list>
+
 #include <vector>
 
 #include "tests/check.h"
@@ -168,6 +170,10 @@ int main(void) {
         check_deviceless(4, 64, 4, 32, 90, H100_SXM, "H100", "a small fixture shape, T=64 HS=32");
         check_deviceless(16, 1024, 12, 64, 80, A100_SXM, "A100", "GPT-2 124M, B=16 T=1024");
         check_deviceless(16, 1024, 16, 64, 80, A100_SXM, "A100", "GPT-2 350M");
+        // the test fixtures' sizes (dev/fixtures: T 7 to 24, head sizes 8 to 64; 12 is refused above),
+        // so that test_gpt2cu --cudnn-only runs them on cuDNN rather than skipping them
+        for (int hs = 8; hs <= 64; hs *= 2)
+            for (int T : {7, 8, 12, 16, 24}) check_deviceless(2, T, 4, hs, 90, H100_SXM, "H100", "a fixture's size");
     }
     return test_summary();
 }
