@@ -70,8 +70,11 @@ void set_layout(const TensorPtr &t, CudnnAttTensor which, int B, int T, int NH, 
     if (which == CUDNN_ATT_STATS) t->set_data_type(fe::DataType_t::FLOAT);
 }
 
-TensorPtr input(const GraphPtr &gr, const char *name, int64_t uid) {
-    return gr->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid));
+// a graph input with its id in the variant pack, laid out as `which`
+TensorPtr input(const GraphPtr &gr, const char *name, int64_t uid, CudnnAttTensor which, int B, int T, int NH, int HS) {
+    TensorPtr t = gr->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid));
+    set_layout(t, which, B, T, NH, HS);
+    return t;
 }
 
 // What a graph is built for: the GPU in use (sm 0: through the handle, up to a plan that runs), or
@@ -110,10 +113,8 @@ std::string finalize(const GraphPtr &gr, const Target &tg) {
 
 GraphPtr forward_graph(int B, int T, int NH, int HS, const Target &tg, std::string *err) {
     GraphPtr gr = new_graph(tg);
-    TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
-    set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
-    set_layout(k, CUDNN_ATT_K, B, T, NH, HS);
-    set_layout(v, CUDNN_ATT_V, B, T, NH, HS);
+    TensorPtr q = input(gr, "q", UID_Q, CUDNN_ATT_Q, B, T, NH, HS), k = input(gr, "k", UID_K, CUDNN_ATT_K, B, T, NH, HS),
+              v = input(gr, "v", UID_V, CUDNN_ATT_V, B, T, NH, HS);
     auto opts = fe::graph::SDPA_attributes()
                     .set_name("attention")
                     .set_generate_stats(true)  // the backward needs the logsumexp
@@ -131,14 +132,10 @@ GraphPtr forward_graph(int B, int T, int NH, int HS, const Target &tg, std::stri
 
 GraphPtr backward_graph(int B, int T, int NH, int HS, bool deterministic, const Target &tg, std::string *err) {
     GraphPtr gr = new_graph(tg);
-    TensorPtr q = input(gr, "q", UID_Q), k = input(gr, "k", UID_K), v = input(gr, "v", UID_V);
-    TensorPtr o = input(gr, "o", UID_O), dout = input(gr, "dout", UID_DO), stats = input(gr, "stats", UID_STATS);
-    set_layout(q, CUDNN_ATT_Q, B, T, NH, HS);
-    set_layout(k, CUDNN_ATT_K, B, T, NH, HS);
-    set_layout(v, CUDNN_ATT_V, B, T, NH, HS);
-    set_layout(o, CUDNN_ATT_OUT, B, T, NH, HS);
-    set_layout(dout, CUDNN_ATT_OUT, B, T, NH, HS);
-    set_layout(stats, CUDNN_ATT_STATS, B, T, NH, HS);
+    TensorPtr q = input(gr, "q", UID_Q, CUDNN_ATT_Q, B, T, NH, HS), k = input(gr, "k", UID_K, CUDNN_ATT_K, B, T, NH, HS),
+              v = input(gr, "v", UID_V, CUDNN_ATT_V, B, T, NH, HS);
+    TensorPtr o = input(gr, "o", UID_O, CUDNN_ATT_OUT, B, T, NH, HS), dout = input(gr, "dout", UID_DO, CUDNN_ATT_OUT, B, T, NH, HS),
+              stats = input(gr, "stats", UID_STATS, CUDNN_ATT_STATS, B, T, NH, HS);
     auto opts = fe::graph::SDPA_backward_attributes()
                     .set_name("attention_backward")
                     .set_causal_mask(true)

@@ -477,7 +477,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
     st->host_valid = 0;  // this forward's counts exist on the device only
-    // every expert in one launch from the device's counts (no wait for the host copy), or per expert
+    // every expert in one launch from the device's counts (nothing comes to the host), or per expert
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {

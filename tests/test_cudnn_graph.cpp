@@ -137,8 +137,7 @@ static void check_deviceless(int B, int T, int NH, int HS, int sm, const char *d
     }
     check_true(ok, NAME("cuDNN lowers, plans and supports the forward and backward on an %s: %s (B=%d T=%d NH=%d HS=%d)", gpu, what, B, T, NH, HS),
                why);
-    if (ok) printf("# %s, %s: the backward is %s%s%s\n", gpu, what, det ? "cuDNN's deterministic algorithm" : "NOT deterministic: ",
-                   det ? "" : why, "");
+    if (ok) printf("# %s, %s: the backward is %s%s\n", gpu, what, det ? "cuDNN's deterministic algorithm" : "NOT deterministic: ", det ? "" : why);
 }
 
 int main(void) {
