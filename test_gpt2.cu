@@ -338,7 +338,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
-        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N, g_st_fused ? "fused forward" : "cuBLAS");
+        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? "fused segmented" : "cuBLAS");

@@ -750,7 +750,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 2, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128; deterministic), "
                                       "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 1)"},
-        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd) (default: 0)"},
+        {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx) (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -811,7 +811,7 @@ static void trainer_banner(const GPT2 *m) {
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
                                                               : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured)
-        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT fwd+bwd dx, Monarch fwd (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN
     bytes += cudnn_attention_workspace_bytes();  // cuDNN allocates it, not cudaMallocNamed

@@ -129,6 +129,14 @@ static inline void plan_monarch_forward(Plan *p, const MonarchShape *m, int n) {
     plan_permute(p, PB_T2, 0, dout, PB_Y, 0, dout, n, nb, s, 1);                                                 // y[i nb + l] = yt[l s + i]
 }
 
+// The weight gradients from T2 = dyt and T3 = du (natural order): the backward's last step, also
+// after the fused kernel (monarch_fused.cuh), which leaves dx, dyt and du.
+static inline void plan_monarch_backward_weights(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    plan_gemm(p, 1, 0, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, urow, q, PB_DW1, 0, q, (long long)s * q, nb, 1);   // dL[l] += dYt_l^T Ut_l
+    plan_gemm(p, 1, 0, q, pp, n, PB_T3, 0, urow, q, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
+}
+
 static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, int want_dx) {
     const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
     plan_permute(p, PB_DY, 0, dout, PB_T2, 0, dout, n, s, nb, 1);                                                // dyt
@@ -136,8 +144,7 @@ static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, 
     plan_permute(p, PB_T1, 0, urow, PB_T3, 0, urow, n, nb, q, 1);                                                // du, natural order
     if (want_dx)
         plan_gemm(p, 0, 0, n, pp, q, PB_T3, 0, urow, q, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);  // dX_k = dU_k R[k]
-    plan_gemm(p, 1, 0, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, urow, q, PB_DW1, 0, q, (long long)s * q, nb, 1);   // dL[l] += dYt_l^T Ut_l
-    plan_gemm(p, 1, 0, q, pp, n, PB_T3, 0, urow, q, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
+    plan_monarch_backward_weights(p, m, n);
 }
 
 // Scratch elements per row: T1 and T3 (urow each), T2 (d_out).

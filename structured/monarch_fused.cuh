@@ -1,9 +1,10 @@
-// structured/monarch_fused.cuh: the Monarch forward as ONE kernel that keeps u on chip.
+// structured/monarch_fused.cuh: the Monarch forward, and the backward's dx, each as ONE kernel that
+// keeps the intermediate (u, du) on chip.
 //
 // Math and layouts are structured/monarch.h's: nb blocks, p = d_in/nb, s = d_out/nb, q = min(p, s);
 //   u[k*q + j] = Σ_c R[k, j, c] x[k*p + c];   y[i*nb + l] = Σ_r L[l, i, r] u[r*nb + l] + b[i*nb + l]
 // saved u row (nb, q): u_saved[l*q + r] = u[r*nb + l], as monarch_forward_gpu's baseline saves it,
-// so the baseline backward runs on it unchanged.
+// so either backward runs on it unchanged.
 //
 // One block of MF_WARPS warps per tile of tm = 16*MT rows (MT = 1 or 2). The cores come
 // transposed (monarch_transposed_cores_gpu): Rt[k] = R[k]ᵀ (p x q), Lt[l] = L[l]ᵀ (q x s), so both
@@ -23,8 +24,11 @@
 // Shared memory: u tile tm x (nb*q + pad), y staging tm x (js*16*nb + pad), per warp a 16x16 bf16
 // A tile and a 16x20 fp32 staging tile. Needs p, q, s multiples of 16, d_in, d_out multiples of 8,
 // x, y, u, bias 16-byte aligned and the transposed cores 32-byte aligned (monarch_fused_supported).
-// Not yet: the backward (the baseline's, on the saved u), a register prefetch of x (the BTT
-// kernel's), stage-1 A tiles shared between the warps of a block.
+// Not yet: a register prefetch of x (the BTT kernel's), stage-1 A tiles shared between the warps
+// of a block.
+//
+// The backward's dx is not a Monarch of the same kind (its first stage reads dy strided, its second
+// writes dx contiguously), so it has its own kernel, monarch_fused_bwd_kernel (below the forward).
 #pragma once
 #include <mma.h>
 #include "../common/btt_tiles.h"
@@ -181,6 +185,192 @@ static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, 
         set = g.smem_bytes;
     }
     k<<<ceil_div_i(N, tm), MF_THREADS, g.smem_bytes>>>(y, u_or_null, x, Rt, Lt, bias_or_null, N, g);
+    cudaCheckLaunch();
+    return 1;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward: dx, du and dyt from ONE kernel over dy (monarch.h's backward, same roundings as the
+// baseline's plan: du rounded to bf16 once, dx accumulated in fp32 and rounded once):
+//   dyt[l*s + i] = dy[i*nb + l]                         (for dL's GEMM; written as the plan's T2)
+//   du[r*nb + l] = Σ_i L[l, i, r] dyt[l*s + i]          (natural order; written as the plan's T3)
+//   dx[k*p + c]  = Σ_j R[k, j, c] du[k*q + j]
+// The weight gradients dL[l] += dYt_lᵀ Ut_l and dR[k] += dU_kᵀ X_k reduce over every row: they stay
+// cuBLAS GEMMs on dyt and du (plan_monarch_backward_weights).
+//
+// One block of MF_WARPS warps per tile of tm = 16*MT rows. The cores are read as stored, L[l]
+// (s x q) and R[k] (q x p) both row-major wmma B operands (32-byte aligned: the caller copies
+// misaligned parameters). For groups of G of the nb blocks l (all nb when they fit):
+//   fill: the block reads the tile's dy rows as 16-byte vectors and scatters the group's elements
+//     (column i*nb + l) de-interleaved into the dyt tile, tm x G*s (rows past N as zeros); copies
+//     the group's dyt columns (contiguous: l*s + i) to global; barrier.
+//   stage 1: items (l, n-tile of q, m-tile): dUt_l = dYt_l L[l] over K = s, rounded to bf16 and
+//     scattered into the du tile at r*nb + l; barrier (the dyt tile is refilled by the next group).
+// With G < nb the tile's dy is read nb/G times (from L2 after the first), the price of shapes whose
+// whole dyt tile does not fit in shared memory (d_out 8192 and up).
+// Then the du tile's rows < N go to global (contiguous), and stage 2: items (k, n-tile of p) with
+// MT accumulators: dX_k = dU_k R[k] over K = q, A from the du tile (natural order makes dU_k
+// contiguous), each lane storing 8 bf16 of a row as one 16-byte vector (dx's columns k*p + c are
+// contiguous). Skipped when dx is NULL.
+// Shared memory: dyt tile tm x (G*s + pad), du tile tm x (nb*q + pad), per warp a 16x20 fp32
+// staging tile. Needs p, q, s multiples of 16 (as the forward), dy, dx, du, dyt 16-byte aligned.
+
+typedef struct {
+    int nb, p, q, s, din, dout, urow;
+    int tm, mt, G;           // tile rows, 16-row m-tiles, dy blocks l per group
+    int dld, uld;            // smem row strides (elements) of the dyt and du tiles
+    int off_d, off_u, off_stg;
+    int smem_bytes;
+} MbGeom;
+
+// Fills *g for tile rows tm (16 or 32) and groups of G blocks; 0 when the shape is not supported.
+static inline int mb_geom(MbGeom *g, const MonarchShape *m, int tm, int G) {
+    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32) || G < 1 || G > m->nb) return 0;
+    if ((long long)G * m->s > (1 << 20) || (long long)m->nb * m->q > (1 << 20)) return 0;  // smem offsets stay in int
+    g->nb = m->nb; g->p = m->p; g->q = m->q; g->s = m->s; g->din = m->d_in; g->dout = m->d_out; g->urow = m->nb * m->q;
+    g->tm = tm; g->mt = tm / 16; g->G = G;
+    g->dld = bt_pad_ld(G * m->s);
+    g->uld = bt_pad_ld(g->urow);
+    g->off_d = 0;
+    g->off_u = bt_round_up(g->off_d + tm * g->dld * 2, BT_SMEM_ALIGN);
+    g->off_stg = bt_round_up(g->off_u + tm * g->uld * 2, BT_SMEM_ALIGN);
+    g->smem_bytes = g->off_stg + MF_WARPS * 16 * MF_STG_LD * 4;
+    return 1;
+}
+
+// The geometry for this shape within smem_limit bytes: every block in one group, 32 rows then 16;
+// else 16 rows and the largest group that fits. 0 when none does.
+static inline int monarch_fused_bwd_choose(MbGeom *g, const MonarchShape *m, size_t smem_limit) {
+    if (m->nb <= 0) return 0;
+    for (int tm = 32; tm >= 16; tm /= 2)
+        if (mb_geom(g, m, tm, m->nb) && (size_t)g->smem_bytes <= smem_limit) return 1;
+    for (int G = m->nb - 1; G >= 1; G--)
+        if (mb_geom(g, m, 16, G) && (size_t)g->smem_bytes <= smem_limit) return 1;
+    return 0;
+}
+
+template <int MT>
+__global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *__restrict__ dx, floatX *__restrict__ du_out,
+                                                                       floatX *__restrict__ dyt_out, const floatX *__restrict__ dy,
+                                                                       const floatX *__restrict__ R, const floatX *__restrict__ L, int N,
+                                                                       MbGeom g) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char mf_smem[];
+    floatX *ds = (floatX *)(mf_smem + g.off_d), *us = (floatX *)(mf_smem + g.off_u);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tm = 16 * MT;
+    float *stg = (float *)(mf_smem + g.off_stg) + warp * 16 * MF_STG_LD;
+    const int r0 = blockIdx.x * tm, rows = N - r0 < tm ? N - r0 : tm;
+    const int er = lane % 16, ec = (lane / 16) * 8;  // epilogue: this lane's row and 8 columns of a 16x16 tile
+    const int nq = g.q / 16, vrow = g.dout / 8;
+
+    for (int g0 = 0; g0 < g.nb; g0 += g.G) {
+        const int gn = g.nb - g0 < g.G ? g.nb - g0 : g.G;
+        // ---- fill: the group's columns of the tile's dy rows, de-interleaved (dyt order)
+        for (int v = threadIdx.x; v < tm * vrow; v += MF_THREADS) {
+            const int m = v / vrow, c = (v % vrow) * 8;
+            int any = gn == g.nb;  // skip vectors without a column of the group (nb > 8 and G < nb)
+            for (int t = 0; t < 8 && !any; t++) {
+                const int l = (c + t) % g.nb;
+                any = l >= g0 && l < g0 + gn;
+            }
+            if (!any) continue;
+            x128 val = m < rows ? load128(dy + (size_t)(r0 + m) * g.dout + c) : x128::zeros();
+            for (int t = 0; t < 8; t++) {
+                const int col = c + t, l = col % g.nb;
+                if (l >= g0 && l < g0 + gn) ds[m * g.dld + (l - g0) * g.s + col / g.nb] = val[t];
+            }
+        }
+        __syncthreads();  // the group's dyt tile is complete
+        if (dyt_out) {
+            const int w = gn * g.s / 8;  // 16-byte vectors per row: dyt columns g0*s .. (g0 + gn)*s
+            for (int v = threadIdx.x; v < rows * w; v += MF_THREADS) {
+                const int m = v / w, c = (v % w) * 8;
+                store128(dyt_out + (size_t)(r0 + m) * g.dout + (size_t)g0 * g.s + c, load128(ds + m * g.dld + c));
+            }
+        }
+        // ---- stage 1: dUt_l = dYt_l L[l] for the group's blocks, into the du tile (natural order)
+        const int items1 = gn * nq * MT;
+        for (int it = warp; it < items1; it += MF_WARPS) {
+            const int mt = it % MT, nt = (it / MT) % nq, lj = it / (MT * nq), l = g0 + lj;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < g.s / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(a, ds + mt * 16 * g.dld + lj * g.s + kk * 16, g.dld);
+                wmma::load_matrix_sync(b, L + ((size_t)l * g.s + kk * 16) * g.q + nt * 16, g.q);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            __syncwarp();
+            wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
+            __syncwarp();
+            for (int t = 0; t < 8; t++) {
+                const int r = nt * 16 + ec + t;  // dUt_l column r = du index r*nb + l
+                us[(mt * 16 + er) * g.uld + r * g.nb + l] = (floatX)stg[er * MF_STG_LD + ec + t];
+            }
+        }
+        __syncthreads();  // the dyt tile is free; after the last group the du tile is complete
+    }
+    if (du_out)
+        for (int v = threadIdx.x; v < rows * (g.urow / 8); v += MF_THREADS) {
+            const int m = v / (g.urow / 8), c = (v % (g.urow / 8)) * 8;
+            store128(du_out + (size_t)(r0 + m) * g.urow + c, load128(us + m * g.uld + c));
+        }
+    if (!dx) return;
+
+    // ---- stage 2: dX_k = dU_k R[k], straight to global as 16-byte vectors
+    const int np = g.p / 16;
+    for (int it = warp; it < g.nb * np; it += MF_WARPS) {
+        const int nt = it % np, k = it / np;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
+        for (int kk = 0; kk < nq; kk++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+            wmma::load_matrix_sync(b, R + ((size_t)k * g.q + kk * 16) * g.p + nt * 16, g.p);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::load_matrix_sync(a, us + mt * 16 * g.uld + k * g.q + kk * 16, g.uld);
+                wmma::mma_sync(acc[mt], a, b, acc[mt]);
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            __syncwarp();
+            wmma::store_matrix_sync(stg, acc[mt], MF_STG_LD, wmma::mem_row_major);
+            __syncwarp();
+            const int row = mt * 16 + er;
+            if (row < rows) {
+                x128 o;
+                for (int t = 0; t < 8; t++) o[t] = (floatX)stg[er * MF_STG_LD + ec + t];
+                store128(dx + (size_t)(r0 + row) * g.din + k * g.p + nt * 16 + ec, o);
+            }
+        }
+    }
+#endif
+}
+
+typedef void (*MbKernel)(floatX *, floatX *, floatX *, const floatX *, const floatX *, const floatX *, int, MbGeom);
+
+// dx (N, d_in) overwritten (skipped when NULL), du (N, nb·q) natural order and dyt (N, d_out) for
+// the weight gradients; R, L the cores as stored, 32-byte aligned. Returns 0 (nothing launched)
+// when the shape, device or alignment is not supported.
+static int monarch_backward_fused(floatX *dx_or_null, floatX *du, floatX *dyt, const floatX *dy, const floatX *R, const floatX *L, int N,
+                                  const MonarchShape *m, size_t smem_limit) {
+    MbGeom g;
+    if (!monarch_fused_bwd_choose(&g, m, smem_limit)) return 0;
+    if (((uintptr_t)dx_or_null | (uintptr_t)du | (uintptr_t)dyt | (uintptr_t)dy) % 16 || ((uintptr_t)R | (uintptr_t)L) % 32) return 0;
+    if (N <= 0) return 1;
+    MbKernel k = g.tm == 32 ? monarch_fused_bwd_kernel<2> : monarch_fused_bwd_kernel<1>;
+    static int attr[2];  // the opt-in dynamic shared memory set so far, per instantiation
+    int &set = attr[g.tm == 32];
+    if (g.smem_bytes > set) {
+        cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
+        set = g.smem_bytes;
+    }
+    k<<<ceil_div_i(N, g.tm), MF_THREADS, g.smem_bytes>>>(dx_or_null, du, dyt, dy, R, L, N, g);
     cudaCheckLaunch();
     return 1;
 }

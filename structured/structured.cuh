@@ -8,7 +8,8 @@
 // monarch.h and moe.h. With -sk 1 (g_st_fused) BTT runs btt_fused.cuh's kernel, which keeps z on
 // chip: the forward, and the backward's dx and dZ as the forward of the transposed BTT (btt.h)
 // on dy; the weight gradients, which reduce over all rows, stay cuBLAS GEMMs. Monarch's forward
-// runs monarch_fused.cuh's kernel (u on chip); its backward is the baseline's.
+// runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
+// kernel (du on chip), then the same weight-gradient GEMMs.
 //
 // BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
@@ -21,9 +22,9 @@
 //   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
 //   each token adds its k gated expert outputs in k order. The backward with -sk 1 runs every
 //   expert's dx and dZ in one segmented launch too (dy rows read through the grouping), and every
-//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. The
-//   counts go to the host asynchronously for the cuBLAS backward's per-expert plans (waited for
-//   on an event, by then long done). The aux loss stays on the device: its statistics (in
+//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. Only
+//   the cuBLAS path's per-expert plans copy the counts to the host (moe_host_counts, once per
+//   forward). The aux loss stays on the device: its statistics (in
 //   doubles, so that data-parallel ranks can sum them with one NCCL all-reduce), f̂ and the loss
 //   itself (moe_aux_stats_gpu, moe_aux_finish_gpu); the trainer reads every layer's loss once per
 //   step, with the cross-entropy. So with -sk 1 a BTT-MoE layer has no host round trip.
@@ -38,8 +39,8 @@
 #include "linear.h"
 #include "spec.h"
 
-// 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards
-// monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans,
+// 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards and
+// backward dx monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans,
 // which stay the default until dev/bench/structured.sh has measured both on a GPU (neither has
 // run on one yet).
 static int g_st_fused = 0;
@@ -157,16 +158,19 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     return fused;
 }
 
-// Scratch elements Monarch's forward and backward need for N rows: the plans' T1..T3, or the
-// fused forward's transposed cores, whichever is more.
+// Scratch elements Monarch's forward and backward need for N rows: the plans' T1..T3, the fused
+// forward's transposed cores, or the fused backward's aligned copies of the cores, dyt and du,
+// whichever is more.
 static inline size_t monarch_gpu_scratch_elems(const MonarchShape *m, int N) {
-    const size_t plan = (size_t)N * plan_monarch_scratch_row(m), fused = monarch_r_size(m) + monarch_l_size(m);
-    return plan > fused ? plan : fused;
+    const size_t cores = monarch_r_size(m) + monarch_l_size(m);
+    const size_t plan = (size_t)N * plan_monarch_scratch_row(m), fused_bwd = cores + (size_t)N * (m->d_out + monarch_u_row(m));
+    const size_t most = plan > cores ? plan : cores;
+    return most > fused_bwd ? most : fused_bwd;
 }
 
 // y overwritten, u (N, nb·q) saved; scratch: monarch_gpu_scratch_elems. With g_st_fused, one
-// launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape; the backward is
-// the baseline's either way (same saved u). Returns 1 when it ran fused.
+// launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape; it saves the same
+// u as the baseline, so either backward can follow either forward. Returns 1 when it ran fused.
 static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
                                const MonarchShape *m, floatX *scratch) {
     if (g_st_fused && monarch_fused_supported(m, btt_fused_smem_limit())) {
@@ -185,18 +189,38 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
     return 0;
 }
 
-// scratch: N·(2·nb·q + d_out) elements.
-static void monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
-                                 const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch) {
+// dx overwritten (may be NULL); dR, dL, dbias accumulated; scratch: monarch_gpu_scratch_elems.
+// With g_st_fused, dx, du and dyt come from ONE launch of monarch_fused.cuh's backward kernel
+// instead of permute, GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs. Returns 1 when
+// it ran fused.
+static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
+                                const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
-    size_t urow = monarch_u_row(m);
-    buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
+    const size_t urow = monarch_u_row(m), nr = monarch_r_size(m), nl = monarch_l_size(m);
     Plan p = {};
-    plan_monarch_backward(&p, m, N, dx != NULL);
+    int fused = 0;
+    MbGeom g;
+    if (g_st_fused && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit())) {
+        // the kernel reads the cores with wmma, which wants 32-byte aligned rows: parameters in the
+        // flat buffer need not be, so those are copied (|R| + |L| elements, small next to dy)
+        floatX *Rc = scratch, *Lc = Rc + nr, *dyt = Lc + nl, *du = dyt + (size_t)N * m->d_out;
+        const floatX *Ra = R, *La = L;
+        if ((uintptr_t)R % 32) { cudaCheck(cudaMemcpyAsync(Rc, R, nr * sizeof(floatX), cudaMemcpyDeviceToDevice)); Ra = Rc; }
+        if ((uintptr_t)L % 32) { cudaCheck(cudaMemcpyAsync(Lc, L, nl * sizeof(floatX), cudaMemcpyDeviceToDevice)); La = Lc; }
+        fused = monarch_backward_fused(dx, du, dyt, dy, Ra, La, N, m, btt_fused_smem_limit());
+        buf[PB_T2] = dyt; buf[PB_T3] = du;
+    }
+    if (fused) {
+        plan_monarch_backward_weights(&p, m, N);
+    } else {
+        buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
+        plan_monarch_backward(&p, m, N, dx != NULL);
+    }
     plan_run_gpu(&p, buf);
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch);
+    return fused;
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@
 //                 forward (BTT-MoE: every expert in one segmented launch, no host wait for the
 //                 counts) and the same kernel for the backward's dx and dZ (the transposed BTT,
 //                 btt.h), seg_wgrad.cuh for the experts' weight gradients, monarch_fused.cuh's
-//                 forward for Monarch (backward: the baseline's); only where the kernels support
-//                 the shape
+//                 forward and backward dx for Monarch; only where the kernels support the shape
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -151,7 +150,8 @@ static int make_cases(Case *c, int din, int dout) {
         int ok;
         if (s->kind == STRUCT_MONARCH) {
             MonarchShape ms = monarch_shape_of(&full);
-            ok = monarch_fused_supported(&ms, btt_fused_smem_limit()) > 0;
+            MbGeom g;
+            ok = monarch_fused_supported(&ms, btt_fused_smem_limit()) > 0 || monarch_fused_bwd_choose(&g, &ms, btt_fused_smem_limit());
         } else {
             BTTShape b;
             if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);

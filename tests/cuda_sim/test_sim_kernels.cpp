@@ -722,15 +722,17 @@ static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0 with dx = NULL", tag));
 }
 
-// fused: the forward through monarch_fused.cuh (-sk 1), which the shape must support; also
-// compared with the baseline's y and u.
+// fused: the forward and the backward through monarch_fused.cuh (-sk 1), which the shape must
+// support; also compared with the baseline's y, u, dx and gradients. The cores then sit 16 bytes
+// off a 32-byte boundary, as parameters in the flat buffer may (the backward copies them aligned).
 static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
     char tag[128];
-    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, fused ? " (fused forward)" : "");
-    if (fused && !check_true(monarch_fused_supported(&m, btt_fused_smem_limit()) > 0, nm("%s: the fused kernel supports the shape", tag),
-                             "it does not: the test would check the cuBLAS path"))
+    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, fused ? " (fused)" : "");
+    MbGeom bg;
+    if (fused && !check_true(monarch_fused_supported(&m, btt_fused_smem_limit()) > 0 && monarch_fused_bwd_choose(&bg, &m, btt_fused_smem_limit()),
+                             nm("%s: the fused kernels support the shape", tag), "they do not: the test would check the cuBLAS path"))
         return;
     Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
         L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
@@ -739,31 +741,92 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     monarch_forward(y.data(), u.data(), x.data(), R.data(), L.data(), bias.data(), N, &m);
     monarch_backward(dx.data(), dR.data(), dL.data(), db.data(), dy.data(), x.data(), u.data(), R.data(), L.data(), N, &m, scr.data());
     Dev d;
-    floatX *x_d = d.add(up_bf16(x)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L)), *b_d = d.add(up_bf16(bias)), *dy_d = d.add(up_bf16(dy));
+    const int off = fused ? 8 : 0;  // elements: 16 bytes
+    Vec Rp(off, 0.0f), Lp(off, 0.0f);
+    Rp.insert(Rp.end(), R.begin(), R.end());
+    Lp.insert(Lp.end(), L.begin(), L.end());
+    floatX *x_d = d.add(up_bf16(x)), *R_d = d.add(up_bf16(Rp)) + off, *L_d = d.add(up_bf16(Lp)) + off, *b_d = d.add(up_bf16(bias)),
+           *dy_d = d.add(up_bf16(dy));
     floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *u_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, N))),
            *s_d = d.add(dev_alloc<floatX>(monarch_gpu_scratch_elems(&m, N))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din));
     floatX *dR_d = d.add(up_bf16(Vec(R.size(), 0.0f))), *dL_d = d.add(up_bf16(Vec(L.size(), 0.0f))), *db_d = d.add(up_bf16(Vec(dout, 0.0f)));
     float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
-    if (fused) {  // the baseline's y and u first, then the fused kernel's over them
+    if (fused) {  // the baseline's results first, then the fused kernels' over them
         monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
         Vec yb = down_bf16(y_d, y.size()), ub = down_bf16(u_d, u.size());
+        monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col);
+        Vec gb[3] = {down_bf16(dx_d, dx.size()), down_bf16(dR_d, dR.size()), down_bf16(dL_d, dL.size())};
         cudaCheck(cudaMemset(y_d, 0xFF, y.size() * sizeof(floatX)));  // NaN: every element must be written again
         cudaCheck(cudaMemset(u_d, 0xFF, u.size() * sizeof(floatX)));
+        cudaCheck(cudaMemset(dx_d, 0xFF, dx.size() * sizeof(floatX)));
+        cudaCheck(cudaMemset(dR_d, 0, dR.size() * sizeof(floatX)));  // the gradients accumulate
+        cudaCheck(cudaMemset(dL_d, 0, dL.size() * sizeof(floatX)));
+        cudaCheck(cudaMemset(db_d, 0, db.size() * sizeof(floatX)));
         g_st_fused = 1;
         check_true(monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d) == 1, nm("%s: the fused forward ran", tag), "the cuBLAS one ran");
+        check_true(monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col) == 1, nm("%s: the fused backward ran", tag),
+                   "the cuBLAS one ran");
         g_st_fused = 0;
         check_scaled(down_bf16(y_d, y.size()), yb, 1e-2f, 1e-2f, nm("%s: y vs the cuBLAS baseline", tag));
         check_scaled(down_bf16(u_d, u.size()), ub, 1e-2f, 1e-2f, nm("%s: saved u vs the cuBLAS baseline", tag));
+        check_scaled(down_bf16(dx_d, dx.size()), gb[0], 1e-2f, 1e-2f, nm("%s: dx vs the cuBLAS baseline", tag));
+        check_scaled(down_bf16(dR_d, dR.size()), gb[1], 1e-2f, 1e-2f, nm("%s: dR vs the cuBLAS baseline", tag));
+        check_scaled(down_bf16(dL_d, dL.size()), gb[2], 1e-2f, 1e-2f, nm("%s: dL vs the cuBLAS baseline", tag));
     } else {
         monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d);
+        monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col);
     }
-    monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col);
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
     check_scaled(down_bf16(u_d, u.size()), u, 2e-2f, 0.0f, nm("%s: saved u", tag));
     check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
     check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: dR", tag));
     check_scaled(down_bf16(dL_d, dL.size()), dL, 2e-2f, 0.0f, nm("%s: dL", tag));
     check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
+}
+
+// monarch_fused.cuh's backward kernel itself, with shared memory limited to smem_limit bytes so that
+// it must work in groups of G < nb blocks (the dy tile read once per group): dyt (exactly dy
+// permuted), du and dx against monarch.h's backward, whose scratch holds the same dyt and du; rows
+// past N untouched; with dx = NULL, du and dyt alone.
+static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t smem_limit, int want_tm, int want_G) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    char tag[160];
+    snprintf(tag, sizeof(tag), "fused monarch backward %d->%d nb=%d N=%d, %zu bytes of shared memory", din, dout, nb, N, smem_limit);
+    MbGeom g;
+    if (!check_true(monarch_fused_bwd_choose(&g, &m, smem_limit) && g.tm == want_tm && g.G == want_G,
+                    nm("%s: tile rows %d, groups of %d blocks", tag, want_tm, want_G), "another geometry (or none) was chosen"))
+        return;
+    const size_t urow = monarch_u_row(&m);
+    Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
+        L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), dy = rand_bf16((size_t)N * dout, 1.0f);
+    Vec y((size_t)N * dout), u(monarch_u_size(&m, N)), dx((size_t)N * din), dR(R.size(), 0.0f), dL(L.size(), 0.0f),
+        scr(monarch_scratch_size(&m, N));
+    monarch_forward(y.data(), u.data(), x.data(), R.data(), L.data(), NULL, N, &m);
+    monarch_backward(dx.data(), dR.data(), dL.data(), NULL, dy.data(), x.data(), u.data(), R.data(), L.data(), N, &m, scr.data());
+    const Vec dyt(scr.begin(), scr.begin() + (size_t)N * dout), du(scr.begin() + (size_t)N * dout, scr.begin() + (size_t)N * (dout + urow));
+    Dev d;
+    const int pad = 40;  // rows past N: must stay NaN
+    floatX *dy_d = d.add(up_bf16(dy)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L));
+    floatX *dx_d = d.add(dev_alloc<floatX>((size_t)(N + pad) * din)), *du_d = d.add(dev_alloc<floatX>((N + pad) * urow)),
+           *dyt_d = d.add(dev_alloc<floatX>((size_t)(N + pad) * dout));
+    for (int with_dx = 1; with_dx >= 0; with_dx--) {
+        cudaCheck(cudaMemset(dx_d, 0xFF, (size_t)(N + pad) * din * sizeof(floatX)));
+        cudaCheck(cudaMemset(du_d, 0xFF, (N + pad) * urow * sizeof(floatX)));
+        cudaCheck(cudaMemset(dyt_d, 0xFF, (size_t)(N + pad) * dout * sizeof(floatX)));
+        check_true(monarch_backward_fused(with_dx ? dx_d : NULL, du_d, dyt_d, dy_d, R_d, L_d, N, &m, smem_limit) == 1,
+                   nm("%s%s: launched", tag, with_dx ? "" : ", dx = NULL"), "refused");
+        Vec gyt = down_bf16(dyt_d, (size_t)(N + pad) * dout), gu = down_bf16(du_d, (N + pad) * urow), gx = down_bf16(dx_d, (size_t)(N + pad) * din);
+        check_close(gyt.data(), dyt.data(), dyt.size(), 0.0f, 0.0f, nm("%s%s: dyt (dy permuted, exact)", tag, with_dx ? "" : ", dx = NULL"));
+        check_scaled(Vec(gu.begin(), gu.begin() + du.size()), du, 1e-2f, 1e-2f, nm("%s%s: du", tag, with_dx ? "" : ", dx = NULL"));
+        if (with_dx) check_scaled(Vec(gx.begin(), gx.begin() + dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
+        bool untouched = true;
+        for (size_t i = (size_t)N * dout; i < gyt.size(); i++) untouched &= std::isnan(gyt[i]);
+        for (size_t i = (size_t)N * urow; i < gu.size(); i++) untouched &= std::isnan(gu[i]);
+        for (size_t i = with_dx ? (size_t)N * din : 0; i < gx.size(); i++) untouched &= std::isnan(gx[i]);
+        check_true(untouched, nm("%s%s: nothing written past row N%s", tag, with_dx ? "" : ", dx = NULL", with_dx ? "" : " (dx not at all)"),
+                   "it was");
+    }
 }
 
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must support
@@ -1139,6 +1202,26 @@ static void test_random_order() {
         append_bits(r, down_bits(u_d, monarch_u_size(&m, Nm)));
         return r;
     });
+    check_order_independent("fused Monarch backward (dyt groups, du tile, block barriers)", [&] {
+        MonarchShape m;
+        monarch_shape(&m, 768, 3072, 24);
+        const int Nm = 37;
+        g_rng = 98;
+        Vec dy = rand_bf16((size_t)Nm * 3072, 1.0f), R = rand_bf16(monarch_r_size(&m), 0.2f), L = rand_bf16(monarch_l_size(&m), 0.2f);
+        Dev d;
+        floatX *dy_d = d.add(up_bf16(dy)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L));
+        floatX *dx_d = d.add(dev_alloc<floatX>((size_t)Nm * 768)), *du_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, Nm))),
+               *dyt_d = d.add(dev_alloc<floatX>((size_t)Nm * 3072));
+        std::vector<uint16_t> r;
+        for (size_t limit : {(size_t)227 * 1024, (size_t)44 * 1024}) {  // one group; groups of 2 of the 24 blocks
+            if (!monarch_backward_fused(dx_d, du_d, dyt_d, dy_d, R_d, L_d, Nm, &m, limit))
+                check_true(false, nm("fused Monarch backward with %zu bytes of shared memory: launched", limit), "refused");
+            append_bits(r, down_bits(dx_d, (size_t)Nm * 768));
+            append_bits(r, down_bits(du_d, monarch_u_size(&m, Nm)));
+            append_bits(r, down_bits(dyt_d, (size_t)Nm * 3072));
+        }
+        return r;
+    });
     check_order_independent("seg_wgrad (per-warp shared steps, segments read on the device)", [&] {
         g_rng = 777;
         SegCase c = seg_case(32, 48, 2);
@@ -1472,6 +1555,14 @@ int main(int argc, char **argv) {
         test_monarch(40, 768, 3072, 4, 1);  // GPT-2 fc, Monarch 4 (p = q = 192, s = 768), two output steps of 2 n-tiles
         test_monarch(33, 768, 3072, 24, 1); // the benchmark's sqrt-Monarch at 768: nb 24 (p = q = 32, s = 128), q not a multiple of nb
         test_monarch(20, 512, 256, 8, 1);   // d_out < d_in: q = s = 32 < p = 64
+        test_monarch(21, 3072, 768, 4, 1);  // GPT-2 proj, Monarch 4: p 768, q = s = 192
+        // the backward kernel's groups: the whole dyt tile of 32 rows (one group), then 16 rows in
+        // groups of 3 of 4 blocks (a short last group), then of 2 of 24 (vectors with no column of
+        // the group are skipped) and of 1 of 5 (vectors hold several columns of each block)
+        test_monarch_fused_backward(37, 64, 256, 4, 227 * 1024, 32, 4);
+        test_monarch_fused_backward(37, 64, 1024, 4, 40 * 1024, 16, 3);
+        test_monarch_fused_backward(19, 768, 3072, 24, 44 * 1024, 16, 2);
+        test_monarch_fused_backward(33, 80, 320, 5, 16896, 16, 1);
         test_seg_wgrad(16, 16, 1);
         test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
         test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry

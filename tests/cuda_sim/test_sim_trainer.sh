@@ -106,7 +106,7 @@ else
 fi
 
 # -sk 1 (fused BTT forward and backward dx; BTT-MoE experts in one segmented launch each way;
-# the fused Monarch forward) against the cuBLAS plans, on
+# the fused Monarch forward and backward dx) against the cuBLAS plans, on
 # shapes the fused kernels support (multiples of 16): the same first two losses to 1.5e-3 (seen:
 # 1.2e-3, 5e-4 before the Monarch attn_proj; expert 0's W0 for every expert gives 2.4e-3 — the
 # kernel tests in test_sim_kernels and test_gpt2cu's -sk 1 fixture runs are the exact checks, this
