@@ -6,26 +6,29 @@
 // saved u row (nb, q): u_saved[l*q + r] = u[r*nb + l], as monarch_forward_gpu's baseline saves it,
 // so either backward runs on it unchanged.
 //
-// One block of MF_WARPS warps per tile of tm = 16*MT rows (MT = 1 or 2). The cores come
+// One block of MF_WARPS warps per tile of tm = 16*MT rows (MT = 1, 2 or 4). The cores come
 // transposed (monarch_transposed_cores_gpu): Rt[k] = R[k]ᵀ (p x q), Lt[l] = L[l]ᵀ (q x s), so both
 // stages are row-major wmma B operands read straight from global memory (L2-resident weights).
-//   stage 1: items (k, n-tile of q, m-tile), warp w takes w, w + MF_WARPS, ...; each 16-row x
-//     16-column step of A = X_k goes through the warp's shared tile (rows past N as zeros: the last
-//     tile never reads past x); the fp32 result through the warp's staging tile, rounded to bf16
-//     (as the baseline stores u) and scattered to the u tile at the saved layout's position of
-//     u[k*q + j].
-//   barrier; the u tile's rows < N to global when saving (a contiguous copy).
+//   stage 1, for each block k: the block copies X_k, the tile's rows of x columns k*p .. k*p + p,
+//     into the x tile (rows past N as zeros: the last tile never reads past x); barrier; items
+//     (n-tile of q, m-tile), warp w taking w, w + MF_WARPS, ... (the m-tile fastest, so that warps
+//     running at the same time read the same core tile, which L1 then serves once); the fp32 result
+//     through the warp's staging tile, rounded to bf16 (as the baseline stores u) and scattered to
+//     the u tile at the saved layout's position of u[k*q + j]; barrier (the x tile is refilled).
+//     So x is read once, and each core element once per tile.
+//   the u tile's rows < N to global when saving (a contiguous copy).
 //   stage 2, in steps of js n-tiles of the output (js*nb items >= MF_WARPS where possible): item
 //     (l, n-tile) computes Yt_l = Ut_l Lt[l] for all tm rows (A from the u tile: the saved layout
 //     makes Ut_l contiguous); lanes add the bias and scatter bf16 values into the y staging tile at
 //     their y columns i*nb + l, so that after a barrier the block writes js*16*nb contiguous y
 //     columns per row as 16-byte vectors (y's interleaving of the nb blocks would otherwise make
 //     every store a 2-byte one, nb elements apart); barrier before the next step reuses it.
-// Shared memory: u tile tm x (nb*q + pad), y staging tm x (js*16*nb + pad), per warp a 16x16 bf16
-// A tile and a 16x20 fp32 staging tile. Needs p, q, s multiples of 16, d_in, d_out multiples of 8,
-// x, y, u, bias 16-byte aligned and the transposed cores 32-byte aligned (monarch_fused_supported).
-// Not yet: a register prefetch of x (the BTT kernel's), stage-1 A tiles shared between the warps
-// of a block.
+// Shared memory: u tile tm x (nb*q + pad); the x tile tm x (p + pad) and the y staging tile
+// tm x (js*16*nb + pad), which are never live at once, in one region; per warp a 16x20 fp32 staging
+// tile. Needs p, q, s multiples of 16, d_in, d_out multiples of 8, x, y, u, bias 16-byte aligned
+// and the transposed cores 32-byte aligned (monarch_fused_supported).
+// Not yet: a register prefetch of the next x tile (the BTT kernel's) to overlap its load with the
+// MMAs.
 //
 // The backward's dx is not a Monarch of the same kind (its first stage reads dy strided, its second
 // writes dx contiguously), so it has its own kernel, monarch_fused_bwd_kernel (below the forward).
@@ -39,17 +42,37 @@
 #define MF_THREADS (32 * MF_WARPS)
 #define MF_STG_LD BT_STG_LD  // the per-warp fp32 staging tiles and padded row strides are btt_tiles.h's
 
+// When the fused kernels pay. They read every core element once per tile of rows (from L2), where
+// the cuBLAS baseline's GEMMs tile far more rows per core read but move their intermediates through
+// DRAM: with few blocks at large widths the cores (about d_in·d_out / nb) dwarf a row, and the
+// fused kernels would read more than the baseline. The dispatch (structured.cuh) runs them only
+// while their modelled L2 bytes per row stay within MF_MAX_L2_PER_DRAM times the baseline's DRAM
+// bytes per row. 4: an H100's L2 delivers roughly 2 to 3 times its HBM bandwidth, with margin; a
+// guess until dev/cuda/monarch_forward and monarch_backward (which run the kernels regardless,
+// g_monarch_fused_force, and print both figures) have measured the crossover on a GPU.
+#define MF_MAX_L2_PER_DRAM 4.0
+static int g_monarch_fused_force = 0;
+
+// The baseline's DRAM bytes per row (bf16): forward GEMM (x in, T1 out), permute (T1 in, u out),
+// GEMM (u in, T2 out), permute (T2 in, y out), bias (y in and out); the backward's dx part: permute
+// (dy in, dyt out), GEMM (dyt in, T1 out), permute (T1 in, du out), GEMM (du in, dx out). The
+// weight gradients, the same GEMMs on either path, are left out; so are the cores.
+static inline double monarch_baseline_bytes_per_row(const MonarchShape *m, int backward) {
+    const double urow = (double)m->nb * m->q;
+    return backward ? 2.0 * (3.0 * m->d_out + 4.0 * urow + m->d_in) : 2.0 * (m->d_in + 4.0 * urow + 5.0 * m->d_out);
+}
+
 typedef struct {
     int nb, p, q, s, din, dout, urow;
     int tm, mt, js;                    // tile rows, 16-row m-tiles, output n-tiles per stage-2 step
-    int uld, yld;                      // smem row strides (elements)
-    int off_u, off_y, off_a, off_stg;  // dynamic shared memory layout (bytes)
+    int uld, yld, xld;                 // smem row strides (elements)
+    int off_u, off_y, off_stg;         // dynamic shared memory layout (bytes); the x tile is at off_y
     int smem_bytes;
 } MfGeom;
 
-// Fills *g for tile rows tm (16 or 32); 0 when the shape or tm is not supported.
+// Fills *g for tile rows tm (16, 32 or 64); 0 when the shape or tm is not supported.
 static inline int mf_geom(MfGeom *g, const MonarchShape *m, int tm) {
-    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32)) return 0;
+    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32 && tm != 64)) return 0;
     if ((long long)m->nb * m->q > (1 << 20) || (long long)m->nb * m->s > (1 << 20)) return 0;  // smem offsets stay in int
     g->nb = m->nb; g->p = m->p; g->q = m->q; g->s = m->s; g->din = m->d_in; g->dout = m->d_out; g->urow = m->nb * m->q;
     g->tm = tm; g->mt = tm / 16;
@@ -58,10 +81,11 @@ static inline int mf_geom(MfGeom *g, const MonarchShape *m, int tm) {
     if (g->js > nts) g->js = nts;
     g->uld = bt_pad_ld(g->urow);
     g->yld = bt_pad_ld(g->js * 16 * m->nb);
+    g->xld = bt_pad_ld(m->p);
     g->off_u = 0;
     g->off_y = bt_round_up(g->off_u + tm * g->uld * 2, BT_SMEM_ALIGN);
-    g->off_a = bt_round_up(g->off_y + tm * g->yld * 2, BT_SMEM_ALIGN);
-    g->off_stg = bt_round_up(g->off_a + MF_WARPS * 256 * 2, BT_SMEM_ALIGN);
+    const int yx = g->yld > g->xld ? g->yld : g->xld;  // the y staging and x tiles share the region
+    g->off_stg = bt_round_up(g->off_y + tm * yx * 2, BT_SMEM_ALIGN);
     g->smem_bytes = g->off_stg + MF_WARPS * 16 * MF_STG_LD * 4;
     return 1;
 }
@@ -76,39 +100,40 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
     extern __shared__ __align__(128) unsigned char mf_smem[];
     floatX *us = (floatX *)(mf_smem + g.off_u), *ys = (floatX *)(mf_smem + g.off_y);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tm = 16 * MT;
-    floatX *as = (floatX *)(mf_smem + g.off_a) + warp * 256;
     float *stg = (float *)(mf_smem + g.off_stg) + warp * 16 * MF_STG_LD;
     const int r0 = blockIdx.x * tm, rows = N - r0 < tm ? N - r0 : tm;
     const int er = lane % 16, ec = (lane / 16) * 8;  // epilogue: this lane's row and 8 columns of a 16x16 tile
-    const int ar = lane / 2, ac = (lane % 2) * 8;    // A-tile fill: this lane's row and 8 columns
 
-    // ---- stage 1: u tile (saved layout) = X_k Rt[k] for every block k
-    const int nq = g.q / 16, items1 = g.nb * nq * MT;
-    for (int it = warp; it < items1; it += MF_WARPS) {
-        const int mt = it % MT, nt = (it / MT) % nq, k = it / (MT * nq);
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        const int row = mt * 16 + ar;
-        for (int kk = 0; kk < g.p / 16; kk++) {
-            x128 v = row < rows ? load128(x + (size_t)(r0 + row) * g.din + k * g.p + kk * 16 + ac) : x128::zeros();
-            __syncwarp();  // the previous step's fragment is loaded
-            store128(as + ar * 16 + ac, v);
+    // ---- stage 1: u tile (saved layout) = X_k Rt[k] for every block k, X_k through the x tile
+    floatX *xs = ys;  // the x tile: stage 1 only, in the y staging tile's region
+    const int nq = g.q / 16, vrow = g.p / 8;
+    for (int k = 0; k < g.nb; k++) {
+        for (int v = threadIdx.x; v < tm * vrow; v += MF_THREADS) {
+            const int m = v / vrow, c = (v % vrow) * 8;
+            store128(xs + m * g.xld + c, m < rows ? load128(x + (size_t)(r0 + m) * g.din + k * g.p + c) : x128::zeros());
+        }
+        __syncthreads();  // X_k complete
+        for (int it = warp; it < nq * MT; it += MF_WARPS) {
+            const int mt = it % MT, nt = it / MT;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < g.p / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(a, xs + mt * 16 * g.xld + kk * 16, g.xld);
+                wmma::load_matrix_sync(b, Rt + ((size_t)k * g.p + kk * 16) * g.q + nt * 16, g.q);
+                wmma::mma_sync(acc, a, b, acc);
+            }
             __syncwarp();
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-            wmma::load_matrix_sync(a, as, 16);
-            wmma::load_matrix_sync(b, Rt + ((size_t)k * g.p + kk * 16) * g.q + nt * 16, g.q);
-            wmma::mma_sync(acc, a, b, acc);
+            wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
+            __syncwarp();
+            for (int t = 0; t < 8; t++) {
+                const int m = k * g.q + nt * 16 + ec + t;  // u index; saved at (m % nb) * q + m / nb
+                us[(mt * 16 + er) * g.uld + (m % g.nb) * g.q + m / g.nb] = (floatX)stg[er * MF_STG_LD + ec + t];
+            }
         }
-        __syncwarp();
-        wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
-        __syncwarp();
-        for (int t = 0; t < 8; t++) {
-            const int m = k * g.q + nt * 16 + ec + t;  // u index; saved at (m % nb) * q + m / nb
-            us[(mt * 16 + er) * g.uld + (m % g.nb) * g.q + m / g.nb] = (floatX)stg[er * MF_STG_LD + ec + t];
-        }
+        __syncthreads();  // the x tile is free for the next block; after the last, the u tile is complete
     }
-    __syncthreads();  // u tile complete
     if (uout)
         for (int v = threadIdx.x; v < rows * (g.urow / 8); v += MF_THREADS) {
             const int m = v / (g.urow / 8), c = (v % (g.urow / 8)) * 8;
@@ -159,13 +184,29 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
 
 typedef void (*MfKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, MfGeom);
 
-// The tile rows for this shape within smem_limit bytes (32, else 16), or 0 when unsupported.
+// The tile rows for this shape within smem_limit bytes (64, else 32, else 16), or 0 when
+// unsupported: every core element a tile reads comes from L2, so rows per tile divide that traffic
+// (|R| + |L| elements per tile; x, u and y are read or written once whatever tm is).
 static inline int monarch_fused_supported(const MonarchShape *m, size_t smem_limit) {
-    for (int tm = 32; tm >= 16; tm /= 2) {
+    for (int tm = 64; tm >= 16; tm /= 2) {
         MfGeom g;
         if (mf_geom(&g, m, tm) && (size_t)g.smem_bytes <= smem_limit) return tm;
     }
     return 0;
+}
+
+// L2 bytes per row the forward kernel reads at geometry g (model): the cores once per tile, x once.
+static inline double mf_l2_bytes_per_row(const MfGeom *g) {
+    return 2.0 * ((double)g->nb * g->q * (g->p + g->s) / g->tm + g->din);
+}
+
+// 1 when the dispatch should run the fused forward for this shape: supported, and within the
+// traffic bound (or g_monarch_fused_force).
+static inline int monarch_fused_fwd_pays(const MonarchShape *m, size_t smem_limit) {
+    MfGeom g;
+    const int tm = monarch_fused_supported(m, smem_limit);
+    if (!tm || !mf_geom(&g, m, tm)) return 0;
+    return g_monarch_fused_force || mf_l2_bytes_per_row(&g) <= MF_MAX_L2_PER_DRAM * monarch_baseline_bytes_per_row(m, 0);
 }
 
 // y (N, d_out) = Monarch(x) + bias; u_or_null: the saved u. Rt, Lt: the transposed cores. Returns
@@ -177,9 +218,9 @@ static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, 
     if (!tm || !mf_geom(&g, m, tm)) return 0;
     if (((uintptr_t)y | (uintptr_t)u_or_null | (uintptr_t)x | (uintptr_t)bias_or_null) % 16 || ((uintptr_t)Rt | (uintptr_t)Lt) % 32) return 0;
     if (N <= 0) return 1;
-    MfKernel k = tm == 32 ? monarch_fused_kernel<2> : monarch_fused_kernel<1>;
-    static int attr[2];  // the opt-in dynamic shared memory set so far, per instantiation
-    int &set = attr[tm == 32];
+    MfKernel k = tm == 64 ? monarch_fused_kernel<4> : tm == 32 ? monarch_fused_kernel<2> : monarch_fused_kernel<1>;
+    static int attr[3];  // the opt-in dynamic shared memory set so far, per instantiation
+    int &set = attr[tm / 32];
     if (g.smem_bytes > set) {
         cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
         set = g.smem_bytes;
@@ -198,7 +239,8 @@ static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, 
 // The weight gradients dL[l] += dYt_lᵀ Ut_l and dR[k] += dU_kᵀ X_k reduce over every row: they stay
 // cuBLAS GEMMs on dyt and du (plan_monarch_backward_weights).
 //
-// One block of MF_WARPS warps per tile of tm = 16*MT rows. The cores are read as stored, L[l]
+// One block of MF_WARPS warps per tile of tm = 16*MT rows (monarch_fused_bwd_choose picks tm and
+// the group size G from a model of L2 traffic). The cores are read as stored, L[l]
 // (s x q) and R[k] (q x p) both row-major wmma B operands (32-byte aligned: the caller copies
 // misaligned parameters). For groups of G of the nb blocks l (all nb when they fit):
 //   fill: the block reads the tile's dy rows as 16-byte vectors and scatters the group's elements
@@ -206,8 +248,8 @@ static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, 
 //     the group's dyt columns (contiguous: l*s + i) to global; barrier.
 //   stage 1: items (l, n-tile of q, m-tile): dUt_l = dYt_l L[l] over K = s, rounded to bf16 and
 //     scattered into the du tile at r*nb + l; barrier (the dyt tile is refilled by the next group).
-// With G < nb the tile's dy is read nb/G times (from L2 after the first), the price of shapes whose
-// whole dyt tile does not fit in shared memory (d_out 8192 and up).
+// With G < nb the tile's dy is read nb/G times (from L2 after the first): the price of more rows per
+// tile where the whole dyt tile would not leave room for them, or of d_out 8192 and up at all.
 // Then the du tile's rows < N go to global (contiguous), and stage 2: items (k, n-tile of p) with
 // MT accumulators: dX_k = dU_k R[k] over K = q, A from the du tile (natural order makes dU_k
 // contiguous), each lane storing 8 bf16 of a row as one 16-byte vector (dx's columns k*p + c are
@@ -223,9 +265,9 @@ typedef struct {
     int smem_bytes;
 } MbGeom;
 
-// Fills *g for tile rows tm (16 or 32) and groups of G blocks; 0 when the shape is not supported.
+// Fills *g for tile rows tm (16, 32 or 64) and groups of G blocks; 0 when the shape is not supported.
 static inline int mb_geom(MbGeom *g, const MonarchShape *m, int tm, int G) {
-    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32) || G < 1 || G > m->nb) return 0;
+    if (m->q <= 0 || m->p % 16 || m->q % 16 || m->s % 16 || (tm != 16 && tm != 32 && tm != 64) || G < 1 || G > m->nb) return 0;
     if ((long long)G * m->s > (1 << 20) || (long long)m->nb * m->q > (1 << 20)) return 0;  // smem offsets stay in int
     g->nb = m->nb; g->p = m->p; g->q = m->q; g->s = m->s; g->din = m->d_in; g->dout = m->d_out; g->urow = m->nb * m->q;
     g->tm = tm; g->mt = tm / 16; g->G = G;
@@ -238,15 +280,43 @@ static inline int mb_geom(MbGeom *g, const MonarchShape *m, int tm, int G) {
     return 1;
 }
 
-// The geometry for this shape within smem_limit bytes: every block in one group, 32 rows then 16;
-// else 16 rows and the largest group that fits. 0 when none does.
+// How monarch_fused_bwd_choose picks the geometry: 0 (the default) the least modelled L2 traffic;
+// 1 the whole dyt tile first (every block in one group, 32 rows then 16, else 16 rows and the largest
+// group), the older rule, kept so that dev/cuda/monarch_backward can time both on a GPU.
+static int g_monarch_bwd_whole_tile = 0;
+
+// Bytes a block reads from L2 per row of dy for geometry g, the quantity the default choice
+// minimises: the cores, |L| + |R| elements per tile (warps working on the same core tile for
+// different m-tiles share it through L1), and the tile's dy once per group.
+static inline double mb_l2_bytes_per_row(const MbGeom *g) {
+    const double cores = (double)g->nb * g->q * (g->s + g->p);
+    return 2.0 * (cores / g->tm + (double)g->dout * ((g->nb + g->G - 1) / g->G));
+}
+
+// The geometry for this shape within smem_limit bytes, 0 when none fits. Default: among 64, 32 and
+// 16 rows and every group size that fits, the least L2 traffic per row (ties: more rows, then
+// larger groups). Rows per tile divide the core traffic; groups multiply dy's, so a wide d_out
+// trades one for the other (768 -> 3072 with 4 blocks: 64 rows in groups of 1, about 2.1x less
+// than 16 rows in one group).
 static inline int monarch_fused_bwd_choose(MbGeom *g, const MonarchShape *m, size_t smem_limit) {
     if (m->nb <= 0) return 0;
-    for (int tm = 32; tm >= 16; tm /= 2)
-        if (mb_geom(g, m, tm, m->nb) && (size_t)g->smem_bytes <= smem_limit) return 1;
-    for (int G = m->nb - 1; G >= 1; G--)
-        if (mb_geom(g, m, 16, G) && (size_t)g->smem_bytes <= smem_limit) return 1;
-    return 0;
+    if (g_monarch_bwd_whole_tile) {
+        for (int tm = 32; tm >= 16; tm /= 2)
+            if (mb_geom(g, m, tm, m->nb) && (size_t)g->smem_bytes <= smem_limit) return 1;
+        for (int G = m->nb - 1; G >= 1; G--)
+            if (mb_geom(g, m, 16, G) && (size_t)g->smem_bytes <= smem_limit) return 1;
+        return 0;
+    }
+    int found = 0;
+    double best = 0.0;
+    for (int tm = 64; tm >= 16; tm /= 2)
+        for (int G = m->nb; G >= 1; G--) {
+            MbGeom c;
+            if (!mb_geom(&c, m, tm, G) || (size_t)c.smem_bytes > smem_limit) continue;
+            const double cost = mb_l2_bytes_per_row(&c);
+            if (!found || cost < best) { *g = c; best = cost; found = 1; }
+        }
+    return found;
 }
 
 template <int MT>
@@ -352,6 +422,12 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
 #endif
 }
 
+// 1 when the dispatch should run the fused backward at geometry g (monarch_fused_bwd_choose's):
+// within the traffic bound, or g_monarch_fused_force.
+static inline int monarch_fused_bwd_pays(const MbGeom *g, const MonarchShape *m) {
+    return g_monarch_fused_force || mb_l2_bytes_per_row(g) <= MF_MAX_L2_PER_DRAM * monarch_baseline_bytes_per_row(m, 1);
+}
+
 typedef void (*MbKernel)(floatX *, floatX *, floatX *, const floatX *, const floatX *, const floatX *, int, MbGeom);
 
 // dx (N, d_in) overwritten (skipped when NULL), du (N, nb·q) natural order and dyt (N, d_out) for
@@ -363,9 +439,9 @@ static int monarch_backward_fused(floatX *dx_or_null, floatX *du, floatX *dyt, c
     if (!monarch_fused_bwd_choose(&g, m, smem_limit)) return 0;
     if (((uintptr_t)dx_or_null | (uintptr_t)du | (uintptr_t)dyt | (uintptr_t)dy) % 16 || ((uintptr_t)R | (uintptr_t)L) % 32) return 0;
     if (N <= 0) return 1;
-    MbKernel k = g.tm == 32 ? monarch_fused_bwd_kernel<2> : monarch_fused_bwd_kernel<1>;
-    static int attr[2];  // the opt-in dynamic shared memory set so far, per instantiation
-    int &set = attr[g.tm == 32];
+    MbKernel k = g.tm == 64 ? monarch_fused_bwd_kernel<4> : g.tm == 32 ? monarch_fused_bwd_kernel<2> : monarch_fused_bwd_kernel<1>;
+    static int attr[3];  // the opt-in dynamic shared memory set so far, per instantiation
+    int &set = attr[g.tm / 32];
     if (g.smem_bytes > set) {
         cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
         set = g.smem_bytes;

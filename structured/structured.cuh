@@ -169,11 +169,12 @@ static inline size_t monarch_gpu_scratch_elems(const MonarchShape *m, int N) {
 }
 
 // y overwritten, u (N, nb·q) saved; scratch: monarch_gpu_scratch_elems. With g_st_fused, one
-// launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape; it saves the same
-// u as the baseline, so either backward can follow either forward. Returns 1 when it ran fused.
+// launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape and pays (its
+// traffic model: MF_MAX_L2_PER_DRAM); it saves the same u as the baseline, so either backward can
+// follow either forward. Returns 1 when it ran fused.
 static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
                                const MonarchShape *m, floatX *scratch) {
-    if (g_st_fused && monarch_fused_supported(m, btt_fused_smem_limit())) {
+    if (g_st_fused && monarch_fused_fwd_pays(m, btt_fused_smem_limit())) {
         floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
         block_transpose_gpu(Rt, R, monarch_r_size(m), m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
         block_transpose_gpu(Lt, L, monarch_l_size(m), m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
@@ -191,8 +192,8 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
 
 // dx overwritten (may be NULL); dR, dL, dbias accumulated; scratch: monarch_gpu_scratch_elems.
 // With g_st_fused, dx, du and dyt come from ONE launch of monarch_fused.cuh's backward kernel
-// instead of permute, GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs. Returns 1 when
-// it ran fused.
+// instead of permute, GEMM, permute, GEMM, where it supports the shape and pays (as the forward);
+// the weight gradients stay cuBLAS GEMMs. Returns 1 when it ran fused.
 static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
                                 const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch) {
     floatX *buf[PB_COUNT] = {0};
@@ -202,7 +203,7 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     Plan p = {};
     int fused = 0;
     MbGeom g;
-    if (g_st_fused && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit())) {
+    if (g_st_fused && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, m)) {
         // the kernel reads the cores with wmma, which wants 32-byte aligned rows: parameters in the
         // flat buffer need not be, so those are copied (|R| + |L| elements, small next to dy)
         floatX *Rc = scratch, *Lc = Rc + nr, *dyt = Lc + nl, *du = dyt + (size_t)N * m->d_out;

@@ -4,7 +4,12 @@
 //       into du, GEMM dx = dU R, then the dL and dR GEMMs on dyt and du
 //   v2  fused: monarch_backward_gpu with -sk 1: dx, du and dyt from ONE launch of monarch_fused.cuh's
 //       backward kernel (du on chip, dy read once where the whole dyt tile fits), then the same dL
-//       and dR GEMMs
+//       and dR GEMMs; the geometry (rows per tile, blocks per group) by the kernel's L2-traffic model
+//   v3  v2 with the whole-tile rule instead (g_monarch_bwd_whole_tile: every block in one group,
+//       32 or 16 rows): which of the two choices is right is for this program to say on a GPU
+// v2 and v3 run even where the trainer's dispatch would decline the kernel (g_monarch_fused_force),
+// with the traffic model's figures printed, so that this program measures where the model's bound
+// (MF_MAX_L2_PER_DRAM) should be.
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // The cores are passed 16 bytes off a 32-byte boundary, as parameters in the trainer's flat buffer
 // may be: v2 then copies them aligned (|R| + |L| elements), and that copy is timed with it.
@@ -14,21 +19,21 @@
 // flops = 4 N (|R| + |L|) (dx and the weight gradients); bytes = the minimum: dy, x, u read, dx
 // written, the cores read and their gradients written once (bf16).
 //
-// Checks, at Nc = 1024 rows (the weight gradients sum over every row), against monarch.h's fp32
+// Checks (every version), at Nc = 1024 rows (the weight gradients sum over every row), against monarch.h's fp32
 // monarch_backward on the bf16 inputs and on their absolute values (the _abs sums) for the bounds,
 // with u = 2^-8:
 //   dx: du rounded once, dx accumulated in fp32 and rounded once: u |dx| + 1.02 u dx_abs
 //   dL = dYtᵀ Ut with the forward's bf16 u: u |dL| + 2.05 u dL_abs (+ 2^-16 for the fp32 sum)
 //   dR = dUᵀ X with du rounded: u |dR| + 2.05 u dR_abs
-// (the gradients start at zero; monarch_backward_gpu accumulates into them). Also at N - 13 rows
-// for v2: dx's last row, and nothing written at or past row N - 13.
+// (the gradients start at zero; monarch_backward_gpu accumulates into them). Also at Nc - 13 rows:
+// dx's last row, and nothing written at or past row Nc - 13.
 //
 // Build: make -C dev/cuda monarch_backward    Run: ./dev/cuda/monarch_backward [version (0: all) [N]]
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 2
+#define NV 3
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, nb; } Case;
@@ -46,12 +51,21 @@ int main(int argc, char **argv) {
         const int din = m.d_in, dout = m.d_out;
         const size_t urow = monarch_u_row(&m), nr_ = monarch_r_size(&m), nl = monarch_l_size(&m);
         const size_t NX = (size_t)N * din, NY = (size_t)N * dout, NU = (size_t)N * urow;
-        MbGeom g;
-        const int ok = monarch_fused_bwd_choose(&g, &m, btt_fused_smem_limit());
-        printf("-- %d -> %d, %d blocks: p %d q %d s %d, |R| %zu |L| %zu (dense %zu), N %d; fused: ", din, dout, m.nb, m.p, m.q, m.s, nr_, nl,
+        printf("-- %d -> %d, %d blocks: p %d q %d s %d, |R| %zu |L| %zu (dense %zu), N %d\n", din, dout, m.nb, m.p, m.q, m.s, nr_, nl,
                (size_t)din * dout, N);
-        if (ok) printf("tile rows %d, groups of %d of %d blocks, %d bytes of shared memory\n", g.tm, g.G, m.nb, g.smem_bytes);
-        else printf("unsupported here\n");
+        int ok[2];  // [whole-tile rule]: the fused kernel takes the shape
+        for (int w = 0; w < 2; w++) {
+            MbGeom g;
+            g_monarch_bwd_whole_tile = w;
+            ok[w] = monarch_fused_bwd_choose(&g, &m, btt_fused_smem_limit());
+            if (ok[w])
+                printf("   v%d geometry: %d rows per tile, groups of %d of %d blocks, %d bytes of shared memory, %.1f KB of L2 reads per row "
+                       "(model; baseline %.1f KB of DRAM, ratio %.2f)%s\n",
+                       2 + w, g.tm, g.G, m.nb, g.smem_bytes, mb_l2_bytes_per_row(&g) / 1024.0, monarch_baseline_bytes_per_row(&m, 1) / 1024.0,
+                       mb_l2_bytes_per_row(&g) / monarch_baseline_bytes_per_row(&m, 1),
+                       w == 0 && !monarch_fused_bwd_pays(&g, &m) ? ": the trainer declines it (over MF_MAX_L2_PER_DRAM)" : "");
+        }
+        g_monarch_bwd_whole_tile = 0;
         float ar = sqrtf(3.0f / m.p), al = sqrtf(3.0f / m.q), ad = sqrtf(3.0f / din);
         float *x = dev_random(NX, -1.0f, 1.0f), *dy = dev_random(NY, -1.0f, 1.0f), *R = dev_random(nr_, -ar, ar), *L = dev_random(nl, -al, al);
         float *wd = dev_random((size_t)dout * din, -ad, ad);
@@ -97,8 +111,10 @@ int main(int argc, char **argv) {
         float ms[NV + 1] = {0};
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            g_st_fused = ver == 2;
-            if (ver == 2 && !ok) {
+            g_st_fused = ver >= 2;
+            g_monarch_fused_force = ver >= 2;
+            g_monarch_bwd_whole_tile = ver == 3;
+            if (ver >= 2 && !ok[ver - 2]) {
                 printf("   v2: the fused kernel does not take this shape here; the trainer falls back to v1\n");
                 continue;
             }
@@ -109,7 +125,7 @@ int main(int argc, char **argv) {
             cudaCheck(cudaMemset(d_dL, 0, nl * sizeof(floatX)));
             run(Nc);
             cudaCheck(cudaDeviceSynchronize());
-            if (ran != (ver == 2)) { g_dev_fail++; printf("FAIL v%d: monarch_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
+            if (ran != (ver >= 2)) { g_dev_fail++; printf("FAIL v%d: monarch_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
             float *gdx = dev_download_bf16(d_dx, (size_t)Nc * din), *gR = dev_download_bf16(d_dR, nr_), *gL = dev_download_bf16(d_dL, nl);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d dx", ver, din, dout, m.nb);
             float e = dev_check_bounded(what, gdx, dxr, e_dx, (size_t)Nc * din);
@@ -134,9 +150,12 @@ int main(int argc, char **argv) {
             dev_report(what, ver, ms[ver], bytes, flops, fmaxf(e, fmaxf(e_r, e_l)));
         }
         g_st_fused = 0;
+        g_monarch_fused_force = 0;
+        g_monarch_bwd_whole_tile = 0;
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
+        if (ms[3] > 0 && ms[2] > 0) printf("   speedup traffic-model geometry (v2) over whole-tile rule (v3): %.2fx\n", ms[3] / ms[2]);
         void *dev[] = {d_x, d_dy, d_Rb, d_Lb, d_wd, d_y, d_u, d_dx, d_dR, d_dL, d_dwd, d_s};
         for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
         free(x); free(dy); free(R); free(L); free(wd); free(xa); free(dya); free(Ra); free(La); free(yr); free(ur); free(ua);

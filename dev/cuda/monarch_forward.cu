@@ -5,13 +5,16 @@
 //       u and the stage-2 output round-trip through DRAM
 //   v2  fused: monarch_forward_gpu with -sk 1: the cores transposed (two small kernels), then
 //       monarch_fused.cuh's one kernel, u in shared memory (written once, as the saved u), y
-//       staged in shared memory so that it leaves as 16-byte vectors
+//       staged in shared memory so that it leaves as 16-byte vectors. Run even where the trainer's
+//       dispatch would decline it (g_monarch_fused_force), with the traffic model's figures printed,
+//       so that this program measures where the model's bound (MF_MAX_L2_PER_DRAM) should be
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // Each version is also checked at N - 13 rows (a partial last tile) for its values and for not
 // writing past row N - 13.
 //
 // Shapes (N = 32768 rows by default): 768 -> 3072 with 4 and 24 blocks (the benchmark's
-// monarch_4 and monarch_sqrt), 1024 -> 4096 with 4 and 32, 3072 -> 768 with 4.
+// monarch_4 and monarch_sqrt), 1024 -> 4096 with 4 and 32, 3072 -> 768 with 4, 2048 -> 8192 with 4 (near
+// the traffic model's bound: where the fused kernel stops paying).
 // flops = 2 N (|R| + |L|); bytes = the minimum: x, R, L, bias, y and the saved u, bf16.
 //
 // Reference: monarch.h's fp32 monarch_forward on the bf16-rounded inputs, on a sample of rows
@@ -37,7 +40,7 @@ int main(int argc, char **argv) {
     const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, stride = 41, tail = 13;
     if (N < 64 || N % 8) { fprintf(stderr, "error: N = %s: use a multiple of 8, at least 64\n", argc > 2 ? argv[2] : "?"); return 1; }
-    const Case cases[] = {{768, 3072, 4}, {768, 3072, 24}, {1024, 4096, 4}, {1024, 4096, 32}, {3072, 768, 4}};
+    const Case cases[] = {{768, 3072, 4}, {768, 3072, 24}, {1024, 4096, 4}, {1024, 4096, 32}, {3072, 768, 4}, {2048, 8192, 4}};
     printf("monarch_forward: Monarch forward, baseline (cuBLAS) vs fused (u on chip), on %s (peak bf16 %.0f TFLOP/s from the table)\n",
            g_gpu.prop.name, gpu_peak_bf16_tflops(g_gpu.prop.name));
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
@@ -48,6 +51,15 @@ int main(int argc, char **argv) {
         const size_t NX = (size_t)N * din, NY = (size_t)N * dout, NU = (size_t)N * urow;
         printf("-- %d -> %d, %d blocks: p %d q %d s %d, |R| %zu |L| %zu (dense %zu), N %d; fused tile rows %d\n", din, dout, m.nb, m.p, m.q, m.s,
                nr_, nl, (size_t)din * dout, N, monarch_fused_supported(&m, btt_fused_smem_limit()));
+        {
+            MfGeom g;
+            const int tm = monarch_fused_supported(&m, btt_fused_smem_limit());
+            if (tm && mf_geom(&g, &m, tm))
+                printf("   traffic model: fused %.1f KB of L2 reads per row, baseline %.1f KB of DRAM per row (ratio %.2f): the trainer %s\n",
+                       mf_l2_bytes_per_row(&g) / 1024.0, monarch_baseline_bytes_per_row(&m, 0) / 1024.0,
+                       mf_l2_bytes_per_row(&g) / monarch_baseline_bytes_per_row(&m, 0),
+                       monarch_fused_fwd_pays(&m, btt_fused_smem_limit()) ? "runs the fused kernel" : "declines it (over MF_MAX_L2_PER_DRAM)");
+        }
         float ar = sqrtf(3.0f / m.p), al = sqrtf(3.0f / m.q), ad = sqrtf(3.0f / din);
         float *x = dev_random(NX, -1.0f, 1.0f), *R = dev_random(nr_, -ar, ar), *L = dev_random(nl, -al, al);
         float *bias = dev_random(dout, -0.5f, 0.5f), *wd = dev_random((size_t)dout * din, -ad, ad);
@@ -90,6 +102,7 @@ int main(int argc, char **argv) {
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
             g_st_fused = ver == 2;
+            g_monarch_fused_force = ver == 2;
             if (ver == 2 && !monarch_fused_supported(&m, btt_fused_smem_limit())) {
                 printf("   v2: the fused kernel does not take this shape here (shared memory); the trainer falls back to v1\n");
                 continue;
@@ -126,6 +139,7 @@ int main(int argc, char **argv) {
             else { g_dev_fail++; printf("FAIL v%d %d->%d nb %d: rows >= N %d of y or u were written\n", ver, din, dout, m.nb, Nt); }
         }
         g_st_fused = 0;
+        g_monarch_fused_force = 0;
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);

@@ -150,8 +150,9 @@ static int make_cases(Case *c, int din, int dout) {
         int ok;
         if (s->kind == STRUCT_MONARCH) {
             MonarchShape ms = monarch_shape_of(&full);
-            MbGeom g;
-            ok = monarch_fused_supported(&ms, btt_fused_smem_limit()) > 0 || monarch_fused_bwd_choose(&g, &ms, btt_fused_smem_limit());
+            MbGeom g;  // as the trainer's dispatch decides: supported and within the traffic bound
+            ok = monarch_fused_fwd_pays(&ms, btt_fused_smem_limit()) ||
+                 (monarch_fused_bwd_choose(&g, &ms, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, &ms));
         } else {
             BTTShape b;
             if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);

@@ -731,8 +731,9 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     char tag[128];
     snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, fused ? " (fused)" : "");
     MbGeom bg;
-    if (fused && !check_true(monarch_fused_supported(&m, btt_fused_smem_limit()) > 0 && monarch_fused_bwd_choose(&bg, &m, btt_fused_smem_limit()),
-                             nm("%s: the fused kernels support the shape", tag), "they do not: the test would check the cuBLAS path"))
+    if (fused && !check_true(monarch_fused_fwd_pays(&m, btt_fused_smem_limit()) && monarch_fused_bwd_choose(&bg, &m, btt_fused_smem_limit()) &&
+                                 monarch_fused_bwd_pays(&bg, &m),
+                             nm("%s: the fused kernels support the shape and pay", tag), "they do not: the test would check the cuBLAS path"))
         return;
     Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
         L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
@@ -784,17 +785,70 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
 }
 
-// monarch_fused.cuh's backward kernel itself, with shared memory limited to smem_limit bytes so that
-// it must work in groups of G < nb blocks (the dy tile read once per group): dyt (exactly dy
-// permuted), du and dx against monarch.h's backward, whose scratch holds the same dyt and du; rows
-// past N untouched; with dx = NULL, du and dyt alone.
-static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t smem_limit, int want_tm, int want_G) {
+static void check_ratio(double got, double want, const char *name) {  // to 0.005
+    const float g = (float)got, w = (float)want;
+    check_close(&g, &w, 1, 0.005f, 0.0f, name);
+}
+
+// The fused Monarch kernels' traffic model (monarch_fused.cuh) against figures worked out by hand
+// for an H100's 227 KB (each call's comment), and the dispatch following it: at a declined shape
+// monarch_*_gpu run the baseline even with -sk 1, and the fused kernels with g_monarch_fused_force.
+static void test_monarch_traffic(int din, int dout, int nb, double want_fwd_ratio, int want_fwd, double want_bwd_ratio, int want_bwd) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
-    char tag[160];
-    snprintf(tag, sizeof(tag), "fused monarch backward %d->%d nb=%d N=%d, %zu bytes of shared memory", din, dout, nb, N, smem_limit);
+    const size_t lim = 227 * 1024;
+    char tag[128];
+    snprintf(tag, sizeof(tag), "monarch traffic model %d->%d nb=%d", din, dout, nb);
+    MfGeom fg;
+    const int tm = monarch_fused_supported(&m, lim);
+    const double fr = tm && mf_geom(&fg, &m, tm) ? mf_l2_bytes_per_row(&fg) / monarch_baseline_bytes_per_row(&m, 0) : -1.0;
+    check_ratio(fr, want_fwd_ratio, nm("%s: forward L2 / baseline DRAM bytes per row", tag));
+    check_true(monarch_fused_fwd_pays(&m, lim) == want_fwd, nm("%s: the forward %s", tag, want_fwd ? "pays" : "is declined"), "the other way");
+    MbGeom bg;
+    const double br = monarch_fused_bwd_choose(&bg, &m, lim) ? mb_l2_bytes_per_row(&bg) / monarch_baseline_bytes_per_row(&m, 1) : -1.0;
+    check_ratio(br, want_bwd_ratio, nm("%s: backward L2 / baseline DRAM bytes per row", tag));
+    check_true(br > 0 && monarch_fused_bwd_pays(&bg, &m) == want_bwd, nm("%s: the backward %s", tag, want_bwd ? "pays" : "is declined"),
+               "the other way");
+}
+
+// A declined shape through the dispatch: the baseline with -sk 1, the fused kernel when forced.
+static void test_monarch_declined_dispatch() {
+    MonarchShape m;
+    monarch_shape(&m, 2048, 8192, 4);
+    const int N = 16;
+    Dev d;
+    floatX *x_d = d.add(up_bf16(rand_bf16((size_t)N * 2048, 1.0f))), *dy_d = d.add(up_bf16(rand_bf16((size_t)N * 8192, 1.0f)));
+    floatX *R_d = d.add(up_bf16(rand_bf16(monarch_r_size(&m), 0.05f))), *L_d = d.add(up_bf16(rand_bf16(monarch_l_size(&m), 0.05f)));
+    floatX *u_d = d.add(dev_alloc<floatX>(monarch_u_size(&m, N))), *dx_d = d.add(dev_alloc<floatX>((size_t)N * 2048));
+    floatX *dR_d = d.add(up_bf16(Vec(monarch_r_size(&m), 0.0f))), *dL_d = d.add(up_bf16(Vec(monarch_l_size(&m), 0.0f)));
+    floatX *s_d = d.add(dev_alloc<floatX>(monarch_gpu_scratch_elems(&m, N)));
+    cudaCheck(cudaMemset(u_d, 0, monarch_u_size(&m, N) * sizeof(floatX)));
+    g_st_fused = 1;
+    check_true(monarch_backward_gpu(dx_d, dR_d, dL_d, NULL, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, NULL) == 0,
+               "monarch 2048->8192 nb=4 with -sk 1: the declined backward runs the baseline", "it ran the fused kernel");
+    g_monarch_fused_force = 1;
+    check_true(monarch_backward_gpu(dx_d, dR_d, dL_d, NULL, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, NULL) == 1,
+               "monarch 2048->8192 nb=4 with -sk 1, forced: the fused backward runs", "it ran the baseline");
+    g_monarch_fused_force = 0;
+    g_st_fused = 0;
+}
+
+// monarch_fused.cuh's backward kernel itself, with shared memory limited to smem_limit bytes (and
+// whole_tile: g_monarch_bwd_whole_tile) so that it chooses the geometry want_tm, want_G (worked out
+// by hand from the traffic model in each call's comment): dyt (exactly dy permuted), du and dx
+// against monarch.h's backward, whose scratch holds the same dyt and du; rows past N untouched;
+// with dx = NULL, du and dyt alone.
+static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t smem_limit, int want_tm, int want_G, int whole_tile = 0) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    char tag[200];
+    snprintf(tag, sizeof(tag), "fused monarch backward %d->%d nb=%d N=%d, %zu bytes of shared memory%s", din, dout, nb, N, smem_limit,
+             whole_tile ? ", whole-tile rule" : "");
     MbGeom g;
-    if (!check_true(monarch_fused_bwd_choose(&g, &m, smem_limit) && g.tm == want_tm && g.G == want_G,
+    g_monarch_bwd_whole_tile = whole_tile;
+    const int chose = monarch_fused_bwd_choose(&g, &m, smem_limit);
+    g_monarch_bwd_whole_tile = whole_tile;  // kept for the launch below; reset at the end
+    if (!check_true(chose && g.tm == want_tm && g.G == want_G,
                     nm("%s: tile rows %d, groups of %d blocks", tag, want_tm, want_G), "another geometry (or none) was chosen"))
         return;
     const size_t urow = monarch_u_row(&m);
@@ -827,6 +881,7 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
         check_true(untouched, nm("%s%s: nothing written past row N%s", tag, with_dx ? "" : ", dx = NULL", with_dx ? "" : " (dx not at all)"),
                    "it was");
     }
+    g_monarch_bwd_whole_tile = 0;
 }
 
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must support
@@ -1556,13 +1611,33 @@ int main(int argc, char **argv) {
         test_monarch(33, 768, 3072, 24, 1); // the benchmark's sqrt-Monarch at 768: nb 24 (p = q = 32, s = 128), q not a multiple of nb
         test_monarch(20, 512, 256, 8, 1);   // d_out < d_in: q = s = 32 < p = 64
         test_monarch(21, 3072, 768, 4, 1);  // GPT-2 proj, Monarch 4: p 768, q = s = 192
-        // the backward kernel's groups: the whole dyt tile of 32 rows (one group), then 16 rows in
-        // groups of 3 of 4 blocks (a short last group), then of 2 of 24 (vectors with no column of
-        // the group are skipped) and of 1 of 5 (vectors hold several columns of each block)
-        test_monarch_fused_backward(37, 64, 256, 4, 227 * 1024, 32, 4);
+        test_monarch(100, 768, 3072, 4, 1); // 64-row tiles both ways (the backward in groups of 1): a full tile, a partial one
+        // the backward kernel's geometries. Model: L2 bytes per row = 2 (|L| + |R|) / tm + 2 d_out
+        // ceil(nb / G), least wins (ties: more rows, larger groups); smem = tm (pad(G s) + pad(nb q))
+        // 2 + 10240 with pad(c) = round_up(c, 64) + 8 (each part rounded up to 128 bytes).
+        // 64 -> 256, nb 4 (|L| + |R| = 5120): 64 rows, one group (53 KB), a partial second tile
+        test_monarch_fused_backward(70, 64, 256, 4, 227 * 1024, 64, 4);
+        // 64 -> 1024, nb 4, 40 KB: 64 rows fit no group; 32 rows groups of 1 (4640 B/row); 16 rows
+        // groups of 3 (3136, a short last group) ties 2 (3136): groups of 3
         test_monarch_fused_backward(37, 64, 1024, 4, 40 * 1024, 16, 3);
+        // 768 -> 3072, nb 24, 44 KB: only 16 rows fit (du tile 24.8 KB), groups of 2 of 24 (vectors
+        // with no column of the group are skipped)
         test_monarch_fused_backward(19, 768, 3072, 24, 44 * 1024, 16, 2);
+        // 80 -> 320, nb 5, 16896 bytes: 16 rows, groups of 1 (vectors hold columns of every block)
         test_monarch_fused_backward(33, 80, 320, 5, 16896, 16, 1);
+        // GPT-2 fc, 768 -> 3072 nb 4, an H100's 227 KB: 64 rows in groups of 1 (208.7 KB; 47616
+        // B/row) beat 16 rows in one group (133.6 KB; 98304 B/row); the whole-tile rule takes the latter
+        test_monarch_fused_backward(70, 768, 3072, 4, 227 * 1024, 64, 1);
+        test_monarch_fused_backward(37, 768, 3072, 4, 227 * 1024, 16, 4, 1);
+        // the traffic model, bytes per row (fused L2 / baseline DRAM). Forward: 2 (|L| + |R|) / tm +
+        // 2 d_in against 2 (d_in + 4 urow + 5 d_out); backward: the geometry's model above against
+        // 2 (3 d_out + 4 urow + d_in). 768 -> 3072 nb 4: forward tm 64 (135 KB): 24576 / 38400;
+        // backward (64, 1): 47616 / 26112
+        test_monarch_traffic(768, 3072, 4, 24576.0 / 38400, 1, 47616.0 / 26112, 1);
+        // 2048 -> 8192 nb 4 (|L| + |R| = 5242880): forward tm 32 (175 KB): 331776 / 102400 = 3.24,
+        // pays; backward (16, 2): 688128 / 69632 = 9.88, declined
+        test_monarch_traffic(2048, 8192, 4, 331776.0 / 102400, 1, 688128.0 / 69632, 0);
+        test_monarch_declined_dispatch();
         test_seg_wgrad(16, 16, 1);
         test_seg_wgrad(48, 96, 3);   // GPT-2 768 -> 3072 experts' dW1 shape (gamma x eps), 3 of its 32 f
         test_seg_wgrad(16, 32, 5);   // more batch entries than tiles per entry
