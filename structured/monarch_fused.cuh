@@ -184,11 +184,15 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
 
 typedef void (*MfKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, MfGeom);
 
+// The most rows per tile the forward may take (64; dev/cuda/monarch_forward sets 32 and 16 to time
+// them: fewer rows leave room for more resident blocks per SM, which may hide latency better).
+static int g_monarch_fwd_max_tm = 64;
+
 // The tile rows for this shape within smem_limit bytes (64, else 32, else 16), or 0 when
 // unsupported: every core element a tile reads comes from L2, so rows per tile divide that traffic
 // (|R| + |L| elements per tile; x, u and y are read or written once whatever tm is).
 static inline int monarch_fused_supported(const MonarchShape *m, size_t smem_limit) {
-    for (int tm = 64; tm >= 16; tm /= 2) {
+    for (int tm = g_monarch_fwd_max_tm; tm >= 16; tm /= 2) {
         MfGeom g;
         if (mf_geom(&g, m, tm) && (size_t)g.smem_bytes <= smem_limit) return tm;
     }

@@ -8,6 +8,8 @@
 //       staged in shared memory so that it leaves as 16-byte vectors. Run even where the trainer's
 //       dispatch would decline it (g_monarch_fused_force), with the traffic model's figures printed,
 //       so that this program measures where the model's bound (MF_MAX_L2_PER_DRAM) should be
+//   v3, v4  v2 with at most 32 and 16 rows per tile (g_monarch_fwd_max_tm), where v2 took more:
+//       fewer rows re-read the cores more often but leave shared memory for more resident blocks
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // Each version is also checked at N - 13 rows (a partial last tile) for its values and for not
 // writing past row N - 13.
@@ -30,7 +32,7 @@
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 2
+#define NV 4
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, nb; } Case;
@@ -99,24 +101,31 @@ int main(int argc, char **argv) {
         snprintf(what, sizeof(what), "dense %d->%d (unchecked)", din, dout);
         dev_report(what, 0, ms_dense, 2.0 * ((double)NX + (double)din * dout + dout + NY), 2.0 * N * (double)din * dout, 0.0f);
         float ms[NV + 1] = {0};
+        g_monarch_fwd_max_tm = 64;
+        const int tm_v2 = monarch_fused_supported(&m, btt_fused_smem_limit());
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            g_st_fused = ver == 2;
-            g_monarch_fused_force = ver == 2;
-            if (ver == 2 && !monarch_fused_supported(&m, btt_fused_smem_limit())) {
-                printf("   v2: the fused kernel does not take this shape here (shared memory); the trainer falls back to v1\n");
+            const int fused = ver >= 2;
+            g_st_fused = fused;
+            g_monarch_fused_force = fused;
+            g_monarch_fwd_max_tm = ver == 3 ? 32 : ver == 4 ? 16 : 64;
+            const int tm = fused ? monarch_fused_supported(&m, btt_fused_smem_limit()) : 0;
+            if (fused && !tm) {
+                printf("   v%d: the fused kernel does not take this shape here (shared memory)%s\n", ver, ver == 2 ? "; the trainer falls back to v1" : "");
                 continue;
             }
+            if (ver > 2 && (tm != g_monarch_fwd_max_tm || tm == tm_v2)) continue;  // only a tile size v2 did not take
+            if (fused) printf("   v%d: %d rows per tile\n", ver, tm);
             int ran = -1;
             auto run = [&](int n) { ran = monarch_forward_gpu(d_y, d_u, d_x, d_R, d_L, d_bias, n, &m, d_s); };
             cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));  // NaN: unwritten elements fail
             cudaCheck(cudaMemset(d_u, 0xFF, NU * sizeof(floatX)));
             run(N);
             cudaCheck(cudaDeviceSynchronize());
-            if (ran != (ver == 2)) { g_dev_fail++; printf("FAIL v%d: monarch_forward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
+            if (ran != fused) { g_dev_fail++; printf("FAIL v%d: monarch_forward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
             float *gy = dev_download_rows(d_y, rows, nr, dout), *gu = dev_download_rows(d_u, rows, nr, urow);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d y", ver, din, dout, m.nb);
-            float ey = dev_check_bounded(what, gy, y_ref, ver == 2 ? e_yf : e_yb, (size_t)nr * dout);
+            float ey = dev_check_bounded(what, gy, y_ref, fused ? e_yf : e_yb, (size_t)nr * dout);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d saved u", ver, din, dout, m.nb);
             float eu = dev_check_bounded(what, gu, u_ref, e_u, (size_t)nr * urow);
             free(gy); free(gu);
@@ -131,7 +140,7 @@ int main(int argc, char **argv) {
             int last = Nt - 1;
             float *ly = dev_download_rows(d_y, &last, 1, dout), *lu = dev_download_rows(d_u, &last, 1, urow);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d y row %d (the last of N %d)", ver, din, dout, m.nb, last, Nt);
-            dev_check_bounded(what, ly, y_ref + (size_t)nr * dout, (ver == 2 ? e_yf : e_yb) + (size_t)nr * dout, dout);
+            dev_check_bounded(what, ly, y_ref + (size_t)nr * dout, (fused ? e_yf : e_yb) + (size_t)nr * dout, dout);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d saved u row %d", ver, din, dout, m.nb, last);
             dev_check_bounded(what, lu, u_ref + (size_t)nr * urow, e_u + (size_t)nr * urow, urow);
             free(ly); free(lu);
@@ -140,9 +149,12 @@ int main(int argc, char **argv) {
         }
         g_st_fused = 0;
         g_monarch_fused_force = 0;
+        g_monarch_fwd_max_tm = 64;
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
+        for (int ver = 3; ver <= NV; ver++)
+            if (ms[ver] > 0 && ms[2] > 0) printf("   speedup v2 (%d rows per tile) over v%d (%d): %.2fx\n", tm_v2, ver, ver == 3 ? 32 : 16, ms[ver] / ms[2]);
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_R)); cudaCheck(cudaFree(d_L)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));
         cudaCheck(cudaFree(d_y)); cudaCheck(cudaFree(d_u)); cudaCheck(cudaFree(d_s));
         free(x); free(R); free(L); free(bias); free(wd); free(rows); free(xs); free(xa); free(Ra); free(La);
