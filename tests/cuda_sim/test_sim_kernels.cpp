@@ -783,6 +783,15 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: dR", tag));
     check_scaled(down_bf16(dL_d, dL.size()), dL, 2e-2f, 0.0f, nm("%s: dL", tag));
     check_scaled(down_bf16(db_d, db.size()), db, 2e-2f, 0.0f, nm("%s: dbias", tag));
+    // dx = NULL (the first layer's input needs no gradient) must still give the weight gradients
+    cudaCheck(cudaMemset(dR_d, 0, dR.size() * sizeof(floatX)));
+    cudaCheck(cudaMemset(dL_d, 0, dL.size() * sizeof(floatX)));
+    g_st_fused = fused;
+    check_true(monarch_backward_gpu(NULL, dR_d, dL_d, NULL, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col) == fused,
+               nm("%s: dx = NULL runs the %s backward", tag, fused ? "fused" : "cuBLAS"), "it ran the other one");
+    g_st_fused = 0;
+    check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: dR with dx = NULL", tag));
+    check_scaled(down_bf16(dL_d, dL.size()), dL, 2e-2f, 0.0f, nm("%s: dL with dx = NULL", tag));
 }
 
 static void check_ratio(double got, double want, const char *name) {  // to 0.005
