@@ -82,9 +82,13 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
     say "$(printf 'stage %-10s rc %-3s %4ss (limit %ss)%s' "$name" "$rc" "$(($(date +%s) - t))" "$lim" \
         "$([ "$rc" = 124 ] && echo ': stopped at its limit')")"
 }
-# every dev/cuda program, each with its default versions (a script: timeout runs programs only)
+# every dev/cuda program, each with its default versions (a script: timeout runs programs only),
+# the structured kernels' first (they decide -sk and the Monarch traffic bound; structured_layers
+# already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
-KERNELS='rc=0; for src in dev/cuda/*.cu; do b=${src%.cu}; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
+KERNELS='rc=0; first="btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
+  for n in $first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first)); do
+  b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
   echo "== $b"; "./$b" || { echo "FAIL $b exited with $?"; rc=1; }; done; exit $rc'
 for s in $STAGES; do
     case $s in
@@ -125,6 +129,8 @@ if [ -f "$LOGS/kernels.log" ]; then
     say ""
     say "== dev/cuda programs: $(grep -c '^== ' "$LOGS/kernels.log") run, $(grep -c '^FAIL' "$LOGS/kernels.log") failed"
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
+    # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
+    sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
 fi
 tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 say ""
