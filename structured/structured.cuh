@@ -9,7 +9,8 @@
 // chip: the forward, and the backward's dx and dZ as the forward of the transposed BTT (btt.h)
 // on dy; the weight gradients, which reduce over all rows, stay cuBLAS GEMMs. Monarch's forward
 // runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
-// kernel (du on chip), then the same weight-gradient GEMMs.
+// kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
+// says they move fewer bytes than the plans (not at large widths with few blocks).
 //
 // BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
@@ -40,9 +41,9 @@
 #include "spec.h"
 
 // 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards and
-// backward dx monarch_fused.cuh's, where they support the shape (-sk 1 in the trainer); 0: the cuBLAS plans,
-// which stay the default until dev/bench/structured.sh has measured both on a GPU (neither has
-// run on one yet).
+// backward dx monarch_fused.cuh's, where they support the shape (Monarch: and its traffic model
+// says they pay) (-sk 1 in the trainer); 0: the cuBLAS plans, which stay the default until
+// dev/bench/structured.sh has measured both on a GPU (neither has run on one yet).
 static int g_st_fused = 0;
 
 // ----------------------------------------------------------------------------------------------
