@@ -15,7 +15,9 @@
 //     running at the same time read the same core tile, which L1 then serves once); the fp32 result
 //     through the warp's staging tile, rounded to bf16 (as the baseline stores u) and scattered to
 //     the u tile at the saved layout's position of u[k*q + j]; barrier (the x tile is refilled).
-//     So x is read once, and each core element once per tile.
+//     So x is read once, and each core element once per tile. Where X_k is at most MF_XVEC 16-byte
+//     vectors per thread (tm*p <= 16384), X_{k+1} is loaded into registers right after the first
+//     barrier, so that its latency hides behind X_k's MMAs (the BTT kernel's register prefetch).
 //   the u tile's rows < N to global when saving (a contiguous copy).
 //   stage 2, in steps of js n-tiles of the output (js*nb items >= MF_WARPS where possible): item
 //     (l, n-tile) computes Yt_l = Ut_l Lt[l] for all tm rows (A from the u tile: the saved layout
@@ -27,8 +29,8 @@
 // tm x (js*16*nb + pad), which are never live at once, in one region; per warp a 16x20 fp32 staging
 // tile. Needs p, q, s multiples of 16, d_in, d_out multiples of 8, x, y, u, bias 16-byte aligned
 // and the transposed cores 32-byte aligned (monarch_fused_supported).
-// Not yet: a register prefetch of the next x tile (the BTT kernel's) to overlap its load with the
-// MMAs.
+// Not yet: a prefetch for X_k larger than MF_XVEC vectors per thread (3072 -> 768 in 4 blocks at
+// 64 rows), e.g. by cp.async into a second x tile.
 //
 // The backward's dx is not a Monarch of the same kind (its first stage reads dy strided, its second
 // writes dx contiguously), so it has its own kernel, monarch_fused_bwd_kernel (below the forward).
@@ -41,6 +43,7 @@
 #define MF_WARPS 8
 #define MF_THREADS (32 * MF_WARPS)
 #define MF_STG_LD BT_STG_LD  // the per-warp fp32 staging tiles and padded row strides are btt_tiles.h's
+#define MF_XVEC 8            // at most this many 16-byte x vectors per thread are prefetched (registers)
 
 // When the fused kernels pay. They read every core element once per tile of rows (from L2), where
 // the cuBLAS baseline's GEMMs tile far more rows per core read but move their intermediates through
@@ -106,13 +109,34 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
 
     // ---- stage 1: u tile (saved layout) = X_k Rt[k] for every block k, X_k through the x tile
     floatX *xs = ys;  // the x tile: stage 1 only, in the y staging tile's region
-    const int nq = g.q / 16, vrow = g.p / 8;
+    const int nq = g.q / 16, vrow = g.p / 8, nx = tm * vrow;  // nx: 16-byte vectors of one X_k
+    // X_{k+1} is loaded into registers while the MMAs run on X_k, where it takes at most MF_XVEC
+    // vectors per thread; else each X_k is loaded between the barriers
+    const bool prefetch = nx <= MF_XVEC * MF_THREADS;
+    x128 xr[MF_XVEC];
+    auto load_x = [&](int k) {
+#pragma unroll
+        for (int i = 0; i < MF_XVEC; i++) {
+            const int v = threadIdx.x + i * MF_THREADS, m = v / vrow, c = (v % vrow) * 8;
+            if (v < nx) xr[i] = m < rows ? load128(x + (size_t)(r0 + m) * g.din + k * g.p + c) : x128::zeros();
+        }
+    };
+    if (prefetch) load_x(0);
     for (int k = 0; k < g.nb; k++) {
-        for (int v = threadIdx.x; v < tm * vrow; v += MF_THREADS) {
-            const int m = v / vrow, c = (v % vrow) * 8;
-            store128(xs + m * g.xld + c, m < rows ? load128(x + (size_t)(r0 + m) * g.din + k * g.p + c) : x128::zeros());
+        if (prefetch) {
+#pragma unroll
+            for (int i = 0; i < MF_XVEC; i++) {
+                const int v = threadIdx.x + i * MF_THREADS;
+                if (v < nx) store128(xs + (v / vrow) * g.xld + (v % vrow) * 8, xr[i]);
+            }
+        } else {
+            for (int v = threadIdx.x; v < nx; v += MF_THREADS) {
+                const int m = v / vrow, c = (v % vrow) * 8;
+                store128(xs + m * g.xld + c, m < rows ? load128(x + (size_t)(r0 + m) * g.din + k * g.p + c) : x128::zeros());
+            }
         }
         __syncthreads();  // X_k complete
+        if (prefetch && k + 1 < g.nb) load_x(k + 1);  // in flight during the MMAs below
         for (int it = warp; it < nq * MT; it += MF_WARPS) {
             const int mt = it % MT, nt = it / MT;
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
