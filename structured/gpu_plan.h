@@ -150,6 +150,26 @@ static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, 
 // Scratch elements per row: T1 and T3 (urow each), T2 (d_out).
 static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 * monarch_u_row(m) + (size_t)m->d_out; }
 
+// Elements of activations a plan moves through memory: for each op, every operand that is not a
+// core or a core's gradient (W0, W1, DW0, DW1), read (and C written) once; a GEMM with beta = 1
+// also reads C. A plan built for n = 1 rows gives the count per row: the cuBLAS baseline's memory
+// traffic, which monarch_fused.cuh weighs its kernels against.
+static inline int plan_buf_is_core(int b) { return b == PB_W0 || b == PB_W1 || b == PB_DW0 || b == PB_DW1; }
+static inline double plan_activation_elems(const Plan *p) {
+    double e = 0.0;
+    for (int i = 0; i < p->n; i++) {
+        const PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_PERMUTE) {
+            e += 2.0 * o->rows * o->R * o->C * o->blk;
+            continue;
+        }
+        const double mk = (double)o->M * o->K, kn = (double)o->K * o->N, mn = (double)o->M * o->N;
+        e += o->batch * ((plan_buf_is_core(o->a) ? 0.0 : mk) + (plan_buf_is_core(o->b) ? 0.0 : kn) +
+                         (plan_buf_is_core(o->c) ? 0.0 : mn * (1 + o->beta)));
+    }
+    return e;
+}
+
 // Where each scratch buffer starts inside one scratch allocation of `rows` rows.
 static inline void plan_scratch_offsets(size_t t1_row, size_t t2_row, int rows, size_t off[3]) {
     off[0] = 0;

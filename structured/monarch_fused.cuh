@@ -38,6 +38,7 @@
 #include <mma.h>
 #include "../common/btt_tiles.h"
 #include "../cuda/common.cuh"
+#include "gpu_plan.h"
 #include "monarch.h"
 
 #define MF_WARPS 8
@@ -56,13 +57,18 @@
 #define MF_MAX_L2_PER_DRAM 4.0
 static int g_monarch_fused_force = 0;
 
-// The baseline's DRAM bytes per row (bf16): forward GEMM (x in, T1 out), permute (T1 in, u out),
-// GEMM (u in, T2 out), permute (T2 in, y out), bias (y in and out); the backward's dx part: permute
-// (dy in, dyt out), GEMM (dyt in, T1 out), permute (T1 in, du out), GEMM (du in, dx out). The
-// weight gradients, the same GEMMs on either path, are left out; so are the cores.
+// The baseline's DRAM bytes per row (bf16), from its plans (gpu_plan.h) at one row: the forward's
+// GEMM, permute, GEMM, permute, and the bias kernel (y read and written); the backward's dx part,
+// which is its plan less the weight-gradient GEMMs (the same on either path). Cores left out.
 static inline double monarch_baseline_bytes_per_row(const MonarchShape *m, int backward) {
-    const double urow = (double)m->nb * m->q;
-    return backward ? 2.0 * (3.0 * m->d_out + 4.0 * urow + m->d_in) : 2.0 * (m->d_in + 4.0 * urow + 5.0 * m->d_out);
+    Plan p = {}, w = {};
+    if (!backward) {
+        plan_monarch_forward(&p, m, 1);
+        return 2.0 * (plan_activation_elems(&p) + 2.0 * m->d_out);
+    }
+    plan_monarch_backward(&p, m, 1, 1);
+    plan_monarch_backward_weights(&w, m, 1);
+    return 2.0 * (plan_activation_elems(&p) - plan_activation_elems(&w));
 }
 
 typedef struct {

@@ -318,6 +318,38 @@ static void test_permute_index(void) {
     check_true(memcmp(got, want, sizeof(want)) == 0, "permute index: [2][3][2] -> [3][2][2] written out by hand", "wrong order");
 }
 
+// plan_activation_elems (the baseline's memory traffic the fused Monarch kernels are weighed
+// against) at one row, against counts written out from each op: Monarch forward GEMM x -> T1,
+// permute T1 -> u, GEMM u -> T2, permute T2 -> y: d_in + 4 urow + 3 d_out; its backward's permute
+// dy -> dyt, GEMM dyt -> T1, permute T1 -> du, GEMM du -> dx, then dL (dyt, u) and dR (du, x):
+// 4 d_out + 6 urow + 2 d_in, of which the two weight GEMMs d_out + 2 urow + d_in; BTT forward
+// x -> T1, permute, Z -> y: d_in + 4 zrow + d_out.
+static void test_activation_elems(void) {
+    MonarchShape m;
+    monarch_shape(&m, 768, 3072, 4);  // urow 768
+    Plan f = {}, b = {}, w = {};
+    plan_monarch_forward(&f, &m, 1);
+    plan_monarch_backward(&b, &m, 1, 1);
+    plan_monarch_backward_weights(&w, &m, 1);
+    char why[96];
+    const double got[3] = {plan_activation_elems(&f), plan_activation_elems(&b), plan_activation_elems(&w)};
+    const double want[3] = {768 + 4 * 768 + 3 * 3072, 4 * 3072 + 6 * 768 + 2 * 768, 3072 + 2 * 768 + 768};
+    const char *what[3] = {"monarch 768->3072 nb 4 forward", "monarch backward", "monarch backward's weight GEMMs"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(why, sizeof(why), "%.0f elements, counted by hand %.0f", got[i], want[i]);
+        char name[128];
+        snprintf(name, sizeof(name), "plan_activation_elems: %s at one row", what[i]);
+        check_true(got[i] == want[i], name, why);
+    }
+    BTTShape s;
+    btt_shape(&s, 16, 48, 32, 96, 2);  // 768 -> 3072 rank 2: zrow 48*32*2 = 3072
+    Plan bf = {};
+    plan_btt_forward(&bf, &s, 1, 0);
+    const double gb = plan_activation_elems(&bf), wb = 768 + 4 * 3072 + 3072;
+    snprintf(why, sizeof(why), "%.0f elements, counted by hand %.0f", gb, wb);
+    check_true(gb == wb, "plan_activation_elems: btt 768->3072 rank 2 forward at one row", why);
+}
+
 // st_moe_route_row with `only` (test mode's forced routing): the given experts, ordered by logit
 // as the top-k orders them, gates a softmax over their logits, lse over all E; given the natural
 // top-k in any order, the same selection as unforced routing and the same gates (to rounding:
@@ -366,5 +398,6 @@ int main(void) {
     test_moe(4, 4, 4, 4, 3, 3, 10);   // top-k = E
     test_moe(4, 6, 5, 3, 8, 1, 5);    // fewer tokens than experts: empty experts
     test_route_only();
+    test_activation_elems();
     return test_summary();
 }
