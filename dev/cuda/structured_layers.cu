@@ -148,11 +148,14 @@ static int make_cases(Case *c, int din, int dout) {
         full.d_in = din;
         full.d_out = dout;
         int ok;
+        c[n] = c[i];
         if (s->kind == STRUCT_MONARCH) {
             MonarchShape ms = monarch_shape_of(&full);
             MbGeom g;  // as the trainer's dispatch decides: supported and within the traffic bound
-            ok = monarch_fused_fwd_pays(&ms, btt_fused_smem_limit()) ||
-                 (monarch_fused_bwd_choose(&g, &ms, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, &ms));
+            const int f = monarch_fused_fwd_pays(&ms, btt_fused_smem_limit());
+            const int b = monarch_fused_bwd_choose(&g, &ms, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, &ms);
+            ok = f || b;
+            snprintf(c[n].desc, sizeof(c[n].desc), "%d blocks (%s)", s->blocks, f && b ? "fwd+bwd" : f ? "fwd only" : "bwd only");
         } else {
             BTTShape b;
             if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
@@ -160,7 +163,6 @@ static int make_cases(Case *c, int din, int dout) {
             ok = btt_fused_supported(&b, btt_fused_smem_limit()) > 0;
         }
         if (!ok) continue;
-        c[n] = c[i];
         c[n].fused = 1;
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_fused", c[i].name);
         n++;
