@@ -73,6 +73,46 @@ static inline double monarch_baseline_bytes_per_row(const MonarchShape *m, int b
     return 2.0 * (plan_activation_elems(&p) - plan_activation_elems(&w));
 }
 
+// ---- shared by both kernels (four GEMM loops, two launchers)
+
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> MfAcc;
+
+// acc[mt] = A_mt B for the MT m-tiles of a tile, over K = 16*ksteps: A_mt from shared memory at
+// a + mt*16*lda (row-major), B a 16-column strip of a row-major core in global memory at b (ld ldb),
+// each of its fragments loaded once for all MT m-tiles.
+template <int MT>
+__device__ inline void mf_mma_mtiles(MfAcc (&acc)[MT], const floatX *a, int lda, const floatX *b, int ldb, int ksteps) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
+    for (int kk = 0; kk < ksteps; kk++) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b + (size_t)kk * 16 * ldb, ldb);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, a + mt * 16 * lda + kk * 16, lda);
+            wmma::mma_sync(acc[mt], fa, fb, acc[mt]);
+        }
+    }
+}
+
+// The warp's accumulator into its fp32 staging tile (16 x MF_STG_LD), ready for the lanes' epilogue.
+__device__ inline void mf_to_staging(float *stg, const MfAcc &acc) {
+    __syncwarp();  // the previous epilogue has read the tile
+    nvcuda::wmma::store_matrix_sync(stg, acc, MF_STG_LD, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+}
+
+// Opts kernel k in to `bytes` of dynamic shared memory when a launch needs more than *set, the
+// amount granted so far to that instantiation.
+template <class K>
+static void mf_opt_in_smem(K k, int bytes, int *set) {
+    if (bytes <= *set) return;
+    cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    *set = bytes;
+}
+
 typedef struct {
     int nb, p, q, s, din, dout, urow;
     int tm, mt, js;                    // tile rows, 16-row m-tiles, output n-tiles per stage-2 step
@@ -107,7 +147,6 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
                                                                    const floatX *__restrict__ Rt, const floatX *__restrict__ Lt,
                                                                    const floatX *__restrict__ bias, int N, MfGeom g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    using namespace nvcuda;
     extern __shared__ __align__(128) unsigned char mf_smem[];
     floatX *us = (floatX *)(mf_smem + g.off_u), *ys = (floatX *)(mf_smem + g.off_y);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tm = 16 * MT;
@@ -147,18 +186,9 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
         if (prefetch && k + 1 < g.nb) load_x(k + 1);  // in flight during the MMAs below
         for (int it = warp; it < nq * MT; it += MF_WARPS) {
             const int mt = it % MT, nt = it / MT;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < g.p / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-                wmma::load_matrix_sync(a, xs + mt * 16 * g.xld + kk * 16, g.xld);
-                wmma::load_matrix_sync(b, Rt + ((size_t)k * g.p + kk * 16) * g.q + nt * 16, g.q);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            __syncwarp();
-            wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
-            __syncwarp();
+            MfAcc acc[1];
+            mf_mma_mtiles<1>(acc, xs + mt * 16 * g.xld, g.xld, Rt + (size_t)k * g.p * g.q + nt * 16, g.q, g.p / 16);
+            mf_to_staging(stg, acc[0]);
             for (int t = 0; t < 8; t++) {
                 const int m = k * g.q + nt * 16 + ec + t;  // u index; saved at (m % nb) * q + m / nb
                 us[(mt * 16 + er) * g.uld + (m % g.nb) * g.q + m / g.nb] = (floatX)stg[er * MF_STG_LD + ec + t];
@@ -178,24 +208,11 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
         const int jn = nts - j0 < g.js ? nts - j0 : g.js;
         for (int it = warp; it < g.nb * jn; it += MF_WARPS) {
             const int l = it % g.nb, jj = it / g.nb, j = j0 + jj;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
-            for (int kk = 0; kk < g.q / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-                wmma::load_matrix_sync(b, Lt + ((size_t)l * g.q + kk * 16) * g.s + j * 16, g.s);
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                    wmma::load_matrix_sync(a, us + mt * 16 * g.uld + l * g.q + kk * 16, g.uld);
-                    wmma::mma_sync(acc[mt], a, b, acc[mt]);
-                }
-            }
+            MfAcc acc[MT];
+            mf_mma_mtiles<MT>(acc, us + l * g.q, g.uld, Lt + (size_t)l * g.q * g.s + j * 16, g.s, g.q / 16);
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
-                __syncwarp();
-                wmma::store_matrix_sync(stg, acc[mt], MF_STG_LD, wmma::mem_row_major);
-                __syncwarp();
+                mf_to_staging(stg, acc[mt]);
                 for (int t = 0; t < 8; t++) {
                     const int i = j * 16 + ec + t;  // Yt_l column = y column i*nb + l
                     float v = stg[er * MF_STG_LD + ec + t] + (bias ? (float)bias[i * g.nb + l] : 0.0f);
@@ -256,11 +273,7 @@ static int monarch_forward_fused(floatX *y, floatX *u_or_null, const floatX *x, 
     if (N <= 0) return 1;
     MfKernel k = tm == 64 ? monarch_fused_kernel<4> : tm == 32 ? monarch_fused_kernel<2> : monarch_fused_kernel<1>;
     static int attr[3];  // the opt-in dynamic shared memory set so far, per instantiation
-    int &set = attr[tm / 32];
-    if (g.smem_bytes > set) {
-        cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
-        set = g.smem_bytes;
-    }
+    mf_opt_in_smem(k, g.smem_bytes, &attr[tm / 32]);
     k<<<ceil_div_i(N, tm), MF_THREADS, g.smem_bytes>>>(y, u_or_null, x, Rt, Lt, bias_or_null, N, g);
     cudaCheckLaunch();
     return 1;
@@ -361,7 +374,6 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
                                                                        const floatX *__restrict__ R, const floatX *__restrict__ L, int N,
                                                                        MbGeom g) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    using namespace nvcuda;
     extern __shared__ __align__(128) unsigned char mf_smem[];
     floatX *ds = (floatX *)(mf_smem + g.off_d), *us = (floatX *)(mf_smem + g.off_u);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tm = 16 * MT;
@@ -399,18 +411,9 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
         const int items1 = gn * nq * MT;
         for (int it = warp; it < items1; it += MF_WARPS) {
             const int mt = it % MT, nt = (it / MT) % nq, lj = it / (MT * nq), l = g0 + lj;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < g.s / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-                wmma::load_matrix_sync(a, ds + mt * 16 * g.dld + lj * g.s + kk * 16, g.dld);
-                wmma::load_matrix_sync(b, L + ((size_t)l * g.s + kk * 16) * g.q + nt * 16, g.q);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            __syncwarp();
-            wmma::store_matrix_sync(stg, acc, MF_STG_LD, wmma::mem_row_major);
-            __syncwarp();
+            MfAcc acc[1];
+            mf_mma_mtiles<1>(acc, ds + mt * 16 * g.dld + lj * g.s, g.dld, L + (size_t)l * g.s * g.q + nt * 16, g.q, g.s / 16);
+            mf_to_staging(stg, acc[0]);
             for (int t = 0; t < 8; t++) {
                 const int r = nt * 16 + ec + t;  // dUt_l column r = du index r*nb + l
                 us[(mt * 16 + er) * g.uld + r * g.nb + l] = (floatX)stg[er * MF_STG_LD + ec + t];
@@ -429,24 +432,11 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
     const int np = g.p / 16;
     for (int it = warp; it < g.nb * np; it += MF_WARPS) {
         const int nt = it % np, k = it / np;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
-        for (int kk = 0; kk < nq; kk++) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-            wmma::load_matrix_sync(b, R + ((size_t)k * g.q + kk * 16) * g.p + nt * 16, g.p);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-                wmma::load_matrix_sync(a, us + mt * 16 * g.uld + k * g.q + kk * 16, g.uld);
-                wmma::mma_sync(acc[mt], a, b, acc[mt]);
-            }
-        }
+        MfAcc acc[MT];
+        mf_mma_mtiles<MT>(acc, us + k * g.q, g.uld, R + (size_t)k * g.q * g.p + nt * 16, g.p, nq);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-            __syncwarp();
-            wmma::store_matrix_sync(stg, acc[mt], MF_STG_LD, wmma::mem_row_major);
-            __syncwarp();
+            mf_to_staging(stg, acc[mt]);
             const int row = mt * 16 + er;
             if (row < rows) {
                 x128 o;
@@ -477,11 +467,7 @@ static int monarch_backward_fused(floatX *dx_or_null, floatX *du, floatX *dyt, c
     if (N <= 0) return 1;
     MbKernel k = g.tm == 64 ? monarch_fused_bwd_kernel<4> : g.tm == 32 ? monarch_fused_bwd_kernel<2> : monarch_fused_bwd_kernel<1>;
     static int attr[3];  // the opt-in dynamic shared memory set so far, per instantiation
-    int &set = attr[g.tm / 32];
-    if (g.smem_bytes > set) {
-        cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, g.smem_bytes));
-        set = g.smem_bytes;
-    }
+    mf_opt_in_smem(k, g.smem_bytes, &attr[g.tm / 32]);
     k<<<ceil_div_i(N, g.tm), MF_THREADS, g.smem_bytes>>>(dx_or_null, du, dyt, dy, R, L, N, g);
     cudaCheckLaunch();
     return 1;

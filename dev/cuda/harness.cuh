@@ -50,14 +50,17 @@ static inline float dev_bf2f(uint16_t b) {
 // rounds a host array to bf16 in place (the CPU reference then computes on what the GPU reads)
 static inline void dev_round_bf16(float *p, size_t n) { for (size_t i = 0; i < n; i++) p[i] = dev_bf2f(dev_f2bf(p[i])); }
 
-// device copies
-static inline floatX *dev_upload_bf16(const float *h, size_t n) {
+// device copies: host fp32 -> bf16 into existing device memory, or into a new allocation
+static inline void dev_copy_bf16(floatX *d, const float *h, size_t n) {
     uint16_t *t = (uint16_t *)malloc(n * sizeof(uint16_t));
     for (size_t i = 0; i < n; i++) t[i] = dev_f2bf(h[i]);
-    floatX *d;
-    cudaCheck(cudaMalloc(&d, n * sizeof(floatX)));
     cudaCheck(cudaMemcpy(d, t, n * sizeof(floatX), cudaMemcpyHostToDevice));
     free(t);
+}
+static inline floatX *dev_upload_bf16(const float *h, size_t n) {
+    floatX *d;
+    cudaCheck(cudaMalloc(&d, n * sizeof(floatX)));
+    dev_copy_bf16(d, h, n);
     return d;
 }
 template <class T>

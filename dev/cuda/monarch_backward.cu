@@ -90,9 +90,9 @@ int main(int argc, char **argv) {
         floatX *d_Rb, *d_Lb, *d_y, *d_u, *d_dx, *d_dR, *d_dL, *d_dwd, *d_s;
         cudaCheck(cudaMalloc(&d_Rb, (nr_ + 8) * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_Lb, (nl + 8) * sizeof(floatX)));
-        floatX *d_R = d_Rb + 8, *d_L = d_Lb + 8, *t;
-        t = dev_upload_bf16(R, nr_); cudaCheck(cudaMemcpy(d_R, t, nr_ * sizeof(floatX), cudaMemcpyDeviceToDevice)); cudaCheck(cudaFree(t));
-        t = dev_upload_bf16(L, nl); cudaCheck(cudaMemcpy(d_L, t, nl * sizeof(floatX), cudaMemcpyDeviceToDevice)); cudaCheck(cudaFree(t));
+        floatX *d_R = d_Rb + 8, *d_L = d_Lb + 8;
+        dev_copy_bf16(d_R, R, nr_);
+        dev_copy_bf16(d_L, L, nl);
         cudaCheck(cudaMalloc(&d_y, NY * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_u, NU * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_dx, NX * sizeof(floatX)));

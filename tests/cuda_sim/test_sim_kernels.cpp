@@ -857,9 +857,8 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
     snprintf(tag, sizeof(tag), "fused monarch backward %d->%d nb=%d N=%d, %zu bytes of shared memory%s", din, dout, nb, N, smem_limit,
              whole_tile ? ", whole-tile rule" : "");
     MbGeom g;
-    g_monarch_bwd_whole_tile = whole_tile;
+    g_monarch_bwd_whole_tile = whole_tile;  // for the launches below too (they choose again); reset at the end
     const int chose = monarch_fused_bwd_choose(&g, &m, smem_limit);
-    g_monarch_bwd_whole_tile = whole_tile;  // kept for the launch below; reset at the end
     if (!check_true(chose && g.tm == want_tm && g.G == want_G,
                     nm("%s: tile rows %d, groups of %d blocks", tag, want_tm, want_G), "another geometry (or none) was chosen"))
         return;
