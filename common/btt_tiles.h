@@ -6,10 +6,15 @@
 // y[f*eps+e] = sum_{g,s} W1[f, g*rho+s, e] z[g, f, s] (+ bias); saved z row layout (phi, gamma, rho).
 //
 // Geometry. One thread block of BT_WARPS warps owns a tile of tm rows (tm = 16*mt, mt in {1,2,4};
-// blocks loop over tiles tile = blockIdx.x, += gridDim.x). Shared memory, byte offsets from the
-// 128-byte aligned dynamic buffer:
-//   z tile   [tm][zld] bf16 at off_z: row m, column f*gr + g*rho + s = z of tile row m in the saved
-//            (phi, gamma, rho) layout, so Z_f (the stage-2 A matrix) is rows x [f*gr, f*gr + gr).
+// blocks loop over tiles tile = blockIdx.x, += gridDim.x). Where the whole z tile (tm x zrow) does
+// not fit, or fitting it would cost rows per tile, a tile is computed in npg groups of pg phi
+// blocks: group q is the BTT onto output blocks f = q*pg .. q*pg + pg - 1, whose z is columns
+// q*pg*rho .. of every W0[g]'s output and whose stage 2 needs nothing else; x is read once per
+// group (from L2 after the first). pg = phi is the single group. Shared memory, byte offsets from
+// the 128-byte aligned dynamic buffer:
+//   z tile   [tm][zld] bf16 at off_z: row m, column fl*gr + g*rho + s = z[g, q*pg + fl, s] of tile row
+//            m: group q's slice of the saved (phi, gamma, rho) layout, so Z_f (the stage-2 A matrix)
+//            is rows x [fl*gr, fl*gr + gr).
 //   x chunk  [tm][xld] bf16 at off_x: gc consecutive g blocks of x (gc*alpha columns), rows of the
 //            tile past N zero-filled.
 //   staging  BT_WARPS x [16][BT_STG_LD] fp32 at off_stg: one 16x16 accumulator per warp on its way
@@ -18,25 +23,26 @@
 // every fragment pointer 32-byte aligned, and consecutive rows 16 bytes apart modulo 128, so the 8
 // rows of one 8x16-byte phase of a fragment load fall in distinct banks.
 //
-// Stage 1, per x chunk ch (g0 = ch*gc, gcount = g blocks in it): items (gl, nt, mt), warp w takes
-// items w, w + BT_WARPS, ... (row-major, mt fastest): the 16x16 block of Z1_g (g = g0 + gl) at tile rows mt*16.., columns
-// nt*16.. of f*rho + s, K = alpha in ks1 steps; A from the x chunk, B = W0[g] straight from global
-// (ldm fr). The fp32 result goes through the warp's staging tile; lane l then takes row bt_epi_row(l)
+// Per group q: stage 1, per x chunk ch (g0 = ch*gc, gcount = g blocks in it): items (gl, nt, mt),
+// warp w takes items w, w + BT_WARPS, ... (row-major, mt fastest): the 16x16 block of Z1_g (g = g0 +
+// gl) at tile rows mt*16.., columns nt*16.. of fl*rho + s, K = alpha in ks1 steps; A from the x
+// chunk, B = W0[g] straight from global (ldm fr, columns from q*pg*rho). The fp32 result goes through the warp's staging tile; lane l then takes row bt_epi_row(l)
 // and the 8 columns bt_epi_col(l).., rounds them to bf16 and writes them to the z tile at
 // bt_z1_run's indices.
-// Stage 2: items (f, j), j < ntg, warp w takes items w, w + BT_WARPS, ...: the warp computes the mt x nb fragments of Y_f at tile rows
+// Stage 2: items (fl, j), fl < pg, j < ntg, f = q*pg + fl, warp w takes items w, w + BT_WARPS, ...:
+// the warp computes the mt x nb fragments of Y_f at tile rows
 // 0..tm-1, y columns f*eps + (j*nb + b)*16 .., b < nb, K = gr in ks2 steps; A = Z_f from the z tile
 // (ldm zld), B = W1[f] straight from global (ldm eps). Each fragment goes through the staging
 // tile; lanes add the bias and write 8 bf16 (16 bytes) of a row that is < N.
 // x chunks are prefetched one ahead through registers (BT_XVEC 16-byte vectors per thread): each
 // barrier-protected fill only stores what the thread loaded while the previous chunk (or, for a
-// tile's chunk 0, the previous tile's last chunk and stage 2) computed.
-// Barriers (per tile): before each x chunk is filled (the previous chunk's readers are done), after
-// it is filled (the chunk is visible; at ch = 0 this one also orders the previous tile's stage-2
-// reads of the z tile before this tile's stage-1 writes), and after the last chunk (z tile
-// complete) — then the optional copy of the z tile to global and stage 2, which both only read the
-// z tile. The first barrier is redundant at ch = 0 (kept: one per tile, a uniform loop); the
-// emulation's race checker fails when any of the others is removed.
+// group's chunk 0, the previous group's or tile's last chunk and stage 2) computed.
+// Barriers (per tile and group): before each x chunk is filled (the previous chunk's readers are
+// done), after it is filled (the chunk is visible; at ch = 0 this one also orders the previous
+// group's stage-2 reads of the z tile before this group's stage-1 writes), and after the last chunk
+// (z tile complete) — then the optional copy of the z tile to global and stage 2, which both only
+// read the z tile. The first barrier is redundant at ch = 0 (kept: a uniform loop); the emulation's
+// race checker fails when any of the others is removed.
 //
 // Plain C11 that also compiles as CUDA C++ (BT_HD marks what the kernel calls).
 #pragma once
@@ -60,7 +66,8 @@ typedef struct {
     int A, G, P, E, R;           // alpha, gamma, phi, eps, rho
     int din, dout, fr, gr, zrow; // gamma*alpha, phi*eps, phi*rho, gamma*rho, gamma*phi*rho
     int tm, mt;                  // rows per tile, 16-row m-tiles per tile
-    int nt1, ks1;                // stage 1: n-tiles per g block (fr/16), k-steps (alpha/16)
+    int pg, npg, zt;             // phi blocks per group, groups (phi/pg), z tile columns (pg*gr)
+    int nt1, ks1;                // stage 1: n-tiles per g block and group (pg*rho/16), k-steps (alpha/16)
     int nb, ntg, ks2;            // stage 2: n-tiles per item, items per f ((eps/16)/nb), k-steps (gr/16)
     int gc, nchunks;             // g blocks per x chunk, x chunks per tile
     int xc, xld, zld;            // x chunk columns (gc*alpha); smem row strides (elements)
@@ -82,14 +89,17 @@ static inline int bt_shape_ok(int A, int G, int P, int E, int R) {
     return 1;
 }
 
-// Fills *g for tile rows tm (16, 32 or 64). Returns 0 when the shape or tm is not supported; the
-// smem size is not checked here (bt_choose_tm does).
-static inline int bt_geom(BtGeom *g, int A, int G, int P, int E, int R, int tm) {
+// Fills *g for tile rows tm (16, 32 or 64) and groups of pg phi blocks (pg divides phi, pg*rho a
+// multiple of 16; pg = phi: the whole z tile at once). Returns 0 when the shape, tm or pg is not
+// supported; the smem size is not checked here (bt_choose does).
+static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg) {
     if (!bt_shape_ok(A, G, P, E, R) || (tm != 16 && tm != 32 && tm != 64)) return 0;
+    if (pg <= 0 || P % pg || (pg * R) % 16) return 0;
     g->A = A; g->G = G; g->P = P; g->E = E; g->R = R;
     g->din = G * A; g->dout = P * E; g->fr = P * R; g->gr = G * R; g->zrow = G * P * R;
     g->tm = tm; g->mt = tm / 16;
-    g->nt1 = g->fr / 16; g->ks1 = A / 16;
+    g->pg = pg; g->npg = P / pg; g->zt = pg * g->gr;
+    g->nt1 = pg * R / 16; g->ks1 = A / 16;
     int nt2 = E / 16;
     g->nb = nt2 % 3 == 0 ? 3 : nt2 % 2 == 0 ? 2 : 1;
     g->ntg = nt2 / g->nb; g->ks2 = g->gr / 16;
@@ -102,23 +112,49 @@ static inline int bt_geom(BtGeom *g, int A, int G, int P, int E, int R, int tm) 
     if (gc > cap) gc = cap;
     if (gc < 1) return 0;                                  // alpha > 8192 / tm: one g block does not fit
     g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
-    g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zrow);
+    g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zt);
     g->off_z = 0;
     g->off_x = bt_round_up(g->off_z + tm * g->zld * 2, BT_SMEM_ALIGN);
     g->off_stg = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
     g->smem_bytes = g->off_stg + BT_WARPS * 16 * BT_STG_LD * 4;
     return 1;
 }
+// The whole z tile at once (one group).
+static inline int bt_geom(BtGeom *g, int A, int G, int P, int E, int R, int tm) { return bt_geom_pg(g, A, G, P, E, R, tm, P); }
 
-// The default tile rows: the largest of 64, 32, 16 whose shared memory fits smem_limit (the
-// device's opt-in maximum per block); 0 when none fits or the shape is not supported. Larger tiles
-// reuse each weight fragment (read from L2) over more rows.
-static inline int bt_choose_tm(int A, int G, int P, int E, int R, size_t smem_limit) {
+// Modelled L2 -> SM bytes per row (bf16): every tile reads all of W0 and W1 (each group its
+// slice), and x once per group. y and the saved z are written once whatever the geometry.
+static inline double bt_l2_bytes_per_row(const BtGeom *g) {
+    const double w = (double)g->din * g->fr + (double)g->dout * g->gr;
+    return 2.0 * w / g->tm + 2.0 * g->din * g->npg;
+}
+
+// The default geometry within smem_limit bytes of shared memory per block (the device's opt-in
+// maximum): for each tm the largest pg that fits (smaller groups only add x reads), and of those
+// the least bt_l2_bytes_per_row, ties to the larger tm. tm_only (16, 32, 64; 0: any) fixes the tile rows; whole_z keeps pg = phi (the
+// largest tm whose whole z tile fits: the rule before groups). Returns 0 when nothing fits or the
+// shape is not supported. Where the whole z tile of 64 rows fits that is the choice; at widths of
+// 2048 and 4096 (z rows of 4096 to 32768 elements) only groups fit.
+static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z) {
+    int found = 0;
+    double best = 0.0;
     for (int tm = 64; tm >= 16; tm /= 2) {
-        BtGeom g;
-        if (bt_geom(&g, A, G, P, E, R, tm) && (size_t)g.smem_bytes <= smem_limit) return tm;
+        if (tm_only && tm != tm_only) continue;
+        for (int pg = P; pg >= 1; pg--) {
+            BtGeom g;
+            if (whole_z && pg != P) break;
+            if (!bt_geom_pg(&g, A, G, P, E, R, tm, pg) || (size_t)g.smem_bytes > smem_limit) continue;
+            const double c = bt_l2_bytes_per_row(&g);
+            if (!found || c < best) { *out = g; best = c; found = 1; }
+            break;  // smaller groups of this tm only cost more x reads
+        }
     }
-    return 0;
+    return found;
+}
+// The tile rows of bt_choose's geometry (0: not supported).
+static inline int bt_choose_tm(int A, int G, int P, int E, int R, size_t smem_limit) {
+    BtGeom g;
+    return bt_choose(&g, A, G, P, E, R, smem_limit, 0, 0) ? g.tm : 0;
 }
 
 static inline BT_HD int bt_num_tiles(int N, int tm) { return bt_ceil_div(N, tm); }
@@ -196,12 +232,15 @@ static inline BT_HD int bt_chunk_gcount(const BtGeom *g, int ch) {
 // loads its vectors of the NEXT chunk into registers right after storing the current one (so the
 // loads are in flight while the current chunk computes) and stores them after the next barrier.
 static inline BT_HD int bt_x_fill_per(const BtGeom *g, int gcount) { return gcount * g->A / 8; }
-// The chunk after (tile, ch) for a block whose tiles are tile, tile + grid, ... < ntiles: the next
-// chunk of the tile, or chunk 0 of the block's next tile (prefetched during the last chunk and
-// stage 2). Returns 0 when there is none.
-static inline BT_HD int bt_next_chunk(const BtGeom *g, int ntiles, int grid, int tile, int ch, int *ntile, int *nch) {
-    *ntile = tile; *nch = ch + 1;
-    if (*nch == g->nchunks) { *ntile = tile + grid; *nch = 0; }
+// A tile reads its x chunks once per group: step c = q*nchunks + ch is x chunk ch of group q. The
+// x chunk after step c of `tile` for a block whose tiles are tile, tile + grid, ... < ntiles: the
+// tile's next step's (chunk 0 again after a group's last), or chunk 0 of the block's next tile
+// (prefetched during the last chunk and stage 2). Returns 0 when there is none.
+static inline BT_HD int bt_next_chunk(const BtGeom *g, int ntiles, int grid, int tile, int c, int *ntile, int *nch) {
+    int n = c + 1;
+    *ntile = tile;
+    if (n == g->npg * g->nchunks) { *ntile = tile + grid; n = 0; }
+    *nch = n % g->nchunks;
     return *ntile < ntiles;
 }
 static inline BT_HD int bt_x_smem(const BtGeom *g, int m, int col) { return m * g->xld + col; }
@@ -219,11 +258,12 @@ static inline BT_HD void bt_s1_split(const BtGeom *g, int i, int *mt, int *nt) {
 }
 // A fragment (x chunk, ldm xld): tile rows mt*16.., columns gl*alpha + kk*16..
 static inline BT_HD int bt_s1_a(const BtGeom *g, int mt, int gl, int kk) { return mt * 16 * g->xld + gl * g->A + kk * 16; }
-// B fragment (W0, ldm fr): W0[gi] rows kk*16.., columns nt*16..
-static inline BT_HD size_t bt_s1_b(const BtGeom *g, int gi, int kk, int nt) {
-    return (size_t)gi * g->A * g->fr + (size_t)kk * 16 * g->fr + nt * 16;
+// B fragment (W0, ldm fr): W0[gi] rows kk*16.., columns nt*16.. of group q's (q*pg*rho ..)
+static inline BT_HD size_t bt_s1_b(const BtGeom *g, int q, int gi, int kk, int nt) {
+    return (size_t)gi * g->A * g->fr + (size_t)kk * 16 * g->fr + q * g->pg * g->R + nt * 16;
 }
-// z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 (c = f*rho + s) of block gi, row m
+// z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 (c = f*rho + s, f < pg: the
+// group's) of block gi, row m
 static inline BT_HD void bt_z1_run(const BtGeom *g, int m, int gi, int c0, int idx[8]) {
     int f = c0 / g->R, s = c0 % g->R;
     for (int t = 0; t < 8; t++) {
@@ -238,19 +278,20 @@ static inline BT_HD int bt_epi_row(int lane) { return lane % 16; }
 static inline BT_HD int bt_epi_col(int lane) { return (lane / 16) * 8; }
 static inline BT_HD int bt_stg_off(const BtGeom *g, int warp) { return g->off_stg + warp * 16 * BT_STG_LD * 4; }  // bytes
 
-// ---- saved z (global <- z tile): the tile's rows < N of zrow/8 16-byte vectors; walk with
+// ---- saved z (global <- z tile): the tile's rows < N of zt/8 16-byte vectors; walk with
 // bt_walk_begin(&it, bt_zcopy_per(g), thread, BT_THREADS) while it.o < rows: row it.o, column it.i * 8.
-static inline BT_HD int bt_zcopy_per(const BtGeom *g) { return g->zrow / 8; }
+// Group q's z tile is columns q*zt .. of the saved row ((phi, gamma, rho): phi outermost).
+static inline BT_HD int bt_zcopy_per(const BtGeom *g) { return g->zt / 8; }
 static inline BT_HD int bt_z_smem(const BtGeom *g, int m, int col) { return m * g->zld + col; }
-static inline BT_HD size_t bt_z_global(const BtGeom *g, int row, int col) { return (size_t)row * g->zrow + col; }
+static inline BT_HD size_t bt_z_global(const BtGeom *g, int row, int q, int col) { return (size_t)row * g->zrow + (size_t)q * g->zt + col; }
 
 // ---- stage 2 ---------------------------------------------------------------------------------
-// Items: phi x ntg, walked with bt_walk_begin(&it, g->ntg, warp, BT_WARPS) while it.o < phi:
-// f = it.o, j = it.i.
+// Items: pg x ntg per group, walked with bt_walk_begin(&it, g->ntg, warp, BT_WARPS) while
+// it.o < pg: f = q*pg + it.o (fl = it.o in the z tile), j = it.i.
 // y n-tile (16 columns of Y_f) of item j, fragment b < nb
 static inline BT_HD int bt_s2_ntile(const BtGeom *g, int j, int b) { return j * g->nb + b; }
-// A fragment (z tile, ldm zld): tile rows mt*16.., Z_f columns kk*16..
-static inline BT_HD int bt_s2_a(const BtGeom *g, int mt, int f, int kk) { return mt * 16 * g->zld + f * g->gr + kk * 16; }
+// A fragment (z tile, ldm zld): tile rows mt*16.., Z_f columns kk*16.. (fl: f within the group)
+static inline BT_HD int bt_s2_a(const BtGeom *g, int mt, int fl, int kk) { return mt * 16 * g->zld + fl * g->gr + kk * 16; }
 // B fragment (W1, ldm eps): W1[f] rows kk*16.., columns n*16..
 static inline BT_HD size_t bt_s2_b(const BtGeom *g, int f, int kk, int n) {
     return (size_t)f * g->gr * g->E + (size_t)kk * 16 * g->E + n * 16;

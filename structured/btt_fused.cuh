@@ -1,5 +1,6 @@
 // structured/btt_fused.cuh: the BTT forward as ONE kernel that keeps the intermediate z on chip.
 //
+//   int btt_fused_geom(&g, s, smem_limit, tm_only)                  -> 1 and the geometry, or 0
 //   int btt_fused_supported(const BTTShape *s, size_t smem_limit)   -> tile rows tm, or 0
 //   int btt_forward_fused(y, z_or_null, x, W0, W1, bias_or_null, N, s)  -> 1 done, 0 not supported
 //   int btt_forward_fused_tm(..., tm)   the same with the tile rows forced (dev/cuda/btt_forward.cu)
@@ -10,9 +11,14 @@
 // When these return 0 nothing was launched: call btt_forward_gpu (structured.cuh) instead.
 //
 // Design (tile geometry and every index: common/btt_tiles.h, emulated on the CPU by
-// tests/test_btt_tiles.c). A block of 8 warps (256 threads) owns a tile of tm rows (16, 32 or 64:
-// the largest whose z tile fits the opt-in shared memory) and loops over tiles with stride
-// gridDim.x (grid = the blocks resident at once, at most the number of tiles).
+// tests/test_btt_tiles.c). A block of 8 warps (256 threads) owns a tile of tm rows (16, 32 or 64)
+// and loops over tiles with stride gridDim.x (grid = the blocks resident at once, at most the number
+// of tiles). A tile is computed in npg groups of pg output blocks (phi = npg * pg): group q needs
+// only columns q*pg*rho .. of each W0[g]'s output, so its z tile is tm x pg*gamma*rho; x is read
+// once per group. bt_choose picks (tm, pg) within the opt-in shared memory by modelled L2 bytes per
+// row, 2(|W0| + |W1|)/tm + 2 d_in npg: one group of 64 rows where it fits (GPT-2 small's 768 <->
+// 3072 rank 1), else more rows in groups over fewer rows whole; at widths 2048 and 4096 the whole z
+// tile fits no tile size, and only groups make the kernel run there. Per tile and group:
 //   stage 1: for each chunk of gc g blocks (about 4096 x elements), the chunk x[tile rows, chunk]
 //     goes to shared memory from registers that were loaded one chunk ahead (16-byte loads issued
 //     before the previous chunk's MMAs; a tile's chunk 0 is loaded before the previous tile's last
@@ -31,11 +37,13 @@
 //   + 8 x 16 x 20 fp32 (staging). Rows padded to 64 + 8 elements: wmma ldm a multiple of 8,
 //   fragment pointers 32-byte aligned, consecutive rows 16 bytes apart mod 128 (conflict-free
 //   ldmatrix).
-//   Supported: alpha, phi*rho, gamma*rho, eps multiples of 16 (wmma tiles exact), a 16-row z tile
-//   within the opt-in shared memory; x, y, z, bias 16-byte aligned; W0, W1 32-byte aligned.
-//   GPT-2 small: 768->3072 and 3072->768 rank 1 (zrow 1536): tm 64, 217,088 bytes (H100, 1 block of
-//   8 warps per SM), tm 32, 117,760 bytes on A100; 768->3072 rank 2: tm 32 (216,064); rank 4: tm 16
-//   (215,552; not on A100: fallback); 768->768 rank 1/2/4: tm 64/64/32.
+//   Supported: alpha, phi*rho, gamma*rho, eps multiples of 16 (wmma tiles exact), a group with
+//   pg*rho a multiple of 16 within the opt-in shared memory; x, y, z, bias 16-byte aligned; W0, W1
+//   32-byte aligned.
+//   Geometries (tm, groups; tests/test_btt_tiles.c works them out by hand): H100 (227 KB): 768->3072
+//   and 3072->768 rank 1 (zrow 1536): 64, 1 (217,088 bytes, 1 block of 8 warps per SM); 768->3072
+//   rank 2: 64, 2; rank 4: 64, 4; 768->768 rank 4: 64, 2; 2048->8192 rank 2: 64, 8; 4096->16384
+//   rank 1: 64, 8. A100 (163 KB): 768->3072 rank 1: 64, 2; rank 4: 64, 8.
 //
 // Memory traffic per row (bf16; zrow = gamma*phi*rho = 1536 for 768->3072 rank 1):
 //   baseline (GEMM, permute, GEMM, bias kernel): x read d_in; T1 write + read 2 zrow; z write + read
@@ -165,98 +173,100 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
         const int r0 = tl.r0, rows = tl.rows;
         const floatX *__restrict__ W0s = W0 + tl.seg * sg.w0_stride, *__restrict__ W1s = W1 + tl.seg * sg.w1_stride;
 
-        // ---- stage 1: z tile = x tile . W0, chunk by chunk of g blocks
-        for (int ch = 0; ch < g.nchunks; ch++) {
-            const int g0 = ch * g.gc, gcount = bt_chunk_gcount(&g, ch);
-            __syncthreads();  // the previous chunk's readers of the x chunk are done (not needed at ch = 0)
-            bt_x_store(xs, pre, g, ch);
-            __syncthreads();  // x chunk visible to every warp; also orders the previous tile's stage-2
-                              // reads of the z tile before this tile's stage-1 writes to it
-            int ntile, nch;   // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
-            if (bt_next_chunk(&g, ntiles, gridDim.x, tile, ch, &ntile, &nch)) bt_x_load(pre, x, g, sg, N, ntile, nch);
-            BtWalk it;
-            for (bt_walk_begin(&it, bt_s1_per(&g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
-                int mt, nt;
-                const int gl = it.o;
-                bt_s1_split(&g, it.i, &mt, &nt);
-                BtFragC acc;
-                wmma::fill_fragment(acc, 0.0f);
-                for (int kk = 0; kk < g.ks1; kk++) {
-                    BtFragA a;
-                    BtFragB b;
-                    bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
-                    bt_load_b_global(b, W0s + bt_s1_b(&g, g0 + gl, kk, nt), g.fr);
-                    wmma::mma_sync(acc, a, b, acc);
+        for (int q = 0; q < g.npg; q++) {  // groups of pg output blocks (one group: the whole z tile)
+            // ---- stage 1: z tile = x tile . W0 (group q's columns), chunk by chunk of g blocks
+            for (int ch = 0; ch < g.nchunks; ch++) {
+                const int g0 = ch * g.gc, gcount = bt_chunk_gcount(&g, ch);
+                __syncthreads();  // the previous chunk's readers of the x chunk are done (not needed at ch = 0)
+                bt_x_store(xs, pre, g, ch);
+                __syncthreads();  // x chunk visible to every warp; also orders the previous group's (or
+                                  // tile's) stage-2 reads of the z tile before this group's stage-1 writes
+                int ntile, nch;   // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
+                if (bt_next_chunk(&g, ntiles, gridDim.x, tile, q * g.nchunks + ch, &ntile, &nch)) bt_x_load(pre, x, g, sg, N, ntile, nch);
+                BtWalk it;
+                for (bt_walk_begin(&it, bt_s1_per(&g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
+                    int mt, nt;
+                    const int gl = it.o;
+                    bt_s1_split(&g, it.i, &mt, &nt);
+                    BtFragC acc;
+                    wmma::fill_fragment(acc, 0.0f);
+                    for (int kk = 0; kk < g.ks1; kk++) {
+                        BtFragA a;
+                        BtFragB b;
+                        bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
+                        bt_load_b_global(b, W0s + bt_s1_b(&g, q, g0 + gl, kk, nt), g.fr);
+                        wmma::mma_sync(acc, a, b, acc);
+                    }
+                    __syncwarp();  // every lane has read the staging tile's previous contents
+                    wmma::store_matrix_sync(stg, acc, BT_STG_LD, wmma::mem_row_major);
+                    __syncwarp();  // the stored tile is visible to every lane
+                    float src[8];
+                    bt_stg_read8(src, stg, er, ec);
+                    int idx[8];
+                    bt_z1_run(&g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
+#pragma unroll
+                    for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)src[t];  // bf16 z, as the baseline stores it
                 }
-                __syncwarp();  // every lane has read the staging tile's previous contents
-                wmma::store_matrix_sync(stg, acc, BT_STG_LD, wmma::mem_row_major);
-                __syncwarp();  // the stored tile is visible to every lane
-                float src[8];
-                bt_stg_read8(src, stg, er, ec);
-                int idx[8];
-                bt_z1_run(&g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
-#pragma unroll
-                for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)src[t];  // bf16 z, as the baseline stores it
             }
-        }
-        __syncthreads();  // z tile complete
+            __syncthreads();  // z tile complete
 
-        // ---- saved z: the tile's rows < N, already in the saved layout
-        if (zout) {
-            BtWalk it;
-            for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it))
-                store128(zout + bt_z_global(&g, r0 + it.o, it.i * 8), load128(zs + bt_z_smem(&g, it.o, it.i * 8)));
-        }
+            // ---- saved z: the tile's rows < N, already in the saved layout (group q's slice of a row)
+            if (zout) {
+                BtWalk it;
+                for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it))
+                    store128(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), load128(zs + bt_z_smem(&g, it.o, it.i * 8)));
+            }
 
-        // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for every f
-        BtWalk it2;
-        for (bt_walk_begin(&it2, g.ntg, warp, BT_WARPS); it2.o < g.P; bt_walk_next(&it2)) {
-            const int f = it2.o, j = it2.i;
-            BtFragC acc[MT][NB];
+            // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
+            BtWalk it2;
+            for (bt_walk_begin(&it2, g.ntg, warp, BT_WARPS); it2.o < g.pg; bt_walk_next(&it2)) {
+                const int fl = it2.o, f = q * g.pg + fl, j = it2.i;
+                BtFragC acc[MT][NB];
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
-            BtFragB bf[NB], bn[NB];
+                    for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
+                BtFragB bf[NB], bn[NB];
 #pragma unroll
-            for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
-            for (int kk = 0; kk < g.ks2; kk++) {
-                const int more = kk + 1 < g.ks2;
-                if (more) {  // the next k-step's B fragments are in flight while this one computes
+                for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+                for (int kk = 0; kk < g.ks2; kk++) {
+                    const int more = kk + 1 < g.ks2;
+                    if (more) {  // the next k-step's B fragments are in flight while this one computes
 #pragma unroll
-                    for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                        for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        BtFragA a;
+                        bt_load_a_shared(a, zs + bt_s2_a(&g, mt, fl, kk), g.zld);
+#pragma unroll
+                        for (int b = 0; b < NB; b++) wmma::mma_sync(acc[mt][b], a, bf[b], acc[mt][b]);
+                    }
+                    if (more) {
+#pragma unroll
+                        for (int b = 0; b < NB; b++) bf[b] = bn[b];
+                    }
                 }
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    BtFragA a;
-                    bt_load_a_shared(a, zs + bt_s2_a(&g, mt, f, kk), g.zld);
 #pragma unroll
-                    for (int b = 0; b < NB; b++) wmma::mma_sync(acc[mt][b], a, bf[b], acc[mt][b]);
-                }
-                if (more) {
+                    for (int b = 0; b < NB; b++) {
+                        const int n = bt_s2_ntile(&g, j, b), row = r0 + mt * 16 + er;
+                        __syncwarp();  // every lane has read the staging tile's previous contents
+                        wmma::store_matrix_sync(stg, acc[mt][b], BT_STG_LD, wmma::mem_row_major);
+                        __syncwarp();
+                        if (mt * 16 + er < rows) {  // tail: rows past the tile's are computed (on zeros) but not stored
+                            float v[8];
+                            bt_stg_read8(v, stg, er, ec);
+                            if (bias) {
+                                x128 bv = load128(bias + bt_bias(&g, f, n, ec));
 #pragma unroll
-                    for (int b = 0; b < NB; b++) bf[b] = bn[b];
-                }
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-                for (int b = 0; b < NB; b++) {
-                    const int n = bt_s2_ntile(&g, j, b), row = r0 + mt * 16 + er;
-                    __syncwarp();  // every lane has read the staging tile's previous contents
-                    wmma::store_matrix_sync(stg, acc[mt][b], BT_STG_LD, wmma::mem_row_major);
-                    __syncwarp();
-                    if (mt * 16 + er < rows) {  // tail: rows past the tile's are computed (on zeros) but not stored
-                        float v[8];
-                        bt_stg_read8(v, stg, er, ec);
-                        if (bias) {
-                            x128 bv = load128(bias + bt_bias(&g, f, n, ec));
-#pragma unroll
-                            for (int t = 0; t < 8; t++) v[t] += (float)bv[t];
+                                for (int t = 0; t < 8; t++) v[t] += (float)bv[t];
+                            }
+                            uint4 o = make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]),
+                                                 bt_pack_bf16x2(v[6], v[7]));
+                            __stwb(reinterpret_cast<uint4 *>(y + bt_y_global(&g, row, f, n, ec)), o);  // one 16-byte store
                         }
-                        uint4 o = make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]),
-                                             bt_pack_bf16x2(v[6], v[7]));
-                        __stwb(reinterpret_cast<uint4 *>(y + bt_y_global(&g, row, f, n, ec)), o);  // one 16-byte store
                     }
                 }
             }
@@ -279,11 +289,21 @@ static inline size_t btt_fused_smem_limit(void) {
     return (size_t)limit;
 }
 
-// The tile rows the fused kernel would use for this shape within smem_limit bytes of shared memory
-// per block (16, 32 or 64), or 0 when it cannot run it (then use btt_forward_gpu).
+// 1: the geometry rule before groups (the largest tile rows whose whole z tile fits; shapes whose z
+// tile of 16 rows does not fit are not supported), for comparison in dev/cuda/btt_forward.
+static int g_btt_whole_z = 0;
+
+// The kernel's geometry for this shape within smem_limit bytes of shared memory per block
+// (bt_choose: tile rows and groups by the traffic model; tm_only 16/32/64 fixes the rows, 0 any).
+// Returns 0 when it cannot run it (then use btt_forward_gpu).
+static inline int btt_fused_geom(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only) {
+    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z);
+}
+
+// The tile rows the fused kernel would use for this shape (16, 32 or 64), or 0 when it cannot run it.
 static inline int btt_fused_supported(const BTTShape *s, size_t smem_limit) {
-    if (!btt_shape_ok(s)) return 0;
-    return bt_choose_tm(s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit);
+    BtGeom g;
+    return btt_fused_geom(&g, s, smem_limit, 0) ? g.tm : 0;
 }
 
 typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom, BtSeg);
@@ -343,14 +363,14 @@ static int btt_fused_grid(const BtGeom *g, int max_tiles) {
 }
 
 // y (N, d_out) = BTT(x) + bias, overwritten; z_or_null: the saved z (N, phi, gamma, rho) for the
-// backward, as btt_forward_gpu writes it. tm: 16, 32 or 64 rows per tile. Returns 1 when launched
-// (or N <= 0), 0 when this shape, tm, device or pointer alignment is not supported — nothing was
-// done then: call btt_forward_gpu.
+// backward, as btt_forward_gpu writes it. tm: 16, 32 or 64 rows per tile (0: the default geometry),
+// in the groups bt_choose picks for those rows. Returns 1 when launched (or N <= 0), 0 when this
+// shape, tm, device or pointer alignment is not supported — nothing was done then: call
+// btt_forward_gpu.
 static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, const floatX *W0, const floatX *W1,
                                 const floatX *bias_or_null, int N, const BTTShape *s, int tm) {
     BtGeom g;
-    if (!btt_shape_ok(s) || !bt_geom(&g, s->alpha, s->gamma, s->phi, s->eps, s->rank, tm)) return 0;
-    if ((size_t)g.smem_bytes > btt_fused_smem_limit()) return 0;
+    if (!btt_fused_geom(&g, s, btt_fused_smem_limit(), tm)) return 0;
     if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x | (uintptr_t)bias_or_null) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32)
         return 0;
     if (N <= 0) return 1;
@@ -387,9 +407,9 @@ static inline size_t btt_fused_seg_scratch_ints(int rows_total, int S, int tm) {
 // when the shape, device or alignment is not supported: use the per-segment path then.
 static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, const int *order, int K, const floatX *W0, const floatX *W1,
                                  const int *counts, const int *offsets, int S, int rows_total, const BTTShape *s, int *scratch) {
-    const int tm = btt_fused_supported(s, btt_fused_smem_limit());
     BtGeom g;
-    if (!tm || !bt_geom(&g, s->alpha, s->gamma, s->phi, s->eps, s->rank, tm)) return 0;
+    if (!btt_fused_geom(&g, s, btt_fused_smem_limit(), 0)) return 0;
+    const int tm = g.tm;
     const size_t w0s = btt_w0_size(s), w1s = btt_w1_size(s);
     if (((uintptr_t)y | (uintptr_t)z_or_null | (uintptr_t)x) % 16 || ((uintptr_t)W0 | (uintptr_t)W1) % 32 || (w0s | w1s) % 16) return 0;
     if (rows_total <= 0 || S <= 0) return 1;
@@ -404,10 +424,8 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     return 1;
 }
 
-// The same with the default tile rows for this device (btt_fused_supported).
+// The same with the default geometry for this device.
 static int btt_forward_fused(floatX *y, floatX *z_or_null, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias_or_null,
                              int N, const BTTShape *s) {
-    int tm = btt_fused_supported(s, btt_fused_smem_limit());
-    if (!tm) return 0;
-    return btt_forward_fused_tm(y, z_or_null, x, W0, W1, bias_or_null, N, s, tm);
+    return btt_forward_fused_tm(y, z_or_null, x, W0, W1, bias_or_null, N, s, 0);
 }

@@ -54,8 +54,9 @@
 // bytes per row. 4: an H100's L2 delivers roughly 2 to 3 times its HBM bandwidth, with margin; a
 // guess until dev/cuda/monarch_forward and monarch_backward (which run the kernels regardless,
 // g_monarch_fused_force, and print both figures) have measured the crossover on a GPU. (BTT's
-// fused kernel needs no such bound: on the shapes its shared memory admits at widths 768 to 4096,
-// d -> d and d -> 4d, rank 1 to 4, the same model gives at most 1.3 times the plans' bytes.)
+// fused kernel is not bounded: at widths 768 to 4096, d -> d and d -> 4d, rank 1 to 4, in the
+// geometry bt_choose picks, the same model gives at most 3.0 times the baseline's bytes (the
+// backward's dx of 4096 -> 16384 rank 4; forwards at most 1.24), under this bound everywhere.)
 #define MF_MAX_L2_PER_DRAM 4.0
 static int g_monarch_fused_force = 0;
 

@@ -255,91 +255,93 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, c
             const BtTile tl = bt_tile_at(g, sg, N, tile);
             const int r0 = tl.r0, rows = tl.rows;
             const size_t w0o = (size_t)tl.seg * sg->w0_stride, w1o = (size_t)tl.seg * sg->w1_stride;
-            // ---- stage 1
-            for (int ch = 0; ch < g->nchunks; ch++) {
-                const int g0 = ch * g->gc, gcount = bt_chunk_gcount(g, ch);
-                sm_sync(&S);
-                emu_x_store(g, &S, ch);
-                sm_sync(&S);
-                int ntile, nch;
-                if (bt_next_chunk(g, ntiles, grid, tile, ch, &ntile, &nch)) emu_x_load(g, a, sg, N, ntile, nch);
-                for (int warp = 0; warp < BT_WARPS; warp++) {
-                    BtWalk it;
-                    for (bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
-                        int mt, nt;
-                        const int gl = it.o;
-                        bt_s1_split(g, it.i, &mt, &nt);
-                        Frag acc, A, B;
-                        frag_zero(acc);
-                        for (int kk = 0; kk < g->ks1; kk++) {
-                            frag_load_smem(A, &S, g->off_x + 2 * bt_s1_a(g, mt, gl, kk), g->xld, warp);
-                            frag_load_global(B, a, a->W0, a->nW0, w0o + bt_s1_b(g, g0 + gl, kk, nt), g->fr, "W0 read out of range");
-                            frag_mma(acc, A, B);
-                        }
-                        const int stg = bt_stg_off(g, warp);
-                        frag_store_staging(&S, stg, acc, warp);
-                        for (int lane = 0; lane < 32; lane++) {
-                            const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
-                            if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
-                            int idx[8];
-                            bt_z1_run(g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
-                            for (int t = 0; t < 8; t++) {
-                                float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
-                                sm_wr_bf16(&S, g->off_z + 2 * idx[t], bf16r(v), warp);
+            for (int q = 0; q < g->npg; q++) {  // groups of pg phi blocks
+                // ---- stage 1
+                for (int ch = 0; ch < g->nchunks; ch++) {
+                    const int g0 = ch * g->gc, gcount = bt_chunk_gcount(g, ch);
+                    sm_sync(&S);
+                    emu_x_store(g, &S, ch);
+                    sm_sync(&S);
+                    int ntile, nch;
+                    if (bt_next_chunk(g, ntiles, grid, tile, q * g->nchunks + ch, &ntile, &nch)) emu_x_load(g, a, sg, N, ntile, nch);
+                    for (int warp = 0; warp < BT_WARPS; warp++) {
+                        BtWalk it;
+                        for (bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
+                            int mt, nt;
+                            const int gl = it.o;
+                            bt_s1_split(g, it.i, &mt, &nt);
+                            Frag acc, A, B;
+                            frag_zero(acc);
+                            for (int kk = 0; kk < g->ks1; kk++) {
+                                frag_load_smem(A, &S, g->off_x + 2 * bt_s1_a(g, mt, gl, kk), g->xld, warp);
+                                frag_load_global(B, a, a->W0, a->nW0, w0o + bt_s1_b(g, q, g0 + gl, kk, nt), g->fr, "W0 read out of range");
+                                frag_mma(acc, A, B);
                             }
-                        }
-                    }
-                }
-            }
-            sm_sync(&S);
-            // ---- saved z
-            if (a->z) {
-                for (int t = 0; t < BT_THREADS; t++) {
-                    BtWalk it;
-                    for (bt_walk_begin(&it, bt_zcopy_per(g), t, BT_THREADS); it.o < rows; bt_walk_next(&it)) {
-                        const int so = g->off_z + 2 * bt_z_smem(g, it.o, it.i * 8);
-                        const size_t gi = bt_z_global(g, r0 + it.o, it.i * 8);
-                        if (so % 16 || gi % 8) sm_error(&S, "z copy vector misaligned at byte %d (row %d)", so, it.o);
-                        for (int e = 0; e < 8; e++)
-                            g_wr(a, a->z, a->zcnt, a->nz, gi + e, sm_rd_bf16(&S, so + 2 * e, t / 32), "z write out of range");
-                    }
-                }
-            }
-            // ---- stage 2
-            for (int warp = 0; warp < BT_WARPS; warp++) {
-                BtWalk it2;
-                for (bt_walk_begin(&it2, g->ntg, warp, BT_WARPS); it2.o < g->P; bt_walk_next(&it2)) {
-                    const int f = it2.o, j = it2.i;
-                    static Frag acc[4][3];
-                    Frag A, B[3];
-                    for (int mt = 0; mt < g->mt; mt++)
-                        for (int b = 0; b < g->nb; b++) frag_zero(acc[mt][b]);
-                    for (int kk = 0; kk < g->ks2; kk++) {
-                        for (int b = 0; b < g->nb; b++)
-                            frag_load_global(B[b], a, a->W1, a->nW1, w1o + bt_s2_b(g, f, kk, bt_s2_ntile(g, j, b)), g->E, "W1 read out of range");
-                        for (int mt = 0; mt < g->mt; mt++) {
-                            frag_load_smem(A, &S, g->off_z + 2 * bt_s2_a(g, mt, f, kk), g->zld, warp);
-                            for (int b = 0; b < g->nb; b++) frag_mma(acc[mt][b], A, B[b]);
-                        }
-                    }
-                    const int stg = bt_stg_off(g, warp);
-                    for (int mt = 0; mt < g->mt; mt++)
-                        for (int b = 0; b < g->nb; b++) {
-                            const int n = bt_s2_ntile(g, j, b);
-                            frag_store_staging(&S, stg, acc[mt][b], warp);
+                            const int stg = bt_stg_off(g, warp);
+                            frag_store_staging(&S, stg, acc, warp);
                             for (int lane = 0; lane < 32; lane++) {
-                                const int er = bt_epi_row(lane), ec = bt_epi_col(lane), row = r0 + mt * 16 + er;
-                                if (mt * 16 + er >= rows) continue;
+                                const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
                                 if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
-                                const size_t yi = bt_y_global(g, row, f, n, ec);
-                                if (yi % 8 || bt_bias(g, f, n, ec) % 8) g_error(a, "y/bias vector misaligned", yi, a->ny);
+                                int idx[8];
+                                bt_z1_run(g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
                                 for (int t = 0; t < 8; t++) {
                                     float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
-                                    if (a->bias) v += a->bias[bt_bias(g, f, n, ec + t)];
-                                    g_wr(a, a->y, a->ycnt, a->ny, yi + t, bf16r(v), "y write out of range");
+                                    sm_wr_bf16(&S, g->off_z + 2 * idx[t], bf16r(v), warp);
                                 }
                             }
                         }
+                    }
+                }
+                sm_sync(&S);
+                // ---- saved z
+                if (a->z) {
+                    for (int t = 0; t < BT_THREADS; t++) {
+                        BtWalk it;
+                        for (bt_walk_begin(&it, bt_zcopy_per(g), t, BT_THREADS); it.o < rows; bt_walk_next(&it)) {
+                            const int so = g->off_z + 2 * bt_z_smem(g, it.o, it.i * 8);
+                            const size_t gi = bt_z_global(g, r0 + it.o, q, it.i * 8);
+                            if (so % 16 || gi % 8) sm_error(&S, "z copy vector misaligned at byte %d (row %d)", so, it.o);
+                            for (int e = 0; e < 8; e++)
+                                g_wr(a, a->z, a->zcnt, a->nz, gi + e, sm_rd_bf16(&S, so + 2 * e, t / 32), "z write out of range");
+                        }
+                    }
+                }
+                // ---- stage 2
+                for (int warp = 0; warp < BT_WARPS; warp++) {
+                    BtWalk it2;
+                    for (bt_walk_begin(&it2, g->ntg, warp, BT_WARPS); it2.o < g->pg; bt_walk_next(&it2)) {
+                        const int fl = it2.o, f = q * g->pg + fl, j = it2.i;
+                        static Frag acc[4][3];
+                        Frag A, B[3];
+                        for (int mt = 0; mt < g->mt; mt++)
+                            for (int b = 0; b < g->nb; b++) frag_zero(acc[mt][b]);
+                        for (int kk = 0; kk < g->ks2; kk++) {
+                            for (int b = 0; b < g->nb; b++)
+                                frag_load_global(B[b], a, a->W1, a->nW1, w1o + bt_s2_b(g, f, kk, bt_s2_ntile(g, j, b)), g->E, "W1 read out of range");
+                            for (int mt = 0; mt < g->mt; mt++) {
+                                frag_load_smem(A, &S, g->off_z + 2 * bt_s2_a(g, mt, fl, kk), g->zld, warp);
+                                for (int b = 0; b < g->nb; b++) frag_mma(acc[mt][b], A, B[b]);
+                            }
+                        }
+                        const int stg = bt_stg_off(g, warp);
+                        for (int mt = 0; mt < g->mt; mt++)
+                            for (int b = 0; b < g->nb; b++) {
+                                const int n = bt_s2_ntile(g, j, b);
+                                frag_store_staging(&S, stg, acc[mt][b], warp);
+                                for (int lane = 0; lane < 32; lane++) {
+                                    const int er = bt_epi_row(lane), ec = bt_epi_col(lane), row = r0 + mt * 16 + er;
+                                    if (mt * 16 + er >= rows) continue;
+                                    if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
+                                    const size_t yi = bt_y_global(g, row, f, n, ec);
+                                    if (yi % 8 || bt_bias(g, f, n, ec) % 8) g_error(a, "y/bias vector misaligned", yi, a->ny);
+                                    for (int t = 0; t < 8; t++) {
+                                        float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
+                                        if (a->bias) v += a->bias[bt_bias(g, f, n, ec + t)];
+                                        g_wr(a, a->y, a->ycnt, a->ny, yi + t, bf16r(v), "y write out of range");
+                                    }
+                                }
+                            }
+                    }
                 }
             }
         }
@@ -433,14 +435,15 @@ static void emulate_and_check(const char *name, const BtGeom *g, int grid, int N
     }
 }
 
-static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid, int with_bias, int save_z) {
+// pg: phi blocks per group (P: one group, the whole z tile)
+static void test_case(int A, int G, int P, int E, int R, int tm, int pg, int N, int grid, int with_bias, int save_z) {
     BTTShape s;
     btt_shape(&s, A, G, P, E, R);
     BtGeom g;
     char name[200];
-    snprintf(name, sizeof(name), "%d->%d (alpha %d gamma %d phi %d eps %d rank %d) tm %d N %d grid %d%s%s", s.d_in, s.d_out, A, G, P, E,
-             R, tm, N, grid, with_bias ? " bias" : "", save_z ? " z" : "");
-    if (!check_true(bt_geom(&g, A, G, P, E, R, tm), name, "bt_geom rejected the shape")) return;
+    snprintf(name, sizeof(name), "%d->%d (alpha %d gamma %d phi %d eps %d rank %d) tm %d, %d groups of %d, N %d grid %d%s%s", s.d_in,
+             s.d_out, A, G, P, E, R, tm, P / pg, pg, N, grid, with_bias ? " bias" : "", save_z ? " z" : "");
+    if (!check_true(bt_geom_pg(&g, A, G, P, E, R, tm, pg), name, "bt_geom_pg rejected the shape")) return;
     const size_t nx = (size_t)N * s.d_in, ny = (size_t)N * s.d_out, nz = btt_z_size(&s, N);
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
     float *x = rand_bf16(nx, 1.0f), *W0 = rand_bf16(n0, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1, 1.0f / sqrtf((float)(G * R)));
@@ -467,7 +470,7 @@ static void test_case(int A, int G, int P, int E, int R, int tm, int N, int grid
 // and partial tiles included), each with its own cores; grouped row w reads x row order[w] / K for
 // a random permutation `order` of the N*K pairs. The tile table is filled with bt_seg_tile_write as
 // the GPU's bt_seg_fill_kernel does; the reference runs btt_forward per segment on gathered rows.
-static void test_seg_case(int A, int G, int P, int E, int tm, int K, const int *counts, int S, int grid) {
+static void test_seg_case(int A, int G, int P, int E, int tm, int pg, int K, const int *counts, int S, int grid) {
     BTTShape s;
     btt_shape(&s, A, G, P, E, 1);
     BtGeom g;
@@ -475,9 +478,9 @@ static void test_seg_case(int A, int G, int P, int E, int tm, int K, const int *
     int NK = 0;
     for (int e = 0; e < S; e++) NK += counts[e];
     const int N = NK / K;
-    snprintf(name, sizeof(name), "segmented: %d experts %d->%d (alpha %d gamma %d phi %d eps %d) tm %d N %d K %d grid %d", S, s.d_in,
-             s.d_out, A, G, P, E, tm, N, K, grid);
-    if (!check_true(N * K == NK && bt_geom(&g, A, G, P, E, 1, tm), name, "bad case")) return;
+    snprintf(name, sizeof(name), "segmented: %d experts %d->%d (alpha %d gamma %d phi %d eps %d) tm %d, %d groups, N %d K %d grid %d", S,
+             s.d_in, s.d_out, A, G, P, E, tm, P / pg, N, K, grid);
+    if (!check_true(N * K == NK && bt_geom_pg(&g, A, G, P, E, 1, tm, pg), name, "bad case")) return;
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = (size_t)g.zrow;
     float *x = rand_bf16((size_t)N * s.d_in, 1.0f), *W0 = rand_bf16(n0 * S, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1 * S, 1.0f / sqrtf((float)G));
     int *order = (int *)mallocCheck(sizeof(int) * NK), *offsets = (int *)mallocCheck(sizeof(int) * (S + 1));
@@ -540,60 +543,98 @@ static void test_walk(void) {
     check_true(ok, "bt_walk visits start, start + stride, ... as (k / per, k % per)", "a step differs from the division");
 }
 
-// default tile rows on H100 (227 KB opt-in) and A100 (163 KB), and unsupported shapes
-static void test_choose_tm(void) {
+// The default geometry (bt_choose) on H100 (227 KB opt-in) and A100 (163 KB), and unsupported
+// shapes. Expected (tm, pg) worked out by hand from bt_l2_bytes_per_row = 2|W|/tm + 2 d_in npg with
+// |W| = d_in phi rho + d_out gamma rho, and the shared memory tm (zld + xld) 2 + 10,240 (zld, xld:
+// pg gamma rho and gc alpha rounded up to 64, + 8):
+//   768->3072 r1 (|W| 172,032): (64, 32) 217,088 B, the minimum (one group, 64 rows). A100:
+//     (64, 16) 118,784 B, 5,376 + 3,072 = 8,448 B/row, under (32, 32) 117,760 B, 10,752 + 1,536.
+//   768->3072 r2 (|W| 344,064): (64, 16) 217,088 B, 10,752 + 3,072 = 13,824, under (32, 32)
+//     216,064 B, 21,504 + 1,536 = 23,040 (the whole-z rule's choice).
+//   768->3072 r4 (|W| 688,128): (64, 8) 217,088 B, 21,504 + 6,144 = 27,648, under (32, 16)
+//     216,064 B, 43,008 + 3,072. A100 (the whole z tile of 16 rows does not fit there): (64, 4)
+//     118,784 B, 21,504 + 12,288 = 33,792, under (32, 8) 117,760 B, 43,008 + 6,144.
+//   768->768 r4 (|W| 196,608): (64, 8), 6,144 + 3,072 = 9,216, under (32, 16), 12,288 + 1,536.
+//   2048->8192 r2 (alpha 32 gamma 64 phi 64 eps 128, |W| 1,310,720): (64, 8) 151,552 B, 40,960 +
+//     32,768 = 73,728, under (32, 16) 150,528 B, 81,920 + 16,384.
+//   4096->16384 r1 (64 64 128 128, |W| 1,572,864): (64, 16) 159,744 B, 49,152 + 65,536 = 114,688,
+//     under (32, 32) 150,528 B, 98,304 + 32,768 = 131,072, and (16, 64) 150,016 B, 196,608 +
+//     16,384; the whole z tile (8,192 columns) fits at no tile size.
+static void test_choose(void) {
     const size_t h100 = 232448, a100 = 166912;
-    struct { int A, G, P, E, R; size_t lim; int want; const char *what; } c[] = {
-        {16, 48, 32, 96, 1, h100, 64, "768->3072 rank 1, H100: tm 64"},
-        {32, 96, 16, 48, 1, h100, 64, "3072->768 rank 1, H100: tm 64"},
-        {16, 48, 32, 96, 2, h100, 32, "768->3072 rank 2, H100: tm 32"},
-        {16, 48, 32, 96, 4, h100, 16, "768->3072 rank 4, H100: tm 16"},
-        {16, 48, 16, 48, 2, h100, 64, "768->768 rank 2, H100: tm 64"},
-        {16, 48, 16, 48, 4, h100, 32, "768->768 rank 4, H100: tm 32"},
-        {16, 48, 32, 96, 1, a100, 32, "768->3072 rank 1, A100: tm 32"},
-        {16, 48, 32, 96, 4, a100, 0, "768->3072 rank 4, A100: unsupported (z tile too big)"},
-        {8, 96, 32, 96, 1, h100, 0, "alpha 8: unsupported"},
-        {16, 48, 32, 8, 1, h100, 0, "eps 8: unsupported"},
-        {16, 9, 32, 96, 1, h100, 0, "gamma*rho 9: unsupported"},
-        {16, 48, 3, 96, 1, h100, 0, "phi*rho 3: unsupported"},
+    struct { int A, G, P, E, R; size_t lim; int whole_z, tm, pg; const char *what; } c[] = {
+        {16, 48, 32, 96, 1, h100, 0, 64, 32, "768->3072 rank 1, H100: tm 64, one group"},
+        {32, 96, 16, 48, 1, h100, 0, 64, 16, "3072->768 rank 1, H100: tm 64, one group"},
+        {16, 48, 32, 96, 2, h100, 0, 64, 16, "768->3072 rank 2, H100: tm 64, 2 groups of 16"},
+        {16, 48, 32, 96, 2, h100, 1, 32, 32, "768->3072 rank 2, H100, whole-z rule: tm 32"},
+        {16, 48, 32, 96, 4, h100, 0, 64, 8, "768->3072 rank 4, H100: tm 64, 4 groups of 8"},
+        {16, 48, 32, 96, 4, h100, 1, 16, 32, "768->3072 rank 4, H100, whole-z rule: tm 16"},
+        {16, 48, 16, 48, 2, h100, 0, 64, 16, "768->768 rank 2, H100: tm 64, one group"},
+        {16, 48, 16, 48, 4, h100, 0, 64, 8, "768->768 rank 4, H100: tm 64, 2 groups of 8"},
+        {16, 48, 32, 96, 1, a100, 0, 64, 16, "768->3072 rank 1, A100: tm 64, 2 groups of 16"},
+        {16, 48, 32, 96, 4, a100, 0, 64, 4, "768->3072 rank 4, A100: tm 64, 8 groups of 4"},
+        {16, 48, 32, 96, 4, a100, 1, 0, 0, "768->3072 rank 4, A100, whole-z rule: unsupported (z tile too big)"},
+        {32, 64, 64, 128, 2, h100, 0, 64, 8, "2048->8192 rank 2, H100: tm 64, 8 groups of 8"},
+        {64, 64, 128, 128, 1, h100, 0, 64, 16, "4096->16384 rank 1, H100: tm 64, 8 groups of 16"},
+        {64, 64, 128, 128, 1, h100, 1, 0, 0, "4096->16384 rank 1, H100, whole-z rule: unsupported"},
+        {8, 96, 32, 96, 1, h100, 0, 0, 0, "alpha 8: unsupported"},
+        {16, 48, 32, 8, 1, h100, 0, 0, 0, "eps 8: unsupported"},
+        {16, 9, 32, 96, 1, h100, 0, 0, 0, "gamma*rho 9: unsupported"},
+        {16, 48, 3, 96, 1, h100, 0, 0, 0, "phi*rho 3: unsupported"},
     };
     for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
-        int got = bt_choose_tm(c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim);
+        BtGeom g;
+        int ok = bt_choose(&g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim, 0, c[i].whole_z);
         char why[100];
-        snprintf(why, sizeof(why), "got tm %d", got);
-        check_true(got == c[i].want, c[i].what, why);
+        snprintf(why, sizeof(why), "got %s tm %d pg %d", ok ? "" : "nothing,", ok ? g.tm : 0, ok ? g.pg : 0);
+        check_true(ok ? g.tm == c[i].tm && g.pg == c[i].pg : c[i].tm == 0, c[i].what, why);
     }
+    // bt_choose_tm is the same choice's rows; groups must divide phi and cover whole 16-column tiles
+    check_true(bt_choose_tm(16, 48, 32, 96, 4, a100) == 64, "bt_choose_tm: 768->3072 rank 4 on A100 is tm 64", "differs");
+    BtGeom g;
+    check_true(!bt_geom_pg(&g, 16, 48, 32, 96, 1, 64, 8), "bt_geom_pg refuses pg*rho = 8 (not a whole n-tile)", "accepted");
+    check_true(!bt_geom_pg(&g, 16, 48, 32, 96, 2, 64, 24), "bt_geom_pg refuses pg = 24 (does not divide phi 32)", "accepted");
+    check_true(bt_geom_pg(&g, 16, 48, 32, 96, 2, 64, 8) && g.npg == 4 && g.zt == 8 * 96 && g.nt1 == 1,
+               "bt_geom_pg: 768->3072 rank 2 in groups of 8: 4 groups, z tile 768 columns, 1 stage-1 n-tile", "differs");
 }
 
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_walk();
-    test_choose_tm();
+    test_choose();
     // (alpha, gamma, phi, eps, rank): GPT-2 small's shapes at every tile size, N not a multiple
     // of tm (a partial last tile), grids smaller than the tile count (blocks loop over tiles)
-    test_case(16, 48, 32, 96, 1, 64, 2 * 64 + 7, 2, 1, 1);  // 768 -> 3072 rank 1
-    test_case(16, 48, 32, 96, 1, 32, 3 * 32 + 19, 2, 1, 1);
-    test_case(16, 48, 32, 96, 1, 16, 40, 3, 0, 0);
-    test_case(32, 96, 16, 48, 1, 64, 64 + 33, 1, 1, 1);     // 3072 -> 768 rank 1
-    test_case(32, 96, 16, 48, 1, 32, 2 * 32 + 1, 2, 0, 1);
-    test_case(16, 48, 16, 48, 2, 64, 64 + 50, 2, 1, 1);     // 768 -> 768 rank 2
-    test_case(16, 48, 16, 48, 4, 32, 2 * 32 + 9, 2, 1, 1);  // 768 -> 768 rank 4
-    test_case(16, 48, 16, 48, 4, 16, 5, 1, 1, 1);           // N < 16: one partial tile
-    test_case(16, 48, 32, 96, 2, 32, 32 + 3, 2, 1, 1);      // 768 -> 3072 rank 2
-    test_case(16, 48, 32, 96, 4, 16, 16 + 15, 2, 0, 1);     // 768 -> 3072 rank 4
+    test_case(16, 48, 32, 96, 1, 64, 32, 2 * 64 + 7, 2, 1, 1);  // 768 -> 3072 rank 1
+    test_case(16, 48, 32, 96, 1, 32, 32, 3 * 32 + 19, 2, 1, 1);
+    test_case(16, 48, 32, 96, 1, 16, 32, 40, 3, 0, 0);
+    test_case(32, 96, 16, 48, 1, 64, 16, 64 + 33, 1, 1, 1);     // 3072 -> 768 rank 1
+    test_case(32, 96, 16, 48, 1, 32, 16, 2 * 32 + 1, 2, 0, 1);
+    test_case(16, 48, 16, 48, 2, 64, 16, 64 + 50, 2, 1, 1);     // 768 -> 768 rank 2
+    test_case(16, 48, 16, 48, 4, 32, 16, 2 * 32 + 9, 2, 1, 1);  // 768 -> 768 rank 4
+    test_case(16, 48, 16, 48, 4, 16, 16, 5, 1, 1, 1);           // N < 16: one partial tile
+    test_case(16, 48, 32, 96, 2, 32, 32, 32 + 3, 2, 1, 1);      // 768 -> 3072 rank 2
+    test_case(16, 48, 32, 96, 4, 16, 32, 16 + 15, 2, 0, 1);     // 768 -> 3072 rank 4
     // other factorizations: nb 1 and 2, a partial last x chunk, alpha 48 (3 k-steps), rho 16
-    test_case(16, 20, 4, 80, 4, 32, 32 + 31, 2, 1, 1);      // nb 1, chunks 8 + 8 + 4
-    test_case(48, 8, 8, 32, 2, 16, 16 * 3 + 2, 2, 1, 1);    // nb 2, ks1 3
-    test_case(16, 3, 4, 32, 16, 64, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
-    test_case(128, 16, 16, 16, 1, 64, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
+    test_case(16, 20, 4, 80, 4, 32, 4, 32 + 31, 2, 1, 1);      // nb 1, chunks 8 + 8 + 4
+    test_case(48, 8, 8, 32, 2, 16, 8, 16 * 3 + 2, 2, 1, 1);    // nb 2, ks1 3
+    test_case(16, 3, 4, 32, 16, 64, 4, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
+    test_case(128, 16, 16, 16, 1, 64, 16, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
+    // groups of phi blocks (bt_choose's geometries where the whole z tile does not fit or costs rows)
+    test_case(16, 48, 32, 96, 2, 64, 16, 64 + 7, 2, 1, 1);      // 768 -> 3072 rank 2, H100's default: 2 groups
+    test_case(16, 48, 32, 96, 4, 64, 4, 64 + 40, 1, 1, 1);      // rank 4, A100's default: 8 groups of 4
+    test_case(16, 16, 64, 16, 1, 16, 16, 3 * 16 + 5, 2, 1, 1);  // one x chunk re-read by 4 groups
+    test_case(64, 16, 32, 32, 1, 64, 16, 2 * 64 + 3, 2, 0, 1);  // 8 x chunks per group, 2 groups
+    test_case(16, 12, 8, 16, 4, 32, 4, 32 + 17, 3, 1, 0);       // rank 4, nb 1, 2 groups, no z
+    test_case(32, 64, 64, 128, 2, 64, 8, 64 + 5, 1, 1, 1);      // 2048 -> 8192 rank 2, H100's default
     // segmented launches (BTT-MoE experts, rank 1): empty experts, partial and whole tiles, one
     // expert with everything, grids smaller than the tile count
     const int c8[8] = {37, 0, 64, 5, 16, 0, 70, 8};      // 200 pairs = 100 tokens top-2
-    test_seg_case(16, 48, 32, 96, 64, 2, c8, 8, 3);        // 768 -> 3072 experts, tm 64
-    test_seg_case(32, 96, 16, 48, 32, 2, c8, 8, 5);        // 3072 -> 768 experts, tm 32
+    test_seg_case(16, 48, 32, 96, 64, 32, 2, c8, 8, 3);        // 768 -> 3072 experts, tm 64
+    test_seg_case(32, 96, 16, 48, 32, 16, 2, c8, 8, 5);        // 3072 -> 768 experts, tm 32
     const int c4[4] = {0, 0, 48, 0};                        // all 48 pairs on one expert (K = 1)
-    test_seg_case(16, 48, 16, 48, 16, 1, c4, 4, 2);        // 768 -> 768
+    test_seg_case(16, 48, 16, 48, 16, 16, 1, c4, 4, 2);        // 768 -> 768
     const int c3[3] = {1, 2, 3};                            // 6 pairs = 2 tokens top-3
-    test_seg_case(16, 32, 16, 32, 16, 3, c3, 3, 8);        // 512 -> 512, grid larger than the tiles
+    test_seg_case(16, 32, 16, 32, 16, 16, 3, c3, 3, 8);        // 512 -> 512, grid larger than the tiles
+    test_seg_case(16, 48, 32, 96, 64, 16, 2, c8, 8, 3);        // 768 -> 3072 experts in 2 groups (A100's rank-1 default)
     return test_summary();
 }

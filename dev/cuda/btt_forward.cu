@@ -4,14 +4,18 @@
 //       (N, gamma, phi, rho), permute kernel into z (N, phi, gamma, rho), strided-batched GEMM into
 //       y, bias kernel — z and T1 round-trip through DRAM
 //   v2  fused: btt_forward_fused (structured/btt_fused.cuh): one kernel, z stays in shared memory
-//       (tile rows tm chosen for the device), written to DRAM only when saved
+//       (tile rows tm and groups of phi blocks chosen for the device by the traffic model,
+//       common/btt_tiles.h bt_choose), written to DRAM only when saved
 //   v3, v4, v5: the fused kernel with tm forced to 16, 32, 64 (tuning; skipped where it does not fit)
+//   v6  the fused kernel with the rule before groups (g_btt_whole_z: the largest tm whose whole z
+//       tile fits; nothing at 4096 -> 16384), to measure what the model's geometry gains
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
 // checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
 //
-// Shapes (N = 32768 rows = B*T of 32 x 1024): 768 -> 3072 rank 1, 2, 4 and 3072 -> 768 rank 1 with
-// the default factors (768 = 16 x 48, 3072 = 32 x 96).
+// Shapes (N = 32768 rows = B*T of 32 x 1024): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1,
+// 2048 -> 8192 rank 2 and 4096 -> 16384 rank 1 with the default factors (768 = 16 x 48,
+// 3072 = 32 x 96, 2048 = 32 x 64, 8192 = 64 x 128, 4096 = 64 x 64, 16384 = 128 x 128).
 // flops = 2 N (|W0| + |W1|) (the dense line: 2 N d_in d_out); bytes = the minimum: x, W0, W1, bias,
 // y (and z when saved), bf16.
 //
@@ -31,7 +35,7 @@
 #include "structured/btt_fused.cuh"
 #include "structured/structured.cuh"
 
-#define NV 5
+#define NV 6
 #define U_BF16 (1.0 / 256.0)
 
 // every stride-th index below n, and n - 1
@@ -63,7 +67,7 @@ int main(int argc, char **argv) {
     gpu_init(0);
     int v = dev_version_arg(argc, argv, NV);
     const int N = 32768, stride = 41, tail = 13;  // N - tail = 32755: a partial last tile for tm 16, 32, 64
-    const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}};
+    const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}, {2048, 8192, 2}, {4096, 16384, 1}};
     printf("btt_forward: BTT forward, baseline (cuBLAS) vs fused (z on chip), on %s (peak bf16 %.0f TFLOP/s from the table; "
            "opt-in smem %zu bytes/block)\n",
            g_gpu.prop.name, gpu_peak_bf16_tflops(g_gpu.prop.name), btt_fused_smem_limit());
@@ -119,7 +123,7 @@ int main(int argc, char **argv) {
 
         const double flops = 2.0 * N * (double)(n0 + n1);
         const double bytes_noz = 2.0 * ((double)NX + n0 + n1 + dout + NY), bytes_z = bytes_noz + 2.0 * NZ;
-        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f;
+        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f;
         char what[200];
 
         // dense cuBLASLt, the same shape (w: d_out x d_in): the time to beat
@@ -132,22 +136,28 @@ int main(int argc, char **argv) {
             if (v && ver != v) continue;
             const int tm_force = ver == 3 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0;
             if (ver >= 2) {
-                const int tm = ver == 2 ? btt_fused_supported(&s, btt_fused_smem_limit()) : tm_force;
                 BtGeom g;
-                if (!tm || !bt_geom(&g, s.alpha, s.gamma, s.phi, s.eps, s.rank, tm) || (size_t)g.smem_bytes > btt_fused_smem_limit()) {
-                    printf("   v%d: fused tm %d not supported here (shared memory); the caller falls back to v1\n", ver, tm);
+                g_btt_whole_z = ver == 6;
+                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), tm_force);
+                g_btt_whole_z = 0;
+                if (!ok) {
+                    printf("   v%d: fused%s tm %d not supported here (shared memory); the caller falls back to v1\n", ver,
+                           ver == 6 ? " (whole z tile)" : "", tm_force);
                     continue;
                 }
-                printf("   v%d: fused tm %d: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks, stage-2 items of %d x %d fragments\n", ver,
-                       tm, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.mt, g.nb);
+                printf("   v%d geometry: tm %d, %d group(s) of %d phi blocks: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks, "
+                       "stage-2 items of %d x %d fragments; traffic model %.0f L2 bytes/row\n",
+                       ver, g.tm, g.npg, g.pg, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.mt, g.nb, bt_l2_bytes_per_row(&g));
             }
             auto run = [&](floatX *z, int n) {
                 if (ver == 1) {
                     btt_forward_gpu(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, d_t1);
                 } else {
-                    int tm = ver == 2 ? btt_fused_supported(&s, btt_fused_smem_limit()) : tm_force;
-                    if (!btt_forward_fused_tm(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, tm)) {
-                        fprintf(stderr, "error: btt_forward_fused_tm refused tm %d\n", tm);
+                    g_btt_whole_z = ver == 6;
+                    const int ran = btt_forward_fused_tm(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, tm_force);
+                    g_btt_whole_z = 0;
+                    if (!ran) {
+                        fprintf(stderr, "error: btt_forward_fused_tm refused tm %d\n", tm_force);
                         exit(EXIT_FAILURE);
                     }
                 }
@@ -172,6 +182,7 @@ int main(int argc, char **argv) {
             dev_report(what, ver, ms, bytes_z, flops, err);
             if (ver == 1) ms_base = ms;
             if (ver == 2) ms_fused = ms;
+            if (ver == 6) ms_whole = ms;
             if (ver == 1) continue;  // the baseline always writes z
 
             // without z (inference)
@@ -215,6 +226,7 @@ int main(int argc, char **argv) {
         if (ms_fused > 0) {
             printf("   ratio dense / fused (v2, saving z): %.2fx;  without z: %.2fx\n", ms_dense / ms_fused, ms_dense / ms_fused_noz);
             if (ms_base > 0) printf("   speedup fused (v2, saving z) over baseline (v1): %.2fx\n", ms_base / ms_fused);
+            if (ms_whole > 0) printf("   speedup model geometry (v2) over the whole-z rule (v6), saving z: %.2fx\n", ms_whole / ms_fused);
         }
 
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));

@@ -1019,8 +1019,9 @@ static void test_qkv_parts(int N, int C) {
 }
 
 // The fused BTT forward (structured/btt_fused.cuh, dev/cuda only so far): against the CPU layer and
-// against the cuBLAS baseline (btt_forward_gpu), with the tile rows forced when tm > 0.
-static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int rank, int tm) {
+// against the cuBLAS baseline (btt_forward_gpu), with the tile rows forced when tm > 0; groups: the
+// number of phi-block groups the geometry must have (0: any).
+static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int rank, int tm, int groups = 0) {
     BTTShape s;
     btt_shape(&s, alpha, gamma, phi, eps, rank);
     const int din = s.d_in, dout = s.d_out;
@@ -1032,12 +1033,14 @@ static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int ra
     floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1)), *b_d = d.add(up_bf16(bias));
     floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *z_d = d.add(dev_alloc<floatX>(z.size())), *y2_d = d.add(dev_alloc<floatX>((size_t)N * dout)),
            *z2_d = d.add(dev_alloc<floatX>(z.size())), *s_d = d.add(dev_alloc<floatX>((size_t)N * plan_btt_scratch_row(&s)));
-    int chosen = btt_fused_supported(&s, btt_fused_smem_limit());
+    BtGeom geo;
+    const int chosen = btt_fused_geom(&geo, &s, btt_fused_smem_limit(), tm) ? geo.tm : 0;
     int ok = tm > 0 ? btt_forward_fused_tm(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s, tm) : btt_forward_fused(y_d, z_d, x_d, W0_d, W1_d, b_d, N, &s);
     char tag[160];
-    snprintf(tag, sizeof(tag), "fused btt %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d tm %d", din, dout, alpha, gamma, phi, eps, rank, N,
-             tm > 0 ? tm : chosen);
+    snprintf(tag, sizeof(tag), "fused btt %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d tm %d, %d group(s)", din, dout, alpha, gamma, phi, eps,
+             rank, N, chosen, chosen ? geo.npg : 0);
     if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused returned 0")) return;
+    if (groups) check_true(geo.npg == groups, nm("%s: in %d groups", tag, groups), "the geometry differs");
     btt_forward_gpu(y2_d, z2_d, x_d, W0_d, W1_d, b_d, N, &s, s_d);
     Vec yf = down_bf16(y_d, y.size()), zf = down_bf16(z_d, z.size());
     check_scaled(yf, y, 2e-2f, 0.0f, nm("%s: y vs the CPU layer", tag));
@@ -1613,10 +1616,14 @@ int main(int argc, char **argv) {
         test_btt_fused(20, 16, 48, 32, 96, 1, 0);    // GPT-2 768 -> 3072 rank 1 (tm 64: 217 KB of shared memory)
         test_btt_fused(33, 32, 24, 16, 48, 2, 32);   // 768 -> 768 rank 2, tm 32
         test_btt_fused(16 * 1056 + 37, 16, 4, 2, 32, 8, 16);  // more tiles than resident blocks: the grid-stride tile loop
+        test_btt_fused(40, 16, 48, 32, 96, 2, 0, 2); // 768 -> 3072 rank 2: tm 64 in 2 groups of 16 phi blocks
+        test_btt_fused(70, 16, 48, 32, 96, 4, 0, 4); // rank 4: tm 64 in 4 groups of 8, a partial second tile
+        test_btt_fused(21, 32, 64, 64, 128, 1, 0, 4); // 2048 -> 8192 rank 1: tm 64 in 4 groups (no whole z tile fits)
         test_btt_fused_backward(37, 16, 4, 2, 32, 8);    // 64 -> 64 rank 8, a partial tile
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
         test_btt_fused_backward(19, 48, 16, 16, 48, 1);  // 768 -> 768 with alpha 48, eps 48 (the transposed x chunks differ)
+        test_btt_fused_backward(33, 32, 64, 64, 128, 1); // 2048 -> 8192 rank 1 (transposed: tm 32 in 2 groups)
         test_monarch(37, 64, 256, 4, 1);    // p 16, q 16, s 64: the largest u scatter stride relative to q; a partial tile
         test_monarch(40, 768, 3072, 4, 1);  // GPT-2 fc, Monarch 4 (p = q = 192, s = 768), two output steps of 2 n-tiles
         test_monarch(33, 768, 3072, 24, 1); // the benchmark's sqrt-Monarch at 768: nb 24 (p = q = 32, s = 128), q not a multiple of nb
