@@ -26,14 +26,14 @@
 // Per group q: stage 1, per x chunk ch (g0 = ch*gc, gcount = g blocks in it): items (gl, nt, mt),
 // warp w takes items w, w + BT_WARPS, ... (row-major, mt fastest): the 16x16 block of Z1_g (g = g0 +
 // gl) at tile rows mt*16.., columns nt*16.. of fl*rho + s, K = alpha in ks1 steps; A from the x
-// chunk, B = W0[g] straight from global (ldm fr, columns from q*pg*rho). The fp32 result goes through the warp's staging tile; lane l then takes row bt_epi_row(l)
-// and the 8 columns bt_epi_col(l).., rounds them to bf16 and writes them to the z tile at
-// bt_z1_run's indices.
+// chunk, B = W0[g] straight from global (ldm fr, columns from q*pg*rho). The fp32 result goes
+// through the warp's staging tile; lane l then takes row bt_epi_row(l) and the 8 columns
+// bt_epi_col(l).., rounds them to bf16 and writes them to the z tile at bt_z1_run's indices.
 // Stage 2: items (fl, j), fl < pg, j < ntg, f = q*pg + fl, warp w takes items w, w + BT_WARPS, ...:
-// the warp computes the mt x nb fragments of Y_f at tile rows
-// 0..tm-1, y columns f*eps + (j*nb + b)*16 .., b < nb, K = gr in ks2 steps; A = Z_f from the z tile
-// (ldm zld), B = W1[f] straight from global (ldm eps). Each fragment goes through the staging
-// tile; lanes add the bias and write 8 bf16 (16 bytes) of a row that is < N.
+// the warp computes the mt x nb fragments of Y_f at tile rows 0..tm-1, y columns f*eps +
+// (j*nb + b)*16 .., b < nb, K = gr in ks2 steps; A = Z_f from the z tile (ldm zld), B = W1[f]
+// straight from global (ldm eps). Each fragment goes through the staging tile; lanes add the bias
+// and write 8 bf16 (16 bytes) of a row that is < N.
 // x chunks are prefetched one ahead through registers (BT_XVEC 16-byte vectors per thread): each
 // barrier-protected fill only stores what the thread loaded while the previous chunk (or, for a
 // group's chunk 0, the previous group's or tile's last chunk and stage 2) computed.
@@ -69,7 +69,7 @@ typedef struct {
     int pg, npg, zt;             // phi blocks per group, groups (phi/pg), z tile columns (pg*gr)
     int nt1, ks1;                // stage 1: n-tiles per g block and group (pg*rho/16), k-steps (alpha/16)
     int nb, ntg, ks2;            // stage 2: n-tiles per item, items per f ((eps/16)/nb), k-steps (gr/16)
-    int gc, nchunks;             // g blocks per x chunk, x chunks per tile
+    int gc, nchunks;             // g blocks per x chunk, x chunks per tile and group
     int xc, xld, zld;            // x chunk columns (gc*alpha); smem row strides (elements)
     int off_z, off_x, off_stg, smem_bytes;  // dynamic shared memory layout (bytes)
 } BtGeom;
@@ -131,10 +131,11 @@ static inline double bt_l2_bytes_per_row(const BtGeom *g) {
 
 // The default geometry within smem_limit bytes of shared memory per block (the device's opt-in
 // maximum): for each tm the largest pg that fits (smaller groups only add x reads), and of those
-// the least bt_l2_bytes_per_row, ties to the larger tm. tm_only (16, 32, 64; 0: any) fixes the tile rows; whole_z keeps pg = phi (the
-// largest tm whose whole z tile fits: the rule before groups). Returns 0 when nothing fits or the
-// shape is not supported. Where the whole z tile of 64 rows fits that is the choice; at widths of
-// 2048 and 4096 (z rows of 4096 to 32768 elements) only groups fit.
+// the least bt_l2_bytes_per_row, ties to the larger tm. tm_only (16, 32, 64; 0: any) fixes the
+// tile rows; whole_z keeps pg = phi (the largest tm whose whole z tile fits: the rule before
+// groups). Returns 0 when nothing fits or the shape is not supported. Where the whole z tile of 64
+// rows fits that is the choice; at widths 2048 and 4096 (z rows of 4096 to 32768 elements) most
+// shapes fit only in groups.
 static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z) {
     int found = 0;
     double best = 0.0;

@@ -18,22 +18,23 @@
 // once per group. bt_choose picks (tm, pg) within the opt-in shared memory by modelled L2 bytes per
 // row, 2(|W0| + |W1|)/tm + 2 d_in npg: one group of 64 rows where it fits (GPT-2 small's 768 <->
 // 3072 rank 1), else more rows in groups over fewer rows whole; at widths 2048 and 4096 the whole z
-// tile fits no tile size, and only groups make the kernel run there. Per tile and group:
+// tile mostly fits no tile size, and groups make the kernel run there. Per tile and group:
 //   stage 1: for each chunk of gc g blocks (about 4096 x elements), the chunk x[tile rows, chunk]
 //     goes to shared memory from registers that were loaded one chunk ahead (16-byte loads issued
-//     before the previous chunk's MMAs; a tile's chunk 0 is loaded before the previous tile's last
-//     chunk and stage 2), rows past N zero-filled, so the tail tile computes on zeros and never reads
+//     before the previous chunk's MMAs; a group's chunk 0 is loaded before the previous group's or
+//     tile's last chunk and stage 2), rows past N zero-filled, so the tail tile computes on zeros and never reads
 //     past x; warps compute 16x16 blocks of Z1_g = X_g W0[g] with wmma bf16 m16n16k16, fp32
 //     accumulate (A by ldmatrix from shared memory, B straight from W0 in global memory, ldm
 //     phi*rho), store each through a per-warp fp32 staging tile, round to bf16 (as the baseline
 //     stores z) and scatter into the z tile in the saved (phi, gamma, rho) layout.
 //   barrier; if z_or_null: the z tile's rows < N go to global as 16-byte vectors (the saved z for
-//     the backward: a contiguous copy, the tile already has the saved layout).
-//   stage 2: for each f, Y_f (tm x eps) = Z_f (tm x gamma*rho, from shared memory) W1[f]: a warp
+//     the backward: a contiguous copy of the group's slice of each row, the tile already has the
+//     saved layout).
+//   stage 2: for each f of the group, Y_f (tm x eps) = Z_f (tm x gamma*rho, from shared memory) W1[f]: a warp
 //     item is one f and nb (<= 3) 16-column tiles over all tm rows (mt x nb accumulators; each B
 //     fragment, from global and prefetched one k-step ahead, serves mt m-tiles); fp32 accumulate,
 //     + bias, one rounding to bf16, 16-byte stores of rows < N.
-//   Shared memory per block: tm x (zrow + pad) bf16 (z tile) + tm x (gc*alpha + pad) bf16 (x chunk)
+//   Shared memory per block: tm x (pg*gamma*rho + pad) bf16 (z tile) + tm x (gc*alpha + pad) bf16 (x chunk)
 //   + 8 x 16 x 20 fp32 (staging). Rows padded to 64 + 8 elements: wmma ldm a multiple of 8,
 //   fragment pointers 32-byte aligned, consecutive rows 16 bytes apart mod 128 (conflict-free
 //   ldmatrix).
@@ -55,7 +56,8 @@
 //     compute-bound, ~6.7 ns/row at 700 TFLOP/s), while the fused kernel is bandwidth-bound
 //     (~2.6 ns/row without z, ~3.6 with z at 3 TB/s) if its shared-memory and L2 traffic keep up.
 //   Weights (W0 + W1 = 344,064 bytes at 768->3072 rank 1) stay in L2 and every tile reads them:
-//   (|W0| + |W1|) * 2 / tm bytes per row from L2 (5,376 at tm 64), not from DRAM.
+//   (|W0| + |W1|) * 2 / tm bytes per row from L2 (5,376 at tm 64), not from DRAM; with npg > 1
+//   groups x is read npg - 1 more times, from L2 (bt_l2_bytes_per_row counts both).
 // The backward's dx and dZ are this kernel too: the forward of the transposed BTT (btt.h,
 // btt_shape_transposed: cores W1[f]ᵀ and W0[g]ᵀ) on dy, whose saved z is dZ in the layout dW0
 // needs; the supported shapes are the same set (alpha, phi*rho, gamma*rho, eps only swap roles).

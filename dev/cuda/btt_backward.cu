@@ -5,8 +5,8 @@
 //       from ONE launch of btt_fused.cuh's kernel on dy (the forward of the transposed BTT, btt.h),
 //       then the same dW GEMMs
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
-// Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4 and 3072 -> 768 rank 1, default
-// factors. flops = 4 N (|W0| + |W1|) (dx and the weight gradients); bytes = the minimum: dy, x, z
+// Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
+// rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors. flops = 4 N (|W0| + |W1|) (dx and the weight gradients); bytes = the minimum: dy, x, z
 // read, dx written, the cores read and their gradients written once (bf16).
 //
 // Checks, at Nc = 1024 rows (the weight gradients sum over every row), against btt.h's fp32
@@ -32,7 +32,7 @@ int main(int argc, char **argv) {
     const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, Nc = N < 1024 ? N : 1024;
     if (N < 16 || N % 8) { fprintf(stderr, "error: N = %s: use a multiple of 8, at least 16\n", argc > 2 ? argv[2] : "?"); return 1; }
-    const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}};
+    const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}, {2048, 8192, 2}, {4096, 16384, 1}};
     printf("btt_backward: BTT backward, baseline (cuBLAS) vs fused dx (transposed BTT), on %s\n", g_gpu.prop.name);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
         BTTShape s;
@@ -41,8 +41,10 @@ int main(int argc, char **argv) {
         const int din = s.d_in, dout = s.d_out;
         const size_t zrow = btt_z_row(&s), n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
         const size_t NX = (size_t)N * din, NY = (size_t)N * dout, NZ = (size_t)N * zrow;
-        printf("-- %d -> %d rank %d: zrow %zu, |W0| %zu |W1| %zu, N %d; fused (transposed shape) tile rows %d\n", din, dout, s.rank, zrow, n0, n1, N,
-               btt_fused_supported(&ts, btt_fused_smem_limit()));
+        BtGeom tg;
+        const int tg_ok = btt_fused_geom(&tg, &ts, btt_fused_smem_limit(), 0);
+        printf("-- %d -> %d rank %d: zrow %zu, |W0| %zu |W1| %zu, N %d; fused (transposed shape) tile rows %d in %d group(s)\n", din, dout, s.rank,
+               zrow, n0, n1, N, tg_ok ? tg.tm : 0, tg_ok ? tg.npg : 0);
         float a0 = sqrtf(3.0f / s.alpha), a1 = sqrtf(3.0f / (s.gamma * s.rank)), ad = sqrtf(3.0f / din);
         float *x = dev_random(NX, -1.0f, 1.0f), *dy = dev_random(NY, -1.0f, 1.0f), *W0 = dev_random(n0, -a0, a0), *W1 = dev_random(n1, -a1, a1);
         float *wd = dev_random((size_t)dout * din, -ad, ad);
