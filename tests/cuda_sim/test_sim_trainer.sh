@@ -105,10 +105,11 @@ else
     bad "-fa 2 (simulated cuDNN)" "$BIN_CUDNN not built"
 fi
 
-# -sk 1 (fused BTT forward and backward dx; BTT-MoE experts in one segmented launch each way;
-# the fused Monarch forward and backward dx) against the cuBLAS plans, on
-# shapes the fused kernels support (multiples of 16): the same first two losses to 1.5e-3 (seen:
-# 1.2e-3, 5e-4 before the Monarch attn_proj; expert 0's W0 for every expert gives 2.4e-3 — the
+# -sk 1 (fused BTT forward and backward dx, q's rank 8 in 2 groups of output blocks both ways;
+# BTT-MoE experts in one segmented launch each way; the fused Monarch forward and backward dx)
+# against the cuBLAS plans, on shapes the fused kernels support (multiples of 16): the same first
+# two losses to 1.5e-3 (seen: 0 and 7.5e-4; 1.2e-3, 5e-4 before the Monarch attn_proj and the rank-8
+# q; expert 0's W0 for every expert gives 2.4e-3 — the
 # kernel tests in test_sim_kernels and test_gpt2cu's -sk 1 fixture runs are the exact checks, this
 # one is that the trainer takes the path and trains)
 cat > "$W/fused.cfg" <<'EOF2'
@@ -121,6 +122,10 @@ max_seq_len = 32
 [linear]
 struct = btt
 rank = 1
+
+[linear.q]
+struct = btt
+rank = 8
 
 [linear.attn_proj]
 struct = monarch
