@@ -466,6 +466,14 @@ static void check_structures_vs_cpu(void) {
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
         g_st_fused = 0;
     }
+    // a wide BTT, whose fused kernel works in groups of output blocks both ways (no whole z tile fits)
+    memset(&s, 0, sizeof(s));
+    s.kind = STRUCT_BTT;
+    s.d_in = 2048; s.d_out = 8192; s.bias = 1; s.rank = 2;
+    default_factors(s.d_in, &s.alpha, &s.gamma);
+    default_factors(s.d_out, &s.phi, &s.eps);
+    for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
+    g_st_fused = 0;
 }
 
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
