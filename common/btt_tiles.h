@@ -272,6 +272,11 @@ static inline BT_HD void bt_z1_run(const BtGeom *g, int m, int gi, int c0, int i
         if (++s == g->R) { s = 0; f++; }
     }
 }
+// The lane stores those 8 values in runs of bt_z1_vec(g) elements: the largest of 8, 4, 2, 1 that
+// divides rho. c0 is a multiple of 8, so a run never crosses an f (s runs through whole multiples of
+// the run), its indices are consecutive, and the first is a multiple of the run (zld, gr, g*rho and
+// s all are): one 16-, 8- or 4-byte store per run instead of 2-byte ones (rank 1: runs of 1).
+static inline BT_HD int bt_z1_vec(const BtGeom *g) { return g->R % 8 == 0 ? 8 : g->R % 4 == 0 ? 4 : g->R % 2 == 0 ? 2 : 1; }
 
 // ---- epilogue lanes (staging tile -> bf16) -----------------------------------------------------
 // lane l takes row l % 16 and columns (l / 16) * 8 .. + 7 of the warp's 16x16 staging tile

@@ -66,8 +66,9 @@
 // (or TMA) double buffering of
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
-// without the fp32 staging round trip (mma.sync with its documented register layout); bf16x2 z
-// scatter for even rho (the rank-1 scatter is 2-byte stores, ~4-way bank-conflicted).
+// without the fp32 staging round trip (mma.sync with its documented register layout); a z layout
+// or lane mapping that lets rank 1 scatter more than 2 bytes per store (even ranks store runs of
+// 2 to 8 elements, bt_z1_vec).
 #pragma once
 #include <mma.h>
 #include "../common/btt_tiles.h"
@@ -129,6 +130,25 @@ __device__ __forceinline__ unsigned bt_pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<unsigned *>(&h);
 }
 
+// The 8 values of a stage-1 lane, rounded to bf16, into the z tile at bt_z1_run's indices idx, in
+// runs of vw (bt_z1_vec: consecutive indices, the first a multiple of vw).
+__device__ __forceinline__ void bt_z1_store(floatX *zs, const int idx[8], const float v[8], int vw) {
+    if (vw == 8) {
+        *reinterpret_cast<uint4 *>(zs + idx[0]) =
+            make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]), bt_pack_bf16x2(v[6], v[7]));
+    } else if (vw == 4) {
+#pragma unroll
+        for (int h = 0; h < 8; h += 4)
+            *reinterpret_cast<uint2 *>(zs + idx[h]) = make_uint2(bt_pack_bf16x2(v[h], v[h + 1]), bt_pack_bf16x2(v[h + 2], v[h + 3]));
+    } else if (vw == 2) {
+#pragma unroll
+        for (int h = 0; h < 8; h += 2) *reinterpret_cast<unsigned *>(zs + idx[h]) = bt_pack_bf16x2(v[h], v[h + 1]);
+    } else {
+#pragma unroll
+        for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)v[t];
+    }
+}
+
 // This thread's part of x chunk ch of tile `tile` (rows past the tile's: zeros) into registers,
 // and from registers into the x chunk buffer (btt_tiles.h: bt_x_fill_per, BT_XVEC).
 __device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, const BtSeg &sg, int N, int tile,
@@ -165,7 +185,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
     floatX *xs = (floatX *)(bt_smem + g.off_x);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
-    const int er = bt_epi_row(lane), ec = bt_epi_col(lane);
+    const int er = bt_epi_row(lane), ec = bt_epi_col(lane), vw = bt_z1_vec(&g);
     const int ntiles = sg.tiles ? *sg.ntiles : bt_num_tiles(N, g.tm);
     x128 pre[BT_XVEC];  // this thread's part of the next x chunk, loaded one chunk ahead
     if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, sg, N, blockIdx.x, 0);
@@ -206,8 +226,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                     bt_stg_read8(src, stg, er, ec);
                     int idx[8];
                     bt_z1_run(&g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
-#pragma unroll
-                    for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)src[t];  // bf16 z, as the baseline stores it
+                    bt_z1_store(zs, idx, src, vw);  // bf16 z, as the baseline stores it
                 }
             }
             __syncthreads();  // z tile complete

@@ -8,7 +8,8 @@
 // rows past N zero-filled), warp items walked as the kernel walks them, each a 16x16 fp32 fragment accumulated k-step by
 // k-step (16-term fp32 sums) from A fragments read out of the emulated shared memory and B
 // fragments out of W0; the fragment goes through the warp's staging tile, and "lanes" (row
-// bt_epi_row, 8 columns from bt_epi_col) round it to bf16 into the z tile at bt_z1_run's indices;
+// bt_epi_row, 8 columns from bt_epi_col) round it to bf16 into the z tile at bt_z1_run's indices
+// (checked to be consecutive and aligned in the runs of bt_z1_vec the kernel stores as one);
 // then the barrier, the z copy-out, and stage 2 (mt x nb fragments per item, bias, bf16 rounding,
 // stores of rows < N only). Shared memory is one byte buffer laid out by the geometry's offsets,
 // so overlapping regions would corrupt each other. Every access also goes through a checker:
@@ -284,6 +285,12 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, c
                                 if ((stg + 4 * (er * BT_STG_LD + ec)) % 16) sm_error(&S, "staging read not 16-byte aligned at byte %d (lane %d)", stg, lane);
                                 int idx[8];
                                 bt_z1_run(g, mt * 16 + er, g0 + gl, nt * 16 + ec, idx);
+                                const int vw = bt_z1_vec(g);  // the kernel stores runs of vw: consecutive and aligned
+                                for (int t = 0; t < 8; t += vw) {
+                                    if ((g->off_z + 2 * idx[t]) % (2 * vw)) sm_error(&S, "z store of %d bf16 misaligned at byte %d", vw, g->off_z + 2 * idx[t]);
+                                    for (int i = 1; i < vw; i++)
+                                        if (idx[t + i] != idx[t] + i) sm_error(&S, "z store run of %d not consecutive at element %d", vw, idx[t]);
+                                }
                                 for (int t = 0; t < 8; t++) {
                                     float v = sm_rd_f32(&S, stg + 4 * (er * BT_STG_LD + ec + t), warp);
                                     sm_wr_bf16(&S, g->off_z + 2 * idx[t], bf16r(v), warp);
@@ -618,6 +625,8 @@ int main(void) {
     test_case(16, 20, 4, 80, 4, 32, 4, 32 + 31, 2, 1, 1);      // nb 1, chunks 8 + 8 + 4
     test_case(48, 8, 8, 32, 2, 16, 8, 16 * 3 + 2, 2, 1, 1);    // nb 2, ks1 3
     test_case(16, 3, 4, 32, 16, 64, 4, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
+    test_case(16, 8, 8, 16, 6, 32, 8, 32 + 5, 2, 1, 1);        // rho 6: z stored in runs of 2 that skip across s = 6
+    test_case(16, 4, 4, 16, 12, 16, 4, 2 * 16 + 3, 2, 1, 1);    // rho 12: runs of 4
     test_case(128, 16, 16, 16, 1, 64, 16, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
     // groups of phi blocks (bt_choose's geometries where the whole z tile does not fit or costs rows)
     test_case(16, 48, 32, 96, 2, 64, 16, 64 + 7, 2, 1, 1);      // 768 -> 3072 rank 2, H100's default: 2 groups

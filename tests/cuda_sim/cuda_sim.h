@@ -133,7 +133,7 @@ inline int sim_env_int(const char *name, int def) {
 }
 
 // ================================================================================================
-// vector types (16-byte and 4-byte copies check their alignment: load128/store128 and the
+// vector types (16-, 8- and 4-byte copies check their alignment: load128/store128 and the
 // __nv_bfloat162 loads go through these copies)
 
 inline void sim_check_align(const void *p, size_t a, const char *what) {
@@ -167,7 +167,22 @@ SIM_VEC4(float4, float, 16)
 #undef SIM_VEC4
 struct alignas(8) int2 { int x, y; };
 struct alignas(8) float2 { float x, y; };
-struct alignas(8) uint2 { unsigned int x, y; };
+struct alignas(8) uint2 {  // 8-byte copies check their alignment (btt_fused.cuh's z stores of 4 bf16)
+    unsigned int x, y;
+    uint2() = default;
+    constexpr uint2(unsigned a, unsigned b) : x(a), y(b) {}
+    uint2(const uint2 &o) {
+        sim_check_align(&o, 8, "uint2 load");
+        memcpy((void *)this, sim_launder(&o), sizeof(uint2));
+    }
+    uint2 &operator=(const uint2 &o) {
+        sim_check_align(this, 8, "uint2 store");
+        sim_check_align(&o, 8, "uint2 load");
+        memcpy((void *)sim_launder(this), sim_launder(&o), sizeof(uint2));
+        return *this;
+    }
+};
+inline uint2 make_uint2(unsigned a, unsigned b) { return uint2(a, b); }
 inline int4 make_int4(int a, int b, int c, int d) { return int4(a, b, c, d); }
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4(a, b, c, d); }
 inline float4 make_float4(float a, float b, float c, float d) { return float4(a, b, c, d); }
