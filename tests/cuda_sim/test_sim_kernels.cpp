@@ -1630,6 +1630,7 @@ int main(int argc, char **argv) {
         test_monarch(20, 512, 256, 8, 1);   // d_out < d_in: q = s = 32 < p = 64
         test_monarch(21, 3072, 768, 4, 1);  // GPT-2 proj, Monarch 4: p 768, q = s = 192
         test_monarch(100, 768, 3072, 4, 1); // 64-row tiles both ways (the backward in groups of 1): a full tile, a partial one
+        test_monarch(100, 3072, 768, 4, 1); // GPT-2 proj at 64 rows: X_k of 24 vectors per thread, 8 prefetched, 16 loaded after
         // the backward kernel's geometries. Model: L2 bytes per row = 2 (|L| + |R|) / tm + 2 d_out
         // ceil(nb / G), least wins (ties: more rows, larger groups); smem = tm (pad(G s) + pad(nb q))
         // 2 + 10240 with pad(c) = round_up(c, 64) + 8 (each part rounded up to 128 bytes).
