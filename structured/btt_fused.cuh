@@ -22,21 +22,21 @@
 //   stage 1: for each chunk of gc g blocks (about 4096 x elements), the chunk x[tile rows, chunk]
 //     goes to shared memory from registers that were loaded one chunk ahead (16-byte loads issued
 //     before the previous chunk's MMAs; a group's chunk 0 is loaded before the previous group's or
-//     tile's last chunk and stage 2), rows past N zero-filled, so the tail tile computes on zeros and never reads
-//     past x; warps compute 16x16 blocks of Z1_g = X_g W0[g] with wmma bf16 m16n16k16, fp32
-//     accumulate (A by ldmatrix from shared memory, B straight from W0 in global memory, ldm
-//     phi*rho), store each through a per-warp fp32 staging tile, round to bf16 (as the baseline
-//     stores z) and scatter into the z tile in the saved (phi, gamma, rho) layout.
+//     tile's last chunk and stage 2), rows past N zero-filled, so the tail tile computes on zeros
+//     and never reads past x; warps compute 16x16 blocks of Z1_g = X_g W0[g] with wmma bf16
+//     m16n16k16, fp32 accumulate (A by ldmatrix from shared memory, B straight from W0 in global
+//     memory, ldm phi*rho), store each through a per-warp fp32 staging tile, round to bf16 (as the
+//     baseline stores z) and scatter into the z tile in the saved (phi, gamma, rho) layout.
 //   barrier; if z_or_null: the z tile's rows < N go to global as 16-byte vectors (the saved z for
 //     the backward: a contiguous copy of the group's slice of each row, the tile already has the
 //     saved layout).
-//   stage 2: for each f of the group, Y_f (tm x eps) = Z_f (tm x gamma*rho, from shared memory) W1[f]: a warp
-//     item is one f and nb (<= 3) 16-column tiles over all tm rows (mt x nb accumulators; each B
-//     fragment, from global and prefetched one k-step ahead, serves mt m-tiles); fp32 accumulate,
-//     + bias, one rounding to bf16, 16-byte stores of rows < N.
-//   Shared memory per block: tm x (pg*gamma*rho + pad) bf16 (z tile) + tm x (gc*alpha + pad) bf16 (x chunk)
-//   + 8 x 16 x 20 fp32 (staging). Rows padded to 64 + 8 elements: wmma ldm a multiple of 8,
-//   fragment pointers 32-byte aligned, consecutive rows 16 bytes apart mod 128 (conflict-free
+//   stage 2: for each f of the group, Y_f (tm x eps) = Z_f (tm x gamma*rho, from shared memory)
+//     W1[f]: a warp item is one f and nb (<= 3) 16-column tiles over all tm rows (mt x nb
+//     accumulators; each B fragment, from global and prefetched one k-step ahead, serves mt
+//     m-tiles); fp32 accumulate, + bias, one rounding to bf16, 16-byte stores of rows < N.
+//   Shared memory per block: tm x (pg*gamma*rho + pad) bf16 (z tile) + tm x (gc*alpha + pad) bf16
+//   (x chunk) + 8 x 16 x 20 fp32 (staging). Rows padded to 64 + 8 elements: wmma ldm a multiple of
+//   8, fragment pointers 32-byte aligned, consecutive rows 16 bytes apart mod 128 (conflict-free
 //   ldmatrix).
 //   Supported: alpha, phi*rho, gamma*rho, eps multiples of 16 (wmma tiles exact), a group with
 //   pg*rho a multiple of 16 within the opt-in shared memory; x, y, z, bias 16-byte aligned; W0, W1
