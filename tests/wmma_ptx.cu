@@ -1,0 +1,50 @@
+// tests/wmma_ptx.cu: kernels for tests/test_wmma_ptx.sh. Each pair loads a wmma fragment once with
+// wmma::load_matrix_sync (generic_*) and once with structured/btt_fused.cuh's inline-PTX loads
+// (ours_*), then feeds it to one mma_sync and stores the result, so that the PTX shows which
+// registers the load fills and in which order the mma reads them.
+#include <mma.h>
+#include "structured/btt_fused.cuh"
+using namespace nvcuda;
+
+__global__ void generic_a(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    BtFragA a;
+    BtFragB b;
+    BtFragC c;
+    wmma::load_matrix_sync(a, s, ldm);
+    wmma::fill_fragment(b, (floatX)1.0f);
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void ours_a(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    BtFragA a;
+    BtFragB b;
+    BtFragC c;
+    bt_load_a_shared(a, s, ldm);
+    wmma::fill_fragment(b, (floatX)1.0f);
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void generic_b(float *out, const floatX *__restrict__ w, int ldm) {
+    BtFragA a;
+    BtFragB b;
+    BtFragC c;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    wmma::load_matrix_sync(b, w, ldm);
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void ours_b(float *out, const floatX *__restrict__ w, int ldm) {
+    BtFragA a;
+    BtFragB b;
+    BtFragC c;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    bt_load_b_global(b, w, ldm);
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
