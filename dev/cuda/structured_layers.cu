@@ -11,7 +11,9 @@
 //                 forward (BTT-MoE: every expert in one segmented launch, no host wait for the
 //                 counts) and the same kernel for the backward's dx and dZ (the transposed BTT,
 //                 btt.h), seg_wgrad.cuh for the experts' weight gradients, monarch_fused.cuh's
-//                 forward and backward dx for Monarch; only where the kernels support the shape
+//                 forward and backward dx for Monarch; only where the kernels support the shape.
+//                 A BTT or BTT-MoE row's description gives the kernel's tile rows x groups of
+//                 output blocks, forward and backward (btt_tiles.h, bt_choose)
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -160,7 +162,14 @@ static int make_cases(Case *c, int din, int dout) {
             BTTShape b;
             if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
             else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
-            ok = btt_fused_supported(&b, btt_fused_smem_limit()) > 0;
+            const BTTShape bt = btt_shape_transposed(&b);
+            BtGeom gf = {}, gb = {};  // the forward's and the backward dx's (transposed) tile rows x groups
+            ok = btt_fused_geom(&gf, &b, btt_fused_smem_limit(), 0);
+            const int okb = btt_fused_geom(&gb, &bt, btt_fused_smem_limit(), 0);
+            char who[16];
+            snprintf(who, sizeof(who), s->kind == STRUCT_BTT ? "r%d" : "%d/top%d", s->kind == STRUCT_BTT ? s->rank : s->experts, s->topk);
+            if (ok && okb) snprintf(c[n].desc, sizeof(c[n].desc), "%s fwd %dx%d bwd %dx%d", who, gf.tm, gf.npg, gb.tm, gb.npg);
+            else if (ok) snprintf(c[n].desc, sizeof(c[n].desc), "%s fwd %dx%d (fwd only)", who, gf.tm, gf.npg);
         }
         if (!ok) continue;
         c[n].fused = 1;
