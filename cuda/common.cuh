@@ -68,6 +68,20 @@ __device__ inline void store128(T *p, Packed128<T> v) {
     *reinterpret_cast<int4 *>(p) = *reinterpret_cast<int4 *>(&v);
 }
 
+// 16 bytes moved as they are (4 words, no element view): a Packed128 of bf16 lives in registers as 8
+// halves, and nvcc may split its store128 into four 4-byte (or 2-byte) stores; a uint4 that came
+// from a 16-byte load stays one ld/st .v4.u32. For copies (shared <-> global) that do no arithmetic.
+__device__ __forceinline__ uint4 ld16(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
+__device__ __forceinline__ uint4 ld16_ro(const void *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }  // read-only global
+__device__ __forceinline__ void st16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }
+// Two floats rounded to bf16 (nearest even, as (floatX)f) packed as they lie in memory: lo first.
+// Computed bf16 values leave a kernel as four of these in one __stwb(uint4) (st.global.v4): an x128
+// temporary, or a plain uint4 assignment, is split by nvcc into 2- or 4-byte stores there.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+
 // ----------------------------------------------------------------------------------------------
 // stochastic rounding fp32 -> bf16. The random bits are a hash of (element index, seed) only, so
 // the result does not depend on the launch configuration: the same seed rounds the same master

@@ -122,27 +122,19 @@ __device__ __forceinline__ void bt_stg_read8(float v[8], const float *stg, int e
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-// Two floats rounded to bf16 (nearest even, as (floatX)f) packed as they lie in memory: lo first.
-// The y epilogue stores four of these with one __stwb (st.global.v4): an x128 temporary, or a
-// plain uint4 assignment, is split by nvcc into 2- or 4-byte stores here.
-__device__ __forceinline__ unsigned bt_pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned *>(&h);
-}
-
 // The 8 values of a stage-1 lane, rounded to bf16, into the z tile at bt_z1_run's indices idx, in
 // runs of vw (bt_z1_vec: consecutive indices, the first a multiple of vw).
 __device__ __forceinline__ void bt_z1_store(floatX *zs, const int idx[8], const float v[8], int vw) {
     if (vw == 8) {
         *reinterpret_cast<uint4 *>(zs + idx[0]) =
-            make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]), bt_pack_bf16x2(v[6], v[7]));
+            make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
     } else if (vw == 4) {
 #pragma unroll
         for (int h = 0; h < 8; h += 4)
-            *reinterpret_cast<uint2 *>(zs + idx[h]) = make_uint2(bt_pack_bf16x2(v[h], v[h + 1]), bt_pack_bf16x2(v[h + 2], v[h + 3]));
+            *reinterpret_cast<uint2 *>(zs + idx[h]) = make_uint2(pack_bf16x2(v[h], v[h + 1]), pack_bf16x2(v[h + 2], v[h + 3]));
     } else if (vw == 2) {
 #pragma unroll
-        for (int h = 0; h < 8; h += 2) *reinterpret_cast<unsigned *>(zs + idx[h]) = bt_pack_bf16x2(v[h], v[h + 1]);
+        for (int h = 0; h < 8; h += 2) *reinterpret_cast<unsigned *>(zs + idx[h]) = pack_bf16x2(v[h], v[h + 1]);
     } else {
 #pragma unroll
         for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)v[t];
@@ -151,7 +143,7 @@ __device__ __forceinline__ void bt_z1_store(floatX *zs, const int idx[8], const 
 
 // This thread's part of x chunk ch of tile `tile` (rows past the tile's: zeros) into registers,
 // and from registers into the x chunk buffer (btt_tiles.h: bt_x_fill_per, BT_XVEC).
-__device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, const BtSeg &sg, int N, int tile,
+__device__ __forceinline__ void bt_x_load(uint4 pre[BT_XVEC], const floatX *__restrict__ x, const BtGeom &g, const BtSeg &sg, int N, int tile,
                                           int ch) {
     const BtTile tl = bt_tile_at(&g, &sg, N, tile);
     BtWalk it;
@@ -159,14 +151,14 @@ __device__ __forceinline__ void bt_x_load(x128 pre[BT_XVEC], const floatX *__res
 #pragma unroll
     for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it))
         if (it.o < g.tm)
-            pre[k] = it.o < tl.rows ? load128(x + bt_x_global(&g, bt_x_row(&sg, tl.r0 + it.o), ch, it.i * 8)) : x128::zeros();  // tail: zeros
+            pre[k] = it.o < tl.rows ? ld16_ro(x + bt_x_global(&g, bt_x_row(&sg, tl.r0 + it.o), ch, it.i * 8)) : make_uint4(0, 0, 0, 0);  // tail: zeros
 }
-__device__ __forceinline__ void bt_x_store(floatX *xs, const x128 pre[BT_XVEC], const BtGeom &g, int ch) {
+__device__ __forceinline__ void bt_x_store(floatX *xs, const uint4 pre[BT_XVEC], const BtGeom &g, int ch) {
     BtWalk it;
     bt_walk_begin(&it, bt_x_fill_per(&g, bt_chunk_gcount(&g, ch)), threadIdx.x, BT_THREADS);
 #pragma unroll
     for (int k = 0; k < BT_XVEC; k++, bt_walk_next(&it))
-        if (it.o < g.tm) store128(xs + bt_x_smem(&g, it.o, it.i * 8), pre[k]);
+        if (it.o < g.tm) st16(xs + bt_x_smem(&g, it.o, it.i * 8), pre[k]);
 }
 
 // MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item: compile-time, so the accumulators are
@@ -187,7 +179,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
     float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
     const int er = bt_epi_row(lane), ec = bt_epi_col(lane), vw = bt_z1_vec(&g);
     const int ntiles = sg.tiles ? *sg.ntiles : bt_num_tiles(N, g.tm);
-    x128 pre[BT_XVEC];  // this thread's part of the next x chunk, loaded one chunk ahead
+    uint4 pre[BT_XVEC];  // this thread's part of the next x chunk (16 bytes each), loaded one chunk ahead
     if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, sg, N, blockIdx.x, 0);
 
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
@@ -235,7 +227,7 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
             if (zout) {
                 BtWalk it;
                 for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it))
-                    store128(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), load128(zs + bt_z_smem(&g, it.o, it.i * 8)));
+                    st16(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), ld16(zs + bt_z_smem(&g, it.o, it.i * 8)));
             }
 
             // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
@@ -284,8 +276,8 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
 #pragma unroll
                                 for (int t = 0; t < 8; t++) v[t] += (float)bv[t];
                             }
-                            uint4 o = make_uint4(bt_pack_bf16x2(v[0], v[1]), bt_pack_bf16x2(v[2], v[3]), bt_pack_bf16x2(v[4], v[5]),
-                                                 bt_pack_bf16x2(v[6], v[7]));
+                            uint4 o = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
+                                                 pack_bf16x2(v[6], v[7]));
                             __stwb(reinterpret_cast<uint4 *>(y + bt_y_global(&g, row, f, n, ec)), o);  // one 16-byte store
                         }
                     }

@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
     if (uout)
         for (int v = threadIdx.x; v < rows * (g.urow / 8); v += MF_THREADS) {
             const int m = v / (g.urow / 8), c = (v % (g.urow / 8)) * 8;
-            store128(uout + (size_t)(r0 + m) * g.urow + c, load128(us + m * g.uld + c));
+            st16(uout + (size_t)(r0 + m) * g.urow + c, ld16(us + m * g.uld + c));
         }
 
     // ---- stage 2: y in steps of js output n-tiles (js*16*nb contiguous y columns)
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_kernel(floatX *__res
         const int w = jn * 16 * g.nb / 8;  // 16-byte vectors per row in this step
         for (int v = threadIdx.x; v < rows * w; v += MF_THREADS) {
             const int m = v / w, c = (v % w) * 8;
-            store128(y + (size_t)(r0 + m) * g.dout + (size_t)j0 * 16 * g.nb + c, load128(ys + m * g.yld + c));
+            st16(y + (size_t)(r0 + m) * g.dout + (size_t)j0 * 16 * g.nb + c, ld16(ys + m * g.yld + c));
         }
         __syncthreads();  // the staging tile is free for the next step
     }
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
             const int w = gn * g.s / 8;  // 16-byte vectors per row: dyt columns g0*s .. (g0 + gn)*s
             for (int v = threadIdx.x; v < rows * w; v += MF_THREADS) {
                 const int m = v / w, c = (v % w) * 8;
-                store128(dyt_out + (size_t)(r0 + m) * g.dout + (size_t)g0 * g.s + c, load128(ds + m * g.dld + c));
+                st16(dyt_out + (size_t)(r0 + m) * g.dout + (size_t)g0 * g.s + c, ld16(ds + m * g.dld + c));
             }
         }
         // ---- stage 1: dUt_l = dYt_l L[l] for the group's blocks, into the du tile (natural order)
@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
     if (du_out)
         for (int v = threadIdx.x; v < rows * (g.urow / 8); v += MF_THREADS) {
             const int m = v / (g.urow / 8), c = (v % (g.urow / 8)) * 8;
-            store128(du_out + (size_t)(r0 + m) * g.urow + c, load128(us + m * g.uld + c));
+            st16(du_out + (size_t)(r0 + m) * g.urow + c, ld16(us + m * g.uld + c));
         }
     if (!dx) return;
 
@@ -440,9 +440,9 @@ __global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *_
             mf_to_staging(stg, acc[mt]);
             const int row = mt * 16 + er;
             if (row < rows) {
-                x128 o;
-                for (int t = 0; t < 8; t++) o[t] = (floatX)stg[er * MF_STG_LD + ec + t];
-                store128(dx + (size_t)(r0 + row) * g.din + k * g.p + nt * 16 + ec, o);
+                const float *v = stg + er * MF_STG_LD + ec;
+                __stwb(reinterpret_cast<uint4 *>(dx + (size_t)(r0 + row) * g.din + k * g.p + nt * 16 + ec),
+                       make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7])));
             }
         }
     }

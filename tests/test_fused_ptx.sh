@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# test_fused_ptx.sh: what only nvcc's PTX can show about the fused structured kernels
+# (structured/btt_fused.cuh, monarch_fused.cuh), for sm_80 and sm_90 (tests/fused_ptx.cu):
+#  1. btt_fused.cuh loads wmma fragments with inline PTX (wmma.load with the .shared or .global
+#     state space, so that the A load becomes one ldmatrix). The CPU simulator builds it with
+#     wmma::load_matrix_sync instead (BT_WMMA_GENERIC), so only the PTX can show that the inline
+#     loads fill the fragment's registers as load_matrix_sync does: for the A and B loads, the
+#     wmma instructions of a load_matrix_sync kernel and of ours must be the same once the state
+#     space, the address and ldm operands and the register names (renamed in order of first
+#     appearance) are normalised: the same load, filling registers the mma then reads in the same
+#     positions.
+#  2. Every global store of every instantiation of the fused kernels is one 16-byte store
+#     (st.global[.wb].v4): nvcc splits some 16-byte copies of bf16 values into 2- or 4-byte stores
+#     (cuda/common.cuh, ld16/st16 and pack_bf16x2), which the simulator cannot see either.
+# Without nvcc: skipped.
+cd "$(dirname "$0")/.."
+source tests/lib.sh
+NVCC=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+if [ -z "$NVCC" ]; then
+    echo "# nvcc not found: the inline-PTX wmma loads are not checked"
+    summary; exit
+fi
+
+# the wmma lines of one kernel's PTX body, normalised
+wmma_of() {  # ptx-file kernel-name
+    awk -v k="$2" '$0 ~ "^.(visible )?.entry " k {on = 1} on && /wmma\./ {print} on && /^}/ {on = 0}' "$1" |
+        sed -E 's/\.(shared|global)\././; s/\[[^]]*\]/[ADDR]/; s/\[ADDR\], *%r[0-9]+;/[ADDR], LDM;/; s/[[:space:]]+/ /g' |
+        awk '{ out = ""; s = $0
+               while (match(s, /%[a-z]+[0-9]+/)) { r = substr(s, RSTART, RLENGTH)
+                   if (!(r in id)) id[r] = "R" (n++)
+                   out = out substr(s, 1, RSTART - 1) id[r]; s = substr(s, RSTART + RLENGTH) }
+               print out s }'
+}
+
+for arch in 80 90; do
+    ptx="$W/fused_sm$arch.ptx"
+    if ! "$NVCC" -std=c++17 -arch=sm_$arch -I. -ptx tests/fused_ptx.cu -o "$ptx" > "$W/nvcc.log" 2>&1; then
+        bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc.log")"
+        continue
+    fi
+    for op in a b; do
+        ours=$(wmma_of "$ptx" "_Z6ours_${op}P")
+        gen=$(wmma_of "$ptx" "_Z9generic_${op}P")
+        space=$([ $op = a ] && echo shared || echo global)
+        if [ -z "$ours" ] || [ "$(echo "$ours" | grep -c 'wmma.load')" -ne 1 ] || [ "$(echo "$ours" | grep -c 'wmma.mma')" -ne 1 ]; then
+            bad "sm_$arch: the $op load's kernel" "expected one wmma.load and one wmma.mma, got: $(echo "$ours" | head -3)"
+        elif ! grep -q "wmma.load.$op.sync.aligned.row.m16n16k16.$space.bf16" "$ptx"; then
+            bad "sm_$arch: the $op load" "no wmma.load.$op with .$space in the PTX"
+        elif [ "$ours" = "$gen" ]; then
+            ok "sm_$arch: bt_load_${op}_$( [ $op = a ] && echo shared || echo global) fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
+        else
+            bad "sm_$arch: bt_load_${op} vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
+        fi
+    done
+    # every global store in the fused kernels: 16 bytes
+    stores=$(awk '/\.entry/ {name = $3} /^[ \t]*st\.global/ && name ~ /fused(_bwd)?_kernel/ {print $1}' "$ptx")
+    kernels=$(grep -cE '\.entry _Z[0-9]+(btt_fused|monarch_fused|monarch_fused_bwd)_kernel' "$ptx")
+    narrow=$(echo "$stores" | grep -vE '^st\.global(\.wb)?\.v4\.(u32|b32)$' | sort | uniq -c | tr -s ' \n' ' ')
+    if [ "$kernels" -lt 15 ] || [ -z "$stores" ]; then
+        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 15: BTT 9, Monarch 3 + 3) and $(echo "$stores" | grep -c .) stores"
+    elif [ -z "$narrow" ]; then
+        ok "sm_$arch: all $(echo "$stores" | grep -c .) global stores of the $kernels fused kernel instantiations are 16-byte (st.global.v4)"
+    else
+        bad "sm_$arch: the fused kernels' global stores" "narrower than 16 bytes: $narrow"
+    fi
+done
+summary
