@@ -113,8 +113,7 @@ __device__ inline void flash_load_tile(floatX *dst, const floatX *src, size_t ro
     constexpr int LDH = FlashGeom<D>::LDH, CH = D / 8;  // 16-byte chunks per row
     for (int idx = threadIdx.x; idx < FT_BC * CH; idx += FT_THREADS) {
         int r = idx / CH, ch = idx % CH, t = t0 + r;
-        x128 v = t < T ? load128(src + (size_t)t * row_stride + ch * 8) : x128::zeros();
-        store128(dst + r * LDH + ch * 8, v);
+        st16(dst + r * LDH + ch * 8, t < T ? ld16(src + (size_t)t * row_stride + ch * 8) : make_uint4(0, 0, 0, 0));
     }
 }
 
@@ -161,10 +160,9 @@ __device__ inline void flash_store_rows(floatX *dst, size_t row_stride, int t0, 
         int r = idx / CH, ch = idx % CH, t = t0 + r;
         if (t >= T) continue;
         const float *s = stage + r * LDO + ch * 8;
-        x128 v;
-#pragma unroll
-        for (int e = 0; e < 8; e++) v[e] = __float2bfloat16_rn(s[e] * mult);
-        store128(dst + (size_t)t * row_stride + ch * 8, v);
+        __stwb(reinterpret_cast<uint4 *>(dst + (size_t)t * row_stride + ch * 8),  // one 16-byte store (pack_bf16x2)
+               make_uint4(pack_bf16x2(s[0] * mult, s[1] * mult), pack_bf16x2(s[2] * mult, s[3] * mult), pack_bf16x2(s[4] * mult, s[5] * mult),
+                          pack_bf16x2(s[6] * mult, s[7] * mult)));
     }
 }
 

@@ -1,11 +1,13 @@
-// tests/fused_ptx.cu: compiled to PTX by tests/test_fused_ptx.sh. The fused structured kernels come
-// with their headers (every instantiation). For the wmma loads, each pair below loads a fragment
-// once with wmma::load_matrix_sync (generic_*) and once with structured/btt_fused.cuh's inline-PTX
-// loads (ours_*), then feeds it to one mma_sync and stores the result, so that the PTX shows which
-// registers the load fills and in which order the mma reads them.
+// tests/fused_ptx.cu: compiled to PTX by tests/test_fused_ptx.sh. The fused structured kernels and
+// flash attention come with their headers (every instantiation). For the wmma loads, each pair
+// below loads a fragment once with wmma::load_matrix_sync (generic_*) and once with
+// structured/btt_fused.cuh's inline-PTX loads (ours_*), then feeds it to one mma_sync and stores
+// the result, so that the PTX shows which registers the load fills and in which order the mma reads
+// them.
 #include <mma.h>
 #include "structured/btt_fused.cuh"
 #include "structured/monarch_fused.cuh"
+#include "cuda/flash_attention.cuh"
 using namespace nvcuda;
 
 __global__ void generic_a(float *out, int ldm) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# test_fused_ptx.sh: what only nvcc's PTX can show about the fused structured kernels
-# (structured/btt_fused.cuh, monarch_fused.cuh), for sm_80 and sm_90 (tests/fused_ptx.cu):
+# test_fused_ptx.sh: what only nvcc's PTX can show about the fused kernels (structured/btt_fused.cuh,
+# monarch_fused.cuh, cuda/flash_attention.cuh), for sm_80 and sm_90 (tests/fused_ptx.cu):
 #  1. btt_fused.cuh loads wmma fragments with inline PTX (wmma.load with the .shared or .global
 #     state space, so that the A load becomes one ldmatrix). The CPU simulator builds it with
 #     wmma::load_matrix_sync instead (BT_WMMA_GENERIC), so only the PTX can show that the inline
@@ -9,9 +9,10 @@
 #     space, the address and ldm operands and the register names (renamed in order of first
 #     appearance) are normalised: the same load, filling registers the mma then reads in the same
 #     positions.
-#  2. Every global store of every instantiation of the fused kernels is one 16-byte store
-#     (st.global[.wb].v4): nvcc splits some 16-byte copies of bf16 values into 2- or 4-byte stores
-#     (cuda/common.cuh, ld16/st16 and pack_bf16x2), which the simulator cannot see either.
+#  2. Every bf16 global store of every instantiation of the fused kernels (BTT, Monarch, and the
+#     flash attention of cuda/flash_attention.cuh) is one 16-byte store (st.global[.wb].v4): nvcc
+#     splits some 16-byte copies of bf16 values into 2- or 4-byte stores (cuda/common.cuh, ld16/st16
+#     and pack_bf16x2), which the simulator cannot see either.
 # Without nvcc: skipped.
 cd "$(dirname "$0")/.."
 source tests/lib.sh
@@ -52,14 +53,15 @@ for arch in 80 90; do
             bad "sm_$arch: bt_load_${op} vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
         fi
     done
-    # every global store in the fused kernels: 16 bytes
-    stores=$(awk '/\.entry/ {name = $3} /^[ \t]*st\.global/ && name ~ /fused(_bwd)?_kernel/ {print $1}' "$ptx")
-    kernels=$(grep -cE '\.entry _Z[0-9]+(btt_fused|monarch_fused|monarch_fused_bwd)_kernel' "$ptx")
+    # every bf16 global store in the fused kernels: 16 bytes (fp32 statistics, flash's lse, aside)
+    kre='(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv)_kernel'
+    stores=$(awk -v kre="$kre" '/\.entry/ {name = $3} /^[ \t]*st\.global/ && name ~ kre {print $1}' "$ptx" | grep -v '^st\.global\.f32$')
+    kernels=$(grep -cE "\.entry _Z[0-9]+$kre" "$ptx")
     narrow=$(echo "$stores" | grep -vE '^st\.global(\.wb)?\.v4\.(u32|b32)$' | sort | uniq -c | tr -s ' \n' ' ')
-    if [ "$kernels" -lt 15 ] || [ -z "$stores" ]; then
-        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 15: BTT 9, Monarch 3 + 3) and $(echo "$stores" | grep -c .) stores"
+    if [ "$kernels" -ne 27 ] || [ -z "$stores" ]; then
+        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 27: BTT 9, Monarch 3 + 3, flash 4 x 3) and $(echo "$stores" | grep -c .) stores"
     elif [ -z "$narrow" ]; then
-        ok "sm_$arch: all $(echo "$stores" | grep -c .) global stores of the $kernels fused kernel instantiations are 16-byte (st.global.v4)"
+        ok "sm_$arch: all $(echo "$stores" | grep -c .) bf16 global stores of the $kernels fused kernel instantiations (BTT, Monarch, flash attention) are 16-byte (st.global.v4)"
     else
         bad "sm_$arch: the fused kernels' global stores" "narrower than 16 bytes: $narrow"
     fi
