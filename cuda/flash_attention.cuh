@@ -113,7 +113,8 @@ __device__ inline void flash_load_tile(floatX *dst, const floatX *src, size_t ro
     constexpr int LDH = FlashGeom<D>::LDH, CH = D / 8;  // 16-byte chunks per row
     for (int idx = threadIdx.x; idx < FT_BC * CH; idx += FT_THREADS) {
         int r = idx / CH, ch = idx % CH, t = t0 + r;
-        st16(dst + r * LDH + ch * 8, t < T ? ld16(src + (size_t)t * row_stride + ch * 8) : make_uint4(0, 0, 0, 0));
+        x128 v = t < T ? load128(src + (size_t)t * row_stride + ch * 8) : x128::zeros();
+        store128(dst + r * LDH + ch * 8, v);
     }
 }
 
