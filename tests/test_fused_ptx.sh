@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # test_fused_ptx.sh: what only nvcc's PTX can show about the fused kernels (structured/btt_fused.cuh,
-# monarch_fused.cuh, cuda/flash_attention.cuh), for sm_80 and sm_90 (tests/fused_ptx.cu):
+# monarch_fused.cuh, cuda/flash_attention.cuh), for sm_80, sm_90 and sm_100 (tests/fused_ptx.cu):
 #  1. btt_fused.cuh loads wmma fragments with inline PTX (wmma.load with the .shared or .global
 #     state space, so that the A load becomes one ldmatrix). The CPU simulator builds it with
 #     wmma::load_matrix_sync instead (BT_WMMA_GENERIC), so only the PTX can show that the inline
@@ -33,7 +33,7 @@ wmma_of() {  # ptx-file kernel-name
                print out s }'
 }
 
-for arch in 80 90; do
+for arch in 80 90 100; do
     ptx="$W/fused_sm$arch.ptx"
     if ! "$NVCC" -std=c++17 -arch=sm_$arch -I. -ptx tests/fused_ptx.cu -o "$ptx" > "$W/nvcc.log" 2>&1; then
         bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc.log")"
