@@ -43,8 +43,9 @@ int main(int argc, char **argv) {
         const size_t NX = (size_t)N * din, NY = (size_t)N * dout, NZ = (size_t)N * zrow;
         BtGeom tg;
         const int tg_ok = btt_fused_geom(&tg, &ts, btt_fused_smem_limit(), 0);
-        printf("-- %d -> %d rank %d: zrow %zu, |W0| %zu |W1| %zu, N %d; fused (transposed shape) tile rows %d in %d group(s)\n", din, dout, s.rank,
-               zrow, n0, n1, N, tg_ok ? tg.tm : 0, tg_ok ? tg.npg : 0);
+        printf("-- %d -> %d rank %d: zrow %zu, |W0| %zu |W1| %zu, N %d; fused (transposed shape) tile rows %d in %d group(s), %d stage-1 items "
+               "per x chunk for %d warps\n",
+               din, dout, s.rank, zrow, n0, n1, N, tg_ok ? tg.tm : 0, tg_ok ? tg.npg : 0, tg_ok ? tg.gc * bt_s1_per(&tg) : 0, BT_WARPS);
         float a0 = sqrtf(3.0f / s.alpha), a1 = sqrtf(3.0f / (s.gamma * s.rank)), ad = sqrtf(3.0f / din);
         float *x = dev_random(NX, -1.0f, 1.0f), *dy = dev_random(NY, -1.0f, 1.0f), *W0 = dev_random(n0, -a0, a0), *W1 = dev_random(n1, -a1, a1);
         float *wd = dev_random((size_t)dout * din, -ad, ad);

@@ -145,9 +145,10 @@ int main(int argc, char **argv) {
                            ver == 6 ? " (whole z tile)" : "", tm_force);
                     continue;
                 }
-                printf("   v%d geometry: tm %d, %d group(s) of %d phi blocks: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks, "
-                       "stage-2 items of %d x %d fragments; traffic model %.0f L2 bytes/row\n",
-                       ver, g.tm, g.npg, g.pg, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.mt, g.nb, bt_l2_bytes_per_row(&g));
+                printf("   v%d geometry: tm %d, %d group(s) of %d phi blocks: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks "
+                       "(%d stage-1 items for %d warps), stage-2 items of %d x %d fragments; traffic model %.0f L2 bytes/row\n",
+                       ver, g.tm, g.npg, g.pg, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.gc * bt_s1_per(&g), BT_WARPS, g.mt, g.nb,
+                       bt_l2_bytes_per_row(&g));
             }
             auto run = [&](floatX *z, int n) {
                 if (ver == 1) {
