@@ -59,7 +59,9 @@
 #define BT_FR 16                 // wmma m = n = k
 #define BT_STG_LD 20             // fp32 staging row stride (multiple of 4: wmma ldm for fp32)
 #define BT_XCHUNK_ELEMS 4096     // target tm * chunk columns of the x chunk (about 8 KB)
-#define BT_XVEC 4                // at most this many 16-byte x vectors per thread per chunk (register prefetch)
+#define BT_XVEC 8                // at most this many 16-byte x vectors per thread per chunk (register prefetch;
+                                 // 8 lets alpha = 128 at 32 rows take the 4 g blocks that give all 8 warps a
+                                 // stage-1 item: the transposed BTT of 4096 -> 16384's backward)
 #define BT_SMEM_ALIGN 128
 
 typedef struct {
@@ -110,7 +112,7 @@ static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int t
     if (gc > G) gc = G;
     const int cap = BT_XVEC * BT_THREADS * 8 / (tm * A);  // the chunk fits the prefetch registers
     if (gc > cap) gc = cap;
-    if (gc < 1) return 0;                                  // alpha > 8192 / tm: one g block does not fit
+    if (gc < 1) return 0;                                  // alpha > 16384 / tm: one g block does not fit
     g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
     g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zt);
     g->off_z = 0;

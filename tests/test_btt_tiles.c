@@ -567,6 +567,9 @@ static void test_walk(void) {
 //   4096->16384 r1 (64 64 128 128, |W| 1,572,864): (64, 16) 159,744 B, 49,152 + 65,536 = 114,688,
 //     under (32, 32) 150,528 B, 98,304 + 32,768 = 131,072, and (16, 64) 150,016 B, 196,608 +
 //     16,384; the whole z tile (8,192 columns) fits at no tile size.
+//   16384->4096 r1 (its backward's transposed BTT: 128 128 64 64): no 64-row tile fits (pg 16 needs
+//     263,168 B of z tile); (32, 16) 175,104 B, 98,304 + 131,072 = 229,376, under (16, 32)
+//     158,208 B, 196,608 + 65,536.
 static void test_choose(void) {
     const size_t h100 = 232448, a100 = 166912;
     struct { int A, G, P, E, R; size_t lim; int whole_z, tm, pg; const char *what; } c[] = {
@@ -584,6 +587,7 @@ static void test_choose(void) {
         {32, 64, 64, 128, 2, h100, 0, 64, 8, "2048->8192 rank 2, H100: tm 64, 8 groups of 8"},
         {64, 64, 128, 128, 1, h100, 0, 64, 16, "4096->16384 rank 1, H100: tm 64, 8 groups of 16"},
         {64, 64, 128, 128, 1, h100, 1, 0, 0, "4096->16384 rank 1, H100, whole-z rule: unsupported"},
+        {128, 128, 64, 64, 1, h100, 0, 32, 16, "16384->4096 rank 1 (4096->16384's backward dx), H100: tm 32, 4 groups of 16"},
         {8, 96, 32, 96, 1, h100, 0, 0, 0, "alpha 8: unsupported"},
         {16, 48, 32, 8, 1, h100, 0, 0, 0, "eps 8: unsupported"},
         {16, 9, 32, 96, 1, h100, 0, 0, 0, "gamma*rho 9: unsupported"},
@@ -603,6 +607,11 @@ static void test_choose(void) {
     check_true(!bt_geom_pg(&g, 16, 48, 32, 96, 2, 64, 24), "bt_geom_pg refuses pg = 24 (does not divide phi 32)", "accepted");
     check_true(bt_geom_pg(&g, 16, 48, 32, 96, 2, 64, 8) && g.npg == 4 && g.zt == 8 * 96 && g.nt1 == 1,
                "bt_geom_pg: 768->3072 rank 2 in groups of 8: 4 groups, z tile 768 columns, 1 stage-1 n-tile", "differs");
+    // 16384->4096: x chunks of 4 g blocks (the BT_XVEC cap, 32 * 4 * 128 / 8 = 2048 vectors = 8 per
+    // thread), so each chunk has gc * mt * nt1 = 4 * 2 * 1 = 8 stage-1 items, one per warp; z tile
+    // 32 x 2056 x 2 = 131,584 B + x chunk 32 x 520 x 2 = 33,280 B + staging 10,240 B = 175,104 B
+    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0) && g.gc == 4 && g.gc * bt_s1_per(&g) == BT_WARPS && g.smem_bytes == 175104,
+               "bt_choose: 16384->4096 takes x chunks of 4 g blocks, a stage-1 item per warp, 175,104 B", "differs");
 }
 
 int main(void) {
@@ -627,7 +636,8 @@ int main(void) {
     test_case(16, 3, 4, 32, 16, 64, 4, 64 + 1, 2, 1, 1);       // rho 16: z rows of whole fragments
     test_case(16, 8, 8, 16, 6, 32, 8, 32 + 5, 2, 1, 1);        // rho 6: z stored in runs of 2 that skip across s = 6
     test_case(16, 4, 4, 16, 12, 16, 4, 2 * 16 + 3, 2, 1, 1);    // rho 12: runs of 4
-    test_case(128, 16, 16, 16, 1, 64, 16, 64 + 10, 2, 1, 1);    // alpha 128: the BT_XVEC cap sets gc = 1
+    test_case(128, 16, 16, 16, 1, 64, 16, 64 + 10, 2, 1, 1);    // alpha 128: gc = 2, the most the BT_XVEC registers hold
+    test_case(256, 16, 16, 16, 1, 64, 16, 64 + 10, 2, 1, 1);    // alpha 256: the BT_XVEC cap sets gc = 1 (4 of 8 warps busy)
     // groups of phi blocks (bt_choose's geometries where the whole z tile does not fit or costs rows)
     test_case(16, 48, 32, 96, 2, 64, 16, 64 + 7, 2, 1, 1);      // 768 -> 3072 rank 2, H100's default: 2 groups
     test_case(16, 48, 32, 96, 4, 64, 4, 64 + 40, 1, 1, 1);      // rank 4, A100's default: 8 groups of 4
@@ -635,6 +645,7 @@ int main(void) {
     test_case(64, 16, 32, 32, 1, 64, 16, 2 * 64 + 3, 2, 0, 1);  // 8 x chunks per group, 2 groups
     test_case(16, 12, 8, 16, 4, 32, 4, 32 + 17, 3, 1, 0);       // rank 4, nb 1, 2 groups, no z
     test_case(32, 64, 64, 128, 2, 64, 8, 64 + 5, 1, 1, 1);      // 2048 -> 8192 rank 2, H100's default
+    test_case(128, 128, 64, 64, 1, 32, 16, 32 + 8, 1, 1, 1);    // 16384 -> 4096 (4096 -> 16384's backward dx): 4 groups, gc 4
     // segmented launches (BTT-MoE experts, rank 1): empty experts, partial and whole tiles, one
     // expert with everything, grids smaller than the tile count
     const int c8[8] = {37, 0, 64, 5, 16, 0, 70, 8};      // 200 pairs = 100 tokens top-2
