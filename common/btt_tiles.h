@@ -121,8 +121,6 @@ static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int t
     g->smem_bytes = g->off_stg + BT_WARPS * 16 * BT_STG_LD * 4;
     return 1;
 }
-// The whole z tile at once (one group).
-static inline int bt_geom(BtGeom *g, int A, int G, int P, int E, int R, int tm) { return bt_geom_pg(g, A, G, P, E, R, tm, P); }
 
 // Modelled L2 -> SM bytes per row (bf16): every tile reads all of W0 and W1 (each group its
 // slice), and x once per group. y and the saved z are written once whatever the geometry.
@@ -143,9 +141,8 @@ static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size
     double best = 0.0;
     for (int tm = 64; tm >= 16; tm /= 2) {
         if (tm_only && tm != tm_only) continue;
-        for (int pg = P; pg >= 1; pg--) {
+        for (int pg = P; pg >= (whole_z ? P : 1); pg--) {
             BtGeom g;
-            if (whole_z && pg != P) break;
             if (!bt_geom_pg(&g, A, G, P, E, R, tm, pg) || (size_t)g.smem_bytes > smem_limit) continue;
             const double c = bt_l2_bytes_per_row(&g);
             if (!found || c < best) { *out = g; best = c; found = 1; }
@@ -153,11 +150,6 @@ static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size
         }
     }
     return found;
-}
-// The tile rows of bt_choose's geometry (0: not supported).
-static inline int bt_choose_tm(int A, int G, int P, int E, int R, size_t smem_limit) {
-    BtGeom g;
-    return bt_choose(&g, A, G, P, E, R, smem_limit, 0, 0) ? g.tm : 0;
 }
 
 static inline BT_HD int bt_num_tiles(int N, int tm) { return bt_ceil_div(N, tm); }
@@ -231,7 +223,7 @@ static inline BT_HD int bt_chunk_gcount(const BtGeom *g, int ch) {
 // The fill: tm rows (all of them: rows past N are zero-filled) of gcount*alpha/8 16-byte vectors.
 // Thread t owns vectors k = 0 .. BT_XVEC-1 of the walk bt_walk_begin(&it, bt_x_fill_per(g, gcount),
 // t, BT_THREADS) (bt_walk_next after each), those with it.o < tm: tile row it.o, chunk column it.i*8
-// (bt_geom keeps tm * gc * alpha / 8 <= BT_XVEC * BT_THREADS, so that covers the chunk). A thread
+// (bt_geom_pg keeps tm * gc * alpha / 8 <= BT_XVEC * BT_THREADS, so that covers the chunk). A thread
 // loads its vectors of the NEXT chunk into registers right after storing the current one (so the
 // loads are in flight while the current chunk computes) and stores them after the next barrier.
 static inline BT_HD int bt_x_fill_per(const BtGeom *g, int gcount) { return gcount * g->A / 8; }
@@ -255,6 +247,8 @@ static inline BT_HD size_t bt_x_global(const BtGeom *g, int row, int ch, int col
 // Items: gcount x (nt1 * mt), walked with bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS) while
 // it.o < gcount: gl = it.o, and it.i splits into (mt, nt) by bt_s1_split (m-tile fastest).
 static inline BT_HD int bt_s1_per(const BtGeom *g) { return g->nt1 * g->mt; }
+// Stage-1 items of a whole x chunk, for BT_WARPS warps (fewer: idle warps in stage 1)
+static inline BT_HD int bt_s1_items(const BtGeom *g) { return g->gc * bt_s1_per(g); }
 static inline BT_HD void bt_s1_split(const BtGeom *g, int i, int *mt, int *nt) {
     *mt = i % g->mt;
     *nt = i / g->mt;

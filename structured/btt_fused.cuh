@@ -162,7 +162,7 @@ __device__ __forceinline__ void bt_x_store(floatX *xs, const uint4 pre[BT_XVEC],
 }
 
 // MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item: compile-time, so the accumulators are
-// registers (and the geometry's mt, tm, nb are constants below). gp is bt_geom's for tm = 16*MT.
+// registers (and the geometry's mt, tm, nb are constants below). gp is bt_geom_pg's for tm = 16*MT.
 template <int MT, int NB>
 __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,

@@ -10,45 +10,41 @@
 #include "cuda/flash_attention.cuh"
 using namespace nvcuda;
 
+// c = a b, stored: the mma that shows which load registers feed which operand positions
+__device__ __forceinline__ void mma_out(float *out, const BtFragA &a, const BtFragB &b) {
+    BtFragC c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+
 __global__ void generic_a(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
     BtFragA a;
     BtFragB b;
-    BtFragC c;
     wmma::load_matrix_sync(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 __global__ void ours_a(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
     BtFragA a;
     BtFragB b;
-    BtFragC c;
     bt_load_a_shared(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 __global__ void generic_b(float *out, const floatX *__restrict__ w, int ldm) {
     BtFragA a;
     BtFragB b;
-    BtFragC c;
     wmma::fill_fragment(a, (floatX)1.0f);
     wmma::load_matrix_sync(b, w, ldm);
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 __global__ void ours_b(float *out, const floatX *__restrict__ w, int ldm) {
     BtFragA a;
     BtFragB b;
-    BtFragC c;
     wmma::fill_fragment(a, (floatX)1.0f);
     bt_load_b_global(b, w, ldm);
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }

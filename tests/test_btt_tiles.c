@@ -600,8 +600,7 @@ static void test_choose(void) {
         snprintf(why, sizeof(why), "got %s tm %d pg %d", ok ? "" : "nothing,", ok ? g.tm : 0, ok ? g.pg : 0);
         check_true(ok ? g.tm == c[i].tm && g.pg == c[i].pg : c[i].tm == 0, c[i].what, why);
     }
-    // bt_choose_tm is the same choice's rows; groups must divide phi and cover whole 16-column tiles
-    check_true(bt_choose_tm(16, 48, 32, 96, 4, a100) == 64, "bt_choose_tm: 768->3072 rank 4 on A100 is tm 64", "differs");
+    // groups must divide phi and cover whole 16-column tiles
     BtGeom g;
     check_true(!bt_geom_pg(&g, 16, 48, 32, 96, 1, 64, 8), "bt_geom_pg refuses pg*rho = 8 (not a whole n-tile)", "accepted");
     check_true(!bt_geom_pg(&g, 16, 48, 32, 96, 2, 64, 24), "bt_geom_pg refuses pg = 24 (does not divide phi 32)", "accepted");
@@ -610,7 +609,7 @@ static void test_choose(void) {
     // 16384->4096: x chunks of 4 g blocks (the BT_XVEC cap, 32 * 4 * 128 / 8 = 2048 vectors = 8 per
     // thread), so each chunk has gc * mt * nt1 = 4 * 2 * 1 = 8 stage-1 items, one per warp; z tile
     // 32 x 2056 x 2 = 131,584 B + x chunk 32 x 520 x 2 = 33,280 B + staging 10,240 B = 175,104 B
-    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0) && g.gc == 4 && g.gc * bt_s1_per(&g) == BT_WARPS && g.smem_bytes == 175104,
+    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0) && g.gc == 4 && bt_s1_items(&g) == BT_WARPS && g.smem_bytes == 175104,
                "bt_choose: 16384->4096 takes x chunks of 4 g blocks, a stage-1 item per warp, 175,104 B", "differs");
 }
 

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source tests/lib.sh
 NVCC=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 if [ -z "$NVCC" ]; then
-    echo "# nvcc not found: the inline-PTX wmma loads are not checked"
+    echo "# nvcc not found: the fused kernels' PTX is not checked"
     summary; exit
 fi
 
@@ -48,7 +48,7 @@ for arch in 80 90 100; do
         elif ! grep -q "wmma.load.$op.sync.aligned.row.m16n16k16.$space.bf16" "$ptx"; then
             bad "sm_$arch: the $op load" "no wmma.load.$op with .$space in the PTX"
         elif [ "$ours" = "$gen" ]; then
-            ok "sm_$arch: bt_load_${op}_$( [ $op = a ] && echo shared || echo global) fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
+            ok "sm_$arch: bt_load_${op}_$space fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
         else
             bad "sm_$arch: bt_load_${op} vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
         fi

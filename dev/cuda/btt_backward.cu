@@ -6,8 +6,9 @@
 //       then the same dW GEMMs
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
-// rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors. flops = 4 N (|W0| + |W1|) (dx and the weight gradients); bytes = the minimum: dy, x, z
-// read, dx written, the cores read and their gradients written once (bf16).
+// rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors.
+// flops = 4 N (|W0| + |W1|) (dx and the weight gradients); bytes = the minimum: dy, x, z read, dx
+// written, the cores read and their gradients written once (bf16).
 //
 // Checks, at Nc = 1024 rows (the weight gradients sum over every row), against btt.h's fp32
 // btt_backward on the bf16 inputs and on their absolute values (the _abs sums) for the bounds,
@@ -45,7 +46,7 @@ int main(int argc, char **argv) {
         const int tg_ok = btt_fused_geom(&tg, &ts, btt_fused_smem_limit(), 0);
         printf("-- %d -> %d rank %d: zrow %zu, |W0| %zu |W1| %zu, N %d; fused (transposed shape) tile rows %d in %d group(s), %d stage-1 items "
                "per x chunk for %d warps\n",
-               din, dout, s.rank, zrow, n0, n1, N, tg_ok ? tg.tm : 0, tg_ok ? tg.npg : 0, tg_ok ? tg.gc * bt_s1_per(&tg) : 0, BT_WARPS);
+               din, dout, s.rank, zrow, n0, n1, N, tg_ok ? tg.tm : 0, tg_ok ? tg.npg : 0, tg_ok ? bt_s1_items(&tg) : 0, BT_WARPS);
         float a0 = sqrtf(3.0f / s.alpha), a1 = sqrtf(3.0f / (s.gamma * s.rank)), ad = sqrtf(3.0f / din);
         float *x = dev_random(NX, -1.0f, 1.0f), *dy = dev_random(NY, -1.0f, 1.0f), *W0 = dev_random(n0, -a0, a0), *W1 = dev_random(n1, -a1, a1);
         float *wd = dev_random((size_t)dout * din, -ad, ad);

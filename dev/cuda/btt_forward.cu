@@ -147,7 +147,7 @@ int main(int argc, char **argv) {
                 }
                 printf("   v%d geometry: tm %d, %d group(s) of %d phi blocks: %d bytes smem/block, %d blocks/SM, x chunk %d g blocks "
                        "(%d stage-1 items for %d warps), stage-2 items of %d x %d fragments; traffic model %.0f L2 bytes/row\n",
-                       ver, g.tm, g.npg, g.pg, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, g.gc * bt_s1_per(&g), BT_WARPS, g.mt, g.nb,
+                       ver, g.tm, g.npg, g.pg, g.smem_bytes, btt_fused_blocks_per_sm(&g), g.gc, bt_s1_items(&g), BT_WARPS, g.mt, g.nb,
                        bt_l2_bytes_per_row(&g));
             }
             auto run = [&](floatX *z, int n) {
