@@ -21,6 +21,8 @@ typedef struct {
     float final_frac;         // -q
     float weight_decay;       // -c
     float grad_clip;          // -gc
+    float skip_loss_z;        // -sl
+    float skip_norm_z;        // -sg
     int val_every;            // -v
     int val_max_steps;        // -m
     int sample_every;         // -s
@@ -59,6 +61,8 @@ static const ArgSpec train_arg_specs[] = {
     {"-q", ARG_FLOAT, ARG_FIELD(final_frac), "final learning rate as a fraction of the peak"},
     {"-c", ARG_FLOAT, ARG_FIELD(weight_decay), "AdamW weight decay (applied to >= 2-D weights only)"},
     {"-gc", ARG_FLOAT, ARG_FIELD(grad_clip), "clip the global gradient norm to this (0: off)"},
+    {"-sl", ARG_FLOAT, ARG_FIELD(skip_loss_z), "skip the update when the loss is this many std devs above the last 100 steps' mean (0: off)"},
+    {"-sg", ARG_FLOAT, ARG_FIELD(skip_norm_z), "skip the update when the gradient norm is this many std devs above the last 100 steps' (0: off)"},
     {"-v", ARG_INT, ARG_FIELD(val_every), "val loss every this many steps (0: never)"},
     {"-m", ARG_INT, ARG_FIELD(val_max_steps), "val batches per evaluation (-1: the whole val set)"},
     {"-s", ARG_INT, ARG_FIELD(sample_every), "sample text every this many steps (0: never)"},
@@ -168,6 +172,8 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->warmup < 0) fatal("-u %d: warmup steps must be >= 0", a->warmup);
     if (a->weight_decay < 0) fatal("-c %g: weight decay must be >= 0", a->weight_decay);
     if (a->grad_clip < 0) fatal("-gc %g: the gradient clip must be >= 0", a->grad_clip);
+    if (a->skip_loss_z < 0 || a->skip_norm_z < 0)
+        fatal("-sl %g -sg %g: the outlier thresholds are z-scores > 0 (3 is usual), or 0 for off", a->skip_loss_z, a->skip_norm_z);
     if (a->gen_T < 1) fatal("-g %d: must generate at least one token", a->gen_T);
     if (a->max_steps == 0 || a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, or -1 for one epoch", a->max_steps);
     if (a->ckpt_every < 0 || a->keep_last < 0 || a->val_every < 0 || a->sample_every < 0)

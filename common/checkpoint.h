@@ -1,11 +1,13 @@
 // checkpoint.h: llm.c model checkpoints (version 3 fp32 and version 5 bf16, read and write; our
 // version 10 for structured models) and the resume state (optimizer moments, optional fp32 master
-// weights, step, RNG, dataloader position); all writes are atomic.
+// weights, step, RNG, dataloader position, outlier windows); all writes are atomic.
 #pragma once
 #include <dirent.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include "config.h"
+#include "outlier.h"
 #include "utils.h"
 
 #define MODEL_MAGIC 20240326
@@ -13,7 +15,7 @@
 #define MODEL_VERSION_BF16 5
 #define MODEL_VERSION_STRUCT_FP32 10  // ours: fp32, with the structure config text after the header
 #define STATE_MAGIC 20241125  // our own: llm.c's state file (20240527) has a different layout
-#define STATE_VERSION 1
+#define STATE_VERSION 2  // 2 added the outlier windows; version 1 files still load (windows empty)
 
 static inline void model_header_fill(int header[256], const GPT2Config *c, int version) {
     memset(header, 0, 256 * sizeof(int));
@@ -141,7 +143,9 @@ typedef struct {
                               // file holds the bf16 weights); 0: the model file is the master copy
     int64_t zero_stage;       // -z: with 1, m, v (and master) are this rank's slice: num_params of them
     uint64_t reserved[18];
+    OutlierWindow loss_window, norm_window;  // -sl / -sg history (version 2 on)
 } TrainState;
+#define STATE_V1_BYTES offsetof(TrainState, loss_window)  // a version-1 file's TrainState
 
 // master may be NULL (the model file is then the exact weights); else it is stored after m and v.
 static inline void state_write(const char *path, const TrainState *st_in, const float *m, const float *v, const float *master) {
@@ -168,8 +172,10 @@ static inline FILE *state_open(const char *path, TrainState *st) {
     freadCheck(header, sizeof(int), 256, fp, path);
     if (header[0] != STATE_MAGIC)
         fatal("'%s' is not a structgpt resume state (magic %d, expected %d)", path, header[0], STATE_MAGIC);
-    if (header[1] != STATE_VERSION) fatal("'%s' has state version %d; this build reads version %d", path, header[1], STATE_VERSION);
-    freadCheck(st, sizeof(TrainState), 1, fp, path);
+    if (header[1] != 1 && header[1] != STATE_VERSION)
+        fatal("'%s' has state version %d; this build reads versions 1 and %d", path, header[1], STATE_VERSION);
+    memset(st, 0, sizeof(*st));
+    freadCheck(st, header[1] == 1 ? STATE_V1_BYTES : sizeof(TrainState), 1, fp, path);
     return fp;
 }
 

@@ -23,6 +23,7 @@
 #include "gpt2.h"
 #include "logger.h"
 #include "multiproc.h"
+#include "outlier.h"
 #include "schedule.h"
 #include "tokenizer.h"
 #include "utils.h"
@@ -42,7 +43,7 @@ static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
 // safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
 static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
-                            int keep_last) {
+                            const OutlierWindow *loss_window, const OutlierWindow *norm_window, int keep_last) {
     char model_path[1100], state_path[1100], done_path[1100];
     checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
     TrainState st;
@@ -60,6 +61,8 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
     st.dl_shard_idx = ds.shard_idx;
     st.dl_sample_idx = ds.sample_idx;
     st.sample_rng = sample_rng;
+    st.loss_window = *loss_window;
+    st.norm_window = *norm_window;
     trainer_write_checkpoint(m, mp->rank == 0 ? model_path : NULL, state_path, &st);
     multiproc_barrier(mp);
     if (mp->rank == 0) {
@@ -147,6 +150,7 @@ int main(int argc, char **argv) {
 
     uint64_t sample_rng = 1337;
     long start_step = 0;
+    OutlierWindow loss_window = {{0}, 0}, norm_window = {{0}, 0};  // kept whether or not -sl / -sg is on
     if (resume_step >= 0) {
         TrainState st;
         state_peek(resume_state, &st);
@@ -162,6 +166,8 @@ int main(int argc, char **argv) {
         DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
         dataloader_set_state(&train_loader, ds);
         sample_rng = st.sample_rng;
+        loss_window = st.loss_window;
+        norm_window = st.norm_window;
         start_step = st.step;
         printf("resumed from %s at step %ld\n", resume_model, start_step);
     }
@@ -194,7 +200,7 @@ int main(int argc, char **argv) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, a.keep_last);
+            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window, a.keep_last);
         }
         if (have_val && (step % a.val_every == 0 || last)) {
             float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
@@ -234,7 +240,13 @@ int main(int argc, char **argv) {
         if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule_get(&sched, (int)step);
-        gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
+        // -sl / -sg: a step whose loss or norm stands out from the last 100 changes nothing (the
+        // schedule still advances). Every rank holds the same global values, so all skip together.
+        double loss_z = outlier_push(&loss_window, loss), norm_z = outlier_push(&norm_window, norm);
+        char skip[80] = "";
+        if (outlier_trips(loss_z, a.skip_loss_z)) snprintf(skip, sizeof(skip), " | update skipped: loss z %.1f > -sl %g", loss_z, a.skip_loss_z);
+        else if (outlier_trips(norm_z, a.skip_norm_z)) snprintf(skip, sizeof(skip), " | update skipped: norm z %.1f > -sg %g", norm_z, a.skip_norm_z);
+        if (!skip[0]) gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
         trainer_sync();
         double dt = now_seconds() - t0;
         if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches and heuristics up
@@ -243,8 +255,8 @@ int main(int argc, char **argv) {
         if (trainer_n_routed(&model) > 0) snprintf(aux_str, sizeof(aux_str), " | aux %.4f", aux);
         if (peak > 0) snprintf(speed, sizeof(speed), "MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
         else snprintf(speed, sizeof(speed), "%.2f GFLOP/s", flops_per_token * tok_s / 1e9);
-        printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %s\n", step + 1, train_steps,
-               loss, aux_str, norm, lr, dt * 1e3, tok_s, speed);
+        printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %s%s\n", step + 1, train_steps,
+               loss, aux_str, norm, lr, dt * 1e3, tok_s, speed, skip);
         fflush(stdout);
         logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, (float)aux, (float)tok_s);
     }

@@ -3,7 +3,9 @@
 Documents are EOT (50256) followed by a repeating pattern of 8 random tokens below 300, so a tiny
 model's loss falls quickly. Writes OUT/syn_train_00000K.bin (--train_shards of them, equal parts)
 and OUT/syn_val_000000.bin: --val_docs more documents of 100 tokens, or with --val_docs 0 the
-first 3000 train tokens.
+first 3000 train tokens. --noise_at K --noise_len N replaces train tokens K..K+N-1 with uniform
+random tokens from [--noise_lo, --noise_hi) (the whole vocabulary by default): a stretch of the data
+that no model predicts (an outlier); one token repeated (hi = lo + 1) is an outlier in the gradients.
 """
 import argparse
 import os
@@ -22,6 +24,10 @@ def main():
     ap.add_argument("--docs", type=int, default=120)
     ap.add_argument("--train_shards", type=int, default=1)
     ap.add_argument("--val_docs", type=int, default=20)
+    ap.add_argument("--noise_at", type=int, default=0)
+    ap.add_argument("--noise_len", type=int, default=0)
+    ap.add_argument("--noise_lo", type=int, default=0)
+    ap.add_argument("--noise_hi", type=int, default=50257)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
@@ -30,6 +36,10 @@ def main():
         return np.concatenate([[50256], np.tile(base, n // 8 + 1)[:n]])
 
     train = np.concatenate([doc(int(rng.integers(40, 200))) for _ in range(args.docs)]).astype(np.uint16)
+    if args.noise_len > 0:
+        if args.noise_at < 0 or args.noise_at + args.noise_len > len(train):
+            sys.exit("--noise_at %d --noise_len %d: outside the %d train tokens" % (args.noise_at, args.noise_len, len(train)))
+        train[args.noise_at:args.noise_at + args.noise_len] = rng.integers(args.noise_lo, args.noise_hi, size=args.noise_len)
     if args.val_docs > 0:
         val = np.concatenate([doc(100) for _ in range(args.val_docs)]).astype(np.uint16)
     else:

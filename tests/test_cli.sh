@@ -23,7 +23,7 @@ expect_error() {
 
 out=$("$BIN" --help); rc=$?
 missing=""
-for f in -i -j -e -o -b -t -d -x -k -l -u -q -c -v -m -s -g -n -y -a; do
+for f in -i -j -e -o -b -t -d -x -k -l -u -q -c -v -m -s -g -n -y -a -sl -sg; do
     echo "$out" | grep -qE "^  $f " || missing="$missing $f"
 done
 [ $rc -eq 0 ] && [ -z "$missing" ] && ok "--help lists every llm.c flag with its default" || bad "--help" "exit $rc, missing:$missing"
@@ -47,6 +47,7 @@ expect_error "resume without -o" "-y 1 resumes from the checkpoints in -o" "${CO
 expect_error "checkpoints without -o" "-n 5 writes checkpoints into -o" "${COMMON[@]}" -n 5
 printf 'n_layer = 2\nn_head = 2\nn_embd = 3O\n' > "$W/bad.conf"
 expect_error "config error names file:line" "$W/bad.conf:3: 'n_embd = 3O' must be an integer" -e "$W/bad.conf" -i "$TRAIN" -s 0
+expect_error "negative outlier threshold" "-sl -1 -sg 0: the outlier thresholds are z-scores > 0" "${COMMON[@]}" -sl -1
 mkdir -p "$W/ro"; touch "$W/ro/blocker"
 expect_error "output dir that is a file" "$W/ro/blocker" "${COMMON[@]}" -x 1 -o "$W/ro/blocker" -n 1
 
@@ -160,6 +161,51 @@ cp "$W/m5.bin" "$W/keep.bin"; before=$(md5sum < "$W/keep.bin")
 conv_error "truncated input" "is truncated" "$W/trunc_model.bin" "$W/keep.bin" 5
 [ "$before" = "$(md5sum < "$W/keep.bin")" ] && [ ! -e "$W/x.bin" ] && ok "convert_checkpoint: a failed conversion leaves OUT as it was" \
     || bad "failed conversion" "OUT modified or created"
+
+# -sl / -sg (llm.c's outlier skip): train tokens 120*128.. are one token (50000) repeated, so step
+# 121's batch (B 4, T 32, no shuffle) is an outlier in loss and in gradient norm against the 100
+# steps before it (at -l 1e-3, where this d2 run has no spikes of its own)
+mkdir -p "$W/ol"
+python3 tests/synthetic_shards.py "$W/ol" --seed 0 --docs 200 --val_docs 0 --noise_at $((120 * 128)) --noise_len 129 --noise_lo 50000 --noise_hi 50001
+OL=(-e d2 -i "$W/ol/syn_train_000001.bin" -j "" -b 4 -t 32 -s 0 -v 0 -l 1e-3)
+"$BIN" "${OL[@]}" -x 121 -n 120 -sl 3 -o "$W/olA" > "$W/olA.out" 2>&1 || bad "run with -sl 3" "$(tail -n 3 "$W/olA.out")"
+skips=$(grep -c "update skipped" "$W/olA.out")
+grep -qE "^step  121/121 \| loss [0-9.]+ .*\| update skipped: loss z [0-9.]+ > -sl 3$" "$W/olA.out" && [ "$skips" -eq 1 ] \
+    && ok "-sl 3 skips the update of the repeated-token batch, and only that one" || bad "-sl 3 skip" "$skips skips: $(grep skipped "$W/olA.out")"
+cmp -s "$W/olA/model_00000120.bin" "$W/olA/model_00000121.bin" && ok "a skipped update leaves the weights bit-identical" \
+    || bad "skipped update" "model_00000121.bin differs from model_00000120.bin"
+"$BIN" "${OL[@]}" -x 121 -n 120 -o "$W/olB" > "$W/olB.out" 2>&1 || bad "run without -sl" "$(tail -n 3 "$W/olB.out")"
+! grep -q "skipped" "$W/olB.out" && ! cmp -s "$W/olB/model_00000120.bin" "$W/olB/model_00000121.bin" \
+    && ok "without -sl the same step updates the weights" || bad "no -sl" "skipped or unchanged weights"
+# the windows travel in the resume state: resumed at step 120, the run must still skip step 121
+mv "$W/olA/model_00000121.bin" "$W/olA_121.bin"; mv "$W/olA/state_00000121_00000.bin" "$W/olA_121.state"; rm -f "$W/olA/DONE_00000121"
+"$BIN" "${OL[@]}" -x 121 -n 120 -sl 3 -o "$W/olA" -y 1 > "$W/olA2.out" 2>&1 || bad "resume with -sl 3" "$(tail -n 3 "$W/olA2.out")"
+grep -q "update skipped: loss z" "$W/olA2.out" && cmp -s "$W/olA_121.bin" "$W/olA/model_00000121.bin" && cmp -s "$W/olA_121.state" "$W/olA/state_00000121_00000.bin" \
+    && ok "resumed at step 120, the run skips step 121 too: model and state bit-identical" || bad "resume keeps the windows" "$(grep -c skipped "$W/olA2.out") skips, files differ"
+# the decisions, recomputed from the printed losses and norms: z against the previous 100 values
+# (population std), none before 100 values, loss checked first; a z within 0.01 of its threshold
+# is left out, since the printed values are rounded
+"$BIN" "${OL[@]}" -x 150 -sl 2 -sg 1.5 > "$W/olG.out" 2>&1 || bad "run with -sl 2 -sg 1.5" "$(tail -n 3 "$W/olG.out")"
+zs=$(python3 - "$W/olG.out" <<'PY'
+import re, sys, numpy as np
+rows = [re.match(r"step +(\d+)/\d+ \| loss ([0-9.]+) \| norm ([0-9.]+) .*?(?:\| update skipped: (loss|norm) z ([0-9.]+).*)?$", l)
+        for l in open(sys.argv[1]) if l.startswith("step ")]
+loss = np.array([float(r[2]) for r in rows]); norm = np.array([float(r[3]) for r in rows])
+got = {int(r[1]): r[4] for r in rows if r[4]}
+want, unsure = {}, 0
+for i in range(100, len(rows)):
+    zl = (loss[i] - loss[i - 100:i].mean()) / loss[i - 100:i].std()
+    zn = (norm[i] - norm[i - 100:i].mean()) / norm[i - 100:i].std()
+    if abs(zl - 2) < 0.01 or (zl <= 2 and abs(zn - 1.5) < 0.01): unsure += 1; got.pop(i + 1, None); continue
+    if zl > 2: want[i + 1] = "loss"
+    elif zn > 1.5: want[i + 1] = "norm"
+print(len(rows), sum(v == "loss" for v in want.values()), sum(v == "norm" for v in want.values()), unsure, "same" if got == want else "got %s want %s" % (got, want))
+PY
+)
+read -r n nl nn unsure verdict <<< "$zs"
+[ "$n" = 150 ] && [ "$verdict" = same ] && [ "$nl" -ge 1 ] && [ "$nn" -ge 1 ] \
+    && ok "-sl 2 -sg 1.5: the skipped steps are those whose recomputed z-score is over ($nl by loss, $nn by norm, $unsure too close to call)" \
+    || bad "-sl / -sg decisions" "$zs"
 
 # the GPU trainer, where it was built but no GPU is present: one clear line and exit 1
 if [ -x ./train_gpt2cu ] && ! nvidia-smi >/dev/null 2>&1; then

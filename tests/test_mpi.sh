@@ -104,7 +104,7 @@ same=1
 for f in model_00000006.bin state_00000006_00000.bin state_00000006_00001.bin; do cmp -s "$W/ZA/$f" "$W/ZB/$f" || same=0; done
 [ $same = 1 ] && ok "ZeRO-1 2-rank resume is bit-identical (model and both ranks' states at step 6)" || bad "ZeRO resume" "step-6 files differ"
 sz=$(stat -c %s "$W/ZA/state_00000003_00000.bin")
-want=$(( 1024 + 248 + 2 * 4 * (6966784 / 2) ))  # header, TrainState (31 x 8 bytes), m and v of one slice
+want=$(( 1024 + 248 + 2 * 808 + 2 * 4 * (6966784 / 2) ))  # header, TrainState (31 x 8 bytes, two 808-byte outlier windows), m and v of one slice
 [ "$sz" -eq "$want" ] && ok "a ZeRO-1 rank's state holds half of the moments ($sz bytes)" || bad "ZeRO state size" "$sz, wanted $want"
 out=$("${MPI[@]}" ./train_gpt2_mpi -e d2 "${DATA[@]}" -b 2 -x 6 -n 3 -d 128 -o "$W/ZB" -y 1 2>&1); rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q "was written with -z 1; resume with the same -z (now 0)" && ok "resuming a -z 1 run without -z 1 is refused" \

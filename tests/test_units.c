@@ -130,17 +130,36 @@ static void test_checkpoint_round_trip(void) {
         TrainState st, st2;
         memset(&st, 0, sizeof(st));
         st.step = 17; st.num_params = (int64_t)k; st.dl_sample_idx = 5; st.sample_rng = 0x1234567890ull;
+        for (int i = 0; i < 150; i++) outlier_push(&st.loss_window, 1.0 / (i + 1));
+        for (int i = 0; i < 30; i++) outlier_push(&st.norm_window, 2.0 + i);
         state_write(a, &st, mm, mm + k, mm + 2 * k);
         int got = state_read(a, &st2, back, back + k, back + 2 * k, k);
         check_true(got == 1 && st2.has_master == 1 && st2.step == 17 && st2.dl_sample_idx == 5 && st2.sample_rng == 0x1234567890ull &&
-                       memcmp(mm, back, 3 * k * sizeof(float)) == 0,
-                   "resume state with master weights reads back exactly", "differs");
+                       memcmp(mm, back, 3 * k * sizeof(float)) == 0 && memcmp(&st.loss_window, &st2.loss_window, sizeof(OutlierWindow)) == 0 &&
+                       memcmp(&st.norm_window, &st2.norm_window, sizeof(OutlierWindow)) == 0,
+                   "resume state with master weights and outlier windows reads back exactly", "differs");
         got = state_read(a, &st2, back, back + k, NULL, k);  // a reader that keeps its own weights skips them
         check_true(got == 0 && memcmp(mm, back, 2 * k * sizeof(float)) == 0, "resume state: master weights can be skipped", "differs");
         state_write(b, &st, mm, mm + k, NULL);
         memset(back + 2 * k, 0, k * sizeof(float));
         got = state_read(b, &st2, back, back + k, back + 2 * k, k);
         check_true(got == 0 && st2.has_master == 0 && back[2 * k] == 0.0f, "resume state without master weights says so", "differs");
+        // a version-1 file (before the outlier windows): the same fields, arrays, and empty windows
+        {
+            int header[256] = {0};
+            header[0] = STATE_MAGIC;
+            header[1] = 1;
+            FILE *fp = fopenCheck(b, "wb");
+            fwriteCheck(header, sizeof(int), 256, fp, b);
+            fwriteCheck(&st, STATE_V1_BYTES, 1, fp, b);
+            fwriteCheck(mm, sizeof(float), 2 * k, fp, b);
+            fcloseCheck(fp, b);
+            memset(back, 0, 2 * k * sizeof(float));
+            got = state_read(b, &st2, back, back + k, NULL, k);
+            check_true(got == 0 && st2.step == 17 && st2.sample_rng == 0x1234567890ull && memcmp(mm, back, 2 * k * sizeof(float)) == 0 &&
+                           st2.loss_window.count == 0 && st2.norm_window.count == 0,
+                       "a version-1 resume state loads, with empty outlier windows", "differs");
+        }
         free(mm);
         free(back);
     }
@@ -179,6 +198,44 @@ static void expect_build_error(const char *content, const char *must_contain, co
     char why[4200];
     snprintf(why, sizeof(why), "exit %d, stderr: %s", rc, err);
     check_true(rc != 0 && strstr(err, must_contain) != NULL, name, why);
+}
+
+// outlier_push against sums done here in long double: NAN until 100 values, the population z of
+// each new value against exactly the 100 before it (the ring wraps), and a constant window
+static void test_outlier_window(void) {
+    OutlierWindow w;
+    memset(&w, 0, sizeof(w));
+    double hist[400];
+    int nan_first = 1, n_bad = 0;
+    double worst = 0.0;
+    for (int i = 0; i < 400; i++) {
+        double x = i < 100 ? (double)i : 50.0 + 40.0 * sin(0.37 * i) + (i % 97 == 0 ? 500.0 : 0.0);
+        double z = outlier_push(&w, x);
+        hist[i] = x;
+        if (i < 100) { nan_first &= isnan(z); continue; }
+        long double sum = 0.0L, ss = 0.0L;
+        for (int j = i - 100; j < i; j++) sum += hist[j];
+        long double mean = sum / 100.0L;
+        for (int j = i - 100; j < i; j++) ss += (hist[j] - mean) * (hist[j] - mean);
+        double want = (double)((x - mean) / sqrtl(ss / 100.0L));
+        double err = fabs(z - want) / fmax(1.0, fabs(want));
+        if (!(err < 1e-12)) n_bad++;
+        if (err > worst) worst = err;
+    }
+    check_true(nan_first, "outlier window: no z-score before 100 values", "a number came early");
+    char why[96];
+    snprintf(why, sizeof(why), "%d wrong, worst relative error %g", n_bad, worst);
+    check_true(n_bad == 0 && w.count == 400, "outlier window: 300 z-scores equal the previous 100 values' (rel 1e-12)", why);
+    OutlierWindow c;
+    memset(&c, 0, sizeof(c));
+    for (int i = 0; i < 100; i++) outlier_push(&c, 5.0);
+    double z_same = outlier_push(&c, 5.0), z_up = outlier_push(&c, 6.0);
+    snprintf(why, sizeof(why), "z %g, %g", z_same, z_up);
+    check_true(z_same == 0.0 && isinf(z_up) && z_up > 0 && outlier_trips(z_up, 3.0f), "outlier window: a constant window gives 0 for its value, +inf above",
+               why);
+    check_true(!outlier_trips(NAN, 3.0f) && !outlier_trips(10.0, 0.0f) && outlier_trips(3.5, 3.0f) && !outlier_trips(3.0, 3.0f) &&
+                   !outlier_trips(-9.0, 3.0f),
+               "outlier_trips: only z above a threshold that is on; NAN never", "wrong");
 }
 
 static void test_config_errors(void) {
@@ -396,6 +453,7 @@ int main(void) {
     test_rng_matches_torch();
     test_init_matches_llmc();
     test_checkpoint_round_trip();
+    test_outlier_window();
     test_config_errors();
     test_adamw_by_hand();
     test_grad_accumulation();
