@@ -760,7 +760,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     const int nflags = (int)(sizeof(flags) / sizeof(flags[0]));
     int n = 1;
     for (int i = 1; i < *argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+        if (train_args_wants_help(*argc, argv, i)) {
             train_args_usage(argv[0], stdout);
             printf("GPU trainer only:\n");
             for (int f = 0; f < nflags; f++) printf("  %-4s %-6s %s\n", flags[f].flag, flags[f].ival ? "<int>" : "<str>", flags[f].help);
@@ -797,6 +797,7 @@ static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_s
 static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
+static const float *trainer_row_losses(const GPT2 *m) { return m->h_losses + m->aux_slots; }
 
 static void trainer_banner(const GPT2 *m) {
     double peak = trainer_peak_flops();

@@ -13,6 +13,7 @@ typedef struct {
     const char *model;        // -e
     const char *out_dir;      // -o
     const char *tokenizer;    // -tk
+    const char *eval_path;    // -hf
     const char *lr_schedule;  // -k
     int B, T;                 // -b -t
     int total_batch;          // -d
@@ -25,6 +26,7 @@ typedef struct {
     float skip_norm_z;        // -sg
     int val_every;            // -v
     int val_max_steps;        // -m
+    int hellaswag;            // -h
     int sample_every;         // -s
     int gen_T;                // -g
     int max_steps;            // -x
@@ -65,6 +67,8 @@ static const ArgSpec train_arg_specs[] = {
     {"-sg", ARG_FLOAT, ARG_FIELD(skip_norm_z), "skip the update when the gradient norm is this many std devs above the last 100 steps' (0: off)"},
     {"-v", ARG_INT, ARG_FIELD(val_every), "val loss every this many steps (0: never)"},
     {"-m", ARG_INT, ARG_FIELD(val_max_steps), "val batches per evaluation (-1: the whole val set)"},
+    {"-h", ARG_INT, ARG_FIELD(hellaswag), "1: HellaSwag accuracy (of -hf) at every val step and the last (-h alone: this help)"},
+    {"-hf", ARG_STR, ARG_FIELD(eval_path), "multiple-choice eval file for -h 1 (python data/hellaswag.py writes it)"},
     {"-s", ARG_INT, ARG_FIELD(sample_every), "sample text every this many steps (0: never)"},
     {"-g", ARG_INT, ARG_FIELD(gen_T), "tokens to generate when sampling"},
     {"-x", ARG_INT, ARG_FIELD(max_steps), "optimizer steps to train (-1: one epoch of the train data)"},
@@ -85,6 +89,7 @@ static inline void train_args_defaults(TrainArgs *a) {
     a->model = "gpt2_124M.bin";
     a->out_dir = NULL;
     a->tokenizer = NULL;
+    a->eval_path = "data/hellaswag/hellaswag_val.bin";
     a->lr_schedule = "cosine";
     a->B = 4;
     a->T = 64;
@@ -130,13 +135,22 @@ static inline void train_args_usage(const char *prog, FILE *out) {
                 train_arg_specs[i].type == ARG_STR ? "<str>" : train_arg_specs[i].type == ARG_INT ? "<int>" : "<float>",
                 train_arg_specs[i].help, def);
     }
-    fprintf(out, "  --help      print this and exit\n");
+    fprintf(out, "  --help      print this and exit (so does -h without a value)\n");
+}
+
+// Whether argv[i] asks for the help: --help, or -h without a number after it (with one, -h is
+// llm.c's HellaSwag flag).
+static inline int train_args_wants_help(int argc, char **argv, int i) {
+    if (strcmp(argv[i], "--help") == 0) return 1;
+    if (strcmp(argv[i], "-h") != 0) return 0;
+    const char *next = i + 1 < argc ? argv[i + 1] : "";
+    return !next[0] || strspn(next, "-0123456789") != strlen(next);
 }
 
 static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     train_args_defaults(a);
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+        if (train_args_wants_help(argc, argv, i)) {
             train_args_usage(argv[0], stdout);
             exit(EXIT_SUCCESS);
         }
@@ -178,6 +192,7 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->max_steps == 0 || a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, or -1 for one epoch", a->max_steps);
     if (a->ckpt_every < 0 || a->keep_last < 0 || a->val_every < 0 || a->sample_every < 0)
         fatal("-n, -nk, -v and -s take values >= 0");
+    if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);
     if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");
     if (a->ckpt_every > 0 && !a->out_dir) fatal("-n %d writes checkpoints into -o; give -o <dir>", a->ckpt_every);

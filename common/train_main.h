@@ -15,11 +15,14 @@
 //   trainer_write_checkpoint(m, model_path or NULL, state_path, st)   trainer_read_state(m, path, st)
 //                                       (the state's arrays are this rank's slice with -z 1)
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
+//   trainer_row_losses(m)               the (B, T) per-position losses of the last gpt2_forward
+//                                       with targets, on the host (-h 1's scoring)
 #pragma once
 #include <math.h>
 #include "args.h"
 #include "checkpoint.h"
 #include "dataloader.h"
+#include "evalloader.h"
 #include "gpt2.h"
 #include "logger.h"
 #include "multiproc.h"
@@ -38,6 +41,21 @@ static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
         sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
     }
     return (float)(sum / (n > 0 ? n : 1));
+}
+
+// HellaSwag accuracy (-h 1): each rank scores batches first = (b * nproc + rank) * per_batch, the
+// counts are summed over the ranks.
+static float eval_accuracy(GPT2 *m, EvalLoader *e, const MultiProc *mp) {
+    double right = 0.0;
+    for (int first = mp->rank * e->per_batch; first < e->n; first += e->per_batch * mp->nproc) {
+        int count = e->n - first < e->per_batch ? e->n - first : e->per_batch;
+        evalloader_fill(e, first, count);
+        gpt2_forward(m, e->inputs, e->targets, e->B, e->T);
+        right += evalloader_correct(e, trainer_row_losses(m), first, count);
+    }
+    multiproc_sum_doubles(mp, &right, 1);
+    printf("HellaSwag: %.0f/%d = %f\n", right, e->n, right / e->n);
+    return (float)(right / e->n);
 }
 
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
@@ -132,6 +150,16 @@ int main(int argc, char **argv) {
     trainer_alloc(&model, &mp, a.B, a.T, a.zero_stage);
     gpt2_zero_grad(&model);
 
+    EvalLoader eval_loader;
+    int have_eval = a.hellaswag && a.val_every > 0;
+    if (a.hellaswag && !have_eval) fatal("-h 1 evaluates at every val step; give -v > 0 (now -v 0)");
+    if (have_eval) {
+        evalloader_init(&eval_loader, a.eval_path, a.B, a.T, c->vocab_size);
+        printf("HellaSwag: %d examples from %s, %d per batch of %d rows\n", eval_loader.n, a.eval_path, eval_loader.per_batch, a.B);
+        if (eval_loader.truncated_rows > 0)
+            printf("note: %ld of its rows are longer than -t %d + 1 tokens and lose their first context tokens\n", eval_loader.truncated_rows, a.T);
+    }
+
     Tokenizer tokenizer;
     char tok_path[1100];
     if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
@@ -208,6 +236,10 @@ int main(int argc, char **argv) {
             printf("val loss %f\n", vl);
             logger_log_val(&logger, (int)step, vl);
         }
+        if (have_eval && (step % a.val_every == 0 || last)) {
+            float acc = eval_accuracy(&model, &eval_loader, &mp);
+            logger_log_eval(&logger, (int)step, acc);
+        }
         if (rank == 0 && a.sample_every > 0 && ((step > 0 && step % a.sample_every == 0) || last)) {
             gpt2_sample(&model, &tokenizer, eot, a.gen_T, &sample_rng);
         }
@@ -268,6 +300,7 @@ int main(int argc, char **argv) {
     }
 
     if (have_val) dataloader_free(&val_loader);
+    if (have_eval) evalloader_free(&eval_loader);
     dataloader_free(&train_loader);
     tokenizer_free(&tokenizer);
     gpt2_free(&model);

@@ -9,6 +9,15 @@ File formats (compatible with karpathy/llm.c):
   ``[0]=20240328`` (magic), ``[1]=2`` (version), ``[2]=number of entries``,
   ``[3]=EOT token id``; then for every token id in order one uint8 length
   (1..255) followed by that many raw bytes.
+* Multiple-choice eval file (``hellaswag_val.bin``, llm.c's ``write_evalfile``): a header of
+  256 little-endian int32 ``[0]=20240522`` (magic), ``[1]=1`` (version), ``[2]=number of
+  examples``, ``[3]=size in bytes of the longest example``, the rest zero; then the examples
+  back to back, each a stream of little-endian uint16: ``65535`` (start of an example), the
+  example's size in bytes (this whole stream, delimiter and this field included), its index in
+  the file (0, 1, ...), the label (index of the correct completion), the number of completions
+  K, the number of context tokens and the context tokens, then K times a completion's number
+  of tokens and its tokens. The size and index fields being uint16, an example is under 65536
+  bytes and a file holds fewer than 65536 examples; tokens are below 65535, the delimiter.
 
 Documents: every document is preceded by the EOT token, so each document in a
 shard starts with EOT (llm.c's convention).
@@ -27,6 +36,7 @@ import re
 import sys
 import tarfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,6 +45,9 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 TOKENIZER_MAGIC = 20240328
 TOKENIZER_VERSION = 2
+EVAL_MAGIC = 20240522
+EVAL_VERSION = 1
+EVAL_DELIMITER = 2**16 - 1  # starts every example of an eval file, so no token may equal it
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 DEFAULT_SHARD_SIZE = 100_000_000
@@ -155,6 +168,171 @@ def read_tokenizer_bin(path):
     if pos != len(data):
         raise ValueError(f"{path}: {len(data) - pos} trailing bytes after {n} entries")
     return out, eot
+
+
+def _eval_tokens(path, i, what, toks):
+    """The token list of one segment of example i, checked: integers in [0, 65535)."""
+    if isinstance(toks, (str, bytes)) or not hasattr(toks, "__iter__"):
+        raise DataError(f"{path}: example {i}: {what} must be a list of token ids, got {type(toks).__name__}")
+    out = []
+    for t in toks:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < EVAL_DELIMITER:
+            raise DataError(f"{path}: example {i}: {what} holds token {t!r}; tokens must be integers in "
+                            f"[0, {EVAL_DELIMITER - 1}] ({EVAL_DELIMITER} marks the start of an example)")
+        out.append(int(t))
+    return out
+
+
+def write_evalfile(path, examples):
+    """Writes multiple-choice examples (HellaSwag) as llm.c's eval file (format at the top).
+
+    examples: a sequence of dicts {"label": int, "ctx_tokens": [int], "ending_tokens": [[int]]};
+    example i is written with index i. Every example is checked before anything is written, so
+    a bad one leaves no file behind (DataError naming the file and the example): the format's
+    limits (tokens below 65535, an example under 65536 bytes, fewer than 65536 examples, a label
+    below the number of completions), and what the trainers' eval needs beyond them: at least
+    one example, at least 2 completions, and a context and completions of at least one token
+    each (a completion is scored by the loss of its tokens, each predicted from the token
+    before it). Returns (number of examples, size in bytes of the longest example)."""
+    examples = list(examples)
+    if not examples:
+        raise DataError(f"{path}: no examples to write; an eval file needs at least one")
+    if len(examples) >= 2**16:
+        raise DataError(f"{path}: {len(examples):,} examples; the eval file's uint16 index allows at most "
+                        f"{2**16 - 1:,} (use fewer examples)")
+    stream = []
+    longest = 0
+    for i, ex in enumerate(examples):
+        try:
+            label, ctx, endings = ex["label"], ex["ctx_tokens"], ex["ending_tokens"]
+        except (KeyError, TypeError) as e:
+            raise DataError(f'{path}: example {i} must be a dict with "label", "ctx_tokens" and '
+                            f'"ending_tokens" (missing {e})') from e
+        ctx = _eval_tokens(path, i, "the context", ctx)
+        if isinstance(endings, (str, bytes)) or not hasattr(endings, "__iter__"):
+            raise DataError(f"{path}: example {i}: ending_tokens must be a list of token lists, "
+                            f"got {type(endings).__name__}")
+        endings = [_eval_tokens(path, i, f"completion {c}", e) for c, e in enumerate(endings)]
+        if len(endings) < 2:
+            raise DataError(f"{path}: example {i} has {len(endings)} completion(s); a multiple-choice "
+                            f"example needs at least 2")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < len(endings):
+            raise DataError(f"{path}: example {i} has label {label!r}; it must be the index of one of its "
+                            f"{len(endings)} completions (0..{len(endings) - 1})")
+        if not ctx:
+            raise DataError(f"{path}: example {i} has an empty context; the eval needs at least one "
+                            f"context token to predict the first completion token from")
+        for c, e in enumerate(endings):
+            if not e:
+                raise DataError(f"{path}: example {i}: completion {c} has no tokens; it could not be scored")
+        words = 5 + 1 + len(ctx) + sum(1 + len(e) for e in endings)
+        nbytes = 2 * words
+        if nbytes >= 2**16:
+            raise DataError(f"{path}: example {i} takes {nbytes:,} bytes ({len(ctx):,} context tokens, "
+                            f"completions of {', '.join(str(len(e)) for e in endings)} tokens); the eval "
+                            f"file's uint16 size field allows at most {2**16 - 2:,}")
+        longest = max(longest, nbytes)
+        stream += [EVAL_DELIMITER, nbytes, i, int(label), len(endings), len(ctx)]
+        stream += ctx
+        for e in endings:
+            stream.append(len(e))
+            stream += e
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = EVAL_MAGIC
+    header[1] = EVAL_VERSION
+    header[2] = len(examples)
+    header[3] = longest
+    _atomic_write(path, [header.tobytes(), np.array(stream, dtype="<u2").tobytes()])
+    return len(examples), longest
+
+
+def read_evalfile(path):
+    """Reads an eval file written by write_evalfile (or llm.c) and returns its examples as dicts
+    {"label", "ctx_tokens", "ending_tokens"}, the input of write_evalfile. Everything the format
+    fixes is checked, a fault raising ValueError that names the file and the example: magic,
+    version, every delimiter, size and index field, labels below the number of completions,
+    tokens below 65535, the header's example count and longest size, and no trailing bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < HEADER_BYTES:
+        raise ValueError(f"{path}: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte eval file header")
+    header = np.frombuffer(data[:HEADER_BYTES], dtype="<i4")
+    if header[0] != EVAL_MAGIC:
+        what = " (an llm.c data shard)" if header[0] == SHARD_MAGIC else ""
+        raise ValueError(f"{path}: bad magic {header[0]}, expected {EVAL_MAGIC}: not an eval file{what}")
+    if header[1] != EVAL_VERSION:
+        raise ValueError(f"{path}: unsupported eval file version {header[1]}, expected {EVAL_VERSION}")
+    n, longest = int(header[2]), int(header[3])
+    if n < 0:
+        raise ValueError(f"{path}: header says {n} examples")
+    body = data[HEADER_BYTES:]
+    if len(body) % 2:
+        raise ValueError(f"{path}: {len(body)} bytes after the header, not a whole number of uint16")
+    s = np.frombuffer(body, dtype="<u2").tolist()
+    examples, at, seen_longest = [], 0, 0
+    for i in range(n):
+        where = f"{path}: example {i} (at byte {HEADER_BYTES + 2 * at})"
+        if at >= len(s):
+            raise ValueError(f"{where}: the file ends after {i} of the {n} examples the header states")
+        if s[at] != EVAL_DELIMITER:
+            raise ValueError(f"{where}: starts with {s[at]}, not the delimiter {EVAL_DELIMITER}")
+        if at + 6 > len(s):
+            raise ValueError(f"{where}: the file ends inside the example's fields")
+        nbytes, index, label, k = s[at + 1:at + 5]
+        end = at + nbytes // 2
+        if nbytes % 2 or nbytes < 12 or end > len(s):
+            raise ValueError(f"{where}: states a size of {nbytes} bytes, which does not fit the file")
+        if index != i:
+            raise ValueError(f"{where}: carries index {index}; examples must be numbered 0, 1, ... in order")
+        if label >= k:
+            raise ValueError(f"{where}: label {label} but only {k} completions")
+        pos, segs = at + 5, []
+        for j in range(k + 1):
+            what = "the context" if j == 0 else f"completion {j - 1}"
+            if pos >= end:
+                raise ValueError(f"{where}: ends before {what}")
+            m = s[pos]
+            pos += 1
+            if pos + m > end:
+                raise ValueError(f"{where}: {what} has {m} tokens, running past the example's {nbytes} bytes")
+            seg = s[pos:pos + m]
+            if EVAL_DELIMITER in seg:
+                raise ValueError(f"{where}: {what} holds the delimiter {EVAL_DELIMITER} as a token")
+            segs.append(seg)
+            pos += m
+        if pos != end:
+            raise ValueError(f"{where}: states {nbytes} bytes but its fields take {2 * (pos - at)}")
+        examples.append({"label": label, "ctx_tokens": segs[0], "ending_tokens": segs[1:]})
+        seen_longest = max(seen_longest, nbytes)
+        at = end
+    if at != len(s):
+        raise ValueError(f"{path}: {2 * (len(s) - at)} bytes follow the {n} examples the header states")
+    if longest != seen_longest:
+        raise ValueError(f"{path}: header says the longest example takes {longest} bytes, "
+                         f"but the longest takes {seen_longest}")
+    return examples
+
+
+# --------------------------------------------------------------------------------------
+# downloads
+
+
+def download(url, path, hint=""):
+    """Downloads url to path unless path already exists. The bytes go through _atomic_write, so
+    an interrupted download never leaves a partial file under the final name (an existing path
+    is a finished download). A failure is a DataError ending in hint (e.g. how to pass a local
+    copy instead, for machines that are offline)."""
+    if os.path.exists(path):
+        print(f"{path} already exists, not downloading")
+        return path
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            _atomic_write(path, iter(lambda: r.read(1 << 20), b""))
+    except Exception as e:  # URLError, HTTPError, timeouts, a connection cut mid-transfer, ...
+        msg = f"could not download {url} ({type(e).__name__}: {e})"
+        raise DataError(msg + (f".\n{hint}" if hint else "")) from e
+    return path
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ and OUT/syn_val_000000.bin: --val_docs more documents of 100 tokens, or with --v
 first 3000 train tokens. --noise_at K --noise_len N replaces train tokens K..K+N-1 with uniform
 random tokens from [--noise_lo, --noise_hi) (the whole vocabulary by default): a stretch of the data
 that no model predicts (an outlier); one token repeated (hi = lo + 1) is an outlier in the gradients.
+--eval_examples N also writes OUT/syn_eval.bin, a HellaSwag-style eval file (llm.c's format) of N
+examples: the context is a document's start (EOT + its pattern twice), the right ending the
+pattern's next 4 tokens, the 3 wrong ones 4 tokens from 40000..49999, which no shard holds (the
+label cycles 0, 1, 2, 3). A model trained on the shards a few steps tells them apart.
 """
 import argparse
 import os
@@ -14,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
-from common import write_shard  # noqa: E402
+from common import write_evalfile, write_shard  # noqa: E402
 
 
 def main():
@@ -28,6 +32,7 @@ def main():
     ap.add_argument("--noise_len", type=int, default=0)
     ap.add_argument("--noise_lo", type=int, default=0)
     ap.add_argument("--noise_hi", type=int, default=50257)
+    ap.add_argument("--eval_examples", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
@@ -48,6 +53,14 @@ def main():
     for k in range(parts):  # shard k holds tokens [k*n//parts, (k+1)*n//parts)
         write_shard(os.path.join(args.out, "syn_train_%06d.bin" % (k + 1)), train[k * n // parts:(k + 1) * n // parts])
     write_shard(os.path.join(args.out, "syn_val_000000.bin"), val)
+    examples = []
+    for i in range(args.eval_examples):
+        base = [int(t) for t in rng.integers(0, 300, size=8)]
+        endings = [[int(t) for t in rng.integers(40000, 50000, size=4)] for _ in range(4)]
+        endings[i % 4] = base[:4]
+        examples.append({"label": i % 4, "ctx_tokens": [50256] + base + base, "ending_tokens": endings})
+    if examples:
+        write_evalfile(os.path.join(args.out, "syn_eval.bin"), examples)
 
 
 if __name__ == "__main__":

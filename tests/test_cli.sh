@@ -207,6 +207,31 @@ read -r n nl nn unsure verdict <<< "$zs"
     && ok "-sl 2 -sg 1.5: the skipped steps are those whose recomputed z-score is over ($nl by loss, $nn by norm, $unsure too close to call)" \
     || bad "-sl / -sg decisions" "$zs"
 
+# -h 1: HellaSwag-style eval in llm.c's format (tests/synthetic_shards.py --eval_examples: the right
+# ending continues the context's pattern, the wrong ones are tokens no shard holds)
+python3 tests/synthetic_shards.py "$W/ev" --seed 0 --docs 120 --train_shards 2 --val_docs 20 --eval_examples 40 > /dev/null
+EV=(-e d2 -i "$W/ev/syn_train_*.bin" -j "$W/ev/syn_val_000000.bin" -t 32 -s 0 -m 2 -hf "$W/ev/syn_eval.bin")
+"$BIN" "${EV[@]}" -b 4 -x 40 -l 3e-3 -v 20 -h 1 -o "$W/ev/out" > "$W/ev.out" 2>&1 || bad "run with -h 1" "$(tail -n 3 "$W/ev.out")"
+hs=$(grep -E '^HellaSwag: [0-9]+/' "$W/ev.out" | tr '\n' ';')
+echo "$hs" | grep -qE '^HellaSwag: [0-9]+/40 = [0-9.]+;HellaSwag: [0-9]+/40 = [0-9.]+;HellaSwag: 40/40 = 1.000000;$' \
+    && ok "-h 1 scores the 40 examples at steps 0, 20, 40; trained 40 steps, the model picks every right ending ($hs)" || bad "-h 1 accuracy" "$hs"
+grep -q "^s:0 eval:" "$W/ev/out/main.log" && grep -q "^s:40 eval:1.0000$" "$W/ev/out/main.log" && ok "main.log gets llm.c's eval lines" \
+    || bad "eval in main.log" "$(grep eval "$W/ev/out/main.log")"
+# the same fresh model scored in batches of 4, 6 (1 example + 2 padding rows) and 8 (2 examples)
+# rows: a row's losses do not depend on its neighbours, so the counts agree
+b0=""
+for b in 4 6 8; do
+    b0="$b0 $("$BIN" "${EV[@]}" -b $b -x 1 -v 1 -h 1 2>&1 | grep -m1 -oE 'HellaSwag: [0-9]+/40')"
+done
+set -- $b0
+[ $# -eq 6 ] && [ "$2" = "$4" ] && [ "$2" = "$6" ] && ok "-h 1: the fresh model's count is the same for -b 4, 6 and 8 ($2 each)" || bad "-h 1 batch sizes" "$b0"
+expect_error "-h 1 with -b 3" "use -b >= 4 (now 3)" "${EV[@]}" -b 3 -h 1
+expect_error "-h 1 without its file" "python data/hellaswag.py" "${EV[@]}" -hf "$W/none.bin" -h 1
+expect_error "-h 1 given a token shard" "is a token shard" "${EV[@]}" -hf "$W/ev/syn_val_000000.bin" -h 1
+expect_error "-h 2" "-h 2: 1 evaluates HellaSwag" "${EV[@]}" -h 2
+out=$("$BIN" -h 2>&1); rc=$?
+[ $rc -eq 0 ] && echo "$out" | grep -q "^usage:" && ok "-h without a value still prints the help" || bad "-h alone" "exit $rc"
+
 # the GPU trainer, where it was built but no GPU is present: one clear line and exit 1
 if [ -x ./train_gpt2cu ] && ! nvidia-smi >/dev/null 2>&1; then
     out=$(./train_gpt2cu -e d2 -x 1 2>&1); rc=$?

@@ -1,4 +1,5 @@
-// test_dataloader.c: exact batch contents, rank slicing, wrap-around, shuffling, resume and shard errors.
+// test_dataloader.c: exact batch contents, rank slicing, wrap-around, shuffling, resume and shard errors;
+// the eval loader's rows, scored positions, choices and file errors.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -6,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include "common/dataloader.h"
+#include "common/evalloader.h"
 #include "tests/check.h"
 
 static char g_dir[256];
@@ -62,6 +64,118 @@ static void expect_fail(const char *name, const ChildArgs *a, const char *must_c
         snprintf(nm, sizeof(nm), "%s: message says '%s'", name, must_contain2);
         check_true(strstr(err, must_contain2) != NULL, nm, why);
     }
+}
+
+// ---- eval files (llm.c's multiple-choice format), written here word by word
+// The three examples of the tests below: {label, context, 4 completions}; 0 ends a token list.
+static const int g_ex[3][6][8] = {
+    {{2}, {10, 11, 12}, {20}, {21, 22}, {23, 24, 25}, {26}},
+    {{0}, {30}, {40, 41}, {42}, {43}, {44}},
+    {{3}, {1, 2, 3, 4, 5, 6}, {50, 51}, {52, 53}, {54, 55}, {56, 57}},
+};
+static int list_len(const int *l) { int n = 0; while (n < 8 && l[n]) n++; return n; }
+
+// Writes the examples; `corrupt` changes one thing: 1 the magic, 2 a label of 4, 3 example 1's
+// index, 4 a token of 60000, 5 two bytes more at the end, 6 the last 4 bytes cut, 7 a shard's magic
+static void write_eval(const char *path, int corrupt) {
+    uint16_t w[512];
+    int n = 0;
+    for (int i = 0; i < 3; i++) {
+        int start = n;
+        w[n++] = 65535; w[n++] = 0; w[n++] = (uint16_t)(corrupt == 3 && i == 1 ? 7 : i);
+        w[n++] = (uint16_t)(corrupt == 2 && i == 2 ? 4 : g_ex[i][0][0]); w[n++] = 4;
+        for (int s = 1; s <= 5; s++) {
+            int len = list_len(g_ex[i][s]);
+            w[n++] = (uint16_t)len;
+            for (int t = 0; t < len; t++) w[n++] = (uint16_t)(corrupt == 4 && i == 1 && s == 3 ? 60000 : g_ex[i][s][t]);
+        }
+        w[start + 1] = (uint16_t)(2 * (n - start));
+    }
+    if (corrupt == 5) w[n++] = 0;
+    if (corrupt == 6) n -= 2;
+    int32_t header[256] = {0};
+    header[0] = corrupt == 1 ? 12345 : corrupt == 7 ? 20240520 : EVAL_MAGIC; header[1] = 1; header[2] = 3; header[3] = 64;
+    FILE *fp = fopen(path, "wb");
+    fwrite(header, sizeof(header), 1, fp);
+    fwrite(w, sizeof(uint16_t), (size_t)n, fp);
+    fclose(fp);
+}
+
+typedef struct { const char *path; int B, T, vocab; } EvalArgs;
+static void child_eval_init(const void *arg) {
+    const EvalArgs *a = (const EvalArgs *)arg;
+    EvalLoader e;
+    evalloader_init(&e, a->path, a->B, a->T, a->vocab);
+    evalloader_free(&e);
+}
+static void expect_eval_fail(const char *name, const EvalArgs *a, const char *must_contain) {
+    char err[4096], why[4400];
+    int code = run_child(child_eval_init, a, 2, err, sizeof(err));
+    snprintf(why, sizeof(why), "exit %d, stderr: %s", code, err);
+    check_true(code != 0 && code != -1 && strstr(err, a->path) && strstr(err, must_contain), name, why);
+}
+
+static int row_is(const EvalLoader *e, int r, const int *in, const int *tg, int start, int end) {
+    return memcmp(e->inputs + r * e->T, in, (size_t)e->T * sizeof(int)) == 0 && memcmp(e->targets + r * e->T, tg, (size_t)e->T * sizeof(int)) == 0 &&
+           e->row_start[r] == start && e->row_end[r] == end;
+}
+
+static void test_evalloader(void) {
+    char path[512];
+    path_in(path, sizeof(path), "eval.bin");
+    write_eval(path, 0);
+    EvalLoader e;
+    evalloader_init(&e, path, 8, 5, 100);  // 2 examples per batch of 8 rows; T 5
+    check_true(e.n == 3 && e.max_comp == 4 && e.per_batch == 2 && e.ex[2].label == 3 && e.ex[0].ctx_len == 3 && e.ex[0].comp_len[2] == 3 &&
+                   e.ex[2].comp[3][1] == 57 && e.truncated_rows == 4,
+               "eval file: 3 examples parsed (labels, lengths, tokens; example 2's 4 rows exceed T + 1 = 6)", "wrong fields");
+    evalloader_fill(&e, 0, 2);
+    // example 0, completion 0: 10 11 12 | 20 -> scored position 2 (predicts 20)
+    int in0[5] = {10, 11, 12, 0, 0}, tg0[5] = {11, 12, 20, 0, 0};
+    // completion 2: 10 11 12 | 23 24 25, exactly T + 1 tokens -> positions 2..4
+    int in2[5] = {10, 11, 12, 23, 24}, tg2[5] = {11, 12, 23, 24, 25};
+    // example 1, completion 1 (row 5): 30 | 42 -> position 0
+    int in5[5] = {30, 0, 0, 0, 0}, tg5[5] = {42, 0, 0, 0, 0};
+    check_true(row_is(&e, 0, in0, tg0, 2, 3) && row_is(&e, 2, in2, tg2, 2, 5) && row_is(&e, 5, in5, tg5, 0, 1),
+               "eval rows: context + completion, targets shifted by one, only the completion's positions scored", "rows differ");
+    // losses: 1e9 wherever a position is not scored, so that a wrong mask shows. Example 0's rows have
+    // means 2, 1.5, 1.2, 3 but sums 2, 3, 3.6, 3: the mean picks 2 (its label), a sum would pick 0.
+    // Example 1: a tie of 0.5 between completions 0 and 1 goes to the first, its label.
+    float losses[8 * 5];
+    for (int i = 0; i < 40; i++) losses[i] = 1e9f;
+    const float v[8] = {2.0f, 1.5f, 1.2f, 3.0f, 0.5f, 0.5f, 2.0f, 2.0f};
+    for (int r = 0; r < 8; r++)
+        for (int t = e.row_start[r]; t < e.row_end[r]; t++) losses[r * 5 + t] = v[r];
+    int right = evalloader_correct(&e, losses, 0, 2);
+    check_true(right == 2, "eval choice: least mean loss per completion token, ties to the first", "not 2 right");
+    losses[2 * 5 + 2] = 2.5f;  // completion 2's mean becomes (2.5 + 1.2 + 1.2) / 3 = 1.63 > 1.5: completion 1 wins, wrongly
+    check_true(evalloader_correct(&e, losses, 0, 2) == 1, "eval choice: a completion that loses its lead loses the example", "not 1 right");
+    // example 2 alone: 1 2 3 4 5 6 | 50 51 is 8 > T + 1 tokens: its first 2 go; positions 3..4 scored
+    evalloader_fill(&e, 2, 1);
+    int in8[5] = {3, 4, 5, 6, 50}, tg8[5] = {4, 5, 6, 50, 51}, zero[5] = {0};
+    check_true(row_is(&e, 0, in8, tg8, 3, 5) && row_is(&e, 4, zero, zero, 0, 0) && row_is(&e, 7, zero, zero, 0, 0),
+               "eval rows: a row longer than T + 1 loses its first context tokens; the batch's other rows are padding", "rows differ");
+    evalloader_free(&e);
+
+    EvalArgs a = {path, 8, 5, 100};
+    a.B = 3;
+    expect_eval_fail("eval error: fewer rows than completions", &a, "use -b >= 4");
+    a.B = 8;
+    a.vocab = 50;
+    expect_eval_fail("eval error: a token outside the vocabulary", &a, "token 50, outside the model's vocabulary of 50");
+    a.vocab = 100;
+    const char *want[8] = {NULL, "is not an eval file", "label 4 of 4", "carries index 7", "token 60000",
+                           "2 bytes follow its 3 examples", "which do not fit the file: truncated", "is a token shard"};
+    const char *name[8] = {NULL, "eval error: bad magic", "eval error: label out of range", "eval error: examples out of order",
+                           "eval error: a token of 60000 in a file", "eval error: trailing bytes", "eval error: truncated file",
+                           "eval error: a token shard given as eval file"};
+    for (int c = 1; c <= 7; c++) {
+        write_eval(path, c);
+        expect_eval_fail(name[c], &a, want[c]);
+    }
+    a.path = "/nonexistent/hellaswag_val.bin";
+    expect_eval_fail("eval error: missing file says how to make it", &a, "python data/hellaswag.py");
+    unlink(path);
 }
 
 int main(void) {
@@ -341,6 +455,7 @@ int main(void) {
         unlink(bad);
     }
 
+    test_evalloader();
     unlink(p0); unlink(p1);
     rmdir(g_dir);
     return test_summary();

@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=1  # two ranks on two cores
 MPI=(mpirun --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x OMP_NUM_THREADS)
 [ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x OMP_NUM_THREADS)
 
-python3 tests/synthetic_shards.py "$W" --seed 1 --docs 200 --val_docs 0
+python3 tests/synthetic_shards.py "$W" --seed 1 --docs 200 --val_docs 0 --eval_examples 31
 cat > "$W/moe.conf" <<'CONF'
 n_layer = 2
 n_head = 2
@@ -65,6 +65,12 @@ compare "dense: mpirun -np 2 with B=2 equals 1 process with B=4 over 20 steps" "
 compare "btt_moe: mpirun -np 2 with B=2 equals 1 process with B=4 over the first 5 steps" "$W/one_btt_moe.txt" "$W/two_btt_moe.txt" 2e-4 6
 compare "btt_moe: and stays close over 20 steps" "$W/one_btt_moe.txt" "$W/two_btt_moe.txt" 0.1
 grep -q "aux" "$W/two_btt_moe.txt" && ok "btt_moe: the aux loss is reported under mpirun" || bad "aux under mpirun" "no aux"
+
+# -h 1 under mpirun: the ranks take alternate examples (31: rank 0 one more) and sum their counts,
+# which must equal one process's count for the same fresh model
+h1=$(./train_gpt2 -e d2 "${DATA[@]}" -b 4 -x 1 -v 1 -h 1 -hf "$W/syn_eval.bin" 2>&1 | grep -m1 -E '^HellaSwag: [0-9]+/')
+h2=$("${MPI[@]}" ./train_gpt2_mpi -e d2 "${DATA[@]}" -b 4 -x 1 -v 1 -h 1 -hf "$W/syn_eval.bin" 2>&1 | grep -m1 -E '^HellaSwag: [0-9]+/')
+[ -n "$h1" ] && [ "$h1" = "$h2" ] && ok "-h 1: 2 ranks count the same as 1 process ($h2)" || bad "-h 1 under mpirun" "1: '$h1' 2: '$h2'"
 
 # ZeRO-1 (-z 1): the same training with the optimizer state sharded. The gradient norm is summed
 # in another order (each rank's slice, then across ranks), so the clip factor may differ in the

@@ -5,14 +5,15 @@
 # and resumed is bit-identical to an uninterrupted one (model file and resume state), gradient
 # accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, -fa 2
 # without cuDNN is refused cleanly and trains with the simulator's stand-in for cuDNN, and a
-# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1. Prints "N passed, N failed".
+# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1, and -h 1 scores an eval
+# file with the forward's per-row losses. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-build/cuda_sim/train_gpt2cu}
 source tests/lib.sh
 [ -x "$BIN" ] || { bad "simulated GPU trainer" "$BIN not built"; summary; exit 1; }
 
-python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 > /dev/null
+python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 --eval_examples 24 > /dev/null
 cat > "$W/dense.cfg" <<'EOF'
 n_layer = 2
 n_head = 2
@@ -150,5 +151,17 @@ first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -o "$W/T" -n 1 -y 1 2>&1); rc=$?
 [ $rc -eq 0 ] && cmp -s "$W/S/model_00000003.bin" "$W/T/model_00000003.bin" && cmp -s "$W/S/state_00000003_00000.bin" "$W/T/state_00000003_00000.bin" \
     && ok "structured: saved at step 1 and resumed: step 3 bit-identical" || bad "structured resume" "exit $rc: $(echo "$out" | tail -n 2)"
+
+# -h 1: the CPU trainer's checkpoint after 40 steps (which picks all 24 right endings there) scored
+# here, 2 examples per batch of 8 rows, rows cut to -t 16 + 1 tokens: every ending right again
+if [ -x ./train_gpt2 ]; then
+    ./train_gpt2 -e "$W/dense.cfg" -i "$W/syn_train_*.bin" -j "" -t 32 -b 4 -s 0 -x 40 -l 3e-3 -v 0 -o "$W/H" -n 40 > /dev/null 2>&1
+    out=$("$BIN" -e "$W/H/model_00000040.bin" "${COMMON[@]}" -b 8 -x 1 -v 1 -m 1 -s 0 -h 1 -hf "$W/syn_eval.bin" 2>&1); rc=$?
+    hs=$(echo "$out" | grep -E '^HellaSwag: [0-9]+/' | tr '\n' ';')
+    [ $rc -eq 0 ] && [ "$hs" = "HellaSwag: 24/24 = 1.000000;HellaSwag: 24/24 = 1.000000;" ] && echo "$out" | grep -q "^note: 96 of its rows are longer than -t 16" \
+        && ok "-h 1: the trained model picks all 24 right endings here too ($hs)" || bad "-h 1" "exit $rc: $hs $(echo "$out" | tail -n 2)"
+fi
+out=$("$BIN" -h 2>&1); rc=$?
+[ $rc -eq 0 ] && echo "$out" | grep -q "^GPU trainer only:" && ok "-h without a value prints the help, GPU flags included" || bad "-h alone" "exit $rc"
 
 summary

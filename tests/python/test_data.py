@@ -1,4 +1,4 @@
-"""Tests of data/common.py, data/tinyshakespeare.py and data/openwebtext.py.
+"""Tests of data/common.py, data/tinyshakespeare.py, data/openwebtext.py and data/hellaswag.py.
 
 The scripts run as subprocesses on real shared data, offline (TIKTOKEN_CACHE_DIR)."""
 
@@ -605,3 +605,265 @@ def test_char_help(run_script):
     for script in ("openwebtext.py", "tinyshakespeare.py"):
         h = ok(run_script(script, "--help")).stdout
         assert "char_tokenizer.bin" in h and "vocab_size = 96" in h and "-tk" in h, script
+
+
+# ---------------------------------------------------------------------------------- eval files (HellaSwag)
+
+EVAL_MAGIC = 20240522
+DELIM = 65535
+
+# two hand-built examples and, written out by hand, the uint16 stream llm.c's write_evalfile
+# gives for them: delimiter, bytes, index, label, completions, then length-prefixed token lists
+EVAL_EXAMPLES = [
+    {"label": 1, "ctx_tokens": [10, 20, 30], "ending_tokens": [[1], [2, 3]]},
+    {"label": 0, "ctx_tokens": [65534], "ending_tokens": [[0], [4], [5, 6, 7]]},
+]
+EVAL_STREAM = [
+    DELIM, 28, 0, 1, 2, 3, 10, 20, 30, 1, 1, 2, 2, 3,          # 14 uint16 = 28 bytes
+    DELIM, 30, 1, 0, 3, 1, 65534, 1, 0, 1, 4, 3, 5, 6, 7,      # 15 uint16 = 30 bytes
+]
+
+
+def eval_header(path):
+    raw = open(path, "rb").read()
+    return np.frombuffer(raw[:1024], dtype="<i4"), raw[1024:]
+
+
+def test_evalfile_write_read(common, tmp_path):
+    p = str(tmp_path / "e.bin")
+    assert common.write_evalfile(p, EVAL_EXAMPLES) == (2, 30)
+    assert not os.path.exists(p + ".tmp")
+    header, body = eval_header(p)
+    assert header[:4].tolist() == [EVAL_MAGIC, 1, 2, 30] and not header[4:].any()
+    assert body == np.array(EVAL_STREAM, dtype="<u2").tobytes()
+    assert body[:4] == b"\xff\xff\x1c\x00"  # little-endian on disk
+    assert common.read_evalfile(p) == EVAL_EXAMPLES
+    # numpy token arrays and integer types are written the same way
+    as_np = [{"label": np.int64(x["label"]), "ctx_tokens": np.array(x["ctx_tokens"], dtype=np.int32),
+              "ending_tokens": [np.array(e, dtype=np.uint16) for e in x["ending_tokens"]]} for x in EVAL_EXAMPLES]
+    p2 = str(tmp_path / "e2.bin")
+    common.write_evalfile(p2, as_np)
+    assert open(p2, "rb").read() == open(p, "rb").read()
+
+
+def test_evalfile_limits(common, tmp_path):
+    p = str(tmp_path / "e.bin")
+    common.write_evalfile(p, EVAL_EXAMPLES)
+    before = open(p, "rb").read()
+
+    def refused(examples, *needles):
+        with pytest.raises(common.DataError) as ei:
+            common.write_evalfile(p, examples)
+        msg = str(ei.value)
+        assert p in msg, msg
+        for n in needles:
+            assert n in msg, msg
+        # checked before writing: the earlier file is untouched, no temporary is left
+        assert open(p, "rb").read() == before and not os.path.exists(p + ".tmp")
+
+    good = EVAL_EXAMPLES[0]
+
+    def ex(**kw):
+        return dict(good, **kw)
+
+    refused([good, ex(ctx_tokens=[1, 65535])], "example 1", "65535")
+    refused([ex(ending_tokens=[[1], [65536]])], "example 0", "completion 1")
+    refused([ex(ctx_tokens=[-1])], "example 0", "context")
+    refused([ex(ctx_tokens=[1.0])], "example 0", "context")
+    refused([ex(label=2)], "label 2", "0..1")
+    refused([ex(label=-1)], "label -1")
+    refused([ex(label=True)], "label True")
+    refused([ex(ending_tokens=[[1]])], "1 completion")
+    refused([ex(ctx_tokens=[])], "empty context")
+    refused([ex(ending_tokens=[[1], []])], "completion 1 has no tokens")
+    refused([{"label": 0, "ctx_tokens": [1]}], "example 0", "ending_tokens")
+    refused([], "no examples")
+    # an example's size must fit its uint16 field: with two 1-token completions an example of n
+    # context tokens takes 2 * (n + 10) bytes, so 32757 tokens fit (65534 bytes), 32758 do not
+    refused([good, ex(ctx_tokens=[7] * 32758, ending_tokens=[[1], [2]])], "example 1", "65,536 bytes")
+    big = ex(ctx_tokens=[7] * 32757, ending_tokens=[[1], [2]], label=0)
+    assert common.write_evalfile(p, [big]) == (1, 65534)
+    assert common.read_evalfile(p) == [big]
+    before = open(p, "rb").read()
+    # fewer than 65536 examples: the index is a uint16 too
+    tiny = {"label": 0, "ctx_tokens": [1], "ending_tokens": [[2], [3]]}
+    refused([tiny] * 65536, "65,536 examples")
+    assert common.write_evalfile(p, [tiny] * 65535) == (65535, 22)
+    back = common.read_evalfile(p)
+    assert len(back) == 65535 and back[-1] == tiny
+
+
+def test_read_evalfile_validates(common, tmp_path):
+    p = str(tmp_path / "e.bin")
+    common.write_evalfile(p, EVAL_EXAMPLES)
+    raw = open(p, "rb").read()
+
+    def bad(data, *needles):
+        open(p, "wb").write(data)
+        with pytest.raises(ValueError) as ei:
+            common.read_evalfile(p)
+        for n in needles:
+            assert n in str(ei.value), str(ei.value)
+
+    def patched(word, value, header_int=None):
+        """raw with stream uint16 number `word` (or header int32 `header_int`) set to value."""
+        b = bytearray(raw)
+        if header_int is not None:
+            b[4 * header_int:4 * header_int + 4] = np.array([value], dtype="<i4").tobytes()
+        else:
+            b[1024 + 2 * word:1024 + 2 * word + 2] = np.array([value], dtype="<u2").tobytes()
+        return bytes(b)
+
+    bad(raw[:100], "shorter")
+    bad(patched(0, 20240520, header_int=0), "magic", "data shard")
+    bad(patched(0, 2, header_int=1), "version")
+    bad(patched(0, 3, header_int=2), "ends after 2 of the 3")
+    bad(patched(0, 1, header_int=2), "bytes follow")
+    bad(patched(0, 28, header_int=3), "longest")
+    bad(patched(14, 0), "example 1", "delimiter")          # second example's delimiter
+    bad(patched(15, 40), "example 1", "size of 40 bytes")  # runs past the file
+    bad(patched(1, 30), "example 0", "states 30 bytes")    # size disagrees with its fields
+    bad(patched(16, 0), "example 1", "index 0")
+    bad(patched(3, 2), "example 0", "label 2")
+    bad(patched(5, 9), "example 0", "context has 9 tokens")
+    bad(patched(6, DELIM), "example 0", "delimiter")       # a context token of 65535
+    bad(raw + b"\x00", "not a whole number")
+    bad(raw[:-2], "example 1")
+    open(p, "wb").write(raw)
+    assert common.read_evalfile(p) == EVAL_EXAMPLES
+
+
+# HellaSwag's own layout (hellaswag_val.jsonl): "ctx" is ctx_a + " " + ctx_b, label an int 0..3
+HS_EXAMPLES = [
+    {"ind": 24, "activity_label": "Roof shingle removal",
+     "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+     "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Clean and jerk",
+     "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.", "ctx_b": "the lady",
+     "ctx": "A lady walks to a barbell. She bends down and grabs the pole. the lady",
+     "split": "val", "split_type": "zeroshot", "label": 2,
+     "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
+                 "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
+     "source_id": "activitynet~v_-lJS58hyo1c"},
+    {"ind": 106, "activity_label": "Cooking",
+     "ctx_a": "Un caf\u00e9 cr\u00e8me \u2014 \u65e5\u672c \"quoted\"", "ctx_b": "",
+     "ctx": "Un caf\u00e9 cr\u00e8me \u2014 \u65e5\u672c \"quoted\" ", "split": "val", "split_type": "indomain",
+     "label": 0, "endings": ["", "  two spaces", "<|endoftext|> as text", "tab\there\nnewline"],
+     "source_id": "wikihow~1"},
+    {"ind": 7, "activity_label": "Baking cookies",
+     "ctx_a": "A female chef in white uniform shows a stack of baking pans in a large kitchen presenting them.",
+     "ctx_b": "the pans", "ctx": "A female chef in white uniform shows a stack of baking pans in a large "
+     "kitchen presenting them. the pans", "split": "val", "split_type": "indomain", "label": 1,
+     "endings": ["contain egg yolks and baking soda.", "are then sprinkled with brown sugar.",
+                 "are placed in a strainer on the counter.", "are filled with pastries and loaded into the oven."],
+     "source_id": "activitynet~v_-2dxp-mv2zo"},
+]
+
+
+def write_jsonl(path, objs, blank_after=None):
+    lines = [json.dumps(o) for o in objs]
+    if blank_after is not None:
+        lines.insert(blank_after + 1, "")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def hs_expected(enc, objs):
+    return [{"label": o["label"], "ctx_tokens": enc.encode(o["ctx"], disallowed_special=()),
+             "ending_tokens": [enc.encode(" " + e, disallowed_special=()) for e in o["endings"]]} for o in objs]
+
+
+def test_hellaswag_jsonl(common, run_script, enc, tmp_path):
+    inp = write_jsonl(tmp_path / "hellaswag_val.jsonl", HS_EXAMPLES, blank_after=1)
+    out = tmp_path / "out"
+    proc = ok(run_script("hellaswag.py", "--input", inp, "--out", out))
+    assert sorted(os.listdir(out)) == ["hellaswag_val.bin"]
+    path = str(out / "hellaswag_val.bin")
+    want = hs_expected(enc, HS_EXAMPLES)
+    assert common.read_evalfile(path) == want
+    # the header by hand: llm.c's magic and version, the count, the longest example in bytes
+    header, body = eval_header(path)
+    sizes = [2 * (6 + len(x["ctx_tokens"]) + sum(1 + len(e) for e in x["ending_tokens"])) for x in want]
+    assert header[:4].tolist() == [EVAL_MAGIC, 1, 4, max(sizes)] and not header[4:].any()
+    assert len(body) == sum(sizes)
+    # the rendering: ctx as is, every ending after one space, "<|endoftext|>" as plain text
+    assert enc.decode(want[0]["ending_tokens"][3]) == " starts pulling up roofing on a roof."
+    assert want[2]["ending_tokens"][0] == enc.encode(" ") and EOT not in want[2]["ending_tokens"][2]
+    assert f"wrote {path}: 4 examples, longest example {max(sizes):,} bytes" in proc.stdout
+    # --max_examples keeps the first N; --split names the output
+    proc = ok(run_script("hellaswag.py", "--input", inp, "--out", out, "--max_examples", 2, "--split", "train"))
+    assert common.read_evalfile(str(out / "hellaswag_train.bin")) == want[:2]
+    # labels given as strings ("2", as in some copies of HellaSwag) are read as integers
+    obj = dict(HS_EXAMPLES[1], label="2")
+    inp2 = write_jsonl(tmp_path / "str_label.jsonl", [obj])
+    ok(run_script("hellaswag.py", "--input", inp2, "--out", tmp_path / "out2"))
+    assert common.read_evalfile(str(tmp_path / "out2" / "hellaswag_val.bin")) == hs_expected(enc, [HS_EXAMPLES[1]])
+
+
+def hs_fails(run_script, tmp_path, *args, env_extra=None):
+    out = tmp_path / "out_bad"
+    proc = run_script("hellaswag.py", *args, "--out", out, env_extra=env_extra, timeout=60)
+    assert proc.returncode == 1, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not glob.glob(os.path.join(out, "*.bin")), "no eval file is written for a bad input"
+    return proc.stderr
+
+
+def test_hellaswag_bad_input(run_script, tmp_path):
+    good = [json.dumps(o) for o in HS_EXAMPLES]
+    bad = tmp_path / "bad.jsonl"
+
+    def with_line3(text):
+        bad.write_text("\n".join(good[:2] + [text] + good[2:]) + "\n", encoding="utf-8")
+        return bad
+
+    err = hs_fails(run_script, tmp_path, "--input", with_line3('{"ctx": "broken", "endings": ['))
+    assert f"{bad}:3" in err and "invalid JSON" in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(dict(HS_EXAMPLES[0], endings=["a", "b", "c"]))))
+    assert f"{bad}:3" in err and "3 endings" in err and "4 strings" in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(dict(HS_EXAMPLES[0], label=4))))
+    assert f"{bad}:3" in err and '"label" is 4' in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(dict(HS_EXAMPLES[0], label="x"))))
+    assert f"{bad}:3" in err and '"label"' in err
+    no_label = {k: v for k, v in HS_EXAMPLES[0].items() if k != "label"}
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(no_label)))
+    assert f"{bad}:3" in err and "'label'" in err and "no labels" in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps({"endings": ["a"] * 4, "label": 0})))
+    assert f"{bad}:3" in err and "'ctx'" in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(dict(HS_EXAMPLES[0], endings=["a", "b", 3, "d"]))))
+    assert f"{bad}:3" in err and "ending 2" in err
+    err = hs_fails(run_script, tmp_path, "--input", with_line3("[1, 2]"))
+    assert f"{bad}:3" in err and "JSON object" in err
+    # an example too long for its uint16 size field once tokenized (33,000 context tokens)
+    err = hs_fails(run_script, tmp_path, "--input", with_line3(json.dumps(dict(HS_EXAMPLES[0], ctx=" word" * 33000))))
+    assert f"{bad}:3" in err and "65,534" in err
+    # the test split has no labels: refused before anything is read
+    err = hs_fails(run_script, tmp_path, "--input", write_jsonl(tmp_path / "ok.jsonl", HS_EXAMPLES), "--split", "test")
+    assert "test split has no labels" in err
+    missing = str(tmp_path / "no_such.jsonl")
+    assert missing in hs_fails(run_script, tmp_path, "--input", missing)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert "no examples" in hs_fails(run_script, tmp_path, "--input", empty)
+
+
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+
+
+def test_hellaswag_download(common, run_script, enc, tmp_path):
+    # offline (an unreachable proxy): the download fails with the URL and the --input hint
+    err = hs_fails(run_script, tmp_path, "--split", "train", env_extra=OFFLINE)
+    assert "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl" in err
+    assert "--input" in err
+    bad_out = tmp_path / "out_bad"
+    assert not bad_out.exists() or not os.listdir(bad_out)  # no partial download left behind
+    # a finished download already in --out is used as is
+    out = tmp_path / "out"
+    out.mkdir()
+    write_jsonl(out / "hellaswag_val.jsonl", HS_EXAMPLES[:3])
+    proc = ok(run_script("hellaswag.py", "--out", out, env_extra=OFFLINE))
+    assert "already exists, not downloading" in proc.stdout
+    assert common.read_evalfile(str(out / "hellaswag_val.bin")) == hs_expected(enc, HS_EXAMPLES[:3])
