@@ -33,6 +33,7 @@ typedef struct {
     int overfit;              // -a
     int ckpt_every;           // -n
     int keep_last;            // -nk
+    int major_every;          // -nm
     int resume;               // -y
     int seed;                 // -sd
     int shuffle;              // -sh
@@ -75,6 +76,7 @@ static const ArgSpec train_arg_specs[] = {
     {"-a", ARG_INT, ARG_FIELD(overfit), "1: train on the first batch only (overfit a single batch)"},
     {"-n", ARG_INT, ARG_FIELD(ckpt_every), "write a checkpoint + resume state every this many steps (0: never; needs -o)"},
     {"-nk", ARG_INT, ARG_FIELD(keep_last), "keep only the last this many checkpoints (0: keep all)"},
+    {"-nm", ARG_INT, ARG_FIELD(major_every), "with -nk: also keep every checkpoint whose step is a multiple of this (0: none)"},
     {"-y", ARG_INT, ARG_FIELD(resume), "1: resume from the latest checkpoint in -o"},
     {"-sd", ARG_INT, ARG_FIELD(seed), "seed of the train data order (with -sh 1)"},
     {"-sh", ARG_INT, ARG_FIELD(shuffle), "1: shuffle shard and batch order each epoch"},
@@ -190,8 +192,8 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
         fatal("-sl %g -sg %g: the outlier thresholds are z-scores > 0 (3 is usual), or 0 for off", a->skip_loss_z, a->skip_norm_z);
     if (a->gen_T < 1) fatal("-g %d: must generate at least one token", a->gen_T);
     if (a->max_steps == 0 || a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, or -1 for one epoch", a->max_steps);
-    if (a->ckpt_every < 0 || a->keep_last < 0 || a->val_every < 0 || a->sample_every < 0)
-        fatal("-n, -nk, -v and -s take values >= 0");
+    if (a->ckpt_every < 0 || a->keep_last < 0 || a->major_every < 0 || a->val_every < 0 || a->sample_every < 0)
+        fatal("-n, -nk, -nm, -v and -s take values >= 0");
     if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);
     if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");

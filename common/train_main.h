@@ -61,7 +61,7 @@ static float eval_accuracy(GPT2 *m, EvalLoader *e, const MultiProc *mp) {
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
 // safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
 static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
-                            const OutlierWindow *loss_window, const OutlierWindow *norm_window, int keep_last) {
+                            const OutlierWindow *loss_window, const OutlierWindow *norm_window) {
     char model_path[1100], state_path[1100], done_path[1100];
     checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
     TrainState st;
@@ -88,8 +88,9 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
         fcloseCheck(fp, done_path);
     }
     printf("wrote checkpoint %s and %s\n", model_path, state_path);
-    if (keep_last > 0 && step - (long)keep_last * a->ckpt_every > 0) {
-        long old = step - (long)keep_last * a->ckpt_every;
+    // -nk: the checkpoint that falls out of the last keep_last goes, unless -nm marks it major
+    long old = step - (long)a->keep_last * a->ckpt_every;
+    if (a->keep_last > 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0)) {
         checkpoint_paths(a->out_dir, old, mp->rank, model_path, state_path, done_path, sizeof(model_path));
         if (mp->rank == 0) {
             remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
@@ -228,7 +229,7 @@ int main(int argc, char **argv) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window, a.keep_last);
+            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window);
         }
         if (have_val && (step % a.val_every == 0 || last)) {
             float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);

@@ -23,7 +23,7 @@ expect_error() {
 
 out=$("$BIN" --help); rc=$?
 missing=""
-for f in -i -j -e -o -b -t -d -x -k -l -u -q -c -v -m -s -g -n -y -a -sl -sg; do
+for f in -i -j -e -o -b -t -d -x -k -l -u -q -c -v -m -s -g -n -nk -nm -y -a -sl -sg -h; do
     echo "$out" | grep -qE "^  $f " || missing="$missing $f"
 done
 [ $rc -eq 0 ] && [ -z "$missing" ] && ok "--help lists every llm.c flag with its default" || bad "--help" "exit $rc, missing:$missing"
@@ -73,6 +73,14 @@ a_steps=$(grep -E '^step +[456]/' "$W/A.out" | sed -E 's/\| [0-9.]+ ms.*//'); b_
 [ -n "$a_steps" ] && [ "$a_steps" = "$b_steps" ] && ok "resumed step lines 4-6 equal the uninterrupted run's" || bad "resumed losses" "A: $a_steps / B: $b_steps"
 grep -q "^s:6 trl:" "$W/B/main.log" && grep -q "^s:2 tel:" "$W/B/main.log" && ok "main.log has llm.c's train and val lines" || bad "main.log" "$(cat "$W/B/main.log")"
 ls "$W/B"/*.tmp >/dev/null 2>&1 && bad "atomic writes" "temp files left behind" || ok "no temporary files left behind"
+
+# -nk keeps the last K checkpoints; -nm also keeps those whose step is a multiple of it (llm.c's flags)
+"$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -v 0 -o "$W/nk" > /dev/null 2>&1
+"$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -nm 4 -v 0 -o "$W/nm" > /dev/null 2>&1
+nk=$(cd "$W/nk" && ls DONE_* model_* state_* 2>/dev/null | tr '\n' ' '); nm=$(cd "$W/nm" && ls DONE_* model_* state_* 2>/dev/null | tr '\n' ' ')
+[ "$nk" = "DONE_00000008 model_00000008.bin state_00000008_00000.bin " ] && ok "-n 2 -nk 1: only the step-8 checkpoint is left" || bad "-nk 1" "$nk"
+[ "$nm" = "DONE_00000004 DONE_00000008 model_00000004.bin model_00000008.bin state_00000004_00000.bin state_00000008_00000.bin " ] \
+    && ok "-n 2 -nk 1 -nm 4: the major step-4 checkpoint stays too" || bad "-nm 4" "$nm"
 
 # the same with a structured model (BTT-MoE q/k/v, Monarch attn_proj, BTT MLP, a dense layer 0):
 # version-10 checkpoint with its config inside, bit-identical resume, aux loss in the log
