@@ -1,5 +1,8 @@
 """Checks scripts/export_hf.py end to end: the exported folder, loaded by transformers'
-GPT2LMHeadModel, gives the trainer's own validation loss on the same tokens.
+GPT2LMHeadModel, gives the trainer's own validation loss on the same tokens. CHECKPOINT may also
+be a Hugging Face model folder (e.g. from GPT2LMHeadModel(GPT2Config(...)).save_pretrained): then
+scripts/import_hf.py turns it into the trainer's checkpoint, and transformers runs the folder as
+it is, which checks the import instead.
 
     python dev/check_export_hf.py CHECKPOINT SHARD [--trainer ./train_gpt2] [-b 4] [-t 64] [--eval FILE]
 
@@ -40,6 +43,17 @@ def main():
 
     ap.add_argument("--eval", default=None, help="also compare the HellaSwag-style count on this eval file")
     args = ap.parse_args()
+    keep = tempfile.TemporaryDirectory()
+    hf_dir = None
+    if os.path.isdir(args.checkpoint):
+        hf_dir = args.checkpoint
+        ckpt = os.path.join(keep.name, "imported.bin")
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "import_hf.py"), args.checkpoint, ckpt],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"import_hf.py failed: {r.stderr.strip()}")
+        print(r.stdout.strip())
+        args.checkpoint = ckpt
     cmd = [args.trainer, "-e", args.checkpoint, "-i", args.shard, "-j", args.shard, "-b", str(args.b), "-t", str(args.t),
            "-x", "1", "-v", "1", "-m", "1", "-s", "0"]
     out = subprocess.run(cmd + (["-h", "1", "-hf", args.eval] if args.eval else []), capture_output=True, text=True)
@@ -48,12 +62,13 @@ def main():
         sys.exit(f"the trainer failed (exit {out.returncode}): {out.stderr.strip()[-400:]}")
     ours = float(m.group(1))
 
-    with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "export_hf.py"), args.checkpoint, d,
+    if hf_dir is None:
+        hf_dir = os.path.join(keep.name, "exported")
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "export_hf.py"), args.checkpoint, hf_dir,
                             "--dtype", "float32", "--no_tokenizer"], capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"export_hf.py failed: {r.stderr.strip()}")
-        model = GPT2LMHeadModel.from_pretrained(d, torch_dtype=torch.float32).eval()
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     n = args.b * args.t
     toks = np.fromfile(args.shard, dtype="<u2", offset=1024, count=n + 1).astype(np.int64)
     x = torch.from_numpy(toks[:n]).view(args.b, args.t)

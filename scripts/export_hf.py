@@ -7,111 +7,29 @@ The folder loads with transformers' GPT2LMHeadModel.from_pretrained (and so in l
 with --model hf --model_args pretrained=out/hf): config.json and model.safetensors, and for the
 GPT-2 vocabulary also the tokenizer (vocab.json and merges.txt: copied from --tokenizer_dir, which
 holds GPT-2's encoder.json and vocab.bpe, or downloaded from OpenAI's GPT-2 release).
-
-Checkpoint: 256 int32 header (magic 20240326; version 3 = fp32 or 5 = bf16; max T, vocab V, layers
-L, heads, channels C, padded vocab Vp), then wte (Vp, C), wpe (T, C), and per layer, each as one
-(L, ...) block: ln1 w/b, qkv w (3C, C)/b, attention proj w (C, C)/b, ln2 w/b, fc w (4C, C)/b, fc
-proj w (C, 4C)/b; then the final LayerNorm w/b. Structured models (version 10) have no GPT-2
-equivalent and are refused.
-
-Mapping: transformers' GPT-2 keeps its linear weights as Conv1D, (in, out), so each of ours (out,
-in) is transposed; wte loses the padding rows past V; the output layer is wte (tied), as here.
-GELU is the tanh form (gelu_new) and LayerNorm's epsilon 1e-5, as in llm.c. --dtype bfloat16
-(default for a bf16 checkpoint) keeps the file's bits; from fp32 it rounds to nearest even.
+Structured models (version 10) have no GPT-2 equivalent and are refused. The mapping is
+scripts/gpt2_hf.py's. --dtype bfloat16 (default for a bf16 checkpoint) keeps the file's bits;
+from fp32 it rounds to nearest even. scripts/import_hf.py goes the other way.
 """
 
 import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
-from common import DataError, _atomic_write, download, run_main  # noqa: E402
+from gpt2_hf import GPT2_VOCAB, DataError, _atomic_write, hf_tensors, read_checkpoint, to_bf16_bits, write_safetensors
 
-MODEL_MAGIC = 20240326
-GPT2_VOCAB = 50257
-GPT2_FILES = {  # ours -> Hugging Face's names
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+from common import download, run_main  # noqa: E402
+
+GPT2_FILES = {  # OpenAI's names -> Hugging Face's
     "encoder.json": "vocab.json",
     "vocab.bpe": "merges.txt",
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-
-
-def read_checkpoint(path):
-    """Returns (header dict, {name: array}) with llm.c's tensor names and shapes; bf16 stays as
-    uint16 bits (dtype '<u2'), fp32 as float32."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = np.frombuffer(f.read(1024), dtype="<i4")
-        if head.size < 256 or head[0] != MODEL_MAGIC:
-            raise DataError(f"{path} is not a model checkpoint (magic {head[0] if head.size else '?'}, expected {MODEL_MAGIC})")
-        version, T, V, L, NH, C, Vp = (int(x) for x in head[1:8])
-        if version == 10:
-            raise DataError(f"{path} is a structured model (version 10): its BTT/Monarch/MoE layers have no "
-                            f"Hugging Face GPT-2 equivalent; only dense GPT-2 checkpoints (versions 3 and 5) export")
-        if version not in (3, 5):
-            raise DataError(f"{path} has checkpoint version {version}; this script reads 3 (fp32) and 5 (bf16)")
-        if min(T, V, L, NH, C, Vp) <= 0 or C % NH or Vp < V:
-            raise DataError(f"{path}: header T {T} V {V} L {L} heads {NH} C {C} Vp {Vp} is not a GPT-2")
-        shapes = [("wte", (Vp, C)), ("wpe", (T, C)), ("ln1w", (L, C)), ("ln1b", (L, C)),
-                  ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)), ("attprojw", (L, C, C)), ("attprojb", (L, C)),
-                  ("ln2w", (L, C)), ("ln2b", (L, C)), ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
-                  ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)), ("lnfw", (C,)), ("lnfb", (C,))]
-        dtype = np.dtype("<f4") if version == 3 else np.dtype("<u2")
-        n = sum(int(np.prod(s)) for _, s in shapes)
-        if size != 1024 + n * dtype.itemsize:
-            raise DataError(f"{path}: {size} bytes, but a GPT-2 of this header takes {1024 + n * dtype.itemsize} "
-                            f"({'truncated' if size < 1024 + n * dtype.itemsize else 'trailing data'})")
-        flat = np.frombuffer(f.read(), dtype=dtype)
-    tensors, at = {}, 0
-    for name, shape in shapes:
-        k = int(np.prod(shape))
-        tensors[name] = flat[at:at + k].reshape(shape)
-        at += k
-    return {"version": version, "T": T, "V": V, "L": L, "NH": NH, "C": C, "Vp": Vp}, tensors
-
-
-def to_bf16_bits(a):
-    """float32 -> bf16 bits, rounded to nearest even (as the trainers' float_to_bf16; NaN kept)."""
-    u = np.ascontiguousarray(a, dtype="<f4").view("<u4").astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
-    nan = np.isnan(a)
-    return np.where(nan, (u >> 16).astype("<u2") | 0x40, rounded).astype("<u2")
-
-
-def hf_tensors(h, t):
-    """llm.c's tensors -> transformers' GPT-2 names, (in, out) linear weights, unpadded wte."""
-    out = {"transformer.wte.weight": t["wte"][:h["V"]], "transformer.wpe.weight": t["wpe"],
-           "transformer.ln_f.weight": t["lnfw"], "transformer.ln_f.bias": t["lnfb"]}
-    for i in range(h["L"]):
-        p = f"transformer.h.{i}."
-        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = t["ln1w"][i], t["ln1b"][i]
-        out[p + "attn.c_attn.weight"], out[p + "attn.c_attn.bias"] = t["qkvw"][i].T, t["qkvb"][i]
-        out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = t["attprojw"][i].T, t["attprojb"][i]
-        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = t["ln2w"][i], t["ln2b"][i]
-        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = t["fcw"][i].T, t["fcb"][i]
-        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = t["fcprojw"][i].T, t["fcprojb"][i]
-    return out
-
-
-def write_safetensors(path, tensors, dtype_name, metadata):
-    """The safetensors layout: an 8-byte little-endian header length, the JSON header (name ->
-    dtype, shape, [begin, end) byte offsets into the data), then the tensors' bytes, row-major."""
-    header, chunks, at = {"__metadata__": metadata}, [], 0
-    for name in sorted(tensors):
-        b = np.ascontiguousarray(tensors[name]).tobytes()
-        header[name] = {"dtype": dtype_name, "shape": list(tensors[name].shape), "data_offsets": [at, at + len(b)]}
-        chunks.append(b)
-        at += len(b)
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)  # the data starts 8-byte aligned
-    _atomic_write(path, [struct.pack("<Q", len(js)), js] + chunks)
 
 
 def main():

@@ -1,8 +1,9 @@
-"""scripts/export_hf.py: llm.c-format checkpoints -> Hugging Face GPT-2 folders.
+"""scripts/export_hf.py and scripts/import_hf.py: llm.c-format checkpoints <-> Hugging Face GPT-2.
 
 The expected tensors are built here from the checkpoint's arrays by transformers' GPT-2
 conventions (Conv1D weights (in, out), wte without the padding rows); model.safetensors is parsed
-here from its documented layout. Loading the folder in transformers and comparing the loss with
+here from its documented layout. An export imported back must give the same checkpoint bytes,
+also from the hub's key layout. Loading the folders in transformers and comparing the loss with
 the trainer's is dev/check_export_hf.py's job (it needs PyTorch, which CI does not install).
 """
 
@@ -17,6 +18,7 @@ import pytest
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "export_hf.py")
+IMPORT = os.path.join(REPO_ROOT, "scripts", "import_hf.py")
 T, V, VP, L, NH, C = 16, 100, 128, 2, 2, 8
 
 
@@ -43,6 +45,23 @@ def write_ckpt(path, p, version=3, vocab=V, vp=VP):
 
 def export(*args):
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def import_hf(*args):
+    return subprocess.run([sys.executable, IMPORT, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def write_safetensors(path, tensors):
+    """float32 tensors, written here from the format's description (independent of gpt2_hf.py)."""
+    header, blobs, at = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in tensors.items():
+        b = np.ascontiguousarray(v, dtype="<f4").tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [at, at + len(b)]}
+        blobs.append(b)
+        at += len(b)
+    js = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(js)) + js + b"".join(blobs))
 
 
 def read_safetensors(path):
@@ -153,3 +172,75 @@ def test_bad_inputs(tmp_path):
     r = export(tmp_path / "none.bin", tmp_path / "o")
     assert r.returncode == 1 and "no such checkpoint" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def exported(tmp_path, vocab_pad_zero=True):
+    """A tiny v3 checkpoint (padding rows zero, as an import writes them) and its fp32 export."""
+    p = params()
+    if vocab_pad_zero:
+        p["wte"][V:] = 0.0
+    write_ckpt(tmp_path / "m.bin", p)
+    assert export(tmp_path / "m.bin", tmp_path / "hf").returncode == 0
+    return p
+
+
+def test_import_round_trip(tmp_path):
+    exported(tmp_path)
+    r = import_hf(tmp_path / "hf", tmp_path / "back.bin")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
+    # the hub's layout: no "transformer." prefix, the causal-mask buffers, a tied lm_head
+    t, _ = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    hub = {k.replace("transformer.", ""): v for k, v in t.items()}
+    for i in range(L):
+        hub[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), dtype=np.float32))
+    hub["lm_head.weight"] = hub["wte.weight"]
+    os.makedirs(tmp_path / "hub")
+    write_safetensors(tmp_path / "hub" / "model.safetensors", hub)
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    r = import_hf(tmp_path / "hub", tmp_path / "back2.bin")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back2.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
+
+
+def test_import_bf16(tmp_path):
+    p = exported(tmp_path)
+    r = import_hf(tmp_path / "hf", tmp_path / "b.bin", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    raw = (tmp_path / "b.bin").read_bytes()
+    assert list(np.frombuffer(raw[:32], dtype="<i4")) == [20240326, 5, T, V, L, NH, C, VP]
+    bits = np.frombuffer(raw[1024:], dtype="<u2")
+    assert list(bits[:3]) == [0x3F80, 0x3F82, 0xC000]  # the ties of params(), to even
+    flat = np.concatenate([a.ravel() for a in p.values()])
+    back = (bits.astype("<u4") << 16).view("<f4")
+    assert back.size == flat.size and np.all(np.abs(back - flat) <= np.abs(flat) * 2.0**-8)
+
+
+def test_import_bad_inputs(tmp_path):
+    exported(tmp_path)
+    hf = tmp_path / "hf"
+    cfg = json.loads((hf / "config.json").read_text())
+    t, _ = read_safetensors(hf / "model.safetensors")
+
+    def variant(name, tensors=None, **cfg_changes):
+        d = tmp_path / name
+        os.makedirs(d)
+        write_safetensors(d / "model.safetensors", t if tensors is None else tensors)
+        (d / "config.json").write_text(json.dumps({**cfg, **cfg_changes}))
+        return import_hf(d, tmp_path / (name + ".bin"))
+
+    r = variant("relu", activation_function="relu")
+    assert r.returncode == 1 and "activation_function 'relu'" in r.stderr
+    r = variant("untied", {**t, "lm_head.weight": t["transformer.wte.weight"] + 1})
+    assert r.returncode == 1 and "lm_head.weight differs from wte.weight" in r.stderr
+    r = variant("missing", {k: v for k, v in t.items() if k != "transformer.h.1.mlp.c_fc.bias"})
+    assert r.returncode == 1 and "no tensor h.1.mlp.c_fc.bias" in r.stderr
+    r = variant("deeper", n_layer=L + 1)
+    assert r.returncode == 1 and "no tensor h.2.ln_1.weight" in r.stderr
+    r = variant("wider", n_embd=2 * C, n_head=NH)
+    assert r.returncode == 1 and "has shape" in r.stderr
+    r = variant("notgpt2", model_type="llama")
+    assert r.returncode == 1 and "only GPT-2 models import" in r.stderr
+    r = import_hf(tmp_path / "nowhere", tmp_path / "x.bin")
+    assert r.returncode == 1 and "neither a folder nor one of gpt2" in r.stderr
+    assert not any(f.endswith(".bin") and f != "m.bin" for f in os.listdir(tmp_path))
