@@ -32,7 +32,7 @@ typedef struct {
 typedef struct {
     int n;                // examples
     int max_comp;         // the most completions of any example: the rows one example needs
-    int B, T, per_batch;  // examples per batch: B / max_comp
+    int B, T, per_batch;  // rows of T tokens (at most the run's -t); examples per batch: B / max_comp
     uint16_t *stream;     // the file's examples (EvalExample points into it)
     EvalExample *ex;
     int *inputs, *targets;     // (B, T) of the current batch
@@ -40,8 +40,10 @@ typedef struct {
     long truncated_rows;       // rows longer than T + 1 tokens, which lose their first context tokens
 } EvalLoader;
 
-// Reads and checks `path` (every field, every token < vocab_size) for batches of B rows of T;
-// any fault ends the run naming the file, the example and what is wrong.
+// Reads and checks `path` (every field, every token < vocab_size) for batches of B rows of at most
+// T positions; any fault ends the run naming the file, the example and what is wrong. The rows are
+// as long as the longest example needs, rounded up to 64 (HellaSwag's fit in 192): a forward over
+// B x 1024 for rows of 100 tokens would be 90% padding.
 static inline void evalloader_init(EvalLoader *e, const char *path, int B, int T, int vocab_size) {
     memset(e, 0, sizeof(*e));
     FILE *fp = fopen(path, "rb");
@@ -106,14 +108,19 @@ static inline void evalloader_init(EvalLoader *e, const char *path, int B, int T
         }
         if (at != end) fatal("'%s': example %d states %zu bytes but holds %zu", path, i, 2 * len, 2 * (at - start));
         if (x->n_comp > e->max_comp) e->max_comp = x->n_comp;
-        for (int c = 0; c < x->n_comp; c++) e->truncated_rows += x->ctx_len + x->comp_len[c] > T + 1;
+        for (int c = 0; c < x->n_comp; c++) e->truncated_rows += x->ctx_len + x->comp_len[c] > T + 1;  // T: -t, the most rows get
     }
     if (at != words) fatal("'%s': %zu bytes follow its %d examples: truncated header count or corrupt file", path, 2 * (words - at), e->n);
     if (B < e->max_comp)
         fatal("-h 1: '%s' scores up to %d completions per example, one row each; use -b >= %d (now %d)", path, e->max_comp, e->max_comp, B);
     if (T < 2) fatal("-h 1: -t %d leaves no room for a context token and a completion token; use -t >= 2", T);
+    int longest = 0;
+    for (int i = 0; i < e->n; i++)
+        for (int c = 0; c < e->ex[i].n_comp; c++)
+            if (e->ex[i].ctx_len + e->ex[i].comp_len[c] > longest) longest = e->ex[i].ctx_len + e->ex[i].comp_len[c];
+    const int need = (longest - 1 + 63) / 64 * 64;  // positions of the longest row (inputs: all but its last token)
     e->B = B;
-    e->T = T;
+    e->T = need < T ? need : T;
     e->per_batch = B / e->max_comp;
     e->inputs = (int *)mallocCheck((size_t)B * T * sizeof(int));
     e->targets = (int *)mallocCheck((size_t)B * T * sizeof(int));

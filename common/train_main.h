@@ -156,7 +156,8 @@ int main(int argc, char **argv) {
     if (a.hellaswag && !have_eval) fatal("-h 1 evaluates at every val step; give -v > 0 (now -v 0)");
     if (have_eval) {
         evalloader_init(&eval_loader, a.eval_path, a.B, a.T, c->vocab_size);
-        printf("HellaSwag: %d examples from %s, %d per batch of %d rows\n", eval_loader.n, a.eval_path, eval_loader.per_batch, a.B);
+        printf("HellaSwag: %d examples from %s, %d per batch of %d rows of %d tokens\n", eval_loader.n, a.eval_path, eval_loader.per_batch,
+               a.B, eval_loader.T);
         if (eval_loader.truncated_rows > 0)
             printf("note: %ld of its rows are longer than -t %d + 1 tokens and lose their first context tokens\n", eval_loader.truncated_rows, a.T);
     }

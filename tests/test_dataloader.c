@@ -157,6 +157,17 @@ static void test_evalloader(void) {
                "eval rows: a row longer than T + 1 loses its first context tokens; the batch's other rows are padding", "rows differ");
     evalloader_free(&e);
 
+    // rows only as long as the longest example needs (8 tokens: 7 positions), rounded up to 64
+    evalloader_init(&e, path, 8, 1024, 100);
+    int t1024 = e.T;
+    evalloader_free(&e);
+    evalloader_init(&e, path, 8, 32, 100);
+    int t32 = e.T;
+    evalloader_free(&e);
+    char why[64];
+    snprintf(why, sizeof(why), "rows of %d and %d", t1024, t32);
+    check_true(t1024 == 64 && t32 == 32, "eval rows: 64 positions under -t 1024 (the longest row needs 7), -t 32 under -t 32", why);
+
     EvalArgs a = {path, 8, 5, 100};
     a.B = 3;
     expect_eval_fail("eval error: fewer rows than completions", &a, "use -b >= 4");
