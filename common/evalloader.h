@@ -42,8 +42,8 @@ typedef struct {
 
 // Reads and checks `path` (every field, every token < vocab_size) for batches of B rows of at most
 // T positions; any fault ends the run naming the file, the example and what is wrong. The rows are
-// as long as the longest example needs, rounded up to 64 (HellaSwag's fit in 192): a forward over
-// B x 1024 for rows of 100 tokens would be 90% padding.
+// as long as the longest example needs, rounded up to 64: a forward over B x 1024 for rows of a
+// hundred tokens would be mostly padding.
 static inline void evalloader_init(EvalLoader *e, const char *path, int B, int T, int vocab_size) {
     memset(e, 0, sizeof(*e));
     FILE *fp = fopen(path, "rb");
