@@ -275,11 +275,18 @@ int main(int argc, char **argv) {
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule_get(&sched, (int)step);
         // -sl / -sg: a step whose loss or norm stands out from the last 100 changes nothing (the
-        // schedule still advances). Every rank holds the same global values, so all skip together.
+        // schedule still advances). The ranks hold the same global loss and norm, up to the last
+        // bit of a reduction; the decision is made common anyway, as a rank that skipped alone
+        // would leave the others in ZeRO-1's gather.
         double loss_z = outlier_push(&loss_window, loss), norm_z = outlier_push(&norm_window, norm);
         char skip[80] = "";
         if (outlier_trips(loss_z, a.skip_loss_z)) snprintf(skip, sizeof(skip), " | update skipped: loss z %.1f > -sl %g", loss_z, a.skip_loss_z);
         else if (outlier_trips(norm_z, a.skip_norm_z)) snprintf(skip, sizeof(skip), " | update skipped: norm z %.1f > -sg %g", norm_z, a.skip_norm_z);
+        if (nproc > 1 && (a.skip_loss_z > 0 || a.skip_norm_z > 0)) {
+            float tripped = skip[0] ? 1.0f : 0.0f;
+            multiproc_mean(&mp, &tripped, 1);
+            if (tripped > 0 && !skip[0]) snprintf(skip, sizeof(skip), " | update skipped: another rank's z-score tripped");
+        }
         if (!skip[0]) gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
         trainer_sync();
         double dt = now_seconds() - t0;

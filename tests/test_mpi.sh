@@ -66,6 +66,15 @@ compare "btt_moe: mpirun -np 2 with B=2 equals 1 process with B=4 over the first
 compare "btt_moe: and stays close over 20 steps" "$W/one_btt_moe.txt" "$W/two_btt_moe.txt" 0.1
 grep -q "aux" "$W/two_btt_moe.txt" && ok "btt_moe: the aux loss is reported under mpirun" || bad "aux under mpirun" "no aux"
 
+# -sl 3 under mpirun with ZeRO-1: the repeated-token batch of test_cli.sh, split over 2 ranks of B
+# 2, is skipped at step 121 on both (a rank skipping alone would hang in ZeRO-1's gather)
+mkdir -p "$W/ol"
+python3 tests/synthetic_shards.py "$W/ol" --seed 0 --docs 200 --val_docs 0 --noise_at $((120 * 128)) --noise_len 129 --noise_lo 50000 --noise_hi 50001 > /dev/null
+out=$(timeout 300 "${MPI[@]}" ./train_gpt2_mpi -e d2 -i "$W/ol/syn_train_000001.bin" -j "" -b 2 -t 32 -s 0 -v 0 -l 1e-3 -x 121 -z 1 -sl 3 2>&1); rc=$?
+sk=$(echo "$out" | grep -c "update skipped")
+[ $rc -eq 0 ] && [ "$sk" -eq 1 ] && echo "$out" | grep -qE "^step  121/121 .*update skipped: loss z" \
+    && ok "-sl 3 with 2 ranks and -z 1: step 121 skipped, the run finishes" || bad "-sl under mpirun" "exit $rc, $sk skips: $(echo "$out" | grep -E 'skipped|error' | head -3)"
+
 # -h 1 under mpirun: the ranks take alternate examples (31: rank 0 one more) and sum their counts,
 # which must equal one process's count for the same fresh model
 h1=$(./train_gpt2 -e d2 "${DATA[@]}" -b 4 -x 1 -v 1 -h 1 -hf "$W/syn_eval.bin" 2>&1 | grep -m1 -E '^HellaSwag: [0-9]+/')
