@@ -68,6 +68,7 @@ static inline void evalloader_init(EvalLoader *e, const char *path, int B, int T
     e->n = header[2];
     e->ex = (EvalExample *)mallocCheck((size_t)e->n * sizeof(EvalExample));
     size_t at = 0;
+    int longest = 0;  // the longest row, in tokens
     for (int i = 0; i < e->n; i++) {
         const size_t start = at;
         // every read below stays inside the example's own stated size, itself inside the file
@@ -108,16 +109,16 @@ static inline void evalloader_init(EvalLoader *e, const char *path, int B, int T
         }
         if (at != end) fatal("'%s': example %d states %zu bytes but holds %zu", path, i, 2 * len, 2 * (at - start));
         if (x->n_comp > e->max_comp) e->max_comp = x->n_comp;
-        for (int c = 0; c < x->n_comp; c++) e->truncated_rows += x->ctx_len + x->comp_len[c] > T + 1;  // T: -t, the most rows get
+        for (int c = 0; c < x->n_comp; c++) {
+            const int row = x->ctx_len + x->comp_len[c];
+            e->truncated_rows += row > T + 1;  // T: -t, the most a row gets
+            if (row > longest) longest = row;
+        }
     }
     if (at != words) fatal("'%s': %zu bytes follow its %d examples: truncated header count or corrupt file", path, 2 * (words - at), e->n);
     if (B < e->max_comp)
         fatal("-h 1: '%s' scores up to %d completions per example, one row each; use -b >= %d (now %d)", path, e->max_comp, e->max_comp, B);
     if (T < 2) fatal("-h 1: -t %d leaves no room for a context token and a completion token; use -t >= 2", T);
-    int longest = 0;
-    for (int i = 0; i < e->n; i++)
-        for (int c = 0; c < e->ex[i].n_comp; c++)
-            if (e->ex[i].ctx_len + e->ex[i].comp_len[c] > longest) longest = e->ex[i].ctx_len + e->ex[i].comp_len[c];
     const int need = (longest - 1 + 63) / 64 * 64;  // positions of the longest row (inputs: all but its last token)
     e->B = B;
     e->T = need < T ? need : T;

@@ -232,13 +232,14 @@ int main(int argc, char **argv) {
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
             save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window);
         }
-        if (have_val && (step % a.val_every == 0 || last)) {
+        const int eval_step = a.val_every > 0 && (step % a.val_every == 0 || last);  // val loss and -h 1
+        if (have_val && eval_step) {
             float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
             multiproc_mean(&mp, &vl, 1);
             printf("val loss %f\n", vl);
             logger_log_val(&logger, (int)step, vl);
         }
-        if (have_eval && (step % a.val_every == 0 || last)) {
+        if (have_eval && eval_step) {
             float acc = eval_accuracy(&model, &eval_loader, &mp);
             logger_log_eval(&logger, (int)step, acc);
         }

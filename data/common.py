@@ -108,17 +108,27 @@ def write_shard(path, tokens):
     _atomic_write(path, [header.tobytes(), toks.tobytes()])
 
 
+def _check_header(path, head, size, magic, version, kind, not_this=""):
+    """The 256-int32 header that every file here starts with, checked: the file (size bytes) holds
+    one, then magic and version. not_this follows the bad-magic message; a shard given in place of
+    another file is named as such."""
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte {kind} header")
+    header = np.frombuffer(head[:HEADER_BYTES], dtype="<i4")
+    if header[0] != magic:
+        shard = " (an llm.c data shard)" if header[0] == SHARD_MAGIC and magic != SHARD_MAGIC else ""
+        raise ValueError(f"{path}: bad magic {header[0]}, expected {magic}{not_this}{shard}")
+    if header[1] != version:
+        raise ValueError(f"{path}: unsupported {kind} version {header[1]}, expected {version}")
+    return header
+
+
 def read_shard(path):
     """Reads an llm.c data shard and returns its tokens (uint16), validating the header."""
     size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
     with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-        if header[0] != SHARD_MAGIC:
-            raise ValueError(f"{path}: bad magic {header[0]}, expected {SHARD_MAGIC} (not an llm.c data shard)")
-        if header[1] != SHARD_VERSION:
-            raise ValueError(f"{path}: unsupported shard version {header[1]}, expected {SHARD_VERSION}")
+        header = _check_header(path, f.read(HEADER_BYTES), size, SHARD_MAGIC, SHARD_VERSION, "shard",
+                               " (not an llm.c data shard)")
         n = int(header[2])
         expected = HEADER_BYTES + 2 * n
         if n < 0 or size != expected:
@@ -150,13 +160,7 @@ def read_tokenizer_bin(path):
     """Reads a tokenizer file written by write_tokenizer_bin; returns (token_bytes_list, eot)."""
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < HEADER_BYTES:
-        raise ValueError(f"{path}: shorter than the tokenizer header")
-    header = np.frombuffer(data[:HEADER_BYTES], dtype="<i4")
-    if header[0] != TOKENIZER_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]}, expected {TOKENIZER_MAGIC}")
-    if header[1] != TOKENIZER_VERSION:
-        raise ValueError(f"{path}: unsupported tokenizer version {header[1]}, expected {TOKENIZER_VERSION}")
+    header = _check_header(path, data, len(data), TOKENIZER_MAGIC, TOKENIZER_VERSION, "tokenizer")
     n, eot = int(header[2]), int(header[3])
     out, pos = [], HEADER_BYTES
     for i in range(n):
@@ -254,14 +258,7 @@ def read_evalfile(path):
     tokens below 65535, the header's example count and longest size, and no trailing bytes."""
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < HEADER_BYTES:
-        raise ValueError(f"{path}: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte eval file header")
-    header = np.frombuffer(data[:HEADER_BYTES], dtype="<i4")
-    if header[0] != EVAL_MAGIC:
-        what = " (an llm.c data shard)" if header[0] == SHARD_MAGIC else ""
-        raise ValueError(f"{path}: bad magic {header[0]}, expected {EVAL_MAGIC}: not an eval file{what}")
-    if header[1] != EVAL_VERSION:
-        raise ValueError(f"{path}: unsupported eval file version {header[1]}, expected {EVAL_VERSION}")
+    header = _check_header(path, data, len(data), EVAL_MAGIC, EVAL_VERSION, "eval file", ": not an eval file")
     n, longest = int(header[2]), int(header[3])
     if n < 0:
         raise ValueError(f"{path}: header says {n} examples")

@@ -110,6 +110,13 @@ def hf_tensors(h, t):
     return out
 
 
+def hf_shapes(h):
+    """{name without "transformer.": shape} of every tensor transformers' GPT-2 of header h holds:
+    hf_tensors applied to stand-ins of llm.c's shapes (broadcast views: no memory)."""
+    stand_in = {name: np.broadcast_to(np.float32(0), shape) for name, shape in llmc_shapes(h)}
+    return {k[len("transformer."):]: v.shape for k, v in hf_tensors(h, stand_in).items()}
+
+
 def llmc_from_hf(h, hf):
     """transformers' GPT-2 tensors (float32, names without the "transformer." prefix) -> llm.c's,
     wte padded with zero rows to Vp."""

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from gpt2_hf import DataError, llmc_from_hf, padded_vocab, read_safetensors, write_checkpoint
+from gpt2_hf import DataError, hf_shapes, llmc_from_hf, padded_vocab, read_safetensors, write_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
 from common import download, run_main  # noqa: E402
@@ -86,17 +86,10 @@ def main():
     head = hf.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, hf.get("wte.weight")):
         raise DataError(f"{st}: lm_head.weight differs from wte.weight; the trainers tie the output layer to wte")
-    want = {"wte.weight": (h["V"], h["C"]), "wpe.weight": (h["T"], h["C"]), "ln_f.weight": (h["C"],), "ln_f.bias": (h["C"],)}
-    C = h["C"]
-    for i in range(h["L"]):
-        for key, shape in [("ln_1.weight", (C,)), ("ln_1.bias", (C,)), ("attn.c_attn.weight", (C, 3 * C)),
-                           ("attn.c_attn.bias", (3 * C,)), ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
-                           ("ln_2.weight", (C,)), ("ln_2.bias", (C,)), ("mlp.c_fc.weight", (C, 4 * C)),
-                           ("mlp.c_fc.bias", (4 * C,)), ("mlp.c_proj.weight", (4 * C, C)), ("mlp.c_proj.bias", (C,))]:
-            want[f"h.{i}.{key}"] = shape
+    want = hf_shapes(h)
     for k, shape in want.items():
         if k not in hf:
-            raise DataError(f"{st}: no tensor {k} (a GPT-2 of config.json's L {h['L']}, C {C} needs it)")
+            raise DataError(f"{st}: no tensor {k} (a GPT-2 of config.json's L {h['L']}, C {h['C']} needs it)")
         if tuple(hf[k].shape) != shape:
             raise DataError(f"{st}: {k} has shape {tuple(hf[k].shape)}, config.json implies {shape}")
     extra = sorted(set(hf) - set(want))
@@ -104,7 +97,7 @@ def main():
         raise DataError(f"{st}: tensors a GPT-2 of this config does not have: {', '.join(extra[:5])}")
     version = 3 if args.dtype == "float32" else 5
     write_checkpoint(args.out, h, llmc_from_hf(h, hf), version)
-    print(f"wrote {args.out}: version {version}, GPT-2 L {h['L']} heads {h['NH']} C {C} V {h['V']} (padded {h['Vp']}) "
+    print(f"wrote {args.out}: version {version}, GPT-2 L {h['L']} heads {h['NH']} C {h['C']} V {h['V']} (padded {h['Vp']}) "
           f"T {h['T']}")
 
 
