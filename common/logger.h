@@ -1,4 +1,5 @@
-// logger.h: llm.c-style main.log writer (one "s:<step> key:value ..." line per event), rank 0 only.
+// logger.h: llm.c-style main.log writer (one "s:<step> key:value ..." line per event) and the
+// run.txt beside it, rank 0 only.
 #pragma once
 #include <errno.h>
 #include <stdio.h>
@@ -7,7 +8,7 @@
 #include <sys/types.h>
 #include "utils.h"
 
-typedef struct { int active; char path[1024]; } Logger;
+typedef struct { int active; char path[1024]; char dir[1024]; } Logger;
 
 // mkdir -p: creates every missing component; fatal if one exists as a non-directory or
 // cannot be created, because losing the whole log silently is worse than stopping at start.
@@ -37,7 +38,9 @@ static inline void logger_init(Logger *l, const char *log_dir, int rank, int res
     if (log_dir == NULL || log_dir[0] == '\0' || rank != 0) return;
     logger_mkdir_p(log_dir);
     int n = snprintf(l->path, sizeof(l->path), "%s/main.log", log_dir);
-    if (n < 0 || (size_t)n >= sizeof(l->path)) fatal("log path '%s/main.log' is too long; choose a shorter -o", log_dir);
+    if (n < 0 || (size_t)n >= sizeof(l->path) || strlen(log_dir) >= sizeof(l->dir) - 16)
+        fatal("log path '%s/main.log' is too long; choose a shorter -o", log_dir);
+    snprintf(l->dir, sizeof(l->dir), "%s", log_dir);
     // Open once now, so an unwritable log fails at startup rather than after the first step.
     FILE *fp = fopenCheck(l->path, resume ? "a" : "w");
     fcloseCheck(fp, l->path);
@@ -45,13 +48,24 @@ static inline void logger_init(Logger *l, const char *log_dir, int rank, int res
 }
 
 // Opens, appends and closes on every line, so a crash loses at most the line being written.
-static inline void logger_append(Logger *l, const char *line) {
-    if (!l->active) return;
-    FILE *fp = fopenCheck(l->path, "a");
-    if (fputs(line, fp) == EOF || fflush(fp) != 0) {
-        fatal("writing '%s' failed: %s; is the disk full?", l->path, strerror(errno));
+static inline void logger_append_path(const char *path, const char *text) {
+    FILE *fp = fopenCheck(path, "a");
+    if (fputs(text, fp) == EOF || fflush(fp) != 0) {
+        fatal("writing '%s' failed: %s; is the disk full?", path, strerror(errno));
     }
-    fcloseCheck(fp, l->path);
+    fcloseCheck(fp, path);
+}
+
+static inline void logger_append(Logger *l, const char *line) {
+    if (l->active) logger_append_path(l->path, line);
+}
+
+// Appends text to run.txt beside main.log: what the run is (train_main.h's write_run_info).
+static inline void logger_append_run_info(Logger *l, const char *text) {
+    if (!l->active) return;
+    char path[1100];
+    snprintf(path, sizeof(path), "%s/run.txt", l->dir);
+    logger_append_path(path, text);
 }
 
 static inline void logger_log_val(Logger *l, int step, float val_loss) {

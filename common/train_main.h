@@ -58,6 +58,54 @@ static float eval_accuracy(GPT2 *m, EvalLoader *e, const MultiProc *mp) {
     return (float)(right / e->n);
 }
 
+// argv as one line a shell reads back to the same words: an argument with anything but
+// [A-Za-z0-9_./:=,+@%-] in it is single-quoted (a ' inside as '\'').
+static char *command_line(int argc, char **argv) {
+    size_t cap = 1;
+    for (int i = 0; i < argc; i++) cap += 4 * strlen(argv[i]) + 3;
+    char *out = (char *)mallocCheck(cap), *w = out;
+    for (int i = 0; i < argc; i++) {
+        const char *s = argv[i];
+        int plain = s[0] != '\0';
+        for (const char *p = s; *p; p++)
+            if (!strchr("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:=,+@%-", *p)) plain = 0;
+        if (i > 0) *w++ = ' ';
+        if (plain) { w += sprintf(w, "%s", s); continue; }
+        *w++ = '\'';
+        for (const char *p = s; *p; p++) w += *p == '\'' ? sprintf(w, "'\\''") : sprintf(w, "%c", *p);
+        *w++ = '\'';
+    }
+    *w = '\0';
+    return out;
+}
+
+// run.txt in -o: what the run is, for scripts/compare_runs.py (which puts runs side by side by
+// tokens, training FLOPs or time) and for whoever finds the folder later. One block per start,
+// so a resume appends one; "key = value" lines, the last of a key counts.
+static void write_run_info(Logger *l, const char *command, const char *model, long start_step, long steps, const GPT2 *m,
+                           const TrainArgs *a, int nproc, int grad_accum) {
+    char when[64] = "?", text[8192];
+    time_t now = time(NULL);
+    struct tm tm;
+    if (gmtime_r(&now, &tm)) strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    const GPT2Config *c = &m->config;
+    snprintf(text, sizeof(text),
+             "# started %s at step %ld\n"
+             "command = %.4000s\n"
+             "model = %.1000s\n"
+             "layers = %d\nheads = %d\nchannels = %d\nvocab_size = %d\n"
+             "parameters = %zu\n"
+             "flops_per_token = %.0f\n"  // training (forward + backward), as the MFU counts them
+             "tokens_per_step = %d\n"
+             "B = %d\nT = %d\ngrad_accum = %d\nprocesses = %d\nzero = %d\n"
+             "steps = %ld\n"
+             "lr = %g\nschedule = %s\nwarmup = %d\nfinal_lr_frac = %g\nweight_decay = %g\n",
+             when, start_step, command, model, c->num_layers, c->num_heads, c->channels, c->vocab_size,
+             gpt2_num_params_unpadded(&m->layout), gpt2_flops_per_token(&m->layout, a->T), a->total_batch, a->B, a->T, grad_accum,
+             nproc, a->zero_stage && nproc > 1, steps, a->lr, a->lr_schedule, a->warmup, a->final_frac, a->weight_decay);
+    logger_append_run_info(l, text);
+}
+
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
 // safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
 static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
@@ -104,6 +152,7 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
 int main(int argc, char **argv) {
     MultiProc mp;
     multiproc_init(&mp, &argc, &argv);
+    char *command = command_line(argc, argv);  // before trainer_setup takes its own flags out
     trainer_setup(&argc, argv, &mp);
     TrainArgs a;
     train_args_parse(&a, argc, argv);
@@ -220,6 +269,8 @@ int main(int argc, char **argv) {
     trainer_banner(&model);
     printf("+-----------------------+----------------------------------------------------+\n");
     if (model.layout.structure.any_structured) gpt2_print_layer_table(&model.layout, stdout);
+    write_run_info(&logger, command, resume_step >= 0 ? resume_model : a.model, start_step, train_steps, &model, &a, nproc, grad_accum);
+    free(command);
     double peak = trainer_peak_flops();
 
     double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);

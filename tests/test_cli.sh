@@ -74,6 +74,25 @@ a_steps=$(grep -E '^step +[456]/' "$W/A.out" | sed -E 's/\| [0-9.]+ ms.*//'); b_
 grep -q "^s:6 trl:" "$W/B/main.log" && grep -q "^s:2 tel:" "$W/B/main.log" && ok "main.log has llm.c's train and val lines" || bad "main.log" "$(cat "$W/B/main.log")"
 ls "$W/B"/*.tmp >/dev/null 2>&1 && bad "atomic writes" "temp files left behind" || ok "no temporary files left behind"
 
+# run.txt: what the run is, one block per start. d2 (C 128, L 2, V 50257) at T 32 trains at
+# 6·(L·12·C² + V·C) + 12·L·C·T FLOPs per token; the table's parameter count; -d 256 per step
+info() { grep "^$2 = " "$1/run.txt" | tail -n 1 | sed "s/^$2 = //"; }
+want_flops=$(( 6 * (2 * 12 * 128 * 128 + 50257 * 128) + 12 * 2 * 128 * 32 ))
+params=$(grep -oE '^\| parameters +\| [0-9]+' "$W/A.out" | awk '{print $NF}')
+got="$(info "$W/A" flops_per_token) $(info "$W/A" parameters) $(info "$W/A" tokens_per_step) $(info "$W/A" grad_accum) $(info "$W/A" steps)"
+[ "$got" = "$want_flops $params 256 2 6" ] && ok "run.txt: FLOPs per token, parameters, tokens per step, accumulation, steps" \
+    || bad "run.txt values" "got '$got', wanted '$want_flops $params 256 2 6'"
+grep -qF "command = $BIN -e d2 -i '$W/syn_train_*.bin' -j $VAL -b 4 -t 32 -s 0 -x 6 -n 3" "$W/A/run.txt" \
+    && ok "run.txt: the command, quoted for the shell" || bad "run.txt command" "$(grep command "$W/A/run.txt")"
+starts=$(grep -oE '^# started [0-9TZ:-]+ at step [0-9]+' "$W/B/run.txt" | sed 's/.* at //' | tr '\n' ' ')
+[ "$starts" = "step 0 step 3 " ] && ok "run.txt: a resume appends a block (steps 0, 3)" || bad "run.txt blocks" "$starts"
+# scripts/compare_runs.py on them: A and B are the same run, B resumed; its table's val is main.log's
+cmp_out=$(python3 scripts/compare_runs.py "$W/A" "$W/B" --x tokens 2>&1); rc=$?
+tel=$(grep '^s:6 tel:' "$W/B/main.log" | sed 's/.*tel://')
+if [ $rc -eq 0 ] && echo "$cmp_out" | grep -qE "^B .* $tel +$tel " && echo "$cmp_out" | grep -qF "val loss at the same tokens (1.54K" \
+    && echo "$cmp_out" | grep -qF "(+0.0000 vs A)"; then ok "compare_runs.py: a resumed run equals the uninterrupted one at 1536 tokens"
+else bad "compare_runs.py" "exit $rc: $cmp_out"; fi
+
 # -nk keeps the last K checkpoints; -nm also keeps those whose step is a multiple of it (llm.c's flags)
 "$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -v 0 -o "$W/nk" > /dev/null 2>&1
 "$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -nm 4 -v 0 -o "$W/nm" > /dev/null 2>&1

@@ -54,6 +54,10 @@ first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
 echo "$out" | grep -q "^val loss [0-9]" && ok "dense: validation loss printed" || bad "validation" "no val loss line"
 echo "$out" | grep -q "^generating:" && ok "dense: sampling runs (batch 1, growing T)" || bad "sampling" "no generating line"
 
+# run.txt's command is the whole command line, the GPU trainer's own flags (-r) included
+"$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -r 2 -o "$W/R" > /dev/null 2>&1
+grep -qF -- "-x 1 -v 0 -s 0 -r 2 -o $W/R" "$W/R/run.txt" && grep -q '^tokens_per_step = 32$' "$W/R/run.txt" \
+    && ok "run.txt: the whole command line, GPU flags too" || bad "run.txt" "$(head -3 "$W/R/run.txt")"
 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -o "$W/B" -n 2 > /dev/null 2>&1
 out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -o "$W/B" -n 2 -y 1 2>&1); rc=$?
 [ $rc -eq 0 ] && echo "$out" | grep -q "resumed from" && cmp -s "$W/A/model_00000004.bin" "$W/B/model_00000004.bin" \
