@@ -541,6 +541,8 @@ def split_paragraph_lines(lines):
 
 def _kind_of(path):
     p = path.lower()
+    if p.endswith(".parquet"):
+        return "parquet"
     if p.endswith(".jsonl") or p.endswith(".jsonl.xz") or p.endswith(".jsonl.gz"):
         return "jsonl"
     if p.endswith(".xz") or p.endswith(".tar") or p.endswith(".tgz") or p.endswith(".tar.gz"):
@@ -553,12 +555,14 @@ class DocSource:
       * a plain text file: one document, or with split_paragraphs one per blank-line-separated
         paragraph;
       * a .jsonl / .jsonl.xz / .jsonl.gz file: one document per line, its "text" field;
+      * a .parquet file (as FineWeb's are on the hub): one document per row of its "text"
+        column (needs pyarrow);
       * an xz archive: an OpenWebText `urlsf_subsetNN-M_data.xz` (xz-compressed tar of .txt
         documents), the outer `openwebtext.tar.xz` (a tar of such files), any tar(.xz) of .txt
         files, or an xz-compressed plain text file (treated like a plain text file);
         documents from archives get owt_clean() as the Hugging Face loader does;
       * a folder: searched recursively in sorted order; each .txt file is one document
-        (unchanged), and .jsonl*, .xz, .tar files in it are read as above.
+        (unchanged), and .jsonl*, .parquet, .xz, .tar files in it are read as above.
     Everything is streamed; bytes_done() reports the input bytes read so far (compressed
     bytes for compressed files) for the progress bar."""
 
@@ -579,7 +583,7 @@ class DocSource:
                     if k is not None:
                         files.append((fp, k))
             if not files:
-                raise DataError(f"input folder has no .txt, .jsonl(.xz) or .xz files: {path}")
+                raise DataError(f"input folder has no .txt, .jsonl(.xz), .parquet or .xz files: {path}")
         else:
             files = [(path, _kind_of(path))]
         self.files = files
@@ -607,6 +611,8 @@ class DocSource:
                         yield from self._text(fp, raw)
                     elif kind == "jsonl":
                         yield from self._jsonl(fp, raw)
+                    elif kind == "parquet":
+                        yield from self._parquet(fp, raw)
                     else:
                         yield from self._archive(fp, raw)
             except (OSError, EOFError, lzma.LZMAError, tarfile.TarError) as e:
@@ -655,6 +661,29 @@ class DocSource:
                 yield obj["text"]
         except UnicodeDecodeError as e:
             raise DataError(f"{fp}: line {lineno + 1} is not valid UTF-8 ({e})") from e
+
+    def _parquet(self, fp, raw):
+        try:
+            import pyarrow
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{fp}: reading Parquet needs pyarrow: pip install pyarrow "
+                            "(or give the documents as .jsonl)") from e
+        try:
+            pf = pq.ParquetFile(raw)
+            names = pf.schema_arrow.names
+            if "text" not in names:
+                raise DataError(f'{fp}: no "text" column (its columns: {", ".join(names[:12])}); '
+                                "the documents must be in a string column named text")
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
+                for text in batch.column(0).to_pylist():
+                    if text is not None and not isinstance(text, str):
+                        raise DataError(f'{fp}: row {row}: "text" is {type(text).__name__}, not a string')
+                    row += 1
+                    yield text or ""
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{fp}: not a readable Parquet file ({type(e).__name__}: {e})") from e
 
     def _archive(self, fp, raw):
         low = fp.lower()
@@ -822,6 +851,126 @@ class ShardWriter:
 def summarize(written):
     for path, n in written:
         print(f"wrote {path}: {n:,} tokens")
+
+
+# --------------------------------------------------------------------------------------
+# a text dataset -> shards (openwebtext.py, fineweb.py)
+
+
+def positive_int(s):
+    """argparse type: an integer >= 1."""
+    import argparse
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def add_shard_args(ap, default_out, out_help=None, shard_flags=("--shard_size",)):
+    """The flags every text-dataset script takes besides its input."""
+    ap.add_argument("--out", default=default_out, help=out_help or f"output folder (default {default_out})")
+    ap.add_argument(*shard_flags, dest="shard_size", type=positive_int, default=DEFAULT_SHARD_SIZE,
+                    help=f"maximum tokens per shard (default {DEFAULT_SHARD_SIZE:,})")
+    ap.add_argument("--val_docs", type=positive_int, default=None,
+                    help="put exactly the first N documents in the val shard "
+                         "(default: the first shard of up to --shard_size tokens is val)")
+    ap.add_argument("--max_docs", type=positive_int, default=None, help="stop after this many input documents (dropped ones included)")
+    ap.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                    help="tokenizer threads (default: number of cores, at most 8)")
+    ap.add_argument("--vocab", default="gpt2", choices=["gpt2", "char"], help=VOCAB_HELP)
+
+
+class HFSource:
+    """The train split of a Hugging Face hub dataset, one document per row (its "text").
+    streaming: rows are read as they download (FineWeb's samples are tens of GB), so the total
+    is known only when the hub's metadata gives it."""
+
+    def __init__(self, dataset, config=None, streaming=False):
+        self.name = dataset + (f" ({config})" if config else "")
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError(f"downloading {self.name} needs the Hugging Face `datasets` package: "
+                            "pip install datasets\n(or pass local files with --input PATH)") from e
+        try:
+            self.ds = datasets.load_dataset(dataset, name=config, split="train", streaming=streaming)
+        except Exception as e:
+            raise DataError(f"could not load {self.name} from the Hugging Face hub "
+                            f"({type(e).__name__}: {e}); pass local files with --input PATH") from e
+        self.total_docs = None
+        try:
+            self.total_docs = len(self.ds) if not streaming else self.ds.info.splits["train"].num_examples
+        except Exception:
+            pass  # a streamed dataset without split metadata: progress shows counts only
+        self.n = 0
+
+    def bytes_done(self):
+        return self.n
+
+    def __iter__(self):
+        for i, row in enumerate(self.ds):
+            self.n += 1
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f'{self.name}: row {i} has no "text" string (keys: {sorted(row)[:8] if isinstance(row, dict) else type(row).__name__})')
+            yield text
+
+
+def write_text_dataset(src, name, what, args):
+    """Tokenizes the documents of src (an iterable with bytes_done(), and total_bytes or
+    total_docs) with args.vocab into `<args.out>/<name>[_char]_{val,train}_NNNNNN.bin` and the
+    tokenizer file, as add_shard_args' flags say; `what` names the input in messages."""
+    if hasattr(src, "total_bytes"):
+        prog = Progress(src.total_bytes, "tokenizing", "bytes")
+    else:
+        prog = Progress(src.total_docs, "tokenizing", "docs")
+    tok = get_tokenizer(args.vocab)
+    shard_name = name if args.vocab == "gpt2" else f"{name}_{args.vocab}"
+    writer = ShardWriter(args.out, shard_name, tok.eot, shard_size=args.shard_size,
+                         val_docs=args.val_docs, vocab_size=tok.vocab_size)
+
+    docs = (d for d in iter_limited(src, args.max_docs) if d)  # skip empty documents
+    ndocs = 0
+    ntok = 0
+    drops = DropStats()
+
+    def status():
+        s = f"{ndocs:,} docs {ntok / 1e6:.2f}M tokens"
+        return s + f" ({drops.dropped:,} dropped)" if drops.dropped else s
+
+    def report():
+        prog.update(src.bytes_done(), status())
+
+    for text, toks in tokenize_stream(tok, docs, workers=args.workers, progress_cb=report, with_text=True):
+        if toks is None:  # a character outside the char vocabulary: drop the whole document
+            drops.add_dropped(text, tok)
+            continue
+        writer.add_document(toks)
+        ndocs += 1
+        ntok += len(toks) + 1
+    drops.kept = ndocs
+    written = writer.close()
+    prog.close(src.bytes_done(), status())
+
+    if ndocs == 0:
+        if drops.dropped:
+            raise DataError(f"all {drops.dropped:,} documents of {what} hold characters "
+                            f"outside the {args.vocab} vocabulary; nothing to write. {drops.report()}")
+        raise DataError(f"no documents found in {what}")
+
+    summarize(written)
+    if args.vocab != "gpt2":
+        print(drops.report())
+    write_tokenizer_for(tok, args.out)
+    ntrain = sum(n for p, n in written[1:])
+    print(f"{ndocs:,} documents, {ntok:,} tokens: val {written[0][1]:,} tokens in 1 shard, "
+          f"train {ntrain:,} tokens in {len(written) - 1} shards")
+    if len(written) == 1:
+        print("warning: everything fit in the val shard, no train shard was written; "
+              "use a smaller --shard_size or --val_docs", file=sys.stderr)
 
 
 def run_main(main):

@@ -31,18 +31,11 @@ import json
 import os
 import sys
 
-from common import DataError, download, get_tokenizer, run_main, write_evalfile
+from common import DataError, download, get_tokenizer, positive_int, run_main, write_evalfile
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 HERE = os.path.dirname(os.path.abspath(__file__))
 NUM_ENDINGS = 4
-
-
-def positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 def parse_label(where, value):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPT-2 124M on OpenWebText, dense, on NGPU GPUs of this node (default 1), resuming after crashes:
 #   python3 data/openwebtext.py && make train_gpt2cu && bash scripts/run_gpt2_124M.sh 8
+#   FineWeb instead, as llm.c trains it: python3 data/fineweb.py, then
+#   TRAIN="data/fineweb10B/fineweb_train_*.bin" VAL="data/fineweb10B/fineweb_val_*.bin" bash scripts/run_gpt2_124M.sh 8
 # 0.5M tokens per step, about one epoch of OpenWebText (~9B tokens) in 17,000 steps.
 cd "$(dirname "$0")/.." || exit 1
 NGPU=${1:-1}
