@@ -953,6 +953,7 @@ static void trainer_sync(void) {}
 static double trainer_peak_flops(void) { return 0.0; }  // unknown: the step line shows GFLOP/s
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 static const float *trainer_row_losses(const GPT2 *m) { return m->losses; }
+static void trainer_step_end(GPT2 *m, long step) {}
 
 static void trainer_banner(const GPT2 *m) {
     (void)m;

@@ -31,6 +31,7 @@
 #include "cuda/reduce.cuh"
 #include "cuda/flash_attention.cuh"
 #include "cuda/multigpu.cuh"
+#include "cuda/gpu_monitor.h"
 #ifdef USE_CUDNN
 #include "cuda/cudnn_attention.h"
 #endif
@@ -726,6 +727,9 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 
 static int g_recompute = 1;  // -r, llm.c's default
 static int g_flash = 1;      // -fa
+static int g_log_gpu = 0;    // -lg: a GPU state line every this many steps
+static GpuMonitor g_monitor;
+static void gpu_monitor_close_global(void) { gpu_monitor_close(&g_monitor); }
 #ifdef USE_CUDNN
 #define ATTN_CUDNN_BUILD "in this build"
 #else
@@ -750,6 +754,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 2, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128; deterministic), "
                                       "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 1)"},
+        {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
+                                              "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
         {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx) (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
@@ -784,6 +790,12 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     multigpu_init(mp, &la);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
+    if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints
+        char bus[32], err[512];
+        snprintf(bus, sizeof(bus), "%08x:%02x:%02x.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);
+        if (gpu_monitor_open(&g_monitor, bus, err, sizeof(err)) != 0) fatal("-lg %d: %s; run without -lg", g_log_gpu, err);
+        atexit(gpu_monitor_close_global);
+    }
 }
 
 static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
@@ -798,6 +810,12 @@ static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 static const float *trainer_row_losses(const GPT2 *m) { return m->h_losses + m->aux_slots; }
+static void trainer_step_end(GPT2 *m, long step) {
+    if (g_log_gpu <= 0 || step % g_log_gpu != 0 || m->mp->rank != 0) return;
+    char line[512];
+    gpu_monitor_line(&g_monitor, line, sizeof(line));
+    printf("%s\n", line);
+}
 
 static void trainer_banner(const GPT2 *m) {
     double peak = trainer_peak_flops();

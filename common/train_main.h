@@ -17,6 +17,7 @@
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
 //   trainer_row_losses(m)               the (B, T) per-position losses of the last gpt2_forward
 //                                       with targets, on the host (-h 1's scoring)
+//   trainer_step_end(m, step)           after step's line is printed (the GPU trainer's -lg line)
 #pragma once
 #include <math.h>
 #include "args.h"
@@ -350,6 +351,7 @@ int main(int argc, char **argv) {
         else snprintf(speed, sizeof(speed), "%.2f GFLOP/s", flops_per_token * tok_s / 1e9);
         printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %s%s\n", step + 1, train_steps,
                loss, aux_str, norm, lr, dt * 1e3, tok_s, speed, skip);
+        trainer_step_end(&model, step + 1);
         fflush(stdout);
         logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, (float)aux, (float)tok_s);
     }

@@ -63,6 +63,17 @@ fi
 TRAIN_BIN=./train_gpt2cu
 loads ./train_gpt2cu_cudnn && TRAIN_BIN=./train_gpt2cu_cudnn
 
+# ---- the GPU's clocks, power and clock-limit reasons once a second while the stages run, so that
+# a figure measured under a power cap or thermal slowdown shows as such (smi.log)
+SMI_PID=
+if command -v nvidia-smi > /dev/null; then
+    reasons=clocks_event_reasons.active  # the pre-R535 name, where the driver does not know this one
+    nvidia-smi --query-gpu=$reasons --format=csv,noheader > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,$reasons \
+        --format=csv -l 1 > "$LOGS/smi.log" 2>&1 &
+    SMI_PID=$!
+fi
+
 # ---- stages
 declare -A RC
 run_stage() {  # name seconds command...: at most `seconds`, and never past the budget
@@ -101,8 +112,15 @@ for s in $STAGES; do
     esac
 done
 
+[ -n "$SMI_PID" ] && kill "$SMI_PID" 2> /dev/null
+
 # ---- the summary: the figures that matter from each log
 say ""
+if [ -s "$LOGS/smi.log" ]; then  # the SM clock's range and every clock-limit reason seen (beyond none/idle)
+    say "gpu state: $(awk -F', ' 'NR > 1 && $3 + 0 > 0 { c = $3 + 0; if (!lo || c < lo) lo = c; if (c > hi) hi = c; n++;
+        if ($8 != "0x0000000000000000" && $8 != "0x0000000000000001") r[$8]++ }
+        END { printf "%d samples, SM clock %d-%d MHz, clock-limit reasons:", n, lo, hi; for (k in r) printf " %s x%d", k, r[k]; if (!length(r)) printf " none" }' "$LOGS/smi.log")"
+fi
 if [ -f "$LOGS/test.log" ]; then
     say "== test_gpt2cu: $(tail -1 "$LOGS/test.log")"
     grep -E '^FAIL' "$LOGS/test.log" | head -30 >> "$SUMMARY"

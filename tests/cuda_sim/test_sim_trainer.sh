@@ -65,6 +65,32 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -o "$W/B" -n 2
     && ok "dense: saved at step 2 and resumed: model file and resume state at step 4 bit-identical" \
     || bad "dense resume" "exit $rc: $(echo "$out" | tail -n 2)"
 
+# -lg: NVML through dlopen, here a stand-in libnvidia-ml.so.1 with fixed readings (fake_nvml.c)
+for v in ok:"" fail_power:"" old_name:-DOLD_REASONS_NAME no_reasons:-DNO_REASONS; do
+    mkdir -p "$W/nvml_${v%%:*}"
+    # shellcheck disable=SC2086
+    cc -shared -fPIC -O1 ${v#*:} tests/cuda_sim/fake_nvml.c -o "$W/nvml_${v%%:*}/libnvidia-ml.so.1" || bad "fake NVML" "does not build"
+done
+LG=(-e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -lg 2)
+want="GPU: util 97% | mem bw 55% | SM 1755/1980 MHz | 612/700 W | 64/87 C | 70.0/80.0 GiB | clocks limited by: power cap, sw thermal, other (0x400)"
+out=$(LD_LIBRARY_PATH="$W/nvml_ok" FAKE_NVML_LOG="$W/nvml_bus" "$BIN" "${LG[@]}" 2>&1); rc=$?
+got=$(echo "$out" | grep -E '^(step|GPU:)' | sed -E 's/^(step +[0-9]+)\/.*/\1/' | tr '\n' '#')
+[ $rc -eq 0 ] && [ "$got" = "step    1#step    2#$want#step    3#step    4#$want#" ] && [ "$(cat "$W/nvml_bus")" = "00000000:00:00.0" ] \
+    && ok "-lg 2: NVML's readings after steps 2 and 4, for the GPU at the device's PCI address" || bad "-lg 2" "exit $rc: $got / $(cat "$W/nvml_bus")"
+out=$(LD_LIBRARY_PATH="$W/nvml_ok" FAKE_NVML_FAIL=power "$BIN" "${LG[@]}" 2>&1)
+echo "$out" | grep -qF "| 64/87 C | 70.0/80.0 GiB" && echo "$out" | grep -qF "SM 1755/1980 MHz | n/a | 64/87 C" \
+    && ok "-lg: a reading the GPU does not give is n/a" || bad "-lg n/a" "$(echo "$out" | grep GPU: | head -1)"
+out=$(LD_LIBRARY_PATH="$W/nvml_old_name" "$BIN" "${LG[@]}" 2>&1)
+echo "$out" | grep -qF "clocks limited by: idle" && ok "-lg: a pre-R535 driver's clock-reason call" || bad "-lg old driver" "$(echo "$out" | grep GPU: | head -1)"
+out=$(LD_LIBRARY_PATH="$W/nvml_no_reasons" "$BIN" "${LG[@]}" -o "$W/lg_none" 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -qF "error: -lg 2: libnvidia-ml.so.1 has no nvmlDeviceGetCurrentClocksEventReasons" && [ ! -e "$W/lg_none" ] \
+    && ok "-lg with an NVML that lacks a call: a clear error before anything is written" || bad "-lg missing symbol" "exit $rc: $(echo "$out" | tail -2)"
+if ! ldconfig -p 2>/dev/null | grep -q 'libnvidia-ml.so.1'; then
+    out=$(LD_LIBRARY_PATH="$W/nowhere" "$BIN" "${LG[@]}" 2>&1); rc=$?
+    [ $rc -ne 0 ] && echo "$out" | grep -qF "error: -lg 2: cannot load libnvidia-ml.so.1 (NVML, installed with the NVIDIA driver)" \
+        && ok "-lg without NVML: a clear error" || bad "-lg without NVML" "exit $rc: $(echo "$out" | tail -2)"
+fi
+
 # gradient accumulation: 2 micro-batches of 2 sequences = one batch of 4
 a=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 4 -x 2 -v 0 -s 0 2>&1 | losses | tr '\n' ' ')
 b=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -d 64 -x 2 -v 0 -s 0 2>&1 | losses | tr '\n' ' ')
