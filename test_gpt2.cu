@@ -1,9 +1,9 @@
 // test_gpt2.cu: test mode on the GPU: the bf16 trainer against every PyTorch fixture in
 // dev/fixtures, dense and structured (logits, loss and BTT-MoE aux loss, every gradient, 10 AdamW
 // steps: losses, gradient norms, final weights), in four recompute / GELU-fusion / attention
-// settings, once more on cuDNN's attention (-fa 2) in a build with cuDNN, and, for the structured
-// fixtures, once more with the fused structured kernels (-sk 1; dev/fixtures/fused.bin has the
-// shapes they take);
+// settings, once more on cuDNN's attention (-fa 2) in a build with cuDNN, for the structured
+// fixtures once more with the fused structured kernels (-sk 1; dev/fixtures/fused.bin has the
+// shapes they take), and once more without master weights (-w 0);
 // determinism (two runs, and a run saved and resumed at step 5, give bit-identical losses and
 // weights); each structure's GPU layer against the CPU layer at GPT-2 sizes on random inputs;
 // and llm.c's GPT-2 124M debug state when gpt2_124M.bin and gpt2_124M_debug_state.bin are in the
@@ -18,7 +18,9 @@
 //   grad norms       |got - ref| <= 1e-3 + 1e-1 |ref| (bf16 training drifts: up to 8% by step 9)
 //   final weights    per tensor, mean |got - ref| <= one Adam step (lr * lr_mult); the k part of
 //                    a fused qkv bias is skipped (zero gradient in exact arithmetic: Adam turns
-//                    rounding noise into lr-sized steps, see test_gpt2.c)
+//                    rounding noise into lr-sized steps, see test_gpt2.c); with -w 0 plus
+//                    ulp·sqrt(10)/2, the random walk of stochastic rounding to bf16 at the
+//                    tensor's largest |weight| (LayerNorm gains near 1: 0.012)
 //   determinism      bit-identical (memcmp)
 //   llm.c 124M       logits 0.25 abs, loss 1e-2, grads 10% of tensor scale, losses 5e-2
 //   GPU vs CPU layer y, dx: |got - ref| <= 3e-2 · max|ref|; weight gradients 3e-2 · max|ref| of
@@ -139,6 +141,7 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
+static int g_test_no_master = 0;  // -w 0 for the next run_fixture
 static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full, int fused) {
     Fixture f;
     GPT2 m;
@@ -147,8 +150,10 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     g_gpu.gelu_fusion = gelu_fusion;
     g_st_fused = fused;
     char tag[128], name[512];
-    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s]", base_name(path), recompute, gelu_fusion, flash, fused ? " -sk 1" : "");
+    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash, fused ? " -sk 1" : "",
+             g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
+    m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     if (flash == 2 && !m.cudnn) {
         printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
@@ -203,6 +208,12 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     for (int i = 0; i < g->params.n; i++) {
         const ParamTensor *p = &g->params.t[i];
         float step = f.lr * p->lr_mult;
+        if (g_test_no_master) {  // -w 0: each update rounds stochastically to bf16, an unbiased error of
+            // under one ulp: a random walk of std <= ulp·sqrt(steps)/2 (LayerNorm gains near 1: ulp 2^-7)
+            float big = max_abs(f.final_params + p->offset, p->numel);
+            float ulp = big > 0 ? ldexpf(1.0f, ilogbf(big) - 7) : 0.0f;
+            step += 0.5f * ulp * sqrtf((float)f.n_steps);
+        }
         size_t len = strlen(p->name);
         if (len > 4 && strcmp(p->name + len - 4, ".k.b") == 0) continue;  // a separate k bias: as the fused one's k part
         if (len > 5 && strcmp(p->name + len - 5, ".qkvb") == 0) {
@@ -255,6 +266,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     gpt2_write_checkpoint(&m, model_path, state_path, &st);
     gpt2_free(&m);
     gpt2_build(&m, model_path);
+    m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     TrainState st2;
     gpt2_read_state(&m, state_path, &st2);
@@ -479,7 +491,8 @@ static void check_structures_vs_cpu(void) {
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
 // attention path, then without recompute or fusion, then with LayerNorm recompute and
 // forward-only fusion; with cuDNN, the defaults with every check on -fa 2; a structured one once
-// more, the defaults with every check and -sk 1.
+// more, the defaults with every check and -sk 1; and the defaults with every check and -w 0 (no
+// master weights: the bf16 weights take the updates, within the same tolerances).
 static int g_cudnn_only = 0;  // --cudnn-only: the -fa 2 run of each fixture alone
 static void run_fixture_modes(const char *path) {
 #ifdef USE_CUDNN
@@ -497,6 +510,9 @@ static void run_fixture_modes(const char *path) {
 #endif
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
     g_st_fused = 0;
+    g_test_no_master = 1;
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
+    g_test_no_master = 0;
 }
 
 // ./test_gpt2cu [fixtures directory (default dev/fixtures)] [--cudnn-only]

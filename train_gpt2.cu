@@ -74,7 +74,8 @@ typedef struct {
     float *master_host;                // fp32 weights on the host: built/loaded here, checkpoints go through it
     // device
     floatX *params, *grads;            // bf16, in the parameter table's flat layout
-    float *master, *m, *v;             // fp32 master weights and AdamW moments
+    float *master, *m, *v;             // fp32 master weights (NULL with -w 0) and AdamW moments
+    int no_master;                     // -w 0: no master weights; AdamW updates the bf16 weights in place
     int recompute;                     // -r: 0 none, 1 GELU, 2 GELU and LayerNorm
     int max_B, max_T;
     Acts acts;
@@ -269,6 +270,20 @@ static int gpt2_try_cudnn(const GPT2 *m, int B, int T) {
 #endif
 }
 
+// The master weights and the bf16 weights from all of master_host (every rank holds all of it),
+// rounded as update t left them (master_to_bf16); with -w 0 through a temporary fp32 buffer,
+// freed before the activations are allocated.
+static void gpt2_upload_weights(GPT2 *m, long t) {
+    size_t np = gpt2_padded_len(m);
+    float *src = m->master ? m->master : cudaMallocNamed(float, np, "fp32 weights while they are rounded to bf16 (-w 0)");
+    cudaCheck(cudaMemcpy(src, m->master_host, np * sizeof(float), cudaMemcpyHostToDevice));
+    master_to_bf16(&m->layout.params, m->params, src, t);
+    if (!m->master) {
+        cudaCheck(cudaFree(src));
+        g_gpu_bytes -= np * sizeof(float);
+    }
+}
+
 // flash: 1 our flash-attention kernel where it supports the head size, 2 cuDNN's where it runs the
 // shape (else as 1), else the cuBLAS path.
 static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
@@ -291,15 +306,14 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     }
     m->params = cudaMallocNamed(floatX, np, "parameters (bf16)");
     m->grads = cudaMallocNamed(floatX, np, "gradients (bf16)");
-    m->master = cudaMallocNamed(float, np, "master weights (fp32)");
+    if (!m->no_master) m->master = cudaMallocNamed(float, np, "master weights (fp32; -w 0 goes without)");
     m->m = cudaMallocNamed(float, nm, "AdamW first moments (fp32; this rank's slice with -z 1)");
     m->v = cudaMallocNamed(float, nm, "AdamW second moments (fp32; this rank's slice with -z 1)");
     cudaCheck(cudaMemset(m->params, 0, np * sizeof(floatX)));
     cudaCheck(cudaMemset(m->grads, 0, np * sizeof(floatX)));
     cudaCheck(cudaMemset(m->m, 0, nm * sizeof(float)));
     cudaCheck(cudaMemset(m->v, 0, nm * sizeof(float)));
-    cudaCheck(cudaMemcpy(m->master, m->master_host, np * sizeof(float), cudaMemcpyHostToDevice));
-    master_to_bf16(&m->layout.params, m->params, m->master, 0);
+    gpt2_upload_weights(m, 0);
 
     Acts *a = &m->acts;
     size_t ln_layers = recompute >= 2 ? 1 : L, gelu_layers = recompute >= 1 ? 1 : L;
@@ -398,8 +412,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
 // Sets the weights from host fp32 (tests): master = p, bf16 = round to nearest, moments zero.
 [[maybe_unused]] static void gpt2_set_params(GPT2 *m, const float *p) {
     memcpy(m->master_host, p, m->num_params * sizeof(float));
-    cudaCheck(cudaMemcpy(m->master, p, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
-    master_to_bf16(&m->layout.params, m->params, m->master, 0);
+    gpt2_upload_weights(m, 0);
     cudaCheck(cudaMemset(m->m, 0, m->num_params * sizeof(float)));
     cudaCheck(cudaMemset(m->v, 0, m->num_params * sizeof(float)));
 }
@@ -645,8 +658,16 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 // model has no bf16 format: its model file is version 10 from the fp32 master weights (which the
 // state then need not repeat), as the CPU trainer writes it.
 
-// All of the fp32 master weights to the host (with ZeRO-1, gathered from the ranks first).
+// All of the fp32 master weights to the host (with ZeRO-1, gathered from the ranks first); with
+// -w 0 the bf16 weights, which every rank holds whole after each update, widened.
 static void gpt2_download_master(GPT2 *m) {
+    if (m->no_master) {
+        uint16_t *hb = (uint16_t *)mallocCheck(m->num_params * sizeof(uint16_t));
+        cudaCheck(cudaMemcpy(hb, m->params, m->num_params * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < m->num_params; i++) m->master_host[i] = bf16_to_float(hb[i]);
+        free(hb);
+        return;
+    }
     if (m->zero.stage) multigpu_allgather(m->master, m->zero.shard, 1, m->mp->rank);
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
 }
@@ -664,35 +685,41 @@ static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *s
         free(hb);
     }
     // the state holds this rank's moments (its slice with -z 1) and, for bf16 model files, the
-    // matching slice of the master weights
+    // matching slice of the master weights (with -w 0 the model file holds the exact weights)
     size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
     float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
     cudaCheck(cudaMemcpy(hm, m->m, nm * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(hv, m->v, nm * sizeof(float), cudaMemcpyDeviceToHost));
-    if (m->zero.stage && !m->config_text)  // the padded tail of the last slice
+    int with_master = !m->config_text && !m->no_master;
+    if (m->zero.stage && with_master)  // the padded tail of the last slice
         cudaCheck(cudaMemcpy(m->master_host + lo, m->master + lo, nm * sizeof(float), cudaMemcpyDeviceToHost));
     TrainState mine = *st;
     mine.num_params = (int64_t)nm;
-    state_write(state_path, &mine, hm, hv, m->config_text ? NULL : m->master_host + lo);
+    state_write(state_path, &mine, hm, hv, with_master ? m->master_host + lo : NULL);
     free(hm);
     free(hv);
 }
 
 // After gpt2_build(checkpoint) and gpt2_alloc: the moments and master weights from the state
 // file, and the bf16 weights exactly as the uninterrupted run had them after update st->step. A
-// state without master weights (its model file was fp32) keeps the model file's weights.
+// state without master weights (its model file was fp32, or written with -w 0) keeps the model
+// file's weights. Either -w resumes either kind: stochastic rounding leaves a value that bf16
+// holds exactly as it is, so a -w 0 run's weights come back bit for bit both ways.
 static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
     size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
     float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
-    if (state_read(state_path, st, hm, hv, m->master_host + lo, nm)) {
-        cudaCheck(cudaMemcpy(m->master + lo, m->master_host + lo, nm * sizeof(float), cudaMemcpyHostToDevice));
-        if (m->zero.stage) multigpu_allgather(m->master, m->zero.shard, 1, m->mp->rank);
-    }
+    int had_master = state_read(state_path, st, hm, hv, m->master_host + lo, nm);
     cudaCheck(cudaMemcpy(m->m, hm, nm * sizeof(float), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(m->v, hv, nm * sizeof(float), cudaMemcpyHostToDevice));
     free(hm);
     free(hv);
-    master_to_bf16(&m->layout.params, m->params, m->master, (long)st->step);
+    if (m->master && had_master) {  // this rank's slice came from the state: gather the others'
+        cudaCheck(cudaMemcpy(m->master + lo, m->master_host + lo, nm * sizeof(float), cudaMemcpyHostToDevice));
+        if (m->zero.stage) multigpu_allgather(m->master, m->zero.shard, 1, m->mp->rank);
+        master_to_bf16(&m->layout.params, m->params, m->master, (long)st->step);
+    } else {  // master_host is whole: the model file's weights, this rank's slice from the state
+        gpt2_upload_weights(m, (long)st->step);
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -728,6 +755,7 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 static int g_recompute = 1;  // -r, llm.c's default
 static int g_flash = 1;      // -fa
 static int g_log_gpu = 0;    // -lg: a GPU state line every this many steps
+static int g_master_weights = 1;  // -w, llm.c's default
 static GpuMonitor g_monitor;
 static void gpu_monitor_close_global(void) { gpu_monitor_close(&g_monitor); }
 #ifdef USE_CUDNN
@@ -754,6 +782,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 2, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128; deterministic), "
                                       "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 1)"},
+        {"-w", &g_master_weights, NULL, 0, 1, "1: fp32 master weights for AdamW; 0: none, AdamW updates the bf16 weights with stochastic "
+                                              "rounding (4 bytes per parameter less; llm.c's -w) (default: 1)"},
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
         {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx) (default: 0)"},
@@ -801,6 +831,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
 static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
     m->mp = mp;
     zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
+    m->no_master = !g_master_weights;
     gpt2_alloc(m, B, T, g_recompute, g_flash);
     if (g_flash && !m->flash && !m->cudnn)
         printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
@@ -824,7 +855,8 @@ static void trainer_banner(const GPT2 *m) {
     else snprintf(peak_str, sizeof(peak_str), "unknown for this device: no MFU printed");
     printf("| device                | %-50.50s |\n", g_gpu.prop.name);
     printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
-    printf("| precision             | %-50s |\n", "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
+    printf("| precision             | %-50s |\n", m->no_master ? "bf16 weights/acts, no master weights (-w 0), fp32 AdamW"
+                                                                : "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", m->cudnn   ? "cuDNN fused flash attention (-fa 2)"
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"

@@ -84,7 +84,7 @@ static char *command_line(int argc, char **argv) {
 // tokens, training FLOPs or time) and for whoever finds the folder later. One block per start,
 // so a resume appends one; "key = value" lines, the last of a key counts.
 static void write_run_info(Logger *l, const char *command, const char *model, long start_step, long steps, const GPT2 *m,
-                           const TrainArgs *a, int nproc, int grad_accum) {
+                           double flops_per_token, const TrainArgs *a, int nproc, int grad_accum) {
     char when[64] = "?", text[8192];
     time_t now = time(NULL);
     struct tm tm;
@@ -102,7 +102,7 @@ static void write_run_info(Logger *l, const char *command, const char *model, lo
              "steps = %ld\n"
              "lr = %g\nschedule = %s\nwarmup = %d\nfinal_lr_frac = %g\nweight_decay = %g\n",
              when, start_step, command, model, c->num_layers, c->num_heads, c->channels, c->vocab_size,
-             gpt2_num_params_unpadded(&m->layout), gpt2_flops_per_token(&m->layout, a->T), a->total_batch, a->B, a->T, grad_accum,
+             gpt2_num_params_unpadded(&m->layout), flops_per_token, a->total_batch, a->B, a->T, grad_accum,
              nproc, a->zero_stage && nproc > 1, steps, a->lr, a->lr_schedule, a->warmup, a->final_frac, a->weight_decay);
     logger_append_run_info(l, text);
 }
@@ -270,11 +270,11 @@ int main(int argc, char **argv) {
     trainer_banner(&model);
     printf("+-----------------------+----------------------------------------------------+\n");
     if (model.layout.structure.any_structured) gpt2_print_layer_table(&model.layout, stdout);
-    write_run_info(&logger, command, resume_step >= 0 ? resume_model : a.model, start_step, train_steps, &model, &a, nproc, grad_accum);
-    free(command);
     double peak = trainer_peak_flops();
-
     double flops_per_token = gpt2_flops_per_token(&model.layout, a.T);
+    write_run_info(&logger, command, resume_step >= 0 ? resume_model : a.model, start_step, train_steps, &model, flops_per_token, &a,
+                   nproc, grad_accum);
+    free(command);
     double total_time = 0.0;
     long timed_steps = 0;
     int overfit_loaded = 0;

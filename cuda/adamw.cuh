@@ -1,4 +1,4 @@
-// cuda/adamw.cuh: fused AdamW over the parameter table: fp32 master weights and moments, per-tensor lr multiplier and decay flag, stochastic rounding to the bf16 weights.
+// cuda/adamw.cuh: fused AdamW over the parameter table: fp32 master weights (optional) and moments, per-tensor lr multiplier and decay flag, stochastic rounding to the bf16 weights.
 #pragma once
 #include "common.cuh"
 #include "../common/params.h"
@@ -12,7 +12,8 @@ static inline unsigned int adamw_seed(long t, int tensor) {
 
 // The same update as the CPU trainer's gpt2_update, element by element. idx0: the index within
 // its tensor of element 0 here (a ZeRO-1 slice may start inside a tensor), so that the rounding
-// of an element does not depend on how the tensor is split over ranks.
+// of an element does not depend on how the tensor is split over ranks. master NULL (-w 0): the
+// bf16 weight is the one being updated, and stochastic rounding keeps it unbiased.
 __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads, float *m, float *v, size_t n, float lr, float beta1,
                              float beta2, float bc1, float bc2, float eps, float wd, float grad_scale, unsigned int seed, size_t idx0) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -22,9 +23,9 @@ __global__ void adamw_kernel(floatX *params, float *master, const floatX *grads,
         m[i] = mi;
         v[i] = vi;
         float mhat = mi / bc1, vhat = vi / bc2;
-        float p = master[i];
+        float p = master ? master[i] : (float)params[i];
         p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p);
-        master[i] = p;
+        if (master) master[i] = p;
         params[i] = stochastic_round_bf16(p, idx0 + i, seed);
     }
 }
@@ -53,7 +54,7 @@ static void adamw_update_range(const ParamTable *pt, floatX *params, float *mast
         if (sharded) zero_tensor_range(p, z, &j0, &j1);
         if (j1 <= j0) continue;
         size_t o = p->offset + j0, mo = o - (sharded ? z->lo : 0);
-        adamw_kernel<<<grid_for(j1 - j0, 512), 512>>>(params + o, master + o, grads + o, m + mo, v + mo, j1 - j0, lr * p->lr_mult, beta1, beta2,
+        adamw_kernel<<<grid_for(j1 - j0, 512), 512>>>(params + o, master ? master + o : NULL, grads + o, m + mo, v + mo, j1 - j0, lr * p->lr_mult, beta1, beta2,
                                                       bc1, bc2, eps, p->decay ? weight_decay : 0.0f, grad_scale, adamw_seed(t, i), j0);
         cudaCheckLaunch();
     }

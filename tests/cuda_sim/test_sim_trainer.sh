@@ -48,6 +48,7 @@ COMMON=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -tk data/tinysh
 losses() { grep -E '^step ' | sed -E 's/.*\| loss ([0-9.naif-]+) .*/\1/'; }
 
 out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 2 -m 2 -s 4 -g 6 -o "$W/A" -n 2 2>&1); rc=$?
+echo "$out" > "$W/A.out"
 first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
 [ $rc -eq 0 ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }' && ok "dense: 4 steps lower the loss ($first -> $last)" \
     || bad "dense training" "exit $rc, losses $first -> $last: $(echo "$out" | tail -n 3)"
@@ -64,6 +65,31 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -o "$W/B" -n 2
     && cmp -s "$W/A/state_00000004_00000.bin" "$W/B/state_00000004_00000.bin" \
     && ok "dense: saved at step 2 and resumed: model file and resume state at step 4 bit-identical" \
     || bad "dense resume" "exit $rc: $(echo "$out" | tail -n 2)"
+
+# -w 0 (llm.c's): no fp32 master weights, AdamW updates the bf16 weights with stochastic rounding
+loss_at() { grep -E "^step +$1/" | sed -E 's/.*\| loss ([0-9.]+) .*/\1/'; }
+W0=(-e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -w 0)
+out=$("$BIN" "${W0[@]}" -o "$W/w0A" -n 2 2>&1); rc=$?
+l1=$(echo "$out" | loss_at 1); l4=$(echo "$out" | loss_at 4); r1=$(grep -E '^step +1/' "$W/A.out" 2>/dev/null | sed -E 's/.*\| loss ([0-9.]+) .*/\1/')
+[ $rc -eq 0 ] && echo "$out" | grep -q "no master weights (-w 0)" && awk -v a="$l1" -v b="$l4" 'BEGIN { exit !(b < a) }' \
+    && ok "-w 0: trains without master weights ($l1 -> $l4)" || bad "-w 0 training" "exit $rc: $(echo "$out" | tail -2)"
+sz1=$(stat -c %s "$W/A/state_00000002_00000.bin"); sz0=$(stat -c %s "$W/w0A/state_00000002_00000.bin")
+np=$(( ($(stat -c %s "$W/A/model_00000002.bin") - 1024) / 2 ))
+[ $((sz1 - sz0)) -eq $((4 * np)) ] && ok "-w 0: the resume state has no master weights (4 x $np bytes less)" || bad "-w 0 state" "$sz1 vs $sz0 for $np params"
+"$BIN" "${W0[@]}" -x 2 -o "$W/w0B" -n 2 > /dev/null 2>&1
+"$BIN" "${W0[@]}" -o "$W/w0B" -n 2 -y 1 > /dev/null 2>&1
+cmp -s "$W/w0A/model_00000004.bin" "$W/w0B/model_00000004.bin" && cmp -s "$W/w0A/state_00000004_00000.bin" "$W/w0B/state_00000004_00000.bin" \
+    && ok "-w 0: saved at step 2 and resumed, bit-identical at step 4" || bad "-w 0 resume" "step-4 files differ"
+# either -w resumes either's checkpoint with the weights the run had: step 3's loss is the run's
+mkdir -p "$W/x10" "$W/x01"
+cp "$W/A"/*_00000002* "$W/A/DONE_00000002" "$W/x10/"; cp "$W/w0A"/*_00000002* "$W/w0A/DONE_00000002" "$W/x01/"
+a3=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 2 -m 2 -s 4 -g 6 -o "$W/x10" -n 2 -y 1 -w 0 2>&1 | loss_at 3)
+b3=$("$BIN" "${W0[@]}" -o "$W/x01" -n 2 -y 1 -w 1 2>&1 | loss_at 3)
+w13=$(loss_at 3 < "$W/A.out"); w03=$(echo "$out" | loss_at 3)
+[ -n "$a3" ] && [ "$a3" = "$w13" ] && [ -n "$b3" ] && [ "$b3" = "$w03" ] \
+    && ok "-w 1's checkpoint resumed with -w 0, and -w 0's with -w 1: step 3's loss as in the run ($a3, $b3)" \
+    || bad "-w across resume" "'$a3' vs '$w13', '$b3' vs '$w03'"
+[ -n "$r1" ] && [ "$l1" = "$r1" ] && ok "-w 0: the first step's loss equals -w 1's ($l1)" || bad "-w 0 first step" "$l1 vs $r1"
 
 # -lg: NVML through dlopen, here a stand-in libnvidia-ml.so.1 with fixed readings (fake_nvml.c)
 for v in ok:"" fail_power:"" old_name:-DOLD_REASONS_NAME no_reasons:-DNO_REASONS; do
