@@ -72,7 +72,7 @@ static const ArgSpec train_arg_specs[] = {
     {"-hf", ARG_STR, ARG_FIELD(eval_path), "multiple-choice eval file for -h 1 (python data/hellaswag.py writes it)"},
     {"-s", ARG_INT, ARG_FIELD(sample_every), "sample text every this many steps (0: never)"},
     {"-g", ARG_INT, ARG_FIELD(gen_T), "tokens to generate when sampling"},
-    {"-x", ARG_INT, ARG_FIELD(max_steps), "optimizer steps to train (-1: one epoch of the train data)"},
+    {"-x", ARG_INT, ARG_FIELD(max_steps), "optimizer steps to train (-1: one epoch of the train data; 0: only evaluate the model: val loss, -h 1, a sample)"},
     {"-a", ARG_INT, ARG_FIELD(overfit), "1: train on the first batch only (overfit a single batch)"},
     {"-n", ARG_INT, ARG_FIELD(ckpt_every), "write a checkpoint + resume state every this many steps (0: never; needs -o)"},
     {"-nk", ARG_INT, ARG_FIELD(keep_last), "keep only the last this many checkpoints (0: keep all)"},
@@ -191,7 +191,7 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->skip_loss_z < 0 || a->skip_norm_z < 0)
         fatal("-sl %g -sg %g: the outlier thresholds are z-scores > 0 (3 is usual), or 0 for off", a->skip_loss_z, a->skip_norm_z);
     if (a->gen_T < 1) fatal("-g %d: must generate at least one token", a->gen_T);
-    if (a->max_steps == 0 || a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, or -1 for one epoch", a->max_steps);
+    if (a->max_steps < -1) fatal("-x %d: give a number of steps >= 1, 0 to only evaluate, or -1 for one epoch", a->max_steps);
     if (a->ckpt_every < 0 || a->keep_last < 0 || a->major_every < 0 || a->val_every < 0 || a->sample_every < 0)
         fatal("-n, -nk, -nm, -v and -s take values >= 0");
     if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);

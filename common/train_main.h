@@ -195,8 +195,8 @@ int main(int argc, char **argv) {
         dataloader_init(&val_loader, a.val_data, a.B, a.T, rank, nproc, 0, 0);
         val_loader.vocab_size = c->vocab_size;
     }
-    long train_steps = a.max_steps > 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
-    if (train_steps < 1) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
+    long train_steps = a.max_steps >= 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
+    if (train_steps < 1 && a.max_steps != 0) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
 
     trainer_alloc(&model, &mp, a.B, a.T, a.zero_stage);
     gpt2_zero_grad(&model);
@@ -251,6 +251,9 @@ int main(int argc, char **argv) {
         start_step = st.step;
         printf("resumed from %s at step %ld\n", resume_model, start_step);
     }
+    // -x 0, as in llm.c: the loop's last step alone, which evaluates (val loss, -h 1, a sample) the
+    // model of -e, or with -y 1 the latest checkpoint, and trains nothing
+    if (a.max_steps == 0) train_steps = start_step;
 
     Logger logger;
     if (a.out_dir && rank == 0) ensure_dir(a.out_dir);
@@ -265,7 +268,8 @@ int main(int argc, char **argv) {
     printf("| B / T / total batch   | %-4d / %-5d / %-8d (grad accum %-4d)%-13s |\n", a.B, a.T, a.total_batch, grad_accum, "");
     printf("| processes / ZeRO      | %-4d / %-43s |\n", nproc, a.zero_stage && nproc > 1 ? "stage 1 (optimizer state sharded)" : "off");
     printf("| train / val tokens    | %-12ld / %-35ld |\n", train_loader.num_tokens_total, have_val ? val_loader.num_tokens_total : 0L);
-    printf("| steps                 | %-50ld |\n", train_steps);
+    if (a.max_steps == 0) printf("| steps                 | %-50s |\n", "none (-x 0: evaluation only)");
+    else printf("| steps                 | %-50ld |\n", train_steps);
     printf("| lr / schedule         | %-10g %-8s warmup %-6d final %-14g |\n", a.lr, a.lr_schedule, a.warmup, a.final_frac);
     trainer_banner(&model);
     printf("+-----------------------+----------------------------------------------------+\n");

@@ -93,6 +93,21 @@ if [ $rc -eq 0 ] && echo "$cmp_out" | grep -qE "^B .* $tel +$tel " && echo "$cmp
     && echo "$cmp_out" | grep -qF "(+0.0000 vs A)"; then ok "compare_runs.py: a resumed run equals the uninterrupted one at 1536 tokens"
 else bad "compare_runs.py" "exit $rc: $cmp_out"; fi
 
+# -x 0 (llm.c's): evaluate only. With -y 1 the latest checkpoint: its val loss is the one the run
+# logged at step 6; nothing is trained or written but the log lines
+cp -r "$W/A" "$W/A0"
+out=$("$BIN" "${RUN[@]}" -x 0 -o "$W/A0" -y 1 2>&1); rc=$?
+want=$(grep '^s:6 tel:' "$W/A/main.log" | sed 's/.*tel://')
+got=$(echo "$out" | grep '^val loss' | awk '{printf "%.4f", $3}')
+files=$(cd "$W/A0" && ls | grep -v -e main.log -e run.txt | tr '\n' ' '); files_a=$(cd "$W/A" && ls | grep -v -e main.log -e run.txt | tr '\n' ' ')
+[ $rc -eq 0 ] && [ -n "$want" ] && [ "$got" = "$want" ] && ! echo "$out" | grep -q '^step ' && [ "$files" = "$files_a" ] \
+    && [ "$(tail -n 1 "$W/A0/main.log")" = "s:6 tel:$want" ] && echo "$out" | grep -q 'none (-x 0: evaluation only)' \
+    && ok "-x 0 -y 1: evaluates the step-6 checkpoint (val $got, as logged at step 6), trains and writes nothing else" \
+    || bad "-x 0 -y 1" "exit $rc, val '$got' vs '$want', files '$files' vs '$files_a': $(echo "$out" | tail -n 2)"
+got2=$("$BIN" -e "$W/A/model_00000006.bin" -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0 -x 0 -v 2 -m 2 2>&1 | grep '^val loss' | awk '{printf "%.4f", $3}')
+[ "$got2" = "$want" ] && ok "-x 0 -e model_00000006.bin: the same val loss" || bad "-x 0 -e" "'$got2' vs '$want'"
+expect_error "-x below -1" "-x -2: give a number of steps >= 1, 0 to only evaluate, or -1 for one epoch" "${COMMON[@]}" -x -2
+
 # -nk keeps the last K checkpoints; -nm also keeps those whose step is a multiple of it (llm.c's flags)
 "$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -v 0 -o "$W/nk" > /dev/null 2>&1
 "$BIN" "${COMMON[@]}" -x 8 -n 2 -nk 1 -nm 4 -v 0 -o "$W/nm" > /dev/null 2>&1
