@@ -10,6 +10,7 @@
     document, cleaned as the Hugging Face loader does (runs of 3+ newlines become 2,
     surrounding whitespace stripped);
   * a .jsonl / .jsonl.xz / .jsonl.gz file with one {"text": ...} document per line;
+  * a .parquet file: one document per row of its "text" column (needs pyarrow);
   * a folder of .txt files (one document each, unchanged);
   * a plain text file: one document, or with --split_paragraphs one document per paragraph
     (paragraphs are separated by runs of blank lines).
