@@ -37,33 +37,14 @@ Offline: set TIKTOKEN_CACHE_DIR to a folder with the GPT-2 BPE cache
 import argparse
 import os
 import sys
-import urllib.request
 
 import numpy as np
 
-from common import (VOCAB_HELP, DataError, DropStats, get_tokenizer, run_main, summarize, write_shard,
+from common import (VOCAB_HELP, DataError, DropStats, download, get_tokenizer, run_main, summarize, write_shard,
                     write_tokenizer_for)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def download(path):
-    if os.path.exists(path):
-        print(f"{path} already exists, not downloading")
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {URL} -> {path}")
-    tmp = path + ".tmp"
-    try:
-        with urllib.request.urlopen(URL, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DataError(f"could not download {URL} ({type(e).__name__}: {e}).\n"
-                        f"If this machine is offline, pass a local copy with --input PATH/input.txt") from e
 
 
 def split_documents(text):
@@ -85,7 +66,8 @@ def main():
     path = args.input
     if path is None:
         path = os.path.join(args.out, "input.txt")
-        download(path)
+        os.makedirs(args.out, exist_ok=True)
+        download(URL, path, "If this machine is offline, pass a local copy with --input PATH/input.txt")
     if not os.path.isfile(path):
         raise DataError(f"input not found: {path}")
     try:
