@@ -245,6 +245,28 @@ def table(runs, axis, baseline):
     return out
 
 
+def write_csv(runs, path):
+    """One row per run and logged step: the step on every axis a run can give, and its values."""
+    import csv
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", "tokens", "flops", "time_s", "train_loss", "val_loss", "eval_acc", "lr", "norm", "aux", "tok_s"])
+        for r in runs:
+            xs = {}
+            for axis in ("tokens", "flops", "time"):
+                try:
+                    xs[axis] = r.x_of(axis)
+                except RunError:
+                    xs[axis] = None
+            cell = lambda d, s: "" if s not in d else repr(d[s])
+            for s in sorted(set(r.train) | set(r.val) | set(r.eval)):
+                w.writerow([r.label, s] + ["" if xs[a] is None else repr(xs[a](s)) for a in ("tokens", "flops", "time")]
+                           + [cell(r.train, s), cell(r.val, s), cell(r.eval, s)]
+                           + [cell(r.streams.get(k, {}), s) for k in ("lr", "norm", "aux", "tok/s")])
+    os.replace(tmp, path)
+
+
 def load_pyplot():
     try:
         import matplotlib
@@ -296,6 +318,7 @@ def main(argv=None):
     ap.add_argument("--baseline", help="the run the others are compared with (its label; default: the first)")
     ap.add_argument("--plot", metavar="PNG", help="also draw train loss, val loss (and HellaSwag) against --x into this PNG")
     ap.add_argument("--logx", action="store_true", help="the plot's x axis on a log scale")
+    ap.add_argument("--csv", metavar="FILE", help="also write every logged step of every run, on every axis, as CSV")
     ap.add_argument("--smooth", type=int, default=20, help="train loss: mean over this many steps in the plot (default 20)")
     ap.add_argument("--tokens_per_step", type=float, help="for logs without run.txt (llm.c's): tokens per optimizer step")
     args = ap.parse_args(argv)
@@ -321,6 +344,9 @@ def main(argv=None):
         if args.plot:
             plot(plt, runs, axis, args.plot, args.smooth, args.logx)
             print(f"wrote {args.plot}")
+        if args.csv:
+            write_csv(runs, args.csv)
+            print(f"wrote {args.csv}")
     except (RunError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

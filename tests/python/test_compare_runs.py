@@ -171,3 +171,17 @@ def test_plot_without_matplotlib(two_runs, tmp_path, capsys, monkeypatch):
     cap = capsys.readouterr()
     assert "--plot needs matplotlib: python3 -m pip install matplotlib" in cap.err and cap.out == ""
     assert not png.exists()
+
+
+def test_csv(two_runs, tmp_path, capsys):
+    import csv
+    path = str(tmp_path / "runs.csv")
+    assert cr.main([*two_runs, "--csv", path]) == 0
+    rows = list(csv.DictReader(open(path)))
+    b = [r for r in rows if r["run"] == "b"]
+    assert [int(r["step"]) for r in b] == list(range(0, 41))  # val at 0, train 1..40
+    r20 = next(r for r in b if r["step"] == "20")
+    # step 20 of b: 2000 tokens, 10000 FLOPs, 40 s; train 10 - 0.1*20, val 8, tok/s 50
+    assert (float(r20["tokens"]), float(r20["flops"]), float(r20["time_s"])) == (2000.0, 10000.0, 40.0)
+    assert (float(r20["train_loss"]), float(r20["val_loss"]), r20["eval_acc"], float(r20["tok_s"])) == (8.0, 8.0, "", 50.0)
+    assert next(r for r in b if r["step"] == "0")["train_loss"] == ""
