@@ -938,7 +938,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         fatal("-pi fs|tcp starts the GPU trainer's NCCL ranks without MPI; the CPU trainer runs under mpirun (train_gpt2_mpi)");
     (void)mp;
 }
-static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
+// (train 0, -x 0: the gradients and moments are allocated lazily, at the first backward and update,
+// so an evaluation never allocates them)
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage, int train) {
     m->mp = mp;
     zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
     if (m->zero.padded > m->num_params) {  // the allgather writes whole slices: pad the weights

@@ -76,6 +76,7 @@ typedef struct {
     floatX *params, *grads;            // bf16, in the parameter table's flat layout
     float *master, *m, *v;             // fp32 master weights (NULL with -w 0) and AdamW moments
     int no_master;                     // -w 0: no master weights; AdamW updates the bf16 weights in place
+    int eval_only;                     // -x 0: no gradients or AdamW moments either (NULL)
     int recompute;                     // -r: 0 none, 1 GELU, 2 GELU and LayerNorm
     int max_B, max_T;
     Acts acts;
@@ -305,14 +306,16 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         m->master_host = h;
     }
     m->params = cudaMallocNamed(floatX, np, "parameters (bf16)");
-    m->grads = cudaMallocNamed(floatX, np, "gradients (bf16)");
-    if (!m->no_master) m->master = cudaMallocNamed(float, np, "master weights (fp32; -w 0 goes without)");
-    m->m = cudaMallocNamed(float, nm, "AdamW first moments (fp32; this rank's slice with -z 1)");
-    m->v = cudaMallocNamed(float, nm, "AdamW second moments (fp32; this rank's slice with -z 1)");
     cudaCheck(cudaMemset(m->params, 0, np * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->grads, 0, np * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->m, 0, nm * sizeof(float)));
-    cudaCheck(cudaMemset(m->v, 0, nm * sizeof(float)));
+    if (!m->eval_only) {  // an evaluation (-x 0) keeps 2 bytes per parameter, not 16
+        m->grads = cudaMallocNamed(floatX, np, "gradients (bf16)");
+        if (!m->no_master) m->master = cudaMallocNamed(float, np, "master weights (fp32; -w 0 goes without)");
+        m->m = cudaMallocNamed(float, nm, "AdamW first moments (fp32; this rank's slice with -z 1)");
+        m->v = cudaMallocNamed(float, nm, "AdamW second moments (fp32; this rank's slice with -z 1)");
+        cudaCheck(cudaMemset(m->grads, 0, np * sizeof(floatX)));
+        cudaCheck(cudaMemset(m->m, 0, nm * sizeof(float)));
+        cudaCheck(cudaMemset(m->v, 0, nm * sizeof(float)));
+    }
     gpt2_upload_weights(m, 0);
 
     Acts *a = &m->acts;
@@ -709,8 +712,10 @@ static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
     size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
     float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
     int had_master = state_read(state_path, st, hm, hv, m->master_host + lo, nm);
-    cudaCheck(cudaMemcpy(m->m, hm, nm * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->v, hv, nm * sizeof(float), cudaMemcpyHostToDevice));
+    if (!m->eval_only) {
+        cudaCheck(cudaMemcpy(m->m, hm, nm * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(m->v, hv, nm * sizeof(float), cudaMemcpyHostToDevice));
+    }
     free(hm);
     free(hv);
     if (m->master && had_master) {  // this rank's slice came from the state: gather the others'
@@ -828,10 +833,11 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     }
 }
 
-static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage) {
+static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_stage, int train) {
     m->mp = mp;
     zero_shard_init(&m->zero, zero_stage, m->num_params, mp->rank, mp->nproc);
-    m->no_master = !g_master_weights;
+    m->no_master = !g_master_weights || !train;
+    m->eval_only = !train;
     gpt2_alloc(m, B, T, g_recompute, g_flash);
     if (g_flash && !m->flash && !m->cudnn)
         printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
@@ -855,8 +861,9 @@ static void trainer_banner(const GPT2 *m) {
     else snprintf(peak_str, sizeof(peak_str), "unknown for this device: no MFU printed");
     printf("| device                | %-50.50s |\n", g_gpu.prop.name);
     printf("| peak bf16 (dense)     | %-50s |\n", peak_str);
-    printf("| precision             | %-50s |\n", m->no_master ? "bf16 weights/acts, no master weights (-w 0), fp32 AdamW"
-                                                                : "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
+    printf("| precision             | %-50s |\n", m->eval_only   ? "bf16 weights/acts; no gradients or AdamW (-x 0)"
+                                                   : m->no_master ? "bf16 weights/acts, no master weights (-w 0), fp32 AdamW"
+                                                                  : "bf16 weights/acts, fp32 master+AdamW+LN stats+loss");
     printf("| recompute / gelu fuse | -r %d / -ge %-40d |\n", g_recompute, g_gpu.gelu_fusion);
     printf("| attention             | %-50s |\n", m->cudnn   ? "cuDNN fused flash attention (-fa 2)"
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
@@ -867,7 +874,9 @@ static void trainer_banner(const GPT2 *m) {
 #ifdef USE_CUDNN
     bytes += cudnn_attention_workspace_bytes();  // cuDNN allocates it, not cudaMallocNamed
 #endif
-    printf("| GPU memory allocated  | %-10.2f GiB%-36s |\n", bytes / 1073741824.0, "");
+    char mem[64];
+    snprintf(mem, sizeof(mem), "%.2f GiB (%.1f MiB)", bytes / 1073741824.0, bytes / 1048576.0);
+    printf("| GPU memory allocated  | %-50s |\n", mem);
 }
 
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {

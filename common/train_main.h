@@ -7,8 +7,9 @@
 //   gpt2_free(m)
 //   trainer_setup(&argc, argv, &mp)     its own flags and device, before the shared flags are parsed
 //                                       (the GPU trainer also sets up NCCL and mp's collectives)
-//   trainer_alloc(m, mp, B, T, zero)    activations and optimizer buffers, for this rank of mp
-//                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice)
+//   trainer_alloc(m, mp, B, T, zero, train)   activations and optimizer buffers, for this rank of mp
+//                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice;
+//                                       train 0: -x 0, no gradients or optimizer state needed)
 //   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &aux) -> loss   forward and backward of one
 //                                       micro-batch (gradients accumulate; aux: BTT-MoE aux loss)
 //   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks
@@ -198,8 +199,8 @@ int main(int argc, char **argv) {
     long train_steps = a.max_steps >= 0 ? a.max_steps : train_loader.num_tokens_total / a.total_batch;
     if (train_steps < 1 && a.max_steps != 0) fatal("'%s' holds fewer tokens than one step of -d %d; use a smaller batch or more data", a.train_data, a.total_batch);
 
-    trainer_alloc(&model, &mp, a.B, a.T, a.zero_stage);
-    gpt2_zero_grad(&model);
+    trainer_alloc(&model, &mp, a.B, a.T, a.zero_stage, a.max_steps != 0);
+    if (a.max_steps != 0) gpt2_zero_grad(&model);
 
     EvalLoader eval_loader;
     int have_eval = a.hellaswag && a.val_every > 0;

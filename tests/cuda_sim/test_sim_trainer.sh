@@ -91,6 +91,24 @@ w13=$(loss_at 3 < "$W/A.out"); w03=$(echo "$out" | loss_at 3)
     || bad "-w across resume" "'$a3' vs '$w13', '$b3' vs '$w03'"
 [ -n "$r1" ] && [ "$l1" = "$r1" ] && ok "-w 0: the first step's loss equals -w 1's ($l1)" || bad "-w 0 first step" "$l1 vs $r1"
 
+# -x 0: evaluation only, without gradients or optimizer state; with -y 1 the step-4 checkpoint,
+# whose val loss is the one run A logged at step 4
+cp -r "$W/A" "$W/A0"
+out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 0 -v 2 -m 2 -s 0 -o "$W/A0" -y 1 2>&1); rc=$?
+want=$(grep '^s:4 tel:' "$W/A/main.log" | sed 's/.*tel://'); got=$(echo "$out" | grep '^val loss' | awk '{printf "%.4f", $3}')
+mib() { grep -m1 'GPU memory allocated' | sed -E 's/.*\(([0-9.]+) MiB\).*/\1/'; }
+mem_eval=$(echo "$out" | mib); mem_train=$(mib < "$W/A.out")
+[ $rc -eq 0 ] && [ -n "$want" ] && [ "$got" = "$want" ] && echo "$out" | grep -q "no gradients or AdamW (-x 0)" && ! echo "$out" | grep -q '^step ' \
+    && ok "-x 0 -y 1: the step-4 checkpoint's val loss ($got, as logged), no gradients or moments allocated" \
+    || bad "-x 0 -y 1" "exit $rc, '$got' vs '$want': $(echo "$out" | tail -n 2)"
+np=$(( ($(stat -c %s "$W/A/model_00000004.bin") - 1024) / 2 ))
+awk -v e="$mem_eval" -v t="$mem_train" -v n="$np" 'BEGIN { d = (t - e) * 1048576; exit !(d > 14 * n - 2e5 && d < 14 * n + 2e5) }' \
+    && ok "-x 0: 14 bytes per parameter less GPU memory ($mem_train -> $mem_eval MiB for $np parameters)" \
+    || bad "-x 0 memory" "$mem_train -> $mem_eval MiB for $np params"
+out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 4 -x 0 -v 1 -m 2 -s 1 -g 4 -h 1 -hf "$W/syn_eval.bin" 2>&1); rc=$?
+[ $rc -eq 0 ] && echo "$out" | grep -q '^val loss' && echo "$out" | grep -q '^HellaSwag: ' && echo "$out" | grep -q '^generating:' \
+    && ok "-x 0 on a structured model: val loss, -h 1 and a sample" || bad "-x 0 structured" "exit $rc: $(echo "$out" | tail -n 3)"
+
 # -lg: NVML through dlopen, here a stand-in libnvidia-ml.so.1 with fixed readings (fake_nvml.c)
 for v in ok:"" fail_power:"" old_name:-DOLD_REASONS_NAME no_reasons:-DNO_REASONS; do
     mkdir -p "$W/nvml_${v%%:*}"
