@@ -827,7 +827,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
     if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints
         char bus[32], err[512];
-        snprintf(bus, sizeof(bus), "%08x:%02x:%02x.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);
+        snprintf(bus, sizeof(bus), "%08X:%02X:%02X.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);
         if (gpu_monitor_open(&g_monitor, bus, err, sizeof(err)) != 0) fatal("-lg %d: %s; run without -lg", g_log_gpu, err);
         atexit(gpu_monitor_close_global);
     }
