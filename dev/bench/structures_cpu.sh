@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# dev/bench/structures_cpu.sh: dense, Monarch, BTT and BTT-MoE language models trained to the same
+# training-FLOP budget on the CPU, compared by scripts/compare_runs.py (about an hour on 2 cores).
+# A small-scale check of the whole path (config sections, structure-aware learning rates, run.txt,
+# compare_runs), not a scaling study: one seed, one budget, a learning-rate sweep for dense only.
+#   SHARED_DATA=../shared/data bash dev/bench/structures_cpu.sh [OUT (default /tmp/structures_cpu)]
+# Data: ASCII paragraphs (>= 200 characters) of the first 40 files of the shared Wikipedia sample,
+# in the 96-symbol character vocabulary; the first 1000 paragraphs are val.
+# Model: 4 layers, 4 heads, width 256, T 128, B 8; every block linear layer of one structure.
+# Budget: what 500 dense steps cost; each structure gets 500 x (dense FLOPs / its FLOPs) steps.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-/tmp/structures_cpu}
+SHARED=${SHARED_DATA:-../shared/data}
+mkdir -p "$OUT/runs"
+make -s train_gpt2
+if [ ! -f "$OUT/data/openwebtext_char_val_000000.bin" ]; then
+    python3 - "$SHARED/wikipedia_en_2015" "$OUT/wiki_paragraphs.jsonl" <<'PY'
+import glob, json, lzma, re, sys
+files = sorted(glob.glob(sys.argv[1] + "/*/wiki_*.xz"))[:40]
+with open(sys.argv[2], "w") as out:
+    for fp in files:
+        for m in re.finditer(r'<doc id="(\d+)"[^>]*>\n(.*?)</doc>', lzma.open(fp, "rt", encoding="utf-8").read(), re.S):
+            if m.group(1) == "44122":  # also in WikiText-2's test split (SOURCES.md)
+                continue
+            for line in m.group(2).split("\n"):
+                line = line.strip()
+                if len(line) >= 200 and all(32 <= ord(c) < 127 for c in line):
+                    out.write(json.dumps({"text": line}) + "\n")
+PY
+    TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$SHARED/tiktoken_cache} python3 data/openwebtext.py --input "$OUT/wiki_paragraphs.jsonl" \
+        --vocab char --out "$OUT/data" --val_docs 1000 --shard_size 10000000
+fi
+for s in dense monarch4 btt4 btt_moe; do
+    { printf 'n_layer = 4\nn_head = 4\nn_embd = 256\nvocab_size = 96\nmax_seq_len = 128\n[linear]\n'
+      case $s in
+          dense) echo "struct = dense" ;;
+          monarch4) printf 'struct = monarch\nblocks = 4\n' ;;
+          btt4) printf 'struct = btt\nrank = 4\n' ;;
+          btt_moe) printf 'struct = btt_moe\nexperts = 8\ntopk = 2\n' ;;
+      esac; } > "$OUT/$s.conf"
+done
+DATA=(-i "$OUT/data/openwebtext_char_train_*.bin" -j "$OUT/data/openwebtext_char_val_000000.bin" -tk "$OUT/data/char_tokenizer.bin" -b 8 -t 128 -s 0)
+fpt() { rm -rf "$OUT/probe"; ./train_gpt2 -e "$OUT/$1.conf" "${DATA[@]}" -x 1 -v 0 -o "$OUT/probe" > /dev/null; sed -n 's/^flops_per_token = //p' "$OUT/probe/run.txt"; }
+FD=$(fpt dense)
+run() {  # name config steps lr
+    [ -f "$OUT/runs/$1/DONE" ] && return
+    echo "$1: $3 steps at lr $4"
+    ./train_gpt2 -e "$OUT/$2.conf" "${DATA[@]}" -x "$3" -v $(($3 / 10)) -m 10 -l "$4" -u $(($3 / 20)) -q 0.1 -o "$OUT/runs/$1" > "$OUT/runs/$1.txt" 2>&1
+    touch "$OUT/runs/$1/DONE"
+}
+for s in dense monarch4 btt4 btt_moe; do run "$s" "$s" $(( (500 * FD + $(fpt $s) / 2) / $(fpt $s) )) 1e-3; done
+run dense_lr3e-3 dense 500 3e-3
+run dense_lr1e-2 dense 500 1e-2
+R="$OUT/runs"
+python3 scripts/compare_runs.py dense_lr1e-3="$R/dense" dense_lr3e-3="$R/dense_lr3e-3" dense_lr1e-2="$R/dense_lr1e-2" monarch4="$R/monarch4" \
+    btt4="$R/btt4" btt_moe="$R/btt_moe" --plot "$OUT/structures_cpu.png" --smooth 50
