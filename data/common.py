@@ -757,6 +757,37 @@ def tokenize_stream(tok, docs, workers=1, batch_docs=256, progress_cb=None, with
             ex.shutdown()
 
 
+def kept_documents(tok, docs, drops, workers=1, progress_cb=None):
+    """The token lists of docs, in order (tokenize_stream), of the documents the vocabulary can
+    represent; the others (the char vocabulary drops a document with a foreign character) are
+    counted in drops, and so are the kept ones."""
+    for text, toks in tokenize_stream(tok, docs, workers=workers, progress_cb=progress_cb, with_text=True):
+        if toks is None:
+            drops.add_dropped(text, tok)
+        else:
+            drops.kept += 1
+            yield toks
+
+
+def dataset_name(name, vocab):
+    """The output files' prefix: the dataset's name, and the vocabulary's unless it is GPT-2's."""
+    return name if vocab == "gpt2" else f"{name}_{vocab}"
+
+
+def write_splits(out_dir, prefix, splits, tok):
+    """Writes every (split, tokens) of splits as <out_dir>/<prefix>_<split>.bin, one file each (as
+    llm.c's tinyshakespeare and tinystories files), then the tokenizer; returns [(path, ntokens)]."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for split, toks in splits:
+        p = os.path.join(out_dir, f"{prefix}_{split}.bin")
+        write_shard(p, toks)
+        written.append((p, toks.size))
+    summarize(written)
+    write_tokenizer_for(tok, out_dir)
+    return written
+
+
 # --------------------------------------------------------------------------------------
 # shard writer
 
@@ -928,34 +959,27 @@ def write_text_dataset(src, name, what, args):
     else:
         prog = Progress(src.total_docs, "tokenizing", "docs")
     tok = get_tokenizer(args.vocab)
-    shard_name = name if args.vocab == "gpt2" else f"{name}_{args.vocab}"
-    writer = ShardWriter(args.out, shard_name, tok.eot, shard_size=args.shard_size,
+    writer = ShardWriter(args.out, dataset_name(name, args.vocab), tok.eot, shard_size=args.shard_size,
                          val_docs=args.val_docs, vocab_size=tok.vocab_size)
 
     docs = (d for d in iter_limited(src, args.max_docs) if d)  # skip empty documents
-    ndocs = 0
     ntok = 0
     drops = DropStats()
 
     def status():
-        s = f"{ndocs:,} docs {ntok / 1e6:.2f}M tokens"
+        s = f"{drops.kept:,} docs {ntok / 1e6:.2f}M tokens"
         return s + f" ({drops.dropped:,} dropped)" if drops.dropped else s
 
     def report():
         prog.update(src.bytes_done(), status())
 
-    for text, toks in tokenize_stream(tok, docs, workers=args.workers, progress_cb=report, with_text=True):
-        if toks is None:  # a character outside the char vocabulary: drop the whole document
-            drops.add_dropped(text, tok)
-            continue
+    for toks in kept_documents(tok, docs, drops, workers=args.workers, progress_cb=report):
         writer.add_document(toks)
-        ndocs += 1
         ntok += len(toks) + 1
-    drops.kept = ndocs
     written = writer.close()
     prog.close(src.bytes_done(), status())
 
-    if ndocs == 0:
+    if drops.kept == 0:
         if drops.dropped:
             raise DataError(f"all {drops.dropped:,} documents of {what} hold characters "
                             f"outside the {args.vocab} vocabulary; nothing to write. {drops.report()}")
@@ -966,7 +990,7 @@ def write_text_dataset(src, name, what, args):
         print(drops.report())
     write_tokenizer_for(tok, args.out)
     ntrain = sum(n for p, n in written[1:])
-    print(f"{ndocs:,} documents, {ntok:,} tokens: val {written[0][1]:,} tokens in 1 shard, "
+    print(f"{drops.kept:,} documents, {ntok:,} tokens: val {written[0][1]:,} tokens in 1 shard, "
           f"train {ntrain:,} tokens in {len(written) - 1} shards")
     if len(written) == 1:
         print("warning: everything fit in the val shard, no train shard was written; "

@@ -40,8 +40,8 @@ import sys
 
 import numpy as np
 
-from common import (VOCAB_HELP, DataError, DropStats, download, get_tokenizer, run_main, summarize, write_shard,
-                    write_tokenizer_for)
+from common import (VOCAB_HELP, DataError, DropStats, dataset_name, download, get_tokenizer, kept_documents, run_main,
+                    write_splits)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,12 +80,7 @@ def main():
     docs = split_documents(text)
     drops = DropStats()
     tokens = []
-    for d in docs:
-        t = tok.encode(d)
-        if t is None:  # a character outside the char vocabulary: drop the document
-            drops.add_dropped(d, tok)
-            continue
-        drops.kept += 1
+    for t in kept_documents(tok, docs, drops):
         tokens.append(tok.eot)
         tokens.extend(t)
     tokens = np.array(tokens, dtype=np.uint16)
@@ -99,15 +94,7 @@ def main():
         train = np.concatenate([np.array([tok.eot], dtype=np.uint16), train])
     print(f"{path}: {len(text):,} characters, {drops.kept:,} documents, {tokens.size:,} tokens incl. EOTs")
 
-    os.makedirs(args.out, exist_ok=True)
-    prefix = "tiny_shakespeare" if args.vocab == "gpt2" else f"tiny_shakespeare_{args.vocab}"
-    written = []
-    for split, toks in (("val", val), ("train", train)):
-        p = os.path.join(args.out, f"{prefix}_{split}.bin")
-        write_shard(p, toks)
-        written.append((p, toks.size))
-    summarize(written)
-    write_tokenizer_for(tok, args.out)
+    write_splits(args.out, dataset_name("tiny_shakespeare", args.vocab), (("val", val), ("train", train)), tok)
     print(f"train: {train.size:,} tokens, val: {val.size:,} tokens")
 
 

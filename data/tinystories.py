@@ -29,8 +29,8 @@ import tarfile
 
 import numpy as np
 
-from common import (VOCAB_HELP, DataError, DropStats, download, get_tokenizer, positive_int, run_main, summarize,
-                    tokenize_stream, write_shard, write_tokenizer_for)
+from common import (VOCAB_HELP, DataError, DropStats, dataset_name, download, get_tokenizer, kept_documents,
+                    positive_int, run_main, write_splits)
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,11 +102,7 @@ def main():
             continue  # not among the first --max_files by name
         stories = [s for s in stories_of(name, data) if s]
         toks = []
-        for story, t in tokenize_stream(tok, stories, workers=args.workers, with_text=True):
-            if t is None:  # a character outside the char vocabulary
-                drops.add_dropped(story, tok)
-                continue
-            drops.kept += 1
+        for t in kept_documents(tok, stories, drops, workers=args.workers):
             toks.append(tok.eot)
             toks.extend(t)
         parts[key] = np.array(toks, dtype=np.uint16)
@@ -123,15 +119,7 @@ def main():
         if toks.size == 0:
             raise DataError(f"no story of the {split} split is left (all dropped); nothing written")
 
-    prefix = "TinyStories" if args.vocab == "gpt2" else f"TinyStories_{args.vocab}"
-    os.makedirs(args.out, exist_ok=True)
-    written = []
-    for split, toks in splits:
-        p = os.path.join(args.out, f"{prefix}_{split}.bin")
-        write_shard(p, toks)
-        written.append((p, toks.size))
-    summarize(written)
-    write_tokenizer_for(tok, args.out)
+    write_splits(args.out, dataset_name("TinyStories", args.vocab), splits, tok)
     print(f"val: data{keys[0]:02d}.json; train: data{keys[1]:02d}.json .. data{keys[-1]:02d}.json ({len(keys) - 1} files)")
 
 

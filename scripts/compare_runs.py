@@ -16,6 +16,7 @@ time (the sum of each step's tokens / tok/s, that is training time without val, 
 checkpoints). The first run is the baseline of the ratios (--baseline LABEL picks another).
 """
 import argparse
+import bisect
 import math
 import os
 import statistics
@@ -132,24 +133,13 @@ class Run:
         known = sorted(cum)
 
         def at(s):
-            i = max(0, _bisect_right(known, s) - 1)
+            i = max(0, bisect.bisect_right(known, s) - 1)
             return cum[known[i]]
         return at
 
     def train_tail_mean(self, n=20):
         steps = sorted(self.train)[-n:]
         return sum(self.train[s] for s in steps) / len(steps) if steps else math.nan
-
-
-def _bisect_right(a, v):
-    lo, hi = 0, len(a)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if v < a[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def interpolate(points, x):
