@@ -114,7 +114,7 @@ static void run_fixture(const char *path) {
 
     // forward and backward at the initial weights
     float ce = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
-    float aux = m.aux_loss, total = gpt2_total_loss(&m, ce);
+    float aux = m.routing.aux, total = gpt2_total_loss(&m, ce);
     snprintf(name, sizeof(name), "%s logits", base);
     check_logits(&m, f.logits, f.B * f.T, f.V, 1e-5f, 1e-4f, name);
     snprintf(name, sizeof(name), "%s loss", base);
@@ -139,7 +139,7 @@ static void run_fixture(const char *path) {
         float l = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T);
         if (f.n_routed > 0) route_bad += routing_mismatches(&m, &f, s);
         losses[s] = gpt2_total_loss(&m, l);
-        auxes[s] = m.aux_loss;
+        auxes[s] = m.routing.aux;
         gpt2_zero_grad(&m);
         gpt2_backward(&m, 1.0f, f.B, f.T);
         norms[s] = gpt2_grad_norm(&m);

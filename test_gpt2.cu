@@ -168,7 +168,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     }
 
     force_routing(&m, &f, 0);
-    float ce = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T), loss = gpt2_total_loss(&m, ce), aux = m.aux_loss;
+    float ce = gpt2_forward(&m, f.inputs, f.targets, f.B, f.T), loss = gpt2_total_loss(&m, ce), aux = m.routing.aux;
     for (int j = 0; j < f.n_routed; j++) {  // router logits (fp32 from bf16 x and router) at step 0
         size_t n = (size_t)BT * f.routed[j].spec.experts;
         float *got = (float *)mallocCheck(n * sizeof(float));
@@ -379,6 +379,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(dout), "test colsum");
     const float daux = 0.05f;
     float aux_ref = 0.0f, aux_gpu = 0.0f;
+    MoERouting rref = {0}, rgpu = {0};
     if (spec->kind == STRUCT_BTT) {
         BTTShape b = btt_shape_of(spec);
         float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));
@@ -407,7 +408,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         moe_state_alloc(&st, &ms, N);
         float *scr = (float *)mallocCheck(moe_scratch_size(&ms, N) * sizeof(float));
         moe_forward(y_ref, &st, x, w[0], w[1], w[2], bias, N, &ms);
-        aux_ref = moe_aux_loss(&st, N, &ms);
+        rref = moe_aux_loss(&st, N, &ms);
+        aux_ref = rref.aux;
         moe_backward(dx_ref, dw_ref[0], dw_ref[1], dw_ref[2], dbias_ref, dy, daux, x, &st, w[0], w[1], w[2], N, &ms, scr);
         MoEGPUState gst;
         memset(&gst, 0, sizeof(gst));
@@ -416,11 +418,12 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *f_d = cudaMallocNamed(float, moe_gpu_scratch_floats(&ms, N), "test fscratch");
         MoEGPUScratch sc;
         moe_gpu_scratch_bind(&sc, &ms, N, s_d, f_d);
-        float *aux_d = cudaMallocNamed(float, 1, "test aux");
+        MoERouting *aux_d = cudaMallocNamed(MoERouting, 1, "test aux and routing");
         moe_forward_gpu(y_d, &gst, &sc, x_d, w_d[0], w_d[1], w_d[2], bias_d, N, &ms);
         moe_aux_stats_gpu(&gst, &ms);
         moe_aux_finish_gpu(&gst, N, &ms, aux_d);
-        cudaCheck(cudaMemcpy(&aux_gpu, aux_d, sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(&rgpu, aux_d, sizeof(MoERouting), cudaMemcpyDeviceToHost));
+        aux_gpu = rgpu.aux;
         cudaCheck(cudaFree(aux_d));
         int *sel = (int *)mallocCheck((size_t)N * ms.topk * sizeof(int));
         cudaCheck(cudaMemcpy(sel, gst.sel, (size_t)N * ms.topk * sizeof(int), cudaMemcpyDeviceToHost));
@@ -434,6 +437,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cudaCheck(cudaDeviceSynchronize());
         snprintf(name, sizeof(name), "%s: aux loss", tag);
         check_close(&aux_gpu, &aux_ref, 1, 1e-3f, 1e-3f, name);
+        // the loads move by E/(N·K) per selection that differs from the CPU's
+        const float gotr[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, wantr[3] = {rref.balance, rref.load_max, rref.load_min};
+        snprintf(name, sizeof(name), "%s: routing report (balance %.4f, loads %.3f..%.3f)", tag, rgpu.balance, rgpu.load_min, rgpu.load_max);
+        check_close(gotr, wantr, 3, 1e-3f + (float)ms.experts * differ / ((float)N * ms.topk), 1e-3f, name);
         moe_gpu_state_free(&gst);
         cudaCheck(cudaFree(s_d)); cudaCheck(cudaFree(f_d));
         moe_state_free(&st);

@@ -506,8 +506,9 @@ typedef struct {
     float *dres, *dln, *dbig, *dbig2, *dqkv, *datty, *split_a, *split_b;
     float *lin_scratch;
     float mean_loss;  // cross-entropy of the last forward with targets; -1 if none
-    float aux_loss;   // BTT-MoE load-balancing loss, mean over routed layers (0 without any)
-    int n_routed;     // routed (btt_moe) layers
+    MoERouting routing;  // BTT-MoE aux loss and routing of the last forward, over the routed layers (zero without any)
+    int n_routed;        // routed (btt_moe) layers
+    int routed_seen;     // routed layers the current forward has run
     int *inputs, *targets;
     // data parallel: with sync_aux set (training forwards on every rank), BTT-MoE layers sum their
     // aux-loss statistics over ranks so that f̂ and P̂ are those of the global batch
@@ -532,14 +533,16 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
         default: {
             MoEShape ms = moe_shape_of(s);
             moe_forward(out, &la->moe, inp, w0, w1, gpt2_tensor(g, P, ld->w[2]), b, N, &ms);
+            MoERouting r;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {
                 double stats[MOE_AUX_STATS(1024)];
                 moe_aux_stats(&la->moe, N, &ms, stats);
                 multiproc_sum_doubles(m->mp, stats, MOE_AUX_STATS(ms.experts));
-                m->aux_loss += moe_aux_from_stats(&la->moe, stats, (long)N * m->mp->nproc, &ms);
+                r = moe_aux_from_stats(&la->moe, stats, (long)N * m->mp->nproc, &ms);
             } else {
-                m->aux_loss += moe_aux_loss(&la->moe, N, &ms);
+                r = moe_aux_loss(&la->moe, N, &ms);
             }
+            moe_routing_fold(&m->routing, &r, m->routed_seen++);
             break;
         }
     }
@@ -721,7 +724,7 @@ static void qkv_backward(GPT2 *m, int l, const BlockActs *a, float *dln, int N, 
 }
 
 // Forward over inputs (B, T). With targets, returns the mean cross-entropy (the BTT-MoE aux loss
-// is in m->aux_loss; the training objective is their sum with moe_aux_weight). Without targets,
+// is in m->routing.aux; the training objective is their sum with moe_aux_weight). Without targets,
 // returns -1 and leaves the logits for sampling.
 float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
     if (!m->acts_memory) fatal("internal: gpt2_alloc_activations was not called");
@@ -737,7 +740,8 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
     memcpy(m->inputs, inputs, BT * sizeof(int));
     if (targets) memcpy(m->targets, targets, BT * sizeof(int));
     float *P = m->params;
-    m->aux_loss = 0.0f;
+    m->routing = (MoERouting){0};
+    m->routed_seen = 0;
     encoder_forward(m->encoded, inputs, gpt2_tensor(g, P, g->wte), gpt2_tensor(g, P, g->wpe), B, T, C);
     const float *res = m->encoded;
     float *proj = m->dln;  // scratch for the projections' outputs before the residual add
@@ -759,7 +763,7 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, res, gpt2_tensor(g, P, g->lnfw), gpt2_tensor(g, P, g->lnfb), BT, C);
     if (g->head.used) linear_forward(m, &g->head, &m->head_acts, m->logits, m->lnf, BT);
     else matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
-    if (m->n_routed > 0) m->aux_loss /= (float)m->n_routed;
+    moe_routing_finish(&m->routing, m->routed_seen);
     if (!targets) { m->mean_loss = -1.0f; return -1.0f; }
     m->mean_loss = crossentropy_softmax(NULL, m->losses, m->logits, targets, BT, V, Vp, 0.0f);
     return m->mean_loss;
@@ -767,7 +771,7 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
 
 // The objective the optimizer minimises: cross-entropy plus the weighted BTT-MoE aux loss.
 static inline float gpt2_total_loss(const GPT2 *m, float ce) {
-    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->aux_loss : 0.0f);
+    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->routing.aux : 0.0f);
 }
 
 // Elements of the gradient buffer: the parameters, padded for ZeRO-1's equal slices.
@@ -964,11 +968,11 @@ static void trainer_banner(const GPT2 *m) {
 #endif
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     float loss = gpt2_forward(m, inputs, targets, B, T);
     m->sync_aux = 0;
-    *aux = m->aux_loss;
+    *routing = m->routing;
     gpt2_backward(m, dloss_scale, B, T);
     return loss;
 }

@@ -94,10 +94,10 @@ typedef struct {
     floatX *st_scratch;                // shared by every structured layer (plans' T1..T3, BTT-MoE's gathered rows)
     float *st_fscratch;                // BTT-MoE fp32 scratch
     floatX *split_a, *split_b;         // (B, T, C): a separate q, k or v and its input gradient
-    float aux_loss;                    // BTT-MoE load-balancing loss of the last forward, mean over routed layers (gpt2_read_loss)
+    MoERouting routing;                // BTT-MoE aux loss and routing of the last forward, over the routed layers (gpt2_read_loss)
     int n_routed;
-    float *d_aux;                      // (aux_slots) each routed layer's aux loss, on the device; acts.losses follows
-    int aux_slots, aux_next;           // n_routed rounded up to 4 (16-byte aligned losses); the next layer's slot
+    float *d_aux;                      // (aux_slots) each routed layer's MoERouting, on the device; acts.losses follows
+    int aux_slots, aux_next;           // 4 floats per routed layer (16-byte aligned losses); the next layer's slot
     // attention: flash (our kernel, cuda/flash_attention.cuh), cuDNN's (cuda/cudnn_attention.h,
     // -fa 2) or cuBLAS + softmax (cuda/attention.cuh); see attention_forward_any
     int flash, cudnn;
@@ -123,7 +123,7 @@ static LinearState *lin_state(GPT2 *m, const LinearDesc *ld) {
 
 // out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
 // out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible). A BTT-MoE
-// layer writes its aux loss to its slot of m->d_aux (read with the loss: no host wait here).
+// layer writes its aux loss and routing to its slot of m->d_aux (read with the loss: no host wait here).
 static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
@@ -150,7 +150,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
                 n_total *= m->mp->nproc;
             }
             if (m->aux_next >= m->n_routed) fatal("internal: more BTT-MoE layers ran than the %d counted", m->n_routed);
-            moe_aux_finish_gpu(&ls->moe, n_total, &ms, m->d_aux + m->aux_next++);
+            moe_aux_finish_gpu(&ls->moe, n_total, &ms, (MoERouting *)m->d_aux + m->aux_next++);
             break;
         }
     }
@@ -343,8 +343,9 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     a->lnf_mean = cudaMallocNamed(float, BT, "activations: lnf mean");
     a->lnf_rstd = cudaMallocNamed(float, BT, "activations: lnf rstd");
     a->logits = cudaMallocNamed(floatX, BT * Vp, "activations: logits (B x T x padded vocab)");
-    m->aux_slots = (m->n_routed + 3) / 4 * 4;
-    m->d_aux = cudaMallocNamed(float, m->aux_slots + BT, "activations: BTT-MoE aux losses and losses (B x T fp32)");
+    static_assert(sizeof(MoERouting) == 4 * sizeof(float), "a routed layer's slot is 4 floats");
+    m->aux_slots = 4 * m->n_routed;
+    m->d_aux = cudaMallocNamed(float, m->aux_slots + BT, "activations: BTT-MoE aux losses and routing, and losses (B x T fp32)");
     a->losses = m->d_aux + m->aux_slots;
 
     m->proj = cudaMallocNamed(floatX, BT * C, "scratch: projection output");
@@ -525,7 +526,6 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     Acts *a = &m->acts;
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
-    m->aux_loss = 0.0f;
     m->aux_next = 0;
     encoder_forward(a->encoded, m->d_inputs, P_(m, P, g->wte), P_(m, P, g->wpe), B, T, C);
     layernorm_forward(act_ln(m, a->ln1, 0), a->ln1_mean, a->ln1_rstd, a->encoded, P_(m, P, g->norms[0].ln1w), P_(m, P, g->norms[0].ln1b), BT, C);
@@ -562,15 +562,16 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
 }
 
 // Mean cross-entropy of the last forward with targets (synchronises), summed on the host in
-// row order in double: deterministic. Also sets m->aux_loss, the mean of the routed layers' aux
-// losses, from the same copy.
+// row order in double: deterministic. Also sets m->routing, the routed layers' aux losses and
+// routing folded (routing.h), from the same copy.
 static float gpt2_read_loss(GPT2 *m) {
     int BT = m->B * m->T;
     multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
     cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
-    double aux = 0.0, s = 0.0;
-    for (int i = 0; i < m->n_routed; i++) aux += m->h_losses[i];
-    m->aux_loss = m->n_routed > 0 ? (float)(aux / m->n_routed) : 0.0f;
+    double s = 0.0;
+    m->routing = (MoERouting){0};
+    for (int i = 0; i < m->n_routed; i++) moe_routing_fold(&m->routing, (const MoERouting *)m->h_losses + i, i);
+    moe_routing_finish(&m->routing, m->n_routed);
     for (int i = 0; i < BT; i++) s += m->h_losses[m->aux_slots + i];
     return (float)(s / BT);
 }
@@ -585,7 +586,7 @@ static void gpt2_zero_grad(GPT2 *m) { cudaCheck(cudaMemset(m->grads, 0, m->num_p
 
 // The objective the optimizer minimises: cross-entropy plus the weighted BTT-MoE aux loss.
 [[maybe_unused]] static float gpt2_total_loss(const GPT2 *m, float ce) {
-    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->aux_loss : 0.0f);
+    return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->routing.aux : 0.0f);
 }
 
 // Backward of the last forward (which must have had targets) for
@@ -879,13 +880,13 @@ static void trainer_banner(const GPT2 *m) {
     printf("| GPU memory allocated  | %-50s |\n", mem);
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, float *aux) {
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
     m->sync_aux = 0;
     gpt2_backward(m, dloss_scale);
     float loss = gpt2_read_loss(m);
-    *aux = m->aux_loss;
+    *routing = m->routing;
     return loss;
 }
 

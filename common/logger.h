@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include "utils.h"
+#include "../structured/routing.h"
 
 typedef struct { int active; char path[1024]; char dir[1024]; } Logger;
 
@@ -80,14 +81,15 @@ static inline void logger_log_eval(Logger *l, int step, float eval_acc) {
     logger_append(l, line);
 }
 
-// The aux field is written only when aux_loss != 0, so that dense models (no auxiliary loss)
-// keep llm.c's line format; NaN != 0, so a broken aux loss still shows up as "aux:nan".
+// routing is NULL for a model without BTT-MoE layers, whose lines keep llm.c's format; else the
+// line also has its aux loss, balance term and expert loads (routing.h), "aux:nan" when broken.
 static inline void logger_log_train(Logger *l, int step, float train_loss, float lr, float grad_norm,
-                                    float aux_loss, float tokens_per_s) {
+                                    const MoERouting *routing, float tokens_per_s) {
     char line[256];
-    if (aux_loss != 0.0f) {
-        snprintf(line, sizeof(line), "s:%d trl:%.4f lr:%.6f norm:%.2f aux:%.4f tok/s:%.0f\n",
-                 step, train_loss, lr, grad_norm, aux_loss, tokens_per_s);
+    if (routing) {
+        snprintf(line, sizeof(line), "s:%d trl:%.4f lr:%.6f norm:%.2f aux:%.4f bal:%.4f lmax:%.3f lmin:%.3f tok/s:%.0f\n",
+                 step, train_loss, lr, grad_norm, routing->aux, routing->balance, routing->load_max, routing->load_min,
+                 tokens_per_s);
     } else {
         snprintf(line, sizeof(line), "s:%d trl:%.4f lr:%.6f norm:%.2f tok/s:%.0f\n",
                  step, train_loss, lr, grad_norm, tokens_per_s);

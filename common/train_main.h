@@ -10,8 +10,9 @@
 //   trainer_alloc(m, mp, B, T, zero, train)   activations and optimizer buffers, for this rank of mp
 //                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice;
 //                                       train 0: -x 0, no gradients or optimizer state needed)
-//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &aux) -> loss   forward and backward of one
-//                                       micro-batch (gradients accumulate; aux: BTT-MoE aux loss)
+//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &routing) -> loss   forward and backward of
+//                                       one micro-batch (gradients accumulate; routing: the BTT-MoE
+//                                       aux loss and routing over the global batch, routing.h)
 //   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks
 //   trainer_write_checkpoint(m, model_path or NULL, state_path, st)   trainer_read_state(m, path, st)
 //                                       (the state's arrays are this rank's slice with -z 1)
@@ -308,25 +309,30 @@ int main(int argc, char **argv) {
         trainer_sync();
         double t0 = now_seconds();
         gpt2_zero_grad(&model);
-        double loss = 0.0, aux = 0.0;
+        double loss = 0.0;
+        // BTT-MoE: aux, balance and loads, each the mean over the micro-batches (loads: of each
+        // micro-batch's extremes over the routed layers)
+        float routed[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int micro = 0; micro < grad_accum; micro++) {
             // -a 1 reads one batch, the first time through (also after a resume), and keeps it
             if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
             overfit_loaded = 1;
-            float aux_micro = 0.0f;
-            float l = trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum, &aux_micro);
-            if (!isfinite(l) || !isfinite(aux_micro))
+            MoERouting r = {0.0f, 0.0f, 0.0f, 0.0f};
+            float l = trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum, &r);
+            if (!isfinite(l) || !isfinite(r.aux))
                 fatal("loss is %f (aux %f) at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data",
-                      l, aux_micro, step, a.lr);
+                      l, r.aux, step, a.lr);
             loss += l;
-            aux += aux_micro;
+            routed[0] += r.aux / grad_accum;
+            routed[1] += r.balance / grad_accum;
+            routed[2] += r.load_max / grad_accum;
+            routed[3] += r.load_min / grad_accum;
         }
-        loss /= grad_accum;
-        aux /= grad_accum;
-        float reported[2] = {(float)loss, (float)aux};
-        multiproc_mean(&mp, reported, 2);  // aux is already global; the loss is each rank's tokens
+        float reported[5] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3]};
+        multiproc_mean(&mp, reported, 5);  // the routing is already global; the loss is each rank's tokens
         loss = reported[0];
-        aux = reported[1];
+        const MoERouting routing = {reported[1], reported[2], reported[3], reported[4]};
+        const int routed_model = trainer_n_routed(&model) > 0;
         trainer_mean_grads(&model, &mp);
         float norm = gpt2_grad_norm(&model);
         if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
@@ -350,15 +356,17 @@ int main(int argc, char **argv) {
         double dt = now_seconds() - t0;
         if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches and heuristics up
         double tok_s = a.total_batch / dt;
-        char aux_str[32] = "", speed[48];
-        if (trainer_n_routed(&model) > 0) snprintf(aux_str, sizeof(aux_str), " | aux %.4f", aux);
+        char aux_str[64] = "", speed[48];
+        if (routed_model)
+            snprintf(aux_str, sizeof(aux_str), " | aux %.4f bal %.3f load %.2f-%.2f", routing.aux, routing.balance,
+                     routing.load_min, routing.load_max);
         if (peak > 0) snprintf(speed, sizeof(speed), "MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
         else snprintf(speed, sizeof(speed), "%.2f GFLOP/s", flops_per_token * tok_s / 1e9);
         printf("step %4ld/%ld | loss %.6f%s | norm %.4f | lr %.2e | %.2f ms | %.0f tok/s | %s%s\n", step + 1, train_steps,
                loss, aux_str, norm, lr, dt * 1e3, tok_s, speed, skip);
         trainer_step_end(&model, step + 1);
         fflush(stdout);
-        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, (float)aux, (float)tok_s);
+        logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, routed_model ? &routing : NULL, (float)tok_s);
     }
     if (timed_steps > 0) {
         double ms = total_time / timed_steps * 1e3, tok_s = a.total_batch / (ms / 1e3);

@@ -241,7 +241,7 @@ def write_csv(runs, path):
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "step", "tokens", "flops", "time_s", "train_loss", "val_loss", "eval_acc", "lr", "norm", "aux", "tok_s"])
+        w.writerow(["run", "step", "tokens", "flops", "time_s", "train_loss", "val_loss", "eval_acc", "lr", "norm", "aux", "bal", "lmax", "lmin", "tok_s"])
         for r in runs:
             xs = {}
             for axis in ("tokens", "flops", "time"):
@@ -253,7 +253,7 @@ def write_csv(runs, path):
             for s in sorted(set(r.train) | set(r.val) | set(r.eval)):
                 w.writerow([r.label, s] + ["" if xs[a] is None else repr(xs[a](s)) for a in ("tokens", "flops", "time")]
                            + [cell(r.train, s), cell(r.val, s), cell(r.eval, s)]
-                           + [cell(r.streams.get(k, {}), s) for k in ("lr", "norm", "aux", "tok/s")])
+                           + [cell(r.streams.get(k, {}), s) for k in ("lr", "norm", "aux", "bal", "lmax", "lmin", "tok/s")])
     os.replace(tmp, path)
 
 

@@ -28,6 +28,7 @@
 // gate softmax and the aux loss, drouter += dlogits^T x, dx += dlogits R.
 #pragma once
 #include "btt.h"
+#include "routing.h"
 
 typedef struct {
     BTTShape btt;  // rank == experts
@@ -242,29 +243,37 @@ static inline void moe_aux_stats(const MoEState *st, int N, const MoEShape *s, d
     for (int e = 0; e < E; e++) stats[E + e] = (double)st->counts[e];
 }
 
-// aux = E·Σ_e P̂_e·f̂_e + 0.1·mean_t(lse_t²) from statistics summed over n_total tokens; writes f̂
-// (E floats) for the backward. Also the GPU's (one thread), so both compute it alike.
-ST_HD static inline float st_moe_aux_from_stats(float *fhat, const double *stats, long n_total, int E, int K) {
-    if (n_total <= 0) return 0.0f;
-    double bal = 0.0;
+// aux = E·Σ_e P̂_e·f̂_e + 0.1·mean_t(lse_t²) and the routing it reports (routing.h) from
+// statistics summed over n_total tokens; writes f̂ (E floats) for the backward. Also the GPU's
+// (one thread), so both compute it alike.
+ST_HD static inline MoERouting st_moe_aux_from_stats(float *fhat, const double *stats, long n_total, int E, int K) {
+    MoERouting r = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (n_total <= 0) return r;
+    double bal = 0.0, fmax = 0.0, fmin = 1.0;
     for (int e = 0; e < E; e++) {
         double f = stats[E + e] / ((double)n_total * K);
         fhat[e] = (float)f;
         bal += (stats[e] / (double)n_total) * f;
+        fmax = f > fmax ? f : fmax;
+        fmin = f < fmin ? f : fmin;
     }
-    return (float)(E * bal + 0.1 * stats[2 * E] / (double)n_total);
+    r.balance = (float)(E * bal);
+    r.aux = (float)(E * bal + 0.1 * stats[2 * E] / (double)n_total);
+    r.load_max = (float)(E * fmax);
+    r.load_min = (float)(E * fmin);
+    return r;
 }
-static inline float moe_aux_from_stats(MoEState *st, const double *stats, long n_total, const MoEShape *s) {
+static inline MoERouting moe_aux_from_stats(MoEState *st, const double *stats, long n_total, const MoEShape *s) {
     return st_moe_aux_from_stats(st->fhat, stats, n_total, s->experts, s->topk);
 }
 
-// The aux loss of a single process's N tokens.
-static inline float moe_aux_loss(MoEState *st, int N, const MoEShape *s) {
+// The aux loss and routing of a single process's N tokens.
+static inline MoERouting moe_aux_loss(MoEState *st, int N, const MoEShape *s) {
     double *stats = (double *)mallocCheck(sizeof(double) * MOE_AUX_STATS(s->experts));
     moe_aux_stats(st, N, s, stats);
-    float aux = moe_aux_from_stats(st, stats, N, s);
+    MoERouting r = moe_aux_from_stats(st, stats, N, s);
     free(stats);
-    return aux;
+    return r;
 }
 
 // d logits of one token (also the GPU's kernel, one thread per token): the gate softmax over the

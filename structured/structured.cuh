@@ -466,9 +466,9 @@ __global__ void moe_aux_stats_kernel(double *stats, const float *logits, const f
         for (int e = threadIdx.x; e < E; e += blockDim.x) stats[E + e] = counts[e];
 }
 
-// One thread: *aux and f̂ from the statistics of n_total tokens (moe.h's formula).
-__global__ void moe_aux_finish_kernel(float *aux, float *fhat, const double *stats, long n_total, int E, int K) {
-    *aux = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
+// One thread: the aux loss and routing, and f̂, from the statistics of n_total tokens (moe.h's formula).
+__global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double *stats, long n_total, int E, int K) {
+    *out = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
 // The last forward's counts and offsets on the host, for the per-expert plans' GEMM shapes: one
@@ -531,10 +531,11 @@ static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
     cudaCheckLaunch();
 }
 
-// The aux loss from st->stats summed over n_total tokens into *aux_dev (one device float), and f̂
-// on the device for the backward. Nothing waits: the caller reads aux_dev when it reads the loss.
-static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s, float *aux_dev) {
-    moe_aux_finish_kernel<<<1, 1>>>(aux_dev, st->fhat, st->stats, n_total, s->experts, s->topk);
+// The aux loss and routing from st->stats summed over n_total tokens into *out_dev (on the
+// device), and f̂ on the device for the backward. Nothing waits: the caller reads out_dev when it
+// reads the loss.
+static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s, MoERouting *out_dev) {
+    moe_aux_finish_kernel<<<1, 1>>>(out_dev, st->fhat, st->stats, n_total, s->experts, s->topk);
     cudaCheckLaunch();
 }
 

@@ -148,7 +148,16 @@ cmp -s "$W/SA/model_00000006.bin" "$W/SB/model_00000006.bin" && cmp -s "$W/SA/st
 shdr=$(od -An -w36 -t d4 -N 36 "$W/SA/model_00000006.bin" | tr -s ' ')
 clen=$(wc -c < "$W/struct.conf")
 [ "$shdr" = " 20240326 10 1024 50257 2 2 64 50304 $clen" ] && ok "structured checkpoint: llm.c magic, version 10, config length" || bad "structured header" "$shdr"
-grep -qE "^s:6 trl:[0-9.]+ lr:[0-9.]+ norm:[0-9.]+ aux:[0-9.]+" "$W/SB/main.log" && ok "main.log carries the aux loss" || bad "aux in main.log" "$(tail -n 2 "$W/SB/main.log")"
+grep -qE "^s:6 trl:[0-9.]+ lr:[0-9.]+ norm:[0-9.]+ aux:[0-9.]+ bal:[0-9.]+ lmax:[0-9.]+ lmin:[0-9.]+ tok/s:" "$W/SB/main.log" \
+    && ok "main.log carries the aux loss, its balance term and the expert loads" || bad "aux in main.log" "$(tail -n 2 "$W/SB/main.log")"
+# the step lines say the same as main.log, and the loads are shares of the selections times E:
+# the busiest expert at least 1 and at most E/K = 2, the idlest at most 1; balance >= 1/E
+rt=$(grep -E '^step +6/' "$W/SA.out" | sed -E 's/.*\| aux ([0-9.]+) bal ([0-9.]+) load ([0-9.]+)-([0-9.]+) \|.*/\1 \2 \3 \4/')
+rl=$(grep '^s:6 trl' "$W/SA/main.log" | sed -E 's/.* aux:([0-9.]+) bal:([0-9.]+) lmax:([0-9.]+) lmin:([0-9.]+) .*/\1 \2 \4 \3/')
+awk -v a="$rt" -v b="$rl" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 4 || m != 4) exit 1
+    for (i = 1; i <= 4; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 0.006) exit 1 }
+    exit !(y[3] <= 1 && y[4] >= 1 && y[4] <= 2 && y[2] >= 0.25) }' \
+    && ok "routing: the step line and main.log agree (aux bal min max: $rt), loads within [0, E/K]" || bad "routing report" "'$rt' vs '$rl'"
 
 # a checkpoint the trainer wrote is llm.c's v3 layout and loads back as a model
 hdr=$(od -An -w32 -t d4 -N 32 "$W/A/model_00000006.bin" | tr -s ' ')

@@ -41,26 +41,27 @@ int main(void) {
     file_is(logpath, "", "init: creates an empty main.log");
 
     logger_log_val(&l, 0, 10.98766f);
-    logger_log_train(&l, 1, 10.5f, 6e-4f, 1.234f, 0.0f, 12345.6f);
-    logger_log_train(&l, 2, 9.25f, 5.5e-4f, 0.5f, 0.0125f, 999.4f);
+    const MoERouting routed = {1.4321f, 1.0125f, 2.25f, 0.0f}, broken = {NAN, NAN, 4.0f, 0.0f};
+    logger_log_train(&l, 1, 10.5f, 6e-4f, 1.234f, NULL, 12345.6f);
+    logger_log_train(&l, 2, 9.25f, 5.5e-4f, 0.5f, &routed, 999.4f);
     logger_log_eval(&l, 2, 0.3125f);
     const char *first =
         "s:0 tel:10.9877\n"
         "s:1 trl:10.5000 lr:0.000600 norm:1.23 tok/s:12346\n"
-        "s:2 trl:9.2500 lr:0.000550 norm:0.50 aux:0.0125 tok/s:999\n"
+        "s:2 trl:9.2500 lr:0.000550 norm:0.50 aux:1.4321 bal:1.0125 lmax:2.250 lmin:0.000 tok/s:999\n"
         "s:2 eval:0.3125\n";
-    file_is(logpath, first, "lines: exact text (aux only when non-zero)");
+    file_is(logpath, first, "lines: exact text (aux, balance and loads only for routed models)");
 
-    logger_log_train(&l, 3, 1.0f, 1e-4f, 2.0f, NAN, 1.0f);
+    logger_log_train(&l, 3, 1.0f, 1e-4f, 2.0f, &broken, 1.0f);
     char got[4096];
     slurp(logpath, got, sizeof(got));
-    check_true(strstr(got, "s:3 trl:1.0000 lr:0.000100 norm:2.00 aux:nan tok/s:1\n") != NULL, "lines: NaN aux loss is visible", got);
+    check_true(strstr(got, "s:3 trl:1.0000 lr:0.000100 norm:2.00 aux:nan bal:nan lmax:4.000 lmin:0.000 tok/s:1\n") != NULL, "lines: NaN aux loss is visible", got);
 
     Logger r;
     logger_init(&r, logdir, 0, 1);
     logger_log_val(&r, 4, 3.5f);
     slurp(logpath, got, sizeof(got));
-    check_true(strncmp(got, first, strlen(first)) == 0 && strstr(got, "aux:nan tok/s:1\ns:4 tel:3.5000\n") != NULL,
+    check_true(strncmp(got, first, strlen(first)) == 0 && strstr(got, "lmin:0.000 tok/s:1\ns:4 tel:3.5000\n") != NULL,
                "resume=1: appends after the existing lines", got);
 
     Logger fresh;
@@ -76,7 +77,7 @@ int main(void) {
     logger_init(&in1, otherdir, 1, 0);
     logger_init(&in2, NULL, 0, 0);
     logger_init(&in3, "", 0, 0);
-    logger_log_val(&in1, 0, 1.0f); logger_log_train(&in1, 0, 1, 1, 1, 1, 1); logger_log_eval(&in1, 0, 1.0f);
+    logger_log_val(&in1, 0, 1.0f); logger_log_train(&in1, 0, 1, 1, 1, &routed, 1); logger_log_eval(&in1, 0, 1.0f);
     logger_log_val(&in2, 0, 1.0f); logger_log_val(&in3, 0, 1.0f);
     check_true(!in1.active && !in2.active && !in3.active, "inactive: rank != 0, NULL dir, empty dir", NULL);
     check_true(stat(otherdir, &sb) != 0, "inactive: rank 1 creates no directory", NULL);

@@ -39,8 +39,8 @@ DATA=(-i "$W/syn_train_000001.bin" -j "$W/syn_val_000000.bin" -t 32 -s 0 -sh 1 -
 compare() {
     local name=$1 a=$2 b=$3 tol=$4 lines=${5:-1000}
     local res
-    res=$(paste <(head -n "$lines" "$a" | grep -oE '(loss|aux) [0-9.]+' | awk '{print $2}') \
-                <(head -n "$lines" "$b" | grep -oE '(loss|aux) [0-9.]+' | awk '{print $2}') |
+    res=$(paste <(head -n "$lines" "$a" | grep -oE '(loss|aux|bal|load) [0-9.]+' | awk '{print $2}') \
+                <(head -n "$lines" "$b" | grep -oE '(loss|aux|bal|load) [0-9.]+' | awk '{print $2}') |
           awk -v tol="$tol" '{ n++; d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if ($2 == "") miss = 1 }
                               END { printf "%d %g %d\n", n, m, miss }')
     local n max miss

@@ -129,7 +129,7 @@ static double layer_loss(Layer *L) {
     else if (L->kind == 1) monarch_forward(L->y, L->z, L->x, L->w0, L->w1, L->bias, L->N, &L->ms);
     else {
         moe_forward(L->y, &L->st, L->x, L->w0, L->w1, L->router, L->bias, L->N, &L->es);
-        aux = moe_aux_loss(&L->st, L->N, &L->es);
+        aux = moe_aux_loss(&L->st, L->N, &L->es).aux;
     }
     int dout = L->kind == 0 ? L->bs.d_out : L->kind == 1 ? L->ms.d_out : L->es.btt.d_out;
     double s = 0.0;
@@ -392,10 +392,13 @@ static void test_moe_ties(void) {
         }
     check_true(ok, "moe zero router: experts 0..K-1 for every token", "other experts selected");
     check_true(gok, "moe zero router: gates 1/K", "gates differ");
-    float aux = moe_aux_loss(&st, N, &s);
+    MoERouting r = moe_aux_loss(&st, N, &s);
     // P = 1/E each, f = 1/K on experts < K: balance = E * K * (1/E)(1/K) = 1; lse = log E
     float want = 1.0f + 0.1f * logf((float)E) * logf((float)E);
-    check_close(&aux, &want, 1, 1e-5f, 1e-5f, "moe aux loss at a zero router = 1 + 0.1 log(E)^2");
+    check_close(&r.aux, &want, 1, 1e-5f, 1e-5f, "moe aux loss at a zero router = 1 + 0.1 log(E)^2");
+    // every token on experts 0..K-1: the busiest has 1/K of the selections (load E/K), the rest none
+    const float rgot[3] = {r.balance, r.load_max, r.load_min}, rwant[3] = {1.0f, (float)E / K, 0.0f};
+    check_close(rgot, rwant, 3, 1e-6f, 1e-6f, "moe routing at a zero router: balance 1, loads E/K and 0");
     // partial ties: routers rows 1 and 4 equal, row 2 = row 5
     float *rr = randn(moe_router_size(&s), 1.0f);
     memcpy(rr + 4 * s.btt.d_in, rr + 1 * s.btt.d_in, sizeof(float) * s.btt.d_in);
@@ -408,6 +411,27 @@ static void test_moe_ties(void) {
         for (int k = 0; k < K; k++) ok &= sel[k] == st.sel[n * K + k];
     }
     check_true(ok, "moe tied router rows: routing = naive stable argsort", "differs");
+    // the routing report of a random router, from its selections and probabilities counted here
+    {
+        double cnt[64] = {0}, P[64] = {0}, bal = 0.0, cmax = 0.0, cmin = 1e30;
+        for (int n = 0; n < N; n++) {
+            double mx = -1e30, z = 0.0;
+            for (int e = 0; e < E; e++) mx = fmax(mx, st.logits[n * E + e]);
+            for (int e = 0; e < E; e++) z += exp(st.logits[n * E + e] - mx);
+            for (int e = 0; e < E; e++) P[e] += exp(st.logits[n * E + e] - mx) / z / N;
+            for (int k = 0; k < K; k++) cnt[st.sel[n * K + k]] += 1.0;
+        }
+        for (int e = 0; e < E; e++) {
+            bal += E * P[e] * cnt[e] / ((double)N * K);
+            cmax = fmax(cmax, cnt[e]);
+            cmin = fmin(cmin, cnt[e]);
+        }
+        MoERouting r = moe_aux_loss(&st, N, &s);
+        const float rgot[3] = {r.balance, r.load_max, r.load_min};
+        const float rwant[3] = {(float)bal, (float)(E * cmax / ((double)N * K)), (float)(E * cmin / ((double)N * K))};
+        check_close(rgot, rwant, 3, 1e-5f, 1e-5f, "moe routing of a random router: balance and loads from the counted selections");
+        check_true(rwant[1] > 1.0f && rwant[2] < 1.0f, "moe routing of a random router: uneven (so the check above sees max and min)", "even");
+    }
     moe_state_free(&st);
     free(x); free(w0); free(w1); free(router); free(y); free(rr);
 }

@@ -915,7 +915,8 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     Vec y((size_t)N * dout), dx((size_t)N * din), dW0(W0.size(), 0.0f), dW1(W1.size(), 0.0f), dR(R.size(), 0.0f), db(dout, 0.0f),
         scr(moe_scratch_size(&s, N));
     moe_forward(y.data(), &st, x.data(), W0.data(), W1.data(), R.data(), bias.data(), N, &s);
-    float aux_ref = moe_aux_loss(&st, N, &s);
+    const MoERouting rref = moe_aux_loss(&st, N, &s);
+    const float aux_ref = rref.aux;
     moe_backward(dx.data(), dW0.data(), dW1.data(), dR.data(), db.data(), dy.data(), daux, x.data(), &st, W0.data(), W1.data(), R.data(), N, &s,
                  scr.data());
     Dev d;
@@ -932,11 +933,12 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, N)));
     MoEGPUScratch sc;
     moe_gpu_scratch_bind(&sc, &s, N, s_d, f_d);
-    float *aux_d = d.add(dev_alloc<float>(1));
+    MoERouting *aux_d = d.add(dev_alloc<MoERouting>(1));
     moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &s);
     moe_aux_stats_gpu(&gst, &s);
     moe_aux_finish_gpu(&gst, N, &s, aux_d);  // on the device: aux and f̂ without a host round trip
-    const float aux = down(aux_d, 1)[0];
+    const MoERouting rgpu = down(aux_d, 1)[0];
+    const float aux = rgpu.aux;
     char tag[128];
     snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N, fused ? " (fused segmented forward and backward)" : "");
     // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
@@ -977,6 +979,10 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     check_true(counts == rc && offsets == roff && order == ro && pos == rp,
                nm("%s: grouping (counts, offsets, order, pos; %d pairs in chunks of 256)", tag, NK), "differs");
     check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
+    {  // the routing report: the loads from the same counts as the CPU's (the grouping check above)
+        const float got[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, want[3] = {rref.balance, rref.load_max, rref.load_min};
+        check_close(got, want, 3, 1e-4f, 1e-3f, nm("%s: routing report (balance %.4f, loads %.3f..%.3f)", tag, rgpu.balance, rgpu.load_min, rgpu.load_max));
+    }
     check_close(down(gst.fhat, E).data(), st.fhat, E, 1e-6f, 0.0f, nm("%s: f-hat on the device (the aux gradient's)", tag));
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
     const int ran_fused = moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
@@ -1315,10 +1321,10 @@ static void test_random_order() {
         float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, Nm)));
         MoEGPUScratch sc;
         moe_gpu_scratch_bind(&sc, &s, Nm, s_d, f_d);
-        float *aux_d = d.add(dev_alloc<float>(1));
+        float *aux_d = d.add(dev_alloc<float>(4));
         moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, NULL, Nm, &s);
         moe_aux_stats_gpu(&gst, &s);
-        moe_aux_finish_gpu(&gst, Nm, &s, aux_d);
+        moe_aux_finish_gpu(&gst, Nm, &s, (MoERouting *)aux_d);
         moe_backward_gpu(dx_d, g0, g1, gr, NULL, dy_d, 0.05f, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
         std::vector<uint16_t> r = down_bits(y_d, (size_t)Nm * 48);
         append_bits(r, down(gst.order, (size_t)Nm * 2));
@@ -1326,7 +1332,7 @@ static void test_random_order() {
         append_bits(r, down_bits(g0, W0.size()));
         append_bits(r, down_bits(gr, R.size()));
         append_bits(r, down(gst.stats, 17));
-        append_bits(r, down(aux_d, 1));
+        append_bits(r, down(aux_d, 4));
         moe_gpu_state_free(&gst);
         return r;
     });

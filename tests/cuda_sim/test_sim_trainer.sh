@@ -5,7 +5,8 @@
 # and resumed is bit-identical to an uninterrupted one (model file and resume state), gradient
 # accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, -fa 2
 # without cuDNN is refused cleanly and trains with the simulator's stand-in for cuDNN, and a
-# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1, and -h 1 scores an eval
+# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1, reports its routing as
+# the CPU trainer does, and -h 1 scores an eval
 # file with the forward's per-row losses. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
@@ -221,6 +222,18 @@ out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 3 -m 1 -s 3 -g 4 -o 
 first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
 [ $rc -eq 0 ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }' && ok "structured (btt, monarch, btt_moe): 3 steps lower the loss ($first -> $last)" \
     || bad "structured training" "exit $rc, losses $first -> $last: $(echo "$out" | tail -n 3)"
+# the routing report (aux, balance, expert loads; routing.h) of the first two steps as the CPU
+# trainer's, with a random router (a zero one puts every token on experts 0 and 1 at first): one
+# selection flipped by bf16 moves a load by E/(N·K) = 4/64
+routing() { grep -E '^step ' | head -2 | sed -E 's/.*\| aux ([0-9.]+) bal ([0-9.]+) load ([0-9.]+)-([0-9.]+) \|.*/\1 \2 \3 \4/' | tr '\n' ' '; }
+if [ -x ./train_gpt2 ]; then
+    sed 's/^topk = 2$/topk = 2\nrouter_init = 0.3/' "$W/struct.cfg" > "$W/routed.cfg"
+    RT=(-e "$W/routed.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0)
+    rg=$("$BIN" "${RT[@]}" 2>&1 | routing); rc=$(./train_gpt2 "${RT[@]}" 2>&1 | routing)
+    awk -v a="$rg" -v b="$rc" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 8 || m != 8) exit 1
+        for (i = 1; i <= 8; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > ((i - 1) % 4 < 2 ? 3e-3 : 0.07)) exit 1 } }' \
+        && ok "structured: the routing report (aux bal min max) of steps 1-2 as the CPU trainer's ($rg / $rc)" || bad "routing report" "'$rg' vs CPU '$rc'"
+fi
 "$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -o "$W/T" -n 1 > /dev/null 2>&1
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -o "$W/T" -n 1 -y 1 2>&1); rc=$?
 [ $rc -eq 0 ] && cmp -s "$W/S/model_00000003.bin" "$W/T/model_00000003.bin" && cmp -s "$W/S/state_00000003_00000.bin" "$W/T/state_00000003_00000.bin" \

@@ -185,3 +185,21 @@ def test_csv(two_runs, tmp_path, capsys):
     assert (float(r20["tokens"]), float(r20["flops"]), float(r20["time_s"])) == (2000.0, 10000.0, 40.0)
     assert (float(r20["train_loss"]), float(r20["val_loss"]), r20["eval_acc"], float(r20["tok_s"])) == (8.0, 8.0, "", 50.0)
     assert next(r for r in b if r["step"] == "0")["train_loss"] == ""
+
+
+def test_csv_routing(tmp_path):
+    """A BTT-MoE run's aux loss, balance term and expert loads (main.log's aux, bal, lmax, lmin)
+    are CSV columns; a dense run leaves them empty."""
+    import csv
+    moe = make_run(tmp_path / "moe", ["s:1 trl:5.0000 lr:0.000300 norm:1.00 aux:1.4321 bal:1.0125 lmax:2.250 lmin:0.000 tok/s:100",
+                                      "s:2 trl:4.0000 lr:0.000300 norm:1.00 aux:1.2000 bal:1.0010 lmax:1.100 lmin:0.900 tok/s:100"],
+                   {"parameters": 10, "flops_per_token": 10, "tokens_per_step": 100})
+    dense = make_run(tmp_path / "dense", train_lines(range(1, 3), lambda s: 5.0, lambda s: 100),
+                     {"parameters": 10, "flops_per_token": 10, "tokens_per_step": 100})
+    path = str(tmp_path / "r.csv")
+    assert cr.main([moe, dense, "--csv", path]) == 0
+    rows = {(r["run"], r["step"]): r for r in csv.DictReader(open(path))}
+    m1, m2, d1 = rows[("moe", "1")], rows[("moe", "2")], rows[("dense", "1")]
+    assert [float(m1[k]) for k in ("aux", "bal", "lmax", "lmin")] == [1.4321, 1.0125, 2.25, 0.0]
+    assert [float(m2[k]) for k in ("aux", "bal", "lmax", "lmin")] == [1.2, 1.001, 1.1, 0.9]
+    assert [d1[k] for k in ("aux", "bal", "lmax", "lmin")] == ["", "", "", ""]
