@@ -535,7 +535,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
             moe_forward(out, &la->moe, inp, w0, w1, gpt2_tensor(g, P, ld->w[2]), b, N, &ms);
             MoERouting r;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {
-                double stats[MOE_AUX_STATS(1024)];
+                double stats[MOE_AUX_STATS(STRUCT_MAX_EXPERTS)];
                 moe_aux_stats(&la->moe, N, &ms, stats);
                 multiproc_sum_doubles(m->mp, stats, MOE_AUX_STATS(ms.experts));
                 r = moe_aux_from_stats(&la->moe, stats, (long)N * m->mp->nproc, &ms);
@@ -966,6 +966,11 @@ static void trainer_banner(const GPT2 *m) {
 #ifdef OMP
     printf("| threads               | %-50d |\n", omp_get_max_threads());
 #endif
+}
+
+static void trainer_moe_fhat(const GPT2 *m, const LinearDesc *ld, float *fhat) {
+    const LinearActs *la = ld->layer < 0 ? &m->head_acts : &m->blocks[ld->layer].lin[ld->role];
+    memcpy(fhat, la->moe.fhat, (size_t)ld->spec.experts * sizeof(float));
 }
 
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {

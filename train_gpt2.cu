@@ -880,6 +880,10 @@ static void trainer_banner(const GPT2 *m) {
     printf("| GPU memory allocated  | %-50s |\n", mem);
 }
 
+static void trainer_moe_fhat(GPT2 *m, const LinearDesc *ld, float *fhat) {
+    cudaCheck(cudaMemcpy(fhat, lin_state(m, ld)->moe.fhat, (size_t)ld->spec.experts * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
 static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));

@@ -38,6 +38,7 @@ typedef struct {
     int seed;                 // -sd
     int shuffle;              // -sh
     int zero_stage;           // -z
+    int routing_loads;        // -rl
 } TrainArgs;
 
 typedef enum { ARG_STR, ARG_INT, ARG_FLOAT } ArgType;
@@ -81,6 +82,7 @@ static const ArgSpec train_arg_specs[] = {
     {"-sd", ARG_INT, ARG_FIELD(seed), "seed of the train data order (with -sh 1)"},
     {"-sh", ARG_INT, ARG_FIELD(shuffle), "1: shuffle shard and batch order each epoch"},
     {"-z", ARG_INT, ARG_FIELD(zero_stage), "ZeRO stage: 0 off, 1 shard the optimizer state over the processes"},
+    {"-rl", ARG_INT, ARG_FIELD(routing_loads), "1: at every val step, each BTT-MoE layer's expert loads in the last training batch"},
 };
 #define NUM_TRAIN_ARGS (sizeof(train_arg_specs) / sizeof(train_arg_specs[0]))
 
@@ -195,6 +197,7 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->ckpt_every < 0 || a->keep_last < 0 || a->major_every < 0 || a->val_every < 0 || a->sample_every < 0)
         fatal("-n, -nk, -nm, -v and -s take values >= 0");
     if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);
+    if (a->routing_loads != 0 && a->routing_loads != 1) fatal("-rl %d: 1 prints each BTT-MoE layer's expert loads at every val step, 0 does not", a->routing_loads);
     if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");
     if (a->ckpt_every > 0 && !a->out_dir) fatal("-n %d writes checkpoints into -o; give -o <dir>", a->ckpt_every);

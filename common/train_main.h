@@ -20,6 +20,8 @@
 //   trainer_row_losses(m)               the (B, T) per-position losses of the last gpt2_forward
 //                                       with targets, on the host (-h 1's scoring)
 //   trainer_step_end(m, step)           after step's line is printed (the GPU trainer's -lg line)
+//   trainer_moe_fhat(m, ld, fhat)       BTT-MoE layer ld's f̂ (E floats: each expert's share of the
+//                                       top-k selections) of the last forward, on the host (-rl 1)
 #pragma once
 #include <math.h>
 #include "args.h"
@@ -44,6 +46,31 @@ static float val_loss(GPT2 *m, DataLoader *dl, int max_steps, int B, int T) {
         sum += gpt2_forward(m, dl->inputs, dl->targets, B, T);
     }
     return (float)(sum / (n > 0 ? n : 1));
+}
+
+// -rl 1: every BTT-MoE layer's expert loads (f̂·E) of the last forward, which was a training
+// micro-batch (f̂ global over the ranks), one line per layer.
+static void print_routing_loads(GPT2 *m, long step) {
+    const GPT2Layout *g = &m->layout;
+    const int L = g->config.num_layers;
+    printf("expert loads after step %ld (each expert's share of the top-k selections x E; 1 = even, 0 = unused):\n", step);
+    for (int i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
+        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? gpt2_linear(g, i / NUM_BLOCK_ROLES, i % NUM_BLOCK_ROLES) : &g->head;
+        if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
+        const int E = ld->spec.experts;
+        float fhat[STRUCT_MAX_EXPERTS];
+        trainer_moe_fhat(m, ld, fhat);
+        char name[32];
+        if (ld->layer < 0) snprintf(name, sizeof(name), "lm_head");
+        else snprintf(name, sizeof(name), "h.%d.%s", ld->layer, struct_role_names[ld->role]);
+        int unused = 0;
+        printf("  %-14s", name);
+        for (int e = 0; e < E; e++) {
+            printf(" %4.2f", E * fhat[e]);
+            unused += fhat[e] == 0.0f;
+        }
+        printf(unused ? "  (%d unused)\n" : "\n", unused);
+    }
 }
 
 // HellaSwag accuracy (-h 1): each rank scores batches first = (b * nproc + rank) * per_batch, the
@@ -291,6 +318,8 @@ int main(int argc, char **argv) {
             save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window);
         }
         const int eval_step = a.val_every > 0 && (step % a.val_every == 0 || last);  // val loss and -h 1
+        if (eval_step && a.routing_loads && rank == 0 && step > start_step && trainer_n_routed(&model) > 0)
+            print_routing_loads(&model, step);  // before the val forwards overwrite what the training batch routed
         if (have_val && eval_step) {
             float vl = val_loss(&model, &val_loader, a.val_max_steps, a.B, a.T);
             multiproc_mean(&mp, &vl, 1);

@@ -16,6 +16,8 @@ static const char *const struct_names[NUM_STRUCTS] = {"dense", "btt", "monarch",
 typedef enum { SR_Q, SR_K, SR_V, SR_ATTN_PROJ, SR_FC, SR_FC_PROJ, NUM_BLOCK_ROLES, SR_LM_HEAD = NUM_BLOCK_ROLES } StructRole;
 static const char *const struct_role_names[NUM_BLOCK_ROLES + 1] = {"q", "k", "v", "attn_proj", "fc", "fc_proj", "lm_head"};
 
+#define STRUCT_MAX_EXPERTS 1024  // btt_moe: the most experts a layer may have
+
 typedef struct {
     StructKind kind;
     int d_in, d_out;
@@ -247,7 +249,7 @@ static inline void struct_resolve(ConfigFile *cf, int layer, int role, int d_in,
         }
     }
     if (kind == STRUCT_BTT_MOE) {
-        s->experts = struct_get_int(cf, layer, role, "experts", 8, 1, 1024);
+        s->experts = struct_get_int(cf, layer, role, "experts", 8, 1, STRUCT_MAX_EXPERTS);
         s->rank = s->experts;
         ConfigEntry *e = struct_lookup(cf, layer, role, "topk");
         s->topk = struct_get_int(cf, layer, role, "topk", 2, 1, 1024);

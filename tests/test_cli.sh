@@ -159,6 +159,18 @@ awk -v a="$rt" -v b="$rl" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); i
     exit !(y[3] <= 1 && y[4] >= 1 && y[4] <= 2 && y[2] >= 0.25) }' \
     && ok "routing: the step line and main.log agree (aux bal min max: $rt), loads within [0, E/K]" || bad "routing report" "'$rt' vs '$rl'"
 
+# -rl 1: at each val step after training, one line per routed layer (layer 1's q, k, v, fc_proj
+# here) of E = 4 loads that sum to E (the shares of the top-k selections sum to 1)
+out=$("$BIN" "${SRUN[@]}" -x 2 -n 0 -v 2 -rl 1 2>&1); rc=$?
+rl=$(echo "$out" | sed -n '/^expert loads after step 2 /,/^val loss/p' | grep '^  h\.' \
+     | awk '{ s = 0; for (i = 2; i <= 5; i++) s += $i; printf "%s=%s ", $1, (s > 3.98 && s < 4.02 && NF <= 7) ? "4" : s }')  # 2 decimals each
+[ $rc -eq 0 ] && [ "$rl" = "h.1.q=4 h.1.k=4 h.1.v=4 h.1.fc_proj=4 " ] && ! echo "$out" | grep -q "^expert loads after step 0" \
+    && ok "-rl 1: each routed layer's expert loads (sums: $rl)" || bad "-rl 1" "exit $rc: '$rl'"
+out=$("$BIN" -e d2 "${RUN[@]}" -x 2 -n 0 -v 2 -rl 1 2>&1); rc=$?
+[ $rc -eq 0 ] && ! echo "$out" | grep -q "^expert loads" && ok "-rl 1 on a dense model prints no loads" || bad "-rl 1 dense" "exit $rc"
+out=$("$BIN" "${SRUN[@]}" -rl 2 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q -- "-rl 2: 1 prints" && ok "-rl 2 is refused with the values it takes" || bad "-rl 2" "exit $rc: $out"
+
 # a checkpoint the trainer wrote is llm.c's v3 layout and loads back as a model
 hdr=$(od -An -w32 -t d4 -N 32 "$W/A/model_00000006.bin" | tr -s ' ')
 [ "$hdr" = " 20240326 3 1024 50257 2 2 128 50304" ] && ok "written checkpoint header is llm.c's v3" || bad "checkpoint header" "$hdr"

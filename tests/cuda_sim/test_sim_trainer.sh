@@ -233,6 +233,13 @@ if [ -x ./train_gpt2 ]; then
     awk -v a="$rg" -v b="$rc" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 8 || m != 8) exit 1
         for (i = 1; i <= 8; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > ((i - 1) % 4 < 2 ? 3e-3 : 0.07)) exit 1 } }' \
         && ok "structured: the routing report (aux bal min max) of steps 1-2 as the CPU trainer's ($rg / $rc)" || bad "routing report" "'$rg' vs CPU '$rc'"
+    # -rl 1: each routed layer's expert loads, read from the device, as the CPU trainer's
+    loads() { sed -n '/^expert loads after step 2 /,/^val loss/p' | grep '^  h\.' | sed 's/  (.*//' | tr -s ' ' | tr '\n' ';'; }
+    lg=$("$BIN" "${RT[@]}" -v 2 -m 1 -rl 1 2>&1 | loads); lc=$(./train_gpt2 "${RT[@]}" -v 2 -m 1 -rl 1 2>&1 | loads)
+    awk -v a="$lg" -v b="$lc" 'BEGIN { n = split(a, x, "[; ]+"); m = split(b, y, "[; ]+"); if (n != m || n < 10) exit 1
+        for (i = 1; i <= n; i++) { if (x[i] ~ /^h/) { if (x[i] != y[i]) exit 1; continue }
+                                   d = x[i] - y[i]; if (d < 0) d = -d; if (d > 0.07) exit 1 } }' \
+        && ok "structured: -rl 1 prints each routed layer's loads as the CPU trainer ($lg)" || bad "-rl 1" "'$lg' vs CPU '$lc'"
 fi
 "$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -o "$W/T" -n 1 > /dev/null 2>&1
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -o "$W/T" -n 1 -y 1 2>&1); rc=$?
