@@ -379,7 +379,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(dout), "test colsum");
     const float daux = 0.05f;
     float aux_ref = 0.0f, aux_gpu = 0.0f;
-    MoERouting rref = {0}, rgpu = {0};
+    MoERouting rref = {0.0f, 0.0f, 0.0f, 0.0f}, rgpu = rref;
     if (spec->kind == STRUCT_BTT) {
         BTTShape b = btt_shape_of(spec);
         float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));

@@ -740,7 +740,7 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
     memcpy(m->inputs, inputs, BT * sizeof(int));
     if (targets) memcpy(m->targets, targets, BT * sizeof(int));
     float *P = m->params;
-    m->routing = (MoERouting){0};
+    m->routing = (MoERouting){0.0f, 0.0f, 0.0f, 0.0f};
     m->routed_seen = 0;
     encoder_forward(m->encoded, inputs, gpt2_tensor(g, P, g->wte), gpt2_tensor(g, P, g->wpe), B, T, C);
     const float *res = m->encoded;

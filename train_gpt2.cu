@@ -569,7 +569,7 @@ static float gpt2_read_loss(GPT2 *m) {
     multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
     cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
     double s = 0.0;
-    m->routing = (MoERouting){0};
+    m->routing = (MoERouting){0.0f, 0.0f, 0.0f, 0.0f};
     for (int i = 0; i < m->n_routed; i++) moe_routing_fold(&m->routing, (const MoERouting *)m->h_losses + i, i);
     moe_routing_finish(&m->routing, m->n_routed);
     for (int i = 0; i < BT; i++) s += m->h_losses[m->aux_slots + i];
