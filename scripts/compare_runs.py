@@ -138,8 +138,13 @@ class Run:
         return at
 
     def train_tail_mean(self, n=20):
-        steps = sorted(self.train)[-n:]
-        return sum(self.train[s] for s in steps) / len(steps) if steps else math.nan
+        return self.tail_mean("trl", n)
+
+    def tail_mean(self, key, n=20):
+        """The mean of main.log's key over the last n steps that logged it (nan if none)."""
+        stream = self.streams.get(key, {})
+        steps = sorted(stream)[-n:]
+        return sum(stream[s] for s in steps) / len(steps) if steps else math.nan
 
 
 def interpolate(points, x):
@@ -211,6 +216,15 @@ def table(runs, axis, baseline):
                    f"{fmt(bv, '.4f'):>8} {fmt(ev, '.4f'):>6} {fmt(tps, '.0f'):>9} {fmt_x('time', t):>9}")
     out.append("train: mean of the last 20 logged steps; val: the last; eval: the last HellaSwag accuracy; "
                "tok/s: the median step; time: training steps only")
+    routed = [r for r in runs if "bal" in r.streams]
+    if routed:  # BTT-MoE runs: the aux loss and the routing report (README: bal, load)
+        out.append("")
+        out.append(f"{'routing':<16} {'aux':>7} {'bal':>7} {'lmax':>7} {'lmin':>7}")
+        for r in routed:
+            out.append(f"{r.label[:16]:<16} " + " ".join(f"{fmt(r.tail_mean(k), '.4f' if k in ('aux', 'bal') else '.3f'):>7}"
+                                                         for k in ("aux", "bal", "lmax", "lmin")))
+        out.append("routing: BTT-MoE runs, mean of the last 20 logged steps; bal: the aux loss's balance term (1 = even); "
+                   "lmax, lmin: the busiest and idlest expert's load (1 = even)")
     with_val = [r for r in runs if len(r.val) >= 1]
     if len(with_val) < 2:
         return out

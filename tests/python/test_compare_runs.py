@@ -203,3 +203,25 @@ def test_csv_routing(tmp_path):
     assert [float(m1[k]) for k in ("aux", "bal", "lmax", "lmin")] == [1.4321, 1.0125, 2.25, 0.0]
     assert [float(m2[k]) for k in ("aux", "bal", "lmax", "lmin")] == [1.2, 1.001, 1.1, 0.9]
     assert [d1[k] for k in ("aux", "bal", "lmax", "lmin")] == ["", "", "", ""]
+
+
+def test_routing_table(tmp_path, capsys):
+    """BTT-MoE runs get a routing block: aux, bal, lmax, lmin as means of the last 20 logged steps
+    (here steps 6..25 of 25, whose values are worked out below); a dense run has no row in it."""
+    lines = [f"s:{s} trl:5.0000 lr:0.000300 norm:1.00 aux:{1 + 0.01 * s:.4f} bal:{1 + 0.001 * s:.4f} "
+             f"lmax:{1 + 0.1 * s:.3f} lmin:{0.5:.3f} tok/s:100" for s in range(1, 26)]
+    moe = make_run(tmp_path / "moe", lines, {"parameters": 10, "flops_per_token": 10, "tokens_per_step": 100})
+    dense = make_run(tmp_path / "dense", train_lines(range(1, 26), lambda s: 5.0, lambda s: 100),
+                     {"parameters": 10, "flops_per_token": 10, "tokens_per_step": 100})
+    assert cr.main([moe, dense]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = out.index(next(line for line in out if line.startswith("routing ")))
+    assert out[head].split() == ["routing", "aux", "bal", "lmax", "lmin"]
+    assert out[head + 1].split() == ["moe", f"{1 + 0.01 * 15.5:.4f}", f"{1 + 0.001 * 15.5:.4f}", f"{1 + 0.1 * 15.5:.3f}", "0.500"]
+    assert out[head + 2].startswith("routing: ")
+    assert not any(line.startswith("routing") for line in out if "dense" in line)
+
+
+def test_no_routing_table_for_dense(two_runs, capsys):
+    assert cr.main(list(two_runs)) == 0
+    assert not any(line.startswith("routing") for line in capsys.readouterr().out.splitlines())
