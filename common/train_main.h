@@ -61,8 +61,7 @@ static void print_routing_loads(GPT2 *m, long step) {
         float fhat[STRUCT_MAX_EXPERTS];
         trainer_moe_fhat(m, ld, fhat);
         char name[32];
-        if (ld->layer < 0) snprintf(name, sizeof(name), "lm_head");
-        else snprintf(name, sizeof(name), "h.%d.%s", ld->layer, struct_role_names[ld->role]);
+        linear_layer_name(ld, name, sizeof(name));
         int unused = 0;
         printf("  %-14s", name);
         for (int e = 0; e < E; e++) {

@@ -79,16 +79,23 @@ static inline float linear_lr_mult(const LinearSpec *s, int i, int base_width, i
     return (float)base_width / (2.0f * (float)fi);
 }
 
+// A layer's linear by name: "h.L.ROLE", or "lm_head".
+static inline void linear_layer_name(const LinearDesc *ld, char *buf, size_t cap) {
+    if (ld->layer < 0) snprintf(buf, cap, "lm_head");
+    else snprintf(buf, cap, "h.%d.%s", ld->layer, struct_role_names[ld->role]);
+}
+
 // Tensor name for a layer's linear: llm.c's names for the dense fused qkv and the dense
 // attn_proj, fc and fc_proj (so that all-dense tables are llm.c's), "h.L.ROLE.T" otherwise.
 static inline void linear_tensor_name(const LinearDesc *ld, int i, char *buf, size_t cap) {
     static const char *const llmc_w[NUM_BLOCK_ROLES] = {"qkvw", "", "", "attprojw", "fcw", "fcprojw"};
     static const char *const llmc_b[NUM_BLOCK_ROLES] = {"qkvb", "", "", "attprojb", "fcb", "fcprojb"};
     const char *t = i < 0 ? "b" : linear_tensor_names[ld->spec.kind][i];
-    if (ld->layer < 0) { snprintf(buf, cap, "lm_head.%s", t); return; }
-    int llmc = ld->spec.kind == STRUCT_DENSE && (ld->fused_qkv || ld->role >= SR_ATTN_PROJ);
-    if (llmc) snprintf(buf, cap, "h.%d.%s", ld->layer, i < 0 ? llmc_b[ld->role] : llmc_w[ld->role]);
-    else snprintf(buf, cap, "h.%d.%s.%s", ld->layer, struct_role_names[ld->role], t);
+    int llmc = ld->layer >= 0 && ld->spec.kind == STRUCT_DENSE && (ld->fused_qkv || ld->role >= SR_ATTN_PROJ);
+    if (llmc) { snprintf(buf, cap, "h.%d.%s", ld->layer, i < 0 ? llmc_b[ld->role] : llmc_w[ld->role]); return; }
+    char layer[32];
+    linear_layer_name(ld, layer, sizeof(layer));
+    snprintf(buf, cap, "%s.%s", layer, t);
 }
 
 static inline void linear_add_weights(ParamTable *pt, LinearDesc *ld, int base_width, int mup) {

@@ -252,7 +252,7 @@ static inline void struct_resolve(ConfigFile *cf, int layer, int role, int d_in,
         s->experts = struct_get_int(cf, layer, role, "experts", 8, 1, STRUCT_MAX_EXPERTS);
         s->rank = s->experts;
         ConfigEntry *e = struct_lookup(cf, layer, role, "topk");
-        s->topk = struct_get_int(cf, layer, role, "topk", 2, 1, 1024);
+        s->topk = struct_get_int(cf, layer, role, "topk", 2, 1, STRUCT_MAX_EXPERTS);
         if (s->topk > s->experts) {
             if (e) fatal("%s:%d: 'topk = %d' exceeds the %d experts of %s; use topk <= experts", cf->path, e->line, s->topk, s->experts, where);
             fatal("%s: the default topk 2 exceeds the %d experts of %s; set topk", cf->path, s->experts, where);
