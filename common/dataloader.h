@@ -138,6 +138,16 @@ static inline void dataloader_reset(DataLoader *dl) {
     dataloader_load_shard(dl);
 }
 
+// 1 when the pattern names at least one file.
+static inline int dataloader_pattern_matches(const char *pattern) {
+    if (pattern == NULL || pattern[0] == '\0') return 0;
+    glob_t g;
+    if (glob(pattern, 0, NULL, &g) != 0) return 0;
+    int any = g.gl_pathc > 0;
+    globfree(&g);
+    return any;
+}
+
 static inline void dataloader_init(DataLoader *dl, const char *pattern, int B, int T, int rank, int nproc,
                                    int shuffle, unsigned long long seed) {
     memset(dl, 0, sizeof(*dl));

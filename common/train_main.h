@@ -216,7 +216,10 @@ int main(int argc, char **argv) {
     int grad_accum = a.total_batch / tokens_per_micro;
 
     DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
+    // -x 0 only evaluates: it needs no training data (e.g. a model scored on WikiText alone)
+    const int have_train = a.max_steps != 0 || dataloader_pattern_matches(a.train_data);
+    if (have_train) dataloader_init(&train_loader, a.train_data, a.B, a.T, rank, nproc, a.shuffle, (unsigned long long)a.seed);
+    else memset(&train_loader, 0, sizeof(train_loader));
     int have_val = a.val_every > 0 && a.val_data && a.val_data[0];
     train_loader.vocab_size = c->vocab_size;
     if (have_val) {
@@ -243,7 +246,7 @@ int main(int argc, char **argv) {
     Tokenizer tokenizer;
     char tok_path[1100];
     if (a.tokenizer) snprintf(tok_path, sizeof(tok_path), "%s", a.tokenizer);
-    else default_tokenizer_path(a.train_data, c->vocab_size, tok_path, sizeof(tok_path));
+    else default_tokenizer_path(have_train || !have_val ? a.train_data : a.val_data, c->vocab_size, tok_path, sizeof(tok_path));
     tokenizer_init(&tokenizer, tok_path);
     int eot = tokenizer.init_ok ? tokenizer.eot_token : 50256;
     if (eot >= c->vocab_size) eot = c->vocab_size - 1;
@@ -272,7 +275,7 @@ int main(int argc, char **argv) {
             fatal("'%s' was written with -b %lld -t %lld -d %lld; resume with the same values (got -b %d -t %d -d %d)",
                   resume_state, (long long)st.B, (long long)st.T, (long long)st.total_batch_size, a.B, a.T, a.total_batch);
         DataLoaderState ds = {(int)st.dl_epoch, (int)st.dl_shard_idx, (long)st.dl_sample_idx};
-        dataloader_set_state(&train_loader, ds);
+        if (have_train) dataloader_set_state(&train_loader, ds);
         sample_rng = st.sample_rng;
         loss_window = st.loss_window;
         norm_window = st.norm_window;

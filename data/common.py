@@ -900,14 +900,32 @@ def positive_int(s):
     return v
 
 
-def add_shard_args(ap, default_out, out_help=None, shard_flags=("--shard_size",)):
-    """The flags every text-dataset script takes besides its input."""
+def comma_list(choices, what):
+    """argparse type: a comma-separated list of distinct names from choices ("a,b"); `what`
+    names one of them in messages."""
+    import argparse
+
+    def parse(s):
+        names = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in names if x not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or repr(s)}: choose from {','.join(choices)}")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"a {what} is named twice: {s}")
+        return names
+    return parse
+
+
+def add_shard_args(ap, default_out, out_help=None, shard_flags=("--shard_size",),
+                   shard_size=DEFAULT_SHARD_SIZE, val_docs=None):
+    """The flags every text-dataset script takes besides its input (shard_size and val_docs:
+    the script's defaults)."""
     ap.add_argument("--out", default=default_out, help=out_help or f"output folder (default {default_out})")
-    ap.add_argument(*shard_flags, dest="shard_size", type=positive_int, default=DEFAULT_SHARD_SIZE,
-                    help=f"maximum tokens per shard (default {DEFAULT_SHARD_SIZE:,})")
-    ap.add_argument("--val_docs", type=positive_int, default=None,
-                    help="put exactly the first N documents in the val shard "
-                         "(default: the first shard of up to --shard_size tokens is val)")
+    ap.add_argument(*shard_flags, dest="shard_size", type=positive_int, default=shard_size,
+                    help=f"maximum tokens per shard (default {shard_size:,})")
+    ap.add_argument("--val_docs", type=positive_int, default=val_docs,
+                    help="put exactly the first N documents in the val shard (default " +
+                         (f"{val_docs:,})" if val_docs else "none: the first shard of up to --shard_size tokens is val)"))
     ap.add_argument("--max_docs", type=positive_int, default=None, help="stop after this many input documents (dropped ones included)")
     ap.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                     help="tokenizer threads (default: number of cores, at most 8)")
@@ -915,12 +933,13 @@ def add_shard_args(ap, default_out, out_help=None, shard_flags=("--shard_size",)
 
 
 class HFSource:
-    """The train split of a Hugging Face hub dataset, one document per row (its "text").
+    """The train split of a Hugging Face hub dataset, one document per row (its `column`, "text").
     streaming: rows are read as they download (FineWeb's samples are tens of GB), so the total
     is known only when the hub's metadata gives it."""
 
-    def __init__(self, dataset, config=None, streaming=False):
+    def __init__(self, dataset, config=None, streaming=False, column="text"):
         self.name = dataset + (f" ({config})" if config else "")
+        self.column = column
         try:
             import datasets
         except ImportError as e:
@@ -944,9 +963,9 @@ class HFSource:
     def __iter__(self):
         for i, row in enumerate(self.ds):
             self.n += 1
-            text = row.get("text") if isinstance(row, dict) else None
+            text = row.get(self.column) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise DataError(f'{self.name}: row {i} has no "text" string (keys: {sorted(row)[:8] if isinstance(row, dict) else type(row).__name__})')
+                raise DataError(f'{self.name}: row {i} has no "{self.column}" string (keys: {sorted(row)[:8] if isinstance(row, dict) else type(row).__name__})')
             yield text
 
 

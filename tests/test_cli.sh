@@ -106,6 +106,16 @@ files=$(cd "$W/A0" && ls | grep -v -e main.log -e run.txt | tr '\n' ' '); files_
     || bad "-x 0 -y 1" "exit $rc, val '$got' vs '$want', files '$files' vs '$files_a': $(echo "$out" | tail -n 2)"
 got2=$("$BIN" -e "$W/A/model_00000006.bin" -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0 -x 0 -v 2 -m 2 2>&1 | grep '^val loss' | awk '{printf "%.4f", $3}')
 [ "$got2" = "$want" ] && ok "-x 0 -e model_00000006.bin: the same val loss" || bad "-x 0 -e" "'$got2' vs '$want'"
+# evaluation alone needs no training data (e.g. a model scored on WikiText), and then looks for
+# the tokenizer beside the val shards (there is none here: it says which file it tried); training
+# without train shards still stops with the error
+mkdir -p "$W/evalonly" && cp "$VAL" "$W/evalonly/"
+out=$("$BIN" -e "$W/A/model_00000006.bin" -i "$W/none_*.bin" -j "$W/evalonly/$(basename "$VAL")" -b 4 -t 32 -x 0 -v 2 -m 2 -g 8 2>&1); rc=$?
+got3=$(echo "$out" | grep '^val loss' | awk '{printf "%.4f", $3}')
+[ $rc -eq 0 ] && [ "$got3" = "$want" ] && echo "$out" | grep -q "^generating" && echo "$out" | grep -qF "cannot open tokenizer '$W/evalonly/gpt2_tokenizer.bin'" \
+    && ok "-x 0 without train shards: the same val loss; the tokenizer is looked for beside the val shards" \
+    || bad "-x 0 without train shards" "exit $rc, '$got3' vs '$want': $(echo "$out" | tail -n 3)"
+expect_error "training without train shards" "no data shards match '$W/none_*.bin'" -e d2 -i "$W/none_*.bin" -j "$VAL" -x 1 -s 0
 expect_error "-x below -1" "-x -2: give a number of steps >= 1, 0 to only evaluate, or -1 for one epoch" "${COMMON[@]}" -x -2
 
 # -nk keeps the last K checkpoints; -nm also keeps those whose step is a multiple of it (llm.c's flags)

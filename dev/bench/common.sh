@@ -14,3 +14,27 @@ ensure_tinyshakespeare() {
         python3 data/tinyshakespeare.py
     fi
 }
+
+# prepare_wiki_char OUT SHARED: the character-level data of the CPU structure runs in OUT/data:
+# the ASCII paragraphs (>= 200 characters) of the first 40 files of SHARED's Wikipedia sample, the
+# one article also in WikiText-2's test split left out, in the 96-symbol character vocabulary;
+# the first 1000 paragraphs are val. Skipped when OUT/data has them.
+prepare_wiki_char() {
+    local out=$1 shared=$2
+    [ -f "$out/data/openwebtext_char_val_000000.bin" ] && return 0
+    python3 - "$shared/wikipedia_en_2015" "$out/wiki_paragraphs.jsonl" <<'PY'
+import glob, json, lzma, re, sys
+files = sorted(glob.glob(sys.argv[1] + "/*/wiki_*.xz"))[:40]
+with open(sys.argv[2], "w") as out:
+    for fp in files:
+        for m in re.finditer(r'<doc id="(\d+)"[^>]*>\n(.*?)</doc>', lzma.open(fp, "rt", encoding="utf-8").read(), re.S):
+            if m.group(1) == "44122":  # also in WikiText-2's test split (SOURCES.md)
+                continue
+            for line in m.group(2).split("\n"):
+                line = line.strip()
+                if len(line) >= 200 and all(32 <= ord(c) < 127 for c in line):
+                    out.write(json.dumps({"text": line}) + "\n")
+PY
+    TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$shared/tiktoken_cache} python3 data/openwebtext.py --input "$out/wiki_paragraphs.jsonl" \
+        --vocab char --out "$out/data" --val_docs 1000 --shard_size 10000000
+}

@@ -18,23 +18,8 @@ OUT=${1:-/tmp/structures_cpu}
 SHARED=${SHARED_DATA:-../shared/data}
 mkdir -p "$OUT/runs"
 make -s train_gpt2
-if [ ! -f "$OUT/data/openwebtext_char_val_000000.bin" ]; then
-    python3 - "$SHARED/wikipedia_en_2015" "$OUT/wiki_paragraphs.jsonl" <<'PY'
-import glob, json, lzma, re, sys
-files = sorted(glob.glob(sys.argv[1] + "/*/wiki_*.xz"))[:40]
-with open(sys.argv[2], "w") as out:
-    for fp in files:
-        for m in re.finditer(r'<doc id="(\d+)"[^>]*>\n(.*?)</doc>', lzma.open(fp, "rt", encoding="utf-8").read(), re.S):
-            if m.group(1) == "44122":  # also in WikiText-2's test split (SOURCES.md)
-                continue
-            for line in m.group(2).split("\n"):
-                line = line.strip()
-                if len(line) >= 200 and all(32 <= ord(c) < 127 for c in line):
-                    out.write(json.dumps({"text": line}) + "\n")
-PY
-    TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$SHARED/tiktoken_cache} python3 data/openwebtext.py --input "$OUT/wiki_paragraphs.jsonl" \
-        --vocab char --out "$OUT/data" --val_docs 1000 --shard_size 10000000
-fi
+source dev/bench/common.sh
+prepare_wiki_char "$OUT" "$SHARED"
 for s in dense monarch4 btt4 btt_moe; do
     { printf 'n_layer = 4\nn_head = 4\nn_embd = 256\nvocab_size = 96\nmax_seq_len = 128\n[linear]\n'
       case $s in

@@ -34,6 +34,22 @@ def common():
     return _load_common()
 
 
+def load_data_script(name):
+    """data/<name>.py as a module, its `from common import ...` bound to data/common.py."""
+    saved = sys.modules.get("common")
+    sys.modules["common"] = _load_common()
+    try:
+        spec = importlib.util.spec_from_file_location(f"structgpt_data_{name}", os.path.join(DATA_DIR, name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        if saved is None:
+            del sys.modules["common"]
+        else:
+            sys.modules["common"] = saved
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(SHARED_DATA):
