@@ -181,7 +181,7 @@ class LocalCorpus:
                                 if m.isfile() and self.wants_member(m.name):
                                     data = tf.extractfile(m).read()
                                     for frac, doc in self.parse(f"{path}:{m.name}", data):
-                                        self._done = base + min(raw.tell(), size) * 1.0
+                                        self._done = base + float(min(raw.tell(), size))
                                         yield from self._emit(doc)
                     else:
                         data = _open_decompressed(path, raw).read()
@@ -200,7 +200,8 @@ class LocalCorpus:
             self.skip("empty")
 
     def report(self):
-        s = f"{self.name}: {self.docs:,} documents from {len(self.files)} files in {self.folder}"
+        nf = len(self.files)
+        s = f"{self.name}: {self.docs:,} documents from {nf} file{'s' if nf != 1 else ''} in {self.folder}"
         if self.skipped:
             s += " (left out: " + ", ".join(f"{n:,} {r}" for r, n in sorted(self.skipped.items())) + ")"
         return s

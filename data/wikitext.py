@@ -159,7 +159,7 @@ def main():
         counts.append((split, where, len(arts), word_count(lines), int(toks.size)))
     write_splits(args.out, f"wikitext{args.version}", splits, tok)
     for split, where, narts, words, ntok in counts:
-        print(f"{split}: {narts} articles from {where}; {words:,} words (WikiText's count, one <eos> per line), "
+        print(f"{split}: {narts} article{'s' if narts != 1 else ''} from {where}; {words:,} words (WikiText's count, one <eos> per line), "
               f"{ntok:,} GPT-2 tokens: word-level perplexity = exp(loss * {ntok / words:.4f})")
 
 

@@ -71,4 +71,4 @@ def test_bad_inputs(run_script, tmp_path):
     p = run_script("wikitext.py", "--input", tmp_path / "wt", "--out", tmp_path / "o", "--splits", "val,dev")
     assert p.returncode == 2 and "unknown split dev" in p.stderr
     p = ok(run_script("wikitext.py", "--input", tmp_path / "wt", "--out", tmp_path / "o", "--splits", "val"))
-    assert "val: 1 articles" in p.stdout and os.path.exists(tmp_path / "o" / "wikitext2_val.bin")
+    assert "val: 1 article from" in p.stdout and os.path.exists(tmp_path / "o" / "wikitext2_val.bin")
