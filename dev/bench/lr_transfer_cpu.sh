@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench/lr_transfer_cpu.sh: does the structure-aware learning rate's constant carry over from
 # one width to another? BTT rank 4 language models of widths 128 and 256, trained alike, each with
-# base_width 32, 64, 128, 256 and 768 (the default), and with the multipliers off (lr_mult 0).
+# base_width 32, 64, 128, 256, 512 and 768 (the default), and with the multipliers off (lr_mult 0).
 # The multiplier of a core is base_width / (2 * fan_in) (DESIGN.md), so if the rule scales as it
-# should with width, the best base_width is the same at both widths. About 45 minutes on 2 cores.
+# should with width, the best base_width is the same at both widths. About 55 minutes on 2 cores.
 #   SHARED_DATA=../shared/data bash dev/bench/lr_transfer_cpu.sh [OUT (default /tmp/lr_transfer_cpu)]
 # Data, depth, T, B, peak rate 1e-3 and schedule as dev/bench/structures_cpu.sh; 1,074 steps (its
 # BTT rank 4 budget, 1.1M tokens) at both widths, so width 256's base_width 768 and lr_mult 0 runs
@@ -19,7 +19,7 @@ prepare_wiki_char "$OUT" "$SHARED"
 export OMP_NUM_THREADS=2
 DATA=(-i "$OUT/data/openwebtext_char_train_*.bin" -j "$OUT/data/openwebtext_char_val_000000.bin" -tk "$OUT/data/char_tokenizer.bin" -b 8 -t 128 -s 0)
 STEPS=1074
-BASES="32 64 128 256 768"
+BASES="32 64 128 256 512 768"
 for w in 128 256; do
     for b in $BASES nolr; do
         name=w${w}_bw$b
