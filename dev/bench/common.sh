@@ -15,6 +15,14 @@ ensure_tinyshakespeare() {
     fi
 }
 
+# cpu_runs_setup OUT SHARED: what the CPU structure runs start with: OUT/runs, train_gpt2 built,
+# and the data (prepare_wiki_char).
+cpu_runs_setup() {
+    mkdir -p "$1/runs"
+    make -s train_gpt2
+    prepare_wiki_char "$1" "$2"
+}
+
 # prepare_wiki_char OUT SHARED: the character-level data of the CPU structure runs in OUT/data:
 # the ASCII paragraphs (>= 200 characters) of the first 40 files of SHARED's Wikipedia sample, the
 # one article also in WikiText-2's test split left out, in the 96-symbol character vocabulary;

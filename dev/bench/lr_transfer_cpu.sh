@@ -13,10 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/lr_transfer_cpu}
 SHARED=${SHARED_DATA:-../shared/data}
-mkdir -p "$OUT/runs"
-make -s train_gpt2
 source dev/bench/common.sh
-prepare_wiki_char "$OUT" "$SHARED"
+cpu_runs_setup "$OUT" "$SHARED"
 export OMP_NUM_THREADS=2
 DATA=(-i "$OUT/data/openwebtext_char_train_*.bin" -j "$OUT/data/openwebtext_char_val_000000.bin" -tk "$OUT/data/char_tokenizer.bin" -b 8 -t 128 -s 0)
 STEPS=1074

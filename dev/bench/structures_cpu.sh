@@ -16,10 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/structures_cpu}
 SHARED=${SHARED_DATA:-../shared/data}
-mkdir -p "$OUT/runs"
-make -s train_gpt2
 source dev/bench/common.sh
-prepare_wiki_char "$OUT" "$SHARED"
+cpu_runs_setup "$OUT" "$SHARED"
 for s in dense monarch4 btt4 btt_moe; do
     { printf 'n_layer = 4\nn_head = 4\nn_embd = 256\nvocab_size = 96\nmax_seq_len = 128\n[linear]\n'
       case $s in
