@@ -550,6 +550,26 @@ def _kind_of(path):
     return "text"
 
 
+def open_decompressed(path, raw):
+    """The binary stream of raw, decompressed as path's suffix says (.xz, .gz, .bz2; else as is)."""
+    low = path.lower()
+    if low.endswith(".xz"):
+        return lzma.open(raw, "rb")
+    if low.endswith(".gz"):
+        import gzip
+        return gzip.open(raw, "rb")
+    if low.endswith(".bz2"):
+        import bz2
+        return bz2.open(raw, "rb")
+    return raw
+
+
+def tar_stream_mode(path):
+    """tarfile's streaming mode for an archive named path (.tar.xz/.txz, .tar.gz/.tgz, .tar)."""
+    low = path.lower()
+    return "r|xz" if low.endswith((".xz", ".txz")) else ("r|gz" if low.endswith("gz") else "r|")
+
+
 class DocSource:
     """Iterates the documents of --input, which may be
       * a plain text file: one document, or with split_paragraphs one per blank-line-separated
@@ -635,15 +655,7 @@ class DocSource:
         yield from self._text_docs(fp, raw)
 
     def _jsonl(self, fp, raw):
-        low = fp.lower()
-        if low.endswith(".xz"):
-            binary = lzma.open(raw, "rb")
-        elif low.endswith(".gz"):
-            import gzip
-            binary = gzip.open(raw, "rb")
-        else:
-            binary = raw
-        f = io.TextIOWrapper(binary, encoding="utf-8")
+        f = io.TextIOWrapper(open_decompressed(fp, raw), encoding="utf-8")
         lineno = 0
         try:
             for line in f:
@@ -686,8 +698,7 @@ class DocSource:
             raise DataError(f"{fp}: not a readable Parquet file ({type(e).__name__}: {e})") from e
 
     def _archive(self, fp, raw):
-        low = fp.lower()
-        mode = "r|xz" if low.endswith(".xz") else ("r|gz" if low.endswith("gz") else "r|")
+        mode = tar_stream_mode(fp)
         try:
             tf = tarfile.open(fileobj=raw, mode=mode)
         except tarfile.ReadError:

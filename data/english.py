@@ -37,7 +37,6 @@ Offline, set TIKTOKEN_CACHE_DIR to a folder with the GPT-2 BPE cache.
 """
 
 import argparse
-import bz2
 import hashlib
 import html
 import lzma
@@ -46,7 +45,8 @@ import re
 import sys
 import tarfile
 
-from common import DataError, HFSource, add_shard_args, comma_list, run_main, write_text_dataset
+from common import (DataError, HFSource, add_shard_args, comma_list, open_decompressed, run_main, tar_stream_mode,
+                    write_text_dataset)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPORA = ("wikipedia", "blogs", "cnn")
@@ -125,15 +125,6 @@ def story_body(data):
 # ------------------------------------------------------------------------ local corpora
 
 
-def _open_decompressed(path, raw):
-    low = path.lower()
-    if low.endswith(".xz"):
-        return lzma.open(raw, "rb")
-    if low.endswith(".bz2"):
-        return bz2.open(raw, "rb")
-    return raw
-
-
 def _is_archive(name):
     low = name.lower()
     return low.endswith((".tar", ".tar.xz", ".txz", ".tar.gz", ".tgz"))
@@ -174,17 +165,15 @@ class LocalCorpus:
             try:
                 with open(path, "rb") as raw:
                     if _is_archive(path):
-                        mode = "r|xz" if path.lower().endswith((".xz", ".txz")) else (
-                            "r|gz" if path.lower().endswith("gz") else "r|")
-                        with tarfile.open(fileobj=raw, mode=mode) as tf:
+                        with tarfile.open(fileobj=raw, mode=tar_stream_mode(path)) as tf:
                             for m in tf:
                                 if m.isfile() and self.wants_member(m.name):
                                     data = tf.extractfile(m).read()
-                                    for frac, doc in self.parse(f"{path}:{m.name}", data):
+                                    for _, doc in self.parse(f"{path}:{m.name}", data):
                                         self._done = base + float(min(raw.tell(), size))
                                         yield from self._emit(doc)
                     else:
-                        data = _open_decompressed(path, raw).read()
+                        data = open_decompressed(path, raw).read()
                         for frac, doc in self.parse(path, data):
                             self._done = base + frac * size
                             yield from self._emit(doc)

@@ -21,12 +21,17 @@ def _cache_dir():
     return os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED_DATA, "tiktoken_cache")
 
 
-def _load_common():
-    # loaded by file path under its own name: the repository also has a top-level common/ folder
-    spec = importlib.util.spec_from_file_location("structgpt_data_common", os.path.join(DATA_DIR, "common.py"))
+def _load_module(name):
+    """data/<name>.py loaded by file path under its own module name (the repository also has a
+    top-level common/ folder)."""
+    spec = importlib.util.spec_from_file_location(f"structgpt_data_{name}", os.path.join(DATA_DIR, name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_common():
+    return _load_module("common")
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +44,7 @@ def load_data_script(name):
     saved = sys.modules.get("common")
     sys.modules["common"] = _load_common()
     try:
-        spec = importlib.util.spec_from_file_location(f"structgpt_data_{name}", os.path.join(DATA_DIR, name + ".py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        return _load_module(name)
     finally:
         if saved is None:
             del sys.modules["common"]
