@@ -1,7 +1,7 @@
 # structgpt: builds the CPU trainer and its tests; degrades cleanly without OpenMP or a CBLAS.
-#   make                 train_gpt2 test_gpt2 convert_checkpoint (OpenMP and OpenBLAS when found)
+#   make                 train_gpt2 test_gpt2 convert_checkpoint (OpenMP when found; matmuls below)
 #   make test            build and run every test (C and Python), ending "N passed, N failed"
-#   NO_OMP=1             build without OpenMP;  NO_BLAS=1  build without a CBLAS (plain C matmuls)
+#   NO_OMP=1             build without OpenMP;  NO_BLAS=1 / USE_BLAS=1  built-in GEMM kernel / OpenBLAS
 CC ?= gcc
 CFLAGS ?= -O3 -march=native -ffast-math -fno-finite-math-only
 CFLAGS += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -I.
@@ -18,19 +18,34 @@ else
   $(info OpenMP: not found, building single-threaded (apt-get install libgomp1))
 endif
 
-# CBLAS for the matmuls (OpenBLAS from Debian); the packed C kernel is the fallback. train_gpt2.c
-# calls sgemm single-threaded from its own OpenMP threads (openblas_set_num_threads(1)), so any
-# OpenBLAS flavour works (pthread, openmp, serial): no second thread pool spins against OpenMP's.
+# The matmuls: common/gemm.h's kernel (AVX-512, AVX2+FMA or plain C, from -march) or OpenBLAS.
+# Default: the built-in kernel where the compiler targets AVX-512 (on this project's Zen 5 machine
+# it runs dense layers at 1.5x OpenBLAS 0.3.21's speed: dev/bench/RESULTS.md), else OpenBLAS when
+# found. USE_BLAS=1 / NO_BLAS=1 force either. The structured layers always use the built-in
+# kernel (a BLAS's per-call cost dominates their small products). train_gpt2.c calls sgemm
+# single-threaded from its own OpenMP threads (openblas_set_num_threads(1)), so any OpenBLAS
+# flavour works (pthread, openmp, serial): no second thread pool spins against OpenMP's.
+HAVE_AVX512 := $(shell $(CC) $(CFLAGS) -dM -E -x c /dev/null 2>/dev/null | grep -q __AVX512F__ && echo yes)
+HAVE_OPENBLAS := $(and $(wildcard /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/openblas/cblas.h),$(shell echo 'int main(void){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes))
+OPENBLAS_CFLAGS = -DUSE_CBLAS $(addprefix -I,$(dir $(firstword $(wildcard /usr/include/openblas/cblas.h))))
 BLAS_CFLAGS =
 BLAS_LIBS =
 ifeq ($(NO_BLAS),1)
-  $(info CBLAS: off (NO_BLAS=1))
-else ifeq ($(and $(wildcard /usr/include/cblas.h /usr/include/*/cblas.h /usr/include/openblas/cblas.h),$(shell echo 'int main(void){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)),yes)
-  BLAS_CFLAGS = -DUSE_CBLAS $(addprefix -I,$(dir $(firstword $(wildcard /usr/include/openblas/cblas.h))))
+  $(info matmuls: built-in kernel (NO_BLAS=1))
+else ifeq ($(USE_BLAS)$(HAVE_OPENBLAS),1)
+  $(error USE_BLAS=1 but no OpenBLAS was found: apt-get install libopenblas-dev)
+else ifeq ($(USE_BLAS)$(HAVE_OPENBLAS),1yes)
+  BLAS_CFLAGS = $(OPENBLAS_CFLAGS)
   BLAS_LIBS = -lopenblas
-  $(info CBLAS: OpenBLAS)
+  $(info matmuls: OpenBLAS (USE_BLAS=1))
+else ifeq ($(HAVE_AVX512),yes)
+  $(info matmuls: built-in AVX-512 kernel (faster here than OpenBLAS; USE_BLAS=1 for OpenBLAS))
+else ifeq ($(HAVE_OPENBLAS),yes)
+  BLAS_CFLAGS = $(OPENBLAS_CFLAGS)
+  BLAS_LIBS = -lopenblas
+  $(info matmuls: OpenBLAS)
 else
-  $(info CBLAS: not found, using the built-in packed matmul kernel (apt-get install libopenblas-dev))
+  $(info matmuls: built-in kernel (no OpenBLAS found: apt-get install libopenblas-dev))
 endif
 
 # MPI (OpenMPI from Debian): the CPU trainer's data-parallel build, run with mpirun -np N
@@ -47,7 +62,11 @@ COMMON_H = $(wildcard common/*.h structured/*.h)
 # the CUDA sources on the CPU simulator (rules in tests/cuda_sim/sim.mk, included below)
 SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUILD)/cuda_sim/test_gpt2cu \
          $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn
-C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles
+C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles test_gemm
+# the same tests with the other matmul paths: the plain C kernel, the AVX2 kernel where the
+# default is AVX-512, and OpenBLAS where it is found but not the default
+VARIANT_TESTS = test_gpt2_plain test_structured_plain test_gemm_plain $(if $(HAVE_AVX512),test_gemm_avx2) \
+                $(if $(and $(HAVE_OPENBLAS),$(if $(BLAS_LIBS),,yes)),test_gpt2_blas)
 
 .PHONY: all test clean bench bench-layers
 all: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS)
@@ -64,12 +83,20 @@ train_gpt2_mpi: train_gpt2.c $(COMMON_H)
 test_gpt2: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
 
-# the same test program with the plain C matmuls, so both paths stay tested
-$(BUILD)/test_gpt2_noblas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h | $(BUILD)
-	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+$(BUILD)/test_gpt2_plain: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h | $(BUILD)
+	$(CC) $(CFLAGS) -DCG_PLAIN_C $< $(LDLIBS) -o $@
 
-$(BUILD)/test_structured_noblas: tests/test_structured.c $(wildcard structured/*.h) tests/check.h | $(BUILD)
-	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+$(BUILD)/test_gpt2_blas: test_gpt2.c train_gpt2.c $(COMMON_H) tests/check.h tests/fixture.h | $(BUILD)
+	$(CC) $(CFLAGS) $(OPENBLAS_CFLAGS) $< $(LDLIBS) -lopenblas -o $@
+
+$(BUILD)/test_structured_plain: tests/test_structured.c $(COMMON_H) tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) -DCG_PLAIN_C $< $(LDLIBS) -o $@
+
+$(BUILD)/test_gemm_plain: tests/test_gemm.c common/gemm.h tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) -DCG_PLAIN_C $< $(LDLIBS) -o $@
+
+$(BUILD)/test_gemm_avx2: tests/test_gemm.c common/gemm.h tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) -mno-avx512f $< $(LDLIBS) -o $@
 
 $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/check.h train_gpt2.c | $(BUILD)
 	$(CC) $(CFLAGS) $(BLAS_CFLAGS) $< $(LDLIBS) $(BLAS_LIBS) -o $@
@@ -77,7 +104,7 @@ $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/che
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(BUILD)/test_gpt2_noblas $(BUILD)/test_structured_noblas $(addprefix $(BUILD)/,$(C_TESTS))
+test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(addprefix $(BUILD)/,$(C_TESTS) $(VARIANT_TESTS))
 	bash tests/run_all.sh
 
 bench: train_gpt2

@@ -12,9 +12,6 @@
 #ifdef USE_CBLAS
 #include <cblas.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 #include "common/args.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
@@ -160,121 +157,17 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, co
 // Threads own disjoint blocks of C (split along the longer of M, N) and every element is summed
 // in the same k order whatever the thread count: results are deterministic.
 // With a CBLAS, each thread calls a single-threaded sgemm on its block (BLAS threading is turned
-// off: a second thread pool spinning against OpenMP's cost ~30% of a step). Without, a packed,
-// register-tiled kernel (AVX2/FMA when compiled for it, plain C that auto-vectorizes otherwise).
+// off: a second thread pool spinning against OpenMP's cost ~30% of a step). Without,
+// common/gemm.h's packed, register-tiled kernel, the one the structured layers use.
 
 #ifndef USE_CBLAS
-#define GM_MR 6      // micro-tile rows (broadcast from A)
-#define GM_NR 16     // micro-tile columns (two 8-float vectors of B)
-#define GM_KC 256    // depth of a packed panel: a 16 KB micro-panel of B stays in L1
-#define GM_MC 96     // rows of A packed at once (96 KB, L2)
-#define GM_NC 1536   // columns of B packed at once (1.5 MB, L3)
-
-// Packs rows [0, mc) x depth [0, kc) of A into MR-row strips, k-major, zero-padding the last strip.
-static void gm_pack_a(float *dst, const float *A, size_t rsa, size_t csa, int mc, int kc) {
-    for (int i0 = 0; i0 < mc; i0 += GM_MR, dst += (size_t)kc * GM_MR) {
-        int mr = mc - i0 < GM_MR ? mc - i0 : GM_MR;
-        for (int k = 0; k < kc; k++) {
-            const float *a = A + (size_t)i0 * rsa + (size_t)k * csa;
-            float *d = dst + (size_t)k * GM_MR;
-            for (int i = 0; i < mr; i++) d[i] = a[(size_t)i * rsa];
-            for (int i = mr; i < GM_MR; i++) d[i] = 0.0f;
-        }
-    }
-}
-
-// Packs depth [0, kc) x columns [0, nc) of B into NR-column strips, k-major, zero-padded.
-static void gm_pack_b(float *dst, const float *B, size_t rsb, size_t csb, int kc, int nc) {
-    for (int j0 = 0; j0 < nc; j0 += GM_NR, dst += (size_t)kc * GM_NR) {
-        int nr = nc - j0 < GM_NR ? nc - j0 : GM_NR;
-        if (csb == 1) {
-            for (int k = 0; k < kc; k++) {
-                const float *b = B + (size_t)k * rsb + j0;
-                float *d = dst + (size_t)k * GM_NR;
-                for (int j = 0; j < nr; j++) d[j] = b[j];
-                for (int j = nr; j < GM_NR; j++) d[j] = 0.0f;
-            }
-        } else {  // B is a transposed row-major matrix: read each of its rows contiguously
-            for (int j = 0; j < GM_NR; j++) {
-                const float *b = B + (size_t)(j0 + j) * csb;
-                for (int k = 0; k < kc; k++) dst[(size_t)k * GM_NR + j] = j < nr ? b[(size_t)k * rsb] : 0.0f;
-            }
-        }
-    }
-}
-
-// One MR x NR tile: c (row stride ldc) = [c +] a_strip . b_strip over kc; only mr x nr of it is stored.
-static void gm_kernel(int kc, const float *a, const float *b, float *c, size_t ldc, int acc, int mr, int nr) {
-    float t[GM_MR * GM_NR] __attribute__((aligned(32)));
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
-        x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-        x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-        x = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-        x = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-        x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-        x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
-    }
-    __m256 r[2 * GM_MR] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-    if (mr == GM_MR && nr == GM_NR) {
-        for (int i = 0; i < GM_MR; i++) {
-            float *ci = c + (size_t)i * ldc;
-            __m256 lo = r[2 * i], hi = r[2 * i + 1];
-            if (acc) { lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci)); hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8)); }
-            _mm256_storeu_ps(ci, lo);
-            _mm256_storeu_ps(ci + 8, hi);
-        }
-        return;
-    }
-    for (int i = 0; i < 2 * GM_MR; i++) _mm256_store_ps(t + 8 * i, r[i]);
-#else
-    for (int i = 0; i < GM_MR * GM_NR; i++) t[i] = 0.0f;
-    for (int k = 0; k < kc; k++, a += GM_MR, b += GM_NR)
-        for (int i = 0; i < GM_MR; i++)
-            for (int j = 0; j < GM_NR; j++) t[i * GM_NR + j] += a[i] * b[j];
-#endif
-    for (int i = 0; i < mr; i++) {
-        float *ci = c + (size_t)i * ldc;
-        for (int j = 0; j < nr; j++) ci[j] = (acc ? ci[j] : 0.0f) + t[i * GM_NR + j];
-    }
-}
-
-// One thread's block of C: rows [m0, m1), columns [n0, n1), all of K.
 static void gm_block(int m0, int m1, int n0, int n1, int K, const float *A, size_t rsa, size_t csa, const float *B,
                      size_t rsb, size_t csb, float *C, size_t ldc, int accumulate) {
-    static _Thread_local float *pa = NULL, *pb = NULL;  // packing buffers, one pair per thread, kept
-    if (!pa) {
-        pa = (float *)aligned_alloc(64, sizeof(float) * (GM_MC + GM_MR) * GM_KC);
-        pb = (float *)aligned_alloc(64, sizeof(float) * (GM_NC + GM_NR) * GM_KC);
-        if (!pa || !pb) { fprintf(stderr, "out of memory for the matmul buffers\n"); exit(EXIT_FAILURE); }
-    }
-    for (int jc = n0; jc < n1; jc += GM_NC) {
-        int nc = n1 - jc < GM_NC ? n1 - jc : GM_NC;
-        for (int pc = 0; pc < K; pc += GM_KC) {
-            int kc = K - pc < GM_KC ? K - pc : GM_KC;
-            int acc = accumulate || pc > 0;
-            gm_pack_b(pb, B + (size_t)pc * rsb + (size_t)jc * csb, rsb, csb, kc, nc);
-            for (int ic = m0; ic < m1; ic += GM_MC) {
-                int mc = m1 - ic < GM_MC ? m1 - ic : GM_MC;
-                gm_pack_a(pa, A + (size_t)ic * rsa + (size_t)pc * csa, rsa, csa, mc, kc);
-                for (int jr = 0; jr < nc; jr += GM_NR) {
-                    const float *bp = pb + (size_t)(jr / GM_NR) * kc * GM_NR;
-                    int nr = nc - jr < GM_NR ? nc - jr : GM_NR;
-                    for (int ir = 0; ir < mc; ir += GM_MR) {
-                        int mr = mc - ir < GM_MR ? mc - ir : GM_MR;
-                        gm_kernel(kc, pa + (size_t)(ir / GM_MR) * kc * GM_MR, bp, C + (size_t)(ic + ir) * ldc + jc + jr, ldc,
-                                  acc, mr, nr);
-                    }
-                }
-            }
-        }
-    }
+    cg_gemm(m1 - m0, n1 - n0, K, A + (size_t)m0 * rsa, rsa, csa, B + (size_t)n0 * csb, rsb, csb, C + (size_t)m0 * ldc + n0,
+            ldc, accumulate);
 }
-#define GM_SPLIT_M GM_MR
-#define GM_SPLIT_N GM_NR
+#define GM_SPLIT_M CG_MR
+#define GM_SPLIT_N CG_NR
 #else
 // CBLAS on one block; a unit stride along k or m/n picks the transposition.
 static void gm_block(int m0, int m1, int n0, int n1, int K, const float *A, size_t rsa, size_t csa, const float *B,

@@ -73,41 +73,54 @@ static inline void btt_transposed_cores(float *W0t, float *W1t, const float *W0,
     st_block_transpose(W1t, W0, s->gamma, s->alpha, s->phi * s->rank);
 }
 
+// The cores packed for the forward's tiles (w0p: gamma matrices W0[g], alpha x phi*rho; w1p: phi
+// matrices W1[f], gamma*rho x eps) and for the backward's dx (w1t: W1[f]^T, eps x gamma*rho;
+// w0t: W0[g]^T, phi*rho x alpha). W0 holds `count` times gamma blocks, W1 `count` times phi (moe.h
+// packs every expert's cores at once).
+static inline void btt_pack_forward(StPacked *w0p, StPacked *w1p, const float *W0, const float *W1, const BTTShape *s, int count) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, fr = P * s->rank, gr = G * s->rank;
+    *w0p = st_pack(count * G, 0, A, fr, W0, (size_t)A * fr, fr);
+    *w1p = st_pack(count * P, 0, gr, E, W1, (size_t)gr * E, E);
+}
+static inline void btt_pack_backward(StPacked *w1t, StPacked *w0t, const float *W0, const float *W1, const BTTShape *s, int count) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, fr = P * s->rank, gr = G * s->rank;
+    *w1t = st_pack(count * P, 1, E, gr, W1, (size_t)gr * E, E);
+    *w0t = st_pack(count * G, 1, fr, A, W0, (size_t)A * fr, fr);
+}
+
 // One tile of n rows (internal; also used by moe.h). x: n rows, row stride ldx. z1: tile buffer of
 // n x zrow (layout (gamma, phi, rho)); z2: n rows of zrow, layout (phi, gamma, rho) (the saved z);
-// y: n rows, row stride ldy, overwritten (no bias).
-static inline void st_btt_fwd_tile(int n, const float *x, int ldx, const float *W0, const float *W1, const BTTShape *s,
+// y: n rows, row stride ldy, overwritten (no bias). w0p, w1p: btt_pack_forward's.
+static inline void st_btt_fwd_tile(int n, const float *x, int ldx, const StPacked *w0p, const StPacked *w1p, const BTTShape *s,
                                    float *z1, float *z2, float *y, int ldy) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
     const int fr = P * R, gr = G * R, zrow = G * P * R;
-    for (int g = 0; g < G; g++)
-        st_gemm(0, 0, n, fr, A, x + (size_t)g * A, ldx, W0 + (size_t)g * A * fr, fr, 0.0f, z1 + (size_t)g * fr, zrow);
+    for (int g = 0; g < G; g++) st_gemm_packed(n, w0p, g, x + (size_t)g * A, ldx, 0.0f, z1 + (size_t)g * fr, zrow);
     for (int i = 0; i < n; i++) st_transpose(z2 + (size_t)i * zrow, z1 + (size_t)i * zrow, G, P, R);
-    for (int f = 0; f < P; f++)
-        st_gemm(0, 0, n, E, gr, z2 + (size_t)f * gr, zrow, W1 + (size_t)f * gr * E, E, 0.0f, y + (size_t)f * E, ldy);
+    for (int f = 0; f < P; f++) st_gemm_packed(n, w1p, f, z2 + (size_t)f * gr, zrow, 0.0f, y + (size_t)f * E, ldy);
 }
 
 // Backward of one tile (internal; also used by moe.h). dy: n rows, stride ldy. dz2: tile buffer
 // n x zrow, gets dZ in the (phi, gamma, rho) layout; dz1: n rows of zrow, gets dZ in the
-// (gamma, phi, rho) layout; dx (may be NULL): n rows, stride ldx, overwritten.
-static inline void st_btt_bwd_tile(int n, const float *dy, int ldy, const float *W0, const float *W1, const BTTShape *s,
+// (gamma, phi, rho) layout; dx (may be NULL): n rows, stride ldx, overwritten. w1t, w0t:
+// btt_pack_backward's.
+static inline void st_btt_bwd_tile(int n, const float *dy, int ldy, const StPacked *w1t, const StPacked *w0t, const BTTShape *s,
                                    float *dz2, float *dz1, float *dx, int ldx) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
     const int fr = P * R, gr = G * R, zrow = G * P * R;
-    for (int f = 0; f < P; f++)
-        st_gemm(0, 1, n, gr, E, dy + (size_t)f * E, ldy, W1 + (size_t)f * gr * E, E, 0.0f, dz2 + (size_t)f * gr, zrow);
+    for (int f = 0; f < P; f++) st_gemm_packed(n, w1t, f, dy + (size_t)f * E, ldy, 0.0f, dz2 + (size_t)f * gr, zrow);
     for (int i = 0; i < n; i++) st_transpose(dz1 + (size_t)i * zrow, dz2 + (size_t)i * zrow, P, G, R);
     if (dx)
-        for (int g = 0; g < G; g++)
-            st_gemm(0, 1, n, A, fr, dz1 + (size_t)g * fr, zrow, W0 + (size_t)g * A * fr, fr, 0.0f, dx + (size_t)g * A, ldx);
+        for (int g = 0; g < G; g++) st_gemm_packed(n, w0t, g, dz1 + (size_t)g * fr, zrow, 0.0f, dx + (size_t)g * A, ldx);
 }
 
 // y (N, d_out) overwritten; z (btt_z_size floats) saved for the backward. bias may be NULL.
 static inline void btt_forward(float *y, float *z, const float *x, const float *W0, const float *W1, const float *bias,
                                int N, const BTTShape *s) {
-    st_blas_single_thread();
     const size_t zrow = btt_z_row(s);
     const int ntiles = st_num_tiles(N), din = s->d_in, dout = s->d_out;
+    StPacked w0p, w1p;
+    btt_pack_forward(&w0p, &w1p, W0, W1, s, 1);
     ST_PRAGMA(omp parallel)
     {
         float *z1 = (float *)mallocCheck(sizeof(float) * zrow * ST_TILE_ROWS);
@@ -115,45 +128,70 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
         for (int t = 0; t < ntiles; t++) {
             int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
             float *yt = y + (size_t)r0 * dout;
-            st_btt_fwd_tile(n, x + (size_t)r0 * din, din, W0, W1, s, z1, z + (size_t)r0 * zrow, yt, dout);
+            st_btt_fwd_tile(n, x + (size_t)r0 * din, din, &w0p, &w1p, s, z1, z + (size_t)r0 * zrow, yt, dout);
             if (bias)
                 for (int i = 0; i < n; i++)
                     for (int o = 0; o < dout; o++) yt[(size_t)i * dout + o] += bias[o];
         }
         free(z1);
     }
+    st_packed_free(&w0p);
+    st_packed_free(&w1p);
 }
 
-// floats of scratch btt_backward needs: dZ in the (gamma, phi, rho) layout for all N rows.
-static inline size_t btt_scratch_size(const BTTShape *s, int N) { return (size_t)N * btt_z_row(s); }
+// floats of scratch btt_backward needs: the weight-gradient contributions (|W0| + |W1|) and dZ in
+// the (gamma, phi, rho) layout for one chunk of rows.
+static inline size_t btt_scratch_size(const BTTShape *s, int N) {
+    const int ch = N < st_chunk_rows(btt_z_row(s)) ? N : st_chunk_rows(btt_z_row(s));
+    return btt_w0_size(s) + btt_w1_size(s) + (size_t)(ch > 0 ? ch : 0) * btt_z_row(s);
+}
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, dbias accumulated (+=; dbias may be NULL).
-// z is what btt_forward saved; scratch holds btt_scratch_size(s, N) floats.
+// z is what btt_forward saved; scratch holds btt_scratch_size(s, N) floats. Chunk by chunk of
+// rows: the dx tiles (dZ = dY W1^T, dX = dZ W0^T), then dW1[f] += Z_f^T dY_f and dW0[g] +=
+// X_g^T dZ_g over the chunk's rows, each element's chain continued from the last chunk (the same
+// bits as one product over all N rows), added to dW0 and dW1 at the end.
 static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias, const float *dy, const float *x,
                                 const float *z, const float *W0, const float *W1, int N, const BTTShape *s,
                                 float *scratch) {
-    st_blas_single_thread();
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank;
     const int fr = P * R, gr = G * R, zrow = G * P * R, din = s->d_in, dout = s->d_out;
-    const int ntiles = st_num_tiles(N);
-    float *dz1 = scratch;  // (N, gamma, phi, rho)
-    ST_PRAGMA(omp parallel)
-    {
-        float *dz2 = (float *)mallocCheck(sizeof(float) * (size_t)zrow * ST_TILE_ROWS);
-        ST_PRAGMA(omp for schedule(static))
-        for (int t = 0; t < ntiles; t++) {
-            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
-            st_btt_bwd_tile(n, dy + (size_t)r0 * dout, dout, W0, W1, s, dz2, dz1 + (size_t)r0 * zrow,
-                            dx ? dx + (size_t)r0 * din : NULL, din);
-        }
-        free(dz2);
-    }
+    const size_t n0 = btt_w0_size(s), n1 = btt_w1_size(s);
+    float *c0 = scratch, *c1 = scratch + n0, *dz1 = scratch + n0 + n1;  // contributions; dZ of a chunk
+    StPacked w1t, w0t;
+    btt_pack_backward(&w1t, &w0t, W0, W1, s, 1);
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P));
-    for (int f = 0; f < P; f++)  // dW1[f] (gamma*rho x eps) += Z_f^T dY_f
-        jobs[f] = st_job(1, 0, gr, E, N, z + (size_t)f * gr, zrow, dy + (size_t)f * E, dout, dW1 + (size_t)f * gr * E, E, 1);
-    for (int g = 0; g < G; g++)  // dW0[g] (alpha x phi*rho) += X_g^T dZ_g
-        jobs[P + g] = st_job(1, 0, A, fr, N, x + (size_t)g * A, din, dz1 + (size_t)g * fr, zrow, dW0 + (size_t)g * A * fr, fr, 1);
-    st_run_jobs(jobs, G + P);
+    const int chunk = st_chunk_rows((size_t)zrow);
+    for (int r0 = 0; r0 < N; r0 += chunk) {
+        const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
+        ST_PRAGMA(omp parallel)
+        {
+            float *dz2 = (float *)mallocCheck(sizeof(float) * (size_t)zrow * ST_TILE_ROWS);
+            ST_PRAGMA(omp for schedule(static))
+            for (int t = 0; t < ntiles; t++) {
+                const int i0 = t * ST_TILE_ROWS, n = nr - i0 < ST_TILE_ROWS ? nr - i0 : ST_TILE_ROWS;
+                st_btt_bwd_tile(n, dy + (size_t)(r0 + i0) * dout, dout, &w1t, &w0t, s, dz2, dz1 + (size_t)i0 * zrow,
+                                dx ? dx + (size_t)(r0 + i0) * din : NULL, din);
+            }
+            free(dz2);
+        }
+        const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
+        for (int f = 0; f < P; f++)  // dW1[f] (gamma*rho x eps): Z_f^T dY_f
+            jobs[f] = st_job(1, 0, gr, E, nr, z + (size_t)r0 * zrow + (size_t)f * gr, zrow, dy + (size_t)r0 * dout + (size_t)f * E,
+                             dout, c1 + (size_t)f * gr * E, E, acc);
+        for (int g = 0; g < G; g++)  // dW0[g] (alpha x phi*rho): X_g^T dZ_g
+            jobs[P + g] = st_job(1, 0, A, fr, nr, x + (size_t)r0 * din + (size_t)g * A, din, dz1 + (size_t)g * fr, zrow,
+                                 c0 + (size_t)g * A * fr, fr, acc);
+        st_run_jobs(jobs, G + P);
+    }
     free(jobs);
+    st_packed_free(&w1t);
+    st_packed_free(&w0t);
+    if (N > 0) {
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (size_t i = 0; i < n0; i++) dW0[i] += c0[i];
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (size_t i = 0; i < n1; i++) dW1[i] += c1[i];
+    }
     st_bias_backward(dbias, dy, N, dout);
 }

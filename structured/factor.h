@@ -4,7 +4,7 @@
 //
 // Conventions for every structured layer on the CPU:
 //  - row-major everywhere; x is N rows of d_in floats, y N rows of d_out floats;
-//  - one GEMM entry point, st_gemm(): cblas_sgemm when USE_CBLAS is defined, plain C otherwise;
+//  - one GEMM entry point, st_gemm(): common/gemm.h's packed, register-tiled kernel;
 //    it is called single-threaded, and the callers parallelise with OpenMP over independent
 //    blocks of the output with static partitions, so results are deterministic for a given
 //    thread count (no atomics, every output element is summed in one fixed order);
@@ -20,9 +20,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#ifdef USE_CBLAS
-#include <cblas.h>
-#endif
+#include "../common/gemm.h"
 #include "../common/utils.h"
 
 // Functions the CUDA kernels share with the CPU code (structured/structured.cuh).
@@ -78,104 +76,82 @@ static inline int st_num_threads(void) {
 #endif
 }
 
-// BLAS is called from inside our own OpenMP regions, one call per output block: its own thread
-// pool must be off (as train_gpt2.c does), or a pthread OpenBLAS oversubscribes the cores.
-static inline void st_blas_single_thread(void) {
-#if defined(USE_CBLAS) && defined(OPENBLAS_VERSION)
-    static int done = 0;
-    if (!done) { openblas_set_num_threads(1); done = 1; }
-#endif
-}
-
 // ----------------------------------------------------------------------------------------------
 // GEMM, single-threaded: C (M x N) = beta * C + op(A) (M x K) . op(B) (K x N), row-major.
 // op(A)[i][k] = ta ? A[k * lda + i] : A[i * lda + k]; op(B)[k][j] = tb ? B[j * ldb + k] : B[k * ldb + j].
-// beta is 0 (overwrite; C is not read) or 1.
+// beta is 0 (overwrite; C is not read) or 1. Always common/gemm.h's kernel, also in a CBLAS
+// build: a BLAS's per-call overhead dominates the small products of the structured layers, and
+// each element is then one multiply-add chain in k order, the same in every build.
 static inline void st_gemm(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
                            float beta, float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        if (beta == 0.0f) for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)N);
-        return;
-    }
-#ifdef USE_CBLAS
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, A, lda, B,
-                ldb, beta, C, ldc);
-#else
-    if (beta == 0.0f) for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)N);
-    if (!tb) {
-        if (!ta) {  // C[i,:] += A[i,k] * B[k,:], k ascending
-            for (int i = 0; i < M; i++) {
-                float *c = C + (size_t)i * ldc;
-                const float *a = A + (size_t)i * lda;
-                for (int k = 0; k < K; k++) {
-                    const float av = a[k];
-                    const float *b = B + (size_t)k * ldb;
-                    for (int j = 0; j < N; j++) c[j] += av * b[j];
-                }
-            }
-        } else {  // A^T B: rank-1 updates, k ascending (the same per-element order)
-            for (int k = 0; k < K; k++) {
-                const float *a = A + (size_t)k * lda;
-                const float *b = B + (size_t)k * ldb;
-                for (int i = 0; i < M; i++) {
-                    const float av = a[i];
-                    float *c = C + (size_t)i * ldc;
-                    for (int j = 0; j < N; j++) c[j] += av * b[j];
-                }
-            }
-        }
-    } else if (!ta) {  // A B^T: dot products of rows, 8 partial sums in a fixed order
-        for (int i = 0; i < M; i++) {
-            const float *a = A + (size_t)i * lda;
-            float *c = C + (size_t)i * ldc;
-            for (int j = 0; j < N; j++) {
-                const float *b = B + (size_t)j * ldb;
-                float s8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                int k = 0;
-                for (; k + 8 <= K; k += 8)
-                    for (int u = 0; u < 8; u++) s8[u] += a[k + u] * b[k + u];
-                float s = ((s8[0] + s8[1]) + (s8[2] + s8[3])) + ((s8[4] + s8[5]) + (s8[6] + s8[7]));
-                for (; k < K; k++) s += a[k] * b[k];
-                c[j] += s;
-            }
-        }
-    } else {  // A^T B^T: generic
-        for (int i = 0; i < M; i++) {
-            float *c = C + (size_t)i * ldc;
-            for (int j = 0; j < N; j++) {
-                float s = 0.0f;
-                for (int k = 0; k < K; k++) s += A[(size_t)k * lda + i] * B[(size_t)j * ldb + k];
-                c[j] += s;
-            }
-        }
-    }
-#endif
+    cg_gemm(M, N, K, A, ta ? 1 : (size_t)lda, ta ? (size_t)lda : 1, B, tb ? 1 : (size_t)ldb, tb ? (size_t)ldb : 1, C,
+            (size_t)ldc, beta != 0.0f);
+}
+
+// Weights packed once per layer call for the row tiles' products (common/gemm.h's layout): `count`
+// matrices op(B_i) (K x N), B_i = B + i*stride, op as st_gemm's tb; matrix i at buf + i*size.
+// Packing them per tile would cost as much as the tile's multiply-adds at these sizes.
+typedef struct {
+    float *buf;
+    size_t size;
+    int K, N;
+} StPacked;
+
+static inline StPacked st_pack(int count, int tb, int K, int N, const float *B, size_t stride, int ldb) {
+    StPacked p;
+    p.K = K; p.N = N;
+    p.size = cg_packed_size(K, N);
+    p.buf = (float *)aligned_alloc(64, sizeof(float) * (p.size * (size_t)(count > 0 ? count : 1) + CG_NR));
+    if (!p.buf) fatal("out of memory packing %d weight matrices of %d x %d", count, K, N);
+    const size_t rsb = tb ? 1 : (size_t)ldb, csb = tb ? (size_t)ldb : 1;
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (int i = 0; i < count; i++) cg_pack(p.buf + (size_t)i * p.size, K, N, B + (size_t)i * stride, rsb, csb);
+    return p;
+}
+// The packed matrices from the first-th on.
+static inline StPacked st_packed_from(const StPacked *p, int first) {
+    StPacked v = *p;
+    v.buf += (size_t)first * p->size;
+    return v;
+}
+static inline void st_packed_free(StPacked *p) { free(p->buf); p->buf = NULL; }
+
+// C (M x N) = beta * C + A (M x K, row stride lda) . packed matrix i.
+static inline void st_gemm_packed(int M, const StPacked *p, int i, const float *A, int lda, float beta, float *C, int ldc) {
+    cg_gemm_packed(M, p->N, p->K, A, (size_t)lda, 1, p->buf + (size_t)i * p->size, C, (size_t)ldc, beta != 0.0f);
+}
+// The same with row r of A at rows[r] + off (rows gathered by index without copying them).
+static inline void st_gemm_packed_rows(int M, const StPacked *p, int i, const float *const *rows, size_t off, float *C, int ldc) {
+    cg_gemm_packed_rows(M, p->N, p->K, NULL, 0, rows, off, 1, p->buf + (size_t)i * p->size, C, (size_t)ldc, 0);
 }
 
 // ----------------------------------------------------------------------------------------------
-// Blocked transpose of one row: src viewed as [R][C][blk] -> dst [C][R][blk].
+// Blocked transpose of one row: src viewed as [R][C][blk] -> dst [C][R][blk]. The block sizes
+// the layers use (1, 2, 4, 8: rank, experts) get fixed-size copies, which compile to moves.
+#define ST_TRANSPOSE_BLK(B)                                                                                        \
+    for (int r = 0; r < R; r++)                                                                                    \
+        for (int c = 0; c < C; c++) memcpy(dst + ((size_t)c * R + r) * (B), src + ((size_t)r * C + c) * (B), sizeof(float) * (B));
 static inline void st_transpose(float *dst, const float *src, int R, int C, int blk) {
-    if (blk == 1) {
-        for (int r = 0; r < R; r++) {
-            const float *s = src + (size_t)r * C;
-            for (int c = 0; c < C; c++) dst[(size_t)c * R + r] = s[c];
-        }
-        return;
+    switch (blk) {
+        case 1: ST_TRANSPOSE_BLK(1) return;
+        case 2: ST_TRANSPOSE_BLK(2) return;
+        case 4: ST_TRANSPOSE_BLK(4) return;
+        case 8: ST_TRANSPOSE_BLK(8) return;
+        default: ST_TRANSPOSE_BLK(blk) return;
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            memcpy(dst + ((size_t)c * R + r) * blk, src + ((size_t)r * C + c) * blk, sizeof(float) * (size_t)blk);
 }
+#undef ST_TRANSPOSE_BLK
 
 // ----------------------------------------------------------------------------------------------
 // Parallel GEMM jobs: a list of independent products, each optionally split into chunks of
 // output rows (or columns, when it has fewer rows than columns) so that there are enough tasks
-// for every thread. Tasks run with a static schedule; each output element is computed by one
-// st_gemm call over the whole K, so the result is deterministic.
-// acc = 0: C = op(A) op(B) (overwrite). acc = 1: C += op(A) op(B), computed into a temporary
-// first and then added, so the contribution does not depend on what C held (exact 2x on a
-// repeated call).
+// for every thread. Each output element is computed by one st_gemm call over the whole K, so the
+// result is deterministic whichever thread runs a task.
+// acc = ST_OVERWRITE: C = op(A) op(B). ST_ADD: C += op(A) op(B), computed into a temporary first
+// and then added, so the contribution does not depend on what C held (exact 2x on a repeated
+// call). ST_CHAIN: C continues each element's multiply-add chain (common/gemm.h), so a product
+// run over its K in consecutive parts, the first ST_OVERWRITE, gives the bits of one call.
+enum { ST_OVERWRITE = 0, ST_ADD = 1, ST_CHAIN = 2 };
 typedef struct {
     int ta, tb, M, N, K;
     const float *A;
@@ -197,23 +173,24 @@ static inline StGemmJob st_job(int ta, int tb, int M, int N, int K, const float 
 
 static inline void st_run_jobs(const StGemmJob *jobs, int njobs) {
     if (njobs <= 0) return;
-    st_blas_single_thread();
     int nt = st_num_threads();
-    int target = 4 * nt;  // tasks wanted in all
-    int per_job = (target + njobs - 1) / njobs;
-    if (per_job < 1) per_job = 1;
-    // task list: (job, chunk, nchunks)
+    // Jobs differ in size by 10x and more (a BTT's dW1 and dW0 blocks): each is cut into chunks of
+    // at most an eighth of a thread's share of the multiply-adds, and threads take chunks as they
+    // finish (dynamic: which thread computes a chunk does not change its bits).
+    double total = 0.0;
+    for (int i = 0; i < njobs; i++) total += (double)jobs[i].M * jobs[i].N * jobs[i].K;
+    const double chunk_cost = total / (8.0 * nt) + 1.0;
     int *nch = (int *)mallocCheck(sizeof(int) * (size_t)njobs);
     int ntasks = 0;
     size_t tmp_max = 0;
     for (int i = 0; i < njobs; i++) {
         int len = jobs[i].M >= jobs[i].N ? jobs[i].M : jobs[i].N;
-        int c = per_job;
+        int c = (int)((double)jobs[i].M * jobs[i].N * jobs[i].K / chunk_cost) + 1;
         if (c > len / 16) c = len / 16;  // chunks of at least 16 rows (columns)
         if (c < 1) c = 1;
         nch[i] = c;
         ntasks += c;
-        if (jobs[i].acc) {
+        if (jobs[i].acc == ST_ADD) {
             size_t other = (size_t)(jobs[i].M >= jobs[i].N ? jobs[i].N : jobs[i].M);
             size_t sz = (size_t)((len + c - 1) / c) * other;
             if (sz > tmp_max) tmp_max = sz;
@@ -225,7 +202,7 @@ static inline void st_run_jobs(const StGemmJob *jobs, int njobs) {
     ST_PRAGMA(omp parallel)
     {
         float *tmp = tmp_max ? (float *)mallocCheck(sizeof(float) * tmp_max) : NULL;
-        ST_PRAGMA(omp for schedule(static))
+        ST_PRAGMA(omp for schedule(dynamic, 1))
         for (int t = 0; t < ntasks; t++) {
             const StGemmJob *j = &jobs[tjob[2 * t]];
             int c = tjob[2 * t + 1], n = nch[tjob[2 * t]];
@@ -245,8 +222,8 @@ static inline void st_run_jobs(const StGemmJob *jobs, int njobs) {
                 C += s0;
                 N = s1 - s0;
             }
-            if (!j->acc) {
-                st_gemm(j->ta, j->tb, M, N, j->K, A, j->lda, B, j->ldb, 0.0f, C, j->ldc);
+            if (j->acc != ST_ADD) {
+                st_gemm(j->ta, j->tb, M, N, j->K, A, j->lda, B, j->ldb, j->acc == ST_CHAIN ? 1.0f : 0.0f, C, j->ldc);
             } else {
                 st_gemm(j->ta, j->tb, M, N, j->K, A, j->lda, B, j->ldb, 0.0f, tmp, N);
                 for (int r = 0; r < M; r++) {
@@ -280,3 +257,13 @@ static inline void st_bias_backward(float *dbias, const float *dy, int N, int D)
 
 // Number of row tiles of ST_TILE_ROWS rows for N rows.
 static inline int st_num_tiles(int N) { return N <= 0 ? 0 : (N + ST_TILE_ROWS - 1) / ST_TILE_ROWS; }
+
+// Rows of the backward's passes: the dx tiles of a chunk write its dZ (row_floats per row), which
+// the weight gradients then read while it is still in cache (a whole layer's dZ is tens of MB).
+// About 3 MB of it (measured best on a 2-core Zen 5 among 128 to 4096 rows at widths 768 and 2048),
+// whole tiles, at least a tile per thread. Any chunking gives the same bits.
+static inline int st_chunk_rows(size_t row_floats) {
+    int r = (int)(((size_t)3 << 20) / (sizeof(float) * (row_floats > 0 ? row_floats : 1))) / ST_TILE_ROWS * ST_TILE_ROWS;
+    const int min_rows = st_num_threads() * ST_TILE_ROWS;
+    return r > min_rows ? r : min_rows;
+}

@@ -11,8 +11,9 @@
 //
 // Computation: only the K selected experts run for a token. The forward sorts the (token, k)
 // pairs by expert (counting sort, tokens ascending within an expert), extracts each expert's
-// rank-1 cores into contiguous buffers, and runs each expert's two BTT stages (btt.h's tile
-// kernels) on its token group, gathered in row tiles. Experts are processed one after another
+// rank-1 cores into contiguous buffers (packed once for the GEMM kernel), and runs each expert's
+// two BTT stages on its token group in row tiles, reading the group's rows of x and writing its
+// z rows in place through row pointers (no gathered copies). Experts are processed one after another
 // (threads split each expert's group), so y rows accumulate the experts in ascending expert
 // order: deterministic, no races.
 //
@@ -166,7 +167,6 @@ ST_HD static inline void st_moe_route_row(const float *lg, int E, int K, const i
 static inline void moe_forward(float *y, MoEState *st, const float *x, const float *W0, const float *W1,
                                const float *router, const float *bias, int N, const MoEShape *s) {
     if (N > st->capacity) fatal("moe_forward: %d rows but the MoE state holds %d", N, st->capacity);
-    st_blas_single_thread();
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
@@ -198,23 +198,31 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
     float *w0x = (float *)mallocCheck(sizeof(float) * (p0 + p1) * (size_t)E);
     float *w1x = w0x + p0 * (size_t)E;
     st_moe_extract(w0x, w1x, W0, W1, s);
+    StPacked w0p, w1p;  // every expert's cores: expert e's blocks from e*gamma (W0), e*phi (W1)
+    btt_pack_forward(&w0p, &w1p, w0x, w1x, &b1, E);
+    const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
     ST_PRAGMA(omp parallel)
     {
         const size_t T = ST_TILE_ROWS;
-        float *xg = (float *)mallocCheck(sizeof(float) * T * ((size_t)din + 2 * zrow + (size_t)dout));
-        float *z1 = xg + T * din, *z2 = z1 + T * zrow, *ye = z2 + T * zrow;
+        float *z1 = (float *)mallocCheck(sizeof(float) * T * (zrow + (size_t)dout)), *ye = z1 + T * zrow;
+        const float **xr = (const float **)mallocCheck(sizeof(float *) * 2 * T), **zr = xr + T;
         for (int e = 0; e < E; e++) {  // every thread walks the experts in order; barrier after each
             const int *ord = st->order + st->offsets[e];
             const int ne = st->counts[e], nt = st_num_tiles(ne);
+            const StPacked w0e = st_packed_from(&w0p, e * G), w1e = st_packed_from(&w1p, e * P);
             ST_PRAGMA(omp for schedule(static))
             for (int t = 0; t < nt; t++) {
                 int j0 = t * ST_TILE_ROWS, n = ne - j0 < ST_TILE_ROWS ? ne - j0 : ST_TILE_ROWS;
-                for (int j = 0; j < n; j++)
-                    memcpy(xg + (size_t)j * din, x + (size_t)(ord[j0 + j] / K) * din, sizeof(float) * (size_t)din);
-                st_btt_fwd_tile(n, xg, din, w0x + p0 * e, w1x + p1 * e, &b1, z1, z2, ye, dout);
+                // the group's rows of x and of the saved z are used in place, through row pointers
                 for (int j = 0; j < n; j++) {
-                    int pr = ord[j0 + j];
-                    memcpy(st->z + (size_t)pr * zrow, z2 + (size_t)j * zrow, sizeof(float) * zrow);
+                    xr[j] = x + (size_t)(ord[j0 + j] / K) * din;
+                    zr[j] = st->z + (size_t)ord[j0 + j] * zrow;
+                }
+                for (int g = 0; g < G; g++) st_gemm_packed_rows(n, &w0e, g, xr, (size_t)g * A, z1 + (size_t)g * P, (int)zrow);
+                for (int j = 0; j < n; j++) st_transpose(st->z + (size_t)ord[j0 + j] * zrow, z1 + (size_t)j * zrow, G, P, 1);
+                for (int f = 0; f < P; f++) st_gemm_packed_rows(n, &w1e, f, zr, (size_t)f * G, ye + (size_t)f * Ep, dout);
+                for (int j = 0; j < n; j++) {
+                    const int pr = ord[j0 + j];
                     const float gt = st->gate[pr];
                     float *yr = y + (size_t)(pr / K) * dout;
                     const float *yj = ye + (size_t)j * dout;
@@ -222,8 +230,11 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
                 }
             }
         }
-        free(xg);
+        free(xr);
+        free(z1);
     }
+    st_packed_free(&w0p);
+    st_packed_free(&w1p);
     free(w0x);
 }
 
@@ -314,7 +325,6 @@ static inline size_t moe_scratch_size(const MoEShape *s, int N) {
 static inline void moe_backward(float *dx, float *dW0, float *dW1, float *drouter, float *dbias, const float *dy,
                                 float daux, const float *x, const MoEState *st, const float *W0, const float *W1,
                                 const float *router, int N, const MoEShape *s, float *scratch) {
-    st_blas_single_thread();
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
     const BTTShape b1 = moe_expert_shape(s);
     const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
@@ -325,6 +335,8 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     float *Xg = dlogits + (size_t)N * E, *Zg = Xg + (size_t)N * din, *DYg = Zg + (size_t)N * zrow;
     float *DZg = DYg + (size_t)N * dout;
     st_moe_extract(w0x, w1x, W0, W1, s);
+    StPacked w1t, w0t;  // every expert's transposed cores, as in the forward
+    btt_pack_backward(&w1t, &w0t, w0x, w1x, &b1, E);
     if (dx) {
         ST_PRAGMA(omp parallel for schedule(static))
         for (int r = 0; r < N; r++) memset(dx + (size_t)r * din, 0, sizeof(float) * (size_t)din);
@@ -334,7 +346,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
         const int *ord = st->order + st->offsets[e];
         const int ne = st->counts[e], nt = st_num_tiles(ne);
         if (ne == 0) continue;
-        const float *w0 = w0x + p0 * e, *w1 = w1x + p1 * e;
+        const StPacked w1e = st_packed_from(&w1t, e * P), w0e = st_packed_from(&w0t, e * G);
         ST_PRAGMA(omp parallel)
         {
             const size_t T = ST_TILE_ROWS;
@@ -351,8 +363,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                 }
                 // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
                 for (int f = 0; f < P; f++)
-                    st_gemm(0, 1, n, G, Ep, DYg + (size_t)j0 * dout + (size_t)f * Ep, dout, w1 + (size_t)f * G * Ep, Ep, 0.0f,
-                            dz2 + (size_t)f * G, (int)zrow);
+                    st_gemm_packed(n, &w1e, f, DYg + (size_t)j0 * dout + (size_t)f * Ep, dout, 0.0f, dz2 + (size_t)f * G, (int)zrow);
                 for (int j = 0; j < n; j++) {
                     int pr = ord[j0 + j];
                     const float *zj = Zg + (size_t)(j0 + j) * zrow;
@@ -368,8 +379,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                 }
                 if (dx) {
                     for (int g = 0; g < G; g++)
-                        st_gemm(0, 1, n, A, P, DZg + (size_t)j0 * zrow + (size_t)g * P, (int)zrow, w0 + (size_t)g * A * P, P, 0.0f,
-                                dxe + (size_t)g * A, din);
+                        st_gemm_packed(n, &w0e, g, DZg + (size_t)j0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxe + (size_t)g * A, din);
                     for (int j = 0; j < n; j++) {
                         float *dr = dx + (size_t)(ord[j0 + j] / K) * din;
                         const float *de = dxe + (size_t)j * din;
@@ -399,6 +409,8 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     for (int t = 0; t < N; t++)  // d logits: the gate softmax, and the aux loss over all logits
         st_moe_dlogits_row(dlogits + (size_t)t * E, st->logits + (size_t)t * E, st->lse[t], st->gate + (size_t)t * K,
                            dgate + (size_t)t * K, st->sel + (size_t)t * K, st->fhat, E, K, N, daux);
+    st_packed_free(&w1t);
+    st_packed_free(&w0t);
     jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, 1);  // drouter += dlogits^T x
     st_run_jobs(jobs, 1);
     free(jobs);

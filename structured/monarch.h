@@ -37,9 +37,9 @@ static inline size_t monarch_flops_per_row(const MonarchShape *m) { return monar
 // y (N, d_out) overwritten; u (monarch_u_size floats) saved for the backward; bias may be NULL.
 static inline void monarch_forward(float *y, float *u, const float *x, const float *R, const float *L, const float *bias,
                                    int N, const MonarchShape *m) {
-    st_blas_single_thread();
     const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
     const int ntiles = st_num_tiles(N);
+    StPacked rp = st_pack(nb, 1, p, q, R, (size_t)q * p, p), lp = st_pack(nb, 1, q, s, L, (size_t)s * q, q);  // R[k]^T, L[l]^T
     ST_PRAGMA(omp parallel)
     {
         float *u1 = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
@@ -50,10 +50,10 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
             const float *xt = x + (size_t)r0 * din;
             float *ut = u + (size_t)r0 * urow, *yo = y + (size_t)r0 * dout;
             for (int k = 0; k < nb; k++)
-                st_gemm(0, 1, n, q, p, xt + (size_t)k * p, din, R + (size_t)k * q * p, p, 0.0f, u1 + (size_t)k * q, urow);
+                st_gemm_packed(n, &rp, k, xt + (size_t)k * p, din, 0.0f, u1 + (size_t)k * q, urow);
             for (int i = 0; i < n; i++) st_transpose(ut + (size_t)i * urow, u1 + (size_t)i * urow, q, nb, 1);
             for (int l = 0; l < nb; l++)
-                st_gemm(0, 1, n, s, q, ut + (size_t)l * q, urow, L + (size_t)l * s * q, q, 0.0f, yt + (size_t)l * s, dout);
+                st_gemm_packed(n, &lp, l, ut + (size_t)l * q, urow, 0.0f, yt + (size_t)l * s, dout);
             for (int i = 0; i < n; i++) {
                 float *yr = yo + (size_t)i * dout;
                 st_transpose(yr, yt + (size_t)i * dout, nb, s, 1);
@@ -64,47 +64,67 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
         free(yt);
         free(u1);
     }
+    st_packed_free(&rp);
+    st_packed_free(&lp);
 }
 
-// floats of scratch monarch_backward needs: dyt (N x d_out) and du (N x nb*q).
+// floats of scratch monarch_backward needs: the contributions to dR and dL, and dyt (d_out) and
+// du (nb*q) per row for one chunk of rows (btt.h's st_chunk_rows).
 static inline size_t monarch_scratch_size(const MonarchShape *m, int N) {
-    return (size_t)N * ((size_t)m->d_out + monarch_u_row(m));
+    const size_t row = (size_t)m->d_out + monarch_u_row(m);
+    const int ch = N < st_chunk_rows(row) ? N : st_chunk_rows(row);
+    return monarch_r_size(m) + monarch_l_size(m) + (size_t)(ch > 0 ? ch : 0) * row;
 }
 
 // dx (N, d_in) overwritten (may be NULL); dR, dL, dbias accumulated (+=; dbias may be NULL).
-// u is what monarch_forward saved; scratch holds monarch_scratch_size(m, N) floats.
+// u is what monarch_forward saved; scratch holds monarch_scratch_size(m, N) floats. As btt.h's
+// backward: chunk by chunk of rows, the dx tiles, then the weight gradients over the chunk's rows
+// (each element's chain continued from the last chunk), added to dR and dL at the end.
 static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbias, const float *dy, const float *x,
                                     const float *u, const float *R, const float *L, int N, const MonarchShape *m,
                                     float *scratch) {
-    st_blas_single_thread();
     const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
-    const int ntiles = st_num_tiles(N);
-    float *dyt = scratch;                        // (N, nb, s): dyt[l*s + i] = dy[i*nb + l]
-    float *du = scratch + (size_t)N * dout;      // (N, nb*q), natural order du[k*q + j]
-    ST_PRAGMA(omp parallel)
-    {
-        float *dut = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
-        ST_PRAGMA(omp for schedule(static))
-        for (int t = 0; t < ntiles; t++) {
-            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
-            float *dyt_t = dyt + (size_t)r0 * dout, *du_t = du + (size_t)r0 * urow;
-            for (int i = 0; i < n; i++) st_transpose(dyt_t + (size_t)i * dout, dy + (size_t)(r0 + i) * dout, s, nb, 1);
-            for (int l = 0; l < nb; l++)
-                st_gemm(0, 0, n, q, s, dyt_t + (size_t)l * s, dout, L + (size_t)l * s * q, q, 0.0f, dut + (size_t)l * q, urow);
-            for (int i = 0; i < n; i++) st_transpose(du_t + (size_t)i * urow, dut + (size_t)i * urow, nb, q, 1);
-            if (dx)
-                for (int k = 0; k < nb; k++)
-                    st_gemm(0, 0, n, p, q, du_t + (size_t)k * q, urow, R + (size_t)k * q * p, p, 0.0f,
-                            dx + (size_t)r0 * din + (size_t)k * p, din);
-        }
-        free(dut);
-    }
+    const size_t nr_ = monarch_r_size(m), nl = monarch_l_size(m);
+    const int chunk = st_chunk_rows((size_t)dout + urow), ch = N < chunk ? N : chunk;
+    float *cR = scratch, *cL = scratch + nr_;  // contributions
+    float *dyt = cL + nl;                      // (ch, nb, s): dyt[l*s + i] = dy[i*nb + l]
+    float *du = dyt + (size_t)ch * dout;       // (ch, nb*q), natural order du[k*q + j]
+    StPacked lp = st_pack(nb, 0, s, q, L, (size_t)s * q, q), rp = st_pack(nb, 0, q, p, R, (size_t)q * p, p);  // L[l], R[k]
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(2 * nb));
-    for (int l = 0; l < nb; l++)  // dL[l] (s x q) += dYt_l^T Ut_l
-        jobs[l] = st_job(1, 0, s, q, N, dyt + (size_t)l * s, dout, u + (size_t)l * q, urow, dL + (size_t)l * s * q, q, 1);
-    for (int k = 0; k < nb; k++)  // dR[k] (q x p) += dU_k^T X_k
-        jobs[nb + k] = st_job(1, 0, q, p, N, du + (size_t)k * q, urow, x + (size_t)k * p, din, dR + (size_t)k * q * p, p, 1);
-    st_run_jobs(jobs, 2 * nb);
+    for (int r0 = 0; r0 < N; r0 += chunk) {
+        const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
+        ST_PRAGMA(omp parallel)
+        {
+            float *dut = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
+            ST_PRAGMA(omp for schedule(static))
+            for (int t = 0; t < ntiles; t++) {
+                const int i0 = t * ST_TILE_ROWS, n = nr - i0 < ST_TILE_ROWS ? nr - i0 : ST_TILE_ROWS;
+                float *dyt_t = dyt + (size_t)i0 * dout, *du_t = du + (size_t)i0 * urow;
+                for (int i = 0; i < n; i++) st_transpose(dyt_t + (size_t)i * dout, dy + (size_t)(r0 + i0 + i) * dout, s, nb, 1);
+                for (int l = 0; l < nb; l++)
+                    st_gemm_packed(n, &lp, l, dyt_t + (size_t)l * s, dout, 0.0f, dut + (size_t)l * q, urow);
+                for (int i = 0; i < n; i++) st_transpose(du_t + (size_t)i * urow, dut + (size_t)i * urow, nb, q, 1);
+                if (dx)
+                    for (int k = 0; k < nb; k++)
+                        st_gemm_packed(n, &rp, k, du_t + (size_t)k * q, urow, 0.0f, dx + (size_t)(r0 + i0) * din + (size_t)k * p, din);
+            }
+            free(dut);
+        }
+        const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
+        for (int l = 0; l < nb; l++)  // dL[l] (s x q): dYt_l^T Ut_l
+            jobs[l] = st_job(1, 0, s, q, nr, dyt + (size_t)l * s, dout, u + (size_t)r0 * urow + (size_t)l * q, urow, cL + (size_t)l * s * q, q, acc);
+        for (int k = 0; k < nb; k++)  // dR[k] (q x p): dU_k^T X_k
+            jobs[nb + k] = st_job(1, 0, q, p, nr, du + (size_t)k * q, urow, x + (size_t)r0 * din + (size_t)k * p, din, cR + (size_t)k * q * p, p, acc);
+        st_run_jobs(jobs, 2 * nb);
+    }
     free(jobs);
+    st_packed_free(&lp);
+    st_packed_free(&rp);
+    if (N > 0) {
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (size_t i = 0; i < nr_; i++) dR[i] += cR[i];
+        ST_PRAGMA(omp parallel for schedule(static))
+        for (size_t i = 0; i < nl; i++) dL[i] += cL[i];
+    }
     st_bias_backward(dbias, dy, N, dout);
 }

@@ -23,11 +23,13 @@ count() {  # $1 = name, rest = command
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then echo "!!! $name exited $rc"; total_fail=$((total_fail + 1)); fi
 }
 
-count "test_gpt2 (OpenBLAS when built with it)" ./test_gpt2
-count "test_gpt2 (plain C matmuls)" ./build/test_gpt2_noblas
-for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units build/test_structured build/test_structured_noblas build/test_gpu_plan build/test_flash_tiles build/test_rendezvous build/test_btt_tiles; do
+count "test_gpt2 (the default matmuls: see make's 'matmuls:' line)" ./test_gpt2
+count "test_gpt2 (the plain C GEMM kernel)" ./build/test_gpt2_plain
+if [ -x build/test_gpt2_blas ]; then count "test_gpt2 (OpenBLAS)" ./build/test_gpt2_blas; fi
+for t in build/test_dataloader build/test_schedule build/test_tokenizer build/test_logger build/test_units build/test_structured build/test_structured_plain build/test_gpu_plan build/test_flash_tiles build/test_rendezvous build/test_btt_tiles build/test_gemm build/test_gemm_plain; do
     count "$(basename "$t")" "./$t"
 done
+if [ -x build/test_gemm_avx2 ]; then count "test_gemm (the AVX2+FMA kernel)" ./build/test_gemm_avx2; fi
 if [ -x build/test_cudnn_graph ]; then
     count "cuDNN attention graphs: layouts and validation (tests/test_cudnn_graph.cpp)" ./build/test_cudnn_graph
 else

@@ -535,10 +535,81 @@ static void test_btt_transposed(int A, int G, int P, int E, int R, int N) {
     check_close(&W0t[((size_t)f * E + e) * G * R + gs], &W1[((size_t)f * G * R + gs) * E + e], 1, 0, 0, name);
     snprintf(name, sizeof name, "btt %d->%d rank %d: forward of the transposed BTT on dy = the backward's dx", s.d_in, s.d_out, R);
     check_close(dxt, dx, (size_t)N * s.d_in, 1e-5f, 1e-4f, name);
+    // N is within one chunk of rows: the scratch holds the contributions to dW0, dW1, then all of dZ
     snprintf(name, sizeof name, "btt %d->%d rank %d: its saved z = the backward's dZ, (gamma, phi, rho) layout", s.d_in, s.d_out, R);
-    check_close(zt, scr, btt_z_size(&s, N), 1e-5f, 1e-4f, name);
+    check_true(N <= st_chunk_rows(btt_z_row(&s)), name, "N spans several chunks: the scratch does not hold all of dZ");
+    check_close(zt, scr + n0 + n1, btt_z_size(&s, N), 1e-5f, 1e-4f, name);
     free(x); free(dy); free(W0); free(W1); free(y); free(z); free(dx); free(dW0); free(dW1); free(scr);
     free(W0t); free(W1t); free(dxt); free(zt);
+}
+
+// btt_backward works through chunks of rows, continuing each weight-gradient element's chain from
+// chunk to chunk: its dW0, dW1 must be the bits of one product over all N rows (st_run_jobs on the
+// whole dZ, from the transposed BTT's forward), and its dx those of that forward. N spans nchunks
+// chunks (their size depends on the thread count and the width).
+static void test_btt_chunked(int A, int G, int P, int E, int R, int nchunks) {
+    BTTShape s;
+    btt_shape(&s, A, G, P, E, R);
+    const int N = nchunks * st_chunk_rows(btt_z_row(&s)) - 20;  // the last chunk partial
+    const BTTShape t = btt_shape_transposed(&s);
+    const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
+    float *x = randn((size_t)N * s.d_in, 1.0f), *dy = randn((size_t)N * s.d_out, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f);
+    float *y = zeros((size_t)N * s.d_out), *z = zeros(btt_z_size(&s, N)), *dx = zeros((size_t)N * s.d_in), *dW0 = zeros(n0), *dW1 = zeros(n1);
+    float *scr = zeros(btt_scratch_size(&s, N));
+    btt_forward(y, z, x, W0, W1, NULL, N, &s);
+    btt_backward(dx, dW0, dW1, NULL, dy, x, z, W0, W1, N, &s, scr);
+    float *W0t = zeros(n1), *W1t = zeros(n0), *dxt = zeros((size_t)N * s.d_in), *dz = zeros(btt_z_size(&t, N));
+    float *rW0 = zeros(n0), *rW1 = zeros(n1);
+    btt_transposed_cores(W0t, W1t, W0, W1, &s);
+    btt_forward(dxt, dz, dy, W0t, W1t, NULL, N, &t);
+    StGemmJob *jobs = (StGemmJob *)malloc(sizeof(StGemmJob) * (size_t)(G + P));
+    for (int f = 0; f < P; f++)
+        jobs[f] = st_job(1, 0, G * R, E, N, z + (size_t)f * G * R, (int)zrow, dy + (size_t)f * E, s.d_out, rW1 + (size_t)f * G * R * E, E, ST_ADD);
+    for (int g = 0; g < G; g++)
+        jobs[P + g] = st_job(1, 0, A, P * R, N, x + (size_t)g * A, s.d_in, dz + (size_t)g * P * R, (int)zrow, rW0 + (size_t)g * A * P * R, P * R, ST_ADD);
+    st_run_jobs(jobs, G + P);
+    char name[200];
+    const int chunk = st_chunk_rows(zrow);
+    snprintf(name, sizeof name, "btt %d->%d rank %d, N %d in chunks of %d rows: dW0, dW1, dx = one product over all rows, bit for bit",
+             s.d_in, s.d_out, R, N, chunk);
+    check_close(dW0, rW0, n0, 0, 0, name);
+    check_close(dW1, rW1, n1, 0, 0, name);
+    check_close(dx, dxt, (size_t)N * s.d_in, 0, 0, name);
+    free(jobs); free(x); free(dy); free(W0); free(W1); free(y); free(z); free(dx); free(dW0); free(dW1); free(scr);
+    free(W0t); free(W1t); free(dxt); free(dz); free(rW0); free(rW1);
+}
+
+// The same for Monarch: dR, dL over chunks of rows = one product over all rows, bit for bit,
+// with dyt and du for all rows computed here from dy with st_gemm.
+static void test_monarch_chunked(int din, int dout, int nb, int nchunks) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    const int p = m.p, s = m.s, q = m.q, urow = nb * q;
+    const int N = nchunks * st_chunk_rows((size_t)dout + urow) - 20;
+    const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m);
+    float *x = randn((size_t)N * din, 1.0f), *dy = randn((size_t)N * dout, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f);
+    float *y = zeros((size_t)N * dout), *u = zeros(monarch_u_size(&m, N)), *dx = zeros((size_t)N * din), *dR = zeros(nr), *dL = zeros(nl);
+    float *scr = zeros(monarch_scratch_size(&m, N));
+    monarch_forward(y, u, x, R, L, NULL, N, &m);
+    monarch_backward(dx, dR, dL, NULL, dy, x, u, R, L, N, &m, scr);
+    float *dyt = zeros((size_t)N * dout), *dut = zeros((size_t)N * urow), *du = zeros((size_t)N * urow), *rR = zeros(nr), *rL = zeros(nl);
+    for (int i = 0; i < N; i++) st_transpose(dyt + (size_t)i * dout, dy + (size_t)i * dout, s, nb, 1);
+    for (int l = 0; l < nb; l++)
+        st_gemm(0, 0, N, q, s, dyt + (size_t)l * s, dout, L + (size_t)l * s * q, q, 0.0f, dut + (size_t)l * q, urow);
+    for (int i = 0; i < N; i++) st_transpose(du + (size_t)i * urow, dut + (size_t)i * urow, nb, q, 1);
+    StGemmJob *jobs = (StGemmJob *)malloc(sizeof(StGemmJob) * (size_t)(2 * nb));
+    for (int l = 0; l < nb; l++)
+        jobs[l] = st_job(1, 0, s, q, N, dyt + (size_t)l * s, dout, u + (size_t)l * q, urow, rL + (size_t)l * s * q, q, ST_ADD);
+    for (int k = 0; k < nb; k++)
+        jobs[nb + k] = st_job(1, 0, q, p, N, du + (size_t)k * q, urow, x + (size_t)k * p, din, rR + (size_t)k * q * p, p, ST_ADD);
+    st_run_jobs(jobs, 2 * nb);
+    char name[200];
+    snprintf(name, sizeof name, "monarch %d->%d nb=%d, N %d in chunks of %d rows: dR, dL = one product over all rows, bit for bit", din,
+             dout, nb, N, st_chunk_rows((size_t)dout + urow));
+    check_close(dR, rR, nr, 0, 0, name);
+    check_close(dL, rL, nl, 0, 0, name);
+    free(jobs); free(x); free(dy); free(R); free(L); free(y); free(u); free(dx); free(dR); free(dL); free(scr);
+    free(dyt); free(dut); free(du); free(rR); free(rL);
 }
 
 static void grad_btt(int A, int G, int P, int E, int R, int N, int nsample) {
@@ -708,5 +779,11 @@ int main(int argc, char **argv) {
     grad_moe(4, 12, 8, 10, 4, 2, 9, 40);
     grad_moe(4, 3, 2, 5, 3, 3, 70, 40);
     grad_moe(6, 8, 4, 5, 5, 1, 20, 40);
+    // last: their sizes depend on the thread count, so they would shift the random draws of the rest
+    test_btt_chunked(16, 48, 16, 48, 4, 3);  // 768 -> 768 rank 4: chunks of 256 rows on 2 threads
+    test_btt_chunked(8, 16, 8, 16, 2, 3);    // 128 -> 128: a small dZ row, chunks of 3072 rows
+    test_btt_chunked(32, 64, 32, 64, 4, 3);  // 2048 -> 2048 rank 4: the smallest chunks (a tile per thread)
+    test_monarch_chunked(768, 768, 4, 3);
+    test_monarch_chunked(768, 3072, 32, 3);
     return test_summary();
 }
