@@ -152,8 +152,6 @@ static inline void cg_kernel(int kc, const float *const *ap, size_t csa, const f
     }
     CG_ROWS(CG_DECL)
 #undef CG_DECL
-    for (int k = 0; k < kc; k++, b += ldb) {
-        const __m256 b0 = _mm256_maskload_ps(b, m0), b1 = _mm256_maskload_ps(b + 8, m1);
 #define CG_FMA2(r)                                  \
     {                                               \
         const __m256 x = _mm256_broadcast_ss(a##r); \
@@ -161,9 +159,18 @@ static inline void cg_kernel(int kc, const float *const *ap, size_t csa, const f
         c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);  \
         a##r += csa;                                \
     }
-        CG_ROWS(CG_FMA2)
-#undef CG_FMA2
+    if (ldb == CG_NR) {  // a packed strip: aligned, zero-padded, plain loads (masked ones cost more here)
+        for (int k = 0; k < kc; k++, b += CG_NR) {
+            const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+            CG_ROWS(CG_FMA2)
+        }
+    } else {
+        for (int k = 0; k < kc; k++, b += ldb) {
+            const __m256 b0 = _mm256_maskload_ps(b, m0), b1 = _mm256_maskload_ps(b + 8, m1);
+            CG_ROWS(CG_FMA2)
+        }
     }
+#undef CG_FMA2
 #define CG_STORE(r)                                                         \
     if ((r) < mr) {                                                         \
         float *dst = full ? c + (size_t)(r) * ldc : t + (r) * CG_NR;        \
