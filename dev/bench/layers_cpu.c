@@ -36,9 +36,9 @@ int main(int argc, char **argv) {
     int widths[] = {768, 1024, 2048};
     printf("one linear layer d -> d, forward + backward, %d tokens, best of %d (fp32, %s, %d threads)\n", N, reps,
 #ifdef USE_CBLAS
-           "OpenBLAS",
+           "dense: OpenBLAS, structured: built-in " CG_ISA " kernel",
 #else
-           "built-in GEMM",
+           "built-in " CG_ISA " GEMM kernel",
 #endif
 #ifdef OMP
            omp_get_max_threads()
