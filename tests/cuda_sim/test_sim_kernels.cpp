@@ -869,7 +869,13 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
         scr(monarch_scratch_size(&m, N));
     monarch_forward(y.data(), u.data(), x.data(), R.data(), L.data(), NULL, N, &m);
     monarch_backward(dx.data(), dR.data(), dL.data(), NULL, dy.data(), x.data(), u.data(), R.data(), L.data(), N, &m, scr.data());
-    const Vec dyt(scr.begin(), scr.begin() + (size_t)N * dout), du(scr.begin() + (size_t)N * dout, scr.begin() + (size_t)N * (dout + urow));
+    // the CPU backward's scratch (monarch.h): the dR, dL contributions, then dyt and du of its last
+    // chunk of rows, here all N rows (N is below a chunk)
+    if (!check_true((size_t)N <= (size_t)st_chunk_rows((size_t)dout + urow), nm("%s: N within one CPU chunk of rows", tag),
+                    "the CPU scratch holds only the last chunk's dyt and du"))
+        return;
+    const auto rows0 = scr.begin() + (long)(monarch_r_size(&m) + monarch_l_size(&m));
+    const Vec dyt(rows0, rows0 + (long)N * dout), du(rows0 + (long)N * dout, rows0 + (long)N * (dout + urow));
     Dev d;
     const int pad = 40;  // rows past N: must stay NaN
     floatX *dy_d = d.add(up_bf16(dy)), *R_d = d.add(up_bf16(R)), *L_d = d.add(up_bf16(L));
