@@ -1,11 +1,13 @@
 // gemm.h: the CPU GEMM kernel, single-threaded, that the dense matmuls (train_gpt2.c) and the
 // structured layers (structured/factor.h) share: C = [C +] A·B with A and B given by strides,
-// B packed into column strips, A read in place, a register-tiled micro-kernel (AVX-512, AVX2+FMA,
-// or plain C that auto-vectorizes, chosen at compile time).
+// B packed into column strips (or read in place), A read in place or through row pointers, a
+// register-tiled micro-kernel (AVX-512, AVX2+FMA, or plain C that auto-vectorizes, chosen at
+// compile time).
 //
 // Every element of C is one fused multiply-add chain over k in ascending order, starting from C
-// (accumulate) or from zero, whatever the blocking, the kernel and the thread that runs it: a
-// product split along K, M or N between calls or threads gives the same bits as one call.
+// (accumulate) or from zero, whatever the blocking and the thread that runs it: a product split
+// along K, M or N between calls or threads gives the same bits as one call (the vector kernels
+// fuse explicitly; plain C leaves the contraction to the compiler, consistently within a build).
 // Header-only, valid C11 and C++ (nvcc and the CUDA simulator include it through factor.h).
 #pragma once
 #include <stddef.h>
