@@ -231,77 +231,71 @@ void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, co
 }
 
 // Causal multi-head attention. qkv (B, T, 3C) holds q | k | v; att (B, NH, T, T) keeps the
-// softmax probabilities (the only thing the backward needs); out (B, T, C).
+// softmax probabilities (the only thing the backward needs); out (B, T, C). The products run on
+// common/gemm.h's kernel, per head and block of ATT_ROWS query rows, over the keys up to the
+// block's last row (the causal triangle, to the block's edge).
+#define ATT_ROWS 64
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
-    int hs = C / NH, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
-#pragma omp parallel for collapse(3)
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < NH; h++) {
-                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
-                float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                float maxv = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    s *= scale;
-                    a[t2] = s;
-                    if (s > maxv) maxv = s;
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { a[t2] = fast_expf(a[t2] - maxv); sum += a[t2]; }
-                float inv = 1.0f / sum;
-                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
-                for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
-                float *o = out + ((size_t)b * T + t) * C + h * hs;
-                for (int i = 0; i < hs; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float p = a[t2];
-                    for (int i = 0; i < hs; i++) o[i] += p * v[i];
-                }
+    const int hs = C / NH, C3 = 3 * C, nblk = (T + ATT_ROWS - 1) / ATT_ROWS;
+    const float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int bh = 0; bh < B * NH; bh++)
+        for (int blk = 0; blk < nblk; blk++) {
+            const int b = bh / NH, h = bh % NH, i0 = blk * ATT_ROWS, i1 = i0 + ATT_ROWS < T ? i0 + ATT_ROWS : T;
+            const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;
+            float *a = att + ((size_t)bh * T + i0) * T;
+            // scores of rows i0..i1 against keys 0..i1: q k^T (k read as its transpose)
+            cg_gemm(i1 - i0, i1, hs, q + (size_t)i0 * C3, (size_t)C3, 1, k, 1, (size_t)C3, a, (size_t)T, 0);
+            for (int t = i0; t < i1; t++) {
+                float *r = a + (size_t)(t - i0) * T, maxv = -INFINITY, sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { r[t2] *= scale; maxv = r[t2] > maxv ? r[t2] : maxv; }
+                for (int t2 = 0; t2 <= t; t2++) { r[t2] = fast_expf(r[t2] - maxv); sum += r[t2]; }
+                const float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) r[t2] *= inv;
+                for (int t2 = t + 1; t2 < T; t2++) r[t2] = 0.0f;
             }
+            cg_gemm(i1 - i0, hs, i1, a, (size_t)T, 1, v, (size_t)C3, 1, out + ((size_t)b * T + i0) * C + h * hs, (size_t)C, 0);
+        }
 }
 
 // dqkv (B, T, 3C) is overwritten. Parallel over (b, h): each owns its slice of dqkv, so no races.
+// Per head: datt = dout v^T and the softmax's backward give dS (T x T, lower triangle) in a
+// per-thread buffer; then dq = dS k, dk = dS^T q and dv = att^T dout, each a block of rows at a
+// time over the part of the triangle that is not zero.
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T, int C, int NH) {
-    int hs = C / NH, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
-#pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
-                for (int i = 0; i < hs; i++) { dq[i] = 0.0f; dq[C + i] = 0.0f; dq[2 * C + i] = 0.0f; }
-            }
-            float *datt = (float *)mallocCheck((size_t)T * sizeof(float));
-            for (int t = 0; t < T; t++) {
-                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *d = dout + ((size_t)b * T + t) * C + h * hs;
-                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
-                float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
-                // through out = att @ v
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float *dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
-                    datt[t2] = s;
-                    dot += s * a[t2];
+    const int hs = C / NH, C3 = 3 * C;
+    const float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel
+    {
+        float *ds = (float *)mallocCheck((size_t)T * T * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < B * NH; bh++) {
+            const int b = bh / NH, h = bh % NH;
+            const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;
+            const float *a = att + (size_t)bh * T * T, *d = dout + (size_t)b * T * C + h * hs;
+            float *dq = dqkv + (size_t)b * T * C3 + h * hs, *dk = dq + C, *dv = dq + 2 * C;
+            for (int i0 = 0; i0 < T; i0 += ATT_ROWS) {
+                const int i1 = i0 + ATT_ROWS < T ? i0 + ATT_ROWS : T;
+                cg_gemm(i1 - i0, i1, hs, d + (size_t)i0 * C, (size_t)C, 1, v, 1, (size_t)C3, ds + (size_t)i0 * T, (size_t)T, 0);
+                for (int t = i0; t < i1; t++) {  // through the softmax, then the scaled q.k
+                    const float *ar = a + (size_t)t * T;
+                    float *r = ds + (size_t)t * T, dot = 0.0f;
+                    for (int t2 = 0; t2 <= t; t2++) dot += r[t2] * ar[t2];
+                    for (int t2 = 0; t2 <= t; t2++) r[t2] = ar[t2] * (r[t2] - dot) * scale;
+                    for (int t2 = t + 1; t2 < T; t2++) r[t2] = 0.0f;
                 }
-                // through the softmax, then the scaled q.k
-                for (int t2 = 0; t2 <= t; t2++) {
-                    float dpre = a[t2] * (datt[t2] - dot) * scale;
-                    const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float *dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
-                }
+                cg_gemm(i1 - i0, hs, i1, ds + (size_t)i0 * T, (size_t)T, 1, k, (size_t)C3, 1, dq + (size_t)i0 * C3, (size_t)C3, 0);
             }
-            free(datt);
+            for (int j0 = 0; j0 < T; j0 += ATT_ROWS) {  // keys j0..j1 get rows j0..T of dS and att
+                const int j1 = j0 + ATT_ROWS < T ? j0 + ATT_ROWS : T;
+                cg_gemm(j1 - j0, hs, T - j0, ds + (size_t)j0 * T + j0, 1, (size_t)T, q + (size_t)j0 * C3, (size_t)C3, 1,
+                        dk + (size_t)j0 * C3, (size_t)C3, 0);
+                cg_gemm(j1 - j0, hs, T - j0, a + (size_t)j0 * T + j0, 1, (size_t)T, d + (size_t)j0 * C, (size_t)C, 1,
+                        dv + (size_t)j0 * C3, (size_t)C3, 0);
+            }
         }
+        free(ds);
+    }
 }
 
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)

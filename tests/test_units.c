@@ -449,6 +449,67 @@ static void test_shipped_configs(void) {
     check_true(ok && n >= 8, "every config in scripts/configs builds (8 or more)", why[0] ? why : "fewer than 8 configs found");
 }
 
+// attention_forward / attention_backward (GEMMs on blocks of 64 query rows) against a plain
+// float64 evaluation of the same formulas, at T = 150 (three blocks, the last partial), B = 2, NH = 3.
+static void test_attention_blocks(void) {
+    const int B = 2, T = 150, NH = 3, hs = 16, C = NH * hs, C3 = 3 * C;
+    mt19937_state rng;
+    mt_seed(&rng, 7);
+    float *qkv = (float *)mallocCheck(sizeof(float) * B * T * C3), *dout = (float *)mallocCheck(sizeof(float) * B * T * C);
+    mt_normal_(qkv, (size_t)B * T * C3, 0.0f, 1.0f, &rng);
+    mt_normal_(dout, (size_t)B * T * C, 0.0f, 1.0f, &rng);
+    float *out = (float *)mallocCheck(sizeof(float) * B * T * C), *att = (float *)mallocCheck(sizeof(float) * B * NH * T * T);
+    float *dqkv = (float *)mallocCheck(sizeof(float) * B * T * C3);
+    attention_forward(out, att, qkv, B, T, C, NH);
+    attention_backward(dqkv, dout, qkv, att, B, T, C, NH);
+    float *rout = (float *)mallocCheck(sizeof(float) * B * T * C), *ratt = (float *)callocCheck((size_t)B * NH * T * T, sizeof(float));
+    float *rd = (float *)callocCheck((size_t)B * T * C3, sizeof(float));
+    double *p = (double *)mallocCheck(sizeof(double) * T), *dp = (double *)mallocCheck(sizeof(double) * T);
+    double *acc = (double *)callocCheck((size_t)B * T * C3, sizeof(double));
+    const double scale = 1.0 / sqrt((double)hs);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                double mx = -1e300, sum = 0.0;
+                for (int u = 0; u <= t; u++) {
+                    const float *k = qkv + ((size_t)b * T + u) * C3 + C + h * hs;
+                    double s = 0.0;
+                    for (int i = 0; i < hs; i++) s += (double)q[i] * k[i];
+                    p[u] = s * scale;
+                    mx = p[u] > mx ? p[u] : mx;
+                }
+                for (int u = 0; u <= t; u++) { p[u] = exp(p[u] - mx); sum += p[u]; }
+                for (int u = 0; u <= t; u++) { p[u] /= sum; ratt[(((size_t)b * NH + h) * T + t) * T + u] = (float)p[u]; }
+                const float *d = dout + ((size_t)b * T + t) * C + h * hs;
+                double dot = 0.0;
+                for (int u = 0; u <= t; u++) {
+                    const float *v = qkv + ((size_t)b * T + u) * C3 + 2 * C + h * hs;
+                    double s = 0.0;
+                    for (int i = 0; i < hs; i++) s += (double)d[i] * v[i];
+                    dp[u] = s;
+                    dot += s * p[u];
+                }
+                for (int i = 0; i < hs; i++) {
+                    double o = 0.0;
+                    for (int u = 0; u <= t; u++) o += p[u] * qkv[((size_t)b * T + u) * C3 + 2 * C + h * hs + i];
+                    rout[((size_t)b * T + t) * C + h * hs + i] = (float)o;
+                }
+                for (int u = 0; u <= t; u++) {
+                    const double g = p[u] * (dp[u] - dot) * scale;
+                    double *aq = acc + ((size_t)b * T + t) * C3 + h * hs, *ak = acc + ((size_t)b * T + u) * C3 + C + h * hs;
+                    double *av = acc + ((size_t)b * T + u) * C3 + 2 * C + h * hs;
+                    const float *k = qkv + ((size_t)b * T + u) * C3 + C + h * hs;
+                    for (int i = 0; i < hs; i++) { aq[i] += g * k[i]; ak[i] += g * q[i]; av[i] += p[u] * d[i]; }
+                }
+            }
+    for (size_t i = 0; i < (size_t)B * T * C3; i++) rd[i] = (float)acc[i];
+    check_close(att, ratt, (size_t)B * NH * T * T, 1e-6f, 1e-4f, "attention T=150 in blocks of 64 rows: probabilities (zero above the diagonal) = float64");
+    check_close(out, rout, (size_t)B * T * C, 1e-5f, 1e-4f, "attention T=150 in blocks of 64 rows: output = float64");
+    check_close(dqkv, rd, (size_t)B * T * C3, 1e-5f, 1e-4f, "attention T=150 in blocks of 64 rows: dq, dk, dv = float64");
+    free(qkv); free(dout); free(out); free(att); free(dqkv); free(rout); free(ratt); free(rd); free(p); free(dp); free(acc);
+}
+
 int main(void) {
     test_rng_matches_torch();
     test_init_matches_llmc();
@@ -460,5 +521,6 @@ int main(void) {
     test_param_table();
     test_structured_init();
     test_shipped_configs();
+    test_attention_blocks();
     return test_summary();
 }
