@@ -187,11 +187,9 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
     free(jobs);
     st_packed_free(&w1t);
     st_packed_free(&w0t);
-    if (N > 0) {
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (size_t i = 0; i < n0; i++) dW0[i] += c0[i];
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (size_t i = 0; i < n1; i++) dW1[i] += c1[i];
+    if (N > 0) {  // (with no rows the contributions were never written)
+        st_add(dW0, c0, n0);
+        st_add(dW1, c1, n1);
     }
     st_bias_backward(dbias, dy, N, dout);
 }

@@ -239,6 +239,13 @@ static inline void st_run_jobs(const StGemmJob *jobs, int njobs) {
     free(nch);
 }
 
+// dst[i] += src[i]: a backward's weight-gradient contributions, computed apart, added to the
+// gradients (exact 2x on a repeat).
+static inline void st_add(float *dst, const float *src, size_t n) {
+    ST_PRAGMA(omp parallel for schedule(static))
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
 // dbias[j] += sum over rows of dy[:, j], each column summed in row order (exact 2x on a repeat).
 static inline void st_bias_backward(float *dbias, const float *dy, int N, int D) {
     if (!dbias) return;

@@ -120,11 +120,9 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
     free(jobs);
     st_packed_free(&lp);
     st_packed_free(&rp);
-    if (N > 0) {
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (size_t i = 0; i < nr_; i++) dR[i] += cR[i];
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (size_t i = 0; i < nl; i++) dL[i] += cL[i];
+    if (N > 0) {  // (with no rows the contributions were never written)
+        st_add(dR, cR, nr_);
+        st_add(dL, cL, nl);
     }
     st_bias_backward(dbias, dy, N, dout);
 }
