@@ -277,10 +277,10 @@ static inline void cg_gemm(int M, int N, int K, const float *A, size_t rsa, size
             for (int j0 = 0; j0 < N; j0 += CG_NR) {
                 const int nr = N - j0 < CG_NR ? N - j0 : CG_NR;
                 for (int i = 0; i < M; i += CG_MR) {
+                    const int mr = M - i < CG_MR ? M - i : CG_MR;
                     const float *ap[CG_MR];
-                    cg_rows(ap, A, rsa, NULL, 0, (size_t)pc * csa, i, M - i < CG_MR ? M - i : CG_MR);
-                    cg_kernel(kc, ap, csa, B + (size_t)pc * rsb + j0, rsb, C + (size_t)i * ldc + j0, ldc, acc,
-                              M - i < CG_MR ? M - i : CG_MR, nr);
+                    cg_rows(ap, A, rsa, NULL, 0, (size_t)pc * csa, i, mr);
+                    cg_kernel(kc, ap, csa, B + (size_t)pc * rsb + j0, rsb, C + (size_t)i * ldc + j0, ldc, acc, mr, nr);
                 }
             }
         }
