@@ -75,20 +75,19 @@ static inline void btt_transposed_cores(float *W0t, float *W1t, const float *W0,
 
 // The cores packed for the forward's tiles (w0p: gamma matrices W0[g], alpha x phi*rho; w1p: phi
 // matrices W1[f], gamma*rho x eps) and for the backward's dx (w1t: W1[f]^T, eps x gamma*rho;
-// w0t: W0[g]^T, phi*rho x alpha). W0 holds `count` times gamma blocks, W1 `count` times phi (moe.h
-// packs every expert's cores at once).
-static inline void btt_pack_forward(StPacked *w0p, StPacked *w1p, const float *W0, const float *W1, const BTTShape *s, int count) {
+// w0t: W0[g]^T, phi*rho x alpha), in the calling thread's workspaces ST_WS_W0 and ST_WS_W1.
+static inline void btt_pack_forward(StPacked *w0p, StPacked *w1p, const float *W0, const float *W1, const BTTShape *s) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, fr = P * s->rank, gr = G * s->rank;
-    *w0p = st_pack(count * G, 0, A, fr, W0, (size_t)A * fr, fr);
-    *w1p = st_pack(count * P, 0, gr, E, W1, (size_t)gr * E, E);
+    *w0p = st_pack(ST_WS_W0, G, 0, A, fr, W0, (size_t)A * fr, fr);
+    *w1p = st_pack(ST_WS_W1, P, 0, gr, E, W1, (size_t)gr * E, E);
 }
-static inline void btt_pack_backward(StPacked *w1t, StPacked *w0t, const float *W0, const float *W1, const BTTShape *s, int count) {
+static inline void btt_pack_backward(StPacked *w1t, StPacked *w0t, const float *W0, const float *W1, const BTTShape *s) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, fr = P * s->rank, gr = G * s->rank;
-    *w1t = st_pack(count * P, 1, E, gr, W1, (size_t)gr * E, E);
-    *w0t = st_pack(count * G, 1, fr, A, W0, (size_t)A * fr, fr);
+    *w1t = st_pack(ST_WS_W1, P, 1, E, gr, W1, (size_t)gr * E, E);
+    *w0t = st_pack(ST_WS_W0, G, 1, fr, A, W0, (size_t)A * fr, fr);
 }
 
-// One tile of n rows (internal; also used by moe.h). x: n rows, row stride ldx. z1: tile buffer of
+// One tile of n rows (internal). x: n rows, row stride ldx. z1: tile buffer of
 // n x zrow (layout (gamma, phi, rho)); z2: n rows of zrow, layout (phi, gamma, rho) (the saved z);
 // y: n rows, row stride ldy, overwritten (no bias). w0p, w1p: btt_pack_forward's.
 static inline void st_btt_fwd_tile(int n, const float *x, int ldx, const StPacked *w0p, const StPacked *w1p, const BTTShape *s,
@@ -100,7 +99,7 @@ static inline void st_btt_fwd_tile(int n, const float *x, int ldx, const StPacke
     for (int f = 0; f < P; f++) st_gemm_packed(n, w1p, f, z2 + (size_t)f * gr, zrow, 0.0f, y + (size_t)f * E, ldy);
 }
 
-// Backward of one tile (internal; also used by moe.h). dy: n rows, stride ldy. dz2: tile buffer
+// Backward of one tile (internal). dy: n rows, stride ldy. dz2: tile buffer
 // n x zrow, gets dZ in the (phi, gamma, rho) layout; dz1: n rows of zrow, gets dZ in the
 // (gamma, phi, rho) layout; dx (may be NULL): n rows, stride ldx, overwritten. w1t, w0t:
 // btt_pack_backward's.
@@ -120,10 +119,10 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
     const size_t zrow = btt_z_row(s);
     const int ntiles = st_num_tiles(N), din = s->d_in, dout = s->d_out;
     StPacked w0p, w1p;
-    btt_pack_forward(&w0p, &w1p, W0, W1, s, 1);
+    btt_pack_forward(&w0p, &w1p, W0, W1, s);
     ST_PRAGMA(omp parallel)
     {
-        float *z1 = (float *)mallocCheck(sizeof(float) * zrow * ST_TILE_ROWS);
+        float *z1 = st_workspace(ST_WS_TILE, zrow * ST_TILE_ROWS);
         ST_PRAGMA(omp for schedule(static))
         for (int t = 0; t < ntiles; t++) {
             int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
@@ -133,10 +132,7 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
                 for (int i = 0; i < n; i++)
                     for (int o = 0; o < dout; o++) yt[(size_t)i * dout + o] += bias[o];
         }
-        free(z1);
     }
-    st_packed_free(&w0p);
-    st_packed_free(&w1p);
 }
 
 // floats of scratch btt_backward needs: the weight-gradient contributions (|W0| + |W1|) and dZ in
@@ -159,21 +155,20 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
     const size_t n0 = btt_w0_size(s), n1 = btt_w1_size(s);
     float *c0 = scratch, *c1 = scratch + n0, *dz1 = scratch + n0 + n1;  // contributions; dZ of a chunk
     StPacked w1t, w0t;
-    btt_pack_backward(&w1t, &w0t, W0, W1, s, 1);
+    btt_pack_backward(&w1t, &w0t, W0, W1, s);
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P));
     const int chunk = st_chunk_rows((size_t)zrow);
     for (int r0 = 0; r0 < N; r0 += chunk) {
         const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
         ST_PRAGMA(omp parallel)
         {
-            float *dz2 = (float *)mallocCheck(sizeof(float) * (size_t)zrow * ST_TILE_ROWS);
+            float *dz2 = st_workspace(ST_WS_TILE, (size_t)zrow * ST_TILE_ROWS);
             ST_PRAGMA(omp for schedule(static))
             for (int t = 0; t < ntiles; t++) {
                 const int i0 = t * ST_TILE_ROWS, n = nr - i0 < ST_TILE_ROWS ? nr - i0 : ST_TILE_ROWS;
                 st_btt_bwd_tile(n, dy + (size_t)(r0 + i0) * dout, dout, &w1t, &w0t, s, dz2, dz1 + (size_t)i0 * zrow,
                                 dx ? dx + (size_t)(r0 + i0) * din : NULL, din);
             }
-            free(dz2);
         }
         const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
         for (int f = 0; f < P; f++)  // dW1[f] (gamma*rho x eps): Z_f^T dY_f
@@ -185,8 +180,6 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
         st_run_jobs(jobs, G + P);
     }
     free(jobs);
-    st_packed_free(&w1t);
-    st_packed_free(&w0t);
     if (N > 0) {  // (with no rows the contributions were never written)
         st_add(dW0, c0, n0);
         st_add(dW1, c1, n1);

@@ -10,23 +10,23 @@
 // of the full softmax, fhat_e = (selections of e) / (N*K) (a constant for gradients).
 //
 // Computation: only the K selected experts run for a token. The forward sorts the (token, k)
-// pairs by expert (counting sort, tokens ascending within an expert), extracts each expert's
-// rank-1 cores into contiguous buffers (packed once for the GEMM kernel), and runs each expert's
-// two BTT stages on its token group in row tiles, reading the group's rows of x and writing its
-// z rows in place through row pointers (no gathered copies). Experts are processed one after another
+// pairs by expert (counting sort, tokens ascending within an expert), packs each expert's rank-1
+// cores straight from the strided rank components, and runs each expert's two BTT stages on its
+// token group in row tiles: stage 1 reads the group's rows of x through row pointers (no gathered
+// copy) and writes z in its natural (gamma, phi) layout, which is the saved one; stage 2 reads
+// z's phi = f columns with a stride (no transpose). Experts are processed one after another
 // (threads split each expert's group), so y rows accumulate the experts in ascending expert
 // order: deterministic, no races.
 //
 // Layouts of the saved state (for N rows):
 //   logits (N, E); sel (N, K); gate (N, K); lse (N) = logsumexp of each row of logits;
-//   z (N, K, gamma*phi): z[(t*K + k)*gamma*phi + f*gamma + g] = z[g, f] of expert sel[t,k] on
-//     token t (the (phi, gamma) order of btt.h's saved z, rank 1);
 //   counts (E), offsets (E+1), order (N*K): the pairs p = t*K + k grouped by expert, expert e's
-//     pairs at order[offsets[e] .. offsets[e+1]).
-// Backward, per expert on its gathered group: dZu = dY . W1_e^T (unscaled by the gate), which
-// gives d gate = <z, dZu>; dZ = gate * dZu; dx += gate-path dX; dW1_e = (gate*dY)^T Z,
-// dW0_e = X^T dZ, scattered into the strided rank components of dW0/dW1. Then d logits from the
-// gate softmax and the aux loss, drouter += dlogits^T x, dx += dlogits R.
+//     pairs at order[offsets[e] .. offsets[e+1]);
+//   z (N*K, gamma*phi) in the grouped order: row w holds pair order[w]'s intermediate,
+//     z[w*gamma*phi + g*phi + f] = z[g, f] of expert sel[t,k] on token t.
+// Backward, per expert on its group: dZu = dY . W1_e^T (unscaled by the gate), which gives d gate = <z, dZu>; dZ = gate * dZu; dx += gate-path dX; dW1_e = (gate*Z)^T dY,
+// dW0_e = X^T dZ (on the group's gathered rows of x and dy), scattered into the strided rank components of dW0/dW1.
+// Then d logits from the gate softmax and the aux loss, drouter += dlogits^T x, dx += dlogits R.
 #pragma once
 #include "btt.h"
 #include "routing.h"
@@ -67,7 +67,7 @@ typedef struct {
     float *logits;  // (N, E)
     int *sel;       // (N, K) selected experts, descending logit order, ties to the lower index
     float *gate;    // (N, K) softmax over the selected logits
-    float *z;       // (N, K, gamma*phi) the selected expert's intermediate, layout (phi, gamma)
+    float *z;       // (N*K, gamma*phi) the experts' intermediates, rows grouped as order, layout (gamma, phi)
     float *lse;     // (N) logsumexp over all E logits
     float *fhat;    // (E) share of the top-k selections per expert, over every rank's tokens (the
                     // aux loss's f̂; the forward sets the local value, moe_aux_from_stats the global)
@@ -121,16 +121,40 @@ ST_HD static inline size_t st_moe_w1_expert_index(size_t i, int E, int Ep, size_
     return (rest % (size_t)E) * p1 + (rest / (size_t)E) * (size_t)Ep + o;
 }
 
-// Copies the experts' rank-1 cores out of the strided rank components:
-// w0x (E, gamma, alpha, phi), w1x (E, phi, gamma, eps).
-static inline void st_moe_extract(float *w0x, float *w1x, const float *W0, const float *W1, const MoEShape *s) {
-    const int E = s->experts, Ep = s->btt.eps;
-    const BTTShape b1 = moe_expert_shape(s);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * (size_t)E, n1 = p1 * (size_t)E;
+// The experts' rank-1 cores packed for the forward's tiles, straight from the strided rank
+// components: matrix e*gamma + g of w0p is W0_e[g] (alpha x phi) = W0[g, a, f*E + e], matrix
+// e*phi + f of w1p is W1_e[f] (gamma x eps) = W1[f, g*E + e, o].
+static inline void moe_pack_forward(StPacked *w0p, StPacked *w1p, const float *W0, const float *W1, const MoEShape *s) {
+    const int E = s->experts, A = s->btt.alpha, G = s->btt.gamma, P = s->btt.phi, Ep = s->btt.eps;
+    *w0p = st_packed_alloc(ST_WS_W0, E * G, A, P);
+    *w1p = st_packed_alloc(ST_WS_W1, E * P, G, Ep);
     ST_PRAGMA(omp parallel for schedule(static))
-    for (size_t i = 0; i < n0; i++) w0x[st_moe_w0_expert_index(i, E, p0)] = W0[i];
+    for (int i = 0; i < E * (G + P); i++) {
+        if (i < E * G) {
+            const int e = i / G, g = i % G;
+            cg_pack(w0p->buf + (size_t)i * w0p->size, A, P, W0 + (size_t)g * A * P * E + e, (size_t)P * E, E);
+        } else {
+            const int j = i - E * G, e = j / P, f = j % P;
+            cg_pack(w1p->buf + (size_t)j * w1p->size, G, Ep, W1 + (size_t)f * G * E * Ep + (size_t)e * Ep, (size_t)E * Ep, 1);
+        }
+    }
+}
+// The same for the backward's dx: matrix e*phi + f of w1t is W1_e[f]^T (eps x gamma), matrix
+// e*gamma + g of w0t is W0_e[g]^T (phi x alpha).
+static inline void moe_pack_backward(StPacked *w1t, StPacked *w0t, const float *W0, const float *W1, const MoEShape *s) {
+    const int E = s->experts, A = s->btt.alpha, G = s->btt.gamma, P = s->btt.phi, Ep = s->btt.eps;
+    *w1t = st_packed_alloc(ST_WS_W1, E * P, Ep, G);
+    *w0t = st_packed_alloc(ST_WS_W0, E * G, P, A);
     ST_PRAGMA(omp parallel for schedule(static))
-    for (size_t i = 0; i < n1; i++) w1x[st_moe_w1_expert_index(i, E, Ep, p1)] = W1[i];
+    for (int i = 0; i < E * (G + P); i++) {
+        if (i < E * P) {
+            const int e = i / P, f = i % P;
+            cg_pack(w1t->buf + (size_t)i * w1t->size, Ep, G, W1 + (size_t)f * G * E * Ep + (size_t)e * Ep, 1, (size_t)E * Ep);
+        } else {
+            const int j = i - E * P, e = j / G, g = j % G;
+            cg_pack(w0t->buf + (size_t)j * w0t->size, P, A, W0 + (size_t)g * A * P * E + e, E, (size_t)P * E);
+        }
+    }
 }
 
 // Top-K (descending, ties to the lower index), gate softmax and logsumexp for one row (also the
@@ -169,7 +193,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
     if (N > st->capacity) fatal("moe_forward: %d rows but the MoE state holds %d", N, st->capacity);
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
     const BTTShape b1 = moe_expert_shape(s);
-    const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    const size_t zrow = moe_z_row(s);
     const int ntiles = st_num_tiles(N);
     // router logits, routing, and y = bias (or 0)
     ST_PRAGMA(omp parallel for schedule(static))
@@ -195,34 +219,31 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
         for (int p = 0; p < N * K; p++) st->order[next[st->sel[p]]++] = p;
         free(next);
     }
-    float *w0x = (float *)mallocCheck(sizeof(float) * (p0 + p1) * (size_t)E);
-    float *w1x = w0x + p0 * (size_t)E;
-    st_moe_extract(w0x, w1x, W0, W1, s);
-    StPacked w0p, w1p;  // every expert's cores: expert e's blocks from e*gamma (W0), e*phi (W1)
-    btt_pack_forward(&w0p, &w1p, w0x, w1x, &b1, E);
-    const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
+    StPacked w0p, w1p;
+    moe_pack_forward(&w0p, &w1p, W0, W1, s);
+    const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps, mb = st_l1_rows(zrow);
     ST_PRAGMA(omp parallel)
     {
-        const size_t T = ST_TILE_ROWS;
-        float *z1 = (float *)mallocCheck(sizeof(float) * T * (zrow + (size_t)dout)), *ye = z1 + T * zrow;
-        const float **xr = (const float **)mallocCheck(sizeof(float *) * 2 * T), **zr = xr + T;
+        float *ye = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * dout);
+        const float *xr[ST_TILE_ROWS];
         for (int e = 0; e < E; e++) {  // every thread walks the experts in order; barrier after each
-            const int *ord = st->order + st->offsets[e];
-            const int ne = st->counts[e], nt = st_num_tiles(ne);
-            const StPacked w0e = st_packed_from(&w0p, e * G), w1e = st_packed_from(&w1p, e * P);
+            const int off = st->offsets[e], nt = st_num_tiles(st->counts[e]);
             ST_PRAGMA(omp for schedule(static))
             for (int t = 0; t < nt; t++) {
-                int j0 = t * ST_TILE_ROWS, n = ne - j0 < ST_TILE_ROWS ? ne - j0 : ST_TILE_ROWS;
-                // the group's rows of x and of the saved z are used in place, through row pointers
-                for (int j = 0; j < n; j++) {
-                    xr[j] = x + (size_t)(ord[j0 + j] / K) * din;
-                    zr[j] = st->z + (size_t)ord[j0 + j] * zrow;
+                const int j0 = off + t * ST_TILE_ROWS, n = st->offsets[e + 1] - j0 < ST_TILE_ROWS ? st->offsets[e + 1] - j0 : ST_TILE_ROWS;
+                float *zt = st->z + (size_t)j0 * zrow;
+                for (int j = 0; j < n; j++) xr[j] = x + (size_t)(st->order[j0 + j] / K) * din;
+                for (int r0 = 0; r0 < n; r0 += mb) {
+                    const int m = n - r0 < mb ? n - r0 : mb;
+                    float *zr = zt + (size_t)r0 * zrow;
+                    for (int g = 0; g < G; g++)  // z[., g, :] = X_g W0_e[g]
+                        st_gemm_packed_rows(m, &w0p, e * G + g, xr + r0, (size_t)g * A, zr + (size_t)g * P, (int)zrow);
+                    for (int f = 0; f < P; f++)  // Y_f = Z_f W1_e[f], Z_f = z[., :, f]: stride phi
+                        cg_gemm_packed(m, Ep, G, zr + f, zrow, (size_t)P, w1p.buf + (size_t)(e * P + f) * w1p.size,
+                                       ye + (size_t)r0 * dout + (size_t)f * Ep, dout, 0);
                 }
-                for (int g = 0; g < G; g++) st_gemm_packed_rows(n, &w0e, g, xr, (size_t)g * A, z1 + (size_t)g * P, (int)zrow);
-                for (int j = 0; j < n; j++) st_transpose(st->z + (size_t)ord[j0 + j] * zrow, z1 + (size_t)j * zrow, G, P, 1);
-                for (int f = 0; f < P; f++) st_gemm_packed_rows(n, &w1e, f, zr, (size_t)f * G, ye + (size_t)f * Ep, dout);
                 for (int j = 0; j < n; j++) {
-                    const int pr = ord[j0 + j];
+                    const int pr = st->order[j0 + j];
                     const float gt = st->gate[pr];
                     float *yr = y + (size_t)(pr / K) * dout;
                     const float *yj = ye + (size_t)j * dout;
@@ -230,12 +251,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
                 }
             }
         }
-        free(xr);
-        free(z1);
     }
-    st_packed_free(&w0p);
-    st_packed_free(&w1p);
-    free(w0x);
 }
 
 // The auxiliary load-balancing loss of the last forward (N rows).
@@ -309,19 +325,27 @@ ST_HD static inline void st_moe_dlogits_row(float *dl, const float *lg, float ls
     }
 }
 
+// Rows of an expert's group that the backward works through at a time: its gathered rows of
+// x and dy, dZ and gate*z (row_floats per row) stay in cache for the weight gradients.
+static inline int moe_chunk_rows(const MoEShape *s) {
+    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s));
+}
+
 // floats of scratch moe_backward needs for N rows
 static inline size_t moe_scratch_size(const MoEShape *s, int N) {
     const BTTShape b1 = moe_expert_shape(s);
     const size_t E = (size_t)s->experts, K = (size_t)s->topk, zrow = moe_z_row(s);
-    const size_t pw = btt_w0_size(&b1) + btt_w1_size(&b1);
-    return pw * (E + 1)                                                             // cores, dcores
-           + (size_t)N * K + (size_t)N * E                                          // dgate, dlogits
-           + (size_t)N * ((size_t)s->btt.d_in + 2 * zrow + (size_t)s->btt.d_out);  // a group's X, Z, dY, dZ
+    const int ch = N < moe_chunk_rows(s) ? N : moe_chunk_rows(s);
+    return btt_w0_size(&b1) + btt_w1_size(&b1)                                                // an expert's core gradients
+           + (size_t)N * K + (size_t)N * E                                                      // dgate, dlogits
+           + (size_t)(ch > 0 ? ch : 0) * ((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * zrow);  // a chunk's X, dY, dZ, gate*Z
 }
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated (+=; dbias may
 // be NULL). daux = d(total loss)/d(this layer's aux). st is what moe_forward saved for these N
-// rows; scratch holds moe_scratch_size(s, N) floats.
+// rows; scratch holds moe_scratch_size(s, N) floats. Expert by expert, chunk by chunk of its
+// group (as btt.h's backward): the chunk's tiles (dZ, d gate, dx), then the expert's core
+// gradients over the chunk's rows, each element's chain continued from the last chunk.
 static inline void moe_backward(float *dx, float *dW0, float *dW1, float *drouter, float *dbias, const float *dy,
                                 float daux, const float *x, const MoEState *st, const float *W0, const float *W1,
                                 const float *router, int N, const MoEShape *s, float *scratch) {
@@ -329,89 +353,92 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     const BTTShape b1 = moe_expert_shape(s);
     const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
     const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    float *w0x = scratch, *w1x = w0x + p0 * E;
-    float *dw0e = w1x + p1 * E, *dw1e = dw0e + p0;
+    const int chunk = moe_chunk_rows(s), ch = N < chunk ? N : chunk, mb = st_l1_rows(zrow);
+    float *dw0e = scratch, *dw1e = dw0e + p0;
     float *dgate = dw1e + p1, *dlogits = dgate + (size_t)N * K;
-    float *Xg = dlogits + (size_t)N * E, *Zg = Xg + (size_t)N * din, *DYg = Zg + (size_t)N * zrow;
-    float *DZg = DYg + (size_t)N * dout;
-    st_moe_extract(w0x, w1x, W0, W1, s);
-    StPacked w1t, w0t;  // every expert's transposed cores, as in the forward
-    btt_pack_backward(&w1t, &w0t, w0x, w1x, &b1, E);
+    // a chunk's rows of x and dy, gathered: the weight gradients sweep them once per core block,
+    // which is fast on contiguous rows and slow through row pointers (each sweep misses anew)
+    float *Xg = dlogits + (size_t)N * E, *DYg = Xg + (size_t)ch * din;
+    float *DZg = DYg + (size_t)ch * dout, *GZg = DZg + (size_t)ch * zrow;  // dZ (gamma, phi), gate*z (phi, gamma)
+    StPacked w1t, w0t;
+    moe_pack_backward(&w1t, &w0t, W0, W1, s);
     if (dx) {
         ST_PRAGMA(omp parallel for schedule(static))
         for (int r = 0; r < N; r++) memset(dx + (size_t)r * din, 0, sizeof(float) * (size_t)din);
     }
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P + 1));
     for (int e = 0; e < E; e++) {
-        const int *ord = st->order + st->offsets[e];
-        const int ne = st->counts[e], nt = st_num_tiles(ne);
+        const int ne = st->counts[e];
         if (ne == 0) continue;
-        const StPacked w1e = st_packed_from(&w1t, e * P), w0e = st_packed_from(&w0t, e * G);
-        ST_PRAGMA(omp parallel)
-        {
-            const size_t T = ST_TILE_ROWS;
-            float *dz2 = (float *)mallocCheck(sizeof(float) * T * (zrow + (size_t)din));
-            float *dxe = dz2 + T * zrow;
-            ST_PRAGMA(omp for schedule(static))
-            for (int t = 0; t < nt; t++) {
-                int j0 = t * ST_TILE_ROWS, n = ne - j0 < ST_TILE_ROWS ? ne - j0 : ST_TILE_ROWS;
-                for (int j = j0; j < j0 + n; j++) {  // gather the group's rows
-                    int pr = ord[j], tok = pr / K;
-                    memcpy(Xg + (size_t)j * din, x + (size_t)tok * din, sizeof(float) * (size_t)din);
-                    memcpy(Zg + (size_t)j * zrow, st->z + (size_t)pr * zrow, sizeof(float) * zrow);
-                    memcpy(DYg + (size_t)j * dout, dy + (size_t)tok * dout, sizeof(float) * (size_t)dout);
-                }
-                // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
-                for (int f = 0; f < P; f++)
-                    st_gemm_packed(n, &w1e, f, DYg + (size_t)j0 * dout + (size_t)f * Ep, dout, 0.0f, dz2 + (size_t)f * G, (int)zrow);
-                for (int j = 0; j < n; j++) {
-                    int pr = ord[j0 + j];
-                    const float *zj = Zg + (size_t)(j0 + j) * zrow;
-                    float *dzj = dz2 + (size_t)j * zrow;
-                    float dg = 0.0f;
-                    for (size_t i = 0; i < zrow; i++) dg += zj[i] * dzj[i];
-                    dgate[pr] = dg;
-                    const float gt = st->gate[pr];
-                    for (size_t i = 0; i < zrow; i++) dzj[i] *= gt;
-                    st_transpose(DZg + (size_t)(j0 + j) * zrow, dzj, P, G, 1);  // -> (gamma, phi)
-                    float *dyj = DYg + (size_t)(j0 + j) * dout;
-                    for (int o = 0; o < dout; o++) dyj[o] *= gt;  // gate * dy, for dW1
-                }
-                if (dx) {
-                    for (int g = 0; g < G; g++)
-                        st_gemm_packed(n, &w0e, g, DZg + (size_t)j0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxe + (size_t)g * A, din);
-                    for (int j = 0; j < n; j++) {
-                        float *dr = dx + (size_t)(ord[j0 + j] / K) * din;
-                        const float *de = dxe + (size_t)j * din;
-                        for (int i = 0; i < din; i++) dr[i] += de[i];
+        for (int c0 = 0; c0 < ne; c0 += chunk) {
+            const int off = st->offsets[e] + c0, nc = ne - c0 < chunk ? ne - c0 : chunk, nt = st_num_tiles(nc);
+            const float *zc = st->z + (size_t)off * zrow;
+            ST_PRAGMA(omp parallel)
+            {
+                float *dz2 = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * (zrow + (size_t)din)), *dxe = dz2 + (size_t)ST_TILE_ROWS * zrow;
+                ST_PRAGMA(omp for schedule(static))
+                for (int t = 0; t < nt; t++) {
+                    const int j0 = t * ST_TILE_ROWS, n = nc - j0 < ST_TILE_ROWS ? nc - j0 : ST_TILE_ROWS;
+                    for (int j = j0; j < j0 + n; j++) {
+                        const int tok = st->order[off + j] / K;
+                        memcpy(Xg + (size_t)j * din, x + (size_t)tok * din, sizeof(float) * (size_t)din);
+                        memcpy(DYg + (size_t)j * dout, dy + (size_t)tok * dout, sizeof(float) * (size_t)dout);
+                    }
+                    for (int r0 = j0; r0 < j0 + n; r0 += mb) {
+                        const int m = j0 + n - r0 < mb ? j0 + n - r0 : mb;
+                        float *dzr = dz2 + (size_t)(r0 - j0) * zrow;
+                        // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
+                        for (int f = 0; f < P; f++)
+                            st_gemm_packed(m, &w1t, e * P + f, DYg + (size_t)r0 * dout + (size_t)f * Ep, dout, 0.0f, dzr + (size_t)f * G, (int)zrow);
+                        for (int j = r0; j < r0 + m; j++) {  // d gate = <z, dZu>; dZ = gate*dZu (gamma, phi); gate*z (phi, gamma)
+                            const int pr = st->order[off + j];
+                            const float gt = st->gate[pr], *zj = zc + (size_t)j * zrow, *dzj = dz2 + (size_t)(j - j0) * zrow;
+                            float *dZ = DZg + (size_t)j * zrow, *gz = GZg + (size_t)j * zrow;
+                            float dg = 0.0f;
+                            for (int g = 0; g < G; g++)
+                                for (int f = 0; f < P; f++) {
+                                    const float zv = zj[(size_t)g * P + f], dv = dzj[(size_t)f * G + g];
+                                    dg += zv * dv;
+                                    dZ[(size_t)g * P + f] = gt * dv;
+                                    gz[(size_t)f * G + g] = gt * zv;
+                                }
+                            dgate[pr] = dg;
+                        }
+                        if (!dx) continue;
+                        float *dxr = dxe + (size_t)(r0 - j0) * din;
+                        for (int g = 0; g < G; g++)
+                            st_gemm_packed(m, &w0t, e * G + g, DZg + (size_t)r0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxr + (size_t)g * A, din);
+                        for (int j = 0; j < m; j++) {
+                            float *dr = dx + (size_t)(st->order[off + r0 + j] / K) * din;
+                            const float *de = dxr + (size_t)j * din;
+                            for (int i = 0; i < din; i++) dr[i] += de[i];
+                        }
                     }
                 }
             }
-            free(dz2);
+            const int acc = c0 == 0 ? ST_OVERWRITE : ST_CHAIN;
+            for (int f = 0; f < P; f++)  // dW1_e[f] (gamma x eps) = (gate*Z)_f^T dY_f
+                jobs[f] = st_job(1, 0, G, Ep, nc, GZg + (size_t)f * G, (int)zrow, DYg + (size_t)f * Ep, dout, dw1e + (size_t)f * G * Ep, Ep, acc);
+            for (int g = 0; g < G; g++)  // dW0_e[g] (alpha x phi) = X_g^T dZ_g
+                jobs[P + g] = st_job(1, 0, A, P, nc, Xg + (size_t)g * A, din, DZg + (size_t)g * P, (int)zrow, dw0e + (size_t)g * A * P, P, acc);
+            st_run_jobs(jobs, G + P);
         }
-        // this expert's core gradients over its whole group, then scattered into its rank component
-        for (int f = 0; f < P; f++)  // dW1_e[f] (gamma x eps) = Z_f^T (gate*dY)_f
-            jobs[f] = st_job(1, 0, G, Ep, ne, Zg + (size_t)f * G, (int)zrow, DYg + (size_t)f * Ep, dout, dw1e + (size_t)f * G * Ep, Ep, 0);
-        for (int g = 0; g < G; g++)  // dW0_e[g] (alpha x phi) = X_g^T dZ_g
-            jobs[P + g] = st_job(1, 0, A, P, ne, Xg + (size_t)g * A, din, DZg + (size_t)g * P, (int)zrow, dw0e + (size_t)g * A * P, P, 0);
-        st_run_jobs(jobs, G + P);
+        // the expert's core gradients, scattered into its rank component
         ST_PRAGMA(omp parallel for schedule(static))
         for (int ga = 0; ga < G * A; ga++)
             for (int f = 0; f < P; f++) dW0[((size_t)ga * P + f) * E + e] += dw0e[(size_t)ga * P + f];
         ST_PRAGMA(omp parallel for schedule(static))
         for (int fg = 0; fg < P * G; fg++) {
             float *d = dW1 + ((size_t)fg * E + e) * Ep;
-            const float *sx = dw1e + (size_t)fg * Ep;
-            for (int o = 0; o < Ep; o++) d[o] += sx[o];
+            const float *src = dw1e + (size_t)fg * Ep;
+            for (int o = 0; o < Ep; o++) d[o] += src[o];
         }
     }
     ST_PRAGMA(omp parallel for schedule(static))
     for (int t = 0; t < N; t++)  // d logits: the gate softmax, and the aux loss over all logits
         st_moe_dlogits_row(dlogits + (size_t)t * E, st->logits + (size_t)t * E, st->lse[t], st->gate + (size_t)t * K,
                            dgate + (size_t)t * K, st->sel + (size_t)t * K, st->fhat, E, K, N, daux);
-    st_packed_free(&w1t);
-    st_packed_free(&w0t);
-    jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, 1);  // drouter += dlogits^T x
+    jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, ST_ADD);  // drouter += dlogits^T x
     st_run_jobs(jobs, 1);
     free(jobs);
     if (dx) {

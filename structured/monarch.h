@@ -39,11 +39,10 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
                                    int N, const MonarchShape *m) {
     const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
     const int ntiles = st_num_tiles(N);
-    StPacked rp = st_pack(nb, 1, p, q, R, (size_t)q * p, p), lp = st_pack(nb, 1, q, s, L, (size_t)s * q, q);  // R[k]^T, L[l]^T
+    StPacked rp = st_pack(ST_WS_W0, nb, 1, p, q, R, (size_t)q * p, p), lp = st_pack(ST_WS_W1, nb, 1, q, s, L, (size_t)s * q, q);  // R[k]^T, L[l]^T
     ST_PRAGMA(omp parallel)
     {
-        float *u1 = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
-        float *yt = (float *)mallocCheck(sizeof(float) * (size_t)dout * ST_TILE_ROWS);
+        float *u1 = st_workspace(ST_WS_TILE, (size_t)(urow + dout) * ST_TILE_ROWS), *yt = u1 + (size_t)urow * ST_TILE_ROWS;
         ST_PRAGMA(omp for schedule(static))
         for (int t = 0; t < ntiles; t++) {
             int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
@@ -61,11 +60,7 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
                     for (int o = 0; o < dout; o++) yr[o] += bias[o];
             }
         }
-        free(yt);
-        free(u1);
     }
-    st_packed_free(&rp);
-    st_packed_free(&lp);
 }
 
 // floats of scratch monarch_backward needs: the contributions to dR and dL, and dyt (d_out) and
@@ -89,13 +84,13 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
     float *cR = scratch, *cL = scratch + nr_;  // contributions
     float *dyt = cL + nl;                      // (ch, nb, s): dyt[l*s + i] = dy[i*nb + l]
     float *du = dyt + (size_t)ch * dout;       // (ch, nb*q), natural order du[k*q + j]
-    StPacked lp = st_pack(nb, 0, s, q, L, (size_t)s * q, q), rp = st_pack(nb, 0, q, p, R, (size_t)q * p, p);  // L[l], R[k]
+    StPacked lp = st_pack(ST_WS_W1, nb, 0, s, q, L, (size_t)s * q, q), rp = st_pack(ST_WS_W0, nb, 0, q, p, R, (size_t)q * p, p);  // L[l], R[k]
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(2 * nb));
     for (int r0 = 0; r0 < N; r0 += chunk) {
         const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
         ST_PRAGMA(omp parallel)
         {
-            float *dut = (float *)mallocCheck(sizeof(float) * (size_t)urow * ST_TILE_ROWS);
+            float *dut = st_workspace(ST_WS_TILE, (size_t)urow * ST_TILE_ROWS);
             ST_PRAGMA(omp for schedule(static))
             for (int t = 0; t < ntiles; t++) {
                 const int i0 = t * ST_TILE_ROWS, n = nr - i0 < ST_TILE_ROWS ? nr - i0 : ST_TILE_ROWS;
@@ -108,7 +103,6 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
                     for (int k = 0; k < nb; k++)
                         st_gemm_packed(n, &rp, k, du_t + (size_t)k * q, urow, 0.0f, dx + (size_t)(r0 + i0) * din + (size_t)k * p, din);
             }
-            free(dut);
         }
         const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
         for (int l = 0; l < nb; l++)  // dL[l] (s x q): dYt_l^T Ut_l
@@ -118,8 +112,6 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
         st_run_jobs(jobs, 2 * nb);
     }
     free(jobs);
-    st_packed_free(&lp);
-    st_packed_free(&rp);
     if (N > 0) {  // (with no rows the contributions were never written)
         st_add(dR, cR, nr_);
         st_add(dL, cL, nl);

@@ -229,8 +229,8 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
                name, "selection, counts or grouping differ");
     snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: y", alpha, gamma, phi, eps, E, K, N);
     check_close(y, y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
-    float *zp = zeros((size_t)NK * zrow);  // z by pair, as moe.h keeps it
-    for (int pr = 0; pr < NK; pr++) memcpy(zp + (size_t)pr * zrow, z + (size_t)pos[pr] * zrow, sizeof(float) * zrow);
+    float *zp = zeros((size_t)NK * zrow);  // z as moe.h keeps it: rows grouped alike, layout (gamma, phi)
+    for (int w = 0; w < NK; w++) st_transpose(zp + (size_t)w * zrow, z + (size_t)w * zrow, phi, gamma, 1);
     snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: saved z", alpha, gamma, phi, eps, E, K, N);
     check_close(zp, st.z, (size_t)NK * zrow, 1e-4f, 1e-4f, name);
     // aux statistics as the GPU reduces them (Σ softmax, counts, Σ lse²), then moe_aux_from_stats

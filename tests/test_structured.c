@@ -612,6 +612,81 @@ static void test_monarch_chunked(int din, int dout, int nb, int nchunks) {
     free(dyt); free(dut); free(du); free(rR); free(rL);
 }
 
+// moe_backward works expert by expert through chunks of its group's rows: forced chunks of one
+// tile must give the bits of one chunk per expert (dx, dW0, dW1, drouter, dbias), and both must
+// match a float64 evaluation of the gradients (from the saved routing).
+static void test_moe_chunked(int A, int G, int P, int Ep, int E, int K, int N) {
+    MoEShape s;
+    moe_shape(&s, A, G, P, Ep, E, K);
+    const int din = s.btt.d_in, dout = s.btt.d_out;
+    const size_t n0 = btt_w0_size(&s.btt), n1 = btt_w1_size(&s.btt), nr = moe_router_size(&s);
+    float *x = randn((size_t)N * din, 1.0f), *dy = randn((size_t)N * dout, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f);
+    float *R = randn(nr, 0.5f), *b = randn((size_t)dout, 0.1f), *y = zeros((size_t)N * dout);
+    MoEState st;
+    moe_state_alloc(&st, &s, N);
+    moe_forward(y, &st, x, W0, W1, R, b, N, &s);
+    moe_aux_loss(&st, N, &s);
+    float *g[2][5];
+    for (int v = 0; v < 2; v++) {  // v = 0: one tile per chunk; v = 1: one chunk
+        st_chunk_rows_forced = v == 0 ? ST_TILE_ROWS : N;
+        float *scr = zeros(moe_scratch_size(&s, N));
+        g[v][0] = zeros((size_t)N * din); g[v][1] = zeros(n0); g[v][2] = zeros(n1); g[v][3] = zeros(nr); g[v][4] = zeros((size_t)dout);
+        moe_backward(g[v][0], g[v][1], g[v][2], g[v][3], g[v][4], dy, 0.02f, x, &st, W0, W1, R, N, &s, scr);
+        free(scr);
+    }
+    st_chunk_rows_forced = 0;
+    int maxg = 0;
+    for (int e = 0; e < E; e++) maxg = st.counts[e] > maxg ? st.counts[e] : maxg;
+    const size_t len[5] = {(size_t)N * din, n0, n1, nr, (size_t)dout};
+    const char *what[5] = {"dx", "dW0", "dW1", "drouter", "dbias"};
+    char name[200];
+    for (int i = 0; i < 5; i++) {
+        snprintf(name, sizeof name, "moe %d->%d E=%d K=%d, N %d (largest group %d) in chunks of %d rows: %s = one chunk, bit for bit", din,
+                 dout, E, K, N, maxg, ST_TILE_ROWS, what[i]);
+        check_close(g[0][i], g[1][i], len[i], 0, 0, name);
+    }
+    // float64: dW0, dW1 and the expert part of dx from the saved routing (gates fixed)
+    double *rW0 = (double *)calloc(n0, sizeof(double)), *rW1 = (double *)calloc(n1, sizeof(double));
+    double *z = (double *)malloc(sizeof(double) * (size_t)G * P), *dz = (double *)malloc(sizeof(double) * (size_t)G * P);
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            const int e = st.sel[t * K + k];
+            const double gt = st.gate[t * K + k];
+            const float *xt = x + (size_t)t * din, *dyt = dy + (size_t)t * dout;
+            for (int gg = 0; gg < G; gg++)
+                for (int f = 0; f < P; f++) {
+                    double a = 0;
+                    for (int aa = 0; aa < A; aa++) a += (double)W0[((size_t)(gg * A + aa) * P + f) * E + e] * xt[gg * A + aa];
+                    z[gg * P + f] = a;
+                }
+            for (int f = 0; f < P; f++)
+                for (int gg = 0; gg < G; gg++) {
+                    double a = 0;
+                    for (int o = 0; o < Ep; o++) {
+                        const size_t wi = ((size_t)(f * G + gg) * E + e) * Ep + o;
+                        a += (double)W1[wi] * dyt[f * Ep + o];
+                        rW1[wi] += gt * z[gg * P + f] * dyt[f * Ep + o];
+                    }
+                    dz[gg * P + f] = gt * a;
+                }
+            for (int gg = 0; gg < G; gg++)
+                for (int aa = 0; aa < A; aa++)
+                    for (int f = 0; f < P; f++) rW0[((size_t)(gg * A + aa) * P + f) * E + e] += xt[gg * A + aa] * dz[gg * P + f];
+        }
+    float *fW0 = zeros(n0), *fW1 = zeros(n1);
+    for (size_t i = 0; i < n0; i++) fW0[i] = (float)rW0[i];
+    for (size_t i = 0; i < n1; i++) fW1[i] = (float)rW1[i];
+    snprintf(name, sizeof name, "moe %d->%d E=%d K=%d, N %d in chunks: dW0 = float64", din, dout, E, K, N);
+    check_close(g[0][1], fW0, n0, 1e-3f, 1e-4f, name);
+    snprintf(name, sizeof name, "moe %d->%d E=%d K=%d, N %d in chunks: dW1 = float64", din, dout, E, K, N);
+    check_close(g[0][2], fW1, n1, 1e-3f, 1e-4f, name);
+    for (int v = 0; v < 2; v++)
+        for (int i = 0; i < 5; i++) free(g[v][i]);
+    free(rW0); free(rW1); free(z); free(dz); free(fW0); free(fW1);
+    moe_state_free(&st);
+    free(x); free(dy); free(W0); free(W1); free(R); free(b); free(y);
+}
+
 static void grad_btt(int A, int G, int P, int E, int R, int N, int nsample) {
     Layer L;
     memset(&L, 0, sizeof L);
@@ -785,5 +860,7 @@ int main(int argc, char **argv) {
     test_btt_chunked(32, 64, 32, 64, 4, 3);  // 2048 -> 2048 rank 4: the smallest chunks (a tile per thread)
     test_monarch_chunked(768, 768, 4, 3);
     test_monarch_chunked(768, 3072, 32, 3);
+    test_moe_chunked(16, 48, 16, 48, 8, 2, 700);  // 768 -> 768, groups of ~175 rows in chunks of 64
+    test_moe_chunked(4, 12, 8, 10, 4, 3, 300);    // 48 -> 80, E=4 K=3: groups of ~225 rows
     return test_summary();
 }
