@@ -16,7 +16,8 @@
 // copy) and writes z in its natural (gamma, phi) layout, which is the saved one; stage 2 reads
 // z's phi = f columns with a stride (no transpose). Experts are processed one after another
 // (threads split each expert's group), so y rows accumulate the experts in ascending expert
-// order: deterministic, no races.
+// order (a token's first expert writes its row, with the bias): deterministic, no races. The
+// backward's dx rows likewise.
 //
 // Layouts of the saved state (for N rows):
 //   logits (N, E); sel (N, K); gate (N, K); lse (N) = logsumexp of each row of logits;
@@ -24,9 +25,11 @@
 //     pairs at order[offsets[e] .. offsets[e+1]);
 //   z (N*K, gamma*phi) in the grouped order: row w holds pair order[w]'s intermediate,
 //     z[w*gamma*phi + g*phi + f] = z[g, f] of expert sel[t,k] on token t.
-// Backward, per expert on its group: dZu = dY . W1_e^T (unscaled by the gate), which gives d gate = <z, dZu>; dZ = gate * dZu; dx += gate-path dX; dW1_e = (gate*Z)^T dY,
-// dW0_e = X^T dZ (on the group's gathered rows of x and dy), scattered into the strided rank components of dW0/dW1.
-// Then d logits from the gate softmax and the aux loss, drouter += dlogits^T x, dx += dlogits R.
+// Backward, per expert, chunk by chunk of its group's rows (gathered x and dy rows): dZu = dY .
+// W1_e^T (unscaled by the gate), which gives d gate = <z, dZu>; dZ = gate * dZu; dx += dZ's dX;
+// dW1_e = (gate*Z)^T dY and dW0_e = X^T dZ, scattered into the strided rank components of dW0 and
+// dW1. Then d logits from the gate softmax and the aux loss, drouter += dlogits^T x, dx +=
+// dlogits R.
 #pragma once
 #include "btt.h"
 #include "routing.h"
@@ -195,17 +198,14 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
     const BTTShape b1 = moe_expert_shape(s);
     const size_t zrow = moe_z_row(s);
     const int ntiles = st_num_tiles(N);
-    // router logits, routing, and y = bias (or 0)
+    // router logits (R^T packed once) and routing
+    const StPacked rp = st_pack(ST_WS_W0, 1, 1, din, E, router, 0, din);
     ST_PRAGMA(omp parallel for schedule(static))
     for (int t = 0; t < ntiles; t++) {
         int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
-        st_gemm(0, 1, n, E, din, x + (size_t)r0 * din, din, router, din, 0.0f, st->logits + (size_t)r0 * E, E);
-        for (int r = r0; r < r0 + n; r++) {
+        st_gemm_packed(n, &rp, 0, x + (size_t)r0 * din, din, 0.0f, st->logits + (size_t)r0 * E, E);
+        for (int r = r0; r < r0 + n; r++)
             st_moe_route_row(st->logits + (size_t)r * E, E, K, NULL, st->sel + (size_t)r * K, st->gate + (size_t)r * K, st->lse + r);
-            float *yr = y + (size_t)r * dout;
-            if (bias) memcpy(yr, bias, sizeof(float) * (size_t)dout);
-            else memset(yr, 0, sizeof(float) * (size_t)dout);
-        }
     }
     // counting sort of the (token, k) pairs by expert
     for (int e = 0; e < E; e++) st->counts[e] = 0;
@@ -242,12 +242,16 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
                         cg_gemm_packed(m, Ep, G, zr + f, zrow, (size_t)P, w1p.buf + (size_t)(e * P + f) * w1p.size,
                                        ye + (size_t)r0 * dout + (size_t)f * Ep, dout, 0);
                 }
-                for (int j = 0; j < n; j++) {
-                    const int pr = st->order[j0 + j];
+                for (int j = 0; j < n; j++) {  // y = bias (or 0) + the token's experts, in expert order
+                    const int pr = st->order[j0 + j], tok = pr / K, *sl = st->sel + (size_t)tok * K;
                     const float gt = st->gate[pr];
-                    float *yr = y + (size_t)(pr / K) * dout;
+                    float *yr = y + (size_t)tok * dout;
                     const float *yj = ye + (size_t)j * dout;
-                    for (int o = 0; o < dout; o++) yr[o] += gt * yj[o];
+                    int first = 1;  // the token's first expert in processing order writes y
+                    for (int k = 0; k < K; k++) first &= sl[k] >= e;
+                    if (!first) for (int o = 0; o < dout; o++) yr[o] += gt * yj[o];
+                    else if (bias) for (int o = 0; o < dout; o++) yr[o] = bias[o] + gt * yj[o];
+                    else for (int o = 0; o < dout; o++) yr[o] = gt * yj[o];
                 }
             }
         }
@@ -362,10 +366,6 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     float *DZg = DYg + (size_t)ch * dout, *GZg = DZg + (size_t)ch * zrow;  // dZ (gamma, phi), gate*z (phi, gamma)
     StPacked w1t, w0t;
     moe_pack_backward(&w1t, &w0t, W0, W1, s);
-    if (dx) {
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (int r = 0; r < N; r++) memset(dx + (size_t)r * din, 0, sizeof(float) * (size_t)din);
-    }
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P + 1));
     for (int e = 0; e < E; e++) {
         const int ne = st->counts[e];
@@ -408,10 +408,14 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                         float *dxr = dxe + (size_t)(r0 - j0) * din;
                         for (int g = 0; g < G; g++)
                             st_gemm_packed(m, &w0t, e * G + g, DZg + (size_t)r0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxr + (size_t)g * A, din);
-                        for (int j = 0; j < m; j++) {
-                            float *dr = dx + (size_t)(st->order[off + r0 + j] / K) * din;
+                        for (int j = 0; j < m; j++) {  // the token's first expert in processing order writes dx
+                            const int tok = st->order[off + r0 + j] / K, *sl = st->sel + (size_t)tok * K;
+                            float *dr = dx + (size_t)tok * din;
                             const float *de = dxr + (size_t)j * din;
-                            for (int i = 0; i < din; i++) dr[i] += de[i];
+                            int first = 1;
+                            for (int k = 0; k < K; k++) first &= sl[k] >= e;
+                            if (first) memcpy(dr, de, sizeof(float) * (size_t)din);
+                            else for (int i = 0; i < din; i++) dr[i] += de[i];
                         }
                     }
                 }
