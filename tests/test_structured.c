@@ -295,6 +295,27 @@ static void test_factors(void) {
     check_true(m.q == 0, "monarch_shape: nb not dividing d_out gives q = 0", "q != 0");
 }
 
+// st_transpose against its definition, for the shapes the layers use (8 x 8 register blocks where
+// R and C are multiples of 8) and others (odd sizes, blocks of several floats).
+static void test_transpose(void) {
+    const int shapes[][3] = {{48, 16, 1}, {16, 48, 1}, {32, 24, 1}, {24, 32, 1}, {8, 8, 1}, {64, 32, 1},
+                             {12, 5, 1}, {16, 12, 1}, {48, 16, 2}, {6, 10, 4}, {3, 7, 3}};
+    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+        const int R = shapes[i][0], C = shapes[i][1], blk = shapes[i][2];
+        const size_t n = (size_t)R * C * blk;
+        float *src = randn(n, 1.0f), *dst = zeros(n + 8), *ref = zeros(n + 8);
+        dst[n] = ref[n] = 7.0f;  // a guard past the end
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                for (int b = 0; b < blk; b++) ref[((size_t)c * R + r) * blk + b] = src[((size_t)r * C + c) * blk + b];
+        st_transpose(dst, src, R, C, blk);
+        char name[120];
+        snprintf(name, sizeof name, "st_transpose [%d][%d][%d] -> [%d][%d][%d]", R, C, blk, C, R, blk);
+        check_close(dst, ref, n + 1, 0, 0, name);
+        free(src); free(dst); free(ref);
+    }
+}
+
 static void test_btt_forward(int A, int G, int P, int E, int R, int N, int bias) {
     Layer L;
     memset(&L, 0, sizeof L);
@@ -817,6 +838,7 @@ int main(int argc, char **argv) {
     mt_seed(&g_rng, 1337);
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) { bench(); return 0; }
     test_factors();
+    test_transpose();
     // forward against materialised W: small non-square shapes, then realistic ones (d = 768, N = 64)
     test_btt_forward(4, 12, 8, 10, 1, 7, 1);   // 48 -> 80
     test_btt_forward(4, 12, 8, 10, 2, 7, 0);
