@@ -135,10 +135,13 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
     }
 }
 
+// Rows of the backward's chunks (st_chunk_rows: dZ rows, the cores).
+static inline int btt_chunk_rows(const BTTShape *s) { return st_chunk_rows(btt_z_row(s), btt_w0_size(s) + btt_w1_size(s)); }
+
 // floats of scratch btt_backward needs: the weight-gradient contributions (|W0| + |W1|) and dZ in
 // the (gamma, phi, rho) layout for one chunk of rows.
 static inline size_t btt_scratch_size(const BTTShape *s, int N) {
-    const int ch = N < st_chunk_rows(btt_z_row(s)) ? N : st_chunk_rows(btt_z_row(s));
+    const int chunk = btt_chunk_rows(s), ch = N < chunk ? N : chunk;
     return btt_w0_size(s) + btt_w1_size(s) + (size_t)(ch > 0 ? ch : 0) * btt_z_row(s);
 }
 
@@ -157,7 +160,7 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
     StPacked w1t, w0t;
     btt_pack_backward(&w1t, &w0t, W0, W1, s);
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P));
-    const int chunk = st_chunk_rows((size_t)zrow);
+    const int chunk = btt_chunk_rows(s);
     for (int r0 = 0; r0 < N; r0 += chunk) {
         const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
         ST_PRAGMA(omp parallel)

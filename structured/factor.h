@@ -149,8 +149,8 @@ static inline void st_gemm_packed_rows(int M, const StPacked *p, int i, const fl
 // ----------------------------------------------------------------------------------------------
 // Blocked transpose of one row: src viewed as [R][C][blk] -> dst [C][R][blk]. The block sizes
 // the layers use (1, 2, 4, 8: rank, experts) get fixed-size copies, which compile to moves; single
-// floats with R and C multiples of 8 go 8 x 8 through AVX registers (scalar moves were a third of
-// a Monarch layer's time at sqrt(d) blocks).
+// floats with R and C multiples of 8 (or 4) go 8 x 8 (4 x 4) through vector registers (scalar moves
+// were a third of a Monarch layer's time at sqrt(d) blocks).
 #define ST_TRANSPOSE_BLK(B)                                                                                        \
     for (int r = 0; r < R; r++)                                                                                    \
         for (int c = 0; c < C; c++) memcpy(dst + ((size_t)c * R + r) * (B), src + ((size_t)r * C + c) * (B), sizeof(float) * (B));
@@ -174,6 +174,15 @@ static inline void st_transpose8x8(float *dst, size_t ldd, const float *src, siz
         _mm256_storeu_ps(dst + (size_t)(i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
     }
 }
+// The same for 4 x 4 (Monarch with 4 blocks).
+static inline void st_transpose4x4(float *dst, size_t ldd, const float *src, size_t lds) {
+    __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + lds), r2 = _mm_loadu_ps(src + 2 * lds), r3 = _mm_loadu_ps(src + 3 * lds);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    _mm_storeu_ps(dst, r0);
+    _mm_storeu_ps(dst + ldd, r1);
+    _mm_storeu_ps(dst + 2 * ldd, r2);
+    _mm_storeu_ps(dst + 3 * ldd, r3);
+}
 #endif
 
 static inline void st_transpose(float *dst, const float *src, int R, int C, int blk) {
@@ -181,6 +190,11 @@ static inline void st_transpose(float *dst, const float *src, int R, int C, int 
     if (blk == 1 && R % 8 == 0 && C % 8 == 0) {  // Monarch's and rank-1 BTT's: 8 x 8 blocks in registers
         for (int r = 0; r < R; r += 8)
             for (int c = 0; c < C; c += 8) st_transpose8x8(dst + (size_t)c * R + r, (size_t)R, src + (size_t)r * C + c, (size_t)C);
+        return;
+    }
+    if (blk == 1 && R % 4 == 0 && C % 4 == 0) {
+        for (int r = 0; r < R; r += 4)
+            for (int c = 0; c < C; c += 4) st_transpose4x4(dst + (size_t)c * R + r, (size_t)R, src + (size_t)r * C + c, (size_t)C);
         return;
     }
 #endif
@@ -329,13 +343,18 @@ static inline int st_num_tiles(int N) { return N <= 0 ? 0 : (N + ST_TILE_ROWS - 
 // Rows of the backward's passes: the dx tiles of a chunk write its dZ (row_floats per row), which
 // the weight gradients then read while it is still in cache (a whole layer's dZ is tens of MB).
 // About 3 MB of it (measured best on a 2-core Zen 5 among 128 to 4096 rows at widths 768 and 2048),
-// whole tiles, at least a tile per thread. Any chunking gives the same bits.
+// but at least 4 times the weights (w_floats): each chunk reads and writes the weight gradients'
+// partial sums, which for big blocks cost more than the cache saves (Monarch with 4 blocks at
+// width 2048, 8 MB of weights: 1.3x slower in chunks of 192 rows than of 2048). Whole tiles, at
+// least a tile per thread. Any chunking gives the same bits.
 // Tests force a chunk size here (rows, a multiple of ST_TILE_ROWS), to check that chunking does
 // not change a bit; 0: the size below.
 static int st_chunk_rows_forced = 0;
-static inline int st_chunk_rows(size_t row_floats) {
+static inline int st_chunk_rows(size_t row_floats, size_t w_floats) {
     if (st_chunk_rows_forced > 0) return st_chunk_rows_forced;
-    int r = (int)(((size_t)3 << 20) / (sizeof(float) * (row_floats > 0 ? row_floats : 1))) / ST_TILE_ROWS * ST_TILE_ROWS;
-    const int min_rows = st_num_threads() * ST_TILE_ROWS;
+    const size_t row = row_floats > 0 ? row_floats : 1, by_cache = ((size_t)3 << 20) / (sizeof(float) * row),
+                 by_weights = (4 * w_floats + row - 1) / row;
+    const size_t want = by_cache > by_weights ? by_cache : by_weights, tiles = (want + ST_TILE_ROWS / 2) / ST_TILE_ROWS;
+    const int r = (int)(tiles < (1u << 20) ? tiles : (1u << 20)) * ST_TILE_ROWS, min_rows = st_num_threads() * ST_TILE_ROWS;
     return r > min_rows ? r : min_rows;
 }

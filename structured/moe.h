@@ -332,7 +332,8 @@ ST_HD static inline void st_moe_dlogits_row(float *dl, const float *lg, float ls
 // Rows of an expert's group that the backward works through at a time: its gathered rows of
 // x and dy, dZ and gate*z (row_floats per row) stay in cache for the weight gradients.
 static inline int moe_chunk_rows(const MoEShape *s) {
-    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s));
+    const BTTShape b1 = moe_expert_shape(s);
+    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s), btt_w0_size(&b1) + btt_w1_size(&b1));
 }
 
 // floats of scratch moe_backward needs for N rows

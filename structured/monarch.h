@@ -63,11 +63,16 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
     }
 }
 
+// Rows of the backward's chunks (st_chunk_rows: dyt and du rows, the factors).
+static inline int monarch_chunk_rows(const MonarchShape *m) {
+    return st_chunk_rows((size_t)m->d_out + monarch_u_row(m), monarch_r_size(m) + monarch_l_size(m));
+}
+
 // floats of scratch monarch_backward needs: the contributions to dR and dL, and dyt (d_out) and
 // du (nb*q) per row for one chunk of rows (btt.h's st_chunk_rows).
 static inline size_t monarch_scratch_size(const MonarchShape *m, int N) {
     const size_t row = (size_t)m->d_out + monarch_u_row(m);
-    const int ch = N < st_chunk_rows(row) ? N : st_chunk_rows(row);
+    const int ch = N < monarch_chunk_rows(m) ? N : monarch_chunk_rows(m);
     return monarch_r_size(m) + monarch_l_size(m) + (size_t)(ch > 0 ? ch : 0) * row;
 }
 
@@ -80,7 +85,7 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
                                     float *scratch) {
     const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
     const size_t nr_ = monarch_r_size(m), nl = monarch_l_size(m);
-    const int chunk = st_chunk_rows((size_t)dout + urow), ch = N < chunk ? N : chunk;
+    const int chunk = monarch_chunk_rows(m), ch = N < chunk ? N : chunk;
     float *cR = scratch, *cL = scratch + nr_;  // contributions
     float *dyt = cL + nl;                      // (ch, nb, s): dyt[l*s + i] = dy[i*nb + l]
     float *du = dyt + (size_t)ch * dout;       // (ch, nb*q), natural order du[k*q + j]

@@ -295,11 +295,11 @@ static void test_factors(void) {
     check_true(m.q == 0, "monarch_shape: nb not dividing d_out gives q = 0", "q != 0");
 }
 
-// st_transpose against its definition, for the shapes the layers use (8 x 8 register blocks where
-// R and C are multiples of 8) and others (odd sizes, blocks of several floats).
+// st_transpose against its definition, for the shapes the layers use (8 x 8 or 4 x 4 register blocks
+// where R and C are multiples of 8 or 4) and others (odd sizes, blocks of several floats).
 static void test_transpose(void) {
     const int shapes[][3] = {{48, 16, 1}, {16, 48, 1}, {32, 24, 1}, {24, 32, 1}, {8, 8, 1}, {64, 32, 1},
-                             {12, 5, 1}, {16, 12, 1}, {48, 16, 2}, {6, 10, 4}, {3, 7, 3}};
+                             {512, 4, 1}, {4, 192, 1}, {12, 20, 1}, {12, 5, 1}, {16, 12, 1}, {48, 16, 2}, {6, 10, 4}, {3, 7, 3}};
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
         const int R = shapes[i][0], C = shapes[i][1], blk = shapes[i][2];
         const size_t n = (size_t)R * C * blk;
@@ -558,7 +558,7 @@ static void test_btt_transposed(int A, int G, int P, int E, int R, int N) {
     check_close(dxt, dx, (size_t)N * s.d_in, 1e-5f, 1e-4f, name);
     // N is within one chunk of rows: the scratch holds the contributions to dW0, dW1, then all of dZ
     snprintf(name, sizeof name, "btt %d->%d rank %d: its saved z = the backward's dZ, (gamma, phi, rho) layout", s.d_in, s.d_out, R);
-    check_true(N <= st_chunk_rows(btt_z_row(&s)), name, "N spans several chunks: the scratch does not hold all of dZ");
+    check_true(N <= btt_chunk_rows(&s), name, "N spans several chunks: the scratch does not hold all of dZ");
     check_close(zt, scr + n0 + n1, btt_z_size(&s, N), 1e-5f, 1e-4f, name);
     free(x); free(dy); free(W0); free(W1); free(y); free(z); free(dx); free(dW0); free(dW1); free(scr);
     free(W0t); free(W1t); free(dxt); free(zt);
@@ -571,7 +571,7 @@ static void test_btt_transposed(int A, int G, int P, int E, int R, int N) {
 static void test_btt_chunked(int A, int G, int P, int E, int R, int nchunks) {
     BTTShape s;
     btt_shape(&s, A, G, P, E, R);
-    const int N = nchunks * st_chunk_rows(btt_z_row(&s)) - 20;  // the last chunk partial
+    const int N = nchunks * btt_chunk_rows(&s) - 20;  // the last chunk partial
     const BTTShape t = btt_shape_transposed(&s);
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
     float *x = randn((size_t)N * s.d_in, 1.0f), *dy = randn((size_t)N * s.d_out, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f);
@@ -590,7 +590,7 @@ static void test_btt_chunked(int A, int G, int P, int E, int R, int nchunks) {
         jobs[P + g] = st_job(1, 0, A, P * R, N, x + (size_t)g * A, s.d_in, dz + (size_t)g * P * R, (int)zrow, rW0 + (size_t)g * A * P * R, P * R, ST_ADD);
     st_run_jobs(jobs, G + P);
     char name[200];
-    const int chunk = st_chunk_rows(zrow);
+    const int chunk = btt_chunk_rows(&s);
     snprintf(name, sizeof name, "btt %d->%d rank %d, N %d in chunks of %d rows: dW0, dW1, dx = one product over all rows, bit for bit",
              s.d_in, s.d_out, R, N, chunk);
     check_close(dW0, rW0, n0, 0, 0, name);
@@ -606,7 +606,7 @@ static void test_monarch_chunked(int din, int dout, int nb, int nchunks) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
     const int p = m.p, s = m.s, q = m.q, urow = nb * q;
-    const int N = nchunks * st_chunk_rows((size_t)dout + urow) - 20;
+    const int N = nchunks * monarch_chunk_rows(&m) - 20;
     const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m);
     float *x = randn((size_t)N * din, 1.0f), *dy = randn((size_t)N * dout, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f);
     float *y = zeros((size_t)N * dout), *u = zeros(monarch_u_size(&m, N)), *dx = zeros((size_t)N * din), *dR = zeros(nr), *dL = zeros(nl);
@@ -626,7 +626,7 @@ static void test_monarch_chunked(int din, int dout, int nb, int nchunks) {
     st_run_jobs(jobs, 2 * nb);
     char name[200];
     snprintf(name, sizeof name, "monarch %d->%d nb=%d, N %d in chunks of %d rows: dR, dL = one product over all rows, bit for bit", din,
-             dout, nb, N, st_chunk_rows((size_t)dout + urow));
+             dout, nb, N, monarch_chunk_rows(&m));
     check_close(dR, rR, nr, 0, 0, name);
     check_close(dL, rL, nl, 0, 0, name);
     free(jobs); free(x); free(dy); free(R); free(L); free(y); free(u); free(dx); free(dR); free(dL); free(scr);

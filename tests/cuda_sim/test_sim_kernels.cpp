@@ -871,7 +871,7 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
     monarch_backward(dx.data(), dR.data(), dL.data(), NULL, dy.data(), x.data(), u.data(), R.data(), L.data(), N, &m, scr.data());
     // the CPU backward's scratch (monarch.h): the dR, dL contributions, then dyt and du of its last
     // chunk of rows, here all N rows (N is below a chunk)
-    if (!check_true((size_t)N <= (size_t)st_chunk_rows((size_t)dout + urow), nm("%s: N within one CPU chunk of rows", tag),
+    if (!check_true((size_t)N <= (size_t)monarch_chunk_rows(&m), nm("%s: N within one CPU chunk of rows", tag),
                     "the CPU scratch holds only the last chunk's dyt and du"))
         return;
     const auto rows0 = scr.begin() + (long)(monarch_r_size(&m) + monarch_l_size(&m));
