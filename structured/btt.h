@@ -135,8 +135,11 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
     }
 }
 
-// Rows of the backward's chunks (st_chunk_rows: dZ rows, the cores).
-static inline int btt_chunk_rows(const BTTShape *s) { return st_chunk_rows(btt_z_row(s), btt_w0_size(s) + btt_w1_size(s)); }
+// Rows of the backward's chunks (st_chunk_rows: dZ rows; the cores, their largest block).
+static inline int btt_chunk_rows(const BTTShape *s) {
+    const size_t b0 = (size_t)s->alpha * s->phi * s->rank, b1 = (size_t)s->gamma * s->rank * s->eps;
+    return st_chunk_rows(btt_z_row(s), btt_w0_size(s) + btt_w1_size(s), b0 > b1 ? b0 : b1);
+}
 
 // floats of scratch btt_backward needs: the weight-gradient contributions (|W0| + |W1|) and dZ in
 // the (gamma, phi, rho) layout for one chunk of rows.

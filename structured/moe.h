@@ -333,7 +333,8 @@ ST_HD static inline void st_moe_dlogits_row(float *dl, const float *lg, float ls
 // x and dy, dZ and gate*z (row_floats per row) stay in cache for the weight gradients.
 static inline int moe_chunk_rows(const MoEShape *s) {
     const BTTShape b1 = moe_expert_shape(s);
-    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s), btt_w0_size(&b1) + btt_w1_size(&b1));
+    const size_t b0 = (size_t)b1.alpha * b1.phi, bl = (size_t)b1.gamma * b1.eps;
+    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s), btt_w0_size(&b1) + btt_w1_size(&b1), b0 > bl ? b0 : bl);
 }
 
 // floats of scratch moe_backward needs for N rows

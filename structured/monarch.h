@@ -63,9 +63,10 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
     }
 }
 
-// Rows of the backward's chunks (st_chunk_rows: dyt and du rows, the factors).
+// Rows of the backward's chunks (st_chunk_rows: dyt and du rows; the factors, their largest block).
 static inline int monarch_chunk_rows(const MonarchShape *m) {
-    return st_chunk_rows((size_t)m->d_out + monarch_u_row(m), monarch_r_size(m) + monarch_l_size(m));
+    const size_t br = (size_t)m->q * m->p, bl = (size_t)m->s * m->q;
+    return st_chunk_rows((size_t)m->d_out + monarch_u_row(m), monarch_r_size(m) + monarch_l_size(m), br > bl ? br : bl);
 }
 
 // floats of scratch monarch_backward needs: the contributions to dR and dL, and dyt (d_out) and
