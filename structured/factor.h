@@ -150,7 +150,7 @@ static inline void st_gemm_packed_rows(int M, const StPacked *p, int i, const fl
 // Blocked transpose of one row: src viewed as [R][C][blk] -> dst [C][R][blk]. The block sizes
 // the layers use (1, 2, 4, 8: rank, experts) get fixed-size copies, which compile to moves; single
 // floats with R and C multiples of 8 (or 4) go 8 x 8 (4 x 4) through vector registers (scalar moves
-// were a third of a Monarch layer's time at sqrt(d) blocks).
+// were a third of a Monarch layer's time at sqrt(d) blocks), pairs of floats 4 x 4.
 #define ST_TRANSPOSE_BLK(B)                                                                                        \
     for (int r = 0; r < R; r++)                                                                                    \
         for (int c = 0; c < C; c++) memcpy(dst + ((size_t)c * R + r) * (B), src + ((size_t)r * C + c) * (B), sizeof(float) * (B));
@@ -183,6 +183,19 @@ static inline void st_transpose4x4(float *dst, size_t ldd, const float *src, siz
     _mm_storeu_ps(dst + 2 * ldd, r2);
     _mm_storeu_ps(dst + 3 * ldd, r3);
 }
+// Pairs of floats (rank 2) moved as doubles, 4 x 4 (bit patterns kept: no arithmetic).
+static inline void st_transpose4x4_pairs(float *dst, size_t ldd, const float *src, size_t lds) {
+    __m256d r[4], t[4];
+    for (int i = 0; i < 4; i++) r[i] = _mm256_castps_pd(_mm256_loadu_ps(src + 2 * (size_t)i * lds));
+    t[0] = _mm256_unpacklo_pd(r[0], r[1]);
+    t[1] = _mm256_unpackhi_pd(r[0], r[1]);
+    t[2] = _mm256_unpacklo_pd(r[2], r[3]);
+    t[3] = _mm256_unpackhi_pd(r[2], r[3]);
+    _mm256_storeu_ps(dst, _mm256_castpd_ps(_mm256_permute2f128_pd(t[0], t[2], 0x20)));
+    _mm256_storeu_ps(dst + 2 * ldd, _mm256_castpd_ps(_mm256_permute2f128_pd(t[1], t[3], 0x20)));
+    _mm256_storeu_ps(dst + 4 * ldd, _mm256_castpd_ps(_mm256_permute2f128_pd(t[0], t[2], 0x31)));
+    _mm256_storeu_ps(dst + 6 * ldd, _mm256_castpd_ps(_mm256_permute2f128_pd(t[1], t[3], 0x31)));
+}
 #endif
 
 static inline void st_transpose(float *dst, const float *src, int R, int C, int blk) {
@@ -195,6 +208,12 @@ static inline void st_transpose(float *dst, const float *src, int R, int C, int 
     if (blk == 1 && R % 4 == 0 && C % 4 == 0) {
         for (int r = 0; r < R; r += 4)
             for (int c = 0; c < C; c += 4) st_transpose4x4(dst + (size_t)c * R + r, (size_t)R, src + (size_t)r * C + c, (size_t)C);
+        return;
+    }
+    if (blk == 2 && R % 4 == 0 && C % 4 == 0) {  // rank 2
+        for (int r = 0; r < R; r += 4)
+            for (int c = 0; c < C; c += 4)
+                st_transpose4x4_pairs(dst + 2 * ((size_t)c * R + r), (size_t)R, src + 2 * ((size_t)r * C + c), (size_t)C);
         return;
     }
 #endif

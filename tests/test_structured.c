@@ -299,7 +299,7 @@ static void test_factors(void) {
 // where R and C are multiples of 8 or 4) and others (odd sizes, blocks of several floats).
 static void test_transpose(void) {
     const int shapes[][3] = {{48, 16, 1}, {16, 48, 1}, {32, 24, 1}, {24, 32, 1}, {8, 8, 1}, {64, 32, 1},
-                             {512, 4, 1}, {4, 192, 1}, {12, 20, 1}, {12, 5, 1}, {16, 12, 1}, {48, 16, 2}, {6, 10, 4}, {3, 7, 3}};
+                             {512, 4, 1}, {4, 192, 1}, {12, 20, 1}, {12, 5, 1}, {16, 12, 1}, {48, 16, 2}, {16, 48, 2}, {32, 64, 2}, {12, 6, 2}, {6, 10, 4}, {3, 7, 3}};
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
         const int R = shapes[i][0], C = shapes[i][1], blk = shapes[i][2];
         const size_t n = (size_t)R * C * blk;
