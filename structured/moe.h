@@ -28,8 +28,8 @@
 // Backward, per expert, chunk by chunk of its group's rows (gathered x and dy rows): dZu = dY .
 // W1_e^T (unscaled by the gate), which gives d gate = <z, dZu>; dZ = gate * dZu; dx += dZ's dX;
 // dW1_e = (gate*Z)^T dY and dW0_e = X^T dZ, scattered into the strided rank components of dW0 and
-// dW1. Then d logits from the gate softmax and the aux loss, drouter += dlogits^T x, dx +=
-// dlogits R.
+// dW1. A token's d logits (the gate softmax and the aux loss) once its last expert has its d gate,
+// and dx += dlogits R there; at the end drouter += dlogits^T x.
 #pragma once
 #include "btt.h"
 #include "routing.h"
@@ -405,19 +405,30 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                                     gz[(size_t)f * G + g] = gt * zv;
                                 }
                             dgate[pr] = dg;
+                            const int tok = pr / K, *sl = st->sel + (size_t)tok * K;
+                            int last = 1;  // the token's last expert in processing order: its d gates are all known
+                            for (int k = 0; k < K; k++) last &= sl[k] <= e;
+                            if (last)  // d logits: the gate softmax, and the aux loss over all logits
+                                st_moe_dlogits_row(dlogits + (size_t)tok * E, st->logits + (size_t)tok * E, st->lse[tok],
+                                                   st->gate + (size_t)tok * K, dgate + (size_t)tok * K, sl, st->fhat, E, K, N, daux);
                         }
                         if (!dx) continue;
                         float *dxr = dxe + (size_t)(r0 - j0) * din;
                         for (int g = 0; g < G; g++)
                             st_gemm_packed(m, &w0t, e * G + g, DZg + (size_t)r0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxr + (size_t)g * A, din);
-                        for (int j = 0; j < m; j++) {  // the token's first expert in processing order writes dx
+                        for (int j = 0; j < m; j++) {  // the token's first expert in processing order writes dx,
                             const int tok = st->order[off + r0 + j] / K, *sl = st->sel + (size_t)tok * K;
                             float *dr = dx + (size_t)tok * din;
                             const float *de = dxr + (size_t)j * din;
-                            int first = 1;
-                            for (int k = 0; k < K; k++) first &= sl[k] >= e;
+                            int first = 1, last = 1;
+                            for (int k = 0; k < K; k++) { first &= sl[k] >= e; last &= sl[k] <= e; }
                             if (first) memcpy(dr, de, sizeof(float) * (size_t)din);
                             else for (int i = 0; i < din; i++) dr[i] += de[i];
+                            if (last) {  // the last adds dlogits . R (one multiply-add chain over the experts)
+                                const float *dl = dlogits + (size_t)tok * E;
+                                for (int q = 0; q < E; q++)
+                                    for (int i = 0; i < din; i++) dr[i] += dl[q] * router[(size_t)q * din + i];
+                            }
                         }
                     }
                 }
@@ -440,20 +451,8 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
             for (int o = 0; o < Ep; o++) d[o] += src[o];
         }
     }
-    ST_PRAGMA(omp parallel for schedule(static))
-    for (int t = 0; t < N; t++)  // d logits: the gate softmax, and the aux loss over all logits
-        st_moe_dlogits_row(dlogits + (size_t)t * E, st->logits + (size_t)t * E, st->lse[t], st->gate + (size_t)t * K,
-                           dgate + (size_t)t * K, st->sel + (size_t)t * K, st->fhat, E, K, N, daux);
     jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, ST_ADD);  // drouter += dlogits^T x
     st_run_jobs(jobs, 1);
     free(jobs);
-    if (dx) {
-        const int ntiles = st_num_tiles(N);
-        ST_PRAGMA(omp parallel for schedule(static))
-        for (int t = 0; t < ntiles; t++) {  // dx += dlogits . router
-            int r0 = t * ST_TILE_ROWS, n = N - r0 < ST_TILE_ROWS ? N - r0 : ST_TILE_ROWS;
-            st_gemm(0, 0, n, din, E, dlogits + (size_t)r0 * E, E, router, din, 1.0f, dx + (size_t)r0 * din, din);
-        }
-    }
     st_bias_backward(dbias, dy, N, dout);
 }
