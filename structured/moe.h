@@ -230,7 +230,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
             const int off = st->offsets[e], nt = st_num_tiles(st->counts[e]);
             ST_PRAGMA(omp for schedule(static))
             for (int t = 0; t < nt; t++) {
-                const int j0 = off + t * ST_TILE_ROWS, n = st->offsets[e + 1] - j0 < ST_TILE_ROWS ? st->offsets[e + 1] - j0 : ST_TILE_ROWS;
+                const int j0 = off + t * ST_TILE_ROWS, end = st->offsets[e + 1], n = end - j0 < ST_TILE_ROWS ? end - j0 : ST_TILE_ROWS;
                 float *zt = st->z + (size_t)j0 * zrow;
                 for (int j = 0; j < n; j++) xr[j] = x + (size_t)(st->order[j0 + j] / K) * din;
                 for (int r0 = 0; r0 < n; r0 += mb) {
@@ -334,7 +334,8 @@ ST_HD static inline void st_moe_dlogits_row(float *dl, const float *lg, float ls
 static inline int moe_chunk_rows(const MoEShape *s) {
     const BTTShape b1 = moe_expert_shape(s);
     const size_t b0 = (size_t)b1.alpha * b1.phi, bl = (size_t)b1.gamma * b1.eps;
-    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s), btt_w0_size(&b1) + btt_w1_size(&b1), b0 > bl ? b0 : bl);
+    return st_chunk_rows((size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * moe_z_row(s), btt_w0_size(&b1) + btt_w1_size(&b1),
+                         b0 > bl ? b0 : bl);
 }
 
 // floats of scratch moe_backward needs for N rows
@@ -377,7 +378,8 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
             const float *zc = st->z + (size_t)off * zrow;
             ST_PRAGMA(omp parallel)
             {
-                float *dz2 = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * (zrow + (size_t)din)), *dxe = dz2 + (size_t)ST_TILE_ROWS * zrow;
+                float *dz2 = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * (zrow + (size_t)din));
+                float *dxe = dz2 + (size_t)ST_TILE_ROWS * zrow;
                 ST_PRAGMA(omp for schedule(static))
                 for (int t = 0; t < nt; t++) {
                     const int j0 = t * ST_TILE_ROWS, n = nc - j0 < ST_TILE_ROWS ? nc - j0 : ST_TILE_ROWS;
