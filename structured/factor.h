@@ -352,7 +352,8 @@ static inline void st_bias_backward(float *dbias, const float *dy, int N, int D)
 // a tile's operands are read one block of columns per product, so a whole tile's rows (64 of a few
 // KB) would come from L2 for every block, while a few rows (row_floats each, about 32 KB in all)
 // stay in L1 across the blocks (measured: a BTT-MoE forward's expert loop at width 768 in a third
-// less time; BTT's own stages, whose operands are contiguous, gained nothing and do not use it).
+// less time; its backward and BTT's stages, whose operands are contiguous, gained nothing and do not
+// use it).
 static inline int st_l1_rows(size_t row_floats) {
     const int r = (int)(8192 / (row_floats > 0 ? row_floats : 1)) / CG_MR * CG_MR;
     return r < CG_MR ? CG_MR : r;

@@ -190,6 +190,19 @@ ST_HD static inline void st_moe_route_row(const float *lg, int E, int K, const i
     *lse = mx + logf(se);
 }
 
+// Experts run in ascending order, so the lowest of a token's K selections sl writes its y and dx
+// rows and the highest finishes them.
+static inline int moe_first_expert(const int *sl, int K, int e) {
+    for (int k = 0; k < K; k++)
+        if (sl[k] < e) return 0;
+    return 1;
+}
+static inline int moe_last_expert(const int *sl, int K, int e) {
+    for (int k = 0; k < K; k++)
+        if (sl[k] > e) return 0;
+    return 1;
+}
+
 // y (N, d_out) overwritten; st (capacity >= N) gets what the backward needs. bias may be NULL.
 static inline void moe_forward(float *y, MoEState *st, const float *x, const float *W0, const float *W1,
                                const float *router, const float *bias, int N, const MoEShape *s) {
@@ -247,9 +260,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
                     const float gt = st->gate[pr];
                     float *yr = y + (size_t)tok * dout;
                     const float *yj = ye + (size_t)j * dout;
-                    int first = 1;  // the token's first expert in processing order writes y
-                    for (int k = 0; k < K; k++) first &= sl[k] >= e;
-                    if (!first) for (int o = 0; o < dout; o++) yr[o] += gt * yj[o];
+                    if (!moe_first_expert(sl, K, e)) for (int o = 0; o < dout; o++) yr[o] += gt * yj[o];
                     else if (bias) for (int o = 0; o < dout; o++) yr[o] = bias[o] + gt * yj[o];
                     else for (int o = 0; o < dout; o++) yr[o] = gt * yj[o];
                 }
@@ -360,7 +371,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     const BTTShape b1 = moe_expert_shape(s);
     const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps;
     const size_t zrow = moe_z_row(s), p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    const int chunk = moe_chunk_rows(s), ch = N < chunk ? N : chunk, mb = st_l1_rows(zrow);
+    const int chunk = moe_chunk_rows(s), ch = N < chunk ? N : chunk;
     float *dw0e = scratch, *dw1e = dw0e + p0;
     float *dgate = dw1e + p1, *dlogits = dgate + (size_t)N * K;
     // a chunk's rows of x and dy, gathered: the weight gradients sweep them once per core block,
@@ -388,49 +399,39 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                         memcpy(Xg + (size_t)j * din, x + (size_t)tok * din, sizeof(float) * (size_t)din);
                         memcpy(DYg + (size_t)j * dout, dy + (size_t)tok * dout, sizeof(float) * (size_t)dout);
                     }
-                    for (int r0 = j0; r0 < j0 + n; r0 += mb) {
-                        const int m = j0 + n - r0 < mb ? j0 + n - r0 : mb;
-                        float *dzr = dz2 + (size_t)(r0 - j0) * zrow;
-                        // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
-                        for (int f = 0; f < P; f++)
-                            st_gemm_packed(m, &w1t, e * P + f, DYg + (size_t)r0 * dout + (size_t)f * Ep, dout, 0.0f, dzr + (size_t)f * G, (int)zrow);
-                        for (int j = r0; j < r0 + m; j++) {  // d gate = <z, dZu>; dZ = gate*dZu (gamma, phi); gate*z (phi, gamma)
-                            const int pr = st->order[off + j];
-                            const float gt = st->gate[pr], *zj = zc + (size_t)j * zrow, *dzj = dz2 + (size_t)(j - j0) * zrow;
-                            float *dZ = DZg + (size_t)j * zrow, *gz = GZg + (size_t)j * zrow;
-                            float dg = 0.0f;
-                            for (int g = 0; g < G; g++)
-                                for (int f = 0; f < P; f++) {
-                                    const float zv = zj[(size_t)g * P + f], dv = dzj[(size_t)f * G + g];
-                                    dg += zv * dv;
-                                    dZ[(size_t)g * P + f] = gt * dv;
-                                    gz[(size_t)f * G + g] = gt * zv;
-                                }
-                            dgate[pr] = dg;
-                            const int tok = pr / K, *sl = st->sel + (size_t)tok * K;
-                            int last = 1;  // the token's last expert in processing order: its d gates are all known
-                            for (int k = 0; k < K; k++) last &= sl[k] <= e;
-                            if (last)  // d logits: the gate softmax, and the aux loss over all logits
-                                st_moe_dlogits_row(dlogits + (size_t)tok * E, st->logits + (size_t)tok * E, st->lse[tok],
-                                                   st->gate + (size_t)tok * K, dgate + (size_t)tok * K, sl, st->fhat, E, K, N, daux);
-                        }
-                        if (!dx) continue;
-                        float *dxr = dxe + (size_t)(r0 - j0) * din;
+                    // dZu (phi, gamma layout) = dY . W1_e^T, unscaled by the gate
+                    for (int f = 0; f < P; f++)
+                        st_gemm_packed(n, &w1t, e * P + f, DYg + (size_t)j0 * dout + (size_t)f * Ep, dout, 0.0f, dz2 + (size_t)f * G, (int)zrow);
+                    for (int j = j0; j < j0 + n; j++) {  // d gate = <z, dZu>; dZ = gate*dZu (gamma, phi); gate*z (phi, gamma)
+                        const int pr = st->order[off + j], tok = pr / K, *sl = st->sel + (size_t)tok * K;
+                        const float gt = st->gate[pr], *zj = zc + (size_t)j * zrow, *dzj = dz2 + (size_t)(j - j0) * zrow;
+                        float *dZ = DZg + (size_t)j * zrow, *gz = GZg + (size_t)j * zrow;
+                        float dg = 0.0f;
                         for (int g = 0; g < G; g++)
-                            st_gemm_packed(m, &w0t, e * G + g, DZg + (size_t)r0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxr + (size_t)g * A, din);
-                        for (int j = 0; j < m; j++) {  // the token's first expert in processing order writes dx,
-                            const int tok = st->order[off + r0 + j] / K, *sl = st->sel + (size_t)tok * K;
-                            float *dr = dx + (size_t)tok * din;
-                            const float *de = dxr + (size_t)j * din;
-                            int first = 1, last = 1;
-                            for (int k = 0; k < K; k++) { first &= sl[k] >= e; last &= sl[k] <= e; }
-                            if (first) memcpy(dr, de, sizeof(float) * (size_t)din);
-                            else for (int i = 0; i < din; i++) dr[i] += de[i];
-                            if (last) {  // the last adds dlogits . R (one multiply-add chain over the experts)
-                                const float *dl = dlogits + (size_t)tok * E;
-                                for (int q = 0; q < E; q++)
-                                    for (int i = 0; i < din; i++) dr[i] += dl[q] * router[(size_t)q * din + i];
+                            for (int f = 0; f < P; f++) {
+                                const float zv = zj[(size_t)g * P + f], dv = dzj[(size_t)f * G + g];
+                                dg += zv * dv;
+                                dZ[(size_t)g * P + f] = gt * dv;
+                                gz[(size_t)f * G + g] = gt * zv;
                             }
+                        dgate[pr] = dg;
+                        if (moe_last_expert(sl, K, e))  // all the token's d gates are known: its d logits
+                            st_moe_dlogits_row(dlogits + (size_t)tok * E, st->logits + (size_t)tok * E, st->lse[tok],
+                                               st->gate + (size_t)tok * K, dgate + (size_t)tok * K, sl, st->fhat, E, K, N, daux);
+                    }
+                    if (!dx) continue;
+                    for (int g = 0; g < G; g++)
+                        st_gemm_packed(n, &w0t, e * G + g, DZg + (size_t)j0 * zrow + (size_t)g * P, (int)zrow, 0.0f, dxe + (size_t)g * A, din);
+                    for (int j = 0; j < n; j++) {  // the token's first expert writes dx, its last adds dlogits . R
+                        const int tok = st->order[off + j0 + j] / K, *sl = st->sel + (size_t)tok * K;
+                        float *dr = dx + (size_t)tok * din;
+                        const float *de = dxe + (size_t)j * din;
+                        if (moe_first_expert(sl, K, e)) memcpy(dr, de, sizeof(float) * (size_t)din);
+                        else for (int i = 0; i < din; i++) dr[i] += de[i];
+                        if (moe_last_expert(sl, K, e)) {  // (one multiply-add chain over the experts)
+                            const float *dl = dlogits + (size_t)tok * E;
+                            for (int q = 0; q < E; q++)
+                                for (int i = 0; i < din; i++) dr[i] += dl[q] * router[(size_t)q * din + i];
                         }
                     }
                 }
