@@ -1,6 +1,9 @@
 // layers_cpu.c: one linear layer, forward + backward on the CPU, at widths 768, 1024, 2048 and
 // 4096 tokens: each structure's time against dense next to its FLOP ratio (issue 3's benchmark).
-//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps])
+//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps] [--results])
+// --results adds a line "RESULT d=... struct=... ms=..." per row, with the structure names of
+// dev/bench/structured_torch.py (dense, btt_r1, btt_r2, btt_r4, monarch_4, monarch_sqrt,
+// btt_moe_8x2), for dev/bench/torch_cpu.sh to join the two.
 #define TESTING
 #include "../../train_gpt2.c"
 
@@ -33,6 +36,11 @@ static double time_layer(GPT2 *m, LinearDesc *ld, int N, int reps, float *x, flo
 
 int main(int argc, char **argv) {
     int N = argc > 1 ? atoi(argv[1]) : 4096, reps = argc > 2 ? atoi(argv[2]) : 3;
+    const int result_lines = argc > 3 && strcmp(argv[3], "--results") == 0;
+    if (N < 1 || reps < 1 || (argc > 3 && !result_lines) || argc > 4) {
+        fprintf(stderr, "usage: %s [tokens >= 1] [reps >= 1] [--results]\n", argv[0]);
+        return 1;
+    }
     int widths[] = {768, 1024, 2048};
     printf("one linear layer d -> d, forward + backward, %d tokens, best of %d (fp32, %s, %d threads)\n", N, reps,
 #ifdef USE_CBLAS
@@ -54,9 +62,10 @@ int main(int argc, char **argv) {
         int nb_sqrt = 1;
         while ((nb_sqrt + 1) * (nb_sqrt + 1) <= d) nb_sqrt++;
         while (d % nb_sqrt) nb_sqrt--;  // largest divisor of d not above sqrt(d)
-        struct { StructKind k; int rank, blocks, experts, topk; } cases[] = {
-            {STRUCT_DENSE, 0, 0, 0, 0}, {STRUCT_BTT, 1, 0, 0, 0}, {STRUCT_BTT, 2, 0, 0, 0}, {STRUCT_BTT, 4, 0, 0, 0},
-            {STRUCT_MONARCH, 0, 4, 0, 0}, {STRUCT_MONARCH, 0, nb_sqrt, 0, 0}, {STRUCT_BTT_MOE, 0, 0, 8, 2},
+        struct { const char *name; StructKind k; int rank, blocks, experts, topk; } cases[] = {
+            {"dense", STRUCT_DENSE, 0, 0, 0, 0}, {"btt_r1", STRUCT_BTT, 1, 0, 0, 0}, {"btt_r2", STRUCT_BTT, 2, 0, 0, 0},
+            {"btt_r4", STRUCT_BTT, 4, 0, 0, 0}, {"monarch_4", STRUCT_MONARCH, 0, 4, 0, 0},
+            {"monarch_sqrt", STRUCT_MONARCH, 0, nb_sqrt, 0, 0}, {"btt_moe_8x2", STRUCT_BTT_MOE, 0, 0, 8, 2},
         };
         float *x = (float *)mallocCheck((size_t)N * d * sizeof(float)), *y = (float *)mallocCheck((size_t)N * d * sizeof(float));
         float *dy = (float *)mallocCheck((size_t)N * d * sizeof(float)), *dx = (float *)mallocCheck((size_t)N * d * sizeof(float));
@@ -90,6 +99,7 @@ int main(int argc, char **argv) {
             spec_describe(s, desc, sizeof(desc));
             printf("%-6d %-24s %10.2f %12.1f %10.3f %10.3f %11.2fx\n", d, desc, ms, flops / ms / 1e6, ms / dense_ms,
                    flops / dense_flops, dense_ms / ms);
+            if (result_lines) printf("RESULT d=%d din=%d dout=%d struct=%s ms=%.4f\n", d, d, d, cases[ci].name, ms);
             fflush(stdout);
             free(m.params);
             free(m.grads);
