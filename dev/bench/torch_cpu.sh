@@ -14,6 +14,12 @@ N=${N:-4096}
 REPS=${REPS:-3}
 ROUNDS=${ROUNDS:-3}
 DIMS=${DIMS:-768,1024,2048}
+for v in N REPS ROUNDS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "torch_cpu.sh: $v=${!v}: expected a positive integer" >&2; exit 1; }
+done
+for d in ${DIMS//,/ }; do  # the widths build/bench_layers_cpu times
+    [[ $d == 768 || $d == 1024 || $d == 2048 ]] || { echo "torch_cpu.sh: DIMS=$DIMS: each width one of 768, 1024, 2048" >&2; exit 1; }
+done
 
 torch_version=$(python3 -c 'import torch; print(torch.__version__, torch.get_num_threads())' 2>/dev/null) || {
     echo "torch_cpu.sh: PyTorch is not installed (python3 -c 'import torch' failed); pip install torch" >&2
