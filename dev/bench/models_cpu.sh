@@ -4,8 +4,12 @@
 # GFLOP/s (the trainer's own count) and the time relative to dense. With BASE_BIN (another build
 # of train_gpt2, e.g. an older commit's), each config runs on it too, alternating with ours, and
 # the last column is its time over ours.
+# With TORCH=1, each config also runs in PyTorch on the same CPU (dev/bench/torch_models_cpu.py:
+# dev/reference.py's model in float32, BTT-MoE computing every expert), alternating with ours; the
+# last columns are its ms/step and its time over ours.
 #   B=8 T=128 STEPS=5 bash dev/bench/models_cpu.sh
 #   BASE_BIN=/tmp/old/train_gpt2 bash dev/bench/models_cpu.sh
+#   TORCH=1 bash dev/bench/models_cpu.sh       (pip install torch first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,6 +28,11 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo "build:   $(grep -E '^matmuls:' "$MAKELOG" | head -1 || echo 'matmuls: (already built)')"
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cpus; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset (all)}; commit $(git rev-parse --short HEAD)"
 echo "run:     train_gpt2 -e CONFIG -b $B -t $T -x $STEPS -v 0 -s 0   (mean of steps 2..$STEPS)${BASE_BIN:+; baseline $BASE_BIN}"
+if [ "${TORCH:-0}" = 1 ]; then
+    tv=$(python3 -c 'import torch; print(torch.__version__, torch.get_num_threads())' 2>/dev/null) ||
+        { echo "models_cpu.sh: TORCH=1 but PyTorch is not installed; pip install torch" >&2; exit 2; }
+    echo "torch:   PyTorch ${tv% *}, ${tv#* } threads, float32: dev/bench/torch_models_cpu.py CONFIG -b $B -t $T --steps $STEPS"
+fi
 echo
 
 # mean ms/step and GFLOP/s of steps 2..STEPS of one run
@@ -41,6 +50,7 @@ run_ms() {
 
 printf '%-34s %10s %10s %10s %11s' config ms/step tokens/s GFLOP/s time/dense
 [ -n "${BASE_BIN:-}" ] && printf ' %14s %9s' "baseline ms" speedup
+[ "${TORCH:-0}" = 1 ] && printf ' %10s %11s' "torch ms" "torch/ours"
 echo
 dense_ms=""
 for conf in $CONFIGS; do
@@ -52,6 +62,10 @@ for conf in $CONFIGS; do
     if [ -n "${BASE_BIN:-}" ]; then
         read -r bms _ < <(run_ms "$BASE_BIN" "$conf")
         printf ' %14.1f %8.2fx' "$bms" "$(awk -v a="$bms" -v b="$ms" 'BEGIN {print a / b}')"
+    fi
+    if [ "${TORCH:-0}" = 1 ]; then
+        tms=$(python3 dev/bench/torch_models_cpu.py "$conf" -b "$B" -t "$T" --steps "$STEPS" | sed -n 's/^RESULT .* ms=//p')
+        printf ' %10.1f %10.2fx' "$tms" "$(awk -v a="$tms" -v b="$ms" 'BEGIN {print a / b}')"
     fi
     echo
 done
