@@ -6,6 +6,8 @@
 // each kernel this machine can run (AVX-512, AVX2+FMA, plain C).
 #include <math.h>
 #include <stdint.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "../common/gemm.h"
 #include "check.h"
 
@@ -168,6 +170,38 @@ int main(void) {
                 if ((size_t)c.M * c.N * c.K > 8000000) continue;  // keep the float64 reference quick
                 test_case(&c);
             }
+    // B read in place with a row stride of exactly CG_NR (the packed strips' stride) but neither
+    // aligned nor padded: its last row ends at the end of a page, followed by a PROT_NONE page.
+    // The kernel must not take it for a packed strip (aligned loads fault; full-width loads read
+    // past the end); it once inferred "packed" from the stride.
+    {
+        const int M = 5, N = CG_NR - 3, K = 40;
+        const long pg = sysconf(_SC_PAGESIZE);
+        const size_t nb = (size_t)(K - 1) * CG_NR + N, bytes = (nb * sizeof(float) + (size_t)pg - 1) / (size_t)pg * (size_t)pg;
+        char *map = (char *)mmap(NULL, bytes + (size_t)pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (map == MAP_FAILED || mprotect(map + bytes, (size_t)pg, PROT_NONE) != 0) { perror("mmap"); return 2; }
+        // B ends at the guard page; (40 NR - 3) floats before a page boundary, it starts 12 bytes past
+        // a 32- and a 64-byte boundary
+        float *B = (float *)(map + bytes) - nb, A[5 * 40], C[5 * CG_NR];
+        for (size_t i = 0; i < nb; i++) B[i] = frand();
+        for (int i = 0; i < M * K; i++) A[i] = frand();
+        cg_gemm(M, N, K, A, K, 1, B, CG_NR, 1, C, N, 0);
+        int bad = 0;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float r = 0.0f;
+                for (int k = 0; k < K; k++) r = fmaf(A[i * K + k], B[(size_t)k * CG_NR + j], r);
+#ifndef CG_PLAIN_C
+                bad += C[i * N + j] != r;
+#else
+                bad += fabsf(C[i * N + j] - r) > 1e-5f * (1.0f + fabsf(r));
+#endif
+            }
+        char what[64];
+        snprintf(what, sizeof what, "%d of %d elements wrong", bad, M * N);
+        check_true(bad == 0, "B in place with a row stride of CG_NR, unaligned, ending at a guard page: read as B, not as a packed strip", what);
+        munmap(map, bytes + (size_t)pg);
+    }
     // K = 0: C = 0, or C unchanged when accumulating
     for (int acc = 0; acc < 2; acc++) {
         float C[6] = {1, 2, 3, 4, 5, 6}, A[1] = {0}, B[1] = {0};
