@@ -40,8 +40,9 @@ static float *alloc_floats(size_t n) {
 
 int main(int argc, char **argv) {
     const int NV = GEMM_AB_VARIANTS, T = 4096;
-    if (argc != 4 || atoi(argv[1]) < 2 || atoi(argv[2]) < 2 || atoi(argv[3]) < 1) {
-        fprintf(stderr, "usage: %s d_in d_out rounds   (d_in, d_out >= 2 and even; rounds >= 1)\n", argv[0]);
+    // the threads split T rows and d_out columns in halves
+    if (argc != 4 || atoi(argv[1]) < 2 || atoi(argv[2]) < 2 || atoi(argv[2]) % 2 || atoi(argv[3]) < 1) {
+        fprintf(stderr, "usage: %s d_in d_out rounds   (d_in >= 2, d_out >= 2 and even; rounds >= 1)\n", argv[0]);
         return 1;
     }
     const int Ci = atoi(argv[1]), Co = atoi(argv[2]), R = atoi(argv[3]);
