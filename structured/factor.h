@@ -369,7 +369,8 @@ static inline int st_num_tiles(int N) { return N <= 0 ? 0 : (N + ST_TILE_ROWS - 
 // weight block is bigger than half an L2 (block_floats) those come from memory every time: there
 // the chunk is at least 4 times the weights (Monarch with 4 blocks at width 2048, 1 MB blocks: a
 // 1.3x slower backward in chunks of 192 rows than of 2048; BTT's blocks of tens of KB: 1.25x
-// slower in chunks of 448 rows than of 128). Whole tiles, at least a tile per thread. Any
+// slower in chunks of 448 rows than of 128). Whole tiles, a multiple of the thread count (3 tiles
+// on 2 threads left one idle a third of the time: BTT-MoE's backward at width 1024). Any
 // chunking gives the same bits.
 // Tests force a chunk size here (rows, a multiple of ST_TILE_ROWS), to check that chunking does
 // not change a bit; 0: the size below.
@@ -378,7 +379,8 @@ static inline int st_chunk_rows(size_t row_floats, size_t w_floats, size_t block
     if (st_chunk_rows_forced > 0) return st_chunk_rows_forced;
     const size_t row = row_floats > 0 ? row_floats : 1, by_cache = ((size_t)3 << 20) / (sizeof(float) * row),
                  by_weights = sizeof(float) * block_floats > ((size_t)512 << 10) ? (4 * w_floats + row - 1) / row : 0;
-    const size_t want = by_cache > by_weights ? by_cache : by_weights, tiles = (want + ST_TILE_ROWS / 2) / ST_TILE_ROWS;
-    const int r = (int)(tiles < (1u << 20) ? tiles : (1u << 20)) * ST_TILE_ROWS, min_rows = st_num_threads() * ST_TILE_ROWS;
-    return r > min_rows ? r : min_rows;
+    const size_t want = by_cache > by_weights ? by_cache : by_weights, nt = (size_t)st_num_threads();
+    size_t tiles = (want + ST_TILE_ROWS / 2) / ST_TILE_ROWS;
+    tiles = tiles < nt ? nt : (tiles + nt - 1) / nt * nt;  // the threads split a chunk's tiles evenly
+    return (int)(tiles < (1u << 20) ? tiles : (1u << 20)) * ST_TILE_ROWS;
 }
