@@ -33,6 +33,7 @@
 #include "multiproc.h"
 #include "outlier.h"
 #include "schedule.h"
+#include "stop.h"
 #include "tokenizer.h"
 #include "utils.h"
 
@@ -166,8 +167,9 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
     }
     printf("wrote checkpoint %s and %s\n", model_path, state_path);
     // -nk: the checkpoint that falls out of the last keep_last goes, unless -nm marks it major
+    // (a checkpoint off the -n grid, as a signal's stop writes, removes none and stays)
     long old = step - (long)a->keep_last * a->ckpt_every;
-    if (a->keep_last > 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0)) {
+    if (a->keep_last > 0 && a->ckpt_every > 0 && step % a->ckpt_every == 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0)) {
         checkpoint_paths(a->out_dir, old, mp->rank, model_path, state_path, done_path, sizeof(model_path));
         if (mp->rank == 0) {
             remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
@@ -313,6 +315,9 @@ int main(int argc, char **argv) {
     double total_time = 0.0;
     long timed_steps = 0;
     int overfit_loaded = 0;
+    long stop_step = -1;  // a signal's stop: the steps done when the loop left
+    int stop_sig = 0;
+    if (a.max_steps != 0) stop_install();
     for (long step = start_step; step <= train_steps; step++) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
@@ -359,8 +364,13 @@ int main(int argc, char **argv) {
             routed[2] += r.load_max / grad_accum;
             routed[3] += r.load_min / grad_accum;
         }
-        float reported[5] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3]};
-        multiproc_mean(&mp, reported, 5);  // the routing is already global; the loss is each rank's tokens
+        // with a stop signal, one-hot (SIGTERM, SIGINT, SIGUSR1): every rank stops after the same
+        // step, whichever ranks the signal reached
+        const int sig = stop_requested();
+        float reported[8] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3],
+                             sig == SIGTERM ? 1.0f : 0.0f, sig == SIGINT ? 1.0f : 0.0f, sig == SIGUSR1 ? 1.0f : 0.0f};
+        multiproc_mean(&mp, reported, 8);  // the routing is already global; the loss is each rank's tokens
+        stop_sig = reported[5] > 0.0f ? SIGTERM : reported[6] > 0.0f ? SIGINT : reported[7] > 0.0f ? SIGUSR1 : 0;
         loss = reported[0];
         const MoERouting routing = {reported[1], reported[2], reported[3], reported[4]};
         const int routed_model = trainer_n_routed(&model) > 0;
@@ -398,6 +408,10 @@ int main(int argc, char **argv) {
         trainer_step_end(&model, step + 1);
         fflush(stdout);
         logger_log_train(&logger, (int)step + 1, (float)loss, lr, norm, routed_model ? &routing : NULL, (float)tok_s);
+        if (stop_sig) {
+            stop_step = step + 1;
+            break;
+        }
     }
     if (timed_steps > 0) {
         double ms = total_time / timed_steps * 1e3, tok_s = a.total_batch / (ms / 1e3);
@@ -406,11 +420,17 @@ int main(int argc, char **argv) {
         printf("\n");
     }
 
+    if (stop_step >= 0) {  // the checkpoint the next step would have begun with (it replays the val and sample)
+        if (a.out_dir) save_checkpoint(&model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window);
+        printf("stopped by %s after step %ld of %ld: %s\n", stop_signal_name(stop_sig), stop_step, train_steps,
+               a.out_dir ? "rerun the same command with -y 1 to carry on" : "no checkpoint (no -o)");
+        fflush(stdout);
+    }
     if (have_val) dataloader_free(&val_loader);
     if (have_eval) evalloader_free(&eval_loader);
     dataloader_free(&train_loader);
     tokenizer_free(&tokenizer);
     gpt2_free(&model);
     multiproc_finalize(&mp);
-    return 0;
+    return stop_step >= 0 ? 128 + stop_sig : 0;  // as a shell reports a process a signal ended
 }

@@ -43,6 +43,7 @@ count "test_gpt2.cu (GPU test mode, every fixture) on the CPU simulator" ./build
 count "test_gpt2.cu --cudnn-only (-fa 2) on the simulator's stand-in for cuDNN" ./build/cuda_sim/test_gpt2cu_cudnn --cudnn-only
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh
 count "data parallel under mpirun (tests/test_mpi.sh)" bash tests/test_mpi.sh
+count "stopped by a signal, resumed bit for bit (tests/test_stop.sh)" bash tests/test_stop.sh
 
 # Python data tests (pytest), offline through the shared tiktoken cache when it is there
 shared=${SHARED_DATA:-../shared/data}
