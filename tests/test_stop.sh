@@ -4,7 +4,8 @@
 # step's loss, the val losses, the final model file and resume state). For the CPU trainer, the
 # GPU trainer on the CUDA simulator (when built) and two ranks under mpirun, the signal reaching
 # one rank only. Also: a second Ctrl-C stops at once and leaves the last checkpoint usable; without
-# -o the run stops with no checkpoint. "N passed, N failed".
+# -o the run stops with no checkpoint; scripts/launch.sh ends with a stopped run instead of
+# relaunching it. "N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
 source tests/lib.sh
@@ -132,6 +133,19 @@ if [ -x ./train_gpt2_mpi ] && command -v mpirun > /dev/null; then
     grep -q 'Exit code: *138' "$W/mpi.log" || rc=1
     check_stop "2 ranks (mpirun)" $NM USR1 $rc "$W/mpi.log" "$W/mpi" "$W/mref.log" "$W/mref" 2 \
         "${MPI[@]}" ./train_gpt2_mpi "${COMMON[@]}" -b 2 -x $NM -n $NM -o "$W/mpi" -y 1
+
+    # scripts/launch.sh (the crash-tolerant launcher) passes SIGUSR1 on and ends with the run
+    # instead of resuming it; started again, it carries on from the stop's checkpoint
+    LAUNCH_ENV=(NPROC=2 OUT="$W/L" STEPS=30 BIN=./train_gpt2_mpi RETRY_SLEEP=0 MPIRUN="mpirun --oversubscribe --mca mpi_yield_when_idle 1 -x OMP_NUM_THREADS")
+    start_and_signal "$W/L.log" USR1 self env "${LAUNCH_ENV[@]}" bash scripts/launch.sh "${COMMON[@]}" -b 2 -n 10
+    rc=$?
+    k=$(ls "$W/L" 2> /dev/null | sed -nE 's/^DONE_0*([0-9]+)$/\1/p' | sort -n | tail -1)
+    out=$(env "${LAUNCH_ENV[@]}" bash scripts/launch.sh "${COMMON[@]}" -b 2 -n 10 2>&1)
+    rc2=$?
+    [ $rc -eq 138 ] && [ "$(grep -ac '^launch attempt' "$W/L.log")" -eq 1 ] && grep -aq '^stopped by SIGUSR1 (exit 138)' "$W/L.log" \
+        && [ -n "$k" ] && [ "$k" -lt 30 ] && [ $rc2 -eq 0 ] && echo "$out" | grep -q "^resumed from .* at step $k$" && [ -f "$W/L/DONE_00000030" ] \
+        && ok "launch.sh: SIGUSR1 passed on, the run stopped after step $k and was not relaunched; launched again, it finished" \
+        || bad "launch.sh and a signal" "exit $rc then $rc2, stop checkpoint '$k': $(grep -aE '^(launch|stopped)' "$W/L.log" | head -3 | tr '\n' ' ')"
 else
     echo "# skipped the mpirun case: train_gpt2_mpi or mpirun missing"
 fi
