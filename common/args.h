@@ -140,6 +140,8 @@ static inline void train_args_usage(const char *prog, FILE *out) {
                 train_arg_specs[i].help, def);
     }
     fprintf(out, "  --help      print this and exit (so does -h without a value)\n");
+    fprintf(out, "SIGTERM, SIGUSR1 or Ctrl-C: finish the step, write a checkpoint into -o, exit 128 + the signal;\n"
+                 "the same command with -y 1 carries on bit for bit (a second Ctrl-C stops at once)\n");
 }
 
 // Whether argv[i] asks for the help: --help, or -h without a number after it (with one, -h is
