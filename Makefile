@@ -65,7 +65,7 @@ SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUI
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles test_gemm
 # the same tests with the other matmul paths: the plain C kernel, the AVX2 kernel where the
 # default is AVX-512, and OpenBLAS where it is found but not the default
-VARIANT_TESTS = test_gpt2_plain test_structured_plain test_gemm_plain $(if $(HAVE_AVX512),test_gemm_avx2) \
+VARIANT_TESTS = test_gpt2_plain test_structured_plain test_gemm_plain $(if $(HAVE_AVX512),test_gemm_avx2 test_structured_avx2) \
                 $(if $(and $(HAVE_OPENBLAS),$(if $(BLAS_LIBS),,yes)),test_gpt2_blas)
 
 .PHONY: all test clean bench bench-layers
@@ -96,6 +96,9 @@ $(BUILD)/test_gemm_plain: tests/test_gemm.c common/gemm.h tests/check.h | $(BUIL
 	$(CC) $(CFLAGS) -DCG_PLAIN_C $< $(LDLIBS) -o $@
 
 $(BUILD)/test_gemm_avx2: tests/test_gemm.c common/gemm.h tests/check.h | $(BUILD)
+	$(CC) $(CFLAGS) -mno-avx512f $< $(LDLIBS) -o $@
+
+$(BUILD)/test_structured_avx2: tests/test_structured.c $(COMMON_H) tests/check.h | $(BUILD)
 	$(CC) $(CFLAGS) -mno-avx512f $< $(LDLIBS) -o $@
 
 $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/check.h train_gpt2.c | $(BUILD)

@@ -30,6 +30,7 @@ for t in build/test_dataloader build/test_schedule build/test_tokenizer build/te
     count "$(basename "$t")" "./$t"
 done
 if [ -x build/test_gemm_avx2 ]; then count "test_gemm (the AVX2+FMA kernel)" ./build/test_gemm_avx2; fi
+if [ -x build/test_structured_avx2 ]; then count "test_structured (AVX2+FMA: its kernel and transposes)" ./build/test_structured_avx2; fi
 if [ -x build/test_cudnn_graph ]; then
     count "cuDNN attention graphs: layouts and validation (tests/test_cudnn_graph.cpp)" ./build/test_cudnn_graph
 else

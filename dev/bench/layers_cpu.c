@@ -1,6 +1,6 @@
 // layers_cpu.c: one linear layer, forward + backward on the CPU, at widths 768, 1024, 2048 and
 // 4096 tokens: each structure's time against dense next to its FLOP ratio (issue 3's benchmark).
-//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps] [--results])
+//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps] [--results] [--dims 256,512])
 // --results adds a line "RESULT d=... struct=... ms=..." per row, with the structure names of
 // dev/bench/structured_torch.py (dense, btt_r1, btt_r2, btt_r4, monarch_4, monarch_sqrt,
 // btt_moe_8x2), for dev/bench/torch_cpu.sh to join the two.
@@ -34,14 +34,33 @@ static double time_layer(GPT2 *m, LinearDesc *ld, int N, int reps, float *x, flo
     return best * 1e3;
 }
 
+static int usage(const char *prog) {
+    fprintf(stderr, "usage: %s [tokens >= 1] [reps >= 1] [--results] [--dims D,D,...]   (widths: 768,1024,2048;\n"
+                    "       each a multiple of 4 (Monarch's 4 blocks), e.g. 128,256,384,512)\n", prog);
+    return 1;
+}
+
 int main(int argc, char **argv) {
-    int N = argc > 1 ? atoi(argv[1]) : 4096, reps = argc > 2 ? atoi(argv[2]) : 3;
-    const int result_lines = argc > 3 && strcmp(argv[3], "--results") == 0;
-    if (N < 1 || reps < 1 || (argc > 3 && !result_lines) || argc > 4) {
-        fprintf(stderr, "usage: %s [tokens >= 1] [reps >= 1] [--results]\n", argv[0]);
-        return 1;
+    int N = 4096, reps = 3, result_lines = 0, npos = 0, widths[16] = {768, 1024, 2048}, nwidths = 3;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--results") == 0) {
+            result_lines = 1;
+        } else if (strcmp(argv[i], "--dims") == 0 && i + 1 < argc) {
+            nwidths = 0;
+            for (char *p = argv[++i], *end; *p; p = *end == ',' ? end + 1 : end) {
+                long d = strtol(p, &end, 10);
+                int a, b;
+                default_factors((int)d, &a, &b);
+                if (end == p || d < 8 || d > 65536 || d % 4 || a < 2 || nwidths == 16 || (*end && *end != ',')) return usage(argv[0]);
+                widths[nwidths++] = (int)d;
+            }
+        } else if (npos < 2 && argv[i][0] != '-') {
+            *(npos++ == 0 ? &N : &reps) = atoi(argv[i]);
+        } else {
+            return usage(argv[0]);
+        }
     }
-    int widths[] = {768, 1024, 2048};
+    if (N < 1 || reps < 1 || nwidths < 1) return usage(argv[0]);
     printf("one linear layer d -> d, forward + backward, %d tokens, best of %d (fp32, %s, %d threads)\n", N, reps,
 #ifdef USE_CBLAS
            "dense: OpenBLAS, structured: built-in " CG_ISA " kernel",
@@ -57,7 +76,7 @@ int main(int argc, char **argv) {
     printf("%-6s %-24s %10s %12s %10s %10s %12s\n", "d", "structure", "ms", "GFLOP/s", "time/dense", "FLOP/dense", "speedup");
     mt19937_state rng;
     mt_seed(&rng, 1);
-    for (size_t wi = 0; wi < sizeof(widths) / sizeof(widths[0]); wi++) {
+    for (int wi = 0; wi < nwidths; wi++) {
         int d = widths[wi];
         int nb_sqrt = 1;
         while ((nb_sqrt + 1) * (nb_sqrt + 1) <= d) nb_sqrt++;

@@ -3,7 +3,7 @@
 # the papers' public PyTorch code computes them (dev/bench/structured_torch.py --device cpu: bmm,
 # transpose, contiguous, bmm; BTT-MoE computes all 8 experts and masks), on the same CPU with the
 # same thread count, fp32: one layer d -> d, forward + backward over N tokens, at d = 768, 1024 and
-# 2048. The two programs run alternately ROUNDS times (this kind of machine is shared, and its speed
+# 2048 (or DIMS). The two programs run alternately ROUNDS times (this kind of machine is shared, and its speed
 # drifts); each figure is the best of all its runs. PyTorch is not a requirement of the repository:
 # pip install torch first.
 #   bash dev/bench/torch_cpu.sh                 (N=4096 REPS=3 ROUNDS=3 DIMS=768,1024,2048)
@@ -17,8 +17,9 @@ DIMS=${DIMS:-768,1024,2048}
 for v in N REPS ROUNDS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "torch_cpu.sh: $v=${!v}: expected a positive integer" >&2; exit 1; }
 done
-for d in ${DIMS//,/ }; do  # the widths build/bench_layers_cpu times
-    [[ $d == 768 || $d == 1024 || $d == 2048 ]] || { echo "torch_cpu.sh: DIMS=$DIMS: each width one of 768, 1024, 2048" >&2; exit 1; }
+[[ $DIMS =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "torch_cpu.sh: DIMS=$DIMS: expected widths separated by commas, e.g. 256,768" >&2; exit 1; }
+for d in ${DIMS//,/ }; do
+    [ "$d" -ge 8 ] && [ $((d % 4)) -eq 0 ] || { echo "torch_cpu.sh: DIMS=$DIMS: each width a multiple of 4 and at least 8 (Monarch's 4 blocks)" >&2; exit 1; }
 done
 
 torch_version=$(python3 -c 'import torch; print(torch.__version__, torch.get_num_threads())' 2>/dev/null) || {
@@ -30,13 +31,13 @@ trap 'rm -rf "$OUT"' EXIT
 make -s build/bench_layers_cpu > "$OUT/make.log" 2>&1 || { cat "$OUT/make.log"; exit 1; }
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cpus; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(date -u +%Y-%m-%d)"
-echo "ours:    build/bench_layers_cpu $N $REPS --results ($(build/bench_layers_cpu 1 1 | head -1 | sed 's/.*(fp32, //; s/)$//'))"
+echo "ours:    build/bench_layers_cpu $N $REPS --results --dims $DIMS ($(build/bench_layers_cpu 1 1 | head -1 | sed 's/.*(fp32, //; s/)$//'))"
 echo "torch:   PyTorch ${torch_version% *}, ${torch_version#* } threads: structured_torch.py --device cpu --shapes sq -n $N --reps $REPS"
 echo "rounds:  $ROUNDS, alternating; best of all runs"
 echo
 
 for r in $(seq "$ROUNDS"); do
-    build/bench_layers_cpu "$N" "$REPS" --results | grep '^RESULT' >> "$OUT/ours.log"
+    build/bench_layers_cpu "$N" "$REPS" --results --dims "$DIMS" | grep '^RESULT' >> "$OUT/ours.log"
     python3 dev/bench/structured_torch.py --device cpu --dims "$DIMS" --shapes sq -n "$N" --warmup 1 --reps "$REPS" |
         grep '^RESULT' >> "$OUT/torch.log"
 done
