@@ -136,10 +136,24 @@ static void write_run_info(Logger *l, const char *command, const char *model, lo
     logger_append_run_info(l, text);
 }
 
+// Removes the checkpoint of `step`: the DONE marker first, so that a half-deleted checkpoint is never
+// "latest"; rank 0 its marker and model, every rank its state.
+static void remove_checkpoint(const TrainArgs *a, const MultiProc *mp, long step) {
+    char model_path[1100], state_path[1100], done_path[1100];
+    checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
+    if (mp->rank == 0) {
+        remove(done_path);
+        remove(model_path);
+    }
+    remove(state_path);
+}
+
 // Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
 // safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
+// stale: with -nk, an earlier checkpoint off the -n grid (a signal's stop, which this run resumed
+// from) that this newer one replaces, or -1.
 static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
-                            const OutlierWindow *loss_window, const OutlierWindow *norm_window) {
+                            const OutlierWindow *loss_window, const OutlierWindow *norm_window, long stale) {
     char model_path[1100], state_path[1100], done_path[1100];
     checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
     TrainState st;
@@ -166,17 +180,12 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
         fcloseCheck(fp, done_path);
     }
     printf("wrote checkpoint %s and %s\n", model_path, state_path);
-    // -nk: the checkpoint that falls out of the last keep_last goes, unless -nm marks it major
-    // (a checkpoint off the -n grid, as a signal's stop writes, removes none and stays)
+    // -nk: the checkpoint that falls out of the last keep_last goes, unless -nm marks it major (only
+    // on the -n grid: a stop's checkpoint off it removes none, and goes itself once a newer one is in)
     long old = step - (long)a->keep_last * a->ckpt_every;
-    if (a->keep_last > 0 && a->ckpt_every > 0 && step % a->ckpt_every == 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0)) {
-        checkpoint_paths(a->out_dir, old, mp->rank, model_path, state_path, done_path, sizeof(model_path));
-        if (mp->rank == 0) {
-            remove(done_path);  // the marker first, so a half-deleted checkpoint is never "latest"
-            remove(model_path);
-        }
-        remove(state_path);
-    }
+    if (a->keep_last > 0 && a->ckpt_every > 0 && step % a->ckpt_every == 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0))
+        remove_checkpoint(a, mp, old);
+    if (stale > 0 && stale != step && !(a->major_every > 0 && stale % a->major_every == 0)) remove_checkpoint(a, mp, stale);
     multiproc_barrier(mp);
 }
 
@@ -287,6 +296,9 @@ int main(int argc, char **argv) {
     // -x 0, as in llm.c: the loop's last step alone, which evaluates (val loss, -h 1, a sample) the
     // model of -e, or with -y 1 the latest checkpoint, and trains nothing
     if (a.max_steps == 0) train_steps = start_step;
+    // with -nk, a checkpoint this run resumed from that is off the -n grid (a signal's stop) goes
+    // once the run has written a newer one, so that stops do not pile up
+    long stale_ckpt = resume_step >= 0 && a.keep_last > 0 && (a.ckpt_every <= 0 || start_step % a.ckpt_every != 0) ? start_step : -1;
 
     Logger logger;
     if (a.out_dir && rank == 0) ensure_dir(a.out_dir);
@@ -322,7 +334,8 @@ int main(int argc, char **argv) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window);
+            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window, stale_ckpt);
+            stale_ckpt = -1;
         }
         const int eval_step = a.val_every > 0 && (step % a.val_every == 0 || last);  // val loss and -h 1
         if (eval_step && a.routing_loads && rank == 0 && step > start_step && trainer_n_routed(&model) > 0)
@@ -421,7 +434,7 @@ int main(int argc, char **argv) {
     }
 
     if (stop_step >= 0) {  // the checkpoint the next step would have begun with (it replays the val and sample)
-        if (a.out_dir) save_checkpoint(&model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window);
+        if (a.out_dir) save_checkpoint(&model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window, stale_ckpt);
         printf("stopped by %s after step %ld of %ld: %s\n", stop_signal_name(stop_sig), stop_step, train_steps,
                a.out_dir ? "rerun the same command with -y 1 to carry on" : "no checkpoint (no -o)");
         fflush(stdout);

@@ -91,6 +91,23 @@ rc=$?
     && ok "CPU trainer: Ctrl-C without -o stops after the step with exit 130 and says there is no checkpoint" \
     || bad "Ctrl-C without -o" "exit $rc: $(tail -n 2 "$W/noout.log" | tr '\n' ' ')"
 
+# with -nk, the stop's checkpoint (off the -n grid) goes once the resumed run has written a newer one
+start_and_signal "$W/nk.log" TERM self ./train_gpt2 "${COMMON[@]}" -x 30 -n 10 -nk 1 -o "$W/nk" -y 1
+rc=$?
+k=$(sed -nE 's/^stopped by SIGTERM after step ([0-9]+) of 30.*/\1/p' "$W/nk.log")
+k8=$(printf '%08d' "${k:-0}")
+[ -f "$W/nk/DONE_$k8" ] && had=1 || had=0
+./train_gpt2 "${COMMON[@]}" -x 30 -n 10 -nk 1 -o "$W/nk" -y 1 > "$W/nk2.log" 2>&1
+rc2=$?
+left=$(ls "$W/nk" | grep -E '^(DONE|model|state)_' | tr '\n' ' ')
+if [ -n "$k" ] && [ $((k % 10)) -eq 0 ]; then
+    echo "# -nk and the stop's checkpoint: the stop fell on the -n grid (step $k); not checked this time"
+else
+    [ $rc -eq 143 ] && [ $had = 1 ] && [ $rc2 -eq 0 ] && [ "$left" = "DONE_00000030 model_00000030.bin state_00000030_00000.bin " ] \
+        && ok "-n 10 -nk 1: the stop's checkpoint (step $k) was written, then removed once the resumed run wrote step 10's" \
+        || bad "-nk and the stop's checkpoint" "stop exit $rc at '$k' (files: $had), resume exit $rc2, left: $left"
+fi
+
 # a second Ctrl-C stops at once; the checkpoints written before (every 2 steps) stay usable
 ./train_gpt2 "${COMMON[@]}" -x 400 -n 2 -o "$W/twice" > "$W/twice.log" 2>&1 &
 pid=$!
