@@ -6,8 +6,9 @@
 # 0.5M tokens per step, about one epoch of OpenWebText (~9B tokens) in 17,000 steps.
 # HELLASWAG=1 adds llm.c's HellaSwag accuracy at every val step (python3 data/hellaswag.py first);
 # afterwards, python3 scripts/compare_runs.py log_gpt2_124M log_btt_moe_124M puts the runs side by side.
-# Under SLURM, `sbatch --signal=B:USR1@120 ...` makes the run write a checkpoint and stop two minutes
-# before the job's time limit (README, "Stopping a run"); submitting the same job again carries on.
+# Under SLURM, `sbatch --signal=B:USR1@120 scripts/run_gpt2_124M.sh 8` (this script as the batch
+# script: it execs launch.sh, which passes the signal on) makes the run write a checkpoint and stop
+# two minutes before the job's time limit (README, "Stopping a run"); the same sbatch again carries on.
 cd "$(dirname "$0")/.." || exit 1
 NGPU=${1:-1}
 B=${B:-64}   # per GPU; lower it (the total batch -d stays, through gradient accumulation) if memory is short
