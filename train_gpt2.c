@@ -406,6 +406,54 @@ typedef struct {
     ZeroShard zero;
 } GPT2;
 
+// Small BTT layers through their dense matrix. At widths of a few hundred a BTT's block products
+// have sides of 16 and run at a third of the dense kernel's speed or less, so that rank 4 at width
+// 256 is slower than the dense layer it replaces (dev/bench/RESULTS.md, "Small widths"). There the
+// layer builds its matrix as the BTT of the identity (W^T, d_in x d_out: row i is the layer's
+// output for e_i, through btt_forward), runs as a dense layer, and gets the cores' gradients as
+// the BTT backward of the identity with dW^T = x^T dy as its output gradient: the same function
+// and gradients, summed in another order. Saved for the backward: W^T and the identity's z.
+// -1: chosen by cost (btt_via_dense), 0: never, 1: always (tests).
+static int g_btt_dense = -1;
+static int btt_via_dense(const BTTShape *s, int N) {
+    if (g_btt_dense >= 0) return g_btt_dense;
+    // in dense multiply-adds: a BTT one costs about 2.5 at these sizes (measured 1.7-3.2 at widths
+    // 128-1024); building W^T runs the BTT on d_in rows. Monotonic in N: false at the largest N
+    // (the allocation's) is false at every smaller one.
+    const double F = (double)btt_flops_per_row(s), D = (double)s->d_in * s->d_out;
+    return 2.5 * F * N > D * N + 2.5 * F * s->d_in;
+}
+static size_t btt_dense_inter_size(const BTTShape *s) { return (size_t)s->d_in * s->d_out + btt_z_size(s, s->d_in); }
+static const float *btt_identity(int n) {  // n x n, in the calling thread's workspace
+    float *I = st_workspace(ST_WS_EYE, (size_t)n * n);
+    memset(I, 0, sizeof(float) * (size_t)n * n);
+    for (int i = 0; i < n; i++) I[(size_t)i * n + i] = 1.0f;
+    return I;
+}
+static void btt_dense_forward(float *out, float *inter, const float *inp, const float *w0, const float *w1, const float *bias, int N,
+                              const BTTShape *s) {
+    const int din = s->d_in, dout = s->d_out;
+    float *WT = inter, *zI = inter + (size_t)din * dout;
+    btt_forward(WT, zI, btt_identity(din), w0, w1, NULL, din, s);
+    gemm(N, dout, din, inp, (size_t)din, 1, WT, (size_t)dout, 1, out, (size_t)dout, 0);
+    if (bias) {
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < N; r++)
+            for (int j = 0; j < dout; j++) out[(size_t)r * dout + j] += bias[j];
+    }
+}
+// scratch: d_in x d_out for dW^T, then btt_scratch_size(s, d_in)
+static void btt_dense_backward(float *dinp, float *dw0, float *dw1, float *dbias, const float *dout, const float *inp,
+                               const float *inter, const float *w0, const float *w1, int N, const BTTShape *s, float *scratch) {
+    const int din = s->d_in, dou = s->d_out;
+    const float *WT = inter, *zI = inter + (size_t)din * dou;
+    if (dinp) gemm(N, din, dou, dout, (size_t)dou, 1, WT, 1, (size_t)dou, dinp, (size_t)din, 0);  // dy W
+    float *dWT = scratch;
+    gemm(din, dou, N, inp, 1, (size_t)din, dout, (size_t)dou, 1, dWT, (size_t)dou, 0);  // x^T dy
+    btt_backward(NULL, dw0, dw1, NULL, dWT, btt_identity(din), zI, w0, w1, din, s, scratch + (size_t)din * dou);
+    st_bias_backward(dbias, dout, N, dou);
+}
+
 // The one place a linear layer is computed, whatever its structure: out (N, d_out) from inp.
 static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float *out, const float *inp, int N) {
     const GPT2Layout *g = &m->layout;
@@ -415,7 +463,12 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
     const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
     switch (s->kind) {
         case STRUCT_DENSE: matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out); break;
-        case STRUCT_BTT: { BTTShape bs = btt_shape_of(s); btt_forward(out, la->inter, inp, w0, w1, b, N, &bs); break; }
+        case STRUCT_BTT: {
+            BTTShape bs = btt_shape_of(s);
+            if (btt_via_dense(&bs, N)) btt_dense_forward(out, la->inter, inp, w0, w1, b, N, &bs);
+            else btt_forward(out, la->inter, inp, w0, w1, b, N, &bs);
+            break;
+        }
         case STRUCT_MONARCH: { MonarchShape ms = monarch_shape_of(s); monarch_forward(out, la->inter, inp, w0, w1, b, N, &ms); break; }
         default: {
             MoEShape ms = moe_shape_of(s);
@@ -449,7 +502,8 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, const LinearActs *la,
         case STRUCT_DENSE: matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out); break;
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            btt_backward(dinp, dw0, dw1, db, dout, inp, la->inter, w0, w1, N, &bs, m->lin_scratch);
+            if (btt_via_dense(&bs, N)) btt_dense_backward(dinp, dw0, dw1, db, dout, inp, la->inter, w0, w1, N, &bs, m->lin_scratch);
+            else btt_backward(dinp, dw0, dw1, db, dout, inp, la->inter, w0, w1, N, &bs, m->lin_scratch);
             break;
         }
         case STRUCT_MONARCH: {
@@ -468,12 +522,20 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, const LinearActs *la,
 
 // Floats a linear layer keeps between forward and backward for N rows, and its backward scratch.
 static size_t linear_inter_size(const LinearSpec *s, int N) {
-    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_z_size(&b, N); }
+    if (s->kind == STRUCT_BTT) {  // (a smaller N may take the BTT path: btt_via_dense)
+        BTTShape b = btt_shape_of(s);
+        const size_t z = btt_z_size(&b, N), d = btt_dense_inter_size(&b);
+        return btt_via_dense(&b, N) && d > z ? d : z;
+    }
     if (s->kind == STRUCT_MONARCH) { MonarchShape ms = monarch_shape_of(s); return monarch_u_size(&ms, N); }
     return 0;
 }
 static size_t linear_scratch_size(const LinearSpec *s, int N) {
-    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_scratch_size(&b, N); }
+    if (s->kind == STRUCT_BTT) {
+        BTTShape b = btt_shape_of(s);
+        const size_t sc = btt_scratch_size(&b, N), d = (size_t)b.d_in * b.d_out + btt_scratch_size(&b, b.d_in);
+        return btt_via_dense(&b, N) && d > sc ? d : sc;
+    }
     if (s->kind == STRUCT_MONARCH) { MonarchShape ms = monarch_shape_of(s); return monarch_scratch_size(&ms, N); }
     if (s->kind == STRUCT_BTT_MOE) { MoEShape ms = moe_shape_of(s); return moe_scratch_size(&ms, N); }
     return 0;

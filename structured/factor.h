@@ -97,7 +97,7 @@ static inline void st_gemm(int ta, int tb, int M, int N, int K, const float *A, 
 // handed back to the OS on free and their fresh pages cleared by the kernel on the next call:
 // 12-22% of a BTT-MoE layer's time on one thread. Only the size is kept; the contents are
 // garbage on entry.
-enum { ST_WS_TILE, ST_WS_W0, ST_WS_W1, ST_WS_COUNT };
+enum { ST_WS_TILE, ST_WS_W0, ST_WS_W1, ST_WS_EYE, ST_WS_COUNT };  // EYE: the trainer's identity for small BTT layers
 
 static inline float *st_workspace(int slot, size_t floats) {
     static CG_THREAD_LOCAL float *buf[ST_WS_COUNT];

@@ -510,6 +510,75 @@ static void test_attention_blocks(void) {
     free(qkv); free(dout); free(out); free(att); free(dqkv); free(rout); free(ratt); free(rd); free(p); free(dp); free(acc);
 }
 
+// Small BTT layers through their dense matrix (train_gpt2.c, btt_via_dense): the same outputs and
+// gradients as the BTT path, and the cost rule's choices at the widths measured in RESULTS.md.
+static void test_btt_via_dense(void) {
+    const int shapes[][6] = {{4, 8, 8, 6, 4, 97}, {16, 16, 16, 16, 4, 300}, {8, 8, 8, 8, 1, 64}, {16, 48, 32, 96, 2, 130}};
+    mt19937_state rng;
+    mt_seed(&rng, 11);
+    for (int c = 0; c < 4; c++) {
+        const int *sh = shapes[c], N = sh[5];
+        GPT2 m;
+        memset(&m, 0, sizeof(m));
+        params_init(&m.layout.params);
+        LinearDesc ld;
+        memset(&ld, 0, sizeof(ld));
+        LinearSpec *sp = &ld.spec;
+        sp->kind = STRUCT_BTT; sp->alpha = sh[0]; sp->gamma = sh[1]; sp->phi = sh[2]; sp->eps = sh[3]; sp->rank = sh[4];
+        sp->d_in = sh[0] * sh[1]; sp->d_out = sh[2] * sh[3]; sp->bias = 1; sp->lr_mult_on = 1;
+        ld.layer = 0; ld.role = SR_FC; ld.used = 1;
+        linear_add_weights(&m.layout.params, &ld, 768, 0);
+        linear_add_bias(&m.layout.params, &ld);
+        m.num_params = m.layout.params.total;
+        m.params = (float *)mallocCheck(m.num_params * sizeof(float));
+        mt_normal_(m.params, m.num_params, 0.0f, 0.2f, &rng);
+        const int din = sp->d_in, dout = sp->d_out;
+        float *x = (float *)mallocCheck(sizeof(float) * N * din), *dy = (float *)mallocCheck(sizeof(float) * N * dout);
+        mt_normal_(x, (size_t)N * din, 0.0f, 1.0f, &rng);
+        mt_normal_(dy, (size_t)N * dout, 0.0f, 1.0f, &rng);
+        float *y[2], *dx[2], *g[2];
+        for (int mode = 0; mode < 2; mode++) {
+            g_btt_dense = mode;
+            LinearActs la;
+            size_t scratch = 0;
+            linear_acts_alloc(&la, &ld, N, &scratch);
+            m.lin_scratch = (float *)callocCheck(scratch + 1, sizeof(float));
+            m.grads = (float *)callocCheck(m.num_params, sizeof(float));
+            y[mode] = (float *)mallocCheck(sizeof(float) * N * dout);
+            dx[mode] = (float *)mallocCheck(sizeof(float) * N * din);
+            linear_forward(&m, &ld, &la, y[mode], x, N);
+            linear_backward(&m, &ld, &la, dx[mode], dy, x, N, 0.0f);
+            g[mode] = m.grads;
+            free(m.lin_scratch);
+            linear_acts_free(&la);
+        }
+        g_btt_dense = -1;
+        char name[160];
+        snprintf(name, sizeof(name), "BTT %dx%d>%dx%d rank %d, %d rows, through its dense matrix: y as the BTT path", sh[0], sh[1], sh[2], sh[3], sh[4], N);
+        check_close(y[1], y[0], (size_t)N * dout, 1e-5f, 1e-4f, name);
+        snprintf(name, sizeof(name), "BTT %dx%d>%dx%d rank %d, %d rows, through its dense matrix: dx, and the cores' and bias gradients", sh[0], sh[1], sh[2], sh[3], sh[4], N);
+        check_close(dx[1], dx[0], (size_t)N * din, 1e-5f, 1e-4f, name);
+        check_close(g[1], g[0], m.num_params, 1e-4f, 1e-4f, name);
+        for (int mode = 0; mode < 2; mode++) { free(y[mode]); free(dx[mode]); free(g[mode]); }
+        free(x); free(dy); free(m.params);
+        params_free(&m.layout.params);
+    }
+    // the rule, 4096 rows (RESULTS.md: at width 256 rank 4 ran at 0.72x dense, rank 1 at 2.68x; at 768
+    // rank 4 at 1.76x; at 128 rank 2 at 1.17x); a few rows (sampling) stay BTT
+    BTTShape b;
+    btt_shape(&b, 16, 16, 16, 16, 4);
+    const int r4_256 = btt_via_dense(&b, 4096), r4_256_few = btt_via_dense(&b, 64);
+    btt_shape(&b, 16, 16, 16, 16, 1);
+    const int r1_256 = btt_via_dense(&b, 4096);
+    btt_shape(&b, 16, 48, 16, 48, 4);
+    const int r4_768 = btt_via_dense(&b, 4096);
+    btt_shape(&b, 8, 16, 8, 16, 2);
+    const int r2_128 = btt_via_dense(&b, 4096);
+    check_true(r4_256 && !r4_256_few && !r1_256 && !r4_768 && !r2_128,
+               "BTT through its dense matrix where the BTT path is slower: rank 4 at width 256 (4096 rows), not with 64 rows, not rank 1, not at 768, not rank 2 at 128",
+               "the rule chose otherwise");
+}
+
 int main(void) {
     test_rng_matches_torch();
     test_init_matches_llmc();
@@ -522,5 +591,6 @@ int main(void) {
     test_structured_init();
     test_shipped_configs();
     test_attention_blocks();
+    test_btt_via_dense();
     return test_summary();
 }
