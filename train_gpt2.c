@@ -425,10 +425,10 @@ static int btt_via_dense(const BTTShape *s, int N) {
 }
 static size_t btt_dense_inter_size(const BTTShape *s) { return (size_t)s->d_in * s->d_out + btt_z_size(s, s->d_in); }
 static const float *btt_identity(int n) {  // n x n, in the calling thread's workspace
-    float *I = st_workspace(ST_WS_EYE, (size_t)n * n);
-    memset(I, 0, sizeof(float) * (size_t)n * n);
-    for (int i = 0; i < n; i++) I[(size_t)i * n + i] = 1.0f;
-    return I;
+    float *eye = st_workspace(ST_WS_EYE, (size_t)n * n);
+    memset(eye, 0, sizeof(float) * (size_t)n * n);
+    for (int i = 0; i < n; i++) eye[(size_t)i * n + i] = 1.0f;
+    return eye;
 }
 static void btt_dense_forward(float *out, float *inter, const float *inp, const float *w0, const float *w1, const float *bias, int N,
                               const BTTShape *s) {
