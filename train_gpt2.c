@@ -210,16 +210,20 @@ static void gemm(int M, int N, int K, const float *A, size_t rsa, size_t csa, co
     }
 }
 
+// out (N, OC) += bias (OC), every row; nothing without a bias.
+static void bias_forward(float *out, const float *bias, int N, int OC) {
+    if (!bias) return;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float *o = out + (size_t)r * OC;
+        for (int j = 0; j < OC; j++) o[j] += bias[j];
+    }
+}
+
 // out (N, OC) = inp (N, C) @ w^T (w is OC x C) + bias. Overwrites out.
 void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int C, int OC) {
     gemm(N, OC, C, inp, (size_t)C, 1, w, 1, (size_t)C, out, (size_t)OC, 0);
-    if (bias) {
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < N; r++) {
-            float *o = out + (size_t)r * OC;
-            for (int j = 0; j < OC; j++) o[j] += bias[j];
-        }
-    }
+    bias_forward(out, bias, N, OC);
 }
 
 // dinp (N, C) = dout (N, OC) @ w (OC, C), overwritten; dw (OC, C) += dout^T @ inp; dbias += sum_rows dout.
@@ -436,11 +440,7 @@ static void btt_dense_forward(float *out, float *inter, const float *inp, const 
     float *WT = inter, *zI = inter + (size_t)din * dout;
     btt_forward(WT, zI, btt_identity(din), w0, w1, NULL, din, s);
     gemm(N, dout, din, inp, (size_t)din, 1, WT, (size_t)dout, 1, out, (size_t)dout, 0);
-    if (bias) {
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < N; r++)
-            for (int j = 0; j < dout; j++) out[(size_t)r * dout + j] += bias[j];
-    }
+    bias_forward(out, bias, N, dout);
 }
 // scratch: d_in x d_out for dW^T, then btt_scratch_size(s, d_in)
 static void btt_dense_backward(float *dinp, float *dw0, float *dw1, float *dbias, const float *dout, const float *inp,
@@ -956,6 +956,20 @@ static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) 
     state_read(state_path, st, m->m, m->v, NULL, gpt2_moments_len(m));
 }
 
-#ifndef TESTING
+#ifdef TESTING
+// A model that holds one linear layer, `spec`, as block 0's fc (what the layer benchmark times and
+// the unit tests check): ld describes it, m->params holds its weights and bias, uninitialised.
+static void single_linear_model(GPT2 *m, LinearDesc *ld, const LinearSpec *spec) {
+    memset(m, 0, sizeof(*m));
+    params_init(&m->layout.params);
+    memset(ld, 0, sizeof(*ld));
+    ld->spec = *spec;
+    ld->layer = 0; ld->role = SR_FC; ld->used = 1;
+    linear_add_weights(&m->layout.params, ld, 768, 0);
+    linear_add_bias(&m->layout.params, ld);
+    m->num_params = m->layout.params.total;
+    m->params = (float *)mallocCheck(m->num_params * sizeof(float));
+}
+#else
 #include "common/train_main.h"
 #endif

@@ -518,19 +518,14 @@ static void test_btt_via_dense(void) {
     mt_seed(&rng, 11);
     for (int c = 0; c < 4; c++) {
         const int *sh = shapes[c], N = sh[5];
+        LinearSpec spec;
+        memset(&spec, 0, sizeof(spec));
+        spec.kind = STRUCT_BTT; spec.alpha = sh[0]; spec.gamma = sh[1]; spec.phi = sh[2]; spec.eps = sh[3]; spec.rank = sh[4];
+        spec.d_in = sh[0] * sh[1]; spec.d_out = sh[2] * sh[3]; spec.bias = 1; spec.lr_mult_on = 1;
         GPT2 m;
-        memset(&m, 0, sizeof(m));
-        params_init(&m.layout.params);
         LinearDesc ld;
-        memset(&ld, 0, sizeof(ld));
-        LinearSpec *sp = &ld.spec;
-        sp->kind = STRUCT_BTT; sp->alpha = sh[0]; sp->gamma = sh[1]; sp->phi = sh[2]; sp->eps = sh[3]; sp->rank = sh[4];
-        sp->d_in = sh[0] * sh[1]; sp->d_out = sh[2] * sh[3]; sp->bias = 1; sp->lr_mult_on = 1;
-        ld.layer = 0; ld.role = SR_FC; ld.used = 1;
-        linear_add_weights(&m.layout.params, &ld, 768, 0);
-        linear_add_bias(&m.layout.params, &ld);
-        m.num_params = m.layout.params.total;
-        m.params = (float *)mallocCheck(m.num_params * sizeof(float));
+        single_linear_model(&m, &ld, &spec);
+        const LinearSpec *sp = &ld.spec;
         mt_normal_(m.params, m.num_params, 0.0f, 0.2f, &rng);
         const int din = sp->d_in, dout = sp->d_out;
         float *x = (float *)mallocCheck(sizeof(float) * N * din), *dy = (float *)mallocCheck(sizeof(float) * N * dout);

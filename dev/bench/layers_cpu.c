@@ -49,9 +49,7 @@ int main(int argc, char **argv) {
             nwidths = 0;
             for (char *p = argv[++i], *end; *p; p = *end == ',' ? end + 1 : end) {
                 long d = strtol(p, &end, 10);
-                int a, b;
-                default_factors((int)d, &a, &b);
-                if (end == p || d < 8 || d > 65536 || d % 4 || a < 2 || nwidths == 16 || (*end && *end != ',')) return usage(argv[0]);
+                if (end == p || d < 8 || d > 65536 || d % 4 || nwidths == 16 || (*end && *end != ',')) return usage(argv[0]);
                 widths[nwidths++] = (int)d;
             }
         } else if (npos < 2 && argv[i][0] != '-') {
@@ -92,23 +90,18 @@ int main(int argc, char **argv) {
         fill(dy, (size_t)N * d, 1.0f, &rng);
         double dense_ms = 0, dense_flops = 0;
         for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+            LinearSpec spec;
+            memset(&spec, 0, sizeof(spec));
+            spec.kind = cases[ci].k; spec.d_in = d; spec.d_out = d; spec.bias = 1; spec.lr_mult_on = 1;
+            default_factors(d, &spec.alpha, &spec.gamma);
+            default_factors(d, &spec.phi, &spec.eps);
+            spec.rank = cases[ci].k == STRUCT_BTT_MOE ? cases[ci].experts : cases[ci].rank;
+            spec.blocks = cases[ci].blocks; spec.experts = cases[ci].experts; spec.topk = cases[ci].topk;
+            spec.router_init = 0.5f;  // varied routing, so that expert groups differ as in training
             GPT2 m;
-            memset(&m, 0, sizeof(m));
-            params_init(&m.layout.params);
             LinearDesc ld;
-            memset(&ld, 0, sizeof(ld));
-            LinearSpec *s = &ld.spec;
-            s->kind = cases[ci].k; s->d_in = d; s->d_out = d; s->bias = 1; s->lr_mult_on = 1;
-            default_factors(d, &s->alpha, &s->gamma);
-            default_factors(d, &s->phi, &s->eps);
-            s->rank = cases[ci].k == STRUCT_BTT_MOE ? cases[ci].experts : cases[ci].rank;
-            s->blocks = cases[ci].blocks; s->experts = cases[ci].experts; s->topk = cases[ci].topk;
-            s->router_init = 0.5f;  // varied routing, so that expert groups differ as in training
-            ld.layer = 0; ld.role = SR_FC; ld.used = 1;
-            linear_add_weights(&m.layout.params, &ld, 768, 0);
-            linear_add_bias(&m.layout.params, &ld);
-            m.num_params = m.layout.params.total;
-            m.params = (float *)mallocCheck(m.num_params * sizeof(float));
+            single_linear_model(&m, &ld, &spec);
+            const LinearSpec *s = &ld.spec;
             m.grads = (float *)callocCheck(m.num_params, sizeof(float));
             fill(m.params, m.num_params, 0.05f, &rng);
             double ms = time_layer(&m, &ld, N, reps, x, y, dy, dx);
