@@ -52,8 +52,9 @@
 // 53 KB; hs = 128: 76 / 86.5 / 77 KB. The first tile a block loads (Q, or K and V) goes through the
 // buffers of the loop's tiles: its fragments are in registers before the loop's first
 // __syncthreads. Above 48 KB the kernel's dynamic shared memory attribute is raised. Registers
-// (ptxas, sm_90, hs = 64): forward 128, dK/dV 173, dQ 167, no spills; hs = 128's backward kernels
-// use 255 and spill (a little on sm_90, kilobytes of dK/dV on sm_8x): correct but slow.
+// (ptxas; sm_80 / sm_90 / sm_100): hs = 64 forward 128 / 128 / 128, dK/dV 176 / 174 / 167, dQ 128 /
+// 138 / 128; hs = 128 up to 255. No kernel spills on any of them (tests/test_ptxas.sh checks it;
+// FlashGeom's unroll factors are what keeps it so).
 //
 // What is left: no split-KV (one block per (head, query tile): at small B·NH·T/64 the GPU is not
 // full), no cp.async double buffering of the K/V tiles, no Hopper TMA/wgmma (sm_90 runs the sm_80
@@ -88,6 +89,12 @@ struct FlashGeom {
     static constexpr int SCR_F = 16 * LDS > 16 * LDO ? 16 * LDS : 16 * LDO;              // fp32, forward, per warp
     static constexpr int SCR_B = 2 * 16 * LDS > 16 * LDO ? 2 * 16 * LDS : 16 * LDO;      // fp32, backward (S, dP), per warp
     static constexpr int PT = 16 * LDP;                                                  // bf16, per warp
+    // Unrolling of the backward kernels' two inner loops, the elementwise P, dS loop and the dK, dV
+    // (or dQ) update, from ptxas's reports (tests/test_ptxas.sh): unrolled fully, sm_80 spilled
+    // (dK/dV at hs 64 past 255 registers, at hs 128 9 KB of local memory per thread) and every GPU
+    // spilled at hs 128, whose accumulators and K, V fragments alone hold 192 registers.
+    static constexpr int UNROLL_ELEM = D >= 128 ? 8 : 4;
+    static constexpr int UNROLL_UPD = D >= 128 ? 1 : FT_BR / 16;
     static constexpr size_t FWD_BYTES = 2 * TILE * sizeof(floatX) + FT_NWARPS * (SCR_F * sizeof(float) + PT * sizeof(floatX));
     static constexpr size_t DKDV_BYTES =
         2 * TILE * sizeof(floatX) + FT_NWARPS * (SCR_B * sizeof(float) + 2 * PT * sizeof(floatX)) + 2 * FT_BR * sizeof(float);
@@ -368,7 +375,7 @@ __global__ void __launch_bounds__(FT_THREADS)
 
         // Pᵀ and dSᵀ of key row r: query columns c0, c0+2, ...
         const bool need_mask = ft_tile_needs_mask(qt, kt, T);
-#pragma unroll
+#pragma unroll (G::UNROLL_ELEM)
         for (int jj = 0; jj < FT_BR / 2; jj++) {
             const int c = c0 + 2 * jj;
             const float p = need_mask && ft_masked(q0 + c, kj, T) ? 0.0f : exp2f(sS[r * LDS + c] * scale_log2 - sLse[c]);
@@ -379,7 +386,7 @@ __global__ void __launch_bounds__(FT_THREADS)
         __syncwarp();
 
         // dV += Pᵀ·dO, dK += dSᵀ·Q (sums over this tile's 64 queries)
-#pragma unroll
+#pragma unroll (G::UNROLL_UPD)
         for (int k = 0; k < FT_BR / 16; k++) {
             FragA pa, dsa;
             wmma::load_matrix_sync(pa, sP + k * 16, LDP);
@@ -462,7 +469,7 @@ __global__ void __launch_bounds__(FT_THREADS)
 
         // dS of query row r: key columns c0, c0+2, ...
         const bool need_mask = ft_tile_needs_mask(qt, kt, T);
-#pragma unroll
+#pragma unroll (G::UNROLL_ELEM)
         for (int jj = 0; jj < FT_BC / 2; jj++) {
             const int c = c0 + 2 * jj;
             const float p = need_mask && ft_masked(qi, k0 + c, T) ? 0.0f : exp2f(sS[r * LDS + c] * scale_log2 - lse2);
@@ -471,7 +478,7 @@ __global__ void __launch_bounds__(FT_THREADS)
         __syncwarp();
 
         // dQ += dS·K
-#pragma unroll
+#pragma unroll (G::UNROLL_UPD)
         for (int k = 0; k < FT_BC / 16; k++) {
             FragA dsa;
             wmma::load_matrix_sync(dsa, sdS + k * 16, LDP);

@@ -37,6 +37,7 @@ else
     echo "=== cuDNN attention graphs: not built (no cuDNN frontend headers: pip install --no-deps -r requirements-cudnn.txt)"
 fi
 count "fused kernels in PTX: inline wmma loads, 16-byte stores (tests/test_fused_ptx.sh)" bash tests/test_fused_ptx.sh
+count "no register spills in the trainer's kernels, sm_80/90/100 (tests/test_ptxas.sh)" bash tests/test_ptxas.sh
 count "CUDA kernels on the CPU simulator (tests/cuda_sim)" ./build/cuda_sim/test_sim_kernels
 count "CUDA kernels, random thread order" env SIM_SERIAL=1 ./build/cuda_sim/test_sim_kernels sim order attention structured fused
 count "GPU trainer's main on the CPU simulator" bash tests/cuda_sim/test_sim_trainer.sh

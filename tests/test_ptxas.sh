@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# test_ptxas.sh: what ptxas reports about the GPU trainer's kernels, for sm_80, sm_90 and sm_100:
+# no kernel may spill registers to local memory or keep a stack frame. A spill is invisible to the
+# CPU simulator and to every correctness test, and costs speed on the GPU (before this check, the
+# flash-attention dK/dV kernel at head size 128 kept 9 KB per thread in local memory on sm_80).
+# Prints each architecture's register counts of the kernels that matter most for speed.
+# Without nvcc: skipped.
+cd "$(dirname "$0")/.."
+source tests/lib.sh
+NVCC=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+if [ -z "$NVCC" ]; then
+    echo "# nvcc not found: register spills are not checked"
+    summary; exit
+fi
+
+# kernels that must be among those reported (a parse that finds too few fails rather than passes)
+must=(adamw_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_kernel<64>" "flash_bwd_dkdv_kernel<64>"
+      "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel)
+for arch in 80 90 100; do
+    log="$W/ptxas_sm$arch.log"
+    if ! "$NVCC" -O3 --use_fast_math -std=c++17 -I. -arch=sm_$arch -Xptxas -v -c train_gpt2.cu -o "$W/t$arch.o" > "$log" 2>&1; then
+        bad "sm_$arch: nvcc train_gpt2.cu" "$(grep -m3 -i error "$log")"
+        continue
+    fi
+    # one line per kernel: registers, stack frame bytes, spill store bytes, spill load bytes, name
+    awk '/Function properties for/ {n = $NF}
+         /bytes stack frame/ {s = $1 " " $5 " " $9}
+         /Used [0-9]+ registers/ && n != "" {print $5, s, n; n = ""}' "$log" |
+        c++filt | sed -E 's/^([0-9]+ [0-9]+ [0-9]+ [0-9]+ )(void )?([^(]*)\(.*/\1\3/' > "$W/res$arch"
+    nk=$(grep -c . "$W/res$arch")
+    missing=""
+    for k in "${must[@]}"; do grep -qF " $k" "$W/res$arch" || missing="$missing $k"; done
+    if [ "$nk" -lt 50 ] || [ -n "$missing" ]; then
+        bad "sm_$arch: ptxas's report" "$nk kernels parsed; missing:${missing:- none}"
+        continue
+    fi
+    spills=$(awk '$2 > 0 || $3 > 0 || $4 > 0 {printf "%s (%s registers, stack %s, spill stores %s, loads %s bytes); ", substr($0, index($0, $5)), $1, $2, $3, $4}' "$W/res$arch")
+    [ -z "$spills" ] && ok "sm_$arch: none of the trainer's $nk kernels spills registers or uses a stack frame" \
+                     || bad "sm_$arch: register spills" "$spills"
+    regs() { awk -v k="$1" 'substr($0, index($0, $5)) == k {print $1}' "$W/res$arch"; }
+    echo "# sm_$arch registers: flash hs 64 fwd $(regs "flash_fwd_kernel<64>"), dK/dV $(regs "flash_bwd_dkdv_kernel<64>"), dQ $(regs "flash_bwd_dq_kernel<64>");" \
+         "hs 128 dK/dV $(regs "flash_bwd_dkdv_kernel<128>"); BTT fused <1,1> $(regs "btt_fused_kernel<1, 1>"), <4,3> $(regs "btt_fused_kernel<4, 3>");" \
+         "Monarch fwd <4> $(regs "monarch_fused_kernel<4>"); layernorm fwd $(regs layernorm_forward_kernel); classifier $(regs fused_classifier_kernel)"
+done
+summary
