@@ -14,7 +14,8 @@
 //    (__shfl*_sync, __ballot_sync, __any/__all_sync, __match_any_sync), which are real barriers
 //    over the warp's lanes (a collective waits for every live lane of its mask). Blocks are
 //    independent: each OS worker runs one block at a time (SIM_THREADS workers, default 2).
-//  - `__shared__` is `thread_local`: static shared arrays are per worker, i.e. per running block.
+//  - `__shared__` is `thread_local`: static shared arrays are per worker, i.e. per running block,
+//    and refilled with 0xFF when a block's first thread reaches them (SIM_SHARED_POISON).
 //    Dynamic shared memory (`extern __shared__ T name[]`) is a per-worker array (defined by the
 //    sim_extern_shared.inc simify.py writes), filled with 0xFF (NaN) at every block start, with a
 //    PROT_NONE page right after the launch's byte count rounded up to a page and a 0xFF canary
@@ -47,8 +48,8 @@
 // ordering, caches, __threadfence semantics; a warp collective orders its lanes' memory accesses
 // here, so a missing __syncwarp right after a shuffle is not seen), timing and performance,
 // fast-math precision, tensor-core and cuBLAS accumulation orders, device-pointer dereferences from
-// host code, streams (all work is synchronous), reads of stale static __shared__ values left by a
-// previous block, register / local memory limits and __launch_bounds__, inline PTX, collectives
+// host code, streams (all work is synchronous), register / local memory limits and
+// __launch_bounds__, inline PTX, collectives
 // whose lanes use different (disjoint) masks at the same time (reported as an error).
 #pragma once
 #ifndef CUDA_SIM_H
@@ -1439,8 +1440,24 @@ inline void sim_deadlock(SimWorker *w) {
              w->alive, w->nthreads, w->block_arrived, buf);
 }
 
+// Static __shared__ arrays are thread_local here, so a block would find the values the worker's
+// previous block left in them. simify.py puts SIM_SHARED_POISON(name) after each declaration: the
+// first thread of a block to reach it (before any thread of the block can have written the array)
+// fills the array with garbage, as dynamic shared memory is at every block start, so that a read
+// before the block's own write gives NaN (or -1) instead of a plausible stale value.
+inline thread_local unsigned long long t_sim_block_serial = 0;  // this worker's blocks, counted
+#define SIM_SHARED_POISON(name)                                                             \
+    do {                                                                                    \
+        static thread_local unsigned long long sim_poisoned_in = 0;                         \
+        if (sim_poisoned_in != t_sim_block_serial) {                                        \
+            sim_poisoned_in = t_sim_block_serial;                                           \
+            memset((void *)&(name), SIM_GARBAGE, sizeof(name));                             \
+        }                                                                                   \
+    } while (0)
+
 inline void sim_run_block(SimWorker *w, const SimJob &job, unsigned long long lin) {
     w->job = &job;
+    t_sim_block_serial++;
     unsigned long long gx = job.grid.x, gy = job.grid.y;
     w->block = uint3{(unsigned)(lin % gx), (unsigned)((lin / gx) % gy), (unsigned)(lin / (gx * gy))};
     blockIdx = w->block;

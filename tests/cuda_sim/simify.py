@@ -6,10 +6,12 @@
 
 Copies every C/C++/CUDA source of the repository (.cu .cuh .h .c .cpp .hpp; not build/, out/,
 data/, .git/, tests/cuda_sim/) into the output directory, at the same relative paths, rewriting
-only two things, in code (never in comments or string literals):
+only three things, in code (never in comments or string literals):
 
   - `#include <cuda_runtime.h>` (and cuda_bf16.h, cublas_v2.h, cublasLt.h, mma.h, cuda.h,
     cuda_fp16.h, cublas.h, cuda_runtime_api.h) becomes `#include "cuda_sim.h"`;
+  - after every static `__shared__ ...;` declaration, on the same line, `SIM_SHARED_POISON(name);`
+    for each name it declares (cuda_sim.h refills the array with garbage at each block's start);
   - every kernel launch `name<<<grid, block[, smem[, stream]]>>>(args)` (name may be qualified
     and carry template arguments, `name<64, T>`; the launch may span lines) becomes
     `sim_launch(name, sim_cfg(grid, block[, smem[, stream]]).at("name", __FILE__, __LINE__), args)`.
@@ -291,9 +293,58 @@ def extern_shared_arrays(text, path):
     return found
 
 
+STATIC_SHARED_RE = re.compile(r"\b__shared__\b")
+DECLARATOR_NAME_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:\[|=|$)")
+
+
+def static_shared_names(decl, where):
+    """The names a `__shared__ <decl>;` declares: `float a[32], b[2][4]` -> [a, b]."""
+    decl = re.sub(r"__align__\s*\(\s*\d+\s*\)", " ", decl)
+    parts, depth, cur = [], 0, ""
+    for c in decl:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+    parts.append(cur)
+    names = []
+    for i, part in enumerate(parts):
+        part = part.strip()
+        m = DECLARATOR_NAME_RE.search(part) if i == 0 else re.match(r"\**\s*([A-Za-z_]\w*)", part)
+        if not m or (i == 0 and not part[:m.start()].strip()):
+            raise SimifyError("%s: cannot read the names declared by `__shared__ %s;`" % (where, decl.strip()))
+        names.append(m.group(1))
+    return names
+
+
+def rewrite_static_shared(text, path="<text>"):
+    """After each (non-extern) `__shared__ ...;`, on the same line, SIM_SHARED_POISON(name) for each
+    name it declares: cuda_sim.h refills the array with garbage when a block's first thread gets there."""
+    mask = code_mask(text)
+    edits = []
+    for m in STATIC_SHARED_RE.finditer(text):
+        if not mask[m.start()] or re.search(r"\bextern\s+$", text[max(0, m.start() - 40):m.start()]):
+            continue
+        end = m.end()
+        while end < len(text) and not (text[end] == ";" and mask[end]):
+            end += 1
+        where = "%s:%d" % (path, line_of(text, m.start()))
+        if end == len(text):
+            raise SimifyError("%s: `__shared__` declaration without a `;`" % where)
+        names = static_shared_names(text[m.end():end], where)
+        edits.append((end + 1, "".join(" SIM_SHARED_POISON(%s);" % n for n in names)))
+    for pos, ins in reversed(edits):
+        text = text[:pos] + ins + text[pos:]
+    return text, len(edits)
+
+
 def simify_text(text, path="<text>"):
     text, n = rewrite_launches(text, path)
     text = rewrite_includes(text)
+    text, _ = rewrite_static_shared(text, path)
     return text, n
 
 
@@ -383,6 +434,14 @@ def self_test():
     es = extern_shared_arrays("  extern __shared__ __align__(128) unsigned char flash_smem[];\n// extern __shared__ float x[];\n", "t")
     if [(t, n) for t, n, _ in es] != [("unsigned char", "flash_smem")]:
         print("FAIL extern shared: %r" % es)
+        bad += 1
+    ss, _ = rewrite_static_shared("  __shared__ float sh_m[32], sh_s[32];\n  extern __shared__ float dyn[];\n"
+                                  "  __shared__ __align__(128) floatX w[SW][2 * 256];  // __shared__ x;\n  __shared__ int n;\n")
+    want_ss = ("  __shared__ float sh_m[32], sh_s[32]; SIM_SHARED_POISON(sh_m); SIM_SHARED_POISON(sh_s);\n  extern __shared__ float dyn[];\n"
+               "  __shared__ __align__(128) floatX w[SW][2 * 256]; SIM_SHARED_POISON(w);  // __shared__ x;\n"
+               "  __shared__ int n; SIM_SHARED_POISON(n);\n")
+    if ss != want_ss:
+        print("FAIL static shared rewrite:\n  got  %r\n  want %r" % (ss, want_ss))
         bad += 1
     for broken in ("k<<<1>>>(x);", "<<<1, 2>>>(x);", "k<<<1, 2>>> x;"):
         try:

@@ -1390,6 +1390,14 @@ __global__ void k_neighbour(float *out, int with_barrier) {
     if (with_barrier) __syncthreads();
     out[blockIdx.x * blockDim.x + threadIdx.x] = sh[(threadIdx.x + 33) % blockDim.x];
 }
+// reads its static shared value before writing it (simify.py adds SIM_SHARED_POISON to the
+// sources' declarations; this file is not simified, so it is written out here)
+__global__ void k_stale_shared(float *out) {
+    __shared__ float sh[32]; SIM_SHARED_POISON(sh);
+    out[blockIdx.x * 32 + threadIdx.x] = sh[threadIdx.x];
+    __syncthreads();
+    sh[threadIdx.x] = 1.0f + blockIdx.x;
+}
 __global__ void k_collectives(unsigned *out) {
     unsigned lane = threadIdx.x % 32;
     unsigned b = __ballot_sync(0xffffffffu, lane % 3 == 0);
@@ -1545,6 +1553,17 @@ static void test_simulator() {
         std::vector<float> a = run(0, 1), b = run(0, 2), c = run(1, 1), e = run(1, 2), f = run(1, 0);
         check_true(a != b, "sim: random thread order exposes a missing __syncthreads (results differ between seeds)", "same results");
         check_true(c == e && e == f, "sim: with the barrier the result is the same in every order", "differs");
+    }
+    // static shared memory: each block finds garbage, not the previous block's values
+    {
+        float *p = dev_alloc<float>(8 * 32);
+        LAUNCH(k_stale_shared, 8, 32, 0, p);
+        std::vector<float> o = down(p, 8 * 32);
+        int nan = 0;
+        for (float v : o) nan += std::isnan(v);
+        check_true(nan == 8 * 32, "sim: a static __shared__ array read before its block writes it gives NaN in every block",
+                   nm("%d of %d reads NaN", nan, 8 * 32));
+        cudaCheck(cudaFree(p));
     }
     expect_child(child_oob_guard, "past the end of device buffer", "an out-of-bounds write reaching the guard page");
     expect_child(child_oob_canary, "written 16 bytes past its end", "an out-of-bounds write inside the allocation's rounding");
