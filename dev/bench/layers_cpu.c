@@ -1,6 +1,6 @@
 // layers_cpu.c: one linear layer, forward + backward on the CPU, at widths 768, 1024, 2048 and
 // 4096 tokens: each structure's time against dense next to its FLOP ratio (issue 3's benchmark).
-//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps] [--results] [--dims 256,512])
+//   make bench-layers   (or: build/bench_layers_cpu [tokens] [reps] [--results] [--dims 256,512] [--only btt_moe_8x2,...])
 // --results adds a line "RESULT d=... struct=... ms=..." per row, with the structure names of
 // dev/bench/structured_torch.py (dense, btt_r1, btt_r2, btt_r4, monarch_4, monarch_sqrt,
 // btt_moe_8x2), for dev/bench/torch_cpu.sh to join the two.
@@ -34,14 +34,26 @@ static double time_layer(GPT2 *m, LinearDesc *ld, int N, int reps, float *x, flo
     return best * 1e3;
 }
 
+static const char *const CASE_NAMES[] = {"dense", "btt_r1", "btt_r2", "btt_r4", "monarch_4", "monarch_sqrt", "btt_moe_8x2"};
+
+// whether name is one of the comma-separated names in list
+static int name_listed(const char *list, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = list; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+        if (strncmp(p, name, n) == 0 && (p[n] == ',' || p[n] == '\0')) return 1;
+    return 0;
+}
+
 static int usage(const char *prog) {
-    fprintf(stderr, "usage: %s [tokens >= 1] [reps >= 1] [--results] [--dims D,D,...]   (widths: 768,1024,2048;\n"
-                    "       each a multiple of 4 (Monarch's 4 blocks), e.g. 128,256,384,512)\n", prog);
+    fprintf(stderr, "usage: %s [tokens >= 1] [reps >= 1] [--results] [--dims D,D,...] [--only NAME,...]\n"
+                    "  --dims: widths (default 768,1024,2048), each a multiple of 4 (Monarch's 4 blocks), e.g. 128,256,384,512\n"
+                    "  --only: these structures (and dense, the baseline): btt_r1 btt_r2 btt_r4 monarch_4 monarch_sqrt btt_moe_8x2\n", prog);
     return 1;
 }
 
 int main(int argc, char **argv) {
     int N = 4096, reps = 3, result_lines = 0, npos = 0, widths[16] = {768, 1024, 2048}, nwidths = 3;
+    const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--results") == 0) {
             result_lines = 1;
@@ -52,6 +64,8 @@ int main(int argc, char **argv) {
                 if (end == p || d < 8 || d > 65536 || d % 4 || nwidths == 16 || (*end && *end != ',')) return usage(argv[0]);
                 widths[nwidths++] = (int)d;
             }
+        } else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+            only = argv[++i];
         } else if (npos < 2 && argv[i][0] != '-') {
             *(npos++ == 0 ? &N : &reps) = atoi(argv[i]);
         } else {
@@ -59,6 +73,17 @@ int main(int argc, char **argv) {
         }
     }
     if (N < 1 || reps < 1 || nwidths < 1) return usage(argv[0]);
+    for (const char *p = only; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {  // every --only name is a structure's
+        int known = 0;
+        for (size_t i = 0; i < sizeof(CASE_NAMES) / sizeof(CASE_NAMES[0]); i++) {
+            size_t n = strlen(CASE_NAMES[i]);
+            known |= strncmp(p, CASE_NAMES[i], n) == 0 && (p[n] == ',' || p[n] == '\0');
+        }
+        if (!known) {
+            fprintf(stderr, "--only: unknown structure at '%s'\n", p);
+            return usage(argv[0]);
+        }
+    }
     printf("one linear layer d -> d, forward + backward, %d tokens, best of %d (fp32, %s, %d threads)\n", N, reps,
 #ifdef USE_CBLAS
            "dense: OpenBLAS, structured: built-in " CG_ISA " kernel",
@@ -90,6 +115,7 @@ int main(int argc, char **argv) {
         fill(dy, (size_t)N * d, 1.0f, &rng);
         double dense_ms = 0, dense_flops = 0;
         for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+            if (ci > 0 && only && !name_listed(only, cases[ci].name)) continue;
             LinearSpec spec;
             memset(&spec, 0, sizeof(spec));
             spec.kind = cases[ci].k; spec.d_in = d; spec.d_out = d; spec.bias = 1; spec.lr_mult_on = 1;
