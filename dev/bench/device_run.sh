@@ -9,6 +9,9 @@
 #   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
 #                               was built and this machine's libcudnn loads
 #   4. dev/cuda programs        each kernel's numbered versions against its CPU check and roofline
+#   5. sanitize.sh              compute-sanitizer's memcheck, racecheck, initcheck and synccheck on
+#                               tiny dense and structured runs (last: only with budget left, or
+#                               STAGES=sanitize in a call of its own)
 # Binaries come from .device/ (dev/bench/device_prep.sh, run where nvcc is; carry ".device");
 # when they cannot start there, everything is built on the spot first (minutes of the budget).
 # Each stage gets at most its share and what is left of BUDGET seconds (default 480), so the call
@@ -19,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
-STAGES=${STAGES:-"test structured gpu cudnn kernels"}
+STAGES=${STAGES:-"test structured gpu cudnn kernels sanitize"}
 RES=${OUT:-/tmp/device_out}
 mkdir -p "$RES" || exit 1
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
@@ -108,7 +111,8 @@ for s in $STAGES; do
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
-        *) say "stage $s: unknown (test, cudnn, structured, gpu, kernels)" ;;
+        sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" bash dev/bench/sanitize.sh ;;
+        *) say "stage $s: unknown (test, cudnn, structured, gpu, kernels, sanitize)" ;;
     esac
 done
 
@@ -149,6 +153,11 @@ if [ -f "$LOGS/kernels.log" ]; then
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
     # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
     sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
+fi
+if [ -f "$LOGS/sanitize.log" ]; then
+    say ""
+    say "== compute-sanitizer (sanitize.sh): $(tail -1 "$LOGS/sanitize.log")"
+    grep -E '^FAIL' "$LOGS/sanitize.log" | head -12 >> "$SUMMARY"
 fi
 tar -czf "$RES/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 say ""
