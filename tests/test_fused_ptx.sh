@@ -16,11 +16,7 @@
 # Without nvcc: skipped.
 cd "$(dirname "$0")/.."
 source tests/lib.sh
-NVCC=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-if [ -z "$NVCC" ]; then
-    echo "# nvcc not found: the fused kernels' PTX is not checked"
-    summary; exit
-fi
+need_nvcc "the fused kernels' PTX is not checked"
 
 # the wmma lines of one kernel's PTX body, normalised
 wmma_of() {  # ptx-file kernel-name

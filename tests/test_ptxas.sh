@@ -7,11 +7,7 @@
 # Without nvcc: skipped.
 cd "$(dirname "$0")/.."
 source tests/lib.sh
-NVCC=$(command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-if [ -z "$NVCC" ]; then
-    echo "# nvcc not found: register spills are not checked"
-    summary; exit
-fi
+need_nvcc "register spills are not checked"
 
 # kernels that must be among those reported (a parse that finds too few fails rather than passes)
 must=(adamw_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_kernel<64>" "flash_bwd_dkdv_kernel<64>"

@@ -29,37 +29,9 @@ fi
 source dev/bench/common.sh
 ensure_tinyshakespeare > "$LOGDIR/data.log" 2>&1 || { bad "sanitize" "no tinyshakespeare data: $(tail -1 "$LOGDIR/data.log")"; summary; exit; }
 
-cat > "$LOGDIR/dense.cfg" <<'EOF'
-n_layer = 2
-n_head = 2
-n_embd = 64
-vocab_size = 50257
-max_seq_len = 64
-EOF
-cat > "$LOGDIR/struct.cfg" <<'EOF'
-n_layer = 2
-n_head = 2
-n_embd = 64
-vocab_size = 50257
-max_seq_len = 64
-moe_aux_weight = 0.01
-
-[linear]
-struct = btt
-rank = 2
-
-[linear.v]
-struct = monarch
-blocks = 4
-
-[linear.fc]
-struct = btt_moe
-experts = 4
-topk = 2
-EOF
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
-RUN=(-i "$TRAIN" -j "$VAL" -b 2 -t 64 -x 2 -v 2 -m 1 -s 2 -g 4 -tk data/tinyshakespeare/gpt2_tokenizer.bin)
-CASES=("dense:$LOGDIR/dense.cfg:-sk 0" "struct_sk1:$LOGDIR/struct.cfg:-sk 1" "struct_sk0:$LOGDIR/struct.cfg:-sk 0")
+RUN=(-i "$TRAIN" -j "$VAL" -b 2 -t 32 -x 2 -v 2 -m 1 -s 2 -g 4 -tk data/tinyshakespeare/gpt2_tokenizer.bin)
+CASES=("dense:tests/configs/tiny_dense.conf:-sk 0" "struct_sk1:tests/configs/tiny_mixed.conf:-sk 1" "struct_sk0:tests/configs/tiny_mixed.conf:-sk 0")
 for tool in $TOOLS; do
     extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report analysis)

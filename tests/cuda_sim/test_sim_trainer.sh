@@ -15,34 +15,8 @@ source tests/lib.sh
 [ -x "$BIN" ] || { bad "simulated GPU trainer" "$BIN not built"; summary; exit 1; }
 
 python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 --eval_examples 24 > /dev/null
-cat > "$W/dense.cfg" <<'EOF'
-n_layer = 2
-n_head = 2
-n_embd = 32
-vocab_size = 50257
-max_seq_len = 32
-EOF
-cat > "$W/struct.cfg" <<'EOF'
-n_layer = 2
-n_head = 2
-n_embd = 32
-vocab_size = 50257
-max_seq_len = 32
-moe_aux_weight = 0.01
-
-[linear]
-struct = btt
-rank = 2
-
-[linear.v]
-struct = monarch
-blocks = 4
-
-[linear.fc]
-struct = btt_moe
-experts = 4
-topk = 2
-EOF
+cp tests/configs/tiny_dense.conf "$W/dense.cfg"
+cp tests/configs/tiny_mixed.conf "$W/struct.cfg"
 COMMON=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -tk data/tinyshakespeare/gpt2_tokenizer.bin)
 
 # losses of the "step" lines, one per line
