@@ -134,7 +134,8 @@ ifneq ($(NVCC),)
   ifeq ($(GPU_COMPUTE_CAPABILITY),)
     GPU_COMPUTE_CAPABILITY := 90
   endif
-  NVCC_FLAGS = -O3 --use_fast_math -std=c++17 -I. -arch=sm_$(GPU_COMPUTE_CAPABILITY) \
+  # -lineinfo: source lines in compute-sanitizer's and ncu's reports (dev/bench/sanitize.sh); the code is the same
+  NVCC_FLAGS = -O3 --use_fast_math -lineinfo -std=c++17 -I. -arch=sm_$(GPU_COMPUTE_CAPABILITY) \
                -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Wno-unused-function
   NVCC_LDLIBS = -lcublas -lcublasLt
   CUDA_H = $(wildcard cuda/*.cuh structured/*.cuh) $(COMMON_H)

@@ -14,7 +14,7 @@ must=(adamw_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_k
       "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel)
 for arch in 80 90 100; do
     log="$W/ptxas_sm$arch.log"
-    if ! "$NVCC" -O3 --use_fast_math -std=c++17 -I. -arch=sm_$arch -Xptxas -v -c train_gpt2.cu -o "$W/t$arch.o" > "$log" 2>&1; then
+    if ! "$NVCC" -O3 --use_fast_math -lineinfo -std=c++17 -I. -arch=sm_$arch -Xptxas -v -c train_gpt2.cu -o "$W/t$arch.o" > "$log" 2>&1; then
         bad "sm_$arch: nvcc train_gpt2.cu" "$(grep -m3 -i error "$log")"
         continue
     fi
