@@ -151,6 +151,21 @@ if [ -x ./train_gpt2_mpi ] && command -v mpirun > /dev/null; then
     check_stop "2 ranks (mpirun)" $NM USR1 $rc "$W/mpi.log" "$W/mpi" "$W/mref.log" "$W/mref" 2 \
         "${MPI[@]}" ./train_gpt2_mpi "${COMMON[@]}" -b 2 -x $NM -n $NM -o "$W/mpi" -y 1
 
+    # the GPU trainer's two ranks on the simulator (tests/cuda_sim/nccl_sim.h): the same agreement,
+    # through the NCCL host all-reduce
+    GM=build/cuda_sim/train_gpt2cu_mgpu
+    if [ -x $GM ]; then
+        NG=16
+        "${MPI[@]}" $GM "${COMMON[@]}" -b 2 -x $NG -n $NG -o "$W/gref" > "$W/gref.log" 2>&1 || bad "2-rank GPU reference run" "$(tail -n 2 "$W/gref.log")"
+        grank1() { pgrep -f "train_gpt2cu_mgpu .*-o $W/gmpi" | sort -n | tail -1; }
+        start_and_signal "$W/gmpi.log" USR1 grank1 "${MPI[@]}" $GM "${COMMON[@]}" -b 2 -x $NG -n $NG -o "$W/gmpi"
+        rc=$?
+        [ $rc -ne 0 ] && rc=138
+        grep -q 'Exit code: *138' "$W/gmpi.log" || rc=1
+        check_stop "GPU trainer, 2 ranks (simulated, mpirun)" $NG USR1 $rc "$W/gmpi.log" "$W/gmpi" "$W/gref.log" "$W/gref" 2 \
+            "${MPI[@]}" $GM "${COMMON[@]}" -b 2 -x $NG -n $NG -o "$W/gmpi" -y 1
+    fi
+
     # scripts/launch.sh (the crash-tolerant launcher) passes SIGUSR1 on and ends with the run
     # instead of resuming it; started again, it carries on from the stop's checkpoint
     LAUNCH_ENV=(NPROC=2 OUT="$W/L" STEPS=30 BIN=./train_gpt2_mpi RETRY_SLEEP=0 MPIRUN="mpirun --oversubscribe --mca mpi_yield_when_idle 1 -x OMP_NUM_THREADS")

@@ -9,7 +9,8 @@ data/, .git/, tests/cuda_sim/) into the output directory, at the same relative p
 only three things, in code (never in comments or string literals):
 
   - `#include <cuda_runtime.h>` (and cuda_bf16.h, cublas_v2.h, cublasLt.h, mma.h, cuda.h,
-    cuda_fp16.h, cublas.h, cuda_runtime_api.h) becomes `#include "cuda_sim.h"`;
+    cuda_fp16.h, cublas.h, cuda_runtime_api.h) becomes `#include "cuda_sim.h"`, and
+    `#include <nccl.h>` `#include "nccl_sim.h"`;
   - after every static `__shared__ ...;` declaration, on the same line, `SIM_SHARED_POISON(name);`
     for each name it declares (cuda_sim.h refills the array with garbage at each block's start);
   - every kernel launch `name<<<grid, block[, smem[, stream]]>>>(args)` (name may be qualified
@@ -28,6 +29,7 @@ import re
 import sys
 
 SIM_HEADER = "cuda_sim.h"
+NCCL_HEADER = "nccl_sim.h"  # NCCL between processes (multi-GPU code)
 REPLACED_HEADERS = {
     "cuda_runtime.h", "cuda_runtime_api.h", "cuda.h", "cuda_bf16.h", "cuda_fp16.h",
     "cublas_v2.h", "cublas.h", "cublasLt.h", "mma.h", "device_launch_parameters.h",
@@ -271,6 +273,8 @@ def rewrite_includes(text):
             return m.group(0)
         if m.group(2) in REPLACED_HEADERS:
             return '%s"%s" /* was <%s> */' % (m.group(1), SIM_HEADER, m.group(2))
+        if m.group(2) == "nccl.h":
+            return '%s"%s" /* was <%s> */' % (m.group(1), NCCL_HEADER, m.group(2))
         return m.group(0)
 
     return INCLUDE_RE.sub(repl, text)
@@ -425,9 +429,9 @@ def self_test():
         if got.count("\n") != src.count("\n"):
             print("FAIL line count changed for %r" % src)
             bad += 1
-    inc = rewrite_includes('#include <cuda_runtime.h>\n  # include <mma.h>\n#include <stdio.h>\n// #include <cublasLt.h>\n')
+    inc = rewrite_includes('#include <cuda_runtime.h>\n  # include <mma.h>\n#include <stdio.h>\n// #include <cublasLt.h>\n#include <nccl.h>\n')
     want_inc = ('#include "cuda_sim.h" /* was <cuda_runtime.h> */\n  # include "cuda_sim.h" /* was <mma.h> */\n'
-                '#include <stdio.h>\n// #include <cublasLt.h>\n')
+                '#include <stdio.h>\n// #include <cublasLt.h>\n#include "nccl_sim.h" /* was <nccl.h> */\n')
     if inc != want_inc:
         print("FAIL include rewrite: %r" % inc)
         bad += 1

@@ -1,0 +1,234 @@
+// nccl_sim.h: the NCCL subset cuda/multigpu.cuh uses, for the CPU simulator (simify.py rewrites
+// `#include <nccl.h>` to this header): the ranks are processes (mpirun, or -pi fs|tcp) that meet in
+// one file mapped into each (its path is the ncclUniqueId), so that the GPU trainer's data-parallel
+// code runs in CI without GPUs.
+//
+// Each collective: every rank copies its input into its own slot of the file, all wait at a
+// barrier, each reduces the slots in rank order into its output (fp32 or fp64 sums, ncclAvg then
+// divided by the rank count, bf16 rounded to nearest even once at the end: deterministic, the same
+// on every rank), and all wait again before a slot is reused. The collectives are synchronous
+// (the simulator has no streams). Device pointers must lie in cudaMalloc'd buffers, whole count
+// included (sim_check_range), so a rank's ZeRO slice past its buffer fails with the offsets.
+// A barrier that waits longer than STRUCTGPT_NCCL_TIMEOUT seconds (default 120) returns
+// ncclRemoteError: a dead rank gives an error, not a hung test.
+// Slot size: SIM_NCCL_SLOT_MB (default 64) per rank; a larger collective is an error saying so.
+#pragma once
+#include <atomic>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "cuda_sim.h"
+
+typedef enum {
+    ncclSuccess = 0,
+    ncclUnhandledCudaError = 1,
+    ncclSystemError = 2,
+    ncclInternalError = 3,
+    ncclInvalidArgument = 4,
+    ncclInvalidUsage = 5,
+    ncclRemoteError = 6,
+} ncclResult_t;
+typedef enum { ncclInt32 = 2, ncclFloat32 = 7, ncclFloat = 7, ncclFloat64 = 8, ncclDouble = 8, ncclBfloat16 = 9 } ncclDataType_t;
+typedef enum { ncclSum = 0, ncclProd = 1, ncclMax = 2, ncclMin = 3, ncclAvg = 4 } ncclRedOp_t;
+typedef struct { char internal[128]; } ncclUniqueId;
+
+struct SimNcclHeader {
+    std::atomic<unsigned> arrived;     // ranks at the current barrier
+    std::atomic<unsigned> generation;  // barriers completed
+    std::atomic<unsigned> joined;      // ranks that mapped the file
+};
+struct SimNcclComm {
+    int nranks, rank;
+    size_t slot_bytes, map_bytes;
+    char *base;  // header, then nranks slots
+    char path[128];
+    char last_error[256];
+};
+typedef SimNcclComm *ncclComm_t;
+inline char g_sim_nccl_error[256];
+
+inline const char *ncclGetErrorString(ncclResult_t r) {
+    switch (r) {
+        case ncclSuccess: return "no error";
+        case ncclSystemError: return "unhandled system error";
+        case ncclInvalidArgument: return "invalid argument";
+        case ncclInvalidUsage: return "invalid usage";
+        case ncclRemoteError: return "remote process exited or there was a network error";
+        default: return "internal error";
+    }
+}
+inline const char *ncclGetLastError(ncclComm_t comm) { return comm ? comm->last_error : g_sim_nccl_error; }
+
+inline ncclResult_t sim_nccl_fail(ncclComm_t comm, ncclResult_t r, const char *fmt, ...) {
+    char *dst = comm ? comm->last_error : g_sim_nccl_error;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(dst, 256, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+inline ncclResult_t ncclGetUniqueId(ncclUniqueId *id) {
+    static int made = 0;
+    memset(id, 0, sizeof(*id));
+    const char *tmp = getenv("TMPDIR");
+    snprintf(id->internal, sizeof(id->internal), "%s/sim_nccl_%d_%d_%ld", tmp && *tmp ? tmp : "/tmp", (int)getpid(), made++, (long)time(NULL));
+    return ncclSuccess;
+}
+
+inline double sim_nccl_timeout() {
+    const char *t = getenv("STRUCTGPT_NCCL_TIMEOUT");
+    return t && atof(t) > 0 ? atof(t) : 120.0;
+}
+inline double sim_nccl_now() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// every rank of comm: returns once all have arrived (sense by generation count)
+inline ncclResult_t sim_nccl_barrier(ncclComm_t comm, const char *what) {
+    SimNcclHeader *h = (SimNcclHeader *)comm->base;
+    const unsigned gen = h->generation.load();
+    if (h->arrived.fetch_add(1) + 1 == (unsigned)comm->nranks) {
+        h->arrived.store(0);
+        h->generation.fetch_add(1);
+        return ncclSuccess;
+    }
+    const double t0 = sim_nccl_now(), limit = sim_nccl_timeout();
+    while (h->generation.load() == gen) {
+        if (sim_nccl_now() - t0 > limit)
+            return sim_nccl_fail(comm, ncclRemoteError, "rank %d waited %.0f s in %s for the other ranks", comm->rank, limit, what);
+        sched_yield();
+        struct timespec ts = {0, 50000};
+        nanosleep(&ts, NULL);
+    }
+    return ncclSuccess;
+}
+
+inline ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId id, int rank) {
+    *out = NULL;
+    if (nranks < 1 || rank < 0 || rank >= nranks) return sim_nccl_fail(NULL, ncclInvalidArgument, "rank %d of %d", rank, nranks);
+    const char *mb = getenv("SIM_NCCL_SLOT_MB");
+    SimNcclComm *c = new SimNcclComm();
+    c->nranks = nranks;
+    c->rank = rank;
+    c->slot_bytes = (size_t)(mb && atoi(mb) > 0 ? atoi(mb) : 64) << 20;
+    c->map_bytes = 4096 + (size_t)nranks * c->slot_bytes;
+    snprintf(c->path, sizeof(c->path), "%s", id.internal);
+    int fd = open(c->path, O_RDWR | O_CREAT, 0600);
+    if (fd < 0) return sim_nccl_fail(NULL, ncclSystemError, "open %s: %s", c->path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || ((size_t)st.st_size < c->map_bytes && ftruncate(fd, (off_t)c->map_bytes) != 0)) {
+        close(fd);
+        return sim_nccl_fail(NULL, ncclSystemError, "sizing %s: %s", c->path, strerror(errno));
+    }
+    void *m = mmap(NULL, c->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) return sim_nccl_fail(NULL, ncclSystemError, "mmap %s: %s", c->path, strerror(errno));
+    c->base = (char *)m;
+    SimNcclHeader *h = (SimNcclHeader *)c->base;
+    h->joined.fetch_add(1);
+    ncclResult_t r = sim_nccl_barrier(c, "ncclCommInitRank");
+    if (r != ncclSuccess) {
+        snprintf(g_sim_nccl_error, sizeof(g_sim_nccl_error), "%s", c->last_error);
+        return r;
+    }
+    if (rank == 0) unlink(c->path);  // every rank has it mapped: nothing is left behind
+    *out = c;
+    return ncclSuccess;
+}
+inline ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+    if (!comm) return ncclSuccess;
+    munmap(comm->base, comm->map_bytes);
+    delete comm;
+    return ncclSuccess;
+}
+inline ncclResult_t ncclCommAbort(ncclComm_t comm) { return ncclCommDestroy(comm); }
+inline ncclResult_t ncclCommGetAsyncError(ncclComm_t, ncclResult_t *r) {
+    *r = ncclSuccess;
+    return ncclSuccess;
+}
+
+inline size_t sim_nccl_esize(ncclDataType_t t) { return t == ncclBfloat16 ? 2 : t == ncclFloat64 ? 8 : 4; }
+inline char *sim_nccl_slot(ncclComm_t c, int r) { return c->base + 4096 + (size_t)r * c->slot_bytes; }
+inline double sim_nccl_get(const char *p, size_t i, ncclDataType_t t) {
+    switch (t) {
+        case ncclBfloat16: return (double)(float)((const __nv_bfloat16 *)p)[i];
+        case ncclFloat64: return ((const double *)p)[i];
+        case ncclInt32: return (double)((const int *)p)[i];
+        default: return (double)((const float *)p)[i];
+    }
+}
+inline void sim_nccl_put(char *p, size_t i, ncclDataType_t t, double v) {
+    switch (t) {
+        case ncclBfloat16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v); break;
+        case ncclFloat64: ((double *)p)[i] = v; break;
+        case ncclInt32: ((int *)p)[i] = (int)v; break;
+        default: ((float *)p)[i] = (float)v; break;
+    }
+}
+
+// Reduces element off + i of every rank's slot, i < count, into recv[i].
+inline void sim_nccl_reduce_slots(ncclComm_t c, char *recv, size_t off, size_t count, ncclDataType_t t, ncclRedOp_t op) {
+    for (size_t i = 0; i < count; i++) {
+        double acc = sim_nccl_get(sim_nccl_slot(c, 0), off + i, t);
+        for (int r = 1; r < c->nranks; r++) {
+            double v = sim_nccl_get(sim_nccl_slot(c, r), off + i, t);
+            if (t == ncclFloat32 || t == ncclBfloat16) {  // fp32 arithmetic, as NCCL's kernels for these types
+                float a = (float)acc, b = (float)v;
+                acc = op == ncclMax ? fmaxf(a, b) : op == ncclMin ? fminf(a, b) : op == ncclProd ? a * b : a + b;
+            } else {
+                acc = op == ncclMax ? fmax(acc, v) : op == ncclMin ? fmin(acc, v) : op == ncclProd ? acc * v : acc + v;
+            }
+        }
+        if (op == ncclAvg) acc = (t == ncclFloat32 || t == ncclBfloat16) ? (double)((float)acc / (float)c->nranks) : acc / c->nranks;
+        sim_nccl_put(recv, i, t, acc);
+    }
+}
+
+inline ncclResult_t sim_nccl_post(ncclComm_t c, const void *send, size_t bytes, const char *what) {
+    if (bytes > c->slot_bytes)
+        return sim_nccl_fail(c, ncclInvalidUsage, "%s: %zu bytes, more than the simulator's %zu-byte slot (SIM_NCCL_SLOT_MB)", what, bytes,
+                             c->slot_bytes);
+    sim_check_range(send, bytes, what);
+    memcpy(sim_nccl_slot(c, c->rank), send, bytes);
+    return sim_nccl_barrier(c, what);
+}
+
+inline ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataType_t t, ncclRedOp_t op, ncclComm_t c, cudaStream_t) {
+    if (!c) return sim_nccl_fail(NULL, ncclInvalidUsage, "ncclAllReduce: no communicator");
+    const size_t es = sim_nccl_esize(t);
+    sim_check_range(recv, count * es, "ncclAllReduce (recvbuff)");
+    ncclResult_t r = sim_nccl_post(c, send, count * es, "ncclAllReduce");
+    if (r != ncclSuccess) return r;
+    sim_nccl_reduce_slots(c, (char *)recv, 0, count, t, op);
+    return sim_nccl_barrier(c, "ncclAllReduce");
+}
+// send holds nranks * recvcount elements; recv gets block `rank` of the reduction
+inline ncclResult_t ncclReduceScatter(const void *send, void *recv, size_t recvcount, ncclDataType_t t, ncclRedOp_t op, ncclComm_t c,
+                                      cudaStream_t) {
+    if (!c) return sim_nccl_fail(NULL, ncclInvalidUsage, "ncclReduceScatter: no communicator");
+    const size_t es = sim_nccl_esize(t);
+    sim_check_range(recv, recvcount * es, "ncclReduceScatter (recvbuff)");
+    ncclResult_t r = sim_nccl_post(c, send, (size_t)c->nranks * recvcount * es, "ncclReduceScatter");
+    if (r != ncclSuccess) return r;
+    sim_nccl_reduce_slots(c, (char *)recv, (size_t)c->rank * recvcount, recvcount, t, op);
+    return sim_nccl_barrier(c, "ncclReduceScatter");
+}
+// recv gets every rank's sendcount elements, in rank order
+inline ncclResult_t ncclAllGather(const void *send, void *recv, size_t sendcount, ncclDataType_t t, ncclComm_t c, cudaStream_t) {
+    if (!c) return sim_nccl_fail(NULL, ncclInvalidUsage, "ncclAllGather: no communicator");
+    const size_t es = sim_nccl_esize(t);
+    sim_check_range(recv, (size_t)c->nranks * sendcount * es, "ncclAllGather (recvbuff)");
+    ncclResult_t r = sim_nccl_post(c, send, sendcount * es, "ncclAllGather");
+    if (r != ncclSuccess) return r;
+    for (int k = 0; k < c->nranks; k++) memcpy((char *)recv + (size_t)k * sendcount * es, sim_nccl_slot(c, k), sendcount * es);
+    return sim_nccl_barrier(c, "ncclAllGather");
+}

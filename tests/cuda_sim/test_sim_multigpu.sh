@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# test_sim_multigpu.sh: the GPU trainer's data parallelism (cuda/multigpu.cuh: NCCL all-reduce,
+# ZeRO-1's reduce-scatter and all-gather, the host collectives, the -pi fs rendezvous), run on the
+# CUDA simulator with NCCL stood in for by tests/cuda_sim/nccl_sim.h (ranks are processes meeting
+# in a mapped file): build/cuda_sim/train_gpt2cu_mgpu. Checks that 2 ranks with batch B follow
+# 1 process with 2B (bf16 gradients are averaged after rounding: close, not equal), that ZeRO-1 is
+# bit-identical to plain data parallelism, that a 2-rank ZeRO-1 resume is bit-identical, that a
+# structured model's routing statistics are those of the global batch, that ranks started without
+# mpirun (-pi fs) equal mpirun's, and that a rank that dies stops the other with an error instead
+# of a hang. Prints "N passed, N failed".
+set -u
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-build/cuda_sim/train_gpt2cu_mgpu}
+ONE=${ONE:-build/cuda_sim/train_gpt2cu}
+source tests/lib.sh
+if [ ! -x "$BIN" ] || [ ! -x "$ONE" ]; then
+    bad "simulated multi-GPU trainer" "$BIN or $ONE not built (make $BIN $ONE)"
+    summary; exit 1
+fi
+MPI=()
+if command -v mpirun > /dev/null; then
+    MPI=(mpirun --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS)
+    [ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS)
+fi
+export SIM_THREADS=1  # two ranks on two cores
+
+python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 > /dev/null
+D=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -x 6 -v 3 -m 2 -s 0)
+trace() { grep -E '^(step |val loss)' "$1" | sed -E 's/ \| [0-9.]+ ms .*//'; }
+# two ranks: under mpirun when there is one, else started as -pi fs ranks
+two() {  # LOG args...
+    local log=$1
+    shift
+    if [ ${#MPI[@]} -gt 0 ]; then
+        "${MPI[@]}" "$BIN" "$@" > "$log" 2>&1
+    else
+        local rdv
+        rdv=$(mktemp -d "$W/rdv.XXXXXX")
+        "$BIN" "$@" -pn 2 -pr 1 -pi fs -pf "$rdv" > "$log.rank1" 2>&1 &
+        "$BIN" "$@" -pn 2 -pr 0 -pi fs -pf "$rdv" > "$log" 2>&1
+        local rc=$?
+        wait $! || rc=1
+        return $rc
+    fi
+}
+# max |a - b| of the values after WORD (loss, norm, val loss) in two traces, and how many
+maxdiff() {  # WORD FILE1 FILE2
+    paste <(grep -oE "$1 [0-9.]+" "$2" | awk '{print $NF}') <(grep -oE "$1 [0-9.]+" "$3" | awk '{print $NF}') |
+        awk '{ d = $1 - $2; if (d < 0) d = -d; if ($2 == "") d = 1e9; if (d > m) m = d; n++ } END { printf "%d %g", n, m }'
+}
+
+# ---- dense: 2 ranks with B=2 against 1 process with B=4
+"$ONE" -e tests/configs/tiny_dense.conf "${D[@]}" -b 4 > "$W/one.log" 2>&1 || bad "1-process run" "$(tail -2 "$W/one.log")"
+two "$W/two.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2; rc=$?
+trace "$W/one.log" > "$W/one.txt"; trace "$W/two.log" > "$W/two.txt"
+read -r nl ml <<< "$(maxdiff loss "$W/one.txt" "$W/two.txt")"
+read -r nn mn <<< "$(maxdiff norm "$W/one.txt" "$W/two.txt")"
+l1a=$(grep -m1 '^step' "$W/one.txt" | grep -oE 'loss [0-9.]+'); l1b=$(grep -m1 '^step' "$W/two.txt" | grep -oE 'loss [0-9.]+')
+# step 1's loss: the same forward of the same sequences, averaged over ranks (exact to the printed
+# digits); later steps: bf16 gradients rounded per rank, then averaged (about 1e-4 here)
+[ $rc -eq 0 ] && grep -q 'processes / ZeRO      | 2 ' "$W/two.log" && [ "$nl" -eq 9 ] && [ "$l1a" = "$l1b" ] &&
+    awk -v m="$ml" -v n="$mn" 'BEGIN { exit !(m <= 2e-3 && n <= 5e-3) }' \
+    && ok "dense: 2 ranks of B=2 follow 1 process of B=4 (step 1's $l1a alike; $nl losses within $ml, norms within $mn)" \
+    || bad "dense data parallel" "exit $rc, $nl losses, max diff $ml, norms $mn, '$l1a' vs '$l1b': $(tail -n 3 "$W/two.log" | tr '\n' ' ')"
+
+# ---- ZeRO-1: bit-identical to plain data parallelism (the same averaged gradients, AdamW on the
+# rank's slice, then the all-gather), losses and the step-6 weights
+two "$W/z0.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/Z0" -n 6; rc0=$?
+two "$W/z1.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/Z1" -n 6 -z 1; rc1=$?
+[ $rc0 -eq 0 ] && [ $rc1 -eq 0 ] && grep -q 'processes / ZeRO      | 2    / stage 1' "$W/z1.log" && [ "$(trace "$W/z0.log")" = "$(trace "$W/z1.log")" ] \
+    && cmp -s "$W/Z0/model_00000006.bin" "$W/Z1/model_00000006.bin" && [ -f "$W/Z1/state_00000006_00001.bin" ] \
+    && ok "ZeRO-1 (-z 1): every loss, norm and val loss, and the step-6 model file, bit-identical to -z 0" \
+    || bad "ZeRO-1" "exit $rc0/$rc1: $(diff <(trace "$W/z0.log") <(trace "$W/z1.log") | head -3 | tr '\n' ' ') $(ls "$W/Z1" | tr '\n' ' ')"
+
+# ---- a 2-rank ZeRO-1 run resumed from its step-3 checkpoint: bit-identical to the whole run
+two "$W/r.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/R" -n 3 -z 1
+cp -r "$W/R" "$W/R2" && rm -f "$W/R2"/*00000006*
+two "$W/r2.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/R2" -n 3 -z 1 -y 1; rc=$?
+[ $rc -eq 0 ] && grep -q 'resumed from' "$W/r2.log" && cmp -s "$W/R/model_00000006.bin" "$W/R2/model_00000006.bin" \
+    && cmp -s "$W/R/state_00000006_00000.bin" "$W/R2/state_00000006_00000.bin" && cmp -s "$W/R/state_00000006_00001.bin" "$W/R2/state_00000006_00001.bin" \
+    && [ "$(trace "$W/r.log" | grep -E '^step +[456]/')" = "$(trace "$W/r2.log" | grep -E '^step +[456]/')" ] \
+    && ok "2 ranks, ZeRO-1: resumed at step 3, steps 4-6 and the step-6 model and both ranks' states as the whole run" \
+    || bad "2-rank resume" "exit $rc: $(diff <(trace "$W/r.log" | grep -E '^step +[456]/') <(trace "$W/r2.log" | grep -E '^step +[456]/') | head -3 | tr '\n' ' ')"
+
+# ---- a structured model (BTT, Monarch, BTT-MoE): the aux loss is that of the global batch's
+# routing statistics (summed over ranks on the device); with the fused kernels too
+for sk in 0 1; do
+    "$ONE" -e tests/configs/tiny_mixed.conf "${D[@]}" -b 4 -x 3 -sk $sk > "$W/mone$sk.log" 2>&1
+    two "$W/mtwo$sk.log" -e tests/configs/tiny_mixed.conf "${D[@]}" -b 2 -x 3 -sk $sk; rc=$?
+    a=$(grep -m1 '^step' "$W/mone$sk.log" | grep -oE '(loss|aux|bal|load) [0-9.-]+' | tr '\n' ' ')
+    b=$(grep -m1 '^step' "$W/mtwo$sk.log" | grep -oE '(loss|aux|bal|load) [0-9.-]+' | tr '\n' ' ')
+    read -r nl ml <<< "$(maxdiff loss <(trace "$W/mone$sk.log") <(trace "$W/mtwo$sk.log"))"
+    [ $rc -eq 0 ] && [ -n "$a" ] && [ "$a" = "$b" ] && echo "$a" | grep -q aux && awk -v m="$ml" 'BEGIN { exit !(m <= 5e-3) }' \
+        && ok "structured model, -sk $sk: 2 ranks' step 1 ($a) as 1 process's; $nl losses within $ml" \
+        || bad "structured model, 2 ranks, -sk $sk" "exit $rc: '$a' vs '$b', losses $ml: $(tail -n 2 "$W/mtwo$sk.log" | tr '\n' ' ')"
+done
+
+# ---- ranks started without mpirun (-pn -pr -pi fs -pf): the NCCL id through the shared directory
+if [ ${#MPI[@]} -gt 0 ]; then
+    mkdir -p "$W/rdv"
+    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 1 -pi fs -pf "$W/rdv" > "$W/fs1.log" 2>&1 &
+    p1=$!
+    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 0 -pi fs -pf "$W/rdv" > "$W/fs0.log" 2>&1; rc=$?
+    wait $p1; rc1=$?
+    [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/fs0.log")" = "$(trace "$W/two.log")" ] \
+        && ok "-pi fs: 2 ranks started by hand train exactly as under mpirun" \
+        || bad "-pi fs ranks" "exit $rc/$rc1: $(diff <(trace "$W/two.log") <(trace "$W/fs0.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/fs1.log" | tr '\n' ' ')"
+fi
+
+# ---- a rank that dies: the other stops with an error naming NCCL (the stand-in's barrier gives up
+# after STRUCTGPT_NCCL_TIMEOUT seconds, as NCCL reports a remote error) instead of hanging
+mkdir -p "$W/dead"
+"$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -x 200 -b 2 -pn 2 -pr 1 -pi fs -pf "$W/dead" > "$W/dead1.log" 2>&1 &
+p1=$!
+STRUCTGPT_NCCL_TIMEOUT=3 "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -x 200 -b 2 -pn 2 -pr 0 -pi fs -pf "$W/dead" > "$W/dead0.log" 2>&1 &
+p0=$!
+for i in $(seq 600); do grep -q '^step    2/' "$W/dead0.log" && break; sleep 0.05; done
+kill -9 $p1 2> /dev/null
+t0=$(date +%s)
+wait $p0; rc=$?
+dt=$(($(date +%s) - t0))
+{ wait $p1; } 2> /dev/null  # reaped quietly (bash would report the kill)
+[ $rc -ne 0 ] && [ $dt -le 30 ] && grep -q '^error: NCCL: ' "$W/dead0.log" \
+    && ok "a rank killed at step 2: the other exits $rc within ${dt}s with '$(grep -m1 '^error: NCCL' "$W/dead0.log" | cut -c1-90)'" \
+    || bad "dead rank" "exit $rc after ${dt}s: $(tail -n 2 "$W/dead0.log" | tr '\n' ' ')"
+summary
