@@ -66,11 +66,11 @@ inline const char *ncclGetErrorString(ncclResult_t r) {
 inline const char *ncclGetLastError(ncclComm_t comm) { return comm ? comm->last_error : g_sim_nccl_error; }
 
 inline ncclResult_t sim_nccl_fail(ncclComm_t comm, ncclResult_t r, const char *fmt, ...) {
-    char *dst = comm ? comm->last_error : g_sim_nccl_error;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(dst, 256, fmt, ap);
+    vsnprintf(g_sim_nccl_error, sizeof(g_sim_nccl_error), fmt, ap);  // ncclGetLastError(NULL): the last error of any
     va_end(ap);
+    if (comm) snprintf(comm->last_error, sizeof(comm->last_error), "%s", g_sim_nccl_error);
     return r;
 }
 
