@@ -5,9 +5,9 @@
 # in a mapped file): build/cuda_sim/train_gpt2cu_mgpu. Checks that 2 ranks with batch B follow
 # 1 process with 2B (bf16 gradients are averaged after rounding: close, not equal), that ZeRO-1 is
 # bit-identical to plain data parallelism, that a 2-rank ZeRO-1 resume is bit-identical, that a
-# structured model's routing statistics are those of the global batch, that ranks started without
-# mpirun (-pi fs) equal mpirun's, and that a rank that dies stops the other with an error instead
-# of a hang. Prints "N passed, N failed".
+# structured model's routing statistics are those of the global batch, that gradient accumulation
+# and -h 1 work across ranks, that ranks started without mpirun (-pi fs, -pi tcp) equal mpirun's,
+# and that a rank that dies stops the other with an error instead of a hang. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-build/cuda_sim/train_gpt2cu_mgpu}
@@ -24,7 +24,7 @@ if command -v mpirun > /dev/null; then
 fi
 export SIM_THREADS=1  # two ranks on two cores
 
-python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 > /dev/null
+python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 --eval_examples 24 > /dev/null
 D=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -x 6 -v 3 -m 2 -s 0)
 trace() { grep -E '^(step |val loss)' "$1" | sed -E 's/ \| [0-9.]+ ms .*//'; }
 # two ranks: under mpirun when there is one, else started as -pi fs ranks
@@ -62,6 +62,22 @@ l1a=$(grep -m1 '^step' "$W/one.txt" | grep -oE 'loss [0-9.]+'); l1b=$(grep -m1 '
     awk -v m="$ml" -v n="$mn" 'BEGIN { exit !(m <= 2e-3 && n <= 5e-3) }' \
     && ok "dense: 2 ranks of B=2 follow 1 process of B=4 (step 1's $l1a alike; $nl losses within $ml, norms within $mn)" \
     || bad "dense data parallel" "exit $rc, $nl losses, max diff $ml, norms $mn, '$l1a' vs '$l1b': $(tail -n 3 "$W/two.log" | tr '\n' ' ')"
+
+# ---- gradient accumulation on each rank (-d: 2 micro-steps of B=1 per rank), against the same
+# 1-process run (training steps only: validation reads batches of B=1 here, other tokens)
+two "$W/acc.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 1 -d 64; rc=$?
+read -r nl ml <<< "$(maxdiff loss <(grep '^step' "$W/one.txt") <(trace "$W/acc.log" | grep '^step'))"
+read -r nn mn <<< "$(maxdiff norm <(grep '^step' "$W/one.txt") <(trace "$W/acc.log" | grep '^step'))"
+[ $rc -eq 0 ] && grep -q 'grad accum 2 ' "$W/acc.log" && [ "$nl" -eq 6 ] && awk -v m="$ml" -v n="$mn" 'BEGIN { exit !(m <= 2e-3 && n <= 5e-3) }' \
+    && ok "2 ranks x 2 accumulated micro-steps of B=1 follow 1 process of B=4 ($nl losses within $ml, norms within $mn)" \
+    || bad "accumulation across ranks" "exit $rc, $nl losses, max diff $ml, norms $mn: $(tail -n 2 "$W/acc.log" | tr '\n' ' ')"
+
+# ---- -h 1 (HellaSwag-style eval): the examples split over the ranks, the counts summed
+"$ONE" -e tests/configs/tiny_dense.conf "${D[@]}" -b 8 -x 0 -h 1 -hf "$W/syn_eval.bin" > "$W/h1.log" 2>&1
+two "$W/h2.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 8 -x 0 -h 1 -hf "$W/syn_eval.bin"; rc=$?
+h1=$(grep -m1 -E '^HellaSwag: [0-9]+/' "$W/h1.log"); h2=$(grep -m1 -E '^HellaSwag: [0-9]+/' "$W/h2.log")
+[ $rc -eq 0 ] && [ -n "$h1" ] && [ "$h1" = "$h2" ] && echo "$h1" | grep -q '/24 ' \
+    && ok "-h 1 on 2 ranks: the same score as 1 process ($h1)" || bad "-h 1 on 2 ranks" "exit $rc: '$h1' vs '$h2'"
 
 # ---- ZeRO-1: bit-identical to plain data parallelism (the same averaged gradients, AdamW on the
 # rank's slice, then the all-gather), losses and the step-6 weights
@@ -105,6 +121,14 @@ if [ ${#MPI[@]} -gt 0 ]; then
     [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/fs0.log")" = "$(trace "$W/two.log")" ] \
         && ok "-pi fs: 2 ranks started by hand train exactly as under mpirun" \
         || bad "-pi fs ranks" "exit $rc/$rc1: $(diff <(trace "$W/two.log") <(trace "$W/fs0.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/fs1.log" | tr '\n' ' ')"
+    port=$((20000 + RANDOM % 20000))
+    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 1 -pi tcp -pf "127.0.0.1:$port" > "$W/tcp1.log" 2>&1 &
+    p1=$!
+    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 0 -pi tcp -pf "127.0.0.1:$port" > "$W/tcp0.log" 2>&1; rc=$?
+    wait $p1; rc1=$?
+    [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/tcp0.log")" = "$(trace "$W/two.log")" ] \
+        && ok "-pi tcp: 2 ranks meeting at 127.0.0.1:$port train exactly as under mpirun" \
+        || bad "-pi tcp ranks" "exit $rc/$rc1: $(tail -n 2 "$W/tcp0.log" | tr '\n' ' ') $(tail -n 2 "$W/tcp1.log" | tr '\n' ' ')"
 fi
 
 # ---- a rank that dies: the other stops with an error naming NCCL (the stand-in's barrier gives up
@@ -116,10 +140,10 @@ STRUCTGPT_NCCL_TIMEOUT=3 "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -x 20
 p0=$!
 for i in $(seq 600); do grep -q '^step    2/' "$W/dead0.log" && break; sleep 0.05; done
 kill -9 $p1 2> /dev/null
+{ wait $p1; } 2> /dev/null  # reaped quietly (bash would report the kill)
 t0=$(date +%s)
 wait $p0; rc=$?
 dt=$(($(date +%s) - t0))
-{ wait $p1; } 2> /dev/null  # reaped quietly (bash would report the kill)
 [ $rc -ne 0 ] && [ $dt -le 30 ] && grep -q '^error: NCCL: ' "$W/dead0.log" \
     && ok "a rank killed at step 2: the other exits $rc within ${dt}s with '$(grep -m1 '^error: NCCL' "$W/dead0.log" | cut -c1-90)'" \
     || bad "dead rank" "exit $rc after ${dt}s: $(tail -n 2 "$W/dead0.log" | tr '\n' ' ')"
