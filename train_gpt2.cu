@@ -82,7 +82,8 @@ typedef struct {
     Acts acts;
     floatX *proj, *dres, *dln, *dbig, *datty;  // scratch (proj: projections before the residual add)
     AttnScratch attn;
-    float *colsum_scratch, *norm_scratch;
+    float *colsum_scratch;
+    double *norm_scratch;
     int *d_inputs, *d_targets, *d_buckets;
     int *h_inputs, *h_buckets, *h_count;
     float *h_losses;
@@ -361,7 +362,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         s->scores = cudaMallocNamed(float, att, "scratch: attention scores fp32 (B x NH x T x T)");
     }
     m->colsum_scratch = cudaMallocNamed(float, column_sums_scratch_floats(4 * (int)C), "scratch: column sums");
-    m->norm_scratch = cudaMallocNamed(float, NORM_BLOCKS + 1, "scratch: gradient norm");
+    m->norm_scratch = cudaMallocNamed(double, NORM_BLOCKS + 1, "scratch: gradient norm");
     m->d_inputs = cudaMallocNamed(int, BT, "inputs");
     m->d_targets = cudaMallocNamed(int, BT, "targets");
     m->d_buckets = cudaMallocNamed(int, 3 * BT + 2, "encoder backward buckets");
@@ -640,8 +641,7 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
 // over slices, then over ranks.
 static float gpt2_grad_norm(GPT2 *m) {
     if (!m->zero.stage) return global_norm(m->grads, m->num_params, m->norm_scratch);
-    float local = global_norm(m->grads + m->zero.lo, m->zero.hi - m->zero.lo, m->norm_scratch);
-    double sq = (double)local * local;
+    double sq = global_norm_squared(m->grads + m->zero.lo, m->zero.hi - m->zero.lo, m->norm_scratch);
     multiproc_sum_doubles(m->mp, &sq, 1);
     return (float)sqrt(sq);
 }

@@ -115,26 +115,32 @@ __device__ inline floatX stochastic_round_bf16(float in, size_t idx, unsigned in
 // ----------------------------------------------------------------------------------------------
 // reductions (fixed trees: deterministic)
 
-__device__ inline float warp_sum(float v) {
+template <class T>
+__device__ inline T warp_sum_t(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+__device__ inline float warp_sum(float v) { return warp_sum_t(v); }
+__device__ inline double warp_sum(double v) { return warp_sum_t(v); }
 __device__ inline float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
 // Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
-__device__ inline float block_sum(float v) {
-    __shared__ float sh[32];
+template <class T>
+__device__ inline T block_sum_t(T v) {
+    __shared__ T sh[32];
     __syncthreads();  // sh may still be read by a previous call
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    v = warp_sum(v);
+    v = warp_sum_t(v);
     if (lane == 0) sh[warp] = v;
     __syncthreads();
-    v = lane < nw ? sh[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < nw ? sh[lane] : (T)0;
+    return warp_sum_t(v);
 }
+__device__ inline float block_sum(float v) { return block_sum_t(v); }
+__device__ inline double block_sum(double v) { return block_sum_t(v); }
 
 // online-softmax pair (running max, sum of exp(x - max)): merge two
 __device__ inline void softmax_merge(float &m, float &s, float m2, float s2) {

@@ -4,9 +4,13 @@
 //
 //   v1  naive: fp32 grid-stride partial sums, one atomicAdd per warp into one float (written
 //       here): fast to write, but the order of the atomics, and so the last bits, vary by run
-//   v2  the trainer's global_norm (cuda/global_norm.cuh: a fixed 512 x 512 grid of partial
-//       sums, then one block sums the 512 partials in a fixed tree: bit-identical every run and
-//       on every GPU). Also required here: two runs give the same bits.
+//   v2  a fixed 512 x 512 grid of fp32 partial sums, then one block sums the 512 partials in a
+//       fixed tree (written here; the trainer's until 2026-12-04): bit-identical every run and on
+//       every GPU, but a vector cut into slices (ZeRO-1's, summed over ranks) gives other bits
+//   v3  the trainer's global_norm (cuda/global_norm.cuh): v2's grid and trees in fp64, so that
+//       the slices' sums give the whole vector's norm to the bit (ZeRO-1 equals plain data
+//       parallelism). Required of v2 and v3: two runs give the same bits; of v3 also: the norm
+//       from 3 slices' sums of squares is the whole vector's.
 //
 // Sizes: n = 124,475,904 (GPT-2 124M with the padded vocabulary) and n = 1001 (fewer elements
 // than threads, odd).
@@ -15,7 +19,7 @@
 #include "harness.cuh"
 #include "cuda/global_norm.cuh"
 
-#define NV 2
+#define NV 3
 
 // ----------------------------------------------------------------------------------------------
 // v1
@@ -43,13 +47,42 @@ static float global_norm_naive(const floatX *g, size_t n, float *d_out) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// v2
+
+__global__ void global_norm_fp32_partial_kernel(float *partial, const floatX *g, size_t n) {
+    float s = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = (float)g[i];
+        s += v * v;
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+__global__ void global_norm_fp32_final_kernel(float *out, const float *partial, int n) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) *out = s;
+}
+static float global_norm_fp32(const floatX *g, size_t n, float *scratch) {
+    global_norm_fp32_partial_kernel<<<NORM_BLOCKS, NORM_THREADS>>>(scratch, g, n);
+    cudaCheckLaunch();
+    global_norm_fp32_final_kernel<<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, NORM_BLOCKS);
+    cudaCheckLaunch();
+    float sq = 0.0f;
+    cudaCheck(cudaMemcpy(&sq, scratch + NORM_BLOCKS, sizeof(float), cudaMemcpyDeviceToHost));
+    return (float)sqrt((double)sq);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Tolerances, on the norm (half the relative error of the sum of squares; every term >= 0, so
 // the worst case is (length of the longest chain of fp32 additions) 2^-24 of the sum):
 //  v2: rtol 5e-5 — ceil(n / 262144) = 475 serial adds per thread, a 9-level block tree, a
 //      10-level final tree: 495 2^-24 = 3e-5 on the sum, 1.5e-5 on the norm
 //  v1: rtol 3e-4 — the same 475, a 5-level warp tree, then 8192 atomic adds in a row into one
 //      float: 8672 2^-24 = 5.2e-4 on the sum, 2.6e-4 on the norm
-static const float TOL_RTOL[NV + 1] = {0.0f, 3e-4f, 5e-5f};
+//  v3: rtol 1e-6 — fp64 sums (495 2^-53 on the sum), then the norm rounded to fp32 (2^-24)
+static const float TOL_RTOL[NV + 1] = {0.0f, 3e-4f, 5e-5f, 1e-6f};
 
 int main(int argc, char **argv) {
     gpu_init(0);
@@ -57,8 +90,9 @@ int main(int argc, char **argv) {
     const size_t sizes[2] = {124475904, 1001};
     printf("global_norm: n = %zu and %zu, on %s\n", sizes[0], sizes[1], g_gpu.prop.name);
 
-    float *d_scratch, *d_out;
-    cudaCheck(cudaMalloc(&d_scratch, (NORM_BLOCKS + 1) * sizeof(float)));
+    double *d_scratch;  // v2 uses it as floats
+    float *d_out;
+    cudaCheck(cudaMalloc(&d_scratch, (NORM_BLOCKS + 1) * sizeof(double)));
     cudaCheck(cudaMalloc(&d_out, sizeof(float)));
     for (int si = 0; si < 2; si++) {
         const size_t n = sizes[si];
@@ -74,15 +108,17 @@ int main(int argc, char **argv) {
             if (v && ver != v) continue;
             char what[96];
             float r1 = 0.0f;
-            auto run = [&]() { r1 = ver == 1 ? global_norm_naive(d_g, n, d_out) : global_norm(d_g, n, d_scratch); };
-            cudaCheck(cudaMemset(d_scratch, 0xFF, (NORM_BLOCKS + 1) * sizeof(float)));  // NaN: must be overwritten
+            auto run = [&]() {
+                r1 = ver == 1 ? global_norm_naive(d_g, n, d_out) : ver == 2 ? global_norm_fp32(d_g, n, (float *)d_scratch) : global_norm(d_g, n, d_scratch);
+            };
+            cudaCheck(cudaMemset(d_scratch, 0xFF, (NORM_BLOCKS + 1) * sizeof(double)));  // NaN: must be overwritten
             run();
             float first = r1;
             snprintf(what, sizeof(what), "v%d n=%zu norm", ver, n);
             float err = dev_check(what, &first, &ref, 1, 0.0f, TOL_RTOL[ver]);
             run();
             int same = memcmp(&first, &r1, sizeof(float)) == 0;
-            if (ver == 2) {
+            if (ver >= 2) {
                 snprintf(what, sizeof(what), "v%d n=%zu two runs bit-identical", ver, n);
                 if (same) {
                     g_dev_pass++;
@@ -92,6 +128,19 @@ int main(int argc, char **argv) {
                 }
             } else {
                 printf("   v1 n=%zu: two runs %s (not required: atomics)\n", n, same ? "bit-identical this time" : "differ");
+            }
+            if (ver == 3) {  // ZeRO-1 over 3 ranks: the slices' sums of squares, summed
+                const size_t shard = (n + 2) / 3;
+                double sq = 0.0;
+                for (size_t lo = 0; lo < n; lo += shard) sq += global_norm_squared(d_g + lo, n - lo < shard ? n - lo : shard, d_scratch);
+                float z = (float)sqrt(sq);
+                snprintf(what, sizeof(what), "v%d n=%zu norm from 3 slices' sums of squares bit-identical", ver, n);
+                if (memcmp(&z, &first, sizeof(float)) == 0) {
+                    g_dev_pass++;
+                } else {
+                    g_dev_fail++;
+                    printf("FAIL %s: %.9g vs %.9g\n", what, z, first);
+                }
             }
             float ms = dev_time_ms(run);
             snprintf(what, sizeof(what), "global_norm n=%zu", n);

@@ -455,11 +455,22 @@ static void test_global_norm(size_t n) {
     double s = 0;
     for (float x : g) s += (double)x * x;
     floatX *dg = up_bf16(g);
-    float *scratch = dev_alloc<float>(NORM_BLOCKS + 1);
+    double *scratch = dev_alloc<double>(NORM_BLOCKS + 1);
     float a = global_norm(dg, n, scratch), b = global_norm(dg, n, scratch);
     float ref = (float)sqrt(s);
-    check_close(&a, &ref, 1, 0.0f, 1e-5f, nm("global_norm n=%zu", n));
+    check_close(&a, &ref, 1, 0.0f, 1e-6f, nm("global_norm n=%zu", n));
     check_true(memcmp(&a, &b, 4) == 0, nm("global_norm n=%zu: bit-identical on a second run", n), "differs");
+    // ZeRO-1: the squares summed over slices (2 to 5 ranks' shards, the last one short), then over
+    // the slices, give the whole vector's norm to the bit
+    int same = 1;
+    for (size_t ranks = 2; ranks <= 5; ranks++) {
+        size_t shard = (n + ranks - 1) / ranks;
+        double sq = 0.0;
+        for (size_t lo = 0; lo < n; lo += shard) sq += global_norm_squared(dg + lo, std::min(shard, n - lo), scratch);
+        float z = (float)sqrt(sq);
+        same &= memcmp(&z, &a, 4) == 0;
+    }
+    check_true(same, nm("global_norm n=%zu: the norm from 2, 3, 4 and 5 slices' sums of squares is the whole vector's, bit for bit", n), "differs");
     cudaCheck(cudaFree(dg));
     cudaCheck(cudaFree(scratch));
 }
@@ -1246,7 +1257,7 @@ static void test_random_order() {
     check_order_independent("global_norm (block_sum, 512 blocks)", [&] {
         Dev d;
         floatX *dg = d.add(up_bf16(gg));
-        float *scr = d.add(dev_alloc<float>(NORM_BLOCKS + 1));
+        double *scr = d.add(dev_alloc<double>(NORM_BLOCKS + 1));
         float n = global_norm(dg, gg.size(), scr);
         return bits_of(Vec{n});
     });

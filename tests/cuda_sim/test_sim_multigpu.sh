@@ -88,6 +88,19 @@ two "$W/z1.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/Z1" -n 6 
     && ok "ZeRO-1 (-z 1): every loss, norm and val loss, and the step-6 model file, bit-identical to -z 0" \
     || bad "ZeRO-1" "exit $rc0/$rc1: $(diff <(trace "$W/z0.log") <(trace "$W/z1.log") | head -3 | tr '\n' ' ') $(ls "$W/Z1" | tr '\n' ' ')"
 
+# ---- 3 ranks: ZeRO-1's shards of a parameter table that 3 does not divide (padded), against -z 0
+if [ ${#MPI[@]} -gt 0 ]; then
+    MPI3=("${MPI[@]}")
+    for i in "${!MPI3[@]}"; do [ "${MPI3[$i]}" = 2 ] && [ "${MPI3[$((i - 1))]}" = -np ] && MPI3[$i]=3; done
+    "${MPI3[@]}" "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 1 -x 4 -o "$W/T0" -n 4 > "$W/t0.log" 2>&1; rc0=$?
+    "${MPI3[@]}" "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 1 -x 4 -o "$W/T1" -n 4 -z 1 > "$W/t1.log" 2>&1; rc1=$?
+    np=$(grep -m1 -oE 'parameters +\| [0-9]+' "$W/t1.log" | grep -oE '[0-9]+$')
+    [ $rc0 -eq 0 ] && [ $rc1 -eq 0 ] && [ -n "$np" ] && [ $((np % 3)) -ne 0 ] && grep -q 'processes / ZeRO      | 3    / stage 1' "$W/t1.log" \
+        && [ "$(trace "$W/t0.log")" = "$(trace "$W/t1.log")" ] && cmp -s "$W/T0/model_00000004.bin" "$W/T1/model_00000004.bin" \
+        && ok "3 ranks, ZeRO-1 over $np parameters (not a multiple of 3): bit-identical to -z 0" \
+        || bad "3-rank ZeRO-1" "exit $rc0/$rc1, $np parameters: $(diff <(trace "$W/t0.log") <(trace "$W/t1.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/t1.log" | tr '\n' ' ')"
+fi
+
 # ---- a 2-rank ZeRO-1 run resumed from its step-3 checkpoint: bit-identical to the whole run
 two "$W/r.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/R" -n 3 -z 1
 cp -r "$W/R" "$W/R2" && rm -f "$W/R2"/*00000006*
