@@ -60,8 +60,12 @@ endif
 
 COMMON_H = $(wildcard common/*.h structured/*.h)
 # the CUDA sources on the CPU simulator (rules in tests/cuda_sim/sim.mk, included below)
+# dev/cuda's programs whose GPU-sized problems the simulator runs in seconds (their checks against
+# the CPU references; the timings mean nothing there): tests/cuda_sim/test_sim_dev_programs.sh
+SIM_DEV_PROGRAMS = adamw encoder gelu classifier layernorm_forward layernorm_backward global_norm
 SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUILD)/cuda_sim/test_gpt2cu \
-         $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn $(BUILD)/cuda_sim/train_gpt2cu_mgpu
+         $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn $(BUILD)/cuda_sim/train_gpt2cu_mgpu \
+         $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS))
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles test_gemm
 # the same tests with the other matmul paths: the plain C kernel, the AVX2 kernel where the
 # default is AVX-512, and OpenBLAS where it is found but not the default

@@ -42,6 +42,7 @@ count "CUDA kernels on the CPU simulator (tests/cuda_sim)" ./build/cuda_sim/test
 count "CUDA kernels, random thread order" env SIM_SERIAL=1 ./build/cuda_sim/test_sim_kernels sim order attention structured fused
 count "GPU trainer's main on the CPU simulator" bash tests/cuda_sim/test_sim_trainer.sh
 count "GPU trainer's data parallelism on the simulator (NCCL stand-in)" bash tests/cuda_sim/test_sim_multigpu.sh
+count "dev/cuda programs' CPU checks on the simulator" bash tests/cuda_sim/test_sim_dev_programs.sh
 count "test_gpt2.cu (GPU test mode, every fixture) on the CPU simulator" ./build/cuda_sim/test_gpt2cu
 count "test_gpt2.cu --cudnn-only (-fa 2) on the simulator's stand-in for cuDNN" ./build/cuda_sim/test_gpt2cu_cudnn --cudnn-only
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh

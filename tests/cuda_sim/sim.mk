@@ -24,6 +24,9 @@ SIM_MPI_FLAGS = $(if $(MPICC),-DUSE_MPI $(shell $(MPICC) --showme:compile 2>/dev
 SIM_MPI_LIBS = $(if $(MPICC),$(shell $(MPICC) --showme:link 2>/dev/null))
 $(SIM_DIR)/train_gpt2cu_mgpu: $(SIM_DEPS) tests/cuda_sim/nccl_sim.h
 	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_NCCL $(SIM_MPI_FLAGS) -x c++ $(SIM_DIR)/src/train_gpt2.cu $(SIM_MPI_LIBS) -o $@
+# dev/cuda's programs on the simulator (the Makefile's SIM_DEV_PROGRAMS: tests/cuda_sim/test_sim_dev_programs.sh)
+$(SIM_DIR)/dev_%: $(SIM_DEPS) dev/cuda/harness.cuh
+	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/dev/cuda/$*.cu -o $@
 # the trainer's -fa 2 path, cuDNN stood in for by cudnn_attention_sim.cpp (plain loops on the
 # contract of cuda/cudnn_attention.h)
 SIM_CUDNN = tests/cuda_sim/cudnn_attention_sim.cpp cuda/cudnn_attention.h

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# test_sim_dev_programs.sh: dev/cuda's kernel programs built through the CUDA simulator
+# (build/cuda_sim/dev_NAME, for the Makefile's SIM_DEV_PROGRAMS: those whose GPU-sized problems
+# run here in seconds): every numbered version of each must pass its own check against the CPU
+# reference, as it must on a GPU. Their timings are the simulator's and mean nothing.
+# Prints "N passed, N failed" (one per program).
+cd "$(dirname "$0")/../.."
+source tests/lib.sh
+progs=$(sed -nE 's/^SIM_DEV_PROGRAMS = //p' Makefile)
+[ -n "$progs" ] || { bad "dev programs" "no SIM_DEV_PROGRAMS line in the Makefile"; summary; exit; }
+for p in $progs; do
+    b=build/cuda_sim/dev_$p
+    if [ ! -x "$b" ]; then bad "dev/cuda/$p on the simulator" "$b not built (make $b)"; continue; fi
+    "$b" > "$W/$p.log" 2>&1; rc=$?
+    last=$(tail -n 1 "$W/$p.log")
+    if [ $rc -eq 0 ] && echo "$last" | grep -qE '^[1-9][0-9]* passed, 0 failed$'; then
+        ok "dev/cuda/$p on the simulator: every version passes its CPU check ($last)"
+    else
+        bad "dev/cuda/$p on the simulator" "exit $rc: $(grep -m3 '^FAIL' "$W/$p.log" | tr '\n' ' ') $last"
+    fi
+done
+summary
