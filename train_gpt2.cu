@@ -306,6 +306,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         free(m->master_host);
         m->master_host = h;
     }
+    g_oom_weights = 1;
     m->params = cudaMallocNamed(floatX, np, "parameters (bf16)");
     cudaCheck(cudaMemset(m->params, 0, np * sizeof(floatX)));
     if (!m->eval_only) {  // an evaluation (-x 0) keeps 2 bytes per parameter, not 16
@@ -317,7 +318,8 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         cudaCheck(cudaMemset(m->m, 0, nm * sizeof(float)));
         cudaCheck(cudaMemset(m->v, 0, nm * sizeof(float)));
     }
-    gpt2_upload_weights(m, 0);
+    gpt2_upload_weights(m, 0);  // (with -w 0 through a temporary fp32 copy)
+    g_oom_weights = 0;
 
     Acts *a = &m->acts;
     size_t ln_layers = recompute >= 2 ? 1 : L, gelu_layers = recompute >= 1 ? 1 : L;

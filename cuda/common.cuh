@@ -159,6 +159,7 @@ __device__ inline void warp_softmax_reduce(float &m, float &s) {
 // device memory: every allocation is named, so that running out says what and how much
 
 static int g_oom_hint_B = 0;        // the trainer sets -b here so that the message can name it
+static int g_oom_weights = 0;       // 1 while the trainer allocates weights, gradients and AdamW state
 static size_t g_gpu_bytes = 0;      // total allocated through cuda_malloc_named
 
 static inline void *cuda_malloc_named(size_t bytes, const char *what) {
@@ -169,10 +170,14 @@ static inline void *cuda_malloc_named(size_t bytes, const char *what) {
         (void)cudaGetLastError();  // clear the sticky error
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
-        fprintf(stderr,
-                "error: out of GPU memory allocating %s: %.3f GiB (%zu bytes; %.2f GiB free of %.2f GiB): %s\n"
-                "  use a smaller -b (now %d) with -d for the same total batch, or recompute activations with -r 1 (GELU) or -r 2 (GELU and LayerNorm)\n",
-                what, bytes / 1073741824.0, bytes, free_b / 1073741824.0, total_b / 1073741824.0, cudaGetErrorString(err), g_oom_hint_B);
+        fprintf(stderr, "error: out of GPU memory allocating %s: %.3f GiB (%zu bytes; %.2f GiB free of %.2f GiB): %s\n", what,
+                bytes / 1073741824.0, bytes, free_b / 1073741824.0, total_b / 1073741824.0, cudaGetErrorString(err));
+        if (g_oom_weights)  // before any activation: the batch size is not what to change
+            fprintf(stderr, "  the model's weights and optimizer state alone do not fit: -w 0 goes without the fp32 master weights (4 bytes\n"
+                            "  per parameter less), -z 1 with more GPUs shards the AdamW moments over them; or train a smaller model\n");
+        else
+            fprintf(stderr, "  use a smaller -b (now %d) with -d for the same total batch, or recompute activations with -r 1 (GELU) or -r 2 "
+                            "(GELU and LayerNorm)\n", g_oom_hint_B);
         exit(EXIT_FAILURE);
     }
     g_gpu_bytes += bytes;

@@ -42,7 +42,8 @@
 //    sim_cublaslt_refuse_epilogues (bits sim_lt_epi_bit(epilogue)) makes the heuristic find no
 //    algorithm for those epilogues, to exercise callers' fallbacks.
 //  - Environment: SIM_THREADS (workers, default 2), SIM_SERIAL, SIM_SEED, SIM_STACK_KB (fiber stacks,
-//    default 512), SIM_PROFILE=1 (wall time per kernel and cuBLAS call at exit), SIM_STATS=1.
+//    default 512), SIM_PROFILE=1 (wall time per kernel and cuBLAS call at exit), SIM_STATS=1,
+//    SIM_FILL_MB (garbage fill of new buffers, default their first 256 MB).
 //    tests/cuda_sim/README.md has the build commands.
 // Not modelled: true concurrency between blocks or with the host, the GPU memory model (weak
 // ordering, caches, __threadfence semantics; a warp collective orders its lanes' memory accesses
@@ -527,7 +528,16 @@ struct cudaFuncAttributes {
 #define SIM_DEVICE_NAME "CPU simulator (tests/cuda_sim)"
 #define SIM_SMEM_OPTIN (227 * 1024)
 #define SIM_SMEM_DEFAULT (48 * 1024)
-#define SIM_TOTAL_MEM (80ull << 30)
+// the simulated GPU's memory: 80 GiB, or SIM_GPU_MB (a small card, to reach out-of-memory paths
+// without touching gigabytes)
+inline size_t sim_total_mem() {
+    static const size_t total = [] {
+        const char *e = getenv("SIM_GPU_MB");
+        return e && atol(e) > 0 ? (size_t)atol(e) << 20 : 80ull << 30;
+    }();
+    return total;
+}
+#define SIM_TOTAL_MEM sim_total_mem()
 
 inline cudaError_t g_sim_last_error = cudaSuccess;
 inline int g_sim_quiet = 0;  // tests expecting a rejected launch / cuBLAS call set this: no message
@@ -600,7 +610,15 @@ inline size_t g_sim_bytes_live = 0;
 inline unsigned long long g_sim_alloc_count = 0;
 static constexpr unsigned char SIM_GARBAGE = 0xFF;
 static constexpr size_t SIM_PAGE = 4096;
-static constexpr size_t SIM_FILL_LIMIT = 256ull << 20;  // bytes of a new buffer filled with garbage
+// bytes at the start of a new buffer filled with garbage: 256 MB, or SIM_FILL_MB (0: none, so that
+// a test can allocate GPU-sized models without touching their memory)
+inline size_t sim_fill_limit() {
+    static const size_t lim = [] {
+        const char *e = getenv("SIM_FILL_MB");
+        return (e && *e ? (size_t)atol(e) : 256) << 20;
+    }();
+    return lim;
+}
 
 // the live allocation holding [p, p + n), or null (lock held by the caller)
 inline const SimAlloc *sim_find_in(const std::map<uintptr_t, SimAlloc> &m, uintptr_t a) {
@@ -701,8 +719,9 @@ inline cudaError_t cudaMalloc(void **p, size_t size) {
     a.size = size;
     a.padded = padded;
     a.id = ++g_sim_alloc_count;
-    memset((void *)(base + SIM_PAGE), SIM_GARBAGE, body < SIM_FILL_LIMIT ? body : SIM_FILL_LIMIT);
-    if (body > SIM_FILL_LIMIT) memset((void *)(a.ptr + size), SIM_GARBAGE, padded - size);
+    const size_t fill = sim_fill_limit();
+    memset((void *)(base + SIM_PAGE), SIM_GARBAGE, body < fill ? body : fill);
+    if (body > fill) memset((void *)(a.ptr + size), SIM_GARBAGE, padded - size);
     sim_allocs()[a.ptr] = a;
     g_sim_bytes_live += size;
     *p = (void *)a.ptr;

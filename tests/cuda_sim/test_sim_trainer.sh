@@ -229,6 +229,19 @@ if [ -x ./train_gpt2 ]; then
     [ $rc -eq 0 ] && [ "$hs" = "HellaSwag: 24/24 = 1.000000;HellaSwag: 24/24 = 1.000000;" ] && echo "$out" | grep -q "^note: 96 of its rows are longer than -t 16" \
         && ok "-h 1: the trained model picks all 24 right endings here too ($hs)" || bad "-h 1" "exit $rc: $hs $(echo "$out" | tail -n 2)"
 fi
+# out of GPU memory: a simulated card of 64 MB runs out at the logits (an activation: the hint is
+# the batch size), one of 40 MB at the AdamW state (before any activation: the hint is -w 0 / -z 1)
+out=$(SIM_GPU_MB=64 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 16 -t 32 -x 1 -v 0 -s 0 2>&1); rc=$?
+[ $rc -eq 1 ] && echo "$out" | grep -qE '^error: out of GPU memory allocating activations: logits \(B x T x padded vocab\): 0\.048 GiB \(51511296 bytes; .* of 0\.06 GiB\)' \
+    && echo "$out" | grep -qF 'use a smaller -b (now 16) with -d' && ! echo "$out" | grep -q '^step' \
+    && ok "out of GPU memory at an activation: names it, its size and the card's, suggests a smaller -b or -r" \
+    || bad "OOM at an activation" "exit $rc: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
+out=$(SIM_GPU_MB=40 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 16 -t 32 -x 1 -v 0 -s 0 2>&1); rc=$?
+[ $rc -eq 1 ] && echo "$out" | grep -qE '^error: out of GPU memory allocating (master weights|AdamW)' \
+    && echo "$out" | grep -qF -- '-w 0 goes without the fp32 master weights' && ! echo "$out" | grep -q 'smaller -b' \
+    && ok "out of GPU memory at the weights or optimizer state: suggests -w 0 or -z 1, not a smaller batch" \
+    || bad "OOM at the weights" "exit $rc: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
+
 out=$("$BIN" -h 2>&1); rc=$?
 [ $rc -eq 0 ] && echo "$out" | grep -q "^GPU trainer only:" && ok "-h without a value prints the help, GPU flags included" || bad "-h alone" "exit $rc"
 
