@@ -33,6 +33,13 @@ static inline void nccl_check(ncclResult_t r, const char *file, int line) {
 }
 #define ncclCheck(r) nccl_check((r), __FILE__, __LINE__)
 
+// Aborts the communicator before this rank exits on an error: the exit's multigpu_finalize must not
+// then destroy (or wait on) a communicator that no longer exists.
+static void mgpu_abort(void) {
+    ncclCommAbort(g_mgpu.comm);
+    g_mgpu.active = 0;
+}
+
 // Waits for the work queued on the default stream, watching NCCL's asynchronous errors and the
 // clock: a rank that died leaves the others blocked in a collective forever, so after timeout_s
 // the communicator is aborted and this rank stops with a message.
@@ -45,13 +52,13 @@ static void nccl_wait(const char *what) {
         ncclResult_t async;
         ncclCheck(ncclCommGetAsyncError(g_mgpu.comm, &async));
         if (async != ncclSuccess) {
-            ncclCommAbort(g_mgpu.comm);
             fprintf(stderr, "error: NCCL failed during %s: %s (%s); another rank probably died, see its output\n", what,
-                    ncclGetErrorString(async), ncclGetLastError(g_mgpu.comm));
+                    ncclGetErrorString(async), ncclGetLastError(g_mgpu.comm));  // (before the abort frees the communicator)
+            mgpu_abort();
             exit(EXIT_FAILURE);
         }
         if (now_seconds() - t0 > g_mgpu.timeout_s) {
-            ncclCommAbort(g_mgpu.comm);
+            mgpu_abort();
             fprintf(stderr,
                     "error: %s has not finished after %.0f s: another rank has probably died or stalled; stopping this one "
                     "(STRUCTGPT_NCCL_TIMEOUT sets the limit in seconds)\n",

@@ -540,6 +540,17 @@ inline size_t sim_total_mem() {
 #define SIM_TOTAL_MEM sim_total_mem()
 
 inline cudaError_t g_sim_last_error = cudaSuccess;
+
+// Work queued on the (one) stream by code outside this header (nccl_sim.h's collectives): every
+// later stream-ordered call (launches, copies, memsets, GEMMs, synchronisations) first finishes
+// it, and cudaStreamQuery reports cudaErrorNotReady while it cannot finish without waiting, as
+// with a real stream that holds a collective whose peers have not arrived.
+inline void (*g_sim_queued_finish)() = nullptr;  // finish the queued work (may block)
+inline bool (*g_sim_queued_ready)() = nullptr;   // whether it would finish without waiting
+#define SIM_STREAM_ORDER()                          \
+    do {                                            \
+        if (g_sim_queued_finish) g_sim_queued_finish(); \
+    } while (0)
 inline int g_sim_quiet = 0;  // tests expecting a rejected launch / cuBLAS call set this: no message
 inline std::mutex g_sim_mu;  // allocations, launch errors, statistics
 
@@ -733,6 +744,7 @@ inline cudaError_t cudaMalloc(T **p, size_t size) {
 }
 inline cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
+    SIM_STREAM_ORDER();  // (cudaFree waits for the device)
     std::lock_guard<std::mutex> g(g_sim_mu);
     auto &m = sim_allocs();
     auto it = m.find((uintptr_t)p);
@@ -773,6 +785,7 @@ inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 }
 
 inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+    SIM_STREAM_ORDER();
     if (n == 0) return cudaSuccess;
     bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
     if (kind == cudaMemcpyDefault) kind = (cudaMemcpyKind)((sd ? 2 : 0) | (dd ? 1 : 0));
@@ -799,6 +812,7 @@ inline cudaError_t cudaMemcpy2D(void *dst, size_t dpitch, const void *src, size_
     return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void *p, int value, size_t n) {
+    SIM_STREAM_ORDER();
     if (n == 0) return cudaSuccess;
     sim_check_range(p, n, "cudaMemset");
     memset(p, value, n);
@@ -877,7 +891,11 @@ inline cudaError_t cudaStreamCreate(cudaStream_t *s) {
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int) { return cudaStreamCreate(s); }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
-inline cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }  // all work is synchronous here
+inline cudaError_t cudaStreamQuery(cudaStream_t) {  // launches are synchronous; queued collectives are not
+    if (g_sim_queued_ready && !g_sim_queued_ready()) return cudaErrorNotReady;
+    SIM_STREAM_ORDER();
+    return cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int = 0) { return cudaSuccess; }
 inline double sim_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -896,7 +914,10 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = 0) {
     e->t = sim_now_ms();
     return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
+    SIM_STREAM_ORDER();
+    return cudaSuccess;
+}
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     *ms = (float)(b->t - a->t);
@@ -1735,6 +1756,7 @@ inline void sim_launch(void (*kernel)(P...), const SimCfg &cfg, A &&...a) {
     };
     Data d{kernel, Tup(sim_arg<std::decay_t<P>>(std::forward<A>(a))...)};
     if (!sim_launch_ok((const void *)kernel, cfg)) return;
+    SIM_STREAM_ORDER();
     SimJob job;
     job.name = cfg.name;
     job.file = cfg.file;
@@ -1748,7 +1770,10 @@ inline void sim_launch(void (*kernel)(P...), const SimCfg &cfg, A &&...a) {
     sim_run_job(job);
 }
 
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() {
+    SIM_STREAM_ORDER();
+    return cudaSuccess;
+}
 
 // Runs fn(i) for i in [0, n) on the worker pool (host-side emulation work: GEMMs).
 template <class F>
@@ -2194,6 +2219,7 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
                                                  int batchCount, cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
     const char *fn = "cublasGemmStridedBatchedEx";
     SimProfileScope prof(fn);
+    SIM_STREAM_ORDER();
     (void)algo;
     if (!h || h->magic != 0xB1A5) return sim_blas_reject(CUBLAS_STATUS_NOT_INITIALIZED, fn, "handle");
     if (transa > CUBLAS_OP_C || transb > CUBLAS_OP_C) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "transa/transb");
@@ -2554,6 +2580,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
                                      cudaStream_t stream) {
     const char *fn = "cublasLtMatmul";
     SimProfileScope prof(fn);
+    SIM_STREAM_ORDER();
     (void)stream;
     if (!h || h->magic != 0x17) return sim_blas_reject(CUBLAS_STATUS_NOT_INITIALIZED, fn, "handle");
     long long m, n, k;
