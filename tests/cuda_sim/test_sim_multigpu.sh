@@ -101,15 +101,23 @@ if [ ${#MPI[@]} -gt 0 ]; then
         || bad "3-rank ZeRO-1" "exit $rc0/$rc1, $np parameters: $(diff <(trace "$W/t0.log") <(trace "$W/t1.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/t1.log" | tr '\n' ' ')"
 fi
 
-# ---- a 2-rank ZeRO-1 run resumed from its step-3 checkpoint: bit-identical to the whole run
-two "$W/r.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/R" -n 3 -z 1
-cp -r "$W/R" "$W/R2" && rm -f "$W/R2"/*00000006*
-two "$W/r2.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -o "$W/R2" -n 3 -z 1 -y 1; rc=$?
-[ $rc -eq 0 ] && grep -q 'resumed from' "$W/r2.log" && cmp -s "$W/R/model_00000006.bin" "$W/R2/model_00000006.bin" \
-    && cmp -s "$W/R/state_00000006_00000.bin" "$W/R2/state_00000006_00000.bin" && cmp -s "$W/R/state_00000006_00001.bin" "$W/R2/state_00000006_00001.bin" \
-    && [ "$(trace "$W/r.log" | grep -E '^step +[456]/')" = "$(trace "$W/r2.log" | grep -E '^step +[456]/')" ] \
-    && ok "2 ranks, ZeRO-1: resumed at step 3, steps 4-6 and the step-6 model and both ranks' states as the whole run" \
-    || bad "2-rank resume" "exit $rc: $(diff <(trace "$W/r.log" | grep -E '^step +[456]/') <(trace "$W/r2.log" | grep -E '^step +[456]/') | head -3 | tr '\n' ' ')"
+# ---- a 2-rank ZeRO-1 run resumed from its step-3 checkpoint: bit-identical to the whole run (a
+# dense model, and the structured one with the fused kernels)
+for m in "dense:tests/configs/tiny_dense.conf:-sk 0" "structured:tests/configs/tiny_mixed.conf:-sk 1"; do
+    tag=${m%%:*}; rest=${m#*:}; cfg=${rest%%:*}; sk=${rest#*:}
+    # shellcheck disable=SC2086
+    two "$W/r_$tag.log" -e "$cfg" "${D[@]}" -b 2 -o "$W/R_$tag" -n 3 -z 1 $sk
+    cp -r "$W/R_$tag" "$W/R2_$tag" && rm -f "$W/R2_$tag"/*00000006*
+    # shellcheck disable=SC2086
+    two "$W/r2_$tag.log" -e "$cfg" "${D[@]}" -b 2 -o "$W/R2_$tag" -n 3 -z 1 $sk -y 1; rc=$?
+    same=1
+    for f in model_00000006.bin state_00000006_00000.bin state_00000006_00001.bin; do cmp -s "$W/R_$tag/$f" "$W/R2_$tag/$f" || same=0; done
+    steps() { trace "$1" | grep -E '^step +[456]/'; }
+    [ $rc -eq 0 ] && grep -q 'resumed from' "$W/r2_$tag.log" && [ $same = 1 ] && [ -n "$(steps "$W/r_$tag.log")" ] \
+        && [ "$(steps "$W/r_$tag.log")" = "$(steps "$W/r2_$tag.log")" ] \
+        && ok "2 ranks, ZeRO-1, $tag ($sk): resumed at step 3, steps 4-6 and the step-6 model and both ranks' states as the whole run" \
+        || bad "2-rank resume, $tag" "exit $rc, files alike: $same: $(diff <(steps "$W/r_$tag.log") <(steps "$W/r2_$tag.log") | head -3 | tr '\n' ' ')"
+done
 
 # ---- a structured model (BTT, Monarch, BTT-MoE): the aux loss is that of the global batch's
 # routing statistics (summed over ranks on the device); with the fused kernels too
