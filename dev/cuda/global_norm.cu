@@ -49,26 +49,9 @@ static float global_norm_naive(const floatX *g, size_t n, float *d_out) {
 // ----------------------------------------------------------------------------------------------
 // v2
 
-__global__ void global_norm_fp32_partial_kernel(float *partial, const floatX *g, size_t n) {
-    float s = 0.0f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float v = (float)g[i];
-        s += v * v;
-    }
-    s = block_sum(s);
-    if (threadIdx.x == 0) partial[blockIdx.x] = s;
-}
-__global__ void global_norm_fp32_final_kernel(float *out, const float *partial, int n) {
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
-    s = block_sum(s);
-    if (threadIdx.x == 0) *out = s;
-}
+// the trainer's kernels with fp32 accumulators
 static float global_norm_fp32(const floatX *g, size_t n, float *scratch) {
-    global_norm_fp32_partial_kernel<<<NORM_BLOCKS, NORM_THREADS>>>(scratch, g, n);
-    cudaCheckLaunch();
-    global_norm_fp32_final_kernel<<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, NORM_BLOCKS);
-    cudaCheckLaunch();
+    global_norm_squared_launch(g, n, scratch);
     float sq = 0.0f;
     cudaCheck(cudaMemcpy(&sq, scratch + NORM_BLOCKS, sizeof(float), cudaMemcpyDeviceToHost));
     return (float)sqrt((double)sq);

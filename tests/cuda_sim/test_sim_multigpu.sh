@@ -132,24 +132,20 @@ for sk in 0 1; do
         || bad "structured model, 2 ranks, -sk $sk" "exit $rc: '$a' vs '$b', losses $ml: $(tail -n 2 "$W/mtwo$sk.log" | tr '\n' ' ')"
 done
 
-# ---- ranks started without mpirun (-pn -pr -pi fs -pf): the NCCL id through the shared directory
+# ---- ranks started without mpirun (-pn -pr -pi fs|tcp -pf): the NCCL id through a shared
+# directory or rank 0's socket; the same trace as under mpirun
 if [ ${#MPI[@]} -gt 0 ]; then
     mkdir -p "$W/rdv"
-    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 1 -pi fs -pf "$W/rdv" > "$W/fs1.log" 2>&1 &
-    p1=$!
-    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 0 -pi fs -pf "$W/rdv" > "$W/fs0.log" 2>&1; rc=$?
-    wait $p1; rc1=$?
-    [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/fs0.log")" = "$(trace "$W/two.log")" ] \
-        && ok "-pi fs: 2 ranks started by hand train exactly as under mpirun" \
-        || bad "-pi fs ranks" "exit $rc/$rc1: $(diff <(trace "$W/two.log") <(trace "$W/fs0.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/fs1.log" | tr '\n' ' ')"
-    port=$((20000 + RANDOM % 20000))
-    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 1 -pi tcp -pf "127.0.0.1:$port" > "$W/tcp1.log" 2>&1 &
-    p1=$!
-    "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 0 -pi tcp -pf "127.0.0.1:$port" > "$W/tcp0.log" 2>&1; rc=$?
-    wait $p1; rc1=$?
-    [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/tcp0.log")" = "$(trace "$W/two.log")" ] \
-        && ok "-pi tcp: 2 ranks meeting at 127.0.0.1:$port train exactly as under mpirun" \
-        || bad "-pi tcp ranks" "exit $rc/$rc1: $(tail -n 2 "$W/tcp0.log" | tr '\n' ' ') $(tail -n 2 "$W/tcp1.log" | tr '\n' ' ')"
+    for how in "fs:$W/rdv" "tcp:127.0.0.1:$((20000 + RANDOM % 20000))"; do
+        pi=${how%%:*}; pf=${how#*:}
+        "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 1 -pi "$pi" -pf "$pf" > "$W/${pi}1.log" 2>&1 &
+        p1=$!
+        "$BIN" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -pn 2 -pr 0 -pi "$pi" -pf "$pf" > "$W/${pi}0.log" 2>&1; rc=$?
+        wait $p1; rc1=$?
+        [ $rc -eq 0 ] && [ $rc1 -eq 0 ] && [ "$(trace "$W/${pi}0.log")" = "$(trace "$W/two.log")" ] \
+            && ok "-pi $pi ($pf): 2 ranks started by hand train exactly as under mpirun" \
+            || bad "-pi $pi ranks" "exit $rc/$rc1: $(diff <(trace "$W/two.log") <(trace "$W/${pi}0.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/${pi}1.log" | tr '\n' ' ')"
+    done
 fi
 
 # ---- a rank that dies: the other's watchdog (nccl_wait: cudaStreamQuery polled while the
