@@ -4,8 +4,8 @@
 # GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL; without cuDNN, plus
 # train_gpt2cu_cudnn and test_gpt2cu_cudnn with -fa 2 when the cuDNN frontend is installed here:
 # they need the GPU machine's libcudnn, which the plain ones must not) and the tinyshakespeare shards,
-# into .device/tree/ (git-ignored), laid out as in the repository (.device/COMMIT and ARCH say
-# what was built). dev/bench/device_run.sh copies it
+# into .device/tree.tar.gz (git-ignored), laid out as in the repository (.device/COMMIT and ARCH say
+# what was built). dev/bench/device_run.sh unpacks it
 # over the tree on the GPU machine, so that the lent minutes go to running, not compiling:
 #   bash dev/bench/device_prep.sh
 #   then, through the device tool: run(command="bash dev/bench/device_run.sh", carry=[".device"])
@@ -44,5 +44,14 @@ cp data/tinyshakespeare/*.bin .device/tree/data/tinyshakespeare/
 git rev-parse --short HEAD > .device/COMMIT
 git diff --quiet || echo "(with uncommitted changes)" >> .device/COMMIT
 echo "sm_$CC_GPU" > .device/ARCH
-du -sh .device | sed 's/^/device_prep: /'
+# the device tool carries at most 64 MiB: the tree goes packed (the binaries, with -lineinfo, take
+# about 75 MB as files and a third of that gzipped)
+raw=$(du -sm .device/tree | cut -f1)
+tar -czf .device/tree.tar.gz -C .device/tree . && rm -rf .device/tree
+packed=$(du -sm .device | cut -f1)
+echo "device_prep: $raw MB of binaries and data, $packed MB packed in .device"
+if [ "$packed" -gt 60 ]; then
+    echo "device_prep: .device is over 60 MB; the device tool carries 64 MiB at most: leave programs out or strip them"
+    exit 1
+fi
 echo "device_prep: ready; carry .device with: bash dev/bench/device_run.sh"

@@ -43,7 +43,9 @@ say "nvcc:     $(nvcc --version 2>/dev/null | tail -1)"
 say "budget:   ${BUDGET}s for stages: $STAGES"
 
 # ---- binaries: the prepared ones, else build here
-if [ -d .device/tree ]; then
+if [ -f .device/tree.tar.gz ]; then
+    tar -xzf .device/tree.tar.gz -C . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
+elif [ -d .device/tree ]; then
     cp -a .device/tree/. . && say "binaries: prepared ($(cat .device/ARCH 2>/dev/null || echo '?'))"
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
