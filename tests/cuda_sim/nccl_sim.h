@@ -41,16 +41,16 @@ typedef enum {
     ncclInvalidUsage = 5,
     ncclRemoteError = 6,
 } ncclResult_t;
-typedef enum { ncclInt32 = 2, ncclFloat32 = 7, ncclFloat = 7, ncclFloat64 = 8, ncclDouble = 8, ncclBfloat16 = 9 } ncclDataType_t;
-typedef enum { ncclSum = 0, ncclProd = 1, ncclMax = 2, ncclMin = 3, ncclAvg = 4 } ncclRedOp_t;
+// the types and operations the trainer uses (another one does not compile here)
+typedef enum { ncclFloat32 = 7, ncclFloat = 7, ncclFloat64 = 8, ncclDouble = 8, ncclBfloat16 = 9 } ncclDataType_t;
+typedef enum { ncclSum = 0, ncclAvg = 4 } ncclRedOp_t;
 typedef struct { char internal[128]; } ncclUniqueId;
 
 struct SimNcclHeader {
     std::atomic<unsigned> arrived;     // ranks at the current barrier
     std::atomic<unsigned> generation;  // barriers completed
-    std::atomic<unsigned> joined;      // ranks that mapped the file
 };
-// a collective queued on the stream: posted (input in the slot, arrived at the first barrier)
+// a collective queued on the stream: posted (input in the slot, arrived at the barrier)
 struct SimNcclQueued {
     int kind;  // 0 none, 1 all-reduce, 2 reduce-scatter, 3 all-gather
     void *recv;
@@ -64,7 +64,7 @@ struct SimNcclQueued {
 struct SimNcclComm {
     int nranks, rank;
     size_t slot_bytes, map_bytes;
-    char *base;  // header, then nranks slots
+    char *base;  // header, then two sets of nranks slots
     char path[128];
     char last_error[256];
     SimNcclQueued queued;
@@ -159,8 +159,6 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId i
     close(fd);
     if (m == MAP_FAILED) return sim_nccl_fail(NULL, ncclSystemError, "mmap %s: %s", c->path, strerror(errno));
     c->base = (char *)m;
-    SimNcclHeader *h = (SimNcclHeader *)c->base;
-    h->joined.fetch_add(1);
     ncclResult_t r = sim_nccl_barrier(c, "ncclCommInitRank");
     if (r != ncclSuccess) {
         snprintf(g_sim_nccl_error, sizeof(g_sim_nccl_error), "%s", c->last_error);
@@ -187,7 +185,6 @@ inline double sim_nccl_get(const char *p, size_t i, ncclDataType_t t) {
     switch (t) {
         case ncclBfloat16: return (double)(float)((const __nv_bfloat16 *)p)[i];
         case ncclFloat64: return ((const double *)p)[i];
-        case ncclInt32: return (double)((const int *)p)[i];
         default: return (double)((const float *)p)[i];
     }
 }
@@ -195,25 +192,21 @@ inline void sim_nccl_put(char *p, size_t i, ncclDataType_t t, double v) {
     switch (t) {
         case ncclBfloat16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn((float)v); break;
         case ncclFloat64: ((double *)p)[i] = v; break;
-        case ncclInt32: ((int *)p)[i] = (int)v; break;
         default: ((float *)p)[i] = (float)v; break;
     }
 }
 
-// Reduces element off + i of every rank's slot, i < count, into recv[i].
+// Sums element off + i of every rank's slot, i < count, into recv[i] (ncclAvg: then / nranks);
+// in fp32 for fp32 and bf16, as NCCL's kernels for these types, in fp64 for fp64.
 inline void sim_nccl_reduce_slots(ncclComm_t c, int set, char *recv, size_t off, size_t count, ncclDataType_t t, ncclRedOp_t op) {
+    const bool fp32 = t != ncclFloat64;
     for (size_t i = 0; i < count; i++) {
         double acc = sim_nccl_get(sim_nccl_slot(c, set, 0), off + i, t);
         for (int r = 1; r < c->nranks; r++) {
-            double v = sim_nccl_get(sim_nccl_slot(c, set, r), off + i, t);
-            if (t == ncclFloat32 || t == ncclBfloat16) {  // fp32 arithmetic, as NCCL's kernels for these types
-                float a = (float)acc, b = (float)v;
-                acc = op == ncclMax ? fmaxf(a, b) : op == ncclMin ? fminf(a, b) : op == ncclProd ? a * b : a + b;
-            } else {
-                acc = op == ncclMax ? fmax(acc, v) : op == ncclMin ? fmin(acc, v) : op == ncclProd ? acc * v : acc + v;
-            }
+            const double v = sim_nccl_get(sim_nccl_slot(c, set, r), off + i, t);
+            acc = fp32 ? (double)((float)acc + (float)v) : acc + v;
         }
-        if (op == ncclAvg) acc = (t == ncclFloat32 || t == ncclBfloat16) ? (double)((float)acc / (float)c->nranks) : acc / c->nranks;
+        if (op == ncclAvg) acc = fp32 ? (double)((float)acc / (float)c->nranks) : acc / c->nranks;
         sim_nccl_put(recv, i, t, acc);
     }
 }
