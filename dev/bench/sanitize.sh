@@ -15,12 +15,9 @@ cd "$(dirname "$0")/../.." || exit 1
 BIN=${BIN:-./train_gpt2cu}
 TOOLS=${TOOLS:-"memcheck racecheck initcheck synccheck"}
 SAN=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)}
-LOGDIR=${LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/sanitize.XXXXXX")}
+LOGDIR=${LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/sanitize.XXXXXX")}  # kept (tests/lib.sh's own scratch is not)
 mkdir -p "$LOGDIR" || exit 1
-pass=0; fail=0
-ok() { pass=$((pass + 1)); echo "ok $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1: $2"; }
-summary() { echo "$pass passed, $fail failed"; [ "$fail" -eq 0 ]; }
+source tests/lib.sh  # ok, bad, summary
 if [ -z "$SAN" ] || [ ! -x "$BIN" ]; then
     bad "sanitize" "needs compute-sanitizer (${SAN:-not found}) and the trainer ($BIN: $([ -x "$BIN" ] && echo found || echo 'not built: make train_gpt2cu'))"
     summary; exit
