@@ -192,6 +192,10 @@ ifneq ($(NVCC),)
   # which way the binaries were built: switching USE_CUDNN (or installing the frontend) rebuilds them
   CUDNN_STAMP := $(BUILD)/cudnn_$(if $(CUDNN_OBJ),on,off).stamp
 all: train_gpt2cu test_gpt2cu dev-cuda
+# the flags the GPU binaries build with, for tests/test_ptxas.sh (one line: "NVCC_FLAGS ...")
+.PHONY: print-nvcc-flags
+print-nvcc-flags:
+	@echo "NVCC_FLAGS $(NVCC_FLAGS)"
 .PHONY: dev-cuda
 dev-cuda: $(CUDNN_OBJ) $(CUDNN_STAMP)
 	$(MAKE) -C dev/cuda GPU_COMPUTE_CAPABILITY=$(GPU_COMPUTE_CAPABILITY) CUDNN_OBJ="$(abspath $(CUDNN_OBJ))" CUDNN_LIBS="$(CUDNN_LIBS)" \

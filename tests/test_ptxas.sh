@@ -14,7 +14,11 @@ must=(adamw_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_k
       "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel)
 for arch in 80 90 100; do
     log="$W/ptxas_sm$arch.log"
-    if ! "$NVCC" -O3 --use_fast_math -lineinfo -std=c++17 -I. -arch=sm_$arch -Xptxas -v -c train_gpt2.cu -o "$W/t$arch.o" > "$log" 2>&1; then
+    # the Makefile's flags for this architecture, so that ptxas sees the code the build makes
+    flags=$(make -s print-nvcc-flags GPU_COMPUTE_CAPABILITY=$arch 2> /dev/null | sed -n 's/^NVCC_FLAGS //p')
+    if [ -z "$flags" ]; then bad "sm_$arch: the Makefile's NVCC_FLAGS" "make print-nvcc-flags printed none"; continue; fi
+    # shellcheck disable=SC2086
+    if ! "$NVCC" $flags -Xptxas -v -c train_gpt2.cu -o "$W/t$arch.o" > "$log" 2>&1; then
         bad "sm_$arch: nvcc train_gpt2.cu" "$(grep -m3 -i error "$log")"
         continue
     fi
