@@ -100,30 +100,19 @@ int main(int argc, char **argv) {
             snprintf(what, sizeof(what), "v%d n=%zu norm", ver, n);
             float err = dev_check(what, &first, &ref, 1, 0.0f, TOL_RTOL[ver]);
             run();
-            int same = memcmp(&first, &r1, sizeof(float)) == 0;
             if (ver >= 2) {
                 snprintf(what, sizeof(what), "v%d n=%zu two runs bit-identical", ver, n);
-                if (same) {
-                    g_dev_pass++;
-                } else {
-                    g_dev_fail++;
-                    printf("FAIL %s: %.9g then %.9g\n", what, first, r1);
-                }
+                dev_check_same_bits(what, first, r1);
             } else {
-                printf("   v1 n=%zu: two runs %s (not required: atomics)\n", n, same ? "bit-identical this time" : "differ");
+                printf("   v1 n=%zu: two runs %s (not required: atomics)\n", n,
+                       memcmp(&first, &r1, sizeof(float)) == 0 ? "bit-identical this time" : "differ");
             }
             if (ver == 3) {  // ZeRO-1 over 3 ranks: the slices' sums of squares, summed
                 const size_t shard = (n + 2) / 3;
                 double sq = 0.0;
                 for (size_t lo = 0; lo < n; lo += shard) sq += global_norm_squared(d_g + lo, n - lo < shard ? n - lo : shard, d_scratch);
-                float z = (float)sqrt(sq);
                 snprintf(what, sizeof(what), "v%d n=%zu norm from 3 slices' sums of squares bit-identical", ver, n);
-                if (memcmp(&z, &first, sizeof(float)) == 0) {
-                    g_dev_pass++;
-                } else {
-                    g_dev_fail++;
-                    printf("FAIL %s: %.9g vs %.9g\n", what, z, first);
-                }
+                dev_check_same_bits(what, (float)sqrt(sq), first);
             }
             float ms = dev_time_ms(run);
             snprintf(what, sizeof(what), "global_norm n=%zu", n);

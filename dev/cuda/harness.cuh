@@ -131,6 +131,16 @@ static inline float dev_check(const char *what, const float *gpu, const float *r
     return worst;
 }
 
+// Two results that must be the same bits (determinism, or one sum computed two ways).
+static inline void dev_check_same_bits(const char *what, float a, float b) {
+    if (memcmp(&a, &b, sizeof(float)) == 0) {
+        g_dev_pass++;
+    } else {
+        g_dev_fail++;
+        printf("FAIL %s: %.9g vs %.9g\n", what, a, b);
+    }
+}
+
 // Like dev_check, with a bound per element: |gpu - ref| <= bound[i] (NaN fails); returns the
 // largest |gpu - ref|.
 static inline float dev_check_bounded(const char *what, const float *gpu, const float *ref, const float *bound, size_t n) {
