@@ -922,7 +922,9 @@ static void trainer_moe_fhat(const GPT2 *m, const LinearDesc *ld, float *fhat) {
     memcpy(fhat, la->moe.fhat, (size_t)ld->spec.experts * sizeof(float));
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int last,
+                                MoERouting *routing) {
+    (void)last;  // the gradients are averaged over ranks after the step's micro-steps (trainer_mean_grads)
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     float loss = gpt2_forward(m, inputs, targets, B, T);
     m->sync_aux = 0;

@@ -109,6 +109,12 @@ typedef struct {
     const MultiProc *mp;
     ZeroShard zero;
     int sync_aux;
+    // the gradients' averaging over ranks, started block by block in the last micro-step's backward:
+    // block l's ranges are grad_ranges[grad_first[l] .. grad_first[l + 1]), l = L the tensors in no block
+    ParamRange *grad_ranges;
+    int *grad_first;                   // [L + 2]
+    int average_in_backward;           // this backward is the step's last: start the averaging
+    int grads_averaging;               // started, not yet joined (trainer_mean_grads)
 } GPT2;
 
 static floatX *P_(const GPT2 *m, floatX *base, int idx) { return base + m->layout.params.t[idx].offset; }
@@ -447,6 +453,7 @@ static void gpt2_free(GPT2 *m) {
     for (size_t i = 0; i < sizeof(st_dev) / sizeof(st_dev[0]); i++)
         if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
     free(m->config_text);
+    free(m->grad_ranges); free(m->grad_first);
     free(m->master_host); free(m->h_inputs); free(m->h_buckets); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
     memset(m, 0, sizeof(*m));
@@ -592,6 +599,14 @@ static void gpt2_zero_grad(GPT2 *m) { cudaCheck(cudaMemset(m->grads, 0, m->num_p
     return ce + (m->n_routed > 0 ? m->layout.structure.moe_aux_weight * m->routing.aux : 0.0f);
 }
 
+// Starts averaging block l's gradients over the ranks (l = L: the tensors in no block) on NCCL's
+// stream, after the backward work queued so far; the backward of the blocks below goes on meanwhile.
+static void grads_average_block(GPT2 *m, int l) {
+    if (!m->grad_ranges) return;
+    multigpu_average_grad_ranges(m->grads, m->grad_ranges + m->grad_first[l], m->grad_first[l + 1] - m->grad_first[l], &m->zero);
+    m->grads_averaging = 1;
+}
+
 // Backward of the last forward (which must have had targets) for
 // dloss_scale * (mean cross-entropy + moe_aux_weight * aux), accumulated into the gradients
 // (dloss_scale = 1/grad_accum_steps).
@@ -633,8 +648,10 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
         qkv_backward(m, l, m->dln, m->dbig, ln1, BT, daux);
         layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
                            m->colsum_scratch);
+        if (m->average_in_backward) grads_average_block(m, l);  // block l's gradients are final
     }
     encoder_backward(P_(m, G, g->wte), P_(m, G, g->wpe), m->dres, m->d_buckets, m->n_unique, B, T, C);
+    if (m->average_in_backward) grads_average_block(m, L);
     m->have_targets = 0;  // the logits and attention probabilities were consumed
     m->dlogits_ready = 0;
 }
@@ -842,6 +859,18 @@ static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_s
     m->no_master = !g_master_weights || !train;
     m->eval_only = !train;
     gpt2_alloc(m, B, T, g_recompute, g_flash);
+    if (train && g_mgpu.active) {  // the gradient ranges of each block, averaged as soon as its backward is done
+        const GPT2Layout *g = &m->layout;
+        int L = m->config.num_layers, *idx = (int *)mallocCheck((size_t)g->params.n * sizeof(int));
+        m->grad_ranges = (ParamRange *)mallocCheck((size_t)g->params.n * sizeof(ParamRange));
+        m->grad_first = (int *)mallocCheck((size_t)(L + 2) * sizeof(int));
+        m->grad_first[0] = 0;
+        for (int l = 0; l <= L; l++) {
+            int n = gpt2_block_tensors(g, l, idx);
+            m->grad_first[l + 1] = m->grad_first[l] + params_ranges(&g->params, idx, n, m->grad_ranges + m->grad_first[l]);
+        }
+        free(idx);
+    }
     if (g_flash && !m->flash && !m->cudnn)
         printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
                m->config.channels / m->config.num_heads);
@@ -886,18 +915,27 @@ static void trainer_moe_fhat(GPT2 *m, const LinearDesc *ld, float *fhat) {
     cudaCheck(cudaMemcpy(fhat, lin_state(m, ld)->moe.fhat, (size_t)ld->spec.experts * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, MoERouting *routing) {
+static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int last,
+                                MoERouting *routing) {
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
     m->sync_aux = 0;
+    m->average_in_backward = last && g_mgpu.active;
     gpt2_backward(m, dloss_scale);
+    m->average_in_backward = 0;
     float loss = gpt2_read_loss(m);
     *routing = m->routing;
     return loss;
 }
 
-// The average over ranks (NCCL all-reduce; with ZeRO-1 a reduce-scatter onto this rank's slice).
-static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) { multigpu_average_grads(m->grads, m->num_params, &m->zero, mp->rank); }
+// The average over ranks (with ZeRO-1, of this rank's slice), which the last micro-step's backward
+// started block by block: waits for it.
+static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
+    if (!g_mgpu.active) return;
+    if (!m->grads_averaging) fatal("internal: the gradients' averaging was not started in the last micro-step (%d ranks)", mp->nproc);
+    multigpu_grads_join();
+    m->grads_averaging = 0;
+}
 
 static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
     gpt2_write_checkpoint(m, model_path, state_path, st);

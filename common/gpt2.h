@@ -102,6 +102,38 @@ static inline void gpt2_layout_build_structured(GPT2Layout *g, const GPT2Config 
     }
 }
 
+// The parameter tensors of block l (its LayerNorms, its linear layers' weights and biases), or
+// with l = num_layers every tensor in no block (embeddings, final LayerNorm, an untied head), into
+// idx: room for GPT2_BLOCK_MAX_TENSORS, or params.n for the rest; returns how many. Together they
+// are every tensor once (the GPU trainer averages a block's gradients as soon as its backward is done).
+#define GPT2_BLOCK_MAX_TENSORS (4 + NUM_BLOCK_ROLES * (LINEAR_MAX_TENSORS + 1))
+static inline int gpt2_block_tensors(const GPT2Layout *g, int l, int *idx) {
+    const int L = g->config.num_layers;
+    if (l < L) {
+        const BlockNorms *nm = &g->norms[l];
+        int n = 0;
+        idx[n++] = nm->ln1w; idx[n++] = nm->ln1b; idx[n++] = nm->ln2w; idx[n++] = nm->ln2b;
+        for (int r = 0; r < NUM_BLOCK_ROLES; r++) {
+            const LinearDesc *ld = gpt2_linear(g, l, r);
+            if (!ld->used) continue;
+            for (int i = 0; i < ld->nw; i++) idx[n++] = ld->w[i];
+            if (ld->bias >= 0) idx[n++] = ld->bias;
+        }
+        return n;
+    }
+    unsigned char *in_block = (unsigned char *)callocCheck((size_t)g->params.n, 1);
+    int tmp[GPT2_BLOCK_MAX_TENSORS];
+    for (int b = 0; b < L; b++) {
+        int k = gpt2_block_tensors(g, b, tmp);
+        for (int i = 0; i < k; i++) in_block[tmp[i]] = 1;
+    }
+    int n = 0;
+    for (int i = 0; i < g->params.n; i++)
+        if (!in_block[i]) idx[n++] = i;
+    free(in_block);
+    return n;
+}
+
 static inline void gpt2_layout_build(GPT2Layout *g, const GPT2Config *c) {
     StructConfig sc;
     struct_config_dense(c, &sc);

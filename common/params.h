@@ -52,3 +52,27 @@ static inline int params_index(const ParamTable *pt, const char *name) {
     for (int i = 0; i < pt->n; i++) if (strcmp(pt->t[i].name, name) == 0) return i;
     return -1;
 }
+
+// A contiguous piece of the flat buffer, in elements.
+typedef struct {
+    size_t offset, count;
+} ParamRange;
+
+// The flat-buffer ranges of tensors idx[0..n), in ascending order, adjacent tensors merged into one
+// range (out has room for n); returns how many.
+static inline int params_ranges(const ParamTable *pt, const int *idx, int n, ParamRange *out) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {  // insertion sort by offset: a handful of tensors
+        ParamRange r = {pt->t[idx[i]].offset, pt->t[idx[i]].numel};
+        int j = k++;
+        while (j > 0 && out[j - 1].offset > r.offset) { out[j] = out[j - 1]; j--; }
+        out[j] = r;
+    }
+    int m = 0;
+    for (int i = 0; i < k; i++) {
+        if (out[i].count == 0) continue;
+        if (m > 0 && out[m - 1].offset + out[m - 1].count == out[i].offset) out[m - 1].count += out[i].count;
+        else out[m++] = out[i];
+    }
+    return m;
+}

@@ -10,10 +10,13 @@
 //   trainer_alloc(m, mp, B, T, zero, train)   activations and optimizer buffers, for this rank of mp
 //                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice;
 //                                       train 0: -x 0, no gradients or optimizer state needed)
-//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, &routing) -> loss   forward and backward of
-//                                       one micro-batch (gradients accumulate; routing: the BTT-MoE
-//                                       aux loss and routing over the global batch, routing.h)
-//   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks
+//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, last, &routing) -> loss   forward and backward
+//                                       of one micro-batch (gradients accumulate; routing: the BTT-MoE
+//                                       aux loss and routing over the global batch, routing.h; last:
+//                                       the step's last micro-batch, whose backward the GPU trainer
+//                                       overlaps with the averaging of the finished blocks' gradients)
+//   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks (or
+//                                       finish the averaging the last micro-step started)
 //   trainer_write_checkpoint(m, model_path or NULL, state_path, st)   trainer_read_state(m, path, st)
 //                                       (the state's arrays are this rank's slice with -z 1)
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
@@ -367,7 +370,8 @@ int main(int argc, char **argv) {
             if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
             overfit_loaded = 1;
             MoERouting r = {0.0f, 0.0f, 0.0f, 0.0f};
-            float l = trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum, &r);
+            float l = trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum,
+                                         micro == grad_accum - 1, &r);
             if (!isfinite(l) || !isfinite(r.aux))
                 fatal("loss is %f (aux %f) at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data",
                       l, r.aux, step, a.lr);

@@ -1,8 +1,10 @@
 // cuda/multigpu.cuh: data parallelism over GPUs with NCCL: one process per GPU, started by mpirun
 // (MPI passes the NCCL id) or without MPI by -pn/-pr/-pg -pi fs|tcp -pf (common/rendezvous.h);
-// gradient averaging (all-reduce) or ZeRO-1 (reduce-scatter, AdamW on the rank's slice,
-// all-gather), host-side collectives for the shared driver, and a watchdog that turns a dead rank
-// into an error instead of a hang. Built with USE_NCCL; without it there is one process.
+// gradient averaging (all-reduce, or with ZeRO-1 a reduce onto the rank that owns each slice, then
+// AdamW on the rank's slice and an all-gather), started block by block during the backward so that
+// it overlaps the backward of the blocks below, host-side collectives for the shared driver, and a
+// watchdog that turns a dead rank into an error instead of a hang. Built with USE_NCCL; without it
+// there is one process.
 #pragma once
 #include "common.cuh"
 #include "../common/multiproc.h"
@@ -14,9 +16,16 @@
 
 typedef struct {
     int active;              // more than one process, NCCL initialised
+    int rank, nranks;
     double timeout_s;        // a collective that takes longer means a rank is gone
 #ifdef USE_NCCL
     ncclComm_t comm;
+    // Every collective runs on this stream, in the order the ranks issue them, ordered after the
+    // default stream's work by an event (to_nccl); the default stream waits for it through another
+    // (to_main) where it needs the results. Non-blocking, so that the legacy default stream does not
+    // wait for the gradient averaging it has not asked for: the backward goes on meanwhile.
+    cudaStream_t stream;
+    cudaEvent_t to_nccl, to_main;
 #endif
     void *host_tmp;          // device staging buffer for host collectives
     size_t host_tmp_bytes;
@@ -33,6 +42,17 @@ static inline void nccl_check(ncclResult_t r, const char *file, int line) {
 }
 #define ncclCheck(r) nccl_check((r), __FILE__, __LINE__)
 
+// The next collectives start after the work already queued on the default stream.
+static void mgpu_enter(void) {
+    cudaCheck(cudaEventRecord(g_mgpu.to_nccl, 0));
+    cudaCheck(cudaStreamWaitEvent(g_mgpu.stream, g_mgpu.to_nccl, 0));
+}
+// The default stream's next work starts after the collectives issued so far.
+static void mgpu_leave(void) {
+    cudaCheck(cudaEventRecord(g_mgpu.to_main, g_mgpu.stream));
+    cudaCheck(cudaStreamWaitEvent(0, g_mgpu.to_main, 0));
+}
+
 // Aborts the communicator before this rank exits on an error: the exit's multigpu_finalize must not
 // then destroy (or wait on) a communicator that no longer exists.
 static void mgpu_abort(void) {
@@ -40,7 +60,7 @@ static void mgpu_abort(void) {
     g_mgpu.active = 0;
 }
 
-// Waits for the work queued on the default stream, watching NCCL's asynchronous errors and the
+// Waits for the work queued on the default stream (and the collectives it waits for), watching NCCL's asynchronous errors and the
 // clock: a rank that died leaves the others blocked in a collective forever, so after timeout_s
 // the communicator is aborted and this rank stops with a message.
 static void nccl_wait(const char *what) {
@@ -83,7 +103,9 @@ static void *mgpu_staging(size_t bytes) {
 static void mgpu_sum_host(void *buf, size_t n, ncclDataType_t type, size_t esize, const char *what) {
     void *d = mgpu_staging(n * esize);
     cudaCheck(cudaMemcpy(d, buf, n * esize, cudaMemcpyHostToDevice));
-    ncclCheck(ncclAllReduce(d, d, n, type, ncclSum, g_mgpu.comm, 0));
+    mgpu_enter();
+    ncclCheck(ncclAllReduce(d, d, n, type, ncclSum, g_mgpu.comm, g_mgpu.stream));
+    mgpu_leave();
     nccl_wait(what);
     cudaCheck(cudaMemcpy(buf, d, n * esize, cudaMemcpyDeviceToHost));
 }
@@ -100,7 +122,9 @@ static void mgpu_barrier(void) {
 static void multigpu_sum_device_doubles(double *d, int n) {
     if (!g_mgpu.active) return;
 #ifdef USE_NCCL
-    ncclCheck(ncclAllReduce(d, d, (size_t)n, ncclDouble, ncclSum, g_mgpu.comm, 0));
+    mgpu_enter();
+    ncclCheck(ncclAllReduce(d, d, (size_t)n, ncclDouble, ncclSum, g_mgpu.comm, g_mgpu.stream));
+    mgpu_leave();
 #else
     (void)d;
     (void)n;
@@ -163,7 +187,12 @@ static void multigpu_init(MultiProc *mp, const LaunchArgs *la) {
 #endif
     }
     ncclCheck(ncclCommInitRank(&g_mgpu.comm, mp->nproc, id, mp->rank));
+    cudaCheck(cudaStreamCreateWithFlags(&g_mgpu.stream, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&g_mgpu.to_nccl, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&g_mgpu.to_main, cudaEventDisableTiming));
     g_mgpu.active = 1;
+    g_mgpu.rank = mp->rank;
+    g_mgpu.nranks = mp->nproc;
     mp->sum_floats = mgpu_sum_floats;
     mp->sum_doubles = mgpu_sum_doubles;
     mp->barrier = mgpu_barrier;
@@ -177,6 +206,9 @@ static void multigpu_finalize(void) {
     if (g_mgpu.active) {
         cudaCheck(cudaDeviceSynchronize());
         ncclCheck(ncclCommDestroy(g_mgpu.comm));
+        cudaCheck(cudaEventDestroy(g_mgpu.to_nccl));
+        cudaCheck(cudaEventDestroy(g_mgpu.to_main));
+        cudaCheck(cudaStreamDestroy(g_mgpu.stream));
     }
 #endif
     if (g_mgpu.host_tmp) cudaCheck(cudaFree(g_mgpu.host_tmp));
@@ -186,16 +218,42 @@ static void multigpu_finalize(void) {
 // ----------------------------------------------------------------------------------------------
 // gradients and weights
 
-// Without ZeRO: grads (n bf16) become the average over ranks. With ZeRO-1: grads hold z->padded
-// elements and only this rank's slice [rank * shard, (rank + 1) * shard) is averaged.
-static void multigpu_average_grads(floatX *grads, size_t n, const ZeroShard *z, int rank) {
+// Starts averaging the gradients in ranges r[0..n) (element offsets into grads) over the ranks,
+// after the work already queued (the backward that wrote them); nothing waits for it here
+// (multigpu_grads_join does). Without ZeRO every rank gets the average; with ZeRO-1 the part of a
+// range inside rank k's slice [k * shard, (k + 1) * shard) is reduced onto rank k only, which is
+// the reduce-scatter of the whole vector done range by range, and the rest of each rank's
+// gradients stays its own.
+static void multigpu_average_grad_ranges(floatX *grads, const ParamRange *r, int n, const ZeroShard *z) {
+#ifdef USE_NCCL
+    if (!g_mgpu.active || n == 0) return;
+    mgpu_enter();
+    ncclCheck(ncclGroupStart());
+    for (int i = 0; i < n; i++) {
+        size_t a = r[i].offset, b = r[i].offset + r[i].count;
+        if (!z->stage) {
+            ncclCheck(ncclAllReduce(grads + a, grads + a, b - a, ncclBfloat16, ncclAvg, g_mgpu.comm, g_mgpu.stream));
+            continue;
+        }
+        for (int k = (int)(a / z->shard); k < g_mgpu.nranks && (size_t)k * z->shard < b; k++) {
+            size_t lo = a > (size_t)k * z->shard ? a : (size_t)k * z->shard;
+            size_t hi = b < (size_t)(k + 1) * z->shard ? b : (size_t)(k + 1) * z->shard;
+            ncclCheck(ncclReduce(grads + lo, grads + lo, hi - lo, ncclBfloat16, ncclAvg, k, g_mgpu.comm, g_mgpu.stream));
+        }
+    }
+    ncclCheck(ncclGroupEnd());
+#else
+    (void)grads; (void)r; (void)n; (void)z;
+#endif
+}
+
+// Waits (under the watchdog) for the gradient averaging started so far; the default stream's work
+// after this sees the averages.
+static void multigpu_grads_join(void) {
 #ifdef USE_NCCL
     if (!g_mgpu.active) return;
-    if (z->stage) ncclCheck(ncclReduceScatter(grads, grads + (size_t)rank * z->shard, z->shard, ncclBfloat16, ncclAvg, g_mgpu.comm, 0));
-    else ncclCheck(ncclAllReduce(grads, grads, n, ncclBfloat16, ncclAvg, g_mgpu.comm, 0));
-    nccl_wait("the gradient all-reduce");
-#else
-    (void)grads; (void)n; (void)z; (void)rank;
+    mgpu_leave();
+    nccl_wait("the gradient averaging");
 #endif
 }
 
@@ -204,7 +262,9 @@ static void multigpu_allgather(void *buf, size_t shard, int is_fp32, int rank) {
 #ifdef USE_NCCL
     if (!g_mgpu.active) return;
     size_t es = is_fp32 ? sizeof(float) : sizeof(floatX);
-    ncclCheck(ncclAllGather((char *)buf + (size_t)rank * shard * es, buf, shard, is_fp32 ? ncclFloat : ncclBfloat16, g_mgpu.comm, 0));
+    mgpu_enter();
+    ncclCheck(ncclAllGather((char *)buf + (size_t)rank * shard * es, buf, shard, is_fp32 ? ncclFloat : ncclBfloat16, g_mgpu.comm, g_mgpu.stream));
+    mgpu_leave();
     nccl_wait("the weight all-gather");
 #else
     (void)buf; (void)shard; (void)is_fp32; (void)rank;

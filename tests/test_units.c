@@ -372,6 +372,64 @@ static void test_param_table(void) {
     gpt2_layout_free(&g);
 }
 
+// gpt2_block_tensors: blocks 0..L-1 and the rest (l = L) hold every tensor exactly once, block l's
+// tensors are those named "h.<l>." (the GPU trainer averages a block's gradients by these), and
+// their merged ranges tile the flat buffer [0, total) without gap or overlap.
+static void check_block_partition(const GPT2Layout *g, const char *what) {
+    const int L = g->config.num_layers, n = g->params.n;
+    int *seen = (int *)calloc((size_t)n, sizeof(int)), *idx = (int *)malloc((size_t)n * sizeof(int)), bad = 0;
+    ParamRange *all = (ParamRange *)malloc((size_t)n * sizeof(ParamRange));
+    int nr = 0;
+    char why[256] = "", prefix[32];
+    for (int l = 0; l <= L; l++) {
+        int k = gpt2_block_tensors(g, l, idx);
+        snprintf(prefix, sizeof(prefix), "h.%d.", l);
+        for (int i = 0; i < k; i++) {
+            seen[idx[i]]++;
+            int named = strncmp(g->params.t[idx[i]].name, prefix, strlen(prefix)) == 0;
+            int in_a_block = strncmp(g->params.t[idx[i]].name, "h.", 2) == 0;
+            if ((l < L ? !named : in_a_block) && !bad++) snprintf(why, sizeof(why), "%s in block %d", g->params.t[idx[i]].name, l);
+        }
+        nr += params_ranges(&g->params, idx, k, all + nr);
+    }
+    for (int i = 0; i < n; i++)
+        if (seen[i] != 1 && !bad++) snprintf(why, sizeof(why), "%s in %d blocks", g->params.t[i].name, seen[i]);
+    // sort the ranges (insertion: a few hundred) and walk them
+    for (int i = 1; i < nr; i++) {
+        ParamRange r = all[i];
+        int j = i;
+        while (j > 0 && all[j - 1].offset > r.offset) { all[j] = all[j - 1]; j--; }
+        all[j] = r;
+    }
+    size_t at = 0;
+    for (int i = 0; i < nr; i++) {
+        if (all[i].offset != at && !bad++) snprintf(why, sizeof(why), "range %d starts at %zu, expected %zu", i, all[i].offset, at);
+        at = all[i].offset + all[i].count;
+    }
+    if (at != g->params.total && !bad++) snprintf(why, sizeof(why), "ranges end at %zu of %zu", at, g->params.total);
+    char name[160];
+    snprintf(name, sizeof(name), "%s: %d blocks and the rest hold each of %d tensors once; %d ranges tile the %zu parameters", what, L, n, nr,
+             g->params.total);
+    check_true(bad == 0, name, why);
+    free(seen); free(idx); free(all);
+}
+static void test_block_tensors(void) {
+    GPT2Config c;
+    gpt2_config_from_depth_name("d12", &c);
+    GPT2Layout g;
+    gpt2_layout_build(&g, &c);
+    check_block_partition(&g, "d12");
+    gpt2_layout_free(&g);
+    const char *text = "n_layer = 3\nn_head = 4\nn_embd = 192\nvocab_size = 500\nmax_seq_len = 16\nlm_head = monarch\n"
+                       "[linear]\nstruct = btt\nrank = 2\n[linear.v]\nstruct = btt_moe\n[linear.fc]\nstruct = monarch\nblocks = 4\n"
+                       "[linear.lm_head]\nblocks = 4\n[layer.1]\nstruct = dense\n";
+    GPT2 m;
+    memset(&m, 0, sizeof(m));
+    gpt2_build_from_config_text(&m, "block-test", text);
+    check_block_partition(&m.layout, "structured, untied monarch head, a dense layer");
+    gpt2_free(&m);
+}
+
 // Structured init: each core's empirical std is √min(fan_in, fan_out)/fan_in; the last core of
 // attn_proj, fc_proj and a structured head is zero; routers start at zero; biases at zero; dense
 // layers of a structured model keep GPT-2's N(0, 0.02) (1/√(2L) for residual projections).
@@ -583,6 +641,7 @@ int main(void) {
     test_adamw_by_hand();
     test_grad_accumulation();
     test_param_table();
+    test_block_tensors();
     test_structured_init();
     test_shipped_configs();
     test_attention_blocks();

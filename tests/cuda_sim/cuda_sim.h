@@ -499,10 +499,20 @@ enum cudaFuncAttribute {
     cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
     cudaFuncAttributePreferredSharedMemoryCarveout = 9,
 };
-struct CUstream_st;
+// Streams: the default stream is the legacy one (0); a created stream is blocking (ordered with
+// it both ways, as the legacy default stream orders them) unless cudaStreamNonBlocking. Launches,
+// copies and GEMMs run when issued; what a stream-order model needs to see is the ordering that
+// events give between the default stream and a non-blocking one (see SIM_STREAM_ORDER below).
+struct CUstream_st {
+    bool blocking;
+    unsigned long default_seen;  // default-stream operations this stream's later work is ordered after
+};
 typedef CUstream_st *cudaStream_t;
 struct CUevent_st {
     double t;
+    cudaStream_t stream;         // where it was last recorded
+    unsigned long default_work;  // default-stream operations issued when it was recorded
+    unsigned long mark;          // its stream's queued-work mark when recorded
 };
 typedef CUevent_st *cudaEvent_t;
 #define cudaStreamDefault 0x00
@@ -541,16 +551,32 @@ inline size_t sim_total_mem() {
 
 inline cudaError_t g_sim_last_error = cudaSuccess;
 
-// Work queued on the (one) stream by code outside this header (nccl_sim.h's collectives): every
-// later stream-ordered call (launches, copies, memsets, GEMMs, synchronisations) first finishes
-// it, and cudaStreamQuery reports cudaErrorNotReady while it cannot finish without waiting, as
-// with a real stream that holds a collective whose peers have not arrived.
-inline void (*g_sim_queued_finish)() = nullptr;  // finish the queued work (may block)
-inline bool (*g_sim_queued_ready)() = nullptr;   // whether it would finish without waiting
-#define SIM_STREAM_ORDER()                          \
-    do {                                            \
-        if (g_sim_queued_finish) g_sim_queued_finish(); \
+// Work queued on a stream by code outside this header (nccl_sim.h's collectives). A collective
+// queued on the default stream, or on a stream the default stream has since waited for through an
+// event, is finished by the next default-stream operation (launch, copy, memset, GEMM), and
+// cudaStreamQuery(0) reports cudaErrorNotReady while it cannot finish without waiting, as with a
+// real stream that holds a collective whose peers have not arrived. One on a non-blocking stream
+// that the default stream does not wait for stays unfinished while the default stream works on
+// (its output not yet written), until something orders it: so a missing event shows as a wrong
+// result. Whole-device waits (cudaDeviceSynchronize, cudaFree) finish everything.
+inline void (*g_sim_queued_finish)(bool all) = nullptr;  // finish what the default stream waits for (all: everything; may block)
+inline bool (*g_sim_queued_ready)(bool all) = nullptr;   // whether that would finish without waiting
+inline unsigned long (*g_sim_queued_mark)(cudaStream_t) = nullptr;      // a stream's work so far, for an event recorded on it
+inline void (*g_sim_queued_join)(cudaStream_t, unsigned long) = nullptr;  // the default stream waits for that work
+inline unsigned long g_sim_default_work = 0;  // operations issued to the default stream
+#define SIM_STREAM_ORDER()                                          \
+    do {                                                            \
+        if (g_sim_queued_finish) g_sim_queued_finish(false);        \
+        g_sim_default_work++;                                       \
     } while (0)
+#define SIM_STREAM_SYNC()                                           \
+    do {                                                            \
+        if (g_sim_queued_finish) g_sim_queued_finish(true);         \
+    } while (0)
+// whether work issued to stream s now is ordered after everything already issued to the default stream
+inline bool sim_stream_after_default(cudaStream_t s) { return !s || s->blocking || s->default_seen == g_sim_default_work; }
+// whether the default stream's next operation waits for work issued to s now
+inline bool sim_stream_joins_default(cudaStream_t s) { return !s || s->blocking; }
 inline int g_sim_quiet = 0;  // tests expecting a rejected launch / cuBLAS call set this: no message
 inline std::mutex g_sim_mu;  // allocations, launch errors, statistics
 
@@ -744,7 +770,7 @@ inline cudaError_t cudaMalloc(T **p, size_t size) {
 }
 inline cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
-    SIM_STREAM_ORDER();  // (cudaFree waits for the device)
+    SIM_STREAM_SYNC();  // (cudaFree waits for the device)
     std::lock_guard<std::mutex> g(g_sim_mu);
     auto &m = sim_allocs();
     auto it = m.find((uintptr_t)p);
@@ -884,24 +910,36 @@ inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
     return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize();
-inline cudaError_t cudaStreamCreate(cudaStream_t *s) {
-    *s = (cudaStream_t)(uintptr_t)0x5157;  // an opaque non-null handle; all work is synchronous
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) {
+    *s = new CUstream_st{!(flags & cudaStreamNonBlocking), 0};
     return cudaSuccess;
 }
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int) { return cudaStreamCreate(s); }
-inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
-inline cudaError_t cudaStreamQuery(cudaStream_t) {  // launches are synchronous; queued collectives are not
-    if (g_sim_queued_ready && !g_sim_queued_ready()) return cudaErrorNotReady;
-    SIM_STREAM_ORDER();
+inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    delete s;
     return cudaSuccess;
 }
-inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int = 0) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (g_sim_queued_finish) g_sim_queued_finish(s != nullptr);
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamQuery(cudaStream_t s) {  // launches are synchronous; queued collectives are not
+    if (g_sim_queued_ready && !g_sim_queued_ready(s != nullptr)) return cudaErrorNotReady;
+    if (g_sim_queued_finish) g_sim_queued_finish(s != nullptr);
+    return cudaSuccess;
+}
+// s's later work waits for what e's stream had when e was recorded
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int = 0) {
+    if (!e) return sim_set_error(cudaErrorInvalidResourceHandle);
+    if (sim_stream_joins_default(s) && e->stream && g_sim_queued_join) g_sim_queued_join(e->stream, e->mark);
+    if (s && !s->blocking && sim_stream_joins_default(e->stream) && e->default_work > s->default_seen) s->default_seen = e->default_work;
+    return cudaSuccess;
+}
 inline double sim_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
-    *e = new CUevent_st{0.0};
+    *e = new CUevent_st{0.0, nullptr, 0, 0};
     return cudaSuccess;
 }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int) { return cudaEventCreate(e); }
@@ -909,13 +947,16 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
     delete e;
     return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = 0) {
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) {
     if (!e) return sim_set_error(cudaErrorInvalidResourceHandle);
     e->t = sim_now_ms();
+    e->stream = s;
+    e->default_work = g_sim_default_work;
+    e->mark = g_sim_queued_mark ? g_sim_queued_mark(s) : 0;
     return cudaSuccess;
 }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
-    SIM_STREAM_ORDER();
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (g_sim_queued_finish) g_sim_queued_finish(e && !sim_stream_joins_default(e->stream));
     return cudaSuccess;
 }
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
@@ -1771,7 +1812,7 @@ inline void sim_launch(void (*kernel)(P...), const SimCfg &cfg, A &&...a) {
 }
 
 inline cudaError_t cudaDeviceSynchronize() {
-    SIM_STREAM_ORDER();
+    SIM_STREAM_SYNC();
     return cudaSuccess;
 }
 

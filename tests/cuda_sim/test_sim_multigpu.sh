@@ -19,10 +19,11 @@ if [ ! -x "$BIN" ] || [ ! -x "$ONE" ]; then
 fi
 MPI=()
 if command -v mpirun > /dev/null; then
-    MPI=(mpirun --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS)
-    [ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS)
+    MPI=(mpirun --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS -x SIM_NCCL_REPORT)
+    [ "$(id -u)" -eq 0 ] && MPI=(mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 2 -x SIM_THREADS -x SIM_NCCL_REPORT)
 fi
 export SIM_THREADS=1  # two ranks on two cores
+export SIM_NCCL_REPORT=0
 
 python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val_docs 10 --eval_examples 24 > /dev/null
 D=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -x 6 -v 3 -m 2 -s 0)
@@ -62,6 +63,17 @@ l1a=$(grep -m1 '^step' "$W/one.txt" | grep -oE 'loss [0-9.]+'); l1b=$(grep -m1 '
     awk -v m="$ml" -v n="$mn" 'BEGIN { exit !(m <= 2e-3 && n <= 5e-3) }' \
     && ok "dense: 2 ranks of B=2 follow 1 process of B=4 (step 1's $l1a alike; $nl losses within $ml, norms within $mn)" \
     || bad "dense data parallel" "exit $rc, $nl losses, max diff $ml, norms $mn, '$l1a' vs '$l1b': $(tail -n 3 "$W/two.log" | tr '\n' ' ')"
+
+# ---- the gradient averaging overlaps the backward: each block's gradients go to NCCL's
+# (non-blocking) stream as soon as its backward is done, and the default stream goes on with the
+# blocks below; the stand-in counts the collectives that finished after later default-stream work
+# had run (SIM_NCCL_REPORT). A stream that synchronises with the default one, or a wait after each
+# block, gives 0 (tried). Here 6 steps of 2 blocks: at least 12, and most of all the collectives.
+SIM_NCCL_REPORT=1 two "$W/ovl.log" -e tests/configs/tiny_dense.conf "${D[@]}" -b 2 -x 6 -v 0 -s 0; rc=$?
+read -r ntot novl <<< "$(grep -m1 -oE 'nccl_sim: rank 0: [0-9]+ collectives, [0-9]+ alongside' "$W/ovl.log" | grep -oE '[0-9]+' | tail -n 2 | tr '\n' ' ')"
+[ $rc -eq 0 ] && [ -n "$novl" ] && [ "$novl" -ge 12 ] && [ $((2 * novl)) -ge "$ntot" ] \
+    && ok "the gradient averaging overlaps the backward: $novl of rank 0's $ntot collectives ran alongside later default-stream work" \
+    || bad "overlapped gradient averaging" "exit $rc: '$(grep -m1 'nccl_sim: rank 0' "$W/ovl.log")'"
 
 # ---- gradient accumulation on each rank (-d: 2 micro-steps of B=1 per rank), against the same
 # 1-process run (training steps only: validation reads batches of B=1 here, other tokens)
