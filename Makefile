@@ -65,7 +65,7 @@ COMMON_H = $(wildcard common/*.h structured/*.h)
 SIM_DEV_PROGRAMS = adamw encoder gelu classifier layernorm_forward layernorm_backward global_norm
 SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUILD)/cuda_sim/test_gpt2cu \
          $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn $(BUILD)/cuda_sim/train_gpt2cu_mgpu \
-         $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS))
+         $(BUILD)/cuda_sim/test_multigpu $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS))
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles test_gemm
 # the same tests with the other matmul paths: the plain C kernel, the AVX2 kernel where the
 # default is AVX-512, and OpenBLAS where it is found but not the default
@@ -210,6 +210,12 @@ train_gpt2cu: train_gpt2.cu $(CUDA_H) $(CUDNN_OBJ) $(CUDNN_STAMP)
 	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $(CUDNN_FLAGS) $< $(CUDNN_OBJ) $(NVCC_LDLIBS) $(CUDNN_LIBS) $(TRAIN_CU_LIBS) -o $@
 test_gpt2cu: test_gpt2.cu train_gpt2.cu $(CUDA_H) tests/check.h tests/fixture.h $(CUDNN_OBJ) $(CUDNN_STAMP)
 	$(NVCC) $(NVCC_FLAGS) $(CUDNN_FLAGS) $< $(CUDNN_OBJ) $(NVCC_LDLIBS) $(CUDNN_LIBS) -o $@
+ifneq ($(and $(NCCL_H),$(NCCL_LIBDIR)),)
+# the NCCL collectives of cuda/multigpu.cuh alone, checked and timed: mpirun -np <GPUs> ./test_multigpu
+all: test_multigpu
+test_multigpu: tests/test_multigpu.cu $(CUDA_H)
+	$(NVCC) $(NVCC_FLAGS) $(TRAIN_CU_FLAGS) $< $(NVCC_LDLIBS) $(TRAIN_CU_LIBS) -o $@
+endif
 ifneq ($(CUDNN_OBJ),)
 # the cuDNN graphs' layouts and the frontend's validation, on the CPU (tests/run_all.sh)
 $(BUILD)/test_cudnn_graph: tests/test_cudnn_graph.cpp cuda/cudnn_attention.h tests/check.h $(CUDNN_OBJ) | $(BUILD)
@@ -226,6 +232,6 @@ include tests/cuda_sim/sim.mk
 bench-gpu:
 	bash dev/bench/gpu.sh
 clean-gpu:
-	rm -f train_gpt2cu test_gpt2cu $(BUILD)/cudnn_attention.o
+	rm -f train_gpt2cu test_gpt2cu test_multigpu $(BUILD)/cudnn_attention.o
 	$(MAKE) -C dev/cuda clean
 clean: clean-gpu

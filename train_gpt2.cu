@@ -842,7 +842,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     }
     argv[n] = NULL;
     *argc = n;
-    multigpu_init(mp, &la);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
+    multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
     if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints

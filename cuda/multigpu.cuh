@@ -148,9 +148,10 @@ typedef struct {
     const char *pi, *pf;
 } LaunchArgs;
 
-// Picks the GPU (local rank), then, with more than one process, creates the NCCL communicator
-// and installs NCCL host collectives in mp. With -pi fs|tcp, mp's rank and size come from la.
-static void multigpu_init(MultiProc *mp, const LaunchArgs *la) {
+// Picks the GPU (local rank), then, with more than one process (or one, with comm_of_one: tests
+// of the collectives on one GPU), creates the NCCL communicator and installs NCCL host collectives
+// in mp. With -pi fs|tcp, mp's rank and size come from la.
+static void multigpu_init(MultiProc *mp, const LaunchArgs *la, int comm_of_one) {
     int without_mpi = la->pi && (strcmp(la->pi, "fs") == 0 || strcmp(la->pi, "tcp") == 0);
     if (la->pi && !without_mpi && strcmp(la->pi, "mpi") != 0) fatal("-pi '%s': unknown init method; use mpi, fs or tcp", la->pi);
     if (without_mpi) {
@@ -170,7 +171,7 @@ static void multigpu_init(MultiProc *mp, const LaunchArgs *la) {
         fprintf(stderr, "warning: rank %d is local rank %d but this node has %d GPUs; several ranks share GPU %d (NCCL refuses that)\n",
                 mp->rank, mp->local_rank, count, device);
     gpu_init(device);
-    if (mp->nproc <= 1) return;
+    if (mp->nproc <= 1 && !comm_of_one) return;
 #ifdef USE_NCCL
     const char *t = getenv("STRUCTGPT_NCCL_TIMEOUT");
     g_mgpu.timeout_s = t ? atof(t) : 600.0;

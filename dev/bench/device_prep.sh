@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dev/bench/device_prep.sh: on a machine WITHOUT a GPU but with nvcc, builds everything the GPU
 # checks and benchmarks run (train_gpt2cu, test_gpt2cu, every dev/cuda program; sm_90 unless
-# GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL; without cuDNN, plus
+# GPU_COMPUTE_CAPABILITY says otherwise; single-GPU, no NCCL, except test_multigpu; without cuDNN, plus
 # train_gpt2cu_cudnn and test_gpt2cu_cudnn with -fa 2 when the cuDNN frontend is installed here:
 # they need the GPU machine's libcudnn, which the plain ones must not) and the tinyshakespeare shards,
 # into .device/tree.tar.gz (git-ignored), laid out as in the repository (.device/COMMIT and ARCH say
@@ -32,6 +32,13 @@ if [ -x .device/tree/train_gpt2cu_cudnn ]; then
 fi
 make -j"$JOBS" -C dev/cuda GPU_COMPUTE_CAPABILITY="$CC_GPU" 2>&1 | grep -E 'error|warning' || true
 cp train_gpt2cu test_gpt2cu .device/tree/
+# the NCCL collectives alone (tests/test_multigpu.cu; a communicator of one rank there), without
+# MPI, whose library the GPU machine may lack; its libnccl is the toolkit's or the nvidia-nccl wheel's
+if make -B MPICC= GPU_COMPUTE_CAPABILITY="$CC_GPU" test_multigpu 2>&1 | quiet && [ -x test_multigpu ]; then
+    cp test_multigpu .device/tree/
+else
+    echo "device_prep: no test_multigpu (NCCL not found here)"
+fi
 for src in dev/cuda/*.cu; do
     bin=${src%.cu}
     [ -x "$bin" ] || { echo "device_prep: $bin was not built"; exit 1; }

@@ -8,6 +8,9 @@
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
 #   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
 #                               was built and this machine's libcudnn loads
+#   3c. test_multigpu           the NCCL collectives of cuda/multigpu.cuh on a communicator of one
+#                               rank (real NCCL, as the trainer calls it), and their time on a
+#                               GPT-2 124M gradient vector
 #   4. dev/cuda programs        each kernel's numbered versions against its CPU check and roofline
 #   5. sanitize.sh              compute-sanitizer's memcheck, racecheck, initcheck and synccheck on
 #                               tiny dense and structured runs (last: only with budget left, or
@@ -22,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
-STAGES=${STAGES:-"test structured gpu cudnn kernels sanitize"}
+STAGES=${STAGES:-"test structured gpu cudnn nccl kernels sanitize"}
 RES=${OUT:-/tmp/device_out}
 mkdir -p "$RES" || exit 1
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
@@ -50,7 +53,8 @@ elif [ -d .device/tree ]; then
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; done
 # libcudnn and libnvrtc for the -fa 2 builds: the toolkit's, else those of the CUDA Python wheels
-for pkg in nvidia.cudnn nvidia.cuda_nvrtc nvidia.cu13; do
+# (and libnccl for test_multigpu: the toolkit's, else nvidia-nccl's)
+for pkg in nvidia.cudnn nvidia.cuda_nvrtc nvidia.cu13 nvidia.nccl; do
     d=$(python3 -c "import $pkg as p, os; print(os.path.join(list(p.__path__)[0], 'lib'))" 2>/dev/null) && [ -d "$d" ] &&
         export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$d"
 done
@@ -110,11 +114,13 @@ for s in $STAGES; do
     case $s in
         test) run_stage test 150 ./test_gpt2cu ;;
         cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
+        nccl) if loads ./test_multigpu; then run_stage nccl 60 ./test_multigpu
+              else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
         sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" bash dev/bench/sanitize.sh ;;
-        *) say "stage $s: unknown (test, cudnn, structured, gpu, kernels, sanitize)" ;;
+        *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, kernels, sanitize)" ;;
     esac
 done
 
@@ -148,6 +154,11 @@ fi
 if [ -f "$LOGS/gpu.log" ]; then
     say ""
     sed -n '/^== training throughput/,$p' "$LOGS/gpu.log" >> "$SUMMARY"
+fi
+if [ -f "$LOGS/nccl.log" ]; then
+    say ""
+    say "== test_multigpu (NCCL, one rank): $(tail -1 "$LOGS/nccl.log")"
+    grep -E '^(FAIL|bench:|test_multigpu:|error)' "$LOGS/nccl.log" | head -12 >> "$SUMMARY"
 fi
 if [ -f "$LOGS/kernels.log" ]; then
     say ""

@@ -4,6 +4,7 @@
 #   make test-cuda-sim    simify self-test, kernel tests (also in random thread order), the GPU
 #                         trainer's main through the simulator, and test_gpt2.cu on the fixtures
 #   make -j2 build/cuda_sim/test_sim_kernels build/cuda_sim/test_gpt2cu build/cuda_sim/train_gpt2cu build/cuda_sim/train_gpt2cu_mgpu
+#            build/cuda_sim/test_multigpu
 SIM_DIR = $(BUILD)/cuda_sim
 SIM_CXX ?= g++
 SIM_CXXFLAGS = -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -DBT_WMMA_GENERIC -I $(SIM_DIR)/src -I tests/cuda_sim -I.
@@ -24,6 +25,8 @@ SIM_MPI_FLAGS = $(if $(MPICC),-DUSE_MPI $(shell $(MPICC) --showme:compile 2>/dev
 SIM_MPI_LIBS = $(if $(MPICC),$(shell $(MPICC) --showme:link 2>/dev/null))
 $(SIM_DIR)/train_gpt2cu_mgpu: $(SIM_DEPS) tests/cuda_sim/nccl_sim.h
 	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_NCCL $(SIM_MPI_FLAGS) -x c++ $(SIM_DIR)/src/train_gpt2.cu $(SIM_MPI_LIBS) -o $@
+$(SIM_DIR)/test_multigpu: $(SIM_DEPS) tests/cuda_sim/nccl_sim.h tests/test_multigpu.cu
+	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_NCCL $(SIM_MPI_FLAGS) -x c++ $(SIM_DIR)/src/tests/test_multigpu.cu $(SIM_MPI_LIBS) -o $@
 # dev/cuda's programs on the simulator (the Makefile's SIM_DEV_PROGRAMS: tests/cuda_sim/test_sim_dev_programs.sh)
 $(SIM_DIR)/dev_%: $(SIM_DEPS) dev/cuda/harness.cuh
 	$(SIM_CXX) $(SIM_CXXFLAGS) -x c++ $(SIM_DIR)/src/dev/cuda/$*.cu -o $@
@@ -36,7 +39,7 @@ $(SIM_DIR)/train_gpt2cu_cudnn: $(SIM_DEPS) $(SIM_CUDNN)
 	$(SIM_CXX) $(SIM_CXXFLAGS) -DUSE_CUDNN -x c++ $(SIM_DIR)/src/train_gpt2.cu tests/cuda_sim/cudnn_attention_sim.cpp -o $@
 .PHONY: test-cuda-sim
 test-cuda-sim: $(SIM_DIR)/test_sim_kernels $(SIM_DIR)/test_gpt2cu $(SIM_DIR)/train_gpt2cu $(SIM_DIR)/test_gpt2cu_cudnn $(SIM_DIR)/train_gpt2cu_cudnn \
-               $(SIM_DIR)/train_gpt2cu_mgpu
+               $(SIM_DIR)/train_gpt2cu_mgpu $(SIM_DIR)/test_multigpu
 	python3 tests/cuda_sim/simify.py --self-test
 	$(SIM_DIR)/test_sim_kernels
 	SIM_SERIAL=1 $(SIM_DIR)/test_sim_kernels sim order attention structured fused

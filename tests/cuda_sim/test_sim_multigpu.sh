@@ -6,8 +6,10 @@
 # 1 process with 2B (bf16 gradients are averaged after rounding: close, not equal), that ZeRO-1 is
 # bit-identical to plain data parallelism, that a 2-rank ZeRO-1 resume is bit-identical, that a
 # structured model's routing statistics are those of the global batch, that gradient accumulation
-# and -h 1 work across ranks, that ranks started without mpirun (-pi fs, -pi tcp) equal mpirun's,
-# and that a rank that dies stops the other with an error instead of a hang. Prints "N passed, N failed".
+# and -h 1 work across ranks, that the gradient averaging overlaps the backward, that ranks
+# started without mpirun (-pi fs, -pi tcp) equal mpirun's, and that a rank that dies stops the
+# other with an error instead of a hang; and tests/test_multigpu.cu (the collectives alone) on 1,
+# 2 and 3 ranks. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-build/cuda_sim/train_gpt2cu_mgpu}
@@ -29,16 +31,16 @@ python3 tests/synthetic_shards.py "$W" --seed 0 --docs 60 --train_shards 1 --val
 D=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -x 6 -v 3 -m 2 -s 0)
 trace() { grep -E '^(step |val loss)' "$1" | sed -E 's/ \| [0-9.]+ ms .*//'; }
 # two ranks: under mpirun when there is one, else started as -pi fs ranks
-two() {  # LOG args...
-    local log=$1
+two() {  # LOG args... (TWO_BIN: another program than $BIN)
+    local log=$1 bin=${TWO_BIN:-$BIN}
     shift
     if [ ${#MPI[@]} -gt 0 ]; then
-        "${MPI[@]}" "$BIN" "$@" > "$log" 2>&1
+        "${MPI[@]}" "$bin" "$@" > "$log" 2>&1
     else
         local rdv
         rdv=$(mktemp -d "$W/rdv.XXXXXX")
-        "$BIN" "$@" -pn 2 -pr 1 -pi fs -pf "$rdv" > "$log.rank1" 2>&1 &
-        "$BIN" "$@" -pn 2 -pr 0 -pi fs -pf "$rdv" > "$log" 2>&1
+        "$bin" "$@" -pn 2 -pr 1 -pi fs -pf "$rdv" > "$log.rank1" 2>&1 &
+        "$bin" "$@" -pn 2 -pr 0 -pi fs -pf "$rdv" > "$log" 2>&1
         local rc=$?
         wait $! || rc=1
         return $rc
@@ -111,6 +113,27 @@ if [ ${#MPI[@]} -gt 0 ]; then
         && [ "$(trace "$W/t0.log")" = "$(trace "$W/t1.log")" ] && cmp -s "$W/T0/model_00000004.bin" "$W/T1/model_00000004.bin" \
         && ok "3 ranks, ZeRO-1 over $np parameters (not a multiple of 3): bit-identical to -z 0" \
         || bad "3-rank ZeRO-1" "exit $rc0/$rc1, $np parameters: $(diff <(trace "$W/t0.log") <(trace "$W/t1.log") | head -3 | tr '\n' ' ') $(tail -n 2 "$W/t1.log" | tr '\n' ' ')"
+fi
+
+# ---- cuda/multigpu.cuh alone (tests/test_multigpu.cu): every collective on values exact in bf16,
+# gradient blocks written on the default stream right before each goes to NCCL; 1 rank (a
+# communicator of one), 2 ranks, and 3 under mpirun
+TMG=${TMG:-build/cuda_sim/test_multigpu}
+tmg() {  # RANKS LOG
+    if [ "$1" = 1 ]; then "$TMG" > "$2" 2>&1; return; fi
+    if [ "$1" = 2 ]; then TWO_BIN=$TMG two "$2"; return; fi
+    "${MPI3[@]}" "$TMG" > "$2" 2>&1
+}
+if [ -x "$TMG" ]; then
+    for n in 1 2 3; do
+        [ $n = 3 ] && [ ${#MPI[@]} -eq 0 ] && continue
+        tmg $n "$W/tmg$n.log"; rc=$?
+        [ $rc -eq 0 ] && grep -q '^10 passed, 0 failed' "$W/tmg$n.log" \
+            && ok "test_multigpu on $n rank(s): $(grep -c '^ok ' "$W/tmg$n.log") checks of the collectives alone" \
+            || bad "test_multigpu on $n rank(s)" "exit $rc: $(grep -m2 -E 'FAIL|ERROR|error' "$W/tmg$n.log" | tr '\n' ' ')"
+    done
+else
+    bad "test_multigpu" "$TMG not built (make $TMG)"
 fi
 
 # ---- a 2-rank ZeRO-1 run resumed from its step-3 checkpoint: bit-identical to the whole run (a
