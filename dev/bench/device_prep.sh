@@ -15,7 +15,7 @@ CC_GPU=${GPU_COMPUTE_CAPABILITY:-90}
 JOBS=${JOBS:-2}
 rm -rf .device
 mkdir -p .device/tree/dev/cuda .device/tree/data/tinyshakespeare
-quiet() { grep -vE '^(OpenMP|CBLAS|MPI|nvcc|NCCL|cuDNN):' || true; }
+quiet() { grep -vE '^(OpenMP|CBLAS|MPI|MPI for train_gpt2cu|matmuls|nvcc|NCCL|cuDNN):' || true; }
 if make -B -j"$JOBS" NO_NCCL=1 USE_CUDNN=1 GPU_COMPUTE_CAPABILITY="$CC_GPU" train_gpt2cu test_gpt2cu 2>&1 | quiet; then
     cp train_gpt2cu .device/tree/train_gpt2cu_cudnn
     cp test_gpt2cu .device/tree/test_gpt2cu_cudnn

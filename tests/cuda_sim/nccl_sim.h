@@ -24,6 +24,9 @@
 // STRUCTGPT_NCCL_TIMEOUT seconds (default 120) ends the process with an error naming the
 // collective: a dead rank gives an error, not a hung test (polled through cudaStreamQuery, the
 // trainer's own watchdog sees it first).
+// Every rank must post the same collectives in the same order (NCCL hangs or corrupts memory
+// otherwise): each rank also records what it posted (kind, type, operation, root, count), and a
+// collective whose ranks disagree is an error that names both.
 // Ring size: SIM_NCCL_RING_MB (default 128) per rank; a larger collective is an error saying so.
 // SIM_NCCL_REPORT=1: at ncclCommDestroy each rank prints how many collectives it ran and how many
 // of them ran alongside default-stream work (at least one default-stream operation ran between
@@ -63,6 +66,13 @@ struct SimNcclHeader {
     std::atomic<unsigned long> posted[SIM_NCCL_MAX_RANKS];    // collectives each rank has posted
     std::atomic<unsigned long> finished[SIM_NCCL_MAX_RANKS];  // and finished (read every rank's input)
 };
+// what a rank posted, for the check that every rank posted the same (the last SIM_NCCL_DESCS of
+// each rank, after the rings)
+struct SimNcclDesc {
+    int kind, type, op, root;
+    size_t count;
+};
+#define SIM_NCCL_DESCS 4096
 // a collective queued on a stream: posted (input in the ring), not yet finished
 struct SimNcclQueued {
     int kind;  // 1 all-reduce, 2 reduce-scatter, 3 all-gather, 4 reduce (to root)
@@ -166,7 +176,7 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId i
     c->nranks = nranks;
     c->rank = rank;
     c->ring_bytes = (size_t)(mb && atoi(mb) > 0 ? atoi(mb) : 128) << 20;
-    c->map_bytes = 4096 + (size_t)nranks * c->ring_bytes;
+    c->map_bytes = 4096 + (size_t)nranks * (c->ring_bytes + SIM_NCCL_DESCS * sizeof(SimNcclDesc));
     snprintf(c->path, sizeof(c->path), "%s", id.internal);
     int fd = open(c->path, O_RDWR | O_CREAT, 0600);
     if (fd < 0) return sim_nccl_fail(NULL, ncclSystemError, "open %s: %s", c->path, strerror(errno));
@@ -202,6 +212,13 @@ inline ncclResult_t ncclCommGetAsyncError(ncclComm_t, ncclResult_t *r) {
 inline size_t sim_nccl_esize(ncclDataType_t t) { return t == ncclBfloat16 ? 2 : t == ncclFloat64 ? 8 : 4; }
 static_assert(sizeof(SimNcclHeader) <= 4096, "nccl_sim: the header's page");
 inline char *sim_nccl_ring(ncclComm_t c, int r) { return c->base + 4096 + (size_t)r * c->ring_bytes; }
+inline SimNcclDesc *sim_nccl_desc(ncclComm_t c, int r, unsigned long index) {
+    return (SimNcclDesc *)(c->base + 4096 + (size_t)c->nranks * c->ring_bytes) + (size_t)r * SIM_NCCL_DESCS + index % SIM_NCCL_DESCS;
+}
+inline const char *sim_nccl_kind_name(int kind) {
+    static const char *const n[] = {"?", "ncclAllReduce", "ncclReduceScatter", "ncclAllGather", "ncclReduce"};
+    return kind >= 1 && kind <= 4 ? n[kind] : n[0];
+}
 inline double sim_nccl_get(const char *p, size_t i, ncclDataType_t t) {
     switch (t) {
         case ncclBfloat16: return (double)(float)((const __nv_bfloat16 *)p)[i];
@@ -279,6 +296,15 @@ inline void sim_nccl_finish_front(ncclComm_t c) {
         fprintf(stderr, "nccl_sim: ERROR: %s; another rank probably died\n", c->last_error);
         exit(EXIT_FAILURE);
     }
+    const SimNcclDesc *mine = sim_nccl_desc(c, c->rank, q.index);
+    for (int r = 0; r < c->nranks; r++) {
+        const SimNcclDesc *o = sim_nccl_desc(c, r, q.index);
+        if (o->kind != mine->kind || o->type != mine->type || o->op != mine->op || o->root != mine->root || o->count != mine->count)
+            sim_fail("collective #%lu differs between ranks: rank %d posted %s (count %zu, type %d, op %d, root %d), rank %d %s (count %zu, "
+                     "type %d, op %d, root %d); every rank must issue the same collectives in the same order",
+                     q.index, c->rank, sim_nccl_kind_name(mine->kind), mine->count, mine->type, mine->op, mine->root, r,
+                     sim_nccl_kind_name(o->kind), o->count, o->type, o->op, o->root);
+    }
     const size_t es = sim_nccl_esize(q.type);
     if (q.kind == 1) sim_nccl_reduce(c, q, (char *)q.recv, 0, q.count);
     if (q.kind == 2) sim_nccl_reduce(c, q, (char *)q.recv, (size_t)c->rank * q.count, q.count);
@@ -325,12 +351,13 @@ inline ncclResult_t sim_nccl_post(ncclComm_t c, int kind, const void *send, size
     const size_t bytes = (send_bytes + 255) / 256 * 256;
     const unsigned long index = c->posted;
     size_t off = c->head;
-    if (off + bytes > c->ring_bytes) {
-        off = 0;
+    if (off + bytes > c->ring_bytes || index >= SIM_NCCL_DESCS && sim_nccl_min(c, 1) + SIM_NCCL_DESCS <= index) {
+        off = 0;  // (also when the descriptors would wrap onto one not yet checked everywhere)
         sim_nccl_queued_finish(true);
         if (sim_nccl_wait_all(c, 1, index - 1, what) != ncclSuccess) return ncclRemoteError;
     }
     c->head = off + bytes;
+    *sim_nccl_desc(c, c->rank, index) = SimNcclDesc{kind, (int)t, (int)op, root, count};
     memcpy(sim_nccl_ring(c, c->rank) + off, send, send_bytes);
     c->queued.push_back(SimNcclQueued{kind, recv, count, t, op, root, stream, index, sim_stream_joins_default(stream), off, bytes, g_sim_default_work, what});
     c->posted++;
