@@ -85,7 +85,9 @@ typedef struct {
     float *colsum_scratch;
     double *norm_scratch;
     int *d_inputs, *d_targets, *d_buckets;
-    int *h_inputs, *h_buckets, *h_count;
+    int *h_inputs, *h_count;
+    int *h_buckets;                    // pinned: its copy to d_buckets does not wait for the queued backward
+    cudaEvent_t buckets_copied;        // recorded after that copy: h_buckets may be rebuilt once it has passed
     float *h_losses;
     int n_unique;                      // distinct tokens of the last batch (encoder backward)
     int B, T;                          // of the last forward
@@ -375,7 +377,8 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     m->d_targets = cudaMallocNamed(int, BT, "targets");
     m->d_buckets = cudaMallocNamed(int, 3 * BT + 2, "encoder backward buckets");
     m->h_inputs = (int *)mallocCheck(BT * sizeof(int));
-    m->h_buckets = (int *)mallocCheck((3 * BT + 2) * sizeof(int));
+    cudaCheck(cudaMallocHost((void **)&m->h_buckets, (3 * BT + 2) * sizeof(int)));
+    cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
     m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
     m->h_losses = (float *)mallocCheck((m->aux_slots + BT) * sizeof(float));
 
@@ -454,7 +457,11 @@ static void gpt2_free(GPT2 *m) {
         if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
     free(m->config_text);
     free(m->grad_ranges); free(m->grad_first);
-    free(m->master_host); free(m->h_inputs); free(m->h_buckets); free(m->h_count); free(m->h_losses);
+    if (m->h_buckets) {
+        cudaCheck(cudaFreeHost(m->h_buckets));
+        cudaCheck(cudaEventDestroy(m->buckets_copied));
+    }
+    free(m->master_host); free(m->h_inputs); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
     memset(m, 0, sizeof(*m));
 }
@@ -527,12 +534,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     m->T = T;
     memcpy(m->h_inputs, inputs, (size_t)BT * sizeof(int));
     cudaCheck(cudaMemcpy(m->d_inputs, inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (targets) {
-        cudaCheck(cudaMemcpy(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
-        int used = encoder_buckets_build(m->h_buckets, m->h_count, inputs, BT, V);
-        m->n_unique = m->h_buckets[0];
-        cudaCheck(cudaMemcpy(m->d_buckets, m->h_buckets, (size_t)used * sizeof(int), cudaMemcpyHostToDevice));
-    }
+    if (targets) cudaCheck(cudaMemcpy(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
     Acts *a = &m->acts;
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
@@ -650,6 +652,14 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
                            m->colsum_scratch);
         if (m->average_in_backward) grads_average_block(m, l);  // block l's gradients are final
     }
+    // the batch's tokens bucketed for the encoder's backward: built on the host while the GPU works
+    // through the backward queued above (not before the forward, where the GPU would wait for it),
+    // and copied behind it from pinned memory, which does not wait for the queue
+    cudaCheck(cudaEventSynchronize(m->buckets_copied));  // the previous batch's copy has read h_buckets
+    int used = encoder_buckets_build(m->h_buckets, m->h_count, m->h_inputs, BT, V);
+    m->n_unique = m->h_buckets[0];
+    cudaCheck(cudaMemcpyAsync(m->d_buckets, m->h_buckets, (size_t)used * sizeof(int), cudaMemcpyHostToDevice, 0));
+    cudaCheck(cudaEventRecord(m->buckets_copied, 0));
     encoder_backward(P_(m, G, g->wte), P_(m, G, g->wpe), m->dres, m->d_buckets, m->n_unique, B, T, C);
     if (m->average_in_backward) grads_average_block(m, L);
     m->have_targets = 0;  // the logits and attention probabilities were consumed
