@@ -60,9 +60,10 @@ static void mgpu_abort(void) {
     g_mgpu.active = 0;
 }
 
-// Waits for the work queued on the default stream (and the collectives it waits for), watching NCCL's asynchronous errors and the
-// clock: a rank that died leaves the others blocked in a collective forever, so after timeout_s
-// the communicator is aborted and this rank stops with a message.
+// Waits for the work queued on the default stream (and the collectives it waits for), watching
+// NCCL's asynchronous errors and the clock: a rank that died leaves the others blocked in a
+// collective forever, so after timeout_s the communicator is aborted and this rank stops with a
+// message.
 static void nccl_wait(const char *what) {
     double t0 = now_seconds();
     for (;;) {
