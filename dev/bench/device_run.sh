@@ -114,7 +114,7 @@ for s in $STAGES; do
     case $s in
         test) run_stage test 150 ./test_gpt2cu ;;
         cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
-        nccl) if loads ./test_multigpu; then run_stage nccl 60 ./test_multigpu
+        nccl) if loads ./test_multigpu; then run_stage nccl 60 env NCCL_SOCKET_IFNAME=lo ./test_multigpu  # one rank: loopback bootstrap
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
