@@ -127,15 +127,15 @@ fi
 TMG=${TMG:-build/cuda_sim/test_multigpu}
 tmg() {  # RANKS LOG
     if [ "$1" = 1 ]; then "$TMG" > "$2" 2>&1; return; fi
-    if [ "$1" = 2 ]; then TWO_BIN=$TMG two "$2"; return; fi
+    if [ "$1" = 2 ]; then TWO_BIN=$TMG two "$2" -b 2; return; fi  # with the bench's code path
     "${MPI3[@]}" "$TMG" > "$2" 2>&1
 }
 if [ -x "$TMG" ]; then
     for n in 1 2 3; do
         [ $n = 3 ] && [ ${#MPI[@]} -eq 0 ] && continue
         tmg $n "$W/tmg$n.log"; rc=$?
-        [ $rc -eq 0 ] && grep -q '^10 passed, 0 failed' "$W/tmg$n.log" \
-            && ok "test_multigpu on $n rank(s): $(grep -c '^ok ' "$W/tmg$n.log") checks of the collectives alone" \
+        [ $rc -eq 0 ] && grep -q '^10 passed, 0 failed' "$W/tmg$n.log" && { [ $n != 2 ] || [ "$(grep -c '^bench: ' "$W/tmg$n.log")" = 4 ]; } \
+            && ok "test_multigpu on $n rank(s): $(grep -c '^ok ' "$W/tmg$n.log") checks of the collectives alone$([ $n = 2 ] && echo ', and the bench'"'"'s 4 timings')" \
             || bad "test_multigpu on $n rank(s)" "exit $rc: $(grep -m2 -E 'FAIL|ERROR|error' "$W/tmg$n.log" | tr '\n' ' ')"
     done
 else
