@@ -263,7 +263,15 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     st.nproc = 1;
     st.B = f.B;
     st.T = f.T;
-    gpt2_write_checkpoint(&m, model_path, state_path, &st);
+    CkptWriter w;  // written by the background thread, as the trainer's -na 1 does
+    memset(&w, 0, sizeof(w));
+    snprintf(w.files.model_path, sizeof(w.files.model_path), "%s", model_path);
+    snprintf(w.files.state_path, sizeof(w.files.state_path), "%s", state_path);
+    w.files.st = st;
+    gpt2_checkpoint_snapshot(&m, &w.files, &w);
+    ckpt_writer_start(&w);
+    ckpt_writer_join(&w);
+    ckpt_writer_free(&w);
     gpt2_free(&m);
     gpt2_build(&m, model_path);
     m.no_master = g_test_no_master;

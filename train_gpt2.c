@@ -14,6 +14,7 @@
 #endif
 #include "common/args.h"
 #include "common/checkpoint.h"
+#include "common/ckpt_writer.h"
 #include "common/config.h"
 #include "common/dataloader.h"
 #include "common/gpt2.h"
@@ -938,16 +939,36 @@ static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
     else multiproc_mean(mp, m->grads, m->num_params);
 }
 
-static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
-    if (model_path) model_write_fp32(model_path, &m->config, m->config_text, m->params, m->num_params);
+// The data of checkpoint f (its paths and TrainState filled by the driver): copied into w's
+// snapshot buffers, or with may_borrow (written at once, before anything changes) pointed at the
+// model's own memory.
+static void trainer_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w, int may_borrow) {
+    size_t n = m->num_params, nm = gpt2_moments_len(m);
     // before the first update there are no moments yet: write zeros, which is what they are
     if (!m->m) {
-        m->m = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
-        m->v = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
+        m->m = (float *)callocCheck(nm, sizeof(float));
+        m->v = (float *)callocCheck(nm, sizeof(float));
     }
-    TrainState mine = *st;
-    mine.num_params = (int64_t)gpt2_moments_len(m);  // this rank's slice with ZeRO-1
-    state_write(state_path, &mine, m->m, m->v, NULL);
+    f->model_version = m->config_text ? MODEL_VERSION_STRUCT_FP32 : MODEL_VERSION_FP32;
+    f->config = m->config;
+    f->config_text = m->config_text;
+    f->n_model = n;
+    f->st.num_params = (int64_t)nm;  // this rank's slice with ZeRO-1
+    f->master = NULL;
+    if (may_borrow) {
+        f->model = m->params;
+        f->m = m->m;
+        f->v = m->v;
+        return;
+    }
+    float *model = f->model_path[0] ? (float *)ckpt_buffer(w, CKPT_BUF_MODEL, n * sizeof(float)) : NULL;
+    float *mm = (float *)ckpt_buffer(w, CKPT_BUF_M, nm * sizeof(float)), *vv = (float *)ckpt_buffer(w, CKPT_BUF_V, nm * sizeof(float));
+    if (model) memcpy(model, m->params, n * sizeof(float));
+    memcpy(mm, m->m, nm * sizeof(float));
+    memcpy(vv, m->v, nm * sizeof(float));
+    f->model = model;
+    f->m = mm;
+    f->v = vv;
 }
 
 static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) {

@@ -9,8 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+// checkpoints in the background by default (-na): the host thread mostly waits for the GPU
+#define CKPT_ASYNC_DEFAULT 1
 #include "common/args.h"
 #include "common/checkpoint.h"
+#include "common/ckpt_writer.h"
 #include "common/config.h"
 #include "common/dataloader.h"
 #include "common/gpt2.h"
@@ -705,32 +708,38 @@ static void gpt2_download_master(GPT2 *m) {
     cudaCheck(cudaMemcpy(m->master_host, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
-// model_path NULL: this rank writes only its state.
-static void gpt2_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
-    size_t n = m->num_params;
-    gpt2_download_master(m);
-    if (m->config_text) {
-        if (model_path) model_write_fp32(model_path, &m->config, m->config_text, m->master_host, n);
-    } else if (model_path) {
-        uint16_t *hb = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
-        cudaCheck(cudaMemcpy(hb, m->params, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-        model_write_bf16(model_path, &m->config, hb, n);
-        free(hb);
+// The data of checkpoint f (its paths and TrainState filled by the driver), from the GPU into w's
+// snapshot buffers: a bf16 model file as the GPU holds the weights (a structured one fp32, from
+// the master weights); the state holds this rank's moments (its slice with -z 1) and, for bf16
+// model files, the matching slice of the master weights (with -w 0 the model file holds the exact
+// weights). Every rank calls it (with ZeRO-1 the master weights are gathered first).
+static void gpt2_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w) {
+    size_t n = m->num_params, nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
+    if (m->config_text) gpt2_download_master(m);
+    f->config = m->config;
+    f->config_text = m->config_text;
+    f->n_model = n;
+    f->model = NULL;
+    if (f->model_path[0] && m->config_text) {
+        f->model_version = MODEL_VERSION_STRUCT_FP32;
+        f->model = memcpy(ckpt_buffer(w, CKPT_BUF_MODEL, n * sizeof(float)), m->master_host, n * sizeof(float));
+    } else if (f->model_path[0]) {
+        f->model_version = MODEL_VERSION_BF16;
+        f->model = ckpt_buffer(w, CKPT_BUF_MODEL, n * sizeof(uint16_t));
+        cudaCheck(cudaMemcpy((void *)f->model, m->params, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     }
-    // the state holds this rank's moments (its slice with -z 1) and, for bf16 model files, the
-    // matching slice of the master weights (with -w 0 the model file holds the exact weights)
-    size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
-    float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
+    float *hm = (float *)ckpt_buffer(w, CKPT_BUF_M, nm * sizeof(float)), *hv = (float *)ckpt_buffer(w, CKPT_BUF_V, nm * sizeof(float));
     cudaCheck(cudaMemcpy(hm, m->m, nm * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(hv, m->v, nm * sizeof(float), cudaMemcpyDeviceToHost));
-    int with_master = !m->config_text && !m->no_master;
-    if (m->zero.stage && with_master)  // the padded tail of the last slice
-        cudaCheck(cudaMemcpy(m->master_host + lo, m->master + lo, nm * sizeof(float), cudaMemcpyDeviceToHost));
-    TrainState mine = *st;
-    mine.num_params = (int64_t)nm;
-    state_write(state_path, &mine, hm, hv, with_master ? m->master_host + lo : NULL);
-    free(hm);
-    free(hv);
+    f->m = hm;
+    f->v = hv;
+    f->master = NULL;
+    if (!m->config_text && !m->no_master) {  // this rank's slice [lo, lo + nm), the padded tail of the last one included
+        float *hmaster = (float *)ckpt_buffer(w, CKPT_BUF_MASTER, nm * sizeof(float));
+        cudaCheck(cudaMemcpy(hmaster, m->master + lo, nm * sizeof(float), cudaMemcpyDeviceToHost));
+        f->master = hmaster;
+    }
+    f->st.num_params = (int64_t)nm;
 }
 
 // After gpt2_build(checkpoint) and gpt2_alloc: the moments and master weights from the state
@@ -947,8 +956,9 @@ static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {
     m->grads_averaging = 0;
 }
 
-static void trainer_write_checkpoint(GPT2 *m, const char *model_path, const char *state_path, const TrainState *st) {
-    gpt2_write_checkpoint(m, model_path, state_path, st);
+static void trainer_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w, int may_borrow) {
+    (void)may_borrow;  // the GPU's data goes to host memory either way
+    gpt2_checkpoint_snapshot(m, f, w);
 }
 static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) { gpt2_read_state(m, state_path, st); }
 

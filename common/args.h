@@ -7,6 +7,12 @@
 #include <string.h>
 #include "utils.h"
 
+// -na's default: 0 in the CPU trainer, where a writer thread would slow every OpenMP thread more
+// than the write costs; train_gpt2.cu defines it 1 (its host thread mostly waits for the GPU)
+#ifndef CKPT_ASYNC_DEFAULT
+#define CKPT_ASYNC_DEFAULT 0
+#endif
+
 typedef struct {
     const char *train_data;   // -i
     const char *val_data;     // -j
@@ -34,6 +40,7 @@ typedef struct {
     int ckpt_every;           // -n
     int keep_last;            // -nk
     int major_every;          // -nm
+    int ckpt_async;           // -na
     int resume;               // -y
     int seed;                 // -sd
     int shuffle;              // -sh
@@ -78,6 +85,8 @@ static const ArgSpec train_arg_specs[] = {
     {"-n", ARG_INT, ARG_FIELD(ckpt_every), "write a checkpoint + resume state every this many steps (0: never; needs -o)"},
     {"-nk", ARG_INT, ARG_FIELD(keep_last), "keep only the last this many checkpoints (0: keep all)"},
     {"-nm", ARG_INT, ARG_FIELD(major_every), "with -nk: also keep every checkpoint whose step is a multiple of this (0: none)"},
+    {"-na", ARG_INT, ARG_FIELD(ckpt_async), "1: checkpoints are written by a background thread from a copy in host memory while training goes on "
+                                            "(as much host memory again as the files; the GPU trainer's default); 0: training waits for the writes"},
     {"-y", ARG_INT, ARG_FIELD(resume), "1: resume from the latest checkpoint in -o"},
     {"-sd", ARG_INT, ARG_FIELD(seed), "seed of the train data order (with -sh 1)"},
     {"-sh", ARG_INT, ARG_FIELD(shuffle), "1: shuffle shard and batch order each epoch"},
@@ -111,6 +120,7 @@ static inline void train_args_defaults(TrainArgs *a) {
     a->overfit = 0;
     a->ckpt_every = 0;
     a->keep_last = 0;
+    a->ckpt_async = CKPT_ASYNC_DEFAULT;
     a->resume = 0;
     a->seed = 42;
     a->shuffle = 0;
@@ -200,6 +210,7 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
         fatal("-n, -nk, -nm, -v and -s take values >= 0");
     if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);
     if (a->routing_loads != 0 && a->routing_loads != 1) fatal("-rl %d: 1 prints each BTT-MoE layer's expert loads at every val step, 0 does not", a->routing_loads);
+    if (a->ckpt_async != 0 && a->ckpt_async != 1) fatal("-na %d: 1 writes checkpoints in the background, 0 waits for them", a->ckpt_async);
     if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");
     if (a->ckpt_every > 0 && !a->out_dir) fatal("-n %d writes checkpoints into -o; give -o <dir>", a->ckpt_every);

@@ -17,8 +17,11 @@
 //                                       overlaps with the averaging of the finished blocks' gradients)
 //   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks (or
 //                                       finish the averaging the last micro-step started)
-//   trainer_write_checkpoint(m, model_path or NULL, state_path, st)   trainer_read_state(m, path, st)
-//                                       (the state's arrays are this rank's slice with -z 1)
+//   trainer_checkpoint_snapshot(m, f, w, may_borrow)   the model file (when f->model_path is set)
+//                                       and the state's arrays (this rank's slice with -z 1) of
+//                                       checkpoint f into w's host buffers (ckpt_writer.h), or with
+//                                       may_borrow (written at once) the model's own host memory
+//   trainer_read_state(m, path, st)
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
 //   trainer_row_losses(m)               the (B, T) per-position losses of the last gpt2_forward
 //                                       with targets, on the host (-h 1's scoring)
@@ -29,6 +32,7 @@
 #include <math.h>
 #include "args.h"
 #include "checkpoint.h"
+#include "ckpt_writer.h"
 #include "dataloader.h"
 #include "evalloader.h"
 #include "gpt2.h"
@@ -151,33 +155,24 @@ static void remove_checkpoint(const TrainArgs *a, const MultiProc *mp, long step
     remove(state_path);
 }
 
-// Rank 0 writes the model, every rank its own state; the DONE marker comes last, once all are
-// safely in place, so that a crash mid-checkpoint leaves the previous one as the latest.
-// stale: with -nk, an earlier checkpoint off the -n grid (a signal's stop, which this run resumed
-// from) that this newer one replaces, or -1.
-static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step, uint64_t sample_rng,
-                            const OutlierWindow *loss_window, const OutlierWindow *norm_window, long stale) {
+// The checkpoint being written: -na 1 writes each rank's files on a background thread; the
+// checkpoint counts once rank 0 has written its DONE marker, after every rank's files are in
+// place, so that a crash mid-checkpoint leaves the previous one as the latest.
+typedef struct {
+    CkptWriter w;
+    int pending;      // written or being written, no DONE marker yet
+    long step, stale;
+} Checkpoints;
+
+// The DONE marker of the pending checkpoint and -nk's deletions. all_done: a collective has just
+// shown that every rank's files are in place; else this waits for this rank's and meets the others.
+static void checkpoint_finish(Checkpoints *ck, const TrainArgs *a, const MultiProc *mp, int all_done) {
+    if (!ck->pending) return;
+    ckpt_writer_join(&ck->w);
+    if (!all_done) multiproc_barrier(mp);
+    ck->pending = 0;
     char model_path[1100], state_path[1100], done_path[1100];
-    checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
-    TrainState st;
-    memset(&st, 0, sizeof(st));
-    st.step = step;
-    st.num_params = (int64_t)m->num_params;
-    st.rank = mp->rank;
-    st.nproc = mp->nproc;
-    st.B = a->B;
-    st.T = a->T;
-    st.total_batch_size = a->total_batch;
-    st.zero_stage = a->zero_stage && mp->nproc > 1;
-    DataLoaderState ds = dataloader_get_state(train);
-    st.dl_epoch = ds.epoch;
-    st.dl_shard_idx = ds.shard_idx;
-    st.dl_sample_idx = ds.sample_idx;
-    st.sample_rng = sample_rng;
-    st.loss_window = *loss_window;
-    st.norm_window = *norm_window;
-    trainer_write_checkpoint(m, mp->rank == 0 ? model_path : NULL, state_path, &st);
-    multiproc_barrier(mp);
+    checkpoint_paths(a->out_dir, ck->step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
     if (mp->rank == 0) {
         FILE *fp = fopenCheck(done_path, "w");
         fcloseCheck(fp, done_path);
@@ -185,11 +180,52 @@ static void save_checkpoint(GPT2 *m, const TrainArgs *a, const MultiProc *mp, Da
     printf("wrote checkpoint %s and %s\n", model_path, state_path);
     // -nk: the checkpoint that falls out of the last keep_last goes, unless -nm marks it major (only
     // on the -n grid: a stop's checkpoint off it removes none, and goes itself once a newer one is in)
-    long old = step - (long)a->keep_last * a->ckpt_every;
+    long step = ck->step, stale = ck->stale, old = step - (long)a->keep_last * a->ckpt_every;
     if (a->keep_last > 0 && a->ckpt_every > 0 && step % a->ckpt_every == 0 && old > 0 && !(a->major_every > 0 && old % a->major_every == 0))
         remove_checkpoint(a, mp, old);
     if (stale > 0 && stale != step && !(a->major_every > 0 && stale % a->major_every == 0)) remove_checkpoint(a, mp, stale);
-    multiproc_barrier(mp);
+    if (!all_done) multiproc_barrier(mp);
+}
+
+// Rank 0 writes the model, every rank its own state: with -na 1 from a snapshot on a background
+// thread (checkpoint_finish follows when every rank is done: at a later step, or at the end),
+// with -na 0 at once. stale: with -nk, an earlier checkpoint off the -n grid (a signal's stop,
+// which this run resumed from) that this newer one replaces, or -1.
+static void save_checkpoint(Checkpoints *ck, GPT2 *m, const TrainArgs *a, const MultiProc *mp, DataLoader *train, long step,
+                            uint64_t sample_rng, const OutlierWindow *loss_window, const OutlierWindow *norm_window, long stale) {
+    checkpoint_finish(ck, a, mp, 0);  // the previous one first
+    char model_path[1100], state_path[1100], done_path[1100];
+    checkpoint_paths(a->out_dir, step, mp->rank, model_path, state_path, done_path, sizeof(model_path));
+    CkptFiles *f = &ck->w.files;
+    memset(f, 0, sizeof(*f));
+    if (mp->rank == 0) snprintf(f->model_path, sizeof(f->model_path), "%s", model_path);
+    snprintf(f->state_path, sizeof(f->state_path), "%s", state_path);
+    TrainState *st = &f->st;
+    st->step = step;
+    st->num_params = (int64_t)m->num_params;
+    st->rank = mp->rank;
+    st->nproc = mp->nproc;
+    st->B = a->B;
+    st->T = a->T;
+    st->total_batch_size = a->total_batch;
+    st->zero_stage = a->zero_stage && mp->nproc > 1;
+    DataLoaderState ds = dataloader_get_state(train);
+    st->dl_epoch = ds.epoch;
+    st->dl_shard_idx = ds.shard_idx;
+    st->dl_sample_idx = ds.sample_idx;
+    st->sample_rng = sample_rng;
+    st->loss_window = *loss_window;
+    st->norm_window = *norm_window;
+    trainer_checkpoint_snapshot(m, f, &ck->w, !a->ckpt_async);
+    ck->pending = 1;
+    ck->step = step;
+    ck->stale = stale;
+    if (a->ckpt_async) {
+        ckpt_writer_start(&ck->w);
+    } else {
+        ckpt_files_write(f);
+        checkpoint_finish(ck, a, mp, 0);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -330,6 +366,8 @@ int main(int argc, char **argv) {
     double total_time = 0.0;
     long timed_steps = 0;
     int overfit_loaded = 0;
+    Checkpoints ckpts;
+    memset(&ckpts, 0, sizeof(ckpts));
     long stop_step = -1;  // a signal's stop: the steps done when the loop left
     int stop_sig = 0;
     if (a.max_steps != 0) stop_install();
@@ -337,7 +375,7 @@ int main(int argc, char **argv) {
         int last = step == train_steps;
         // the checkpoint comes first so that a resumed run replays this step's val and sample
         if (a.ckpt_every > 0 && step > start_step && (step % a.ckpt_every == 0 || last)) {
-            save_checkpoint(&model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window, stale_ckpt);
+            save_checkpoint(&ckpts, &model, &a, &mp, &train_loader, step, sample_rng, &loss_window, &norm_window, stale_ckpt);
             stale_ckpt = -1;
         }
         const int eval_step = a.val_every > 0 && (step % a.val_every == 0 || last);  // val loss and -h 1
@@ -384,10 +422,13 @@ int main(int argc, char **argv) {
         // with a stop signal, one-hot (SIGTERM, SIGINT, SIGUSR1): every rank stops after the same
         // step, whichever ranks the signal reached
         const int sig = stop_requested();
-        float reported[8] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3],
-                             sig == SIGTERM ? 1.0f : 0.0f, sig == SIGINT ? 1.0f : 0.0f, sig == SIGUSR1 ? 1.0f : 0.0f};
-        multiproc_mean(&mp, reported, 8);  // the routing is already global; the loss is each rank's tokens
+        // and whether this rank's background checkpoint write is done: 1 on average once all are
+        float reported[9] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3],
+                             sig == SIGTERM ? 1.0f : 0.0f, sig == SIGINT ? 1.0f : 0.0f, sig == SIGUSR1 ? 1.0f : 0.0f,
+                             ckpt_writer_done(&ckpts.w) ? 1.0f : 0.0f};
+        multiproc_mean(&mp, reported, 9);  // the routing is already global; the loss is each rank's tokens
         stop_sig = reported[5] > 0.0f ? SIGTERM : reported[6] > 0.0f ? SIGINT : reported[7] > 0.0f ? SIGUSR1 : 0;
+        if (ckpts.pending && reported[8] == 1.0f) checkpoint_finish(&ckpts, &a, &mp, 1);
         loss = reported[0];
         const MoERouting routing = {reported[1], reported[2], reported[3], reported[4]};
         const int routed_model = trainer_n_routed(&model) > 0;
@@ -430,6 +471,7 @@ int main(int argc, char **argv) {
             break;
         }
     }
+    checkpoint_finish(&ckpts, &a, &mp, 0);  // the last one's files, before the run ends or the stop's checkpoint
     if (timed_steps > 0) {
         double ms = total_time / timed_steps * 1e3, tok_s = a.total_batch / (ms / 1e3);
         printf("total average iteration time: %.2f ms | %.0f tok/s", ms, tok_s);
@@ -438,11 +480,13 @@ int main(int argc, char **argv) {
     }
 
     if (stop_step >= 0) {  // the checkpoint the next step would have begun with (it replays the val and sample)
-        if (a.out_dir) save_checkpoint(&model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window, stale_ckpt);
+        if (a.out_dir) save_checkpoint(&ckpts, &model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window, stale_ckpt);
+        checkpoint_finish(&ckpts, &a, &mp, 0);
         printf("stopped by %s after step %ld of %ld: %s\n", stop_signal_name(stop_sig), stop_step, train_steps,
                a.out_dir ? "rerun the same command with -y 1 to carry on" : "no checkpoint (no -o)");
         fflush(stdout);
     }
+    ckpt_writer_free(&ckpts.w);
     if (have_val) dataloader_free(&val_loader);
     if (have_eval) evalloader_free(&eval_loader);
     dataloader_free(&train_loader);

@@ -73,6 +73,15 @@ a_steps=$(grep -E '^step +[456]/' "$W/A.out" | sed -E 's/\| [0-9.]+ ms.*//'); b_
 [ -n "$a_steps" ] && [ "$a_steps" = "$b_steps" ] && ok "resumed step lines 4-6 equal the uninterrupted run's" || bad "resumed losses" "A: $a_steps / B: $b_steps"
 grep -q "^s:6 trl:" "$W/B/main.log" && grep -q "^s:2 tel:" "$W/B/main.log" && ok "main.log has llm.c's train and val lines" || bad "main.log" "$(cat "$W/B/main.log")"
 ls "$W/B"/*.tmp >/dev/null 2>&1 && bad "atomic writes" "temp files left behind" || ok "no temporary files left behind"
+# -na 1: the same checkpoints written by a background thread from a snapshot, while training goes
+# on: every file byte for byte run A's, each DONE marker once its files are in place, and -nk's
+# deletions done when the marker is
+"$BIN" "${RUN[@]}" -o "$W/NA" -na 1 -nk 1 > "$W/NA.out" 2>&1 || bad "run with -na 1" "$(tail -n 3 "$W/NA.out")"
+na=$(cd "$W/NA" && ls DONE_* model_* state_* *.tmp 2>/dev/null | tr '\n' ' ')
+[ "$na" = "DONE_00000006 model_00000006.bin state_00000006_00000.bin " ] && cmp -s "$W/A/model_00000006.bin" "$W/NA/model_00000006.bin" \
+    && cmp -s "$W/A/state_00000006_00000.bin" "$W/NA/state_00000006_00000.bin" && [ "$(grep -c '^wrote checkpoint' "$W/NA.out")" = 2 ] \
+    && ok "-na 1 (background writes): the step-6 files are run A's byte for byte, -nk 1 left only them" \
+    || bad "-na 1" "files: $na; $(grep -c '^wrote checkpoint' "$W/NA.out") 'wrote' lines"
 
 # run.txt: what the run is, one block per start. d2 (C 128, L 2, V 50257) at T 32 trains at
 # 6·(L·12·C² + V·C) + 12·L·C·T FLOPs per token; the table's parameter count; -d 256 per step

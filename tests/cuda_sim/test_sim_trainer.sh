@@ -40,6 +40,15 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -o "$W/B" -n 2
     && cmp -s "$W/A/state_00000004_00000.bin" "$W/B/state_00000004_00000.bin" \
     && ok "dense: saved at step 2 and resumed: model file and resume state at step 4 bit-identical" \
     || bad "dense resume" "exit $rc: $(echo "$out" | tail -n 2)"
+# the GPU trainer writes checkpoints in the background by default (-na 1); -na 0 waits for the
+# writes: the same files byte for byte
+"$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 2 -m 2 -s 4 -g 6 -o "$W/A_na0" -n 2 -na 0 > /dev/null 2>&1; rc=$?
+same=1
+for f in model_00000002.bin state_00000002_00000.bin DONE_00000002 model_00000004.bin state_00000004_00000.bin DONE_00000004; do
+    cmp -s "$W/A/$f" "$W/A_na0/$f" || same=0
+done
+[ $rc -eq 0 ] && [ $same = 1 ] && ok "-na 0 (writes waited for) and the default background writes give the same checkpoint files" \
+    || bad "-na 0 vs -na 1" "exit $rc: $(ls "$W/A" "$W/A_na0" | tr '\n' ' ')"
 
 # -w 0 (llm.c's): no fp32 master weights, AdamW updates the bf16 weights with stochastic rounding
 loss_at() { grep -E "^step +$1/" | sed -E 's/.*\| loss ([0-9.]+) .*/\1/'; }
