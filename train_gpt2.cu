@@ -74,7 +74,7 @@ typedef struct {
     GPT2Config config;
     char *config_text;                 // a structured model's config (stored in its checkpoints), else NULL
     size_t num_params;
-    float *master_host;                // fp32 weights on the host: built/loaded here, checkpoints go through it
+    float *master_host;                // fp32 weights on the host: built/loaded here; a structured model's checkpoints go through it
     // device
     floatX *params, *grads;            // bf16, in the parameter table's flat layout
     float *master, *m, *v;             // fp32 master weights (NULL with -w 0) and AdamW moments
