@@ -359,7 +359,8 @@ inline ncclResult_t sim_nccl_post(ncclComm_t c, int kind, const void *send, size
     c->head = off + bytes;
     *sim_nccl_desc(c, c->rank, index) = SimNcclDesc{kind, (int)t, (int)op, root, count};
     memcpy(sim_nccl_ring(c, c->rank) + off, send, send_bytes);
-    c->queued.push_back(SimNcclQueued{kind, recv, count, t, op, root, stream, index, sim_stream_joins_default(stream), off, bytes, g_sim_default_work, what});
+    c->queued.push_back(
+        SimNcclQueued{kind, recv, count, t, op, root, stream, index, sim_stream_joins_default(stream), off, bytes, g_sim_default_work, what});
     c->posted++;
     ((SimNcclHeader *)c->base)->posted[c->rank].store(c->posted);
     g_sim_nccl_queued_comm = c;
