@@ -878,18 +878,8 @@ static void trainer_alloc(GPT2 *m, const MultiProc *mp, int B, int T, int zero_s
     m->no_master = !g_master_weights || !train;
     m->eval_only = !train;
     gpt2_alloc(m, B, T, g_recompute, g_flash);
-    if (train && g_mgpu.active) {  // the gradient ranges of each block, averaged as soon as its backward is done
-        const GPT2Layout *g = &m->layout;
-        int L = m->config.num_layers, *idx = (int *)mallocCheck((size_t)g->params.n * sizeof(int));
-        m->grad_ranges = (ParamRange *)mallocCheck((size_t)g->params.n * sizeof(ParamRange));
-        m->grad_first = (int *)mallocCheck((size_t)(L + 2) * sizeof(int));
-        m->grad_first[0] = 0;
-        for (int l = 0; l <= L; l++) {
-            int n = gpt2_block_tensors(g, l, idx);
-            m->grad_first[l + 1] = m->grad_first[l] + params_ranges(&g->params, idx, n, m->grad_ranges + m->grad_first[l]);
-        }
-        free(idx);
-    }
+    // the gradient ranges of each block, averaged as soon as its backward is done
+    if (train && g_mgpu.active) m->grad_first = gpt2_block_ranges(&m->layout, &m->grad_ranges);
     if (g_flash && !m->flash && !m->cudnn)
         printf("note: head size %d is not one the flash kernel handles (16, 32, 64, 128): attention runs on cuBLAS + softmax\n",
                m->config.channels / m->config.num_heads);

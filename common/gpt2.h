@@ -134,6 +134,19 @@ static inline int gpt2_block_tensors(const GPT2Layout *g, int l, int *idx) {
     return n;
 }
 
+// Every block's parameter ranges (params_ranges of gpt2_block_tensors): block l's at
+// (*ranges)[first[l] .. first[l + 1]), l = num_layers the tensors in no block. Returns first
+// (num_layers + 2 ints); *ranges has params.n entries; the caller frees both.
+static inline int *gpt2_block_ranges(const GPT2Layout *g, ParamRange **ranges) {
+    const int L = g->config.num_layers;
+    int *idx = (int *)mallocCheck((size_t)g->params.n * sizeof(int)), *first = (int *)mallocCheck((size_t)(L + 2) * sizeof(int));
+    *ranges = (ParamRange *)mallocCheck((size_t)g->params.n * sizeof(ParamRange));
+    first[0] = 0;
+    for (int l = 0; l <= L; l++) first[l + 1] = first[l] + params_ranges(&g->params, idx, gpt2_block_tensors(g, l, idx), *ranges + first[l]);
+    free(idx);
+    return first;
+}
+
 static inline void gpt2_layout_build(GPT2Layout *g, const GPT2Config *c) {
     StructConfig sc;
     struct_config_dense(c, &sc);

@@ -66,32 +66,32 @@ static void test_grad_averaging(const GPT2Layout *g, int stage, const char *what
     fill_host_bf16(h, n, -1.0f);
     floatX *d = cudaMallocNamed(floatX, n, "test: gradients");
     cudaCheck(cudaMemcpy(d, h, n * sizeof(floatX), cudaMemcpyHostToDevice));
-    int *idx = (int *)mallocCheck((size_t)g->params.n * sizeof(int));
-    ParamRange *r = (ParamRange *)mallocCheck((size_t)g->params.n * sizeof(ParamRange));
+    ParamRange *r;
+    int *first = gpt2_block_ranges(g, &r);
     for (int l = L - 1; l >= -1; l--) {  // the blocks from the last, then (as after the encoder) the rest
-        int k = params_ranges(&g->params, idx, gpt2_block_tensors(g, l >= 0 ? l : L, idx), r);
-        for (int i = 0; i < k; i++) {
+        int b = l >= 0 ? l : L;
+        for (int i = first[b]; i < first[b + 1]; i++) {
             write_grads_kernel<<<64, 256>>>(d, r[i].offset, r[i].count, R);
             cudaCheckLaunch();
         }
-        multigpu_average_grad_ranges(d, r, k, &z);
+        multigpu_average_grad_ranges(d, r + first[b], first[b + 1] - first[b], &z);
     }
     multigpu_grads_join();
     cudaCheck(cudaMemcpy(h, d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
-    size_t bad = 0, first = 0;
+    size_t bad = 0, first_bad = 0;
     float got = 0.0f, want = 0.0f;
     for (size_t i = 0; i < g->params.total; i++) {
         int mine = i >= z.lo && i < z.hi;  // stage 0: every element
         float w = mine ? grad_mean(i, N) : grad_value(i, R);
-        if ((float)h[i] != w && !bad++) { first = i; got = (float)h[i]; want = w; }
+        if ((float)h[i] != w && !bad++) { first_bad = i; got = (float)h[i]; want = w; }
     }
     char name[256], why[256];
     snprintf(name, sizeof(name), "%s: %zu gradients averaged block by block%s exactly (%d blocks, %d rank%s)", what, g->params.total,
              stage ? " onto each slice's owner (ZeRO-1), the rest untouched," : "", L, N, N > 1 ? "s" : "");
-    snprintf(why, sizeof(why), "%zu wrong; first at %zu: %g, expected %g", bad, first, got, want);
+    snprintf(why, sizeof(why), "%zu wrong; first at %zu: %g, expected %g", bad, first_bad, got, want);
     check_all(bad == 0, name, why);
     cudaCheck(cudaFree(d));
-    free(h); free(idx); free(r);
+    free(h); free(first); free(r);
 }
 
 // ZeRO-1's all-gather: every rank's slice (and only its slice) to every rank, bf16 and fp32.
@@ -159,11 +159,8 @@ static void bench_grad_averaging(const GPT2Layout *g, int stage, int reps) {
     zero_shard_init(&z, stage, g->params.total, R, N);
     floatX *d = cudaMallocNamed(floatX, z.padded, "bench: gradients");
     cudaCheck(cudaMemset(d, 0, z.padded * sizeof(floatX)));
-    int *idx = (int *)mallocCheck((size_t)g->params.n * sizeof(int));
-    ParamRange *r = (ParamRange *)mallocCheck((size_t)g->params.n * sizeof(ParamRange));
-    int *first = (int *)mallocCheck((size_t)(L + 2) * sizeof(int));
-    first[0] = 0;
-    for (int l = 0; l <= L; l++) first[l + 1] = first[l] + params_ranges(&g->params, idx, gpt2_block_tensors(g, l, idx), r + first[l]);
+    ParamRange *r;
+    int *first = gpt2_block_ranges(g, &r);
     ParamRange whole = {0, g->params.total};
     cudaEvent_t e0, e1;
     cudaCheck(cudaEventCreate(&e0));
@@ -198,7 +195,7 @@ static void bench_grad_averaging(const GPT2Layout *g, int stage, int reps) {
     cudaCheck(cudaEventDestroy(e0));
     cudaCheck(cudaEventDestroy(e1));
     cudaCheck(cudaFree(d));
-    free(idx); free(r); free(first);
+    free(r); free(first);
 }
 
 int main(int argc, char **argv) {

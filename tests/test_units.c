@@ -375,11 +375,13 @@ static void test_param_table(void) {
 // gpt2_block_tensors: blocks 0..L-1 and the rest (l = L) hold every tensor exactly once, block l's
 // tensors are those named "h.<l>." (the GPU trainer averages a block's gradients by these), and
 // their merged ranges tile the flat buffer [0, total) without gap or overlap.
+static int range_offset_cmp(const void *a, const void *b) {
+    size_t x = ((const ParamRange *)a)->offset, y = ((const ParamRange *)b)->offset;
+    return x < y ? -1 : x > y;
+}
 static void check_block_partition(const GPT2Layout *g, const char *what) {
     const int L = g->config.num_layers, n = g->params.n;
     int *seen = (int *)calloc((size_t)n, sizeof(int)), *idx = (int *)malloc((size_t)n * sizeof(int)), bad = 0;
-    ParamRange *all = (ParamRange *)malloc((size_t)n * sizeof(ParamRange));
-    int nr = 0;
     char why[256] = "", prefix[32];
     for (int l = 0; l <= L; l++) {
         int k = gpt2_block_tensors(g, l, idx);
@@ -390,17 +392,13 @@ static void check_block_partition(const GPT2Layout *g, const char *what) {
             int in_a_block = strncmp(g->params.t[idx[i]].name, "h.", 2) == 0;
             if ((l < L ? !named : in_a_block) && !bad++) snprintf(why, sizeof(why), "%s in block %d", g->params.t[idx[i]].name, l);
         }
-        nr += params_ranges(&g->params, idx, k, all + nr);
     }
     for (int i = 0; i < n; i++)
         if (seen[i] != 1 && !bad++) snprintf(why, sizeof(why), "%s in %d blocks", g->params.t[i].name, seen[i]);
-    // sort the ranges (insertion: a few hundred) and walk them
-    for (int i = 1; i < nr; i++) {
-        ParamRange r = all[i];
-        int j = i;
-        while (j > 0 && all[j - 1].offset > r.offset) { all[j] = all[j - 1]; j--; }
-        all[j] = r;
-    }
+    // the ranges the GPU trainer averages, all blocks together, in offset order
+    ParamRange *all;
+    int *first = gpt2_block_ranges(g, &all), nr = first[L + 1];
+    qsort(all, (size_t)nr, sizeof(ParamRange), range_offset_cmp);
     size_t at = 0;
     for (int i = 0; i < nr; i++) {
         if (all[i].offset != at && !bad++) snprintf(why, sizeof(why), "range %d starts at %zu, expected %zu", i, all[i].offset, at);
@@ -411,7 +409,7 @@ static void check_block_partition(const GPT2Layout *g, const char *what) {
     snprintf(name, sizeof(name), "%s: %d blocks and the rest hold each of %d tensors once; %d ranges tile the %zu parameters", what, L, n, nr,
              g->params.total);
     check_true(bad == 0, name, why);
-    free(seen); free(idx); free(all);
+    free(seen); free(idx); free(all); free(first);
 }
 static void test_block_tensors(void) {
     GPT2Config c;
