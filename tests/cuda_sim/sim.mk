@@ -8,7 +8,7 @@
 SIM_DIR = $(BUILD)/cuda_sim
 SIM_CXX ?= g++
 SIM_CXXFLAGS = -O2 -std=c++20 -pthread -fno-strict-aliasing -Wno-unknown-pragmas -DBT_WMMA_GENERIC -I $(SIM_DIR)/src -I tests/cuda_sim -I.
-SIM_SOURCES = $(wildcard *.cu *.c cuda/*.cuh cuda/*.h cuda/*.cpp structured/*.cuh structured/*.h common/*.h tests/*.h dev/cuda/*.cu dev/cuda/*.cuh)
+SIM_SOURCES = $(wildcard *.cu *.c cuda/*.cuh cuda/*.h cuda/*.cpp structured/*.cuh structured/*.h common/*.h tests/*.h tests/*.cu dev/cuda/*.cu dev/cuda/*.cuh)
 SIM_DEPS = $(SIM_DIR)/src/.stamp tests/cuda_sim/cuda_sim.h
 $(SIM_DIR)/src/.stamp: tests/cuda_sim/simify.py $(SIM_SOURCES) | $(BUILD)
 	python3 tests/cuda_sim/simify.py --out $(SIM_DIR)/src
