@@ -61,8 +61,7 @@ typedef struct { char internal[128]; } ncclUniqueId;
 
 #define SIM_NCCL_MAX_RANKS 64
 struct SimNcclHeader {
-    std::atomic<unsigned> arrived;     // ranks at the current barrier (ncclCommInitRank's)
-    std::atomic<unsigned> generation;  // barriers completed
+    std::atomic<unsigned> arrived;     // ranks that have mapped the file (ncclCommInitRank)
     std::atomic<unsigned long> posted[SIM_NCCL_MAX_RANKS];    // collectives each rank has posted
     std::atomic<unsigned long> finished[SIM_NCCL_MAX_RANKS];  // and finished (read every rank's input)
 };
@@ -141,21 +140,12 @@ inline double sim_nccl_now() {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// ncclCommInitRank's barrier over the ranks of comm, in two halves: arrive (returns the generation
-// it waits out) and passed (whether every rank has arrived since). The last to arrive opens it.
-inline unsigned sim_nccl_arrive(ncclComm_t comm) {
-    SimNcclHeader *h = (SimNcclHeader *)comm->base;
-    const unsigned gen = h->generation.load();
-    if (h->arrived.fetch_add(1) + 1 == (unsigned)comm->nranks) {
-        h->arrived.store(0);
-        h->generation.fetch_add(1);
-    }
-    return gen;
-}
-inline bool sim_nccl_passed(ncclComm_t comm, unsigned gen) { return ((SimNcclHeader *)comm->base)->generation.load() != gen; }
-inline ncclResult_t sim_nccl_wait(ncclComm_t comm, unsigned gen, const char *what) {
+// Polls done() until it holds, sleeping between polls; after STRUCTGPT_NCCL_TIMEOUT seconds an
+// error naming `what` (a rank that died never arrives).
+template <class F>
+inline ncclResult_t sim_nccl_poll(ncclComm_t comm, F done, const char *what) {
     const double t0 = sim_nccl_now(), limit = sim_nccl_timeout();
-    while (!sim_nccl_passed(comm, gen)) {
+    while (!done()) {
         if (sim_nccl_now() - t0 > limit)
             return sim_nccl_fail(comm, ncclRemoteError, "rank %d waited %.0f s in %s for the other ranks", comm->rank, limit, what);
         sched_yield();
@@ -164,8 +154,6 @@ inline ncclResult_t sim_nccl_wait(ncclComm_t comm, unsigned gen, const char *wha
     }
     return ncclSuccess;
 }
-// every rank of comm: returns once all have arrived
-inline ncclResult_t sim_nccl_barrier(ncclComm_t comm, const char *what) { return sim_nccl_wait(comm, sim_nccl_arrive(comm), what); }
 
 inline ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId id, int rank) {
     *out = NULL;
@@ -189,7 +177,10 @@ inline ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId i
     close(fd);
     if (m == MAP_FAILED) return sim_nccl_fail(NULL, ncclSystemError, "mmap %s: %s", c->path, strerror(errno));
     c->base = (char *)m;
-    ncclResult_t r = sim_nccl_barrier(c, "ncclCommInitRank");
+    // every rank has the file mapped before rank 0 removes its name
+    std::atomic<unsigned> &arrived = ((SimNcclHeader *)c->base)->arrived;
+    arrived.fetch_add(1);
+    ncclResult_t r = sim_nccl_poll(c, [&] { return arrived.load() == (unsigned)nranks; }, "ncclCommInitRank");
     if (r != ncclSuccess) {
         snprintf(g_sim_nccl_error, sizeof(g_sim_nccl_error), "%s", c->last_error);
         return r;
@@ -261,15 +252,7 @@ inline unsigned long sim_nccl_min(ncclComm_t c, int which) {
 }
 // waits until every rank has posted (which = 0) or finished (which = 1) more than `index` collectives
 inline ncclResult_t sim_nccl_wait_all(ncclComm_t c, int which, unsigned long index, const char *what) {
-    const double t0 = sim_nccl_now(), limit = sim_nccl_timeout();
-    while (sim_nccl_min(c, which) <= index) {
-        if (sim_nccl_now() - t0 > limit)
-            return sim_nccl_fail(c, ncclRemoteError, "rank %d waited %.0f s in %s for the other ranks", c->rank, limit, what);
-        sched_yield();
-        struct timespec ts = {0, 50000};
-        nanosleep(&ts, NULL);
-    }
-    return ncclSuccess;
+    return sim_nccl_poll(c, [&] { return sim_nccl_min(c, which) > index; }, what);
 }
 
 // The queued collectives of the one communicator this process has (the trainer's), finished by
