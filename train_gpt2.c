@@ -23,6 +23,7 @@
 #include "common/rng.h"
 #include "common/sampler.h"
 #include "common/schedule.h"
+#include "common/step_profile.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
 #include "common/zero.h"
@@ -462,6 +463,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
     const LinearSpec *s = &ld->spec;
     const float *b = ld->bias >= 0 ? gpt2_tensor(g, P, ld->bias) : NULL;
     const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
+    prof_mark_linear(ld, 0, N);
     switch (s->kind) {
         case STRUCT_DENSE: matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out); break;
         case STRUCT_BTT: {
@@ -499,6 +501,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, const LinearActs *la,
     float *db = ld->bias >= 0 ? gpt2_tensor(g, G, ld->bias) : NULL;
     const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
     float *dw0 = gpt2_tensor(g, G, ld->w[0]), *dw1 = ld->nw > 1 ? gpt2_tensor(g, G, ld->w[1]) : NULL;
+    prof_mark_linear(ld, 1, N);
     switch (s->kind) {
         case STRUCT_DENSE: matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out); break;
         case STRUCT_BTT: {
@@ -654,6 +657,7 @@ static void qkv_forward(GPT2 *m, int l, BlockActs *a, int N) {
     if (q->fused_qkv) { linear_forward(m, q, &a->lin[SR_Q], a->qkv, a->ln1, N); return; }
     for (int r = SR_Q; r <= SR_V; r++) {
         linear_forward(m, gpt2_linear(&m->layout, l, r), &a->lin[r], m->split_a, a->ln1, N);
+        prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy(a->qkv, m->split_a, r, N, m->config.channels, 1);
     }
 }
@@ -664,9 +668,11 @@ static void qkv_backward(GPT2 *m, int l, const BlockActs *a, float *dln, int N, 
     if (q->fused_qkv) { linear_backward(m, q, &a->lin[SR_Q], dln, m->dqkv, a->ln1, N, daux); return; }
     size_t n = (size_t)N * m->config.channels;
     for (int r = SR_Q; r <= SR_V; r++) {
+        prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy(m->dqkv, m->split_a, r, N, m->config.channels, 0);
         linear_backward(m, gpt2_linear(&m->layout, l, r), &a->lin[r], r == SR_Q ? dln : m->split_b, m->split_a, a->ln1, N, daux);
         if (r != SR_Q) {
+            prof_mark("q, k, v split copies", 0.0);
 #pragma omp parallel for schedule(static)
             for (size_t i = 0; i < n; i++) dln[i] += m->split_b[i];
         }
@@ -692,29 +698,41 @@ float gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T)
     float *P = m->params;
     m->routing = (MoERouting){0.0f, 0.0f, 0.0f, 0.0f};
     m->routed_seen = 0;
+    prof_mark("encoder fwd", 0.0);
     encoder_forward(m->encoded, inputs, gpt2_tensor(g, P, g->wte), gpt2_tensor(g, P, g->wpe), B, T, C);
     const float *res = m->encoded;
     float *proj = m->dln;  // scratch for the projections' outputs before the residual add
     for (int l = 0; l < c->num_layers; l++) {
         BlockActs *a = &m->blocks[l];
         const BlockNorms *n = &g->norms[l];
+        prof_mark("layernorm fwd", 0.0);
         layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, res, gpt2_tensor(g, P, n->ln1w), gpt2_tensor(g, P, n->ln1b), BT, C);
         qkv_forward(m, l, a, BT);
+        prof_mark_attention(c, 0, B, T);
         attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
         linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), &a->lin[SR_ATTN_PROJ], proj, a->atty, BT);
+        prof_mark("residual fwd", 0.0);
         residual_forward(a->res2, res, proj, (size_t)BT * C);
+        prof_mark("layernorm fwd", 0.0);
         layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, gpt2_tensor(g, P, n->ln2w), gpt2_tensor(g, P, n->ln2b), BT, C);
         linear_forward(m, gpt2_linear(g, l, SR_FC), &a->lin[SR_FC], a->fch, a->ln2, BT);
+        prof_mark("gelu fwd", 0.0);
         gelu_forward(a->fch_gelu, a->fch, (size_t)BT * 4 * C);
         linear_forward(m, gpt2_linear(g, l, SR_FC_PROJ), &a->lin[SR_FC_PROJ], proj, a->fch_gelu, BT);
+        prof_mark("residual fwd", 0.0);
         residual_forward(a->res3, a->res2, proj, (size_t)BT * C);
         res = a->res3;
     }
+    prof_mark("layernorm fwd", 0.0);
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, res, gpt2_tensor(g, P, g->lnfw), gpt2_tensor(g, P, g->lnfb), BT, C);
     if (g->head.used) linear_forward(m, &g->head, &m->head_acts, m->logits, m->lnf, BT);
-    else matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
+    else {
+        prof_mark_tied_head(c, 0, BT);
+        matmul_forward(m->logits, m->lnf, gpt2_tensor(g, P, g->wte), NULL, BT, C, Vp);
+    }
     moe_routing_finish(&m->routing, m->routed_seen);
     if (!targets) { m->mean_loss = -1.0f; return -1.0f; }
+    prof_mark("classifier (softmax, loss)", 0.0);
     m->mean_loss = crossentropy_softmax(NULL, m->losses, m->logits, targets, BT, V, Vp, 0.0f);
     return m->mean_loss;
 }
@@ -747,10 +765,15 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
     float *P = m->params, *G = m->grads;
     float daux = m->n_routed > 0 ? dloss_scale * g->structure.moe_aux_weight / (float)m->n_routed : 0.0f;
     // the logits buffer becomes dlogits in place
+    prof_mark("classifier bwd (softmax, dlogits)", 0.0);
     crossentropy_softmax(m->logits, m->losses, m->logits, m->targets, BT, V, Vp, dloss_scale / BT);
     const float *last = L > 0 ? m->blocks[L - 1].res3 : m->encoded;
     if (g->head.used) linear_backward(m, &g->head, &m->head_acts, m->dln, m->logits, m->lnf, BT, daux);
-    else matmul_backward(m->dln, gpt2_tensor(g, G, g->wte), NULL, m->logits, m->lnf, gpt2_tensor(g, P, g->wte), BT, C, Vp);
+    else {
+        prof_mark_tied_head(c, 1, BT);
+        matmul_backward(m->dln, gpt2_tensor(g, G, g->wte), NULL, m->logits, m->lnf, gpt2_tensor(g, P, g->wte), BT, C, Vp);
+    }
+    prof_mark("layernorm bwd", 0.0);
     memset(m->dres, 0, (size_t)BT * C * sizeof(float));
     layernorm_backward(m->dres, gpt2_tensor(g, G, g->lnfw), gpt2_tensor(g, G, g->lnfb), m->dln, last,
                        gpt2_tensor(g, P, g->lnfw), m->lnf_mean, m->lnf_rstd, BT, C);
@@ -760,17 +783,22 @@ void gpt2_backward(GPT2 *m, float dloss_scale, int B, int T) {
         const float *res_in = l == 0 ? m->encoded : m->blocks[l - 1].res3;
         // MLP: dres is the gradient of res3 and flows unchanged into res2, plus the MLP branch
         linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), &a->lin[SR_FC_PROJ], m->dbig, m->dres, a->fch_gelu, BT, daux);
+        prof_mark("gelu bwd", 0.0);
         gelu_backward(m->dbig2, a->fch, m->dbig, (size_t)BT * 4 * C);
         linear_backward(m, gpt2_linear(g, l, SR_FC), &a->lin[SR_FC], m->dln, m->dbig2, a->ln2, BT, daux);
+        prof_mark("layernorm bwd", 0.0);
         layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln2w), gpt2_tensor(g, G, n->ln2b), m->dln, a->res2,
                            gpt2_tensor(g, P, n->ln2w), a->ln2_mean, a->ln2_rstd, BT, C);
         // attention
         linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), &a->lin[SR_ATTN_PROJ], m->datty, m->dres, a->atty, BT, daux);
+        prof_mark_attention(c, 1, B, T);
         attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, NH);
         qkv_backward(m, l, a, m->dln, BT, daux);
+        prof_mark("layernorm bwd", 0.0);
         layernorm_backward(m->dres, gpt2_tensor(g, G, n->ln1w), gpt2_tensor(g, G, n->ln1b), m->dln, res_in,
                            gpt2_tensor(g, P, n->ln1w), a->ln1_mean, a->ln1_rstd, BT, C);
     }
+    prof_mark("encoder bwd", 0.0);
     encoder_backward(gpt2_tensor(g, G, g->wte), gpt2_tensor(g, G, g->wpe), m->dres, m->inputs, B, T, C);
     m->mean_loss = -1.0f;  // the logits were consumed
 }
@@ -910,6 +938,7 @@ static double trainer_peak_flops(void) { return 0.0; }  // unknown: the step lin
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 static const float *trainer_row_losses(const GPT2 *m) { return m->losses; }
 static void trainer_step_end(GPT2 *m, long step) {}
+static void trainer_profile_start(void) { prof_enable(NULL, NULL, NULL); }  // the work is synchronous: wall time
 
 static void trainer_banner(const GPT2 *m) {
     (void)m;

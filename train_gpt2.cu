@@ -21,6 +21,7 @@
 #include "common/rng.h"
 #include "common/sampler.h"
 #include "common/schedule.h"
+#include "common/step_profile.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
 #include "cuda/common.cuh"
@@ -140,6 +141,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
+    prof_mark_linear(ld, 0, N);
     if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
     LinearState *ls = lin_state(m, ld);
     floatX *y = pre_gelu ? pre_gelu : out;
@@ -178,6 +180,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
     floatX *db = ld->bias >= 0 ? P_(m, m->grads, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
     floatX *dw0 = P_(m, m->grads, ld->w[0]), *dw1 = ld->nw > 1 ? P_(m, m->grads, ld->w[1]) : NULL;
+    prof_mark_linear(ld, 1, N);
     if (s->kind == STRUCT_DENSE) {
         matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out, pre_gelu, m->colsum_scratch);
         return;
@@ -483,6 +486,7 @@ static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
     if (q->fused_qkv) { linear_forward(m, q, qkv, ln1, N, NULL); return; }
     for (int r = SR_Q; r <= SR_V; r++) {
         linear_forward(m, gpt2_linear(&m->layout, l, r), m->split_a, ln1, N, NULL);
+        prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy(qkv, m->split_a, r, N, m->config.channels, 1);
     }
 }
@@ -492,9 +496,13 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
     if (q->fused_qkv) { linear_backward(m, q, dln, dqkv, ln1, N, NULL, daux); return; }
     for (int r = SR_Q; r <= SR_V; r++) {
+        prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy((floatX *)dqkv, m->split_a, r, N, m->config.channels, 0);
         linear_backward(m, gpt2_linear(&m->layout, l, r), r == SR_Q ? dln : m->split_b, m->split_a, ln1, N, NULL, daux);
-        if (r != SR_Q) add_inplace(dln, m->split_b, (size_t)N * m->config.channels);
+        if (r != SR_Q) {
+            prof_mark("q, k, v split copies", 0.0);
+            add_inplace(dln, m->split_b, (size_t)N * m->config.channels);
+        }
     }
 }
 
@@ -502,6 +510,7 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
 static void attention_forward_any(GPT2 *m, int l, floatX *atty, const floatX *qkv, int B, int T) {
     const int C = m->config.channels, NH = m->config.num_heads;
     float *lse = m->lse + l * lse_layer_len(B, NH, T);
+    prof_mark_attention(&m->config, 0, B, T);
 #ifdef USE_CUDNN
     if (attention_on_cudnn(m, B, T)) { cudnn_attention_forward(atty, lse, qkv, B, T, NH, C / NH); return; }
 #endif
@@ -513,6 +522,7 @@ static void attention_forward_any(GPT2 *m, int l, floatX *atty, const floatX *qk
 static void attention_backward_any(GPT2 *m, int l, floatX *dqkv, const floatX *datty, const floatX *qkv, const floatX *atty, int B, int T) {
     const int C = m->config.channels, NH = m->config.num_heads;
     const float *lse = m->lse + l * lse_layer_len(B, NH, T);
+    prof_mark_attention(&m->config, 1, B, T);
 #ifdef USE_CUDNN
     if (attention_on_cudnn(m, B, T)) { cudnn_attention_backward(dqkv, datty, qkv, atty, lse, B, T, NH, C / NH); return; }
 #endif
@@ -529,6 +539,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     const GPT2Config *c = &m->config;
     const GPT2Layout *g = &m->layout;
     int C = c->channels, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
+    prof_mark("inputs checked and copied to the GPU (host waits)", 0.0);  // cudaMemcpy waits for the queue
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
@@ -542,7 +553,9 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
     m->aux_next = 0;
+    prof_mark("encoder fwd", 0.0);
     encoder_forward(a->encoded, m->d_inputs, P_(m, P, g->wte), P_(m, P, g->wpe), B, T, C);
+    prof_mark("layernorm fwd (+ residual)", 0.0);
     layernorm_forward(act_ln(m, a->ln1, 0), a->ln1_mean, a->ln1_rstd, a->encoded, P_(m, P, g->norms[0].ln1w), P_(m, P, g->norms[0].ln1b), BT, C);
     const floatX *res = a->encoded;
     for (int l = 0; l < L; l++) {
@@ -553,10 +566,12 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
         qkv_forward(m, l, qkv, ln1, BT);
         attention_forward_any(m, l, atty, qkv, B, T);
         linear_forward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->proj, atty, BT, NULL);
+        prof_mark("layernorm fwd (+ residual)", 0.0);
         fused_residual_layernorm_forward(res2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, res, m->proj,
                                          P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
         linear_forward(m, gpt2_linear(g, l, SR_FC), act_gelu(m, l), ln2, BT, fch);
         linear_forward(m, gpt2_linear(g, l, SR_FC_PROJ), m->proj, act_gelu(m, l), BT, NULL);
+        prof_mark("layernorm fwd (+ residual)", 0.0);
         if (l + 1 < L) {
             const BlockNorms *nx = &g->norms[l + 1];
             fused_residual_layernorm_forward(res3, act_ln(m, a->ln1, l + 1), a->ln1_mean + (size_t)(l + 1) * BT,
@@ -567,10 +582,14 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
         res = res3;
     }
     if (g->head.used) linear_forward(m, &g->head, a->logits, a->lnf, BT, NULL);
-    else matmul_forward(a->logits, a->lnf, P_(m, P, g->wte), NULL, BT, C, Vp, NULL);
+    else {
+        prof_mark_tied_head(c, 0, BT);
+        matmul_forward(a->logits, a->lnf, P_(m, P, g->wte), NULL, BT, C, Vp, NULL);
+    }
     m->have_targets = targets != NULL;
     m->dlogits_ready = 0;
     if (targets) {
+        prof_mark("classifier (softmax, loss, dlogits)", 0.0);
         fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss);
         m->dlogits_ready = dloss != 0.0f;
     }
@@ -581,6 +600,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
 // routing folded (routing.h), from the same copy.
 static float gpt2_read_loss(GPT2 *m) {
     int BT = m->B * m->T;
+    prof_mark("loss read (host waits for the GPU)", 0.0);
     multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
     cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
     double s = 0.0;
@@ -623,11 +643,18 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
     Acts *a = &m->acts;
     floatX *P = m->params, *G = m->grads;
     size_t btc = (size_t)BT * C;
-    if (!m->dlogits_ready) fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss_scale / BT);
+    if (!m->dlogits_ready) {
+        prof_mark("classifier (softmax, loss, dlogits)", 0.0);
+        fused_classifier(a->logits, a->losses, m->d_targets, BT, V, Vp, dloss_scale / BT);
+    }
     float daux = m->n_routed > 0 ? dloss_scale * g->structure.moe_aux_weight / (float)m->n_routed : 0.0f;
     const floatX *last = L > 0 ? a->res3 + (size_t)(L - 1) * btc : a->encoded;
     if (g->head.used) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, BT, NULL, daux);
-    else matmul_backward(m->dln, P_(m, G, g->wte), NULL, a->logits, a->lnf, P_(m, P, g->wte), BT, C, Vp, NULL, m->colsum_scratch);
+    else {
+        prof_mark_tied_head(c, 1, BT);
+        matmul_backward(m->dln, P_(m, G, g->wte), NULL, a->logits, a->lnf, P_(m, P, g->wte), BT, C, Vp, NULL, m->colsum_scratch);
+    }
+    prof_mark("layernorm bwd", 0.0);
     cudaCheck(cudaMemset(m->dres, 0, btc * sizeof(floatX)));
     layernorm_backward(m->dres, P_(m, G, g->lnfw), P_(m, G, g->lnfb), m->dln, last, P_(m, P, g->lnfw), a->lnf_mean, a->lnf_rstd, BT, C,
                        m->colsum_scratch);
@@ -640,17 +667,28 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
         float *ln1_mean = a->ln1_mean + (size_t)l * BT, *ln1_rstd = a->ln1_rstd + (size_t)l * BT;
         float *ln2_mean = a->ln2_mean + (size_t)l * BT, *ln2_rstd = a->ln2_rstd + (size_t)l * BT;
         // MLP: dres is the gradient of res3, and flows unchanged into res2 plus the MLP branch
-        if (m->recompute >= 1) gelu_forward(act_gelu(m, l), fch, btc * 4);
+        if (m->recompute >= 1) {
+            prof_mark("gelu recompute", 0.0);
+            gelu_forward(act_gelu(m, l), fch, btc * 4);
+        }
         linear_backward(m, gpt2_linear(g, l, SR_FC_PROJ), m->dbig, m->dres, act_gelu(m, l), BT, fch, daux);  // dbig: grad of fch
-        if (m->recompute >= 2) layernorm_forward(ln2, NULL, NULL, res2, P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
+        if (m->recompute >= 2) {
+            prof_mark("layernorm recompute", 0.0);
+            layernorm_forward(ln2, NULL, NULL, res2, P_(m, P, nm->ln2w), P_(m, P, nm->ln2b), BT, C);
+        }
         linear_backward(m, gpt2_linear(g, l, SR_FC), m->dln, m->dbig, ln2, BT, NULL, daux);
+        prof_mark("layernorm bwd", 0.0);
         layernorm_backward(m->dres, P_(m, G, nm->ln2w), P_(m, G, nm->ln2b), m->dln, res2, P_(m, P, nm->ln2w), ln2_mean, ln2_rstd, BT, C,
                            m->colsum_scratch);
         // attention
         linear_backward(m, gpt2_linear(g, l, SR_ATTN_PROJ), m->datty, m->dres, atty, BT, NULL, daux);
         attention_backward_any(m, l, m->dbig, m->datty, qkv, atty, B, T);  // dbig: dqkv (B, T, 3C)
-        if (m->recompute >= 2) layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
+        if (m->recompute >= 2) {
+            prof_mark("layernorm recompute", 0.0);
+            layernorm_forward(ln1, NULL, NULL, res_in, P_(m, P, nm->ln1w), P_(m, P, nm->ln1b), BT, C);
+        }
         qkv_backward(m, l, m->dln, m->dbig, ln1, BT, daux);
+        prof_mark("layernorm bwd", 0.0);
         layernorm_backward(m->dres, P_(m, G, nm->ln1w), P_(m, G, nm->ln1b), m->dln, res_in, P_(m, P, nm->ln1w), ln1_mean, ln1_rstd, BT, C,
                            m->colsum_scratch);
         if (m->average_in_backward) grads_average_block(m, l);  // block l's gradients are final
@@ -658,6 +696,7 @@ static void gpt2_backward(GPT2 *m, float dloss_scale) {
     // the batch's tokens bucketed for the encoder's backward: built on the host while the GPU works
     // through the backward queued above (not before the forward, where the GPU would wait for it),
     // and copied behind it from pinned memory, which does not wait for the queue
+    prof_mark("encoder bwd (+ the host's token buckets)", 0.0);
     cudaCheck(cudaEventSynchronize(m->buckets_copied));  // the previous batch's copy has read h_buckets
     int used = encoder_buckets_build(m->h_buckets, m->h_count, m->h_inputs, BT, V);
     m->n_unique = m->h_buckets[0];
@@ -888,6 +927,35 @@ static void trainer_sync(void) { cudaCheck(cudaDeviceSynchronize()); }
 static double trainer_peak_flops(void) { return gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12; }
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 static const float *trainer_row_losses(const GPT2 *m) { return m->h_losses + m->aux_slots; }
+// -pt 1's clock: an event on the stream at each mark, created as the marks first need them (a step
+// of GPT-2 124M has about 200), so that a part is the GPU's time from its mark to the next one's.
+static cudaEvent_t *g_prof_events;
+static int g_prof_n_events;
+static void prof_event_record(int i) {
+    if (i >= g_prof_n_events) {
+        int n = i + 1 > 2 * g_prof_n_events ? i + 1 : 2 * g_prof_n_events;
+        g_prof_events = (cudaEvent_t *)reallocCheck(g_prof_events, (size_t)n * sizeof(cudaEvent_t));
+        for (int k = g_prof_n_events; k < n; k++) cudaCheck(cudaEventCreate(&g_prof_events[k]));
+        g_prof_n_events = n;
+    }
+    cudaCheck(cudaEventRecord(g_prof_events[i], 0));
+}
+static double prof_event_elapsed(int i, int j) {
+    float ms = 0.0f;
+    cudaCheck(cudaEventSynchronize(g_prof_events[j]));
+    cudaCheck(cudaEventElapsedTime(&ms, g_prof_events[i], g_prof_events[j]));
+    return ms;
+}
+static void prof_events_free(void) {
+    for (int k = 0; k < g_prof_n_events; k++) cudaCheck(cudaEventDestroy(g_prof_events[k]));
+    free(g_prof_events);
+    g_prof_events = NULL;
+    g_prof_n_events = 0;
+}
+static void trainer_profile_start(void) {
+    prof_enable(prof_event_record, prof_event_elapsed, prof_events_free);
+}
+
 static void trainer_step_end(GPT2 *m, long step) {
     if (g_log_gpu <= 0 || step % g_log_gpu != 0 || m->mp->rank != 0) return;
     char line[512];

@@ -28,6 +28,7 @@
 //   trainer_step_end(m, step)           after step's line is printed (the GPU trainer's -lg line)
 //   trainer_moe_fhat(m, ld, fhat)       BTT-MoE layer ld's f̂ (E floats: each expert's share of the
 //                                       top-k selections) of the last forward, on the host (-rl 1)
+//   trainer_profile_start()             -pt 1: prof_enable with the trainer's clock (step_profile.h)
 #pragma once
 #include <math.h>
 #include "args.h"
@@ -40,6 +41,7 @@
 #include "multiproc.h"
 #include "outlier.h"
 #include "schedule.h"
+#include "step_profile.h"
 #include "stop.h"
 #include "tokenizer.h"
 #include "utils.h"
@@ -363,6 +365,7 @@ int main(int argc, char **argv) {
     write_run_info(&logger, command, resume_step >= 0 ? resume_model : a.model, start_step, train_steps, &model, flops_per_token, &a,
                    nproc, grad_accum);
     free(command);
+    if (a.profile) trainer_profile_start();
     double total_time = 0.0;
     long timed_steps = 0;
     int overfit_loaded = 0;
@@ -398,6 +401,8 @@ int main(int argc, char **argv) {
 
         trainer_sync();
         double t0 = now_seconds();
+        if (step > start_step) prof_step_begin();  // as the timing, not the first step
+        prof_mark("zero grad", 0.0);
         gpt2_zero_grad(&model);
         double loss = 0.0;
         // BTT-MoE: aux, balance and loads, each the mean over the micro-batches (loads: of each
@@ -405,6 +410,7 @@ int main(int argc, char **argv) {
         float routed[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int micro = 0; micro < grad_accum; micro++) {
             // -a 1 reads one batch, the first time through (also after a resume), and keeps it
+            prof_mark("data (host)", 0.0);
             if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
             overfit_loaded = 1;
             MoERouting r = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -421,6 +427,7 @@ int main(int argc, char **argv) {
         }
         // with a stop signal, one-hot (SIGTERM, SIGINT, SIGUSR1): every rank stops after the same
         // step, whichever ranks the signal reached
+        prof_mark("loss and stop flags over the ranks (host)", 0.0);
         const int sig = stop_requested();
         // and whether this rank's background checkpoint write is done: 1 on average once all are
         float reported[9] = {(float)(loss / grad_accum), routed[0], routed[1], routed[2], routed[3],
@@ -432,7 +439,9 @@ int main(int argc, char **argv) {
         loss = reported[0];
         const MoERouting routing = {reported[1], reported[2], reported[3], reported[4]};
         const int routed_model = trainer_n_routed(&model) > 0;
+        if (nproc > 1) prof_mark("gradient averaging (what the backward did not hide)", 0.0);
         trainer_mean_grads(&model, &mp);
+        prof_mark("gradient norm", 0.0);
         float norm = gpt2_grad_norm(&model);
         if (!isfinite(norm)) fatal("gradient norm is %f at step %ld: training diverged; lower -l (now %g)", norm, step, a.lr);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -450,7 +459,9 @@ int main(int argc, char **argv) {
             multiproc_mean(&mp, &tripped, 1);
             if (tripped > 0 && !skip[0]) snprintf(skip, sizeof(skip), " | update skipped: another rank's z-score tripped");
         }
+        prof_mark("update (AdamW)", 0.0);
         if (!skip[0]) gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, a.weight_decay, scale, (int)step + 1);
+        prof_step_end();
         trainer_sync();
         double dt = now_seconds() - t0;
         if (step > start_step) { total_time += dt; timed_steps++; }  // the first step warms caches and heuristics up
@@ -478,6 +489,8 @@ int main(int argc, char **argv) {
         if (peak > 0) printf(" | MFU %.1f%%", 100.0 * flops_per_token * tok_s / peak);
         printf("\n");
     }
+    if (a.profile && rank == 0) prof_print(stdout, flops_per_token * a.total_batch / nproc, timed_steps > 0 ? total_time / timed_steps * 1e3 : 0.0);
+    prof_free();
 
     if (stop_step >= 0) {  // the checkpoint the next step would have begun with (it replays the val and sample)
         if (a.out_dir) save_checkpoint(&ckpts, &model, &a, &mp, &train_loader, stop_step, sample_rng, &loss_window, &norm_window, stale_ckpt);

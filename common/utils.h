@@ -111,6 +111,16 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
 
+static inline void *realloc_check(void *old, size_t size, const char *file, int line) {
+    void *p = realloc(old, size);
+    if (p == NULL && size > 0) {
+        fprintf(stderr, "error: out of memory growing a buffer to %zu bytes (at %s:%d)\n", size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return p;
+}
+#define reallocCheck(old, size) realloc_check(old, size, __FILE__, __LINE__)
+
 // Atomic file writes: write to "<path>.tmp", then atomic_close() fsyncs and renames over
 // <path>, so a crash mid-write never leaves a damaged file where a good one was.
 static inline FILE *atomic_open(const char *path, char *tmp_path, size_t tmp_cap) {

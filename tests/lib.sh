@@ -13,3 +13,18 @@ need_nvcc() {
     echo "# nvcc not found: $1"
     summary; exit
 }
+# check_profile NAME TOL OUTPUT PART...: the -pt 1 table in a trainer's OUTPUT counts the model's
+# FLOPs exactly once (100.0%), its parts add up to the measured step time within TOL percent and
+# their shares to 100%, and each PART begins one of its lines
+check_profile() {
+    local name=$1 tol=$2 out=$3 why="" p; shift 3
+    echo "$out" | grep -q "FLOPs in the parts 100.0% of the model's" || why="the parts' FLOPs are not the model's;"
+    echo "$out" | awk -v tol="$tol" '/^profiled step time/ { p = $4; m = $7; seen = 1 }
+        END { exit !(seen && m > 0 && p - m <= m * tol / 100 && m - p <= m * tol / 100) }' || why="$why parts vs measured step time;"
+    echo "$out" | awk '/^part  / { on = 1; next } /^all parts/ { on = 0 } on && match($0, / [0-9]+\.[0-9]%/) { s += substr($0, RSTART + 1, RLENGTH - 2) }
+        END { exit !(s > 99.4 && s < 100.6) }' || why="$why shares do not add up to 100%;"
+    for p in "$@"; do
+        echo "$out" | awk -v p="$p" 'index($0, p) == 1 { f = 1 } END { exit !f }' || why="$why no part '$p';"
+    done
+    if [ -z "$why" ]; then ok "$name"; else bad "$name" "$why $(echo "$out" | grep -A3 '^profiled\|^step profile' | head -5)"; fi
+}

@@ -58,6 +58,27 @@ last=$(echo "$out" | grep -oE 'loss [0-9.]+' | tail -n 1 | awk '{print $2}')
 if [ $rc -eq 0 ] && awk -v a="$first" -v b="$last" 'BEGIN {exit !(b < a - 1.0)}'; then ok "loss falls over 30 steps ($first -> $last)"
 else bad "loss falls" "exit $rc, $first -> $last"; fi
 
+# -pt 1: where the steps' time went, on a model with every structure (q, k BTT; v Monarch; fc BTT-MoE),
+# with gradient accumulation; the training itself is unchanged (same step lines as without -pt)
+PT=(-e tests/configs/tiny_mixed.conf -i "$TRAIN" -j "$VAL" -b 4 -t 32 -s 0 -v 0 -x 4 -d 256)
+out=$("$BIN" "${PT[@]}" -pt 1 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 1 run" "exit $rc: $(echo "$out" | tail -n 3)"
+check_profile "-pt 1: the table counts the model's FLOPs once and adds up to the step time (CPU)" 3 "$out" \
+    "q fwd: btt r2" "k bwd: btt r2" "v fwd: monarch 4 blocks" "v bwd: monarch 4 blocks" "fc fwd: btt_moe 4/top2" "fc bwd: btt_moe 4/top2" \
+    "fc_proj bwd: btt r2" "attn_proj fwd: btt r2" "attention fwd" "attention bwd" "lm_head bwd: dense (tied to wte)" \
+    "classifier (softmax, loss)" "layernorm bwd" "gelu fwd" "encoder bwd" "update (AdamW)" "gradient norm" "data (host)" "q, k, v split copies"
+calls() { echo "$out" | awk -v p="$1" 'index($0, p) == 1 && match($0, /% +[0-9.]+/) { print substr($0, RSTART + 1, RLENGTH - 1) + 0 }'; }
+[ "$(calls "fc fwd: btt_moe")" = 4 ] && [ "$(calls "attention bwd")" = 4 ] && [ "$(calls "data (host)")" = 2 ] && [ "$(calls "update (AdamW)")" = 1 ] \
+    && ok "-pt 1: calls per step count both micro-batches of a step (2 layers x 2)" \
+    || bad "-pt 1 calls" "fc fwd $(calls "fc fwd: btt_moe"), attention bwd $(calls "attention bwd"), data $(calls "data (host)"), update $(calls "update (AdamW)")"
+without=$("$BIN" "${PT[@]}" 2>&1 | grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//')
+[ -n "$without" ] && [ "$without" = "$(echo "$out" | grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//')" ] \
+    && ok "-pt 1 leaves the training unchanged (same losses, norms)" || bad "-pt 1 changes training" "$without"
+expect_error "-pt 2" "-pt 2: 1 prints where the steps' time went" "${COMMON[@]}" -pt 2
+out=$("$BIN" "${COMMON[@]}" -x 1 -v 0 -pt 1 2>&1)
+echo "$out" | grep -q "no step was profiled (the first step of a run is not: it warms up); give -x 2 or more" \
+    && ok "-pt 1 with one step says that the first step is not profiled" || bad "-pt 1 -x 1" "$(echo "$out" | tail -n 2)"
+
 # resume: run A straight through 6 steps; run B the same, then forget its last checkpoint and
 # resume from step 3 (shuffled data, gradient accumulation, warmup + cosine): same bytes at step 6
 RUN=("${COMMON[@]}" -x 6 -n 3 -sh 1 -d 256 -u 2 -q 0.1 -l 1e-3 -c 0.1 -v 2 -m 2)

@@ -630,6 +630,76 @@ static void test_btt_via_dense(void) {
                "the rule chose otherwise");
 }
 
+// -pt 1's accounting (common/step_profile.h) on a scripted clock: a part gets the time from each
+// of its marks to the next mark, marks outside a step count nothing, FLOPs and calls add up, the
+// table is sorted and its figures are per step, and parts past the table's size share one entry.
+static double g_fake_script[8192], g_fake_reading[8192];
+static int g_fake_next;
+static void fake_record(int i) { g_fake_reading[i] = g_fake_script[g_fake_next++]; }
+static double fake_elapsed(int i, int j) { return g_fake_reading[j] - g_fake_reading[i]; }
+static const ProfPart *prof_find(const char *name) {
+    for (int p = 0; p < PROF_MAX_PARTS; p++)
+        if (strcmp(g_prof.part[p].name, name) == 0) return &g_prof.part[p];
+    return NULL;
+}
+static void test_step_profile(void) {
+    const double script[] = {0, 1, 3, 6, 10, 15};
+    memcpy(g_fake_script, script, sizeof(script));
+    g_fake_next = 0;
+    prof_enable(fake_record, fake_elapsed, NULL);
+    prof_mark("ignored", 0.0);  // before any step: no part, no reading
+    prof_step_begin();
+    prof_mark("a", 3e9);
+    prof_mark("b", 0.0);
+    prof_mark("a", 5e9);
+    prof_step_end();
+    prof_mark("ignored", 0.0);  // between steps (validation, sampling)
+    prof_step_begin();
+    prof_mark("b", 0.0);
+    prof_step_end();
+    const ProfPart *a = prof_find("a"), *b = prof_find("b");
+    char why[200];
+    snprintf(why, sizeof(why), "parts %d, steps %ld, a %g ms %ld calls %g FLOPs, b %g ms %ld calls, readings %d", g_prof.n_parts, g_prof.steps,
+             a ? a->ms : -1, a ? a->calls : -1, a ? a->flops : -1, b ? b->ms : -1, b ? b->calls : -1, g_fake_next);
+    check_true(g_prof.n_parts == 2 && g_prof.steps == 2 && a && b && a->ms == 4.0 && a->calls == 2 && a->flops == 8e9 && b->ms == 7.0 &&
+                   b->calls == 2 && g_fake_next == 6 && !prof_find("ignored"),
+               "step profile: each mark's part gets the time to the next mark; marks outside steps are ignored", why);
+
+    FILE *f = tmpfile();
+    prof_print(f, 4e9, 5.6);
+    rewind(f);
+    char text[4096];
+    size_t n = fread(text, 1, sizeof(text) - 1, f);
+    text[n] = 0;
+    fclose(f);
+    const char *lb = strstr(text, "\nb "), *la = strstr(text, "\na ");
+    int ok = lb && la && lb < la && strstr(lb, "3.500   63.6%        1.0") && strstr(la, "2.000   36.4%        1.0     2.000") &&
+             strstr(text, "all parts") && strstr(text, "5.500  100.0%") && strstr(text, "5.500 ms against 5.600 ms measured") &&
+             strstr(text, "FLOPs in the parts 100.0% of the model's");
+    check_true(ok, "step profile: the table is per step, longest part first, with shares, TFLOP/s and the FLOPs' coverage", text);
+    prof_free();
+
+    // more distinct parts than the table holds, and more marks than the first allocation
+    g_fake_next = 0;
+    for (int i = 0; i < 8192; i++) g_fake_script[i] = i;
+    prof_enable(fake_record, fake_elapsed, NULL);
+    prof_step_begin();
+    char name[16];
+    for (int i = 0; i < 70; i++) {
+        snprintf(name, sizeof(name), "p%d", i);
+        prof_mark(name, 0.0);
+    }
+    for (int i = 0; i < 3000; i++) prof_mark("many", 0.0);
+    prof_step_end();
+    const ProfPart *other = prof_find("(the other parts)"), *many = prof_find("many");
+    snprintf(why, sizeof(why), "parts %d, other %g ms %ld calls, many %p", g_prof.n_parts, other ? other->ms : -1, other ? other->calls : -1,
+             (const void *)many);
+    check_true(g_prof.n_parts == PROF_MAX_PARTS - 1 && other && other->calls == 70 - (PROF_MAX_PARTS - 1) + 3000 &&
+                   other->ms == (double)(70 - (PROF_MAX_PARTS - 1) + 3000) && !many,
+               "step profile: parts past the table's size share its last entry; 3070 marks in one step", why);
+    prof_free();
+}
+
 int main(void) {
     test_rng_matches_torch();
     test_init_matches_llmc();
@@ -644,5 +714,6 @@ int main(void) {
     test_shipped_configs();
     test_attention_blocks();
     test_btt_via_dense();
+    test_step_profile();
     return test_summary();
 }

@@ -251,6 +251,23 @@ out=$(SIM_GPU_MB=40 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 16 -t 32 -x 1 -v 
     && ok "out of GPU memory at the weights or optimizer state: suggests -w 0 or -z 1, not a smaller batch" \
     || bad "OOM at the weights" "exit $rc: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
 
+# -pt 1 on the GPU trainer: events at the marks; the parts cover the steps, count the model's FLOPs
+# once and include the GPU trainer's own (recomputes, the host's waits); training is unchanged
+out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -pt 1 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 1 run" "exit $rc: $(echo "$out" | tail -n 3)"
+check_profile "-pt 1 (dense, -r 1): the table counts the model's FLOPs once and adds up to the step time" 5 "$out" \
+    "qkv fwd: dense" "qkv bwd: dense" "fc_proj bwd: dense" "attention fwd" "attention bwd" "layernorm fwd (+ residual)" "layernorm bwd" \
+    "gelu recompute" "classifier (softmax, loss, dlogits)" "lm_head bwd: dense (tied to wte)" "loss read (host waits for the GPU)" \
+    "inputs checked and copied to the GPU (host waits)" "encoder bwd (+ the host's token buckets)" "update (AdamW)" "gradient norm"
+run=(-e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -r 2 -d 64)
+out=$("$BIN" "${run[@]}" -pt 1 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 1 run (structured)" "exit $rc: $(echo "$out" | tail -n 3)"
+check_profile "-pt 1 (every structure, -r 2, 2 micro-batches): the parts' FLOPs and time add up" 5 "$out" \
+    "q fwd: btt r2" "v bwd: monarch 4 blocks" "fc fwd: btt_moe 4/top2" "fc bwd: btt_moe 4/top2" "layernorm recompute" "q, k, v split copies"
+steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
+[ "$(echo "$out" | steps)" = "$("$BIN" "${run[@]}" 2>&1 | steps)" ] && ok "-pt 1 leaves the GPU trainer's training unchanged" \
+    || bad "-pt 1 changes training" "$(echo "$out" | steps | tail -n 1)"
+
 out=$("$BIN" -h 2>&1); rc=$?
 [ $rc -eq 0 ] && echo "$out" | grep -q "^GPU trainer only:" && ok "-h without a value prints the help, GPU flags included" || bad "-h alone" "exit $rc"
 

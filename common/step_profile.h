@@ -1,0 +1,174 @@
+// step_profile.h: -pt 1, where a training step's time goes, for both trainers: the parts of a step
+// (each kind of layer's forward and backward, linear layers by role and structure, the gradients'
+// averaging, norm and update, the host's data loading), summed over the timed steps and printed
+// as a table at the end of the run.
+//
+// A trainer marks where each part begins (prof_mark); the time from one mark to the next goes to
+// the earlier mark's part, so the parts tile the step and add up to its time. The clock is the
+// trainer's: wall time by default (the CPU trainer, whose work is synchronous); the GPU trainer
+// records an event on its stream at each mark, so that a part is the GPU's time from the part's
+// first kernel to the next part's, the GPU's waits for the host included. Marks outside
+// prof_step_begin/prof_step_end (validation, sampling, the untimed first step) cost nothing.
+#pragma once
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "gpt2.h"
+#include "utils.h"
+
+#define PROF_MAX_PARTS 64
+#define PROF_NAME_LEN 80
+
+typedef struct {
+    char name[PROF_NAME_LEN];
+    double ms, flops;  // summed over the profiled steps
+    long calls;
+} ProfPart;
+
+typedef struct {
+    int on, in_step;
+    int n_parts, overflowed;  // overflowed: the parts past PROF_MAX_PARTS - 1 share the last entry
+    ProfPart part[PROF_MAX_PARTS];
+    int *mark_part;          // this step's marks: the part each begins
+    double *wall;            // the default clock's readings, one per mark
+    int n_marks, cap;
+    long steps;
+    // the clock: reading i taken at mark i (and one at the step's end); the ms from reading i to
+    // reading j, waiting for the work between them where the clock needs that
+    void (*record)(int i);
+    double (*elapsed_ms)(int i, int j);
+    void (*release)(void);  // what the clock holds (may be NULL)
+} StepProfile;
+
+static StepProfile g_prof;
+
+static inline void prof_wall_record(int i) { g_prof.wall[i] = now_seconds(); }
+static inline double prof_wall_elapsed(int i, int j) { return (g_prof.wall[j] - g_prof.wall[i]) * 1e3; }
+
+// Turns profiling on with a clock (record NULL: wall time); the clock grows its own storage as
+// record sees new indices.
+static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, int), void (*release)(void)) {
+    memset(&g_prof, 0, sizeof(g_prof));
+    g_prof.on = 1;
+    g_prof.record = record ? record : prof_wall_record;
+    g_prof.elapsed_ms = record ? elapsed_ms : prof_wall_elapsed;
+    g_prof.release = record ? release : NULL;
+}
+
+static inline void prof_free(void) {
+    if (g_prof.release) g_prof.release();
+    free(g_prof.mark_part);
+    free(g_prof.wall);
+    g_prof.mark_part = NULL;
+    g_prof.wall = NULL;
+    g_prof.on = g_prof.in_step = 0;
+}
+
+static inline int prof_part_index(const char *name) {
+    for (int p = 0; p < g_prof.n_parts; p++)
+        if (strcmp(g_prof.part[p].name, name) == 0) return p;
+    if (g_prof.n_parts == PROF_MAX_PARTS - 1) {  // the last entry gathers every part that does not fit
+        g_prof.overflowed = 1;
+        snprintf(g_prof.part[PROF_MAX_PARTS - 1].name, PROF_NAME_LEN, "(the other parts)");
+        return PROF_MAX_PARTS - 1;
+    }
+    if (g_prof.n_parts == PROF_MAX_PARTS) return PROF_MAX_PARTS - 1;
+    snprintf(g_prof.part[g_prof.n_parts].name, PROF_NAME_LEN, "%s", name);
+    return g_prof.n_parts++;
+}
+
+// Reads the clock for the next mark, growing the marks' arrays first.
+static inline void prof_record_next(void) {
+    if (g_prof.n_marks + 1 >= g_prof.cap) {
+        g_prof.cap = g_prof.cap ? 2 * g_prof.cap : 1024;
+        g_prof.mark_part = (int *)reallocCheck(g_prof.mark_part, (size_t)g_prof.cap * sizeof(int));
+        g_prof.wall = (double *)reallocCheck(g_prof.wall, (size_t)g_prof.cap * sizeof(double));
+    }
+    g_prof.record(g_prof.n_marks);
+}
+
+// The step's part `name` begins here; flops: the work it does from here to the next mark (0 for
+// parts whose FLOPs the table does not count: elementwise kernels, the optimizer).
+static inline void prof_mark(const char *name, double flops) {
+    if (!g_prof.in_step) return;
+    int p = prof_part_index(name);
+    prof_record_next();
+    g_prof.mark_part[g_prof.n_marks++] = p;
+    g_prof.part[p].calls++;
+    g_prof.part[p].flops += flops;
+}
+
+// A linear layer's forward or backward over N rows: a part per role, direction and structure,
+// with the FLOPs the MFU counts (2 per weight multiply-add forward, 4 backward).
+static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N) {
+    if (!g_prof.in_step) return;
+    char desc[64], name[PROF_NAME_LEN];
+    spec_describe(&ld->spec, desc, sizeof(desc));
+    const char *role = ld->layer < 0 ? "lm_head" : ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
+    snprintf(name, sizeof(name), "%s %s: %s", role, backward ? "bwd" : "fwd", desc);
+    prof_mark(name, (backward ? 4.0 : 2.0) * N * spec_forward_macs(&ld->spec));
+}
+
+// The head tied to wte (a plain matmul with the embedding), as prof_mark_linear.
+static inline void prof_mark_tied_head(const GPT2Config *c, int backward, int N) {
+    prof_mark(backward ? "lm_head bwd: dense (tied to wte)" : "lm_head fwd: dense (tied to wte)",
+              (backward ? 4.0 : 2.0) * N * (double)c->vocab_size * c->channels);
+}
+
+// Attention's QK^T and AV (both directions, as the MFU counts them: without the causal discount).
+static inline void prof_mark_attention(const GPT2Config *c, int backward, int B, int T) {
+    prof_mark(backward ? "attention bwd" : "attention fwd", (backward ? 8.0 : 4.0) * B * (double)T * T * c->channels);
+}
+
+static inline void prof_step_begin(void) {
+    if (!g_prof.on) return;
+    g_prof.in_step = 1;
+    g_prof.n_marks = 0;
+}
+
+// The step's end: the last part ends here, and every part's time is added up.
+static inline void prof_step_end(void) {
+    if (!g_prof.in_step) return;
+    prof_record_next();
+    for (int i = 0; i < g_prof.n_marks; i++) g_prof.part[g_prof.mark_part[i]].ms += g_prof.elapsed_ms(i, i + 1);
+    g_prof.steps++;
+    g_prof.in_step = 0;
+}
+
+static inline int prof_cmp_ms(const void *a, const void *b) {
+    const ProfPart *x = *(const ProfPart *const *)a, *y = *(const ProfPart *const *)b;
+    return x->ms < y->ms ? 1 : x->ms > y->ms ? -1 : strcmp(x->name, y->name);
+}
+
+// The table, longest part first: ms per step, share of the step, calls per step and, where the
+// part's FLOPs are counted, TFLOP/s. model_flops: the model's FLOPs per step (MFU's count), which
+// the counted parts must add up to; measured_ms: the driver's mean step time, for comparison.
+static inline void prof_print(FILE *out, double model_flops, double measured_ms) {
+    if (!g_prof.on) return;
+    if (g_prof.steps == 0) {
+        fprintf(out, "step profile (-pt 1): no step was profiled (the first step of a run is not: it warms up); give -x 2 or more\n");
+        return;
+    }
+    const ProfPart *order[PROF_MAX_PARTS];
+    int n = g_prof.n_parts + g_prof.overflowed;
+    double total_ms = 0.0, total_flops = 0.0;
+    for (int p = 0; p < n; p++) {
+        order[p] = &g_prof.part[p < g_prof.n_parts ? p : PROF_MAX_PARTS - 1];
+        total_ms += order[p]->ms;
+        total_flops += order[p]->flops;
+    }
+    qsort(order, (size_t)n, sizeof(order[0]), prof_cmp_ms);
+    const double s = (double)g_prof.steps;
+    fprintf(out, "step profile (-pt 1): the mean of %ld steps; a part lasts from its mark to the next one's\n", g_prof.steps);
+    fprintf(out, "%-52s %10s %7s %10s %9s\n", "part", "ms/step", "share", "calls/step", "TFLOP/s");
+    for (int i = 0; i < n; i++) {
+        const ProfPart *p = order[i];
+        char tf[24] = "";
+        if (p->flops > 0 && p->ms > 0) snprintf(tf, sizeof(tf), "%.3f", p->flops / (p->ms * 1e-3) / 1e12);
+        fprintf(out, "%-52s %10.3f %6.1f%% %10.1f %9s\n", p->name, p->ms / s, total_ms > 0 ? 100.0 * p->ms / total_ms : 0.0, p->calls / s, tf);
+    }
+    fprintf(out, "%-52s %10.3f %6.1f%% %10s %9.3f\n", "all parts", total_ms / s, 100.0, "",
+            total_ms > 0 ? total_flops / (total_ms * 1e-3) / 1e12 : 0.0);
+    fprintf(out, "profiled step time %.3f ms against %.3f ms measured; FLOPs in the parts %.1f%% of the model's (6N + attention)\n",
+            total_ms / s, measured_ms, model_flops > 0 ? 100.0 * total_flops / s / model_flops : 0.0);
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# dev/bench/profile.sh: where a training step's time goes, for GPT-2 124M dense and structured
+# (train_gpt2cu -pt 1): each part of the step (every layer kind's forward and backward, linear
+# layers by role and structure, the optimizer, the host's waits) with its ms per step, share and
+# TFLOP/s, on tinyshakespeare from a fresh init. The profiled steps run slightly slower than
+# unprofiled ones (an event per part); dev/bench/gpu.sh gives the throughput.
+#   bash dev/bench/profile.sh
+#   CONFIGS="d12:64 scripts/configs/gpt2_124M_btt4.conf:64" STEPS=6 bash dev/bench/profile.sh
+#   TRAIN_BIN=./train_gpt2 CONFIGS="d12:4" T=64 bash dev/bench/profile.sh      (the CPU trainer)
+# Extra trainer flags go in FLAGS (e.g. FLAGS="-sk 1 -r 0").
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+TRAIN_BIN=${TRAIN_BIN:-./train_gpt2cu}
+STEPS=${STEPS:-6}
+T=${T:-1024}
+CONFIGS=${CONFIGS:-"d12:64 scripts/configs/gpt2_124M_btt4.conf:64 scripts/configs/gpt2_124M_btt_moe.conf:64"}
+FLAGS=${FLAGS:-}
+[ -x "$TRAIN_BIN" ] || { echo "$TRAIN_BIN not built (make $(basename "$TRAIN_BIN"))"; exit 1; }
+source dev/bench/common.sh
+ensure_tinyshakespeare
+
+rc_all=0
+for cfg in $CONFIGS; do
+    model=${cfg%:*}
+    B=${cfg##*:}
+    log=$(mktemp "${TMPDIR:-/tmp}/profile.XXXXXX")
+    # shellcheck disable=SC2086  # FLAGS: several words
+    cmd=("$TRAIN_BIN" -e "$model" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -pt 1 $FLAGS)
+    echo "== profile: ${cmd[*]}"
+    "${cmd[@]}" > "$log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ] || ! grep -q '^profiled step time' "$log"; then
+        echo "failed (exit $rc): $(grep -m1 '^error' "$log" || tail -n 1 "$log")"
+        rc_all=1
+    else
+        grep -m1 'GPU memory allocated' "$log" | tr -s ' '
+        sed -n '/^total average iteration time/,/^profiled step time/p' "$log"
+    fi
+    echo
+    rm -f "$log"
+done
+exit $rc_all
