@@ -31,7 +31,8 @@
 //    free faults). A fault prints the kernel, block, thread and the buffer it overran.
 //  - Checked and reported as errors (process exits with status 3): launch configurations CUDA
 //    rejects (returned as cudaErrorInvalidConfiguration / cudaErrorInvalidValue by
-//    cudaGetLastError, as on a GPU), dynamic shared memory above 48 KB without
+//    cudaGetLastError, as on a GPU), host code touching the pinned memory of a cudaMemcpyAsync it
+//    has not waited for (the pages are protected until then), dynamic shared memory above 48 KB without
 //    cudaFuncSetAttribute, misaligned 16-byte (int4/float4) and 4-byte (__nv_bfloat162) vector
 //    accesses, wmma pointer (32-byte) and ldm rules, deadlocks (threads waiting at different
 //    barriers), warp collectives with mismatched masks or reading a lane that did not take part,
@@ -513,6 +514,7 @@ struct CUevent_st {
     cudaStream_t stream;         // where it was last recorded
     unsigned long default_work;  // default-stream operations issued when it was recorded
     unsigned long mark;          // its stream's queued-work mark when recorded
+    unsigned long copies;        // asynchronous pinned copies issued when it was recorded
 };
 typedef CUevent_st *cudaEvent_t;
 #define cudaStreamDefault 0x00
@@ -790,9 +792,78 @@ inline cudaError_t cudaFree(void *p) {
     g_sim_bytes_live -= a.size;
     return cudaSuccess;
 }
+// ---- pinned host memory and asynchronous copies
+// cudaMallocHost memory is a mapping of its own, in whole pages. An asynchronous copy between it
+// and the device is done when issued here, but on a GPU it runs later, and the host may touch its
+// host side only once it has waited for it: an event recorded behind it synchronized, its stream
+// or the device synchronized, or a synchronous cudaMemcpy (which waits for the default stream).
+// Until then the copy's host pages are protected, read-only for the source of a host-to-device
+// copy and inaccessible for the destination of a device-to-host one, so that a host that touches
+// them too early faults here, with the copy's call site. (Whole pages: a host access to another
+// part of a page an unfinished copy uses faults too.) Copies from or to pageable memory are
+// staged by CUDA (the call returns once the host side is read or written) and stay plain copies.
+struct SimInflightCopy {
+    uintptr_t lo, hi;  // the host pages
+    int prot;          // PROT_READ (host-to-device source) or PROT_NONE (device-to-host destination)
+    cudaStream_t stream;
+    unsigned long seq;
+    const char *file;
+    int line;
+};
+inline std::map<uintptr_t, size_t> &sim_pinned() {  // base -> mapped length
+    static std::map<uintptr_t, size_t> *m = new std::map<uintptr_t, size_t>();
+    return *m;
+}
+inline std::vector<SimInflightCopy> &sim_inflight() {
+    static std::vector<SimInflightCopy> *v = new std::vector<SimInflightCopy>();
+    return *v;
+}
+inline unsigned long g_sim_copy_seq = 0;  // asynchronous pinned copies issued so far
+inline size_t sim_page() { return (size_t)sysconf(_SC_PAGESIZE); }
+// The pinned allocation holding [p, p + n), or 0.
+inline uintptr_t sim_pinned_base(const void *p, size_t n) {
+    auto &m = sim_pinned();
+    auto it = m.upper_bound((uintptr_t)p);
+    if (it == m.begin()) return 0;
+    --it;
+    return (uintptr_t)p + n <= it->first + it->second ? it->first : 0;
+}
+// Every unfinished copy's protection, the strictest where two share a page.
+inline void sim_inflight_protect() {
+    for (auto &c : sim_inflight())
+        if (c.prot == PROT_READ) mprotect((void *)c.lo, c.hi - c.lo, PROT_READ);
+    for (auto &c : sim_inflight())
+        if (c.prot == PROT_NONE) mprotect((void *)c.lo, c.hi - c.lo, PROT_NONE);
+}
+// The copies the host has now waited for: on stream s (all: every stream) issued up to seq.
+inline void sim_copies_finish(bool all, cudaStream_t s, unsigned long seq) {
+    auto &v = sim_inflight();
+    bool any = false;
+    for (size_t i = 0; i < v.size();) {
+        if (all || (v[i].stream == s && v[i].seq <= seq)) {
+            mprotect((void *)v[i].lo, v[i].hi - v[i].lo, PROT_READ | PROT_WRITE);
+            v.erase(v.begin() + (long)i);
+            any = true;
+        } else {
+            i++;
+        }
+    }
+    if (any) sim_inflight_protect();
+}
+inline const SimInflightCopy *sim_inflight_at(uintptr_t a) {
+    for (auto &c : sim_inflight())
+        if (a >= c.lo && a < c.hi) return &c;
+    return nullptr;
+}
+
 inline cudaError_t cudaMallocHost(void **p, size_t size) {
-    *p = malloc(size ? size : 1);
-    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+    size_t len = (size + sim_page() - 1) / sim_page() * sim_page();
+    if (len == 0) len = sim_page();
+    void *m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { *p = nullptr; return sim_set_error(cudaErrorMemoryAllocation); }
+    sim_pinned()[(uintptr_t)m] = len;
+    *p = m;
+    return cudaSuccess;
 }
 template <class T>
 inline cudaError_t cudaMallocHost(T **p, size_t size) {
@@ -800,7 +871,14 @@ inline cudaError_t cudaMallocHost(T **p, size_t size) {
 }
 inline cudaError_t cudaHostAlloc(void **p, size_t size, unsigned int) { return cudaMallocHost(p, size); }
 inline cudaError_t cudaFreeHost(void *p) {
-    free(p);
+    if (!p) return cudaSuccess;
+    auto it = sim_pinned().find((uintptr_t)p);
+    if (it == sim_pinned().end()) sim_fail("cudaFreeHost(%p): not memory from cudaMallocHost", p);
+    for (auto &c : sim_inflight())
+        if (c.lo < it->first + it->second && c.hi > it->first)
+            sim_fail("cudaFreeHost(%p) while the cudaMemcpyAsync issued at %s:%d may still use it: wait for the copy first", p, c.file, c.line);
+    munmap(p, it->second);
+    sim_pinned().erase(it);
     return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
@@ -812,6 +890,7 @@ inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 
 inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
     SIM_STREAM_ORDER();
+    sim_copies_finish(false, nullptr, g_sim_copy_seq);  // it waits for the default stream's work
     if (n == 0) return cudaSuccess;
     bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
     if (kind == cudaMemcpyDefault) kind = (cudaMemcpyKind)((sd ? 2 : 0) | (dd ? 1 : 0));
@@ -825,8 +904,33 @@ inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKi
     memmove(dst, src, n);
     return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t = 0) {
-    return cudaMemcpy(dst, src, n, kind);
+inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t stream = 0,
+                                   const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
+    const void *host = dd && !sd ? src : !dd && sd ? dst : nullptr;  // the host side of a host <-> device copy
+    if (n == 0 || !host || !sim_pinned_base(host, n)) {
+        SIM_STREAM_ORDER();
+        if (n == 0) return cudaSuccess;
+        bool want_dd = kind & 1, want_sd = kind & 2;
+        if (kind == cudaMemcpyDefault) { want_dd = dd; want_sd = sd; }
+        if (want_dd) sim_check_range(dst, n, "cudaMemcpyAsync");
+        else if (dd) sim_fail("cudaMemcpyAsync: destination %p is device memory", dst);
+        if (want_sd) sim_check_range(src, n, "cudaMemcpyAsync");
+        else if (sd) sim_fail("cudaMemcpyAsync: source %p is device memory", src);
+        memmove(dst, src, n);
+        return cudaSuccess;
+    }
+    SIM_STREAM_ORDER();
+    if (kind != cudaMemcpyDefault && (bool)(kind & 1) != dd) sim_fail("cudaMemcpyAsync at %s:%d: the destination %p is %s memory", file, line, dst, dd ? "device" : "host");
+    if (kind != cudaMemcpyDefault && (bool)(kind & 2) != sd) sim_fail("cudaMemcpyAsync at %s:%d: the source %p is %s memory", file, line, src, sd ? "device" : "host");
+    if (dd) sim_check_range(dst, n, "cudaMemcpyAsync");
+    else sim_check_range(src, n, "cudaMemcpyAsync");
+    uintptr_t lo = (uintptr_t)host / sim_page() * sim_page(), hi = ((uintptr_t)host + n + sim_page() - 1) / sim_page() * sim_page();
+    if (!dd) mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE);  // an earlier unfinished copy into these pages
+    memmove(dst, src, n);
+    sim_inflight().push_back({lo, hi, dd ? PROT_READ : PROT_NONE, stream, ++g_sim_copy_seq, file, line});
+    sim_inflight_protect();
+    return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy2D(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                                 cudaMemcpyKind kind) {
@@ -921,11 +1025,13 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     if (g_sim_queued_finish) g_sim_queued_finish(s != nullptr);
+    sim_copies_finish(false, s, g_sim_copy_seq);
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamQuery(cudaStream_t s) {  // launches are synchronous; queued collectives are not
     if (g_sim_queued_ready && !g_sim_queued_ready(s != nullptr)) return cudaErrorNotReady;
     if (g_sim_queued_finish) g_sim_queued_finish(s != nullptr);
+    sim_copies_finish(false, s, g_sim_copy_seq);
     return cudaSuccess;
 }
 // s's later work waits for what e's stream had when e was recorded
@@ -939,7 +1045,7 @@ inline double sim_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
-    *e = new CUevent_st{0.0, nullptr, 0, 0};
+    *e = new CUevent_st{0.0, nullptr, 0, 0, 0};
     return cudaSuccess;
 }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int) { return cudaEventCreate(e); }
@@ -953,13 +1059,18 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) {
     e->stream = s;
     e->default_work = g_sim_default_work;
     e->mark = g_sim_queued_mark ? g_sim_queued_mark(s) : 0;
+    e->copies = g_sim_copy_seq;
     return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (g_sim_queued_finish) g_sim_queued_finish(e && !sim_stream_joins_default(e->stream));
+    if (e) sim_copies_finish(false, e->stream, e->copies);
     return cudaSuccess;
 }
-inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {  // done: as cudaEventSynchronize
+    if (e) sim_copies_finish(false, e->stream, e->copies);
+    return cudaSuccess;
+}
 inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     *ms = (float)(b->t - a->t);
     return cudaSuccess;
@@ -1813,6 +1924,7 @@ inline void sim_launch(void (*kernel)(P...), const SimCfg &cfg, A &&...a) {
 
 inline cudaError_t cudaDeviceSynchronize() {
     SIM_STREAM_SYNC();
+    sim_copies_finish(true, nullptr, 0);
     return cudaSuccess;
 }
 
@@ -1842,7 +1954,13 @@ inline void sim_segv_handler(int sig, siginfo_t *si, void *) {
     uintptr_t a = (uintptr_t)si->si_addr;
     char what[512];
     const SimAlloc *al = sim_find_mapping(a);
-    if (al) {
+    const SimInflightCopy *cp = sim_inflight_at(a);
+    if (cp) {
+        snprintf(what, sizeof(what),
+                 "pinned host memory that the cudaMemcpyAsync issued at %s:%d may still be %s: the host must wait for the copy "
+                 "first (cudaEventSynchronize on an event recorded after it, cudaStreamSynchronize, cudaDeviceSynchronize)",
+                 cp->file, cp->line, cp->prot == PROT_READ ? "reading (the host wrote it)" : "writing (the host touched it)");
+    } else if (al) {
         if (al->freed) snprintf(what, sizeof(what), "in freed device buffer #%llu (%zu bytes): use after cudaFree", al->id, al->size);
         else if (a >= al->ptr + al->padded)
             snprintf(what, sizeof(what), "%zu bytes past the end of device buffer #%llu (%zu bytes)", (size_t)(a - (al->ptr + al->size)), al->id,

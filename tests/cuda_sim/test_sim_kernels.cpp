@@ -1464,6 +1464,38 @@ static void child_memcpy_kind(const void *) {
     cudaCheck(cudaMalloc(&p, 4 * sizeof(float)));
     cudaMemcpy(p, p, sizeof(h), cudaMemcpyHostToDevice);  // the source is device memory
 }
+// pinned host memory touched before the asynchronous copy that uses it was waited for
+static int *pinned_setup(int **d, int n) {
+    int *h;
+    cudaCheck(cudaMallocHost(&h, n * sizeof(int)));
+    cudaCheck(cudaMalloc(d, n * sizeof(int)));
+    for (int i = 0; i < n; i++) h[i] = i;
+    return h;
+}
+static void child_pinned_write_early(const void *) {
+    int *d, *h = pinned_setup(&d, 1024);
+    cudaCheck(cudaMemcpyAsync(d, h, 1024 * sizeof(int), cudaMemcpyHostToDevice, 0));
+    h[5] = -1;  // the next batch's data, written while the GPU may still be reading this one
+}
+static void child_pinned_read_early(const void *) {
+    int *d, *h = pinned_setup(&d, 1024);
+    cudaCheck(cudaMemcpyAsync(h, d, 1024 * sizeof(int), cudaMemcpyDeviceToHost, 0));
+    printf("%d\n", ((volatile int *)h)[7]);  // read before the copy was waited for
+}
+static void child_pinned_event_before(const void *) {
+    int *d, *h = pinned_setup(&d, 1024);
+    cudaEvent_t e;
+    cudaCheck(cudaEventCreate(&e));
+    cudaCheck(cudaEventRecord(e, 0));  // recorded before the copy: waiting for it does not wait for the copy
+    cudaCheck(cudaMemcpyAsync(d, h, 1024 * sizeof(int), cudaMemcpyHostToDevice, 0));
+    cudaCheck(cudaEventSynchronize(e));
+    h[0] = 3;
+}
+static void child_pinned_free_early(const void *) {
+    int *d, *h = pinned_setup(&d, 64);
+    cudaCheck(cudaMemcpyAsync(d, h, 64 * sizeof(int), cudaMemcpyHostToDevice, 0));
+    cudaCheck(cudaFreeHost(h));
+}
 static void child_gemm_range(const void *) {
     floatX *a, *b, *c;
     cudaCheck(cudaMalloc(&a, 16 * 16 * 2));
@@ -1587,6 +1619,34 @@ static void test_simulator() {
     expect_child(child_memcpy_kind, "source", "cudaMemcpyHostToDevice from device memory");
     expect_child(child_gemm_range, "runs 256 bytes past the end", "a GEMM operand larger than its buffer");
     expect_child(child_gemm_alias, "overlaps input", "a GEMM output aliasing an input");
+    // asynchronous copies with pinned memory: the host side may be touched once the copy was waited for
+    {
+        int *d, *h = pinned_setup(&d, 2048);
+        cudaEvent_t e;
+        cudaCheck(cudaEventCreate(&e));
+        cudaCheck(cudaMemcpyAsync(d, h, 2048 * sizeof(int), cudaMemcpyHostToDevice, 0));
+        cudaCheck(cudaEventRecord(e, 0));
+        cudaCheck(cudaEventSynchronize(e));
+        for (int i = 0; i < 2048; i++) h[i] = -i;  // after the event: allowed
+        cudaCheck(cudaMemcpyAsync(h, d, 2048 * sizeof(int), cudaMemcpyDeviceToHost, 0));
+        cudaCheck(cudaStreamSynchronize(0));
+        int ok = 1;
+        for (int i = 0; i < 2048; i++) ok &= h[i] == i;
+        cudaCheck(cudaMemcpyAsync(d, h, 1024 * sizeof(int), cudaMemcpyHostToDevice, 0));
+        std::vector<int> back = down(d, 2048);  // a synchronous copy waits for the default stream
+        h[0] = 7;
+        cudaCheck(cudaMemcpyAsync(h + 1024, d, 1024 * sizeof(int), cudaMemcpyDeviceToHost, 0));
+        cudaCheck(cudaDeviceSynchronize());
+        ok &= back[2047] == 2047 && h[1024] == 0 && h[0] == 7;
+        check_true(ok, "sim: pinned memory touched after its asynchronous copy was waited for (event, stream, copy, device)", "wrong values");
+        cudaCheck(cudaFreeHost(h));
+        cudaCheck(cudaFree(d));
+        cudaCheck(cudaEventDestroy(e));
+    }
+    expect_child(child_pinned_write_early, "may still be reading (the host wrote it)", "the host writing pinned memory an async copy reads");
+    expect_child(child_pinned_read_early, "may still be writing (the host touched it)", "the host reading pinned memory an async copy writes");
+    expect_child(child_pinned_event_before, "may still be reading", "waiting for an event recorded before the async copy");
+    expect_child(child_pinned_free_early, "cudaFreeHost", "cudaFreeHost while an async copy may use the memory");
 }
 
 // ================================================================================================
