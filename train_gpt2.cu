@@ -539,7 +539,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     const GPT2Config *c = &m->config;
     const GPT2Layout *g = &m->layout;
     int C = c->channels, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
-    prof_mark("inputs checked and copied to the GPU (host waits)", 0.0);  // cudaMemcpy waits for the queue
+    prof_mark("inputs checked, copied to the GPU (GPU idle)", 0.0);  // the previous micro-step ended with a sync
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
@@ -600,7 +600,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
 // routing folded (routing.h), from the same copy.
 static float gpt2_read_loss(GPT2 *m) {
     int BT = m->B * m->T;
-    prof_mark("loss read (host waits for the GPU)", 0.0);
+    prof_mark("losses to the host, summed (GPU idle)", 0.0);  // the copy waits for the queue
     multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
     cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
     double s = 0.0;

@@ -257,8 +257,8 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -pt 1 2>&1); r
 [ $rc -eq 0 ] || bad "-pt 1 run" "exit $rc: $(echo "$out" | tail -n 3)"
 check_profile "-pt 1 (dense, -r 1): the table counts the model's FLOPs once and adds up to the step time" 5 "$out" \
     "qkv fwd: dense" "qkv bwd: dense" "fc_proj bwd: dense" "attention fwd" "attention bwd" "layernorm fwd (+ residual)" "layernorm bwd" \
-    "gelu recompute" "classifier (softmax, loss, dlogits)" "lm_head bwd: dense (tied to wte)" "loss read (host waits for the GPU)" \
-    "inputs checked and copied to the GPU (host waits)" "encoder bwd (+ the host's token buckets)" "update (AdamW)" "gradient norm"
+    "gelu recompute" "classifier (softmax, loss, dlogits)" "lm_head bwd: dense (tied to wte)" "losses to the host, summed (GPU idle)" \
+    "inputs checked, copied to the GPU (GPU idle)" "encoder bwd (+ the host's token buckets)" "update (AdamW)" "gradient norm"
 run=(-e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -r 2 -d 64)
 out=$("$BIN" "${run[@]}" -pt 1 2>&1); rc=$?
 [ $rc -eq 0 ] || bad "-pt 1 run (structured)" "exit $rc: $(echo "$out" | tail -n 3)"
