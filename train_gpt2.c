@@ -407,6 +407,10 @@ typedef struct {
     // aux-loss statistics over ranks so that f̂ and P̂ are those of the global batch
     const MultiProc *mp;
     int sync_aux;
+    // the training step's micro-batches so far: each one's loss and routing (trainer_step_losses)
+    float *micro_loss;
+    MoERouting *micro_routing;
+    int micro_cap;
     // ZeRO-1 (-z 1 under mpirun): this rank updates and keeps AdamW moments for zero.lo..hi only;
     // params and grads are allocated with zero.padded elements for the collectives
     ZeroShard zero;
@@ -886,6 +890,7 @@ void gpt2_free(GPT2 *m) {
     free(m->params); free(m->grads); free(m->m); free(m->v); free(m->config_text);
     free(m->acts_memory); free(m->scratch_memory); free(m->blocks);
     free(m->inputs); free(m->targets);
+    free(m->micro_loss); free(m->micro_routing);
     gpt2_layout_free(&m->layout);
 }
 
@@ -952,15 +957,24 @@ static void trainer_moe_fhat(const GPT2 *m, const LinearDesc *ld, float *fhat) {
     memcpy(fhat, la->moe.fhat, (size_t)ld->spec.experts * sizeof(float));
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int last,
-                                MoERouting *routing) {
+static void trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int micro, int last) {
     (void)last;  // the gradients are averaged over ranks after the step's micro-steps (trainer_mean_grads)
+    if (micro >= m->micro_cap) {
+        m->micro_cap = micro + 1;
+        m->micro_loss = (float *)reallocCheck(m->micro_loss, (size_t)m->micro_cap * sizeof(float));
+        m->micro_routing = (MoERouting *)reallocCheck(m->micro_routing, (size_t)m->micro_cap * sizeof(MoERouting));
+    }
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
-    float loss = gpt2_forward(m, inputs, targets, B, T);
+    m->micro_loss[micro] = gpt2_forward(m, inputs, targets, B, T);
     m->sync_aux = 0;
-    *routing = m->routing;
+    m->micro_routing[micro] = m->routing;
     gpt2_backward(m, dloss_scale, B, T);
-    return loss;
+}
+
+static void trainer_step_losses(GPT2 *m, int n, float *loss, MoERouting *routing) {
+    if (n > m->micro_cap) fatal("internal: %d micro-batches' losses asked for, %d ran", n, m->micro_cap);
+    memcpy(loss, m->micro_loss, (size_t)n * sizeof(float));
+    memcpy(routing, m->micro_routing, (size_t)n * sizeof(MoERouting));
 }
 
 static void trainer_mean_grads(GPT2 *m, const MultiProc *mp) {

@@ -93,6 +93,11 @@ typedef struct {
     int *h_buckets;                    // pinned: its copy to d_buckets does not wait for the queued backward
     cudaEvent_t buckets_copied;        // recorded after that copy: h_buckets may be rebuilt once it has passed
     float *h_losses;
+    // a training step's losses, read once per step: micro-batch k's losses and routing (d_aux,
+    // aux_slots + B x T floats) are copied into slot k of this pinned buffer behind its backward
+    float *h_step_losses;
+    int step_slots;
+    cudaEvent_t losses_copied;         // recorded after the last of those copies
     int n_unique;                      // distinct tokens of the last batch (encoder backward)
     int B, T;                          // of the last forward
     int have_targets, dlogits_ready;
@@ -467,6 +472,11 @@ static void gpt2_free(GPT2 *m) {
         cudaCheck(cudaFreeHost(m->h_buckets));
         cudaCheck(cudaEventDestroy(m->buckets_copied));
     }
+    if (m->h_step_losses) {
+        cudaCheck(cudaEventSynchronize(m->losses_copied));
+        cudaCheck(cudaFreeHost(m->h_step_losses));
+        cudaCheck(cudaEventDestroy(m->losses_copied));
+    }
     free(m->master_host); free(m->h_inputs); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
     memset(m, 0, sizeof(*m));
@@ -539,7 +549,7 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     const GPT2Config *c = &m->config;
     const GPT2Layout *g = &m->layout;
     int C = c->channels, V = c->vocab_size, Vp = c->padded_vocab_size, L = c->num_layers, BT = B * T;
-    prof_mark("inputs checked, copied to the GPU (GPU idle)", 0.0);  // the previous micro-step ended with a sync
+    prof_mark("inputs checked and copied to the GPU", 0.0);
     for (int i = 0; i < BT; i++) {
         if (inputs[i] < 0 || inputs[i] >= V) fatal("token %d at position %d is outside the vocabulary [0, %d): wrong data for this model?", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V)) fatal("target token %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
@@ -547,8 +557,10 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     m->B = B;
     m->T = T;
     memcpy(m->h_inputs, inputs, (size_t)BT * sizeof(int));
-    cudaCheck(cudaMemcpy(m->d_inputs, inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (targets) cudaCheck(cudaMemcpy(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice));
+    // from pageable memory, so staged: the call returns once the data is staged, without waiting
+    // for the work queued before (the previous micro-batch's, which still reads these buffers)
+    cudaCheck(cudaMemcpyAsync(m->d_inputs, inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
+    if (targets) cudaCheck(cudaMemcpyAsync(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
     Acts *a = &m->acts;
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
@@ -595,20 +607,24 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     }
 }
 
-// Mean cross-entropy of the last forward with targets (synchronises), summed on the host in
-// row order in double: deterministic. Also sets m->routing, the routed layers' aux losses and
-// routing folded (routing.h), from the same copy.
-static float gpt2_read_loss(GPT2 *m) {
-    int BT = m->B * m->T;
-    prof_mark("losses to the host, summed (GPU idle)", 0.0);  // the copy waits for the queue
-    multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
-    cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + BT) * sizeof(float), cudaMemcpyDeviceToHost));
+// The mean cross-entropy of the rows of a copy of d_aux on the host (h: aux_slots + B x T floats),
+// summed in row order in double: deterministic. Also the routed layers' aux losses and routing,
+// folded (routing.h), into *routing.
+static float gpt2_losses_fold(const GPT2 *m, const float *h, int BT, MoERouting *routing) {
+    *routing = (MoERouting){0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < m->n_routed; i++) moe_routing_fold(routing, (const MoERouting *)h + i, i);
+    moe_routing_finish(routing, m->n_routed);
     double s = 0.0;
-    m->routing = (MoERouting){0.0f, 0.0f, 0.0f, 0.0f};
-    for (int i = 0; i < m->n_routed; i++) moe_routing_fold(&m->routing, (const MoERouting *)m->h_losses + i, i);
-    moe_routing_finish(&m->routing, m->n_routed);
-    for (int i = 0; i < BT; i++) s += m->h_losses[m->aux_slots + i];
+    for (int i = 0; i < BT; i++) s += h[m->aux_slots + i];
     return (float)(s / BT);
+}
+
+// Mean cross-entropy of the last forward with targets (synchronises; m->routing gets its
+// routing, m->h_losses its per-row losses).
+static float gpt2_read_loss(GPT2 *m) {
+    multigpu_wait("the forward");  // a rank that died in a collective: an error, not a hang
+    cudaCheck(cudaMemcpy(m->h_losses, m->d_aux, (size_t)(m->aux_slots + m->B * m->T) * sizeof(float), cudaMemcpyDeviceToHost));
+    return gpt2_losses_fold(m, m->h_losses, m->B * m->T, &m->routing);
 }
 
 // As the CPU trainer: with targets returns the mean loss, else -1 (the logits stay for sampling).
@@ -992,17 +1008,49 @@ static void trainer_moe_fhat(GPT2 *m, const LinearDesc *ld, float *fhat) {
     cudaCheck(cudaMemcpy(fhat, lin_state(m, ld)->moe.fhat, (size_t)ld->spec.experts * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
-static float trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int last,
-                                MoERouting *routing) {
+// Slot micro of h_step_losses (aux_slots + max_B x max_T floats each). The buffer grows in the
+// first step only, keeping the slots already copied.
+static float *step_loss_slot(GPT2 *m, int micro) {
+    const size_t per = (size_t)m->aux_slots + (size_t)m->max_B * m->max_T;
+    if (micro >= m->step_slots) {
+        float *grown;
+        cudaCheck(cudaMallocHost((void **)&grown, (size_t)(micro + 1) * per * sizeof(float)));
+        if (m->h_step_losses) {
+            cudaCheck(cudaEventSynchronize(m->losses_copied));  // the copies into the old slots are done
+            memcpy(grown, m->h_step_losses, (size_t)m->step_slots * per * sizeof(float));
+            cudaCheck(cudaFreeHost(m->h_step_losses));
+        } else {
+            cudaCheck(cudaEventCreateWithFlags(&m->losses_copied, cudaEventDisableTiming));
+        }
+        m->h_step_losses = grown;
+        m->step_slots = micro + 1;
+    }
+    return m->h_step_losses + (size_t)micro * per;
+}
+
+// Queues the micro-batch's forward, backward and the copy of its losses; nothing waits for the
+// GPU here (trainer_step_losses does, once per step), so the host queues the next micro-batch
+// while the GPU works through this one.
+static void trainer_micro_step(GPT2 *m, const int *inputs, const int *targets, int B, int T, float dloss_scale, int micro, int last) {
     m->sync_aux = 1;  // every rank runs this, so BTT-MoE layers may sum their statistics over ranks
     gpt2_forward_launch(m, inputs, targets, B, T, dloss_scale / (B * T));
     m->sync_aux = 0;
     m->average_in_backward = last && g_mgpu.active;
     gpt2_backward(m, dloss_scale);
     m->average_in_backward = 0;
-    float loss = gpt2_read_loss(m);
-    *routing = m->routing;
-    return loss;
+    float *slot = step_loss_slot(m, micro);
+    cudaCheck(cudaMemcpyAsync(slot, m->d_aux, (size_t)(m->aux_slots + B * T) * sizeof(float), cudaMemcpyDeviceToHost, 0));
+    cudaCheck(cudaEventRecord(m->losses_copied, 0));
+}
+
+static void trainer_step_losses(GPT2 *m, int n, float *loss, MoERouting *routing) {
+    if (n > m->step_slots) fatal("internal: %d micro-batches' losses asked for, %d slots", n, m->step_slots);
+    prof_mark("losses to the host, summed (GPU idle)", 0.0);
+    multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
+    cudaCheck(cudaEventSynchronize(m->losses_copied));
+    const size_t per = (size_t)m->aux_slots + (size_t)m->max_B * m->max_T;
+    for (int k = 0; k < n; k++) loss[k] = gpt2_losses_fold(m, m->h_step_losses + (size_t)k * per, m->B * m->T, &routing[k]);
+    m->routing = routing[n - 1];
 }
 
 // The average over ranks (with ZeRO-1, of this rank's slice), which the last micro-step's backward

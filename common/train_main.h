@@ -10,11 +10,14 @@
 //   trainer_alloc(m, mp, B, T, zero, train)   activations and optimizer buffers, for this rank of mp
 //                                       (zero: -z, 1 = this rank keeps only its ZeRO-1 slice;
 //                                       train 0: -x 0, no gradients or optimizer state needed)
-//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, last, &routing) -> loss   forward and backward
-//                                       of one micro-batch (gradients accumulate; routing: the BTT-MoE
-//                                       aux loss and routing over the global batch, routing.h; last:
-//                                       the step's last micro-batch, whose backward the GPU trainer
-//                                       overlaps with the averaging of the finished blocks' gradients)
+//   trainer_micro_step(m, in, tgt, B, T, dloss_scale, micro, last)   forward and backward of the
+//                                       step's micro-batch number micro (gradients accumulate; last:
+//                                       the step's last, whose backward the GPU trainer overlaps with
+//                                       the averaging of the finished blocks' gradients)
+//   trainer_step_losses(m, n, loss, routing)   the mean losses of the step's n micro-batches and
+//                                       their BTT-MoE aux loss and routing over the global batch
+//                                       (routing.h), once they are all queued: the GPU trainer waits
+//                                       here, once per step, not after each micro-batch
 //   trainer_mean_grads(m, mp)           average the gradients over the data-parallel ranks (or
 //                                       finish the averaging the last micro-step started)
 //   trainer_checkpoint_snapshot(m, f, w, may_borrow)   the model file (when f->model_path is set)
@@ -366,6 +369,8 @@ int main(int argc, char **argv) {
                    nproc, grad_accum);
     free(command);
     if (a.profile) trainer_profile_start();
+    float *micro_loss = (float *)mallocCheck((size_t)grad_accum * sizeof(float));
+    MoERouting *micro_routing = (MoERouting *)mallocCheck((size_t)grad_accum * sizeof(MoERouting));
     double total_time = 0.0;
     long timed_steps = 0;
     int overfit_loaded = 0;
@@ -413,12 +418,15 @@ int main(int argc, char **argv) {
             prof_mark("data (host)", 0.0);
             if (!a.overfit || !overfit_loaded) dataloader_next_batch(&train_loader);
             overfit_loaded = 1;
-            MoERouting r = {0.0f, 0.0f, 0.0f, 0.0f};
-            float l = trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum,
-                                         micro == grad_accum - 1, &r);
+            trainer_micro_step(&model, train_loader.inputs, train_loader.targets, a.B, a.T, 1.0f / grad_accum, micro, micro == grad_accum - 1);
+        }
+        trainer_step_losses(&model, grad_accum, micro_loss, micro_routing);
+        for (int micro = 0; micro < grad_accum; micro++) {
+            const float l = micro_loss[micro];
+            const MoERouting r = micro_routing[micro];
             if (!isfinite(l) || !isfinite(r.aux))
-                fatal("loss is %f (aux %f) at step %ld: training diverged; lower -l (now %g), add warmup -u, or check the data",
-                      l, r.aux, step, a.lr);
+                fatal("loss is %f (aux %f) at step %ld (micro-batch %d of %d): training diverged; lower -l (now %g), add warmup -u, "
+                      "or check the data", l, r.aux, step, micro + 1, grad_accum, a.lr);
             loss += l;
             routed[0] += r.aux / grad_accum;
             routed[1] += r.balance / grad_accum;
@@ -500,6 +508,8 @@ int main(int argc, char **argv) {
         fflush(stdout);
     }
     ckpt_writer_free(&ckpts.w);
+    free(micro_loss);
+    free(micro_routing);
     if (have_val) dataloader_free(&val_loader);
     if (have_eval) evalloader_free(&eval_loader);
     dataloader_free(&train_loader);

@@ -566,6 +566,10 @@ inline bool (*g_sim_queued_ready)(bool all) = nullptr;   // whether that would f
 inline unsigned long (*g_sim_queued_mark)(cudaStream_t) = nullptr;      // a stream's work so far, for an event recorded on it
 inline void (*g_sim_queued_join)(cudaStream_t, unsigned long) = nullptr;  // the default stream waits for that work
 inline unsigned long g_sim_default_work = 0;  // operations issued to the default stream
+// host waits for everything queued on the default stream (a synchronous cudaMemcpy, a stream or
+// device synchronize, an event recorded after the last work): what leaves a GPU idle until the
+// host queues more (SIM_STATS=1 prints the count)
+inline unsigned long g_sim_full_waits = 0;
 #define SIM_STREAM_ORDER()                                          \
     do {                                                            \
         if (g_sim_queued_finish) g_sim_queued_finish(false);        \
@@ -889,6 +893,7 @@ inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 }
 
 inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+    g_sim_full_waits++;
     SIM_STREAM_ORDER();
     sim_copies_finish(false, nullptr, g_sim_copy_seq);  // it waits for the default stream's work
     if (n == 0) return cudaSuccess;
@@ -1024,6 +1029,7 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    g_sim_full_waits++;
     if (g_sim_queued_finish) g_sim_queued_finish(s != nullptr);
     sim_copies_finish(false, s, g_sim_copy_seq);
     return cudaSuccess;
@@ -1063,6 +1069,7 @@ inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0) {
     return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (e && sim_stream_joins_default(e->stream) && e->default_work == g_sim_default_work) g_sim_full_waits++;
     if (g_sim_queued_finish) g_sim_queued_finish(e && !sim_stream_joins_default(e->stream));
     if (e) sim_copies_finish(false, e->stream, e->copies);
     return cudaSuccess;
@@ -1923,6 +1930,7 @@ inline void sim_launch(void (*kernel)(P...), const SimCfg &cfg, A &&...a) {
 }
 
 inline cudaError_t cudaDeviceSynchronize() {
+    g_sim_full_waits++;
     SIM_STREAM_SYNC();
     sim_copies_finish(true, nullptr, 0);
     return cudaSuccess;
@@ -2009,8 +2017,8 @@ inline void sim_install_handlers() {
         if (g_sim_profile) atexit(sim_profile_print);
         if (sim_env_int("SIM_STATS", 0))
             atexit([] {
-                fprintf(stderr, "cuda_sim: %llu launches, %llu blocks, %llu threads, %llu fiber switches\n", g_sim_stats.launches,
-                        g_sim_stats.blocks, g_sim_stats.threads, g_sim_stats.switches.load());
+                fprintf(stderr, "cuda_sim: %llu launches, %llu blocks, %llu threads, %llu fiber switches, %lu waits for the whole queue\n",
+                        g_sim_stats.launches, g_sim_stats.blocks, g_sim_stats.threads, g_sim_stats.switches.load(), g_sim_full_waits);
             });
         return true;
     }();

@@ -258,7 +258,7 @@ out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -pt 1 2>&1); r
 check_profile "-pt 1 (dense, -r 1): the table counts the model's FLOPs once and adds up to the step time" 5 "$out" \
     "qkv fwd: dense" "qkv bwd: dense" "fc_proj bwd: dense" "attention fwd" "attention bwd" "layernorm fwd (+ residual)" "layernorm bwd" \
     "gelu recompute" "classifier (softmax, loss, dlogits)" "lm_head bwd: dense (tied to wte)" "losses to the host, summed (GPU idle)" \
-    "inputs checked, copied to the GPU (GPU idle)" "encoder bwd (+ the host's token buckets)" "update (AdamW)" "gradient norm"
+    "inputs checked and copied to the GPU" "encoder bwd (+ the host's token buckets)" "update (AdamW)" "gradient norm"
 run=(-e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -r 2 -d 64)
 out=$("$BIN" "${run[@]}" -pt 1 2>&1); rc=$?
 [ $rc -eq 0 ] || bad "-pt 1 run (structured)" "exit $rc: $(echo "$out" | tail -n 3)"
@@ -267,6 +267,13 @@ check_profile "-pt 1 (every structure, -r 2, 2 micro-batches): the parts' FLOPs 
 steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
 [ "$(echo "$out" | steps)" = "$("$BIN" "${run[@]}" 2>&1 | steps)" ] && ok "-pt 1 leaves the GPU trainer's training unchanged" \
     || bad "-pt 1 changes training" "$(echo "$out" | steps | tail -n 1)"
+
+# the host waits for the GPU once per step (the losses, the norm), not once per micro-batch: the
+# simulator counts the waits for the whole queue, the same with 1 and with 4 micro-batches a step
+waits() { SIM_STATS=1 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -d "$1" 2>&1 | sed -nE 's/.* ([0-9]+) waits for the whole queue$/\1/p'; }
+w1=$(waits 32); w4=$(waits 128)
+[ -n "$w1" ] && [ "$w1" = "$w4" ] && ok "the host waits for the GPU as often with 4 micro-batches per step as with 1 ($w1 waits in 3 steps)" \
+    || bad "waits per micro-batch" "1 micro-batch: '$w1' waits, 4: '$w4'"
 
 out=$("$BIN" -h 2>&1); rc=$?
 [ $rc -eq 0 ] && echo "$out" | grep -q "^GPU trainer only:" && ok "-h without a value prints the help, GPU flags included" || bad "-h alone" "exit $rc"
