@@ -89,7 +89,9 @@ typedef struct {
     float *colsum_scratch;
     double *norm_scratch;
     int *d_inputs, *d_targets, *d_buckets;
-    int *h_inputs, *h_count;
+    int *h_inputs, *h_targets;         // pinned: the batch's copies to the GPU do not wait for the queue
+    cudaEvent_t inputs_copied;         // recorded after those copies: the next batch may overwrite them once it has passed
+    int *h_count;
     int *h_buckets;                    // pinned: its copy to d_buckets does not wait for the queued backward
     cudaEvent_t buckets_copied;        // recorded after that copy: h_buckets may be rebuilt once it has passed
     float *h_losses;
@@ -387,7 +389,9 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     m->d_inputs = cudaMallocNamed(int, BT, "inputs");
     m->d_targets = cudaMallocNamed(int, BT, "targets");
     m->d_buckets = cudaMallocNamed(int, 3 * BT + 2, "encoder backward buckets");
-    m->h_inputs = (int *)mallocCheck(BT * sizeof(int));
+    cudaCheck(cudaMallocHost((void **)&m->h_inputs, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost((void **)&m->h_targets, BT * sizeof(int)));
+    cudaCheck(cudaEventCreateWithFlags(&m->inputs_copied, cudaEventDisableTiming));
     cudaCheck(cudaMallocHost((void **)&m->h_buckets, (3 * BT + 2) * sizeof(int)));
     cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
     m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
@@ -477,7 +481,13 @@ static void gpt2_free(GPT2 *m) {
         cudaCheck(cudaFreeHost(m->h_step_losses));
         cudaCheck(cudaEventDestroy(m->losses_copied));
     }
-    free(m->master_host); free(m->h_inputs); free(m->h_count); free(m->h_losses);
+    if (m->h_inputs) {
+        cudaCheck(cudaEventSynchronize(m->inputs_copied));
+        cudaCheck(cudaFreeHost(m->h_inputs));
+        cudaCheck(cudaFreeHost(m->h_targets));
+        cudaCheck(cudaEventDestroy(m->inputs_copied));
+    }
+    free(m->master_host); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
     memset(m, 0, sizeof(*m));
 }
@@ -556,11 +566,17 @@ static void gpt2_forward_launch(GPT2 *m, const int *inputs, const int *targets, 
     }
     m->B = B;
     m->T = T;
+    // through pinned buffers, so that the copies queue behind the previous micro-batch's work (which
+    // still reads d_inputs and d_targets) without the host waiting for it; the buffers are
+    // refilled once the previous batch's copies have passed, early in that micro-batch
+    cudaCheck(cudaEventSynchronize(m->inputs_copied));
     memcpy(m->h_inputs, inputs, (size_t)BT * sizeof(int));
-    // from pageable memory, so staged: the call returns once the data is staged, without waiting
-    // for the work queued before (the previous micro-batch's, which still reads these buffers)
-    cudaCheck(cudaMemcpyAsync(m->d_inputs, inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
-    if (targets) cudaCheck(cudaMemcpyAsync(m->d_targets, targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
+    cudaCheck(cudaMemcpyAsync(m->d_inputs, m->h_inputs, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
+    if (targets) {
+        memcpy(m->h_targets, targets, (size_t)BT * sizeof(int));
+        cudaCheck(cudaMemcpyAsync(m->d_targets, m->h_targets, (size_t)BT * sizeof(int), cudaMemcpyHostToDevice, 0));
+    }
+    cudaCheck(cudaEventRecord(m->inputs_copied, 0));
     Acts *a = &m->acts;
     floatX *P = m->params;
     size_t btc = (size_t)BT * C;
