@@ -6,8 +6,8 @@
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
-#   3a. profile.sh              where a step's time goes (-pt 1): 124M dense, BTT rank 4 and BTT-MoE,
-#                               each part's ms per step, share and TFLOP/s
+#   3a. profile.sh              where a step's time goes (-pt 1): 124M dense, and BTT rank 4 and
+#                               BTT-MoE with -sk 0 and -sk 1: each part's ms per step, share, TFLOP/s
 #   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
 #                               was built and this machine's libcudnn loads
 #   3c. test_multigpu           the NCCL collectives of cuda/multigpu.cuh on a communicator of one
@@ -120,7 +120,7 @@ for s in $STAGES; do
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
-        profile) run_stage profile 90 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/profile.sh ;;
+        profile) run_stage profile 120 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/profile.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
         sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" bash dev/bench/sanitize.sh ;;
         *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, profile, kernels, sanitize)" ;;

@@ -5,7 +5,8 @@
 # TFLOP/s, on tinyshakespeare from a fresh init. The profiled steps run slightly slower than
 # unprofiled ones (an event per part); dev/bench/gpu.sh gives the throughput.
 #   bash dev/bench/profile.sh
-#   CONFIGS="d12:64 scripts/configs/gpt2_124M_btt4.conf:64" STEPS=6 bash dev/bench/profile.sh
+#   CONFIGS="d12:64 scripts/configs/gpt2_124M_btt4.conf:64 scripts/configs/gpt2_124M_btt4.conf:64:-sk,1" STEPS=6 bash dev/bench/profile.sh
+#                                                       (MODEL:B, or MODEL:B:FLAGS with commas for spaces)
 #   TRAIN_BIN=./train_gpt2 CONFIGS="d12:4" T=64 bash dev/bench/profile.sh      (the CPU trainer)
 # Extra trainer flags go in FLAGS (e.g. FLAGS="-sk 1 -r 0").
 set -uo pipefail
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/../.."
 TRAIN_BIN=${TRAIN_BIN:-./train_gpt2cu}
 STEPS=${STEPS:-6}
 T=${T:-1024}
-CONFIGS=${CONFIGS:-"d12:64 scripts/configs/gpt2_124M_btt4.conf:64 scripts/configs/gpt2_124M_btt_moe.conf:64"}
+CONFIGS=${CONFIGS:-"d12:64 scripts/configs/gpt2_124M_btt4.conf:64 scripts/configs/gpt2_124M_btt4.conf:64:-sk,1
+                    scripts/configs/gpt2_124M_btt_moe.conf:64 scripts/configs/gpt2_124M_btt_moe.conf:64:-sk,1"}
 FLAGS=${FLAGS:-}
 [ -x "$TRAIN_BIN" ] || { echo "$TRAIN_BIN not built (make $(basename "$TRAIN_BIN"))"; exit 1; }
 source dev/bench/common.sh
@@ -22,11 +24,10 @@ ensure_tinyshakespeare
 
 rc_all=0
 for cfg in $CONFIGS; do
-    model=${cfg%:*}
-    B=${cfg##*:}
+    IFS=: read -r model B extra <<< "$cfg"
     log=$(mktemp "${TMPDIR:-/tmp}/profile.XXXXXX")
     # shellcheck disable=SC2086  # FLAGS: several words
-    cmd=("$TRAIN_BIN" -e "$model" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -pt 1 $FLAGS)
+    cmd=("$TRAIN_BIN" -e "$model" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -pt 1 $FLAGS ${extra//,/ })
     echo "== profile: ${cmd[*]}"
     "${cmd[@]}" > "$log" 2>&1
     rc=$?
