@@ -24,6 +24,7 @@
 #include "common/step_profile.h"
 #include "common/tokenizer.h"
 #include "common/utils.h"
+#include <cuda_profiler_api.h>
 #include "cuda/common.cuh"
 #include "cuda/adamw.cuh"
 #include "cuda/attention.cuh"
@@ -984,8 +985,9 @@ static void prof_events_free(void) {
     g_prof_events = NULL;
     g_prof_n_events = 0;
 }
+static void prof_capture(int on) { cudaCheck(on ? cudaProfilerStart() : cudaProfilerStop()); }
 static void trainer_profile_start(void) {
-    prof_enable(prof_event_record, prof_event_elapsed, prof_events_free);
+    prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
 }
 
 static void trainer_step_end(GPT2 *m, long step) {

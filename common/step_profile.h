@@ -38,6 +38,10 @@ typedef struct {
     void (*record)(int i);
     double (*elapsed_ms)(int i, int j);
     void (*release)(void);  // what the clock holds (may be NULL)
+    // an external profiler's range (the GPU trainer: cudaProfilerStart/Stop, so that
+    // `ncu --profile-from-start off` records the run's last step only); may be NULL
+    void (*capture)(int on);
+    int capturing;
 } StepProfile;
 
 static StepProfile g_prof;
@@ -47,12 +51,13 @@ static inline double prof_wall_elapsed(int i, int j) { return (g_prof.wall[j] - 
 
 // Turns profiling on with a clock (record NULL: wall time); the clock grows its own storage as
 // record sees new indices.
-static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, int), void (*release)(void)) {
+static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, int), void (*release)(void), void (*capture)(int)) {
     memset(&g_prof, 0, sizeof(g_prof));
     g_prof.on = 1;
     g_prof.record = record ? record : prof_wall_record;
     g_prof.elapsed_ms = record ? elapsed_ms : prof_wall_elapsed;
     g_prof.release = record ? release : NULL;
+    g_prof.capture = capture;
 }
 
 static inline void prof_free(void) {
@@ -120,16 +125,21 @@ static inline void prof_mark_attention(const GPT2Config *c, int backward, int B,
     prof_mark(backward ? "attention bwd" : "attention fwd", (backward ? 8.0 : 4.0) * B * (double)T * T * c->channels);
 }
 
-static inline void prof_step_begin(void) {
+// A profiled step begins; last: the run's last step, which an external profiler records.
+static inline void prof_step_begin(int last) {
     if (!g_prof.on) return;
     g_prof.in_step = 1;
     g_prof.n_marks = 0;
+    g_prof.capturing = last && g_prof.capture;
+    if (g_prof.capturing) g_prof.capture(1);
 }
 
 // The step's end: the last part ends here, and every part's time is added up.
 static inline void prof_step_end(void) {
     if (!g_prof.in_step) return;
     prof_record_next();
+    if (g_prof.capturing) g_prof.capture(0);
+    g_prof.capturing = 0;
     for (int i = 0; i < g_prof.n_marks; i++) g_prof.part[g_prof.mark_part[i]].ms += g_prof.elapsed_ms(i, i + 1);
     g_prof.steps++;
     g_prof.in_step = 0;

@@ -406,7 +406,7 @@ int main(int argc, char **argv) {
 
         trainer_sync();
         double t0 = now_seconds();
-        if (step > start_step) prof_step_begin();  // as the timing, not the first step
+        if (step > start_step) prof_step_begin(step + 1 == train_steps);  // as the timing, not the first step
         prof_mark("zero grad", 0.0);
         gpt2_zero_grad(&model);
         double loss = 0.0;

@@ -637,6 +637,8 @@ static double g_fake_script[8192], g_fake_reading[8192];
 static int g_fake_next;
 static void fake_record(int i) { g_fake_reading[i] = g_fake_script[g_fake_next++]; }
 static double fake_elapsed(int i, int j) { return g_fake_reading[j] - g_fake_reading[i]; }
+static int g_capture_log[16], g_capture_n;
+static void fake_capture(int on) { g_capture_log[g_capture_n++] = on; }
 static const ProfPart *prof_find(const char *name) {
     for (int p = 0; p < PROF_MAX_PARTS; p++)
         if (strcmp(g_prof.part[p].name, name) == 0) return &g_prof.part[p];
@@ -646,15 +648,15 @@ static void test_step_profile(void) {
     const double script[] = {0, 1, 3, 6, 10, 15};
     memcpy(g_fake_script, script, sizeof(script));
     g_fake_next = 0;
-    prof_enable(fake_record, fake_elapsed, NULL);
+    prof_enable(fake_record, fake_elapsed, NULL, NULL);
     prof_mark("ignored", 0.0);  // before any step: no part, no reading
-    prof_step_begin();
+    prof_step_begin(0);
     prof_mark("a", 3e9);
     prof_mark("b", 0.0);
     prof_mark("a", 5e9);
     prof_step_end();
     prof_mark("ignored", 0.0);  // between steps (validation, sampling)
-    prof_step_begin();
+    prof_step_begin(0);
     prof_mark("b", 0.0);
     prof_step_end();
     const ProfPart *a = prof_find("a"), *b = prof_find("b");
@@ -679,11 +681,26 @@ static void test_step_profile(void) {
     check_true(ok, "step profile: the table is per step, longest part first, with shares, TFLOP/s and the FLOPs' coverage", text);
     prof_free();
 
+    // the last step, and only it, inside an external profiler's range
+    g_fake_next = 0;
+    prof_enable(fake_record, fake_elapsed, NULL, fake_capture);
+    for (int step = 0; step < 3; step++) {
+        prof_step_begin(step == 2);
+        prof_mark("a", 0.0);
+        g_capture_log[g_capture_n++] = 10 + step;  // between begin and end
+        prof_step_end();
+    }
+    int want[] = {10, 11, 1, 12, 0};
+    int same = g_capture_n == 5;
+    for (int i = 0; same && i < 5; i++) same = g_capture_log[i] == want[i];
+    check_true(same, "step profile: the profiler's range opens at the last step's start and closes at its end", "wrong calls");
+    prof_free();
+
     // more distinct parts than the table holds, and more marks than the first allocation
     g_fake_next = 0;
     for (int i = 0; i < 8192; i++) g_fake_script[i] = i;
-    prof_enable(fake_record, fake_elapsed, NULL);
-    prof_step_begin();
+    prof_enable(fake_record, fake_elapsed, NULL, NULL);
+    prof_step_begin(0);
     char name[16];
     for (int i = 0; i < 70; i++) {
         snprintf(name, sizeof(name), "p%d", i);

@@ -17,6 +17,9 @@
 #   5. sanitize.sh              compute-sanitizer's memcheck, racecheck, initcheck and synccheck on
 #                               tiny dense and structured runs (last: only with budget left, or
 #                               STAGES=sanitize in a call of its own)
+#   6. ncu.sh                   Nsight Compute: each kernel of one 124M step (dense, BTT rank 4 and
+#                               BTT-MoE with -sk 1): time, share, DRAM GB/s against the peak, SM %
+#                               (not in the default stages: STAGES=ncu in a call of its own)
 # Binaries come from .device/ (dev/bench/device_prep.sh, run where nvcc is; carry ".device");
 # when they cannot start there, everything is built on the spot first (minutes of the budget).
 # Each stage gets at most its share and what is left of BUDGET seconds (default 480), so the call
@@ -123,7 +126,8 @@ for s in $STAGES; do
         profile) run_stage profile 120 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/profile.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
         sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" bash dev/bench/sanitize.sh ;;
-        *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, profile, kernels, sanitize)" ;;
+        ncu) run_stage ncu 300 env TRAIN_BIN="$TRAIN_BIN" bash dev/bench/ncu.sh ;;
+        *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, profile, kernels, sanitize, ncu)" ;;
     esac
 done
 
@@ -173,6 +177,10 @@ if [ -f "$LOGS/kernels.log" ]; then
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
     # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
     sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
+fi
+if [ -f "$LOGS/ncu.log" ]; then
+    say ""
+    cat "$LOGS/ncu.log" >> "$SUMMARY"
 fi
 if [ -f "$LOGS/sanitize.log" ]; then
     say ""

@@ -9,7 +9,7 @@ data/, .git/, tests/cuda_sim/) into the output directory, at the same relative p
 only three things, in code (never in comments or string literals):
 
   - `#include <cuda_runtime.h>` (and cuda_bf16.h, cublas_v2.h, cublasLt.h, mma.h, cuda.h,
-    cuda_fp16.h, cublas.h, cuda_runtime_api.h) becomes `#include "cuda_sim.h"`, and
+    cuda_fp16.h, cublas.h, cuda_runtime_api.h, cuda_profiler_api.h) becomes `#include "cuda_sim.h"`, and
     `#include <nccl.h>` `#include "nccl_sim.h"`;
   - after every static `__shared__ ...;` declaration, on the same line, `SIM_SHARED_POISON(name);`
     for each name it declares (cuda_sim.h refills the array with garbage at each block's start);
@@ -32,7 +32,7 @@ SIM_HEADER = "cuda_sim.h"
 NCCL_HEADER = "nccl_sim.h"  # NCCL between processes (multi-GPU code)
 REPLACED_HEADERS = {
     "cuda_runtime.h", "cuda_runtime_api.h", "cuda.h", "cuda_bf16.h", "cuda_fp16.h",
-    "cublas_v2.h", "cublas.h", "cublasLt.h", "mma.h", "device_launch_parameters.h",
+    "cublas_v2.h", "cublas.h", "cublasLt.h", "mma.h", "device_launch_parameters.h", "cuda_profiler_api.h",
 }
 SOURCE_EXTS = (".cu", ".cuh", ".h", ".c", ".cpp", ".hpp")
 SKIP_DIRS = {".git", "build", "out", "data", "__pycache__", "node_modules", "venv", ".venv"}
