@@ -49,8 +49,8 @@ static StepProfile g_prof;
 static inline void prof_wall_record(int i) { g_prof.wall[i] = now_seconds(); }
 static inline double prof_wall_elapsed(int i, int j) { return (g_prof.wall[j] - g_prof.wall[i]) * 1e3; }
 
-// Turns profiling on with a clock (record NULL: wall time); the clock grows its own storage as
-// record sees new indices.
+// Turns profiling on with a clock (record NULL: wall time, kept here). Another clock keeps its own
+// readings, growing their storage as record sees new indices.
 static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, int), void (*release)(void), void (*capture)(int)) {
     memset(&g_prof, 0, sizeof(g_prof));
     g_prof.on = 1;
@@ -62,6 +62,7 @@ static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, in
 
 static inline void prof_free(void) {
     if (g_prof.release) g_prof.release();
+    g_prof.release = NULL;
     free(g_prof.mark_part);
     free(g_prof.wall);
     g_prof.mark_part = NULL;
@@ -77,7 +78,6 @@ static inline int prof_part_index(const char *name) {
         snprintf(g_prof.part[PROF_MAX_PARTS - 1].name, PROF_NAME_LEN, "(the other parts)");
         return PROF_MAX_PARTS - 1;
     }
-    if (g_prof.n_parts == PROF_MAX_PARTS) return PROF_MAX_PARTS - 1;
     snprintf(g_prof.part[g_prof.n_parts].name, PROF_NAME_LEN, "%s", name);
     return g_prof.n_parts++;
 }
