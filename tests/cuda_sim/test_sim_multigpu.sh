@@ -8,7 +8,7 @@
 # structured model's routing statistics are those of the global batch, that gradient accumulation
 # and -h 1 work across ranks, that the gradient averaging overlaps the backward, that ranks
 # started without mpirun (-pi fs, -pi tcp) equal mpirun's, and that a rank that dies stops the
-# other with an error instead of a hang; and tests/test_multigpu.cu (the collectives alone) on 1,
+# other with an error instead of a hang, that -pt 1 prints rank 0's table; and tests/test_multigpu.cu (the collectives alone) on 1,
 # 2 and 3 ranks. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
@@ -206,4 +206,13 @@ dt=$(($(date +%s) - t0))
 [ $rc -eq 1 ] && [ $dt -le 30 ] && grep -qE '^error: .* has not finished after 3 s: another rank has probably died' "$W/dead0.log" \
     && ok "a rank killed at step 2: the other's watchdog stops it (exit 1) after ${dt}s: '$(grep -m1 '^error: ' "$W/dead0.log" | cut -c1-100)'" \
     || bad "dead rank" "exit $rc after ${dt}s: $(tail -n 2 "$W/dead0.log" | tr '\n' ' ')"
+# -pt 1 with two ranks and accumulation: one table (rank 0's), its parts adding up, the wait for the
+# gradient averaging among them
+two "$W/pt.log" -e tests/configs/tiny_dense.conf "${D[@]}" -x 3 -v 0 -b 2 -d 128 -pt 1; rc=$?
+out=$(cat "$W/pt.log")
+[ $rc -eq 0 ] && [ "$(grep -c '^step profile' "$W/pt.log")" = 1 ] && ok "-pt 1, 2 ranks: one table, rank 0's" \
+    || bad "-pt 1, 2 ranks" "exit $rc, $(grep -c '^step profile' "$W/pt.log") tables: $(tail -n 2 "$W/pt.log")"
+check_profile "-pt 1, 2 ranks: the parts count rank 0's FLOPs once and add up to its step time" 5 "$out" \
+    "gradient averaging (what the backward did not hide)" "losses to the host, summed (GPU idle)" "qkv bwd: dense"
+
 summary
