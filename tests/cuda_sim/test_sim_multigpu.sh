@@ -7,9 +7,9 @@
 # bit-identical to plain data parallelism, that a 2-rank ZeRO-1 resume is bit-identical, that a
 # structured model's routing statistics are those of the global batch, that gradient accumulation
 # and -h 1 work across ranks, that the gradient averaging overlaps the backward, that ranks
-# started without mpirun (-pi fs, -pi tcp) equal mpirun's, and that a rank that dies stops the
-# other with an error instead of a hang, that -pt 1 prints rank 0's table; and tests/test_multigpu.cu (the collectives alone) on 1,
-# 2 and 3 ranks. Prints "N passed, N failed".
+# started without mpirun (-pi fs, -pi tcp) equal mpirun's, that a rank that dies stops the other
+# with an error instead of a hang, and that -pt 1 prints rank 0's table; and tests/test_multigpu.cu
+# (the collectives alone) on 1, 2 and 3 ranks. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-build/cuda_sim/train_gpt2cu_mgpu}
