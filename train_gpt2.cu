@@ -985,7 +985,16 @@ static void prof_events_free(void) {
     g_prof_events = NULL;
     g_prof_n_events = 0;
 }
-static void prof_capture(int on) { cudaCheck(on ? cudaProfilerStart() : cudaProfilerStop()); }
+// Without a profiler attached these do nothing; an error (profiling disabled) is cleared, so that
+// the next launch's check does not take it for its own, and only noted: -pt's table does not need it.
+static void prof_capture(int on) {
+    cudaError_t e = on ? cudaProfilerStart() : cudaProfilerStop();
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        fprintf(stderr, "note: %s: %s (an external profiler's range is not marked)\n", on ? "cudaProfilerStart" : "cudaProfilerStop",
+                cudaGetErrorString(e));
+    }
+}
 static void trainer_profile_start(void) {
     prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
 }
