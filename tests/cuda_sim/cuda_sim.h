@@ -892,47 +892,42 @@ inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
     return cudaSuccess;
 }
 
+// Checks a copy's pointers against its direction (cudaMemcpyDefault: the pointers'), then copies;
+// what names the call in messages.
+inline cudaError_t sim_copy(void *dst, const void *src, size_t n, cudaMemcpyKind kind, const char *what) {
+    if (n == 0) return cudaSuccess;
+    bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
+    if (kind == cudaMemcpyDefault) kind = (cudaMemcpyKind)((sd ? 2 : 0) | (dd ? 1 : 0));
+    if ((int)kind < 0 || (int)kind > 3) return sim_set_error(cudaErrorInvalidMemcpyDirection);
+    const char *dirs[] = {"HostToHost", "HostToDevice", "DeviceToHost", "DeviceToDevice"};
+    char name[1200];
+    snprintf(name, sizeof(name), "%s %s", what, dirs[kind]);
+    bool want_dd = kind & 1, want_sd = kind & 2;
+    if (want_dd) sim_check_range(dst, n, name);
+    else if (dd) sim_fail("%s: destination %p is device memory", name, dst);
+    if (want_sd) sim_check_range(src, n, name);
+    else if (sd) sim_fail("%s: source %p is device memory", name, src);
+    memmove(dst, src, n);
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
     g_sim_full_waits++;
     SIM_STREAM_ORDER();
     sim_copies_finish(false, nullptr, g_sim_copy_seq);  // it waits for the default stream's work
-    if (n == 0) return cudaSuccess;
-    bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
-    if (kind == cudaMemcpyDefault) kind = (cudaMemcpyKind)((sd ? 2 : 0) | (dd ? 1 : 0));
-    const char *names[] = {"cudaMemcpy HostToHost", "cudaMemcpy HostToDevice", "cudaMemcpy DeviceToHost", "cudaMemcpy DeviceToDevice"};
-    if ((int)kind < 0 || (int)kind > 3) return sim_set_error(cudaErrorInvalidMemcpyDirection);
-    bool want_dd = kind & 1, want_sd = kind & 2;
-    if (want_dd) sim_check_range(dst, n, names[kind]);
-    else if (dd) sim_fail("%s: destination %p is device memory", names[kind], dst);
-    if (want_sd) sim_check_range(src, n, names[kind]);
-    else if (sd) sim_fail("%s: source %p is device memory", names[kind], src);
-    memmove(dst, src, n);
-    return cudaSuccess;
+    return sim_copy(dst, src, n, kind, "cudaMemcpy");
 }
 inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t stream = 0,
                                    const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    SIM_STREAM_ORDER();
     bool dd = sim_is_device_ptr(dst), sd = sim_is_device_ptr(src);
     const void *host = dd && !sd ? src : !dd && sd ? dst : nullptr;  // the host side of a host <-> device copy
-    if (n == 0 || !host || !sim_pinned_base(host, n)) {
-        SIM_STREAM_ORDER();
-        if (n == 0) return cudaSuccess;
-        bool want_dd = kind & 1, want_sd = kind & 2;
-        if (kind == cudaMemcpyDefault) { want_dd = dd; want_sd = sd; }
-        if (want_dd) sim_check_range(dst, n, "cudaMemcpyAsync");
-        else if (dd) sim_fail("cudaMemcpyAsync: destination %p is device memory", dst);
-        if (want_sd) sim_check_range(src, n, "cudaMemcpyAsync");
-        else if (sd) sim_fail("cudaMemcpyAsync: source %p is device memory", src);
-        memmove(dst, src, n);
-        return cudaSuccess;
-    }
-    SIM_STREAM_ORDER();
-    if (kind != cudaMemcpyDefault && (bool)(kind & 1) != dd) sim_fail("cudaMemcpyAsync at %s:%d: the destination %p is %s memory", file, line, dst, dd ? "device" : "host");
-    if (kind != cudaMemcpyDefault && (bool)(kind & 2) != sd) sim_fail("cudaMemcpyAsync at %s:%d: the source %p is %s memory", file, line, src, sd ? "device" : "host");
-    if (dd) sim_check_range(dst, n, "cudaMemcpyAsync");
-    else sim_check_range(src, n, "cudaMemcpyAsync");
+    if (n == 0 || !host || !sim_pinned_base(host, n)) return sim_copy(dst, src, n, kind, "cudaMemcpyAsync");
+    char what[1100];
+    snprintf(what, sizeof(what), "cudaMemcpyAsync at %s:%d", file, line);
     uintptr_t lo = (uintptr_t)host / sim_page() * sim_page(), hi = ((uintptr_t)host + n + sim_page() - 1) / sim_page() * sim_page();
     if (!dd) mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE);  // an earlier unfinished copy into these pages
-    memmove(dst, src, n);
+    cudaError_t e = sim_copy(dst, src, n, kind, what);
+    if (e != cudaSuccess) return e;
     sim_inflight().push_back({lo, hi, dd ? PROT_READ : PROT_NONE, stream, ++g_sim_copy_seq, file, line});
     sim_inflight_protect();
     return cudaSuccess;
