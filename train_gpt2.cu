@@ -449,6 +449,12 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     cudaCheck(cudaMemset(m->v, 0, m->num_params * sizeof(float)));
 }
 
+// Frees a pinned buffer once the last copy through it (the one `copied` was recorded after) has passed.
+static void pinned_free(void *p, cudaEvent_t copied) {
+    cudaCheck(cudaEventSynchronize(copied));
+    cudaCheck(cudaFreeHost(p));
+}
+
 static void gpt2_free(GPT2 *m) {
     cudaCheck(cudaDeviceSynchronize());
 #ifdef USE_CUDNN
@@ -473,20 +479,16 @@ static void gpt2_free(GPT2 *m) {
         if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
     free(m->config_text);
     free(m->grad_ranges); free(m->grad_first);
-    if (m->h_buckets) {
-        cudaCheck(cudaFreeHost(m->h_buckets));
+    if (m->h_inputs) {  // gpt2_alloc's pinned buffers
+        pinned_free(m->h_inputs, m->inputs_copied);
+        pinned_free(m->h_targets, m->inputs_copied);
+        pinned_free(m->h_buckets, m->buckets_copied);
+        cudaCheck(cudaEventDestroy(m->inputs_copied));
         cudaCheck(cudaEventDestroy(m->buckets_copied));
     }
     if (m->h_step_losses) {
-        cudaCheck(cudaEventSynchronize(m->losses_copied));
-        cudaCheck(cudaFreeHost(m->h_step_losses));
+        pinned_free(m->h_step_losses, m->losses_copied);
         cudaCheck(cudaEventDestroy(m->losses_copied));
-    }
-    if (m->h_inputs) {
-        cudaCheck(cudaEventSynchronize(m->inputs_copied));
-        cudaCheck(cudaFreeHost(m->h_inputs));
-        cudaCheck(cudaFreeHost(m->h_targets));
-        cudaCheck(cudaEventDestroy(m->inputs_copied));
     }
     free(m->master_host); free(m->h_count); free(m->h_losses);
     gpt2_layout_free(&m->layout);
@@ -1075,8 +1077,7 @@ static void trainer_step_losses(GPT2 *m, int n, float *loss, MoERouting *routing
     prof_mark("losses to the host, summed (GPU idle)", 0.0);
     multigpu_wait("the step's forward and backward");  // a rank that died in a collective: an error, not a hang
     cudaCheck(cudaEventSynchronize(m->losses_copied));
-    const size_t per = (size_t)m->aux_slots + (size_t)m->max_B * m->max_T;
-    for (int k = 0; k < n; k++) loss[k] = gpt2_losses_fold(m, m->h_step_losses + (size_t)k * per, m->B * m->T, &routing[k]);
+    for (int k = 0; k < n; k++) loss[k] = gpt2_losses_fold(m, step_loss_slot(m, k), m->B * m->T, &routing[k]);
     m->routing = routing[n - 1];
 }
 
