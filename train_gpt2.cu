@@ -871,7 +871,13 @@ static void gpt2_sample(GPT2 *m, const Tokenizer *tok, int eot, int gen_T, uint6
 #include "common/multiproc.h"
 
 static int g_recompute = 1;  // -r, llm.c's default
-static int g_flash = 1;      // -fa
+// -fa: cuDNN's attention where the build has it (measured on an H200, dev/bench/RESULTS.md: GPT-2
+// 124M steps 1.48x faster than with our flash kernel, whose backward runs at ~76 TFLOP/s), else ours
+#ifdef USE_CUDNN
+static int g_flash = 2;
+#else
+static int g_flash = 1;
+#endif
 static int g_log_gpu = 0;    // -lg: a GPU state line every this many steps
 static int g_master_weights = 1;  // -w, llm.c's default
 static GpuMonitor g_monitor;
@@ -899,7 +905,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
         {"-ge", &gelu_fusion, NULL, 0, 2, "GELU fused into cuBLASLt epilogues: 0 none, 1 forward, 2 forward and backward (default: 2 on sm_90+, else 0)"},
         {"-fa", &g_flash, NULL, 0, 2, "attention: 1 our flash kernel (no T x T buffer; head sizes 16/32/64/128; deterministic), "
-                                      "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 1)"},
+                                      "2 cuDNN's fused flash attention (" ATTN_CUDNN_BUILD "), 0 cuBLAS + softmax (default: 2 in a cuDNN build, else 1)"},
         {"-w", &g_master_weights, NULL, 0, 1, "1: fp32 master weights for AdamW; 0: none, AdamW updates the bf16 weights with stochastic "
                                               "rounding (4 bytes per parameter less; llm.c's -w) (default: 1)"},
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "

@@ -181,7 +181,7 @@ static void multigpu_init(MultiProc *mp, const LaunchArgs *la, int comm_of_one) 
     if (mp->rank == 0) ncclCheck(ncclGetUniqueId(&id));
     if (without_mpi) {
         rendezvous_broadcast(la->pi, la->pf, mp->rank, mp->nproc, &id, sizeof(id), g_mgpu.timeout_s);
-    } else {
+    } else if (mp->nproc > 1) {  // a communicator of one rank (comm_of_one) already holds its id
 #ifdef USE_MPI
         mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
 #else

@@ -49,12 +49,94 @@ static int g_st_fused = 0;
 // ----------------------------------------------------------------------------------------------
 // plan execution
 
-__global__ void plan_permute_kernel(floatX *dst, const floatX *src, int rows, int len, int src_ld, int dst_ld, int R, int C, int blk) {
+// The plans' permute, each row [R][C][blk] -> [C][R][blk]. v1 (dev/cuda/permute.cu): one element
+// per thread in source order, so a warp's 2-byte stores land C·blk elements apart: on an H200 this
+// made the cuBLAS BTT and Monarch layers several times slower than their GEMMs alone
+// (dev/bench/RESULTS.md). Kept as the fallback for rows too long for shared memory.
+__global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int rows, int len, int src_ld, int dst_ld, int R, int C, int blk) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)rows * len) return;
     size_t r = idx / len;
     int j = (int)(idx % len);
     dst[r * dst_ld + plan_permute_dst_index(j, R, C, blk)] = src[r * src_ld + j];
+}
+
+// v2: a block stages `rpb` whole source rows in shared memory with coalesced (16-byte, V = 8) loads,
+// then writes the destination rows in order with coalesced stores, gathering from shared memory.
+// A source row's R sub-rows (C·blk elements each) sit `pitch` elements apart, pitch odd, so that
+// the gather's walk over r (consecutive destination elements) spreads over the banks. V = 8 needs
+// C·blk, the row lengths and the strides in multiples of 8 elements and 16-byte aligned rows.
+#define PERMUTE_THREADS 256
+template <int V>
+__global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld,
+                                                                            int R, int C, int blk, int pitch, int rpb) {
+    extern __shared__ __align__(16) unsigned char permute_smem[];
+    uint16_t *sm = (uint16_t *)permute_smem;  // raw bf16 bits: the data only moves
+    const uint16_t *src16 = (const uint16_t *)src;
+    uint16_t *dst16 = (uint16_t *)dst;
+    const int cb = C * blk, len = R * cb, span = R * pitch;
+    for (long g0 = (long)blockIdx.x * rpb; g0 < rows; g0 += (long)gridDim.x * rpb) {
+        const int nr = (int)min((long)rpb, rows - g0), nv = nr * len / V;
+        for (int i = threadIdx.x; i < nv; i += PERMUTE_THREADS) {  // stage: source order
+            const int e = i * V, rr = e / len, j = e - rr * len, r = j / cb, k = j - r * cb;
+            const uint16_t *s = src16 + (size_t)(g0 + rr) * src_ld + j;
+            uint16_t *d = sm + rr * span + r * pitch + k;
+            if (V == 8) {
+                const uint4 q = ld16(s);
+                const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    d[2 * u] = (uint16_t)(w[u] & 0xFFFFu);
+                    d[2 * u + 1] = (uint16_t)(w[u] >> 16);
+                }
+            } else {
+                d[0] = s[0];
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nv; i += PERMUTE_THREADS) {  // gather: destination order
+            const int e = i * V, rr = e / len, j = e - rr * len, t = j / blk;
+            int x = j - t * blk, c = t / R, r = t - c * R;
+            const uint16_t *row = sm + rr * span;
+            uint32_t h[V];
+#pragma unroll
+            for (int u = 0; u < V; u++) {
+                h[u] = row[r * pitch + c * blk + x];
+                if (++x == blk) { x = 0; if (++r == R) { r = 0; c++; } }
+            }
+            uint16_t *d = dst16 + (size_t)(g0 + rr) * dst_ld + j;
+            if (V == 8) __stwb(reinterpret_cast<uint4 *>(d), make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16));
+            else d[0] = (uint16_t)h[0];
+        }
+        __syncthreads();
+    }
+}
+
+// Shared-memory limits: rows of up to this many elements per block (24 KB) go several to a block.
+#define PERMUTE_GROUP_ELEMS 12288
+static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk) {
+    const int cb = C * blk, len = R * cb, pitch = cb | 1, span = R * pitch;
+    const size_t row_bytes = (size_t)span * sizeof(floatX);
+    if (rows <= 0 || len <= 0) return;
+    if (row_bytes > (size_t)g_gpu.prop.sharedMemPerBlockOptin) {
+        size_t n = (size_t)rows * len;
+        plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, rows, len, src_ld, dst_ld, R, C, blk);
+        cudaCheckLaunch();
+        return;
+    }
+    const int rpb = span >= PERMUTE_GROUP_ELEMS ? 1 : (PERMUTE_GROUP_ELEMS / span < 16 ? PERMUTE_GROUP_ELEMS / span : 16);
+    const size_t smem = (size_t)rpb * row_bytes;
+    const int vec = cb % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
+    const long groups = (rows + rpb - 1) / rpb;
+    const int grid = (int)(groups < 65535 ? groups : 65535);
+    if (vec) {
+        if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        plan_permute_rows_kernel<8><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    } else {
+        if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        plan_permute_rows_kernel<1><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    }
+    cudaCheckLaunch();
 }
 
 static void plan_run_gpu(const Plan *p, floatX *const *buf) {
@@ -68,11 +150,7 @@ static void plan_run_gpu(const Plan *p, floatX *const *buf) {
                                                    buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
                                                    CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         } else {
-            int len = o->R * o->C * o->blk;
-            size_t n = (size_t)o->rows * len;
-            plan_permute_kernel<<<ceil_div_i((long)n, 256), 256>>>(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, len,
-                                                                  o->src_ld, o->dst_ld, o->R, o->C, o->blk);
-            cudaCheckLaunch();
+            plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk);
         }
     }
 }

@@ -27,6 +27,9 @@
 # the tool returns the end of the output) and $OUT/logs.tar.gz (every log).
 #   run(command="bash dev/bench/device_run.sh", carry=[".device"], timeout_s=600)
 #   BUDGET=300 STAGES="test structured" bash dev/bench/device_run.sh
+# A shorter second call narrows stages with GPU_CONFIGS (gpu.sh's CONFIGS), GPU_ATTN (its ATTN),
+# PROFILE_CONFIGS (profile.sh's CONFIGS), KERNEL_PROGS (the dev/cuda programs to run, in order),
+# SANITIZE_TOOLS and SANITIZE_CASES (sanitize.sh's TOOLS and CASES names).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
@@ -112,9 +115,16 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
 # already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
 KERNELS='rc=0; first="btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
-  for n in $first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first)); do
+  progs=${KERNEL_PROGS:-"$first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first))"};
+  for n in $progs; do
   b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
   echo "== $b"; "./$b" || { echo "FAIL $b exited with $?"; rc=1; }; done; exit $rc'
+# the narrowing variables, passed on only when set (env takes NAME=VALUE words)
+GPU_ENV=() PROFILE_ENV=() SANITIZE_ENV=()
+[ -n "${GPU_ATTN:-}" ] && GPU_ENV=("ATTN=$GPU_ATTN")
+[ -n "${PROFILE_CONFIGS:-}" ] && PROFILE_ENV=("CONFIGS=$PROFILE_CONFIGS")
+[ -n "${SANITIZE_TOOLS:-}" ] && SANITIZE_ENV+=("TOOLS=$SANITIZE_TOOLS")
+[ -n "${SANITIZE_CASES:-}" ] && SANITIZE_ENV+=("CASE_NAMES=$SANITIZE_CASES")
 for s in $STAGES; do
     case $s in
         test) run_stage test 150 ./test_gpt2cu ;;
@@ -122,10 +132,11 @@ for s in $STAGES; do
         nccl) if loads ./test_multigpu; then run_stage nccl 60 env NCCL_SOCKET_IFNAME=lo ./test_multigpu  # one rank: loopback bootstrap
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
-        gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="d12:16 d12:32 d12:64 d24:8 d24:16" bash dev/bench/gpu.sh ;;
-        profile) run_stage profile 120 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/profile.sh ;;
+        gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="${GPU_CONFIGS:-d12:16 d12:32 d12:64 d24:8 d24:16}" \
+                 ${GPU_ENV[@]+"${GPU_ENV[@]}"} bash dev/bench/gpu.sh ;;
+        profile) run_stage profile 120 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" ${PROFILE_ENV[@]+"${PROFILE_ENV[@]}"} bash dev/bench/profile.sh ;;
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
-        sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" bash dev/bench/sanitize.sh ;;
+        sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" ${SANITIZE_ENV[@]+"${SANITIZE_ENV[@]}"} bash dev/bench/sanitize.sh ;;
         ncu) run_stage ncu 300 env TRAIN_BIN="$TRAIN_BIN" bash dev/bench/ncu.sh ;;
         *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, profile, kernels, sanitize, ncu)" ;;
     esac
@@ -177,6 +188,8 @@ if [ -f "$LOGS/kernels.log" ]; then
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
     # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
     sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
+    # the permute's versions (dev/cuda/permute.cu): each shape's time and bandwidth
+    sed -n '/^== dev\/cuda\/permute$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |.* v[0-9] )' >> "$SUMMARY"
 fi
 if [ -f "$LOGS/ncu.log" ]; then
     say ""

@@ -709,6 +709,23 @@ struct BttRef {
     }
 };
 
+// plan_permute_gpu (the plans' [R][C][blk] -> [C][R][blk] per row) bit for bit, with row strides
+// wider than a row (the columns between must stay as they were), against plan_permute_dst_index.
+// The shape decides the path: 16-byte or 2-byte accesses, several rows per block or one (above
+// 48 KB, the opt-in), or the scatter fallback when a row exceeds the opt-in.
+static void test_permute(int rows, int R, int C, int blk, int src_pad, int dst_pad, const char *path) {
+    const int len = R * C * blk, sld = len + src_pad, dld = len + dst_pad;
+    Vec src = rand_bf16((size_t)rows * sld, 1.0f), dst0 = rand_bf16((size_t)rows * dld, 1.0f), want = dst0;
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < len; j++) want[(size_t)r * dld + plan_permute_dst_index(j, R, C, blk)] = src[(size_t)r * sld + j];
+    floatX *s_d = up_bf16(src), *d_d = up_bf16(dst0);
+    plan_permute_gpu(d_d, s_d, rows, sld, dld, R, C, blk);
+    check_same(down_bf16(d_d, want.size()), want, nm("permute %d rows [%d][%d][%d] -> [C][R][blk], row strides %d/%d (%s), bit-exact", rows, R, C, blk,
+                                                     sld, dld, path));
+    cudaCheck(cudaFree(s_d));
+    cudaCheck(cudaFree(d_d));
+}
+
 static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
     BttRef c(N, alpha, gamma, phi, eps, rank);
     const BTTShape &s = c.s;
@@ -1700,6 +1717,12 @@ int main(int argc, char **argv) {
         test_attention(1, 1, 2, 32, false);
     }
     if (want("structured")) {
+        test_permute(37, 12, 8, 2, 0, 0, "16-byte, several rows per block, the last group partial");
+        test_permute(21, 48, 32, 1, 8, 16, "16-byte, wider row strides");
+        test_permute(19, 24, 4, 1, 0, 0, "2-byte: C*blk = 4");
+        test_permute(9, 7, 5, 3, 3, 1, "2-byte: odd sizes and strides");
+        test_permute(3, 64, 128, 4, 0, 0, "one 64 KB row per block, over the 48 KB default");
+        test_permute(2, 128, 256, 4, 0, 0, "a row over the opt-in: the scatter kernel");
         test_btt(37, 4, 12, 8, 24, 2);   // 48 -> 192
         test_btt(29, 8, 24, 4, 12, 1);   // 192 -> 48
         test_btt(16, 12, 4, 6, 8, 4);    // 48 -> 48, non-default factors
