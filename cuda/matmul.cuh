@@ -118,20 +118,9 @@ static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const fl
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, sizeof(al_d)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
 
-    // Split-K partial sums in fp32 (a workspace), never added up in place in the bf16 output: on an
-    // H200 cuBLASLt picked in-place split-K kernels for the weight gradients, whose extra bf16
-    // roundings put 3% of dW (+=) beyond one rounding of the exact sum (dev/cuda/matmul). Any
-    // reduction scheme only when none of these has an algorithm.
-    uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions, sizeof(reductions)));
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
     cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(g_gpu.cublaslt, op, la, lb, lc, lc, pref, 1, &heur, &found);
-    if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
-        reductions = CUBLASLT_REDUCTION_SCHEME_MASK;
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions, sizeof(reductions)));
-        hs = cublasLtMatmulAlgoGetHeuristic(g_gpu.cublaslt, op, la, lb, lc, lc, pref, 1, &heur, &found);
-    }
     int ok = hs == CUBLAS_STATUS_SUCCESS && found > 0;
     if (ok) {
         const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;

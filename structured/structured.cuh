@@ -42,8 +42,9 @@
 
 // 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards and
 // backward dx monarch_fused.cuh's, where they support the shape (Monarch: and its traffic model
-// says they pay) (-sk 1 in the trainer); 0: the cuBLAS plans, which stay the default until
-// dev/bench/structured.sh has measured both on a GPU (neither has run on one yet).
+// says they pay) (-sk 1 in the trainer); 0: the cuBLAS plans, the default: on an H200 the fused
+// kernels were slower than the plans in every layer and every whole-model config of
+// dev/bench/structured.sh but BTT rank 1's forward (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
 
 // ----------------------------------------------------------------------------------------------

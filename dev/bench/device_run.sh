@@ -131,7 +131,7 @@ for s in $STAGES; do
         cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
         nccl) if loads ./test_multigpu; then run_stage nccl 60 env NCCL_SOCKET_IFNAME=lo ./test_multigpu  # one rank: loopback bootstrap
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
-        structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 bash dev/bench/structured.sh ;;
+        structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="${GPU_CONFIGS:-d12:16 d12:32 d12:64 d24:8 d24:16}" \
                  ${GPU_ENV[@]+"${GPU_ENV[@]}"} bash dev/bench/gpu.sh ;;
         profile) run_stage profile 120 env STEPS=6 TRAIN_BIN="$TRAIN_BIN" ${PROFILE_ENV[@]+"${PROFILE_ENV[@]}"} bash dev/bench/profile.sh ;;

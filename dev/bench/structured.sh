@@ -12,6 +12,7 @@
 #   bash dev/bench/structured.sh
 #   DIMS=768,1024 SHAPES=fc,sq REPS=20 STEPS=20 B=16 MOE=mask_z bash dev/bench/structured.sh
 #   BUILD=0 ... (use the binaries already there, as dev/bench/device_run.sh does)
+#   TRAIN_BIN=./train_gpt2cu_cudnn ... (the whole model with another build of the trainer)
 # SHAPES: fc = d -> 4d (default), sq = d -> d. MOE: the PyTorch BTT-MoE variant, mask_z (the
 # paper's code: gates mask each expert's intermediate) or separate (each expert's output kept,
 # then weighted). Logs go to $OUT (default /tmp/structured_bench). Without a GPU the script
@@ -170,8 +171,9 @@ END {
 echo
 
 # ---- 2. the whole model
-echo "== whole model: ./train_gpt2cu -e CONFIG -i TRAIN -j TRAIN -b $B -t $T -x $STEPS -v 0 -s 0 -l 1e-4 (fresh random init; tinyshakespeare)"
-if { [ "$BUILD" != 0 ] && ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1; } || [ ! -x ./train_gpt2cu ]; then
+TRAIN_BIN=${TRAIN_BIN:-./train_gpt2cu}  # device_run.sh: the cuDNN build when it loads (its default attention, -fa 2)
+echo "== whole model: $TRAIN_BIN -e CONFIG -i TRAIN -j TRAIN -b $B -t $T -x $STEPS -v 0 -s 0 -l 1e-4 (fresh random init; tinyshakespeare)"
+if { [ "$BUILD" != 0 ] && ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1; } || [ ! -x "$TRAIN_BIN" ]; then
     echo "building train_gpt2cu failed; see $OUT/build_train.log"
     exit 1
 fi
@@ -195,7 +197,7 @@ for run in "${runs[@]}"; do
     name=$(basename "$conf" .conf)
     [ "$sk" = 1 ] && name="$name -sk 1"
     log=$OUT/model_${name// /_}.log
-    ./train_gpt2cu -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -sk "$sk" > "$log" 2>&1
+    "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -sk "$sk" > "$log" 2>&1
     rc=$?
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then

@@ -2497,13 +2497,6 @@ enum cublasLtMatmulPreferenceAttributes_t {
     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8,
 };
-enum cublasLtReductionScheme_t {
-    CUBLASLT_REDUCTION_SCHEME_NONE = 0,
-    CUBLASLT_REDUCTION_SCHEME_INPLACE = 1,
-    CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE = 2,
-    CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE = 4,
-    CUBLASLT_REDUCTION_SCHEME_MASK = 0x7,
-};
 enum cublasLtOrder_t { CUBLASLT_ORDER_COL = 0, CUBLASLT_ORDER_ROW = 1 };
 
 struct SimLtHandle {
@@ -2664,15 +2657,8 @@ inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPrefere
             if (size != 4) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "alignments take 4 bytes, got %zu", size);
             memcpy(&p->align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, 4);
             break;
-        case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: {  // the simulated GEMM never splits K: any mask has an algorithm
-            uint32_t mask;
-            if (size != 4) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "the reduction scheme mask takes 4 bytes, got %zu", size);
-            memcpy(&mask, buf, 4);
-            if (mask & ~(uint32_t)CUBLASLT_REDUCTION_SCHEME_MASK)
-                return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "reduction scheme mask 0x%x has unknown bits", mask);
-            break;
-        }
-        case CUBLASLT_MATMUL_PREF_SEARCH_MODE: break;
+        case CUBLASLT_MATMUL_PREF_SEARCH_MODE:
+        case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: break;
         default: return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "attribute %d is not simulated", (int)attr);
     }
     return CUBLAS_STATUS_SUCCESS;
