@@ -43,8 +43,8 @@
 // 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards and
 // backward dx monarch_fused.cuh's, where they support the shape (Monarch: and its traffic model
 // says they pay) (-sk 1 in the trainer); 0: the cuBLAS plans, the default: on an H200 the fused
-// kernels were slower than the plans in every layer and every whole-model config of
-// dev/bench/structured.sh but BTT rank 1's forward (dev/bench/RESULTS.md).
+// kernels were slower than the plans in every layer and whole-model config of
+// dev/bench/structured.sh (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
 
 // ----------------------------------------------------------------------------------------------
@@ -66,7 +66,8 @@ __global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int 
 // then writes the destination rows in order with coalesced stores, gathering from shared memory.
 // A source row's R sub-rows (C·blk elements each) sit `pitch` elements apart, pitch odd, so that
 // the gather's walk over r (consecutive destination elements) spreads over the banks. V = 8 needs
-// C·blk, the row lengths and the strides in multiples of 8 elements and 16-byte aligned rows.
+// the row length and the strides in multiples of 8 elements and 16-byte aligned rows. (On an H200
+// V = 8 moved 2.5-2.8 TB/s; Monarch's u, whose sub-rows of 4 then took V = 1, only 0.8.)
 #define PERMUTE_THREADS 256
 template <int V>
 __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld,
@@ -79,19 +80,20 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
     for (long g0 = (long)blockIdx.x * rpb; g0 < rows; g0 += (long)gridDim.x * rpb) {
         const int nr = (int)min((long)rpb, rows - g0), nv = nr * len / V;
         for (int i = threadIdx.x; i < nv; i += PERMUTE_THREADS) {  // stage: source order
-            const int e = i * V, rr = e / len, j = e - rr * len, r = j / cb, k = j - r * cb;
+            const int e = i * V, rr = e / len, j = e - rr * len;
+            int r = j / cb, k = j - r * cb;
             const uint16_t *s = src16 + (size_t)(g0 + rr) * src_ld + j;
-            uint16_t *d = sm + rr * span + r * pitch + k;
-            if (V == 8) {
+            uint16_t *d = sm + rr * span;
+            if (V == 8) {  // the 8 elements may cross sub-rows (C·blk < 8 or not a multiple of 8)
                 const uint4 q = ld16(s);
                 const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    d[2 * u] = (uint16_t)(w[u] & 0xFFFFu);
-                    d[2 * u + 1] = (uint16_t)(w[u] >> 16);
+                for (int u = 0; u < 8; u++) {
+                    d[r * pitch + k] = (uint16_t)(u % 2 ? w[u / 2] >> 16 : w[u / 2] & 0xFFFFu);
+                    if (++k == cb) { k = 0; r++; }
                 }
             } else {
-                d[0] = s[0];
+                d[r * pitch + k] = s[0];
             }
         }
         __syncthreads();
@@ -127,7 +129,7 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     }
     const int rpb = span >= PERMUTE_GROUP_ELEMS ? 1 : (PERMUTE_GROUP_ELEMS / span < 16 ? PERMUTE_GROUP_ELEMS / span : 16);
     const size_t smem = (size_t)rpb * row_bytes;
-    const int vec = cb % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
+    const int vec = len % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
     const long groups = (rows + rpb - 1) / rpb;
     const int grid = (int)(groups < 65535 ? groups : 65535);
     if (vec) {

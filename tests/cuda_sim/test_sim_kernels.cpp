@@ -712,7 +712,8 @@ struct BttRef {
 // plan_permute_gpu (the plans' [R][C][blk] -> [C][R][blk] per row) bit for bit, with row strides
 // wider than a row (the columns between must stay as they were), against plan_permute_dst_index.
 // The shape decides the path: 16-byte or 2-byte accesses, several rows per block or one (above
-// 48 KB, the opt-in), or the scatter fallback when a row exceeds the opt-in.
+// 48 KB, the opt-in), or the scatter fallback when a row exceeds the opt-in. Sub-rows (C·blk) of
+// any length: a 16-byte load may span several.
 static void test_permute(int rows, int R, int C, int blk, int src_pad, int dst_pad, const char *path) {
     const int len = R * C * blk, sld = len + src_pad, dld = len + dst_pad;
     Vec src = rand_bf16((size_t)rows * sld, 1.0f), dst0 = rand_bf16((size_t)rows * dld, 1.0f), want = dst0;
@@ -1719,7 +1720,8 @@ int main(int argc, char **argv) {
     if (want("structured")) {
         test_permute(37, 12, 8, 2, 0, 0, "16-byte, several rows per block, the last group partial");
         test_permute(21, 48, 32, 1, 8, 16, "16-byte, wider row strides");
-        test_permute(19, 24, 4, 1, 0, 0, "2-byte: C*blk = 4");
+        test_permute(19, 24, 4, 1, 0, 0, "16-byte loads across sub-rows of 4 (Monarch's u)");
+        test_permute(23, 8, 3, 4, 8, 0, "16-byte loads across sub-rows of 12");
         test_permute(9, 7, 5, 3, 3, 1, "2-byte: odd sizes and strides");
         test_permute(3, 64, 128, 4, 0, 0, "one 64 KB row per block, over the 48 KB default");
         test_permute(2, 128, 256, 4, 0, 0, "a row over the opt-in: the scatter kernel");
