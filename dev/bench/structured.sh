@@ -184,7 +184,7 @@ configs=(scripts/configs/gpt2_124M.conf)
 for c in scripts/configs/gpt2_124M*.conf; do
     [ "$c" != scripts/configs/gpt2_124M.conf ] && configs+=("$c")
 done
-printf '%-28s %10s %12s %9s %s\n' config ms/step tokens/s vs_dense note
+printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
 runs=()  # "config sk": the structured configs also with -sk 1 (the fused BTT kernels)
 for conf in "${configs[@]}"; do
@@ -202,17 +202,21 @@ for run in "${runs[@]}"; do
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then
         why=$(grep -m1 '^error' "$log" || tail -1 "$log")
-        printf '%-28s %10s %12s %9s %s\n' "$name" - - - "failed: ${why:0:90}"
+        printf '%-28s %10s %10s %12s %9s %s\n' "$name" - - - - "failed: ${why:0:90}"
         continue
     fi
     ms=$(echo "$line" | sed -E 's/.*time: ([0-9.]+) ms.*/\1/')
     tok=$(echo "$line" | sed -E 's/.*\| ([0-9]+) tok\/s.*/\1/')
     mfu=$(echo "$line" | grep -oE 'MFU [0-9.]+%' | cut -d' ' -f2)
+    # the median of the same steps (2..STEPS): BTT-MoE's cuBLAS path has outlier steps (new GEMM
+    # shapes as the experts' counts change; 740 and 1297 ms against ~200 on an H200) that move the mean
+    med=$(grep -E '^step +[0-9]+/' "$log" | tail -n +2 | sed -E 's/.*\| ([0-9.]+) ms \|.*/\1/' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR) printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; else printf "-" }')
     [ "$name" = gpt2_124M ] && dense_tok=$tok
     vs=-
     [ -n "$dense_tok" ] && vs=$(awk -v a="$tok" -v b="$dense_tok" 'BEGIN { printf "%.2fx", a / b }')
     mem=$(grep -m1 'GPU memory allocated' "$log" | tr -s ' ' | cut -d'|' -f3 | sed 's/^ *//; s/ *$//')
-    printf '%-28s %10s %12s %9s %s\n' "$name" "$ms" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}"
+    printf '%-28s %10s %10s %12s %9s %s\n' "$name" "$ms" "$med" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}"
 done
 echo
-echo "vs_dense = tokens/s relative to the dense gpt2_124M; logs in $OUT"
+echo "ms/step and tokens/s: the trainer's mean of steps 2..$STEPS; median: of the same steps; vs_dense = tokens/s relative to the dense gpt2_124M; logs in $OUT"
