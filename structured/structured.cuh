@@ -142,20 +142,21 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     cudaCheckLaunch();
 }
 
-static void plan_run_gpu(const Plan *p, floatX *const *buf) {
-    for (int i = 0; i < p->n; i++) {
-        const PlanOp *o = &p->op[i];
-        if (o->kind == PLAN_GEMM) {
-            CublasGemmArgs g = plan_to_cublas(o);
-            const float alpha = 1.0f, beta = g.beta ? 1.0f : 0.0f;
-            cublasCheck(cublasGemmStridedBatchedEx(g_gpu.cublas, g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, g.transb ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                                   g.m, g.n, g.k, &alpha, buf[g.first] + g.first_off, CUBLAS_LOWP, g.lda, g.stride_a,
-                                                   buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
-                                                   CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        } else {
-            plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk);
-        }
+// One op of a plan (dev/cuda/plan_ops.cu times them one by one), then a whole plan.
+static void plan_op_run_gpu(const PlanOp *o, floatX *const *buf) {
+    if (o->kind == PLAN_GEMM) {
+        CublasGemmArgs g = plan_to_cublas(o);
+        const float alpha = 1.0f, beta = g.beta ? 1.0f : 0.0f;
+        cublasCheck(cublasGemmStridedBatchedEx(g_gpu.cublas, g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, g.transb ? CUBLAS_OP_T : CUBLAS_OP_N, g.m,
+                                               g.n, g.k, &alpha, buf[g.first] + g.first_off, CUBLAS_LOWP, g.lda, g.stride_a,
+                                               buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
+                                               CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    } else {
+        plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk);
     }
+}
+static void plan_run_gpu(const Plan *p, floatX *const *buf) {
+    for (int i = 0; i < p->n; i++) plan_op_run_gpu(&p->op[i], buf);
 }
 
 // One cublasGemmEx in column-major terms with mixed types (router: bf16 in, fp32 out).

@@ -111,10 +111,10 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
         "$([ "$rc" = 124 ] && echo ': stopped at its limit')")"
 }
 # every dev/cuda program, each with its default versions (a script: timeout runs programs only),
-# the structured kernels' first (they decide -sk and the Monarch traffic bound; structured_layers
+# the structured layers' plan breakdown and kernels first (they decide -sk and the Monarch traffic bound; structured_layers
 # already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
-KERNELS='rc=0; first="btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
+KERNELS='rc=0; first="plan_ops permute btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
   progs=${KERNEL_PROGS:-"$first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first))"};
   for n in $progs; do
   b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
@@ -188,6 +188,8 @@ if [ -f "$LOGS/kernels.log" ]; then
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
     # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
     sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
+    # the cuBLAS plans op by op (dev/cuda/plan_ops.cu): which GEMM or permute the time goes to
+    sed -n '/^== dev\/cuda\/plan_ops$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |  (fwd|bwd) |   forward plan|FAIL)' >> "$SUMMARY"
     # the permute's versions (dev/cuda/permute.cu): each shape's time and bandwidth
     sed -n '/^== dev\/cuda\/permute$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |.* v[0-9] )' >> "$SUMMARY"
 fi

@@ -1,0 +1,154 @@
+// dev/cuda/plan_ops.cu: where the cuBLAS baseline's structured layers (-sk 0) spend their time.
+// Each layer's forward and backward plans (structured/gpu_plan.h: batched GEMMs and permutes) run
+// op by op through the trainer's plan_op_run_gpu, each op timed alone against its own roofline
+// (its operands read and its output written once), then the whole plans. The layer's forward y and
+// input gradient dx are checked against the CPU layers (btt.h, monarch.h) on the first rows.
+//
+// One version (the trainer's plans); what it tells is which op to replace next: on an H200 the
+// BTT layers ran 2.4-12x their layer floor after the permute was rewritten (dev/bench/RESULTS.md),
+// without a split between the GEMMs and the permutes.
+//
+// Build: make -C dev/cuda plan_ops    Run: ./dev/cuda/plan_ops [rows, default 32768]
+#include "harness.cuh"
+#include "structured/structured.cuh"
+
+#define CHECK_ROWS 32
+
+typedef struct {
+    const char *name;
+    int kind;  // STRUCT_BTT or STRUCT_MONARCH
+    int d_in, d_out, rank, blocks;
+} PlanCase;
+
+static double op_bytes(const PlanOp *o) {
+    if (o->kind == PLAN_PERMUTE) return 2.0 * o->rows * o->R * o->C * o->blk * sizeof(floatX);
+    const double b = o->batch;
+    return (b * ((double)o->M * o->K + (double)o->K * o->N) + b * o->M * o->N * (1 + o->beta)) * sizeof(floatX);
+}
+static double op_flops(const PlanOp *o) { return o->kind == PLAN_GEMM ? 2.0 * o->M * o->N * o->K * o->batch : 0.0; }
+
+static void op_report(const char *phase, int i, const PlanOp *o, float ms) {
+    char what[96];
+    if (o->kind == PLAN_GEMM)
+        snprintf(what, sizeof(what), "gemm %c%c %dx%dx%d x%d%s", o->ta ? 'T' : 'N', o->tb ? 'T' : 'N', o->M, o->N, o->K, o->batch,
+                 o->beta ? " +=" : "");
+    else
+        snprintf(what, sizeof(what), "permute %d rows [%d][%d][%d]", o->rows, o->R, o->C, o->blk);
+    const double bytes = op_bytes(o), flops = op_flops(o), bw = dev_peak_gbps() * 1e9, peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
+    double floor_s = bytes / bw;
+    if (peak > 0 && flops / peak > floor_s) floor_s = flops / peak;
+    printf("  %s %d %-40s %8.4f ms %8.1f MB %7.1f GB/s %7.2f TFLOP/s %5.1f%% roofline\n", phase, i + 1, what, ms, bytes / 1e6,
+           bytes / (ms * 1e-3) / 1e9, flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3));
+}
+
+// |gpu - ref| <= 0.02 rms(ref) + 0.02 |ref| (bf16 storage of the intermediate and of the output)
+static void check_rows(const char *what, const floatX *d, const float *ref, int rows, int cols, int ld) {
+    float *g = dev_download_bf16(d, (size_t)rows * ld);
+    double ss = 0.0;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) ss += (double)ref[(size_t)r * cols + c] * ref[(size_t)r * cols + c];
+    const double rms = sqrt(ss / ((double)rows * cols));
+    float *got = (float *)malloc((size_t)rows * cols * sizeof(float)), *bound = (float *)malloc((size_t)rows * cols * sizeof(float));
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            got[(size_t)r * cols + c] = g[(size_t)r * ld + c];
+            bound[(size_t)r * cols + c] = (float)(0.02 * rms + 0.02 * fabs(ref[(size_t)r * cols + c]));
+        }
+    dev_check_bounded(what, got, ref, bound, (size_t)rows * cols);
+    free(g); free(got); free(bound);
+}
+
+int main(int argc, char **argv) {
+    gpu_init(0);
+    const int N = argc > 1 ? atoi(argv[1]) : 32768;
+    if (N < CHECK_ROWS) {
+        fprintf(stderr, "plan_ops: rows must be at least %d (got '%s')\n", CHECK_ROWS, argv[1]);
+        return 1;
+    }
+    const PlanCase cases[] = {
+        {"btt 768->3072 r1", STRUCT_BTT, 768, 3072, 1, 0},    {"btt 768->3072 r4", STRUCT_BTT, 768, 3072, 4, 0},
+        {"btt 2048->8192 r2", STRUCT_BTT, 2048, 8192, 2, 0},  {"monarch 768->3072 4 blocks", STRUCT_MONARCH, 768, 3072, 0, 4},
+        {"monarch 2048->8192 4 blocks", STRUCT_MONARCH, 2048, 8192, 0, 4},
+    };
+    printf("plan_ops: the cuBLAS plans of structured layers op by op, N = %d rows, bf16, on %s\n", N, g_gpu.prop.name);
+    for (const PlanCase &c : cases) {
+        BTTShape s;
+        MonarchShape m;
+        size_t zrow, w0n, w1n, t1n, t2n, t3n;
+        Plan fwd = {}, bwd = {};
+        if (c.kind == STRUCT_BTT) {
+            btt_shape_default(&s, c.d_in, c.d_out, c.rank);
+            zrow = btt_z_row(&s); w0n = btt_w0_size(&s); w1n = btt_w1_size(&s);
+            t1n = t2n = (size_t)N * zrow; t3n = 1;
+            plan_btt_forward(&fwd, &s, N, 0);
+            plan_btt_backward_dz(&bwd, &s, N, 0);
+            plan_btt_backward_rest(&bwd, &s, N, 0, 1, 1);
+        } else {
+            monarch_shape(&m, c.d_in, c.d_out, c.blocks);
+            zrow = monarch_u_row(&m); w0n = monarch_r_size(&m); w1n = monarch_l_size(&m);
+            t1n = t3n = (size_t)N * zrow; t2n = (size_t)N * c.d_out;
+            plan_monarch_forward(&fwd, &m, N);
+            plan_monarch_backward(&bwd, &m, N, 1);
+        }
+        printf("-- %s: intermediate row %zu elements, %d forward and %d backward ops\n", c.name, zrow, fwd.n, bwd.n);
+        float *hx = dev_random((size_t)N * c.d_in, -1.0f, 1.0f), *hdy = dev_random((size_t)N * c.d_out, -1.0f, 1.0f);
+        float *hw0 = dev_random(w0n, -0.1f, 0.1f), *hw1 = dev_random(w1n, -0.1f, 0.1f);
+        dev_round_bf16(hx, (size_t)N * c.d_in); dev_round_bf16(hdy, (size_t)N * c.d_out);
+        dev_round_bf16(hw0, w0n); dev_round_bf16(hw1, w1n);
+        floatX *buf[PB_COUNT];
+        buf[PB_X] = dev_upload_bf16(hx, (size_t)N * c.d_in);
+        buf[PB_DY] = dev_upload_bf16(hdy, (size_t)N * c.d_out);
+        buf[PB_W0] = dev_upload_bf16(hw0, w0n);
+        buf[PB_W1] = dev_upload_bf16(hw1, w1n);
+        const size_t sizes[PB_COUNT] = {0, (size_t)N * c.d_out, (size_t)N * zrow, 0, 0, 0, (size_t)N * c.d_in, w0n, w1n, t1n, t2n, t3n};
+        for (int b = 0; b < PB_COUNT; b++) {
+            if (b == PB_X || b == PB_DY || b == PB_W0 || b == PB_W1) continue;
+            cudaCheck(cudaMalloc(&buf[b], sizes[b] * sizeof(floatX)));
+            cudaCheck(cudaMemset(buf[b], 0, sizes[b] * sizeof(floatX)));  // the weight gradients accumulate
+        }
+        cudaCheck(cudaMemset(buf[PB_Y], 0xFF, sizes[PB_Y] * sizeof(floatX)));  // NaN: must be written
+        cudaCheck(cudaMemset(buf[PB_DX], 0xFF, sizes[PB_DX] * sizeof(floatX)));
+        plan_run_gpu(&fwd, buf);
+        plan_run_gpu(&bwd, buf);
+        cudaCheck(cudaDeviceSynchronize());
+
+        // the CPU layers on the first rows (row-local: y and dx of a row need only that row)
+        const int CR = CHECK_ROWS;
+        float *ry = (float *)calloc((size_t)CR * c.d_out, sizeof(float)), *rdx = (float *)calloc((size_t)CR * c.d_in, sizeof(float));
+        float *rz = (float *)calloc((size_t)CR * zrow, sizeof(float)), *dw0 = (float *)calloc(w0n, sizeof(float)),
+              *dw1 = (float *)calloc(w1n, sizeof(float));
+        float *scr;
+        char what[128];
+        if (c.kind == STRUCT_BTT) {
+            scr = (float *)calloc(btt_scratch_size(&s, CR), sizeof(float));
+            btt_forward(ry, rz, hx, hw0, hw1, NULL, CR, &s);
+            btt_backward(rdx, dw0, dw1, NULL, hdy, hx, rz, hw0, hw1, CR, &s, scr);
+        } else {
+            scr = (float *)calloc(monarch_scratch_size(&m, CR), sizeof(float));
+            monarch_forward(ry, rz, hx, hw0, hw1, NULL, CR, &m);
+            monarch_backward(rdx, dw0, dw1, NULL, hdy, hx, rz, hw0, hw1, CR, &m, scr);
+        }
+        snprintf(what, sizeof(what), "%s: y, first %d rows", c.name, CR);
+        check_rows(what, buf[PB_Y], ry, CR, c.d_out, c.d_out);
+        snprintf(what, sizeof(what), "%s: dx, first %d rows", c.name, CR);
+        check_rows(what, buf[PB_DX], rdx, CR, c.d_in, c.d_in);
+        free(ry); free(rdx); free(rz); free(dw0); free(dw1); free(scr);
+
+        float sum_f = 0.0f, sum_b = 0.0f;
+        for (int i = 0; i < fwd.n; i++) {
+            float ms = dev_time_ms([&]() { plan_op_run_gpu(&fwd.op[i], buf); });
+            op_report("fwd", i, &fwd.op[i], ms);
+            sum_f += ms;
+        }
+        for (int i = 0; i < bwd.n; i++) {
+            float ms = dev_time_ms([&]() { plan_op_run_gpu(&bwd.op[i], buf); });
+            op_report("bwd", i, &bwd.op[i], ms);
+            sum_b += ms;
+        }
+        const float mf = dev_time_ms([&]() { plan_run_gpu(&fwd, buf); }), mb = dev_time_ms([&]() { plan_run_gpu(&bwd, buf); });
+        printf("   forward plan %.4f ms (its ops alone: %.4f), backward plan %.4f ms (%.4f)\n", mf, sum_f, mb, sum_b);
+        for (int b = 0; b < PB_COUNT; b++) cudaCheck(cudaFree(buf[b]));
+        free(hx); free(hdy); free(hw0); free(hw1);
+    }
+    return dev_summary();
+}
