@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
     }
 }
 
-// Shared-memory limits: rows of up to this many elements per block (24 KB) go several to a block.
+// Rows shorter than this many elements (24 KB) are staged several to a block, up to 16.
 #define PERMUTE_GROUP_ELEMS 12288
 static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk) {
     const int cb = C * blk, len = R * cb, pitch = cb | 1, span = R * pitch;
@@ -132,13 +132,14 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     const int vec = len % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
     const long groups = (rows + rpb - 1) / rpb;
     const int grid = (int)(groups < 65535 ? groups : 65535);
-    if (vec) {
-        if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        plan_permute_rows_kernel<8><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
-    } else {
-        if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        plan_permute_rows_kernel<1><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    static size_t smem_set[2] = {48 * 1024, 48 * 1024};  // the dynamic limit each version has been given
+    if (smem > smem_set[vec]) {
+        if (vec) cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        else cudaCheck(cudaFuncSetAttribute(plan_permute_rows_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        smem_set[vec] = smem;
     }
+    if (vec) plan_permute_rows_kernel<8><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    else plan_permute_rows_kernel<1><<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
     cudaCheckLaunch();
 }
 

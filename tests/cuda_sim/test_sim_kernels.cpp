@@ -1724,6 +1724,7 @@ int main(int argc, char **argv) {
         test_permute(23, 8, 3, 4, 8, 0, "16-byte loads across sub-rows of 12");
         test_permute(9, 7, 5, 3, 3, 1, "2-byte: odd sizes and strides");
         test_permute(3, 64, 128, 4, 0, 0, "one 64 KB row per block, over the 48 KB default");
+        test_permute(5, 64, 100, 4, 0, 0, "a 50 KB row: the limit raised above stays");
         test_permute(2, 128, 256, 4, 0, 0, "a row over the opt-in: the scatter kernel");
         test_btt(37, 4, 12, 8, 24, 2);   // 48 -> 192
         test_btt(29, 8, 24, 4, 12, 1);   // 192 -> 48
