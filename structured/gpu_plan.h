@@ -155,18 +155,17 @@ static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 
 // also reads C. A plan built for n = 1 rows gives the count per row: the cuBLAS baseline's memory
 // traffic, which monarch_fused.cuh weighs its kernels against.
 static inline int plan_buf_is_core(int b) { return b == PB_W0 || b == PB_W1 || b == PB_DW0 || b == PB_DW1; }
+// One op's elements so counted; with_cores: the cores and their gradients too (an op's own
+// traffic, dev/cuda/plan_ops.cu).
+static inline double plan_op_elems(const PlanOp *o, int with_cores) {
+    if (o->kind == PLAN_PERMUTE) return 2.0 * o->rows * o->R * o->C * o->blk;
+    const double mk = (double)o->M * o->K, kn = (double)o->K * o->N, mn = (double)o->M * o->N;
+    return o->batch * ((!with_cores && plan_buf_is_core(o->a) ? 0.0 : mk) + (!with_cores && plan_buf_is_core(o->b) ? 0.0 : kn) +
+                       (!with_cores && plan_buf_is_core(o->c) ? 0.0 : mn * (1 + o->beta)));
+}
 static inline double plan_activation_elems(const Plan *p) {
     double e = 0.0;
-    for (int i = 0; i < p->n; i++) {
-        const PlanOp *o = &p->op[i];
-        if (o->kind == PLAN_PERMUTE) {
-            e += 2.0 * o->rows * o->R * o->C * o->blk;
-            continue;
-        }
-        const double mk = (double)o->M * o->K, kn = (double)o->K * o->N, mn = (double)o->M * o->N;
-        e += o->batch * ((plan_buf_is_core(o->a) ? 0.0 : mk) + (plan_buf_is_core(o->b) ? 0.0 : kn) +
-                         (plan_buf_is_core(o->c) ? 0.0 : mn * (1 + o->beta)));
-    }
+    for (int i = 0; i < p->n; i++) e += plan_op_elems(&p->op[i], 0);
     return e;
 }
 

@@ -181,6 +181,45 @@ static inline float *dev_fabs_copy(const float *a, size_t n) {
     return p;
 }
 
+// A layer's output rows against the CPU layer: |gpu - ref| <= 0.02 rms(ref) + 0.02 |ref| on every
+// checked element (bf16 storage of an intermediate and of the output is ~0.4% per rounding; a
+// wrong stride or layout gives O(1) errors). Rows with skip[r] set are not compared (skip may be
+// NULL; structured_layers: BTT-MoE rows whose top-k differs between the GPU's and the CPU's logits,
+// a near-tie). Counts a pass or a failure (dev_summary); *worst_rel (may be NULL): the largest
+// error over rms(ref). Returns 1 when every element is within its bound.
+static inline int dev_check_rows(const char *what, const float *gpu, const float *ref, int rows, int cols, const int *skip, double *worst_rel) {
+    double ss = 0.0;
+    size_t cnt = 0;
+    for (int r = 0; r < rows; r++) {
+        if (skip && skip[r]) continue;
+        for (int j = 0; j < cols; j++) { ss += (double)ref[(size_t)r * cols + j] * ref[(size_t)r * cols + j]; cnt++; }
+    }
+    double rms = cnt ? sqrt(ss / cnt) : 0.0, worst = 0.0;
+    size_t bad = 0, first = 0;
+    for (int r = 0; r < rows; r++) {
+        if (skip && skip[r]) continue;
+        for (int j = 0; j < cols; j++) {
+            size_t i = (size_t)r * cols + j;
+            double err = fabs((double)gpu[i] - ref[i]);
+            if (!(err <= 0.02 * rms + 0.02 * fabs(ref[i]))) {
+                if (!bad) first = i;
+                bad++;
+            }
+            if (rms > 0 && err / rms > worst) worst = err / rms;
+            if (err != err) worst = INFINITY;
+        }
+    }
+    if (worst_rel) *worst_rel = worst;
+    if (bad) {
+        g_dev_fail++;
+        printf("FAIL %s: %zu of %zu checked outputs off (rms %.3g); first at row %zu col %zu: gpu %.6g cpu %.6g\n", what, bad, cnt, rms,
+               first / cols, first % cols, gpu[first], ref[first]);
+        return 0;
+    }
+    g_dev_pass++;
+    return 1;
+}
+
 static inline int dev_summary(void) {
     printf("%d passed, %d failed\n", g_dev_pass, g_dev_fail);
     return g_dev_fail ? EXIT_FAILURE : EXIT_SUCCESS;
@@ -219,12 +258,16 @@ static inline double dev_peak_gbps(void) {
     return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
 }
 
-// One result line. bytes and flops are the minimum the kernel must move / compute; the roofline
-// floor is max(bytes / bandwidth, flops / peak), and "% roofline" is floor / measured time.
-static inline void dev_report(const char *name, int version, float ms, double bytes, double flops, float max_err) {
-    double bw = dev_peak_gbps(), peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
-    double floor_s = bytes / (bw * 1e9);
+// The roofline floor in seconds: max(bytes / bandwidth, flops / peak), bytes and flops the minimum
+// the kernel must move / compute.
+static inline double dev_floor_s(double bytes, double flops) {
+    double peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12, floor_s = bytes / (dev_peak_gbps() * 1e9);
     if (peak > 0 && flops / peak > floor_s) floor_s = flops / peak;
+    return floor_s;
+}
+// One result line; "% roofline" is the floor over the measured time.
+static inline void dev_report(const char *name, int version, float ms, double bytes, double flops, float max_err) {
+    const double floor_s = dev_floor_s(bytes, flops);
     printf("%-28s v%-2d %9.4f ms %9.1f GB/s %9.2f TFLOP/s %6.1f%% roofline  max err %.3g\n", name, version, ms, bytes / (ms * 1e-3) / 1e9,
            flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3), max_err);
 }

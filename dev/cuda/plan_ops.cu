@@ -20,11 +20,7 @@ typedef struct {
     int d_in, d_out, rank, blocks;
 } PlanCase;
 
-static double op_bytes(const PlanOp *o) {
-    if (o->kind == PLAN_PERMUTE) return 2.0 * o->rows * o->R * o->C * o->blk * sizeof(floatX);
-    const double b = o->batch;
-    return (b * ((double)o->M * o->K + (double)o->K * o->N) + b * o->M * o->N * (1 + o->beta)) * sizeof(floatX);
-}
+static double op_bytes(const PlanOp *o) { return plan_op_elems(o, 1) * sizeof(floatX); }
 static double op_flops(const PlanOp *o) { return o->kind == PLAN_GEMM ? 2.0 * o->M * o->N * o->K * o->batch : 0.0; }
 
 static void op_report(const char *phase, int i, const PlanOp *o, float ms) {
@@ -34,28 +30,16 @@ static void op_report(const char *phase, int i, const PlanOp *o, float ms) {
                  o->beta ? " +=" : "");
     else
         snprintf(what, sizeof(what), "permute %d rows [%d][%d][%d]", o->rows, o->R, o->C, o->blk);
-    const double bytes = op_bytes(o), flops = op_flops(o), bw = dev_peak_gbps() * 1e9, peak = gpu_peak_bf16_tflops(g_gpu.prop.name) * 1e12;
-    double floor_s = bytes / bw;
-    if (peak > 0 && flops / peak > floor_s) floor_s = flops / peak;
+    const double bytes = op_bytes(o), flops = op_flops(o), floor_s = dev_floor_s(bytes, flops);
     printf("  %s %d %-40s %8.4f ms %8.1f MB %7.1f GB/s %7.2f TFLOP/s %5.1f%% roofline\n", phase, i + 1, what, ms, bytes / 1e6,
            bytes / (ms * 1e-3) / 1e9, flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3));
 }
 
-// |gpu - ref| <= 0.02 rms(ref) + 0.02 |ref| (bf16 storage of the intermediate and of the output)
-static void check_rows(const char *what, const floatX *d, const float *ref, int rows, int cols, int ld) {
-    float *g = dev_download_bf16(d, (size_t)rows * ld);
-    double ss = 0.0;
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) ss += (double)ref[(size_t)r * cols + c] * ref[(size_t)r * cols + c];
-    const double rms = sqrt(ss / ((double)rows * cols));
-    float *got = (float *)malloc((size_t)rows * cols * sizeof(float)), *bound = (float *)malloc((size_t)rows * cols * sizeof(float));
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
-            got[(size_t)r * cols + c] = g[(size_t)r * ld + c];
-            bound[(size_t)r * cols + c] = (float)(0.02 * rms + 0.02 * fabs(ref[(size_t)r * cols + c]));
-        }
-    dev_check_bounded(what, got, ref, bound, (size_t)rows * cols);
-    free(g); free(got); free(bound);
+// The first rows of a device buffer against the CPU's (dev_check_rows)
+static void check_rows(const char *what, const floatX *d, const float *ref, int rows, int cols) {
+    float *g = dev_download_bf16(d, (size_t)rows * cols);
+    dev_check_rows(what, g, ref, rows, cols, NULL, NULL);
+    free(g);
 }
 
 int main(int argc, char **argv) {
@@ -129,9 +113,9 @@ int main(int argc, char **argv) {
             monarch_backward(rdx, dw0, dw1, NULL, hdy, hx, rz, hw0, hw1, CR, &m, scr);
         }
         snprintf(what, sizeof(what), "%s: y, first %d rows", c.name, CR);
-        check_rows(what, buf[PB_Y], ry, CR, c.d_out, c.d_out);
+        check_rows(what, buf[PB_Y], ry, CR, c.d_out);
         snprintf(what, sizeof(what), "%s: dx, first %d rows", c.name, CR);
-        check_rows(what, buf[PB_DX], rdx, CR, c.d_in, c.d_in);
+        check_rows(what, buf[PB_DX], rdx, CR, c.d_in);
         free(ry); free(rdx); free(rz); free(dw0); free(dw1); free(scr);
 
         float sum_f = 0.0f, sum_b = 0.0f;

@@ -188,40 +188,6 @@ static int make_cases(Case *c, int din, int dout) {
 // ----------------------------------------------------------------------------------------------
 // forward check on the first rows: the CPU layer on the same bf16 values
 
-// |gpu - ref| <= 0.02 rms(ref) + 0.02 |ref| on every checked element (bf16 storage of z and y
-// is ~0.4% per rounding; a wrong stride or layout gives O(1) errors). Rows in skip[] are not
-// compared (BTT-MoE rows whose top-k differs between the GPU's and the CPU's logits: a near-tie).
-static int check_rows(const char *what, const float *gpu, const float *ref, int rows, int cols, const int *skip, double *worst_rel) {
-    double ss = 0.0;
-    size_t cnt = 0;
-    for (int r = 0; r < rows; r++) {
-        if (skip && skip[r]) continue;
-        for (int j = 0; j < cols; j++) { ss += (double)ref[(size_t)r * cols + j] * ref[(size_t)r * cols + j]; cnt++; }
-    }
-    double rms = cnt ? sqrt(ss / cnt) : 0.0, worst = 0.0;
-    size_t bad = 0, first = 0;
-    for (int r = 0; r < rows; r++) {
-        if (skip && skip[r]) continue;
-        for (int j = 0; j < cols; j++) {
-            size_t i = (size_t)r * cols + j;
-            double err = fabs((double)gpu[i] - ref[i]);
-            if (!(err <= 0.02 * rms + 0.02 * fabs(ref[i]))) {
-                if (!bad) first = i;
-                bad++;
-            }
-            if (rms > 0 && err / rms > worst) worst = err / rms;
-            if (err != err) worst = INFINITY;
-        }
-    }
-    *worst_rel = worst;
-    if (bad) {
-        printf("FAIL %s: %zu of %zu checked forward outputs off (rms %.3g); first at row %zu col %zu: gpu %.6g cpu %.6g\n", what, bad, cnt,
-               rms, first / cols, first % cols, gpu[first], ref[first]);
-        return 0;
-    }
-    return 1;
-}
-
 static float *download_rows(const floatX *d, size_t n) { return dev_download_bf16(d, n); }
 
 // ----------------------------------------------------------------------------------------------
@@ -339,7 +305,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
                 }
             free(w);
             gpu = download_rows(r->y, (size_t)CR * dout);
-            ok = check_rows(what, gpu, ref, CR, dout, NULL, &worst);
+            ok = dev_check_rows(what, gpu, ref, CR, dout, NULL, &worst);
         }
         *fwd_ms = dev_time_ms(fwd, a->warmup, a->reps);
         *ms = dev_time_ms(step, a->warmup, a->reps);
@@ -363,7 +329,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
             float *cz = (float *)mallocCheck(sizeof(float) * zrow * CR);
             btt_forward(ref, cz, cx, w0, w1, NULL, CR, &s);
             gpu = download_rows(r->y, (size_t)CR * dout);
-            ok = check_rows(what, gpu, ref, CR, dout, NULL, &worst);
+            ok = dev_check_rows(what, gpu, ref, CR, dout, NULL, &worst);
             // the backward's dx too (row by row, so CR rows of dy give CR rows of dx): with -sk 1 it
             // is the fused transposed BTT
             step();
@@ -375,7 +341,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
             char what_dx[160];
             snprintf(what_dx, sizeof(what_dx), "%s dx", what);
             double worst_dx = 0.0;
-            ok = check_rows(what_dx, gdx, rdx, CR, din, NULL, &worst_dx) && ok;
+            ok = dev_check_rows(what_dx, gdx, rdx, CR, din, NULL, &worst_dx) && ok;
             free(w0); free(w1); free(cz); free(cdy); free(gdx); free(rdx); free(scr); free(t0); free(t1);
         }
         *fwd_ms = dev_time_ms(fwd, a->warmup, a->reps);
@@ -401,7 +367,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
             monarch_forward(ref, cu, cx, hr, hl, NULL, CR, &m);
             free(hr); free(hl); free(cu);
             gpu = download_rows(r->y, (size_t)CR * dout);
-            ok = check_rows(what, gpu, ref, CR, dout, NULL, &worst);
+            ok = dev_check_rows(what, gpu, ref, CR, dout, NULL, &worst);
         }
         *fwd_ms = dev_time_ms(fwd, a->warmup, a->reps);
         *ms = dev_time_ms(step, a->warmup, a->reps);
@@ -447,7 +413,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
             free(gsel); free(w0); free(w1); free(hr);
             moe_state_free(&cst);
             gpu = download_rows(r->y, (size_t)CR * dout);
-            ok = check_rows(what, gpu, ref, CR, dout, skip, &worst) && ok;
+            ok = dev_check_rows(what, gpu, ref, CR, dout, skip, &worst) && ok;
         }
         *fwd_ms = dev_time_ms(fwd, a->warmup, a->reps);
         *ms = dev_time_ms(step, a->warmup, a->reps);
