@@ -425,7 +425,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         floatX *s_d = cudaMallocNamed(floatX, moe_gpu_scratch_elems(&ms, N), "test scratch");
         float *f_d = cudaMallocNamed(float, moe_gpu_scratch_floats(&ms, N), "test fscratch");
         MoEGPUScratch sc;
-        moe_gpu_scratch_bind(&sc, &ms, N, s_d, f_d);
+        moe_gpu_scratch_bind(&sc, &gst, &ms, N, s_d, f_d);
         MoERouting *aux_d = cudaMallocNamed(MoERouting, 1, "test aux and routing");
         moe_forward_gpu(y_d, &gst, &sc, x_d, w_d[0], w_d[1], w_d[2], bias_d, N, &ms);
         moe_aux_stats_gpu(&gst, &ms);

@@ -163,7 +163,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
         default: {
             MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
-            moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
+            moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
             moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
             moe_aux_stats_gpu(&ls->moe, &ms);
             long n_total = N;
@@ -208,7 +208,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
         default: {
             MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
-            moe_gpu_scratch_bind(&sc, &ms, N, m->st_scratch, m->st_fscratch);
+            moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
             moe_backward_gpu(dinp, dw0, dw1, P_(m, m->grads, ld->w[2]), db, dout, daux, inp, &ls->moe, &sc, w0, w1, P_(m, m->params, ld->w[2]),
                              &ms, m->colsum_scratch);
             break;

@@ -37,6 +37,11 @@ typedef struct {
     int src, dst, rows, R, C, blk;
     size_t src_off, dst_off;
     int src_ld, dst_ld;
+    // Tiled (plan_tile; 0 tiles: not tiled): the op runs on `tiles` tiles of tile_rows rows. A
+    // GEMM's operand k (0: A, 1: B, 2: C) in tile i of expert e starts ts[k]·i + es[k]·e elements
+    // further on; c_f32: C is an fp32 buffer. A permute covers the tiles in use.
+    int tiles, tile_rows, c_f32;
+    long long ts[3], es[3];
 } PlanOp;
 
 #define PLAN_MAX_OPS 8
@@ -155,12 +160,12 @@ static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 
 // also reads C. A plan built for n = 1 rows gives the count per row: the cuBLAS baseline's memory
 // traffic, which monarch_fused.cuh weighs its kernels against.
 static inline int plan_buf_is_core(int b) { return b == PB_W0 || b == PB_W1 || b == PB_DW0 || b == PB_DW1; }
-// One op's elements so counted; with_cores: the cores and their gradients too (an op's own
-// traffic, dev/cuda/plan_ops.cu).
+// One op's elements so counted (a tiled op's on every tile); with_cores: the cores and their
+// gradients too (an op's own traffic, dev/cuda/plan_ops.cu).
 static inline double plan_op_elems(const PlanOp *o, int with_cores) {
     if (o->kind == PLAN_PERMUTE) return 2.0 * o->rows * o->R * o->C * o->blk;
     const double mk = (double)o->M * o->K, kn = (double)o->K * o->N, mn = (double)o->M * o->N;
-    return o->batch * ((!with_cores && plan_buf_is_core(o->a) ? 0.0 : mk) + (!with_cores && plan_buf_is_core(o->b) ? 0.0 : kn) +
+    return (o->tiles ? o->tiles : 1) * o->batch * ((!with_cores && plan_buf_is_core(o->a) ? 0.0 : mk) + (!with_cores && plan_buf_is_core(o->b) ? 0.0 : kn) +
                        (!with_cores && plan_buf_is_core(o->c) ? 0.0 : mn * (1 + o->beta)));
 }
 static inline double plan_activation_elems(const Plan *p) {
@@ -174,6 +179,90 @@ static inline void plan_scratch_offsets(size_t t1_row, size_t t2_row, int rows, 
     off[0] = 0;
     off[1] = t1_row * (size_t)rows;
     off[2] = off[1] + t2_row * (size_t)rows;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tiled plans: every BTT-MoE expert in one launch per op, without the counts on the host.
+//
+// cuBLAS takes a GEMM's row count from the host only, so a plan per expert makes the host wait
+// for each layer's routing and gives cuBLAS new shapes every step. Instead each expert's grouped
+// rows are padded with zero rows to whole tiles of tile_rows rows, each tile one expert's. A plan
+// built for one tile (n = tile_rows, row 0) then runs on every tile at once: its GEMMs become
+// pointer-array batched GEMMs whose pointers a kernel writes from the device's tile table, with
+// tile i of a row buffer tile_rows rows further on and its cores expert e(i)'s; the weight
+// gradients, which sum over an expert's tiles, are written per tile into fp32 partials (DW0/DW1
+// then name those, one core's size apart), summed per expert afterwards in a fixed order. The
+// shapes depend on N alone, so nothing waits. The batch has a slot for the most tiles any routing
+// needs (moe_max_tiles); slots past this step's tiles all repeat the spare tile (index `tiles`,
+// after the last) with expert 0, identical products whose results nothing reads.
+
+static inline void plan_tile(Plan *p, int tiles, int tile_rows, size_t core0, size_t core1) {
+    for (int i = 0; i < p->n; i++) {
+        PlanOp *o = &p->op[i];
+        o->tiles = tiles;
+        o->tile_rows = tile_rows;
+        if (o->kind == PLAN_PERMUTE) {  // rows are independent: one permute over every tile's rows
+            if (o->rows != tile_rows || o->src_off || o->dst_off) fatal("internal: plan_tile wants a plan built for one tile at row 0");
+            o->rows = tiles * tile_rows;
+            continue;
+        }
+        const int bufs[3] = {o->a, o->b, o->c}, lds[3] = {o->lda, o->ldb, o->ldc};
+        for (int k = 0; k < 3; k++) {
+            const int b = bufs[k];
+            o->ts[k] = o->es[k] = 0;
+            if (b == PB_W0 || b == PB_W1) {
+                o->es[k] = (long long)(b == PB_W0 ? core0 : core1);
+            } else if (b == PB_DW0 || b == PB_DW1) {
+                if (k != 2) fatal("internal: plan_tile: a core gradient read by a GEMM");
+                o->ts[k] = (long long)(b == PB_DW0 ? core0 : core1);
+                o->c_f32 = 1;
+                o->beta = 0;
+            } else {
+                o->ts[k] = (long long)tile_rows * lds[k];
+            }
+        }
+    }
+}
+
+// Elements from its buffer's start of operand k (0: A, 1: B, 2: C) of tiled GEMM o in batch slot
+// (tile slot i, product b), when `active` tiles are in use (tile_expert: the device's table).
+ST_HD static inline size_t plan_tile_offset(const PlanOp *o, int k, int i, int b, int active, const int *tile_expert) {
+    const int t = i < active ? i : o->tiles, e = i < active ? tile_expert[i] : 0;
+    const size_t off = k == 0 ? o->a_off : k == 1 ? o->b_off : o->c_off;
+    const long long stride = k == 0 ? o->sa : k == 1 ? o->sb : o->sc;
+    return off + (size_t)(o->ts[k] * t + o->es[k] * e + stride * b);
+}
+
+// Pointers a tiled plan's GEMMs take: three (A, B, C) per batch slot.
+static inline size_t plan_tile_ptr_count(const Plan *p) {
+    size_t n = 0;
+    for (int i = 0; i < p->n; i++)
+        if (p->op[i].kind == PLAN_GEMM) n += 3 * (size_t)p->op[i].tiles * p->op[i].batch;
+    return n;
+}
+
+// The most tiles E experts' NK grouped rows can fill: Σ ceil(c_e / T) <= (NK + E (T - 1)) / T.
+static inline int moe_max_tiles(int NK, int E, int tile_rows) { return (int)(((long)NK + (long)E * (tile_rows - 1)) / tile_rows); }
+// Grouped rows a BTT-MoE layer's buffers hold: the tiles, and the spare.
+static inline size_t moe_grouped_rows(int NK, int E, int tile_rows) { return ((size_t)moe_max_tiles(NK, E, tile_rows) + 1) * tile_rows; }
+
+// BTT-MoE's tile rows for N tokens, from a model of the bytes the tiles cost. Padding moves about
+// half a tile of zero rows per expert through every op (E·T/2 rows of the plans' per-row bytes);
+// each tile's fp32 weight-gradient partials are written and read once (8 bytes per core element);
+// the sum E·T/2·row + NK/T·part is least at T = sqrt(2·NK·part / (E·row)), taken here to the
+// nearest power of two in [64, 2048] (cuBLAS's row tiles).
+static inline int moe_tile_rows(const MoEShape *s, int N) {
+    const BTTShape b1 = moe_expert_shape(s);
+    Plan f = {}, d = {}, r = {};
+    plan_btt_forward(&f, &b1, 1, 0);
+    plan_btt_backward_dz(&d, &b1, 1, 0);
+    plan_btt_backward_rest(&r, &b1, 1, 0, 1, 0);
+    const double row = 2.0 * (plan_activation_elems(&f) + plan_activation_elems(&d) + plan_activation_elems(&r));
+    const double part = 8.0 * (double)(btt_w0_size(&b1) + btt_w1_size(&b1));
+    const double best = sqrt(2.0 * (double)N * s->topk * part / ((double)s->experts * row));
+    int t = 64;
+    while (t < 2048 && best > t * 1.41421356) t *= 2;
+    return t;
 }
 
 // ----------------------------------------------------------------------------------------------

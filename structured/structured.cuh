@@ -16,19 +16,20 @@
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
 //   logsumexp (moe.h's st_moe_route_row); one block per expert scans the (token, k) pairs in order
 //   and writes that expert's pairs, ascending, into `order` (no atomics: deterministic, and the
-//   same grouping as the CPU's counting sort); the experts' rank-1 cores are copied out of the
-//   strided rank components (moe.h's index maps); with -sk 1 every expert runs in ONE segmented
-//   launch of btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on
-//   the fly; else the inputs are gathered into expert-contiguous rows and each expert runs
-//   plan_btt_forward on its row range (GEMM shapes from the counts, so the host waits for them);
-//   each token adds its k gated expert outputs in k order. The backward with -sk 1 runs every
-//   expert's dx and dZ in one segmented launch too (dy rows read through the grouping), and every
-//   expert's dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh): no host wait at all. Only
-//   the cuBLAS path's per-expert plans copy the counts to the host (moe_host_counts, once per
-//   forward). The aux loss stays on the device: its statistics (in
-//   doubles, so that data-parallel ranks can sum them with one NCCL all-reduce), f̂ and the loss
-//   itself (moe_aux_stats_gpu, moe_aux_finish_gpu); the trainer reads every layer's loss once per
-//   step, with the cross-entropy. So with -sk 1 a BTT-MoE layer has no host round trip.
+//   same grouping as the CPU's counting sort), each expert's rows padded with zero rows to whole
+//   tiles (gpu_plan.h, tiled plans); the experts' rank-1 cores are copied out of the strided rank
+//   components (moe.h's index maps); with -sk 1 every expert runs in ONE segmented launch of
+//   btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on the fly;
+//   else the inputs are gathered into the tiles and every tile of every expert runs at once, each
+//   plan op one pointer-array batched GEMM (pointers written on the device from the tile table)
+//   or one permute; each token adds its k gated expert outputs in k order. The backward likewise:
+//   with -sk 1 every expert's dx and dZ in one segmented launch (dy rows read through the
+//   grouping) and its dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh); on the plans,
+//   per-tile fp32 weight-gradient partials summed per expert in tile order. The aux loss stays on
+//   the device: its statistics (in doubles, so that data-parallel ranks can sum them with one
+//   NCCL all-reduce), f̂ and the loss itself (moe_aux_stats_gpu, moe_aux_finish_gpu); the trainer
+//   reads every layer's loss once per step, with the cross-entropy. So a BTT-MoE layer never
+//   waits for the host, and its GEMM shapes depend on N alone.
 #pragma once
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
@@ -54,8 +55,10 @@ static int g_st_fused = 0;
 // per thread in source order, so a warp's 2-byte stores land C·blk elements apart: on an H200 this
 // made the cuBLAS BTT and Monarch layers several times slower than their GEMMs alone
 // (dev/bench/RESULTS.md). Kept as the fallback for rows too long for shared memory.
-__global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int rows, int len, int src_ld, int dst_ld, int R, int C, int blk) {
+__global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int rows, const int *rows_dev, int len, int src_ld, int dst_ld, int R,
+                                            int C, int blk) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (rows_dev && *rows_dev < rows) rows = *rows_dev;
     if (idx >= (size_t)rows * len) return;
     size_t r = idx / len;
     int j = (int)(idx % len);
@@ -70,9 +73,10 @@ __global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int 
 // V = 8 moved 2.5-2.8 TB/s; Monarch's u, whose sub-rows of 4 then took V = 1, only 0.8.)
 #define PERMUTE_THREADS 256
 template <int V>
-__global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld,
-                                                                            int R, int C, int blk, int pitch, int rpb) {
+__global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floatX *dst, const floatX *src, int rows, const int *rows_dev,
+                                                                            int src_ld, int dst_ld, int R, int C, int blk, int pitch, int rpb) {
     extern __shared__ __align__(16) unsigned char permute_smem[];
+    if (rows_dev && *rows_dev < rows) rows = *rows_dev;
     uint16_t *sm = (uint16_t *)permute_smem;  // raw bf16 bits: the data only moves
     const uint16_t *src16 = (const uint16_t *)src;
     uint16_t *dst16 = (uint16_t *)dst;
@@ -116,14 +120,16 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
 }
 
 // Rows shorter than this many elements (24 KB) are staged several to a block, up to 16.
+// rows_dev (may be NULL): a device count that bounds `rows` (a tiled plan's rows in use).
 #define PERMUTE_GROUP_ELEMS 12288
-static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk) {
+static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk,
+                             const int *rows_dev = NULL) {
     const int cb = C * blk, len = R * cb, pitch = cb | 1, span = R * pitch;
     const size_t row_bytes = (size_t)span * sizeof(floatX);
     if (rows <= 0 || len <= 0) return;
     if (row_bytes > (size_t)g_gpu.prop.sharedMemPerBlockOptin) {
         size_t n = (size_t)rows * len;
-        plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, rows, len, src_ld, dst_ld, R, C, blk);
+        plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, rows, rows_dev, len, src_ld, dst_ld, R, C, blk);
         cudaCheckLaunch();
         return;
     }
@@ -132,13 +138,14 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     const int vec = len % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
     const long groups = (rows + rpb - 1) / rpb;
     const int grid = (int)(groups < 65535 ? groups : 65535);
-    void (*kern)(floatX *, const floatX *, int, int, int, int, int, int, int, int) = vec ? plan_permute_rows_kernel<8> : plan_permute_rows_kernel<1>;
+    void (*kern)(floatX *, const floatX *, int, const int *, int, int, int, int, int, int, int) =
+        vec ? plan_permute_rows_kernel<8> : plan_permute_rows_kernel<1>;
     static size_t smem_set[2] = {48 * 1024, 48 * 1024};  // the dynamic limit each version has been given
     if (smem > smem_set[vec]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set[vec] = smem;
     }
-    kern<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    kern<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, rows_dev, src_ld, dst_ld, R, C, blk, pitch, rpb);
     cudaCheckLaunch();
 }
 
@@ -157,6 +164,63 @@ static void plan_op_run_gpu(const PlanOp *o, floatX *const *buf) {
 }
 static void plan_run_gpu(const Plan *p, floatX *const *buf) {
     for (int i = 0; i < p->n; i++) plan_op_run_gpu(&p->op[i], buf);
+}
+
+// A tiled plan (gpu_plan.h: BTT-MoE's experts, tiles from the device's table). Buffers by value
+// for the pointer kernel; DW0/DW1 are fp32 partials there, every other buffer bf16.
+typedef struct {
+    void *buf[PB_COUNT];
+} PlanBufs;
+
+// Every GEMM's batch-slot pointers at once: op after op, its A, B and C arrays of tiles·batch
+// pointers each. rows_in_use: the grouped rows this step's tiles hold (device).
+__global__ void plan_tile_ptrs_kernel(void **ptrs, Plan p, PlanBufs bufs, const int *tile_expert, const int *rows_in_use) {
+    long j = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (int i = 0; i < p.n; i++) {
+        const PlanOp *o = &p.op[i];
+        if (o->kind != PLAN_GEMM) continue;
+        const long slots = (long)o->tiles * o->batch;
+        if (j < slots) {
+            const int t = (int)(j / o->batch), b = (int)(j % o->batch), active = *rows_in_use / o->tile_rows;
+            const int which[3] = {o->a, o->b, o->c};
+            for (int k = 0; k < 3; k++) {
+                const size_t esz = k == 2 && o->c_f32 ? sizeof(float) : sizeof(floatX);
+                ptrs[k * slots + j] = (char *)bufs.buf[which[k]] + esz * plan_tile_offset(o, k, t, b, active, tile_expert);
+            }
+            return;
+        }
+        j -= slots;
+        ptrs += 3 * slots;
+    }
+}
+
+// ptrs: plan_tile_ptr_count(p) device pointers. One pointer kernel, then per op one
+// pointer-array batched GEMM (cuBLAS's A is our B, as plan_to_cublas) or one permute over the
+// rows in use.
+static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_expert, const int *rows_in_use, void **ptrs) {
+    PlanBufs pb;
+    memcpy(pb.buf, buf, sizeof(pb.buf));
+    const long total = (long)(plan_tile_ptr_count(p) / 3);
+    if (total > 0) {
+        plan_tile_ptrs_kernel<<<ceil_div_i(total, 256), 256>>>(ptrs, *p, pb, tile_expert, rows_in_use);
+        cudaCheckLaunch();
+    }
+    const float alpha = 1.0f;
+    for (int i = 0; i < p->n; i++) {
+        const PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_PERMUTE) {
+            plan_permute_gpu((floatX *)buf[o->dst] + o->dst_off, (const floatX *)buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R,
+                             o->C, o->blk, rows_in_use);
+            continue;
+        }
+        const int slots = o->tiles * o->batch;
+        const float beta = o->beta ? 1.0f : 0.0f;
+        cublasCheck(cublasGemmBatchedEx(g_gpu.cublas, o->tb ? CUBLAS_OP_T : CUBLAS_OP_N, o->ta ? CUBLAS_OP_T : CUBLAS_OP_N, o->N, o->M, o->K,
+                                        &alpha, (const void *const *)(ptrs + slots), CUBLAS_LOWP, o->ldb, (const void *const *)ptrs,
+                                        CUBLAS_LOWP, o->lda, &beta, ptrs + 2 * (size_t)slots, o->c_f32 ? CUDA_R_32F : CUBLAS_LOWP, o->ldc,
+                                        slots, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        ptrs += 3 * (size_t)slots;
+    }
 }
 
 // One cublasGemmEx in column-major terms with mixed types (router: bf16 in, fp32 out).
@@ -311,101 +375,148 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
 // BTT-MoE
 
 // What a BTT-MoE layer keeps from its forward for its backward (device unless marked host).
+// Grouped rows: each expert's (token, k) pairs, padded with zero rows to whole tiles of
+// tile_rows rows (gpu_plan.h, tiled plans), expert after expert, then the spare tile.
 typedef struct {
     float *logits;        // (N, E) fp32
     float *gate;          // (N, K)
     float *lse;           // (N)
     int *sel;             // (N, K)
-    int *order, *pos;     // (N·K): grouped row -> pair, pair -> grouped row
-    int *counts, *offsets;        // (E), (E+1)
-    int *h_counts, *h_offsets;    // host copies, for the per-expert GEMM shapes (moe_host_counts)
-    int host_valid;               // they hold the last forward's counts
-    double *stats;                // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
-    int *tiles;                   // the fused forward's tile table and count (btt_fused.cuh)
+    int *order;           // (grouped rows): grouped row -> pair, -1 for a padding row
+    int *pos;             // (N·K): pair -> grouped row
+    int *counts, *offsets;  // (E), (E+1): expert e's pairs are grouped rows [offsets[e], offsets[e] + counts[e]);
+                            // offsets are multiples of tile_rows and offsets[E] the rows of the tiles in use
+    int *tile_expert;     // (max tiles) the expert of each tile in use
+    double *stats;        // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
+    int *tiles;           // the fused forward's tile table and count (btt_fused.cuh)
     float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_finish_gpu)
-    floatX *z;            // (N·K, gamma·phi) grouped order
+    floatX *z;            // (grouped rows, gamma·phi)
     int N;                // rows of the last forward
+    int tile_rows;        // host: from the allocation's N (moe_tile_rows), for every N up to it
+    int capacity;         // host: the allocation's N
     const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
                             // top-k (st_moe_route_row's `only`); NULL in training
 } MoEGPUState;
 
-// Shared by every BTT-MoE layer: extracted cores and their gradients, gathered rows, scratch.
+// Shared by every BTT-MoE layer: extracted cores, gathered rows, the tiled plans' weight-gradient
+// partials and pointers, scratch.
 typedef struct {
-    floatX *w0x, *w1x, *dw0x, *dw1x;  // (E, gamma, alpha, phi), (E, phi, gamma, eps)
+    floatX *w0x, *w1x, *dw0x, *dw1x;  // (E, gamma, alpha, phi), (E, phi, gamma, eps); dw0x/dw1x: the fused path's
     floatX *w0t, *w1t;                // the transposed BTTs' cores (fused backward): (E, phi, eps, gamma), (E, gamma, phi, alpha)
-    floatX *xg, *yg, *dxg;            // (N·K, d_in), (N·K, d_out) (also the gathered dy), (N·K, d_in)
-    floatX *t1, *t2;                  // (N·K, gamma·phi)
+    floatX *xg, *yg, *dxg;            // (grouped rows, d_in), (grouped rows, d_out) (also the gathered dy), (grouped rows, d_in)
+    floatX *t1, *t2;                  // (grouped rows, gamma·phi)
     float *dgate, *dlogits;           // (N·K), (N, E)
+    float *part0, *part1;             // (max tiles + 1) · |W0 of an expert|, · |W1 of an expert|: per-tile dW0, dW1
+    void **ptrs;                      // the tiled plans' batch-slot pointers
     floatX *dlogits_bf16;             // (N, E)
 } MoEGPUScratch;
 
+// The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
+// can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile partials).
+static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
+    const BTTShape b1 = moe_expert_shape(s);
+    const int tiles = moe_max_tiles(N * s->topk, s->experts, tile_rows);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    memset(fwd, 0, sizeof(*fwd)); memset(dz, 0, sizeof(*dz)); memset(rest, 0, sizeof(*rest));
+    plan_btt_forward(fwd, &b1, tile_rows, 0);
+    plan_btt_backward_dz(dz, &b1, tile_rows, 0);
+    plan_btt_backward_rest(rest, &b1, tile_rows, 0, want_dx, 0);
+    plan_tile(fwd, tiles, tile_rows, p0, p1);
+    plan_tile(dz, tiles, tile_rows, p0, p1);
+    plan_tile(rest, tiles, tile_rows, p0, p1);
+}
+
 static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
-    size_t E = (size_t)s->experts, K = (size_t)s->topk, NK = (size_t)N * K;
-    return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 3 + (2 * E + 1) * 4 + E * 4 +
-           NK * moe_z_row(s) * sizeof(floatX);
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, T = (size_t)moe_tile_rows(s, N);
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, (int)T), tiles = (size_t)moe_max_tiles((int)NK, (int)E, (int)T);
+    return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 2 + rows * 4 + (2 * E + 1) * 4 + tiles * 4 +
+           E * 4 + rows * moe_z_row(s) * sizeof(floatX);
 }
 
 static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
-    size_t E = (size_t)s->experts, K = (size_t)s->topk, NK = (size_t)N * K;
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
+    st->tile_rows = moe_tile_rows(s, N);
+    st->capacity = N;
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, st->tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, st->tile_rows);
     char name[160];
     snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
-    char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - NK * moe_z_row(s) * sizeof(floatX), name);
+    char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - rows * zrow * sizeof(floatX), name);
     st->stats = (double *)mem; mem += MOE_AUX_STATS(E) * sizeof(double);  // first: 8-byte aligned
     st->logits = (float *)mem; mem += (size_t)N * E * 4;
     st->gate = (float *)mem; mem += NK * 4;
     st->lse = (float *)mem; mem += (size_t)N * 4;
     st->sel = (int *)mem; mem += NK * 4;
-    st->order = (int *)mem; mem += NK * 4;
     st->pos = (int *)mem; mem += NK * 4;
+    st->order = (int *)mem; mem += rows * 4;
     st->counts = (int *)mem; mem += E * 4;
     st->offsets = (int *)mem; mem += (E + 1) * 4;
+    st->tile_expert = (int *)mem; mem += tiles * 4;
     st->fhat = (float *)mem;
-    snprintf(name, sizeof(name), "%s: BTT-MoE saved z (N*K x gamma*phi)", what);
-    st->z = cudaMallocNamed(floatX, NK * moe_z_row(s), name);
-    st->h_counts = (int *)callocCheck(E, sizeof(int));
+    snprintf(name, sizeof(name), "%s: BTT-MoE saved z (grouped rows x gamma*phi)", what);
+    st->z = cudaMallocNamed(floatX, rows * zrow, name);
+    cudaCheck(cudaMemset(st->z, 0, rows * zrow * sizeof(floatX)));  // the spare tile's rows are read, never used
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
-    st->h_offsets = (int *)callocCheck(E + 1, sizeof(int));
 }
 
 static void moe_gpu_state_free(MoEGPUState *st) {
     if (st->stats) cudaCheck(cudaFree(st->stats));
     if (st->z) cudaCheck(cudaFree(st->z));
     if (st->tiles) cudaCheck(cudaFree(st->tiles));
-    free(st->h_counts);
-    free(st->h_offsets);
     memset(st, 0, sizeof(*st));
 }
 
-// Elements of shared scratch for layers up to this shape (the caller takes the max over layers).
-static inline size_t moe_gpu_scratch_elems(const MoEShape *s, int N) {
+// The scratch regions of layers up to N rows of shape s (bf16 elements and floats; the caller
+// allocates the max over layers, moe_gpu_scratch_bind points into it).
+typedef struct {
+    size_t w0x, w1x, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets
+    size_t part0, part1, ptrs, f32_end;                   // float offsets (ptrs: 16-byte aligned)
+} MoEScratchLayout;
+static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int tile_rows) {
     const BTTShape b1 = moe_expert_shape(s);
-    size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
-    size_t cores = 3 * E * (btt_w0_size(&b1) + btt_w1_size(&b1));
-    return cores + NK * (2 * (size_t)s->btt.d_in + (size_t)s->btt.d_out + 2 * zrow) + (size_t)N * E + 8;
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, tile_rows);
+    Plan f, d, r;
+    moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1);
+    size_t np = plan_tile_ptr_count(&f);
+    if (plan_tile_ptr_count(&d) > np) np = plan_tile_ptr_count(&d);
+    if (plan_tile_ptr_count(&r) > np) np = plan_tile_ptr_count(&r);
+    MoEScratchLayout L;
+    L.w0x = E * p0; L.w1x = E * p1;
+    L.rows_in = rows * s->btt.d_in; L.rows_out = rows * s->btt.d_out; L.rows_z = rows * moe_z_row(s);
+    L.bf16_end = 3 * (L.w0x + L.w1x) + 2 * L.rows_in + L.rows_out + 2 * L.rows_z + (size_t)N * E + 8;
+    L.part0 = (tiles + 1) * p0; L.part1 = (tiles + 1) * p1;
+    const size_t head = NK + (size_t)N * E + L.part0 + L.part1;
+    L.ptrs = (head + 3) / 4 * 4;
+    L.f32_end = L.ptrs + np * (sizeof(void *) / sizeof(float));
+    return L;
 }
-static inline size_t moe_gpu_scratch_floats(const MoEShape *s, int N) {
-    return (size_t)N * s->topk + (size_t)N * s->experts;
-}
+static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).bf16_end; }
+static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).f32_end; }
 
-static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEShape *s, int N, floatX *mem, float *fmem) {
-    const BTTShape b1 = moe_expert_shape(s);
-    size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
-    size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    sc->w0x = mem; mem += E * p0;
-    sc->w1x = mem; mem += E * p1;
-    sc->dw0x = mem; mem += E * p0;
-    sc->dw1x = mem; mem += E * p1;
-    sc->w0t = mem; mem += E * p1;
-    sc->w1t = mem; mem += E * p0;
-    sc->xg = mem; mem += NK * s->btt.d_in;
-    sc->dxg = mem; mem += NK * s->btt.d_in;
-    sc->yg = mem; mem += NK * s->btt.d_out;
-    sc->t1 = mem; mem += NK * zrow;
-    sc->t2 = mem; mem += NK * zrow;
+// Points sc into the shared scratch (mem: moe_gpu_scratch_elems, fmem: moe_gpu_scratch_floats of
+// st's allocation) for a call on N rows with st's tile rows.
+static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEGPUState *st, const MoEShape *s, int N, floatX *mem, float *fmem) {
+    if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
+    const MoEScratchLayout L = moe_scratch_layout(s, N, st->tile_rows);
+    const size_t NK = (size_t)N * s->topk;
+    sc->w0x = mem; mem += L.w0x;
+    sc->w1x = mem; mem += L.w1x;
+    sc->dw0x = mem; mem += L.w0x;
+    sc->dw1x = mem; mem += L.w1x;
+    sc->w0t = mem; mem += L.w1x;
+    sc->w1t = mem; mem += L.w0x;
+    sc->xg = mem; mem += L.rows_in;
+    sc->dxg = mem; mem += L.rows_in;
+    sc->yg = mem; mem += L.rows_out;
+    sc->t1 = mem; mem += L.rows_z;
+    sc->t2 = mem; mem += L.rows_z;
     sc->dlogits_bf16 = mem;
-    sc->dgate = fmem; fmem += NK;
-    sc->dlogits = fmem;
+    sc->dgate = fmem;
+    sc->dlogits = fmem + NK;
+    sc->part0 = sc->dlogits + (size_t)N * s->experts;
+    sc->part1 = sc->part0 + L.part0;
+    sc->ptrs = (void **)(fmem + L.ptrs);
 }
 
 __global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K) {
@@ -422,18 +533,24 @@ __global__ void moe_count_kernel(int *counts, const int *sel, int NK) {
     if (threadIdx.x == 0) counts[e] = (int)total;
 }
 
-// Block e: writes expert e's pairs in ascending pair order at order[offsets[e] ...] and pos[p].
-// Each chunk of blockDim pairs is ranked with warp ballots; blockDim must be a multiple of 32
-// and at most 1024.
-__global__ void moe_group_kernel(int *order, int *pos, int *offsets, const int *counts, const int *sel, int NK, int E) {
+static __device__ __forceinline__ int moe_padded(int c, int T) { return (c + T - 1) / T * T; }
+
+// Block e: expert e's pairs in ascending pair order at order[offsets[e] ...] and pos[p], -1 in
+// its padding rows, and its tiles' entries of tile_expert; offsets[e] = the padded counts of the
+// experts before it. Each chunk of blockDim pairs is ranked with warp ballots; blockDim must be a
+// multiple of 32 and at most 1024.
+__global__ void moe_group_kernel(int *order, int *pos, int *offsets, int *tile_expert, const int *counts, const int *sel, int NK, int E, int T) {
     __shared__ int warp_tot[32];
     int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     int base = 0;
-    for (int i = 0; i < e; i++) base += counts[i];
+    for (int i = 0; i < e; i++) base += moe_padded(counts[i], T);
+    const int padded = moe_padded(counts[e], T);
     if (threadIdx.x == 0) {
         offsets[e] = base;
-        if (e == E - 1) offsets[E] = base + counts[e];
+        if (e == E - 1) offsets[E] = base + padded;
     }
+    for (int j = threadIdx.x; j < padded / T; j += blockDim.x) tile_expert[base / T + j] = e;
+    for (int w = base + counts[e] + threadIdx.x; w < base + padded; w += blockDim.x) order[w] = -1;
     int running = base;
     for (int p0 = 0; p0 < NK; p0 += blockDim.x) {
         int p = p0 + threadIdx.x;
@@ -469,13 +586,40 @@ __global__ void moe_cores_kernel(floatX *W0, floatX *W1, floatX *w0x, floatX *w1
     }
 }
 
-// dst row w = src row order[w] / K, 8 elements per thread (d % 8 == 0)
-__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, int NK, int K, int d) {
+// dW0/dW1 (the strided rank components) += the sum over expert e's tiles, in tile order, of the
+// tiled backward's fp32 partials (tile t's at part0 + t·p0, part1 + t·p1): one bf16 rounding.
+__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets, size_t n0,
+                                            size_t n1, int E, int Ep, size_t p0, size_t p1, int T) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n0 + n1) return;
+    const int w1 = i >= n0;
+    const size_t j = w1 ? st_moe_w1_expert_index(i - n0, E, Ep, p1) : st_moe_w0_expert_index(i, E, p0), p = w1 ? p1 : p0;
+    const int e = (int)(j / p);
+    const float *part = (w1 ? part1 : part0) + j % p;
+    float acc = 0.0f;
+    for (int t = offsets[e] / T; t < offsets[e + 1] / T; t++) acc += part[(size_t)t * p];
+    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
+    *g = (floatX)((float)*g + acc);
+}
+
+// Grouped row w of dst = src row order[w] / K, zeros for a padding row, for the rows in use
+// (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0)
+__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int K, int d) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int per = d / 8;
-    if (i >= (size_t)NK * per) return;
+    if (i >= (size_t)rows * per) return;
     int w = (int)(i / per), c = (int)(i % per) * 8;
-    store128(dst + (size_t)w * d + c, load128(src + (size_t)(order[w] / K) * d + c));
+    if (w >= *rows_in_use) return;
+    x128 v;
+    if (order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * d + c);
+    else
+        for (int j = 0; j < 8; j++) v[j] = (floatX)0.0f;
+    store128(dst + (size_t)w * d + c, v);
+}
+
+static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int K, int d) {
+    moe_gather_kernel<<<ceil_div_i((long)rows * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, K, d);
+    cudaCheckLaunch();
 }
 
 // y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in fp32
@@ -501,17 +645,22 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     store128(y + (size_t)t * d + c, o);
 }
 
-// One warp per grouped row w (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in
-// place) and, when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho)
-// layout; dZu too when G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused
-// backward's, whose dW1 reads dy and the gate itself).
-__global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, const floatX *z, const float *gate, const int *order, int NK,
-                                         int zrow, int dout, int G, int P, int R) {
+// One warp per grouped row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ =
+// gate·dZu (in place) and, when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved
+// (phi, gamma, rho) layout; dZu too when G == 0, else in the (gamma, phi, rho) layout of G x P x R
+// (the fused backward's, whose dW1 reads dy and the gate itself). A padding row's z and dZu are
+// zeroed: the tiled weight gradients sum over them (a fused forward does not write them).
+__global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z, const float *gate, const int *order,
+                                         const int *rows_in_use, int rows, int zrow, int dout, int G, int P, int R) {
     int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (w >= NK) return;
+    if (w >= rows || w >= *rows_in_use) return;
     int pr = order[w];
-    const floatX *zr = z + (size_t)w * zrow;
+    floatX *zr = z + (size_t)w * zrow;
     floatX *dz = dzu + (size_t)w * zrow;
+    if (pr < 0) {
+        for (int i = lane; i < zrow; i += 32) zr[i] = dz[i] = (floatX)0.0f;
+        return;
+    }
     float s = 0.0f;
     for (int i = lane; i < zrow; i += 32) {
         const int j = G ? ((i / R) % G) * P * R + (i / (G * R)) * R + i % R : i;  // z's (f, g, s) in dZu's layout
@@ -553,26 +702,16 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
     *out = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
-// The last forward's counts and offsets on the host, for the per-expert plans' GEMM shapes: one
-// copy, which waits for the routing, made only by a path that needs them (the cuBLAS baseline);
-// the fused paths read the counts on the device and never come here.
-static void moe_host_counts(MoEGPUState *st, int E) {
-    if (st->host_valid) return;
-    cudaCheck(cudaMemcpy(st->h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));
-    st->h_offsets[0] = 0;
-    for (int e = 0; e < E; e++) st->h_offsets[e + 1] = st->h_offsets[e] + st->h_counts[e];
-    st->host_valid = 1;
-}
-
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
 // input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
-// segmented fused launch (x gathered on the fly, no host round trip); else the per-expert plans,
-// which need the counts on the host first.
+// segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
+// Either way nothing waits for the host.
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s) {
-    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
+    if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
     st->N = N;
     // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
     st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
@@ -580,27 +719,19 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
     moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
     cudaCheckLaunch();
-    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, st->counts, st->sel, NK, E);
+    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, st->tile_expert, st->counts, st->sel, NK, E, T);
     cudaCheckLaunch();
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
-    st->host_valid = 0;  // this forward's counts exist on the device only
-    // every expert in one launch from the device's counts (nothing comes to the host), or per expert
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {
-        moe_host_counts(st, E);
-        moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
-        cudaCheckLaunch();
-        floatX *buf[PB_COUNT] = {0};
-        buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1;
-        for (int e = 0; e < E; e++) {
-            if (st->h_counts[e] == 0) continue;
-            buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
-            Plan p = {};
-            plan_btt_forward(&p, &b1, st->h_counts[e], st->h_offsets[e]);
-            plan_run_gpu(&p, buf);
-        }
+        Plan f, d, r;
+        moe_tiled_plans(&f, &d, &r, s, N, T, 1);
+        moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
+        void *buf[PB_COUNT] = {0};
+        buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
+        plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs);
     }
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout);
     cudaCheckLaunch();
@@ -623,18 +754,19 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
 // and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
-// (the transposed BTT, btt.h; dy rows read through the grouping, counts read on the device), the
-// gate is applied in the combine (dx is linear in dZ), and every expert's dW0 and dW1 come from
-// one seg_wgrad launch each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no
-// gathered copies): no host round trip. Else per-expert cuBLAS plans on gathered rows,
-// which need the counts on the host (moe_host_counts). Returns 1 when it ran fused.
+// (the transposed BTT, btt.h; dy rows read through the grouping), the gate is applied in the
+// combine (dx is linear in dZ), and every expert's dW0 and dW1 come from one seg_wgrad launch
+// each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
+// tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
+// Nothing waits for the host either way. Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                             const floatX *router, const MoEShape *s, float *colsum_scratch) {
-    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
+    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
-    int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
+    const int rows = moe_max_tiles(NK, E, T) * T;  // grouped rows of the tiles (the spare's not included)
+    const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
     int fused = 0;
@@ -642,24 +774,18 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    floatX *buf[PB_COUNT] = {0};  // the per-expert plans' buffers (not the fused path's)
+    Plan pf, pd, pr;
+    moe_tiled_plans(&pf, &pd, &pr, s, N, T, dx != NULL);
+    void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
-        moe_gather_kernel<<<ceil_div_i((long)NK * dout / 8, 256), 256>>>(sc->yg, dy, st->order, NK, K, dout);
-        cudaCheckLaunch();
-        moe_gather_kernel<<<ceil_div_i((long)NK * din / 8, 256), 256>>>(sc->xg, x, st->order, NK, K, din);
-        cudaCheckLaunch();
-        moe_host_counts(st, E);
-        for (int e = 0; e < E; e++) {  // dZu = dY W1ᵀ per expert, (phi, gamma, rho) layout in t2
-            if (st->h_counts[e] == 0) continue;
-            buf[PB_W1] = sc->w1x + p1 * e;
-            Plan p = {};
-            plan_btt_backward_dz(&p, &b1, st->h_counts[e], st->h_offsets[e]);
-            plan_run_gpu(&p, buf);
-        }
+        buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
+        moe_gather(sc->yg, dy, st, E, rows, K, dout);
+        moe_gather(sc->xg, x, st, E, rows, K, din);
+        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ, (phi, gamma, rho) layout in t2
     }
-    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate, st->order,
-                                                         NK, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
+    moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate, st->order,
+                                                           st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
     cudaCheckLaunch();
     if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
                   // dy and x read through the grouping, no gathered copies
@@ -669,19 +795,13 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
                        st->offsets, 0, st->order, K, 1, 0, NULL};
         if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
-    } else {
-        cudaCheck(cudaMemset(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x; experts with no rows stay zero
-        for (int e = 0; e < E; e++) {
-            if (st->h_counts[e] == 0) continue;
-            buf[PB_W0] = sc->w0x + p0 * e; buf[PB_W1] = sc->w1x + p1 * e;
-            buf[PB_DW0] = sc->dw0x + p0 * e; buf[PB_DW1] = sc->dw1x + p1 * e;
-            Plan p = {};
-            plan_btt_backward_rest(&p, &b1, st->h_counts[e], st->h_offsets[e], dx != NULL, 0);
-            plan_run_gpu(&p, buf);
-        }
+        moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+        cudaCheckLaunch();
+    } else {  // dx per tile; dW0, dW1 per tile, then summed per expert into the rank components
+        plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs);
+        moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, n0, n1, E, s->btt.eps, p0, p1, T);
+        cudaCheckLaunch();
     }
-    moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
-    cudaCheckLaunch();
     moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
                                                     N, E, K, daux);
     cudaCheckLaunch();

@@ -49,6 +49,34 @@ static void emulate_cublas(const CublasGemmArgs *g, float *const *buf) {
     }
 }
 
+static void run_plan(const Plan *p, float *const *buf);
+
+// A tiled plan (gpu_plan.h) as structured.cuh runs it: each GEMM's batch slots (tile slot i,
+// product b) with plan_tile_offset's pointers, slots past the `active` tiles on the spare tile;
+// each permute over the active tiles' rows.
+static void run_plan_tiled(const Plan *p, float *const *buf, const int *tile_expert, int active) {
+    for (int i = 0; i < p->n; i++) {
+        const PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_PERMUTE) {
+            Plan one = {0};
+            one.op[0] = *o;
+            one.op[0].rows = active * o->tile_rows;
+            one.n = 1;
+            run_plan(&one, buf);
+            continue;
+        }
+        for (int t = 0; t < o->tiles; t++)
+            for (int b = 0; b < o->batch; b++) {
+                CublasGemmArgs g = plan_to_cublas(o);
+                g.first_off = plan_tile_offset(o, 1, t, b, active, tile_expert);  // cuBLAS's A is our B
+                g.second_off = plan_tile_offset(o, 0, t, b, active, tile_expert);
+                g.c_off = plan_tile_offset(o, 2, t, b, active, tile_expert);
+                g.batch = 1;
+                emulate_cublas(&g, buf);
+            }
+    }
+}
+
 static void run_plan(const Plan *p, float *const *buf) {
     for (int i = 0; i < p->n; i++) {
         const PlanOp *o = &p->op[i];
@@ -153,21 +181,26 @@ static void test_monarch(int din, int dout, int nb, int N) {
 // BTT-MoE: the GPU pipeline of structured.cuh, step by step, against moe.h
 
 // The GPU's grouping: pairs p = t·K + k grouped by expert, ascending p within an expert (what
-// the sort kernel produces with one block per expert scanning the pairs in order); pos[p] is
-// pair p's row in the grouped order.
-static void moe_group(const int *sel, int NK, int E, int *counts, int *offsets, int *order, int *pos) {
+// the sort kernel produces with one block per expert scanning the pairs in order), each expert's
+// rows padded to whole tiles of T rows (order -1); pos[p] is pair p's grouped row, tile_expert
+// each tile's expert. Returns the tiles in use.
+static int moe_group(const int *sel, int NK, int E, int T, int *counts, int *offsets, int *order, int *pos, int *tile_expert) {
     for (int e = 0; e < E; e++) counts[e] = 0;
     for (int p = 0; p < NK; p++) counts[sel[p]]++;
     offsets[0] = 0;
-    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (counts[e] + T - 1) / T * T;
     for (int e = 0; e < E; e++) {
         int w = offsets[e];
         for (int p = 0; p < NK; p++)
             if (sel[p] == e) { order[w] = p; pos[p] = w; w++; }
+        for (; w < offsets[e + 1]; w++) order[w] = -1;
+        for (int t = offsets[e] / T; t < offsets[e + 1] / T; t++) tile_expert[t] = e;
     }
+    return offsets[E] / T;
 }
 
-static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N) {
+// T: the tile rows (small here, so that experts take several tiles, some partial, some none).
+static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N, int T) {
     MoEShape s;
     moe_shape(&s, alpha, gamma, phi, eps, E, K);
     const BTTShape b1 = moe_expert_shape(&s);
@@ -199,23 +232,23 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
         st_moe_route_row(logits + (size_t)t * E, E, K, NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
     }
     int *counts = (int *)callocCheck((size_t)E, sizeof(int)), *offsets = (int *)callocCheck((size_t)E + 1, sizeof(int));
-    int *order = (int *)callocCheck((size_t)NK, sizeof(int)), *pos = (int *)callocCheck((size_t)NK, sizeof(int));
-    moe_group(sel, NK, E, counts, offsets, order, pos);
+    const int max_tiles = moe_max_tiles(NK, E, T), rows = (int)moe_grouped_rows(NK, E, T);  // rows: the spare tile's included
+    int *order = (int *)callocCheck((size_t)rows, sizeof(int)), *pos = (int *)callocCheck((size_t)NK, sizeof(int));
+    int *tile_expert = (int *)callocCheck((size_t)max_tiles, sizeof(int));
+    const int active = moe_group(sel, NK, E, T, counts, offsets, order, pos, tile_expert);
     float *w0x = zeros(p0 * E), *w1x = zeros(p1 * E);
     for (size_t i = 0; i < n0; i++) w0x[st_moe_w0_expert_index(i, E, p0)] = W0[i];
     for (size_t i = 0; i < n1; i++) w1x[st_moe_w1_expert_index(i, E, eps, p1)] = W1[i];
-    float *xg = zeros((size_t)NK * din), *yg = zeros((size_t)NK * dout), *z = zeros((size_t)NK * zrow);
-    float *t1 = zeros((size_t)NK * zrow), *t2 = zeros((size_t)NK * zrow);
-    for (int w = 0; w < NK; w++) memcpy(xg + (size_t)w * din, x + (size_t)(order[w] / K) * din, sizeof(float) * din);
+    float *xg = zeros((size_t)rows * din), *yg = zeros((size_t)rows * dout), *z = zeros((size_t)rows * zrow);
+    float *t1 = zeros((size_t)rows * zrow), *t2 = zeros((size_t)rows * zrow);
+    for (int w = 0; w < active * T; w++)  // gathered rows, zero padding rows
+        if (order[w] >= 0) memcpy(xg + (size_t)w * din, x + (size_t)(order[w] / K) * din, sizeof(float) * din);
     float *buf[PB_COUNT] = {0};
-    buf[PB_X] = xg; buf[PB_Y] = yg; buf[PB_Z] = z; buf[PB_T1] = t1; buf[PB_T2] = t2;
-    Plan p;
-    for (int e = 0; e < E; e++) {
-        p.n = 0;
-        buf[PB_W0] = w0x + p0 * e; buf[PB_W1] = w1x + p1 * e;
-        plan_btt_forward(&p, &b1, counts[e], offsets[e]);
-        run_plan(&p, buf);
-    }
+    buf[PB_X] = xg; buf[PB_Y] = yg; buf[PB_Z] = z; buf[PB_T1] = t1; buf[PB_T2] = t2; buf[PB_W0] = w0x; buf[PB_W1] = w1x;
+    Plan p = {0};
+    plan_btt_forward(&p, &b1, T, 0);
+    plan_tile(&p, max_tiles, T, p0, p1);
+    run_plan_tiled(&p, buf, tile_expert, active);
     float *y = zeros((size_t)N * dout);
     for (int t = 0; t < N; t++)  // combine: each token adds its K experts in k order
         for (int k = 0; k < K; k++) {
@@ -223,15 +256,19 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
             for (int o = 0; o < dout; o++) y[(size_t)t * dout + o] += gate[pr] * yg[(size_t)pos[pr] * dout + o];
         }
     char name[200];
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: routing equals moe.h", alpha, gamma, phi, eps, E, K, N);
-    check_true(memcmp(sel, st.sel, sizeof(int) * NK) == 0 && memcmp(counts, st.counts, sizeof(int) * E) == 0 &&
-                   memcmp(order, st.order, sizeof(int) * NK) == 0,
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: routing equals moe.h", alpha, gamma, phi, eps, E, K, N, T);
+    int same_order = 1;  // moe.h's order is the padded one without its padding
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < counts[e]; j++) same_order &= order[offsets[e] + j] == st.order[st.offsets[e] + j];
+    check_true(memcmp(sel, st.sel, sizeof(int) * NK) == 0 && memcmp(counts, st.counts, sizeof(int) * E) == 0 && same_order && active <= max_tiles,
                name, "selection, counts or grouping differ");
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: y", alpha, gamma, phi, eps, E, K, N);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: y", alpha, gamma, phi, eps, E, K, N, T);
     check_close(y, y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
-    float *zp = zeros((size_t)NK * zrow);  // z as moe.h keeps it: rows grouped alike, layout (gamma, phi)
-    for (int w = 0; w < NK; w++) st_transpose(zp + (size_t)w * zrow, z + (size_t)w * zrow, phi, gamma, 1);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: saved z", alpha, gamma, phi, eps, E, K, N);
+    float *zp = zeros((size_t)NK * zrow);  // z as moe.h keeps it: rows grouped alike without padding, layout (gamma, phi)
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < counts[e]; j++)
+            st_transpose(zp + (size_t)(st.offsets[e] + j) * zrow, z + (size_t)(offsets[e] + j) * zrow, phi, gamma, 1);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: saved z", alpha, gamma, phi, eps, E, K, N, T);
     check_close(zp, st.z, (size_t)NK * zrow, 1e-4f, 1e-4f, name);
     // aux statistics as the GPU reduces them (Σ softmax, counts, Σ lse²), then moe_aux_from_stats
     double *stats = (double *)callocCheck(MOE_AUX_STATS(E), sizeof(double));
@@ -245,37 +282,46 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
     memset(&fst, 0, sizeof(fst));
     fst.fhat = fhat;
     float aux = moe_aux_from_stats(&fst, stats, N, &s).aux;
-    snprintf(name, sizeof(name), "btt_moe plan E%d K%d N%d: aux loss %.6f (ref %.6f)", E, K, N, aux, aux_ref);
+    snprintf(name, sizeof(name), "btt_moe plan E%d K%d N%d T%d: aux loss %.6f (ref %.6f)", E, K, N, T, aux, aux_ref);
     check_close(&aux, &aux_ref, 1, 1e-5f, 1e-5f, name);
 
-    // backward: gathered dY; per expert dZu = dY W1ᵀ (plan_btt_backward_dz); the gate step per
-    // pair (dgate = <z, dZu>, dZ = gate·dZu, dY ← gate·dY); then plan_btt_backward_rest with
-    // overwritten expert gradients, scattered (added) into dW0/dW1 with the shared index maps.
-    float *dyg = zeros((size_t)NK * dout), *dxg = zeros((size_t)NK * din), *dgate = zeros((size_t)NK);
-    float *dw0x = zeros(p0 * E), *dw1x = zeros(p1 * E);
-    for (int w = 0; w < NK; w++) memcpy(dyg + (size_t)w * dout, dy + (size_t)(order[w] / K) * dout, sizeof(float) * dout);
-    buf[PB_DY] = dyg; buf[PB_DX] = dxg;
-    for (int e = 0; e < E; e++) {
-        int ne = counts[e], off = offsets[e];
-        buf[PB_W0] = w0x + p0 * e; buf[PB_W1] = w1x + p1 * e;
-        buf[PB_DW0] = dw0x + p0 * e; buf[PB_DW1] = dw1x + p1 * e;
-        p.n = 0;
-        plan_btt_backward_dz(&p, &b1, ne, off);
-        run_plan(&p, buf);
-        for (int w = off; w < off + ne; w++) {
-            int pr = order[w];
-            double dg = 0.0;
-            for (size_t i = 0; i < zrow; i++) dg += (double)z[(size_t)w * zrow + i] * t2[(size_t)w * zrow + i];
-            dgate[pr] = (float)dg;
-            for (size_t i = 0; i < zrow; i++) t2[(size_t)w * zrow + i] *= gate[pr];
-            for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
-        }
-        p.n = 0;
-        plan_btt_backward_rest(&p, &b1, ne, off, 1, 0);
-        run_plan(&p, buf);
+    // backward: gathered dY (zero padding rows); dZu = dY W1ᵀ on every tile (the tiled
+    // plan_btt_backward_dz); the gate step per pair (dgate = <z, dZu>, dZ = gate·dZu, dY ←
+    // gate·dY); then the tiled plan_btt_backward_rest: dx per tile, and per-tile weight-gradient
+    // partials (poisoned first: every tile in use must write its own), summed per expert in tile
+    // order and added into dW0/dW1 with the shared index maps.
+    float *dyg = zeros((size_t)rows * dout), *dxg = zeros((size_t)rows * din), *dgate = zeros((size_t)NK);
+    float *part0 = zeros(p0 * (max_tiles + 1)), *part1 = zeros(p1 * (max_tiles + 1));
+    for (size_t i = 0; i < p0 * (max_tiles + 1); i++) part0[i] = NAN;
+    for (size_t i = 0; i < p1 * (max_tiles + 1); i++) part1[i] = NAN;
+    for (int w = 0; w < active * T; w++)
+        if (order[w] >= 0) memcpy(dyg + (size_t)w * dout, dy + (size_t)(order[w] / K) * dout, sizeof(float) * dout);
+    buf[PB_DY] = dyg; buf[PB_DX] = dxg; buf[PB_DW0] = part0; buf[PB_DW1] = part1;
+    p.n = 0;
+    plan_btt_backward_dz(&p, &b1, T, 0);
+    plan_tile(&p, max_tiles, T, p0, p1);
+    run_plan_tiled(&p, buf, tile_expert, active);
+    for (int w = 0; w < active * T; w++) {
+        int pr = order[w];
+        if (pr < 0) continue;
+        double dg = 0.0;
+        for (size_t i = 0; i < zrow; i++) dg += (double)z[(size_t)w * zrow + i] * t2[(size_t)w * zrow + i];
+        dgate[pr] = (float)dg;
+        for (size_t i = 0; i < zrow; i++) t2[(size_t)w * zrow + i] *= gate[pr];
+        for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
     }
-    for (size_t i = 0; i < n0; i++) dW0[i] += dw0x[st_moe_w0_expert_index(i, E, p0)];
-    for (size_t i = 0; i < n1; i++) dW1[i] += dw1x[st_moe_w1_expert_index(i, E, eps, p1)];
+    p.n = 0;
+    plan_btt_backward_rest(&p, &b1, T, 0, 1, 0);
+    plan_tile(&p, max_tiles, T, p0, p1);
+    run_plan_tiled(&p, buf, tile_expert, active);
+    for (size_t i = 0; i < n0 + n1; i++) {
+        const int w1 = i >= n0;
+        const size_t j = w1 ? st_moe_w1_expert_index(i - n0, E, eps, p1) : st_moe_w0_expert_index(i, E, p0), pe = w1 ? p1 : p0;
+        const int e = (int)(j / pe);
+        float acc = 0.0f;
+        for (int t = offsets[e] / T; t < offsets[e + 1] / T; t++) acc += (w1 ? part1 : part0)[(size_t)t * pe + j % pe];
+        (w1 ? dW1 + (i - n0) : dW0 + i)[0] += acc;
+    }
     float *dlogits = zeros((size_t)N * E), *dx = zeros((size_t)N * din);
     for (int t = 0; t < N; t++)
         st_moe_dlogits_row(dlogits + (size_t)t * E, logits + (size_t)t * E, lse[t], gate + (size_t)t * K, dgate + (size_t)t * K,
@@ -293,19 +339,19 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
             for (int t = 0; t < N; t++) a += (double)dlogits[(size_t)t * E + e] * x[(size_t)t * din + i];
             dR[(size_t)e * din + i] += (float)a;
         }
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dx", alpha, gamma, phi, eps, E, K, N);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dx", alpha, gamma, phi, eps, E, K, N, T);
     check_close(dx, dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dW0 accumulated", alpha, gamma, phi, eps, E, K, N);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dW0 accumulated", alpha, gamma, phi, eps, E, K, N, T);
     check_close(dW0, dW0_ref, n0, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: dW1 accumulated", alpha, gamma, phi, eps, E, K, N);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dW1 accumulated", alpha, gamma, phi, eps, E, K, N, T);
     check_close(dW1, dW1_ref, n1, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d: drouter accumulated", alpha, gamma, phi, eps, E, K, N);
+    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: drouter accumulated", alpha, gamma, phi, eps, E, K, N, T);
     check_close(dR, dR_ref, (size_t)E * din, 1e-4f, 1e-4f, name);
 
     free(x); free(W0); free(W1); free(Rt); free(dy); free(y_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dR_ref);
     free(dW0); free(dW1); free(dR); free(scr); free(logits); free(gate); free(lse); free(sel); free(counts); free(offsets);
-    free(order); free(pos); free(w0x); free(w1x); free(xg); free(yg); free(z); free(t1); free(t2); free(y); free(zp); free(stats);
-    free(fhat); free(dyg); free(dxg); free(dgate); free(dw0x); free(dw1x); free(dlogits); free(dx);
+    free(order); free(pos); free(tile_expert); free(w0x); free(w1x); free(xg); free(yg); free(z); free(t1); free(t2); free(y); free(zp);
+    free(stats); free(fhat); free(dyg); free(dxg); free(dgate); free(part0); free(part1); free(dlogits); free(dx);
     moe_state_free(&st);
 }
 
@@ -383,6 +429,66 @@ static void test_route_only(void) {
     check_true(bad_natural == 0, "moe route with `only` = the top-k reversed: the same selection and gates as unforced routing", "mismatch");
 }
 
+// BTT-MoE's tiles: moe_max_tiles bounds Σ ceil(c_e / T) for every split of NK pairs over E experts
+// (random splits, and one pair on every expert but one, which attains it for some NK),
+// and moe_tile_rows picks, among the powers of two 64..2048, the one of least modelled cost
+// E·T/2·(bytes per grouped row) + NK/T·(bytes of one tile's fp32 partials), and never a smaller
+// one for more tokens.
+static void test_moe_tiles(void) {
+    int bad_bound = 0, attained = 0;
+    for (int trial = 0; trial < 2000; trial++) {
+        const int E = 1 + trial % 16, T = 1 << (trial % 9), NK = 1 + (int)(mt_u32(&g_rng) % 5000);
+        int c[16] = {0}, left = NK, tiles = 0;
+        if (trial % 2) {  // one pair on each expert but the last, which takes the rest: the bound when NK - E is a multiple of T
+            for (int e = 0; e < E - 1 && left > 1; e++) { c[e] = 1; left--; }
+            c[E - 1] += left;
+        } else {
+            for (int p = 0; p < NK; p++) c[mt_u32(&g_rng) % E]++;
+        }
+        for (int e = 0; e < E; e++) tiles += (c[e] + T - 1) / T;
+        bad_bound += tiles > moe_max_tiles(NK, E, T);
+        attained += tiles == moe_max_tiles(NK, E, T);
+    }
+    char why[96];
+    snprintf(why, sizeof(why), "%d of 2000 splits need more tiles than the bound", bad_bound);
+    check_true(bad_bound == 0, "moe_max_tiles bounds the tiles of every split of the pairs", why);
+    snprintf(why, sizeof(why), "attained in %d of 2000 splits", attained);
+    check_true(attained > 0, "moe_max_tiles is attained by some splits (it is not loose everywhere)", why);
+
+    const int shapes[4][4] = {{16, 48, 32, 96}, {32, 32, 64, 64}, {32, 64, 64, 128}, {64, 64, 128, 128}};  // 768..4096 -> 4x
+    int bad_pick = 0, bad_mono = 0, cases = 0;
+    for (int i = 0; i < 4; i++)
+        for (int E = 4; E <= 16; E *= 2) {
+            MoEShape s;
+            moe_shape(&s, shapes[i][0], shapes[i][1], shapes[i][2], shapes[i][3], E, 2);
+            const BTTShape b1 = moe_expert_shape(&s);
+            Plan f = {0}, d = {0}, r = {0};
+            plan_btt_forward(&f, &b1, 1, 0);
+            plan_btt_backward_dz(&d, &b1, 1, 0);
+            plan_btt_backward_rest(&r, &b1, 1, 0, 1, 0);
+            const double row = 2.0 * (plan_activation_elems(&f) + plan_activation_elems(&d) + plan_activation_elems(&r));
+            const double part = 8.0 * (double)(btt_w0_size(&b1) + btt_w1_size(&b1));
+            int prev = 0;
+            for (int N = 256; N <= 262144; N *= 2) {
+                const int T = moe_tile_rows(&s, N);
+                double best = 1e300;
+                int best_t = 0;
+                for (int t = 64; t <= 2048; t *= 2) {
+                    const double cost = E * t / 2.0 * row + 2.0 * N / t * part;
+                    if (cost < best) { best = cost; best_t = t; }
+                }
+                bad_pick += T != best_t;
+                bad_mono += T < prev;
+                prev = T;
+                cases++;
+            }
+        }
+    snprintf(why, sizeof(why), "%d of %d shapes and token counts", bad_pick, cases);
+    check_true(bad_pick == 0, "moe_tile_rows: the power of two of least modelled padding + partials traffic", why);
+    snprintf(why, sizeof(why), "%d of %d", bad_mono, cases);
+    check_true(bad_mono == 0, "moe_tile_rows: never fewer rows per tile for more tokens", why);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -393,10 +499,12 @@ int main(void) {
     test_monarch(64, 64, 4, 19);
     test_monarch(48, 96, 4, 11);      // d_out > d_in: q = p
     test_monarch(96, 48, 8, 7);       // d_in > d_out: q = s
-    test_moe(4, 6, 5, 3, 4, 2, 23);
-    test_moe(8, 4, 6, 10, 8, 2, 40);
-    test_moe(4, 4, 4, 4, 3, 3, 10);   // top-k = E
-    test_moe(4, 6, 5, 3, 8, 1, 5);    // fewer tokens than experts: empty experts
+    test_moe(4, 6, 5, 3, 4, 2, 23, 4);  // experts of several 4-row tiles, the last partial
+    test_moe(8, 4, 6, 10, 8, 2, 40, 8);
+    test_moe(4, 4, 4, 4, 3, 3, 10, 3);  // top-k = E
+    test_moe(4, 6, 5, 3, 8, 1, 5, 2);   // fewer tokens than experts: empty experts, no tiles
+    test_moe(4, 6, 5, 3, 4, 2, 23, 1);  // tiles of one row: no padding
+    test_moe_tiles();
     test_route_only();
     test_activation_elems();
     return test_summary();

@@ -387,7 +387,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         MoEGPUScratch sc;
         floatX *mem = alloc_bf16(moe_gpu_scratch_elems(&s, N), "BTT-MoE scratch");
         float *fmem = cudaMallocNamed(float, moe_gpu_scratch_floats(&s, N), "BTT-MoE fp32 scratch");
-        moe_gpu_scratch_bind(&sc, &s, N, mem, fmem);
+        moe_gpu_scratch_bind(&sc, &st, &s, N, mem, fmem);
         auto fwd = [&]() { moe_forward_gpu(r->y, &st, &sc, r->x, W0, W1, Rt, NULL, N, &s); };
         auto step = [&]() {
             fwd();

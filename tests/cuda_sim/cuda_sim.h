@@ -69,16 +69,19 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <set>
 #include <random>
 #include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -2424,6 +2427,88 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
         sim_check_no_alias(g.C, g.B, fn, "B");
     }
     sim_run_gemm(g);
+    t_sim_host_op = nullptr;
+    return CUBLAS_STATUS_SUCCESS;
+}
+// Pointer-array batched: Aarray, Barray, Carray are device arrays of batchCount pointers. Entries
+// with the same (A, B, C) are one product computed once (they write the same values); otherwise
+// no two entries' outputs may share an element, and no output element may be any entry's input.
+inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k,
+                                          const void *alpha, const void *const Aarray[], cudaDataType_t Atype, int lda,
+                                          const void *const Barray[], cudaDataType_t Btype, int ldb, const void *beta, void *const Carray[],
+                                          cudaDataType_t Ctype, int ldc, int batchCount, cublasComputeType_t computeType,
+                                          cublasGemmAlgo_t algo) {
+    const char *fn = "cublasGemmBatchedEx";
+    SimProfileScope prof(fn);
+    SIM_STREAM_ORDER();
+    (void)algo;
+    if (!h || h->magic != 0xB1A5) return sim_blas_reject(CUBLAS_STATUS_NOT_INITIALIZED, fn, "handle");
+    if (transa > CUBLAS_OP_C || transb > CUBLAS_OP_C) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "transa/transb");
+    if (m < 0 || n < 0 || k < 0 || batchCount < 0)
+        return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "m %d n %d k %d batch %d", m, n, k, batchCount);
+    long long arows = transa == CUBLAS_OP_N ? m : k, brows = transb == CUBLAS_OP_N ? k : n;
+    if (lda < std::max(1LL, arows) || ldb < std::max(1LL, brows) || ldc < std::max(1, m))
+        return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "lda %d (op(A) needs >= %lld), ldb %d (>= %lld), ldc %d (>= %d)", lda,
+                               std::max(1LL, arows), ldb, std::max(1LL, brows), ldc, std::max(1, m));
+    if (!sim_blas_type_ok(Atype, Btype, Ctype, computeType))
+        return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "types A %s B %s C %s compute %d", sim_dtype_name(Atype),
+                               sim_dtype_name(Btype), sim_dtype_name(Ctype), (int)computeType);
+    if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
+    if (!alpha || !beta) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "alpha/beta null");
+    t_sim_host_op = fn;
+    const size_t pbytes = (size_t)batchCount * sizeof(void *);
+    sim_check_range(Aarray, pbytes, "cublasGemmBatchedEx: Aarray (device pointers)");
+    sim_check_range(Barray, pbytes, "cublasGemmBatchedEx: Barray (device pointers)");
+    sim_check_range(Carray, pbytes, "cublasGemmBatchedEx: Carray (device pointers)");
+    std::set<std::array<uintptr_t, 3>> seen;
+    std::vector<SimGemm> todo;
+    for (int b = 0; b < batchCount; b++) {
+        std::array<uintptr_t, 3> key = {(uintptr_t)Aarray[b], (uintptr_t)Barray[b], (uintptr_t)Carray[b]};
+        if (!seen.insert(key).second) continue;
+        SimGemm g;
+        memset((void *)&g, 0, sizeof(g));
+        g.ta = transa != CUBLAS_OP_N;
+        g.tb = transb != CUBLAS_OP_N;
+        g.m = m; g.n = n; g.k = k;
+        g.alpha = *(const float *)alpha;
+        g.beta = *(const float *)beta;
+        g.A = SimMat{Aarray[b], Atype, arows, transa == CUBLAS_OP_N ? k : m, lda, 0, 1};
+        g.B = SimMat{Barray[b], Btype, brows, transb == CUBLAS_OP_N ? n : k, ldb, 0, 1};
+        g.C = SimMat{Carray[b], Ctype, m, n, ldc, 0, 1};
+        g.D = g.C;
+        char which[64];
+        snprintf(which, sizeof(which), "C of entry %d", b);
+        sim_check_mat(g.C, fn, which);
+        if (k > 0) {
+            snprintf(which, sizeof(which), "A of entry %d", b);
+            sim_check_mat(g.A, fn, which);
+            snprintf(which, sizeof(which), "B of entry %d", b);
+            sim_check_mat(g.B, fn, which);
+        }
+        todo.push_back(g);
+    }
+    // every output element once, and never an input
+    std::unordered_map<uintptr_t, int> out;
+    const size_t ec = sim_dtype_size(Ctype);
+    for (size_t i = 0; i < todo.size(); i++)
+        for (long long j = 0; j < n; j++)
+            for (long long r = 0; r < m; r++) {
+                uintptr_t a = (uintptr_t)todo[i].C.p + ((size_t)j * ldc + r) * ec;
+                auto ins = out.emplace(a, (int)i);
+                if (!ins.second) sim_fail("%s: two different batch entries write the output element at %p", fn, (void *)a);
+            }
+    if (k > 0)
+        for (auto &g : todo)
+            for (const SimMat *in : {&g.A, &g.B}) {
+                const size_t ei = sim_dtype_size(in->t);
+                for (long long j = 0; j < in->cols; j++)
+                    for (long long r = 0; r < in->rows; r++) {
+                        uintptr_t a = (uintptr_t)in->p + ((size_t)j * in->ld + r) * ei;
+                        for (uintptr_t x = a / ec * ec; x < a + ei; x += ec)
+                            if (out.count(x)) sim_fail("%s: an output element at %p is an input of the same call", fn, (void *)x);
+                    }
+            }
+    for (auto &g : todo) sim_run_gemm(g);
     t_sim_host_op = nullptr;
     return CUBLAS_STATUS_SUCCESS;
 }

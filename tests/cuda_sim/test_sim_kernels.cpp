@@ -930,11 +930,14 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
     g_monarch_bwd_whole_tile = 0;
 }
 
-// fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must support
+// fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must
+// support; 2: the forward fused, the backward on the tiled plans, with the saved z poisoned (NaN)
+// before the forward: the fused forward leaves the padding rows, which the tiled weight gradients
+// sum over, unwritten.
 static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K, int fused = 0) {
     MoEShape s;
     moe_shape(&s, alpha, gamma, phi, eps, E, K);
-    g_st_fused = fused;
+    g_st_fused = fused != 0;
     if (fused) {
         const BTTShape b1 = moe_expert_shape(&s);
         check_true(btt_fused_supported(&b1, btt_fused_smem_limit()) > 0, nm("btt_moe E=%d: the fused kernel supports the expert shape", E),
@@ -967,19 +970,24 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     floatX *s_d = d.add(dev_alloc<floatX>(moe_gpu_scratch_elems(&s, N)));
     float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, N)));
     MoEGPUScratch sc;
-    moe_gpu_scratch_bind(&sc, &s, N, s_d, f_d);
+    moe_gpu_scratch_bind(&sc, &gst, &s, N, s_d, f_d);
     MoERouting *aux_d = d.add(dev_alloc<MoERouting>(1));
+    if (fused == 2) cudaCheck(cudaMemset(gst.z, 0xFF, moe_grouped_rows(NK, E, gst.tile_rows) * moe_z_row(&s) * sizeof(floatX)));
+    const unsigned long waits0 = g_sim_full_waits;
     moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &s);
     moe_aux_stats_gpu(&gst, &s);
     moe_aux_finish_gpu(&gst, N, &s, aux_d);  // on the device: aux and f̂ without a host round trip
+    const unsigned long fwd_waits = g_sim_full_waits - waits0;
     const MoERouting rgpu = down(aux_d, 1)[0];
     const float aux = rgpu.aux;
     char tag[128];
-    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N, fused ? " (fused segmented forward and backward)" : "");
+    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s", din, dout, E, K, N,
+             fused == 1 ? " (fused segmented forward and backward)" : fused ? " (fused forward, tiled backward)" : "");
     // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
     std::vector<float> lg = down(gst.logits, (size_t)N * E), gate = down(gst.gate, NK), lse = down(gst.lse, N);
-    std::vector<int> sel = down(gst.sel, NK), order = down(gst.order, NK), pos = down(gst.pos, NK), counts = down(gst.counts, E),
-                     offsets = down(gst.offsets, E + 1);
+    const int T = gst.tile_rows, rows = (int)moe_grouped_rows(NK, E, T);
+    std::vector<int> sel = down(gst.sel, NK), pos = down(gst.pos, NK), counts = down(gst.counts, E), offsets = down(gst.offsets, E + 1),
+                     tile_expert = down(gst.tile_expert, moe_max_tiles(NK, E, T));
     Vec lref((size_t)N * E);
     for (int t = 0; t < N; t++)
         for (int e = 0; e < E; e++) {
@@ -1003,16 +1011,23 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     int same_as_cpu = 0;
     for (int i = 0; i < NK; i++) same_as_cpu += sel[i] == st.sel[i];
     check_true(same_as_cpu == NK, nm("%s: selections equal the CPU layer's (no near-ties in this draw)", tag), "differ");
-    // grouping: expert e's pairs ascending at order[offsets[e] ...], pos the inverse
-    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0);
+    // grouping: expert e's pairs ascending at order[offsets[e] ...], then -1 up to a whole tile of
+    // T rows; pos the inverse; each tile's expert
+    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0), rte;
     for (int e = 0; e < E; e++) {
         roff[e] = (int)ro.size();
         for (int p = 0; p < NK; p++)
             if (sel[p] == e) { rp[p] = (int)ro.size(); ro.push_back(p); rc[e]++; }
+        while (ro.size() % T) ro.push_back(-1);
+        while (rte.size() < ro.size() / T) rte.push_back(e);
     }
-    roff[E] = NK;
-    check_true(counts == rc && offsets == roff && order == ro && pos == rp,
-               nm("%s: grouping (counts, offsets, order, pos; %d pairs in chunks of 256)", tag, NK), "differs");
+    roff[E] = (int)ro.size();
+    std::vector<int> order = down(gst.order, ro.size());
+    tile_expert.resize(rte.size());
+    check_true(counts == rc && offsets == roff && order == ro && pos == rp && tile_expert == rte && (int)ro.size() + T <= rows,
+               nm("%s: grouping (counts, offsets, order, pos, tiles of %d rows: %d of at most %d; %d pairs in chunks of 256)", tag, T,
+                  (int)rte.size(), moe_max_tiles(NK, E, T), NK),
+               "differs");
     check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
     {  // the routing report: the loads from the same counts as the CPU's (the grouping check above)
         const float got[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, want[3] = {rref.balance, rref.load_max, rref.load_min};
@@ -1020,11 +1035,15 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     }
     check_close(down(gst.fhat, E).data(), st.fhat, E, 1e-6f, 0.0f, nm("%s: f-hat on the device (the aux gradient's)", tag));
     check_scaled(down_bf16(y_d, y.size()), y, 2e-2f, 0.0f, nm("%s: y", tag));
+    const unsigned long waits1 = g_sim_full_waits;
+    if (fused == 2) g_st_fused = 0;
     const int ran_fused = moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
-    check_true(ran_fused == fused, nm("%s: the %s backward ran", tag, fused ? "fused segmented" : "cuBLAS"), "the other one ran");
-    // the fused layer runs from the device's counts alone: no device-to-host copy in its step
-    check_true(gst.host_valid == !fused, nm("%s: the host %s the expert counts", tag, fused ? "never fetched" : "fetched"),
-               fused ? "the fused path copied the counts to the host" : "the cuBLAS plans ran without host counts");
+    const unsigned long bwd_waits = g_sim_full_waits - waits1;
+    check_true(ran_fused == (fused == 1), nm("%s: the %s backward ran", tag, fused == 1 ? "fused segmented" : "cuBLAS"), "the other one ran");
+    // the layer runs from the device's counts alone: the host never waits in its forward or backward
+    char why[96];
+    snprintf(why, sizeof(why), "%lu waits in the forward, %lu in the backward", fwd_waits, bwd_waits);
+    check_true(fwd_waits == 0 && bwd_waits == 0, nm("%s: no host wait in the forward or the backward", tag), why);
     check_scaled(down_bf16(dx_d, dx.size()), dx, 2e-2f, 0.0f, nm("%s: dx", tag));
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0", tag));
     check_scaled(down_bf16(dW1_d, dW1.size()), dW1, 2e-2f, 0.0f, nm("%s: dW1", tag));
@@ -1355,7 +1374,7 @@ static void test_random_order() {
         floatX *s_d = d.add(dev_alloc<floatX>(moe_gpu_scratch_elems(&s, Nm)));
         float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, Nm)));
         MoEGPUScratch sc;
-        moe_gpu_scratch_bind(&sc, &s, Nm, s_d, f_d);
+        moe_gpu_scratch_bind(&sc, &gst, &s, Nm, s_d, f_d);
         float *aux_d = d.add(dev_alloc<float>(4));
         moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, NULL, Nm, &s);
         moe_aux_stats_gpu(&gst, &s);
@@ -1737,6 +1756,7 @@ int main(int argc, char **argv) {
         test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs: two 256-pair chunks in the grouping
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
+        test_moe(300, 4, 12, 4, 12, 4, 2);  // 600 pairs over 4 experts: several 64-row tiles each, the last partial
     }
     if (want("fused")) {
         test_btt_fused(37, 16, 4, 2, 32, 8, 0);      // 64 -> 64 rank 8, default tile rows, a partial tile
@@ -1793,6 +1813,7 @@ int main(int argc, char **argv) {
         test_moe(150, 16, 16, 16, 16, 8, 2, 1);  // BTT-MoE 256 -> 256, every expert in one segmented launch
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);   // GPT-2 768 -> 3072 experts (tm 64): partial tiles, maybe empty experts
         test_moe(30, 16, 16, 16, 32, 4, 1, 1);   // 256 -> 512 top-1
+        test_moe(150, 16, 16, 16, 16, 8, 2, 2);  // the fused forward's z read by the tiled backward
     }
     if (want("order")) test_random_order();
     return test_summary();

@@ -270,10 +270,14 @@ steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
 
 # the host waits for the GPU once per step (the losses, the norm), not once per micro-batch: the
 # simulator counts the waits for the whole queue, the same with 1 and with 4 micro-batches a step
-waits() { SIM_STATS=1 "$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -d "$1" 2>&1 | sed -nE 's/.* ([0-9]+) waits for the whole queue$/\1/p'; }
+waits() { SIM_STATS=1 "$BIN" -e "$W/${2:-dense}.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -d "$1" 2>&1 | sed -nE 's/.* ([0-9]+) waits for the whole queue$/\1/p'; }
 w1=$(waits 32); w4=$(waits 128)
 [ -n "$w1" ] && [ "$w1" = "$w4" ] && ok "the host waits for the GPU as often with 4 micro-batches per step as with 1 ($w1 waits in 3 steps)" \
     || bad "waits per micro-batch" "1 micro-batch: '$w1' waits, 4: '$w4'"
+# ... and BTT-MoE layers add none (their tiled cuBLAS plans take the expert counts on the device)
+ws=$(waits 32 struct)
+[ -n "$ws" ] && [ "$ws" = "$w1" ] && ok "BTT-MoE, BTT and Monarch layers (cuBLAS plans) add no host wait ($ws waits in 3 steps, as dense)" \
+    || bad "waits with structured layers" "structured: '$ws' waits, dense: '$w1'"
 
 out=$("$BIN" -h 2>&1); rc=$?
 [ $rc -eq 0 ] && echo "$out" | grep -q "^GPU trainer only:" && ok "-h without a value prints the help, GPU flags included" || bad "-h alone" "exit $rc"
