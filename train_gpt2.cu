@@ -143,7 +143,7 @@ static LinearState *lin_state(GPT2 *m, const LinearDesc *ld) {
 }
 
 // out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
-// out = GELU(pre_gelu) (the fc layer; fused into the matmul's epilogue when possible). A BTT-MoE
+// out = GELU(pre_gelu) (the fc layer; fused into the last op's epilogue when possible). A BTT-MoE
 // layer writes its aux loss and routing to its slot of m->d_aux (read with the loss: no host wait here).
 static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
     const LinearSpec *s = &ld->spec;
@@ -152,19 +152,22 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     prof_mark_linear(ld, 0, N);
     if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
     LinearState *ls = lin_state(m, ld);
-    floatX *y = pre_gelu ? pre_gelu : out;
     switch (s->kind) {
-        case STRUCT_BTT: { BTTShape bs = btt_shape_of(s); btt_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch); break; }
+        case STRUCT_BTT: {
+            BTTShape bs = btt_shape_of(s);
+            btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu);
+            break;
+        }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            monarch_forward_gpu(y, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch);
+            monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu);
             break;
         }
         default: {
             MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
-            moe_forward_gpu(y, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms);
+            moe_forward_gpu(out, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms, pre_gelu);
             moe_aux_stats_gpu(&ls->moe, &ms);
             long n_total = N;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {  // the global batch's routing statistics
@@ -176,7 +179,6 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
             break;
         }
     }
-    if (pre_gelu) gelu_forward(out, pre_gelu, (size_t)N * s->d_out);
 }
 
 // dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. With
@@ -197,12 +199,12 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch);
+            btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch);
+            monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
             break;
         }
         default: {
@@ -210,11 +212,10 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
             moe_backward_gpu(dinp, dw0, dw1, P_(m, m->grads, ld->w[2]), db, dout, daux, inp, &ls->moe, &sc, w0, w1, P_(m, m->params, ld->w[2]),
-                             &ms, m->colsum_scratch);
+                             &ms, m->colsum_scratch, pre_gelu);
             break;
         }
     }
-    if (dinp && pre_gelu) gelu_backward_inplace(dinp, pre_gelu, (size_t)N * s->d_in);
 }
 
 // ----------------------------------------------------------------------------------------------

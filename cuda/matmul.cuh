@@ -70,40 +70,73 @@ static inline uint32_t ptr_alignment(const void *p) {
     return al;
 }
 
+// One cuBLASLt matmul as data, column-major: D (m x n, ldd) = op(A) (m x k) · op(B) (k x n) [+ D]
+// [epilogue], `batch` products with element strides sa, sb, sd. A leading dimension of 0 is the
+// packed one. Epilogues: bias (length m, bias_stride further on per product); with gelu_aux,
+// forward GELU_AUX(_BIAS) (gelu_aux = the pre-activation written, D = its GELU) or, with
+// backward, DGELU (D times GELU' of gelu_aux, read); gelu_aux has D's shape with aux_ld and
+// aux_stride (0: ldd and sd).
+typedef struct {
+    floatX *d;
+    const floatX *a, *b;
+    int m, n, k, transA, transB, accumulate;
+    int64_t lda, ldb, ldd;
+    int batch;
+    int64_t sa, sb, sd;
+    const floatX *bias;
+    int64_t bias_stride;
+    floatX *gelu_aux;
+    int64_t aux_ld, aux_stride;
+    int backward;
+} LtMatmul;
+
 // Returns 0 (and does nothing) when cuBLASLt has no algorithm for this epilogue, so that the
 // caller can fall back to separate kernels; any other failure is fatal.
-static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const floatX *bias, int m, int n, int k, int transA,
-                           int transB, int accumulate, floatX *gelu_aux, int backward) {
-    if (((uintptr_t)a % 16) || ((uintptr_t)b % 16) || ((uintptr_t)d % 16) || ((uintptr_t)bias % 16) || ((uintptr_t)gelu_aux % 16)) {
+static int lt_matmul(const LtMatmul *g) {
+    const int m = g->m, n = g->n, k = g->k;
+    if (((uintptr_t)g->a % 16) || ((uintptr_t)g->b % 16) || ((uintptr_t)g->d % 16) || ((uintptr_t)g->bias % 16) || ((uintptr_t)g->gelu_aux % 16)) {
         fprintf(stderr, "error: internal: cuBLASLt operands must be 16-byte aligned (m %d n %d k %d)\n", m, n, k);
         exit(EXIT_FAILURE);
     }
     cublasLtMatmulDesc_t op;
     cublasCheck(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t tN = CUBLAS_OP_N, tT = CUBLAS_OP_T;
-    cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, transA ? &tT : &tN, sizeof(tN)));
-    cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, transB ? &tT : &tN, sizeof(tN)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, g->transA ? &tT : &tN, sizeof(tN)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, g->transB ? &tT : &tN, sizeof(tN)));
     cublasLtMatrixLayout_t la, lb, lc;
-    if (transA) cublasCheck(cublasLtMatrixLayoutCreate(&la, CUBLAS_LOWP, k, m, k));
-    else cublasCheck(cublasLtMatrixLayoutCreate(&la, CUBLAS_LOWP, m, k, m));
-    if (transB) cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUBLAS_LOWP, n, k, n));
-    else cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUBLAS_LOWP, k, n, k));
-    cublasCheck(cublasLtMatrixLayoutCreate(&lc, CUBLAS_LOWP, m, n, m));  // C and D share the layout
+    const int64_t ldd = g->ldd ? g->ldd : m;
+    if (g->transA) cublasCheck(cublasLtMatrixLayoutCreate(&la, CUBLAS_LOWP, k, m, g->lda ? g->lda : k));
+    else cublasCheck(cublasLtMatrixLayoutCreate(&la, CUBLAS_LOWP, m, k, g->lda ? g->lda : m));
+    if (g->transB) cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUBLAS_LOWP, n, k, g->ldb ? g->ldb : n));
+    else cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUBLAS_LOWP, k, n, g->ldb ? g->ldb : k));
+    cublasCheck(cublasLtMatrixLayoutCreate(&lc, CUBLAS_LOWP, m, n, ldd));  // C and D share the layout
+    if (g->batch > 1) {
+        const int32_t nb = g->batch;
+        const int64_t strides[3] = {g->sa, g->sb, g->sd};
+        cublasLtMatrixLayout_t ls[3] = {la, lb, lc};
+        for (int i = 0; i < 3; i++) {
+            cublasCheck(cublasLtMatrixLayoutSetAttribute(ls[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &nb, sizeof(nb)));
+            cublasCheck(cublasLtMatrixLayoutSetAttribute(ls[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof(strides[i])));
+        }
+    }
 
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
-    if (gelu_aux) {
-        int64_t ld = m;
+    if (g->gelu_aux) {
+        const int64_t ld = g->aux_ld ? g->aux_ld : ldd, as = g->aux_stride ? g->aux_stride : g->sd;
         cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof(ld)));
-        cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &gelu_aux, sizeof(gelu_aux)));
-        epi = backward ? CUBLASLT_EPILOGUE_DGELU : (bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX);
-    } else if (bias) {
+        cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g->gelu_aux, sizeof(g->gelu_aux)));
+        if (g->batch > 1) cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, &as, sizeof(as)));
+        epi = g->backward ? CUBLASLT_EPILOGUE_DGELU : (g->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX);
+    } else if (g->bias) {
         epi = CUBLASLT_EPILOGUE_BIAS;
     }
     cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-    if (bias) {
+    if (g->bias) {
         cudaDataType_t bt = CUBLAS_LOWP;
         cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
-        cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias, sizeof(g->bias)));
+        if (g->batch > 1)
+            cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &g->bias_stride, sizeof(g->bias_stride)));
     }
     cudaDataType_t st = CUDA_R_32F;
     cublasCheck(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_SCALE_TYPE, &st, sizeof(st)));
@@ -112,7 +145,7 @@ static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const fl
     cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g_gpu.lt_workspace_size,
                                                      sizeof(g_gpu.lt_workspace_size)));
-    uint32_t al_a = ptr_alignment(a), al_b = ptr_alignment(b), al_d = ptr_alignment(d);
+    uint32_t al_a = ptr_alignment(g->a), al_b = ptr_alignment(g->b), al_d = ptr_alignment(g->d);
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, sizeof(al_d)));
@@ -123,8 +156,8 @@ static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const fl
     cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(g_gpu.cublaslt, op, la, lb, lc, lc, pref, 1, &heur, &found);
     int ok = hs == CUBLAS_STATUS_SUCCESS && found > 0;
     if (ok) {
-        const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-        cublasCheck(cublasLtMatmul(g_gpu.cublaslt, op, &alpha, a, la, b, lb, &beta, d, lc, d, lc, &heur.algo, g_gpu.lt_workspace,
+        const float alpha = 1.0f, beta = g->accumulate ? 1.0f : 0.0f;
+        cublasCheck(cublasLtMatmul(g_gpu.cublaslt, op, &alpha, g->a, la, g->b, lb, &beta, g->d, lc, g->d, lc, &heur.algo, g_gpu.lt_workspace,
                                    g_gpu.lt_workspace_size, 0));
     }
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
@@ -133,6 +166,16 @@ static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const fl
     cublasCheck(cublasLtMatrixLayoutDestroy(lb));
     cublasCheck(cublasLtMatrixLayoutDestroy(lc));
     return ok;
+}
+
+// One packed, unbatched product (the dense layers').
+static int matmul_cublaslt(floatX *d, const floatX *a, const floatX *b, const floatX *bias, int m, int n, int k, int transA,
+                           int transB, int accumulate, floatX *gelu_aux, int backward) {
+    LtMatmul g;
+    memset(&g, 0, sizeof(g));
+    g.d = d; g.a = a; g.b = b; g.m = m; g.n = n; g.k = k; g.transA = transA; g.transB = transB; g.accumulate = accumulate;
+    g.batch = 1; g.bias = bias; g.gelu_aux = gelu_aux; g.backward = backward;
+    return lt_matmul(&g);
 }
 
 // The same with no epilogue: there must be an algorithm.

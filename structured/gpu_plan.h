@@ -20,8 +20,14 @@
 
 // The buffers a plan names. Row buffers hold `rows` rows; W0/W1 (and their gradients) are the
 // structure's two cores (btt: W0, W1; monarch: R, L; a BTT-MoE expert: its extracted rank-1
-// cores). T1..T3 are scratch with the sizes st_plan_scratch gives.
-typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_COUNT } PlanBuf;
+// cores). T1..T3 are scratch with the sizes st_plan_scratch gives. BIAS (d_out) and PRE (the
+// GELU's pre-activation, shaped as the output it belongs to) only for an op's epilogue.
+typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_BIAS, PB_PRE, PB_COUNT } PlanBuf;
+
+// What the op that writes a layer's output does to it on the way (plan_set_epilogue): add the
+// bias (output column j gets BIAS[j]); write the sum to PRE and its GELU to the output; or, on
+// the backward's dx, multiply by GELU' of PRE. Flags; GELU and DGELU exclude each other.
+enum { PLAN_EPI_BIAS = 1, PLAN_EPI_GELU = 2, PLAN_EPI_DGELU = 4 };
 
 typedef enum { PLAN_GEMM, PLAN_PERMUTE } PlanOpKind;
 
@@ -42,6 +48,10 @@ typedef struct {
     // further on; c_f32: C is an fp32 buffer. A permute covers the tiles in use.
     int tiles, tile_rows, c_f32;
     long long ts[3], es[3];
+    // Epilogue (PLAN_EPI_*) on the output (C, or a permute's dst): bias element of output column j
+    // of batch entry b is BIAS[b·bias_stride + j]; PRE has the output's offsets and strides.
+    int epi;
+    long long bias_stride;
 } PlanOp;
 
 #define PLAN_MAX_OPS 8
@@ -121,6 +131,24 @@ static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int
 
 // Scratch elements per row: T1, T2 (zrow each), no T3.
 static inline size_t plan_btt_scratch_row(const BTTShape *s) { return 2 * btt_z_row(s); }
+
+// The epilogue `epi` on the last op of p that writes buffer `out` (PB_Y: bias and GELU in the
+// forward; PB_DX: DGELU in the backward). A GEMM's output column j of batch entry b is column
+// b·sc + j of its rows (the structures' outputs are column blocks of one row buffer), hence the
+// bias stride; a permute writes whole rows (stride 0). Returns 0 when no op writes `out` or the
+// op accumulates (beta = 1): then the caller applies it separately.
+static inline int plan_set_epilogue(Plan *p, int out, int epi) {
+    for (int i = p->n - 1; i >= 0; i--) {
+        PlanOp *o = &p->op[i];
+        const int writes = o->kind == PLAN_GEMM ? o->c == out : o->dst == out;
+        if (!writes) continue;
+        if (o->kind == PLAN_GEMM && (o->beta || o->tiles)) return 0;
+        o->epi = epi;
+        o->bias_stride = o->kind == PLAN_GEMM ? o->sc : 0;
+        return 1;
+    }
+    return 0;
+}
 
 // ----------------------------------------------------------------------------------------------
 // Monarch (monarch.h's math and saved-u layout). W0 = R (nb, q, p), W1 = L (nb, s, q). Row

@@ -11,6 +11,9 @@
 // runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
 // kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
 // says they move fewer bytes than the plans (not at large widths with few blocks).
+// A layer's bias and the fc layer's GELU (and, backward, the GELU' on dx) ride on the last op
+// that writes the output (gpu_plan.h's plan_set_epilogue): cuBLASLt epilogues on a GEMM (our
+// kernel after it where cuBLASLt has no algorithm), the permute kernel's own on a permute.
 //
 // BTT-MoE on the GPU (cost scales with k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
@@ -51,18 +54,60 @@ static int g_st_fused = 0;
 // ----------------------------------------------------------------------------------------------
 // plan execution
 
+// An op's epilogue (gpu_plan.h, PLAN_EPI_*) as its kernels apply it: the value v of output
+// element `at` (column `col`) in fp32, bias added, then GELU (pre-activation written to pre) or
+// times GELU' of pre. Returns what to store.
+typedef struct {
+    int epi;
+    const floatX *bias;  // indexed by output column (a permute's row position)
+    floatX *pre;         // the output's shape, same offsets
+} PlanEpi;
+static __device__ __forceinline__ float plan_epi_apply(const PlanEpi &e, float v, size_t at, int col) {
+    if (e.epi & PLAN_EPI_BIAS) v += (float)e.bias[col];
+    if (e.epi & PLAN_EPI_GELU) {  // of the pre-activation as kept (bf16), which the backward's GELU' reads
+        const floatX p = (floatX)v;
+        e.pre[at] = p;
+        v = (float)p;
+        v = 0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v)));
+    }
+    if (e.epi & PLAN_EPI_DGELU) {
+        const float x = (float)e.pre[at], th = tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x));
+        v *= 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    return v;
+}
+static __device__ __forceinline__ float bf16_bits_to_float(uint32_t h) { return __uint_as_float(h << 16); }
+static __device__ __forceinline__ uint32_t float_to_bf16_bits(float v) {
+    floatX b = (floatX)v;
+    return *reinterpret_cast<uint16_t *>(&b);
+}
+
+// The epilogue over a batched GEMM's output when cuBLASLt has no algorithm for it: batch entry b
+// is columns b·sc .. + cols of `rows` rows of ldc, bias entry b·bias_stride + j.
+__global__ void plan_epilogue_kernel(floatX *out, PlanEpi e, int rows, int cols, int batch, int ldc, long long sc, long long bias_stride) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * cols * batch) return;
+    const int j = (int)(i % cols), b = (int)((i / cols) % batch);
+    const size_t r = i / ((size_t)cols * batch), at = r * ldc + (size_t)b * sc + j;
+    PlanEpi eb = e;
+    if (eb.bias) eb.bias += b * bias_stride;
+    out[at] = (floatX)plan_epi_apply(eb, (float)out[at], at, j);
+}
+
 // The plans' permute, each row [R][C][blk] -> [C][R][blk]. v1 (dev/cuda/permute.cu): one element
 // per thread in source order, so a warp's 2-byte stores land C·blk elements apart: on an H200 this
 // made the cuBLAS BTT and Monarch layers several times slower than their GEMMs alone
 // (dev/bench/RESULTS.md). Kept as the fallback for rows too long for shared memory.
 __global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int rows, const int *rows_dev, int len, int src_ld, int dst_ld, int R,
-                                            int C, int blk) {
+                                            int C, int blk, PlanEpi e) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (rows_dev && *rows_dev < rows) rows = *rows_dev;
     if (idx >= (size_t)rows * len) return;
     size_t r = idx / len;
     int j = (int)(idx % len);
-    dst[r * dst_ld + plan_permute_dst_index(j, R, C, blk)] = src[r * src_ld + j];
+    const int k = (int)plan_permute_dst_index(j, R, C, blk);
+    const size_t at = r * dst_ld + k;
+    dst[at] = e.epi ? (floatX)plan_epi_apply(e, (float)src[r * src_ld + j], at, k) : src[r * src_ld + j];
 }
 
 // v2: a block stages `rpb` whole source rows in shared memory with coalesced (16-byte, V = 8) loads,
@@ -74,7 +119,8 @@ __global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int 
 #define PERMUTE_THREADS 256
 template <int V>
 __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floatX *dst, const floatX *src, int rows, const int *rows_dev,
-                                                                            int src_ld, int dst_ld, int R, int C, int blk, int pitch, int rpb) {
+                                                                            int src_ld, int dst_ld, int R, int C, int blk, int pitch, int rpb,
+                                                                            PlanEpi ep) {
     extern __shared__ __align__(16) unsigned char permute_smem[];
     if (rows_dev && *rows_dev < rows) rows = *rows_dev;
     uint16_t *sm = (uint16_t *)permute_smem;  // raw bf16 bits: the data only moves
@@ -112,6 +158,11 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
                 if (++x == blk) { x = 0; if (++r == R) { r = 0; c++; } }
             }
             uint16_t *d = dst16 + (size_t)(g0 + rr) * dst_ld + j;
+            if (ep.epi) {  // the output's epilogue (Monarch's bias and GELU) on the way out
+                const size_t at = (size_t)(g0 + rr) * dst_ld + j;
+#pragma unroll
+                for (int u = 0; u < V; u++) h[u] = float_to_bf16_bits(plan_epi_apply(ep, bf16_bits_to_float(h[u]), at + u, j + u));
+            }
             if (V == 8) __stwb(reinterpret_cast<uint4 *>(d), make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16));
             else d[0] = (uint16_t)h[0];
         }
@@ -120,16 +171,17 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
 }
 
 // Rows shorter than this many elements (24 KB) are staged several to a block, up to 16.
-// rows_dev (may be NULL): a device count that bounds `rows` (a tiled plan's rows in use).
+// rows_dev (may be NULL): a device count that bounds `rows` (a tiled plan's rows in use); e: the
+// epilogue on the written rows (e.pre relative to dst's buffer start as dst: same offsets).
 #define PERMUTE_GROUP_ELEMS 12288
 static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk,
-                             const int *rows_dev = NULL) {
+                             const int *rows_dev = NULL, PlanEpi e = PlanEpi{0, NULL, NULL}) {
     const int cb = C * blk, len = R * cb, pitch = cb | 1, span = R * pitch;
     const size_t row_bytes = (size_t)span * sizeof(floatX);
     if (rows <= 0 || len <= 0) return;
     if (row_bytes > (size_t)g_gpu.prop.sharedMemPerBlockOptin) {
         size_t n = (size_t)rows * len;
-        plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, rows, rows_dev, len, src_ld, dst_ld, R, C, blk);
+        plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(dst, src, rows, rows_dev, len, src_ld, dst_ld, R, C, blk, e);
         cudaCheckLaunch();
         return;
     }
@@ -138,28 +190,57 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     const int vec = len % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
     const long groups = (rows + rpb - 1) / rpb;
     const int grid = (int)(groups < 65535 ? groups : 65535);
-    void (*kern)(floatX *, const floatX *, int, const int *, int, int, int, int, int, int, int) =
+    void (*kern)(floatX *, const floatX *, int, const int *, int, int, int, int, int, int, int, PlanEpi) =
         vec ? plan_permute_rows_kernel<8> : plan_permute_rows_kernel<1>;
     static size_t smem_set[2] = {48 * 1024, 48 * 1024};  // the dynamic limit each version has been given
     if (smem > smem_set[vec]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set[vec] = smem;
     }
-    kern<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, rows_dev, src_ld, dst_ld, R, C, blk, pitch, rpb);
+    kern<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, rows_dev, src_ld, dst_ld, R, C, blk, pitch, rpb, e);
     cudaCheckLaunch();
+}
+
+// A GEMM op's epilogue through cuBLASLt's (BIAS, GELU_AUX(_BIAS), DGELU; GELU only with -ge 1,
+// DGELU with -ge 2, as the dense layers): 0 when it cannot (alignment, no algorithm), nothing done.
+static int plan_gemm_lt_epilogue(const PlanOp *o, floatX *const *buf) {
+    if ((o->epi & PLAN_EPI_GELU) && g_gpu.gelu_fusion < 1) return 0;
+    if ((o->epi & PLAN_EPI_DGELU) && g_gpu.gelu_fusion < 2) return 0;
+    CublasGemmArgs g = plan_to_cublas(o);
+    LtMatmul L;
+    memset(&L, 0, sizeof(L));
+    L.d = buf[g.c] + g.c_off; L.a = buf[g.first] + g.first_off; L.b = buf[g.second] + g.second_off;
+    L.m = g.m; L.n = g.n; L.k = g.k; L.transA = g.transa; L.transB = g.transb;
+    L.lda = g.lda; L.ldb = g.ldb; L.ldd = g.ldc;
+    L.batch = g.batch; L.sa = g.stride_a; L.sb = g.stride_b; L.sd = g.stride_c;
+    if (o->epi & PLAN_EPI_BIAS) { L.bias = buf[PB_BIAS]; L.bias_stride = o->bias_stride; }
+    if (o->epi & (PLAN_EPI_GELU | PLAN_EPI_DGELU)) { L.gelu_aux = buf[PB_PRE] + g.c_off; L.aux_ld = g.ldc; L.aux_stride = g.stride_c; }
+    L.backward = (o->epi & PLAN_EPI_DGELU) != 0;
+    const uintptr_t al = (uintptr_t)L.d | (uintptr_t)L.a | (uintptr_t)L.b | (uintptr_t)L.bias | (uintptr_t)L.gelu_aux;
+    const long long st = (long long)(L.lda | L.ldb | L.ldd) | L.sa | L.sb | L.sd | L.bias_stride;
+    if (al % 16 || st % 8 || g.beta) return 0;
+    return lt_matmul(&L);
 }
 
 // One op of a plan (dev/cuda/plan_ops.cu times them one by one), then a whole plan.
 static void plan_op_run_gpu(const PlanOp *o, floatX *const *buf) {
     if (o->kind == PLAN_GEMM) {
+        if (o->epi && plan_gemm_lt_epilogue(o, buf)) return;
         CublasGemmArgs g = plan_to_cublas(o);
         const float alpha = 1.0f, beta = g.beta ? 1.0f : 0.0f;
         cublasCheck(cublasGemmStridedBatchedEx(g_gpu.cublas, g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, g.transb ? CUBLAS_OP_T : CUBLAS_OP_N, g.m,
                                                g.n, g.k, &alpha, buf[g.first] + g.first_off, CUBLAS_LOWP, g.lda, g.stride_a,
                                                buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
                                                CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        if (o->epi) {  // no cuBLASLt epilogue: our kernel over the output
+            const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->c_off : NULL};
+            const long n = (long)o->M * o->N * o->batch;
+            plan_epilogue_kernel<<<ceil_div_i(n, 256), 256>>>(buf[o->c] + o->c_off, e, o->M, o->N, o->batch, o->ldc, o->sc, o->bias_stride);
+            cudaCheckLaunch();
+        }
     } else {
-        plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk);
+        const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->dst_off : NULL};
+        plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk, NULL, e);
     }
 }
 static void plan_run_gpu(const Plan *p, floatX *const *buf) {
@@ -237,19 +318,36 @@ static void st_add_bias(floatX *y, const floatX *bias, int N, int dout) {
     cudaCheckLaunch();
 }
 
+// The output's bias and GELU (pre_gelu: the pre-activation kept, y its GELU) where they were not
+// applied on the way: y holds the layer's product (in pre_gelu when given).
+static void st_bias_gelu(floatX *y, floatX *pre_gelu, const floatX *bias, int N, int dout) {
+    st_add_bias(pre_gelu ? pre_gelu : y, bias, N, dout);
+    if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * dout);
+}
+
+// The epilogue flags for an output with this bias and pre-activation buffer.
+static inline int st_epi(const void *bias, const void *pre_gelu) { return (bias ? PLAN_EPI_BIAS : 0) | (pre_gelu ? PLAN_EPI_GELU : 0); }
+
 // ----------------------------------------------------------------------------------------------
 // BTT and Monarch
 
 // y (N, d_out) overwritten, z (N, zrow) saved; scratch: N·zrow elements.
+// With pre_gelu (the fc layer): pre_gelu = the layer's output + bias, y = its GELU. The plans add
+// the bias (and the GELU) in their last GEMM's cuBLASLt epilogue: no extra pass over y.
 static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
-                            const BTTShape *s, floatX *scratch) {
-    if (g_st_fused && btt_forward_fused(y, z, x, W0, W1, bias, N, s)) return;
+                            const BTTShape *s, floatX *scratch, floatX *pre_gelu = NULL) {
+    if (g_st_fused && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
+        if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+        return;
+    }
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
+    buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
     plan_btt_forward(&p, s, N, 0);
+    const int epi = st_epi(bias, pre_gelu);
+    if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the BTT forward plan took no epilogue");
     plan_run_gpu(&p, buf);
-    st_add_bias(y, bias, N, s->d_out);
 }
 
 // dst (n elements) = blocks (cols x rows), each the transpose of a (rows x cols) block of src (btt.h).
@@ -279,9 +377,11 @@ static inline size_t btt_gpu_scratch_elems(const BTTShape *s, int N) {
 // dx overwritten (may be NULL); dW0, dW1, dbias accumulated; scratch: btt_gpu_scratch_elems.
 // With g_st_fused and dx, dx and dZ come from ONE fused launch over dy (the transposed BTT, btt.h)
 // instead of GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs (they reduce over rows).
-// Returns 1 when it ran fused.
+// With pre_gelu (the pre-activation whose GELU was x), dx is the gradient before that GELU (the
+// plans: the dx GEMM's DGELU epilogue). Returns 1 when it ran fused.
 static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
-                             const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch) {
+                             const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch,
+                             const floatX *pre_gelu = NULL) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
@@ -296,9 +396,12 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     }
     if (fused) {
         plan_btt_backward_weights(&p, s, N, 0, 1);
+        if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
     } else {
         plan_btt_backward_dz(&p, s, N, 0);
         plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+        buf[PB_PRE] = (floatX *)pre_gelu;
+        if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the BTT backward plan took no epilogue");
     }
     plan_run_gpu(&p, buf);
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch);
@@ -319,30 +422,39 @@ static inline size_t monarch_gpu_scratch_elems(const MonarchShape *m, int N) {
 // launch of monarch_fused.cuh's kernel (u on chip) where it supports the shape and pays (its
 // traffic model: MF_MAX_L2_PER_DRAM); it saves the same u as the baseline, so either backward can
 // follow either forward. Returns 1 when it ran fused.
+// With pre_gelu: pre_gelu = the layer's output + bias, y = its GELU; the plans apply both in
+// their last op, the output permute.
 static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
-                               const MonarchShape *m, floatX *scratch) {
+                               const MonarchShape *m, floatX *scratch, floatX *pre_gelu = NULL) {
     if (g_st_fused && monarch_fused_fwd_pays(m, btt_fused_smem_limit())) {
         floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
         block_transpose_gpu(Rt, R, monarch_r_size(m), m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
         block_transpose_gpu(Lt, L, monarch_l_size(m), m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
-        if (monarch_forward_fused(y, u, x, Rt, Lt, bias, N, m, btt_fused_smem_limit())) return 1;
+        if (monarch_forward_fused(pre_gelu ? pre_gelu : y, u, x, Rt, Lt, bias, N, m, btt_fused_smem_limit())) {
+            if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * m->d_out);
+            return 1;
+        }
     }
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L;
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * monarch_u_row(m);
+    buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
     plan_monarch_forward(&p, m, N);
+    const int epi = st_epi(bias, pre_gelu);
+    if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the Monarch forward plan took no epilogue");
     plan_run_gpu(&p, buf);
-    st_add_bias(y, bias, N, m->d_out);
     return 0;
 }
 
 // dx overwritten (may be NULL); dR, dL, dbias accumulated; scratch: monarch_gpu_scratch_elems.
 // With g_st_fused, dx, du and dyt come from ONE launch of monarch_fused.cuh's backward kernel
 // instead of permute, GEMM, permute, GEMM, where it supports the shape and pays (as the forward);
-// the weight gradients stay cuBLAS GEMMs. Returns 1 when it ran fused.
+// the weight gradients stay cuBLAS GEMMs. With pre_gelu, dx is the gradient before the GELU of
+// pre_gelu (the plans: the dx GEMM's DGELU epilogue). Returns 1 when it ran fused.
 static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
-                                const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch) {
+                                const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch,
+                                const floatX *pre_gelu = NULL) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
@@ -362,9 +474,12 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     }
     if (fused) {
         plan_monarch_backward_weights(&p, m, N);
+        if (dx && pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * m->d_in);
     } else {
         buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
+        buf[PB_PRE] = (floatX *)pre_gelu;
         plan_monarch_backward(&p, m, N, dx != NULL);
+        if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the Monarch backward plan took no epilogue");
     }
     plan_run_gpu(&p, buf);
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch);
@@ -622,8 +737,10 @@ static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, in
     cudaCheckLaunch();
 }
 
-// y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in fp32
-__global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *gate, const int *pos, const floatX *bias, int N, int K, int d) {
+// y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in
+// fp32; with pre (the fc layer): pre[t] = that and y[t] = its GELU
+__global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *gate, const int *pos, const floatX *bias, int N, int K, int d,
+                                   floatX *pre) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int per = d / 8;
     if (i >= (size_t)N * per) return;
@@ -642,6 +759,13 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     }
     x128 o;
     for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
+    if (pre) {
+        store128(pre + (size_t)t * d + c, o);
+        for (int j = 0; j < 8; j++) {  // of the pre-activation as kept (bf16), which the backward's GELU' reads
+            const float v = (float)o[j];
+            o[j] = (floatX)(0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v))));
+        }
+    }
     store128(y + (size_t)t * d + c, o);
 }
 
@@ -705,9 +829,10 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
 // input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
 // segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
-// Either way nothing waits for the host.
+// Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
+// GELU (both written by the combine).
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
-                            const floatX *router, const floatX *bias, int N, const MoEShape *s) {
+                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
@@ -733,7 +858,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
         plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs);
     }
-    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout);
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu);
     cudaCheckLaunch();
 }
 
@@ -758,10 +883,11 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 // combine (dx is linear in dZ), and every expert's dW0 and dW1 come from one seg_wgrad launch
 // each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
 // tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
-// Nothing waits for the host either way. Returns 1 when it ran fused.
+// Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
+// pre_gelu (a separate pass: dx's router term comes last). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
-                            const floatX *router, const MoEShape *s, float *colsum_scratch) {
+                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
@@ -808,10 +934,11 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
     if (dx) {  // the fused dxg is ungated
-        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din);
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
         st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
+        if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * din);
     }
     if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch);
     return fused;

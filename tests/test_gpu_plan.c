@@ -77,18 +77,38 @@ static void run_plan_tiled(const Plan *p, float *const *buf, const int *tile_exp
     }
 }
 
+// An op's epilogue (gpu_plan.h, PLAN_EPI_*) on one output element at `at` of column j of batch
+// entry b, as cuBLASLt's BIAS / GELU_AUX_BIAS / DGELU epilogues and the permute kernel define it.
+static float gelu_ref(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+static float gelu_grad_ref(float x) {
+    const float th = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+}
+static void epilogue_at(const PlanOp *o, float *const *buf, int out, size_t at, int j, int b) {
+    float *v = buf[out] + at;
+    if (o->epi & PLAN_EPI_BIAS) *v += buf[PB_BIAS][(size_t)b * o->bias_stride + j];
+    if (o->epi & PLAN_EPI_GELU) { buf[PB_PRE][at] = *v; *v = gelu_ref(*v); }
+    if (o->epi & PLAN_EPI_DGELU) *v *= gelu_grad_ref(buf[PB_PRE][at]);
+}
+
 static void run_plan(const Plan *p, float *const *buf) {
     for (int i = 0; i < p->n; i++) {
         const PlanOp *o = &p->op[i];
         if (o->kind == PLAN_GEMM) {
             CublasGemmArgs g = plan_to_cublas(o);
             emulate_cublas(&g, buf);
+            if (o->epi)
+                for (int b = 0; b < o->batch; b++)
+                    for (int r = 0; r < o->M; r++)
+                        for (int j = 0; j < o->N; j++) epilogue_at(o, buf, o->c, o->c_off + (size_t)r * o->ldc + (size_t)b * o->sc + j, j, b);
         } else {
             int len = o->R * o->C * o->blk;
             for (int r = 0; r < o->rows; r++) {
                 const float *s = buf[o->src] + o->src_off + (size_t)r * o->src_ld;
                 float *d = buf[o->dst] + o->dst_off + (size_t)r * o->dst_ld;
                 for (int j = 0; j < len; j++) d[plan_permute_dst_index(j, o->R, o->C, o->blk)] = s[j];
+                if (o->epi)
+                    for (int j = 0; j < len; j++) epilogue_at(o, buf, o->dst, o->dst_off + (size_t)r * o->dst_ld + j, j, 0);
             }
         }
     }
@@ -489,6 +509,79 @@ static void test_moe_tiles(void) {
     check_true(bad_mono == 0, "moe_tile_rows: never fewer rows per tile for more tokens", why);
 }
 
+// The epilogues on the layer's last op (plan_set_epilogue): forward y = GELU(layer(x) + b) with
+// the pre-activation kept, and the plain bias; backward dx times GELU' of a given pre-activation.
+// BTT's last forward op is a batched GEMM over column blocks (bias per block), Monarch's a permute.
+static void test_epilogues(int kind, int N) {
+    BTTShape s;
+    MonarchShape m;
+    int din, dout;
+    size_t n0, n1, zrow, t2row, t3row;
+    if (kind == 0) {
+        btt_shape(&s, 4, 6, 5, 3, 2);
+        din = s.d_in; dout = s.d_out; n0 = btt_w0_size(&s); n1 = btt_w1_size(&s); zrow = btt_z_row(&s); t2row = zrow; t3row = 0;
+    } else {
+        monarch_shape(&m, 48, 96, 4);
+        din = m.d_in; dout = m.d_out; n0 = monarch_r_size(&m); n1 = monarch_l_size(&m); zrow = monarch_u_row(&m); t2row = dout; t3row = zrow;
+    }
+    const char *what = kind == 0 ? "btt 24->15 r2" : "monarch 48->96 nb4";
+    float *x = randn((size_t)N * din, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
+    float *bias = randn(dout, 0.5f), *pre_in = randn((size_t)N * din, 1.0f);
+    float *y_ref = zeros((size_t)N * dout), *z_ref = zeros((size_t)N * zrow), *dx_ref = zeros((size_t)N * din);
+    float *dW0 = zeros(n0), *dW1 = zeros(n1);
+    if (kind == 0) {
+        float *scr = zeros(btt_scratch_size(&s, N));
+        btt_forward(y_ref, z_ref, x, W0, W1, bias, N, &s);
+        btt_backward(dx_ref, dW0, dW1, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
+        free(scr);
+    } else {
+        float *scr = zeros(monarch_scratch_size(&m, N));
+        monarch_forward(y_ref, z_ref, x, W0, W1, bias, N, &m);
+        monarch_backward(dx_ref, dW0, dW1, NULL, dy, x, z_ref, W0, W1, N, &m, scr);
+        free(scr);
+    }
+    float *gy_ref = zeros((size_t)N * dout);
+    for (size_t i = 0; i < (size_t)N * dout; i++) gy_ref[i] = gelu_ref(y_ref[i]);
+    for (size_t i = 0; i < (size_t)N * din; i++) dx_ref[i] *= gelu_grad_ref(pre_in[i]);
+    for (int gelu = 0; gelu <= 1; gelu++) {
+        float *buf[PB_COUNT] = {0};
+        buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dy; buf[PB_BIAS] = bias;
+        buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * din);
+        buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1); buf[PB_PRE] = zeros((size_t)N * dout);
+        buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * (t3row ? t3row : 1));
+        Plan p = {0};
+        if (kind == 0) plan_btt_forward(&p, &s, N, 0);
+        else plan_monarch_forward(&p, &m, N);
+        char name[160];
+        snprintf(name, sizeof(name), "%s: the forward's last op takes the %s epilogue", what, gelu ? "bias + GELU" : "bias");
+        check_true(plan_set_epilogue(&p, PB_Y, PLAN_EPI_BIAS | (gelu ? PLAN_EPI_GELU : 0)), name, "refused");
+        run_plan(&p, buf);
+        snprintf(name, sizeof(name), "%s: y %s", what, gelu ? "= GELU(layer(x) + b)" : "= layer(x) + b");
+        check_close(buf[PB_Y], gelu ? gy_ref : y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+        if (gelu) {
+            snprintf(name, sizeof(name), "%s: the pre-activation layer(x) + b kept", what);
+            check_close(buf[PB_PRE], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+            p.n = 0;
+            buf[PB_PRE] = pre_in;
+            if (kind == 0) {
+                plan_btt_backward_dz(&p, &s, N, 0);
+                plan_btt_backward_rest(&p, &s, N, 0, 1, 1);
+            } else {
+                plan_monarch_backward(&p, &m, N, 1);
+            }
+            snprintf(name, sizeof(name), "%s: the backward's dx GEMM takes the DGELU epilogue", what);
+            check_true(plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU), name, "refused");
+            run_plan(&p, buf);
+            snprintf(name, sizeof(name), "%s: dx = (dy W^T) GELU'(pre)", what);
+            check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+            buf[PB_PRE] = NULL;
+        }
+        for (int i = 0; i < PB_COUNT; i++)
+            if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_BIAS) free(buf[i]);
+    }
+    free(x); free(W0); free(W1); free(dy); free(bias); free(pre_in); free(y_ref); free(z_ref); free(dx_ref); free(dW0); free(dW1); free(gy_ref);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -505,6 +598,8 @@ int main(void) {
     test_moe(4, 6, 5, 3, 8, 1, 5, 2);   // fewer tokens than experts: empty experts, no tiles
     test_moe(4, 6, 5, 3, 4, 2, 23, 1);  // tiles of one row: no padding
     test_moe_tiles();
+    test_epilogues(0, 7);
+    test_epilogues(1, 5);
     test_route_only();
     test_activation_elems();
     return test_summary();

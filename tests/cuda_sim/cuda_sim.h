@@ -2319,6 +2319,7 @@ struct SimGemm {
     void *aux;
     long long aux_ld;
     cudaDataType_t aux_t;
+    long long bias_stride, aux_stride;  // batched cuBLASLt: per batch entry, in elements
 };
 inline float sim_gelu(float x) {
     float c = 0.044715f * x * x * x;
@@ -2357,12 +2358,13 @@ inline void sim_run_gemm(const SimGemm &g) {
                 float x = g.alpha * s;
                 if (g.beta != 0.0f) x += g.beta * sim_load_elem(g.C.p, g.C.t, cbase + (size_t)j * g.C.ld + i);
                 int e = g.epilogue;
-                if (e == 4 || e == 36 || e == 164) x += sim_load_elem(g.bias, g.bias_t, (size_t)i);  // BIAS, GELU_BIAS, GELU_AUX_BIAS
+                const size_t xb = (size_t)b * g.aux_stride;
+                if (e == 4 || e == 36 || e == 164) x += sim_load_elem(g.bias, g.bias_t, (size_t)b * g.bias_stride + (size_t)i);  // BIAS, GELU_BIAS, GELU_AUX_BIAS
                 if (e == 32 || e == 36 || e == 160 || e == 164) {  // GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS
-                    if (e & 128) sim_store_elem(g.aux, g.aux_t, (size_t)j * g.aux_ld + i, x);
+                    if (e & 128) sim_store_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i, x);
                     x = sim_gelu(x);
                 } else if (e == 192) {  // DGELU
-                    x *= sim_dgelu(sim_load_elem(g.aux, g.aux_t, (size_t)j * g.aux_ld + i));
+                    x *= sim_dgelu(sim_load_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i));
                 }
                 sim_store_elem((void *)g.D.p, g.D.t, dbase + (size_t)j * g.D.ld + i, x);
             }
@@ -2599,6 +2601,7 @@ struct SimLtDesc {
     void *aux;
     int64_t aux_ld;
     int32_t aux_t;
+    int64_t bias_bstride, aux_bstride;  // BIAS_BATCH_STRIDE, EPILOGUE_AUX_BATCH_STRIDE
 };
 typedef SimLtDesc *cublasLtMatmulDesc_t;
 struct SimLtLayout {
@@ -2688,6 +2691,8 @@ inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cub
         case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER: if (!want(8)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->aux, buf, 8); break;
         case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: if (!want(8)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->aux_ld, buf, 8); break;
         case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE: if (!want(4)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->aux_t, buf, 4); break;
+        case CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE: if (!want(8)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->bias_bstride, buf, 8); break;
+        case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE: if (!want(8)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->aux_bstride, buf, 8); break;
         default: return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "attribute %d is not simulated", (int)attr);
     }
     return CUBLAS_STATUS_SUCCESS;
@@ -2757,7 +2762,8 @@ inline cublasStatus_t sim_lt_validate(const char *fn, cublasLtMatmulDesc_t d, cu
     for (auto *l : ls) {
         if (!l || l->magic != 0x1A70) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "matrix layout");
         if (l->order != CUBLASLT_ORDER_COL) return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "only column-major layouts are simulated");
-        if (l->batch != 1) return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "batched layouts are not simulated");
+        if (l->batch != dl->batch) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "batch counts differ: %d and %d (D)", l->batch, dl->batch);
+        if (l->batch < 1) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "batch count %d", l->batch);
         if (l->ld < (int64_t)std::max<uint64_t>(1, l->rows))
             return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "ld %lld < rows %llu", (long long)l->ld, (unsigned long long)l->rows);
     }
@@ -2855,10 +2861,11 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
     g.m = m; g.n = n; g.k = k;
     g.alpha = *(const float *)alpha;
     g.beta = *(const float *)beta;
-    g.A = SimMat{A, al->type, (long long)al->rows, (long long)al->cols, al->ld, 0, 1};
-    g.B = SimMat{B, bl->type, (long long)bl->rows, (long long)bl->cols, bl->ld, 0, 1};
-    g.C = SimMat{C, cl->type, m, n, cl->ld, 0, 1};
-    g.D = SimMat{D, dl->type, m, n, dl->ld, 0, 1};
+    const int nb = dl->batch;
+    g.A = SimMat{A, al->type, (long long)al->rows, (long long)al->cols, al->ld, al->stride, nb};
+    g.B = SimMat{B, bl->type, (long long)bl->rows, (long long)bl->cols, bl->ld, bl->stride, nb};
+    g.C = SimMat{C, cl->type, m, n, cl->ld, cl->stride, nb};
+    g.D = SimMat{D, dl->type, m, n, dl->ld, dl->stride, nb};
     if (k > 0) {
         sim_check_mat(g.A, fn, "A");
         sim_check_mat(g.B, fn, "B");
@@ -2872,17 +2879,23 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
         if (C == D && cl->ld != dl->ld) sim_fail("%s: in-place C = D with different leading dimensions", fn);
     }
     sim_check_mat(g.D, fn, "D");
+    sim_check_batches_disjoint(g.D, fn);
     g.epilogue = d->epilogue == CUBLASLT_EPILOGUE_DEFAULT ? 0 : (int)d->epilogue;
     if (d->epilogue & 4) {
         g.bias = d->bias;
         g.bias_t = d->bias_t == -1 ? dl->type : (cudaDataType_t)d->bias_t;
-        sim_check_range(g.bias, (size_t)m * sim_dtype_size(g.bias_t), "cublasLtMatmul bias (length = rows of D)");
+        g.bias_stride = d->bias_bstride;
+        if (nb > 1 && d->bias_bstride < 0) sim_fail("%s: negative BIAS_BATCH_STRIDE", fn);
+        sim_check_range(g.bias, ((size_t)(nb - 1) * d->bias_bstride + m) * sim_dtype_size(g.bias_t),
+                        "cublasLtMatmul bias (length = rows of D, per batch entry BIAS_BATCH_STRIDE further on)");
     }
     if (d->epilogue & 128) {
         g.aux = d->aux;
         g.aux_ld = d->aux_ld;
         g.aux_t = d->aux_t == -1 ? dl->type : (cudaDataType_t)d->aux_t;
-        SimMat aux{g.aux, g.aux_t, m, n, g.aux_ld, 0, 1};
+        g.aux_stride = d->aux_bstride;
+        SimMat aux{g.aux, g.aux_t, m, n, g.aux_ld, d->aux_bstride, nb};
+        if (d->epilogue != CUBLASLT_EPILOGUE_DGELU) sim_check_batches_disjoint(aux, fn);
         sim_check_mat(aux, fn, "epilogue aux");
         sim_check_no_alias(g.D, aux, fn, "epilogue aux");
         if (k > 0 && d->epilogue != CUBLASLT_EPILOGUE_DGELU) {

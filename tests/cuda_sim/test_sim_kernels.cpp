@@ -930,6 +930,77 @@ static void test_monarch_fused_backward(int N, int din, int dout, int nb, size_t
     g_monarch_bwd_whole_tile = 0;
 }
 
+// The fc layer's GELU and every layer's bias in a structured layer's last op (the plans'
+// epilogues: cuBLASLt's on BTT's last GEMM, the output permute's on Monarch's, the combine on
+// BTT-MoE's), against the same layer without them followed by the separate kernels: forward
+// pre = layer(x) + b and y = GELU(pre); backward dx times GELU' of a given pre-activation. refuse:
+// cuBLASLt finds no algorithm for these epilogues (the fallback kernel runs instead).
+static void test_structured_gelu(int kind, int N, unsigned refuse, const char *why) {
+    const int din = 48, dout = 192;
+    BTTShape bs;
+    MonarchShape ms;
+    MoEShape es;
+    btt_shape(&bs, 4, 12, 8, 24, 2);
+    monarch_shape(&ms, din, dout, 4);
+    moe_shape(&es, 4, 12, 8, 24, 4, 2);
+    const char *names[3] = {"btt r2", "monarch 4 blocks", "btt_moe 4/top-2"};
+    char tag[160];
+    snprintf(tag, sizeof(tag), "%s %d->%d N=%d, GELU and bias on the way out%s", names[kind], din, dout, N, why);
+    size_t n0 = kind == 0 ? btt_w0_size(&bs) : kind == 1 ? monarch_r_size(&ms) : btt_w0_size(&es.btt);
+    size_t n1 = kind == 0 ? btt_w1_size(&bs) : kind == 1 ? monarch_l_size(&ms) : btt_w1_size(&es.btt);
+    Dev d;
+    floatX *x_d = d.add(up_bf16(rand_bf16((size_t)N * din, 1.0f))), *W0_d = d.add(up_bf16(rand_bf16(n0, 0.3f))),
+           *W1_d = d.add(up_bf16(rand_bf16(n1, 0.2f))), *R_d = d.add(up_bf16(rand_bf16(moe_router_size(&es), 0.3f))),
+           *b_d = d.add(up_bf16(rand_bf16(dout, 0.5f))), *dy_d = d.add(up_bf16(rand_bf16((size_t)N * dout, 1.0f)));
+    Vec pre_in = rand_bf16((size_t)N * din, 1.0f);
+    floatX *pin_d = d.add(up_bf16(pre_in));
+    floatX *y_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *out_d = d.add(dev_alloc<floatX>((size_t)N * dout)),
+           *pre_d = d.add(dev_alloc<floatX>((size_t)N * dout)), *dx_d = d.add(dev_alloc<floatX>((size_t)N * din)),
+           *dxg_d = d.add(dev_alloc<floatX>((size_t)N * din));
+    floatX *g0 = d.add(up_bf16(Vec(n0, 0.0f))), *g1 = d.add(up_bf16(Vec(n1, 0.0f))), *gr = d.add(up_bf16(Vec(moe_router_size(&es), 0.0f)));
+    float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
+    const size_t zsz = kind == 0 ? btt_z_size(&bs, N) : monarch_u_size(&ms, N);
+    floatX *z_d = d.add(dev_alloc<floatX>(zsz ? zsz : 1));
+    const size_t scr = kind == 0 ? btt_gpu_scratch_elems(&bs, N) : monarch_gpu_scratch_elems(&ms, N);
+    floatX *s_d = d.add(dev_alloc<floatX>(kind == 2 ? moe_gpu_scratch_elems(&es, N) : scr));
+    float *f_d = d.add(dev_alloc<float>(kind == 2 ? moe_gpu_scratch_floats(&es, N) : 1));
+    MoEGPUState gst;
+    memset(&gst, 0, sizeof(gst));
+    MoEGPUScratch sc;
+    if (kind == 2) {
+        moe_gpu_state_alloc(&gst, &es, N, "test");
+        cudaCheck(cudaMemset(gst.fhat, 0, 4 * sizeof(float)));
+        moe_gpu_scratch_bind(&sc, &gst, &es, N, s_d, f_d);
+    }
+    sim_cublaslt_refuse_epilogues = refuse;
+    for (int with = 0; with <= 1; with++) {  // 0: plain (the reference), 1: with the pre-activations
+        floatX *y = with ? out_d : y_d, *pre = with ? pre_d : NULL, *dx = with ? dx_d : dxg_d;
+        const floatX *pin = with ? pin_d : NULL;
+        if (kind == 0) {
+            btt_forward_gpu(y, z_d, x_d, W0_d, W1_d, b_d, N, &bs, s_d, pre);
+            btt_backward_gpu(dx, g0, g1, NULL, dy_d, x_d, z_d, W0_d, W1_d, N, &bs, s_d, col, pin);
+        } else if (kind == 1) {
+            monarch_forward_gpu(y, z_d, x_d, W0_d, W1_d, b_d, N, &ms, s_d, pre);
+            monarch_backward_gpu(dx, g0, g1, NULL, dy_d, x_d, z_d, W0_d, W1_d, N, &ms, s_d, col, pin);
+        } else {
+            moe_forward_gpu(y, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &es, pre);
+            moe_backward_gpu(dx, g0, g1, gr, NULL, dy_d, 0.0f, x_d, &gst, &sc, W0_d, W1_d, R_d, &es, col, pin);
+        }
+    }
+    sim_cublaslt_refuse_epilogues = 0;
+    Vec y = down_bf16(y_d, (size_t)N * dout), out = down_bf16(out_d, (size_t)N * dout), pre = down_bf16(pre_d, (size_t)N * dout);
+    Vec dxp = down_bf16(dxg_d, (size_t)N * din), dx = down_bf16(dx_d, (size_t)N * din), gy(y.size()), gdx(dx.size());
+    for (size_t i = 0; i < y.size(); i++) gy[i] = (float)(0.5 * y[i] * (1.0 + tanh(0.7978845608028654 * (y[i] + 0.044715 * y[i] * y[i] * y[i]))));
+    for (size_t i = 0; i < dx.size(); i++) {
+        const double v = pre_in[i], th = tanh(0.7978845608028654 * (v + 0.044715 * v * v * v));
+        gdx[i] = (float)(dxp[i] * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v)));
+    }
+    check_scaled(pre, y, 1e-2f, 0.0f, nm("%s: pre-activation = the plain layer's output", tag));
+    check_scaled(out, gy, 1e-2f, 0.0f, nm("%s: y = GELU(pre)", tag));
+    check_scaled(dx, gdx, 1e-2f, 0.0f, nm("%s: dx = plain dx times GELU'(pre)", tag));
+    if (kind == 2) moe_gpu_state_free(&gst);
+}
+
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must
 // support; 2: the forward fused, the backward on the tiled plans, with the saved z poisoned (NaN)
 // before the forward: the fused forward leaves the padding rows, which the tiled weight gradients
@@ -1757,6 +1828,10 @@ int main(int argc, char **argv) {
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
         test_moe(300, 4, 12, 4, 12, 4, 2);  // 600 pairs over 4 experts: several 64-row tiles each, the last partial
+        for (int kind = 0; kind < 3; kind++) {
+            test_structured_gelu(kind, 37, 0, "");
+            test_structured_gelu(kind, 37, ~0u, " (cuBLASLt refuses the epilogues)");
+        }
     }
     if (want("fused")) {
         test_btt_fused(37, 16, 4, 2, 32, 8, 0);      // 64 -> 64 rank 8, default tile rows, a partial tile
