@@ -3,7 +3,8 @@
 // steps: losses, gradient norms, final weights), in four recompute / GELU-fusion / attention
 // settings, once more on cuDNN's attention (-fa 2) in a build with cuDNN, for the structured
 // fixtures once more with the fused structured kernels (-sk 1; dev/fixtures/fused.bin has the
-// shapes they take), and once more without master weights (-w 0);
+// shapes they take) and once more with BTT and Monarch as dense GEMMs (-sm 1), and once more
+// without master weights (-w 0);
 // determinism (two runs, and a run saved and resumed at step 5, give bit-identical losses and
 // weights); each structure's GPU layer against the CPU layer at GPT-2 sizes on random inputs;
 // and llm.c's GPT-2 124M debug state when gpt2_124M.bin and gpt2_124M_debug_state.bin are in the
@@ -138,6 +139,7 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
+// fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -148,10 +150,11 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
-    g_st_fused = fused;
+    g_st_fused = fused == 1;
+    g_st_dense = fused == 2;
     char tag[128], name[512];
-    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash, fused ? " -sk 1" : "",
-             g_test_no_master ? " -w 0" : "");
+    snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
+             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
@@ -356,9 +359,11 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     const int din = spec->d_in, dout = spec->d_out;
     char tag[160], name[256];
     if (spec->kind == STRUCT_BTT)
-        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N,
+                 g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
-        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N, g_st_fused ? "fused forward and backward dx" : "cuBLAS");
+        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N,
+                 g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? "fused segmented" : "cuBLAS");
@@ -393,9 +398,15 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));
         btt_forward(y_ref, z, x, w[0], w[1], bias, N, &b);
         btt_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, z, w[0], w[1], N, &b, scr);
-        floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, btt_gpu_scratch_elems(&b, N), "test scratch");
-        btt_forward_gpu(y_d, z_d, x_d, w_d[0], w_d[1], bias_d, N, &b, s_d);
-        btt_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, z_d, w_d[0], w_d[1], N, &b, s_d, colsum);
+        const size_t se = btt_gpu_scratch_elems(&b, N) > btt_dense_elems(&b) ? btt_gpu_scratch_elems(&b, N) : btt_dense_elems(&b);
+        floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
+        if (g_st_dense) {
+            st_dense_forward(y_d, NULL, x_d, w_d[0], w_d[1], bias_d, N, STRUCT_BTT, &b, s_d);
+            st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_BTT, &b, s_d, colsum, NULL);
+        } else {
+            btt_forward_gpu(y_d, z_d, x_d, w_d[0], w_d[1], bias_d, N, &b, s_d);
+            btt_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, z_d, w_d[0], w_d[1], N, &b, s_d, colsum);
+        }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(z_d)); cudaCheck(cudaFree(s_d));
         free(z); free(scr);
@@ -404,9 +415,15 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
         monarch_forward(y_ref, u, x, w[0], w[1], bias, N, &ms);
         monarch_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, u, w[0], w[1], N, &ms, scr);
-        floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, monarch_gpu_scratch_elems(&ms, N), "test scratch");
-        monarch_forward_gpu(y_d, u_d, x_d, w_d[0], w_d[1], bias_d, N, &ms, s_d);
-        monarch_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, u_d, w_d[0], w_d[1], N, &ms, s_d, colsum);
+        const size_t se = monarch_gpu_scratch_elems(&ms, N) > monarch_dense_elems(&ms) ? monarch_gpu_scratch_elems(&ms, N) : monarch_dense_elems(&ms);
+        floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
+        if (g_st_dense) {
+            st_dense_forward(y_d, NULL, x_d, w_d[0], w_d[1], bias_d, N, STRUCT_MONARCH, &ms, s_d);
+            st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_MONARCH, &ms, s_d, colsum, NULL);
+        } else {
+            monarch_forward_gpu(y_d, u_d, x_d, w_d[0], w_d[1], bias_d, N, &ms, s_d);
+            monarch_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, u_d, w_d[0], w_d[1], N, &ms, s_d, colsum);
+        }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(u_d)); cudaCheck(cudaFree(s_d));
         free(u); free(scr);
@@ -484,8 +501,12 @@ static void check_structures_vs_cpu(void) {
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++)  // the baseline, then the fused kernels where they apply
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         g_st_fused = 0;
+        g_st_dense = 1;  // -sm 1: dense GEMMs on the materialized weight
+        for (int r = 1; r <= 4; r *= 4) { s.rank = r; check_layer_vs_cpu(&s, N); }
         s.kind = STRUCT_MONARCH;
         s.blocks = 4;
+        check_layer_vs_cpu(&s, N);
+        g_st_dense = 0;
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
         g_st_fused = 0;
         s.kind = STRUCT_BTT_MOE;
@@ -506,8 +527,8 @@ static void check_structures_vs_cpu(void) {
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
 // attention path, then without recompute or fusion, then with LayerNorm recompute and
 // forward-only fusion; with cuDNN, the defaults with every check on -fa 2; a structured one once
-// more, the defaults with every check and -sk 1; and the defaults with every check and -w 0 (no
-// master weights: the bf16 weights take the updates, within the same tolerances).
+// more, the defaults with every check and -sk 1, and with -sm 1; and the defaults with every check
+// and -w 0 (no master weights: the bf16 weights take the updates, within the same tolerances).
 static int g_cudnn_only = 0;  // --cudnn-only: the -fa 2 run of each fixture alone
 static void run_fixture_modes(const char *path) {
 #ifdef USE_CUDNN
@@ -524,7 +545,9 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 2, 1, 0);
 #endif
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
     g_st_fused = 0;
+    g_st_dense = 0;
     g_test_no_master = 1;
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
     g_test_no_master = 0;

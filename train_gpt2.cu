@@ -155,12 +155,14 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu);
+            if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_BTT, &bs, m->st_scratch);
+            else btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu);
+            if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_MONARCH, &ms, m->st_scratch);
+            else monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu);
             break;
         }
         default: {
@@ -199,12 +201,16 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
+            if (g_st_dense)
+                st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_BTT, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
+            else btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
+            if (g_st_dense)
+                st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_MONARCH, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
+            else monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
             break;
         }
         default: {
@@ -417,7 +423,13 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         snprintf(what, sizeof(what), "layer %d %s (%s)", ld->layer, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], struct_names[s->kind]);
         LinearState *ls = &m->lin[i];
         size_t need = 0;
-        if (s->kind == STRUCT_BTT) {
+        if (s->kind == STRUCT_BTT && g_st_dense) {  // dense GEMMs on W materialized in the scratch: nothing kept per layer
+            BTTShape b = btt_shape_of(s);
+            need = btt_dense_elems(&b);
+        } else if (s->kind == STRUCT_MONARCH && g_st_dense) {
+            MonarchShape ms = monarch_shape_of(s);
+            need = monarch_dense_elems(&ms);
+        } else if (s->kind == STRUCT_BTT) {
             BTTShape b = btt_shape_of(s);
             ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, (int)BT), what);
             need = btt_gpu_scratch_elems(&b, (int)BT);
@@ -912,6 +924,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
         {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx) (default: 0)"},
+        {"-sm", &g_st_dense, NULL, 0, 1, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
+                                        "(a dense layer's time; for widths where the structure is slower than dense) (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -1030,7 +1044,8 @@ static void trainer_banner(const GPT2 *m) {
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
                                                               : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured)
-        printf("| structured layers     | %-50s |\n", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        printf("| structured layers     | %-50s |\n", g_st_dense ? (g_st_fused ? "dense BTT, Monarch (-sm 1); fused BTT-MoE (-sk 1)" : "dense BTT, Monarch (-sm 1); BTT-MoE -sk 0")
+                                                      : g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN
     bytes += cudnn_attention_workspace_bytes();  // cuDNN allocates it, not cudaMallocNamed

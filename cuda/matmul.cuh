@@ -186,13 +186,15 @@ static void matmul_plain(floatX *d, const floatX *a, const floatX *b, int m, int
     }
 }
 
-// out (N, OC) = inp (N, C) @ w^T (w: OC x C) + bias. With pre_gelu: pre_gelu = that, and
-// out = GELU(pre_gelu), fused into the epilogue when g_gpu.gelu_fusion >= 1 and cuBLASLt can.
-static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int N, int C, int OC, floatX *pre_gelu) {
-    if (pre_gelu && g_gpu.gelu_fusion >= 1 && matmul_cublaslt(out, w, inp, bias, OC, N, C, 1, 0, 0, pre_gelu, 0)) return;
+// out (N, OC) = inp (N, C) @ w^T (w: OC x C; w_t: w is C x OC, out = inp @ w) + bias. With
+// pre_gelu: pre_gelu = that, and out = GELU(pre_gelu), fused into the epilogue when
+// g_gpu.gelu_fusion >= 1 and cuBLASLt can.
+static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int N, int C, int OC, floatX *pre_gelu,
+                           int w_t = 0) {
+    if (pre_gelu && g_gpu.gelu_fusion >= 1 && matmul_cublaslt(out, w, inp, bias, OC, N, C, !w_t, 0, 0, pre_gelu, 0)) return;
     floatX *dst = pre_gelu ? pre_gelu : out;
-    if (!bias || !matmul_cublaslt(dst, w, inp, bias, OC, N, C, 1, 0, 0, NULL, 0)) {
-        matmul_plain(dst, w, inp, OC, N, C, 1, 0, 0);
+    if (!bias || !matmul_cublaslt(dst, w, inp, bias, OC, N, C, !w_t, 0, 0, NULL, 0)) {
+        matmul_plain(dst, w, inp, OC, N, C, !w_t, 0, 0);
         if (bias) {
             add_bias_kernel<<<ceil_div_i((long)N * OC / 8, 256), 256>>>(dst, bias, (size_t)N, OC);
             cudaCheckLaunch();
@@ -204,15 +206,17 @@ static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, cons
 // dinp (N, C) = dout (N, OC) @ w, overwritten (may be NULL); with pre_gelu (the forward's
 // pre-activation of this layer's input, N x C) dinp is the gradient before the GELU instead.
 // dw (OC, C) += dout^T @ inp; dbias (OC) += column sums of dout (deterministic, reduce.cuh).
+// w_t: w and dw are C x OC, and dw is overwritten (a materialized structured layer's scratch).
 static void matmul_backward(floatX *dinp, floatX *dw, floatX *dbias, const floatX *dout, const floatX *inp, const floatX *w, int N,
-                            int C, int OC, const floatX *pre_gelu, float *scratch) {
+                            int C, int OC, const floatX *pre_gelu, float *scratch, int w_t = 0) {
     if (dbias) column_sums(dbias, NULL, dout, NULL, NULL, NULL, N, OC, scratch);
     if (dinp) {
-        int fused = pre_gelu && g_gpu.gelu_fusion >= 2 && matmul_cublaslt(dinp, w, dout, NULL, C, N, OC, 0, 0, 0, (floatX *)pre_gelu, 1);
+        int fused = pre_gelu && g_gpu.gelu_fusion >= 2 && matmul_cublaslt(dinp, w, dout, NULL, C, N, OC, w_t, 0, 0, (floatX *)pre_gelu, 1);
         if (!fused) {
-            matmul_plain(dinp, w, dout, C, N, OC, 0, 0, 0);
+            matmul_plain(dinp, w, dout, C, N, OC, w_t, 0, 0);
             if (pre_gelu) gelu_backward_inplace(dinp, pre_gelu, (size_t)N * C);
         }
     }
-    matmul_plain(dw, inp, dout, C, OC, N, 0, 1, 1);
+    if (w_t) matmul_plain(dw, dout, inp, OC, C, N, 0, 1, 0);
+    else matmul_plain(dw, inp, dout, C, OC, N, 0, 1, 1);
 }

@@ -487,6 +487,113 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
 }
 
 // ----------------------------------------------------------------------------------------------
+// BTT and Monarch as dense GEMMs (-sm 1)
+//
+// A BTT or Monarch layer is x ↦ x W(θ) (+ b) for a d_in x d_out matrix W of its cores θ. Where
+// its plans move more bytes per row than a dense GEMM costs in FLOPs (small widths, higher
+// ranks), W can be materialized and the layer run as dense GEMMs: W is the plan's forward on the
+// d_in rows of the identity; and since the layer is linear in each row, dL/dθ is the plans'
+// weight-gradient backward on those identity rows with dW = xᵀ dy as their dy. Both cost rows of
+// d_in, not N, and need no new index arithmetic. The result is the same function up to W's bf16
+// rounding; the layer costs a dense layer's time (it can never beat dense, only stop trailing
+// it). W is rebuilt in every forward and backward (it depends on the weights only), in one
+// scratch shared by the layers (st_dense_*).
+
+static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights
+
+typedef struct {
+    floatX *W, *dW, *eye, *z, *scratch;  // (din, dout) x 2, (din, din), (din, intermediate row), the plans' scratch for din rows
+} StDense;
+
+static size_t st_dense_elems(int din, int dout, size_t inter_row, size_t scratch_elems) {
+    return 2 * (size_t)din * dout + (size_t)din * din + (size_t)din * inter_row + scratch_elems + 32;
+}
+static StDense st_dense_bind(floatX *mem, int din, int dout, size_t inter_row) {
+    StDense d;
+    d.W = mem; mem += (size_t)din * dout;
+    d.dW = mem; mem += (size_t)din * dout;
+    d.eye = mem; mem += (size_t)din * din;
+    d.z = mem; mem += ((size_t)din * inter_row + 7) / 8 * 8;
+    d.scratch = mem;
+    return d;
+}
+
+__global__ void st_eye_kernel(floatX *eye, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n * n) eye[i] = (floatX)(i / n == i % n ? 1.0f : 0.0f);
+}
+static void st_eye(floatX *eye, int n) {
+    st_eye_kernel<<<ceil_div_i((long)n * n, 256), 256>>>(eye, n);
+    cudaCheckLaunch();
+}
+
+// Scratch elements the dense execution of these shapes needs (the caller takes the max).
+static size_t btt_dense_elems(const BTTShape *s) {
+    return st_dense_elems(s->d_in, s->d_out, btt_z_row(s), (size_t)s->d_in * plan_btt_scratch_row(s));
+}
+static size_t monarch_dense_elems(const MonarchShape *m) {
+    return st_dense_elems(m->d_in, m->d_out, monarch_u_row(m), (size_t)m->d_in * plan_monarch_scratch_row(m));
+}
+
+// W (and the identity rows' intermediates) for the cores W0, W1 (btt: W0, W1; monarch: R, L).
+static void st_dense_materialize(const StDense *d, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
+    st_eye(d->eye, din);
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = d->eye; buf[PB_Y] = d->W; buf[PB_Z] = d->z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
+    buf[PB_T1] = d->scratch;
+    Plan p = {};
+    if (kind == STRUCT_BTT) {
+        plan_btt_forward(&p, (const BTTShape *)shape, din, 0);
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        buf[PB_T2] = d->scratch + (size_t)din * monarch_u_row(m);
+        plan_monarch_forward(&p, m, din);
+    }
+    plan_run_gpu(&p, buf);
+}
+
+// y (N, d_out) = x W + bias; with pre_gelu, pre_gelu = that and y = its GELU (the dense layer's
+// epilogues). mem: btt_dense_elems / monarch_dense_elems.
+static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
+                             int kind, const void *shape, floatX *mem) {
+    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
+    const int dout = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_out : ((const MonarchShape *)shape)->d_out;
+    const size_t row = kind == STRUCT_BTT ? btt_z_row((const BTTShape *)shape) : monarch_u_row((const MonarchShape *)shape);
+    const StDense d = st_dense_bind(mem, din, dout, row);
+    st_dense_materialize(&d, kind, shape, W0, W1);
+    matmul_forward(y, x, d.W, bias, N, din, dout, pre_gelu, 1);
+}
+
+// dx (may be NULL; with pre_gelu the gradient before its GELU) = dy Wᵀ; dW0, dW1, dbias
+// accumulated: dW = xᵀ dy, then the plans' weight backward on the identity rows with dy = dW.
+static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *W0,
+                              const floatX *W1, int N, int kind, const void *shape, floatX *mem, float *colsum_scratch,
+                              const floatX *pre_gelu) {
+    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
+    const int dout = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_out : ((const MonarchShape *)shape)->d_out;
+    const size_t row = kind == STRUCT_BTT ? btt_z_row((const BTTShape *)shape) : monarch_u_row((const MonarchShape *)shape);
+    const StDense d = st_dense_bind(mem, din, dout, row);
+    st_dense_materialize(&d, kind, shape, W0, W1);
+    matmul_backward(dx, d.dW, dbias, dy, x, d.W, N, din, dout, pre_gelu, colsum_scratch, 1);
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = d.eye; buf[PB_Z] = d.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = d.dW;
+    buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
+    Plan p = {};
+    if (kind == STRUCT_BTT) {
+        const BTTShape *s = (const BTTShape *)shape;
+        buf[PB_T1] = d.scratch; buf[PB_T2] = d.scratch + (size_t)din * btt_z_row(s);
+        plan_btt_backward_dz(&p, s, din, 0);
+        plan_btt_backward_rest(&p, s, din, 0, 0, 1);
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        buf[PB_T1] = d.scratch; buf[PB_T2] = d.scratch + (size_t)din * monarch_u_row(m); buf[PB_T3] = buf[PB_T2] + (size_t)din * dout;
+        plan_monarch_backward(&p, m, din, 0);
+    }
+    plan_run_gpu(&p, buf);
+}
+
+// ----------------------------------------------------------------------------------------------
 // BTT-MoE
 
 // What a BTT-MoE layer keeps from its forward for its backward (device unless marked host).

@@ -14,6 +14,9 @@
 //                 forward and backward dx for Monarch; only where the kernels support the shape.
 //                 A BTT or BTT-MoE row's description gives the kernel's tile rows x groups of
 //                 output blocks, forward and backward (btt_tiles.h, bt_choose)
+//   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
+//                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
+//                 materialization's
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -44,7 +47,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 16  // 7 layers and up to 6 fused ones
+#define MAX_CASES 24  // 7 layers, up to 6 fused ones and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -87,6 +90,7 @@ typedef struct {
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
     int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh)
+    int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
 } Case;
 
 // The Monarch "sqrt(d)" block count: the largest divisor of d not above sqrt(d) that also
@@ -176,6 +180,15 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_fused", c[i].name);
         n++;
     }
+    // BTT and Monarch as dense GEMMs on their materialized weight (-sm 1)
+    for (int i = 0, n0 = n; i < n0; i++) {
+        if (c[i].fused || (c[i].spec.kind != STRUCT_BTT && c[i].spec.kind != STRUCT_MONARCH)) continue;
+        c[n] = c[i];
+        c[n].dense = 1;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_sm", c[i].name);
+        snprintf(c[n].desc, sizeof(c[n].desc), "%.40s, as dense", c[i].desc);
+        n++;
+    }
     for (int i = 0; i < n; i++) {
         c[i].spec.d_in = din;
         c[i].spec.d_out = dout;
@@ -225,7 +238,8 @@ static void usage(void) {
     printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-c 0|1] [--probe]\n"
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
-           "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels; dense always runs)\n"
+           "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
+           "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
 }
@@ -316,11 +330,16 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         floatX *W0 = alloc_random(n0, sqrtf(3.0f / s.alpha), "BTT W0"), *W1 = alloc_random(n1, sqrtf(3.0f / (s.gamma * s.rank)), "BTT W1");
         floatX *dW0 = alloc_zero(n0, "BTT dW0"), *dW1 = alloc_zero(n1, "BTT dW1");
         floatX *z = alloc_bf16((size_t)N * zrow, "BTT saved z");
-        floatX *scratch = alloc_bf16(btt_gpu_scratch_elems(&s, N), "BTT scratch");  // the backward's; the forward uses a part
-        auto fwd = [&]() { btt_forward_gpu(r->y, z, r->x, W0, W1, NULL, N, &s, scratch); };
+        const size_t se = cs->dense ? btt_dense_elems(&s) : btt_gpu_scratch_elems(&s, N);
+        floatX *scratch = alloc_bf16(se, "BTT scratch");  // the backward's; the forward uses a part
+        auto fwd = [&]() {
+            if (cs->dense) st_dense_forward(r->y, NULL, r->x, W0, W1, NULL, N, STRUCT_BTT, &s, scratch);
+            else btt_forward_gpu(r->y, z, r->x, W0, W1, NULL, N, &s, scratch);
+        };
         auto step = [&]() {
             fwd();
-            btt_backward_gpu(r->dx, dW0, dW1, NULL, r->dy, r->x, z, W0, W1, N, &s, scratch, NULL);
+            if (cs->dense) st_dense_backward(r->dx, dW0, dW1, NULL, r->dy, r->x, W0, W1, N, STRUCT_BTT, &s, scratch, NULL, NULL);
+            else btt_backward_gpu(r->dx, dW0, dW1, NULL, r->dy, r->x, z, W0, W1, N, &s, scratch, NULL);
         };
         if (check) {
             fwd();
@@ -353,11 +372,16 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         floatX *R = alloc_random(nr, sqrtf(3.0f / m.p), "Monarch R"), *L = alloc_random(nl, sqrtf(3.0f / m.q), "Monarch L");
         floatX *dR = alloc_zero(nr, "Monarch dR"), *dL = alloc_zero(nl, "Monarch dL");
         floatX *u = alloc_bf16((size_t)N * urow, "Monarch saved u");
-        floatX *scratch = alloc_bf16(monarch_gpu_scratch_elems(&m, N), "Monarch scratch");  // the forward's and the backward's
-        auto fwd = [&]() { monarch_forward_gpu(r->y, u, r->x, R, L, NULL, N, &m, scratch); };
+        const size_t se = cs->dense ? monarch_dense_elems(&m) : monarch_gpu_scratch_elems(&m, N);
+        floatX *scratch = alloc_bf16(se, "Monarch scratch");  // the forward's and the backward's
+        auto fwd = [&]() {
+            if (cs->dense) st_dense_forward(r->y, NULL, r->x, R, L, NULL, N, STRUCT_MONARCH, &m, scratch);
+            else monarch_forward_gpu(r->y, u, r->x, R, L, NULL, N, &m, scratch);
+        };
         auto step = [&]() {
             fwd();
-            monarch_backward_gpu(r->dx, dR, dL, NULL, r->dy, r->x, u, R, L, N, &m, scratch, NULL);
+            if (cs->dense) st_dense_backward(r->dx, dR, dL, NULL, r->dy, r->x, R, L, N, STRUCT_MONARCH, &m, scratch, NULL, NULL);
+            else monarch_backward_gpu(r->dx, dR, dL, NULL, r->dy, r->x, u, R, L, N, &m, scratch, NULL);
         };
         if (check) {
             fwd();

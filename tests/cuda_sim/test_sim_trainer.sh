@@ -200,6 +200,10 @@ b=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 1 2>&1 | los
 awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
     && ok "structured: -sk 1 (fused BTT, segmented BTT-MoE experts, fused Monarch) matches -sk 0 (losses $b / $a)" || bad "-sk 1" "losses '$b' vs '$a'"
+c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
+awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+    && ok "structured: -sm 1 (BTT and Monarch as dense GEMMs on materialized weights) matches -sk 0 (losses $c / $a)" || bad "-sm 1" "losses '$c' vs '$a'"
 
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 3 -m 1 -s 3 -g 4 -o "$W/S" -n 3 2>&1); rc=$?
 first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
