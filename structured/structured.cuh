@@ -247,31 +247,31 @@ static void plan_run_gpu(const Plan *p, floatX *const *buf) {
     for (int i = 0; i < p->n; i++) plan_op_run_gpu(&p->op[i], buf);
 }
 
-// A tiled plan (gpu_plan.h: BTT-MoE's experts, tiles from the device's table). Buffers by value
-// for the pointer kernel; DW0/DW1 are fp32 partials there, every other buffer bf16.
+// A tiled plan (gpu_plan.h: BTT-MoE's experts, tiles from the device's table), by value for the
+// pointer kernel, with each op's A, B and C buffers resolved on the host (indexing a parameter
+// array with a runtime buffer id would put it in local memory).
 typedef struct {
-    void *buf[PB_COUNT];
-} PlanBufs;
+    Plan p;
+    char *base[PLAN_MAX_OPS][3];  // op i's A, B and C buffers (DW0/DW1: fp32 partials; the rest bf16)
+} PlanTileArgs;
 
 // Every GEMM's batch-slot pointers at once: op after op, its A, B and C arrays of tiles·batch
 // pointers each. rows_in_use: the grouped rows this step's tiles hold (device).
-__global__ void plan_tile_ptrs_kernel(void **ptrs, Plan p, PlanBufs bufs, const int *tile_expert, const int *rows_in_use) {
-    long j = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (int i = 0; i < p.n; i++) {
-        const PlanOp *o = &p.op[i];
-        if (o->kind != PLAN_GEMM) continue;
-        const long slots = (long)o->tiles * o->batch;
-        if (j < slots) {
-            const int t = (int)(j / o->batch), b = (int)(j % o->batch), active = *rows_in_use / o->tile_rows;
-            const int which[3] = {o->a, o->b, o->c};
-            for (int k = 0; k < 3; k++) {
-                const size_t esz = k == 2 && o->c_f32 ? sizeof(float) : sizeof(floatX);
-                ptrs[k * slots + j] = (char *)bufs.buf[which[k]] + esz * plan_tile_offset(o, k, t, b, active, tile_expert);
-            }
-            return;
+__global__ void plan_tile_ptrs_kernel(void **ptrs, PlanTileArgs a, const int *tile_expert, const int *rows_in_use) {
+    long j = (long)blockIdx.x * blockDim.x + threadIdx.x, base = 0;
+#pragma unroll
+    for (int i = 0; i < PLAN_MAX_OPS; i++) {
+        const PlanOp &o = a.p.op[i];
+        if (i >= a.p.n || o.kind != PLAN_GEMM) continue;
+        const long slots = (long)o.tiles * o.batch;
+        if (j >= 0 && j < slots) {
+            const int t = (int)(j / o.batch), b = (int)(j % o.batch), active = *rows_in_use / o.tile_rows;
+            ptrs[base + j] = a.base[i][0] + sizeof(floatX) * plan_tile_offset(&o, 0, t, b, active, tile_expert);
+            ptrs[base + slots + j] = a.base[i][1] + sizeof(floatX) * plan_tile_offset(&o, 1, t, b, active, tile_expert);
+            ptrs[base + 2 * slots + j] = a.base[i][2] + (o.c_f32 ? sizeof(float) : sizeof(floatX)) * plan_tile_offset(&o, 2, t, b, active, tile_expert);
         }
         j -= slots;
-        ptrs += 3 * slots;
+        base += 3 * slots;
     }
 }
 
@@ -279,11 +279,17 @@ __global__ void plan_tile_ptrs_kernel(void **ptrs, Plan p, PlanBufs bufs, const 
 // pointer-array batched GEMM (cuBLAS's A is our B, as plan_to_cublas) or one permute over the
 // rows in use.
 static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_expert, const int *rows_in_use, void **ptrs) {
-    PlanBufs pb;
-    memcpy(pb.buf, buf, sizeof(pb.buf));
+    PlanTileArgs a;
+    memset(&a, 0, sizeof(a));
+    a.p = *p;
+    for (int i = 0; i < p->n; i++) {
+        a.base[i][0] = (char *)buf[p->op[i].a];
+        a.base[i][1] = (char *)buf[p->op[i].b];
+        a.base[i][2] = (char *)buf[p->op[i].c];
+    }
     const long total = (long)(plan_tile_ptr_count(p) / 3);
     if (total > 0) {
-        plan_tile_ptrs_kernel<<<ceil_div_i(total, 256), 256>>>(ptrs, *p, pb, tile_expert, rows_in_use);
+        plan_tile_ptrs_kernel<<<ceil_div_i(total, 256), 256>>>(ptrs, a, tile_expert, rows_in_use);
         cudaCheckLaunch();
     }
     const float alpha = 1.0f;

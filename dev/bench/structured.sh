@@ -186,18 +186,22 @@ for c in scripts/configs/gpt2_124M*.conf; do
 done
 printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
-runs=()  # "config sk": the structured configs also with -sk 1 (the fused BTT kernels)
+runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels) and, where they
+         # have BTT or Monarch layers, with -sm 1 (those as dense GEMMs on materialized weights)
 for conf in "${configs[@]}"; do
-    runs+=("$conf 0")
-    [ "$conf" != scripts/configs/gpt2_124M.conf ] && runs+=("$conf 1")
+    runs+=("$conf|")
+    [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
+    runs+=("$conf|-sk 1")
+    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1")
 done
 for run in "${runs[@]}"; do
-    conf=${run% *}
-    sk=${run##* }
+    conf=${run%%|*}
+    flags=${run#*|}
     name=$(basename "$conf" .conf)
-    [ "$sk" = 1 ] && name="$name -sk 1"
+    [ -n "$flags" ] && name="$name $flags"
     log=$OUT/model_${name// /_}.log
-    "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -sk "$sk" > "$log" 2>&1
+    # shellcheck disable=SC2086  # flags: words
+    "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags > "$log" 2>&1
     rc=$?
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then
