@@ -1020,6 +1020,7 @@ static void prof_capture(int on) {
 }
 static void trainer_profile_start(void) {
     prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
+    g_prof.structured_as_dense = g_st_dense;
 }
 
 static void trainer_step_end(GPT2 *m, long step) {

@@ -42,6 +42,7 @@ typedef struct {
     // `ncu --profile-from-start off` records the run's last step only); may be NULL
     void (*capture)(int on);
     int capturing;
+    int structured_as_dense;  // BTT and Monarch layers run as dense GEMMs (the GPU trainer's -sm 1): their parts say so
 } StepProfile;
 
 static StepProfile g_prof;
@@ -110,7 +111,8 @@ static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N) {
     char desc[64], name[PROF_NAME_LEN];
     spec_describe(&ld->spec, desc, sizeof(desc));
     const char *role = ld->layer < 0 ? "lm_head" : ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
-    snprintf(name, sizeof(name), "%s %s: %s", role, backward ? "bwd" : "fwd", desc);
+    const int as_dense = g_prof.structured_as_dense && (ld->spec.kind == STRUCT_BTT || ld->spec.kind == STRUCT_MONARCH);
+    snprintf(name, sizeof(name), "%s %s: %s%s", role, backward ? "bwd" : "fwd", desc, as_dense ? " (as dense)" : "");
     prof_mark(name, (backward ? 4.0 : 2.0) * N * spec_forward_macs(&ld->spec));
 }
 

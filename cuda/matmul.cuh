@@ -8,15 +8,22 @@
 // ----------------------------------------------------------------------------------------------
 // GELU (tanh approximation, as GPT-2 and the CPU trainer), used when it is not fused
 
+// GELU and its derivative, the one formula every kernel that applies them uses
+static __device__ __forceinline__ float gelu_f(float v) {
+    float cube = 0.044715f * v * v * v;
+    return 0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + cube)));
+}
+static __device__ __forceinline__ float gelu_grad_f(float v) {
+    float th = tanhf(GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v));
+    float sech2 = 1.0f - th * th;
+    return 0.5f * (1.0f + th) + 0.5f * v * sech2 * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
 __global__ void gelu_forward_kernel(floatX *out, const floatX *inp, size_t n8) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n8) return;
     x128 x = load128(inp + i * 8), o;
-    for (int k = 0; k < 8; k++) {
-        float v = (float)x[k];
-        float cube = 0.044715f * v * v * v;
-        o[k] = (floatX)(0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + cube))));
-    }
+    for (int k = 0; k < 8; k++) o[k] = (floatX)gelu_f((float)x[k]);
     store128(out + i * 8, o);
 }
 
@@ -25,14 +32,7 @@ __global__ void gelu_backward_inplace_kernel(floatX *d, const floatX *pre, size_
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n8) return;
     x128 x = load128(pre + i * 8), g = load128(d + i * 8), o;
-    for (int k = 0; k < 8; k++) {
-        float v = (float)x[k];
-        float u = GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v);
-        float th = tanhf(u);
-        float sech2 = 1.0f - th * th;
-        float grad = 0.5f * (1.0f + th) + 0.5f * v * sech2 * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * v * v);
-        o[k] = (floatX)(grad * (float)g[k]);
-    }
+    for (int k = 0; k < 8; k++) o[k] = (floatX)(gelu_grad_f((float)x[k]) * (float)g[k]);
     store128(d + i * 8, o);
 }
 

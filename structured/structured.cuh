@@ -67,13 +67,9 @@ static __device__ __forceinline__ float plan_epi_apply(const PlanEpi &e, float v
     if (e.epi & PLAN_EPI_GELU) {  // of the pre-activation as kept (bf16), which the backward's GELU' reads
         const floatX p = (floatX)v;
         e.pre[at] = p;
-        v = (float)p;
-        v = 0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v)));
+        v = gelu_f((float)p);
     }
-    if (e.epi & PLAN_EPI_DGELU) {
-        const float x = (float)e.pre[at], th = tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x));
-        v *= 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
-    }
+    if (e.epi & PLAN_EPI_DGELU) v *= gelu_grad_f((float)e.pre[at]);
     return v;
 }
 static __device__ __forceinline__ float bf16_bits_to_float(uint32_t h) { return __uint_as_float(h << 16); }
@@ -874,10 +870,7 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
     if (pre) {
         store128(pre + (size_t)t * d + c, o);
-        for (int j = 0; j < 8; j++) {  // of the pre-activation as kept (bf16), which the backward's GELU' reads
-            const float v = (float)o[j];
-            o[j] = (floatX)(0.5f * v * (1.0f + tanhf(GELU_SCALING_FACTOR * (v + 0.044715f * v * v * v))));
-        }
+        for (int j = 0; j < 8; j++) o[j] = (floatX)gelu_f((float)o[j]);  // of the pre-activation as kept (bf16), which the backward's GELU' reads
     }
     store128(y + (size_t)t * d + c, o);
 }
@@ -944,9 +937,12 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
 // segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
 // Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
 // GELU (both written by the combine).
-static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
-                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL) {
-    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
+// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
+// experts' cores copied out of the rank components.
+static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
+                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
@@ -957,10 +953,17 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     cudaCheckLaunch();
     moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
     cudaCheckLaunch();
-    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, st->tile_expert, st->counts, st->sel, NK, E, T);
+    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, tile_expert, st->counts, st->sel, NK, E, T);
     cudaCheckLaunch();
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
+}
+
+static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
+                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+    const BTTShape b1 = moe_expert_shape(s);
+    moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {

@@ -35,17 +35,8 @@ static void v1_forward(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, int *te1, 
                        const floatX *router, int N, const MoEShape *s) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
-    st->N = N;
-    st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
-    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
-    cudaCheckLaunch();
-    moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
-    cudaCheckLaunch();
-    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, te1, st->counts, st->sel, NK, E, 1);
-    cudaCheckLaunch();
-    moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
-    cudaCheckLaunch();
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    moe_route_group_gpu(st, sc, te1, 1, x, W0, W1, router, N, s);
     cudaCheck(cudaMemcpy(g_h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));  // the wait
     g_h_offsets[0] = 0;
     for (int e = 0; e < E; e++) g_h_offsets[e + 1] = g_h_offsets[e] + g_h_counts[e];

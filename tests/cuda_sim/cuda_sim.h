@@ -2382,15 +2382,13 @@ inline bool sim_blas_type_ok(cudaDataType_t a, cudaDataType_t b, cudaDataType_t 
     return false;
 }
 
-inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                                                 int k, const void *alpha, const void *A, cudaDataType_t Atype, int lda,
-                                                 long long strideA, const void *B, cudaDataType_t Btype, int ldb, long long strideB,
-                                                 const void *beta, void *C, cudaDataType_t Ctype, int ldc, long long strideC,
-                                                 int batchCount, cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
-    const char *fn = "cublasGemmStridedBatchedEx";
-    SimProfileScope prof(fn);
-    SIM_STREAM_ORDER();
-    (void)algo;
+// The argument checks cuBLAS's GEMMs share: CUBLAS_STATUS_SUCCESS with *run = 0 when there is
+// nothing to compute, with *run = 1 when there is; else the status cuBLAS returns.
+inline cublasStatus_t sim_blas_gemm_args(const char *fn, cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                                         int k, int lda, int ldb, int ldc, int batchCount, cudaDataType_t Atype, cudaDataType_t Btype,
+                                         cudaDataType_t Ctype, cublasComputeType_t computeType, const void *alpha, const void *beta,
+                                         int *run) {
+    *run = 0;
     if (!h || h->magic != 0xB1A5) return sim_blas_reject(CUBLAS_STATUS_NOT_INITIALIZED, fn, "handle");
     if (transa > CUBLAS_OP_C || transb > CUBLAS_OP_C) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "transa/transb");
     if (m < 0 || n < 0 || k < 0 || batchCount < 0)
@@ -2404,6 +2402,24 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
                                sim_dtype_name(Btype), sim_dtype_name(Ctype), (int)computeType);
     if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
     if (!alpha || !beta) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "alpha/beta null");
+    *run = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                                                 int k, const void *alpha, const void *A, cudaDataType_t Atype, int lda,
+                                                 long long strideA, const void *B, cudaDataType_t Btype, int ldb, long long strideB,
+                                                 const void *beta, void *C, cudaDataType_t Ctype, int ldc, long long strideC,
+                                                 int batchCount, cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+    const char *fn = "cublasGemmStridedBatchedEx";
+    SimProfileScope prof(fn);
+    SIM_STREAM_ORDER();
+    (void)algo;
+    int run;
+    cublasStatus_t st = sim_blas_gemm_args(fn, h, transa, transb, m, n, k, lda, ldb, ldc, batchCount, Atype, Btype, Ctype, computeType, alpha,
+                                           beta, &run);
+    if (!run) return st;
+    long long arows = transa == CUBLAS_OP_N ? m : k, brows = transb == CUBLAS_OP_N ? k : n;
     t_sim_host_op = fn;
     SimGemm g;
     memset((void *)&g, 0, sizeof(g));
@@ -2444,19 +2460,11 @@ inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t tr
     SimProfileScope prof(fn);
     SIM_STREAM_ORDER();
     (void)algo;
-    if (!h || h->magic != 0xB1A5) return sim_blas_reject(CUBLAS_STATUS_NOT_INITIALIZED, fn, "handle");
-    if (transa > CUBLAS_OP_C || transb > CUBLAS_OP_C) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "transa/transb");
-    if (m < 0 || n < 0 || k < 0 || batchCount < 0)
-        return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "m %d n %d k %d batch %d", m, n, k, batchCount);
+    int run;
+    cublasStatus_t st = sim_blas_gemm_args(fn, h, transa, transb, m, n, k, lda, ldb, ldc, batchCount, Atype, Btype, Ctype, computeType, alpha,
+                                           beta, &run);
+    if (!run) return st;
     long long arows = transa == CUBLAS_OP_N ? m : k, brows = transb == CUBLAS_OP_N ? k : n;
-    if (lda < std::max(1LL, arows) || ldb < std::max(1LL, brows) || ldc < std::max(1, m))
-        return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "lda %d (op(A) needs >= %lld), ldb %d (>= %lld), ldc %d (>= %d)", lda,
-                               std::max(1LL, arows), ldb, std::max(1LL, brows), ldc, std::max(1, m));
-    if (!sim_blas_type_ok(Atype, Btype, Ctype, computeType))
-        return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "types A %s B %s C %s compute %d", sim_dtype_name(Atype),
-                               sim_dtype_name(Btype), sim_dtype_name(Ctype), (int)computeType);
-    if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
-    if (!alpha || !beta) return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "alpha/beta null");
     t_sim_host_op = fn;
     const size_t pbytes = (size_t)batchCount * sizeof(void *);
     sim_check_range(Aarray, pbytes, "cublasGemmBatchedEx: Aarray (device pointers)");
