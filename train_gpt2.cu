@@ -145,7 +145,8 @@ static LinearState *lin_state(GPT2 *m, const LinearDesc *ld) {
 // out (N, d_out) from inp (N, d_in). With pre_gelu: pre_gelu = the layer's output and
 // out = GELU(pre_gelu) (the fc layer; fused into the last op's epilogue when possible). A BTT-MoE
 // layer writes its aux loss and routing to its slot of m->d_aux (read with the loss: no host wait here).
-static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu) {
+// out_ld (0: d_out): out's row stride, for a layer that linear_takes_strides.
+static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const floatX *inp, int N, floatX *pre_gelu, int out_ld = 0) {
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
@@ -156,20 +157,20 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
             if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_BTT, &bs, m->st_scratch);
-            else btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu);
+            else btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu, out_ld);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
             if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_MONARCH, &ms, m->st_scratch);
-            else monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu);
+            else monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu, out_ld);
             break;
         }
         default: {
             MoEShape ms = moe_shape_of(s);
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
-            moe_forward_gpu(out, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms, pre_gelu);
+            moe_forward_gpu(out, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms, pre_gelu, out_ld);
             moe_aux_stats_gpu(&ls->moe, &ms);
             long n_total = N;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {  // the global batch's routing statistics
@@ -186,8 +187,10 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
 // dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. With
 // pre_gelu (the forward's pre-activation whose GELU was this layer's input), dinp is the
 // gradient with respect to pre_gelu instead. daux: d(loss)/d(this layer's aux loss), BTT-MoE only.
+// dout_ld (0: d_out): dout's row stride; dinp_acc: dinp += instead of =; both for a layer that
+// linear_takes_strides.
 static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const floatX *dout, const floatX *inp, int N, const floatX *pre_gelu,
-                            float daux) {
+                            float daux, int dout_ld = 0, int dinp_acc = 0) {
     const LinearSpec *s = &ld->spec;
     floatX *db = ld->bias >= 0 ? P_(m, m->grads, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
@@ -203,14 +206,16 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
             BTTShape bs = btt_shape_of(s);
             if (g_st_dense)
                 st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_BTT, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
-            else btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
+            else btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu, dout_ld,
+                                  dinp_acc);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
             if (g_st_dense)
                 st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_MONARCH, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
-            else monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
+            else monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu,
+                                      dout_ld, dinp_acc);
             break;
         }
         default: {
@@ -218,7 +223,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
             moe_backward_gpu(dinp, dw0, dw1, P_(m, m->grads, ld->w[2]), db, dout, daux, inp, &ls->moe, &sc, w0, w1, P_(m, m->params, ld->w[2]),
-                             &ms, m->colsum_scratch, pre_gelu);
+                             &ms, m->colsum_scratch, pre_gelu, dout_ld, dinp_acc);
             break;
         }
     }
@@ -515,29 +520,47 @@ static void gpt2_free(GPT2 *m) {
 static floatX *act_ln(const GPT2 *m, floatX *base, int l) { return base + (m->recompute >= 2 ? 0 : (size_t)l * m->B * m->T * m->config.channels); }
 static floatX *act_gelu(const GPT2 *m, int l) { return m->acts.fch_gelu + (m->recompute >= 1 ? 0 : (size_t)l * m->B * m->T * 4 * m->config.channels); }
 
+// Whether a layer writes its output into a column block of wider rows, reads its output
+// gradient from one and adds its input gradient (linear_forward's out_ld, linear_backward's
+// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0 and -sm 0, BTT-MoE).
+// The others (dense, the fused kernels, -sm 1) go through the split buffers and copies.
+static int linear_takes_strides(const LinearDesc *ld) {
+    const int k = ld->spec.kind;
+    return !g_st_dense && (k == STRUCT_BTT_MOE || (!g_st_fused && (k == STRUCT_BTT || k == STRUCT_MONARCH)));
+}
+
 // q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense, else three
-// layers, each written into its column block.
+// layers, each written into its column block (in place where the layer takes row strides).
 static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    const int C = m->config.channels;
     if (q->fused_qkv) { linear_forward(m, q, qkv, ln1, N, NULL); return; }
     for (int r = SR_Q; r <= SR_V; r++) {
-        linear_forward(m, gpt2_linear(&m->layout, l, r), m->split_a, ln1, N, NULL);
+        const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
+        if (linear_takes_strides(ld)) { linear_forward(m, ld, qkv + (size_t)r * C, ln1, N, NULL, 3 * C); continue; }
+        linear_forward(m, ld, m->split_a, ln1, N, NULL);
         prof_mark("q, k, v split copies", 0.0);
-        qkv_part_copy(qkv, m->split_a, r, N, m->config.channels, 1);
+        qkv_part_copy(qkv, m->split_a, r, N, C, 1);
     }
 }
 
 // dln (N, C) = the gradient of ln1 through q, k and v, from dqkv (N, 3C).
 static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const floatX *ln1, int N, float daux) {
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
+    const int C = m->config.channels;
     if (q->fused_qkv) { linear_backward(m, q, dln, dqkv, ln1, N, NULL, daux); return; }
     for (int r = SR_Q; r <= SR_V; r++) {
+        const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
+        if (linear_takes_strides(ld)) {  // reads its block of dqkv, q writes dln, k and v add to it
+            linear_backward(m, ld, dln, dqkv + (size_t)r * C, ln1, N, NULL, daux, 3 * C, r != SR_Q);
+            continue;
+        }
         prof_mark("q, k, v split copies", 0.0);
-        qkv_part_copy((floatX *)dqkv, m->split_a, r, N, m->config.channels, 0);
-        linear_backward(m, gpt2_linear(&m->layout, l, r), r == SR_Q ? dln : m->split_b, m->split_a, ln1, N, NULL, daux);
+        qkv_part_copy((floatX *)dqkv, m->split_a, r, N, C, 0);
+        linear_backward(m, ld, r == SR_Q ? dln : m->split_b, m->split_a, ln1, N, NULL, daux);
         if (r != SR_Q) {
             prof_mark("q, k, v split copies", 0.0);
-            add_inplace(dln, m->split_b, (size_t)N * m->config.channels);
+            add_inplace(dln, m->split_b, (size_t)N * C);
         }
     }
 }

@@ -108,7 +108,7 @@ static inline void prof_mark(const char *name, double flops) {
 // with the FLOPs the MFU counts (2 per weight multiply-add forward, 4 backward).
 static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N) {
     if (!g_prof.in_step) return;
-    char desc[64], name[PROF_NAME_LEN];
+    char desc[48], name[PROF_NAME_LEN];
     spec_describe(&ld->spec, desc, sizeof(desc));
     const char *role = ld->layer < 0 ? "lm_head" : ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
     const int as_dense = g_prof.structured_as_dense && (ld->spec.kind == STRUCT_BTT || ld->spec.kind == STRUCT_MONARCH);

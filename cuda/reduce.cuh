@@ -15,14 +15,14 @@ static inline size_t column_sums_scratch_floats(int max_cols) { return (size_t)C
 // partial[chunk][0][c] = sum of dout over the chunk's rows; partial[chunk][1][c] = sum of
 // dout * (x - mean) * rstd (only when x is given: the LayerNorm weight gradient).
 __global__ void column_sums_partial_kernel(float *partial, const floatX *dout, const floatX *x, const float *mean, const float *rstd,
-                                           int N, int C, int rows_per_chunk) {
+                                           int N, int C, int rows_per_chunk, int ld) {
     __shared__ float sh[2][COLSUM_ROWS][COLSUM_COLS];
     int c = blockIdx.x * COLSUM_COLS + 2 * threadIdx.x;
     int r0 = blockIdx.y * rows_per_chunk, r1 = min(N, r0 + rows_per_chunk);
     float s0a = 0.0f, s0b = 0.0f, s1a = 0.0f, s1b = 0.0f;
     if (c < C) {
         for (int r = r0 + threadIdx.y; r < r1; r += COLSUM_ROWS) {
-            __nv_bfloat162 d = *reinterpret_cast<const __nv_bfloat162 *>(dout + (size_t)r * C + c);
+            __nv_bfloat162 d = *reinterpret_cast<const __nv_bfloat162 *>(dout + (size_t)r * ld + c);
             float da = __low2float(d), db = __high2float(d);
             s0a += da;
             s0b += db;
@@ -64,13 +64,18 @@ __global__ void column_sums_final_kernel(floatX *out0, floatX *out1, const float
 
 // dsum[c] += Σ_r dout[r][c]; with x: dnorm[c] += Σ_r dout[r][c] * (x[r][c] - mean[r]) * rstd[r].
 // C must be even; scratch holds column_sums_scratch_floats(C) floats.
+// ld: dout's row stride (0: C; only without x), for a column block of wider rows.
 static void column_sums(floatX *dsum, floatX *dnorm, const floatX *dout, const floatX *x, const float *mean, const float *rstd, int N,
-                        int C, float *scratch) {
+                        int C, float *scratch, int ld = 0) {
+    if (ld && ld != C && x) {
+        fprintf(stderr, "error: internal: column_sums with a row stride takes no x\n");
+        exit(EXIT_FAILURE);
+    }
     int chunks = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
     int rows_per_chunk = ceil_div_i(N, chunks);
     chunks = ceil_div_i(N, rows_per_chunk);
     dim3 grid(ceil_div_i(C, COLSUM_COLS), chunks), block(32, COLSUM_ROWS);
-    column_sums_partial_kernel<<<grid, block>>>(scratch, dout, x, mean, rstd, N, C, rows_per_chunk);
+    column_sums_partial_kernel<<<grid, block>>>(scratch, dout, x, mean, rstd, N, C, rows_per_chunk, ld ? ld : C);
     cudaCheckLaunch();
     column_sums_final_kernel<<<ceil_div_i(C, 256), 256>>>(dsum, dnorm, scratch, C, chunks);
     cudaCheckLaunch();

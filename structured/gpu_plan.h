@@ -132,6 +132,40 @@ static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int
 // Scratch elements per row: T1, T2 (zrow each), no T3.
 static inline size_t plan_btt_scratch_row(const BTTShape *s) { return 2 * btt_z_row(s); }
 
+// Row stride `ld` for buffer b in every op of p (a plan built at row 0, so that b's offsets are
+// 0): a layer's output written into, or its output gradient read from, a column block of a wider
+// row buffer (q, k and v in the (N, 3C) qkv buffer).
+static inline void plan_set_ld(Plan *p, int b, int ld) {
+    for (int i = 0; i < p->n; i++) {
+        PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_GEMM) {
+            if ((o->a == b && o->a_off) || (o->b == b && o->b_off) || (o->c == b && o->c_off))
+                fatal("internal: plan_set_ld wants a plan built at row 0");
+            if (o->a == b) o->lda = ld;
+            if (o->b == b) o->ldb = ld;
+            if (o->c == b) o->ldc = ld;
+        } else {
+            if ((o->src == b && o->src_off) || (o->dst == b && o->dst_off)) fatal("internal: plan_set_ld wants a plan built at row 0");
+            if (o->src == b) o->src_ld = ld;
+            if (o->dst == b) o->dst_ld = ld;
+        }
+    }
+}
+
+// The op that writes buffer `out` adds to it (beta = 1) instead of overwriting: a layer's input
+// gradient summed with others' (q, k and v share their input). Returns 0 when that op is a permute
+// or carries an epilogue, or nothing writes `out`.
+static inline int plan_set_accumulate(Plan *p, int out) {
+    for (int i = p->n - 1; i >= 0; i--) {
+        PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_GEMM ? o->c != out : o->dst != out) continue;
+        if (o->kind != PLAN_GEMM || o->epi) return 0;
+        o->beta = 1;
+        return 1;
+    }
+    return 0;
+}
+
 // The epilogue `epi` on the last op of p that writes buffer `out` (PB_Y: bias and GELU in the
 // forward; PB_DX: DGELU in the backward). A GEMM's output column j of batch entry b is column
 // b·sc + j of its rows (the structures' outputs are column blocks of one row buffer), hence the

@@ -336,9 +336,11 @@ static inline int st_epi(const void *bias, const void *pre_gelu) { return (bias 
 // y (N, d_out) overwritten, z (N, zrow) saved; scratch: N·zrow elements.
 // With pre_gelu (the fc layer): pre_gelu = the layer's output + bias, y = its GELU. The plans add
 // the bias (and the GELU) in their last GEMM's cuBLASLt epilogue: no extra pass over y.
+// y_ld (0: d_out): y's row stride, for a column block of wider rows (q, k, v in qkv; the plans
+// only, and then pre_gelu, if any, has that stride too).
 static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
-                            const BTTShape *s, floatX *scratch, floatX *pre_gelu = NULL) {
-    if (g_st_fused && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
+                            const BTTShape *s, floatX *scratch, floatX *pre_gelu = NULL, int y_ld = 0) {
+    if (g_st_fused && !y_ld && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
         if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
         return;
     }
@@ -347,6 +349,7 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
     plan_btt_forward(&p, s, N, 0);
+    if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
     const int epi = st_epi(bias, pre_gelu);
     if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the BTT forward plan took no epilogue");
     plan_run_gpu(&p, buf);
@@ -380,10 +383,11 @@ static inline size_t btt_gpu_scratch_elems(const BTTShape *s, int N) {
 // With g_st_fused and dx, dx and dZ come from ONE fused launch over dy (the transposed BTT, btt.h)
 // instead of GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs (they reduce over rows).
 // With pre_gelu (the pre-activation whose GELU was x), dx is the gradient before that GELU (the
-// plans: the dx GEMM's DGELU epilogue). Returns 1 when it ran fused.
+// plans: the dx GEMM's DGELU epilogue). dy_ld (0: d_out): dy's row stride; dx_acc: dx += instead
+// of = (the plans only; not with pre_gelu). Returns 1 when it ran fused.
 static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
                              const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch,
-                             const floatX *pre_gelu = NULL) {
+                             const floatX *pre_gelu = NULL, int dy_ld = 0, int dx_acc = 0) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
@@ -391,7 +395,7 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     Plan p = {};
     const BTTShape ts = btt_shape_transposed(s);
     int fused = 0;
-    if (g_st_fused && dx && btt_fused_supported(&ts, btt_fused_smem_limit())) {
+    if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&ts, btt_fused_smem_limit())) {
         floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
         btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
         fused = btt_forward_fused(dx, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
@@ -402,11 +406,13 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     } else {
         plan_btt_backward_dz(&p, s, N, 0);
         plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+        if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
         buf[PB_PRE] = (floatX *)pre_gelu;
         if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the BTT backward plan took no epilogue");
+        if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(&p, PB_DX))) fatal("internal: the BTT backward plan cannot add to dx");
     }
     plan_run_gpu(&p, buf);
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch);
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch, dy_ld);
     return fused;
 }
 
@@ -426,9 +432,10 @@ static inline size_t monarch_gpu_scratch_elems(const MonarchShape *m, int N) {
 // follow either forward. Returns 1 when it ran fused.
 // With pre_gelu: pre_gelu = the layer's output + bias, y = its GELU; the plans apply both in
 // their last op, the output permute.
+// y_ld: y's row stride (0: d_out; as btt_forward_gpu's).
 static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floatX *R, const floatX *L, const floatX *bias, int N,
-                               const MonarchShape *m, floatX *scratch, floatX *pre_gelu = NULL) {
-    if (g_st_fused && monarch_fused_fwd_pays(m, btt_fused_smem_limit())) {
+                               const MonarchShape *m, floatX *scratch, floatX *pre_gelu = NULL, int y_ld = 0) {
+    if (g_st_fused && !y_ld && monarch_fused_fwd_pays(m, btt_fused_smem_limit())) {
         floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
         block_transpose_gpu(Rt, R, monarch_r_size(m), m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
         block_transpose_gpu(Lt, L, monarch_l_size(m), m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
@@ -443,6 +450,7 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
     plan_monarch_forward(&p, m, N);
+    if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
     const int epi = st_epi(bias, pre_gelu);
     if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the Monarch forward plan took no epilogue");
     plan_run_gpu(&p, buf);
@@ -453,10 +461,11 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
 // With g_st_fused, dx, du and dyt come from ONE launch of monarch_fused.cuh's backward kernel
 // instead of permute, GEMM, permute, GEMM, where it supports the shape and pays (as the forward);
 // the weight gradients stay cuBLAS GEMMs. With pre_gelu, dx is the gradient before the GELU of
-// pre_gelu (the plans: the dx GEMM's DGELU epilogue). Returns 1 when it ran fused.
+// pre_gelu (the plans: the dx GEMM's DGELU epilogue). dy_ld, dx_acc: as btt_backward_gpu's.
+// Returns 1 when it ran fused.
 static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbias, const floatX *dy, const floatX *x, const floatX *u,
                                 const floatX *R, const floatX *L, int N, const MonarchShape *m, floatX *scratch, float *colsum_scratch,
-                                const floatX *pre_gelu = NULL) {
+                                const floatX *pre_gelu = NULL, int dy_ld = 0, int dx_acc = 0) {
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)u; buf[PB_W0] = (floatX *)R; buf[PB_W1] = (floatX *)L; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
@@ -464,7 +473,7 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     Plan p = {};
     int fused = 0;
     MbGeom g;
-    if (g_st_fused && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, m)) {
+    if (g_st_fused && !dy_ld && !dx_acc && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, m)) {
         // the kernel reads the cores with wmma, which wants 32-byte aligned rows: parameters in the
         // flat buffer need not be, so those are copied (|R| + |L| elements, small next to dy)
         floatX *Rc = scratch, *Lc = Rc + nr, *dyt = Lc + nl, *du = dyt + (size_t)N * m->d_out;
@@ -481,10 +490,12 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
         buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
         buf[PB_PRE] = (floatX *)pre_gelu;
         plan_monarch_backward(&p, m, N, dx != NULL);
+        if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
         if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the Monarch backward plan took no epilogue");
+        if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(&p, PB_DX))) fatal("internal: the Monarch backward plan cannot add to dx");
     }
     plan_run_gpu(&p, buf);
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch);
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch, dy_ld);
     return fused;
 }
 
@@ -826,39 +837,45 @@ __global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const floa
     *g = (floatX)((float)*g + acc);
 }
 
-// Grouped row w of dst = src row order[w] / K, zeros for a padding row, for the rows in use
-// (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0)
-__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int K, int d) {
+// Grouped row w of dst = src row order[w] / K (src rows src_ld apart), zeros for a padding row,
+// for the rows in use (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0)
+__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int K, int d,
+                                  int src_ld) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int per = d / 8;
     if (i >= (size_t)rows * per) return;
     int w = (int)(i / per), c = (int)(i % per) * 8;
     if (w >= *rows_in_use) return;
     x128 v;
-    if (order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * d + c);
+    if (order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * src_ld + c);
     else
         for (int j = 0; j < 8; j++) v[j] = (floatX)0.0f;
     store128(dst + (size_t)w * d + c, v);
 }
 
-static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int K, int d) {
-    moe_gather_kernel<<<ceil_div_i((long)rows * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, K, d);
+static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int K, int d, int src_ld = 0) {
+    moe_gather_kernel<<<ceil_div_i((long)rows * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, K, d, src_ld ? src_ld : d);
     cudaCheckLaunch();
 }
 
 // y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in
-// fp32; with pre (the fc layer): pre[t] = that and y[t] = its GELU
+// fp32; with pre (the fc layer): pre[t] = that and y[t] = its GELU. y and pre rows ld apart;
+// acc: y[t] += that instead (no pre then).
 __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *gate, const int *pos, const floatX *bias, int N, int K, int d,
-                                   floatX *pre) {
+                                   floatX *pre, int ld, int acc_y) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int per = d / 8;
     if (i >= (size_t)N * per) return;
     int t = (int)(i / per), c = (int)(i % per) * 8;
     float acc[8];
     for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    if (acc_y) {
+        x128 o = load128(y + (size_t)t * ld + c);
+        for (int j = 0; j < 8; j++) acc[j] = (float)o[j];
+    }
     if (bias) {
         x128 b = load128(bias + c);
-        for (int j = 0; j < 8; j++) acc[j] = (float)b[j];
+        for (int j = 0; j < 8; j++) acc[j] += (float)b[j];
     }
     for (int k = 0; k < K; k++) {
         int pr = t * K + k;
@@ -869,10 +886,10 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     x128 o;
     for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
     if (pre) {
-        store128(pre + (size_t)t * d + c, o);
+        store128(pre + (size_t)t * ld + c, o);
         for (int j = 0; j < 8; j++) o[j] = (floatX)gelu_f((float)o[j]);  // of the pre-activation as kept (bf16), which the backward's GELU' reads
     }
-    store128(y + (size_t)t * d + c, o);
+    store128(y + (size_t)t * ld + c, o);
 }
 
 // One warp per grouped row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ =
@@ -960,7 +977,7 @@ static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_ex
 }
 
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
-                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL) {
+                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s);
     moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
@@ -974,7 +991,8 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
         plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs);
     }
-    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu);
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu,
+                                                                       y_ld ? y_ld : dout, 0);
     cudaCheckLaunch();
 }
 
@@ -1000,10 +1018,13 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
 // each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
 // tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
 // Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
-// pre_gelu (a separate pass: dx's router term comes last). Returns 1 when it ran fused.
+// pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
+// (the plans only). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
-                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL) {
+                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
+                            int dx_acc = 0) {
+    if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
@@ -1012,7 +1033,7 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
     int fused = 0;
-    if (g_st_fused && dx && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+    if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
@@ -1022,7 +1043,7 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
         buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
-        moe_gather(sc->yg, dy, st, E, rows, K, dout);
+        moe_gather(sc->yg, dy, st, E, rows, K, dout, dy_ld);
         moe_gather(sc->xg, x, st, E, rows, K, din);
         plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ, (phi, gamma, rho) layout in t2
     }
@@ -1050,13 +1071,14 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
     if (dx) {  // the fused dxg is ungated
-        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL);
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL,
+                                                                       din, dx_acc);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
         st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
         if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * din);
     }
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch);
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch, dy_ld);
     return fused;
 }
 

@@ -582,6 +582,84 @@ static void test_epilogues(int kind, int N) {
     free(x); free(W0); free(W1); free(dy); free(bias); free(pre_in); free(y_ref); free(z_ref); free(dx_ref); free(dW0); free(dW1); free(gy_ref);
 }
 
+// A layer writing its output into, and reading its output gradient from, the middle column block
+// of rows three outputs wide (plan_set_ld), and adding its dx to what is there
+// (plan_set_accumulate): q, k and v in the qkv buffer. Nothing outside the block may change.
+static void test_strided(int kind, int N) {
+    BTTShape s;
+    MonarchShape m;
+    int din, dout;
+    size_t n0, n1, zrow, t2row, t3row;
+    if (kind == 0) {
+        btt_shape(&s, 4, 6, 5, 3, 2);
+        din = s.d_in; dout = s.d_out; n0 = btt_w0_size(&s); n1 = btt_w1_size(&s); zrow = btt_z_row(&s); t2row = zrow; t3row = 1;
+    } else {
+        monarch_shape(&m, 48, 96, 4);
+        din = m.d_in; dout = m.d_out; n0 = monarch_r_size(&m); n1 = monarch_l_size(&m); zrow = monarch_u_row(&m); t2row = dout; t3row = zrow;
+    }
+    const char *what = kind == 0 ? "btt 24->15 r2" : "monarch 48->96 nb4";
+    const int wide = 3 * dout;
+    float *x = randn((size_t)N * din, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dyw = randn((size_t)N * wide, 1.0f);
+    float *dy = zeros((size_t)N * dout), *dx0 = randn((size_t)N * din, 1.0f);
+    for (int r = 0; r < N; r++) memcpy(dy + (size_t)r * dout, dyw + (size_t)r * wide + dout, sizeof(float) * dout);
+    float *y_ref = zeros((size_t)N * dout), *z_ref = zeros((size_t)N * zrow), *dx_ref = zeros((size_t)N * din), *g0 = zeros(n0), *g1 = zeros(n1);
+    if (kind == 0) {
+        float *scr = zeros(btt_scratch_size(&s, N));
+        btt_forward(y_ref, z_ref, x, W0, W1, NULL, N, &s);
+        btt_backward(dx_ref, g0, g1, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
+        free(scr);
+    } else {
+        float *scr = zeros(monarch_scratch_size(&m, N));
+        monarch_forward(y_ref, z_ref, x, W0, W1, NULL, N, &m);
+        monarch_backward(dx_ref, g0, g1, NULL, dy, x, z_ref, W0, W1, N, &m, scr);
+        free(scr);
+    }
+    float *yw = randn((size_t)N * wide, 1.0f), *yw0 = copyf(yw, (size_t)N * wide), *dxw = copyf(dx0, (size_t)N * din);
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dyw + dout; buf[PB_Y] = yw + dout; buf[PB_DX] = dxw;
+    buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1);
+    buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
+    Plan p = {0};
+    if (kind == 0) plan_btt_forward(&p, &s, N, 0);
+    else plan_monarch_forward(&p, &m, N);
+    plan_set_ld(&p, PB_Y, wide);
+    run_plan(&p, buf);
+    p.n = 0;
+    if (kind == 0) {
+        plan_btt_backward_dz(&p, &s, N, 0);
+        plan_btt_backward_rest(&p, &s, N, 0, 1, 1);
+    } else {
+        plan_monarch_backward(&p, &m, N, 1);
+    }
+    plan_set_ld(&p, PB_DY, wide);
+    char name[160];
+    snprintf(name, sizeof(name), "%s: the dx GEMM accumulates", what);
+    check_true(plan_set_accumulate(&p, PB_DX), name, "refused");
+    run_plan(&p, buf);
+    float *yblock = zeros((size_t)N * dout);
+    int outside = 0;
+    for (int r = 0; r < N; r++)
+        for (int j = 0; j < wide; j++) {
+            const float v = yw[(size_t)r * wide + j];
+            if (j >= dout && j < 2 * dout) yblock[(size_t)r * dout + j - dout] = v;
+            else outside += v != yw0[(size_t)r * wide + j];
+        }
+    snprintf(name, sizeof(name), "%s: y written into the middle third of rows 3 outputs wide", what);
+    check_close(yblock, y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: nothing outside that block written", what);
+    check_true(outside == 0, name, "it was");
+    for (size_t i = 0; i < (size_t)N * din; i++) dx_ref[i] += dx0[i];
+    snprintf(name, sizeof(name), "%s: dx from the middle third of dy, added to dx", what);
+    check_close(dxw, dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dW0 from the middle third of dy", what);
+    check_close(buf[PB_DW0], g0, n0, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dW1 from the middle third of dy", what);
+    check_close(buf[PB_DW1], g1, n1, 1e-4f, 1e-4f, name);
+    free(buf[PB_Z]); free(buf[PB_DW0]); free(buf[PB_DW1]); free(buf[PB_T1]); free(buf[PB_T2]); free(buf[PB_T3]);
+    free(x); free(W0); free(W1); free(dyw); free(dy); free(dx0); free(y_ref); free(z_ref); free(dx_ref); free(g0); free(g1);
+    free(yw); free(yw0); free(dxw); free(yblock);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -600,6 +678,8 @@ int main(void) {
     test_moe_tiles();
     test_epilogues(0, 7);
     test_epilogues(1, 5);
+    test_strided(0, 7);
+    test_strided(1, 5);
     test_route_only();
     test_activation_elems();
     return test_summary();

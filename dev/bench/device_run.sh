@@ -114,7 +114,7 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
 # the structured layers' plan breakdown and kernels first (they decide -sk and the Monarch traffic bound; structured_layers
 # already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
-KERNELS='rc=0; first="moe_layer plan_ops permute btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
+KERNELS='rc=0; first="moe_layer structured_epilogue plan_ops permute btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
   progs=${KERNEL_PROGS:-"$first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first))"};
   for n in $progs; do
   b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
@@ -192,6 +192,8 @@ if [ -f "$LOGS/kernels.log" ]; then
     sed -n '/^== dev\/cuda\/plan_ops$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |  (fwd|bwd) |   forward plan|FAIL)' >> "$SUMMARY"
     # BTT-MoE's experts per expert (v1) and tiled (v2) (dev/cuda/moe_layer.cu)
     sed -n '/^== dev\/cuda\/moe_layer$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(  btt_moe|FAIL)' >> "$SUMMARY"
+    # the structured layers' bias and GELU as separate passes (v1) and as epilogues (v2) (dev/cuda/structured_epilogue.cu)
+    sed -n '/^== dev\/cuda\/structured_epilogue$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(  (btt|monarch)|FAIL)' >> "$SUMMARY"
     # the permute's versions (dev/cuda/permute.cu): each shape's time and bandwidth
     sed -n '/^== dev\/cuda\/permute$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |.* v[0-9] )' >> "$SUMMARY"
 fi

@@ -50,7 +50,7 @@ static void v1_forward(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, int *te1, 
         plan_btt_forward(&p, &b1, g_h_counts[e], g_h_offsets[e]);
         plan_run_gpu(&p, buf);
     }
-    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, NULL, N, K, dout, NULL);
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, NULL, N, K, dout, NULL, dout, 0);
     cudaCheckLaunch();
 }
 
@@ -91,7 +91,7 @@ static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, c
                                                     N, E, K, 0.0f);
     cudaCheckLaunch();
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
-    moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, NULL, st->pos, NULL, N, K, din, NULL);
+    moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, NULL, st->pos, NULL, N, K, din, NULL, din, 0);
     cudaCheckLaunch();
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
 }

@@ -2802,6 +2802,9 @@ inline cublasStatus_t sim_lt_validate(const char *fn, cublasLtMatmulDesc_t d, cu
         if (d->aux_ld < *m || d->aux_ld % 8)
             return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "EPILOGUE_AUX_LD %lld must be >= the rows of D (%lld) and divisible by 8",
                                    (long long)d->aux_ld, *m);
+        if (dl->batch > 1 && d->aux_bstride % 8)
+            return sim_blas_reject(CUBLAS_STATUS_INVALID_VALUE, fn, "EPILOGUE_AUX_BATCH_STRIDE %lld must be divisible by 8",
+                                   (long long)d->aux_bstride);
         if (d->aux_t != -1 && d->aux_t != (int32_t)dl->type)
             return sim_blas_reject(CUBLAS_STATUS_NOT_SUPPORTED, fn, "aux type %d", d->aux_t);
     }

@@ -14,6 +14,7 @@ for p in $progs; do
     args=()
     [ "$p" = plan_ops ] && args=(64)  # its rows: GPU-sized layers, but not 32768 rows of them
     [ "$p" = moe_layer ] && args=(0 64)  # every version, 64 tokens
+    [ "$p" = structured_epilogue ] && args=(0 64)
     "$b" ${args[@]+"${args[@]}"} > "$W/$p.log" 2>&1; rc=$?
     last=$(tail -n 1 "$W/$p.log")
     if [ $rc -eq 0 ] && echo "$last" | grep -qE '^[1-9][0-9]* passed, 0 failed$'; then

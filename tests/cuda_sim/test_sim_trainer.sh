@@ -267,7 +267,10 @@ run=(-e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 0 -s 0 -r 2 -d 64)
 out=$("$BIN" "${run[@]}" -pt 1 2>&1); rc=$?
 [ $rc -eq 0 ] || bad "-pt 1 run (structured)" "exit $rc: $(echo "$out" | tail -n 3)"
 check_profile "-pt 1 (every structure, -r 2, 2 micro-batches): the parts' FLOPs and time add up" 5 "$out" \
-    "q fwd: btt r2" "v bwd: monarch 4 blocks" "fc fwd: btt_moe 4/top2" "fc bwd: btt_moe 4/top2" "layernorm recompute" "q, k, v split copies"
+    "q fwd: btt r2" "v bwd: monarch 4 blocks" "fc fwd: btt_moe 4/top2" "fc bwd: btt_moe 4/top2" "layernorm recompute"
+# q (BTT), k (BTT) and v (Monarch) on the plans write into qkv and read dqkv in place: no copies
+echo "$out" | grep -q "q, k, v split copies" && bad "q, k, v in place" "the profile has a 'q, k, v split copies' part" \
+    || ok "-pt 1: structured q, k and v on the plans write into qkv and read dqkv in place (no split copies)"
 steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
 [ "$(echo "$out" | steps)" = "$("$BIN" "${run[@]}" 2>&1 | steps)" ] && ok "-pt 1 leaves the GPU trainer's training unchanged" \
     || bad "-pt 1 changes training" "$(echo "$out" | steps | tail -n 1)"
