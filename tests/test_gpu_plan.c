@@ -509,37 +509,63 @@ static void test_moe_tiles(void) {
     check_true(bad_mono == 0, "moe_tile_rows: never fewer rows per tile for more tokens", why);
 }
 
-// The epilogues on the layer's last op (plan_set_epilogue): forward y = GELU(layer(x) + b) with
-// the pre-activation kept, and the plain bias; backward dx times GELU' of a given pre-activation.
-// BTT's last forward op is a batched GEMM over column blocks (bias per block), Monarch's a permute.
-static void test_epilogues(int kind, int N) {
+// The small BTT (kind 0: 24 -> 15, rank 2) or Monarch (kind 1: 48 -> 96, 4 blocks) of the
+// epilogue and row-stride tests: sizes of its cores, intermediate row and T2, T3 rows.
+typedef struct {
     BTTShape s;
     MonarchShape m;
     int din, dout;
     size_t n0, n1, zrow, t2row, t3row;
+    const char *what;
+} SmallLayer;
+static SmallLayer small_layer(int kind) {
+    SmallLayer L;
+    memset(&L, 0, sizeof(L));
     if (kind == 0) {
-        btt_shape(&s, 4, 6, 5, 3, 2);
-        din = s.d_in; dout = s.d_out; n0 = btt_w0_size(&s); n1 = btt_w1_size(&s); zrow = btt_z_row(&s); t2row = zrow; t3row = 0;
+        btt_shape(&L.s, 4, 6, 5, 3, 2);
+        L.din = L.s.d_in; L.dout = L.s.d_out; L.n0 = btt_w0_size(&L.s); L.n1 = btt_w1_size(&L.s); L.zrow = btt_z_row(&L.s);
+        L.t2row = L.zrow; L.t3row = 1;
+        L.what = "btt 24->15 r2";
     } else {
-        monarch_shape(&m, 48, 96, 4);
-        din = m.d_in; dout = m.d_out; n0 = monarch_r_size(&m); n1 = monarch_l_size(&m); zrow = monarch_u_row(&m); t2row = dout; t3row = zrow;
+        monarch_shape(&L.m, 48, 96, 4);
+        L.din = L.m.d_in; L.dout = L.m.d_out; L.n0 = monarch_r_size(&L.m); L.n1 = monarch_l_size(&L.m); L.zrow = monarch_u_row(&L.m);
+        L.t2row = L.dout; L.t3row = L.zrow;
+        L.what = "monarch 48->96 nb4";
     }
-    const char *what = kind == 0 ? "btt 24->15 r2" : "monarch 48->96 nb4";
+    return L;
+}
+
+// The CPU layer's forward (y, z) and backward (dx; dW0, dW1 accumulated) on N rows.
+static void small_layer_ref(const SmallLayer *L, int N, const float *x, const float *W0, const float *W1, const float *bias, const float *dy,
+                            float *y, float *z, float *dx, float *dW0, float *dW1) {
+    if (L->what[0] == 'b') {
+        float *scr = zeros(btt_scratch_size(&L->s, N));
+        btt_forward(y, z, x, W0, W1, bias, N, &L->s);
+        btt_backward(dx, dW0, dW1, NULL, dy, x, z, W0, W1, N, &L->s, scr);
+        free(scr);
+    } else {
+        float *scr = zeros(monarch_scratch_size(&L->m, N));
+        monarch_forward(y, z, x, W0, W1, bias, N, &L->m);
+        monarch_backward(dx, dW0, dW1, NULL, dy, x, z, W0, W1, N, &L->m, scr);
+        free(scr);
+    }
+}
+
+// The epilogues on the layer's last op (plan_set_epilogue): forward y = GELU(layer(x) + b) with
+// the pre-activation kept, and the plain bias; backward dx times GELU' of a given pre-activation.
+// BTT's last forward op is a batched GEMM over column blocks (bias per block), Monarch's a permute.
+static void test_epilogues(int kind, int N) {
+    const SmallLayer L = small_layer(kind);
+    const BTTShape s = L.s;
+    const MonarchShape m = L.m;
+    const int din = L.din, dout = L.dout;
+    const size_t n0 = L.n0, n1 = L.n1, zrow = L.zrow, t2row = L.t2row, t3row = L.t3row;
+    const char *what = L.what;
     float *x = randn((size_t)N * din, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
     float *bias = randn(dout, 0.5f), *pre_in = randn((size_t)N * din, 1.0f);
     float *y_ref = zeros((size_t)N * dout), *z_ref = zeros((size_t)N * zrow), *dx_ref = zeros((size_t)N * din);
     float *dW0 = zeros(n0), *dW1 = zeros(n1);
-    if (kind == 0) {
-        float *scr = zeros(btt_scratch_size(&s, N));
-        btt_forward(y_ref, z_ref, x, W0, W1, bias, N, &s);
-        btt_backward(dx_ref, dW0, dW1, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
-        free(scr);
-    } else {
-        float *scr = zeros(monarch_scratch_size(&m, N));
-        monarch_forward(y_ref, z_ref, x, W0, W1, bias, N, &m);
-        monarch_backward(dx_ref, dW0, dW1, NULL, dy, x, z_ref, W0, W1, N, &m, scr);
-        free(scr);
-    }
+    small_layer_ref(&L, N, x, W0, W1, bias, dy, y_ref, z_ref, dx_ref, dW0, dW1);
     float *gy_ref = zeros((size_t)N * dout);
     for (size_t i = 0; i < (size_t)N * dout; i++) gy_ref[i] = gelu_ref(y_ref[i]);
     for (size_t i = 0; i < (size_t)N * din; i++) dx_ref[i] *= gelu_grad_ref(pre_in[i]);
@@ -548,7 +574,7 @@ static void test_epilogues(int kind, int N) {
         buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dy; buf[PB_BIAS] = bias;
         buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * din);
         buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1); buf[PB_PRE] = zeros((size_t)N * dout);
-        buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * (t3row ? t3row : 1));
+        buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
         Plan p = {0};
         if (kind == 0) plan_btt_forward(&p, &s, N, 0);
         else plan_monarch_forward(&p, &m, N);
@@ -586,34 +612,18 @@ static void test_epilogues(int kind, int N) {
 // of rows three outputs wide (plan_set_ld), and adding its dx to what is there
 // (plan_set_accumulate): q, k and v in the qkv buffer. Nothing outside the block may change.
 static void test_strided(int kind, int N) {
-    BTTShape s;
-    MonarchShape m;
-    int din, dout;
-    size_t n0, n1, zrow, t2row, t3row;
-    if (kind == 0) {
-        btt_shape(&s, 4, 6, 5, 3, 2);
-        din = s.d_in; dout = s.d_out; n0 = btt_w0_size(&s); n1 = btt_w1_size(&s); zrow = btt_z_row(&s); t2row = zrow; t3row = 1;
-    } else {
-        monarch_shape(&m, 48, 96, 4);
-        din = m.d_in; dout = m.d_out; n0 = monarch_r_size(&m); n1 = monarch_l_size(&m); zrow = monarch_u_row(&m); t2row = dout; t3row = zrow;
-    }
-    const char *what = kind == 0 ? "btt 24->15 r2" : "monarch 48->96 nb4";
+    const SmallLayer L = small_layer(kind);
+    const BTTShape s = L.s;
+    const MonarchShape m = L.m;
+    const int din = L.din, dout = L.dout;
+    const size_t n0 = L.n0, n1 = L.n1, zrow = L.zrow, t2row = L.t2row, t3row = L.t3row;
+    const char *what = L.what;
     const int wide = 3 * dout;
     float *x = randn((size_t)N * din, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dyw = randn((size_t)N * wide, 1.0f);
     float *dy = zeros((size_t)N * dout), *dx0 = randn((size_t)N * din, 1.0f);
     for (int r = 0; r < N; r++) memcpy(dy + (size_t)r * dout, dyw + (size_t)r * wide + dout, sizeof(float) * dout);
     float *y_ref = zeros((size_t)N * dout), *z_ref = zeros((size_t)N * zrow), *dx_ref = zeros((size_t)N * din), *g0 = zeros(n0), *g1 = zeros(n1);
-    if (kind == 0) {
-        float *scr = zeros(btt_scratch_size(&s, N));
-        btt_forward(y_ref, z_ref, x, W0, W1, NULL, N, &s);
-        btt_backward(dx_ref, g0, g1, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
-        free(scr);
-    } else {
-        float *scr = zeros(monarch_scratch_size(&m, N));
-        monarch_forward(y_ref, z_ref, x, W0, W1, NULL, N, &m);
-        monarch_backward(dx_ref, g0, g1, NULL, dy, x, z_ref, W0, W1, N, &m, scr);
-        free(scr);
-    }
+    small_layer_ref(&L, N, x, W0, W1, NULL, dy, y_ref, z_ref, dx_ref, g0, g1);
     float *yw = randn((size_t)N * wide, 1.0f), *yw0 = copyf(yw, (size_t)N * wide), *dxw = copyf(dx0, (size_t)N * din);
     float *buf[PB_COUNT] = {0};
     buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dyw + dout; buf[PB_Y] = yw + dout; buf[PB_DX] = dxw;
