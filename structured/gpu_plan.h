@@ -152,18 +152,23 @@ static inline void plan_set_ld(Plan *p, int b, int ld) {
     }
 }
 
+// The last op of p that writes buffer `out` (a GEMM's C or a permute's dst), or NULL.
+static inline PlanOp *plan_writer(Plan *p, int out) {
+    for (int i = p->n - 1; i >= 0; i--) {
+        PlanOp *o = &p->op[i];
+        if (o->kind == PLAN_GEMM ? o->c == out : o->dst == out) return o;
+    }
+    return NULL;
+}
+
 // The op that writes buffer `out` adds to it (beta = 1) instead of overwriting: a layer's input
 // gradient summed with others' (q, k and v share their input). Returns 0 when that op is a permute
 // or carries an epilogue, or nothing writes `out`.
 static inline int plan_set_accumulate(Plan *p, int out) {
-    for (int i = p->n - 1; i >= 0; i--) {
-        PlanOp *o = &p->op[i];
-        if (o->kind == PLAN_GEMM ? o->c != out : o->dst != out) continue;
-        if (o->kind != PLAN_GEMM || o->epi) return 0;
-        o->beta = 1;
-        return 1;
-    }
-    return 0;
+    PlanOp *o = plan_writer(p, out);
+    if (!o || o->kind != PLAN_GEMM || o->epi) return 0;
+    o->beta = 1;
+    return 1;
 }
 
 // The epilogue `epi` on the last op of p that writes buffer `out` (PB_Y: bias and GELU in the
@@ -172,16 +177,11 @@ static inline int plan_set_accumulate(Plan *p, int out) {
 // bias stride; a permute writes whole rows (stride 0). Returns 0 when no op writes `out` or the
 // op accumulates (beta = 1): then the caller applies it separately.
 static inline int plan_set_epilogue(Plan *p, int out, int epi) {
-    for (int i = p->n - 1; i >= 0; i--) {
-        PlanOp *o = &p->op[i];
-        const int writes = o->kind == PLAN_GEMM ? o->c == out : o->dst == out;
-        if (!writes) continue;
-        if (o->kind == PLAN_GEMM && (o->beta || o->tiles)) return 0;
-        o->epi = epi;
-        o->bias_stride = o->kind == PLAN_GEMM ? o->sc : 0;
-        return 1;
-    }
-    return 0;
+    PlanOp *o = plan_writer(p, out);
+    if (!o || (o->kind == PLAN_GEMM && (o->beta || o->tiles))) return 0;
+    o->epi = epi;
+    o->bias_stride = o->kind == PLAN_GEMM ? o->sc : 0;
+    return 1;
 }
 
 // ----------------------------------------------------------------------------------------------

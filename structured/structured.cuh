@@ -320,13 +320,6 @@ static void st_add_bias(floatX *y, const floatX *bias, int N, int dout) {
     cudaCheckLaunch();
 }
 
-// The output's bias and GELU (pre_gelu: the pre-activation kept, y its GELU) where they were not
-// applied on the way: y holds the layer's product (in pre_gelu when given).
-static void st_bias_gelu(floatX *y, floatX *pre_gelu, const floatX *bias, int N, int dout) {
-    st_add_bias(pre_gelu ? pre_gelu : y, bias, N, dout);
-    if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * dout);
-}
-
 // The epilogue flags for an output with this bias and pre-activation buffer.
 static inline int st_epi(const void *bias, const void *pre_gelu) { return (bias ? PLAN_EPI_BIAS : 0) | (pre_gelu ? PLAN_EPI_GELU : 0); }
 
@@ -548,33 +541,48 @@ static size_t monarch_dense_elems(const MonarchShape *m) {
     return st_dense_elems(m->d_in, m->d_out, monarch_u_row(m), (size_t)m->d_in * plan_monarch_scratch_row(m));
 }
 
-// W (and the identity rows' intermediates) for the cores W0, W1 (btt: W0, W1; monarch: R, L).
-static void st_dense_materialize(const StDense *d, int kind, const void *shape, const floatX *W0, const floatX *W1) {
-    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
-    st_eye(d->eye, din);
+// A BTT's or Monarch's sizes: d_in, d_out and its intermediate row (z, u).
+static void st_dense_dims(int kind, const void *shape, int *din, int *dout, size_t *inter_row) {
+    if (kind == STRUCT_BTT) {
+        const BTTShape *s = (const BTTShape *)shape;
+        *din = s->d_in; *dout = s->d_out; *inter_row = btt_z_row(s);
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        *din = m->d_in; *dout = m->d_out; *inter_row = monarch_u_row(m);
+    }
+}
+
+// The scratch bound for this layer, with W (and the identity rows' intermediates) for the cores
+// W0, W1 (btt: W0, W1; monarch: R, L) materialized in it.
+static StDense st_dense_materialize(floatX *mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    const StDense d = st_dense_bind(mem, din, dout, row);
+    st_eye(d.eye, din);
     floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = d->eye; buf[PB_Y] = d->W; buf[PB_Z] = d->z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
-    buf[PB_T1] = d->scratch;
+    buf[PB_X] = d.eye; buf[PB_Y] = d.W; buf[PB_Z] = d.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
+    buf[PB_T1] = d.scratch;
     Plan p = {};
     if (kind == STRUCT_BTT) {
         plan_btt_forward(&p, (const BTTShape *)shape, din, 0);
     } else {
         const MonarchShape *m = (const MonarchShape *)shape;
-        buf[PB_T2] = d->scratch + (size_t)din * monarch_u_row(m);
+        buf[PB_T2] = d.scratch + (size_t)din * monarch_u_row(m);
         plan_monarch_forward(&p, m, din);
     }
     plan_run_gpu(&p, buf);
+    return d;
 }
 
 // y (N, d_out) = x W + bias; with pre_gelu, pre_gelu = that and y = its GELU (the dense layer's
 // epilogues). mem: btt_dense_elems / monarch_dense_elems.
 static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
                              int kind, const void *shape, floatX *mem) {
-    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
-    const int dout = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_out : ((const MonarchShape *)shape)->d_out;
-    const size_t row = kind == STRUCT_BTT ? btt_z_row((const BTTShape *)shape) : monarch_u_row((const MonarchShape *)shape);
-    const StDense d = st_dense_bind(mem, din, dout, row);
-    st_dense_materialize(&d, kind, shape, W0, W1);
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    const StDense d = st_dense_materialize(mem, kind, shape, W0, W1);
     matmul_forward(y, x, d.W, bias, N, din, dout, pre_gelu, 1);
 }
 
@@ -583,11 +591,10 @@ static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const
 static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *W0,
                               const floatX *W1, int N, int kind, const void *shape, floatX *mem, float *colsum_scratch,
                               const floatX *pre_gelu) {
-    const int din = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_in : ((const MonarchShape *)shape)->d_in;
-    const int dout = kind == STRUCT_BTT ? ((const BTTShape *)shape)->d_out : ((const MonarchShape *)shape)->d_out;
-    const size_t row = kind == STRUCT_BTT ? btt_z_row((const BTTShape *)shape) : monarch_u_row((const MonarchShape *)shape);
-    const StDense d = st_dense_bind(mem, din, dout, row);
-    st_dense_materialize(&d, kind, shape, W0, W1);
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    const StDense d = st_dense_materialize(mem, kind, shape, W0, W1);
     matmul_backward(dx, d.dW, dbias, dy, x, d.W, N, din, dout, pre_gelu, colsum_scratch, 1);
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = d.eye; buf[PB_Z] = d.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = d.dW;
@@ -647,18 +654,21 @@ typedef struct {
 } MoEGPUScratch;
 
 // The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
-// can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile partials).
+// can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile
+// partials). A NULL plan is not built.
 static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
     const BTTShape b1 = moe_expert_shape(s);
     const int tiles = moe_max_tiles(N * s->topk, s->experts, tile_rows);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    memset(fwd, 0, sizeof(*fwd)); memset(dz, 0, sizeof(*dz)); memset(rest, 0, sizeof(*rest));
-    plan_btt_forward(fwd, &b1, tile_rows, 0);
-    plan_btt_backward_dz(dz, &b1, tile_rows, 0);
-    plan_btt_backward_rest(rest, &b1, tile_rows, 0, want_dx, 0);
-    plan_tile(fwd, tiles, tile_rows, p0, p1);
-    plan_tile(dz, tiles, tile_rows, p0, p1);
-    plan_tile(rest, tiles, tile_rows, p0, p1);
+    Plan *plans[3] = {fwd, dz, rest};
+    for (int i = 0; i < 3; i++) {
+        if (!plans[i]) continue;
+        memset(plans[i], 0, sizeof(Plan));
+        if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
+        else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
+        else plan_btt_backward_rest(plans[i], &b1, tile_rows, 0, want_dx, 0);
+        plan_tile(plans[i], tiles, tile_rows, p0, p1);
+    }
 }
 
 static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
@@ -984,8 +994,8 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {
-        Plan f, d, r;
-        moe_tiled_plans(&f, &d, &r, s, N, T, 1);
+        Plan f;
+        moe_tiled_plans(&f, NULL, NULL, s, N, T, 1);
         moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
         void *buf[PB_COUNT] = {0};
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
@@ -1037,8 +1047,8 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    Plan pf, pd, pr;
-    moe_tiled_plans(&pf, &pd, &pr, s, N, T, dx != NULL);
+    Plan pd, pr;
+    moe_tiled_plans(NULL, &pd, &pr, s, N, T, dx != NULL);
     void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
