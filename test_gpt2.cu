@@ -488,6 +488,110 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     free(x); free(dy); free(bias); free(dbias_ref); free(y_ref); free(dx_ref);
 }
 
+// -sm 1's q, k and v as one dense layer (st_dense_group_*) against the three layers on the CPU:
+// y's column blocks, dx summed over the three, each layer's gradients. mode 0: layer 1 has no bias
+// and the others' lie apart (gathered into the scratch, zeros for layer 1); 1: all three apart;
+// 2: all three one after the other in one buffer (used in place).
+static void check_dense_group_vs_cpu(int mode) {
+    const int adjacent = mode == 2;
+    const int N = 384, C = 768, S = 3;
+    mt19937_state rng;
+    mt_seed(&rng, 11);
+    LinearSpec sp[3];
+    for (int i = 0; i < S; i++) {
+        memset(&sp[i], 0, sizeof(sp[i]));
+        sp[i].d_in = sp[i].d_out = C;
+        sp[i].bias = mode > 0 || i != 1;
+        default_factors(C, &sp[i].alpha, &sp[i].gamma);
+        default_factors(C, &sp[i].phi, &sp[i].eps);
+    }
+    sp[0].kind = STRUCT_BTT; sp[0].rank = 1;
+    sp[1].kind = STRUCT_MONARCH; sp[1].blocks = 4;
+    sp[2].kind = STRUCT_BTT; sp[2].rank = 2;
+    char tag[128], name[192];
+    snprintf(tag, sizeof(tag), "gpu vs cpu q, k, v as one dense layer (btt r1, monarch 4%s, btt r2; %s biases) N=%d",
+             mode == 0 ? " without bias" : "", adjacent ? "adjacent" : "separate", N);
+    float *x = rand_bf16_host((size_t)N * C, 1.0f, &rng), *dy = rand_bf16_host((size_t)N * S * C, 1.0f, &rng);
+    float *y_ref = (float *)callocCheck((size_t)N * S * C, sizeof(float)), *dx_ref = (float *)callocCheck((size_t)N * C, sizeof(float));
+    float *yi = (float *)mallocCheck((size_t)N * C * sizeof(float)), *dxi = (float *)mallocCheck((size_t)N * C * sizeof(float));
+    float *dyi = (float *)mallocCheck((size_t)N * C * sizeof(float));
+    floatX *x_d = upload_bf16(x, (size_t)N * C), *dy_d = upload_bf16(dy, (size_t)N * S * C);
+    floatX *y_d = cudaMallocNamed(floatX, (size_t)N * S * C, "test y"), *dx_d = cudaMallocNamed(floatX, (size_t)N * C, "test dx");
+    float *bias_all = rand_bf16_host((size_t)S * C, 0.1f, &rng);
+    floatX *bias_adj = upload_bf16(bias_all, (size_t)S * C), *dbias_d = cudaMallocNamed(floatX, (size_t)S * C, "test dbias");
+    cudaCheck(cudaMemset(dbias_d, 0, (size_t)S * C * sizeof(floatX)));
+    floatX *bias_sep[3] = {NULL, NULL, NULL};
+    float *w[3][2], *dw_ref[3][2], *dbias_ref = (float *)callocCheck((size_t)S * C, sizeof(float));
+    floatX *w_d[3][2], *dw_d[3][2];
+    size_t wn[3][2];
+    StDenseLayer g[3];
+    for (int i = 0; i < S; i++) {
+        for (int t = 0; t < 2; t++) {
+            int nd, fi, fo;
+            size_t sh[3];
+            linear_tensor_shape(&sp[i], t, &nd, sh, &fi, &fo);
+            wn[i][t] = sh[0] * sh[1] * (nd == 3 ? sh[2] : 1);
+            w[i][t] = rand_bf16_host(wn[i][t], sqrtf((float)(fi < fo ? fi : fo)) / (float)fi, &rng);
+            w_d[i][t] = upload_bf16(w[i][t], wn[i][t]);
+            dw_ref[i][t] = (float *)callocCheck(wn[i][t], sizeof(float));
+            dw_d[i][t] = cudaMallocNamed(floatX, wn[i][t], "test gradient");
+            cudaCheck(cudaMemset(dw_d[i][t], 0, wn[i][t] * sizeof(floatX)));
+        }
+        const float *b = sp[i].bias ? bias_all + (size_t)i * C : NULL;
+        for (size_t r = 0; r < (size_t)N; r++) memcpy(dyi + r * C, dy + r * S * C + (size_t)i * C, C * sizeof(float));
+        memset(dxi, 0, (size_t)N * C * sizeof(float));
+        if (sp[i].kind == STRUCT_BTT) {
+            BTTShape bs = btt_shape_of(&sp[i]);
+            float *z = (float *)mallocCheck(btt_z_size(&bs, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&bs, N) * sizeof(float));
+            btt_forward(yi, z, x, w[i][0], w[i][1], b, N, &bs);
+            btt_backward(dxi, dw_ref[i][0], dw_ref[i][1], b ? dbias_ref + (size_t)i * C : NULL, dyi, x, z, w[i][0], w[i][1], N, &bs, scr);
+            free(z); free(scr);
+        } else {
+            MonarchShape ms = monarch_shape_of(&sp[i]);
+            float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
+            monarch_forward(yi, u, x, w[i][0], w[i][1], b, N, &ms);
+            monarch_backward(dxi, dw_ref[i][0], dw_ref[i][1], b ? dbias_ref + (size_t)i * C : NULL, dyi, x, u, w[i][0], w[i][1], N, &ms, scr);
+            free(u); free(scr);
+        }
+        for (size_t r = 0; r < (size_t)N; r++) memcpy(y_ref + r * S * C + (size_t)i * C, yi + r * C, C * sizeof(float));
+        for (size_t j = 0; j < (size_t)N * C; j++) dx_ref[j] += dxi[j];
+        memset(&g[i], 0, sizeof(g[i]));
+        g[i].kind = sp[i].kind;
+        if (sp[i].kind == STRUCT_BTT) g[i].btt = btt_shape_of(&sp[i]);
+        else g[i].monarch = monarch_shape_of(&sp[i]);
+        g[i].W0 = w_d[i][0]; g[i].W1 = w_d[i][1]; g[i].dW0 = dw_d[i][0]; g[i].dW1 = dw_d[i][1];
+        if (b) {
+            bias_sep[i] = upload_bf16(b, C);
+            g[i].bias = adjacent ? bias_adj + (size_t)i * C : bias_sep[i];
+            g[i].dbias = dbias_d + (size_t)i * C;
+        }
+    }
+    floatX *s_d = cudaMallocNamed(floatX, st_dense_group_elems(g, S), "test scratch");
+    float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(S * C), "test colsum");
+    cudaCheck(cudaMemset(dx_d, 0xff, (size_t)N * C * sizeof(floatX)));  // NaN: dx must be overwritten
+    st_dense_group_forward(y_d, x_d, N, g, S, s_d);
+    st_dense_group_backward(dx_d, dy_d, x_d, N, g, S, s_d, colsum);
+    cudaCheck(cudaDeviceSynchronize());
+    snprintf(name, sizeof(name), "%s: y", tag);
+    check_device(y_d, y_ref, (size_t)N * S * C, 3e-2f, name);
+    snprintf(name, sizeof(name), "%s: dx", tag);
+    check_device(dx_d, dx_ref, (size_t)N * C, 3e-2f, name);
+    for (int i = 0; i < S; i++) {
+        for (int t = 0; t < 2; t++) {
+            snprintf(name, sizeof(name), "%s: layer %d d%s", tag, i, linear_tensor_names[sp[i].kind][t]);
+            check_device(dw_d[i][t], dw_ref[i][t], wn[i][t], 3e-2f, name);
+            cudaCheck(cudaFree(w_d[i][t])); cudaCheck(cudaFree(dw_d[i][t]));
+            free(w[i][t]); free(dw_ref[i][t]);
+        }
+        if (bias_sep[i]) cudaCheck(cudaFree(bias_sep[i]));
+    }
+    snprintf(name, sizeof(name), "%s: dbias%s", tag, mode == 0 ? " (layer 1's block stays zero)" : "");
+    check_device(dbias_d, dbias_ref, (size_t)S * C, 3e-2f, name);
+    void *dev[] = {x_d, dy_d, y_d, dx_d, bias_adj, dbias_d, s_d, colsum};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
+    free(x); free(dy); free(y_ref); free(dx_ref); free(yi); free(dxi); free(dyi); free(bias_all); free(dbias_ref);
+}
+
 static void check_structures_vs_cpu(void) {
     const int N = 512;
     LinearSpec s;
@@ -514,6 +618,7 @@ static void check_structures_vs_cpu(void) {
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
         g_st_fused = 0;
     }
+    for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
     // a wide BTT, whose fused kernel works in groups of output blocks both ways (no whole z tile fits)
     memset(&s, 0, sizeof(s));
     s.kind = STRUCT_BTT;

@@ -467,7 +467,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, LinearActs *la, float 
     const LinearSpec *s = &ld->spec;
     const float *b = ld->bias >= 0 ? gpt2_tensor(g, P, ld->bias) : NULL;
     const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
-    prof_mark_linear(ld, 0, N);
+    prof_mark_linear(ld, 0, N, 0);
     switch (s->kind) {
         case STRUCT_DENSE: matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out); break;
         case STRUCT_BTT: {
@@ -505,7 +505,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, const LinearActs *la,
     float *db = ld->bias >= 0 ? gpt2_tensor(g, G, ld->bias) : NULL;
     const float *w0 = gpt2_tensor(g, P, ld->w[0]), *w1 = ld->nw > 1 ? gpt2_tensor(g, P, ld->w[1]) : NULL;
     float *dw0 = gpt2_tensor(g, G, ld->w[0]), *dw1 = ld->nw > 1 ? gpt2_tensor(g, G, ld->w[1]) : NULL;
-    prof_mark_linear(ld, 1, N);
+    prof_mark_linear(ld, 1, N, 0);
     switch (s->kind) {
         case STRUCT_DENSE: matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out); break;
         case STRUCT_BTT: {

@@ -69,6 +69,7 @@ typedef struct {
 typedef struct {
     floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
     MoEGPUState moe;      // btt_moe
+    int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
 } LinearState;
 
 typedef struct {
@@ -150,19 +151,19 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     const LinearSpec *s = &ld->spec;
     const floatX *b = ld->bias >= 0 ? P_(m, m->params, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
-    prof_mark_linear(ld, 0, N);
-    if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
     LinearState *ls = lin_state(m, ld);
+    prof_mark_linear(ld, 0, N, ls->as_dense);
+    if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_BTT, &bs, m->st_scratch);
+            if (ls->as_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_BTT, &bs, m->st_scratch);
             else btt_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &bs, m->st_scratch, pre_gelu, out_ld);
             break;
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            if (g_st_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_MONARCH, &ms, m->st_scratch);
+            if (ls->as_dense) st_dense_forward(out, pre_gelu, inp, w0, w1, b, N, STRUCT_MONARCH, &ms, m->st_scratch);
             else monarch_forward_gpu(out, ls->inter, inp, w0, w1, b, N, &ms, m->st_scratch, pre_gelu, out_ld);
             break;
         }
@@ -195,16 +196,16 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
     floatX *db = ld->bias >= 0 ? P_(m, m->grads, ld->bias) : NULL;
     const floatX *w0 = P_(m, m->params, ld->w[0]), *w1 = ld->nw > 1 ? P_(m, m->params, ld->w[1]) : NULL;
     floatX *dw0 = P_(m, m->grads, ld->w[0]), *dw1 = ld->nw > 1 ? P_(m, m->grads, ld->w[1]) : NULL;
-    prof_mark_linear(ld, 1, N);
+    LinearState *ls = lin_state(m, ld);
+    prof_mark_linear(ld, 1, N, ls->as_dense);
     if (s->kind == STRUCT_DENSE) {
         matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out, pre_gelu, m->colsum_scratch);
         return;
     }
-    LinearState *ls = lin_state(m, ld);
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
-            if (g_st_dense)
+            if (ls->as_dense)
                 st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_BTT, &bs, m->st_scratch, m->colsum_scratch, pre_gelu);
             else btt_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &bs, m->st_scratch, m->colsum_scratch, pre_gelu, dout_ld,
                                   dinp_acc);
@@ -212,7 +213,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
         }
         case STRUCT_MONARCH: {
             MonarchShape ms = monarch_shape_of(s);
-            if (g_st_dense)
+            if (ls->as_dense)
                 st_dense_backward(dinp, dw0, dw1, db, dout, inp, w0, w1, N, STRUCT_MONARCH, &ms, m->st_scratch, m->colsum_scratch, pre_gelu);
             else monarch_backward_gpu(dinp, dw0, dw1, db, dout, inp, ls->inter, w0, w1, N, &ms, m->st_scratch, m->colsum_scratch, pre_gelu,
                                       dout_ld, dinp_acc);
@@ -320,6 +321,57 @@ static void gpt2_upload_weights(GPT2 *m, long t) {
     }
 }
 
+// Which BTT and Monarch layers run as dense GEMMs on their materialized weight: all of them with
+// -sm 1; with -sm 2 those that exec_model.h models faster so at N rows (a micro-batch) on this GPU.
+static void st_choose_as_dense(GPT2 *m, int N) {
+    if (!g_st_dense) return;
+    const PlanRates r = plan_rates(gpu_peak_bf16_tflops(g_gpu.prop.name), gpu_peak_gbps());
+    const int L = m->config.num_layers;
+    for (int i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
+        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
+        const int k = ld->spec.kind;
+        if (!ld->used || (k != STRUCT_BTT && k != STRUCT_MONARCH)) continue;
+        const BTTShape b = k == STRUCT_BTT ? btt_shape_of(&ld->spec) : BTTShape{};
+        const MonarchShape ms = k == STRUCT_MONARCH ? monarch_shape_of(&ld->spec) : MonarchShape{};
+        m->lin[i].as_dense = g_st_dense == 1 || st_as_dense_pays(k, k == STRUCT_BTT ? (const void *)&b : (const void *)&ms, N, &r);
+    }
+}
+
+// Whether a layer writes its output into a column block of wider rows, reads its output
+// gradient from one and adds its input gradient (linear_forward's out_ld, linear_backward's
+// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0, not as dense; BTT-MoE).
+// The others (dense, the fused kernels, layers run as dense) go through the split buffers and
+// copies, except q, k and v as one dense group (qkv_dense_group).
+static int linear_takes_strides(GPT2 *m, const LinearDesc *ld) {
+    const int k = ld->spec.kind;
+    return k == STRUCT_BTT_MOE || (!g_st_fused && !lin_state(m, ld)->as_dense && (k == STRUCT_BTT || k == STRUCT_MONARCH));
+}
+
+// When q, k and v all run as dense (BTT or Monarch; -sm 1, or -sm 2's model): fills g with them
+// (and their weights and gradients, where allocated) and returns 1; they then run as one dense
+// layer of width 3C (st_dense_group_*), as a dense model's fused qkv.
+static int qkv_dense_group(GPT2 *m, int l, StDenseLayer g[3]) {
+    for (int r = SR_Q; r <= SR_V; r++) {
+        const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
+        const int k = ld->spec.kind;
+        if (ld->fused_qkv || !lin_state(m, ld)->as_dense) return 0;
+        StDenseLayer *e = &g[r - SR_Q];
+        memset(e, 0, sizeof(*e));
+        e->kind = k;
+        if (k == STRUCT_BTT) e->btt = btt_shape_of(&ld->spec);
+        else e->monarch = monarch_shape_of(&ld->spec);
+        if (m->params) {
+            e->W0 = P_(m, m->params, ld->w[0]); e->W1 = P_(m, m->params, ld->w[1]);
+            if (ld->bias >= 0) e->bias = P_(m, m->params, ld->bias);
+        }
+        if (m->grads) {
+            e->dW0 = P_(m, m->grads, ld->w[0]); e->dW1 = P_(m, m->grads, ld->w[1]);
+            if (ld->bias >= 0) e->dbias = P_(m, m->grads, ld->bias);
+        }
+    }
+    return 1;
+}
+
 // flash: 1 our flash-attention kernel where it supports the head size, 2 cuDNN's where it runs the
 // shape (else as 1), else the cuBLAS path.
 static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
@@ -413,12 +465,21 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     // structured layers: what each keeps for its backward, one shared scratch
     const GPT2Layout *g = &m->layout;
     m->lin = (LinearState *)callocCheck(L * NUM_BLOCK_ROLES + 1, sizeof(LinearState));
+    st_choose_as_dense(m, (int)BT);
     size_t scratch = 0, fscratch = 0;
     int separate_qkv = 0;
     for (size_t i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
         const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
         if (!ld->used) continue;
-        if (i < L * NUM_BLOCK_ROLES && ld->role == SR_Q && !ld->fused_qkv) separate_qkv = 1;
+        if (i < L * NUM_BLOCK_ROLES && ld->role == SR_Q && !ld->fused_qkv) {
+            StDenseLayer grp[3];
+            if (qkv_dense_group(m, ld->layer, grp)) {  // one dense layer of width 3C; its scratch holds all three workspaces
+                const size_t need = st_dense_group_elems(grp, 3);
+                if (need > scratch) scratch = need;
+            }
+            for (int r = SR_Q; r <= SR_V && !qkv_dense_group(m, ld->layer, grp); r++)
+                if (!linear_takes_strides(m, gpt2_linear(g, ld->layer, r))) separate_qkv = 1;
+        }
         const LinearSpec *s = &ld->spec;
         if (s->kind == STRUCT_DENSE) continue;
         if (s->d_in % 8 || s->d_out % 8)
@@ -428,10 +489,10 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         snprintf(what, sizeof(what), "layer %d %s (%s)", ld->layer, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], struct_names[s->kind]);
         LinearState *ls = &m->lin[i];
         size_t need = 0;
-        if (s->kind == STRUCT_BTT && g_st_dense) {  // dense GEMMs on W materialized in the scratch: nothing kept per layer
+        if (s->kind == STRUCT_BTT && ls->as_dense) {  // dense GEMMs on W materialized in the scratch: nothing kept per layer
             BTTShape b = btt_shape_of(s);
             need = btt_dense_elems(&b);
-        } else if (s->kind == STRUCT_MONARCH && g_st_dense) {
+        } else if (s->kind == STRUCT_MONARCH && ls->as_dense) {
             MonarchShape ms = monarch_shape_of(s);
             need = monarch_dense_elems(&ms);
         } else if (s->kind == STRUCT_BTT) {
@@ -520,24 +581,22 @@ static void gpt2_free(GPT2 *m) {
 static floatX *act_ln(const GPT2 *m, floatX *base, int l) { return base + (m->recompute >= 2 ? 0 : (size_t)l * m->B * m->T * m->config.channels); }
 static floatX *act_gelu(const GPT2 *m, int l) { return m->acts.fch_gelu + (m->recompute >= 1 ? 0 : (size_t)l * m->B * m->T * 4 * m->config.channels); }
 
-// Whether a layer writes its output into a column block of wider rows, reads its output
-// gradient from one and adds its input gradient (linear_forward's out_ld, linear_backward's
-// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0 and -sm 0, BTT-MoE).
-// The others (dense, the fused kernels, -sm 1) go through the split buffers and copies.
-static int linear_takes_strides(const LinearDesc *ld) {
-    const int k = ld->spec.kind;
-    return !g_st_dense && (k == STRUCT_BTT_MOE || (!g_st_fused && (k == STRUCT_BTT || k == STRUCT_MONARCH)));
-}
-
-// q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense, else three
-// layers, each written into its column block (in place where the layer takes row strides).
+// q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense or, with -sm 1,
+// all three BTT or Monarch; else three layers, each written into its column block (in place where
+// the layer takes row strides).
 static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
     const int C = m->config.channels;
     if (q->fused_qkv) { linear_forward(m, q, qkv, ln1, N, NULL); return; }
+    StDenseLayer grp[3];
+    if (qkv_dense_group(m, l, grp)) {
+        prof_mark_qkv_group(&m->layout, l, 0, N);
+        st_dense_group_forward(qkv, ln1, N, grp, 3, m->st_scratch);
+        return;
+    }
     for (int r = SR_Q; r <= SR_V; r++) {
         const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
-        if (linear_takes_strides(ld)) { linear_forward(m, ld, qkv + (size_t)r * C, ln1, N, NULL, 3 * C); continue; }
+        if (linear_takes_strides(m, ld)) { linear_forward(m, ld, qkv + (size_t)r * C, ln1, N, NULL, 3 * C); continue; }
         linear_forward(m, ld, m->split_a, ln1, N, NULL);
         prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy(qkv, m->split_a, r, N, C, 1);
@@ -549,9 +608,15 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
     const int C = m->config.channels;
     if (q->fused_qkv) { linear_backward(m, q, dln, dqkv, ln1, N, NULL, daux); return; }
+    StDenseLayer grp[3];
+    if (qkv_dense_group(m, l, grp)) {
+        prof_mark_qkv_group(&m->layout, l, 1, N);
+        st_dense_group_backward(dln, dqkv, ln1, N, grp, 3, m->st_scratch, m->colsum_scratch);
+        return;
+    }
     for (int r = SR_Q; r <= SR_V; r++) {
         const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
-        if (linear_takes_strides(ld)) {  // reads its block of dqkv, q writes dln, k and v add to it
+        if (linear_takes_strides(m, ld)) {  // reads its block of dqkv, q writes dln, k and v add to it
             linear_backward(m, ld, dln, dqkv + (size_t)r * C, ln1, N, NULL, daux, 3 * C, r != SR_Q);
             continue;
         }
@@ -947,8 +1012,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
         {"-sk", &g_st_fused, NULL, 0, 1, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx) (default: 0)"},
-        {"-sm", &g_st_dense, NULL, 0, 1, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
-                                        "(a dense layer's time; for widths where the structure is slower than dense) (default: 0)"},
+        {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
+                                        "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
+                                        "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -1043,7 +1109,6 @@ static void prof_capture(int on) {
 }
 static void trainer_profile_start(void) {
     prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
-    g_prof.structured_as_dense = g_st_dense;
 }
 
 static void trainer_step_end(GPT2 *m, long step) {
@@ -1067,9 +1132,20 @@ static void trainer_banner(const GPT2 *m) {
     printf("| attention             | %-50s |\n", m->cudnn   ? "cuDNN fused flash attention (-fa 2)"
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
                                                               : "cuBLAS batched GEMMs + causal softmax (ours)");
-    if (m->layout.structure.any_structured)
-        printf("| structured layers     | %-50s |\n", g_st_dense ? (g_st_fused ? "dense BTT, Monarch (-sm 1); fused BTT-MoE (-sk 1)" : "dense BTT, Monarch (-sm 1); BTT-MoE -sk 0")
-                                                      : g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+    if (m->layout.structure.any_structured) {
+        char how[64];
+        int n_dense = 0, n_dm = 0;
+        for (int i = 0; i <= m->config.num_layers * NUM_BLOCK_ROLES; i++) {
+            const LinearDesc *ld = i < m->config.num_layers * NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
+            if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_MONARCH)) continue;
+            n_dm++;
+            n_dense += m->lin[i].as_dense;
+        }
+        if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
+        else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused (-sk 1)" : "-sk 0");
+        else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        printf("| structured layers     | %-50s |\n", how);
+    }
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN
     bytes += cudnn_attention_workspace_bytes();  // cuDNN allocates it, not cudaMallocNamed

@@ -42,7 +42,6 @@ typedef struct {
     // `ncu --profile-from-start off` records the run's last step only); may be NULL
     void (*capture)(int on);
     int capturing;
-    int structured_as_dense;  // BTT and Monarch layers run as dense GEMMs (the GPU trainer's -sm 1): their parts say so
 } StepProfile;
 
 static StepProfile g_prof;
@@ -105,15 +104,31 @@ static inline void prof_mark(const char *name, double flops) {
 }
 
 // A linear layer's forward or backward over N rows: a part per role, direction and structure,
-// with the FLOPs the MFU counts (2 per weight multiply-add forward, 4 backward).
-static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N) {
+// with the FLOPs the MFU counts (2 per weight multiply-add forward, 4 backward). as_dense: a BTT
+// or Monarch layer run as dense GEMMs on its materialized weight (the GPU trainer's -sm).
+static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N, int as_dense) {
     if (!g_prof.in_step) return;
     char desc[48], name[PROF_NAME_LEN];
     spec_describe(&ld->spec, desc, sizeof(desc));
     const char *role = ld->layer < 0 ? "lm_head" : ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
-    const int as_dense = g_prof.structured_as_dense && (ld->spec.kind == STRUCT_BTT || ld->spec.kind == STRUCT_MONARCH);
     snprintf(name, sizeof(name), "%s %s: %s%s", role, backward ? "bwd" : "fwd", desc, as_dense ? " (as dense)" : "");
     prof_mark(name, (backward ? 4.0 : 2.0) * N * spec_forward_macs(&ld->spec));
+}
+
+// q, k and v of layer l run as one dense GEMM on their materialized weights (the GPU trainer's
+// -sm 1): one part, named after their structure ("mixed" when they differ), with their FLOPs.
+static inline void prof_mark_qkv_group(const GPT2Layout *g, int l, int backward, int N) {
+    if (!g_prof.in_step) return;
+    char desc[48], other[48], name[PROF_NAME_LEN];
+    double macs = 0;
+    spec_describe(&gpt2_linear(g, l, SR_Q)->spec, desc, sizeof(desc));
+    for (int r = SR_Q; r <= SR_V; r++) {
+        macs += spec_forward_macs(&gpt2_linear(g, l, r)->spec);
+        spec_describe(&gpt2_linear(g, l, r)->spec, other, sizeof(other));
+        if (strcmp(desc, other) != 0) snprintf(desc, sizeof(desc), "mixed structures");
+    }
+    snprintf(name, sizeof(name), "qkv %s: %s (q, k, v as one dense)", backward ? "bwd" : "fwd", desc);
+    prof_mark(name, (backward ? 4.0 : 2.0) * N * macs);
 }
 
 // The head tied to wte (a plain matmul with the embedding), as prof_mark_linear.

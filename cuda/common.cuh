@@ -223,6 +223,15 @@ static inline void gpu_init(int device) {
     g_gpu.gelu_fusion = g_gpu.prop.major >= 9 ? 2 : 0;  // llm.c's default
 }
 
+// Peak DRAM bandwidth in GB/s from the device's memory clock and bus width (2 transfers per clock).
+static inline double gpu_peak_gbps(void) {
+    int clock_khz = 0, bus_bits = 0, device = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device));
+    cudaCheck(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
+    return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
+}
+
 // Peak dense bf16 tensor-core TFLOP/s by device name; 0 when the device is not in the table.
 static inline double gpu_peak_bf16_tflops(const char *name) {
     if (strstr(name, "H200")) return 989.0;

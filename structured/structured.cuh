@@ -38,6 +38,7 @@
 #include "../cuda/matmul.cuh"
 #include "../cuda/reduce.cuh"
 #include "btt_fused.cuh"
+#include "exec_model.h"
 #include "gpu_plan.h"
 #include "monarch_fused.cuh"
 #include "seg_wgrad.cuh"
@@ -493,53 +494,28 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
 }
 
 // ----------------------------------------------------------------------------------------------
-// BTT and Monarch as dense GEMMs (-sm 1)
+// BTT and Monarch as dense GEMMs (-sm 1; -sm 2 for the layers exec_model.h finds faster so)
 //
 // A BTT or Monarch layer is x ↦ x W(θ) (+ b) for a d_in x d_out matrix W of its cores θ. Where
 // its plans move more bytes per row than a dense GEMM costs in FLOPs (small widths, higher
-// ranks), W can be materialized and the layer run as dense GEMMs: W is the plan's forward on the
-// d_in rows of the identity; and since the layer is linear in each row, dL/dθ is the plans'
-// weight-gradient backward on those identity rows with dW = xᵀ dy as their dy. Both cost rows of
-// d_in, not N, and need no new index arithmetic. The result is the same function up to W's bf16
-// rounding; the layer costs a dense layer's time (it can never beat dense, only stop trailing
-// it). W is rebuilt in every forward and backward (it depends on the weights only), in one
-// scratch shared by the layers (st_dense_*).
+// ranks), W can be materialized and the layer run as dense GEMMs, with dL/dθ from dW = xᵀ dy.
+// A BTT's W is a sum of ρ products of its cores' entries per element, written by one kernel, and
+// its cores' gradients come from two kernels that read dW once each. A Monarch's W is the plans'
+// forward on the d_in rows of the identity; and since the layer is linear in each row, dL/dθ is
+// the plans' weight-gradient backward on those identity rows with dW as their dy: rows of d_in,
+// not N, and no new index arithmetic. The result is the same function up to W's bf16 rounding;
+// the layer costs a dense layer's time (it can never beat dense, only stop trailing it). W is
+// rebuilt in every forward and backward (it depends on the weights only), in one scratch shared
+// by the layers (st_dense_*).
 
-static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights
+static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights; 2: those exec_model.h picks
 
+// A layer's identity-row workspace: the identity (din, din), the plans' intermediate on its rows
+// (din, intermediate row; the weight backward reads what the materialization left there) and the
+// plans' scratch for din rows.
 typedef struct {
-    floatX *W, *dW, *eye, *z, *scratch;  // (din, dout) x 2, (din, din), (din, intermediate row), the plans' scratch for din rows
-} StDense;
-
-static size_t st_dense_elems(int din, int dout, size_t inter_row, size_t scratch_elems) {
-    return 2 * (size_t)din * dout + (size_t)din * din + (size_t)din * inter_row + scratch_elems + 32;
-}
-static StDense st_dense_bind(floatX *mem, int din, int dout, size_t inter_row) {
-    StDense d;
-    d.W = mem; mem += (size_t)din * dout;
-    d.dW = mem; mem += (size_t)din * dout;
-    d.eye = mem; mem += (size_t)din * din;
-    d.z = mem; mem += ((size_t)din * inter_row + 7) / 8 * 8;
-    d.scratch = mem;
-    return d;
-}
-
-__global__ void st_eye_kernel(floatX *eye, int n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (size_t)n * n) eye[i] = (floatX)(i / n == i % n ? 1.0f : 0.0f);
-}
-static void st_eye(floatX *eye, int n) {
-    st_eye_kernel<<<ceil_div_i((long)n * n, 256), 256>>>(eye, n);
-    cudaCheckLaunch();
-}
-
-// Scratch elements the dense execution of these shapes needs (the caller takes the max).
-static size_t btt_dense_elems(const BTTShape *s) {
-    return st_dense_elems(s->d_in, s->d_out, btt_z_row(s), (size_t)s->d_in * plan_btt_scratch_row(s));
-}
-static size_t monarch_dense_elems(const MonarchShape *m) {
-    return st_dense_elems(m->d_in, m->d_out, monarch_u_row(m), (size_t)m->d_in * plan_monarch_scratch_row(m));
-}
+    floatX *eye, *z, *scratch;
+} StDenseWs;
 
 // A BTT's or Monarch's sizes: d_in, d_out and its intermediate row (z, u).
 static void st_dense_dims(int kind, const void *shape, int *din, int *dout, size_t *inter_row) {
@@ -552,27 +528,178 @@ static void st_dense_dims(int kind, const void *shape, int *din, int *dout, size
     }
 }
 
-// The scratch bound for this layer, with W (and the identity rows' intermediates) for the cores
-// W0, W1 (btt: W0, W1; monarch: R, L) materialized in it.
-static StDense st_dense_materialize(floatX *mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+// Elements of the plans' identity-row workspace (rounded to 16-byte multiples, so that workspaces
+// can follow each other), and of the workspace st_dense_weight needs: none for a BTT, whose W
+// comes straight from its cores.
+static size_t st_dense_plan_ws_elems(int kind, const void *shape) {
     int din, dout;
     size_t row;
     st_dense_dims(kind, shape, &din, &dout, &row);
-    const StDense d = st_dense_bind(mem, din, dout, row);
-    st_eye(d.eye, din);
+    const size_t scratch_row = kind == STRUCT_BTT ? plan_btt_scratch_row((const BTTShape *)shape)
+                                                  : plan_monarch_scratch_row((const MonarchShape *)shape);
+    return ((size_t)din * din + 7) / 8 * 8 + ((size_t)din * row + 7) / 8 * 8 + ((size_t)din * scratch_row + 7) / 8 * 8;
+}
+static size_t st_dense_ws_elems(int kind, const void *shape) { return kind == STRUCT_BTT ? 0 : st_dense_plan_ws_elems(kind, shape); }
+static StDenseWs st_dense_ws_bind(floatX *mem, int kind, const void *shape) {
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    StDenseWs w;
+    w.eye = mem; mem += ((size_t)din * din + 7) / 8 * 8;
+    w.z = mem; mem += ((size_t)din * row + 7) / 8 * 8;
+    w.scratch = mem;
+    return w;
+}
+
+// Scratch elements one layer run alone needs (st_dense_forward/backward: W, dW, a workspace).
+static size_t st_dense_elems(int kind, const void *shape) {
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    return 2 * (((size_t)din * dout + 7) / 8 * 8) + st_dense_ws_elems(kind, shape);
+}
+static size_t btt_dense_elems(const BTTShape *s) { return st_dense_elems(STRUCT_BTT, s); }
+static size_t monarch_dense_elems(const MonarchShape *m) { return st_dense_elems(STRUCT_MONARCH, m); }
+
+__global__ void st_eye_kernel(floatX *eye, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n * n) eye[i] = (floatX)(i / n == i % n ? 1.0f : 0.0f);
+}
+static void st_eye(floatX *eye, int n) {
+    st_eye_kernel<<<ceil_div_i((long)n * n, 256), 256>>>(eye, n);
+    cudaCheckLaunch();
+}
+
+// W (din x dout, row stride ldw; 0: dout) of the cores W0, W1 (btt: W0, W1; monarch: R, L), at
+// W: the plan's forward on the identity rows. Leaves in the workspace what
+// st_dense_weight_backward_plan reads. (Monarch's way; BTT's until 2026-12-04, dev/cuda/btt_weight v1.)
+static void st_dense_weight_plan(floatX *W, int ldw, floatX *ws_mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    const StDenseWs ws = st_dense_ws_bind(ws_mem, kind, shape);
+    st_eye(ws.eye, din);
     floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = d.eye; buf[PB_Y] = d.W; buf[PB_Z] = d.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
-    buf[PB_T1] = d.scratch;
+    buf[PB_X] = ws.eye; buf[PB_Y] = W; buf[PB_Z] = ws.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
+    buf[PB_T1] = ws.scratch;
     Plan p = {};
     if (kind == STRUCT_BTT) {
         plan_btt_forward(&p, (const BTTShape *)shape, din, 0);
     } else {
         const MonarchShape *m = (const MonarchShape *)shape;
-        buf[PB_T2] = d.scratch + (size_t)din * monarch_u_row(m);
+        buf[PB_T2] = ws.scratch + (size_t)din * monarch_u_row(m);
         plan_monarch_forward(&p, m, din);
     }
+    if (ldw && ldw != dout) plan_set_ld(&p, PB_Y, ldw);
     plan_run_gpu(&p, buf);
-    return d;
+}
+
+// dW0, dW1 += the cores' gradients for dL/dW = dW (din x dout, row stride ldw; 0: dout): the
+// plans' weight backward on the identity rows with dy = dW. The workspace must hold what
+// st_dense_weight_plan left there for the same cores.
+static void st_dense_weight_backward_plan(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, floatX *ws_mem, int kind, const void *shape,
+                                          const floatX *W0, const floatX *W1) {
+    int din, dout;
+    size_t row;
+    st_dense_dims(kind, shape, &din, &dout, &row);
+    const StDenseWs ws = st_dense_ws_bind(ws_mem, kind, shape);
+    floatX *buf[PB_COUNT] = {0};
+    buf[PB_X] = ws.eye; buf[PB_Z] = ws.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dW;
+    buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
+    Plan p = {};
+    if (kind == STRUCT_BTT) {
+        const BTTShape *s = (const BTTShape *)shape;
+        buf[PB_T1] = ws.scratch; buf[PB_T2] = ws.scratch + (size_t)din * btt_z_row(s);
+        plan_btt_backward_dz(&p, s, din, 0);
+        plan_btt_backward_rest(&p, s, din, 0, 0, 1);
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        buf[PB_T1] = ws.scratch; buf[PB_T2] = ws.scratch + (size_t)din * monarch_u_row(m); buf[PB_T3] = buf[PB_T2] + (size_t)din * dout;
+        plan_monarch_backward(&p, m, din, 0);
+    }
+    if (ldw && ldw != dout) plan_set_ld(&p, PB_DY, ldw);
+    plan_run_gpu(&p, buf);
+}
+
+// BTT's W straight from the cores, no identity rows: element (g α + a, f ε + e) is
+// Σ_s W0[g, a, f ρ + s] W1[f, g ρ + s, e] (btt.h), summed in fp32 and rounded once. It writes W
+// once and reads the cores from cache, where the plan on the identity rows moves din rows of x,
+// z and y (at 3072 -> 768 rank 4, 12x W's bytes). One thread per element, a row of W per grid row.
+__global__ void btt_weight_kernel(floatX *W, int ldw, const floatX *W0, const floatX *W1, int A, int G, int P, int E, int R) {
+    const int o = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
+    if (o >= P * E) return;
+    const int g = i / A, f = o / E, e = o % E;
+    const floatX *w0 = W0 + (size_t)i * P * R + (size_t)f * R;
+    const floatX *w1 = W1 + ((size_t)f * G * R + (size_t)g * R) * E + e;
+    float acc = 0.0f;
+    for (int s = 0; s < R; s++) acc += (float)w0[s] * (float)w1[(size_t)s * E];
+    W[(size_t)i * ldw + o] = (floatX)acc;
+}
+
+// dW0[g, a, f ρ + s] += Σ_e dW[g α + a, f ε + e] W1[f, g ρ + s, e]: a warp per (row i, block f),
+// its lanes along e (contiguous in dW's row and in W1's), the rank's sums reduced across the warp.
+__global__ void btt_weight_backward_w0_kernel(floatX *dW0, const floatX *dW, int ldw, const floatX *W1, int A, int G, int P, int E, int R,
+                                              int din) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (warp >= din * P) return;
+    const int i = warp / P, f = warp % P, g = i / A;
+    const floatX *dw = dW + (size_t)i * ldw + (size_t)f * E;
+    for (int s = 0; s < R; s++) {
+        const floatX *w1 = W1 + ((size_t)f * G * R + (size_t)g * R + s) * E;
+        float acc = 0.0f;
+        for (int e = lane; e < E; e += 32) acc += (float)dw[e] * (float)w1[e];
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) {
+            floatX *out = dW0 + (size_t)i * P * R + (size_t)f * R + s;
+            *out = (floatX)((float)*out + acc);
+        }
+    }
+}
+
+// dW1[f, g ρ + s, e] += Σ_a W0[g, a, f ρ + s] dW[g α + a, f ε + e]: a thread per (f, g, e) and its
+// ρ sums over a; neighbouring threads read neighbouring e of dW's rows.
+__global__ void btt_weight_backward_w1_kernel(floatX *dW1, const floatX *dW, int ldw, const floatX *W0, int A, int G, int P, int E, int R) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)P * G * E) return;
+    const int e = (int)(t % E), g = (int)(t / E % G), f = (int)(t / ((size_t)E * G));
+    const floatX *dw = dW + (size_t)g * A * ldw + (size_t)f * E + e;
+    const floatX *w0 = W0 + (size_t)g * A * P * R + (size_t)f * R;
+    for (int s = 0; s < R; s++) {
+        float acc = 0.0f;
+        for (int a = 0; a < A; a++) acc += (float)w0[(size_t)a * P * R + s] * (float)dw[(size_t)a * ldw];
+        floatX *out = dW1 + ((size_t)f * G * R + (size_t)g * R + s) * E + e;
+        *out = (floatX)((float)*out + acc);
+    }
+}
+
+static void btt_weight_gpu(floatX *W, int ldw, const BTTShape *b, const floatX *W0, const floatX *W1) {
+    const dim3 grid(ceil_div_i(b->d_out, 256), b->d_in);
+    btt_weight_kernel<<<grid, 256>>>(W, ldw ? ldw : b->d_out, W0, W1, b->alpha, b->gamma, b->phi, b->eps, b->rank);
+    cudaCheckLaunch();
+}
+
+static void btt_weight_backward_gpu(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, const BTTShape *b, const floatX *W0, const floatX *W1) {
+    const int ld = ldw ? ldw : b->d_out;
+    btt_weight_backward_w0_kernel<<<ceil_div_i((long)b->d_in * b->phi * 32, 256), 256>>>(dW0, dW, ld, W1, b->alpha, b->gamma, b->phi, b->eps,
+                                                                                         b->rank, b->d_in);
+    cudaCheckLaunch();
+    btt_weight_backward_w1_kernel<<<ceil_div_i((long)b->phi * b->gamma * b->eps, 256), 256>>>(dW1, dW, ld, W0, b->alpha, b->gamma, b->phi,
+                                                                                            b->eps, b->rank);
+    cudaCheckLaunch();
+}
+
+// W of a BTT (straight from the cores) or a Monarch (the plan on the identity rows, leaving its
+// intermediates in the workspace for st_dense_weight_backward).
+static void st_dense_weight(floatX *W, int ldw, floatX *ws_mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+    if (kind == STRUCT_BTT) btt_weight_gpu(W, ldw, (const BTTShape *)shape, W0, W1);
+    else st_dense_weight_plan(W, ldw, ws_mem, kind, shape, W0, W1);
+}
+
+// The cores' gradients from dW (row stride ldw), after st_dense_weight of the same cores.
+static void st_dense_weight_backward(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, floatX *ws_mem, int kind, const void *shape,
+                                     const floatX *W0, const floatX *W1) {
+    if (kind == STRUCT_BTT) btt_weight_backward_gpu(dW0, dW1, dW, ldw, (const BTTShape *)shape, W0, W1);
+    else st_dense_weight_backward_plan(dW0, dW1, dW, ldw, ws_mem, kind, shape, W0, W1);
 }
 
 // y (N, d_out) = x W + bias; with pre_gelu, pre_gelu = that and y = its GELU (the dense layer's
@@ -582,8 +709,9 @@ static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const
     int din, dout;
     size_t row;
     st_dense_dims(kind, shape, &din, &dout, &row);
-    const StDense d = st_dense_materialize(mem, kind, shape, W0, W1);
-    matmul_forward(y, x, d.W, bias, N, din, dout, pre_gelu, 1);
+    floatX *W = mem, *ws = mem + 2 * (((size_t)din * dout + 7) / 8 * 8);
+    st_dense_weight(W, 0, ws, kind, shape, W0, W1);
+    matmul_forward(y, x, W, bias, N, din, dout, pre_gelu, 1);
 }
 
 // dx (may be NULL; with pre_gelu the gradient before its GELU) = dy Wᵀ; dW0, dW1, dbias
@@ -594,23 +722,114 @@ static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbia
     int din, dout;
     size_t row;
     st_dense_dims(kind, shape, &din, &dout, &row);
-    const StDense d = st_dense_materialize(mem, kind, shape, W0, W1);
-    matmul_backward(dx, d.dW, dbias, dy, x, d.W, N, din, dout, pre_gelu, colsum_scratch, 1);
-    floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = d.eye; buf[PB_Z] = d.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = d.dW;
-    buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
-    Plan p = {};
-    if (kind == STRUCT_BTT) {
-        const BTTShape *s = (const BTTShape *)shape;
-        buf[PB_T1] = d.scratch; buf[PB_T2] = d.scratch + (size_t)din * btt_z_row(s);
-        plan_btt_backward_dz(&p, s, din, 0);
-        plan_btt_backward_rest(&p, s, din, 0, 0, 1);
-    } else {
-        const MonarchShape *m = (const MonarchShape *)shape;
-        buf[PB_T1] = d.scratch; buf[PB_T2] = d.scratch + (size_t)din * monarch_u_row(m); buf[PB_T3] = buf[PB_T2] + (size_t)din * dout;
-        plan_monarch_backward(&p, m, din, 0);
+    const size_t wn = ((size_t)din * dout + 7) / 8 * 8;
+    floatX *W = mem, *dW = mem + wn, *ws = mem + 2 * wn;
+    st_dense_weight(W, 0, ws, kind, shape, W0, W1);
+    matmul_backward(dx, dW, dbias, dy, x, W, N, din, dout, pre_gelu, colsum_scratch, 1);
+    st_dense_weight_backward(dW0, dW1, dW, 0, ws, kind, shape, W0, W1);
+}
+
+// Several BTT or Monarch layers on one input whose outputs lie side by side in each output row
+// (q, k and v in qkv) run as ONE dense layer: their W side by side in a (din, Σ d_out) matrix, one
+// GEMM forward and two backward, as a dense model's fused qkv; no split copies, no sums of dx.
+typedef struct {
+    int kind;  // STRUCT_BTT or STRUCT_MONARCH
+    BTTShape btt;
+    MonarchShape monarch;
+    const floatX *W0, *W1, *bias;  // bias may be NULL
+    floatX *dW0, *dW1, *dbias;
+} StDenseLayer;
+
+static const void *st_dense_layer_shape(const StDenseLayer *l) { return l->kind == STRUCT_BTT ? (const void *)&l->btt : (const void *)&l->monarch; }
+
+// The group's input and output widths; fatal unless every layer has the same d_in.
+static void st_dense_group_dims(const StDenseLayer *g, int S, int *din, int *dout) {
+    *dout = 0;
+    for (int i = 0; i < S; i++) {
+        int di, d;
+        size_t row;
+        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d, &row);
+        if (i == 0) *din = di;
+        else if (di != *din) fatal("internal: a dense group's layers read inputs of %d and %d", *din, di);
+        *dout += d;
     }
-    plan_run_gpu(&p, buf);
+}
+
+// Scratch: W and dW (din, Σ d_out), the bias row, then each layer's workspace.
+static size_t st_dense_group_elems(const StDenseLayer *g, int S) {
+    int din, dout;
+    st_dense_group_dims(g, S, &din, &dout);
+    size_t n = 2 * (((size_t)din * dout + 7) / 8 * 8) + ((size_t)dout + 7) / 8 * 8;
+    for (int i = 0; i < S; i++) n += st_dense_ws_elems(g[i].kind, st_dense_layer_shape(&g[i]));
+    return n;
+}
+
+// Binds the scratch and materializes every layer's W into its column block of the group's W.
+// Returns the group's bias (NULL when no layer has one): the layers' own when they lie one after
+// the other, else gathered into the scratch (zeros for a layer without).
+static const floatX *st_dense_group_weight(floatX **W, floatX **dW, floatX **ws, const StDenseLayer *g, int S, floatX *mem) {
+    int din, dout;
+    st_dense_group_dims(g, S, &din, &dout);
+    const size_t wn = ((size_t)din * dout + 7) / 8 * 8;
+    *W = mem; *dW = mem + wn;
+    floatX *bias = mem + 2 * wn;
+    floatX *w = bias + ((size_t)dout + 7) / 8 * 8;
+    int col = 0, any_bias = 0, adjacent = 1;
+    for (int i = 0; i < S; i++) {
+        const void *shape = st_dense_layer_shape(&g[i]);
+        int di, d;
+        size_t row;
+        st_dense_dims(g[i].kind, shape, &di, &d, &row);
+        ws[i] = w;
+        st_dense_weight(*W + col, dout, w, g[i].kind, shape, g[i].W0, g[i].W1);
+        w += st_dense_ws_elems(g[i].kind, shape);
+        any_bias |= g[i].bias != NULL;
+        if (!g[i].bias || (i > 0 && g[i].bias != g[0].bias + col)) adjacent = 0;
+        col += d;
+    }
+    if (!any_bias) return NULL;
+    if (adjacent) return g[0].bias;
+    col = 0;
+    for (int i = 0; i < S; i++) {
+        int di, d;
+        size_t row;
+        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d, &row);
+        if (g[i].bias) cudaCheck(cudaMemcpyAsync(bias + col, g[i].bias, (size_t)d * sizeof(floatX), cudaMemcpyDeviceToDevice, 0));
+        else cudaCheck(cudaMemsetAsync(bias + col, 0, (size_t)d * sizeof(floatX), 0));
+        col += d;
+    }
+    return bias;
+}
+
+// y (N, Σ d_out): layer i's output in its column block. mem: st_dense_group_elems.
+static void st_dense_group_forward(floatX *y, const floatX *x, int N, const StDenseLayer *g, int S, floatX *mem) {
+    int din, dout;
+    st_dense_group_dims(g, S, &din, &dout);
+    floatX *W, *dW, *ws[8];
+    if (S > 8) fatal("internal: a dense group of %d layers (at most 8)", S);
+    const floatX *bias = st_dense_group_weight(&W, &dW, ws, g, S, mem);
+    matmul_forward(y, x, W, bias, N, din, dout, NULL, 1);
+}
+
+// dx (N, din) = dy Wᵀ, overwritten; each layer's gradients (and bias gradient) accumulated.
+static void st_dense_group_backward(floatX *dx, const floatX *dy, const floatX *x, int N, const StDenseLayer *g, int S, floatX *mem,
+                                    float *colsum_scratch) {
+    int din, dout;
+    st_dense_group_dims(g, S, &din, &dout);
+    floatX *W, *dW, *ws[8];
+    if (S > 8) fatal("internal: a dense group of %d layers (at most 8)", S);
+    st_dense_group_weight(&W, &dW, ws, g, S, mem);
+    matmul_backward(dx, dW, NULL, dy, x, W, N, din, dout, NULL, colsum_scratch, 1);
+    int col = 0;
+    for (int i = 0; i < S; i++) {
+        const void *shape = st_dense_layer_shape(&g[i]);
+        int di, d;
+        size_t row;
+        st_dense_dims(g[i].kind, shape, &di, &d, &row);
+        st_dense_weight_backward(g[i].dW0, g[i].dW1, dW + col, dout, ws[i], g[i].kind, shape, g[i].W0, g[i].W1);
+        if (g[i].dbias) column_sums(g[i].dbias, NULL, dy + col, NULL, NULL, NULL, N, d, colsum_scratch, dout);
+        col += d;
+    }
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 // What this cannot catch: CUDA-level faults (launch geometry, races, bf16 rounding). Those are
 // test_gpt2cu's and dev/cuda's, on a GPU.
 #include "../common/rng.h"
-#include "../structured/gpu_plan.h"
+#include "../structured/exec_model.h"
+#include "../structured/factor.h"
 #include "check.h"
 
 static mt19937_state g_rng;
@@ -670,6 +671,74 @@ static void test_strided(int kind, int N) {
     free(yw); free(yw0); free(dxw); free(yblock);
 }
 
+// exec_model.h against what the H200 measured (dev/bench/RESULTS.md, the second run, dfb9d13:
+// one layer d -> 4d, forward + backward, N = 32768, the plans with -sk 0; dense alone): every
+// modelled time within 25% of the measured one, and -sm 2's choice the measured one wherever the
+// plans were more than 25% faster or slower than dense (in between, either is about as good).
+static void test_exec_model(void) {
+    typedef struct { int d, kind, rank_or_blocks; double ms; } Measured;  // kind: 0 dense, else STRUCT_BTT / STRUCT_MONARCH
+    const Measured h200[] = {
+        {768, 0, 0, 0.612},   {1024, 0, 0, 1.054},  {2048, 0, 0, 4.226},  {4096, 0, 0, 19.291},
+        {768, STRUCT_BTT, 1, 0.710},  {768, STRUCT_BTT, 2, 0.979},  {768, STRUCT_BTT, 4, 1.519},
+        {768, STRUCT_MONARCH, 4, 1.137}, {768, STRUCT_MONARCH, 24, 0.723},
+        {1024, STRUCT_BTT, 1, 0.764}, {1024, STRUCT_BTT, 2, 1.117}, {1024, STRUCT_BTT, 4, 1.885},
+        {1024, STRUCT_MONARCH, 4, 1.531}, {1024, STRUCT_MONARCH, 32, 0.939},
+        {2048, STRUCT_BTT, 1, 1.433}, {2048, STRUCT_BTT, 2, 2.149}, {2048, STRUCT_BTT, 4, 3.667}, {2048, STRUCT_MONARCH, 4, 3.477},
+        {4096, STRUCT_BTT, 1, 2.688}, {4096, STRUCT_BTT, 2, 4.156}, {4096, STRUCT_BTT, 4, 7.468}, {4096, STRUCT_MONARCH, 4, 9.829},
+    };
+    const PlanRates r = plan_rates(989.0, 4800.0);  // the H200's datasheet peaks
+    const int N = 32768;
+    const size_t n = sizeof(h200) / sizeof(h200[0]);
+    for (size_t i = 0; i < n; i++) {
+        const Measured *e = &h200[i];
+        const int din = e->d, dout = 4 * e->d;
+        BTTShape b;
+        MonarchShape m;
+        const void *shape = NULL;
+        char what[64], name[160], why[160];
+        double model;
+        if (e->kind == 0) {
+            model = st_dense_gemms_seconds(din, dout, N, &r) * 1e3;
+            snprintf(what, sizeof(what), "dense %d->%d", din, dout);
+        } else {
+            if (e->kind == STRUCT_BTT) {
+                int a, g, p, q;
+                default_factors(din, &a, &g);
+                default_factors(dout, &p, &q);
+                btt_shape(&b, a, g, p, q, e->rank_or_blocks);
+                shape = &b;
+                snprintf(what, sizeof(what), "btt r%d %d->%d", e->rank_or_blocks, din, dout);
+            } else {
+                monarch_shape(&m, din, dout, e->rank_or_blocks);
+                shape = &m;
+                snprintf(what, sizeof(what), "monarch %d blocks %d->%d", e->rank_or_blocks, din, dout);
+            }
+            model = st_plans_seconds(e->kind, shape, N, &r) * 1e3;
+        }
+        snprintf(name, sizeof(name), "exec_model: %s%s, N = %d, within 25%% of the H200's measured time", what, e->kind ? " on the plans" : "", N);
+        snprintf(why, sizeof(why), "modelled %.3f ms, measured %.3f ms", model, e->ms);
+        check_true(model > 0.75 * e->ms && model < 1.25 * e->ms, name, why);
+        if (e->kind == 0) continue;
+        double dense = 0.0;
+        for (size_t j = 0; j < n; j++)
+            if (h200[j].kind == 0 && h200[j].d == e->d) dense = h200[j].ms;
+        const double ratio = e->ms / dense;
+        if (ratio > 0.8 && ratio < 1.25) continue;
+        const int pick = st_as_dense_pays(e->kind, shape, N, &r), want = ratio >= 1.25;
+        snprintf(name, sizeof(name), "exec_model: -sm 2 runs %s %s (measured %.2fx dense's time on the plans)", what,
+                 want ? "as dense" : "on the plans", ratio);
+        snprintf(why, sizeof(why), "modelled plans %.3f ms, materialized %.3f ms", st_plans_seconds(e->kind, shape, N, &r) * 1e3,
+                 st_materialized_seconds(e->kind, shape, N, &r) * 1e3);
+        check_true(pick == want, name, why);
+    }
+    // a GPU not in the peak table keeps the H200's ratio of GEMM rate to bandwidth
+    const PlanRates u = plan_rates(0.0, 2400.0);
+    char why[96];
+    snprintf(why, sizeof(why), "%.1f vs %.1f FLOP per byte", u.gemm_flops / u.dram_bytes, r.gemm_flops / r.dram_bytes);
+    check_true(fabs(u.gemm_flops / u.dram_bytes - r.gemm_flops / r.dram_bytes) < 1e-6 * (r.gemm_flops / r.dram_bytes),
+               "exec_model: a GPU without a known peak gets the H200's FLOP per byte", why);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -692,5 +761,6 @@ int main(void) {
     test_strided(1, 5);
     test_route_only();
     test_activation_elems();
+    test_exec_model();
     return test_summary();
 }

@@ -187,12 +187,13 @@ done
 printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
 runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels) and, where they
-         # have BTT or Monarch layers, with -sm 1 (those as dense GEMMs on materialized weights)
+         # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
+         # weights) and -sm 2 (those that structured/exec_model.h models faster so)
 for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
     runs+=("$conf|-sk 1")
-    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1")
+    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2")
 done
 for run in "${runs[@]}"; do
     conf=${run%%|*}
@@ -220,7 +221,8 @@ for run in "${runs[@]}"; do
     vs=-
     [ -n "$dense_tok" ] && vs=$(awk -v a="$tok" -v b="$dense_tok" 'BEGIN { printf "%.2fx", a / b }')
     mem=$(grep -m1 'GPU memory allocated' "$log" | tr -s ' ' | cut -d'|' -f3 | sed 's/^ *//; s/ *$//')
-    printf '%-28s %10s %10s %12s %9s %s\n' "$name" "$ms" "$med" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}"
+    picked=$(grep -oE -- '-sm 2: [0-9]+ of [0-9]+' "$log" | head -1)
+    printf '%-28s %10s %10s %12s %9s %s\n' "$name" "$ms" "$med" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}${picked:+, $picked as dense}"
 done
 echo
 echo "ms/step and tokens/s: the trainer's mean of steps 2..$STEPS; median: of the same steps; vs_dense = tokens/s relative to the dense gpt2_124M; logs in $OUT"

@@ -250,13 +250,8 @@ static inline float dev_time_ms(F f, int warmup = 3, int reps = 20) {
     return ms / reps;
 }
 
-// Peak DRAM bandwidth in GB/s from the device properties (2 transfers per clock, DDR).
-static inline double dev_peak_gbps(void) {
-    int clock_khz = 0, bus_bits = 0;
-    cudaCheck(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
-    cudaCheck(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
-    return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
-}
+// Peak DRAM bandwidth in GB/s (cuda/common.cuh's, from the device properties).
+static inline double dev_peak_gbps(void) { return gpu_peak_gbps(); }
 
 // The roofline floor in seconds: max(bytes / bandwidth, flops / peak), bytes and flops the minimum
 // the kernel must move / compute.

@@ -20,7 +20,7 @@ cp tests/configs/tiny_mixed.conf "$W/struct.cfg"
 COMMON=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -tk data/tinyshakespeare/gpt2_tokenizer.bin)
 
 # losses of the "step" lines, one per line
-losses() { grep -E '^step ' | sed -E 's/.*\| loss ([0-9.naif-]+) .*/\1/'; }
+losses() { grep -E '^step +[0-9]' | sed -E 's/.*\| loss ([0-9.naif-]+) .*/\1/'; }
 
 out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 2 -m 2 -s 4 -g 6 -o "$W/A" -n 2 2>&1); rc=$?
 echo "$out" > "$W/A.out"
@@ -205,6 +205,35 @@ awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if 
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
     && ok "structured: -sm 1 (BTT and Monarch as dense GEMMs on materialized weights) matches -sk 0 (losses $c / $a)" || bad "-sm 1" "losses '$c' vs '$a'"
 
+# -sm 2: exec_model.h's choice per layer. With 64 x 32 rows at n_embd 64 it models the rank-16 fc
+# (twice dense's FLOPs on 8-row blocks) faster as dense and the rank-2 layers faster on the plans
+# (tests/test_gpu_plan.c holds the model to the H200's measurements); the losses are -sm 0's
+cat > "$W/split.cfg" <<'EOF2'
+n_layer = 1
+n_head = 2
+n_embd = 64
+vocab_size = 50257
+max_seq_len = 32
+
+[linear]
+struct = btt
+rank = 2
+
+[linear.fc]
+struct = btt
+rank = 16
+EOF2
+SPLIT=(-e "$W/split.cfg" -i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 32 -tk data/tinyshakespeare/gpt2_tokenizer.bin -b 64 -x 2 -v 0 -s 0)
+out=$("$BIN" "${SPLIT[@]}" -sm 2 -pt 1 2>&1); rc=$?
+a=$(echo "$out" | losses | tr '\n' ' '); b=$("$BIN" "${SPLIT[@]}" -sm 0 2>&1 | losses | tr '\n' ' ')
+[ $rc -eq 0 ] && echo "$out" | grep -q -- "-sm 2: 1 of 6 BTT/Monarch as dense, rest -sk 0" \
+    && echo "$out" | grep -qE '^fc fwd: btt r16 8x8>16x16 \(as dense\)' && echo "$out" | grep -qE '^fc_proj bwd: btt r2 16x16>8x8 +[0-9]' \
+    && echo "$out" | grep -qE '^q fwd: btt r2 8x8>8x8 +[0-9]' \
+    && awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+    && ok "-sm 2: the rank-16 fc as dense, the rank-2 layers on the plans (the banner and -pt say so); losses as -sm 0's ($a / $b)" \
+    || bad "-sm 2" "exit $rc, losses '$a' vs '$b': $(echo "$out" | grep -E 'structured layers|as dense' | head -3)"
+
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 3 -m 1 -s 3 -g 4 -o "$W/S" -n 3 2>&1); rc=$?
 first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
 [ $rc -eq 0 ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }' && ok "structured (btt, monarch, btt_moe): 3 steps lower the loss ($first -> $last)" \
@@ -271,6 +300,14 @@ check_profile "-pt 1 (every structure, -r 2, 2 micro-batches): the parts' FLOPs 
 # q (BTT), k (BTT) and v (Monarch) on the plans write into qkv and read dqkv in place: no copies
 echo "$out" | grep -q "q, k, v split copies" && bad "q, k, v in place" "the profile has a 'q, k, v split copies' part" \
     || ok "-pt 1: structured q, k and v on the plans write into qkv and read dqkv in place (no split copies)"
+# with -sm 1 the three (BTT, BTT, Monarch) run as one dense layer of width 3C on their
+# materialized weights: one part each way, no copies
+out_sm=$("$BIN" "${run[@]}" -sm 1 -pt 1 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 1 run (structured, -sm 1)" "exit $rc: $(echo "$out_sm" | tail -n 3)"
+check_profile "-pt 1 -sm 1: q, k and v as one dense layer, the parts' FLOPs and time add up" 5 "$out_sm" \
+    "qkv fwd: mixed structures (q, k, v as one dense)" "qkv bwd: mixed structures (q, k, v as one dense)" "fc fwd: btt_moe 4/top2"
+echo "$out_sm" | grep -qE "q, k, v split copies|^[qkv] (fwd|bwd):" && bad "-sm 1 q, k, v as one" "the profile has split copies or a separate q, k or v part" \
+    || ok "-pt 1 -sm 1: q, k and v run as one dense layer (no separate parts, no split copies)"
 steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
 [ "$(echo "$out" | steps)" = "$("$BIN" "${run[@]}" 2>&1 | steps)" ] && ok "-pt 1 leaves the GPU trainer's training unchanged" \
     || bad "-pt 1 changes training" "$(echo "$out" | steps | tail -n 1)"

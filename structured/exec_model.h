@@ -1,0 +1,107 @@
+// exec_model.h: the modelled time of a BTT or Monarch layer on its cuBLAS plans against the dense
+// GEMMs on its materialized weight (-sm 2 picks, per layer, whichever is faster).
+//
+//   PlanRates plan_rates(peak_tflops, peak_gbps)        a GPU's modelled rates from its peaks
+//   double plan_seconds(&plan, &rates)                  one plan
+//   double st_plans_seconds(kind, shape, N, &rates)     forward + backward (dx, weights) on the plans
+//   double st_dense_gemms_seconds(din, dout, N, &rates) the same layer as a dense one
+//   double st_materialized_seconds(kind, shape, N, &r)  -sm 1's: the dense GEMMs plus rebuilding W
+//                                                       twice and the cores' gradients from dW
+//   int st_as_dense_pays(kind, shape, N, &rates)        1: -sm 1's way is modelled faster
+//
+// The model: each op of a plan takes max(FLOPs / GEMM rate, bytes / DRAM rate) plus a launch,
+// its bytes every operand read once and every output written once (plan_op_elems, the cores
+// included). A permute whose contiguous runs are shorter than 8 elements (Monarch's u: runs of nb)
+// moves its bytes at a lower rate. Calibrated on the H200 (dev/bench/RESULTS.md, the run at
+// dfb9d13: dense GEMMs 684–783 TFLOP/s, the plans' permutes 2.5–2.8 TB/s, Monarch's u permute
+// 0.81 TB/s): the GEMM rate is 76% of the peak bf16 rate, DRAM 62% of the peak bandwidth, the
+// short-run permute 17%, a launch 4 µs. tests/test_gpu_plan.c holds the model to those measured
+// layer times.
+// Header-only C11 that also compiles as CUDA C++.
+#pragma once
+#include "gpu_plan.h"
+#include "spec.h"
+
+typedef struct {
+    double gemm_flops;    // FLOP/s a large bf16 GEMM reaches
+    double dram_bytes;    // bytes/s a plan's streaming ops reach
+    double narrow_bytes;  // bytes/s of a permute with runs under 8 elements
+    double launch_s;      // per launch
+} PlanRates;
+
+// peak_tflops 0 (a GPU not in the table): the H200's ratio of GEMM rate to bandwidth.
+static inline PlanRates plan_rates(double peak_tflops, double peak_gbps) {
+    PlanRates r;
+    r.dram_bytes = 0.62 * peak_gbps * 1e9;
+    r.narrow_bytes = 0.17 * peak_gbps * 1e9;
+    r.gemm_flops = peak_tflops > 0 ? 0.76 * peak_tflops * 1e12 : r.dram_bytes * (0.76 * 989.0e12) / (0.62 * 4800.0e9);
+    r.launch_s = 4e-6;
+    return r;
+}
+
+static inline double plan_op_seconds(const PlanOp *o, const PlanRates *r) {
+    const double bytes = 2.0 * plan_op_elems(o, 1);
+    if (o->kind == PLAN_PERMUTE) return bytes / ((long)o->C * o->blk >= 8 ? r->dram_bytes : r->narrow_bytes) + r->launch_s;
+    const double t_flops = 2.0 * o->M * o->N * (double)o->K * o->batch * (o->tiles ? o->tiles : 1) / r->gemm_flops;
+    const double t_bytes = bytes / r->dram_bytes;
+    return (t_flops > t_bytes ? t_flops : t_bytes) + r->launch_s;
+}
+
+static inline double plan_seconds(const Plan *p, const PlanRates *r) {
+    double t = 0.0;
+    for (int i = 0; i < p->n; i++) t += plan_op_seconds(&p->op[i], r);
+    return t;
+}
+
+// Forward, then backward with dx and the weight gradients, over N rows (kind STRUCT_BTT: shape is
+// a BTTShape; else a MonarchShape).
+static inline double st_plans_seconds(int kind, const void *shape, int N, const PlanRates *r) {
+    Plan f, b;
+    memset(&f, 0, sizeof(f));
+    memset(&b, 0, sizeof(b));
+    if (kind == STRUCT_BTT) {
+        const BTTShape *s = (const BTTShape *)shape;
+        plan_btt_forward(&f, s, N, 0);
+        plan_btt_backward_dz(&b, s, N, 0);
+        plan_btt_backward_rest(&b, s, N, 0, 1, 1);
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        plan_monarch_forward(&f, m, N);
+        plan_monarch_backward(&b, m, N, 1);
+    }
+    return plan_seconds(&f, r) + plan_seconds(&b, r);
+}
+
+// y = x W, dx = dy Wᵀ, dW = xᵀ dy: three GEMMs.
+static inline double st_dense_gemms_seconds(int din, int dout, int N, const PlanRates *r) {
+    const double flops = 6.0 * N * (double)din * dout;
+    const double bytes = 2.0 * (3.0 * N * din + 3.0 * N * dout + 3.0 * (double)din * dout);
+    const double t_flops = flops / r->gemm_flops, t_bytes = bytes / r->dram_bytes;
+    return (t_flops > t_bytes ? t_flops : t_bytes) + 3.0 * r->launch_s;
+}
+
+// The dense GEMMs, plus W rebuilt in the forward and in the backward and the cores' gradients
+// from dW. A BTT's W comes straight from its cores (one write of W) and its gradients from two
+// kernels that each read dW once (their multiply-adds, din·dout·ρ, are left out); a Monarch's
+// takes the plans' forward on the din identity rows (the identity written first) and their weight
+// backward on those rows (structured.cuh, st_dense_weight*).
+static inline double st_materialized_seconds(int kind, const void *shape, int N, const PlanRates *r) {
+    if (kind == STRUCT_BTT) {
+        const BTTShape *s = (const BTTShape *)shape;
+        const double pass = 2.0 * (double)s->d_in * s->d_out / r->dram_bytes + r->launch_s;  // one pass over W in bf16
+        return st_dense_gemms_seconds(s->d_in, s->d_out, N, r) + 4.0 * pass;
+    }
+    const MonarchShape *m = (const MonarchShape *)shape;
+    const int din = m->d_in, dout = m->d_out;
+    Plan f, w;
+    memset(&f, 0, sizeof(f));
+    memset(&w, 0, sizeof(w));
+    plan_monarch_forward(&f, m, din);
+    plan_monarch_backward(&w, m, din, 0);
+    const double eye = 2.0 * (double)din * din / r->dram_bytes + r->launch_s;
+    return st_dense_gemms_seconds(din, dout, N, r) + 2.0 * (eye + plan_seconds(&f, r)) + plan_seconds(&w, r);
+}
+
+static inline int st_as_dense_pays(int kind, const void *shape, int N, const PlanRates *r) {
+    return st_materialized_seconds(kind, shape, N, r) < st_plans_seconds(kind, shape, N, r);
+}
