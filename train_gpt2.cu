@@ -473,11 +473,12 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
         if (!ld->used) continue;
         if (i < L * NUM_BLOCK_ROLES && ld->role == SR_Q && !ld->fused_qkv) {
             StDenseLayer grp[3];
-            if (qkv_dense_group(m, ld->layer, grp)) {  // one dense layer of width 3C; its scratch holds all three workspaces
+            const int group = qkv_dense_group(m, ld->layer, grp);
+            if (group) {  // one dense layer of width 3C
                 const size_t need = st_dense_group_elems(grp, 3);
                 if (need > scratch) scratch = need;
             }
-            for (int r = SR_Q; r <= SR_V && !qkv_dense_group(m, ld->layer, grp); r++)
+            for (int r = SR_Q; r <= SR_V && !group; r++)
                 if (!linear_takes_strides(m, gpt2_linear(g, ld->layer, r))) separate_qkv = 1;
         }
         const LinearSpec *s = &ld->spec;

@@ -16,7 +16,8 @@
 // dfb9d13: dense GEMMs 684–783 TFLOP/s, the plans' permutes 2.5–2.8 TB/s, Monarch's u permute
 // 0.81 TB/s): the GEMM rate is 76% of the peak bf16 rate, DRAM 62% of the peak bandwidth, the
 // short-run permute 17%, a launch 4 µs. tests/test_gpu_plan.c holds the model to those measured
-// layer times.
+// layer times. The kernels that build W from the cores (-sm) have not run on a GPU: their rate is
+// a guess (dev/cuda/structured_weight will measure it).
 // Header-only C11 that also compiles as CUDA C++.
 #pragma once
 #include "gpu_plan.h"
@@ -26,6 +27,7 @@ typedef struct {
     double gemm_flops;    // FLOP/s a large bf16 GEMM reaches
     double dram_bytes;    // bytes/s a plan's streaming ops reach
     double narrow_bytes;  // bytes/s of a permute with runs under 8 elements
+    double simt_flops;    // FLOP/s of the CUDA-core kernels that build W and read dW (a guess until measured)
     double launch_s;      // per launch
 } PlanRates;
 
@@ -35,6 +37,7 @@ static inline PlanRates plan_rates(double peak_tflops, double peak_gbps) {
     r.dram_bytes = 0.62 * peak_gbps * 1e9;
     r.narrow_bytes = 0.17 * peak_gbps * 1e9;
     r.gemm_flops = peak_tflops > 0 ? 0.76 * peak_tflops * 1e12 : r.dram_bytes * (0.76 * 989.0e12) / (0.62 * 4800.0e9);
+    r.simt_flops = r.gemm_flops / 45.0;  // about a quarter of the H200's 67 fp32 TFLOP/s: reads from L2, not registers
     r.launch_s = 4e-6;
     return r;
 }
@@ -81,25 +84,23 @@ static inline double st_dense_gemms_seconds(int din, int dout, int N, const Plan
 }
 
 // The dense GEMMs, plus W rebuilt in the forward and in the backward and the cores' gradients
-// from dW. A BTT's W comes straight from its cores (one write of W) and its gradients from two
-// kernels that each read dW once (their multiply-adds, din·dout·ρ, are left out); a Monarch's
-// takes the plans' forward on the din identity rows (the identity written first) and their weight
-// backward on those rows (structured.cuh, st_dense_weight*).
+// from dW (structured.cuh, st_dense_weight*): four passes over W (one kernel writes it, twice; two
+// read dW), each max(W's bytes / DRAM rate, its multiply-adds / the CUDA cores' rate) plus a
+// launch. Each element of W takes ρ multiply-adds for a BTT, about q/nb for a Monarch.
 static inline double st_materialized_seconds(int kind, const void *shape, int N, const PlanRates *r) {
+    int din, dout;
+    double terms;
     if (kind == STRUCT_BTT) {
         const BTTShape *s = (const BTTShape *)shape;
-        const double pass = 2.0 * (double)s->d_in * s->d_out / r->dram_bytes + r->launch_s;  // one pass over W in bf16
-        return st_dense_gemms_seconds(s->d_in, s->d_out, N, r) + 4.0 * pass;
+        din = s->d_in; dout = s->d_out; terms = s->rank;
+    } else {
+        const MonarchShape *m = (const MonarchShape *)shape;
+        din = m->d_in; dout = m->d_out; terms = (double)m->q / m->nb;
+        if (terms < 1.0) terms = 1.0;
     }
-    const MonarchShape *m = (const MonarchShape *)shape;
-    const int din = m->d_in, dout = m->d_out;
-    Plan f, w;
-    memset(&f, 0, sizeof(f));
-    memset(&w, 0, sizeof(w));
-    plan_monarch_forward(&f, m, din);
-    plan_monarch_backward(&w, m, din, 0);
-    const double eye = 2.0 * (double)din * din / r->dram_bytes + r->launch_s;
-    return st_dense_gemms_seconds(din, dout, N, r) + 2.0 * (eye + plan_seconds(&f, r)) + plan_seconds(&w, r);
+    const double elems = (double)din * dout, t_bytes = 2.0 * elems / r->dram_bytes, t_flops = 2.0 * elems * terms / r->simt_flops;
+    const double pass = (t_bytes > t_flops ? t_bytes : t_flops) + r->launch_s;
+    return st_dense_gemms_seconds(din, dout, N, r) + 4.0 * pass;
 }
 
 static inline int st_as_dense_pays(int kind, const void *shape, int N, const PlanRates *r) {

@@ -499,132 +499,43 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
 // A BTT or Monarch layer is x ↦ x W(θ) (+ b) for a d_in x d_out matrix W of its cores θ. Where
 // its plans move more bytes per row than a dense GEMM costs in FLOPs (small widths, higher
 // ranks), W can be materialized and the layer run as dense GEMMs, with dL/dθ from dW = xᵀ dy.
-// A BTT's W is a sum of ρ products of its cores' entries per element, written by one kernel, and
-// its cores' gradients come from two kernels that read dW once each. A Monarch's W is the plans'
-// forward on the d_in rows of the identity; and since the layer is linear in each row, dL/dθ is
-// the plans' weight-gradient backward on those identity rows with dW as their dy: rows of d_in,
-// not N, and no new index arithmetic. The result is the same function up to W's bf16 rounding;
-// the layer costs a dense layer's time (it can never beat dense, only stop trailing it). W is
-// rebuilt in every forward and backward (it depends on the weights only), in one scratch shared
-// by the layers (st_dense_*).
+// Each element of W is a short sum of products of the cores' entries (ρ of them for a BTT, q/nb
+// for a Monarch), written by one kernel; the cores' gradients come from two kernels that read dW
+// once each. (Until 2026-12-04 W was the plans' forward on the d_in rows of the identity and
+// dL/dθ their weight backward on those rows, din rows of x and z through memory several times:
+// dev/cuda/structured_weight v1.)
+// The result is the same function up to W's bf16 rounding; the layer costs a dense layer's time
+// plus a few passes over W (it can never beat dense, only stop trailing it). W is rebuilt in
+// every forward and backward (it depends on the weights only), in one scratch shared by the
+// layers (st_dense_*).
 
 static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights; 2: those exec_model.h picks
 
-// A layer's identity-row workspace: the identity (din, din), the plans' intermediate on its rows
-// (din, intermediate row; the weight backward reads what the materialization left there) and the
-// plans' scratch for din rows.
-typedef struct {
-    floatX *eye, *z, *scratch;
-} StDenseWs;
-
-// A BTT's or Monarch's sizes: d_in, d_out and its intermediate row (z, u).
-static void st_dense_dims(int kind, const void *shape, int *din, int *dout, size_t *inter_row) {
+// A BTT's or Monarch's d_in and d_out.
+static void st_dense_dims(int kind, const void *shape, int *din, int *dout) {
     if (kind == STRUCT_BTT) {
         const BTTShape *s = (const BTTShape *)shape;
-        *din = s->d_in; *dout = s->d_out; *inter_row = btt_z_row(s);
+        *din = s->d_in; *dout = s->d_out;
     } else {
         const MonarchShape *m = (const MonarchShape *)shape;
-        *din = m->d_in; *dout = m->d_out; *inter_row = monarch_u_row(m);
+        *din = m->d_in; *dout = m->d_out;
     }
 }
 
-// Elements of the plans' identity-row workspace (rounded to 16-byte multiples, so that workspaces
-// can follow each other), and of the workspace st_dense_weight needs: none for a BTT, whose W
-// comes straight from its cores.
-static size_t st_dense_plan_ws_elems(int kind, const void *shape) {
-    int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    const size_t scratch_row = kind == STRUCT_BTT ? plan_btt_scratch_row((const BTTShape *)shape)
-                                                  : plan_monarch_scratch_row((const MonarchShape *)shape);
-    return ((size_t)din * din + 7) / 8 * 8 + ((size_t)din * row + 7) / 8 * 8 + ((size_t)din * scratch_row + 7) / 8 * 8;
-}
-static size_t st_dense_ws_elems(int kind, const void *shape) { return kind == STRUCT_BTT ? 0 : st_dense_plan_ws_elems(kind, shape); }
-static StDenseWs st_dense_ws_bind(floatX *mem, int kind, const void *shape) {
-    int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    StDenseWs w;
-    w.eye = mem; mem += ((size_t)din * din + 7) / 8 * 8;
-    w.z = mem; mem += ((size_t)din * row + 7) / 8 * 8;
-    w.scratch = mem;
-    return w;
-}
-
-// Scratch elements one layer run alone needs (st_dense_forward/backward: W, dW, a workspace).
+// Scratch elements one layer run alone needs (st_dense_forward/backward: W and dW, each rounded
+// up to 16 bytes).
 static size_t st_dense_elems(int kind, const void *shape) {
     int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    return 2 * (((size_t)din * dout + 7) / 8 * 8) + st_dense_ws_elems(kind, shape);
+    st_dense_dims(kind, shape, &din, &dout);
+    return 2 * (((size_t)din * dout + 7) / 8 * 8);
 }
 static size_t btt_dense_elems(const BTTShape *s) { return st_dense_elems(STRUCT_BTT, s); }
 static size_t monarch_dense_elems(const MonarchShape *m) { return st_dense_elems(STRUCT_MONARCH, m); }
 
-__global__ void st_eye_kernel(floatX *eye, int n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (size_t)n * n) eye[i] = (floatX)(i / n == i % n ? 1.0f : 0.0f);
-}
-static void st_eye(floatX *eye, int n) {
-    st_eye_kernel<<<ceil_div_i((long)n * n, 256), 256>>>(eye, n);
-    cudaCheckLaunch();
-}
-
-// W (din x dout, row stride ldw; 0: dout) of the cores W0, W1 (btt: W0, W1; monarch: R, L), at
-// W: the plan's forward on the identity rows. Leaves in the workspace what
-// st_dense_weight_backward_plan reads. (Monarch's way; BTT's until 2026-12-04, dev/cuda/btt_weight v1.)
-static void st_dense_weight_plan(floatX *W, int ldw, floatX *ws_mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
-    int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    const StDenseWs ws = st_dense_ws_bind(ws_mem, kind, shape);
-    st_eye(ws.eye, din);
-    floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = ws.eye; buf[PB_Y] = W; buf[PB_Z] = ws.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1;
-    buf[PB_T1] = ws.scratch;
-    Plan p = {};
-    if (kind == STRUCT_BTT) {
-        plan_btt_forward(&p, (const BTTShape *)shape, din, 0);
-    } else {
-        const MonarchShape *m = (const MonarchShape *)shape;
-        buf[PB_T2] = ws.scratch + (size_t)din * monarch_u_row(m);
-        plan_monarch_forward(&p, m, din);
-    }
-    if (ldw && ldw != dout) plan_set_ld(&p, PB_Y, ldw);
-    plan_run_gpu(&p, buf);
-}
-
-// dW0, dW1 += the cores' gradients for dL/dW = dW (din x dout, row stride ldw; 0: dout): the
-// plans' weight backward on the identity rows with dy = dW. The workspace must hold what
-// st_dense_weight_plan left there for the same cores.
-static void st_dense_weight_backward_plan(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, floatX *ws_mem, int kind, const void *shape,
-                                          const floatX *W0, const floatX *W1) {
-    int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    const StDenseWs ws = st_dense_ws_bind(ws_mem, kind, shape);
-    floatX *buf[PB_COUNT] = {0};
-    buf[PB_X] = ws.eye; buf[PB_Z] = ws.z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_DY] = (floatX *)dW;
-    buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
-    Plan p = {};
-    if (kind == STRUCT_BTT) {
-        const BTTShape *s = (const BTTShape *)shape;
-        buf[PB_T1] = ws.scratch; buf[PB_T2] = ws.scratch + (size_t)din * btt_z_row(s);
-        plan_btt_backward_dz(&p, s, din, 0);
-        plan_btt_backward_rest(&p, s, din, 0, 0, 1);
-    } else {
-        const MonarchShape *m = (const MonarchShape *)shape;
-        buf[PB_T1] = ws.scratch; buf[PB_T2] = ws.scratch + (size_t)din * monarch_u_row(m); buf[PB_T3] = buf[PB_T2] + (size_t)din * dout;
-        plan_monarch_backward(&p, m, din, 0);
-    }
-    if (ldw && ldw != dout) plan_set_ld(&p, PB_DY, ldw);
-    plan_run_gpu(&p, buf);
-}
-
 // BTT's W straight from the cores, no identity rows: element (g α + a, f ε + e) is
 // Σ_s W0[g, a, f ρ + s] W1[f, g ρ + s, e] (btt.h), summed in fp32 and rounded once. It writes W
-// once and reads the cores from cache, where the plan on the identity rows moves din rows of x,
-// z and y (at 3072 -> 768 rank 4, 12x W's bytes). One thread per element, a row of W per grid row.
+// once and reads the cores from cache, where the plans on the identity rows move din rows of x,
+// z (several times) and y. One thread per element, a row of W per grid row.
 __global__ void btt_weight_kernel(floatX *W, int ldw, const floatX *W0, const floatX *W1, int A, int G, int P, int E, int R) {
     const int o = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
     if (o >= P * E) return;
@@ -688,18 +599,91 @@ static void btt_weight_backward_gpu(floatX *dW0, floatX *dW1, const floatX *dW, 
     cudaCheckLaunch();
 }
 
-// W of a BTT (straight from the cores) or a Monarch (the plan on the identity rows, leaving its
-// intermediates in the workspace for st_dense_weight_backward).
-static void st_dense_weight(floatX *W, int ldw, floatX *ws_mem, int kind, const void *shape, const floatX *W0, const floatX *W1) {
-    if (kind == STRUCT_BTT) btt_weight_gpu(W, ldw, (const BTTShape *)shape, W0, W1);
-    else st_dense_weight_plan(W, ldw, ws_mem, kind, shape, W0, W1);
+// Monarch's W straight from R and L: output column i nb + l reads u element r nb + l, which is
+// element j = r nb + l - k q of input block k's stage 1, so element (k p + c, i nb + l) is the sum
+// over the r whose u element lies in block k, Σ_r L[l, i, r] R[k, j, c] (q / nb terms, at least
+// one when q >= nb; none for some blocks when q < nb). One thread per element, a row of W per
+// grid row; R and L are read from cache.
+__device__ __forceinline__ void monarch_r_range(int k, int l, int q, int nb, int *lo, int *hi) {
+    const int a = k * q - l, b = (k + 1) * q - l;  // r nb in [a, b)
+    *lo = a > 0 ? (a + nb - 1) / nb : 0;
+    *hi = b > 0 ? (b + nb - 1) / nb : 0;
+    if (*hi > q) *hi = q;
 }
 
-// The cores' gradients from dW (row stride ldw), after st_dense_weight of the same cores.
-static void st_dense_weight_backward(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, floatX *ws_mem, int kind, const void *shape,
-                                     const floatX *W0, const floatX *W1) {
+__global__ void monarch_weight_kernel(floatX *W, int ldw, const floatX *R, const floatX *L, int nb, int p, int s, int q) {
+    const int o = blockIdx.x * blockDim.x + threadIdx.x, in = blockIdx.y;
+    if (o >= nb * s) return;
+    const int k = in / p, c = in % p, i = o / nb, l = o % nb;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const floatX *lrow = L + ((size_t)l * s + i) * q;
+    float acc = 0.0f;
+    for (int r = lo; r < hi; r++) acc += (float)lrow[r] * (float)R[((size_t)k * q + (r * nb + l - k * q)) * p + c];
+    W[(size_t)in * ldw + o] = (floatX)acc;
+}
+
+// dR[k, j, c] += Σ_i dW[k p + c, i nb + l] L[l, i, r] for r nb + l = k q + j: a warp per row of dW
+// (k, c) and column class l, its lanes along i, one warp sum per r of the class.
+__global__ void monarch_weight_backward_r_kernel(floatX *dR, const floatX *dW, int ldw, const floatX *L, int nb, int p, int s, int q) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (warp >= nb * p * nb) return;
+    const int in = warp / nb, l = warp % nb, k = in / p, c = in % p;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const floatX *dw = dW + (size_t)in * ldw + l;
+    for (int r = lo; r < hi; r++) {
+        const floatX *lcol = L + (size_t)l * s * q + r;
+        float acc = 0.0f;
+        for (int i = lane; i < s; i += 32) acc += (float)dw[(size_t)i * nb] * (float)lcol[(size_t)i * q];
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) {
+            floatX *out = dR + ((size_t)k * q + (r * nb + l - k * q)) * p + c;
+            *out = (floatX)((float)*out + acc);
+        }
+    }
+}
+
+// dL[l, i, r] += Σ_c dW[k p + c, i nb + l] R[k, j, c] for k q + j = r nb + l: a thread per (r, column
+// i nb + l), neighbouring threads on neighbouring columns of dW's rows.
+__global__ void monarch_weight_backward_l_kernel(floatX *dL, const floatX *dW, int ldw, const floatX *R, int nb, int p, int s, int q) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)q * nb * s) return;
+    const int o = (int)(t % ((size_t)nb * s)), r = (int)(t / ((size_t)nb * s)), i = o / nb, l = o % nb;
+    const int u = r * nb + l, k = u / q, j = u % q;
+    const floatX *dw = dW + (size_t)k * p * ldw + o, *rrow = R + ((size_t)k * q + j) * p;
+    float acc = 0.0f;
+    for (int c = 0; c < p; c++) acc += (float)dw[(size_t)c * ldw] * (float)rrow[c];
+    floatX *out = dL + ((size_t)l * s + i) * q + r;
+    *out = (floatX)((float)*out + acc);
+}
+
+static void monarch_weight_gpu(floatX *W, int ldw, const MonarchShape *m, const floatX *R, const floatX *L) {
+    const dim3 grid(ceil_div_i(m->d_out, 256), m->d_in);
+    monarch_weight_kernel<<<grid, 256>>>(W, ldw ? ldw : m->d_out, R, L, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+}
+
+static void monarch_weight_backward_gpu(floatX *dR, floatX *dL, const floatX *dW, int ldw, const MonarchShape *m, const floatX *R,
+                                        const floatX *L) {
+    const int ld = ldw ? ldw : m->d_out;
+    monarch_weight_backward_r_kernel<<<ceil_div_i((long)m->d_in * m->nb * 32, 256), 256>>>(dR, dW, ld, L, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+    monarch_weight_backward_l_kernel<<<ceil_div_i((long)m->q * m->d_out, 256), 256>>>(dL, dW, ld, R, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+}
+
+// W (din x dout, row stride ldw; 0: dout) of a BTT's (W0, W1) or a Monarch's (R, L) cores.
+static void st_dense_weight(floatX *W, int ldw, int kind, const void *shape, const floatX *W0, const floatX *W1) {
+    if (kind == STRUCT_BTT) btt_weight_gpu(W, ldw, (const BTTShape *)shape, W0, W1);
+    else monarch_weight_gpu(W, ldw, (const MonarchShape *)shape, W0, W1);
+}
+
+// dW0, dW1 += the cores' gradients for dL/dW = dW (row stride ldw; 0: dout).
+static void st_dense_weight_backward(floatX *dW0, floatX *dW1, const floatX *dW, int ldw, int kind, const void *shape, const floatX *W0,
+                                     const floatX *W1) {
     if (kind == STRUCT_BTT) btt_weight_backward_gpu(dW0, dW1, dW, ldw, (const BTTShape *)shape, W0, W1);
-    else st_dense_weight_backward_plan(dW0, dW1, dW, ldw, ws_mem, kind, shape, W0, W1);
+    else monarch_weight_backward_gpu(dW0, dW1, dW, ldw, (const MonarchShape *)shape, W0, W1);
 }
 
 // y (N, d_out) = x W + bias; with pre_gelu, pre_gelu = that and y = its GELU (the dense layer's
@@ -707,26 +691,22 @@ static void st_dense_weight_backward(floatX *dW0, floatX *dW1, const floatX *dW,
 static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
                              int kind, const void *shape, floatX *mem) {
     int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    floatX *W = mem, *ws = mem + 2 * (((size_t)din * dout + 7) / 8 * 8);
-    st_dense_weight(W, 0, ws, kind, shape, W0, W1);
-    matmul_forward(y, x, W, bias, N, din, dout, pre_gelu, 1);
+    st_dense_dims(kind, shape, &din, &dout);
+    st_dense_weight(mem, 0, kind, shape, W0, W1);
+    matmul_forward(y, x, mem, bias, N, din, dout, pre_gelu, 1);
 }
 
 // dx (may be NULL; with pre_gelu the gradient before its GELU) = dy Wᵀ; dW0, dW1, dbias
-// accumulated: dW = xᵀ dy, then the plans' weight backward on the identity rows with dy = dW.
+// accumulated: dW = xᵀ dy, then the cores' gradients from it.
 static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *W0,
                               const floatX *W1, int N, int kind, const void *shape, floatX *mem, float *colsum_scratch,
                               const floatX *pre_gelu) {
     int din, dout;
-    size_t row;
-    st_dense_dims(kind, shape, &din, &dout, &row);
-    const size_t wn = ((size_t)din * dout + 7) / 8 * 8;
-    floatX *W = mem, *dW = mem + wn, *ws = mem + 2 * wn;
-    st_dense_weight(W, 0, ws, kind, shape, W0, W1);
+    st_dense_dims(kind, shape, &din, &dout);
+    floatX *W = mem, *dW = mem + ((size_t)din * dout + 7) / 8 * 8;
+    st_dense_weight(W, 0, kind, shape, W0, W1);
     matmul_backward(dx, dW, dbias, dy, x, W, N, din, dout, pre_gelu, colsum_scratch, 1);
-    st_dense_weight_backward(dW0, dW1, dW, 0, ws, kind, shape, W0, W1);
+    st_dense_weight_backward(dW0, dW1, dW, 0, kind, shape, W0, W1);
 }
 
 // Several BTT or Monarch layers on one input whose outputs lie side by side in each output row
@@ -747,42 +727,35 @@ static void st_dense_group_dims(const StDenseLayer *g, int S, int *din, int *dou
     *dout = 0;
     for (int i = 0; i < S; i++) {
         int di, d;
-        size_t row;
-        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d, &row);
+        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d);
         if (i == 0) *din = di;
         else if (di != *din) fatal("internal: a dense group's layers read inputs of %d and %d", *din, di);
         *dout += d;
     }
 }
 
-// Scratch: W and dW (din, Σ d_out), the bias row, then each layer's workspace.
+// Scratch: W and dW (din, Σ d_out), then the bias row.
 static size_t st_dense_group_elems(const StDenseLayer *g, int S) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
-    size_t n = 2 * (((size_t)din * dout + 7) / 8 * 8) + ((size_t)dout + 7) / 8 * 8;
-    for (int i = 0; i < S; i++) n += st_dense_ws_elems(g[i].kind, st_dense_layer_shape(&g[i]));
-    return n;
+    return 2 * (((size_t)din * dout + 7) / 8 * 8) + ((size_t)dout + 7) / 8 * 8;
 }
 
 // Binds the scratch and materializes every layer's W into its column block of the group's W.
 // Returns the group's bias (NULL when no layer has one): the layers' own when they lie one after
 // the other, else gathered into the scratch (zeros for a layer without).
-static const floatX *st_dense_group_weight(floatX **W, floatX **dW, floatX **ws, const StDenseLayer *g, int S, floatX *mem) {
+static const floatX *st_dense_group_weight(floatX **W, floatX **dW, const StDenseLayer *g, int S, floatX *mem) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
     const size_t wn = ((size_t)din * dout + 7) / 8 * 8;
     *W = mem; *dW = mem + wn;
     floatX *bias = mem + 2 * wn;
-    floatX *w = bias + ((size_t)dout + 7) / 8 * 8;
     int col = 0, any_bias = 0, adjacent = 1;
     for (int i = 0; i < S; i++) {
         const void *shape = st_dense_layer_shape(&g[i]);
         int di, d;
-        size_t row;
-        st_dense_dims(g[i].kind, shape, &di, &d, &row);
-        ws[i] = w;
-        st_dense_weight(*W + col, dout, w, g[i].kind, shape, g[i].W0, g[i].W1);
-        w += st_dense_ws_elems(g[i].kind, shape);
+        st_dense_dims(g[i].kind, shape, &di, &d);
+        st_dense_weight(*W + col, dout, g[i].kind, shape, g[i].W0, g[i].W1);
         any_bias |= g[i].bias != NULL;
         if (!g[i].bias || (i > 0 && g[i].bias != g[0].bias + col)) adjacent = 0;
         col += d;
@@ -792,8 +765,7 @@ static const floatX *st_dense_group_weight(floatX **W, floatX **dW, floatX **ws,
     col = 0;
     for (int i = 0; i < S; i++) {
         int di, d;
-        size_t row;
-        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d, &row);
+        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d);
         if (g[i].bias) cudaCheck(cudaMemcpyAsync(bias + col, g[i].bias, (size_t)d * sizeof(floatX), cudaMemcpyDeviceToDevice, 0));
         else cudaCheck(cudaMemsetAsync(bias + col, 0, (size_t)d * sizeof(floatX), 0));
         col += d;
@@ -805,9 +777,8 @@ static const floatX *st_dense_group_weight(floatX **W, floatX **dW, floatX **ws,
 static void st_dense_group_forward(floatX *y, const floatX *x, int N, const StDenseLayer *g, int S, floatX *mem) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
-    floatX *W, *dW, *ws[8];
-    if (S > 8) fatal("internal: a dense group of %d layers (at most 8)", S);
-    const floatX *bias = st_dense_group_weight(&W, &dW, ws, g, S, mem);
+    floatX *W, *dW;
+    const floatX *bias = st_dense_group_weight(&W, &dW, g, S, mem);
     matmul_forward(y, x, W, bias, N, din, dout, NULL, 1);
 }
 
@@ -816,17 +787,15 @@ static void st_dense_group_backward(floatX *dx, const floatX *dy, const floatX *
                                     float *colsum_scratch) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
-    floatX *W, *dW, *ws[8];
-    if (S > 8) fatal("internal: a dense group of %d layers (at most 8)", S);
-    st_dense_group_weight(&W, &dW, ws, g, S, mem);
+    floatX *W, *dW;
+    st_dense_group_weight(&W, &dW, g, S, mem);
     matmul_backward(dx, dW, NULL, dy, x, W, N, din, dout, NULL, colsum_scratch, 1);
     int col = 0;
     for (int i = 0; i < S; i++) {
         const void *shape = st_dense_layer_shape(&g[i]);
         int di, d;
-        size_t row;
-        st_dense_dims(g[i].kind, shape, &di, &d, &row);
-        st_dense_weight_backward(g[i].dW0, g[i].dW1, dW + col, dout, ws[i], g[i].kind, shape, g[i].W0, g[i].W1);
+        st_dense_dims(g[i].kind, shape, &di, &d);
+        st_dense_weight_backward(g[i].dW0, g[i].dW1, dW + col, dout, g[i].kind, shape, g[i].W0, g[i].W1);
         if (g[i].dbias) column_sums(g[i].dbias, NULL, dy + col, NULL, NULL, NULL, N, d, colsum_scratch, dout);
         col += d;
     }

@@ -15,7 +15,7 @@ for p in $progs; do
     [ "$p" = plan_ops ] && args=(64)  # its rows: GPU-sized layers, but not 32768 rows of them
     [ "$p" = moe_layer ] && args=(0 64)  # every version, 64 tokens
     [ "$p" = structured_epilogue ] && args=(0 64)
-    [ "$p" = btt_weight ] && args=(0 768 64)  # every version, layers up to d_in 768, 64 rows for the dense GEMM
+    [ "$p" = structured_weight ] && args=(0 768 64)  # every version, layers up to d_in 768, 64 rows for the dense GEMM
     "$b" ${args[@]+"${args[@]}"} > "$W/$p.log" 2>&1; rc=$?
     last=$(tail -n 1 "$W/$p.log")
     if [ $rc -eq 0 ] && echo "$last" | grep -qE '^[1-9][0-9]* passed, 0 failed$'; then
