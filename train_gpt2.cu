@@ -582,9 +582,9 @@ static void gpt2_free(GPT2 *m) {
 static floatX *act_ln(const GPT2 *m, floatX *base, int l) { return base + (m->recompute >= 2 ? 0 : (size_t)l * m->B * m->T * m->config.channels); }
 static floatX *act_gelu(const GPT2 *m, int l) { return m->acts.fch_gelu + (m->recompute >= 1 ? 0 : (size_t)l * m->B * m->T * 4 * m->config.channels); }
 
-// q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense or, with -sm 1,
-// all three BTT or Monarch; else three layers, each written into its column block (in place where
-// the layer takes row strides).
+// q, k and v from ln1 into qkv (N, 3C): one fused matmul when all three are dense or all three
+// run as dense (qkv_dense_group); else three layers, each written into its column block (in place
+// where the layer takes row strides).
 static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
     const LinearDesc *q = gpt2_linear(&m->layout, l, SR_Q);
     const int C = m->config.channels;

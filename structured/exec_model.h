@@ -15,9 +15,10 @@
 // moves its bytes at a lower rate. Calibrated on the H200 (dev/bench/RESULTS.md, the run at
 // dfb9d13: dense GEMMs 684–783 TFLOP/s, the plans' permutes 2.5–2.8 TB/s, Monarch's u permute
 // 0.81 TB/s): the GEMM rate is 76% of the peak bf16 rate, DRAM 62% of the peak bandwidth, the
-// short-run permute 17%, a launch 4 µs. tests/test_gpu_plan.c holds the model to those measured
-// layer times. The kernels that build W from the cores (-sm) have not run on a GPU: their rate is
-// a guess (dev/cuda/structured_weight will measure it).
+// short-run permute 17% (measured when such rows took the permute's 2-byte path; they now take
+// the 16-byte one, not yet measured), a launch 4 µs. tests/test_gpu_plan.c holds the model to
+// those measured layer times. The kernels that build W from the cores (-sm) have not run on a
+// GPU: their rate is a guess (dev/cuda/structured_weight will measure it).
 // Header-only C11 that also compiles as CUDA C++.
 #pragma once
 #include "gpu_plan.h"
