@@ -1146,6 +1146,25 @@ static void trainer_banner(const GPT2 *m) {
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused (-sk 1)" : "-sk 0");
         else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
+        if (g_st_dense == 2) {  // which roles -sm 2 runs as dense: "role" for all its layers, "role d/t" for some
+            char roles[128] = "";
+            for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
+                int d = 0, t = 0;
+                for (int l = 0; l < (r < NUM_BLOCK_ROLES ? m->config.num_layers : 1); l++) {
+                    const int i = r < NUM_BLOCK_ROLES ? l * NUM_BLOCK_ROLES + r : m->config.num_layers * NUM_BLOCK_ROLES;
+                    const LinearDesc *ld = r < NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
+                    if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_MONARCH)) continue;
+                    t++;
+                    d += m->lin[i].as_dense;
+                }
+                if (!d) continue;
+                const char *name = r < NUM_BLOCK_ROLES ? struct_role_names[r] : "lm_head";
+                const size_t at = strlen(roles);
+                if (d == t) snprintf(roles + at, sizeof(roles) - at, "%s%s", at ? ", " : "", name);
+                else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
+            }
+            printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
+        }
     }
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN

@@ -238,11 +238,14 @@ out=$("$BIN" "${SPLIT[@]}" -sm 2 -pt 1 2>&1); rc=$?
 a=$(echo "$out" | losses | tr '\n' ' '); b=$("$BIN" "${SPLIT[@]}" -sm 0 2>&1 | losses | tr '\n' ' ')
 said=$(echo "$out" | sed -nE 's/.*-sm 2: ([0-9]+) of ([0-9]+) BTT\/Monarch as dense.*/\1 \2/p')
 ran=$(echo "$out" | awk '/^qkv fwd: .*\(q, k, v as one dense\)/ { n += 3 } /^[a-z_]+ fwd: .*\(as dense\)/ { n++ } END { print n + 0 }')
-[ $rc -eq 0 ] && [ -n "$said" ] && [ "${said#* }" = 5 ] && [ "${said% *}" = "$ran" ] && echo "$out" | grep -qE '^fc_proj fwd: btt_moe 4/top2 [^(]*$' \
+roles=$(echo "$out" | sed -nE 's/^\| -sm 2 runs as dense +\| (.*[^ ]) +\|$/\1/p')  # one layer: one name per layer run as dense
+nroles=$(echo "$roles" | awk -F', ' '$0 == "none" { print 0; next } { print NF }')
+[ $rc -eq 0 ] && [ -n "$said" ] && [ "${said#* }" = 5 ] && [ "${said% *}" = "$ran" ] && [ "$nroles" = "$ran" ] && ! echo "$roles" | grep -q fc_proj \
+    && echo "$out" | grep -qE '^fc_proj fwd: btt_moe 4/top2 [^(]*$' \
     && awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
         for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
-    && ok "-sm 2: the banner's ${said% *} of 5 BTT/Monarch layers as dense are the ones -pt shows so, BTT-MoE on its plans; losses as -sm 0's ($a / $b)" \
-    || bad "-sm 2" "exit $rc, banner '$said', $ran ran as dense, losses '$a' vs '$b': $(echo "$out" | grep -E 'structured layers|fwd:' | head -8)"
+    && ok "-sm 2: the banner's ${said% *} of 5 BTT/Monarch layers as dense ($roles) are the ones -pt shows so, BTT-MoE on its plans; losses as -sm 0's ($a / $b)" \
+    || bad "-sm 2" "exit $rc, banner '$said' ($roles), $ran ran as dense, losses '$a' vs '$b': $(echo "$out" | grep -E 'structured layers|fwd:' | head -8)"
 
 out=$("$BIN" -e "$W/struct.cfg" "${COMMON[@]}" -b 2 -x 3 -v 3 -m 1 -s 3 -g 4 -o "$W/S" -n 3 2>&1); rc=$?
 first=$(echo "$out" | losses | head -1); last=$(echo "$out" | losses | tail -1)
