@@ -240,9 +240,8 @@ static void gpt2_setup(GPT2 *m, const char *where) {
         fatal("'%s': n_embd = %d; the GPU trainer needs n_embd divisible by 8 (16-byte bf16 vectors); use ./train_gpt2 for this model",
               where, m->config.channels);
     m->num_params = g->params.total;
-    int L = m->config.num_layers;
-    for (int i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
-        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+    for (int i = 0; i < gpt2_num_linears(g); i++) {
+        const LinearDesc *ld = gpt2_linear_at(g, i);
         if (!ld->used) continue;
         if (ld->spec.kind == STRUCT_BTT_MOE) m->n_routed++;
         if (ld->spec.experts > 1024) fatal("'%s': %d experts; the GPU trainer handles up to 1024", where, ld->spec.experts);
@@ -326,9 +325,8 @@ static void gpt2_upload_weights(GPT2 *m, long t) {
 static void st_choose_as_dense(GPT2 *m, int N) {
     if (!g_st_dense) return;
     const PlanRates r = plan_rates(gpu_peak_bf16_tflops(g_gpu.prop.name), gpu_peak_gbps());
-    const int L = m->config.num_layers;
-    for (int i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
-        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
         const int k = ld->spec.kind;
         if (!ld->used || (k != STRUCT_BTT && k != STRUCT_MONARCH)) continue;
         const BTTShape b = k == STRUCT_BTT ? btt_shape_of(&ld->spec) : BTTShape{};
@@ -468,10 +466,10 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     st_choose_as_dense(m, (int)BT);
     size_t scratch = 0, fscratch = 0;
     int separate_qkv = 0;
-    for (size_t i = 0; i <= L * NUM_BLOCK_ROLES; i++) {
-        const LinearDesc *ld = i < L * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+    for (int i = 0; i < gpt2_num_linears(g); i++) {
+        const LinearDesc *ld = gpt2_linear_at(g, i);
         if (!ld->used) continue;
-        if (i < L * NUM_BLOCK_ROLES && ld->role == SR_Q && !ld->fused_qkv) {
+        if (ld->layer >= 0 && ld->role == SR_Q && !ld->fused_qkv) {
             StDenseLayer grp[3];
             const int group = qkv_dense_group(m, ld->layer, grp);
             if (group) {  // one dense layer of width 3C
@@ -1134,37 +1132,31 @@ static void trainer_banner(const GPT2 *m) {
                                                    : m->flash ? "flash (ours: cuda/flash_attention.cuh)"
                                                               : "cuBLAS batched GEMMs + causal softmax (ours)");
     if (m->layout.structure.any_structured) {
-        char how[64];
+        // per role (the head last): its BTT/Monarch layers, and how many of them run as dense
+        char how[64], roles[128] = "";
         int n_dense = 0, n_dm = 0;
-        for (int i = 0; i <= m->config.num_layers * NUM_BLOCK_ROLES; i++) {
-            const LinearDesc *ld = i < m->config.num_layers * NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
-            if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_MONARCH)) continue;
-            n_dm++;
-            n_dense += m->lin[i].as_dense;
+        for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
+            int d = 0, t = 0;
+            for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+                const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+                if ((ld->layer < 0 ? NUM_BLOCK_ROLES : ld->role) != r || !ld->used) continue;
+                if (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_MONARCH) continue;
+                t++;
+                d += m->lin[i].as_dense;
+            }
+            n_dm += t;
+            n_dense += d;
+            if (!d) continue;  // "role" when all its layers run as dense, "role d/t" when some do
+            const char *name = r < NUM_BLOCK_ROLES ? struct_role_names[r] : "lm_head";
+            const size_t at = strlen(roles);
+            if (d == t) snprintf(roles + at, sizeof(roles) - at, "%s%s", at ? ", " : "", name);
+            else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
         }
         if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused (-sk 1)" : "-sk 0");
         else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
-        if (g_st_dense == 2) {  // which roles -sm 2 runs as dense: "role" for all its layers, "role d/t" for some
-            char roles[128] = "";
-            for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
-                int d = 0, t = 0;
-                for (int l = 0; l < (r < NUM_BLOCK_ROLES ? m->config.num_layers : 1); l++) {
-                    const int i = r < NUM_BLOCK_ROLES ? l * NUM_BLOCK_ROLES + r : m->config.num_layers * NUM_BLOCK_ROLES;
-                    const LinearDesc *ld = r < NUM_BLOCK_ROLES ? &m->layout.linears[i] : &m->layout.head;
-                    if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_MONARCH)) continue;
-                    t++;
-                    d += m->lin[i].as_dense;
-                }
-                if (!d) continue;
-                const char *name = r < NUM_BLOCK_ROLES ? struct_role_names[r] : "lm_head";
-                const size_t at = strlen(roles);
-                if (d == t) snprintf(roles + at, sizeof(roles) - at, "%s%s", at ? ", " : "", name);
-                else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
-            }
-            printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
-        }
+        if (g_st_dense == 2) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
     }
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN

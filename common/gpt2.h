@@ -27,6 +27,12 @@ static inline LinearDesc *gpt2_linear(const GPT2Layout *g, int layer, int role) 
     return &g->linears[layer * NUM_BLOCK_ROLES + role];
 }
 
+// Linear layer i of gpt2_num_linears: the blocks' in layer-major order, then the head.
+static inline int gpt2_num_linears(const GPT2Layout *g) { return g->config.num_layers * NUM_BLOCK_ROLES + 1; }
+static inline const LinearDesc *gpt2_linear_at(const GPT2Layout *g, int i) {
+    return i < g->config.num_layers * NUM_BLOCK_ROLES ? &g->linears[i] : &g->head;
+}
+
 // Builds the table. For an all-dense model the order is llm.c's — wte, wpe, then each kind of
 // tensor for all layers in turn (ln1w of every layer, ln1b of every layer, qkvw, ...), then
 // lnfw, lnfb — so that the flat buffer is byte for byte an llm.c checkpoint's payload. A

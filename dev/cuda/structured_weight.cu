@@ -29,13 +29,9 @@ typedef struct {
 // there) and their scratch for din rows.
 
 static void inter_rows(int kind, const void *shape, int *din, int *dout, size_t *row, size_t *scratch_row) {
-    if (kind == STRUCT_BTT) {
-        const BTTShape *b = (const BTTShape *)shape;
-        *din = b->d_in; *dout = b->d_out; *row = btt_z_row(b); *scratch_row = plan_btt_scratch_row(b);
-    } else {
-        const MonarchShape *m = (const MonarchShape *)shape;
-        *din = m->d_in; *dout = m->d_out; *row = monarch_u_row(m); *scratch_row = plan_monarch_scratch_row(m);
-    }
+    st_dense_dims(kind, shape, din, dout);
+    *row = kind == STRUCT_BTT ? btt_z_row((const BTTShape *)shape) : monarch_u_row((const MonarchShape *)shape);
+    *scratch_row = kind == STRUCT_BTT ? plan_btt_scratch_row((const BTTShape *)shape) : plan_monarch_scratch_row((const MonarchShape *)shape);
 }
 
 static size_t v1_ws_elems(int kind, const void *shape) {
