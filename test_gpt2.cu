@@ -139,7 +139,8 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
-// fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs).
+// fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
+// (-sk 1 with the BTT kernel's W0 staged in shared memory).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -150,11 +151,12 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
-    g_st_fused = fused == 1;
+    g_st_fused = fused == 1 ? 1 : fused == 3 ? 2 : 0;
+    g_btt_wstage = fused == 3;
     g_st_dense = fused == 2;
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
-             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : "", g_test_no_master ? " -w 0" : "");
+             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
@@ -360,13 +362,15 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     char tag[160], name[256];
     if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N,
-                 g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
+                 g_st_dense ? "dense GEMMs on the materialized weight"
+                 : g_st_fused ? (g_btt_wstage ? "fused forward and backward dx, W0 staged" : "fused forward and backward dx")
+                              : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
         snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N,
                  g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
-                 g_st_fused ? "fused segmented" : "cuBLAS");
+                 g_st_fused ? (g_btt_wstage ? "fused segmented, W0 staged" : "fused segmented") : "cuBLAS");
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL}, *dw_ref[3] = {NULL, NULL, NULL};
@@ -602,9 +606,12 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++)  // the baseline, then the fused kernels where they apply
+        for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {  // the baseline, the fused kernels where they apply, -sk 2
+            g_btt_wstage = g_st_fused == 2;
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
+        }
         g_st_fused = 0;
+        g_btt_wstage = 0;
         g_st_dense = 1;  // -sm 1: dense GEMMs on the materialized weight
         for (int r = 1; r <= 4; r *= 4) { s.rank = r; check_layer_vs_cpu(&s, N); }
         s.kind = STRUCT_MONARCH;
@@ -615,8 +622,12 @@ static void check_structures_vs_cpu(void) {
         g_st_fused = 0;
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
+        for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
+            g_btt_wstage = g_st_fused == 2;
+            check_layer_vs_cpu(&s, N);
+        }
         g_st_fused = 0;
+        g_btt_wstage = 0;
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
     // a wide BTT, whose fused kernel works in groups of output blocks both ways (no whole z tile fits)
@@ -625,8 +636,24 @@ static void check_structures_vs_cpu(void) {
     s.d_in = 2048; s.d_out = 8192; s.bias = 1; s.rank = 2;
     default_factors(s.d_in, &s.alpha, &s.gamma);
     default_factors(s.d_out, &s.phi, &s.eps);
-    for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
+    for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
+        g_btt_wstage = g_st_fused == 2;
+        check_layer_vs_cpu(&s, N);
+    }
     g_st_fused = 0;
+    g_btt_wstage = 0;
+    // eps 80: 5 stage-2 n-tiles of one fragment per item, so a warp's items (8 apart) change the
+    // n-tile as well as f (the W0-staged kernel prefetches the next item's fragments by both)
+    memset(&s, 0, sizeof(s));
+    s.kind = STRUCT_BTT;
+    s.d_in = 768; s.d_out = 1280; s.bias = 1; s.rank = 1;
+    s.alpha = 16; s.gamma = 48; s.phi = 16; s.eps = 80;
+    for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
+        g_btt_wstage = g_st_fused == 2;
+        check_layer_vs_cpu(&s, N);
+    }
+    g_st_fused = 0;
+    g_btt_wstage = 0;
 }
 
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
@@ -651,7 +678,9 @@ static void run_fixture_modes(const char *path) {
 #endif
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     g_st_fused = 0;
+    g_btt_wstage = 0;
     g_st_dense = 0;
     g_test_no_master = 1;
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);

@@ -17,6 +17,8 @@
 //            is rows x [fl*gr, fl*gr + gr).
 //   x chunk  [tm][xld] bf16 at off_x: gc consecutive g blocks of x (gc*alpha columns), rows of the
 //            tile past N zero-filled.
+//   W0 chunk [gc*alpha][wld] bf16 at off_w, only when ws (the W0-staged kernel, below): rows
+//            g*alpha + a of W0 for the x chunk's g blocks, columns q*pg*rho .. + pg*rho (group q's).
 //   staging  BT_WARPS x [16][BT_STG_LD] fp32 at off_stg: one 16x16 accumulator per warp on its way
 //            out (wmma stores fp32 only; lanes then convert to bf16 and scatter).
 // Row strides zld, xld = cols rounded up to 64, + 8 elements: a multiple of 8 (wmma ldm for bf16),
@@ -44,6 +46,16 @@
 // read the z tile. The first barrier is redundant at ch = 0 (kept: a uniform loop); the emulation's
 // race checker fails when any of the others is removed.
 //
+// W0 staged (ws = 1, -sk 2; dev/cuda/btt_forward v7+): the H200 runs of the first kernel (ws = 0)
+// reached 12-37 TFLOP/s and under 0.9 TB/s, and their time grew with the stage-1 work: each
+// stage-1 item waited on its B fragments from L2 (4 scalar loads each, nothing to overlap them
+// with at 8 warps per SM), one k-step after another. With ws the x chunk's slice of W0 travels with
+// the x chunk (prefetched one chunk ahead through BT_WVEC more registers per thread, stored at the
+// same barrier), so stage 1 reads only shared memory; and stage 2 loads an item's first k-step of
+// W1 fragments during the previous item's last k-step and epilogue. wld = pg*rho + 8: a multiple
+// of 8, fragment pointers 32-byte aligned (rows k*16 apart: 32*wld bytes), and rows 16*(odd)
+// bytes apart, so 8 rows of a fragment phase fall in distinct 16-byte bank groups.
+//
 // Plain C11 that also compiles as CUDA C++ (BT_HD marks what the kernel calls).
 #pragma once
 #include <stddef.h>
@@ -62,6 +74,7 @@
 #define BT_XVEC 8                // at most this many 16-byte x vectors per thread per chunk (register prefetch;
                                  // 8 lets alpha = 128 at 32 rows take the 4 g blocks that give all 8 warps a
                                  // stage-1 item: the transposed BTT of 4096 -> 16384's backward)
+#define BT_WVEC 4                // at most this many 16-byte W0 vectors per thread per chunk (ws: gc is capped so)
 #define BT_SMEM_ALIGN 128
 
 typedef struct {
@@ -73,7 +86,8 @@ typedef struct {
     int nb, ntg, ks2;            // stage 2: n-tiles per item, items per f ((eps/16)/nb), k-steps (gr/16)
     int gc, nchunks;             // g blocks per x chunk, x chunks per tile and group
     int xc, xld, zld;            // x chunk columns (gc*alpha); smem row strides (elements)
-    int off_z, off_x, off_stg, smem_bytes;  // dynamic shared memory layout (bytes)
+    int ws, wld;                 // W0 chunk staged in smem (0/1) and its row stride (elements; 0 when not)
+    int off_z, off_x, off_w, off_stg, smem_bytes;  // dynamic shared memory layout (bytes; off_w = off_stg when not ws)
 } BtGeom;
 
 static inline BT_HD int bt_ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -92,9 +106,9 @@ static inline int bt_shape_ok(int A, int G, int P, int E, int R) {
 }
 
 // Fills *g for tile rows tm (16, 32 or 64) and groups of pg phi blocks (pg divides phi, pg*rho a
-// multiple of 16; pg = phi: the whole z tile at once). Returns 0 when the shape, tm or pg is not
-// supported; the smem size is not checked here (bt_choose does).
-static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg) {
+// multiple of 16; pg = phi: the whole z tile at once), W0 staged in smem when ws. Returns 0 when
+// the shape, tm or pg is not supported; the smem size is not checked here (bt_choose does).
+static inline int bt_geom_pgw(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg, int ws) {
     if (!bt_shape_ok(A, G, P, E, R) || (tm != 16 && tm != 32 && tm != 64)) return 0;
     if (pg <= 0 || P % pg || (pg * R) % 16) return 0;
     g->A = A; g->G = G; g->P = P; g->E = E; g->R = R;
@@ -112,14 +126,23 @@ static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int t
     if (gc > G) gc = G;
     const int cap = BT_XVEC * BT_THREADS * 8 / (tm * A);  // the chunk fits the prefetch registers
     if (gc > cap) gc = cap;
+    if (ws) {  // and so does its W0 slice (gc*alpha rows of pg*rho)
+        const int wcap = BT_WVEC * BT_THREADS * 8 / (A * pg * R);
+        if (gc > wcap) gc = wcap;
+    }
     if (gc < 1) return 0;                                  // alpha > 16384 / tm: one g block does not fit
     g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
     g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zt);
+    g->ws = ws != 0; g->wld = ws ? pg * R + 8 : 0;
     g->off_z = 0;
     g->off_x = bt_round_up(g->off_z + tm * g->zld * 2, BT_SMEM_ALIGN);
-    g->off_stg = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
+    g->off_w = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
+    g->off_stg = bt_round_up(g->off_w + (ws ? g->xc * g->wld * 2 : 0), BT_SMEM_ALIGN);
     g->smem_bytes = g->off_stg + BT_WARPS * 16 * BT_STG_LD * 4;
     return 1;
+}
+static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg) {
+    return bt_geom_pgw(g, A, G, P, E, R, tm, pg, 0);
 }
 
 // Modelled L2 -> SM bytes per row (bf16): every tile reads all of W0 and W1 (each group its
@@ -133,17 +156,18 @@ static inline double bt_l2_bytes_per_row(const BtGeom *g) {
 // maximum): for each tm the largest pg that fits (smaller groups only add x reads), and of those
 // the least bt_l2_bytes_per_row, ties to the larger tm. tm_only (16, 32, 64; 0: any) fixes the
 // tile rows; whole_z keeps pg = phi (the largest tm whose whole z tile fits: the rule before
-// groups). Returns 0 when nothing fits or the shape is not supported. Where the whole z tile of 64
+// groups); ws stages W0 (its chunk counts against the limit). Returns 0 when nothing fits or the
+// shape is not supported. Where the whole z tile of 64
 // rows fits that is the choice; at widths 2048 and 4096 (z rows of 4096 to 32768 elements) most
 // shapes fit only in groups.
-static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z) {
+static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
     int found = 0;
     double best = 0.0;
     for (int tm = 64; tm >= 16; tm /= 2) {
         if (tm_only && tm != tm_only) continue;
         for (int pg = P; pg >= (whole_z ? P : 1); pg--) {
             BtGeom g;
-            if (!bt_geom_pg(&g, A, G, P, E, R, tm, pg) || (size_t)g.smem_bytes > smem_limit) continue;
+            if (!bt_geom_pgw(&g, A, G, P, E, R, tm, pg, ws) || (size_t)g.smem_bytes > smem_limit) continue;
             const double c = bt_l2_bytes_per_row(&g);
             if (!found || c < best) { *out = g; best = c; found = 1; }
             break;  // smaller groups of this tm only cost more x reads
@@ -238,9 +262,26 @@ static inline BT_HD int bt_next_chunk(const BtGeom *g, int ntiles, int grid, int
     *nch = n % g->nchunks;
     return *ntile < ntiles;
 }
+// The same step after c, with its group: x chunk *nch and W0 chunk (*nq, *nch) of *ntile.
+static inline BT_HD int bt_next_step(const BtGeom *g, int ntiles, int grid, int tile, int c, int *ntile, int *nq, int *nch) {
+    const int more = bt_next_chunk(g, ntiles, grid, tile, c, ntile, nch);
+    *nq = *ntile == tile ? (c + 1) / g->nchunks : 0;
+    return more;
+}
 static inline BT_HD int bt_x_smem(const BtGeom *g, int m, int col) { return m * g->xld + col; }
 static inline BT_HD size_t bt_x_global(const BtGeom *g, int row, int ch, int col) {
     return (size_t)row * g->din + (size_t)ch * g->gc * g->A + col;
+}
+
+// ---- W0 chunk (ws) ----------------------------------------------------------------------------
+// The fill: gcount*alpha rows of pg*rho/8 16-byte vectors, walked as the x chunk's with
+// bt_walk_begin(&it, bt_w_fill_per(g), t, BT_THREADS) while it.o < gcount*alpha, BT_WVEC per
+// thread (bt_geom_pgw caps gc so that covers it): chunk row it.o (= gl*alpha + a), column it.i*8.
+static inline BT_HD int bt_w_fill_per(const BtGeom *g) { return g->pg * g->R / 8; }
+static inline BT_HD int bt_w_smem(const BtGeom *g, int rr, int col) { return rr * g->wld + col; }
+// W0 element of chunk ch's row rr, group q's column col (W0's rows g*alpha + a are consecutive)
+static inline BT_HD size_t bt_w_global(const BtGeom *g, int q, int ch, int rr, int col) {
+    return ((size_t)ch * g->gc * g->A + rr) * g->fr + (size_t)q * g->pg * g->R + col;
 }
 
 // ---- stage 1 ---------------------------------------------------------------------------------
@@ -259,6 +300,8 @@ static inline BT_HD int bt_s1_a(const BtGeom *g, int mt, int gl, int kk) { retur
 static inline BT_HD size_t bt_s1_b(const BtGeom *g, int q, int gi, int kk, int nt) {
     return (size_t)gi * g->A * g->fr + (size_t)kk * 16 * g->fr + q * g->pg * g->R + nt * 16;
 }
+// B fragment from the W0 chunk (ws; ldm wld): rows gl*alpha + kk*16.., columns nt*16..
+static inline BT_HD int bt_s1_bs(const BtGeom *g, int gl, int kk, int nt) { return (gl * g->A + kk * 16) * g->wld + nt * 16; }
 // z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 (c = f*rho + s, f < pg: the
 // group's) of block gi, row m
 static inline BT_HD void bt_z1_run(const BtGeom *g, int m, int gi, int c0, int idx[8]) {

@@ -61,6 +61,8 @@
 // The backward's dx and dZ are this kernel too: the forward of the transposed BTT (btt.h,
 // btt_shape_transposed: cores W1[f]ᵀ and W0[g]ᵀ) on dy, whose saved z is dZ in the layout dW0
 // needs; the supported shapes are the same set (alpha, phi*rho, gamma*rho, eps only swap roles).
+// g_btt_wstage (-sk 2) stages each x chunk's slice of W0 in shared memory with the chunk and
+// prefetches stage 2's first W1 fragments across items (btt_tiles.h: ws).
 // What is left: the weight gradients fused with the dx pass (now cuBLAS GEMMs over all rows for a
 // plain BTT, seg_wgrad.cuh for BTT-MoE's experts: they read z, dy, x and dZ once more); cp.async
 // (or TMA) double buffering of
@@ -93,6 +95,19 @@ __device__ __forceinline__ void bt_load_a_shared(BtFragA &a, const floatX *p, un
     unsigned addr = (unsigned)__cvta_generic_to_shared(p);
     int *r = reinterpret_cast<int *>(&a);
     asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr), "r"(ldm)
+                 : "memory");
+#endif
+}
+// B (row-major, 16x16) from shared memory (the staged W0 chunk): p 32-byte aligned, ldm a multiple of 8
+__device__ __forceinline__ void bt_load_b_shared(BtFragB &b, const floatX *p, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::load_matrix_sync(b, p, ldm);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    int *r = reinterpret_cast<int *>(&b);
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr), "r"(ldm)
                  : "memory");
@@ -161,26 +176,55 @@ __device__ __forceinline__ void bt_x_store(floatX *xs, const uint4 pre[BT_XVEC],
         if (it.o < g.tm) st16(xs + bt_x_smem(&g, it.o, it.i * 8), pre[k]);
 }
 
-// MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item: compile-time, so the accumulators are
-// registers (and the geometry's mt, tm, nb are constants below). gp is bt_geom_pg's for tm = 16*MT.
-template <int MT, int NB>
-__global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
+// With ws: this thread's part of W0 chunk (q, ch) of tile `tile` (its segment's cores) into
+// registers, and from registers into the W0 chunk buffer (btt_tiles.h: bt_w_fill_per, BT_WVEC).
+__device__ __forceinline__ void bt_w_load(uint4 pre[BT_WVEC], const floatX *__restrict__ W0, const BtGeom &g, const BtSeg &sg, int N, int tile,
+                                          int q, int ch) {
+    const floatX *__restrict__ W0s = W0 + bt_tile_at(&g, &sg, N, tile).seg * sg.w0_stride;
+    const int rows = bt_chunk_gcount(&g, ch) * g.A;
+    BtWalk it;
+    bt_walk_begin(&it, bt_w_fill_per(&g), threadIdx.x, BT_THREADS);
+#pragma unroll
+    for (int k = 0; k < BT_WVEC; k++, bt_walk_next(&it))
+        if (it.o < rows) pre[k] = ld16_ro(W0s + bt_w_global(&g, q, ch, it.o, it.i * 8));
+}
+__device__ __forceinline__ void bt_w_store(floatX *ws, const uint4 pre[BT_WVEC], const BtGeom &g, int ch) {
+    const int rows = bt_chunk_gcount(&g, ch) * g.A;
+    BtWalk it;
+    bt_walk_begin(&it, bt_w_fill_per(&g), threadIdx.x, BT_THREADS);
+#pragma unroll
+    for (int k = 0; k < BT_WVEC; k++, bt_walk_next(&it))
+        if (it.o < rows) st16(ws + bt_w_smem(&g, it.o, it.i * 8), pre[k]);
+}
+
+// MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item, WS = W0 staged: compile-time, so the
+// accumulators are registers (and the geometry's mt, tm, nb, ws are constants below); WS = 0 makes
+// the loads, in the order, of the kernel measured on the H200. gp is bt_geom_pgw's for tm = 16*MT.
+// WS = 1 asks for one block per SM at least: without it ptxas held some instantiations to 128
+// registers and spilled.
+template <int MT, int NB, int WS>
+__global__ void __launch_bounds__(BT_THREADS, WS ? 1 : 0) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,
                                                                const floatX *__restrict__ W1, const floatX *__restrict__ bias, int N,
                                                                BtGeom gp, BtSeg sg) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     using namespace nvcuda;
     BtGeom g = gp;
-    g.mt = MT; g.tm = 16 * MT; g.nb = NB;  // the values the host set, as compile-time constants
+    g.mt = MT; g.tm = 16 * MT; g.nb = NB; g.ws = WS;  // the values the host set, as compile-time constants
     extern __shared__ __align__(128) unsigned char bt_smem[];
     floatX *zs = (floatX *)(bt_smem + g.off_z);
     floatX *xs = (floatX *)(bt_smem + g.off_x);
+    floatX *wsm = (floatX *)(bt_smem + g.off_w);  // the W0 chunk (g.ws only)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
     const int er = bt_epi_row(lane), ec = bt_epi_col(lane), vw = bt_z1_vec(&g);
     const int ntiles = sg.tiles ? *sg.ntiles : bt_num_tiles(N, g.tm);
     uint4 pre[BT_XVEC];  // this thread's part of the next x chunk (16 bytes each), loaded one chunk ahead
-    if ((int)blockIdx.x < ntiles) bt_x_load(pre, x, g, sg, N, blockIdx.x, 0);
+    uint4 prew[BT_WVEC];  // ws: the same of the next W0 chunk
+    if ((int)blockIdx.x < ntiles) {
+        bt_x_load(pre, x, g, sg, N, blockIdx.x, 0);
+        if (WS) bt_w_load(prew, W0, g, sg, N, blockIdx.x, 0, 0);
+    }
 
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const BtTile tl = bt_tile_at(&g, &sg, N, tile);
@@ -193,10 +237,14 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                 const int g0 = ch * g.gc, gcount = bt_chunk_gcount(&g, ch);
                 __syncthreads();  // the previous chunk's readers of the x chunk are done (not needed at ch = 0)
                 bt_x_store(xs, pre, g, ch);
-                __syncthreads();  // x chunk visible to every warp; also orders the previous group's (or
-                                  // tile's) stage-2 reads of the z tile before this group's stage-1 writes
-                int ntile, nch;   // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
-                if (bt_next_chunk(&g, ntiles, gridDim.x, tile, q * g.nchunks + ch, &ntile, &nch)) bt_x_load(pre, x, g, sg, N, ntile, nch);
+                if (WS) bt_w_store(wsm, prew, g, ch);
+                __syncthreads();  // x (and W0) chunk visible to every warp; also orders the previous group's
+                                  // (or tile's) stage-2 reads of the z tile before this group's stage-1 writes
+                int ntile, nq, nch;  // prefetch: in flight during this chunk's MMAs (the last chunk's: also stage 2)
+                if (bt_next_step(&g, ntiles, gridDim.x, tile, q * g.nchunks + ch, &ntile, &nq, &nch)) {
+                    bt_x_load(pre, x, g, sg, N, ntile, nch);
+                    if (WS) bt_w_load(prew, W0, g, sg, N, ntile, nq, nch);
+                }
                 BtWalk it;
                 for (bt_walk_begin(&it, bt_s1_per(&g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
                     int mt, nt;
@@ -208,7 +256,8 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                         BtFragA a;
                         BtFragB b;
                         bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
-                        bt_load_b_global(b, W0s + bt_s1_b(&g, q, g0 + gl, kk, nt), g.fr);
+                        if (WS) bt_load_b_shared(b, wsm + bt_s1_bs(&g, gl, kk, nt), g.wld);
+                        else bt_load_b_global(b, W0s + bt_s1_b(&g, q, g0 + gl, kk, nt), g.fr);
                         wmma::mma_sync(acc, a, b, acc);
                     }
                     __syncwarp();  // every lane has read the staging tile's previous contents
@@ -231,22 +280,38 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
             }
 
             // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
+            // With ws an item's first B fragments are loaded during the previous item's last k-step
+            // (bn), so they are in flight through its epilogue.
             BtWalk it2;
-            for (bt_walk_begin(&it2, g.ntg, warp, BT_WARPS); it2.o < g.pg; bt_walk_next(&it2)) {
+            BtFragB bf[NB], bn[NB];
+            bt_walk_begin(&it2, g.ntg, warp, BT_WARPS);
+            if (WS && it2.o < g.pg) {
+#pragma unroll
+                for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, q * g.pg + it2.o, 0, bt_s2_ntile(&g, it2.i, b)), g.E);
+            }
+            while (it2.o < g.pg) {
                 const int fl = it2.o, f = q * g.pg + fl, j = it2.i;
+                BtWalk nx = it2;  // the warp's next item
+                bt_walk_next(&nx);
+                const int pipe_next = WS && nx.o < g.pg;
                 BtFragC acc[MT][NB];
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                     for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
-                BtFragB bf[NB], bn[NB];
+                if (!WS) {
 #pragma unroll
-                for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+                    for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+                }
                 for (int kk = 0; kk < g.ks2; kk++) {
                     const int more = kk + 1 < g.ks2;
                     if (more) {  // the next k-step's B fragments are in flight while this one computes
 #pragma unroll
                         for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                    } else if (pipe_next) {  // ws: the next item's first k-step
+#pragma unroll
+                        for (int b = 0; b < NB; b++)
+                            bt_load_b_global(bn[b], W1s + bt_s2_b(&g, q * g.pg + nx.o, 0, bt_s2_ntile(&g, nx.i, b)), g.E);
                     }
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
@@ -282,6 +347,11 @@ __global__ void __launch_bounds__(BT_THREADS) btt_fused_kernel(floatX *__restric
                         }
                     }
                 }
+                if (pipe_next) {
+#pragma unroll
+                    for (int b = 0; b < NB; b++) bf[b] = bn[b];
+                }
+                it2 = nx;
             }
         }
     }
@@ -305,12 +375,16 @@ static inline size_t btt_fused_smem_limit(void) {
 // 1: the geometry rule before groups (the largest tile rows whose whole z tile fits; shapes whose z
 // tile of 16 rows does not fit are not supported), for comparison in dev/cuda/btt_forward.
 static int g_btt_whole_z = 0;
+// 1: stage W0 in shared memory with each x chunk and prefetch stage 2's W1 fragments across items
+// (btt_tiles.h, ws; the trainer's -sk 2, dev/cuda/btt_forward v7+). Not yet measured on a GPU,
+// so -sk 1 keeps the kernel as measured.
+static int g_btt_wstage = 0;
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block
 // (bt_choose: tile rows and groups by the traffic model; tm_only 16/32/64 fixes the rows, 0 any).
 // Returns 0 when it cannot run it (then use btt_forward_gpu).
 static inline int btt_fused_geom(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only) {
-    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z);
+    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, g_btt_wstage);
 }
 
 // The tile rows the fused kernel would use for this shape (16, 32 or 64), or 0 when it cannot run it.
@@ -321,29 +395,31 @@ static inline int btt_fused_supported(const BTTShape *s, size_t smem_limit) {
 
 typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom, BtSeg);
 
-// The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}), or NULL.
-static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
+// The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}, ws), or NULL.
+template <int WS>
+static BtFusedKernel btt_fused_kernel_ws(const BtGeom *g) {
     switch (g->mt * 4 + g->nb) {
-        case 1 * 4 + 1: return btt_fused_kernel<1, 1>;
-        case 1 * 4 + 2: return btt_fused_kernel<1, 2>;
-        case 1 * 4 + 3: return btt_fused_kernel<1, 3>;
-        case 2 * 4 + 1: return btt_fused_kernel<2, 1>;
-        case 2 * 4 + 2: return btt_fused_kernel<2, 2>;
-        case 2 * 4 + 3: return btt_fused_kernel<2, 3>;
-        case 4 * 4 + 1: return btt_fused_kernel<4, 1>;
-        case 4 * 4 + 2: return btt_fused_kernel<4, 2>;
-        case 4 * 4 + 3: return btt_fused_kernel<4, 3>;
+        case 1 * 4 + 1: return btt_fused_kernel<1, 1, WS>;
+        case 1 * 4 + 2: return btt_fused_kernel<1, 2, WS>;
+        case 1 * 4 + 3: return btt_fused_kernel<1, 3, WS>;
+        case 2 * 4 + 1: return btt_fused_kernel<2, 1, WS>;
+        case 2 * 4 + 2: return btt_fused_kernel<2, 2, WS>;
+        case 2 * 4 + 3: return btt_fused_kernel<2, 3, WS>;
+        case 4 * 4 + 1: return btt_fused_kernel<4, 1, WS>;
+        case 4 * 4 + 2: return btt_fused_kernel<4, 2, WS>;
+        case 4 * 4 + 3: return btt_fused_kernel<4, 3, WS>;
     }
     return NULL;
 }
+static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) { return g->ws ? btt_fused_kernel_ws<1>(g) : btt_fused_kernel_ws<0>(g); }
 
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
 // (cached per instantiation and smem size; one device per process); 0 when none fits.
 static int btt_fused_blocks_per_sm(const BtGeom *g) {
-    static int attr_bytes[9], occ_bytes[9], occ[9];  // per instantiation: (mt 1, 2, 4) x (nb 1, 2, 3)
+    static int attr_bytes[18], occ_bytes[18], occ[18];  // per instantiation: (mt 1, 2, 4) x (nb 1, 2, 3) x ws
     BtFusedKernel kern = btt_fused_kernel_for(g);
     if (!kern) return 0;
-    const int k = (g->mt == 4 ? 2 : g->mt - 1) * 3 + g->nb - 1;  // 0..8 (mt * 4 + nb reaches 19)
+    const int k = ((g->mt == 4 ? 2 : g->mt - 1) * 3 + g->nb - 1) * 2 + g->ws;  // 0..17 (mt * 4 + nb reaches 19)
     if (g->smem_bytes > attr_bytes[k]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;

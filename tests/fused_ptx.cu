@@ -48,3 +48,19 @@ __global__ void ours_b(float *out, const floatX *__restrict__ w, int ldm) {
     bt_load_b_global(b, w, ldm);
     mma_out(out, a, b);
 }
+__global__ void generic_bs(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    BtFragA a;
+    BtFragB b;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    wmma::load_matrix_sync(b, s, ldm);
+    mma_out(out, a, b);
+}
+__global__ void ours_bs(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    BtFragA a;
+    BtFragB b;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    bt_load_b_shared(b, s, ldm);
+    mma_out(out, a, b);
+}

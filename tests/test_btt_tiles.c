@@ -206,6 +206,7 @@ static void g_wr(Args *a, float *dst, unsigned char *cnt, size_t n, size_t i, fl
 // the x chunk through the threads' prefetch registers (bt_x_load / bt_x_store in the kernel)
 
 static float g_pre[BT_THREADS][BT_XVEC][8];
+static float g_prew[BT_THREADS][BT_WVEC][8];  // ws: the W0 chunk's prefetch registers
 
 static void emu_x_load(const BtGeom *g, Args *a, const BtSeg *sg, int N, int tile, int ch) {
     const BtTile tl = bt_tile_at(g, sg, N, tile);
@@ -238,6 +239,39 @@ static void emu_x_store(const BtGeom *g, Smem *S, int ch) {
     }
 }
 
+// ws: W0 chunk (q, ch) of the tile's segment through the prefetch registers (bt_w_load / bt_w_store)
+static void emu_w_load(const BtGeom *g, Args *a, const BtSeg *sg, int N, int tile, int q, int ch) {
+    const size_t w0o = (size_t)bt_tile_at(g, sg, N, tile).seg * sg->w0_stride;
+    const int rows = bt_chunk_gcount(g, ch) * g->A;
+    for (int t = 0; t < BT_THREADS; t++) {
+        BtWalk it;
+        bt_walk_begin(&it, bt_w_fill_per(g), t, BT_THREADS);
+        for (int k = 0; k < BT_WVEC; k++, bt_walk_next(&it)) {
+            if (it.o >= rows) continue;
+            const size_t gi = w0o + bt_w_global(g, q, ch, it.o, it.i * 8);
+            if (gi % 8) g_error(a, "W0 vector load misaligned", gi, a->nW0);
+            for (int e = 0; e < 8; e++) {
+                if (gi + e >= a->nW0) { g_error(a, "W0 chunk read out of range", gi + e, a->nW0); g_prew[t][k][e] = NAN; }
+                else g_prew[t][k][e] = a->W0[gi + e];
+            }
+        }
+    }
+}
+static void emu_w_store(const BtGeom *g, Smem *S, int ch) {
+    const int rows = bt_chunk_gcount(g, ch) * g->A;
+    for (int t = 0; t < BT_THREADS; t++) {
+        BtWalk it;
+        bt_walk_begin(&it, bt_w_fill_per(g), t, BT_THREADS);
+        for (int k = 0; k < BT_WVEC; k++, bt_walk_next(&it)) {
+            if (it.o >= rows) continue;
+            int so = g->off_w + 2 * bt_w_smem(g, it.o, it.i * 8);
+            if (so % 16) sm_error(S, "W0 chunk vector store misaligned at byte %d (row %d)", so, it.o);
+            for (int e = 0; e < 8; e++) sm_wr_bf16(S, so + 2 * e, g_prew[t][k][e], t / 32);
+        }
+        if (it.o < rows) sm_error(S, "W0 chunk not covered by BT_WVEC vectors per thread (thread %d, row %d)", t, it.o);
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // the kernel, block by block (grid blocks; block b takes tiles b, b + grid, ...); sg: a plain
 // launch (tiles NULL) or a segmented one (host copies of the tile table and count)
@@ -251,7 +285,10 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, c
     for (int block = 0; block < grid; block++) {
         Smem S;
         sm_init(&S, g->smem_bytes);
-        if (block < ntiles) emu_x_load(g, a, sg, N, block, 0);
+        if (block < ntiles) {
+            emu_x_load(g, a, sg, N, block, 0);
+            if (g->ws) emu_w_load(g, a, sg, N, block, 0, 0);
+        }
         for (int tile = block; tile < ntiles; tile += grid) {
             const BtTile tl = bt_tile_at(g, sg, N, tile);
             const int r0 = tl.r0, rows = tl.rows;
@@ -262,9 +299,13 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, c
                     const int g0 = ch * g->gc, gcount = bt_chunk_gcount(g, ch);
                     sm_sync(&S);
                     emu_x_store(g, &S, ch);
+                    if (g->ws) emu_w_store(g, &S, ch);
                     sm_sync(&S);
-                    int ntile, nch;
-                    if (bt_next_chunk(g, ntiles, grid, tile, q * g->nchunks + ch, &ntile, &nch)) emu_x_load(g, a, sg, N, ntile, nch);
+                    int ntile, nq, nch;
+                    if (bt_next_step(g, ntiles, grid, tile, q * g->nchunks + ch, &ntile, &nq, &nch)) {
+                        emu_x_load(g, a, sg, N, ntile, nch);
+                        if (g->ws) emu_w_load(g, a, sg, N, ntile, nq, nch);
+                    }
                     for (int warp = 0; warp < BT_WARPS; warp++) {
                         BtWalk it;
                         for (bt_walk_begin(&it, bt_s1_per(g), warp, BT_WARPS); it.o < gcount; bt_walk_next(&it)) {
@@ -275,7 +316,8 @@ static void emulate(const BtGeom *gp, int grid, int N, Args *a, Smem *err_out, c
                             frag_zero(acc);
                             for (int kk = 0; kk < g->ks1; kk++) {
                                 frag_load_smem(A, &S, g->off_x + 2 * bt_s1_a(g, mt, gl, kk), g->xld, warp);
-                                frag_load_global(B, a, a->W0, a->nW0, w0o + bt_s1_b(g, q, g0 + gl, kk, nt), g->fr, "W0 read out of range");
+                                if (g->ws) frag_load_smem(B, &S, g->off_w + 2 * bt_s1_bs(g, gl, kk, nt), g->wld, warp);
+                                else frag_load_global(B, a, a->W0, a->nW0, w0o + bt_s1_b(g, q, g0 + gl, kk, nt), g->fr, "W0 read out of range");
                                 frag_mma(acc, A, B);
                             }
                             const int stg = bt_stg_off(g, warp);
@@ -442,15 +484,18 @@ static void emulate_and_check(const char *name, const BtGeom *g, int grid, int N
     }
 }
 
+// 1: the cases run the W0-staged kernel (btt_tiles.h, ws)
+static int g_ws = 0;
+
 // pg: phi blocks per group (P: one group, the whole z tile)
 static void test_case(int A, int G, int P, int E, int R, int tm, int pg, int N, int grid, int with_bias, int save_z) {
     BTTShape s;
     btt_shape(&s, A, G, P, E, R);
     BtGeom g;
     char name[200];
-    snprintf(name, sizeof(name), "%d->%d (alpha %d gamma %d phi %d eps %d rank %d) tm %d, %d groups of %d, N %d grid %d%s%s", s.d_in,
-             s.d_out, A, G, P, E, R, tm, P / pg, pg, N, grid, with_bias ? " bias" : "", save_z ? " z" : "");
-    if (!check_true(bt_geom_pg(&g, A, G, P, E, R, tm, pg), name, "bt_geom_pg rejected the shape")) return;
+    snprintf(name, sizeof(name), "%s%d->%d (alpha %d gamma %d phi %d eps %d rank %d) tm %d, %d groups of %d, N %d grid %d%s%s",
+             g_ws ? "W0 staged: " : "", s.d_in, s.d_out, A, G, P, E, R, tm, P / pg, pg, N, grid, with_bias ? " bias" : "", save_z ? " z" : "");
+    if (!check_true(bt_geom_pgw(&g, A, G, P, E, R, tm, pg, g_ws), name, "bt_geom_pgw rejected the shape")) return;
     const size_t nx = (size_t)N * s.d_in, ny = (size_t)N * s.d_out, nz = btt_z_size(&s, N);
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s);
     float *x = rand_bf16(nx, 1.0f), *W0 = rand_bf16(n0, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1, 1.0f / sqrtf((float)(G * R)));
@@ -485,9 +530,9 @@ static void test_seg_case(int A, int G, int P, int E, int tm, int pg, int K, con
     int NK = 0;
     for (int e = 0; e < S; e++) NK += counts[e];
     const int N = NK / K;
-    snprintf(name, sizeof(name), "segmented: %d experts %d->%d (alpha %d gamma %d phi %d eps %d) tm %d, %d groups, N %d K %d grid %d", S,
-             s.d_in, s.d_out, A, G, P, E, tm, P / pg, N, K, grid);
-    if (!check_true(N * K == NK && bt_geom_pg(&g, A, G, P, E, 1, tm, pg), name, "bad case")) return;
+    snprintf(name, sizeof(name), "%ssegmented: %d experts %d->%d (alpha %d gamma %d phi %d eps %d) tm %d, %d groups, N %d K %d grid %d",
+             g_ws ? "W0 staged: " : "", S, s.d_in, s.d_out, A, G, P, E, tm, P / pg, N, K, grid);
+    if (!check_true(N * K == NK && bt_geom_pgw(&g, A, G, P, E, 1, tm, pg, g_ws), name, "bad case")) return;
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = (size_t)g.zrow;
     float *x = rand_bf16((size_t)N * s.d_in, 1.0f), *W0 = rand_bf16(n0 * S, 1.0f / sqrtf((float)A)), *W1 = rand_bf16(n1 * S, 1.0f / sqrtf((float)G));
     int *order = (int *)mallocCheck(sizeof(int) * NK), *offsets = (int *)mallocCheck(sizeof(int) * (S + 1));
@@ -595,7 +640,7 @@ static void test_choose(void) {
     };
     for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
         BtGeom g;
-        int ok = bt_choose(&g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim, 0, c[i].whole_z);
+        int ok = bt_choose(&g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim, 0, c[i].whole_z, 0);
         char why[100];
         snprintf(why, sizeof(why), "got %s tm %d pg %d", ok ? "" : "nothing,", ok ? g.tm : 0, ok ? g.pg : 0);
         check_true(ok ? g.tm == c[i].tm && g.pg == c[i].pg : c[i].tm == 0, c[i].what, why);
@@ -609,14 +654,34 @@ static void test_choose(void) {
     // 16384->4096: x chunks of 4 g blocks (the BT_XVEC cap, 32 * 4 * 128 / 8 = 2048 vectors = 8 per
     // thread), so each chunk has gc * mt * nt1 = 4 * 2 * 1 = 8 stage-1 items, one per warp; z tile
     // 32 x 2056 x 2 = 131,584 B + x chunk 32 x 520 x 2 = 33,280 B + staging 10,240 B = 175,104 B
-    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0) && g.gc == 4 && bt_s1_items(&g) == BT_WARPS && g.smem_bytes == 175104,
+    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0, 0) && g.gc == 4 && bt_s1_items(&g) == BT_WARPS && g.smem_bytes == 175104,
                "bt_choose: 16384->4096 takes x chunks of 4 g blocks, a stage-1 item per warp, 175,104 B", "differs");
+    // W0 staged: the chunk's W0 slice (gc alpha rows of pg rho + 8) adds to shared memory, and caps gc
+    // at BT_WVEC vectors per thread. 768->3072 r1 at (64, 32): gc 4, 64 rows x 40 x 2 = 5,120 B more
+    // (222,208 B: still fits the H100); wld 40 = 80 bytes, rows 16 x 5 bytes apart.
+    check_true(bt_choose(&g, 16, 48, 32, 96, 1, h100, 0, 0, 1) && g.tm == 64 && g.pg == 32 && g.gc == 4 && g.wld == 40 &&
+                   g.smem_bytes == 217088 + 5120,
+               "bt_choose, W0 staged: 768->3072 rank 1, H100: tm 64, one group, W0 chunk 64 x 40, 222,208 B", "differs");
+    // 16384->4096 (alpha 128): the W0 slice of 4 g blocks is 512 rows x 16 columns = 1,024 vectors,
+    // exactly BT_WVEC (4) per thread; alpha 256 with pg*rho 32 caps gc at 1 (1,024 vectors)
+    check_true(bt_geom_pgw(&g, 128, 128, 64, 64, 1, 32, 16, 1) && g.gc == 4, "bt_geom_pgw, W0 staged: 16384->4096 keeps gc 4", "differs");
+    check_true(bt_geom_pgw(&g, 256, 16, 32, 16, 1, 16, 32, 1) && g.gc == 1, "bt_geom_pgw, W0 staged: alpha 256 x 32 columns caps gc at 1",
+               "differs");
+    check_true(!bt_geom_pgw(&g, 256, 16, 128, 16, 1, 16, 128, 1), "bt_geom_pgw, W0 staged: refuses a g block's slice over BT_WVEC vectors",
+               "accepted");
 }
 
+static void run_cases(void);
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_walk();
     test_choose();
+    for (g_ws = 0; g_ws <= 1; g_ws++) run_cases();
+    return test_summary();
+}
+
+// every case, with the kernel as g_ws says
+static void run_cases(void) {
     // (alpha, gamma, phi, eps, rank): GPT-2 small's shapes at every tile size, N not a multiple
     // of tm (a partial last tile), grids smaller than the tile count (blocks loop over tiles)
     test_case(16, 48, 32, 96, 1, 64, 32, 2 * 64 + 7, 2, 1, 1);  // 768 -> 3072 rank 1
@@ -655,5 +720,4 @@ int main(void) {
     const int c3[3] = {1, 2, 3};                            // 6 pairs = 2 tokens top-3
     test_seg_case(16, 32, 16, 32, 16, 16, 3, c3, 3, 8);        // 512 -> 512, grid larger than the tiles
     test_seg_case(16, 48, 32, 96, 64, 16, 2, c8, 8, 3);        // 768 -> 3072 experts in 2 groups (A100's rank-1 default)
-    return test_summary();
 }

@@ -2,7 +2,7 @@
 # test_fused_ptx.sh: what only nvcc's PTX can show about the fused kernels (structured/btt_fused.cuh,
 # monarch_fused.cuh, cuda/flash_attention.cuh), for sm_80, sm_90 and sm_100 (tests/fused_ptx.cu):
 #  1. btt_fused.cuh loads wmma fragments with inline PTX (wmma.load with the .shared or .global
-#     state space, so that the A load becomes one ldmatrix). The CPU simulator builds it with
+#     state space, so that the A load, and the B load from the staged W0, become one ldmatrix). The CPU simulator builds it with
 #     wmma::load_matrix_sync instead (BT_WMMA_GENERIC), so only the PTX can show that the inline
 #     loads fill the fragment's registers as load_matrix_sync does: for the A and B loads, the
 #     wmma instructions of a load_matrix_sync kernel and of ours must be the same once the state
@@ -35,10 +35,11 @@ for arch in 80 90 100; do
         bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc.log")"
         continue
     fi
-    for op in a b; do
-        ours=$(wmma_of "$ptx" "_Z6ours_${op}P")
-        gen=$(wmma_of "$ptx" "_Z9generic_${op}P")
-        space=$([ $op = a ] && echo shared || echo global)
+    for op in a b bs; do  # bs: the B load from shared memory (the W0-staged kernel)
+        ours=$(wmma_of "$ptx" "_Z$((5 + ${#op}))ours_${op}P")  # mangled: the name's length, the name, its first parameter
+        gen=$(wmma_of "$ptx" "_Z$((8 + ${#op}))generic_${op}P")
+        space=$([ $op = b ] && echo global || echo shared)
+        op=${op:0:1}
         if [ -z "$ours" ] || [ "$(echo "$ours" | grep -c 'wmma.load')" -ne 1 ] || [ "$(echo "$ours" | grep -c 'wmma.mma')" -ne 1 ]; then
             bad "sm_$arch: the $op load's kernel" "expected one wmma.load and one wmma.mma, got: $(echo "$ours" | head -3)"
         elif ! grep -q "wmma.load.$op.sync.aligned.row.m16n16k16.$space.bf16" "$ptx"; then
@@ -54,8 +55,8 @@ for arch in 80 90 100; do
     stores=$(awk -v kre="$kre" '/\.entry/ {name = $3} /^[ \t]*st\.global/ && name ~ kre {print $1}' "$ptx" | grep -v '^st\.global\.f32$')
     kernels=$(grep -cE "\.entry _Z[0-9]+$kre" "$ptx")
     narrow=$(echo "$stores" | grep -vE '^st\.global(\.wb)?\.v4\.(u32|b32)$' | sort | uniq -c | tr -s ' \n' ' ')
-    if [ "$kernels" -ne 27 ] || [ -z "$stores" ]; then
-        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 27: BTT 9, Monarch 3 + 3, flash 4 x 3) and $(echo "$stores" | grep -c .) stores"
+    if [ "$kernels" -ne 36 ] || [ -z "$stores" ]; then
+        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 36: BTT 9 x 2, Monarch 3 + 3, flash 4 x 3) and $(echo "$stores" | grep -c .) stores"
     elif [ -z "$narrow" ]; then
         ok "sm_$arch: all $(echo "$stores" | grep -c .) bf16 global stores of the $kernels fused kernel instantiations (BTT, Monarch, flash attention) are 16-byte (st.global.v4)"
     else

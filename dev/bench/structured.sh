@@ -120,12 +120,13 @@ $1 != "RESULT" { next }
     n++
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
-    base = S[n]; sub(/_fused$/, "", base)  # a fused row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws)$/, "", base)  # a fused row is the same layer as PyTorch computes it
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
     shape = DIN[n] "/" DOUT[n]
     if (S[n] == "btt_r2") R2[shape] = MS[n]
     if (S[n] == "btt_r2_fused") R2F[shape] = MS[n]
+    if (S[n] == "btt_r2_ws") R2W[shape] = MS[n]
 }
 END {
     printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
@@ -149,8 +150,9 @@ END {
         if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
             n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
         }
-        if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F))) {
-            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[DIN[i] "/" DOUT[i]] : R2F[DIN[i] "/" DOUT[i]])
+        if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
+            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W))) {
+            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[DIN[i] "/" DOUT[i]] : S[i] == "btt_moe_8x2_fused" ? R2F[DIN[i] "/" DOUT[i]] : R2W[DIN[i] "/" DOUT[i]])
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }
@@ -186,13 +188,15 @@ for c in scripts/configs/gpt2_124M*.conf; do
 done
 printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
-runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels) and, where they
+runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels), -sk 2 where
+         # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged) and, where they
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
          # weights) and -sm 2 (those that structured/exec_model.h models faster so)
 for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
     runs+=("$conf|-sk 1")
+    grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2")
     grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2")
 done
 for run in "${runs[@]}"; do

@@ -4,6 +4,9 @@
 //   v2  fused: btt_backward_gpu with -sk 1: the cores transposed (two small kernels), then dx and dZ
 //       from ONE launch of btt_fused.cuh's kernel on dy (the forward of the transposed BTT, btt.h),
 //       then the same dW GEMMs
+//   v3  v2 with the fused kernel's W0 staged in shared memory (-sk 2; btt_tiles.h ws): the
+//       transposed BTT's W0 is W1ᵀ, whose stage 1 has K = eps (96 at 768 -> 3072: 6 k-steps of B
+//       fragments from L2 per item in v2)
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
 // rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors.
@@ -23,7 +26,7 @@
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 2
+#define NV 3
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, rank; } Case;
@@ -86,9 +89,10 @@ int main(int argc, char **argv) {
         float ms[NV + 1] = {0};
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            g_st_fused = ver == 2;
-            if (ver == 2 && !btt_fused_supported(&ts, btt_fused_smem_limit())) {
-                printf("   v2: the fused kernel does not take the transposed shape here; the trainer falls back to v1\n");
+            g_st_fused = ver >= 2 ? ver - 1 : 0;
+            g_btt_wstage = ver == 3;
+            if (ver >= 2 && !btt_fused_supported(&ts, btt_fused_smem_limit())) {
+                printf("   v%d: the fused kernel does not take the transposed shape here; the trainer falls back to v1\n", ver);
                 continue;
             }
             int ran = -1;
@@ -98,7 +102,7 @@ int main(int argc, char **argv) {
             cudaCheck(cudaMemset(d_dW1, 0, n1 * sizeof(floatX)));
             run(Nc);
             cudaCheck(cudaDeviceSynchronize());
-            if (ran != (ver == 2)) { g_dev_fail++; printf("FAIL v%d: btt_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
+            if (ran != (ver >= 2)) { g_dev_fail++; printf("FAIL v%d: btt_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
             float *gdx = dev_download_bf16(d_dx, (size_t)Nc * din), *g0 = dev_download_bf16(d_dW0, n0), *g1 = dev_download_bf16(d_dW1, n1);
             snprintf(what, sizeof(what), "v%d %d->%d r%d dx", ver, din, dout, s.rank);
             float e = dev_check_bounded(what, gdx, dxr, e_dx, (size_t)Nc * din);
@@ -112,9 +116,11 @@ int main(int argc, char **argv) {
             dev_report(what, ver, ms[ver], bytes, flops, fmaxf(e, fmaxf(e_0, e_1)));
         }
         g_st_fused = 0;
+        g_btt_wstage = 0;
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
+        if (ms[3] > 0) printf("   ratio dense / W0 staged (v3): %.2fx; speedup v3 over baseline (v1): %.2fx\n", ms_dense / ms[3], ms[1] > 0 ? ms[1] / ms[3] : 0.0);
         void *dev[] = {d_x, d_dy, d_W0, d_W1, d_wd, d_y, d_z, d_dx, d_dW0, d_dW1, d_dwd, d_s};
         for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
         free(x); free(dy); free(W0); free(W1); free(wd); free(xa); free(dya); free(W0a); free(W1a); free(yr); free(zr); free(za);

@@ -9,6 +9,10 @@
 //   v3, v4, v5: the fused kernel with tm forced to 16, 32, 64 (tuning; skipped where it does not fit)
 //   v6  the fused kernel with the rule before groups (g_btt_whole_z: the largest tm whose whole z
 //       tile fits; nothing at 4096 -> 16384), to measure what the model's geometry gains
+//   v7  the fused kernel with W0 staged (g_btt_wstage, the trainer's -sk 2; btt_tiles.h ws): each x
+//       chunk's slice of W0 goes to shared memory with the chunk, stage 2 prefetches an item's
+//       first W1 fragments during the item before
+//   v8  v7 with tm forced to 16 (more blocks per SM: v3 was the fastest at 3072 -> 768 on an H200)
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
 // checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
@@ -35,7 +39,7 @@
 #include "structured/btt_fused.cuh"
 #include "structured/structured.cuh"
 
-#define NV 6
+#define NV 8
 #define U_BF16 (1.0 / 256.0)
 
 // every stride-th index below n, and n - 1
@@ -123,7 +127,7 @@ int main(int argc, char **argv) {
 
         const double flops = 2.0 * N * (double)(n0 + n1);
         const double bytes_noz = 2.0 * ((double)NX + n0 + n1 + dout + NY), bytes_z = bytes_noz + 2.0 * NZ;
-        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f;
+        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f, ms_ws = 0.0f;
         char what[200];
 
         // dense cuBLASLt, the same shape (w: d_out x d_in): the time to beat
@@ -134,12 +138,14 @@ int main(int argc, char **argv) {
 
         for (int ver = 1; ver <= NV; ver++) {
             if (v && ver != v) continue;
-            const int tm_force = ver == 3 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0;
+            const int tm_force = ver == 3 || ver == 8 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0, wstage = ver >= 7;
             if (ver >= 2) {
                 BtGeom g;
                 g_btt_whole_z = ver == 6;
+                g_btt_wstage = wstage;
                 const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), tm_force);
                 g_btt_whole_z = 0;
+                g_btt_wstage = 0;
                 if (!ok) {
                     printf("   v%d: fused%s tm %d not supported here (shared memory); the caller falls back to v1\n", ver,
                            ver == 6 ? " (whole z tile)" : "", tm_force);
@@ -155,8 +161,10 @@ int main(int argc, char **argv) {
                     btt_forward_gpu(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, d_t1);
                 } else {
                     g_btt_whole_z = ver == 6;
+                    g_btt_wstage = wstage;
                     const int ran = btt_forward_fused_tm(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, tm_force);
                     g_btt_whole_z = 0;
+                    g_btt_wstage = 0;
                     if (!ran) {
                         fprintf(stderr, "error: btt_forward_fused_tm refused tm %d\n", tm_force);
                         exit(EXIT_FAILURE);
@@ -184,6 +192,7 @@ int main(int argc, char **argv) {
             if (ver == 1) ms_base = ms;
             if (ver == 2) ms_fused = ms;
             if (ver == 6) ms_whole = ms;
+            if (ver == 7) ms_ws = ms;
             if (ver == 1) continue;  // the baseline always writes z
 
             // without z (inference)
@@ -228,6 +237,7 @@ int main(int argc, char **argv) {
             printf("   ratio dense / fused (v2, saving z): %.2fx;  without z: %.2fx\n", ms_dense / ms_fused, ms_dense / ms_fused_noz);
             if (ms_base > 0) printf("   speedup fused (v2, saving z) over baseline (v1): %.2fx\n", ms_base / ms_fused);
             if (ms_whole > 0) printf("   speedup model geometry (v2) over the whole-z rule (v6), saving z: %.2fx\n", ms_whole / ms_fused);
+            if (ms_ws > 0) printf("   speedup W0 staged (v7) over v2, saving z: %.2fx; ratio dense / v7: %.2fx\n", ms_fused / ms_ws, ms_dense / ms_ws);
         }
 
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));

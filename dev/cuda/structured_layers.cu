@@ -14,6 +14,8 @@
 //                 forward and backward dx for Monarch; only where the kernels support the shape.
 //                 A BTT or BTT-MoE row's description gives the kernel's tile rows x groups of
 //                 output blocks, forward and backward (btt_tiles.h, bt_choose)
+//   *_ws          the BTT and BTT-MoE fused rows with the trainer's -sk 2: btt_fused.cuh's kernel with
+//                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
 //   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
 //                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
 //                 materialization's
@@ -47,7 +49,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 24  // 7 layers, up to 6 fused ones and 5 dense-executed ones
+#define MAX_CASES 24  // 7 layers, up to 6 fused ones, 4 with W0 staged and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -89,7 +91,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
-    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh)
+    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged
     int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
 } Case;
 
@@ -180,6 +182,32 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_fused", c[i].name);
         n++;
     }
+    // the fused BTT and BTT-MoE rows again with W0 staged (-sk 2), where that geometry fits too
+    for (int i = 0, n0 = n; i < n0; i++) {
+        const LinearSpec *s = &c[i].spec;
+        if (c[i].fused != 1 || (s->kind != STRUCT_BTT && s->kind != STRUCT_BTT_MOE)) continue;
+        LinearSpec full = *s;
+        full.d_in = din;
+        full.d_out = dout;
+        BTTShape b;
+        if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
+        else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
+        const BTTShape bt = btt_shape_transposed(&b);
+        BtGeom gf = {}, gb = {};
+        g_btt_wstage = 1;
+        const int ok = btt_fused_geom(&gf, &b, btt_fused_smem_limit(), 0), okb = btt_fused_geom(&gb, &bt, btt_fused_smem_limit(), 0);
+        g_btt_wstage = 0;
+        if (!ok) continue;
+        c[n] = c[i];
+        c[n].fused = 2;
+        char base[40];
+        snprintf(base, sizeof(base), "%.31s", c[i].name);
+        base[strlen(base) - strlen("_fused")] = '\0';
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_ws", base);
+        if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
+        else snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d (fwd only)", gf.tm, gf.npg);
+        n++;
+    }
     // BTT and Monarch as dense GEMMs on their materialized weight (-sm 1)
     for (int i = 0, n0 = n; i < n0; i++) {
         if (c[i].fused || (c[i].spec.kind != STRUCT_BTT && c[i].spec.kind != STRUCT_MONARCH)) continue;
@@ -238,7 +266,8 @@ static void usage(void) {
     printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-c 0|1] [--probe]\n"
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
-           "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
+           "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
+           "      staged, btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
@@ -291,6 +320,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
     const int N = r->N, din = r->din, dout = r->dout, CR = CHECK_ROWS;
     const int check = a->check;
     g_st_fused = cs->fused;
+    g_btt_wstage = cs->fused == 2;
     float *cx = NULL, *ref = (float *)callocCheck((size_t)CR * dout, sizeof(float)), *gpu = NULL;
     int *skip = NULL, ok = 1;
     double worst = 0.0;
@@ -446,6 +476,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
     }
     cudaCheck(cudaDeviceSynchronize());
     g_st_fused = 0;
+    g_btt_wstage = 0;
     *checked = check;
     free(cx); free(ref); free(gpu); free(skip);
     return ok;

@@ -200,6 +200,12 @@ b=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 1 2>&1 | los
 awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
     && ok "structured: -sk 1 (fused BTT, segmented BTT-MoE experts, fused Monarch) matches -sk 0 (losses $b / $a)" || bad "-sk 1" "losses '$b' vs '$a'"
+# -sk 2: the same with the BTT kernel's W0 staged in shared memory; the banner says so
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 2 2>&1)
+b2=$(echo "$out" | losses | tr '\n' ' ')
+awk -v a="$a" -v b="$b2" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "W0 staged" \
+    && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
 awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
