@@ -599,77 +599,140 @@ static void btt_weight_backward_gpu(floatX *dW0, floatX *dW1, const floatX *dW, 
     cudaCheckLaunch();
 }
 
-// Monarch's W straight from R and L: output column i nb + l reads u element r nb + l, which is
-// element j = r nb + l - k q of input block k's stage 1, so element (k p + c, i nb + l) is the sum
-// over the r whose u element lies in block k, Σ_r L[l, i, r] R[k, j, c] (q / nb terms, at least
-// one when q >= nb; none for some blocks when q < nb). One thread per element, a row of W per
-// grid row; R and L are read from cache.
+// Monarch's W straight from R and L. Output column i nb + l reads u element r nb + l, which lies in
+// input block k's stage 1 (element j = r nb + l - k q of it) for the r of [lo, hi) that
+// monarch_r_range gives for (k, l) (q / nb of them, at least one when q >= nb; none for some
+// blocks when q < nb). So for each pair (k, l) of an input block and an output column class:
+//   W[k p + c, i nb + l]  = Σ_r L[l, i, r] R[(r nb + l) p + c]              (a product over r)
+//   dR[(r nb + l) p + c] += Σ_i L[l, i, r] dW[k p + c, i nb + l]            (over i)
+//   dL[l, i, r]          += Σ_c dW[k p + c, i nb + l] R[(r nb + l) p + c]   (over c)
+// Each is a small product per (k, l), computed by blocks of MW_T x 8 threads over MW_T x MW_T
+// tiles of the output (thread (tx, ty): column tx, rows ty + 8u, u < MW_T / 8), both operands
+// staged through shared memory in chunks of MW_T along the sum with coalesced loads (each load's
+// lanes along the operand's contiguous index: R's c, L's r, dW's i nb + l, nb elements apart),
+// fp32 sums in a fixed order (deterministic). Until 2026-12-05 one thread per output element
+// walked its own rows of L and R, each warp load touching 32 rows (dev/cuda/structured_weight v2).
 __device__ __forceinline__ void monarch_r_range(int k, int l, int q, int nb, int *lo, int *hi) {
     const int a = k * q - l, b = (k + 1) * q - l;  // r nb in [a, b)
     *lo = a > 0 ? (a + nb - 1) / nb : 0;
     *hi = b > 0 ? (b + nb - 1) / nb : 0;
     if (*hi > q) *hi = q;
 }
+#define MW_T 32
+#define MW_ROWS (MW_T / 8)  // output rows per thread
 
-__global__ void monarch_weight_kernel(floatX *W, int ldw, const floatX *R, const floatX *L, int nb, int p, int s, int q) {
-    const int o = blockIdx.x * blockDim.x + threadIdx.x, in = blockIdx.y;
-    if (o >= nb * s) return;
-    const int k = in / p, c = in % p, i = o / nb, l = o % nb;
+// blockIdx: x i tile, y c tile, z = k nb + l. W overwritten (zeros where (k, l) meet in no u element).
+__global__ void __launch_bounds__(MW_T * 8) monarch_weight_kernel(floatX *W, int ldw, const floatX *R, const floatX *L, int nb, int p, int s, int q) {
+    __shared__ float Ls[MW_T][MW_T + 1], Rs[MW_T][MW_T + 1];  // [i][r], [r][c]
+    const int tx = threadIdx.x, ty = threadIdx.y, k = blockIdx.z / nb, l = blockIdx.z % nb;
+    const int i0 = blockIdx.x * MW_T, c0 = blockIdx.y * MW_T;
     int lo, hi;
     monarch_r_range(k, l, q, nb, &lo, &hi);
-    const floatX *lrow = L + ((size_t)l * s + i) * q;
-    float acc = 0.0f;
-    for (int r = lo; r < hi; r++) acc += (float)lrow[r] * (float)R[((size_t)k * q + (r * nb + l - k * q)) * p + c];
-    W[(size_t)in * ldw + o] = (floatX)acc;
-}
-
-// dR[k, j, c] += Σ_i dW[k p + c, i nb + l] L[l, i, r] for r nb + l = k q + j: a warp per row of dW
-// (k, c) and column class l, its lanes along i, one warp sum per r of the class.
-__global__ void monarch_weight_backward_r_kernel(floatX *dR, const floatX *dW, int ldw, const floatX *L, int nb, int p, int s, int q) {
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
-    if (warp >= nb * p * nb) return;
-    const int in = warp / nb, l = warp % nb, k = in / p, c = in % p;
-    int lo, hi;
-    monarch_r_range(k, l, q, nb, &lo, &hi);
-    const floatX *dw = dW + (size_t)in * ldw + l;
-    for (int r = lo; r < hi; r++) {
-        const floatX *lcol = L + (size_t)l * s * q + r;
-        float acc = 0.0f;
-        for (int i = lane; i < s; i += 32) acc += (float)dw[(size_t)i * nb] * (float)lcol[(size_t)i * q];
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) {
-            floatX *out = dR + ((size_t)k * q + (r * nb + l - k * q)) * p + c;
-            *out = (floatX)((float)*out + acc);
+    float acc[MW_ROWS] = {};
+    for (int r0 = lo; r0 < hi; r0 += MW_T) {
+        for (int u = 0; u < MW_ROWS; u++) {
+            const int a = ty + 8 * u;  // Ls row i0 + a, Rs row r0 + a; lane tx along r, resp. c
+            Ls[a][tx] = i0 + a < s && r0 + tx < hi ? (float)L[((size_t)l * s + i0 + a) * q + r0 + tx] : 0.0f;
+            Rs[a][tx] = r0 + a < hi && c0 + tx < p ? (float)R[((size_t)(r0 + a) * nb + l) * p + c0 + tx] : 0.0f;
         }
+        __syncthreads();
+        const int n = min(MW_T, hi - r0);
+        for (int t = 0; t < n; t++) {
+            const float lv = Ls[tx][t];  // this thread's i = i0 + tx
+#pragma unroll
+            for (int u = 0; u < MW_ROWS; u++) acc[u] += lv * Rs[t][ty + 8 * u];
+        }
+        __syncthreads();
     }
+    if (i0 + tx < s)
+        for (int u = 0; u < MW_ROWS; u++)
+            if (c0 + ty + 8 * u < p) W[(size_t)(k * p + c0 + ty + 8 * u) * ldw + (size_t)(i0 + tx) * nb + l] = (floatX)acc[u];
 }
 
-// dL[l, i, r] += Σ_c dW[k p + c, i nb + l] R[k, j, c] for k q + j = r nb + l: a thread per (r, column
-// i nb + l), neighbouring threads on neighbouring columns of dW's rows.
-__global__ void monarch_weight_backward_l_kernel(floatX *dL, const floatX *dW, int ldw, const floatX *R, int nb, int p, int s, int q) {
-    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (size_t)q * nb * s) return;
-    const int o = (int)(t % ((size_t)nb * s)), r = (int)(t / ((size_t)nb * s)), i = o / nb, l = o % nb;
-    const int u = r * nb + l, k = u / q, j = u % q;
-    const floatX *dw = dW + (size_t)k * p * ldw + o, *rrow = R + ((size_t)k * q + j) * p;
-    float acc = 0.0f;
-    for (int c = 0; c < p; c++) acc += (float)dw[(size_t)c * ldw] * (float)rrow[c];
-    floatX *out = dL + ((size_t)l * s + i) * q + r;
-    *out = (floatX)((float)*out + acc);
+// blockIdx: x c tile, y r tile (from lo), z = k nb + l.
+__global__ void __launch_bounds__(MW_T * 8) monarch_weight_backward_r_kernel(floatX *dR, const floatX *dW, int ldw, const floatX *L, int nb, int p, int s, int q) {
+    __shared__ float Ls[MW_T][MW_T + 1], Ds[MW_T][MW_T + 1];  // [i][r], [i][c]
+    const int tx = threadIdx.x, ty = threadIdx.y, k = blockIdx.z / nb, l = blockIdx.z % nb, c0 = blockIdx.x * MW_T;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const int r0 = lo + blockIdx.y * MW_T;
+    if (r0 >= hi) return;  // uniform over the block
+    float acc[MW_ROWS] = {};
+    for (int i0 = 0; i0 < s; i0 += MW_T) {
+        for (int u = 0; u < MW_ROWS; u++) {
+            const int a = ty + 8 * u;  // Ls row i0 + a (lane tx along r); Ds column c0 + a (lane tx along i)
+            Ls[a][tx] = i0 + a < s && r0 + tx < hi ? (float)L[((size_t)l * s + i0 + a) * q + r0 + tx] : 0.0f;
+            Ds[tx][a] = i0 + tx < s && c0 + a < p ? (float)dW[(size_t)(k * p + c0 + a) * ldw + (size_t)(i0 + tx) * nb + l] : 0.0f;
+        }
+        __syncthreads();
+        const int n = min(MW_T, s - i0);
+        for (int t = 0; t < n; t++) {
+            const float dv = Ds[t][tx];  // this thread's c = c0 + tx
+#pragma unroll
+            for (int u = 0; u < MW_ROWS; u++) acc[u] += Ls[t][ty + 8 * u] * dv;
+        }
+        __syncthreads();
+    }
+    if (c0 + tx < p)
+        for (int u = 0; u < MW_ROWS; u++) {
+            const int r = r0 + ty + 8 * u;
+            if (r < hi) {
+                floatX *out = dR + ((size_t)r * nb + l) * p + c0 + tx;
+                *out = (floatX)((float)*out + acc[u]);
+            }
+        }
 }
+
+// blockIdx: x r tile (from lo), y i tile, z = k nb + l.
+__global__ void __launch_bounds__(MW_T * 8) monarch_weight_backward_l_kernel(floatX *dL, const floatX *dW, int ldw, const floatX *R, int nb, int p, int s, int q) {
+    __shared__ float Ds[MW_T][MW_T + 1], Rs[MW_T][MW_T + 1];  // [c][i], [c][r]
+    const int tx = threadIdx.x, ty = threadIdx.y, k = blockIdx.z / nb, l = blockIdx.z % nb, i0 = blockIdx.y * MW_T;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const int r0 = lo + blockIdx.x * MW_T;
+    if (r0 >= hi) return;  // uniform over the block
+    float acc[MW_ROWS] = {};
+    for (int c0 = 0; c0 < p; c0 += MW_T) {
+        for (int u = 0; u < MW_ROWS; u++) {
+            const int a = ty + 8 * u;  // Ds row c0 + a (lane tx along i); Rs column r0 + a (lane tx along c)
+            Ds[a][tx] = c0 + a < p && i0 + tx < s ? (float)dW[(size_t)(k * p + c0 + a) * ldw + (size_t)(i0 + tx) * nb + l] : 0.0f;
+            Rs[tx][a] = r0 + a < hi && c0 + tx < p ? (float)R[((size_t)(r0 + a) * nb + l) * p + c0 + tx] : 0.0f;
+        }
+        __syncthreads();
+        const int n = min(MW_T, p - c0);
+        for (int t = 0; t < n; t++) {
+            const float rv = Rs[t][tx];  // this thread's r = r0 + tx
+#pragma unroll
+            for (int u = 0; u < MW_ROWS; u++) acc[u] += Ds[t][ty + 8 * u] * rv;
+        }
+        __syncthreads();
+    }
+    if (r0 + tx < hi)
+        for (int u = 0; u < MW_ROWS; u++) {
+            const int i = i0 + ty + 8 * u;
+            if (i < s) {
+                floatX *out = dL + ((size_t)l * s + i) * q + r0 + tx;
+                *out = (floatX)((float)*out + acc[u]);
+            }
+        }
+}
+
+// The r tiles of the largest (k, l) range: ceil(q / nb) + 1 values of r at most.
+static inline int monarch_r_tiles(const MonarchShape *m) { return ceil_div_i(m->q / m->nb + 2, MW_T); }
 
 static void monarch_weight_gpu(floatX *W, int ldw, const MonarchShape *m, const floatX *R, const floatX *L) {
-    const dim3 grid(ceil_div_i(m->d_out, 256), m->d_in);
-    monarch_weight_kernel<<<grid, 256>>>(W, ldw ? ldw : m->d_out, R, L, m->nb, m->p, m->s, m->q);
+    const dim3 grid(ceil_div_i(m->s, MW_T), ceil_div_i(m->p, MW_T), m->nb * m->nb), block(MW_T, 8);
+    monarch_weight_kernel<<<grid, block>>>(W, ldw ? ldw : m->d_out, R, L, m->nb, m->p, m->s, m->q);
     cudaCheckLaunch();
 }
 
 static void monarch_weight_backward_gpu(floatX *dR, floatX *dL, const floatX *dW, int ldw, const MonarchShape *m, const floatX *R,
                                         const floatX *L) {
     const int ld = ldw ? ldw : m->d_out;
-    monarch_weight_backward_r_kernel<<<ceil_div_i((long)m->d_in * m->nb * 32, 256), 256>>>(dR, dW, ld, L, m->nb, m->p, m->s, m->q);
+    const dim3 block(MW_T, 8);
+    monarch_weight_backward_r_kernel<<<dim3(ceil_div_i(m->p, MW_T), monarch_r_tiles(m), m->nb * m->nb), block>>>(dR, dW, ld, L, m->nb, m->p, m->s, m->q);
     cudaCheckLaunch();
-    monarch_weight_backward_l_kernel<<<ceil_div_i((long)m->q * m->d_out, 256), 256>>>(dL, dW, ld, R, m->nb, m->p, m->s, m->q);
+    monarch_weight_backward_l_kernel<<<dim3(monarch_r_tiles(m), ceil_div_i(m->s, MW_T), m->nb * m->nb), block>>>(dL, dW, ld, R, m->nb, m->p, m->s, m->q);
     cudaCheckLaunch();
 }
 

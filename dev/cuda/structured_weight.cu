@@ -3,8 +3,11 @@
 // (-sm 1, -sm 2), done in every forward and backward.
 //   v1  the plans on the d_in rows of the identity (below): W is the layer's forward of I, the
 //       gradients its weight backward with dy = dW; the trainer's way until 2026-12-04
-//   v2  straight from the cores (structured.cuh: btt_weight_gpu, monarch_weight_gpu and their
-//       _backward_gpu): one kernel writes W, two read dW once each; the trainer's
+//   v2  straight from the cores: one kernel writes W, two read dW once each (structured.cuh's
+//       btt_weight_gpu and its backward; Monarch: one thread per output element, below)
+//   v3  Monarch only (BTT's are v2's): the trainer's since 2026-12-05 (structured.cuh:
+//       monarch_weight_gpu and its backward), a tiled product per (input block, output column
+//       class), operands through shared memory with coalesced loads
 // Each is checked against the DESIGN.md formulas on the CPU in double, walking the layer's
 // intermediate elements (BTT: z[g, f, s]; Monarch: u[k q + j]) and adding each one's products,
 //   BTT      W[g α + a, f ε + e]  += W0[g, a, f ρ + s] W1[f, g ρ + s, e]
@@ -15,13 +18,76 @@
 // x W at N rows (the work they are added to).
 //
 // Build: make -C dev/cuda structured_weight
-// Run:   ./dev/cuda/structured_weight [version: 0 all, 1, 2] [largest d_in, default 4096] [N, default 32768]
+// Run:   ./dev/cuda/structured_weight [version: 0 all, 1, 2, 3] [largest d_in, default 4096] [N, default 32768]
 #include "harness.cuh"
 #include "structured/structured.cuh"
 
 typedef struct {
     int kind, d_in, d_out, rank_or_blocks;
 } WCase;
+
+// ----------------------------------------------------------------------------------------------
+// v2's Monarch kernels (the trainer's 2026-12-04 .. 05): one thread (dR: one warp) per output
+// element, walking its own rows of L and R (or dW) with the sum's index, so each warp load touches
+// up to 32 rows. (v2's BTT kernels are the trainer's: btt_weight_gpu and its backward.)
+
+__global__ void v2_monarch_weight_kernel(floatX *W, int ldw, const floatX *R, const floatX *L, int nb, int p, int s, int q) {
+    const int o = blockIdx.x * blockDim.x + threadIdx.x, in = blockIdx.y;
+    if (o >= nb * s) return;
+    const int k = in / p, c = in % p, i = o / nb, l = o % nb;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const floatX *lrow = L + ((size_t)l * s + i) * q;
+    float acc = 0.0f;
+    for (int r = lo; r < hi; r++) acc += (float)lrow[r] * (float)R[((size_t)k * q + (r * nb + l - k * q)) * p + c];
+    W[(size_t)in * ldw + o] = (floatX)acc;
+}
+
+// dR[k, j, c] += Σ_i dW[k p + c, i nb + l] L[l, i, r] for r nb + l = k q + j: a warp per row of dW
+// (k, c) and column class l, its lanes along i, one warp sum per r of the class.
+__global__ void v2_monarch_weight_backward_r_kernel(floatX *dR, const floatX *dW, int ldw, const floatX *L, int nb, int p, int s, int q) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (warp >= nb * p * nb) return;
+    const int in = warp / nb, l = warp % nb, k = in / p, c = in % p;
+    int lo, hi;
+    monarch_r_range(k, l, q, nb, &lo, &hi);
+    const floatX *dw = dW + (size_t)in * ldw + l;
+    for (int r = lo; r < hi; r++) {
+        const floatX *lcol = L + (size_t)l * s * q + r;
+        float acc = 0.0f;
+        for (int i = lane; i < s; i += 32) acc += (float)dw[(size_t)i * nb] * (float)lcol[(size_t)i * q];
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) {
+            floatX *out = dR + ((size_t)k * q + (r * nb + l - k * q)) * p + c;
+            *out = (floatX)((float)*out + acc);
+        }
+    }
+}
+
+// dL[l, i, r] += Σ_c dW[k p + c, i nb + l] R[k, j, c] for k q + j = r nb + l: a thread per (r, column
+// i nb + l), neighbouring threads on neighbouring columns of dW's rows.
+__global__ void v2_monarch_weight_backward_l_kernel(floatX *dL, const floatX *dW, int ldw, const floatX *R, int nb, int p, int s, int q) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)q * nb * s) return;
+    const int o = (int)(t % ((size_t)nb * s)), r = (int)(t / ((size_t)nb * s)), i = o / nb, l = o % nb;
+    const int u = r * nb + l, k = u / q, j = u % q;
+    const floatX *dw = dW + (size_t)k * p * ldw + o, *rrow = R + ((size_t)k * q + j) * p;
+    float acc = 0.0f;
+    for (int c = 0; c < p; c++) acc += (float)dw[(size_t)c * ldw] * (float)rrow[c];
+    floatX *out = dL + ((size_t)l * s + i) * q + r;
+    *out = (floatX)((float)*out + acc);
+}
+
+static void v2_monarch_weight(floatX *W, const MonarchShape *m, const floatX *R, const floatX *L) {
+    v2_monarch_weight_kernel<<<dim3(ceil_div_i(m->d_out, 256), m->d_in), 256>>>(W, m->d_out, R, L, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+}
+static void v2_monarch_weight_backward(floatX *dR, floatX *dL, const floatX *dW, const MonarchShape *m, const floatX *R, const floatX *L) {
+    v2_monarch_weight_backward_r_kernel<<<ceil_div_i((long)m->d_in * m->nb * 32, 256), 256>>>(dR, dW, m->d_out, L, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+    v2_monarch_weight_backward_l_kernel<<<ceil_div_i((long)m->q * m->d_out, 256), 256>>>(dL, dW, m->d_out, R, m->nb, m->p, m->s, m->q);
+    cudaCheckLaunch();
+}
 
 // ----------------------------------------------------------------------------------------------
 // v1: the plans on the identity's rows. The workspace: the identity (din, din), the plans'
@@ -139,7 +205,7 @@ static float *to_float(const double *d, size_t n) {
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int version = dev_version_arg(argc, argv, 2);
+    const int version = dev_version_arg(argc, argv, 3);
     const int max_din = argc > 2 ? atoi(argv[2]) : 4096, N = argc > 3 ? atoi(argv[3]) : 32768;
     if (max_din < 64 || N < 1) {
         fprintf(stderr, "structured_weight: the largest d_in must be at least 64 and N positive (got '%s', %d)\n", argc > 2 ? argv[2] : "", N);
@@ -204,21 +270,25 @@ int main(int argc, char **argv) {
         floatX *W0 = dev_upload_bf16(hw0, n0), *W1 = dev_upload_bf16(hw1, n1), *dW = dev_upload_bf16(hdw, nw);
         floatX *g0 = dev_upload_bf16(hg0, n0), *g1 = dev_upload_bf16(hg1, n1), *W, *ws = NULL, *x, *y;
         cudaCheck(cudaMalloc(&W, nw * sizeof(floatX)));
-        if (version != 2) cudaCheck(cudaMalloc(&ws, v1_ws_elems(c.kind, shape) * sizeof(floatX)));
+        if (version == 0 || version == 1) cudaCheck(cudaMalloc(&ws, v1_ws_elems(c.kind, shape) * sizeof(floatX)));
         cudaCheck(cudaMalloc(&x, (size_t)N * c.d_in * sizeof(floatX)));
         cudaCheck(cudaMalloc(&y, (size_t)N * c.d_out * sizeof(floatX)));
         cudaCheck(cudaMemset(x, 0, (size_t)N * c.d_in * sizeof(floatX)));
         const float dense_ms = dev_time_ms([&]() { matmul_forward(y, x, W, NULL, N, c.d_in, c.d_out, NULL, 1); });
         const double bytes = 2.0 * nw;
-        float ms[3][2] = {{0}};
-        for (int v = 1; v <= 2; v++) {
+        float ms[4][2] = {{0}};
+        for (int v = 1; v <= 3; v++) {
             if (version && v != version) continue;
+            if (v == 3 && c.kind != STRUCT_MONARCH) continue;  // BTT: v2's kernels
+            const int old_monarch = v == 2 && c.kind == STRUCT_MONARCH;
             auto fwd = [&]() {
                 if (v == 1) v1_weight(W, ws, c.kind, shape, W0, W1);
+                else if (old_monarch) v2_monarch_weight(W, &m, W0, W1);
                 else st_dense_weight(W, 0, c.kind, shape, W0, W1);
             };
             auto bwd = [&]() {
                 if (v == 1) v1_weight_backward(g0, g1, dW, ws, c.kind, shape, W0, W1);
+                else if (old_monarch) v2_monarch_weight_backward(g0, g1, dW, &m, W0, W1);
                 else st_dense_weight_backward(g0, g1, dW, 0, c.kind, shape, W0, W1);
             };
             dev_copy_bf16(g0, hg0, n0);  // the previous version's timing kept adding to them
@@ -243,6 +313,7 @@ int main(int argc, char **argv) {
         }
         printf("  %-28s dense forward GEMM x W at N = %d: %.4f ms\n", name, N, dense_ms);
         if (!version) printf("  %-28s v2 / v1: W %.3fx, gradients %.3fx\n", name, ms[2][0] / ms[1][0], ms[2][1] / ms[1][1]);
+        if (!version && c.kind == STRUCT_MONARCH) printf("  %-28s v3 / v2: W %.3fx, gradients %.3fx\n", name, ms[3][0] / ms[2][0], ms[3][1] / ms[2][1]);
         free(hw0); free(hw1); free(hdw); free(hg0); free(hg1); free(dW_ref); free(d0); free(d1); free(rW); free(r0); free(r1);
         floatX *bufs[] = {W0, W1, dW, g0, g1, W, ws, x, y};
         for (floatX *p : bufs)
