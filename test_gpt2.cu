@@ -140,7 +140,7 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
-// (-sk 1 with the BTT kernel's W0 staged in shared memory).
+// (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -151,12 +151,12 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
-    g_st_fused = fused == 1 ? 1 : fused == 3 ? 2 : 0;
-    g_btt_wstage = fused == 3;
+    g_st_fused = fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : 0;
+    g_btt_wstage = g_st_fused >= 2;
     g_st_dense = fused == 2;
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
-             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : "", g_test_no_master ? " -w 0" : "");
+             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
@@ -363,6 +363,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N,
                  g_st_dense ? "dense GEMMs on the materialized weight"
+                 : g_st_fused == 3 ? "split: fused stage 1, cuBLAS the rest"
                  : g_st_fused ? (g_btt_wstage ? "fused forward and backward dx, W0 staged" : "fused forward and backward dx")
                               : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
@@ -370,7 +371,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
                  g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
-                 g_st_fused ? (g_btt_wstage ? "fused segmented, W0 staged" : "fused segmented") : "cuBLAS");
+                 g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented") : "cuBLAS");
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL}, *dw_ref[3] = {NULL, NULL, NULL};
@@ -596,6 +597,106 @@ static void check_dense_group_vs_cpu(int mode) {
     free(x); free(dy); free(y_ref); free(dx_ref); free(yi); free(dxi); free(dyi); free(bias_all); free(dbias_ref);
 }
 
+// q, k and v as three BTT layers in place in the qkv buffers, as the trainer runs them when they take
+// strides (-sk 0 and -sk 3): each writes its column block of y (N, 3C) (y_ld 3C), reads its block of
+// dy (dy_ld 3C), and adds its dx (dx_acc, the first overwrites), against the three CPU layers.
+// Ranks 1, 2, 4 at C = 768: shapes the fused kernel takes both ways, so -sk 3 runs split.
+static void check_btt_qkv_strided_vs_cpu(void) {
+    const int N = 256, C = 768, S = 3;
+    mt19937_state rng;
+    mt_seed(&rng, 13);
+    BTTShape bs[3];
+    for (int i = 0; i < S; i++) {
+        LinearSpec sp;
+        memset(&sp, 0, sizeof(sp));
+        sp.kind = STRUCT_BTT; sp.d_in = sp.d_out = C; sp.bias = 1; sp.rank = 1 << i;
+        default_factors(C, &sp.alpha, &sp.gamma);
+        default_factors(C, &sp.phi, &sp.eps);
+        bs[i] = btt_shape_of(&sp);
+    }
+    float *x = rand_bf16_host((size_t)N * C, 1.0f, &rng), *dy = rand_bf16_host((size_t)N * S * C, 1.0f, &rng);
+    float *bias = rand_bf16_host((size_t)S * C, 0.1f, &rng);
+    float *y_ref = (float *)callocCheck((size_t)N * S * C, sizeof(float)), *dx_ref = (float *)callocCheck((size_t)N * C, sizeof(float));
+    float *yi = (float *)mallocCheck((size_t)N * C * sizeof(float)), *dxi = (float *)mallocCheck((size_t)N * C * sizeof(float));
+    float *dyi = (float *)mallocCheck((size_t)N * C * sizeof(float)), *dbias_ref = (float *)callocCheck((size_t)S * C, sizeof(float));
+    float *w[3][2], *dw_ref[3][2];
+    size_t wn[3][2];
+    for (int i = 0; i < S; i++) {
+        wn[i][0] = btt_w0_size(&bs[i]); wn[i][1] = btt_w1_size(&bs[i]);
+        w[i][0] = rand_bf16_host(wn[i][0], 1.0f / sqrtf((float)bs[i].alpha), &rng);
+        w[i][1] = rand_bf16_host(wn[i][1], 1.0f / sqrtf((float)(bs[i].gamma * bs[i].rank)), &rng);
+        dw_ref[i][0] = (float *)callocCheck(wn[i][0], sizeof(float));
+        dw_ref[i][1] = (float *)callocCheck(wn[i][1], sizeof(float));
+        for (size_t r = 0; r < (size_t)N; r++) memcpy(dyi + r * C, dy + r * S * C + (size_t)i * C, C * sizeof(float));
+        float *z = (float *)mallocCheck(btt_z_size(&bs[i], N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&bs[i], N) * sizeof(float));
+        btt_forward(yi, z, x, w[i][0], w[i][1], bias + (size_t)i * C, N, &bs[i]);
+        memset(dxi, 0, (size_t)N * C * sizeof(float));
+        btt_backward(dxi, dw_ref[i][0], dw_ref[i][1], dbias_ref + (size_t)i * C, dyi, x, z, w[i][0], w[i][1], N, &bs[i], scr);
+        free(z); free(scr);
+        for (size_t r = 0; r < (size_t)N; r++) memcpy(y_ref + r * S * C + (size_t)i * C, yi + r * C, C * sizeof(float));
+        for (size_t j = 0; j < (size_t)N * C; j++) dx_ref[j] += dxi[j];
+    }
+    floatX *x_d = upload_bf16(x, (size_t)N * C), *dy_d = upload_bf16(dy, (size_t)N * S * C), *b_d = upload_bf16(bias, (size_t)S * C);
+    floatX *y_d = cudaMallocNamed(floatX, (size_t)N * S * C, "test y"), *dx_d = cudaMallocNamed(floatX, (size_t)N * C, "test dx");
+    floatX *db_d = cudaMallocNamed(floatX, (size_t)S * C, "test dbias"), *w_d[3][2], *dw_d[3][2], *z_d[3];
+    size_t scr_n = 0;
+    for (int i = 0; i < S; i++) {
+        const size_t e = btt_gpu_scratch_elems(&bs[i], N);
+        if (e > scr_n) scr_n = e;
+        for (int t = 0; t < 2; t++) {
+            w_d[i][t] = upload_bf16(w[i][t], wn[i][t]);
+            dw_d[i][t] = cudaMallocNamed(floatX, wn[i][t], "test gradient");
+        }
+        z_d[i] = cudaMallocNamed(floatX, btt_z_size(&bs[i], N), "test z");
+    }
+    floatX *scr_d = cudaMallocNamed(floatX, scr_n, "test scratch");
+    float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(C), "test colsum");
+    for (int mode = 0; mode <= 3; mode += 3) {
+        g_st_fused = mode;
+        g_btt_wstage = mode >= 2;
+        char tag[128], name[192];
+        snprintf(tag, sizeof(tag), "gpu vs cpu q, k, v as BTT r1, r2, r4 in place (y_ld, dy_ld 3C, dx added) N=%d (-sk %d%s)", N, mode,
+                 mode == 3 ? ": split" : "");
+        cudaCheck(cudaMemset(y_d, 0xff, (size_t)N * S * C * sizeof(floatX)));
+        cudaCheck(cudaMemset(dx_d, 0xff, (size_t)N * C * sizeof(floatX)));  // NaN: the first layer overwrites dx
+        cudaCheck(cudaMemset(db_d, 0, (size_t)S * C * sizeof(floatX)));
+        for (int i = 0; i < S; i++)
+            for (int t = 0; t < 2; t++) cudaCheck(cudaMemset(dw_d[i][t], 0, wn[i][t] * sizeof(floatX)));
+        const long split0 = g_st_split_runs;
+        for (int i = 0; i < S; i++)
+            btt_forward_gpu(y_d + (size_t)i * C, z_d[i], x_d, w_d[i][0], w_d[i][1], b_d + (size_t)i * C, N, &bs[i], scr_d, NULL, S * C);
+        for (int i = 0; i < S; i++)
+            btt_backward_gpu(dx_d, dw_d[i][0], dw_d[i][1], db_d + (size_t)i * C, dy_d + (size_t)i * C, x_d, z_d[i], w_d[i][0], w_d[i][1], N,
+                             &bs[i], scr_d, colsum, NULL, S * C, i > 0);
+        cudaCheck(cudaDeviceSynchronize());
+        snprintf(name, sizeof(name), "%s: ran split %s", tag, mode == 3 ? "every forward and backward (6)" : "none");
+        check_true(g_st_split_runs - split0 == (mode == 3 ? 2 * S : 0), name, "a different count of split runs");
+        snprintf(name, sizeof(name), "%s: y", tag);
+        check_device(y_d, y_ref, (size_t)N * S * C, 3e-2f, name);
+        snprintf(name, sizeof(name), "%s: dx", tag);
+        check_device(dx_d, dx_ref, (size_t)N * C, 3e-2f, name);
+        snprintf(name, sizeof(name), "%s: dbias", tag);
+        check_device(db_d, dbias_ref, (size_t)S * C, 3e-2f, name);
+        for (int i = 0; i < S; i++)
+            for (int t = 0; t < 2; t++) {
+                snprintf(name, sizeof(name), "%s: layer %d dW%d", tag, i, t);
+                check_device(dw_d[i][t], dw_ref[i][t], wn[i][t], 3e-2f, name);
+            }
+    }
+    g_st_fused = 0;
+    g_btt_wstage = 0;
+    for (int i = 0; i < S; i++) {
+        for (int t = 0; t < 2; t++) {
+            cudaCheck(cudaFree(w_d[i][t])); cudaCheck(cudaFree(dw_d[i][t]));
+            free(w[i][t]); free(dw_ref[i][t]);
+        }
+        cudaCheck(cudaFree(z_d[i]));
+    }
+    void *dev[] = {x_d, dy_d, b_d, y_d, dx_d, db_d, scr_d, colsum};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
+    free(x); free(dy); free(bias); free(y_ref); free(dx_ref); free(yi); free(dxi); free(dyi); free(dbias_ref);
+}
+
 static void check_structures_vs_cpu(void) {
     const int N = 512;
     LinearSpec s;
@@ -606,8 +707,8 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {  // the baseline, the fused kernels where they apply, -sk 2
-            g_btt_wstage = g_st_fused == 2;
+        for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {  // the baseline, the fused kernels where they apply, -sk 2, -sk 3
+            g_btt_wstage = g_st_fused >= 2;
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         }
         g_st_fused = 0;
@@ -622,22 +723,23 @@ static void check_structures_vs_cpu(void) {
         g_st_fused = 0;
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
-            g_btt_wstage = g_st_fused == 2;
+        for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
+            g_btt_wstage = g_st_fused >= 2;
             check_layer_vs_cpu(&s, N);
         }
         g_st_fused = 0;
         g_btt_wstage = 0;
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
+    check_btt_qkv_strided_vs_cpu();
     // a wide BTT, whose fused kernel works in groups of output blocks both ways (no whole z tile fits)
     memset(&s, 0, sizeof(s));
     s.kind = STRUCT_BTT;
     s.d_in = 2048; s.d_out = 8192; s.bias = 1; s.rank = 2;
     default_factors(s.d_in, &s.alpha, &s.gamma);
     default_factors(s.d_out, &s.phi, &s.eps);
-    for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
-        g_btt_wstage = g_st_fused == 2;
+    for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
+        g_btt_wstage = g_st_fused >= 2;
         check_layer_vs_cpu(&s, N);
     }
     g_st_fused = 0;
@@ -648,8 +750,8 @@ static void check_structures_vs_cpu(void) {
     s.kind = STRUCT_BTT;
     s.d_in = 768; s.d_out = 1280; s.bias = 1; s.rank = 1;
     s.alpha = 16; s.gamma = 48; s.phi = 16; s.eps = 80;
-    for (g_st_fused = 0; g_st_fused <= 2; g_st_fused++) {
-        g_btt_wstage = g_st_fused == 2;
+    for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
+        g_btt_wstage = g_st_fused >= 2;
         check_layer_vs_cpu(&s, N);
     }
     g_st_fused = 0;
@@ -679,6 +781,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 1);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
     g_st_fused = 0;
     g_btt_wstage = 0;
     g_st_dense = 0;

@@ -337,12 +337,15 @@ static void st_choose_as_dense(GPT2 *m, int N) {
 
 // Whether a layer writes its output into a column block of wider rows, reads its output
 // gradient from one and adds its input gradient (linear_forward's out_ld, linear_backward's
-// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0, not as dense; BTT-MoE).
+// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0, not as dense; BTT-MoE), and
+// BTT split (-sk 3: its cuBLAS halves take the strides, its stage 1 reads dy rows of any stride).
 // The others (dense, the fused kernels, layers run as dense) go through the split buffers and
 // copies, except q, k and v as one dense group (qkv_dense_group).
 static int linear_takes_strides(GPT2 *m, const LinearDesc *ld) {
     const int k = ld->spec.kind;
-    return k == STRUCT_BTT_MOE || (!g_st_fused && !lin_state(m, ld)->as_dense && (k == STRUCT_BTT || k == STRUCT_MONARCH));
+    if (k == STRUCT_BTT_MOE) return 1;
+    if (lin_state(m, ld)->as_dense) return 0;
+    return (k == STRUCT_BTT && (!g_st_fused || g_st_fused == 3)) || (k == STRUCT_MONARCH && !g_st_fused);
 }
 
 // When q, k and v all run as dense (BTT or Monarch; -sm 1, or -sm 2's model): fills g with them
@@ -1010,8 +1013,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                               "rounding (4 bytes per parameter less; llm.c's -w) (default: 1)"},
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
-        {"-sk", &g_st_fused, NULL, 0, 2, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
-                                       "2 the same with the BTT kernel's W0 staged in shared memory (not yet measured on a GPU) (default: 0)"},
+        {"-sk", &g_st_fused, NULL, 0, 3, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
+                                       "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
+                                       "(z, and dZ from dy) and cuBLAS for the rest (2 and 3 not yet measured on a GPU) (default: 0)"},
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
@@ -1048,7 +1052,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
-    g_btt_wstage = g_st_fused == 2;
+    g_btt_wstage = g_st_fused >= 2;
     if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints
         char bus[32], err[512];
         snprintf(bus, sizeof(bus), "%08X:%02X:%02X.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);
@@ -1155,7 +1159,8 @@ static void trainer_banner(const GPT2 *m) {
             else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
         }
         if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
-        else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? (g_st_fused == 2 ? "fused (-sk 2)" : "fused (-sk 1)") : "-sk 0");
+        else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : "-sk 0");
+        else if (g_st_fused == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
         else if (g_st_fused == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);

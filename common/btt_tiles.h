@@ -46,6 +46,11 @@
 // read the z tile. The first barrier is redundant at ch = 0 (kept: a uniform loop); the emulation's
 // race checker fails when any of the others is removed.
 //
+// Stage 1 alone (s1only, ws kernels: -sk 3 and dev/cuda/btt_forward v9, v10): the tiles stop after
+// writing their z tile to the saved z; a cuBLAS GEMM then makes y from z (structured.cuh). That is
+// the plans' forward without their T1 round trip and permute (GEMM, permute, GEMM), or the fused
+// kernel with stage 2 handed to cuBLAS, for one more pass over z.
+//
 // W0 staged (ws = 1, -sk 2; dev/cuda/btt_forward v7+): the H200 runs of the first kernel (ws = 0)
 // reached 12-37 TFLOP/s and under 0.9 TB/s, and their time grew with the stage-1 work: each
 // stage-1 item waited on its B fragments from L2 (4 scalar loads each, nothing to overlap them
@@ -87,6 +92,8 @@ typedef struct {
     int gc, nchunks;             // g blocks per x chunk, x chunks per tile and group
     int xc, xld, zld;            // x chunk columns (gc*alpha); smem row strides (elements)
     int ws, wld;                 // W0 chunk staged in smem (0/1) and its row stride (elements; 0 when not)
+    int xs;                      // x's row stride (elements): din, unless the launcher sets a wider one
+    int s1only;                  // 1: stage 1 and the saved z only, no y (ws kernels; the launcher sets it)
     int off_z, off_x, off_w, off_stg, smem_bytes;  // dynamic shared memory layout (bytes; off_w = off_stg when not ws)
 } BtGeom;
 
@@ -134,6 +141,7 @@ static inline int bt_geom_pgw(BtGeom *g, int A, int G, int P, int E, int R, int 
     g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
     g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zt);
     g->ws = ws != 0; g->wld = ws ? pg * R + 8 : 0;
+    g->xs = g->din; g->s1only = 0;
     g->off_z = 0;
     g->off_x = bt_round_up(g->off_z + tm * g->zld * 2, BT_SMEM_ALIGN);
     g->off_w = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
@@ -270,7 +278,7 @@ static inline BT_HD int bt_next_step(const BtGeom *g, int ntiles, int grid, int 
 }
 static inline BT_HD int bt_x_smem(const BtGeom *g, int m, int col) { return m * g->xld + col; }
 static inline BT_HD size_t bt_x_global(const BtGeom *g, int row, int ch, int col) {
-    return (size_t)row * g->din + (size_t)ch * g->gc * g->A + col;
+    return (size_t)row * g->xs + (size_t)ch * g->gc * g->A + col;
 }
 
 // ---- W0 chunk (ws) ----------------------------------------------------------------------------

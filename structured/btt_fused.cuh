@@ -279,6 +279,8 @@ __global__ void __launch_bounds__(BT_THREADS, WS ? 1 : 0) btt_fused_kernel(float
                     st16(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), ld16(zs + bt_z_smem(&g, it.o, it.i * 8)));
             }
 
+            if (WS && g.s1only) continue;  // stage 1 alone: y comes from z on cuBLAS
+
             // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
             // With ws an item's first B fragments are loaded during the previous item's last k-step
             // (bn), so they are in flight through its epilogue.
@@ -468,6 +470,29 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
+    cudaCheckLaunch();
+    return 1;
+}
+
+// Stage 1 alone (btt_tiles.h, s1only), with W0 staged: z (N, zrow) = the saved z of the BTT on x
+// (row stride x_ld; 0: d_in), no y. Returns 1 when launched (or N <= 0), 0 when the shape, device,
+// stride or alignment is not supported (nothing done).
+static int btt_stage1_fused(floatX *z, const floatX *x, int x_ld, const floatX *W0, int N, const BTTShape *s) {
+    BtGeom g;
+    const int saved = g_btt_wstage;
+    g_btt_wstage = 1;
+    const int ok = btt_fused_geom(&g, s, btt_fused_smem_limit(), 0);
+    g_btt_wstage = saved;
+    if (!ok || (x_ld && (x_ld < s->d_in || x_ld % 8))) return 0;
+    if (((uintptr_t)z | (uintptr_t)x) % 16 || (uintptr_t)W0 % 32 || !z) return 0;
+    if (N <= 0) return 1;
+    g.xs = x_ld ? x_ld : s->d_in;
+    g.s1only = 1;
+    const int grid = btt_fused_grid(&g, bt_num_tiles(N, g.tm));
+    if (!grid) return 0;
+    BtSeg plain;
+    memset(&plain, 0, sizeof(plain));
+    btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(NULL, z, x, W0, NULL, NULL, N, g, plain);
     cudaCheckLaunch();
     return 1;
 }

@@ -92,12 +92,19 @@ static inline void plan_permute(Plan *p, int src, size_t src_off, int src_ld, in
 // X d_in, Y and DY d_out, DX d_in, Z/T1/T2 zrow = gamma·phi·rho.
 
 // y = BTT(x) (no bias): Z1 (T1, layout (gamma, phi, rho)) = X_g · W0[g]; Z = transpose; Y_f = Z_f · W1[f].
+// The forward's last op alone: Y_f = Z_f · W1[f] from the saved z (-sk 3: the fused kernel's
+// stage 1 wrote z).
+static inline void plan_btt_forward_from_z(Plan *p, const BTTShape *s, int n, int row0) {
+    const int G = s->gamma, P = s->phi, E = s->eps, R = s->rank, gr = G * R, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_gemm(p, 0, 0, n, E, gr, PB_Z, r0 * zrow, zrow, gr, PB_W1, 0, E, (long long)gr * E, PB_Y, r0 * s->d_out, s->d_out, E, P, 0);
+}
 static inline void plan_btt_forward(Plan *p, const BTTShape *s, int n, int row0) {
-    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R, zrow = G * P * R;
+    const int A = s->alpha, G = s->gamma, P = s->phi, R = s->rank, fr = P * R, zrow = G * P * R;
     const size_t r0 = (size_t)row0;
     plan_gemm(p, 0, 0, n, fr, A, PB_X, r0 * s->d_in, s->d_in, A, PB_W0, 0, fr, (long long)A * fr, PB_T1, r0 * zrow, zrow, fr, G, 0);
     plan_permute(p, PB_T1, r0 * zrow, zrow, PB_Z, r0 * zrow, zrow, n, G, P, R);
-    plan_gemm(p, 0, 0, n, E, gr, PB_Z, r0 * zrow, zrow, gr, PB_W1, 0, E, (long long)gr * E, PB_Y, r0 * s->d_out, s->d_out, E, P, 0);
+    plan_btt_forward_from_z(p, s, n, row0);
 }
 
 // First half of the backward: T2 = dZ in the (phi, gamma, rho) layout = dY_f · W1[f]^T. (BTT-MoE
@@ -118,15 +125,21 @@ static inline void plan_btt_backward_weights(Plan *p, const BTTShape *s, int n, 
     plan_gemm(p, 1, 0, A, fr, n, PB_X, r0 * s->d_in, s->d_in, A, PB_T1, r0 * zrow, zrow, fr, PB_DW0, 0, fr, (long long)A * fr, G, beta_w);
 }
 
-// Second half: T1 = T2 transposed to (gamma, phi, rho); DX_g = T1_g · W0[g]^T (overwritten, when
-// want_dx); then the weight gradients.
-static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
+// From T1 = dZ in the (gamma, phi, rho) layout: DX_g = T1_g · W0[g]^T (overwritten, when want_dx),
+// then the weight gradients (-sk 3: the fused kernel's stage 1 on dy wrote T1).
+static inline void plan_btt_backward_from_t1(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
     const int A = s->alpha, G = s->gamma, P = s->phi, R = s->rank, fr = P * R, zrow = G * P * R;
     const size_t r0 = (size_t)row0;
-    plan_permute(p, PB_T2, r0 * zrow, zrow, PB_T1, r0 * zrow, zrow, n, P, G, R);
     if (want_dx)
         plan_gemm(p, 0, 1, n, A, fr, PB_T1, r0 * zrow, zrow, fr, PB_W0, 0, fr, (long long)A * fr, PB_DX, r0 * s->d_in, s->d_in, A, G, 0);
     plan_btt_backward_weights(p, s, n, row0, beta_w);
+}
+// Second half: T1 = T2 transposed to (gamma, phi, rho), then as above.
+static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int row0, int want_dx, int beta_w) {
+    const int G = s->gamma, P = s->phi, R = s->rank, zrow = G * P * R;
+    const size_t r0 = (size_t)row0;
+    plan_permute(p, PB_T2, r0 * zrow, zrow, PB_T1, r0 * zrow, zrow, n, P, G, R);
+    plan_btt_backward_from_t1(p, s, n, row0, want_dx, beta_w);
 }
 
 // Scratch elements per row: T1, T2 (zrow each), no T3.

@@ -51,6 +51,8 @@
 // kernels were slower than the plans in every layer and whole-model config of
 // dev/bench/structured.sh (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
+// BTT forwards and backwards that ran split (-sk 3; the tests check that it did, not the plans)
+static long g_st_split_runs = 0;
 
 // ----------------------------------------------------------------------------------------------
 // plan execution
@@ -334,15 +336,22 @@ static inline int st_epi(const void *bias, const void *pre_gelu) { return (bias 
 // only, and then pre_gelu, if any, has that stride too).
 static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX *W0, const floatX *W1, const floatX *bias, int N,
                             const BTTShape *s, floatX *scratch, floatX *pre_gelu = NULL, int y_ld = 0) {
-    if (g_st_fused && !y_ld && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
-        if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
-        return;
-    }
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
-    plan_btt_forward(&p, s, N, 0);
+    if (g_st_fused == 3) {  // split: the fused kernel's stage 1 writes z (into scratch when not saved), cuBLAS y from it
+        floatX *zz = z ? z : scratch;
+        if (btt_stage1_fused(zz, x, 0, W0, N, s)) {
+            g_st_split_runs++;
+            buf[PB_Z] = zz;
+            plan_btt_forward_from_z(&p, s, N, 0);
+        }
+    } else if (g_st_fused && !y_ld && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
+        if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+        return;
+    }
+    if (!p.n) plan_btt_forward(&p, s, N, 0);
     if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
     const int epi = st_epi(bias, pre_gelu);
     if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the BTT forward plan took no epilogue");
@@ -378,7 +387,9 @@ static inline size_t btt_gpu_scratch_elems(const BTTShape *s, int N) {
 // instead of GEMM, permute, GEMM; the weight gradients stay cuBLAS GEMMs (they reduce over rows).
 // With pre_gelu (the pre-activation whose GELU was x), dx is the gradient before that GELU (the
 // plans: the dx GEMM's DGELU epilogue). dy_ld (0: d_out): dy's row stride; dx_acc: dx += instead
-// of = (the plans only; not with pre_gelu). Returns 1 when it ran fused.
+// of = (the plans only; not with pre_gelu). With g_st_fused 3 (split), T1 comes from the fused
+// kernel's stage 1 on dy (W0 staged), dx and the weight gradients from cuBLAS (dy_ld, the epilogue
+// and dx_acc as the plans). Returns 1 when it ran the whole fused kernel (not split).
 static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias, const floatX *dy, const floatX *x, const floatX *z,
                              const floatX *W0, const floatX *W1, int N, const BTTShape *s, floatX *scratch, float *colsum_scratch,
                              const floatX *pre_gelu = NULL, int dy_ld = 0, int dx_acc = 0) {
@@ -388,8 +399,15 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * btt_z_row(s);
     Plan p = {};
     const BTTShape ts = btt_shape_transposed(s);
-    int fused = 0;
-    if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&ts, btt_fused_smem_limit())) {
+    int fused = 0, split = 0;
+    if (g_st_fused == 3 && btt_fused_supported(&ts, btt_fused_smem_limit())) {
+        // split: the fused kernel's stage 1 on dy writes T1 = dZ (the transposed BTT's saved z), then
+        // cuBLAS dx and the weight gradients from it
+        floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
+        btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
+        split = btt_stage1_fused(buf[PB_T1], dy, dy_ld, W0t, N, &ts);
+        g_st_split_runs += split;
+    } else if (g_st_fused && g_st_fused != 3 && dx && !dy_ld && !dx_acc && btt_fused_supported(&ts, btt_fused_smem_limit())) {
         floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
         btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
         fused = btt_forward_fused(dx, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
@@ -398,8 +416,11 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
         plan_btt_backward_weights(&p, s, N, 0, 1);
         if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
     } else {
-        plan_btt_backward_dz(&p, s, N, 0);
-        plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+        if (split) plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
+        else {
+            plan_btt_backward_dz(&p, s, N, 0);
+            plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+        }
         if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
         buf[PB_PRE] = (floatX *)pre_gelu;
         if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the BTT backward plan took no epilogue");

@@ -152,6 +152,31 @@ static void test_btt(int alpha, int gamma, int phi, int eps, int rank, int N) {
     check_close(dW0, dW0_ref, n0, 1e-4f, 1e-4f, name);
     snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dW1 accumulated", alpha, gamma, phi, eps, rank, N);
     check_close(dW1, dW1_ref, n1, 1e-4f, 1e-4f, name);
+    // -sk 3's halves: y from the saved z alone; dx and the weight gradients from T1 alone, T1 being
+    // the transposed BTT's saved z on dy (what the fused kernel's stage 1 writes there)
+    memset(buf[PB_Y], 0, sizeof(float) * N * s.d_out);
+    memset(buf[PB_DX], 0, sizeof(float) * N * s.d_in);
+    memcpy(buf[PB_Z], z_ref, sizeof(float) * N * zrow);
+    const BTTShape ts = btt_shape_transposed(&s);
+    float *W0t = zeros(n1), *W1t = zeros(n0), *yt = zeros((size_t)N * s.d_in);
+    btt_transposed_cores(W0t, W1t, W0, W1, &s);
+    btt_forward(yt, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
+    float *dW0s = copyf(dW0, n0), *dW1s = copyf(dW1, n1), *dW0s_ref = copyf(dW0, n0), *dW1s_ref = copyf(dW1, n1);
+    btt_backward(dx_ref, dW0s_ref, dW1s_ref, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
+    buf[PB_DW0] = dW0s; buf[PB_DW1] = dW1s;
+    p.n = 0;
+    plan_btt_forward_from_z(&p, &s, N, 0);
+    plan_btt_backward_from_t1(&p, &s, N, 0, 1, 1);
+    run_plan(&p, buf);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: y from the saved z alone", alpha, gamma, phi, eps, rank, N);
+    check_close(buf[PB_Y], y_ref, (size_t)N * s.d_out, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dx from T1 (the transposed BTT's z on dy) alone", alpha, gamma, phi, eps, rank, N);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * s.d_in, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt plan a%d g%d f%d e%d r%d N%d: dW0, dW1 from T1 alone, accumulated", alpha, gamma, phi, eps, rank, N);
+    check_close(dW0s, dW0s_ref, n0, 1e-4f, 1e-4f, name);
+    check_close(dW1s, dW1s_ref, n1, 1e-4f, 1e-4f, name);
+    buf[PB_DW0] = dW0; buf[PB_DW1] = dW1;
+    free(W0t); free(W1t); free(yt); free(dW0s); free(dW1s); free(dW0s_ref); free(dW1s_ref);
     for (int i = 0; i < PB_COUNT; i++)
         if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
     free(x); free(W0); free(W1); free(dy); free(y_ref); free(z_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dW0); free(dW1); free(scr);

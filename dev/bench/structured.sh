@@ -120,7 +120,7 @@ $1 != "RESULT" { next }
     n++
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
-    base = S[n]; sub(/_(fused|ws)$/, "", base)  # a fused row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws|split)$/, "", base)  # a fused row is the same layer as PyTorch computes it
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
     shape = DIN[n] "/" DOUT[n]
@@ -189,7 +189,8 @@ done
 printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
 runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels), -sk 2 where
-         # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged) and, where they
+         # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged), -sk 3 where they have
+         # BTT layers (split: the kernel's stage 1, cuBLAS the rest) and, where they
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
          # weights) and -sm 2 (those that structured/exec_model.h models faster so)
 for conf in "${configs[@]}"; do
@@ -197,6 +198,7 @@ for conf in "${configs[@]}"; do
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
     runs+=("$conf|-sk 1")
     grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2")
+    grep -qE '^struct *= *btt *$' "$conf" && runs+=("$conf|-sk 3")
     grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2")
 done
 for run in "${runs[@]}"; do

@@ -7,6 +7,8 @@
 //   v3  v2 with the fused kernel's W0 staged in shared memory (-sk 2; btt_tiles.h ws): the
 //       transposed BTT's W0 is W1ᵀ, whose stage 1 has K = eps (96 at 768 -> 3072: 6 k-steps of B
 //       fragments from L2 per item in v2)
+//   v4  split (-sk 3): the transposed cores, the fused kernel's stage 1 alone on dy (W0 staged) for
+//       T1 = dZ, then dx and the dW GEMMs from T1 on cuBLAS (the plans without GEMM dZ and the permute)
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
 // rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors.
@@ -26,7 +28,7 @@
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 3
+#define NV 4
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, rank; } Case;
@@ -90,19 +92,27 @@ int main(int argc, char **argv) {
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
             g_st_fused = ver >= 2 ? ver - 1 : 0;
-            g_btt_wstage = ver == 3;
+            g_btt_wstage = ver >= 3;
             if (ver >= 2 && !btt_fused_supported(&ts, btt_fused_smem_limit())) {
                 printf("   v%d: the fused kernel does not take the transposed shape here; the trainer falls back to v1\n", ver);
                 continue;
             }
             int ran = -1;
-            auto run = [&](int n) { ran = btt_backward_gpu(d_dx, d_dW0, d_dW1, NULL, d_dy, d_x, d_z, d_W0, d_W1, n, &s, d_s, NULL); };
+            long split = 0;
+            auto run = [&](int n) {
+                const long before = g_st_split_runs;
+                ran = btt_backward_gpu(d_dx, d_dW0, d_dW1, NULL, d_dy, d_x, d_z, d_W0, d_W1, n, &s, d_s, NULL);
+                split = g_st_split_runs - before;
+            };
             cudaCheck(cudaMemset(d_dx, 0xFF, NX * sizeof(floatX)));  // NaN: dx must be written
             cudaCheck(cudaMemset(d_dW0, 0, n0 * sizeof(floatX)));     // the gradients accumulate
             cudaCheck(cudaMemset(d_dW1, 0, n1 * sizeof(floatX)));
             run(Nc);
             cudaCheck(cudaDeviceSynchronize());
-            if (ran != (ver >= 2)) { g_dev_fail++; printf("FAIL v%d: btt_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
+            if (ran != (ver == 2 || ver == 3) || split != (ver == 4)) {
+                g_dev_fail++;
+                printf("FAIL v%d: btt_backward_gpu ran the %s path\n", ver, ran ? "fused" : split ? "split" : "cuBLAS");
+            }
             float *gdx = dev_download_bf16(d_dx, (size_t)Nc * din), *g0 = dev_download_bf16(d_dW0, n0), *g1 = dev_download_bf16(d_dW1, n1);
             snprintf(what, sizeof(what), "v%d %d->%d r%d dx", ver, din, dout, s.rank);
             float e = dev_check_bounded(what, gdx, dxr, e_dx, (size_t)Nc * din);
@@ -121,6 +131,7 @@ int main(int argc, char **argv) {
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
         if (ms[3] > 0) printf("   ratio dense / W0 staged (v3): %.2fx; speedup v3 over baseline (v1): %.2fx\n", ms_dense / ms[3], ms[1] > 0 ? ms[1] / ms[3] : 0.0);
+        if (ms[4] > 0) printf("   ratio dense / split (v4): %.2fx; speedup v4 over baseline (v1): %.2fx\n", ms_dense / ms[4], ms[1] > 0 ? ms[1] / ms[4] : 0.0);
         void *dev[] = {d_x, d_dy, d_W0, d_W1, d_wd, d_y, d_z, d_dx, d_dW0, d_dW1, d_dwd, d_s};
         for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
         free(x); free(dy); free(W0); free(W1); free(wd); free(xa); free(dya); free(W0a); free(W1a); free(yr); free(zr); free(za);

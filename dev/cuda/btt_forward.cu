@@ -13,6 +13,10 @@
 //       chunk's slice of W0 goes to shared memory with the chunk, stage 2 prefetches an item's
 //       first W1 fragments during the item before
 //   v8  v7 with tm forced to 16 (more blocks per SM: v3 was the fastest at 3072 -> 768 on an H200)
+//   v9  v7's stage 1 alone (btt_stage1_fused): x -> the saved z, no y; z checked, timed (the part of
+//       v7 that is not stage 2; and the first half of v10)
+//   v10 split (btt_forward_gpu with -sk 3): v9, then y = Z_f W1[f] + bias on cuBLAS from z (the
+//       plans' last GEMM): the plans without their T1 round trip and permute
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
 // checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
@@ -33,13 +37,13 @@
 // (2^-16 covers any fp32 summation order of <= 192 terms; see tests/test_btt_tiles.c, which checks the
 // fused kernel's exact tiling against the same bounds on the CPU.)
 //
-// Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version]
+// Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version (0: all) [N, default 32768]]
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/btt_fused.cuh"
 #include "structured/structured.cuh"
 
-#define NV 8
+#define NV 10
 #define U_BF16 (1.0 / 256.0)
 
 // every stride-th index below n, and n - 1
@@ -70,7 +74,11 @@ typedef struct {
 int main(int argc, char **argv) {
     gpu_init(0);
     int v = dev_version_arg(argc, argv, NV);
-    const int N = 32768, stride = 41, tail = 13;  // N - tail = 32755: a partial last tile for tm 16, 32, 64
+    const int N = argc > 2 ? atoi(argv[2]) : 32768, stride = 41, tail = 13;  // N - tail = 32755: a partial last tile for tm 16, 32, 64
+    if (N < 64) {
+        fprintf(stderr, "btt_forward: N must be at least 64 (got '%s')\n", argv[2]);
+        return 1;
+    }
     const Case cases[] = {{768, 3072, 1}, {768, 3072, 2}, {768, 3072, 4}, {3072, 768, 1}, {2048, 8192, 2}, {4096, 16384, 1}};
     printf("btt_forward: BTT forward, baseline (cuBLAS) vs fused (z on chip), on %s (peak bf16 %.0f TFLOP/s from the table; "
            "opt-in smem %zu bytes/block)\n",
@@ -127,7 +135,7 @@ int main(int argc, char **argv) {
 
         const double flops = 2.0 * N * (double)(n0 + n1);
         const double bytes_noz = 2.0 * ((double)NX + n0 + n1 + dout + NY), bytes_z = bytes_noz + 2.0 * NZ;
-        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f, ms_ws = 0.0f;
+        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f, ms_ws = 0.0f, ms_s1 = 0.0f, ms_split = 0.0f;
         char what[200];
 
         // dense cuBLASLt, the same shape (w: d_out x d_in): the time to beat
@@ -139,7 +147,18 @@ int main(int argc, char **argv) {
         for (int ver = 1; ver <= NV; ver++) {
             if (v && ver != v) continue;
             const int tm_force = ver == 3 || ver == 8 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0, wstage = ver >= 7;
-            if (ver >= 2) {
+            if (ver >= 9) {  // the W0-staged geometry btt_stage1_fused takes
+                BtGeom g;
+                g_btt_wstage = 1;
+                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), 0);
+                g_btt_wstage = 0;
+                if (!ok) {
+                    printf("   v%d: stage 1 not supported here (shared memory); -sk 3 falls back to v1\n", ver);
+                    continue;
+                }
+                printf("   v%d stage-1 geometry: tm %d, %d group(s) of %d phi blocks, %d bytes smem/block, %d blocks/SM\n", ver, g.tm, g.npg, g.pg,
+                       g.smem_bytes, btt_fused_blocks_per_sm(&g));
+            } else if (ver >= 2) {
                 BtGeom g;
                 g_btt_whole_z = ver == 6;
                 g_btt_wstage = wstage;
@@ -157,8 +176,20 @@ int main(int argc, char **argv) {
                        bt_l2_bytes_per_row(&g));
             }
             auto run = [&](floatX *z, int n) {
-                if (ver == 1) {
+                if (ver == 1 || ver == 10) {
+                    g_st_fused = ver == 10 ? 3 : 0;
+                    const long before = g_st_split_runs;
                     btt_forward_gpu(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, d_t1);
+                    g_st_fused = 0;
+                    if (ver == 10 && n > 0 && g_st_split_runs == before) {
+                        fprintf(stderr, "error: btt_forward_gpu did not run split\n");
+                        exit(EXIT_FAILURE);
+                    }
+                } else if (ver == 9) {
+                    if (!btt_stage1_fused(z ? z : d_t1, d_x, 0, d_W0, n, &s)) {
+                        fprintf(stderr, "error: btt_stage1_fused refused the shape\n");
+                        exit(EXIT_FAILURE);
+                    }
                 } else {
                     g_btt_whole_z = ver == 6;
                     g_btt_wstage = wstage;
@@ -171,7 +202,7 @@ int main(int argc, char **argv) {
                     }
                 }
             };
-            const float *e_y = ver == 1 ? e_yb : e_yf;
+            const float *e_y = ver == 1 || ver == 10 ? e_yb : e_yf;  // v10: y from cuBLAS with the bias epilogue, as v1
             float err;
             // saving z, all N rows
             cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
@@ -180,20 +211,32 @@ int main(int argc, char **argv) {
             cudaCheck(cudaDeviceSynchronize());
             {
                 float *gy = dev_download_rows(d_y, rows, nr, dout), *gz = dev_download_rows(d_z, rows, nr, zrow);
-                snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
-                err = dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z", ver, din, dout, s.rank);
-                err = fmaxf(err, dev_check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow));
+                err = dev_check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow);
+                if (ver == 9) {  // stage 1 alone: y untouched
+                    if (dev_rows_untouched(d_y, 0, N, dout)) g_dev_pass++;
+                    else { g_dev_fail++; printf("FAIL v9 %d->%d r%d: stage 1 alone wrote y\n", din, dout, s.rank); }
+                } else {
+                    snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
+                    err = fmaxf(err, dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout));
+                }
                 free(gy); free(gz);
             }
             float ms = dev_time_ms([&]() { run(d_z, N); });
-            snprintf(what, sizeof(what), "fwd %d->%d r%d +z", din, dout, s.rank);
-            dev_report(what, ver, ms, bytes_z, flops, err);
+            if (ver == 9) {  // stage 1 alone: x and W0 read, z written; 2 N |W0| FLOPs
+                snprintf(what, sizeof(what), "stage 1 %d->%d r%d +z", din, dout, s.rank);
+                dev_report(what, ver, ms, 2.0 * ((double)NX + n0 + NZ), 2.0 * N * (double)n0, err);
+            } else {
+                snprintf(what, sizeof(what), "fwd %d->%d r%d +z", din, dout, s.rank);
+                dev_report(what, ver, ms, bytes_z, flops, err);
+            }
             if (ver == 1) ms_base = ms;
             if (ver == 2) ms_fused = ms;
             if (ver == 6) ms_whole = ms;
             if (ver == 7) ms_ws = ms;
-            if (ver == 1) continue;  // the baseline always writes z
+            if (ver == 9) ms_s1 = ms;
+            if (ver == 10) ms_split = ms;
+            if (ver == 1 || ver >= 9) continue;  // the baseline, stage 1 and split always write z
 
             // without z (inference)
             cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
@@ -239,6 +282,9 @@ int main(int argc, char **argv) {
             if (ms_whole > 0) printf("   speedup model geometry (v2) over the whole-z rule (v6), saving z: %.2fx\n", ms_whole / ms_fused);
             if (ms_ws > 0) printf("   speedup W0 staged (v7) over v2, saving z: %.2fx; ratio dense / v7: %.2fx\n", ms_fused / ms_ws, ms_dense / ms_ws);
         }
+        if (ms_s1 > 0 && ms_ws > 0) printf("   stage 1 alone (v9) is %.0f%% of v7's time\n", 100.0 * ms_s1 / ms_ws);
+        if (ms_split > 0) printf("   ratio dense / split (v10): %.2fx\n", ms_dense / ms_split);
+        if (ms_split > 0 && ms_base > 0) printf("   speedup split (v10) over baseline (v1): %.2fx\n", ms_base / ms_split);
 
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));
         cudaCheck(cudaFree(d_y)); cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_t1));

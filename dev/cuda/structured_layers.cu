@@ -16,6 +16,8 @@
 //                 output blocks, forward and backward (btt_tiles.h, bt_choose)
 //   *_ws          the BTT and BTT-MoE fused rows with the trainer's -sk 2: btt_fused.cuh's kernel with
 //                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
+//   *_split       the BTT rows with the trainer's -sk 3: the fused kernel's stage 1 alone (W0 staged)
+//                 writes z (forward) and dZ from dy (backward), cuBLAS does the rest
 //   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
 //                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
 //                 materialization's
@@ -49,7 +51,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 24  // 7 layers, up to 6 fused ones, 4 with W0 staged and 5 dense-executed ones
+#define MAX_CASES 28  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -91,7 +93,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
-    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged
+    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split
     int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
 } Case;
 
@@ -207,6 +209,13 @@ static int make_cases(Case *c, int din, int dout) {
         if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
         else snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
+        if (s->kind != STRUCT_BTT) continue;  // split: BTT's own paths (BTT-MoE's experts run as -sk 2)
+        c[n] = c[n - 1];
+        c[n].fused = 3;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_split", base);
+        if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
+        else snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d (fwd only)", gf.tm, gf.npg);
+        n++;
     }
     // BTT and Monarch as dense GEMMs on their materialized weight (-sm 1)
     for (int i = 0, n0 = n; i < n0; i++) {
@@ -267,7 +276,7 @@ static void usage(void) {
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
-           "      staged, btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
+           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
@@ -320,7 +329,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
     const int N = r->N, din = r->din, dout = r->dout, CR = CHECK_ROWS;
     const int check = a->check;
     g_st_fused = cs->fused;
-    g_btt_wstage = cs->fused == 2;
+    g_btt_wstage = cs->fused >= 2;
     float *cx = NULL, *ref = (float *)callocCheck((size_t)CR * dout, sizeof(float)), *gpu = NULL;
     int *skip = NULL, ok = 1;
     double worst = 0.0;

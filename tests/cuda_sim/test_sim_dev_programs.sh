@@ -16,6 +16,7 @@ for p in $progs; do
     [ "$p" = moe_layer ] && args=(0 64)  # every version, 64 tokens
     [ "$p" = structured_epilogue ] && args=(0 64)
     [ "$p" = structured_weight ] && args=(0 768 64)  # every version, layers up to d_in 768, 64 rows for the dense GEMM
+    [ "$p" = btt_forward ] && args=(0 128)  # every version, 128 rows (two 64-row tiles)
     "$b" ${args[@]+"${args[@]}"} > "$W/$p.log" 2>&1; rc=$?
     last=$(tail -n 1 "$W/$p.log")
     if [ $rc -eq 0 ] && echo "$last" | grep -qE '^[1-9][0-9]* passed, 0 failed$'; then

@@ -206,6 +206,14 @@ b2=$(echo "$out" | losses | tr '\n' ' ')
 awk -v a="$a" -v b="$b2" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "W0 staged" \
     && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
+# -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest; q, k and v in place in the qkv buffers)
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 3 -pt 1 2>&1)
+b3=$(echo "$out" | losses | tr '\n' ' ')
+awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "BTT split" \
+    && ! echo "$out" | grep -q "split copies" \
+    && ok "structured: -sk 3 (BTT split) matches -sk 0 (losses $b3 / $a), with q, k, v in place (no split copies in -pt)" \
+    || bad "-sk 3" "losses '$b3' vs '$a'; $(echo "$out" | grep -m1 "split copies")"
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
 awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
