@@ -201,16 +201,17 @@ __device__ __forceinline__ void bt_w_store(floatX *ws, const uint4 pre[BT_WVEC],
 // accumulators are registers (and the geometry's mt, tm, nb, ws are constants below); WS = 0 makes
 // the loads, in the order, of the kernel measured on the H200. gp is bt_geom_pgw's for tm = 16*MT.
 // WS = 1 asks for one block per SM at least: without it ptxas held some instantiations to 128
-// registers and spilled.
+// registers and spilled. WS = 2: W0 staged and stage 1 alone (s1only; NB unused, 1), two blocks
+// per SM (no stage-2 accumulators: it fits 128 registers), so small tiles can keep 16 warps busy.
 template <int MT, int NB, int WS>
-__global__ void __launch_bounds__(BT_THREADS, WS ? 1 : 0) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
+__global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,
                                                                const floatX *__restrict__ W1, const floatX *__restrict__ bias, int N,
                                                                BtGeom gp, BtSeg sg) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     using namespace nvcuda;
     BtGeom g = gp;
-    g.mt = MT; g.tm = 16 * MT; g.nb = NB; g.ws = WS;  // the values the host set, as compile-time constants
+    g.mt = MT; g.tm = 16 * MT; g.nb = NB; g.ws = WS != 0; g.s1only = WS == 2;  // the host's values, as compile-time constants
     extern __shared__ __align__(128) unsigned char bt_smem[];
     floatX *zs = (floatX *)(bt_smem + g.off_z);
     floatX *xs = (floatX *)(bt_smem + g.off_x);
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(BT_THREADS, WS ? 1 : 0) btt_fused_kernel(float
                     st16(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), ld16(zs + bt_z_smem(&g, it.o, it.i * 8)));
             }
 
-            if (WS && g.s1only) continue;  // stage 1 alone: y comes from z on cuBLAS
+            if (WS == 2) continue;  // stage 1 alone: y comes from z on cuBLAS
 
             // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
             // With ws an item's first B fragments are loaded during the previous item's last k-step
@@ -413,15 +414,23 @@ static BtFusedKernel btt_fused_kernel_ws(const BtGeom *g) {
     }
     return NULL;
 }
-static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) { return g->ws ? btt_fused_kernel_ws<1>(g) : btt_fused_kernel_ws<0>(g); }
+static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
+    if (g->s1only) {
+        if (!g->ws) return NULL;
+        return g->mt == 1 ? btt_fused_kernel<1, 1, 2> : g->mt == 2 ? btt_fused_kernel<2, 1, 2> : g->mt == 4 ? btt_fused_kernel<4, 1, 2> : NULL;
+    }
+    return g->ws ? btt_fused_kernel_ws<1>(g) : btt_fused_kernel_ws<0>(g);
+}
 
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
 // (cached per instantiation and smem size; one device per process); 0 when none fits.
 static int btt_fused_blocks_per_sm(const BtGeom *g) {
-    static int attr_bytes[18], occ_bytes[18], occ[18];  // per instantiation: (mt 1, 2, 4) x (nb 1, 2, 3) x ws
+    static int attr_bytes[27], occ_bytes[27], occ[27];  // per (mt 1, 2, 4) x (nb 1, 2, 3) x (ws 0, 1, stage 1 alone)
     BtFusedKernel kern = btt_fused_kernel_for(g);
     if (!kern) return 0;
-    const int k = ((g->mt == 4 ? 2 : g->mt - 1) * 3 + g->nb - 1) * 2 + g->ws;  // 0..17 (mt * 4 + nb reaches 19)
+    // 0..26 (mt * 4 + nb reaches 19); stage 1 alone is one kernel whatever nb, so one slot: setting
+    // its shared-memory limit from two slots could lower it under the other's
+    const int k = ((g->mt == 4 ? 2 : g->mt - 1) * 3 + (g->s1only ? 0 : g->nb - 1)) * 3 + (g->s1only ? 2 : g->ws);
     if (g->smem_bytes > attr_bytes[k]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;
@@ -475,13 +484,14 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
 }
 
 // Stage 1 alone (btt_tiles.h, s1only), with W0 staged: z (N, zrow) = the saved z of the BTT on x
-// (row stride x_ld; 0: d_in), no y. Returns 1 when launched (or N <= 0), 0 when the shape, device,
-// stride or alignment is not supported (nothing done).
-static int btt_stage1_fused(floatX *z, const floatX *x, int x_ld, const floatX *W0, int N, const BTTShape *s) {
+// (row stride x_ld; 0: d_in), no y. tm: 16, 32 or 64 rows per tile (0: the default geometry).
+// Returns 1 when launched (or N <= 0), 0 when the shape, tm, device, stride or alignment is not
+// supported (nothing done).
+static int btt_stage1_fused(floatX *z, const floatX *x, int x_ld, const floatX *W0, int N, const BTTShape *s, int tm = 0) {
     BtGeom g;
     const int saved = g_btt_wstage;
     g_btt_wstage = 1;
-    const int ok = btt_fused_geom(&g, s, btt_fused_smem_limit(), 0);
+    const int ok = btt_fused_geom(&g, s, btt_fused_smem_limit(), tm);
     g_btt_wstage = saved;
     if (!ok || (x_ld && (x_ld < s->d_in || x_ld % 8))) return 0;
     if (((uintptr_t)z | (uintptr_t)x) % 16 || (uintptr_t)W0 % 32 || !z) return 0;

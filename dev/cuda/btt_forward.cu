@@ -17,6 +17,8 @@
 //       v7 that is not stage 2; and the first half of v10)
 //   v10 split (btt_forward_gpu with -sk 3): v9, then y = Z_f W1[f] + bias on cuBLAS from z (the
 //       plans' last GEMM): the plans without their T1 round trip and permute
+//   v11, v12: v9 with tm forced to 16, 32 (stage 1 alone fits 128 registers: two blocks per SM where
+//       shared memory allows)
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
 // checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
@@ -43,7 +45,7 @@
 #include "structured/btt_fused.cuh"
 #include "structured/structured.cuh"
 
-#define NV 10
+#define NV 12
 #define U_BF16 (1.0 / 256.0)
 
 // every stride-th index below n, and n - 1
@@ -146,14 +148,16 @@ int main(int argc, char **argv) {
 
         for (int ver = 1; ver <= NV; ver++) {
             if (v && ver != v) continue;
-            const int tm_force = ver == 3 || ver == 8 ? 16 : ver == 4 ? 32 : ver == 5 ? 64 : 0, wstage = ver >= 7;
+            const int tm_force = ver == 3 || ver == 8 || ver == 11 ? 16 : ver == 4 || ver == 12 ? 32 : ver == 5 ? 64 : 0, wstage = ver >= 7;
+            const int s1 = ver == 9 || ver >= 11;  // stage 1 alone
             if (ver >= 9) {  // the W0-staged geometry btt_stage1_fused takes
                 BtGeom g;
                 g_btt_wstage = 1;
-                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), 0);
+                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force);
                 g_btt_wstage = 0;
+                g.s1only = 1;
                 if (!ok) {
-                    printf("   v%d: stage 1 not supported here (shared memory); -sk 3 falls back to v1\n", ver);
+                    printf("   v%d: stage 1 (tm %d) not supported here (shared memory); -sk 3 falls back to v1\n", ver, tm_force);
                     continue;
                 }
                 printf("   v%d stage-1 geometry: tm %d, %d group(s) of %d phi blocks, %d bytes smem/block, %d blocks/SM\n", ver, g.tm, g.npg, g.pg,
@@ -185,8 +189,8 @@ int main(int argc, char **argv) {
                         fprintf(stderr, "error: btt_forward_gpu did not run split\n");
                         exit(EXIT_FAILURE);
                     }
-                } else if (ver == 9) {
-                    if (!btt_stage1_fused(z ? z : d_t1, d_x, 0, d_W0, n, &s)) {
+                } else if (s1) {
+                    if (!btt_stage1_fused(z ? z : d_t1, d_x, 0, d_W0, n, &s, tm_force)) {
                         fprintf(stderr, "error: btt_stage1_fused refused the shape\n");
                         exit(EXIT_FAILURE);
                     }
@@ -213,9 +217,9 @@ int main(int argc, char **argv) {
                 float *gy = dev_download_rows(d_y, rows, nr, dout), *gz = dev_download_rows(d_z, rows, nr, zrow);
                 snprintf(what, sizeof(what), "v%d %d->%d r%d saved z", ver, din, dout, s.rank);
                 err = dev_check_bounded(what, gz, z_ref, e_z, (size_t)nr * zrow);
-                if (ver == 9) {  // stage 1 alone: y untouched
+                if (s1) {  // stage 1 alone: y untouched
                     if (dev_rows_untouched(d_y, 0, N, dout)) g_dev_pass++;
-                    else { g_dev_fail++; printf("FAIL v9 %d->%d r%d: stage 1 alone wrote y\n", din, dout, s.rank); }
+                    else { g_dev_fail++; printf("FAIL v%d %d->%d r%d: stage 1 alone wrote y\n", ver, din, dout, s.rank); }
                 } else {
                     snprintf(what, sizeof(what), "v%d %d->%d r%d y", ver, din, dout, s.rank);
                     err = fmaxf(err, dev_check_bounded(what, gy, y_ref, e_y, (size_t)nr * dout));
@@ -223,7 +227,7 @@ int main(int argc, char **argv) {
                 free(gy); free(gz);
             }
             float ms = dev_time_ms([&]() { run(d_z, N); });
-            if (ver == 9) {  // stage 1 alone: x and W0 read, z written; 2 N |W0| FLOPs
+            if (s1) {  // stage 1 alone: x and W0 read, z written; 2 N |W0| FLOPs
                 snprintf(what, sizeof(what), "stage 1 %d->%d r%d +z", din, dout, s.rank);
                 dev_report(what, ver, ms, 2.0 * ((double)NX + n0 + NZ), 2.0 * N * (double)n0, err);
             } else {
