@@ -4,11 +4,12 @@
 #   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
-#                               (and -sm 1, -sm 2 where a config has BTT or Monarch layers)
+#                               (-sk 2 with BTT or BTT-MoE layers, -sk 3 with BTT ones, and -sm 1,
+#                               -sm 2 where a config has BTT or Monarch layers)
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
-#   3a. profile.sh              where a step's time goes (-pt 1): 124M dense, BTT rank 4 with -sk 0
-#                               and -sm 2, BTT-MoE with -sk 0 and -sk 1: each part's ms per step,
+#   3a. profile.sh              where a step's time goes (-pt 1): 124M dense, BTT rank 4 with -sk 0,
+#                               -sm 2 and -sk 3, BTT-MoE with -sk 0 and -sk 1: each part's ms per step,
 #                               share, TFLOP/s
 #   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
 #                               was built and this machine's libcudnn loads
@@ -116,7 +117,7 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
 # the structured layers' plan breakdown and kernels first (they decide -sk and the Monarch traffic bound; structured_layers
 # already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
-KERNELS='rc=0; first="moe_layer structured_weight structured_epilogue plan_ops permute btt_forward btt_backward monarch_forward monarch_backward seg_wgrad";
+KERNELS='rc=0; first="btt_forward btt_backward structured_weight moe_layer structured_epilogue plan_ops permute monarch_forward monarch_backward seg_wgrad";
   progs=${KERNEL_PROGS:-"$first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first))"};
   for n in $progs; do
   b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;
