@@ -151,8 +151,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
-    g_st_fused = fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : 0;
-    g_btt_wstage = g_st_fused >= 2;
+    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : 0);
     g_st_dense = fused == 2;
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
@@ -355,6 +354,26 @@ static void check_device(const floatX *d, const float *ref, size_t n, float rel,
     free(got);
 }
 
+// The CPU layer's forward and backward of a BTT or Monarch layer on N rows, the reference the GPU
+// paths are checked against: y (N, d_out) and dx (N, d_in) overwritten, dw0, dw1 and dbias (may be
+// NULL, with b) accumulated.
+static void cpu_layer_ref(const LinearSpec *sp, int N, const float *x, const float *w0, const float *w1, const float *b, const float *dy,
+                          float *y, float *dx, float *dw0, float *dw1, float *dbias) {
+    if (sp->kind == STRUCT_BTT) {
+        BTTShape bs = btt_shape_of(sp);
+        float *z = (float *)mallocCheck(btt_z_size(&bs, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&bs, N) * sizeof(float));
+        btt_forward(y, z, x, w0, w1, b, N, &bs);
+        btt_backward(dx, dw0, dw1, dbias, dy, x, z, w0, w1, N, &bs, scr);
+        free(z); free(scr);
+    } else {
+        MonarchShape ms = monarch_shape_of(sp);
+        float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
+        monarch_forward(y, u, x, w0, w1, b, N, &ms);
+        monarch_backward(dx, dw0, dw1, dbias, dy, x, u, w0, w1, N, &ms, scr);
+        free(u); free(scr);
+    }
+}
+
 static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     mt19937_state rng;
     mt_seed(&rng, 7);
@@ -400,9 +419,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     MoERouting rref = {0.0f, 0.0f, 0.0f, 0.0f}, rgpu = rref;
     if (spec->kind == STRUCT_BTT) {
         BTTShape b = btt_shape_of(spec);
-        float *z = (float *)mallocCheck(btt_z_size(&b, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&b, N) * sizeof(float));
-        btt_forward(y_ref, z, x, w[0], w[1], bias, N, &b);
-        btt_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, z, w[0], w[1], N, &b, scr);
+        cpu_layer_ref(spec, N, x, w[0], w[1], bias, dy, y_ref, dx_ref, dw_ref[0], dw_ref[1], dbias_ref);
         const size_t se = btt_gpu_scratch_elems(&b, N) > btt_dense_elems(&b) ? btt_gpu_scratch_elems(&b, N) : btt_dense_elems(&b);
         floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
         if (g_st_dense) {
@@ -414,12 +431,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(z_d)); cudaCheck(cudaFree(s_d));
-        free(z); free(scr);
     } else if (spec->kind == STRUCT_MONARCH) {
         MonarchShape ms = monarch_shape_of(spec);
-        float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
-        monarch_forward(y_ref, u, x, w[0], w[1], bias, N, &ms);
-        monarch_backward(dx_ref, dw_ref[0], dw_ref[1], dbias_ref, dy, x, u, w[0], w[1], N, &ms, scr);
+        cpu_layer_ref(spec, N, x, w[0], w[1], bias, dy, y_ref, dx_ref, dw_ref[0], dw_ref[1], dbias_ref);
         const size_t se = monarch_gpu_scratch_elems(&ms, N) > monarch_dense_elems(&ms) ? monarch_gpu_scratch_elems(&ms, N) : monarch_dense_elems(&ms);
         floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
         if (g_st_dense) {
@@ -431,7 +445,6 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(u_d)); cudaCheck(cudaFree(s_d));
-        free(u); free(scr);
     } else {
         MoEShape ms = moe_shape_of(spec);
         MoEState st;
@@ -544,20 +557,7 @@ static void check_dense_group_vs_cpu(int mode) {
         }
         const float *b = sp[i].bias ? bias_all + (size_t)i * C : NULL;
         for (size_t r = 0; r < (size_t)N; r++) memcpy(dyi + r * C, dy + r * S * C + (size_t)i * C, C * sizeof(float));
-        memset(dxi, 0, (size_t)N * C * sizeof(float));
-        if (sp[i].kind == STRUCT_BTT) {
-            BTTShape bs = btt_shape_of(&sp[i]);
-            float *z = (float *)mallocCheck(btt_z_size(&bs, N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&bs, N) * sizeof(float));
-            btt_forward(yi, z, x, w[i][0], w[i][1], b, N, &bs);
-            btt_backward(dxi, dw_ref[i][0], dw_ref[i][1], b ? dbias_ref + (size_t)i * C : NULL, dyi, x, z, w[i][0], w[i][1], N, &bs, scr);
-            free(z); free(scr);
-        } else {
-            MonarchShape ms = monarch_shape_of(&sp[i]);
-            float *u = (float *)mallocCheck(monarch_u_size(&ms, N) * sizeof(float)), *scr = (float *)mallocCheck(monarch_scratch_size(&ms, N) * sizeof(float));
-            monarch_forward(yi, u, x, w[i][0], w[i][1], b, N, &ms);
-            monarch_backward(dxi, dw_ref[i][0], dw_ref[i][1], b ? dbias_ref + (size_t)i * C : NULL, dyi, x, u, w[i][0], w[i][1], N, &ms, scr);
-            free(u); free(scr);
-        }
+        cpu_layer_ref(&sp[i], N, x, w[i][0], w[i][1], b, dyi, yi, dxi, dw_ref[i][0], dw_ref[i][1], b ? dbias_ref + (size_t)i * C : NULL);
         for (size_t r = 0; r < (size_t)N; r++) memcpy(y_ref + r * S * C + (size_t)i * C, yi + r * C, C * sizeof(float));
         for (size_t j = 0; j < (size_t)N * C; j++) dx_ref[j] += dxi[j];
         memset(&g[i], 0, sizeof(g[i]));
@@ -605,14 +605,14 @@ static void check_btt_qkv_strided_vs_cpu(void) {
     const int N = 256, C = 768, S = 3;
     mt19937_state rng;
     mt_seed(&rng, 13);
+    LinearSpec sp[3];
     BTTShape bs[3];
     for (int i = 0; i < S; i++) {
-        LinearSpec sp;
-        memset(&sp, 0, sizeof(sp));
-        sp.kind = STRUCT_BTT; sp.d_in = sp.d_out = C; sp.bias = 1; sp.rank = 1 << i;
-        default_factors(C, &sp.alpha, &sp.gamma);
-        default_factors(C, &sp.phi, &sp.eps);
-        bs[i] = btt_shape_of(&sp);
+        memset(&sp[i], 0, sizeof(sp[i]));
+        sp[i].kind = STRUCT_BTT; sp[i].d_in = sp[i].d_out = C; sp[i].bias = 1; sp[i].rank = 1 << i;
+        default_factors(C, &sp[i].alpha, &sp[i].gamma);
+        default_factors(C, &sp[i].phi, &sp[i].eps);
+        bs[i] = btt_shape_of(&sp[i]);
     }
     float *x = rand_bf16_host((size_t)N * C, 1.0f, &rng), *dy = rand_bf16_host((size_t)N * S * C, 1.0f, &rng);
     float *bias = rand_bf16_host((size_t)S * C, 0.1f, &rng);
@@ -628,11 +628,7 @@ static void check_btt_qkv_strided_vs_cpu(void) {
         dw_ref[i][0] = (float *)callocCheck(wn[i][0], sizeof(float));
         dw_ref[i][1] = (float *)callocCheck(wn[i][1], sizeof(float));
         for (size_t r = 0; r < (size_t)N; r++) memcpy(dyi + r * C, dy + r * S * C + (size_t)i * C, C * sizeof(float));
-        float *z = (float *)mallocCheck(btt_z_size(&bs[i], N) * sizeof(float)), *scr = (float *)mallocCheck(btt_scratch_size(&bs[i], N) * sizeof(float));
-        btt_forward(yi, z, x, w[i][0], w[i][1], bias + (size_t)i * C, N, &bs[i]);
-        memset(dxi, 0, (size_t)N * C * sizeof(float));
-        btt_backward(dxi, dw_ref[i][0], dw_ref[i][1], dbias_ref + (size_t)i * C, dyi, x, z, w[i][0], w[i][1], N, &bs[i], scr);
-        free(z); free(scr);
+        cpu_layer_ref(&sp[i], N, x, w[i][0], w[i][1], bias + (size_t)i * C, dyi, yi, dxi, dw_ref[i][0], dw_ref[i][1], dbias_ref + (size_t)i * C);
         for (size_t r = 0; r < (size_t)N; r++) memcpy(y_ref + r * S * C + (size_t)i * C, yi + r * C, C * sizeof(float));
         for (size_t j = 0; j < (size_t)N * C; j++) dx_ref[j] += dxi[j];
     }
@@ -652,8 +648,7 @@ static void check_btt_qkv_strided_vs_cpu(void) {
     floatX *scr_d = cudaMallocNamed(floatX, scr_n, "test scratch");
     float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(C), "test colsum");
     for (int mode = 0; mode <= 3; mode += 3) {
-        g_st_fused = mode;
-        g_btt_wstage = mode >= 2;
+        st_set_kernels(mode);
         char tag[128], name[192];
         snprintf(tag, sizeof(tag), "gpu vs cpu q, k, v as BTT r1, r2, r4 in place (y_ld, dy_ld 3C, dx added) N=%d (-sk %d%s)", N, mode,
                  mode == 3 ? ": split" : "");
@@ -683,8 +678,7 @@ static void check_btt_qkv_strided_vs_cpu(void) {
                 check_device(dw_d[i][t], dw_ref[i][t], wn[i][t], 3e-2f, name);
             }
     }
-    g_st_fused = 0;
-    g_btt_wstage = 0;
+    st_set_kernels(0);
     for (int i = 0; i < S; i++) {
         for (int t = 0; t < 2; t++) {
             cudaCheck(cudaFree(w_d[i][t])); cudaCheck(cudaFree(dw_d[i][t]));
@@ -707,12 +701,11 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {  // the baseline, the fused kernels where they apply, -sk 2, -sk 3
-            g_btt_wstage = g_st_fused >= 2;
+        for (int sk = 0; sk <= 3; sk++) {  // the baseline, the fused kernels where they apply, -sk 2, -sk 3
+            st_set_kernels(sk);
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         }
-        g_st_fused = 0;
-        g_btt_wstage = 0;
+        st_set_kernels(0);
         g_st_dense = 1;  // -sm 1: dense GEMMs on the materialized weight
         for (int r = 1; r <= 4; r *= 4) { s.rank = r; check_layer_vs_cpu(&s, N); }
         s.kind = STRUCT_MONARCH;
@@ -723,12 +716,11 @@ static void check_structures_vs_cpu(void) {
         g_st_fused = 0;
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
-            g_btt_wstage = g_st_fused >= 2;
+        for (int sk = 0; sk <= 3; sk++) {
+            st_set_kernels(sk);
             check_layer_vs_cpu(&s, N);
         }
-        g_st_fused = 0;
-        g_btt_wstage = 0;
+        st_set_kernels(0);
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
     check_btt_qkv_strided_vs_cpu();
@@ -738,24 +730,22 @@ static void check_structures_vs_cpu(void) {
     s.d_in = 2048; s.d_out = 8192; s.bias = 1; s.rank = 2;
     default_factors(s.d_in, &s.alpha, &s.gamma);
     default_factors(s.d_out, &s.phi, &s.eps);
-    for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
-        g_btt_wstage = g_st_fused >= 2;
+    for (int sk = 0; sk <= 3; sk++) {
+        st_set_kernels(sk);
         check_layer_vs_cpu(&s, N);
     }
-    g_st_fused = 0;
-    g_btt_wstage = 0;
+    st_set_kernels(0);
     // eps 80: 5 stage-2 n-tiles of one fragment per item, so a warp's items (8 apart) change the
     // n-tile as well as f (the W0-staged kernel prefetches the next item's fragments by both)
     memset(&s, 0, sizeof(s));
     s.kind = STRUCT_BTT;
     s.d_in = 768; s.d_out = 1280; s.bias = 1; s.rank = 1;
     s.alpha = 16; s.gamma = 48; s.phi = 16; s.eps = 80;
-    for (g_st_fused = 0; g_st_fused <= 3; g_st_fused++) {
-        g_btt_wstage = g_st_fused >= 2;
+    for (int sk = 0; sk <= 3; sk++) {
+        st_set_kernels(sk);
         check_layer_vs_cpu(&s, N);
     }
-    g_st_fused = 0;
-    g_btt_wstage = 0;
+    st_set_kernels(0);
 }
 
 // Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
@@ -782,8 +772,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
-    g_st_fused = 0;
-    g_btt_wstage = 0;
+    st_set_kernels(0);
     g_st_dense = 0;
     g_test_no_master = 1;
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);

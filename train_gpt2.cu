@@ -1052,7 +1052,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
-    g_btt_wstage = g_st_fused >= 2;
+    st_set_kernels(g_st_fused);
     if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints
         char bus[32], err[512];
         snprintf(bus, sizeof(bus), "%08X:%02X:%02X.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);

@@ -384,10 +384,14 @@ static int g_btt_whole_z = 0;
 static int g_btt_wstage = 0;
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block
-// (bt_choose: tile rows and groups by the traffic model; tm_only 16/32/64 fixes the rows, 0 any).
-// Returns 0 when it cannot run it (then use btt_forward_gpu).
+// (bt_choose: tile rows and groups by the traffic model; tm_only 16/32/64 fixes the rows, 0 any),
+// W0 staged when ws. Returns 0 when it cannot run it (then use btt_forward_gpu).
+static inline int btt_fused_geom_ws(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only, int ws) {
+    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, ws);
+}
+// The same as g_btt_wstage says.
 static inline int btt_fused_geom(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only) {
-    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, g_btt_wstage);
+    return btt_fused_geom_ws(g, s, smem_limit, tm_only, g_btt_wstage);
 }
 
 // The tile rows the fused kernel would use for this shape (16, 32 or 64), or 0 when it cannot run it.
@@ -489,10 +493,7 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
 // supported (nothing done).
 static int btt_stage1_fused(floatX *z, const floatX *x, int x_ld, const floatX *W0, int N, const BTTShape *s, int tm = 0) {
     BtGeom g;
-    const int saved = g_btt_wstage;
-    g_btt_wstage = 1;
-    const int ok = btt_fused_geom(&g, s, btt_fused_smem_limit(), tm);
-    g_btt_wstage = saved;
+    const int ok = btt_fused_geom_ws(&g, s, btt_fused_smem_limit(), tm, 1);
     if (!ok || (x_ld && (x_ld < s->d_in || x_ld % 8))) return 0;
     if (((uintptr_t)z | (uintptr_t)x) % 16 || (uintptr_t)W0 % 32 || !z) return 0;
     if (N <= 0) return 1;

@@ -53,6 +53,12 @@
 static int g_st_fused = 0;
 // BTT forwards and backwards that ran split (-sk 3; the tests check that it did, not the plans)
 static long g_st_split_runs = 0;
+// -sk's setting: which structured kernels run (g_st_fused), and with 2 and 3 the fused BTT kernel
+// with W0 staged (btt_fused.cuh's g_btt_wstage).
+static void st_set_kernels(int sk) {
+    g_st_fused = sk;
+    g_btt_wstage = sk >= 2;
+}
 
 // ----------------------------------------------------------------------------------------------
 // plan execution
@@ -369,10 +375,11 @@ static void block_transpose_gpu(floatX *dst, const floatX *src, size_t n, int ro
 }
 
 // The transposed BTT's cores (btt.h's btt_transposed_cores) for `copies` consecutive BTTs of
-// shape s (BTT-MoE's experts): W0t gets copies·|W1| elements, W1t copies·|W0|.
+// shape s (BTT-MoE's experts): W0t gets copies·|W1| elements, W1t copies·|W0| (NULL: not needed,
+// as by the first stage alone).
 static void btt_transposed_cores_gpu(floatX *W0t, floatX *W1t, const floatX *W0, const floatX *W1, const BTTShape *s, int copies) {
     block_transpose_gpu(W0t, W1, btt_w1_size(s) * copies, s->gamma * s->rank, s->eps);
-    block_transpose_gpu(W1t, W0, btt_w0_size(s) * copies, s->alpha, s->phi * s->rank);
+    if (W1t) block_transpose_gpu(W1t, W0, btt_w0_size(s) * copies, s->alpha, s->phi * s->rank);
 }
 
 // Scratch elements btt_backward_gpu needs for N rows: the baseline's T1 and T2, or the fused
@@ -400,17 +407,18 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     Plan p = {};
     const BTTShape ts = btt_shape_transposed(s);
     int fused = 0, split = 0;
-    if (g_st_fused == 3 && btt_fused_supported(&ts, btt_fused_smem_limit())) {
-        // split: the fused kernel's stage 1 on dy writes T1 = dZ (the transposed BTT's saved z), then
-        // cuBLAS dx and the weight gradients from it
+    // split: the fused kernel's stage 1 on dy writes T1 = dZ (the transposed BTT's saved z), then
+    // cuBLAS dx and the weight gradients from it; fused: the whole kernel writes dx and T1
+    const int try_split = g_st_fused == 3, try_fused = g_st_fused && !try_split && dx && !dy_ld && !dx_acc;
+    if ((try_split || try_fused) && btt_fused_supported(&ts, btt_fused_smem_limit())) {
         floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
-        btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
-        split = btt_stage1_fused(buf[PB_T1], dy, dy_ld, W0t, N, &ts);
-        g_st_split_runs += split;
-    } else if (g_st_fused && g_st_fused != 3 && dx && !dy_ld && !dx_acc && btt_fused_supported(&ts, btt_fused_smem_limit())) {
-        floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
-        btt_transposed_cores_gpu(W0t, W1t, W0, W1, s, 1);
-        fused = btt_forward_fused(dx, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
+        btt_transposed_cores_gpu(W0t, try_split ? NULL : W1t, W0, W1, s, 1);
+        if (try_split) {
+            split = btt_stage1_fused(buf[PB_T1], dy, dy_ld, W0t, N, &ts);
+            g_st_split_runs += split;
+        } else {
+            fused = btt_forward_fused(dx, buf[PB_T1], dy, W0t, W1t, NULL, N, &ts);
+        }
     }
     if (fused) {
         plan_btt_backward_weights(&p, s, N, 0, 1);
@@ -532,6 +540,9 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
 
 static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights; 2: those exec_model.h picks
 
+// n elements rounded up to 16 bytes (bf16): the W, dW and bias regions of the -sm scratch.
+static inline size_t st_pad8(size_t n) { return (n + 7) / 8 * 8; }
+
 // A BTT's or Monarch's d_in and d_out.
 static void st_dense_dims(int kind, const void *shape, int *din, int *dout) {
     if (kind == STRUCT_BTT) {
@@ -548,7 +559,7 @@ static void st_dense_dims(int kind, const void *shape, int *din, int *dout) {
 static size_t st_dense_elems(int kind, const void *shape) {
     int din, dout;
     st_dense_dims(kind, shape, &din, &dout);
-    return 2 * (((size_t)din * dout + 7) / 8 * 8);
+    return 2 * st_pad8((size_t)din * dout);
 }
 static size_t btt_dense_elems(const BTTShape *s) { return st_dense_elems(STRUCT_BTT, s); }
 static size_t monarch_dense_elems(const MonarchShape *m) { return st_dense_elems(STRUCT_MONARCH, m); }
@@ -787,7 +798,7 @@ static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbia
                               const floatX *pre_gelu) {
     int din, dout;
     st_dense_dims(kind, shape, &din, &dout);
-    floatX *W = mem, *dW = mem + ((size_t)din * dout + 7) / 8 * 8;
+    floatX *W = mem, *dW = mem + st_pad8((size_t)din * dout);
     st_dense_weight(W, 0, kind, shape, W0, W1);
     matmul_backward(dx, dW, dbias, dy, x, W, N, din, dout, pre_gelu, colsum_scratch, 1);
     st_dense_weight_backward(dW0, dW1, dW, 0, kind, shape, W0, W1);
@@ -822,24 +833,35 @@ static void st_dense_group_dims(const StDenseLayer *g, int S, int *din, int *dou
 static size_t st_dense_group_elems(const StDenseLayer *g, int S) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
-    return 2 * (((size_t)din * dout + 7) / 8 * 8) + ((size_t)dout + 7) / 8 * 8;
+    return 2 * st_pad8((size_t)din * dout) + st_pad8(dout);
 }
 
-// Binds the scratch and materializes every layer's W into its column block of the group's W.
-// Returns the group's bias (NULL when no layer has one): the layers' own when they lie one after
-// the other, else gathered into the scratch (zeros for a layer without).
-static const floatX *st_dense_group_weight(floatX **W, floatX **dW, const StDenseLayer *g, int S, floatX *mem) {
+// Binds the scratch (W, dW) and materializes every layer's W into its column block of the
+// group's W.
+static void st_dense_group_weight(floatX **W, floatX **dW, const StDenseLayer *g, int S, floatX *mem) {
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
-    const size_t wn = ((size_t)din * dout + 7) / 8 * 8;
-    *W = mem; *dW = mem + wn;
-    floatX *bias = mem + 2 * wn;
-    int col = 0, any_bias = 0, adjacent = 1;
+    *W = mem; *dW = mem + st_pad8((size_t)din * dout);
+    int col = 0;
     for (int i = 0; i < S; i++) {
         const void *shape = st_dense_layer_shape(&g[i]);
         int di, d;
         st_dense_dims(g[i].kind, shape, &di, &d);
         st_dense_weight(*W + col, dout, g[i].kind, shape, g[i].W0, g[i].W1);
+        col += d;
+    }
+}
+
+// The group's bias (NULL when no layer has one; the forward's only): the layers' own when they lie
+// one after the other, else gathered into the scratch after W and dW (zeros for a layer without).
+static const floatX *st_dense_group_bias(const StDenseLayer *g, int S, floatX *mem) {
+    int din, dout;
+    st_dense_group_dims(g, S, &din, &dout);
+    floatX *bias = mem + 2 * st_pad8((size_t)din * dout);
+    int col = 0, any_bias = 0, adjacent = 1;
+    for (int i = 0; i < S; i++) {
+        int di, d;
+        st_dense_dims(g[i].kind, st_dense_layer_shape(&g[i]), &di, &d);
         any_bias |= g[i].bias != NULL;
         if (!g[i].bias || (i > 0 && g[i].bias != g[0].bias + col)) adjacent = 0;
         col += d;
@@ -862,8 +884,8 @@ static void st_dense_group_forward(floatX *y, const floatX *x, int N, const StDe
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
     floatX *W, *dW;
-    const floatX *bias = st_dense_group_weight(&W, &dW, g, S, mem);
-    matmul_forward(y, x, W, bias, N, din, dout, NULL, 1);
+    st_dense_group_weight(&W, &dW, g, S, mem);
+    matmul_forward(y, x, W, st_dense_group_bias(g, S, mem), N, din, dout, NULL, 1);
 }
 
 // dx (N, din) = dy Wᵀ, overwritten; each layer's gradients (and bias gradient) accumulated.

@@ -91,8 +91,7 @@ int main(int argc, char **argv) {
         float ms[NV + 1] = {0};
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            g_st_fused = ver >= 2 ? ver - 1 : 0;
-            g_btt_wstage = ver >= 3;
+            st_set_kernels(ver >= 2 ? ver - 1 : 0);
             if (ver >= 2 && !btt_fused_supported(&ts, btt_fused_smem_limit())) {
                 printf("   v%d: the fused kernel does not take the transposed shape here; the trainer falls back to v1\n", ver);
                 continue;
@@ -125,8 +124,7 @@ int main(int argc, char **argv) {
             snprintf(what, sizeof(what), "bwd %d->%d r%d", din, dout, s.rank);
             dev_report(what, ver, ms[ver], bytes, flops, fmaxf(e, fmaxf(e_0, e_1)));
         }
-        g_st_fused = 0;
-        g_btt_wstage = 0;
+        st_set_kernels(0);
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);

@@ -152,9 +152,7 @@ int main(int argc, char **argv) {
             const int s1 = ver == 9 || ver >= 11;  // stage 1 alone
             if (ver >= 9) {  // the W0-staged geometry btt_stage1_fused takes
                 BtGeom g;
-                g_btt_wstage = 1;
-                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force);
-                g_btt_wstage = 0;
+                const int ok = btt_fused_geom_ws(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force, 1);
                 g.s1only = 1;
                 if (!ok) {
                     printf("   v%d: stage 1 (tm %d) not supported here (shared memory); -sk 3 falls back to v1\n", ver, tm_force);
@@ -165,10 +163,8 @@ int main(int argc, char **argv) {
             } else if (ver >= 2) {
                 BtGeom g;
                 g_btt_whole_z = ver == 6;
-                g_btt_wstage = wstage;
-                const int ok = btt_fused_geom(&g, &s, btt_fused_smem_limit(), tm_force);
+                const int ok = btt_fused_geom_ws(&g, &s, btt_fused_smem_limit(), tm_force, wstage);
                 g_btt_whole_z = 0;
-                g_btt_wstage = 0;
                 if (!ok) {
                     printf("   v%d: fused%s tm %d not supported here (shared memory); the caller falls back to v1\n", ver,
                            ver == 6 ? " (whole z tile)" : "", tm_force);
@@ -181,10 +177,10 @@ int main(int argc, char **argv) {
             }
             auto run = [&](floatX *z, int n) {
                 if (ver == 1 || ver == 10) {
-                    g_st_fused = ver == 10 ? 3 : 0;
+                    st_set_kernels(ver == 10 ? 3 : 0);
                     const long before = g_st_split_runs;
                     btt_forward_gpu(d_y, z, d_x, d_W0, d_W1, d_bias, n, &s, d_t1);
-                    g_st_fused = 0;
+                    st_set_kernels(0);
                     if (ver == 10 && n > 0 && g_st_split_runs == before) {
                         fprintf(stderr, "error: btt_forward_gpu did not run split\n");
                         exit(EXIT_FAILURE);

@@ -196,9 +196,7 @@ static int make_cases(Case *c, int din, int dout) {
         else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
         const BTTShape bt = btt_shape_transposed(&b);
         BtGeom gf = {}, gb = {};
-        g_btt_wstage = 1;
-        const int ok = btt_fused_geom(&gf, &b, btt_fused_smem_limit(), 0), okb = btt_fused_geom(&gb, &bt, btt_fused_smem_limit(), 0);
-        g_btt_wstage = 0;
+        const int ok = btt_fused_geom_ws(&gf, &b, btt_fused_smem_limit(), 0, 1), okb = btt_fused_geom_ws(&gb, &bt, btt_fused_smem_limit(), 0, 1);
         if (!ok) continue;
         c[n] = c[i];
         c[n].fused = 2;
@@ -328,8 +326,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
     const LinearSpec *sp = &cs->spec;
     const int N = r->N, din = r->din, dout = r->dout, CR = CHECK_ROWS;
     const int check = a->check;
-    g_st_fused = cs->fused;
-    g_btt_wstage = cs->fused >= 2;
+    st_set_kernels(cs->fused);
     float *cx = NULL, *ref = (float *)callocCheck((size_t)CR * dout, sizeof(float)), *gpu = NULL;
     int *skip = NULL, ok = 1;
     double worst = 0.0;
@@ -484,8 +481,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         moe_gpu_state_free(&st);
     }
     cudaCheck(cudaDeviceSynchronize());
-    g_st_fused = 0;
-    g_btt_wstage = 0;
+    st_set_kernels(0);
     *checked = check;
     free(cx); free(ref); free(gpu); free(skip);
     return ok;
