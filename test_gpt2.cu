@@ -138,9 +138,27 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
+// -at 1's per-layer kernels, set by rotation instead of timing: the j-th BTT or Monarch layer runs
+// the (j + shift)-th of its kind's choices (structured/tune.cuh), so that neighbours (q, k, v of
+// one block) run different kernels; then the buffers are fitted to the choices.
+static void st_kernels_rotate(GPT2 *m, int shift) {
+    int j = 0;
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+        int cand[ST_K_COUNT];
+        const int nc = ld->used ? st_kernel_candidates(ld->spec.kind, cand) : 0;
+        if (!nc) continue;
+        const int k = cand[(j++ + shift) % nc];
+        m->lin[i].as_dense = k == ST_K_DENSE;
+        m->lin[i].sk = k == ST_K_DENSE ? 0 : k;
+    }
+    st_buffers_fit(m, 0);
+}
+
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
-// (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split).
+// (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
+// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 1), kept over the resume.
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -153,12 +171,15 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     g_gpu.gelu_fusion = gelu_fusion;
     st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : 0);
     g_st_dense = fused == 2;
+    g_st_tune = fused >= 5;  // the buffers for every choice
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
-             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : "", g_test_no_master ? " -w 0" : "");
+             fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : fused == 5 ? " per-layer kernels"
+             : fused == 6 ? " per-layer kernels, rotated" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
+    if (fused >= 5) st_kernels_rotate(&m, fused - 5);
     if (flash == 2 && !m.cudnn) {
         printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
         fixture_run_free(&m, &f);
@@ -276,12 +297,22 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     ckpt_writer_start(&w);
     ckpt_writer_join(&w);
     ckpt_writer_free(&w);
+    const int nl = gpt2_num_linears(&m.layout);
+    uint8_t *kernels = (uint8_t *)mallocCheck((size_t)nl);
+    memcpy(kernels, m.kernels, (size_t)nl);  // what the snapshot wrote
     gpt2_free(&m);
     gpt2_build(&m, model_path);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     TrainState st2;
     gpt2_read_state(&m, state_path, &st2);
+    if (fused >= 5) {  // -at 1 resumed: the state's kernels, not the flags'
+        st_buffers_fit(&m, 0);
+        st_kernels_snapshot(&m);
+        snprintf(name, sizeof(name), "%s the resume state keeps each layer's kernels and the resumed model runs them", tag);
+        check_true(st2.n_kernels == nl && m.kernels_restored && memcmp(kernels, m.kernels, (size_t)nl) == 0, name, "other kernels");
+    }
+    free(kernels);
     train_fixture_steps(&m, &f, (int)st2.step, f.n_steps, losses2, norms2);
     gpt2_download_master(&m);
     snprintf(name, sizeof(name), "%s determinism: save at step %d and resume gives bit-identical losses and weights", tag, half);
@@ -293,6 +324,80 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     rmdir(dir);
     free(losses); free(norms); free(losses2); free(norms2); free(final1);
     fixture_run_free(&m, &f);
+}
+
+// -at 1's choice, with the clock replaced by a table of times per (unit, kernels): each unit gets
+// the fastest unless the flags' choice is within 3% of it; units of the same shapes are timed once
+// and share the choice; each time is taken with the unit's layers set to the kernels timed (and
+// each unit runs, so every choice runs here once, and the gradients it leaves must be zeroed).
+// The model: 3 blocks of BTT rank 1, a dense attn_proj, Monarch fc but BTT rank 2 in block 2.
+static int g_fake_calls, g_fake_unset;
+static double fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k) {
+    g_fake_calls++;
+    int idx[3];
+    const int n = tune_unit_members(m, u, idx);
+    for (int i = 0; i < n; i++)
+        if ((m->lin[idx[i]].as_dense ? ST_K_DENSE : m->lin[idx[i]].sk) != k) g_fake_unset++;
+    tune_unit_run((void *)u);  // runs as the real clock would: every choice on the simulator, gradients accumulating
+    static const double qkv[ST_K_COUNT] = {1.00, 0.90, 0.80, 0.79, 2.00};       // -sk 3
+    static const double fc_monarch[ST_K_COUNT] = {1.00, 0.98, -1, -1, 0.99};   // -sk 0 kept: 0.98 is within 3%
+    static const double fc_btt[ST_K_COUNT] = {1.00, 1.20, 1.20, 1.20, 0.50};   // dense
+    static const double fc_proj[ST_K_COUNT] = {1.00, 0.50, 0.60, 0.70, 0.90};  // -sk 1
+    const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[0])->spec;
+    if (u->role == SR_Q) return qkv[k];
+    if (u->role == SR_FC) return s->kind == STRUCT_MONARCH ? fc_monarch[k] : fc_btt[k];
+    if (u->role == SR_FC_PROJ) return fc_proj[k];
+    return 100.0;  // no other unit exists in this model
+}
+static void check_autotune_choice(void) {
+    char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
+    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
+    snprintf(path, sizeof(path), "%s/at.conf", dir);
+    FILE *fp = fopenCheck(path, "w");
+    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear]\nstruct = btt\nrank = 1\n\n"
+                "[linear.attn_proj]\nstruct = dense\n\n[linear.fc]\nstruct = monarch\nblocks = 4\n\n[layer.2.fc]\nstruct = btt\nrank = 2\n");
+    fcloseCheck(fp, path);
+    GPT2 m;
+    gpt2_build(&m, path);
+    st_set_kernels(0);
+    g_st_dense = 0;
+    g_st_tune = 1;
+    gpt2_alloc(&m, 2, 16, 1, 1);
+    g_tune_clock = fake_tune_clock;
+    g_fake_calls = g_fake_unset = 0;
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    st_buffers_fit(&m, 0);
+    // 4 distinct units: q/k/v (5 choices), Monarch fc (3), BTT fc (5), fc_proj (5)
+    check_true(g_fake_calls == 18 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
+               "calls or settings differ");
+    int bad = 0;
+    for (int l = 0; l < 3; l++) {
+        for (int r = SR_Q; r <= SR_V; r++) bad += m.lin[l * NUM_BLOCK_ROLES + r].sk != 3 || m.lin[l * NUM_BLOCK_ROLES + r].as_dense;
+        const LinearState *fc = &m.lin[l * NUM_BLOCK_ROLES + SR_FC], *fp = &m.lin[l * NUM_BLOCK_ROLES + SR_FC_PROJ];
+        bad += l < 2 ? (fc->as_dense || fc->sk != 0) : !fc->as_dense;
+        bad += fp->as_dense || fp->sk != 1;
+        bad += l == 2 && fc->inter != NULL;
+    }
+    // fitted: the BTT fc run as dense keeps no z, and q, k, v at -sk 3 run in place in qkv, so the
+    // split buffers the timing had (for -sk 1 and 2) are gone
+    check_true(bad == 0 && m.split_a == NULL && m.split_b == NULL,
+               "-at 1: fastest per unit (q, k, v -sk 3; fc_proj -sk 1; BTT fc dense), the flags' within 3% kept (Monarch fc), buffers fitted",
+               "other choices");
+    // the choices run: one step's loss is finite and the gradients were zeroed by the tuning first
+    int *tok = (int *)mallocCheck(32 * sizeof(int));
+    for (int i = 0; i < 32; i++) tok[i] = (i * 37) % 512;
+    uint16_t *gb = (uint16_t *)mallocCheck(m.num_params * sizeof(uint16_t));
+    cudaCheck(cudaMemcpy(gb, m.grads, m.num_params * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    size_t nz = 0;
+    for (size_t i = 0; i < m.num_params; i++) nz += gb[i] != 0;
+    const float loss = gpt2_forward(&m, tok, tok, 2, 16);
+    check_true(nz == 0 && isfinite(loss) && loss > 0.0f, "-at 1: the gradients are zero after the tuning; the chosen kernels train", "nonzero gradients or bad loss");
+    free(tok); free(gb);
+    gpt2_free(&m);
+    g_st_tune = 0;
+    remove(path);
+    rmdir(dir);
 }
 
 // llm.c's check (as test_gpt2.c): GPT-2 124M weights, one batch, PyTorch's logits, loss and
@@ -772,8 +877,11 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by one
     st_set_kernels(0);
     g_st_dense = 0;
+    g_st_tune = 0;
     g_test_no_master = 1;
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 0);
     g_test_no_master = 0;
@@ -794,6 +902,7 @@ int main(int argc, char **argv) {
     fixture_for_each_model(dir, run_fixture_modes);
     if (g_cudnn_only) return test_summary();
     check_structures_vs_cpu();
+    check_autotune_choice();
     if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
     return test_summary();
 }

@@ -1019,8 +1019,9 @@ static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) 
         m->m = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
         m->v = (float *)callocCheck(gpt2_moments_len(m), sizeof(float));
     }
-    state_read(state_path, st, m->m, m->v, NULL, gpt2_moments_len(m));
+    state_read(state_path, st, m->m, m->v, NULL, gpt2_moments_len(m), NULL, 0);
 }
+static void trainer_prepare(GPT2 *m) { (void)m; }  // nothing to choose: one kernel per op
 
 #ifdef TESTING
 // A model that holds one linear layer, `spec`, as block 0's fc (what the layer benchmark times and

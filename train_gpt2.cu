@@ -65,11 +65,16 @@ typedef struct {
     float *losses;                     // (B, T) fp32
 } Acts;
 
+// -at 1: time each BTT and Monarch layer's kernels at startup and run each layer the fastest
+// (structured/tune.cuh; st_autotune below)
+static int g_st_tune = 0;
+
 // What a structured linear layer keeps between its forward and backward.
 typedef struct {
     floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
     MoEGPUState moe;      // btt_moe
     int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
+    int sk;               // else its kernels as -sk 0..3 (BTT-MoE: -sk's); -at 1 chooses both per layer
 } LinearState;
 
 typedef struct {
@@ -108,6 +113,9 @@ typedef struct {
     // structured layers
     LinearState *lin;                  // [L * NUM_BLOCK_ROLES + 1]: block layers, then the head
     floatX *st_scratch;                // shared by every structured layer (plans' T1..T3, BTT-MoE's gathered rows)
+    size_t st_scratch_elems;
+    uint8_t *kernels;                  // [num linears] each layer's kernels as its resume state keeps them (structured/tune.cuh)
+    int kernels_restored;              // -at 1 resumed: the kernels came from the state, not timed
     float *st_fscratch;                // BTT-MoE fp32 scratch
     floatX *split_a, *split_b;         // (B, T, C): a separate q, k or v and its input gradient
     MoERouting routing;                // BTT-MoE aux loss and routing of the last forward, over the routed layers (gpt2_read_loss)
@@ -154,6 +162,8 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     LinearState *ls = lin_state(m, ld);
     prof_mark_linear(ld, 0, N, ls->as_dense);
     if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
+    const int sk_setting = g_st_fused;  // this layer runs its own kernels (-at 1: chosen per layer); the setting is restored after
+    st_set_kernels(ls->sk);
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
@@ -183,6 +193,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
             break;
         }
     }
+    st_set_kernels(sk_setting);
 }
 
 // dinp (N, d_in) is overwritten (may be NULL); the layer's gradients are accumulated. With
@@ -202,6 +213,8 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
         matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out, pre_gelu, m->colsum_scratch);
         return;
     }
+    const int sk_setting = g_st_fused;
+    st_set_kernels(ls->sk);
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
@@ -228,6 +241,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
             break;
         }
     }
+    st_set_kernels(sk_setting);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -344,8 +358,9 @@ static void st_choose_as_dense(GPT2 *m, int N) {
 static int linear_takes_strides(GPT2 *m, const LinearDesc *ld) {
     const int k = ld->spec.kind;
     if (k == STRUCT_BTT_MOE) return 1;
-    if (lin_state(m, ld)->as_dense) return 0;
-    return (k == STRUCT_BTT && (!g_st_fused || g_st_fused == 3)) || (k == STRUCT_MONARCH && !g_st_fused);
+    const LinearState *ls = lin_state(m, ld);
+    if (ls->as_dense) return 0;
+    return (k == STRUCT_BTT && (!ls->sk || ls->sk == 3)) || (k == STRUCT_MONARCH && !ls->sk);
 }
 
 // When q, k and v all run as dense (BTT or Monarch; -sm 1, or -sm 2's model): fills g with them
@@ -371,6 +386,128 @@ static int qkv_dense_group(GPT2 *m, int l, StDenseLayer g[3]) {
         }
     }
     return 1;
+}
+
+// Scratch elements the structured layers need at max_B x max_T rows with their kernels as chosen
+// now, and in *fscratch BTT-MoE's fp32 scratch; *separate_qkv set when some q, k or v needs the
+// split buffers. With alloc, allocates the saved state (z, u; BTT-MoE's) of each layer that needs
+// it and has none.
+static size_t st_layers_need(GPT2 *m, int alloc, size_t *fscratch, int *separate_qkv) {
+    const GPT2Layout *g = &m->layout;
+    const int BT = m->max_B * m->max_T;
+    size_t scratch = 0;
+    for (int i = 0; i < gpt2_num_linears(g); i++) {
+        const LinearDesc *ld = gpt2_linear_at(g, i);
+        if (!ld->used) continue;
+        if (ld->layer >= 0 && ld->role == SR_Q && !ld->fused_qkv) {
+            StDenseLayer grp[3];
+            const int group = qkv_dense_group(m, ld->layer, grp);
+            if (group) {  // one dense layer of width 3C
+                const size_t need = st_dense_group_elems(grp, 3);
+                if (need > scratch) scratch = need;
+            }
+            for (int r = SR_Q; r <= SR_V && !group; r++)
+                if (!linear_takes_strides(m, gpt2_linear(g, ld->layer, r))) *separate_qkv = 1;
+        }
+        const LinearSpec *s = &ld->spec;
+        if (s->kind == STRUCT_DENSE) continue;
+        if (s->d_in % 8 || s->d_out % 8)
+            fatal("layer %d %s: %s %d -> %d; the GPU trainer needs both sizes divisible by 8", ld->layer, struct_role_names[ld->role],
+                  struct_names[s->kind], s->d_in, s->d_out);
+        char what[96];
+        snprintf(what, sizeof(what), "layer %d %s (%s)", ld->layer, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], struct_names[s->kind]);
+        LinearState *ls = &m->lin[i];
+        size_t need = 0;
+        if (s->kind == STRUCT_BTT && ls->as_dense) {  // dense GEMMs on W materialized in the scratch: nothing kept per layer
+            BTTShape b = btt_shape_of(s);
+            need = btt_dense_elems(&b);
+        } else if (s->kind == STRUCT_MONARCH && ls->as_dense) {
+            MonarchShape ms = monarch_shape_of(s);
+            need = monarch_dense_elems(&ms);
+        } else if (s->kind == STRUCT_BTT) {
+            BTTShape b = btt_shape_of(s);
+            if (alloc && !ls->inter) ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, BT), what);
+            need = btt_gpu_scratch_elems(&b, BT);
+        } else if (s->kind == STRUCT_MONARCH) {
+            MonarchShape ms = monarch_shape_of(s);
+            if (alloc && !ls->inter) ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, BT), what);
+            need = monarch_gpu_scratch_elems(&ms, BT);
+        } else {
+            MoEShape ms = moe_shape_of(s);
+            if (alloc && !ls->moe.capacity) moe_gpu_state_alloc(&ls->moe, &ms, BT, what);
+            need = moe_gpu_scratch_elems(&ms, BT);
+            size_t f = moe_gpu_scratch_floats(&ms, BT);
+            if (f > *fscratch) *fscratch = f;
+        }
+        if (need > scratch) scratch = need;
+    }
+    return scratch;
+}
+
+// Bytes of a BTT or Monarch layer's saved state (z, u) at max_B x max_T rows.
+static size_t st_inter_bytes(const GPT2 *m, const LinearSpec *s) {
+    const int BT = m->max_B * m->max_T;
+    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_z_size(&b, BT) * sizeof(floatX); }
+    MonarchShape ms = monarch_shape_of(s);
+    return monarch_u_size(&ms, BT) * sizeof(floatX);
+}
+
+// Sets every BTT and Monarch layer's kernels to k (structured/tune.cuh's byte).
+static void st_set_all_kernels(GPT2 *m, int k) {
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+        if (!ld->used || !st_kind_tunable(ld->spec.kind)) continue;
+        m->lin[i].as_dense = k == ST_K_DENSE;
+        m->lin[i].sk = k == ST_K_DENSE ? 0 : k;
+    }
+}
+
+// The structured layers' buffers for their kernels as chosen now, or with room for every choice
+// -at 1 may time (all dense, all fused: the most scratch, and the q/k/v split buffers): each
+// layer's saved state allocated where it needs one, freed where it runs as dense (not with room);
+// the shared scratch and the split buffers allocated, resized or freed to what the choices need.
+static void st_buffers_fit(GPT2 *m, int room) {
+    const int n = gpt2_num_linears(&m->layout);
+    const size_t BTC = (size_t)m->max_B * m->max_T * m->config.channels;
+    size_t fscratch = 0;
+    int separate_qkv = 0;
+    size_t scratch;
+    if (room) {
+        LinearState *keep = (LinearState *)mallocCheck((size_t)n * sizeof(LinearState));
+        memcpy(keep, m->lin, (size_t)n * sizeof(LinearState));
+        st_set_all_kernels(m, ST_K_DENSE);
+        scratch = st_layers_need(m, 1, &fscratch, &separate_qkv);
+        st_set_all_kernels(m, 1);
+        const size_t fused = st_layers_need(m, 1, &fscratch, &separate_qkv);
+        if (fused > scratch) scratch = fused;
+        for (int i = 0; i < n; i++) {  // the choices back, with the buffers just allocated
+            m->lin[i].as_dense = keep[i].as_dense;
+            m->lin[i].sk = keep[i].sk;
+        }
+        free(keep);
+    } else {
+        scratch = st_layers_need(m, 1, &fscratch, &separate_qkv);
+        for (int i = 0; i < n; i++) {
+            LinearState *ls = &m->lin[i];
+            if (!ls->as_dense || !ls->inter) continue;
+            cuda_free_named(ls->inter, st_inter_bytes(m, &gpt2_linear_at(&m->layout, i)->spec));
+            ls->inter = NULL;
+        }
+    }
+    if (scratch != m->st_scratch_elems) {
+        cuda_free_named(m->st_scratch, m->st_scratch_elems * sizeof(floatX));
+        m->st_scratch = scratch ? cudaMallocNamed(floatX, scratch, "scratch: structured layers (shared by all)") : NULL;
+        m->st_scratch_elems = scratch;
+    }
+    if (fscratch && !m->st_fscratch) m->st_fscratch = cudaMallocNamed(float, fscratch, "scratch: BTT-MoE fp32 (gates, logits gradients, statistics)");
+    if (separate_qkv && !m->split_a) {
+        m->split_a = cudaMallocNamed(floatX, BTC, "scratch: separate q/k/v output");
+        m->split_b = cudaMallocNamed(floatX, BTC, "scratch: separate q/k/v input gradient");
+    } else if (!separate_qkv && m->split_a) {
+        cuda_free_named(m->split_a, BTC * sizeof(floatX));
+        cuda_free_named(m->split_b, BTC * sizeof(floatX));
+        m->split_a = m->split_b = NULL;
+    }
 }
 
 // flash: 1 our flash-attention kernel where it supports the head size, 2 cuDNN's where it runs the
@@ -463,63 +600,12 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     m->h_count = (int *)callocCheck((size_t)c->vocab_size, sizeof(int));
     m->h_losses = (float *)mallocCheck((m->aux_slots + BT) * sizeof(float));
 
-    // structured layers: what each keeps for its backward, one shared scratch
-    const GPT2Layout *g = &m->layout;
+    // structured layers: their kernels (-sk, -sm), what each keeps for its backward, one shared scratch
     m->lin = (LinearState *)callocCheck(L * NUM_BLOCK_ROLES + 1, sizeof(LinearState));
+    m->kernels = (uint8_t *)mallocCheck((size_t)gpt2_num_linears(&m->layout));
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) m->lin[i].sk = g_st_fused;
     st_choose_as_dense(m, (int)BT);
-    size_t scratch = 0, fscratch = 0;
-    int separate_qkv = 0;
-    for (int i = 0; i < gpt2_num_linears(g); i++) {
-        const LinearDesc *ld = gpt2_linear_at(g, i);
-        if (!ld->used) continue;
-        if (ld->layer >= 0 && ld->role == SR_Q && !ld->fused_qkv) {
-            StDenseLayer grp[3];
-            const int group = qkv_dense_group(m, ld->layer, grp);
-            if (group) {  // one dense layer of width 3C
-                const size_t need = st_dense_group_elems(grp, 3);
-                if (need > scratch) scratch = need;
-            }
-            for (int r = SR_Q; r <= SR_V && !group; r++)
-                if (!linear_takes_strides(m, gpt2_linear(g, ld->layer, r))) separate_qkv = 1;
-        }
-        const LinearSpec *s = &ld->spec;
-        if (s->kind == STRUCT_DENSE) continue;
-        if (s->d_in % 8 || s->d_out % 8)
-            fatal("layer %d %s: %s %d -> %d; the GPU trainer needs both sizes divisible by 8", ld->layer, struct_role_names[ld->role],
-                  struct_names[s->kind], s->d_in, s->d_out);
-        char what[96];
-        snprintf(what, sizeof(what), "layer %d %s (%s)", ld->layer, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], struct_names[s->kind]);
-        LinearState *ls = &m->lin[i];
-        size_t need = 0;
-        if (s->kind == STRUCT_BTT && ls->as_dense) {  // dense GEMMs on W materialized in the scratch: nothing kept per layer
-            BTTShape b = btt_shape_of(s);
-            need = btt_dense_elems(&b);
-        } else if (s->kind == STRUCT_MONARCH && ls->as_dense) {
-            MonarchShape ms = monarch_shape_of(s);
-            need = monarch_dense_elems(&ms);
-        } else if (s->kind == STRUCT_BTT) {
-            BTTShape b = btt_shape_of(s);
-            ls->inter = cudaMallocNamed(floatX, btt_z_size(&b, (int)BT), what);
-            need = btt_gpu_scratch_elems(&b, (int)BT);
-        } else if (s->kind == STRUCT_MONARCH) {
-            MonarchShape ms = monarch_shape_of(s);
-            ls->inter = cudaMallocNamed(floatX, monarch_u_size(&ms, (int)BT), what);
-            need = monarch_gpu_scratch_elems(&ms, (int)BT);
-        } else {
-            MoEShape ms = moe_shape_of(s);
-            moe_gpu_state_alloc(&ls->moe, &ms, (int)BT, what);
-            need = moe_gpu_scratch_elems(&ms, (int)BT);
-            size_t f = moe_gpu_scratch_floats(&ms, (int)BT);
-            if (f > fscratch) fscratch = f;
-        }
-        if (need > scratch) scratch = need;
-    }
-    if (scratch) m->st_scratch = cudaMallocNamed(floatX, scratch, "scratch: structured layers (shared by all)");
-    if (fscratch) m->st_fscratch = cudaMallocNamed(float, fscratch, "scratch: BTT-MoE fp32 (gates, logits gradients, statistics)");
-    if (separate_qkv) {
-        m->split_a = cudaMallocNamed(floatX, BT * C, "scratch: separate q/k/v output");
-        m->split_b = cudaMallocNamed(floatX, BT * C, "scratch: separate q/k/v input gradient");
-    }
+    st_buffers_fit(m, g_st_tune);
 }
 
 // Sets the weights from host fp32 (tests): master = p, bf16 = round to nearest, moments zero.
@@ -559,6 +645,7 @@ static void gpt2_free(GPT2 *m) {
     for (size_t i = 0; i < sizeof(st_dev) / sizeof(st_dev[0]); i++)
         if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
     free(m->config_text);
+    free(m->kernels);
     free(m->grad_ranges); free(m->grad_first);
     if (m->h_inputs) {  // gpt2_alloc's pinned buffers
         pinned_free(m->h_inputs, m->inputs_copied);
@@ -864,6 +951,228 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 }
 
 // ----------------------------------------------------------------------------------------------
+// -at 1: each BTT and Monarch layer's kernels chosen by timing them here, on this GPU, at the
+// run's own rows (structured/tune.cuh). A unit is what one choice is timed on, forward and
+// backward with the trainer's own arguments: q, k and v of a block together (they run as one
+// dense group when all three are dense, and their kernels decide the split copies), or one of
+// attn_proj, fc, fc_proj, the head. Units of the same shapes share one timing and one choice.
+
+typedef struct {
+    int layer;  // -1: the head
+    int role;   // SR_Q: q, k and v; SR_ATTN_PROJ, SR_FC, SR_FC_PROJ; SR_LM_HEAD
+    GPT2 *m;
+} TuneUnit;
+
+// The linear layers a unit sets the kernels of (its BTT and Monarch ones), into idx; returns how many.
+static int tune_unit_members(const GPT2 *m, const TuneUnit *u, int idx[3]) {
+    const GPT2Layout *g = &m->layout;
+    int n = 0;
+    for (int r = u->role; r <= (u->role == SR_Q ? SR_V : u->role); r++) {
+        const LinearDesc *ld = u->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, u->layer, r);
+        if (!ld->used || ld->fused_qkv || !st_kind_tunable(ld->spec.kind)) continue;
+        idx[n++] = u->layer < 0 ? gpt2_num_linears(g) - 1 : u->layer * NUM_BLOCK_ROLES + r;
+    }
+    return n;
+}
+
+// Whether two units compute the same shapes the same way (then one timing serves both).
+static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
+    if (a->role != b->role || (a->layer < 0) != (b->layer < 0)) return 0;
+    const GPT2Layout *g = &m->layout;
+    for (int r = a->role; r <= (a->role == SR_Q ? SR_V : a->role); r++) {
+        const LinearDesc *x = a->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, a->layer, r);
+        const LinearDesc *y = b->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, b->layer, r);
+        if (x->used != y->used || x->fused_qkv != y->fused_qkv || !st_same_shape(&x->spec, &y->spec)) return 0;
+    }
+    return 1;
+}
+
+// One forward and backward of unit u as a training step runs it (no backward with -x 0), on the
+// step's buffers of its block; the gradients it accumulates are zeroed after the tuning.
+static void tune_unit_run(void *arg) {
+    const TuneUnit *u = (const TuneUnit *)arg;
+    GPT2 *m = u->m;
+    const GPT2Layout *g = &m->layout;
+    Acts *a = &m->acts;
+    const int N = m->B * m->T, l = u->layer < 0 ? 0 : u->layer;
+    const size_t btc = (size_t)N * m->config.channels;
+    const int bwd = !m->eval_only;
+    floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l), *fch = a->fch + (size_t)l * btc * 4;
+    m->aux_next = 0;  // a BTT-MoE k or v beside a tuned q counts its aux slot again each run
+    switch (u->role) {
+        case SR_Q:
+            qkv_forward(m, l, a->qkv + (size_t)l * btc * 3, ln1, N);
+            if (bwd) qkv_backward(m, l, m->dln, m->dbig, ln1, N, 0.0f);
+            break;
+        case SR_ATTN_PROJ: {
+            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_ATTN_PROJ);
+            floatX *atty = a->atty + (size_t)l * btc;
+            linear_forward(m, ld, m->proj, atty, N, NULL);
+            if (bwd) linear_backward(m, ld, m->datty, m->dres, atty, N, NULL, 0.0f);
+            break;
+        }
+        case SR_FC: {
+            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_FC);
+            linear_forward(m, ld, act_gelu(m, l), ln2, N, fch);
+            if (bwd) linear_backward(m, ld, m->dln, m->dbig, ln2, N, NULL, 0.0f);
+            break;
+        }
+        case SR_FC_PROJ: {
+            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_FC_PROJ);
+            linear_forward(m, ld, m->proj, act_gelu(m, l), N, NULL);
+            if (bwd) linear_backward(m, ld, m->dbig, m->dres, act_gelu(m, l), N, fch, 0.0f);
+            break;
+        }
+        default:
+            linear_forward(m, &g->head, a->logits, a->lnf, N, NULL);
+            if (bwd) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, N, NULL, 0.0f);
+    }
+}
+
+// The tests' stand-in for the clock: the milliseconds of unit u with kernels k (NULL: time it).
+static double (*g_tune_clock)(const GPT2 *m, const TuneUnit *u, int k) = NULL;
+#define TUNE_REPS 3
+
+// The byte of each linear layer's kernels, into m->kernels (what a checkpoint's state keeps).
+static void st_kernels_snapshot(GPT2 *m) {
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+        const LinearState *ls = &m->lin[i];
+        m->kernels[i] = ld->used && st_kind_tunable(ld->spec.kind) ? (uint8_t)(ls->as_dense ? ST_K_DENSE : ls->sk) : (uint8_t)ST_K_NONE;
+    }
+}
+
+// Times every unit's candidate kernels and sets each layer's to its unit's choice (st_tune_pick:
+// the flags' choice unless another is faster by more than the margin). With several ranks the
+// timings are summed over them first, so that every rank chooses the same. Rank 0 prints the
+// table. Needs the buffers st_buffers_fit(m, 1) allocated; leaves the gradients zero.
+static void st_autotune(GPT2 *m) {
+    const GPT2Layout *g = &m->layout;
+    const int L = m->config.num_layers;
+    m->B = m->max_B;
+    m->T = m->max_T;
+    TuneUnit *units = (TuneUnit *)mallocCheck(((size_t)L * 4 + 1) * sizeof(TuneUnit));
+    int nu = 0;
+    const int roles[4] = {SR_Q, SR_ATTN_PROJ, SR_FC, SR_FC_PROJ};
+    for (int l = 0; l <= L; l++)
+        for (int r = 0; r < (l < L ? 4 : 1); r++) {
+            TuneUnit u = {l < L ? l : -1, l < L ? roles[r] : SR_LM_HEAD, m};
+            int idx[3];
+            if (tune_unit_members(m, &u, idx)) units[nu++] = u;
+        }
+    if (!nu) {
+        if (!m->mp || m->mp->rank == 0) printf("-at 1: no BTT or Monarch layers, nothing to time\n");
+        free(units);
+        return;
+    }
+    // rep[u]: the first unit alike; t[u][k]: unit u's time with kernels k (timed for the reps only)
+    int *rep = (int *)mallocCheck((size_t)nu * sizeof(int)), *was = (int *)mallocCheck((size_t)nu * sizeof(int));
+    double *t = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));
+    if (!g_tune_clock) {  // inputs that look like training's: bf16 noise, not zeros or garbage
+        const size_t BT = (size_t)m->B * m->T, C = m->config.channels, Lb = L ? L : 1;
+        Acts *a = &m->acts;
+        st_tune_fill(a->ln1, (m->recompute >= 2 ? 1 : Lb) * BT * C, 1);
+        st_tune_fill(a->ln2, (m->recompute >= 2 ? 1 : Lb) * BT * C, 2);
+        st_tune_fill(a->atty, Lb * BT * C, 3);
+        st_tune_fill(a->fch, Lb * BT * 4 * C, 4);
+        st_tune_fill(a->fch_gelu, (m->recompute >= 1 ? 1 : Lb) * BT * 4 * C, 5);
+        st_tune_fill(a->lnf, BT * C, 6);
+        st_tune_fill(m->dbig, BT * 4 * C, 7);
+        st_tune_fill(m->dres, BT * C, 8);
+        if (g->head.used && st_kind_tunable(g->head.spec.kind)) st_tune_fill(a->logits, BT * m->config.padded_vocab_size, 9);
+    }
+    for (int u = 0; u < nu; u++) {
+        int idx[3], cand[ST_K_COUNT];
+        const int nm = tune_unit_members(m, &units[u], idx);
+        was[u] = m->lin[idx[0]].as_dense ? ST_K_DENSE : m->lin[idx[0]].sk;
+        rep[u] = u;
+        for (int v = 0; v < u && rep[u] == u; v++)
+            if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
+        if (rep[u] != u) continue;
+        int kind = STRUCT_MONARCH;  // a unit with a BTT member tries BTT's choices (Monarch runs -sk 2, 3 as 1)
+        for (int i = 0; i < nm; i++)
+            if (gpt2_linear_at(g, idx[i])->spec.kind == STRUCT_BTT) kind = STRUCT_BTT;
+        const int nc = st_kernel_candidates(kind, cand);
+        for (int c = 0; c < nc; c++) {
+            for (int i = 0; i < nm; i++) {
+                m->lin[idx[i]].as_dense = cand[c] == ST_K_DENSE;
+                m->lin[idx[i]].sk = cand[c] == ST_K_DENSE ? 0 : cand[c];
+            }
+            t[(size_t)u * ST_K_COUNT + cand[c]] = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
+        }
+    }
+    if (m->mp) multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);  // every rank then picks the same
+    int *pick = (int *)mallocCheck((size_t)nu * sizeof(int));
+    for (int u = 0; u < nu; u++) {
+        const int r = rep[u];
+        if (r == u) {
+            int idx[3], cand[ST_K_COUNT], kind = STRUCT_MONARCH;
+            const int nm = tune_unit_members(m, &units[u], idx);
+            for (int i = 0; i < nm; i++)
+                if (gpt2_linear_at(g, idx[i])->spec.kind == STRUCT_BTT) kind = STRUCT_BTT;
+            const int nc = st_kernel_candidates(kind, cand);
+            double tc[ST_K_COUNT];
+            int inc = -1;
+            for (int c = 0; c < nc; c++) {
+                tc[c] = t[(size_t)u * ST_K_COUNT + cand[c]];
+                if (cand[c] == (was[u] >= 1 && was[u] <= 3 && kind == STRUCT_MONARCH ? 1 : was[u])) inc = c;
+            }
+            pick[u] = cand[st_tune_pick(tc, nc, inc)];
+        } else {
+            pick[u] = pick[r];
+        }
+        int idx[3];
+        const int nm = tune_unit_members(m, &units[u], idx);
+        for (int i = 0; i < nm; i++) {
+            m->lin[idx[i]].as_dense = pick[u] == ST_K_DENSE;
+            m->lin[idx[i]].sk = pick[u] == ST_K_DENSE ? 0 : pick[u];
+        }
+    }
+    if (!m->mp || m->mp->rank == 0) {
+        printf("-at 1: each structured layer's kernels, %s at %d rows, ms (* chosen; the flags' kept within %.0f%%):\n",
+               m->eval_only ? "forward (-x 0)" : "forward + backward", m->B * m->T, 100.0 * ST_TUNE_MARGIN);
+        printf("  %-14s %-10s %-22s", "layers", "role", "structure");
+        for (int k = 0; k < ST_K_COUNT; k++) printf(" %9s", st_kernel_names[k]);
+        printf("\n");
+        int *on = (int *)mallocCheck((size_t)(L + 1) * sizeof(int));
+        for (int u = 0; u < nu; u++) {
+            if (rep[u] != u) continue;
+            memset(on, 0, (size_t)(L + 1) * sizeof(int));
+            for (int v = u; v < nu; v++)
+                if (rep[v] == u && units[v].layer >= 0) on[units[v].layer] = 1;
+            char layers[64], shape[96];
+            if (units[u].layer < 0) snprintf(layers, sizeof(layers), "head");
+            else st_layer_ranges(layers, sizeof(layers), on, L);
+            int idx[3];
+            const int nm = tune_unit_members(m, &units[u], idx);
+            st_shape_name(shape, sizeof(shape), &gpt2_linear_at(g, idx[0])->spec);
+            for (int i = 1; i < nm; i++) {  // q, k, v of other shapes: each named
+                if (st_same_shape(&gpt2_linear_at(g, idx[0])->spec, &gpt2_linear_at(g, idx[i])->spec)) continue;
+                shape[0] = '\0';
+                for (int j = 0; j < nm; j++) {
+                    const size_t at = strlen(shape);
+                    st_shape_name(shape + at + (j ? 3 : 0), sizeof(shape) - at - (j ? 3 : 0), &gpt2_linear_at(g, idx[j])->spec);
+                    if (j) memcpy(shape + at, " / ", 3);
+                }
+                break;
+            }
+            printf("  %-14s %-10s %-22s", layers, units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape);
+            for (int k = 0; k < ST_K_COUNT; k++) {
+                const double v = t[(size_t)u * ST_K_COUNT + k];
+                if (v > 0.0) printf(" %8.3f%s", v, k == pick[u] ? "*" : " ");
+                else printf(" %9s", "-");
+            }
+            printf("\n");
+        }
+        free(on);
+    }
+    free(units); free(rep); free(t); free(was); free(pick);
+    m->aux_next = 0;
+    if (m->grads) gpt2_zero_grad(m);
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+// ----------------------------------------------------------------------------------------------
 // Checkpoints, as llm.c's GPU trainer: the model file is version 5, the bf16 weights exactly as
 // the GPU holds them (loads in llm.c's train_gpt2cu, in train_gpt2 on the CPU, and here), and
 // each rank's resume state (common/checkpoint.h) adds the fp32 master weights to the step, data
@@ -917,6 +1226,38 @@ static void gpt2_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w) {
         f->master = hmaster;
     }
     f->st.num_params = (int64_t)nm;
+    st_kernels_snapshot(m);
+    f->kernels = m->kernels;
+    f->n_kernels = gpt2_num_linears(&m->layout);
+}
+
+// The kernels a resume state kept (one byte per linear layer), checked against this model. With
+// -at 1 they become the layers' own, not timed again, so that the run continues bit for bit; else
+// the flags rule, and a note says where they differ.
+static void st_kernels_restore(GPT2 *m, const uint8_t *kern, const char *path) {
+    const int n = gpt2_num_linears(&m->layout);
+    int differ = 0;
+    st_kernels_snapshot(m);
+    for (int i = 0; i < n; i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+        const int kind = ld->used ? (int)ld->spec.kind : STRUCT_DENSE;
+        if (!st_kernel_valid(kind, kern[i]))
+            fatal("'%s': linear layer %d (%s) has kernels %d, which a %s layer cannot run; the file is corrupt, or from another model",
+                  path, i, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], kern[i], struct_names[kind]);
+        differ += kern[i] != m->kernels[i];
+    }
+    if (!g_st_tune) {
+        if (differ && (!m->mp || m->mp->rank == 0))
+            printf("note: %d structured layers ran other kernels before this resume (-at 1 chose them); resume with -at 1 to run the "
+                   "same and continue bit for bit\n", differ);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        if (kern[i] == ST_K_NONE) continue;
+        m->lin[i].as_dense = kern[i] == ST_K_DENSE;
+        m->lin[i].sk = kern[i] == ST_K_DENSE ? 0 : kern[i];
+    }
+    m->kernels_restored = 1;
 }
 
 // After gpt2_build(checkpoint) and gpt2_alloc: the moments and master weights from the state
@@ -927,7 +1268,11 @@ static void gpt2_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w) {
 static void gpt2_read_state(GPT2 *m, const char *state_path, TrainState *st) {
     size_t nm = gpt2_moments_len(m), lo = m->zero.stage ? m->zero.lo : 0;
     float *hm = (float *)mallocCheck(nm * sizeof(float)), *hv = (float *)mallocCheck(nm * sizeof(float));
-    int had_master = state_read(state_path, st, hm, hv, m->master_host + lo, nm);
+    const int nl = gpt2_num_linears(&m->layout);
+    uint8_t *kern = (uint8_t *)mallocCheck((size_t)nl);
+    int had_master = state_read(state_path, st, hm, hv, m->master_host + lo, nm, kern, nl);
+    if (st->n_kernels) st_kernels_restore(m, kern, state_path);
+    free(kern);
     if (!m->eval_only) {
         cudaCheck(cudaMemcpy(m->m, hm, nm * sizeof(float), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemcpy(m->v, hv, nm * sizeof(float), cudaMemcpyHostToDevice));
@@ -1019,6 +1364,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
+        {"-at", &g_st_tune, NULL, 0, 1, "1: time each BTT and Monarch layer's kernels (-sk 0..3 and -sm's dense GEMMs) at startup, forward and "
+                                       "backward at this run's rows, and run each layer the fastest; -sk and -sm's choice is kept unless another "
+                                       "is 3% faster; a resumed run takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -1123,6 +1471,32 @@ static void trainer_step_end(GPT2 *m, long step) {
     printf("%s\n", line);
 }
 
+// -at 1's choices per role: "-sk 3" when all its BTT/Monarch layers run the same, else each
+// choice with its count ("-sk 0 x4, dense x8").
+static void trainer_banner_kernels(const GPT2 *m) {
+    for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
+        int count[ST_K_COUNT] = {0}, any = 0;
+        for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+            const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+            if ((ld->layer < 0 ? NUM_BLOCK_ROLES : ld->role) != r || !ld->used || !st_kind_tunable(ld->spec.kind)) continue;
+            count[m->lin[i].as_dense ? ST_K_DENSE : m->lin[i].sk]++;
+            any = 1;
+        }
+        if (!any) continue;
+        char line[64] = "", label[32];
+        int kinds = 0;
+        for (int k = 0; k < ST_K_COUNT; k++) kinds += count[k] > 0;
+        for (int k = 0; k < ST_K_COUNT; k++) {
+            if (!count[k]) continue;
+            const size_t at = strlen(line);
+            if (kinds == 1) snprintf(line + at, sizeof(line) - at, "%s", st_kernel_names[k]);
+            else snprintf(line + at, sizeof(line) - at, "%s%s x%d", at ? ", " : "", st_kernel_names[k], count[k]);
+        }
+        snprintf(label, sizeof(label), "-at 1: %s", r < NUM_BLOCK_ROLES ? struct_role_names[r] : "lm_head");
+        printf("| %-21s | %-50s |\n", label, line);
+    }
+}
+
 static void trainer_banner(const GPT2 *m) {
     double peak = trainer_peak_flops();
     char peak_str[64];
@@ -1158,13 +1532,15 @@ static void trainer_banner(const GPT2 *m) {
             if (d == t) snprintf(roles + at, sizeof(roles) - at, "%s%s", at ? ", " : "", name);
             else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
         }
-        if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
+        if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1); BTT-MoE -sk %d", g_st_fused);
+        else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : "-sk 0");
         else if (g_st_fused == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
         else if (g_st_fused == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
-        if (g_st_dense == 2) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
+        if (g_st_dense == 2 && !g_st_tune) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
+        if (g_st_tune) trainer_banner_kernels(m);
     }
     size_t bytes = g_gpu_bytes;
 #ifdef USE_CUDNN
@@ -1237,6 +1613,13 @@ static void trainer_checkpoint_snapshot(GPT2 *m, CkptFiles *f, CkptWriter *w, in
     gpt2_checkpoint_snapshot(m, f, w);
 }
 static void trainer_read_state(GPT2 *m, const char *state_path, TrainState *st) { gpt2_read_state(m, state_path, st); }
+// -at 1: the kernels of each layer, timed (or, resumed, those of the state), then the buffers sized for them.
+static void trainer_prepare(GPT2 *m) {
+    if (!g_st_tune) return;
+    if (!m->kernels_restored) st_autotune(m);
+    else if (m->mp->rank == 0) printf("-at 1: each structured layer runs the kernels the resume state kept (not timed again)\n");
+    st_buffers_fit(m, 0);
+}
 
 #ifndef TESTING
 #include "common/train_main.h"

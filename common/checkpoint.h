@@ -142,16 +142,22 @@ typedef struct {
     int64_t has_master;       // 1: fp32 master weights follow m and v (the GPU trainer, whose model
                               // file holds the bf16 weights); 0: the model file is the master copy
     int64_t zero_stage;       // -z: with 1, m, v (and master) are this rank's slice: num_params of them
-    uint64_t reserved[18];
+    int64_t n_kernels;        // bytes after the arrays: the GPU trainer's kernels per linear layer
+                              // (structured/tune.cuh), so that -at 1 resumes with the same; 0: none
+    uint64_t reserved[17];
     OutlierWindow loss_window, norm_window;  // -sl / -sg history (version 2 on)
 } TrainState;
 #define STATE_V1_BYTES offsetof(TrainState, loss_window)  // a version-1 file's TrainState
 
 // master may be NULL (the model file is then the exact weights); else it is stored after m and v.
-static inline void state_write(const char *path, const TrainState *st_in, const float *m, const float *v, const float *master) {
+// Then the n_kernels bytes of kernels (NULL, 0: none). A file without them reads as n_kernels 0:
+// the field was a reserved zero before.
+static inline void state_write(const char *path, const TrainState *st_in, const float *m, const float *v, const float *master,
+                               const uint8_t *kernels, int n_kernels) {
     TrainState stc = *st_in;
     const TrainState *st = &stc;
     stc.has_master = master != NULL;
+    stc.n_kernels = kernels ? n_kernels : 0;
     char tmp[1100];
     FILE *fp = atomic_open(path, tmp, sizeof(tmp));
     int header[256] = {0};
@@ -162,6 +168,7 @@ static inline void state_write(const char *path, const TrainState *st_in, const 
     fwriteCheck(m, sizeof(float), (size_t)st->num_params, fp, tmp);
     fwriteCheck(v, sizeof(float), (size_t)st->num_params, fp, tmp);
     if (master) fwriteCheck(master, sizeof(float), (size_t)st->num_params, fp, tmp);
+    if (stc.n_kernels) fwriteCheck(kernels, 1, (size_t)stc.n_kernels, fp, tmp);
     atomic_close(fp, tmp, path);
 }
 
@@ -183,9 +190,16 @@ static inline FILE *state_open(const char *path, TrainState *st) {
 static inline void state_peek(const char *path, TrainState *st) { fcloseCheck(state_open(path, st), path); }
 
 // Reads a state file; m and v (and master, when not NULL) must have room for expected_params
-// floats. Returns 1 when the file held master weights (then in *master), else 0.
-static inline int state_read(const char *path, TrainState *st, float *m, float *v, float *master, size_t expected_params) {
+// floats, kernels (when not NULL) for kernels_cap bytes: a state holding kernels for another
+// number of linear layers is an error. Returns 1 when the file held master weights (then in
+// *master), else 0. st->n_kernels: how many kernel bytes the file held (read only into kernels).
+static inline int state_read(const char *path, TrainState *st, float *m, float *v, float *master, size_t expected_params, uint8_t *kernels,
+                             int kernels_cap) {
     FILE *fp = state_open(path, st);
+    if (st->n_kernels < 0 || st->n_kernels > (1 << 20)) fatal("'%s': %lld kernel bytes is not a valid count; the file is corrupt", path, (long long)st->n_kernels);
+    if (kernels && st->n_kernels && st->n_kernels != kernels_cap)
+        fatal("'%s' holds the kernels of %lld linear layers, but this model has %d: resume with the model it was written for",
+              path, (long long)st->n_kernels, kernels_cap);
     if ((size_t)st->num_params != expected_params)
         fatal("'%s' is for a model of %lld parameters but this model has %zu: resume with the same -e model/config",
               path, (long long)st->num_params, expected_params);
@@ -200,6 +214,7 @@ static inline int state_read(const char *path, TrainState *st, float *m, float *
             fatal("'%s': cannot skip its master weights (%s)", path, strerror(errno));
         }
     }
+    if (kernels && st->n_kernels) freadCheck(kernels, 1, (size_t)st->n_kernels, fp, path);
     fcloseCheck(fp, path);
     return got_master;
 }

@@ -19,6 +19,8 @@ typedef struct {
     char state_path[1100];
     TrainState st;               // st.num_params: the length of m, v and master
     const float *m, *v, *master;  // master NULL: the state holds none
+    const uint8_t *kernels;      // n_kernels bytes (the trainer's, alive for the run), or NULL
+    int n_kernels;
 } CkptFiles;
 
 static inline void ckpt_files_write(const CkptFiles *f) {
@@ -26,7 +28,7 @@ static inline void ckpt_files_write(const CkptFiles *f) {
         if (f->model_version == MODEL_VERSION_BF16) model_write_bf16(f->model_path, &f->config, (const uint16_t *)f->model, f->n_model);
         else model_write_fp32(f->model_path, &f->config, f->config_text, (const float *)f->model, f->n_model);
     }
-    state_write(f->state_path, &f->st, f->m, f->v, f->master);
+    state_write(f->state_path, &f->st, f->m, f->v, f->master, f->kernels, f->n_kernels);
 }
 
 enum { CKPT_BUF_MODEL, CKPT_BUF_M, CKPT_BUF_V, CKPT_BUF_MASTER, CKPT_NUM_BUFS };

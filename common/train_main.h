@@ -25,6 +25,8 @@
 //                                       checkpoint f into w's host buffers (ckpt_writer.h), or with
 //                                       may_borrow (written at once) the model's own host memory
 //   trainer_read_state(m, path, st)
+//   trainer_prepare(m)                  after the resume state, before the banner (the GPU trainer's
+//                                       -at 1 times each structured layer's kernels here)
 //   trainer_banner(m)  trainer_peak_flops() (0: unknown)  trainer_sync()  trainer_n_routed(m)
 //   trainer_row_losses(m)               the (B, T) per-position losses of the last gpt2_forward
 //                                       with targets, on the host (-h 1's scoring)
@@ -337,6 +339,7 @@ int main(int argc, char **argv) {
         start_step = st.step;
         printf("resumed from %s at step %ld\n", resume_model, start_step);
     }
+    trainer_prepare(&model);
     // -x 0, as in llm.c: the loop's last step alone, which evaluates (val loss, -h 1, a sample) the
     // model of -e, or with -y 1 the latest checkpoint, and trains nothing
     if (a.max_steps == 0) train_steps = start_step;

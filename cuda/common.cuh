@@ -185,6 +185,13 @@ static inline void *cuda_malloc_named(size_t bytes, const char *what) {
 }
 #define cudaMallocNamed(type, n, what) ((type *)cuda_malloc_named((size_t)(n) * sizeof(type), (what)))
 
+// Frees p (NULL: nothing), which cuda_malloc_named allocated with `bytes`, and counts them off.
+static inline void cuda_free_named(void *p, size_t bytes) {
+    if (!p) return;
+    cudaCheck(cudaFree(p));
+    g_gpu_bytes -= bytes ? bytes : 16;
+}
+
 // ----------------------------------------------------------------------------------------------
 // one GPU context per process: cuBLAS for the strided-batched attention GEMMs, cuBLASLt for the
 // linear layers (with epilogues), one workspace

@@ -44,6 +44,7 @@
 #include "seg_wgrad.cuh"
 #include "linear.h"
 #include "spec.h"
+#include "tune.cuh"
 
 // 1: BTT forwards, and the backward's dx and dZ, run btt_fused.cuh's kernel, Monarch forwards and
 // backward dx monarch_fused.cuh's, where they support the shape (Monarch: and its traffic model

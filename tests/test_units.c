@@ -64,6 +64,15 @@ static void test_init_matches_llmc(void) {
     free(want);
 }
 
+// Reads the state file at arg (1000 parameters, no master weights) as for a model of 9 linear layers.
+static void read_state_9_kernels(const void *arg) {
+    TrainState st;
+    float *mv = (float *)mallocCheck(2000 * sizeof(float));
+    uint8_t kb[9];
+    state_read((const char *)arg, &st, mv, mv + 1000, NULL, 1000, kb, 9);
+    free(mv);
+}
+
 // A fake llm.c checkpoint with known bytes loads, and writing it back gives the same bytes.
 static void test_checkpoint_round_trip(void) {
     GPT2Config c = {16, 100, 128, 2, 2, 32};
@@ -132,17 +141,44 @@ static void test_checkpoint_round_trip(void) {
         st.step = 17; st.num_params = (int64_t)k; st.dl_sample_idx = 5; st.sample_rng = 0x1234567890ull;
         for (int i = 0; i < 150; i++) outlier_push(&st.loss_window, 1.0 / (i + 1));
         for (int i = 0; i < 30; i++) outlier_push(&st.norm_window, 2.0 + i);
-        state_write(a, &st, mm, mm + k, mm + 2 * k);
-        int got = state_read(a, &st2, back, back + k, back + 2 * k, k);
+        state_write(a, &st, mm, mm + k, mm + 2 * k, NULL, 0);
+        int got = state_read(a, &st2, back, back + k, back + 2 * k, k, NULL, 0);
         check_true(got == 1 && st2.has_master == 1 && st2.step == 17 && st2.dl_sample_idx == 5 && st2.sample_rng == 0x1234567890ull &&
                        memcmp(mm, back, 3 * k * sizeof(float)) == 0 && memcmp(&st.loss_window, &st2.loss_window, sizeof(OutlierWindow)) == 0 &&
                        memcmp(&st.norm_window, &st2.norm_window, sizeof(OutlierWindow)) == 0,
                    "resume state with master weights and outlier windows reads back exactly", "differs");
-        got = state_read(a, &st2, back, back + k, NULL, k);  // a reader that keeps its own weights skips them
+        got = state_read(a, &st2, back, back + k, NULL, k, NULL, 0);  // a reader that keeps its own weights skips them
         check_true(got == 0 && memcmp(mm, back, 2 * k * sizeof(float)) == 0, "resume state: master weights can be skipped", "differs");
-        state_write(b, &st, mm, mm + k, NULL);
+        // the GPU trainer's kernels per linear layer follow the arrays, with or without master
+        // weights, and a reader that skips the master weights still finds them
+        {
+            const uint8_t kern[7] = {0, 3, 255, 4, 1, 2, 0};
+            uint8_t kb[7];
+            for (int with_master = 0; with_master <= 1; with_master++) {
+                state_write(b, &st, mm, mm + k, with_master ? mm + 2 * k : NULL, kern, 7);
+                for (int skip = 0; skip <= with_master; skip++) {
+                    memset(kb, 0xEE, sizeof(kb));
+                    got = state_read(b, &st2, back, back + k, skip ? NULL : back + 2 * k, k, kb, 7);
+                    check_true(got == (with_master && !skip) && st2.n_kernels == 7 && memcmp(kb, kern, 7) == 0 &&
+                                   memcmp(mm, back, 2 * k * sizeof(float)) == 0,
+                               with_master ? (skip ? "resume state: kernels after skipped master weights" : "resume state: kernels after master weights")
+                                           : "resume state: kernels after the moments", "differs");
+                }
+            }
+            got = state_read(b, &st2, back, back + k, NULL, k, NULL, 0);  // the CPU trainer: has no kernels, ignores them
+            check_true(got == 0 && st2.n_kernels == 7 && memcmp(mm, back, 2 * k * sizeof(float)) == 0, "resume state: a reader without kernels ignores them",
+                       "differs");
+            char err[1024];
+            int rc = run_child(read_state_9_kernels, b, 2, err, sizeof(err));
+            check_true(rc != 0 && strstr(err, b) && strstr(err, "kernels of 7 linear layers") && strstr(err, "this model has 9"),
+                       "a state holding another model's kernels is an error naming the file and both counts", err);
+            state_write(b, &st, mm, mm + k, NULL, NULL, 0);
+            got = state_read(b, &st2, back, back + k, NULL, k, kb, 7);
+            check_true(st2.n_kernels == 0, "resume state without kernels reads n_kernels 0", "differs");
+        }
+        state_write(b, &st, mm, mm + k, NULL, NULL, 0);
         memset(back + 2 * k, 0, k * sizeof(float));
-        got = state_read(b, &st2, back, back + k, back + 2 * k, k);
+        got = state_read(b, &st2, back, back + k, back + 2 * k, k, NULL, 0);
         check_true(got == 0 && st2.has_master == 0 && back[2 * k] == 0.0f, "resume state without master weights says so", "differs");
         // a version-1 file (before the outlier windows): the same fields, arrays, and empty windows
         {
@@ -155,8 +191,8 @@ static void test_checkpoint_round_trip(void) {
             fwriteCheck(mm, sizeof(float), 2 * k, fp, b);
             fcloseCheck(fp, b);
             memset(back, 0, 2 * k * sizeof(float));
-            got = state_read(b, &st2, back, back + k, NULL, k);
-            check_true(got == 0 && st2.step == 17 && st2.sample_rng == 0x1234567890ull && memcmp(mm, back, 2 * k * sizeof(float)) == 0 &&
+            got = state_read(b, &st2, back, back + k, NULL, k, NULL, 0);
+            check_true(got == 0 && st2.n_kernels == 0 && st2.step == 17 && st2.sample_rng == 0x1234567890ull && memcmp(mm, back, 2 * k * sizeof(float)) == 0 &&
                            st2.loss_window.count == 0 && st2.norm_window.count == 0,
                        "a version-1 resume state loads, with empty outlier windows", "differs");
         }

@@ -192,14 +192,15 @@ runs=()  # "config|flags": the structured configs also with -sk 1 (the fused ker
          # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged), -sk 3 where they have
          # BTT layers (split: the kernel's stage 1, cuBLAS the rest) and, where they
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
-         # weights) and -sm 2 (those that structured/exec_model.h models faster so)
+         # weights), -sm 2 (those that structured/exec_model.h models faster so) and -at 1 (each
+         # layer's kernels timed at startup, the fastest run; its table follows the run's line)
 for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
     runs+=("$conf|-sk 1")
     grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2")
     grep -qE '^struct *= *btt *$' "$conf" && runs+=("$conf|-sk 3")
-    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2")
+    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2" "$conf|-at 1")
 done
 for run in "${runs[@]}"; do
     conf=${run%%|*}
@@ -229,6 +230,7 @@ for run in "${runs[@]}"; do
     mem=$(grep -m1 'GPU memory allocated' "$log" | tr -s ' ' | cut -d'|' -f3 | sed 's/^ *//; s/ *$//')
     picked=$(grep -oE -- '-sm 2: [0-9]+ of [0-9]+' "$log" | head -1)
     printf '%-28s %10s %10s %12s %9s %s\n' "$name" "$ms" "$med" "$tok" "$vs" "MFU ${mfu:-n/a}, GPU memory ${mem:-?}${picked:+, $picked as dense}"
+    case "$flags" in *"-at 1"*) sed -n '/^-at 1: each structured/,/^+---/p' "$log" | sed '$d' | sed 's/^/    /' ;; esac
 done
 echo
 echo "ms/step and tokens/s: the trainer's mean of steps 2..$STEPS; median: of the same steps; vs_dense = tokens/s relative to the dense gpt2_124M; logs in $OUT"

@@ -8,7 +8,8 @@
 # structured model's routing statistics are those of the global batch, that gradient accumulation
 # and -h 1 work across ranks, that the gradient averaging overlaps the backward, that ranks
 # started without mpirun (-pi fs, -pi tcp) equal mpirun's, that a rank that dies stops the other
-# with an error instead of a hang, and that -pt 1 prints rank 0's table; and tests/test_multigpu.cu
+# with an error instead of a hang, that -pt 1 prints rank 0's table, and that -at 1 chooses the same
+# kernels on every rank; and tests/test_multigpu.cu
 # (the collectives alone) on 1, 2 and 3 ranks. Prints "N passed, N failed".
 set -u
 cd "$(dirname "$0")/../.."
@@ -172,6 +173,16 @@ for sk in 0 1; do
         && ok "structured model, -sk $sk: 2 ranks' step 1 ($a) as 1 process's; $nl losses within $ml" \
         || bad "structured model, 2 ranks, -sk $sk" "exit $rc: '$a' vs '$b', losses $ml: $(tail -n 2 "$W/mtwo$sk.log" | tr '\n' ' ')"
 done
+
+# ---- -at 1 on 2 ranks: the kernels' times are summed over the ranks before the choice, so both
+# ranks run the same kernels (their resume states end in the same bytes) and rank 0 alone prints
+two "$W/at.log" -e tests/configs/tiny_mixed.conf "${D[@]}" -b 2 -x 2 -at 1 -o "$W/AT" -n 2; rc=$?
+nl=$((2 * 6 + 1))  # linear layers: 2 blocks of 6, and the head
+k0=$(tail -c $nl "$W/AT/state_00000002_00000.bin" 2> /dev/null | od -An -tu1 | tr -s ' \n' ' ')
+k1=$(tail -c $nl "$W/AT/state_00000002_00001.bin" 2> /dev/null | od -An -tu1 | tr -s ' \n' ' ')
+[ $rc -eq 0 ] && [ -n "$k0" ] && [ "$k0" = "$k1" ] && [ "$(grep -c "^-at 1: each structured layer's kernels" "$W/at.log")" = 1 ] \
+    && ok "-at 1 on 2 ranks: one table, and both ranks' states keep the same kernels ($k0)" \
+    || bad "-at 1 on 2 ranks" "exit $rc, kernels '$k0' vs '$k1': $(tail -n 2 "$W/at.log" | tr '\n' ' ')"
 
 # ---- ranks started without mpirun (-pn -pr -pi fs|tcp -pf): the NCCL id through a shared
 # directory or rank 0's socket; the same trace as under mpirun

@@ -5,7 +5,8 @@
 # and resumed is bit-identical to an uninterrupted one (model file and resume state), gradient
 # accumulation equals the big batch, the recompute / GELU-fusion / attention flags agree, -fa 2
 # without cuDNN is refused cleanly and trains with the simulator's stand-in for cuDNN, and a
-# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1, reports its routing as
+# structured model (BTT, Monarch, BTT-MoE) trains and resumes, also with -sk 1, -at 1 chooses each
+# layer's kernels and keeps them over a resume, reports its routing as
 # the CPU trainer does, and -h 1 scores an eval
 # file with the forward's per-row losses. Prints "N passed, N failed".
 set -u
@@ -214,6 +215,35 @@ awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if
     && ! echo "$out" | grep -q "split copies" \
     && ok "structured: -sk 3 (BTT split) matches -sk 0 (losses $b3 / $a), with q, k, v in place (no split copies in -pt)" \
     || bad "-sk 3" "losses '$b3' vs '$a'; $(echo "$out" | grep -m1 "split copies")"
+# -at 1: each BTT and Monarch layer's kernels timed at startup. Which the simulator's times pick is
+# not the point (test_gpt2cu checks the choice against a table of times, and every choice's
+# results): the table and the banner's lines are there, it trains as -sk 0 does, and a copy of its
+# step-2 checkpoint resumed with -at 1 takes the state's kernels (not timed again) and writes the
+# step-4 files bit for bit; a state whose kernels this model cannot run is refused, naming it.
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
+bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
+[ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
+    && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256( +[0-9.]+\*?){5}' && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-3]|dense) ' \
+    && echo "$out" | grep -q "per layer, timed (-at 1)" \
+    && awk -v a="$a" -v b="$bt" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+    && ok "structured: -at 1 times each layer's kernels (table, banner) and trains as -sk 0 (losses $bt / $a)" \
+    || bad "-at 1" "exit $rc, losses '$bt' vs '$a': $(echo "$out" | grep -A4 "^-at 1" | head -5)"
+mkdir -p "$W/at2"
+cp "$W/at1/model_00000002.bin" "$W/at1/state_00000002_00000.bin" "$W/at1/DONE_00000002" "$W/at2/"
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at2" -n 2 -y 1 2>&1); rc=$?
+[ $rc -eq 0 ] && echo "$out" | grep -q "runs the kernels the resume state kept" && ! echo "$out" | grep -q "^-at 1: each structured layer's kernels" \
+    && cmp -s "$W/at1/model_00000004.bin" "$W/at2/model_00000004.bin" && cmp -s "$W/at1/state_00000004_00000.bin" "$W/at2/state_00000004_00000.bin" \
+    && ok "structured: -at 1 resumed takes the state's kernels, not timed again; step-4 files bit-identical" \
+    || bad "-at 1 resume" "exit $rc: $(echo "$out" | grep -i "at 1\|error" | head -3)"
+mkdir -p "$W/at3"
+cp "$W/at1/model_00000002.bin" "$W/at1/state_00000002_00000.bin" "$W/at1/DONE_00000002" "$W/at3/"
+st3="$W/at3/state_00000002_00000.bin"
+printf '\000' | dd of="$st3" bs=1 seek=$(($(stat -c %s "$st3") - 1)) conv=notrunc 2> /dev/null  # the tied head's byte: 255 -> 0
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at3" -n 2 -y 1 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "error: '$st3': linear layer 6 (lm_head) has kernels 0, which a dense layer cannot run" \
+    && ok "structured: a resume state with kernels its layer cannot run is refused, naming the file and layer" \
+    || bad "-at 1 bad state" "exit $rc: $(echo "$out" | grep -m1 error)"
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
 awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
     for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
