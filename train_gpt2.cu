@@ -65,7 +65,7 @@ typedef struct {
     float *losses;                     // (B, T) fp32
 } Acts;
 
-// -at 1: time each BTT and Monarch layer's kernels at startup and run each layer the fastest
+// -at 1: time each structured layer's kernels at startup and run each layer the fastest
 // (structured/tune.cuh; st_autotune below)
 static int g_st_tune = 0;
 
@@ -74,7 +74,7 @@ typedef struct {
     floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
     MoEGPUState moe;      // btt_moe
     int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
-    int sk;               // else its kernels as -sk 0..3 (BTT-MoE: -sk's); -at 1 chooses both per layer
+    int sk;               // else its kernels as -sk 0..3; -at 1 chooses both per layer
 } LinearState;
 
 typedef struct {
@@ -452,11 +452,12 @@ static size_t st_inter_bytes(const GPT2 *m, const LinearSpec *s) {
     return monarch_u_size(&ms, BT) * sizeof(floatX);
 }
 
-// Sets every BTT and Monarch layer's kernels to k (structured/tune.cuh's byte).
+// Sets every structured layer's kernels to k (structured/tune.cuh's byte; dense: the BTT and
+// Monarch layers only).
 static void st_set_all_kernels(GPT2 *m, int k) {
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
-        if (!ld->used || !st_kind_tunable(ld->spec.kind)) continue;
+        if (!ld->used || !st_kind_tunable(ld->spec.kind) || (k == ST_K_DENSE && !st_kind_densifiable(ld->spec.kind))) continue;
         m->lin[i].as_dense = k == ST_K_DENSE;
         m->lin[i].sk = k == ST_K_DENSE ? 0 : k;
     }
@@ -951,33 +952,46 @@ static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, 
 }
 
 // ----------------------------------------------------------------------------------------------
-// -at 1: each BTT and Monarch layer's kernels chosen by timing them here, on this GPU, at the
-// run's own rows (structured/tune.cuh). A unit is what one choice is timed on, forward and
-// backward with the trainer's own arguments: q, k and v of a block together (they run as one
-// dense group when all three are dense, and their kernels decide the split copies), or one of
-// attn_proj, fc, fc_proj, the head. Units of the same shapes share one timing and one choice.
+// -at 1: each structured layer's kernels chosen by timing them here, on this GPU, at the run's own
+// rows (structured/tune.cuh). A unit is what one choice is timed on, forward and backward with
+// the trainer's own arguments: the BTT and Monarch layers among q, k and v of a block together
+// (they run as one dense group when all three are dense, and their kernels decide the split
+// copies), or one of attn_proj, fc, fc_proj, the head; BTT-MoE layers as units of their own (no
+// dense choice), run the same way. Units of the same shapes share one timing and one choice.
 
 typedef struct {
     int layer;  // -1: the head
     int role;   // SR_Q: q, k and v; SR_ATTN_PROJ, SR_FC, SR_FC_PROJ; SR_LM_HEAD
+    int moe;    // its BTT-MoE layers, else its BTT and Monarch ones
     GPT2 *m;
 } TuneUnit;
 
-// The linear layers a unit sets the kernels of (its BTT and Monarch ones), into idx; returns how many.
+// The linear layers a unit sets the kernels of, into idx; returns how many.
 static int tune_unit_members(const GPT2 *m, const TuneUnit *u, int idx[3]) {
     const GPT2Layout *g = &m->layout;
     int n = 0;
     for (int r = u->role; r <= (u->role == SR_Q ? SR_V : u->role); r++) {
         const LinearDesc *ld = u->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, u->layer, r);
-        if (!ld->used || ld->fused_qkv || !st_kind_tunable(ld->spec.kind)) continue;
+        if (!ld->used || ld->fused_qkv || !st_kind_tunable(ld->spec.kind) || (ld->spec.kind == STRUCT_BTT_MOE) != u->moe) continue;
         idx[n++] = u->layer < 0 ? gpt2_num_linears(g) - 1 : u->layer * NUM_BLOCK_ROLES + r;
     }
     return n;
 }
 
+// The kind whose choices a unit tries: BTT-MoE's; else BTT's when it has a BTT layer (a Monarch
+// one then runs -sk 2 and 3 as 1), else Monarch's.
+static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
+    if (u->moe) return STRUCT_BTT_MOE;
+    int idx[3], kind = STRUCT_MONARCH;
+    const int nm = tune_unit_members(m, u, idx);
+    for (int i = 0; i < nm; i++)
+        if (gpt2_linear_at(&m->layout, idx[i])->spec.kind == STRUCT_BTT) kind = STRUCT_BTT;
+    return kind;
+}
+
 // Whether two units compute the same shapes the same way (then one timing serves both).
 static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
-    if (a->role != b->role || (a->layer < 0) != (b->layer < 0)) return 0;
+    if (a->role != b->role || a->moe != b->moe || (a->layer < 0) != (b->layer < 0)) return 0;
     const GPT2Layout *g = &m->layout;
     for (int r = a->role; r <= (a->role == SR_Q ? SR_V : a->role); r++) {
         const LinearDesc *x = a->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, a->layer, r);
@@ -1051,17 +1065,18 @@ static void st_autotune(GPT2 *m) {
     const int L = m->config.num_layers;
     m->B = m->max_B;
     m->T = m->max_T;
-    TuneUnit *units = (TuneUnit *)mallocCheck(((size_t)L * 4 + 1) * sizeof(TuneUnit));
+    TuneUnit *units = (TuneUnit *)mallocCheck(((size_t)L * 4 + 1) * 2 * sizeof(TuneUnit));
     int nu = 0;
     const int roles[4] = {SR_Q, SR_ATTN_PROJ, SR_FC, SR_FC_PROJ};
     for (int l = 0; l <= L; l++)
-        for (int r = 0; r < (l < L ? 4 : 1); r++) {
-            TuneUnit u = {l < L ? l : -1, l < L ? roles[r] : SR_LM_HEAD, m};
-            int idx[3];
-            if (tune_unit_members(m, &u, idx)) units[nu++] = u;
-        }
+        for (int r = 0; r < (l < L ? 4 : 1); r++)
+            for (int moe = 0; moe <= 1; moe++) {
+                TuneUnit u = {l < L ? l : -1, l < L ? roles[r] : SR_LM_HEAD, moe, m};
+                int idx[3];
+                if (tune_unit_members(m, &u, idx)) units[nu++] = u;
+            }
     if (!nu) {
-        if (!m->mp || m->mp->rank == 0) printf("-at 1: no BTT or Monarch layers, nothing to time\n");
+        if (!m->mp || m->mp->rank == 0) printf("-at 1: no structured layers, nothing to time\n");
         free(units);
         return;
     }
@@ -1080,6 +1095,7 @@ static void st_autotune(GPT2 *m) {
         st_tune_fill(m->dbig, BT * 4 * C, 7);
         st_tune_fill(m->dres, BT * C, 8);
         if (g->head.used && st_kind_tunable(g->head.spec.kind)) st_tune_fill(a->logits, BT * m->config.padded_vocab_size, 9);
+        for (int u = 0; u < nu; u++) tune_unit_run(&units[u]);  // untimed: the GPU up to its clocks before the first timing
     }
     for (int u = 0; u < nu; u++) {
         int idx[3], cand[ST_K_COUNT];
@@ -1089,10 +1105,9 @@ static void st_autotune(GPT2 *m) {
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
-        int kind = STRUCT_MONARCH;  // a unit with a BTT member tries BTT's choices (Monarch runs -sk 2, 3 as 1)
-        for (int i = 0; i < nm; i++)
-            if (gpt2_linear_at(g, idx[i])->spec.kind == STRUCT_BTT) kind = STRUCT_BTT;
-        const int nc = st_kernel_candidates(kind, cand);
+        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
+        LinearState keep[3];
+        for (int i = 0; i < nm; i++) keep[i] = m->lin[idx[i]];
         for (int c = 0; c < nc; c++) {
             for (int i = 0; i < nm; i++) {
                 m->lin[idx[i]].as_dense = cand[c] == ST_K_DENSE;
@@ -1100,22 +1115,23 @@ static void st_autotune(GPT2 *m) {
             }
             t[(size_t)u * ST_K_COUNT + cand[c]] = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
         }
+        for (int i = 0; i < nm; i++) {  // back to the flags' choice while the other units are timed (a BTT-MoE k beside a BTT q)
+            m->lin[idx[i]].as_dense = keep[i].as_dense;
+            m->lin[idx[i]].sk = keep[i].sk;
+        }
     }
     if (m->mp) multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);  // every rank then picks the same
     int *pick = (int *)mallocCheck((size_t)nu * sizeof(int));
     for (int u = 0; u < nu; u++) {
         const int r = rep[u];
         if (r == u) {
-            int idx[3], cand[ST_K_COUNT], kind = STRUCT_MONARCH;
-            const int nm = tune_unit_members(m, &units[u], idx);
-            for (int i = 0; i < nm; i++)
-                if (gpt2_linear_at(g, idx[i])->spec.kind == STRUCT_BTT) kind = STRUCT_BTT;
-            const int nc = st_kernel_candidates(kind, cand);
+            int cand[ST_K_COUNT];
+            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand);
             double tc[ST_K_COUNT];
             int inc = -1;
             for (int c = 0; c < nc; c++) {
                 tc[c] = t[(size_t)u * ST_K_COUNT + cand[c]];
-                if (cand[c] == (was[u] >= 1 && was[u] <= 3 && kind == STRUCT_MONARCH ? 1 : was[u])) inc = c;
+                if (cand[c] == st_kernel_canonical(kind, was[u])) inc = c;
             }
             pick[u] = cand[st_tune_pick(tc, nc, inc)];
         } else {
@@ -1364,7 +1380,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
-        {"-at", &g_st_tune, NULL, 0, 1, "1: time each BTT and Monarch layer's kernels (-sk 0..3 and -sm's dense GEMMs) at startup, forward and "
+        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..3; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
                                        "backward at this run's rows, and run each layer the fastest; -sk and -sm's choice is kept unless another "
                                        "is 3% faster; a resumed run takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
@@ -1532,7 +1548,7 @@ static void trainer_banner(const GPT2 *m) {
             if (d == t) snprintf(roles + at, sizeof(roles) - at, "%s%s", at ? ", " : "", name);
             else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
         }
-        if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1); BTT-MoE -sk %d", g_st_fused);
+        if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1)");
         else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : "-sk 0");
         else if (g_st_fused == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");

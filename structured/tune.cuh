@@ -1,5 +1,6 @@
-// structured/tune.cuh: each BTT and Monarch layer's own kernels (one byte per linear layer: its -sk
-// value, or dense GEMMs on the materialized weight as -sm), and the timing -at 1 chooses them by.
+// structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
+// value, or for BTT and Monarch dense GEMMs on the materialized weight as -sm), and the timing
+// -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
 // the shape: the cuBLAS plans won at width 768, the fused kernel at rank 1 and width 4096, dense
@@ -9,27 +10,40 @@
 #include "spec.h"
 
 // A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm). The byte a resume state keeps per
-// linear layer (common/checkpoint.h) is this, or ST_K_NONE for the layers that have no choice
-// (dense; BTT-MoE, which follows -sk).
+// linear layer (common/checkpoint.h) is this, or ST_K_NONE for the dense layers, which have no choice.
 enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_NONE = 255 };
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense"};
 
-static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
+static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH || kind == STRUCT_BTT_MOE; }
+// BTT and Monarch layers can also run as dense GEMMs on their materialized weight; BTT-MoE cannot.
+static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
 
-// Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for the others).
-// Monarch takes 0..3 too: its fused kernels are the same with -sk 1, 2 and 3.
-static inline int st_kernel_valid(int kind, int k) { return st_kind_tunable(kind) ? k >= 0 && k < ST_K_COUNT : k == ST_K_NONE; }
+// Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
+// Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
+// the same: its experts' fused kernel with W0 staged).
+static inline int st_kernel_valid(int kind, int k) {
+    if (!st_kind_tunable(kind)) return k == ST_K_NONE;
+    return k >= 0 && k < (st_kind_densifiable(kind) ? ST_K_COUNT : ST_K_DENSE);
+}
 
 // The choices that run differently for a layer of this kind, into out: BTT all five; Monarch -sk
-// 0, 1 and dense. Returns how many.
+// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many.
 static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
     if (kind == STRUCT_BTT) {
         for (int k = 0; k < ST_K_COUNT; k++) out[k] = k;
         return ST_K_COUNT;
     }
-    if (kind != STRUCT_MONARCH) return 0;
-    out[0] = 0; out[1] = 1; out[2] = ST_K_DENSE;
-    return 3;
+    if (kind == STRUCT_MONARCH) { out[0] = 0; out[1] = 1; out[2] = ST_K_DENSE; return 3; }
+    if (kind == STRUCT_BTT_MOE) { out[0] = 0; out[1] = 1; out[2] = 2; return 3; }
+    return 0;
+}
+
+// The candidate that runs what kernels k run for this kind (Monarch's -sk 2 and 3 are its 1,
+// BTT-MoE's -sk 3 its 2).
+static inline int st_kernel_canonical(int kind, int k) {
+    if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
+    if (kind == STRUCT_BTT_MOE && k == 3) return 2;
+    return k;
 }
 
 // -at 1 keeps the flags' choice (the incumbent) unless another is faster by more than this
