@@ -349,6 +349,16 @@ static double fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k) {
     if (u->role == SR_FC_PROJ) return fc_proj[k];
     return 100.0;  // no other unit exists in this model
 }
+// The same, but -sk 3 writes zeros over rows 16..31 of q, k, v's output (a kernel that fails on
+// some GPU): refused, so the next fastest, -sk 2, runs.
+static double fake_tune_clock_broken(const GPT2 *m, const TuneUnit *u, int k) {
+    const double t = fake_tune_clock(m, u, k);
+    if (u->role == SR_Q && k == 3) {
+        const size_t C3 = 3 * (size_t)m->config.channels;
+        cudaCheck(cudaMemset(m->acts.qkv + (size_t)u->layer * m->B * m->T * C3 + 16 * C3, 0, 16 * C3 * sizeof(floatX)));
+    }
+    return t;
+}
 static void check_autotune_choice(void) {
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
     if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
@@ -393,6 +403,17 @@ static void check_autotune_choice(void) {
     for (size_t i = 0; i < m.num_params; i++) nz += gb[i] != 0;
     const float loss = gpt2_forward(&m, tok, tok, 2, 16);
     check_true(nz == 0 && isfinite(loss) && loss > 0.0f, "-at 1: the gradients are zero after the tuning; the chosen kernels train", "nonzero gradients or bad loss");
+    // a choice whose results differ from the plans' is refused, however fast
+    st_set_all_kernels(&m, 0);
+    st_buffers_fit(&m, 1);
+    g_tune_clock = fake_tune_clock_broken;
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    bad = 0;
+    for (int l = 0; l < 3; l++)
+        for (int r = SR_Q; r <= SR_V; r++) bad += m.lin[l * NUM_BLOCK_ROLES + r].sk != 2 || m.lin[l * NUM_BLOCK_ROLES + r].as_dense;
+    check_true(bad == 0 && m.lin[SR_FC_PROJ].sk == 1, "-at 1: a choice whose results differ from the plans' (-sk 3 writing zeros over a tile) is refused; the next fastest runs",
+               "the broken choice was taken");
     free(tok); free(gb);
     gpt2_free(&m);
     g_st_tune = 0;

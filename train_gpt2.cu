@@ -1043,6 +1043,66 @@ static void tune_unit_run(void *arg) {
     }
 }
 
+// What unit u's run writes, as (pointer, rows, width) regions: its forward's output, its
+// backward's input gradient (not with -x 0), then its layers' gradients; returns how many.
+typedef struct { const floatX *p; long rows; int w, stride; } TuneRegion;
+#define TUNE_MAX_REGIONS (2 + 3 * (LINEAR_MAX_TENSORS + 1))
+static int tune_unit_regions(GPT2 *m, const TuneUnit *u, TuneRegion *r) {
+    const int N = m->B * m->T, l = u->layer < 0 ? 0 : u->layer, C = m->config.channels;
+    const size_t btc = (size_t)N * C;
+    int n = 0;
+    switch (u->role) {
+        case SR_Q: r[n++] = {m->acts.qkv + (size_t)l * btc * 3, N, 3 * C, 0}; r[n++] = {m->dln, N, C, 0}; break;
+        case SR_ATTN_PROJ: r[n++] = {m->proj, N, C, 0}; r[n++] = {m->datty, N, C, 0}; break;
+        case SR_FC: r[n++] = {act_gelu(m, l), N, 4 * C, 0}; r[n++] = {m->dln, N, C, 0}; break;
+        case SR_FC_PROJ: r[n++] = {m->proj, N, C, 0}; r[n++] = {m->dbig, N, 4 * C, 0}; break;
+        default: r[n++] = {m->acts.logits, N, m->config.padded_vocab_size, 0}; r[n++] = {m->dln, N, C, 0};
+    }
+    if (m->eval_only) n--;
+    for (int i = 0; i < n; i++) r[i].stride = st_sample_stride(r[i].rows, r[i].w);
+    if (!m->grads) return n;
+    int idx[3];
+    const int nm = tune_unit_members(m, u, idx);
+    for (int i = 0; i < nm; i++) {
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, idx[i]);
+        for (int w = 0; w <= ld->nw; w++) {
+            const int ti = w < ld->nw ? ld->w[w] : ld->bias;
+            if (ti >= 0) r[n++] = {P_(m, m->grads, ti), (long)m->layout.params.t[ti].numel, 1, 1};
+        }
+    }
+    return n;
+}
+
+// The gradients of unit u's layers zeroed: each choice's runs accumulate from zero.
+static void tune_unit_zero_grads(GPT2 *m, const TuneUnit *u) {
+    TuneRegion r[TUNE_MAX_REGIONS];
+    const int n = tune_unit_regions(m, u, r);
+    for (int i = 0; i < n; i++)
+        if (r[i].stride == 1 && r[i].w == 1) cudaCheck(cudaMemset((void *)r[i].p, 0, (size_t)r[i].rows * sizeof(floatX)));
+}
+
+// Stores unit u's results as the reference (store; *ref grown to fit), or compares them with it:
+// the worst of its regions' max |a - ref| / max |ref| (st_sample).
+static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, floatX **ref, size_t *ref_cap, float *scratch) {
+    TuneRegion r[TUNE_MAX_REGIONS];
+    const int n = tune_unit_regions(m, u, r);
+    size_t need = 0;
+    for (int i = 0; i < n; i++) need += (size_t)st_sample_rows(r[i].rows, r[i].stride) * r[i].w;
+    if (store && need > *ref_cap) {
+        cuda_free_named(*ref, *ref_cap * sizeof(floatX));
+        *ref = cudaMallocNamed(floatX, need, "scratch: -at 1's reference results (sampled rows, gradients)");
+        *ref_cap = need;
+    }
+    double worst = 0.0;
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        const double d = st_sample(*ref + at, r[i].p, r[i].rows, r[i].w, r[i].stride, store, scratch);
+        if (!(d <= worst)) worst = d;
+        at += (size_t)st_sample_rows(r[i].rows, r[i].stride) * r[i].w;
+    }
+    return worst;
+}
+
 // The tests' stand-in for the clock: the milliseconds of unit u with kernels k (NULL: time it).
 static double (*g_tune_clock)(const GPT2 *m, const TuneUnit *u, int k) = NULL;
 #define TUNE_REPS 3
@@ -1057,9 +1117,13 @@ static void st_kernels_snapshot(GPT2 *m) {
 }
 
 // Times every unit's candidate kernels and sets each layer's to its unit's choice (st_tune_pick:
-// the flags' choice unless another is faster by more than the margin). With several ranks the
-// timings are summed over them first, so that every rank chooses the same. Rank 0 prints the
-// table. Needs the buffers st_buffers_fit(m, 1) allocated; leaves the gradients zero.
+// the flags' choice unless another is faster by more than the margin), among those whose results
+// agree with the cuBLAS plans' (tune.cuh's st_sample: forward output, input gradient, the layers'
+// gradients; a choice that disagrees is never taken, and a warning names it). With
+// several ranks the timings are summed over them first (a choice refused on one rank is refused
+// on all), so that every rank chooses the same. Rank 0 prints the table. Needs the buffers
+// st_buffers_fit(m, 1) allocated; leaves the gradients zero.
+#define TUNE_REFUSED 1e30
 static void st_autotune(GPT2 *m) {
     const GPT2Layout *g = &m->layout;
     const int L = m->config.num_layers;
@@ -1083,7 +1147,11 @@ static void st_autotune(GPT2 *m) {
     // rep[u]: the first unit alike; t[u][k]: unit u's time with kernels k (timed for the reps only)
     int *rep = (int *)mallocCheck((size_t)nu * sizeof(int)), *was = (int *)mallocCheck((size_t)nu * sizeof(int));
     double *t = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));
-    if (!g_tune_clock) {  // inputs that look like training's: bf16 noise, not zeros or garbage
+    double *diff = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));  // against the plans' results
+    float *cmp_scratch = cudaMallocNamed(float, 2 * ST_SAMPLE_BLOCKS, "scratch: -at 1's comparisons");
+    floatX *ref = NULL;
+    size_t ref_cap = 0;
+    {  // inputs that look like training's: bf16 noise, not zeros or garbage
         const size_t BT = (size_t)m->B * m->T, C = m->config.channels, Lb = L ? L : 1;
         Acts *a = &m->acts;
         st_tune_fill(a->ln1, (m->recompute >= 2 ? 1 : Lb) * BT * C, 1);
@@ -1095,7 +1163,7 @@ static void st_autotune(GPT2 *m) {
         st_tune_fill(m->dbig, BT * 4 * C, 7);
         st_tune_fill(m->dres, BT * C, 8);
         if (g->head.used && st_kind_tunable(g->head.spec.kind)) st_tune_fill(a->logits, BT * m->config.padded_vocab_size, 9);
-        for (int u = 0; u < nu; u++) tune_unit_run(&units[u]);  // untimed: the GPU up to its clocks before the first timing
+        for (int u = 0; u < nu && !g_tune_clock; u++) tune_unit_run(&units[u]);  // untimed: the GPU up to its clocks before the first timing
     }
     for (int u = 0; u < nu; u++) {
         int idx[3], cand[ST_K_COUNT];
@@ -1108,19 +1176,27 @@ static void st_autotune(GPT2 *m) {
         const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
         LinearState keep[3];
         for (int i = 0; i < nm; i++) keep[i] = m->lin[idx[i]];
-        for (int c = 0; c < nc; c++) {
+        for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
             for (int i = 0; i < nm; i++) {
                 m->lin[idx[i]].as_dense = cand[c] == ST_K_DENSE;
                 m->lin[idx[i]].sk = cand[c] == ST_K_DENSE ? 0 : cand[c];
             }
-            t[(size_t)u * ST_K_COUNT + cand[c]] = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
+            tune_unit_zero_grads(m, &units[u]);
+            double *tk = &t[(size_t)u * ST_K_COUNT + cand[c]];
+            *tk = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
+            const double d = tune_unit_check(m, &units[u], c == 0, &ref, &ref_cap, cmp_scratch);
+            diff[(size_t)u * ST_K_COUNT + cand[c]] = d;
+            if (!(d <= ST_TUNE_AGREE)) *tk = TUNE_REFUSED;
         }
         for (int i = 0; i < nm; i++) {  // back to the flags' choice while the other units are timed (a BTT-MoE k beside a BTT q)
             m->lin[idx[i]].as_dense = keep[i].as_dense;
             m->lin[idx[i]].sk = keep[i].sk;
         }
     }
-    if (m->mp) multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);  // every rank then picks the same
+    if (m->mp) {  // every rank then picks the same
+        multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);
+        multiproc_sum_doubles(m->mp, diff, nu * ST_K_COUNT);  // at least the worst rank's
+    }
     int *pick = (int *)mallocCheck((size_t)nu * sizeof(int));
     for (int u = 0; u < nu; u++) {
         const int r = rep[u];
@@ -1131,7 +1207,7 @@ static void st_autotune(GPT2 *m) {
             int inc = -1;
             for (int c = 0; c < nc; c++) {
                 tc[c] = t[(size_t)u * ST_K_COUNT + cand[c]];
-                if (cand[c] == st_kernel_canonical(kind, was[u])) inc = c;
+                if (cand[c] == st_kernel_canonical(kind, was[u]) && tc[c] < TUNE_REFUSED) inc = c;
             }
             pick[u] = cand[st_tune_pick(tc, nc, inc)];
         } else {
@@ -1175,14 +1251,24 @@ static void st_autotune(GPT2 *m) {
             printf("  %-14s %-10s %-22s", layers, units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape);
             for (int k = 0; k < ST_K_COUNT; k++) {
                 const double v = t[(size_t)u * ST_K_COUNT + k];
-                if (v > 0.0) printf(" %8.3f%s", v, k == pick[u] ? "*" : " ");
+                if (v >= TUNE_REFUSED) printf(" %9s", "refused");
+                else if (v > 0.0) printf(" %8.3f%s", v, k == pick[u] ? "*" : " ");
                 else printf(" %9s", "-");
             }
             printf("\n");
+            for (int k = 0; k < ST_K_COUNT; k++)
+                if (t[(size_t)u * ST_K_COUNT + k] >= TUNE_REFUSED)
+                    fprintf(stderr, "warning: -at 1: layers %s %s (%s): %s computes other results than the cuBLAS plans (-sk 0) on the "
+                            "same inputs (max |difference| %.3g of the largest value, more than %g); it is not used. Please report this GPU "
+                            "and config.\n",
+                            layers, units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape, st_kernel_names[k],
+                            diff[(size_t)u * ST_K_COUNT + k], ST_TUNE_AGREE);
         }
         free(on);
     }
-    free(units); free(rep); free(t); free(was); free(pick);
+    cuda_free_named(cmp_scratch, 2 * ST_SAMPLE_BLOCKS * sizeof(float));
+    cuda_free_named(ref, ref_cap * sizeof(floatX));
+    free(units); free(rep); free(t); free(diff); free(was); free(pick);
     m->aux_next = 0;
     if (m->grads) gpt2_zero_grad(m);
     cudaCheck(cudaDeviceSynchronize());

@@ -87,19 +87,93 @@ static inline void st_layer_ranges(char *buf, size_t cap, const int *on, int n) 
     }
 }
 
-// bf16 values uniform in [-1, 1) from a hash of (i, seed): the timing runs' inputs. Not zeros: a
-// GPU draws less power on zeros and may clock higher than it will in training.
+// A value uniform in [-1, 1) from a hash of (i, seed).
+__device__ __forceinline__ float st_hash_unit(size_t i, uint32_t seed) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ (uint32_t)(i >> 32) * 40503u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    return (float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+// bf16 values uniform in [-1, 1): the timing runs' inputs. Not zeros: a GPU draws less power on
+// zeros and may clock higher than it will in training.
 __global__ void st_tune_fill_kernel(floatX *p, size_t n, uint32_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ (uint32_t)(i >> 32) * 40503u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = (floatX)((float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
-    }
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = (floatX)st_hash_unit(i, seed);
 }
 static void st_tune_fill(floatX *p, size_t n, uint32_t seed) {
     if (!p || !n) return;
     st_tune_fill_kernel<<<1024, 256>>>(p, n, seed);
     cudaCheckLaunch();
+}
+
+// -at 1 also checks what each choice computes against the cuBLAS plans (-sk 0) on the same inputs,
+// so that a kernel that fails on some GPU is never chosen however fast it is. Element by element:
+// a sum or random projection of a whole output would let a wrong tile of a large one hide in the
+// rounding noise of the rest. The reference keeps a sample of the activations' rows (every
+// stride-th and the last: a tile of rows or a column that is wrong shows in it) and all of the
+// layers' gradients. A choice agrees when max |a - ref| <= ST_TUNE_AGREE · max |ref| in each: the
+// paths differ by bf16 roundings (of W when run dense, of other summation orders), about 1% of
+// the largest value at most; a wrong, missing or non-finite tile differs by the size of its values.
+#define ST_TUNE_AGREE 0.05
+#define ST_TUNE_SAMPLE_ELEMS (1L << 24)  // an activation's sample: at most this many (rows 8 apart or more)
+#define ST_SAMPLE_BLOCKS 128
+
+// The row stride of an activation's sample (rows x w).
+static inline int st_sample_stride(long rows, long w) {
+    long s = (rows * w + ST_TUNE_SAMPLE_ELEMS - 1) / ST_TUNE_SAMPLE_ELEMS;
+    return (int)(s < 8 ? 8 : s);
+}
+// Rows sampled: 0, stride, 2·stride, ... and the last.
+__host__ __device__ static inline long st_sample_rows(long rows, int stride) { return rows <= 1 ? rows : (rows - 2) / stride + 2; }
+
+// The sampled rows of p (rows x w, contiguous): with store, copied into ref (in sample order);
+// else compared with it, each block's max |p - ref| (infinite for a non-finite value) and max
+// |ref| into out[2·block], out[2·block + 1].
+__global__ void st_sample_kernel(float *out, floatX *ref, const floatX *p, long rows, int w, int stride, int store) {
+    const long n = st_sample_rows(rows, stride) * (long)w;
+    float md = 0.0f, mr = 0.0f;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long j = i / w, row = j * stride < rows - 1 ? j * stride : rows - 1;
+        const floatX v = p[row * w + i % w];
+        if (store) { ref[i] = v; continue; }
+        const float r = (float)ref[i];
+        float d = fabsf((float)v - r);
+        if (!(d <= 3.0e38f)) d = INFINITY;  // NaN and infinities
+        md = fmaxf(md, d);
+        mr = fmaxf(mr, fabsf(r));
+    }
+    __shared__ float sd[256], sr[256];
+    sd[threadIdx.x] = md;
+    sr[threadIdx.x] = mr;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) {
+            sd[threadIdx.x] = fmaxf(sd[threadIdx.x], sd[threadIdx.x + o]);
+            sr[threadIdx.x] = fmaxf(sr[threadIdx.x], sr[threadIdx.x + o]);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && !store) {
+        out[2 * blockIdx.x] = sd[0];
+        out[2 * blockIdx.x + 1] = sr[0];
+    }
+}
+
+// One tensor's sample: store (into ref) or compare (returns max |p - ref| / max |ref|, 0 when both
+// are 0, infinite for a non-finite value). scratch: 2·ST_SAMPLE_BLOCKS floats on the device.
+static double st_sample(floatX *ref, const floatX *p, long rows, int w, int stride, int store, float *scratch) {
+    st_sample_kernel<<<ST_SAMPLE_BLOCKS, 256>>>(scratch, ref, p, rows, w, stride, store);
+    cudaCheckLaunch();
+    if (store) return 0.0;
+    float h[2 * ST_SAMPLE_BLOCKS];
+    cudaCheck(cudaMemcpy(h, scratch, sizeof(h), cudaMemcpyDeviceToHost));
+    float md = 0.0f, mr = 0.0f;
+    for (int b = 0; b < ST_SAMPLE_BLOCKS; b++) {
+        md = fmaxf(md, h[2 * b]);
+        mr = fmaxf(mr, h[2 * b + 1]);
+    }
+    if (md == 0.0f) return 0.0;
+    return mr > 0.0f ? (double)md / mr : INFINITY;
 }
 
 // Milliseconds of fn(ctx) on the default stream: one run untimed (cuBLASLt's heuristics, kernels'

@@ -2,6 +2,8 @@
 # dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
 # machine, inside a time budget, most important first:
 #   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
+#   1a. tune.sh                 -at 1's table per structured 124M config: every layer's kernels timed
+#                               at the trainer's shapes (the choice, and ms/step against -sk 0)
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
 #                               (-sk 2 with BTT or BTT-MoE layers, -sk 3 with BTT ones, and -sm 1,
@@ -36,7 +38,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUDGET=${BUDGET:-480}
-STAGES=${STAGES:-"test structured gpu profile cudnn nccl kernels sanitize"}
+STAGES=${STAGES:-"test tune structured gpu profile cudnn nccl kernels sanitize"}
 RES=${OUT:-/tmp/device_out}
 mkdir -p "$RES" || exit 1
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/device_logs.XXXXXX") || exit 1
@@ -134,6 +136,7 @@ for s in $STAGES; do
         cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
         nccl) if loads ./test_multigpu; then run_stage nccl 60 env NCCL_SOCKET_IFNAME=lo ./test_multigpu  # one rank: loopback bootstrap
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
+        tune) run_stage tune 90 env TRAIN_BIN="$TRAIN_BIN" bash dev/bench/tune.sh ;;
         structured) run_stage structured 220 env BUILD=0 OUT="$LOGS/structured" REPS=10 STEPS=10 TRAIN_BIN="$TRAIN_BIN" bash dev/bench/structured.sh ;;
         gpu) run_stage gpu 150 env BUILD=0 TEST=0 STEPS=10 TRAIN_BIN="$TRAIN_BIN" CONFIGS="${GPU_CONFIGS:-d12:16 d12:32 d12:64 d24:8 d24:16}" \
                  ${GPU_ENV[@]+"${GPU_ENV[@]}"} bash dev/bench/gpu.sh ;;
@@ -141,7 +144,7 @@ for s in $STAGES; do
         kernels) run_stage kernels 200 bash -c "$KERNELS" ;;
         sanitize) run_stage sanitize 240 env LOGDIR="$LOGS/sanitize" ${SANITIZE_ENV[@]+"${SANITIZE_ENV[@]}"} bash dev/bench/sanitize.sh ;;
         ncu) run_stage ncu 300 env TRAIN_BIN="$TRAIN_BIN" bash dev/bench/ncu.sh ;;
-        *) say "stage $s: unknown (test, cudnn, nccl, structured, gpu, profile, kernels, sanitize, ncu)" ;;
+        *) say "stage $s: unknown (test, tune, cudnn, nccl, structured, gpu, profile, kernels, sanitize, ncu)" ;;
     esac
 done
 
@@ -161,6 +164,11 @@ fi
 if [ -f "$LOGS/cudnn.log" ]; then
     say "== test_gpt2cu_cudnn --cudnn-only (-fa 2): $(tail -1 "$LOGS/cudnn.log")"
     grep -E '^(FAIL|note: -fa 2|note: cuDNN|# determinism checks skipped)' "$LOGS/cudnn.log" | sort | uniq -c | head -30 >> "$SUMMARY"
+fi
+if [ -f "$LOGS/tune.log" ]; then
+    say ""
+    say "== tune.sh (-at 1's tables)"
+    cat "$LOGS/tune.log" >> "$SUMMARY"
 fi
 if [ -f "$LOGS/structured.log" ]; then
     say ""
