@@ -360,6 +360,17 @@ static double fake_tune_clock_broken(const GPT2 *m, const TuneUnit *u, int k) {
     return t;
 }
 static void check_autotune_choice(void) {
+    {  // the helpers alone
+        const int on[8] = {1, 1, 1, 0, 1, 0, 1, 1};
+        char buf[32];
+        st_layer_ranges(buf, sizeof(buf), on, 8);
+        const double t3[3] = {1.0, 0.98, 0.5}, t2[2] = {1.0, 0.96};
+        check_true(strcmp(buf, "0-2,4,6-7") == 0 && st_tune_pick(t3, 3, 0) == 2 && st_tune_pick(t3, 2, 0) == 0 && st_tune_pick(t3, 2, -1) == 1 &&
+                       st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 3) == 2 &&
+                       st_kernel_valid(STRUCT_BTT_MOE, ST_K_DENSE) == 0 && st_kernel_valid(STRUCT_DENSE, ST_K_NONE) == 1 &&
+                       st_kernel_valid(STRUCT_MONARCH, 3) == 1 && st_sample_rows(32, 8) == 5 && st_sample_rows(9, 8) == 2 && st_sample_rows(1, 8) == 1,
+                   "-at 1's helpers: layer ranges, the pick with its 3% margin, kernels per kind, sampled rows", buf);
+    }
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
     if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
     snprintf(path, sizeof(path), "%s/at.conf", dir);

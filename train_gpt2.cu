@@ -68,6 +68,7 @@ typedef struct {
 // -at 1: time each structured layer's kernels at startup and run each layer the fastest
 // (structured/tune.cuh; st_autotune below)
 static int g_st_tune = 0;
+static const char *const ST_TUNE_OOM_NOTE = "-at 1 holds the buffers of every choice while it times them; without -at the choice of -sk and -sm needs less";
 
 // What a structured linear layer keeps between its forward and backward.
 typedef struct {
@@ -474,6 +475,7 @@ static void st_buffers_fit(GPT2 *m, int room) {
     int separate_qkv = 0;
     size_t scratch;
     if (room) {
+        g_oom_note = ST_TUNE_OOM_NOTE;
         LinearState *keep = (LinearState *)mallocCheck((size_t)n * sizeof(LinearState));
         memcpy(keep, m->lin, (size_t)n * sizeof(LinearState));
         st_set_all_kernels(m, ST_K_DENSE);
@@ -509,6 +511,7 @@ static void st_buffers_fit(GPT2 *m, int room) {
         cuda_free_named(m->split_b, BTC * sizeof(floatX));
         m->split_a = m->split_b = NULL;
     }
+    g_oom_note = NULL;
 }
 
 // flash: 1 our flash-attention kernel where it supports the head size, 2 cuDNN's where it runs the
@@ -1148,6 +1151,7 @@ static void st_autotune(GPT2 *m) {
     int *rep = (int *)mallocCheck((size_t)nu * sizeof(int)), *was = (int *)mallocCheck((size_t)nu * sizeof(int));
     double *t = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));
     double *diff = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));  // against the plans' results
+    g_oom_note = ST_TUNE_OOM_NOTE;
     float *cmp_scratch = cudaMallocNamed(float, 2 * ST_SAMPLE_BLOCKS, "scratch: -at 1's comparisons");
     floatX *ref = NULL;
     size_t ref_cap = 0;
@@ -1268,6 +1272,7 @@ static void st_autotune(GPT2 *m) {
     }
     cuda_free_named(cmp_scratch, 2 * ST_SAMPLE_BLOCKS * sizeof(float));
     cuda_free_named(ref, ref_cap * sizeof(floatX));
+    g_oom_note = NULL;
     free(units); free(rep); free(t); free(diff); free(was); free(pick);
     m->aux_next = 0;
     if (m->grads) gpt2_zero_grad(m);

@@ -161,6 +161,7 @@ __device__ inline void warp_softmax_reduce(float &m, float &s) {
 static int g_oom_hint_B = 0;        // the trainer sets -b here so that the message can name it
 static int g_oom_weights = 0;       // 1 while the trainer allocates weights, gradients and AdamW state
 static size_t g_gpu_bytes = 0;      // total allocated through cuda_malloc_named
+static const char *g_oom_note = NULL;  // a line more for an out-of-memory error, while set
 
 static inline void *cuda_malloc_named(size_t bytes, const char *what) {
     void *p = NULL;
@@ -178,6 +179,7 @@ static inline void *cuda_malloc_named(size_t bytes, const char *what) {
         else
             fprintf(stderr, "  use a smaller -b (now %d) with -d for the same total batch, or recompute activations with -r 1 (GELU) or -r 2 "
                             "(GELU and LayerNorm)\n", g_oom_hint_B);
+        if (g_oom_note) fprintf(stderr, "  %s\n", g_oom_note);
         exit(EXIT_FAILURE);
     }
     g_gpu_bytes += bytes;
