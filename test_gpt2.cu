@@ -149,8 +149,7 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
         const int nc = ld->used ? st_kernel_candidates(ld->spec.kind, cand) : 0;
         if (!nc) continue;
         const int k = cand[(j++ + shift) % nc];
-        m->lin[i].as_dense = k == ST_K_DENSE;
-        m->lin[i].sk = k == ST_K_DENSE ? 0 : k;
+        lin_set_kernels(&m->lin[i], k);
     }
     st_buffers_fit(m, 0);
 }
@@ -337,7 +336,7 @@ static double fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k) {
     int idx[3];
     const int n = tune_unit_members(m, u, idx);
     for (int i = 0; i < n; i++)
-        if ((m->lin[idx[i]].as_dense ? ST_K_DENSE : m->lin[idx[i]].sk) != k) g_fake_unset++;
+        if (lin_kernels(&m->lin[idx[i]]) != k) g_fake_unset++;
     tune_unit_run((void *)u);  // runs as the real clock would: every choice on the simulator, gradients accumulating
     static const double qkv[ST_K_COUNT] = {1.00, 0.90, 0.80, 0.79, 2.00};       // -sk 3
     static const double fc_monarch[ST_K_COUNT] = {1.00, 0.98, -1, -1, 0.99};   // -sk 0 kept: 0.98 is within 3%

@@ -78,6 +78,13 @@ typedef struct {
     int sk;               // else its kernels as -sk 0..3; -at 1 chooses both per layer
 } LinearState;
 
+// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3 or ST_K_DENSE), and back.
+static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : ls->sk; }
+static void lin_set_kernels(LinearState *ls, int k) {
+    ls->as_dense = k == ST_K_DENSE;
+    ls->sk = k == ST_K_DENSE ? 0 : k;
+}
+
 typedef struct {
     GPT2Layout layout;
     GPT2Config config;
@@ -459,8 +466,7 @@ static void st_set_all_kernels(GPT2 *m, int k) {
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
         if (!ld->used || !st_kind_tunable(ld->spec.kind) || (k == ST_K_DENSE && !st_kind_densifiable(ld->spec.kind))) continue;
-        m->lin[i].as_dense = k == ST_K_DENSE;
-        m->lin[i].sk = k == ST_K_DENSE ? 0 : k;
+        lin_set_kernels(&m->lin[i], k);
     }
 }
 
@@ -476,17 +482,14 @@ static void st_buffers_fit(GPT2 *m, int room) {
     size_t scratch;
     if (room) {
         g_oom_note = ST_TUNE_OOM_NOTE;
-        LinearState *keep = (LinearState *)mallocCheck((size_t)n * sizeof(LinearState));
-        memcpy(keep, m->lin, (size_t)n * sizeof(LinearState));
+        int *keep = (int *)mallocCheck((size_t)n * sizeof(int));
+        for (int i = 0; i < n; i++) keep[i] = lin_kernels(&m->lin[i]);
         st_set_all_kernels(m, ST_K_DENSE);
         scratch = st_layers_need(m, 1, &fscratch, &separate_qkv);
         st_set_all_kernels(m, 1);
         const size_t fused = st_layers_need(m, 1, &fscratch, &separate_qkv);
         if (fused > scratch) scratch = fused;
-        for (int i = 0; i < n; i++) {  // the choices back, with the buffers just allocated
-            m->lin[i].as_dense = keep[i].as_dense;
-            m->lin[i].sk = keep[i].sk;
-        }
+        for (int i = 0; i < n; i++) lin_set_kernels(&m->lin[i], keep[i]);  // the choices back, with the buffers just allocated
         free(keep);
     } else {
         scratch = st_layers_need(m, 1, &fscratch, &separate_qkv);
@@ -1115,7 +1118,7 @@ static void st_kernels_snapshot(GPT2 *m) {
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
         const LinearState *ls = &m->lin[i];
-        m->kernels[i] = ld->used && st_kind_tunable(ld->spec.kind) ? (uint8_t)(ls->as_dense ? ST_K_DENSE : ls->sk) : (uint8_t)ST_K_NONE;
+        m->kernels[i] = ld->used && st_kind_tunable(ld->spec.kind) ? (uint8_t)lin_kernels(ls) : (uint8_t)ST_K_NONE;
     }
 }
 
@@ -1172,19 +1175,16 @@ static void st_autotune(GPT2 *m) {
     for (int u = 0; u < nu; u++) {
         int idx[3], cand[ST_K_COUNT];
         const int nm = tune_unit_members(m, &units[u], idx);
-        was[u] = m->lin[idx[0]].as_dense ? ST_K_DENSE : m->lin[idx[0]].sk;
+        was[u] = lin_kernels(&m->lin[idx[0]]);
         rep[u] = u;
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
         const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
-        LinearState keep[3];
-        for (int i = 0; i < nm; i++) keep[i] = m->lin[idx[i]];
+        int keep[3];
+        for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
-            for (int i = 0; i < nm; i++) {
-                m->lin[idx[i]].as_dense = cand[c] == ST_K_DENSE;
-                m->lin[idx[i]].sk = cand[c] == ST_K_DENSE ? 0 : cand[c];
-            }
+            for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], cand[c]);
             tune_unit_zero_grads(m, &units[u]);
             double *tk = &t[(size_t)u * ST_K_COUNT + cand[c]];
             *tk = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
@@ -1192,10 +1192,7 @@ static void st_autotune(GPT2 *m) {
             diff[(size_t)u * ST_K_COUNT + cand[c]] = d;
             if (!(d <= ST_TUNE_AGREE)) *tk = TUNE_REFUSED;
         }
-        for (int i = 0; i < nm; i++) {  // back to the flags' choice while the other units are timed (a BTT-MoE k beside a BTT q)
-            m->lin[idx[i]].as_dense = keep[i].as_dense;
-            m->lin[idx[i]].sk = keep[i].sk;
-        }
+        for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], keep[i]);  // the flags' choice while the other units are timed
     }
     if (m->mp) {  // every rank then picks the same
         multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);
@@ -1219,10 +1216,7 @@ static void st_autotune(GPT2 *m) {
         }
         int idx[3];
         const int nm = tune_unit_members(m, &units[u], idx);
-        for (int i = 0; i < nm; i++) {
-            m->lin[idx[i]].as_dense = pick[u] == ST_K_DENSE;
-            m->lin[idx[i]].sk = pick[u] == ST_K_DENSE ? 0 : pick[u];
-        }
+        for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], pick[u]);
     }
     if (!m->mp || m->mp->rank == 0) {
         printf("-at 1: each structured layer's kernels, %s at %d rows, ms (* chosen; the flags' kept within %.0f%%):\n",
@@ -1361,8 +1355,7 @@ static void st_kernels_restore(GPT2 *m, const uint8_t *kern, const char *path) {
     }
     for (int i = 0; i < n; i++) {
         if (kern[i] == ST_K_NONE) continue;
-        m->lin[i].as_dense = kern[i] == ST_K_DENSE;
-        m->lin[i].sk = kern[i] == ST_K_DENSE ? 0 : kern[i];
+        lin_set_kernels(&m->lin[i], kern[i]);
     }
     m->kernels_restored = 1;
 }
@@ -1586,7 +1579,7 @@ static void trainer_banner_kernels(const GPT2 *m) {
         for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
             const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
             if ((ld->layer < 0 ? NUM_BLOCK_ROLES : ld->role) != r || !ld->used || !st_kind_tunable(ld->spec.kind)) continue;
-            count[m->lin[i].as_dense ? ST_K_DENSE : m->lin[i].sk]++;
+            count[lin_kernels(&m->lin[i])]++;
             any = 1;
         }
         if (!any) continue;
