@@ -138,15 +138,28 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
+// Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
+// candidates, then (BTT, Monarch) each forward paired with another's backward, the pairs of the
+// plans, the split and the fused kernel first. Returns how many.
+static int st_kernel_choices(int kind, int out[ST_K_MIXED + 16]) {
+    int n = st_kernel_candidates(kind, out);
+    if (!st_kind_densifiable(kind)) return n;
+    static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
+    for (int i = 0; i < (kind == STRUCT_BTT ? 12 : 1); i++) out[n++] = st_kernel_pair(btt[i][0], btt[i][1]);
+    if (kind == STRUCT_MONARCH) out[n++] = st_kernel_pair(0, 1);
+    return n;
+}
+
 // -at 1's per-layer kernels, set by rotation instead of timing: the j-th BTT or Monarch layer runs
-// the (j + shift)-th of its kind's choices (structured/tune.cuh), so that neighbours (q, k, v of
-// one block) run different kernels; then the buffers are fitted to the choices.
+// the (j + shift)-th of its kind's choices (st_kernel_choices), so that neighbours (q, k, v of
+// one block) run different kernels, and most layers their forward and backward on different
+// ones; then the buffers are fitted to the choices.
 static void st_kernels_rotate(GPT2 *m, int shift) {
     int j = 0;
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
-        int cand[ST_K_COUNT];
-        const int nc = ld->used ? st_kernel_candidates(ld->spec.kind, cand) : 0;
+        int cand[ST_K_MIXED + 16];
+        const int nc = ld->used && st_kind_tunable(ld->spec.kind) ? st_kernel_choices(ld->spec.kind, cand) : 0;
         if (!nc) continue;
         const int k = cand[(j++ + shift) % nc];
         lin_set_kernels(&m->lin[i], k);
@@ -157,7 +170,7 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
-// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 1), kept over the resume.
+// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume.
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -178,7 +191,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
-    if (fused >= 5) st_kernels_rotate(&m, fused - 5);
+    if (fused >= 5) st_kernels_rotate(&m, fused == 5 ? 0 : 7);
     if (flash == 2 && !m.cudnn) {
         printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
         fixture_run_free(&m, &f);
@@ -325,56 +338,99 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_run_free(&m, &f);
 }
 
-// -at 1's choice, with the clock replaced by a table of times per (unit, kernels): each unit gets
-// the fastest unless the flags' choice is within 3% of it; units of the same shapes are timed once
-// and share the choice; each time is taken with the unit's layers set to the kernels timed (and
-// each unit runs, so every choice runs here once, and the gradients it leaves must be zeroed).
-// The model: 3 blocks of BTT rank 1, a dense attn_proj, Monarch fc but BTT rank 2 in block 2.
+// -at 1's choice, with the clock replaced by a table of forward and backward times per (unit,
+// kernels): each unit gets the least total, of its candidates and of the fastest forward with the
+// fastest backward, unless the flags' choice is within 3% of it; units of the same shapes are
+// timed once and share the choice; each time is taken with the unit's layers set to the kernels
+// timed (and each unit runs, so every choice runs here once, and the gradients it leaves must be
+// zeroed). The model: 3 blocks of BTT rank 1, a dense attn_proj, Monarch fc but BTT rank 2 in block 2.
 static int g_fake_calls, g_fake_unset;
-static double fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k) {
+static void fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
     g_fake_calls++;
     int idx[3];
     const int n = tune_unit_members(m, u, idx);
     for (int i = 0; i < n; i++)
         if (lin_kernels(&m->lin[idx[i]]) != k) g_fake_unset++;
     tune_unit_run((void *)u);  // runs as the real clock would: every choice on the simulator, gradients accumulating
-    static const double qkv[ST_K_COUNT] = {1.00, 0.90, 0.80, 0.79, 2.00};       // -sk 3
-    static const double fc_monarch[ST_K_COUNT] = {1.00, 0.98, -1, -1, 0.99};   // -sk 0 kept: 0.98 is within 3%
-    static const double fc_btt[ST_K_COUNT] = {1.00, 1.20, 1.20, 1.20, 0.50};   // dense
-    static const double fc_proj[ST_K_COUNT] = {1.00, 0.50, 0.60, 0.70, 0.90};  // -sk 1
+    // [pass][kernels]; the totals and what wins:
+    static const double qkv[2][ST_K_COUNT] = {{0.50, 0.45, 0.40, 0.30, 1.00},         // 0.80 0.90 0.80 0.79 2.00; -sk 3's forward
+                                              {0.30, 0.45, 0.40, 0.49, 1.00}};        // with -sk 0's backward: 0.60
+    static const double fc_monarch[2][ST_K_COUNT] = {{0.50, 0.48, -1, -1, 0.495},     // 1.00 0.99 0.99; -sk 1 fwd with -sk 0 bwd
+                                                     {0.50, 0.51, -1, -1, 0.495}};    // 0.98: within 3%, -sk 0 kept
+    static const double fc_btt[2][ST_K_COUNT] = {{0.50, 0.60, 0.60, 0.60, 0.25}, {0.50, 0.60, 0.60, 0.60, 0.25}};  // dense
+    static const double fc_proj[2][ST_K_COUNT] = {{0.50, 0.25, 0.30, 0.35, 0.45}, {0.50, 0.25, 0.30, 0.35, 0.45}};  // -sk 1
     const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[0])->spec;
-    if (u->role == SR_Q) return qkv[k];
-    if (u->role == SR_FC) return s->kind == STRUCT_MONARCH ? fc_monarch[k] : fc_btt[k];
-    if (u->role == SR_FC_PROJ) return fc_proj[k];
-    return 100.0;  // no other unit exists in this model
+    for (int d = 0; d < 2; d++) {
+        ms[d] = 100.0;  // no other unit exists in this model
+        if (u->role == SR_Q) ms[d] = qkv[d][k];
+        if (u->role == SR_FC) ms[d] = s->kind == STRUCT_MONARCH ? fc_monarch[d][k] : fc_btt[d][k];
+        if (u->role == SR_FC_PROJ) ms[d] = fc_proj[d][k];
+    }
 }
 // The same, but -sk 3 writes zeros over rows 16..31 of q, k, v's output (a kernel that fails on
-// some GPU): refused, so the next fastest, -sk 2, runs.
-static double fake_tune_clock_broken(const GPT2 *m, const TuneUnit *u, int k) {
-    const double t = fake_tune_clock(m, u, k);
+// some GPU): refused both ways, so -sk 2's forward, the next fastest, runs with -sk 0's backward.
+static void fake_tune_clock_broken(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
+    fake_tune_clock(m, u, k, ms);
     if (u->role == SR_Q && k == 3) {
         const size_t C3 = 3 * (size_t)m->config.channels;
         cudaCheck(cudaMemset(m->acts.qkv + (size_t)u->layer * m->B * m->T * C3 + 16 * C3, 0, 16 * C3 * sizeof(floatX)));
     }
-    return t;
+}
+// The same, but -sk 1's forward of q, k, v is the fastest (0.10 ms; with -sk 0's backward 0.40)
+// and leaves their saved z zero after the run, though its output and gradients are right: z is
+// what a paired backward reads, so -sk 1 is refused, and -sk 3's forward runs with -sk 0's backward.
+static void fake_tune_clock_no_z(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
+    fake_tune_clock(m, u, k, ms);
+    if (u->role != SR_Q || k != 1) return;
+    ms[0] = 0.10;
+    int idx[3];
+    const int n = tune_unit_members(m, u, idx);
+    for (int i = 0; i < n; i++) {
+        const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[i])->spec;
+        cudaCheck(cudaMemset(m->lin[idx[i]].inter, 0, st_inter_bytes(m, s)));
+    }
+}
+static int fake_qkv_kernels(const GPT2 *m, int k) {  // q, k and v of every block run kernels k
+    int bad = 0;
+    for (int l = 0; l < 3; l++)
+        for (int r = SR_Q; r <= SR_V; r++) bad += lin_kernels(&m->lin[l * NUM_BLOCK_ROLES + r]) != k;
+    return bad == 0;
 }
 static void check_autotune_choice(void) {
     {  // the helpers alone
         const int on[8] = {1, 1, 1, 0, 1, 0, 1, 1};
-        char buf[32];
+        char buf[32], label[48];
         st_layer_ranges(buf, sizeof(buf), on, 8);
+        st_kernel_label(label, sizeof(label), st_kernel_pair(3, 0));
         const double t3[3] = {1.0, 0.98, 0.5}, t2[2] = {1.0, 0.96};
         check_true(strcmp(buf, "0-2,4,6-7") == 0 && st_tune_pick(t3, 3, 0) == 2 && st_tune_pick(t3, 2, 0) == 0 && st_tune_pick(t3, 2, -1) == 1 &&
                        st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 3) == 2 &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_DENSE) == 0 && st_kernel_valid(STRUCT_DENSE, ST_K_NONE) == 1 &&
                        st_kernel_valid(STRUCT_MONARCH, 3) == 1 && st_sample_rows(32, 8) == 5 && st_sample_rows(9, 8) == 2 && st_sample_rows(1, 8) == 1,
                    "-at 1's helpers: layer ranges, the pick with its 3% margin, kernels per kind, sampled rows", buf);
+        const int p30 = st_kernel_pair(3, 0), cand[3] = {0, 1, ST_K_DENSE};
+        const double fa[3] = {1.0, 0.5, 0.2}, ba[3] = {0.3, 1.0, 0.2}, fb[3] = {1.0, 0.5, 0.9}, bb[3] = {0.3, 1.0, 0.9};
+        const double fr[3] = {1.0, ST_TUNE_REFUSED, 0.9}, fm[3] = {1.0, 0.5, 0.9}, bm[3] = {0.3, 0.31, 0.9};
+        check_true(st_kernel_pair(2, 2) == 2 && st_kernel_fwd(p30) == 3 && st_kernel_bwd(p30) == 0 && st_kernel_fwd(ST_K_DENSE) == ST_K_DENSE &&
+                       st_kernel_bwd(ST_K_DENSE) == ST_K_DENSE && strcmp(label, "-sk 3 fwd, -sk 0 bwd") == 0 &&
+                       st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && !st_kernel_valid(STRUCT_BTT_MOE, p30) &&
+                       !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 16) &&
+                       !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, p30) == st_kernel_pair(1, 0) &&
+                       st_kernel_canonical(STRUCT_MONARCH, st_kernel_pair(2, 3)) == 1 &&
+                       st_tune_pick_pair(cand, fa, ba, 3, 0, 1) == ST_K_DENSE &&           // dense 0.4 both ways; the pair 0.8
+                       st_tune_pick_pair(cand, fb, bb, 3, 0, 1) == st_kernel_pair(1, 0) &&  // the pair 0.8, the candidates 1.3 or more
+                       st_tune_pick_pair(cand, fb, bb, 3, 0, 0) == 0 &&                     // no pairs (BTT-MoE, -x 0)
+                       st_tune_pick_pair(cand, fr, bb, 3, 0, 1) == 0 &&                     // -sk 1 refused: neither of its passes
+                       st_tune_pick_pair(cand, fm, bm, 3, 0, 1) == st_kernel_pair(1, 0) &&
+                       st_tune_pick_pair(cand, fm, bm, 3, 1, 1) == 1,                       // 0.81 kept against the pair's 0.80 (< 3%)
+                   "-at 1's pairs: the byte of a forward and a backward, which kinds take them, the pick among candidates and the pair",
+                   label);
     }
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
     if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
     snprintf(path, sizeof(path), "%s/at.conf", dir);
     FILE *fp = fopenCheck(path, "w");
-    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear]\nstruct = btt\nrank = 1\n\n"
+    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 256\nvocab_size = 512\nmax_seq_len = 16\n\n[linear]\nstruct = btt\nrank = 1\n\n"
                 "[linear.attn_proj]\nstruct = dense\n\n[linear.fc]\nstruct = monarch\nblocks = 4\n\n[layer.2.fc]\nstruct = btt\nrank = 2\n");
     fcloseCheck(fp, path);
     GPT2 m;
@@ -391,18 +447,18 @@ static void check_autotune_choice(void) {
     // 4 distinct units: q/k/v (5 choices), Monarch fc (3), BTT fc (5), fc_proj (5)
     check_true(g_fake_calls == 18 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
                "calls or settings differ");
-    int bad = 0;
+    int bad = !fake_qkv_kernels(&m, st_kernel_pair(3, 0));
     for (int l = 0; l < 3; l++) {
-        for (int r = SR_Q; r <= SR_V; r++) bad += m.lin[l * NUM_BLOCK_ROLES + r].sk != 3 || m.lin[l * NUM_BLOCK_ROLES + r].as_dense;
         const LinearState *fc = &m.lin[l * NUM_BLOCK_ROLES + SR_FC], *fp = &m.lin[l * NUM_BLOCK_ROLES + SR_FC_PROJ];
-        bad += l < 2 ? (fc->as_dense || fc->sk != 0) : !fc->as_dense;
-        bad += fp->as_dense || fp->sk != 1;
+        bad += lin_kernels(fc) != (l < 2 ? 0 : ST_K_DENSE);
+        bad += lin_kernels(fp) != 1;
         bad += l == 2 && fc->inter != NULL;
     }
-    // fitted: the BTT fc run as dense keeps no z, and q, k, v at -sk 3 run in place in qkv, so the
-    // split buffers the timing had (for -sk 1 and 2) are gone
+    // fitted: the BTT fc run as dense keeps no z, and q, k, v (-sk 3's forward, -sk 0's backward)
+    // run in place in qkv both ways, so the split buffers the timing had (for -sk 1 and 2) are gone
     check_true(bad == 0 && m.split_a == NULL && m.split_b == NULL,
-               "-at 1: fastest per unit (q, k, v -sk 3; fc_proj -sk 1; BTT fc dense), the flags' within 3% kept (Monarch fc), buffers fitted",
+               "-at 1: the least total per unit (q, k, v -sk 3's forward with -sk 0's backward; fc_proj -sk 1; BTT fc dense), the flags' "
+               "within 3% kept (Monarch fc: against a pair too), buffers fitted",
                "other choices");
     // the choices run: one step's loss is finite and the gradients were zeroed by the tuning first
     int *tok = (int *)mallocCheck(32 * sizeof(int));
@@ -411,19 +467,32 @@ static void check_autotune_choice(void) {
     cudaCheck(cudaMemcpy(gb, m.grads, m.num_params * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     size_t nz = 0;
     for (size_t i = 0; i < m.num_params; i++) nz += gb[i] != 0;
+    const long split0 = g_st_split_runs;
     const float loss = gpt2_forward(&m, tok, tok, 2, 16);
+    const long split_fwd = g_st_split_runs - split0;
+    gpt2_backward(&m, 1.0f);
+    cudaCheck(cudaDeviceSynchronize());
     check_true(nz == 0 && isfinite(loss) && loss > 0.0f, "-at 1: the gradients are zero after the tuning; the chosen kernels train", "nonzero gradients or bad loss");
+    // q, k, v's forwards ran split (-sk 3), their backwards not (-sk 0): 9 layers one way
+    check_true(split_fwd == 9 && g_st_split_runs - split0 == 9, "-at 1: a pair runs its forward's kernels forward and its backward's backward",
+               "other split runs");
     // a choice whose results differ from the plans' is refused, however fast
     st_set_all_kernels(&m, 0);
     st_buffers_fit(&m, 1);
     g_tune_clock = fake_tune_clock_broken;
     st_autotune(&m);
     g_tune_clock = NULL;
-    bad = 0;
-    for (int l = 0; l < 3; l++)
-        for (int r = SR_Q; r <= SR_V; r++) bad += m.lin[l * NUM_BLOCK_ROLES + r].sk != 2 || m.lin[l * NUM_BLOCK_ROLES + r].as_dense;
-    check_true(bad == 0 && m.lin[SR_FC_PROJ].sk == 1, "-at 1: a choice whose results differ from the plans' (-sk 3 writing zeros over a tile) is refused; the next fastest runs",
+    check_true(fake_qkv_kernels(&m, st_kernel_pair(2, 0)) && lin_kernels(&m.lin[SR_FC_PROJ]) == 1,
+               "-at 1: a choice whose results differ from the plans' (-sk 3 writing zeros over a tile) is refused both ways; the next "
+               "fastest forward (-sk 2) runs with -sk 0's backward",
                "the broken choice was taken");
+    // a choice whose saved z differs is refused too, though its output is right: another's backward would read that z
+    st_set_all_kernels(&m, 0);
+    st_buffers_fit(&m, 1);
+    g_tune_clock = fake_tune_clock_no_z;
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    check_true(fake_qkv_kernels(&m, st_kernel_pair(3, 0)), "-at 1: a choice whose saved z differs from the plans' is refused", "taken");
     free(tok); free(gb);
     gpt2_free(&m);
     g_st_tune = 0;
@@ -510,12 +579,22 @@ static void cpu_layer_ref(const LinearSpec *sp, int N, const float *x, const flo
     }
 }
 
+// check_layer_vs_cpu's BTT and Monarch backward on these kernels (-sk 0..3) instead of the
+// forward's (-1): -at 1's pairs, the backward reading the z (u) another path's forward saved.
+static int g_test_bwd_sk = -1;
+
 static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     mt19937_state rng;
     mt_seed(&rng, 7);
-    const int din = spec->d_in, dout = spec->d_out;
+    const int din = spec->d_in, dout = spec->d_out, fwd_sk = g_st_fused, bwd_sk = g_test_bwd_sk >= 0 ? g_test_bwd_sk : g_st_fused;
     char tag[160], name[256];
-    if (spec->kind == STRUCT_BTT)
+    if (spec->kind == STRUCT_BTT && fwd_sk != bwd_sk)
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->rank, din, dout, N,
+                 fwd_sk, bwd_sk);
+    else if (spec->kind == STRUCT_MONARCH && fwd_sk != bwd_sk)
+        snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (-sk %d's forward, -sk %d's backward on its u)", spec->blocks, din,
+                 dout, N, fwd_sk, bwd_sk);
+    else if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N,
                  g_st_dense ? "dense GEMMs on the materialized weight"
                  : g_st_fused == 3 ? "split: fused stage 1, cuBLAS the rest"
@@ -563,7 +642,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
             st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_BTT, &b, s_d, colsum, NULL);
         } else {
             btt_forward_gpu(y_d, z_d, x_d, w_d[0], w_d[1], bias_d, N, &b, s_d);
+            st_set_kernels(bwd_sk);
             btt_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, z_d, w_d[0], w_d[1], N, &b, s_d, colsum);
+            st_set_kernels(fwd_sk);
         }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(z_d)); cudaCheck(cudaFree(s_d));
@@ -577,7 +658,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
             st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_MONARCH, &ms, s_d, colsum, NULL);
         } else {
             monarch_forward_gpu(y_d, u_d, x_d, w_d[0], w_d[1], bias_d, N, &ms, s_d);
+            st_set_kernels(bwd_sk);
             monarch_backward_gpu(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, u_d, w_d[0], w_d[1], N, &ms, s_d, colsum);
+            st_set_kernels(fwd_sk);
         }
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(u_d)); cudaCheck(cudaFree(s_d));
@@ -850,9 +933,26 @@ static void check_structures_vs_cpu(void) {
         g_st_dense = 0;
         for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
         g_st_fused = 0;
+        // -at 1's pairs: a backward on the z (u) another path's forward saved (BTT rank 2 runs fused
+        // and split both ways at these shapes; Monarch fused where its traffic model says it pays)
+        const int pairs[4][2] = {{1, 0}, {0, 1}, {3, 1}, {1, 3}};
+        for (int p = 0; p < 2; p++) {
+            st_set_kernels(pairs[p][0]);
+            g_test_bwd_sk = pairs[p][1];
+            check_layer_vs_cpu(&s, N);
+        }
+        s.kind = STRUCT_BTT;
+        s.rank = 2;
+        for (int p = 0; p < 4; p++) {
+            st_set_kernels(pairs[p][0]);
+            g_test_bwd_sk = pairs[p][1];
+            check_layer_vs_cpu(&s, N);
+        }
+        g_test_bwd_sk = -1;
+        st_set_kernels(0);
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        for (int sk = 0; sk <= 3; sk++) {
+        for (int sk = 0; sk <= 2; sk++) {  // -sk 3 runs its experts as -sk 2 does
             st_set_kernels(sk);
             check_layer_vs_cpu(&s, N);
         }
@@ -909,7 +1009,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by one
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 7: with it, BTT's 17 choices
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;

@@ -75,14 +75,16 @@ typedef struct {
     floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
     MoEGPUState moe;      // btt_moe
     int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
-    int sk;               // else its kernels as -sk 0..3; -at 1 chooses both per layer
+    int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..3; -at 1 chooses all three per layer
 } LinearState;
 
-// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3 or ST_K_DENSE), and back.
-static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : ls->sk; }
+// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, or a forward and
+// backward pair), and back.
+static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : st_kernel_pair(ls->sk, ls->sk_bwd); }
 static void lin_set_kernels(LinearState *ls, int k) {
     ls->as_dense = k == ST_K_DENSE;
-    ls->sk = k == ST_K_DENSE ? 0 : k;
+    ls->sk = k == ST_K_DENSE ? 0 : st_kernel_fwd(k);
+    ls->sk_bwd = k == ST_K_DENSE ? 0 : st_kernel_bwd(k);
 }
 
 typedef struct {
@@ -222,7 +224,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
         return;
     }
     const int sk_setting = g_st_fused;
-    st_set_kernels(ls->sk);
+    st_set_kernels(ls->sk_bwd);
     switch (s->kind) {
         case STRUCT_BTT: {
             BTTShape bs = btt_shape_of(s);
@@ -357,18 +359,20 @@ static void st_choose_as_dense(GPT2 *m, int N) {
     }
 }
 
-// Whether a layer writes its output into a column block of wider rows, reads its output
-// gradient from one and adds its input gradient (linear_forward's out_ld, linear_backward's
-// dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch with -sk 0, not as dense; BTT-MoE), and
-// BTT split (-sk 3: its cuBLAS halves take the strides, its stage 1 reads dy rows of any stride).
-// The others (dense, the fused kernels, layers run as dense) go through the split buffers and
-// copies, except q, k and v as one dense group (qkv_dense_group).
-static int linear_takes_strides(GPT2 *m, const LinearDesc *ld) {
+// Whether a layer's forward (bwd 0) writes its output into a column block of wider rows
+// (linear_forward's out_ld), or its backward (bwd 1) reads its output gradient from one and adds
+// its input gradient (linear_backward's dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch
+// with -sk 0, not as dense; BTT-MoE), and BTT split (-sk 3: its cuBLAS halves take the strides,
+// its stage 1 reads dy rows of any stride). The others (dense, the fused kernels, layers run as
+// dense) go through the split buffers and copies, except q, k and v as one dense group
+// (qkv_dense_group).
+static int linear_takes_strides(GPT2 *m, const LinearDesc *ld, int bwd) {
     const int k = ld->spec.kind;
     if (k == STRUCT_BTT_MOE) return 1;
     const LinearState *ls = lin_state(m, ld);
     if (ls->as_dense) return 0;
-    return (k == STRUCT_BTT && (!ls->sk || ls->sk == 3)) || (k == STRUCT_MONARCH && !ls->sk);
+    const int sk = bwd ? ls->sk_bwd : ls->sk;
+    return (k == STRUCT_BTT && (!sk || sk == 3)) || (k == STRUCT_MONARCH && !sk);
 }
 
 // When q, k and v all run as dense (BTT or Monarch; -sm 1, or -sm 2's model): fills g with them
@@ -414,8 +418,10 @@ static size_t st_layers_need(GPT2 *m, int alloc, size_t *fscratch, int *separate
                 const size_t need = st_dense_group_elems(grp, 3);
                 if (need > scratch) scratch = need;
             }
-            for (int r = SR_Q; r <= SR_V && !group; r++)
-                if (!linear_takes_strides(m, gpt2_linear(g, ld->layer, r))) *separate_qkv = 1;
+            for (int r = SR_Q; r <= SR_V && !group; r++) {
+                const LinearDesc *x = gpt2_linear(g, ld->layer, r);
+                if (!linear_takes_strides(m, x, 0) || !linear_takes_strides(m, x, 1)) *separate_qkv = 1;
+            }
         }
         const LinearSpec *s = &ld->spec;
         if (s->kind == STRUCT_DENSE) continue;
@@ -610,7 +616,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     // structured layers: their kernels (-sk, -sm), what each keeps for its backward, one shared scratch
     m->lin = (LinearState *)callocCheck(L * NUM_BLOCK_ROLES + 1, sizeof(LinearState));
     m->kernels = (uint8_t *)mallocCheck((size_t)gpt2_num_linears(&m->layout));
-    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) m->lin[i].sk = g_st_fused;
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) m->lin[i].sk = m->lin[i].sk_bwd = g_st_fused;
     st_choose_as_dense(m, (int)BT);
     st_buffers_fit(m, g_st_tune);
 }
@@ -692,7 +698,7 @@ static void qkv_forward(GPT2 *m, int l, floatX *qkv, const floatX *ln1, int N) {
     }
     for (int r = SR_Q; r <= SR_V; r++) {
         const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
-        if (linear_takes_strides(m, ld)) { linear_forward(m, ld, qkv + (size_t)r * C, ln1, N, NULL, 3 * C); continue; }
+        if (linear_takes_strides(m, ld, 0)) { linear_forward(m, ld, qkv + (size_t)r * C, ln1, N, NULL, 3 * C); continue; }
         linear_forward(m, ld, m->split_a, ln1, N, NULL);
         prof_mark("q, k, v split copies", 0.0);
         qkv_part_copy(qkv, m->split_a, r, N, C, 1);
@@ -712,7 +718,7 @@ static void qkv_backward(GPT2 *m, int l, floatX *dln, const floatX *dqkv, const 
     }
     for (int r = SR_Q; r <= SR_V; r++) {
         const LinearDesc *ld = gpt2_linear(&m->layout, l, r);
-        if (linear_takes_strides(m, ld)) {  // reads its block of dqkv, q writes dln, k and v add to it
+        if (linear_takes_strides(m, ld, 1)) {  // reads its block of dqkv, q writes dln, k and v add to it
             linear_backward(m, ld, dln, dqkv + (size_t)r * C, ln1, N, NULL, daux, 3 * C, r != SR_Q);
             continue;
         }
@@ -1007,74 +1013,84 @@ static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b)
     return 1;
 }
 
-// One forward and backward of unit u as a training step runs it (no backward with -x 0), on the
-// step's buffers of its block; the gradients it accumulates are zeroed after the tuning.
-static void tune_unit_run(void *arg) {
-    const TuneUnit *u = (const TuneUnit *)arg;
+// Unit u's forward, or its backward, as a training step runs it, on the step's buffers of its
+// block; the gradients it accumulates are zeroed after the tuning.
+static void tune_unit_pass(const TuneUnit *u, int bwd) {
     GPT2 *m = u->m;
     const GPT2Layout *g = &m->layout;
     Acts *a = &m->acts;
     const int N = m->B * m->T, l = u->layer < 0 ? 0 : u->layer;
     const size_t btc = (size_t)N * m->config.channels;
-    const int bwd = !m->eval_only;
     floatX *ln1 = act_ln(m, a->ln1, l), *ln2 = act_ln(m, a->ln2, l), *fch = a->fch + (size_t)l * btc * 4;
-    m->aux_next = 0;  // a BTT-MoE k or v beside a tuned q counts its aux slot again each run
+    const LinearDesc *ld = u->layer < 0 ? &g->head : gpt2_linear((GPT2Layout *)g, l, u->role);
+    if (!bwd) m->aux_next = 0;  // a BTT-MoE k or v beside a tuned q counts its aux slot again each run
     switch (u->role) {
         case SR_Q:
-            qkv_forward(m, l, a->qkv + (size_t)l * btc * 3, ln1, N);
-            if (bwd) qkv_backward(m, l, m->dln, m->dbig, ln1, N, 0.0f);
+            if (!bwd) qkv_forward(m, l, a->qkv + (size_t)l * btc * 3, ln1, N);
+            else qkv_backward(m, l, m->dln, m->dbig, ln1, N, 0.0f);
             break;
         case SR_ATTN_PROJ: {
-            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_ATTN_PROJ);
             floatX *atty = a->atty + (size_t)l * btc;
-            linear_forward(m, ld, m->proj, atty, N, NULL);
-            if (bwd) linear_backward(m, ld, m->datty, m->dres, atty, N, NULL, 0.0f);
+            if (!bwd) linear_forward(m, ld, m->proj, atty, N, NULL);
+            else linear_backward(m, ld, m->datty, m->dres, atty, N, NULL, 0.0f);
             break;
         }
-        case SR_FC: {
-            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_FC);
-            linear_forward(m, ld, act_gelu(m, l), ln2, N, fch);
-            if (bwd) linear_backward(m, ld, m->dln, m->dbig, ln2, N, NULL, 0.0f);
+        case SR_FC:
+            if (!bwd) linear_forward(m, ld, act_gelu(m, l), ln2, N, fch);
+            else linear_backward(m, ld, m->dln, m->dbig, ln2, N, NULL, 0.0f);
             break;
-        }
-        case SR_FC_PROJ: {
-            const LinearDesc *ld = gpt2_linear((GPT2Layout *)g, l, SR_FC_PROJ);
-            linear_forward(m, ld, m->proj, act_gelu(m, l), N, NULL);
-            if (bwd) linear_backward(m, ld, m->dbig, m->dres, act_gelu(m, l), N, fch, 0.0f);
+        case SR_FC_PROJ:
+            if (!bwd) linear_forward(m, ld, m->proj, act_gelu(m, l), N, NULL);
+            else linear_backward(m, ld, m->dbig, m->dres, act_gelu(m, l), N, fch, 0.0f);
             break;
-        }
         default:
-            linear_forward(m, &g->head, a->logits, a->lnf, N, NULL);
-            if (bwd) linear_backward(m, &g->head, m->dln, a->logits, a->lnf, N, NULL, 0.0f);
+            if (!bwd) linear_forward(m, ld, a->logits, a->lnf, N, NULL);
+            else linear_backward(m, ld, m->dln, a->logits, a->lnf, N, NULL, 0.0f);
     }
+}
+static void tune_unit_forward(void *u) { tune_unit_pass((const TuneUnit *)u, 0); }
+static void tune_unit_backward(void *u) { tune_unit_pass((const TuneUnit *)u, 1); }
+// Both, as a training step (no backward with -x 0).
+static void tune_unit_run(void *u) {
+    tune_unit_forward(u);
+    if (!((const TuneUnit *)u)->m->eval_only) tune_unit_backward(u);
 }
 
 // What unit u's run writes, as (pointer, rows, width) regions: its forward's output, its
-// backward's input gradient (not with -x 0), then its layers' gradients; returns how many.
-typedef struct { const floatX *p; long rows; int w, stride; } TuneRegion;
-#define TUNE_MAX_REGIONS (2 + 3 * (LINEAR_MAX_TENSORS + 1))
+// backward's input gradient (not with -x 0), its layers' gradients, then the state its BTT and
+// Monarch layers save for the backward (z, u: `saved`), which a dense choice does not write.
+// Checking that too is what lets -at 1 pair one choice's forward with another's backward: each
+// backward was checked on z from its own forward, and each forward's z against the plans'.
+typedef struct { const floatX *p; long rows; int w, stride, saved; } TuneRegion;
+#define TUNE_MAX_REGIONS (2 + 3 * (LINEAR_MAX_TENSORS + 2))
 static int tune_unit_regions(GPT2 *m, const TuneUnit *u, TuneRegion *r) {
     const int N = m->B * m->T, l = u->layer < 0 ? 0 : u->layer, C = m->config.channels;
     const size_t btc = (size_t)N * C;
     int n = 0;
     switch (u->role) {
-        case SR_Q: r[n++] = {m->acts.qkv + (size_t)l * btc * 3, N, 3 * C, 0}; r[n++] = {m->dln, N, C, 0}; break;
-        case SR_ATTN_PROJ: r[n++] = {m->proj, N, C, 0}; r[n++] = {m->datty, N, C, 0}; break;
-        case SR_FC: r[n++] = {act_gelu(m, l), N, 4 * C, 0}; r[n++] = {m->dln, N, C, 0}; break;
-        case SR_FC_PROJ: r[n++] = {m->proj, N, C, 0}; r[n++] = {m->dbig, N, 4 * C, 0}; break;
-        default: r[n++] = {m->acts.logits, N, m->config.padded_vocab_size, 0}; r[n++] = {m->dln, N, C, 0};
+        case SR_Q: r[n++] = {m->acts.qkv + (size_t)l * btc * 3, N, 3 * C, 0, 0}; r[n++] = {m->dln, N, C, 0, 0}; break;
+        case SR_ATTN_PROJ: r[n++] = {m->proj, N, C, 0, 0}; r[n++] = {m->datty, N, C, 0, 0}; break;
+        case SR_FC: r[n++] = {act_gelu(m, l), N, 4 * C, 0, 0}; r[n++] = {m->dln, N, C, 0, 0}; break;
+        case SR_FC_PROJ: r[n++] = {m->proj, N, C, 0, 0}; r[n++] = {m->dbig, N, 4 * C, 0, 0}; break;
+        default: r[n++] = {m->acts.logits, N, m->config.padded_vocab_size, 0, 0}; r[n++] = {m->dln, N, C, 0, 0};
     }
     if (m->eval_only) n--;
     for (int i = 0; i < n; i++) r[i].stride = st_sample_stride(r[i].rows, r[i].w);
-    if (!m->grads) return n;
     int idx[3];
     const int nm = tune_unit_members(m, u, idx);
-    for (int i = 0; i < nm; i++) {
+    for (int i = 0; i < nm && m->grads; i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, idx[i]);
         for (int w = 0; w <= ld->nw; w++) {
             const int ti = w < ld->nw ? ld->w[w] : ld->bias;
-            if (ti >= 0) r[n++] = {P_(m, m->grads, ti), (long)m->layout.params.t[ti].numel, 1, 1};
+            if (ti >= 0) r[n++] = {P_(m, m->grads, ti), (long)m->layout.params.t[ti].numel, 1, 1, 0};
         }
+    }
+    for (int i = 0; i < nm; i++) {
+        const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[i])->spec;
+        const floatX *z = m->lin[idx[i]].inter;
+        if (!z || !st_kind_densifiable(s->kind)) continue;
+        const int w = (int)(st_inter_bytes(m, s) / sizeof(floatX) / ((size_t)m->max_B * m->max_T));
+        r[n++] = {z, N, w, st_sample_stride(N, w), 1};
     }
     return n;
 }
@@ -1088,8 +1104,9 @@ static void tune_unit_zero_grads(GPT2 *m, const TuneUnit *u) {
 }
 
 // Stores unit u's results as the reference (store; *ref grown to fit), or compares them with it:
-// the worst of its regions' max |a - ref| / max |ref| (st_sample).
-static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, floatX **ref, size_t *ref_cap, float *scratch) {
+// the worst of its regions' max |a - ref| / max |ref| (st_sample); with dense (a dense choice ran)
+// not the saved states.
+static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, int dense, floatX **ref, size_t *ref_cap, float *scratch) {
     TuneRegion r[TUNE_MAX_REGIONS];
     const int n = tune_unit_regions(m, u, r);
     size_t need = 0;
@@ -1102,15 +1119,16 @@ static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, floatX **re
     double worst = 0.0;
     size_t at = 0;
     for (int i = 0; i < n; i++) {
-        const double d = st_sample(*ref + at, r[i].p, r[i].rows, r[i].w, r[i].stride, store, scratch);
+        const double d = dense && r[i].saved ? 0.0 : st_sample(*ref + at, r[i].p, r[i].rows, r[i].w, r[i].stride, store, scratch);
         if (!(d <= worst)) worst = d;
         at += (size_t)st_sample_rows(r[i].rows, r[i].stride) * r[i].w;
     }
     return worst;
 }
 
-// The tests' stand-in for the clock: the milliseconds of unit u with kernels k (NULL: time it).
-static double (*g_tune_clock)(const GPT2 *m, const TuneUnit *u, int k) = NULL;
+// The tests' stand-in for the clock: the milliseconds of unit u's forward and backward with
+// kernels k into ms (NULL: time them).
+static void (*g_tune_clock)(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) = NULL;
 #define TUNE_REPS 3
 
 // The byte of each linear layer's kernels, into m->kernels (what a checkpoint's state keeps).
@@ -1122,14 +1140,15 @@ static void st_kernels_snapshot(GPT2 *m) {
     }
 }
 
-// Times every unit's candidate kernels and sets each layer's to its unit's choice (st_tune_pick:
-// the flags' choice unless another is faster by more than the margin), among those whose results
-// agree with the cuBLAS plans' (tune.cuh's st_sample: forward output, input gradient, the layers'
-// gradients; a choice that disagrees is never taken, and a warning names it). With
+// Times every unit's candidate kernels, forward and backward apart, and sets each layer's to its
+// unit's choice (tune.cuh's st_tune_pick_pair: the least total of forward + backward, among the
+// candidates and, for BTT and Monarch, the fastest forward with the fastest backward; the flags'
+// choice unless another is faster by more than the margin), among those whose results agree with
+// the cuBLAS plans' (tune.cuh's st_sample: forward output, input gradient, the layers' gradients
+// and saved z; a choice that disagrees is never taken either way, and a warning names it). With
 // several ranks the timings are summed over them first (a choice refused on one rank is refused
 // on all), so that every rank chooses the same. Rank 0 prints the table. Needs the buffers
 // st_buffers_fit(m, 1) allocated; leaves the gradients zero.
-#define TUNE_REFUSED 1e30
 static void st_autotune(GPT2 *m) {
     const GPT2Layout *g = &m->layout;
     const int L = m->config.num_layers;
@@ -1150,10 +1169,12 @@ static void st_autotune(GPT2 *m) {
         free(units);
         return;
     }
-    // rep[u]: the first unit alike; t[u][k]: unit u's time with kernels k (timed for the reps only)
+    // rep[u]: the first unit alike; t[(u·ST_K_COUNT + k)·2 + d]: unit u's time with kernels k,
+    // forward (d 0) and backward (d 1), timed for the reps only; diff[u·ST_K_COUNT + k]: against
+    // the plans' results
+    const size_t NT = (size_t)nu * ST_K_COUNT;
     int *rep = (int *)mallocCheck((size_t)nu * sizeof(int)), *was = (int *)mallocCheck((size_t)nu * sizeof(int));
-    double *t = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));
-    double *diff = (double *)callocCheck((size_t)nu * ST_K_COUNT, sizeof(double));  // against the plans' results
+    double *t = (double *)callocCheck(NT * 2, sizeof(double)), *diff = (double *)callocCheck(NT, sizeof(double));
     g_oom_note = ST_TUNE_OOM_NOTE;
     float *cmp_scratch = cudaMallocNamed(float, 2 * ST_SAMPLE_BLOCKS, "scratch: -at 1's comparisons");
     floatX *ref = NULL;
@@ -1186,17 +1207,18 @@ static void st_autotune(GPT2 *m) {
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
             for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], cand[c]);
             tune_unit_zero_grads(m, &units[u]);
-            double *tk = &t[(size_t)u * ST_K_COUNT + cand[c]];
-            *tk = g_tune_clock ? g_tune_clock(m, &units[u], cand[c]) : st_time_ms(tune_unit_run, &units[u], TUNE_REPS);
-            const double d = tune_unit_check(m, &units[u], c == 0, &ref, &ref_cap, cmp_scratch);
-            diff[(size_t)u * ST_K_COUNT + cand[c]] = d;
-            if (!(d <= ST_TUNE_AGREE)) *tk = TUNE_REFUSED;
+            const size_t at = (size_t)u * ST_K_COUNT + cand[c];
+            if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
+            else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
+            diff[at] = tune_unit_check(m, &units[u], c == 0, cand[c] == ST_K_DENSE, &ref, &ref_cap, cmp_scratch);
         }
         for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], keep[i]);  // the flags' choice while the other units are timed
     }
+    for (size_t i = 0; i < NT; i++)  // refused on this rank: on every rank, through the sum
+        if (!(diff[i] <= ST_TUNE_AGREE)) t[2 * i] = t[2 * i + 1] = ST_TUNE_REFUSED;
     if (m->mp) {  // every rank then picks the same
-        multiproc_sum_doubles(m->mp, t, nu * ST_K_COUNT);
-        multiproc_sum_doubles(m->mp, diff, nu * ST_K_COUNT);  // at least the worst rank's
+        multiproc_sum_doubles(m->mp, t, (int)NT * 2);
+        multiproc_sum_doubles(m->mp, diff, (int)NT);  // at least the worst rank's
     }
     int *pick = (int *)mallocCheck((size_t)nu * sizeof(int));
     for (int u = 0; u < nu; u++) {
@@ -1204,13 +1226,12 @@ static void st_autotune(GPT2 *m) {
         if (r == u) {
             int cand[ST_K_COUNT];
             const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand);
-            double tc[ST_K_COUNT];
-            int inc = -1;
+            double tf[ST_K_COUNT], tb[ST_K_COUNT];
             for (int c = 0; c < nc; c++) {
-                tc[c] = t[(size_t)u * ST_K_COUNT + cand[c]];
-                if (cand[c] == st_kernel_canonical(kind, was[u]) && tc[c] < TUNE_REFUSED) inc = c;
+                tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
+                tb[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2 + 1];
             }
-            pick[u] = cand[st_tune_pick(tc, nc, inc)];
+            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), st_kind_densifiable(kind) && !m->eval_only);
         } else {
             pick[u] = pick[r];
         }
@@ -1220,17 +1241,17 @@ static void st_autotune(GPT2 *m) {
     }
     if (!m->mp || m->mp->rank == 0) {
         printf("-at 1: each structured layer's kernels, %s at %d rows, ms (* chosen; the flags' kept within %.0f%%):\n",
-               m->eval_only ? "forward (-x 0)" : "forward + backward", m->B * m->T, 100.0 * ST_TUNE_MARGIN);
-        printf("  %-14s %-10s %-22s", "layers", "role", "structure");
+               m->eval_only ? "forward (-x 0)" : "forward and backward", m->B * m->T, 100.0 * ST_TUNE_MARGIN);
+        printf("  %-14s %-10s %-22s %-4s", "layers", "role", "structure", "pass");
         for (int k = 0; k < ST_K_COUNT; k++) printf(" %9s", st_kernel_names[k]);
-        printf("\n");
+        printf("  chosen\n");
         int *on = (int *)mallocCheck((size_t)(L + 1) * sizeof(int));
         for (int u = 0; u < nu; u++) {
             if (rep[u] != u) continue;
             memset(on, 0, (size_t)(L + 1) * sizeof(int));
             for (int v = u; v < nu; v++)
                 if (rep[v] == u && units[v].layer >= 0) on[units[v].layer] = 1;
-            char layers[64], shape[96];
+            char layers[64], shape[96], chosen[48];
             if (units[u].layer < 0) snprintf(layers, sizeof(layers), "head");
             else st_layer_ranges(layers, sizeof(layers), on, L);
             int idx[3];
@@ -1246,21 +1267,25 @@ static void st_autotune(GPT2 *m) {
                 }
                 break;
             }
-            printf("  %-14s %-10s %-22s", layers, units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape);
-            for (int k = 0; k < ST_K_COUNT; k++) {
-                const double v = t[(size_t)u * ST_K_COUNT + k];
-                if (v >= TUNE_REFUSED) printf(" %9s", "refused");
-                else if (v > 0.0) printf(" %8.3f%s", v, k == pick[u] ? "*" : " ");
-                else printf(" %9s", "-");
+            st_kernel_label(chosen, sizeof(chosen), pick[u]);
+            const char *role = units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role];
+            for (int d = 0; d < (m->eval_only ? 1 : 2); d++) {  // a line per pass, each marking its own kernels
+                const int mine = d ? st_kernel_bwd(pick[u]) : st_kernel_fwd(pick[u]);
+                printf("  %-14s %-10s %-22s %-4s", d ? "" : layers, d ? "" : role, d ? "" : shape, d ? "bwd" : "fwd");
+                for (int k = 0; k < ST_K_COUNT; k++) {
+                    const double v = t[((size_t)u * ST_K_COUNT + k) * 2 + d];
+                    if (v >= ST_TUNE_REFUSED) printf(" %9s", "refused");
+                    else if (v > 0.0) printf(" %8.3f%s", v, k == mine ? "*" : " ");
+                    else printf(" %9s", "-");
+                }
+                printf(d ? "\n" : "  %s\n", chosen);
             }
-            printf("\n");
             for (int k = 0; k < ST_K_COUNT; k++)
-                if (t[(size_t)u * ST_K_COUNT + k] >= TUNE_REFUSED)
+                if (t[((size_t)u * ST_K_COUNT + k) * 2] >= ST_TUNE_REFUSED)
                     fprintf(stderr, "warning: -at 1: layers %s %s (%s): %s computes other results than the cuBLAS plans (-sk 0) on the "
                             "same inputs (max |difference| %.3g of the largest value, more than %g); it is not used. Please report this GPU "
                             "and config.\n",
-                            layers, units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape, st_kernel_names[k],
-                            diff[(size_t)u * ST_K_COUNT + k], ST_TUNE_AGREE);
+                            layers, role, shape, st_kernel_names[k], diff[(size_t)u * ST_K_COUNT + k], ST_TUNE_AGREE);
         }
         free(on);
     }
@@ -1465,8 +1490,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
         {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..3; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
-                                       "backward at this run's rows, and run each layer the fastest; -sk and -sm's choice is kept unless another "
-                                       "is 3% faster; a resumed run takes the state's kernels (default: 0)"},
+                                       "backward apart at this run's rows, and run each layer the fastest (BTT and Monarch: the fastest forward "
+                                       "may pair with another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
+                                       "takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -1572,10 +1598,11 @@ static void trainer_step_end(GPT2 *m, long step) {
 }
 
 // -at 1's choices per role: "-sk 3" when all its BTT/Monarch layers run the same, else each
-// choice with its count ("-sk 0 x4, dense x8").
+// choice with its count ("-sk 0 x4, dense x8"; a pair "-sk 3 fwd, -sk 0 bwd").
 static void trainer_banner_kernels(const GPT2 *m) {
+    enum { NK = ST_K_MIXED + 16 };
     for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
-        int count[ST_K_COUNT] = {0}, any = 0;
+        int count[NK] = {0}, any = 0;
         for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
             const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
             if ((ld->layer < 0 ? NUM_BLOCK_ROLES : ld->role) != r || !ld->used || !st_kind_tunable(ld->spec.kind)) continue;
@@ -1583,14 +1610,15 @@ static void trainer_banner_kernels(const GPT2 *m) {
             any = 1;
         }
         if (!any) continue;
-        char line[64] = "", label[32];
+        char line[256] = "", label[32], name[48];
         int kinds = 0;
-        for (int k = 0; k < ST_K_COUNT; k++) kinds += count[k] > 0;
-        for (int k = 0; k < ST_K_COUNT; k++) {
+        for (int k = 0; k < NK; k++) kinds += count[k] > 0;
+        for (int k = 0; k < NK; k++) {
             if (!count[k]) continue;
             const size_t at = strlen(line);
-            if (kinds == 1) snprintf(line + at, sizeof(line) - at, "%s", st_kernel_names[k]);
-            else snprintf(line + at, sizeof(line) - at, "%s%s x%d", at ? ", " : "", st_kernel_names[k], count[k]);
+            st_kernel_label(name, sizeof(name), k);
+            if (kinds == 1) snprintf(line + at, sizeof(line) - at, "%s", name);
+            else snprintf(line + at, sizeof(line) - at, "%s%s x%d", at ? ", " : "", name, count[k]);
         }
         snprintf(label, sizeof(label), "-at 1: %s", r < NUM_BLOCK_ROLES ? struct_role_names[r] : "lm_head");
         printf("| %-21s | %-50s |\n", label, line);

@@ -1,6 +1,6 @@
 // structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
-// value, or for BTT and Monarch dense GEMMs on the materialized weight as -sm), and the timing
-// -at 1 chooses them by.
+// value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, or one -sk value's
+// forward with another's backward), and the timing -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
 // the shape: the cuBLAS plans won at width 768, the fused kernel at rank 1 and width 4096, dense
@@ -9,13 +9,35 @@
 #pragma once
 #include "spec.h"
 
-// A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm). The byte a resume state keeps per
-// linear layer (common/checkpoint.h) is this, or ST_K_NONE for the dense layers, which have no choice.
-enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_NONE = 255 };
+// A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm), forward and backward alike; or, for BTT
+// and Monarch, a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
+// The byte a resume state keeps per linear layer (common/checkpoint.h) is this, or ST_K_NONE for
+// the dense layers, which have no choice.
+// Why the directions may differ: the forward and backward of one path are different kernels (the
+// fused forward is one kernel, its backward that kernel on the transposed BTT and cuBLAS weight
+// gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
+// had their speeds relative to the plans differ. Every path saves the same z (Monarch: u), so any
+// backward can follow any forward; a dense forward saves none, so dense is both ways or neither.
+enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_MIXED = 8, ST_K_NONE = 255 };
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense"};
 
+// The forward's and the backward's kernels of byte k (0..3 or ST_K_DENSE each), and the byte of a pair.
+static inline int st_kernel_fwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k; }
+static inline int st_kernel_bwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k; }
+static inline int st_kernel_pair(int fwd, int bwd) { return fwd == bwd ? fwd : ST_K_MIXED + 4 * fwd + bwd; }
+
+// "-sk 3", "dense", or "-sk 3 fwd, -sk 0 bwd" into buf ("kernels 7" for a byte that is neither).
+static inline void st_kernel_label(char *buf, size_t cap, int k) {
+    if (k >= 0 && k < ST_K_COUNT) snprintf(buf, cap, "%s", st_kernel_names[k]);
+    else if (k >= ST_K_MIXED && k < ST_K_MIXED + 16)
+        snprintf(buf, cap, "%s fwd, %s bwd", st_kernel_names[(k - ST_K_MIXED) / 4], st_kernel_names[(k - ST_K_MIXED) % 4]);
+    else snprintf(buf, cap, "kernels %d", k);
+}
+
 static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH || kind == STRUCT_BTT_MOE; }
-// BTT and Monarch layers can also run as dense GEMMs on their materialized weight; BTT-MoE cannot.
+// BTT and Monarch layers can also run as dense GEMMs on their materialized weight, and their two
+// directions on different kernels; BTT-MoE can do neither (its fused backward reads the tile
+// table its fused forward wrote).
 static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
@@ -23,11 +45,13 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 // the same: its experts' fused kernel with W0 staged).
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
+    if (k >= ST_K_MIXED) return st_kind_densifiable(kind) && k < ST_K_MIXED + 16 && st_kernel_fwd(k) != st_kernel_bwd(k);
     return k >= 0 && k < (st_kind_densifiable(kind) ? ST_K_COUNT : ST_K_DENSE);
 }
 
 // The choices that run differently for a layer of this kind, into out: BTT all five; Monarch -sk
-// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many.
+// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many. (-at 1 times these, each both ways;
+// for BTT and Monarch it may then pair one's forward with another's backward.)
 static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
     if (kind == STRUCT_BTT) {
         for (int k = 0; k < ST_K_COUNT; k++) out[k] = k;
@@ -39,8 +63,9 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
 }
 
 // The candidate that runs what kernels k run for this kind (Monarch's -sk 2 and 3 are its 1,
-// BTT-MoE's -sk 3 its 2).
+// BTT-MoE's -sk 3 its 2; a pair, each direction so).
 static inline int st_kernel_canonical(int kind, int k) {
+    if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
     if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
     return k;
@@ -49,6 +74,8 @@ static inline int st_kernel_canonical(int kind, int k) {
 // -at 1 keeps the flags' choice (the incumbent) unless another is faster by more than this
 // fraction: timings within noise should not change what a run computes.
 #define ST_TUNE_MARGIN 0.03
+// A time that marks a refused choice (its results disagree with the plans').
+#define ST_TUNE_REFUSED 1e30
 
 // Which of n timings t to run: the fastest, unless the incumbent's is within the margin of it.
 static inline int st_tune_pick(const double *t, int n, int incumbent) {
@@ -56,6 +83,29 @@ static inline int st_tune_pick(const double *t, int n, int incumbent) {
     for (int i = 1; i < n; i++)
         if (t[i] < t[best]) best = i;
     return incumbent >= 0 && incumbent < n && t[best] >= (1.0 - ST_TUNE_MARGIN) * t[incumbent] ? incumbent : best;
+}
+
+// The kernels byte a unit runs, from its nc candidates' forward and backward times tf, tb
+// (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (BTT, Monarch)
+// the fastest forward among the non-dense candidates with the fastest backward among them; the
+// least total wins, unless the incumbent's (a candidate byte; -1: none) is within the margin.
+static inline int st_tune_pick_pair(const int *cand, const double *tf, const double *tb, int nc, int incumbent, int mix) {
+    int opt[ST_K_COUNT + 1], n = 0, inc = -1, f = -1, b = -1;
+    double tt[ST_K_COUNT + 1];
+    for (int c = 0; c < nc; c++) {
+        const int ok = tf[c] < ST_TUNE_REFUSED && tb[c] < ST_TUNE_REFUSED;
+        if (ok && cand[c] == incumbent) inc = n;
+        opt[n] = cand[c];
+        tt[n++] = ok ? tf[c] + tb[c] : ST_TUNE_REFUSED;
+        if (!ok || cand[c] == ST_K_DENSE) continue;
+        if (f < 0 || tf[c] < tf[f]) f = c;
+        if (b < 0 || tb[c] < tb[b]) b = c;
+    }
+    if (mix && f >= 0 && f != b) {
+        opt[n] = st_kernel_pair(cand[f], cand[b]);
+        tt[n++] = tf[f] + tb[b];
+    }
+    return opt[st_tune_pick(tt, n, inc)];
 }
 
 // The shape a layer's kernels depend on (not its initialization or learning rates).
@@ -176,24 +226,28 @@ static double st_sample(floatX *ref, const floatX *p, long rows, int w, int stri
     return mr > 0.0f ? (double)md / mr : INFINITY;
 }
 
-// Milliseconds of fn(ctx) on the default stream: one run untimed (cuBLASLt's heuristics, kernels'
-// first-launch attributes), then the least of `reps` timed runs.
-static double st_time_ms(void (*fn)(void *), void *ctx, int reps) {
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
-    fn(ctx);
-    float best = 0.0f;
+// Milliseconds of fwd(ctx) and of bwd(ctx) run after it (NULL: none; ms[1] = 0), on the default
+// stream: one run untimed (cuBLASLt's heuristics, kernels' first-launch attributes), then the
+// least of `reps` timed runs of each.
+static void st_time_ms(void (*fwd)(void *), void (*bwd)(void *), void *ctx, int reps, double ms[2]) {
+    cudaEvent_t e[3];
+    for (int i = 0; i < 3; i++) cudaCheck(cudaEventCreate(&e[i]));
+    fwd(ctx);
+    if (bwd) bwd(ctx);
+    ms[0] = ms[1] = 0.0;
     for (int r = 0; r < reps; r++) {
-        cudaCheck(cudaEventRecord(e0, 0));
-        fn(ctx);
-        cudaCheck(cudaEventRecord(e1, 0));
-        cudaCheck(cudaEventSynchronize(e1));
-        float ms = 0.0f;
-        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-        if (r == 0 || ms < best) best = ms;
+        cudaCheck(cudaEventRecord(e[0], 0));
+        fwd(ctx);
+        cudaCheck(cudaEventRecord(e[1], 0));
+        if (bwd) bwd(ctx);
+        cudaCheck(cudaEventRecord(e[2], 0));
+        cudaCheck(cudaEventSynchronize(e[2]));
+        for (int d = 0; d < 2; d++) {
+            float t = 0.0f;
+            cudaCheck(cudaEventElapsedTime(&t, e[d], e[d + 1]));
+            if (r == 0 || t < ms[d]) ms[d] = t;
+        }
     }
-    cudaCheck(cudaEventDestroy(e0));
-    cudaCheck(cudaEventDestroy(e1));
-    return best;
+    if (!bwd) ms[1] = 0.0;
+    for (int i = 0; i < 3; i++) cudaCheck(cudaEventDestroy(e[i]));
 }

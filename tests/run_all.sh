@@ -8,8 +8,9 @@ total_pass=0; total_fail=0; crashed=0
 count() {  # $1 = name, rest = command
     local name=$1; shift
     echo "=== $name"
-    local out rc
+    local out rc t0=$SECONDS
     out=$("$@" 2>&1); rc=$?
+    echo "    ($((SECONDS - t0)) s)"
     echo "$out" | grep -E '^(FAIL|#)|passed|failed|error' | tail -n 40
     local line p f
     line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1)
@@ -53,7 +54,9 @@ count "stopped by a signal, resumed bit for bit (tests/test_stop.sh)" bash tests
 shared=${SHARED_DATA:-../shared/data}
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$shared/tiktoken_cache}
 echo "=== pytest tests/python"
+t0=$SECONDS
 pyout=$(python3 -m pytest -q tests/python 2>&1); pyrc=$?
+echo "    ($((SECONDS - t0)) s)"
 echo "$pyout" | tail -n 15
 pp=$(echo "$pyout" | grep -oE '[0-9]+ passed' | tail -n 1 | grep -oE '[0-9]+'); pp=${pp:-0}
 pf=$(echo "$pyout" | grep -oE '[0-9]+ (failed|error)' | awk '{s+=$1} END {print s+0}')
@@ -61,5 +64,6 @@ total_pass=$((total_pass + pp)); total_fail=$((total_fail + pf))
 if [ "$pyrc" -ne 0 ] && [ "$pf" -eq 0 ]; then echo "!!! pytest exited $pyrc"; total_fail=$((total_fail + 1)); fi
 
 echo
+echo "(tests: $SECONDS s in all)"
 echo "$total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]

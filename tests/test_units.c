@@ -152,7 +152,7 @@ static void test_checkpoint_round_trip(void) {
         // the GPU trainer's kernels per linear layer follow the arrays, with or without master
         // weights, and a reader that skips the master weights still finds them
         {
-            const uint8_t kern[7] = {0, 3, 255, 4, 1, 2, 0};
+            const uint8_t kern[7] = {0, 3, 255, 4, 1, 20, 0};  // 20: -at 1's pair of -sk 3 forward, -sk 0 backward
             uint8_t kb[7];
             for (int with_master = 0; with_master <= 1; with_master++) {
                 state_write(b, &st, mm, mm + k, with_master ? mm + 2 * k : NULL, kern, 7);

@@ -223,7 +223,8 @@ awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
 bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
 [ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
-    && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256( +[0-9.]+\*?){5}' && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-3]|dense) ' \
+    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){5} +(-sk [0-3]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){5}' \
+    && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-3]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
     && awk -v a="$a" -v b="$bt" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
         for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
