@@ -47,6 +47,7 @@ count "dev/cuda programs' CPU checks on the simulator" bash tests/cuda_sim/test_
 count "test_gpt2.cu (GPU test mode, every fixture) on the CPU simulator" ./build/cuda_sim/test_gpt2cu
 count "test_gpt2.cu --cudnn-only (-fa 2) on the simulator's stand-in for cuDNN" ./build/cuda_sim/test_gpt2cu_cudnn --cudnn-only
 count "trainer command line (tests/test_cli.sh)" bash tests/test_cli.sh
+count "structured.sh's table: fastest paths and goals (tests/test_bench_table.sh)" bash tests/test_bench_table.sh
 count "data parallel under mpirun (tests/test_mpi.sh)" bash tests/test_mpi.sh
 count "stopped by a signal, resumed bit for bit (tests/test_stop.sh)" bash tests/test_stop.sh
 

@@ -6,7 +6,9 @@
 #     one's FLOP ratio to dense and roofline floor; dev/bench/structured_torch.py times the same
 #     layers as the papers' PyTorch code computes them (bmm, transpose, contiguous, bmm; all
 #     experts then the mask) on the same GPU; the two are joined into one table, followed by
-#     the issue's goals, PASS or MISS;
+#     the issue's goals, PASS or MISS; then each layer's fastest path as -at 1 runs it (the least
+#     of its paths, or one path's forward with another's backward) and the goals on those
+#     (dev/bench/structured_table.awk, which also runs on saved logs);
 #  2. whole model: tokens/s of train_gpt2cu for every scripts/configs/gpt2_124M*.conf next to
 #     the dense 124M (fresh random init, tinyshakespeare, mean of steps 2..STEPS).
 #   bash dev/bench/structured.sh
@@ -102,74 +104,8 @@ else
 fi
 
 # ---- the joined table and the goals
-awk -v torch_ran="$torch_ok" -v moe_variant="$MOE" -v tfile="$OUT/layers_torch.log" '
-function kv(line, a,   n, i, f, p) {
-    delete a
-    n = split(line, f, " ")
-    for (i = 2; i <= n; i++) { p = index(f[i], "="); if (p) a[substr(f[i], 1, p - 1)] = substr(f[i], p + 1) }
-}
-function isnum(v) { return v ~ /^[0-9.eE+-]+$/ && v + 0 > 0 }
-FILENAME == tfile {
-    if ($1 == "RESULT") { kv($0, r); k = r["din"] "/" r["dout"] "/" r["struct"]; tms[k] = ("note" in r) ? r["note"] : r["ms"] }
-    next
-}
-$1 == "DEVICE" { kv($0, r); peak = r["peak_tflops"] + 0; next }
-$1 != "RESULT" { next }
-{
-    kv($0, r)
-    n++
-    D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
-    FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
-    base = S[n]; sub(/_(fused|ws|split)$/, "", base)  # a fused row is the same layer as PyTorch computes it
-    key = DIN[n] "/" DOUT[n] "/" base
-    TM[n] = (key in tms) ? tms[key] : "-"
-    shape = DIN[n] "/" DOUT[n]
-    if (S[n] == "btt_r2") R2[shape] = MS[n]
-    if (S[n] == "btt_r2_fused") R2F[shape] = MS[n]
-    if (S[n] == "btt_r2_ws") R2W[shape] = MS[n]
-}
-END {
-    printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
-           ((torch_ran == 0) ? "same GPU, same script" : "skipped"), moe_variant
-    printf "%5s %-11s %-17s %10s %8s %9s %8s %8s %11s %9s %5s\n", "d", "shape", "structure", "ms", "FLOP/d", "floor ms", "%floor",
-           "vs dense", "PyTorch ms", "speedup", "check"
-    for (i = 1; i <= n; i++) {
-        sp = isnum(TM[i]) ? sprintf("%.2fx", TM[i] / MS[i]) : "-"
-        tmv = isnum(TM[i]) ? sprintf("%.3f", TM[i]) : (TM[i] == "-" ? "-" : TM[i])
-        printf "%5d %-11s %-17s %10.3f %8.3f %9.3f %7.1f%% %8.3f %11s %9s %5s\n", D[i], DIN[i] "->" DOUT[i], S[i], MS[i], FR[i], FL[i],
-               PCT[i], VS[i], tmv, sp, CHK[i]
-    }
-    # the goals of issue 5
-    g1 = g2 = g3 = g4 = ""; n1 = n2 = n3 = n4 = m1 = m2 = m3 = m4 = 0; no_torch = 0
-    for (i = 1; i <= n; i++) {
-        if (S[i] == "dense") continue
-        tag = S[i] " d=" D[i] (DOUT[i] == DIN[i] ? " (sq)" : "")
-        n1++; if (!(MS[i] <= 1.5 * FL[i])) { m1++; g1 = g1 sprintf("%s %s %.1fx", (g1 == "" ? "" : ","), tag, MS[i] / FL[i]) }
-        if (isnum(TM[i])) { n2++; if (!(TM[i] / MS[i] >= 2.0)) { m2++; g2 = g2 sprintf("%s %s %.2fx", (g2 == "" ? "" : ","), tag, TM[i] / MS[i]) } }
-        else no_torch++
-        if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
-            n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
-        }
-        if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
-            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W))) {
-            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[DIN[i] "/" DOUT[i]] : S[i] == "btt_moe_8x2_fused" ? R2F[DIN[i] "/" DOUT[i]] : R2W[DIN[i] "/" DOUT[i]])
-            n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
-        }
-    }
-    print ""
-    print "goals (issue 5):"
-    printf "  %-4s every structured layer within 1.5x of its roofline floor: %d of %d%s%s\n", ((n1 && !m1) ? "PASS" : "MISS"),
-           n1 - m1, n1, (m1 ? "; misses (time/floor):" g1 : ""), ((peak > 0) ? "" : " [peak FLOP/s unknown for this GPU: floors from bytes only]")
-    if (n2 == 0) printf "  %-4s >= 2x faster than the PyTorch version: no PyTorch timings\n", "n/a"
-    else printf "  %-4s >= 2x faster than the PyTorch version: %d of %d%s%s\n", ((!m2 && !no_torch) ? "PASS" : "MISS"), n2 - m2, n2,
-                (m2 ? "; misses (speedup):" g2 : ""), (no_torch ? sprintf(" (%d without a PyTorch time)", no_torch) : "")
-    if (n3 == 0) printf "  %-4s at width >= 1024, BTT rank <= 4 and Monarch faster than dense: no such rows\n", "n/a"
-    else printf "  %-4s at width >= 1024, BTT rank <= 4 and Monarch faster than dense: %d of %d%s\n", (m3 ? "MISS" : "PASS"), n3 - m3, n3,
-                (m3 ? "; misses (time/dense):" g3 : "")
-    if (n4 == 0) printf "  %-4s BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: no such rows\n", "n/a"
-    else printf "  %-4s BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: %d of %d%s\n", (m4 ? "MISS" : "PASS"), n4 - m4, n4,
-                (m4 ? "; misses (time/btt_r2):" g4 : "")
-}' "$OUT/layers_torch.log" "$OUT/layers_cuda.log"
+awk -v torch_ran="$torch_ok" -v moe_variant="$MOE" -v tfile="$OUT/layers_torch.log" -f dev/bench/structured_table.awk \
+    "$OUT/layers_torch.log" "$OUT/layers_cuda.log"
 echo
 
 # ---- 2. the whole model
