@@ -139,14 +139,15 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
-// candidates, then (BTT, Monarch) each forward paired with another's backward, the pairs of the
-// plans, the split and the fused kernel first. Returns how many.
+// candidates, then each forward paired with another's backward, the pairs of the plans, the
+// split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
+// the fused kernel and the one with W0 staged). Returns how many.
 static int st_kernel_choices(int kind, int out[ST_K_MIXED + 16]) {
-    int n = st_kernel_candidates(kind, out);
-    if (!st_kind_densifiable(kind)) return n;
     static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
-    for (int i = 0; i < (kind == STRUCT_BTT ? 12 : 1); i++) out[n++] = st_kernel_pair(btt[i][0], btt[i][1]);
-    if (kind == STRUCT_MONARCH) out[n++] = st_kernel_pair(0, 1);
+    static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
+    int n = st_kernel_candidates(kind, out);
+    const int np = kind == STRUCT_BTT ? 12 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 6 : 0;
+    for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
     return n;
 }
 
@@ -413,7 +414,8 @@ static void check_autotune_choice(void) {
         const double fr[3] = {1.0, ST_TUNE_REFUSED, 0.9}, fm[3] = {1.0, 0.5, 0.9}, bm[3] = {0.3, 0.31, 0.9};
         check_true(st_kernel_pair(2, 2) == 2 && st_kernel_fwd(p30) == 3 && st_kernel_bwd(p30) == 0 && st_kernel_fwd(ST_K_DENSE) == ST_K_DENSE &&
                        st_kernel_bwd(ST_K_DENSE) == ST_K_DENSE && strcmp(label, "-sk 3 fwd, -sk 0 bwd") == 0 &&
-                       st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && !st_kernel_valid(STRUCT_BTT_MOE, p30) &&
+                       st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && st_kernel_valid(STRUCT_BTT_MOE, p30) &&
+                       !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, st_kernel_pair(3, 2)) == 2 &&
                        !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 16) &&
                        !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, p30) == st_kernel_pair(1, 0) &&
                        st_kernel_canonical(STRUCT_MONARCH, st_kernel_pair(2, 3)) == 1 &&
@@ -579,8 +581,8 @@ static void cpu_layer_ref(const LinearSpec *sp, int N, const float *x, const flo
     }
 }
 
-// check_layer_vs_cpu's BTT and Monarch backward on these kernels (-sk 0..3) instead of the
-// forward's (-1): -at 1's pairs, the backward reading the z (u) another path's forward saved.
+// check_layer_vs_cpu's backward on these kernels (-sk 0..3) instead of the forward's (-1): -at
+// 1's pairs, the backward reading the z (u) another path's forward saved.
 static int g_test_bwd_sk = -1;
 
 static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
@@ -603,6 +605,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     else if (spec->kind == STRUCT_MONARCH)
         snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N,
                  g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
+    else if (fwd_sk != bwd_sk)
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->experts,
+                 spec->topk, din, dout, N, fwd_sk, bwd_sk);
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented") : "cuBLAS");
@@ -695,7 +700,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         snprintf(why, sizeof(why), "%d of %d selections differ (near-ties under bf16 can flip a few)", differ, N * ms.topk);
         snprintf(name, sizeof(name), "%s: routing equals the CPU's for all but 0.5%% of selections", tag);
         check_true(differ * 200 <= N * ms.topk, name, why);
+        st_set_kernels(bwd_sk);
         moe_backward_gpu(dx_d, dw_d[0], dw_d[1], dw_d[2], dbias_d, dy_d, daux, x_d, &gst, &sc, w_d[0], w_d[1], w_d[2], &ms, colsum);
+        st_set_kernels(fwd_sk);
         cudaCheck(cudaDeviceSynchronize());
         snprintf(name, sizeof(name), "%s: aux loss", tag);
         check_close(&aux_gpu, &aux_ref, 1, 1e-3f, 1e-3f, name);
@@ -956,6 +963,13 @@ static void check_structures_vs_cpu(void) {
             st_set_kernels(sk);
             check_layer_vs_cpu(&s, N);
         }
+        const int moe_pairs[2][2] = {{1, 0}, {0, 2}};  // a fused forward's z under the plans' backward, and the reverse
+        for (int p = 0; p < 2; p++) {
+            st_set_kernels(moe_pairs[p][0]);
+            g_test_bwd_sk = moe_pairs[p][1];
+            check_layer_vs_cpu(&s, N);
+        }
+        g_test_bwd_sk = -1;
         st_set_kernels(0);
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);

@@ -1057,8 +1057,8 @@ static void tune_unit_run(void *u) {
 }
 
 // What unit u's run writes, as (pointer, rows, width) regions: its forward's output, its
-// backward's input gradient (not with -x 0), its layers' gradients, then the state its BTT and
-// Monarch layers save for the backward (z, u: `saved`), which a dense choice does not write.
+// backward's input gradient (not with -x 0), its layers' gradients, then the state its layers
+// save for the backward (z, u: `saved`), which a dense choice does not write.
 // Checking that too is what lets -at 1 pair one choice's forward with another's backward: each
 // backward was checked on z from its own forward, and each forward's z against the plans'.
 typedef struct { const floatX *p; long rows; int w, stride, saved; } TuneRegion;
@@ -1087,10 +1087,16 @@ static int tune_unit_regions(GPT2 *m, const TuneUnit *u, TuneRegion *r) {
     }
     for (int i = 0; i < nm; i++) {
         const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[i])->spec;
-        const floatX *z = m->lin[idx[i]].inter;
-        if (!z || !st_kind_densifiable(s->kind)) continue;
-        const int w = (int)(st_inter_bytes(m, s) / sizeof(floatX) / ((size_t)m->max_B * m->max_T));
-        r[n++] = {z, N, w, st_sample_stride(N, w), 1};
+        const LinearState *ls = &m->lin[idx[i]];
+        if (s->kind == STRUCT_BTT_MOE && ls->moe.z) {  // its grouped rows (the padding ones zero both ways)
+            const MoEShape ms = moe_shape_of(s);
+            const long rows = moe_grouped_rows(ls->moe.capacity * ms.topk, ms.experts, ls->moe.tile_rows);
+            const int w = (int)moe_z_row(&ms);
+            r[n++] = {ls->moe.z, rows, w, st_sample_stride(rows, w), 1};
+        } else if (ls->inter) {
+            const int w = (int)(st_inter_bytes(m, s) / sizeof(floatX) / ((size_t)m->max_B * m->max_T));
+            r[n++] = {ls->inter, N, w, st_sample_stride(N, w), 1};
+        }
     }
     return n;
 }
@@ -1142,8 +1148,8 @@ static void st_kernels_snapshot(GPT2 *m) {
 
 // Times every unit's candidate kernels, forward and backward apart, and sets each layer's to its
 // unit's choice (tune.cuh's st_tune_pick_pair: the least total of forward + backward, among the
-// candidates and, for BTT and Monarch, the fastest forward with the fastest backward; the flags'
-// choice unless another is faster by more than the margin), among those whose results agree with
+// candidates and the fastest forward with the fastest backward; the flags' choice unless another
+// is faster by more than the margin), among those whose results agree with
 // the cuBLAS plans' (tune.cuh's st_sample: forward output, input gradient, the layers' gradients
 // and saved z; a choice that disagrees is never taken either way, and a warning names it). With
 // several ranks the timings are summed over them first (a choice refused on one rank is refused
@@ -1231,7 +1237,7 @@ static void st_autotune(GPT2 *m) {
                 tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
                 tb[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2 + 1];
             }
-            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), st_kind_densifiable(kind) && !m->eval_only);
+            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), !m->eval_only);
         } else {
             pick[u] = pick[r];
         }
@@ -1278,7 +1284,8 @@ static void st_autotune(GPT2 *m) {
                     else if (v > 0.0) printf(" %8.3f%s", v, k == mine ? "*" : " ");
                     else printf(" %9s", "-");
                 }
-                printf(d ? "\n" : "  %s\n", chosen);
+                if (d) printf("\n");
+                else printf("  %s\n", chosen);
             }
             for (int k = 0; k < ST_K_COUNT; k++)
                 if (t[((size_t)u * ST_K_COUNT + k) * 2] >= ST_TUNE_REFUSED)
@@ -1490,8 +1497,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
         {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..3; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
-                                       "backward apart at this run's rows, and run each layer the fastest (BTT and Monarch: the fastest forward "
-                                       "may pair with another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
+                                       "backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
+                                       "another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},

@@ -9,15 +9,16 @@
 #pragma once
 #include "spec.h"
 
-// A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm), forward and backward alike; or, for BTT
-// and Monarch, a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
+// A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm), forward and backward alike; or a
+// forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
 // The byte a resume state keeps per linear layer (common/checkpoint.h) is this, or ST_K_NONE for
 // the dense layers, which have no choice.
 // Why the directions may differ: the forward and backward of one path are different kernels (the
 // fused forward is one kernel, its backward that kernel on the transposed BTT and cuBLAS weight
 // gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
-// had their speeds relative to the plans differ. Every path saves the same z (Monarch: u), so any
-// backward can follow any forward; a dense forward saves none, so dense is both ways or neither.
+// had their speeds relative to the plans differ. Every path saves the same z (Monarch: u; BTT-MoE:
+// z of its grouped rows, and the backward builds its own tile table), so any backward can follow
+// any forward; a dense forward saves none, so dense is both ways or neither.
 enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_MIXED = 8, ST_K_NONE = 255 };
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense"};
 
@@ -35,9 +36,7 @@ static inline void st_kernel_label(char *buf, size_t cap, int k) {
 }
 
 static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH || kind == STRUCT_BTT_MOE; }
-// BTT and Monarch layers can also run as dense GEMMs on their materialized weight, and their two
-// directions on different kernels; BTT-MoE can do neither (its fused backward reads the tile
-// table its fused forward wrote).
+// BTT and Monarch layers can also run as dense GEMMs on their materialized weight; BTT-MoE cannot.
 static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
@@ -45,13 +44,13 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 // the same: its experts' fused kernel with W0 staged).
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
-    if (k >= ST_K_MIXED) return st_kind_densifiable(kind) && k < ST_K_MIXED + 16 && st_kernel_fwd(k) != st_kernel_bwd(k);
+    if (k >= ST_K_MIXED) return k < ST_K_MIXED + 16 && st_kernel_fwd(k) != st_kernel_bwd(k);
     return k >= 0 && k < (st_kind_densifiable(kind) ? ST_K_COUNT : ST_K_DENSE);
 }
 
 // The choices that run differently for a layer of this kind, into out: BTT all five; Monarch -sk
-// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many. (-at 1 times these, each both ways;
-// for BTT and Monarch it may then pair one's forward with another's backward.)
+// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many. (-at 1 times these, each both ways,
+// and may then pair one's forward with another's backward.)
 static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
     if (kind == STRUCT_BTT) {
         for (int k = 0; k < ST_K_COUNT; k++) out[k] = k;
@@ -86,7 +85,7 @@ static inline int st_tune_pick(const double *t, int n, int incumbent) {
 }
 
 // The kernels byte a unit runs, from its nc candidates' forward and backward times tf, tb
-// (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (BTT, Monarch)
+// (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (not with -x 0)
 // the fastest forward among the non-dense candidates with the fastest backward among them; the
 // least total wins, unless the incumbent's (a candidate byte; -1: none) is within the margin.
 static inline int st_tune_pick_pair(const int *cand, const double *tf, const double *tb, int nc, int incumbent, int mix) {
