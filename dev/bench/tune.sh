@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench/tune.sh: -at 1's table for each structured 124M config: every structured layer's
-# kernels (-sk 0..3, dense GEMMs on the materialized weight) timed forward + backward at the
-# trainer's own shapes and rows, the choice marked, then the run's ms/step with that choice next to
-# -sk 0's. The most figures per second of GPU: one startup per config and batch size.
+# kernels (-sk 0..3, dense GEMMs on the materialized weight) timed forward and backward apart at the
+# trainer's own shapes and rows, the choice marked (a pass each: one path's forward may run with
+# another's backward), then the run's ms/step with that choice next to -sk 0's. The most figures per
+# second of GPU: one startup per config and batch size.
 #   bash dev/bench/tune.sh
 #   CONFIGS="scripts/configs/gpt2_124M_btt4.conf:64" STEPS=4 bash dev/bench/tune.sh
 set -uo pipefail
