@@ -160,28 +160,60 @@ static inline double bt_l2_bytes_per_row(const BtGeom *g) {
     return 2.0 * w / g->tm + 2.0 * g->din * g->npg;
 }
 
-// The default geometry within smem_limit bytes of shared memory per block (the device's opt-in
-// maximum): for each tm the largest pg that fits (smaller groups only add x reads), and of those
-// the least bt_l2_bytes_per_row, ties to the larger tm. tm_only (16, 32, 64; 0: any) fixes the
-// tile rows; whole_z keeps pg = phi (the largest tm whose whole z tile fits: the rule before
-// groups); ws stages W0 (its chunk counts against the limit). Returns 0 when nothing fits or the
-// shape is not supported. Where the whole z tile of 64
-// rows fits that is the choice; at widths 2048 and 4096 (z rows of 4096 to 32768 elements) most
-// shapes fit only in groups.
-static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
-    int found = 0;
-    double best = 0.0;
+// For each tile rows tm (64, 32, 16; tm_only: that one) the geometry with the largest group of
+// phi blocks pg that fits smem_limit bytes of shared memory per block (smaller groups only add x
+// reads), into out in that order; whole_z keeps pg = phi (the rule before groups); ws stages W0
+// (its chunk counts against the limit). Returns how many (0: nothing fits, or the shape is not
+// supported).
+static inline int bt_choose_per_tm(BtGeom out[3], int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
+    int n = 0;
     for (int tm = 64; tm >= 16; tm /= 2) {
         if (tm_only && tm != tm_only) continue;
         for (int pg = P; pg >= (whole_z ? P : 1); pg--) {
-            BtGeom g;
-            if (!bt_geom_pgw(&g, A, G, P, E, R, tm, pg, ws) || (size_t)g.smem_bytes > smem_limit) continue;
-            const double c = bt_l2_bytes_per_row(&g);
-            if (!found || c < best) { *out = g; best = c; found = 1; }
-            break;  // smaller groups of this tm only cost more x reads
+            if (!bt_geom_pgw(&out[n], A, G, P, E, R, tm, pg, ws) || (size_t)out[n].smem_bytes > smem_limit) continue;
+            n++;
+            break;
         }
     }
-    return found;
+    return n;
+}
+
+// The geometry the traffic model prefers within smem_limit: of bt_choose_per_tm's, the least
+// bt_l2_bytes_per_row, ties to the larger tm. Returns 0 when nothing fits or the shape is not
+// supported. Where the whole z tile of 64 rows fits that is the choice; at widths 2048 and 4096
+// (z rows of 4096 to 32768 elements) most shapes fit only in groups.
+static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
+    BtGeom c[3];
+    const int n = bt_choose_per_tm(c, A, G, P, E, R, smem_limit, tm_only, whole_z, ws);
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (bt_l2_bytes_per_row(&c[i]) < bt_l2_bytes_per_row(&c[best])) best = i;
+    if (n) *out = c[best];
+    return n > 0;
+}
+
+// The geometry the GPU runs: of n candidates (bt_choose_per_tm's) with blocks[i] of them resident
+// per SM (0: none fits), those whose modelled bytes are within BT_RESIDENT_SLACK of the least
+// compete on resident blocks first, then on bytes (ties to the earlier, larger tm). Why: the
+// kernel waits on memory latency far more than on bytes, and more resident warps hide more of
+// it. On the first H200 run (dev/bench/RESULTS.md, dev/cuda/btt_forward) 3072 -> 768 rank 1 took
+// 0.65 ms at tm 64 (1 block of 8 warps per SM) and 0.42 ms at tm 16 (2 blocks, 2.15x the modelled
+// bytes); 768 -> 3072 rank 1, where tm 16 also had 2 blocks but 3.3x the bytes, ran within 4% either
+// way; no other shape there had a tm with more blocks, and the least bytes ran within 8% of the
+// fastest tm. Returns the index, or -1 when no candidate has a resident block.
+#define BT_RESIDENT_SLACK 2.5
+static inline int bt_pick_resident(const BtGeom *c, const int *blocks, int n) {
+    double least = 0.0;
+    int any = 0;
+    for (int i = 0; i < n; i++)
+        if (blocks[i] > 0 && (!any || bt_l2_bytes_per_row(&c[i]) < least)) { least = bt_l2_bytes_per_row(&c[i]); any = 1; }
+    int best = -1;
+    for (int i = 0; i < n; i++) {
+        const double b = bt_l2_bytes_per_row(&c[i]);
+        if (blocks[i] <= 0 || b > BT_RESIDENT_SLACK * least) continue;
+        if (best < 0 || blocks[i] > blocks[best] || (blocks[i] == blocks[best] && b < bt_l2_bytes_per_row(&c[best]))) best = i;
+    }
+    return best;
 }
 
 static inline BT_HD int bt_num_tiles(int N, int tm) { return bt_ceil_div(N, tm); }

@@ -18,7 +18,10 @@
 // once per group. bt_choose picks (tm, pg) within the opt-in shared memory by modelled L2 bytes per
 // row, 2(|W0| + |W1|)/tm + 2 d_in npg: one group of 64 rows where it fits (GPT-2 small's 768 <->
 // 3072 rank 1), else more rows in groups over fewer rows whole; at widths 2048 and 4096 the whole z
-// tile mostly fits no tile size, and groups make the kernel run there. Per tile and group:
+// tile mostly fits no tile size, and groups make the kernel run there. Of the tile rows the model
+// costs within 2.5x of the least, the one with the most blocks resident per SM runs
+// (bt_pick_resident: on an H200, 3072 -> 768 rank 1 ran 1.55x faster at tm 16 with 2 blocks per SM
+// than at tm 64 with 1). Per tile and group:
 //   stage 1: for each chunk of gc g blocks (about 4096 x elements), the chunk x[tile rows, chunk]
 //     goes to shared memory from registers that were loaded one chunk ahead (16-byte loads issued
 //     before the previous chunk's MMAs; a group's chunk 0 is loaded before the previous group's or
@@ -383,11 +386,30 @@ static int g_btt_whole_z = 0;
 // so -sk 1 keeps the kernel as measured.
 static int g_btt_wstage = 0;
 
-// The kernel's geometry for this shape within smem_limit bytes of shared memory per block
-// (bt_choose: tile rows and groups by the traffic model; tm_only 16/32/64 fixes the rows, 0 any),
-// W0 staged when ws. Returns 0 when it cannot run it (then use btt_forward_gpu).
-static inline int btt_fused_geom_ws(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only, int ws) {
-    return btt_shape_ok(s) && bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, ws);
+static int btt_fused_blocks_per_sm(const BtGeom *g);
+
+// The kernel's geometry for this shape within smem_limit bytes of shared memory per block, W0
+// staged when ws, for stage 1 alone when s1only: for each tile rows the largest group of output
+// blocks that fits (btt_tiles.h, bt_choose_per_tm), then of those the most blocks resident per SM
+// on this GPU among the ones the traffic model costs within 2.5x of the least (bt_pick_resident).
+// tm_only 16/32/64 fixes the rows, and then (as with g_btt_whole_z) the model alone picks
+// (bt_choose). Returns 0 when it cannot run it (then use btt_forward_gpu).
+static inline int btt_fused_geom_ws(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only, int ws, int s1only = 0) {
+    if (!btt_shape_ok(s)) return 0;
+    if (tm_only || g_btt_whole_z) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, ws);
+    BtGeom c[3];
+    int blocks[3];
+    const int n = bt_choose_per_tm(c, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);
+    if (!n) return 0;
+    for (int i = 0; i < n; i++) {
+        c[i].s1only = s1only;  // its kernel (and so its registers and residency) for the query only
+        blocks[i] = btt_fused_blocks_per_sm(&c[i]);
+        c[i].s1only = 0;
+    }
+    const int i = bt_pick_resident(c, blocks, n);
+    if (i < 0) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);  // none resident: no grid, the plans run
+    *g = c[i];
+    return 1;
 }
 // The same as g_btt_wstage says.
 static inline int btt_fused_geom(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only) {
@@ -493,7 +515,7 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
 // supported (nothing done).
 static int btt_stage1_fused(floatX *z, const floatX *x, int x_ld, const floatX *W0, int N, const BTTShape *s, int tm = 0) {
     BtGeom g;
-    const int ok = btt_fused_geom_ws(&g, s, btt_fused_smem_limit(), tm, 1);
+    const int ok = btt_fused_geom_ws(&g, s, btt_fused_smem_limit(), tm, 1, 1);
     if (!ok || (x_ld && (x_ld < s->d_in || x_ld % 8))) return 0;
     if (((uintptr_t)z | (uintptr_t)x) % 16 || (uintptr_t)W0 % 32 || !z) return 0;
     if (N <= 0) return 1;

@@ -684,11 +684,48 @@ static void test_choose(void) {
                "accepted");
 }
 
+// The geometry the GPU runs (bt_pick_resident) for the first H200 run's btt_forward shapes, with
+// the blocks per SM that run reported for each tm (dev/bench/RESULTS.md; H200 opt-in 232,448 B,
+// the H100's): bt_choose_per_tm's geometries and their modelled bytes per row as that run printed
+// them, then the pick. Only 3072->768 rank 1 changes: tm 16 (2 blocks, 21,504 B/row, 2.15x the
+// least) over tm 64 (1 block, 9,984), as measured there (0.42 against 0.65 ms); 768->3072 rank 1's
+// tm 16 (2 blocks) costs 23,040 = 3.3x 6,912, outside the 2.5x, and stays tm 64 (the two ran within 4%).
+static void test_pick_resident(void) {
+    const size_t h200 = 232448;
+    struct { int A, G, P, E, R; double bytes[3]; int blocks[3], tm; const char *what; } c[] = {
+        {16, 48, 32, 96, 1, {6912, 12288, 23040}, {1, 1, 2}, 64, "768->3072 rank 1: tm 16's 2 blocks cost 3.3x the bytes, tm 64 stays"},
+        {32, 96, 16, 48, 1, {9984, 13824, 21504}, {1, 1, 2}, 16, "3072->768 rank 1: tm 16, 2 blocks per SM at 2.15x the bytes"},
+        {16, 48, 32, 96, 2, {13824, 23040, 44544}, {1, 1, 1}, 64, "768->3072 rank 2: one block each, the least bytes (tm 64)"},
+        {16, 48, 32, 96, 4, {27648, 46080, 87552}, {1, 1, 1}, 64, "768->3072 rank 4: one block each, tm 64"},
+        {32, 64, 64, 128, 2, {73728, 98304, 172032}, {1, 1, 1}, 64, "2048->8192 rank 2: one block each, tm 64"},
+        {64, 64, 128, 128, 1, {114688, 131072, 212992}, {1, 1, 1}, 64, "4096->16384 rank 1: one block each, tm 64"},
+        {32, 96, 16, 48, 1, {9984, 13824, 21504}, {0, 1, 2}, 16, "3072->768 rank 1, tm 64 not resident: still tm 16 (slack from the least resident)"},
+        {32, 96, 16, 48, 1, {9984, 13824, 21504}, {1, 2, 2}, 32, "3072->768 rank 1, tm 32 and 16 with 2 blocks: the fewer bytes, tm 32"},
+    };
+    for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
+        BtGeom g[3];
+        const int n = bt_choose_per_tm(g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, h200, 0, 0, 0);
+        int bytes_ok = n == 3;
+        for (int j = 0; j < n && bytes_ok; j++) bytes_ok = g[j].tm == 64 >> j && bt_l2_bytes_per_row(&g[j]) == c[i].bytes[j];
+        const int k = bytes_ok ? bt_pick_resident(g, c[i].blocks, n) : -1;
+        char why[100];
+        snprintf(why, sizeof(why), "%d geometries%s, picked tm %d", n, bytes_ok ? "" : " (bytes differ)", k >= 0 ? g[k].tm : 0);
+        check_true(bytes_ok && k >= 0 && g[k].tm == c[i].tm, c[i].what, why);
+    }
+    BtGeom g[3];
+    const int none[3] = {0, 0, 0}, n = bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 0, 0, 0);
+    BtGeom best;
+    check_true(bt_pick_resident(g, none, n) == -1 && bt_choose(&best, 16, 48, 32, 96, 1, h200, 0, 0, 0) && best.tm == g[0].tm &&
+                   best.pg == g[0].pg && bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 32, 0, 0) == 1 && g[0].tm == 32,
+               "bt_pick_resident: none resident -> -1; bt_choose is bt_choose_per_tm's least bytes; tm_only gives one", "differs");
+}
+
 static void run_cases(void);
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_walk();
     test_choose();
+    test_pick_resident();
     for (g_ws = 0; g_ws <= 1; g_ws++) run_cases();
     // W0 staged, stage 1 alone (-sk 3), x rows wider than d_in (q, k and v's dy in the qkv gradient)
     g_ws = 1;

@@ -4,8 +4,10 @@
 //       (N, gamma, phi, rho), permute kernel into z (N, phi, gamma, rho), strided-batched GEMM into
 //       y, bias kernel — z and T1 round-trip through DRAM
 //   v2  fused: btt_forward_fused (structured/btt_fused.cuh): one kernel, z stays in shared memory
-//       (tile rows tm and groups of phi blocks chosen for the device by the traffic model,
-//       common/btt_tiles.h bt_choose), written to DRAM only when saved
+//       (tile rows tm and groups of phi blocks chosen for the device: the traffic model's largest
+//       groups per tm, common/btt_tiles.h bt_choose_per_tm, then the most blocks resident per SM
+//       among those within 2.5x of the least modelled bytes, bt_pick_resident), written to DRAM
+//       only when saved
 //   v3, v4, v5: the fused kernel with tm forced to 16, 32, 64 (tuning; skipped where it does not fit)
 //   v6  the fused kernel with the rule before groups (g_btt_whole_z: the largest tm whose whole z
 //       tile fits; nothing at 4096 -> 16384), to measure what the model's geometry gains
@@ -152,7 +154,7 @@ int main(int argc, char **argv) {
             const int s1 = ver == 9 || ver >= 11;  // stage 1 alone
             if (ver >= 9) {  // the W0-staged geometry btt_stage1_fused takes
                 BtGeom g;
-                const int ok = btt_fused_geom_ws(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force, 1);
+                const int ok = btt_fused_geom_ws(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force, 1, 1);
                 g.s1only = 1;
                 if (!ok) {
                     printf("   v%d: stage 1 (tm %d) not supported here (shared memory); -sk 3 falls back to v1\n", ver, tm_force);
