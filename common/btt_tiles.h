@@ -154,9 +154,10 @@ static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int t
 }
 
 // Modelled L2 -> SM bytes per row (bf16): every tile reads all of W0 and W1 (each group its
-// slice), and x once per group. y and the saved z are written once whatever the geometry.
+// slice; stage 1 alone, s1only, no W1), and x once per group. y and the saved z are written once
+// whatever the geometry.
 static inline double bt_l2_bytes_per_row(const BtGeom *g) {
-    const double w = (double)g->din * g->fr + (double)g->dout * g->gr;
+    const double w = (double)g->din * g->fr + (g->s1only ? 0.0 : (double)g->dout * g->gr);
     return 2.0 * w / g->tm + 2.0 * g->din * g->npg;
 }
 

@@ -402,9 +402,8 @@ static inline int btt_fused_geom_ws(BtGeom *g, const BTTShape *s, size_t smem_li
     const int n = bt_choose_per_tm(c, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);
     if (!n) return 0;
     for (int i = 0; i < n; i++) {
-        c[i].s1only = s1only;  // its kernel (and so its registers and residency) for the query only
+        c[i].s1only = s1only;  // its kernel (registers, so residency) and its traffic (no W1 when alone)
         blocks[i] = btt_fused_blocks_per_sm(&c[i]);
-        c[i].s1only = 0;
     }
     const int i = bt_pick_resident(c, blocks, n);
     if (i < 0) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);  // none resident: no grid, the plans run

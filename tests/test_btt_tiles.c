@@ -712,6 +712,17 @@ static void test_pick_resident(void) {
         snprintf(why, sizeof(why), "%d geometries%s, picked tm %d", n, bytes_ok ? "" : " (bytes differ)", k >= 0 ? g[k].tm : 0);
         check_true(bytes_ok && k >= 0 && g[k].tm == c[i].tm, c[i].what, why);
     }
+    // stage 1 alone (-sk 3) reads no W1: 768->3072 rank 1 costs 2 x 768 x 32 / tm + 2 x 768 =
+    // 2,304, 3,072 and 4,608 B/row, so tm 16 (2.0x) with 2 blocks per SM is taken there
+    {
+        BtGeom w[3];
+        const int blocks[3] = {1, 1, 2}, nw = bt_choose_per_tm(w, 16, 48, 32, 96, 1, h200, 0, 0, 1);
+        for (int j = 0; j < nw; j++) w[j].s1only = 1;
+        const int k = nw == 3 ? bt_pick_resident(w, blocks, nw) : -1;
+        check_true(nw == 3 && bt_l2_bytes_per_row(&w[0]) == 2304 && bt_l2_bytes_per_row(&w[1]) == 3072 && bt_l2_bytes_per_row(&w[2]) == 4608 &&
+                       k == 2,
+                   "bt_pick_resident, stage 1 alone: no W1 in the bytes; 768->3072 rank 1 takes tm 16 with 2 blocks", "differs");
+    }
     BtGeom g[3];
     const int none[3] = {0, 0, 0}, n = bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 0, 0, 0);
     BtGeom best;
