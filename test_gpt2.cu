@@ -917,6 +917,17 @@ static void check_btt_qkv_strided_vs_cpu(void) {
     free(x); free(dy); free(bias); free(y_ref); free(dx_ref); free(yi); free(dxi); free(dyi); free(dbias_ref);
 }
 
+// check_layer_vs_cpu with each of n (forward, backward) kernels pairs; then -sk 0 both ways.
+static void check_layer_pairs_vs_cpu(const LinearSpec *s, int N, const int (*pairs)[2], int n) {
+    for (int p = 0; p < n; p++) {
+        st_set_kernels(pairs[p][0]);
+        g_test_bwd_sk = pairs[p][1];
+        check_layer_vs_cpu(s, N);
+    }
+    g_test_bwd_sk = -1;
+    st_set_kernels(0);
+}
+
 static void check_structures_vs_cpu(void) {
     const int N = 512;
     LinearSpec s;
@@ -943,20 +954,10 @@ static void check_structures_vs_cpu(void) {
         // -at 1's pairs: a backward on the z (u) another path's forward saved (BTT rank 2 runs fused
         // and split both ways at these shapes; Monarch fused where its traffic model says it pays)
         const int pairs[4][2] = {{1, 0}, {0, 1}, {3, 1}, {1, 3}};
-        for (int p = 0; p < 2; p++) {
-            st_set_kernels(pairs[p][0]);
-            g_test_bwd_sk = pairs[p][1];
-            check_layer_vs_cpu(&s, N);
-        }
+        check_layer_pairs_vs_cpu(&s, N, pairs, 2);
         s.kind = STRUCT_BTT;
         s.rank = 2;
-        for (int p = 0; p < 4; p++) {
-            st_set_kernels(pairs[p][0]);
-            g_test_bwd_sk = pairs[p][1];
-            check_layer_vs_cpu(&s, N);
-        }
-        g_test_bwd_sk = -1;
-        st_set_kernels(0);
+        check_layer_pairs_vs_cpu(&s, N, pairs, 4);
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
         for (int sk = 0; sk <= 2; sk++) {  // -sk 3 runs its experts as -sk 2 does
@@ -964,13 +965,7 @@ static void check_structures_vs_cpu(void) {
             check_layer_vs_cpu(&s, N);
         }
         const int moe_pairs[2][2] = {{1, 0}, {0, 2}};  // a fused forward's z under the plans' backward, and the reverse
-        for (int p = 0; p < 2; p++) {
-            st_set_kernels(moe_pairs[p][0]);
-            g_test_bwd_sk = moe_pairs[p][1];
-            check_layer_vs_cpu(&s, N);
-        }
-        g_test_bwd_sk = -1;
-        st_set_kernels(0);
+        check_layer_pairs_vs_cpu(&s, N, moe_pairs, 2);
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
     check_btt_qkv_strided_vs_cpu();
