@@ -142,7 +142,7 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 // candidates, then each forward paired with another's backward, the pairs of the plans, the
 // split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
 // the fused kernel and the one with W0 staged). Returns how many.
-static int st_kernel_choices(int kind, int out[ST_K_MIXED + 16]) {
+static int st_kernel_choices(int kind, int out[ST_K_END]) {
     static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
     static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
     int n = st_kernel_candidates(kind, out);
@@ -159,7 +159,7 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
     int j = 0;
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
-        int cand[ST_K_MIXED + 16];
+        int cand[ST_K_END];
         const int nc = ld->used && st_kind_tunable(ld->spec.kind) ? st_kernel_choices(ld->spec.kind, cand) : 0;
         if (!nc) continue;
         const int k = cand[(j++ + shift) % nc];
@@ -416,7 +416,7 @@ static void check_autotune_choice(void) {
                        st_kernel_bwd(ST_K_DENSE) == ST_K_DENSE && strcmp(label, "-sk 3 fwd, -sk 0 bwd") == 0 &&
                        st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && st_kernel_valid(STRUCT_BTT_MOE, p30) &&
                        !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, st_kernel_pair(3, 2)) == 2 &&
-                       !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 16) &&
+                       !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_END) &&
                        !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, p30) == st_kernel_pair(1, 0) &&
                        st_kernel_canonical(STRUCT_MONARCH, st_kernel_pair(2, 3)) == 1 &&
                        st_tune_pick_pair(cand, fa, ba, 3, 0, 1) == ST_K_DENSE &&           // dense 0.4 both ways; the pair 0.8

@@ -458,13 +458,13 @@ static size_t st_layers_need(GPT2 *m, int alloc, size_t *fscratch, int *separate
     return scratch;
 }
 
-// Bytes of a BTT or Monarch layer's saved state (z, u) at max_B x max_T rows.
-static size_t st_inter_bytes(const GPT2 *m, const LinearSpec *s) {
-    const int BT = m->max_B * m->max_T;
-    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_z_size(&b, BT) * sizeof(floatX); }
+// Elements per row of a BTT or Monarch layer's saved state (z, u), and its bytes at max_B x max_T rows.
+static size_t st_inter_row(const LinearSpec *s) {
+    if (s->kind == STRUCT_BTT) { BTTShape b = btt_shape_of(s); return btt_z_row(&b); }
     MonarchShape ms = monarch_shape_of(s);
-    return monarch_u_size(&ms, BT) * sizeof(floatX);
+    return monarch_u_row(&ms);
 }
+static size_t st_inter_bytes(const GPT2 *m, const LinearSpec *s) { return (size_t)m->max_B * m->max_T * st_inter_row(s) * sizeof(floatX); }
 
 // Sets every structured layer's kernels to k (structured/tune.cuh's byte; dense: the BTT and
 // Monarch layers only).
@@ -1094,7 +1094,7 @@ static int tune_unit_regions(GPT2 *m, const TuneUnit *u, TuneRegion *r) {
             const int w = (int)moe_z_row(&ms);
             r[n++] = {ls->moe.z, rows, w, st_sample_stride(rows, w), 1};
         } else if (ls->inter) {
-            const int w = (int)(st_inter_bytes(m, s) / sizeof(floatX) / ((size_t)m->max_B * m->max_T));
+            const int w = (int)st_inter_row(s);
             r[n++] = {ls->inter, N, w, st_sample_stride(N, w), 1};
         }
     }
@@ -1607,9 +1607,8 @@ static void trainer_step_end(GPT2 *m, long step) {
 // -at 1's choices per role: "-sk 3" when all its BTT/Monarch layers run the same, else each
 // choice with its count ("-sk 0 x4, dense x8"; a pair "-sk 3 fwd, -sk 0 bwd").
 static void trainer_banner_kernels(const GPT2 *m) {
-    enum { NK = ST_K_MIXED + 16 };
     for (int r = 0; r <= NUM_BLOCK_ROLES; r++) {
-        int count[NK] = {0}, any = 0;
+        int count[ST_K_END] = {0}, any = 0;
         for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
             const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
             if ((ld->layer < 0 ? NUM_BLOCK_ROLES : ld->role) != r || !ld->used || !st_kind_tunable(ld->spec.kind)) continue;
@@ -1619,8 +1618,8 @@ static void trainer_banner_kernels(const GPT2 *m) {
         if (!any) continue;
         char line[256] = "", label[32], name[48];
         int kinds = 0;
-        for (int k = 0; k < NK; k++) kinds += count[k] > 0;
-        for (int k = 0; k < NK; k++) {
+        for (int k = 0; k < ST_K_END; k++) kinds += count[k] > 0;
+        for (int k = 0; k < ST_K_END; k++) {
             if (!count[k]) continue;
             const size_t at = strlen(line);
             st_kernel_label(name, sizeof(name), k);

@@ -204,15 +204,15 @@ static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size
 // fastest tm. Returns the index, or -1 when no candidate has a resident block.
 #define BT_RESIDENT_SLACK 2.5
 static inline int bt_pick_resident(const BtGeom *c, const int *blocks, int n) {
-    double least = 0.0;
-    int any = 0;
-    for (int i = 0; i < n; i++)
-        if (blocks[i] > 0 && (!any || bt_l2_bytes_per_row(&c[i]) < least)) { least = bt_l2_bytes_per_row(&c[i]); any = 1; }
+    double bytes[3], least = -1.0;
+    for (int i = 0; i < n && i < 3; i++) {
+        bytes[i] = bt_l2_bytes_per_row(&c[i]);
+        if (blocks[i] > 0 && (least < 0.0 || bytes[i] < least)) least = bytes[i];
+    }
     int best = -1;
-    for (int i = 0; i < n; i++) {
-        const double b = bt_l2_bytes_per_row(&c[i]);
-        if (blocks[i] <= 0 || b > BT_RESIDENT_SLACK * least) continue;
-        if (best < 0 || blocks[i] > blocks[best] || (blocks[i] == blocks[best] && b < bt_l2_bytes_per_row(&c[best]))) best = i;
+    for (int i = 0; i < n && i < 3; i++) {
+        if (blocks[i] <= 0 || bytes[i] > BT_RESIDENT_SLACK * least) continue;
+        if (best < 0 || blocks[i] > blocks[best] || (blocks[i] == blocks[best] && bytes[i] < bytes[best])) best = i;
     }
     return best;
 }

@@ -448,9 +448,13 @@ static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
 }
 
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
-// (cached per instantiation and smem size; one device per process); 0 when none fits.
+// (cached per instantiation for up to BT_OCC_SIZES smem sizes each, since every geometry choice
+// asks for each tile-row count and a model's layers and their transposed BTTs share
+// instantiations at other sizes; one device per process); 0 when none fits.
+#define BT_OCC_SIZES 8
 static int btt_fused_blocks_per_sm(const BtGeom *g) {
-    static int attr_bytes[27], occ_bytes[27], occ[27];  // per (mt 1, 2, 4) x (nb 1, 2, 3) x (ws 0, 1, stage 1 alone)
+    // per (mt 1, 2, 4) x (nb 1, 2, 3) x (ws 0, 1, stage 1 alone)
+    static int attr_bytes[27], occ_bytes[27][BT_OCC_SIZES], occ[27][BT_OCC_SIZES], occ_next[27];
     BtFusedKernel kern = btt_fused_kernel_for(g);
     if (!kern) return 0;
     // 0..26 (mt * 4 + nb reaches 19); stage 1 alone is one kernel whatever nb, so one slot: setting
@@ -460,13 +464,14 @@ static int btt_fused_blocks_per_sm(const BtGeom *g) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;
     }
-    if (occ_bytes[k] != g->smem_bytes) {
-        int per_sm = 0;
-        cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, BT_THREADS, (size_t)g->smem_bytes));
-        occ_bytes[k] = g->smem_bytes;
-        occ[k] = per_sm;
-    }
-    return occ[k];
+    for (int i = 0; i < BT_OCC_SIZES; i++)
+        if (occ_bytes[k][i] == g->smem_bytes) return occ[k][i];
+    int per_sm = 0;
+    cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, BT_THREADS, (size_t)g->smem_bytes));
+    const int i = occ_next[k]++ % BT_OCC_SIZES;  // the oldest size gives way
+    occ_bytes[k][i] = g->smem_bytes;
+    occ[k][i] = per_sm;
+    return per_sm;
 }
 
 static int btt_fused_sm_count(void) {

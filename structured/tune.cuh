@@ -19,7 +19,8 @@
 // had their speeds relative to the plans differ. Every path saves the same z (Monarch: u; BTT-MoE:
 // z of its grouped rows, and the backward builds its own tile table), so any backward can follow
 // any forward; a dense forward saves none, so dense is both ways or neither.
-enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_MIXED = 8, ST_K_NONE = 255 };
+// ST_K_END: one past the largest byte a choice takes.
+enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense"};
 
 // The forward's and the backward's kernels of byte k (0..3 or ST_K_DENSE each), and the byte of a pair.
@@ -30,8 +31,7 @@ static inline int st_kernel_pair(int fwd, int bwd) { return fwd == bwd ? fwd : S
 // "-sk 3", "dense", or "-sk 3 fwd, -sk 0 bwd" into buf ("kernels 7" for a byte that is neither).
 static inline void st_kernel_label(char *buf, size_t cap, int k) {
     if (k >= 0 && k < ST_K_COUNT) snprintf(buf, cap, "%s", st_kernel_names[k]);
-    else if (k >= ST_K_MIXED && k < ST_K_MIXED + 16)
-        snprintf(buf, cap, "%s fwd, %s bwd", st_kernel_names[(k - ST_K_MIXED) / 4], st_kernel_names[(k - ST_K_MIXED) % 4]);
+    else if (k >= ST_K_MIXED && k < ST_K_END) snprintf(buf, cap, "%s fwd, %s bwd", st_kernel_names[st_kernel_fwd(k)], st_kernel_names[st_kernel_bwd(k)]);
     else snprintf(buf, cap, "kernels %d", k);
 }
 
@@ -44,7 +44,7 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 // the same: its experts' fused kernel with W0 staged).
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
-    if (k >= ST_K_MIXED) return k < ST_K_MIXED + 16 && st_kernel_fwd(k) != st_kernel_bwd(k);
+    if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
     return k >= 0 && k < (st_kind_densifiable(kind) ? ST_K_COUNT : ST_K_DENSE);
 }
 
