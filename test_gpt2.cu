@@ -139,13 +139,13 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
-// candidates, then each forward paired with another's backward, the pairs of the plans, the
+// candidates (-sk 4 too, for BTT and Monarch), then each forward paired with another's backward, the pairs of the plans, the
 // split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
 // the fused kernel and the one with W0 staged). Returns how many.
 static int st_kernel_choices(int kind, int out[ST_K_END]) {
     static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
     static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
-    int n = st_kernel_candidates(kind, out);
+    int n = st_kernel_candidates(kind, 1, out);
     const int np = kind == STRUCT_BTT ? 12 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 6 : 0;
     for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
     return n;
@@ -171,7 +171,8 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
-// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume.
+// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume;
+// 7 -sk 4 (BTT rank 1 and Monarch with z, u stored transposed).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -182,17 +183,18 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     g_gpu.gelu_fusion = gelu_fusion;
-    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : 0);
+    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : 0);
     g_st_dense = fused == 2;
-    g_st_tune = fused >= 5;  // the buffers for every choice
+    const int per_layer = fused == 5 || fused == 6;
+    g_st_tune = per_layer;  // the buffers for every choice
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
              fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : fused == 5 ? " per-layer kernels"
-             : fused == 6 ? " per-layer kernels, rotated" : "", g_test_no_master ? " -w 0" : "");
+             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
-    if (fused >= 5) st_kernels_rotate(&m, fused == 5 ? 0 : 7);
+    if (per_layer) st_kernels_rotate(&m, fused == 5 ? 0 : 7);
     if (flash == 2 && !m.cudnn) {
         printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
         fixture_run_free(&m, &f);
@@ -319,7 +321,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     TrainState st2;
     gpt2_read_state(&m, state_path, &st2);
-    if (fused >= 5) {  // -at 1 resumed: the state's kernels, not the flags'
+    if (per_layer) {  // -at 1 resumed: the state's kernels, not the flags'
         st_buffers_fit(&m, 0);
         st_kernels_snapshot(&m);
         snprintf(name, sizeof(name), "%s the resume state keeps each layer's kernels and the resumed model runs them", tag);
@@ -344,7 +346,8 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
 // fastest backward, unless the flags' choice is within 3% of it; units of the same shapes are
 // timed once and share the choice; each time is taken with the unit's layers set to the kernels
 // timed (and each unit runs, so every choice runs here once, and the gradients it leaves must be
-// zeroed). The model: 3 blocks of BTT rank 1, a dense attn_proj, Monarch fc but BTT rank 2 in block 2.
+// zeroed). The model: 3 blocks of BTT rank 1, a dense attn_proj, Monarch fc but BTT rank 2 in block 2
+// (which has no -sk 4 of its own: -sk 4 is not timed there).
 static int g_fake_calls, g_fake_unset;
 static void fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
     g_fake_calls++;
@@ -354,12 +357,13 @@ static void fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k, double ms[2
         if (lin_kernels(&m->lin[idx[i]]) != k) g_fake_unset++;
     tune_unit_run((void *)u);  // runs as the real clock would: every choice on the simulator, gradients accumulating
     // [pass][kernels]; the totals and what wins:
-    static const double qkv[2][ST_K_COUNT] = {{0.50, 0.45, 0.40, 0.30, 1.00},         // 0.80 0.90 0.80 0.79 2.00; -sk 3's forward
-                                              {0.30, 0.45, 0.40, 0.49, 1.00}};        // with -sk 0's backward: 0.60
-    static const double fc_monarch[2][ST_K_COUNT] = {{0.50, 0.48, -1, -1, 0.495},     // 1.00 0.99 0.99; -sk 1 fwd with -sk 0 bwd
-                                                     {0.50, 0.51, -1, -1, 0.495}};    // 0.98: within 3%, -sk 0 kept
-    static const double fc_btt[2][ST_K_COUNT] = {{0.50, 0.60, 0.60, 0.60, 0.25}, {0.50, 0.60, 0.60, 0.60, 0.25}};  // dense
-    static const double fc_proj[2][ST_K_COUNT] = {{0.50, 0.25, 0.30, 0.35, 0.45}, {0.50, 0.25, 0.30, 0.35, 0.45}};  // -sk 1
+    // (-sk 4's forward is q, k, v's fastest, but it pairs with no other backward: with -sk 0's it would take 0.50)
+    static const double qkv[2][ST_K_COUNT] = {{0.50, 0.45, 0.40, 0.30, 1.00, 0.20},         // 0.80 0.90 0.80 0.79 2.00 0.90; -sk 3's
+                                              {0.30, 0.45, 0.40, 0.49, 1.00, 0.70}};        // forward with -sk 0's backward: 0.60
+    static const double fc_monarch[2][ST_K_COUNT] = {{0.50, 0.48, -1, -1, 0.495, 0.50},     // 1.00 0.99 0.99 1.00; -sk 1 fwd with
+                                                     {0.50, 0.51, -1, -1, 0.495, 0.50}};    // -sk 0 bwd 0.98: within 3%, -sk 0 kept
+    static const double fc_btt[2][ST_K_COUNT] = {{0.50, 0.60, 0.60, 0.60, 0.25, 0.01}, {0.50, 0.60, 0.60, 0.60, 0.25, 0.01}};  // dense
+    static const double fc_proj[2][ST_K_COUNT] = {{0.50, 0.25, 0.30, 0.35, 0.45, 0.20}, {0.50, 0.25, 0.30, 0.35, 0.45, 0.20}};  // -sk 4
     const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[0])->spec;
     for (int d = 0; d < 2; d++) {
         ms[d] = 100.0;  // no other unit exists in this model
@@ -405,20 +409,39 @@ static void check_autotune_choice(void) {
         st_kernel_label(label, sizeof(label), st_kernel_pair(3, 0));
         const double t3[3] = {1.0, 0.98, 0.5}, t2[2] = {1.0, 0.96};
         check_true(strcmp(buf, "0-2,4,6-7") == 0 && st_tune_pick(t3, 3, 0) == 2 && st_tune_pick(t3, 2, 0) == 0 && st_tune_pick(t3, 2, -1) == 1 &&
-                       st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 3) == 2 &&
+                       st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 1, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 0, 3) == 2 &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_DENSE) == 0 && st_kernel_valid(STRUCT_DENSE, ST_K_NONE) == 1 &&
                        st_kernel_valid(STRUCT_MONARCH, 3) == 1 && st_sample_rows(32, 8) == 5 && st_sample_rows(9, 8) == 2 && st_sample_rows(1, 8) == 1,
                    "-at 1's helpers: layer ranges, the pick with its 3% margin, kernels per kind, sampled rows", buf);
         const int p30 = st_kernel_pair(3, 0), cand[3] = {0, 1, ST_K_DENSE};
         const double fa[3] = {1.0, 0.5, 0.2}, ba[3] = {0.3, 1.0, 0.2}, fb[3] = {1.0, 0.5, 0.9}, bb[3] = {0.3, 1.0, 0.9};
         const double fr[3] = {1.0, ST_TUNE_REFUSED, 0.9}, fm[3] = {1.0, 0.5, 0.9}, bm[3] = {0.3, 0.31, 0.9};
+        int c6[ST_K_COUNT], c5[ST_K_COUNT], c4[ST_K_COUNT], c3[ST_K_COUNT], zl[3];
+        char zlabel[48];
+        st_kernel_label(zlabel, sizeof(zlabel), ST_K_ZT);
+        const int zc[3] = {0, 1, ST_K_ZT};
+        const double fz[3] = {1.0, 0.6, 0.1}, bz[3] = {0.3, 1.0, 1.0};  // -sk 4's forward the fastest: no pair with it
+        const double fw[3] = {1.0, 0.6, 0.2}, bw[3] = {0.3, 1.0, 0.3};  // -sk 4 both ways 0.5, the pair 0.9
+        zl[0] = st_tune_pick_pair(zc, fz, bz, 3, 0, 1);
+        zl[1] = st_tune_pick_pair(zc, fw, bw, 3, 0, 1);
+        zl[2] = st_kernel_of_sk(4, 4);
+        check_true(st_kernel_candidates(STRUCT_BTT, 1, c6) == 6 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT, 0, c5) == 5 &&
+                       st_kernel_candidates(STRUCT_MONARCH, 1, c4) == 4 && c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, 1, c3) == 3 &&
+                       st_kernel_valid(STRUCT_BTT_MOE, ST_K_ZT) && st_kernel_valid(STRUCT_MONARCH, ST_K_ZT) &&
+                       st_kernel_canonical(STRUCT_BTT, 0, ST_K_ZT) == 0 && st_kernel_canonical(STRUCT_BTT, 1, ST_K_ZT) == ST_K_ZT &&
+                       st_kernel_canonical(STRUCT_BTT_MOE, 1, ST_K_ZT) == 0 && st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
+                       st_kernel_sk(ST_K_DENSE, 1) == 0 && st_kernel_sk(st_kernel_pair(3, 0), 1) == 0 && zl[2] == ST_K_ZT &&
+                       st_kernel_of_sk(3, 0) == st_kernel_pair(3, 0) && strcmp(zlabel, "-sk 4") == 0 &&
+                       zl[0] == st_kernel_pair(1, 0) &&  // 0.9: -sk 1's forward with -sk 0's backward, not -sk 4's (0.4)
+                       zl[1] == ST_K_ZT,
+                   "-at 1's -sk 4: candidates where it has plans of its own, bytes, labels, never paired", zlabel);
         check_true(st_kernel_pair(2, 2) == 2 && st_kernel_fwd(p30) == 3 && st_kernel_bwd(p30) == 0 && st_kernel_fwd(ST_K_DENSE) == ST_K_DENSE &&
                        st_kernel_bwd(ST_K_DENSE) == ST_K_DENSE && strcmp(label, "-sk 3 fwd, -sk 0 bwd") == 0 &&
                        st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && st_kernel_valid(STRUCT_BTT_MOE, p30) &&
-                       !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, st_kernel_pair(3, 2)) == 2 &&
+                       !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, 0, st_kernel_pair(3, 2)) == 2 &&
                        !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_END) &&
-                       !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, p30) == st_kernel_pair(1, 0) &&
-                       st_kernel_canonical(STRUCT_MONARCH, st_kernel_pair(2, 3)) == 1 &&
+                       !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, 1, p30) == st_kernel_pair(1, 0) &&
+                       st_kernel_canonical(STRUCT_MONARCH, 1, st_kernel_pair(2, 3)) == 1 &&
                        st_tune_pick_pair(cand, fa, ba, 3, 0, 1) == ST_K_DENSE &&           // dense 0.4 both ways; the pair 0.8
                        st_tune_pick_pair(cand, fb, bb, 3, 0, 1) == st_kernel_pair(1, 0) &&  // the pair 0.8, the candidates 1.3 or more
                        st_tune_pick_pair(cand, fb, bb, 3, 0, 0) == 0 &&                     // no pairs (BTT-MoE, -x 0)
@@ -446,20 +469,20 @@ static void check_autotune_choice(void) {
     st_autotune(&m);
     g_tune_clock = NULL;
     st_buffers_fit(&m, 0);
-    // 4 distinct units: q/k/v (5 choices), Monarch fc (3), BTT fc (5), fc_proj (5)
-    check_true(g_fake_calls == 18 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
+    // 4 distinct units: q/k/v (6 choices), Monarch fc (4), BTT rank-2 fc (5: no -sk 4), fc_proj (6)
+    check_true(g_fake_calls == 21 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
                "calls or settings differ");
     int bad = !fake_qkv_kernels(&m, st_kernel_pair(3, 0));
     for (int l = 0; l < 3; l++) {
         const LinearState *fc = &m.lin[l * NUM_BLOCK_ROLES + SR_FC], *fp = &m.lin[l * NUM_BLOCK_ROLES + SR_FC_PROJ];
         bad += lin_kernels(fc) != (l < 2 ? 0 : ST_K_DENSE);
-        bad += lin_kernels(fp) != 1;
+        bad += lin_kernels(fp) != ST_K_ZT;
         bad += l == 2 && fc->inter != NULL;
     }
     // fitted: the BTT fc run as dense keeps no z, and q, k, v (-sk 3's forward, -sk 0's backward)
     // run in place in qkv both ways, so the split buffers the timing had (for -sk 1 and 2) are gone
     check_true(bad == 0 && m.split_a == NULL && m.split_b == NULL,
-               "-at 1: the least total per unit (q, k, v -sk 3's forward with -sk 0's backward; fc_proj -sk 1; BTT fc dense), the flags' "
+               "-at 1: the least total per unit (q, k, v -sk 3's forward with -sk 0's backward; fc_proj -sk 4; BTT fc dense), the flags' "
                "within 3% kept (Monarch fc: against a pair too), buffers fitted",
                "other choices");
     // the choices run: one step's loss is finite and the gradients were zeroed by the tuning first
@@ -469,22 +492,24 @@ static void check_autotune_choice(void) {
     cudaCheck(cudaMemcpy(gb, m.grads, m.num_params * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     size_t nz = 0;
     for (size_t i = 0; i < m.num_params; i++) nz += gb[i] != 0;
-    const long split0 = g_st_split_runs;
+    const long split0 = g_st_split_runs, zt0 = g_st_zt_runs;
     const float loss = gpt2_forward(&m, tok, tok, 2, 16);
-    const long split_fwd = g_st_split_runs - split0;
+    const long split_fwd = g_st_split_runs - split0, zt_fwd = g_st_zt_runs - zt0;
     gpt2_backward(&m, 1.0f);
     cudaCheck(cudaDeviceSynchronize());
     check_true(nz == 0 && isfinite(loss) && loss > 0.0f, "-at 1: the gradients are zero after the tuning; the chosen kernels train", "nonzero gradients or bad loss");
     // q, k, v's forwards ran split (-sk 3), their backwards not (-sk 0): 9 layers one way
     check_true(split_fwd == 9 && g_st_split_runs - split0 == 9, "-at 1: a pair runs its forward's kernels forward and its backward's backward",
                "other split runs");
+    // fc_proj's -sk 4 both ways: 3 layers, each way
+    check_true(zt_fwd == 3 && g_st_zt_runs - zt0 == 6, "-at 1: -sk 4 runs its own plans both ways (fc_proj)", "other -sk 4 runs");
     // a choice whose results differ from the plans' is refused, however fast
     st_set_all_kernels(&m, 0);
     st_buffers_fit(&m, 1);
     g_tune_clock = fake_tune_clock_broken;
     st_autotune(&m);
     g_tune_clock = NULL;
-    check_true(fake_qkv_kernels(&m, st_kernel_pair(2, 0)) && lin_kernels(&m.lin[SR_FC_PROJ]) == 1,
+    check_true(fake_qkv_kernels(&m, st_kernel_pair(2, 0)) && lin_kernels(&m.lin[SR_FC_PROJ]) == ST_K_ZT,
                "-at 1: a choice whose results differ from the plans' (-sk 3 writing zeros over a tile) is refused both ways; the next "
                "fastest forward (-sk 2) runs with -sk 0's backward",
                "the broken choice was taken");
@@ -588,7 +613,7 @@ static int g_test_bwd_sk = -1;
 static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     mt19937_state rng;
     mt_seed(&rng, 7);
-    const int din = spec->d_in, dout = spec->d_out, fwd_sk = g_st_fused, bwd_sk = g_test_bwd_sk >= 0 ? g_test_bwd_sk : g_st_fused;
+    const int din = spec->d_in, dout = spec->d_out, fwd_sk = g_st_sk, bwd_sk = g_test_bwd_sk >= 0 ? g_test_bwd_sk : g_st_sk;
     char tag[160], name[256];
     if (spec->kind == STRUCT_BTT && fwd_sk != bwd_sk)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->rank, din, dout, N,
@@ -599,12 +624,14 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     else if (spec->kind == STRUCT_BTT)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt r%d %d->%d N=%d (%s)", spec->rank, din, dout, N,
                  g_st_dense ? "dense GEMMs on the materialized weight"
+                 : g_st_zt ? (spec->rank == 1 ? "-sk 4: cuBLAS, z stored transposed" : "-sk 4: cuBLAS, as -sk 0 at this rank")
                  : g_st_fused == 3 ? "split: fused stage 1, cuBLAS the rest"
                  : g_st_fused ? (g_btt_wstage ? "fused forward and backward dx, W0 staged" : "fused forward and backward dx")
                               : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
         snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N,
-                 g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx" : "cuBLAS");
+                 g_st_dense ? "dense GEMMs on the materialized weight" : g_st_fused ? "fused forward and backward dx"
+                 : g_st_zt ? "-sk 4: cuBLAS, u stored transposed" : "cuBLAS");
     else if (fwd_sk != bwd_sk)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->experts,
                  spec->topk, din, dout, N, fwd_sk, bwd_sk);
@@ -873,25 +900,27 @@ static void check_btt_qkv_strided_vs_cpu(void) {
     }
     floatX *scr_d = cudaMallocNamed(floatX, scr_n, "test scratch");
     float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(C), "test colsum");
-    for (int mode = 0; mode <= 3; mode += 3) {
+    for (int mode = 0; mode <= 4; mode += mode ? 1 : 3) {  // -sk 0, 3 and 4 (rank 1 with z stored transposed)
         st_set_kernels(mode);
         char tag[128], name[192];
         snprintf(tag, sizeof(tag), "gpu vs cpu q, k, v as BTT r1, r2, r4 in place (y_ld, dy_ld 3C, dx added) N=%d (-sk %d%s)", N, mode,
-                 mode == 3 ? ": split" : "");
+                 mode == 3 ? ": split" : mode == 4 ? ": r1 z transposed" : "");
         cudaCheck(cudaMemset(y_d, 0xff, (size_t)N * S * C * sizeof(floatX)));
         cudaCheck(cudaMemset(dx_d, 0xff, (size_t)N * C * sizeof(floatX)));  // NaN: the first layer overwrites dx
         cudaCheck(cudaMemset(db_d, 0, (size_t)S * C * sizeof(floatX)));
         for (int i = 0; i < S; i++)
             for (int t = 0; t < 2; t++) cudaCheck(cudaMemset(dw_d[i][t], 0, wn[i][t] * sizeof(floatX)));
-        const long split0 = g_st_split_runs;
+        const long split0 = g_st_split_runs, zt0 = g_st_zt_runs;
         for (int i = 0; i < S; i++)
             btt_forward_gpu(y_d + (size_t)i * C, z_d[i], x_d, w_d[i][0], w_d[i][1], b_d + (size_t)i * C, N, &bs[i], scr_d, NULL, S * C);
         for (int i = 0; i < S; i++)
             btt_backward_gpu(dx_d, dw_d[i][0], dw_d[i][1], db_d + (size_t)i * C, dy_d + (size_t)i * C, x_d, z_d[i], w_d[i][0], w_d[i][1], N,
                              &bs[i], scr_d, colsum, NULL, S * C, i > 0);
         cudaCheck(cudaDeviceSynchronize());
-        snprintf(name, sizeof(name), "%s: ran split %s", tag, mode == 3 ? "every forward and backward (6)" : "none");
-        check_true(g_st_split_runs - split0 == (mode == 3 ? 2 * S : 0), name, "a different count of split runs");
+        snprintf(name, sizeof(name), "%s: ran split %s, on -sk 4's plans %s", tag, mode == 3 ? "every forward and backward (6)" : "none",
+                 mode == 4 ? "rank 1's forward and backward (2)" : "none");
+        check_true(g_st_split_runs - split0 == (mode == 3 ? 2 * S : 0) && g_st_zt_runs - zt0 == (mode == 4 ? 2 : 0), name,
+                   "a different count of split or -sk 4 runs");
         snprintf(name, sizeof(name), "%s: y", tag);
         check_device(y_d, y_ref, (size_t)N * S * C, 3e-2f, name);
         snprintf(name, sizeof(name), "%s: dx", tag);
@@ -942,6 +971,9 @@ static void check_structures_vs_cpu(void) {
             st_set_kernels(sk);
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         }
+        st_set_kernels(4);  // z stored transposed: rank 1 (higher ranks run -sk 0's plans)
+        s.rank = 1;
+        check_layer_vs_cpu(&s, N);
         st_set_kernels(0);
         g_st_dense = 1;  // -sm 1: dense GEMMs on the materialized weight
         for (int r = 1; r <= 4; r *= 4) { s.rank = r; check_layer_vs_cpu(&s, N); }
@@ -949,8 +981,11 @@ static void check_structures_vs_cpu(void) {
         s.blocks = 4;
         check_layer_vs_cpu(&s, N);
         g_st_dense = 0;
-        for (g_st_fused = 0; g_st_fused <= 1; g_st_fused++) check_layer_vs_cpu(&s, N);
-        g_st_fused = 0;
+        for (int sk = 0; sk <= 4; sk += sk == 1 ? 3 : 1) {  // the plans, the fused kernels, -sk 4
+            st_set_kernels(sk);
+            check_layer_vs_cpu(&s, N);
+        }
+        st_set_kernels(0);
         // -at 1's pairs: a backward on the z (u) another path's forward saved (BTT rank 2 runs fused
         // and split both ways at these shapes; Monarch fused where its traffic model says it pays)
         const int pairs[4][2] = {{1, 0}, {0, 1}, {3, 1}, {1, 3}};
@@ -986,7 +1021,7 @@ static void check_structures_vs_cpu(void) {
     s.kind = STRUCT_BTT;
     s.d_in = 768; s.d_out = 1280; s.bias = 1; s.rank = 1;
     s.alpha = 16; s.gamma = 48; s.phi = 16; s.eps = 80;
-    for (int sk = 0; sk <= 3; sk++) {
+    for (int sk = 0; sk <= 4; sk++) {
         st_set_kernels(sk);
         check_layer_vs_cpu(&s, N);
     }
@@ -1017,8 +1052,9 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 2);
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 7);  // -sk 4 likewise
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 7: with it, BTT's 17 choices
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 7: with it, BTT's 18 choices (12 BTT layers: 0-11, then 7-17 and 0)
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;

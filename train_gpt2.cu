@@ -72,19 +72,19 @@ static const char *const ST_TUNE_OOM_NOTE = "-at 1 holds the buffers of every ch
 
 // What a structured linear layer keeps between its forward and backward.
 typedef struct {
-    floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q)
+    floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q); with -sk 4 transposed (gpu_plan.h)
     MoEGPUState moe;      // btt_moe
     int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
-    int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..3; -at 1 chooses all three per layer
+    int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..4; -at 1 chooses all three per layer
 } LinearState;
 
-// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, or a forward and
-// backward pair), and back.
-static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : st_kernel_pair(ls->sk, ls->sk_bwd); }
+// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, or a forward
+// and backward pair), and back.
+static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : st_kernel_of_sk(ls->sk, ls->sk_bwd); }
 static void lin_set_kernels(LinearState *ls, int k) {
     ls->as_dense = k == ST_K_DENSE;
-    ls->sk = k == ST_K_DENSE ? 0 : st_kernel_fwd(k);
-    ls->sk_bwd = k == ST_K_DENSE ? 0 : st_kernel_bwd(k);
+    ls->sk = st_kernel_sk(k, 0);
+    ls->sk_bwd = st_kernel_sk(k, 1);
 }
 
 typedef struct {
@@ -172,7 +172,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
     LinearState *ls = lin_state(m, ld);
     prof_mark_linear(ld, 0, N, ls->as_dense);
     if (s->kind == STRUCT_DENSE) { matmul_forward(out, inp, w0, b, N, s->d_in, s->d_out, pre_gelu); return; }
-    const int sk_setting = g_st_fused;  // this layer runs its own kernels (-at 1: chosen per layer); the setting is restored after
+    const int sk_setting = g_st_sk;  // this layer runs its own kernels (-at 1: chosen per layer); the setting is restored after
     st_set_kernels(ls->sk);
     switch (s->kind) {
         case STRUCT_BTT: {
@@ -223,7 +223,7 @@ static void linear_backward(GPT2 *m, const LinearDesc *ld, floatX *dinp, const f
         matmul_backward(dinp, dw0, db, dout, inp, w0, N, s->d_in, s->d_out, pre_gelu, m->colsum_scratch);
         return;
     }
-    const int sk_setting = g_st_fused;
+    const int sk_setting = g_st_sk;
     st_set_kernels(ls->sk_bwd);
     switch (s->kind) {
         case STRUCT_BTT: {
@@ -362,7 +362,7 @@ static void st_choose_as_dense(GPT2 *m, int N) {
 // Whether a layer's forward (bwd 0) writes its output into a column block of wider rows
 // (linear_forward's out_ld), or its backward (bwd 1) reads its output gradient from one and adds
 // its input gradient (linear_backward's dout_ld and dinp_acc): the cuBLAS plans (BTT and Monarch
-// with -sk 0, not as dense; BTT-MoE), and BTT split (-sk 3: its cuBLAS halves take the strides,
+// with -sk 0 or 4, not as dense; BTT-MoE), and BTT split (-sk 3: its cuBLAS halves take the strides,
 // its stage 1 reads dy rows of any stride). The others (dense, the fused kernels, layers run as
 // dense) go through the split buffers and copies, except q, k and v as one dense group
 // (qkv_dense_group).
@@ -372,7 +372,7 @@ static int linear_takes_strides(GPT2 *m, const LinearDesc *ld, int bwd) {
     const LinearState *ls = lin_state(m, ld);
     if (ls->as_dense) return 0;
     const int sk = bwd ? ls->sk_bwd : ls->sk;
-    return (k == STRUCT_BTT && (!sk || sk == 3)) || (k == STRUCT_MONARCH && !sk);
+    return (k == STRUCT_BTT && (!sk || sk == 3 || sk == 4)) || (k == STRUCT_MONARCH && (!sk || sk == 4));
 }
 
 // When q, k and v all run as dense (BTT or Monarch; -sm 1, or -sm 2's model): fills g with them
@@ -616,7 +616,7 @@ static void gpt2_alloc(GPT2 *m, int B, int T, int recompute, int flash) {
     // structured layers: their kernels (-sk, -sm), what each keeps for its backward, one shared scratch
     m->lin = (LinearState *)callocCheck(L * NUM_BLOCK_ROLES + 1, sizeof(LinearState));
     m->kernels = (uint8_t *)mallocCheck((size_t)gpt2_num_linears(&m->layout));
-    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) m->lin[i].sk = m->lin[i].sk_bwd = g_st_fused;
+    for (int i = 0; i < gpt2_num_linears(&m->layout); i++) m->lin[i].sk = m->lin[i].sk_bwd = g_st_sk;
     st_choose_as_dense(m, (int)BT);
     st_buffers_fit(m, g_st_tune);
 }
@@ -1001,6 +1001,14 @@ static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     return kind;
 }
 
+// Whether -sk 4 has plans of its own for some layer of unit u (tune.cuh's st_spec_zt).
+static int tune_unit_zt(const GPT2 *m, const TuneUnit *u) {
+    int idx[3], zt = 0;
+    const int nm = tune_unit_members(m, u, idx);
+    for (int i = 0; i < nm; i++) zt |= st_spec_zt(&gpt2_linear_at(&m->layout, idx[i])->spec);
+    return zt;
+}
+
 // Whether two units compute the same shapes the same way (then one timing serves both).
 static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
     if (a->role != b->role || a->moe != b->moe || (a->layer < 0) != (b->layer < 0)) return 0;
@@ -1110,9 +1118,10 @@ static void tune_unit_zero_grads(GPT2 *m, const TuneUnit *u) {
 }
 
 // Stores unit u's results as the reference (store; *ref grown to fit), or compares them with it:
-// the worst of its regions' max |a - ref| / max |ref| (st_sample); with dense (a dense choice ran)
+// the worst of its regions' max |a - ref| / max |ref| (st_sample); with own_state (a choice ran
+// that saves no state, dense, or its own layout of it, -sk 4, which only its own backward reads)
 // not the saved states.
-static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, int dense, floatX **ref, size_t *ref_cap, float *scratch) {
+static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, int own_state, floatX **ref, size_t *ref_cap, float *scratch) {
     TuneRegion r[TUNE_MAX_REGIONS];
     const int n = tune_unit_regions(m, u, r);
     size_t need = 0;
@@ -1125,7 +1134,7 @@ static double tune_unit_check(GPT2 *m, const TuneUnit *u, int store, int dense, 
     double worst = 0.0;
     size_t at = 0;
     for (int i = 0; i < n; i++) {
-        const double d = dense && r[i].saved ? 0.0 : st_sample(*ref + at, r[i].p, r[i].rows, r[i].w, r[i].stride, store, scratch);
+        const double d = own_state && r[i].saved ? 0.0 : st_sample(*ref + at, r[i].p, r[i].rows, r[i].w, r[i].stride, store, scratch);
         if (!(d <= worst)) worst = d;
         at += (size_t)st_sample_rows(r[i].rows, r[i].stride) * r[i].w;
     }
@@ -1207,7 +1216,7 @@ static void st_autotune(GPT2 *m) {
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
-        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
+        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), tune_unit_zt(m, &units[u]), cand);
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
@@ -1216,7 +1225,7 @@ static void st_autotune(GPT2 *m) {
             const size_t at = (size_t)u * ST_K_COUNT + cand[c];
             if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
             else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
-            diff[at] = tune_unit_check(m, &units[u], c == 0, cand[c] == ST_K_DENSE, &ref, &ref_cap, cmp_scratch);
+            diff[at] = tune_unit_check(m, &units[u], c == 0, cand[c] == ST_K_DENSE || cand[c] == ST_K_ZT, &ref, &ref_cap, cmp_scratch);
         }
         for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], keep[i]);  // the flags' choice while the other units are timed
     }
@@ -1231,13 +1240,13 @@ static void st_autotune(GPT2 *m) {
         const int r = rep[u];
         if (r == u) {
             int cand[ST_K_COUNT];
-            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand);
+            const int kind = tune_unit_kind(m, &units[u]), zt = tune_unit_zt(m, &units[u]), nc = st_kernel_candidates(kind, zt, cand);
             double tf[ST_K_COUNT], tb[ST_K_COUNT];
             for (int c = 0; c < nc; c++) {
                 tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
                 tb[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2 + 1];
             }
-            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), !m->eval_only);
+            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, zt, was[u]), !m->eval_only);
         } else {
             pick[u] = pick[r];
         }
@@ -1490,13 +1499,14 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                               "rounding (4 bytes per parameter less; llm.c's -w) (default: 1)"},
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
-        {"-sk", &g_st_fused, NULL, 0, 3, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
-                                       "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
-                                       "(z, and dZ from dy) and cuBLAS for the rest (2 and 3 not yet measured on a GPU) (default: 0)"},
+        {"-sk", &g_st_sk, NULL, 0, 4, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
+                                    "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
+                                    "(z, and dZ from dy) and cuBLAS for the rest, 4 the baseline with z (u) stored transposed, which takes no "
+                                    "permute of it (BTT rank 1 and Monarch; others as 0) (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
-        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..3; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
+        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..4; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
                                        "backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
@@ -1533,7 +1543,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
-    st_set_kernels(g_st_fused);
+    st_set_kernels(g_st_sk);
     if (g_log_gpu > 0 && mp->rank == 0) {  // only rank 0 prints
         char bus[32], err[512];
         snprintf(bus, sizeof(bus), "%08X:%02X:%02X.0", (unsigned)g_gpu.prop.pciDomainID, (unsigned)g_gpu.prop.pciBusID, (unsigned)g_gpu.prop.pciDeviceID);
@@ -1667,11 +1677,12 @@ static void trainer_banner(const GPT2 *m) {
             else snprintf(roles + at, sizeof(roles) - at, "%s%s %d/%d", at ? ", " : "", name, d, t);
         }
         if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1)");
-        else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_fused);
+        else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_sk);
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : "-sk 0");
-        else if (g_st_fused == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
-        else if (g_st_fused == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
-        else snprintf(how, sizeof(how), "%s", g_st_fused ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
+        else if (g_st_sk == 4) snprintf(how, sizeof(how), "cuBLAS baseline, z and u transposed (-sk 4)");
+        else if (g_st_sk == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
+        else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
+        else snprintf(how, sizeof(how), "%s", g_st_sk ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
         if (g_st_dense == 2 && !g_st_tune) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
         if (g_st_tune) trainer_banner_kernels(m);

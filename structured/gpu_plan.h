@@ -142,6 +142,38 @@ static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int
     plan_btt_backward_from_t1(p, s, n, row0, want_dx, beta_w);
 }
 
+// -sk 4: z stored transposed, zrow rows of n tokens each (element (c, t) of a layer's n rows at
+// c·n + t; row c = g·phi + f at rank 1). Stage 1 writes each Z1_g transposed (one GEMM per g,
+// its phi rows consecutive), stage 2 reads Z_f transposed with a row stride of phi·n: the two
+// GEMMs meet without a permute, and so do the backward's dZ GEMM and its readers. Rank 1 only:
+// with rho > 1, stage 2's rows (g, r) of Z_f lie at (g·phi + f)·rho + r, two strides, which no
+// GEMM operand takes. The buffers' rows are the layer's n rows exactly (built at row 0).
+static inline int plan_btt_zt_ok(const BTTShape *s) { return s->rank == 1; }
+
+static inline void plan_btt_forward_zt(Plan *p, const BTTShape *s, int n) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps;
+    if (!plan_btt_zt_ok(s)) fatal("internal: plan_btt_forward_zt wants rank 1 (got %d)", s->rank);
+    // Zt_g (P x n) = W0[g]^T (P x A) . X_g^T (A x n)
+    plan_gemm(p, 1, 1, P, n, A, PB_W0, 0, P, (long long)A * P, PB_X, 0, s->d_in, A, PB_Z, 0, n, (long long)P * n, G, 0);
+    // Y_f (n x E) = Z_f (n x G) . W1[f] (G x E), Z_f = the transpose of Z's rows g·phi + f
+    plan_gemm(p, 1, 0, n, E, G, PB_Z, 0, P * n, n, PB_W1, 0, E, (long long)G * E, PB_Y, 0, s->d_out, E, P, 0);
+}
+
+// The backward on z stored transposed; T1 = dZ stored the same way (zrow x n).
+static inline void plan_btt_backward_zt(Plan *p, const BTTShape *s, int n, int want_dx, int beta_w) {
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps;
+    if (!plan_btt_zt_ok(s)) fatal("internal: plan_btt_backward_zt wants rank 1 (got %d)", s->rank);
+    // dZt_f (G x n) = W1[f] (G x E) . dY_f^T (E x n), into T1's rows g·phi + f
+    plan_gemm(p, 0, 1, G, n, E, PB_W1, 0, E, (long long)G * E, PB_DY, 0, s->d_out, E, PB_T1, 0, P * n, n, P, 0);
+    // dX_g (n x A) = dZ_g (n x P) . W0[g]^T (P x A), dZ_g the transpose of T1's phi rows from g·phi
+    if (want_dx)
+        plan_gemm(p, 1, 1, n, A, P, PB_T1, 0, n, (long long)P * n, PB_W0, 0, P, (long long)A * P, PB_DX, 0, s->d_in, A, G, 0);
+    // DW1[f] (G x E) (+)= Z_f^T (G x n) . dY_f (n x E)
+    plan_gemm(p, 0, 0, G, E, n, PB_Z, 0, P * n, n, PB_DY, 0, s->d_out, E, PB_DW1, 0, E, (long long)G * E, P, beta_w);
+    // DW0[g] (A x P) (+)= X_g^T (A x n) . dZ_g (n x P)
+    plan_gemm(p, 1, 1, A, P, n, PB_X, 0, s->d_in, A, PB_T1, 0, n, (long long)P * n, PB_DW0, 0, P, (long long)A * P, G, beta_w);
+}
+
 // Scratch elements per row: T1, T2 (zrow each), no T3.
 static inline size_t plan_btt_scratch_row(const BTTShape *s) { return 2 * btt_z_row(s); }
 
@@ -225,6 +257,27 @@ static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, 
     if (want_dx)
         plan_gemm(p, 0, 0, n, pp, q, PB_T3, 0, urow, q, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);  // dX_k = dU_k R[k]
     plan_monarch_backward_weights(p, m, n);
+}
+
+// -sk 4: u stored transposed in its natural order, urow rows of n tokens (row k·q + j: stage 1's
+// U_k^T, one GEMM per block, its q rows consecutive); stage 2's block l reads Ut_l (the plans'
+// permuted block: u's elements r·nb + l) as u's rows r·nb + l, one row stride (nb·n), so u needs
+// no permute either way; du likewise. The output's permute (y
+// from yt) and the input gradient's (dyt from dy) stay: y and dy are row-major.
+static inline void plan_monarch_forward_ut(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out;
+    plan_gemm(p, 0, 1, q, n, pp, PB_W0, 0, pp, (long long)q * pp, PB_X, 0, din, pp, PB_Z, 0, n, (long long)q * n, nb, 0);  // U_k^T = R[k] X_k^T
+    plan_gemm(p, 1, 1, n, s, q, PB_Z, 0, nb * n, n, PB_W1, 0, q, (long long)s * q, PB_T2, 0, dout, s, nb, 0);             // Yt_l = Ut_l L[l]^T
+    plan_permute(p, PB_T2, 0, dout, PB_Y, 0, dout, n, nb, s, 1);                                                         // y[i nb + l] = yt[l s + i]
+}
+static inline void plan_monarch_backward_ut(Plan *p, const MonarchShape *m, int n, int want_dx) {
+    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out;
+    plan_permute(p, PB_DY, 0, dout, PB_T2, 0, dout, n, s, nb, 1);                                                      // dyt
+    plan_gemm(p, 1, 1, q, n, s, PB_W1, 0, q, (long long)s * q, PB_T2, 0, dout, s, PB_T3, 0, nb * n, n, nb, 0);        // du's rows r nb + l = (dYt_l L[l])^T
+    if (want_dx)
+        plan_gemm(p, 1, 0, n, pp, q, PB_T3, 0, n, (long long)q * n, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);  // dX_k = dU_k R[k]
+    plan_gemm(p, 1, 1, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, nb * n, n, PB_DW1, 0, q, (long long)s * q, nb, 1);         // dL[l] += dYt_l^T Ut_l
+    plan_gemm(p, 0, 0, q, pp, n, PB_T3, 0, n, (long long)q * n, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
 }
 
 // Scratch elements per row: T1 and T3 (urow each), T2 (d_out).

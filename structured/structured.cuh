@@ -11,6 +11,10 @@
 // runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
 // kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
 // says they move fewer bytes than the plans (not at large widths with few blocks).
+// -sk 4 (g_st_zt): BTT rank 1 and Monarch on plans that store z (u) transposed, a row per element
+// of the intermediate with the layer's rows side by side, so that both stages' GEMMs read it
+// through one stride each and the permute of z (u) goes, forward and backward; its saved z is then
+// in that layout, so its forward pairs with its own backward only.
 // A layer's bias and the fc layer's GELU (and, backward, the GELU' on dx) ride on the last op
 // that writes the output (gpu_plan.h's plan_set_epilogue): cuBLASLt epilogues on a GEMM (our
 // kernel after it where cuBLASLt has no algorithm), the permute kernel's own on a permute.
@@ -52,13 +56,21 @@
 // kernels were slower than the plans in every layer and whole-model config of
 // dev/bench/structured.sh (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
-// BTT forwards and backwards that ran split (-sk 3; the tests check that it did, not the plans)
-static long g_st_split_runs = 0;
-// -sk's setting: which structured kernels run (g_st_fused), and with 2 and 3 the fused BTT kernel
-// with W0 staged (btt_fused.cuh's g_btt_wstage).
+// 1: BTT rank-1 and Monarch layers run the plans with z (u) stored transposed, which need no
+// permute of it (gpu_plan.h, -sk 4); other layers the plans of -sk 0.
+static int g_st_zt = 0;
+// -sk's setting, 0..4 (the trainer's flag; st_set_kernels applies it)
+static int g_st_sk = 0;
+// BTT forwards and backwards that ran split (-sk 3), and BTT and Monarch ones on -sk 4's plans
+// (the tests check that they did, not -sk 0's plans)
+static long g_st_split_runs = 0, g_st_zt_runs = 0;
+// -sk's setting: which structured kernels run (g_st_fused, g_st_zt), and with 2 and 3 the fused
+// BTT kernel with W0 staged (btt_fused.cuh's g_btt_wstage).
 static void st_set_kernels(int sk) {
-    g_st_fused = sk;
-    g_btt_wstage = sk >= 2;
+    g_st_sk = sk;
+    g_st_fused = sk == 4 ? 0 : sk;
+    g_st_zt = sk == 4;
+    g_btt_wstage = sk == 2 || sk == 3;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -347,7 +359,11 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
-    if (g_st_fused == 3) {  // split: the fused kernel's stage 1 writes z (into scratch when not saved), cuBLAS y from it
+    if (g_st_zt && plan_btt_zt_ok(s)) {  // -sk 4: z stored transposed, no permute
+        if (!z) buf[PB_Z] = scratch;
+        plan_btt_forward_zt(&p, s, N);
+        g_st_zt_runs++;
+    } else if (g_st_fused == 3) {  // split: the fused kernel's stage 1 writes z (into scratch when not saved), cuBLAS y from it
         floatX *zz = z ? z : scratch;
         if (btt_stage1_fused(zz, x, 0, W0, N, s)) {
             g_st_split_runs++;
@@ -426,6 +442,10 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
         if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
     } else {
         if (split) plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
+        else if (g_st_zt && plan_btt_zt_ok(s)) {  // z stored transposed (-sk 4)
+            plan_btt_backward_zt(&p, s, N, dx != NULL, 1);
+            g_st_zt_runs++;
+        }
         else {
             plan_btt_backward_dz(&p, s, N, 0);
             plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
@@ -473,7 +493,12 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * monarch_u_row(m);
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
-    plan_monarch_forward(&p, m, N);
+    if (g_st_zt) {  // -sk 4: u stored transposed, no permute of it
+        plan_monarch_forward_ut(&p, m, N);
+        g_st_zt_runs++;
+    } else {
+        plan_monarch_forward(&p, m, N);
+    }
     if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
     const int epi = st_epi(bias, pre_gelu);
     if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the Monarch forward plan took no epilogue");
@@ -513,7 +538,12 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     } else {
         buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
         buf[PB_PRE] = (floatX *)pre_gelu;
-        plan_monarch_backward(&p, m, N, dx != NULL);
+        if (g_st_zt) {
+            plan_monarch_backward_ut(&p, m, N, dx != NULL);
+            g_st_zt_runs++;
+        } else {
+            plan_monarch_backward(&p, m, N, dx != NULL);
+        }
         if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
         if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the Monarch backward plan took no epilogue");
         if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(&p, PB_DX))) fatal("internal: the Monarch backward plan cannot add to dx");

@@ -9,8 +9,8 @@
 #pragma once
 #include "spec.h"
 
-// A layer's kernels: 0..3 as -sk, or ST_K_DENSE (as -sm), forward and backward alike; or a
-// forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
+// A layer's kernels: 0..3 as -sk, ST_K_DENSE (as -sm) or ST_K_ZT (as -sk 4), forward and
+// backward alike; or a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
 // The byte a resume state keeps per linear layer (common/checkpoint.h) is this, or ST_K_NONE for
 // the dense layers, which have no choice.
 // Why the directions may differ: the forward and backward of one path are different kernels (the
@@ -18,15 +18,20 @@
 // gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
 // had their speeds relative to the plans differ. Every path saves the same z (Monarch: u; BTT-MoE:
 // z of its grouped rows, and the backward builds its own tile table), so any backward can follow
-// any forward; a dense forward saves none, so dense is both ways or neither.
+// any forward; a dense forward saves none, so dense is both ways or neither. -sk 4 saves z (u)
+// transposed, which only its own backward reads: both ways or neither too.
 // ST_K_END: one past the largest byte a choice takes.
-enum { ST_K_DENSE = 4, ST_K_COUNT = 5, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
-static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense"};
+enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_COUNT = 6, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
+static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4"};
 
-// The forward's and the backward's kernels of byte k (0..3 or ST_K_DENSE each), and the byte of a pair.
+// The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE or ST_K_ZT each), and the byte of a pair.
 static inline int st_kernel_fwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k; }
 static inline int st_kernel_bwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k; }
 static inline int st_kernel_pair(int fwd, int bwd) { return fwd == bwd ? fwd : ST_K_MIXED + 4 * fwd + bwd; }
+// The -sk value (0..4) of byte k's forward or backward (dense: 0, which then does not run), and
+// the byte of a layer whose forward runs -sk fwd and backward -sk bwd (-sk 4 is both or neither).
+static inline int st_kernel_sk(int k, int bwd) { return k == ST_K_DENSE ? 0 : k == ST_K_ZT ? 4 : bwd ? st_kernel_bwd(k) : st_kernel_fwd(k); }
+static inline int st_kernel_of_sk(int fwd, int bwd) { return fwd == 4 || bwd == 4 ? ST_K_ZT : st_kernel_pair(fwd, bwd); }
 
 // "-sk 3", "dense", or "-sk 3 fwd, -sk 0 bwd" into buf ("kernels 7" for a byte that is neither).
 static inline void st_kernel_label(char *buf, size_t cap, int k) {
@@ -41,32 +46,42 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
 // Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
-// the same: its experts' fused kernel with W0 staged).
+// the same: its experts' fused kernel with W0 staged); every kind -sk 4 (the plans of -sk 0 where
+// it has none of its own: BTT of rank > 1, BTT-MoE).
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
     if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
-    return k >= 0 && k < (st_kind_densifiable(kind) ? ST_K_COUNT : ST_K_DENSE);
+    return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
-// The choices that run differently for a layer of this kind, into out: BTT all five; Monarch -sk
-// 0, 1 and dense; BTT-MoE -sk 0, 1 and 2. Returns how many. (-at 1 times these, each both ways,
-// and may then pair one's forward with another's backward.)
-static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
+// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT of rank 1, Monarch).
+static inline int st_spec_zt(const LinearSpec *s) { return (s->kind == STRUCT_BTT && s->rank == 1) || s->kind == STRUCT_MONARCH; }
+
+// The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
+// Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; with zt (some layer of the unit has -sk 4's
+// own plans: st_spec_zt) also -sk 4 for BTT and Monarch. Returns how many. (-at 1 times these,
+// each both ways, and may then pair one's forward with another's backward.)
+static inline int st_kernel_candidates(int kind, int zt, int out[ST_K_COUNT]) {
+    int n = 0;
     if (kind == STRUCT_BTT) {
-        for (int k = 0; k < ST_K_COUNT; k++) out[k] = k;
-        return ST_K_COUNT;
+        for (int k = 0; k <= ST_K_DENSE; k++) out[n++] = k;
+    } else if (kind == STRUCT_MONARCH) {
+        out[n++] = 0; out[n++] = 1; out[n++] = ST_K_DENSE;
+    } else if (kind == STRUCT_BTT_MOE) {
+        out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
-    if (kind == STRUCT_MONARCH) { out[0] = 0; out[1] = 1; out[2] = ST_K_DENSE; return 3; }
-    if (kind == STRUCT_BTT_MOE) { out[0] = 0; out[1] = 1; out[2] = 2; return 3; }
-    return 0;
+    if (zt && st_kind_densifiable(kind)) out[n++] = ST_K_ZT;
+    return n;
 }
 
 // The candidate that runs what kernels k run for this kind (Monarch's -sk 2 and 3 are its 1,
-// BTT-MoE's -sk 3 its 2; a pair, each direction so).
-static inline int st_kernel_canonical(int kind, int k) {
-    if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
+// BTT-MoE's -sk 3 its 2, -sk 4 without plans of its own (not zt) -sk 0; a pair, each direction so).
+static inline int st_kernel_canonical(int kind, int zt, int k) {
+    if (k >= ST_K_MIXED)
+        return st_kernel_pair(st_kernel_canonical(kind, zt, st_kernel_fwd(k)), st_kernel_canonical(kind, zt, st_kernel_bwd(k)));
     if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
+    if (k == ST_K_ZT && (!zt || !st_kind_densifiable(kind))) return 0;
     return k;
 }
 
@@ -86,7 +101,7 @@ static inline int st_tune_pick(const double *t, int n, int incumbent) {
 
 // The kernels byte a unit runs, from its nc candidates' forward and backward times tf, tb
 // (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (not with -x 0)
-// the fastest forward among the non-dense candidates with the fastest backward among them; the
+// the fastest forward among -sk 0..3 with the fastest backward among them; the
 // least total wins, unless the incumbent's (a candidate byte; -1: none) is within the margin.
 static inline int st_tune_pick_pair(const int *cand, const double *tf, const double *tb, int nc, int incumbent, int mix) {
     int opt[ST_K_COUNT + 1], n = 0, inc = -1, f = -1, b = -1;
@@ -96,7 +111,7 @@ static inline int st_tune_pick_pair(const int *cand, const double *tf, const dou
         if (ok && cand[c] == incumbent) inc = n;
         opt[n] = cand[c];
         tt[n++] = ok ? tf[c] + tb[c] : ST_TUNE_REFUSED;
-        if (!ok || cand[c] == ST_K_DENSE) continue;
+        if (!ok || cand[c] == ST_K_DENSE || cand[c] == ST_K_ZT) continue;  // both ways or neither
         if (f < 0 || tf[c] < tf[f]) f = c;
         if (b < 0 || tb[c] < tb[b]) b = c;
     }

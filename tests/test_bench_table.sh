@@ -20,6 +20,7 @@ RESULT d=768 din=768 dout=3072 struct=btt_r2_sm ms=1.1500 fwd_ms=0.3500 flops=1 
 RESULT d=1024 din=1024 dout=4096 struct=dense ms=2.0000 fwd_ms=0.6000 flops=1 flop_ratio=1 floor_ms=1.8000 pct_floor=90 vs_dense=1 check=ok
 RESULT d=1024 din=1024 dout=4096 struct=btt_r4 ms=2.5000 fwd_ms=1.0000 flops=1 flop_ratio=0.3 floor_ms=1.0000 pct_floor=40 vs_dense=1.25 check=ok
 RESULT d=1024 din=1024 dout=4096 struct=monarch_4 ms=1.9000 fwd_ms=0.9000 flops=1 flop_ratio=0.3 floor_ms=1.2000 pct_floor=63 vs_dense=0.95 check=ok
+RESULT d=1024 din=1024 dout=4096 struct=monarch_4_zt ms=1.8000 fwd_ms=0.4000 flops=1 flop_ratio=0.3 floor_ms=1.2000 pct_floor=66 vs_dense=0.9 check=ok
 RESULT d=1024 din=1024 dout=4096 struct=monarch_4_sm ms=1.7000 fwd_ms=0.5000 flops=1 flop_ratio=0.3 floor_ms=1.2000 pct_floor=70 vs_dense=0.85 check=ok
 EOF
 cat > "$W/torch.log" <<'EOF'
@@ -40,10 +41,16 @@ r=$(row 768 btt_r2)
 # pairs: its fastest whole path, -sk 1's 1.2
 r=$(row 768 btt_moe_8x2)
 [ "$r" = " 768 768->3072 btt_moe_8x2 1.200 -sk 1 83.3% 1.200 - -" ] && ok "fastest path: BTT-MoE takes no pairs" || bad "btt_moe row" "'$r'"
-# Monarch 4 at 1024: -sm 1 (1.7) beats the plans (1.9) and is never paired; 0.85 of dense
+# Monarch 4 at 1024: -sm 1 (1.7) beats the plans (1.9) and -sk 4 (1.8), and is never paired; nor is
+# -sk 4, whose u only its own backward reads (its forward, 0.4, with the plans' backward, 1.0, would
+# be 1.4); 0.85 of dense
 r=$(row 1024 monarch_4)
 [ "$r" = " 1024 1024->4096 monarch_4 1.700 dense (-sm 1) 70.6% 0.850 3.000 1.76x" ] && ok "fastest path: dense GEMMs on the materialized weight" \
     || bad "monarch_4 row" "'$r'"
+# the per-row table names the -sk 4 row, and compares it with PyTorch's monarch_4 (3.0/1.8)
+r=$(echo "$out" | grep -E "^ *1024 +1024->4096 +monarch_4_zt " | tr -s ' ')
+[ "$r" = " 1024 1024->4096 monarch_4_zt 1.800 0.300 1.200 66.0% 0.900 3.000 1.67x ok" ] && ok "per-row table: a -sk 4 row against PyTorch's layer" \
+    || bad "monarch_4_zt row" "'$r'"
 # goals: floor 1.8x (btt_r2) and 2.5x (btt_r4) miss, BTT-MoE 1.2x and Monarch 1.42x pass: 2 of 4;
 # PyTorch: btt_r2 3.33x, Monarch 1.76x: 1 of 2; dense at 1024: Monarch 0.85 passes, BTT r4 1.25 misses;
 # BTT-MoE 1.2 against BTT rank 2's fastest 0.9: 1.33x, within 1.5x

@@ -182,6 +182,48 @@ static void test_btt(int alpha, int gamma, int phi, int eps, int rank, int N) {
     free(x); free(W0); free(W1); free(dy); free(y_ref); free(z_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dW0); free(dW1); free(scr);
 }
 
+// -sk 4's BTT plans (rank 1, z stored transposed): y, z (transposed), dx, dW0, dW1 against btt.h;
+// with pre-filled gradients, beta_w 1 accumulates and 0 overwrites.
+static void test_btt_zt(int alpha, int gamma, int phi, int eps, int N, int beta_w) {
+    BTTShape s;
+    btt_shape(&s, alpha, gamma, phi, eps, 1);
+    const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
+    float *x = randn((size_t)N * s.d_in, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dy = randn((size_t)N * s.d_out, 1.0f);
+    float *y_ref = zeros((size_t)N * s.d_out), *z_ref = zeros((size_t)N * zrow), *zt_ref = zeros((size_t)N * zrow);
+    btt_forward(y_ref, z_ref, x, W0, W1, NULL, N, &s);
+    for (int t = 0; t < N; t++)  // saved layout (phi, gamma) per row -> row g·phi + f of N tokens
+        for (int f = 0; f < phi; f++)
+            for (int g = 0; g < gamma; g++) zt_ref[((size_t)g * phi + f) * N + t] = z_ref[(size_t)t * zrow + (size_t)f * gamma + g];
+    float *dW0_init = randn(n0, 1.0f), *dW1_init = randn(n1, 1.0f);
+    float *dx_ref = zeros((size_t)N * s.d_in), *dW0_ref = beta_w ? copyf(dW0_init, n0) : zeros(n0), *dW1_ref = beta_w ? copyf(dW1_init, n1) : zeros(n1);
+    float *scr = zeros(btt_scratch_size(&s, N));
+    btt_backward(dx_ref, dW0_ref, dW1_ref, NULL, dy, x, z_ref, W0, W1, N, &s, scr);
+
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dy; buf[PB_DW0] = copyf(dW0_init, n0); buf[PB_DW1] = copyf(dW1_init, n1);
+    buf[PB_Y] = zeros((size_t)N * s.d_out); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * s.d_in);
+    buf[PB_T1] = zeros((size_t)N * zrow);
+    Plan p = {0};
+    plan_btt_forward_zt(&p, &s, N);
+    plan_btt_backward_zt(&p, &s, N, 1, beta_w);
+    run_plan(&p, buf);
+    char name[160];
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: y, no permute (%d ops)", alpha, gamma, phi, eps, N, p.n);
+    check_close(buf[PB_Y], y_ref, (size_t)N * s.d_out, 1e-4f, 1e-4f, name);
+    check_true(p.n == 6, name, "6 GEMMs");
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: z stored transposed", alpha, gamma, phi, eps, N);
+    check_close(buf[PB_Z], zt_ref, (size_t)N * zrow, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: dx", alpha, gamma, phi, eps, N);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * s.d_in, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: dW0, dW1 %s", alpha, gamma, phi, eps, N, beta_w ? "accumulated" : "overwritten");
+    check_close(buf[PB_DW0], dW0_ref, n0, 1e-4f, 1e-4f, name);
+    check_close(buf[PB_DW1], dW1_ref, n1, 1e-4f, 1e-4f, name);
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY) free(buf[i]);
+    free(x); free(W0); free(W1); free(dy); free(y_ref); free(z_ref); free(zt_ref); free(dW0_init); free(dW1_init);
+    free(dx_ref); free(dW0_ref); free(dW1_ref); free(scr);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Monarch, against monarch.h
 
@@ -221,6 +263,48 @@ static void test_monarch(int din, int dout, int nb, int N) {
     for (int i = 0; i < PB_COUNT; i++)
         if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
     free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL); free(scr);
+}
+
+// -sk 4's Monarch plans (u stored transposed, natural order): y, u, dx, dR, dL against monarch.h
+static void test_monarch_ut(int din, int dout, int nb, int N) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
+    float *x = randn((size_t)N * din, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
+    float *y_ref = zeros((size_t)N * dout), *u_ref = zeros((size_t)N * urow), *ut_ref = zeros((size_t)N * urow);
+    monarch_forward(y_ref, u_ref, x, R, L, NULL, N, &m);
+    for (int t = 0; t < N; t++)  // saved (permuted) u: natural element c = r·nb + l at l·q + r
+        for (size_t c = 0; c < urow; c++) ut_ref[c * N + t] = u_ref[(size_t)t * urow + (c % m.nb) * m.q + c / m.nb];
+    float *dx_ref = zeros((size_t)N * din), *dR_ref = randn(nr, 1.0f), *dL_ref = randn(nl, 1.0f);
+    float *dR = copyf(dR_ref, nr), *dL = copyf(dL_ref, nl);
+    float *scr = zeros(monarch_scratch_size(&m, N));
+    monarch_backward(dx_ref, dR_ref, dL_ref, NULL, dy, x, u_ref, R, L, N, &m, scr);
+
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = R; buf[PB_W1] = L; buf[PB_DY] = dy; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
+    buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * urow); buf[PB_DX] = zeros((size_t)N * din);
+    buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
+    Plan p = {0};
+    plan_monarch_forward_ut(&p, &m, N);
+    plan_monarch_backward_ut(&p, &m, N, 1);
+    run_plan(&p, buf);
+    int permutes = 0;
+    for (int i = 0; i < p.n; i++) permutes += p.op[i].kind == PLAN_PERMUTE;
+    char name[160];
+    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: y (%d permutes: y and dyt only)", din, dout, nb, N, permutes);
+    check_close(buf[PB_Y], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+    check_true(permutes == 2, name, "2 permutes");
+    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: u stored transposed", din, dout, nb, N);
+    check_close(buf[PB_Z], ut_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: dx", din, dout, nb, N);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: dR, dL accumulated", din, dout, nb, N);
+    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
+    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(ut_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL);
+    free(scr);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -440,6 +524,24 @@ static void test_activation_elems(void) {
     const double gb = plan_activation_elems(&bf), wb = 768 + 4 * 3072 + 3072;
     snprintf(why, sizeof(why), "%.0f elements, counted by hand %.0f", gb, wb);
     check_true(gb == wb, "plan_activation_elems: btt 768->3072 rank 2 forward at one row", why);
+    // -sk 4 against the baseline: BTT 768 -> 3072 rank 1 (zrow 1536) drops both permutes of z,
+    // 2 x 2 x 1536 of the baseline's 9984 + 16896; Monarch drops u's two, 2 x 2 x 768
+    BTTShape s1;
+    btt_shape(&s1, 16, 48, 32, 96, 1);
+    Plan r1 = {}, t1 = {}, uf = {}, ub = {};
+    plan_btt_forward(&r1, &s1, 1, 0);
+    plan_btt_backward_dz(&r1, &s1, 1, 0);
+    plan_btt_backward_rest(&r1, &s1, 1, 0, 1, 1);
+    plan_btt_forward_zt(&t1, &s1, 1);
+    plan_btt_backward_zt(&t1, &s1, 1, 1, 1);
+    plan_monarch_forward_ut(&uf, &m, 1);
+    plan_monarch_backward_ut(&ub, &m, 1, 1);
+    const double br = plan_activation_elems(&r1), bt = plan_activation_elems(&t1), mf = plan_activation_elems(&uf), mb = plan_activation_elems(&ub);
+    snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 26880 and 20736", br, bt);
+    check_true(br == 26880 && bt == 20736, "plan_activation_elems: btt 768->3072 rank 1 forward + backward, -sk 0 and -sk 4 (23% less)", why);
+    snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 11520 and 16896", mf, mb);
+    check_true(mf == want[0] - 1536 && mb == want[1] - 1536,
+               "plan_activation_elems: monarch 768->3072 nb 4 -sk 4, forward and backward (u's permutes gone)", why);
 }
 
 // st_moe_route_row with `only` (test mode's forced routing): the given experts, ordered by logit
@@ -535,30 +637,56 @@ static void test_moe_tiles(void) {
     check_true(bad_mono == 0, "moe_tile_rows: never fewer rows per tile for more tokens", why);
 }
 
-// The small BTT (kind 0: 24 -> 15, rank 2) or Monarch (kind 1: 48 -> 96, 4 blocks) of the
-// epilogue and row-stride tests: sizes of its cores, intermediate row and T2, T3 rows.
+// The small BTT (kind 0: 24 -> 15, rank 2; kind 2: rank 1 on -sk 4's plans) or Monarch (kind 1:
+// 48 -> 96, 4 blocks; kind 3: on -sk 4's plans) of the epilogue and row-stride tests: sizes of
+// its cores, intermediate row and T2, T3 rows.
 typedef struct {
     BTTShape s;
     MonarchShape m;
-    int din, dout;
+    int din, dout, zt;
     size_t n0, n1, zrow, t2row, t3row;
     const char *what;
 } SmallLayer;
 static SmallLayer small_layer(int kind) {
     SmallLayer L;
     memset(&L, 0, sizeof(L));
-    if (kind == 0) {
-        btt_shape(&L.s, 4, 6, 5, 3, 2);
+    L.zt = kind >= 2;
+    if (kind % 2 == 0) {
+        btt_shape(&L.s, 4, 6, 5, 3, kind == 2 ? 1 : 2);
         L.din = L.s.d_in; L.dout = L.s.d_out; L.n0 = btt_w0_size(&L.s); L.n1 = btt_w1_size(&L.s); L.zrow = btt_z_row(&L.s);
         L.t2row = L.zrow; L.t3row = 1;
-        L.what = "btt 24->15 r2";
+        L.what = kind == 2 ? "btt 24->15 r1 (-sk 4)" : "btt 24->15 r2";
     } else {
         monarch_shape(&L.m, 48, 96, 4);
         L.din = L.m.d_in; L.dout = L.m.d_out; L.n0 = monarch_r_size(&L.m); L.n1 = monarch_l_size(&L.m); L.zrow = monarch_u_row(&L.m);
         L.t2row = L.dout; L.t3row = L.zrow;
-        L.what = "monarch 48->96 nb4";
+        L.what = kind == 3 ? "monarch 48->96 nb4 (-sk 4)" : "monarch 48->96 nb4";
     }
     return L;
+}
+
+// Its forward's plan and its backward's (dx wanted, weight gradients accumulated).
+static void small_forward_plan(const SmallLayer *L, Plan *p, int N) {
+    if (L->what[0] == 'b') {
+        if (L->zt) plan_btt_forward_zt(p, &L->s, N);
+        else plan_btt_forward(p, &L->s, N, 0);
+    } else {
+        if (L->zt) plan_monarch_forward_ut(p, &L->m, N);
+        else plan_monarch_forward(p, &L->m, N);
+    }
+}
+static void small_backward_plan(const SmallLayer *L, Plan *p, int N) {
+    if (L->what[0] == 'b') {
+        if (L->zt) {
+            plan_btt_backward_zt(p, &L->s, N, 1, 1);
+        } else {
+            plan_btt_backward_dz(p, &L->s, N, 0);
+            plan_btt_backward_rest(p, &L->s, N, 0, 1, 1);
+        }
+    } else {
+        if (L->zt) plan_monarch_backward_ut(p, &L->m, N, 1);
+        else plan_monarch_backward(p, &L->m, N, 1);
+    }
 }
 
 // The CPU layer's forward (y, z) and backward (dx; dW0, dW1 accumulated) on N rows.
@@ -582,8 +710,6 @@ static void small_layer_ref(const SmallLayer *L, int N, const float *x, const fl
 // BTT's last forward op is a batched GEMM over column blocks (bias per block), Monarch's a permute.
 static void test_epilogues(int kind, int N) {
     const SmallLayer L = small_layer(kind);
-    const BTTShape s = L.s;
-    const MonarchShape m = L.m;
     const int din = L.din, dout = L.dout;
     const size_t n0 = L.n0, n1 = L.n1, zrow = L.zrow, t2row = L.t2row, t3row = L.t3row;
     const char *what = L.what;
@@ -602,8 +728,7 @@ static void test_epilogues(int kind, int N) {
         buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1); buf[PB_PRE] = zeros((size_t)N * dout);
         buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
         Plan p = {0};
-        if (kind == 0) plan_btt_forward(&p, &s, N, 0);
-        else plan_monarch_forward(&p, &m, N);
+        small_forward_plan(&L, &p, N);
         char name[160];
         snprintf(name, sizeof(name), "%s: the forward's last op takes the %s epilogue", what, gelu ? "bias + GELU" : "bias");
         check_true(plan_set_epilogue(&p, PB_Y, PLAN_EPI_BIAS | (gelu ? PLAN_EPI_GELU : 0)), name, "refused");
@@ -615,12 +740,7 @@ static void test_epilogues(int kind, int N) {
             check_close(buf[PB_PRE], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
             p.n = 0;
             buf[PB_PRE] = pre_in;
-            if (kind == 0) {
-                plan_btt_backward_dz(&p, &s, N, 0);
-                plan_btt_backward_rest(&p, &s, N, 0, 1, 1);
-            } else {
-                plan_monarch_backward(&p, &m, N, 1);
-            }
+            small_backward_plan(&L, &p, N);
             snprintf(name, sizeof(name), "%s: the backward's dx GEMM takes the DGELU epilogue", what);
             check_true(plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU), name, "refused");
             run_plan(&p, buf);
@@ -639,8 +759,6 @@ static void test_epilogues(int kind, int N) {
 // (plan_set_accumulate): q, k and v in the qkv buffer. Nothing outside the block may change.
 static void test_strided(int kind, int N) {
     const SmallLayer L = small_layer(kind);
-    const BTTShape s = L.s;
-    const MonarchShape m = L.m;
     const int din = L.din, dout = L.dout;
     const size_t n0 = L.n0, n1 = L.n1, zrow = L.zrow, t2row = L.t2row, t3row = L.t3row;
     const char *what = L.what;
@@ -656,17 +774,11 @@ static void test_strided(int kind, int N) {
     buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1);
     buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
     Plan p = {0};
-    if (kind == 0) plan_btt_forward(&p, &s, N, 0);
-    else plan_monarch_forward(&p, &m, N);
+    small_forward_plan(&L, &p, N);
     plan_set_ld(&p, PB_Y, wide);
     run_plan(&p, buf);
     p.n = 0;
-    if (kind == 0) {
-        plan_btt_backward_dz(&p, &s, N, 0);
-        plan_btt_backward_rest(&p, &s, N, 0, 1, 1);
-    } else {
-        plan_monarch_backward(&p, &m, N, 1);
-    }
+    small_backward_plan(&L, &p, N);
     plan_set_ld(&p, PB_DY, wide);
     char name[160];
     snprintf(name, sizeof(name), "%s: the dx GEMM accumulates", what);
@@ -774,6 +886,12 @@ int main(void) {
     test_monarch(64, 64, 4, 19);
     test_monarch(48, 96, 4, 11);      // d_out > d_in: q = p
     test_monarch(96, 48, 8, 7);       // d_in > d_out: q = s
+    test_btt_zt(16, 48, 32, 96, 37, 1);  // -sk 4: 768 -> 3072
+    test_btt_zt(32, 96, 16, 48, 9, 0);   // 3072 -> 768, weight gradients overwritten
+    test_btt_zt(4, 6, 5, 3, 13, 1);      // small, non-square
+    test_monarch_ut(64, 64, 4, 19);
+    test_monarch_ut(48, 96, 4, 11);
+    test_monarch_ut(96, 48, 8, 7);
     test_moe(4, 6, 5, 3, 4, 2, 23, 4);  // experts of several 4-row tiles, the last partial
     test_moe(8, 4, 6, 10, 8, 2, 40, 8);
     test_moe(4, 4, 4, 4, 3, 3, 10, 3);  // top-k = E
@@ -784,6 +902,10 @@ int main(void) {
     test_epilogues(1, 5);
     test_strided(0, 7);
     test_strided(1, 5);
+    for (int kind = 2; kind <= 3; kind++) {  // -sk 4's plans
+        test_epilogues(kind, 7);
+        test_strided(kind, 6);
+    }
     test_route_only();
     test_activation_elems();
     test_exec_model();

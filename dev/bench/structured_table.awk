@@ -25,7 +25,7 @@ $1 != "RESULT" { next }
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
     FW[n] = ("fwd_ms" in r) ? r["fwd_ms"] + 0 : -1
-    base = S[n]; sub(/_(fused|ws|split|sm)$/, "", base)  # a fused (or -sm 1) row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws|split|zt|sm)$/, "", base)  # a fused (or -sm 1) row is the same layer as PyTorch computes it
     BASE[n] = base
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
@@ -80,7 +80,7 @@ END {
 
 # A path's name from its row's suffix: the trainer's flag that runs it.
 function path_name(s) {
-    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_split$/ ? "-sk 3" : s ~ /_sm$/ ? "dense (-sm 1)" : "-sk 0"
+    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : "-sk 0"
 }
 
 # Each (d, shape, structure)'s fastest path, as -at 1 chooses it (without its 3% margin): the
@@ -93,14 +93,14 @@ function fastest(   i, k, j, nk, key, order, bi, fi, bw, pair, t, how, dn, fl, t
         key = D[i] "/" DIN[i] "/" DOUT[i] "/" BASE[i]
         if (!(key in BEST)) { order[++nk] = key; KD[key] = D[i]; KIN[key] = DIN[i]; KOUT[key] = DOUT[i]; KS[key] = BASE[i]; BEST[key] = i }
         if (MS[i] < MS[BEST[key]]) BEST[key] = i
-        if (S[i] ~ /_sm$/ || BASE[i] ~ /^btt_moe/ || FW[i] < 0) continue
+        if (S[i] ~ /_(sm|zt)$/ || BASE[i] ~ /^btt_moe/ || FW[i] < 0) continue  # dense and -sk 4 pair with nothing
         if (!(key in FI) || FW[i] < FW[FI[key]]) FI[key] = i
         if (!(key in BI) || MS[i] - FW[i] < MS[BI[key]] - FW[BI[key]]) BI[key] = i
     }
     if (!nk) return
     print ""
     print "== each layer's fastest path, as -at 1 runs it (the least forward + backward of its paths; BTT and Monarch: the fastest"
-    print "   forward with the fastest backward of the paths that save z, when that is less)"
+    print "   forward with the fastest backward of the paths that save z in the plans' layout, when that is less)"
     printf "%5s %-11s %-13s %10s %-26s %8s %8s %11s %9s\n", "d", "shape", "structure", "ms", "path", "%floor", "vs dense", "PyTorch ms", "speedup"
     n1 = n2 = n3 = n4 = m1 = m2 = m3 = m4 = 0; g1 = g2 = g3 = g4 = ""
     for (j = 1; j <= nk; j++) {

@@ -1,12 +1,13 @@
-// dev/cuda/plan_ops.cu: where the cuBLAS baseline's structured layers (-sk 0) spend their time.
+// dev/cuda/plan_ops.cu: where the cuBLAS baseline's structured layers (-sk 0, -sk 4) spend their time.
 // Each layer's forward and backward plans (structured/gpu_plan.h: batched GEMMs and permutes) run
 // op by op through the trainer's plan_op_run_gpu, each op timed alone against its own roofline
 // (its operands read and its output written once), then the whole plans. The layer's forward y and
 // input gradient dx are checked against the CPU layers (btt.h, monarch.h) on the first rows.
 //
-// One version (the trainer's plans); what it tells is which op to replace next: on an H200 the
-// BTT layers ran 2.4-12x their layer floor after the permute was rewritten (dev/bench/RESULTS.md),
-// without a split between the GEMMs and the permutes.
+// The trainer's plans: -sk 0's, and for BTT rank 1 and Monarch -sk 4's (z, u stored transposed,
+// no permute of it), whose GEMMs take other operand layouts; what it tells is which op to replace
+// next: on an H200 the BTT layers ran 2.4-12x their layer floor after the permute was rewritten
+// (dev/bench/RESULTS.md), without a split between the GEMMs and the permutes.
 //
 // Build: make -C dev/cuda plan_ops    Run: ./dev/cuda/plan_ops [rows, default 32768]
 #include "harness.cuh"
@@ -18,6 +19,7 @@ typedef struct {
     const char *name;
     int kind;  // STRUCT_BTT or STRUCT_MONARCH
     int d_in, d_out, rank, blocks;
+    int zt;  // -sk 4's plans (z, u stored transposed: no permute of it)
 } PlanCase;
 
 static double op_bytes(const PlanOp *o) { return plan_op_elems(o, 1) * sizeof(floatX); }
@@ -50,9 +52,12 @@ int main(int argc, char **argv) {
         return 1;
     }
     const PlanCase cases[] = {
-        {"btt 768->3072 r1", STRUCT_BTT, 768, 3072, 1, 0},    {"btt 768->3072 r4", STRUCT_BTT, 768, 3072, 4, 0},
-        {"btt 2048->8192 r2", STRUCT_BTT, 2048, 8192, 2, 0},  {"monarch 768->3072 4 blocks", STRUCT_MONARCH, 768, 3072, 0, 4},
-        {"monarch 2048->8192 4 blocks", STRUCT_MONARCH, 2048, 8192, 0, 4},
+        {"btt 768->3072 r1", STRUCT_BTT, 768, 3072, 1, 0, 0},    {"btt 768->3072 r1 -sk 4", STRUCT_BTT, 768, 3072, 1, 0, 1},
+        {"btt 768->3072 r4", STRUCT_BTT, 768, 3072, 4, 0, 0},    {"btt 2048->8192 r2", STRUCT_BTT, 2048, 8192, 2, 0, 0},
+        {"monarch 768->3072 4 blocks", STRUCT_MONARCH, 768, 3072, 0, 4, 0},
+        {"monarch 768->3072 4 blocks -sk 4", STRUCT_MONARCH, 768, 3072, 0, 4, 1},
+        {"monarch 2048->8192 4 blocks", STRUCT_MONARCH, 2048, 8192, 0, 4, 0},
+        {"monarch 2048->8192 4 blocks -sk 4", STRUCT_MONARCH, 2048, 8192, 0, 4, 1},
     };
     printf("plan_ops: the cuBLAS plans of structured layers op by op, N = %d rows, bf16, on %s\n", N, g_gpu.prop.name);
     for (const PlanCase &c : cases) {
@@ -64,15 +69,25 @@ int main(int argc, char **argv) {
             btt_shape_default(&s, c.d_in, c.d_out, c.rank);
             zrow = btt_z_row(&s); w0n = btt_w0_size(&s); w1n = btt_w1_size(&s);
             t1n = t2n = (size_t)N * zrow; t3n = 1;
-            plan_btt_forward(&fwd, &s, N, 0);
-            plan_btt_backward_dz(&bwd, &s, N, 0);
-            plan_btt_backward_rest(&bwd, &s, N, 0, 1, 1);
+            if (c.zt) {
+                plan_btt_forward_zt(&fwd, &s, N);
+                plan_btt_backward_zt(&bwd, &s, N, 1, 1);
+            } else {
+                plan_btt_forward(&fwd, &s, N, 0);
+                plan_btt_backward_dz(&bwd, &s, N, 0);
+                plan_btt_backward_rest(&bwd, &s, N, 0, 1, 1);
+            }
         } else {
             monarch_shape(&m, c.d_in, c.d_out, c.blocks);
             zrow = monarch_u_row(&m); w0n = monarch_r_size(&m); w1n = monarch_l_size(&m);
             t1n = t3n = (size_t)N * zrow; t2n = (size_t)N * c.d_out;
-            plan_monarch_forward(&fwd, &m, N);
-            plan_monarch_backward(&bwd, &m, N, 1);
+            if (c.zt) {
+                plan_monarch_forward_ut(&fwd, &m, N);
+                plan_monarch_backward_ut(&bwd, &m, N, 1);
+            } else {
+                plan_monarch_forward(&fwd, &m, N);
+                plan_monarch_backward(&bwd, &m, N, 1);
+            }
         }
         printf("-- %s: intermediate row %zu elements, %d forward and %d backward ops\n", c.name, zrow, fwd.n, bwd.n);
         float *hx = dev_random((size_t)N * c.d_in, -1.0f, 1.0f), *hdy = dev_random((size_t)N * c.d_out, -1.0f, 1.0f);

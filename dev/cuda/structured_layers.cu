@@ -18,6 +18,8 @@
 //                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
 //   *_split       the BTT rows with the trainer's -sk 3: the fused kernel's stage 1 alone (W0 staged)
 //                 writes z (forward) and dZ from dy (backward), cuBLAS does the rest
+//   *_zt          BTT rank 1 and the Monarch rows with the trainer's -sk 4: the cuBLAS plans with z
+//                 (u) stored transposed, so that no permute of it runs (gpu_plan.h)
 //   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
 //                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
 //                 materialization's
@@ -51,7 +53,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 28  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split and 5 dense-executed ones
+#define MAX_CASES 31  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split, 3 -sk 4 and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -93,7 +95,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
-    int fused;      // g_st_fused during the case: the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split
+    int fused;      // -sk during the case: 1 the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split; 4 z transposed
     int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
 } Case;
 
@@ -215,6 +217,15 @@ static int make_cases(Case *c, int din, int dout) {
         else snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
     }
+    // the plans with z (u) stored transposed (-sk 4), where they differ from -sk 0's
+    for (int i = 0, n0 = n; i < n0; i++) {
+        if (c[i].fused || !st_spec_zt(&c[i].spec)) continue;
+        c[n] = c[i];
+        c[n].fused = 4;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_zt", c[i].name);
+        snprintf(c[n].desc, sizeof(c[n].desc), "%.40s, -sk 4", c[i].desc);
+        n++;
+    }
     // BTT and Monarch as dense GEMMs on their materialized weight (-sm 1)
     for (int i = 0, n0 = n; i < n0; i++) {
         if (c[i].fused || (c[i].spec.kind != STRUCT_BTT && c[i].spec.kind != STRUCT_MONARCH)) continue;
@@ -274,7 +285,8 @@ static void usage(void) {
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
-           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
+           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt, monarch_4_zt, monarch_sqrt_zt with z\n"
+           "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);

@@ -215,6 +215,15 @@ awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if
     && ! echo "$out" | grep -q "split copies" \
     && ok "structured: -sk 3 (BTT split) matches -sk 0 (losses $b3 / $a), with q, k, v in place (no split copies in -pt)" \
     || bad "-sk 3" "losses '$b3' vs '$a'; $(echo "$out" | grep -m1 "split copies")"
+# -sk 4: BTT rank 1 (k, v, fc_proj) and Monarch (attn_proj) with z, u stored transposed, no permute of
+# it; q (rank 8) on -sk 0's plans; all of q, k, v in place in the qkv buffers
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 4 -pt 1 2>&1)
+b4=$(echo "$out" | losses | tr '\n' ' ')
+awk -v a="$a" -v b="$b4" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "transposed (-sk 4)" \
+    && ! echo "$out" | grep -q "split copies" \
+    && ok "structured: -sk 4 (z, u stored transposed) matches -sk 0 (losses $b4 / $a), with q, k, v in place (no split copies in -pt)" \
+    || bad "-sk 4" "losses '$b4' vs '$a'; $(echo "$out" | grep -m1 -i "structured layers")"
 # -at 1: each BTT and Monarch layer's kernels timed at startup. Which the simulator's times pick is
 # not the point (test_gpt2cu checks the choice against a table of times, and every choice's
 # results): the table and the banner's lines are there, it trains as -sk 0 does, and a copy of its
@@ -223,8 +232,8 @@ awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
 bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
 [ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
-    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){5} +(-sk [0-3]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){5}' \
-    && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-3]|dense) ' \
+    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +(-sk [0-4]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6}' \
+    && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-4]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
     && awk -v a="$a" -v b="$bt" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
         for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
