@@ -355,7 +355,7 @@ static void st_choose_as_dense(GPT2 *m, int N) {
         if (!ld->used || (k != STRUCT_BTT && k != STRUCT_MONARCH)) continue;
         const BTTShape b = k == STRUCT_BTT ? btt_shape_of(&ld->spec) : BTTShape{};
         const MonarchShape ms = k == STRUCT_MONARCH ? monarch_shape_of(&ld->spec) : MonarchShape{};
-        m->lin[i].as_dense = g_st_dense == 1 || st_as_dense_pays(k, k == STRUCT_BTT ? (const void *)&b : (const void *)&ms, N, &r);
+        m->lin[i].as_dense = g_st_dense == 1 || st_as_dense_pays(k, k == STRUCT_BTT ? (const void *)&b : (const void *)&ms, N, g_st_sk == 4, &r);
     }
 }
 
@@ -1502,7 +1502,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sk", &g_st_sk, NULL, 0, 4, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
                                     "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
                                     "(z, and dZ from dy) and cuBLAS for the rest, 4 the baseline with z (u) stored transposed, which takes no "
-                                    "permute of it (BTT rank 1 and Monarch; others as 0) (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
+                                    "permute of it (BTT and Monarch; BTT-MoE as 0) (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},

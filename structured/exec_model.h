@@ -3,11 +3,12 @@
 //
 //   PlanRates plan_rates(peak_tflops, peak_gbps)        a GPU's modelled rates from its peaks
 //   double plan_seconds(&plan, &rates)                  one plan
-//   double st_plans_seconds(kind, shape, N, &rates)     forward + backward (dx, weights) on the plans
+//   double st_plans_seconds(kind, shape, N, zt, &rates) forward + backward (dx, weights) on the plans
+//                                                       (zt: -sk 4's, z stored transposed)
 //   double st_dense_gemms_seconds(din, dout, N, &rates) the same layer as a dense one
 //   double st_materialized_seconds(kind, shape, N, &r)  -sm 1's: the dense GEMMs plus rebuilding W
 //                                                       twice and the cores' gradients from dW
-//   int st_as_dense_pays(kind, shape, N, &rates)        1: -sm 1's way is modelled faster
+//   int st_as_dense_pays(kind, shape, N, zt, &rates)    1: -sm 1's way is modelled faster
 //
 // The model: each op of a plan takes max(FLOPs / GEMM rate, bytes / DRAM rate) plus a launch,
 // its bytes every operand read once and every output written once (plan_op_elems, the cores
@@ -58,20 +59,30 @@ static inline double plan_seconds(const Plan *p, const PlanRates *r) {
 }
 
 // Forward, then backward with dx and the weight gradients, over N rows (kind STRUCT_BTT: shape is
-// a BTTShape; else a MonarchShape).
-static inline double st_plans_seconds(int kind, const void *shape, int N, const PlanRates *r) {
+// a BTTShape; else a MonarchShape), on -sk 0's plans or (zt) -sk 4's.
+static inline double st_plans_seconds(int kind, const void *shape, int N, int zt, const PlanRates *r) {
     Plan f, b;
     memset(&f, 0, sizeof(f));
     memset(&b, 0, sizeof(b));
     if (kind == STRUCT_BTT) {
         const BTTShape *s = (const BTTShape *)shape;
-        plan_btt_forward(&f, s, N, 0);
-        plan_btt_backward_dz(&b, s, N, 0);
-        plan_btt_backward_rest(&b, s, N, 0, 1, 1);
+        if (zt) {
+            plan_btt_forward_zt(&f, s, N);
+            plan_btt_backward_zt(&b, s, N, 1, 1);
+        } else {
+            plan_btt_forward(&f, s, N, 0);
+            plan_btt_backward_dz(&b, s, N, 0);
+            plan_btt_backward_rest(&b, s, N, 0, 1, 1);
+        }
     } else {
         const MonarchShape *m = (const MonarchShape *)shape;
-        plan_monarch_forward(&f, m, N);
-        plan_monarch_backward(&b, m, N, 1);
+        if (zt) {
+            plan_monarch_forward_ut(&f, m, N);
+            plan_monarch_backward_ut(&b, m, N, 1);
+        } else {
+            plan_monarch_forward(&f, m, N);
+            plan_monarch_backward(&b, m, N, 1);
+        }
     }
     return plan_seconds(&f, r) + plan_seconds(&b, r);
 }
@@ -104,6 +115,6 @@ static inline double st_materialized_seconds(int kind, const void *shape, int N,
     return st_dense_gemms_seconds(din, dout, N, r) + 4.0 * pass;
 }
 
-static inline int st_as_dense_pays(int kind, const void *shape, int N, const PlanRates *r) {
-    return st_materialized_seconds(kind, shape, N, r) < st_plans_seconds(kind, shape, N, r);
+static inline int st_as_dense_pays(int kind, const void *shape, int N, int zt, const PlanRates *r) {
+    return st_materialized_seconds(kind, shape, N, r) < st_plans_seconds(kind, shape, N, zt, r);
 }

@@ -21,8 +21,10 @@
 // The buffers a plan names. Row buffers hold `rows` rows; W0/W1 (and their gradients) are the
 // structure's two cores (btt: W0, W1; monarch: R, L; a BTT-MoE expert: its extracted rank-1
 // cores). T1..T3 are scratch with the sizes st_plan_scratch gives. BIAS (d_out) and PRE (the
-// GELU's pre-activation, shaped as the output it belongs to) only for an op's epilogue.
-typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_BIAS, PB_PRE, PB_COUNT } PlanBuf;
+// GELU's pre-activation, shaped as the output it belongs to) only for an op's epilogue. W0R and
+// DW0R: scratch copies of W0 and its gradient with W0's columns reordered (-sk 4's BTT plans at
+// rank > 1), core-sized.
+typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_BIAS, PB_PRE, PB_W0R, PB_DW0R, PB_COUNT } PlanBuf;
 
 // What the op that writes a layer's output does to it on the way (plan_set_epilogue): add the
 // bias (output column j gets BIAS[j]); write the sum to PRE and its GELU to the output; or, on
@@ -143,35 +145,47 @@ static inline void plan_btt_backward_rest(Plan *p, const BTTShape *s, int n, int
 }
 
 // -sk 4: z stored transposed, zrow rows of n tokens each (element (c, t) of a layer's n rows at
-// c·n + t; row c = g·phi + f at rank 1). Stage 1 writes each Z1_g transposed (one GEMM per g,
-// its phi rows consecutive), stage 2 reads Z_f transposed with a row stride of phi·n: the two
-// GEMMs meet without a permute, and so do the backward's dZ GEMM and its readers. Rank 1 only:
-// with rho > 1, stage 2's rows (g, r) of Z_f lie at (g·phi + f)·rho + r, two strides, which no
-// GEMM operand takes. The buffers' rows are the layer's n rows exactly (built at row 0).
-static inline int plan_btt_zt_ok(const BTTShape *s) { return s->rank == 1; }
+// c·n + t), row c = (g·rho + r)·phi + f. Stage 1 writes each Z1_g transposed (one GEMM per g, its
+// rho·phi rows consecutive), stage 2 reads Z_f transposed as the rows (g·rho + r)·phi + f, one
+// row stride (phi·n) over W1[f]'s row index g·rho + r: the two GEMMs meet without a permute, and
+// so do the backward's dZ GEMM and its readers. Stage 1's rows come out in the order of W0[g]'s
+// columns, (phi, rho) in the parameters: with rho > 1 the plans first copy W0 into W0R with each
+// of its G·alpha rows transposed to (rho, phi) (a permute of |W0| elements, not of z), and take
+// dW0 through DW0R the same way back. The buffers' rows are the layer's n rows exactly (built at
+// row 0). Scratch: T1 (zrow·n, the backward's dZ), W0R and DW0R (|W0| each, rho > 1).
+static inline void plan_btt_w0_reorder(Plan *p, const BTTShape *s, int src, int dst, int to_rf) {
+    const int fr = s->phi * s->rank;
+    if (to_rf) plan_permute(p, src, 0, fr, dst, 0, fr, s->gamma * s->alpha, s->phi, s->rank, 1);  // [phi][rho] -> [rho][phi]
+    else plan_permute(p, src, 0, fr, dst, 0, fr, s->gamma * s->alpha, s->rank, s->phi, 1);        // and back
+}
 
 static inline void plan_btt_forward_zt(Plan *p, const BTTShape *s, int n) {
-    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps;
-    if (!plan_btt_zt_ok(s)) fatal("internal: plan_btt_forward_zt wants rank 1 (got %d)", s->rank);
-    // Zt_g (P x n) = W0[g]^T (P x A) . X_g^T (A x n)
-    plan_gemm(p, 1, 1, P, n, A, PB_W0, 0, P, (long long)A * P, PB_X, 0, s->d_in, A, PB_Z, 0, n, (long long)P * n, G, 0);
-    // Y_f (n x E) = Z_f (n x G) . W1[f] (G x E), Z_f = the transpose of Z's rows g·phi + f
-    plan_gemm(p, 1, 0, n, E, G, PB_Z, 0, P * n, n, PB_W1, 0, E, (long long)G * E, PB_Y, 0, s->d_out, E, P, 0);
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R;
+    const int w0 = R > 1 ? PB_W0R : PB_W0;  // W0 with its columns in (rho, phi) order
+    if (R > 1) plan_btt_w0_reorder(p, s, PB_W0, PB_W0R, 1);
+    // Zt_g (fr x n) = W0'[g]^T (fr x A) . X_g^T (A x n): Z's rows from g·fr, in (rho, phi) order
+    plan_gemm(p, 1, 1, fr, n, A, w0, 0, fr, (long long)A * fr, PB_X, 0, s->d_in, A, PB_Z, 0, n, (long long)fr * n, G, 0);
+    // Y_f (n x E) = Z_f (n x gr) . W1[f] (gr x E), Z_f = the transpose of Z's rows (g·rho + r)·phi + f
+    plan_gemm(p, 1, 0, n, E, gr, PB_Z, 0, P * n, n, PB_W1, 0, E, (long long)gr * E, PB_Y, 0, s->d_out, E, P, 0);
 }
 
 // The backward on z stored transposed; T1 = dZ stored the same way (zrow x n).
 static inline void plan_btt_backward_zt(Plan *p, const BTTShape *s, int n, int want_dx, int beta_w) {
-    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps;
-    if (!plan_btt_zt_ok(s)) fatal("internal: plan_btt_backward_zt wants rank 1 (got %d)", s->rank);
-    // dZt_f (G x n) = W1[f] (G x E) . dY_f^T (E x n), into T1's rows g·phi + f
-    plan_gemm(p, 0, 1, G, n, E, PB_W1, 0, E, (long long)G * E, PB_DY, 0, s->d_out, E, PB_T1, 0, P * n, n, P, 0);
-    // dX_g (n x A) = dZ_g (n x P) . W0[g]^T (P x A), dZ_g the transpose of T1's phi rows from g·phi
+    const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R;
+    const int w0 = R > 1 ? PB_W0R : PB_W0, dw0 = R > 1 ? PB_DW0R : PB_DW0;
+    if (R > 1 && want_dx) plan_btt_w0_reorder(p, s, PB_W0, PB_W0R, 1);
+    // dZt_f (gr x n) = W1[f] (gr x E) . dY_f^T (E x n), into T1's rows (g·rho + r)·phi + f
+    plan_gemm(p, 0, 1, gr, n, E, PB_W1, 0, E, (long long)gr * E, PB_DY, 0, s->d_out, E, PB_T1, 0, P * n, n, P, 0);
+    // dX_g (n x A) = dZ_g (n x fr) . W0'[g]^T (fr x A), dZ_g the transpose of T1's fr rows from g·fr
     if (want_dx)
-        plan_gemm(p, 1, 1, n, A, P, PB_T1, 0, n, (long long)P * n, PB_W0, 0, P, (long long)A * P, PB_DX, 0, s->d_in, A, G, 0);
-    // DW1[f] (G x E) (+)= Z_f^T (G x n) . dY_f (n x E)
-    plan_gemm(p, 0, 0, G, E, n, PB_Z, 0, P * n, n, PB_DY, 0, s->d_out, E, PB_DW1, 0, E, (long long)G * E, P, beta_w);
-    // DW0[g] (A x P) (+)= X_g^T (A x n) . dZ_g (n x P)
-    plan_gemm(p, 1, 1, A, P, n, PB_X, 0, s->d_in, A, PB_T1, 0, n, (long long)P * n, PB_DW0, 0, P, (long long)A * P, G, beta_w);
+        plan_gemm(p, 1, 1, n, A, fr, PB_T1, 0, n, (long long)fr * n, w0, 0, fr, (long long)A * fr, PB_DX, 0, s->d_in, A, G, 0);
+    // DW1[f] (gr x E) (+)= Z_f^T (gr x n) . dY_f (n x E)
+    plan_gemm(p, 0, 0, gr, E, n, PB_Z, 0, P * n, n, PB_DY, 0, s->d_out, E, PB_DW1, 0, E, (long long)gr * E, P, beta_w);
+    // DW0'[g] (A x fr) (+)= X_g^T (A x n) . dZ_g (n x fr); with rho > 1 into DW0R (DW0 reordered
+    // first when it accumulates) and back
+    if (R > 1 && beta_w) plan_btt_w0_reorder(p, s, PB_DW0, PB_DW0R, 1);
+    plan_gemm(p, 1, 1, A, fr, n, PB_X, 0, s->d_in, A, PB_T1, 0, n, (long long)fr * n, dw0, 0, fr, (long long)A * fr, G, beta_w);
+    if (R > 1) plan_btt_w0_reorder(p, s, PB_DW0R, PB_DW0, 0);
 }
 
 // Scratch elements per row: T1, T2 (zrow each), no T3.
@@ -284,14 +298,15 @@ static inline void plan_monarch_backward_ut(Plan *p, const MonarchShape *m, int 
 static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 * monarch_u_row(m) + (size_t)m->d_out; }
 
 // Elements of activations a plan moves through memory: for each op, every operand that is not a
-// core or a core's gradient (W0, W1, DW0, DW1), read (and C written) once; a GEMM with beta = 1
+// core or a core's gradient (W0, W1, DW0, DW1, and their reordered copies W0R, DW0R), read (and C
+// written) once; a permute of a core counts nothing; a GEMM with beta = 1
 // also reads C. A plan built for n = 1 rows gives the count per row: the cuBLAS baseline's memory
 // traffic, which monarch_fused.cuh weighs its kernels against.
-static inline int plan_buf_is_core(int b) { return b == PB_W0 || b == PB_W1 || b == PB_DW0 || b == PB_DW1; }
+static inline int plan_buf_is_core(int b) { return b == PB_W0 || b == PB_W1 || b == PB_DW0 || b == PB_DW1 || b == PB_W0R || b == PB_DW0R; }
 // One op's elements so counted (a tiled op's on every tile); with_cores: the cores and their
 // gradients too (an op's own traffic, dev/cuda/plan_ops.cu).
 static inline double plan_op_elems(const PlanOp *o, int with_cores) {
-    if (o->kind == PLAN_PERMUTE) return 2.0 * o->rows * o->R * o->C * o->blk;
+    if (o->kind == PLAN_PERMUTE) return !with_cores && plan_buf_is_core(o->src) ? 0.0 : 2.0 * o->rows * o->R * o->C * o->blk;  // W0's reorder: a core
     const double mk = (double)o->M * o->K, kn = (double)o->K * o->N, mn = (double)o->M * o->N;
     return (o->tiles ? o->tiles : 1) * o->batch * ((!with_cores && plan_buf_is_core(o->a) ? 0.0 : mk) + (!with_cores && plan_buf_is_core(o->b) ? 0.0 : kn) +
                        (!with_cores && plan_buf_is_core(o->c) ? 0.0 : mn * (1 + o->beta)));

@@ -11,10 +11,11 @@
 // runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
 // kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
 // says they move fewer bytes than the plans (not at large widths with few blocks).
-// -sk 4 (g_st_zt): BTT rank 1 and Monarch on plans that store z (u) transposed, a row per element
-// of the intermediate with the layer's rows side by side, so that both stages' GEMMs read it
-// through one stride each and the permute of z (u) goes, forward and backward; its saved z is then
-// in that layout, so its forward pairs with its own backward only.
+// -sk 4 (g_st_zt): BTT and Monarch on plans that store z (u) transposed, a row per element of the
+// intermediate with the layer's rows side by side, so that both stages' GEMMs read it through one
+// stride each and the permute of z (u) goes, forward and backward (BTT of rank > 1 permutes W0's
+// columns instead, |W0| elements); its saved z is then in that layout, so its forward pairs with
+// its own backward only.
 // A layer's bias and the fc layer's GELU (and, backward, the GELU' on dx) ride on the last op
 // that writes the output (gpu_plan.h's plan_set_epilogue): cuBLASLt epilogues on a GEMM (our
 // kernel after it where cuBLASLt has no algorithm), the permute kernel's own on a permute.
@@ -56,8 +57,8 @@
 // kernels were slower than the plans in every layer and whole-model config of
 // dev/bench/structured.sh (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
-// 1: BTT rank-1 and Monarch layers run the plans with z (u) stored transposed, which need no
-// permute of it (gpu_plan.h, -sk 4); other layers the plans of -sk 0.
+// 1: BTT and Monarch layers run the plans with z (u) stored transposed, which need no permute of
+// it (gpu_plan.h, -sk 4); BTT-MoE the plans of -sk 0.
 static int g_st_zt = 0;
 // -sk's setting, 0..4 (the trainer's flag; st_set_kernels applies it)
 static int g_st_sk = 0;
@@ -348,7 +349,12 @@ static inline int st_epi(const void *bias, const void *pre_gelu) { return (bias 
 // ----------------------------------------------------------------------------------------------
 // BTT and Monarch
 
-// y (N, d_out) overwritten, z (N, zrow) saved; scratch: N·zrow elements.
+// n elements rounded up to 16 bytes (bf16): where the next region of a scratch starts.
+static inline size_t st_pad8_elems(size_t n) { return (n + 7) / 8 * 8; }
+// -sk 4's reordered W0 (and dW0) in the scratch: |W0| rounded up to 16 bytes.
+static inline size_t btt_zt_w0_pad(const BTTShape *s) { return st_pad8_elems(btt_w0_size(s)); }
+
+// y (N, d_out) overwritten, z (N, zrow) saved; scratch: btt_gpu_scratch_elems(s, N) elements.
 // With pre_gelu (the fc layer): pre_gelu = the layer's output + bias, y = its GELU. The plans add
 // the bias (and the GELU) in their last GEMM's cuBLASLt epilogue: no extra pass over y.
 // y_ld (0: d_out): y's row stride, for a column block of wider rows (q, k, v in qkv; the plans
@@ -359,8 +365,9 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
     buf[PB_X] = (floatX *)x; buf[PB_Y] = y; buf[PB_Z] = z; buf[PB_W0] = (floatX *)W0; buf[PB_W1] = (floatX *)W1; buf[PB_T1] = scratch;
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
-    if (g_st_zt && plan_btt_zt_ok(s)) {  // -sk 4: z stored transposed, no permute
-        if (!z) buf[PB_Z] = scratch;
+    if (g_st_zt) {  // -sk 4: z stored transposed, no permute of it (W0 reordered into the scratch at rank > 1)
+        buf[PB_W0R] = scratch;
+        if (!z) buf[PB_Z] = scratch + btt_zt_w0_pad(s);
         plan_btt_forward_zt(&p, s, N);
         g_st_zt_runs++;
     } else if (g_st_fused == 3) {  // split: the fused kernel's stage 1 writes z (into scratch when not saved), cuBLAS y from it
@@ -399,11 +406,14 @@ static void btt_transposed_cores_gpu(floatX *W0t, floatX *W1t, const floatX *W0,
     if (W1t) block_transpose_gpu(W1t, W0, btt_w0_size(s) * copies, s->alpha, s->phi * s->rank);
 }
 
-// Scratch elements btt_backward_gpu needs for N rows: the baseline's T1 and T2, or the fused
-// backward's T1 and transposed cores, whichever is more.
+// Scratch elements btt_backward_gpu needs for N rows: the baseline's T1 and T2, the fused
+// backward's T1 and transposed cores, or -sk 4's T1 and reordered W0 and dW0, whichever is more
+// (the forward needs less: -sk 4's reordered W0, or the split's z when not saved).
 static inline size_t btt_gpu_scratch_elems(const BTTShape *s, int N) {
     const size_t plan = (size_t)N * plan_btt_scratch_row(s), fused = (size_t)N * btt_z_row(s) + btt_w0_size(s) + btt_w1_size(s);
-    return plan > fused ? plan : fused;
+    const size_t zt = st_pad8_elems((size_t)N * btt_z_row(s)) + 2 * btt_zt_w0_pad(s);
+    const size_t most = plan > fused ? plan : fused;
+    return most > zt ? most : zt;
 }
 
 // dx overwritten (may be NULL); dW0, dW1, dbias accumulated; scratch: btt_gpu_scratch_elems.
@@ -442,7 +452,9 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
         if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
     } else {
         if (split) plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
-        else if (g_st_zt && plan_btt_zt_ok(s)) {  // z stored transposed (-sk 4)
+        else if (g_st_zt) {  // z stored transposed (-sk 4): T1 = dZ so, then W0's and dW0's reordered copies
+            buf[PB_W0R] = scratch + st_pad8_elems((size_t)N * btt_z_row(s));
+            buf[PB_DW0R] = buf[PB_W0R] + btt_zt_w0_pad(s);
             plan_btt_backward_zt(&p, s, N, dx != NULL, 1);
             g_st_zt_runs++;
         }

@@ -46,16 +46,16 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
 // Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
-// the same: its experts' fused kernel with W0 staged); every kind -sk 4 (the plans of -sk 0 where
-// it has none of its own: BTT of rank > 1, BTT-MoE).
+// the same: its experts' fused kernel with W0 staged); every kind -sk 4 (BTT-MoE then runs the
+// plans of -sk 0).
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
     if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
-// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT of rank 1, Monarch).
-static inline int st_spec_zt(const LinearSpec *s) { return (s->kind == STRUCT_BTT && s->rank == 1) || s->kind == STRUCT_MONARCH; }
+// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT, Monarch; not BTT-MoE).
+static inline int st_spec_zt(const LinearSpec *s) { return s->kind == STRUCT_BTT || s->kind == STRUCT_MONARCH; }
 
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
 // Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; with zt (some layer of the unit has -sk 4's

@@ -182,18 +182,21 @@ static void test_btt(int alpha, int gamma, int phi, int eps, int rank, int N) {
     free(x); free(W0); free(W1); free(dy); free(y_ref); free(z_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dW0); free(dW1); free(scr);
 }
 
-// -sk 4's BTT plans (rank 1, z stored transposed): y, z (transposed), dx, dW0, dW1 against btt.h;
-// with pre-filled gradients, beta_w 1 accumulates and 0 overwrites.
-static void test_btt_zt(int alpha, int gamma, int phi, int eps, int N, int beta_w) {
+// -sk 4's BTT plans (z stored transposed; at rank > 1 through W0 with its columns reordered): y,
+// z (transposed), dx, dW0, dW1 against btt.h; with pre-filled gradients, beta_w 1 accumulates and
+// 0 overwrites.
+static void test_btt_zt(int alpha, int gamma, int phi, int eps, int rank, int N, int beta_w) {
     BTTShape s;
-    btt_shape(&s, alpha, gamma, phi, eps, 1);
+    btt_shape(&s, alpha, gamma, phi, eps, rank);
     const size_t n0 = btt_w0_size(&s), n1 = btt_w1_size(&s), zrow = btt_z_row(&s);
     float *x = randn((size_t)N * s.d_in, 1.0f), *W0 = randn(n0, 0.3f), *W1 = randn(n1, 0.3f), *dy = randn((size_t)N * s.d_out, 1.0f);
     float *y_ref = zeros((size_t)N * s.d_out), *z_ref = zeros((size_t)N * zrow), *zt_ref = zeros((size_t)N * zrow);
     btt_forward(y_ref, z_ref, x, W0, W1, NULL, N, &s);
-    for (int t = 0; t < N; t++)  // saved layout (phi, gamma) per row -> row g·phi + f of N tokens
+    for (int t = 0; t < N; t++)  // saved layout (phi, gamma, rho) per row -> row (g·rho + r)·phi + f of N tokens
         for (int f = 0; f < phi; f++)
-            for (int g = 0; g < gamma; g++) zt_ref[((size_t)g * phi + f) * N + t] = z_ref[(size_t)t * zrow + (size_t)f * gamma + g];
+            for (int g = 0; g < gamma; g++)
+                for (int r = 0; r < rank; r++)
+                    zt_ref[(((size_t)g * rank + r) * phi + f) * N + t] = z_ref[(size_t)t * zrow + ((size_t)f * gamma + g) * rank + r];
     float *dW0_init = randn(n0, 1.0f), *dW1_init = randn(n1, 1.0f);
     float *dx_ref = zeros((size_t)N * s.d_in), *dW0_ref = beta_w ? copyf(dW0_init, n0) : zeros(n0), *dW1_ref = beta_w ? copyf(dW1_init, n1) : zeros(n1);
     float *scr = zeros(btt_scratch_size(&s, N));
@@ -202,20 +205,30 @@ static void test_btt_zt(int alpha, int gamma, int phi, int eps, int N, int beta_
     float *buf[PB_COUNT] = {0};
     buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dy; buf[PB_DW0] = copyf(dW0_init, n0); buf[PB_DW1] = copyf(dW1_init, n1);
     buf[PB_Y] = zeros((size_t)N * s.d_out); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * s.d_in);
-    buf[PB_T1] = zeros((size_t)N * zrow);
-    Plan p = {0};
-    plan_btt_forward_zt(&p, &s, N);
+    buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_W0R] = zeros(n0); buf[PB_DW0R] = zeros(n0);
+    Plan pf = {0}, p = {0};
+    plan_btt_forward_zt(&pf, &s, N);
     plan_btt_backward_zt(&p, &s, N, 1, beta_w);
+    int permutes = 0, of_z = 0;
+    for (int i = 0; i < pf.n + p.n; i++) {
+        const PlanOp *o = i < pf.n ? &pf.op[i] : &p.op[i - pf.n];
+        if (o->kind != PLAN_PERMUTE) continue;
+        permutes++;
+        of_z += !plan_buf_is_core(o->src) || !plan_buf_is_core(o->dst);
+    }
+    run_plan(&pf, buf);
     run_plan(&p, buf);
-    char name[160];
-    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: y, no permute (%d ops)", alpha, gamma, phi, eps, N, p.n);
+    p.n += pf.n;
+    char name[200];
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r%d N%d: y, 6 GEMMs and no permute of z (%d ops, %d permutes of W0, dW0)", alpha,
+             gamma, phi, eps, rank, N, p.n, permutes);
     check_close(buf[PB_Y], y_ref, (size_t)N * s.d_out, 1e-4f, 1e-4f, name);
-    check_true(p.n == 6, name, "6 GEMMs");
-    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: z stored transposed", alpha, gamma, phi, eps, N);
+    check_true(p.n - permutes == 6 && of_z == 0 && permutes == (rank > 1 ? 3 + beta_w : 0), name, "other ops");
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r%d N%d: z stored transposed", alpha, gamma, phi, eps, rank, N);
     check_close(buf[PB_Z], zt_ref, (size_t)N * zrow, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: dx", alpha, gamma, phi, eps, N);
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r%d N%d: dx", alpha, gamma, phi, eps, rank, N);
     check_close(buf[PB_DX], dx_ref, (size_t)N * s.d_in, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r1 N%d: dW0, dW1 %s", alpha, gamma, phi, eps, N, beta_w ? "accumulated" : "overwritten");
+    snprintf(name, sizeof(name), "btt -sk 4 plan a%d g%d f%d e%d r%d N%d: dW0, dW1 %s", alpha, gamma, phi, eps, rank, N, beta_w ? "accumulated" : "overwritten");
     check_close(buf[PB_DW0], dW0_ref, n0, 1e-4f, 1e-4f, name);
     check_close(buf[PB_DW1], dW1_ref, n1, 1e-4f, 1e-4f, name);
     for (int i = 0; i < PB_COUNT; i++)
@@ -227,46 +240,8 @@ static void test_btt_zt(int alpha, int gamma, int phi, int eps, int N, int beta_
 // ----------------------------------------------------------------------------------------------
 // Monarch, against monarch.h
 
-static void test_monarch(int din, int dout, int nb, int N) {
-    MonarchShape m;
-    monarch_shape(&m, din, dout, nb);
-    size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
-    float *x = randn((size_t)N * din, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
-    float *y_ref = zeros((size_t)N * dout), *u_ref = zeros((size_t)N * urow);
-    monarch_forward(y_ref, u_ref, x, R, L, NULL, N, &m);
-    float *dx_ref = zeros((size_t)N * din), *dR_ref = randn(nr, 1.0f), *dL_ref = randn(nl, 1.0f);
-    float *dR = copyf(dR_ref, nr), *dL = copyf(dL_ref, nl);
-    float *scr = zeros(monarch_scratch_size(&m, N));
-    monarch_backward(dx_ref, dR_ref, dL_ref, NULL, dy, x, u_ref, R, L, N, &m, scr);
-
-    float *buf[PB_COUNT] = {0};
-    buf[PB_X] = x; buf[PB_W0] = R; buf[PB_W1] = L; buf[PB_DY] = dy; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
-    buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * urow); buf[PB_DX] = zeros((size_t)N * din);
-    buf[PB_T1] = zeros((size_t)N * urow); buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
-    Plan p = {0};
-    plan_monarch_forward(&p, &m, N);
-    run_plan(&p, buf);
-    p.n = 0;
-    plan_monarch_backward(&p, &m, N, 1);
-    run_plan(&p, buf);
-    char name[160];
-    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: y", din, dout, nb, N);
-    check_close(buf[PB_Y], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: saved u", din, dout, nb, N);
-    check_close(buf[PB_Z], u_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dx", din, dout, nb, N);
-    check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dR accumulated", din, dout, nb, N);
-    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch plan %d->%d nb%d N%d: dL accumulated", din, dout, nb, N);
-    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
-    for (int i = 0; i < PB_COUNT; i++)
-        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
-    free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL); free(scr);
-}
-
-// -sk 4's Monarch plans (u stored transposed, natural order): y, u, dx, dR, dL against monarch.h
-static void test_monarch_ut(int din, int dout, int nb, int N) {
+// with ut, -sk 4's plans (u stored transposed, in its natural order: two permutes, y's and dy's)
+static void test_monarch(int din, int dout, int nb, int N, int ut) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
     const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
@@ -283,23 +258,33 @@ static void test_monarch_ut(int din, int dout, int nb, int N) {
     float *buf[PB_COUNT] = {0};
     buf[PB_X] = x; buf[PB_W0] = R; buf[PB_W1] = L; buf[PB_DY] = dy; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
     buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * urow); buf[PB_DX] = zeros((size_t)N * din);
-    buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
+    buf[PB_T1] = zeros((size_t)N * urow); buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
     Plan p = {0};
-    plan_monarch_forward_ut(&p, &m, N);
-    plan_monarch_backward_ut(&p, &m, N, 1);
-    run_plan(&p, buf);
     int permutes = 0;
-    for (int i = 0; i < p.n; i++) permutes += p.op[i].kind == PLAN_PERMUTE;
-    char name[160];
-    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: y (%d permutes: y and dyt only)", din, dout, nb, N, permutes);
+    for (int pass = 0; pass < 2; pass++) {
+        p.n = 0;
+        if (pass == 0) {
+            if (ut) plan_monarch_forward_ut(&p, &m, N);
+            else plan_monarch_forward(&p, &m, N);
+        } else {
+            if (ut) plan_monarch_backward_ut(&p, &m, N, 1);
+            else plan_monarch_backward(&p, &m, N, 1);
+        }
+        for (int i = 0; i < p.n; i++) permutes += p.op[i].kind == PLAN_PERMUTE;
+        run_plan(&p, buf);
+    }
+    char tag[96], name[192];
+    snprintf(tag, sizeof(tag), "monarch %splan %d->%d nb%d N%d", ut ? "-sk 4 " : "", din, dout, nb, N);
+    snprintf(name, sizeof(name), "%s: y (%d permutes)", tag, permutes);
     check_close(buf[PB_Y], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
-    check_true(permutes == 2, name, "2 permutes");
-    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: u stored transposed", din, dout, nb, N);
-    check_close(buf[PB_Z], ut_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: dx", din, dout, nb, N);
+    check_true(permutes == (ut ? 2 : 4), name, ut ? "2 permutes: y's and dy's" : "4 permutes");
+    snprintf(name, sizeof(name), "%s: saved u%s", tag, ut ? " (stored transposed)" : "");
+    check_close(buf[PB_Z], ut ? ut_ref : u_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dx", tag);
     check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "monarch -sk 4 plan %d->%d nb%d N%d: dR, dL accumulated", din, dout, nb, N);
+    snprintf(name, sizeof(name), "%s: dR accumulated", tag);
     check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dL accumulated", tag);
     check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
     for (int i = 0; i < PB_COUNT; i++)
         if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
@@ -539,6 +524,16 @@ static void test_activation_elems(void) {
     const double br = plan_activation_elems(&r1), bt = plan_activation_elems(&t1), mf = plan_activation_elems(&uf), mb = plan_activation_elems(&ub);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 26880 and 20736", br, bt);
     check_true(br == 26880 && bt == 20736, "plan_activation_elems: btt 768->3072 rank 1 forward + backward, -sk 0 and -sk 4 (23% less)", why);
+    // rank 2 (zrow 3072): the baseline's 2 x 2 x 3072 of permutes go; W0's reorders count nothing (a core)
+    Plan r2f = {}, r2b = {}, t2f = {}, t2b = {};
+    plan_btt_forward(&r2f, &s, 1, 0);
+    plan_btt_backward_dz(&r2b, &s, 1, 0);
+    plan_btt_backward_rest(&r2b, &s, 1, 0, 1, 1);
+    plan_btt_forward_zt(&t2f, &s, 1);
+    plan_btt_backward_zt(&t2b, &s, 1, 1, 1);
+    const double b2r = plan_activation_elems(&r2f) + plan_activation_elems(&r2b), b2t = plan_activation_elems(&t2f) + plan_activation_elems(&t2b);
+    snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 42240 and 29952", b2r, b2t);
+    check_true(b2r == 42240 && b2t == 29952, "plan_activation_elems: btt 768->3072 rank 2 forward + backward, -sk 0 and -sk 4 (29% less)", why);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 11520 and 16896", mf, mb);
     check_true(mf == want[0] - 1536 && mb == want[1] - 1536,
                "plan_activation_elems: monarch 768->3072 nb 4 -sk 4, forward and backward (u's permutes gone)", why);
@@ -637,7 +632,7 @@ static void test_moe_tiles(void) {
     check_true(bad_mono == 0, "moe_tile_rows: never fewer rows per tile for more tokens", why);
 }
 
-// The small BTT (kind 0: 24 -> 15, rank 2; kind 2: rank 1 on -sk 4's plans) or Monarch (kind 1:
+// The small BTT (kind 0: 24 -> 15, rank 2; kind 2: the same on -sk 4's plans) or Monarch (kind 1:
 // 48 -> 96, 4 blocks; kind 3: on -sk 4's plans) of the epilogue and row-stride tests: sizes of
 // its cores, intermediate row and T2, T3 rows.
 typedef struct {
@@ -652,10 +647,10 @@ static SmallLayer small_layer(int kind) {
     memset(&L, 0, sizeof(L));
     L.zt = kind >= 2;
     if (kind % 2 == 0) {
-        btt_shape(&L.s, 4, 6, 5, 3, kind == 2 ? 1 : 2);
+        btt_shape(&L.s, 4, 6, 5, 3, 2);
         L.din = L.s.d_in; L.dout = L.s.d_out; L.n0 = btt_w0_size(&L.s); L.n1 = btt_w1_size(&L.s); L.zrow = btt_z_row(&L.s);
         L.t2row = L.zrow; L.t3row = 1;
-        L.what = kind == 2 ? "btt 24->15 r1 (-sk 4)" : "btt 24->15 r2";
+        L.what = kind == 2 ? "btt 24->15 r2 (-sk 4)" : "btt 24->15 r2";
     } else {
         monarch_shape(&L.m, 48, 96, 4);
         L.din = L.m.d_in; L.dout = L.m.d_out; L.n0 = monarch_r_size(&L.m); L.n1 = monarch_l_size(&L.m); L.zrow = monarch_u_row(&L.m);
@@ -727,6 +722,7 @@ static void test_epilogues(int kind, int N) {
         buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DX] = zeros((size_t)N * din);
         buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1); buf[PB_PRE] = zeros((size_t)N * dout);
         buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
+        buf[PB_W0R] = zeros(n0); buf[PB_DW0R] = zeros(n0);
         Plan p = {0};
         small_forward_plan(&L, &p, N);
         char name[160];
@@ -773,6 +769,7 @@ static void test_strided(int kind, int N) {
     buf[PB_X] = x; buf[PB_W0] = W0; buf[PB_W1] = W1; buf[PB_DY] = dyw + dout; buf[PB_Y] = yw + dout; buf[PB_DX] = dxw;
     buf[PB_Z] = zeros((size_t)N * zrow); buf[PB_DW0] = zeros(n0); buf[PB_DW1] = zeros(n1);
     buf[PB_T1] = zeros((size_t)N * zrow); buf[PB_T2] = zeros((size_t)N * t2row); buf[PB_T3] = zeros((size_t)N * t3row);
+    buf[PB_W0R] = zeros(n0); buf[PB_DW0R] = zeros(n0);
     Plan p = {0};
     small_forward_plan(&L, &p, N);
     plan_set_ld(&p, PB_Y, wide);
@@ -803,7 +800,7 @@ static void test_strided(int kind, int N) {
     check_close(buf[PB_DW0], g0, n0, 1e-4f, 1e-4f, name);
     snprintf(name, sizeof(name), "%s: dW1 from the middle third of dy", what);
     check_close(buf[PB_DW1], g1, n1, 1e-4f, 1e-4f, name);
-    free(buf[PB_Z]); free(buf[PB_DW0]); free(buf[PB_DW1]); free(buf[PB_T1]); free(buf[PB_T2]); free(buf[PB_T3]);
+    free(buf[PB_Z]); free(buf[PB_DW0]); free(buf[PB_DW1]); free(buf[PB_T1]); free(buf[PB_T2]); free(buf[PB_T3]); free(buf[PB_W0R]); free(buf[PB_DW0R]);
     free(x); free(W0); free(W1); free(dyw); free(dy); free(dx0); free(y_ref); free(z_ref); free(dx_ref); free(g0); free(g1);
     free(yw); free(yw0); free(dxw); free(yblock);
 }
@@ -850,7 +847,12 @@ static void test_exec_model(void) {
                 shape = &m;
                 snprintf(what, sizeof(what), "monarch %d blocks %d->%d", e->rank_or_blocks, din, dout);
             }
-            model = st_plans_seconds(e->kind, shape, N, &r) * 1e3;
+            model = st_plans_seconds(e->kind, shape, N, 0, &r) * 1e3;
+            // -sk 4's plans (z, u stored transposed) move fewer bytes: priced below -sk 0's, not below half
+            const double zt = st_plans_seconds(e->kind, shape, N, 1, &r) * 1e3;
+            snprintf(name, sizeof(name), "exec_model: %s, N = %d, -sk 4's plans priced below -sk 0's", what, N);
+            snprintf(why, sizeof(why), "-sk 4 %.3f ms, -sk 0 %.3f ms", zt, model);
+            check_true(zt < model && zt > 0.5 * model, name, why);
         }
         snprintf(name, sizeof(name), "exec_model: %s%s, N = %d, within 25%% of the H200's measured time", what, e->kind ? " on the plans" : "", N);
         snprintf(why, sizeof(why), "modelled %.3f ms, measured %.3f ms", model, e->ms);
@@ -861,10 +863,10 @@ static void test_exec_model(void) {
             if (h200[j].kind == 0 && h200[j].d == e->d) dense = h200[j].ms;
         const double ratio = e->ms / dense;
         if (ratio > 0.8 && ratio < 1.25) continue;
-        const int pick = st_as_dense_pays(e->kind, shape, N, &r), want = ratio >= 1.25;
+        const int pick = st_as_dense_pays(e->kind, shape, N, 0, &r), want = ratio >= 1.25;
         snprintf(name, sizeof(name), "exec_model: -sm 2 runs %s %s (measured %.2fx dense's time on the plans)", what,
                  want ? "as dense" : "on the plans", ratio);
-        snprintf(why, sizeof(why), "modelled plans %.3f ms, materialized %.3f ms", st_plans_seconds(e->kind, shape, N, &r) * 1e3,
+        snprintf(why, sizeof(why), "modelled plans %.3f ms, materialized %.3f ms", st_plans_seconds(e->kind, shape, N, 0, &r) * 1e3,
                  st_materialized_seconds(e->kind, shape, N, &r) * 1e3);
         check_true(pick == want, name, why);
     }
@@ -883,15 +885,18 @@ int main(void) {
     test_btt(32, 24, 48, 16, 1, 9);   // 768 -> 768 with non-default factors
     test_btt(4, 6, 5, 3, 2, 13);      // small, rank 2, non-square
     test_btt(8, 4, 6, 10, 4, 21);     // rank 4
-    test_monarch(64, 64, 4, 19);
-    test_monarch(48, 96, 4, 11);      // d_out > d_in: q = p
-    test_monarch(96, 48, 8, 7);       // d_in > d_out: q = s
-    test_btt_zt(16, 48, 32, 96, 37, 1);  // -sk 4: 768 -> 3072
-    test_btt_zt(32, 96, 16, 48, 9, 0);   // 3072 -> 768, weight gradients overwritten
-    test_btt_zt(4, 6, 5, 3, 13, 1);      // small, non-square
-    test_monarch_ut(64, 64, 4, 19);
-    test_monarch_ut(48, 96, 4, 11);
-    test_monarch_ut(96, 48, 8, 7);
+    for (int ut = 0; ut <= 1; ut++) {  // -sk 0's plans, -sk 4's
+        test_monarch(64, 64, 4, 19, ut);
+        test_monarch(48, 96, 4, 11, ut);  // d_out > d_in: q = p
+        test_monarch(96, 48, 8, 7, ut);   // d_in > d_out: q = s
+    }
+    test_btt_zt(16, 48, 32, 96, 1, 37, 1);  // -sk 4: 768 -> 3072
+    test_btt_zt(32, 96, 16, 48, 1, 9, 0);   // 3072 -> 768, weight gradients overwritten
+    test_btt_zt(4, 6, 5, 3, 1, 13, 1);      // small, non-square
+    test_btt_zt(4, 6, 5, 3, 2, 13, 1);      // rank 2: W0 reordered, dW0 through its reordered copy
+    test_btt_zt(4, 6, 5, 3, 2, 11, 0);      // the same overwriting the weight gradients
+    test_btt_zt(8, 4, 6, 10, 4, 21, 1);     // rank 4
+    test_btt_zt(16, 48, 32, 96, 2, 9, 1);   // 768 -> 3072 rank 2
     test_moe(4, 6, 5, 3, 4, 2, 23, 4);  // experts of several 4-row tiles, the last partial
     test_moe(8, 4, 6, 10, 8, 2, 40, 8);
     test_moe(4, 4, 4, 4, 3, 3, 10, 3);  // top-k = E

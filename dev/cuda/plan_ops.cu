@@ -4,8 +4,8 @@
 // (its operands read and its output written once), then the whole plans. The layer's forward y and
 // input gradient dx are checked against the CPU layers (btt.h, monarch.h) on the first rows.
 //
-// The trainer's plans: -sk 0's, and for BTT rank 1 and Monarch -sk 4's (z, u stored transposed,
-// no permute of it), whose GEMMs take other operand layouts; what it tells is which op to replace
+// The trainer's plans: -sk 0's, and -sk 4's (z, u stored transposed, no permute of it; BTT of rank
+// > 1 reorders W0's columns instead), whose GEMMs take other operand layouts; what it tells is which op to replace
 // next: on an H200 the BTT layers ran 2.4-12x their layer floor after the permute was rewritten
 // (dev/bench/RESULTS.md), without a split between the GEMMs and the permutes.
 //
@@ -53,7 +53,8 @@ int main(int argc, char **argv) {
     }
     const PlanCase cases[] = {
         {"btt 768->3072 r1", STRUCT_BTT, 768, 3072, 1, 0, 0},    {"btt 768->3072 r1 -sk 4", STRUCT_BTT, 768, 3072, 1, 0, 1},
-        {"btt 768->3072 r4", STRUCT_BTT, 768, 3072, 4, 0, 0},    {"btt 2048->8192 r2", STRUCT_BTT, 2048, 8192, 2, 0, 0},
+        {"btt 768->3072 r4", STRUCT_BTT, 768, 3072, 4, 0, 0},    {"btt 768->3072 r4 -sk 4", STRUCT_BTT, 768, 3072, 4, 0, 1},
+        {"btt 2048->8192 r2", STRUCT_BTT, 2048, 8192, 2, 0, 0},  {"btt 2048->8192 r2 -sk 4", STRUCT_BTT, 2048, 8192, 2, 0, 1},
         {"monarch 768->3072 4 blocks", STRUCT_MONARCH, 768, 3072, 0, 4, 0},
         {"monarch 768->3072 4 blocks -sk 4", STRUCT_MONARCH, 768, 3072, 0, 4, 1},
         {"monarch 2048->8192 4 blocks", STRUCT_MONARCH, 2048, 8192, 0, 4, 0},
@@ -99,7 +100,7 @@ int main(int argc, char **argv) {
         buf[PB_DY] = dev_upload_bf16(hdy, (size_t)N * c.d_out);
         buf[PB_W0] = dev_upload_bf16(hw0, w0n);
         buf[PB_W1] = dev_upload_bf16(hw1, w1n);
-        const size_t sizes[PB_COUNT] = {0, (size_t)N * c.d_out, (size_t)N * zrow, 0, 0, 0, (size_t)N * c.d_in, w0n, w1n, t1n, t2n, t3n};
+        const size_t sizes[PB_COUNT] = {0, (size_t)N * c.d_out, (size_t)N * zrow, 0, 0, 0, (size_t)N * c.d_in, w0n, w1n, t1n, t2n, t3n, 0, 0, w0n, w0n};
         for (int b = 0; b < PB_COUNT; b++) {
             if (b == PB_X || b == PB_DY || b == PB_W0 || b == PB_W1) continue;
             cudaCheck(cudaMalloc(&buf[b], sizes[b] * sizeof(floatX)));

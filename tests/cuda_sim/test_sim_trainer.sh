@@ -22,6 +22,11 @@ COMMON=(-i "$W/syn_train_*.bin" -j "$W/syn_val_000000.bin" -t 16 -tk data/tinysh
 
 # losses of the "step" lines, one per line
 losses() { grep -E '^step +[0-9]' | sed -E 's/.*\| loss ([0-9.naif-]+) .*/\1/'; }
+# two runs' first two losses (space-separated) within TOL of each other: close_losses A B TOL
+close_losses() {
+    awk -v a="$1" -v b="$2" -v tol="$3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
+        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > tol) exit 1 } }'
+}
 
 out=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -x 4 -v 2 -m 2 -s 4 -g 6 -o "$W/A" -n 2 2>&1); rc=$?
 echo "$out" > "$W/A.out"
@@ -123,8 +128,7 @@ fi
 # gradient accumulation: 2 micro-batches of 2 sequences = one batch of 4
 a=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 4 -x 2 -v 0 -s 0 2>&1 | losses | tr '\n' ' ')
 b=$("$BIN" -e "$W/dense.cfg" "${COMMON[@]}" -b 2 -d 64 -x 2 -v 0 -s 0 2>&1 | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 2e-3) exit 1 } }' \
+close_losses "$a" "$b" 2e-3 \
     && ok "dense: -b 2 -d 64 (accumulation) matches -b 4 (losses $a / $b)" || bad "gradient accumulation" "losses '$a' vs '$b'"
 
 # the same first step whatever the recompute, GELU fusion and attention path
@@ -156,8 +160,7 @@ if [ -x "$BIN_CUDNN" ]; then
         out=$("$BIN_CUDNN" -e "$W/heads$heads.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 2 -g 4 -fa 2 2>&1); rc=$?
         b=$(echo "$out" | losses | tr '\n' ' ')
         [ $rc -eq 0 ] && echo "$out" | grep -q "cuDNN fused flash attention (-fa 2)" && echo "$out" | grep -q "^generating:" &&
-            awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-                for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1e-3) exit 1 } }' &&
+            close_losses "$a" "$b" 1e-3 &&
             ok "-fa 2 (simulated cuDNN), head size $((32 / heads)): trains (losses $b vs $a) and samples" ||
             bad "-fa 2 (simulated cuDNN), head size $((32 / heads))" "exit $rc, losses '$b' vs '$a': $(echo "$out" | tail -n 2)"
     done
@@ -198,29 +201,25 @@ topk = 2
 EOF2
 a=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 0 2>&1 | losses | tr '\n' ' ')
 b=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 1 2>&1 | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+close_losses "$a" "$b" 1.5e-3 \
     && ok "structured: -sk 1 (fused BTT, segmented BTT-MoE experts, fused Monarch) matches -sk 0 (losses $b / $a)" || bad "-sk 1" "losses '$b' vs '$a'"
 # -sk 2: the same with the BTT kernel's W0 staged in shared memory; the banner says so
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 2 2>&1)
 b2=$(echo "$out" | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$b2" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "W0 staged" \
+close_losses "$a" "$b2" 1.5e-3 && echo "$out" | grep -q "W0 staged" \
     && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
 # -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest; q, k and v in place in the qkv buffers)
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 3 -pt 1 2>&1)
 b3=$(echo "$out" | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$b3" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "BTT split" \
+close_losses "$a" "$b3" 1.5e-3 && echo "$out" | grep -q "BTT split" \
     && ! echo "$out" | grep -q "split copies" \
     && ok "structured: -sk 3 (BTT split) matches -sk 0 (losses $b3 / $a), with q, k, v in place (no split copies in -pt)" \
     || bad "-sk 3" "losses '$b3' vs '$a'; $(echo "$out" | grep -m1 "split copies")"
-# -sk 4: BTT rank 1 (k, v, fc_proj) and Monarch (attn_proj) with z, u stored transposed, no permute of
-# it; q (rank 8) on -sk 0's plans; all of q, k, v in place in the qkv buffers
+# -sk 4: BTT (q rank 8, k, v, fc_proj rank 1) and Monarch (attn_proj) with z, u stored transposed, no
+# permute of it (q's W0 reordered instead); q, k, v in place in the qkv buffers
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 4 -pt 1 2>&1)
 b4=$(echo "$out" | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$b4" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' && echo "$out" | grep -q "transposed (-sk 4)" \
+close_losses "$a" "$b4" 1.5e-3 && echo "$out" | grep -q "transposed (-sk 4)" \
     && ! echo "$out" | grep -q "split copies" \
     && ok "structured: -sk 4 (z, u stored transposed) matches -sk 0 (losses $b4 / $a), with q, k, v in place (no split copies in -pt)" \
     || bad "-sk 4" "losses '$b4' vs '$a'; $(echo "$out" | grep -m1 -i "structured layers")"
@@ -235,8 +234,7 @@ bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
     && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +(-sk [0-4]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6}' \
     && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-4]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
-    && awk -v a="$a" -v b="$bt" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+    && close_losses "$a" "$bt" 1.5e-3 \
     && ok "structured: -at 1 times each layer's kernels (table, banner) and trains as -sk 0 (losses $bt / $a)" \
     || bad "-at 1" "exit $rc, losses '$bt' vs '$a': $(echo "$out" | grep -A4 "^-at 1" | head -5)"
 mkdir -p "$W/at2"
@@ -255,8 +253,7 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/a
     && ok "structured: a resume state with kernels its layer cannot run is refused, naming the file and layer" \
     || bad "-at 1 bad state" "exit $rc: $(echo "$out" | grep -m1 error)"
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
-awk -v a="$a" -v b="$c" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-    for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+close_losses "$a" "$c" 1.5e-3 \
     && ok "structured: -sm 1 (BTT and Monarch as dense GEMMs on materialized weights) matches -sk 0 (losses $c / $a)" || bad "-sm 1" "losses '$c' vs '$a'"
 
 # -sm 2: exec_model.h picks per layer (tests/test_gpu_plan.c holds the model to the H200's
@@ -296,8 +293,7 @@ roles=$(echo "$out" | sed -nE 's/^\| -sm 2 runs as dense +\| (.*[^ ]) +\|$/\1/p'
 nroles=$(echo "$roles" | awk -F', ' '$0 == "none" { print 0; next } { print NF }')
 [ $rc -eq 0 ] && [ -n "$said" ] && [ "${said#* }" = 5 ] && [ "${said% *}" = "$ran" ] && [ "$nroles" = "$ran" ] && ! echo "$roles" | grep -q fc_proj \
     && echo "$out" | grep -qE '^fc_proj fwd: btt_moe 4/top2 [^(]*$' \
-    && awk -v a="$a" -v b="$b" 'BEGIN { n = split(a, x, " "); m = split(b, y, " "); if (n != 2 || m != 2) exit 1;
-        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > 1.5e-3) exit 1 } }' \
+    && close_losses "$a" "$b" 1.5e-3 \
     && ok "-sm 2: the banner's ${said% *} of 5 BTT/Monarch layers as dense ($roles) are the ones -pt shows so, BTT-MoE on its plans; losses as -sm 0's ($a / $b)" \
     || bad "-sm 2" "exit $rc, banner '$said' ($roles), $ran ran as dense, losses '$a' vs '$b': $(echo "$out" | grep -E 'structured layers|fwd:' | head -8)"
 
