@@ -425,10 +425,10 @@ static void check_autotune_choice(void) {
         zl[1] = st_tune_pick_pair(zc, fw, bw, 3, 0, 1);
         zl[2] = st_kernel_of_sk(4, 4);
         check_true(st_kernel_candidates(STRUCT_BTT, 1, c6) == 6 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT, 0, c5) == 5 &&
-                       st_kernel_candidates(STRUCT_MONARCH, 1, c4) == 4 && c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, 1, c3) == 3 &&
+                       st_kernel_candidates(STRUCT_MONARCH, 1, c4) == 4 && c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, 1, c3) == 4 && st_kernel_candidates(STRUCT_BTT_MOE, 0, c3) == 3 &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_ZT) && st_kernel_valid(STRUCT_MONARCH, ST_K_ZT) &&
                        st_kernel_canonical(STRUCT_BTT, 0, ST_K_ZT) == 0 && st_kernel_canonical(STRUCT_BTT, 1, ST_K_ZT) == ST_K_ZT &&
-                       st_kernel_canonical(STRUCT_BTT_MOE, 1, ST_K_ZT) == 0 && st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
+                       st_kernel_canonical(STRUCT_BTT_MOE, 1, ST_K_ZT) == ST_K_ZT && st_kernel_canonical(STRUCT_BTT_MOE, 0, ST_K_ZT) == 0 && st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
                        st_kernel_sk(ST_K_DENSE, 1) == 0 && st_kernel_sk(st_kernel_pair(3, 0), 1) == 0 && zl[2] == ST_K_ZT &&
                        st_kernel_of_sk(3, 0) == st_kernel_pair(3, 0) && strcmp(zlabel, "-sk 4") == 0 &&
                        zl[0] == st_kernel_pair(1, 0) &&  // 0.9: -sk 1's forward with -sk 0's backward, not -sk 4's (0.4)
@@ -636,7 +636,9 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
                  spec->topk, din, dout, N, fwd_sk, bwd_sk);
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
-                 g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented") : "cuBLAS");
+                 g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
+                 : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : "cuBLAS");
+    const long zt0 = g_st_zt_runs;
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL}, *dw_ref[3] = {NULL, NULL, NULL};
@@ -753,6 +755,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     }
     snprintf(name, sizeof(name), "%s: dbias", tag);
     check_device(dbias_d, dbias_ref, dout, 3e-2f, name);
+    if (fwd_sk == 4 && bwd_sk == 4 && !g_st_dense) {
+        snprintf(name, sizeof(name), "%s: ran -sk 4's plans forward and backward", tag);
+        check_true(g_st_zt_runs - zt0 == 2, name, "another count of -sk 4 runs");
+    }
     void *dev[] = {x_d, dy_d, bias_d, y_d, dx_d, dbias_d, colsum};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
     free(x); free(dy); free(bias); free(dbias_ref); free(y_ref); free(dx_ref);
@@ -993,7 +999,7 @@ static void check_structures_vs_cpu(void) {
         check_layer_pairs_vs_cpu(&s, N, pairs, 4);
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        for (int sk = 0; sk <= 2; sk++) {  // -sk 3 runs its experts as -sk 2 does
+        for (int sk = 0; sk <= 4; sk += sk == 2 ? 2 : 1) {  // -sk 3 runs its experts as -sk 2 does; -sk 4: each tile's z transposed
             st_set_kernels(sk);
             check_layer_vs_cpu(&s, N);
         }

@@ -1502,7 +1502,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sk", &g_st_sk, NULL, 0, 4, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
                                     "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
                                     "(z, and dZ from dy) and cuBLAS for the rest, 4 the baseline with z (u) stored transposed, which takes no "
-                                    "permute of it (BTT and Monarch; BTT-MoE as 0) (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
+                                    "permute of it (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},

@@ -169,13 +169,17 @@ static inline void plan_btt_forward_zt(Plan *p, const BTTShape *s, int n) {
     plan_gemm(p, 1, 0, n, E, gr, PB_Z, 0, P * n, n, PB_W1, 0, E, (long long)gr * E, PB_Y, 0, s->d_out, E, P, 0);
 }
 
-// The backward on z stored transposed; T1 = dZ stored the same way (zrow x n).
-static inline void plan_btt_backward_zt(Plan *p, const BTTShape *s, int n, int want_dx, int beta_w) {
+// The backward on z stored transposed; T1 = dZ stored the same way (zrow x n). Its first op
+// alone (BTT-MoE scales dZ by the gate between the two), then the rest.
+static inline void plan_btt_backward_zt_dz(Plan *p, const BTTShape *s, int n) {
+    const int G = s->gamma, P = s->phi, E = s->eps, gr = G * s->rank;
+    // dZt_f (gr x n) = W1[f] (gr x E) . dY_f^T (E x n), into T1's rows (g·rho + r)·phi + f
+    plan_gemm(p, 0, 1, gr, n, E, PB_W1, 0, E, (long long)gr * E, PB_DY, 0, s->d_out, E, PB_T1, 0, P * n, n, P, 0);
+}
+static inline void plan_btt_backward_zt_rest(Plan *p, const BTTShape *s, int n, int want_dx, int beta_w) {
     const int A = s->alpha, G = s->gamma, P = s->phi, E = s->eps, R = s->rank, fr = P * R, gr = G * R;
     const int w0 = R > 1 ? PB_W0R : PB_W0, dw0 = R > 1 ? PB_DW0R : PB_DW0;
     if (R > 1 && want_dx) plan_btt_w0_reorder(p, s, PB_W0, PB_W0R, 1);
-    // dZt_f (gr x n) = W1[f] (gr x E) . dY_f^T (E x n), into T1's rows (g·rho + r)·phi + f
-    plan_gemm(p, 0, 1, gr, n, E, PB_W1, 0, E, (long long)gr * E, PB_DY, 0, s->d_out, E, PB_T1, 0, P * n, n, P, 0);
     // dX_g (n x A) = dZ_g (n x fr) . W0'[g]^T (fr x A), dZ_g the transpose of T1's fr rows from g·fr
     if (want_dx)
         plan_gemm(p, 1, 1, n, A, fr, PB_T1, 0, n, (long long)fr * n, w0, 0, fr, (long long)A * fr, PB_DX, 0, s->d_in, A, G, 0);
@@ -186,6 +190,10 @@ static inline void plan_btt_backward_zt(Plan *p, const BTTShape *s, int n, int w
     if (R > 1 && beta_w) plan_btt_w0_reorder(p, s, PB_DW0, PB_DW0R, 1);
     plan_gemm(p, 1, 1, A, fr, n, PB_X, 0, s->d_in, A, PB_T1, 0, n, (long long)fr * n, dw0, 0, fr, (long long)A * fr, G, beta_w);
     if (R > 1) plan_btt_w0_reorder(p, s, PB_DW0R, PB_DW0, 0);
+}
+static inline void plan_btt_backward_zt(Plan *p, const BTTShape *s, int n, int want_dx, int beta_w) {
+    plan_btt_backward_zt_dz(p, s, n);
+    plan_btt_backward_zt_rest(p, s, n, want_dx, beta_w);
 }
 
 // Scratch elements per row: T1, T2 (zrow each), no T3.
@@ -339,7 +347,10 @@ static inline void plan_scratch_offsets(size_t t1_row, size_t t2_row, int rows, 
 // needs (moe_max_tiles); slots past this step's tiles all repeat the spare tile (index `tiles`,
 // after the last) with expert 0, identical products whose results nothing reads.
 
-static inline void plan_tile(Plan *p, int tiles, int tile_rows, size_t core0, size_t core1) {
+// zt_tile: -sk 4's plans, whose Z and T1 hold each tile's block transposed (zrow x tile_rows, so
+// a tile starts zt_tile = zrow·tile_rows elements on, not tile_rows rows of its operand's stride);
+// 0 for the others.
+static inline void plan_tile(Plan *p, int tiles, int tile_rows, size_t core0, size_t core1, size_t zt_tile) {
     for (int i = 0; i < p->n; i++) {
         PlanOp *o = &p->op[i];
         o->tiles = tiles;
@@ -361,7 +372,7 @@ static inline void plan_tile(Plan *p, int tiles, int tile_rows, size_t core0, si
                 o->c_f32 = 1;
                 o->beta = 0;
             } else {
-                o->ts[k] = (long long)tile_rows * lds[k];
+                o->ts[k] = zt_tile && (b == PB_Z || b == PB_T1) ? (long long)zt_tile : (long long)tile_rows * lds[k];
             }
         }
     }

@@ -11,8 +11,8 @@
 // runs monarch_fused.cuh's kernel (u on chip), its backward's dx, du and dyt that file's backward
 // kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
 // says they move fewer bytes than the plans (not at large widths with few blocks).
-// -sk 4 (g_st_zt): BTT and Monarch on plans that store z (u) transposed, a row per element of the
-// intermediate with the layer's rows side by side, so that both stages' GEMMs read it through one
+// -sk 4 (g_st_zt): BTT, Monarch and BTT-MoE's experts on plans that store z (u) transposed, a row
+// per element of the intermediate with the layer's rows (BTT-MoE: a tile's rows) side by side, so that both stages' GEMMs read it through one
 // stride each and the permute of z (u) goes, forward and backward (BTT of rank > 1 permutes W0's
 // columns instead, |W0| elements); its saved z is then in that layout, so its forward pairs with
 // its own backward only.
@@ -57,12 +57,12 @@
 // kernels were slower than the plans in every layer and whole-model config of
 // dev/bench/structured.sh (dev/bench/RESULTS.md).
 static int g_st_fused = 0;
-// 1: BTT and Monarch layers run the plans with z (u) stored transposed, which need no permute of
-// it (gpu_plan.h, -sk 4); BTT-MoE the plans of -sk 0.
+// 1: BTT, Monarch and BTT-MoE layers run the plans with z (u) stored transposed, which need no
+// permute of it (gpu_plan.h, -sk 4; BTT-MoE: each tile's z).
 static int g_st_zt = 0;
 // -sk's setting, 0..4 (the trainer's flag; st_set_kernels applies it)
 static int g_st_sk = 0;
-// BTT forwards and backwards that ran split (-sk 3), and BTT and Monarch ones on -sk 4's plans
+// BTT forwards and backwards that ran split (-sk 3), and every structure's on -sk 4's plans
 // (the tests check that they did, not -sk 0's plans)
 static long g_st_split_runs = 0, g_st_zt_runs = 0;
 // -sk's setting: which structured kernels run (g_st_fused, g_st_zt), and with 2 and 3 the fused
@@ -992,8 +992,9 @@ typedef struct {
 
 // The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
 // can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile
-// partials). A NULL plan is not built.
-static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
+// partials). A NULL plan is not built. zt: -sk 4's, each tile's z and dZu stored transposed (the
+// same GEMMs and pointers, no permute).
+static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx, int zt) {
     const BTTShape b1 = moe_expert_shape(s);
     const int tiles = moe_max_tiles(N * s->topk, s->experts, tile_rows);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
@@ -1001,10 +1002,16 @@ static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, 
     for (int i = 0; i < 3; i++) {
         if (!plans[i]) continue;
         memset(plans[i], 0, sizeof(Plan));
-        if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
-        else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
-        else plan_btt_backward_rest(plans[i], &b1, tile_rows, 0, want_dx, 0);
-        plan_tile(plans[i], tiles, tile_rows, p0, p1);
+        if (zt) {
+            if (i == 0) plan_btt_forward_zt(plans[i], &b1, tile_rows);
+            else if (i == 1) plan_btt_backward_zt_dz(plans[i], &b1, tile_rows);
+            else plan_btt_backward_zt_rest(plans[i], &b1, tile_rows, want_dx, 0);
+        } else {
+            if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
+            else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
+            else plan_btt_backward_rest(plans[i], &b1, tile_rows, 0, want_dx, 0);
+        }
+        plan_tile(plans[i], tiles, tile_rows, p0, p1, zt ? (size_t)tile_rows * btt_z_row(&b1) : 0);
     }
 }
 
@@ -1059,7 +1066,7 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
     const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
     const size_t rows = moe_grouped_rows((int)NK, (int)E, tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, tile_rows);
     Plan f, d, r;
-    moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1);
+    moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1, 0);  // -sk 4's take as many pointers (the same GEMMs)
     size_t np = plan_tile_ptr_count(&f);
     if (plan_tile_ptr_count(&d) > np) np = plan_tile_ptr_count(&d);
     if (plan_tile_ptr_count(&r) > np) np = plan_tile_ptr_count(&r);
@@ -1269,6 +1276,50 @@ __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg,
     for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
 }
 
+// The same on -sk 4's layout, where each tile of T grouped rows keeps its z and dZu transposed
+// (zrow rows of T): a block takes 32 consecutive rows of one tile (threadIdx.x, so that a warp's
+// loads are consecutive) in 8 slices of the elements (threadIdx.y), summed over the slices in
+// order; each element is read and scaled by the thread that sums it. Then a warp per row scales
+// gate·dy (row-major). A padding row's z and dZu are zeroed, as above.
+#define MOE_GATE_ZT_COLS 32
+#define MOE_GATE_ZT_SLICES 8
+__global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gate_backward_zt_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z,
+                                                                                                     const float *gate, const int *order,
+                                                                                                     const int *rows_in_use, int T, int zrow, int dout) {
+    __shared__ float part[MOE_GATE_ZT_SLICES][MOE_GATE_ZT_COLS];
+    const int tile = blockIdx.x, t = blockIdx.y * MOE_GATE_ZT_COLS + threadIdx.x;
+    if ((long)tile * T >= *rows_in_use) return;  // the whole block: no barrier is skipped by some
+    const int w = tile * T + t, pr = t < T ? order[w] : -1;
+    const size_t base = (size_t)tile * T * zrow + t;
+    float s = 0.0f;
+    if (t < T) {
+        const float g = pr >= 0 ? gate[pr] : 0.0f;  // padding: zeros
+        for (int c = threadIdx.y; c < zrow; c += MOE_GATE_ZT_SLICES) {
+            const size_t at = base + (size_t)c * T;
+            const float d = (float)dzu[at];
+            s += (float)z[at] * d;
+            dzu[at] = (floatX)(g * d);
+            if (pr < 0) z[at] = (floatX)0.0f;
+        }
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && pr >= 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < MOE_GATE_ZT_SLICES; j++) sum += part[j][threadIdx.x];
+        dgate[pr] = sum;
+    }
+    for (int r = threadIdx.y; r < MOE_GATE_ZT_COLS; r += MOE_GATE_ZT_SLICES) {  // gate·dy, a warp per row
+        const int tr = blockIdx.y * MOE_GATE_ZT_COLS + r;
+        if (tr >= T) break;
+        const int p = order[tile * T + tr];
+        if (p < 0) continue;
+        const float g = gate[p];
+        floatX *dy = dyg + (size_t)(tile * T + tr) * dout;
+        for (int i = threadIdx.x; i < dout; i += MOE_GATE_ZT_COLS) dy[i] = (floatX)(g * (float)dy[i]);
+    }
+}
+
 __global__ void moe_dlogits_kernel(float *dlogits, floatX *dlogits_bf16, const float *logits, const float *lse, const float *gate,
                                    const float *dgate, const int *sel, const float *fhat, int N, int E, int K, float daux) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1332,7 +1383,8 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
                                                           &b1, st->tiles);
     if (!fused) {
         Plan f;
-        moe_tiled_plans(&f, NULL, NULL, s, N, T, 1);
+        moe_tiled_plans(&f, NULL, NULL, s, N, T, 1, g_st_zt);
+        g_st_zt_runs += g_st_zt;
         moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
         void *buf[PB_COUNT] = {0};
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
@@ -1385,17 +1437,24 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
     Plan pd, pr;
-    moe_tiled_plans(NULL, &pd, &pr, s, N, T, dx != NULL);
+    moe_tiled_plans(NULL, &pd, &pr, s, N, T, dx != NULL, g_st_zt);
     void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
         buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
         moe_gather(sc->yg, dy, st, E, rows, K, dout, dy_ld);
         moe_gather(sc->xg, x, st, E, rows, K, din);
-        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ, (phi, gamma, rho) layout in t2
+        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
+    }                                                                              // -sk 4: each tile's transposed in t1
+    if (!fused && g_st_zt) {
+        g_st_zt_runs++;
+        const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
+        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, sc->yg, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow, dout);
+    } else {
+        moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate,
+                                                               st->order, st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi,
+                                                               b1.rank);
     }
-    moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate, st->order,
-                                                           st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi, b1.rank);
     cudaCheckLaunch();
     if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
                   // dy and x read through the grouping, no gathered copies

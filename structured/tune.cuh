@@ -46,20 +46,19 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
 // Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
-// the same: its experts' fused kernel with W0 staged); every kind -sk 4 (BTT-MoE then runs the
-// plans of -sk 0).
+// the same: its experts' fused kernel with W0 staged); every kind -sk 4.
 static inline int st_kernel_valid(int kind, int k) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
     if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
-// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT, Monarch; not BTT-MoE).
-static inline int st_spec_zt(const LinearSpec *s) { return s->kind == STRUCT_BTT || s->kind == STRUCT_MONARCH; }
+// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT, Monarch, BTT-MoE's experts).
+static inline int st_spec_zt(const LinearSpec *s) { return st_kind_tunable(s->kind); }
 
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
 // Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; with zt (some layer of the unit has -sk 4's
-// own plans: st_spec_zt) also -sk 4 for BTT and Monarch. Returns how many. (-at 1 times these,
+// own plans: st_spec_zt) also -sk 4. Returns how many. (-at 1 times these,
 // each both ways, and may then pair one's forward with another's backward.)
 static inline int st_kernel_candidates(int kind, int zt, int out[ST_K_COUNT]) {
     int n = 0;
@@ -70,7 +69,7 @@ static inline int st_kernel_candidates(int kind, int zt, int out[ST_K_COUNT]) {
     } else if (kind == STRUCT_BTT_MOE) {
         out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
-    if (zt && st_kind_densifiable(kind)) out[n++] = ST_K_ZT;
+    if (zt && st_kind_tunable(kind)) out[n++] = ST_K_ZT;
     return n;
 }
 
@@ -81,7 +80,7 @@ static inline int st_kernel_canonical(int kind, int zt, int k) {
         return st_kernel_pair(st_kernel_canonical(kind, zt, st_kernel_fwd(k)), st_kernel_canonical(kind, zt, st_kernel_bwd(k)));
     if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
-    if (k == ST_K_ZT && (!zt || !st_kind_densifiable(kind))) return 0;
+    if (k == ST_K_ZT && !zt) return 0;
     return k;
 }
 

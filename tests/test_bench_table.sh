@@ -16,6 +16,8 @@ RESULT d=768 din=768 dout=3072 struct=btt_r2_fused ms=1.1000 fwd_ms=0.6000 flops
 RESULT d=768 din=768 dout=3072 struct=btt_moe_8x2_fused ms=1.2000 fwd_ms=0.2000 flops=1 flop_ratio=0.1 floor_ms=1.0000 pct_floor=83 vs_dense=1.2 check=ok
 RESULT d=768 din=768 dout=3072 struct=btt_moe_8x2_ws ms=1.3000 fwd_ms=1.0000 flops=1 flop_ratio=0.1 floor_ms=1.0000 pct_floor=77 vs_dense=1.3 check=ok
 RESULT d=768 din=768 dout=3072 struct=btt_r2_split ms=1.3000 fwd_ms=0.4000 flops=1 flop_ratio=0.1 floor_ms=0.5000 pct_floor=38 vs_dense=1.3 check=ok
+RESULT d=768 din=768 dout=3072 struct=btt_r2_zt ms=1.0000 fwd_ms=0.2000 flops=1 flop_ratio=0.1 floor_ms=0.5000 pct_floor=50 vs_dense=1.0 check=ok
+RESULT d=768 din=768 dout=3072 struct=btt_moe_8x2_zt ms=1.6000 fwd_ms=0.5000 flops=1 flop_ratio=0.1 floor_ms=1.0000 pct_floor=62 vs_dense=1.6 check=ok
 RESULT d=768 din=768 dout=3072 struct=btt_r2_sm ms=1.1500 fwd_ms=0.3500 flops=1 flop_ratio=0.1 floor_ms=0.5000 pct_floor=43 vs_dense=1.15 check=ok
 RESULT d=1024 din=1024 dout=4096 struct=dense ms=2.0000 fwd_ms=0.6000 flops=1 flop_ratio=1 floor_ms=1.8000 pct_floor=90 vs_dense=1 check=ok
 RESULT d=1024 din=1024 dout=4096 struct=btt_r4 ms=2.5000 fwd_ms=1.0000 flops=1 flop_ratio=0.3 floor_ms=1.0000 pct_floor=40 vs_dense=1.25 check=ok
@@ -31,9 +33,11 @@ out=$(awk -v torch_ran=0 -v moe_variant=mask_z -v tfile="$W/torch.log" -f dev/be
 fast=$(echo "$out" | sed -n '/^== each layer.s fastest path/,$p')
 row() { echo "$fast" | grep -E "^ *$1 +[0-9>-]+ +$2 " | tr -s ' '; }
 
-# BTT rank 2 at 768: whole paths 1.2 (-sk 0), 1.1 (-sk 1), 1.3 (-sk 3), 1.15 (-sm 1); forwards
-# 0.5, 0.6, 0.4 (and -sm 1's 0.35, which saves no z: not paired); backwards 0.7, 0.5, 0.9: -sk 3's
-# forward with -sk 1's backward, 0.9 = 0.9 of dense, 0.5/0.9 = 55.6% of the floor, 3.0/0.9 = 3.33x PyTorch
+# BTT rank 2 at 768: whole paths 1.2 (-sk 0), 1.1 (-sk 1), 1.3 (-sk 3), 1.0 (-sk 4), 1.15 (-sm 1);
+# forwards 0.5, 0.6, 0.4 (and -sm 1's 0.35, which saves no z, and -sk 4's 0.2, whose z only its own
+# backward reads: neither paired; -sk 4's forward with -sk 1's backward would be 0.7); backwards
+# 0.7, 0.5, 0.9: -sk 3's forward with -sk 1's backward, 0.9 = 0.9 of dense, 0.5/0.9 = 55.6% of the
+# floor, 3.0/0.9 = 3.33x PyTorch
 r=$(row 768 btt_r2)
 [ $rc -eq 0 ] && [ "$r" = " 768 768->3072 btt_r2 0.900 fwd -sk 3, bwd -sk 1 55.6% 0.900 3.000 3.33x" ] \
     && ok "fastest path: one path's forward with another's backward, when less than every whole path" || bad "btt_r2 row" "rc $rc: '$r'"
@@ -60,7 +64,8 @@ echo "$g" | grep -q "MISS within 1.5x of the roofline floor: 2 of 4; misses (tim
     && echo "$g" | grep -q "MISS at width >= 1024, BTT rank <= 4 and Monarch faster than dense: 1 of 2; misses (time/dense): btt_r4 d=1024 1.25x$" \
     && echo "$g" | grep -q "PASS BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: 1 of 1$" \
     && ok "goals on each layer's fastest path" || bad "goals on the fastest paths" "$g"
-# the per-row goals are still there, over every row (BTT-MoE -sk 1 against BTT rank 2 -sk 1: 1.2/1.1)
-echo "$out" | grep -q "BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: 2 of 2" \
+# the per-row goals are still there, over every row (BTT-MoE -sk 1 against BTT rank 2 -sk 1: 1.2/1.1;
+# -sk 4 against -sk 4: 1.6/1.0, a miss)
+echo "$out" | grep -q "BTT-MoE 8/top-2 no more than 1.5x the time of BTT rank 2: 2 of 3; misses (time/btt_r2): btt_moe_8x2_zt d=768 1.60x" \
     && ok "goals per row as before" || bad "goals per row" "$(echo "$out" | grep 'BTT-MoE 8/top-2')"
 summary

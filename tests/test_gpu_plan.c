@@ -315,7 +315,13 @@ static int moe_group(const int *sel, int NK, int E, int T, int *counts, int *off
 }
 
 // T: the tile rows (small here, so that experts take several tiles, some partial, some none).
-static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N, int T) {
+// Element c of grouped row w of z (or dZ) as the tiled plans store it: rows of zrow (the
+// plans'), or with zt each tile of T rows transposed (-sk 4's: zrow rows of T).
+static size_t moe_z_at(int zt, int w, size_t c, int T, size_t zrow) {
+    return zt ? (size_t)(w / T) * T * zrow + c * T + (size_t)(w % T) : (size_t)w * zrow + c;
+}
+
+static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N, int T, int zt) {
     MoEShape s;
     moe_shape(&s, alpha, gamma, phi, eps, E, K);
     const BTTShape b1 = moe_expert_shape(&s);
@@ -361,8 +367,10 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
     float *buf[PB_COUNT] = {0};
     buf[PB_X] = xg; buf[PB_Y] = yg; buf[PB_Z] = z; buf[PB_T1] = t1; buf[PB_T2] = t2; buf[PB_W0] = w0x; buf[PB_W1] = w1x;
     Plan p = {0};
-    plan_btt_forward(&p, &b1, T, 0);
-    plan_tile(&p, max_tiles, T, p0, p1);
+    const size_t zt_tile = zt ? zrow * T : 0;
+    if (zt) plan_btt_forward_zt(&p, &b1, T);
+    else plan_btt_forward(&p, &b1, T, 0);
+    plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
     float *y = zeros((size_t)N * dout);
     for (int t = 0; t < N; t++)  // combine: each token adds its K experts in k order
@@ -370,20 +378,26 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
             int pr = t * K + k;
             for (int o = 0; o < dout; o++) y[(size_t)t * dout + o] += gate[pr] * yg[(size_t)pos[pr] * dout + o];
         }
-    char name[200];
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: routing equals moe.h", alpha, gamma, phi, eps, E, K, N, T);
+    char name[200], tag[96];
+    snprintf(tag, sizeof(tag), "btt_moe %splan a%d g%d f%d e%d E%d K%d N%d T%d", zt ? "-sk 4 " : "", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: routing equals moe.h", tag);
     int same_order = 1;  // moe.h's order is the padded one without its padding
     for (int e = 0; e < E; e++)
         for (int j = 0; j < counts[e]; j++) same_order &= order[offsets[e] + j] == st.order[st.offsets[e] + j];
     check_true(memcmp(sel, st.sel, sizeof(int) * NK) == 0 && memcmp(counts, st.counts, sizeof(int) * E) == 0 && same_order && active <= max_tiles,
                name, "selection, counts or grouping differ");
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: y", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: y", tag);
     check_close(y, y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
     float *zp = zeros((size_t)NK * zrow);  // z as moe.h keeps it: rows grouped alike without padding, layout (gamma, phi)
     for (int e = 0; e < E; e++)
-        for (int j = 0; j < counts[e]; j++)
-            st_transpose(zp + (size_t)(st.offsets[e] + j) * zrow, z + (size_t)(offsets[e] + j) * zrow, phi, gamma, 1);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: saved z", alpha, gamma, phi, eps, E, K, N, T);
+        for (int j = 0; j < counts[e]; j++) {
+            float *dst = zp + (size_t)(st.offsets[e] + j) * zrow;
+            const int w = offsets[e] + j;
+            if (!zt) st_transpose(dst, z + (size_t)w * zrow, phi, gamma, 1);  // the plans' (phi, gamma)
+            else
+                for (size_t c = 0; c < zrow; c++) dst[c] = z[moe_z_at(1, w, c, T, zrow)];  // -sk 4's row c = g·phi + f
+        }
+    snprintf(name, sizeof(name), "%s: saved z", tag);
     check_close(zp, st.z, (size_t)NK * zrow, 1e-4f, 1e-4f, name);
     // aux statistics as the GPU reduces them (Σ softmax, counts, Σ lse²), then moe_aux_from_stats
     double *stats = (double *)callocCheck(MOE_AUX_STATS(E), sizeof(double));
@@ -413,21 +427,24 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
         if (order[w] >= 0) memcpy(dyg + (size_t)w * dout, dy + (size_t)(order[w] / K) * dout, sizeof(float) * dout);
     buf[PB_DY] = dyg; buf[PB_DX] = dxg; buf[PB_DW0] = part0; buf[PB_DW1] = part1;
     p.n = 0;
-    plan_btt_backward_dz(&p, &b1, T, 0);
-    plan_tile(&p, max_tiles, T, p0, p1);
+    if (zt) plan_btt_backward_zt_dz(&p, &b1, T);  // dZu into t1, stored as z
+    else plan_btt_backward_dz(&p, &b1, T, 0);     // into t2, (phi, gamma)
+    plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
+    float *dzu = zt ? t1 : t2;
     for (int w = 0; w < active * T; w++) {
         int pr = order[w];
         if (pr < 0) continue;
         double dg = 0.0;
-        for (size_t i = 0; i < zrow; i++) dg += (double)z[(size_t)w * zrow + i] * t2[(size_t)w * zrow + i];
+        for (size_t i = 0; i < zrow; i++) dg += (double)z[moe_z_at(zt, w, i, T, zrow)] * dzu[moe_z_at(zt, w, i, T, zrow)];
         dgate[pr] = (float)dg;
-        for (size_t i = 0; i < zrow; i++) t2[(size_t)w * zrow + i] *= gate[pr];
+        for (size_t i = 0; i < zrow; i++) dzu[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
         for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
     }
     p.n = 0;
-    plan_btt_backward_rest(&p, &b1, T, 0, 1, 0);
-    plan_tile(&p, max_tiles, T, p0, p1);
+    if (zt) plan_btt_backward_zt_rest(&p, &b1, T, 1, 0);
+    else plan_btt_backward_rest(&p, &b1, T, 0, 1, 0);
+    plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
     for (size_t i = 0; i < n0 + n1; i++) {
         const int w1 = i >= n0;
@@ -454,13 +471,13 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
             for (int t = 0; t < N; t++) a += (double)dlogits[(size_t)t * E + e] * x[(size_t)t * din + i];
             dR[(size_t)e * din + i] += (float)a;
         }
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dx", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: dx", tag);
     check_close(dx, dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dW0 accumulated", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: dW0 accumulated", tag);
     check_close(dW0, dW0_ref, n0, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: dW1 accumulated", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: dW1 accumulated", tag);
     check_close(dW1, dW1_ref, n1, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "btt_moe plan a%d g%d f%d e%d E%d K%d N%d T%d: drouter accumulated", alpha, gamma, phi, eps, E, K, N, T);
+    snprintf(name, sizeof(name), "%s: drouter accumulated", tag);
     check_close(dR, dR_ref, (size_t)E * din, 1e-4f, 1e-4f, name);
 
     free(x); free(W0); free(W1); free(Rt); free(dy); free(y_ref); free(dx_ref); free(dW0_ref); free(dW1_ref); free(dR_ref);
@@ -485,6 +502,20 @@ static void test_permute_index(void) {
 // dy -> dyt, GEMM dyt -> T1, permute T1 -> du, GEMM du -> dx, then dL (dyt, u) and dR (du, x):
 // 4 d_out + 6 urow + 2 d_in, of which the two weight GEMMs d_out + 2 urow + d_in; BTT forward
 // x -> T1, permute, Z -> y: d_in + 4 zrow + d_out.
+// Elements per row of a BTT layer's forward and backward (dx, weights) on -sk 0's plans or -sk 4's.
+static double btt_plans_elems(const BTTShape *s, int zt) {
+    Plan f = {}, b = {};
+    if (zt) {
+        plan_btt_forward_zt(&f, s, 1);
+        plan_btt_backward_zt(&b, s, 1, 1, 1);
+    } else {
+        plan_btt_forward(&f, s, 1, 0);
+        plan_btt_backward_dz(&b, s, 1, 0);
+        plan_btt_backward_rest(&b, s, 1, 0, 1, 1);
+    }
+    return plan_activation_elems(&f) + plan_activation_elems(&b);
+}
+
 static void test_activation_elems(void) {
     MonarchShape m;
     monarch_shape(&m, 768, 3072, 4);  // urow 768
@@ -513,25 +544,14 @@ static void test_activation_elems(void) {
     // 2 x 2 x 1536 of the baseline's 9984 + 16896; Monarch drops u's two, 2 x 2 x 768
     BTTShape s1;
     btt_shape(&s1, 16, 48, 32, 96, 1);
-    Plan r1 = {}, t1 = {}, uf = {}, ub = {};
-    plan_btt_forward(&r1, &s1, 1, 0);
-    plan_btt_backward_dz(&r1, &s1, 1, 0);
-    plan_btt_backward_rest(&r1, &s1, 1, 0, 1, 1);
-    plan_btt_forward_zt(&t1, &s1, 1);
-    plan_btt_backward_zt(&t1, &s1, 1, 1, 1);
+    Plan uf = {}, ub = {};
     plan_monarch_forward_ut(&uf, &m, 1);
     plan_monarch_backward_ut(&ub, &m, 1, 1);
-    const double br = plan_activation_elems(&r1), bt = plan_activation_elems(&t1), mf = plan_activation_elems(&uf), mb = plan_activation_elems(&ub);
+    const double br = btt_plans_elems(&s1, 0), bt = btt_plans_elems(&s1, 1), mf = plan_activation_elems(&uf), mb = plan_activation_elems(&ub);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 26880 and 20736", br, bt);
     check_true(br == 26880 && bt == 20736, "plan_activation_elems: btt 768->3072 rank 1 forward + backward, -sk 0 and -sk 4 (23% less)", why);
     // rank 2 (zrow 3072): the baseline's 2 x 2 x 3072 of permutes go; W0's reorders count nothing (a core)
-    Plan r2f = {}, r2b = {}, t2f = {}, t2b = {};
-    plan_btt_forward(&r2f, &s, 1, 0);
-    plan_btt_backward_dz(&r2b, &s, 1, 0);
-    plan_btt_backward_rest(&r2b, &s, 1, 0, 1, 1);
-    plan_btt_forward_zt(&t2f, &s, 1);
-    plan_btt_backward_zt(&t2b, &s, 1, 1, 1);
-    const double b2r = plan_activation_elems(&r2f) + plan_activation_elems(&r2b), b2t = plan_activation_elems(&t2f) + plan_activation_elems(&t2b);
+    const double b2r = btt_plans_elems(&s, 0), b2t = btt_plans_elems(&s, 1);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 42240 and 29952", b2r, b2t);
     check_true(b2r == 42240 && b2t == 29952, "plan_activation_elems: btt 768->3072 rank 2 forward + backward, -sk 0 and -sk 4 (29% less)", why);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 11520 and 16896", mf, mb);
@@ -897,11 +917,13 @@ int main(void) {
     test_btt_zt(4, 6, 5, 3, 2, 11, 0);      // the same overwriting the weight gradients
     test_btt_zt(8, 4, 6, 10, 4, 21, 1);     // rank 4
     test_btt_zt(16, 48, 32, 96, 2, 9, 1);   // 768 -> 3072 rank 2
-    test_moe(4, 6, 5, 3, 4, 2, 23, 4);  // experts of several 4-row tiles, the last partial
-    test_moe(8, 4, 6, 10, 8, 2, 40, 8);
-    test_moe(4, 4, 4, 4, 3, 3, 10, 3);  // top-k = E
-    test_moe(4, 6, 5, 3, 8, 1, 5, 2);   // fewer tokens than experts: empty experts, no tiles
-    test_moe(4, 6, 5, 3, 4, 2, 23, 1);  // tiles of one row: no padding
+    for (int zt = 0; zt <= 1; zt++) {      // the plans of -sk 0, of -sk 4 (each tile's z transposed)
+        test_moe(4, 6, 5, 3, 4, 2, 23, 4, zt);  // experts of several 4-row tiles, the last partial
+        test_moe(8, 4, 6, 10, 8, 2, 40, 8, zt);
+        test_moe(4, 4, 4, 4, 3, 3, 10, 3, zt);  // top-k = E
+        test_moe(4, 6, 5, 3, 8, 1, 5, 2, zt);   // fewer tokens than experts: empty experts, no tiles
+        test_moe(4, 6, 5, 3, 4, 2, 23, 1, zt);  // tiles of one row: no padding
+    }
     test_moe_tiles();
     test_epilogues(0, 7);
     test_epilogues(1, 5);

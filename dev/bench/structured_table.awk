@@ -33,6 +33,7 @@ $1 != "RESULT" { next }
     if (S[n] == "btt_r2") R2[shape] = MS[n]
     if (S[n] == "btt_r2_fused") R2F[shape] = MS[n]
     if (S[n] == "btt_r2_ws") R2W[shape] = MS[n]
+    if (S[n] == "btt_r2_zt") R2Z[shape] = MS[n]
 }
 END {
     printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
@@ -57,8 +58,9 @@ END {
             n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
         }
         if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
-            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W))) {
-            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[DIN[i] "/" DOUT[i]] : S[i] == "btt_moe_8x2_fused" ? R2F[DIN[i] "/" DOUT[i]] : R2W[DIN[i] "/" DOUT[i]])
+            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W)) || (S[i] == "btt_moe_8x2_zt" && ((DIN[i] "/" DOUT[i]) in R2Z))) {
+            sh = DIN[i] "/" DOUT[i]
+            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh])
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }

@@ -18,8 +18,8 @@
 //                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
 //   *_split       the BTT rows with the trainer's -sk 3: the fused kernel's stage 1 alone (W0 staged)
 //                 writes z (forward) and dZ from dy (backward), cuBLAS does the rest
-//   *_zt          the BTT and Monarch rows with the trainer's -sk 4: the cuBLAS plans with z (u)
-//                 stored transposed, so that no permute of it runs (gpu_plan.h)
+//   *_zt          the BTT, Monarch and BTT-MoE rows with the trainer's -sk 4: the cuBLAS plans with
+//                 z (u) stored transposed, so that no permute of it runs (gpu_plan.h)
 //   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
 //                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
 //                 materialization's
@@ -53,7 +53,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 31  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split, 5 -sk 4 and 5 dense-executed ones
+#define MAX_CASES 36  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4 and 5 dense-executed ones: 31
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -235,6 +235,10 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].desc, sizeof(c[n].desc), "%.40s, as dense", c[i].desc);
         n++;
     }
+    if (n > MAX_CASES) {
+        fprintf(stderr, "structured_layers: internal: %d cases, room for %d (MAX_CASES)\n", n, MAX_CASES);
+        exit(1);
+    }
     for (int i = 0; i < n; i++) {
         c[i].spec.d_in = din;
         c[i].spec.d_out = dout;
@@ -285,7 +289,7 @@ static void usage(void) {
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
-           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... monarch_sqrt_zt with z\n"
+           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... btt_moe_8x2_zt with z\n"
            "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",

@@ -208,21 +208,17 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 2 2>&1)
 b2=$(echo "$out" | losses | tr '\n' ' ')
 close_losses "$a" "$b2" 1.5e-3 && echo "$out" | grep -q "W0 staged" \
     && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
-# -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest; q, k and v in place in the qkv buffers)
-out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 3 -pt 1 2>&1)
-b3=$(echo "$out" | losses | tr '\n' ' ')
-close_losses "$a" "$b3" 1.5e-3 && echo "$out" | grep -q "BTT split" \
-    && ! echo "$out" | grep -q "split copies" \
-    && ok "structured: -sk 3 (BTT split) matches -sk 0 (losses $b3 / $a), with q, k, v in place (no split copies in -pt)" \
-    || bad "-sk 3" "losses '$b3' vs '$a'; $(echo "$out" | grep -m1 "split copies")"
-# -sk 4: BTT (q rank 8, k, v, fc_proj rank 1) and Monarch (attn_proj) with z, u stored transposed, no
-# permute of it (q's W0 reordered instead); q, k, v in place in the qkv buffers
-out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 4 -pt 1 2>&1)
-b4=$(echo "$out" | losses | tr '\n' ' ')
-close_losses "$a" "$b4" 1.5e-3 && echo "$out" | grep -q "transposed (-sk 4)" \
-    && ! echo "$out" | grep -q "split copies" \
-    && ok "structured: -sk 4 (z, u stored transposed) matches -sk 0 (losses $b4 / $a), with q, k, v in place (no split copies in -pt)" \
-    || bad "-sk 4" "losses '$b4' vs '$a'; $(echo "$out" | grep -m1 -i "structured layers")"
+# -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest); -sk 4: BTT (q rank 8, k, v, fc_proj rank
+# 1), Monarch (attn_proj) and BTT-MoE's experts (fc) with z, u stored transposed, no permute of it
+# (q's W0 reordered instead). Both with q, k and v in place in the qkv buffers; the banner says which.
+for v in "3|BTT split" "4|z and u transposed (-sk 4)"; do
+    sk=${v%%|*} says=${v#*|}
+    out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk "$sk" -pt 1 2>&1)
+    bk=$(echo "$out" | losses | tr '\n' ' ')
+    close_losses "$a" "$bk" 1.5e-3 && echo "$out" | grep -qF "$says" && ! echo "$out" | grep -q "split copies" \
+        && ok "structured: -sk $sk ($says) matches -sk 0 (losses $bk / $a), with q, k, v in place (no split copies in -pt)" \
+        || bad "-sk $sk" "losses '$bk' vs '$a'; $(echo "$out" | grep -m1 -iE "split copies|structured layers")"
+done
 # -at 1: each BTT and Monarch layer's kernels timed at startup. Which the simulator's times pick is
 # not the point (test_gpt2cu checks the choice against a table of times, and every choice's
 # results): the table and the banner's lines are there, it trains as -sk 0 does, and a copy of its
