@@ -284,8 +284,8 @@ static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, 
 // -sk 4: u stored transposed in its natural order, urow rows of n tokens (row k·q + j: stage 1's
 // U_k^T, one GEMM per block, its q rows consecutive); stage 2's block l reads Ut_l (the plans'
 // permuted block: u's elements r·nb + l) as u's rows r·nb + l, one row stride (nb·n), so u needs
-// no permute either way; du likewise. The output's permute (y
-// from yt) and the input gradient's (dyt from dy) stay: y and dy are row-major.
+// no permute either way; du likewise. The output's permute (y from yt) and the input gradient's
+// (dyt from dy) stay: y and dy are row-major.
 static inline void plan_monarch_forward_ut(Plan *p, const MonarchShape *m, int n) {
     const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out;
     plan_gemm(p, 0, 1, q, n, pp, PB_W0, 0, pp, (long long)q * pp, PB_X, 0, din, pp, PB_Z, 0, n, (long long)q * n, nb, 0);  // U_k^T = R[k] X_k^T

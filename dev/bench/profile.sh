@@ -16,7 +16,8 @@ TRAIN_BIN=${TRAIN_BIN:-./train_gpt2cu}
 STEPS=${STEPS:-6}
 T=${T:-1024}
 CONFIGS=${CONFIGS:-"d12:64 scripts/configs/gpt2_124M_btt4.conf:64 scripts/configs/gpt2_124M_btt4.conf:64:-sm,2
-                    scripts/configs/gpt2_124M_btt4.conf:64:-sk,3 scripts/configs/gpt2_124M_btt4.conf:64:-at,1
+                    scripts/configs/gpt2_124M_btt4.conf:64:-sk,3 scripts/configs/gpt2_124M_btt4.conf:64:-sk,4
+                    scripts/configs/gpt2_124M_btt4.conf:64:-at,1
                     scripts/configs/gpt2_124M_btt_moe.conf:64 scripts/configs/gpt2_124M_btt_moe.conf:64:-sk,1"}
 FLAGS=${FLAGS:-}
 [ -x "$TRAIN_BIN" ] || { echo "$TRAIN_BIN not built (make $(basename "$TRAIN_BIN"))"; exit 1; }
