@@ -907,7 +907,7 @@ static void check_btt_qkv_strided_vs_cpu(void) {
     float *colsum = cudaMallocNamed(float, column_sums_scratch_floats(C), "test colsum");
     for (int mode = 0; mode <= 4; mode += mode ? 1 : 3) {  // -sk 0, 3 and 4 (z stored transposed)
         st_set_kernels(mode);
-        char tag[128], name[192];
+        char tag[128], name[256];
         snprintf(tag, sizeof(tag), "gpu vs cpu q, k, v as BTT r1, r2, r4 in place (y_ld, dy_ld 3C, dx added) N=%d (-sk %d%s)", N, mode,
                  mode == 3 ? ": split" : mode == 4 ? ": z transposed" : "");
         cudaCheck(cudaMemset(y_d, 0xff, (size_t)N * S * C * sizeof(floatX)));

@@ -1279,13 +1279,15 @@ __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg,
 // The same on -sk 4's layout, where each tile of T grouped rows keeps its z and dZu transposed
 // (zrow rows of T): a block takes 32 consecutive rows of one tile (threadIdx.x, so that a warp's
 // loads are consecutive) in 8 slices of the elements (threadIdx.y), summed over the slices in
-// order; each element is read and scaled by the thread that sums it. Then a warp per row scales
-// gate·dy (row-major). A padding row's z and dZu are zeroed, as above.
+// order; each element is read and scaled by the thread that sums it. dW1 = Zᵀ (gate·dY) =
+// (gate·Z)ᵀ dY, so z is scaled here, in place, instead of dy (zrow elements a row, not d_out, and
+// z is already being read): -sk 4's saved z is its own, read by nothing after this backward. A
+// padding row's z and dZu are zeroed, as above.
 #define MOE_GATE_ZT_COLS 32
 #define MOE_GATE_ZT_SLICES 8
-__global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gate_backward_zt_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z,
+__global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gate_backward_zt_kernel(float *dgate, floatX *dzu, floatX *z,
                                                                                                      const float *gate, const int *order,
-                                                                                                     const int *rows_in_use, int T, int zrow, int dout) {
+                                                                                                     const int *rows_in_use, int T, int zrow) {
     __shared__ float part[MOE_GATE_ZT_SLICES][MOE_GATE_ZT_COLS];
     const int tile = blockIdx.x, t = blockIdx.y * MOE_GATE_ZT_COLS + threadIdx.x;
     if ((long)tile * T >= *rows_in_use) return;  // the whole block: no barrier is skipped by some
@@ -1296,10 +1298,10 @@ __global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gat
         const float g = pr >= 0 ? gate[pr] : 0.0f;  // padding: zeros
         for (int c = threadIdx.y; c < zrow; c += MOE_GATE_ZT_SLICES) {
             const size_t at = base + (size_t)c * T;
-            const float d = (float)dzu[at];
-            s += (float)z[at] * d;
+            const float d = (float)dzu[at], v = (float)z[at];
+            s += v * d;
             dzu[at] = (floatX)(g * d);
-            if (pr < 0) z[at] = (floatX)0.0f;
+            z[at] = (floatX)(g * v);
         }
     }
     part[threadIdx.y][threadIdx.x] = s;
@@ -1308,15 +1310,6 @@ __global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gat
         float sum = 0.0f;
         for (int j = 0; j < MOE_GATE_ZT_SLICES; j++) sum += part[j][threadIdx.x];
         dgate[pr] = sum;
-    }
-    for (int r = threadIdx.y; r < MOE_GATE_ZT_COLS; r += MOE_GATE_ZT_SLICES) {  // gate·dy, a warp per row
-        const int tr = blockIdx.y * MOE_GATE_ZT_COLS + r;
-        if (tr >= T) break;
-        const int p = order[tile * T + tr];
-        if (p < 0) continue;
-        const float g = gate[p];
-        floatX *dy = dyg + (size_t)(tile * T + tr) * dout;
-        for (int i = threadIdx.x; i < dout; i += MOE_GATE_ZT_COLS) dy[i] = (floatX)(g * (float)dy[i]);
     }
 }
 
@@ -1449,7 +1442,7 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     if (!fused && g_st_zt) {
         g_st_zt_runs++;
         const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
-        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, sc->yg, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow, dout);
+        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow);
     } else {
         moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate,
                                                                st->order, st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi,

@@ -432,14 +432,17 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
     plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
     float *dzu = zt ? t1 : t2;
-    for (int w = 0; w < active * T; w++) {
+    for (int w = 0; w < active * T; w++) {  // -sk 4 scales z by the gate instead of dy (dW1 = (g·Z)ᵀ dY)
         int pr = order[w];
         if (pr < 0) continue;
         double dg = 0.0;
         for (size_t i = 0; i < zrow; i++) dg += (double)z[moe_z_at(zt, w, i, T, zrow)] * dzu[moe_z_at(zt, w, i, T, zrow)];
         dgate[pr] = (float)dg;
         for (size_t i = 0; i < zrow; i++) dzu[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
-        for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
+        if (zt)
+            for (size_t i = 0; i < zrow; i++) z[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
+        else
+            for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
     }
     p.n = 0;
     if (zt) plan_btt_backward_zt_rest(&p, &b1, T, 1, 0);
