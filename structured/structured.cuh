@@ -12,10 +12,10 @@
 // kernel (du on chip), then the same weight-gradient GEMMs, where a model of their memory traffic
 // says they move fewer bytes than the plans (not at large widths with few blocks).
 // -sk 4 (g_st_zt): BTT, Monarch and BTT-MoE's experts on plans that store z (u) transposed, a row
-// per element of the intermediate with the layer's rows (BTT-MoE: a tile's rows) side by side, so that both stages' GEMMs read it through one
-// stride each and the permute of z (u) goes, forward and backward (BTT of rank > 1 permutes W0's
-// columns instead, |W0| elements); its saved z is then in that layout, so its forward pairs with
-// its own backward only.
+// per element of the intermediate with the layer's rows (BTT-MoE: a tile's rows) side by side, so
+// that both stages' GEMMs read it through one stride each and the permute of z (u) goes, forward
+// and backward (BTT of rank > 1 permutes W0's columns instead, |W0| elements); its saved z is then
+// in that layout, so its forward pairs with its own backward only.
 // A layer's bias and the fc layer's GELU (and, backward, the GELU' on dx) ride on the last op
 // that writes the output (gpu_plan.h's plan_set_epilogue): cuBLASLt epilogues on a GEMM (our
 // kernel after it where cuBLASLt has no algorithm), the permute kernel's own on a permute.
