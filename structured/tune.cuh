@@ -1,6 +1,6 @@
 // structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
 // value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, or one -sk value's
-// forward with another's backward), and the timing -at 1 chooses them by.
+// forward with another's backward, -sk 0..3), and the timing -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
 // the shape: the cuBLAS plans won at width 768, the fused kernel at rank 1 and width 4096, dense
@@ -16,9 +16,9 @@
 // Why the directions may differ: the forward and backward of one path are different kernels (the
 // fused forward is one kernel, its backward that kernel on the transposed BTT and cuBLAS weight
 // gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
-// had their speeds relative to the plans differ. Every path saves the same z (Monarch: u; BTT-MoE:
-// z of its grouped rows, and the backward builds its own tile table), so any backward can follow
-// any forward; a dense forward saves none, so dense is both ways or neither. -sk 4 saves z (u)
+// had their speeds relative to the plans differ. The paths of -sk 0..3 save the same z (Monarch:
+// u; BTT-MoE: z of its grouped rows, and the backward builds its own tile table), so any of their
+// backwards can follow any of their forwards; a dense forward saves none, so dense is both ways or neither. -sk 4 saves z (u)
 // transposed, which only its own backward reads: both ways or neither too.
 // ST_K_END: one past the largest byte a choice takes.
 enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_COUNT = 6, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
