@@ -139,13 +139,13 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
-// candidates (-sk 4 too, for BTT and Monarch), then each forward paired with another's backward, the pairs of the plans, the
+// candidates (-sk 4 among them), then each forward paired with another's backward, the pairs of the plans, the
 // split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
 // the fused kernel and the one with W0 staged). Returns how many.
 static int st_kernel_choices(int kind, int out[ST_K_END]) {
     static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
     static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
-    int n = st_kernel_candidates(kind, 1, out);
+    int n = st_kernel_candidates(kind, out);
     const int np = kind == STRUCT_BTT ? 12 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 6 : 0;
     for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
     return n;
@@ -172,7 +172,7 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
 // its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume;
-// 7 -sk 4 (BTT rank 1 and Monarch with z, u stored transposed).
+// 7 -sk 4 (z, u stored transposed).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -408,14 +408,14 @@ static void check_autotune_choice(void) {
         st_kernel_label(label, sizeof(label), st_kernel_pair(3, 0));
         const double t3[3] = {1.0, 0.98, 0.5}, t2[2] = {1.0, 0.96};
         check_true(strcmp(buf, "0-2,4,6-7") == 0 && st_tune_pick(t3, 3, 0) == 2 && st_tune_pick(t3, 2, 0) == 0 && st_tune_pick(t3, 2, -1) == 1 &&
-                       st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 1, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 0, 3) == 2 &&
+                       st_tune_pick(t2, 2, 0) == 1 && st_kernel_canonical(STRUCT_MONARCH, 3) == 1 && st_kernel_canonical(STRUCT_BTT_MOE, 3) == 2 &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_DENSE) == 0 && st_kernel_valid(STRUCT_DENSE, ST_K_NONE) == 1 &&
                        st_kernel_valid(STRUCT_MONARCH, 3) == 1 && st_sample_rows(32, 8) == 5 && st_sample_rows(9, 8) == 2 && st_sample_rows(1, 8) == 1,
                    "-at 1's helpers: layer ranges, the pick with its 3% margin, kernels per kind, sampled rows", buf);
         const int p30 = st_kernel_pair(3, 0), cand[3] = {0, 1, ST_K_DENSE};
         const double fa[3] = {1.0, 0.5, 0.2}, ba[3] = {0.3, 1.0, 0.2}, fb[3] = {1.0, 0.5, 0.9}, bb[3] = {0.3, 1.0, 0.9};
         const double fr[3] = {1.0, ST_TUNE_REFUSED, 0.9}, fm[3] = {1.0, 0.5, 0.9}, bm[3] = {0.3, 0.31, 0.9};
-        int c6[ST_K_COUNT], c5[ST_K_COUNT], c4[ST_K_COUNT], c3[ST_K_COUNT], zl[3];
+        int c6[ST_K_COUNT], c4[ST_K_COUNT], c4m[ST_K_COUNT], zl[3];
         char zlabel[48];
         st_kernel_label(zlabel, sizeof(zlabel), ST_K_ZT);
         const int zc[3] = {0, 1, ST_K_ZT};
@@ -424,23 +424,23 @@ static void check_autotune_choice(void) {
         zl[0] = st_tune_pick_pair(zc, fz, bz, 3, 0, 1);
         zl[1] = st_tune_pick_pair(zc, fw, bw, 3, 0, 1);
         zl[2] = st_kernel_of_sk(4, 4);
-        check_true(st_kernel_candidates(STRUCT_BTT, 1, c6) == 6 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT, 0, c5) == 5 &&
-                       st_kernel_candidates(STRUCT_MONARCH, 1, c4) == 4 && c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, 1, c3) == 4 && st_kernel_candidates(STRUCT_BTT_MOE, 0, c3) == 3 &&
+        check_true(st_kernel_candidates(STRUCT_BTT, c6) == 6 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_MONARCH, c4) == 4 &&
+                       c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, c4m) == 4 && c4m[3] == ST_K_ZT &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_ZT) && st_kernel_valid(STRUCT_MONARCH, ST_K_ZT) &&
-                       st_kernel_canonical(STRUCT_BTT, 0, ST_K_ZT) == 0 && st_kernel_canonical(STRUCT_BTT, 1, ST_K_ZT) == ST_K_ZT &&
-                       st_kernel_canonical(STRUCT_BTT_MOE, 1, ST_K_ZT) == ST_K_ZT && st_kernel_canonical(STRUCT_BTT_MOE, 0, ST_K_ZT) == 0 && st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
+                       st_kernel_canonical(STRUCT_BTT, ST_K_ZT) == ST_K_ZT && st_kernel_canonical(STRUCT_BTT_MOE, ST_K_ZT) == ST_K_ZT &&
+                       st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
                        st_kernel_sk(ST_K_DENSE, 1) == 0 && st_kernel_sk(st_kernel_pair(3, 0), 1) == 0 && zl[2] == ST_K_ZT &&
                        st_kernel_of_sk(3, 0) == st_kernel_pair(3, 0) && strcmp(zlabel, "-sk 4") == 0 &&
                        zl[0] == st_kernel_pair(1, 0) &&  // 0.9: -sk 1's forward with -sk 0's backward, not -sk 4's (0.4)
                        zl[1] == ST_K_ZT,
-                   "-at 1's -sk 4: candidates where it has plans of its own, bytes, labels, never paired", zlabel);
+                   "-at 1's -sk 4: a candidate of every structure, bytes, labels, never paired", zlabel);
         check_true(st_kernel_pair(2, 2) == 2 && st_kernel_fwd(p30) == 3 && st_kernel_bwd(p30) == 0 && st_kernel_fwd(ST_K_DENSE) == ST_K_DENSE &&
                        st_kernel_bwd(ST_K_DENSE) == ST_K_DENSE && strcmp(label, "-sk 3 fwd, -sk 0 bwd") == 0 &&
                        st_kernel_valid(STRUCT_BTT, p30) && st_kernel_valid(STRUCT_MONARCH, p30) && st_kernel_valid(STRUCT_BTT_MOE, p30) &&
-                       !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, 0, st_kernel_pair(3, 2)) == 2 &&
+                       !st_kernel_valid(STRUCT_DENSE, p30) && st_kernel_canonical(STRUCT_BTT_MOE, st_kernel_pair(3, 2)) == 2 &&
                        !st_kernel_valid(STRUCT_BTT, ST_K_MIXED + 5) && !st_kernel_valid(STRUCT_BTT, ST_K_END) &&
-                       !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, 1, p30) == st_kernel_pair(1, 0) &&
-                       st_kernel_canonical(STRUCT_MONARCH, 1, st_kernel_pair(2, 3)) == 1 &&
+                       !st_kernel_valid(STRUCT_BTT, ST_K_COUNT) && st_kernel_canonical(STRUCT_MONARCH, p30) == st_kernel_pair(1, 0) &&
+                       st_kernel_canonical(STRUCT_MONARCH, st_kernel_pair(2, 3)) == 1 &&
                        st_tune_pick_pair(cand, fa, ba, 3, 0, 1) == ST_K_DENSE &&           // dense 0.4 both ways; the pair 0.8
                        st_tune_pick_pair(cand, fb, bb, 3, 0, 1) == st_kernel_pair(1, 0) &&  // the pair 0.8, the candidates 1.3 or more
                        st_tune_pick_pair(cand, fb, bb, 3, 0, 0) == 0 &&                     // no pairs (BTT-MoE, -x 0)

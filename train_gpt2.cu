@@ -1001,14 +1001,6 @@ static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     return kind;
 }
 
-// Whether -sk 4 has plans of its own for some layer of unit u (tune.cuh's st_spec_zt).
-static int tune_unit_zt(const GPT2 *m, const TuneUnit *u) {
-    int idx[3], zt = 0;
-    const int nm = tune_unit_members(m, u, idx);
-    for (int i = 0; i < nm; i++) zt |= st_spec_zt(&gpt2_linear_at(&m->layout, idx[i])->spec);
-    return zt;
-}
-
 // Whether two units compute the same shapes the same way (then one timing serves both).
 static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
     if (a->role != b->role || a->moe != b->moe || (a->layer < 0) != (b->layer < 0)) return 0;
@@ -1216,7 +1208,7 @@ static void st_autotune(GPT2 *m) {
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
-        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), tune_unit_zt(m, &units[u]), cand);
+        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
@@ -1240,13 +1232,13 @@ static void st_autotune(GPT2 *m) {
         const int r = rep[u];
         if (r == u) {
             int cand[ST_K_COUNT];
-            const int kind = tune_unit_kind(m, &units[u]), zt = tune_unit_zt(m, &units[u]), nc = st_kernel_candidates(kind, zt, cand);
+            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand);
             double tf[ST_K_COUNT], tb[ST_K_COUNT];
             for (int c = 0; c < nc; c++) {
                 tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
                 tb[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2 + 1];
             }
-            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, zt, was[u]), !m->eval_only);
+            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), !m->eval_only);
         } else {
             pick[u] = pick[r];
         }
@@ -1678,7 +1670,7 @@ static void trainer_banner(const GPT2 *m) {
         }
         if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1)");
         else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_sk);
-        else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : "-sk 0");
+        else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : g_st_zt ? "-sk 4" : "-sk 0");
         else if (g_st_sk == 4) snprintf(how, sizeof(how), "cuBLAS baseline, z and u transposed (-sk 4)");
         else if (g_st_sk == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");

@@ -18,8 +18,9 @@
 // gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
 // had their speeds relative to the plans differ. The paths of -sk 0..3 save the same z (Monarch:
 // u; BTT-MoE: z of its grouped rows, and the backward builds its own tile table), so any of their
-// backwards can follow any of their forwards; a dense forward saves none, so dense is both ways or neither. -sk 4 saves z (u)
-// transposed, which only its own backward reads: both ways or neither too.
+// backwards can follow any of their forwards; a dense forward saves none, so dense is both ways
+// or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both ways or
+// neither too.
 // ST_K_END: one past the largest byte a choice takes.
 enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_COUNT = 6, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4"};
@@ -53,14 +54,11 @@ static inline int st_kernel_valid(int kind, int k) {
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
-// Whether -sk 4 has plans of its own for this layer (gpu_plan.h: BTT, Monarch, BTT-MoE's experts).
-static inline int st_spec_zt(const LinearSpec *s) { return st_kind_tunable(s->kind); }
-
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
-// Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; with zt (some layer of the unit has -sk 4's
-// own plans: st_spec_zt) also -sk 4. Returns how many. (-at 1 times these,
-// each both ways, and may then pair one's forward with another's backward.)
-static inline int st_kernel_candidates(int kind, int zt, int out[ST_K_COUNT]) {
+// Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; each also -sk 4 (gpu_plan.h has its plans
+// for every structure). Returns how many. (-at 1 times these, each both ways, and may then pair
+// one's forward with another's backward.)
+static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
     int n = 0;
     if (kind == STRUCT_BTT) {
         for (int k = 0; k <= ST_K_DENSE; k++) out[n++] = k;
@@ -69,18 +67,16 @@ static inline int st_kernel_candidates(int kind, int zt, int out[ST_K_COUNT]) {
     } else if (kind == STRUCT_BTT_MOE) {
         out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
-    if (zt && st_kind_tunable(kind)) out[n++] = ST_K_ZT;
+    if (st_kind_tunable(kind)) out[n++] = ST_K_ZT;
     return n;
 }
 
 // The candidate that runs what kernels k run for this kind (Monarch's -sk 2 and 3 are its 1,
-// BTT-MoE's -sk 3 its 2, -sk 4 without plans of its own (not zt) -sk 0; a pair, each direction so).
-static inline int st_kernel_canonical(int kind, int zt, int k) {
-    if (k >= ST_K_MIXED)
-        return st_kernel_pair(st_kernel_canonical(kind, zt, st_kernel_fwd(k)), st_kernel_canonical(kind, zt, st_kernel_bwd(k)));
+// BTT-MoE's -sk 3 its 2; a pair, each direction so).
+static inline int st_kernel_canonical(int kind, int k) {
+    if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
     if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
-    if (k == ST_K_ZT && !zt) return 0;
     return k;
 }
 

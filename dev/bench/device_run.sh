@@ -6,7 +6,7 @@
 #                               at the trainer's shapes (the choice, and ms/step against -sk 0)
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
 #                               issue's goals, whole-model tokens/s per config with -sk 0 and -sk 1
-#                               (-sk 2 with BTT or BTT-MoE layers, -sk 3 with BTT ones, and -sk 4,
+#                               (-sk 2 with BTT or BTT-MoE layers, -sk 3 with BTT ones, -sk 4, and
 #                               -sm 1, -sm 2 where a config has BTT or Monarch layers)
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads

@@ -126,8 +126,8 @@ printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense n
 dense_tok=""
 runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels), -sk 2 where
          # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged), -sk 3 where they have
-         # BTT layers (split: the kernel's stage 1, cuBLAS the rest), -sk 4 where they have BTT or
-         # Monarch layers (the plans with z, u stored transposed) and, where they
+         # BTT layers (split: the kernel's stage 1, cuBLAS the rest), -sk 4 (the plans with z, u
+         # stored transposed) and, where they
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
          # weights), -sm 2 (those that structured/exec_model.h models faster so) and -at 1 (each
          # layer's kernels timed at startup, the fastest run; its table follows the run's line)
@@ -137,7 +137,7 @@ for conf in "${configs[@]}"; do
     runs+=("$conf|-sk 1")
     grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2")
     grep -qE '^struct *= *btt *$' "$conf" && runs+=("$conf|-sk 3")
-    grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sk 4")
+    runs+=("$conf|-sk 4")
     grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2" "$conf|-at 1")
 done
 for run in "${runs[@]}"; do

@@ -217,9 +217,9 @@ static int make_cases(Case *c, int din, int dout) {
         else snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
     }
-    // the plans with z (u) stored transposed (-sk 4), where they differ from -sk 0's
+    // every structure on the plans with z (u) stored transposed (-sk 4)
     for (int i = 0, n0 = n; i < n0; i++) {
-        if (c[i].fused || !st_spec_zt(&c[i].spec)) continue;
+        if (c[i].fused || !st_kind_tunable(c[i].spec.kind)) continue;
         c[n] = c[i];
         c[n].fused = 4;
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_zt", c[i].name);
