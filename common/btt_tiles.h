@@ -47,7 +47,7 @@
 // race checker fails when any of the others is removed.
 //
 // Stage 1 alone (s1only, ws kernels: -sk 3 and dev/cuda/btt_forward v9, v10): the tiles stop after
-// writing their z tile to the saved z; a cuBLAS GEMM then makes y from z (structured.cuh). That is
+// writing their z tile to the saved z; a cuBLAS GEMM then makes y from z (structured/btt_gpu.cuh). That is
 // the plans' forward without their T1 round trip and permute (GEMM, permute, GEMM), or the fused
 // kernel with stage 2 handed to cuBLAS, for one more pass over z.
 //

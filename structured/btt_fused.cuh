@@ -8,7 +8,7 @@
 //                                       (BTT-MoE's experts): the tile table is built on the GPU
 //                                       from the segments' counts, x rows are read through
 //                                       `order` (no gather, no host round trip); btt_tiles.h
-// When these return 0 nothing was launched: call btt_forward_gpu (structured.cuh) instead.
+// When these return 0 nothing was launched: call btt_forward_gpu (btt_gpu.cuh) instead.
 //
 // Design (tile geometry and every index: common/btt_tiles.h, emulated on the CPU by
 // tests/test_btt_tiles.c). A block of 8 warps (256 threads) owns a tile of tm rows (16, 32 or 64)

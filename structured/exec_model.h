@@ -96,7 +96,7 @@ static inline double st_dense_gemms_seconds(int din, int dout, int N, const Plan
 }
 
 // The dense GEMMs, plus W rebuilt in the forward and in the backward and the cores' gradients
-// from dW (structured.cuh, st_dense_weight*): four passes over W (one kernel writes it, twice; two
+// from dW (materialize.cuh, st_dense_weight*): four passes over W (one kernel writes it, twice; two
 // read dW), each max(W's bytes / DRAM rate, its multiply-adds / the CUDA cores' rate) plus a
 // launch. Each element of W takes ρ multiply-adds for a BTT, about q/nb for a Monarch.
 static inline double st_materialized_seconds(int kind, const void *shape, int N, const PlanRates *r) {

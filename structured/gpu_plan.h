@@ -1,6 +1,6 @@
 // gpu_plan.h: the GPU baseline of the structured layers as data: each forward/backward is a short
 // list of strided-batched GEMMs and per-row blocked transposes over named buffers, built on the
-// host and executed either by cuBLAS (structured/structured.cuh) or by the CPU emulation in
+// host and executed either by cuBLAS (structured/plan_gpu.cuh) or by the CPU emulation in
 // tests/test_gpu_plan.c, which checks every stride and offset against btt.h, monarch.h and moe.h.
 //
 // Why a plan: a BTT or Monarch layer is two batched GEMMs and a transpose between them, and every

@@ -49,7 +49,7 @@
 // When the fused kernels pay. They read every core element once per tile of rows (from L2), where
 // the cuBLAS baseline's GEMMs tile far more rows per core read but move their intermediates through
 // DRAM: with few blocks at large widths the cores (about d_in·d_out / nb) dwarf a row, and the
-// fused kernels would read more than the baseline. The dispatch (structured.cuh) runs them only
+// fused kernels would read more than the baseline. The dispatch (monarch_gpu.cuh) runs them only
 // while their modelled L2 bytes per row stay within MF_MAX_L2_PER_DRAM times the baseline's DRAM
 // bytes per row. 4: an H100's L2 delivers roughly 2 to 3 times its HBM bandwidth, with margin; a
 // guess until dev/cuda/monarch_forward and monarch_backward (which run the kernels regardless,

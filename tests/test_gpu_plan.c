@@ -1,5 +1,5 @@
 // test_gpu_plan.c: the GPU baseline of the structured layers, run on the CPU. The plans of
-// structured/gpu_plan.h are executed exactly as structured/structured.cuh executes them — every
+// structured/gpu_plan.h are executed exactly as structured/plan_gpu.cuh executes them — every
 // GEMM through plan_to_cublas and a literal column-major emulation of
 // cublasGemmStridedBatchedEx, every permute through plan_permute_dst_index — and the results are
 // compared with the CPU layers (btt.h, monarch.h, moe.h, themselves checked against PyTorch).
@@ -52,7 +52,7 @@ static void emulate_cublas(const CublasGemmArgs *g, float *const *buf) {
 
 static void run_plan(const Plan *p, float *const *buf);
 
-// A tiled plan (gpu_plan.h) as structured.cuh runs it: each GEMM's batch slots (tile slot i,
+// A tiled plan (gpu_plan.h) as plan_gpu.cuh runs it: each GEMM's batch slots (tile slot i,
 // product b) with plan_tile_offset's pointers, slots past the `active` tiles on the spare tile;
 // each permute over the active tiles' rows.
 static void run_plan_tiled(const Plan *p, float *const *buf, const int *tile_expert, int active) {
@@ -293,7 +293,7 @@ static void test_monarch(int din, int dout, int nb, int N, int ut) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// BTT-MoE: the GPU pipeline of structured.cuh, step by step, against moe.h
+// BTT-MoE: the GPU pipeline of moe_gpu.cuh, step by step, against moe.h
 
 // The GPU's grouping: pairs p = t·K + k grouped by expert, ascending p within an expert (what
 // the sort kernel produces with one block per expert scanning the pairs in order), each expert's

@@ -1,6 +1,6 @@
 // dev/cuda/btt_forward.cu: the BTT linear layer's forward, y = BTT(x) + bias with the saved z
 // (structured/btt.h's math and layouts), on the GPU:
-//   v1  baseline: btt_forward_gpu (structured/structured.cuh): strided-batched cuBLAS GEMM into T1
+//   v1  baseline: btt_forward_gpu (structured/btt_gpu.cuh): strided-batched cuBLAS GEMM into T1
 //       (N, gamma, phi, rho), permute kernel into z (N, phi, gamma, rho), strided-batched GEMM into
 //       y, bias kernel — z and T1 round-trip through DRAM
 //   v2  fused: btt_forward_fused (structured/btt_fused.cuh): one kernel, z stays in shared memory

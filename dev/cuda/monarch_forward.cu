@@ -1,6 +1,6 @@
 // dev/cuda/monarch_forward.cu: the Monarch linear layer's forward, y = Monarch(x) + bias with the
 // saved u (structured/monarch.h's math and layouts), on the GPU:
-//   v1  baseline: monarch_forward_gpu with -sk 0 (structured/structured.cuh): strided-batched
+//   v1  baseline: monarch_forward_gpu with -sk 0 (structured/monarch_gpu.cuh): strided-batched
 //       cuBLAS GEMM into T1, permute into the saved u, GEMM into T2, permute into y, bias kernel —
 //       u and the stage-2 output round-trip through DRAM
 //   v2  fused: monarch_forward_gpu with -sk 1: the cores transposed (two small kernels), then

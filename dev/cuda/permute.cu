@@ -4,7 +4,7 @@
 //
 //   v1  one element per thread in source order (the first version, now the trainer's fallback):
 //       a warp's stores land C·blk elements apart
-//   v2  the trainer's plan_permute_gpu (structured/structured.cuh): whole rows staged in shared
+//   v2  the trainer's plan_permute_gpu (structured/plan_gpu.cuh): whole rows staged in shared
 //       memory with coalesced loads, written back in destination order with coalesced stores
 //
 // Shapes: the permutes of the cuBLAS BTT and Monarch layers at N = 32768 rows (2048 for 4096 -> 16384) (z between the two

@@ -2,7 +2,7 @@
 // layer shape (fc: d -> 4d, the MLP's first layer; sq: d -> d), N = 32768 rows, it times one
 // forward + backward (dx and every weight gradient) of the trainer's linear layers on the GPU:
 //   dense         matmul_forward + matmul_backward (cuda/matmul.cuh, cuBLASLt)
-//   btt_r1/2/4    btt_forward_gpu + btt_backward_gpu, default factors (structured/structured.cuh)
+//   btt_r1/2/4    btt_forward_gpu + btt_backward_gpu, default factors (structured/btt_gpu.cuh)
 //   monarch_4     monarch_forward_gpu + monarch_backward_gpu, 4 blocks
 //   monarch_sqrt  the same with the largest divisor of d not above sqrt(d) that divides d_out
 //   btt_moe_8x2   moe_forward_gpu + moe_backward_gpu, 8 experts, top 2 (router gradient included;

@@ -3,9 +3,9 @@
 // (-sm 1, -sm 2), done in every forward and backward.
 //   v1  the plans on the d_in rows of the identity (below): W is the layer's forward of I, the
 //       gradients its weight backward with dy = dW; the trainer's way until 2026-12-04
-//   v2  straight from the cores: one kernel writes W, two read dW once each (structured.cuh's
+//   v2  straight from the cores: one kernel writes W, two read dW once each (materialize.cuh's
 //       btt_weight_gpu and its backward; Monarch: one thread per output element, below)
-//   v3  Monarch only (BTT's are v2's): the trainer's since 2026-12-05 (structured.cuh:
+//   v3  Monarch only (BTT's are v2's): the trainer's since 2026-12-05 (materialize.cuh:
 //       monarch_weight_gpu and its backward), a tiled product per (input block, output column
 //       class), operands through shared memory with coalesced loads
 // Each is checked against the DESIGN.md formulas on the CPU in double, walking the layer's

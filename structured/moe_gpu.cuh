@@ -1,0 +1,554 @@
+// structured/moe_gpu.cuh: the BTT-MoE layer on the GPU, forward and backward (cost scales with
+// k/E: only the selected experts run):
+//   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
+//   logsumexp (moe.h's st_moe_route_row); one block per expert scans the (token, k) pairs in order
+//   and writes that expert's pairs, ascending, into `order` (no atomics: deterministic, and the
+//   same grouping as the CPU's counting sort), each expert's rows padded with zero rows to whole
+//   tiles (gpu_plan.h, tiled plans); the experts' rank-1 cores are copied out of the strided rank
+//   components (moe.h's index maps); with -sk 1 every expert runs in ONE segmented launch of
+//   btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on the fly;
+//   else the inputs are gathered into the tiles and every tile of every expert runs at once, each
+//   plan op one pointer-array batched GEMM (pointers written on the device from the tile table)
+//   or one permute; each token adds its k gated expert outputs in k order. The backward likewise:
+//   with -sk 1 every expert's dx and dZ in one segmented launch (dy rows read through the
+//   grouping) and its dW0 and dW1 in one seg_wgrad launch each (seg_wgrad.cuh); on the plans,
+//   per-tile fp32 weight-gradient partials summed per expert in tile order. The aux loss stays on
+//   the device: its statistics (in doubles, so that data-parallel ranks can sum them with one
+//   NCCL all-reduce), f̂ and the loss itself (moe_aux_stats_gpu, moe_aux_finish_gpu); the trainer
+//   reads every layer's loss once per step, with the cross-entropy. So a BTT-MoE layer never
+//   waits for the host, and its GEMM shapes depend on N alone.
+#pragma once
+#include "../cuda/reduce.cuh"
+#include "btt_fused.cuh"
+#include "btt_gpu.cuh"
+#include "plan_gpu.cuh"
+#include "seg_wgrad.cuh"
+#include "select.cuh"
+
+// What a BTT-MoE layer keeps from its forward for its backward (device unless marked host).
+// Grouped rows: each expert's (token, k) pairs, padded with zero rows to whole tiles of
+// tile_rows rows (gpu_plan.h, tiled plans), expert after expert, then the spare tile.
+typedef struct {
+    float *logits;        // (N, E) fp32
+    float *gate;          // (N, K)
+    float *lse;           // (N)
+    int *sel;             // (N, K)
+    int *order;           // (grouped rows): grouped row -> pair, -1 for a padding row
+    int *pos;             // (N·K): pair -> grouped row
+    int *counts, *offsets;  // (E), (E+1): expert e's pairs are grouped rows [offsets[e], offsets[e] + counts[e]);
+                            // offsets are multiples of tile_rows and offsets[E] the rows of the tiles in use
+    int *tile_expert;     // (max tiles) the expert of each tile in use
+    double *stats;        // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
+    int *tiles;           // the fused forward's tile table and count (btt_fused.cuh)
+    float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_finish_gpu)
+    floatX *z;            // (grouped rows, gamma·phi)
+    int N;                // rows of the last forward
+    int tile_rows;        // host: from the allocation's N (moe_tile_rows), for every N up to it
+    int capacity;         // host: the allocation's N
+    const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
+                            // top-k (st_moe_route_row's `only`); NULL in training
+} MoEGPUState;
+
+// Shared by every BTT-MoE layer: extracted cores, gathered rows, the tiled plans' weight-gradient
+// partials and pointers, scratch.
+typedef struct {
+    floatX *w0x, *w1x, *dw0x, *dw1x;  // (E, gamma, alpha, phi), (E, phi, gamma, eps); dw0x/dw1x: the fused path's
+    floatX *w0t, *w1t;                // the transposed BTTs' cores (fused backward): (E, phi, eps, gamma), (E, gamma, phi, alpha)
+    floatX *xg, *yg, *dxg;            // (grouped rows, d_in), (grouped rows, d_out) (also the gathered dy), (grouped rows, d_in)
+    floatX *t1, *t2;                  // (grouped rows, gamma·phi)
+    float *dgate, *dlogits;           // (N·K), (N, E)
+    float *part0, *part1;             // (max tiles + 1) · |W0 of an expert|, · |W1 of an expert|: per-tile dW0, dW1
+    void **ptrs;                      // the tiled plans' batch-slot pointers
+    floatX *dlogits_bf16;             // (N, E)
+} MoEGPUScratch;
+
+// The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
+// can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile
+// partials). A NULL plan is not built. zt: -sk 4's, each tile's z and dZu stored transposed (the
+// same GEMMs and pointers, no permute).
+static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx, int zt) {
+    const BTTShape b1 = moe_expert_shape(s);
+    const int tiles = moe_max_tiles(N * s->topk, s->experts, tile_rows);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    Plan *plans[3] = {fwd, dz, rest};
+    for (int i = 0; i < 3; i++) {
+        if (!plans[i]) continue;
+        memset(plans[i], 0, sizeof(Plan));
+        if (zt) {
+            if (i == 0) plan_btt_forward_zt(plans[i], &b1, tile_rows);
+            else if (i == 1) plan_btt_backward_zt_dz(plans[i], &b1, tile_rows);
+            else plan_btt_backward_zt_rest(plans[i], &b1, tile_rows, want_dx, 0);
+        } else {
+            if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
+            else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
+            else plan_btt_backward_rest(plans[i], &b1, tile_rows, 0, want_dx, 0);
+        }
+        plan_tile(plans[i], tiles, tile_rows, p0, p1, zt ? (size_t)tile_rows * btt_z_row(&b1) : 0);
+    }
+}
+
+static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, T = (size_t)moe_tile_rows(s, N);
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, (int)T), tiles = (size_t)moe_max_tiles((int)NK, (int)E, (int)T);
+    return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 2 + rows * 4 + (2 * E + 1) * 4 + tiles * 4 +
+           E * 4 + rows * moe_z_row(s) * sizeof(floatX);
+}
+
+static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
+    st->tile_rows = moe_tile_rows(s, N);
+    st->capacity = N;
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, st->tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, st->tile_rows);
+    char name[160];
+    snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
+    char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - rows * zrow * sizeof(floatX), name);
+    st->stats = (double *)mem; mem += MOE_AUX_STATS(E) * sizeof(double);  // first: 8-byte aligned
+    st->logits = (float *)mem; mem += (size_t)N * E * 4;
+    st->gate = (float *)mem; mem += NK * 4;
+    st->lse = (float *)mem; mem += (size_t)N * 4;
+    st->sel = (int *)mem; mem += NK * 4;
+    st->pos = (int *)mem; mem += NK * 4;
+    st->order = (int *)mem; mem += rows * 4;
+    st->counts = (int *)mem; mem += E * 4;
+    st->offsets = (int *)mem; mem += (E + 1) * 4;
+    st->tile_expert = (int *)mem; mem += tiles * 4;
+    st->fhat = (float *)mem;
+    snprintf(name, sizeof(name), "%s: BTT-MoE saved z (grouped rows x gamma*phi)", what);
+    st->z = cudaMallocNamed(floatX, rows * zrow, name);
+    cudaCheck(cudaMemset(st->z, 0, rows * zrow * sizeof(floatX)));  // the spare tile's rows are read, never used
+    snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
+    st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
+}
+
+static void moe_gpu_state_free(MoEGPUState *st) {
+    if (st->stats) cudaCheck(cudaFree(st->stats));
+    if (st->z) cudaCheck(cudaFree(st->z));
+    if (st->tiles) cudaCheck(cudaFree(st->tiles));
+    memset(st, 0, sizeof(*st));
+}
+
+// The scratch regions of layers up to N rows of shape s (bf16 elements and floats; the caller
+// allocates the max over layers, moe_gpu_scratch_bind points into it).
+typedef struct {
+    size_t w0x, w1x, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets
+    size_t part0, part1, ptrs, f32_end;                   // float offsets (ptrs: 16-byte aligned)
+} MoEScratchLayout;
+static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int tile_rows) {
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
+    const size_t rows = moe_grouped_rows((int)NK, (int)E, tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, tile_rows);
+    Plan f, d, r;
+    moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1, 0);  // -sk 4's take as many pointers (the same GEMMs)
+    size_t np = plan_tile_ptr_count(&f);
+    if (plan_tile_ptr_count(&d) > np) np = plan_tile_ptr_count(&d);
+    if (plan_tile_ptr_count(&r) > np) np = plan_tile_ptr_count(&r);
+    MoEScratchLayout L;
+    L.w0x = E * p0; L.w1x = E * p1;
+    L.rows_in = rows * s->btt.d_in; L.rows_out = rows * s->btt.d_out; L.rows_z = rows * moe_z_row(s);
+    L.bf16_end = 3 * (L.w0x + L.w1x) + 2 * L.rows_in + L.rows_out + 2 * L.rows_z + (size_t)N * E + 8;
+    L.part0 = (tiles + 1) * p0; L.part1 = (tiles + 1) * p1;
+    const size_t head = NK + (size_t)N * E + L.part0 + L.part1;
+    L.ptrs = (head + 3) / 4 * 4;
+    L.f32_end = L.ptrs + np * (sizeof(void *) / sizeof(float));
+    return L;
+}
+static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).bf16_end; }
+static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).f32_end; }
+
+// Points sc into the shared scratch (mem: moe_gpu_scratch_elems, fmem: moe_gpu_scratch_floats of
+// st's allocation) for a call on N rows with st's tile rows.
+static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEGPUState *st, const MoEShape *s, int N, floatX *mem, float *fmem) {
+    if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
+    const MoEScratchLayout L = moe_scratch_layout(s, N, st->tile_rows);
+    const size_t NK = (size_t)N * s->topk;
+    sc->w0x = mem; mem += L.w0x;
+    sc->w1x = mem; mem += L.w1x;
+    sc->dw0x = mem; mem += L.w0x;
+    sc->dw1x = mem; mem += L.w1x;
+    sc->w0t = mem; mem += L.w1x;
+    sc->w1t = mem; mem += L.w0x;
+    sc->xg = mem; mem += L.rows_in;
+    sc->dxg = mem; mem += L.rows_in;
+    sc->yg = mem; mem += L.rows_out;
+    sc->t1 = mem; mem += L.rows_z;
+    sc->t2 = mem; mem += L.rows_z;
+    sc->dlogits_bf16 = mem;
+    sc->dgate = fmem;
+    sc->dlogits = fmem + NK;
+    sc->part0 = sc->dlogits + (size_t)N * s->experts;
+    sc->part1 = sc->part0 + L.part0;
+    sc->ptrs = (void **)(fmem + L.ptrs);
+}
+
+__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    st_moe_route_row(logits + (size_t)t * E, E, K, only ? only + (size_t)t * K : NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+}
+
+// Block e: how many of the NK pairs selected expert e (a block-wide count, fixed order).
+__global__ void moe_count_kernel(int *counts, const int *sel, int NK) {
+    int e = blockIdx.x, c = 0;
+    for (int p = threadIdx.x; p < NK; p += blockDim.x) c += sel[p] == e;
+    float total = block_sum((float)c);  // exact: counts stay far below 2^24
+    if (threadIdx.x == 0) counts[e] = (int)total;
+}
+
+static __device__ __forceinline__ int moe_padded(int c, int T) { return (c + T - 1) / T * T; }
+
+// Block e: expert e's pairs in ascending pair order at order[offsets[e] ...] and pos[p], -1 in
+// its padding rows, and its tiles' entries of tile_expert; offsets[e] = the padded counts of the
+// experts before it. Each chunk of blockDim pairs is ranked with warp ballots; blockDim must be a
+// multiple of 32 and at most 1024.
+__global__ void moe_group_kernel(int *order, int *pos, int *offsets, int *tile_expert, const int *counts, const int *sel, int NK, int E, int T) {
+    __shared__ int warp_tot[32];
+    int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    int base = 0;
+    for (int i = 0; i < e; i++) base += moe_padded(counts[i], T);
+    const int padded = moe_padded(counts[e], T);
+    if (threadIdx.x == 0) {
+        offsets[e] = base;
+        if (e == E - 1) offsets[E] = base + padded;
+    }
+    for (int j = threadIdx.x; j < padded / T; j += blockDim.x) tile_expert[base / T + j] = e;
+    for (int w = base + counts[e] + threadIdx.x; w < base + padded; w += blockDim.x) order[w] = -1;
+    int running = base;
+    for (int p0 = 0; p0 < NK; p0 += blockDim.x) {
+        int p = p0 + threadIdx.x;
+        int mine = p < NK && sel[p] == e;
+        unsigned mask = __ballot_sync(0xffffffffu, mine);
+        int before_in_warp = __popc(mask & ((1u << lane) - 1u));
+        __syncthreads();  // warp_tot of the previous chunk has been read
+        if (lane == 0) warp_tot[warp] = __popc(mask);
+        __syncthreads();
+        int before = running + before_in_warp, chunk_total = 0;
+        for (int w = 0; w < nw; w++) {
+            if (w < warp) before += warp_tot[w];
+            chunk_total += warp_tot[w];
+        }
+        if (mine) { order[before] = p; pos[p] = before; }
+        running += chunk_total;
+    }
+}
+
+// w0x/w1x from the strided rank components (scatter = 0), or dW0/dW1 += dw0x/dw1x (scatter = 1).
+__global__ void moe_cores_kernel(floatX *W0, floatX *W1, floatX *w0x, floatX *w1x, size_t n0, size_t n1, int E, int Ep, size_t p0,
+                                 size_t p1, int scatter) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n0) {
+        size_t j = st_moe_w0_expert_index(i, E, p0);
+        if (scatter) W0[i] = (floatX)((float)W0[i] + (float)w0x[j]);
+        else w0x[j] = W0[i];
+    } else if (i < n0 + n1) {
+        i -= n0;
+        size_t j = st_moe_w1_expert_index(i, E, Ep, p1);
+        if (scatter) W1[i] = (floatX)((float)W1[i] + (float)w1x[j]);
+        else w1x[j] = W1[i];
+    }
+}
+
+// dW0/dW1 (the strided rank components) += the sum over expert e's tiles, in tile order, of the
+// tiled backward's fp32 partials (tile t's at part0 + t·p0, part1 + t·p1): one bf16 rounding.
+__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets, size_t n0,
+                                            size_t n1, int E, int Ep, size_t p0, size_t p1, int T) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n0 + n1) return;
+    const int w1 = i >= n0;
+    const size_t j = w1 ? st_moe_w1_expert_index(i - n0, E, Ep, p1) : st_moe_w0_expert_index(i, E, p0), p = w1 ? p1 : p0;
+    const int e = (int)(j / p);
+    const float *part = (w1 ? part1 : part0) + j % p;
+    float acc = 0.0f;
+    for (int t = offsets[e] / T; t < offsets[e + 1] / T; t++) acc += part[(size_t)t * p];
+    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
+    *g = (floatX)((float)*g + acc);
+}
+
+// Grouped row w of dst = src row order[w] / K (src rows src_ld apart), zeros for a padding row,
+// for the rows in use (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0)
+__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int K, int d,
+                                  int src_ld) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = d / 8;
+    if (i >= (size_t)rows * per) return;
+    int w = (int)(i / per), c = (int)(i % per) * 8;
+    if (w >= *rows_in_use) return;
+    x128 v;
+    if (order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * src_ld + c);
+    else
+        for (int j = 0; j < 8; j++) v[j] = (floatX)0.0f;
+    store128(dst + (size_t)w * d + c, v);
+}
+
+static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int K, int d, int src_ld = 0) {
+    moe_gather_kernel<<<ceil_div_i((long)rows * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, K, d, src_ld ? src_ld : d);
+    cudaCheckLaunch();
+}
+
+// y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in
+// fp32; with pre (the fc layer): pre[t] = that and y[t] = its GELU. y and pre rows ld apart;
+// acc: y[t] += that instead (no pre then).
+__global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *gate, const int *pos, const floatX *bias, int N, int K, int d,
+                                   floatX *pre, int ld, int acc_y) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = d / 8;
+    if (i >= (size_t)N * per) return;
+    int t = (int)(i / per), c = (int)(i % per) * 8;
+    float acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    if (acc_y) {
+        x128 o = load128(y + (size_t)t * ld + c);
+        for (int j = 0; j < 8; j++) acc[j] = (float)o[j];
+    }
+    if (bias) {
+        x128 b = load128(bias + c);
+        for (int j = 0; j < 8; j++) acc[j] += (float)b[j];
+    }
+    for (int k = 0; k < K; k++) {
+        int pr = t * K + k;
+        float g = gate ? gate[pr] : 1.0f;
+        x128 v = load128(src + (size_t)pos[pr] * d + c);
+        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
+    }
+    x128 o;
+    for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
+    if (pre) {
+        store128(pre + (size_t)t * ld + c, o);
+        for (int j = 0; j < 8; j++) o[j] = (floatX)gelu_f((float)o[j]);  // of the pre-activation as kept (bf16), which the backward's GELU' reads
+    }
+    store128(y + (size_t)t * ld + c, o);
+}
+
+// One warp per grouped row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ =
+// gate·dZu (in place) and, when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved
+// (phi, gamma, rho) layout; dZu too when G == 0, else in the (gamma, phi, rho) layout of G x P x R
+// (the fused backward's, whose dW1 reads dy and the gate itself). A padding row's z and dZu are
+// zeroed: the tiled weight gradients sum over them (a fused forward does not write them).
+__global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z, const float *gate, const int *order,
+                                         const int *rows_in_use, int rows, int zrow, int dout, int G, int P, int R) {
+    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= rows || w >= *rows_in_use) return;
+    int pr = order[w];
+    floatX *zr = z + (size_t)w * zrow;
+    floatX *dz = dzu + (size_t)w * zrow;
+    if (pr < 0) {
+        for (int i = lane; i < zrow; i += 32) zr[i] = dz[i] = (floatX)0.0f;
+        return;
+    }
+    float s = 0.0f;
+    for (int i = lane; i < zrow; i += 32) {
+        const int j = G ? ((i / R) % G) * P * R + (i / (G * R)) * R + i % R : i;  // z's (f, g, s) in dZu's layout
+        s += (float)zr[i] * (float)dz[j];
+    }
+    s = warp_sum(s);
+    float g = gate[pr];
+    if (lane == 0) dgate[pr] = s;
+    for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+    if (!dyg) return;
+    floatX *dy = dyg + (size_t)w * dout;
+    for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
+}
+
+// The same on -sk 4's layout, where each tile of T grouped rows keeps its z and dZu transposed
+// (zrow rows of T): a block takes 32 consecutive rows of one tile (threadIdx.x, so that a warp's
+// loads are consecutive) in 8 slices of the elements (threadIdx.y), summed over the slices in
+// order; each element is read and scaled by the thread that sums it. dW1 = Zᵀ (gate·dY) =
+// (gate·Z)ᵀ dY, so z is scaled here, in place, instead of dy (zrow elements a row, not d_out, and
+// z is already being read): -sk 4's saved z is its own, read by nothing after this backward. A
+// padding row's z and dZu are zeroed, as above.
+#define MOE_GATE_ZT_COLS 32
+#define MOE_GATE_ZT_SLICES 8
+__global__ void __launch_bounds__(MOE_GATE_ZT_COLS * MOE_GATE_ZT_SLICES) moe_gate_backward_zt_kernel(float *dgate, floatX *dzu, floatX *z,
+                                                                                                     const float *gate, const int *order,
+                                                                                                     const int *rows_in_use, int T, int zrow) {
+    __shared__ float part[MOE_GATE_ZT_SLICES][MOE_GATE_ZT_COLS];
+    const int tile = blockIdx.x, t = blockIdx.y * MOE_GATE_ZT_COLS + threadIdx.x;
+    if ((long)tile * T >= *rows_in_use) return;  // the whole block: no barrier is skipped by some
+    const int w = tile * T + t, pr = t < T ? order[w] : -1;
+    const size_t base = (size_t)tile * T * zrow + t;
+    float s = 0.0f;
+    if (t < T) {
+        const float g = pr >= 0 ? gate[pr] : 0.0f;  // padding: zeros
+        for (int c = threadIdx.y; c < zrow; c += MOE_GATE_ZT_SLICES) {
+            const size_t at = base + (size_t)c * T;
+            const float d = (float)dzu[at], v = (float)z[at];
+            s += v * d;
+            dzu[at] = (floatX)(g * d);
+            z[at] = (floatX)(g * v);
+        }
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && pr >= 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < MOE_GATE_ZT_SLICES; j++) sum += part[j][threadIdx.x];
+        dgate[pr] = sum;
+    }
+}
+
+__global__ void moe_dlogits_kernel(float *dlogits, floatX *dlogits_bf16, const float *logits, const float *lse, const float *gate,
+                                   const float *dgate, const int *sel, const float *fhat, int N, int E, int K, float daux) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    float *dl = dlogits + (size_t)t * E;
+    st_moe_dlogits_row(dl, logits + (size_t)t * E, lse[t], gate + (size_t)t * K, dgate + (size_t)t * K, sel + (size_t)t * K, fhat, E, K, N,
+                       daux);
+    for (int e = 0; e < E; e++) dlogits_bf16[(size_t)t * E + e] = (floatX)dl[e];
+}
+
+// moe.h's MOE_AUX_STATS layout: block j < E: stats[j] = Σ_t softmax(logits_t)_j; block E:
+// stats[2E] = Σ_t lse_t² and stats[E + e] = counts[e]. fp32 sums in a fixed order, stored as doubles.
+__global__ void moe_aux_stats_kernel(double *stats, const float *logits, const float *lse, const int *counts, int N, int E) {
+    int j = blockIdx.x;
+    float s = 0.0f;
+    for (int t = threadIdx.x; t < N; t += blockDim.x) s += j < E ? __expf(logits[(size_t)t * E + j] - lse[t]) : lse[t] * lse[t];
+    s = block_sum(s);
+    if (threadIdx.x == 0) stats[j < E ? j : 2 * E] = s;
+    if (j == E)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) stats[E + e] = counts[e];
+}
+
+// One thread: the aux loss and routing, and f̂, from the statistics of n_total tokens (moe.h's formula).
+__global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double *stats, long n_total, int E, int K) {
+    *out = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
+}
+
+// y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
+// input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
+// segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
+// Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
+// GELU (both written by the combine).
+// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
+// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
+// experts' cores copied out of the rank components.
+static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
+                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, NK = N * K;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
+    if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
+    st->N = N;
+    // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
+    st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
+    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
+    cudaCheckLaunch();
+    moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
+    cudaCheckLaunch();
+    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, tile_expert, st->counts, st->sel, NK, E, T);
+    cudaCheckLaunch();
+    moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
+    cudaCheckLaunch();
+}
+
+static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
+                            const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+    const BTTShape b1 = moe_expert_shape(s);
+    moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
+    const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
+                                                          &b1, st->tiles);
+    if (!fused) {
+        Plan f;
+        moe_tiled_plans(&f, NULL, NULL, s, N, T, 1, g_st_zt);
+        g_st_zt_runs += g_st_zt;
+        moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
+        void *buf[PB_COUNT] = {0};
+        buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
+        plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs);
+    }
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu,
+                                                                       y_ld ? y_ld : dout, 0);
+    cudaCheckLaunch();
+}
+
+// The statistics of the aux loss over this process's N tokens into st->stats (device doubles,
+// moe.h's MOE_AUX_STATS layout). Data-parallel ranks sum them (all-reduce) before the finish.
+static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
+    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts);
+    cudaCheckLaunch();
+}
+
+// The aux loss and routing from st->stats summed over n_total tokens into *out_dev (on the
+// device), and f̂ on the device for the backward. Nothing waits: the caller reads out_dev when it
+// reads the loss.
+static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s, MoERouting *out_dev) {
+    moe_aux_finish_kernel<<<1, 1>>>(out_dev, st->fhat, st->stats, n_total, s->experts, s->topk);
+    cudaCheckLaunch();
+}
+
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
+// and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
+// (the transposed BTT, btt.h; dy rows read through the grouping), the gate is applied in the
+// combine (dx is linear in dZ), and every expert's dW0 and dW1 come from one seg_wgrad launch
+// each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
+// tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
+// Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
+// pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
+// (the plans only). Returns 1 when it ran fused.
+static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
+                            const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
+                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
+                            int dx_acc = 0) {
+    if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
+    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+    const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
+    const int rows = moe_max_tiles(NK, E, T) * T;  // grouped rows of the tiles (the spare's not included)
+    const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
+    moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
+    cudaCheckLaunch();
+    int fused = 0;
+    if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+        btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
+        fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
+    }
+    Plan pd, pr;
+    moe_tiled_plans(NULL, &pd, &pr, s, N, T, dx != NULL, g_st_zt);
+    void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
+    if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
+        buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
+        buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
+        moe_gather(sc->yg, dy, st, E, rows, K, dout, dy_ld);
+        moe_gather(sc->xg, x, st, E, rows, K, din);
+        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
+    }                                                                              // -sk 4: each tile's transposed in t1
+    if (!fused && g_st_zt) {
+        g_st_zt_runs++;
+        const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
+        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow);
+    } else {
+        moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate,
+                                                               st->order, st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi,
+                                                               b1.rank);
+    }
+    cudaCheckLaunch();
+    if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
+                  // dy and x read through the grouping, no gathered copies
+        const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
+        SegWgrad w1 = {st->z, dy, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
+                       st->offsets, 0, st->order, K, 0, 1, st->gate};
+        SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
+                       st->offsets, 0, st->order, K, 1, 0, NULL};
+        if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+        moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+        cudaCheckLaunch();
+    } else {  // dx per tile; dW0, dW1 per tile, then summed per expert into the rank components
+        plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs);
+        moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, n0, n1, E, s->btt.eps, p0, p1, T);
+        cudaCheckLaunch();
+    }
+    moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
+                                                    N, E, K, daux);
+    cudaCheckLaunch();
+    // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
+    st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
+    if (dx) {  // the fused dxg is ungated
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL,
+                                                                       din, dx_acc);
+        cudaCheckLaunch();
+        // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
+        st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
+        if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * din);
+    }
+    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch, dy_ld);
+    return fused;
+}
