@@ -192,6 +192,7 @@ static void linear_forward(GPT2 *m, const LinearDesc *ld, floatX *out, const flo
             MoEGPUScratch sc;
             moe_gpu_scratch_bind(&sc, &ls->moe, &ms, N, m->st_scratch, m->st_fscratch);
             moe_forward_gpu(out, &ls->moe, &sc, inp, w0, w1, P_(m, m->params, ld->w[2]), b, N, &ms, pre_gelu, out_ld);
+            st_step("aux loss statistics");
             moe_aux_stats_gpu(&ls->moe, &ms);
             long n_total = N;
             if (m->sync_aux && m->mp && m->mp->nproc > 1) {  // the global batch's routing statistics
@@ -1597,6 +1598,7 @@ static void prof_capture(int on) {
 }
 static void trainer_profile_start(void) {
     prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
+    g_st_step_hook = prof_mark_step;  // -pt 2's steps inside the structured layers
 }
 
 static void trainer_step_end(GPT2 *m, long step) {

@@ -94,7 +94,8 @@ static const ArgSpec train_arg_specs[] = {
     {"-z", ARG_INT, ARG_FIELD(zero_stage), "ZeRO stage: 0 off, 1 shard the optimizer state over the processes"},
     {"-rl", ARG_INT, ARG_FIELD(routing_loads), "1: at every val step, each BTT-MoE layer's expert loads in the last training batch"},
     {"-pt", ARG_INT, ARG_FIELD(profile), "1: at the end, a table of where the steps' time went (each layer kind's forward and backward, "
-                                         "the optimizer, the data; the steps run a little slower)"},
+                                         "the optimizer, the data; the steps run a little slower); 2: also the steps inside each "
+                                         "structured layer (GPU trainer: routing, gathers, each plan op...)"},
 };
 #define NUM_TRAIN_ARGS (sizeof(train_arg_specs) / sizeof(train_arg_specs[0]))
 
@@ -213,7 +214,8 @@ static inline void train_args_parse(TrainArgs *a, int argc, char **argv) {
         fatal("-n, -nk, -nm, -v and -s take values >= 0");
     if (a->hellaswag != 0 && a->hellaswag != 1) fatal("-h %d: 1 evaluates HellaSwag at every val step, 0 does not", a->hellaswag);
     if (a->routing_loads != 0 && a->routing_loads != 1) fatal("-rl %d: 1 prints each BTT-MoE layer's expert loads at every val step, 0 does not", a->routing_loads);
-    if (a->profile != 0 && a->profile != 1) fatal("-pt %d: 1 prints where the steps' time went at the end, 0 does not", a->profile);
+    if (a->profile < 0 || a->profile > 2)
+        fatal("-pt %d: 1 prints where the steps' time went at the end, 2 also the steps inside the structured layers, 0 neither", a->profile);
     if (a->ckpt_async != 0 && a->ckpt_async != 1) fatal("-na %d: 1 writes checkpoints in the background, 0 waits for them", a->ckpt_async);
     if (a->zero_stage != 0 && a->zero_stage != 1) fatal("-z %d: the ZeRO stage must be 0 (off) or 1 (optimizer state sharded)", a->zero_stage);
     if (a->resume && !a->out_dir) fatal("-y 1 resumes from the checkpoints in -o; give -o <dir>");

@@ -9,6 +9,12 @@
 // records an event on its stream at each mark, so that a part is the GPU's time from the part's
 // first kernel to the next part's, the GPU's waits for the host included. Marks outside
 // prof_step_begin/prof_step_end (validation, sampling, the untimed first step) cost nothing.
+//
+// -pt 2 also times the steps inside a linear layer (prof_mark_step: the GPU trainer's structured
+// layers mark their routing, gathers, plan ops...). A step lasts from its mark to the next mark
+// of either kind and is a part of its own, named after its layer's part; the layer's part keeps
+// its whole time (from its mark to the next layer-level mark), so the first table is the same
+// either way, and a second one breaks each layer down.
 #pragma once
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,17 +22,21 @@
 #include "gpt2.h"
 #include "utils.h"
 
-#define PROF_MAX_PARTS 64
-#define PROF_NAME_LEN 80
+#define PROF_MAX_PARTS 256
+#define PROF_NAME_LEN 112
 
 typedef struct {
     char name[PROF_NAME_LEN];
     double ms, flops;  // summed over the profiled steps
     long calls;
+    int parent;        // -1: a part of the step; else a step inside the layer part `parent` (-pt 2)
 } ProfPart;
 
 typedef struct {
     int on, in_step;
+    int steps_on;     // -pt 2: prof_mark_step's marks count
+    int layer_part;   // the part of the last linear layer's mark, -1 after any other mark
+    long steps_dropped;  // step marks left out because the parts table was full
     int n_parts, overflowed;  // overflowed: the parts past PROF_MAX_PARTS - 1 share the last entry
     ProfPart part[PROF_MAX_PARTS];
     int *mark_part;          // this step's marks: the part each begins
@@ -58,6 +68,7 @@ static inline void prof_enable(void (*record)(int), double (*elapsed_ms)(int, in
     g_prof.elapsed_ms = record ? elapsed_ms : prof_wall_elapsed;
     g_prof.release = record ? release : NULL;
     g_prof.capture = capture;
+    g_prof.layer_part = -1;
 }
 
 static inline void prof_free(void) {
@@ -70,15 +81,20 @@ static inline void prof_free(void) {
     g_prof.on = g_prof.in_step = 0;
 }
 
-static inline int prof_part_index(const char *name) {
+// The part named `name` (parent: as ProfPart's), added if new. A step that does not fit returns
+// -1; a part of the step that does not fit gets the last entry, which gathers them all.
+static inline int prof_part_index(const char *name, int parent) {
     for (int p = 0; p < g_prof.n_parts; p++)
-        if (strcmp(g_prof.part[p].name, name) == 0) return p;
-    if (g_prof.n_parts == PROF_MAX_PARTS - 1) {  // the last entry gathers every part that does not fit
+        if (g_prof.part[p].parent == parent && strcmp(g_prof.part[p].name, name) == 0) return p;
+    if (g_prof.n_parts == PROF_MAX_PARTS - 1) {
+        if (parent >= 0) return -1;
         g_prof.overflowed = 1;
         snprintf(g_prof.part[PROF_MAX_PARTS - 1].name, PROF_NAME_LEN, "(the other parts)");
+        g_prof.part[PROF_MAX_PARTS - 1].parent = -1;
         return PROF_MAX_PARTS - 1;
     }
     snprintf(g_prof.part[g_prof.n_parts].name, PROF_NAME_LEN, "%s", name);
+    g_prof.part[g_prof.n_parts].parent = parent;
     return g_prof.n_parts++;
 }
 
@@ -96,11 +112,29 @@ static inline void prof_record_next(void) {
 // parts whose FLOPs the table does not count: elementwise kernels, the optimizer).
 static inline void prof_mark(const char *name, double flops) {
     if (!g_prof.in_step) return;
-    int p = prof_part_index(name);
+    int p = prof_part_index(name, -1);
     prof_record_next();
     g_prof.mark_part[g_prof.n_marks++] = p;
     g_prof.part[p].calls++;
     g_prof.part[p].flops += flops;
+    g_prof.layer_part = -1;
+}
+
+// A linear layer's part begins (prof_mark), and -pt 2's steps that follow belong to it.
+static inline void prof_mark_layer(const char *name, double flops) {
+    prof_mark(name, flops);
+    if (g_prof.in_step) g_prof.layer_part = g_prof.mark_part[g_prof.n_marks - 1];
+}
+
+// -pt 2: a step inside the linear layer marked last begins here (its name: what the step does).
+// Nothing outside a layer, or without -pt 2.
+static inline void prof_mark_step(const char *step) {
+    if (!g_prof.in_step || !g_prof.steps_on || g_prof.layer_part < 0) return;
+    int p = prof_part_index(step, g_prof.layer_part);
+    if (p < 0) { g_prof.steps_dropped++; return; }
+    prof_record_next();
+    g_prof.mark_part[g_prof.n_marks++] = p;
+    g_prof.part[p].calls++;
 }
 
 // A linear layer's forward or backward over N rows: a part per role, direction and structure,
@@ -112,7 +146,7 @@ static inline void prof_mark_linear(const LinearDesc *ld, int backward, int N, i
     spec_describe(&ld->spec, desc, sizeof(desc));
     const char *role = ld->layer < 0 ? "lm_head" : ld->fused_qkv ? "qkv" : struct_role_names[ld->role];
     snprintf(name, sizeof(name), "%s %s: %s%s", role, backward ? "bwd" : "fwd", desc, as_dense ? " (as dense)" : "");
-    prof_mark(name, (backward ? 4.0 : 2.0) * N * spec_forward_macs(&ld->spec));
+    prof_mark_layer(name, (backward ? 4.0 : 2.0) * N * spec_forward_macs(&ld->spec));
 }
 
 // q, k and v of layer l run as one dense GEMM on their materialized weights (the GPU trainer's
@@ -128,7 +162,7 @@ static inline void prof_mark_qkv_group(const GPT2Layout *g, int l, int backward,
         if (strcmp(desc, other) != 0) snprintf(desc, sizeof(desc), "mixed structures");
     }
     snprintf(name, sizeof(name), "qkv %s: %s (q, k, v as one dense)", backward ? "bwd" : "fwd", desc);
-    prof_mark(name, (backward ? 4.0 : 2.0) * N * macs);
+    prof_mark_layer(name, (backward ? 4.0 : 2.0) * N * macs);
 }
 
 // The head tied to wte (a plain matmul with the embedding), as prof_mark_linear.
@@ -157,9 +191,47 @@ static inline void prof_step_end(void) {
     prof_record_next();
     if (g_prof.capturing) g_prof.capture(0);
     g_prof.capturing = 0;
-    for (int i = 0; i < g_prof.n_marks; i++) g_prof.part[g_prof.mark_part[i]].ms += g_prof.elapsed_ms(i, i + 1);
+    for (int i = 0, next = 0; i < g_prof.n_marks; i++) {  // next: the first part-of-the-step mark after i (or the end)
+        ProfPart *p = &g_prof.part[g_prof.mark_part[i]];
+        if (p->parent >= 0) { p->ms += g_prof.elapsed_ms(i, i + 1); continue; }
+        if (next <= i)
+            for (next = i + 1; next < g_prof.n_marks && g_prof.part[g_prof.mark_part[next]].parent >= 0; next++) {}
+        p->ms += g_prof.elapsed_ms(i, next);
+    }
     g_prof.steps++;
     g_prof.in_step = 0;
+}
+
+static inline int prof_cmp_ms(const void *a, const void *b);
+
+// -pt 2's second table: each layer part that marked steps (in the first table's order, `order`),
+// then its steps, longest first, with their share of the layer's time; "(rest)" is the time
+// between the layer's mark and its first step's (host work, a kernel before the first step).
+static inline void prof_print_steps(FILE *out, const ProfPart *const *order, int n, int n_steps) {
+    const double s = (double)g_prof.steps;
+    if (n_steps == 0) {
+        fprintf(out, "steps inside the layers (-pt 2): none marked (the GPU trainer's structured layers mark them)\n");
+        return;
+    }
+    fprintf(out, "steps inside the layers (-pt 2): a step lasts from its mark to the next mark\n");
+    fprintf(out, "%-72s %10s %7s %10s\n", "layer / step", "ms/step", "of layer", "calls/step");
+    const ProfPart *kids[PROF_MAX_PARTS];
+    for (int i = 0; i < n; i++) {
+        const int layer = (int)(order[i] - g_prof.part);
+        int nk = 0;
+        double sum = 0.0;
+        for (int p = 0; p < g_prof.n_parts; p++)
+            if (g_prof.part[p].parent == layer) { kids[nk++] = &g_prof.part[p]; sum += g_prof.part[p].ms; }
+        if (nk == 0) continue;
+        qsort(kids, (size_t)nk, sizeof(kids[0]), prof_cmp_ms);
+        const double lm = order[i]->ms;
+        fprintf(out, "%-72s %10.3f %7s %10.1f\n", order[i]->name, lm / s, "", order[i]->calls / s);
+        for (int k = 0; k < nk; k++)
+            fprintf(out, "  %-70s %10.3f %6.1f%% %10.1f\n", kids[k]->name, kids[k]->ms / s, lm > 0 ? 100.0 * kids[k]->ms / lm : 0.0,
+                    kids[k]->calls / s);
+        fprintf(out, "  %-70s %10.3f %6.1f%%\n", "(rest)", (lm - sum) / s, lm > 0 ? 100.0 * (lm - sum) / lm : 0.0);
+    }
+    if (g_prof.steps_dropped) fprintf(out, "(%ld step marks left out: more than %d parts)\n", g_prof.steps_dropped, PROF_MAX_PARTS);
 }
 
 static inline int prof_cmp_ms(const void *a, const void *b) {
@@ -177,12 +249,14 @@ static inline void prof_print(FILE *out, double model_flops, double measured_ms)
         return;
     }
     const ProfPart *order[PROF_MAX_PARTS];
-    int n = g_prof.n_parts + g_prof.overflowed;
+    int n = 0, n_steps = 0;
     double total_ms = 0.0, total_flops = 0.0;
-    for (int p = 0; p < n; p++) {
-        order[p] = &g_prof.part[p < g_prof.n_parts ? p : PROF_MAX_PARTS - 1];
-        total_ms += order[p]->ms;
-        total_flops += order[p]->flops;
+    for (int p = 0; p < g_prof.n_parts + g_prof.overflowed; p++) {
+        const ProfPart *pp = &g_prof.part[p < g_prof.n_parts ? p : PROF_MAX_PARTS - 1];
+        if (pp->parent >= 0) { n_steps++; continue; }
+        order[n++] = pp;
+        total_ms += pp->ms;
+        total_flops += pp->flops;
     }
     qsort(order, (size_t)n, sizeof(order[0]), prof_cmp_ms);
     const double s = (double)g_prof.steps;
@@ -198,4 +272,5 @@ static inline void prof_print(FILE *out, double model_flops, double measured_ms)
             total_ms > 0 ? total_flops / (total_ms * 1e-3) / 1e12 : 0.0);
     fprintf(out, "profiled step time %.3f ms against %.3f ms measured; FLOPs in the parts %.1f%% of the model's (6N + attention)\n",
             total_ms / s, measured_ms, model_flops > 0 ? 100.0 * total_flops / s / model_flops : 0.0);
+    if (g_prof.steps_on) prof_print_steps(out, order, n, n_steps);
 }

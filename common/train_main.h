@@ -33,7 +33,7 @@
 //   trainer_step_end(m, step)           after step's line is printed (the GPU trainer's -lg line)
 //   trainer_moe_fhat(m, ld, fhat)       BTT-MoE layer ld's f̂ (E floats: each expert's share of the
 //                                       top-k selections) of the last forward, on the host (-rl 1)
-//   trainer_profile_start()             -pt 1: prof_enable with the trainer's clock (step_profile.h)
+//   trainer_profile_start()             -pt: prof_enable with the trainer's clock (step_profile.h)
 #pragma once
 #include <math.h>
 #include "args.h"
@@ -371,7 +371,10 @@ int main(int argc, char **argv) {
     write_run_info(&logger, command, resume_step >= 0 ? resume_model : a.model, start_step, train_steps, &model, flops_per_token, &a,
                    nproc, grad_accum);
     free(command);
-    if (a.profile) trainer_profile_start();
+    if (a.profile) {
+        trainer_profile_start();
+        g_prof.steps_on = a.profile == 2;
+    }
     float *micro_loss = (float *)mallocCheck((size_t)grad_accum * sizeof(float));
     MoERouting *micro_routing = (MoERouting *)mallocCheck((size_t)grad_accum * sizeof(MoERouting));
     double total_time = 0.0;

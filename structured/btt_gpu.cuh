@@ -27,13 +27,17 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
         g_st_zt_runs++;
     } else if (g_st_fused == 3) {  // split: the fused kernel's stage 1 writes z (into scratch when not saved), cuBLAS y from it
         floatX *zz = z ? z : scratch;
+        st_step("fused stage 1 (z)");
         if (btt_stage1_fused(zz, x, 0, W0, N, s)) {
             g_st_split_runs++;
             buf[PB_Z] = zz;
             plan_btt_forward_from_z(&p, s, N, 0);
         }
-    } else if (g_st_fused && !y_ld && btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
-        if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+    } else if (g_st_fused && !y_ld && (st_step("fused kernel"), btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s))) {
+        if (pre_gelu) {
+            st_step("GELU");
+            gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+        }
         return;
     }
     if (!p.n) plan_btt_forward(&p, s, N, 0);
@@ -84,7 +88,9 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     const int try_split = g_st_fused == 3, try_fused = g_st_fused && !try_split && dx && !dy_ld && !dx_acc;
     if ((try_split || try_fused) && btt_fused_supported(&ts, btt_fused_smem_limit())) {
         floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
+        st_step("transposed cores");
         btt_transposed_cores_gpu(W0t, try_split ? NULL : W1t, W0, W1, s, 1);
+        st_step(try_split ? "fused stage 1 on dy (dZ)" : "fused kernel (dx, dZ)");
         if (try_split) {
             split = btt_stage1_fused(buf[PB_T1], dy, dy_ld, W0t, N, &ts);
             g_st_split_runs += split;
@@ -94,7 +100,10 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
     }
     if (fused) {
         plan_btt_backward_weights(&p, s, N, 0, 1);
-        if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
+        if (pre_gelu) {
+            st_step("GELU'");
+            gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
+        }
     } else {
         if (split) plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
         else if (g_st_zt) {  // z stored transposed (-sk 4): T1 = dZ so, then W0's and dW0's reordered copies
@@ -107,12 +116,9 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
             plan_btt_backward_dz(&p, s, N, 0);
             plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
         }
-        if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
-        buf[PB_PRE] = (floatX *)pre_gelu;
-        if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the BTT backward plan took no epilogue");
-        if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(&p, PB_DX))) fatal("internal: the BTT backward plan cannot add to dx");
+        plan_backward_settings(&p, buf, dx, pre_gelu, dy_ld, dx_acc, "BTT");
     }
     plan_run_gpu(&p, buf);
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, s->d_out, colsum_scratch, dy_ld);
+    st_bias_backward_gpu(dbias, dy, N, s->d_out, colsum_scratch, dy_ld);
     return fused;
 }

@@ -14,6 +14,7 @@
 // Header-only C11 that also compiles as CUDA C++.
 #pragma once
 #include <stddef.h>
+#include <stdio.h>
 #include "btt.h"
 #include "monarch.h"
 #include "moe.h"
@@ -25,6 +26,10 @@
 // DW0R: scratch copies of W0 and its gradient with W0's columns reordered (-sk 4's BTT plans at
 // rank > 1), core-sized.
 typedef enum { PB_X, PB_Y, PB_Z, PB_W0, PB_W1, PB_DY, PB_DX, PB_DW0, PB_DW1, PB_T1, PB_T2, PB_T3, PB_BIAS, PB_PRE, PB_W0R, PB_DW0R, PB_COUNT } PlanBuf;
+
+// The buffers' names, for descriptions of the ops.
+static const char *const plan_buf_names[PB_COUNT] = {"x",  "y",  "z",  "W0",   "W1",  "dy",  "dx",  "dW0",
+                                                     "dW1", "T1", "T2", "T3", "bias", "pre", "W0r", "dW0r"};
 
 // What the op that writes a layer's output does to it on the way (plan_set_epilogue): add the
 // bias (output column j gets BIAS[j]); write the sum to PRE and its GELU to the output; or, on
@@ -55,6 +60,16 @@ typedef struct {
     int epi;
     long long bias_stride;
 } PlanOp;
+
+// One line on what op o computes, e.g. "gemm T1 = x * W0^T" or "permute T1 -> z" (the profiles'
+// and plan_ops' names of the op).
+static inline void plan_op_describe(const PlanOp *o, char *out, size_t n) {
+    if (o->kind == PLAN_GEMM)
+        snprintf(out, n, "gemm %s %s %s%s * %s%s", plan_buf_names[o->c], o->beta ? "+=" : "=", plan_buf_names[o->a], o->ta ? "^T" : "",
+                 plan_buf_names[o->b], o->tb ? "^T" : "");
+    else
+        snprintf(out, n, "permute %s -> %s", plan_buf_names[o->src], plan_buf_names[o->dst]);
+}
 
 #define PLAN_MAX_OPS 8
 typedef struct {

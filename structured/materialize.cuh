@@ -19,6 +19,7 @@
 #include "exec_model.h"
 #include "plan_gpu.cuh"
 #include "spec.h"
+#include "step_hook.h"
 
 static int g_st_dense = 0;  // 1: BTT and Monarch layers run as dense GEMMs on materialized weights; 2: those exec_model.h picks
 
@@ -266,7 +267,9 @@ static void st_dense_forward(floatX *y, floatX *pre_gelu, const floatX *x, const
                              int kind, const void *shape, floatX *mem) {
     int din, dout;
     st_dense_dims(kind, shape, &din, &dout);
+    st_step("W from the cores");
     st_dense_weight(mem, 0, kind, shape, W0, W1);
+    st_step("dense GEMM");
     matmul_forward(y, x, mem, bias, N, din, dout, pre_gelu, 1);
 }
 
@@ -278,8 +281,11 @@ static void st_dense_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbia
     int din, dout;
     st_dense_dims(kind, shape, &din, &dout);
     floatX *W = mem, *dW = mem + st_pad8_elems((size_t)din * dout);
+    st_step("W from the cores");
     st_dense_weight(W, 0, kind, shape, W0, W1);
+    st_step("dense GEMMs (dx, dW, bias gradient)");
     matmul_backward(dx, dW, dbias, dy, x, W, N, din, dout, pre_gelu, colsum_scratch, 1);
+    st_step("cores' gradients from dW");
     st_dense_weight_backward(dW0, dW1, dW, 0, kind, shape, W0, W1);
 }
 
@@ -363,7 +369,9 @@ static void st_dense_group_forward(floatX *y, const floatX *x, int N, const StDe
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
     floatX *W, *dW;
+    st_step("W from the cores");
     st_dense_group_weight(&W, &dW, g, S, mem);
+    st_step("dense GEMM");
     matmul_forward(y, x, W, st_dense_group_bias(g, S, mem), N, din, dout, NULL, 1);
 }
 
@@ -373,8 +381,11 @@ static void st_dense_group_backward(floatX *dx, const floatX *dy, const floatX *
     int din, dout;
     st_dense_group_dims(g, S, &din, &dout);
     floatX *W, *dW;
+    st_step("W from the cores");
     st_dense_group_weight(&W, &dW, g, S, mem);
+    st_step("dense GEMMs (dx, dW)");
     matmul_backward(dx, dW, NULL, dy, x, W, N, din, dout, NULL, colsum_scratch, 1);
+    st_step("cores' and bias gradients");
     int col = 0;
     for (int i = 0; i < S; i++) {
         const void *shape = st_dense_layer_shape(&g[i]);

@@ -33,6 +33,7 @@
 #pragma once
 #include "btt.h"
 #include "routing.h"
+#include "step_hook.h"
 
 typedef struct {
     BTTShape btt;  // rank == experts
@@ -212,6 +213,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
     const size_t zrow = moe_z_row(s);
     const int ntiles = st_num_tiles(N);
     // router logits (R^T packed once) and routing
+    st_step("router logits, top-k, gate softmax");
     const StPacked rp = st_pack(ST_WS_W0, 1, 1, din, E, router, 0, din);
     ST_PRAGMA(omp parallel for schedule(static))
     for (int t = 0; t < ntiles; t++) {
@@ -221,6 +223,7 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
             st_moe_route_row(st->logits + (size_t)r * E, E, K, NULL, st->sel + (size_t)r * K, st->gate + (size_t)r * K, st->lse + r);
     }
     // counting sort of the (token, k) pairs by expert
+    st_step("grouping by expert");
     for (int e = 0; e < E; e++) st->counts[e] = 0;
     for (size_t p = 0; p < (size_t)N * K; p++) st->counts[st->sel[p]]++;
     for (int e = 0; e < E; e++) st->fhat[e] = (float)((double)st->counts[e] / ((double)N * K));
@@ -233,8 +236,10 @@ static inline void moe_forward(float *y, MoEState *st, const float *x, const flo
         free(next);
     }
     StPacked w0p, w1p;
+    st_step("experts' cores packed");
     moe_pack_forward(&w0p, &w1p, W0, W1, s);
     const int A = b1.alpha, G = b1.gamma, P = b1.phi, Ep = b1.eps, mb = st_l1_rows(zrow);
+    st_step("experts");
     ST_PRAGMA(omp parallel)
     {
         float *ye = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * dout);
@@ -379,6 +384,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
     float *Xg = dlogits + (size_t)N * E, *DYg = Xg + (size_t)ch * din;
     float *DZg = DYg + (size_t)ch * dout, *GZg = DZg + (size_t)ch * zrow;  // dZ (gamma, phi), gate*z (phi, gamma)
     StPacked w1t, w0t;
+    st_step("experts' cores packed");
     moe_pack_backward(&w1t, &w0t, W0, W1, s);
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P + 1));
     for (int e = 0; e < E; e++) {
@@ -387,6 +393,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
         for (int c0 = 0; c0 < ne; c0 += chunk) {
             const int off = st->offsets[e] + c0, nc = ne - c0 < chunk ? ne - c0 : chunk, nt = st_num_tiles(nc);
             const float *zc = st->z + (size_t)off * zrow;
+            st_step("experts: gathers, dZ, d gate, dx");
             ST_PRAGMA(omp parallel)
             {
                 float *dz2 = st_workspace(ST_WS_TILE, (size_t)ST_TILE_ROWS * (zrow + (size_t)din));
@@ -436,6 +443,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
                     }
                 }
             }
+            st_step("experts: dW0, dW1");
             const int acc = c0 == 0 ? ST_OVERWRITE : ST_CHAIN;
             for (int f = 0; f < P; f++)  // dW1_e[f] (gamma x eps) = (gate*Z)_f^T dY_f
                 jobs[f] = st_job(1, 0, G, Ep, nc, GZg + (size_t)f * G, (int)zrow, DYg + (size_t)f * Ep, dout, dw1e + (size_t)f * G * Ep, Ep, acc);
@@ -444,6 +452,7 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
             st_run_jobs(jobs, G + P);
         }
         // the expert's core gradients, scattered into its rank component
+        st_step("experts' gradients into the cores");
         ST_PRAGMA(omp parallel for schedule(static))
         for (int ga = 0; ga < G * A; ga++)
             for (int f = 0; f < P; f++) dW0[((size_t)ga * P + f) * E + e] += dw0e[(size_t)ga * P + f];
@@ -454,8 +463,10 @@ static inline void moe_backward(float *dx, float *dW0, float *dW1, float *droute
             for (int o = 0; o < Ep; o++) d[o] += src[o];
         }
     }
+    st_step("router gradient");
     jobs[0] = st_job(1, 0, E, din, N, dlogits, E, x, din, drouter, din, ST_ADD);  // drouter += dlogits^T x
     st_run_jobs(jobs, 1);
     free(jobs);
+    if (dbias) st_step("bias gradient");
     st_bias_backward(dbias, dy, N, dout);
 }

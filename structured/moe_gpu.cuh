@@ -428,13 +428,17 @@ static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_ex
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
     st->N = N;
     // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
+    st_step("router logits");
     st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
+    st_step("top-k, gate softmax");
     moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
     cudaCheckLaunch();
+    st_step("grouping by expert");
     moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
     cudaCheckLaunch();
     moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, tile_expert, st->counts, st->sel, NK, E, T);
     cudaCheckLaunch();
+    st_step("experts' cores");
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
 }
@@ -444,17 +448,20 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s);
     moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
+    if (g_st_fused) st_step("experts, fused (one launch)");
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {
         Plan f;
         moe_tiled_plans(&f, NULL, NULL, s, N, T, 1, g_st_zt);
         g_st_zt_runs += g_st_zt;
+        st_step("gather x");
         moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
         void *buf[PB_COUNT] = {0};
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
-        plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs);
+        plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts");
     }
+    st_step(pre_gelu ? "combine (gate, bias, GELU)" : "combine (gate, bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu,
                                                                        y_ld ? y_ld : dout, 0);
     cudaCheckLaunch();
@@ -494,11 +501,14 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
     const int rows = moe_max_tiles(NK, E, T) * T;  // grouped rows of the tiles (the spare's not included)
     const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
+    st_step("experts' cores");
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
     int fused = 0;
     if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+        st_step("transposed cores");
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
+        st_step("experts' dx, dZu, fused (one launch)");
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
     Plan pd, pr;
@@ -507,10 +517,13 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
         buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
+        st_step("gather dy");
         moe_gather(sc->yg, dy, st, E, rows, K, dout, dy_ld);
+        st_step("gather x");
         moe_gather(sc->xg, x, st, E, rows, K, din);
-        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs);  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
+        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dZu");  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
     }                                                                              // -sk 4: each tile's transposed in t1
+    st_step("gate backward");
     if (!fused && g_st_zt) {
         g_st_zt_runs++;
         const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
@@ -528,27 +541,36 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
                        st->offsets, 0, st->order, K, 0, 1, st->gate};
         SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
                        st->offsets, 0, st->order, K, 1, 0, NULL};
+        st_step("experts' dW0, dW1, fused (seg_wgrad)");
         if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+        st_step("experts' gradients into the cores");
         moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
         cudaCheckLaunch();
     } else {  // dx per tile; dW0, dW1 per tile, then summed per expert into the rank components
-        plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs);
+        plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dx, dW");
+        st_step("dW partials summed per expert");
         moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, n0, n1, E, s->btt.eps, p0, p1, T);
         cudaCheckLaunch();
     }
+    st_step("router: d logits, d router");
     moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
                                                     N, E, K, daux);
     cudaCheckLaunch();
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
     if (dx) {  // the fused dxg is ungated
+        st_step("dx combine");
         moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL,
                                                                        din, dx_acc);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
+        st_step("dx += d logits R");
         st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, din, N, E, router, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, dx, CUBLAS_LOWP, din);
-        if (pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * din);
+        if (pre_gelu) {
+            st_step("GELU'");
+            gelu_backward_inplace(dx, pre_gelu, (size_t)N * din);
+        }
     }
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch, dy_ld);
+    st_bias_backward_gpu(dbias, dy, N, dout, colsum_scratch, dy_ld);
     return fused;
 }

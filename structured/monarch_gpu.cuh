@@ -28,10 +28,15 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
                                const MonarchShape *m, floatX *scratch, floatX *pre_gelu = NULL, int y_ld = 0) {
     if (g_st_fused && !y_ld && monarch_fused_fwd_pays(m, btt_fused_smem_limit())) {
         floatX *Rt = scratch, *Lt = scratch + monarch_r_size(m);
+        st_step("transposed cores");
         block_transpose_gpu(Rt, R, monarch_r_size(m), m->q, m->p);  // Rt[k] = R[k]ᵀ (p x q)
         block_transpose_gpu(Lt, L, monarch_l_size(m), m->s, m->q);  // Lt[l] = L[l]ᵀ (q x s)
+        st_step("fused kernel");
         if (monarch_forward_fused(pre_gelu ? pre_gelu : y, u, x, Rt, Lt, bias, N, m, btt_fused_smem_limit())) {
-            if (pre_gelu) gelu_forward(y, pre_gelu, (size_t)N * m->d_out);
+            if (pre_gelu) {
+                st_step("GELU");
+                gelu_forward(y, pre_gelu, (size_t)N * m->d_out);
+            }
             return 1;
         }
     }
@@ -74,6 +79,7 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
         // flat buffer need not be, so those are copied (|R| + |L| elements, small next to dy)
         floatX *Rc = scratch, *Lc = Rc + nr, *dyt = Lc + nl, *du = dyt + (size_t)N * m->d_out;
         const floatX *Ra = R, *La = L;
+        st_step("fused kernel (dx, du, dyt)");
         if ((uintptr_t)R % 32) { cudaCheck(cudaMemcpyAsync(Rc, R, nr * sizeof(floatX), cudaMemcpyDeviceToDevice)); Ra = Rc; }
         if ((uintptr_t)L % 32) { cudaCheck(cudaMemcpyAsync(Lc, L, nl * sizeof(floatX), cudaMemcpyDeviceToDevice)); La = Lc; }
         fused = monarch_backward_fused(dx, du, dyt, dy, Ra, La, N, m, btt_fused_smem_limit());
@@ -81,21 +87,21 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     }
     if (fused) {
         plan_monarch_backward_weights(&p, m, N);
-        if (dx && pre_gelu) gelu_backward_inplace(dx, pre_gelu, (size_t)N * m->d_in);
+        if (dx && pre_gelu) {
+            st_step("GELU'");
+            gelu_backward_inplace(dx, pre_gelu, (size_t)N * m->d_in);
+        }
     } else {
         buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
-        buf[PB_PRE] = (floatX *)pre_gelu;
         if (g_st_zt) {
             plan_monarch_backward_ut(&p, m, N, dx != NULL);
             g_st_zt_runs++;
         } else {
             plan_monarch_backward(&p, m, N, dx != NULL);
         }
-        if (dy_ld) plan_set_ld(&p, PB_DY, dy_ld);
-        if (dx && pre_gelu && !plan_set_epilogue(&p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the Monarch backward plan took no epilogue");
-        if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(&p, PB_DX))) fatal("internal: the Monarch backward plan cannot add to dx");
+        plan_backward_settings(&p, buf, dx, pre_gelu, dy_ld, dx_acc, "Monarch");
     }
     plan_run_gpu(&p, buf);
-    if (dbias) column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, m->d_out, colsum_scratch, dy_ld);
+    st_bias_backward_gpu(dbias, dy, N, m->d_out, colsum_scratch, dy_ld);
     return fused;
 }

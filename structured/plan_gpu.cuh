@@ -4,7 +4,9 @@
 #pragma once
 #include "../cuda/common.cuh"
 #include "../cuda/matmul.cuh"
+#include "../cuda/reduce.cuh"
 #include "gpu_plan.h"
+#include "step_hook.h"
 
 // An op's epilogue (gpu_plan.h, PLAN_EPI_*) as its kernels apply it: the value v of output
 // element `at` (column `col`) in fp32, bias added, then GELU (pre-activation written to pre) or
@@ -191,8 +193,21 @@ static void plan_op_run_gpu(const PlanOp *o, floatX *const *buf) {
         plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk, NULL, e);
     }
 }
-static void plan_run_gpu(const Plan *p, floatX *const *buf) {
-    for (int i = 0; i < p->n; i++) plan_op_run_gpu(&p->op[i], buf);
+// -pt 2: op i of a plan begins, named "<label> op <i>: <what it computes>".
+static void plan_op_step(const char *label, int i, const PlanOp *o) {
+    if (!g_st_step_hook) return;
+    char what[64], name[96];
+    plan_op_describe(o, what, sizeof(what));
+    snprintf(name, sizeof(name), "%s op %d: %s", label, i + 1, what);
+    st_step(name);
+}
+
+// label: the plan's name in -pt 2's steps.
+static void plan_run_gpu(const Plan *p, floatX *const *buf, const char *label = "plan") {
+    for (int i = 0; i < p->n; i++) {
+        plan_op_step(label, i, &p->op[i]);
+        plan_op_run_gpu(&p->op[i], buf);
+    }
 }
 
 // A tiled plan (gpu_plan.h: BTT-MoE's experts, tiles from the device's table), by value for the
@@ -226,7 +241,8 @@ __global__ void plan_tile_ptrs_kernel(void **ptrs, PlanTileArgs a, const int *ti
 // ptrs: plan_tile_ptr_count(p) device pointers. One pointer kernel, then per op one
 // pointer-array batched GEMM (cuBLAS's A is our B, as plan_to_cublas) or one permute over the
 // rows in use.
-static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_expert, const int *rows_in_use, void **ptrs) {
+static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_expert, const int *rows_in_use, void **ptrs,
+                               const char *label = "plan") {
     PlanTileArgs a;
     memset(&a, 0, sizeof(a));
     a.p = *p;
@@ -237,12 +253,14 @@ static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_
     }
     const long total = (long)(plan_tile_ptr_count(p) / 3);
     if (total > 0) {
+        st_step("tile pointers");
         plan_tile_ptrs_kernel<<<ceil_div_i(total, 256), 256>>>(ptrs, a, tile_expert, rows_in_use);
         cudaCheckLaunch();
     }
     const float alpha = 1.0f;
     for (int i = 0; i < p->n; i++) {
         const PlanOp *o = &p->op[i];
+        plan_op_step(label, i, o);
         if (o->kind == PLAN_PERMUTE) {
             plan_permute_gpu((floatX *)buf[o->dst] + o->dst_off, (const floatX *)buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R,
                              o->C, o->blk, rows_in_use);
@@ -270,6 +288,23 @@ static void st_add_bias(floatX *y, const floatX *bias, int N, int dout) {
     if (!bias) return;
     add_bias_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, bias, (size_t)N, dout);
     cudaCheckLaunch();
+}
+
+// A backward plan's settings from its caller: dy's row stride (dy_ld, 0: packed), dx's GELU'
+// (pre_gelu) in the epilogue of the op that writes dx, dx += instead of = (dx_acc; not with
+// pre_gelu). what: the structure, for the internal errors.
+static void plan_backward_settings(Plan *p, floatX **buf, const floatX *dx, const floatX *pre_gelu, int dy_ld, int dx_acc, const char *what) {
+    if (dy_ld) plan_set_ld(p, PB_DY, dy_ld);
+    buf[PB_PRE] = (floatX *)pre_gelu;
+    if (dx && pre_gelu && !plan_set_epilogue(p, PB_DX, PLAN_EPI_DGELU)) fatal("internal: the %s backward plan took no epilogue", what);
+    if (dx && dx_acc && (pre_gelu || !plan_set_accumulate(p, PB_DX))) fatal("internal: the %s backward plan cannot add to dx", what);
+}
+
+// dbias (d_out) += the column sums of dy (N rows, dy_ld apart; 0: d_out); nothing without dbias.
+static void st_bias_backward_gpu(floatX *dbias, const floatX *dy, int N, int dout, float *colsum_scratch, int dy_ld) {
+    if (!dbias) return;
+    st_step("bias gradient");
+    column_sums(dbias, NULL, dy, NULL, NULL, NULL, N, dout, colsum_scratch, dy_ld);
 }
 
 // The epilogue flags for an output with this bias and pre-activation buffer.

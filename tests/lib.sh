@@ -28,3 +28,22 @@ check_profile() {
     done
     if [ -z "$why" ]; then ok "$name"; else bad "$name" "$why $(echo "$out" | grep -A3 '^profiled\|^step profile' | head -5)"; fi
 }
+# profile_block OUTPUT LAYER: in -pt 2's second table, the block of the layer part LAYER (a prefix
+# of its name): its line, then its steps' lines
+profile_block() {
+    echo "$1" | sed -n '/^steps inside the layers (-pt 2)/,$p' | awk -v p="$2" 'index($0, p) == 1 { on = 1; print; next } /^[^ ]/ { on = 0 } on'
+}
+# check_steps NAME OUTPUT LAYER STEP...: LAYER's -pt 2 block has each STEP (a prefix of a step's
+# name), and its steps' shares of the layer's time with its rest add up to 100%, the rest not
+# below -0.5% (the steps lie inside the layer's time)
+check_steps() {
+    local name=$1 out=$2 layer=$3 b why="" p; shift 3
+    b=$(profile_block "$out" "$layer")
+    [ -n "$b" ] || { bad "$name" "no -pt 2 block for '$layer': $(echo "$out" | sed -n '/^steps inside/,$p' | head -8)"; return; }
+    echo "$b" | awk 'NR > 1 && match($0, / -?[0-9]+\.[0-9]%/) { v = substr($0, RSTART + 1, RLENGTH - 2) + 0; s += v; if ($0 ~ /\(rest\)/ && v < -0.5) neg = 1 }
+        END { exit !(s > 99.4 && s < 100.6 && !neg) }' || why="shares do not add up to 100% or the rest is negative;"
+    for p in "$@"; do
+        echo "$b" | awk -v p="  $p" 'index($0, p) == 1 { f = 1 } END { exit !f }' || why="$why no step '$p';"
+    done
+    if [ -z "$why" ]; then ok "$name"; else bad "$name" "$why $(echo "$b" | head -20)"; fi
+}

@@ -738,7 +738,8 @@ static void test_step_profile(void) {
     prof_enable(fake_record, fake_elapsed, NULL, NULL);
     prof_step_begin(0);
     char name[16];
-    for (int i = 0; i < 70; i++) {
+    const int np = PROF_MAX_PARTS + 6;
+    for (int i = 0; i < np; i++) {
         snprintf(name, sizeof(name), "p%d", i);
         prof_mark(name, 0.0);
     }
@@ -747,9 +748,57 @@ static void test_step_profile(void) {
     const ProfPart *other = prof_find("(the other parts)"), *many = prof_find("many");
     snprintf(why, sizeof(why), "parts %d, other %g ms %ld calls, many %p", g_prof.n_parts, other ? other->ms : -1, other ? other->calls : -1,
              (const void *)many);
-    check_true(g_prof.n_parts == PROF_MAX_PARTS - 1 && other && other->calls == 70 - (PROF_MAX_PARTS - 1) + 3000 &&
-                   other->ms == (double)(70 - (PROF_MAX_PARTS - 1) + 3000) && !many,
-               "step profile: parts past the table's size share its last entry; 3070 marks in one step", why);
+    check_true(g_prof.n_parts == PROF_MAX_PARTS - 1 && other && other->calls == np - (PROF_MAX_PARTS - 1) + 3000 &&
+                   other->ms == (double)(np - (PROF_MAX_PARTS - 1) + 3000) && !many,
+               "step profile: parts past the table's size share its last entry; 3000 more marks in one step", why);
+    prof_free();
+
+    // -pt 2: steps inside a layer are parts of their own; the layer keeps its whole time
+    const double script2[] = {0, 1, 3, 6, 7, 10, 12};
+    memcpy(g_fake_script, script2, sizeof(script2));
+    g_fake_next = 0;
+    prof_enable(fake_record, fake_elapsed, NULL, NULL);
+    g_prof.steps_on = 1;
+    prof_step_begin(0);
+    prof_mark_layer("L", 2e9);
+    prof_mark_step("s1");
+    prof_mark_step("s2");
+    prof_mark_layer("L2", 0.0);
+    prof_mark_step("s3");
+    prof_mark("other", 0.0);
+    prof_mark_step("no layer");  // after a mark that is not a layer's: not counted
+    prof_step_end();
+    const ProfPart *L = prof_find("L"), *L2 = prof_find("L2"), *s1 = prof_find("s1"), *s2 = prof_find("s2"), *s3 = prof_find("s3"),
+                   *ot = prof_find("other");
+    snprintf(why, sizeof(why), "L %g, s1 %g, s2 %g, L2 %g, s3 %g, other %g ms; readings %d, parts %d", L ? L->ms : -1, s1 ? s1->ms : -1,
+             s2 ? s2->ms : -1, L2 ? L2->ms : -1, s3 ? s3->ms : -1, ot ? ot->ms : -1, g_fake_next, g_prof.n_parts);
+    check_true(L && L2 && s1 && s2 && s3 && ot && L->ms == 6.0 && s1->ms == 2.0 && s2->ms == 3.0 && L2->ms == 4.0 && s3->ms == 3.0 &&
+                   ot->ms == 2.0 && s1->parent == (int)(L - g_prof.part) && s3->parent == (int)(L2 - g_prof.part) && ot->parent == -1 &&
+                   g_fake_next == 7 && g_prof.n_parts == 6 && !prof_find("no layer"),
+               "step profile -pt 2: a step lasts to the next mark of either kind, a layer to the next layer-level mark", why);
+    f = tmpfile();
+    prof_print(f, 2e9, 12.0);
+    rewind(f);
+    n = fread(text, 1, sizeof(text) - 1, f);
+    text[n] = 0;
+    fclose(f);
+    const char *t2 = strstr(text, "steps inside the layers (-pt 2)");
+    const char *l1 = t2 ? strstr(t2, "\nL ") : NULL, *l2 = t2 ? strstr(t2, "\nL2 ") : NULL;
+    ok = strstr(text, "12.000 ms against 12.000 ms measured") && t2 && l1 && l2 && l1 < l2 &&
+         strstr(l1, "  s2") && strstr(l1, "  s2") < strstr(l1, "  s1") && strstr(l1, "  s1") < l2 &&
+         strstr(l1, "3.000   50.0%") && strstr(l1, "2.000   33.3%") && strstr(l1, "1.000   16.7%") &&
+         strstr(l2, "3.000   75.0%") && strstr(l2, "1.000   25.0%") && !strstr(t2, "other");
+    check_true(ok, "step profile -pt 2: the first table holds the layers whole; the second breaks each down, with its rest", text);
+    prof_free();
+
+    // without -pt 2, a step mark takes no reading and makes no part
+    g_fake_next = 0;
+    prof_enable(fake_record, fake_elapsed, NULL, NULL);
+    prof_step_begin(0);
+    prof_mark_layer("L", 0.0);
+    prof_mark_step("s1");
+    prof_step_end();
+    check_true(g_fake_next == 2 && g_prof.n_parts == 1 && !prof_find("s1"), "step profile -pt 1: step marks cost nothing", "a step was counted");
     prof_free();
 }
 

@@ -10,9 +10,9 @@
 #                               -sm 1, -sm 2 where a config has BTT or Monarch layers)
 #   3. gpu.sh                   GPT-2 124M and 350M training tokens/s and MFU (no second test run),
 #                               with -fa 1 and -fa 2 side by side when the cuDNN build loads
-#   3a. profile.sh              where a step's time goes (-pt 1): 124M dense, BTT rank 4 with -sk 0,
+#   3a. profile.sh              where a step's time goes (-pt 2): 124M dense, BTT rank 4 with -sk 0,
 #                               -sm 2, -sk 3, -sk 4 and -at 1, BTT-MoE with -sk 0 and -sk 1: each part's ms per step,
-#                               share, TFLOP/s
+#                               share, TFLOP/s, then each structured layer's steps (plan ops, routing, gathers...)
 #   3b. test_gpt2cu_cudnn       every fixture on cuDNN's attention (-fa 2, --cudnn-only), when it
 #                               was built and this machine's libcudnn loads
 #   3c. test_multigpu           the NCCL collectives of cuda/multigpu.cuh on a communicator of one

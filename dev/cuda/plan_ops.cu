@@ -26,14 +26,14 @@ static double op_bytes(const PlanOp *o) { return plan_op_elems(o, 1) * sizeof(fl
 static double op_flops(const PlanOp *o) { return o->kind == PLAN_GEMM ? 2.0 * o->M * o->N * o->K * o->batch : 0.0; }
 
 static void op_report(const char *phase, int i, const PlanOp *o, float ms) {
-    char what[96];
+    char desc[64], what[160];
+    plan_op_describe(o, desc, sizeof(desc));
     if (o->kind == PLAN_GEMM)
-        snprintf(what, sizeof(what), "gemm %c%c %dx%dx%d x%d%s", o->ta ? 'T' : 'N', o->tb ? 'T' : 'N', o->M, o->N, o->K, o->batch,
-                 o->beta ? " +=" : "");
+        snprintf(what, sizeof(what), "%s [%dx%dx%d x%d]", desc, o->M, o->N, o->K, o->batch);
     else
-        snprintf(what, sizeof(what), "permute %d rows [%d][%d][%d]", o->rows, o->R, o->C, o->blk);
+        snprintf(what, sizeof(what), "%s [%d rows of %dx%dx%d]", desc, o->rows, o->R, o->C, o->blk);
     const double bytes = op_bytes(o), flops = op_flops(o), floor_s = dev_floor_s(bytes, flops);
-    printf("  %s %d %-40s %8.4f ms %8.1f MB %7.1f GB/s %7.2f TFLOP/s %5.1f%% roofline\n", phase, i + 1, what, ms, bytes / 1e6,
+    printf("  %s %d %-52s %8.4f ms %8.1f MB %7.1f GB/s %7.2f TFLOP/s %5.1f%% roofline\n", phase, i + 1, what, ms, bytes / 1e6,
            bytes / (ms * 1e-3) / 1e9, flops / (ms * 1e-3) / 1e12, 100.0 * floor_s / (ms * 1e-3));
 }
 

@@ -370,6 +370,32 @@ echo "$out_sm" | grep -qE "q, k, v split copies|^[qkv] (fwd|bwd):" && bad "-sm 1
 steps() { grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//'; }
 [ "$(echo "$out" | steps)" = "$("$BIN" "${run[@]}" 2>&1 | steps)" ] && ok "-pt 1 leaves the GPU trainer's training unchanged" \
     || bad "-pt 1 changes training" "$(echo "$out" | steps | tail -n 1)"
+# -pt 2: the same first table, then the steps inside each structured layer: the plans' ops (BTT:
+# the permute of z; -sk 4: none, W0's columns instead), BTT-MoE's routing, gathers, tiled plans
+# and combine, -sm 1's rebuilt weight and dense GEMMs; each layer's steps make up its time
+out2=$("$BIN" "${run[@]}" -pt 2 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 2 run" "exit $rc: $(echo "$out2" | tail -n 3)"
+check_profile "-pt 2: the first table as -pt 1's (every structure)" 5 "$out2" "q fwd: btt r2" "fc bwd: btt_moe 4/top2"
+check_steps "-pt 2: BTT's forward steps are its plan's ops, the permute of z among them" "$out2" "q fwd: btt r2" \
+    "plan op 1: gemm T1 = x * W0" "plan op 2: permute T1 -> z" "plan op 3: gemm y = z * W1"
+check_steps "-pt 2: Monarch's backward steps are its plan's ops" "$out2" "v bwd: monarch 4 blocks" "plan op 1: permute dy -> T2" "plan op 2: gemm"
+check_steps "-pt 2: BTT-MoE's forward steps" "$out2" "fc fwd: btt_moe 4/top2" "router logits" "top-k, gate softmax" "grouping by expert" \
+    "experts' cores" "gather x" "tile pointers" "experts op 1: gemm" "combine (gate, bias, GELU)"
+check_steps "-pt 2: BTT-MoE's backward steps" "$out2" "fc bwd: btt_moe 4/top2" "experts' cores" "gather dy" "gather x" \
+    "experts' dZu op 1: gemm" "gate backward" "experts' dx, dW op" "dW partials summed per expert" "router: d logits, d router" "dx combine" \
+    "dx += d logits R" "bias gradient"
+[ "$(echo "$out2" | steps)" = "$(echo "$out" | steps)" ] && ok "-pt 2 leaves the GPU trainer's training unchanged" \
+    || bad "-pt 2 changes training" "$(echo "$out2" | steps | tail -n 1)"
+out2=$("$BIN" "${run[@]}" -sk 4 -pt 2 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 2 -sk 4 run" "exit $rc: $(echo "$out2" | tail -n 3)"
+check_steps "-pt 2 -sk 4: BTT rank 2's forward permutes W0's columns, not z" "$out2" "q fwd: btt r2" "plan op 1: permute W0 -> W0r" \
+    "plan op 2: gemm"
+profile_block "$out2" "q fwd: btt r2" | grep -q -- "-> z" && bad "-pt 2 -sk 4: no permute of z" "$(profile_block "$out2" "q fwd: btt r2")" \
+    || ok "-pt 2 -sk 4: no step of BTT's forward permutes z"
+out2=$("$BIN" "${run[@]}" -sm 1 -pt 2 2>&1); rc=$?
+[ $rc -eq 0 ] || bad "-pt 2 -sm 1 run" "exit $rc: $(echo "$out2" | tail -n 3)"
+check_steps "-pt 2 -sm 1: q, k, v as one dense layer: W rebuilt, then the GEMMs, then the cores' gradients" "$out2" \
+    "qkv bwd: mixed structures (q, k, v as one dense)" "W from the cores" "dense GEMMs (dx, dW)" "cores' and bias gradients"
 
 # the host waits for the GPU once per step (the losses, the norm), not once per micro-batch: the
 # simulator counts the waits for the whole queue, the same with 1 and with 4 micro-batches a step
