@@ -943,10 +943,7 @@ static double trainer_peak_flops(void) { return 0.0; }  // unknown: the step lin
 static int trainer_n_routed(const GPT2 *m) { return m->n_routed; }
 static const float *trainer_row_losses(const GPT2 *m) { return m->losses; }
 static void trainer_step_end(GPT2 *m, long step) {}
-static void trainer_profile_start(void) {
-    prof_enable(NULL, NULL, NULL, NULL);  // the work is synchronous: wall time
-    g_st_step_hook = prof_mark_step;     // -pt 2's steps inside the BTT-MoE layers
-}
+static void trainer_profile_start(void) { prof_enable(NULL, NULL, NULL, NULL); }  // the work is synchronous: wall time
 
 static void trainer_banner(const GPT2 *m) {
     (void)m;

@@ -1598,7 +1598,6 @@ static void prof_capture(int on) {
 }
 static void trainer_profile_start(void) {
     prof_enable(prof_event_record, prof_event_elapsed, prof_events_free, prof_capture);
-    g_st_step_hook = prof_mark_step;  // -pt 2's steps inside the structured layers
 }
 
 static void trainer_step_end(GPT2 *m, long step) {

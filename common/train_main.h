@@ -47,6 +47,7 @@
 #include "outlier.h"
 #include "schedule.h"
 #include "step_profile.h"
+#include "../structured/step_hook.h"
 #include "stop.h"
 #include "tokenizer.h"
 #include "utils.h"
@@ -373,7 +374,10 @@ int main(int argc, char **argv) {
     free(command);
     if (a.profile) {
         trainer_profile_start();
-        g_prof.steps_on = a.profile == 2;
+        if (a.profile == 2) {  // and the steps the structured layers mark (structured/step_hook.h)
+            g_prof.steps_on = 1;
+            g_st_step_hook = prof_mark_step;
+        }
     }
     float *micro_loss = (float *)mallocCheck((size_t)grad_accum * sizeof(float));
     MoERouting *micro_routing = (MoERouting *)mallocCheck((size_t)grad_accum * sizeof(MoERouting));
