@@ -444,7 +444,8 @@ static void btt_dense_forward(float *out, float *inter, const float *inp, const 
                               const BTTShape *s) {
     const int din = s->d_in, dout = s->d_out;
     float *WT = inter, *zI = inter + (size_t)din * dout;
-    btt_forward(WT, zI, btt_identity(din), w0, w1, NULL, din, s);
+    btt_forward(WT, zI, btt_identity(din), w0, w1, NULL, din, s);  // (-pt 2: its steps build W)
+    st_step("dense GEMM on W");
     gemm(N, dout, din, inp, (size_t)din, 1, WT, (size_t)dout, 1, out, (size_t)dout, 0);
     bias_forward(out, bias, N, dout);
 }
@@ -453,6 +454,7 @@ static void btt_dense_backward(float *dinp, float *dw0, float *dw1, float *dbias
                                const float *inter, const float *w0, const float *w1, int N, const BTTShape *s, float *scratch) {
     const int din = s->d_in, dou = s->d_out;
     const float *WT = inter, *zI = inter + (size_t)din * dou;
+    st_step("dense GEMMs (dx, dW)");
     if (dinp) gemm(N, din, dou, dout, (size_t)dou, 1, WT, 1, (size_t)dou, dinp, (size_t)din, 0);  // dy W
     float *dWT = scratch;
     gemm(din, dou, N, inp, 1, (size_t)din, dout, (size_t)dou, 1, dWT, (size_t)dou, 0);  // x^T dy

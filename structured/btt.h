@@ -119,7 +119,9 @@ static inline void btt_forward(float *y, float *z, const float *x, const float *
     const size_t zrow = btt_z_row(s);
     const int ntiles = st_num_tiles(N), din = s->d_in, dout = s->d_out;
     StPacked w0p, w1p;
+    st_step("cores packed");
     btt_pack_forward(&w0p, &w1p, W0, W1, s);
+    st_step("row tiles: both stages");
     ST_PRAGMA(omp parallel)
     {
         float *z1 = st_workspace(ST_WS_TILE, zrow * ST_TILE_ROWS);
@@ -161,11 +163,13 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
     const size_t n0 = btt_w0_size(s), n1 = btt_w1_size(s);
     float *c0 = scratch, *c1 = scratch + n0, *dz1 = scratch + n0 + n1;  // contributions; dZ of a chunk
     StPacked w1t, w0t;
+    st_step("cores packed (transposed)");
     btt_pack_backward(&w1t, &w0t, W0, W1, s);
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(G + P));
     const int chunk = btt_chunk_rows(s);
     for (int r0 = 0; r0 < N; r0 += chunk) {
         const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
+        st_step("row tiles: dZ, dx");
         ST_PRAGMA(omp parallel)
         {
             float *dz2 = st_workspace(ST_WS_TILE, (size_t)zrow * ST_TILE_ROWS);
@@ -176,6 +180,7 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
                                 dx ? dx + (size_t)(r0 + i0) * din : NULL, din);
             }
         }
+        st_step("weight gradients");
         const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
         for (int f = 0; f < P; f++)  // dW1[f] (gamma*rho x eps): Z_f^T dY_f
             jobs[f] = st_job(1, 0, gr, E, nr, z + (size_t)r0 * zrow + (size_t)f * gr, zrow, dy + (size_t)r0 * dout + (size_t)f * E,
@@ -190,5 +195,6 @@ static inline void btt_backward(float *dx, float *dW0, float *dW1, float *dbias,
         st_add(dW0, c0, n0);
         st_add(dW1, c1, n1);
     }
+    if (dbias) st_step("bias gradient");
     st_bias_backward(dbias, dy, N, dout);
 }

@@ -22,11 +22,12 @@
 #endif
 #include "../common/gemm.h"
 #include "../common/utils.h"
+#include "step_hook.h"
 #if defined(__AVX__) && !defined(CG_PLAIN_C)
 #include <immintrin.h>
 #endif
 
-// Functions the CUDA kernels share with the CPU code (structured/structured.cuh).
+// Functions the CUDA kernels share with the CPU code (structured/*_gpu.cuh).
 #ifdef __CUDACC__
 #define ST_HD __host__ __device__
 #else

@@ -33,7 +33,6 @@
 #pragma once
 #include "btt.h"
 #include "routing.h"
-#include "step_hook.h"
 
 typedef struct {
     BTTShape btt;  // rank == experts

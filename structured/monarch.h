@@ -39,7 +39,9 @@ static inline void monarch_forward(float *y, float *u, const float *x, const flo
                                    int N, const MonarchShape *m) {
     const int nb = m->nb, p = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
     const int ntiles = st_num_tiles(N);
+    st_step("factors packed");
     StPacked rp = st_pack(ST_WS_W0, nb, 1, p, q, R, (size_t)q * p, p), lp = st_pack(ST_WS_W1, nb, 1, q, s, L, (size_t)s * q, q);  // R[k]^T, L[l]^T
+    st_step("row tiles: both stages");
     ST_PRAGMA(omp parallel)
     {
         float *u1 = st_workspace(ST_WS_TILE, (size_t)(urow + dout) * ST_TILE_ROWS), *yt = u1 + (size_t)urow * ST_TILE_ROWS;
@@ -90,10 +92,12 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
     float *cR = scratch, *cL = scratch + nr_;  // contributions
     float *dyt = cL + nl;                      // (ch, nb, s): dyt[l*s + i] = dy[i*nb + l]
     float *du = dyt + (size_t)ch * dout;       // (ch, nb*q), natural order du[k*q + j]
+    st_step("factors packed");
     StPacked lp = st_pack(ST_WS_W1, nb, 0, s, q, L, (size_t)s * q, q), rp = st_pack(ST_WS_W0, nb, 0, q, p, R, (size_t)q * p, p);  // L[l], R[k]
     StGemmJob *jobs = (StGemmJob *)mallocCheck(sizeof(StGemmJob) * (size_t)(2 * nb));
     for (int r0 = 0; r0 < N; r0 += chunk) {
         const int nr = N - r0 < chunk ? N - r0 : chunk, ntiles = st_num_tiles(nr);
+        st_step("row tiles: dyt, du, dx");
         ST_PRAGMA(omp parallel)
         {
             float *dut = st_workspace(ST_WS_TILE, (size_t)urow * ST_TILE_ROWS);
@@ -110,6 +114,7 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
                         st_gemm_packed(n, &rp, k, du_t + (size_t)k * q, urow, 0.0f, dx + (size_t)(r0 + i0) * din + (size_t)k * p, din);
             }
         }
+        st_step("weight gradients");
         const int acc = r0 == 0 ? ST_OVERWRITE : ST_CHAIN;
         for (int l = 0; l < nb; l++)  // dL[l] (s x q): dYt_l^T Ut_l
             jobs[l] = st_job(1, 0, s, q, nr, dyt + (size_t)l * s, dout, u + (size_t)r0 * urow + (size_t)l * q, urow, cL + (size_t)l * s * q, q, acc);
@@ -122,5 +127,6 @@ static inline void monarch_backward(float *dx, float *dR, float *dL, float *dbia
         st_add(dR, cR, nr_);
         st_add(dL, cL, nl);
     }
+    if (dbias) st_step("bias gradient");
     st_bias_backward(dbias, dy, N, dout);
 }

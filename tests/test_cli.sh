@@ -75,8 +75,8 @@ without=$("$BIN" "${PT[@]}" 2>&1 | grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+
 [ -n "$without" ] && [ "$without" = "$(echo "$out" | grep -E '^step +[0-9]' | sed -E 's/\| [0-9.]+ ms.*//')" ] \
     && ok "-pt 1 leaves the training unchanged (same losses, norms)" || bad "-pt 1 changes training" "$without"
 expect_error "-pt 3" "-pt 3: 1 prints where the steps' time went" "${COMMON[@]}" -pt 3
-# -pt 2: the same first table, then each BTT-MoE layer's steps (moe.h marks them on the CPU), which
-# with their rest make up the layer's time
+# -pt 2: the same first table, then each structured layer's steps (btt.h, monarch.h and moe.h mark
+# them on the CPU), which with their rest make up the layer's time
 out=$("$BIN" "${PT[@]}" -pt 2 2>&1); rc=$?
 [ $rc -eq 0 ] || bad "-pt 2 run" "exit $rc: $(echo "$out" | tail -n 3)"
 check_profile "-pt 2: the first table as -pt 1's (CPU)" 3 "$out" "fc fwd: btt_moe 4/top2" "fc bwd: btt_moe 4/top2" "attention fwd"
@@ -84,8 +84,11 @@ check_steps "-pt 2: the BTT-MoE layer's forward steps (routing, grouping, expert
     "fc fwd: btt_moe 4/top2" "router logits, top-k, gate softmax" "grouping by expert" "experts' cores packed" "experts "
 check_steps "-pt 2: the BTT-MoE layer's backward steps make up its time (CPU)" "$out" "fc bwd: btt_moe 4/top2" \
     "experts: gathers, dZ, d gate, dx" "experts: dW0, dW1" "experts' gradients into the cores" "router gradient" "bias gradient"
-echo "$out" | sed -n '/^steps inside the layers (-pt 2)/,$p' | grep -qE '^(q|k|v|attention|lm_head) ' \
-    && bad "-pt 2: layers without steps" "a layer that marks no steps has a block" || ok "-pt 2: only layers that mark steps have a block (CPU)"
+check_steps "-pt 2: a BTT layer's backward steps (CPU)" "$out" "fc_proj bwd: btt r2" "cores packed (transposed)" "row tiles: dZ, dx" \
+    "weight gradients" "bias gradient"
+check_steps "-pt 2: a Monarch layer's forward steps (CPU)" "$out" "v fwd: monarch 4 blocks" "factors packed" "row tiles: both stages"
+echo "$out" | sed -n '/^steps inside the layers (-pt 2)/,$p' | grep -qE '^(attention|lm_head|layernorm|classifier) ' \
+    && bad "-pt 2: layers without steps" "a part that marks no steps has a block" || ok "-pt 2: only the structured layers have blocks (CPU)"
 out=$("$BIN" "${COMMON[@]}" -x 1 -v 0 -pt 1 2>&1)
 echo "$out" | grep -q "no step was profiled (the first step of a run is not: it warms up); give -x 2 or more" \
     && ok "-pt 1 with one step says that the first step is not profiled" || bad "-pt 1 -x 1" "$(echo "$out" | tail -n 2)"
