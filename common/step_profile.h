@@ -10,8 +10,8 @@
 // first kernel to the next part's, the GPU's waits for the host included. Marks outside
 // prof_step_begin/prof_step_end (validation, sampling, the untimed first step) cost nothing.
 //
-// -pt 2 also times the steps inside a linear layer (prof_mark_step: the GPU trainer's structured
-// layers mark their routing, gathers, plan ops...). A step lasts from its mark to the next mark
+// -pt 2 also times the steps inside a linear layer (prof_mark_step, through structured/step_hook.h:
+// the structured layers mark their packed weights, plan ops, BTT-MoE's routing and gathers...). A step lasts from its mark to the next mark
 // of either kind and is a part of its own, named after its layer's part; the layer's part keeps
 // its whole time (from its mark to the next layer-level mark), so the first table is the same
 // either way, and a second one breaks each layer down.
@@ -202,7 +202,10 @@ static inline void prof_step_end(void) {
     g_prof.in_step = 0;
 }
 
-static inline int prof_cmp_ms(const void *a, const void *b);
+static inline int prof_cmp_ms(const void *a, const void *b) {
+    const ProfPart *x = *(const ProfPart *const *)a, *y = *(const ProfPart *const *)b;
+    return x->ms < y->ms ? 1 : x->ms > y->ms ? -1 : strcmp(x->name, y->name);
+}
 
 // -pt 2's second table: each layer part that marked steps (in the first table's order, `order`),
 // then its steps, longest first, with their share of the layer's time; "(rest)" is the time
@@ -210,7 +213,7 @@ static inline int prof_cmp_ms(const void *a, const void *b);
 static inline void prof_print_steps(FILE *out, const ProfPart *const *order, int n, int n_steps) {
     const double s = (double)g_prof.steps;
     if (n_steps == 0) {
-        fprintf(out, "steps inside the layers (-pt 2): none marked (the GPU trainer's structured layers mark them)\n");
+        fprintf(out, "steps inside the layers (-pt 2): none marked (only the structured layers mark steps)\n");
         return;
     }
     fprintf(out, "steps inside the layers (-pt 2): a step lasts from its mark to the next mark\n");
@@ -232,11 +235,6 @@ static inline void prof_print_steps(FILE *out, const ProfPart *const *order, int
         fprintf(out, "  %-70s %10.3f %6.1f%%\n", "(rest)", (lm - sum) / s, lm > 0 ? 100.0 * (lm - sum) / lm : 0.0);
     }
     if (g_prof.steps_dropped) fprintf(out, "(%ld step marks left out: more than %d parts)\n", g_prof.steps_dropped, PROF_MAX_PARTS);
-}
-
-static inline int prof_cmp_ms(const void *a, const void *b) {
-    const ProfPart *x = *(const ProfPart *const *)a, *y = *(const ProfPart *const *)b;
-    return x->ms < y->ms ? 1 : x->ms > y->ms ? -1 : strcmp(x->name, y->name);
 }
 
 // The table, longest part first: ms per step, share of the step, calls per step and, where the

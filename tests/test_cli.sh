@@ -89,6 +89,9 @@ check_steps "-pt 2: a BTT layer's backward steps (CPU)" "$out" "fc_proj bwd: btt
 check_steps "-pt 2: a Monarch layer's forward steps (CPU)" "$out" "v fwd: monarch 4 blocks" "factors packed" "row tiles: both stages"
 echo "$out" | sed -n '/^steps inside the layers (-pt 2)/,$p' | grep -qE '^(attention|lm_head|layernorm|classifier) ' \
     && bad "-pt 2: layers without steps" "a part that marks no steps has a block" || ok "-pt 2: only the structured layers have blocks (CPU)"
+out=$("$BIN" "${COMMON[@]}" -x 3 -v 0 -pt 2 2>&1)
+echo "$out" | grep -q "^steps inside the layers (-pt 2): none marked (only the structured layers mark steps)" \
+    && ok "-pt 2 on a dense model says that no layer marked steps" || bad "-pt 2 dense" "$(echo "$out" | tail -n 2)"
 out=$("$BIN" "${COMMON[@]}" -x 1 -v 0 -pt 1 2>&1)
 echo "$out" | grep -q "no step was profiled (the first step of a run is not: it warms up); give -x 2 or more" \
     && ok "-pt 1 with one step says that the first step is not profiled" || bad "-pt 1 -x 1" "$(echo "$out" | tail -n 2)"

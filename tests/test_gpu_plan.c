@@ -901,6 +901,39 @@ static void test_exec_model(void) {
                "exec_model: a GPU without a known peak gets the H200's FLOP per byte", why);
 }
 
+// plan_op_describe, which -pt 2 and plan_ops name the ops by: every buffer named, no two alike, and
+// the BTT plans' ops described as written by hand (-sk 0's forward: GEMM, permute of z, GEMM;
+// -sk 4's at rank 2: W0's columns reordered, then z transposed by the GEMMs)
+static void test_op_describe(void) {
+    int named = 1;
+    for (int i = 0; i < PB_COUNT; i++) {
+        if (!plan_buf_names[i] || !plan_buf_names[i][0]) named = 0;
+        for (int j = 0; j < i; j++)
+            if (named && strcmp(plan_buf_names[i], plan_buf_names[j]) == 0) named = 0;
+    }
+    check_true(named, "op names: every plan buffer has its own name", "a buffer unnamed or two alike");
+    BTTShape s;
+    btt_shape(&s, 16, 48, 32, 96, 1);
+    Plan f, z;
+    memset(&f, 0, sizeof(f));
+    memset(&z, 0, sizeof(z));
+    plan_btt_forward(&f, &s, 64, 0);
+    btt_shape(&s, 16, 48, 32, 96, 2);
+    plan_btt_forward_zt(&z, &s, 64);
+    const char *want_f[] = {"gemm T1 = x * W0", "permute T1 -> z", "gemm y = z * W1"};
+    const char *want_z[] = {"permute W0 -> W0r", "gemm z = W0r^T * x^T", "gemm y = z^T * W1"};
+    char got[64], why[256] = "";
+    int ok = f.n == 3 && z.n == 3;
+    for (int i = 0; ok && i < 3; i++) {
+        plan_op_describe(&f.op[i], got, sizeof(got));
+        if (strcmp(got, want_f[i]) != 0) { ok = 0; snprintf(why, sizeof(why), "-sk 0 op %d: '%s', want '%s'", i + 1, got, want_f[i]); }
+        plan_op_describe(&z.op[i], got, sizeof(got));
+        if (ok && strcmp(got, want_z[i]) != 0) { ok = 0; snprintf(why, sizeof(why), "-sk 4 op %d: '%s', want '%s'", i + 1, got, want_z[i]); }
+    }
+    if (f.n != 3 || z.n != 3) snprintf(why, sizeof(why), "%d and %d ops", f.n, z.n);
+    check_true(ok, "op names: BTT's forward ops on -sk 0 (rank 1) and -sk 4 (rank 2) read as written by hand", why);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
     test_permute_index();
@@ -939,5 +972,6 @@ int main(void) {
     test_route_only();
     test_activation_elems();
     test_exec_model();
+    test_op_describe();
     return test_summary();
 }
