@@ -95,7 +95,7 @@ static const ArgSpec train_arg_specs[] = {
     {"-rl", ARG_INT, ARG_FIELD(routing_loads), "1: at every val step, each BTT-MoE layer's expert loads in the last training batch"},
     {"-pt", ARG_INT, ARG_FIELD(profile), "1: at the end, a table of where the steps' time went (each layer kind's forward and backward, "
                                          "the optimizer, the data; the steps run a little slower); 2: also the steps inside each "
-                                         "structured layer (GPU trainer: routing, gathers, each plan op...)"},
+                                         "structured layer (packed weights, row tiles or each plan op, BTT-MoE's routing and gathers...)"},
 };
 #define NUM_TRAIN_ARGS (sizeof(train_arg_specs) / sizeof(train_arg_specs[0]))
 
