@@ -22,7 +22,7 @@
 #include "gpt2.h"
 #include "utils.h"
 
-#define PROF_MAX_PARTS 256
+#define PROF_MAX_PARTS 512  // -pt 2, every linear layer BTT-MoE: about 190 parts (-at 1 mixing kernels: up to twice)
 #define PROF_NAME_LEN 112
 
 typedef struct {
