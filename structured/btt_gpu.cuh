@@ -33,12 +33,15 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
             buf[PB_Z] = zz;
             plan_btt_forward_from_z(&p, s, N, 0);
         }
-    } else if (g_st_fused && !y_ld && (st_step("fused kernel"), btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s))) {
-        if (pre_gelu) {
-            st_step("GELU");
-            gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+    } else if (g_st_fused && !y_ld) {
+        st_step("fused kernel");
+        if (btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
+            if (pre_gelu) {
+                st_step("GELU");
+                gelu_forward(y, pre_gelu, (size_t)N * s->d_out);
+            }
+            return;
         }
-        return;
     }
     if (!p.n) plan_btt_forward(&p, s, N, 0);
     if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
@@ -105,16 +108,15 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
             gelu_backward_inplace(dx, pre_gelu, (size_t)N * s->d_in);
         }
     } else {
-        if (split) plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
-        else if (g_st_zt) {  // z stored transposed (-sk 4): T1 = dZ so, then W0's and dW0's reordered copies
-            buf[PB_W0R] = scratch + st_pad8_elems((size_t)N * btt_z_row(s));
-            buf[PB_DW0R] = buf[PB_W0R] + btt_zt_w0_pad(s);
-            plan_btt_backward_zt(&p, s, N, dx != NULL, 1);
-            g_st_zt_runs++;
-        }
-        else {
-            plan_btt_backward_dz(&p, s, N, 0);
-            plan_btt_backward_rest(&p, s, N, 0, dx != NULL, 1);
+        if (split) {
+            plan_btt_backward_from_t1(&p, s, N, 0, dx != NULL, 1);
+        } else {  // -sk 4 (z stored transposed): T1 = dZ so, then W0's and dW0's reordered copies
+            if (g_st_zt) {
+                buf[PB_W0R] = scratch + st_pad8_elems((size_t)N * btt_z_row(s));
+                buf[PB_DW0R] = buf[PB_W0R] + btt_zt_w0_pad(s);
+            }
+            plan_btt_layer(NULL, &p, s, N, g_st_zt, dx != NULL);
+            g_st_zt_runs += g_st_zt;
         }
         plan_backward_settings(&p, buf, dx, pre_gelu, dy_ld, dx_acc, "BTT");
     }

@@ -64,26 +64,8 @@ static inline double st_plans_seconds(int kind, const void *shape, int N, int zt
     Plan f, b;
     memset(&f, 0, sizeof(f));
     memset(&b, 0, sizeof(b));
-    if (kind == STRUCT_BTT) {
-        const BTTShape *s = (const BTTShape *)shape;
-        if (zt) {
-            plan_btt_forward_zt(&f, s, N);
-            plan_btt_backward_zt(&b, s, N, 1, 1);
-        } else {
-            plan_btt_forward(&f, s, N, 0);
-            plan_btt_backward_dz(&b, s, N, 0);
-            plan_btt_backward_rest(&b, s, N, 0, 1, 1);
-        }
-    } else {
-        const MonarchShape *m = (const MonarchShape *)shape;
-        if (zt) {
-            plan_monarch_forward_ut(&f, m, N);
-            plan_monarch_backward_ut(&b, m, N, 1);
-        } else {
-            plan_monarch_forward(&f, m, N);
-            plan_monarch_backward(&b, m, N, 1);
-        }
-    }
+    if (kind == STRUCT_BTT) plan_btt_layer(&f, &b, (const BTTShape *)shape, N, zt, 1);
+    else plan_monarch_layer(&f, &b, (const MonarchShape *)shape, N, zt, 1);
     return plan_seconds(&f, r) + plan_seconds(&b, r);
 }
 

@@ -317,6 +317,26 @@ static inline void plan_monarch_backward_ut(Plan *p, const MonarchShape *m, int 
     plan_gemm(p, 0, 0, q, pp, n, PB_T3, 0, n, (long long)q * n, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
 }
 
+// A whole layer's plans over n rows, as the trainer runs them on -sk 0 (zt 0) or -sk 4 (zt 1): the
+// forward into f, the backward (dx when want_dx; the weight gradients added) into b; either may
+// be NULL. BTT's or Monarch's.
+static inline void plan_btt_layer(Plan *f, Plan *b, const BTTShape *s, int n, int zt, int want_dx) {
+    if (f && zt) plan_btt_forward_zt(f, s, n);
+    else if (f) plan_btt_forward(f, s, n, 0);
+    if (b && zt) {
+        plan_btt_backward_zt(b, s, n, want_dx, 1);
+    } else if (b) {
+        plan_btt_backward_dz(b, s, n, 0);
+        plan_btt_backward_rest(b, s, n, 0, want_dx, 1);
+    }
+}
+static inline void plan_monarch_layer(Plan *f, Plan *b, const MonarchShape *m, int n, int zt, int want_dx) {
+    if (f && zt) plan_monarch_forward_ut(f, m, n);
+    else if (f) plan_monarch_forward(f, m, n);
+    if (b && zt) plan_monarch_backward_ut(b, m, n, want_dx);
+    else if (b) plan_monarch_backward(b, m, n, want_dx);
+}
+
 // Scratch elements per row: T1 and T3 (urow each), T2 (d_out).
 static inline size_t plan_monarch_scratch_row(const MonarchShape *m) { return 2 * monarch_u_row(m) + (size_t)m->d_out; }
 

@@ -45,12 +45,8 @@ static int monarch_forward_gpu(floatX *y, floatX *u, const floatX *x, const floa
     buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * monarch_u_row(m);
     buf[PB_BIAS] = (floatX *)bias; buf[PB_PRE] = pre_gelu;
     Plan p = {};
-    if (g_st_zt) {  // -sk 4: u stored transposed, no permute of it
-        plan_monarch_forward_ut(&p, m, N);
-        g_st_zt_runs++;
-    } else {
-        plan_monarch_forward(&p, m, N);
-    }
+    plan_monarch_layer(&p, NULL, m, N, g_st_zt, 0);  // -sk 4: u stored transposed, no permute of it
+    g_st_zt_runs += g_st_zt;
     if (y_ld) plan_set_ld(&p, PB_Y, y_ld);
     const int epi = st_epi(bias, pre_gelu);
     if (epi && !plan_set_epilogue(&p, PB_Y, epi)) fatal("internal: the Monarch forward plan took no epilogue");
@@ -93,12 +89,8 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
         }
     } else {
         buf[PB_T1] = scratch; buf[PB_T2] = scratch + (size_t)N * urow; buf[PB_T3] = buf[PB_T2] + (size_t)N * m->d_out;
-        if (g_st_zt) {
-            plan_monarch_backward_ut(&p, m, N, dx != NULL);
-            g_st_zt_runs++;
-        } else {
-            plan_monarch_backward(&p, m, N, dx != NULL);
-        }
+        plan_monarch_layer(NULL, &p, m, N, g_st_zt, dx != NULL);
+        g_st_zt_runs += g_st_zt;
         plan_backward_settings(&p, buf, dx, pre_gelu, dy_ld, dx_acc, "Monarch");
     }
     plan_run_gpu(&p, buf);

@@ -508,14 +508,7 @@ static void test_permute_index(void) {
 // Elements per row of a BTT layer's forward and backward (dx, weights) on -sk 0's plans or -sk 4's.
 static double btt_plans_elems(const BTTShape *s, int zt) {
     Plan f = {}, b = {};
-    if (zt) {
-        plan_btt_forward_zt(&f, s, 1);
-        plan_btt_backward_zt(&b, s, 1, 1, 1);
-    } else {
-        plan_btt_forward(&f, s, 1, 0);
-        plan_btt_backward_dz(&b, s, 1, 0);
-        plan_btt_backward_rest(&b, s, 1, 0, 1, 1);
-    }
+    plan_btt_layer(&f, &b, s, 1, zt, 1);
     return plan_activation_elems(&f) + plan_activation_elems(&b);
 }
 
@@ -548,8 +541,7 @@ static void test_activation_elems(void) {
     BTTShape s1;
     btt_shape(&s1, 16, 48, 32, 96, 1);
     Plan uf = {}, ub = {};
-    plan_monarch_forward_ut(&uf, &m, 1);
-    plan_monarch_backward_ut(&ub, &m, 1, 1);
+    plan_monarch_layer(&uf, &ub, &m, 1, 1, 1);
     const double br = btt_plans_elems(&s1, 0), bt = btt_plans_elems(&s1, 1), mf = plan_activation_elems(&uf), mb = plan_activation_elems(&ub);
     snprintf(why, sizeof(why), "%.0f and %.0f elements, counted by hand 26880 and 20736", br, bt);
     check_true(br == 26880 && bt == 20736, "plan_activation_elems: btt 768->3072 rank 1 forward + backward, -sk 0 and -sk 4 (23% less)", why);
@@ -685,26 +677,12 @@ static SmallLayer small_layer(int kind) {
 
 // Its forward's plan and its backward's (dx wanted, weight gradients accumulated).
 static void small_forward_plan(const SmallLayer *L, Plan *p, int N) {
-    if (L->what[0] == 'b') {
-        if (L->zt) plan_btt_forward_zt(p, &L->s, N);
-        else plan_btt_forward(p, &L->s, N, 0);
-    } else {
-        if (L->zt) plan_monarch_forward_ut(p, &L->m, N);
-        else plan_monarch_forward(p, &L->m, N);
-    }
+    if (L->what[0] == 'b') plan_btt_layer(p, NULL, &L->s, N, L->zt, 1);
+    else plan_monarch_layer(p, NULL, &L->m, N, L->zt, 1);
 }
 static void small_backward_plan(const SmallLayer *L, Plan *p, int N) {
-    if (L->what[0] == 'b') {
-        if (L->zt) {
-            plan_btt_backward_zt(p, &L->s, N, 1, 1);
-        } else {
-            plan_btt_backward_dz(p, &L->s, N, 0);
-            plan_btt_backward_rest(p, &L->s, N, 0, 1, 1);
-        }
-    } else {
-        if (L->zt) plan_monarch_backward_ut(p, &L->m, N, 1);
-        else plan_monarch_backward(p, &L->m, N, 1);
-    }
+    if (L->what[0] == 'b') plan_btt_layer(NULL, p, &L->s, N, L->zt, 1);
+    else plan_monarch_layer(NULL, p, &L->m, N, L->zt, 1);
 }
 
 // The CPU layer's forward (y, z) and backward (dx; dW0, dW1 accumulated) on N rows.

@@ -70,25 +70,12 @@ int main(int argc, char **argv) {
             btt_shape_default(&s, c.d_in, c.d_out, c.rank);
             zrow = btt_z_row(&s); w0n = btt_w0_size(&s); w1n = btt_w1_size(&s);
             t1n = t2n = (size_t)N * zrow; t3n = 1;
-            if (c.zt) {
-                plan_btt_forward_zt(&fwd, &s, N);
-                plan_btt_backward_zt(&bwd, &s, N, 1, 1);
-            } else {
-                plan_btt_forward(&fwd, &s, N, 0);
-                plan_btt_backward_dz(&bwd, &s, N, 0);
-                plan_btt_backward_rest(&bwd, &s, N, 0, 1, 1);
-            }
+            plan_btt_layer(&fwd, &bwd, &s, N, c.zt, 1);
         } else {
             monarch_shape(&m, c.d_in, c.d_out, c.blocks);
             zrow = monarch_u_row(&m); w0n = monarch_r_size(&m); w1n = monarch_l_size(&m);
             t1n = t3n = (size_t)N * zrow; t2n = (size_t)N * c.d_out;
-            if (c.zt) {
-                plan_monarch_forward_ut(&fwd, &m, N);
-                plan_monarch_backward_ut(&bwd, &m, N, 1);
-            } else {
-                plan_monarch_forward(&fwd, &m, N);
-                plan_monarch_backward(&bwd, &m, N, 1);
-            }
+            plan_monarch_layer(&fwd, &bwd, &m, N, c.zt, 1);
         }
         printf("-- %s: intermediate row %zu elements, %d forward and %d backward ops\n", c.name, zrow, fwd.n, bwd.n);
         float *hx = dev_random((size_t)N * c.d_in, -1.0f, 1.0f), *hdy = dev_random((size_t)N * c.d_out, -1.0f, 1.0f);

@@ -53,7 +53,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 36  // 7 layers, up to 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4 and 5 dense-executed ones: 31
+#define MAX_CASES 36  // at most 31: 7 layers, 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4 and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
