@@ -1,10 +1,10 @@
 // structured/moe_gpu.cuh: the BTT-MoE layer on the GPU, forward and backward (cost scales with
 // k/E: only the selected experts run):
 //   router logits (fp32) = x Rᵀ; one thread per token picks the top-k, the gate softmax and the
-//   logsumexp (moe.h's st_moe_route_row); one block per expert scans the (token, k) pairs in order
-//   and writes that expert's pairs, ascending, into `order` (no atomics: deterministic, and the
-//   same grouping as the CPU's counting sort), each expert's rows padded with zero rows to whole
-//   tiles (gpu_plan.h, tiled plans); the experts' rank-1 cores are copied out of the strided rank
+//   logsumexp (moe.h's st_moe_route_row); moe_group.cuh's counting sort over chunks of the
+//   (token, k) pairs writes each expert's pairs, ascending, into `order` (deterministic, and the
+//   same grouping as the CPU's), each expert's rows padded with zero rows to whole tiles
+//   (gpu_plan.h, tiled plans); the experts' rank-1 cores are copied out of the strided rank
 //   components (moe.h's index maps); with -sk 1 every expert runs in ONE segmented launch of
 //   btt_fused.cuh's kernel, which reads the counts on the device and gathers x rows on the fly;
 //   else the inputs are gathered into the tiles and every tile of every expert runs at once, each
@@ -21,6 +21,7 @@
 #include "../cuda/reduce.cuh"
 #include "btt_fused.cuh"
 #include "btt_gpu.cuh"
+#include "moe_group.cuh"
 #include "plan_gpu.cuh"
 #include "seg_wgrad.cuh"
 #include "select.cuh"
@@ -38,6 +39,7 @@ typedef struct {
     int *counts, *offsets;  // (E), (E+1): expert e's pairs are grouped rows [offsets[e], offsets[e] + counts[e]);
                             // offsets are multiples of tile_rows and offsets[E] the rows of the tiles in use
     int *tile_expert;     // (max tiles) the expert of each tile in use
+    int *group;           // moe_group_gpu's scratch (per expert and chunk of pairs)
     double *stats;        // MOE_AUX_STATS(E) aux statistics (moe.h's layout)
     int *tiles;           // the fused forward's tile table and count (btt_fused.cuh)
     float *fhat;          // (E) f̂ for the aux gradient (set by moe_aux_finish_gpu)
@@ -91,7 +93,7 @@ static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
     const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, T = (size_t)moe_tile_rows(s, N);
     const size_t rows = moe_grouped_rows((int)NK, (int)E, (int)T), tiles = (size_t)moe_max_tiles((int)NK, (int)E, (int)T);
     return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 2 + rows * 4 + (2 * E + 1) * 4 + tiles * 4 +
-           E * 4 + rows * moe_z_row(s) * sizeof(floatX);
+           moe_group_scratch_ints((int)NK, (int)E) * 4 + E * 4 + rows * moe_z_row(s) * sizeof(floatX);
 }
 
 static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
@@ -112,6 +114,7 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->counts = (int *)mem; mem += E * 4;
     st->offsets = (int *)mem; mem += (E + 1) * 4;
     st->tile_expert = (int *)mem; mem += tiles * 4;
+    st->group = (int *)mem; mem += moe_group_scratch_ints((int)NK, (int)E) * 4;
     st->fhat = (float *)mem;
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (grouped rows x gamma*phi)", what);
     st->z = cudaMallocNamed(floatX, rows * zrow, name);
@@ -184,51 +187,6 @@ __global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float 
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N) return;
     st_moe_route_row(logits + (size_t)t * E, E, K, only ? only + (size_t)t * K : NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
-}
-
-// Block e: how many of the NK pairs selected expert e (a block-wide count, fixed order).
-__global__ void moe_count_kernel(int *counts, const int *sel, int NK) {
-    int e = blockIdx.x, c = 0;
-    for (int p = threadIdx.x; p < NK; p += blockDim.x) c += sel[p] == e;
-    float total = block_sum((float)c);  // exact: counts stay far below 2^24
-    if (threadIdx.x == 0) counts[e] = (int)total;
-}
-
-static __device__ __forceinline__ int moe_padded(int c, int T) { return (c + T - 1) / T * T; }
-
-// Block e: expert e's pairs in ascending pair order at order[offsets[e] ...] and pos[p], -1 in
-// its padding rows, and its tiles' entries of tile_expert; offsets[e] = the padded counts of the
-// experts before it. Each chunk of blockDim pairs is ranked with warp ballots; blockDim must be a
-// multiple of 32 and at most 1024.
-__global__ void moe_group_kernel(int *order, int *pos, int *offsets, int *tile_expert, const int *counts, const int *sel, int NK, int E, int T) {
-    __shared__ int warp_tot[32];
-    int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    int base = 0;
-    for (int i = 0; i < e; i++) base += moe_padded(counts[i], T);
-    const int padded = moe_padded(counts[e], T);
-    if (threadIdx.x == 0) {
-        offsets[e] = base;
-        if (e == E - 1) offsets[E] = base + padded;
-    }
-    for (int j = threadIdx.x; j < padded / T; j += blockDim.x) tile_expert[base / T + j] = e;
-    for (int w = base + counts[e] + threadIdx.x; w < base + padded; w += blockDim.x) order[w] = -1;
-    int running = base;
-    for (int p0 = 0; p0 < NK; p0 += blockDim.x) {
-        int p = p0 + threadIdx.x;
-        int mine = p < NK && sel[p] == e;
-        unsigned mask = __ballot_sync(0xffffffffu, mine);
-        int before_in_warp = __popc(mask & ((1u << lane) - 1u));
-        __syncthreads();  // warp_tot of the previous chunk has been read
-        if (lane == 0) warp_tot[warp] = __popc(mask);
-        __syncthreads();
-        int before = running + before_in_warp, chunk_total = 0;
-        for (int w = 0; w < nw; w++) {
-            if (w < warp) before += warp_tot[w];
-            chunk_total += warp_tot[w];
-        }
-        if (mine) { order[before] = p; pos[p] = before; }
-        running += chunk_total;
-    }
 }
 
 // w0x/w1x from the strided rank components (scatter = 0), or dW0/dW1 += dw0x/dw1x (scatter = 1).
@@ -434,10 +392,7 @@ static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_ex
     moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
     cudaCheckLaunch();
     st_step("grouping by expert");
-    moe_count_kernel<<<E, 256>>>(st->counts, st->sel, NK);
-    cudaCheckLaunch();
-    moe_group_kernel<<<E, 256>>>(st->order, st->pos, st->offsets, tile_expert, st->counts, st->sel, NK, E, T);
-    cudaCheckLaunch();
+    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, tile_expert, st->group, st->sel, NK, E, T);
     st_step("experts' cores");
     moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();

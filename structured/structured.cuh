@@ -25,7 +25,8 @@
 //   plan_gpu.cuh     gpu_plan.h's plans on cuBLAS, the permute and epilogue kernels
 //   btt_gpu.cuh      BTT forward and backward      monarch_gpu.cuh  Monarch's
 //   materialize.cuh  BTT and Monarch as dense GEMMs on their rebuilt weight (-sm)
-//   moe_gpu.cuh      BTT-MoE: routing, grouping, the experts' tiled plans, combine, aux loss
+//   moe_gpu.cuh      BTT-MoE: routing, the experts' tiled plans, combine, aux loss
+//   moe_group.cuh    BTT-MoE's grouping of the (token, k) pairs by expert (a counting sort)
 //   tune.cuh         -at 1's per-layer choice of kernels by timing
 // and, here, the copies that let q, k and v run as separate layers.
 #pragma once

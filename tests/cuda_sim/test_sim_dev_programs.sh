@@ -14,6 +14,7 @@ for p in $progs; do
     args=()
     [ "$p" = plan_ops ] && args=(64)  # its rows: GPU-sized layers, but not 32768 rows of them
     [ "$p" = moe_layer ] && args=(0 64)  # every version, 64 tokens
+    [ "$p" = moe_group ] && args=(0 600)  # every version, 600 tokens (two chunks of pairs; five at 4N)
     [ "$p" = structured_epilogue ] && args=(0 64)
     [ "$p" = structured_weight ] && args=(0 768 64)  # every version, layers up to d_in 768, 64 rows for the dense GEMM
     [ "$p" = btt_forward ] && args=(0 128)  # every version, 128 rows (two 64-row tiles)

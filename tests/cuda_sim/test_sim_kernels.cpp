@@ -1001,6 +1001,52 @@ static void test_structured_gelu(int kind, int N, unsigned refuse, const char *w
     if (kind == 2) moe_gpu_state_free(&gst);
 }
 
+// moe_group.cuh's counting sort on NK selections (experts 0..E-1; a share `hot` of them expert
+// E - 1) in chunks of 32·steps pairs, against the CPU's: every entry of order (with the -1
+// padding), pos, counts, offsets and the tile table exact, on outputs filled with a sentinel; and
+// the same bits again (a second run on the sentinel).
+static void test_moe_group(int NK, int E, int T, int steps, double hot, const char *what) {
+    std::vector<int> sel(NK);
+    for (int p = 0; p < NK; p++) sel[p] = urand() < hot ? E - 1 : (int)(urand() * E) % E;
+    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0), rte;
+    for (int e = 0; e < E; e++) {
+        roff[e] = (int)ro.size();
+        for (int p = 0; p < NK; p++)
+            if (sel[p] == e) { rp[p] = (int)ro.size(); ro.push_back(p); rc[e]++; }
+        while (ro.size() % T) ro.push_back(-1);
+        while (rte.size() < ro.size() / T) rte.push_back(e);
+    }
+    roff[E] = (int)ro.size();
+    const int rows = moe_max_tiles(NK, E, T) * T;
+    check_true((int)ro.size() <= rows, nm("moe_group %s: the CPU's rows within moe_max_tiles", what), "more rows");
+    int *sel_d = up(sel), *order = dev_alloc<int>(rows), *pos = dev_alloc<int>(NK), *counts = dev_alloc<int>(E),
+        *offsets = dev_alloc<int>(E + 1), *te = dev_alloc<int>(rows / T), *scr = dev_alloc<int>(moe_group_scratch_ints(NK, E, steps));
+    std::vector<int> o1, p1;
+    for (int run = 0; run < 2; run++) {
+        cudaCheck(cudaMemset(order, 0x7F, (size_t)rows * sizeof(int)));
+        cudaCheck(cudaMemset(pos, 0x7F, (size_t)NK * sizeof(int)));
+        cudaCheck(cudaMemset(counts, 0x7F, (size_t)E * sizeof(int)));
+        cudaCheck(cudaMemset(offsets, 0x7F, (size_t)(E + 1) * sizeof(int)));
+        cudaCheck(cudaMemset(te, 0x7F, (size_t)(rows / T) * sizeof(int)));
+        moe_group_gpu(order, pos, counts, offsets, te, scr, sel_d, NK, E, T, steps);
+        std::vector<int> go = down(order, ro.size()), gp = down(pos, NK);
+        if (run == 1) {
+            check_same(go, o1, nm("moe_group %s: order the same bits on a second run", what));
+            check_same(gp, p1, nm("moe_group %s: pos the same bits on a second run", what));
+            break;
+        }
+        o1 = go, p1 = gp;
+        char why[160];
+        snprintf(why, sizeof why, "%d chunks of %d pairs", moe_group_chunks(NK, steps), 32 * steps);
+        check_same(down(counts, E), rc, nm("moe_group %s: counts (%s)", what, why));
+        check_same(down(offsets, E + 1), roff, nm("moe_group %s: offsets", what));
+        check_same(go, ro, nm("moe_group %s: order, -1 in %d padding rows", what, (int)ro.size() - NK));
+        check_same(gp, rp, nm("moe_group %s: pos", what));
+        check_same(down(te, rte.size()), rte, nm("moe_group %s: tile table (%zu tiles of %d rows)", what, rte.size(), T));
+    }
+    for (int *p : {sel_d, order, pos, counts, offsets, te, scr}) cudaCheck(cudaFree(p));
+}
+
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must
 // support; 2: the forward fused, the backward on the tiled plans, with the saved z poisoned (NaN)
 // before the forward: the fused forward leaves the padding rows, which the tiled weight gradients
@@ -1096,7 +1142,7 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     std::vector<int> order = down(gst.order, ro.size());
     tile_expert.resize(rte.size());
     check_true(counts == rc && offsets == roff && order == ro && pos == rp && tile_expert == rte && (int)ro.size() + T <= rows,
-               nm("%s: grouping (counts, offsets, order, pos, tiles of %d rows: %d of at most %d; %d pairs in chunks of 256)", tag, T,
+               nm("%s: grouping (counts, offsets, order, pos, tiles of %d rows: %d of at most %d; %d pairs)", tag, T,
                   (int)rte.size(), moe_max_tiles(NK, E, T), NK),
                "differs");
     check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
@@ -1824,7 +1870,13 @@ int main(int argc, char **argv) {
         test_monarch(21, 64, 64, 8);
         test_monarch(21, 64, 64, 2);
         test_monarch(13, 256, 64, 4);
-        test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs: two 256-pair chunks in the grouping
+        test_moe_group(300, 8, 64, 1, 0.0, "300 pairs, 8 experts, chunks of 32");
+        test_moe_group(5000, 8, 128, 32, 0.7, "5000 pairs, 8 experts, 70% to the last, chunks of 1024 (the trainer's)");
+        test_moe_group(2000, 1024, 16, 2, 0.0, "2000 pairs, 1024 experts (most empty), tiles of 16");
+        test_moe_group(777, 3, 1, 3, 0.0, "777 pairs, 3 experts, tiles of 1 (no padding)");
+        test_moe_group(64, 1, 64, 1, 0.0, "64 pairs, 1 expert, one whole tile");
+        test_moe_group(1, 5, 64, 32, 0.0, "1 pair");
+        test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
         test_moe(300, 4, 12, 4, 12, 4, 2);  // 600 pairs over 4 experts: several 64-row tiles each, the last partial
