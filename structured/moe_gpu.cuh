@@ -66,7 +66,8 @@ typedef struct {
 
 // The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
 // can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile
-// partials). A NULL plan is not built. zt: -sk 4's, each tile's z and dZu stored transposed (the
+// partials), which reads dZ permuted in t1 and gate·z in place of Z (t2: the gate step's). A NULL
+// plan is not built. zt: -sk 4's, each tile's z and dZu stored transposed (the
 // same GEMMs and pointers, no permute).
 static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx, int zt) {
     const BTTShape b1 = moe_expert_shape(s);
@@ -80,10 +81,10 @@ static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, 
             if (i == 0) plan_btt_forward_zt(plans[i], &b1, tile_rows);
             else if (i == 1) plan_btt_backward_zt_dz(plans[i], &b1, tile_rows);
             else plan_btt_backward_zt_rest(plans[i], &b1, tile_rows, want_dx, 0);
-        } else {
+        } else {  // the rest from t1: moe_gate_backward_t_kernel writes it already permuted
             if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
             else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
-            else plan_btt_backward_rest(plans[i], &b1, tile_rows, 0, want_dx, 0);
+            else plan_btt_backward_from_t1(plans[i], &b1, tile_rows, 0, want_dx, 0);
         }
         plan_tile(plans[i], tiles, tile_rows, p0, p1, zt ? (size_t)tile_rows * btt_z_row(&b1) : 0);
     }
@@ -276,11 +277,12 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     store128(y + (size_t)t * ld + c, o);
 }
 
-// One warp per grouped row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ =
-// gate·dZu (in place) and, when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved
-// (phi, gamma, rho) layout; dZu too when G == 0, else in the (gamma, phi, rho) layout of G x P x R
-// (the fused backward's, whose dW1 reads dy and the gate itself). A padding row's z and dZu are
-// zeroed: the tiled weight gradients sum over them (a fused forward does not write them).
+// The fused backward's gate step (G != 0), and dev/cuda/moe_layer's v1 (G == 0, with dyg: the
+// trainer's -sk 0 way until 2026-12-05, before moe_gate_backward_t_kernel). One warp per grouped
+// row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in place) and,
+// when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho) layout; dZu
+// too when G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused backward's, whose
+// dW1 reads dy and the gate itself). A padding row's z and dZu are zeroed.
 __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z, const float *gate, const int *order,
                                          const int *rows_in_use, int rows, int zrow, int dout, int G, int P, int R) {
     int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -304,6 +306,81 @@ __global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg,
     if (!dyg) return;
     floatX *dy = dyg + (size_t)w * dout;
     for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
+}
+
+// -sk 0's gate backward on the tiled plans, z and dZu (in t2) in the saved (phi, gamma, rho)
+// layout; a warp per grouped row w in use (pair p = order[w]), writing
+//   t1_w = gate·dZu_w in the (gamma, phi, rho) layout the rest of the backward reads: the plan's
+//          permute of dZ is done here, through shared memory, gc gammas at a time (each phi's run
+//          of gc·rho elements read in order, t1's range written in order; gc 0: straight, for
+//          rows of phi·rho over the shared memory);
+//   dgate[p] = <z_w, dZu_w>, then t2_w = gate·z_w over dZu_w: dW1 = Zᵀ (gate·dY) = (gate·Z)ᵀ dY
+//          reads t2 for Z, so neither the saved z nor the gathered dy is scaled.
+// That moves 4 zrow elements a row (z and dZu read, t1 and t2 written) where the gate step on dy,
+// then the permute, moved 5 zrow + 2 d_out; and z stays as the forward left it. Padding rows:
+// zeros in t1 and t2 (the tiled weight gradients sum over them; z is not read there, a fused
+// forward leaves it unwritten).
+#define MOE_GATE_T_WARPS 8
+#define MOE_GATE_T_SMEM (48 * 1024)  // the default limit: no opt-in needed
+__global__ void __launch_bounds__(32 * MOE_GATE_T_WARPS) moe_gate_backward_t_kernel(float *dgate, floatX *t1, floatX *t2, const floatX *z,
+                                                                                     const float *gate, const int *order,
+                                                                                     const int *rows_in_use, int rows, int G, int P,
+                                                                                     int R, int gc) {
+    extern __shared__ __align__(16) unsigned char gate_smem[];  // per warp: P runs of gc·R bf16
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w = blockIdx.x * MOE_GATE_T_WARPS + warp;
+    if (w >= rows || w >= *rows_in_use) return;
+    const int zrow = G * P * R, pr = order[w];
+    floatX *a = t1 + (size_t)w * zrow, *b = t2 + (size_t)w * zrow;
+    if (pr < 0) {
+        for (int i = lane; i < zrow; i += 32) a[i] = b[i] = (floatX)0.0f;
+        return;
+    }
+    const float g = gate[pr];
+    if (gc == 0) {  // t1[(gg·P + f)·R + s] = g·dZu[(f·G + gg)·R + s]
+        for (int i = lane; i < zrow; i += 32) {
+            const int gg = i / (P * R), f = (i / R) % P, s = i % R;
+            a[i] = (floatX)(g * (float)b[(f * G + gg) * R + s]);
+        }
+        __syncwarp();  // every lane's reads of dZu before any lane overwrites it below
+    } else {
+        floatX *sh = reinterpret_cast<floatX *>(gate_smem) + (size_t)warp * P * gc * R;
+        for (int g0 = 0; g0 < G; g0 += gc) {
+            const int n = min(gc, G - g0) * R;  // elements of each phi's run
+            for (int i = lane; i < P * n; i += 32) sh[i] = b[((i / n) * G + g0) * R + i % n];
+            __syncwarp();
+            floatX *dst = a + (size_t)g0 * P * R;  // t1's elements gg·P·R .. of gammas g0 .. g0 + n/R
+            for (int k = lane; k < P * n; k += 32) {
+                const int gl = k / (P * R), f = (k / R) % P, s = k % R;
+                dst[k] = (floatX)(g * (float)sh[f * n + gl * R + s]);
+            }
+            __syncwarp();
+        }
+    }
+    const floatX *zr = z + (size_t)w * zrow;
+    float dot = 0.0f;
+    for (int i = lane; i < zrow; i += 32) {  // each element read, then overwritten, by the same lane
+        const float v = (float)zr[i];
+        dot += v * (float)b[i];
+        b[i] = (floatX)(g * v);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dgate[pr] = dot;
+}
+
+// Gammas per shared-memory chunk of moe_gate_backward_t_kernel for a (gamma, phi, rho) z, or 0
+// (straight) where one phi·rho run does not fit; max_bytes: the block's shared memory.
+static inline int moe_gate_t_chunk(int G, int P, int R, size_t max_bytes) {
+    const size_t per_warp = max_bytes / MOE_GATE_T_WARPS / sizeof(floatX);
+    const size_t gc = per_warp / ((size_t)P * R);
+    return (int)(gc < (size_t)G ? gc : (size_t)G);
+}
+static void moe_gate_backward_t(float *dgate, floatX *t1, floatX *t2, const floatX *z, const MoEGPUState *st, int E, int rows,
+                                const BTTShape *b1, size_t max_bytes = MOE_GATE_T_SMEM) {
+    const int gc = moe_gate_t_chunk(b1->gamma, b1->phi, b1->rank, max_bytes);
+    const size_t sh = (size_t)MOE_GATE_T_WARPS * b1->phi * gc * b1->rank * sizeof(floatX);
+    moe_gate_backward_t_kernel<<<ceil_div_i(rows, MOE_GATE_T_WARPS), 32 * MOE_GATE_T_WARPS, sh>>>(
+        dgate, t1, t2, z, st->gate, st->order, st->offsets + E, rows, b1->gamma, b1->phi, b1->rank, gc);
+    cudaCheckLaunch();
 }
 
 // The same on -sk 4's layout, where each tile of T grouped rows keeps its z and dZu transposed
@@ -483,12 +560,15 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         g_st_zt_runs++;
         const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
         moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow);
+        cudaCheckLaunch();
+    } else if (!fused) {  // t1 = gate·dZ permuted, t2 = gate·z, which the rest reads for Z
+        moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, E, rows, &b1);
+        buf[PB_Z] = sc->t2;
     } else {
-        moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, fused ? sc->t1 : sc->t2, fused ? NULL : sc->yg, st->z, st->gate,
-                                                               st->order, st->offsets + E, rows, (int)zrow, dout, fused ? b1.gamma : 0, b1.phi,
-                                                               b1.rank);
+        moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, NULL, st->z, st->gate, st->order, st->offsets + E, rows,
+                                                               (int)zrow, dout, b1.gamma, b1.phi, b1.rank);
+        cudaCheckLaunch();
     }
-    cudaCheckLaunch();
     if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
                   // dy and x read through the grouping, no gathered copies
         const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;

@@ -415,8 +415,9 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
     check_close(&aux, &aux_ref, 1, 1e-5f, 1e-5f, name);
 
     // backward: gathered dY (zero padding rows); dZu = dY W1ᵀ on every tile (the tiled
-    // plan_btt_backward_dz); the gate step per pair (dgate = <z, dZu>, dZ = gate·dZu, dY ←
-    // gate·dY); then the tiled plan_btt_backward_rest: dx per tile, and per-tile weight-gradient
+    // plan_btt_backward_dz); the gate step per pair (dgate = <z, dZu>, dZ = gate·dZu permuted to
+    // (gamma, phi) into t1, gate·z into t2); then the tiled plan_btt_backward_from_t1 with t2 for
+    // Z (-sk 4: dZ and z scaled in place, then its rest plan): dx per tile, and per-tile weight-gradient
     // partials (poisoned first: every tile in use must write its own), summed per expert in tile
     // order and added into dW0/dW1 with the shared index maps.
     float *dyg = zeros((size_t)rows * dout), *dxg = zeros((size_t)rows * din), *dgate = zeros((size_t)NK);
@@ -432,21 +433,28 @@ static void test_moe(int alpha, int gamma, int phi, int eps, int E, int K, int N
     plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
     float *dzu = zt ? t1 : t2;
-    for (int w = 0; w < active * T; w++) {  // -sk 4 scales z by the gate instead of dy (dW1 = (g·Z)ᵀ dY)
+    for (int w = 0; w < active * T; w++) {  // both scale z by the gate instead of dy (dW1 = (g·Z)ᵀ dY)
         int pr = order[w];
         if (pr < 0) continue;
         double dg = 0.0;
         for (size_t i = 0; i < zrow; i++) dg += (double)z[moe_z_at(zt, w, i, T, zrow)] * dzu[moe_z_at(zt, w, i, T, zrow)];
         dgate[pr] = (float)dg;
-        for (size_t i = 0; i < zrow; i++) dzu[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
-        if (zt)
+        if (zt) {  // in place, each tile transposed
+            for (size_t i = 0; i < zrow; i++) dzu[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
             for (size_t i = 0; i < zrow; i++) z[moe_z_at(zt, w, i, T, zrow)] *= gate[pr];
-        else
-            for (int o = 0; o < dout; o++) dyg[(size_t)w * dout + o] *= gate[pr];
+        } else {  // moe_gate_backward_t_kernel: t1 = g·dZu moved to (gamma, phi), t2 = g·z (the rest reads it for Z)
+            float *a = t1 + (size_t)w * zrow, *b = t2 + (size_t)w * zrow;
+            for (int f = 0; f < phi; f++)
+                for (int g = 0; g < gamma; g++) a[(size_t)g * phi + f] = gate[pr] * b[(size_t)f * gamma + g];
+            for (size_t i = 0; i < zrow; i++) b[i] = gate[pr] * z[(size_t)w * zrow + i];
+        }
     }
     p.n = 0;
     if (zt) plan_btt_backward_zt_rest(&p, &b1, T, 1, 0);
-    else plan_btt_backward_rest(&p, &b1, T, 0, 1, 0);
+    else {  // no permute: t1 holds dZ as the rest reads it, and Z is t2 (the saved z left as it is)
+        plan_btt_backward_from_t1(&p, &b1, T, 0, 1, 0);
+        buf[PB_Z] = t2;
+    }
     plan_tile(&p, max_tiles, T, p0, p1, zt_tile);
     run_plan_tiled(&p, buf, tile_expert, active);
     for (size_t i = 0; i < n0 + n1; i++) {

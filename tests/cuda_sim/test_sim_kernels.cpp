@@ -1047,6 +1047,60 @@ static void test_moe_group(int NK, int E, int T, int steps, double hot, const ch
     for (int *p : {sel_d, order, pos, counts, offsets, te, scr}) cudaCheck(cudaFree(p));
 }
 
+// moe_gate_backward_t_kernel (-sk 0's gate step) on `rows` grouped rows of a (G, P, R) z, the
+// first `in_use` of them in use, every 5th a padding row, with max_bytes of shared memory (gc
+// gammas a chunk, 0: straight): t1 = gate·dZu moved to (gamma, phi, rho) and t2 = gate·z exactly
+// (the same fp32 product, one bf16 rounding), zeros in padding rows, rows past in_use untouched;
+// dgate = <z, dZu> within 1e-5 relative (fp32 sums in another order); z unchanged.
+static void test_moe_gate_t(int G, int P, int R, int rows, int in_use, size_t max_bytes, int want_gc) {
+    const int zrow = G * P * R, gc = moe_gate_t_chunk(G, P, R, max_bytes);
+    char what[128];
+    snprintf(what, sizeof what, "moe gate step (-sk 0) G%d P%d R%d, %d of %d rows, %zu bytes: %d gammas a chunk", G, P, R, in_use, rows,
+             max_bytes, gc);
+    check_true(gc == want_gc, nm("%s: the chunk as worked out by hand (%d)", what, want_gc), "differs");
+    const Vec z = rand_bf16((size_t)rows * zrow, 1.0f), dzu = rand_bf16((size_t)rows * zrow, 1.0f);
+    std::vector<int> order(rows);
+    std::vector<float> gate(rows);
+    for (int w = 0; w < rows; w++) order[w] = w % 5 == 4 ? -1 : rows - 1 - w, gate[w] = 0.1f + (float)urand();
+    MoEGPUState st = {};
+    int *order_d = up(order), *offs = up(std::vector<int>{0, in_use});  // offsets[E = 1]: the rows in use
+    st.order = order_d, st.offsets = offs;
+    float *gate_d = up(gate), *dgate = up(std::vector<float>(rows, -7.0f));
+    st.gate = gate_d;
+    floatX *z_d = up_bf16(z), *t2 = up_bf16(dzu), *t1 = up_bf16(Vec((size_t)rows * zrow, 3.0f));
+    BTTShape b = {};
+    b.gamma = G, b.phi = P, b.rank = R;
+    moe_gate_backward_t(dgate, t1, t2, z_d, &st, 1, rows, &b, max_bytes);
+    const Vec g1 = down_bf16(t1, (size_t)rows * zrow), g2 = down_bf16(t2, (size_t)rows * zrow), gz = down_bf16(z_d, (size_t)rows * zrow);
+    const std::vector<float> gd = down(dgate, rows);
+    Vec r1((size_t)rows * zrow), r2((size_t)rows * zrow);
+    std::vector<float> rd(rows, -7.0f);
+    for (int w = 0; w < rows; w++) {
+        const size_t o = (size_t)w * zrow;
+        if (w >= in_use) {
+            for (int i = 0; i < zrow; i++) r1[o + i] = 3.0f, r2[o + i] = dzu[o + i];
+            continue;
+        }
+        const int p = order[w];
+        const float g = p >= 0 ? gate[p] : 0.0f;
+        double dot = 0.0;
+        for (int f = 0; f < P; f++)
+            for (int gg = 0; gg < G; gg++)
+                for (int s = 0; s < R; s++) {
+                    const size_t src = o + ((size_t)f * G + gg) * R + s, dst = o + ((size_t)gg * P + f) * R + s;
+                    r1[dst] = bfr(g * dzu[src]);
+                    dot += (double)z[src] * dzu[src];
+                }
+        for (int i = 0; i < zrow; i++) r2[o + i] = bfr(g * z[o + i]);
+        if (p >= 0) rd[p] = (float)dot;
+    }
+    check_close(g1.data(), r1.data(), r1.size(), 0.0f, 0.0f, nm("%s: t1 = gate·dZu in (gamma, phi, rho), exact", what));
+    check_close(g2.data(), r2.data(), r2.size(), 0.0f, 0.0f, nm("%s: t2 = gate·z, exact", what));
+    check_close(gz.data(), z.data(), z.size(), 0.0f, 0.0f, nm("%s: the saved z unchanged", what));
+    check_close(gd.data(), rd.data(), rd.size(), 1e-5f, 1e-5f, nm("%s: dgate = <z, dZu>", what));
+    for (void *p : {(void *)order_d, (void *)offs, (void *)gate_d, (void *)dgate, (void *)z_d, (void *)t1, (void *)t2}) cudaCheck(cudaFree(p));
+}
+
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must
 // support; 2: the forward fused, the backward on the tiled plans, with the saved z poisoned (NaN)
 // before the forward: the fused forward leaves the padding rows, which the tiled weight gradients
@@ -1876,6 +1930,12 @@ int main(int argc, char **argv) {
         test_moe_group(777, 3, 1, 3, 0.0, "777 pairs, 3 experts, tiles of 1 (no padding)");
         test_moe_group(64, 1, 64, 1, 0.0, "64 pairs, 1 expert, one whole tile");
         test_moe_group(1, 5, 64, 32, 0.0, "1 pair");
+        // the gate step: per warp 48 KB / 8 / 2 = 3072 elements; 768 -> 3072 experts (P 32): all 48
+        // gammas at once; 42 elements a warp for P·R = 21: 2 gammas a chunk, 5 = 2 + 2 + 1; 39 for
+        // P·R = 40: straight
+        test_moe_gate_t(48, 32, 1, 21, 19, 48 * 1024, 48);
+        test_moe_gate_t(5, 7, 3, 13, 13, 8 * 42 * 2, 2);
+        test_moe_gate_t(6, 40, 1, 11, 9, 8 * 39 * 2, 0);
         test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
