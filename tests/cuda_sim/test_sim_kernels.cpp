@@ -1001,6 +1001,22 @@ static void test_structured_gelu(int kind, int N, unsigned refuse, const char *w
     if (kind == 2) moe_gpu_state_free(&gst);
 }
 
+// The CPU's grouping of the selections sel (pairs p) by expert: expert e's pairs ascending at
+// order[offsets[e] ...], then -1 up to a whole tile of T rows; pos the inverse; counts; each tile's expert.
+static void cpu_group(const std::vector<int> &sel, int E, int T, std::vector<int> &counts, std::vector<int> &order, std::vector<int> &pos,
+                      std::vector<int> &offsets, std::vector<int> &tile_expert) {
+    const int NK = (int)sel.size();
+    counts.assign(E, 0), order.clear(), pos.assign(NK, 0), offsets.assign(E + 1, 0), tile_expert.clear();
+    for (int e = 0; e < E; e++) {
+        offsets[e] = (int)order.size();
+        for (int p = 0; p < NK; p++)
+            if (sel[p] == e) { pos[p] = (int)order.size(); order.push_back(p); counts[e]++; }
+        while (order.size() % T) order.push_back(-1);
+        while (tile_expert.size() < order.size() / T) tile_expert.push_back(e);
+    }
+    offsets[E] = (int)order.size();
+}
+
 // moe_group.cuh's counting sort on NK selections (experts 0..E-1; a share `hot` of them expert
 // E - 1) in chunks of 32·steps pairs, against the CPU's: every entry of order (with the -1
 // padding), pos, counts, offsets and the tile table exact, on outputs filled with a sentinel; and
@@ -1008,15 +1024,8 @@ static void test_structured_gelu(int kind, int N, unsigned refuse, const char *w
 static void test_moe_group(int NK, int E, int T, int steps, double hot, const char *what) {
     std::vector<int> sel(NK);
     for (int p = 0; p < NK; p++) sel[p] = urand() < hot ? E - 1 : (int)(urand() * E) % E;
-    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0), rte;
-    for (int e = 0; e < E; e++) {
-        roff[e] = (int)ro.size();
-        for (int p = 0; p < NK; p++)
-            if (sel[p] == e) { rp[p] = (int)ro.size(); ro.push_back(p); rc[e]++; }
-        while (ro.size() % T) ro.push_back(-1);
-        while (rte.size() < ro.size() / T) rte.push_back(e);
-    }
-    roff[E] = (int)ro.size();
+    std::vector<int> rc, ro, rp, roff, rte;
+    cpu_group(sel, E, T, rc, ro, rp, roff, rte);
     const int rows = moe_max_tiles(NK, E, T) * T;
     check_true((int)ro.size() <= rows, nm("moe_group %s: the CPU's rows within moe_max_tiles", what), "more rows");
     int *sel_d = up(sel), *order = dev_alloc<int>(rows), *pos = dev_alloc<int>(NK), *counts = dev_alloc<int>(E),
@@ -1182,17 +1191,9 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     int same_as_cpu = 0;
     for (int i = 0; i < NK; i++) same_as_cpu += sel[i] == st.sel[i];
     check_true(same_as_cpu == NK, nm("%s: selections equal the CPU layer's (no near-ties in this draw)", tag), "differ");
-    // grouping: expert e's pairs ascending at order[offsets[e] ...], then -1 up to a whole tile of
-    // T rows; pos the inverse; each tile's expert
-    std::vector<int> rc(E, 0), ro, rp(NK), roff(E + 1, 0), rte;
-    for (int e = 0; e < E; e++) {
-        roff[e] = (int)ro.size();
-        for (int p = 0; p < NK; p++)
-            if (sel[p] == e) { rp[p] = (int)ro.size(); ro.push_back(p); rc[e]++; }
-        while (ro.size() % T) ro.push_back(-1);
-        while (rte.size() < ro.size() / T) rte.push_back(e);
-    }
-    roff[E] = (int)ro.size();
+    // grouping: as the CPU's (cpu_group)
+    std::vector<int> rc, ro, rp, roff, rte;
+    cpu_group(sel, E, T, rc, ro, rp, roff, rte);
     std::vector<int> order = down(gst.order, ro.size());
     tile_expert.resize(rte.size());
     check_true(counts == rc && offsets == roff && order == ro && pos == rp && tile_expert == rte && (int)ro.size() + T <= rows,
