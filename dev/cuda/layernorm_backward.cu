@@ -6,6 +6,13 @@
 //   v1  naive: one thread per row for dinp, one thread per column (serial over rows) for dw, db
 //   v2  the trainer's layernorm_backward (cuda/layernorm.cuh: warp per row for dinp, then the
 //       deterministic column_sums of cuda/reduce.cuh through its fp32 scratch for dw and db)
+//   v3  a candidate, here only: one pass. A block per chunk of rows (the chunks depend on N
+//       alone), a warp per row holding the row's dout and x in registers (read once, where v2
+//       reads them for dinp and again for the column sums: 6 row-sized transfers become 4), each
+//       lane adding its columns' dw and db terms of its rows in registers; the block's warps add
+//       theirs in warp order through shared memory and the block writes one partial per chunk,
+//       which column_sums_final_kernel adds in chunk order: deterministic, like v2. dinp is
+//       computed exactly as v2 computes it (the same sums in the same order): the same bits.
 //
 // Shapes: N = B*T = 8*1024 rows, C = 768 and C = 1024.
 //
@@ -13,7 +20,7 @@
 #include "harness.cuh"
 #include "cuda/layernorm.cuh"
 
-#define NV 2
+#define NV 3
 
 // ----------------------------------------------------------------------------------------------
 // v1
@@ -60,6 +67,112 @@ static void layernorm_backward_naive(floatX *dinp, floatX *dw, floatX *db, const
     cudaCheckLaunch();
     layernorm_backward_params_naive_kernel<<<ceil_div_i(C, 256), 256>>>(dw, db, dout, inp, mean, rstd, N, C);
     cudaCheckLaunch();
+}
+
+// ----------------------------------------------------------------------------------------------
+// v3
+
+#define LNB3_WARPS 8
+#define LNB3_MAX_CHUNKS 256  // partials: at most this many blocks of rows (scratch: 2 C floats each)
+#define LNB3_MIN_ROWS 16     // rows per block at least, where N allows fewer than the most chunks
+
+// Blocks of rows for N rows (the same on every GPU: the sums' order depends on N alone).
+static inline int lnb3_chunks(int N, int *rows_per_chunk) {
+    int chunks = ceil_div_i(N, LNB3_MIN_ROWS);
+    if (chunks > LNB3_MAX_CHUNKS) chunks = LNB3_MAX_CHUNKS;
+    *rows_per_chunk = ceil_div_i(N, chunks);
+    return ceil_div_i(N, *rows_per_chunk);
+}
+
+// CH: 256-column steps per row (C <= 256 CH, C % 8 == 0). partial[(chunk·2 + 0)·C + c] = Σ dout,
+// [(chunk·2 + 1)·C + c] = Σ dout·n over the chunk's rows (column_sums_partial_kernel's layout).
+template <int CH>
+__global__ void __launch_bounds__(32 * LNB3_WARPS) layernorm_backward_fused_kernel(floatX *dinp, float *partial, const floatX *dout,
+                                                                                  const floatX *inp, const floatX *w, const float *mean,
+                                                                                  const float *rstd, int N, int C, int rows_per_chunk) {
+    __shared__ float red[2 * 256 * CH];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = blockIdx.x * rows_per_chunk, r1 = min(N, r0 + rows_per_chunk);
+    x128 ww[CH];
+    float gb[CH][8], gw[CH][8];
+#pragma unroll
+    for (int j = 0; j < CH; j++) {
+        const int c = lane * 8 + 256 * j;
+        ww[j] = c < C ? load128(w + c) : x128::zeros();
+#pragma unroll
+        for (int k = 0; k < 8; k++) gb[j][k] = gw[j][k] = 0.0f;
+    }
+    for (int row = r0 + warp; row < r1; row += LNB3_WARPS) {
+        const size_t base = (size_t)row * C;
+        const float m = mean[row], s = rstd[row];
+        x128 d[CH], x[CH];
+        float dmean = 0.0f, dnorm_mean = 0.0f;
+#pragma unroll
+        for (int j = 0; j < CH; j++) {
+            const int c = lane * 8 + 256 * j;
+            d[j] = c < C ? load128(dout + base + c) : x128::zeros();
+            x[j] = c < C ? load128(inp + base + c) : x128::zeros();
+            if (c >= C) continue;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float n = ((float)x[j][k] - m) * s, dv = (float)d[j][k], dn = (float)ww[j][k] * dv;
+                dmean += dn;
+                dnorm_mean += dn * n;
+                gb[j][k] += dv;
+                gw[j][k] += dv * n;
+            }
+        }
+        dmean = warp_sum(dmean) / C;
+        dnorm_mean = warp_sum(dnorm_mean) / C;
+#pragma unroll
+        for (int j = 0; j < CH; j++) {
+            const int c = lane * 8 + 256 * j;
+            if (c >= C) continue;
+            x128 di = load128(dinp + base + c);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float n = ((float)x[j][k] - m) * s, dn = (float)ww[j][k] * (float)d[j][k];
+                di[k] = (floatX)((float)di[k] + (dn - dmean - n * dnorm_mean) * s);
+            }
+            store128(dinp + base + c, di);
+        }
+    }
+    // the warps' column sums, added in warp order
+    for (int wi = 0; wi < LNB3_WARPS; wi++) {
+        if (warp == wi) {
+#pragma unroll
+            for (int j = 0; j < CH; j++)
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int c = lane * 8 + 256 * j + k;
+                    red[c] = wi ? red[c] + gb[j][k] : gb[j][k];
+                    red[256 * CH + c] = wi ? red[256 * CH + c] + gw[j][k] : gw[j][k];
+                }
+        }
+        __syncthreads();
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        partial[((size_t)blockIdx.x * 2) * C + c] = red[c];
+        partial[((size_t)blockIdx.x * 2 + 1) * C + c] = red[256 * CH + c];
+    }
+}
+
+// dinp, dw, db accumulated, as layernorm_backward; scratch: LNB3_MAX_CHUNKS · 2 C floats. 0: C is
+// not a multiple of 8 or over 1280 (then nothing ran): at 6 steps of 256 columns and more, the
+// row and the lane's sums in registers spill (ptxas, sm_90: 16 bytes at 6, 440 at 8).
+static int layernorm_backward_fused(floatX *dinp, floatX *dw, floatX *db, const floatX *dout, const floatX *inp, const floatX *w,
+                                    const float *mean, const float *rstd, int N, int C, float *scratch) {
+    if (C % 8 || C > 5 * 256) return 0;
+    int rpc;
+    const int chunks = lnb3_chunks(N, &rpc), ch = ceil_div_i(C, 256);
+    switch (ch) {
+#define LNB3_CASE(K) case K: layernorm_backward_fused_kernel<K><<<chunks, 32 * LNB3_WARPS>>>(dinp, scratch, dout, inp, w, mean, rstd, N, C, rpc); break;
+        LNB3_CASE(1) LNB3_CASE(2) LNB3_CASE(3) LNB3_CASE(4) LNB3_CASE(5)
+#undef LNB3_CASE
+    }
+    cudaCheckLaunch();
+    column_sums_final_kernel<<<ceil_div_i(C, 256), 256>>>(db, dw, scratch, C, chunks);
+    cudaCheckLaunch();
+    return 1;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -147,7 +260,9 @@ int main(int argc, char **argv) {
         cudaCheck(cudaMalloc(&d_dw, C * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_db, C * sizeof(floatX)));
         float *d_scratch;
-        cudaCheck(cudaMalloc(&d_scratch, column_sums_scratch_floats(C) * sizeof(float)));
+        const size_t scratch_floats = (size_t)LNB3_MAX_CHUNKS * 2 * C;  // v3's (v2 takes column_sums_scratch_floats(C), fewer)
+        cudaCheck(cudaMalloc(&d_scratch, scratch_floats * sizeof(float)));
+        float *v2_dinp = NULL;  // v2's dinp, which v3's must equal bit for bit
 
         for (int ver = 1; ver <= NV; ver++) {
             if (v && ver != v) continue;
@@ -155,10 +270,14 @@ int main(int argc, char **argv) {
             cudaCheck(cudaMemcpy(d_dinp, d_dinp0, NC * sizeof(floatX), cudaMemcpyDeviceToDevice));
             cudaCheck(cudaMemcpy(d_dw, d_dw0, C * sizeof(floatX), cudaMemcpyDeviceToDevice));
             cudaCheck(cudaMemcpy(d_db, d_db0, C * sizeof(floatX), cudaMemcpyDeviceToDevice));
-            cudaCheck(cudaMemset(d_scratch, 0xFF, column_sums_scratch_floats(C) * sizeof(float)));  // NaN: must be overwritten
+            cudaCheck(cudaMemset(d_scratch, 0xFF, scratch_floats * sizeof(float)));  // NaN: must be overwritten
             auto run = [&]() {
                 if (ver == 1) layernorm_backward_naive(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C);
-                else layernorm_backward(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_scratch);
+                else if (ver == 2) layernorm_backward(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_scratch);
+                else if (!layernorm_backward_fused(d_dinp, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C, d_scratch)) {
+                    fprintf(stderr, "error: v3 does not take C = %d\n", C);
+                    exit(EXIT_FAILURE);
+                }
             };
             run();
             cudaCheck(cudaDeviceSynchronize());
@@ -170,6 +289,14 @@ int main(int argc, char **argv) {
             float e2 = dev_check(what, g_dw, ref_dw, C, TOL_PARAM_ATOL, TOL_RTOL);
             snprintf(what, sizeof(what), "v%d C=%d dbias", ver, C);
             float e3 = dev_check(what, g_db, ref_db, C, TOL_PARAM_ATOL, TOL_RTOL);
+            if (ver == 2) v2_dinp = g_dinp, g_dinp = NULL;  // kept for v3's
+            else if (ver == 3 && v2_dinp) {
+                size_t same = 0;
+                for (size_t i = 0; i < NC; i++) same += memcmp(&g_dinp[i], &v2_dinp[i], sizeof(float)) == 0;
+                snprintf(what, sizeof(what), "v3 C=%d dinp: the same bits as v2's (%zu of %zu)", C, same, NC);
+                if (same == NC) g_dev_pass++;
+                else { g_dev_fail++; printf("FAIL %s\n", what); }
+            }
             free(g_dinp);
             free(g_dw);
             free(g_db);
@@ -187,7 +314,7 @@ int main(int argc, char **argv) {
         cudaCheck(cudaFree(d_mean)); cudaCheck(cudaFree(d_rstd));
         cudaCheck(cudaFree(d_dinp)); cudaCheck(cudaFree(d_dw)); cudaCheck(cudaFree(d_db)); cudaCheck(cudaFree(d_scratch));
         free(x); free(w); free(dout); free(dinp0); free(dw0); free(db0); free(mean); free(rstd);
-        free(ref_dinp); free(ref_dw); free(ref_db);
+        free(ref_dinp); free(ref_dw); free(ref_db); free(v2_dinp);
     }
     return dev_summary();
 }
