@@ -296,7 +296,7 @@ static void test_monarch(int din, int dout, int nb, int N, int ut) {
 // BTT-MoE: the GPU pipeline of moe_gpu.cuh, step by step, against moe.h
 
 // The GPU's grouping: pairs p = t·K + k grouped by expert, ascending p within an expert (what
-// the sort kernel produces with one block per expert scanning the pairs in order), each expert's
+// moe_group.cuh's counting sort over chunks of the pairs produces), each expert's
 // rows padded to whole tiles of T rows (order -1); pos[p] is pair p's grouped row, tile_expert
 // each tile's expert. Returns the tiles in use.
 static int moe_group(const int *sel, int NK, int E, int T, int *counts, int *offsets, int *order, int *pos, int *tile_expert) {
