@@ -277,35 +277,29 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     store128(y + (size_t)t * ld + c, o);
 }
 
-// The fused backward's gate step (G != 0), and dev/cuda/moe_layer's v1 (G == 0, with dyg: the
-// trainer's -sk 0 way until 2026-12-05, before moe_gate_backward_t_kernel). One warp per grouped
-// row w in use (pair p = order[w]): dgate[p] = <z_w, dZu_w>; then dZ = gate·dZu (in place) and,
-// when dyg is given, dy_w ← gate·dy_w (for dW1). z is in the saved (phi, gamma, rho) layout; dZu
-// too when G == 0, else in the (gamma, phi, rho) layout of G x P x R (the fused backward's, whose
-// dW1 reads dy and the gate itself). A padding row's z and dZu are zeroed.
-__global__ void moe_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, floatX *z, const float *gate, const int *order,
-                                         const int *rows_in_use, int rows, int zrow, int dout, int G, int P, int R) {
-    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+// The fused backward's gate step: one warp per grouped row w in use (pair p = order[w]): dgate[p]
+// = <z_w, dZu_w>, then dZ = gate·dZu in place. z is in the saved (phi, gamma, rho) layout, dZu in
+// the fused kernel's (gamma, phi, rho) of G x P x R; its dW1 reads dy and the gate itself. A
+// padding row's z and dZu are zeroed.
+__global__ void moe_gate_backward_fused_kernel(float *dgate, floatX *dzu, floatX *z, const float *gate, const int *order,
+                                               const int *rows_in_use, int rows, int G, int P, int R) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, zrow = G * P * R;
     if (w >= rows || w >= *rows_in_use) return;
-    int pr = order[w];
-    floatX *zr = z + (size_t)w * zrow;
-    floatX *dz = dzu + (size_t)w * zrow;
+    const int pr = order[w];
+    floatX *zr = z + (size_t)w * zrow, *dz = dzu + (size_t)w * zrow;
     if (pr < 0) {
         for (int i = lane; i < zrow; i += 32) zr[i] = dz[i] = (floatX)0.0f;
         return;
     }
     float s = 0.0f;
     for (int i = lane; i < zrow; i += 32) {
-        const int j = G ? ((i / R) % G) * P * R + (i / (G * R)) * R + i % R : i;  // z's (f, g, s) in dZu's layout
+        const int j = ((i / R) % G) * P * R + (i / (G * R)) * R + i % R;  // z's (f, g, s) in dZu's layout
         s += (float)zr[i] * (float)dz[j];
     }
-    s = warp_sum(s);
-    float g = gate[pr];
+    s = warp_sum(s);  // every lane's reads of dz before the writes below
+    const float g = gate[pr];
     if (lane == 0) dgate[pr] = s;
     for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
-    if (!dyg) return;
-    floatX *dy = dyg + (size_t)w * dout;
-    for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
 }
 
 // -sk 0's gate backward on the tiled plans, z and dZu (in t2) in the saved (phi, gamma, rho)
@@ -565,8 +559,8 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, E, rows, &b1);
         buf[PB_Z] = sc->t2;
     } else {
-        moe_gate_backward_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, NULL, st->z, st->gate, st->order, st->offsets + E, rows,
-                                                               (int)zrow, dout, b1.gamma, b1.phi, b1.rank);
+        moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, rows,
+                                                                     b1.gamma, b1.phi, b1.rank);
         cudaCheckLaunch();
     }
     if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);

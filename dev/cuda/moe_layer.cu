@@ -54,6 +54,25 @@ static void v1_forward(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, int *te1, 
     cudaCheckLaunch();
 }
 
+// v1's gate step (the trainer's until 2026-12-05): one warp per grouped row w (pair p = order[w]):
+// dgate[p] = <z_w, dZu_w>, then dZ = gate·dZu and dy_w ← gate·dy_w (for dW1 = Zᵀ (gate·dY)), in
+// place; z and dZu in the saved (phi, gamma, rho) layout.
+__global__ void v1_gate_backward_kernel(float *dgate, floatX *dzu, floatX *dyg, const floatX *z, const float *gate, const int *order,
+                                        int rows, int zrow, int dout) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= rows) return;
+    const int pr = order[w];
+    const floatX *zr = z + (size_t)w * zrow;
+    floatX *dz = dzu + (size_t)w * zrow, *dy = dyg + (size_t)w * dout;
+    float s = 0.0f;
+    for (int i = lane; i < zrow; i += 32) s += (float)zr[i] * (float)dz[i];
+    s = warp_sum(s);
+    const float g = gate[pr];
+    if (lane == 0) dgate[pr] = s;
+    for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+    for (int i = lane; i < dout; i += 32) dy[i] = (floatX)(g * (float)dy[i]);
+}
+
 static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, const floatX *dy, const floatX *x, MoEGPUState *st,
                         MoEGPUScratch *sc, const floatX *W0, const floatX *W1, const floatX *router, const MoEShape *s) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
@@ -73,8 +92,7 @@ static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, c
         plan_btt_backward_dz(&p, &b1, g_h_counts[e], g_h_offsets[e]);
         plan_run_gpu(&p, buf);
     }
-    moe_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, sc->t2, sc->yg, st->z, st->gate, st->order, st->offsets + E, NK,
-                                                         (int)moe_z_row(s), dout, 0, b1.phi, b1.rank);
+    v1_gate_backward_kernel<<<ceil_div_i(NK, 8), 256>>>(sc->dgate, sc->t2, sc->yg, st->z, st->gate, st->order, NK, (int)moe_z_row(s), dout);
     cudaCheckLaunch();
     cudaCheck(cudaMemsetAsync(sc->dw0x, 0, (n0 + n1) * sizeof(floatX)));  // dw1x follows dw0x
     for (int e = 0; e < E; e++) {
