@@ -277,6 +277,46 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
     store128(y + (size_t)t * ld + c, o);
 }
 
+// The backward's input gradient in one pass over dx, for E <= MOE_DX_ONE_PASS_EXPERTS: dx[t]
+// (= or, with acc_dx, +=) Σ_k gate·dxg[pos[t·K + k]] (gate NULL: the tiled plans' dxg, already
+// gated) + Σ_e dlogits[t, e]·R[e] (the router's share), summed in fp32 in that order; with pre,
+// times GELU'(pre); rounded to bf16 once. The combine, a GEMM for the router's share and GELU'
+// read and wrote dx three times; with few experts the router's share is E multiply-adds per
+// element, R (E x d_in) stays in cache. 8 elements per thread (d_in % 8 == 0).
+#define MOE_DX_ONE_PASS_EXPERTS 64
+__global__ void moe_dx_kernel(floatX *dx, const floatX *dxg, const float *gate, const int *pos, const float *dlogits, const floatX *router,
+                              const floatX *pre, int N, int K, int E, int din, int acc_dx) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int per = din / 8;
+    if (i >= (size_t)N * per) return;
+    const int t = (int)(i / per), c = (int)(i % per) * 8;
+    float acc[8];
+    if (acc_dx) {
+        const x128 o = load128(dx + (size_t)t * din + c);
+        for (int j = 0; j < 8; j++) acc[j] = (float)o[j];
+    } else {
+        for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    }
+    for (int k = 0; k < K; k++) {
+        const int pr = t * K + k;
+        const float g = gate ? gate[pr] : 1.0f;
+        const x128 v = load128(dxg + (size_t)pos[pr] * din + c);
+        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
+    }
+    for (int e = 0; e < E; e++) {
+        const float l = dlogits[(size_t)t * E + e];
+        const x128 r = load128(router + (size_t)e * din + c);
+        for (int j = 0; j < 8; j++) acc[j] += l * (float)r[j];
+    }
+    if (pre) {
+        const x128 p = load128(pre + (size_t)t * din + c);
+        for (int j = 0; j < 8; j++) acc[j] *= gelu_grad_f((float)p[j]);
+    }
+    x128 o;
+    for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
+    store128(dx + (size_t)t * din + c, o);
+}
+
 // The fused backward's gate step: one warp per grouped row w in use (pair p = order[w]): dgate[p]
 // = <z_w, dZu_w>, then dZ = gate·dZu in place. z is in the saved (phi, gamma, rho) layout, dZu in
 // the fused kernel's (gamma, phi, rho) of G x P x R; its dW1 reads dy and the gate itself. A
@@ -587,7 +627,13 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     cudaCheckLaunch();
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
-    if (dx) {  // the fused dxg is ungated
+    const int one_pass = E <= MOE_DX_ONE_PASS_EXPERTS && ((uintptr_t)router | (uintptr_t)dx | (uintptr_t)pre_gelu) % 16 == 0;
+    if (dx && one_pass) {  // the fused dxg is ungated
+        st_step(pre_gelu ? "dx: combine, router's share, GELU'" : "dx: combine, router's share");
+        moe_dx_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, sc->dlogits, router,
+                                                                    pre_gelu, N, K, E, din, dx_acc);
+        cudaCheckLaunch();
+    } else if (dx) {
         st_step("dx combine");
         moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL,
                                                                        din, dx_acc);

@@ -1941,6 +1941,7 @@ int main(int argc, char **argv) {
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1
         test_moe(300, 4, 12, 4, 12, 4, 2);  // 600 pairs over 4 experts: several 64-row tiles each, the last partial
+        test_moe(100, 4, 12, 4, 12, 72, 2);  // 72 experts: dx in three passes (moe_dx_kernel takes up to 64), most experts empty
         for (int kind = 0; kind < 3; kind++) {
             test_structured_gelu(kind, 37, 0, "");
             test_structured_gelu(kind, 37, ~0u, " (cuBLASLt refuses the epilogues)");
