@@ -243,6 +243,18 @@ static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, in
     cudaCheckLaunch();
 }
 
+// acc[0..8) += Σ_k gate[t·K + k] · src[pos[t·K + k]][c .. c + 8) (gate NULL: 1), in k order: token
+// t's k expert rows of the grouped buffer src (rows d apart), the combines' shared step.
+static __device__ __forceinline__ void moe_add_experts(float (&acc)[8], const floatX *src, const float *gate, const int *pos, int t, int K,
+                                                       int d, int c) {
+    for (int k = 0; k < K; k++) {
+        const int pr = t * K + k;
+        const float g = gate ? gate[pr] : 1.0f;
+        const x128 v = load128(src + (size_t)pos[pr] * d + c);
+        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
+    }
+}
+
 // y[t] = bias + Σ_k gate[t, k] · src[pos[t·K + k]] (gate NULL: plain sum), summed in k order in
 // fp32; with pre (the fc layer): pre[t] = that and y[t] = its GELU. y and pre rows ld apart;
 // acc: y[t] += that instead (no pre then).
@@ -262,12 +274,7 @@ __global__ void moe_combine_kernel(floatX *y, const floatX *src, const float *ga
         x128 b = load128(bias + c);
         for (int j = 0; j < 8; j++) acc[j] += (float)b[j];
     }
-    for (int k = 0; k < K; k++) {
-        int pr = t * K + k;
-        float g = gate ? gate[pr] : 1.0f;
-        x128 v = load128(src + (size_t)pos[pr] * d + c);
-        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
-    }
+    moe_add_experts(acc, src, gate, pos, t, K, d, c);
     x128 o;
     for (int j = 0; j < 8; j++) o[j] = (floatX)acc[j];
     if (pre) {
@@ -297,12 +304,7 @@ __global__ void moe_dx_kernel(floatX *dx, const floatX *dxg, const float *gate, 
     } else {
         for (int j = 0; j < 8; j++) acc[j] = 0.0f;
     }
-    for (int k = 0; k < K; k++) {
-        const int pr = t * K + k;
-        const float g = gate ? gate[pr] : 1.0f;
-        const x128 v = load128(dxg + (size_t)pos[pr] * din + c);
-        for (int j = 0; j < 8; j++) acc[j] += g * (float)v[j];
-    }
+    moe_add_experts(acc, dxg, gate, pos, t, K, din, c);
     for (int e = 0; e < E; e++) {
         const float l = dlogits[(size_t)t * E + e];
         const x128 r = load128(router + (size_t)e * din + c);
@@ -370,11 +372,8 @@ __global__ void __launch_bounds__(32 * MOE_GATE_T_WARPS) moe_gate_backward_t_ker
         return;
     }
     const float g = gate[pr];
-    if (gc == 0) {  // t1[(gg·P + f)·R + s] = g·dZu[(f·G + gg)·R + s]
-        for (int i = lane; i < zrow; i += 32) {
-            const int gg = i / (P * R), f = (i / R) % P, s = i % R;
-            a[i] = (floatX)(g * (float)b[(f * G + gg) * R + s]);
-        }
+    if (gc == 0) {  // the plan's permute of dZ ([P][G][R] -> [G][P][R]) element by element
+        for (int j = lane; j < zrow; j += 32) a[plan_permute_dst_index(j, P, G, R)] = (floatX)(g * (float)b[j]);
         __syncwarp();  // every lane's reads of dZu before any lane overwrites it below
     } else {
         floatX *sh = reinterpret_cast<floatX *>(gate_smem) + (size_t)warp * P * gc * R;
@@ -627,7 +626,8 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     cudaCheckLaunch();
     // drouter (E x din) += dlogitsᵀ x: column-major (din x E) = x (din x N) · dlogits-op (N x E)
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
-    const int one_pass = E <= MOE_DX_ONE_PASS_EXPERTS && ((uintptr_t)router | (uintptr_t)dx | (uintptr_t)pre_gelu) % 16 == 0;
+    // dx and pre_gelu are read 16 bytes at a time on either path; the one pass also reads R so
+    const int one_pass = E <= MOE_DX_ONE_PASS_EXPERTS && (uintptr_t)router % 16 == 0;
     if (dx && one_pass) {  // the fused dxg is ungated
         st_step(pre_gelu ? "dx: combine, router's share, GELU'" : "dx: combine, router's share");
         moe_dx_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, sc->dlogits, router,
