@@ -1,16 +1,25 @@
-// cuda/global_norm.cuh: deterministic global L2 norm of the bf16 gradients (fixed grid, per-block partials, ordered final sum, fp64).
+// cuda/global_norm.cuh: deterministic global L2 norm of the bf16 gradients (a grid fixed by n, per-block partials, ordered final sum, fp64).
 #pragma once
 #include "common.cuh"
 
-#define NORM_BLOCKS 512
+#define NORM_BLOCKS 512  // the most blocks (the scratch's partials); fewer for short vectors
 #define NORM_THREADS 512
+#define NORM_MIN_PER_THREAD 16  // a block starts only for this many elements per thread
+
+// The partial kernel's grid for n elements: a function of n alone (never of the GPU), so a vector
+// is always summed the same way. A small model's 100K gradients take 13 blocks, not 512 idle ones.
+static inline int global_norm_blocks(size_t n) {
+    const size_t per_block = (size_t)NORM_THREADS * NORM_MIN_PER_THREAD;
+    const size_t b = (n + per_block - 1) / per_block;
+    return b < 1 ? 1 : (b > NORM_BLOCKS ? NORM_BLOCKS : (int)b);
+}
 
 // Sums in fp64: a bf16 value's square is exact in fp32, and fp64 sums of them round the same
 // whichever way the vector is cut, so the sum of squares over ZeRO-1's slices (each rank's, then
 // summed over ranks) gives the same float norm as over the whole vector: -z 1 stays bit-identical
 // to -z 0. (fp32 partials differed in the last bits with 3 ranks.)
 
-// partial[block] = Σ g² over a fixed grid-stride slice; independent of the GPU (fixed grid). Acc:
+// partial[block] = Σ g² over a grid-stride slice; independent of the GPU (grid from n). Acc:
 // the accumulator type (double here; dev/cuda/global_norm.cu's v2 is float)
 template <class Acc>
 __global__ void global_norm_partial_kernel(Acc *partial, const floatX *g, size_t n) {
@@ -34,9 +43,10 @@ __global__ void global_norm_final_kernel(Acc *out, const Acc *partial, int n) {
 // Σ g² into scratch[NORM_BLOCKS] (queued; scratch holds NORM_BLOCKS + 1 Acc)
 template <class Acc>
 static void global_norm_squared_launch(const floatX *g, size_t n, Acc *scratch) {
-    global_norm_partial_kernel<Acc><<<NORM_BLOCKS, NORM_THREADS>>>(scratch, g, n);
+    const int blocks = global_norm_blocks(n);
+    global_norm_partial_kernel<Acc><<<blocks, NORM_THREADS>>>(scratch, g, n);
     cudaCheckLaunch();
-    global_norm_final_kernel<Acc><<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, NORM_BLOCKS);
+    global_norm_final_kernel<Acc><<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, blocks);
     cudaCheckLaunch();
 }
 

@@ -4,9 +4,10 @@
 //
 //   v1  naive: fp32 grid-stride partial sums, one atomicAdd per warp into one float (written
 //       here): fast to write, but the order of the atomics, and so the last bits, vary by run
-//   v2  a fixed 512 x 512 grid of fp32 partial sums, then one block sums the 512 partials in a
-//       fixed tree (written here; the trainer's until 2026-12-04): bit-identical every run and on
-//       every GPU, but a vector cut into slices (ZeRO-1's, summed over ranks) gives other bits
+//   v2  a grid of 512 blocks of 512 threads (fewer blocks below 4M elements: the grid is a
+//       function of n, global_norm_blocks) of fp32 partial sums, then one block sums the partials
+//       in a fixed tree (written here; the trainer's until 2026-12-04): bit-identical every run
+//       and on every GPU, but a vector cut into slices (ZeRO-1's, summed over ranks) gives other bits
 //   v3  the trainer's global_norm (cuda/global_norm.cuh): v2's grid and trees in fp64, so that
 //       the slices' sums give the whole vector's norm to the bit (ZeRO-1 equals plain data
 //       parallelism). Required of v2 and v3: two runs give the same bits; of v3 also: the norm
@@ -95,9 +96,10 @@ __global__ void global_norm_vec_kernel(double *partial, const floatX *g, size_t 
 }
 
 static double global_norm_squared_vec(const floatX *g, size_t n, double *scratch) {
-    global_norm_vec_kernel<<<NORM_BLOCKS, NORM_THREADS>>>(scratch, g, n);
+    const int blocks = global_norm_blocks(n);
+    global_norm_vec_kernel<<<blocks, NORM_THREADS>>>(scratch, g, n);
     cudaCheckLaunch();
-    global_norm_final_kernel<double><<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, NORM_BLOCKS);
+    global_norm_final_kernel<double><<<1, 1024>>>(scratch + NORM_BLOCKS, scratch, blocks);
     cudaCheckLaunch();
     double sq = 0.0;
     cudaCheck(cudaMemcpy(&sq, scratch + NORM_BLOCKS, sizeof(double), cudaMemcpyDeviceToHost));

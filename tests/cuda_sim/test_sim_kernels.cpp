@@ -1463,7 +1463,7 @@ static void test_random_order() {
         return r;
     });
     Vec gg = rand_bf16(30011, 1.0f);
-    check_order_independent("global_norm (block_sum, 512 blocks)", [&] {
+    check_order_independent("global_norm (block_sum, 4 blocks)", [&] {
         Dev d;
         floatX *dg = d.add(up_bf16(gg));
         double *scr = d.add(dev_alloc<double>(NORM_BLOCKS + 1));
@@ -1725,6 +1725,27 @@ static void child_gemm_alias(const void *) {
     cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 16, 16, 16, &one, a, CUDA_R_16BF, 16, a, CUDA_R_16BF, 16, &zero, a, CUDA_R_16BF, 16,
                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
+// cublasGemmBatchedEx, two 16 x 16 products on one buffer: entry 1's A (overlap_inputs) or its C
+// (else) starts 8 columns into entry 0's C
+static void gemm_batched_overlap(int overlap_inputs) {
+    floatX *buf, *in;
+    cudaCheck(cudaMalloc(&buf, 4 * 256 * 2));
+    cudaCheck(cudaMalloc(&in, 2 * 256 * 2));
+    const void *A[2] = {in, overlap_inputs ? buf + 8 * 16 : in + 256}, *B[2] = {in, in + 256};
+    void *C[2] = {buf, overlap_inputs ? buf + 2 * 256 : buf + 8 * 16};
+    void **dp;
+    cudaCheck(cudaMalloc(&dp, 6 * sizeof(void *)));
+    cudaCheck(cudaMemcpy(dp, A, sizeof(A), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(dp + 2, B, sizeof(B), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(dp + 4, C, sizeof(C), cudaMemcpyHostToDevice));
+    float one = 1, zero = 0;
+    cublasHandle_t h;
+    cublasCreate(&h);
+    cublasGemmBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 16, 16, 16, &one, (const void *const *)dp, CUDA_R_16BF, 16, (const void *const *)(dp + 2),
+                        CUDA_R_16BF, 16, &zero, dp + 4, CUDA_R_16BF, 16, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+static void child_gemm_batched_outputs(const void *) { gemm_batched_overlap(0); }
+static void child_gemm_batched_alias(const void *) { gemm_batched_overlap(1); }
 
 static void expect_child(void (*fn)(const void *), const char *must_say, const char *what) {
     char buf[8192];
@@ -1828,6 +1849,8 @@ static void test_simulator() {
     expect_child(child_memcpy_kind, "source", "cudaMemcpyHostToDevice from device memory");
     expect_child(child_gemm_range, "runs 256 bytes past the end", "a GEMM operand larger than its buffer");
     expect_child(child_gemm_alias, "overlaps input", "a GEMM output aliasing an input");
+    expect_child(child_gemm_batched_outputs, "two different batch entries write", "pointer-array GEMM entries sharing output elements");
+    expect_child(child_gemm_batched_alias, "is an input of the same call", "a pointer-array GEMM entry reading another's output");
     // asynchronous copies with pinned memory: the host side may be touched once the copy was waited for
     {
         int *d, *h = pinned_setup(&d, 2048);
@@ -1894,7 +1917,9 @@ int main(int argc, char **argv) {
     if (want("norm")) {
         test_global_norm(70001);
         test_global_norm(100);
-        test_global_norm(300001);  // more elements than the fixed grid's threads: the grid-stride loop
+        test_global_norm(300001);  // 37 blocks, more elements than their threads: the grid-stride loop
+        // past global_norm_blocks' cap: the most blocks, and still the grid-stride loop
+        test_global_norm((size_t)NORM_BLOCKS * NORM_THREADS * NORM_MIN_PER_THREAD + 12345);
     }
     if (want("encoder")) {
         test_encoder(2, 12, 64, 50);
