@@ -2329,10 +2329,10 @@ inline float sim_dgelu(float x) {
     float u = 0.7978845608028654f * (x + 0.044715f * x * x * x), th = tanhf(u);
     return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
 }
-inline void sim_run_gemm(const SimGemm &g) {
+// batch entry b of g
+inline void sim_run_gemm_entry(const SimGemm &g, long b) {
     const long long m = g.m, n = g.n, k = g.k;
-    if (m <= 0 || n <= 0) return;
-    sim_parallel_for(g.D.batch, (double)m * n * (k + 1) * g.D.batch, [&](long b) {
+    {
         // op(A) as m x k rows, op(B) transposed as n x k rows (contiguous dot products)
         static thread_local std::vector<float> a, bt;  // kept between calls: no page faults per GEMM
         if (a.size() < (size_t)m * k) a.resize((size_t)m * k);
@@ -2369,7 +2369,11 @@ inline void sim_run_gemm(const SimGemm &g) {
                 sim_store_elem((void *)g.D.p, g.D.t, dbase + (size_t)j * g.D.ld + i, x);
             }
         }
-    });
+    }
+}
+inline void sim_run_gemm(const SimGemm &g) {
+    if (g.m <= 0 || g.n <= 0) return;
+    sim_parallel_for(g.D.batch, (double)g.m * g.n * (g.k + 1) * g.D.batch, [&](long b) { sim_run_gemm_entry(g, b); });
 }
 
 inline bool sim_blas_type_ok(cudaDataType_t a, cudaDataType_t b, cudaDataType_t c, cublasComputeType_t ct) {
@@ -2497,28 +2501,36 @@ inline cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t tr
         }
         todo.push_back(g);
     }
-    // every output element once, and never an input
-    std::unordered_map<uintptr_t, int> out;
+    // every output byte once, and never an input's: each column of a matrix is one byte range, so
+    // the outputs' ranges, sorted, must not overlap, and no input range may meet one of them
+    struct Span { uintptr_t lo, hi; };
+    std::vector<Span> out;
     const size_t ec = sim_dtype_size(Ctype);
-    for (size_t i = 0; i < todo.size(); i++)
-        for (long long j = 0; j < n; j++)
-            for (long long r = 0; r < m; r++) {
-                uintptr_t a = (uintptr_t)todo[i].C.p + ((size_t)j * ldc + r) * ec;
-                auto ins = out.emplace(a, (int)i);
-                if (!ins.second) sim_fail("%s: two different batch entries write the output element at %p", fn, (void *)a);
-            }
+    out.reserve(todo.size() * (size_t)n);
+    for (auto &g : todo)
+        for (long long j = 0; j < n; j++) {
+            const uintptr_t a = (uintptr_t)g.C.p + (size_t)j * ldc * ec;
+            out.push_back({a, a + (size_t)m * ec});
+        }
+    std::sort(out.begin(), out.end(), [](const Span &x, const Span &y) { return x.lo < y.lo; });
+    for (size_t i = 1; i < out.size(); i++)
+        if (out[i].lo < out[i - 1].hi) sim_fail("%s: two different batch entries write the output element at %p", fn, (void *)out[i].lo);
     if (k > 0)
         for (auto &g : todo)
             for (const SimMat *in : {&g.A, &g.B}) {
                 const size_t ei = sim_dtype_size(in->t);
-                for (long long j = 0; j < in->cols; j++)
-                    for (long long r = 0; r < in->rows; r++) {
-                        uintptr_t a = (uintptr_t)in->p + ((size_t)j * in->ld + r) * ei;
-                        for (uintptr_t x = a / ec * ec; x < a + ei; x += ec)
-                            if (out.count(x)) sim_fail("%s: an output element at %p is an input of the same call", fn, (void *)x);
-                    }
+                for (long long j = 0; j < in->cols; j++) {
+                    const uintptr_t a = (uintptr_t)in->p + (size_t)j * in->ld * ei, e = a + (size_t)in->rows * ei;
+                    // the first output range ending after a (ranges are disjoint: sorted by hi too)
+                    auto it = std::upper_bound(out.begin(), out.end(), a, [](uintptr_t v, const Span &x) { return v < x.hi; });
+                    if (it != out.end() && it->lo < e)
+                        sim_fail("%s: an output element at %p is an input of the same call", fn, (void *)std::max(a, it->lo));
+                }
             }
-    for (auto &g : todo) sim_run_gemm(g);
+    // the entries write disjoint outputs (checked above): spread them over the workers
+    double work = 0;
+    for (auto &g : todo) work += (double)g.m * g.n * (g.k + 1);
+    sim_parallel_for((long)todo.size(), work, [&](long i) { sim_run_gemm_entry(todo[i], 0); });
     t_sim_host_op = nullptr;
     return CUBLAS_STATUS_SUCCESS;
 }
