@@ -29,10 +29,16 @@ wmma_of() {  # ptx-file kernel-name
                print out s }'
 }
 
+# the three architectures' PTX compiled at once (one front-end pass each, single-threaded)
+for arch in 80 90 100; do
+    ( "$NVCC" -std=c++17 -arch=sm_$arch -I. -ptx tests/fused_ptx.cu -o "$W/fused_sm$arch.ptx" > "$W/nvcc_$arch.log" 2>&1
+      echo $? > "$W/nvcc_$arch.rc" ) &
+done
+wait
 for arch in 80 90 100; do
     ptx="$W/fused_sm$arch.ptx"
-    if ! "$NVCC" -std=c++17 -arch=sm_$arch -I. -ptx tests/fused_ptx.cu -o "$ptx" > "$W/nvcc.log" 2>&1; then
-        bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc.log")"
+    if [ "$(cat "$W/nvcc_$arch.rc")" != 0 ]; then
+        bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc_$arch.log")"
         continue
     fi
     for op in a b bs; do  # bs: the B load from shared memory (the W0-staged kernel)
