@@ -141,6 +141,7 @@ typedef struct {
     // m and v zero.shard), and whether BTT-MoE layers sum their routing statistics over ranks
     const MultiProc *mp;
     ZeroShard zero;
+    AdamWPlan adamw;  // the update's chunk table for this rank's slice (built at the first update)
     int sync_aux;
     // the gradients' averaging over ranks, started block by block in the last micro-step's backward:
     // block l's ranges are grad_ranges[grad_first[l] .. grad_first[l + 1]), l = L the tensors in no block
@@ -655,6 +656,7 @@ static void gpt2_free(GPT2 *m) {
         }
         free(m->lin);
     }
+    adamw_plan_free(&m->adamw);
     void *st_dev[] = {m->st_scratch, m->st_fscratch, m->split_a, m->split_b};
     for (size_t i = 0; i < sizeof(st_dev) / sizeof(st_dev[0]); i++)
         if (st_dev[i]) cudaCheck(cudaFree(st_dev[i]));
@@ -959,8 +961,8 @@ static float gpt2_grad_norm(GPT2 *m) {
 // AdamW step t (1-based), as the CPU trainer's gpt2_update; grad_scale is the clipping factor.
 // With ZeRO-1 only this rank's slice is updated, then the slices are gathered.
 static void gpt2_update(GPT2 *m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, long t) {
-    adamw_update_range(&m->layout.params, m->params, m->master, m->grads, m->m, m->v, lr, beta1, beta2, eps, weight_decay, grad_scale, t,
-                       &m->zero);
+    adamw_plan_build(&m->adamw, &m->layout.params, &m->zero);  // once: the table and slice stay
+    adamw_update_plan(&m->adamw, m->params, m->master, m->grads, m->m, m->v, lr, beta1, beta2, eps, weight_decay, grad_scale, t);
     if (m->zero.stage) multigpu_allgather(m->params, m->zero.shard, 0, m->mp->rank);
 }
 

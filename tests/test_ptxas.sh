@@ -10,7 +10,7 @@ source tests/lib.sh
 need_nvcc "register spills are not checked"
 
 # kernels that must be among those reported (a parse that finds too few fails rather than passes)
-must=(adamw_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_kernel<64>" "flash_bwd_dkdv_kernel<64>"
+must=(adamw_chunks_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_kernel<64>" "flash_bwd_dkdv_kernel<64>"
       "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3, 0>" "btt_fused_kernel<4, 3, 1>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel moe_group_count_kernel moe_group_scatter_kernel moe_group_scan_kernel moe_gate_backward_t_kernel moe_dx_kernel)
 archs=(80 90 100)
 # ptxas's report of the device code alone (-cubin: no host compilation, a third faster), the

@@ -119,7 +119,7 @@ run_stage() {  # name seconds command...: at most `seconds`, and never past the 
 # the structured layers' plan breakdown and kernels first (they decide -sk and the Monarch traffic bound; structured_layers
 # already ran in the structured stage), so that a stage stopped at its limit loses the others
 # (a *_cudnn build, with cuDNN's version too, in place of the plain one when it loads)
-KERNELS='rc=0; first="btt_forward btt_backward structured_weight moe_layer moe_group structured_epilogue plan_ops permute monarch_forward monarch_backward seg_wgrad layernorm_backward global_norm";
+KERNELS='rc=0; first="btt_forward btt_backward structured_weight moe_layer moe_group structured_epilogue plan_ops permute monarch_forward monarch_backward seg_wgrad layernorm_backward global_norm adamw";
   progs=${KERNEL_PROGS:-"$first $(ls dev/cuda/*.cu | sed "s|dev/cuda/||; s|\.cu$||" | grep -vxF -e structured_layers $(printf -- "-e %s " $first))"};
   for n in $progs; do
   b=dev/cuda/$n; [ -x "${b}_cudnn" ] && ! ldd "${b}_cudnn" 2>&1 | grep -q "not found" && b=${b}_cudnn;

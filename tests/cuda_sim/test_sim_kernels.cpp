@@ -447,6 +447,71 @@ static void test_adamw() {
     (void)after1;
 }
 
+// AdamW's chunk table (one launch for every tensor): tensors of several chunks, ZeRO-1 slices of
+// 3 ranks cutting chunks and tensors anywhere. The table covers each rank's elements once, in
+// chunks inside one tensor; the slices' updates together are the unsharded update, bit for bit
+// (the rounding hashes the element's index in its tensor, not in its chunk or slice).
+static void test_adamw_chunks() {
+    ParamTable pt;
+    params_init(&pt);
+    size_t s0[2] = {100, 200}, s1[1] = {100}, s2[1] = {9000}, s3[2] = {3, 7};
+    params_add(&pt, "w0", 2, s0, 1.0f, 1);  // 20000: three chunks, the last short
+    params_add(&pt, "b0", 1, s1, 0.5f, 0);
+    params_add(&pt, "w1", 1, s2, 2.0f, 1);
+    params_add(&pt, "w2", 2, s3, 1.0f, 1);
+    const size_t n = pt.total;
+    int cover_ok = 1;
+    for (int ranks = 1; ranks <= 3; ranks++)
+        for (int rank = 0; rank < ranks; rank++) {
+            ZeroShard z;
+            zero_shard_init(&z, ranks > 1, n, rank, ranks);
+            const size_t lo = ranks > 1 ? z.lo : 0, hi = ranks > 1 ? z.hi : n;
+            std::vector<AdamWChunk> c(adamw_chunks(NULL, &pt, &z));
+            adamw_chunks(c.data(), &pt, &z);
+            std::vector<int> seen(n, 0);
+            for (const AdamWChunk &k : c) {
+                const ParamTensor *p = &pt.t[k.tensor];
+                cover_ok &= k.n > 0 && k.n <= ADAMW_CHUNK && k.j0 + k.n <= p->numel && k.off == p->offset + k.j0 &&
+                            k.moff == k.off - (ranks > 1 ? z.lo : 0) && k.lr_mult == p->lr_mult && k.decay == p->decay;
+                for (size_t i = k.off; i < k.off + k.n && i < n; i++) seen[i]++;
+            }
+            for (size_t i = 0; i < n; i++) cover_ok &= seen[i] == (i >= lo && i < hi);
+        }
+    check_true(cover_ok, "adamw chunks: each of a rank's elements in one chunk, chunks inside a tensor and at most ADAMW_CHUNK long (1-3 ranks)",
+               "wrong table");
+    Vec master0(n), g = rand_bf16(n, 1.0f), m0(n), v0(n);
+    for (size_t i = 0; i < n; i++) master0[i] = 0.1f * nrand(), m0[i] = 0.01f * nrand(), v0[i] = 1e-4f * urand();
+    floatX *dp = dev_alloc<floatX>(n), *dg = up_bf16(g);
+    float *dmaster = up(master0), *dm = up(m0), *dv = up(v0);
+    adamw_update(&pt, dp, dmaster, dg, dm, dv, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.8f, 4);
+    std::vector<uint16_t> full = down_bits(dp, n);
+    Vec full_master = down(dmaster, n), full_m = down(dm, n), full_v = down(dv, n);
+    cudaCheck(cudaMemcpy(dmaster, master0.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(dp, 0xFF, n * 2));
+    Vec zm_all(n), zv_all(n);
+    for (int rank = 0; rank < 3; rank++) {
+        ZeroShard z;
+        zero_shard_init(&z, 1, n, rank, 3);
+        float *zm = up(Vec(m0.begin() + z.lo, m0.begin() + z.hi)), *zv = up(Vec(v0.begin() + z.lo, v0.begin() + z.hi));
+        AdamWPlan plan;
+        memset(&plan, 0, sizeof(plan));
+        adamw_plan_build(&plan, &pt, &z);
+        adamw_update_plan(&plan, dp, dmaster, dg, zm, zv, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.8f, 4);
+        adamw_plan_free(&plan);
+        Vec a = down(zm, z.hi - z.lo), b = down(zv, z.hi - z.lo);
+        std::copy(a.begin(), a.end(), zm_all.begin() + z.lo);
+        std::copy(b.begin(), b.end(), zv_all.begin() + z.lo);
+        cudaCheck(cudaFree(zm));
+        cudaCheck(cudaFree(zv));
+    }
+    check_same(down_bits(dp, n), full, "adamw chunks, 3 ranks' slices: the unsharded bf16 weights, bit for bit");
+    check_true(down(dmaster, n) == full_master && zm_all == full_m && zv_all == full_v,
+               "adamw chunks, 3 ranks' slices: the unsharded master weights and moments, bit for bit", "differ");
+    void *bufs[] = {dp, dg, dmaster, dm, dv};
+    for (void *p : bufs) cudaCheck(cudaFree(p));
+    params_free(&pt);
+}
+
 // ================================================================================================
 // global norm, encoder
 
@@ -1913,7 +1978,10 @@ int main(int argc, char **argv) {
         test_classifier(2, 250, 256, 0.0f);
         test_classifier(1, 50257, 50304, 1.0f);
     }
-    if (want("adamw")) test_adamw();
+    if (want("adamw")) {
+        test_adamw();
+        test_adamw_chunks();
+    }
     if (want("norm")) {
         test_global_norm(70001);
         test_global_norm(100);
