@@ -140,14 +140,14 @@ static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_l
     const int vec = len % 8 == 0 && src_ld % 8 == 0 && dst_ld % 8 == 0 && (uintptr_t)src % 16 == 0 && (uintptr_t)dst % 16 == 0;
     const long groups = (rows + rpb - 1) / rpb;
     const int grid = (int)(groups < 65535 ? groups : 65535);
-    void (*kern)(floatX *, const floatX *, int, const int *, int, int, int, int, int, int, int, PlanEpi) =
+    void (*permute_rows)(floatX *, const floatX *, int, const int *, int, int, int, int, int, int, int, PlanEpi) =
         vec ? plan_permute_rows_kernel<8> : plan_permute_rows_kernel<1>;
     static size_t smem_set[2] = {48 * 1024, 48 * 1024};  // the dynamic limit each version has been given
     if (smem > smem_set[vec]) {
-        cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        cudaCheck(cudaFuncSetAttribute(permute_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set[vec] = smem;
     }
-    kern<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, rows_dev, src_ld, dst_ld, R, C, blk, pitch, rpb, e);
+    permute_rows<<<grid, PERMUTE_THREADS, smem>>>(dst, src, rows, rows_dev, src_ld, dst_ld, R, C, blk, pitch, rpb, e);
     cudaCheckLaunch();
 }
 

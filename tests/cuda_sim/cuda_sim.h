@@ -43,7 +43,8 @@
 //    sim_cublaslt_refuse_epilogues (bits sim_lt_epi_bit(epilogue)) makes the heuristic find no
 //    algorithm for those epilogues, to exercise callers' fallbacks.
 //  - Environment: SIM_THREADS (workers, default 2), SIM_SERIAL, SIM_SEED, SIM_STACK_KB (fiber stacks,
-//    default 512), SIM_PROFILE=1 (wall time per kernel and cuBLAS call at exit), SIM_STATS=1,
+//    default 512), SIM_PROFILE=1 (wall time per kernel and cuBLAS call at exit, the 25 longest;
+//    2: every one, with the total of calls: what a GPU would launch), SIM_STATS=1,
 //    SIM_FILL_MB (garbage fill of new buffers, default their first 256 MB).
 //    tests/cuda_sim/README.md has the build commands.
 // Not modelled: true concurrency between blocks or with the host, the GPU memory model (weak
@@ -1797,8 +1798,11 @@ inline void sim_profile_print() {
         tot += kv.second.second;
     }
     std::sort(v.rbegin(), v.rend());
-    fprintf(stderr, "cuda_sim profile: %.2f s in launches and cuBLAS calls\n", tot);
-    for (size_t i = 0; i < v.size() && i < 25; i++)
+    unsigned long long calls = 0;
+    for (auto &kv : sim_profile().by_name) calls += kv.second.first;
+    fprintf(stderr, "cuda_sim profile: %.2f s in %llu launches and cuBLAS calls\n", tot, calls);
+    const size_t show = sim_env_int("SIM_PROFILE", 0) >= 2 ? v.size() : 25;
+    for (size_t i = 0; i < v.size() && i < show; i++)
         fprintf(stderr, "  %8.3f s %6llu x  %s\n", v[i].first, sim_profile().by_name[v[i].second].first, v[i].second.c_str());
 }
 struct SimProfileScope {
