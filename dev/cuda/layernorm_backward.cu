@@ -85,7 +85,7 @@ static inline int lnb3_chunks(int N, int *rows_per_chunk) {
 }
 
 // CH: 256-column steps per row (C <= 256 CH, C % 8 == 0). partial[(chunk·2 + 0)·C + c] = Σ dout,
-// [(chunk·2 + 1)·C + c] = Σ dout·n over the chunk's rows (column_sums_partial_kernel's layout).
+// [(chunk·2 + 1)·C + c] = Σ dout·n over the chunk's rows (column_sums_block_partial's layout).
 template <int CH>
 __global__ void __launch_bounds__(32 * LNB3_WARPS) layernorm_backward_fused_kernel(floatX *dinp, float *partial, const floatX *dout,
                                                                                   const floatX *inp, const floatX *w, const float *mean,

@@ -224,6 +224,78 @@ static void test_layernorm(int N, int C) {
     for (void *p : bufs) cudaCheck(cudaFree(p));
 }
 
+// Column sums in one launch (cuda/reduce.cuh): the last of a column block's chunks adds them.
+// Calls of many shapes in a row (1 to 64 chunks; C not a multiple of the 64-column blocks; dout a
+// column block of wider rows; the LayerNorm weight term), each against a double reference,
+// accumulating onto the outputs, and each repeated for identical bits: a block that miscounted
+// its arrivals, or counts left over from the previous launch, would leave columns unsummed.
+// the two-launch column sums (the trainer's until 2026-12-05): partials, then column_sums_final_kernel
+__global__ void k_colsum_partials(float *partial, const floatX *dout, const floatX *x, const float *mean, const float *rstd, int N, int C,
+                                  int rows_per_chunk, int ld) {
+    column_sums_block_partial(partial, dout, x, mean, rstd, N, C, rows_per_chunk, ld);
+}
+static void column_sums_two_launches(floatX *o0, floatX *o1, const floatX *dout, const floatX *x, const float *mean, const float *rstd, int N,
+                                     int C, float *scratch, int ld) {
+    int chunks = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
+    int rows_per_chunk = ceil_div_i(N, chunks);
+    chunks = ceil_div_i(N, rows_per_chunk);
+    dim3 grid(ceil_div_i(C, COLSUM_COLS), chunks), block(32, COLSUM_ROWS);
+    LAUNCH(k_colsum_partials, grid, block, 0, scratch, dout, x, mean, rstd, N, C, rows_per_chunk, ld ? ld : C);
+    LAUNCH(column_sums_final_kernel, ceil_div_i(C, 256), 256, 0, o0, o1, (const float *)scratch, C, chunks);
+}
+
+static void test_column_sums() {
+    struct Case { int N, C, ld, with_x; } cases[] = {{1, 2, 0, 0}, {33, 70, 0, 1}, {5000, 200, 0, 0}, {2049, 64, 0, 1},
+                                                     {700, 96, 300, 0}, {64, 1030, 0, 0}, {3, 70, 0, 1}, {4100, 130, 0, 1}};
+    float *scratch = dev_alloc<float>(column_sums_scratch_floats(1030));
+    int ok_all = 1, same_all = 1;
+    char first[200] = "";
+    for (const Case &k : cases) {
+        const int ld = k.ld ? k.ld : k.C;
+        Vec dout = rand_bf16((size_t)k.N * ld, 1.0f), x = rand_bf16((size_t)k.N * k.C, 1.0f), mean(k.N), rstd(k.N);
+        for (int r = 0; r < k.N; r++) mean[r] = 0.1f * nrand(), rstd[r] = 0.5f + (float)urand();
+        Vec s0 = rand_bf16(k.C, 0.5f), s1 = rand_bf16(k.C, 0.5f), r0(k.C), r1(k.C);
+        for (int c = 0; c < k.C; c++) {
+            double a = s0[c], b = s1[c];
+            for (int r = 0; r < k.N; r++) {
+                a += dout[(size_t)r * ld + c];
+                if (k.with_x) b += (double)dout[(size_t)r * ld + c] * ((x[(size_t)r * k.C + c] - mean[r]) * rstd[r]);
+            }
+            r0[c] = (float)a, r1[c] = (float)b;
+        }
+        floatX *ddout = up_bf16(dout), *dx = up_bf16(x);
+        float *dmean = up(mean), *drstd = up(rstd);
+        std::vector<uint16_t> bits[3];
+        for (int rep = 0; rep < 3; rep++) {  // twice in one launch, then in two
+            floatX *o0 = up_bf16(s0), *o1 = up_bf16(s1);
+            if (rep < 2) column_sums(o0, k.with_x ? o1 : nullptr, ddout, k.with_x ? dx : nullptr, dmean, drstd, k.N, k.C, scratch, k.ld);
+            else column_sums_two_launches(o0, k.with_x ? o1 : nullptr, ddout, k.with_x ? dx : nullptr, dmean, drstd, k.N, k.C, scratch, k.ld);
+            Vec g0 = down_bf16(o0, k.C), g1 = down_bf16(o1, k.C);
+            double scale = 1.0;
+            for (int c = 0; c < k.C; c++) scale = std::max(scale, (double)fabsf(r0[c]));
+            for (int c = 0; c < k.C; c++) {
+                // bf16 output (2^-8 relative) plus fp32 sums over up to 5000 rows
+                int good = fabs(g0[c] - r0[c]) <= 1e-2 * fabs(r0[c]) + 1e-4 * scale &&
+                           (!k.with_x || fabs(g1[c] - r1[c]) <= 1e-2 * fabs(r1[c]) + 1e-2) && (k.with_x || g1[c] == s1[c]);
+                if (!good && ok_all) snprintf(first, sizeof(first), "N=%d C=%d ld=%d x=%d column %d: %g %g, want %g %g", k.N, k.C, k.ld, k.with_x, c, g0[c], g1[c], r0[c], r1[c]);
+                ok_all &= good;
+            }
+            bits[rep] = down_bits(o0, k.C);
+            std::vector<uint16_t> b1 = down_bits(o1, k.C);
+            bits[rep].insert(bits[rep].end(), b1.begin(), b1.end());
+            cudaCheck(cudaFree(o0));
+            cudaCheck(cudaFree(o1));
+        }
+        same_all &= bits[0] == bits[1] && bits[1] == bits[2];
+        void *bufs[] = {ddout, dx, dmean, drstd};
+        for (void *p : bufs) cudaCheck(cudaFree(p));
+    }
+    check_true(ok_all, "column sums, one launch: 8 shapes in a row (1 to 64 chunks, partial column blocks, a row stride, the LayerNorm term), accumulated",
+               first);
+    check_true(same_all, "column sums, one launch: each shape twice gives identical bits, and the two-launch sums' bits", "differ");
+    cudaCheck(cudaFree(scratch));
+}
+
 // ================================================================================================
 // matmul (cuda/matmul.cuh) in the three GELU-fusion modes, with cuBLASLt refusing epilogues
 
@@ -1978,6 +2050,7 @@ int main(int argc, char **argv) {
         test_classifier(2, 250, 256, 0.0f);
         test_classifier(1, 50257, 50304, 1.0f);
     }
+    if (want("layernorm")) test_column_sums();
     if (want("adamw")) {
         test_adamw();
         test_adamw_chunks();
