@@ -49,10 +49,36 @@ __device__ __forceinline__ void column_sums_block_partial(float *partial, const 
     }
 }
 
+// out0[c] += sum over chunks of partial[.][0][c]; out1 likewise with [1] (when given): the
+// chunks in order, read from L2 (column_sums_kernel's come from other blocks of its launch)
+__device__ __forceinline__ void column_sums_finish(floatX *out0, floatX *out1, const float *partial, int C, int chunks, int c) {
+    float s0 = 0.0f, s1 = 0.0f;
+    for (int k = 0; k < chunks; k++) {
+        s0 += __ldcg(&partial[((size_t)k * 2) * C + c]);
+        s1 += __ldcg(&partial[((size_t)k * 2 + 1) * C + c]);
+    }
+    if (out0) out0[c] = (floatX)((float)out0[c] + s0);
+    if (out1) out1[c] = (floatX)((float)out1[c] + s1);
+}
+
+// The finish alone, a thread per column (dev/cuda/layernorm_backward's v3 writes the partials)
+__global__ void column_sums_final_kernel(floatX *out0, floatX *out1, const float *partial, int C, int chunks) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) column_sums_finish(out0, out1, partial, C, chunks, c);
+}
+
+// The chunks of N rows: at most COLSUM_MAX_CHUNKS, of at least 32 rows where N allows; a
+// function of N alone.
+static inline void column_sums_chunks(int N, int *chunks, int *rows_per_chunk) {
+    int n = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
+    *rows_per_chunk = ceil_div_i(N, n);
+    *chunks = ceil_div_i(N, *rows_per_chunk);
+}
+
 // Column sums in one launch: a block per (64 columns, chunk of rows) writes its partials; the
 // last of a column block's chunks to finish (arrivals[blockIdx.x], zero before the launch and
-// reset by that block) adds the chunks in order, as column_sums_final_kernel does: the same bits
-// whichever block comes last. (Two launches per bias gradient were a third of a GPT-2 step's.)
+// reset by that block) adds the chunks in order (column_sums_finish): the same bits whichever
+// block comes last. (Two launches per bias gradient were a third of a GPT-2 step's.)
 __global__ void column_sums_kernel(floatX *out0, floatX *out1, float *partial, unsigned int *arrivals, const floatX *dout, const floatX *x,
                                    const float *mean, const float *rstd, int N, int C, int rows_per_chunk, int ld, int chunks) {
     __shared__ int last;
@@ -65,29 +91,8 @@ __global__ void column_sums_kernel(floatX *out0, floatX *out1, float *partial, u
     if (!last) return;
     __threadfence();
     const int c = blockIdx.x * COLSUM_COLS + t;
-    if (t < COLSUM_COLS && c < C) {
-        float s0 = 0.0f, s1 = 0.0f;
-        for (int k = 0; k < chunks; k++) {  // from L2: other blocks wrote them
-            s0 += __ldcg(&partial[((size_t)k * 2) * C + c]);
-            s1 += __ldcg(&partial[((size_t)k * 2 + 1) * C + c]);
-        }
-        if (out0) out0[c] = (floatX)((float)out0[c] + s0);
-        if (out1) out1[c] = (floatX)((float)out1[c] + s1);
-    }
+    if (t < COLSUM_COLS && c < C) column_sums_finish(out0, out1, partial, C, chunks, c);
     if (t == 0) arrivals[blockIdx.x] = 0;  // for the next launch
-}
-
-// out0[c] += sum over chunks of partial[.][0][c]; out1 likewise with [1] (when given)
-__global__ void column_sums_final_kernel(floatX *out0, floatX *out1, const float *partial, int C, int chunks) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float s0 = 0.0f, s1 = 0.0f;
-    for (int k = 0; k < chunks; k++) {
-        s0 += partial[((size_t)k * 2) * C + c];
-        s1 += partial[((size_t)k * 2 + 1) * C + c];
-    }
-    if (out0) out0[c] = (floatX)((float)out0[c] + s0);
-    if (out1) out1[c] = (floatX)((float)out1[c] + s1);
 }
 
 // column_sums_kernel's arrival counts, one per column block, zero between launches: allocated
@@ -117,9 +122,8 @@ static void column_sums(floatX *dsum, floatX *dnorm, const floatX *dout, const f
         fprintf(stderr, "error: internal: column_sums with a row stride takes no x\n");
         exit(EXIT_FAILURE);
     }
-    int chunks = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
-    int rows_per_chunk = ceil_div_i(N, chunks);
-    chunks = ceil_div_i(N, rows_per_chunk);
+    int chunks, rows_per_chunk;
+    column_sums_chunks(N, &chunks, &rows_per_chunk);
     dim3 grid(ceil_div_i(C, COLSUM_COLS), chunks), block(32, COLSUM_ROWS);
     column_sums_kernel<<<grid, block>>>(dsum, dnorm, scratch, column_sums_arrivals((int)grid.x), dout, x, mean, rstd, N, C, rows_per_chunk,
                                         ld ? ld : C, chunks);

@@ -21,8 +21,8 @@
 // Table: "wte" (50304, 768) with decay, "ln.w" (768) without, "odd" (3, 333) with decay and
 // lr_mult 0.5 (odd size, odd offsets). About 38.6M elements (on the CPU simulator wte has 4099
 // rows: 3.1M).
-// Then GPT-2 124M's own table (wte, wpe, 12 layers of 12 tensors, the final LayerNorm: 148
-// tensors, 124.4M elements; on the CPU simulator the same at width 64), where most tensors are
+// Then GPT-2 124M's own table, as the trainer lays it out (common/gpt2.h: 148 tensors, 124.5M
+// elements; on the CPU simulator the same at width 64), where most tensors are
 // vectors of 768 and one launch per tensor costs more than its work: each version timed on it,
 // and v2's bf16 weights, master weights and moments must be v1's bit for bit.
 //
@@ -30,6 +30,7 @@
 #include <vector>
 #include "harness.cuh"
 #include "cuda/adamw.cuh"
+#include "common/gpt2.h"
 
 #define NV 2
 
@@ -51,23 +52,6 @@ static void adamw_v1(const ParamTable *pt, floatX *params, float *master, const 
     }
 }
 
-// GPT-2's parameter table at width C (llm.c's tensors, a layer's twelve in a row)
-static void gpt2_table(ParamTable *pt, size_t C, size_t L) {
-    params_init(pt);
-    const size_t wte[2] = {50304, C}, wpe[2] = {1024, C}, c1[1] = {C}, c3[1] = {3 * C}, c4[1] = {4 * C};
-    const size_t qkv[2] = {3 * C, C}, proj[2] = {C, C}, fc[2] = {4 * C, C}, fcp[2] = {C, 4 * C};
-    params_add(pt, "wte", 2, wte, 1.0f, 1);
-    params_add(pt, "wpe", 2, wpe, 1.0f, 1);
-    for (size_t l = 0; l < L; l++) {
-        params_add(pt, "ln1.w", 1, c1, 1.0f, 0); params_add(pt, "ln1.b", 1, c1, 1.0f, 0);
-        params_add(pt, "qkv.w", 2, qkv, 1.0f, 1); params_add(pt, "qkv.b", 1, c3, 1.0f, 0);
-        params_add(pt, "proj.w", 2, proj, 1.0f, 1); params_add(pt, "proj.b", 1, c1, 1.0f, 0);
-        params_add(pt, "ln2.w", 1, c1, 1.0f, 0); params_add(pt, "ln2.b", 1, c1, 1.0f, 0);
-        params_add(pt, "fc.w", 2, fc, 1.0f, 1); params_add(pt, "fc.b", 1, c4, 1.0f, 0);
-        params_add(pt, "fcproj.w", 2, fcp, 1.0f, 1); params_add(pt, "fcproj.b", 1, c1, 1.0f, 0);
-    }
-    params_add(pt, "lnf.w", 1, c1, 1.0f, 0); params_add(pt, "lnf.b", 1, c1, 1.0f, 0);
-}
 
 // Tolerances (master in [-0.5, 0.5], g in [-0.1, 0.1] * 0.75, m in [-0.01, 0.01], v >= m^2):
 //  m: atol 5e-9 (+ rtol 1e-6): b1 m + (1 - b1) g in fp32, <= 3 roundings of terms <= 0.017
@@ -272,8 +256,13 @@ int main(int argc, char **argv) {
 #else
         const size_t C = 768;
 #endif
-        ParamTable gt;
-        gpt2_table(&gt, C, 12);
+        GPT2Config cfg;
+        gpt2_config_from_depth_name("d12", &cfg);
+        cfg.channels = (int)C;
+        GPT2Layout layout;
+        memset(&layout, 0, sizeof(layout));
+        gpt2_layout_build(&layout, &cfg);
+        const ParamTable &gt = layout.params;
         const size_t gn = gt.total;
         printf("GPT-2 (width %zu): %d tensors, %zu elements\n", C, gt.n, gn);
         float *h = dev_random(gn, -0.1f, 0.1f);
@@ -316,7 +305,7 @@ int main(int argc, char **argv) {
         adamw_plan_free(&gplan);
         cudaCheck(cudaFree(gg)); cudaCheck(cudaFree(gp)); cudaCheck(cudaFree(gmaster)); cudaCheck(cudaFree(gm)); cudaCheck(cudaFree(gv));
         free(h);
-        params_free(&gt);
+        gpt2_layout_free(&layout);
     }
 
     cudaCheck(cudaFree(d_grads)); cudaCheck(cudaFree(d_params)); cudaCheck(cudaFree(d_params2));

@@ -2336,42 +2336,40 @@ inline float sim_dgelu(float x) {
 // batch entry b of g
 inline void sim_run_gemm_entry(const SimGemm &g, long b) {
     const long long m = g.m, n = g.n, k = g.k;
-    {
-        // op(A) as m x k rows, op(B) transposed as n x k rows (contiguous dot products)
-        static thread_local std::vector<float> a, bt;  // kept between calls: no page faults per GEMM
-        if (a.size() < (size_t)m * k) a.resize((size_t)m * k);
-        if (bt.size() < (size_t)n * k) bt.resize((size_t)n * k);
-        const size_t abase = (size_t)b * g.A.stride, bbase = (size_t)b * g.B.stride;
-        for (long long i = 0; i < m; i++)
-            for (long long kk = 0; kk < k; kk++)
-                a[i * k + kk] = sim_load_elem(g.A.p, g.A.t, abase + (g.ta ? (size_t)i * g.A.ld + kk : (size_t)kk * g.A.ld + i));
-        for (long long j = 0; j < n; j++)
-            for (long long kk = 0; kk < k; kk++)
-                bt[j * k + kk] = sim_load_elem(g.B.p, g.B.t, bbase + (g.tb ? (size_t)kk * g.B.ld + j : (size_t)j * g.B.ld + kk));
-        const size_t cbase = (size_t)b * g.C.stride, dbase = (size_t)b * g.D.stride;
-        for (long long j = 0; j < n; j++) {
-            const float *bj = &bt[j * k];
-            for (long long i = 0; i < m; i++) {
-                const float *ai = &a[i * k];
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                long long kk = 0;
-                for (; kk + 8 <= k; kk += 8)
-                    for (int u = 0; u < 8; u++) acc[u] += ai[kk + u] * bj[kk + u];
-                float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                for (; kk < k; kk++) s += ai[kk] * bj[kk];
-                float x = g.alpha * s;
-                if (g.beta != 0.0f) x += g.beta * sim_load_elem(g.C.p, g.C.t, cbase + (size_t)j * g.C.ld + i);
-                int e = g.epilogue;
-                const size_t xb = (size_t)b * g.aux_stride;
-                if (e == 4 || e == 36 || e == 164) x += sim_load_elem(g.bias, g.bias_t, (size_t)b * g.bias_stride + (size_t)i);  // BIAS, GELU_BIAS, GELU_AUX_BIAS
-                if (e == 32 || e == 36 || e == 160 || e == 164) {  // GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS
-                    if (e & 128) sim_store_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i, x);
-                    x = sim_gelu(x);
-                } else if (e == 192) {  // DGELU
-                    x *= sim_dgelu(sim_load_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i));
-                }
-                sim_store_elem((void *)g.D.p, g.D.t, dbase + (size_t)j * g.D.ld + i, x);
+    // op(A) as m x k rows, op(B) transposed as n x k rows (contiguous dot products)
+    static thread_local std::vector<float> a, bt;  // kept between calls: no page faults per GEMM
+    if (a.size() < (size_t)m * k) a.resize((size_t)m * k);
+    if (bt.size() < (size_t)n * k) bt.resize((size_t)n * k);
+    const size_t abase = (size_t)b * g.A.stride, bbase = (size_t)b * g.B.stride;
+    for (long long i = 0; i < m; i++)
+        for (long long kk = 0; kk < k; kk++)
+            a[i * k + kk] = sim_load_elem(g.A.p, g.A.t, abase + (g.ta ? (size_t)i * g.A.ld + kk : (size_t)kk * g.A.ld + i));
+    for (long long j = 0; j < n; j++)
+        for (long long kk = 0; kk < k; kk++)
+            bt[j * k + kk] = sim_load_elem(g.B.p, g.B.t, bbase + (g.tb ? (size_t)kk * g.B.ld + j : (size_t)j * g.B.ld + kk));
+    const size_t cbase = (size_t)b * g.C.stride, dbase = (size_t)b * g.D.stride;
+    for (long long j = 0; j < n; j++) {
+        const float *bj = &bt[j * k];
+        for (long long i = 0; i < m; i++) {
+            const float *ai = &a[i * k];
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            long long kk = 0;
+            for (; kk + 8 <= k; kk += 8)
+                for (int u = 0; u < 8; u++) acc[u] += ai[kk + u] * bj[kk + u];
+            float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (; kk < k; kk++) s += ai[kk] * bj[kk];
+            float x = g.alpha * s;
+            if (g.beta != 0.0f) x += g.beta * sim_load_elem(g.C.p, g.C.t, cbase + (size_t)j * g.C.ld + i);
+            int e = g.epilogue;
+            const size_t xb = (size_t)b * g.aux_stride;
+            if (e == 4 || e == 36 || e == 164) x += sim_load_elem(g.bias, g.bias_t, (size_t)b * g.bias_stride + (size_t)i);  // BIAS, GELU_BIAS, GELU_AUX_BIAS
+            if (e == 32 || e == 36 || e == 160 || e == 164) {  // GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS
+                if (e & 128) sim_store_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i, x);
+                x = sim_gelu(x);
+            } else if (e == 192) {  // DGELU
+                x *= sim_dgelu(sim_load_elem(g.aux, g.aux_t, xb + (size_t)j * g.aux_ld + i));
             }
+            sim_store_elem((void *)g.D.p, g.D.t, dbase + (size_t)j * g.D.ld + i, x);
         }
     }
 }

@@ -236,9 +236,8 @@ __global__ void k_colsum_partials(float *partial, const floatX *dout, const floa
 }
 static void column_sums_two_launches(floatX *o0, floatX *o1, const floatX *dout, const floatX *x, const float *mean, const float *rstd, int N,
                                      int C, float *scratch, int ld) {
-    int chunks = N < COLSUM_MAX_CHUNKS * 32 ? ceil_div_i(N, 32) : COLSUM_MAX_CHUNKS;
-    int rows_per_chunk = ceil_div_i(N, chunks);
-    chunks = ceil_div_i(N, rows_per_chunk);
+    int chunks, rows_per_chunk;
+    column_sums_chunks(N, &chunks, &rows_per_chunk);
     dim3 grid(ceil_div_i(C, COLSUM_COLS), chunks), block(32, COLSUM_ROWS);
     LAUNCH(k_colsum_partials, grid, block, 0, scratch, dout, x, mean, rstd, N, C, rows_per_chunk, ld ? ld : C);
     LAUNCH(column_sums_final_kernel, ceil_div_i(C, 256), 256, 0, o0, o1, (const float *)scratch, C, chunks);
