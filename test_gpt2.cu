@@ -27,6 +27,13 @@
 //   GPU vs CPU layer y, dx: |got - ref| <= 3e-2 · max|ref|; weight gradients 3e-2 · max|ref| of
 //                    the tensor (bf16 inputs for both; the GPU also rounds z and dy·gate to bf16)
 //   router logits    |got - ref| <= 2e-2 max(1, max|ref|) per routed layer, at step 0
+//   -mg 1            the set path (BTT-MoE grouped by set of experts) rounds one more time: the
+//                    gated z to bf16 before the last GEMM and that GEMM's y before the bias (the
+//                    expert path keeps the gate and bias in one fp32 combine): on the simulator its
+//                    layer's y has 15% more RMS error (3.30e-3 against 2.86e-3 relative, dx and
+//                    the weight gradients the same), which two routed blocks of btt_moe.bin carry
+//                    to 1.6x the gradient error of the layer-0 q (RMS) and 1.7x the router logits'
+//                    of layer 1: that run's gradient and router-logit bounds are 2x the above
 // BTT-MoE fixtures route every token to the reference's experts at every step (force_routing):
 // bf16 flips some top-k near-tie of float64 at step 0 or 1 for any seed (dev/fixtures/README.md).
 // These come from running this program on the CPU CUDA simulator (tests/cuda_sim), whose
@@ -116,6 +123,7 @@ static void force_routing(GPT2 *m, const Fixture *f, int step) {
 static void fixture_run_free(GPT2 *m, Fixture *f) {
     if (g_route_d) cudaCheck(cudaFree(g_route_d));
     g_route_d = NULL;
+    g_moe_sets = 0;
     gpt2_free(m);
     fixture_free(f);
 }
@@ -172,7 +180,8 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
 // its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume;
-// 7 -sk 4 (z, u stored transposed).
+// 7 -sk 4 (z, u stored transposed); 8 -mg 1 (BTT-MoE grouped by set of experts; fixtures with
+// routed layers only).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -182,6 +191,10 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     GPT2 m;
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
+    if (fused == 8 && !f.n_routed) { fixture_run_free(&m, &f); return; }                   // -mg changes nothing there
+    g_moe_sets = fused == 8;
+    const long sets0 = g_moe_sets_runs;
+    const float tol_x = fused == 8 ? 2.0f : 1.0f;  // -mg 1's extra roundings (the tolerances above)
     g_gpu.gelu_fusion = gelu_fusion;
     st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : 0);
     g_st_dense = fused == 2;
@@ -190,7 +203,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
              fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : fused == 5 ? " per-layer kernels"
-             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : "", g_test_no_master ? " -w 0" : "");
+             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : fused == 8 ? " -mg 1" : "", g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
@@ -216,7 +229,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
         cudaCheck(cudaMemcpy(got, lin_state(&m, &f.routed[j])->moe.logits, n * sizeof(float), cudaMemcpyDeviceToHost));
         snprintf(name, sizeof(name), "%s router logits of routed layer %d (layer %d %s)", tag, j, f.routed[j].layer,
                  struct_role_names[f.routed[j].role]);
-        check_close(got, ref, n, 2e-2f * fmaxf(1.0f, max_abs(ref, n)), 0.0f, name);
+        check_close(got, ref, n, tol_x * 2e-2f * fmaxf(1.0f, max_abs(ref, n)), 0.0f, name);
         free(got);
     }
     snprintf(name, sizeof(name), "%s logits", tag);
@@ -229,7 +242,16 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     }
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
-    check_grads(&m, f.grads, 6e-2f, tag);
+    check_grads(&m, f.grads, tol_x * 6e-2f, tag);
+    if (fused == 8) {
+        long want = 0;
+        for (int j = 0; j < f.n_routed; j++) {
+            const MoEShape ms = moe_shape_of(&f.routed[j].spec);
+            want += 2 * (moe_set_count(&ms) > 0);
+        }
+        snprintf(name, sizeof(name), "%s every routed layer that takes the set path ran it forward and backward (%ld runs)", tag, want);
+        check_true(g_moe_sets_runs - sets0 == want, name, "another count of set-path runs");
+    }
     if (!full) { fixture_run_free(&m, &f); return; }
 
     float *losses = (float *)mallocCheck(f.n_steps * sizeof(float)), *norms = (float *)mallocCheck(f.n_steps * sizeof(float));
@@ -637,8 +659,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
-                 : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : "cuBLAS");
-    const long zt0 = g_st_zt_runs;
+                 : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : g_moe_sets ? "cuBLAS, grouped by set (-mg 1)" : "cuBLAS");
+    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs;
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL}, *dw_ref[3] = {NULL, NULL, NULL};
@@ -734,6 +756,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cudaCheck(cudaDeviceSynchronize());
         snprintf(name, sizeof(name), "%s: aux loss", tag);
         check_close(&aux_gpu, &aux_ref, 1, 1e-3f, 1e-3f, name);
+        if (g_moe_sets && !g_st_fused && !g_st_zt) {
+            snprintf(name, sizeof(name), "%s: ran the set path forward and backward", tag);
+            check_true(moe_set_count(&ms) > 0 && g_moe_sets_runs - sets0 == 2, name, "the expert path ran");
+        }
         // the loads move by E/(N·K) per selection that differs from the CPU's
         const float gotr[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, wantr[3] = {rref.balance, rref.load_max, rref.load_min};
         snprintf(name, sizeof(name), "%s: routing report (balance %.4f, loads %.3f..%.3f)", tag, rgpu.balance, rgpu.load_min, rgpu.load_max);
@@ -1006,6 +1032,13 @@ static void check_structures_vs_cpu(void) {
         }
         const int moe_pairs[2][2] = {{1, 0}, {0, 2}};  // a fused forward's z under the plans' backward, and the reverse
         check_layer_pairs_vs_cpu(&s, N, moe_pairs, 2);
+        g_moe_sets = 1;  // -mg 1: tokens grouped by their set of experts (28 sets), then 6 experts top 4 (15 sets)
+        check_layer_vs_cpu(&s, N);
+        if (sh == 0) {
+            s.experts = 6; s.topk = 4; s.rank = 6;
+            check_layer_vs_cpu(&s, N);
+        }
+        g_moe_sets = 0;
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
     check_btt_qkv_strided_vs_cpu();
@@ -1058,6 +1091,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 3);  // -sk 2: logits, loss and gradients
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 4);  // -sk 3 likewise
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 7);  // -sk 4 likewise
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 8);  // -mg 1 (routed layers by set of experts), with every check
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 7: with it, BTT's 18 choices (12 BTT layers: 0-11, then 7-17 and 0)
     st_set_kernels(0);

@@ -1501,6 +1501,10 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
+        {"-mg", &g_moe_sets, NULL, 0, 2, "BTT-MoE on the cuBLAS plans (-sk 0): 0 tokens grouped by expert (k rows a token); 1 grouped by their set of "
+                                         "experts (top 2, 4 or 8, at most 1024 sets): one row a token through the set's rank-k BTT, x and dy gathered "
+                                         "and y written once; 2: by set in the layers a model of this GPU's rates (structured/exec_model.h) finds "
+                                         "faster so at this run's rows (not yet measured on a GPU) (default: 0)"},
         {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..4; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
                                        "backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
@@ -1535,6 +1539,9 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     }
     argv[n] = NULL;
     *argc = n;
+    if (g_moe_sets && g_st_tune)  // -at 1 checks each choice's saved z against the plans', and the set path keeps its own
+        fatal("-mg %d and -at 1 cannot be combined yet: -at 1 compares every choice's saved z with the cuBLAS plans', and grouped by "
+              "set of experts the plans save z in another layout; run -mg with -sk 0, or -at 1 without -mg", g_moe_sets);
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
@@ -1679,6 +1686,8 @@ static void trainer_banner(const GPT2 *m) {
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_sk ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
+        if (g_moe_sets) printf("| BTT-MoE grouping      | %-50s |\n", g_moe_sets == 1 ? "by set of experts where it applies (-mg 1)"
+                                                                                      : "by set where modelled faster (-mg 2)");
         if (g_st_dense == 2 && !g_st_tune) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
         if (g_st_tune) trainer_banner_kernels(m);
     }

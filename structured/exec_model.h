@@ -9,6 +9,9 @@
 //   double st_materialized_seconds(kind, shape, N, &r)  -sm 1's: the dense GEMMs plus rebuilding W
 //                                                       twice and the cores' gradients from dW
 //   int st_as_dense_pays(kind, shape, N, zt, &rates)    1: -sm 1's way is modelled faster
+//   double st_moe_seconds(shape, N, sets, &rates)       a BTT-MoE layer, forward + backward, on the
+//                                                       tiled plans grouped by expert or (sets) by set
+//   int st_moe_sets_pay(shape, N, &rates)               1: -mg 1's grouping by set is modelled faster
 //
 // The model: each op of a plan takes max(FLOPs / GEMM rate, bytes / DRAM rate) plus a launch,
 // its bytes every operand read once and every output written once (plan_op_elems, the cores
@@ -99,4 +102,39 @@ static inline double st_materialized_seconds(int kind, const void *shape, int N,
 
 static inline int st_as_dense_pays(int kind, const void *shape, int N, int zt, const PlanRates *r) {
     return st_materialized_seconds(kind, shape, N, r) < st_plans_seconds(kind, shape, N, zt, r);
+}
+
+// A BTT-MoE layer's forward and backward on the tiled cuBLAS plans (moe_gpu.cuh), over N tokens:
+// grouped by expert (N·k rows of rank-1 BTTs, moe_tile_rows) or, with sets, by set of experts (N
+// rows of rank-k BTTs, moe_set_tile_rows; moe_sets.cuh). Every tile slot the routing could fill
+// runs (the shapes do not depend on the routing), so the plans are priced at the most tiles, and
+// padding rows move like the others. On top of the plans: x and dy gathered into the grouped rows
+// (each source row read, each grouped row written), the forward's combine (grouped output rows
+// read, y written) and dx's (likewise), the gate step (z and dZu read, t1 written, and t2 on the
+// expert path, whose saved z is not gated), and the fp32 per-tile weight-gradient partials
+// (written: the plans count them as bf16; read once by the sum into the rank components). The
+// router, the grouping and the cores are small and not counted. Not yet checked against a GPU.
+static inline double st_moe_seconds(const MoEShape *s, int N, int sets, const PlanRates *r) {
+    const int R = sets ? s->topk : 1, G = sets ? moe_set_count(s) : s->experts, rows_total = sets ? N : N * s->topk;
+    const int T = sets ? moe_set_tile_rows(s, N) : moe_tile_rows(s, N), tiles = moe_max_tiles(rows_total, G, T);
+    BTTShape bk = s->btt;
+    bk.rank = R;
+    const size_t p0 = btt_w0_size(&bk), p1 = btt_w1_size(&bk);
+    Plan f, d, rest;
+    memset(&f, 0, sizeof(f)); memset(&d, 0, sizeof(d)); memset(&rest, 0, sizeof(rest));
+    plan_btt_forward(&f, &bk, T, 0);
+    plan_btt_backward_dz(&d, &bk, T, 0);
+    plan_btt_backward_from_t1(&rest, &bk, T, 0, 1, 0);
+    plan_tile(&f, tiles, T, p0, p1, 0);
+    plan_tile(&d, tiles, T, p0, p1, 0);
+    plan_tile(&rest, tiles, T, p0, p1, 0);
+    const double rows = (double)tiles * T, din = s->btt.d_in, dout = s->btt.d_out, zrow = (double)btt_z_row(&bk);
+    double elems = rows_total * (din + dout) + rows * (din + dout);  // the gathers of x and dy
+    elems += (rows + N) * (dout + din);                              // the combines of y and dx
+    elems += (sets ? 3.0 : 4.0) * rows * zrow;                       // the gate step
+    elems += 3.0 * (tiles + 1) * (double)(p0 + p1);                  // the partials: fp32 written (2 bytes more), read (4)
+    return plan_seconds(&f, r) + plan_seconds(&d, r) + plan_seconds(&rest, r) + 2.0 * elems / r->dram_bytes + 8.0 * r->launch_s;
+}
+static inline int st_moe_sets_pay(const MoEShape *s, int N, const PlanRates *r) {
+    return moe_set_count(s) > 0 && st_moe_seconds(s, N, 1, r) < st_moe_seconds(s, N, 0, r);
 }

@@ -454,6 +454,90 @@ static inline int moe_tile_rows(const MoEShape *s, int N) {
     return t;
 }
 
+// BTT-MoE grouped by set of experts (-mg, structured/moe_sets.cuh): the sets' count, shape and
+// tile rows, and a set's number. A set of k experts is one rank-k BTT of the experts' components.
+#define MOE_SET_MAX_K 8
+#define MOE_MAX_SETS 1024  // the grouping's limit (moe_group.cuh: STRUCT_MAX_EXPERTS groups)
+
+// C(n, r), saturating at 2^40 (only compared with small limits)
+static inline long moe_binom(int n, int r) {
+    if (r < 0 || r > n) return 0;
+    long c = 1;
+    for (int i = 1; i <= r; i++) {
+        c = c * (n - r + i) / i;  // exact: c·(n-r+i) is divisible by i at every step
+        if (c > (1L << 40)) return 1L << 40;
+    }
+    return c;
+}
+// The number of sets C(E, k), or 0 when the set path does not take this shape: k in {2, 4, 8}
+// (the gate step gives each lane of a warp one component: k divides 32), at most MOE_MAX_SETS
+// sets, d_in and d_out multiples of 8 (the gather and combine's 16-byte vectors).
+static inline int moe_set_count(const MoEShape *s) {
+    const int K = s->topk;
+    if (K != 2 && K != 4 && K != 8) return 0;
+    if (s->btt.d_in % 8 || s->btt.d_out % 8) return 0;
+    const long S = moe_binom(s->experts, K);
+    return S <= MOE_MAX_SETS ? (int)S : 0;
+}
+// The rank-k BTT a set runs.
+static inline BTTShape moe_set_shape(const MoEShape *s) {
+    BTTShape b = s->btt;
+    b.rank = s->topk;
+    return b;
+}
+// Tile rows of the set path for N tokens: moe_tile_rows' model with S sets of N rows in all and
+// the rank-k cores' partials.
+static inline int moe_set_tile_rows(const MoEShape *s, int N) {
+    const BTTShape bk = moe_set_shape(s);
+    const int S = moe_set_count(s);
+    if (!S) return 64;
+    Plan f = {}, d = {}, r = {};
+    plan_btt_forward(&f, &bk, 1, 0);
+    plan_btt_backward_dz(&d, &bk, 1, 0);
+    plan_btt_backward_rest(&r, &bk, 1, 0, 1, 0);
+    const double row = 2.0 * (plan_activation_elems(&f) + plan_activation_elems(&d) + plan_activation_elems(&r));
+    const double part = 8.0 * (double)(btt_w0_size(&bk) + btt_w1_size(&bk));
+    const double best = sqrt(2.0 * (double)N * part / ((double)S * row));
+    int t = 64;
+    while (t < 2048 && best > t * 1.41421356) t *= 2;
+    return t;
+}
+
+// A set's number (the combinatorial number system): Σ_j C(c_j, j + 1) over its experts c_0 < c_1 <
+// ... < c_{K-1}, so the C(E, K) sets of E experts are 0 .. C(E, K) - 1 in colex order. Term j:
+ST_HD static inline int moe_set_term(int c, int j) {
+    long b = 1;  // C(c, j + 1), exact at every step; 0 when c = j (the first factor)
+    for (int i = 1; i <= j + 1; i++) b = b * (c - (j + 1) + i) / i;
+    return (int)b;
+}
+static inline int moe_set_rank(const int *c, int K) {
+    int rank = 0;
+    for (int j = 0; j < K; j++) rank += moe_set_term(c[j], j);
+    return rank;
+}
+
+// The sets' experts (S x K, ascending) and, per expert, the sets that contain it (E x C(E-1, K-1)
+// entries q·K + j, j its place in set q; ascending q). Host arrays of moe_set_count(s)·K and
+// E·moe_binom(E - 1, K - 1) ints.
+static inline void moe_set_tables(int *set_experts, int *members, int E, int K) {
+    const int S = (int)moe_binom(E, K), per = (int)moe_binom(E - 1, K - 1);
+    int c[MOE_SET_MAX_K];
+    for (int j = 0; j < K; j++) c[j] = j;  // colex order: the rank of c is Σ C(c_j, j + 1), 0, 1, ...
+    int *filled = (int *)callocCheck((size_t)E, sizeof(int));
+    for (int q = 0; q < S; q++) {
+        for (int j = 0; j < K; j++) {
+            set_experts[q * K + j] = c[j];
+            members[c[j] * per + filled[c[j]]++] = q * K + j;
+        }
+        if (moe_set_rank(c, K) != q) fatal("internal: moe_set_tables: set %d has rank %d", q, moe_set_rank(c, K));
+        int j = 0;  // next set in colex order: raise the lowest c_j that can rise, reset those below
+        while (j < K - 1 && c[j] + 1 == c[j + 1]) j++;
+        c[j]++;
+        for (int i = 0; i < j; i++) c[i] = i;
+    }
+    free(filled);
+}
+
 // ----------------------------------------------------------------------------------------------
 // cuBLAS arguments of a GEMM op. Row-major C (M x N) is column-major Cᵀ (N x M), and
 // Cᵀ = op(B)ᵀ op(A)ᵀ: so cuBLAS gets (op_b, op_a, N, M, K, B, ldb, A, lda, C, ldc).

@@ -22,6 +22,8 @@
 #include "btt_fused.cuh"
 #include "btt_gpu.cuh"
 #include "moe_group.cuh"
+#include "exec_model.h"
+#include "moe_sets.cuh"
 #include "plan_gpu.cuh"
 #include "seg_wgrad.cuh"
 #include "select.cuh"
@@ -49,7 +51,32 @@ typedef struct {
     int capacity;         // host: the allocation's N
     const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
                             // top-k (st_moe_route_row's `only`); NULL in training
+    // The set path (-mg 1, moe_sets.cuh): allocated when g_moe_sets was set at allocation and the
+    // shape takes it. Then order, pos, counts, offsets and tile_expert serve whichever grouping ran.
+    int sets;             // host: the set path's arrays exist
+    int sets_ran;         // host: the last forward grouped by set (its backward must too)
+    int S, set_tile_rows;  // host: sets C(E, k), their tile rows
+    int *sid, *kof;       // (N), (N, K): each token's set and the selection each component is
+    int *set_experts;     // (S, K) each set's experts, ascending
+    int *members;         // (E, C(E-1, K-1)) q·K + j of each set q containing the expert (j its place)
+    int *ecounts;         // (E) selections per expert (the aux loss's counts on the set path)
+    float *rgate;         // (grouped rows, K) each grouped row's gates in component order
 } MoEGPUState;
+
+// -mg 1: BTT-MoE layers on the cuBLAS plans (-sk 0) group their tokens by set of experts
+// (moe_sets.cuh) where the shape allows; 2: those exec_model.h models faster so at the layer's
+// rows on this GPU; 0: by expert. Read when a layer's state is allocated.
+static int g_moe_sets = 0;
+static long g_moe_sets_runs = 0;  // set-path forwards and backwards run (tests)
+// The set path for this shape at N rows if g_moe_sets asks for it: its number of sets, else 0.
+static inline int moe_sets_wanted(const MoEShape *s, int N) {
+    if (!g_moe_sets || !moe_set_count(s)) return 0;
+    if (g_moe_sets == 2) {
+        const PlanRates r = plan_rates(gpu_peak_bf16_tflops(g_gpu.prop.name), gpu_peak_gbps());
+        if (!st_moe_sets_pay(s, N, &r)) return 0;
+    }
+    return moe_set_count(s);
+}
 
 // Shared by every BTT-MoE layer: extracted cores, gathered rows, the tiled plans' weight-gradient
 // partials and pointers, scratch.
@@ -90,57 +117,98 @@ static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, 
     }
 }
 
-static inline size_t moe_gpu_state_bytes(const MoEShape *s, int N) {
-    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, T = (size_t)moe_tile_rows(s, N);
-    const size_t rows = moe_grouped_rows((int)NK, (int)E, (int)T), tiles = (size_t)moe_max_tiles((int)NK, (int)E, (int)T);
-    return MOE_AUX_STATS(E) * sizeof(double) + (size_t)N * E * 4 + NK * 4 + (size_t)N * 4 + NK * 4 * 2 + rows * 4 + (2 * E + 1) * 4 + tiles * 4 +
-           moe_group_scratch_ints((int)NK, (int)E) * 4 + E * 4 + rows * moe_z_row(s) * sizeof(floatX);
+// The grouping's sizes for N tokens: grouped rows, groups, tiles, the grouping's scratch ints and
+// the saved z's elements, each the larger of the expert path's (T rows a tile) and, with S > 0
+// sets, the set path's (Ts rows a tile).
+typedef struct { size_t rows, groups, tiles, group_ints, z; } MoEGroupSizes;
+static inline MoEGroupSizes moe_group_sizes(const MoEShape *s, int N, int T, int S, int Ts) {
+    const int E = s->experts, NK = N * s->topk;
+    MoEGroupSizes g;
+    g.rows = moe_grouped_rows(NK, E, T);
+    g.groups = (size_t)E;
+    g.tiles = (size_t)moe_max_tiles(NK, E, T);
+    g.group_ints = moe_group_scratch_ints(NK, E);
+    g.z = g.rows * moe_z_row(s);
+    if (S > 0) {
+        const size_t rows = moe_grouped_rows(N, S, Ts), tiles = (size_t)moe_max_tiles(N, S, Ts), gi = moe_group_scratch_ints(N, S);
+        const size_t z = rows * moe_z_row(s) * s->topk;
+        if (rows > g.rows) g.rows = rows;
+        if ((size_t)S > g.groups) g.groups = (size_t)S;
+        if (tiles > g.tiles) g.tiles = tiles;
+        if (gi > g.group_ints) g.group_ints = gi;
+        if (z > g.z) g.z = z;
+    }
+    return g;
 }
 
 static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
-    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, zrow = moe_z_row(s);
+    const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk;
+    memset(st, 0, sizeof(*st));
     st->tile_rows = moe_tile_rows(s, N);
     st->capacity = N;
-    const size_t rows = moe_grouped_rows((int)NK, (int)E, st->tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, st->tile_rows);
+    st->S = moe_sets_wanted(s, N);
+    st->sets = st->S > 0;
+    st->set_tile_rows = st->sets ? moe_set_tile_rows(s, N) : 0;
+    const MoEGroupSizes gs = moe_group_sizes(s, N, st->tile_rows, st->S, st->set_tile_rows);
+    const size_t bytes = MOE_AUX_STATS(E) * sizeof(double) + ((size_t)N * E + NK + N) * 4 + NK * 4 * 2 + gs.rows * 4 + (2 * gs.groups + 1) * 4 +
+                         gs.tiles * 4 + gs.group_ints * 4 + E * 4;
     char name[160];
     snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
-    char *mem = cudaMallocNamed(char, moe_gpu_state_bytes(s, N) - rows * zrow * sizeof(floatX), name);
+    char *mem = cudaMallocNamed(char, bytes, name);
     st->stats = (double *)mem; mem += MOE_AUX_STATS(E) * sizeof(double);  // first: 8-byte aligned
     st->logits = (float *)mem; mem += (size_t)N * E * 4;
     st->gate = (float *)mem; mem += NK * 4;
     st->lse = (float *)mem; mem += (size_t)N * 4;
     st->sel = (int *)mem; mem += NK * 4;
     st->pos = (int *)mem; mem += NK * 4;
-    st->order = (int *)mem; mem += rows * 4;
-    st->counts = (int *)mem; mem += E * 4;
-    st->offsets = (int *)mem; mem += (E + 1) * 4;
-    st->tile_expert = (int *)mem; mem += tiles * 4;
-    st->group = (int *)mem; mem += moe_group_scratch_ints((int)NK, (int)E) * 4;
+    st->order = (int *)mem; mem += gs.rows * 4;
+    st->counts = (int *)mem; mem += gs.groups * 4;
+    st->offsets = (int *)mem; mem += (gs.groups + 1) * 4;
+    st->tile_expert = (int *)mem; mem += gs.tiles * 4;
+    st->group = (int *)mem; mem += gs.group_ints * 4;
     st->fhat = (float *)mem;
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (grouped rows x gamma*phi)", what);
-    st->z = cudaMallocNamed(floatX, rows * zrow, name);
-    cudaCheck(cudaMemset(st->z, 0, rows * zrow * sizeof(floatX)));  // the spare tile's rows are read, never used
+    st->z = cudaMallocNamed(floatX, gs.z, name);
+    cudaCheck(cudaMemset(st->z, 0, gs.z * sizeof(floatX)));  // the spare tile's rows are read, never used
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
+    if (st->sets) {  // the set path's per-token arrays and tables
+        const int K = s->topk, per = (int)moe_binom((int)E - 1, K - 1);
+        const size_t ints = (size_t)N + NK + (size_t)st->S * K + E * per + E + gs.rows * K;  // the last: rgate (floats)
+        snprintf(name, sizeof(name), "%s: BTT-MoE set path (sets, their experts, per-expert counts)", what);
+        st->sid = cudaMallocNamed(int, ints, name);
+        st->kof = st->sid + N;
+        st->set_experts = st->kof + NK;
+        st->members = st->set_experts + (size_t)st->S * K;
+        st->ecounts = st->members + E * per;
+        st->rgate = (float *)(st->ecounts + E);
+        int *host = (int *)mallocCheck(((size_t)st->S * K + E * per) * sizeof(int));
+        moe_set_tables(host, host + (size_t)st->S * K, (int)E, K);
+        cudaCheck(cudaMemcpy(st->set_experts, host, ((size_t)st->S * K + E * per) * sizeof(int), cudaMemcpyHostToDevice));
+        free(host);
+    }
 }
 
 static void moe_gpu_state_free(MoEGPUState *st) {
     if (st->stats) cudaCheck(cudaFree(st->stats));
     if (st->z) cudaCheck(cudaFree(st->z));
     if (st->tiles) cudaCheck(cudaFree(st->tiles));
+    if (st->sid) cudaCheck(cudaFree(st->sid));
     memset(st, 0, sizeof(*st));
 }
 
 // The scratch regions of layers up to N rows of shape s (bf16 elements and floats; the caller
-// allocates the max over layers, moe_gpu_scratch_bind points into it).
+// allocates the max over layers, moe_gpu_scratch_bind points into it). S > 0: room for the set
+// path too (S sets of Ts-row tiles): its rank-k cores in the cores' region, its rows, partials
+// and pointers where they are larger.
 typedef struct {
-    size_t w0x, w1x, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets
-    size_t part0, part1, ptrs, f32_end;                   // float offsets (ptrs: 16-byte aligned)
+    size_t w0x, w1x, w0c, w1c, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets
+    size_t part0, part1, ptrs, f32_end;                             // float offsets (ptrs: 16-byte aligned)
 } MoEScratchLayout;
-static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int tile_rows) {
+static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int tile_rows, int S = 0, int Ts = 0) {
     const BTTShape b1 = moe_expert_shape(s);
     const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    const size_t rows = moe_grouped_rows((int)NK, (int)E, tile_rows), tiles = (size_t)moe_max_tiles((int)NK, (int)E, tile_rows);
+    const MoEGroupSizes gs = moe_group_sizes(s, N, tile_rows, S, Ts);
     Plan f, d, r;
     moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1, 0);  // -sk 4's take as many pointers (the same GEMMs)
     size_t np = plan_tile_ptr_count(&f);
@@ -148,25 +216,44 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
     if (plan_tile_ptr_count(&r) > np) np = plan_tile_ptr_count(&r);
     MoEScratchLayout L;
     L.w0x = E * p0; L.w1x = E * p1;
-    L.rows_in = rows * s->btt.d_in; L.rows_out = rows * s->btt.d_out; L.rows_z = rows * moe_z_row(s);
-    L.bf16_end = 3 * (L.w0x + L.w1x) + 2 * L.rows_in + L.rows_out + 2 * L.rows_z + (size_t)N * E + 8;
-    L.part0 = (tiles + 1) * p0; L.part1 = (tiles + 1) * p1;
+    L.w0c = L.w0x; L.w1c = L.w1x;
+    L.part0 = ((size_t)moe_max_tiles((int)NK, (int)E, tile_rows) + 1) * p0;
+    L.part1 = ((size_t)moe_max_tiles((int)NK, (int)E, tile_rows) + 1) * p1;
+    if (S > 0) {
+        const BTTShape bk = moe_set_shape(s);
+        const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), tiles = (size_t)moe_max_tiles(N, S, Ts) + 1;
+        if (S * q0 > L.w0c) L.w0c = S * q0;
+        if (S * q1 > L.w1c) L.w1c = S * q1;
+        if (tiles * q0 > L.part0) L.part0 = tiles * q0;
+        if (tiles * q1 > L.part1) L.part1 = tiles * q1;
+        Plan sp[3];
+        moe_set_plans(&sp[0], &sp[1], &sp[2], s, N, Ts, 1);
+        for (int i = 0; i < 3; i++)
+            if (plan_tile_ptr_count(&sp[i]) > np) np = plan_tile_ptr_count(&sp[i]);
+    }
+    L.rows_in = gs.rows * s->btt.d_in; L.rows_out = gs.rows * s->btt.d_out; L.rows_z = gs.z;
+    L.bf16_end = L.w0c + L.w1c + 2 * (L.w0x + L.w1x) + 2 * L.rows_in + L.rows_out + 2 * L.rows_z + (size_t)N * E + 8;
     const size_t head = NK + (size_t)N * E + L.part0 + L.part1;
     L.ptrs = (head + 3) / 4 * 4;
     L.f32_end = L.ptrs + np * (sizeof(void *) / sizeof(float));
     return L;
 }
-static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).bf16_end; }
-static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout(s, N, moe_tile_rows(s, N)).f32_end; }
+// With the set path where g_moe_sets asks for it (as moe_gpu_state_alloc decides).
+static inline MoEScratchLayout moe_scratch_layout_for(const MoEShape *s, int N, int tile_rows) {
+    const int S = moe_sets_wanted(s, N);
+    return moe_scratch_layout(s, N, tile_rows, S, S ? moe_set_tile_rows(s, N) : 0);
+}
+static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N, moe_tile_rows(s, N)).bf16_end; }
+static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N, moe_tile_rows(s, N)).f32_end; }
 
 // Points sc into the shared scratch (mem: moe_gpu_scratch_elems, fmem: moe_gpu_scratch_floats of
-// st's allocation) for a call on N rows with st's tile rows.
+// st's allocation, with g_moe_sets as it was then) for a call on N rows with st's tile rows.
 static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEGPUState *st, const MoEShape *s, int N, floatX *mem, float *fmem) {
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
-    const MoEScratchLayout L = moe_scratch_layout(s, N, st->tile_rows);
+    const MoEScratchLayout L = moe_scratch_layout(s, N, st->tile_rows, st->S, st->set_tile_rows);
     const size_t NK = (size_t)N * s->topk;
-    sc->w0x = mem; mem += L.w0x;
-    sc->w1x = mem; mem += L.w1x;
+    sc->w0x = mem; mem += L.w0c;
+    sc->w1x = mem; mem += L.w1c;
     sc->dw0x = mem; mem += L.w0x;
     sc->dw1x = mem; mem += L.w1x;
     sc->w0t = mem; mem += L.w1x;
@@ -356,12 +443,19 @@ __global__ void moe_gate_backward_fused_kernel(float *dgate, floatX *dzu, floatX
 // then the permute, moved 5 zrow + 2 d_out; and z stays as the forward left it. Padding rows:
 // zeros in t1 and t2 (the tiled weight gradients sum over them; z is not read there, a fused
 // forward leaves it unwritten).
+// The set path (kof not NULL, moe_sets.cuh): a row is a token t = order[w] and its rank R = k
+// components are its experts, each with its own gate: component j (element i: j = i % R) takes
+// gate[t·R + kof[t·R + j]] and its dot product goes to dgate there. R divides 32, so each lane's
+// elements are all of component lane % R, and the lanes of a component sum by shuffles down to R.
+// z_gated (the set path's saved z is gate·z already): dgate = <gate·z, dZu> / gate (0 where the
+// gate is 0: its softmax gradient is then 0 whatever dgate is), and t2 is not written (the rest
+// reads the saved z).
 #define MOE_GATE_T_WARPS 8
 #define MOE_GATE_T_SMEM (48 * 1024)  // the default limit: no opt-in needed
 __global__ void __launch_bounds__(32 * MOE_GATE_T_WARPS) moe_gate_backward_t_kernel(float *dgate, floatX *t1, floatX *t2, const floatX *z,
                                                                                      const float *gate, const int *order,
                                                                                      const int *rows_in_use, int rows, int G, int P,
-                                                                                     int R, int gc) {
+                                                                                     int R, int gc, const int *kof, int z_gated) {
     extern __shared__ __align__(16) unsigned char gate_smem[];  // per warp: P runs of gc·R bf16
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w = blockIdx.x * MOE_GATE_T_WARPS + warp;
     if (w >= rows || w >= *rows_in_use) return;
@@ -371,7 +465,9 @@ __global__ void __launch_bounds__(32 * MOE_GATE_T_WARPS) moe_gate_backward_t_ker
         for (int i = lane; i < zrow; i += 32) a[i] = b[i] = (floatX)0.0f;
         return;
     }
-    const float g = gate[pr];
+    const int nc = kof ? R : 1;  // gates a row: one per component on the set path, else one
+    const int p = kof ? pr * R + kof[pr * R + lane % R] : pr;  // this lane's (token, k) pair
+    const float g = gate[p];
     if (gc == 0) {  // the plan's permute of dZ ([P][G][R] -> [G][P][R]) element by element
         for (int j = lane; j < zrow; j += 32) a[plan_permute_dst_index(j, P, G, R)] = (floatX)(g * (float)b[j]);
         __syncwarp();  // every lane's reads of dZu before any lane overwrites it below
@@ -394,10 +490,11 @@ __global__ void __launch_bounds__(32 * MOE_GATE_T_WARPS) moe_gate_backward_t_ker
     for (int i = lane; i < zrow; i += 32) {  // each element read, then overwritten, by the same lane
         const float v = (float)zr[i];
         dot += v * (float)b[i];
-        b[i] = (floatX)(g * v);
+        if (!z_gated) b[i] = (floatX)(g * v);
     }
-    dot = warp_sum(dot);
-    if (lane == 0) dgate[pr] = dot;
+    for (int o = 16; o >= nc; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);  // over the lanes of one gate
+    if (z_gated) dot = g != 0.0f ? dot / g : 0.0f;
+    if (lane < nc) dgate[p] = dot;
 }
 
 // Gammas per shared-memory chunk of moe_gate_backward_t_kernel for a (gamma, phi, rho) z, or 0
@@ -407,12 +504,14 @@ static inline int moe_gate_t_chunk(int G, int P, int R, size_t max_bytes) {
     const size_t gc = per_warp / ((size_t)P * R);
     return (int)(gc < (size_t)G ? gc : (size_t)G);
 }
+// E: the groups (experts, or sets with kof = st->kof; b1 then the sets' rank-k shape).
 static void moe_gate_backward_t(float *dgate, floatX *t1, floatX *t2, const floatX *z, const MoEGPUState *st, int E, int rows,
-                                const BTTShape *b1, size_t max_bytes = MOE_GATE_T_SMEM) {
+                                const BTTShape *b1, size_t max_bytes = MOE_GATE_T_SMEM, const int *kof = NULL, int z_gated = 0) {
+    if (kof && 32 % b1->rank) fatal("internal: moe_gate_backward_t: a set of %d experts", b1->rank);
     const int gc = moe_gate_t_chunk(b1->gamma, b1->phi, b1->rank, max_bytes);
     const size_t sh = (size_t)MOE_GATE_T_WARPS * b1->phi * gc * b1->rank * sizeof(floatX);
     moe_gate_backward_t_kernel<<<ceil_div_i(rows, MOE_GATE_T_WARPS), 32 * MOE_GATE_T_WARPS, sh>>>(
-        dgate, t1, t2, z, st->gate, st->order, st->offsets + E, rows, b1->gamma, b1->phi, b1->rank, gc);
+        dgate, t1, t2, z, st->gate, st->order, st->offsets + E, rows, b1->gamma, b1->phi, b1->rank, gc, kof, z_gated);
     cudaCheckLaunch();
 }
 
@@ -488,11 +587,9 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
 // The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
 // of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
 // experts' cores copied out of the rank components.
-static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
-                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
-    const int E = s->experts, K = s->topk, din = s->btt.d_in, NK = N * K;
-    const BTTShape b1 = moe_expert_shape(s);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
+// Router logits, top-k and gates of N tokens.
+static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, din = s->btt.d_in;
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
     st->N = N;
     // logits (fp32, row-major N x E) = x Rᵀ: column-major (E x N) = Rᵀ-op (E x din) · x (din x N)
@@ -501,6 +598,15 @@ static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_ex
     st_step("top-k, gate softmax");
     moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
     cudaCheckLaunch();
+}
+
+static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
+                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, NK = N * K;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
+    moe_route_gpu(st, x, router, N, s);
+    st->sets_ran = 0;
     st_step("grouping by expert");
     moe_group_gpu(st->order, st->pos, st->counts, st->offsets, tile_expert, st->group, st->sel, NK, E, T);
     st_step("experts' cores");
@@ -508,8 +614,60 @@ static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_ex
     cudaCheckLaunch();
 }
 
+// The sets' rank-k cores copied out of the rank components into sc->w0x, sc->w1x.
+static void moe_set_cores(MoEGPUScratch *sc, const MoEGPUState *st, const floatX *W0, const floatX *W1, const MoEShape *s) {
+    const BTTShape bk = moe_set_shape(s);
+    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk);
+    st_step("sets' cores");
+    moe_set_cores_kernel<<<ceil_div_i((long)(st->S * (q0 + q1)), 256), 256>>>(sc->w0x, sc->w1x, W0, W1, st->set_experts, st->S, s->experts,
+                                                                             s->topk, s->btt.eps, q0, q1);
+    cudaCheckLaunch();
+}
+
+// The set path's forward (moe_sets.cuh; st->sets): the routing, each token's set, the grouping by
+// set, the sets' cores; x gathered once per token; per tile the rank-k BTT's plan, whose permute
+// of z scales each component by its gate (the saved z is gated); each token's row copied back
+// with the bias (and GELU).
+static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
+                                 const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
+    const int E = s->experts, K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
+    const int per = (int)moe_binom(E - 1, K - 1), rows = moe_max_tiles(N, S, T) * T;
+    moe_route_gpu(st, x, router, N, s);
+    st->sets_ran = 1;
+    g_moe_sets_runs++;
+    st_step("sets of experts");
+    moe_set_id_kernel<<<ceil_div_i(N, 128), 128>>>(st->sid, st->kof, st->sel, N, K);
+    cudaCheckLaunch();
+    st_step("grouping by set");
+    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, st->tile_expert, st->group, st->sid, N, S, T);
+    moe_set_expert_counts_kernel<<<ceil_div_i(E, 128), 128>>>(st->ecounts, st->counts, st->members, E, per, K);
+    cudaCheckLaunch();
+    moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
+    cudaCheckLaunch();
+    moe_set_cores(sc, st, W0, W1, s);
+    Plan f;
+    moe_set_plans(&f, NULL, NULL, s, N, T, 1);
+    st_step("gather x");
+    moe_gather(sc->xg, x, st, S, rows, 1, din);
+    void *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
+    plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets", st->rgate);
+    st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
+    moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, NULL, st->pos, bias, N, 1, dout, pre_gelu, y_ld ? y_ld : dout,
+                                                                       0);
+    cudaCheckLaunch();
+}
+
+// Whether a forward now takes the set path: the state has it and the kernels are the cuBLAS
+// plans (-sk 0; the fused and -sk 4 paths group by expert).
+static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && !g_st_fused && !g_st_zt; }
+
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
+    if (moe_sets_now(st)) {
+        moe_forward_sets_gpu(y, st, sc, x, W0, W1, router, bias, N, s, pre_gelu, y_ld);
+        return;
+    }
     const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s);
     moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
@@ -535,7 +693,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
 // The statistics of the aux loss over this process's N tokens into st->stats (device doubles,
 // moe.h's MOE_AUX_STATS layout). Data-parallel ranks sum them (all-reduce) before the finish.
 static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
-    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts);
+    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->sets_ran ? st->ecounts : st->counts, st->N, s->experts);
     cudaCheckLaunch();
 }
 
@@ -547,20 +705,10 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
     cudaCheckLaunch();
 }
 
-// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
-// and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
-// (the transposed BTT, btt.h; dy rows read through the grouping), the gate is applied in the
-// combine (dx is linear in dZ), and every expert's dW0 and dW1 come from one seg_wgrad launch
-// each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
-// tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
-// Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
-// pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
-// (the plans only). Returns 1 when it ran fused.
-static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
-                            const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
-                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
-                            int dx_acc = 0) {
-    if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
+// The expert path's backward up to the router (dxg: each pair's dx row, gated unless fused; the
+// cores' gradients accumulated). Returns 1 when it ran fused.
+static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
+                                     const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld, int dx_acc) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
@@ -570,14 +718,14 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
     int fused = 0;
-    if (g_st_fused && dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+    if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
         st_step("transposed cores");
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
         st_step("experts' dx, dZu, fused (one launch)");
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
     Plan pd, pr;
-    moe_tiled_plans(NULL, &pd, &pr, s, N, T, dx != NULL, g_st_zt);
+    moe_tiled_plans(NULL, &pd, &pr, s, N, T, want_dx, g_st_zt);
     void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
     if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
@@ -620,6 +768,61 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, n0, n1, E, s->btt.eps, p0, p1, T);
         cudaCheckLaunch();
     }
+    return fused;
+}
+
+// The set path's backward up to the router (moe_sets.cuh): dy and x gathered once per token, the
+// rank-k plans' dZu, the gate step per component (dgate of each (token, k) pair from the gated z;
+// t1 = gate·dZ permuted), dx rows (gated) and per-tile partials (dW1 from the gated z), summed per
+// expert over its sets.
+static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
+                                   const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld) {
+    const int N = st->N, E = s->experts, K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
+    const BTTShape bk = moe_set_shape(s);
+    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt);
+    const int rows = moe_max_tiles(N, S, T) * T, per = (int)moe_binom(E - 1, K - 1);
+    g_moe_sets_runs++;
+    moe_set_cores(sc, st, W0, W1, s);
+    Plan pd, pr;
+    moe_set_plans(NULL, &pd, &pr, s, N, T, want_dx);
+    void *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
+    buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
+    st_step("gather dy");
+    moe_gather(sc->yg, dy, st, S, rows, 1, dout, dy_ld);
+    st_step("gather x");
+    moe_gather(sc->xg, x, st, S, rows, 1, din);
+    plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dZu");  // (phi, gamma, rho) in t2
+    st_step("gate backward");
+    moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, S, rows, &bk, MOE_GATE_T_SMEM, st->kof, 1);
+    plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dx, dW");
+    st_step("dW partials summed per expert over its sets");
+    moe_set_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, st->members, n0,
+                                                                               n1, E, K, s->btt.eps, per, q0, q1, T);
+    cudaCheckLaunch();
+}
+
+// dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
+// and dx, every expert's dx and dZu come from ONE segmented launch of the fused kernel over dy
+// (the transposed BTT, btt.h; dy rows read through the grouping), the gate is applied in the
+// combine (dx is linear in dZ), and every expert's dW0 and dW1 come from one seg_wgrad launch
+// each (seg_wgrad.cuh, reading x and gate·dy through the grouping: no gathered copies). Else the
+// tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
+// Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
+// pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
+// (the plans only). Returns 1 when it ran fused.
+static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
+                            const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
+                            const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
+                            int dx_acc = 0) {
+    if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
+    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
+    int fused = 0;
+    if (st->sets_ran) moe_backward_sets_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld);
+    else fused = moe_backward_experts_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
+    // the router's gradient and dx from the grouped rows: a token's Kc rows of dxg (gated, except
+    // the fused path's); the set path has one a token
+    const int Kc = st->sets_ran ? 1 : K;
     st_step("router: d logits, d router");
     moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
                                                     N, E, K, daux);
@@ -631,11 +834,11 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     if (dx && one_pass) {  // the fused dxg is ungated
         st_step(pre_gelu ? "dx: combine, router's share, GELU'" : "dx: combine, router's share");
         moe_dx_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, sc->dlogits, router,
-                                                                    pre_gelu, N, K, E, din, dx_acc);
+                                                                    pre_gelu, N, Kc, E, din, dx_acc);
         cudaCheckLaunch();
     } else if (dx) {
         st_step("dx combine");
-        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, K, din, NULL,
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, Kc, din, NULL,
                                                                        din, dx_acc);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)

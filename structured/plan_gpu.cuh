@@ -15,6 +15,8 @@ typedef struct {
     int epi;
     const floatX *bias;  // indexed by output column (a permute's row position)
     floatX *pre;         // the output's shape, same offsets
+    const float *scale;  // permutes only (may be NULL): element x of each [blk] run of row r is multiplied
+                         // by scale[r·blk + x] (BTT-MoE's set path: each rank component's gate)
 } PlanEpi;
 static __device__ __forceinline__ float plan_epi_apply(const PlanEpi &e, float v, size_t at, int col) {
     if (e.epi & PLAN_EPI_BIAS) v += (float)e.bias[col];
@@ -57,7 +59,8 @@ __global__ void plan_permute_scatter_kernel(floatX *dst, const floatX *src, int 
     int j = (int)(idx % len);
     const int k = (int)plan_permute_dst_index(j, R, C, blk);
     const size_t at = r * dst_ld + k;
-    dst[at] = e.epi ? (floatX)plan_epi_apply(e, (float)src[r * src_ld + j], at, k) : src[r * src_ld + j];
+    const floatX v = e.scale ? (floatX)((float)src[r * src_ld + j] * e.scale[r * blk + k % blk]) : src[r * src_ld + j];
+    dst[at] = e.epi ? (floatX)plan_epi_apply(e, (float)v, at, k) : v;
 }
 
 // v2: a block stages `rpb` whole source rows in shared memory with coalesced (16-byte, V = 8) loads,
@@ -108,6 +111,11 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
                 if (++x == blk) { x = 0; if (++r == R) { r = 0; c++; } }
             }
             uint16_t *d = dst16 + (size_t)(g0 + rr) * dst_ld + j;
+            if (ep.scale) {  // j is a multiple of V: element u is at j + u of its row
+                const float *sr = ep.scale + (size_t)(g0 + rr) * blk;
+#pragma unroll
+                for (int u = 0; u < V; u++) h[u] = float_to_bf16_bits(bf16_bits_to_float(h[u]) * sr[(j + u) % blk]);
+            }
             if (ep.epi) {  // the output's epilogue (Monarch's bias and GELU) on the way out
                 const size_t at = (size_t)(g0 + rr) * dst_ld + j;
 #pragma unroll
@@ -125,7 +133,7 @@ __global__ void __launch_bounds__(PERMUTE_THREADS) plan_permute_rows_kernel(floa
 // epilogue on the written rows (e.pre relative to dst's buffer start as dst: same offsets).
 #define PERMUTE_GROUP_ELEMS 12288
 static void plan_permute_gpu(floatX *dst, const floatX *src, int rows, int src_ld, int dst_ld, int R, int C, int blk,
-                             const int *rows_dev = NULL, PlanEpi e = PlanEpi{0, NULL, NULL}) {
+                             const int *rows_dev = NULL, PlanEpi e = PlanEpi{0, NULL, NULL, NULL}) {
     const int cb = C * blk, len = R * cb, pitch = cb | 1, span = R * pitch;
     const size_t row_bytes = (size_t)span * sizeof(floatX);
     if (rows <= 0 || len <= 0) return;
@@ -183,13 +191,13 @@ static void plan_op_run_gpu(const PlanOp *o, floatX *const *buf) {
                                                buf[g.second] + g.second_off, CUBLAS_LOWP, g.ldb, g.stride_b, &beta, buf[g.c] + g.c_off,
                                                CUBLAS_LOWP, g.ldc, g.stride_c, g.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         if (o->epi) {  // no cuBLASLt epilogue: our kernel over the output
-            const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->c_off : NULL};
+            const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->c_off : NULL, NULL};
             const long n = (long)o->M * o->N * o->batch;
             plan_epilogue_kernel<<<ceil_div_i(n, 256), 256>>>(buf[o->c] + o->c_off, e, o->M, o->N, o->batch, o->ldc, o->sc, o->bias_stride);
             cudaCheckLaunch();
         }
     } else {
-        const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->dst_off : NULL};
+        const PlanEpi e = {o->epi, buf[PB_BIAS], buf[PB_PRE] ? buf[PB_PRE] + o->dst_off : NULL, NULL};
         plan_permute_gpu(buf[o->dst] + o->dst_off, buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R, o->C, o->blk, NULL, e);
     }
 }
@@ -241,8 +249,9 @@ __global__ void plan_tile_ptrs_kernel(void **ptrs, PlanTileArgs a, const int *ti
 // ptrs: plan_tile_ptr_count(p) device pointers. One pointer kernel, then per op one
 // pointer-array batched GEMM (cuBLAS's A is our B, as plan_to_cublas) or one permute over the
 // rows in use.
+// permute_scale (may be NULL): the permutes' PlanEpi.scale (rows as the plan's grouped rows).
 static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_expert, const int *rows_in_use, void **ptrs,
-                               const char *label = "plan") {
+                               const char *label = "plan", const float *permute_scale = NULL) {
     PlanTileArgs a;
     memset(&a, 0, sizeof(a));
     a.p = *p;
@@ -263,7 +272,7 @@ static void plan_tiled_run_gpu(const Plan *p, void *const *buf, const int *tile_
         plan_op_step(label, i, o);
         if (o->kind == PLAN_PERMUTE) {
             plan_permute_gpu((floatX *)buf[o->dst] + o->dst_off, (const floatX *)buf[o->src] + o->src_off, o->rows, o->src_ld, o->dst_ld, o->R,
-                             o->C, o->blk, rows_in_use);
+                             o->C, o->blk, rows_in_use, PlanEpi{0, NULL, NULL, permute_scale});
             continue;
         }
         const int slots = o->tiles * o->batch;

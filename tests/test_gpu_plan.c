@@ -887,6 +887,72 @@ static void test_exec_model(void) {
                "exec_model: a GPU without a known peak gets the H200's FLOP per byte", why);
 }
 
+// BTT-MoE's sets of experts (-mg, gpu_plan.h): the tables number every K-subset once, in the
+// order moe_set_rank gives them (the GPU's set-id kernel uses that function), each expert's
+// memberships list exactly its sets in ascending order; moe_set_count's limits; and the model of
+// the two groupings (exec_model.h, st_moe_seconds): by set cheaper at GPT-2's 32K tokens, not at
+// a few tokens a set (padding to whole tiles).
+static void test_moe_sets(void) {
+    const int cases[][2] = {{8, 2}, {6, 4}, {10, 4}, {12, 8}, {5, 2}};
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        const int E = cases[c][0], K = cases[c][1], S = (int)moe_binom(E, K), per = (int)moe_binom(E - 1, K - 1);
+        int *se = (int *)mallocCheck(sizeof(int) * S * K), *mem = (int *)mallocCheck(sizeof(int) * E * per);
+        moe_set_tables(se, mem, E, K);
+        int ok = 1;
+        unsigned char *seen = (unsigned char *)callocCheck((size_t)1 << E, 1);
+        for (int q = 0; q < S && ok; q++) {
+            unsigned mask = 0;
+            for (int j = 0; j < K; j++) {
+                ok &= se[q * K + j] >= 0 && se[q * K + j] < E && (j == 0 || se[q * K + j] > se[q * K + j - 1]);
+                mask |= 1u << se[q * K + j];
+            }
+            ok &= !seen[mask] && moe_set_rank(se + q * K, K) == q;
+            seen[mask] = 1;
+        }
+        for (int e = 0; e < E && ok; e++) {
+            int found = 0;
+            for (int q = 0; q < S; q++)
+                for (int j = 0; j < K; j++)
+                    if (se[q * K + j] == e) {
+                        ok &= found < per && mem[e * per + found] == q * K + j;
+                        found++;
+                    }
+            ok &= found == per;
+        }
+        char name[128];
+        snprintf(name, sizeof(name), "moe sets: %d experts top %d: %d sets, each once, numbered by moe_set_rank; %d per expert", E, K, S, per);
+        check_true(ok, name, "a set, a number or a membership differs");
+        free(se); free(mem); free(seen);
+    }
+    MoEShape s;
+    const int counts[][4] = {{8, 2, 28, 0}, {8, 1, 0, 0}, {8, 3, 0, 0}, {45, 2, 990, 0}, {64, 2, 0, 0}, {16, 8, 0, 0}, {12, 4, 495, 0}};
+    for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) {
+        moe_shape_default(&s, 768, 3072, counts[i][0], counts[i][1]);
+        char name[128], why[64];
+        snprintf(name, sizeof(name), "moe sets: %d experts top %d take %d sets (0: not the set path)", counts[i][0], counts[i][1], counts[i][2]);
+        snprintf(why, sizeof(why), "%d", moe_set_count(&s));
+        check_true(moe_set_count(&s) == counts[i][2], name, why);
+    }
+    const PlanRates r = plan_rates(989.0, 4800.0);  // the H200's datasheet peaks
+    const int dims[][3] = {{768, 3072, 32768}, {3072, 768, 32768}, {1024, 4096, 32768}};
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+        moe_shape_default(&s, dims[i][0], dims[i][1], 8, 2);
+        const int N = dims[i][2];
+        const double ex = st_moe_seconds(&s, N, 0, &r), st = st_moe_seconds(&s, N, 1, &r);
+        char name[160], why[96];
+        snprintf(name, sizeof(name), "exec_model: btt_moe 8/top-2 %d->%d, N = %d: grouped by set priced below by expert", dims[i][0], dims[i][1], N);
+        snprintf(why, sizeof(why), "by set %.3f ms, by expert %.3f ms", st * 1e3, ex * 1e3);
+        check_true(st < ex && st_moe_sets_pay(&s, N, &r), name, why);
+    }
+    moe_shape_default(&s, 768, 3072, 8, 2);
+    {
+        const int N = 1024;  // 37 tokens a set: most of each 64-row tile is padding
+        char why[96];
+        snprintf(why, sizeof(why), "by set %.3f ms, by expert %.3f ms", st_moe_seconds(&s, N, 1, &r) * 1e3, st_moe_seconds(&s, N, 0, &r) * 1e3);
+        check_true(!st_moe_sets_pay(&s, N, &r), "exec_model: btt_moe 8/top-2 768->3072, N = 1024: -mg 2 keeps the grouping by expert", why);
+    }
+}
+
 // plan_op_describe, which -pt 2 and plan_ops name the ops by: every buffer named, no two alike, and
 // the BTT plans' ops described as written by hand (-sk 0's forward: GEMM, permute of z, GEMM;
 // -sk 4's at rank 2: W0's columns reordered, then z transposed by the GEMMs)
@@ -958,6 +1024,7 @@ int main(void) {
     test_route_only();
     test_activation_elems();
     test_exec_model();
+    test_moe_sets();
     test_op_describe();
     return test_summary();
 }

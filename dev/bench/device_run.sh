@@ -201,7 +201,7 @@ if [ -f "$LOGS/kernels.log" ]; then
     sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
     # the cuBLAS plans op by op (dev/cuda/plan_ops.cu): which GEMM or permute the time goes to
     sed -n '/^== dev\/cuda\/plan_ops$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |  (fwd|bwd) |   forward plan|FAIL)' >> "$SUMMARY"
-    # BTT-MoE's experts per expert (v1) and tiled (v2) (dev/cuda/moe_layer.cu)
+    # BTT-MoE's experts per expert (v1), tiled (v2) and grouped by set (v3) (dev/cuda/moe_layer.cu)
     sed -n '/^== dev\/cuda\/moe_layer$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(  btt_moe|FAIL)' >> "$SUMMARY"
     # the structured layers' bias and GELU as separate passes (v1) and as epilogues (v2) (dev/cuda/structured_epilogue.cu)
     sed -n '/^== dev\/cuda\/structured_epilogue$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(  (btt|monarch)|FAIL)' >> "$SUMMARY"

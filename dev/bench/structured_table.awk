@@ -25,7 +25,7 @@ $1 != "RESULT" { next }
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
     FW[n] = ("fwd_ms" in r) ? r["fwd_ms"] + 0 : -1
-    base = S[n]; sub(/_(fused|ws|split|zt|sm)$/, "", base)  # a fused (or -sm 1) row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws|split|zt|sm|sets)$/, "", base)  # a fused (or -sm 1, -mg 1) row is the same layer as PyTorch computes it
     BASE[n] = base
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
@@ -57,10 +57,11 @@ END {
         if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
             n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
         }
-        if ((S[i] == "btt_moe_8x2" && ((DIN[i] "/" DOUT[i]) in R2)) || (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
+        if (((S[i] == "btt_moe_8x2" || S[i] == "btt_moe_8x2_sets") && ((DIN[i] "/" DOUT[i]) in R2)) ||
+            (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
             (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W)) || (S[i] == "btt_moe_8x2_zt" && ((DIN[i] "/" DOUT[i]) in R2Z))) {
             sh = DIN[i] "/" DOUT[i]
-            q = MS[i] / (S[i] == "btt_moe_8x2" ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh])
+            q = MS[i] / (S[i] ~ /^btt_moe_8x2(_sets)?$/ ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh])
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }
@@ -82,7 +83,7 @@ END {
 
 # A path's name from its row's suffix: the trainer's flag that runs it.
 function path_name(s) {
-    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : "-sk 0"
+    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : s ~ /_sets$/ ? "-mg 1" : "-sk 0"
 }
 
 # Each (d, shape, structure)'s fastest path, as -at 1 chooses it (without its 3% margin): the

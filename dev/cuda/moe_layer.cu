@@ -1,5 +1,5 @@
-// dev/cuda/moe_layer.cu: a BTT-MoE layer's forward + backward on the cuBLAS baseline (-sk 0), two
-// versions of how the experts run once the (token, k) pairs are grouped by expert:
+// dev/cuda/moe_layer.cu: a BTT-MoE layer's forward + backward on the cuBLAS baseline (-sk 0), three
+// versions of how the experts run:
 //   v1  per expert: the expert counts are copied to the host (the host waits for the routing),
 //       then each expert's plans run on its rows (gpu_plan.h's plan_btt_*; 3 launches per expert
 //       forward, 5 backward): the trainer's path until 2026-12-04
@@ -8,13 +8,19 @@
 //       table, the weight gradients as per-tile fp32 partials summed per expert; nothing waits
 //       and the GEMM shapes depend on N alone (gpu_plan.h, tiled plans): the trainer's
 //       moe_forward_gpu / moe_backward_gpu
-// Both are checked against the CPU layer (moe.h) on a draw of CHECK_N tokens routed as the CPU
+//   v3  grouped by set of experts (the trainer's -mg 1, structured/moe_sets.cuh): each token one
+//       row of its set's rank-k BTT (28 sets for 8 experts top 2) on v2's tiled plans: x and dy
+//       gathered once a token instead of k times, y written once in grouped order and copied back
+//       instead of k expert rows combined; the permute between the two GEMMs scales z by the
+//       gates. Modelled at 0.86x v2's time at 768 -> 3072, 32K tokens (exec_model.h,
+//       st_moe_seconds: more padding, rank-2 weight partials); not yet measured
+// All are checked against the CPU layer (moe.h) on a draw of CHECK_N tokens routed as the CPU
 // routes them (the GPU follows its selections, as in test mode): y and dx on every row, dW0, dW1
 // and the router's gradient. Then each is timed at N tokens twice: with the same input every
 // repetition (v1's expert shapes repeat, as in a benchmark of one layer), and with two inputs
 // alternating (the routing, so v1's GEMM shapes, change every repetition, as in training).
 //
-// Build: make -C dev/cuda moe_layer    Run: ./dev/cuda/moe_layer [version: 0 all, 1, 2] [tokens, default 32768]
+// Build: make -C dev/cuda moe_layer    Run: ./dev/cuda/moe_layer [version: 0 all, 1, 2, 3] [tokens, default 32768]
 #include "harness.cuh"
 #include "structured/structured.cuh"
 
@@ -134,7 +140,7 @@ static floatX *upload_random(size_t n, float a, float **host) {
     return d;
 }
 
-static void layer_alloc(Layer *L, const MoECase *c, int N, float **hx, float **hdy, float **hw0, float **hw1, float **hr) {
+static void layer_alloc(Layer *L, const MoECase *c, int N, int version, float **hx, float **hdy, float **hw0, float **hw1, float **hr) {
     BTTShape b;
     btt_shape_default(&b, c->d_in, c->d_out, 1);
     moe_shape(&L->s, b.alpha, b.gamma, b.phi, b.eps, c->experts, c->topk);
@@ -155,11 +161,16 @@ static void layer_alloc(Layer *L, const MoECase *c, int N, float **hx, float **h
     cudaCheck(cudaMalloc(&L->dR, nr * sizeof(floatX)));
     cudaCheck(cudaMalloc(&L->te1, (size_t)N * c->topk * sizeof(int)));
     memset(&L->st, 0, sizeof(L->st));
+    g_moe_sets = version == 3;  // the state (and the scratch below) with the set path's arrays
     moe_gpu_state_alloc(&L->st, s, N, "moe_layer");
     cudaCheck(cudaMemset(L->st.fhat, 0, (size_t)c->experts * sizeof(float)));  // the aux gradient: daux = 0
     cudaCheck(cudaMalloc(&L->mem, moe_gpu_scratch_elems(s, N) * sizeof(floatX)));
     cudaCheck(cudaMalloc(&L->fmem, moe_gpu_scratch_floats(s, N) * sizeof(float)));
     moe_gpu_scratch_bind(&L->sc, &L->st, s, N, L->mem, L->fmem);
+    if (version == 3 && !L->st.sets) {
+        fprintf(stderr, "moe_layer: %s does not take the set path (moe_sets.cuh)\n", c->name);
+        exit(1);
+    }
 }
 
 static void layer_free(Layer *L) {
@@ -168,6 +179,7 @@ static void layer_free(Layer *L) {
     cudaCheck(cudaFree(L->fmem));
     cudaCheck(cudaFree(L->te1));
     moe_gpu_state_free(&L->st);
+    g_moe_sets = 0;
 }
 
 static void zero_grads(Layer *L) {
@@ -199,7 +211,7 @@ static void check_grad(const char *what, const floatX *d, const float *ref, size
 static void check_version(const MoECase *c, int version) {
     Layer L;
     float *hx, *hdy, *hw0, *hw1, *hr;
-    layer_alloc(&L, c, CHECK_N, &hx, &hdy, &hw0, &hw1, &hr);
+    layer_alloc(&L, c, CHECK_N, version, &hx, &hdy, &hw0, &hw1, &hr);
     const MoEShape *s = &L.s;
     const int N = CHECK_N, din = c->d_in, dout = c->d_out;
     MoEState cst;
@@ -236,7 +248,7 @@ static void check_version(const MoECase *c, int version) {
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int version = dev_version_arg(argc, argv, 2);
+    const int version = dev_version_arg(argc, argv, 3);
     const int N = argc > 2 ? atoi(argv[2]) : 32768;
     if (N < 1) {
         fprintf(stderr, "moe_layer: tokens must be a positive number (got '%s')\n", argv[2]);
@@ -249,22 +261,24 @@ int main(int argc, char **argv) {
     };
     printf("moe_layer: BTT-MoE forward + backward on the cuBLAS baseline, N = %d tokens, bf16, on %s\n", N, g_gpu.prop.name);
     for (const MoECase &c : cases) {
-        float ms[3][2] = {{0}};
-        for (int v = 1; v <= 2; v++) {
+        float ms[4][2] = {{0}};
+        for (int v = 1; v <= 3; v++) {
             if (version && v != version) continue;
             check_version(&c, v);
             Layer L;
-            layer_alloc(&L, &c, N, NULL, NULL, NULL, NULL, NULL);
+            layer_alloc(&L, &c, N, v, NULL, NULL, NULL, NULL, NULL);
             zero_grads(&L);
             int flip = 0;
             ms[v][0] = dev_time_ms([&]() { step(&L, v, 0); });
             ms[v][1] = dev_time_ms([&]() { step(&L, v, flip ^= 1); });
             printf("  %-28s v%d  %8.3f ms same routing, %8.3f ms routing changing every step (tiles of %d rows)\n", c.name, v, ms[v][0],
-                   ms[v][1], L.st.tile_rows);
+                   ms[v][1], v == 3 ? L.st.set_tile_rows : L.st.tile_rows);
             layer_free(&L);
         }
-        if (!version)
+        if (!version) {
             printf("  %-28s v2 / v1: %.2fx same routing, %.2fx routing changing\n", c.name, ms[2][0] / ms[1][0], ms[2][1] / ms[1][1]);
+            printf("  %-28s v3 / v2: %.2fx same routing, %.2fx routing changing\n", c.name, ms[3][0] / ms[2][0], ms[3][1] / ms[2][1]);
+        }
     }
     return dev_summary();
 }

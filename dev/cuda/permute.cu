@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
             cudaCheck(cudaMemset(d_dst, 0xFF, n * sizeof(floatX)));  // NaN: every element must be written
             auto run = [&]() {
                 if (ver == 1) {
-                    plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(d_dst, d_src, rows, NULL, len, len, len, sh.R, sh.C, sh.blk, PlanEpi{0, NULL, NULL});
+                    plan_permute_scatter_kernel<<<ceil_div_i((long)n, 256), 256>>>(d_dst, d_src, rows, NULL, len, len, len, sh.R, sh.C, sh.blk, PlanEpi{0, NULL, NULL, NULL});
                     cudaCheckLaunch();
                 } else {
                     plan_permute_gpu(d_dst, d_src, rows, len, len, sh.R, sh.C, sh.blk);

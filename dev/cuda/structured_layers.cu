@@ -23,6 +23,8 @@
 //   *_sm          the BTT and Monarch rows as the trainer's -sm 1 runs them: dense GEMMs on the
 //                 weight materialized from the cores (st_dense_*), a dense layer's time plus the
 //                 materialization's
+//   *_sets        the BTT-MoE row with the trainer's -mg 1: its tokens grouped by set of experts,
+//                 each set a rank-2 BTT on the plans (structured/moe_sets.cuh)
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -53,7 +55,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 36  // at most 31: 7 layers, 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4 and 5 dense-executed ones
+#define MAX_CASES 36  // at most 32: 7 layers, 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4, 1 by set and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -97,6 +99,7 @@ typedef struct {
     LinearSpec spec;
     int fused;      // -sk during the case: 1 the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split; 4 z transposed
     int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
+    int sets;       // the trainer's -mg 1: BTT-MoE's tokens grouped by set of experts (moe_sets.cuh)
 } Case;
 
 // The Monarch "sqrt(d)" block count: the largest divisor of d not above sqrt(d) that also
@@ -226,6 +229,20 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].desc, sizeof(c[n].desc), "%.40s, -sk 4", c[i].desc);
         n++;
     }
+    // BTT-MoE grouped by set of experts on the plans (-mg 1)
+    for (int i = 0, n0 = n; i < n0; i++) {
+        if (c[i].fused || c[i].spec.kind != STRUCT_BTT_MOE) continue;
+        LinearSpec full = c[i].spec;
+        full.d_in = din;
+        full.d_out = dout;
+        const MoEShape ms = moe_shape_of(&full);
+        if (!moe_set_count(&ms)) continue;
+        c[n] = c[i];
+        c[n].sets = 1;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_sets", c[i].name);
+        snprintf(c[n].desc, sizeof(c[n].desc), "%.32s, %d sets", c[i].desc, moe_set_count(&ms));
+        n++;
+    }
     // BTT and Monarch as dense GEMMs on their materialized weight (-sm 1)
     for (int i = 0, n0 = n; i < n0; i++) {
         if (c[i].fused || (c[i].spec.kind != STRUCT_BTT && c[i].spec.kind != STRUCT_MONARCH)) continue;
@@ -290,7 +307,7 @@ static void usage(void) {
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
            "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... btt_moe_8x2_zt with z\n"
-           "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs;\n"
+           "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs, btt_moe_8x2_sets by set of experts (-mg 1);\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
@@ -458,6 +475,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         floatX *dW0 = alloc_zero(n0, "BTT-MoE dW0"), *dW1 = alloc_zero(n1, "BTT-MoE dW1"), *dRt = alloc_zero(nrt, "BTT-MoE drouter");
         MoEGPUState st;
         memset(&st, 0, sizeof(st));
+        g_moe_sets = cs->sets;  // the state and scratch with the set path's arrays (-mg 1)
         moe_gpu_state_alloc(&st, &s, N, "structured_layers");
         cudaCheck(cudaMemset(st.fhat, 0, (size_t)E * sizeof(float)));  // unused with daux = 0
         MoEGPUScratch sc;
@@ -495,6 +513,7 @@ static int run_case(const Case *cs, const Rows *r, const Args *a, float *fwd_ms,
         *ms = dev_time_ms(step, a->warmup, a->reps);
         free_dev(W0); free_dev(W1); free_dev(Rt); free_dev(dW0); free_dev(dW1); free_dev(dRt); free_dev(mem); free_dev(fmem);
         moe_gpu_state_free(&st);
+        g_moe_sets = 0;
     }
     cudaCheck(cudaDeviceSynchronize());
     st_set_kernels(0);

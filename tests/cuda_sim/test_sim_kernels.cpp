@@ -849,18 +849,29 @@ struct BttRef {
 // wider than a row (the columns between must stay as they were), against plan_permute_dst_index.
 // The shape decides the path: 16-byte or 2-byte accesses, several rows per block or one (above
 // 48 KB, the opt-in), or the scatter fallback when a row exceeds the opt-in. Sub-rows (C·blk) of
-// any length: a 16-byte load may span several.
-static void test_permute(int rows, int R, int C, int blk, int src_pad, int dst_pad, const char *path) {
+// any length: a 16-byte load may span several. scaled: with PlanEpi.scale (BTT-MoE's set path:
+// element x of each [blk] run of row r times scale[r·blk + x], one bf16 rounding).
+static void test_permute(int rows, int R, int C, int blk, int src_pad, int dst_pad, const char *path, int scaled = 0) {
     const int len = R * C * blk, sld = len + src_pad, dld = len + dst_pad;
-    Vec src = rand_bf16((size_t)rows * sld, 1.0f), dst0 = rand_bf16((size_t)rows * dld, 1.0f), want = dst0;
+    Vec src = rand_bf16((size_t)rows * sld, 1.0f), dst0 = rand_bf16((size_t)rows * dld, 1.0f), want = dst0, scale((size_t)rows * blk);
+    for (float &v : scale) v = 0.5f + 0.25f * nrand();
     for (int r = 0; r < rows; r++)
-        for (int j = 0; j < len; j++) want[(size_t)r * dld + plan_permute_dst_index(j, R, C, blk)] = src[(size_t)r * sld + j];
+        for (int j = 0; j < len; j++) {
+            const float v = src[(size_t)r * sld + j];
+            want[(size_t)r * dld + plan_permute_dst_index(j, R, C, blk)] = scaled ? bfr(v * scale[(size_t)r * blk + j % blk]) : v;
+        }
     floatX *s_d = up_bf16(src), *d_d = up_bf16(dst0);
-    plan_permute_gpu(d_d, s_d, rows, sld, dld, R, C, blk);
-    check_same(down_bf16(d_d, want.size()), want, nm("permute %d rows [%d][%d][%d] -> [C][R][blk], row strides %d/%d (%s), bit-exact", rows, R, C, blk,
-                                                     sld, dld, path));
+    float *sc_d = NULL;
+    if (scaled) {
+        cudaCheck(cudaMalloc(&sc_d, scale.size() * sizeof(float)));
+        cudaCheck(cudaMemcpy(sc_d, scale.data(), scale.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    plan_permute_gpu(d_d, s_d, rows, sld, dld, R, C, blk, NULL, PlanEpi{0, NULL, NULL, sc_d});
+    check_same(down_bf16(d_d, want.size()), want, nm("permute %d rows [%d][%d][%d] -> [C][R][blk], row strides %d/%d (%s)%s, bit-exact", rows, R, C,
+                                                     blk, sld, dld, path, scaled ? ", each run's elements scaled" : ""));
     cudaCheck(cudaFree(s_d));
     cudaCheck(cudaFree(d_d));
+    if (sc_d) cudaCheck(cudaFree(sc_d));
 }
 
 static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
@@ -1197,29 +1208,38 @@ static void test_moe_group(int NK, int E, int T, int steps, double hot, const ch
 // gammas a chunk, 0: straight): t1 = gate·dZu moved to (gamma, phi, rho) and t2 = gate·z exactly
 // (the same fp32 product, one bf16 rounding), zeros in padding rows, rows past in_use untouched;
 // dgate = <z, dZu> within 1e-5 relative (fp32 sums in another order); z unchanged.
-static void test_moe_gate_t(int G, int P, int R, int rows, int in_use, size_t max_bytes, int want_gc) {
+// sets (the set path, R = k experts a row): row w is token order[w] with its own gate per
+// component (a shuffled kof), z saved gated: t1 as above with each component's gate, t2 untouched,
+// dgate of each (token, k) = <z_j, dZu_j> / its gate (0 for a gate of 0, given to one token).
+static void test_moe_gate_t(int G, int P, int R, int rows, int in_use, size_t max_bytes, int want_gc, int sets = 0) {
     const int zrow = G * P * R, gc = moe_gate_t_chunk(G, P, R, max_bytes);
-    char what[128];
-    snprintf(what, sizeof what, "moe gate step (-sk 0) G%d P%d R%d, %d of %d rows, %zu bytes: %d gammas a chunk", G, P, R, in_use, rows,
-             max_bytes, gc);
+    char what[160];
+    snprintf(what, sizeof what, "moe gate step (-sk 0%s) G%d P%d R%d, %d of %d rows, %zu bytes: %d gammas a chunk", sets ? ", by set" : "", G, P,
+             R, in_use, rows, max_bytes, gc);
     check_true(gc == want_gc, nm("%s: the chunk as worked out by hand (%d)", what, want_gc), "differs");
     const Vec z = rand_bf16((size_t)rows * zrow, 1.0f), dzu = rand_bf16((size_t)rows * zrow, 1.0f);
-    std::vector<int> order(rows);
-    std::vector<float> gate(rows);
-    for (int w = 0; w < rows; w++) order[w] = w % 5 == 4 ? -1 : rows - 1 - w, gate[w] = 0.1f + (float)urand();
+    const int ng = sets ? R : 1;  // gates a row
+    std::vector<int> order(rows), kof((size_t)rows * R);
+    std::vector<float> gate((size_t)rows * ng);
+    for (int w = 0; w < rows; w++) {
+        order[w] = w % 5 == 4 ? -1 : rows - 1 - w;
+        for (int j = 0; j < ng; j++) gate[(size_t)w * ng + j] = 0.1f + (float)urand();
+        for (int j = 0; j < R; j++) kof[(size_t)w * R + j] = (j + w) % R;  // component j is the token's selection (j + w) % R
+    }
+    if (sets) gate[(size_t)(rows - 1) * ng + 1] = 0.0f;  // token rows - 1 (row 0): a gate of 0
     MoEGPUState st = {};
-    int *order_d = up(order), *offs = up(std::vector<int>{0, in_use});  // offsets[E = 1]: the rows in use
+    int *order_d = up(order), *offs = up(std::vector<int>{0, in_use}), *kof_d = up(kof);  // offsets[E = 1]: the rows in use
     st.order = order_d, st.offsets = offs;
-    float *gate_d = up(gate), *dgate = up(std::vector<float>(rows, -7.0f));
+    float *gate_d = up(gate), *dgate = up(std::vector<float>(gate.size(), -7.0f));
     st.gate = gate_d;
     floatX *z_d = up_bf16(z), *t2 = up_bf16(dzu), *t1 = up_bf16(Vec((size_t)rows * zrow, 3.0f));
     BTTShape b = {};
     b.gamma = G, b.phi = P, b.rank = R;
-    moe_gate_backward_t(dgate, t1, t2, z_d, &st, 1, rows, &b, max_bytes);
+    moe_gate_backward_t(dgate, t1, t2, z_d, &st, 1, rows, &b, max_bytes, sets ? kof_d : NULL, sets);
     const Vec g1 = down_bf16(t1, (size_t)rows * zrow), g2 = down_bf16(t2, (size_t)rows * zrow), gz = down_bf16(z_d, (size_t)rows * zrow);
-    const std::vector<float> gd = down(dgate, rows);
+    const std::vector<float> gd = down(dgate, gate.size());
     Vec r1((size_t)rows * zrow), r2((size_t)rows * zrow);
-    std::vector<float> rd(rows, -7.0f);
+    std::vector<float> rd(gate.size(), -7.0f);
     for (int w = 0; w < rows; w++) {
         const size_t o = (size_t)w * zrow;
         if (w >= in_use) {
@@ -1227,23 +1247,27 @@ static void test_moe_gate_t(int G, int P, int R, int rows, int in_use, size_t ma
             continue;
         }
         const int p = order[w];
-        const float g = p >= 0 ? gate[p] : 0.0f;
-        double dot = 0.0;
+        double dot[8] = {0};
+        auto pair = [&](int s) { return sets ? p * R + kof[(size_t)p * R + s] : p; };  // the (token, k) of component s
+        auto g_of = [&](int s) { return p >= 0 ? gate[pair(s)] : 0.0f; };
         for (int f = 0; f < P; f++)
             for (int gg = 0; gg < G; gg++)
                 for (int s = 0; s < R; s++) {
                     const size_t src = o + ((size_t)f * G + gg) * R + s, dst = o + ((size_t)gg * P + f) * R + s;
-                    r1[dst] = bfr(g * dzu[src]);
-                    dot += (double)z[src] * dzu[src];
+                    r1[dst] = bfr(g_of(sets ? s : 0) * dzu[src]);
+                    dot[sets ? s : 0] += (double)z[src] * dzu[src];
                 }
-        for (int i = 0; i < zrow; i++) r2[o + i] = bfr(g * z[o + i]);
-        if (p >= 0) rd[p] = (float)dot;
+        for (int i = 0; i < zrow; i++) r2[o + i] = sets && p >= 0 ? dzu[o + i] : bfr(g_of(0) * z[o + i]);  // padding rows: zeros
+        if (p >= 0)
+            for (int s = 0; s < ng; s++) rd[pair(s)] = sets ? (g_of(s) != 0.0f ? (float)(dot[s] / g_of(s)) : 0.0f) : (float)dot[0];
     }
     check_close(g1.data(), r1.data(), r1.size(), 0.0f, 0.0f, nm("%s: t1 = gate·dZu in (gamma, phi, rho), exact", what));
-    check_close(g2.data(), r2.data(), r2.size(), 0.0f, 0.0f, nm("%s: t2 = gate·z, exact", what));
+    check_close(g2.data(), r2.data(), r2.size(), 0.0f, 0.0f, nm(sets ? "%s: t2 untouched (the saved z is gated), padding rows zero" : "%s: t2 = gate·z, exact", what));
     check_close(gz.data(), z.data(), z.size(), 0.0f, 0.0f, nm("%s: the saved z unchanged", what));
-    check_close(gd.data(), rd.data(), rd.size(), 1e-5f, 1e-5f, nm("%s: dgate = <z, dZu>", what));
-    for (void *p : {(void *)order_d, (void *)offs, (void *)gate_d, (void *)dgate, (void *)z_d, (void *)t1, (void *)t2}) cudaCheck(cudaFree(p));
+    check_close(gd.data(), rd.data(), rd.size(), 1e-5f, 1e-5f,
+                nm(sets ? "%s: dgate of each (token, k) = <z_j, dZu_j> / its gate, 0 for a gate of 0" : "%s: dgate = <z, dZu>", what));
+    for (void *p : {(void *)order_d, (void *)offs, (void *)kof_d, (void *)gate_d, (void *)dgate, (void *)z_d, (void *)t1, (void *)t2})
+        cudaCheck(cudaFree(p));
 }
 
 // fused: the experts as one segmented launch of btt_fused.cuh (-sk 1), which the shape must
@@ -2082,6 +2106,9 @@ int main(int argc, char **argv) {
         test_permute(3, 64, 128, 4, 0, 0, "one 64 KB row per block, over the 48 KB default");
         test_permute(5, 64, 100, 4, 0, 0, "a 50 KB row: the limit raised above stays");
         test_permute(2, 128, 256, 4, 0, 0, "a row over the opt-in: the scatter kernel");
+        test_permute(37, 48, 32, 2, 8, 0, "16-byte, BTT-MoE's set path (rank 2)", 1);
+        test_permute(9, 7, 5, 4, 3, 1, "2-byte", 1);
+        test_permute(2, 128, 256, 4, 0, 0, "the scatter kernel", 1);
         test_btt(37, 4, 12, 8, 24, 2);   // 48 -> 192
         test_btt(29, 8, 24, 4, 12, 1);   // 192 -> 48
         test_btt(16, 12, 4, 6, 8, 4);    // 48 -> 48, non-default factors
@@ -2102,6 +2129,9 @@ int main(int argc, char **argv) {
         test_moe_gate_t(48, 32, 1, 21, 19, 48 * 1024, 48);
         test_moe_gate_t(5, 7, 3, 13, 13, 8 * 42 * 2, 2);
         test_moe_gate_t(6, 40, 1, 11, 9, 8 * 39 * 2, 0);
+        test_moe_gate_t(48, 32, 2, 21, 19, 48 * 1024, 48, 1);  // the set path, 2 and 4 experts a row, chunked and straight
+        test_moe_gate_t(5, 8, 4, 13, 12, 8 * 8 * 4 * 2 * 2, 2, 1);
+        test_moe_gate_t(6, 40, 2, 11, 9, 8 * 79 * 2, 0, 1);
         test_moe(150, 4, 12, 4, 12, 8, 2);  // 48 -> 48, 300 (token, k) pairs
         test_moe(37, 4, 12, 8, 24, 4, 3);   // 48 -> 192 top-3
         test_moe(20, 8, 24, 4, 12, 4, 1);   // 192 -> 48 top-1

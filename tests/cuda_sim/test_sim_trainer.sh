@@ -251,6 +251,23 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/a
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
 close_losses "$a" "$c" 1.5e-3 \
     && ok "structured: -sm 1 (BTT and Monarch as dense GEMMs on materialized weights) matches -sk 0 (losses $c / $a)" || bad "-sm 1" "losses '$c' vs '$a'"
+# -mg 1: the BTT-MoE fc (4 experts, top 2: 6 sets) grouped by set of experts; -pt 2 names its
+# steps. -mg 2: at 32 tokens a step the model keeps the grouping by expert (padding to whole tiles).
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -pt 2 2>&1)
+m1=$(echo "$out" | losses | tr '\n' ' ')
+close_losses "$a" "$m1" 1.5e-3 && echo "$out" | grep -q "by set of experts where it applies (-mg 1)" && echo "$out" | grep -q "grouping by set" \
+    && ! echo "$out" | grep -q "grouping by expert" \
+    && ok "structured: -mg 1 (BTT-MoE grouped by set of experts) matches -sk 0 (losses $m1 / $a); -pt 2 names its steps" \
+    || bad "-mg 1" "losses '$m1' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping|BTT-MoE grouping")"
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 2 -pt 2 2>&1)
+m2=$(echo "$out" | losses | tr '\n' ' ')
+[ "$m2" = "$a" ] && echo "$out" | grep -q "by set where modelled faster (-mg 2)" && echo "$out" | grep -q "grouping by expert" \
+    && ! echo "$out" | grep -q "grouping by set" \
+    && ok "structured: -mg 2 keeps the grouping by expert at 32 tokens a step, as the model prices it (losses $m2, bit for bit -sk 0's)" \
+    || bad "-mg 2" "losses '$m2' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping")"
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -at 1 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "^error: -mg 1 and -at 1 cannot be combined yet" \
+    && ok "structured: -mg 1 with -at 1 is refused with a reason (exit $rc)" || bad "-mg 1 -at 1" "exit $rc: $(echo "$out" | tail -1)"
 
 # -sm 2: exec_model.h picks per layer (tests/test_gpu_plan.c holds the model to the H200's
 # measurements; at this size, where launches dominate, it picks dense for most). The layers the

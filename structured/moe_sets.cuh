@@ -1,0 +1,147 @@
+// structured/moe_sets.cuh: BTT-MoE's tokens grouped by their SET of experts (-mg 1), the pieces
+// moe_gpu.cuh's set path runs on the cuBLAS plans.
+//
+// Why: grouped by expert, every token is k rows of the grouped buffers: x gathered k times, each
+// expert's y written, read back and added by the combine (k + 1 output rows a token), dy gathered
+// k times and dx combined from k rows. But y = Σ_j g_j BTT_{c_j}(x) over the token's experts
+// c_0 < ... < c_{k-1} is a rank-k BTT whose rank components are those experts (moe.h: the experts
+// ARE rank components) with each component of z scaled by its gate. Tokens with the same set of
+// experts share that rank-k BTT, so grouped by set, a token is ONE row: x gathered once, y written
+// once in grouped order and copied back by the combine, the two experts' stage 2 summed inside one
+// GEMM (K = gamma·k) in fp32. 8 experts, top 2: 28 sets. The costs: 28 sets padded to whole tiles
+// instead of 8 experts (at 32K tokens 21% padding rows against 5%), and rank-k weight-gradient
+// partials per tile. Modelled on the H200's rates (structured/exec_model.h, st_moe_seconds) at 32K
+// tokens, 768 -> 3072: 1.86 ms against 2.16 by expert (1.93x BTT rank 2's time against 2.24x);
+// 0.79-0.90 of the expert path's time at 32K-64K tokens for widths 768-4096, 0.88-1.00 at 16K;
+// not yet measured on a GPU.
+//
+// The gate: y = Σ_j g_j z_j W1_j, so the forward's permute of z (gpu_plan.h) multiplies each
+// component by its token's gate on the way (PlanEpi.scale): the saved z is the gated one, which
+// is what dW1 = (g·z)ᵀ dY reads; d g_j = <z_j, dZu_j> = <(g·z)_j, dZu_j> / g_j (0 where g_j = 0:
+// the gate softmax's gradient multiplies it by g_j).
+//
+// Sets are numbered by the combinatorial number system: the set c_0 < c_1 < ... < c_{k-1} is
+// Σ_j C(c_j, j + 1), 0 .. C(E, k) - 1. Per token the set path keeps sid (its set) and kof (N, k):
+// component j of its set is its kof[j]-th selection (gate[t·k + kof[j]]). The rank-k cores of set
+// q are copied out of the rank components: W0q[g, a, f·k + j] = W0[g, a, f·E + c_j] and
+// W1q[f, g·k + j, e] = W1[f, g·E + c_j, e]; their gradients' per-tile partials go back the same
+// way, summed for each expert over the sets that contain it in set order, then over each set's
+// tiles in order (deterministic).
+//
+// Supported: k in {2, 4, 8} (the gate step gives each lane of a warp one component: k divides
+// 32), at most MOE_MAX_SETS sets (the grouping's limit), d_in and d_out multiples of 8
+// (gpu_plan.h, moe_set_count). A set's rows are padded to whole tiles like an expert's: the set
+// path is meant for many tokens a set (the 124M models' 16K-64K rows); -mg 2 leaves the others.
+#pragma once
+#include "../cuda/common.cuh"
+#include "gpu_plan.h"
+#include "moe.h"
+#include "spec.h"
+
+static_assert(MOE_MAX_SETS <= STRUCT_MAX_EXPERTS, "moe_group_gpu groups up to STRUCT_MAX_EXPERTS groups");
+
+// Token t's set: sid[t] = its number (moe_set_rank of its K selections sorted ascending),
+// kof[t·K + j] = which of its selections is the j-th smallest. A selection's place in the sorted
+// set is the count of its selections below it (distinct experts): no arrays, so no local memory.
+__global__ void moe_set_id_kernel(int *sid, int *kof, const int *sel, int N, int K) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    const int *s = sel + (size_t)t * K;
+    int rank = 0;
+    for (int j = 0; j < K; j++) {
+        const int v = s[j];
+        int below = 0;
+        for (int i = 0; i < K; i++) below += s[i] < v;
+        kof[(size_t)t * K + below] = j;
+        rank += moe_set_term(v, below);
+    }
+    sid[t] = rank;
+}
+
+// Each expert's selections (for the aux loss) from the sets' counts: Σ over the sets containing e.
+__global__ void moe_set_expert_counts_kernel(int *ecounts, const int *set_counts, const int *members, int E, int per, int K) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    int n = 0;
+    for (int m = 0; m < per; m++) n += set_counts[members[e * per + m] / K];
+    ecounts[e] = n;
+}
+
+// The sets' rank-K cores w0s (S, gamma, alpha, phi·K), w1s (S, phi, gamma·K, eps) copied out of
+// W0 (gamma, alpha, phi·E) and W1 (phi, gamma·E, eps). p0, p1: one set's core sizes.
+__global__ void moe_set_cores_kernel(floatX *w0s, floatX *w1s, const floatX *W0, const floatX *W1, const int *set_experts, int S, int E,
+                                     int K, int Ep, size_t p0, size_t p1) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n0 = (size_t)S * p0;
+    if (i < n0) {
+        const size_t q = i / p0, l = i % p0;
+        w0s[i] = W0[(l / K) * E + set_experts[q * K + l % K]];
+    } else if (i < n0 + (size_t)S * p1) {
+        const size_t q = (i - n0) / p1, l = (i - n0) % p1, o = l % Ep, r = l / Ep;
+        w1s[i - n0] = W1[((r / K) * E + set_experts[q * K + r % K]) * Ep + o];
+    }
+}
+
+// Each grouped row's gates in component order (rg: rows x K): row w's token t = order[w] takes
+// rg[w·K + j] = gate[t·K + kof[t·K + j]], a padding row zeros; rows in use only. The forward's
+// permute of z multiplies each component by its gate with these (PlanEpi.scale).
+__global__ void moe_set_row_gates_kernel(float *rg, const float *gate, const int *kof, const int *order, const int *rows_in_use, int rows,
+                                         int K) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * K) return;
+    const int w = (int)(i / K), j = (int)(i % K);
+    if (w >= *rows_in_use) return;
+    const int t = order[w];
+    rg[i] = t < 0 ? 0.0f : gate[(size_t)t * K + kof[(size_t)t * K + j]];
+}
+
+// dW0/dW1 (the strided rank components) += for each expert e, over the sets containing e (set
+// order), over each set's tiles (tile order), the tiled backward's fp32 partial of e's component:
+// one bf16 rounding. part0/part1: tile t's at t·p0, t·p1 (a set's rank-K core sizes); offsets:
+// the sets' grouped rows (multiples of T).
+__global__ void moe_set_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets,
+                                                const int *members, size_t n0, size_t n1, int E, int K, int Ep, int per, size_t p0,
+                                                size_t p1, int T) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n0 + n1) return;
+    const int w1 = i >= n0;
+    int e;
+    size_t base, step;  // the element's place in a set's core is base + j·step
+    if (!w1) {
+        e = (int)(i % E);
+        base = (i / E) * K;
+        step = 1;
+    } else {
+        const size_t l = i - n0, o = l % Ep, r = l / Ep;
+        e = (int)(r % E);
+        base = (r / E) * K * Ep + o;
+        step = Ep;
+    }
+    const float *part = w1 ? part1 : part0;
+    const size_t p = w1 ? p1 : p0;
+    float acc = 0.0f;
+    for (int m = 0; m < per; m++) {
+        const int qj = members[e * per + m], q = qj / K, j = qj % K;
+        const float *pq = part + base + j * step;
+        for (int t = offsets[q] / T; t < offsets[q + 1] / T; t++) acc += pq[(size_t)t * p];
+    }
+    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
+    *g = (floatX)((float)*g + acc);
+}
+
+// The set path's tiled plans (rank-K BTT, tile_rows rows, every tile N tokens can fill with S
+// sets): the forward (whose permute the caller gives the gates as its scale), the backward's dZu,
+// and the rest (from the gate step's t1 and the saved, gated z, as the expert path's from t1/t2).
+static void moe_set_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
+    const BTTShape bk = moe_set_shape(s);
+    const int tiles = moe_max_tiles(N, moe_set_count(s), tile_rows);
+    const size_t p0 = btt_w0_size(&bk), p1 = btt_w1_size(&bk);
+    Plan *plans[3] = {fwd, dz, rest};
+    for (int i = 0; i < 3; i++) {
+        if (!plans[i]) continue;
+        memset(plans[i], 0, sizeof(Plan));
+        if (i == 0) plan_btt_forward(plans[i], &bk, tile_rows, 0);
+        else if (i == 1) plan_btt_backward_dz(plans[i], &bk, tile_rows, 0);
+        else plan_btt_backward_from_t1(plans[i], &bk, tile_rows, 0, want_dx, 0);
+        plan_tile(plans[i], tiles, tile_rows, p0, p1, 0);
+    }
+}
