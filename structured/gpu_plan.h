@@ -435,23 +435,28 @@ static inline int moe_max_tiles(int NK, int E, int tile_rows) { return (int)(((l
 // Grouped rows a BTT-MoE layer's buffers hold: the tiles, and the spare.
 static inline size_t moe_grouped_rows(int NK, int E, int tile_rows) { return ((size_t)moe_max_tiles(NK, E, tile_rows) + 1) * tile_rows; }
 
-// BTT-MoE's tile rows for N tokens, from a model of the bytes the tiles cost. Padding moves about
-// half a tile of zero rows per expert through every op (E·T/2 rows of the plans' per-row bytes);
-// each tile's fp32 weight-gradient partials are written and read once (8 bytes per core element);
-// the sum E·T/2·row + NK/T·part is least at T = sqrt(2·NK·part / (E·row)), taken here to the
-// nearest power of two in [64, 2048] (cuBLAS's row tiles).
-static inline int moe_tile_rows(const MoEShape *s, int N) {
-    const BTTShape b1 = moe_expert_shape(s);
+// BTT-MoE's tile rows for `rows` grouped rows of G groups, each group a BTT of shape b, from a
+// model of the bytes the tiles cost. Padding moves about half a tile of zero rows per group
+// through every op (G·T/2 rows of the plans' per-row bytes); each tile's fp32 weight-gradient
+// partials are written and read once (8 bytes per core element); the sum G·T/2·row +
+// rows/T·part is least at T = sqrt(2·rows·part / (G·row)), taken here to the nearest power of two
+// in [64, 2048] (cuBLAS's row tiles).
+static inline int moe_tile_rows_for(const BTTShape *b, double rows, int G) {
     Plan f = {}, d = {}, r = {};
-    plan_btt_forward(&f, &b1, 1, 0);
-    plan_btt_backward_dz(&d, &b1, 1, 0);
-    plan_btt_backward_rest(&r, &b1, 1, 0, 1, 0);
+    plan_btt_forward(&f, b, 1, 0);
+    plan_btt_backward_dz(&d, b, 1, 0);
+    plan_btt_backward_rest(&r, b, 1, 0, 1, 0);
     const double row = 2.0 * (plan_activation_elems(&f) + plan_activation_elems(&d) + plan_activation_elems(&r));
-    const double part = 8.0 * (double)(btt_w0_size(&b1) + btt_w1_size(&b1));
-    const double best = sqrt(2.0 * (double)N * s->topk * part / ((double)s->experts * row));
+    const double part = 8.0 * (double)(btt_w0_size(b) + btt_w1_size(b));
+    const double best = sqrt(2.0 * rows * part / ((double)G * row));
     int t = 64;
     while (t < 2048 && best > t * 1.41421356) t *= 2;
     return t;
+}
+// Grouped by expert: N·k rows of rank-1 BTTs, E groups.
+static inline int moe_tile_rows(const MoEShape *s, int N) {
+    const BTTShape b1 = moe_expert_shape(s);
+    return moe_tile_rows_for(&b1, (double)N * s->topk, s->experts);
 }
 
 // BTT-MoE grouped by set of experts (-mg, structured/moe_sets.cuh): the sets' count, shape and
@@ -490,17 +495,7 @@ static inline BTTShape moe_set_shape(const MoEShape *s) {
 static inline int moe_set_tile_rows(const MoEShape *s, int N) {
     const BTTShape bk = moe_set_shape(s);
     const int S = moe_set_count(s);
-    if (!S) return 64;
-    Plan f = {}, d = {}, r = {};
-    plan_btt_forward(&f, &bk, 1, 0);
-    plan_btt_backward_dz(&d, &bk, 1, 0);
-    plan_btt_backward_rest(&r, &bk, 1, 0, 1, 0);
-    const double row = 2.0 * (plan_activation_elems(&f) + plan_activation_elems(&d) + plan_activation_elems(&r));
-    const double part = 8.0 * (double)(btt_w0_size(&bk) + btt_w1_size(&bk));
-    const double best = sqrt(2.0 * (double)N * part / ((double)S * row));
-    int t = 64;
-    while (t < 2048 && best > t * 1.41421356) t *= 2;
-    return t;
+    return S ? moe_tile_rows_for(&bk, N, S) : 64;
 }
 
 // A set's number (the combinatorial number system): Σ_j C(c_j, j + 1) over its experts c_0 < c_1 <
