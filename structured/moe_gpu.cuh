@@ -579,14 +579,6 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
     *out = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
-// y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
-// input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
-// segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
-// Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
-// GELU (both written by the combine).
-// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
-// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
-// experts' cores copied out of the rank components.
 // Router logits, top-k and gates of N tokens.
 static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router, int N, const MoEShape *s) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in;
@@ -600,6 +592,9 @@ static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router
     cudaCheckLaunch();
 }
 
+// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
+// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
+// experts' cores copied out of the rank components.
 static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
                                 const floatX *W1, const floatX *router, int N, const MoEShape *s) {
     const int E = s->experts, K = s->topk, NK = N * K;
@@ -662,6 +657,12 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
 // plans (-sk 0; the fused and -sk 4 paths group by expert).
 static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && !g_st_fused && !g_st_zt; }
 
+// y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
+// input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
+// segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
+// Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
+// GELU (both written by the combine). With st->sets and the plans (-sk 0), grouped by set of
+// experts instead (moe_forward_sets_gpu).
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
     if (moe_sets_now(st)) {
@@ -810,7 +811,8 @@ static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, c
 // tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
 // Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
 // pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
-// (the plans only). Returns 1 when it ran fused.
+// (the plans only). After a forward grouped by set, the set path's backward, whatever the kernels
+// (its saved z is the set path's). Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                             const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
