@@ -59,7 +59,6 @@ typedef struct {
     int *sid, *kof;       // (N), (N, K): each token's set and the selection each component is
     int *set_experts;     // (S, K) each set's experts, ascending
     int *members;         // (E, C(E-1, K-1)) q·K + j of each set q containing the expert (j its place)
-    int *ecounts;         // (E) selections per expert (the aux loss's counts on the set path)
     float *rgate;         // (grouped rows, K) each grouped row's gates in component order
 } MoEGPUState;
 
@@ -174,14 +173,13 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
     if (st->sets) {  // the set path's per-token arrays and tables
         const int K = s->topk, per = (int)moe_binom((int)E - 1, K - 1);
-        const size_t ints = (size_t)N + NK + (size_t)st->S * K + E * per + E + gs.rows * K;  // the last: rgate (floats)
+        const size_t ints = (size_t)N + NK + (size_t)st->S * K + E * per + gs.rows * K;  // the last: rgate (floats)
         snprintf(name, sizeof(name), "%s: BTT-MoE set path (sets, their experts, per-expert counts)", what);
         st->sid = cudaMallocNamed(int, ints, name);
         st->kof = st->sid + N;
         st->set_experts = st->kof + NK;
         st->members = st->set_experts + (size_t)st->S * K;
-        st->ecounts = st->members + E * per;
-        st->rgate = (float *)(st->ecounts + E);
+        st->rgate = (float *)(st->members + E * per);
         int *host = (int *)mallocCheck(((size_t)st->S * K + E * per) * sizeof(int));
         moe_set_tables(host, host + (size_t)st->S * K, (int)E, K);
         cudaCheck(cudaMemcpy(st->set_experts, host, ((size_t)st->S * K + E * per) * sizeof(int), cudaMemcpyHostToDevice));
@@ -271,10 +269,13 @@ static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEGPUState *st, const
     sc->ptrs = (void **)(fmem + L.ptrs);
 }
 
-__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K) {
+// sid, kof (may be NULL): the set path's, each token's set of experts (moe_sets.cuh).
+__global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float *logits, const int *only, int N, int E, int K, int *sid,
+                                 int *kof) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N) return;
     st_moe_route_row(logits + (size_t)t * E, E, K, only ? only + (size_t)t * K : NULL, sel + (size_t)t * K, gate + (size_t)t * K, lse + t);
+    if (sid) moe_set_of_row(sid + t, kof + (size_t)t * K, sel + (size_t)t * K, K);
 }
 
 // w0x/w1x from the strided rank components (scatter = 0), or dW0/dW1 += dw0x/dw1x (scatter = 1).
@@ -563,15 +564,17 @@ __global__ void moe_dlogits_kernel(float *dlogits, floatX *dlogits_bf16, const f
 }
 
 // moe.h's MOE_AUX_STATS layout: block j < E: stats[j] = Σ_t softmax(logits_t)_j; block E:
-// stats[2E] = Σ_t lse_t² and stats[E + e] = counts[e]. fp32 sums in a fixed order, stored as doubles.
-__global__ void moe_aux_stats_kernel(double *stats, const float *logits, const float *lse, const int *counts, int N, int E) {
+// stats[2E] = Σ_t lse_t² and stats[E + e] = counts[e] (members not NULL: counts are the sets',
+// each expert's the sum over its sets). fp32 sums in a fixed order, stored as doubles.
+__global__ void moe_aux_stats_kernel(double *stats, const float *logits, const float *lse, const int *counts, int N, int E,
+                                     const int *members, int per, int K) {
     int j = blockIdx.x;
     float s = 0.0f;
     for (int t = threadIdx.x; t < N; t += blockDim.x) s += j < E ? __expf(logits[(size_t)t * E + j] - lse[t]) : lse[t] * lse[t];
     s = block_sum(s);
     if (threadIdx.x == 0) stats[j < E ? j : 2 * E] = s;
     if (j == E)
-        for (int e = threadIdx.x; e < E; e += blockDim.x) stats[E + e] = counts[e];
+        for (int e = threadIdx.x; e < E; e += blockDim.x) stats[E + e] = members ? moe_set_expert_count(counts, members, e, per, K) : counts[e];
 }
 
 // One thread: the aux loss and routing, and f̂, from the statistics of n_total tokens (moe.h's formula).
@@ -579,8 +582,8 @@ __global__ void moe_aux_finish_kernel(MoERouting *out, float *fhat, const double
     *out = st_moe_aux_from_stats(fhat, stats, n_total, E, K);
 }
 
-// Router logits, top-k and gates of N tokens.
-static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router, int N, const MoEShape *s) {
+// Router logits, top-k and gates of N tokens (sets: also each token's set, st->sid and st->kof).
+static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router, int N, const MoEShape *s, int sets = 0) {
     const int E = s->experts, K = s->topk, din = s->btt.d_in;
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
     st->N = N;
@@ -588,7 +591,8 @@ static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router
     st_step("router logits");
     st_gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, E, N, din, router, CUBLAS_LOWP, din, x, CUBLAS_LOWP, din, 0.0f, st->logits, CUDA_R_32F, E);
     st_step("top-k, gate softmax");
-    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K);
+    moe_route_kernel<<<ceil_div_i(N, 128), 128>>>(st->sel, st->gate, st->lse, st->logits, st->forced_sel, N, E, K, sets ? st->sid : NULL,
+                                                  sets ? st->kof : NULL);
     cudaCheckLaunch();
 }
 
@@ -625,18 +629,13 @@ static void moe_set_cores(MoEGPUScratch *sc, const MoEGPUState *st, const floatX
 // with the bias (and GELU).
 static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                                  const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
-    const int E = s->experts, K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
-    const int per = (int)moe_binom(E - 1, K - 1), rows = moe_max_tiles(N, S, T) * T;
-    moe_route_gpu(st, x, router, N, s);
+    const int K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
+    const int rows = moe_max_tiles(N, S, T) * T;
+    moe_route_gpu(st, x, router, N, s, 1);
     st->sets_ran = 1;
     g_moe_sets_runs++;
-    st_step("sets of experts");
-    moe_set_id_kernel<<<ceil_div_i(N, 128), 128>>>(st->sid, st->kof, st->sel, N, K);
-    cudaCheckLaunch();
     st_step("grouping by set");
     moe_group_gpu(st->order, st->pos, st->counts, st->offsets, st->tile_expert, st->group, st->sid, N, S, T);
-    moe_set_expert_counts_kernel<<<ceil_div_i(E, 128), 128>>>(st->ecounts, st->counts, st->members, E, per, K);
-    cudaCheckLaunch();
     moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
     cudaCheckLaunch();
     moe_set_cores(sc, st, W0, W1, s);
@@ -694,7 +693,9 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
 // The statistics of the aux loss over this process's N tokens into st->stats (device doubles,
 // moe.h's MOE_AUX_STATS layout). Data-parallel ranks sum them (all-reduce) before the finish.
 static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
-    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->sets_ran ? st->ecounts : st->counts, st->N, s->experts);
+    const int per = st->sets_ran ? (int)moe_binom(s->experts - 1, s->topk - 1) : 0;
+    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts, st->sets_ran ? st->members : NULL,
+                                                  per, s->topk);
     cudaCheckLaunch();
 }
 

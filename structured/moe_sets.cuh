@@ -40,31 +40,28 @@
 
 static_assert(MOE_MAX_SETS <= STRUCT_MAX_EXPERTS, "moe_group_gpu groups up to STRUCT_MAX_EXPERTS groups");
 
-// Token t's set: sid[t] = its number (moe_set_rank of its K selections sorted ascending),
-// kof[t·K + j] = which of its selections is the j-th smallest. A selection's place in the sorted
-// set is the count of its selections below it (distinct experts): no arrays, so no local memory.
-__global__ void moe_set_id_kernel(int *sid, int *kof, const int *sel, int N, int K) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= N) return;
-    const int *s = sel + (size_t)t * K;
+// A token's set from its K selections sel: *sid its number (moe_set_rank of the selections
+// sorted ascending), kof[j] = which selection is the j-th smallest. A selection's place in the
+// sorted set is the count of selections below it (distinct experts): no arrays, no local memory.
+// moe_gpu.cuh's routing kernel calls it right after the top-k.
+static __device__ __forceinline__ void moe_set_of_row(int *sid, int *kof, const int *sel, int K) {
     int rank = 0;
     for (int j = 0; j < K; j++) {
-        const int v = s[j];
+        const int v = sel[j];
         int below = 0;
-        for (int i = 0; i < K; i++) below += s[i] < v;
-        kof[(size_t)t * K + below] = j;
+        for (int i = 0; i < K; i++) below += sel[i] < v;
+        kof[below] = j;
         rank += moe_set_term(v, below);
     }
-    sid[t] = rank;
+    *sid = rank;
 }
 
-// Each expert's selections (for the aux loss) from the sets' counts: Σ over the sets containing e.
-__global__ void moe_set_expert_counts_kernel(int *ecounts, const int *set_counts, const int *members, int E, int per, int K) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= E) return;
+// An expert's selections from the sets' counts (the aux loss's statistic on the set path): the sum
+// over the `per` sets that contain expert e (members, moe_set_tables).
+static __device__ __forceinline__ int moe_set_expert_count(const int *set_counts, const int *members, int e, int per, int K) {
     int n = 0;
     for (int m = 0; m < per; m++) n += set_counts[members[e * per + m] / K];
-    ecounts[e] = n;
+    return n;
 }
 
 // The sets' rank-K cores w0s (S, gamma, alpha, phi·K), w1s (S, phi, gamma·K, eps) copied out of
