@@ -1686,8 +1686,19 @@ static void trainer_banner(const GPT2 *m) {
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_sk ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
-        if (g_moe_sets) printf("| BTT-MoE grouping      | %-50s |\n", g_moe_sets == 1 ? "by set of experts where it applies (-mg 1)"
-                                                                                      : "by set where modelled faster (-mg 2)");
+        if (g_moe_sets) {  // how many BTT-MoE layers group their tokens by set of experts
+            int n_moe = 0, n_sets = 0;
+            for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+                const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+                if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
+                n_moe++;
+                n_sets += m->lin[i].moe.sets;
+            }
+            char mg[64];
+            if (g_st_sk != 0) snprintf(mg, sizeof(mg), "by expert: -mg takes the plans of -sk 0 only");
+            else snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-mg %d)", n_sets, n_moe, g_moe_sets);
+            printf("| BTT-MoE grouping      | %-50s |\n", mg);
+        }
         if (g_st_dense == 2 && !g_st_tune) printf("| -sm 2 runs as dense   | %-50s |\n", roles[0] ? roles : "none");
         if (g_st_tune) trainer_banner_kernels(m);
     }
