@@ -121,13 +121,7 @@ static inline double st_moe_seconds(const MoEShape *s, int N, int sets, const Pl
     bk.rank = R;
     const size_t p0 = btt_w0_size(&bk), p1 = btt_w1_size(&bk);
     Plan f, d, rest;
-    memset(&f, 0, sizeof(f)); memset(&d, 0, sizeof(d)); memset(&rest, 0, sizeof(rest));
-    plan_btt_forward(&f, &bk, T, 0);
-    plan_btt_backward_dz(&d, &bk, T, 0);
-    plan_btt_backward_from_t1(&rest, &bk, T, 0, 1, 0);
-    plan_tile(&f, tiles, T, p0, p1, 0);
-    plan_tile(&d, tiles, T, p0, p1, 0);
-    plan_tile(&rest, tiles, T, p0, p1, 0);
+    plan_moe_tiled(&f, &d, &rest, &bk, tiles, T, 1, 0);
     const double rows = (double)tiles * T, din = s->btt.d_in, dout = s->btt.d_out, zrow = (double)btt_z_row(&bk);
     double elems = rows_total * (din + dout) + rows * (din + dout);  // the gathers of x and dy
     elems += (rows + N) * (dout + din);                              // the combines of y and dx

@@ -422,6 +422,30 @@ ST_HD static inline size_t plan_tile_offset(const PlanOp *o, int k, int i, int b
     return off + (size_t)(o->ts[k] * t + o->es[k] * e + stride * b);
 }
 
+// BTT-MoE's three tiled plans for groups that are each a BTT of shape b (an expert's rank 1, a set
+// of experts' rank k), `tiles` tiles of tile_rows rows: the forward; the backward's dZu; the rest
+// of the backward (dx when want_dx, per-tile weight partials), which reads dZ already permuted in
+// T1 and the gated z in place of Z (moe_gpu.cuh's gate step writes both). A NULL plan is not
+// built. zt: -sk 4's, each tile's z and dZu stored transposed (the same GEMMs, no permute).
+static inline void plan_moe_tiled(Plan *fwd, Plan *dz, Plan *rest, const BTTShape *b, int tiles, int tile_rows, int want_dx, int zt) {
+    const size_t p0 = btt_w0_size(b), p1 = btt_w1_size(b);
+    Plan *plans[3] = {fwd, dz, rest};
+    for (int i = 0; i < 3; i++) {
+        if (!plans[i]) continue;
+        memset(plans[i], 0, sizeof(Plan));
+        if (zt) {
+            if (i == 0) plan_btt_forward_zt(plans[i], b, tile_rows);
+            else if (i == 1) plan_btt_backward_zt_dz(plans[i], b, tile_rows);
+            else plan_btt_backward_zt_rest(plans[i], b, tile_rows, want_dx, 0);
+        } else {
+            if (i == 0) plan_btt_forward(plans[i], b, tile_rows, 0);
+            else if (i == 1) plan_btt_backward_dz(plans[i], b, tile_rows, 0);
+            else plan_btt_backward_from_t1(plans[i], b, tile_rows, 0, want_dx, 0);
+        }
+        plan_tile(plans[i], tiles, tile_rows, p0, p1, zt ? (size_t)tile_rows * btt_z_row(b) : 0);
+    }
+}
+
 // Pointers a tiled plan's GEMMs take: three (A, B, C) per batch slot.
 static inline size_t plan_tile_ptr_count(const Plan *p) {
     size_t n = 0;
@@ -464,8 +488,8 @@ static inline int moe_tile_rows(const MoEShape *s, int N) {
 #define MOE_SET_MAX_K 8
 #define MOE_MAX_SETS 1024  // the grouping's limit (moe_group.cuh: STRUCT_MAX_EXPERTS groups)
 
-// C(n, r), saturating at 2^40 (only compared with small limits)
-static inline long moe_binom(int n, int r) {
+// C(n, r), saturating at 2^40 (only compared with small limits); also the set numbers' terms on the GPU
+ST_HD static inline long moe_binom(int n, int r) {
     if (r < 0 || r > n) return 0;
     long c = 1;
     for (int i = 1; i <= r; i++) {
@@ -499,15 +523,10 @@ static inline int moe_set_tile_rows(const MoEShape *s, int N) {
 }
 
 // A set's number (the combinatorial number system): Σ_j C(c_j, j + 1) over its experts c_0 < c_1 <
-// ... < c_{K-1}, so the C(E, K) sets of E experts are 0 .. C(E, K) - 1 in colex order. Term j:
-ST_HD static inline int moe_set_term(int c, int j) {
-    long b = 1;  // C(c, j + 1), exact at every step; 0 when c = j (the first factor)
-    for (int i = 1; i <= j + 1; i++) b = b * (c - (j + 1) + i) / i;
-    return (int)b;
-}
+// ... < c_{K-1}, so the C(E, K) sets of E experts are 0 .. C(E, K) - 1 in colex order.
 static inline int moe_set_rank(const int *c, int K) {
     int rank = 0;
-    for (int j = 0; j < K; j++) rank += moe_set_term(c[j], j);
+    for (int j = 0; j < K; j++) rank += (int)moe_binom(c[j], j + 1);
     return rank;
 }
 

@@ -90,30 +90,11 @@ typedef struct {
     floatX *dlogits_bf16;             // (N, E)
 } MoEGPUScratch;
 
-// The three tiled plans of a BTT-MoE layer's cuBLAS path (tile_rows rows, every tile N·K pairs
-// can fill): forward; backward's dZu; the rest of the backward (dx when want_dx, per-tile
-// partials), which reads dZ permuted in t1 and gate·z in place of Z (t2: the gate step's). A NULL
-// plan is not built. zt: -sk 4's, each tile's z and dZu stored transposed (the
-// same GEMMs and pointers, no permute).
+// The expert path's three tiled plans (gpu_plan.h, plan_moe_tiled): rank-1 experts, tile_rows
+// rows, every tile N·K pairs can fill; the rest reads t1 and t2 as moe_gate_backward_t writes them.
 static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx, int zt) {
     const BTTShape b1 = moe_expert_shape(s);
-    const int tiles = moe_max_tiles(N * s->topk, s->experts, tile_rows);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
-    Plan *plans[3] = {fwd, dz, rest};
-    for (int i = 0; i < 3; i++) {
-        if (!plans[i]) continue;
-        memset(plans[i], 0, sizeof(Plan));
-        if (zt) {
-            if (i == 0) plan_btt_forward_zt(plans[i], &b1, tile_rows);
-            else if (i == 1) plan_btt_backward_zt_dz(plans[i], &b1, tile_rows);
-            else plan_btt_backward_zt_rest(plans[i], &b1, tile_rows, want_dx, 0);
-        } else {  // the rest from t1: moe_gate_backward_t_kernel writes it already permuted
-            if (i == 0) plan_btt_forward(plans[i], &b1, tile_rows, 0);
-            else if (i == 1) plan_btt_backward_dz(plans[i], &b1, tile_rows, 0);
-            else plan_btt_backward_from_t1(plans[i], &b1, tile_rows, 0, want_dx, 0);
-        }
-        plan_tile(plans[i], tiles, tile_rows, p0, p1, zt ? (size_t)tile_rows * btt_z_row(&b1) : 0);
-    }
+    plan_moe_tiled(fwd, dz, rest, &b1, moe_max_tiles(N * s->topk, s->experts, tile_rows), tile_rows, want_dx, zt);
 }
 
 // The grouping's sizes for N tokens: grouped rows, groups, tiles, the grouping's scratch ints and
@@ -294,18 +275,38 @@ __global__ void moe_cores_kernel(floatX *W0, floatX *W1, floatX *w0x, floatX *w1
     }
 }
 
-// dW0/dW1 (the strided rank components) += the sum over expert e's tiles, in tile order, of the
-// tiled backward's fp32 partials (tile t's at part0 + t·p0, part1 + t·p1): one bf16 rounding.
-__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets, size_t n0,
-                                            size_t n1, int E, int Ep, size_t p0, size_t p1, int T) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+// dW0/dW1 (the strided rank components) += for each expert e, over the groups that hold its
+// component in order, over each group's tiles in order, the tiled backward's fp32 partial of that
+// component: one bf16 rounding. Groups: the experts (members NULL, K = 1: expert e's group is e
+// alone), or the sets (members: the `per` sets containing e as q·K + j, j its place in set q;
+// moe_sets.cuh). part0/part1: tile t's at t·p0, t·p1 (a group's core sizes); offsets: the groups'
+// grouped rows (multiples of T).
+__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets,
+                                            const int *members, size_t n0, size_t n1, int E, int K, int Ep, int per, size_t p0, size_t p1,
+                                            int T) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n0 + n1) return;
     const int w1 = i >= n0;
-    const size_t j = w1 ? st_moe_w1_expert_index(i - n0, E, Ep, p1) : st_moe_w0_expert_index(i, E, p0), p = w1 ? p1 : p0;
-    const int e = (int)(j / p);
-    const float *part = (w1 ? part1 : part0) + j % p;
+    int e;
+    size_t base, step;  // the element's place in a group's core is base + j·step
+    if (!w1) {  // W0[g, a, f·E + e] -> (g, a, f·K + j)
+        e = (int)(i % E);
+        base = (i / E) * K;
+        step = 1;
+    } else {  // W1[f, g·E + e, o] -> (f, g·K + j, o)
+        const size_t l = i - n0, o = l % Ep, r = l / Ep;
+        e = (int)(r % E);
+        base = (r / E) * K * Ep + o;
+        step = Ep;
+    }
+    const float *part = w1 ? part1 : part0;
+    const size_t p = w1 ? p1 : p0;
     float acc = 0.0f;
-    for (int t = offsets[e] / T; t < offsets[e + 1] / T; t++) acc += part[(size_t)t * p];
+    for (int m = 0; m < per; m++) {
+        const int qj = members ? members[e * per + m] : e, q = qj / K, j = qj % K;
+        const float *pq = part + base + j * step;
+        for (int t = offsets[q] / T; t < offsets[q + 1] / T; t++) acc += pq[(size_t)t * p];
+    }
     floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
     *g = (floatX)((float)*g + acc);
 }
@@ -767,7 +768,8 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     } else {  // dx per tile; dW0, dW1 per tile, then summed per expert into the rank components
         plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dx, dW");
         st_step("dW partials summed per expert");
-        moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, n0, n1, E, s->btt.eps, p0, p1, T);
+        moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, NULL, n0, n1, E, 1, s->btt.eps, 1, p0,
+                                                           p1, T);
         cudaCheckLaunch();
     }
     return fused;
@@ -799,8 +801,8 @@ static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, c
     moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, S, rows, &bk, MOE_GATE_T_SMEM, st->kof, 1);
     plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dx, dW");
     st_step("dW partials summed per expert over its sets");
-    moe_set_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, st->members, n0,
-                                                                               n1, E, K, s->btt.eps, per, q0, q1, T);
+    moe_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, st->members, n0, n1,
+                                                                           E, K, s->btt.eps, per, q0, q1, T);
     cudaCheckLaunch();
 }
 

@@ -26,7 +26,7 @@
 // q are copied out of the rank components: W0q[g, a, f·k + j] = W0[g, a, f·E + c_j] and
 // W1q[f, g·k + j, e] = W1[f, g·E + c_j, e]; their gradients' per-tile partials go back the same
 // way, summed for each expert over the sets that contain it in set order, then over each set's
-// tiles in order (deterministic).
+// tiles in order (deterministic; moe_gpu.cuh's moe_partials_scatter_kernel, the expert path's too).
 //
 // Supported: k in {2, 4, 8} (the gate step gives each lane of a warp one component: k divides
 // 32), at most MOE_MAX_SETS sets (the grouping's limit), d_in and d_out multiples of 8
@@ -51,7 +51,7 @@ static __device__ __forceinline__ void moe_set_of_row(int *sid, int *kof, const 
         int below = 0;
         for (int i = 0; i < K; i++) below += sel[i] < v;
         kof[below] = j;
-        rank += moe_set_term(v, below);
+        rank += (int)moe_binom(v, below + 1);  // moe_set_rank's term of the set's below-th expert
     }
     *sid = rank;
 }
@@ -91,54 +91,10 @@ __global__ void moe_set_row_gates_kernel(float *rg, const float *gate, const int
     rg[i] = t < 0 ? 0.0f : gate[(size_t)t * K + kof[(size_t)t * K + j]];
 }
 
-// dW0/dW1 (the strided rank components) += for each expert e, over the sets containing e (set
-// order), over each set's tiles (tile order), the tiled backward's fp32 partial of e's component:
-// one bf16 rounding. part0/part1: tile t's at t·p0, t·p1 (a set's rank-K core sizes); offsets:
-// the sets' grouped rows (multiples of T).
-__global__ void moe_set_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets,
-                                                const int *members, size_t n0, size_t n1, int E, int K, int Ep, int per, size_t p0,
-                                                size_t p1, int T) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n0 + n1) return;
-    const int w1 = i >= n0;
-    int e;
-    size_t base, step;  // the element's place in a set's core is base + j·step
-    if (!w1) {
-        e = (int)(i % E);
-        base = (i / E) * K;
-        step = 1;
-    } else {
-        const size_t l = i - n0, o = l % Ep, r = l / Ep;
-        e = (int)(r % E);
-        base = (r / E) * K * Ep + o;
-        step = Ep;
-    }
-    const float *part = w1 ? part1 : part0;
-    const size_t p = w1 ? p1 : p0;
-    float acc = 0.0f;
-    for (int m = 0; m < per; m++) {
-        const int qj = members[e * per + m], q = qj / K, j = qj % K;
-        const float *pq = part + base + j * step;
-        for (int t = offsets[q] / T; t < offsets[q + 1] / T; t++) acc += pq[(size_t)t * p];
-    }
-    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
-    *g = (floatX)((float)*g + acc);
-}
-
 // The set path's tiled plans (rank-K BTT, tile_rows rows, every tile N tokens can fill with S
 // sets): the forward (whose permute the caller gives the gates as its scale), the backward's dZu,
 // and the rest (from the gate step's t1 and the saved, gated z, as the expert path's from t1/t2).
 static void moe_set_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
     const BTTShape bk = moe_set_shape(s);
-    const int tiles = moe_max_tiles(N, moe_set_count(s), tile_rows);
-    const size_t p0 = btt_w0_size(&bk), p1 = btt_w1_size(&bk);
-    Plan *plans[3] = {fwd, dz, rest};
-    for (int i = 0; i < 3; i++) {
-        if (!plans[i]) continue;
-        memset(plans[i], 0, sizeof(Plan));
-        if (i == 0) plan_btt_forward(plans[i], &bk, tile_rows, 0);
-        else if (i == 1) plan_btt_backward_dz(plans[i], &bk, tile_rows, 0);
-        else plan_btt_backward_from_t1(plans[i], &bk, tile_rows, 0, want_dx, 0);
-        plan_tile(plans[i], tiles, tile_rows, p0, p1, 0);
-    }
+    plan_moe_tiled(fwd, dz, rest, &bk, moe_max_tiles(N, moe_set_count(s), tile_rows), tile_rows, want_dx, 0);
 }
