@@ -149,11 +149,11 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 // Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
 // candidates (-sk 4 among them), then each forward paired with another's backward, the pairs of the plans, the
 // split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
-// the fused kernel and the one with W0 staged). Returns how many.
-static int st_kernel_choices(int kind, int out[ST_K_END]) {
+// the fused kernel and the one with W0 staged; with sets, also its grouping by set). Returns how many.
+static int st_kernel_choices(int kind, int sets, int out[ST_K_END]) {
     static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
     static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
-    int n = st_kernel_candidates(kind, out);
+    int n = st_kernel_candidates(kind, out, sets);
     const int np = kind == STRUCT_BTT ? 12 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 6 : 0;
     for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
     return n;
@@ -168,7 +168,7 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
     for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
         int cand[ST_K_END];
-        const int nc = ld->used && st_kind_tunable(ld->spec.kind) ? st_kernel_choices(ld->spec.kind, cand) : 0;
+        const int nc = ld->used && st_kind_tunable(ld->spec.kind) ? st_kernel_choices(ld->spec.kind, m->lin[i].moe.sets, cand) : 0;
         if (!nc) continue;
         const int k = cand[(j++ + shift) % nc];
         lin_set_kernels(&m->lin[i], k);
@@ -194,7 +194,6 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     if (fused == 8 && !f.n_routed) { fixture_run_free(&m, &f); return; }                   // -mg changes nothing there
     g_moe_sets = fused == 8;
     const long sets0 = g_moe_sets_runs;
-    const float tol_x = fused == 8 ? 2.0f : 1.0f;  // -mg 1's extra roundings (the tolerances above)
     g_gpu.gelu_fusion = gelu_fusion;
     st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : 0);
     g_st_dense = fused == 2;
@@ -208,6 +207,10 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     if (per_layer) st_kernels_rotate(&m, fused == 5 ? 0 : 7);
+    int by_set = 0;  // the routed layers that group by set (-mg 1, or their own kernels so)
+    for (int j = 0; j < f.n_routed; j++) by_set += lin_kernels(lin_state(&m, &f.routed[j])) == ST_K_SETS;
+    const float tol_x = by_set ? 2.0f : 1.0f;  // -mg 1's extra roundings (the tolerances above)
+    if (per_layer && by_set) printf("# %d routed layers group by set of experts\n", by_set);
     if (flash == 2 && !m.cudnn) {
         printf("# skipped: cuDNN cannot run this shape (the note above says why)\n");
         fixture_run_free(&m, &f);
@@ -243,11 +246,11 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
     check_grads(&m, f.grads, tol_x * 6e-2f, tag);
-    if (fused == 8) {
+    if (fused == 8 || by_set) {
         long want = 0;
         for (int j = 0; j < f.n_routed; j++) {
             const MoEShape ms = moe_shape_of(&f.routed[j].spec);
-            want += 2 * (moe_set_count(&ms) > 0);
+            want += 2 * (per_layer ? lin_kernels(lin_state(&m, &f.routed[j])) == ST_K_SETS : moe_set_count(&ms) > 0);
         }
         snprintf(name, sizeof(name), "%s every routed layer that takes the set path ran it forward and backward (%ld runs)", tag, want);
         check_true(g_moe_sets_runs - sets0 == want, name, "another count of set-path runs");
@@ -548,6 +551,114 @@ static void check_autotune_choice(void) {
     rmdir(dir);
 }
 
+// -at 1 with BTT-MoE's grouping by set of experts (-mg 1, ST_K_SETS) among the choices: a model
+// of 3 blocks whose fc is BTT-MoE, 4 experts top 2 (6 sets) in block 0, 8 experts top 2 (28
+// sets) in block 1 and 4 experts top 1 (no set path) in block 2; everything else dense. The
+// fake clock makes the grouping by set block 0's fastest choice (its fastest forward too, but it
+// pairs with no other backward) and block 1's slowest; block 2 is not offered it.
+static const double g_sets_fc[3][2][ST_K_COUNT] = {
+    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35}},  // -mg 1: 0.55; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
+    {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90}},  // -sk 0 1.00 kept
+    {{0.50, 0.40, 0.60, -1, -1, 0.55, -1}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1}}};     // -sk 1 0.80
+static int g_sets_calls, g_sets_unset, g_sets_offered[3];
+static void fake_tune_clock_sets(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
+    g_sets_calls++;
+    int idx[3];
+    const int n = tune_unit_members(m, u, idx);
+    for (int i = 0; i < n; i++)
+        if (lin_kernels(&m->lin[idx[i]]) != k) g_sets_unset++;
+    if (k == ST_K_SETS && u->layer >= 0 && u->layer < 3) g_sets_offered[u->layer]++;
+    tune_unit_run((void *)u);
+    for (int d = 0; d < 2; d++) ms[d] = u->role == SR_FC && u->layer >= 0 ? g_sets_fc[u->layer][d][k] : 100.0;
+}
+// The same, but the set path writes zeros over rows 16..31 of block 0's fc output: refused.
+static void fake_tune_clock_sets_broken(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
+    fake_tune_clock_sets(m, u, k, ms);
+    if (u->role == SR_FC && u->layer == 0 && k == ST_K_SETS) {
+        const size_t C4 = 4 * (size_t)m->config.channels;
+        cudaCheck(cudaMemset(act_gelu(m, 0) + 16 * C4, 0, 16 * C4 * sizeof(floatX)));
+    }
+}
+static void check_autotune_sets(void) {
+    {  // the helpers: a candidate of BTT-MoE shapes with sets only, the byte, its label, never paired
+        int cm[ST_K_COUNT], cm0[ST_K_COUNT], cb[ST_K_COUNT];
+        char label[48];
+        st_kernel_label(label, sizeof(label), ST_K_SETS);
+        const int sc[3] = {0, 1, ST_K_SETS};
+        const double fs[3] = {1.0, 0.6, 0.1}, bs[3] = {0.3, 1.0, 1.0};  // -mg 1's forward the fastest: no pair with it
+        const double fw[3] = {1.0, 0.6, 0.2}, bw[3] = {0.3, 1.0, 0.3};  // -mg 1 both ways 0.5, the pair 0.9
+        check_true(st_kernel_candidates(STRUCT_BTT_MOE, cm, 1) == 5 && cm[4] == ST_K_SETS && st_kernel_candidates(STRUCT_BTT_MOE, cm0, 0) == 4 &&
+                       st_kernel_candidates(STRUCT_BTT, cb, 1) == 6 && cb[5] == ST_K_ZT && st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 1) &&
+                       !st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 0) && !st_kernel_valid(STRUCT_BTT, ST_K_SETS) &&
+                       !st_kernel_valid(STRUCT_MONARCH, ST_K_SETS) && st_kernel_sk(ST_K_SETS, 0) == 0 && st_kernel_sk(ST_K_SETS, 1) == 0 &&
+                       st_kernel_canonical(STRUCT_BTT_MOE, ST_K_SETS) == ST_K_SETS && strcmp(label, "-mg 1") == 0 &&
+                       st_tune_pick_pair(sc, fs, bs, 3, 0, 1) == st_kernel_pair(1, 0) && st_tune_pick_pair(sc, fw, bw, 3, 0, 1) == ST_K_SETS,
+                   "-at 1's -mg 1: a candidate of BTT-MoE shapes that group by set, its byte and label, never paired", label);
+    }
+    char dir[] = "/tmp/test_gpt2cu_mg_XXXXXX", path[256];
+    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
+    snprintf(path, sizeof(path), "%s/mg.conf", dir);
+    FILE *fp = fopenCheck(path, "w");
+    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 2\n\n"
+                "[layer.1.fc]\nstruct = btt_moe\nexperts = 8\ntopk = 2\n\n[layer.2.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 1\n");
+    fcloseCheck(fp, path);
+    GPT2 m;
+    gpt2_build(&m, path);
+    st_set_kernels(0);
+    g_st_dense = 0;
+    g_moe_sets = 0;
+    g_st_tune = 1;
+    gpt2_alloc(&m, 2, 16, 1, 1);
+    MoEGPUState *fc[3];
+    for (int l = 0; l < 3; l++) fc[l] = &m.lin[l * NUM_BLOCK_ROLES + SR_FC].moe;
+    // room for every choice: the set path's arrays in blocks 0 and 1 (not 2: top 1 has no sets)
+    const int room_ok = fc[0]->sets && fc[1]->sets && !fc[2]->sets && !fc[0]->use_sets && fc[1]->bytes[3] > 0;
+    const size_t z1_room = fc[1]->bytes[1], bytes_room = g_gpu_bytes;
+    g_tune_clock = fake_tune_clock_sets;
+    g_sets_calls = g_sets_unset = 0;
+    memset(g_sets_offered, 0, sizeof(g_sets_offered));
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    st_buffers_fit(&m, 0);
+    const int k0 = lin_kernels(&m.lin[SR_FC]), k1 = lin_kernels(&m.lin[NUM_BLOCK_ROLES + SR_FC]), k2 = lin_kernels(&m.lin[2 * NUM_BLOCK_ROLES + SR_FC]);
+    char got[128];
+    snprintf(got, sizeof(got), "kernels %d %d %d, %d calls, %d unset, offered %d %d %d", k0, k1, k2, g_sets_calls, g_sets_unset, g_sets_offered[0],
+             g_sets_offered[1], g_sets_offered[2]);
+    check_true(room_ok && g_sets_calls == 5 + 5 + 4 && g_sets_unset == 0 && g_sets_offered[0] == 1 && g_sets_offered[1] == 1 && !g_sets_offered[2] &&
+                   k0 == ST_K_SETS && k1 == 0 && k2 == 1,
+               "-at 1: BTT-MoE's grouping by set timed where the shape takes it (6 and 28 sets, not top 1), chosen where fastest both ways, "
+               "its results checked against the plans' but not its own z",
+               got);
+    // fitted: block 0 keeps the set path, block 1's state without it (z back to the expert path's size)
+    check_true(fc[0]->sets && fc[0]->use_sets && !fc[1]->sets && fc[1]->bytes[3] == 0 && fc[1]->bytes[1] < z1_room && g_gpu_bytes < bytes_room,
+               "-at 1: after the choice, only the layer that groups by set keeps the set path's arrays; the others' z shrinks", "other buffers");
+    int *tok = (int *)mallocCheck(32 * sizeof(int));
+    for (int i = 0; i < 32; i++) tok[i] = (i * 37) % 512;
+    const long runs0 = g_moe_sets_runs;
+    const float loss = gpt2_forward(&m, tok, tok, 2, 16);
+    gpt2_backward(&m, 1.0f);
+    cudaCheck(cudaDeviceSynchronize());
+    snprintf(got, sizeof(got), "loss %g, %ld set-path runs", loss, g_moe_sets_runs - runs0);
+    check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2, "-at 1: the layer that chose -mg 1 groups by set forward and backward",
+               got);
+    // with the room again, a set path that writes a wrong tile is refused: block 0 takes -sk 4 (0.90)
+    st_set_all_kernels(&m, 0);
+    st_buffers_fit(&m, 1);
+    const int room_back = fc[0]->sets && fc[1]->sets && !fc[0]->use_sets;
+    g_tune_clock = fake_tune_clock_sets_broken;
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    st_buffers_fit(&m, 0);
+    snprintf(got, sizeof(got), "kernels %d, room %d", lin_kernels(&m.lin[SR_FC]), room_back);
+    check_true(room_back && lin_kernels(&m.lin[SR_FC]) == ST_K_ZT && !fc[0]->sets,
+               "-at 1: the set path's arrays come back with the room; a set path whose results differ from the plans' is refused", got);
+    free(tok);
+    gpt2_free(&m);
+    g_st_tune = 0;
+    remove(path);
+    rmdir(dir);
+}
+
 // llm.c's check (as test_gpt2.c): GPT-2 124M weights, one batch, PyTorch's logits, loss and
 // gradients, and the losses of 10 AdamW steps (lr 1e-4, betas 0.9/0.999, weight decay 0.01 on
 // every tensor, no clipping) of llm.c's CPU reference.
@@ -733,10 +844,24 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         moe_gpu_state_alloc(&gst, &ms, N, "test");
         floatX *s_d = cudaMallocNamed(floatX, moe_gpu_scratch_elems(&ms, N), "test scratch");
         float *f_d = cudaMallocNamed(float, moe_gpu_scratch_floats(&ms, N), "test fscratch");
+        // the shared scratch as another layer may leave it: NaN everywhere (all bits set), which no
+        // result, nor the saved z, may take in (the tiled plans' spare tile runs on gathered zeros)
+        cudaCheck(cudaMemset(s_d, 0xff, moe_gpu_scratch_elems(&ms, N) * sizeof(floatX)));
+        cudaCheck(cudaMemset(f_d, 0xff, moe_gpu_scratch_floats(&ms, N) * sizeof(float)));
         MoEGPUScratch sc;
         moe_gpu_scratch_bind(&sc, &gst, &ms, N, s_d, f_d);
         MoERouting *aux_d = cudaMallocNamed(MoERouting, 1, "test aux and routing");
         moe_forward_gpu(y_d, &gst, &sc, x_d, w_d[0], w_d[1], w_d[2], bias_d, N, &ms);
+        {
+            const size_t nz = gst.bytes[1] / sizeof(floatX);
+            uint16_t *zh = (uint16_t *)mallocCheck(nz * sizeof(uint16_t));
+            cudaCheck(cudaMemcpy(zh, gst.z, nz * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+            size_t bad = 0;
+            for (size_t i = 0; i < nz; i++) bad += (zh[i] & 0x7f80) == 0x7f80;
+            free(zh);
+            snprintf(name, sizeof(name), "%s: saved z finite, spare tile too, over a NaN scratch (%zu elements)", tag, nz);
+            check_true(bad == 0, name, "non-finite values");
+        }
         moe_aux_stats_gpu(&gst, &ms);
         moe_aux_finish_gpu(&gst, N, &ms, aux_d);
         cudaCheck(cudaMemcpy(&rgpu, aux_d, sizeof(MoERouting), cudaMemcpyDeviceToHost));
@@ -1118,6 +1243,7 @@ int main(int argc, char **argv) {
     if (g_cudnn_only) return test_summary();
     check_structures_vs_cpu();
     check_autotune_choice();
+    check_autotune_sets();
     if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
     return test_summary();
 }

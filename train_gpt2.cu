@@ -78,11 +78,16 @@ typedef struct {
     int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..4; -at 1 chooses all three per layer
 } LinearState;
 
-// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, or a forward
-// and backward pair), and back.
-static int lin_kernels(const LinearState *ls) { return ls->as_dense ? ST_K_DENSE : st_kernel_of_sk(ls->sk, ls->sk_bwd); }
+// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
+// a forward and backward pair), and back. Grouping by set is -sk 0's plans with BTT-MoE's use_sets.
+static int lin_kernels(const LinearState *ls) {
+    if (ls->as_dense) return ST_K_DENSE;
+    if (ls->moe.use_sets && ls->sk == 0 && ls->sk_bwd == 0) return ST_K_SETS;
+    return st_kernel_of_sk(ls->sk, ls->sk_bwd);
+}
 static void lin_set_kernels(LinearState *ls, int k) {
     ls->as_dense = k == ST_K_DENSE;
+    ls->moe.use_sets = k == ST_K_SETS;
     ls->sk = st_kernel_sk(k, 0);
     ls->sk_bwd = st_kernel_sk(k, 1);
 }
@@ -450,10 +455,11 @@ static size_t st_layers_need(GPT2 *m, int alloc, size_t *fscratch, int *separate
             need = monarch_gpu_scratch_elems(&ms, BT);
         } else {
             MoEShape ms = moe_shape_of(s);
-            if (alloc && !ls->moe.capacity) moe_gpu_state_alloc(&ls->moe, &ms, BT, what);
-            need = moe_gpu_scratch_elems(&ms, BT);
-            size_t f = moe_gpu_scratch_floats(&ms, BT);
-            if (f > *fscratch) *fscratch = f;
+            // -at 1: the set path's arrays wherever the shape takes it (a choice to time), else where -mg asks
+            if (alloc && !ls->moe.capacity) moe_gpu_state_alloc(&ls->moe, &ms, BT, what, g_st_tune ? 1 : -1);
+            const MoEScratchLayout sl = ls->moe.capacity ? moe_state_scratch_layout(&ls->moe, &ms) : moe_scratch_layout_for(&ms, BT);
+            need = sl.bf16_end;
+            if (sl.f32_end > *fscratch) *fscratch = sl.f32_end;
         }
         if (need > scratch) scratch = need;
     }
@@ -479,15 +485,23 @@ static void st_set_all_kernels(GPT2 *m, int k) {
 }
 
 // The structured layers' buffers for their kernels as chosen now, or with room for every choice
-// -at 1 may time (all dense, all fused: the most scratch, and the q/k/v split buffers): each
-// layer's saved state allocated where it needs one, freed where it runs as dense (not with room);
-// the shared scratch and the split buffers allocated, resized or freed to what the choices need.
+// -at 1 may time (all dense, all fused: the most scratch, and the q/k/v split buffers; BTT-MoE's
+// set path): each layer's saved state allocated where it needs one, freed where it runs as dense
+// (not with room), a BTT-MoE layer's with the set path's arrays (and its larger z) only where it
+// groups by set (not with room); the shared scratch and the split buffers allocated, resized or
+// freed to what the choices need.
 static void st_buffers_fit(GPT2 *m, int room) {
     const int n = gpt2_num_linears(&m->layout);
     const size_t BTC = (size_t)m->max_B * m->max_T * m->config.channels;
     size_t fscratch = 0;
     int separate_qkv = 0;
     size_t scratch;
+    for (int i = 0; i < n; i++) {  // BTT-MoE: the set path's arrays for -at 1 to time it, else only where the layer groups by set
+        const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+        if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
+        const MoEShape ms = moe_shape_of(&ld->spec);
+        moe_gpu_state_refit(&m->lin[i].moe, &ms, room || m->lin[i].moe.use_sets, "BTT-MoE layer (its kernels chosen)");
+    }
     if (room) {
         g_oom_note = ST_TUNE_OOM_NOTE;
         int *keep = (int *)mallocCheck((size_t)n * sizeof(int));
@@ -1004,6 +1018,16 @@ static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     return kind;
 }
 
+// Whether a unit's BTT-MoE layers can group by set of experts (-mg 1 a candidate): their states
+// have the set path (-at 1 allocates it wherever the shape takes it).
+static int tune_unit_sets(const GPT2 *m, const TuneUnit *u) {
+    int idx[3];
+    const int nm = tune_unit_members(m, u, idx);
+    for (int i = 0; i < nm; i++)
+        if (!u->moe || !m->lin[idx[i]].moe.sets) return 0;
+    return nm > 0;
+}
+
 // Whether two units compute the same shapes the same way (then one timing serves both).
 static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
     if (a->role != b->role || a->moe != b->moe || (a->layer < 0) != (b->layer < 0)) return 0;
@@ -1091,9 +1115,11 @@ static int tune_unit_regions(GPT2 *m, const TuneUnit *u, TuneRegion *r) {
     for (int i = 0; i < nm; i++) {
         const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[i])->spec;
         const LinearState *ls = &m->lin[idx[i]];
-        if (s->kind == STRUCT_BTT_MOE && ls->moe.z) {  // its grouped rows (the padding ones zero both ways)
+        if (s->kind == STRUCT_BTT_MOE && ls->moe.z) {
+            // its grouped rows in the tile slots a routing can fill (the padding ones zero both ways),
+            // not the spare tile after them, whose products (of rows no gather wrote) nothing reads
             const MoEShape ms = moe_shape_of(s);
-            const long rows = moe_grouped_rows(ls->moe.capacity * ms.topk, ms.experts, ls->moe.tile_rows);
+            const long rows = (long)moe_max_tiles(ls->moe.capacity * ms.topk, ms.experts, ls->moe.tile_rows) * ls->moe.tile_rows;
             const int w = (int)moe_z_row(&ms);
             r[n++] = {ls->moe.z, rows, w, st_sample_stride(rows, w), 1};
         } else if (ls->inter) {
@@ -1211,7 +1237,7 @@ static void st_autotune(GPT2 *m) {
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
-        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand);
+        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand, tune_unit_sets(m, &units[u]));
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
@@ -1220,7 +1246,7 @@ static void st_autotune(GPT2 *m) {
             const size_t at = (size_t)u * ST_K_COUNT + cand[c];
             if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
             else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
-            diff[at] = tune_unit_check(m, &units[u], c == 0, cand[c] == ST_K_DENSE || cand[c] == ST_K_ZT, &ref, &ref_cap, cmp_scratch);
+            diff[at] = tune_unit_check(m, &units[u], c == 0, st_kernel_unpaired(cand[c]), &ref, &ref_cap, cmp_scratch);
         }
         for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], keep[i]);  // the flags' choice while the other units are timed
     }
@@ -1235,7 +1261,7 @@ static void st_autotune(GPT2 *m) {
         const int r = rep[u];
         if (r == u) {
             int cand[ST_K_COUNT];
-            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand);
+            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand, tune_unit_sets(m, &units[u]));
             double tf[ST_K_COUNT], tb[ST_K_COUNT];
             for (int c = 0; c < nc; c++) {
                 tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
@@ -1378,7 +1404,12 @@ static void st_kernels_restore(GPT2 *m, const uint8_t *kern, const char *path) {
     for (int i = 0; i < n; i++) {
         const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
         const int kind = ld->used ? (int)ld->spec.kind : STRUCT_DENSE;
-        if (!st_kernel_valid(kind, kern[i]))
+        int sets = 0;
+        if (kind == STRUCT_BTT_MOE) {
+            const MoEShape ms = moe_shape_of(&ld->spec);
+            sets = moe_set_count(&ms) > 0;
+        }
+        if (!st_kernel_valid(kind, kern[i], sets))
             fatal("'%s': linear layer %d (%s) has kernels %d, which a %s layer cannot run; the file is corrupt, or from another model",
                   path, i, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], kern[i], struct_names[kind]);
         differ += kern[i] != m->kernels[i];
@@ -1504,10 +1535,11 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-mg", &g_moe_sets, NULL, 0, 2, "BTT-MoE on the cuBLAS plans (-sk 0): 0 tokens grouped by expert (k rows a token); 1 grouped by their set of "
                                          "experts (top 2, 4 or 8, at most 1024 sets): one row a token through the set's rank-k BTT, x and dy gathered "
                                          "and y written once; 2: by set in the layers a model of this GPU's rates (structured/exec_model.h) finds "
-                                         "faster so at this run's rows (not yet measured on a GPU) (default: 0)"},
-        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..4; BTT and Monarch also -sm's dense GEMMs) at startup, forward and "
-                                       "backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
-                                       "another's backward); -sk and -sm's choice is kept unless another is 3% faster; a resumed run "
+                                         "faster so at this run's rows (not yet measured on a GPU). -at 1 times the grouping by set as one of each "
+                                         "layer's choices; -mg then says only which choice it keeps within its margin (default: 0)"},
+        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..4; BTT and Monarch also -sm's dense GEMMs, BTT-MoE -mg 1's "
+                                       "grouping by set) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
+                                       "another's backward); -sk, -sm and -mg's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
@@ -1539,9 +1571,6 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     }
     argv[n] = NULL;
     *argc = n;
-    if (g_moe_sets && g_st_tune)  // -at 1 checks each choice's saved z against the plans', and the set path keeps its own
-        fatal("-mg %d and -at 1 cannot be combined yet: -at 1 compares every choice's saved z with the cuBLAS plans', and grouped by "
-              "set of experts the plans save z in another layout; run -mg with -sk 0, or -at 1 without -mg", g_moe_sets);
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;
@@ -1686,16 +1715,17 @@ static void trainer_banner(const GPT2 *m) {
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_sk ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
-        if (g_moe_sets) {  // how many BTT-MoE layers group their tokens by set of experts
+        if (g_moe_sets || (g_st_tune && m->n_routed)) {  // how many BTT-MoE layers group their tokens by set of experts
             int n_moe = 0, n_sets = 0;
             for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
                 const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
                 if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
                 n_moe++;
-                n_sets += m->lin[i].moe.sets;
+                n_sets += lin_kernels(&m->lin[i]) == ST_K_SETS;
             }
             char mg[64];
-            if (g_st_sk != 0) snprintf(mg, sizeof(mg), "by expert: -mg takes the plans of -sk 0 only");
+            if (g_st_tune) snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-at 1)", n_sets, n_moe);
+            else if (g_st_sk != 0) snprintf(mg, sizeof(mg), "by expert: -mg takes the plans of -sk 0 only");
             else snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-mg %d)", n_sets, n_moe, g_moe_sets);
             printf("| BTT-MoE grouping      | %-50s |\n", mg);
         }

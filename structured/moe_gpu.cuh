@@ -51,15 +51,18 @@ typedef struct {
     int capacity;         // host: the allocation's N
     const int *forced_sel;  // test mode only: (N, K) experts each token is routed to instead of its
                             // top-k (st_moe_route_row's `only`); NULL in training
-    // The set path (-mg 1, moe_sets.cuh): allocated when g_moe_sets was set at allocation and the
-    // shape takes it. Then order, pos, counts, offsets and tile_expert serve whichever grouping ran.
+    // The set path (-mg 1, moe_sets.cuh): allocated where the shape takes it and the allocation
+    // asked for it (g_moe_sets, or -at 1's room for every choice). Then order, pos, counts, offsets
+    // and tile_expert serve whichever grouping ran.
     int sets;             // host: the set path's arrays exist
+    int use_sets;         // host: forwards on the plans (-sk 0) group by set (-mg, or -at 1's choice); needs sets
     int sets_ran;         // host: the last forward grouped by set (its backward must too)
     int S, set_tile_rows;  // host: sets C(E, k), their tile rows
     int *sid, *kof;       // (N), (N, K): each token's set and the selection each component is
     int *set_experts;     // (S, K) each set's experts, ascending
     int *members;         // (E, C(E-1, K-1)) q·K + j of each set q containing the expert (j its place)
     float *rgate;         // (grouped rows, K) each grouped row's gates in component order
+    size_t bytes[4];      // host: the four allocations' bytes (stats, z, tiles, sid), counted off when freed
 } MoEGPUState;
 
 // -mg 1: BTT-MoE layers on the cuBLAS plans (-sk 0) group their tokens by set of experts
@@ -121,13 +124,17 @@ static inline MoEGroupSizes moe_group_sizes(const MoEShape *s, int N, int T, int
     return g;
 }
 
-static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what) {
+// with_sets: the set path's arrays, 1 wherever the shape takes it (-at 1 may time it), 0 nowhere,
+// -1 where g_moe_sets asks for it. Either way the layer groups by set where g_moe_sets asks
+// (use_sets; -at 1 then sets it per layer).
+static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const char *what, int with_sets = -1) {
     const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk;
     memset(st, 0, sizeof(*st));
     st->tile_rows = moe_tile_rows(s, N);
     st->capacity = N;
-    st->S = moe_sets_wanted(s, N);
+    st->S = with_sets < 0 ? moe_sets_wanted(s, N) : with_sets ? moe_set_count(s) : 0;
     st->sets = st->S > 0;
+    st->use_sets = st->sets && moe_sets_wanted(s, N) > 0;
     st->set_tile_rows = st->sets ? moe_set_tile_rows(s, N) : 0;
     const MoEGroupSizes gs = moe_group_sizes(s, N, st->tile_rows, st->S, st->set_tile_rows);
     const size_t bytes = MOE_AUX_STATS(E) * sizeof(double) + ((size_t)N * E + NK + N) * 4 + NK * 4 * 2 + gs.rows * 4 + (2 * gs.groups + 1) * 4 +
@@ -135,6 +142,7 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     char name[160];
     snprintf(name, sizeof(name), "%s: BTT-MoE routing state (logits, gates, selections, grouping)", what);
     char *mem = cudaMallocNamed(char, bytes, name);
+    st->bytes[0] = bytes;
     st->stats = (double *)mem; mem += MOE_AUX_STATS(E) * sizeof(double);  // first: 8-byte aligned
     st->logits = (float *)mem; mem += (size_t)N * E * 4;
     st->gate = (float *)mem; mem += NK * 4;
@@ -149,14 +157,17 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->fhat = (float *)mem;
     snprintf(name, sizeof(name), "%s: BTT-MoE saved z (grouped rows x gamma*phi)", what);
     st->z = cudaMallocNamed(floatX, gs.z, name);
+    st->bytes[1] = gs.z * sizeof(floatX);
     cudaCheck(cudaMemset(st->z, 0, gs.z * sizeof(floatX)));  // the spare tile's rows are read, never used
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
     st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
+    st->bytes[2] = btt_fused_seg_scratch_ints((int)NK, (int)E, 16) * sizeof(int);
     if (st->sets) {  // the set path's per-token arrays and tables
         const int K = s->topk, per = (int)moe_binom((int)E - 1, K - 1);
         const size_t ints = (size_t)N + NK + (size_t)st->S * K + E * per + gs.rows * K;  // the last: rgate (floats)
         snprintf(name, sizeof(name), "%s: BTT-MoE set path (sets, their experts, per-expert counts)", what);
         st->sid = cudaMallocNamed(int, ints, name);
+        st->bytes[3] = ints * sizeof(int);
         st->kof = st->sid + N;
         st->set_experts = st->kof + NK;
         st->members = st->set_experts + (size_t)st->S * K;
@@ -169,10 +180,10 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
 }
 
 static void moe_gpu_state_free(MoEGPUState *st) {
-    if (st->stats) cudaCheck(cudaFree(st->stats));
-    if (st->z) cudaCheck(cudaFree(st->z));
-    if (st->tiles) cudaCheck(cudaFree(st->tiles));
-    if (st->sid) cudaCheck(cudaFree(st->sid));
+    cuda_free_named(st->stats, st->bytes[0]);
+    cuda_free_named(st->z, st->bytes[1]);
+    cuda_free_named(st->tiles, st->bytes[2]);
+    cuda_free_named(st->sid, st->bytes[3]);
     memset(st, 0, sizeof(*st));
 }
 
@@ -217,16 +228,34 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
     L.f32_end = L.ptrs + np * (sizeof(void *) / sizeof(float));
     return L;
 }
-// With the set path where g_moe_sets asks for it (as moe_gpu_state_alloc decides).
-static inline MoEScratchLayout moe_scratch_layout_for(const MoEShape *s, int N, int tile_rows) {
-    const int S = moe_sets_wanted(s, N);
-    return moe_scratch_layout(s, N, tile_rows, S, S ? moe_set_tile_rows(s, N) : 0);
+// The scratch a layer allocated as st needs (bf16 elements, floats), with the set path's room where st has it.
+static inline MoEScratchLayout moe_state_scratch_layout(const MoEGPUState *st, const MoEShape *s) {
+    return moe_scratch_layout(s, st->capacity, st->tile_rows, st->S, st->set_tile_rows);
 }
-static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N, moe_tile_rows(s, N)).bf16_end; }
-static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N, moe_tile_rows(s, N)).f32_end; }
+// The same for a layer moe_gpu_state_alloc(.., N, .., -1) allocates (g_moe_sets as it is now).
+static inline MoEScratchLayout moe_scratch_layout_for(const MoEShape *s, int N) {
+    const int S = moe_sets_wanted(s, N);
+    return moe_scratch_layout(s, N, moe_tile_rows(s, N), S, S ? moe_set_tile_rows(s, N) : 0);
+}
+static size_t moe_gpu_scratch_elems(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N).bf16_end; }
+static size_t moe_gpu_scratch_floats(const MoEShape *s, int N) { return moe_scratch_layout_for(s, N).f32_end; }
 
-// Points sc into the shared scratch (mem: moe_gpu_scratch_elems, fmem: moe_gpu_scratch_floats of
-// st's allocation, with g_moe_sets as it was then) for a call on N rows with st's tile rows.
+// The state allocated again with the set path's arrays (with_sets, where the shape takes it) or
+// without them (its z then shrinks to the expert path's), if it has the other; its use_sets and
+// test mode's forced routing are kept (use_sets only with the arrays). Between a backward and the
+// next forward: -at 1's room for every choice, then the layer's choice.
+static void moe_gpu_state_refit(MoEGPUState *st, const MoEShape *s, int with_sets, const char *what) {
+    const int want = with_sets && moe_set_count(s) > 0;
+    if (!st->capacity || st->sets == want) return;
+    const int *forced = st->forced_sel, N = st->capacity, use = st->use_sets && want;
+    moe_gpu_state_free(st);
+    moe_gpu_state_alloc(st, s, N, what, want);
+    st->forced_sel = forced;
+    st->use_sets = use;
+}
+
+// Points sc into the shared scratch (mem: the bf16 elements, fmem: the floats of
+// moe_state_scratch_layout(st)) for a call on N rows with st's tile rows.
 static void moe_gpu_scratch_bind(MoEGPUScratch *sc, const MoEGPUState *st, const MoEShape *s, int N, floatX *mem, float *fmem) {
     if (N > st->capacity) fatal("internal: BTT-MoE layer called on %d rows, allocated for %d", N, st->capacity);
     const MoEScratchLayout L = moe_scratch_layout(s, N, st->tile_rows, st->S, st->set_tile_rows);
@@ -312,23 +341,26 @@ __global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const floa
 }
 
 // Grouped row w of dst = src row order[w] / K (src rows src_ld apart), zeros for a padding row,
-// for the rows in use (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0)
-__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int K, int d,
+// for the rows in use (*rows_in_use of `rows`), 8 elements per thread (d % 8 == 0); then `spare`
+// rows of zeros after the `rows`: the tiled plans' spare tile, whose products nothing reads but
+// which should not be products of whatever another layer left in the scratch (NaN included).
+__global__ void moe_gather_kernel(floatX *dst, const floatX *src, const int *order, const int *rows_in_use, int rows, int spare, int K, int d,
                                   int src_ld) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int per = d / 8;
-    if (i >= (size_t)rows * per) return;
+    if (i >= (size_t)(rows + spare) * per) return;
     int w = (int)(i / per), c = (int)(i % per) * 8;
-    if (w >= *rows_in_use) return;
+    if (w < rows && w >= *rows_in_use) return;
     x128 v;
-    if (order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * src_ld + c);
+    if (w < rows && order[w] >= 0) v = load128(src + (size_t)(order[w] / K) * src_ld + c);
     else
         for (int j = 0; j < 8; j++) v[j] = (floatX)0.0f;
     store128(dst + (size_t)w * d + c, v);
 }
 
-static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int K, int d, int src_ld = 0) {
-    moe_gather_kernel<<<ceil_div_i((long)rows * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, K, d, src_ld ? src_ld : d);
+static void moe_gather(floatX *dst, const floatX *src, const MoEGPUState *st, int E, int rows, int spare, int K, int d, int src_ld = 0) {
+    moe_gather_kernel<<<ceil_div_i((long)(rows + spare) * d / 8, 256), 256>>>(dst, src, st->order, st->offsets + E, rows, spare, K, d,
+                                                                                src_ld ? src_ld : d);
     cudaCheckLaunch();
 }
 
@@ -643,7 +675,7 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     Plan f;
     moe_set_plans(&f, NULL, NULL, s, N, T, 1);
     st_step("gather x");
-    moe_gather(sc->xg, x, st, S, rows, 1, din);
+    moe_gather(sc->xg, x, st, S, rows, T, 1, din);
     void *buf[PB_COUNT] = {0};
     buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
     plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets", st->rgate);
@@ -653,15 +685,15 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     cudaCheckLaunch();
 }
 
-// Whether a forward now takes the set path: the state has it and the kernels are the cuBLAS
-// plans (-sk 0; the fused and -sk 4 paths group by expert).
-static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && !g_st_fused && !g_st_zt; }
+// Whether a forward now takes the set path: the layer groups by set and the kernels are the
+// cuBLAS plans (-sk 0; the fused and -sk 4 paths group by expert).
+static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && st->use_sets && !g_st_fused && !g_st_zt; }
 
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
 // input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
 // segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
 // Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
-// GELU (both written by the combine). With st->sets and the plans (-sk 0), grouped by set of
+// GELU (both written by the combine). With st->use_sets and the plans (-sk 0), grouped by set of
 // experts instead (moe_forward_sets_gpu).
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
@@ -680,7 +712,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
         moe_tiled_plans(&f, NULL, NULL, s, N, T, 1, g_st_zt);
         g_st_zt_runs += g_st_zt;
         st_step("gather x");
-        moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, K, din);
+        moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, T, K, din);
         void *buf[PB_COUNT] = {0};
         buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
         plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts");
@@ -734,9 +766,9 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
         buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
         buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
         st_step("gather dy");
-        moe_gather(sc->yg, dy, st, E, rows, K, dout, dy_ld);
+        moe_gather(sc->yg, dy, st, E, rows, T, K, dout, dy_ld);
         st_step("gather x");
-        moe_gather(sc->xg, x, st, E, rows, K, din);
+        moe_gather(sc->xg, x, st, E, rows, T, K, din);
         plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dZu");  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
     }                                                                              // -sk 4: each tile's transposed in t1
     st_step("gate backward");
@@ -793,9 +825,9 @@ static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, c
     buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
     buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
     st_step("gather dy");
-    moe_gather(sc->yg, dy, st, S, rows, 1, dout, dy_ld);
+    moe_gather(sc->yg, dy, st, S, rows, T, 1, dout, dy_ld);
     st_step("gather x");
-    moe_gather(sc->xg, x, st, S, rows, 1, din);
+    moe_gather(sc->xg, x, st, S, rows, T, 1, din);
     plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dZu");  // (phi, gamma, rho) in t2
     st_step("gate backward");
     moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, S, rows, &bk, MOE_GATE_T_SMEM, st->kof, 1);

@@ -1,6 +1,7 @@
 // structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
-// value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, or one -sk value's
-// forward with another's backward, -sk 0..3), and the timing -at 1 chooses them by.
+// value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, for BTT-MoE its tokens
+// grouped by set of experts as -mg 1, or one -sk value's forward with another's backward, -sk
+// 0..3), and the timing -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
 // the shape: the cuBLAS plans won at width 768, the fused kernel at rank 1 and width 4096, dense
@@ -9,8 +10,9 @@
 #pragma once
 #include "spec.h"
 
-// A layer's kernels: 0..3 as -sk, ST_K_DENSE (as -sm) or ST_K_ZT (as -sk 4), forward and
-// backward alike; or a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
+// A layer's kernels: 0..3 as -sk, ST_K_DENSE (as -sm), ST_K_ZT (as -sk 4) or ST_K_SETS (-sk 0's
+// plans with BTT-MoE's tokens grouped by set of experts, as -mg 1), forward and backward alike; or
+// a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
 // The byte a resume state keeps per linear layer (common/checkpoint.h) is this, or ST_K_NONE for
 // the dense layers, which have no choice.
 // Why the directions may differ: the forward and backward of one path are different kernels (the
@@ -20,18 +22,24 @@
 // u; BTT-MoE: z of its grouped rows, and the backward builds its own tile table), so any of their
 // backwards can follow any of their forwards; a dense forward saves none, so dense is both ways
 // or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both ways or
-// neither too.
+// neither too. So does -mg 1: its z has a row per token (the rank-k BTT of the token's experts,
+// gated), which only its own backward reads.
 // ST_K_END: one past the largest byte a choice takes.
-enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_COUNT = 6, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
-static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4"};
+enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_SETS = 6, ST_K_COUNT = 7, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
+static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1"};
+// The choices whose saved state no other choice's backward reads (dense saves none): both ways or neither.
+static inline int st_kernel_unpaired(int k) { return k == ST_K_DENSE || k == ST_K_ZT || k == ST_K_SETS; }
 
-// The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE or ST_K_ZT each), and the byte of a pair.
+// The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT or ST_K_SETS each), and the byte of a pair.
 static inline int st_kernel_fwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k; }
 static inline int st_kernel_bwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k; }
 static inline int st_kernel_pair(int fwd, int bwd) { return fwd == bwd ? fwd : ST_K_MIXED + 4 * fwd + bwd; }
-// The -sk value (0..4) of byte k's forward or backward (dense: 0, which then does not run), and
-// the byte of a layer whose forward runs -sk fwd and backward -sk bwd (-sk 4 is both or neither).
-static inline int st_kernel_sk(int k, int bwd) { return k == ST_K_DENSE ? 0 : k == ST_K_ZT ? 4 : bwd ? st_kernel_bwd(k) : st_kernel_fwd(k); }
+// The -sk value (0..4) of byte k's forward or backward (dense: 0, which then does not run; -mg 1:
+// 0, the plans it runs on), and the byte of a layer whose forward runs -sk fwd and backward -sk bwd
+// (-sk 4 is both or neither).
+static inline int st_kernel_sk(int k, int bwd) {
+    return k == ST_K_DENSE || k == ST_K_SETS ? 0 : k == ST_K_ZT ? 4 : bwd ? st_kernel_bwd(k) : st_kernel_fwd(k);
+}
 static inline int st_kernel_of_sk(int fwd, int bwd) { return fwd == 4 || bwd == 4 ? ST_K_ZT : st_kernel_pair(fwd, bwd); }
 
 // "-sk 3", "dense", or "-sk 3 fwd, -sk 0 bwd" into buf ("kernels 7" for a byte that is neither).
@@ -47,18 +55,20 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
 // Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
-// the same: its experts' fused kernel with W0 staged); every kind -sk 4.
-static inline int st_kernel_valid(int kind, int k) {
+// the same: its experts' fused kernel with W0 staged); every kind -sk 4; BTT-MoE -mg 1 where sets
+// (its shape can group by set: gpu_plan.h's moe_set_count).
+static inline int st_kernel_valid(int kind, int k, int sets = 1) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
     if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
+    if (k == ST_K_SETS) return kind == STRUCT_BTT_MOE && sets;
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
 // Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; each also -sk 4 (gpu_plan.h has its plans
-// for every structure). Returns how many. (-at 1 times these, each both ways, and may then pair
-// one's forward with another's backward.)
-static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
+// for every structure); last, BTT-MoE with sets (its shape groups by set) -mg 1. Returns how many.
+// (-at 1 times these, each both ways, and may then pair one's forward with another's backward.)
+static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT], int sets = 0) {
     int n = 0;
     if (kind == STRUCT_BTT) {
         for (int k = 0; k <= ST_K_DENSE; k++) out[n++] = k;
@@ -68,6 +78,7 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT]) {
         out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
     if (st_kind_tunable(kind)) out[n++] = ST_K_ZT;
+    if (kind == STRUCT_BTT_MOE && sets) out[n++] = ST_K_SETS;
     return n;
 }
 
@@ -106,7 +117,7 @@ static inline int st_tune_pick_pair(const int *cand, const double *tf, const dou
         if (ok && cand[c] == incumbent) inc = n;
         opt[n] = cand[c];
         tt[n++] = ok ? tf[c] + tb[c] : ST_TUNE_REFUSED;
-        if (!ok || cand[c] == ST_K_DENSE || cand[c] == ST_K_ZT) continue;  // both ways or neither
+        if (!ok || st_kernel_unpaired(cand[c])) continue;  // both ways or neither
         if (f < 0 || tf[c] < tf[f]) f = c;
         if (b < 0 || tb[c] < tb[b]) b = c;
     }
@@ -173,6 +184,8 @@ static void st_tune_fill(floatX *p, size_t n, uint32_t seed) {
 // layers' gradients. A choice agrees when max |a - ref| <= ST_TUNE_AGREE · max |ref| in each: the
 // paths differ by bf16 roundings (of W when run dense, of other summation orders), about 1% of
 // the largest value at most; a wrong, missing or non-finite tile differs by the size of its values.
+// Values with the same bits agree, NaN too: memory that neither run wrote (a saved state's rows
+// past this routing's tiles, which another layout's run may have left anything in).
 #define ST_TUNE_AGREE 0.05
 #define ST_TUNE_SAMPLE_ELEMS (1L << 24)  // an activation's sample: at most this many (rows 8 apart or more)
 #define ST_SAMPLE_BLOCKS 128
@@ -198,6 +211,7 @@ __global__ void st_sample_kernel(float *out, floatX *ref, const floatX *p, long 
         const float r = (float)ref[i];
         float d = fabsf((float)v - r);
         if (!(d <= 3.0e38f)) d = INFINITY;  // NaN and infinities
+        if (__bfloat16_as_ushort(v) == __bfloat16_as_ushort(ref[i])) d = 0.0f;  // the same bits (a NaN both left unwritten) agree
         md = fmaxf(md, d);
         mr = fmaxf(mr, fabsf(r));
     }

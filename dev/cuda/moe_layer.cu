@@ -46,7 +46,7 @@ static void v1_forward(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, int *te1, 
     cudaCheck(cudaMemcpy(g_h_counts, st->counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost));  // the wait
     g_h_offsets[0] = 0;
     for (int e = 0; e < E; e++) g_h_offsets[e + 1] = g_h_offsets[e] + g_h_counts[e];
-    moe_gather(sc->xg, x, st, E, NK, K, din);
+    moe_gather(sc->xg, x, st, E, NK, 0, K, din);
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1;
     for (int e = 0; e < E; e++) {
@@ -87,8 +87,8 @@ static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, c
     const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
     moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
     cudaCheckLaunch();
-    moe_gather(sc->yg, dy, st, E, NK, K, dout);
-    moe_gather(sc->xg, x, st, E, NK, K, din);
+    moe_gather(sc->yg, dy, st, E, NK, 0, K, dout);
+    moe_gather(sc->xg, x, st, E, NK, 0, K, din);
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
     for (int e = 0; e < E; e++) {

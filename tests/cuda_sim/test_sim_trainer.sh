@@ -227,7 +227,7 @@ done
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
 bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
 [ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
-    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +(-sk [0-4]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6}' \
+    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +(-sk [0-4]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6} +-$' \
     && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-4]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
     && close_losses "$a" "$bt" 1.5e-3 \
@@ -265,9 +265,16 @@ m2=$(echo "$out" | losses | tr '\n' ' ')
     && ! echo "$out" | grep -q "grouping by set" \
     && ok "structured: -mg 2 keeps the grouping by expert at 32 tokens a step, as the model prices it (losses $m2, bit for bit -sk 0's)" \
     || bad "-mg 2" "losses '$m2' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping")"
+# -at 1 times the BTT-MoE fc grouped by set too (its -mg 1 column, both passes; BTT's has none),
+# -mg 1 making it the incumbent; the banner says how many layers chose it; it trains as -sk 0.
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -at 1 2>&1); rc=$?
-[ $rc -ne 0 ] && echo "$out" | grep -q "^error: -mg 1 and -at 1 cannot be combined yet" \
-    && ok "structured: -mg 1 with -at 1 is refused with a reason (exit $rc)" || bad "-mg 1 -at 1" "exit $rc: $(echo "$out" | tail -1)"
+mt=$(echo "$out" | losses | tr '\n' ' ')
+[ $rc -eq 0 ] && echo "$out" | grep -A1 -E '^  0 +fc +btt_moe 4/2 256x1024 +fwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +-' \
+        | grep -qE '^ +bwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? *$' \
+    && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- ' \
+    && echo "$out" | grep -qE '^\| BTT-MoE grouping +\| by set of experts in [01] of 1 layers \(-at 1\)' && close_losses "$a" "$mt" 1.5e-3 \
+    && ok "structured: -at 1 times BTT-MoE's grouping by set (-mg 1 the incumbent) and trains as -sk 0 (losses $mt / $a)" \
+    || bad "-mg 1 -at 1" "exit $rc, losses '$mt' vs '$a': $(echo "$out" | grep -E -A1 '^  0 +fc ' | head -2; echo "$out" | grep -m1 'BTT-MoE grouping')"
 
 # -sm 2: exec_model.h picks per layer (tests/test_gpu_plan.c holds the model to the H200's
 # measurements; at this size, where launches dominate, it picks dense for most). The layers the
