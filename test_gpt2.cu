@@ -425,6 +425,22 @@ static int fake_qkv_kernels(const GPT2 *m, int k) {  // q, k and v of every bloc
         for (int r = SR_Q; r <= SR_V; r++) bad += lin_kernels(&m->lin[l * NUM_BLOCK_ROLES + r]) != k;
     return bad == 0;
 }
+// A model for -at 1's checks, from config text written into a new directory (dir: its mkdtemp
+// template; path: the config's), built and allocated at B = 2, T = 16 with room for every choice,
+// from -sk 0 without -sm or -mg.
+static void tune_model_open(GPT2 *m, char *dir, char *path, size_t cap, const char *conf) {
+    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
+    snprintf(path, cap, "%s/model.conf", dir);
+    FILE *fp = fopenCheck(path, "w");
+    fputs(conf, fp);
+    fcloseCheck(fp, path);
+    gpt2_build(m, path);
+    st_set_kernels(0);
+    g_st_dense = 0;
+    g_moe_sets = 0;
+    g_st_tune = 1;
+    gpt2_alloc(m, 2, 16, 1, 1);
+}
 static void check_autotune_choice(void) {
     {  // the helpers alone
         const int on[8] = {1, 1, 1, 0, 1, 0, 1, 1};
@@ -476,18 +492,10 @@ static void check_autotune_choice(void) {
                    label);
     }
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
-    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
-    snprintf(path, sizeof(path), "%s/at.conf", dir);
-    FILE *fp = fopenCheck(path, "w");
-    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 256\nvocab_size = 512\nmax_seq_len = 16\n\n[linear]\nstruct = btt\nrank = 1\n\n"
-                "[linear.attn_proj]\nstruct = dense\n\n[linear.fc]\nstruct = monarch\nblocks = 4\n\n[layer.2.fc]\nstruct = btt\nrank = 2\n");
-    fcloseCheck(fp, path);
     GPT2 m;
-    gpt2_build(&m, path);
-    st_set_kernels(0);
-    g_st_dense = 0;
-    g_st_tune = 1;
-    gpt2_alloc(&m, 2, 16, 1, 1);
+    tune_model_open(&m, dir, path, sizeof(path),
+                    "n_layer = 3\nn_head = 2\nn_embd = 256\nvocab_size = 512\nmax_seq_len = 16\n\n[linear]\nstruct = btt\nrank = 1\n\n"
+                    "[linear.attn_proj]\nstruct = dense\n\n[linear.fc]\nstruct = monarch\nblocks = 4\n\n[layer.2.fc]\nstruct = btt\nrank = 2\n");
     g_tune_clock = fake_tune_clock;
     g_fake_calls = g_fake_unset = 0;
     st_autotune(&m);
@@ -596,19 +604,10 @@ static void check_autotune_sets(void) {
                    "-at 1's -mg 1: a candidate of BTT-MoE shapes that group by set, its byte and label, never paired", label);
     }
     char dir[] = "/tmp/test_gpt2cu_mg_XXXXXX", path[256];
-    if (!mkdtemp(dir)) fatal("cannot create a temporary directory in /tmp: %s", strerror(errno));
-    snprintf(path, sizeof(path), "%s/mg.conf", dir);
-    FILE *fp = fopenCheck(path, "w");
-    fprintf(fp, "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 2\n\n"
-                "[layer.1.fc]\nstruct = btt_moe\nexperts = 8\ntopk = 2\n\n[layer.2.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 1\n");
-    fcloseCheck(fp, path);
     GPT2 m;
-    gpt2_build(&m, path);
-    st_set_kernels(0);
-    g_st_dense = 0;
-    g_moe_sets = 0;
-    g_st_tune = 1;
-    gpt2_alloc(&m, 2, 16, 1, 1);
+    tune_model_open(&m, dir, path, sizeof(path),
+                    "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear.fc]\nstruct = btt_moe\nexperts = 4\n"
+                    "topk = 2\n\n[layer.1.fc]\nstruct = btt_moe\nexperts = 8\ntopk = 2\n\n[layer.2.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 1\n");
     MoEGPUState *fc[3];
     for (int l = 0; l < 3; l++) fc[l] = &m.lin[l * NUM_BLOCK_ROLES + SR_FC].moe;
     // room for every choice: the set path's arrays in blocks 0 and 1 (not 2: top 1 has no sets)

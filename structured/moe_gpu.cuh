@@ -93,13 +93,6 @@ typedef struct {
     floatX *dlogits_bf16;             // (N, E)
 } MoEGPUScratch;
 
-// The expert path's three tiled plans (gpu_plan.h, plan_moe_tiled): rank-1 experts, tile_rows
-// rows, every tile N·K pairs can fill; the rest reads t1 and t2 as moe_gate_backward_t writes them.
-static void moe_tiled_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx, int zt) {
-    const BTTShape b1 = moe_expert_shape(s);
-    plan_moe_tiled(fwd, dz, rest, &b1, moe_max_tiles(N * s->topk, s->experts, tile_rows), tile_rows, want_dx, zt);
-}
-
 // The grouping's sizes for N tokens: grouped rows, groups, tiles, the grouping's scratch ints and
 // the saved z's elements, each the larger of the expert path's (T rows a tile) and, with S > 0
 // sets, the set path's (Ts rows a tile).
@@ -200,7 +193,7 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
     const size_t E = (size_t)s->experts, NK = (size_t)N * s->topk, p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1);
     const MoEGroupSizes gs = moe_group_sizes(s, N, tile_rows, S, Ts);
     Plan f, d, r;
-    moe_tiled_plans(&f, &d, &r, s, N, tile_rows, 1, 0);  // -sk 4's take as many pointers (the same GEMMs)
+    plan_moe_tiled(&f, &d, &r, &b1, moe_max_tiles((int)NK, (int)E, tile_rows), tile_rows, 1, 0);  // -sk 4's take as many pointers (the same GEMMs)
     size_t np = plan_tile_ptr_count(&f);
     if (plan_tile_ptr_count(&d) > np) np = plan_tile_ptr_count(&d);
     if (plan_tile_ptr_count(&r) > np) np = plan_tile_ptr_count(&r);
@@ -217,7 +210,7 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
         if (tiles * q0 > L.part0) L.part0 = tiles * q0;
         if (tiles * q1 > L.part1) L.part1 = tiles * q1;
         Plan sp[3];
-        moe_set_plans(&sp[0], &sp[1], &sp[2], s, N, Ts, 1);
+        plan_moe_tiled(&sp[0], &sp[1], &sp[2], &bk, moe_max_tiles(N, S, Ts), Ts, 1, 0);
         for (int i = 0; i < 3; i++)
             if (plan_tile_ptr_count(&sp[i]) > np) np = plan_tile_ptr_count(&sp[i]);
     }
@@ -656,13 +649,55 @@ static void moe_set_cores(MoEGPUScratch *sc, const MoEGPUState *st, const floatX
     cudaCheckLaunch();
 }
 
+// How a layer's tokens were grouped into tiles of rows for the tiled plans: by expert (a row per
+// (token, k) pair through the expert's rank-1 BTT) or by set of experts (moe_sets.cuh: a row per
+// token through the set's rank-k BTT, its components gated in the forward's permute).
+typedef struct {
+    int sets;            // 1: by set
+    int groups;          // G: experts or sets; group q's rows are offsets[q] .. offsets[q + 1]
+    int tile_rows;       // T
+    int per_token;       // grouped rows a token makes (K by expert, 1 by set); order's entries divide by it
+    BTTShape shape;      // a group's BTT
+    const int *kof;      // by set: each (token, k)'s component of its set's BTT (the gate step); else NULL
+    const int *members;  // by set: the `per` sets that contain each expert (the weight partials' sum); else NULL
+    int per;
+} MoEGrouping;
+static inline MoEGrouping moe_grouping(const MoEGPUState *st, const MoEShape *s, int sets) {
+    MoEGrouping g;
+    g.sets = sets;
+    g.groups = sets ? st->S : s->experts;
+    g.tile_rows = sets ? st->set_tile_rows : st->tile_rows;
+    g.per_token = sets ? 1 : s->topk;
+    g.shape = sets ? moe_set_shape(s) : moe_expert_shape(s);
+    g.kof = sets ? st->kof : NULL;
+    g.members = sets ? st->members : NULL;
+    g.per = sets ? (int)moe_binom(s->experts - 1, s->topk - 1) : 1;
+    return g;
+}
+// The grouped rows of the tile slots N tokens can fill (the spare tile after them not included).
+static inline int moe_grouping_rows(const MoEGrouping *g, int N) { return moe_max_tiles(N * g->per_token, g->groups, g->tile_rows) * g->tile_rows; }
+
+// The tiled plans' forward of a grouping (the groups' cores in sc->w0x, sc->w1x): x gathered into
+// the grouped rows, every tile's BTT into the grouped output rows sc->yg and the saved z (by set,
+// its components scaled by the gates; zt: -sk 4's layout, by expert only).
+static void moe_forward_tiled(MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const MoEShape *s, const MoEGrouping *g, int zt) {
+    const int G = g->groups, T = g->tile_rows, rows = moe_grouping_rows(g, st->N);
+    Plan f;
+    plan_moe_tiled(&f, NULL, NULL, &g->shape, rows / T, T, 1, zt);
+    st_step("gather x");
+    moe_gather(sc->xg, x, st, G, rows, T, g->per_token, s->btt.d_in);
+    void *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
+    plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + G, sc->ptrs, g->sets ? "sets" : "experts", g->sets ? st->rgate : NULL);
+}
+
 // The set path's forward (moe_sets.cuh; st->sets): the routing, each token's set, the grouping by
 // set, the sets' cores; x gathered once per token; per tile the rank-k BTT's plan, whose permute
 // of z scales each component by its gate (the saved z is gated); each token's row copied back
 // with the bias (and GELU).
 static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                                  const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
-    const int K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
+    const int K = s->topk, S = st->S, T = st->set_tile_rows, dout = s->btt.d_out;
     const int rows = moe_max_tiles(N, S, T) * T;
     moe_route_gpu(st, x, router, N, s, 1);
     st->sets_ran = 1;
@@ -672,13 +707,8 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
     cudaCheckLaunch();
     moe_set_cores(sc, st, W0, W1, s);
-    Plan f;
-    moe_set_plans(&f, NULL, NULL, s, N, T, 1);
-    st_step("gather x");
-    moe_gather(sc->xg, x, st, S, rows, T, 1, din);
-    void *buf[PB_COUNT] = {0};
-    buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
-    plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets", st->rgate);
+    const MoEGrouping g = moe_grouping(st, s, 1);
+    moe_forward_tiled(st, sc, x, s, &g, 0);
     st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, NULL, st->pos, bias, N, 1, dout, pre_gelu, y_ld ? y_ld : dout,
                                                                        0);
@@ -701,21 +731,16 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
         moe_forward_sets_gpu(y, st, sc, x, W0, W1, router, bias, N, s, pre_gelu, y_ld);
         return;
     }
-    const int E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+    const int E = s->experts, K = s->topk, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
-    moe_route_group_gpu(st, sc, st->tile_expert, T, x, W0, W1, router, N, s);
+    moe_route_group_gpu(st, sc, st->tile_expert, st->tile_rows, x, W0, W1, router, N, s);
     if (g_st_fused) st_step("experts, fused (one launch)");
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {
-        Plan f;
-        moe_tiled_plans(&f, NULL, NULL, s, N, T, 1, g_st_zt);
+        const MoEGrouping g = moe_grouping(st, s, 0);
         g_st_zt_runs += g_st_zt;
-        st_step("gather x");
-        moe_gather(sc->xg, x, st, E, moe_max_tiles(NK, E, T) * T, T, K, din);
-        void *buf[PB_COUNT] = {0};
-        buf[PB_X] = sc->xg; buf[PB_Y] = sc->yg; buf[PB_Z] = st->z; buf[PB_T1] = sc->t1; buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x;
-        plan_tiled_run_gpu(&f, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts");
+        moe_forward_tiled(st, sc, x, s, &g, g_st_zt);
     }
     st_step(pre_gelu ? "combine (gate, bias, GELU)" : "combine (gate, bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, st->gate, st->pos, bias, N, K, dout, pre_gelu,
@@ -740,8 +765,46 @@ static void moe_aux_finish_gpu(MoEGPUState *st, long n_total, const MoEShape *s,
     cudaCheckLaunch();
 }
 
+// The tiled plans' backward of a grouping (the groups' cores in sc->w0x, sc->w1x) up to the
+// router: dy and x gathered into the grouped rows, dZu, the gate step (dgate of each (token, k)
+// pair; t1 = gate·dZ permuted; by expert t2 = gate·z for the rest's Z, by set the saved z is
+// gated already), dx rows (gated) and per-tile weight partials, summed per expert into dW0, dW1
+// (by set over the sets that contain it), in a fixed order. zt: -sk 4's layout (by expert only).
+static void moe_backward_tiled(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
+                               const MoEShape *s, const MoEGrouping *g, int want_dx, int dy_ld, int zt) {
+    const int G = g->groups, T = g->tile_rows, rows = moe_grouping_rows(g, st->N);
+    const size_t n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt), q0 = btt_w0_size(&g->shape), q1 = btt_w1_size(&g->shape);
+    Plan pd, pr;
+    plan_moe_tiled(NULL, &pd, &pr, &g->shape, rows / T, T, want_dx, zt);
+    void *buf[PB_COUNT] = {0};
+    buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
+    buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
+    st_step("gather dy");  // x too: xg holds the forward's only if no other layer ran since
+    moe_gather(sc->yg, dy, st, G, rows, T, g->per_token, s->btt.d_out, dy_ld);
+    st_step("gather x");
+    moe_gather(sc->xg, x, st, G, rows, T, g->per_token, s->btt.d_in);
+    // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2; -sk 4: each tile's transposed in t1
+    plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + G, sc->ptrs, g->sets ? "sets' dZu" : "experts' dZu");
+    st_step("gate backward");
+    if (zt) {
+        g_st_zt_runs++;
+        const dim3 grid(rows / T, ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
+        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + G, T, (int)moe_z_row(s));
+        cudaCheckLaunch();
+    } else {
+        moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, G, rows, &g->shape, MOE_GATE_T_SMEM, g->kof, g->sets);
+        if (!g->sets) buf[PB_Z] = sc->t2;
+    }
+    plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + G, sc->ptrs, g->sets ? "sets' dx, dW" : "experts' dx, dW");
+    st_step(g->sets ? "dW partials summed per expert over its sets" : "dW partials summed per expert");
+    moe_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, g->members, n0, n1,
+                                                                           s->experts, g->shape.rank, s->btt.eps, g->per, q0, q1, T);
+    cudaCheckLaunch();
+}
+
 // The expert path's backward up to the router (dxg: each pair's dx row, gated unless fused; the
-// cores' gradients accumulated). Returns 1 when it ran fused.
+// cores' gradients accumulated): the fused kernels where g_st_fused and the shape allow, else the
+// tiled plans. Returns 1 when it ran fused.
 static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
                                      const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld, int dx_acc) {
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
@@ -759,83 +822,38 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
         st_step("experts' dx, dZu, fused (one launch)");
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
-    Plan pd, pr;
-    moe_tiled_plans(NULL, &pd, &pr, s, N, T, want_dx, g_st_zt);
-    void *buf[PB_COUNT] = {0};  // the tiled plans' buffers (not the fused path's)
-    if (!fused) {  // the plans read gathered rows: dy, and x (xg holds the forward's only if no other layer ran since)
-        buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
-        buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
-        st_step("gather dy");
-        moe_gather(sc->yg, dy, st, E, rows, T, K, dout, dy_ld);
-        st_step("gather x");
-        moe_gather(sc->xg, x, st, E, rows, T, K, din);
-        plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dZu");  // dZu = dY W1ᵀ: (phi, gamma, rho) layout in t2;
-    }                                                                              // -sk 4: each tile's transposed in t1
+    if (!fused) {
+        const MoEGrouping g = moe_grouping(st, s, 0);
+        moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, g_st_zt);
+        return 0;
+    }
     st_step("gate backward");
-    if (!fused && g_st_zt) {
-        g_st_zt_runs++;
-        const dim3 grid(moe_max_tiles(NK, E, T), ceil_div_i(T, MOE_GATE_ZT_COLS)), block(MOE_GATE_ZT_COLS, MOE_GATE_ZT_SLICES);
-        moe_gate_backward_zt_kernel<<<grid, block>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, T, (int)zrow);
-        cudaCheckLaunch();
-    } else if (!fused) {  // t1 = gate·dZ permuted, t2 = gate·z, which the rest reads for Z
-        moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, E, rows, &b1);
-        buf[PB_Z] = sc->t2;
-    } else {
-        moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, rows,
-                                                                     b1.gamma, b1.phi, b1.rank);
-        cudaCheckLaunch();
-    }
-    if (fused) {  // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert written);
-                  // dy and x read through the grouping, no gathered copies
-        const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
-        SegWgrad w1 = {st->z, dy, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
-                       st->offsets, 0, st->order, K, 0, 1, st->gate};
-        SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
-                       st->offsets, 0, st->order, K, 1, 0, NULL};
-        st_step("experts' dW0, dW1, fused (seg_wgrad)");
-        if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
-        st_step("experts' gradients into the cores");
-        moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
-        cudaCheckLaunch();
-    } else {  // dx per tile; dW0, dW1 per tile, then summed per expert into the rank components
-        plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + E, sc->ptrs, "experts' dx, dW");
-        st_step("dW partials summed per expert");
-        moe_partials_scatter_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, NULL, n0, n1, E, 1, s->btt.eps, 1, p0,
-                                                           p1, T);
-        cudaCheckLaunch();
-    }
-    return fused;
+    moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, rows, b1.gamma,
+                                                                 b1.phi, b1.rank);
+    cudaCheckLaunch();
+    // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert
+    // written); dy and x read through the grouping, no gathered copies
+    const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
+    SegWgrad w1 = {st->z, dy, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
+                   st->offsets, 0, st->order, K, 0, 1, st->gate};
+    SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
+                   st->offsets, 0, st->order, K, 1, 0, NULL};
+    st_step("experts' dW0, dW1, fused (seg_wgrad)");
+    if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+    st_step("experts' gradients into the cores");
+    moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+    cudaCheckLaunch();
+    return 1;
 }
 
-// The set path's backward up to the router (moe_sets.cuh): dy and x gathered once per token, the
-// rank-k plans' dZu, the gate step per component (dgate of each (token, k) pair from the gated z;
-// t1 = gate·dZ permuted), dx rows (gated) and per-tile partials (dW1 from the gated z), summed per
-// expert over its sets.
+// The set path's backward up to the router (moe_sets.cuh): the sets' cores, then the tiled plans
+// on a row per token.
 static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
                                    const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld) {
-    const int N = st->N, E = s->experts, K = s->topk, S = st->S, T = st->set_tile_rows, din = s->btt.d_in, dout = s->btt.d_out;
-    const BTTShape bk = moe_set_shape(s);
-    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt);
-    const int rows = moe_max_tiles(N, S, T) * T, per = (int)moe_binom(E - 1, K - 1);
     g_moe_sets_runs++;
     moe_set_cores(sc, st, W0, W1, s);
-    Plan pd, pr;
-    moe_set_plans(NULL, &pd, &pr, s, N, T, want_dx);
-    void *buf[PB_COUNT] = {0};
-    buf[PB_X] = sc->xg; buf[PB_Z] = st->z; buf[PB_DY] = sc->yg; buf[PB_DX] = sc->dxg; buf[PB_T1] = sc->t1; buf[PB_T2] = sc->t2;
-    buf[PB_W0] = sc->w0x; buf[PB_W1] = sc->w1x; buf[PB_DW0] = sc->part0; buf[PB_DW1] = sc->part1;
-    st_step("gather dy");
-    moe_gather(sc->yg, dy, st, S, rows, T, 1, dout, dy_ld);
-    st_step("gather x");
-    moe_gather(sc->xg, x, st, S, rows, T, 1, din);
-    plan_tiled_run_gpu(&pd, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dZu");  // (phi, gamma, rho) in t2
-    st_step("gate backward");
-    moe_gate_backward_t(sc->dgate, sc->t1, sc->t2, st->z, st, S, rows, &bk, MOE_GATE_T_SMEM, st->kof, 1);
-    plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + S, sc->ptrs, "sets' dx, dW");
-    st_step("dW partials summed per expert over its sets");
-    moe_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, st->members, n0, n1,
-                                                                           E, K, s->btt.eps, per, q0, q1, T);
-    cudaCheckLaunch();
+    const MoEGrouping g = moe_grouping(st, s, 1);
+    moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, 0);
 }
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused

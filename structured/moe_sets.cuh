@@ -90,11 +90,3 @@ __global__ void moe_set_row_gates_kernel(float *rg, const float *gate, const int
     const int t = order[w];
     rg[i] = t < 0 ? 0.0f : gate[(size_t)t * K + kof[(size_t)t * K + j]];
 }
-
-// The set path's tiled plans (rank-K BTT, tile_rows rows, every tile N tokens can fill with S
-// sets): the forward (whose permute the caller gives the gates as its scale), the backward's dZu,
-// and the rest (from the gate step's t1 and the saved, gated z, as the expert path's from t1/t2).
-static void moe_set_plans(Plan *fwd, Plan *dz, Plan *rest, const MoEShape *s, int N, int tile_rows, int want_dx) {
-    const BTTShape bk = moe_set_shape(s);
-    plan_moe_tiled(fwd, dz, rest, &bk, moe_max_tiles(N, moe_set_count(s), tile_rows), tile_rows, want_dx, 0);
-}
