@@ -1410,8 +1410,10 @@ static void st_kernels_restore(GPT2 *m, const uint8_t *kern, const char *path) {
             sets = moe_set_count(&ms) > 0;
         }
         if (!st_kernel_valid(kind, kern[i], sets))
-            fatal("'%s': linear layer %d (%s) has kernels %d, which a %s layer cannot run; the file is corrupt, or from another model",
-                  path, i, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], kern[i], struct_names[kind]);
+            fatal("'%s': linear layer %d (%s) has kernels %d, which a %s layer%s cannot run; the file is corrupt, or from another model",
+                  path, i, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], kern[i], struct_names[kind],
+                  kind == STRUCT_BTT_MOE && kern[i] == ST_K_SETS ? " of this shape (no grouping by set: it needs top 2, 4 or 8 and at most "
+                                                                  "1024 sets)" : "");
         differ += kern[i] != m->kernels[i];
     }
     if (!g_st_tune) {

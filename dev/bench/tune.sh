@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # dev/bench/tune.sh: -at 1's table for each structured 124M config: every structured layer's
-# kernels (-sk 0..3, dense GEMMs on the materialized weight) timed forward and backward apart at the
+# kernels (-sk 0..4, dense GEMMs on the materialized weight, BTT-MoE grouped by set of experts as
+# -mg 1) timed forward and backward apart at the
 # trainer's own shapes and rows, the choice marked (a pass each: one path's forward may run with
 # another's backward), then the run's ms/step with that choice next to -sk 0's. The most figures per
 # second of GPU: one startup per config and batch size.
@@ -36,7 +37,7 @@ for cfg in $CONFIGS; do
     fi
     sed -n "/^-at 1: each structured layer's kernels/,/^+---/p" "$at" | sed '$d'
     grep '^warning: -at 1' "$at"
-    grep -E '^\| (-at 1: |GPU memory)' "$at" | tr -s ' '
+    grep -E '^\| (-at 1: |BTT-MoE grouping|GPU memory)' "$at" | tr -s ' '
     "$TRAIN_BIN" "${base[@]}" > "$sk0" 2>&1
     a=$(ms_of "$at") b=$(ms_of "$sk0")
     echo "ms/step (mean of steps 2..$STEPS): -at 1 ${a:-?}, -sk 0 ${b:-?}$([ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" 'BEGIN { printf " (-at 1 %.2fx the speed of -sk 0)", b / a }'); -at 1's whole run $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s"
