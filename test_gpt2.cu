@@ -802,6 +802,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cpu_layer_ref(spec, N, x, w[0], w[1], bias, dy, y_ref, dx_ref, dw_ref[0], dw_ref[1], dbias_ref);
         const size_t se = btt_gpu_scratch_elems(&b, N) > btt_dense_elems(&b) ? btt_gpu_scratch_elems(&b, N) : btt_dense_elems(&b);
         floatX *z_d = cudaMallocNamed(floatX, btt_z_size(&b, N), "test z"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
+        cudaCheck(cudaMemset(z_d, 0xff, btt_z_size(&b, N) * sizeof(floatX)));  // NaN: what no path may read before writing
+        cudaCheck(cudaMemset(s_d, 0xff, se * sizeof(floatX)));
         if (g_st_dense) {
             st_dense_forward(y_d, NULL, x_d, w_d[0], w_d[1], bias_d, N, STRUCT_BTT, &b, s_d);
             st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_BTT, &b, s_d, colsum, NULL);
@@ -818,6 +820,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cpu_layer_ref(spec, N, x, w[0], w[1], bias, dy, y_ref, dx_ref, dw_ref[0], dw_ref[1], dbias_ref);
         const size_t se = monarch_gpu_scratch_elems(&ms, N) > monarch_dense_elems(&ms) ? monarch_gpu_scratch_elems(&ms, N) : monarch_dense_elems(&ms);
         floatX *u_d = cudaMallocNamed(floatX, monarch_u_size(&ms, N), "test u"), *s_d = cudaMallocNamed(floatX, se, "test scratch");
+        cudaCheck(cudaMemset(u_d, 0xff, monarch_u_size(&ms, N) * sizeof(floatX)));  // NaN: what no path may read before writing
+        cudaCheck(cudaMemset(s_d, 0xff, se * sizeof(floatX)));
         if (g_st_dense) {
             st_dense_forward(y_d, NULL, x_d, w_d[0], w_d[1], bias_d, N, STRUCT_MONARCH, &ms, s_d);
             st_dense_backward(dx_d, dw_d[0], dw_d[1], dbias_d, dy_d, x_d, w_d[0], w_d[1], N, STRUCT_MONARCH, &ms, s_d, colsum, NULL);
