@@ -281,19 +281,31 @@ __global__ void moe_route_kernel(int *sel, float *gate, float *lse, const float 
     if (sid) moe_set_of_row(sid + t, kof + (size_t)t * K, sel + (size_t)t * K, K);
 }
 
-// w0x/w1x from the strided rank components (scatter = 0), or dW0/dW1 += dw0x/dw1x (scatter = 1).
-__global__ void moe_cores_kernel(floatX *W0, floatX *W1, floatX *w0x, floatX *w1x, size_t n0, size_t n1, int E, int Ep, size_t p0,
-                                 size_t p1, int scatter) {
+// Each group's cores (G groups of K experts: w0g (G, gamma, alpha, phi·K), w1g (G, phi, gamma·K,
+// eps)) copied out of the rank components W0 (gamma, alpha, phi·E) and W1 (phi, gamma·E, eps):
+// component j of group q is expert set_experts[q·K + j] (moe_sets.cuh), or with set_experts NULL
+// (K = 1, G = E) expert q itself. q0, q1: one group's core sizes.
+__global__ void moe_group_cores_kernel(floatX *w0g, floatX *w1g, const floatX *W0, const floatX *W1, const int *set_experts, int G, int E,
+                                       int K, int Ep, size_t q0, size_t q1) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n0 = (size_t)G * q0;
+    if (i < n0) {
+        const size_t q = i / q0, l = i % q0;
+        w0g[i] = W0[(l / K) * E + (set_experts ? set_experts[q * K + l % K] : (int)q)];
+    } else if (i < n0 + (size_t)G * q1) {
+        const size_t q = (i - n0) / q1, l = (i - n0) % q1, o = l % Ep, r = l / Ep;
+        w1g[i - n0] = W1[((r / K) * E + (set_experts ? set_experts[q * K + r % K] : (int)q)) * Ep + o];
+    }
+}
+
+// dW0/dW1 (the strided rank components) += dw0x/dw1x (each expert's core gradients, the fused path's).
+__global__ void moe_cores_scatter_kernel(floatX *dW0, floatX *dW1, const floatX *dw0x, const floatX *dw1x, size_t n0, size_t n1, int E, int Ep,
+                                         size_t p0, size_t p1) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n0) {
-        size_t j = st_moe_w0_expert_index(i, E, p0);
-        if (scatter) W0[i] = (floatX)((float)W0[i] + (float)w0x[j]);
-        else w0x[j] = W0[i];
+        dW0[i] = (floatX)((float)dW0[i] + (float)dw0x[st_moe_w0_expert_index(i, E, p0)]);
     } else if (i < n0 + n1) {
         i -= n0;
-        size_t j = st_moe_w1_expert_index(i, E, Ep, p1);
-        if (scatter) W1[i] = (floatX)((float)W1[i] + (float)w1x[j]);
-        else w1x[j] = W1[i];
+        dW1[i] = (floatX)((float)dW1[i] + (float)dw1x[st_moe_w1_expert_index(i, E, Ep, p1)]);
     }
 }
 
@@ -622,33 +634,6 @@ static void moe_route_gpu(MoEGPUState *st, const floatX *x, const floatX *router
     cudaCheckLaunch();
 }
 
-// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
-// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
-// experts' cores copied out of the rank components.
-static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
-                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
-    const int E = s->experts, K = s->topk, NK = N * K;
-    const BTTShape b1 = moe_expert_shape(s);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
-    moe_route_gpu(st, x, router, N, s);
-    st->sets_ran = 0;
-    st_step("grouping by expert");
-    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, tile_expert, st->group, st->sel, NK, E, T);
-    st_step("experts' cores");
-    moe_cores_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
-    cudaCheckLaunch();
-}
-
-// The sets' rank-k cores copied out of the rank components into sc->w0x, sc->w1x.
-static void moe_set_cores(MoEGPUScratch *sc, const MoEGPUState *st, const floatX *W0, const floatX *W1, const MoEShape *s) {
-    const BTTShape bk = moe_set_shape(s);
-    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk);
-    st_step("sets' cores");
-    moe_set_cores_kernel<<<ceil_div_i((long)(st->S * (q0 + q1)), 256), 256>>>(sc->w0x, sc->w1x, W0, W1, st->set_experts, st->S, s->experts,
-                                                                             s->topk, s->btt.eps, q0, q1);
-    cudaCheckLaunch();
-}
-
 // How a layer's tokens were grouped into tiles of rows for the tiled plans: by expert (a row per
 // (token, k) pair through the expert's rank-1 BTT) or by set of experts (moe_sets.cuh: a row per
 // token through the set's rank-k BTT, its components gated in the forward's permute).
@@ -658,6 +643,7 @@ typedef struct {
     int tile_rows;       // T
     int per_token;       // grouped rows a token makes (K by expert, 1 by set); order's entries divide by it
     BTTShape shape;      // a group's BTT
+    const int *set_experts;  // by set: each set's experts (its cores); else NULL
     const int *kof;      // by set: each (token, k)'s component of its set's BTT (the gate step); else NULL
     const int *members;  // by set: the `per` sets that contain each expert (the weight partials' sum); else NULL
     int per;
@@ -669,6 +655,7 @@ static inline MoEGrouping moe_grouping(const MoEGPUState *st, const MoEShape *s,
     g.tile_rows = sets ? st->set_tile_rows : st->tile_rows;
     g.per_token = sets ? 1 : s->topk;
     g.shape = sets ? moe_set_shape(s) : moe_expert_shape(s);
+    g.set_experts = sets ? st->set_experts : NULL;
     g.kof = sets ? st->kof : NULL;
     g.members = sets ? st->members : NULL;
     g.per = sets ? (int)moe_binom(s->experts - 1, s->topk - 1) : 1;
@@ -676,6 +663,29 @@ static inline MoEGrouping moe_grouping(const MoEGPUState *st, const MoEShape *s,
 }
 // The grouped rows of the tile slots N tokens can fill (the spare tile after them not included).
 static inline int moe_grouping_rows(const MoEGrouping *g, int N) { return moe_max_tiles(N * g->per_token, g->groups, g->tile_rows) * g->tile_rows; }
+
+// Each group's cores copied out of the rank components into sc->w0x, sc->w1x.
+static void moe_group_cores(MoEGPUScratch *sc, const MoEGrouping *g, const floatX *W0, const floatX *W1, const MoEShape *s) {
+    const size_t q0 = btt_w0_size(&g->shape), q1 = btt_w1_size(&g->shape);
+    st_step(g->sets ? "sets' cores" : "experts' cores");
+    moe_group_cores_kernel<<<ceil_div_i((long)(g->groups * (q0 + q1)), 256), 256>>>(sc->w0x, sc->w1x, W0, W1, g->set_experts, g->groups,
+                                                                                   s->experts, g->shape.rank, s->btt.eps, q0, q1);
+    cudaCheckLaunch();
+}
+
+// The forward up to the experts: router logits, top-k and gates, the grouping by expert in tiles
+// of T rows (tile_expert: their experts; T = 1: no padding, dev/cuda/moe_layer's v1) and the
+// experts' cores copied out of the rank components.
+static void moe_route_group_gpu(MoEGPUState *st, MoEGPUScratch *sc, int *tile_expert, int T, const floatX *x, const floatX *W0,
+                                const floatX *W1, const floatX *router, int N, const MoEShape *s) {
+    const int E = s->experts, K = s->topk, NK = N * K;
+    moe_route_gpu(st, x, router, N, s);
+    st->sets_ran = 0;
+    st_step("grouping by expert");
+    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, tile_expert, st->group, st->sel, NK, E, T);
+    const MoEGrouping g = moe_grouping(st, s, 0);
+    moe_group_cores(sc, &g, W0, W1, s);
+}
 
 // The tiled plans' forward of a grouping (the groups' cores in sc->w0x, sc->w1x): x gathered into
 // the grouped rows, every tile's BTT into the grouped output rows sc->yg and the saved z (by set,
@@ -706,8 +716,8 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     moe_group_gpu(st->order, st->pos, st->counts, st->offsets, st->tile_expert, st->group, st->sid, N, S, T);
     moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
     cudaCheckLaunch();
-    moe_set_cores(sc, st, W0, W1, s);
     const MoEGrouping g = moe_grouping(st, s, 1);
+    moe_group_cores(sc, &g, W0, W1, s);
     moe_forward_tiled(st, sc, x, s, &g, 0);
     st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, NULL, st->pos, bias, N, 1, dout, pre_gelu, y_ld ? y_ld : dout,
@@ -811,10 +821,8 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
     const int rows = moe_max_tiles(NK, E, T) * T;  // grouped rows of the tiles (the spare's not included)
-    const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
-    st_step("experts' cores");
-    moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
-    cudaCheckLaunch();
+    const MoEGrouping g = moe_grouping(st, s, 0);
+    moe_group_cores(sc, &g, W0, W1, s);
     int fused = 0;
     if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
         st_step("transposed cores");
@@ -823,7 +831,6 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
     if (!fused) {
-        const MoEGrouping g = moe_grouping(st, s, 0);
         moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, g_st_zt);
         return 0;
     }
@@ -841,7 +848,7 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     st_step("experts' dW0, dW1, fused (seg_wgrad)");
     if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
     st_step("experts' gradients into the cores");
-    moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+    moe_cores_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1);
     cudaCheckLaunch();
     return 1;
 }
@@ -851,8 +858,8 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
 static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
                                    const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld) {
     g_moe_sets_runs++;
-    moe_set_cores(sc, st, W0, W1, s);
     const MoEGrouping g = moe_grouping(st, s, 1);
+    moe_group_cores(sc, &g, W0, W1, s);
     moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, 0);
 }
 

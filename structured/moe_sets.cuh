@@ -64,20 +64,6 @@ static __device__ __forceinline__ int moe_set_expert_count(const int *set_counts
     return n;
 }
 
-// The sets' rank-K cores w0s (S, gamma, alpha, phi·K), w1s (S, phi, gamma·K, eps) copied out of
-// W0 (gamma, alpha, phi·E) and W1 (phi, gamma·E, eps). p0, p1: one set's core sizes.
-__global__ void moe_set_cores_kernel(floatX *w0s, floatX *w1s, const floatX *W0, const floatX *W1, const int *set_experts, int S, int E,
-                                     int K, int Ep, size_t p0, size_t p1) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n0 = (size_t)S * p0;
-    if (i < n0) {
-        const size_t q = i / p0, l = i % p0;
-        w0s[i] = W0[(l / K) * E + set_experts[q * K + l % K]];
-    } else if (i < n0 + (size_t)S * p1) {
-        const size_t q = (i - n0) / p1, l = (i - n0) % p1, o = l % Ep, r = l / Ep;
-        w1s[i - n0] = W1[((r / K) * E + set_experts[q * K + r % K]) * Ep + o];
-    }
-}
-
 // Each grouped row's gates in component order (rg: rows x K): row w's token t = order[w] takes
 // rg[w·K + j] = gate[t·K + kof[t·K + j]], a padding row zeros; rows in use only. The forward's
 // permute of z multiplies each component by its gate with these (PlanEpi.scale).

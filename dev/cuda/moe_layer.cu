@@ -84,9 +84,8 @@ static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, c
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
-    const int cores_blocks = ceil_div_i((long)(n0 + n1), 256);
-    moe_cores_kernel<<<cores_blocks, 256>>>((floatX *)W0, (floatX *)W1, sc->w0x, sc->w1x, n0, n1, E, s->btt.eps, p0, p1, 0);
-    cudaCheckLaunch();
+    const MoEGrouping g = moe_grouping(st, s, 0);
+    moe_group_cores(sc, &g, W0, W1, s);
     moe_gather(sc->yg, dy, st, E, NK, 0, K, dout);
     moe_gather(sc->xg, x, st, E, NK, 0, K, din);
     floatX *buf[PB_COUNT] = {0};
@@ -109,7 +108,7 @@ static void v1_backward(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, c
         plan_btt_backward_rest(&p, &b1, g_h_counts[e], g_h_offsets[e], 1, 0);
         plan_run_gpu(&p, buf);
     }
-    moe_cores_kernel<<<cores_blocks, 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1, 1);
+    moe_cores_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1);
     cudaCheckLaunch();
     moe_dlogits_kernel<<<ceil_div_i(N, 128), 128>>>(sc->dlogits, sc->dlogits_bf16, st->logits, st->lse, st->gate, sc->dgate, st->sel, st->fhat,
                                                     N, E, K, 0.0f);
