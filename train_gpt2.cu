@@ -1021,10 +1021,11 @@ static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
 // Whether a unit's BTT-MoE layers can group by set of experts (-mg 1 a candidate): their states
 // have the set path (-at 1 allocates it wherever the shape takes it).
 static int tune_unit_sets(const GPT2 *m, const TuneUnit *u) {
+    if (!u->moe) return 0;
     int idx[3];
     const int nm = tune_unit_members(m, u, idx);
     for (int i = 0; i < nm; i++)
-        if (!u->moe || !m->lin[idx[i]].moe.sets) return 0;
+        if (!m->lin[idx[i]].moe.sets) return 0;
     return nm > 0;
 }
 

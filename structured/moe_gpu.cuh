@@ -707,16 +707,16 @@ static void moe_forward_tiled(MoEGPUState *st, MoEGPUScratch *sc, const floatX *
 // with the bias (and GELU).
 static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                                  const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
-    const int K = s->topk, S = st->S, T = st->set_tile_rows, dout = s->btt.d_out;
-    const int rows = moe_max_tiles(N, S, T) * T;
+    const int K = s->topk, S = st->S, dout = s->btt.d_out;
+    const MoEGrouping g = moe_grouping(st, s, 1);
+    const int rows = moe_grouping_rows(&g, N);
     moe_route_gpu(st, x, router, N, s, 1);
     st->sets_ran = 1;
     g_moe_sets_runs++;
     st_step("grouping by set");
-    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, st->tile_expert, st->group, st->sid, N, S, T);
+    moe_group_gpu(st->order, st->pos, st->counts, st->offsets, st->tile_expert, st->group, st->sid, N, S, g.tile_rows);
     moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
     cudaCheckLaunch();
-    const MoEGrouping g = moe_grouping(st, s, 1);
     moe_group_cores(sc, &g, W0, W1, s);
     moe_forward_tiled(st, sc, x, s, &g, 0);
     st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
@@ -761,9 +761,8 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
 // The statistics of the aux loss over this process's N tokens into st->stats (device doubles,
 // moe.h's MOE_AUX_STATS layout). Data-parallel ranks sum them (all-reduce) before the finish.
 static void moe_aux_stats_gpu(MoEGPUState *st, const MoEShape *s) {
-    const int per = st->sets_ran ? (int)moe_binom(s->experts - 1, s->topk - 1) : 0;
-    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts, st->sets_ran ? st->members : NULL,
-                                                  per, s->topk);
+    const MoEGrouping g = moe_grouping(st, s, st->sets_ran);  // by set, each expert's count sums its sets'
+    moe_aux_stats_kernel<<<s->experts + 1, 256>>>(st->stats, st->logits, st->lse, st->counts, st->N, s->experts, g.members, g.per, s->topk);
     cudaCheckLaunch();
 }
 
@@ -817,11 +816,11 @@ static void moe_backward_tiled(floatX *dW0, floatX *dW1, const floatX *dy, const
 // tiled plans. Returns 1 when it ran fused.
 static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
                                      const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld, int dx_acc) {
-    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K, T = st->tile_rows;
+    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
     const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
-    const int rows = moe_max_tiles(NK, E, T) * T;  // grouped rows of the tiles (the spare's not included)
     const MoEGrouping g = moe_grouping(st, s, 0);
+    const int rows = moe_grouping_rows(&g, N);
     moe_group_cores(sc, &g, W0, W1, s);
     int fused = 0;
     if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
