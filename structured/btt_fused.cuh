@@ -71,63 +71,16 @@
 // (or TMA) double buffering of
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
-// without the fp32 staging round trip (mma.sync with its documented register layout); a z layout
+// without the fp32 staging round trip (mma.sync with its documented register layout: stage 1 has it
+// as a candidate, MMA / g_btt_mma, not yet measured; stage 2 still stages); a z layout
 // or lane mapping that lets rank 1 scatter more than 2 bytes per store (even ranks store runs of
 // 2 to 8 elements, bt_z1_vec).
 #pragma once
 #include <mma.h>
 #include "../common/btt_tiles.h"
 #include "../cuda/common.cuh"
+#include "../cuda/mma.cuh"
 #include "btt.h"
-
-// ----------------------------------------------------------------------------------------------
-// wmma fragment loads with the state space spelled out. nvcc turns wmma::load_matrix_sync on a
-// plain pointer into generic 32-bit loads (LD.E) even when the pointer is into shared memory; the
-// same PTX instruction with .shared becomes one ldmatrix (LDSM.16.M88.4), and with .global plain
-// global loads. The fragment registers are the ones load_matrix_sync fills (same instruction, same
-// operand order). Define BT_WMMA_GENERIC to use load_matrix_sync instead (to rule these out).
-typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> BtFragA;
-typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> BtFragB;
-typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> BtFragC;
-
-// A (row-major, 16x16) from shared memory: p 32-byte aligned, ldm a multiple of 8
-__device__ __forceinline__ void bt_load_a_shared(BtFragA &a, const floatX *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(a, p, ldm);
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&a);
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-#endif
-}
-// B (row-major, 16x16) from shared memory (the staged W0 chunk): p 32-byte aligned, ldm a multiple of 8
-__device__ __forceinline__ void bt_load_b_shared(BtFragB &b, const floatX *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(b, p, ldm);
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&b);
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-#endif
-}
-// B (row-major, 16x16) from global memory: p 32-byte aligned, ldm a multiple of 8
-__device__ __forceinline__ void bt_load_b_global(BtFragB &b, const floatX *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(b, p, ldm);
-#else
-    size_t addr = __cvta_generic_to_global(p);
-    int *r = reinterpret_cast<int *>(&b);
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.global.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "l"(addr), "r"(ldm));  // W0, W1 are read-only here: no memory clobber
-#endif
-}
 
 // A lane's 8 fp32 of the warp's staging tile (row bt_epi_row, columns bt_epi_col ..): two 16-byte
 // loads (byte offset 80*row + 4*col, col 0 or 8: 16-byte aligned). The 8 lanes of one load phase
@@ -156,6 +109,19 @@ __device__ __forceinline__ void bt_z1_store(floatX *zs, const int idx[8], const 
     } else {
 #pragma unroll
         for (int t = 0; t < 8; t++) zs[idx[t]] = (floatX)v[t];
+    }
+}
+
+// Two stage-1 values of row m, block gi, columns c (even) and c + 1, rounded to bf16, into the z
+// tile: one 4-byte store where they are neighbours there (rho even: the same f, s and s + 1, the
+// first at an even index), else two (rank 1: f and f + 1 lie gr apart).
+__device__ __forceinline__ void bt_z1_store2(floatX *zs, const BtGeom *g, int m, int gi, int c, float v0, float v1) {
+    const int at = m * g->zld + (c / g->R) * g->gr + gi * g->R + c % g->R;
+    if (g->R % 2 == 0) {
+        *reinterpret_cast<unsigned *>(zs + at) = pack_bf16x2(v0, v1);
+    } else {
+        zs[at] = (floatX)v0;
+        zs[at + ((c + 1) % g->R ? 1 : g->gr - (g->R - 1))] = (floatX)v1;
     }
 }
 
@@ -206,7 +172,11 @@ __device__ __forceinline__ void bt_w_store(floatX *ws, const uint4 pre[BT_WVEC],
 // WS = 1 asks for one block per SM at least: without it ptxas held some instantiations to 128
 // registers and spilled. WS = 2: W0 staged and stage 1 alone (s1only; NB unused, 1), two blocks
 // per SM (no stage-2 accumulators: it fits 128 registers), so small tiles can keep 16 warps busy.
-template <int MT, int NB, int WS>
+// MMA = 1 (with WS >= 1: W0 staged): stage 1 on raw mma.sync (cuda/mma.cuh): both operands by
+// ldmatrix from shared memory, each 16x16 item as two m16n8 halves whose accumulators each lane
+// rounds and stores straight into the z tile, with no fp32 staging tile and no warp barrier
+// (g_btt_mma; dev/cuda/btt_forward v13, v14, not yet measured on a GPU).
+template <int MT, int NB, int WS, int MMA = 0>
 __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,
                                                                const floatX *__restrict__ W1, const floatX *__restrict__ bias, int N,
@@ -254,14 +224,35 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
                     int mt, nt;
                     const int gl = it.o;
                     bt_s1_split(&g, it.i, &mt, &nt);
-                    BtFragC acc;
+                    if constexpr (MMA) {
+                        static_assert(!MMA || WS, "stage 1 on mma.sync reads W0 from its staged chunk");
+                        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                        const int lr = lane % 16, lc = (lane / 16) * 8;  // the row this lane addresses in ldmatrix
+                        for (int kk = 0; kk < g.ks1; kk++) {
+                            uint32_t a[4], b[4];
+                            mma_ldsm_x4(a, xs + bt_s1_a(&g, mt, gl, kk) + lr * g.xld + lc);
+                            mma_ldsm_x4_trans(b, wsm + bt_s1_bs(&g, gl, kk, nt) + lr * g.wld + lc);
+                            mma_bf16_16816(acc[0], a, b[0], b[1]);  // columns nt*16 + 0..7
+                            mma_bf16_16816(acc[1], a, b[2], b[3]);  // nt*16 + 8..15
+                        }
+                        // lane: rows mt*16 + lane/4 (+8), columns c, c + 1 of each half
+                        const int m = mt * 16 + lane / 4;
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const int c = nt * 16 + h * 8 + 2 * (lane % 4);
+                            bt_z1_store2(zs, &g, m, g0 + gl, c, acc[h][0], acc[h][1]);
+                            bt_z1_store2(zs, &g, m + 8, g0 + gl, c, acc[h][2], acc[h][3]);
+                        }
+                        continue;
+                    }
+                    WmmaAcc acc;
                     wmma::fill_fragment(acc, 0.0f);
                     for (int kk = 0; kk < g.ks1; kk++) {
-                        BtFragA a;
-                        BtFragB b;
-                        bt_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
-                        if (WS) bt_load_b_shared(b, wsm + bt_s1_bs(&g, gl, kk, nt), g.wld);
-                        else bt_load_b_global(b, W0s + bt_s1_b(&g, q, g0 + gl, kk, nt), g.fr);
+                        WmmaA a;
+                        WmmaB b;
+                        wmma_load_a_shared(a, xs + bt_s1_a(&g, mt, gl, kk), g.xld);
+                        if (WS) wmma_load_b_shared(b, wsm + bt_s1_bs(&g, gl, kk, nt), g.wld);
+                        else wmma_load_b_global(b, W0s + bt_s1_b(&g, q, g0 + gl, kk, nt), g.fr);
                         wmma::mma_sync(acc, a, b, acc);
                     }
                     __syncwarp();  // every lane has read the staging tile's previous contents
@@ -289,40 +280,40 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
             // With ws an item's first B fragments are loaded during the previous item's last k-step
             // (bn), so they are in flight through its epilogue.
             BtWalk it2;
-            BtFragB bf[NB], bn[NB];
+            WmmaB bf[NB], bn[NB];
             bt_walk_begin(&it2, g.ntg, warp, BT_WARPS);
             if (WS && it2.o < g.pg) {
 #pragma unroll
-                for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, q * g.pg + it2.o, 0, bt_s2_ntile(&g, it2.i, b)), g.E);
+                for (int b = 0; b < NB; b++) wmma_load_b_global(bf[b], W1s + bt_s2_b(&g, q * g.pg + it2.o, 0, bt_s2_ntile(&g, it2.i, b)), g.E);
             }
             while (it2.o < g.pg) {
                 const int fl = it2.o, f = q * g.pg + fl, j = it2.i;
                 BtWalk nx = it2;  // the warp's next item
                 bt_walk_next(&nx);
                 const int pipe_next = WS && nx.o < g.pg;
-                BtFragC acc[MT][NB];
+                WmmaAcc acc[MT][NB];
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                     for (int b = 0; b < NB; b++) wmma::fill_fragment(acc[mt][b], 0.0f);
                 if (!WS) {
 #pragma unroll
-                    for (int b = 0; b < NB; b++) bt_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
+                    for (int b = 0; b < NB; b++) wmma_load_b_global(bf[b], W1s + bt_s2_b(&g, f, 0, bt_s2_ntile(&g, j, b)), g.E);
                 }
                 for (int kk = 0; kk < g.ks2; kk++) {
                     const int more = kk + 1 < g.ks2;
                     if (more) {  // the next k-step's B fragments are in flight while this one computes
 #pragma unroll
-                        for (int b = 0; b < NB; b++) bt_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
+                        for (int b = 0; b < NB; b++) wmma_load_b_global(bn[b], W1s + bt_s2_b(&g, f, kk + 1, bt_s2_ntile(&g, j, b)), g.E);
                     } else if (pipe_next) {  // ws: the next item's first k-step
 #pragma unroll
                         for (int b = 0; b < NB; b++)
-                            bt_load_b_global(bn[b], W1s + bt_s2_b(&g, q * g.pg + nx.o, 0, bt_s2_ntile(&g, nx.i, b)), g.E);
+                            wmma_load_b_global(bn[b], W1s + bt_s2_b(&g, q * g.pg + nx.o, 0, bt_s2_ntile(&g, nx.i, b)), g.E);
                     }
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
-                        BtFragA a;
-                        bt_load_a_shared(a, zs + bt_s2_a(&g, mt, fl, kk), g.zld);
+                        WmmaA a;
+                        wmma_load_a_shared(a, zs + bt_s2_a(&g, mt, fl, kk), g.zld);
 #pragma unroll
                         for (int b = 0; b < NB; b++) wmma::mma_sync(acc[mt][b], a, bf[b], acc[mt][b]);
                     }
@@ -385,6 +376,9 @@ static int g_btt_whole_z = 0;
 // (btt_tiles.h, ws; the trainer's -sk 2, dev/cuda/btt_forward v7+). Not yet measured on a GPU,
 // so -sk 1 keeps the kernel as measured.
 static int g_btt_wstage = 0;
+// 1: where W0 is staged (g_btt_wstage, or stage 1 alone), stage 1 on raw mma.sync (the kernel's
+// MMA; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0.
+static int g_btt_mma = 0;
 
 static int btt_fused_blocks_per_sm(const BtGeom *g);
 
@@ -423,28 +417,33 @@ static inline int btt_fused_supported(const BTTShape *s, size_t smem_limit) {
 
 typedef void (*BtFusedKernel)(floatX *, floatX *, const floatX *, const floatX *, const floatX *, const floatX *, int, BtGeom, BtSeg);
 
-// The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}, ws), or NULL.
-template <int WS>
+// The instantiation for a geometry (mt in {1, 2, 4}, nb in {1, 2, 3}, ws, mma), or NULL.
+template <int WS, int MMA>
 static BtFusedKernel btt_fused_kernel_ws(const BtGeom *g) {
     switch (g->mt * 4 + g->nb) {
-        case 1 * 4 + 1: return btt_fused_kernel<1, 1, WS>;
-        case 1 * 4 + 2: return btt_fused_kernel<1, 2, WS>;
-        case 1 * 4 + 3: return btt_fused_kernel<1, 3, WS>;
-        case 2 * 4 + 1: return btt_fused_kernel<2, 1, WS>;
-        case 2 * 4 + 2: return btt_fused_kernel<2, 2, WS>;
-        case 2 * 4 + 3: return btt_fused_kernel<2, 3, WS>;
-        case 4 * 4 + 1: return btt_fused_kernel<4, 1, WS>;
-        case 4 * 4 + 2: return btt_fused_kernel<4, 2, WS>;
-        case 4 * 4 + 3: return btt_fused_kernel<4, 3, WS>;
+        case 1 * 4 + 1: return btt_fused_kernel<1, 1, WS, MMA>;
+        case 1 * 4 + 2: return btt_fused_kernel<1, 2, WS, MMA>;
+        case 1 * 4 + 3: return btt_fused_kernel<1, 3, WS, MMA>;
+        case 2 * 4 + 1: return btt_fused_kernel<2, 1, WS, MMA>;
+        case 2 * 4 + 2: return btt_fused_kernel<2, 2, WS, MMA>;
+        case 2 * 4 + 3: return btt_fused_kernel<2, 3, WS, MMA>;
+        case 4 * 4 + 1: return btt_fused_kernel<4, 1, WS, MMA>;
+        case 4 * 4 + 2: return btt_fused_kernel<4, 2, WS, MMA>;
+        case 4 * 4 + 3: return btt_fused_kernel<4, 3, WS, MMA>;
     }
     return NULL;
+}
+template <int MMA>
+static BtFusedKernel btt_fused_stage1_kernel(const BtGeom *g) {
+    return g->mt == 1 ? btt_fused_kernel<1, 1, 2, MMA> : g->mt == 2 ? btt_fused_kernel<2, 1, 2, MMA> : g->mt == 4 ? btt_fused_kernel<4, 1, 2, MMA> : NULL;
 }
 static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
     if (g->s1only) {
         if (!g->ws) return NULL;
-        return g->mt == 1 ? btt_fused_kernel<1, 1, 2> : g->mt == 2 ? btt_fused_kernel<2, 1, 2> : g->mt == 4 ? btt_fused_kernel<4, 1, 2> : NULL;
+        return g_btt_mma ? btt_fused_stage1_kernel<1>(g) : btt_fused_stage1_kernel<0>(g);
     }
-    return g->ws ? btt_fused_kernel_ws<1>(g) : btt_fused_kernel_ws<0>(g);
+    if (!g->ws) return btt_fused_kernel_ws<0, 0>(g);
+    return g_btt_mma ? btt_fused_kernel_ws<1, 1>(g) : btt_fused_kernel_ws<1, 0>(g);
 }
 
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory
@@ -453,13 +452,14 @@ static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
 // instantiations at other sizes; one device per process); 0 when none fits.
 #define BT_OCC_SIZES 8
 static int btt_fused_blocks_per_sm(const BtGeom *g) {
-    // per (mt 1, 2, 4) x (nb 1, 2, 3) x (ws 0, 1, stage 1 alone)
-    static int attr_bytes[27], occ_bytes[27][BT_OCC_SIZES], occ[27][BT_OCC_SIZES], occ_next[27];
+    // per (mt 1, 2, 4) x (nb 1, 2, 3) x (ws 0, 1, stage 1 alone) x (mma 0, 1)
+    static int attr_bytes[54], occ_bytes[54][BT_OCC_SIZES], occ[54][BT_OCC_SIZES], occ_next[54];
     BtFusedKernel kern = btt_fused_kernel_for(g);
     if (!kern) return 0;
-    // 0..26 (mt * 4 + nb reaches 19); stage 1 alone is one kernel whatever nb, so one slot: setting
+    // 0..53 (mt * 4 + nb reaches 19); stage 1 alone is one kernel whatever nb, so one slot: setting
     // its shared-memory limit from two slots could lower it under the other's
-    const int k = ((g->mt == 4 ? 2 : g->mt - 1) * 3 + (g->s1only ? 0 : g->nb - 1)) * 3 + (g->s1only ? 2 : g->ws);
+    const int k = (((g->mt == 4 ? 2 : g->mt - 1) * 3 + (g->s1only ? 0 : g->nb - 1)) * 3 + (g->s1only ? 2 : g->ws)) * 2 +
+                  (g_btt_mma && (g->ws || g->s1only));
     if (g->smem_bytes > attr_bytes[k]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;

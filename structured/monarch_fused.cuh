@@ -38,6 +38,7 @@
 #include <mma.h>
 #include "../common/btt_tiles.h"
 #include "../cuda/common.cuh"
+#include "../cuda/mma.cuh"
 #include "gpu_plan.h"
 #include "monarch.h"
 
@@ -76,23 +77,25 @@ static inline double monarch_baseline_bytes_per_row(const MonarchShape *m, int b
 
 // ---- shared by both kernels (four GEMM loops, two launchers)
 
-typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> MfAcc;
+typedef WmmaAcc MfAcc;
 
 // acc[mt] = A_mt B for the MT m-tiles of a tile, over K = 16*ksteps: A_mt from shared memory at
 // a + mt*16*lda (row-major), B a 16-column strip of a row-major core in global memory at b (ld ldb),
-// each of its fragments loaded once for all MT m-tiles.
+// each of its fragments loaded once for all MT m-tiles. The loads name their state space
+// (cuda/mma.cuh): A by ldmatrix, where wmma::load_matrix_sync on these plain pointers gave generic
+// 32-bit loads (the kernels as measured on the H200, 2026-12-04, loaded both operands that way).
 template <int MT>
 __device__ inline void mf_mma_mtiles(MfAcc (&acc)[MT], const floatX *a, int lda, const floatX *b, int ldb, int ksteps) {
     using namespace nvcuda;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) wmma::fill_fragment(acc[mt], 0.0f);
     for (int kk = 0; kk < ksteps; kk++) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, b + (size_t)kk * 16 * ldb, ldb);
+        WmmaB fb;
+        wmma_load_b_global(fb, b + (size_t)kk * 16 * ldb, ldb);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, a + mt * 16 * lda + kk * 16, lda);
+            WmmaA fa;
+            wmma_load_a_shared(fa, a + mt * 16 * lda + kk * 16, lda);
             wmma::mma_sync(acc[mt], fa, fb, acc[mt]);
         }
     }
@@ -369,8 +372,10 @@ static inline int monarch_fused_bwd_choose(MbGeom *g, const MonarchShape *m, siz
     return found;
 }
 
+// (MF_THREADS, 1): with the state-space loads of cuda/mma.cuh, ptxas held MT = 4 to 64 registers
+// on sm_80 under the bare bound and spilled 12 bytes (tests/test_ptxas.sh); it takes 79 this way.
 template <int MT>
-__global__ void __launch_bounds__(MF_THREADS) monarch_fused_bwd_kernel(floatX *__restrict__ dx, floatX *__restrict__ du_out,
+__global__ void __launch_bounds__(MF_THREADS, 1) monarch_fused_bwd_kernel(floatX *__restrict__ dx, floatX *__restrict__ du_out,
                                                                        floatX *__restrict__ dyt_out, const floatX *__restrict__ dy,
                                                                        const floatX *__restrict__ R, const floatX *__restrict__ L, int N,
                                                                        MbGeom g) {

@@ -1,7 +1,7 @@
 // tests/fused_ptx.cu: compiled to PTX by tests/test_fused_ptx.sh. The fused structured kernels and
 // flash attention come with their headers (every instantiation). For the wmma loads, each pair
 // below loads a fragment once with wmma::load_matrix_sync (generic_*) and once with
-// structured/btt_fused.cuh's inline-PTX loads (ours_*), then feeds it to one mma_sync and stores
+// cuda/mma.cuh's inline-PTX loads (ours_*), then feeds it to one mma_sync and stores
 // the result, so that the PTX shows which registers the load fills and in which order the mma reads
 // them.
 #include <mma.h>
@@ -11,8 +11,8 @@
 using namespace nvcuda;
 
 // c = a b, stored: the mma that shows which load registers feed which operand positions
-__device__ __forceinline__ void mma_out(float *out, const BtFragA &a, const BtFragB &b) {
-    BtFragC c;
+__device__ __forceinline__ void mma_out(float *out, const WmmaA &a, const WmmaB &b) {
+    WmmaAcc c;
     wmma::fill_fragment(c, 0.0f);
     wmma::mma_sync(c, a, b, c);
     wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
@@ -20,47 +20,47 @@ __device__ __forceinline__ void mma_out(float *out, const BtFragA &a, const BtFr
 
 __global__ void generic_a(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
-    BtFragA a;
-    BtFragB b;
+    WmmaA a;
+    WmmaB b;
     wmma::load_matrix_sync(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
     mma_out(out, a, b);
 }
 __global__ void ours_a(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
-    BtFragA a;
-    BtFragB b;
-    bt_load_a_shared(a, s, ldm);
+    WmmaA a;
+    WmmaB b;
+    wmma_load_a_shared(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
     mma_out(out, a, b);
 }
 __global__ void generic_b(float *out, const floatX *__restrict__ w, int ldm) {
-    BtFragA a;
-    BtFragB b;
+    WmmaA a;
+    WmmaB b;
     wmma::fill_fragment(a, (floatX)1.0f);
     wmma::load_matrix_sync(b, w, ldm);
     mma_out(out, a, b);
 }
 __global__ void ours_b(float *out, const floatX *__restrict__ w, int ldm) {
-    BtFragA a;
-    BtFragB b;
+    WmmaA a;
+    WmmaB b;
     wmma::fill_fragment(a, (floatX)1.0f);
-    bt_load_b_global(b, w, ldm);
+    wmma_load_b_global(b, w, ldm);
     mma_out(out, a, b);
 }
 __global__ void generic_bs(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
-    BtFragA a;
-    BtFragB b;
+    WmmaA a;
+    WmmaB b;
     wmma::fill_fragment(a, (floatX)1.0f);
     wmma::load_matrix_sync(b, s, ldm);
     mma_out(out, a, b);
 }
 __global__ void ours_bs(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
-    BtFragA a;
-    BtFragB b;
+    WmmaA a;
+    WmmaB b;
     wmma::fill_fragment(a, (floatX)1.0f);
-    bt_load_b_shared(b, s, ldm);
+    wmma_load_b_shared(b, s, ldm);
     mma_out(out, a, b);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test_fused_ptx.sh: what only nvcc's PTX can show about the fused kernels (structured/btt_fused.cuh,
 # monarch_fused.cuh, cuda/flash_attention.cuh), for sm_80, sm_90 and sm_100 (tests/fused_ptx.cu):
-#  1. btt_fused.cuh loads wmma fragments with inline PTX (wmma.load with the .shared or .global
+#  1. the fused kernels load wmma fragments with cuda/mma.cuh's inline PTX (wmma.load with the .shared or .global
 #     state space, so that the A load, and the B load from the staged W0, become one ldmatrix). The CPU simulator builds it with
 #     wmma::load_matrix_sync instead (BT_WMMA_GENERIC), so only the PTX can show that the inline
 #     loads fill the fragment's registers as load_matrix_sync does: for the A and B loads, the
@@ -51,18 +51,37 @@ for arch in 80 90 100; do
         elif ! grep -q "wmma.load.$op.sync.aligned.row.m16n16k16.$space.bf16" "$ptx"; then
             bad "sm_$arch: the $op load" "no wmma.load.$op with .$space in the PTX"
         elif [ "$ours" = "$gen" ]; then
-            ok "sm_$arch: bt_load_${op}_$space fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
+            ok "sm_$arch: wmma_load_${op}_$space fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
         else
-            bad "sm_$arch: bt_load_${op} vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
+            bad "sm_$arch: wmma_load_${op}_$space vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
         fi
     done
+    # the structured kernels' wmma loads all name their state space (a generic one is 32-bit LD.E
+    # loads in SASS, not ldmatrix)
+    generic=$(awk '/\.entry/ {name = $3} /wmma\.load/ && name ~ /(btt_fused|monarch_fused|monarch_fused_bwd)_kernel/ && $1 !~ /\.(shared|global)\./ {print name}' "$ptx" | sort -u)
+    nload=$(awk '/\.entry/ {name = $3} /wmma\.load/ && name ~ /monarch_fused(_bwd)?_kernel/ {n++} END {print n + 0}' "$ptx")
+    if [ -z "$generic" ] && [ "$nload" -gt 0 ]; then
+        ok "sm_$arch: every wmma load of the BTT and Monarch kernels names its state space (Monarch: $nload loads)"
+    else
+        bad "sm_$arch: generic wmma loads in the structured kernels" "$(echo "$generic" | tr '\n' ' ') (Monarch loads: $nload)"
+    fi
+    # stage 1 on mma.sync (the BTT kernel's MMA instantiations, 9 + 3): each has its ldmatrix loads
+    # (plain and transposed) and m16n8k16 mma, and the wmma ones have none of them
+    mma_k=$(awk '/\.entry/ {name = $3} /mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32/ {print name}' "$ptx" | sort -u)
+    ldsm_k=$(awk '/\.entry/ {name = $3} /ldmatrix\.sync\.aligned\.m8n8\.x4\.trans\.shared\.b16/ {print name}' "$ptx" | sort -u)
+    n_mma=$(echo "$mma_k" | grep -c '^_Z16btt_fused_kernelILi[0-9]ELi[0-9]ELi[12]ELi1EEv')
+    if [ "$n_mma" -eq 12 ] && [ "$(echo "$mma_k" | grep -c .)" -eq 12 ] && [ "$mma_k" = "$ldsm_k" ]; then
+        ok "sm_$arch: the 12 BTT instantiations with stage 1 on mma.sync, and only they, issue mma.m16n8k16 and ldmatrix.x4.trans"
+    else
+        bad "sm_$arch: mma.sync in the BTT kernel" "kernels with mma.m16n8k16: $(echo "$mma_k" | tr '\n' ' '); with ldmatrix.trans: $(echo "$ldsm_k" | tr '\n' ' ')"
+    fi
     # every bf16 global store in the fused kernels: 16 bytes (fp32 statistics, flash's lse, aside)
     kre='(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv)_kernel'
     stores=$(awk -v kre="$kre" '/\.entry/ {name = $3} /^[ \t]*st\.global/ && name ~ kre {print $1}' "$ptx" | grep -v '^st\.global\.f32$')
     kernels=$(grep -cE "\.entry _Z[0-9]+$kre" "$ptx")
     narrow=$(echo "$stores" | grep -vE '^st\.global(\.wb)?\.v4\.(u32|b32)$' | sort | uniq -c | tr -s ' \n' ' ')
-    if [ "$kernels" -ne 39 ] || [ -z "$stores" ]; then
-        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 39: BTT 9 x 2 + 3, Monarch 3 + 3, flash 4 x 3) and $(echo "$stores" | grep -c .) stores"
+    if [ "$kernels" -ne 51 ] || [ -z "$stores" ]; then
+        bad "sm_$arch: the fused kernels' global stores" "found $kernels kernel instantiations (expected 51: BTT 9 x 3 + 3 x 2, Monarch 3 + 3, flash 4 x 3) and $(echo "$stores" | grep -c .) stores"
     elif [ -z "$narrow" ]; then
         ok "sm_$arch: all $(echo "$stores" | grep -c .) bf16 global stores of the $kernels fused kernel instantiations (BTT, Monarch, flash attention) are 16-byte (st.global.v4)"
     else

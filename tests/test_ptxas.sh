@@ -11,7 +11,7 @@ need_nvcc "register spills are not checked"
 
 # kernels that must be among those reported (a parse that finds too few fails rather than passes)
 must=(adamw_chunks_kernel layernorm_forward_kernel fused_classifier_kernel "flash_fwd_kernel<64>" "flash_bwd_dkdv_kernel<64>"
-      "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3, 0>" "btt_fused_kernel<4, 3, 1>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel moe_group_count_kernel moe_group_scatter_kernel moe_group_scan_kernel moe_gate_backward_t_kernel moe_dx_kernel)
+      "flash_bwd_dq_kernel<128>" "btt_fused_kernel<4, 3, 0, 0>" "btt_fused_kernel<4, 3, 1, 0>" "btt_fused_kernel<4, 3, 1, 1>" "btt_fused_kernel<4, 1, 2, 1>" "monarch_fused_bwd_kernel<4>" seg_wgrad_kernel moe_route_kernel moe_group_count_kernel moe_group_scatter_kernel moe_group_scan_kernel moe_gate_backward_t_kernel moe_dx_kernel)
 archs=(80 90 100)
 # ptxas's report of the device code alone (-cubin: no host compilation, a third faster), the
 # architectures two at a time (CI's machine has 2 cores)
@@ -49,7 +49,7 @@ for arch in "${archs[@]}"; do
                      || bad "sm_$arch: register spills" "$spills"
     regs() { awk -v k="$1" 'substr($0, index($0, $5)) == k {print $1}' "$W/res$arch"; }
     echo "# sm_$arch registers: flash hs 64 fwd $(regs "flash_fwd_kernel<64>"), dK/dV $(regs "flash_bwd_dkdv_kernel<64>"), dQ $(regs "flash_bwd_dq_kernel<64>");" \
-         "hs 128 dK/dV $(regs "flash_bwd_dkdv_kernel<128>"); BTT fused <1,1> $(regs "btt_fused_kernel<1, 1, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 0>"), W0 staged <1,3> $(regs "btt_fused_kernel<1, 3, 1>"), <4,3> $(regs "btt_fused_kernel<4, 3, 1>");" \
+         "hs 128 dK/dV $(regs "flash_bwd_dkdv_kernel<128>"); BTT fused <1,1> $(regs "btt_fused_kernel<1, 1, 0, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 0, 0>"), W0 staged <1,3> $(regs "btt_fused_kernel<1, 3, 1, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 1, 0>"), stage 1 on mma.sync <4,3> $(regs "btt_fused_kernel<4, 3, 1, 1>");" \
          "Monarch fwd <4> $(regs "monarch_fused_kernel<4>"); layernorm fwd $(regs layernorm_forward_kernel); classifier $(regs fused_classifier_kernel)"
 done
 summary

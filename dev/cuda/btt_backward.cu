@@ -9,6 +9,8 @@
 //       fragments from L2 per item in v2)
 //   v4  split (-sk 3): the transposed cores, the fused kernel's stage 1 alone on dy (W0 staged) for
 //       T1 = dZ, then dx and the dW GEMMs from T1 on cuBLAS (the plans without GEMM dZ and the permute)
+//   v5, v6: v3 and v4 with the kernel's stage 1 on raw mma.sync (g_btt_mma, cuda/mma.cuh; written
+//       2026-12-06, not yet run on a GPU): btt_forward's v13 and v14 on the transposed BTT
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
 // rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors.
@@ -28,7 +30,7 @@
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 4
+#define NV 6
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, rank; } Case;
@@ -91,7 +93,8 @@ int main(int argc, char **argv) {
         float ms[NV + 1] = {0};
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            st_set_kernels(ver >= 2 ? ver - 1 : 0);
+            st_set_kernels(ver >= 5 ? ver - 3 : ver >= 2 ? ver - 1 : 0);  // v5, v6: -sk 2, 3
+            g_btt_mma = ver >= 5;
             if (ver >= 2 && !btt_fused_supported(&ts, btt_fused_smem_limit())) {
                 printf("   v%d: the fused kernel does not take the transposed shape here; the trainer falls back to v1\n", ver);
                 continue;
@@ -108,7 +111,7 @@ int main(int argc, char **argv) {
             cudaCheck(cudaMemset(d_dW1, 0, n1 * sizeof(floatX)));
             run(Nc);
             cudaCheck(cudaDeviceSynchronize());
-            if (ran != (ver == 2 || ver == 3) || split != (ver == 4)) {
+            if (ran != (ver == 2 || ver == 3 || ver == 5) || split != (ver == 4 || ver == 6)) {
                 g_dev_fail++;
                 printf("FAIL v%d: btt_backward_gpu ran the %s path\n", ver, ran ? "fused" : split ? "split" : "cuBLAS");
             }
@@ -125,11 +128,14 @@ int main(int argc, char **argv) {
             dev_report(what, ver, ms[ver], bytes, flops, fmaxf(e, fmaxf(e_0, e_1)));
         }
         st_set_kernels(0);
+        g_btt_mma = 0;
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
         if (ms[3] > 0) printf("   ratio dense / W0 staged (v3): %.2fx; speedup v3 over baseline (v1): %.2fx\n", ms_dense / ms[3], ms[1] > 0 ? ms[1] / ms[3] : 0.0);
         if (ms[4] > 0) printf("   ratio dense / split (v4): %.2fx; speedup v4 over baseline (v1): %.2fx\n", ms_dense / ms[4], ms[1] > 0 ? ms[1] / ms[4] : 0.0);
+        if (ms[5] > 0 && ms[3] > 0) printf("   speedup stage 1 on mma.sync (v5) over v3: %.2fx; ratio dense / v5: %.2fx\n", ms[3] / ms[5], ms_dense / ms[5]);
+        if (ms[6] > 0 && ms[4] > 0) printf("   speedup stage 1 on mma.sync (v6) over v4: %.2fx; ratio dense / v6: %.2fx\n", ms[4] / ms[6], ms_dense / ms[6]);
         void *dev[] = {d_x, d_dy, d_W0, d_W1, d_wd, d_y, d_z, d_dx, d_dW0, d_dW1, d_dwd, d_s};
         for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
         free(x); free(dy); free(W0); free(W1); free(wd); free(xa); free(dya); free(W0a); free(W1a); free(yr); free(zr); free(za);

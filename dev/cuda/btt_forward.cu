@@ -21,6 +21,10 @@
 //       plans' last GEMM): the plans without their T1 round trip and permute
 //   v11, v12: v9 with tm forced to 16, 32 (stage 1 alone fits 128 registers: two blocks per SM where
 //       shared memory allows)
+//   v13 v7 with stage 1 on raw mma.sync (g_btt_mma; cuda/mma.cuh): x and W0 fragments by ldmatrix,
+//       each lane's accumulators rounded and stored straight into the z tile (no fp32 staging tile,
+//       no warp barriers per 16x16 item); written 2026-12-06, not yet run on a GPU
+//   v14 v9 (stage 1 alone) the same way
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
 // checked at N - 13 rows (a partial last tile) for its values and for not writing past row N - 13.
@@ -47,7 +51,7 @@
 #include "structured/btt_fused.cuh"
 #include "structured/structured.cuh"
 
-#define NV 12
+#define NV 14
 #define U_BF16 (1.0 / 256.0)
 
 // every stride-th index below n, and n - 1
@@ -139,7 +143,7 @@ int main(int argc, char **argv) {
 
         const double flops = 2.0 * N * (double)(n0 + n1);
         const double bytes_noz = 2.0 * ((double)NX + n0 + n1 + dout + NY), bytes_z = bytes_noz + 2.0 * NZ;
-        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f, ms_ws = 0.0f, ms_s1 = 0.0f, ms_split = 0.0f;
+        float ms_base = 0.0f, ms_fused = 0.0f, ms_fused_noz = 0.0f, ms_whole = 0.0f, ms_ws = 0.0f, ms_s1 = 0.0f, ms_split = 0.0f, ms_ws_mma = 0.0f, ms_s1_mma = 0.0f;
         char what[200];
 
         // dense cuBLASLt, the same shape (w: d_out x d_in): the time to beat
@@ -151,8 +155,10 @@ int main(int argc, char **argv) {
         for (int ver = 1; ver <= NV; ver++) {
             if (v && ver != v) continue;
             const int tm_force = ver == 3 || ver == 8 || ver == 11 ? 16 : ver == 4 || ver == 12 ? 32 : ver == 5 ? 64 : 0, wstage = ver >= 7;
-            const int s1 = ver == 9 || ver >= 11;  // stage 1 alone
-            if (ver >= 9) {  // the W0-staged geometry btt_stage1_fused takes
+            const int s1 = ver == 9 || ver == 11 || ver == 12 || ver == 14;  // stage 1 alone
+            const int mma = ver >= 13;
+            g_btt_mma = mma;  // the instantiation btt_fused_blocks_per_sm and the runs below take
+            if (s1 || ver == 10) {  // the W0-staged geometry btt_stage1_fused takes
                 BtGeom g;
                 const int ok = btt_fused_geom_ws(&g, &s, btt_fused_smem_limit(), ver == 10 ? 0 : tm_force, 1, 1);
                 g.s1only = 1;
@@ -238,7 +244,12 @@ int main(int argc, char **argv) {
             if (ver == 7) ms_ws = ms;
             if (ver == 9) ms_s1 = ms;
             if (ver == 10) ms_split = ms;
-            if (ver == 1 || ver >= 9) continue;  // the baseline, stage 1 and split always write z
+            if (ver == 13) ms_ws_mma = ms;
+            if (ver == 14) ms_s1_mma = ms;
+            if (ver == 1 || ver == 10 || s1) {  // the baseline, stage 1 and split always write z
+                g_btt_mma = 0;
+                continue;
+            }
 
             // without z (inference)
             cudaCheck(cudaMemset(d_y, 0xFF, NY * sizeof(floatX)));
@@ -276,6 +287,7 @@ int main(int argc, char **argv) {
                 if (untouched) g_dev_pass++;
                 else { g_dev_fail++; printf("FAIL v%d %d->%d r%d: rows >= N %d of y or z were written\n", ver, din, dout, s.rank, Nt); }
             }
+            g_btt_mma = 0;
         }
         if (ms_base > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms_base);
         if (ms_fused > 0) {
@@ -287,6 +299,8 @@ int main(int argc, char **argv) {
         if (ms_s1 > 0 && ms_ws > 0) printf("   stage 1 alone (v9) is %.0f%% of v7's time\n", 100.0 * ms_s1 / ms_ws);
         if (ms_split > 0) printf("   ratio dense / split (v10): %.2fx\n", ms_dense / ms_split);
         if (ms_split > 0 && ms_base > 0) printf("   speedup split (v10) over baseline (v1): %.2fx\n", ms_base / ms_split);
+        if (ms_ws_mma > 0 && ms_ws > 0) printf("   speedup stage 1 on mma.sync (v13) over v7, saving z: %.2fx; ratio dense / v13: %.2fx\n", ms_ws / ms_ws_mma, ms_dense / ms_ws_mma);
+        if (ms_s1_mma > 0 && ms_s1 > 0) printf("   speedup stage 1 alone on mma.sync (v14) over v9: %.2fx\n", ms_s1 / ms_s1_mma);
 
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));
         cudaCheck(cudaFree(d_y)); cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_t1));

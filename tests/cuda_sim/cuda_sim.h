@@ -1522,6 +1522,73 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
         if ((wp.part[par] >> l & 1) && wp.val[par][l] == wp.val[par][lane]) r |= 1u << l;
     return r;
 }
+
+// ------------------------------------------------------------------------------------------------
+// the raw tensor-core instructions of cuda/mma.cuh (ldmatrix, mma.sync m16n8k16 bf16), emulated
+// from the register layouts that header documents: each lane posts a pointer (its row address,
+// or its operand registers), every lane of the warp must take part, each lane reads what its
+// registers hold from the others', and a second meeting keeps any lane from going on (and
+// overwriting what it posted, or shared memory another lane has not read yet) before all have read.
+
+// out[l] = what lane l posted; all 32 lanes must meet here
+inline void sim_warp_all(const char *name, uint64_t v, uint64_t out[32]) {
+    unsigned par = sim_warp_collective(5, name, 0xffffffffu, v);
+    const SimWarp &wp = t_sim_w->warps[t_sim_w->cur->tid / 32];
+    if (wp.part[par] != 0xffffffffu) sim_fail("%s: only lanes 0x%08x took part: every lane of the warp must execute it", name, wp.part[par]);
+    for (int l = 0; l < 32; l++) out[l] = wp.val[par][l];
+}
+inline float sim_bf16_half(uint32_t w, int hi) {
+    const uint32_t u = (hi ? w >> 16 : w & 0xFFFFu) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline void sim_ldmatrix_x4(uint32_t r[4], const void *p, int trans) {
+    const char *name = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+    if ((uintptr_t)p % 16) sim_fail("%s: lane %d's row address %p is not 16-byte aligned", name, t_sim_w->cur->tid % 32, p);
+    uint64_t rows[32];
+    sim_warp_all(name, (uint64_t)(uintptr_t)p, rows);
+    const int lane = t_sim_w->cur->tid % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {  // row g, columns 2t, 2t + 1 of matrix i
+            const uint16_t *row = (const uint16_t *)(uintptr_t)rows[i * 8 + g];
+            lo = row[2 * t];
+            hi = row[2 * t + 1];
+        } else {  // column g, rows 2t, 2t + 1
+            lo = ((const uint16_t *)(uintptr_t)rows[i * 8 + 2 * t])[g];
+            hi = ((const uint16_t *)(uintptr_t)rows[i * 8 + 2 * t + 1])[g];
+        }
+        r[i] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+    __syncwarp();
+}
+struct SimMmaOperands {
+    uint32_t a[4], b[2];
+};
+inline void sim_mma_bf16_16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    const SimMmaOperands mine = {{a[0], a[1], a[2], a[3]}, {b0, b1}};
+    uint64_t in[32];
+    sim_warp_all("mma.m16n8k16", (uint64_t)(uintptr_t)&mine, in);
+    const int lane = t_sim_w->cur->tid % 32, g = lane / 4, t = lane % 4;
+    auto op = [&](int l) { return (const SimMmaOperands *)(uintptr_t)in[l]; };
+    // A[row][k] is in lane (row % 8)·4 + (k % 8)/2, register (row >= 8) + 2 (k >= 8), half k % 2;
+    // B[k][n] in lane n·4 + (k % 8)/2, register k >= 8, half k % 2
+    float out[4];
+    for (int q = 0; q < 4; q++) {
+        const int row = g + (q >= 2 ? 8 : 0), col = 2 * t + q % 2;
+        float acc = d[q];
+        for (int k = 0; k < 16; k++) {
+            const float av = sim_bf16_half(op((row % 8) * 4 + (k % 8) / 2)->a[(row >= 8) + 2 * (k >= 8)], k % 2);
+            const float bv = sim_bf16_half(op(col * 4 + (k % 8) / 2)->b[k >= 8], k % 2);
+            acc += av * bv;
+        }
+        out[q] = acc;
+    }
+    __syncwarp();
+    for (int q = 0; q < 4; q++) d[q] = out[q];
+}
+
 inline unsigned __activemask() {
     SimWorker *w = sim_in_kernel("__activemask");
     return w->warps[w->cur->tid / 32].alive;

@@ -1448,6 +1448,39 @@ static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int ra
     check_scaled(down_bf16(y3_d, y.size()), ynb, 2e-2f, 0.0f, nm("%s: y without z and bias", tag));
 }
 
+// Stage 1 on mma.sync (g_btt_mma, with W0 staged): the whole kernel and stage 1 alone
+// (btt_stage1_fused) against the CPU layer and against the same kernel's wmma stage 1.
+static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, int rank) {
+    const BttRef c(N, alpha, gamma, phi, eps, rank);
+    const BTTShape &s = c.s;
+    const Vec &y = c.y, &z = c.z;
+    const int din = s.d_in, dout = s.d_out;
+    Dev d;
+    floatX *x_d = d.add(up_bf16(c.x)), *W0_d = d.add(up_bf16(c.W0)), *W1_d = d.add(up_bf16(c.W1)), *b_d = d.add(up_bf16(c.bias));
+    floatX *y_d[2], *z_d[2], *z1_d = d.add(dev_alloc<floatX>(z.size()));
+    g_btt_wstage = 1;
+    int ok = 1;
+    for (int mma = 0; mma < 2; mma++) {
+        y_d[mma] = d.add(dev_alloc<floatX>(y.size()));
+        z_d[mma] = d.add(dev_alloc<floatX>(z.size()));
+        g_btt_mma = mma;
+        ok &= btt_forward_fused(y_d[mma], z_d[mma], x_d, W0_d, W1_d, b_d, N, &s);
+    }
+    ok &= btt_stage1_fused(z1_d, x_d, 0, W0_d, N, &s);  // still with mma
+    g_btt_mma = 0;
+    g_btt_wstage = 0;
+    char tag[160];
+    snprintf(tag, sizeof(tag), "fused btt, stage 1 on mma.sync, %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d", din, dout, alpha, gamma, phi,
+             eps, rank, N);
+    if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused or btt_stage1_fused returned 0")) return;
+    Vec yf = down_bf16(y_d[1], y.size()), zf = down_bf16(z_d[1], z.size());
+    check_scaled(yf, y, 2e-2f, 0.0f, nm("%s: y vs the CPU layer", tag));
+    check_scaled(zf, z, 2e-2f, 0.0f, nm("%s: saved z vs the CPU layer", tag));
+    check_scaled(down_bf16(z1_d, z.size()), z, 2e-2f, 0.0f, nm("%s: stage 1 alone, z vs the CPU layer", tag));
+    check_scaled(yf, down_bf16(y_d[0], y.size()), 1e-2f, 1e-2f, nm("%s: y vs wmma's stage 1", tag));
+    check_scaled(zf, down_bf16(z_d[0], z.size()), 1e-2f, 1e-2f, nm("%s: z vs wmma's stage 1", tag));
+}
+
 // The fused BTT backward (-sk 1): dx and dZ from one launch of the fused kernel on dy with the
 // transposed cores, then the weight-gradient GEMMs; against the CPU layer and the cuBLAS baseline.
 static void test_btt_fused_backward(int N, int alpha, int gamma, int phi, int eps, int rank) {
@@ -1795,6 +1828,88 @@ __global__ void k_collectives(unsigned *out) {
     out[threadIdx.x * 7 + 6] = (unsigned)cnt;
 }
 
+// cuda/mma.cuh's instructions: A (16x16) and B (16x16, K x N), row-major in shared memory with a
+// row stride of 24 elements; the lanes' ldmatrix registers (A plain, B transposed) go out as they
+// are, then D = A B (two m16n8 halves, accumulated onto 1) in the documented accumulator layout.
+#define MMA_T_LD 24
+__global__ void k_mma(uint32_t *regs, float *D, const floatX *A, const floatX *B) {
+    __shared__ __align__(16) floatX sa[16 * MMA_T_LD], sb[16 * MMA_T_LD]; SIM_SHARED_POISON(sa); SIM_SHARED_POISON(sb);
+    const int lane = threadIdx.x;
+    for (int i = lane; i < 256; i += 32) {
+        sa[(i / 16) * MMA_T_LD + i % 16] = A[i];
+        sb[(i / 16) * MMA_T_LD + i % 16] = B[i];
+    }
+    __syncwarp();
+    uint32_t a[4], b[4];
+    mma_ldsm_x4(a, sa + (lane % 16) * MMA_T_LD + (lane / 16) * 8);
+    mma_ldsm_x4_trans(b, sb + (lane % 16) * MMA_T_LD + (lane / 16) * 8);
+    for (int i = 0; i < 4; i++) {
+        regs[lane * 8 + i] = a[i];
+        regs[lane * 8 + 4 + i] = b[i];
+    }
+    float d[2][4];
+    for (int h = 0; h < 2; h++) {
+        for (int q = 0; q < 4; q++) d[h][q] = 1.0f;
+        mma_bf16_16816(d[h], a, b[2 * h], b[2 * h + 1]);
+    }
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; h++)
+        for (int q = 0; q < 4; q++) D[(g + (q >= 2 ? 8 : 0)) * 16 + h * 8 + 2 * t + q % 2] = d[h][q];
+}
+__global__ void k_mma_diverged(float *out) {
+    uint32_t a[4] = {0, 0, 0, 0};
+    float d[4] = {0, 0, 0, 0};
+    if (threadIdx.x < 16) mma_bf16_16816(d, a, 0, 0);  // half the warp
+    out[threadIdx.x] = d[0];
+}
+static void child_mma_diverged(const void *) {
+    float *p;
+    cudaCheck(cudaMalloc(&p, 32 * sizeof(float)));
+    LAUNCH(k_mma_diverged, 1, 32, 0, p);
+}
+static void expect_child(void (*fn)(const void *), const char *must_say, const char *what);
+static void test_mma_instructions() {
+    Vec A = rand_bf16(256, 1.0f), B = rand_bf16(256, 1.0f);
+    floatX *A_d = up_bf16(A), *B_d = up_bf16(B);
+    uint32_t *r_d = dev_alloc<uint32_t>(32 * 8);
+    float *D_d = dev_alloc<float>(256);
+    LAUNCH(k_mma, 1, 32, 0, r_d, D_d, A_d, B_d);
+    std::vector<uint32_t> r = down(r_d, 32 * 8);
+    std::vector<float> D = down(D_d, 256);
+    auto bits = [](float v) { return (uint32_t)__nv_bfloat16(v).__x; };
+    auto pair = [&](const Vec &M, int row, int col, int row2, int col2) { return bits(M[row * 16 + col]) | bits(M[row2 * 16 + col2]) << 16; };
+    int bad_a = 0, bad_b = 0;
+    for (int l = 0; l < 32; l++) {
+        const int g = l / 4, t = l % 4;
+        // PTX ISA, mma.m16n8k16 (.bf16): a0 (g, 2t..), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+        // b0 (k 2t, 2t+1; n g), b1 (k 2t+8, 2t+9; n g), here for n = 0..7 (b[0..1]) and 8..15 (b[2..3])
+        const uint32_t wa[4] = {pair(A, g, 2 * t, g, 2 * t + 1), pair(A, g + 8, 2 * t, g + 8, 2 * t + 1), pair(A, g, 2 * t + 8, g, 2 * t + 9),
+                                pair(A, g + 8, 2 * t + 8, g + 8, 2 * t + 9)};
+        const uint32_t wb[4] = {pair(B, 2 * t, g, 2 * t + 1, g), pair(B, 2 * t + 8, g, 2 * t + 9, g), pair(B, 2 * t, g + 8, 2 * t + 1, g + 8),
+                                pair(B, 2 * t + 8, g + 8, 2 * t + 9, g + 8)};
+        for (int i = 0; i < 4; i++) {
+            bad_a += r[l * 8 + i] != wa[i];
+            bad_b += r[l * 8 + 4 + i] != wb[i];
+        }
+    }
+    check_true(bad_a == 0, "sim: ldmatrix.x4 gives each lane the pairs of the mma A fragment", nm("%d of 128 registers differ", bad_a));
+    check_true(bad_b == 0, "sim: ldmatrix.x4.trans of a row-major K x N tile gives the mma B fragments", nm("%d of 128 registers differ", bad_b));
+    double worst = 0.0;
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            double want = 1.0;
+            for (int k = 0; k < 16; k++) want += (double)A[i * 16 + k] * B[k * 16 + j];
+            worst = fmax(worst, fabs(D[i * 16 + j] - want) / (1.0 + fabs(want)));
+        }
+    // bf16 products are exact in fp32; 16 fp32 additions: within 16 * 2^-24 of the sum's magnitude
+    check_true(worst < 1e-5, "sim: mma.m16n8k16 D = A B + C in the documented accumulator layout", nm("worst relative error %.3g", worst));
+    expect_child(child_mma_diverged, "every lane of the warp must execute it", "an mma.sync that half the warp skips");
+    cudaCheck(cudaFree(A_d));
+    cudaCheck(cudaFree(B_d));
+    cudaCheck(cudaFree(r_d));
+    cudaCheck(cudaFree(D_d));
+}
+
 static void child_oob_guard(const void *) {
     float *p;
     cudaCheck(cudaMalloc(&p, 100 * sizeof(float)));
@@ -2054,7 +2169,10 @@ int main(int argc, char **argv) {
     gpu_init(0);
     printf("# device: %s (sm_%d%d), %d simulator threads%s\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor, sim_num_threads(),
            g_sim_random ? ", random thread order (SIM_SERIAL)" : "");
-    if (want("sim")) test_simulator();
+    if (want("sim")) {
+        test_simulator();
+        test_mma_instructions();
+    }
     if (want("layernorm")) {
         test_layernorm(37, 320);
         test_layernorm(16, 64);
@@ -2151,6 +2269,10 @@ int main(int argc, char **argv) {
         test_btt_fused(40, 16, 48, 32, 96, 2, 0, 2); // 768 -> 3072 rank 2: tm 64 in 2 groups of 16 phi blocks
         test_btt_fused(70, 16, 48, 32, 96, 4, 0, 4); // rank 4: tm 64 in 4 groups of 8, a partial second tile
         test_btt_fused(21, 32, 64, 64, 128, 1, 0, 4); // 2048 -> 8192 rank 1: tm 64 in 4 groups (no whole z tile fits)
+        test_btt_fused_mma(37, 16, 4, 2, 32, 8);     // 64 -> 64 rank 8 (4-byte z stores), a partial tile
+        test_btt_fused_mma(20, 16, 48, 32, 96, 1);   // GPT-2 768 -> 3072 rank 1 (z pairs gr apart)
+        test_btt_fused_mma(70, 16, 48, 32, 96, 4);   // rank 4, groups, a partial second tile
+        test_btt_fused_mma(33, 48, 16, 16, 48, 2);   // 768 -> 768, alpha 48: 3 k-steps
         test_btt_fused_backward(37, 16, 4, 2, 32, 8);    // 64 -> 64 rank 8, a partial tile
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
