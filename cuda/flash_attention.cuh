@@ -66,6 +66,7 @@
 #include <math.h>
 #include <mma.h>
 #include "common.cuh"
+#include "mma.cuh"
 #include "../common/flash_tiles.h"
 
 #define FT_LOG2E 1.4426950408889634f
@@ -107,10 +108,12 @@ struct FlashGeom {
 
 namespace flash_wmma {
 using namespace nvcuda;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> FragA;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> FragBRow;  // B[k][n] at p[k*ld + n]
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> FragBCol;  // B[k][n] at p[n*ld + k]: a row-major tile, transposed
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
+// cuda/mma.cuh's types: their shared-memory loads and stores name the state space (ldmatrix, not
+// generic 32-bit loads; the kernels as measured on the H200 used wmma::load_matrix_sync)
+typedef WmmaA FragA;
+typedef WmmaB FragBRow;     // B[k][n] at p[k*ld + n]
+typedef WmmaBCol FragBCol;  // B[k][n] at p[n*ld + k]: a row-major tile, transposed
+typedef WmmaAcc FragC;
 }  // namespace flash_wmma
 
 // FT_BC rows t0 .. t0+FT_BC-1 of one head into a bf16 tile (row stride LDH); zeros for rows >= T.
@@ -131,8 +134,8 @@ template <int D, int LDH>
 __device__ __forceinline__ void flash_warp_rows(flash_wmma::FragA *fa, flash_wmma::FragA *fb, const floatX *ta, const floatX *tb, int warp) {
 #pragma unroll
     for (int k = 0; k < D / 16; k++) {
-        nvcuda::wmma::load_matrix_sync(fa[k], ta + warp * 16 * LDH + k * 16, LDH);
-        nvcuda::wmma::load_matrix_sync(fb[k], tb + warp * 16 * LDH + k * 16, LDH);
+        wmma_load_shared(fa[k], ta + warp * 16 * LDH + k * 16, LDH);
+        wmma_load_shared(fb[k], tb + warp * 16 * LDH + k * 16, LDH);
     }
 }
 // and, against the NT 16-row blocks of two shared tiles X, Y, the warp's S = A·Xᵀ and dP = B·Yᵀ
@@ -149,13 +152,13 @@ __device__ __forceinline__ void flash_two_products(float *sS, float *sdP, const 
 #pragma unroll
         for (int k = 0; k < D / 16; k++) {
             FragBCol xb, yb;
-            wmma::load_matrix_sync(xb, sX + n * 16 * LDH + k * 16, LDH);
+            wmma_load_shared(xb, sX + n * 16 * LDH + k * 16, LDH);
             wmma::mma_sync(s, fa[k], xb, s);
-            wmma::load_matrix_sync(yb, sY + n * 16 * LDH + k * 16, LDH);
+            wmma_load_shared(yb, sY + n * 16 * LDH + k * 16, LDH);
             wmma::mma_sync(dp, fb[k], yb, dp);
         }
-        wmma::store_matrix_sync(sS + n * 16, s, LDS, wmma::mem_row_major);
-        wmma::store_matrix_sync(sdP + n * 16, dp, LDS, wmma::mem_row_major);
+        wmma_store_shared(sS + n * 16, s, LDS);
+        wmma_store_shared(sdP + n * 16, dp, LDS);
     }
 }
 
@@ -206,7 +209,7 @@ __global__ void __launch_bounds__(FT_THREADS) flash_fwd_kernel(floatX *out, floa
     __syncthreads();
     FragA qf[D / 16];
 #pragma unroll
-    for (int k = 0; k < D / 16; k++) wmma::load_matrix_sync(qf[k], sK + warp * 16 * LDH + k * 16, LDH);
+    for (int k = 0; k < D / 16; k++) wmma_load_shared(qf[k], sK + warp * 16 * LDH + k * 16, LDH);
 
     float m = -INFINITY, l = 0.0f, o[D / 2];  // row r's running max (log2 units), sum, and columns c0, c0+2, ... of O
 #pragma unroll
@@ -228,10 +231,10 @@ __global__ void __launch_bounds__(FT_THREADS) flash_fwd_kernel(floatX *out, floa
 #pragma unroll
             for (int k = 0; k < D / 16; k++) {
                 FragBCol kf;
-                wmma::load_matrix_sync(kf, sK + n * 16 * LDH + k * 16, LDH);
+                wmma_load_shared(kf, sK + n * 16 * LDH + k * 16, LDH);
                 wmma::mma_sync(acc, qf[k], kf, acc);
             }
-            wmma::store_matrix_sync(scr + n * 16, acc, LDS, wmma::mem_row_major);
+            wmma_store_shared(scr + n * 16, acc, LDS);
         }
         __syncwarp();
 
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(FT_THREADS) flash_fwd_kernel(floatX *out, floa
         // P·V: 16 x D, fp32, into the scratch (over S), then added to O
         FragA pf[FT_BC / 16];
 #pragma unroll
-        for (int k = 0; k < FT_BC / 16; k++) wmma::load_matrix_sync(pf[k], sP + k * 16, LDP);
+        for (int k = 0; k < FT_BC / 16; k++) wmma_load_shared(pf[k], sP + k * 16, LDP);
 #pragma unroll
         for (int n = 0; n < D / 16; n++) {
             FragC acc;
@@ -275,10 +278,10 @@ __global__ void __launch_bounds__(FT_THREADS) flash_fwd_kernel(floatX *out, floa
 #pragma unroll
             for (int k = 0; k < FT_BC / 16; k++) {
                 FragBRow vf;
-                wmma::load_matrix_sync(vf, sV + k * 16 * LDH + n * 16, LDH);
+                wmma_load_shared(vf, sV + k * 16 * LDH + n * 16, LDH);
                 wmma::mma_sync(acc, pf[k], vf, acc);
             }
-            wmma::store_matrix_sync(scr + n * 16, acc, LDO, wmma::mem_row_major);
+            wmma_store_shared(scr + n * 16, acc, LDO);
         }
         __syncwarp();
 #pragma unroll
@@ -389,14 +392,14 @@ __global__ void __launch_bounds__(FT_THREADS)
 #pragma unroll (G::UNROLL_UPD)
         for (int k = 0; k < FT_BR / 16; k++) {
             FragA pa, dsa;
-            wmma::load_matrix_sync(pa, sP + k * 16, LDP);
-            wmma::load_matrix_sync(dsa, sdS + k * 16, LDP);
+            wmma_load_shared(pa, sP + k * 16, LDP);
+            wmma_load_shared(dsa, sdS + k * 16, LDP);
 #pragma unroll
             for (int n = 0; n < D / 16; n++) {
                 FragBRow dob, qb;
-                wmma::load_matrix_sync(dob, sdO + k * 16 * LDH + n * 16, LDH);
+                wmma_load_shared(dob, sdO + k * 16 * LDH + n * 16, LDH);
                 wmma::mma_sync(dV[n], pa, dob, dV[n]);
-                wmma::load_matrix_sync(qb, sQ + k * 16 * LDH + n * 16, LDH);
+                wmma_load_shared(qb, sQ + k * 16 * LDH + n * 16, LDH);
                 wmma::mma_sync(dK[n], dsa, qb, dK[n]);
             }
         }
@@ -405,20 +408,23 @@ __global__ void __launch_bounds__(FT_THREADS)
     // dK·scale and dV, each staged through the warp's scratch (16 x LDO), to dqkv
     __syncwarp();
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::store_matrix_sync(sS + n * 16, dK[n], LDO, wmma::mem_row_major);
+    for (int n = 0; n < D / 16; n++) wmma_store_shared(sS + n * 16, dK[n], LDO);
     __syncwarp();
     flash_store_rows<D>(dqkv + ft_qkv_offset(b, 0, h, 1, T, C, D), row3, k0 + warp * FT_WARP_ROWS, T, sS, scale, lane);
     __syncwarp();
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::store_matrix_sync(sS + n * 16, dV[n], LDO, wmma::mem_row_major);
+    for (int n = 0; n < D / 16; n++) wmma_store_shared(sS + n * 16, dV[n], LDO);
     __syncwarp();
     flash_store_rows<D>(dqkv + ft_qkv_offset(b, 0, h, 2, T, C, D), row3, k0 + warp * FT_WARP_ROWS, T, sS, 1.0f, lane);
 #endif
 }
 
 // dQ of one query tile: the block owns these 64 rows of dqkv's q part (no atomics).
+// At head size 128 the bound asks for one block per SM at least: under the bare bound ptxas held
+// it to 168 registers on sm_90 and spilled 16 bytes (tests/test_ptxas.sh) once its operands came
+// through cuda/mma.cuh's shared-memory loads.
 template <int D>
-__global__ void __launch_bounds__(FT_THREADS)
+__global__ void __launch_bounds__(FT_THREADS, D >= 128 ? 1 : 0)
     flash_bwd_dq_kernel(floatX *dqkv, const floatX *dout, const floatX *qkv, const float *lse, const float *Dvec, int T, int C, int NH,
                         float scale, float scale_log2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -481,11 +487,11 @@ __global__ void __launch_bounds__(FT_THREADS)
 #pragma unroll (G::UNROLL_UPD)
         for (int k = 0; k < FT_BC / 16; k++) {
             FragA dsa;
-            wmma::load_matrix_sync(dsa, sdS + k * 16, LDP);
+            wmma_load_shared(dsa, sdS + k * 16, LDP);
 #pragma unroll
             for (int n = 0; n < D / 16; n++) {
                 FragBRow kb;
-                wmma::load_matrix_sync(kb, sK + k * 16 * LDH + n * 16, LDH);
+                wmma_load_shared(kb, sK + k * 16 * LDH + n * 16, LDH);
                 wmma::mma_sync(dQ[n], dsa, kb, dQ[n]);
             }
         }
@@ -493,7 +499,7 @@ __global__ void __launch_bounds__(FT_THREADS)
 
     __syncwarp();
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::store_matrix_sync(sS + n * 16, dQ[n], LDO, wmma::mem_row_major);
+    for (int n = 0; n < D / 16; n++) wmma_store_shared(sS + n * 16, dQ[n], LDO);
     __syncwarp();
     flash_store_rows<D>(dqkv + ft_qkv_offset(b, 0, h, 0, T, C, D), row3, q0 + warp * FT_WARP_ROWS, T, sS, scale, lane);
 #endif

@@ -9,6 +9,8 @@
 //    the PTX). Pointers 32-byte aligned, ldm a multiple of 8. Define BT_WMMA_GENERIC to use
 //    load_matrix_sync instead (the CPU simulator does: it cannot run inline PTX).
 //      wmma_load_a_shared(a, p, ldm)   wmma_load_b_shared(b, p, ldm)   wmma_load_b_global(b, p, ldm)
+//      wmma_load_b_col_shared(b, p, ldm) (WmmaBCol)   wmma_load_shared(frag, p, ldm): by fragment type
+//      wmma_store_shared(p, acc, ldm): an fp32 accumulator, row-major, into shared memory
 //
 // 2. The raw instructions, whose accumulators a kernel can place itself instead of going through
 //    wmma's opaque fragments and a staging tile:
@@ -35,6 +37,7 @@
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> WmmaA;
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> WmmaB;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major> WmmaBCol;  // B[k][n] at p[n*ld + k]
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> WmmaAcc;
 
 // A from shared memory
@@ -60,6 +63,36 @@ __device__ __forceinline__ void wmma_load_b_shared(WmmaB &b, const __nv_bfloat16
     asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr), "r"(ldm)
+                 : "memory");
+#endif
+}
+// B, column-major (a row-major tile read transposed), from shared memory
+__device__ __forceinline__ void wmma_load_b_col_shared(WmmaBCol &b, const __nv_bfloat16 *p, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::load_matrix_sync(b, p, ldm);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    int *r = reinterpret_cast<int *>(&b);
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr), "r"(ldm)
+                 : "memory");
+#endif
+}
+// The three from shared memory by fragment type (flash attention's operands all live there).
+__device__ __forceinline__ void wmma_load_shared(WmmaA &a, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_a_shared(a, p, ldm); }
+__device__ __forceinline__ void wmma_load_shared(WmmaB &b, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_b_shared(b, p, ldm); }
+__device__ __forceinline__ void wmma_load_shared(WmmaBCol &b, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_b_col_shared(b, p, ldm); }
+// An fp32 accumulator into shared memory, row-major (p 32-byte aligned, ldm a multiple of 4).
+__device__ __forceinline__ void wmma_store_shared(float *p, const WmmaAcc &c, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::store_matrix_sync(p, c, ldm, nvcuda::wmma::mem_row_major);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    const float *v = c.x;
+    asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
+                 :
+                 : "r"(addr), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3]), "f"(v[4]), "f"(v[5]), "f"(v[6]), "f"(v[7]), "r"(ldm)
                  : "memory");
 #endif
 }

@@ -64,3 +64,52 @@ __global__ void ours_bs(float *out, int ldm) {
     wmma_load_b_shared(b, s, ldm);
     mma_out(out, a, b);
 }
+__global__ void generic_bc(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    WmmaA a;
+    WmmaBCol b;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    wmma::load_matrix_sync(b, s, ldm);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void ours_bc(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    WmmaA a;
+    WmmaBCol b;
+    wmma::fill_fragment(a, (floatX)1.0f);
+    wmma_load_b_col_shared(b, s, ldm);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+// the accumulator's store into shared memory, then out (so that it is not dead)
+__global__ void generic_st(float *out, const floatX *__restrict__ w, int ldm) {
+    __shared__ __align__(128) float s[16 * 64];
+    WmmaA a;
+    WmmaB b;
+    wmma::load_matrix_sync(a, w, 16);
+    wmma::load_matrix_sync(b, w + 256, 16);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(s, c, ldm, wmma::mem_row_major);
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x * 3];
+}
+__global__ void ours_st(float *out, const floatX *__restrict__ w, int ldm) {
+    __shared__ __align__(128) float s[16 * 64];
+    WmmaA a;
+    WmmaB b;
+    wmma::load_matrix_sync(a, w, 16);
+    wmma::load_matrix_sync(b, w + 256, 16);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma_store_shared(s, c, ldm);
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x * 3];
+}

@@ -41,27 +41,35 @@ for arch in 80 90 100; do
         bad "sm_$arch: nvcc -ptx tests/fused_ptx.cu" "$(head -3 "$W/nvcc_$arch.log")"
         continue
     fi
-    for op in a b bs; do  # bs: the B load from shared memory (the W0-staged kernel)
+    # bs: the B load from shared memory (the W0-staged kernel); bc: column-major B from shared memory
+    # (flash attention); st: an fp32 accumulator stored into shared memory (flash attention)
+    for op in a b bs bc st; do
         ours=$(wmma_of "$ptx" "_Z$((5 + ${#op}))ours_${op}P")  # mangled: the name's length, the name, its first parameter
         gen=$(wmma_of "$ptx" "_Z$((8 + ${#op}))generic_${op}P")
-        space=$([ $op = b ] && echo global || echo shared)
-        op=${op:0:1}
-        if [ -z "$ours" ] || [ "$(echo "$ours" | grep -c 'wmma.load')" -ne 1 ] || [ "$(echo "$ours" | grep -c 'wmma.mma')" -ne 1 ]; then
-            bad "sm_$arch: the $op load's kernel" "expected one wmma.load and one wmma.mma, got: $(echo "$ours" | head -3)"
-        elif ! grep -q "wmma.load.$op.sync.aligned.row.m16n16k16.$space.bf16" "$ptx"; then
-            bad "sm_$arch: the $op load" "no wmma.load.$op with .$space in the PTX"
+        case $op in
+            a) what=wmma_load_a_shared; insn=wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 ;;
+            b) what=wmma_load_b_global; insn=wmma.load.b.sync.aligned.row.m16n16k16.global.bf16 ;;
+            bs) what=wmma_load_b_shared; insn=wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 ;;
+            bc) what=wmma_load_b_col_shared; insn=wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 ;;
+            st) what=wmma_store_shared; insn=wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 ;;
+        esac
+        want_loads=$([ $op = st ] && echo 2 || echo 1)
+        if [ -z "$ours" ] || [ "$(echo "$ours" | grep -c 'wmma.load')" -ne "$want_loads" ] || [ "$(echo "$ours" | grep -c 'wmma.mma')" -ne 1 ]; then
+            bad "sm_$arch: $what's test kernel" "expected $want_loads wmma.load and one wmma.mma, got: $(echo "$ours" | head -3)"
+        elif ! grep -q "$insn" "$ptx"; then
+            bad "sm_$arch: $what" "no $insn in the PTX"
         elif [ "$ours" = "$gen" ]; then
-            ok "sm_$arch: wmma_load_${op}_$space fills the fragment as wmma::load_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
+            ok "sm_$arch: $what uses the fragment's registers as wmma::$([ $op = st ] && echo store || echo load)_matrix_sync does ($(echo "$ours" | grep -c .) wmma instructions alike)"
         else
-            bad "sm_$arch: wmma_load_${op}_$space vs wmma::load_matrix_sync" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
+            bad "sm_$arch: $what vs wmma's own" "ours: $(echo "$ours" | tr '\n' '|') generic: $(echo "$gen" | tr '\n' '|')"
         fi
     done
-    # the structured kernels' wmma loads all name their state space (a generic one is 32-bit LD.E
-    # loads in SASS, not ldmatrix)
-    generic=$(awk '/\.entry/ {name = $3} /wmma\.load/ && name ~ /(btt_fused|monarch_fused|monarch_fused_bwd)_kernel/ && $1 !~ /\.(shared|global)\./ {print name}' "$ptx" | sort -u)
+    # the fused kernels' wmma loads and stores all name their state space (a generic load is 32-bit
+    # LD.E loads in SASS, not ldmatrix)
+    generic=$(awk '/\.entry/ {name = $3} /wmma\.(load|store)/ && name ~ /(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv)_kernel/ && $1 !~ /\.(shared|global)\./ {print name}' "$ptx" | sort -u)
     nload=$(awk '/\.entry/ {name = $3} /wmma\.load/ && name ~ /monarch_fused(_bwd)?_kernel/ {n++} END {print n + 0}' "$ptx")
     if [ -z "$generic" ] && [ "$nload" -gt 0 ]; then
-        ok "sm_$arch: every wmma load of the BTT and Monarch kernels names its state space (Monarch: $nload loads)"
+        ok "sm_$arch: every wmma load and store of the BTT, Monarch and flash-attention kernels names its state space (Monarch: $nload loads)"
     else
         bad "sm_$arch: generic wmma loads in the structured kernels" "$(echo "$generic" | tr '\n' ' ') (Monarch loads: $nload)"
     fi
