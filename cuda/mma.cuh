@@ -9,7 +9,8 @@
 //    the PTX). Pointers 32-byte aligned, ldm a multiple of 8. Define BT_WMMA_GENERIC to use
 //    load_matrix_sync instead (the CPU simulator does: it cannot run inline PTX).
 //      wmma_load_a_shared(a, p, ldm)   wmma_load_b_shared(b, p, ldm)   wmma_load_b_global(b, p, ldm)
-//      wmma_load_b_col_shared(b, p, ldm) (WmmaBCol)   wmma_load_shared(frag, p, ldm): by fragment type
+//      wmma_load_a_col_shared(a, p, ldm) (WmmaACol)   wmma_load_b_col_shared(b, p, ldm) (WmmaBCol)
+//      wmma_load_shared(frag, p, ldm): any of the shared-memory ones, by fragment type
 //      wmma_store_shared(p, acc, ldm): an fp32 accumulator, row-major, into shared memory
 //
 // 2. The raw instructions, whose accumulators a kernel can place itself instead of going through
@@ -37,6 +38,7 @@
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> WmmaA;
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major> WmmaB;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major> WmmaACol;  // A[m][k] at p[k*ld + m]
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major> WmmaBCol;  // B[k][n] at p[n*ld + k]
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> WmmaAcc;
 
@@ -79,8 +81,22 @@ __device__ __forceinline__ void wmma_load_b_col_shared(WmmaBCol &b, const __nv_b
                  : "memory");
 #endif
 }
-// The three from shared memory by fragment type (flash attention's operands all live there).
+// A, column-major (a row-major tile read transposed), from shared memory
+__device__ __forceinline__ void wmma_load_a_col_shared(WmmaACol &a, const __nv_bfloat16 *p, unsigned ldm) {
+#ifdef BT_WMMA_GENERIC
+    nvcuda::wmma::load_matrix_sync(a, p, ldm);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    int *r = reinterpret_cast<int *>(&a);
+    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr), "r"(ldm)
+                 : "memory");
+#endif
+}
+// The four from shared memory by fragment type (flash attention's and seg_wgrad's operands all live there).
 __device__ __forceinline__ void wmma_load_shared(WmmaA &a, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_a_shared(a, p, ldm); }
+__device__ __forceinline__ void wmma_load_shared(WmmaACol &a, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_a_col_shared(a, p, ldm); }
 __device__ __forceinline__ void wmma_load_shared(WmmaB &b, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_b_shared(b, p, ldm); }
 __device__ __forceinline__ void wmma_load_shared(WmmaBCol &b, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_b_col_shared(b, p, ldm); }
 // An fp32 accumulator into shared memory, row-major (p 32-byte aligned, ldm a multiple of 4).

@@ -19,6 +19,7 @@
 #pragma once
 #include <mma.h>
 #include "../cuda/common.cuh"
+#include "../cuda/mma.cuh"
 
 #define SW_WARPS 4
 
@@ -83,10 +84,10 @@ __global__ void __launch_bounds__(32 * SW_WARPS) seg_wgrad_kernel(SegWgrad p) {
         a = x128::zeros();
         bv = x128::zeros();
         if (nr < rows) seg_wgrad_load(a, bv, p, Ab, Bb, r0 + nr);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // Aᵀ: As[r][m] is (m, r) col-major
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, As, 16);
-        wmma::load_matrix_sync(fb, Bs, 16);
+        WmmaACol fa;  // Aᵀ: As[r][m] is (m, r) col-major
+        WmmaB fb;
+        wmma_load_shared(fa, As, 16);  // ldmatrix (cuda/mma.cuh); load_matrix_sync gave generic loads
+        wmma_load_shared(fb, Bs, 16);
         wmma::mma_sync(acc, fa, fb, acc);
     }
     __syncwarp();

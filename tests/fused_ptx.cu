@@ -7,6 +7,7 @@
 #include <mma.h>
 #include "structured/btt_fused.cuh"
 #include "structured/monarch_fused.cuh"
+#include "structured/seg_wgrad.cuh"
 #include "cuda/flash_attention.cuh"
 using namespace nvcuda;
 
@@ -112,4 +113,26 @@ __global__ void ours_st(float *out, const floatX *__restrict__ w, int ldm) {
     wmma_store_shared(s, c, ldm);
     __syncthreads();
     out[threadIdx.x] = s[threadIdx.x * 3];
+}
+__global__ void generic_ac(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    WmmaACol a;
+    WmmaB b;
+    wmma::load_matrix_sync(a, s, ldm);
+    wmma::fill_fragment(b, (floatX)1.0f);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+__global__ void ours_ac(float *out, int ldm) {
+    __shared__ __align__(128) floatX s[16 * 64];
+    WmmaACol a;
+    WmmaB b;
+    wmma_load_a_col_shared(a, s, ldm);
+    wmma::fill_fragment(b, (floatX)1.0f);
+    WmmaAcc c;
+    wmma::fill_fragment(c, 0.0f);
+    wmma::mma_sync(c, a, b, c);
+    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
 }

@@ -42,8 +42,9 @@ for arch in 80 90 100; do
         continue
     fi
     # bs: the B load from shared memory (the W0-staged kernel); bc: column-major B from shared memory
-    # (flash attention); st: an fp32 accumulator stored into shared memory (flash attention)
-    for op in a b bs bc st; do
+    # (flash attention); ac: column-major A from shared memory (seg_wgrad); st: an fp32 accumulator
+    # stored into shared memory (flash attention)
+    for op in a b bs bc ac st; do
         ours=$(wmma_of "$ptx" "_Z$((5 + ${#op}))ours_${op}P")  # mangled: the name's length, the name, its first parameter
         gen=$(wmma_of "$ptx" "_Z$((8 + ${#op}))generic_${op}P")
         case $op in
@@ -51,6 +52,7 @@ for arch in 80 90 100; do
             b) what=wmma_load_b_global; insn=wmma.load.b.sync.aligned.row.m16n16k16.global.bf16 ;;
             bs) what=wmma_load_b_shared; insn=wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 ;;
             bc) what=wmma_load_b_col_shared; insn=wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 ;;
+            ac) what=wmma_load_a_col_shared; insn=wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 ;;
             st) what=wmma_store_shared; insn=wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 ;;
         esac
         want_loads=$([ $op = st ] && echo 2 || echo 1)
@@ -66,10 +68,10 @@ for arch in 80 90 100; do
     done
     # the fused kernels' wmma loads and stores all name their state space (a generic load is 32-bit
     # LD.E loads in SASS, not ldmatrix)
-    generic=$(awk '/\.entry/ {name = $3} /wmma\.(load|store)/ && name ~ /(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv)_kernel/ && $1 !~ /\.(shared|global)\./ {print name}' "$ptx" | sort -u)
+    generic=$(awk '/\.entry/ {name = $3} /wmma\.(load|store)/ && name ~ /(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv|seg_wgrad)_kernel/ && $1 !~ /\.(shared|global)\./ {print name}' "$ptx" | sort -u)
     nload=$(awk '/\.entry/ {name = $3} /wmma\.load/ && name ~ /monarch_fused(_bwd)?_kernel/ {n++} END {print n + 0}' "$ptx")
     if [ -z "$generic" ] && [ "$nload" -gt 0 ]; then
-        ok "sm_$arch: every wmma load and store of the BTT, Monarch and flash-attention kernels names its state space (Monarch: $nload loads)"
+        ok "sm_$arch: every wmma load and store of the BTT, Monarch, seg_wgrad and flash-attention kernels names its state space (Monarch: $nload loads)"
     else
         bad "sm_$arch: generic wmma loads in the structured kernels" "$(echo "$generic" | tr '\n' ' ') (Monarch loads: $nload)"
     fi
