@@ -198,7 +198,7 @@ if [ -f "$LOGS/kernels.log" ]; then
     say "== dev/cuda programs: $(grep -c '^== ' "$LOGS/kernels.log") run, $(grep -c '^FAIL' "$LOGS/kernels.log") failed"
     grep -E '^FAIL' "$LOGS/kernels.log" | head -20 >> "$SUMMARY"
     # the structured kernels' verdicts: each shape, and its fused-vs-baseline and geometry speedups
-    sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9] geometry)' >> "$SUMMARY"
+    sed -n '/^== dev\/cuda\/btt_forward/,/^== dev\/cuda\/seg_wgrad/p' "$LOGS/kernels.log" | grep -E '^(== |-- |   speedup|   traffic model|   v[0-9]+ (stage-1 )?geometry)' >> "$SUMMARY"
     # the cuBLAS plans op by op (dev/cuda/plan_ops.cu): which GEMM or permute the time goes to
     sed -n '/^== dev\/cuda\/plan_ops$/,/^== /p' "$LOGS/kernels.log" | grep -E '^(-- |  (fwd|bwd) |   forward plan|FAIL)' >> "$SUMMARY"
     # BTT-MoE's experts per expert (v1), tiled (v2) and grouped by set (v3) (dev/cuda/moe_layer.cu)
