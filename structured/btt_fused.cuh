@@ -78,6 +78,7 @@
 #pragma once
 #include <mma.h>
 #include "../common/btt_tiles.h"
+#include "../common/utils.h"
 #include "../cuda/common.cuh"
 #include "../cuda/mma.cuh"
 #include "btt.h"
@@ -377,7 +378,10 @@ static int g_btt_whole_z = 0;
 // so -sk 1 keeps the kernel as measured.
 static int g_btt_wstage = 0;
 // 1: where W0 is staged (g_btt_wstage, or stage 1 alone), stage 1 on raw mma.sync (the kernel's
-// MMA; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0.
+// MMA; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0, and its
+// instantiations exist only where BT_MMA_CANDIDATE is defined before this header (the dev/cuda
+// programs that time them, the simulator's kernel tests, tests/fused_ptx.cu, tests/test_ptxas.sh),
+// so that the trainer's build does not compile twelve kernels it never runs.
 static int g_btt_mma = 0;
 
 static int btt_fused_blocks_per_sm(const BtGeom *g);
@@ -438,12 +442,16 @@ static BtFusedKernel btt_fused_stage1_kernel(const BtGeom *g) {
     return g->mt == 1 ? btt_fused_kernel<1, 1, 2, MMA> : g->mt == 2 ? btt_fused_kernel<2, 1, 2, MMA> : g->mt == 4 ? btt_fused_kernel<4, 1, 2, MMA> : NULL;
 }
 static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
-    if (g->s1only) {
-        if (!g->ws) return NULL;
-        return g_btt_mma ? btt_fused_stage1_kernel<1>(g) : btt_fused_stage1_kernel<0>(g);
+    if (g->s1only && !g->ws) return NULL;
+    if (g_btt_mma && g->ws) {
+#ifdef BT_MMA_CANDIDATE
+        return g->s1only ? btt_fused_stage1_kernel<1>(g) : btt_fused_kernel_ws<1, 1>(g);
+#else
+        fatal("internal: g_btt_mma is set where structured/btt_fused.cuh was included without BT_MMA_CANDIDATE");
+#endif
     }
-    if (!g->ws) return btt_fused_kernel_ws<0, 0>(g);
-    return g_btt_mma ? btt_fused_kernel_ws<1, 1>(g) : btt_fused_kernel_ws<1, 0>(g);
+    if (g->s1only) return btt_fused_stage1_kernel<0>(g);
+    return g->ws ? btt_fused_kernel_ws<1, 0>(g) : btt_fused_kernel_ws<0, 0>(g);
 }
 
 // Blocks of the kernel for g resident per SM, after opting it in to g's dynamic shared memory

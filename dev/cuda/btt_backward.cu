@@ -26,6 +26,7 @@
 // (the gradients start at zero; btt_backward_gpu accumulates into them).
 //
 // Build: make -C dev/cuda btt_backward    Run: ./dev/cuda/btt_backward [version (0: all) [N]]
+#define BT_MMA_CANDIDATE 1  // btt_fused.cuh's stage 1 on mma.sync (v5, v6)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"

@@ -46,6 +46,7 @@
 // fused kernel's exact tiling against the same bounds on the CPU.)
 //
 // Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version (0: all) [N, default 32768]]
+#define BT_MMA_CANDIDATE 1  // btt_fused.cuh's stage 1 on mma.sync (v13, v14)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/btt_fused.cuh"
