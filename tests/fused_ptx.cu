@@ -13,7 +13,8 @@
 using namespace nvcuda;
 
 // c = a b, stored: the mma that shows which load registers feed which operand positions
-__device__ __forceinline__ void mma_out(float *out, const WmmaA &a, const WmmaB &b) {
+template <class FA, class FB>
+__device__ __forceinline__ void mma_out(float *out, const FA &a, const FB &b) {
     WmmaAcc c;
     wmma::fill_fragment(c, 0.0f);
     wmma::mma_sync(c, a, b, c);
@@ -72,10 +73,7 @@ __global__ void generic_bc(float *out, int ldm) {
     WmmaBCol b;
     wmma::fill_fragment(a, (floatX)1.0f);
     wmma::load_matrix_sync(b, s, ldm);
-    WmmaAcc c;
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 __global__ void ours_bc(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
@@ -83,34 +81,30 @@ __global__ void ours_bc(float *out, int ldm) {
     WmmaBCol b;
     wmma::fill_fragment(a, (floatX)1.0f);
     wmma_load_b_col_shared(b, s, ldm);
-    WmmaAcc c;
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 // the accumulator's store into shared memory, then out (so that it is not dead)
-__global__ void generic_st(float *out, const floatX *__restrict__ w, int ldm) {
-    __shared__ __align__(128) float s[16 * 64];
+// c = w[0..255] w[256..511] (so that the accumulator is not a constant)
+__device__ __forceinline__ void product_of(WmmaAcc &c, const floatX *__restrict__ w) {
     WmmaA a;
     WmmaB b;
     wmma::load_matrix_sync(a, w, 16);
     wmma::load_matrix_sync(b, w + 256, 16);
-    WmmaAcc c;
     wmma::fill_fragment(c, 0.0f);
     wmma::mma_sync(c, a, b, c);
+}
+__global__ void generic_st(float *out, const floatX *__restrict__ w, int ldm) {
+    __shared__ __align__(128) float s[16 * 64];
+    WmmaAcc c;
+    product_of(c, w);
     wmma::store_matrix_sync(s, c, ldm, wmma::mem_row_major);
     __syncthreads();
     out[threadIdx.x] = s[threadIdx.x * 3];
 }
 __global__ void ours_st(float *out, const floatX *__restrict__ w, int ldm) {
     __shared__ __align__(128) float s[16 * 64];
-    WmmaA a;
-    WmmaB b;
-    wmma::load_matrix_sync(a, w, 16);
-    wmma::load_matrix_sync(b, w + 256, 16);
     WmmaAcc c;
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
+    product_of(c, w);
     wmma_store_shared(s, c, ldm);
     __syncthreads();
     out[threadIdx.x] = s[threadIdx.x * 3];
@@ -121,10 +115,7 @@ __global__ void generic_ac(float *out, int ldm) {
     WmmaB b;
     wmma::load_matrix_sync(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
-    WmmaAcc c;
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
 __global__ void ours_ac(float *out, int ldm) {
     __shared__ __align__(128) floatX s[16 * 64];
@@ -132,8 +123,5 @@ __global__ void ours_ac(float *out, int ldm) {
     WmmaB b;
     wmma_load_a_col_shared(a, s, ldm);
     wmma::fill_fragment(b, (floatX)1.0f);
-    WmmaAcc c;
-    wmma::fill_fragment(c, 0.0f);
-    wmma::mma_sync(c, a, b, c);
-    wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+    mma_out(out, a, b);
 }
