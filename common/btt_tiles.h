@@ -343,12 +343,14 @@ static inline BT_HD size_t bt_s1_b(const BtGeom *g, int q, int gi, int kk, int n
 }
 // B fragment from the W0 chunk (ws; ldm wld): rows gl*alpha + kk*16.., columns nt*16..
 static inline BT_HD int bt_s1_bs(const BtGeom *g, int gl, int kk, int nt) { return (gl * g->A + kk * 16) * g->wld + nt * 16; }
-// z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 (c = f*rho + s, f < pg: the
-// group's) of block gi, row m
+// z-tile index of stage-1 column c = f*rho + s (f < pg: the group's) of block gi, row m
+static inline BT_HD int bt_z1_at_fs(const BtGeom *g, int m, int gi, int f, int s) { return m * g->zld + f * g->gr + gi * g->R + s; }
+static inline BT_HD int bt_z1_at(const BtGeom *g, int m, int gi, int c) { return bt_z1_at_fs(g, m, gi, c / g->R, c % g->R); }
+// z-tile indices of the 8 consecutive stage-1 columns c0 .. c0+7 of block gi, row m
 static inline BT_HD void bt_z1_run(const BtGeom *g, int m, int gi, int c0, int idx[8]) {
     int f = c0 / g->R, s = c0 % g->R;
     for (int t = 0; t < 8; t++) {
-        idx[t] = m * g->zld + f * g->gr + gi * g->R + s;
+        idx[t] = bt_z1_at_fs(g, m, gi, f, s);
         if (++s == g->R) { s = 0; f++; }
     }
 }

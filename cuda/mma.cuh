@@ -42,58 +42,27 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major> WmmaBCol;  // B[k][n] at p[n*ld + k]
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> WmmaAcc;
 
-// A from shared memory
-__device__ __forceinline__ void wmma_load_a_shared(WmmaA &a, const __nv_bfloat16 *p, unsigned ldm) {
+// One wmma load from shared memory: `name` fills a Frag with PTX's wmma.load.<op>...shared.bf16
+// (op: a or b, then row or col), or with load_matrix_sync under BT_WMMA_GENERIC.
 #ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(a, p, ldm);
+#define WMMA_LOAD_SHARED(name, Frag, op) \
+    __device__ __forceinline__ void name(Frag &f, const __nv_bfloat16 *p, unsigned ldm) { nvcuda::wmma::load_matrix_sync(f, p, ldm); }
 #else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&a);
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
+#define WMMA_LOAD_SHARED(name, Frag, op)                                                                        \
+    __device__ __forceinline__ void name(Frag &f, const __nv_bfloat16 *p, unsigned ldm) {                       \
+        const unsigned addr = (unsigned)__cvta_generic_to_shared(p);                                            \
+        int *r = reinterpret_cast<int *>(&f);                                                                   \
+        asm volatile("wmma.load." op ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"                      \
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                           \
+                     : "r"(addr), "r"(ldm)                                                                      \
+                     : "memory");                                                                               \
+    }
 #endif
-}
-// B from shared memory (a staged core)
-__device__ __forceinline__ void wmma_load_b_shared(WmmaB &b, const __nv_bfloat16 *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(b, p, ldm);
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&b);
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-#endif
-}
-// B, column-major (a row-major tile read transposed), from shared memory
-__device__ __forceinline__ void wmma_load_b_col_shared(WmmaBCol &b, const __nv_bfloat16 *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(b, p, ldm);
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&b);
-    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-#endif
-}
-// A, column-major (a row-major tile read transposed), from shared memory
-__device__ __forceinline__ void wmma_load_a_col_shared(WmmaACol &a, const __nv_bfloat16 *p, unsigned ldm) {
-#ifdef BT_WMMA_GENERIC
-    nvcuda::wmma::load_matrix_sync(a, p, ldm);
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    int *r = reinterpret_cast<int *>(&a);
-    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-#endif
-}
+WMMA_LOAD_SHARED(wmma_load_a_shared, WmmaA, "a.sync.aligned.row")
+WMMA_LOAD_SHARED(wmma_load_b_shared, WmmaB, "b.sync.aligned.row")          // e.g. a staged core
+WMMA_LOAD_SHARED(wmma_load_a_col_shared, WmmaACol, "a.sync.aligned.col")  // a row-major tile read transposed
+WMMA_LOAD_SHARED(wmma_load_b_col_shared, WmmaBCol, "b.sync.aligned.col")  // likewise
+#undef WMMA_LOAD_SHARED
 // The four from shared memory by fragment type (flash attention's and seg_wgrad's operands all live there).
 __device__ __forceinline__ void wmma_load_shared(WmmaA &a, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_a_shared(a, p, ldm); }
 __device__ __forceinline__ void wmma_load_shared(WmmaACol &a, const __nv_bfloat16 *p, unsigned ldm) { wmma_load_a_col_shared(a, p, ldm); }

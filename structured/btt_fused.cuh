@@ -117,12 +117,12 @@ __device__ __forceinline__ void bt_z1_store(floatX *zs, const int idx[8], const 
 // tile: one 4-byte store where they are neighbours there (rho even: the same f, s and s + 1, the
 // first at an even index), else two (rank 1: f and f + 1 lie gr apart).
 __device__ __forceinline__ void bt_z1_store2(floatX *zs, const BtGeom *g, int m, int gi, int c, float v0, float v1) {
-    const int at = m * g->zld + (c / g->R) * g->gr + gi * g->R + c % g->R;
+    const int at = bt_z1_at(g, m, gi, c);
     if (g->R % 2 == 0) {
         *reinterpret_cast<unsigned *>(zs + at) = pack_bf16x2(v0, v1);
     } else {
         zs[at] = (floatX)v0;
-        zs[at + ((c + 1) % g->R ? 1 : g->gr - (g->R - 1))] = (floatX)v1;
+        zs[bt_z1_at(g, m, gi, c + 1)] = (floatX)v1;
     }
 }
 
