@@ -112,8 +112,14 @@ $(BUILD)/test_%: tests/test_%.c $(COMMON_H) $(wildcard structured/*.h) tests/che
 $(BUILD):
 	mkdir -p $(BUILD)
 
-test: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(addprefix $(BUILD)/,$(C_TESTS) $(VARIANT_TESTS))
+# make test builds its programs one job per core (at most 8; the simulator's builds of the trainer
+# are 20-30 s of g++ each) unless -j was given, then runs them (tests/run_all.sh: in two lanes)
+TEST_JOBS = $(if $(filter -j%,$(MAKEFLAGS)),,-j$(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n))
+.PHONY: test-programs
+test:
+	@$(MAKE) --no-print-directory $(TEST_JOBS) test-programs
 	bash tests/run_all.sh
+test-programs: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(addprefix $(BUILD)/,$(C_TESTS) $(VARIANT_TESTS))
 
 bench: train_gpt2
 	bash dev/bench/cpu.sh
@@ -221,7 +227,7 @@ ifneq ($(CUDNN_OBJ),)
 # the cuDNN graphs' layouts and the frontend's validation, on the CPU (tests/run_all.sh)
 $(BUILD)/test_cudnn_graph: tests/test_cudnn_graph.cpp cuda/cudnn_attention.h tests/check.h $(CUDNN_OBJ) | $(BUILD)
 	$(NVCC) -O2 -std=c++17 -I. $< $(CUDNN_OBJ) $(CUDNN_LIBS) -o $@
-test: $(BUILD)/test_cudnn_graph
+test-programs: $(BUILD)/test_cudnn_graph
 endif
 else
   $(info nvcc: not found, skipping the GPU trainer (train_gpt2cu, test_gpt2cu))
