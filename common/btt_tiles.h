@@ -389,3 +389,25 @@ static inline BT_HD size_t bt_y_global(const BtGeom *g, int row, int f, int n, i
     return (size_t)row * g->dout + (size_t)f * g->E + n * 16 + col;
 }
 static inline BT_HD int bt_bias(const BtGeom *g, int f, int n, int col) { return f * g->E + n * 16 + col; }
+
+// Stage 2 on mma.sync (the kernel's MMA candidate) reads W1 packed in B-fragment order: per f, per
+// k-step kk, per n-tile n (fastest), a block of 32 lanes x 8 elements where lane l's 8 are the
+// b0, b1 registers of the tile's two 16x8 halves (cuda/mma.cuh's table):
+//   element j of lane l = W1[f][kk*16 + 2(l%4) + (j&1) + 8((j>>1)&1)][n*16 + 8(j>>2) + l/4]
+// so one 16-byte load per lane, 512 contiguous bytes a warp, brings a whole 16x16 B tile with no
+// transposes (a row-major tile gives each lane its k-pairs eps elements apart). Same size as W1;
+// segments (BTT-MoE's experts) follow one another as in W1.
+static inline BT_HD size_t bt_w1p_block(const BtGeom *g, int f, int kk, int n) {
+    return (((size_t)f * g->ks2 + kk) * (g->E / 16) + n) * 256;
+}
+// The W1 index of packed element p, for cores of gr rows and E columns (f counts on across segments)
+static inline BT_HD size_t bt_w1p_src(int gr, int E, size_t p) {
+    const int j = (int)(p % 8), l = (int)(p / 8 % 32), nt = E / 16, ks = gr / 16;
+    size_t blk = p / 256;
+    const int n = (int)(blk % nt);
+    blk /= nt;
+    const int kk = (int)(blk % ks);
+    const size_t f = blk / ks;
+    const int k = kk * 16 + 2 * (l % 4) + (j & 1) + 8 * ((j >> 1) & 1), c = n * 16 + 8 * (j >> 2) + l / 4;
+    return (f * gr + k) * E + c;
+}

@@ -71,8 +71,9 @@
 // (or TMA) double buffering of
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
-// without the fp32 staging round trip (mma.sync with its documented register layout: stage 1 has it
-// as a candidate, MMA / g_btt_mma, not yet measured; stage 2 still stages); a z layout
+// without the fp32 staging round trip (mma.sync with its documented register layout: both stages
+// have it as a candidate, MMA / g_btt_mma, stage 2 on W1 packed in fragment order, not yet
+// measured; a trainer would pack W1 once per step instead of before each launch); a z layout
 // or lane mapping that lets rank 1 scatter more than 2 bytes per store (even ranks store runs of
 // 2 to 8 elements, bt_z1_vec).
 #pragma once
@@ -167,16 +168,115 @@ __device__ __forceinline__ void bt_w_store(floatX *ws, const uint4 pre[BT_WVEC],
         if (it.o < rows) st16(ws + bt_w_smem(&g, it.o, it.i * 8), pre[k]);
 }
 
+// One of a lane's four values chosen by a lane-dependent index, as selects (no local memory).
+__device__ __forceinline__ uint32_t bt_pick4(const uint32_t v[4], int i) { return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3]; }
+
+// A 16x16 fp32 result of two m16n8k16 halves (d[h], cuda/mma.cuh's layout) + bias, rounded to bf16
+// and written to y as one 16-byte store per lane. Lane t of each quad (t = l % 4) holds, packed,
+// v[0] = row g cols 2t.. of half 0, v[1] = of half 1, v[2], v[3] = the same of row g + 8; the quad
+// transposes them (shuffles in 3 rounds) so that lane t gets v[t] of all four lanes: 8 consecutive
+// columns (half t & 1) of row g + 8 (t >> 1). tile_row0: the tile's row of D's row 0; rows: the
+// tile's valid rows (rows past them were computed on zeros and are not stored).
+__device__ __forceinline__ void bt_y_store_mma(floatX *__restrict__ y, const floatX *__restrict__ bias, const BtGeom &g, const float d[2][4],
+                                               int r0, int tile_row0, int rows, int f, int n, int lane) {
+    const int t = lane % 4, gq = lane / 4;
+    float b[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    if (bias) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const floatX *bp = bias + bt_bias(&g, f, n, h * 8 + 2 * t);
+            b[h][0] = (float)bp[0];
+            b[h][1] = (float)bp[1];
+        }
+    }
+    uint32_t v[4], o[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        v[h] = pack_bf16x2(d[h][0] + b[h][0], d[h][1] + b[h][1]);
+        v[2 + h] = pack_bf16x2(d[h][2] + b[h][0], d[h][3] + b[h][1]);
+    }
+#pragma unroll
+    for (int s = 0; s < 4; s++) {  // round s: lane t takes quad lane (t + s) & 3's value for t
+        const int src = (t + s) & 3;
+        const uint32_t r = s == 0 ? bt_pick4(v, t) : __shfl_sync(0xffffffffu, bt_pick4(v, (t - s) & 3), (lane & ~3) | src);
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (src == k) o[k] = r;
+    }
+    const int m = tile_row0 + gq + 8 * (t >> 1);
+    if (m < rows) __stwb(reinterpret_cast<uint4 *>(y + bt_y_global(&g, r0 + m, f, n, 8 * (t & 1))), make_uint4(o[0], o[1], o[2], o[3]));
+}
+
+// Stage 2 on mma.sync for group q of a tile: the same items as the wmma stage 2 (bt_walk over pg
+// x ntg), A by ldmatrix from the z tile, B from W1p (W1 packed in fragment order, bt_w1p_block:
+// one coalesced 16-byte load per lane and n-tile, the next k-step's, or the next item's first, in
+// flight while this one computes), the result out through bt_y_store_mma: no staging tile, no
+// warp barrier.
+template <int MT, int NB>
+__device__ __forceinline__ void bt_stage2_mma(floatX *__restrict__ y, const floatX *zs, const floatX *__restrict__ W1p, const floatX *__restrict__ bias,
+                                              const BtGeom &g, int q, int r0, int rows, int warp, int lane) {
+    const int lr = lane % 16, lc = (lane / 16) * 8;  // the row this lane addresses in ldmatrix
+    BtWalk it;
+    bt_walk_begin(&it, g.ntg, warp, BT_WARPS);
+    uint4 bf[NB], bn[NB];
+    if (it.o < g.pg) {
+#pragma unroll
+        for (int b = 0; b < NB; b++) bf[b] = ld16_ro(W1p + bt_w1p_block(&g, q * g.pg + it.o, 0, bt_s2_ntile(&g, it.i, b)) + lane * 8);
+    }
+    while (it.o < g.pg) {
+        const int fl = it.o, f = q * g.pg + fl, j = it.i;
+        BtWalk nx = it;
+        bt_walk_next(&nx);
+        float acc[MT][NB][2][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int b = 0; b < NB; b++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[mt][b][e / 4][e % 4] = 0.0f;
+        for (int kk = 0; kk < g.ks2; kk++) {
+            const int more = kk + 1 < g.ks2, ahead = more || nx.o < g.pg;
+            if (ahead) {
+#pragma unroll
+                for (int b = 0; b < NB; b++)
+                    bn[b] = ld16_ro(W1p + (more ? bt_w1p_block(&g, f, kk + 1, bt_s2_ntile(&g, j, b))
+                                                : bt_w1p_block(&g, q * g.pg + nx.o, 0, bt_s2_ntile(&g, nx.i, b))) + lane * 8);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                uint32_t a[4];
+                mma_ldsm_x4(a, zs + bt_s2_a(&g, mt, fl, kk) + lr * g.zld + lc);
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    mma_bf16_16816(acc[mt][b][0], a, bf[b].x, bf[b].y);  // columns 0..7 of the n-tile
+                    mma_bf16_16816(acc[mt][b][1], a, bf[b].z, bf[b].w);  // 8..15
+                }
+            }
+            if (ahead) {
+#pragma unroll
+                for (int b = 0; b < NB; b++) bf[b] = bn[b];
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int b = 0; b < NB; b++) bt_y_store_mma(y, bias, g, acc[mt][b], r0, mt * 16, rows, f, bt_s2_ntile(&g, j, b), lane);
+        it = nx;
+    }
+}
+
 // MT = tm / 16 m-tiles, NB = n-tiles per stage-2 item, WS = W0 staged: compile-time, so the
 // accumulators are registers (and the geometry's mt, tm, nb, ws are constants below); WS = 0 makes
 // the loads, in the order, of the kernel measured on the H200. gp is bt_geom_pgw's for tm = 16*MT.
 // WS = 1 asks for one block per SM at least: without it ptxas held some instantiations to 128
 // registers and spilled. WS = 2: W0 staged and stage 1 alone (s1only; NB unused, 1), two blocks
 // per SM (no stage-2 accumulators: it fits 128 registers), so small tiles can keep 16 warps busy.
-// MMA = 1 (with WS >= 1: W0 staged): stage 1 on raw mma.sync (cuda/mma.cuh): both operands by
-// ldmatrix from shared memory, each 16x16 item as two m16n8 halves whose accumulators each lane
-// rounds and stores straight into the z tile, with no fp32 staging tile and no warp barrier
-// (g_btt_mma; dev/cuda/btt_forward v13, v14, not yet measured on a GPU).
+// MMA = 1 (with WS >= 1: W0 staged): both stages on raw mma.sync (cuda/mma.cuh). Stage 1: both
+// operands by ldmatrix from shared memory, each 16x16 item as two m16n8 halves whose accumulators
+// each lane rounds and stores straight into the z tile. Stage 2 (bt_stage2_mma): z by ldmatrix,
+// W1 packed in B-fragment order (the W1 argument is then btt_w1_packed's), y through a quad
+// transpose in registers. No fp32 staging tile, no warp barrier (g_btt_mma; dev/cuda/btt_forward
+// v13, v14, not yet measured on a GPU).
 template <int MT, int NB, int WS, int MMA = 0>
 __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fused_kernel(floatX *__restrict__ y, floatX *__restrict__ zout,
                                                                const floatX *__restrict__ x, const floatX *__restrict__ W0,
@@ -276,6 +376,10 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
             }
 
             if (WS == 2) continue;  // stage 1 alone: y comes from z on cuBLAS
+            if constexpr (MMA) {  // W1s: packed in fragment order (btt_w1_packed)
+                bt_stage2_mma<MT, NB>(y, zs, W1s, bias, g, q, r0, rows, warp, lane);
+                continue;
+            }
 
             // ---- stage 2: Y_f = Z_f . W1[f] (+ bias) for the group's f
             // With ws an item's first B fragments are loaded during the previous item's last k-step
@@ -385,6 +489,42 @@ static int g_btt_wstage = 0;
 static int g_btt_mma = 0;
 
 static int btt_fused_blocks_per_sm(const BtGeom *g);
+
+#ifdef BT_MMA_CANDIDATE
+// W1 in stage 2's B-fragment order (btt_tiles.h, bt_w1p_src): one thread per 16 bytes packed.
+__global__ void btt_w1_pack_kernel(floatX *__restrict__ dst, const floatX *__restrict__ src, int gr, int E, size_t vecs) {
+    for (size_t v = blockIdx.x * (size_t)blockDim.x + threadIdx.x; v < vecs; v += (size_t)gridDim.x * blockDim.x) {
+        alignas(16) floatX e[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) e[j] = src[bt_w1p_src(gr, E, v * 8 + j)];
+        st16(dst + v * 8, *reinterpret_cast<const uint4 *>(e));
+    }
+}
+
+// The mma.sync kernel's stage 2 (g_btt_mma with W0 staged) reads W1 packed: packed here, before
+// each launch, into a buffer kept for the process and grown as needed (one device per process; on
+// the launch's stream, so a launch that follows reads its own). nseg cores of shape s. A candidate's
+// plumbing: a trainer would pack each layer's W1 once per optimizer step.
+static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *s, int nseg) {
+    static floatX *buf = NULL;
+    static size_t cap = 0;
+    const size_t n = btt_w1_size(s) * (size_t)nseg;
+    if (n > cap) {
+        if (buf) cudaCheck(cudaFree(buf));
+        buf = cudaMallocNamed(floatX, n, "BTT W1 packed for the mma.sync kernel (dev candidate)");
+        cap = n;
+    }
+    const int gr = s->gamma * s->rank, vecs_per_block = 256;
+    const size_t vecs = n / 8;
+    const int blocks = (int)((vecs + vecs_per_block - 1) / vecs_per_block);
+    btt_w1_pack_kernel<<<blocks < 4096 ? blocks : 4096, vecs_per_block>>>(buf, W1, gr, s->eps, vecs);
+    cudaCheckLaunch();
+    return buf;
+}
+#else
+// never reached: without BT_MMA_CANDIDATE btt_fused_kernel_for refuses g_btt_mma before a launch
+static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *, int) { return W1; }
+#endif
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block, W0
 // staged when ws, for stage 1 alone when s1only: for each tile rows the largest group of output
@@ -516,6 +656,7 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (!grid) return 0;
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
+    if (g_btt_mma && g.ws) W1 = btt_w1_packed(W1, s, 1);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
     cudaCheckLaunch();
     return 1;
@@ -578,6 +719,7 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
     BtSeg sg = {table, ntiles, order, K, w0s, w1s};
+    if (g_btt_mma && g.ws) W1 = btt_w1_packed(W1, s, S);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();
     return 1;

@@ -732,8 +732,43 @@ static void test_pick_resident(void) {
 }
 
 static void run_cases(void);
+// W1 packed in mma.sync's B-fragment order (bt_w1p_src, bt_w1p_block) against the m16n8k16 B
+// table as the PTX ISA writes it (b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g], g = lane / 4, t =
+// lane % 4; the 16x16 tile's second half is columns 8..15): every W1 element lands exactly once,
+// and each lane's 8 elements of block (f, kk, n) are those registers' elements.
+static void test_w1_packed(int gr, int E, int nf) {
+    const size_t n = (size_t)nf * gr * E;
+    unsigned char *seen = (unsigned char *)calloc(n, 1);
+    size_t outside = 0, twice = 0, wrong = 0;
+    BtGeom g;
+    memset(&g, 0, sizeof(g));
+    g.E = E; g.gr = gr; g.ks2 = gr / 16;
+    for (int f = 0; f < nf; f++)
+        for (int kk = 0; kk < gr / 16; kk++)
+            for (int nt = 0; nt < E / 16; nt++)
+                for (int l = 0; l < 32; l++)
+                    for (int j = 0; j < 8; j++) {
+                        const size_t p = bt_w1p_block(&g, f, kk, nt) + (size_t)l * 8 + j, src = bt_w1p_src(gr, E, p);
+                        const int half = j / 4, reg = (j / 2) % 2, lo = j % 2;  // uint4 .x .y: half 0's b0 b1; .z .w: half 1's
+                        const int k = kk * 16 + 2 * (l % 4) + lo + 8 * reg, c = nt * 16 + half * 8 + l / 4;
+                        if (src >= n) { outside++; continue; }
+                        twice += seen[src]++ > 0;
+                        wrong += src != ((size_t)f * gr + k) * E + c;
+                    }
+    size_t missed = 0;
+    for (size_t i = 0; i < n; i++) missed += !seen[i];
+    char name[128], why[160];
+    snprintf(name, sizeof(name), "W1 packed in fragment order, %d f of %d x %d: a permutation with the mma.sync B table", nf, gr, E);
+    snprintf(why, sizeof(why), "%zu outside, %zu twice, %zu missed, %zu not the table's element", outside, twice, missed, wrong);
+    check_true(!outside && !twice && !missed && !wrong, name, why);
+    free(seen);
+}
+
 int main(void) {
     mt_seed(&g_rng, 1234);
+    test_w1_packed(48, 96, 3);   // 768 -> 3072 rank 1 (gamma 48, eps 96)
+    test_w1_packed(192, 48, 2);  // rank 4 of the transposed 3072 -> 768
+    test_w1_packed(16, 16, 1);
     test_walk();
     test_choose();
     test_pick_resident();

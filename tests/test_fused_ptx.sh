@@ -75,8 +75,8 @@ for arch in 80 90 100; do
     else
         bad "sm_$arch: generic wmma loads in the structured kernels" "$(echo "$generic" | tr '\n' ' ') (Monarch loads: $nload)"
     fi
-    # stage 1 on mma.sync (the BTT kernel's MMA instantiations, 9 + 3): each has its ldmatrix loads
-    # (plain and transposed) and m16n8k16 mma, and the wmma ones have none of them
+    # mma.sync (the BTT kernel's MMA instantiations, 9 + 3): each has its ldmatrix loads (plain and
+    # transposed) and m16n8k16 mma, and the wmma ones have none of them
     mma_k=$(awk '/\.entry/ {name = $3} /mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32/ {print name}' "$ptx" | sort -u)
     ldsm_k=$(awk '/\.entry/ {name = $3} /ldmatrix\.sync\.aligned\.m8n8\.x4\.trans\.shared\.b16/ {print name}' "$ptx" | sort -u)
     n_mma=$(echo "$mma_k" | grep -c '^_Z16btt_fused_kernelILi[0-9]ELi[0-9]ELi[12]ELi1EEv')
@@ -84,6 +84,14 @@ for arch in 80 90 100; do
         ok "sm_$arch: the 12 BTT instantiations with stage 1 on mma.sync, and only they, issue mma.m16n8k16 and ldmatrix.x4.trans"
     else
         bad "sm_$arch: mma.sync in the BTT kernel" "kernels with mma.m16n8k16: $(echo "$mma_k" | tr '\n' ' '); with ldmatrix.trans: $(echo "$ldsm_k" | tr '\n' ' ')"
+    fi
+    # ... and no wmma instruction at all: both stages write their accumulators from registers (no
+    # fp32 staging tile), stage 2 reading W1 packed in fragment order (btt_tiles.h bt_w1p_src)
+    mma_wmma=$(awk '/\.entry/ {name = $3} /wmma\./ && name ~ /^_Z16btt_fused_kernelILi[0-9]ELi[0-9]ELi[12]ELi1EEv/ {n++} END {print n + 0}' "$ptx")
+    if [ "$n_mma" -eq 12 ] && [ "$mma_wmma" -eq 0 ]; then
+        ok "sm_$arch: the 12 mma.sync instantiations issue no wmma instruction (no staging tile in either stage)"
+    else
+        bad "sm_$arch: wmma in the mma.sync instantiations" "$mma_wmma wmma instructions in the $n_mma of them"
     fi
     # every bf16 global store in the fused kernels: 16 bytes (fp32 statistics, flash's lse, aside)
     kre='(btt_fused|monarch_fused|monarch_fused_bwd|flash_fwd|flash_bwd_dq|flash_bwd_dkdv)_kernel'

@@ -51,7 +51,7 @@ for arch in "${archs[@]}"; do
                      || bad "sm_$arch: register spills" "$spills"
     regs() { awk -v k="$1" 'substr($0, index($0, $5)) == k {print $1}' "$W/res$arch"; }
     echo "# sm_$arch registers: flash hs 64 fwd $(regs "flash_fwd_kernel<64>"), dK/dV $(regs "flash_bwd_dkdv_kernel<64>"), dQ $(regs "flash_bwd_dq_kernel<64>");" \
-         "hs 128 dK/dV $(regs "flash_bwd_dkdv_kernel<128>"); BTT fused <1,1> $(regs "btt_fused_kernel<1, 1, 0, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 0, 0>"), W0 staged <1,3> $(regs "btt_fused_kernel<1, 3, 1, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 1, 0>"), stage 1 on mma.sync <4,3> $(regs "btt_fused_kernel<4, 3, 1, 1>");" \
+         "hs 128 dK/dV $(regs "flash_bwd_dkdv_kernel<128>"); BTT fused <1,1> $(regs "btt_fused_kernel<1, 1, 0, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 0, 0>"), W0 staged <1,3> $(regs "btt_fused_kernel<1, 3, 1, 0>"), <4,3> $(regs "btt_fused_kernel<4, 3, 1, 0>"), on mma.sync <4,3> $(regs "btt_fused_kernel<4, 3, 1, 1>");" \
          "Monarch fwd <4> $(regs "monarch_fused_kernel<4>"); layernorm fwd $(regs layernorm_forward_kernel); classifier $(regs fused_classifier_kernel)"
 done
 summary

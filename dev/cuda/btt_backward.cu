@@ -9,8 +9,8 @@
 //       fragments from L2 per item in v2)
 //   v4  split (-sk 3): the transposed cores, the fused kernel's stage 1 alone on dy (W0 staged) for
 //       T1 = dZ, then dx and the dW GEMMs from T1 on cuBLAS (the plans without GEMM dZ and the permute)
-//   v5, v6: v3 and v4 with the kernel's stage 1 on raw mma.sync (g_btt_mma, cuda/mma.cuh; written
-//       2026-12-06, not yet run on a GPU): btt_forward's v13 and v14 on the transposed BTT
+//   v5, v6: v3 and v4 with the kernel on raw mma.sync (g_btt_mma, cuda/mma.cuh; v5 both stages,
+//       v6 stage 1 alone; not yet run on a GPU): btt_forward's v13 and v14 on the transposed BTT
 // and, as the number to beat, the dense layer's backward of the same shape (matmul_backward, v0).
 // Shapes (N = 32768 rows by default): 768 -> 3072 rank 1, 2, 4, 3072 -> 768 rank 1, 2048 -> 8192
 // rank 2 and 4096 -> 16384 rank 1 (the fused kernel in groups of output blocks), default factors.
@@ -26,7 +26,7 @@
 // (the gradients start at zero; btt_backward_gpu accumulates into them).
 //
 // Build: make -C dev/cuda btt_backward    Run: ./dev/cuda/btt_backward [version (0: all) [N]]
-#define BT_MMA_CANDIDATE 1  // btt_fused.cuh's stage 1 on mma.sync (v5, v6)
+#define BT_MMA_CANDIDATE 1  // btt_fused.cuh on mma.sync (v5: both stages, v6: stage 1 alone)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
@@ -135,7 +135,7 @@ int main(int argc, char **argv) {
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);
         if (ms[3] > 0) printf("   ratio dense / W0 staged (v3): %.2fx; speedup v3 over baseline (v1): %.2fx\n", ms_dense / ms[3], ms[1] > 0 ? ms[1] / ms[3] : 0.0);
         if (ms[4] > 0) printf("   ratio dense / split (v4): %.2fx; speedup v4 over baseline (v1): %.2fx\n", ms_dense / ms[4], ms[1] > 0 ? ms[1] / ms[4] : 0.0);
-        if (ms[5] > 0 && ms[3] > 0) printf("   speedup stage 1 on mma.sync (v5) over v3: %.2fx; ratio dense / v5: %.2fx\n", ms[3] / ms[5], ms_dense / ms[5]);
+        if (ms[5] > 0 && ms[3] > 0) printf("   speedup on mma.sync, both stages (v5), over v3: %.2fx; ratio dense / v5: %.2fx\n", ms[3] / ms[5], ms_dense / ms[5]);
         if (ms[6] > 0 && ms[4] > 0) printf("   speedup stage 1 on mma.sync (v6) over v4: %.2fx; ratio dense / v6: %.2fx\n", ms[4] / ms[6], ms_dense / ms[6]);
         void *dev[] = {d_x, d_dy, d_W0, d_W1, d_wd, d_y, d_z, d_dx, d_dW0, d_dW1, d_dwd, d_s};
         for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));

@@ -21,9 +21,12 @@
 //       plans' last GEMM): the plans without their T1 round trip and permute
 //   v11, v12: v9 with tm forced to 16, 32 (stage 1 alone fits 128 registers: two blocks per SM where
 //       shared memory allows)
-//   v13 v7 with stage 1 on raw mma.sync (g_btt_mma; cuda/mma.cuh): x and W0 fragments by ldmatrix,
+//   v13 v7 on raw mma.sync (g_btt_mma; cuda/mma.cuh): stage 1's x and W0 fragments by ldmatrix,
 //       each lane's accumulators rounded and stored straight into the z tile (no fp32 staging tile,
-//       no warp barriers per 16x16 item); written 2026-12-06, not yet run on a GPU
+//       no warp barriers per 16x16 item); stage 2's z fragments by ldmatrix and W1 packed in
+//       B-fragment order (btt_tiles.h bt_w1p_src; packed before each launch, timed with it: one
+//       coalesced 16-byte load per lane and n-tile), y out through a quad transpose in registers
+//       as 16-byte stores; both written 2026-12-06, not yet run on a GPU
 //   v14 v9 (stage 1 alone) the same way
 // and, as the number to beat, the dense cuBLASLt layer of the same shape (matmul_forward, v0).
 // The fused versions run twice: saving z (training) and without z (inference); each is also
@@ -46,7 +49,7 @@
 // fused kernel's exact tiling against the same bounds on the CPU.)
 //
 // Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version (0: all) [N, default 32768]]
-#define BT_MMA_CANDIDATE 1  // btt_fused.cuh's stage 1 on mma.sync (v13, v14)
+#define BT_MMA_CANDIDATE 1  // btt_fused.cuh on mma.sync (v13: both stages, v14: stage 1 alone)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/btt_fused.cuh"
@@ -300,7 +303,7 @@ int main(int argc, char **argv) {
         if (ms_s1 > 0 && ms_ws > 0) printf("   stage 1 alone (v9) is %.0f%% of v7's time\n", 100.0 * ms_s1 / ms_ws);
         if (ms_split > 0) printf("   ratio dense / split (v10): %.2fx\n", ms_dense / ms_split);
         if (ms_split > 0 && ms_base > 0) printf("   speedup split (v10) over baseline (v1): %.2fx\n", ms_base / ms_split);
-        if (ms_ws_mma > 0 && ms_ws > 0) printf("   speedup stage 1 on mma.sync (v13) over v7, saving z: %.2fx; ratio dense / v13: %.2fx\n", ms_ws / ms_ws_mma, ms_dense / ms_ws_mma);
+        if (ms_ws_mma > 0 && ms_ws > 0) printf("   speedup on mma.sync, both stages (v13), over v7, saving z: %.2fx; ratio dense / v13: %.2fx\n", ms_ws / ms_ws_mma, ms_dense / ms_ws_mma);
         if (ms_s1_mma > 0 && ms_s1 > 0) printf("   speedup stage 1 alone on mma.sync (v14) over v9: %.2fx\n", ms_s1 / ms_s1_mma);
 
         cudaCheck(cudaFree(d_x)); cudaCheck(cudaFree(d_W0)); cudaCheck(cudaFree(d_W1)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_wd));
