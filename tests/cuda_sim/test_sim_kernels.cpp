@@ -2276,6 +2276,7 @@ int main(int argc, char **argv) {
         test_btt_fused_mma(20, 16, 48, 32, 96, 1);   // GPT-2 768 -> 3072 rank 1 (z pairs gr apart)
         test_btt_fused_mma(70, 16, 48, 32, 96, 4);   // rank 4, groups, a partial second tile
         test_btt_fused_mma(33, 48, 16, 16, 48, 2);   // 768 -> 768, alpha 48: 3 k-steps
+        test_btt_fused_mma(45, 96, 32, 48, 16, 1);   // 3072 -> 768 as 768 -> 3072's backward runs it: eps 16 (one n-tile), 6 k-steps
         test_btt_fused_backward(37, 16, 4, 2, 32, 8);    // 64 -> 64 rank 8, a partial tile
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
