@@ -114,10 +114,13 @@ $(BUILD):
 
 # make test builds its programs one job per core (at most 8; the simulator's builds of the trainer
 # are 20-30 s of g++ each) unless -j was given, then runs them (tests/run_all.sh: in two lanes)
-TEST_JOBS = $(if $(filter -j%,$(MAKEFLAGS)),,-j$(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n))
+ifneq ($(filter test,$(MAKECMDGOALS)),)
+  ifeq ($(filter -j%,$(MAKEFLAGS)),)
+    MAKEFLAGS += -j$(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
+  endif
+endif
 .PHONY: test-programs
-test:
-	@$(MAKE) --no-print-directory $(TEST_JOBS) test-programs
+test: test-programs
 	bash tests/run_all.sh
 test-programs: train_gpt2 test_gpt2 convert_checkpoint $(MPI_TARGETS) $(SIM_CI) $(addprefix $(BUILD)/,$(C_TESTS) $(VARIANT_TESTS))
 
