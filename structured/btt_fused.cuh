@@ -216,13 +216,15 @@ template <int MT, int NB>
 __device__ __forceinline__ void bt_stage2_mma(floatX *__restrict__ y, const floatX *zs, const floatX *__restrict__ W1p, const floatX *__restrict__ bias,
                                               const BtGeom &g, int q, int r0, int rows, int warp, int lane) {
     const int lr = lane % 16, lc = (lane / 16) * 8;  // the row this lane addresses in ldmatrix
+    // item (f, j)'s k-step kk: its NB packed B tiles, a 16-byte vector per lane each
+    auto load_b = [&](uint4 dst[NB], int f, int kk, int j) {
+#pragma unroll
+        for (int b = 0; b < NB; b++) dst[b] = ld16_ro(W1p + bt_w1p_block(&g, f, kk, bt_s2_ntile(&g, j, b)) + lane * 8);
+    };
     BtWalk it;
     bt_walk_begin(&it, g.ntg, warp, BT_WARPS);
     uint4 bf[NB], bn[NB];
-    if (it.o < g.pg) {
-#pragma unroll
-        for (int b = 0; b < NB; b++) bf[b] = ld16_ro(W1p + bt_w1p_block(&g, q * g.pg + it.o, 0, bt_s2_ntile(&g, it.i, b)) + lane * 8);
-    }
+    if (it.o < g.pg) load_b(bf, q * g.pg + it.o, 0, it.i);
     while (it.o < g.pg) {
         const int fl = it.o, f = q * g.pg + fl, j = it.i;
         BtWalk nx = it;
@@ -236,12 +238,8 @@ __device__ __forceinline__ void bt_stage2_mma(floatX *__restrict__ y, const floa
                 for (int e = 0; e < 8; e++) acc[mt][b][e / 4][e % 4] = 0.0f;
         for (int kk = 0; kk < g.ks2; kk++) {
             const int more = kk + 1 < g.ks2, ahead = more || nx.o < g.pg;
-            if (ahead) {
-#pragma unroll
-                for (int b = 0; b < NB; b++)
-                    bn[b] = ld16_ro(W1p + (more ? bt_w1p_block(&g, f, kk + 1, bt_s2_ntile(&g, j, b))
-                                                : bt_w1p_block(&g, q * g.pg + nx.o, 0, bt_s2_ntile(&g, nx.i, b))) + lane * 8);
-            }
+            if (more) load_b(bn, f, kk + 1, j);
+            else if (ahead) load_b(bn, q * g.pg + nx.o, 0, nx.i);
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
                 uint32_t a[4];
@@ -481,12 +479,14 @@ static int g_btt_whole_z = 0;
 // (btt_tiles.h, ws; the trainer's -sk 2, dev/cuda/btt_forward v7+). Not yet measured on a GPU,
 // so -sk 1 keeps the kernel as measured.
 static int g_btt_wstage = 0;
-// 1: where W0 is staged (g_btt_wstage, or stage 1 alone), stage 1 on raw mma.sync (the kernel's
-// MMA; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0, and its
+// 1: where W0 is staged (g_btt_wstage, or stage 1 alone), the kernel on raw mma.sync (its MMA:
+// both stages, stage 2 on W1 packed by btt_w1_packed; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0, and its
 // instantiations exist only where BT_MMA_CANDIDATE is defined before this header (the dev/cuda
 // programs that time them, the simulator's kernel tests, tests/fused_ptx.cu, tests/test_ptxas.sh),
 // so that the trainer's build does not compile twelve kernels it never runs.
 static int g_btt_mma = 0;
+// 1 when the kernel for g runs on mma.sync (and, with stage 2, reads W1 packed)
+static inline int btt_fused_mma(const BtGeom *g) { return g_btt_mma && g->ws; }
 
 static int btt_fused_blocks_per_sm(const BtGeom *g);
 
@@ -583,7 +583,7 @@ static BtFusedKernel btt_fused_stage1_kernel(const BtGeom *g) {
 }
 static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
     if (g->s1only && !g->ws) return NULL;
-    if (g_btt_mma && g->ws) {
+    if (btt_fused_mma(g)) {
 #ifdef BT_MMA_CANDIDATE
         return g->s1only ? btt_fused_stage1_kernel<1>(g) : btt_fused_kernel_ws<1, 1>(g);
 #else
@@ -607,7 +607,7 @@ static int btt_fused_blocks_per_sm(const BtGeom *g) {
     // 0..53 (mt * 4 + nb reaches 19); stage 1 alone is one kernel whatever nb, so one slot: setting
     // its shared-memory limit from two slots could lower it under the other's
     const int k = (((g->mt == 4 ? 2 : g->mt - 1) * 3 + (g->s1only ? 0 : g->nb - 1)) * 3 + (g->s1only ? 2 : g->ws)) * 2 +
-                  (g_btt_mma && (g->ws || g->s1only));
+                  btt_fused_mma(g);  // (stage 1 alone without ws has no kernel: returned above)
     if (g->smem_bytes > attr_bytes[k]) {
         cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, g->smem_bytes));
         attr_bytes[k] = g->smem_bytes;
@@ -656,7 +656,7 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (!grid) return 0;
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
-    if (g_btt_mma && g.ws) W1 = btt_w1_packed(W1, s, 1);
+    if (btt_fused_mma(&g)) W1 = btt_w1_packed(W1, s, 1);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
     cudaCheckLaunch();
     return 1;
@@ -719,7 +719,7 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
     BtSeg sg = {table, ntiles, order, K, w0s, w1s};
-    if (g_btt_mma && g.ws) W1 = btt_w1_packed(W1, s, S);
+    if (btt_fused_mma(&g)) W1 = btt_w1_packed(W1, s, S);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();
     return 1;

@@ -81,7 +81,7 @@ for arch in 80 90 100; do
     ldsm_k=$(awk '/\.entry/ {name = $3} /ldmatrix\.sync\.aligned\.m8n8\.x4\.trans\.shared\.b16/ {print name}' "$ptx" | sort -u)
     n_mma=$(echo "$mma_k" | grep -c '^_Z16btt_fused_kernelILi[0-9]ELi[0-9]ELi[12]ELi1EEv')
     if [ "$n_mma" -eq 12 ] && [ "$(echo "$mma_k" | grep -c .)" -eq 12 ] && [ "$mma_k" = "$ldsm_k" ]; then
-        ok "sm_$arch: the 12 BTT instantiations with stage 1 on mma.sync, and only they, issue mma.m16n8k16 and ldmatrix.x4.trans"
+        ok "sm_$arch: the 12 BTT instantiations on mma.sync, and only they, issue mma.m16n8k16 and ldmatrix.x4.trans"
     else
         bad "sm_$arch: mma.sync in the BTT kernel" "kernels with mma.m16n8k16: $(echo "$mma_k" | tr '\n' ' '); with ldmatrix.trans: $(echo "$ldsm_k" | tr '\n' ' ')"
     fi

@@ -21,8 +21,8 @@ compile() {  # $1 = arch: the log, and rc_<arch> with nvcc's exit status
     flags=$(make -s print-nvcc-flags GPU_COMPUTE_CAPABILITY=$arch 2> /dev/null | sed -n 's/^NVCC_FLAGS //p')
     if [ -z "$flags" ]; then echo "make print-nvcc-flags printed none" > "$W/ptxas_sm$arch.log"; echo 1 > "$W/rc_$arch"; return; fi
     # shellcheck disable=SC2086
-    # (BT_MMA_CANDIDATE: with the fused BTT kernel's dev/cuda-only instantiations, stage 1 on
-    # mma.sync, which the trainer's build leaves out; every other kernel is the build's)
+    # (BT_MMA_CANDIDATE: with the fused BTT kernel's dev/cuda-only instantiations on mma.sync,
+    # which the trainer's build leaves out; every other kernel is the build's)
     "$NVCC" $flags -DBT_MMA_CANDIDATE -Xptxas -v -cubin train_gpt2.cu -o "$W/t$arch.cubin" > "$W/ptxas_sm$arch.log" 2>&1
     echo $? > "$W/rc_$arch"
 }
