@@ -80,9 +80,12 @@ lane() {  # claims tests in list order (mkdir is atomic) until none is left
     done
 }
 lanes=${RUN_ALL_LANES:-2}
+if ! [[ "$lanes" =~ ^[1-9][0-9]*$ ]]; then
+    echo "tests/run_all.sh: RUN_ALL_LANES='$lanes': give a whole number of lanes, 1 or more (1 runs the tests one after another)" >&2
+    exit 2
+fi
 cores=$(nproc 2> /dev/null || echo 1)
 [ "$lanes" -gt "$cores" ] && lanes=$cores
-[ "$lanes" -lt 1 ] && lanes=1
 # OpenMP's idle threads spin by default: two OpenMP trainers on two busy cores then take 3x as
 # long (tests/test_cli.sh 53 -> 170 s beside the simulator); sleeping ones cost 10% alone
 [ "$lanes" -gt 1 ] && export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
