@@ -147,14 +147,17 @@ static void train_fixture_steps(GPT2 *m, const Fixture *f, int from, int to, flo
 static const char *base_name(const char *path) { return strrchr(path, '/') ? strrchr(path, '/') + 1 : path; }
 
 // Every choice -at 1 can make for a layer of this kind (structured/tune.cuh), into out: its
-// candidates (-sk 4 among them), then each forward paired with another's backward, the pairs of the plans, the
-// split and the fused kernel first (Monarch: the plans and the fused kernels; BTT-MoE: the plans,
-// the fused kernel and the one with W0 staged; with sets, also its grouping by set). Returns how many.
+// candidates (-sk 4 and 5 among them), then each forward paired with another's backward, the pairs of the plans, the
+// split and the fused kernel first, then -sk 5's with the plans, the split and the fused kernel
+// (Monarch: the plans and the fused kernels; BTT-MoE: the plans, the fused kernel, the one with W0
+// staged and -sk 5; with sets, also its grouping by set). Returns how many.
 static int st_kernel_choices(int kind, int sets, int out[ST_K_END]) {
-    static const int btt[12][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1}};
-    static const int moe[6][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}};
+    const int M = ST_K_MMA;  // -sk 5
+    const int btt[16][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1},
+                            {M, 0}, {0, M}, {M, 3}, {1, M}};
+    const int moe[8][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}, {M, 0}, {1, M}};
     int n = st_kernel_candidates(kind, out, sets);
-    const int np = kind == STRUCT_BTT ? 12 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 6 : 0;
+    const int np = kind == STRUCT_BTT ? 16 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 8 : 0;
     for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
     return n;
 }
@@ -179,9 +182,9 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // One fixture in one setting. full: also the 10 steps, final weights and determinism checks.
 // fused: 1 -sk 1 (the fused structured kernels), 2 -sm 1 (BTT and Monarch as dense GEMMs), 3 -sk 2
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
-// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 7), kept over the resume;
+// its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 11), kept over the resume;
 // 7 -sk 4 (z, u stored transposed); 8 -mg 1 (BTT-MoE grouped by set of experts; fixtures with
-// routed layers only).
+// routed layers only); 9 -sk 5 (-sk 2's BTT kernel on mma.sync).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
@@ -193,20 +196,21 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     if (fused == 8 && !f.n_routed) { fixture_run_free(&m, &f); return; }                   // -mg changes nothing there
     g_moe_sets = fused == 8;
-    const long sets0 = g_moe_sets_runs;
+    const long sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches;
     g_gpu.gelu_fusion = gelu_fusion;
-    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : 0);
+    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : fused == 9 ? 5 : 0);
     g_st_dense = fused == 2;
     const int per_layer = fused == 5 || fused == 6;
     g_st_tune = per_layer;  // the buffers for every choice
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
              fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : fused == 5 ? " per-layer kernels"
-             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : fused == 8 ? " -mg 1" : "", g_test_no_master ? " -w 0" : "");
+             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : fused == 8 ? " -mg 1" : fused == 9 ? " -sk 5" : "",
+             g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
-    if (per_layer) st_kernels_rotate(&m, fused == 5 ? 0 : 7);
+    if (per_layer) st_kernels_rotate(&m, fused == 5 ? 0 : 11);
     int by_set = 0;  // the routed layers that group by set (-mg 1, or their own kernels so)
     for (int j = 0; j < f.n_routed; j++) by_set += lin_kernels(lin_state(&m, &f.routed[j])) == ST_K_SETS;
     const float tol_x = by_set ? 2.0f : 1.0f;  // -mg 1's extra roundings (the tolerances above)
@@ -254,6 +258,22 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
         }
         snprintf(name, sizeof(name), "%s every routed layer that takes the set path ran it forward and backward (%ld runs)", tag, want);
         check_true(g_moe_sets_runs - sets0 == want, name, "another count of set-path runs");
+    }
+    if (fused == 9) {  // -sk 5 ran the kernel on mma.sync in every forward whose shape it takes (not the plans it falls back to)
+        int nb = 0;
+        for (int i = 0; i < gpt2_num_linears(&m.layout); i++) {
+            const LinearDesc *ld = gpt2_linear_at(&m.layout, i);
+            if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_BTT_MOE)) continue;
+            MoEShape ms;
+            if (ld->spec.kind == STRUCT_BTT_MOE) ms = moe_shape_of(&ld->spec);
+            const BTTShape b = ld->spec.kind == STRUCT_BTT ? btt_shape_of(&ld->spec) : moe_expert_shape(&ms);
+            nb += btt_fused_supported(&b, btt_fused_smem_limit()) > 0;
+        }
+        char got[64];
+        snprintf(got, sizeof(got), "%ld launches", g_btt_mma_launches - mma0);
+        snprintf(name, sizeof(name), "%s the BTT kernel ran on mma.sync in the forward of the %d BTT and BTT-MoE layers whose shape it takes, at least",
+                 tag, nb);
+        if (nb) check_true(g_btt_mma_launches - mma0 >= nb, name, got);
     }
     if (!full) { fixture_run_free(&m, &f); return; }
 
@@ -389,13 +409,16 @@ static void fake_tune_clock(const GPT2 *m, const TuneUnit *u, int k, double ms[2
     int idx[3];
     tune_unit_members(m, u, idx);
     // [pass][kernels]; the totals and what wins:
-    // (-sk 4's forward is q, k, v's fastest, but it pairs with no other backward: with -sk 0's it would take 0.50)
-    static const double qkv[2][ST_K_COUNT] = {{0.50, 0.45, 0.40, 0.30, 1.00, 0.20},         // 0.80 0.90 0.80 0.79 2.00 0.90; -sk 3's
-                                              {0.30, 0.45, 0.40, 0.49, 1.00, 0.70}};        // forward with -sk 0's backward: 0.60
-    static const double fc_monarch[2][ST_K_COUNT] = {{0.50, 0.48, -1, -1, 0.495, 0.50},     // 1.00 0.99 0.99 1.00; -sk 1 fwd with
-                                                     {0.50, 0.51, -1, -1, 0.495, 0.50}};    // -sk 0 bwd 0.98: within 3%, -sk 0 kept
-    static const double fc_btt[2][ST_K_COUNT] = {{0.50, 0.60, 0.60, 0.60, 0.25, 0.30}, {0.50, 0.60, 0.60, 0.60, 0.25, 0.30}};  // dense
-    static const double fc_proj[2][ST_K_COUNT] = {{0.50, 0.25, 0.30, 0.35, 0.45, 0.20}, {0.50, 0.25, 0.30, 0.35, 0.45, 0.20}};  // -sk 4
+    // (-sk 4's forward is q, k, v's fastest, but it pairs with no other backward: with -sk 0's it would take 0.50;
+    // -mg 1, index 6, is no candidate of BTT or Monarch; -sk 5, index 7, Monarch's neither)
+    static const double qkv[2][ST_K_COUNT] = {{0.50, 0.45, 0.40, 0.30, 1.00, 0.20, -1, 0.42},   // 0.80 0.90 0.80 0.79 2.00 0.90 0.92;
+                                              {0.30, 0.45, 0.40, 0.49, 1.00, 0.70, -1, 0.50}};  // -sk 3's forward with -sk 0's backward: 0.60
+    static const double fc_monarch[2][ST_K_COUNT] = {{0.50, 0.48, -1, -1, 0.495, 0.50, -1, -1},     // 1.00 0.99 0.99 1.00; -sk 1 fwd with
+                                                     {0.50, 0.51, -1, -1, 0.495, 0.50, -1, -1}};    // -sk 0 bwd 0.98: within 3%, -sk 0 kept
+    static const double fc_btt[2][ST_K_COUNT] = {{0.50, 0.60, 0.60, 0.60, 0.25, 0.30, -1, 0.55},
+                                                 {0.50, 0.60, 0.60, 0.60, 0.25, 0.30, -1, 0.55}};  // dense
+    static const double fc_proj[2][ST_K_COUNT] = {{0.50, 0.25, 0.30, 0.35, 0.45, 0.20, -1, 0.30},
+                                                  {0.50, 0.25, 0.30, 0.35, 0.45, 0.20, -1, 0.30}};  // -sk 4
     const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[0])->spec;
     for (int d = 0; d < 2; d++) {
         ms[d] = 100.0;  // no other unit exists in this model
@@ -426,6 +449,12 @@ static void fake_tune_clock_no_z(const GPT2 *m, const TuneUnit *u, int k, double
         const LinearSpec *s = &gpt2_linear_at(&m->layout, idx[i])->spec;
         cudaCheck(cudaMemset(m->lin[idx[i]].inter, 0, st_inter_bytes(m, s)));
     }
+}
+// The same, but -sk 5's forward of q, k, v is the fastest (0.10 ms; with -sk 0's backward 0.40,
+// below -sk 3's forward with it, 0.60): the forward on mma.sync pairs with the plans' backward.
+static void fake_tune_clock_mma(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
+    fake_tune_clock(m, u, k, ms);
+    if (u->role == SR_Q && k == ST_K_MMA) ms[0] = 0.10;
 }
 static int fake_qkv_kernels(const GPT2 *m, int k) {  // q, k and v of every block run kernels k
     int bad = 0;
@@ -473,8 +502,8 @@ static void check_autotune_choice(void) {
         zl[0] = st_tune_pick_pair(zc, fz, bz, 3, 0, 1);
         zl[1] = st_tune_pick_pair(zc, fw, bw, 3, 0, 1);
         zl[2] = st_kernel_of_sk(4, 4);
-        check_true(st_kernel_candidates(STRUCT_BTT, c6) == 6 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_MONARCH, c4) == 4 &&
-                       c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, c4m) == 4 && c4m[3] == ST_K_ZT &&
+        check_true(st_kernel_candidates(STRUCT_BTT, c6) == 7 && c6[5] == ST_K_ZT && st_kernel_candidates(STRUCT_MONARCH, c4) == 4 &&
+                       c4[3] == ST_K_ZT && st_kernel_candidates(STRUCT_BTT_MOE, c4m) == 5 && c4m[3] == ST_K_ZT &&
                        st_kernel_valid(STRUCT_BTT_MOE, ST_K_ZT) && st_kernel_valid(STRUCT_MONARCH, ST_K_ZT) &&
                        st_kernel_canonical(STRUCT_BTT, ST_K_ZT) == ST_K_ZT && st_kernel_canonical(STRUCT_BTT_MOE, ST_K_ZT) == ST_K_ZT &&
                        st_kernel_sk(ST_K_ZT, 0) == 4 && st_kernel_sk(ST_K_ZT, 1) == 4 &&
@@ -498,6 +527,29 @@ static void check_autotune_choice(void) {
                        st_tune_pick_pair(cand, fm, bm, 3, 1, 1) == 1,                       // 0.81 kept against the pair's 0.80 (< 3%)
                    "-at 1's pairs: the byte of a forward and a backward, which kinds take them, the pick among candidates and the pair",
                    label);
+        // -sk 5 (ST_K_MMA) and its pairs: bytes after those of earlier resume states, which keep theirs
+        const int M = ST_K_MMA, m0 = st_kernel_pair(M, 0), m3 = st_kernel_pair(3, M), c5[3] = {0, 3, M};
+        char l5[48], lm0[48], lm3[48];
+        st_kernel_label(l5, sizeof(l5), M);
+        st_kernel_label(lm0, sizeof(lm0), m0);
+        st_kernel_label(lm3, sizeof(lm3), m3);
+        const double f5[3] = {1.0, 0.6, 0.2}, b5[3] = {0.3, 1.0, 0.9};  // -sk 5's forward with -sk 0's backward 0.5; -sk 0 1.3, -sk 5 1.1
+        const double g5[3] = {1.0, 0.3, 0.9}, h5[3] = {0.9, 1.0, 0.3};  // -sk 3's forward with -sk 5's backward 0.6
+        char got5[200];
+        snprintf(got5, sizeof(got5), "bytes %d %d %d, labels '%s' '%s' '%s'", M, m0, m3, l5, lm0, lm3);
+        check_true(M == 7 && p30 == 20 && st_kernel_pair(0, 3) == 11 && m0 == 28 && m3 == 27 && ST_K_END == 32 &&
+                       st_kernel_fwd(m0) == M && st_kernel_bwd(m0) == 0 && st_kernel_fwd(m3) == 3 && st_kernel_bwd(m3) == M &&
+                       st_kernel_sk(M, 0) == 5 && st_kernel_sk(M, 1) == 5 && st_kernel_sk(m0, 0) == 5 && st_kernel_sk(m0, 1) == 0 &&
+                       st_kernel_sk(m3, 1) == 5 && st_kernel_of_sk(5, 5) == M && st_kernel_of_sk(5, 0) == m0 && st_kernel_of_sk(3, 5) == m3 &&
+                       st_kernel_of_sk(5, 4) == ST_K_ZT && strcmp(l5, "-sk 5") == 0 && strcmp(lm0, "-sk 5 fwd, -sk 0 bwd") == 0 &&
+                       strcmp(lm3, "-sk 3 fwd, -sk 5 bwd") == 0 && st_kernel_valid(STRUCT_BTT, M) && st_kernel_valid(STRUCT_BTT_MOE, m0) &&
+                       st_kernel_valid(STRUCT_MONARCH, m3) && !st_kernel_valid(STRUCT_DENSE, M) &&
+                       st_kernel_canonical(STRUCT_MONARCH, M) == 1 && st_kernel_canonical(STRUCT_MONARCH, m3) == 1 &&
+                       st_kernel_canonical(STRUCT_MONARCH, m0) == st_kernel_pair(1, 0) && st_kernel_canonical(STRUCT_BTT, m3) == m3 &&
+                       st_kernel_pairable(M) && !st_kernel_pairable(ST_K_ZT) &&
+                       st_tune_pick_pair(c5, f5, b5, 3, 0, 1) == m0 && st_tune_pick_pair(c5, g5, h5, 3, 0, 1) == m3 &&
+                       st_tune_pick_pair(c5, f5, b5, 3, 0, 0) == M,  // no pairs: -sk 5 both ways, 1.1
+                   "-at 1's -sk 5: its byte and its pairs' (earlier states' bytes unchanged), labels, -sk values, kinds, picks", got5);
     }
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
     GPT2 m;
@@ -509,8 +561,8 @@ static void check_autotune_choice(void) {
     st_autotune(&m);
     g_tune_clock = NULL;
     st_buffers_fit(&m, 0);
-    // 4 distinct units: q/k/v (6 choices), Monarch fc (4), BTT rank-2 fc (6), fc_proj (6)
-    check_true(g_fake_calls == 22 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
+    // 4 distinct units: q/k/v (7 choices), Monarch fc (4), BTT rank-2 fc (7), fc_proj (7)
+    check_true(g_fake_calls == 25 && g_fake_unset == 0, "-at 1: each distinct unit timed once per choice, its layers set to it",
                "calls or settings differ");
     int bad = !fake_qkv_kernels(&m, st_kernel_pair(3, 0));
     for (int l = 0; l < 3; l++) {
@@ -560,6 +612,25 @@ static void check_autotune_choice(void) {
     st_autotune(&m);
     g_tune_clock = NULL;
     check_true(fake_qkv_kernels(&m, st_kernel_pair(3, 0)), "-at 1: a choice whose saved z differs from the plans' is refused", "taken");
+    // -sk 5 (the BTT kernel on mma.sync, its results and z checked against the plans' on the
+    // simulator or GPU that runs this) paired with the plans' backward, then a step runs it: q, k
+    // and v's 9 forwards on mma.sync, no backward
+    st_set_all_kernels(&m, 0);
+    st_buffers_fit(&m, 1);
+    g_tune_clock = fake_tune_clock_mma;
+    st_autotune(&m);
+    g_tune_clock = NULL;
+    st_buffers_fit(&m, 0);
+    const long mma0 = g_btt_mma_launches;
+    const float loss5 = gpt2_forward(&m, tok, tok, 2, 16);
+    const long mma_fwd = g_btt_mma_launches - mma0;
+    gpt2_backward(&m, 1.0f);
+    cudaCheck(cudaDeviceSynchronize());
+    char got[96];
+    snprintf(got, sizeof(got), "q/k/v kernels %d, loss %g, mma.sync launches %ld forward, %ld in all", lin_kernels(&m.lin[SR_Q]), loss5, mma_fwd,
+             g_btt_mma_launches - mma0);
+    check_true(fake_qkv_kernels(&m, st_kernel_pair(ST_K_MMA, 0)) && isfinite(loss5) && loss5 > 0.0f && mma_fwd == 9 && g_btt_mma_launches - mma0 == 9,
+               "-at 1: -sk 5's forward (mma.sync), checked against the plans, pairs with -sk 0's backward and runs so", got);
     free(tok); free(gb);
     gpt2_free(&m);
     g_st_tune = 0;
@@ -572,10 +643,10 @@ static void check_autotune_choice(void) {
 // sets) in block 1 and 4 experts top 1 (no set path) in block 2; everything else dense. The
 // fake clock makes the grouping by set block 0's fastest choice (its fastest forward too, but it
 // pairs with no other backward) and block 1's slowest; block 2 is not offered it.
-static const double g_sets_fc[3][2][ST_K_COUNT] = {
-    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35}},  // -mg 1: 0.55; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
-    {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90}},  // -sk 0 1.00 kept
-    {{0.50, 0.40, 0.60, -1, -1, 0.55, -1}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1}}};     // -sk 1 0.80
+static const double g_sets_fc[3][2][ST_K_COUNT] = {  // (-sk 5, the last, never the fastest)
+    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35, 0.60}},  // -mg 1: 0.55; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
+    {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60}},  // -sk 0 1.00 kept
+    {{0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45}}};     // -sk 1 0.80
 static int g_sets_offered[3];
 static void fake_tune_clock_sets(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
     if (k == ST_K_SETS && u->layer >= 0 && u->layer < 3) g_sets_offered[u->layer]++;
@@ -598,8 +669,8 @@ static void check_autotune_sets(void) {
         const int sc[3] = {0, 1, ST_K_SETS};
         const double fs[3] = {1.0, 0.6, 0.1}, bs[3] = {0.3, 1.0, 1.0};  // -mg 1's forward the fastest: no pair with it
         const double fw[3] = {1.0, 0.6, 0.2}, bw[3] = {0.3, 1.0, 0.3};  // -mg 1 both ways 0.5, the pair 0.9
-        check_true(st_kernel_candidates(STRUCT_BTT_MOE, cm, 1) == 5 && cm[4] == ST_K_SETS && st_kernel_candidates(STRUCT_BTT_MOE, cm0, 0) == 4 &&
-                       st_kernel_candidates(STRUCT_BTT, cb, 1) == 6 && cb[5] == ST_K_ZT && st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 1) &&
+        check_true(st_kernel_candidates(STRUCT_BTT_MOE, cm, 1) == 6 && cm[5] == ST_K_SETS && st_kernel_candidates(STRUCT_BTT_MOE, cm0, 0) == 5 &&
+                       st_kernel_candidates(STRUCT_BTT, cb, 1) == 7 && cb[5] == ST_K_ZT && st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 1) &&
                        !st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 0) && !st_kernel_valid(STRUCT_BTT, ST_K_SETS) &&
                        !st_kernel_valid(STRUCT_MONARCH, ST_K_SETS) && st_kernel_sk(ST_K_SETS, 0) == 0 && st_kernel_sk(ST_K_SETS, 1) == 0 &&
                        st_kernel_canonical(STRUCT_BTT_MOE, ST_K_SETS) == ST_K_SETS && strcmp(label, "-mg 1") == 0 &&
@@ -626,7 +697,7 @@ static void check_autotune_sets(void) {
     char got[128];
     snprintf(got, sizeof(got), "kernels %d %d %d, %d calls, %d unset, offered %d %d %d", k0, k1, k2, g_fake_calls, g_fake_unset, g_sets_offered[0],
              g_sets_offered[1], g_sets_offered[2]);
-    check_true(room_ok && g_fake_calls == 5 + 5 + 4 && g_fake_unset == 0 && g_sets_offered[0] == 1 && g_sets_offered[1] == 1 && !g_sets_offered[2] &&
+    check_true(room_ok && g_fake_calls == 6 + 6 + 5 && g_fake_unset == 0 && g_sets_offered[0] == 1 && g_sets_offered[1] == 1 && !g_sets_offered[2] &&
                    k0 == ST_K_SETS && k1 == 0 && k2 == 1,
                "-at 1: BTT-MoE's grouping by set timed where the shape takes it (6 and 28 sets, not top 1), chosen where fastest both ways, "
                "its results checked against the plans' but not its own z",
@@ -809,7 +880,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
                  g_st_dense ? "dense GEMMs on the materialized weight"
                  : g_st_zt ? "-sk 4: cuBLAS, z stored transposed"
                  : g_st_fused == 3 ? "split: fused stage 1, cuBLAS the rest"
-                 : g_st_fused ? (g_btt_wstage ? "fused forward and backward dx, W0 staged" : "fused forward and backward dx")
+                 : g_st_fused ? (g_btt_mma ? "-sk 5: fused forward and backward dx on mma.sync"
+                                 : g_btt_wstage ? "fused forward and backward dx, W0 staged" : "fused forward and backward dx")
                               : "cuBLAS");
     else if (spec->kind == STRUCT_MONARCH)
         snprintf(tag, sizeof(tag), "gpu vs cpu monarch %d blocks %d->%d N=%d (%s)", spec->blocks, din, dout, N,
@@ -820,9 +892,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
                  spec->topk, din, dout, N, fwd_sk, bwd_sk);
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
-                 g_st_fused ? (g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
+                 g_st_fused ? (g_btt_mma ? "-sk 5: fused segmented on mma.sync"
+                               : g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
                  : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : g_moe_sets ? "cuBLAS, grouped by set (-mg 1)" : "cuBLAS");
-    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs;
+    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches;
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL};
@@ -953,6 +1026,13 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     if (fwd_sk == 4 && bwd_sk == 4 && !g_st_dense) {
         snprintf(name, sizeof(name), "%s: ran -sk 4's plans forward and backward", tag);
         check_true(g_st_zt_runs - zt0 == 2, name, "another count of -sk 4 runs");
+    }
+    if ((fwd_sk == 5 || bwd_sk == 5) && spec->kind != STRUCT_MONARCH && !g_st_dense) {  // (not a fallback to the plans)
+        const long want = (fwd_sk == 5) + (bwd_sk == 5);
+        char got[64];
+        snprintf(got, sizeof(got), "%ld launches", g_btt_mma_launches - mma0);
+        snprintf(name, sizeof(name), "%s: the BTT kernel ran on mma.sync, %ld launch(es)", tag, want);
+        check_true(g_btt_mma_launches - mma0 == want, name, got);
     }
     void *dev[] = {x_d, dy_d, bias_d, y_d, dx_d, dbias_d, colsum};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cudaCheck(cudaFree(dev[i]));
@@ -1167,7 +1247,7 @@ static void check_structures_vs_cpu(void) {
         default_factors(s.d_in, &s.alpha, &s.gamma);
         default_factors(s.d_out, &s.phi, &s.eps);
         s.kind = STRUCT_BTT;
-        for (int sk = 0; sk <= 3; sk++) {  // the baseline, the fused kernels where they apply, -sk 2, -sk 3
+        for (int sk = 0; sk <= 5; sk += sk == 3 ? 2 : 1) {  // the baseline, the fused kernels where they apply, -sk 2, 3, 5
             st_set_kernels(sk);
             for (int r = 1; r <= 4; r *= 2) { s.rank = r; check_layer_vs_cpu(&s, N); }
         }
@@ -1187,20 +1267,20 @@ static void check_structures_vs_cpu(void) {
         st_set_kernels(0);
         // -at 1's pairs: a backward on the z (u) another path's forward saved (BTT rank 2 runs fused
         // and split both ways at these shapes; Monarch fused where its traffic model says it pays)
-        const int pairs[4][2] = {{1, 0}, {0, 1}, {3, 1}, {1, 3}};
+        const int pairs[6][2] = {{1, 0}, {0, 1}, {3, 1}, {1, 3}, {5, 0}, {3, 5}};
         check_layer_pairs_vs_cpu(&s, N, pairs, 2);
         s.kind = STRUCT_BTT;
         s.rank = 2;
-        check_layer_pairs_vs_cpu(&s, N, pairs, 4);
+        check_layer_pairs_vs_cpu(&s, N, pairs, 6);
         s.kind = STRUCT_BTT_MOE;
         s.experts = 8; s.topk = 2; s.rank = 8;
-        const int moe_sk[] = {0, 1, 2, 4};  // -sk 3 runs its experts as -sk 2 does; -sk 4: each tile's z transposed
+        const int moe_sk[] = {0, 1, 2, 4, 5};  // -sk 3 runs its experts as -sk 2 does; -sk 4: each tile's z transposed
         for (int sk : moe_sk) {
             st_set_kernels(sk);
             check_layer_vs_cpu(&s, N);
         }
-        const int moe_pairs[2][2] = {{1, 0}, {0, 2}};  // a fused forward's z under the plans' backward, and the reverse
-        check_layer_pairs_vs_cpu(&s, N, moe_pairs, 2);
+        const int moe_pairs[3][2] = {{1, 0}, {0, 2}, {5, 0}};  // a fused forward's z under the plans' backward, and the reverse
+        check_layer_pairs_vs_cpu(&s, N, moe_pairs, 3);
         g_moe_sets = 1;  // -mg 1: tokens grouped by their set of experts (28 sets), then 6 experts top 4 (15 sets)
         check_layer_vs_cpu(&s, N);
         if (sh == 0) {
@@ -1217,7 +1297,7 @@ static void check_structures_vs_cpu(void) {
     s.d_in = 2048; s.d_out = 8192; s.bias = 1; s.rank = 2;
     default_factors(s.d_in, &s.alpha, &s.gamma);
     default_factors(s.d_out, &s.phi, &s.eps);
-    for (int sk = 0; sk <= 3; sk++) {
+    for (int sk = 0; sk <= 5; sk += sk == 3 ? 2 : 1) {
         st_set_kernels(sk);
         check_layer_vs_cpu(&s, N);
     }
@@ -1228,7 +1308,7 @@ static void check_structures_vs_cpu(void) {
     s.kind = STRUCT_BTT;
     s.d_in = 768; s.d_out = 1280; s.bias = 1; s.rank = 1;
     s.alpha = 16; s.gamma = 48; s.phi = 16; s.eps = 80;
-    for (int sk = 0; sk <= 4; sk++) {
+    for (int sk = 0; sk <= 5; sk++) {
         st_set_kernels(sk);
         check_layer_vs_cpu(&s, N);
     }
@@ -1262,7 +1342,8 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 7);  // -sk 4 likewise
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 8);  // -mg 1 (routed layers by set of experts), with every check
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 7: with it, BTT's 18 choices (12 BTT layers: 0-11, then 7-17 and 0)
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 11: with it, BTT's 23 choices (12 BTT layers: 0-11, then 11-22)
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 9);  // -sk 5: logits, loss and gradients
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;

@@ -75,11 +75,11 @@ typedef struct {
     floatX *inter;        // btt: z (N, gamma·phi·rho); monarch: u (N, nb·q); with -sk 4 transposed (gpu_plan.h)
     MoEGPUState moe;      // btt_moe
     int as_dense;         // BTT or Monarch run as dense GEMMs on the materialized weight (-sm 1, or -sm 2's model)
-    int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..4; -at 1 chooses all three per layer
+    int sk, sk_bwd;       // else its forward's and its backward's kernels as -sk 0..5; -at 1 chooses all three per layer
 } LinearState;
 
-// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
-// a forward and backward pair), and back. Grouping by set is -sk 0's plans with BTT-MoE's use_sets.
+// A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS,
+// ST_K_MMA or a forward and backward pair), and back. Grouping by set is -sk 0's plans with BTT-MoE's use_sets.
 static int lin_kernels(const LinearState *ls) {
     if (ls->as_dense) return ST_K_DENSE;
     if (ls->moe.use_sets && ls->sk == 0 && ls->sk_bwd == 0) return ST_K_SETS;
@@ -1008,7 +1008,7 @@ static int tune_unit_members(const GPT2 *m, const TuneUnit *u, int idx[3]) {
 }
 
 // The kind whose choices a unit tries: BTT-MoE's; else BTT's when it has a BTT layer (a Monarch
-// one then runs -sk 2 and 3 as 1), else Monarch's.
+// one then runs -sk 2, 3 and 5 as 1), else Monarch's.
 static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     if (u->moe) return STRUCT_BTT_MOE;
     int idx[3], kind = STRUCT_MONARCH;
@@ -1528,10 +1528,11 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                               "rounding (4 bytes per parameter less; llm.c's -w) (default: 1)"},
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
-        {"-sk", &g_st_sk, NULL, 0, 4, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
+        {"-sk", &g_st_sk, NULL, 0, 5, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
                                     "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
                                     "(z, and dZ from dy) and cuBLAS for the rest, 4 the baseline with z (u) stored transposed, which takes no "
-                                    "permute of it (2, 3 and 4 not yet measured on a GPU) (default: 0)"},
+                                    "permute of it, 5 as 2 with the BTT kernel on raw mma.sync (W1 packed in fragment order) "
+                                    "(2 to 5 not yet measured on a GPU) (default: 0)"},
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
@@ -1540,7 +1541,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                          "and y written once; 2: by set in the layers a model of this GPU's rates (structured/exec_model.h) finds "
                                          "faster so at this run's rows (not yet measured on a GPU). -at 1 times the grouping by set as one of each "
                                          "layer's choices; -mg then says only which choice it keeps within its margin (default: 0)"},
-        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..4; BTT and Monarch also -sm's dense GEMMs, BTT-MoE -mg 1's "
+        {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..5; BTT and Monarch also -sm's dense GEMMs, BTT-MoE -mg 1's "
                                        "grouping by set) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk, -sm and -mg's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
@@ -1713,6 +1714,7 @@ static void trainer_banner(const GPT2 *m) {
         if (g_st_tune) snprintf(how, sizeof(how), "per layer, timed (-at 1)");
         else if (g_st_dense == 2) snprintf(how, sizeof(how), "-sm 2: %d of %d BTT/Monarch as dense, rest -sk %d", n_dense, n_dm, g_st_sk);
         else if (g_st_dense == 1) snprintf(how, sizeof(how), "dense BTT, Monarch (-sm 1); BTT-MoE %s", g_st_fused ? "fused" : g_st_zt ? "-sk 4" : "-sk 0");
+        else if (g_st_sk == 5) snprintf(how, sizeof(how), "fused BTT (W0 staged, mma.sync), Monarch fwd+bwd dx (-sk 5)");
         else if (g_st_sk == 4) snprintf(how, sizeof(how), "cuBLAS baseline, z and u transposed (-sk 4)");
         else if (g_st_sk == 3) snprintf(how, sizeof(how), "BTT split (stage 1 fused), Monarch fused (-sk 3)");
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");

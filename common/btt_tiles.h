@@ -390,7 +390,7 @@ static inline BT_HD size_t bt_y_global(const BtGeom *g, int row, int f, int n, i
 }
 static inline BT_HD int bt_bias(const BtGeom *g, int f, int n, int col) { return f * g->E + n * 16 + col; }
 
-// Stage 2 on mma.sync (the kernel's MMA candidate) reads W1 packed in B-fragment order: per f, per
+// Stage 2 on mma.sync (the kernel's MMA instantiations, -sk 5) reads W1 packed in B-fragment order: per f, per
 // k-step kk, per n-tile n (fastest), a block of 32 lanes x 8 elements where lane l's 8 are the
 // b0, b1 registers of the tile's two 16x8 halves (cuda/mma.cuh's table):
 //   element j of lane l = W1[f][kk*16 + 2(l%4) + (j&1) + 8((j>>1)&1)][n*16 + 8(j>>2) + l/4]

@@ -72,8 +72,8 @@
 // the x chunks instead of the register prefetch, and staging W1[f] in shared memory (B fragments now
 // come from L1/L2, 4 32-bit loads + transposes per fragment); wgmma on sm_90; writing accumulators
 // without the fp32 staging round trip (mma.sync with its documented register layout: both stages
-// have it as a candidate, MMA / g_btt_mma, stage 2 on W1 packed in fragment order, not yet
-// measured; a trainer would pack W1 once per step instead of before each launch); a z layout
+// have it, MMA / g_btt_mma, stage 2 on W1 packed in fragment order before each launch; the
+// trainer's -sk 5, not yet measured on a GPU); a z layout
 // or lane mapping that lets rank 1 scatter more than 2 bytes per store (even ranks store runs of
 // 2 to 8 elements, bt_z1_vec).
 #pragma once
@@ -480,17 +480,20 @@ static int g_btt_whole_z = 0;
 // so -sk 1 keeps the kernel as measured.
 static int g_btt_wstage = 0;
 // 1: where W0 is staged (g_btt_wstage, or stage 1 alone), the kernel on raw mma.sync (its MMA:
-// both stages, stage 2 on W1 packed by btt_w1_packed; dev/cuda/btt_forward v13, v14). Not yet run on a GPU: the trainer leaves it 0, and its
-// instantiations exist only where BT_MMA_CANDIDATE is defined before this header (the dev/cuda
-// programs that time them, the simulator's kernel tests, tests/fused_ptx.cu, tests/test_ptxas.sh),
-// so that the trainer's build does not compile twelve kernels it never runs.
+// both stages, stage 2 on W1 packed by btt_w1_packed; the trainer's -sk 5, dev/cuda/btt_forward
+// v13, v14). Not yet run on a GPU: -at 1 times it against the others and checks its results
+// against the plans'. Stage 1 alone on mma.sync (v14; no -sk runs it) is compiled only where
+// BT_MMA_STAGE1_CANDIDATE is defined before this header (the dev/cuda programs that time it, the
+// simulator's kernel tests, tests/fused_ptx.cu, tests/test_ptxas.sh): three kernels the trainer
+// would never run.
 static int g_btt_mma = 0;
 // 1 when the kernel for g runs on mma.sync (and, with stage 2, reads W1 packed)
 static inline int btt_fused_mma(const BtGeom *g) { return g_btt_mma && g->ws; }
+// Launches of the whole kernel on mma.sync (the tests check that -sk 5 ran it, not a fallback)
+static long g_btt_mma_launches = 0;
 
 static int btt_fused_blocks_per_sm(const BtGeom *g);
 
-#ifdef BT_MMA_CANDIDATE
 // W1 in stage 2's B-fragment order (btt_tiles.h, bt_w1p_src): one thread per 16 bytes packed.
 __global__ void btt_w1_pack_kernel(floatX *__restrict__ dst, const floatX *__restrict__ src, int gr, int E, size_t vecs) {
     for (size_t v = blockIdx.x * (size_t)blockDim.x + threadIdx.x; v < vecs; v += (size_t)gridDim.x * blockDim.x) {
@@ -503,15 +506,16 @@ __global__ void btt_w1_pack_kernel(floatX *__restrict__ dst, const floatX *__res
 
 // The mma.sync kernel's stage 2 (g_btt_mma with W0 staged) reads W1 packed: packed here, before
 // each launch, into a buffer kept for the process and grown as needed (one device per process; on
-// the launch's stream, so a launch that follows reads its own). nseg cores of shape s. A candidate's
-// plumbing: a trainer would pack each layer's W1 once per optimizer step.
+// the launch's stream, so a launch that follows reads its own). nseg cores of shape s. Packing
+// once per optimizer step would save one read and write of W1 per launch (W1 is 0.1-2% of the
+// bytes a layer moves at the trainer's rows); -at 1's timings include it.
 static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *s, int nseg) {
     static floatX *buf = NULL;
     static size_t cap = 0;
     const size_t n = btt_w1_size(s) * (size_t)nseg;
     if (n > cap) {
         if (buf) cudaCheck(cudaFree(buf));
-        buf = cudaMallocNamed(floatX, n, "BTT W1 packed for the mma.sync kernel (dev candidate)");
+        buf = cudaMallocNamed(floatX, n, "scratch: BTT W1 packed for the mma.sync kernel (-sk 5)");
         cap = n;
     }
     const int gr = s->gamma * s->rank, vecs_per_block = 256;
@@ -521,10 +525,6 @@ static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *s, int nseg
     cudaCheckLaunch();
     return buf;
 }
-#else
-// never reached: without BT_MMA_CANDIDATE btt_fused_kernel_for refuses g_btt_mma before a launch
-static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *, int) { return W1; }
-#endif
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block, W0
 // staged when ws, for stage 1 alone when s1only: for each tile rows the largest group of output
@@ -584,10 +584,11 @@ static BtFusedKernel btt_fused_stage1_kernel(const BtGeom *g) {
 static BtFusedKernel btt_fused_kernel_for(const BtGeom *g) {
     if (g->s1only && !g->ws) return NULL;
     if (btt_fused_mma(g)) {
-#ifdef BT_MMA_CANDIDATE
-        return g->s1only ? btt_fused_stage1_kernel<1>(g) : btt_fused_kernel_ws<1, 1>(g);
+        if (!g->s1only) return btt_fused_kernel_ws<1, 1>(g);
+#ifdef BT_MMA_STAGE1_CANDIDATE
+        return btt_fused_stage1_kernel<1>(g);
 #else
-        fatal("internal: g_btt_mma is set where structured/btt_fused.cuh was included without BT_MMA_CANDIDATE");
+        fatal("internal: stage 1 alone on mma.sync where structured/btt_fused.cuh was included without BT_MMA_STAGE1_CANDIDATE");
 #endif
     }
     if (g->s1only) return btt_fused_stage1_kernel<0>(g);
@@ -656,7 +657,10 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (!grid) return 0;
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
-    if (btt_fused_mma(&g)) W1 = btt_w1_packed(W1, s, 1);
+    if (btt_fused_mma(&g)) {
+        W1 = btt_w1_packed(W1, s, 1);
+        g_btt_mma_launches++;
+    }
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
     cudaCheckLaunch();
     return 1;
@@ -719,7 +723,10 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
     BtSeg sg = {table, ntiles, order, K, w0s, w1s};
-    if (btt_fused_mma(&g)) W1 = btt_w1_packed(W1, s, S);
+    if (btt_fused_mma(&g)) {
+        W1 = btt_w1_packed(W1, s, S);
+        g_btt_mma_launches++;
+    }
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();
     return 1;

@@ -34,7 +34,7 @@ static void btt_forward_gpu(floatX *y, floatX *z, const floatX *x, const floatX 
             plan_btt_forward_from_z(&p, s, N, 0);
         }
     } else if (g_st_fused && !y_ld) {
-        st_step("fused kernel");
+        st_step(g_btt_mma ? "fused kernel on mma.sync (W1 packed first)" : "fused kernel");
         if (btt_forward_fused(pre_gelu ? pre_gelu : y, z, x, W0, W1, bias, N, s)) {
             if (pre_gelu) {
                 st_step("GELU");
@@ -93,7 +93,7 @@ static int btt_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *dbias,
         floatX *W0t = buf[PB_T2], *W1t = W0t + btt_w1_size(s);
         st_step("transposed cores");
         btt_transposed_cores_gpu(W0t, try_split ? NULL : W1t, W0, W1, s, 1);
-        st_step(try_split ? "fused stage 1 on dy (dZ)" : "fused kernel (dx, dZ)");
+        st_step(try_split ? "fused stage 1 on dy (dZ)" : g_btt_mma ? "fused kernel on mma.sync (dx, dZ; W1 packed first)" : "fused kernel (dx, dZ)");
         if (try_split) {
             split = btt_stage1_fused(buf[PB_T1], dy, dy_ld, W0t, N, &ts);
             g_st_split_runs += split;

@@ -744,7 +744,7 @@ static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const
     const int E = s->experts, K = s->topk, dout = s->btt.d_out, NK = N * K;
     const BTTShape b1 = moe_expert_shape(s);
     moe_route_group_gpu(st, sc, st->tile_expert, st->tile_rows, x, W0, W1, router, N, s);
-    if (g_st_fused) st_step("experts, fused (one launch)");
+    if (g_st_fused) st_step(g_btt_mma ? "experts, fused on mma.sync (one launch; W1 packed first)" : "experts, fused (one launch)");
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, K, sc->w0x, sc->w1x, st->counts, st->offsets, E, NK,
                                                           &b1, st->tiles);
     if (!fused) {
@@ -826,7 +826,7 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
         st_step("transposed cores");
         btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
-        st_step("experts' dx, dZu, fused (one launch)");
+        st_step(g_btt_mma ? "experts' dx, dZu, fused on mma.sync (one launch; W1 packed first)" : "experts' dx, dZu, fused (one launch)");
         fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
     }
     if (!fused) {

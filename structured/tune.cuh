@@ -1,7 +1,7 @@
 // structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
 // value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, for BTT-MoE its tokens
 // grouped by set of experts as -mg 1, or one -sk value's forward with another's backward, -sk
-// 0..3), and the timing -at 1 chooses them by.
+// 0..3 and 5), and the timing -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
 // the shape: the cuBLAS plans won at width 768, the fused kernel at rank 1 and width 4096, dense
@@ -10,37 +10,63 @@
 #pragma once
 #include "spec.h"
 
-// A layer's kernels: 0..3 as -sk, ST_K_DENSE (as -sm), ST_K_ZT (as -sk 4) or ST_K_SETS (-sk 0's
-// plans with BTT-MoE's tokens grouped by set of experts, as -mg 1), forward and backward alike; or
-// a forward and a backward on different ones of -sk 0..3 (ST_K_MIXED + 4·fwd + bwd).
+// A layer's kernels: 0..3 as -sk, ST_K_DENSE (as -sm), ST_K_ZT (as -sk 4), ST_K_SETS (-sk 0's
+// plans with BTT-MoE's tokens grouped by set of experts, as -mg 1) or ST_K_MMA (as -sk 5),
+// forward and backward alike; or a forward and a backward on different ones of the pairable
+// kernels, -sk 0..3 and ST_K_MMA (ST_K_MIXED + 4·fwd + bwd of -sk 0..3; ST_K_MIXED_MMA + fwd for a
+// forward of -sk 0..3 with ST_K_MMA's backward, ST_K_MIXED_MMA + 4 + bwd for the other way).
 // The byte a resume state keeps per linear layer (common/checkpoint.h) is this, or ST_K_NONE for
-// the dense layers, which have no choice.
+// the dense layers, which have no choice. (ST_K_MMA and its pairs came last, so that the bytes of
+// states written before them mean what they meant.)
 // Why the directions may differ: the forward and backward of one path are different kernels (the
 // fused forward is one kernel, its backward that kernel on the transposed BTT and cuBLAS weight
 // gradients; the split backward's first stage reads dy with its row stride), and the H200 runs
-// had their speeds relative to the plans differ. The paths of -sk 0..3 save the same z (Monarch:
-// u; BTT-MoE: z of its grouped rows, and the backward builds its own tile table), so any of their
-// backwards can follow any of their forwards; a dense forward saves none, so dense is both ways
-// or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both ways or
-// neither too. So does -mg 1: its z has a row per token (the rank-k BTT of the token's experts,
-// gated), which only its own backward reads.
+// had their speeds relative to the plans differ. The paths of -sk 0..3 and 5 save the same z
+// (Monarch: u; BTT-MoE: z of its grouped rows, and the backward builds its own tile table), so any
+// of their backwards can follow any of their forwards; a dense forward saves none, so dense is
+// both ways or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both
+// ways or neither too. So does -mg 1: its z has a row per token (the rank-k BTT of the token's
+// experts, gated), which only its own backward reads.
 // ST_K_END: one past the largest byte a choice takes.
-enum { ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_SETS = 6, ST_K_COUNT = 7, ST_K_MIXED = 8, ST_K_END = ST_K_MIXED + 16, ST_K_NONE = 255 };
-static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1"};
+enum {
+    ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_SETS = 6, ST_K_MMA = 7, ST_K_COUNT = 8,
+    ST_K_MIXED = 8, ST_K_MIXED_MMA = ST_K_MIXED + 16, ST_K_END = ST_K_MIXED_MMA + 8, ST_K_NONE = 255
+};
+static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1", "-sk 5"};
 // The choices whose saved state no other choice's backward reads (dense saves none): both ways or neither.
 static inline int st_kernel_unpaired(int k) { return k == ST_K_DENSE || k == ST_K_ZT || k == ST_K_SETS; }
+// Whether single byte k (one choice both ways) is one a pair takes: -sk 0..3 and ST_K_MMA.
+static inline int st_kernel_pairable(int k) { return (k >= 0 && k <= 3) || k == ST_K_MMA; }
 
-// The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT or ST_K_SETS each), and the byte of a pair.
-static inline int st_kernel_fwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k; }
-static inline int st_kernel_bwd(int k) { return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k; }
-static inline int st_kernel_pair(int fwd, int bwd) { return fwd == bwd ? fwd : ST_K_MIXED + 4 * fwd + bwd; }
-// The -sk value (0..4) of byte k's forward or backward (dense: 0, which then does not run; -mg 1:
+// The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
+// ST_K_MMA each), and the byte of a pair (fwd != bwd, both pairable).
+static inline int st_kernel_fwd(int k) {
+    if (k >= ST_K_MIXED_MMA) return k < ST_K_MIXED_MMA + 4 ? k - ST_K_MIXED_MMA : ST_K_MMA;
+    return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k;
+}
+static inline int st_kernel_bwd(int k) {
+    if (k >= ST_K_MIXED_MMA) return k < ST_K_MIXED_MMA + 4 ? ST_K_MMA : k - ST_K_MIXED_MMA - 4;
+    return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k;
+}
+static inline int st_kernel_pair(int fwd, int bwd) {
+    if (fwd == bwd) return fwd;
+    if (bwd == ST_K_MMA) return ST_K_MIXED_MMA + fwd;
+    if (fwd == ST_K_MMA) return ST_K_MIXED_MMA + 4 + bwd;
+    return ST_K_MIXED + 4 * fwd + bwd;
+}
+// The -sk value (0..5) of byte k's forward or backward (dense: 0, which then does not run; -mg 1:
 // 0, the plans it runs on), and the byte of a layer whose forward runs -sk fwd and backward -sk bwd
 // (-sk 4 is both or neither).
 static inline int st_kernel_sk(int k, int bwd) {
-    return k == ST_K_DENSE || k == ST_K_SETS ? 0 : k == ST_K_ZT ? 4 : bwd ? st_kernel_bwd(k) : st_kernel_fwd(k);
+    if (k == ST_K_DENSE || k == ST_K_SETS) return 0;
+    if (k == ST_K_ZT) return 4;
+    const int one = bwd ? st_kernel_bwd(k) : st_kernel_fwd(k);
+    return one == ST_K_MMA ? 5 : one;
 }
-static inline int st_kernel_of_sk(int fwd, int bwd) { return fwd == 4 || bwd == 4 ? ST_K_ZT : st_kernel_pair(fwd, bwd); }
+static inline int st_kernel_of_sk(int fwd, int bwd) {
+    if (fwd == 4 || bwd == 4) return ST_K_ZT;
+    return st_kernel_pair(fwd == 5 ? ST_K_MMA : fwd, bwd == 5 ? ST_K_MMA : bwd);
+}
 
 // "-sk 3", "dense", or "-sk 3 fwd, -sk 0 bwd" into buf ("kernels 7" for a byte that is neither).
 static inline void st_kernel_label(char *buf, size_t cap, int k) {
@@ -54,19 +80,21 @@ static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind 
 static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
-// Monarch takes 0..3 too (its fused kernels are the same with -sk 1, 2 and 3), BTT-MoE 0..3 (2 and 3
-// the same: its experts' fused kernel with W0 staged); every kind -sk 4; BTT-MoE -mg 1 where sets
-// (its shape can group by set: gpu_plan.h's moe_set_count).
+// Monarch takes 0..3 and -sk 5 too (its fused kernels are the same with -sk 1, 2, 3 and 5), BTT-MoE
+// 0..3 (2 and 3 the same: its experts' fused kernel with W0 staged) and 5 (that on mma.sync);
+// every kind -sk 4; BTT-MoE -mg 1 where sets (its shape can group by set: gpu_plan.h's
+// moe_set_count).
 static inline int st_kernel_valid(int kind, int k, int sets = 1) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
-    if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);
+    if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);  // (bytes 8, 13, 18 and 23 are no pair)
     if (k == ST_K_SETS) return kind == STRUCT_BTT_MOE && sets;
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
 }
 
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
 // Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; each also -sk 4 (gpu_plan.h has its plans
-// for every structure); last, BTT-MoE with sets (its shape groups by set) -mg 1. Returns how many.
+// for every structure); BTT and BTT-MoE -sk 5 (their fused kernel on mma.sync); last, BTT-MoE
+// with sets (its shape groups by set) -mg 1. Returns how many.
 // (-at 1 times these, each both ways, and may then pair one's forward with another's backward.)
 static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT], int sets = 0) {
     int n = 0;
@@ -78,15 +106,16 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_COUNT], int sets =
         out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
     if (st_kind_tunable(kind)) out[n++] = ST_K_ZT;
+    if (kind == STRUCT_BTT || kind == STRUCT_BTT_MOE) out[n++] = ST_K_MMA;
     if (kind == STRUCT_BTT_MOE && sets) out[n++] = ST_K_SETS;
     return n;
 }
 
-// The candidate that runs what kernels k run for this kind (Monarch's -sk 2 and 3 are its 1,
+// The candidate that runs what kernels k run for this kind (Monarch's -sk 2, 3 and 5 are its 1,
 // BTT-MoE's -sk 3 its 2; a pair, each direction so).
 static inline int st_kernel_canonical(int kind, int k) {
     if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
-    if (kind == STRUCT_MONARCH && k >= 1 && k <= 3) return 1;
+    if (kind == STRUCT_MONARCH && ((k >= 1 && k <= 3) || k == ST_K_MMA)) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
     return k;
 }
@@ -107,7 +136,7 @@ static inline int st_tune_pick(const double *t, int n, int incumbent) {
 
 // The kernels byte a unit runs, from its nc candidates' forward and backward times tf, tb
 // (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (not with -x 0)
-// the fastest forward among -sk 0..3 with the fastest backward among them; the
+// the fastest forward among the pairable ones (-sk 0..3, 5) with the fastest backward among them; the
 // least total wins, unless the incumbent's (a candidate byte; -1: none) is within the margin.
 static inline int st_tune_pick_pair(const int *cand, const double *tf, const double *tb, int nc, int incumbent, int mix) {
     int opt[ST_K_COUNT + 1], n = 0, inc = -1, f = -1, b = -1;

@@ -5,7 +5,7 @@
 // the result, so that the PTX shows which registers the load fills and in which order the mma reads
 // them.
 #include <mma.h>
-#define BT_MMA_CANDIDATE 1  // the candidate instantiations too
+#define BT_MMA_STAGE1_CANDIDATE 1  // stage 1 alone on mma.sync too (dev/cuda only)
 #include "structured/btt_fused.cuh"
 #include "structured/monarch_fused.cuh"
 #include "structured/seg_wgrad.cuh"

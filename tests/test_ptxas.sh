@@ -21,9 +21,9 @@ compile() {  # $1 = arch: the log, and rc_<arch> with nvcc's exit status
     flags=$(make -s print-nvcc-flags GPU_COMPUTE_CAPABILITY=$arch 2> /dev/null | sed -n 's/^NVCC_FLAGS //p')
     if [ -z "$flags" ]; then echo "make print-nvcc-flags printed none" > "$W/ptxas_sm$arch.log"; echo 1 > "$W/rc_$arch"; return; fi
     # shellcheck disable=SC2086
-    # (BT_MMA_CANDIDATE: with the fused BTT kernel's dev/cuda-only instantiations on mma.sync,
-    # which the trainer's build leaves out; every other kernel is the build's)
-    "$NVCC" $flags -DBT_MMA_CANDIDATE -Xptxas -v -cubin train_gpt2.cu -o "$W/t$arch.cubin" > "$W/ptxas_sm$arch.log" 2>&1
+    # (BT_MMA_STAGE1_CANDIDATE: with the fused BTT kernel's stage 1 alone on mma.sync, dev/cuda's
+    # only, which the trainer's build leaves out; every other kernel is the build's)
+    "$NVCC" $flags -DBT_MMA_STAGE1_CANDIDATE -Xptxas -v -cubin train_gpt2.cu -o "$W/t$arch.cubin" > "$W/ptxas_sm$arch.log" 2>&1
     echo $? > "$W/rc_$arch"
 }
 compile "${archs[0]}" & compile "${archs[1]}" & wait
@@ -47,7 +47,7 @@ for arch in "${archs[@]}"; do
         continue
     fi
     spills=$(awk '$2 > 0 || $3 > 0 || $4 > 0 {printf "%s (%s registers, stack %s, spill stores %s, loads %s bytes); ", substr($0, index($0, $5)), $1, $2, $3, $4}' "$W/res$arch")
-    [ -z "$spills" ] && ok "sm_$arch: none of the $nk kernels (the trainer's, and the BTT kernel's dev/cuda candidates) spills registers or uses a stack frame" \
+    [ -z "$spills" ] && ok "sm_$arch: none of the $nk kernels (the trainer's, and the BTT kernel's stage 1 alone on mma.sync, dev/cuda's) spills registers or uses a stack frame" \
                      || bad "sm_$arch: register spills" "$spills"
     regs() { awk -v k="$1" 'substr($0, index($0, $5)) == k {print $1}' "$W/res$arch"; }
     echo "# sm_$arch registers: flash hs 64 fwd $(regs "flash_fwd_kernel<64>"), dK/dV $(regs "flash_bwd_dkdv_kernel<64>"), dQ $(regs "flash_bwd_dq_kernel<64>");" \

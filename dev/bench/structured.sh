@@ -124,8 +124,9 @@ for c in scripts/configs/gpt2_124M*.conf; do
 done
 printf '%-28s %10s %10s %12s %9s %s\n' config ms/step median tokens/s vs_dense note
 dense_tok=""
-runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels), -sk 2 where
-         # they have BTT or BTT-MoE layers (the BTT kernel with W0 staged), -sk 3 where they have
+runs=()  # "config|flags": the structured configs also with -sk 1 (the fused kernels), -sk 2 and
+         # -sk 5 where they have BTT or BTT-MoE layers (the BTT kernel with W0 staged; that on
+         # mma.sync), -sk 3 where they have
          # BTT layers (split: the kernel's stage 1, cuBLAS the rest), -sk 4 (the plans with z, u
          # stored transposed) and, where they
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
@@ -136,7 +137,7 @@ for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
     runs+=("$conf|-sk 1")
-    grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2")
+    grep -qE '^struct *= *(btt|btt_moe) *$' "$conf" && runs+=("$conf|-sk 2" "$conf|-sk 5")
     grep -qE '^struct *= *btt *$' "$conf" && runs+=("$conf|-sk 3")
     runs+=("$conf|-sk 4")
     grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2" "$conf|-at 1")

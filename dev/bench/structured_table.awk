@@ -2,7 +2,7 @@
 # structured_layers' RESULT lines joined with structured_torch.py's of the same din/dout/struct),
 # the issue's goals per row, then each layer's fastest path as -at 1 runs it: the least of its
 # paths' forward + backward times, and for BTT and Monarch the fastest forward with the fastest
-# backward of the paths that save z (the plans, -sk 1, 2, 3: any backward follows any forward),
+# backward of the paths that save z (the plans, -sk 1, 2, 3, 5: any backward follows any forward),
 # with the goals again on those. Runs on saved logs too:
 #   awk -v torch_ran=0 -v moe_variant=mask_z -v tfile=layers_torch.log -f dev/bench/structured_table.awk \
 #       layers_torch.log layers_cuda.log
@@ -25,7 +25,7 @@ $1 != "RESULT" { next }
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
     FW[n] = ("fwd_ms" in r) ? r["fwd_ms"] + 0 : -1
-    base = S[n]; sub(/_(fused|ws|split|zt|sm|sets)$/, "", base)  # a fused (or -sm 1, -mg 1) row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws|mma|split|zt|sm|sets)$/, "", base)  # a fused (or -sm 1, -mg 1) row is the same layer as PyTorch computes it
     BASE[n] = base
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
@@ -34,6 +34,7 @@ $1 != "RESULT" { next }
     if (S[n] == "btt_r2_fused") R2F[shape] = MS[n]
     if (S[n] == "btt_r2_ws") R2W[shape] = MS[n]
     if (S[n] == "btt_r2_zt") R2Z[shape] = MS[n]
+    if (S[n] == "btt_r2_mma") R2M[shape] = MS[n]
 }
 END {
     printf "== structured layers, forward + backward, N rows as above (PyTorch: %s; BTT-MoE there: %s)\n",
@@ -59,9 +60,11 @@ END {
         }
         if (((S[i] == "btt_moe_8x2" || S[i] == "btt_moe_8x2_sets") && ((DIN[i] "/" DOUT[i]) in R2)) ||
             (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
-            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W)) || (S[i] == "btt_moe_8x2_zt" && ((DIN[i] "/" DOUT[i]) in R2Z))) {
+            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W)) || (S[i] == "btt_moe_8x2_zt" && ((DIN[i] "/" DOUT[i]) in R2Z)) ||
+            (S[i] == "btt_moe_8x2_mma" && ((DIN[i] "/" DOUT[i]) in R2M))) {
             sh = DIN[i] "/" DOUT[i]
-            q = MS[i] / (S[i] ~ /^btt_moe_8x2(_sets)?$/ ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh])
+            r2 = S[i] ~ /^btt_moe_8x2(_sets)?$/ ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh]
+            q = MS[i] / (S[i] == "btt_moe_8x2_mma" ? R2M[sh] : r2)
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }
@@ -83,7 +86,7 @@ END {
 
 # A path's name from its row's suffix: the trainer's flag that runs it.
 function path_name(s) {
-    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : s ~ /_sets$/ ? "-mg 1" : "-sk 0"
+    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_mma$/ ? "-sk 5" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : s ~ /_sets$/ ? "-mg 1" : "-sk 0"
 }
 
 # Each (d, shape, structure)'s fastest path, as -at 1 chooses it (without its 3% margin): the

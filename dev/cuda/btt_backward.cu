@@ -26,7 +26,7 @@
 // (the gradients start at zero; btt_backward_gpu accumulates into them).
 //
 // Build: make -C dev/cuda btt_backward    Run: ./dev/cuda/btt_backward [version (0: all) [N]]
-#define BT_MMA_CANDIDATE 1  // btt_fused.cuh on mma.sync (v5: both stages, v6: stage 1 alone)
+#define BT_MMA_STAGE1_CANDIDATE 1  // stage 1 alone on mma.sync too (v6; v5, both stages, is -sk 5)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"

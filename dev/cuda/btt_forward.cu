@@ -49,7 +49,7 @@
 // fused kernel's exact tiling against the same bounds on the CPU.)
 //
 // Build: make -C dev/cuda btt_forward    Run: ./dev/cuda/btt_forward [version (0: all) [N, default 32768]]
-#define BT_MMA_CANDIDATE 1  // btt_fused.cuh on mma.sync (v13: both stages, v14: stage 1 alone)
+#define BT_MMA_STAGE1_CANDIDATE 1  // stage 1 alone on mma.sync too (v14; v13, both stages, is -sk 5)
 #include "harness.cuh"
 #include "cuda/matmul.cuh"
 #include "structured/btt_fused.cuh"

@@ -16,6 +16,8 @@
 //                 output blocks, forward and backward (btt_tiles.h, bt_choose)
 //   *_ws          the BTT and BTT-MoE fused rows with the trainer's -sk 2: btt_fused.cuh's kernel with
 //                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
+//   *_mma         the *_ws rows with the trainer's -sk 5: the same kernel on raw mma.sync, W1 packed
+//                 in fragment order before each launch (timed with it)
 //   *_split       the BTT rows with the trainer's -sk 3: the fused kernel's stage 1 alone (W0 staged)
 //                 writes z (forward) and dZ from dy (backward), cuBLAS does the rest
 //   *_zt          the BTT, Monarch and BTT-MoE rows with the trainer's -sk 4: the cuBLAS plans with
@@ -55,7 +57,7 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 36  // at most 32: 7 layers, 6 fused ones, 4 with W0 staged, 3 split, 6 -sk 4, 1 by set and 5 dense-executed ones
+#define MAX_CASES 40  // at most 36: 7 layers, 6 fused ones, 4 with W0 staged, 4 on mma.sync, 3 split, 6 -sk 4, 1 by set and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -97,7 +99,7 @@ typedef struct {
     char name[32];  // the RESULT struct= key
     char desc[64];  // factors / blocks, for people
     LinearSpec spec;
-    int fused;      // -sk during the case: 1 the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split; 4 z transposed
+    int fused;      // -sk during the case: 1 the fused kernels (btt_fused.cuh, monarch_fused.cuh, seg_wgrad.cuh); 2 W0 staged; 3 split; 4 z transposed; 5 on mma.sync
     int dense;      // the trainer's -sm 1: dense GEMMs on the weight materialized from the cores (st_dense_*)
     int sets;       // the trainer's -mg 1: BTT-MoE's tokens grouped by set of experts (moe_sets.cuh)
 } Case;
@@ -212,6 +214,12 @@ static int make_cases(Case *c, int din, int dout) {
         if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
         else snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
+        c[n] = c[n - 1];  // the same kernel on mma.sync (-sk 5), same geometry
+        c[n].fused = 5;
+        snprintf(c[n].name, sizeof(c[n].name), "%.24s_mma", base);
+        if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
+        else snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d (fwd only)", gf.tm, gf.npg);
+        n++;
         if (s->kind != STRUCT_BTT) continue;  // split: BTT's own paths (BTT-MoE's experts run as -sk 2)
         c[n] = c[n - 1];
         c[n].fused = 3;
@@ -306,7 +314,7 @@ static void usage(void) {
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
-           "      staged, btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... btt_moe_8x2_zt with z\n"
+           "      staged, btt_r1_mma ... btt_moe_8x2_mma on mma.sync (-sk 5), btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... btt_moe_8x2_zt with z\n"
            "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs, btt_moe_8x2_sets by set of experts (-mg 1);\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",

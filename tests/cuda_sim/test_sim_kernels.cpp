@@ -26,7 +26,7 @@
 //                                 the fused Monarch backward's dyt exact (a permutation of dy)
 //   traffic model ratios          5e-3 absolute, against counts worked out by hand
 //   determinism                   bit-identical (memcmp), run to run and in random thread order
-#define BT_MMA_CANDIDATE 1  // btt_fused.cuh on mma.sync (test_btt_fused_mma, test_moe)
+#define BT_MMA_STAGE1_CANDIDATE 1  // stage 1 alone on mma.sync too (test_btt_fused_mma)
 #ifndef BT_WMMA_GENERIC
 #define BT_WMMA_GENERIC 1  // btt_fused.cuh's switch: wmma::load_matrix_sync instead of its inline PTX loads
 #endif

@@ -208,6 +208,11 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 2 2>&1)
 b2=$(echo "$out" | losses | tr '\n' ' ')
 close_losses "$a" "$b2" 1.5e-3 && echo "$out" | grep -q "W0 staged" \
     && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
+# -sk 5: -sk 2's kernel on raw mma.sync (W1 packed each launch); the banner says so
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 5 2>&1)
+b5=$(echo "$out" | losses | tr '\n' ' ')
+close_losses "$a" "$b5" 1.5e-3 && echo "$out" | grep -q "W0 staged, mma.sync" \
+    && ok "structured: -sk 5 (the fused BTT kernel on mma.sync) matches -sk 0 (losses $b5 / $a)" || bad "-sk 5" "losses '$b5' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
 # -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest); -sk 4: BTT (q rank 8, k, v, fc_proj rank
 # 1), Monarch (attn_proj) and BTT-MoE's experts (fc) with z, u stored transposed, no permute of it
 # (q's W0 reordered instead). Both with q, k and v in place in the qkv buffers; the banner says which.
@@ -227,7 +232,7 @@ done
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
 bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
 [ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
-    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +(-sk [0-4]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6} +-$' \
+    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? +(-sk [0-5]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? *$' \
     && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-4]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
     && close_losses "$a" "$bt" 1.5e-3 \
@@ -275,8 +280,8 @@ m2=$(echo "$out" | losses | tr '\n' ' ')
 # -mg 1 making it the incumbent; the banner says how many layers chose it; it trains as -sk 0.
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -at 1 2>&1); rc=$?
 mt=$(echo "$out" | losses | tr '\n' ' ')
-[ $rc -eq 0 ] && echo "$out" | grep -A1 -E '^  0 +fc +btt_moe 4/2 256x1024 +fwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +-' \
-        | grep -qE '^ +bwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? *$' \
+[ $rc -eq 0 ] && echo "$out" | grep -A1 -E '^  0 +fc +btt_moe 4/2 256x1024 +fwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +[0-9.]+\*? +-' \
+        | grep -qE '^ +bwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +[0-9.]+\*? *$' \
     && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- ' \
     && echo "$out" | grep -qE '^\| BTT-MoE grouping +\| by set of experts in [01] of 1 layers \(-at 1\)' && close_losses "$a" "$mt" 1.5e-3 \
     && ok "structured: -at 1 times BTT-MoE's grouping by set (-mg 1 the incumbent) and trains as -sk 0 (losses $mt / $a)" \
