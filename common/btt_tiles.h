@@ -20,7 +20,8 @@
 //   W0 chunk [gc*alpha][wld] bf16 at off_w, only when ws (the W0-staged kernel, below): rows
 //            g*alpha + a of W0 for the x chunk's g blocks, columns q*pg*rho .. + pg*rho (group q's).
 //   staging  BT_WARPS x [16][BT_STG_LD] fp32 at off_stg: one 16x16 accumulator per warp on its way
-//            out (wmma stores fp32 only; lanes then convert to bf16 and scatter).
+//            out (wmma stores fp32 only; lanes then convert to bf16 and scatter). None in the
+//            kernel on mma.sync (mma): its lanes hold their accumulators in a documented layout.
 // Row strides zld, xld = cols rounded up to 64, + 8 elements: a multiple of 8 (wmma ldm for bf16),
 // every fragment pointer 32-byte aligned, and consecutive rows 16 bytes apart modulo 128, so the 8
 // rows of one 8x16-byte phase of a fragment load fall in distinct banks.
@@ -94,7 +95,9 @@ typedef struct {
     int ws, wld;                 // W0 chunk staged in smem (0/1) and its row stride (elements; 0 when not)
     int xs;                      // x's row stride (elements): din, unless the launcher sets a wider one
     int s1only;                  // 1: stage 1 and the saved z only, no y (ws kernels; the launcher sets it)
-    int off_z, off_x, off_w, off_stg, smem_bytes;  // dynamic shared memory layout (bytes; off_w = off_stg when not ws)
+    int mma;                     // 1: the kernel on raw mma.sync (ws only), which has no fp32 staging tile
+    int off_z, off_x, off_w, off_stg, smem_bytes;  // dynamic shared memory layout (bytes; off_w = off_stg when not ws;
+                                                   // smem_bytes = off_stg with mma)
 } BtGeom;
 
 static inline BT_HD int bt_ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -113,10 +116,12 @@ static inline int bt_shape_ok(int A, int G, int P, int E, int R) {
 }
 
 // Fills *g for tile rows tm (16, 32 or 64) and groups of pg phi blocks (pg divides phi, pg*rho a
-// multiple of 16; pg = phi: the whole z tile at once), W0 staged in smem when ws. Returns 0 when
-// the shape, tm or pg is not supported; the smem size is not checked here (bt_choose does).
-static inline int bt_geom_pgw(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg, int ws) {
-    if (!bt_shape_ok(A, G, P, E, R) || (tm != 16 && tm != 32 && tm != 64)) return 0;
+// multiple of 16; pg = phi: the whole z tile at once), W0 staged in smem when ws, for the kernel on
+// mma.sync when mma (ws only: its stages write their accumulators from registers, so its shared
+// memory has no staging tile, 10,240 bytes less). Returns 0 when the shape, tm or pg is not
+// supported; the smem size is not checked here (bt_choose does).
+static inline int bt_geom_pgwm(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg, int ws, int mma) {
+    if (!bt_shape_ok(A, G, P, E, R) || (tm != 16 && tm != 32 && tm != 64) || (mma && !ws)) return 0;
     if (pg <= 0 || P % pg || (pg * R) % 16) return 0;
     g->A = A; g->G = G; g->P = P; g->E = E; g->R = R;
     g->din = G * A; g->dout = P * E; g->fr = P * R; g->gr = G * R; g->zrow = G * P * R;
@@ -141,13 +146,16 @@ static inline int bt_geom_pgw(BtGeom *g, int A, int G, int P, int E, int R, int 
     g->gc = gc; g->nchunks = bt_ceil_div(G, gc);
     g->xc = gc * A; g->xld = bt_pad_ld(g->xc); g->zld = bt_pad_ld(g->zt);
     g->ws = ws != 0; g->wld = ws ? pg * R + 8 : 0;
-    g->xs = g->din; g->s1only = 0;
+    g->xs = g->din; g->s1only = 0; g->mma = mma != 0;
     g->off_z = 0;
     g->off_x = bt_round_up(g->off_z + tm * g->zld * 2, BT_SMEM_ALIGN);
     g->off_w = bt_round_up(g->off_x + tm * g->xld * 2, BT_SMEM_ALIGN);
     g->off_stg = bt_round_up(g->off_w + (ws ? g->xc * g->wld * 2 : 0), BT_SMEM_ALIGN);
-    g->smem_bytes = g->off_stg + BT_WARPS * 16 * BT_STG_LD * 4;
+    g->smem_bytes = g->off_stg + (g->mma ? 0 : BT_WARPS * 16 * BT_STG_LD * 4);
     return 1;
+}
+static inline int bt_geom_pgw(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg, int ws) {
+    return bt_geom_pgwm(g, A, G, P, E, R, tm, pg, ws, 0);
 }
 static inline int bt_geom_pg(BtGeom *g, int A, int G, int P, int E, int R, int tm, int pg) {
     return bt_geom_pgw(g, A, G, P, E, R, tm, pg, 0);
@@ -164,14 +172,15 @@ static inline double bt_l2_bytes_per_row(const BtGeom *g) {
 // For each tile rows tm (64, 32, 16; tm_only: that one) the geometry with the largest group of
 // phi blocks pg that fits smem_limit bytes of shared memory per block (smaller groups only add x
 // reads), into out in that order; whole_z keeps pg = phi (the rule before groups); ws stages W0
-// (its chunk counts against the limit). Returns how many (0: nothing fits, or the shape is not
-// supported).
-static inline int bt_choose_per_tm(BtGeom out[3], int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
+// (its chunk counts against the limit); mma: for the kernel on mma.sync (no staging tile; ws only).
+// Returns how many (0: nothing fits, or the shape is not supported).
+static inline int bt_choose_per_tm(BtGeom out[3], int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws,
+                                   int mma) {
     int n = 0;
     for (int tm = 64; tm >= 16; tm /= 2) {
         if (tm_only && tm != tm_only) continue;
         for (int pg = P; pg >= (whole_z ? P : 1); pg--) {
-            if (!bt_geom_pgw(&out[n], A, G, P, E, R, tm, pg, ws) || (size_t)out[n].smem_bytes > smem_limit) continue;
+            if (!bt_geom_pgwm(&out[n], A, G, P, E, R, tm, pg, ws, mma) || (size_t)out[n].smem_bytes > smem_limit) continue;
             n++;
             break;
         }
@@ -183,9 +192,9 @@ static inline int bt_choose_per_tm(BtGeom out[3], int A, int G, int P, int E, in
 // bt_l2_bytes_per_row, ties to the larger tm. Returns 0 when nothing fits or the shape is not
 // supported. Where the whole z tile of 64 rows fits that is the choice; at widths 2048 and 4096
 // (z rows of 4096 to 32768 elements) most shapes fit only in groups.
-static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws) {
+static inline int bt_choose(BtGeom *out, int A, int G, int P, int E, int R, size_t smem_limit, int tm_only, int whole_z, int ws, int mma) {
     BtGeom c[3];
-    const int n = bt_choose_per_tm(c, A, G, P, E, R, smem_limit, tm_only, whole_z, ws);
+    const int n = bt_choose_per_tm(c, A, G, P, E, R, smem_limit, tm_only, whole_z, ws, mma);
     int best = 0;
     for (int i = 1; i < n; i++)
         if (bt_l2_bytes_per_row(&c[i]) < bt_l2_bytes_per_row(&c[best])) best = i;

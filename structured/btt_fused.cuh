@@ -283,13 +283,13 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     using namespace nvcuda;
     BtGeom g = gp;
-    g.mt = MT; g.tm = 16 * MT; g.nb = NB; g.ws = WS != 0; g.s1only = WS == 2;  // the host's values, as compile-time constants
+    g.mt = MT; g.tm = 16 * MT; g.nb = NB; g.ws = WS != 0; g.s1only = WS == 2; g.mma = MMA;  // the host's values, as compile-time constants
     extern __shared__ __align__(128) unsigned char bt_smem[];
     floatX *zs = (floatX *)(bt_smem + g.off_z);
     floatX *xs = (floatX *)(bt_smem + g.off_x);
     floatX *wsm = (floatX *)(bt_smem + g.off_w);  // the W0 chunk (g.ws only)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *stg = (float *)(bt_smem + bt_stg_off(&g, warp));
+    float *stg = MMA ? nullptr : (float *)(bt_smem + bt_stg_off(&g, warp));  // (the mma.sync geometry has none)
     const int er = bt_epi_row(lane), ec = bt_epi_col(lane), vw = bt_z1_vec(&g);
     const int ntiles = sg.tiles ? *sg.ntiles : bt_num_tiles(N, g.tm);
     uint4 pre[BT_XVEC];  // this thread's part of the next x chunk (16 bytes each), loaded one chunk ahead
@@ -487,8 +487,9 @@ static int g_btt_wstage = 0;
 // simulator's kernel tests, tests/fused_ptx.cu, tests/test_ptxas.sh): three kernels the trainer
 // would never run.
 static int g_btt_mma = 0;
-// 1 when the kernel for g runs on mma.sync (and, with stage 2, reads W1 packed)
-static inline int btt_fused_mma(const BtGeom *g) { return g_btt_mma && g->ws; }
+// 1 when the kernel for g runs on mma.sync (and, with stage 2, reads W1 packed): the geometry says
+// so, since it lays out shared memory without the staging tile the wmma kernel needs
+static inline int btt_fused_mma(const BtGeom *g) { return g->mma; }
 // Launches of the whole kernel on mma.sync (the tests check that -sk 5 ran it, not a fallback)
 static long g_btt_mma_launches = 0;
 
@@ -527,24 +528,26 @@ static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *s, int nseg
 }
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block, W0
-// staged when ws, for stage 1 alone when s1only: for each tile rows the largest group of output
+// staged when ws (and then on mma.sync when g_btt_mma), for stage 1 alone when s1only: for each
+// tile rows the largest group of output
 // blocks that fits (btt_tiles.h, bt_choose_per_tm), then of those the most blocks resident per SM
 // on this GPU among the ones the traffic model costs within 2.5x of the least (bt_pick_resident).
 // tm_only 16/32/64 fixes the rows, and then (as with g_btt_whole_z) the model alone picks
 // (bt_choose). Returns 0 when it cannot run it (then use btt_forward_gpu).
 static inline int btt_fused_geom_ws(BtGeom *g, const BTTShape *s, size_t smem_limit, int tm_only, int ws, int s1only = 0) {
     if (!btt_shape_ok(s)) return 0;
-    if (tm_only || g_btt_whole_z) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, ws);
+    const int mma = g_btt_mma && ws;
+    if (tm_only || g_btt_whole_z) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, tm_only, g_btt_whole_z, ws, mma);
     BtGeom c[3];
     int blocks[3];
-    const int n = bt_choose_per_tm(c, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);
+    const int n = bt_choose_per_tm(c, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws, mma);
     if (!n) return 0;
     for (int i = 0; i < n; i++) {
         c[i].s1only = s1only;  // its kernel (registers, so residency) and its traffic (no W1 when alone)
         blocks[i] = btt_fused_blocks_per_sm(&c[i]);
     }
     const int i = bt_pick_resident(c, blocks, n);
-    if (i < 0) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws);  // none resident: no grid, the plans run
+    if (i < 0) return bt_choose(g, s->alpha, s->gamma, s->phi, s->eps, s->rank, smem_limit, 0, 0, ws, mma);  // none resident: no grid, the plans run
     *g = c[i];
     return 1;
 }

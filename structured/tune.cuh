@@ -35,8 +35,6 @@ enum {
 static const char *const st_kernel_names[ST_K_COUNT] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1", "-sk 5"};
 // The choices whose saved state no other choice's backward reads (dense saves none): both ways or neither.
 static inline int st_kernel_unpaired(int k) { return k == ST_K_DENSE || k == ST_K_ZT || k == ST_K_SETS; }
-// Whether single byte k (one choice both ways) is one a pair takes: -sk 0..3 and ST_K_MMA.
-static inline int st_kernel_pairable(int k) { return (k >= 0 && k <= 3) || k == ST_K_MMA; }
 
 // The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
 // ST_K_MMA each), and the byte of a pair (fwd != bwd, both pairable).

@@ -653,7 +653,7 @@ static void test_choose(void) {
     };
     for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
         BtGeom g;
-        int ok = bt_choose(&g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim, 0, c[i].whole_z, 0);
+        int ok = bt_choose(&g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, c[i].lim, 0, c[i].whole_z, 0, 0);
         char why[100];
         snprintf(why, sizeof(why), "got %s tm %d pg %d", ok ? "" : "nothing,", ok ? g.tm : 0, ok ? g.pg : 0);
         check_true(ok ? g.tm == c[i].tm && g.pg == c[i].pg : c[i].tm == 0, c[i].what, why);
@@ -667,12 +667,12 @@ static void test_choose(void) {
     // 16384->4096: x chunks of 4 g blocks (the BT_XVEC cap, 32 * 4 * 128 / 8 = 2048 vectors = 8 per
     // thread), so each chunk has gc * mt * nt1 = 4 * 2 * 1 = 8 stage-1 items, one per warp; z tile
     // 32 x 2056 x 2 = 131,584 B + x chunk 32 x 520 x 2 = 33,280 B + staging 10,240 B = 175,104 B
-    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0, 0) && g.gc == 4 && bt_s1_items(&g) == BT_WARPS && g.smem_bytes == 175104,
+    check_true(bt_choose(&g, 128, 128, 64, 64, 1, h100, 0, 0, 0, 0) && g.gc == 4 && bt_s1_items(&g) == BT_WARPS && g.smem_bytes == 175104,
                "bt_choose: 16384->4096 takes x chunks of 4 g blocks, a stage-1 item per warp, 175,104 B", "differs");
     // W0 staged: the chunk's W0 slice (gc alpha rows of pg rho + 8) adds to shared memory, and caps gc
     // at BT_WVEC vectors per thread. 768->3072 r1 at (64, 32): gc 4, 64 rows x 40 x 2 = 5,120 B more
     // (222,208 B: still fits the H100); wld 40 = 80 bytes, rows 16 x 5 bytes apart.
-    check_true(bt_choose(&g, 16, 48, 32, 96, 1, h100, 0, 0, 1) && g.tm == 64 && g.pg == 32 && g.gc == 4 && g.wld == 40 &&
+    check_true(bt_choose(&g, 16, 48, 32, 96, 1, h100, 0, 0, 1, 0) && g.tm == 64 && g.pg == 32 && g.gc == 4 && g.wld == 40 &&
                    g.smem_bytes == 217088 + 5120,
                "bt_choose, W0 staged: 768->3072 rank 1, H100: tm 64, one group, W0 chunk 64 x 40, 222,208 B", "differs");
     // 16384->4096 (alpha 128): the W0 slice of 4 g blocks is 512 rows x 16 columns = 1,024 vectors,
@@ -682,6 +682,34 @@ static void test_choose(void) {
                "differs");
     check_true(!bt_geom_pgw(&g, 256, 16, 128, 16, 1, 16, 128, 1), "bt_geom_pgw, W0 staged: refuses a g block's slice over BT_WVEC vectors",
                "accepted");
+    // the kernel on mma.sync (mma, W0 staged only) has no fp32 staging tile: 8 warps x 16 x 20 x 4 =
+    // 10,240 B less. 768->3072 rank 1 on the H100: the same geometry, 222,208 - 10,240 = 211,968 B.
+    check_true(!bt_geom_pgwm(&g, 16, 48, 32, 96, 1, 64, 32, 0, 1), "bt_geom_pgwm: mma.sync without W0 staged is refused", "accepted");
+    check_true(bt_choose(&g, 16, 48, 32, 96, 1, h100, 0, 0, 1, 1) && g.mma == 1 && g.tm == 64 && g.pg == 32 && g.smem_bytes == 211968 &&
+                   g.smem_bytes == g.off_stg,
+               "bt_choose, mma.sync: 768->3072 rank 1, H100: tm 64, one group, 211,968 B (no staging tile)", "differs");
+    // where those 10 KB decide the group: 768->3072 rank 2 at 32 rows as one group (pg 32): z tile
+    // 32 x (3072 + 8) x 2 = 197,120 B, x chunk of 8 g blocks 32 x 136 x 2 = 8,704 B, W0 chunk 128 x
+    // 72 x 2 = 18,432 B: 224,256 B, which fits 232,448 alone but not with the staging tile
+    // (234,496 B), so the wmma kernel takes 2 groups of 16 and reads x twice
+    {
+        BtGeom w[3], m[3];
+        const size_t h200 = 232448;
+        const int nw = bt_choose_per_tm(w, 16, 48, 32, 96, 2, h200, 0, 0, 1, 0), nm = bt_choose_per_tm(m, 16, 48, 32, 96, 2, h200, 0, 0, 1, 1);
+        char why[120];
+        snprintf(why, sizeof(why), "tm 32: wmma pg %d, mma pg %d (%d B)", nw > 1 ? w[1].pg : 0, nm > 1 ? m[1].pg : 0, nm > 1 ? m[1].smem_bytes : 0);
+        check_true(nw == 3 && nm == 3 && w[1].tm == 32 && m[1].tm == 32 && w[1].pg == 16 && m[1].pg == 32 && m[1].smem_bytes == 224256 &&
+                       bt_l2_bytes_per_row(&m[1]) < bt_l2_bytes_per_row(&w[1]),
+                   "bt_choose_per_tm, mma.sync: 768->3072 rank 2 at 32 rows in one group (224,256 B), where the staging tile leaves room for 2", why);
+        // 768->3072 rank 1's backward (the transposed BTT, 3072->768 with alpha 96, phi 48, eps 16)
+        // at 64 rows: z tile 64 x (1536 + 8) x 2 = 197,632 B, x chunk (1 g block) 64 x 136 x 2 =
+        // 17,408 B, W0 chunk 96 x 56 x 2 = 10,752 B: 225,792 B in one group; with the staging tile
+        // the largest group that fits is 16 phi blocks (3 groups)
+        const int tw = bt_choose_per_tm(w, 96, 32, 48, 16, 1, h200, 64, 0, 1, 0), tmm = bt_choose_per_tm(m, 96, 32, 48, 16, 1, h200, 64, 0, 1, 1);
+        snprintf(why, sizeof(why), "tm 64: wmma pg %d, mma pg %d (%d B)", tw ? w[0].pg : 0, tmm ? m[0].pg : 0, tmm ? m[0].smem_bytes : 0);
+        check_true(tw == 1 && tmm == 1 && w[0].pg == 16 && m[0].pg == 48 && m[0].smem_bytes == 225792,
+                   "bt_choose_per_tm, mma.sync: 3072->768 (768->3072's backward) at 64 rows in one group (225,792 B), where wmma takes 3", why);
+    }
 }
 
 // The geometry the GPU runs (bt_pick_resident) for the first H200 run's btt_forward shapes, with
@@ -704,7 +732,7 @@ static void test_pick_resident(void) {
     };
     for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
         BtGeom g[3];
-        const int n = bt_choose_per_tm(g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, h200, 0, 0, 0);
+        const int n = bt_choose_per_tm(g, c[i].A, c[i].G, c[i].P, c[i].E, c[i].R, h200, 0, 0, 0, 0);
         int bytes_ok = n == 3;
         for (int j = 0; j < n && bytes_ok; j++) bytes_ok = g[j].tm == 64 >> j && bt_l2_bytes_per_row(&g[j]) == c[i].bytes[j];
         const int k = bytes_ok ? bt_pick_resident(g, c[i].blocks, n) : -1;
@@ -716,7 +744,7 @@ static void test_pick_resident(void) {
     // 2,304, 3,072 and 4,608 B/row, so tm 16 (2.0x) with 2 blocks per SM is taken there
     {
         BtGeom w[3];
-        const int blocks[3] = {1, 1, 2}, nw = bt_choose_per_tm(w, 16, 48, 32, 96, 1, h200, 0, 0, 1);
+        const int blocks[3] = {1, 1, 2}, nw = bt_choose_per_tm(w, 16, 48, 32, 96, 1, h200, 0, 0, 1, 0);
         for (int j = 0; j < nw; j++) w[j].s1only = 1;
         const int k = nw == 3 ? bt_pick_resident(w, blocks, nw) : -1;
         check_true(nw == 3 && bt_l2_bytes_per_row(&w[0]) == 2304 && bt_l2_bytes_per_row(&w[1]) == 3072 && bt_l2_bytes_per_row(&w[2]) == 4608 &&
@@ -724,10 +752,10 @@ static void test_pick_resident(void) {
                    "bt_pick_resident, stage 1 alone: no W1 in the bytes; 768->3072 rank 1 takes tm 16 with 2 blocks", "differs");
     }
     BtGeom g[3];
-    const int none[3] = {0, 0, 0}, n = bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 0, 0, 0);
+    const int none[3] = {0, 0, 0}, n = bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 0, 0, 0, 0);
     BtGeom best;
-    check_true(bt_pick_resident(g, none, n) == -1 && bt_choose(&best, 16, 48, 32, 96, 1, h200, 0, 0, 0) && best.tm == g[0].tm &&
-                   best.pg == g[0].pg && bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 32, 0, 0) == 1 && g[0].tm == 32,
+    check_true(bt_pick_resident(g, none, n) == -1 && bt_choose(&best, 16, 48, 32, 96, 1, h200, 0, 0, 0, 0) && best.tm == g[0].tm &&
+                   best.pg == g[0].pg && bt_choose_per_tm(g, 16, 48, 32, 96, 1, h200, 32, 0, 0, 0) == 1 && g[0].tm == 32,
                "bt_pick_resident: none resident -> -1; bt_choose is bt_choose_per_tm's least bytes; tm_only gives one", "differs");
 }
 

@@ -214,12 +214,16 @@ static int make_cases(Case *c, int din, int dout) {
         if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
         else snprintf(c[n].desc, sizeof(c[n].desc), "W0 staged fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
-        c[n] = c[n - 1];  // the same kernel on mma.sync (-sk 5), same geometry
+        c[n] = c[n - 1];  // the same kernel on mma.sync (-sk 5), in its own geometry (no staging tile)
         c[n].fused = 5;
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_mma", base);
-        if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
-        else snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d (fwd only)", gf.tm, gf.npg);
-        n++;
+        g_btt_mma = 1;
+        BtGeom mf = {}, mb = {};
+        const int okm = btt_fused_geom_ws(&mf, &b, btt_fused_smem_limit(), 0, 1), okmb = btt_fused_geom_ws(&mb, &bt, btt_fused_smem_limit(), 0, 1);
+        g_btt_mma = 0;
+        if (okm && okmb) snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d bwd %dx%d", mf.tm, mf.npg, mb.tm, mb.npg);
+        else if (okm) snprintf(c[n].desc, sizeof(c[n].desc), "mma.sync fwd %dx%d (fwd only)", mf.tm, mf.npg);
+        n += okm;
         if (s->kind != STRUCT_BTT) continue;  // split: BTT's own paths (BTT-MoE's experts run as -sk 2)
         c[n] = c[n - 1];
         c[n].fused = 3;

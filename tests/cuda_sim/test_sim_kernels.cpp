@@ -1452,8 +1452,9 @@ static void test_btt_fused(int N, int alpha, int gamma, int phi, int eps, int ra
 
 // Stages 1 and 2 on mma.sync (g_btt_mma, with W0 staged; stage 2 on W1 packed in fragment order):
 // the whole kernel and stage 1 alone (btt_stage1_fused) against the CPU layer and against the
-// same kernel on wmma.
-static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, int rank) {
+// same kernel on wmma. tm > 0: at those tile rows, where mma_groups > 0 says in how many groups of
+// output blocks the mma.sync geometry (no staging tile) runs and wmma_groups the wmma one's.
+static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, int rank, int tm = 0, int mma_groups = 0, int wmma_groups = 0) {
     const BttRef c(N, alpha, gamma, phi, eps, rank);
     const BTTShape &s = c.s;
     const Vec &y = c.y, &z = c.z;
@@ -1461,21 +1462,29 @@ static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, in
     Dev d;
     floatX *x_d = d.add(up_bf16(c.x)), *W0_d = d.add(up_bf16(c.W0)), *W1_d = d.add(up_bf16(c.W1)), *b_d = d.add(up_bf16(c.bias));
     floatX *y_d[2], *z_d[2], *z1_d = d.add(dev_alloc<floatX>(z.size()));
+    int groups[2];
     g_btt_wstage = 1;
     int ok = 1;
     for (int mma = 0; mma < 2; mma++) {
         y_d[mma] = d.add(dev_alloc<floatX>(y.size()));
         z_d[mma] = d.add(dev_alloc<floatX>(z.size()));
         g_btt_mma = mma;
-        ok &= btt_forward_fused(y_d[mma], z_d[mma], x_d, W0_d, W1_d, b_d, N, &s);
+        BtGeom g;
+        groups[mma] = btt_fused_geom(&g, &s, btt_fused_smem_limit(), tm) ? g.npg : 0;
+        ok &= btt_forward_fused_tm(y_d[mma], z_d[mma], x_d, W0_d, W1_d, b_d, N, &s, tm);
     }
-    ok &= btt_stage1_fused(z1_d, x_d, 0, W0_d, N, &s);  // still with mma
+    ok &= btt_stage1_fused(z1_d, x_d, 0, W0_d, N, &s, tm);  // still with mma
     g_btt_mma = 0;
     g_btt_wstage = 0;
-    char tag[160];
-    snprintf(tag, sizeof(tag), "fused btt on mma.sync, %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d", din, dout, alpha, gamma, phi,
-             eps, rank, N);
+    char tag[192], rows[16] = "", got[48];
+    if (tm) snprintf(rows, sizeof(rows), " tm %d", tm);
+    snprintf(tag, sizeof(tag), "fused btt on mma.sync, %d->%d (alpha %d gamma %d phi %d eps %d rank %d) N=%d%s", din, dout, alpha, gamma, phi,
+             eps, rank, N, rows);
     if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused or btt_stage1_fused returned 0")) return;
+    snprintf(got, sizeof(got), "%d and %d", groups[1], groups[0]);
+    if (mma_groups)
+        check_true(groups[1] == mma_groups && groups[0] == wmma_groups,
+                   nm("%s: %d group(s) of output blocks on mma.sync (no staging tile), %d on wmma", tag, mma_groups, wmma_groups), got);
     Vec yf = down_bf16(y_d[1], y.size()), zf = down_bf16(z_d[1], z.size());
     check_scaled(yf, y, 2e-2f, 0.0f, nm("%s: y vs the CPU layer", tag));
     check_scaled(zf, z, 2e-2f, 0.0f, nm("%s: saved z vs the CPU layer", tag));
@@ -2277,6 +2286,7 @@ int main(int argc, char **argv) {
         test_btt_fused_mma(70, 16, 48, 32, 96, 4);   // rank 4, groups, a partial second tile
         test_btt_fused_mma(33, 48, 16, 16, 48, 2);   // 768 -> 768, alpha 48: 3 k-steps
         test_btt_fused_mma(45, 96, 32, 48, 16, 1);   // 3072 -> 768 as 768 -> 3072's backward runs it: eps 16 (one n-tile), 6 k-steps
+        test_btt_fused_mma(40, 16, 48, 32, 96, 2, 32, 1, 2);  // 768 -> 3072 rank 2 at 32 rows: the whole z tile fits without the staging tile
         test_btt_fused_backward(37, 16, 4, 2, 32, 8);    // 64 -> 64 rank 8, a partial tile
         test_btt_fused_backward(20, 16, 48, 32, 96, 1);  // GPT-2 768 -> 3072 rank 1 (transposed: 3072 -> 768)
         test_btt_fused_backward(45, 16, 48, 32, 96, 2);  // rank 2
