@@ -1529,6 +1529,10 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
 // or its operand registers), every lane of the warp must take part, each lane reads what its
 // registers hold from the others', and a second meeting keeps any lane from going on (and
 // overwriting what it posted, or shared memory another lane has not read yet) before all have read.
+// The layouts were read from the PTX ISA's tables, and checked on 2026-12-06 against a second
+// source, CUTLASS's SM80 16x8x16 traits (cute's (thread, value) -> column-major index layouts:
+// A ((4,8),(2,2,2)):((32,1),(16,8,128)) on 16x16, B ((4,8),(2,2)):((16,1),(8,64)) on 8x16 (n, k),
+// C ((4,8),(2,2)):((32,1),(16,8)) on 16x8), which give the lane, register and half used below.
 
 // out[l] = what lane l posted; all 32 lanes must meet here
 inline void sim_warp_all(const char *name, uint64_t v, uint64_t out[32]) {
