@@ -1343,7 +1343,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 8);  // -mg 1 (routed layers by set of experts), with every check
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 11: with it, BTT's 23 choices (12 BTT layers: 0-11, then 11-22)
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 9);  // -sk 5: logits, loss and gradients
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 9);  // -sk 5 (mma.sync), with every check: 10 steps, determinism, resume
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;
