@@ -52,7 +52,7 @@ git rev-parse --short HEAD > .device/COMMIT
 git diff --quiet || echo "(with uncommitted changes)" >> .device/COMMIT
 echo "sm_$CC_GPU" > .device/ARCH
 # the device tool carries at most 64 MiB: the tree goes packed (the binaries, with -lineinfo, take
-# about 75 MB as files and a third of that gzipped)
+# 153 MB with the data as files, 45 MB packed, at 764ff13)
 raw=$(du -sm .device/tree | cut -f1)
 tar -czf .device/tree.tar.gz -C .device/tree . && rm -rf .device/tree
 packed=$(du -sm .device | cut -f1)
