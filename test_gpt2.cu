@@ -550,6 +550,22 @@ static void check_autotune_choice(void) {
                        st_tune_pick_pair(c5, f5, b5, 3, 0, 1) == m0 && st_tune_pick_pair(c5, g5, h5, 3, 0, 1) == m3 &&
                        st_tune_pick_pair(c5, f5, b5, 3, 0, 0) == M,  // no pairs: -sk 5 both ways, 1.1
                    "-at 1's -sk 5: its byte and its pairs' (earlier states' bytes unchanged), labels, -sk values, kinds, picks", got5);
+        // every pair of two different pairable kernels has its own byte, which decodes to it and
+        // through -sk values back to itself; every byte BTT takes is a single or one of those pairs
+        const int pk[5] = {0, 1, 2, 3, ST_K_MMA};
+        int seen[ST_K_END] = {0}, bad = 0, valid = 0;
+        for (int f = 0; f < 5; f++)
+            for (int b = 0; b < 5; b++) {
+                if (f == b) continue;
+                const int k = st_kernel_pair(pk[f], pk[b]);
+                bad += k < ST_K_MIXED || k >= ST_K_END || seen[k]++ || st_kernel_fwd(k) != pk[f] || st_kernel_bwd(k) != pk[b] ||
+                       st_kernel_of_sk(st_kernel_sk(k, 0), st_kernel_sk(k, 1)) != k || !st_kernel_valid(STRUCT_BTT, k);
+            }
+        for (int k = 0; k < ST_K_END; k++) valid += st_kernel_valid(STRUCT_BTT, k);
+        snprintf(got5, sizeof(got5), "%d bad of 20 pairs, %d bytes valid for BTT", bad, valid);
+        check_true(bad == 0 && valid == ST_K_COUNT - 1 + 20,  // the singles but -mg 1, and the 20 pairs
+                   "-at 1's bytes: the 20 pairs of -sk 0..3 and 5 each have a distinct byte that round-trips; BTT takes exactly those and the singles",
+                   got5);
     }
     char dir[] = "/tmp/test_gpt2cu_at_XXXXXX", path[256];
     GPT2 m;
