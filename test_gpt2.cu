@@ -264,9 +264,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
         for (int i = 0; i < gpt2_num_linears(&m.layout); i++) {
             const LinearDesc *ld = gpt2_linear_at(&m.layout, i);
             if (!ld->used || (ld->spec.kind != STRUCT_BTT && ld->spec.kind != STRUCT_BTT_MOE)) continue;
-            MoEShape ms;
-            if (ld->spec.kind == STRUCT_BTT_MOE) ms = moe_shape_of(&ld->spec);
-            const BTTShape b = ld->spec.kind == STRUCT_BTT ? btt_shape_of(&ld->spec) : moe_expert_shape(&ms);
+            const BTTShape b = btt_kernel_shape_of(&ld->spec);
             nb += btt_fused_supported(&b, btt_fused_smem_limit()) > 0;
         }
         char got[64];

@@ -526,6 +526,12 @@ static const floatX *btt_w1_packed(const floatX *W1, const BTTShape *s, int nseg
     cudaCheckLaunch();
     return buf;
 }
+// The W1 a launch of the kernel for g reads: W1 itself, or on mma.sync (counted) its nseg cores packed.
+static const floatX *btt_fused_w1(const BtGeom *g, const floatX *W1, const BTTShape *s, int nseg) {
+    if (!btt_fused_mma(g)) return W1;
+    g_btt_mma_launches++;
+    return btt_w1_packed(W1, s, nseg);
+}
 
 // The kernel's geometry for this shape within smem_limit bytes of shared memory per block, W0
 // staged when ws (and then on mma.sync when g_btt_mma), for stage 1 alone when s1only: for each
@@ -660,10 +666,7 @@ static int btt_forward_fused_tm(floatX *y, floatX *z_or_null, const floatX *x, c
     if (!grid) return 0;
     BtSeg plain;
     memset(&plain, 0, sizeof(plain));
-    if (btt_fused_mma(&g)) {
-        W1 = btt_w1_packed(W1, s, 1);
-        g_btt_mma_launches++;
-    }
+    W1 = btt_fused_w1(&g, W1, s, 1);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, bias_or_null, N, g, plain);
     cudaCheckLaunch();
     return 1;
@@ -726,10 +729,7 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
     BtSeg sg = {table, ntiles, order, K, w0s, w1s};
-    if (btt_fused_mma(&g)) {
-        W1 = btt_w1_packed(W1, s, S);
-        g_btt_mma_launches++;
-    }
+    W1 = btt_fused_w1(&g, W1, s, S);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();
     return 1;

@@ -160,3 +160,10 @@ static inline MoEShape moe_shape_of(const LinearSpec *s) {
     moe_shape(&m, s->alpha, s->gamma, s->phi, s->eps, s->experts, s->topk);
     return m;
 }
+// The BTT a BTT layer computes, or one expert of a BTT-MoE layer: the shape the fused BTT kernel
+// runs for either.
+static inline BTTShape btt_kernel_shape_of(const LinearSpec *s) {
+    if (s->kind != STRUCT_BTT_MOE) return btt_shape_of(s);
+    const MoEShape m = moe_shape_of(s);
+    return moe_expert_shape(&m);
+}

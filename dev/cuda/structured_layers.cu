@@ -174,9 +174,7 @@ static int make_cases(Case *c, int din, int dout) {
             ok = f || b;
             snprintf(c[n].desc, sizeof(c[n].desc), "%d blocks (%s)", s->blocks, f && b ? "fwd+bwd" : f ? "fwd only" : "bwd only");
         } else {
-            BTTShape b;
-            if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
-            else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
+            const BTTShape b = btt_kernel_shape_of(&full);
             const BTTShape bt = btt_shape_transposed(&b);
             BtGeom gf = {}, gb = {};  // the forward's and the backward dx's (transposed) tile rows x groups
             ok = btt_fused_geom(&gf, &b, btt_fused_smem_limit(), 0);
@@ -198,9 +196,7 @@ static int make_cases(Case *c, int din, int dout) {
         LinearSpec full = *s;
         full.d_in = din;
         full.d_out = dout;
-        BTTShape b;
-        if (s->kind == STRUCT_BTT) b = btt_shape_of(&full);
-        else { MoEShape ms = moe_shape_of(&full); b = moe_expert_shape(&ms); }
+        const BTTShape b = btt_kernel_shape_of(&full);
         const BTTShape bt = btt_shape_transposed(&b);
         BtGeom gf = {}, gb = {};
         const int ok = btt_fused_geom_ws(&gf, &b, btt_fused_smem_limit(), 0, 1), okb = btt_fused_geom_ws(&gb, &bt, btt_fused_smem_limit(), 0, 1);
