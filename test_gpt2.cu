@@ -184,35 +184,39 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
 // its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 11), kept over the resume;
 // 7 -sk 4 (z, u stored transposed); 8 -mg 1 (BTT-MoE grouped by set of experts; fixtures with
-// routed layers only); 9 -sk 5 (-sk 2's BTT kernel on mma.sync).
+// routed layers only); 9 -sk 5 (-sk 2's BTT kernel on mma.sync); 10 -mg 1 -sk 2 (grouped by set,
+// the forward one launch of the fused kernel over the sets; routed layers only).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
 static int g_test_no_master = 0;  // -w 0 for the next run_fixture
+static long g_sets_fused_fixtures = 0;  // -mg 1 -sk 2 runs (mode 10) whose set forwards ran fused: some fixture must
 static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full, int fused) {
     Fixture f;
     GPT2 m;
     fixture_read(&f, &m, path);
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
-    if (fused == 8 && !f.n_routed) { fixture_run_free(&m, &f); return; }                   // -mg changes nothing there
-    g_moe_sets = fused == 8;
-    const long sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches;
+    if ((fused == 8 || fused == 10) && !f.n_routed) { fixture_run_free(&m, &f); return; }  // -mg changes nothing there
+    g_moe_sets = fused == 8 || fused == 10;
+    const long sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs;
     g_gpu.gelu_fusion = gelu_fusion;
-    st_set_kernels(fused == 1 ? 1 : fused == 3 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : fused == 9 ? 5 : 0);
+    const int sk_mode = fused == 1 ? 1 : fused == 3 || fused == 10 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : fused == 9 ? 5 : 0;
+    st_set_kernels(sk_mode);
     g_st_dense = fused == 2;
     const int per_layer = fused == 5 || fused == 6;
     g_st_tune = per_layer;  // the buffers for every choice
     char tag[128], name[512];
     snprintf(tag, sizeof(tag), "%s [-r %d -ge %d -fa %d%s%s]", base_name(path), recompute, gelu_fusion, flash,
              fused == 1 ? " -sk 1" : fused == 2 ? " -sm 1" : fused == 3 ? " -sk 2" : fused == 4 ? " -sk 3" : fused == 5 ? " per-layer kernels"
-             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : fused == 8 ? " -mg 1" : fused == 9 ? " -sk 5" : "",
+             : fused == 6 ? " per-layer kernels, rotated" : fused == 7 ? " -sk 4" : fused == 8 ? " -mg 1" : fused == 9 ? " -sk 5"
+             : fused == 10 ? " -mg 1 -sk 2" : "",
              g_test_no_master ? " -w 0" : "");
     printf("# fixture %s: B=%d T=%d V=%d, %zu params, %d steps\n", tag, f.B, f.T, f.V, m.num_params, f.n_steps);
     m.no_master = g_test_no_master;
     gpt2_alloc(&m, f.B, f.T, recompute, flash);
     if (per_layer) st_kernels_rotate(&m, fused == 5 ? 0 : 11);
     int by_set = 0;  // the routed layers that group by set (-mg 1, or their own kernels so)
-    for (int j = 0; j < f.n_routed; j++) by_set += lin_kernels(lin_state(&m, &f.routed[j])) == ST_K_SETS;
+    for (int j = 0; j < f.n_routed; j++) by_set += st_kernel_by_set(lin_kernels(lin_state(&m, &f.routed[j])));
     const float tol_x = by_set ? 2.0f : 1.0f;  // -mg 1's extra roundings (the tolerances above)
     if (per_layer && by_set) printf("# %d routed layers group by set of experts\n", by_set);
     if (flash == 2 && !m.cudnn) {
@@ -250,14 +254,25 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
     check_grads(&m, f.grads, tol_x * 6e-2f, tag);
-    if (fused == 8 || by_set) {
-        long want = 0;
+    if (fused == 8 || fused == 10 || by_set) {
+        long want = 0, want_fused = 0;
         for (int j = 0; j < f.n_routed; j++) {
             const MoEShape ms = moe_shape_of(&f.routed[j].spec);
-            want += 2 * (per_layer ? lin_kernels(lin_state(&m, &f.routed[j])) == ST_K_SETS : moe_set_count(&ms) > 0);
+            const int k = lin_kernels(lin_state(&m, &f.routed[j]));
+            want += 2 * (per_layer ? st_kernel_by_set(k) : moe_set_count(&ms) > 0);
+            // the fused forward where its -sk asks for it and the kernel takes the set's rank-k shape
+            const BTTShape bk = moe_set_shape(&ms);
+            st_set_kernels(st_kernel_sk(k, 0));
+            want_fused += st_kernel_by_set(k) && g_st_fused && btt_fused_supported(&bk, btt_fused_smem_limit()) > 0;
         }
+        st_set_kernels(sk_mode);
         snprintf(name, sizeof(name), "%s every routed layer that takes the set path ran it forward and backward (%ld runs)", tag, want);
         check_true(g_moe_sets_runs - sets0 == want, name, "another count of set-path runs");
+        char got[96];
+        snprintf(got, sizeof(got), "%ld of the set path's forwards fused, %ld expected", g_moe_sets_fused_runs - setsf0, want_fused);
+        snprintf(name, sizeof(name), "%s the set path's forward fused just where asked and the kernel takes the shape", tag);
+        check_true(g_moe_sets_fused_runs - setsf0 == want_fused, name, got);
+        g_sets_fused_fixtures += fused == 10 && want_fused > 0;
     }
     if (fused == 9) {  // -sk 5 ran the kernel on mma.sync in every forward whose shape it takes (not the plans it falls back to)
         int nb = 0;
@@ -535,7 +550,7 @@ static void check_autotune_choice(void) {
         const double g5[3] = {1.0, 0.3, 0.9}, h5[3] = {0.9, 1.0, 0.3};  // -sk 3's forward with -sk 5's backward 0.6
         char got5[200];
         snprintf(got5, sizeof(got5), "bytes %d %d %d, labels '%s' '%s' '%s'", M, m0, m3, l5, lm0, lm3);
-        check_true(M == 7 && p30 == 20 && st_kernel_pair(0, 3) == 11 && m0 == 28 && m3 == 27 && ST_K_END == 32 &&
+        check_true(M == 7 && p30 == 20 && st_kernel_pair(0, 3) == 11 && m0 == 28 && m3 == 27 && ST_K_SETS_FUSED == 32 &&
                        st_kernel_fwd(m0) == M && st_kernel_bwd(m0) == 0 && st_kernel_fwd(m3) == 3 && st_kernel_bwd(m3) == M &&
                        st_kernel_sk(M, 0) == 5 && st_kernel_sk(M, 1) == 5 && st_kernel_sk(m0, 0) == 5 && st_kernel_sk(m0, 1) == 0 &&
                        st_kernel_sk(m3, 1) == 5 && st_kernel_of_sk(5, 5) == M && st_kernel_of_sk(5, 0) == m0 && st_kernel_of_sk(3, 5) == m3 &&
@@ -556,7 +571,7 @@ static void check_autotune_choice(void) {
             for (int b = 0; b < 5; b++) {
                 if (f == b) continue;
                 const int k = st_kernel_pair(pk[f], pk[b]);
-                bad += k < ST_K_MIXED || k >= ST_K_END || seen[k]++ || st_kernel_fwd(k) != pk[f] || st_kernel_bwd(k) != pk[b] ||
+                bad += k < ST_K_MIXED || k >= ST_K_SETS_FUSED || seen[k]++ || st_kernel_fwd(k) != pk[f] || st_kernel_bwd(k) != pk[b] ||
                        st_kernel_of_sk(st_kernel_sk(k, 0), st_kernel_sk(k, 1)) != k || !st_kernel_valid(STRUCT_BTT, k);
             }
         for (int k = 0; k < ST_K_END; k++) valid += st_kernel_valid(STRUCT_BTT, k);
@@ -652,49 +667,75 @@ static void check_autotune_choice(void) {
     rmdir(dir);
 }
 
-// -at 1 with BTT-MoE's grouping by set of experts (-mg 1, ST_K_SETS) among the choices: a model
-// of 3 blocks whose fc is BTT-MoE, 4 experts top 2 (6 sets) in block 0, 8 experts top 2 (28
-// sets) in block 1 and 4 experts top 1 (no set path) in block 2; everything else dense. The
-// fake clock makes the grouping by set block 0's fastest choice (its fastest forward too, but it
-// pairs with no other backward) and block 1's slowest; block 2 is not offered it.
-static const double g_sets_fc[3][2][ST_K_COUNT] = {  // (-sk 5, the last, never the fastest)
-    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35, 0.60}},  // -mg 1: 0.55; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
-    {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60}},  // -sk 0 1.00 kept
-    {{0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45}}};     // -sk 1 0.80
+// -at 1 with BTT-MoE's grouping by set of experts (-mg 1, ST_K_SETS; and its forward fused,
+// ST_K_SETS_FUSED + -sk 1, 2, 5) among the choices: a model of 3 blocks of width 256 whose fc is
+// BTT-MoE, 4 experts top 2 (6 sets) in block 0, 8 experts top 2 (28 sets) in block 1 and 4
+// experts top 1 (no set path) in block 2; everything else dense. The fake clock makes the
+// grouping by set with -sk 2's fused forward block 0's fastest choice (the set path's forward is
+// the fastest there too, but pairs with no other backward) and block 1's slowest; block 2 is not
+// offered them. The real runs behind the clock check each against the plans' results.
+static const double g_sets_fc[3][2][ST_K_SLOTS] = {  // slots: -sk 0..3, dense, -sk 4, -mg 1, -sk 5, -mg 1 with -sk 1, 2, 5
+    // -mg 1: 0.55; -mg 1 -sk 2 0.50; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
+    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60, 0.25, 0.15, 0.30}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35, 0.60, 0.35, 0.35, 0.35}},
+    {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60, 0.90, 0.90, 0.90}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60, 0.90, 0.90, 0.90}},  // -sk 0 1.00 kept
+    {{0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45, -1, -1, -1}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45, -1, -1, -1}}};  // -sk 1 0.80
 static int g_sets_offered[3];
 static void fake_tune_clock_sets(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
-    if (k == ST_K_SETS && u->layer >= 0 && u->layer < 3) g_sets_offered[u->layer]++;
+    if (st_kernel_by_set(k) && u->layer >= 0 && u->layer < 3) g_sets_offered[u->layer]++;
     fake_clock_run(m, u, k);
-    for (int d = 0; d < 2; d++) ms[d] = u->role == SR_FC && u->layer >= 0 ? g_sets_fc[u->layer][d][k] : 100.0;
+    for (int d = 0; d < 2; d++) ms[d] = u->role == SR_FC && u->layer >= 0 ? g_sets_fc[u->layer][d][st_kernel_slot(k)] : 100.0;
 }
-// The same, but the set path writes zeros over rows 16..31 of block 0's fc output: refused.
+// The same, but each set path writes zeros over rows 16..31 of block 0's fc output: refused.
 static void fake_tune_clock_sets_broken(const GPT2 *m, const TuneUnit *u, int k, double ms[2]) {
     fake_tune_clock_sets(m, u, k, ms);
-    if (u->role == SR_FC && u->layer == 0 && k == ST_K_SETS) {
+    if (u->role == SR_FC && u->layer == 0 && st_kernel_by_set(k)) {
         const size_t C4 = 4 * (size_t)m->config.channels;
         cudaCheck(cudaMemset(act_gelu(m, 0) + 16 * C4, 0, 16 * C4 * sizeof(floatX)));
     }
 }
 static void check_autotune_sets(void) {
     {  // the helpers: a candidate of BTT-MoE shapes with sets only, the byte, its label, never paired
-        int cm[ST_K_COUNT], cm0[ST_K_COUNT], cb[ST_K_COUNT];
+        int cm[ST_K_SLOTS], cm0[ST_K_SLOTS], cb[ST_K_SLOTS];
         char label[48];
         st_kernel_label(label, sizeof(label), ST_K_SETS);
         const int sc[3] = {0, 1, ST_K_SETS};
         const double fs[3] = {1.0, 0.6, 0.1}, bs[3] = {0.3, 1.0, 1.0};  // -mg 1's forward the fastest: no pair with it
         const double fw[3] = {1.0, 0.6, 0.2}, bw[3] = {0.3, 1.0, 0.3};  // -mg 1 both ways 0.5, the pair 0.9
-        check_true(st_kernel_candidates(STRUCT_BTT_MOE, cm, 1) == 6 && cm[5] == ST_K_SETS && st_kernel_candidates(STRUCT_BTT_MOE, cm0, 0) == 5 &&
+        check_true(st_kernel_candidates(STRUCT_BTT_MOE, cm, 1) == 9 && cm[5] == ST_K_SETS && st_kernel_candidates(STRUCT_BTT_MOE, cm0, 0) == 5 &&
                        st_kernel_candidates(STRUCT_BTT, cb, 1) == 7 && cb[5] == ST_K_ZT && st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 1) &&
                        !st_kernel_valid(STRUCT_BTT_MOE, ST_K_SETS, 0) && !st_kernel_valid(STRUCT_BTT, ST_K_SETS) &&
                        !st_kernel_valid(STRUCT_MONARCH, ST_K_SETS) && st_kernel_sk(ST_K_SETS, 0) == 0 && st_kernel_sk(ST_K_SETS, 1) == 0 &&
                        st_kernel_canonical(STRUCT_BTT_MOE, ST_K_SETS) == ST_K_SETS && strcmp(label, "-mg 1") == 0 &&
                        st_tune_pick_pair(sc, fs, bs, 3, 0, 1) == st_kernel_pair(1, 0) && st_tune_pick_pair(sc, fw, bw, 3, 0, 1) == ST_K_SETS,
                    "-at 1's -mg 1: a candidate of BTT-MoE shapes that group by set, its byte and label, never paired", label);
+        // -mg 1 with its forward fused: bytes after every earlier one (32 + -sk), singles, BTT-MoE with sets only
+        const int F = ST_K_SETS_FUSED;
+        char l1[48], l2[48], l3[48], l5[48], got[256];
+        st_kernel_label(l1, sizeof(l1), F + 1);
+        st_kernel_label(l2, sizeof(l2), F + 2);
+        st_kernel_label(l3, sizeof(l3), F + 3);
+        st_kernel_label(l5, sizeof(l5), F + 5);
+        snprintf(got, sizeof(got), "candidates %d %d %d, labels '%s' '%s' '%s' '%s', end %d", cm[6], cm[7], cm[8], l1, l2, l3, l5, ST_K_END);
+        int bad = 0;
+        for (int k = F; k < ST_K_END + 2; k++) {  // the four -sk values take bytes; 32 (-sk 0), 36 (-sk 4) and past the end none
+            const int sk = k - F, is = k < ST_K_END && sk >= 1 && sk != 4;
+            bad += st_kernel_valid(STRUCT_BTT_MOE, k, 1) != is || st_kernel_valid(STRUCT_BTT_MOE, k, 0) || st_kernel_valid(STRUCT_BTT, k) ||
+                   st_kernel_valid(STRUCT_MONARCH, k) || st_kernel_by_set(k) != is || st_kernel_sets_fused(k) != (is ? sk : 0);
+            if (!is) continue;
+            bad += st_kernel_sk(k, 0) != sk || st_kernel_sk(k, 1) != 0 || !st_kernel_unpaired(k) || st_kernel_fwd(k) != k || st_kernel_bwd(k) != k ||
+                   st_kernel_canonical(STRUCT_BTT_MOE, k) != (sk == 3 ? F + 2 : k) || st_kernel_slot(k) != (sk == 3 ? -1 : ST_K_COUNT + (sk == 5 ? 2 : sk - 1));
+        }
+        check_true(bad == 0 && F == 32 && ST_K_END == 38 && cm[6] == F + 1 && cm[7] == F + 2 && cm[8] == F + 5 && strcmp(l2, "-mg 1 -sk 2") == 0 &&
+                       strcmp(l5, "-mg 1 -sk 5") == 0 && strcmp(l3, "-mg 1 -sk 3") == 0 && st_kernel_slot(ST_K_SETS) == ST_K_SETS &&
+                       st_kernel_slot(st_kernel_pair(1, 0)) == -1 && !st_kernel_by_set(ST_K_ZT),
+                   "-at 1's -mg 1 with its forward fused (-sk 1, 2, 3, 5): bytes 33..37 but 36, valid for BTT-MoE with sets only, singles, "
+                   "their -sk values, slots and labels (-sk 3 runs as -sk 2)",
+                   got);
     }
     char dir[] = "/tmp/test_gpt2cu_mg_XXXXXX", path[256];
     GPT2 m;
     tune_model_open(&m, dir, path, sizeof(path),
-                    "n_layer = 3\nn_head = 2\nn_embd = 64\nvocab_size = 512\nmax_seq_len = 16\n\n[linear.fc]\nstruct = btt_moe\nexperts = 4\n"
+                    "n_layer = 3\nn_head = 2\nn_embd = 256\nvocab_size = 512\nmax_seq_len = 16\n\n[linear.fc]\nstruct = btt_moe\nexperts = 4\n"
                     "topk = 2\n\n[layer.1.fc]\nstruct = btt_moe\nexperts = 8\ntopk = 2\n\n[layer.2.fc]\nstruct = btt_moe\nexperts = 4\ntopk = 1\n");
     MoEGPUState *fc[3];
     for (int l = 0; l < 3; l++) fc[l] = &m.lin[l * NUM_BLOCK_ROLES + SR_FC].moe;
@@ -711,24 +752,24 @@ static void check_autotune_sets(void) {
     char got[128];
     snprintf(got, sizeof(got), "kernels %d %d %d, %d calls, %d unset, offered %d %d %d", k0, k1, k2, g_fake_calls, g_fake_unset, g_sets_offered[0],
              g_sets_offered[1], g_sets_offered[2]);
-    check_true(room_ok && g_fake_calls == 6 + 6 + 5 && g_fake_unset == 0 && g_sets_offered[0] == 1 && g_sets_offered[1] == 1 && !g_sets_offered[2] &&
-                   k0 == ST_K_SETS && k1 == 0 && k2 == 1,
-               "-at 1: BTT-MoE's grouping by set timed where the shape takes it (6 and 28 sets, not top 1), chosen where fastest both ways, "
-               "its results checked against the plans' but not its own z",
+    check_true(room_ok && g_fake_calls == 9 + 9 + 5 && g_fake_unset == 0 && g_sets_offered[0] == 4 && g_sets_offered[1] == 4 && !g_sets_offered[2] &&
+                   k0 == ST_K_SETS_FUSED + 2 && k1 == 0 && k2 == 1,
+               "-at 1: BTT-MoE's grouping by set, forward on the plans and fused (-sk 1, 2, 5), timed where the shape takes it (6 and 28 "
+               "sets, not top 1), chosen where fastest both ways (-mg 1 -sk 2), its results checked against the plans' but not its own z",
                got);
     // fitted: block 0 keeps the set path, block 1's state without it (z back to the expert path's size)
     check_true(fc[0]->sets && fc[0]->use_sets && !fc[1]->sets && fc[1]->bytes[3] == 0 && fc[1]->bytes[1] < z1_room && g_gpu_bytes < bytes_room,
                "-at 1: after the choice, only the layer that groups by set keeps the set path's arrays; the others' z shrinks", "other buffers");
     int *tok = (int *)mallocCheck(32 * sizeof(int));
     for (int i = 0; i < 32; i++) tok[i] = (i * 37) % 512;
-    const long runs0 = g_moe_sets_runs;
+    const long runs0 = g_moe_sets_runs, fused0 = g_moe_sets_fused_runs;
     const float loss = gpt2_forward(&m, tok, tok, 2, 16);
     gpt2_backward(&m, 1.0f);
     cudaCheck(cudaDeviceSynchronize());
-    snprintf(got, sizeof(got), "loss %g, %ld set-path runs", loss, g_moe_sets_runs - runs0);
-    check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2, "-at 1: the layer that chose -mg 1 groups by set forward and backward",
-               got);
-    // with the room again, a set path that writes a wrong tile is refused: block 0 takes -sk 4 (0.90)
+    snprintf(got, sizeof(got), "loss %g, %ld set-path runs, %ld fused", loss, g_moe_sets_runs - runs0, g_moe_sets_fused_runs - fused0);
+    check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2 && g_moe_sets_fused_runs - fused0 == 1,
+               "-at 1: the layer that chose -mg 1 -sk 2 groups by set forward (one fused launch) and backward", got);
+    // with the room again, set paths that write a wrong tile are refused: block 0 takes -sk 4 (0.90)
     st_set_all_kernels(&m, 0);
     st_buffers_fit(&m, 1);
     const int room_back = fc[0]->sets && fc[1]->sets && !fc[0]->use_sets;
@@ -904,12 +945,17 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
     else if (fwd_sk != bwd_sk)
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->experts,
                  spec->topk, din, dout, N, fwd_sk, bwd_sk);
+    else if (g_moe_sets && !g_st_zt)
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (grouped by set, -mg 1 -sk %d: forward %s, backward cuBLAS)",
+                 spec->experts, spec->topk, din, dout, N, fwd_sk,
+                 !g_st_fused ? "cuBLAS" : g_btt_mma ? "fused over the sets on mma.sync" : g_btt_wstage ? "fused over the sets, W0 staged"
+                                                                                         : "fused over the sets");
     else
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (%s experts)", spec->experts, spec->topk, din, dout, N,
                  g_st_fused ? (g_btt_mma ? "-sk 5: fused segmented on mma.sync"
                                : g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
                  : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : g_moe_sets ? "cuBLAS, grouped by set (-mg 1)" : "cuBLAS");
-    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches;
+    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs;
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL};
@@ -1013,9 +1059,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         cudaCheck(cudaDeviceSynchronize());
         snprintf(name, sizeof(name), "%s: aux loss", tag);
         check_close(&aux_gpu, &ref->routing.aux, 1, 1e-3f, 1e-3f, name);
-        if (g_moe_sets && !g_st_fused && !g_st_zt) {
-            snprintf(name, sizeof(name), "%s: ran the set path forward and backward", tag);
-            check_true(moe_set_count(&ms) > 0 && g_moe_sets_runs - sets0 == 2, name, "the expert path ran");
+        if (g_moe_sets && !g_st_zt) {  // (-sk 5's mma.sync launches are counted below, as for the other structures)
+            snprintf(name, sizeof(name), "%s: ran the set path forward and backward%s", tag, fwd_sk ? ", the forward in one fused launch" : "");
+            check_true(moe_set_count(&ms) > 0 && g_moe_sets_runs - sets0 == 2 && g_moe_sets_fused_runs - setsf0 == (fwd_sk != 0), name,
+                       "the expert path, or the plans' forward, ran");
         }
         // the loads move by E/(N·K) per selection that differs from the CPU's
         const float gotr[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, wantr[3] = {ref->routing.balance, ref->routing.load_max, ref->routing.load_min};
@@ -1042,7 +1089,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         check_true(g_st_zt_runs - zt0 == 2, name, "another count of -sk 4 runs");
     }
     if ((fwd_sk == 5 || bwd_sk == 5) && spec->kind != STRUCT_MONARCH && !g_st_dense) {  // (not a fallback to the plans)
-        const long want = (fwd_sk == 5) + (bwd_sk == 5);
+        const int by_set = g_moe_sets && spec->kind == STRUCT_BTT_MOE;  // (the set path's backward is the plans')
+        const long want = (fwd_sk == 5) + (bwd_sk == 5 && !by_set);
         char got[64];
         snprintf(got, sizeof(got), "%ld launches", g_btt_mma_launches - mma0);
         snprintf(name, sizeof(name), "%s: the BTT kernel ran on mma.sync, %ld launch(es)", tag, want);
@@ -1297,10 +1345,17 @@ static void check_structures_vs_cpu(void) {
         check_layer_pairs_vs_cpu(&s, N, moe_pairs, 3);
         g_moe_sets = 1;  // -mg 1: tokens grouped by their set of experts (28 sets), then 6 experts top 4 (15 sets)
         check_layer_vs_cpu(&s, N);
+        for (int sk : {1, 2, 5}) {  // -mg 1 with the forward one fused launch over the sets (gates between the stages)
+            st_set_kernels(sk);
+            check_layer_vs_cpu(&s, N);
+        }
         if (sh == 0) {
             s.experts = 6; s.topk = 4; s.rank = 6;
             check_layer_vs_cpu(&s, N);
+            st_set_kernels(2);
+            check_layer_vs_cpu(&s, N);
         }
+        st_set_kernels(0);
         g_moe_sets = 0;
     }
     for (int mode = 0; mode <= 2; mode++) check_dense_group_vs_cpu(mode);
@@ -1358,6 +1413,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 11: with it, BTT's 23 choices (12 BTT layers: 0-11, then 11-22)
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 9);  // -sk 5 (mma.sync), with every check: 10 steps, determinism, resume
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 10);  // -mg 1 -sk 2 (the set path's forward fused), with every check
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;
@@ -1380,6 +1436,9 @@ int main(int argc, char **argv) {
     printf("# device: %s (sm_%d%d)\n", g_gpu.prop.name, g_gpu.prop.major, g_gpu.prop.minor);
     fixture_for_each_model(dir, run_fixture_modes);
     if (g_cudnn_only) return test_summary();
+    char got[48];
+    snprintf(got, sizeof(got), "%ld fixtures", g_sets_fused_fixtures);
+    check_true(g_sets_fused_fixtures > 0, "-mg 1 -sk 2 ran the set path's forward fused in some fixture (every check there)", got);
     check_structures_vs_cpu();
     check_autotune_choice();
     check_autotune_sets();

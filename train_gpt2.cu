@@ -79,15 +79,17 @@ typedef struct {
 } LinearState;
 
 // A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS,
-// ST_K_MMA or a forward and backward pair), and back. Grouping by set is -sk 0's plans with BTT-MoE's use_sets.
+// ST_K_MMA, a forward and backward pair, or ST_K_SETS_FUSED + -sk), and back. Grouping by set is
+// BTT-MoE's use_sets with any -sk but 4 (moe_sets_now): its forward's -sk says plans or fused, and
+// its backward is the plans' whatever sk_bwd says.
 static int lin_kernels(const LinearState *ls) {
     if (ls->as_dense) return ST_K_DENSE;
-    if (ls->moe.use_sets && ls->sk == 0 && ls->sk_bwd == 0) return ST_K_SETS;
+    if (ls->moe.use_sets && ls->sk != 4) return ls->sk ? ST_K_SETS_FUSED + ls->sk : ST_K_SETS;
     return st_kernel_of_sk(ls->sk, ls->sk_bwd);
 }
 static void lin_set_kernels(LinearState *ls, int k) {
     ls->as_dense = k == ST_K_DENSE;
-    ls->moe.use_sets = k == ST_K_SETS;
+    ls->moe.use_sets = k == ST_K_SETS || st_kernel_sets_fused(k);
     ls->sk = st_kernel_sk(k, 0);
     ls->sk_bwd = st_kernel_sk(k, 1);
 }
@@ -1206,10 +1208,10 @@ static void st_autotune(GPT2 *m) {
         free(units);
         return;
     }
-    // rep[u]: the first unit alike; t[(u·ST_K_COUNT + k)·2 + d]: unit u's time with kernels k,
-    // forward (d 0) and backward (d 1), timed for the reps only; diff[u·ST_K_COUNT + k]: against
-    // the plans' results
-    const size_t NT = (size_t)nu * ST_K_COUNT;
+    // rep[u]: the first unit alike; t[(u·ST_K_SLOTS + st_kernel_slot(k))·2 + d]: unit u's time with
+    // candidate k, forward (d 0) and backward (d 1), timed for the reps only; diff[u·ST_K_SLOTS +
+    // slot]: against the plans' results
+    const size_t NT = (size_t)nu * ST_K_SLOTS;
     int *rep = (int *)mallocCheck((size_t)nu * sizeof(int)), *was = (int *)mallocCheck((size_t)nu * sizeof(int));
     double *t = (double *)callocCheck(NT * 2, sizeof(double)), *diff = (double *)callocCheck(NT, sizeof(double));
     g_oom_note = ST_TUNE_OOM_NOTE;
@@ -1231,7 +1233,7 @@ static void st_autotune(GPT2 *m) {
         for (int u = 0; u < nu && !g_tune_clock; u++) tune_unit_run(&units[u]);  // untimed: the GPU up to its clocks before the first timing
     }
     for (int u = 0; u < nu; u++) {
-        int idx[3], cand[ST_K_COUNT];
+        int idx[3], cand[ST_K_SLOTS];
         const int nm = tune_unit_members(m, &units[u], idx);
         was[u] = lin_kernels(&m->lin[idx[0]]);
         rep[u] = u;
@@ -1244,7 +1246,7 @@ static void st_autotune(GPT2 *m) {
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
             for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], cand[c]);
             tune_unit_zero_grads(m, &units[u]);
-            const size_t at = (size_t)u * ST_K_COUNT + cand[c];
+            const size_t at = (size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c]);
             if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
             else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
             diff[at] = tune_unit_check(m, &units[u], c == 0, st_kernel_unpaired(cand[c]), &ref, &ref_cap, cmp_scratch);
@@ -1261,12 +1263,12 @@ static void st_autotune(GPT2 *m) {
     for (int u = 0; u < nu; u++) {
         const int r = rep[u];
         if (r == u) {
-            int cand[ST_K_COUNT];
+            int cand[ST_K_SLOTS];
             const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand, tune_unit_sets(m, &units[u]));
-            double tf[ST_K_COUNT], tb[ST_K_COUNT];
+            double tf[ST_K_SLOTS], tb[ST_K_SLOTS];
             for (int c = 0; c < nc; c++) {
-                tf[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2];
-                tb[c] = t[((size_t)u * ST_K_COUNT + cand[c]) * 2 + 1];
+                tf[c] = t[((size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c])) * 2];
+                tb[c] = t[((size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c])) * 2 + 1];
             }
             pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), !m->eval_only);
         } else {
@@ -1280,7 +1282,7 @@ static void st_autotune(GPT2 *m) {
         printf("-at 1: each structured layer's kernels, %s at %d rows, ms (* chosen; the flags' kept within %.0f%%):\n",
                m->eval_only ? "forward (-x 0)" : "forward and backward", m->B * m->T, 100.0 * ST_TUNE_MARGIN);
         printf("  %-14s %-10s %-22s %-4s", "layers", "role", "structure", "pass");
-        for (int k = 0; k < ST_K_COUNT; k++) printf(" %9s", st_kernel_names[k]);
+        for (int k = 0; k < ST_K_SLOTS; k++) printf(" %9s", st_kernel_names[k]);
         printf("  chosen\n");
         int *on = (int *)mallocCheck((size_t)(L + 1) * sizeof(int));
         for (int u = 0; u < nu; u++) {
@@ -1307,10 +1309,10 @@ static void st_autotune(GPT2 *m) {
             st_kernel_label(chosen, sizeof(chosen), pick[u]);
             const char *role = units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role];
             for (int d = 0; d < (m->eval_only ? 1 : 2); d++) {  // a line per pass, each marking its own kernels
-                const int mine = d ? st_kernel_bwd(pick[u]) : st_kernel_fwd(pick[u]);
+                const int mine = st_kernel_slot(d ? st_kernel_bwd(pick[u]) : st_kernel_fwd(pick[u]));
                 printf("  %-14s %-10s %-22s %-4s", d ? "" : layers, d ? "" : role, d ? "" : shape, d ? "bwd" : "fwd");
-                for (int k = 0; k < ST_K_COUNT; k++) {
-                    const double v = t[((size_t)u * ST_K_COUNT + k) * 2 + d];
+                for (int k = 0; k < ST_K_SLOTS; k++) {
+                    const double v = t[((size_t)u * ST_K_SLOTS + k) * 2 + d];
                     if (v >= ST_TUNE_REFUSED) printf(" %9s", "refused");
                     else if (v > 0.0) printf(" %8.3f%s", v, k == mine ? "*" : " ");
                     else printf(" %9s", "-");
@@ -1318,12 +1320,12 @@ static void st_autotune(GPT2 *m) {
                 if (d) printf("\n");
                 else printf("  %s\n", chosen);
             }
-            for (int k = 0; k < ST_K_COUNT; k++)
-                if (t[((size_t)u * ST_K_COUNT + k) * 2] >= ST_TUNE_REFUSED)
+            for (int k = 0; k < ST_K_SLOTS; k++)
+                if (t[((size_t)u * ST_K_SLOTS + k) * 2] >= ST_TUNE_REFUSED)
                     fprintf(stderr, "warning: -at 1: layers %s %s (%s): %s computes other results than the cuBLAS plans (-sk 0) on the "
                             "same inputs (max |difference| %.3g of the largest value, more than %g); it is not used. Please report this GPU "
                             "and config.\n",
-                            layers, role, shape, st_kernel_names[k], diff[(size_t)u * ST_K_COUNT + k], ST_TUNE_AGREE);
+                            layers, role, shape, st_kernel_names[k], diff[(size_t)u * ST_K_SLOTS + k], ST_TUNE_AGREE);
         }
         free(on);
     }
@@ -1413,7 +1415,7 @@ static void st_kernels_restore(GPT2 *m, const uint8_t *kern, const char *path) {
         if (!st_kernel_valid(kind, kern[i], sets))
             fatal("'%s': linear layer %d (%s) has kernels %d, which a %s layer%s cannot run; the file is corrupt, or from another model",
                   path, i, ld->layer < 0 ? "lm_head" : struct_role_names[ld->role], kern[i], struct_names[kind],
-                  kind == STRUCT_BTT_MOE && kern[i] == ST_K_SETS ? " of this shape (no grouping by set: it needs top 2, 4 or 8 and at most "
+                  kind == STRUCT_BTT_MOE && st_kernel_by_set(kern[i]) ? " of this shape (no grouping by set: it needs top 2, 4 or 8 and at most "
                                                                   "1024 sets)" : "");
         differ += kern[i] != m->kernels[i];
     }
@@ -1536,13 +1538,15 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-sm", &g_st_dense, NULL, 0, 2, "1: BTT and Monarch layers run as dense GEMMs on their weight matrix, materialized from the cores at every use "
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
-        {"-mg", &g_moe_sets, NULL, 0, 2, "BTT-MoE on the cuBLAS plans (-sk 0): 0 tokens grouped by expert (k rows a token); 1 grouped by their set of "
-                                         "experts (top 2, 4 or 8, at most 1024 sets): one row a token through the set's rank-k BTT, x and dy gathered "
-                                         "and y written once; 2: by set in the layers a model of this GPU's rates (structured/exec_model.h) finds "
-                                         "faster so at this run's rows (not yet measured on a GPU). -at 1 times the grouping by set as one of each "
-                                         "layer's choices; -mg then says only which choice it keeps within its margin (default: 0)"},
+        {"-mg", &g_moe_sets, NULL, 0, 2, "BTT-MoE: 0 tokens grouped by expert (k rows a token); 1 grouped by their set of experts (top 2, 4 or 8, "
+                                         "at most 1024 sets): one row a token through the set's rank-k BTT, x and dy read and y written once, its "
+                                         "backward on the cuBLAS plans, its forward too with -sk 0, else (-sk 1, 2, 3, 5) one launch of that fused "
+                                         "kernel over the sets, the gates applied between its stages (-sk 4 groups by expert); 2: by set in the "
+                                         "layers a model of this GPU's rates for the plans (structured/exec_model.h) finds faster so at this run's "
+                                         "rows (not yet measured on a GPU). -at 1 times the grouping by set, forward on the plans and fused, as "
+                                         "choices of each layer; -mg then says only which choice it keeps within its margin (default: 0)"},
         {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..5; BTT and Monarch also -sm's dense GEMMs, BTT-MoE -mg 1's "
-                                       "grouping by set) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
+                                       "grouping by set, its forward on the plans and fused as -sk 1, 2, 5) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk, -sm and -mg's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
@@ -1726,11 +1730,12 @@ static void trainer_banner(const GPT2 *m) {
                 const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
                 if (!ld->used || ld->spec.kind != STRUCT_BTT_MOE) continue;
                 n_moe++;
-                n_sets += lin_kernels(&m->lin[i]) == ST_K_SETS;
+                n_sets += st_kernel_by_set(lin_kernels(&m->lin[i]));
             }
-            char mg[64];
+            char mg[96];
             if (g_st_tune) snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-at 1)", n_sets, n_moe);
-            else if (g_st_sk != 0) snprintf(mg, sizeof(mg), "by expert: -mg takes the plans of -sk 0 only");
+            else if (g_st_sk == 4) snprintf(mg, sizeof(mg), "by expert: -sk 4's layout has no grouping by set");
+            else if (g_st_sk) snprintf(mg, sizeof(mg), "by set of experts in %d of %d (-mg %d, -sk %d fwd)", n_sets, n_moe, g_moe_sets, g_st_sk);
             else snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-mg %d)", n_sets, n_moe, g_moe_sets);
             printf("| BTT-MoE grouping      | %-50s |\n", mg);
         }

@@ -241,7 +241,9 @@ static inline BT_HD int bt_tile_rows(const BtGeom *g, int N, int tile) {
 // tiles, and the GPU writes the tile table (BT_TILE_INTS ints per tile: segment, first grouped
 // row, rows) and the tile count itself (bt_seg_fill), so no host needs the counts and the launch
 // has a fixed grid: at most bt_seg_max_tiles tiles. A plain launch is the one-segment case
-// (tiles = NULL: tile t is rows t*tm .. of N, segment 0, x rows not remapped).
+// (tiles = NULL: tile t is rows t*tm .. of N, segment 0, x rows not remapped). BTT-MoE grouped by
+// set of experts (moe_sets.cuh) is C(E, k) segments of rank-k BTTs, a row per token (K = 1), with
+// gate: each row's k components of z scaled by its gates once stage 1 has written the z tile.
 #define BT_TILE_INTS 3
 typedef struct {
     const int *tiles;    // tile table, NULL for a plain launch
@@ -249,6 +251,9 @@ typedef struct {
     const int *order;    // grouped row -> pair index (x row = order[w] / K)
     int K;
     size_t w0_stride, w1_stride;  // elements between consecutive segments' W0 and W1
+    const float *gate;   // NULL, or rho floats per grouped row: z's rank component s of row w is scaled by
+                         // gate[w·rho + s] between the stages (BTT-MoE's set path: each expert's gate; rho
+                         // divides 8)
 } BtSeg;
 typedef struct { int seg, r0, rows; } BtTile;
 static inline BT_HD int bt_seg_max_tiles(int rows_total, int S, int tm) { return bt_ceil_div(rows_total, tm) + S; }

@@ -168,6 +168,32 @@ __device__ __forceinline__ void bt_w_store(floatX *ws, const uint4 pre[BT_WVEC],
         if (it.o < rows) st16(ws + bt_w_smem(&g, it.o, it.i * 8), pre[k]);
 }
 
+// Two bf16 of a word (lo first, as they lie in memory) times a and b, rounded to bf16 again.
+__device__ __forceinline__ unsigned bt_scale_bf16x2(unsigned w, float a, float b) {
+    return pack_bf16x2(__uint_as_float(w << 16) * a, __uint_as_float(w & 0xffff0000u) * b);
+}
+
+// BtSeg.gate (BTT-MoE's set path): the z tile's rows < rows in place, each value of rank
+// component s of row m times gate[(r0 + m)·rho + s], rounded to bf16 again (as the cuBLAS plans'
+// permute of z does it: moe_sets.cuh), 16 bytes a thread. rho divides 8 and a vector starts at a
+// column that is a multiple of 8, so its 8 values are components 0 .. rho - 1 over and over.
+__device__ __forceinline__ void bt_z_gate(floatX *zs, const BtGeom &g, const float *__restrict__ gate, int r0, int rows) {
+    BtWalk it;
+    for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it)) {
+        const float *gr = gate + (size_t)(r0 + it.o) * g.R;
+        float gv[8];
+#pragma unroll
+        for (int t = 0; t < 8; t++) gv[t] = __ldg(gr + (t & (g.R - 1)));  // column it.i·8 + t's component (rho a power of 2)
+        floatX *p = zs + bt_z_smem(&g, it.o, it.i * 8);
+        uint4 v = ld16(p);
+        v.x = bt_scale_bf16x2(v.x, gv[0], gv[1]);
+        v.y = bt_scale_bf16x2(v.y, gv[2], gv[3]);
+        v.z = bt_scale_bf16x2(v.z, gv[4], gv[5]);
+        v.w = bt_scale_bf16x2(v.w, gv[6], gv[7]);
+        st16(p, v);
+    }
+}
+
 // One of a lane's four values chosen by a lane-dependent index, as selects (no local memory).
 __device__ __forceinline__ uint32_t bt_pick4(const uint32_t v[4], int i) { return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3]; }
 
@@ -365,6 +391,10 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
                 }
             }
             __syncthreads();  // z tile complete
+            if (sg.gate) {  // BTT-MoE by set: each component times its gate, before z is saved and read
+                bt_z_gate(zs, g, sg.gate, r0, rows);
+                __syncthreads();
+            }
 
             // ---- saved z: the tile's rows < N, already in the saved layout (group q's slice of a row)
             if (zout) {
@@ -713,11 +743,15 @@ static inline size_t btt_fused_seg_scratch_ints(int rows_total, int S, int tm) {
 // e is grouped rows [offsets[e], offsets[e] + counts[e]) (device arrays, rows_total = their sum,
 // known on the host as an upper bound of the grid), cores W0 + e*|W0|, W1 + e*|W1|, x rows
 // order[w] / K. y (rows_total, d_out) and z (rows_total, zrow, may be NULL) in grouped order, no
-// bias. scratch: btt_fused_seg_scratch_ints(rows_total, S, tm) ints. Returns 0 (nothing launched)
-// when the shape, device or alignment is not supported: use the per-segment path then.
+// bias. gate (may be NULL; rho dividing 8): grouped row w's rank component s of z times
+// gate[w·rho + s] between the stages (BtSeg.gate: BTT-MoE by set). scratch:
+// btt_fused_seg_scratch_ints(rows_total, S, tm) ints. Returns 0 (nothing launched) when the
+// shape, device or alignment is not supported: use the per-segment path then.
 static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, const int *order, int K, const floatX *W0, const floatX *W1,
-                                 const int *counts, const int *offsets, int S, int rows_total, const BTTShape *s, int *scratch) {
+                                 const int *counts, const int *offsets, int S, int rows_total, const BTTShape *s, int *scratch,
+                                 const float *gate = NULL) {
     BtGeom g;
+    if (gate && 8 % s->rank) return 0;
     if (!btt_fused_geom(&g, s, btt_fused_smem_limit(), 0)) return 0;
     const int tm = g.tm;
     const size_t w0s = btt_w0_size(s), w1s = btt_w1_size(s);
@@ -728,7 +762,7 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     int *table = scratch, *ntiles = scratch + (size_t)max_tiles * BT_TILE_INTS;
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
-    BtSeg sg = {table, ntiles, order, K, w0s, w1s};
+    BtSeg sg = {table, ntiles, order, K, w0s, w1s, gate};
     W1 = btt_fused_w1(&g, W1, s, S);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();

@@ -69,7 +69,8 @@ typedef struct {
 // (moe_sets.cuh) where the shape allows; 2: those exec_model.h models faster so at the layer's
 // rows on this GPU; 0: by expert. Read when a layer's state is allocated.
 static int g_moe_sets = 0;
-static long g_moe_sets_runs = 0;  // set-path forwards and backwards run (tests)
+static long g_moe_sets_runs = 0;        // set-path forwards and backwards run (tests)
+static long g_moe_sets_fused_runs = 0;  // set-path forwards on the fused kernel (tests)
 // The set path for this shape at N rows if g_moe_sets asks for it: its number of sets, else 0.
 static inline int moe_sets_wanted(const MoEShape *s, int N) {
     if (!g_moe_sets || !moe_set_count(s)) return 0;
@@ -153,8 +154,10 @@ static void moe_gpu_state_alloc(MoEGPUState *st, const MoEShape *s, int N, const
     st->bytes[1] = gs.z * sizeof(floatX);
     cudaCheck(cudaMemset(st->z, 0, gs.z * sizeof(floatX)));  // the spare tile's rows are read, never used
     snprintf(name, sizeof(name), "%s: BTT-MoE fused forward's tile table", what);
-    st->tiles = cudaMallocNamed(int, btt_fused_seg_scratch_ints((int)NK, (int)E, 16), name);
-    st->bytes[2] = btt_fused_seg_scratch_ints((int)NK, (int)E, 16) * sizeof(int);
+    size_t table = btt_fused_seg_scratch_ints((int)NK, (int)E, 16);  // by expert; by set (a row a token, S segments) where larger
+    if (st->sets && btt_fused_seg_scratch_ints(N, st->S, 16) > table) table = btt_fused_seg_scratch_ints(N, st->S, 16);
+    st->tiles = cudaMallocNamed(int, table, name);
+    st->bytes[2] = table * sizeof(int);
     if (st->sets) {  // the set path's per-token arrays and tables
         const int K = s->topk, per = (int)moe_binom((int)E - 1, K - 1);
         const size_t ints = (size_t)N + NK + (size_t)st->S * K + E * per + gs.rows * K;  // the last: rgate (floats)
@@ -702,9 +705,12 @@ static void moe_forward_tiled(MoEGPUState *st, MoEGPUScratch *sc, const floatX *
 }
 
 // The set path's forward (moe_sets.cuh; st->sets): the routing, each token's set, the grouping by
-// set, the sets' cores; x gathered once per token; per tile the rank-k BTT's plan, whose permute
-// of z scales each component by its gate (the saved z is gated); each token's row copied back
-// with the bias (and GELU).
+// set, the sets' cores; then with g_st_fused (and a shape the kernel takes) every set's rank-k
+// BTT in ONE segmented launch of btt_fused.cuh's kernel, x rows read through the grouping, each
+// component of the z tile scaled by its gate between the stages; else x gathered once per token
+// and per tile the rank-k BTT's plan, whose permute of z scales each component by its gate.
+// Either way the saved z is gated and rounded as the plans round it (their backward reads it:
+// a set path's backward is always theirs); each token's row copied back with the bias (and GELU).
 static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                                  const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
     const int K = s->topk, S = st->S, dout = s->btt.d_out;
@@ -718,7 +724,12 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     moe_set_row_gates_kernel<<<ceil_div_i((long)rows * K, 256), 256>>>(st->rgate, st->gate, st->kof, st->order, st->offsets + S, rows, K);
     cudaCheckLaunch();
     moe_group_cores(sc, &g, W0, W1, s);
-    moe_forward_tiled(st, sc, x, s, &g, 0);
+    if (g_st_fused) st_step(g_btt_mma ? "sets, fused on mma.sync (one launch; W1 packed first)" : "sets, fused (one launch)");
+    // the padding rows of z stay unwritten: the plans' backward gathers zero dy rows there
+    const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, 1, sc->w0x, sc->w1x, st->counts, st->offsets, S, N,
+                                                          &g.shape, st->tiles, st->rgate);
+    g_moe_sets_fused_runs += fused;
+    if (!fused) moe_forward_tiled(st, sc, x, s, &g, 0);
     st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, NULL, st->pos, bias, N, 1, dout, pre_gelu, y_ld ? y_ld : dout,
                                                                        0);
@@ -726,15 +737,15 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
 }
 
 // Whether a forward now takes the set path: the layer groups by set and the kernels are the
-// cuBLAS plans (-sk 0; the fused and -sk 4 paths group by expert).
-static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && st->use_sets && !g_st_fused && !g_st_zt; }
+// cuBLAS plans or the fused kernel (-sk 0..3, 5; -sk 4's layout groups by expert).
+static inline int moe_sets_now(const MoEGPUState *st) { return st->sets && st->use_sets && !g_st_zt; }
 
 // y (N, d_out) overwritten; st keeps what the backward needs. x, W0, W1, router: the layer's
 // input and tensors. With g_st_fused and a shape btt_fused.cuh supports, the experts run as one
 // segmented fused launch (x gathered on the fly); else the tiled cuBLAS plans on gathered rows.
 // Either way nothing waits for the host. With pre_gelu: pre_gelu = the layer's output, y = its
-// GELU (both written by the combine). With st->use_sets and the plans (-sk 0), grouped by set of
-// experts instead (moe_forward_sets_gpu).
+// GELU (both written by the combine). With st->use_sets (but not -sk 4), grouped by set of
+// experts instead (moe_forward_sets_gpu: on the plans, or fused with g_st_fused).
 static void moe_forward_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                             const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu = NULL, int y_ld = 0) {
     if (moe_sets_now(st)) {

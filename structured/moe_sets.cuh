@@ -1,5 +1,5 @@
 // structured/moe_sets.cuh: BTT-MoE's tokens grouped by their SET of experts (-mg 1), the pieces
-// moe_gpu.cuh's set path runs on the cuBLAS plans.
+// moe_gpu.cuh's set path runs on the cuBLAS plans, and its forward on the fused kernel.
 //
 // Why: grouped by expert, every token is k rows of the grouped buffers: x gathered k times, each
 // expert's y written, read back and added by the combine (k + 1 output rows a token), dy gathered
@@ -19,6 +19,14 @@
 // component by its token's gate on the way (PlanEpi.scale): the saved z is the gated one, which
 // is what dW1 = (g·z)ᵀ dY reads; d g_j = <z_j, dZu_j> = <(g·z)_j, dZu_j> / g_j (0 where g_j = 0:
 // the gate softmax's gradient multiplies it by g_j).
+//
+// The fused forward (-mg 1 with -sk 1, 2, 3 or 5): every set's rank-k BTT in one segmented launch
+// of btt_fused.cuh's kernel (a set a segment, x rows read through the grouping: no gathered copy),
+// each z tile's components scaled by their rows' gates in shared memory between the stages
+// (BtSeg.gate, from the same per-row gates the permute reads, rounded as it rounds), so x is read
+// once, z written once (the saved, gated z) and y once a token. Its backward is the plans' on that
+// z. A fused backward would need the gates between the transposed BTT's stages too (dZ = g·dZu for
+// dx and dW0) and dgate from the ungated dZu: not built.
 //
 // Sets are numbered by the combinatorial number system: the set c_0 < c_1 < ... < c_{k-1} is
 // Σ_j C(c_j, j + 1), 0 .. C(E, k) - 1. Per token the set path keeps sid (its set) and kof (N, k):

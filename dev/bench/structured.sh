@@ -132,7 +132,8 @@ runs=()  # "config|flags": the structured configs also with -sk 1 (the fused ker
          # have BTT or Monarch layers, with -sm 1 (all of those as dense GEMMs on materialized
          # weights), -sm 2 (those that structured/exec_model.h models faster so) and -at 1 (each
          # layer's kernels timed at startup, the fastest run; its table follows the run's line),
-         # and where they have BTT-MoE layers with -mg 1 (tokens grouped by set of experts)
+         # and where they have BTT-MoE layers with -mg 1 (tokens grouped by set of experts) and
+         # -mg 1 -sk 2 (that with its forward one fused launch over the sets)
 for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue
@@ -141,7 +142,7 @@ for conf in "${configs[@]}"; do
     grep -qE '^struct *= *btt *$' "$conf" && runs+=("$conf|-sk 3")
     runs+=("$conf|-sk 4")
     grep -qE '^struct *= *(btt|monarch) *$' "$conf" && runs+=("$conf|-sm 1" "$conf|-sm 2" "$conf|-at 1")
-    grep -qE '^struct *= *btt_moe *$' "$conf" && runs+=("$conf|-mg 1")
+    grep -qE '^struct *= *btt_moe *$' "$conf" && runs+=("$conf|-mg 1" "$conf|-mg 1 -sk 2")
 done
 for run in "${runs[@]}"; do
     conf=${run%%|*}

@@ -25,7 +25,7 @@ $1 != "RESULT" { next }
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]
     FW[n] = ("fwd_ms" in r) ? r["fwd_ms"] + 0 : -1
-    base = S[n]; sub(/_(fused|ws|mma|split|zt|sm|sets)$/, "", base)  # a fused (or -sm 1, -mg 1) row is the same layer as PyTorch computes it
+    base = S[n]; sub(/_(fused|ws|mma|split|zt|sm)$/, "", base); sub(/_sets$/, "", base)  # a fused (or -sm 1, -mg 1) row is the same layer as PyTorch computes it
     BASE[n] = base
     key = DIN[n] "/" DOUT[n] "/" base
     TM[n] = (key in tms) ? tms[key] : "-"
@@ -58,13 +58,9 @@ END {
         if (D[i] >= 1024 && S[i] ~ /^(btt_r[124]|monarch_)/) {
             n3++; if (!(VS[i] < 1.0)) { m3++; g3 = g3 sprintf("%s %s %.2fx", (g3 == "" ? "" : ","), tag, VS[i]) }
         }
-        if (((S[i] == "btt_moe_8x2" || S[i] == "btt_moe_8x2_sets") && ((DIN[i] "/" DOUT[i]) in R2)) ||
-            (S[i] == "btt_moe_8x2_fused" && ((DIN[i] "/" DOUT[i]) in R2F)) ||
-            (S[i] == "btt_moe_8x2_ws" && ((DIN[i] "/" DOUT[i]) in R2W)) || (S[i] == "btt_moe_8x2_zt" && ((DIN[i] "/" DOUT[i]) in R2Z)) ||
-            (S[i] == "btt_moe_8x2_mma" && ((DIN[i] "/" DOUT[i]) in R2M))) {
-            sh = DIN[i] "/" DOUT[i]
-            r2 = S[i] ~ /^btt_moe_8x2(_sets)?$/ ? R2[sh] : S[i] == "btt_moe_8x2_fused" ? R2F[sh] : S[i] == "btt_moe_8x2_ws" ? R2W[sh] : R2Z[sh]
-            q = MS[i] / (S[i] == "btt_moe_8x2_mma" ? R2M[sh] : r2)
+        r2 = BASE[i] == "btt_moe_8x2" ? r2_same_path(S[i], DIN[i] "/" DOUT[i]) : 0
+        if (r2 > 0) {
+            q = MS[i] / r2
             n4++; if (!(q <= 1.5)) { m4++; g4 = g4 sprintf("%s %s %.2fx", (g4 == "" ? "" : ","), tag, q) }
         }
     }
@@ -84,9 +80,21 @@ END {
     fastest()
 }
 
-# A path's name from its row's suffix: the trainer's flag that runs it.
-function path_name(s) {
-    return s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_mma$/ ? "-sk 5" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : s ~ /_sets$/ ? "-mg 1" : "-sk 0"
+# The time of BTT rank 2 of shape sh on the kernels a BTT-MoE row s runs (a set path's forward
+# fused as -sk 2 or 5: that kernel's row), or 0 when there is no such row.
+function r2_same_path(s, sh) {
+    if (s ~ /_(ws)$/) return (sh in R2W) ? R2W[sh] : 0
+    if (s ~ /_(mma)$/) return (sh in R2M) ? R2M[sh] : 0
+    if (s ~ /_fused$/) return (sh in R2F) ? R2F[sh] : 0
+    if (s ~ /_zt$/) return (sh in R2Z) ? R2Z[sh] : 0
+    return (sh in R2) ? R2[sh] : 0
+}
+
+# A path's name from its row's suffix: the trainer's flags that run it.
+function path_name(s,   sets) {
+    sets = s ~ /_sets(_[a-z]+)?$/ ? "-mg 1 " : ""
+    if (sets != "" && s ~ /_sets$/) return "-mg 1"
+    return sets (s ~ /_fused$/ ? "-sk 1" : s ~ /_ws$/ ? "-sk 2" : s ~ /_mma$/ ? "-sk 5" : s ~ /_split$/ ? "-sk 3" : s ~ /_zt$/ ? "-sk 4" : s ~ /_sm$/ ? "dense (-sm 1)" : "-sk 0")
 }
 
 # Each (d, shape, structure)'s fastest path, as -at 1 chooses it (without its 3% margin): the

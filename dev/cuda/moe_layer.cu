@@ -1,5 +1,5 @@
-// dev/cuda/moe_layer.cu: a BTT-MoE layer's forward + backward on the cuBLAS baseline (-sk 0), three
-// versions of how the experts run:
+// dev/cuda/moe_layer.cu: a BTT-MoE layer's forward + backward, versions of how the experts run
+// (v1-v3 on the cuBLAS baseline, -sk 0):
 //   v1  per expert: the expert counts are copied to the host (the host waits for the routing),
 //       then each expert's plans run on its rows (gpu_plan.h's plan_btt_*; 3 launches per expert
 //       forward, 5 backward): the trainer's path until 2026-12-04
@@ -14,13 +14,19 @@
 //       instead of k expert rows combined; the permute between the two GEMMs scales z by the
 //       gates. Modelled at 0.86x v2's time at 768 -> 3072, 32K tokens (exec_model.h,
 //       st_moe_seconds: more padding, rank-2 weight partials); not yet measured
+//   v4  v3 with its forward ONE launch of the fused BTT kernel over the sets (the trainer's -mg 1
+//       -sk 2: W0 staged): x rows read through the grouping (no gathered copy), the gates applied
+//       to the z tile in shared memory between the stages, the gated z saved once and y written
+//       once a token; the backward v3's. Not yet measured
+//   v5  by expert, forward and backward on the fused kernels (the trainer's -sk 2, W0 staged):
+//       what v4 is up against
 // All are checked against the CPU layer (moe.h) on a draw of CHECK_N tokens routed as the CPU
 // routes them (the GPU follows its selections, as in test mode): y and dx on every row, dW0, dW1
 // and the router's gradient. Then each is timed at N tokens twice: with the same input every
 // repetition (v1's expert shapes repeat, as in a benchmark of one layer), and with two inputs
 // alternating (the routing, so v1's GEMM shapes, change every repetition, as in training).
 //
-// Build: make -C dev/cuda moe_layer    Run: ./dev/cuda/moe_layer [version: 0 all, 1, 2, 3] [tokens, default 32768]
+// Build: make -C dev/cuda moe_layer    Run: ./dev/cuda/moe_layer [version: 0 all, 1 .. 5] [tokens, default 32768]
 #include "harness.cuh"
 #include "structured/structured.cuh"
 
@@ -160,13 +166,13 @@ static void layer_alloc(Layer *L, const MoECase *c, int N, int version, float **
     cudaCheck(cudaMalloc(&L->dR, nr * sizeof(floatX)));
     cudaCheck(cudaMalloc(&L->te1, (size_t)N * c->topk * sizeof(int)));
     memset(&L->st, 0, sizeof(L->st));
-    g_moe_sets = version == 3;  // the state (and the scratch below) with the set path's arrays
+    g_moe_sets = version == 3 || version == 4;  // the state (and the scratch below) with the set path's arrays
     moe_gpu_state_alloc(&L->st, s, N, "moe_layer");
     cudaCheck(cudaMemset(L->st.fhat, 0, (size_t)c->experts * sizeof(float)));  // the aux gradient: daux = 0
     cudaCheck(cudaMalloc(&L->mem, moe_gpu_scratch_elems(s, N) * sizeof(floatX)));
     cudaCheck(cudaMalloc(&L->fmem, moe_gpu_scratch_floats(s, N) * sizeof(float)));
     moe_gpu_scratch_bind(&L->sc, &L->st, s, N, L->mem, L->fmem);
-    if (version == 3 && !L->st.sets) {
+    if ((version == 3 || version == 4) && !L->st.sets) {
         fprintf(stderr, "moe_layer: %s does not take the set path (moe_sets.cuh)\n", c->name);
         exit(1);
     }
@@ -193,8 +199,10 @@ static void step(Layer *L, int version, int which_x) {
         v1_forward(L->y, &L->st, &L->sc, L->te1, x, L->W0, L->W1, L->R, L->N, &L->s);
         v1_backward(L->dx, L->dW0, L->dW1, L->dR, L->dy, x, &L->st, &L->sc, L->W0, L->W1, L->R, &L->s);
     } else {
+        st_set_kernels(version >= 4 ? 2 : 0);  // v4: the set path's forward fused; v5: by expert, fused both ways
         moe_forward_gpu(L->y, &L->st, &L->sc, x, L->W0, L->W1, L->R, NULL, L->N, &L->s);
         moe_backward_gpu(L->dx, L->dW0, L->dW1, L->dR, NULL, L->dy, 0.0f, x, &L->st, &L->sc, L->W0, L->W1, L->R, &L->s, NULL);
+        st_set_kernels(0);
     }
 }
 
@@ -224,9 +232,14 @@ static void check_version(const MoECase *c, int version) {
     int *sel_d = dev_upload(cst.sel, (size_t)N * c->topk);  // the GPU routes as the CPU (near ties under bf16 logits)
     L.st.forced_sel = sel_d;
     zero_grads(&L);
+    const long fused0 = g_moe_sets_fused_runs, sets0 = g_moe_sets_runs;
     step(&L, version, 0);
     cudaCheck(cudaDeviceSynchronize());
     char what[160];
+    // the version ran what it says, not a fallback: v3 and v4 the set path both ways, v4 its forward fused
+    snprintf(what, sizeof(what), "%s v%d: set-path runs, of them fused forwards", c->name, version);
+    dev_check_same_bits(what, (float)((g_moe_sets_runs - sets0) * 10 + (g_moe_sets_fused_runs - fused0)),
+                        version == 3 ? 20.0f : version == 4 ? 21.0f : 0.0f);
     float *gy = dev_download_bf16(L.y, (size_t)N * dout), *gdx = dev_download_bf16(L.dx, (size_t)N * din);
     snprintf(what, sizeof(what), "%s v%d: y, %d rows", c->name, version, N);
     dev_check_rows(what, gy, ry, N, dout, NULL, NULL);
@@ -247,7 +260,7 @@ static void check_version(const MoECase *c, int version) {
 
 int main(int argc, char **argv) {
     gpu_init(0);
-    const int version = dev_version_arg(argc, argv, 3);
+    const int version = dev_version_arg(argc, argv, 5);
     const int N = argc > 2 ? atoi(argv[2]) : 32768;
     if (N < 1) {
         fprintf(stderr, "moe_layer: tokens must be a positive number (got '%s')\n", argv[2]);
@@ -258,10 +271,11 @@ int main(int argc, char **argv) {
         {"btt_moe 768->768 8/top-2", 768, 768, 8, 2},
         {"btt_moe 2048->8192 8/top-2", 2048, 8192, 8, 2},
     };
-    printf("moe_layer: BTT-MoE forward + backward on the cuBLAS baseline, N = %d tokens, bf16, on %s\n", N, g_gpu.prop.name);
+    printf("moe_layer: BTT-MoE forward + backward (v1-v3 cuBLAS, v4 its forward fused, v5 fused by expert), N = %d tokens, bf16, on %s\n", N,
+           g_gpu.prop.name);
     for (const MoECase &c : cases) {
-        float ms[4][2] = {{0}};
-        for (int v = 1; v <= 3; v++) {
+        float ms[6][2] = {{0}};
+        for (int v = 1; v <= 5; v++) {
             if (version && v != version) continue;
             check_version(&c, v);
             Layer L;
@@ -271,12 +285,14 @@ int main(int argc, char **argv) {
             ms[v][0] = dev_time_ms([&]() { step(&L, v, 0); });
             ms[v][1] = dev_time_ms([&]() { step(&L, v, flip ^= 1); });
             printf("  %-28s v%d  %8.3f ms same routing, %8.3f ms routing changing every step (tiles of %d rows)\n", c.name, v, ms[v][0],
-                   ms[v][1], v == 3 ? L.st.set_tile_rows : L.st.tile_rows);
+                   ms[v][1], v == 3 || v == 4 ? L.st.set_tile_rows : L.st.tile_rows);
             layer_free(&L);
         }
         if (!version) {
             printf("  %-28s v2 / v1: %.2fx same routing, %.2fx routing changing\n", c.name, ms[2][0] / ms[1][0], ms[2][1] / ms[1][1]);
             printf("  %-28s v3 / v2: %.2fx same routing, %.2fx routing changing\n", c.name, ms[3][0] / ms[2][0], ms[3][1] / ms[2][1]);
+            printf("  %-28s v4 / v3: %.2fx same routing, %.2fx routing changing\n", c.name, ms[4][0] / ms[3][0], ms[4][1] / ms[3][1]);
+            printf("  %-28s v4 / v5: %.2fx same routing, %.2fx routing changing\n", c.name, ms[4][0] / ms[5][0], ms[4][1] / ms[5][1]);
         }
     }
     return dev_summary();

@@ -1493,6 +1493,98 @@ static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, in
     check_scaled(zf, down_bf16(z_d[0], z.size()), 1e-2f, 1e-2f, nm("%s: z vs the kernel on wmma", tag));
 }
 
+// BtSeg.gate (BTT-MoE grouped by set, its forward fused: -mg 1 with -sk 1, 2 or 5): S segments
+// of one rank-R BTT shape in one launch over grouped rows, a row a token (x rows read through
+// order, K = 1), segments padded to whole 16-row tiles with rows the kernel must skip, one segment
+// empty; each row's z components times its gates between the stages. The saved z bit for bit the
+// ungated launch's z times the gate, rounded to bf16 once more (the plans' permute's rounding);
+// y against stage 2 on that z in double; nothing written in the padding rows.
+static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, int R, int S, int ws, int mma) {
+    BTTShape s;
+    btt_shape(&s, alpha, gamma, phi, eps, R);
+    const int din = s.d_in, dout = s.d_out, zrow = (int)btt_z_size(&s, 1), gr = gamma * R;
+    const size_t p0 = btt_w0_size(&s), p1 = btt_w1_size(&s);
+    std::vector<int> counts(S), offsets(S + 1, 0), order, tok(N);
+    int left = N;
+    for (int q = 0; q < S; q++) {  // segment 1 empty, the rest a share each, the last what is left
+        counts[q] = q == 1 ? 0 : q == S - 1 ? left : (int)(urand() * 2.0 * N / S);
+        if (counts[q] > left) counts[q] = left;
+        left -= counts[q];
+        offsets[q + 1] = offsets[q] + (counts[q] + 15) / 16 * 16;
+    }
+    for (int t = 0; t < N; t++) tok[t] = t;
+    for (int t = N - 1; t > 0; t--) std::swap(tok[t], tok[(int)(urand() * (t + 1))]);  // tokens in shuffled order
+    const int rows = offsets[S];
+    order.assign(rows, -1);
+    for (int q = 0, t = 0; q < S; q++)
+        for (int i = 0; i < counts[q]; i++) order[offsets[q] + i] = tok[t++];
+    Vec x = rand_bf16((size_t)N * din, 1.0f), W0 = rand_bf16(p0 * S, 1.0f / sqrtf((float)alpha)), W1 = rand_bf16(p1 * S, 1.0f / sqrtf((float)gr));
+    std::vector<float> gate((size_t)rows * R);
+    for (auto &v : gate) v = (float)urand();
+    Dev d;
+    floatX *x_d = d.add(up_bf16(x)), *W0_d = d.add(up_bf16(W0)), *W1_d = d.add(up_bf16(W1));
+    int *ord_d = d.add(up(order)), *cnt_d = d.add(up(counts)), *off_d = d.add(up(offsets));
+    int *tab_d = d.add(dev_alloc<int>(btt_fused_seg_scratch_ints(N, S, 16)));
+    float *gate_d = d.add(up(gate));
+    floatX *y_d[2], *z_d[2];
+    g_btt_wstage = ws;
+    g_btt_mma = mma;
+    int ok = 1;
+    for (int gt = 0; gt < 2; gt++) {
+        y_d[gt] = d.add(dev_alloc<floatX>((size_t)rows * dout));
+        z_d[gt] = d.add(dev_alloc<floatX>((size_t)rows * zrow));
+        cudaCheck(cudaMemset(y_d[gt], 0xff, (size_t)rows * dout * sizeof(floatX)));  // NaN where nothing may be written
+        cudaCheck(cudaMemset(z_d[gt], 0xff, (size_t)rows * zrow * sizeof(floatX)));
+        ok &= btt_forward_fused_seg(y_d[gt], z_d[gt], x_d, ord_d, 1, W0_d, W1_d, cnt_d, off_d, S, N, &s, tab_d, gt ? gate_d : NULL);
+    }
+    g_btt_wstage = g_btt_mma = 0;
+    const char *how = mma ? "on mma.sync" : ws ? "W0 staged" : "wmma";
+    char tag[192];
+    snprintf(tag, sizeof(tag), "fused btt by set, gated (%s): %d sets of rank %d, %d->%d, %d tokens in %d grouped rows", how, S, R, din, dout, N,
+             rows);
+    if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused_seg returned 0")) return;
+    const std::vector<uint16_t> z0 = down_bits(z_d[0], (size_t)rows * zrow), z1 = down_bits(z_d[1], (size_t)rows * zrow),
+                                y1b = down_bits(y_d[1], (size_t)rows * dout);
+    const Vec y1 = down_bf16(y_d[1], (size_t)rows * dout);
+    size_t zbad = 0, padbad = 0;
+    Vec zg((size_t)rows * zrow, 0.0f), yref((size_t)rows * dout, 0.0f);
+    for (int w = 0; w < rows; w++) {
+        if (order[w] < 0) {  // padding: untouched (still all bits set)
+            for (int c = 0; c < zrow; c++) padbad += z1[(size_t)w * zrow + c] != 0xffff;
+            for (int c = 0; c < dout; c++) padbad += y1b[(size_t)w * dout + c] != 0xffff;
+            continue;
+        }
+        for (int c = 0; c < zrow; c++) {  // column c = (f, g, s): component s = c % R
+            uint32_t b = (uint32_t)z0[(size_t)w * zrow + c] << 16;
+            float v;
+            memcpy(&v, &b, 4);
+            const float want = bfr(v * gate[(size_t)w * R + c % R]);
+            b = (uint32_t)z1[(size_t)w * zrow + c] << 16;
+            memcpy(&v, &b, 4);
+            zbad += !(v == want || (want != want && v != v));
+            zg[(size_t)w * zrow + c] = v;
+        }
+    }
+    for (int q = 0; q < S; q++)  // y = Σ_{g,s} z[(f, g, s)] W1_q[f, g·R + s, e] on the gated z
+        for (int w = offsets[q]; w < offsets[q] + counts[q]; w++)
+            for (int f = 0; f < phi; f++)
+                for (int e = 0; e < eps; e++) {
+                    double acc = 0.0;
+                    for (int k = 0; k < gr; k++) acc += (double)zg[(size_t)w * zrow + f * gr + k] * W1[q * p1 + ((size_t)f * gr + k) * eps + e];
+                    yref[(size_t)w * dout + f * eps + e] = (float)acc;
+                }
+    char why[96];
+    snprintf(why, sizeof(why), "%zu of %zu elements differ", zbad, (size_t)N * zrow);
+    check_true(zbad == 0, nm("%s: z = bf16(ungated z x its gate), bit for bit", tag), why);
+    snprintf(why, sizeof(why), "%zu padding elements written", padbad);
+    check_true(padbad == 0, nm("%s: padding rows of y and z untouched", tag), why);
+    Vec yv, rv;
+    for (int w = 0; w < rows; w++)
+        if (order[w] >= 0)
+            for (int c = 0; c < dout; c++) yv.push_back(y1[(size_t)w * dout + c]), rv.push_back(yref[(size_t)w * dout + c]);
+    check_scaled(yv, rv, 1e-2f, 1e-2f, nm("%s: y vs stage 2 on the gated z (double)", tag));
+}
+
 // The fused BTT backward (-sk 1): dx and dZ from one launch of the fused kernel on dy with the
 // transposed cores, then the weight-gradient GEMMs; against the CPU layer and the cuBLAS baseline.
 static void test_btt_fused_backward(int N, int alpha, int gamma, int phi, int eps, int rank) {
@@ -2337,6 +2429,11 @@ int main(int argc, char **argv) {
         g_btt_wstage = g_btt_mma = 1;            // the segmented launches on mma.sync: W1 packed for every expert
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);
         g_btt_wstage = g_btt_mma = 0;
+        // BTT-MoE by set, fused (-mg 1 -sk 1, 2, 5): gates between the stages, each kernel
+        for (int v = 0; v < 3; v++) test_btt_fused_gate(150, 16, 16, 16, 16, 2, 28, v > 0, v == 2);  // 256 -> 256, 8 experts top 2
+        test_btt_fused_gate(90, 16, 48, 32, 96, 2, 6, 1, 1);   // GPT-2 768 -> 3072, 4 experts top 2 (6 sets)
+        test_btt_fused_gate(70, 16, 16, 16, 16, 4, 15, 0, 0);  // 6 experts top 4: rank 4
+        test_btt_fused_gate(70, 16, 16, 16, 16, 4, 15, 1, 1);
     }
     if (want("order")) test_random_order();
     return test_summary();

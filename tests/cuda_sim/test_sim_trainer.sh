@@ -232,7 +232,8 @@ done
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at1" -n 2 2>&1); rc=$?
 bt=$(echo "$out" | losses | head -2 | tr '\n' ' ')
 [ $rc -eq 0 ] && echo "$out" | grep -q "^-at 1: each structured layer's kernels" && echo "$out" | grep -qE '^  0 +q, k, v +btt r8 256x256 / btt r1' \
-    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? +(-sk [0-5]|dense)' | grep -qE '^ +bwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? *$' \
+    && echo "$out" | grep -A1 -E '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? +- +- +- +(-sk [0-5]|dense)' \
+        | grep -qE '^ +bwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? +- +- +- *$' \
     && echo "$out" | grep -qE '^\| -at 1: attn_proj +\| (-sk [0-4]|dense) ' \
     && echo "$out" | grep -q "per layer, timed (-at 1)" \
     && close_losses "$a" "$bt" 1.5e-3 \
@@ -270,19 +271,29 @@ close_losses "$a" "$m1" 1.5e-3 && echo "$out" | grep -qE "by set of experts in (
     && ! echo "$out" | grep -q "grouping by expert" \
     && ok "structured: -mg 1 (BTT-MoE grouped by set of experts) matches -sk 0 (losses $m1 / $a); -pt 2 names its steps" \
     || bad "-mg 1" "losses '$m1' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping|BTT-MoE grouping")"
+# -mg 1 -sk 2: the set path's forward one launch of the fused kernel over the sets (gates between
+# its stages), its backward the plans'; the banner and -pt 2 say so
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -sk 2 -pt 2 2>&1)
+m12=$(echo "$out" | losses | tr '\n' ' ')
+close_losses "$a" "$m12" 1.5e-3 && echo "$out" | grep -qE "by set of experts in 1 of 1 \(-mg 1, -sk 2 fwd\)" && echo "$out" | grep -q "sets, fused (one launch)" \
+    && echo "$out" | grep -q "sets' dZu" && ! echo "$out" | grep -q "grouping by expert" \
+    && ok "structured: -mg 1 -sk 2 (grouped by set, the forward fused over the sets) matches -sk 0 (losses $m12 / $a); -pt 2 names its steps" \
+    || bad "-mg 1 -sk 2" "losses '$m12' vs '$a'; $(echo "$out" | grep -m3 -iE "grouping|sets, fused|sets' dZu")"
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 2 -pt 2 2>&1)
 m2=$(echo "$out" | losses | tr '\n' ' ')
 [ "$m2" = "$a" ] && echo "$out" | grep -qE "by set of experts in 0 of [1-9][0-9]* layers \(-mg 2\)" && echo "$out" | grep -q "grouping by expert" \
     && ! echo "$out" | grep -q "grouping by set" \
     && ok "structured: -mg 2 keeps the grouping by expert at 32 tokens a step, as the model prices it (losses $m2, bit for bit -sk 0's)" \
     || bad "-mg 2" "losses '$m2' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping")"
-# -at 1 times the BTT-MoE fc grouped by set too (its -mg 1 column, both passes; BTT's has none),
-# -mg 1 making it the incumbent; the banner says how many layers chose it; it trains as -sk 0.
+# -at 1 times the BTT-MoE fc grouped by set too (its -mg 1 column and the three with its forward
+# fused, both passes; BTT's has none), -mg 1 making it the incumbent; the banner says how many
+# layers chose it; it trains as -sk 0.
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -at 1 2>&1); rc=$?
 mt=$(echo "$out" | losses | tr '\n' ' ')
-[ $rc -eq 0 ] && echo "$out" | grep -A1 -E '^  0 +fc +btt_moe 4/2 256x1024 +fwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +[0-9.]+\*? +-' \
-        | grep -qE '^ +bwd( +[0-9.]+\*?){3} +- +- +[0-9.]+\*? +[0-9.]+\*? +[0-9.]+\*? *$' \
-    && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- ' \
+[ $rc -eq 0 ] && echo "$out" | grep -qE '^  layers +role +structure +pass +-sk 0 .* -sk 5 +-mg1 -sk1 +-mg1 -sk2 +-mg1 -sk5  chosen$' \
+    && echo "$out" | grep -A1 -E '^  0 +fc +btt_moe 4/2 256x1024 +fwd( +[0-9.]+\*?){3} +- +-( +[0-9.]+\*?){6}  +-' \
+        | grep -qE '^ +bwd( +[0-9.]+\*?){3} +- +-( +[0-9.]+\*?){6} *$' \
+    && echo "$out" | grep -qE '^  0 +fc_proj +btt r1 1024x256 +fwd( +[0-9.]+\*?){6} +- +[0-9.]+\*? +- +- +-  ' \
     && echo "$out" | grep -qE '^\| BTT-MoE grouping +\| by set of experts in [01] of 1 layers \(-at 1\)' && close_losses "$a" "$mt" 1.5e-3 \
     && ok "structured: -at 1 times BTT-MoE's grouping by set (-mg 1 the incumbent) and trains as -sk 0 (losses $mt / $a)" \
     || bad "-mg 1 -at 1" "exit $rc, losses '$mt' vs '$a': $(echo "$out" | grep -E -A1 '^  0 +fc ' | head -2; echo "$out" | grep -m1 'BTT-MoE grouping')"
