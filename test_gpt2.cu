@@ -184,13 +184,14 @@ static void st_kernels_rotate(GPT2 *m, int shift) {
 // (-sk 1 with the BTT kernel's W0 staged in shared memory), 4 -sk 3 (BTT split); 5, 6: each layer
 // its own kernels, as -at 1 may choose them (st_kernels_rotate by 0, 11), kept over the resume;
 // 7 -sk 4 (z, u stored transposed); 8 -mg 1 (BTT-MoE grouped by set of experts; fixtures with
-// routed layers only); 9 -sk 5 (-sk 2's BTT kernel on mma.sync); 10 -mg 1 -sk 2 (grouped by set,
-// the forward one launch of the fused kernel over the sets; routed layers only).
+// routed layers only); 9 -sk 5 (-sk 2's BTT kernel on mma.sync); 10 -mg 1 -sk 2 (grouped by set
+// on the fused kernels, a launch each way over the sets; routed layers only).
 // flash: 1 our flash attention where the head size allows (dense_small's 8 does not: it always
 // checks the cuBLAS path), else cuBLAS + softmax; 2 cuDNN's attention (the run is skipped where
 // cuDNN cannot run the shape: the other modes cover its fallback).
 static int g_test_no_master = 0;  // -w 0 for the next run_fixture
 static long g_sets_fused_fixtures = 0;  // -mg 1 -sk 2 runs (mode 10) whose set forwards ran fused: some fixture must
+static long g_sets_fused_bwd_mode10 = 0;  // the set-path backwards those runs took on the fused kernels: some must
 static void run_fixture(const char *path, int recompute, int gelu_fusion, int flash, int full, int fused) {
     Fixture f;
     GPT2 m;
@@ -198,7 +199,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
     if (fused && !m.layout.structure.any_structured) { fixture_run_free(&m, &f); return; }  // -sk changes nothing there
     if ((fused == 8 || fused == 10) && !f.n_routed) { fixture_run_free(&m, &f); return; }  // -mg changes nothing there
     g_moe_sets = fused == 8 || fused == 10;
-    const long sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs;
+    const long sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs, setsb0 = g_moe_sets_fused_bwd_runs;
     g_gpu.gelu_fusion = gelu_fusion;
     const int sk_mode = fused == 1 ? 1 : fused == 3 || fused == 10 ? 2 : fused == 4 ? 3 : fused == 7 ? 4 : fused == 9 ? 5 : 0;
     st_set_kernels(sk_mode);
@@ -273,6 +274,7 @@ static void run_fixture(const char *path, int recompute, int gelu_fusion, int fl
         snprintf(name, sizeof(name), "%s the set path's forward fused just where asked and the kernel takes the shape", tag);
         check_true(g_moe_sets_fused_runs - setsf0 == want_fused, name, got);
         g_sets_fused_fixtures += fused == 10 && want_fused > 0;
+        if (fused == 10) g_sets_fused_bwd_mode10 += g_moe_sets_fused_bwd_runs - setsb0;
     }
     if (fused == 9) {  // -sk 5 ran the kernel on mma.sync in every forward whose shape it takes (not the plans it falls back to)
         int nb = 0;
@@ -667,13 +669,13 @@ static void check_autotune_choice(void) {
     rmdir(dir);
 }
 
-// -at 1 with BTT-MoE's grouping by set of experts (-mg 1, ST_K_SETS; and its forward fused,
+// -at 1 with BTT-MoE's grouping by set of experts (-mg 1, ST_K_SETS; and on the fused kernels,
 // ST_K_SETS_FUSED + -sk 1, 2, 5) among the choices: a model of 3 blocks of width 256 whose fc is
 // BTT-MoE, 4 experts top 2 (6 sets) in block 0, 8 experts top 2 (28 sets) in block 1 and 4
 // experts top 1 (no set path) in block 2; everything else dense. The fake clock makes the
-// grouping by set with -sk 2's fused forward block 0's fastest choice (the set path's forward is
-// the fastest there too, but pairs with no other backward) and block 1's slowest; block 2 is not
-// offered them. The real runs behind the clock check each against the plans' results.
+// grouping by set on -sk 2's fused kernels block 0's fastest choice (the set path's forward on the
+// plans is the fastest forward there, but pairs with no other backward) and block 1's slowest;
+// block 2 is not offered them. The real runs behind the clock check each against the plans' results.
 static const double g_sets_fc[3][2][ST_K_SLOTS] = {  // slots: -sk 0..3, dense, -sk 4, -mg 1, -sk 5, -mg 1 with -sk 1, 2, 5
     // -mg 1: 0.55; -mg 1 -sk 2 0.50; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
     {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60, 0.25, 0.15, 0.30}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35, 0.60, 0.35, 0.35, 0.35}},
@@ -708,7 +710,7 @@ static void check_autotune_sets(void) {
                        st_kernel_canonical(STRUCT_BTT_MOE, ST_K_SETS) == ST_K_SETS && strcmp(label, "-mg 1") == 0 &&
                        st_tune_pick_pair(sc, fs, bs, 3, 0, 1) == st_kernel_pair(1, 0) && st_tune_pick_pair(sc, fw, bw, 3, 0, 1) == ST_K_SETS,
                    "-at 1's -mg 1: a candidate of BTT-MoE shapes that group by set, its byte and label, never paired", label);
-        // -mg 1 with its forward fused: bytes after every earlier one (32 + -sk), singles, BTT-MoE with sets only
+        // -mg 1 on the fused kernels: bytes after every earlier one (32 + -sk), singles, BTT-MoE with sets only
         const int F = ST_K_SETS_FUSED;
         char l1[48], l2[48], l3[48], l5[48], got[256];
         st_kernel_label(l1, sizeof(l1), F + 1);
@@ -722,14 +724,14 @@ static void check_autotune_sets(void) {
             bad += st_kernel_valid(STRUCT_BTT_MOE, k, 1) != is || st_kernel_valid(STRUCT_BTT_MOE, k, 0) || st_kernel_valid(STRUCT_BTT, k) ||
                    st_kernel_valid(STRUCT_MONARCH, k) || st_kernel_by_set(k) != is || st_kernel_sets_fused(k) != (is ? sk : 0);
             if (!is) continue;
-            bad += st_kernel_sk(k, 0) != sk || st_kernel_sk(k, 1) != 0 || !st_kernel_unpaired(k) || st_kernel_fwd(k) != k || st_kernel_bwd(k) != k ||
+            bad += st_kernel_sk(k, 0) != sk || st_kernel_sk(k, 1) != sk || !st_kernel_unpaired(k) || st_kernel_fwd(k) != k || st_kernel_bwd(k) != k ||
                    st_kernel_canonical(STRUCT_BTT_MOE, k) != (sk == 3 ? F + 2 : k) || st_kernel_slot(k) != (sk == 3 ? -1 : ST_K_COUNT + (sk == 5 ? 2 : sk - 1));
         }
         check_true(bad == 0 && F == 32 && ST_K_END == 38 && cm[6] == F + 1 && cm[7] == F + 2 && cm[8] == F + 5 && strcmp(l2, "-mg 1 -sk 2") == 0 &&
                        strcmp(l5, "-mg 1 -sk 5") == 0 && strcmp(l3, "-mg 1 -sk 3") == 0 && st_kernel_slot(ST_K_SETS) == ST_K_SETS &&
                        st_kernel_slot(st_kernel_pair(1, 0)) == -1 && !st_kernel_by_set(ST_K_ZT),
-                   "-at 1's -mg 1 with its forward fused (-sk 1, 2, 3, 5): bytes 33..37 but 36, valid for BTT-MoE with sets only, singles, "
-                   "their -sk values, slots and labels (-sk 3 runs as -sk 2)",
+                   "-at 1's -mg 1 on the fused kernels (-sk 1, 2, 3, 5): bytes 33..37 but 36, valid for BTT-MoE with sets only, singles, "
+                   "their -sk values both ways, slots and labels (-sk 3 runs as -sk 2)",
                    got);
     }
     char dir[] = "/tmp/test_gpt2cu_mg_XXXXXX", path[256];
@@ -762,13 +764,15 @@ static void check_autotune_sets(void) {
                "-at 1: after the choice, only the layer that groups by set keeps the set path's arrays; the others' z shrinks", "other buffers");
     int *tok = (int *)mallocCheck(32 * sizeof(int));
     for (int i = 0; i < 32; i++) tok[i] = (i * 37) % 512;
-    const long runs0 = g_moe_sets_runs, fused0 = g_moe_sets_fused_runs;
+    const long runs0 = g_moe_sets_runs, fused0 = g_moe_sets_fused_runs, fusedb0 = g_moe_sets_fused_bwd_runs;
     const float loss = gpt2_forward(&m, tok, tok, 2, 16);
     gpt2_backward(&m, 1.0f);
     cudaCheck(cudaDeviceSynchronize());
-    snprintf(got, sizeof(got), "loss %g, %ld set-path runs, %ld fused", loss, g_moe_sets_runs - runs0, g_moe_sets_fused_runs - fused0);
-    check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2 && g_moe_sets_fused_runs - fused0 == 1,
-               "-at 1: the layer that chose -mg 1 -sk 2 groups by set forward (one fused launch) and backward", got);
+    snprintf(got, sizeof(got), "loss %g, %ld set-path runs, %ld forwards and %ld backwards fused", loss, g_moe_sets_runs - runs0,
+             g_moe_sets_fused_runs - fused0, g_moe_sets_fused_bwd_runs - fusedb0);
+    check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2 && g_moe_sets_fused_runs - fused0 == 1 &&
+                   g_moe_sets_fused_bwd_runs - fusedb0 == 1,
+               "-at 1: the layer that chose -mg 1 -sk 2 groups by set forward and backward, each on the fused kernel", got);
     // with the room again, set paths that write a wrong tile are refused: block 0 takes -sk 4 (0.90)
     st_set_all_kernels(&m, 0);
     st_buffers_fit(&m, 1);
@@ -946,8 +950,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (-sk %d's forward, -sk %d's backward on its z)", spec->experts,
                  spec->topk, din, dout, N, fwd_sk, bwd_sk);
     else if (g_moe_sets && !g_st_zt)
-        snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (grouped by set, -mg 1 -sk %d: forward %s, backward cuBLAS)",
-                 spec->experts, spec->topk, din, dout, N, fwd_sk,
+        snprintf(tag, sizeof(tag), "gpu vs cpu btt_moe %d/top-%d %d->%d N=%d (grouped by set, -mg 1 -sk %d: %s)", spec->experts, spec->topk, din,
+                 dout, N, fwd_sk,
                  !g_st_fused ? "cuBLAS" : g_btt_mma ? "fused over the sets on mma.sync" : g_btt_wstage ? "fused over the sets, W0 staged"
                                                                                          : "fused over the sets");
     else
@@ -955,7 +959,8 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
                  g_st_fused ? (g_btt_mma ? "-sk 5: fused segmented on mma.sync"
                                : g_btt_wstage ? (g_st_fused == 3 ? "-sk 3: fused segmented, W0 staged" : "fused segmented, W0 staged") : "fused segmented")
                  : g_st_zt ? "-sk 4: cuBLAS, z stored transposed" : g_moe_sets ? "cuBLAS, grouped by set (-mg 1)" : "cuBLAS");
-    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs;
+    const long zt0 = g_st_zt_runs, sets0 = g_moe_sets_runs, mma0 = g_btt_mma_launches, setsf0 = g_moe_sets_fused_runs,
+               setsb0 = g_moe_sets_fused_bwd_runs;
     int nw = linear_num_weight_tensors(spec->kind);
     size_t wn[3] = {0, 0, 0};
     float *w[3] = {NULL, NULL, NULL};
@@ -1060,9 +1065,10 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         snprintf(name, sizeof(name), "%s: aux loss", tag);
         check_close(&aux_gpu, &ref->routing.aux, 1, 1e-3f, 1e-3f, name);
         if (g_moe_sets && !g_st_zt) {  // (-sk 5's mma.sync launches are counted below, as for the other structures)
-            snprintf(name, sizeof(name), "%s: ran the set path forward and backward%s", tag, fwd_sk ? ", the forward in one fused launch" : "");
-            check_true(moe_set_count(&ms) > 0 && g_moe_sets_runs - sets0 == 2 && g_moe_sets_fused_runs - setsf0 == (fwd_sk != 0), name,
-                       "the expert path, or the plans' forward, ran");
+            snprintf(name, sizeof(name), "%s: ran the set path forward and backward%s", tag, fwd_sk ? ", each in one fused launch" : "");
+            check_true(moe_set_count(&ms) > 0 && g_moe_sets_runs - sets0 == 2 && g_moe_sets_fused_runs - setsf0 == (fwd_sk != 0) &&
+                           g_moe_sets_fused_bwd_runs - setsb0 == (bwd_sk != 0),
+                       name, "the expert path, or the plans, ran");
         }
         // the loads move by E/(N·K) per selection that differs from the CPU's
         const float gotr[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, wantr[3] = {ref->routing.balance, ref->routing.load_max, ref->routing.load_min};
@@ -1089,8 +1095,7 @@ static void check_layer_vs_cpu(const LinearSpec *spec, int N) {
         check_true(g_st_zt_runs - zt0 == 2, name, "another count of -sk 4 runs");
     }
     if ((fwd_sk == 5 || bwd_sk == 5) && spec->kind != STRUCT_MONARCH && !g_st_dense) {  // (not a fallback to the plans)
-        const int by_set = g_moe_sets && spec->kind == STRUCT_BTT_MOE;  // (the set path's backward is the plans')
-        const long want = (fwd_sk == 5) + (bwd_sk == 5 && !by_set);
+        const long want = (fwd_sk == 5) + (bwd_sk == 5);
         char got[64];
         snprintf(got, sizeof(got), "%ld launches", g_btt_mma_launches - mma0);
         snprintf(name, sizeof(name), "%s: the BTT kernel ran on mma.sync, %ld launch(es)", tag, want);
@@ -1413,7 +1418,7 @@ static void run_fixture_modes(const char *path) {
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 5);  // per-layer kernels, with every check and the resume
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 0, 6);  // the same rotated by 11: with it, BTT's 23 choices (12 BTT layers: 0-11, then 11-22)
     run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 9);  // -sk 5 (mma.sync), with every check: 10 steps, determinism, resume
-    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 10);  // -mg 1 -sk 2 (the set path's forward fused), with every check
+    run_fixture(path, 1, g_gpu.prop.major >= 9 ? 2 : 0, 1, 1, 10);  // -mg 1 -sk 2 (the set path on the fused kernels), with every check
     st_set_kernels(0);
     g_st_dense = 0;
     g_st_tune = 0;
@@ -1439,6 +1444,8 @@ int main(int argc, char **argv) {
     char got[48];
     snprintf(got, sizeof(got), "%ld fixtures", g_sets_fused_fixtures);
     check_true(g_sets_fused_fixtures > 0, "-mg 1 -sk 2 ran the set path's forward fused in some fixture (every check there)", got);
+    snprintf(got, sizeof(got), "%ld backwards", g_sets_fused_bwd_mode10);
+    check_true(g_sets_fused_bwd_mode10 > 0, "-mg 1 -sk 2 ran set-path backwards on the fused kernels in the fixtures", got);
     check_structures_vs_cpu();
     check_autotune_choice();
     check_autotune_sets();

@@ -80,8 +80,8 @@ typedef struct {
 
 // A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS,
 // ST_K_MMA, a forward and backward pair, or ST_K_SETS_FUSED + -sk), and back. Grouping by set is
-// BTT-MoE's use_sets with any -sk but 4 (moe_sets_now): its forward's -sk says plans or fused, and
-// its backward is the plans' whatever sk_bwd says.
+// BTT-MoE's use_sets with any -sk but 4 (moe_sets_now): its -sk says plans or which fused kernels,
+// both ways (a set path's sk and sk_bwd are the same).
 static int lin_kernels(const LinearState *ls) {
     if (ls->as_dense) return ST_K_DENSE;
     if (ls->moe.use_sets && ls->sk != 4) return ls->sk ? ST_K_SETS_FUSED + ls->sk : ST_K_SETS;
@@ -1539,14 +1539,14 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                         "(a dense layer's time; for widths where the structure is slower than dense); 2: only the layers a model of "
                                         "this GPU's GEMM rate and memory traffic (structured/exec_model.h) finds faster that way (default: 0)"},
         {"-mg", &g_moe_sets, NULL, 0, 2, "BTT-MoE: 0 tokens grouped by expert (k rows a token); 1 grouped by their set of experts (top 2, 4 or 8, "
-                                         "at most 1024 sets): one row a token through the set's rank-k BTT, x and dy read and y written once, its "
-                                         "backward on the cuBLAS plans, its forward too with -sk 0, else (-sk 1, 2, 3, 5) one launch of that fused "
+                                         "at most 1024 sets): one row a token through the set's rank-k BTT, x and dy read and y written once, on "
+                                         "the cuBLAS plans with -sk 0, else (-sk 1, 2, 3, 5) forward and backward dx each one launch of that fused "
                                          "kernel over the sets, the gates applied between its stages (-sk 4 groups by expert); 2: by set in the "
                                          "layers a model of this GPU's rates for the plans (structured/exec_model.h) finds faster so at this run's "
-                                         "rows (not yet measured on a GPU). -at 1 times the grouping by set, forward on the plans and fused, as "
-                                         "choices of each layer; -mg then says only which choice it keeps within its margin (default: 0)"},
+                                         "rows (not yet measured on a GPU). -at 1 times the grouping by set, on the plans and fused, as choices "
+                                         "of each layer; -mg then says only which choice it keeps within its margin (default: 0)"},
         {"-at", &g_st_tune, NULL, 0, 1, "1: time each structured layer's kernels (-sk 0..5; BTT and Monarch also -sm's dense GEMMs, BTT-MoE -mg 1's "
-                                       "grouping by set, its forward on the plans and fused as -sk 1, 2, 5) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
+                                       "grouping by set, on the plans and on -sk 1, 2, 5's fused kernels) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk, -sm and -mg's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
@@ -1735,7 +1735,7 @@ static void trainer_banner(const GPT2 *m) {
             char mg[96];
             if (g_st_tune) snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-at 1)", n_sets, n_moe);
             else if (g_st_sk == 4) snprintf(mg, sizeof(mg), "by expert: -sk 4's layout has no grouping by set");
-            else if (g_st_sk) snprintf(mg, sizeof(mg), "by set of experts in %d of %d (-mg %d, -sk %d fwd)", n_sets, n_moe, g_moe_sets, g_st_sk);
+            else if (g_st_sk) snprintf(mg, sizeof(mg), "by set of experts in %d of %d (-mg %d, fused -sk %d)", n_sets, n_moe, g_moe_sets, g_st_sk);
             else snprintf(mg, sizeof(mg), "by set of experts in %d of %d layers (-mg %d)", n_sets, n_moe, g_moe_sets);
             printf("| BTT-MoE grouping      | %-50s |\n", mg);
         }

@@ -243,7 +243,9 @@ static inline BT_HD int bt_tile_rows(const BtGeom *g, int N, int tile) {
 // has a fixed grid: at most bt_seg_max_tiles tiles. A plain launch is the one-segment case
 // (tiles = NULL: tile t is rows t*tm .. of N, segment 0, x rows not remapped). BTT-MoE grouped by
 // set of experts (moe_sets.cuh) is C(E, k) segments of rank-k BTTs, a row per token (K = 1), with
-// gate: each row's k components of z scaled by its gates once stage 1 has written the z tile.
+// gate: each row's k components of z scaled by its gates once stage 1 has written the z tile
+// (forward: z = x W0 then saved gated; backward, the transposed BTT on dy: dZu = dy W1ᵀ saved as
+// it is, then gated for dx).
 #define BT_TILE_INTS 3
 typedef struct {
     const int *tiles;    // tile table, NULL for a plain launch
@@ -254,6 +256,8 @@ typedef struct {
     const float *gate;   // NULL, or rho floats per grouped row: z's rank component s of row w is scaled by
                          // gate[w·rho + s] between the stages (BTT-MoE's set path: each expert's gate; rho
                          // divides 8)
+    int gate_late;       // with gate: 0 z is saved gated (the forward's z), 1 saved before the gate (the
+                         // backward's dZu, whose dot products with z are the gates' gradients)
 } BtSeg;
 typedef struct { int seg, r0, rows; } BtTile;
 static inline BT_HD int bt_seg_max_tiles(int rows_total, int S, int tm) { return bt_ceil_div(rows_total, tm) + S; }

@@ -391,16 +391,20 @@ __global__ void __launch_bounds__(BT_THREADS, WS == 2 ? 2 : WS ? 1 : 0) btt_fuse
                 }
             }
             __syncthreads();  // z tile complete
-            if (sg.gate) {  // BTT-MoE by set: each component times its gate, before z is saved and read
-                bt_z_gate(zs, g, sg.gate, r0, rows);
-                __syncthreads();
-            }
+            // BTT-MoE by set: each component times its gate, before z is saved (forward) or after
+            // (backward); the gate and the save walk the tile alike, so each thread rewrites only
+            // vectors it alone reads in between: one barrier, before stage 2 reads the tile
+            if (sg.gate && !sg.gate_late) bt_z_gate(zs, g, sg.gate, r0, rows);
 
             // ---- saved z: the tile's rows < N, already in the saved layout (group q's slice of a row)
             if (zout) {
                 BtWalk it;
                 for (bt_walk_begin(&it, bt_zcopy_per(&g), threadIdx.x, BT_THREADS); it.o < rows; bt_walk_next(&it))
                     st16(zout + bt_z_global(&g, r0 + it.o, q, it.i * 8), ld16(zs + bt_z_smem(&g, it.o, it.i * 8)));
+            }
+            if (sg.gate) {
+                if (sg.gate_late) bt_z_gate(zs, g, sg.gate, r0, rows);
+                __syncthreads();
             }
 
             if (WS == 2) continue;  // stage 1 alone: y comes from z on cuBLAS
@@ -744,12 +748,13 @@ static inline size_t btt_fused_seg_scratch_ints(int rows_total, int S, int tm) {
 // known on the host as an upper bound of the grid), cores W0 + e*|W0|, W1 + e*|W1|, x rows
 // order[w] / K. y (rows_total, d_out) and z (rows_total, zrow, may be NULL) in grouped order, no
 // bias. gate (may be NULL; rho dividing 8): grouped row w's rank component s of z times
-// gate[w·rho + s] between the stages (BtSeg.gate: BTT-MoE by set). scratch:
-// btt_fused_seg_scratch_ints(rows_total, S, tm) ints. Returns 0 (nothing launched) when the
-// shape, device or alignment is not supported: use the per-segment path then.
+// gate[w·rho + s] between the stages (BtSeg.gate: BTT-MoE by set), the saved z gated unless
+// gate_late (then saved as stage 1 left it). scratch: btt_fused_seg_scratch_ints(rows_total, S,
+// tm) ints. Returns 0 (nothing launched) when the shape, device or alignment is not supported: use
+// the per-segment path then.
 static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, const int *order, int K, const floatX *W0, const floatX *W1,
                                  const int *counts, const int *offsets, int S, int rows_total, const BTTShape *s, int *scratch,
-                                 const float *gate = NULL) {
+                                 const float *gate = NULL, int gate_late = 0) {
     BtGeom g;
     if (gate && 8 % s->rank) return 0;
     if (!btt_fused_geom(&g, s, btt_fused_smem_limit(), 0)) return 0;
@@ -762,7 +767,7 @@ static int btt_forward_fused_seg(floatX *y, floatX *z_or_null, const floatX *x, 
     int *table = scratch, *ntiles = scratch + (size_t)max_tiles * BT_TILE_INTS;
     bt_seg_fill_kernel<<<S, 128>>>(table, ntiles, counts, offsets, S, tm);
     cudaCheckLaunch();
-    BtSeg sg = {table, ntiles, order, K, w0s, w1s, gate};
+    BtSeg sg = {table, ntiles, order, K, w0s, w1s, gate, gate_late};
     W1 = btt_fused_w1(&g, W1, s, S);
     btt_fused_kernel_for(&g)<<<grid, BT_THREADS, g.smem_bytes>>>(y, z_or_null, x, W0, W1, NULL, rows_total, g, sg);
     cudaCheckLaunch();

@@ -188,7 +188,9 @@ static void moe_gpu_state_free(MoEGPUState *st) {
 // path too (S sets of Ts-row tiles): its rank-k cores in the cores' region, its rows, partials
 // and pointers where they are larger.
 typedef struct {
-    size_t w0x, w1x, w0c, w1c, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets
+    size_t w0x, w1x, w0c, w1c, rows_in, rows_out, rows_z, bf16_end;  // bf16 offsets (w0c, w1c: the groups' cores, w0x, w1x
+                                                                   // their gradients and transposes: each the larger of
+                                                                   // the experts' and, with sets, the sets')
     size_t part0, part1, ptrs, f32_end;                             // float offsets (ptrs: 16-byte aligned)
 } MoEScratchLayout;
 static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int tile_rows, int S = 0, int Ts = 0) {
@@ -210,6 +212,8 @@ static inline MoEScratchLayout moe_scratch_layout(const MoEShape *s, int N, int 
         const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), tiles = (size_t)moe_max_tiles(N, S, Ts) + 1;
         if (S * q0 > L.w0c) L.w0c = S * q0;
         if (S * q1 > L.w1c) L.w1c = S * q1;
+        if (S * q0 > L.w0x) L.w0x = S * q0;  // the fused set backward's gradients and transposed cores
+        if (S * q1 > L.w1x) L.w1x = S * q1;
         if (tiles * q0 > L.part0) L.part0 = tiles * q0;
         if (tiles * q1 > L.part1) L.part1 = tiles * q1;
         Plan sp[3];
@@ -449,11 +453,15 @@ __global__ void moe_dx_kernel(floatX *dx, const floatX *dxg, const float *gate, 
 }
 
 // The fused backward's gate step: one warp per grouped row w in use (pair p = order[w]): dgate[p]
-// = <z_w, dZu_w>, then dZ = gate·dZu in place. z is in the saved (phi, gamma, rho) layout, dZu in
-// the fused kernel's (gamma, phi, rho) of G x P x R; its dW1 reads dy and the gate itself. A
-// padding row's z and dZu are zeroed.
+// The fused backward's gate step, a warp per grouped row w (pair or token pr = order[w]): dgate of
+// each component, then dZ = gate·dZu in place for dW0. z is in the saved (phi, gamma, rho) layout,
+// dZu in the fused kernel's (gamma, phi, rho) of G x P x R. By expert (kof NULL, R = 1): dgate[pr]
+// = <z_w, dZu_w>; its dW1 reads dy and the gate itself. By set (kof, moe_sets.cuh: R = k, z gated
+// already, dx gated inside the kernel): component j (element i: j = i % R; R divides 32, so each
+// lane's elements are of component lane % R) has dgate[pr·R + kof[pr·R + j]] = <gate·z, dZu>_j /
+// gate (0 where the gate is 0), as the plans' set path has it. A padding row's z and dZu are zeroed.
 __global__ void moe_gate_backward_fused_kernel(float *dgate, floatX *dzu, floatX *z, const float *gate, const int *order,
-                                               const int *rows_in_use, int rows, int G, int P, int R) {
+                                               const int *rows_in_use, int rows, int G, int P, int R, const int *kof) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, zrow = G * P * R;
     if (w >= rows || w >= *rows_in_use) return;
     const int pr = order[w];
@@ -467,10 +475,44 @@ __global__ void moe_gate_backward_fused_kernel(float *dgate, floatX *dzu, floatX
         const int j = ((i / R) % G) * P * R + (i / (G * R)) * R + i % R;  // z's (f, g, s) in dZu's layout
         s += (float)zr[i] * (float)dz[j];
     }
-    s = warp_sum(s);  // every lane's reads of dz before the writes below
-    const float g = gate[pr];
-    if (lane == 0) dgate[pr] = s;
+    for (int o = 16; o >= R; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);  // lanes of one component: every lane its sum
+    // (every lane's reads of dz are before the shuffles, so before the writes below)
+    const int at = kof ? pr * R + kof[(size_t)pr * R + lane % R] : pr;  // this lane's component's gate
+    const float g = gate[at];
+    if (lane < R) dgate[at] = !kof ? s : g != 0.0f ? s / g : 0.0f;
     for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+}
+
+// dW0/dW1 (the strided rank components) += for each expert e, over the sets that hold its
+// component in order (members, moe_sets.cuh), that set's core gradient (dw0q, dw1q: S sets of
+// rank-K cores, q0 and q1 elements each, the fused set backward's seg_wgrad): one bf16 rounding of
+// the fp32 sum, deterministic.
+__global__ void moe_set_grads_scatter_kernel(floatX *dW0, floatX *dW1, const floatX *dw0q, const floatX *dw1q, const int *members, size_t n0,
+                                             size_t n1, int E, int K, int Ep, int per, size_t q0, size_t q1) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n0 + n1) return;
+    const int w1 = i >= n0;
+    int e;
+    size_t base, step;  // the element's place in a set's core is base + j·step (as moe_partials_scatter_kernel's)
+    if (!w1) {  // W0[g, a, f·E + e] -> (g, a, f·K + j)
+        e = (int)(i % E);
+        base = (i / E) * K;
+        step = 1;
+    } else {  // W1[f, g·E + e, o] -> (f, g·K + j, o)
+        const size_t l = i - n0, o = l % Ep, r = l / Ep;
+        e = (int)(r % E);
+        base = (r / E) * K * Ep + o;
+        step = Ep;
+    }
+    const floatX *dq = w1 ? dw1q : dw0q;
+    const size_t q = w1 ? q1 : q0;
+    float acc = 0.0f;
+    for (int m = 0; m < per; m++) {
+        const int qj = members[e * per + m];
+        acc += (float)dq[(size_t)(qj / K) * q + base + (size_t)(qj % K) * step];
+    }
+    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
+    *g = (floatX)((float)*g + acc);
 }
 
 // -sk 0's gate backward on the tiled plans, z and dZu (in t2) in the saved (phi, gamma, rho)
@@ -846,7 +888,7 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     }
     st_step("gate backward");
     moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, rows, b1.gamma,
-                                                                 b1.phi, b1.rank);
+                                                                 b1.phi, b1.rank, (const int *)NULL);
     cudaCheckLaunch();
     // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert
     // written); dy and x read through the grouping, no gathered copies
@@ -863,14 +905,54 @@ static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy,
     return 1;
 }
 
-// The set path's backward up to the router (moe_sets.cuh): the sets' cores, then the tiled plans
-// on a row per token.
-static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
-                                   const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld) {
+// The set path's backward up to the router (moe_sets.cuh), dxg a row per token, gated: the sets'
+// cores, then with g_st_fused (dx wanted, dy contiguous, a shape the kernel takes) every set's dx
+// and dZu in ONE segmented launch of the fused kernel on dy (the transposed rank-k BTT, dy rows
+// read through the grouping; dZu saved as stage 1 leaves it, then gated in shared memory for dx),
+// the gate step (dgate from the gated z and dZu; dZ = gate·dZu in place), and the sets' dW0 and
+// dW1 in one seg_wgrad launch each (the gated z and dy; x and dZ), summed per expert over its
+// sets; else the tiled plans. Returns 1 when it ran fused.
+static long g_moe_sets_fused_bwd_runs = 0;  // set-path backwards on the fused kernel (tests)
+static int moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
+                                  const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld, int dx_acc) {
     g_moe_sets_runs++;
     const MoEGrouping g = moe_grouping(st, s, 1);
     moe_group_cores(sc, &g, W0, W1, s);
-    moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, 0);
+    const BTTShape bk = g.shape, bkt = btt_shape_transposed(&bk);
+    const int N = st->N, S = st->S, K = s->topk, rows = moe_grouping_rows(&g, N);
+    int fused = 0;
+    if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&bkt, btt_fused_smem_limit())) {
+        st_step("sets' transposed cores");
+        btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &bk, S);
+        st_step(g_btt_mma ? "sets' dx, dZu, fused on mma.sync (one launch; W1 packed first)" : "sets' dx, dZu, fused (one launch)");
+        fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, 1, sc->w0t, sc->w1t, st->counts, st->offsets, S, N, &bkt, st->tiles,
+                                      st->rgate, 1);
+    }
+    if (!fused) {
+        moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, 0);
+        return 0;
+    }
+    g_moe_sets_fused_bwd_runs++;
+    st_step("gate backward");
+    moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + S, rows, bk.gamma,
+                                                                 bk.phi, K, st->kof);
+    cudaCheckLaunch();
+    // each set's dW1[f] = (gate·Z)_fᵀ dY_f and dW0[g] = X_gᵀ dZ_g over its rows (every set written);
+    // dy and x read through the grouping, no gathered copies
+    const int G = bk.gamma, P = bk.phi, A = bk.alpha, Ee = bk.eps, gr = G * K, fr = P * K, zrow = (int)btt_z_row(&bk);
+    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt);
+    const int din = s->btt.d_in, dout = s->btt.d_out;
+    SegWgrad w1 = {st->z, dy, sc->dw1x, zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)q1, gr, Ee, P, S, st->counts,
+                   st->offsets, 0, st->order, 1, 0, 1, NULL};
+    SegWgrad w0 = {x, sc->t1, sc->dw0x, din, zrow, fr, A, fr, (long long)A * fr, (long long)q0, A, fr, G, S, st->counts,
+                   st->offsets, 0, st->order, 1, 1, 0, NULL};
+    st_step("sets' dW0, dW1, fused (seg_wgrad)");
+    if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+    st_step("sets' gradients summed per expert");
+    moe_set_grads_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, st->members, n0, n1, s->experts, K,
+                                                                            Ee, g.per, q0, q1);
+    cudaCheckLaunch();
+    return 1;
 }
 
 // dx (N, d_in) overwritten (may be NULL); dW0, dW1, drouter, dbias accumulated. With g_st_fused
@@ -881,8 +963,9 @@ static void moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, c
 // tiled cuBLAS plans on gathered rows, their per-tile weight-gradient partials summed per expert.
 // Nothing waits for the host either way. With pre_gelu, dx is the gradient before the GELU of
 // pre_gelu (a separate pass: dx's router term comes last). dy_ld, dx_acc: as btt_backward_gpu's
-// (the plans only). After a forward grouped by set, the set path's backward, whatever the kernels
-// (its saved z is the set path's). Returns 1 when it ran fused.
+// (the plans only). After a forward grouped by set, the set path's backward (its saved z is the
+// set path's): on the fused kernels with g_st_fused as above but the gates applied inside the
+// kernel (moe_backward_sets_body), else on the plans. Returns 1 when it ran fused.
 static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *drouter, floatX *dbias, const floatX *dy, float daux,
                             const floatX *x, MoEGPUState *st, MoEGPUScratch *sc, const floatX *W0, const floatX *W1,
                             const floatX *router, const MoEShape *s, float *colsum_scratch, const floatX *pre_gelu = NULL, int dy_ld = 0,
@@ -890,8 +973,9 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
     int fused = 0;
-    if (st->sets_ran) moe_backward_sets_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld);
-    else fused = moe_backward_experts_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
+    int ran_fused;  // (by set, dxg is gated either way: the combine takes no gate)
+    if (st->sets_ran) ran_fused = moe_backward_sets_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
+    else ran_fused = fused = moe_backward_experts_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
     // the router's gradient and dx from the grouped rows: a token's Kc rows of dxg (gated, except
     // the fused path's); the set path has one a token
     const int Kc = st->sets_ran ? 1 : K;
@@ -922,5 +1006,5 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         }
     }
     st_bias_backward_gpu(dbias, dy, N, dout, colsum_scratch, dy_ld);
-    return fused;
+    return ran_fused;
 }

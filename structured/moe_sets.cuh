@@ -20,13 +20,17 @@
 // is what dW1 = (g·z)ᵀ dY reads; d g_j = <z_j, dZu_j> = <(g·z)_j, dZu_j> / g_j (0 where g_j = 0:
 // the gate softmax's gradient multiplies it by g_j).
 //
-// The fused forward (-mg 1 with -sk 1, 2, 3 or 5): every set's rank-k BTT in one segmented launch
-// of btt_fused.cuh's kernel (a set a segment, x rows read through the grouping: no gathered copy),
-// each z tile's components scaled by their rows' gates in shared memory between the stages
-// (BtSeg.gate, from the same per-row gates the permute reads, rounded as it rounds), so x is read
-// once, z written once (the saved, gated z) and y once a token. Its backward is the plans' on that
-// z. A fused backward would need the gates between the transposed BTT's stages too (dZ = g·dZu for
-// dx and dW0) and dgate from the ungated dZu: not built.
+// On the fused kernels (-mg 1 with -sk 1, 2, 3 or 5): the forward is every set's rank-k BTT in one
+// segmented launch of btt_fused.cuh's kernel (a set a segment, x rows read through the grouping:
+// no gathered copy), each z tile's components scaled by their rows' gates in shared memory between
+// the stages (BtSeg.gate, from the same per-row gates the permute reads, rounded as it rounds), so
+// x is read once, z written once (the saved, gated z) and y once a token. The backward's dx and
+// dZu likewise, the kernel on dy with the sets' transposed cores: dZu saved as stage 1 leaves it
+// (dgate = <g·z, dZu> / g reads it), then gated in shared memory (BtSeg.gate_late) so that stage 2
+// gives dx = Σ_j g_j dZu_j W0_jᵀ, a row a token; then the gate step (dgate, dZ = g·dZu in place)
+// and the sets' dW0 = Xᵀ dZ and dW1 = (g·Z)ᵀ dY by seg_wgrad, x and dy read through the grouping,
+// each expert's gradient the sum over its sets (one rounding per set's bf16 gradient, then one of
+// the fp32 sum). No gathered copy of x or dy, no T1, no per-tile partials.
 //
 // Sets are numbered by the combinatorial number system: the set c_0 < c_1 < ... < c_{k-1} is
 // Σ_j C(c_j, j + 1), 0 .. C(E, k) - 1. Per token the set path keeps sid (its set) and kof (N, k):

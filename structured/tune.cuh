@@ -1,6 +1,6 @@
 // structured/tune.cuh: each structured layer's own kernels (one byte per linear layer: its -sk
 // value, for BTT and Monarch dense GEMMs on the materialized weight as -sm, for BTT-MoE its tokens
-// grouped by set of experts as -mg 1 (its forward on the plans or fused), or one -sk value's
+// grouped by set of experts as -mg 1 (on the plans or the fused kernels), or one -sk value's
 // forward with another's backward, -sk 0..3 and 5), and the timing -at 1 chooses them by.
 //
 // Why per layer and measured: on the H200 (dev/bench/RESULTS.md) which path is fastest depends on
@@ -26,22 +26,23 @@
 // of their backwards can follow any of their forwards; a dense forward saves none, so dense is
 // both ways or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both
 // ways or neither too. So does -mg 1: its z has a row per token (the rank-k BTT of the token's
-// experts, gated), which only its own backward reads. Its forward may run on the fused kernel
-// (ST_K_SETS_FUSED + the -sk value 1, 2, 3 or 5 of that forward, as -mg 1 with that -sk): the
-// backward is then -mg 1's on the plans all the same, so these are singles too.
+// experts, gated), which only its own backward reads. It may run on the fused kernels instead of
+// the plans (ST_K_SETS_FUSED + the -sk value 1, 2, 3 or 5, as -mg 1 with that -sk): forward and
+// backward, singles too (the set path's own forwards and backwards could pair among themselves,
+// all saving that z: not offered).
 // ST_K_END: one past the largest byte a choice takes.
 enum {
     ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_SETS = 6, ST_K_MMA = 7, ST_K_COUNT = 8,
     ST_K_MIXED = 8, ST_K_MIXED_MMA = ST_K_MIXED + 16, ST_K_SETS_FUSED = ST_K_MIXED_MMA + 8, ST_K_END = ST_K_SETS_FUSED + 6,
     ST_K_NONE = 255
 };
-// The -sk value (1, 2, 3 or 5) of byte k's fused forward where k groups by set that way, else 0.
+// The -sk value (1, 2, 3 or 5) of byte k's fused kernels where k groups by set on them, else 0.
 static inline int st_kernel_sets_fused(int k) {
     const int sk = k - ST_K_SETS_FUSED;
     return k >= ST_K_SETS_FUSED && k < ST_K_END && sk >= 1 && sk != 4 ? sk : 0;
 }
 // -at 1 times the candidates (st_kernel_candidates) in slots, a column each of its table: the
-// singles 0 .. ST_K_COUNT - 1 as their bytes, then -mg 1 with -sk 1, 2 and 5's forward.
+// singles 0 .. ST_K_COUNT - 1 as their bytes, then -mg 1 with -sk 1, 2 and 5.
 #define ST_K_SLOTS (ST_K_COUNT + 3)
 static const char *const st_kernel_names[ST_K_SLOTS] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1", "-sk 5",
                                                         "-mg1 -sk1", "-mg1 -sk2", "-mg1 -sk5"};
@@ -51,13 +52,13 @@ static inline int st_kernel_slot(int k) {
     const int sk = st_kernel_sets_fused(k);
     return sk == 1 ? ST_K_COUNT : sk == 2 ? ST_K_COUNT + 1 : sk == 5 ? ST_K_COUNT + 2 : -1;
 }
-// Whether byte k groups BTT-MoE's tokens by set of experts (-mg 1; its forward on the plans or fused).
+// Whether byte k groups BTT-MoE's tokens by set of experts (-mg 1, on the plans or fused).
 static inline int st_kernel_by_set(int k) { return k == ST_K_SETS || st_kernel_sets_fused(k); }
 // The choices whose saved state no other choice's backward reads (dense saves none): both ways or neither.
 static inline int st_kernel_unpaired(int k) { return k == ST_K_DENSE || k == ST_K_ZT || st_kernel_by_set(k); }
 
 // The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
-// ST_K_MMA each; a set path with its forward fused, itself both ways), and the byte of a pair
+// ST_K_MMA each; a set path on fused kernels, itself both ways), and the byte of a pair
 // (fwd != bwd, both pairable).
 static inline int st_kernel_fwd(int k) {
     if (st_kernel_sets_fused(k)) return k;
@@ -76,10 +77,10 @@ static inline int st_kernel_pair(int fwd, int bwd) {
     return ST_K_MIXED + 4 * fwd + bwd;
 }
 // The -sk value (0..5) of byte k's forward or backward (dense: 0, which then does not run; -mg 1:
-// 0, the plans it runs on, or its fused forward's), and the byte of a layer whose forward runs -sk
+// 0, the plans it runs on, or its fused kernels'), and the byte of a layer whose forward runs -sk
 // fwd and backward -sk bwd (-sk 4 is both or neither) by expert.
 static inline int st_kernel_sk(int k, int bwd) {
-    if (st_kernel_sets_fused(k)) return bwd ? 0 : st_kernel_sets_fused(k);
+    if (st_kernel_sets_fused(k)) return st_kernel_sets_fused(k);
     if (k == ST_K_DENSE || k == ST_K_SETS) return 0;
     if (k == ST_K_ZT) return 4;
     const int one = bwd ? st_kernel_bwd(k) : st_kernel_fwd(k);
@@ -90,7 +91,7 @@ static inline int st_kernel_of_sk(int fwd, int bwd) {
     return st_kernel_pair(fwd == 5 ? ST_K_MMA : fwd, bwd == 5 ? ST_K_MMA : bwd);
 }
 
-// "-sk 3", "dense", "-mg 1 -sk 2" (the set path, its forward fused as -sk 2) or "-sk 3 fwd, -sk 0
+// "-sk 3", "dense", "-mg 1 -sk 2" (the set path on -sk 2's fused kernels) or "-sk 3 fwd, -sk 0
 // bwd" into buf ("kernels 38" for a byte that is none of them).
 static inline void st_kernel_label(char *buf, size_t cap, int k) {
     if (k >= 0 && k < ST_K_COUNT) snprintf(buf, cap, "%s", st_kernel_names[k]);
@@ -107,7 +108,7 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
 // Monarch takes 0..3 and -sk 5 too (its fused kernels are the same with -sk 1, 2, 3 and 5), BTT-MoE
 // 0..3 (2 and 3 the same: its experts' fused kernel with W0 staged) and 5 (that on mma.sync);
-// every kind -sk 4; BTT-MoE -mg 1, its forward on the plans or fused as -sk 1, 2, 3 or 5, where
+// every kind -sk 4; BTT-MoE -mg 1, on the plans or the fused kernels of -sk 1, 2, 3 or 5, where
 // sets (its shape can group by set: gpu_plan.h's moe_set_count).
 static inline int st_kernel_valid(int kind, int k, int sets = 1) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
@@ -120,8 +121,8 @@ static inline int st_kernel_valid(int kind, int k, int sets = 1) {
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
 // Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; each also -sk 4 (gpu_plan.h has its plans
 // for every structure); BTT and BTT-MoE -sk 5 (their fused kernel on mma.sync); last, BTT-MoE
-// with sets (its shape groups by set) -mg 1, then -mg 1 with the forward fused as -sk 1, 2 and
-// 5. Returns how many (at most ST_K_SLOTS: each has its slot).
+// with sets (its shape groups by set) -mg 1, then -mg 1 on the fused kernels of -sk 1, 2 and 5.
+// Returns how many (at most ST_K_SLOTS: each has its slot).
 // (-at 1 times these, each both ways, and may then pair one's forward with another's backward.)
 static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int sets = 0) {
     int n = 0;

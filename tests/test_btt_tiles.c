@@ -586,7 +586,7 @@ static void test_seg_case(int A, int G, int P, int E, int tm, int pg, int K, con
     memset(&a, 0, sizeof(a));
     a.x = x; a.W0 = W0; a.W1 = W1; a.nx = (size_t)N * s.d_in; a.nW0 = n0 * S; a.nW1 = n1 * S;
     args_outputs(&a, (size_t)NK * s.d_out, (size_t)NK * zrow);
-    BtSeg sg = {table, &ntiles, order, K, n0, n1, NULL};
+    BtSeg sg = {table, &ntiles, order, K, n0, n1, NULL, 0};
     emulate_and_check(name, &g, grid, NK, &a, &sg, y_ref, y_abs, z_ref, z_abs, "(grouped rows)");
     free(x); free(W0); free(W1); free(order); free(offsets); free(table); free(y_ref); free(z_ref); free(y_abs); free(z_abs);
     free(xg); free(axg); free(a0); free(a1); free(a.y); free(a.ycnt); free(a.z); free(a.zcnt);

@@ -133,7 +133,7 @@ runs=()  # "config|flags": the structured configs also with -sk 1 (the fused ker
          # weights), -sm 2 (those that structured/exec_model.h models faster so) and -at 1 (each
          # layer's kernels timed at startup, the fastest run; its table follows the run's line),
          # and where they have BTT-MoE layers with -mg 1 (tokens grouped by set of experts) and
-         # -mg 1 -sk 2 (that with its forward one fused launch over the sets)
+         # -mg 1 -sk 2 (that on the fused kernels, a launch each way over the sets)
 for conf in "${configs[@]}"; do
     runs+=("$conf|")
     [ "$conf" = scripts/configs/gpt2_124M.conf ] && continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dev/bench/tune.sh: -at 1's table for each structured 124M config: every structured layer's
 # kernels (-sk 0..5, dense GEMMs on the materialized weight, BTT-MoE grouped by set of experts as
-# -mg 1, its forward on the plans or fused as -sk 1, 2, 5) timed forward and backward apart at the
+# -mg 1, on the plans or on -sk 1, 2, 5's fused kernels) timed forward and backward apart at the
 # trainer's own shapes and rows, the choice marked (a pass each: one path's forward may run with
 # another's backward), then the run's ms/step with that choice next to -sk 0's. The most figures per
 # second of GPU: one startup per config and batch size.

@@ -14,10 +14,11 @@
 //       instead of k expert rows combined; the permute between the two GEMMs scales z by the
 //       gates. Modelled at 0.86x v2's time at 768 -> 3072, 32K tokens (exec_model.h,
 //       st_moe_seconds: more padding, rank-2 weight partials); not yet measured
-//   v4  v3 with its forward ONE launch of the fused BTT kernel over the sets (the trainer's -mg 1
-//       -sk 2: W0 staged): x rows read through the grouping (no gathered copy), the gates applied
-//       to the z tile in shared memory between the stages, the gated z saved once and y written
-//       once a token; the backward v3's. Not yet measured
+//   v4  v3 on the fused kernels (the trainer's -mg 1 -sk 2: W0 staged): the forward ONE launch of
+//       the fused BTT kernel over the sets, x rows read through the grouping (no gathered copy),
+//       the gates applied to the z tile in shared memory between the stages, the gated z saved
+//       once and y written once a token; the backward's dx and dZu one launch on dy likewise (dZu
+//       saved, then gated for dx), the sets' weight gradients by seg_wgrad. Not yet measured
 //   v5  by expert, forward and backward on the fused kernels (the trainer's -sk 2, W0 staged):
 //       what v4 is up against
 // All are checked against the CPU layer (moe.h) on a draw of CHECK_N tokens routed as the CPU
@@ -232,14 +233,14 @@ static void check_version(const MoECase *c, int version) {
     int *sel_d = dev_upload(cst.sel, (size_t)N * c->topk);  // the GPU routes as the CPU (near ties under bf16 logits)
     L.st.forced_sel = sel_d;
     zero_grads(&L);
-    const long fused0 = g_moe_sets_fused_runs, sets0 = g_moe_sets_runs;
+    const long fused0 = g_moe_sets_fused_runs, sets0 = g_moe_sets_runs, fusedb0 = g_moe_sets_fused_bwd_runs;
     step(&L, version, 0);
     cudaCheck(cudaDeviceSynchronize());
     char what[160];
-    // the version ran what it says, not a fallback: v3 and v4 the set path both ways, v4 its forward fused
-    snprintf(what, sizeof(what), "%s v%d: set-path runs, of them fused forwards", c->name, version);
-    dev_check_same_bits(what, (float)((g_moe_sets_runs - sets0) * 10 + (g_moe_sets_fused_runs - fused0)),
-                        version == 3 ? 20.0f : version == 4 ? 21.0f : 0.0f);
+    // the version ran what it says, not a fallback: v3 and v4 the set path both ways, v4 on the fused kernels
+    snprintf(what, sizeof(what), "%s v%d: set-path runs, fused forwards, fused backwards", c->name, version);
+    dev_check_same_bits(what, (float)((g_moe_sets_runs - sets0) * 100 + (g_moe_sets_fused_runs - fused0) * 10 + (g_moe_sets_fused_bwd_runs - fusedb0)),
+                        version == 3 ? 200.0f : version == 4 ? 211.0f : 0.0f);
     float *gy = dev_download_bf16(L.y, (size_t)N * dout), *gdx = dev_download_bf16(L.dx, (size_t)N * din);
     snprintf(what, sizeof(what), "%s v%d: y, %d rows", c->name, version, N);
     dev_check_rows(what, gy, ry, N, dout, NULL, NULL);
@@ -271,7 +272,7 @@ int main(int argc, char **argv) {
         {"btt_moe 768->768 8/top-2", 768, 768, 8, 2},
         {"btt_moe 2048->8192 8/top-2", 2048, 8192, 8, 2},
     };
-    printf("moe_layer: BTT-MoE forward + backward (v1-v3 cuBLAS, v4 its forward fused, v5 fused by expert), N = %d tokens, bf16, on %s\n", N,
+    printf("moe_layer: BTT-MoE forward + backward (v1-v3 cuBLAS, v4 by set fused, v5 by expert fused), N = %d tokens, bf16, on %s\n", N,
            g_gpu.prop.name);
     for (const MoECase &c : cases) {
         float ms[6][2] = {{0}};

@@ -27,9 +27,9 @@
 //                 materialization's
 //   *_sets        the BTT-MoE row with the trainer's -mg 1: its tokens grouped by set of experts,
 //                 each set a rank-2 BTT on the plans (structured/moe_sets.cuh)
-//   *_sets_ws     the same with -mg 1 -sk 2 (_sets_mma: -sk 5): the set path's forward one launch
-//                 of the fused kernel over the sets, the gates applied between its stages; its
-//                 backward the plans' as in *_sets
+//   *_sets_ws     the same with -mg 1 -sk 2 (_sets_mma: -sk 5): the set path's forward and
+//                 backward dx each one launch of the fused kernel over the sets, the gates applied
+//                 between its stages, the sets' weight gradients by seg_wgrad
 // No bias anywhere (the PyTorch baseline of dev/bench/structured_torch.py has none either).
 // Every row reports, next to the time:
 //   FLOPs       2 x spec_forward_macs (structured/spec.h) per row, x 3 for forward + backward
@@ -253,7 +253,7 @@ static int make_cases(Case *c, int din, int dout) {
         snprintf(c[n].name, sizeof(c[n].name), "%.24s_sets", c[i].name);
         snprintf(c[n].desc, sizeof(c[n].desc), "%.32s, %d sets", c[i].desc, moe_set_count(&ms));
         n++;
-        // its forward fused over the sets, W0 staged (-mg 1 -sk 2) and on mma.sync (-mg 1 -sk 5)
+        // on the fused kernels over the sets, W0 staged (-mg 1 -sk 2) and on mma.sync (-mg 1 -sk 5)
         const BTTShape bk = moe_set_shape(&ms);
         const int si = n - 1;
         for (int mma = 0; mma < 2; mma++) {
@@ -265,7 +265,7 @@ static int make_cases(Case *c, int din, int dout) {
             c[n] = c[si];
             c[n].fused = mma ? 5 : 2;
             snprintf(c[n].name, sizeof(c[n].name), "%.16s_sets_%s", c[i].name, mma ? "mma" : "ws");
-            snprintf(c[n].desc, sizeof(c[n].desc), "%d sets, fwd %s %dx%d", moe_set_count(&ms), mma ? "mma.sync" : "W0 staged", gk.tm, gk.npg);
+            snprintf(c[n].desc, sizeof(c[n].desc), "%d sets, fused %s fwd %dx%d", moe_set_count(&ms), mma ? "mma.sync" : "W0 staged", gk.tm, gk.npg);
             n++;
         }
     }
@@ -334,7 +334,7 @@ static void usage(void) {
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
            "      staged, btt_r1_mma ... btt_moe_8x2_mma on mma.sync (-sk 5), btt_r1_split ... btt_r4_split split (-sk 3), btt_r1_zt ... btt_moe_8x2_zt with z\n"
            "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs, btt_moe_8x2_sets by set of experts (-mg 1),\n"
-           "      btt_moe_8x2_sets_ws and _sets_mma with its forward fused (-mg 1 -sk 2, 5);\n"
+           "      btt_moe_8x2_sets_ws and _sets_mma on the fused kernels (-mg 1 -sk 2, 5);\n"
            "      dense always runs)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);

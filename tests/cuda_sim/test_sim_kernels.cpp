@@ -1497,9 +1497,10 @@ static void test_btt_fused_mma(int N, int alpha, int gamma, int phi, int eps, in
 // of one rank-R BTT shape in one launch over grouped rows, a row a token (x rows read through
 // order, K = 1), segments padded to whole 16-row tiles with rows the kernel must skip, one segment
 // empty; each row's z components times its gates between the stages. The saved z bit for bit the
-// ungated launch's z times the gate, rounded to bf16 once more (the plans' permute's rounding);
-// y against stage 2 on that z in double; nothing written in the padding rows.
-static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, int R, int S, int ws, int mma) {
+// ungated launch's z times the gate, rounded to bf16 once more (the plans' permute's rounding), or
+// with late (the backward's order: saved, then gated) the ungated launch's z itself; y against
+// stage 2 on the gated z in double; nothing written in the padding rows.
+static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, int R, int S, int ws, int mma, int late = 0) {
     BTTShape s;
     btt_shape(&s, alpha, gamma, phi, eps, R);
     const int din = s.d_in, dout = s.d_out, zrow = (int)btt_z_size(&s, 1), gr = gamma * R;
@@ -1535,13 +1536,13 @@ static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, i
         z_d[gt] = d.add(dev_alloc<floatX>((size_t)rows * zrow));
         cudaCheck(cudaMemset(y_d[gt], 0xff, (size_t)rows * dout * sizeof(floatX)));  // NaN where nothing may be written
         cudaCheck(cudaMemset(z_d[gt], 0xff, (size_t)rows * zrow * sizeof(floatX)));
-        ok &= btt_forward_fused_seg(y_d[gt], z_d[gt], x_d, ord_d, 1, W0_d, W1_d, cnt_d, off_d, S, N, &s, tab_d, gt ? gate_d : NULL);
+        ok &= btt_forward_fused_seg(y_d[gt], z_d[gt], x_d, ord_d, 1, W0_d, W1_d, cnt_d, off_d, S, N, &s, tab_d, gt ? gate_d : NULL, late);
     }
     g_btt_wstage = g_btt_mma = 0;
     const char *how = mma ? "on mma.sync" : ws ? "W0 staged" : "wmma";
     char tag[192];
-    snprintf(tag, sizeof(tag), "fused btt by set, gated (%s): %d sets of rank %d, %d->%d, %d tokens in %d grouped rows", how, S, R, din, dout, N,
-             rows);
+    snprintf(tag, sizeof(tag), "fused btt by set, gated%s (%s): %d sets of rank %d, %d->%d, %d tokens in %d grouped rows",
+             late ? " after the save" : "", how, S, R, din, dout, N, rows);
     if (!check_true(ok, nm("%s: supported and launched", tag), "btt_forward_fused_seg returned 0")) return;
     const std::vector<uint16_t> z0 = down_bits(z_d[0], (size_t)rows * zrow), z1 = down_bits(z_d[1], (size_t)rows * zrow),
                                 y1b = down_bits(y_d[1], (size_t)rows * dout);
@@ -1558,11 +1559,11 @@ static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, i
             uint32_t b = (uint32_t)z0[(size_t)w * zrow + c] << 16;
             float v;
             memcpy(&v, &b, 4);
-            const float want = bfr(v * gate[(size_t)w * R + c % R]);
+            const float want = bfr(v * gate[(size_t)w * R + c % R]), saved = late ? v : want;
             b = (uint32_t)z1[(size_t)w * zrow + c] << 16;
             memcpy(&v, &b, 4);
-            zbad += !(v == want || (want != want && v != v));
-            zg[(size_t)w * zrow + c] = v;
+            zbad += !(v == saved || (saved != saved && v != v));
+            zg[(size_t)w * zrow + c] = want;
         }
     }
     for (int q = 0; q < S; q++)  // y = Σ_{g,s} z[(f, g, s)] W1_q[f, g·R + s, e] on the gated z
@@ -1575,7 +1576,7 @@ static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, i
                 }
     char why[96];
     snprintf(why, sizeof(why), "%zu of %zu elements differ", zbad, (size_t)N * zrow);
-    check_true(zbad == 0, nm("%s: z = bf16(ungated z x its gate), bit for bit", tag), why);
+    check_true(zbad == 0, nm(late ? "%s: z saved ungated, bit for bit" : "%s: z = bf16(ungated z x its gate), bit for bit", tag), why);
     snprintf(why, sizeof(why), "%zu padding elements written", padbad);
     check_true(padbad == 0, nm("%s: padding rows of y and z untouched", tag), why);
     Vec yv, rv;
@@ -2434,6 +2435,9 @@ int main(int argc, char **argv) {
         test_btt_fused_gate(90, 16, 48, 32, 96, 2, 6, 1, 1);   // GPT-2 768 -> 3072, 4 experts top 2 (6 sets)
         test_btt_fused_gate(70, 16, 16, 16, 16, 4, 15, 0, 0);  // 6 experts top 4: rank 4
         test_btt_fused_gate(70, 16, 16, 16, 16, 4, 15, 1, 1);
+        // the backward's order (the transposed BTT of the set path: dZu saved, then gated for dx)
+        test_btt_fused_gate(150, 16, 16, 16, 16, 2, 28, 1, 0, 1);
+        test_btt_fused_gate(90, 32, 96, 16, 48, 2, 6, 1, 1, 1);  // 3072 -> 768: the transposed BTT of 768 -> 3072's sets
     }
     if (want("order")) test_random_order();
     return test_summary();

@@ -271,14 +271,14 @@ close_losses "$a" "$m1" 1.5e-3 && echo "$out" | grep -qE "by set of experts in (
     && ! echo "$out" | grep -q "grouping by expert" \
     && ok "structured: -mg 1 (BTT-MoE grouped by set of experts) matches -sk 0 (losses $m1 / $a); -pt 2 names its steps" \
     || bad "-mg 1" "losses '$m1' vs '$a'; $(echo "$out" | grep -m2 -iE "grouping|BTT-MoE grouping")"
-# -mg 1 -sk 2: the set path's forward one launch of the fused kernel over the sets (gates between
-# its stages), its backward the plans'; the banner and -pt 2 say so
+# -mg 1 -sk 2: the set path's forward and backward dx each one launch of the fused kernel over the
+# sets (gates between its stages), the sets' weight gradients by seg_wgrad; the banner and -pt 2 say so
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 1 -sk 2 -pt 2 2>&1)
 m12=$(echo "$out" | losses | tr '\n' ' ')
-close_losses "$a" "$m12" 1.5e-3 && echo "$out" | grep -qE "by set of experts in 1 of 1 \(-mg 1, -sk 2 fwd\)" && echo "$out" | grep -q "sets, fused (one launch)" \
-    && echo "$out" | grep -q "sets' dZu" && ! echo "$out" | grep -q "grouping by expert" \
-    && ok "structured: -mg 1 -sk 2 (grouped by set, the forward fused over the sets) matches -sk 0 (losses $m12 / $a); -pt 2 names its steps" \
-    || bad "-mg 1 -sk 2" "losses '$m12' vs '$a'; $(echo "$out" | grep -m3 -iE "grouping|sets, fused|sets' dZu")"
+close_losses "$a" "$m12" 1.5e-3 && echo "$out" | grep -qE "by set of experts in 1 of 1 \(-mg 1, fused -sk 2\)" && echo "$out" | grep -q "sets, fused (one launch)" \
+    && echo "$out" | grep -q "sets' dx, dZu, fused (one launch)" && echo "$out" | grep -q "sets' dW0, dW1, fused" && ! echo "$out" | grep -q "grouping by expert" \
+    && ok "structured: -mg 1 -sk 2 (grouped by set, forward and backward on the fused kernels) matches -sk 0 (losses $m12 / $a); -pt 2 names its steps" \
+    || bad "-mg 1 -sk 2" "losses '$m12' vs '$a'; $(echo "$out" | grep -m4 -iE "grouping|sets, fused|sets' d")"
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -mg 2 -pt 2 2>&1)
 m2=$(echo "$out" | losses | tr '\n' ' ')
 [ "$m2" = "$a" ] && echo "$out" | grep -qE "by set of experts in 0 of [1-9][0-9]* layers \(-mg 2\)" && echo "$out" | grep -q "grouping by expert" \
