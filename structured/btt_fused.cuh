@@ -7,7 +7,9 @@
 //   int btt_forward_fused_seg(...)      S BTTs of one shape in one launch over grouped rows
 //                                       (BTT-MoE's experts): the tile table is built on the GPU
 //                                       from the segments' counts, x rows are read through
-//                                       `order` (no gather, no host round trip); btt_tiles.h
+//                                       `order` (no gather, no host round trip), each row's z
+//                                       components optionally scaled by its gates between the
+//                                       stages (BTT-MoE grouped by set); btt_tiles.h
 // When these return 0 nothing was launched: call btt_forward_gpu (btt_gpu.cuh) instead.
 //
 // Design (tile geometry and every index: common/btt_tiles.h, emulated on the CPU by

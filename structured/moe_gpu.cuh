@@ -57,6 +57,7 @@ typedef struct {
     int sets;             // host: the set path's arrays exist
     int use_sets;         // host: forwards on the plans (-sk 0) group by set (-mg, or -at 1's choice); needs sets
     int sets_ran;         // host: the last forward grouped by set (its backward must too)
+    int sets_fused_ran;   // host: and on the fused kernel, which leaves z's padding rows unwritten
     int S, set_tile_rows;  // host: sets C(E, k), their tile rows
     int *sid, *kof;       // (N), (N, K): each token's set and the selection each component is
     int *set_experts;     // (S, K) each set's experts, ascending
@@ -452,7 +453,6 @@ __global__ void moe_dx_kernel(floatX *dx, const floatX *dxg, const float *gate, 
     store128(dx + (size_t)t * din + c, o);
 }
 
-// The fused backward's gate step: one warp per grouped row w in use (pair p = order[w]): dgate[p]
 // The fused backward's gate step, a warp per grouped row w (pair or token pr = order[w]): dgate of
 // each component, then dZ = gate·dZu in place for dW0. z is in the saved (phi, gamma, rho) layout,
 // dZu in the fused kernel's (gamma, phi, rho) of G x P x R. By expert (kof NULL, R = 1): dgate[pr]
@@ -481,6 +481,16 @@ __global__ void moe_gate_backward_fused_kernel(float *dgate, floatX *dzu, floatX
     const float g = gate[at];
     if (lane < R) dgate[at] = !kof ? s : g != 0.0f ? s / g : 0.0f;
     for (int i = lane; i < zrow; i += 32) dz[i] = (floatX)(g * (float)dz[i]);
+}
+
+// Zeros over the padding rows (order -1) of the grouped rows in use of z (rows x zrow): where the
+// fused set forward left them unwritten and the plans' set backward reads them (its dW1 sums z
+// times the zero dy rows gathered there: anything but zeros there could be NaN).
+__global__ void moe_zero_padding_rows_kernel(floatX *z, const int *order, const int *rows_in_use, int rows, int zrow) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, per = (size_t)zrow / 8;
+    if (i >= (size_t)rows * per) return;
+    const int w = (int)(i / per);
+    if (w < *rows_in_use && order[w] < 0) st16(z + (size_t)w * zrow + (i % per) * 8, make_uint4(0, 0, 0, 0));
 }
 
 // dW0/dW1 (the strided rank components) += for each expert e, over the sets that hold its
@@ -751,8 +761,8 @@ static void moe_forward_tiled(MoEGPUState *st, MoEGPUScratch *sc, const floatX *
 // BTT in ONE segmented launch of btt_fused.cuh's kernel, x rows read through the grouping, each
 // component of the z tile scaled by its gate between the stages; else x gathered once per token
 // and per tile the rank-k BTT's plan, whose permute of z scales each component by its gate.
-// Either way the saved z is gated and rounded as the plans round it (their backward reads it:
-// a set path's backward is always theirs); each token's row copied back with the bias (and GELU).
+// Either way the saved z is gated and rounded as the plans round it, so either backward reads
+// it; each token's row copied back with the bias (and GELU).
 static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, const floatX *x, const floatX *W0, const floatX *W1,
                                  const floatX *router, const floatX *bias, int N, const MoEShape *s, floatX *pre_gelu, int y_ld) {
     const int K = s->topk, S = st->S, dout = s->btt.d_out;
@@ -771,6 +781,7 @@ static void moe_forward_sets_gpu(floatX *y, MoEGPUState *st, MoEGPUScratch *sc, 
     const int fused = g_st_fused && btt_forward_fused_seg(sc->yg, st->z, x, st->order, 1, sc->w0x, sc->w1x, st->counts, st->offsets, S, N,
                                                           &g.shape, st->tiles, st->rgate);
     g_moe_sets_fused_runs += fused;
+    st->sets_fused_ran = fused;
     if (!fused) moe_forward_tiled(st, sc, x, s, &g, 0);
     st_step(pre_gelu ? "rows back (bias, GELU)" : "rows back (bias)");
     moe_combine_kernel<<<ceil_div_i((long)N * dout / 8, 256), 256>>>(y, sc->yg, NULL, st->pos, bias, N, 1, dout, pre_gelu, y_ld ? y_ld : dout,
@@ -929,6 +940,12 @@ static int moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, co
                                       st->rgate, 1);
     }
     if (!fused) {
+        if (st->sets_fused_ran) {
+            st_step("z's padding rows zeroed");
+            const int zrow = (int)btt_z_row(&bk);
+            moe_zero_padding_rows_kernel<<<ceil_div_i((long)rows * zrow / 8, 256), 256>>>(st->z, st->order, st->offsets + S, rows, zrow);
+            cudaCheckLaunch();
+        }
         moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, 0);
         return 0;
     }

@@ -1275,7 +1275,9 @@ static void test_moe_gate_t(int G, int P, int R, int rows, int in_use, size_t ma
 // support; 2: the forward fused, the backward on the tiled plans, with the saved z poisoned (NaN)
 // before the forward: the fused forward leaves the padding rows, which the tiled weight gradients
 // sum over, unwritten.
-static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K, int fused = 0) {
+// sets: grouped by set of experts (-mg 1; with fused, on the fused kernels both ways): the same
+// checks against the CPU layer, but not of the grouping by expert.
+static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K, int fused = 0, int sets = 0) {
     MoEShape s;
     moe_shape(&s, alpha, gamma, phi, eps, E, K);
     g_st_fused = fused != 0;
@@ -1307,13 +1309,18 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     float *col = d.add(dev_alloc<float>(column_sums_scratch_floats(dout)));
     MoEGPUState gst;
     memset(&gst, 0, sizeof(gst));
+    g_moe_sets = sets;
     moe_gpu_state_alloc(&gst, &s, N, "test");
     floatX *s_d = d.add(dev_alloc<floatX>(moe_gpu_scratch_elems(&s, N)));
     float *f_d = d.add(dev_alloc<float>(moe_gpu_scratch_floats(&s, N)));
+    g_moe_sets = 0;
     MoEGPUScratch sc;
     moe_gpu_scratch_bind(&sc, &gst, &s, N, s_d, f_d);
     MoERouting *aux_d = d.add(dev_alloc<MoERouting>(1));
-    if (fused == 2) cudaCheck(cudaMemset(gst.z, 0xFF, moe_grouped_rows(NK, E, gst.tile_rows) * moe_z_row(&s) * sizeof(floatX)));
+    const long sruns0 = g_moe_sets_runs, sfwd0 = g_moe_sets_fused_runs, sbwd0 = g_moe_sets_fused_bwd_runs;
+    if (fused == 2)  // NaN over z's grouped rows: what the fused forward leaves unwritten (padding rows) the tiled backward must not take in
+        cudaCheck(cudaMemset(gst.z, 0xFF, (sets ? moe_grouped_rows(N, gst.S, gst.set_tile_rows) * moe_z_row(&s) * K
+                                                : moe_grouped_rows(NK, E, gst.tile_rows) * moe_z_row(&s)) * sizeof(floatX)));
     const unsigned long waits0 = g_sim_full_waits;
     moe_forward_gpu(y_d, &gst, &sc, x_d, W0_d, W1_d, R_d, b_d, N, &s);
     moe_aux_stats_gpu(&gst, &s);
@@ -1322,7 +1329,7 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     const MoERouting rgpu = down(aux_d, 1)[0];
     const float aux = rgpu.aux;
     char tag[160];
-    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s%s", din, dout, E, K, N,
+    snprintf(tag, sizeof(tag), "btt_moe %d->%d E=%d top-%d N=%d%s%s%s", din, dout, E, K, N, sets ? " by set" : "",
              fused == 1 ? " (fused segmented forward and backward)" : fused ? " (fused forward, tiled backward)" : "",
              g_btt_mma ? " on mma.sync (W0 staged, W1 packed)" : "");
     // routing: the GPU's selections from its own (bf16-input) logits, and the CPU's
@@ -1353,15 +1360,31 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     int same_as_cpu = 0;
     for (int i = 0; i < NK; i++) same_as_cpu += sel[i] == st.sel[i];
     check_true(same_as_cpu == NK, nm("%s: selections equal the CPU layer's (no near-ties in this draw)", tag), "differ");
-    // grouping: as the CPU's (cpu_group)
+    // grouping: as the CPU's (cpu_group); by set, each token's set instead
+    if (sets) {
+        const int S = moe_set_count(&s);
+        std::vector<int> sid = down(gst.sid, N), gcounts = down(gst.counts, S), hsel = down(gst.sel, NK);
+        std::vector<int> want(S, 0);
+        int sid_ok = 1;
+        for (int t = 0; t < N; t++) {
+            int c[MOE_SET_MAX_K];
+            for (int k = 0; k < K; k++) c[k] = hsel[(size_t)t * K + k];
+            std::sort(c, c + K);
+            const int q = moe_set_rank(c, K);
+            sid_ok &= sid[t] == q;
+            want[q]++;
+        }
+        check_true(sid_ok && gcounts == want, nm("%s: each token's set and the sets' counts (%d sets)", tag, S), "differ");
+    }
     std::vector<int> rc, ro, rp, roff, rte;
     cpu_group(sel, E, T, rc, ro, rp, roff, rte);
     std::vector<int> order = down(gst.order, ro.size());
     tile_expert.resize(rte.size());
-    check_true(counts == rc && offsets == roff && order == ro && pos == rp && tile_expert == rte && (int)ro.size() + T <= rows,
-               nm("%s: grouping (counts, offsets, order, pos, tiles of %d rows: %d of at most %d; %d pairs)", tag, T,
-                  (int)rte.size(), moe_max_tiles(NK, E, T), NK),
-               "differs");
+    if (!sets)
+        check_true(counts == rc && offsets == roff && order == ro && pos == rp && tile_expert == rte && (int)ro.size() + T <= rows,
+                   nm("%s: grouping (counts, offsets, order, pos, tiles of %d rows: %d of at most %d; %d pairs)", tag, T,
+                      (int)rte.size(), moe_max_tiles(NK, E, T), NK),
+                   "differs");
     check_close(&aux, &aux_ref, 1, 1e-4f, 1e-3f, nm("%s: aux loss", tag));
     {  // the routing report: the loads from the same counts as the CPU's (the grouping check above)
         const float got[3] = {rgpu.balance, rgpu.load_max, rgpu.load_min}, want[3] = {rref.balance, rref.load_max, rref.load_min};
@@ -1374,6 +1397,13 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     const int ran_fused = moe_backward_gpu(dx_d, dW0_d, dW1_d, dR_d, db_d, dy_d, daux, x_d, &gst, &sc, W0_d, W1_d, R_d, &s, col);
     const unsigned long bwd_waits = g_sim_full_waits - waits1;
     check_true(ran_fused == (fused == 1), nm("%s: the %s backward ran", tag, fused == 1 ? "fused segmented" : "cuBLAS"), "the other one ran");
+    if (sets) {
+        char runs[96];
+        snprintf(runs, sizeof(runs), "%ld runs, %ld fused forwards, %ld fused backwards", g_moe_sets_runs - sruns0, g_moe_sets_fused_runs - sfwd0,
+                 g_moe_sets_fused_bwd_runs - sbwd0);
+        check_true(g_moe_sets_runs - sruns0 == 2 && g_moe_sets_fused_runs - sfwd0 == (fused != 0) && g_moe_sets_fused_bwd_runs - sbwd0 == (fused == 1),
+                   nm("%s: the set path both ways, its forward fused%s", tag, fused == 1 ? ", its backward too" : fused ? " only" : " neither"), runs);
+    }
     // the layer runs from the device's counts alone: the host never waits in its forward or backward
     char why[96];
     snprintf(why, sizeof(why), "%lu waits in the forward, %lu in the backward", fwd_waits, bwd_waits);
@@ -2430,6 +2460,16 @@ int main(int argc, char **argv) {
         g_btt_wstage = g_btt_mma = 1;            // the segmented launches on mma.sync: W1 packed for every expert
         test_moe(41, 16, 48, 32, 96, 8, 2, 1);
         g_btt_wstage = g_btt_mma = 0;
+        // grouped by set (-mg 1): on the plans, on the fused kernels both ways (W0 staged; on
+        // mma.sync), and the fused forward's z (padding rows NaN) under the plans' backward
+        test_moe(150, 16, 16, 16, 16, 8, 2, 0, 1);
+        g_btt_wstage = 1;
+        test_moe(150, 16, 16, 16, 16, 8, 2, 1, 1);
+        test_moe(60, 16, 48, 32, 96, 4, 2, 1, 1);
+        g_btt_mma = 1;
+        test_moe(60, 16, 48, 32, 96, 4, 2, 1, 1);
+        g_btt_wstage = g_btt_mma = 0;
+        test_moe(150, 16, 16, 16, 16, 8, 2, 2, 1);
         // BTT-MoE by set, fused (-mg 1 -sk 1, 2, 5): gates between the stages, each kernel
         for (int v = 0; v < 3; v++) test_btt_fused_gate(150, 16, 16, 16, 16, 2, 28, v > 0, v == 2);  // 256 -> 256, 8 experts top 2
         test_btt_fused_gate(90, 16, 48, 32, 96, 2, 6, 1, 1);   // GPT-2 768 -> 3072, 4 experts top 2 (6 sets)
