@@ -150,15 +150,17 @@ static const char *base_name(const char *path) { return strrchr(path, '/') ? str
 // candidates (-sk 4 and 5 among them), then each forward paired with another's backward, the pairs of the plans, the
 // split and the fused kernel first, then -sk 5's with the plans, the split and the fused kernel
 // (Monarch: the plans and the fused kernels; BTT-MoE: the plans, the fused kernel, the one with W0
-// staged and -sk 5; with sets, also its grouping by set). Returns how many.
+// staged and -sk 5; with sets, also its grouping by set, and pairs within it). Returns how many.
 static int st_kernel_choices(int kind, int sets, int out[ST_K_END]) {
     const int M = ST_K_MMA;  // -sk 5
     const int btt[16][2] = {{3, 0}, {0, 3}, {1, 0}, {0, 1}, {3, 1}, {1, 3}, {2, 0}, {0, 2}, {2, 3}, {3, 2}, {1, 2}, {2, 1},
                             {M, 0}, {0, M}, {M, 3}, {1, M}};
     const int moe[8][2] = {{1, 0}, {0, 1}, {2, 0}, {0, 2}, {2, 1}, {1, 2}, {M, 0}, {1, M}};
+    const int set_pairs[4][2] = {{2, 0}, {0, 2}, {5, 0}, {1, 5}};  // -sk values: the set path's forward on one, backward on another
     int n = st_kernel_candidates(kind, out, sets);
     const int np = kind == STRUCT_BTT ? 16 : kind == STRUCT_MONARCH ? 2 : kind == STRUCT_BTT_MOE ? 8 : 0;
     for (int i = 0; i < np; i++) out[n++] = kind == STRUCT_BTT ? st_kernel_pair(btt[i][0], btt[i][1]) : st_kernel_pair(moe[i][0], moe[i][1]);
+    for (int i = 0; i < 4 && kind == STRUCT_BTT_MOE && sets; i++) out[n++] = st_kernel_set_byte(set_pairs[i][0], set_pairs[i][1]);
     return n;
 }
 
@@ -673,12 +675,12 @@ static void check_autotune_choice(void) {
 // ST_K_SETS_FUSED + -sk 1, 2, 5) among the choices: a model of 3 blocks of width 256 whose fc is
 // BTT-MoE, 4 experts top 2 (6 sets) in block 0, 8 experts top 2 (28 sets) in block 1 and 4
 // experts top 1 (no set path) in block 2; everything else dense. The fake clock makes the
-// grouping by set on -sk 2's fused kernels block 0's fastest choice (the set path's forward on the
-// plans is the fastest forward there, but pairs with no other backward) and block 1's slowest;
+// set path block 0's fastest: -sk 2's fused forward with the plans' backward, a pair within the
+// set path (its forwards pair with no backward of the expert path's), and block 1's slowest;
 // block 2 is not offered them. The real runs behind the clock check each against the plans' results.
 static const double g_sets_fc[3][2][ST_K_SLOTS] = {  // slots: -sk 0..3, dense, -sk 4, -mg 1, -sk 5, -mg 1 with -sk 1, 2, 5
-    // -mg 1: 0.55; -mg 1 -sk 2 0.50; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
-    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60, 0.25, 0.15, 0.30}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.35, 0.60, 0.35, 0.35, 0.35}},
+    // -mg 1: 0.50; -mg 1 -sk 2 0.50; -mg 1 -sk 2's forward with -mg 1's backward 0.45; -sk 4 0.90; -mg 1 fwd + -sk 0 bwd would be 0.70
+    {{0.50, 0.60, 0.60, -1, -1, 0.45, 0.20, 0.60, 0.25, 0.15, 0.30}, {0.50, 0.60, 0.60, -1, -1, 0.45, 0.30, 0.60, 0.35, 0.35, 0.35}},
     {{0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60, 0.90, 0.90, 0.90}, {0.50, 0.60, 0.60, -1, -1, 0.55, 0.90, 0.60, 0.90, 0.90, 0.90}},  // -sk 0 1.00 kept
     {{0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45, -1, -1, -1}, {0.50, 0.40, 0.60, -1, -1, 0.55, -1, 0.45, -1, -1, -1}}};  // -sk 1 0.80
 static int g_sets_offered[3];
@@ -719,19 +721,46 @@ static void check_autotune_sets(void) {
         st_kernel_label(l5, sizeof(l5), F + 5);
         snprintf(got, sizeof(got), "candidates %d %d %d, labels '%s' '%s' '%s' '%s', end %d", cm[6], cm[7], cm[8], l1, l2, l3, l5, ST_K_END);
         int bad = 0;
-        for (int k = F; k < ST_K_END + 2; k++) {  // the four -sk values take bytes; 32 (-sk 0), 36 (-sk 4) and past the end none
-            const int sk = k - F, is = k < ST_K_END && sk >= 1 && sk != 4;
+        for (int k = F; k < ST_K_SETS_PAIR; k++) {  // the four -sk values take bytes; 32 (-sk 0) and 36 (-sk 4) none
+            const int sk = k - F, is = sk >= 1 && sk != 4;
             bad += st_kernel_valid(STRUCT_BTT_MOE, k, 1) != is || st_kernel_valid(STRUCT_BTT_MOE, k, 0) || st_kernel_valid(STRUCT_BTT, k) ||
                    st_kernel_valid(STRUCT_MONARCH, k) || st_kernel_by_set(k) != is || st_kernel_sets_fused(k) != (is ? sk : 0);
             if (!is) continue;
             bad += st_kernel_sk(k, 0) != sk || st_kernel_sk(k, 1) != sk || !st_kernel_unpaired(k) || st_kernel_fwd(k) != k || st_kernel_bwd(k) != k ||
                    st_kernel_canonical(STRUCT_BTT_MOE, k) != (sk == 3 ? F + 2 : k) || st_kernel_slot(k) != (sk == 3 ? -1 : ST_K_COUNT + (sk == 5 ? 2 : sk - 1));
         }
-        check_true(bad == 0 && F == 32 && ST_K_END == 38 && cm[6] == F + 1 && cm[7] == F + 2 && cm[8] == F + 5 && strcmp(l2, "-mg 1 -sk 2") == 0 &&
+        check_true(bad == 0 && F == 32 && ST_K_SETS_PAIR == 38 && cm[6] == F + 1 && cm[7] == F + 2 && cm[8] == F + 5 && strcmp(l2, "-mg 1 -sk 2") == 0 &&
                        strcmp(l5, "-mg 1 -sk 5") == 0 && strcmp(l3, "-mg 1 -sk 3") == 0 && st_kernel_slot(ST_K_SETS) == ST_K_SETS &&
                        st_kernel_slot(st_kernel_pair(1, 0)) == -1 && !st_kernel_by_set(ST_K_ZT),
                    "-at 1's -mg 1 on the fused kernels (-sk 1, 2, 3, 5): bytes 33..37 but 36, valid for BTT-MoE with sets only, singles, "
                    "their -sk values both ways, slots and labels (-sk 3 runs as -sk 2)",
+                   got);
+        // the set path's pairs: each forward (-sk 0..3, 5) with another's backward has its own byte
+        // (38 + 6 fwd + bwd; the same -sk both ways, the singles' bytes), decoded both ways and back
+        // through the -sk values; BTT-MoE with sets takes exactly these 25; -sk 3 runs as -sk 2 each way
+        const int sks[5] = {0, 1, 2, 3, 5};
+        int seen[ST_K_END] = {0}, pbad = 0, nvalid = 0;
+        for (int f = 0; f < 5; f++)
+            for (int b = 0; b < 5; b++) {
+                const int k = st_kernel_set_byte(sks[f], sks[b]), cf = sks[f] == 3 ? 2 : sks[f], cb = sks[b] == 3 ? 2 : sks[b];
+                pbad += (k < ST_K_SETS_FUSED && k != ST_K_SETS) || k >= ST_K_END || (f == b) != (k < ST_K_SETS_PAIR) || seen[k]++ ||
+                        !st_kernel_by_set(k) || st_kernel_set_sk(k, 0) != sks[f] ||
+                        st_kernel_set_sk(k, 1) != sks[b] || st_kernel_sk(k, 0) != sks[f] || st_kernel_sk(k, 1) != sks[b] ||
+                        !st_kernel_valid(STRUCT_BTT_MOE, k, 1) || st_kernel_valid(STRUCT_BTT_MOE, k, 0) || st_kernel_valid(STRUCT_BTT, k) ||
+                        !st_kernel_unpaired(k) || st_kernel_canonical(STRUCT_BTT_MOE, k) != st_kernel_set_byte(cf, cb) ||
+                        st_kernel_fwd(k) != st_kernel_set_byte(sks[f], sks[f]) || st_kernel_bwd(k) != st_kernel_set_byte(sks[b], sks[b]);
+            }
+        for (int k = 0; k < ST_K_END + 8; k++) nvalid += st_kernel_valid(STRUCT_BTT_MOE, k, 1) && st_kernel_by_set(k);
+        char lp[48];
+        st_kernel_label(lp, sizeof(lp), st_kernel_set_byte(2, 0));
+        const int sc2[4] = {ST_K_SETS, F + 1, F + 2, F + 5};  // the set path's candidates: -mg 1, -mg 1 -sk 1, 2, 5
+        const double pf[4] = {0.20, 0.25, 0.15, 0.30}, pb[4] = {0.30, 0.35, 0.35, 0.35};  // -sk 2's forward with the plans' backward: 0.45
+        snprintf(got, sizeof(got), "%d bad, %d valid set bytes, label '%s', pick %d", pbad, nvalid, lp, st_tune_pick_pair(sc2, pf, pb, 4, -1, 1));
+        check_true(pbad == 0 && nvalid == 25 && ST_K_END == 74 && strcmp(lp, "-mg 1, -sk 2 fwd, -sk 0 bwd") == 0 &&
+                       st_tune_pick_pair(sc2, pf, pb, 4, -1, 1) == st_kernel_set_byte(2, 0) && st_tune_pick_pair(sc2, pf, pb, 4, -1, 0) == ST_K_SETS &&
+                       st_kernel_set_sk(st_kernel_pair(1, 0), 0) < 0 && st_kernel_set_sk(ST_K_SETS_PAIR + 7, 0) < 0,  // (1, 1): no pair byte
+                   "-at 1's pairs within the set path: 20 bytes, each decodes both ways and round-trips, BTT-MoE with sets takes 25 set "
+                   "bytes in all, the fastest forward with the fastest backward picked (not with -x 0)",
                    got);
     }
     char dir[] = "/tmp/test_gpt2cu_mg_XXXXXX", path[256];
@@ -755,9 +784,10 @@ static void check_autotune_sets(void) {
     snprintf(got, sizeof(got), "kernels %d %d %d, %d calls, %d unset, offered %d %d %d", k0, k1, k2, g_fake_calls, g_fake_unset, g_sets_offered[0],
              g_sets_offered[1], g_sets_offered[2]);
     check_true(room_ok && g_fake_calls == 9 + 9 + 5 && g_fake_unset == 0 && g_sets_offered[0] == 4 && g_sets_offered[1] == 4 && !g_sets_offered[2] &&
-                   k0 == ST_K_SETS_FUSED + 2 && k1 == 0 && k2 == 1,
-               "-at 1: BTT-MoE's grouping by set, forward on the plans and fused (-sk 1, 2, 5), timed where the shape takes it (6 and 28 "
-               "sets, not top 1), chosen where fastest both ways (-mg 1 -sk 2), its results checked against the plans' but not its own z",
+                   k0 == st_kernel_set_byte(2, 0) && k1 == 0 && k2 == 1,
+               "-at 1: BTT-MoE's grouping by set, on the plans and fused (-sk 1, 2, 5), timed where the shape takes it (6 and 28 sets, "
+               "not top 1), chosen where fastest (-sk 2's fused forward, the plans' backward), its results checked against the plans' "
+               "but not its own z",
                got);
     // fitted: block 0 keeps the set path, block 1's state without it (z back to the expert path's size)
     check_true(fc[0]->sets && fc[0]->use_sets && !fc[1]->sets && fc[1]->bytes[3] == 0 && fc[1]->bytes[1] < z1_room && g_gpu_bytes < bytes_room,
@@ -771,8 +801,8 @@ static void check_autotune_sets(void) {
     snprintf(got, sizeof(got), "loss %g, %ld set-path runs, %ld forwards and %ld backwards fused", loss, g_moe_sets_runs - runs0,
              g_moe_sets_fused_runs - fused0, g_moe_sets_fused_bwd_runs - fusedb0);
     check_true(isfinite(loss) && loss > 0.0f && g_moe_sets_runs - runs0 == 2 && g_moe_sets_fused_runs - fused0 == 1 &&
-                   g_moe_sets_fused_bwd_runs - fusedb0 == 1,
-               "-at 1: the layer that chose -mg 1 -sk 2 groups by set forward and backward, each on the fused kernel", got);
+                   g_moe_sets_fused_bwd_runs - fusedb0 == 0,
+               "-at 1: the layer that chose the set path's pair groups by set forward (fused) and backward (the plans)", got);
     // with the room again, set paths that write a wrong tile are refused: block 0 takes -sk 4 (0.90)
     st_set_all_kernels(&m, 0);
     st_buffers_fit(&m, 1);

@@ -80,16 +80,16 @@ typedef struct {
 
 // A layer's kernels as one byte (structured/tune.cuh: -sk 0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS,
 // ST_K_MMA, a forward and backward pair, or ST_K_SETS_FUSED + -sk), and back. Grouping by set is
-// BTT-MoE's use_sets with any -sk but 4 (moe_sets_now): its -sk says plans or which fused kernels,
-// both ways (a set path's sk and sk_bwd are the same).
+// BTT-MoE's use_sets with any -sk but 4 (moe_sets_now): its sk and sk_bwd say plans or which fused
+// kernels each way.
 static int lin_kernels(const LinearState *ls) {
     if (ls->as_dense) return ST_K_DENSE;
-    if (ls->moe.use_sets && ls->sk != 4) return ls->sk ? ST_K_SETS_FUSED + ls->sk : ST_K_SETS;
+    if (ls->moe.use_sets && ls->sk != 4 && ls->sk_bwd != 4) return st_kernel_set_byte(ls->sk, ls->sk_bwd);
     return st_kernel_of_sk(ls->sk, ls->sk_bwd);
 }
 static void lin_set_kernels(LinearState *ls, int k) {
     ls->as_dense = k == ST_K_DENSE;
-    ls->moe.use_sets = k == ST_K_SETS || st_kernel_sets_fused(k);
+    ls->moe.use_sets = st_kernel_by_set(k);
     ls->sk = st_kernel_sk(k, 0);
     ls->sk_bwd = st_kernel_sk(k, 1);
 }

@@ -27,19 +27,33 @@
 // both ways or neither. -sk 4 saves z (u) transposed, which only its own backward reads: both
 // ways or neither too. So does -mg 1: its z has a row per token (the rank-k BTT of the token's
 // experts, gated), which only its own backward reads. It may run on the fused kernels instead of
-// the plans (ST_K_SETS_FUSED + the -sk value 1, 2, 3 or 5, as -mg 1 with that -sk): forward and
-// backward, singles too (the set path's own forwards and backwards could pair among themselves,
-// all saving that z: not offered).
+// the plans (ST_K_SETS_FUSED + the -sk value 1, 2, 3 or 5, as -mg 1 with that -sk), and since
+// the set path's forwards (plans or fused) all save that one z, which all its backwards read, a
+// set path's forward may pair with another of its backwards (ST_K_SETS_PAIR + 6·fwd + bwd, -sk
+// values 0..3, 5): pairs within the set path, never with the expert path's.
 // ST_K_END: one past the largest byte a choice takes.
 enum {
     ST_K_DENSE = 4, ST_K_ZT = 5, ST_K_SETS = 6, ST_K_MMA = 7, ST_K_COUNT = 8,
-    ST_K_MIXED = 8, ST_K_MIXED_MMA = ST_K_MIXED + 16, ST_K_SETS_FUSED = ST_K_MIXED_MMA + 8, ST_K_END = ST_K_SETS_FUSED + 6,
-    ST_K_NONE = 255
+    ST_K_MIXED = 8, ST_K_MIXED_MMA = ST_K_MIXED + 16, ST_K_SETS_FUSED = ST_K_MIXED_MMA + 8, ST_K_SETS_PAIR = ST_K_SETS_FUSED + 6,
+    ST_K_END = ST_K_SETS_PAIR + 36, ST_K_NONE = 255
 };
-// The -sk value (1, 2, 3 or 5) of byte k's fused kernels where k groups by set on them, else 0.
+// The -sk value (1, 2, 3 or 5) of byte k's fused kernels where k groups by set on them both ways, else 0.
 static inline int st_kernel_sets_fused(int k) {
     const int sk = k - ST_K_SETS_FUSED;
-    return k >= ST_K_SETS_FUSED && k < ST_K_END && sk >= 1 && sk != 4 ? sk : 0;
+    return k >= ST_K_SETS_FUSED && k < ST_K_SETS_PAIR && sk >= 1 && sk != 4 ? sk : 0;
+}
+// The -sk value (0..3, 5) of byte k's forward (bwd 0) or backward (1) where k groups by set, else -1.
+static inline int st_kernel_set_sk(int k, int bwd) {
+    if (k == ST_K_SETS) return 0;
+    if (st_kernel_sets_fused(k)) return st_kernel_sets_fused(k);
+    if (k < ST_K_SETS_PAIR || k >= ST_K_END) return -1;
+    const int f = (k - ST_K_SETS_PAIR) / 6, b = (k - ST_K_SETS_PAIR) % 6;
+    return f == b || f == 4 || b == 4 ? -1 : bwd ? b : f;  // (the diagonal is the singles')
+}
+// The byte of the set path with its forward on -sk fwd's kernels and its backward on bwd's.
+static inline int st_kernel_set_byte(int fwd, int bwd) {
+    if (fwd == bwd) return fwd ? ST_K_SETS_FUSED + fwd : ST_K_SETS;
+    return ST_K_SETS_PAIR + 6 * fwd + bwd;
 }
 // -at 1 times the candidates (st_kernel_candidates) in slots, a column each of its table: the
 // singles 0 .. ST_K_COUNT - 1 as their bytes, then -mg 1 with -sk 1, 2 and 5.
@@ -53,20 +67,20 @@ static inline int st_kernel_slot(int k) {
     return sk == 1 ? ST_K_COUNT : sk == 2 ? ST_K_COUNT + 1 : sk == 5 ? ST_K_COUNT + 2 : -1;
 }
 // Whether byte k groups BTT-MoE's tokens by set of experts (-mg 1, on the plans or fused).
-static inline int st_kernel_by_set(int k) { return k == ST_K_SETS || st_kernel_sets_fused(k); }
+static inline int st_kernel_by_set(int k) { return st_kernel_set_sk(k, 0) >= 0; }
 // The choices whose saved state no other choice's backward reads (dense saves none): both ways or neither.
 static inline int st_kernel_unpaired(int k) { return k == ST_K_DENSE || k == ST_K_ZT || st_kernel_by_set(k); }
 
 // The forward's and the backward's kernels of byte k (0..3, ST_K_DENSE, ST_K_ZT, ST_K_SETS or
-// ST_K_MMA each; a set path on fused kernels, itself both ways), and the byte of a pair
-// (fwd != bwd, both pairable).
+// ST_K_MMA each; by set, the set path's single of that -sk), and the byte of a pair (fwd != bwd,
+// both pairable by expert).
 static inline int st_kernel_fwd(int k) {
-    if (st_kernel_sets_fused(k)) return k;
+    if (st_kernel_by_set(k)) return st_kernel_set_byte(st_kernel_set_sk(k, 0), st_kernel_set_sk(k, 0));
     if (k >= ST_K_MIXED_MMA) return k < ST_K_MIXED_MMA + 4 ? k - ST_K_MIXED_MMA : ST_K_MMA;
     return k >= ST_K_MIXED ? (k - ST_K_MIXED) / 4 : k;
 }
 static inline int st_kernel_bwd(int k) {
-    if (st_kernel_sets_fused(k)) return k;
+    if (st_kernel_by_set(k)) return st_kernel_set_byte(st_kernel_set_sk(k, 1), st_kernel_set_sk(k, 1));
     if (k >= ST_K_MIXED_MMA) return k < ST_K_MIXED_MMA + 4 ? ST_K_MMA : k - ST_K_MIXED_MMA - 4;
     return k >= ST_K_MIXED ? (k - ST_K_MIXED) % 4 : k;
 }
@@ -80,8 +94,8 @@ static inline int st_kernel_pair(int fwd, int bwd) {
 // 0, the plans it runs on, or its fused kernels'), and the byte of a layer whose forward runs -sk
 // fwd and backward -sk bwd (-sk 4 is both or neither) by expert.
 static inline int st_kernel_sk(int k, int bwd) {
-    if (st_kernel_sets_fused(k)) return st_kernel_sets_fused(k);
-    if (k == ST_K_DENSE || k == ST_K_SETS) return 0;
+    if (st_kernel_by_set(k)) return st_kernel_set_sk(k, bwd);
+    if (k == ST_K_DENSE) return 0;
     if (k == ST_K_ZT) return 4;
     const int one = bwd ? st_kernel_bwd(k) : st_kernel_fwd(k);
     return one == ST_K_MMA ? 5 : one;
@@ -96,6 +110,7 @@ static inline int st_kernel_of_sk(int fwd, int bwd) {
 static inline void st_kernel_label(char *buf, size_t cap, int k) {
     if (k >= 0 && k < ST_K_COUNT) snprintf(buf, cap, "%s", st_kernel_names[k]);
     else if (st_kernel_sets_fused(k)) snprintf(buf, cap, "-mg 1 -sk %d", st_kernel_sets_fused(k));
+    else if (st_kernel_by_set(k)) snprintf(buf, cap, "-mg 1, -sk %d fwd, -sk %d bwd", st_kernel_set_sk(k, 0), st_kernel_set_sk(k, 1));
     else if (k >= ST_K_MIXED && k < ST_K_SETS_FUSED)
         snprintf(buf, cap, "%s fwd, %s bwd", st_kernel_names[st_kernel_fwd(k) & 7], st_kernel_names[st_kernel_bwd(k) & 7]);  // (singles: 0..7)
     else snprintf(buf, cap, "kernels %d", k);
@@ -112,7 +127,7 @@ static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || k
 // sets (its shape can group by set: gpu_plan.h's moe_set_count).
 static inline int st_kernel_valid(int kind, int k, int sets = 1) {
     if (!st_kind_tunable(kind)) return k == ST_K_NONE;
-    if (k >= ST_K_SETS_FUSED) return kind == STRUCT_BTT_MOE && sets && st_kernel_sets_fused(k);
+    if (k >= ST_K_SETS_FUSED) return kind == STRUCT_BTT_MOE && sets && st_kernel_by_set(k);
     if (k >= ST_K_MIXED) return k < ST_K_END && st_kernel_fwd(k) != st_kernel_bwd(k);  // (bytes 8, 13, 18 and 23 are no pair)
     if (k == ST_K_SETS) return kind == STRUCT_BTT_MOE && sets;
     return k >= 0 && k < ST_K_COUNT && (k != ST_K_DENSE || st_kind_densifiable(kind));
@@ -147,8 +162,10 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int sets =
 // The candidate that runs what kernels k run for this kind (Monarch's -sk 2, 3 and 5 are its 1,
 // BTT-MoE's -sk 3 its 2, by expert or by set; a pair, each direction so).
 static inline int st_kernel_canonical(int kind, int k) {
-    if (st_kernel_sets_fused(k) == 3) return ST_K_SETS_FUSED + 2;
-    if (st_kernel_sets_fused(k)) return k;
+    if (st_kernel_by_set(k)) {
+        const int f = st_kernel_set_sk(k, 0), b = st_kernel_set_sk(k, 1);
+        return st_kernel_set_byte(f == 3 ? 2 : f, b == 3 ? 2 : b);
+    }
     if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
     if (kind == STRUCT_MONARCH && ((k >= 1 && k <= 3) || k == ST_K_MMA)) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
@@ -171,16 +188,21 @@ static inline int st_tune_pick(const double *t, int n, int incumbent) {
 
 // The kernels byte a unit runs, from its nc candidates' forward and backward times tf, tb
 // (ST_TUNE_REFUSED: refused). The options: each candidate both ways, and with mix (not with -x 0)
-// the fastest forward among the pairable ones (-sk 0..3, 5) with the fastest backward among them; the
+// the fastest forward among the pairable ones (-sk 0..3, 5) with the fastest backward among them,
+// and the same among the set path's (-mg 1 on the plans or fused: one z layout of their own); the
 // least total wins, unless the incumbent's (a candidate byte; -1: none) is within the margin.
 static inline int st_tune_pick_pair(const int *cand, const double *tf, const double *tb, int nc, int incumbent, int mix) {
-    int opt[ST_K_SLOTS + 1], n = 0, inc = -1, f = -1, b = -1;
-    double tt[ST_K_SLOTS + 1];
+    int opt[ST_K_SLOTS + 2], n = 0, inc = -1, f = -1, b = -1, sf = -1, sb = -1;
+    double tt[ST_K_SLOTS + 2];
     for (int c = 0; c < nc; c++) {
         const int ok = tf[c] < ST_TUNE_REFUSED && tb[c] < ST_TUNE_REFUSED;
         if (ok && cand[c] == incumbent) inc = n;
         opt[n] = cand[c];
         tt[n++] = ok ? tf[c] + tb[c] : ST_TUNE_REFUSED;
+        if (ok && st_kernel_by_set(cand[c])) {  // pairs among the set path's own
+            if (sf < 0 || tf[c] < tf[sf]) sf = c;
+            if (sb < 0 || tb[c] < tb[sb]) sb = c;
+        }
         if (!ok || st_kernel_unpaired(cand[c])) continue;  // both ways or neither
         if (f < 0 || tf[c] < tf[f]) f = c;
         if (b < 0 || tb[c] < tb[b]) b = c;
@@ -188,6 +210,10 @@ static inline int st_tune_pick_pair(const int *cand, const double *tf, const dou
     if (mix && f >= 0 && f != b) {
         opt[n] = st_kernel_pair(cand[f], cand[b]);
         tt[n++] = tf[f] + tb[b];
+    }
+    if (mix && sf >= 0 && sf != sb) {
+        opt[n] = st_kernel_set_byte(st_kernel_set_sk(cand[sf], 0), st_kernel_set_sk(cand[sb], 1));
+        tt[n++] = tf[sf] + tb[sb];
     }
     return opt[st_tune_pick(tt, n, inc)];
 }

@@ -3,6 +3,7 @@
 # the issue's goals per row, then each layer's fastest path as -at 1 runs it: the least of its
 # paths' forward + backward times, and for BTT and Monarch the fastest forward with the fastest
 # backward of the paths that save z (the plans, -sk 1, 2, 3, 5: any backward follows any forward),
+# for BTT-MoE likewise among its rows grouped by set (-mg 1 on the plans and the fused kernels),
 # with the goals again on those. Runs on saved logs too:
 #   awk -v torch_ran=0 -v moe_variant=mask_z -v tfile=layers_torch.log -f dev/bench/structured_table.awk \
 #       layers_torch.log layers_cuda.log
@@ -99,7 +100,8 @@ function path_name(s,   sets) {
 
 # Each (d, shape, structure)'s fastest path, as -at 1 chooses it (without its 3% margin): the
 # least total of its rows, or for BTT and Monarch the fastest forward of the rows that save z with
-# the fastest backward of them (backward = ms - fwd_ms), when that is less. The goals on those.
+# the fastest backward of them (backward = ms - fwd_ms), for BTT-MoE of its rows grouped by set,
+# when that is less. The goals on those.
 function fastest(   i, k, j, nk, key, order, bi, fi, bw, pair, t, how, dn, fl, tm, sp, r2, tag, g1, g2, g3, g4, n1, n2, n3, n4, m1, m2, m3, m4) {
     nk = 0
     for (i = 1; i <= n; i++) {
@@ -107,14 +109,15 @@ function fastest(   i, k, j, nk, key, order, bi, fi, bw, pair, t, how, dn, fl, t
         key = D[i] "/" DIN[i] "/" DOUT[i] "/" BASE[i]
         if (!(key in BEST)) { order[++nk] = key; KD[key] = D[i]; KIN[key] = DIN[i]; KOUT[key] = DOUT[i]; KS[key] = BASE[i]; BEST[key] = i }
         if (MS[i] < MS[BEST[key]]) BEST[key] = i
-        if (S[i] ~ /_(sm|zt)$/ || BASE[i] ~ /^btt_moe/ || FW[i] < 0) continue  # dense and -sk 4 pair with nothing
+        if (S[i] ~ /_(sm|zt)$/ || FW[i] < 0) continue  # dense and -sk 4 pair with nothing
+        if (BASE[i] ~ /^btt_moe/ && S[i] !~ /_sets(_ws|_mma)?$/) continue  # BTT-MoE by expert neither; by set among its own
         if (!(key in FI) || FW[i] < FW[FI[key]]) FI[key] = i
         if (!(key in BI) || MS[i] - FW[i] < MS[BI[key]] - FW[BI[key]]) BI[key] = i
     }
     if (!nk) return
     print ""
     print "== each layer's fastest path, as -at 1 runs it (the least forward + backward of its paths; BTT and Monarch: the fastest"
-    print "   forward with the fastest backward of the paths that save z in the plans' layout, when that is less)"
+    print "   forward with the fastest backward of the paths that save z in the plans' layout, BTT-MoE of its paths by set, when less)"
     printf "%5s %-11s %-13s %10s %-26s %8s %8s %11s %9s\n", "d", "shape", "structure", "ms", "path", "%floor", "vs dense", "PyTorch ms", "speedup"
     n1 = n2 = n3 = n4 = m1 = m2 = m3 = m4 = 0; g1 = g2 = g3 = g4 = ""
     for (j = 1; j <= nk; j++) {
