@@ -322,10 +322,11 @@ __global__ void moe_cores_scatter_kernel(floatX *dW0, floatX *dW1, const floatX 
 // component: one bf16 rounding. Groups: the experts (members NULL, K = 1: expert e's group is e
 // alone), or the sets (members: the `per` sets containing e as q·K + j, j its place in set q;
 // moe_sets.cuh). part0/part1: tile t's at t·p0, t·p1 (a group's core sizes); offsets: the groups'
-// grouped rows (multiples of T).
-__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const float *part0, const float *part1, const int *offsets,
-                                            const int *members, size_t n0, size_t n1, int E, int K, int Ep, int per, size_t p0, size_t p1,
-                                            int T) {
+// grouped rows (multiples of T). offsets NULL: one partial per group, group q's at q·p (the fused
+// set backward's per-set core gradients, bf16: P = floatX).
+template <class P>
+__global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const P *part0, const P *part1, const int *offsets, const int *members,
+                                            size_t n0, size_t n1, int E, int K, int Ep, int per, size_t p0, size_t p1, int T) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n0 + n1) return;
     const int w1 = i >= n0;
@@ -341,13 +342,14 @@ __global__ void moe_partials_scatter_kernel(floatX *dW0, floatX *dW1, const floa
         base = (r / E) * K * Ep + o;
         step = Ep;
     }
-    const float *part = w1 ? part1 : part0;
+    const P *part = w1 ? part1 : part0;
     const size_t p = w1 ? p1 : p0;
     float acc = 0.0f;
     for (int m = 0; m < per; m++) {
         const int qj = members ? members[e * per + m] : e, q = qj / K, j = qj % K;
-        const float *pq = part + base + j * step;
-        for (int t = offsets[q] / T; t < offsets[q + 1] / T; t++) acc += pq[(size_t)t * p];
+        const P *pq = part + base + j * step;
+        const int t0 = offsets ? offsets[q] / T : q, t1 = offsets ? offsets[q + 1] / T : q + 1;
+        for (int t = t0; t < t1; t++) acc += (float)pq[(size_t)t * p];
     }
     floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
     *g = (floatX)((float)*g + acc);
@@ -491,38 +493,6 @@ __global__ void moe_zero_padding_rows_kernel(floatX *z, const int *order, const 
     if (i >= (size_t)rows * per) return;
     const int w = (int)(i / per);
     if (w < *rows_in_use && order[w] < 0) st16(z + (size_t)w * zrow + (i % per) * 8, make_uint4(0, 0, 0, 0));
-}
-
-// dW0/dW1 (the strided rank components) += for each expert e, over the sets that hold its
-// component in order (members, moe_sets.cuh), that set's core gradient (dw0q, dw1q: S sets of
-// rank-K cores, q0 and q1 elements each, the fused set backward's seg_wgrad): one bf16 rounding of
-// the fp32 sum, deterministic.
-__global__ void moe_set_grads_scatter_kernel(floatX *dW0, floatX *dW1, const floatX *dw0q, const floatX *dw1q, const int *members, size_t n0,
-                                             size_t n1, int E, int K, int Ep, int per, size_t q0, size_t q1) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n0 + n1) return;
-    const int w1 = i >= n0;
-    int e;
-    size_t base, step;  // the element's place in a set's core is base + j·step (as moe_partials_scatter_kernel's)
-    if (!w1) {  // W0[g, a, f·E + e] -> (g, a, f·K + j)
-        e = (int)(i % E);
-        base = (i / E) * K;
-        step = 1;
-    } else {  // W1[f, g·E + e, o] -> (f, g·K + j, o)
-        const size_t l = i - n0, o = l % Ep, r = l / Ep;
-        e = (int)(r % E);
-        base = (r / E) * K * Ep + o;
-        step = Ep;
-    }
-    const floatX *dq = w1 ? dw1q : dw0q;
-    const size_t q = w1 ? q1 : q0;
-    float acc = 0.0f;
-    for (int m = 0; m < per; m++) {
-        const int qj = members[e * per + m];
-        acc += (float)dq[(size_t)(qj / K) * q + base + (size_t)(qj % K) * step];
-    }
-    floatX *g = w1 ? dW1 + (i - n0) : dW0 + i;
-    *g = (floatX)((float)*g + acc);
 }
 
 // -sk 0's gate backward on the tiled plans, z and dZu (in t2) in the saved (phi, gamma, rho)
@@ -870,7 +840,8 @@ static void moe_backward_tiled(floatX *dW0, floatX *dW1, const floatX *dy, const
     }
     plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + G, sc->ptrs, g->sets ? "sets' dx, dW" : "experts' dx, dW");
     st_step(g->sets ? "dW partials summed per expert over its sets" : "dW partials summed per expert");
-    moe_partials_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->part0, sc->part1, st->offsets, g->members, n0, n1,
+    moe_partials_scatter_kernel<float><<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, (const float *)sc->part0, (const float *)sc->part1,
+                                                                                  st->offsets, g->members, n0, n1,
                                                                            s->experts, g->shape.rank, s->btt.eps, g->per, q0, q1, T);
     cudaCheckLaunch();
 }
@@ -966,8 +937,9 @@ static int moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, co
     st_step("sets' dW0, dW1, fused (seg_wgrad)");
     if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
     st_step("sets' gradients summed per expert");
-    moe_set_grads_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, st->members, n0, n1, s->experts, K,
-                                                                            Ee, g.per, q0, q1);
+    moe_partials_scatter_kernel<floatX><<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, (const floatX *)sc->dw0x, (const floatX *)sc->dw1x,
+                                                                                   (const int *)NULL, st->members, n0, n1, s->experts, K, Ee,
+                                                                                   g.per, q0, q1, 1);
     cudaCheckLaunch();
     return 1;
 }
