@@ -200,7 +200,7 @@ static void step(Layer *L, int version, int which_x) {
         v1_forward(L->y, &L->st, &L->sc, L->te1, x, L->W0, L->W1, L->R, L->N, &L->s);
         v1_backward(L->dx, L->dW0, L->dW1, L->dR, L->dy, x, &L->st, &L->sc, L->W0, L->W1, L->R, &L->s);
     } else {
-        st_set_kernels(version >= 4 ? 2 : 0);  // v4: the set path's forward fused; v5: by expert, fused both ways
+        st_set_kernels(version >= 4 ? 2 : 0);  // v4: by set, v5: by expert, each on the fused kernels both ways
         moe_forward_gpu(L->y, &L->st, &L->sc, x, L->W0, L->W1, L->R, NULL, L->N, &L->s);
         moe_backward_gpu(L->dx, L->dW0, L->dW1, L->dR, NULL, L->dy, 0.0f, x, &L->st, &L->sc, L->W0, L->W1, L->R, &L->s, NULL);
         st_set_kernels(0);

@@ -1363,12 +1363,12 @@ static void test_moe(int N, int alpha, int gamma, int phi, int eps, int E, int K
     // grouping: as the CPU's (cpu_group); by set, each token's set instead
     if (sets) {
         const int S = moe_set_count(&s);
-        std::vector<int> sid = down(gst.sid, N), gcounts = down(gst.counts, S), hsel = down(gst.sel, NK);
+        std::vector<int> sid = down(gst.sid, N), gcounts = down(gst.counts, S);
         std::vector<int> want(S, 0);
         int sid_ok = 1;
         for (int t = 0; t < N; t++) {
             int c[MOE_SET_MAX_K];
-            for (int k = 0; k < K; k++) c[k] = hsel[(size_t)t * K + k];
+            for (int k = 0; k < K; k++) c[k] = sel[(size_t)t * K + k];
             std::sort(c, c + K);
             const int q = moe_set_rank(c, K);
             sid_ok &= sid[t] == q;
@@ -1586,12 +1586,8 @@ static void test_btt_fused_gate(int N, int alpha, int gamma, int phi, int eps, i
             continue;
         }
         for (int c = 0; c < zrow; c++) {  // column c = (f, g, s): component s = c % R
-            uint32_t b = (uint32_t)z0[(size_t)w * zrow + c] << 16;
-            float v;
-            memcpy(&v, &b, 4);
-            const float want = bfr(v * gate[(size_t)w * R + c % R]), saved = late ? v : want;
-            b = (uint32_t)z1[(size_t)w * zrow + c] << 16;
-            memcpy(&v, &b, 4);
+            const float u = sim_bf2f(z0[(size_t)w * zrow + c]), v = sim_bf2f(z1[(size_t)w * zrow + c]);
+            const float want = bfr(u * gate[(size_t)w * R + c % R]), saved = late ? u : want;
             zbad += !(v == saved || (saved != saved && v != v));
             zg[(size_t)w * zrow + c] = want;
         }
