@@ -260,6 +260,12 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/a
 [ $rc -ne 0 ] && echo "$out" | grep -q "error: '$st3': linear layer 5 (fc_proj) has kernels 6, which a btt layer cannot run" \
     && ok "structured: a resume state whose BTT layer groups by set of experts (-mg 1's byte) is refused, naming the file and layer" \
     || bad "-at 1 bad state (-mg 1 byte)" "exit $rc: $(echo "$out" | grep -m1 error)"
+cp "$W/at1/state_00000002_00000.bin" "$st3"
+printf '\044' | dd of="$st3" bs=1 seek=$(($(stat -c %s "$st3") - 3)) conv=notrunc 2> /dev/null  # fc (BTT-MoE): 36, -mg 1 on -sk 4's kernels
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/at3" -n 2 -y 1 2>&1); rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "error: '$st3': linear layer 4 (fc) has kernels 36, which a btt_moe layer cannot run" \
+    && ok "structured: a resume state whose BTT-MoE layer has no such choice (byte 36, -mg 1 on -sk 4) is refused, naming the file and layer" \
+    || bad "-at 1 bad state (byte 36)" "exit $rc: $(echo "$out" | grep -m1 error)"
 c=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sm 1 2>&1 | losses | tr '\n' ' ')
 close_losses "$a" "$c" 1.5e-3 \
     && ok "structured: -sm 1 (BTT and Monarch as dense GEMMs on materialized weights) matches -sk 0 (losses $c / $a)" || bad "-sm 1" "losses '$c' vs '$a'"
