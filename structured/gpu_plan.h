@@ -270,29 +270,61 @@ static inline int plan_set_epilogue(Plan *p, int out, int epi) {
 // Monarch (monarch.h's math and saved-u layout). W0 = R (nb, q, p), W1 = L (nb, s, q). Row
 // strides: X/DX d_in, Y/DY/T2 d_out, Z (saved u)/T1/T3 urow = nb·q.
 
+// The forward's last op, y from T2 = yt (also after the BTT kernel, which writes yt: monarch.h's
+// Monarch as a BTT), and its last two, from the saved u (after the BTT kernel's stage 1 alone).
+static inline void plan_monarch_forward_from_yt(Plan *p, const MonarchShape *m, int n) {
+    plan_permute(p, PB_T2, 0, m->d_out, PB_Y, 0, m->d_out, n, m->nb, m->s, 1);  // y[i nb + l] = yt[l s + i]
+}
+static inline void plan_monarch_forward_from_u(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, s = m->s, q = m->q, dout = m->d_out, urow = nb * q;
+    plan_gemm(p, 0, 1, n, s, q, PB_Z, 0, urow, q, PB_W1, 0, q, (long long)s * q, PB_T2, 0, dout, s, nb, 0);  // Yt_l = Ut_l L[l]^T
+    plan_monarch_forward_from_yt(p, m, n);
+}
 static inline void plan_monarch_forward(Plan *p, const MonarchShape *m, int n) {
-    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
+    const int nb = m->nb, pp = m->p, q = m->q, din = m->d_in, urow = nb * q;
     plan_gemm(p, 0, 1, n, q, pp, PB_X, 0, din, pp, PB_W0, 0, pp, (long long)q * pp, PB_T1, 0, urow, q, nb, 0);  // U_k = X_k R[k]^T
     plan_permute(p, PB_T1, 0, urow, PB_Z, 0, urow, n, q, nb, 1);                                                  // u_saved[l q + r] = u[r nb + l]
-    plan_gemm(p, 0, 1, n, s, q, PB_Z, 0, urow, q, PB_W1, 0, q, (long long)s * q, PB_T2, 0, dout, s, nb, 0);     // Yt_l = Ut_l L[l]^T
-    plan_permute(p, PB_T2, 0, dout, PB_Y, 0, dout, n, nb, s, 1);                                                 // y[i nb + l] = yt[l s + i]
+    plan_monarch_forward_from_u(p, m, n);
 }
 
 // The weight gradients from T2 = dyt and T3 = du (natural order): the backward's last step, also
 // after the fused kernel (monarch_fused.cuh), which leaves dx, dyt and du.
+static inline void plan_monarch_backward_dl(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, s = m->s, q = m->q, dout = m->d_out, urow = nb * q;
+    plan_gemm(p, 1, 0, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, urow, q, PB_DW1, 0, q, (long long)s * q, nb, 1);  // dL[l] += dYt_l^T Ut_l
+}
 static inline void plan_monarch_backward_weights(Plan *p, const MonarchShape *m, int n) {
-    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
-    plan_gemm(p, 1, 0, s, q, n, PB_T2, 0, dout, s, PB_Z, 0, urow, q, PB_DW1, 0, q, (long long)s * q, nb, 1);   // dL[l] += dYt_l^T Ut_l
+    const int nb = m->nb, pp = m->p, q = m->q, din = m->d_in, urow = nb * q;
+    plan_monarch_backward_dl(p, m, n);
     plan_gemm(p, 1, 0, q, pp, n, PB_T3, 0, urow, q, PB_X, 0, din, pp, PB_DW0, 0, pp, (long long)q * pp, nb, 1);  // dR[k] += dU_k^T X_k
 }
+// The backward's dx GEMM from T3 = du (natural order): dX_k = dU_k R[k].
+static inline void plan_monarch_backward_dx(Plan *p, const MonarchShape *m, int n) {
+    const int nb = m->nb, pp = m->p, q = m->q, din = m->d_in, urow = nb * q;
+    plan_gemm(p, 0, 0, n, pp, q, PB_T3, 0, urow, q, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);
+}
+// The backward's rest after the BTT kernels (monarch.h's Monarch as a BTT; monarch_gpu.cuh with
+// -sk 2, 3, 5): T1 holds the transposed BTT's saved z, du with each block's j = t nb + f at
+// f rho + t (rho = q/nb), permuted here into T3 in du's natural order (at rank 1 that order is
+// du's, and the kernel writes T3 itself); then (want_dx: the split, -sk 3) dx, and the weight
+// gradients, as the plans'.
+static inline void plan_monarch_backward_from_btt(Plan *p, const MonarchShape *m, int n, int want_dx) {
+    const int nb = m->nb, q = m->q;
+    if (q / nb > 1) plan_permute(p, PB_T1, 0, q, PB_T3, 0, q, n * nb, nb, q / nb, 1);  // each block's (nb, rho) -> (rho, nb)
+    if (want_dx) plan_monarch_backward_dx(p, m, n);
+    plan_monarch_backward_weights(p, m, n);
+}
 
+// The backward's first op, T2 = dyt from dy (dyt[l s + i] = dy[i nb + l]); also before the BTT kernels.
+static inline void plan_monarch_backward_dyt(Plan *p, const MonarchShape *m, int n) {
+    plan_permute(p, PB_DY, 0, m->d_out, PB_T2, 0, m->d_out, n, m->s, m->nb, 1);
+}
 static inline void plan_monarch_backward(Plan *p, const MonarchShape *m, int n, int want_dx) {
-    const int nb = m->nb, pp = m->p, s = m->s, q = m->q, din = m->d_in, dout = m->d_out, urow = nb * q;
-    plan_permute(p, PB_DY, 0, dout, PB_T2, 0, dout, n, s, nb, 1);                                                // dyt
+    const int nb = m->nb, s = m->s, q = m->q, dout = m->d_out, urow = nb * q;
+    plan_monarch_backward_dyt(p, m, n);
     plan_gemm(p, 0, 0, n, q, s, PB_T2, 0, dout, s, PB_W1, 0, q, (long long)s * q, PB_T1, 0, urow, q, nb, 0);    // dUt_l = dYt_l L[l]
     plan_permute(p, PB_T1, 0, urow, PB_T3, 0, urow, n, nb, q, 1);                                                // du, natural order
-    if (want_dx)
-        plan_gemm(p, 0, 0, n, pp, q, PB_T3, 0, urow, q, PB_W0, 0, pp, (long long)q * pp, PB_DX, 0, din, pp, nb, 0);  // dX_k = dU_k R[k]
+    if (want_dx) plan_monarch_backward_dx(p, m, n);
     plan_monarch_backward_weights(p, m, n);
 }
 

@@ -15,6 +15,7 @@
 // Backward: dyt = transpose of dy, dUt_l = dYt_l . L[l], transposed back to the natural du,
 // dX_k = dU_k . R[k], dL[l] += dYt_l^T Ut_l, dR[k] += dU_k^T X_k.
 #pragma once
+#include "btt.h"
 #include "factor.h"
 
 typedef struct { int d_in, d_out, nb, p, s, q; } MonarchShape;
@@ -33,6 +34,49 @@ static inline size_t monarch_l_size(const MonarchShape *m) { return (size_t)m->n
 static inline size_t monarch_u_row(const MonarchShape *m) { return (size_t)m->nb * m->q; }
 static inline size_t monarch_u_size(const MonarchShape *m, int N) { return (size_t)N * monarch_u_row(m); }
 static inline size_t monarch_flops_per_row(const MonarchShape *m) { return monarch_r_size(m) + monarch_l_size(m); }
+
+// Monarch as a BTT. Where nb divides q, a Monarch is the BTT of alpha = p, gamma = phi = nb,
+// eps = s and rank rho = q/nb, with its cores laid out anew:
+//   W0[g, a, f*rho + t] = R[g, t*nb + f, a]      W1[f, g*rho + t, e] = L[f, e, g*rho + t]
+// Why: write stage 1's j = t*nb + f (t < rho, f < nb). Stage 2's block l reads u[r*nb + l]; with
+// r = g*rho + t that is u[g*q + t*nb + l], the BTT's z[g, l, t]. So stage 2 is the BTT's second
+// stage with f = l, and the BTT's saved z (phi, gamma, rho) is element for element the Monarch's
+// saved u (u_saved[l*q + g*rho + t]); its output y_btt[l*s + i] is y[i*nb + l] (the Monarch's yt,
+// one permute from y). The GPU runs the BTT kernels on Monarch layers so (-sk 2, 3 and 5).
+// The transposed BTT (the backward's dx, btt.h) then has the cores W0t[l] = L[l] and
+// W1t[g][f*rho + t] = R[g][t*nb + f] (rows of R reordered), and its saved z is du with each
+// block's j = t*nb + f at f*rho + t.
+// 1 and the BTT's shape where nb divides q, else 0.
+static inline int monarch_btt_shape(BTTShape *b, const MonarchShape *m) {
+    if (m->q <= 0 || m->q % m->nb != 0) return 0;
+    btt_shape(b, m->p, m->nb, m->nb, m->s, m->q / m->nb);
+    return 1;
+}
+// The row j of a block of R whose values the BTT's column (or transposed row) c = f*rho + t takes.
+ST_HD static inline int monarch_btt_row(int c, int nb, int rho) { return (c % rho) * nb + c / rho; }
+// The element of R (nb blocks q x p) that element i of the BTT's W0 (nb blocks p x q: block g,
+// row a, column c) takes, and (w1t) that of the transposed BTT's W1t (nb blocks q x p: R's rows
+// reordered). Also the GPU's.
+ST_HD static inline size_t monarch_btt_core_src(size_t i, int nb, int q, int p, int w1t) {
+    const size_t per = (size_t)q * p, g = i / per, j = i % per;
+    const int c = w1t ? (int)(j / p) : (int)(j % q), a = w1t ? (int)(j % p) : (int)(j / q);
+    return g * per + (size_t)monarch_btt_row(c, nb, q / nb) * p + a;
+}
+// The BTT's cores W0 (|R| floats) and W1 (|L| floats) from R and L (monarch_btt_shape's BTT).
+static inline void monarch_btt_cores(float *W0, float *W1, const float *R, const float *L, const MonarchShape *m) {
+    for (size_t i = 0; i < monarch_r_size(m); i++) W0[i] = R[monarch_btt_core_src(i, m->nb, m->q, m->p, 0)];
+    st_block_transpose(W1, L, m->nb, m->s, m->q);
+}
+// dR += the BTT's dW0 and dL += its dW1, each element moved back where monarch_btt_cores took it.
+static inline void monarch_btt_grads_add(float *dR, float *dL, const float *dW0, const float *dW1, const MonarchShape *m) {
+    const int nb = m->nb, p = m->p, q = m->q, s = m->s, rho = q / nb;
+    for (int g = 0; g < nb; g++)
+        for (int a = 0; a < p; a++)
+            for (int c = 0; c < q; c++) dR[((size_t)g * q + monarch_btt_row(c, nb, rho)) * p + a] += dW0[((size_t)g * p + a) * q + c];
+    for (int f = 0; f < nb; f++)
+        for (int r = 0; r < q; r++)
+            for (int e = 0; e < s; e++) dL[((size_t)f * s + e) * q + r] += dW1[((size_t)f * q + r) * s + e];
+}
 
 // y (N, d_out) overwritten; u (monarch_u_size floats) saved for the backward; bias may be NULL.
 static inline void monarch_forward(float *y, float *u, const float *x, const float *R, const float *L, const float *bias,

@@ -292,6 +292,72 @@ static void test_monarch(int din, int dout, int nb, int N, int ut) {
     free(scr);
 }
 
+// Monarch run as a BTT (monarch.h's identity; monarch_gpu.cuh with -sk 2, 3, 5): the plans' parts
+// around the BTT kernel, which the CPU BTT stands in for: y from yt, y from u (-sk 3), dyt, and
+// the backward's dx (-sk 3) and weight gradients from the transposed BTT's saved z, against monarch.h.
+static void test_monarch_btt(int din, int dout, int nb, int N) {
+    MonarchShape m;
+    BTTShape b;
+    monarch_shape(&m, din, dout, nb);
+    char tag[96], name[192];
+    snprintf(tag, sizeof(tag), "monarch as a BTT %d->%d nb%d N%d", din, dout, nb, N);
+    if (!check_true(monarch_btt_shape(&b, &m), tag, "no BTT shape")) return;
+    const BTTShape tb = btt_shape_transposed(&b);
+    const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
+    float *x = randn((size_t)N * din, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f), *dy = randn((size_t)N * dout, 1.0f);
+    float *y_ref = zeros((size_t)N * dout), *u_ref = zeros((size_t)N * urow);
+    monarch_forward(y_ref, u_ref, x, R, L, NULL, N, &m);
+    float *dx_ref = zeros((size_t)N * din), *dR_ref = randn(nr, 1.0f), *dL_ref = randn(nl, 1.0f);
+    float *dR = copyf(dR_ref, nr), *dL = copyf(dL_ref, nl), *scr = zeros(monarch_scratch_size(&m, N));
+    monarch_backward(dx_ref, dR_ref, dL_ref, NULL, dy, x, u_ref, R, L, N, &m, scr);
+    // the BTT kernels' parts, on the CPU: its cores (and the transposed BTT's), yt and u, dx and its z
+    float *W0 = zeros(nr), *W1 = zeros(nl), *W1t = zeros(nr), *W0t = zeros(nl);
+    monarch_btt_cores(W0, W1, R, L, &m);
+    float *buf[PB_COUNT] = {0};
+    buf[PB_X] = x; buf[PB_W0] = R; buf[PB_W1] = L; buf[PB_DY] = dy; buf[PB_DW0] = dR; buf[PB_DW1] = dL;
+    buf[PB_Y] = zeros((size_t)N * dout); buf[PB_Z] = zeros((size_t)N * urow); buf[PB_DX] = zeros((size_t)N * din);
+    buf[PB_T1] = zeros((size_t)N * urow); buf[PB_T2] = zeros((size_t)N * dout); buf[PB_T3] = zeros((size_t)N * urow);
+    float *dxb = zeros((size_t)N * din);
+    Plan p = {0};
+    for (int split = 0; split < 2; split++) {  // forward: the whole kernel (yt, u), or its stage 1 (u)
+        memset(buf[PB_Y], 0, sizeof(float) * N * dout);
+        memset(buf[PB_T2], 0, sizeof(float) * N * dout);
+        btt_forward(split ? buf[PB_Y] : buf[PB_T2], buf[PB_Z], x, W0, W1, NULL, N, &b);  // (split: yt not kept)
+        p.n = 0;
+        if (split) plan_monarch_forward_from_u(&p, &m, N);
+        else plan_monarch_forward_from_yt(&p, &m, N);
+        run_plan(&p, buf);
+        snprintf(name, sizeof(name), "%s: y from %s (%d ops)", tag, split ? "u, GEMM and permute" : "yt, a permute", p.n);
+        check_close(buf[PB_Y], y_ref, (size_t)N * dout, 1e-4f, 1e-4f, name);
+        check_true(p.n == 1 + split, name, "other ops");
+    }
+    snprintf(name, sizeof(name), "%s: the BTT kernel's saved z is u", tag);
+    check_close(buf[PB_Z], u_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
+    // backward: dyt = dy permuted by the plans' first op, then the transposed BTT on it writes dx and
+    // its z into T1 (T3 at rank 1), and the plans do the rest
+    p.n = 0;
+    plan_monarch_backward_dyt(&p, &m, N);
+    run_plan(&p, buf);
+    btt_transposed_cores(W0t, W1t, W0, W1, &b);  // (L and R's rows reordered: test_structured)
+    btt_forward(dxb, b.rank > 1 ? buf[PB_T1] : buf[PB_T3], buf[PB_T2], W0t, W1t, NULL, N, &tb);
+    snprintf(name, sizeof(name), "%s: dx from the transposed BTT", tag);
+    check_close(dxb, dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    p.n = 0;
+    plan_monarch_backward_from_btt(&p, &m, N, 1);
+    run_plan(&p, buf);
+    snprintf(name, sizeof(name), "%s: dx from its z, as du (-sk 3; %d ops)", tag, p.n);
+    check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
+    check_true(p.n == 3 + (b.rank > 1), name, "a permute of its z but at rank 1, then dx, dL and dR");
+    snprintf(name, sizeof(name), "%s: dR accumulated", tag);
+    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dL accumulated", tag);
+    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL);
+    free(scr); free(W0); free(W1); free(W1t); free(W0t); free(dxb);
+}
+
 // ----------------------------------------------------------------------------------------------
 // BTT-MoE: the GPU pipeline of moe_gpu.cuh, step by step, against moe.h
 
@@ -998,6 +1064,10 @@ int main(void) {
         test_monarch(48, 96, 4, 11, ut);  // d_out > d_in: q = p
         test_monarch(96, 48, 8, 7, ut);   // d_in > d_out: q = s
     }
+    test_monarch_btt(64, 64, 4, 19);   // rank 4
+    test_monarch_btt(48, 96, 4, 11);   // q = p = 12: rank 3
+    test_monarch_btt(96, 48, 4, 7);    // q = s = 12
+    test_monarch_btt(64, 64, 8, 9);    // q = nb: rank 1, the plans' one dR GEMM
     test_btt_zt(16, 48, 32, 96, 1, 37, 1);  // -sk 4: 768 -> 3072
     test_btt_zt(32, 96, 16, 48, 1, 9, 0);   // 3072 -> 768, weight gradients overwritten
     test_btt_zt(4, 6, 5, 3, 1, 13, 1);      // small, non-square

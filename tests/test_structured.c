@@ -530,6 +530,89 @@ static void test_monarch_is_btt(int nb, int N) {
     free(x); free(R); free(L); free(W0); free(W1); free(ym); free(yb); free(u); free(z); free(yp);
 }
 
+// Any Monarch whose nb divides q is a BTT (monarch.h, monarch_btt_shape): the BTT's y is the
+// Monarch's y up to the output permutation, its saved z the Monarch's saved u, its gradients the
+// Monarch's moved back (monarch_btt_grads_add), and its transposed BTT (the GPU's backward) has the
+// cores and the saved dZ that monarch_gpu.cuh builds and reads by the stated formulas.
+static void test_monarch_as_btt(int din, int dout, int nb, int N) {
+    MonarchShape m;
+    monarch_shape(&m, din, dout, nb);
+    BTTShape b;
+    char name[200];
+    snprintf(name, sizeof name, "monarch %d->%d nb %d: a BTT (alpha %d, gamma = phi = %d, eps %d, rank %d)", din, dout, nb, m.p, nb, m.s,
+             m.q / nb);
+    if (!check_true(monarch_btt_shape(&b, &m) && b.alpha == m.p && b.gamma == nb && b.phi == nb && b.eps == m.s && b.rank * nb == m.q &&
+                        b.d_in == din && b.d_out == dout && btt_w0_size(&b) == monarch_r_size(&m) && btt_w1_size(&b) == monarch_l_size(&m) &&
+                        btt_z_row(&b) == monarch_u_row(&m),
+                    name, "no BTT or the wrong one"))
+        return;
+    const int p = m.p, s = m.s, q = m.q, rho = b.rank;
+    const size_t nr = monarch_r_size(&m), nl = monarch_l_size(&m), urow = monarch_u_row(&m);
+    float *x = randn((size_t)N * din, 1.0f), *dy = randn((size_t)N * dout, 1.0f), *R = randn(nr, 0.3f), *L = randn(nl, 0.3f);
+    float *bias = randn(dout, 0.5f), *W0 = zeros(nr), *W1 = zeros(nl);
+    monarch_btt_cores(W0, W1, R, L, &m);
+    // forward: y_btt[l*s + i] = y[i*nb + l] (bias added in the Monarch's order), z = u
+    float *ym = zeros((size_t)N * dout), *u = zeros((size_t)N * urow), *yb = zeros((size_t)N * dout), *z = zeros((size_t)N * urow);
+    monarch_forward(ym, u, x, R, L, bias, N, &m);
+    btt_forward(yb, z, x, W0, W1, NULL, N, &b);
+    float *yp = zeros((size_t)N * dout);
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < s; i++)
+            for (int l = 0; l < nb; l++) yp[(size_t)n * dout + i * nb + l] = yb[(size_t)n * dout + l * s + i] + bias[i * nb + l];
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: y = the BTT's y permuted (+ bias)", din, dout, nb);
+    check_close(ym, yp, (size_t)N * dout, 1e-5f, 1e-5f, name);
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: the BTT's saved z = the Monarch's saved u", din, dout, nb);
+    check_close(z, u, (size_t)N * urow, 1e-5f, 1e-5f, name);
+    // backward: dx equal, dR and dL from dW0 and dW1 moved back
+    float *dxm = zeros((size_t)N * din), *dR = zeros(nr), *dL = zeros(nl), *scm = zeros(monarch_scratch_size(&m, N));
+    float *dxb = zeros((size_t)N * din), *dW0 = zeros(nr), *dW1 = zeros(nl), *scb = zeros(btt_scratch_size(&b, N));
+    float *dRb = zeros(nr), *dLb = zeros(nl);
+    monarch_backward(dxm, dR, dL, NULL, dy, x, u, R, L, N, &m, scm);
+    // the BTT backward takes dy in its own order, yt: dyt[l*s + i] = dy[i*nb + l]
+    float *dyt = zeros((size_t)N * dout);
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < s; i++)
+            for (int l = 0; l < nb; l++) dyt[(size_t)n * dout + l * s + i] = dy[(size_t)n * dout + i * nb + l];
+    btt_backward(dxb, dW0, dW1, NULL, dyt, x, z, W0, W1, N, &b, scb);
+    monarch_btt_grads_add(dRb, dLb, dW0, dW1, &m);
+    // (fp32 sums over the same terms in another order: a few units of 1e-5 at 768 -> 3072, |dx| ~ 1..10)
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: dx", din, dout, nb);
+    check_close(dxb, dxm, (size_t)N * din, 1e-3f, 1e-4f, name);
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: dR from dW0", din, dout, nb);
+    check_close(dRb, dR, nr, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: dL from dW1", din, dout, nb);
+    check_close(dLb, dL, nl, 1e-4f, 1e-4f, name);
+    // the transposed BTT: W0t = L, W1t[g][f*rho + t] = R[g][t*nb + f]; its saved z is du with block
+    // k's j = t*nb + f at k*q + f*rho + t, and dR[k][t*nb + f] = sum_n z'[n][k*q + f*rho + t] x[n][k*p + .]
+    const BTTShape tb = btt_shape_transposed(&b);
+    float *W0t = zeros(nl), *W1t = zeros(nr), *dxt = zeros((size_t)N * din), *zt = zeros((size_t)N * urow);
+    btt_transposed_cores(W0t, W1t, W0, W1, &b);
+    float *W1f = zeros(nr);  // (written out here; the GPU builds it by monarch_btt_core_src, checked against this too)
+    for (int g = 0; g < nb; g++)
+        for (int c = 0; c < q; c++) memcpy(W1f + ((size_t)g * q + c) * p, R + ((size_t)g * q + (c % rho) * nb + c / rho) * p, sizeof(float) * p);
+    int src_ok = 1;
+    for (size_t i = 0; i < nr; i++) src_ok &= W1f[i] == R[monarch_btt_core_src(i, nb, q, p, 1)];
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: monarch_btt_core_src(w1t) = R's rows reordered", din, dout, nb);
+    check_true(src_ok, name, "another element");
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: the transposed BTT's cores are L and R's rows reordered", din, dout, nb);
+    check_true(memcmp(W0t, L, sizeof(float) * nl) == 0 && memcmp(W1t, W1f, sizeof(float) * nr) == 0, name, "other cores");
+    btt_forward(dxt, zt, dyt, W0t, W1t, NULL, N, &tb);
+    float *dRz = zeros(nr);
+    for (int k = 0; k < nb; k++)
+        for (int f = 0; f < nb; f++)
+            for (int t = 0; t < rho; t++)
+                for (int a = 0; a < p; a++) {
+                    double acc = 0.0;
+                    for (int n = 0; n < N; n++) acc += (double)zt[(size_t)n * urow + k * q + f * rho + t] * x[(size_t)n * din + k * p + a];
+                    dRz[((size_t)k * q + t * nb + f) * p + a] = (float)acc;
+                }
+    snprintf(name, sizeof name, "monarch %d->%d nb %d as a BTT: dR from the transposed BTT's saved z, rows t*nb + f", din, dout, nb);
+    check_close(dRz, dR, nr, 1e-3f, 1e-4f, name);
+    free(x); free(dy); free(R); free(L); free(bias); free(W0); free(W1); free(ym); free(u); free(yb); free(z); free(yp);
+    free(dxm); free(dR); free(dL); free(scm); free(dxb); free(dW0); free(dW1); free(scb); free(dRb); free(dLb); free(dyt);
+    free(W0t); free(W1t); free(dxt); free(zt); free(W1f); free(dRz);
+}
+
 // The backward's dx is a forward of the transposed BTT (btt.h) on dy, whose saved z is the
 // backward's dZ in the (gamma, phi, rho) layout (btt_backward's scratch): what lets the GPU run
 // its fused forward kernel for the backward.
@@ -862,6 +945,17 @@ int main(int argc, char **argv) {
     test_monarch_is_btt(8, 11);
     test_monarch_is_btt(4, 70);
     test_monarch_is_btt(32, 64);  // d = 1024
+    test_monarch_as_btt(48, 80, 4, 9);     // rank 3
+    test_monarch_as_btt(80, 48, 4, 9);
+    test_monarch_as_btt(36, 36, 6, 5);     // rank 1
+    test_monarch_as_btt(768, 3072, 4, 40);  // GPT-2's fc in 4 blocks: rank 48
+    test_monarch_as_btt(3072, 768, 4, 40);
+    {  // nb = 24 does not divide q = 32 (768 in 24 blocks): no BTT
+        MonarchShape m;
+        BTTShape b;
+        monarch_shape(&m, 768, 768, 24);
+        check_true(!monarch_btt_shape(&b, &m), "monarch 768->768 nb 24 (q 32): not a BTT", "took a BTT shape");
+    }
     test_btt_transposed(4, 3, 5, 6, 1, 13);   // 12 -> 30, every factor distinct
     test_btt_transposed(3, 4, 2, 5, 3, 9);    // 12 -> 10, rank 3
     test_btt_transposed(16, 48, 32, 96, 2, 7);  // GPT-2 768 -> 3072 rank 2
