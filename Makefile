@@ -63,7 +63,7 @@ COMMON_H = $(wildcard common/*.h structured/*.h)
 # dev/cuda's programs whose GPU-sized problems the simulator runs in seconds (their checks against
 # the CPU references; the timings mean nothing there), plan_ops, moe_layer, structured_epilogue and btt_backward on 64 rows:
 # tests/cuda_sim/test_sim_dev_programs.sh
-SIM_DEV_PROGRAMS = adamw encoder gelu classifier layernorm_forward layernorm_backward global_norm plan_ops moe_layer structured_epilogue structured_weight btt_forward btt_backward moe_group
+SIM_DEV_PROGRAMS = adamw encoder gelu classifier layernorm_forward layernorm_backward global_norm plan_ops moe_layer structured_epilogue structured_weight btt_forward btt_backward moe_group monarch_forward monarch_backward
 SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUILD)/cuda_sim/test_gpt2cu \
          $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn $(BUILD)/cuda_sim/train_gpt2cu_mgpu \
          $(BUILD)/cuda_sim/test_multigpu $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS))

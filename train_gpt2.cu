@@ -1010,7 +1010,8 @@ static int tune_unit_members(const GPT2 *m, const TuneUnit *u, int idx[3]) {
 }
 
 // The kind whose choices a unit tries: BTT-MoE's; else BTT's when it has a BTT layer (a Monarch
-// one then runs -sk 2, 3 and 5 as 1), else Monarch's.
+// one then runs -sk 2, 3 and 5 on the BTT kernels where they take its shape, else as 1), else
+// Monarch's.
 static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     if (u->moe) return STRUCT_BTT_MOE;
     int idx[3], kind = STRUCT_MONARCH;
@@ -1020,14 +1021,22 @@ static int tune_unit_kind(const GPT2 *m, const TuneUnit *u) {
     return kind;
 }
 
-// Whether a unit's BTT-MoE layers can group by set of experts (-mg 1 a candidate): their states
-// have the set path (-at 1 allocates it wherever the shape takes it).
-static int tune_unit_sets(const GPT2 *m, const TuneUnit *u) {
-    if (!u->moe) return 0;
+// A unit's alt for st_kernel_candidates: its BTT-MoE layers can group by set of experts (-mg 1 a
+// candidate: their states have the set path, which -at 1 allocates wherever the shape takes it),
+// or its Monarch layers run on the BTT kernels (-sk 2, 3 and 5 then differ from -sk 1).
+static int tune_unit_alt(const GPT2 *m, const TuneUnit *u) {
     int idx[3];
     const int nm = tune_unit_members(m, u, idx);
-    for (int i = 0; i < nm; i++)
-        if (!m->lin[idx[i]].moe.sets) return 0;
+    for (int i = 0; i < nm; i++) {
+        const LinearSpec *spec = &gpt2_linear_at(&m->layout, idx[i])->spec;
+        if (u->moe) {
+            if (!m->lin[idx[i]].moe.sets) return 0;
+        } else {
+            if (spec->kind != STRUCT_MONARCH) return 0;
+            const MonarchShape ms = monarch_shape_of(spec);
+            if (!monarch_btt_candidate(&ms)) return 0;
+        }
+    }
     return nm > 0;
 }
 
@@ -1240,7 +1249,7 @@ static void st_autotune(GPT2 *m) {
         for (int v = 0; v < u && rep[u] == u; v++)
             if (rep[v] == v && tune_units_alike(m, &units[u], &units[v])) rep[u] = v;
         if (rep[u] != u) continue;
-        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand, tune_unit_sets(m, &units[u]));
+        const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand, tune_unit_alt(m, &units[u]));
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
@@ -1264,13 +1273,13 @@ static void st_autotune(GPT2 *m) {
         const int r = rep[u];
         if (r == u) {
             int cand[ST_K_SLOTS];
-            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand, tune_unit_sets(m, &units[u]));
+            const int kind = tune_unit_kind(m, &units[u]), nc = st_kernel_candidates(kind, cand, tune_unit_alt(m, &units[u]));
             double tf[ST_K_SLOTS], tb[ST_K_SLOTS];
             for (int c = 0; c < nc; c++) {
                 tf[c] = t[((size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c])) * 2];
                 tb[c] = t[((size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c])) * 2 + 1];
             }
-            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u]), !m->eval_only);
+            pick[u] = st_tune_pick_pair(cand, tf, tb, nc, st_kernel_canonical(kind, was[u], tune_unit_alt(m, &units[u])), !m->eval_only);
         } else {
             pick[u] = pick[r];
         }
@@ -1531,7 +1540,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
         {"-lg", &g_log_gpu, NULL, -1, 1 << 30, "every this many steps, a line of the GPU's utilisation, SM clock, power, temperature, memory "
                                               "and clock-limit reasons (NVML, from the driver; 0 or -1: off) (default: 0)"},
         {"-sk", &g_st_sk, NULL, 0, 5, "structured kernels: 0 cuBLAS baseline, 1 fused where the shape allows (BTT fwd + bwd dx, BTT-MoE experts, Monarch fwd + bwd dx), "
-                                    "2 the same with the BTT kernel's W0 staged in shared memory, 3 as 2 but BTT split: the kernel's first stage "
+                                    "2 the same with the BTT kernel's W0 staged in shared memory (and Monarch layers whose blocks divide q on that kernel, "
+                                    "as the BTT they are), 3 as 2 but BTT split: the kernel's first stage "
                                     "(z, and dZ from dy) and cuBLAS for the rest, 4 the baseline with z (u) stored transposed, which takes no "
                                     "permute of it, 5 as 2 with the BTT kernel on raw mma.sync (W1 packed in fragment order) "
                                     "(2 to 5 not yet measured on a GPU) (default: 0)"},
@@ -1724,6 +1734,21 @@ static void trainer_banner(const GPT2 *m) {
         else if (g_st_sk == 2) snprintf(how, sizeof(how), "fused BTT (W0 staged), Monarch fwd+bwd dx (-sk 2)");
         else snprintf(how, sizeof(how), "%s", g_st_sk ? "fused BTT, Monarch fwd+bwd dx (-sk 1)" : "cuBLAS strided-batched baseline (-sk 0)");
         printf("| structured layers     | %-50s |\n", how);
+        if (!g_st_tune && !g_st_dense && g_btt_wstage) {  // -sk 2, 3, 5: the Monarch layers that run as a BTT on its kernels
+            int n_mon = 0, n_btt = 0;
+            for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {
+                const LinearDesc *ld = gpt2_linear_at(&m->layout, i);
+                if (!ld->used || ld->spec.kind != STRUCT_MONARCH) continue;
+                const MonarchShape ms = monarch_shape_of(&ld->spec);
+                BTTShape bs;
+                n_mon++;
+                n_btt += monarch_btt_pays(&bs, &ms, 0);
+            }
+            if (n_mon) {
+                snprintf(how, sizeof(how), "%d of %d layers on the BTT kernels (forward)", n_btt, n_mon);
+                printf("| Monarch as BTT        | %-50s |\n", how);
+            }
+        }
         if (g_moe_sets || (g_st_tune && m->n_routed)) {  // how many BTT-MoE layers group their tokens by set of experts
             int n_moe = 0, n_sets = 0;
             for (int i = 0; i < gpt2_num_linears(&m->layout); i++) {

@@ -121,7 +121,8 @@ static inline int st_kind_tunable(int kind) { return kind == STRUCT_BTT || kind 
 static inline int st_kind_densifiable(int kind) { return kind == STRUCT_BTT || kind == STRUCT_MONARCH; }
 
 // Whether byte k is a valid choice for a layer of this kind (ST_K_NONE exactly for dense ones).
-// Monarch takes 0..3 and -sk 5 too (its fused kernels are the same with -sk 1, 2, 3 and 5), BTT-MoE
+// Monarch takes 0..3 and -sk 5 too (-sk 2, 3 and 5 the BTT kernels where they take its shape, else
+// -sk 1's Monarch kernels), BTT-MoE
 // 0..3 (2 and 3 the same: its experts' fused kernel with W0 staged) and 5 (that on mma.sync);
 // every kind -sk 4; BTT-MoE -mg 1, on the plans or the fused kernels of -sk 1, 2, 3 or 5, where
 // sets (its shape can group by set: gpu_plan.h's moe_set_count).
@@ -134,14 +135,17 @@ static inline int st_kernel_valid(int kind, int k, int sets = 1) {
 }
 
 // The choices that run differently for a layer of this kind, into out: BTT -sk 0..3 and dense;
-// Monarch -sk 0, 1 and dense; BTT-MoE -sk 0, 1 and 2; each also -sk 4 (gpu_plan.h has its plans
-// for every structure); BTT and BTT-MoE -sk 5 (their fused kernel on mma.sync); last, BTT-MoE
-// with sets (its shape groups by set) -mg 1, then -mg 1 on the fused kernels of -sk 1, 2 and 5.
+// Monarch -sk 0, 1 and dense, and where it runs on the BTT kernels (alt: monarch.h's Monarch as a
+// BTT, the staged kernel takes its shape) -sk 2 and 3; BTT-MoE -sk 0, 1 and 2; each also -sk 4
+// (gpu_plan.h has its plans for every structure); BTT, BTT-MoE and Monarch with alt -sk 5 (the
+// BTT kernel on mma.sync); last, BTT-MoE with sets (alt: its shape groups by set) -mg 1, then
+// -mg 1 on the fused kernels of -sk 1, 2 and 5.
 // Returns how many (at most ST_K_SLOTS: each has its slot).
 // (-at 1 times these, each both ways, and may then pair one's forward with another's backward.)
-static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int sets = 0) {
+static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int alt = 0) {
     int n = 0;
-    if (kind == STRUCT_BTT) {
+    const int sets = kind == STRUCT_BTT_MOE && alt, as_btt = kind == STRUCT_MONARCH && alt;
+    if (kind == STRUCT_BTT || as_btt) {
         for (int k = 0; k <= ST_K_DENSE; k++) out[n++] = k;
     } else if (kind == STRUCT_MONARCH) {
         out[n++] = 0; out[n++] = 1; out[n++] = ST_K_DENSE;
@@ -149,8 +153,8 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int sets =
         out[n++] = 0; out[n++] = 1; out[n++] = 2;
     }
     if (st_kind_tunable(kind)) out[n++] = ST_K_ZT;
-    if (kind == STRUCT_BTT || kind == STRUCT_BTT_MOE) out[n++] = ST_K_MMA;
-    if (kind == STRUCT_BTT_MOE && sets) {
+    if (kind == STRUCT_BTT || kind == STRUCT_BTT_MOE || as_btt) out[n++] = ST_K_MMA;
+    if (sets) {
         out[n++] = ST_K_SETS;
         out[n++] = ST_K_SETS_FUSED + 1;
         out[n++] = ST_K_SETS_FUSED + 2;
@@ -159,15 +163,17 @@ static inline int st_kernel_candidates(int kind, int out[ST_K_SLOTS], int sets =
     return n;
 }
 
-// The candidate that runs what kernels k run for this kind (Monarch's -sk 2, 3 and 5 are its 1,
-// BTT-MoE's -sk 3 its 2, by expert or by set; a pair, each direction so).
-static inline int st_kernel_canonical(int kind, int k) {
+// The candidate that runs what kernels k run for this kind (Monarch's -sk 2, 3 and 5 are its 1
+// unless alt, st_kernel_candidates', BTT-MoE's -sk 3 its 2, by expert or by set; a pair, each
+// direction so).
+static inline int st_kernel_canonical(int kind, int k, int alt = 0) {
     if (st_kernel_by_set(k)) {
         const int f = st_kernel_set_sk(k, 0), b = st_kernel_set_sk(k, 1);
         return st_kernel_set_byte(f == 3 ? 2 : f, b == 3 ? 2 : b);
     }
-    if (k >= ST_K_MIXED) return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k)), st_kernel_canonical(kind, st_kernel_bwd(k)));
-    if (kind == STRUCT_MONARCH && ((k >= 1 && k <= 3) || k == ST_K_MMA)) return 1;
+    if (k >= ST_K_MIXED)
+        return st_kernel_pair(st_kernel_canonical(kind, st_kernel_fwd(k), alt), st_kernel_canonical(kind, st_kernel_bwd(k), alt));
+    if (kind == STRUCT_MONARCH && !alt && ((k >= 1 && k <= 3) || k == ST_K_MMA)) return 1;
     if (kind == STRUCT_BTT_MOE && k == 3) return 2;
     return k;
 }

@@ -7,6 +7,12 @@
 //       and dR GEMMs; the geometry (rows per tile, blocks per group) by the kernel's L2-traffic model
 //   v3  v2 with the whole-tile rule instead (g_monarch_bwd_whole_tile: every block in one group,
 //       32 or 16 rows): which of the two choices is right is for this program to say on a GPU
+//   v4  on the BTT kernel, -sk 2 (monarch_gpu.cuh; where nb divides q the Monarch is a BTT,
+//       structured/monarch.h): dy permuted into dyt, the transposed BTT's kernel (W0 staged) on it
+//       writes dx and du with each block's rows reordered, permuted back (rank > 1), then the same
+//       dL and dR GEMMs. Declined where the staged kernel cannot take the shape (the trainer then
+//       runs v2)
+//   v5  v4 with the BTT kernel on mma.sync (-sk 5)
 // v2 and v3 run even where the trainer's dispatch would decline the kernel (g_monarch_fused_force),
 // with the traffic model's figures printed, so that this program measures where the model's bound
 // (MF_MAX_L2_PER_DRAM) should be.
@@ -14,7 +20,7 @@
 // The cores are passed 16 bytes off a 32-byte boundary, as parameters in the trainer's flat buffer
 // may be: v2 then copies them aligned (|R| + |L| elements), and that copy is timed with it.
 //
-// Shapes (N = 32768 rows by default): 768 -> 3072 with 4 and 24 blocks, 1024 -> 4096 with 4 and 32,
+// Shapes (N = 32768 rows by default): 768 -> 3072 with 4 and 24 blocks, 1024 -> 4096 with 4, 8 and 32,
 // 3072 -> 768 with 4, 2048 -> 8192 with 4 (its dyt tile does not fit: groups of blocks).
 // flops = 4 N (|R| + |L|) (dx and the weight gradients); bytes = the minimum: dy, x, u read, dx
 // written, the cores read and their gradients written once (bf16).
@@ -33,7 +39,7 @@
 #include "cuda/matmul.cuh"
 #include "structured/structured.cuh"
 
-#define NV 3
+#define NV 5
 #define U_BF16 (1.0 / 256.0)
 
 typedef struct { int d_in, d_out, nb; } Case;
@@ -43,7 +49,7 @@ int main(int argc, char **argv) {
     const int v = dev_version_arg(argc, argv, NV);
     const int N = argc > 2 ? atoi(argv[2]) : 32768, Nc = N < 1024 ? N : 1024, tail = 13;
     if (N < 32 || N % 8) { fprintf(stderr, "error: N = %s: use a multiple of 8, at least 32\n", argc > 2 ? argv[2] : "?"); return 1; }
-    const Case cases[] = {{768, 3072, 4}, {768, 3072, 24}, {1024, 4096, 4}, {1024, 4096, 32}, {3072, 768, 4}, {2048, 8192, 4}};
+    const Case cases[] = {{768, 3072, 4}, {768, 3072, 24}, {1024, 4096, 4}, {1024, 4096, 8}, {1024, 4096, 32}, {3072, 768, 4}, {2048, 8192, 4}};
     printf("monarch_backward: Monarch backward, baseline (cuBLAS) vs fused dx (du on chip), on %s\n", g_gpu.prop.name);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
         MonarchShape m;
@@ -111,13 +117,21 @@ int main(int argc, char **argv) {
         float ms[NV + 1] = {0};
         for (int ver = 1; ver <= NV; ver++) {
             if (v && v != ver) continue;
-            g_st_fused = ver >= 2;
+            const int as_btt = ver >= 4;
+            st_set_kernels(ver == 4 ? 2 : ver == 5 ? 5 : ver >= 2);
             g_monarch_fused_force = ver >= 2;
             g_monarch_bwd_whole_tile = ver == 3;
-            if (ver >= 2 && !ok[ver - 2]) {
+            BTTShape bs;
+            if (as_btt && !monarch_btt_pays(&bs, &m, 1)) {
+                printf("   v%d: the BTT kernel does not take this Monarch (nb does not divide q, or W0's slices outgrow the staging)\n", ver);
+                continue;
+            }
+            if (as_btt) printf("   v%d: the transposed BTT of rank %d (alpha %d, eps %d)\n", ver, bs.rank, bs.alpha, bs.eps);
+            if (ver >= 2 && !as_btt && !ok[ver - 2]) {
                 printf("   v2: the fused kernel does not take this shape here; the trainer falls back to v1\n");
                 continue;
             }
+            const long btt_runs = g_monarch_btt_runs;
             int ran = -1;
             auto run = [&](int n) { ran = monarch_backward_gpu(d_dx, d_dR, d_dL, NULL, d_dy, d_x, d_u, d_R, d_L, n, &m, d_s, NULL); };
             cudaCheck(cudaMemset(d_dx, 0xFF, NX * sizeof(floatX)));  // NaN: dx must be written
@@ -126,6 +140,7 @@ int main(int argc, char **argv) {
             run(Nc);
             cudaCheck(cudaDeviceSynchronize());
             if (ran != (ver >= 2)) { g_dev_fail++; printf("FAIL v%d: monarch_backward_gpu ran the %s path\n", ver, ran ? "fused" : "cuBLAS"); }
+            if ((g_monarch_btt_runs != btt_runs) != as_btt) { g_dev_fail++; printf("FAIL v%d: the BTT kernel %s\n", ver, as_btt ? "did not run" : "ran"); }
             float *gdx = dev_download_bf16(d_dx, (size_t)Nc * din), *gR = dev_download_bf16(d_dR, nr_), *gL = dev_download_bf16(d_dL, nl);
             snprintf(what, sizeof(what), "v%d %d->%d nb %d dx", ver, din, dout, m.nb);
             float e = dev_check_bounded(what, gdx, dxr, e_dx, (size_t)Nc * din);
@@ -149,9 +164,12 @@ int main(int argc, char **argv) {
             snprintf(what, sizeof(what), "bwd %d->%d nb %d", din, dout, m.nb);
             dev_report(what, ver, ms[ver], bytes, flops, fmaxf(e, fmaxf(e_r, e_l)));
         }
-        g_st_fused = 0;
+        st_set_kernels(0);
         g_monarch_fused_force = 0;
         g_monarch_bwd_whole_tile = 0;
+        for (int ver = 4; ver <= NV; ver++)
+            if (ms[ver] > 0) printf("   speedup v%d (on the BTT kernel) over baseline (v1): %.2fx, over the Monarch kernel (v2): %.2fx; dense / v%d: %.2fx\n", ver,
+                                    ms[1] > 0 ? ms[1] / ms[ver] : 0.0, ms[2] > 0 ? ms[2] / ms[ver] : 0.0, ver, ms_dense / ms[ver]);
         if (ms[1] > 0) printf("   ratio dense / baseline (v1): %.2fx\n", ms_dense / ms[1]);
         if (ms[2] > 0) printf("   ratio dense / fused (v2): %.2fx\n", ms_dense / ms[2]);
         if (ms[1] > 0 && ms[2] > 0) printf("   speedup fused (v2) over baseline (v1): %.2fx\n", ms[1] / ms[2]);

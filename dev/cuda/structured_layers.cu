@@ -18,6 +18,9 @@
 //                 each x chunk's slice of W0 staged in shared memory (btt_tiles.h, ws)
 //   *_mma         the *_ws rows with the trainer's -sk 5: the same kernel on raw mma.sync, W1 packed
 //                 in fragment order before each launch (timed with it)
+//                 Monarch has _ws and _mma rows where the trainer runs it on those BTT kernels (nb
+//                 divides q: it is a BTT of rank q/nb, monarch.h; the staged kernel takes the shape
+//                 within the traffic bound): at 1024 and 4096 its sqrt(d) blocks, rank 1
 //   *_split       the BTT rows with the trainer's -sk 3: the fused kernel's stage 1 alone (W0 staged)
 //                 writes z (forward) and dZ from dy (backward), cuBLAS does the rest
 //   *_zt          the BTT, Monarch and BTT-MoE rows with the trainer's -sk 4: the cuBLAS plans with
@@ -60,7 +63,8 @@
 
 #define CHECK_ROWS 32
 #define MAX_DIMS 16
-#define MAX_CASES 40  // at most 38: 7 layers, 6 fused ones, 4 with W0 staged, 4 on mma.sync, 3 split, 6 -sk 4, 3 by set and 5 dense-executed ones
+#define MAX_CASES 44  // at most 42: 7 layers, 6 fused ones, 4 with W0 staged, 4 on mma.sync, 3 split, 4 Monarch on the BTT kernels, 6 -sk 4,
+                      // 3 by set and 5 dense-executed ones
 
 // ----------------------------------------------------------------------------------------------
 // device-side random fill: the large buffers (dy is 1 GiB at d = 4096) never pass through the host
@@ -230,6 +234,27 @@ static int make_cases(Case *c, int din, int dout) {
         if (okb) snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d bwd %dx%d", gf.tm, gf.npg, gb.tm, gb.npg);
         else snprintf(c[n].desc, sizeof(c[n].desc), "split, stage 1 fwd %dx%d (fwd only)", gf.tm, gf.npg);
         n++;
+    }
+    // Monarch on the BTT kernels, W0 staged (-sk 2) and on mma.sync (-sk 5), where the kernel takes the
+    // BTT the Monarch is (monarch.h; nb divides q) and its traffic bound holds, as the trainer decides
+    for (int i = 0, n0 = n; i < n0; i++) {
+        if (c[i].fused || c[i].spec.kind != STRUCT_MONARCH) continue;
+        LinearSpec full = c[i].spec;
+        full.d_in = din;
+        full.d_out = dout;
+        const MonarchShape ms = monarch_shape_of(&full);
+        for (int sk = 2; sk <= 5; sk += 3) {
+            BTTShape b;
+            st_set_kernels(sk);
+            const int f = monarch_btt_pays(&b, &ms, 0), bw = monarch_btt_pays(&b, &ms, 1);
+            st_set_kernels(0);
+            if (!f && !bw) continue;
+            c[n] = c[i];
+            c[n].fused = sk;
+            snprintf(c[n].name, sizeof(c[n].name), "%.24s_%s", c[i].name, sk == 2 ? "ws" : "mma");
+            snprintf(c[n].desc, sizeof(c[n].desc), "as BTT r%d%s (%s)", ms.q / ms.nb, sk == 5 ? " mma" : "", f && bw ? "fwd+bwd" : f ? "fwd only" : "bwd only");
+            n++;
+        }
     }
     // every structure on the plans with z (u) stored transposed (-sk 4)
     for (int i = 0, n0 = n; i < n0; i++) {

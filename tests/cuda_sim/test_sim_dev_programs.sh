@@ -19,6 +19,8 @@ for p in $progs; do
     [ "$p" = structured_weight ] && args=(0 768 64)  # every version, layers up to d_in 768, 64 rows for the dense GEMM
     [ "$p" = btt_forward ] && args=(0 128)  # every version, 128 rows (two 64-row tiles)
     [ "$p" = btt_backward ] && args=(0 64)  # every version, 64 rows (its checks at 1024 rows cap at N)
+    [ "$p" = monarch_forward ] && args=(0 64)  # every version (v5, v6: Monarch on the BTT kernels), 64 rows
+    [ "$p" = monarch_backward ] && args=(0 64)
     "$b" ${args[@]+"${args[@]}"} > "$W/$p.log" 2>&1; rc=$?
     last=$(tail -n 1 "$W/$p.log")
     if [ $rc -eq 0 ] && echo "$last" | grep -qE '^[1-9][0-9]* passed, 0 failed$'; then

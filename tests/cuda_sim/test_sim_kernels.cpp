@@ -902,18 +902,29 @@ static void test_btt(int N, int alpha, int gamma, int phi, int eps, int rank) {
     check_scaled(down_bf16(dW0_d, dW0.size()), dW0, 2e-2f, 0.0f, nm("%s: dW0 with dx = NULL", tag));
 }
 
-// fused: the forward and the backward through monarch_fused.cuh (-sk 1), which the shape must
-// support; also compared with the baseline's y, u, dx and gradients. The cores then sit 16 bytes
-// off a 32-byte boundary, as parameters in the flat buffer may (the backward copies them aligned).
+// fused (an -sk value): 1, the forward and the backward through monarch_fused.cuh, which the shape
+// must support; 2, 3 or 5, through the BTT kernels on the BTT the Monarch is (monarch_gpu.cuh's
+// monarch_btt_pays must hold both ways); also compared with the baseline's y, u, dx and gradients.
+// The cores then sit 16 bytes off a 32-byte boundary, as parameters in the flat buffer may (the
+// backward copies them aligned).
 static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
     char tag[128];
-    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, fused ? " (fused)" : "");
+    char how[40] = "";
+    if (fused) snprintf(how, sizeof(how), fused == 1 ? " (fused)" : " (-sk %d: as a BTT)", fused);
+    snprintf(tag, sizeof(tag), "monarch %d->%d nb=%d N=%d%s", din, dout, nb, N, how);
     MbGeom bg;
-    if (fused && !check_true(monarch_fused_fwd_pays(&m, btt_fused_smem_limit()) && monarch_fused_bwd_choose(&bg, &m, btt_fused_smem_limit()) &&
-                                 monarch_fused_bwd_pays(&bg, &m),
-                             nm("%s: the fused kernels support the shape and pay", tag), "they do not: the test would check the cuBLAS path"))
+    BTTShape bs;
+    const size_t lim = btt_fused_smem_limit();
+    const int mf_bwd = monarch_fused_bwd_choose(&bg, &m, lim) && monarch_fused_bwd_pays(&bg, &m);
+    st_set_kernels(fused);
+    const int as_btt = monarch_btt_pays(&bs, &m, 0) && monarch_btt_pays(&bs, &m, 1);
+    st_set_kernels(0);
+    if (fused == 1 && !check_true(monarch_fused_fwd_pays(&m, lim) && mf_bwd, nm("%s: the fused kernels support the shape and pay", tag),
+                                  "they do not: the test would check the cuBLAS path"))
+        return;
+    if (fused > 1 && !check_true(as_btt, nm("%s: the BTT kernels take the shape both ways and pay", tag), "they do not: another path would run"))
         return;
     Vec x = rand_bf16((size_t)N * din, 1.0f), R = rand_bf16(monarch_r_size(&m), 1.0f / sqrtf((float)m.p)),
         L = rand_bf16(monarch_l_size(&m), 1.0f / sqrtf((float)m.q)), bias = rand_bf16(dout, 0.1f), dy = rand_bf16((size_t)N * dout, 1.0f);
@@ -943,11 +954,14 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
         cudaCheck(cudaMemset(dR_d, 0, dR.size() * sizeof(floatX)));  // the gradients accumulate
         cudaCheck(cudaMemset(dL_d, 0, dL.size() * sizeof(floatX)));
         cudaCheck(cudaMemset(db_d, 0, db.size() * sizeof(floatX)));
-        g_st_fused = 1;
+        st_set_kernels(fused);
+        const long btt_runs = g_monarch_btt_runs, mma = g_btt_mma_launches;
         check_true(monarch_forward_gpu(y_d, u_d, x_d, R_d, L_d, b_d, N, &m, s_d) == 1, nm("%s: the fused forward ran", tag), "the cuBLAS one ran");
         check_true(monarch_backward_gpu(dx_d, dR_d, dL_d, db_d, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col) == 1, nm("%s: the fused backward ran", tag),
                    "the cuBLAS one ran");
-        g_st_fused = 0;
+        check_true(g_monarch_btt_runs - btt_runs == (fused > 1 ? 2 : 0) && g_btt_mma_launches - mma == (fused == 5 ? 2 : 0),
+                   nm("%s: %s", tag, fused > 1 ? "both ran on the BTT kernels" : "neither ran on the BTT kernels"), "they did not");
+        st_set_kernels(0);
         check_scaled(down_bf16(y_d, y.size()), yb, 1e-2f, 1e-2f, nm("%s: y vs the cuBLAS baseline", tag));
         check_scaled(down_bf16(u_d, u.size()), ub, 1e-2f, 1e-2f, nm("%s: saved u vs the cuBLAS baseline", tag));
         check_scaled(down_bf16(dx_d, dx.size()), gb[0], 1e-2f, 1e-2f, nm("%s: dx vs the cuBLAS baseline", tag));
@@ -966,12 +980,32 @@ static void test_monarch(int N, int din, int dout, int nb, int fused = 0) {
     // dx = NULL (the first layer's input needs no gradient) must still give the weight gradients
     cudaCheck(cudaMemset(dR_d, 0, dR.size() * sizeof(floatX)));
     cudaCheck(cudaMemset(dL_d, 0, dL.size() * sizeof(floatX)));
-    g_st_fused = fused;
-    check_true(monarch_backward_gpu(NULL, dR_d, dL_d, NULL, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col) == fused,
-               nm("%s: dx = NULL runs the %s backward", tag, fused ? "fused" : "cuBLAS"), "it ran the other one");
-    g_st_fused = 0;
+    st_set_kernels(fused);  // (the BTT kernel's backward needs dx: then -sk 1's Monarch kernel runs where it pays)
+    const int want = fused ? mf_bwd : 0;
+    check_true(monarch_backward_gpu(NULL, dR_d, dL_d, NULL, dy_d, x_d, u_d, R_d, L_d, N, &m, s_d, col) == want,
+               nm("%s: dx = NULL runs the %s backward", tag, want ? "Monarch kernel's" : "cuBLAS"), "it ran the other one");
+    st_set_kernels(0);
     check_scaled(down_bf16(dR_d, dR.size()), dR, 2e-2f, 0.0f, nm("%s: dR with dx = NULL", tag));
     check_scaled(down_bf16(dL_d, dL.size()), dL, 2e-2f, 0.0f, nm("%s: dL with dx = NULL", tag));
+}
+
+// Where the BTT kernels decline a Monarch layer under -sk 2, 3, 5 (the Monarch kernel of -sk 1 runs
+// instead), forward and backward apart: GPT-2's fc in 4 blocks is the BTT of rank 48 (alpha 192,
+// eps 768), whose W0 slices (192 x 48 for one phi block) outgrow the staged kernel's register
+// prefetch (BT_WVEC) both ways; 1024 -> 4096 in 8 blocks (rank 16) takes the forward, but the
+// backward's geometry (16 rows, 8 groups) reads 144 KB a row from L2 against the plans' 34 KB of
+// DRAM, over MF_MAX_L2_PER_DRAM.
+static void test_monarch_btt_declined(int din, int dout, int nb, int sk, int want_fwd, int want_bwd) {
+    MonarchShape m;
+    BTTShape b;
+    monarch_shape(&m, din, dout, nb);
+    st_set_kernels(sk);
+    const int fwd = monarch_btt_pays(&b, &m, 0), bwd = monarch_btt_pays(&b, &m, 1), mf = monarch_fused_fwd_pays(&m, btt_fused_smem_limit());
+    st_set_kernels(0);
+    check_true(monarch_btt_shape(&b, &m) && fwd == want_fwd && bwd == want_bwd && mf,
+               nm("monarch %d->%d nb=%d -sk %d (a BTT of rank %d): the BTT kernels %s the forward, %s the backward", din, dout, nb, sk, m.q / nb,
+                  want_fwd ? "take" : "decline", want_bwd ? "take" : "decline"),
+               "the other way");
 }
 
 static void check_ratio(double got, double want, const char *name) {  // to 0.005
@@ -2418,6 +2452,14 @@ int main(int argc, char **argv) {
         test_monarch(21, 3072, 768, 4, 1);  // GPT-2 proj, Monarch 4: p 768, q = s = 192
         test_monarch(100, 768, 3072, 4, 1); // 64-row tiles both ways (the backward in groups of 1): a full tile, a partial one
         test_monarch(100, 3072, 768, 4, 1); // GPT-2 proj at 64 rows: X_k of 24 vectors per thread, 8 prefetched, 16 loaded after
+        for (int sk : {2, 3, 5}) {          // as a BTT (monarch.h)
+            test_monarch(37, 1024, 4096, 32, sk);  // the benchmark's sqrt-Monarch at 1024: rank 1 (p = q = 32, s = 128)
+            test_monarch(70, 256, 256, 4, sk);     // rank 16 (p = q = s = 64): dR by a GEMM per block, 2 tiles of 64 rows
+            test_monarch(21, 512, 2048, 8, sk);    // rank 8 (p = q = 64, s = 256), a partial tile
+            test_monarch(40, 2048, 512, 8, sk);    // rank 2 (p = 256, q = s = 64)
+            test_monarch_btt_declined(768, 3072, 4, sk, 0, 0);
+            if (sk != 3) test_monarch_btt_declined(1024, 4096, 8, sk, 1, 0);  // (-sk 3's first stage alone reads no W1: it pays)
+        }
         // the backward kernel's geometries. Model: L2 bytes per row = 2 (|L| + |R|) / tm + 2 d_out
         // ceil(nb / G), least wins (ties: more rows, larger groups); smem = tm (pad(G s) + pad(nb q))
         // 2 + 10240 with pad(c) = round_up(c, 64) + 8 (each part rounded up to 128 bytes).
