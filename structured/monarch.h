@@ -67,17 +67,6 @@ static inline void monarch_btt_cores(float *W0, float *W1, const float *R, const
     for (size_t i = 0; i < monarch_r_size(m); i++) W0[i] = R[monarch_btt_core_src(i, m->nb, m->q, m->p, 0)];
     st_block_transpose(W1, L, m->nb, m->s, m->q);
 }
-// dR += the BTT's dW0 and dL += its dW1, each element moved back where monarch_btt_cores took it.
-static inline void monarch_btt_grads_add(float *dR, float *dL, const float *dW0, const float *dW1, const MonarchShape *m) {
-    const int nb = m->nb, p = m->p, q = m->q, s = m->s, rho = q / nb;
-    for (int g = 0; g < nb; g++)
-        for (int a = 0; a < p; a++)
-            for (int c = 0; c < q; c++) dR[((size_t)g * q + monarch_btt_row(c, nb, rho)) * p + a] += dW0[((size_t)g * p + a) * q + c];
-    for (int f = 0; f < nb; f++)
-        for (int r = 0; r < q; r++)
-            for (int e = 0; e < s; e++) dL[((size_t)f * s + e) * q + r] += dW1[((size_t)f * q + r) * s + e];
-}
-
 // y (N, d_out) overwritten; u (monarch_u_size floats) saved for the backward; bias may be NULL.
 static inline void monarch_forward(float *y, float *u, const float *x, const float *R, const float *L, const float *bias,
                                    int N, const MonarchShape *m) {

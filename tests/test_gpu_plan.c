@@ -240,6 +240,21 @@ static void test_btt_zt(int alpha, int gamma, int phi, int eps, int rank, int N,
 // ----------------------------------------------------------------------------------------------
 // Monarch, against monarch.h
 
+// A Monarch plan's accumulated weight gradients against monarch.h's.
+static void monarch_plan_grads_check(const char *tag, const float *dR, const float *dR_ref, size_t nr, const float *dL, const float *dL_ref,
+                                     size_t nl) {
+    char name[192];
+    snprintf(name, sizeof(name), "%s: dR accumulated", tag);
+    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
+    snprintf(name, sizeof(name), "%s: dL accumulated", tag);
+    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
+}
+// The plan buffers a Monarch test allocated (all but the inputs and the gradients it owns).
+static void plan_bufs_free(float **buf) {
+    for (int i = 0; i < PB_COUNT; i++)
+        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+}
+
 // with ut, -sk 4's plans (u stored transposed, in its natural order: two permutes, y's and dy's)
 static void test_monarch(int din, int dout, int nb, int N, int ut) {
     MonarchShape m;
@@ -282,12 +297,8 @@ static void test_monarch(int din, int dout, int nb, int N, int ut) {
     check_close(buf[PB_Z], ut ? ut_ref : u_ref, (size_t)N * urow, 1e-4f, 1e-4f, name);
     snprintf(name, sizeof(name), "%s: dx", tag);
     check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "%s: dR accumulated", tag);
-    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "%s: dL accumulated", tag);
-    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
-    for (int i = 0; i < PB_COUNT; i++)
-        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    monarch_plan_grads_check(tag, dR, dR_ref, nr, dL, dL_ref, nl);
+    plan_bufs_free(buf);
     free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(ut_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL);
     free(scr);
 }
@@ -348,12 +359,8 @@ static void test_monarch_btt(int din, int dout, int nb, int N) {
     snprintf(name, sizeof(name), "%s: dx from its z, as du (-sk 3; %d ops)", tag, p.n);
     check_close(buf[PB_DX], dx_ref, (size_t)N * din, 1e-4f, 1e-4f, name);
     check_true(p.n == 3 + (b.rank > 1), name, "a permute of its z but at rank 1, then dx, dL and dR");
-    snprintf(name, sizeof(name), "%s: dR accumulated", tag);
-    check_close(dR, dR_ref, nr, 1e-4f, 1e-4f, name);
-    snprintf(name, sizeof(name), "%s: dL accumulated", tag);
-    check_close(dL, dL_ref, nl, 1e-4f, 1e-4f, name);
-    for (int i = 0; i < PB_COUNT; i++)
-        if (i != PB_X && i != PB_W0 && i != PB_W1 && i != PB_DY && i != PB_DW0 && i != PB_DW1) free(buf[i]);
+    monarch_plan_grads_check(tag, dR, dR_ref, nr, dL, dL_ref, nl);
+    plan_bufs_free(buf);
     free(x); free(R); free(L); free(dy); free(y_ref); free(u_ref); free(dx_ref); free(dR_ref); free(dL_ref); free(dR); free(dL);
     free(scr); free(W0); free(W1); free(W1t); free(W0t); free(dxb);
 }

@@ -530,10 +530,22 @@ static void test_monarch_is_btt(int nb, int N) {
     free(x); free(R); free(L); free(W0); free(W1); free(ym); free(yb); free(u); free(z); free(yp);
 }
 
+// dR += the BTT's dW0 and dL += its dW1, each element moved back where monarch_btt_cores took it.
+static void monarch_btt_grads_add(float *dR, float *dL, const float *dW0, const float *dW1, const MonarchShape *m) {
+    const int nb = m->nb, p = m->p, q = m->q, s = m->s, rho = q / nb;
+    for (int g = 0; g < nb; g++)
+        for (int a = 0; a < p; a++)
+            for (int c = 0; c < q; c++) dR[((size_t)g * q + monarch_btt_row(c, nb, rho)) * p + a] += dW0[((size_t)g * p + a) * q + c];
+    for (int f = 0; f < nb; f++)
+        for (int r = 0; r < q; r++)
+            for (int e = 0; e < s; e++) dL[((size_t)f * s + e) * q + r] += dW1[((size_t)f * q + r) * s + e];
+}
+
 // Any Monarch whose nb divides q is a BTT (monarch.h, monarch_btt_shape): the BTT's y is the
 // Monarch's y up to the output permutation, its saved z the Monarch's saved u, its gradients the
-// Monarch's moved back (monarch_btt_grads_add), and its transposed BTT (the GPU's backward) has the
-// cores and the saved dZ that monarch_gpu.cuh builds and reads by the stated formulas.
+// Monarch's moved back (monarch_btt_grads_add, the inverse of monarch_btt_cores), and its
+// transposed BTT (the GPU's backward) has the cores and the saved dZ that monarch_gpu.cuh builds
+// and reads by the stated formulas.
 static void test_monarch_as_btt(int din, int dout, int nb, int N) {
     MonarchShape m;
     monarch_shape(&m, din, dout, nb);
