@@ -203,16 +203,22 @@ a=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 0 2>&1 | los
 b=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 1 2>&1 | losses | tr '\n' ' ')
 close_losses "$a" "$b" 1.5e-3 \
     && ok "structured: -sk 1 (fused BTT, segmented BTT-MoE experts, fused Monarch) matches -sk 0 (losses $b / $a)" || bad "-sk 1" "losses '$b' vs '$a'"
-# -sk 2: the same with the BTT kernel's W0 staged in shared memory; the banner says so
+# -sk 2: the same with the BTT kernel's W0 staged in shared memory; the banner says so, and that
+# the Monarch attn_proj layers (256 -> 256 in 4 blocks: a BTT of rank 16, monarch.h) run on it
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 2 2>&1)
 b2=$(echo "$out" | losses | tr '\n' ' ')
-close_losses "$a" "$b2" 1.5e-3 && echo "$out" | grep -q "W0 staged" \
-    && ok "structured: -sk 2 (the fused BTT kernel with W0 staged) matches -sk 0 (losses $b2 / $a)" || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
+close_losses "$a" "$b2" 1.5e-3 && echo "$out" | grep -q "W0 staged" && echo "$out" | grep -qE '^\| Monarch as BTT +\| ([1-9][0-9]*) of \1 layers on the BTT kernels' \
+    && ok "structured: -sk 2 (the fused BTT kernel with W0 staged, Monarch on it as a BTT) matches -sk 0 (losses $b2 / $a)" \
+    || bad "-sk 2" "losses '$b2' vs '$a'; banner: $(echo "$out" | grep -iE "structured layers|Monarch as BTT")"
 # -sk 5: -sk 2's kernel on raw mma.sync (W1 packed each launch); the banner says so
 out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 5 2>&1)
 b5=$(echo "$out" | losses | tr '\n' ' ')
-close_losses "$a" "$b5" 1.5e-3 && echo "$out" | grep -q "W0 staged, mma.sync" \
-    && ok "structured: -sk 5 (the fused BTT kernel on mma.sync) matches -sk 0 (losses $b5 / $a)" || bad "-sk 5" "losses '$b5' vs '$a'; banner: $(echo "$out" | grep -m1 -i "structured")"
+close_losses "$a" "$b5" 1.5e-3 && echo "$out" | grep -q "W0 staged, mma.sync" && echo "$out" | grep -qE '^\| Monarch as BTT +\| ([1-9][0-9]*) of \1 layers' \
+    && ok "structured: -sk 5 (the fused BTT kernel on mma.sync, Monarch on it as a BTT) matches -sk 0 (losses $b5 / $a)" \
+    || bad "-sk 5" "losses '$b5' vs '$a'; banner: $(echo "$out" | grep -iE "structured layers|Monarch as BTT")"
+# -sk 1 runs the Monarch kernel: no such line
+echo "$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 2 -v 0 -s 0 -sk 1 -n 0 2>&1)" | grep -q "Monarch as BTT" \
+    && bad "-sk 1's banner" "a 'Monarch as BTT' line with -sk 1" || ok "structured: -sk 1's banner has no 'Monarch as BTT' line (its own Monarch kernel)"
 # -sk 3: BTT split (the kernel's stage 1, cuBLAS the rest); -sk 4: BTT (q rank 8, k, v, fc_proj rank
 # 1), Monarch (attn_proj) and BTT-MoE's experts (fc) with z, u stored transposed, no permute of it
 # (q's W0 reordered instead). Both with q, k and v in place in the qkv buffers; the banner says which.
