@@ -29,11 +29,11 @@ static inline int monarch_btt_pays(BTTShape *b, const MonarchShape *m, int backw
 // Whether -sk 2 runs this Monarch layer on the BTT kernels both ways (-at 1 then times -sk 2, 3
 // and 5 apart from -sk 1), whatever the flags now.
 static inline int monarch_btt_candidate(const MonarchShape *m) {
-    const int sk = g_st_sk;
+    const int sk = g_st_sk, fused = g_st_fused, zt = g_st_zt, ws = g_btt_wstage, mma = g_btt_mma;  // (as they are, set by hand or not)
     BTTShape b;
     st_set_kernels(2);
     const int ok = monarch_btt_pays(&b, m, 0) && monarch_btt_pays(&b, m, 1);
-    st_set_kernels(sk);
+    g_st_sk = sk; g_st_fused = fused; g_st_zt = zt; g_btt_wstage = ws; g_btt_mma = mma;
     return ok;
 }
 

@@ -1008,6 +1008,21 @@ static void test_monarch_btt_declined(int din, int dout, int nb, int sk, int wan
                "the other way");
 }
 
+// -at 1's question, whether -sk 2 runs a Monarch layer on the BTT kernels both ways, asked under
+// other flags (set by hand, as some tests set them): the answers, and the flags left as they were.
+static void test_monarch_btt_candidate(void) {
+    MonarchShape a, b, c;
+    monarch_shape(&a, 1024, 4096, 32);  // rank 1: both ways
+    monarch_shape(&b, 768, 3072, 4);    // rank 48: neither (staging)
+    monarch_shape(&c, 1024, 4096, 8);   // rank 16: the forward only (traffic bound)
+    g_st_sk = 0; g_st_fused = 1; g_st_zt = 0; g_btt_wstage = 0; g_btt_mma = 1;
+    const int ra = monarch_btt_candidate(&a), rb = monarch_btt_candidate(&b), rc = monarch_btt_candidate(&c);
+    const int kept = g_st_sk == 0 && g_st_fused == 1 && g_st_zt == 0 && g_btt_wstage == 0 && g_btt_mma == 1;
+    st_set_kernels(0);
+    check_true(ra && !rb && !rc && kept, "monarch_btt_candidate: 1024 -> 4096 in 32 blocks yes, 768 -> 3072 in 4 and 1024 -> 4096 in 8 no; flags kept",
+               "another answer, or flags changed");
+}
+
 static void check_ratio(double got, double want, const char *name) {  // to 0.005
     const float g = (float)got, w = (float)want;
     check_close(&g, &w, 1, 0.005f, 0.0f, name);
@@ -2452,6 +2467,7 @@ int main(int argc, char **argv) {
         test_monarch(21, 3072, 768, 4, 1);  // GPT-2 proj, Monarch 4: p 768, q = s = 192
         test_monarch(100, 768, 3072, 4, 1); // 64-row tiles both ways (the backward in groups of 1): a full tile, a partial one
         test_monarch(100, 3072, 768, 4, 1); // GPT-2 proj at 64 rows: X_k of 24 vectors per thread, 8 prefetched, 16 loaded after
+        test_monarch_btt_candidate();
         for (int sk : {2, 3, 5}) {          // as a BTT (monarch.h)
             test_monarch(37, 1024, 4096, 32, sk);  // the benchmark's sqrt-Monarch at 1024: rank 1 (p = q = 32, s = 128)
             test_monarch(70, 256, 256, 4, sk);     // rank 16 (p = q = s = 64): dR by a GEMM per block, 2 tiles of 64 rows
