@@ -841,9 +841,52 @@ static void moe_backward_tiled(floatX *dW0, floatX *dW1, const floatX *dy, const
     plan_tiled_run_gpu(&pr, buf, st->tile_expert, st->offsets + G, sc->ptrs, g->sets ? "sets' dx, dW" : "experts' dx, dW");
     st_step(g->sets ? "dW partials summed per expert over its sets" : "dW partials summed per expert");
     moe_partials_scatter_kernel<float><<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, (const float *)sc->part0, (const float *)sc->part1,
-                                                                                  st->offsets, g->members, n0, n1,
-                                                                           s->experts, g->shape.rank, s->btt.eps, g->per, q0, q1, T);
+                                                                                  st->offsets, g->members, n0, n1, s->experts, g->shape.rank,
+                                                                                  s->btt.eps, g->per, q0, q1, T);
     cudaCheckLaunch();
+}
+
+// The fused backward's first launch for either grouping: the groups' transposed cores (b each,
+// from the groups' cores in w0x, w1x), then every group's dx (into dxg) and dZu (into t1) in ONE
+// segmented launch of btt_fused.cuh's kernel on dy (the transposed BTT; dy rows read through the
+// grouping, rows_total grouped rows, K a token). gate (the set path's per-row gates): dZu saved as
+// stage 1 leaves it, then gated in shared memory for dx. 0 (nothing launched but the cores) where
+// -sk asks for no fused kernel or it does not take the shape.
+static int moe_dx_dzu_fused(MoEGPUState *st, MoEGPUScratch *sc, const floatX *dy, const BTTShape *b, int groups, int K, int rows_total,
+                            const float *gate, const char *who) {
+    const BTTShape bt = btt_shape_transposed(b);
+    if (!g_st_fused || !btt_fused_supported(&bt, btt_fused_smem_limit())) return 0;
+    char step[96];
+    snprintf(step, sizeof(step), "%s transposed cores", who);
+    st_step(step);
+    btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, b, groups);
+    snprintf(step, sizeof(step), "%s dx, dZu, fused %s", who, g_btt_mma ? "on mma.sync (one launch; W1 packed first)" : "(one launch)");
+    st_step(step);
+    return btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, groups, rows_total, &bt, st->tiles,
+                                 gate, gate != NULL);
+}
+
+// The rest of the fused backward for either grouping, after moe_dx_dzu_fused: the gate step
+// (dgate; dZ = gate·dZu in place in t1; kof: the set path's, moe_gate_backward_fused_kernel), then
+// every group's dW1[f] = Z_fᵀ (gate·dY)_f (wgate: the experts' gates; NULL where z is saved gated)
+// and dW0[g] = X_gᵀ dZ_g over its rows, into dw1x, dw0x: one seg_wgrad launch each, dy and x read
+// through the grouping, no gathered copies.
+static void moe_gate_wgrad_fused(MoEGPUState *st, MoEGPUScratch *sc, const floatX *dy, const floatX *x, const MoEShape *s, const BTTShape *b,
+                                 int groups, int K, int rows, const int *kof, const float *wgate, const char *who) {
+    st_step("gate backward");
+    moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + groups, rows,
+                                                                 b->gamma, b->phi, b->rank, kof);
+    cudaCheckLaunch();
+    const int G = b->gamma, P = b->phi, A = b->alpha, Ee = b->eps, gr = G * b->rank, fr = P * b->rank, zrow = (int)btt_z_row(b);
+    const int din = s->btt.d_in, dout = s->btt.d_out;
+    SegWgrad w1 = {st->z, dy, sc->dw1x, zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)btt_w1_size(b), gr, Ee, P, groups, st->counts,
+                   st->offsets, 0, st->order, K, 0, 1, wgate};
+    SegWgrad w0 = {x, sc->t1, sc->dw0x, din, zrow, fr, A, fr, (long long)A * fr, (long long)btt_w0_size(b), A, fr, G, groups, st->counts,
+                   st->offsets, 0, st->order, K, 1, 0, NULL};
+    char step[64];
+    snprintf(step, sizeof(step), "%s dW0, dW1, fused (seg_wgrad)", who);
+    st_step(step);
+    if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
 }
 
 // The expert path's backward up to the router (dxg: each pair's dx row, gated unless fused; the
@@ -851,36 +894,18 @@ static void moe_backward_tiled(floatX *dW0, floatX *dW1, const floatX *dy, const
 // tiled plans. Returns 1 when it ran fused.
 static int moe_backward_experts_body(floatX *dW0, floatX *dW1, const floatX *dy, const floatX *x, MoEGPUState *st, MoEGPUScratch *sc,
                                      const floatX *W0, const floatX *W1, const MoEShape *s, int want_dx, int dy_ld, int dx_acc) {
-    const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out, NK = N * K;
-    const BTTShape b1 = moe_expert_shape(s), b1t = btt_shape_transposed(&b1);
-    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E, zrow = moe_z_row(s);
+    const int N = st->N, E = s->experts, K = s->topk;
+    const BTTShape b1 = moe_expert_shape(s);
+    const size_t p0 = btt_w0_size(&b1), p1 = btt_w1_size(&b1), n0 = p0 * E, n1 = p1 * E;
     const MoEGrouping g = moe_grouping(st, s, 0);
-    const int rows = moe_grouping_rows(&g, N);
     moe_group_cores(sc, &g, W0, W1, s);
-    int fused = 0;
-    if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&b1t, btt_fused_smem_limit())) {  // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
-        st_step("transposed cores");
-        btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &b1, E);
-        st_step(g_btt_mma ? "experts' dx, dZu, fused on mma.sync (one launch; W1 packed first)" : "experts' dx, dZu, fused (one launch)");
-        fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, K, sc->w0t, sc->w1t, st->counts, st->offsets, E, NK, &b1t, st->tiles);
-    }
-    if (!fused) {
+    // dxg (ungated) and t1 = dZu, (gamma, phi, rho)
+    if (!(want_dx && !dy_ld && !dx_acc && moe_dx_dzu_fused(st, sc, dy, &b1, E, K, N * K, NULL, "experts'"))) {
         moe_backward_tiled(dW0, dW1, dy, x, st, sc, s, &g, want_dx, dy_ld, g_st_zt);
         return 0;
     }
-    st_step("gate backward");
-    moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + E, rows, b1.gamma,
-                                                                 b1.phi, b1.rank, (const int *)NULL);
-    cudaCheckLaunch();
-    // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows (every expert
-    // written); dy and x read through the grouping, no gathered copies
-    const int G = b1.gamma, P = b1.phi, A = b1.alpha, Ee = b1.eps, gr = G * b1.rank, fr = P * b1.rank;
-    SegWgrad w1 = {st->z, dy, sc->dw1x, (int)zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)p1, gr, Ee, P, E, st->counts,
-                   st->offsets, 0, st->order, K, 0, 1, st->gate};
-    SegWgrad w0 = {x, sc->t1, sc->dw0x, din, (int)zrow, fr, A, fr, (long long)A * fr, (long long)p0, A, fr, G, E, st->counts,
-                   st->offsets, 0, st->order, K, 1, 0, NULL};
-    st_step("experts' dW0, dW1, fused (seg_wgrad)");
-    if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+    // dW1[e][f] = Z_fᵀ (gate·dY)_f, dW0[e][g] = X_gᵀ dZ_g over expert e's rows
+    moe_gate_wgrad_fused(st, sc, dy, x, s, &b1, E, K, moe_grouping_rows(&g, N), NULL, st->gate, "experts'");
     st_step("experts' gradients into the cores");
     moe_cores_scatter_kernel<<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, sc->dw0x, sc->dw1x, n0, n1, E, s->btt.eps, p0, p1);
     cudaCheckLaunch();
@@ -900,20 +925,12 @@ static int moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, co
     g_moe_sets_runs++;
     const MoEGrouping g = moe_grouping(st, s, 1);
     moe_group_cores(sc, &g, W0, W1, s);
-    const BTTShape bk = g.shape, bkt = btt_shape_transposed(&bk);
-    const int N = st->N, S = st->S, K = s->topk, rows = moe_grouping_rows(&g, N);
-    int fused = 0;
-    if (g_st_fused && want_dx && !dy_ld && !dx_acc && btt_fused_supported(&bkt, btt_fused_smem_limit())) {
-        st_step("sets' transposed cores");
-        btt_transposed_cores_gpu(sc->w0t, sc->w1t, sc->w0x, sc->w1x, &bk, S);
-        st_step(g_btt_mma ? "sets' dx, dZu, fused on mma.sync (one launch; W1 packed first)" : "sets' dx, dZu, fused (one launch)");
-        fused = btt_forward_fused_seg(sc->dxg, sc->t1, dy, st->order, 1, sc->w0t, sc->w1t, st->counts, st->offsets, S, N, &bkt, st->tiles,
-                                      st->rgate, 1);
-    }
-    if (!fused) {
+    const BTTShape bk = g.shape;
+    const int N = st->N, S = st->S, K = s->topk, rows = moe_grouping_rows(&g, N), zrow = (int)btt_z_row(&bk);
+    // dxg gated inside the kernel, t1 = dZu as stage 1 leaves it
+    if (!(want_dx && !dy_ld && !dx_acc && moe_dx_dzu_fused(st, sc, dy, &bk, S, 1, N, st->rgate, "sets'"))) {
         if (st->sets_fused_ran) {
             st_step("z's padding rows zeroed");
-            const int zrow = (int)btt_z_row(&bk);
             moe_zero_padding_rows_kernel<<<ceil_div_i((long)rows * zrow / 8, 256), 256>>>(st->z, st->order, st->offsets + S, rows, zrow);
             cudaCheckLaunch();
         }
@@ -921,25 +938,13 @@ static int moe_backward_sets_body(floatX *dW0, floatX *dW1, const floatX *dy, co
         return 0;
     }
     g_moe_sets_fused_bwd_runs++;
-    st_step("gate backward");
-    moe_gate_backward_fused_kernel<<<ceil_div_i(rows, 8), 256>>>(sc->dgate, sc->t1, st->z, st->gate, st->order, st->offsets + S, rows, bk.gamma,
-                                                                 bk.phi, K, st->kof);
-    cudaCheckLaunch();
-    // each set's dW1[f] = (gate·Z)_fᵀ dY_f and dW0[g] = X_gᵀ dZ_g over its rows (every set written);
-    // dy and x read through the grouping, no gathered copies
-    const int G = bk.gamma, P = bk.phi, A = bk.alpha, Ee = bk.eps, gr = G * K, fr = P * K, zrow = (int)btt_z_row(&bk);
-    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt);
-    const int din = s->btt.d_in, dout = s->btt.d_out;
-    SegWgrad w1 = {st->z, dy, sc->dw1x, zrow, dout, Ee, gr, Ee, (long long)gr * Ee, (long long)q1, gr, Ee, P, S, st->counts,
-                   st->offsets, 0, st->order, 1, 0, 1, NULL};
-    SegWgrad w0 = {x, sc->t1, sc->dw0x, din, zrow, fr, A, fr, (long long)A * fr, (long long)q0, A, fr, G, S, st->counts,
-                   st->offsets, 0, st->order, 1, 1, 0, NULL};
-    st_step("sets' dW0, dW1, fused (seg_wgrad)");
-    if (!seg_wgrad(&w1) || !seg_wgrad(&w0)) fatal("internal: seg_wgrad does not take a shape the fused BTT kernel takes");
+    // each set's dW1[f] = (gate·Z)_fᵀ dY_f (z is saved gated) and dW0[g] = X_gᵀ dZ_g over its rows
+    moe_gate_wgrad_fused(st, sc, dy, x, s, &bk, S, 1, rows, st->kof, NULL, "sets'");
     st_step("sets' gradients summed per expert");
+    const size_t q0 = btt_w0_size(&bk), q1 = btt_w1_size(&bk), n0 = btt_w0_size(&s->btt), n1 = btt_w1_size(&s->btt);
     moe_partials_scatter_kernel<floatX><<<ceil_div_i((long)(n0 + n1), 256), 256>>>(dW0, dW1, (const floatX *)sc->dw0x, (const floatX *)sc->dw1x,
-                                                                                   (const int *)NULL, st->members, n0, n1, s->experts, K, Ee,
-                                                                                   g.per, q0, q1, 1);
+                                                                                   (const int *)NULL, st->members, n0, n1, s->experts, K,
+                                                                                   s->btt.eps, g.per, q0, q1, 1);
     cudaCheckLaunch();
     return 1;
 }
@@ -961,10 +966,11 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
                             int dx_acc = 0) {
     if (dx_acc && pre_gelu) fatal("internal: a BTT-MoE backward cannot both add to dx and apply GELU'");
     const int N = st->N, E = s->experts, K = s->topk, din = s->btt.d_in, dout = s->btt.d_out;
-    int fused = 0;
-    int ran_fused;  // (by set, dxg is gated either way: the combine takes no gate)
-    if (st->sets_ran) ran_fused = moe_backward_sets_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
-    else ran_fused = fused = moe_backward_experts_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
+    // the expert path's fused kernel leaves dxg ungated (the combine then takes the gates); by set
+    // dxg is gated on either path
+    int fused, dxg_ungated = 0;
+    if (st->sets_ran) fused = moe_backward_sets_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
+    else fused = dxg_ungated = moe_backward_experts_body(dW0, dW1, dy, x, st, sc, W0, W1, s, dx != NULL, dy_ld, dx_acc);
     // the router's gradient and dx from the grouped rows: a token's Kc rows of dxg (gated, except
     // the fused path's); the set path has one a token
     const int Kc = st->sets_ran ? 1 : K;
@@ -976,15 +982,15 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
     st_gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, din, E, N, x, CUBLAS_LOWP, din, sc->dlogits_bf16, CUBLAS_LOWP, E, 1.0f, drouter, CUBLAS_LOWP, din);
     // dx and pre_gelu are read 16 bytes at a time on either path; the one pass also reads R so
     const int one_pass = E <= MOE_DX_ONE_PASS_EXPERTS && (uintptr_t)router % 16 == 0;
-    if (dx && one_pass) {  // the fused dxg is ungated
+    if (dx && one_pass) {
         st_step(pre_gelu ? "dx: combine, router's share, GELU'" : "dx: combine, router's share");
-        moe_dx_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, sc->dlogits, router,
+        moe_dx_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, dxg_ungated ? st->gate : NULL, st->pos, sc->dlogits, router,
                                                                     pre_gelu, N, Kc, E, din, dx_acc);
         cudaCheckLaunch();
     } else if (dx) {
         st_step("dx combine");
-        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, fused ? st->gate : NULL, st->pos, NULL, N, Kc, din, NULL,
-                                                                       din, dx_acc);
+        moe_combine_kernel<<<ceil_div_i((long)N * din / 8, 256), 256>>>(dx, sc->dxg, dxg_ungated ? st->gate : NULL, st->pos, NULL, N, Kc, din,
+                                                                       NULL, din, dx_acc);
         cudaCheckLaunch();
         // dx += dlogits R: column-major (din x N) += R (din x E) · dlogits (E x N)
         st_step("dx += d logits R");
@@ -995,5 +1001,5 @@ static int moe_backward_gpu(floatX *dx, floatX *dW0, floatX *dW1, floatX *droute
         }
     }
     st_bias_backward_gpu(dbias, dy, N, dout, colsum_scratch, dy_ld);
-    return ran_fused;
+    return fused;
 }

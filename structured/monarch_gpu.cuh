@@ -37,6 +37,14 @@ static inline int monarch_btt_candidate(const MonarchShape *m) {
     return ok;
 }
 
+// Cores the kernels read with wmma want 32-byte aligned rows, which parameters in the flat buffer
+// need not have: p itself where it is so aligned, else its n elements copied into room.
+static const floatX *monarch_core_aligned(floatX *room, const floatX *p, size_t n) {
+    if ((uintptr_t)p % 32 == 0) return p;
+    cudaCheck(cudaMemcpyAsync(room, p, n * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    return room;
+}
+
 // The BTT's W0 from R (w1t 0), or the transposed BTT's W1t, R's rows reordered (w1t 1): monarch.h.
 __global__ void monarch_btt_core_kernel(floatX *dst, const floatX *R, size_t n, int nb, int q, int p, int w1t) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -99,11 +107,7 @@ static int monarch_backward_btt(floatX *dx, floatX *dR, floatX *dL, const floatX
     floatX *buf[PB_COUNT] = {0};
     buf[PB_X] = (floatX *)x; buf[PB_Z] = (floatX *)u; buf[PB_W0] = (floatX *)R; buf[PB_DY] = (floatX *)dy;
     buf[PB_DX] = dx; buf[PB_DW0] = dR; buf[PB_DW1] = dL; buf[PB_T1] = t1; buf[PB_T2] = dyt; buf[PB_T3] = t3;
-    const floatX *La = L;
-    if ((uintptr_t)L % 32) {  // the kernel reads the cores with wmma (32-byte aligned rows)
-        cudaCheck(cudaMemcpyAsync(Lc, L, nl * sizeof(floatX), cudaMemcpyDeviceToDevice));
-        La = Lc;
-    }
+    const floatX *La = monarch_core_aligned(Lc, L, nl);
     st_step("cores as a BTT's");
     monarch_btt_core_gpu(W1t, R, m, 1);
     Plan p = {};
@@ -200,13 +204,10 @@ static int monarch_backward_gpu(floatX *dx, floatX *dR, floatX *dL, floatX *dbia
     int fused = 0;
     MbGeom g;
     if (g_st_fused && !dy_ld && !dx_acc && monarch_fused_bwd_choose(&g, m, btt_fused_smem_limit()) && monarch_fused_bwd_pays(&g, m)) {
-        // the kernel reads the cores with wmma, which wants 32-byte aligned rows: parameters in the
-        // flat buffer need not be, so those are copied (|R| + |L| elements, small next to dy)
+        // (|R| + |L| elements copied where not aligned, small next to dy)
         floatX *Rc = scratch, *Lc = Rc + nr, *dyt = Lc + nl, *du = dyt + (size_t)N * m->d_out;
-        const floatX *Ra = R, *La = L;
         st_step("fused kernel (dx, du, dyt)");
-        if ((uintptr_t)R % 32) { cudaCheck(cudaMemcpyAsync(Rc, R, nr * sizeof(floatX), cudaMemcpyDeviceToDevice)); Ra = Rc; }
-        if ((uintptr_t)L % 32) { cudaCheck(cudaMemcpyAsync(Lc, L, nl * sizeof(floatX), cudaMemcpyDeviceToDevice)); La = Lc; }
+        const floatX *Ra = monarch_core_aligned(Rc, R, nr), *La = monarch_core_aligned(Lc, L, nl);
         fused = monarch_backward_fused(dx, du, dyt, dy, Ra, La, N, m, btt_fused_smem_limit());
         buf[PB_T2] = dyt; buf[PB_T3] = du;
     }
