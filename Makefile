@@ -66,7 +66,8 @@ COMMON_H = $(wildcard common/*.h structured/*.h)
 SIM_DEV_PROGRAMS = adamw encoder gelu classifier layernorm_forward layernorm_backward global_norm plan_ops moe_layer structured_epilogue structured_weight btt_forward btt_backward moe_group monarch_forward monarch_backward
 SIM_CI = $(BUILD)/cuda_sim/test_sim_kernels $(BUILD)/cuda_sim/train_gpt2cu $(BUILD)/cuda_sim/test_gpt2cu \
          $(BUILD)/cuda_sim/train_gpt2cu_cudnn $(BUILD)/cuda_sim/test_gpt2cu_cudnn $(BUILD)/cuda_sim/train_gpt2cu_mgpu \
-         $(BUILD)/cuda_sim/test_multigpu $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS))
+         $(BUILD)/cuda_sim/test_multigpu $(addprefix $(BUILD)/cuda_sim/dev_,$(SIM_DEV_PROGRAMS)) \
+         $(BUILD)/cuda_sim/dev_structured_layers  # at tiny sizes: structured.sh's rerun past a dying case (tests/test_bench_rerun.sh)
 C_TESTS = test_dataloader test_schedule test_tokenizer test_logger test_units test_structured test_gpu_plan test_flash_tiles test_rendezvous test_btt_tiles test_gemm
 # the same tests with the other matmul paths: the plain C kernel, the AVX2 kernel where the
 # default is AVX-512, and OpenBLAS where it is found but not the default

@@ -68,6 +68,7 @@ typedef struct {
 // -at 1: time each structured layer's kernels at startup and run each layer the fastest
 // (structured/tune.cuh; st_autotune below)
 static int g_st_tune = 0;
+static int g_st_tune_skip = 0;  // -ax: the choices' slots (tune.cuh) -at 1 leaves out, as a mask
 static const char *const ST_TUNE_OOM_NOTE = "-at 1 holds the buffers of every choice while it times them; without -at the choice of -sk and -sm needs less";
 
 // What a structured linear layer keeps between its forward and backward.
@@ -1252,13 +1253,29 @@ static void st_autotune(GPT2 *m) {
         const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand, tune_unit_alt(m, &units[u]));
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
+        char shape[96], label[48], ctx[320];
+        st_shape_name(shape, sizeof(shape), &gpt2_linear_at(g, idx[0])->spec);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
+            const int slot = st_kernel_slot(cand[c]);
+            const size_t at = (size_t)u * ST_K_SLOTS + slot;
+            if (g_st_tune_skip & (1 << slot)) {  // -ax: never run
+                t[at * 2] = t[at * 2 + 1] = ST_TUNE_LEFT_OUT;
+                continue;
+            }
             for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], cand[c]);
             tune_unit_zero_grads(m, &units[u]);
-            const size_t at = (size_t)u * ST_K_SLOTS + st_kernel_slot(cand[c]);
+            // a kernel that fails here ends the run: its message says which, and how to leave it out
+            st_kernel_label(label, sizeof(label), cand[c]);
+            if (units[u].layer < 0)
+                snprintf(ctx, sizeof(ctx), "-at 1 timed the head (%s) with %s; -ax %s leaves that choice out", shape, label, st_kernel_tokens[slot]);
+            else
+                snprintf(ctx, sizeof(ctx), "-at 1 timed layer %d's %s (%s) with %s; -ax %s leaves that choice out", units[u].layer,
+                         units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape, label, st_kernel_tokens[slot]);
+            g_cuda_context = ctx;
             if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
             else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
             diff[at] = tune_unit_check(m, &units[u], c == 0, st_kernel_unpaired(cand[c]), &ref, &ref_cap, cmp_scratch);
+            g_cuda_context = NULL;
         }
         for (int i = 0; i < nm; i++) lin_set_kernels(&m->lin[idx[i]], keep[i]);  // the flags' choice while the other units are timed
     }
@@ -1322,7 +1339,8 @@ static void st_autotune(GPT2 *m) {
                 printf("  %-14s %-10s %-22s %-4s", d ? "" : layers, d ? "" : role, d ? "" : shape, d ? "bwd" : "fwd");
                 for (int k = 0; k < ST_K_SLOTS; k++) {
                     const double v = t[((size_t)u * ST_K_SLOTS + k) * 2 + d];
-                    if (v >= ST_TUNE_REFUSED) printf(" %9s", "refused");
+                    if (v >= ST_TUNE_LEFT_OUT) printf(" %9s", "left out");
+                    else if (v >= ST_TUNE_REFUSED) printf(" %9s", "refused");
                     else if (v > 0.0) printf(" %8.3f%s", v, k == mine ? "*" : " ");
                     else printf(" %9s", "-");
                 }
@@ -1330,7 +1348,7 @@ static void st_autotune(GPT2 *m) {
                 else printf("  %s\n", chosen);
             }
             for (int k = 0; k < ST_K_SLOTS; k++)
-                if (t[((size_t)u * ST_K_SLOTS + k) * 2] >= ST_TUNE_REFUSED)
+                if (t[((size_t)u * ST_K_SLOTS + k) * 2] >= ST_TUNE_REFUSED && t[((size_t)u * ST_K_SLOTS + k) * 2] < ST_TUNE_LEFT_OUT)
                     fprintf(stderr, "warning: -at 1: layers %s %s (%s): %s computes other results than the cuBLAS plans (-sk 0) on the "
                             "same inputs (max |difference| %.3g of the largest value, more than %g); it is not used. Please report this GPU "
                             "and config.\n",
@@ -1517,6 +1535,24 @@ static void gpu_monitor_close_global(void) { gpu_monitor_close(&g_monitor); }
 #define ATTN_CUDNN_BUILD "not in this build: needs the cuDNN frontend headers"
 #endif
 
+// -ax LIST: the choices -at 1 leaves out (tune.cuh's tokens). Only with -at 1, and never the
+// choice the flags themselves make (-sk, -sm 1, -mg 1): the layers run it before and while the
+// others are timed, so it would run anyway.
+static void st_tune_skip_set(const char *list) {
+    char err[256];
+    const int mask = st_tune_skip_parse(list, err, sizeof(err));
+    if (mask < 0) fatal("-ax %s: %s", list, err);
+    if (!g_st_tune) fatal("-ax %s: -ax leaves choices out of -at 1's timing; add -at 1, or drop -ax", list);
+    const int own = g_st_dense == 1 ? ST_K_DENSE
+                    : g_moe_sets == 1 ? (g_st_sk == 0 ? ST_K_SETS : g_st_sk == 4 ? ST_K_ZT : st_kernel_set_byte(g_st_sk == 3 ? 2 : g_st_sk, g_st_sk == 3 ? 2 : g_st_sk))
+                                      : st_kernel_of_sk(g_st_sk, g_st_sk);
+    const int own_slot = st_kernel_slot(own);
+    if (own_slot > 0 && (mask & (1 << own_slot)))
+        fatal("-ax %s: %s is what the flags (-sk %d%s%s) run before and between -at 1's timings; leave it out of -ax, or choose other flags", list,
+              st_kernel_tokens[own_slot], g_st_sk, g_st_dense == 1 ? " -sm 1" : "", g_moe_sets == 1 ? " -mg 1" : "");
+    g_st_tune_skip = mask;
+}
+
 // The GPU trainer's own flags, taken out of argv before the shared parser sees the rest: a table
 // (flag, what it sets, range, help), as common/args.h does for the shared ones.
 typedef struct {
@@ -1529,6 +1565,7 @@ typedef struct {
 
 static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     int gelu_fusion = -1;  // -1: by device (2 on sm_90+, else 0)
+    const char *tune_skip = NULL;  // -ax
     LaunchArgs la = {0, 0, 8, NULL, NULL};
     const GpuFlag flags[] = {
         {"-r", &g_recompute, NULL, 0, 2, "recompute in the backward to save memory: 0 none, 1 GELU, 2 GELU and LayerNorm (default: 1)"},
@@ -1559,6 +1596,8 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
                                        "grouping by set, on the plans and on -sk 1, 2, 5's fused kernels) at startup, forward and backward apart at this run's rows, and run each layer the fastest (the fastest forward may pair with "
                                        "another's backward); -sk, -sm and -mg's choice is kept unless another is 3% faster; a resumed run "
                                        "takes the state's kernels (default: 0)"},
+        {"-ax", NULL, &tune_skip, 0, 0, "with -at 1: choices it leaves out, comma-separated: sk1 sk2 sk3 dense sk4 mg1 sk5 mg1sk1 mg1sk2 mg1sk5 "
+                                         "(a kernel that fails on this GPU: the error names the choice it was timing) (default: none)"},
         {"-pn", &la.pn, NULL, 1, 1 << 20, "processes, when started without mpirun (-pi fs|tcp)"},
         {"-pr", &la.pr, NULL, 0, 1 << 20, "this process's rank, without mpirun"},
         {"-pg", &la.pg, NULL, 1, 1024, "GPUs per node, without mpirun: the GPU is rank % this (default: 8)"},
@@ -1589,6 +1628,7 @@ static void trainer_setup(int *argc, char **argv, MultiProc *mp) {
     }
     argv[n] = NULL;
     *argc = n;
+    if (tune_skip) st_tune_skip_set(tune_skip);
     multigpu_init(mp, &la, 0);  // picks this rank's GPU (gpu_init), then NCCL when there are several ranks
     if (g_mgpu.active) atexit(multigpu_finalize);
     if (gelu_fusion >= 0) g_gpu.gelu_fusion = gelu_fusion;

@@ -12,9 +12,13 @@
 // ----------------------------------------------------------------------------------------------
 // error checks: every CUDA / cuBLAS call goes through one of these, naming the file and line
 
+// What the program was doing, where the call's file and line do not say it (-at 1 names the layer
+// and the kernels it was timing, and the flag that leaves them out): NULL, or printed with the error.
+static const char *g_cuda_context = NULL;
 static inline void cuda_check(cudaError_t err, const char *file, int line) {
     if (err != cudaSuccess) {
-        fprintf(stderr, "error: CUDA: %s (at %s:%d)\n", cudaGetErrorString(err), file, line);
+        fprintf(stderr, "error: CUDA: %s (at %s:%d)%s%s\n", cudaGetErrorString(err), file, line, g_cuda_context ? ", while " : "",
+                g_cuda_context ? g_cuda_context : "");
         exit(EXIT_FAILURE);
     }
 }
@@ -22,7 +26,8 @@ static inline void cuda_check(cudaError_t err, const char *file, int line) {
 
 static inline void cublas_check(cublasStatus_t status, const char *file, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "error: cuBLAS: %s (status %d, at %s:%d)\n", cublasGetStatusString(status), (int)status, file, line);
+        fprintf(stderr, "error: cuBLAS: %s (status %d, at %s:%d)%s%s\n", cublasGetStatusString(status), (int)status, file, line,
+                g_cuda_context ? ", while " : "", g_cuda_context ? g_cuda_context : "");
         exit(EXIT_FAILURE);
     }
 }

@@ -60,6 +60,29 @@ static inline int st_kernel_set_byte(int fwd, int bwd) {
 #define ST_K_SLOTS (ST_K_COUNT + 3)
 static const char *const st_kernel_names[ST_K_SLOTS] = {"-sk 0", "-sk 1", "-sk 2", "-sk 3", "dense", "-sk 4", "-mg 1", "-sk 5",
                                                         "-mg1 -sk1", "-mg1 -sk2", "-mg1 -sk5"};
+// The slots as -ax names them (the columns above without spaces).
+static const char *const st_kernel_tokens[ST_K_SLOTS] = {"sk0", "sk1", "sk2", "sk3", "dense", "sk4", "mg1", "sk5", "mg1sk1", "mg1sk2", "mg1sk5"};
+// -ax's list (comma-separated tokens) as a mask of slots, or -1 with why in err. sk0 is no choice to
+// leave out: the plans are what every other choice is checked against.
+static inline int st_tune_skip_parse(const char *list, char *err, size_t cap) {
+    int mask = 0;
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        const size_t n = e ? (size_t)(e - p) : strlen(p);
+        int slot = -1;
+        for (int k = 0; k < ST_K_SLOTS; k++)
+            if (strlen(st_kernel_tokens[k]) == n && strncmp(p, st_kernel_tokens[k], n) == 0) slot = k;
+        if (slot <= 0) {
+            snprintf(err, cap, "'%.*s' is %s; the choices -ax can leave out are sk1 sk2 sk3 dense sk4 mg1 sk5 mg1sk1 mg1sk2 mg1sk5", (int)n, p,
+                     slot == 0 ? "the cuBLAS plans, the reference every choice is checked against" : "no choice of -at 1's");
+            return -1;
+        }
+        mask |= 1 << slot;
+        p = e ? e + 1 : p + n;
+    }
+    return mask;
+}
+
 // The slot of a candidate byte k, or -1 (a pair, or a byte that is no candidate: -mg 1 -sk 3 runs as -sk 2's).
 static inline int st_kernel_slot(int k) {
     if (k >= 0 && k < ST_K_COUNT) return k;
@@ -181,8 +204,10 @@ static inline int st_kernel_canonical(int kind, int k, int alt = 0) {
 // -at 1 keeps the flags' choice (the incumbent) unless another is faster by more than this
 // fraction: timings within noise should not change what a run computes.
 #define ST_TUNE_MARGIN 0.03
-// A time that marks a refused choice (its results disagree with the plans').
+// A time that marks a refused choice (its results disagree with the plans'), and one left out by
+// -ax (never timed; above any sum of refused times over ranks).
 #define ST_TUNE_REFUSED 1e30
+#define ST_TUNE_LEFT_OUT 1e290
 
 // Which of n timings t to run: the fastest, unless the incumbent's is within the margin of it.
 static inline int st_tune_pick(const double *t, int n, int incumbent) {

@@ -65,6 +65,7 @@ else
     echo "=== cuDNN attention graphs: not built (no cuDNN frontend headers: pip install --no-deps -r requirements-cudnn.txt)"
 fi
 add "structured.sh's table: fastest paths and goals (tests/test_bench_table.sh)" bash tests/test_bench_table.sh
+add "structured.sh and gpu_test.sh past a case that ends its process (tests/test_bench_rerun.sh)" bash tests/test_bench_rerun.sh
 
 run_one() {  # $1 = index: its output, exit status and seconds into $R
     local i=$1 t0=$SECONDS

@@ -15,6 +15,24 @@ ensure_tinyshakespeare() {
     fi
 }
 
+# at1_run LOG COMMAND...: a trainer run with -at 1 into LOG. Where it dies while -at 1 times a
+# choice (a kernel that fails on this GPU; the error names the -ax word that leaves the choice
+# out), it runs again with that choice left out, and so on, with a note for each. Returns the
+# last run's exit status.
+at1_run() {
+    local log=$1 ax="" tok rc
+    shift
+    while :; do
+        "$@" ${ax:+-ax "$ax"} > "$log" 2>&1
+        rc=$?
+        [ $rc -eq 0 ] && return 0
+        tok=$(grep -m1 -oE -- '-ax [a-z0-9]+ leaves that choice out' "$log" | awk '{ print $2 }')
+        { [ -n "$tok" ] && [[ ",$ax," != *",$tok,"* ]]; } || return $rc
+        echo "note: -at 1 died timing a choice: $(grep -m1 '^error' "$log" | cut -c1-240); again with -ax ${ax:+$ax,}$tok"
+        ax=${ax:+$ax,}$tok
+    done
+}
+
 # cpu_runs_setup OUT SHARED: what the CPU structure runs start with: OUT/runs, train_gpt2 built,
 # and the data (prepare_wiki_char).
 cpu_runs_setup() {

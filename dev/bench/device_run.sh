@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench/device_run.sh: every GPU check and benchmark of issues 4 and 5 in ONE call on a lent GPU
 # machine, inside a time budget, most important first:
-#   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism)
+#   1. test_gpt2cu              the GPU test mode (every fixture, structures vs the CPU, determinism),
+#                               through gpu_test.sh: a unit that dies (a sticky CUDA error) costs only
+#                               its own checks, the units after it run in a new process
 #   1a. tune.sh                 -at 1's table per structured 124M config: every layer's kernels timed
 #                               at the trainer's shapes (the choice, and ms/step against -sk 0)
 #   2. structured.sh            each structure's layer vs dense, its roofline floor and PyTorch, the
@@ -132,7 +134,7 @@ GPU_ENV=() PROFILE_ENV=() SANITIZE_ENV=()
 [ -n "${SANITIZE_CASES:-}" ] && SANITIZE_ENV+=("CASE_NAMES=$SANITIZE_CASES")
 for s in $STAGES; do
     case $s in
-        test) run_stage test 150 ./test_gpt2cu ;;
+        test) run_stage test 150 bash dev/bench/gpu_test.sh ./test_gpt2cu ;;  # past a unit that dies (a sticky CUDA error)
         cudnn) loads ./test_gpt2cu_cudnn && run_stage cudnn 90 ./test_gpt2cu_cudnn --cudnn-only ;;
         nccl) if loads ./test_multigpu; then run_stage nccl 60 env NCCL_SOCKET_IFNAME=lo ./test_multigpu  # one rank: loopback bootstrap
               else say "stage nccl       skipped: test_multigpu $([ -x ./test_multigpu ] && echo 'does not load here' || echo 'not built')"; fi ;;
@@ -159,7 +161,7 @@ if [ -s "$LOGS/smi.log" ]; then  # the SM clock's range and every clock-limit re
 fi
 if [ -f "$LOGS/test.log" ]; then
     say "== test_gpt2cu: $(tail -1 "$LOGS/test.log")"
-    grep -E '^FAIL' "$LOGS/test.log" | head -30 >> "$SUMMARY"
+    grep -E '^(FAIL|# gpu_test.sh: units that)' "$LOGS/test.log" | head -30 >> "$SUMMARY"
 fi
 if [ -f "$LOGS/cudnn.log" ]; then
     say "== test_gpt2cu_cudnn --cudnn-only (-fa 2): $(tail -1 "$LOGS/cudnn.log")"

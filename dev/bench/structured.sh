@@ -33,6 +33,8 @@ B=${B:-16}
 T=${T:-1024}
 OUT=${OUT:-${TMPDIR:-/tmp}/structured_bench}
 BUILD=${BUILD:-1}
+MODELS=${MODELS:-1}
+LAYERS_BIN=${LAYERS_BIN:-./dev/cuda/structured_layers}
 mkdir -p "$OUT" || { echo "structured.sh: cannot create the log directory $OUT"; exit 1; }
 
 # ---- a GPU, or one line and exit 1
@@ -49,7 +51,7 @@ if [ "$BUILD" != 0 ] && ! make -B -C dev/cuda structured_layers > "$OUT/build_la
     echo "structured.sh: building dev/cuda/structured_layers failed; see $OUT/build_layers.log"
     exit 1
 fi
-if ! probe=$(./dev/cuda/structured_layers --probe 2>&1); then
+if ! probe=$("$LAYERS_BIN" --probe 2>&1); then
     echo "structured.sh: no usable CUDA GPU: $(echo "$probe" | grep -m1 . | sed 's/^error: //')"
     exit 1
 fi
@@ -80,14 +82,60 @@ echo "torch:   $(echo "$torch_why" | tail -1)"
 echo
 
 # ---- 1. the layers
-echo "== layers: ./dev/cuda/structured_layers -d $DIMS -s $SHAPES -n $N -w $WARMUP -r $REPS"
-./dev/cuda/structured_layers -d "$DIMS" -s "$SHAPES" -n "$N" -w "$WARMUP" -r "$REPS" 2>&1 | tee "$OUT/layers_cuda.log" | grep -vE '^(RESULT|DEVICE) '
-rc=${PIPESTATUS[0]}
+# A CUDA error is sticky: a case that dies (say a kernel never run on this GPU before) ends its
+# process, and with it every case after it. So where a process ends without its DONE line, the
+# rest runs in a new one without the case it died in (its last RUNNING line): first the rest of
+# that width and shape (without the cases it has rows for), then the widths and shapes after it,
+# without every case that died so far. A case that dies is a row short in the table and a note.
+echo "== layers: $LAYERS_BIN -d $DIMS -s $SHAPES -n $N -w $WARMUP -r $REPS"
+: > "$OUT/layers_cuda.log"
+died=""  # the cases that ended a process, comma-separated
+notes=()
+jobs=("$DIMS|$SHAPES|")  # each: widths|shapes|cases to leave out
+rc=0
+while [ ${#jobs[@]} -gt 0 ]; do
+    IFS='|' read -r jdims jshapes jskip <<< "${jobs[0]}"
+    jobs=("${jobs[@]:1}")
+    part=$OUT/layers_part.log
+    [ -n "$jskip" ] && echo "-- the rest in a new process: -d $jdims -s $jshapes -x $jskip"
+    # shellcheck disable=SC2086  # the -x word pair, when there is a list
+    "$LAYERS_BIN" -d "$jdims" -s "$jshapes" -n "$N" -w "$WARMUP" -r "$REPS" ${jskip:+-x "$jskip"} 2>&1 | tee "$part" |
+        grep -vE '^(RESULT|DEVICE|RUNNING|DONE) '
+    prc=${PIPESTATUS[0]}
+    cat "$part" >> "$OUT/layers_cuda.log"
+    grep -q '^DONE ' "$part" && { [ "$prc" -ne 0 ] && rc=$prc; continue; }
+    rc=$prc
+    last=$(grep '^RUNNING ' "$part" | tail -1)
+    if [ -z "$last" ]; then
+        notes+=("note: structured_layers -d $jdims -s $jshapes ended (rc $prc) before its first case: $(tail -1 "$part")")
+        continue
+    fi
+    d=$(sed -E 's/.* d=([0-9]+) .*/\1/' <<< "$last"); din=$(sed -E 's/.* din=([0-9]+) .*/\1/' <<< "$last")
+    dout=$(sed -E 's/.* dout=([0-9]+) .*/\1/' <<< "$last"); dcase=$(sed -E 's/.* struct=([^ ]+).*/\1/' <<< "$last")
+    why=$(grep -vE '^(RESULT|DEVICE|RUNNING) ' "$part" | grep . | tail -1)
+    notes+=("note: structured_layers ended (rc $prc) in $dcase at $din -> $dout, so its row is missing: ${why:0:200}")
+    shape_now=$([ "$dout" = "$din" ] && echo sq || echo fc)
+    next=()  # what runs next, before the jobs already queued
+    if [ "$dcase" = dense ] || [[ ",$died," == *",$dcase,"* ]]; then  # nothing to leave out that would let it go on
+        notes+=("note: the rest of $din -> $dout is left out too (dense always runs, or $dcase was already left out)")
+    else
+        died=${died:+$died,}$dcase
+        done_here=$(grep -E "^RESULT d=$d din=$din dout=$dout " "$part" | sed -E 's/.* struct=([^ ]+).*/\1/' | grep -vx dense | paste -sd, -)
+        next+=("$d|$shape_now|$died${done_here:+,$done_here}")
+    fi
+    # after it: the other shape of this width (sq follows fc), then the widths after this one
+    [ "$shape_now" = fc ] && [[ "$jshapes" == *sq* ]] && next+=("$d|sq|$died")
+    rest_dims=$(tr ',' '\n' <<< "$jdims" | awk -v d="$d" 'seen { print } $1 == d { seen = 1 }' | paste -sd, -)
+    [ -n "$rest_dims" ] && next+=("$rest_dims|$jshapes|$died")
+    jobs=(${next[@]+"${next[@]}"} ${jobs[@]+"${jobs[@]}"})
+done
+rm -f "$OUT/layers_part.log"
 if ! grep -q '^RESULT ' "$OUT/layers_cuda.log"; then
     echo "structured_layers failed (rc $rc) before any result; full log in $OUT/layers_cuda.log"
+    printf '%s\n' ${notes[@]+"${notes[@]}"}
     exit 1
 fi
-[ "$rc" -ne 0 ] && echo "note: structured_layers exited with $rc (a forward check failed or it stopped early): see above"
+[ "$rc" -ne 0 ] && [ ${#notes[@]} -eq 0 ] && echo "note: structured_layers exited with $rc (a forward check failed): see above"
 echo
 
 : > "$OUT/layers_torch.log"
@@ -106,7 +154,9 @@ fi
 # ---- the joined table and the goals
 awk -v torch_ran="$torch_ok" -v moe_variant="$MOE" -v tfile="$OUT/layers_torch.log" -f dev/bench/structured_table.awk \
     "$OUT/layers_torch.log" "$OUT/layers_cuda.log"
+printf '%s\n' ${notes[@]+"${notes[@]}"}  # (again, where the table's readers look)
 echo
+[ "$MODELS" = 0 ] && exit 0
 
 # ---- 2. the whole model
 TRAIN_BIN=${TRAIN_BIN:-./train_gpt2cu}  # device_run.sh: the cuDNN build when it loads (its default attention, -fa 2)
@@ -151,7 +201,10 @@ for run in "${runs[@]}"; do
     [ -n "$flags" ] && name="$name $flags"
     log=$OUT/model_${name// /_}.log
     # shellcheck disable=SC2086  # flags: words
-    "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags > "$log" 2>&1
+    case "$flags" in
+        *"-at 1"*) at1_run "$log" "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags ;;
+        *) "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags > "$log" 2>&1 ;;
+    esac
     rc=$?
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then

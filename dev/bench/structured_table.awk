@@ -22,6 +22,9 @@ $1 == "DEVICE" { kv($0, r); peak = r["peak_tflops"] + 0; next }
 $1 != "RESULT" { next }
 {
     kv($0, r)
+    # structured.sh reruns what follows a case that ended its process, dense first again: the first row counts
+    if ((r["d"] "/" r["din"] "/" r["dout"] "/" r["struct"]) in seen) next
+    seen[r["d"] "/" r["din"] "/" r["dout"] "/" r["struct"]] = 1
     n++
     D[n] = r["d"] + 0; DIN[n] = r["din"] + 0; DOUT[n] = r["dout"] + 0; S[n] = r["struct"]; MS[n] = r["ms"] + 0
     FR[n] = r["flop_ratio"]; FL[n] = r["floor_ms"] + 0; PCT[n] = r["pct_floor"] + 0; VS[n] = r["vs_dense"] + 0; CHK[n] = r["check"]

@@ -27,7 +27,7 @@ for cfg in $CONFIGS; do
     at=$(mktemp "${TMPDIR:-/tmp}/tune.XXXXXX") sk0=$(mktemp "${TMPDIR:-/tmp}/tune.XXXXXX")
     echo "== $(basename "$model" .conf), B=$B T=$T: $TRAIN_BIN ${base[*]} -at 1"
     t0=$(date +%s.%N)
-    "$TRAIN_BIN" "${base[@]}" -at 1 > "$at" 2>&1
+    at1_run "$at" "$TRAIN_BIN" "${base[@]}" -at 1  # past a choice that dies (-ax), with a note
     rc=$?
     t1=$(date +%s.%N)
     if [ $rc -ne 0 ] || ! grep -q "^-at 1: each structured layer's kernels" "$at"; then

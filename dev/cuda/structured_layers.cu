@@ -47,16 +47,20 @@
 // benchmark times the function the trainer computes, not just some kernels of the right size.
 //
 // Output: a fixed-width table (ms are the mean of -r timed runs after -w untimed ones, CUDA
-// events), and after each (d, shape) group one machine-readable line per row, which
-// dev/bench/structured.sh joins with structured_torch.py's lines of the same d/din/dout/struct:
+// events), each row followed by a machine-readable line, which dev/bench/structured.sh joins with
+// structured_torch.py's lines of the same d/din/dout/struct (and leaves off the screen):
 //   RESULT d=768 din=768 dout=3072 struct=btt_r1 ms=... fwd_ms=... flops=... flop_ratio=...
 //          floor_ms=... pct_floor=... vs_dense=... check=ok|FAIL|off
-// (one line each; the keys are stable), plus one DEVICE line (name, peak_tflops, gbps, N).
+// (one line each; the keys are stable), plus one DEVICE line (name, peak_tflops, gbps, N), a
+// RUNNING line before each case and a DONE line at the end. A CUDA error is sticky: the process
+// ends there and every later case would fail with it. So the rows print as they come, and where
+// DONE is missing structured.sh starts a new process for the rest, without the case named by the
+// last RUNNING line (-x).
 // Exit status 1 when a forward check failed (the timings are still printed).
 //
 // Build: make -C dev/cuda structured_layers
 // Run:   ./dev/cuda/structured_layers [-d 768,1024,2048,4096] [-s fc,sq] [-n 32768] [-w 3] [-r 20]
-//                                     [-k dense,btt_r1,...] [-c 0|1] [--probe]
+//                                     [-k dense,btt_r1,...] [-x btt_r1_mma,...] [-c 0|1] [--probe]
 // GPU memory: at most about 10 GB (d = 4096, BTT-MoE); every case frees what it allocated.
 #include "harness.cuh"
 #include "structured/structured.cuh"
@@ -328,6 +332,7 @@ typedef struct {
     int shape_fc, shape_sq;
     int N, warmup, reps, check;
     char only[256];  // comma-separated struct names, empty = all
+    char skip[2048];  // comma-separated struct names not to run (dense runs regardless)
 } Args;
 
 static int parse_list(const char *s, int *out, int cap) {
@@ -344,16 +349,17 @@ static int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
-static int wanted(const Args *a, const char *name) {
-    if (!a->only[0]) return 1;
+// 1 when `name` is one of the comma-separated names in `list`.
+static int in_list(const char *list, const char *name) {
     size_t n = strlen(name);
-    for (const char *p = strstr(a->only, name); p; p = strstr(p + 1, name))
-        if ((p == a->only || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
+    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
     return 0;
 }
+static int wanted(const Args *a, const char *name) { return (!a->only[0] || in_list(a->only, name)) && !in_list(a->skip, name); }
 
 static void usage(void) {
-    printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-c 0|1] [--probe]\n"
+    printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-x NAMES] [-c 0|1] [--probe]\n"
            "  -d  widths d;  -s  shapes: fc = d -> 4d (default), sq = d -> d;  -n  rows;  -w/-r  untimed/timed repetitions\n"
            "  -k  only these structures (dense,btt_r1,btt_r2,btt_r4,monarch_4,monarch_sqrt,btt_moe_8x2, and btt_r1_fused ...\n"
            "      monarch_4_fused ... btt_moe_8x2_fused for the fused kernels, btt_r1_ws ... btt_moe_8x2_ws for them with W0\n"
@@ -361,6 +367,7 @@ static void usage(void) {
            "      transposed (-sk 4), btt_r1_sm ... monarch_sqrt_sm as dense GEMMs, btt_moe_8x2_sets by set of experts (-mg 1),\n"
            "      btt_moe_8x2_sets_ws and _sets_mma on the fused kernels (-mg 1 -sk 2, 5);\n"
            "      dense always runs)\n"
+           "  -x  not these structures (after -k; dense runs regardless)\n"
            "  -c  forward check against the CPU layers on the first %d rows (default 1);  --probe  print the GPU and exit\n",
            CHECK_ROWS);
 }
@@ -389,7 +396,12 @@ static Args parse_args(int argc, char **argv) {
         else if (strcmp(f, "-w") == 0) a.warmup = atoi(v);
         else if (strcmp(f, "-r") == 0) a.reps = atoi(v);
         else if (strcmp(f, "-c") == 0) a.check = atoi(v);
-        else if (strcmp(f, "-k") == 0) snprintf(a.only, sizeof(a.only), "%s", v);
+        else if (strcmp(f, "-k") == 0 || strcmp(f, "-x") == 0) {
+            char *dst = f[1] == 'k' ? a.only : a.skip;
+            const size_t cap = f[1] == 'k' ? sizeof(a.only) : sizeof(a.skip);
+            if (strlen(v) >= cap) fatal("%s: the list of names is %zu characters, over the %zu this program keeps", f, strlen(v), cap - 1);
+            snprintf(dst, cap, "%s", v);
+        }
         else fatal("unknown flag %s (see -h)", f);
     }
     if (a.N < CHECK_ROWS || a.N % 8) fatal("-n %d: rows must be a multiple of 8 and at least %d", a.N, CHECK_ROWS);
@@ -584,6 +596,8 @@ int main(int argc, char **argv) {
                g_gpu.prop.totalGlobalMem / 1073741824.0);
         return EXIT_SUCCESS;
     }
+    // a stand-in for a sticky CUDA error in one case, for tests/test_bench_table.sh's check of the rerun
+    const char *fail_at = getenv("STRUCTURED_LAYERS_FAIL_AT");
     const double peak_tf = gpu_peak_bf16_tflops(g_gpu.prop.name), gbps = dev_peak_gbps();
     const double peak = peak_tf * 1e12, bw = gbps * 1e9;
     printf("structured_layers: forward + backward (dx and every weight gradient) of one linear layer, N = %d rows,\n"
@@ -615,13 +629,16 @@ int main(int argc, char **argv) {
             const int nc = make_cases(cases, r.din, r.dout);
             double dense_flops = 0.0;
             float dense_ms = 0.0f;
-            char results[MAX_CASES][320];  // one per case (the fused rows made 8 too few)
-            int nres = 0;
             char shape[32];
             snprintf(shape, sizeof(shape), "%d->%d", r.din, r.dout);
             for (int ci = 0; ci < nc; ci++) {
                 const Case *cs = &cases[ci];
                 if (ci > 0 && !wanted(&a, cs->name)) continue;
+                // which case a process that dies here died in (structured.sh runs the rest anew)
+                printf("RUNNING d=%d din=%d dout=%d struct=%s\n", d, r.din, r.dout, cs->name);
+                fflush(stdout);
+                if (fail_at && strcmp(fail_at, cs->name) == 0)
+                    fatal("STRUCTURED_LAYERS_FAIL_AT=%s: stopping as a CUDA error would (a test of structured.sh's rerun)", fail_at);
                 float fwd_ms = 0.0f, ms = 0.0f;
                 int checked = 0;
                 int ok = run_case(cs, &r, &a, &fwd_ms, &ms, &checked);
@@ -636,18 +653,17 @@ int main(int argc, char **argv) {
                 const char *chk = checked ? (ok ? "ok" : "FAIL") : "off";
                 printf("%5d %-12s %-18s %-22s %9.3f %10.3f %9.1f %7.3f %9.3f %7.1f%% %8.3f %5s\n", d, shape, cs->name, cs->desc, fwd_ms, ms,
                        flops / 1e9, ratio, floor_ms, pct, vs, chk);
-                snprintf(results[nres++], sizeof(results[0]),
-                         "RESULT d=%d din=%d dout=%d struct=%s ms=%.4f fwd_ms=%.4f flops=%.6g flop_ratio=%.5f floor_ms=%.4f pct_floor=%.2f "
-                         "vs_dense=%.4f check=%s",
-                         d, r.din, r.dout, cs->name, ms, fwd_ms, flops, ratio, floor_ms, pct, vs, chk);
+                printf("RESULT d=%d din=%d dout=%d struct=%s ms=%.4f fwd_ms=%.4f flops=%.6g flop_ratio=%.5f floor_ms=%.4f pct_floor=%.2f "
+                       "vs_dense=%.4f check=%s\n",
+                       d, r.din, r.dout, cs->name, ms, fwd_ms, flops, ratio, floor_ms, pct, vs, chk);
                 fflush(stdout);
             }
-            for (int i = 0; i < nres; i++) printf("%s\n", results[i]);  // after the group: the table stays readable
             printf("\n");
             fflush(stdout);
             free_dev(r.x); free_dev(r.dy); free_dev(r.y); free_dev(r.dx);
         }
     }
     if (fails) printf("%d forward check(s) FAILED\n", fails);
+    printf("DONE structured_layers: every case ran\n");  // absent: the process died (structured.sh reruns the rest)
     return fails ? EXIT_FAILURE : EXIT_SUCCESS;
 }

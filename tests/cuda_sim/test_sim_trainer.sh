@@ -252,6 +252,26 @@ out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 4 -v 0 -s 0 -at 1 -o "$W/a
     && cmp -s "$W/at1/model_00000004.bin" "$W/at2/model_00000004.bin" && cmp -s "$W/at1/state_00000004_00000.bin" "$W/at2/state_00000004_00000.bin" \
     && ok "structured: -at 1 resumed takes the state's kernels, not timed again; step-4 files bit-identical" \
     || bad "-at 1 resume" "exit $rc: $(echo "$out" | grep -i "at 1\|error" | head -3)"
+# -ax: choices -at 1 leaves out (a kernel that fails on some GPU): never timed ("left out" in their
+# columns), never chosen; bad lists, -ax without -at 1 and -ax of the flags' own kernels are refused
+out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 -at 1 -ax sk5,dense 2>&1); rc=$?
+tab=$(echo "$out" | sed -n "/^-at 1: each structured layer's kernels/,/^+---/p" | grep -E ' (fwd|bwd) ')
+nl=$(echo "$tab" | grep -c .)  # q, k, v (BTT), attn_proj (Monarch), fc (BTT-MoE: no dense choice), fc_proj (BTT): fwd and bwd each
+# each row's dense and -sk 5 columns (the 5th and 8th after the pass)
+dk=$(echo "$tab" | sed 's/left out/left_out/g' | awk '{ for (i = 1; i <= NF; i++) if ($i == "fwd" || $i == "bwd") { print $(i + 5), $(i + 8); break } }')
+nboth=$(echo "$dk" | grep -cx 'left_out left_out')
+nsk5=$(echo "$dk" | grep -c ' left_out$')
+[ $rc -eq 0 ] && [ "$nl" = 8 ] && [ "$nboth" = 6 ] && [ "$nsk5" = 8 ] && ! echo "$tab" | grep -E ' fwd ' | grep -qE '(dense|-sk 5)[^|]*$' \
+    && ok "structured: -at 1 -ax sk5,dense: -sk 5 left out in every row ($nl), dense in the BTT and Monarch ones ($nboth), neither chosen" \
+    || bad "-at 1 -ax" "exit $rc, rows $nl, both left out $nboth, -sk 5 $nsk5: $(echo "$tab" | head -3)"
+for bad_ax in "-ax sk5|add -at 1, or drop -ax" "-at 1 -ax sk0|'sk0' is the cuBLAS plans" "-at 1 -ax sk5,sk6|'sk6' is no choice of -at 1's; the choices -ax can leave out are sk1" \
+              "-sk 5 -at 1 -ax dense,sk5|sk5 is what the flags (-sk 5) run before and between"; do
+    IFS='|' read -r flags want <<< "$bad_ax"
+    # shellcheck disable=SC2086  # flags: words
+    out=$("$BIN" -e "$W/fused.cfg" "${COMMON[@]}" -b 2 -x 1 -v 0 -s 0 $flags 2>&1); rc=$?
+    [ $rc -ne 0 ] && echo "$out" | grep -q "^error: -ax .*$want" && ok "structured: $flags refused: $(echo "$out" | grep -m1 '^error' | cut -c1-90)..." \
+        || bad "$flags" "exit $rc: $(echo "$out" | grep -m1 -i error)"
+done
 mkdir -p "$W/at3"
 cp "$W/at1/model_00000002.bin" "$W/at1/state_00000002_00000.bin" "$W/at1/DONE_00000002" "$W/at3/"
 st3="$W/at3/state_00000002_00000.bin"
