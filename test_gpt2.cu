@@ -672,24 +672,23 @@ static void check_autotune_choice(void) {
     // -sk 5's 1.10), the Monarch fc -sk 0 kept as before. While each choice is timed, the error
     // context names the layer, the choice and the -ax token that leaves it out.
     {
-        GPT2 *mm = &m;
         uint8_t before[64];
-        const int nl = gpt2_num_linears(&mm->layout) < 64 ? gpt2_num_linears(&mm->layout) : 64;
-        for (int i = 0; i < nl; i++) before[i] = (uint8_t)lin_kernels(&mm->lin[i]);
-        st_set_all_kernels(mm, 0);
-        st_buffers_fit(mm, 1);
+        const int nl = gpt2_num_linears(&m.layout) < 64 ? gpt2_num_linears(&m.layout) : 64;
+        for (int i = 0; i < nl; i++) before[i] = (uint8_t)lin_kernels(&m.lin[i]);
+        st_set_all_kernels(&m, 0);
+        st_buffers_fit(&m, 1);
         char err[256];
         g_st_tune_skip = st_tune_skip_parse("sk3,dense,sk4", err, sizeof(err));
         g_tune_clock = fake_tune_clock_ax;
         g_fake_calls = g_fake_unset = g_fake_left_out_timed = 0;
         g_fake_ctx_mma[0] = '\0';
-        st_autotune(mm);
+        st_autotune(&m);
         g_tune_clock = NULL;
         g_st_tune_skip = 0;
-        int badx = !fake_qkv_kernels(mm, st_kernel_pair(2, 0));
+        int badx = !fake_qkv_kernels(&m, st_kernel_pair(2, 0));
         for (int l = 0; l < 3; l++) {
-            badx += lin_kernels(&mm->lin[l * NUM_BLOCK_ROLES + SR_FC]) != 0;
-            badx += lin_kernels(&mm->lin[l * NUM_BLOCK_ROLES + SR_FC_PROJ]) != 1;
+            badx += lin_kernels(&m.lin[l * NUM_BLOCK_ROLES + SR_FC]) != 0;
+            badx += lin_kernels(&m.lin[l * NUM_BLOCK_ROLES + SR_FC_PROJ]) != 1;
         }
         char gotx[480];
         snprintf(gotx, sizeof(gotx), "%d calls, %d left-out timed, %d other choices, context '%s'", g_fake_calls, g_fake_left_out_timed, badx,
@@ -714,9 +713,8 @@ static void check_autotune_choice(void) {
         check_true(rc == 1 && strstr(out, "error: CUDA: ") && strstr(out, ", while -at 1 timed layer 3's fc (btt r1 768x3072) with -sk 5; -ax sk5 "
                                                                        "leaves that choice out\n"),
                    "a CUDA error while -at 1 times a choice: the message names it and the -ax that leaves it out, exit 1", out);
-        st_set_all_kernels(mm, 0);
-        for (int i = 0; i < nl; i++) lin_set_kernels(&mm->lin[i], before[i]);  // the choices the steps below check
-        st_buffers_fit(mm, 0);
+        for (int i = 0; i < nl; i++) lin_set_kernels(&m.lin[i], before[i]);  // the choices the steps below check
+        st_buffers_fit(&m, 0);
     }
     // the choices run: one step's loss is finite and the gradients were zeroed by the tuning first
     int *tok = (int *)mallocCheck(32 * sizeof(int));
@@ -1555,16 +1553,16 @@ static void check_structures_vs_cpu(void) {
     st_set_kernels(0);
 }
 
-// Each fixture four ways: the trainer's defaults with every check, the same on the cuBLAS
-// attention path, then without recompute or fusion, then with LayerNorm recompute and
-// forward-only fusion; with cuDNN, the defaults with every check on -fa 2; a structured one once
-// more, the defaults with every check and -sk 1, and with -sm 1; and the defaults with every check
-// and -w 0 (no master weights: the bf16 weights take the updates, within the same tolerances).
-// The test's units, in the order they run. A CUDA error is sticky: the process that meets one
-// can run nothing more. So each trainer mode runs over every fixture before the next mode (a kernel
-// that fails on a GPU loses its own mode, not the others of the fixtures after it), each unit is
-// announced by a "# unit NAME" line, and --units runs a list of them: dev/bench/gpu_test.sh runs
-// the units after the one a process died in anew.
+// The test's units, in the order they run: the trainer's modes, each over every fixture (the
+// defaults with every check, the same on the cuBLAS attention path, without recompute or fusion,
+// with LayerNorm recompute and forward-only fusion; with cuDNN, the defaults with every check on
+// -fa 2; for the structured fixtures each structured-kernel setting; the defaults with every check
+// and -w 0: no master weights, the bf16 weights take the updates, within the same tolerances),
+// then the checks that are not per fixture. A CUDA error is sticky: the process that meets one can
+// run nothing more. So a mode runs over every fixture before the next (a kernel that fails on a GPU
+// loses its own mode, not the others of the fixtures after it), each unit is announced by a
+// "# unit NAME" line, and --units runs a list of them: dev/bench/gpu_test.sh runs the units after
+// the one a process died in anew.
 #define GE_GPU (-1)  // the -ge the GPU takes by default: 2 on sm_90 and later, else 0
 typedef struct {
     const char *name, *what;
@@ -1591,36 +1589,40 @@ static const FixtureMode k_modes[] = {
     {"w0", "-w 0 (no master weights), every check", 1, GE_GPU, 1, 1, 0, 1},
 };
 #define N_MODES ((int)(sizeof(k_modes) / sizeof(k_modes[0])))
+static void check_llmc_124M(void) {
+    if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
+}
 // the units after the modes: the checks that are not per fixture
-static const char *const k_checks[] = {"vs_cpu", "at_choice", "at_sets", "llmc"};
+typedef struct {
+    const char *name, *what;
+    void (*run)(void);
+} CheckUnit;
+static const CheckUnit k_checks[] = {
+    {"vs_cpu", "each structure's GPU layer against the CPU layer at GPT-2 sizes", check_structures_vs_cpu},
+    {"at_choice", "-at 1's choice on a fake clock", check_autotune_choice},
+    {"at_sets", "-at 1 with the set path's choices", check_autotune_sets},
+    {"llmc", "llm.c's GPT-2 124M debug state", check_llmc_124M},
+};
 #define N_CHECKS ((int)(sizeof(k_checks) / sizeof(k_checks[0])))
+static const char *unit_name(int u) { return u < N_MODES ? k_modes[u].name : k_checks[u - N_MODES].name; }
 
 static const FixtureMode *g_mode;  // the mode run_mode_fixture runs
-static void run_mode_fixture(const char *path) {
+static void run_mode_fixture(const char *path) {  // (run_fixture sets the kernel flags for its mode)
     const FixtureMode *md = g_mode;
     const int ge = md->gelu_fusion == GE_GPU ? (g_gpu.prop.major >= 9 ? 2 : 0) : md->gelu_fusion;
-    st_set_kernels(0);  // run_fixture sets each of these for its mode; the -w 0 mode keeps them so
-    g_st_dense = 0;
-    g_st_tune = 0;
     g_test_no_master = md->no_master;
     run_fixture(path, md->recompute, ge, md->flash, md->full, md->fused);
     g_test_no_master = 0;
 }
 
 // 1 when `name` is one of the comma-separated names of `list` (NULL: every unit).
-static int unit_listed(const char *list, const char *name) {
-    if (!list) return 1;
-    const size_t n = strlen(name);
-    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
-        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
-    return 0;
-}
+static int unit_listed(const char *list, const char *name) { return !list || list_has(list, name); }
 // Every name in `list` must be a unit's: a typo would otherwise run nothing and pass.
 static void units_validate(const char *list) {
     char names[1024] = "";
     for (int i = 0; i < N_MODES + N_CHECKS; i++) {
         strncat(names, i ? "," : "", sizeof(names) - strlen(names) - 1);
-        strncat(names, i < N_MODES ? k_modes[i].name : k_checks[i - N_MODES], sizeof(names) - strlen(names) - 1);
+        strncat(names, unit_name(i), sizeof(names) - strlen(names) - 1);
     }
     for (const char *p = list; *p;) {
         const char *e = strchr(p, ',');
@@ -1656,7 +1658,7 @@ int main(int argc, char **argv) {
             units = argv[++i];
         }
         else if (strcmp(argv[i], "--list-units") == 0) {
-            for (int u = 0; u < N_MODES + N_CHECKS; u++) printf("%s%s", u ? "," : "", u < N_MODES ? k_modes[u].name : k_checks[u - N_MODES]);
+            for (int u = 0; u < N_MODES + N_CHECKS; u++) printf("%s%s", u ? "," : "", unit_name(u));
             printf("\n");
             return 0;
         } else if (argv[i][0] == '-') fatal("unknown argument '%s'; usage: test_gpt2cu [DIR] [--cudnn-only] [--units A,B] [--list-units]", argv[i]);
@@ -1687,15 +1689,16 @@ int main(int argc, char **argv) {
         snprintf(got, sizeof(got), "%ld passes", g_monarch_btt_fixture_runs);
         check_true(g_monarch_btt_fixture_runs > 0, "-sk 2, 3 and 5 ran Monarch layers on the BTT kernels in the fixtures", got);
     }
-    void (*const checks[N_CHECKS])(void) = {check_structures_vs_cpu, check_autotune_choice, check_autotune_sets, NULL};
-    const char *const checks_what[N_CHECKS] = {"each structure's GPU layer against the CPU layer at GPT-2 sizes",
-                                               "-at 1's choice on a fake clock", "-at 1 with the set path's choices",
-                                               "llm.c's GPT-2 124M debug state"};
     for (int c = 0; c < N_CHECKS; c++) {
-        if (!unit_listed(units, k_checks[c])) continue;
-        unit_begin(k_checks[c], checks_what[c]);
-        if (checks[c]) checks[c]();
-        else if (llmc_124M_present()) run_llmc_124M(LLMC_124M_MODEL, LLMC_124M_STATE);
+        if (!unit_listed(units, k_checks[c].name)) continue;
+        unit_begin(k_checks[c].name, k_checks[c].what);
+        // the trainer's defaults, whichever mode ran last (--units may leave out the last, w0, whose flags they are)
+        st_set_kernels(0);
+        g_st_dense = 0;
+        g_st_tune = 0;
+        g_moe_sets = 0;
+        g_gpu.gelu_fusion = g_gpu.prop.major >= 9 ? 2 : 0;
+        k_checks[c].run();
     }
     return test_summary();
 }

@@ -69,6 +69,7 @@ typedef struct {
 // (structured/tune.cuh; st_autotune below)
 static int g_st_tune = 0;
 static int g_st_tune_skip = 0;  // -ax: the choices' slots (tune.cuh) -at 1 leaves out, as a mask
+static const char *g_st_tune_skip_list = "";  // and as given, for messages
 static const char *const ST_TUNE_OOM_NOTE = "-at 1 holds the buffers of every choice while it times them; without -at the choice of -sk and -sm needs less";
 
 // What a structured linear layer keeps between its forward and backward.
@@ -1040,6 +1041,16 @@ static int tune_unit_alt(const GPT2 *m, const TuneUnit *u) {
     }
     return nm > 0;
 }
+// "layer 3's fc (btt r1 768x3072)", "layer 0's q, k, v (...)" or "the head (...)": the unit as an
+// error names it (the shape of its first member).
+static void tune_unit_name(char *buf, size_t cap, const GPT2 *m, const TuneUnit *u) {
+    int idx[3];
+    char shape[96];
+    tune_unit_members(m, u, idx);
+    st_shape_name(shape, sizeof(shape), &gpt2_linear_at(&m->layout, idx[0])->spec);
+    if (u->layer < 0) snprintf(buf, cap, "the head (%s)", shape);
+    else snprintf(buf, cap, "layer %d's %s (%s)", u->layer, u->role == SR_Q ? "q, k, v" : struct_role_names[u->role], shape);
+}
 
 // Whether two units compute the same shapes the same way (then one timing serves both).
 static int tune_units_alike(const GPT2 *m, const TuneUnit *a, const TuneUnit *b) {
@@ -1218,6 +1229,17 @@ static void st_autotune(GPT2 *m) {
         free(units);
         return;
     }
+    for (int u = 0; u < nu; u++) {  // -ax must leave the flags' own choice in: the untimed pass below and the other units' timings run it
+        int idx[3];
+        tune_unit_members(m, &units[u], idx);
+        const int own = st_kernel_slot(st_kernel_canonical(tune_unit_kind(m, &units[u]), lin_kernels(&m->lin[idx[0]]), tune_unit_alt(m, &units[u])));
+        if (own > 0 && (g_st_tune_skip & (1 << own))) {
+            char unit[160];
+            tune_unit_name(unit, sizeof(unit), m, &units[u]);
+            fatal("-ax %s: %s is what the flags (-sk %d%s%s) run before and between -at 1's timings (%s); leave it out of -ax, or choose other "
+                  "flags", g_st_tune_skip_list, st_kernel_tokens[own], g_st_sk, g_st_dense == 1 ? " -sm 1" : "", g_moe_sets == 1 ? " -mg 1" : "", unit);
+        }
+    }
     // rep[u]: the first unit alike; t[(u·ST_K_SLOTS + st_kernel_slot(k))·2 + d]: unit u's time with
     // candidate k, forward (d 0) and backward (d 1), timed for the reps only; diff[u·ST_K_SLOTS +
     // slot]: against the plans' results
@@ -1253,8 +1275,8 @@ static void st_autotune(GPT2 *m) {
         const int nc = st_kernel_candidates(tune_unit_kind(m, &units[u]), cand, tune_unit_alt(m, &units[u]));
         int keep[3];
         for (int i = 0; i < nm; i++) keep[i] = lin_kernels(&m->lin[idx[i]]);
-        char shape[96], label[48], ctx[320];
-        st_shape_name(shape, sizeof(shape), &gpt2_linear_at(g, idx[0])->spec);
+        char unit[160], label[48], ctx[320];
+        tune_unit_name(unit, sizeof(unit), m, &units[u]);
         for (int c = 0; c < nc; c++) {  // cand[0] is -sk 0, the plans, for every kind: the reference
             const int slot = st_kernel_slot(cand[c]);
             const size_t at = (size_t)u * ST_K_SLOTS + slot;
@@ -1266,11 +1288,7 @@ static void st_autotune(GPT2 *m) {
             tune_unit_zero_grads(m, &units[u]);
             // a kernel that fails here ends the run: its message says which, and how to leave it out
             st_kernel_label(label, sizeof(label), cand[c]);
-            if (units[u].layer < 0)
-                snprintf(ctx, sizeof(ctx), "-at 1 timed the head (%s) with %s; -ax %s leaves that choice out", shape, label, st_kernel_tokens[slot]);
-            else
-                snprintf(ctx, sizeof(ctx), "-at 1 timed layer %d's %s (%s) with %s; -ax %s leaves that choice out", units[u].layer,
-                         units[u].role == SR_Q ? "q, k, v" : struct_role_names[units[u].role], shape, label, st_kernel_tokens[slot]);
+            snprintf(ctx, sizeof(ctx), "-at 1 timed %s with %s; -ax %s leaves that choice out", unit, label, st_kernel_tokens[slot]);
             g_cuda_context = ctx;
             if (g_tune_clock) g_tune_clock(m, &units[u], cand[c], &t[at * 2]);
             else st_time_ms(tune_unit_forward, m->eval_only ? NULL : tune_unit_backward, &units[u], TUNE_REPS, &t[at * 2]);
@@ -1535,22 +1553,15 @@ static void gpu_monitor_close_global(void) { gpu_monitor_close(&g_monitor); }
 #define ATTN_CUDNN_BUILD "not in this build: needs the cuDNN frontend headers"
 #endif
 
-// -ax LIST: the choices -at 1 leaves out (tune.cuh's tokens). Only with -at 1, and never the
-// choice the flags themselves make (-sk, -sm 1, -mg 1): the layers run it before and while the
-// others are timed, so it would run anyway.
+// -ax LIST: the choices -at 1 leaves out (tune.cuh's tokens), only with -at 1. (That it leaves
+// in what the flags run each layer is st_autotune's check, on the layers' own kernels.)
 static void st_tune_skip_set(const char *list) {
     char err[256];
     const int mask = st_tune_skip_parse(list, err, sizeof(err));
     if (mask < 0) fatal("-ax %s: %s", list, err);
     if (!g_st_tune) fatal("-ax %s: -ax leaves choices out of -at 1's timing; add -at 1, or drop -ax", list);
-    const int own = g_st_dense == 1 ? ST_K_DENSE
-                    : g_moe_sets == 1 ? (g_st_sk == 0 ? ST_K_SETS : g_st_sk == 4 ? ST_K_ZT : st_kernel_set_byte(g_st_sk == 3 ? 2 : g_st_sk, g_st_sk == 3 ? 2 : g_st_sk))
-                                      : st_kernel_of_sk(g_st_sk, g_st_sk);
-    const int own_slot = st_kernel_slot(own);
-    if (own_slot > 0 && (mask & (1 << own_slot)))
-        fatal("-ax %s: %s is what the flags (-sk %d%s%s) run before and between -at 1's timings; leave it out of -ax, or choose other flags", list,
-              st_kernel_tokens[own_slot], g_st_sk, g_st_dense == 1 ? " -sm 1" : "", g_moe_sets == 1 ? " -mg 1" : "");
     g_st_tune_skip = mask;
+    g_st_tune_skip_list = list;
 }
 
 // The GPU trainer's own flags, taken out of argv before the shared parser sees the rest: a table

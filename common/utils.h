@@ -24,6 +24,15 @@ static inline void fatal(const char *fmt, ...) {
     exit(EXIT_FAILURE);
 }
 
+// Whether `name` is one of the comma-separated entries of `list` (command-line lists: structured_layers'
+// -k and -x, test_gpt2cu's --units).
+static inline int list_has(const char *list, const char *name) {
+    const size_t n = strlen(name);
+    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
+    return 0;
+}
+
 static inline FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
     FILE *fp = fopen(path, mode);
     if (fp == NULL) {

@@ -15,10 +15,10 @@ ensure_tinyshakespeare() {
     fi
 }
 
-# at1_run LOG COMMAND...: a trainer run with -at 1 into LOG. Where it dies while -at 1 times a
-# choice (a kernel that fails on this GPU; the error names the -ax word that leaves the choice
-# out), it runs again with that choice left out, and so on, with a note for each. Returns the
-# last run's exit status.
+# at1_run LOG COMMAND...: a trainer run into LOG. Where it dies while -at 1 times a choice (a
+# kernel that fails on this GPU; the error names the -ax word that leaves the choice out), it runs
+# again with that choice left out, and so on, with a note for each; any other run is one run.
+# Returns the last run's exit status.
 at1_run() {
     local log=$1 ax="" tok rc
     shift
@@ -32,6 +32,10 @@ at1_run() {
         ax=${ax:+$ax,}$tok
     done
 }
+
+# list_after LIST ITEM: the entries of the comma-separated LIST after ITEM, comma-separated (empty
+# when ITEM is last or absent): what is left to run after the one a process died in.
+list_after() { tr ',' '\n' <<< "$1" | awk -v x="$2" 'seen { print } $1 == x { seen = 1 }' | paste -sd, -; }
 
 # cpu_runs_setup OUT SHARED: what the CPU structure runs start with: OUT/runs, train_gpt2 built,
 # and the data (prepare_wiki_char).

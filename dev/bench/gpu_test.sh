@@ -10,6 +10,8 @@
 set -uo pipefail
 [ $# -ge 1 ] && [ -x "$1" ] || { echo "usage: gpu_test.sh ./test_gpt2cu [fixtures directory] [--units A,B,...]"; exit 2; }
 bin=$1; shift
+# shellcheck source=dev/bench/common.sh disable=SC1091
+source "$(dirname "$0")/common.sh"  # list_after
 args=() units=""
 while [ $# -gt 0 ]; do
     if [ "$1" = --units ]; then units=${2:-}; shift 2; else args+=("$1"); shift; fi
@@ -37,7 +39,7 @@ while [ -n "$units" ]; do
     fi
     died+=("$last")
     echo "FAIL test_gpt2cu ended (rc $rc) in unit $last; its later checks are unrun: ${why:0:300}"
-    units=$(tr ',' '\n' <<< "$units" | awk -v u="$last" 'seen { print } $1 == u { seen = 1 }' | paste -sd, -)
+    units=$(list_after "$units" "$last")
     [ -n "$units" ] && echo "# gpu_test.sh: the units after $last in a new process: $units"
 done
 [ ${#died[@]} -gt 0 ] && echo "# gpu_test.sh: units that ended their process: ${died[*]}"

@@ -34,10 +34,7 @@ for cfg in $CONFIGS; do
     # shellcheck disable=SC2086  # FLAGS: several words
     cmd=("$TRAIN_BIN" -e "$model" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 -pt "$PT" $FLAGS ${extra//,/ })
     echo "== profile: ${cmd[*]}"
-    case " ${cmd[*]} " in
-        *" -at 1 "*) at1_run "$log" "${cmd[@]}" ;;  # past a choice that dies while -at 1 times it (-ax), with a note
-        *) "${cmd[@]}" > "$log" 2>&1 ;;
-    esac
+    at1_run "$log" "${cmd[@]}"  # (-at 1: past a choice that dies while it is timed, -ax, with a note)
     rc=$?
     if [ $rc -ne 0 ] || ! grep -q '^profiled step time' "$log"; then
         echo "failed (exit $rc): $(grep -m1 '^error' "$log" || tail -n 1 "$log")"

@@ -35,6 +35,8 @@ OUT=${OUT:-${TMPDIR:-/tmp}/structured_bench}
 BUILD=${BUILD:-1}
 MODELS=${MODELS:-1}
 LAYERS_BIN=${LAYERS_BIN:-./dev/cuda/structured_layers}
+# shellcheck source=dev/bench/common.sh disable=SC1091
+source dev/bench/common.sh  # list_after, at1_run, ensure_tinyshakespeare
 mkdir -p "$OUT" || { echo "structured.sh: cannot create the log directory $OUT"; exit 1; }
 
 # ---- a GPU, or one line and exit 1
@@ -125,7 +127,7 @@ while [ ${#jobs[@]} -gt 0 ]; do
     fi
     # after it: the other shape of this width (sq follows fc), then the widths after this one
     [ "$shape_now" = fc ] && [[ "$jshapes" == *sq* ]] && next+=("$d|sq|$died")
-    rest_dims=$(tr ',' '\n' <<< "$jdims" | awk -v d="$d" 'seen { print } $1 == d { seen = 1 }' | paste -sd, -)
+    rest_dims=$(list_after "$jdims" "$d")
     [ -n "$rest_dims" ] && next+=("$rest_dims|$jshapes|$died")
     jobs=(${next[@]+"${next[@]}"} ${jobs[@]+"${jobs[@]}"})
 done
@@ -165,8 +167,6 @@ if { [ "$BUILD" != 0 ] && ! make -B train_gpt2cu > "$OUT/build_train.log" 2>&1; 
     echo "building train_gpt2cu failed; see $OUT/build_train.log"
     exit 1
 fi
-# shellcheck source=dev/bench/common.sh disable=SC1091
-source dev/bench/common.sh
 ensure_tinyshakespeare
 configs=(scripts/configs/gpt2_124M.conf)
 for c in scripts/configs/gpt2_124M*.conf; do
@@ -201,10 +201,7 @@ for run in "${runs[@]}"; do
     [ -n "$flags" ] && name="$name $flags"
     log=$OUT/model_${name// /_}.log
     # shellcheck disable=SC2086  # flags: words
-    case "$flags" in
-        *"-at 1"*) at1_run "$log" "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags ;;
-        *) "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags > "$log" 2>&1 ;;
-    esac
+    at1_run "$log" "$TRAIN_BIN" -e "$conf" -i "$TRAIN" -j "$TRAIN" -b "$B" -t "$T" -x "$STEPS" -v 0 -s 0 -l 1e-4 $flags  # (-at 1: past a choice that dies)
     rc=$?
     line=$(grep 'total average iteration time' "$log" | tail -1)
     if [ $rc -ne 0 ] || [ -z "$line" ]; then

@@ -349,14 +349,7 @@ static int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
-// 1 when `name` is one of the comma-separated names in `list`.
-static int in_list(const char *list, const char *name) {
-    size_t n = strlen(name);
-    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
-        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
-    return 0;
-}
-static int wanted(const Args *a, const char *name) { return (!a->only[0] || in_list(a->only, name)) && !in_list(a->skip, name); }
+static int wanted(const Args *a, const char *name) { return (!a->only[0] || list_has(a->only, name)) && !list_has(a->skip, name); }
 
 static void usage(void) {
     printf("usage: structured_layers [-d 768,1024,2048,4096] [-s fc|sq|fc,sq] [-n 32768] [-w 3] [-r 20] [-k NAMES] [-x NAMES] [-c 0|1] [--probe]\n"
